@@ -1,0 +1,216 @@
+"""Every use of SQLAlchemy's private API, in one place.
+
+Each function names the public API it stands in for (none exists, or it is several times slower,
+measured in benchmarks/) and the versions it was checked against: SQLAlchemy 2.0.x and 2.1.x.
+``tests/test_sa_compat.py`` exercises every function here directly, so an upgrade that moves one
+of these internals fails there, by name, instead of somewhere in the cache's behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.orm import Mapper, Session, UserDefinedOption
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
+from sqlalchemy.sql.selectable import Select
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState
+
+SQLA_VERSION = tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2])
+SQLA_2_1 = SQLA_VERSION >= (2, 1)
+
+_UNIQUE_BY_ID: list[Callable[[Any], Any]] = [id]
+
+
+def _unique_by_id(result: Any) -> list[Callable[[Any], Any]]:
+    return _UNIQUE_BY_ID
+
+
+def make_result(objects: Sequence[Any], key: str) -> Result[Any]:
+    """A Result of ORM entities, as the ORM's own loading returns for ``select(Entity)``.
+
+    No public constructor builds an entity result: ``FrozenResult`` needs a result to freeze and
+    ``merge_frozen_result`` overwrites unflushed edits. Rows are unique by ``id()`` as the ORM
+    does, so dataclass models (``__hash__ = None``) work with ``.unique()``. The keyword changed
+    in 2.1 (``_unique_filters`` list became ``_create_unique_filters`` callable).
+    """
+    if SQLA_2_1:
+        metadata = SimpleResultMetaData([key], _create_unique_filters=_unique_by_id)
+    else:  # pragma: no cover - exercised by the SQLAlchemy 2.0 nox session
+        metadata = SimpleResultMetaData([key], _unique_filters=_UNIQUE_BY_ID)  # type: ignore[call-arg]
+    return IteratorResult(metadata, iter(objects), _source_supports_scalars=True)
+
+
+def build_persistent(
+    session: Session,
+    mapper: Mapper[Any],
+    identity_key: tuple[Any, ...],
+    values: dict[str, Any],
+    expired: Iterable[str],
+) -> Any:
+    """Create a clean, persistent, identity-mapped instance from column values, with no SQL.
+
+    This is what ``sqlalchemy.orm.loading._instance`` does for a new row. The public route
+    (``make_transient_to_detached`` + ``Session.add``) is about 3x slower and fires
+    ``detached_to_persistent`` instead of ``load``; here the ``load`` and
+    ``loaded_as_persistent`` events fire as for a database load (``load`` receives no
+    QueryContext: there was no query).
+    """
+    instance = mapper.class_manager.new_instance()
+    state = instance_state(instance)
+    state.dict.update(values)
+    state.key = identity_key
+    state.identity_token = identity_key[2]
+    state.session_id = session.hash_key
+    session.identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined]
+    for key in expired:
+        state.expired_attributes.add(key)
+    state.manager.dispatch.load(state, None)
+    session.dispatch.loaded_as_persistent(session, state)
+    return instance
+
+
+def session_is_clean(session: Session) -> bool:
+    """True when commit() will not flush: nothing new, deleted or modified.
+
+    ``Session._is_clean()`` is O(1); the public ``new``/``dirty``/``deleted`` build sets and
+    check attribute history of every modified object.
+    """
+    return bool(session._is_clean())  # type: ignore[attr-defined]
+
+
+def load_options_forbid_cache(orm_state: ORMExecuteState) -> bool:
+    """populate_existing, refresh, identity tokens (horizontal sharding) or a non-default
+    identity token must load from the database; the flags live on the private load options."""
+    lo = orm_state.load_options
+    return bool(
+        lo._populate_existing
+        or lo._refresh_state is not None
+        or lo._identity_token is not None
+        or orm_state.execution_options.get("populate_existing")
+    )
+
+
+def plain_entity_select(stmt: Any, mapper: Mapper[Any]) -> Sequence[Any] | None:
+    """The WHERE criteria of ``select(Entity).where(...)`` when the statement is nothing more.
+
+    Anything that changes which rows or how they load (joins, limits, locking, grouping, CTEs,
+    hints, a second entity, an alias, a column instead of the entity) returns None, and the
+    statement goes to the database. Select has no public API to ask "is this only a filtered
+    entity select?".
+    """
+    if not isinstance(stmt, Select):
+        return None
+    raw = stmt._raw_columns
+    if len(raw) != 1:
+        return None
+    entity = raw[0]
+    annotations = getattr(entity, "_annotations", None)
+    if (
+        not annotations
+        or annotations.get("parententity") is not mapper
+        or not getattr(entity, "is_selectable", False)
+    ):
+        return None
+    if (
+        stmt._for_update_arg is not None
+        or stmt._setup_joins
+        or stmt._from_obj
+        or stmt._memoized_select_entities
+        or stmt._limit_clause is not None
+        or stmt._offset_clause is not None
+        or stmt._fetch_clause is not None
+        or stmt._group_by_clauses
+        or stmt._having_criteria
+        or stmt._independent_ctes
+        or stmt._prefixes
+        or stmt._suffixes
+        or stmt._hints
+        or stmt._statement_hints
+    ):
+        return None
+    return stmt._where_criteria  # type: ignore[no-any-return]
+
+
+def pk_equalities(
+    criteria: Sequence[Any], table: Any, pk_keys: dict[str, int], params: Any
+) -> list[Any] | None:
+    """Primary-key values from criteria that are exactly ``pk_col = value`` for every pk column.
+
+    Matches by (table, column key), never by Column equality: an annotated column's ``__eq__``
+    builds SQL and costs microseconds. Works for the ORM's own get/lazy-load clause (an annotated
+    copy on 2.0, the mapper's object on 2.1) and for ``where(pk == x)`` / ``filter_by``.
+    """
+    values: list[Any] = [_MISSING] * len(pk_keys)
+    found = 0
+    stack = list(criteria)
+    while stack:
+        clause = stack.pop()
+        if isinstance(clause, BooleanClauseList):
+            if clause.operator is not operators.and_:
+                return None
+            stack.extend(clause.clauses)
+            continue
+        if not isinstance(clause, BinaryExpression) or clause.operator is not operators.eq:
+            return None
+        left, right = clause.left, clause.right
+        if isinstance(left, BindParameter):
+            left, right = right, left
+        if not isinstance(right, BindParameter):
+            return None
+        if getattr(left, "table", None) is not table:
+            return None
+        index = pk_keys.get(getattr(left, "key", None))  # type: ignore[arg-type]
+        if index is None or values[index] is not _MISSING:
+            return None
+        if params and right.key in params:
+            value = params[right.key]
+        elif right.callable is not None:
+            value = right.callable()
+        else:
+            value = right.value
+        values[index] = value
+        found += 1
+    if found != len(pk_keys):
+        return None
+    return values
+
+
+class _Missing:
+    __slots__ = ()
+
+
+_MISSING = _Missing()
+
+
+def only_user_defined_options(stmt: Any) -> bool:
+    """True when the statement's options cannot change what or how it loads.
+
+    Loader options (``joinedload``, ``with_loader_criteria``, ``defer`` ...) are applied at
+    compile time and are invisible in the WHERE clause; a loader criteria option in particular
+    may filter the row out (soft delete). ORMExecuteState has no public view of the options
+    before compilation.
+    """
+    return all(isinstance(opt, UserDefinedOption) for opt in stmt._with_options)
+
+
+def connection_isolation_level(connection: Any) -> str | None:
+    """The isolation level a connection runs at, without asking the database.
+
+    ``Connection.get_isolation_level()`` sends a query. The level comes from, in order: the
+    connection's or engine's execution options, ``create_engine(isolation_level=...)`` (kept
+    privately on the dialect), then the database default read at first connect.
+    """
+    level = connection.get_execution_options().get("isolation_level")
+    if level is None:
+        level = getattr(connection.dialect, "_on_connect_isolation_level", None)
+    if level is None:
+        level = connection.default_isolation_level
+    return level

@@ -1,0 +1,93 @@
+"""Runs the protocol's scripts on a synchronous redis-py client, behind the circuit breaker.
+
+Every method returns ``None`` (or False) instead of raising when Redis is unwell: the caller
+decides what a failure means (a read falls back to the database; a lock failure is journaled or,
+in strict mode, raised).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from .breaker import CircuitBreaker
+from .protocol import Fetch, Script
+from .stats import Counters
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+
+class RedisBackend:
+    def __init__(self, client: redis.Redis, breaker: CircuitBreaker, counters: Counters) -> None:
+        self.client = client
+        self.breaker = breaker
+        self._counters = counters
+        self._scripts = {s: client.register_script(s.source) for s in Script}
+
+    def _run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if not self.breaker.allow():
+            self._counters.add("errors")
+            return None
+        try:
+            reply = self._scripts[script](keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            was_open = self.breaker.is_open
+            self.breaker.failure()
+            self._counters.add("errors")
+            level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
+            log.log(level, "writethrough: Redis %s failed: %r", script.value, exc)
+            return None
+        self.breaker.success()
+        return reply
+
+    def fetch(
+        self, key: str, gen_key: str, lease: str, lease_ms: int
+    ) -> tuple[Fetch, bytes | None] | None:
+        reply = self._run(Script.FETCH, (key, gen_key), (lease, lease_ms))
+        if reply is None:
+            return None
+        status = Fetch(int(reply[0]))
+        return status, (reply[1] if len(reply) > 1 else None)
+
+    def fill(
+        self, key: str, gen_key: str, lease: str, gen: bytes, payload: bytes, ttl_ms: int
+    ) -> bool | None:
+        reply = self._run(Script.FILL, (key, gen_key), (lease, gen, payload, ttl_ms))
+        return None if reply is None else bool(reply)
+
+    def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool:
+        return self._run(Script.LOCK, pairs, (owner, ttl_ms)) is not None
+
+    def publish(self, pairs: Sequence[str], owner: str, items: Sequence[Any]) -> int | None:
+        reply = self._run(Script.PUBLISH, pairs, (owner, *items))
+        return None if reply is None else int(reply)
+
+    def release(self, pairs: Sequence[str], owner: str) -> int | None:
+        reply = self._run(Script.RELEASE, pairs, (owner,))
+        return None if reply is None else int(reply)
+
+    def invalidate(self, pairs: Sequence[str]) -> bool:
+        return self._run(Script.INVALIDATE, pairs, ()) is not None
+
+    def new_generations(self, gen_keys: Sequence[str]) -> bool:
+        """Give every bucket a fresh generation: all entries of the model become misses."""
+        if not self.breaker.allow():
+            self._counters.add("errors")
+            return False
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in gen_keys:
+                pipe.set(key, "n" + secrets.token_hex(8))
+            pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            self._counters.add("errors")
+            log.warning("writethrough: Redis generation bump failed: %r", exc)
+            return False
+        self.breaker.success()
+        return True

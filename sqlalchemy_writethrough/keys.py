@@ -1,0 +1,57 @@
+"""Redis key names.
+
+``{prefix}:{<table>:<digest>:<bucket>}:<pk>`` is an entity; ``{prefix}:{<table>:<digest>:<bucket>}``
+is the generation key of its bucket. The part in braces is the Redis Cluster hash tag, so an
+entity and its generation always share a slot while a model still spreads over ``buckets``
+slots. The digest covers the format version and the model's columns and types: a migration or an
+upgrade moves the model to a new keyspace by itself, and old entries are never decoded.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+
+def _escape(text: str) -> str:
+    if "%" in text or ":" in text or "{" in text or "}" in text:
+        text = (
+            text.replace("%", "%25").replace(":", "%3A").replace("{", "%7B").replace("}", "%7D")
+        )
+    return text
+
+
+def encode_pk_part(value: Any) -> str:
+    """One primary-key value as it appears in a key; types are checked by the caller."""
+    if type(value) is int:
+        return str(value)
+    if type(value) is str:
+        return _escape(value)
+    if type(value) is uuid.UUID:
+        return value.hex
+    raise TypeError(f"unsupported primary key value {value!r}")
+
+
+class KeySpace:
+    """The keys of one model under one cache prefix."""
+
+    __slots__ = ("_buckets", "_tags")
+
+    def __init__(self, prefix: str, table: str, digest: str, buckets: int) -> None:
+        self._buckets = buckets
+        name = _escape(table)
+        self._tags = [f"{prefix}:{{{name}:{digest}:{b}}}" for b in range(buckets)]
+
+    def pair(self, pk: Sequence[Any]) -> tuple[str, str]:
+        """(entity key, generation key) of one primary key."""
+        if len(pk) == 1:
+            part = encode_pk_part(pk[0])
+        else:
+            part = ":".join([encode_pk_part(v) for v in pk])
+        tag = self._tags[zlib.crc32(part.encode()) % self._buckets]
+        return f"{tag}:{part}", tag
+
+    def generation_keys(self) -> list[str]:
+        return list(self._tags)

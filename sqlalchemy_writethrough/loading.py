@@ -1,0 +1,201 @@
+"""The read path: recognising a primary-key load in ``do_orm_execute`` and serving it.
+
+A load is served from Redis only when it is exactly "this entity, by this primary key, nothing
+else": ``session.get()``, a many-to-one lazy load, or a ``select()`` carrying ``from_cache()``.
+Anything that asks the ORM for more (locking, refresh, populate_existing, loader options or
+criteria, joins, limits) goes to the database untouched. A miss loads from the database and
+fills the entry, but only over its own lease and only from a read that cannot predate a commit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm.attributes import instance_state
+
+from . import _sa_compat
+from .codec import DecodeError
+from .options import FromCache
+from .protocol import Fetch, payload_of
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState
+
+    from .cache import WriteThroughCache
+    from .model import ModelLayout
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+#: isolation levels under which every statement reads the latest committed rows
+_FRESH_LEVELS = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
+
+
+class ReadPath:
+    def __init__(self, cache: WriteThroughCache) -> None:
+        self.cache = cache
+        self._lease_prefix = os.urandom(6).hex()
+        self._lease_counter = itertools.count()
+
+    def on_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
+        cache = self.cache
+        if not orm_state.is_select:
+            # DML or text() through the session: this transaction's reads are no longer fresh
+            cache._tracker(orm_state.session).wrote = True
+            return None
+        if orm_state.is_column_load:
+            return None
+        mapper = orm_state.bind_mapper
+        if mapper is None:
+            return None
+        layout = cache._layout_for(mapper)
+        if layout is None:
+            return None
+
+        requested = None
+        for opt in orm_state.user_defined_options:
+            if isinstance(opt, FromCache):
+                requested = opt.enabled
+        if requested is False:
+            cache._counters.add("bypasses")
+            return None
+        if requested is None and "_sa_orm_load_options" not in orm_state.execution_options:
+            return None  # a plain select() without from_cache()
+
+        stmt = orm_state.statement
+        criteria = _sa_compat.plain_entity_select(stmt, mapper)
+        if (
+            criteria is None
+            or layout.eager_relationships
+            or _sa_compat.load_options_forbid_cache(orm_state)
+            or not _sa_compat.only_user_defined_options(stmt)
+        ):
+            cache._counters.add("bypasses")
+            return None
+        pk = _sa_compat.pk_equalities(
+            criteria, layout.table, layout.pk_index, orm_state.parameters
+        )
+        if pk is None or not layout.pk_is_cacheable(pk):
+            cache._counters.add("bypasses")
+            return None
+
+        session = orm_state.session
+        identity_key = mapper.identity_key_from_primary_key(pk)
+        existing = session.identity_map.get(identity_key)
+        if existing is not None:
+            # the identity map wins, as for a database load (which would not overwrite it)
+            state = instance_state(existing)
+            if state.expired or state.expired_attributes:
+                return None  # a database load refreshes expired attributes: let it
+            return _sa_compat.make_result([existing], layout.entity_name)
+
+        if not cache._journal_replayed():
+            cache._counters.add("bypasses")
+            return None
+        tracker = cache._tracker(session)
+        may_fill = not tracker.wrote
+        key, gen_key = layout.keys.pair(pk)
+        lease = f"{self._lease_prefix}{next(self._lease_counter)}" if may_fill else ""
+        reply = cache._backend.fetch(key, gen_key, lease, cache._lease_ms)
+        if reply is None:
+            cache._counters.add("misses")
+            return None
+        status, data = reply
+        dialect = session.get_bind(mapper=mapper).dialect
+        if status is Fetch.HIT:
+            assert data is not None
+            instance = self._build(session, layout, identity_key, pk, data, dialect, key, gen_key)
+            if instance is not None:
+                cache._counters.add("hits")
+                return _sa_compat.make_result([instance], layout.entity_name)
+            status = Fetch.MISS
+        cache._counters.add("misses")
+        if status is not Fetch.LEASED:
+            return None
+
+        began_before = tracker.began
+        result = orm_state.invoke_statement()
+        frozen = result.freeze()
+        rows = frozen.data
+        if len(rows) == 1:
+            assert data is not None
+            self._fill(session, layout, identity_key, rows[0], key, gen_key, lease, data, began_before)
+        return frozen()
+
+    def _build(
+        self,
+        session: Any,
+        layout: ModelLayout,
+        identity_key: Any,
+        pk: list[Any],
+        value: bytes,
+        dialect: Any,
+        key: str,
+        gen_key: str,
+    ) -> Any:
+        try:
+            values = layout.decode(payload_of(value), dialect)
+        except (DecodeError, ValueError) as exc:
+            self.cache._counters.add("decode_errors")
+            log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
+            self.cache._backend.invalidate((key, gen_key))
+            return None
+        if [values[a] for a in layout.pk_attrs] != pk:
+            self.cache._counters.add("decode_errors")
+            log.error("writethrough: entry %s holds another primary key; served as a miss", key)
+            self.cache._backend.invalidate((key, gen_key))
+            return None
+        return _sa_compat.build_persistent(
+            session, layout.mapper, identity_key, values, layout.expired
+        )
+
+    def _fill(
+        self,
+        session: Any,
+        layout: ModelLayout,
+        identity_key: Any,
+        instance: Any,
+        key: str,
+        gen_key: str,
+        lease: str,
+        gen: bytes,
+        began_before: bool,
+    ) -> None:
+        state = instance_state(instance)
+        if state.key != identity_key or type(instance) is not layout.mapper.class_:
+            return  # e.g. a case-insensitive collation matched another spelling of the key
+        if state.modified:
+            return
+        connection = session.connection(bind_arguments={"mapper": layout.mapper})
+        if not _read_was_fresh(connection, began_before):
+            return
+        payload = layout.encode_loaded(state.dict, connection.dialect)
+        if payload is None:
+            return
+        cache = self.cache
+        written = cache._backend.fill(key, gen_key, lease, gen, payload, cache._ttl_ms(layout))
+        if written:
+            cache._counters.add("fills")
+        elif written is not None:
+            cache._counters.add("fills_refused")
+
+
+def _read_was_fresh(connection: Any, began_before: bool) -> bool:
+    """Did the load just made see every commit that completed before its lease was granted?
+
+    Under READ COMMITTED every statement does. Under REPEATABLE READ / SERIALIZABLE only a
+    transaction's first statement does (its snapshot starts then, after the lease). SQLite's
+    driver runs a SELECT outside any transaction unless the transaction already wrote.
+    """
+    level = _sa_compat.connection_isolation_level(connection)
+    if level == "READ UNCOMMITTED":
+        return False
+    if level in _FRESH_LEVELS or not began_before:
+        return True
+    if connection.dialect.name == "sqlite":
+        dbapi = connection.connection.dbapi_connection
+        return getattr(dbapi, "in_transaction", True) is False
+    return False

@@ -1,0 +1,32 @@
+-- lock: taken at flush, before COMMIT; re-asserted just before COMMIT.
+-- KEYS: entity key, generation key, repeated (all pairs in one hash slot on Cluster)
+-- ARGV[1] owner token (one per root transaction), ARGV[2] lock ttl ms
+-- A lock keeps the VALUE it replaced (prev) so a rollback can put it back; a second owner marks it contended.
+-- returns the number of keys locked
+local owner, ttl = ARGV[1], ARGV[2]
+local now = nil
+for i = 1, #KEYS, 2 do
+  local k = KEYS[i]
+  local v = redis.call('GET', k)
+  local g = generation(KEYS[i + 1])
+  local lock
+  if v and string.byte(v, 1) == 76 then
+    lock = cmsgpack.unpack(string.sub(v, 2))
+    if not lock[1][owner] then
+      lock[1][owner] = 1
+      lock[2] = 1
+    end
+  else
+    local prev, prev_at = false, false
+    if v and string.byte(v, 1) == 86 and value_gen(v) == g then
+      local pttl = redis.call('PTTL', k)
+      if pttl > 0 then
+        now = now or now_ms()
+        prev, prev_at = v, now + pttl
+      end
+    end
+    lock = {{[owner] = 1}, 0, prev, prev_at, g}
+  end
+  redis.call('SET', k, 'L' .. cmsgpack.pack(lock), 'PX', ttl)
+end
+return #KEYS / 2

@@ -1,0 +1,87 @@
+"""What one session's transaction changed, per savepoint, until it commits or rolls back.
+
+Changes are recorded per :class:`~sqlalchemy.orm.SessionTransaction` (the root or a savepoint).
+A released savepoint hands its changes to its parent; a rolled-back one leaves its keys as
+misses in the parent (the row is back to an earlier state that the parent may or may not have
+seen); only the root's commit publishes, and the root's end releases whatever it locked.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+
+class Change:
+    """The fate of one entry at commit: a payload to publish, or None for a miss."""
+
+    __slots__ = ("gen_key", "payload", "ttl_ms")
+
+    def __init__(self, gen_key: str, payload: bytes | None, ttl_ms: int) -> None:
+        self.gen_key = gen_key
+        self.payload = payload
+        self.ttl_ms = ttl_ms
+
+
+class SessionTracker:
+    """Per-session state, kept in ``session.info`` under the cache's own key."""
+
+    __slots__ = (
+        "began",
+        "changes",
+        "committed",
+        "first_lock_at",
+        "locked",
+        "lock_ms",
+        "owner",
+        "reassert_on_flush",
+        "released_savepoints",
+        "stale_models",
+        "strict",
+        "wrote",
+    )
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.owner: str = ""
+        #: entity key -> generation key, for every key this root transaction locked (or tried to)
+        self.locked: dict[str, str] = {}
+        self.lock_ms = 0
+        self.changes: dict[Any, dict[str, Change]] = {}
+        self.released_savepoints: set[int] = set()
+        #: the transaction wrote (flush or DML): its reads are not fresh enough to fill
+        self.wrote = False
+        #: a database connection began in this transaction (a snapshot may predate a lease)
+        self.began = False
+        self.committed = False
+        self.reassert_on_flush = False
+        #: monotonic time of this transaction's first lock (0.0: none yet)
+        self.first_lock_at = 0.0
+        #: a model involved is configured on_redis_error="strict"
+        self.strict = False
+        #: models whose rows changed under a key the cache cannot name: invalidated whole
+        self.stale_models: set[Any] = set()
+
+    def owner_token(self) -> str:
+        if not self.owner:
+            self.owner = secrets.token_hex(8)
+        return self.owner
+
+    def record(self, transaction: Any, key: str, change: Change) -> None:
+        self.changes.setdefault(transaction, {})[key] = change
+
+    def end_savepoint(self, savepoint: Any, parent: Any) -> None:
+        child = self.changes.pop(savepoint, None)
+        released = id(savepoint) in self.released_savepoints
+        self.released_savepoints.discard(id(savepoint))
+        if not child:
+            return
+        target = self.changes.setdefault(parent, {})
+        if released:
+            target.update(child)
+            return
+        for key, change in child.items():
+            if key not in target:
+                target[key] = Change(change.gen_key, None, change.ttl_ms)
