@@ -44,7 +44,7 @@ def make_result(objects: Sequence[Any], key: str) -> Result[Any]:
     if SQLA_2_1:
         metadata = SimpleResultMetaData([key], _create_unique_filters=_unique_by_id)
     else:  # pragma: no cover - exercised by the SQLAlchemy 2.0 nox session
-        metadata = SimpleResultMetaData([key], _unique_filters=_UNIQUE_BY_ID)  # type: ignore[call-arg]
+        metadata = SimpleResultMetaData([key], _unique_filters=_UNIQUE_BY_ID)  # type: ignore[call-arg,unused-ignore]
     return IteratorResult(metadata, iter(objects), _source_supports_scalars=True)
 
 
@@ -69,7 +69,7 @@ def build_persistent(
     state.key = identity_key
     state.identity_token = identity_key[2]
     state.session_id = session.hash_key
-    session.identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined]
+    session.identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined,unused-ignore]
     for key in expired:
         state.expired_attributes.add(key)
     state.manager.dispatch.load(state, None)
@@ -83,7 +83,7 @@ def session_is_clean(session: Session) -> bool:
     ``Session._is_clean()`` is O(1); the public ``new``/``dirty``/``deleted`` build sets and
     check attribute history of every modified object.
     """
-    return bool(session._is_clean())  # type: ignore[attr-defined]
+    return bool(session._is_clean())
 
 
 def load_options_forbid_cache(orm_state: ORMExecuteState) -> bool:
@@ -136,7 +136,8 @@ def plain_entity_select(stmt: Any, mapper: Mapper[Any]) -> Sequence[Any] | None:
         or stmt._statement_hints
     ):
         return None
-    return stmt._where_criteria  # type: ignore[no-any-return]
+    criteria: Sequence[Any] = stmt._where_criteria
+    return criteria
 
 
 def pk_equalities(
@@ -213,4 +214,4 @@ def connection_isolation_level(connection: Any) -> str | None:
         level = getattr(connection.dialect, "_on_connect_isolation_level", None)
     if level is None:
         level = connection.default_isolation_level
-    return level
+    return str(level) if level is not None else None

@@ -155,12 +155,12 @@ class WriteThroughCache:
         Raises :class:`ConfigurationError` now if the model is already configured and cannot
         be cached exactly, else when its mapper is configured.
         """
-        mapper = inspect(model, raiseerr=False)
+        mapper: Any = inspect(model, raiseerr=False)
         if not isinstance(mapper, Mapper):
             raise ConfigurationError(f"{model!r} is not a mapped class")
         self._defaults.merged(options, where=model.__name__)  # check the option names now
         with self._build_lock:
-            self._registered[model] = options  # type: ignore[assignment]
+            self._registered[model] = options  # type: ignore[assignment,unused-ignore]
             self._layouts.pop(mapper, None)
         if mapper.configured:
             self._layout_for(mapper)
@@ -171,7 +171,7 @@ class WriteThroughCache:
         with self._build_lock:
             if base is None:
                 self._register_everything = True
-                self._layouts = {m: l for m, l in self._layouts.items() if l is not None}
+                self._forget_uncached()
                 return
             reg = base if isinstance(base, registry) else getattr(base, "registry", None)
             if not isinstance(reg, registry):
@@ -179,11 +179,15 @@ class WriteThroughCache:
                     "register_all() takes a declarative base class or a sqlalchemy.orm.registry"
                 )
             self._registries.append(reg)
-            self._layouts = {m: l for m, l in self._layouts.items() if l is not None}
+            self._forget_uncached()
             mappers = list(reg.mappers)
         for mapper in mappers:
             if mapper.configured:
                 self._layout_for(mapper)
+
+    def _forget_uncached(self) -> None:
+        """Mappers seen as not cached may be covered now: look at them again."""
+        self._layouts = {m: lay for m, lay in self._layouts.items() if lay is not None}
 
     def _covers(self, mapper: Mapper[Any]) -> Mapping[str, Any] | None:
         cls = mapper.class_
@@ -196,9 +200,9 @@ class WriteThroughCache:
         return None
 
     def _layout_for(self, mapper: Mapper[Any]) -> ModelLayout | None:
-        layout = self._layouts.get(mapper, _UNKNOWN)
+        layout: ModelLayout | None = self._layouts.get(mapper, _UNKNOWN)
         if layout is not _UNKNOWN:
-            return layout  # type: ignore[no-any-return]
+            return layout
         with self._build_lock:
             overrides = self._covers(mapper)
             if overrides is None:
@@ -246,13 +250,14 @@ class WriteThroughCache:
         self._installed = keep
 
     def _tracker(self, session: Session) -> SessionTracker:
-        tracker = session.info.get(self._info_key)
+        tracker: SessionTracker | None = session.info.get(self._info_key)
         if tracker is None:
             tracker = session.info[self._info_key] = SessionTracker()
-        return tracker  # type: ignore[no-any-return]
+        return tracker
 
     def _peek_tracker(self, session: Session) -> SessionTracker | None:
-        return session.info.get(self._info_key)
+        tracker: SessionTracker | None = session.info.get(self._info_key)
+        return tracker
 
     def _ttl_ms(self, layout: ModelLayout) -> int:
         ttl_ms = layout.options.ttl * 1000
@@ -270,7 +275,7 @@ class WriteThroughCache:
         Returns False when Redis could not be reached; the invalidation is then journaled and
         done before this process reads from Redis again.
         """
-        mapper = inspect(model)
+        mapper: Mapper[Any] = inspect(model)
         layout = self._layout_for(mapper)
         if layout is None:
             raise ConfigurationError(f"{model.__name__} is not cached by this cache")

@@ -206,7 +206,7 @@ def _enc_iso(expected: type) -> Callable[[Any], Any]:
     def enc(v: Any) -> Any:
         if type(v) is not expected or getattr(v, "tzinfo", None) is not None:
             raise EncodeError(f"expected naive {expected.__name__}, got {v!r}")
-        return v.isoformat()
+        return v.isoformat()  # type: ignore[attr-defined]
 
     return enc
 
@@ -454,9 +454,7 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
                     raise _fail(enum_class.__name__, v)
                 return by_name[v]
 
-            return ColumnCodec(
-                "enum", *_nullable(enc_enum, dec_enum, _exact_enum(enum_class, ()))
-            )
+            return ColumnCodec("enum", *_nullable(enc_enum, dec_enum, _exact_enum(enum_class, ())))
         return ColumnCodec(
             "str", *_nullable(_enc_type(str), _dec_type(str), _exact_enum(None, t.enums))
         )
@@ -501,9 +499,7 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
         return ColumnCodec("interval", *_nullable(_enc_interval, _dec_interval, _exact_interval))
     if isinstance(t, sqltypes.Uuid):
         if t.as_uuid:
-            return ColumnCodec(
-                "uuid", *_nullable(_enc_uuid, _dec_uuid, _exact_type(uuid.UUID))
-            )
+            return ColumnCodec("uuid", *_nullable(_enc_uuid, _dec_uuid, _exact_type(uuid.UUID)))
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _never))
     if isinstance(t, sqltypes.JSON):
         return ColumnCodec("json", _enc_json, _dec_json, _never)

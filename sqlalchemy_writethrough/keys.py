@@ -17,9 +17,7 @@ from typing import Any
 
 def _escape(text: str) -> str:
     if "%" in text or ":" in text or "{" in text or "}" in text:
-        text = (
-            text.replace("%", "%25").replace(":", "%3A").replace("{", "%7B").replace("}", "%7D")
-        )
+        text = text.replace("%", "%25").replace(":", "%3A").replace("{", "%7B").replace("}", "%7D")
     return text
 
 

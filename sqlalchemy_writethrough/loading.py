@@ -43,8 +43,9 @@ class ReadPath:
     def on_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         cache = self.cache
         if not orm_state.is_select:
-            # DML or text() through the session: this transaction's reads are no longer fresh
-            cache._tracker(orm_state.session).wrote = True
+            # DML or text() through the session: rows changed that no lock covers
+            tracker = cache._tracker(orm_state.session)
+            tracker.wrote = tracker.untracked_write = True
             return None
         if orm_state.is_column_load:
             return None
@@ -75,15 +76,13 @@ class ReadPath:
         ):
             cache._counters.add("bypasses")
             return None
-        pk = _sa_compat.pk_equalities(
-            criteria, layout.table, layout.pk_index, orm_state.parameters
-        )
+        pk = _sa_compat.pk_equalities(criteria, layout.table, layout.pk_index, orm_state.parameters)
         if pk is None or not layout.pk_is_cacheable(pk):
             cache._counters.add("bypasses")
             return None
 
         session = orm_state.session
-        identity_key = mapper.identity_key_from_primary_key(pk)
+        identity_key = mapper.identity_key_from_primary_key(tuple(pk))
         existing = session.identity_map.get(identity_key)
         if existing is not None:
             # the identity map wins, as for a database load (which would not overwrite it)
@@ -92,10 +91,10 @@ class ReadPath:
                 return None  # a database load refreshes expired attributes: let it
             return _sa_compat.make_result([existing], layout.entity_name)
 
-        if not cache._journal_replayed():
+        tracker = cache._tracker(session)
+        if tracker.untracked_write or not cache._journal_replayed():
             cache._counters.add("bypasses")
             return None
-        tracker = cache._tracker(session)
         may_fill = not tracker.wrote
         key, gen_key = layout.keys.pair(pk)
         lease = f"{self._lease_prefix}{next(self._lease_counter)}" if may_fill else ""
@@ -122,7 +121,9 @@ class ReadPath:
         rows = frozen.data
         if len(rows) == 1:
             assert data is not None
-            self._fill(session, layout, identity_key, rows[0], key, gen_key, lease, data, began_before)
+            self._fill(
+                session, layout, identity_key, rows[0], key, gen_key, lease, data, began_before
+            )
         return frozen()
 
     def _build(

@@ -50,8 +50,10 @@ class ModelLayout:
 
     def __init__(self, mapper: Mapper[Any], options: ModelOptions, prefix: str, buckets: int):
         where = f"{mapper.class_.__name__}"
-        if mapper.inherits is not None or mapper.polymorphic_on is not None or any(
-            m is not mapper for m in mapper.self_and_descendants
+        if (
+            mapper.inherits is not None
+            or mapper.polymorphic_on is not None
+            or any(m is not mapper for m in mapper.self_and_descendants)
         ):
             raise ConfigurationError(
                 f"{where}: models with inheritance are not cached yet; "
@@ -68,7 +70,7 @@ class ModelLayout:
         pk_columns = list(mapper.primary_key)
         self.pk_attrs = tuple(mapper.get_property_by_column(c).key for c in pk_columns)
         # column *keys* (not attribute keys) as they appear in WHERE clauses
-        self.pk_index = {c.key: i for i, c in enumerate(pk_columns)}
+        self.pk_index: dict[str, int] = {str(c.key): i for i, c in enumerate(pk_columns)}
 
         columns: list[Any] = []
         attrs: list[str] = []
@@ -110,9 +112,12 @@ class ModelLayout:
         from sqlalchemy.engine.default import DefaultDialect
 
         default = DefaultDialect()
-        kinds = [codec.column_codec(c, default, f"{where}.{a}") for c, a in zip(columns, attrs)]
+        kinds = [
+            codec.column_codec(c, default, f"{where}.{a}")
+            for c, a in zip(columns, attrs, strict=False)
+        ]
         self.pk_types = []
-        for pos, key in zip(self.pk_positions, self.pk_attrs):
+        for pos, key in zip(self.pk_positions, self.pk_attrs, strict=False):
             kind = kinds[pos].kind
             base = kind[kind.find("(") + 1 : -1] if "(" in kind else kind
             if base not in _PK_KINDS or "(" in kind:
@@ -123,7 +128,8 @@ class ModelLayout:
             self.pk_types.append(_PK_KINDS[base])
 
         description = "|".join(
-            f"{a}={c.name}:{_ADDRESS.sub('', repr(c.type))}" for a, c in zip(attrs, columns)
+            f"{a}={c.name}:{_ADDRESS.sub('', repr(c.type))}"
+            for a, c in zip(attrs, columns, strict=False)
         )
         digest_source = f"{codec.FORMAT_VERSION}|{table.fullname}|{description}|{self.pk_attrs}"
         self.digest = hashlib.sha1(digest_source.encode()).hexdigest()[:10]
@@ -138,7 +144,7 @@ class ModelLayout:
             where = self.entity_name
             found = tuple(
                 codec.column_codec(c, dialect, f"{where}.{a}")
-                for c, a in zip(self.columns, self.attrs)
+                for c, a in zip(self.columns, self.attrs, strict=False)
             )
             self._codecs[dialect] = found
         return found
@@ -146,7 +152,7 @@ class ModelLayout:
     def pk_is_cacheable(self, pk: Iterable[Any]) -> bool:
         """Only values of the column's exact Python type map to one key (``"42"`` and ``42.0``
         would load row 42 from the database under another key)."""
-        return all(type(v) is t for v, t in zip(pk, self.pk_types))
+        return all(type(v) is t for v, t in zip(pk, self.pk_types, strict=False))
 
     # -- rows ------------------------------------------------------------------------------
 
@@ -154,7 +160,7 @@ class ModelLayout:
         """The payload of a row just loaded from the database, or None if it cannot be stored."""
         values: list[Any] = [0]
         try:
-            for attr, col_codec in zip(self.attrs, self.codecs(dialect)):
+            for attr, col_codec in zip(self.attrs, self.codecs(dialect), strict=False):
                 if attr not in state_dict:
                     return None
                 values.append(col_codec.encode(state_dict[attr]))
@@ -166,7 +172,7 @@ class ModelLayout:
         """The payload of a row a flush wrote, or None when a load might return anything else."""
         values: list[Any] = [0]
         try:
-            for attr, col_codec in zip(self.attrs, self.codecs(ctx.dialect)):
+            for attr, col_codec in zip(self.attrs, self.codecs(ctx.dialect), strict=False):
                 if attr not in state_dict:
                     return None  # expired (SQL expression, server default not fetched)
                 value = col_codec.exact(state_dict[attr], ctx)
@@ -183,7 +189,7 @@ class ModelLayout:
         if raw[0] != 0:
             raise codec.DecodeError("unknown class tag")
         out: dict[str, Any] = {}
-        for attr, col_codec, value in zip(self.attrs, self.codecs(dialect), raw[1:]):
+        for attr, col_codec, value in zip(self.attrs, self.codecs(dialect), raw[1:], strict=False):
             out[attr] = col_codec.decode(value)
         return out
 
@@ -192,7 +198,7 @@ def model_overrides(cls: type) -> ModelOptionsDict:
     found = getattr(cls, "__writethrough__", None) or {}
     if not isinstance(found, dict):
         raise ConfigurationError(f"{cls.__name__}.__writethrough__ must be a dict of options")
-    return found
+    return found  # type: ignore[return-value]
 
 
 def is_cached_model(cls: type) -> bool:

@@ -31,13 +31,14 @@ class SessionTracker:
         "changes",
         "committed",
         "first_lock_at",
-        "locked",
         "lock_ms",
+        "locked",
         "owner",
         "reassert_on_flush",
         "released_savepoints",
         "stale_models",
         "strict",
+        "untracked_write",
         "wrote",
     )
 
@@ -53,6 +54,9 @@ class SessionTracker:
         self.released_savepoints: set[int] = set()
         #: the transaction wrote (flush or DML): its reads are not fresh enough to fill
         self.wrote = False
+        #: the transaction ran DML or text() whose rows the cache cannot name: until it ends,
+        #: its reads bypass Redis (a cached row may be older than what it wrote)
+        self.untracked_write = False
         #: a database connection began in this transaction (a snapshot may predate a lease)
         self.began = False
         self.committed = False
