@@ -1,0 +1,181 @@
+"""Each private SQLAlchemy access in ``_sa_compat`` exercised on its own.
+
+When an upgrade of SQLAlchemy moves one of these internals, the failure shows up here, by
+function name, rather than as a subtle change in what the cache serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import ForeignKey, String, create_engine, event, inspect, select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    MappedAsDataclass,
+    ORMExecuteState,
+    Session,
+    aliased,
+    joinedload,
+    mapped_column,
+    relationship,
+    with_loader_criteria,
+)
+
+from sqlalchemy_writethrough import _sa_compat, from_cache
+
+
+class Base(MappedAsDataclass, DeclarativeBase):
+    pass
+
+
+class Parent(Base):
+    __tablename__ = "sc_parent"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(20), default="p")
+
+
+class Thing(Base):
+    __tablename__ = "sc_thing"
+    a: Mapped[int] = mapped_column(primary_key=True)
+    b: Mapped[str] = mapped_column(String(10), primary_key=True)
+    name: Mapped[str] = mapped_column(String(20), default="x")
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("sc_parent.id"), default=None)
+    parent: Mapped[Parent | None] = relationship(default=None)
+
+
+@pytest.fixture
+def session() -> Any:
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        yield s
+    engine.dispose()
+
+
+def captured_states(session: Session) -> list[ORMExecuteState]:
+    states: list[ORMExecuteState] = []
+    event.listen(session, "do_orm_execute", states.append)
+    return states
+
+
+def test_make_result_supports_what_callers_do(session: Session) -> None:
+    objs = [Thing(a=1, b="x")]  # dataclass: __hash__ is None, so uniquing must use id()
+    assert _sa_compat.make_result(objs, "Thing").unique().scalars().one() is objs[0]
+    assert _sa_compat.make_result(objs, "Thing").scalar_one() is objs[0]
+    row = _sa_compat.make_result(objs, "Thing").one()
+    assert row.Thing is objs[0]
+    assert _sa_compat.make_result([], "Thing").scalars().first() is None
+
+
+def test_build_persistent_is_a_clean_identity_mapped_load(session: Session) -> None:
+    loads: list[object] = []
+
+    def on_load(target: object, context: object) -> None:
+        loads.append(target)
+
+    event.listen(Thing, "load", on_load)
+    try:
+        mapper = inspect(Thing)
+        ident = mapper.identity_key_from_primary_key((1, "x"))
+        values = {"a": 1, "b": "x", "name": "n", "parent_id": None}
+        obj = _sa_compat.build_persistent(session, mapper, ident, values, ["name"])
+        state = inspect(obj)
+        assert state.persistent and state.key == ident
+        assert session.identity_map.get(ident) is obj
+        assert not session.dirty and not session.is_modified(obj)
+        assert loads == [obj]
+        assert "name" in state.expired_attributes
+    finally:
+        event.remove(Thing, "load", on_load)
+
+
+def test_session_is_clean(session: Session) -> None:
+    assert _sa_compat.session_is_clean(session)
+    session.add(Parent(id=1))
+    assert not _sa_compat.session_is_clean(session)
+    session.flush()
+    assert _sa_compat.session_is_clean(session)
+
+
+def test_load_options_flags(session: Session) -> None:
+    session.add(Parent(id=1))
+    session.commit()
+    session.expunge_all()
+    states = captured_states(session)
+    session.get(Parent, 1)
+    session.expunge_all()
+    session.get(Parent, 1, populate_existing=True)
+    session.execute(select(Parent).execution_options(populate_existing=True)).all()
+    assert [_sa_compat.load_options_forbid_cache(s) for s in states] == [False, True, True]
+
+
+def test_plain_entity_select_and_pk_equalities(session: Session) -> None:
+    mapper = inspect(Thing)
+    table = Thing.__table__
+    index = {"a": 0, "b": 1}
+    stmt = select(Thing).where(Thing.a == 1, Thing.b == "x")
+    criteria = _sa_compat.plain_entity_select(stmt, mapper)
+    assert criteria is not None
+    assert _sa_compat.pk_equalities(criteria, table, index, None) == [1, "x"]
+    reversed_stmt = select(Thing).where(1 == Thing.a).filter_by(b="y")
+    criteria = _sa_compat.plain_entity_select(reversed_stmt, mapper)
+    assert criteria is not None
+    assert _sa_compat.pk_equalities(criteria, table, index, None) == [1, "y"]
+
+    half = _sa_compat.plain_entity_select(select(Thing).where(Thing.a == 1), mapper)
+    assert half is not None and _sa_compat.pk_equalities(half, table, index, None) is None
+    ranged = _sa_compat.plain_entity_select(select(Thing).where(Thing.a > 1), mapper)
+    assert ranged is not None and _sa_compat.pk_equalities(ranged, table, index, None) is None
+    either = select(Thing).where((Thing.a == 1) | (Thing.b == "x"))
+    criteria = _sa_compat.plain_entity_select(either, mapper)
+    assert criteria is not None and _sa_compat.pk_equalities(criteria, table, index, None) is None
+
+    refused = [
+        select(Thing).where(Thing.a == 1).limit(1),
+        select(Thing).where(Thing.a == 1).offset(1),
+        select(Thing).where(Thing.a == 1).with_for_update(),
+        select(Thing).join(Thing.parent).where(Thing.a == 1),
+        select(Thing.a).where(Thing.a == 1),
+        select(aliased(Thing)).where(Thing.a == 1),
+        select(Thing, Parent).where(Thing.a == 1),
+        select(Thing).where(Thing.a == 1).group_by(Thing.a),
+        select(Thing).where(Thing.a == 1).prefix_with("/*x*/"),
+        select(Thing).where(Thing.a == 1).with_hint(Thing, "x"),
+    ]
+    for stmt in refused:
+        assert _sa_compat.plain_entity_select(stmt, mapper) is None, stmt
+
+
+def test_pk_equalities_of_the_orms_get_clause(session: Session) -> None:
+    session.add(Thing(a=3, b="z"))
+    session.commit()
+    session.expunge_all()
+    states = captured_states(session)
+    session.get(Thing, (3, "z"))
+    state = states[0]
+    criteria = _sa_compat.plain_entity_select(state.statement, inspect(Thing))
+    assert criteria is not None
+    values = _sa_compat.pk_equalities(criteria, Thing.__table__, {"a": 0, "b": 1}, state.parameters)
+    assert values == [3, "z"]
+
+
+def test_only_user_defined_options() -> None:
+    assert _sa_compat.only_user_defined_options(select(Thing).options(from_cache()))
+    assert not _sa_compat.only_user_defined_options(select(Thing).options(joinedload(Thing.parent)))
+    criteria = with_loader_criteria(Thing, Thing.name != "gone")
+    assert not _sa_compat.only_user_defined_options(select(Thing).options(criteria))
+
+
+def test_connection_isolation_level(tmp_path: Any) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with engine.connect() as conn:
+        assert _sa_compat.connection_isolation_level(conn) == "SERIALIZABLE"
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        assert _sa_compat.connection_isolation_level(conn) == "AUTOCOMMIT"
+    configured = create_engine(f"sqlite:///{tmp_path / 'y.db'}", isolation_level="READ UNCOMMITTED")
+    with configured.connect() as conn:
+        assert _sa_compat.connection_isolation_level(conn) == "READ UNCOMMITTED"
+    engine.dispose()
+    configured.dispose()

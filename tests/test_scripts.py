@@ -1,0 +1,283 @@
+"""The Lua state machine on a real Redis: every transition of DESIGN.md's entry states.
+
+These run the scripts through the same backend the cache uses, one transition per test, and
+assert what the key holds afterwards. They are the ground truth the ORM-level tests build on:
+a fill never lands over a writer's lock, a rollback restores only an uncontended entry of its
+own, a publish never writes where its lock was lost, and a lost generation key cannot revive
+old values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from sqlalchemy_writethrough.backend import RedisBackend
+from sqlalchemy_writethrough.breaker import CircuitBreaker
+from sqlalchemy_writethrough.protocol import Fetch
+from sqlalchemy_writethrough.stats import Counters
+
+TTL = 60_000
+LOCK = 30_000
+LEASE = 10_000
+
+
+@pytest.fixture
+def backend(redis_client: redis.Redis) -> RedisBackend:
+    return RedisBackend(redis_client, CircuitBreaker(), Counters())
+
+
+@pytest.fixture
+def keys(prefix: str) -> Iterator[tuple[str, str]]:
+    tag = f"{prefix}:{{m:d:0}}"
+    yield f"{tag}:1", tag
+
+
+def state(client: redis.Redis, key: str) -> str | None:
+    raw = client.get(key)
+    return None if raw is None else {ord("V"): "V", ord("L"): "L", ord("E"): "E"}[raw[0]]
+
+
+def seed_value(backend: RedisBackend, key: str, gen_key: str, payload: bytes = b"old") -> bytes:
+    """Put a VALUE in place the way a reader does: fetch (lease), then fill."""
+    reply = backend.fetch(key, gen_key, "seed", LEASE)
+    assert reply is not None and reply[0] is Fetch.LEASED and reply[1] is not None
+    assert backend.fill(key, gen_key, "seed", reply[1], payload, TTL) is True
+    return reply[1]
+
+
+def value_payload(client: redis.Redis, key: str) -> bytes:
+    raw = client.get(key)
+    assert raw is not None and raw[:1] == b"V"
+    return raw[raw.index(b":") + 1 :]
+
+
+# -- read side ---------------------------------------------------------------------------
+
+
+def test_miss_grants_a_lease_and_creates_the_generation(backend, redis_client, keys):
+    key, gen_key = keys
+    status, gen = backend.fetch(key, gen_key, "r1", LEASE)
+    assert status is Fetch.LEASED
+    assert redis_client.get(gen_key) == gen
+    assert redis_client.ttl(gen_key) == -1, "generation keys never expire"
+    assert state(redis_client, key) == "E"
+    assert 0 < redis_client.pttl(key) <= LEASE
+
+
+def test_miss_without_lease_writes_nothing(backend, redis_client, keys):
+    key, gen_key = keys
+    assert backend.fetch(key, gen_key, "", LEASE) == (Fetch.MISS, None)
+    assert redis_client.get(key) is None
+
+
+def test_fill_over_own_lease_is_a_hit_with_ttl(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key, b"row")
+    status, value = backend.fetch(key, gen_key, "r2", LEASE)
+    assert status is Fetch.HIT and value is not None and value.endswith(b":row")
+    assert LEASE < redis_client.pttl(key) <= TTL
+
+
+def test_second_reader_sees_busy_and_cannot_fill(backend, redis_client, keys):
+    key, gen_key = keys
+    _, gen = backend.fetch(key, gen_key, "r1", LEASE)
+    assert backend.fetch(key, gen_key, "r2", LEASE) == (Fetch.BUSY, None)
+    assert backend.fill(key, gen_key, "r2", gen, b"x", TTL) is False
+    assert state(redis_client, key) == "E"
+
+
+def test_fill_refused_after_a_writer_locked(backend, redis_client, keys):
+    """Facebook's lease: a reader that loaded before a writer's flush cannot fill after it."""
+    key, gen_key = keys
+    _, gen = backend.fetch(key, gen_key, "r1", LEASE)
+    assert backend.lock([key, gen_key], "w1", LOCK)
+    assert backend.fill(key, gen_key, "r1", gen, b"old", TTL) is False
+    assert state(redis_client, key) == "L"
+
+
+def test_fill_refused_after_invalidation(backend, redis_client, keys):
+    key, gen_key = keys
+    _, gen = backend.fetch(key, gen_key, "r1", LEASE)
+    assert backend.invalidate([key, gen_key])
+    assert backend.fill(key, gen_key, "r1", gen, b"old", TTL) is False
+    assert redis_client.get(key) is None
+
+
+def test_fill_refused_after_generation_change(backend, redis_client, keys):
+    key, gen_key = keys
+    _, gen = backend.fetch(key, gen_key, "r1", LEASE)
+    assert backend.new_generations([gen_key])
+    assert backend.fill(key, gen_key, "r1", gen, b"old", TTL) is False
+    assert redis_client.get(key) is None
+
+
+def test_value_of_an_old_generation_is_a_miss(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.new_generations([gen_key])
+    status, _ = backend.fetch(key, gen_key, "r1", LEASE)
+    assert status is Fetch.LEASED
+
+
+def test_lost_generation_key_cannot_revive_old_entries(backend, redis_client, keys):
+    """An evicted generation key is recreated with a new token, never "0" again."""
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    redis_client.delete(gen_key)
+    status, _ = backend.fetch(key, gen_key, "r1", LEASE)
+    assert status is Fetch.LEASED
+
+
+def test_locked_entry_is_busy(backend, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "w1", LOCK)
+    assert backend.fetch(key, gen_key, "r1", LEASE) == (Fetch.BUSY, None)
+
+
+# -- write side --------------------------------------------------------------------------
+
+
+def test_publish_writes_value_over_own_uncontended_lock(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "w1", LOCK)
+    assert backend.publish([key, gen_key], "w1", [b"new", TTL]) == 1
+    assert value_payload(redis_client, key) == b"new"
+
+
+def test_publish_of_a_delete_leaves_a_miss(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "w1", LOCK)
+    assert backend.publish([key, gen_key], "w1", [b"", 0]) == 0
+    assert redis_client.get(key) is None
+
+
+def test_rollback_restores_previous_value_and_its_ttl(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key, b"old")
+    ttl_before = redis_client.pttl(key)
+    backend.lock([key, gen_key], "w1", LOCK)
+    assert backend.release([key, gen_key], "w1") == 1
+    assert value_payload(redis_client, key) == b"old"
+    assert ttl_before - 2000 < redis_client.pttl(key) <= ttl_before
+
+
+def test_rollback_of_a_cold_key_leaves_a_miss(backend, redis_client, keys):
+    key, gen_key = keys
+    backend.lock([key, gen_key], "w1", LOCK)
+    assert backend.release([key, gen_key], "w1") == 0
+    assert redis_client.get(key) is None
+
+
+def test_rollback_does_not_restore_a_value_older_than_a_generation_change(
+    backend, redis_client, keys
+):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "w1", LOCK)
+    backend.new_generations([gen_key])
+    assert backend.release([key, gen_key], "w1") == 0
+    assert redis_client.get(key) is None
+
+
+def test_two_writers_leave_a_miss_whatever_the_order(backend, redis_client, keys):
+    """Commit order across processes is unknown: contended keys end as a miss."""
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "w1", LOCK)
+    backend.lock([key, gen_key], "w2", LOCK)
+    assert backend.publish([key, gen_key], "w2", [b"two", TTL]) == 0
+    assert state(redis_client, key) == "L", "w1 still owns it"
+    assert backend.publish([key, gen_key], "w1", [b"one", TTL]) == 0
+    assert redis_client.get(key) is None
+
+
+def test_rollback_never_restores_over_another_writers_commit(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key, b"old")
+    backend.lock([key, gen_key], "w1", LOCK)
+    backend.lock([key, gen_key], "w2", LOCK)
+    backend.publish([key, gen_key], "w2", [b"two", TTL])
+    assert backend.release([key, gen_key], "w1") == 0
+    assert redis_client.get(key) is None, "old must not come back over w2's commit"
+
+
+def test_publish_after_lock_lost_deletes_whatever_is_there(backend, redis_client, keys):
+    """The lock expired and a reader filled the old row meanwhile: publish leaves a miss."""
+    key, gen_key = keys
+    backend.lock([key, gen_key], "w1", 50)
+    redis_client.delete(key)  # as if expired
+    seed_value(backend, key, gen_key, b"old")
+    assert backend.publish([key, gen_key], "w1", [b"new", TTL]) == 0
+    assert redis_client.get(key) is None
+
+
+def test_publish_after_lock_lost_marks_a_newer_lock_contended(backend, redis_client, keys):
+    """w1's lock was lost and w2 locked with prev = w1's pre-commit value: w2 must not
+    restore it on rollback."""
+    key, gen_key = keys
+    seed_value(backend, key, gen_key, b"old")
+    backend.lock([key, gen_key], "w1", LOCK)
+    redis_client.delete(key)  # w1's lock lost
+    seed_value(backend, key, gen_key, b"old")  # a reader filled the pre-w1 row
+    backend.lock([key, gen_key], "w2", LOCK)  # w2 keeps "old" as prev
+    backend.publish([key, gen_key], "w1", [b"new", TTL])  # w1 committed "new"
+    assert backend.release([key, gen_key], "w2") == 0
+    assert redis_client.get(key) is None
+
+
+def test_invalidate_on_a_lock_prevents_publish_and_restore(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "w1", LOCK)
+    backend.invalidate([key, gen_key])
+    assert state(redis_client, key) == "L"
+    assert backend.publish([key, gen_key], "w1", [b"new", TTL]) == 0
+    assert redis_client.get(key) is None
+
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "w2", LOCK)
+    backend.invalidate([key, gen_key])
+    assert backend.release([key, gen_key], "w2") == 0
+    assert redis_client.get(key) is None
+
+
+def test_reasserting_own_lock_extends_it_without_contention(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key, b"old")
+    backend.lock([key, gen_key], "w1", 1000)
+    backend.lock([key, gen_key], "w1", LOCK)
+    assert redis_client.pttl(key) > 1000
+    assert backend.release([key, gen_key], "w1") == 1
+    assert value_payload(redis_client, key) == b"old"
+
+
+def test_expired_lock_is_a_miss_and_reassert_takes_it_back(backend, redis_client, keys):
+    """A long transaction's lock expired and a reader filled the old row; re-asserting before
+    COMMIT replaces that fill by a lock again (so a crash after COMMIT leaves a miss)."""
+    key, gen_key = keys
+    backend.lock([key, gen_key], "w1", LOCK)
+    redis_client.delete(key)
+    seed_value(backend, key, gen_key, b"old")
+    backend.lock([key, gen_key], "w1", LOCK)
+    assert state(redis_client, key) == "L"
+    assert backend.publish([key, gen_key], "w1", [b"new", TTL]) == 1
+    assert value_payload(redis_client, key) == b"new"
+
+
+def test_one_call_handles_many_keys(backend, redis_client, prefix):
+    pairs: list[str] = []
+    for i in range(200):
+        tag = f"{prefix}:{{m:d:{i % 7}}}"
+        pairs += (f"{tag}:{i}", tag)
+    assert backend.lock(pairs, "w1", LOCK)
+    items: list[object] = []
+    for i in range(200):
+        items += (f"row{i}".encode(), TTL)
+    assert backend.publish(pairs, "w1", items) == 200
+    assert value_payload(redis_client, pairs[2 * 150]) == b"row150"
