@@ -119,7 +119,7 @@ def test_plain_entity_select_and_pk_equalities(session: Session) -> None:
     criteria = _sa_compat.plain_entity_select(stmt, mapper)
     assert criteria is not None
     assert _sa_compat.pk_equalities(criteria, table, index, None) == [1, "x"]
-    reversed_stmt = select(Thing).where(1 == Thing.a).filter_by(b="y")
+    reversed_stmt = select(Thing).where(1 == Thing.a).filter_by(b="y")  # noqa: SIM300
     criteria = _sa_compat.plain_entity_select(reversed_stmt, mapper)
     assert criteria is not None
     assert _sa_compat.pk_equalities(criteria, table, index, None) == [1, "y"]
