@@ -21,9 +21,9 @@ from sqlalchemy import ForeignKey, Numeric, String, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _redis import redis_url_or_start  # noqa: E402
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
 
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache  # noqa: E402
+from _redis import redis_url_or_start
 
 
 class Base(DeclarativeBase):
