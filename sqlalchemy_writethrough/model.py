@@ -99,6 +99,16 @@ class ModelLayout:
                 raise ConfigurationError(f"{where}: primary key attribute {key!r} must be loaded")
         self.columns = tuple(columns)
         self.attrs = tuple(attrs)
+        # attributes an INSERT sends as NULL when left unset, without putting None in the
+        # instance's dict (the same rule as the mapper's private _insert_cols_as_none)
+        self.null_on_insert = frozenset(
+            a
+            for a, c in zip(attrs, columns, strict=True)
+            if not c.primary_key
+            and not c.server_default
+            and not c.default
+            and not c.type.should_evaluate_none
+        )
         self.expired = tuple(expired)
         self.pk_positions = tuple(attrs.index(k) for k in self.pk_attrs)
         self.eager_relationships = tuple(
@@ -182,6 +192,20 @@ class ModelLayout:
         except codec.EncodeError:
             return None
         return codec.pack_row(values)
+
+    def inserted_values(self, state: Any) -> dict[str, Any]:
+        """``state.dict`` of a row this flush inserted, with the unset columns the INSERT sent
+        as NULL filled in as None (as a load would return them)."""
+        dict_: dict[str, Any] = state.dict
+        missing = [
+            a for a in self.null_on_insert if a not in dict_ and a not in state.expired_attributes
+        ]
+        if not missing:
+            return dict_
+        values = dict(dict_)
+        for a in missing:
+            values[a] = None
+        return values
 
     def decode(self, payload: bytes | memoryview, dialect: Dialect) -> dict[str, Any]:
         """Attribute values of a payload; DecodeError when it is not a row of this layout."""

@@ -71,7 +71,7 @@ class WritePath:
             tracker.lock_ms = max(tracker.lock_ms, int(layout.options.lock_timeout * 1000))
             record(layout, state.key[1], None)
 
-        for collection in (session.new, session.dirty):
+        for collection, inserted in ((session.new, True), (session.dirty, False)):
             for obj in collection:
                 state = instance_state(obj)
                 layout = cache._layout_for(state.mapper)
@@ -79,7 +79,7 @@ class WritePath:
                     continue
                 strict = strict or layout.options.on_redis_error == "strict"
                 tracker.lock_ms = max(tracker.lock_ms, int(layout.options.lock_timeout * 1000))
-                dict_ = state.dict
+                dict_ = layout.inserted_values(state) if inserted else state.dict
                 pk = [dict_.get(a) for a in layout.pk_attrs]
                 old = state.key[1] if state.key is not None else None
                 if old is not None and list(old) != pk:
