@@ -86,6 +86,18 @@ def session_is_clean(session: Session) -> bool:
     return bool(session._is_clean())
 
 
+def autoflush_before_load(orm_state: ORMExecuteState) -> None:
+    """Flush pending changes as the ORM does before a load that asks for autoflush.
+
+    SQLAlchemy autoflushes in ``orm_pre_session_exec`` *after* ``do_orm_execute`` handlers,
+    so a result returned by a handler skips it; ``Session._autoflush()`` is the ORM's own call
+    (it honours ``autoflush=False`` and ``no_autoflush``, and annotates flush errors).
+    """
+    session = orm_state.session
+    if orm_state.load_options._autoflush and not session._is_clean():
+        session._autoflush()
+
+
 def load_options_forbid_cache(orm_state: ORMExecuteState) -> bool:
     """populate_existing, refresh, identity tokens (horizontal sharding) or a non-default
     identity token must load from the database; the flags live on the private load options."""

@@ -74,20 +74,13 @@ class RedisBackend:
     def invalidate(self, pairs: Sequence[str]) -> bool:
         return self._run(Script.INVALIDATE, pairs, ()) is not None
 
-    def new_generations(self, gen_keys: Sequence[str]) -> bool:
-        """Give every bucket a fresh generation: all entries of the model become misses."""
-        if not self.breaker.allow():
-            self._counters.add("errors")
-            return False
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for key in gen_keys:
-                pipe.set(key, "n" + secrets.token_hex(8))
-            pipe.execute()
-        except (RedisError, OSError) as exc:
-            self.breaker.failure()
-            self._counters.add("errors")
-            log.warning("writethrough: Redis generation bump failed: %r", exc)
-            return False
-        self.breaker.success()
-        return True
+    def bump_generations(self, gen_keys: Sequence[str]) -> bool:
+        """Invalidate whole buckets now (a locked bucket is bumped when its lock ends)."""
+        return self._run(Script.BUMP_GENS, gen_keys, (secrets.token_hex(4),)) is not None
+
+    def lock_generations(self, gen_keys: Sequence[str], owner: str, ttl_ms: int) -> bool:
+        return self._run(Script.LOCK_GENS, gen_keys, (owner, ttl_ms)) is not None
+
+    def release_generations(self, gen_keys: Sequence[str], owner: str, committed: bool) -> bool:
+        args = (owner, "1" if committed else "0", secrets.token_hex(4))
+        return self._run(Script.RELEASE_GENS, gen_keys, args) is not None

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Mapper, Session, registry, scoped_session, sessionmak
 from .backend import RedisBackend
 from .breaker import CircuitBreaker
 from .config import ModelOptions, ModelOptionsDict, OnRedisError, Strategy, validate
+from .dml import StatementTracker
 from .exc import ConfigurationError
 from .journal import Journal
 from .loading import ReadPath
@@ -144,6 +145,9 @@ class WriteThroughCache:
         self._build_lock = threading.RLock()
         self._read = ReadPath(self)
         self._write = WritePath(self)
+        self._statements = StatementTracker(self)
+        self._by_table: dict[str, list[ModelLayout]] | None = None
+        self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
         self._installed: list[tuple[Any, str, Any]] = []
         _caches.add(self)
 
@@ -211,7 +215,78 @@ class WriteThroughCache:
                 options = self._defaults.merged(overrides, where=mapper.class_.__name__)
                 layout = ModelLayout(mapper, options, self.prefix, self._buckets)
             self._layouts[mapper] = layout
+            if layout is not None:
+                self._by_table = None
+                self._cascade_memo = {}
             return layout
+
+    # -- what else a write touches ---------------------------------------------------------
+
+    def _cached_layouts(self) -> list[ModelLayout]:
+        return [layout for layout in list(self._layouts.values()) if layout is not None]
+
+    def _layouts_by_table_name(self) -> dict[str, list[ModelLayout]]:
+        """Cached models by lower-cased table name (bare and schema-qualified)."""
+        by_table = self._by_table
+        if by_table is None:
+            by_table = {}
+            for layout in self._cached_layouts():
+                for name in {layout.table.name.lower(), layout.table.fullname.lower()}:
+                    by_table.setdefault(name, []).append(layout)
+            self._by_table = by_table
+        return by_table
+
+    def _layouts_for_table(self, table: Any) -> list[ModelLayout]:
+        fullname = getattr(table, "fullname", None)
+        if fullname is None:
+            return []
+        found = self._layouts_by_table_name().get(fullname.lower(), [])
+        base = table._deannotate() if hasattr(table, "_deannotate") else table
+        return [layout for layout in found if layout.table is base]
+
+    def _cascades(self, table: Any, *, deleted: bool, orm_handles: Any) -> list[ModelLayout]:
+        """Cached models whose rows the database itself changes when rows of ``table`` are
+        deleted (``ON DELETE CASCADE / SET NULL / SET DEFAULT``) or have their referenced key
+        updated (``ON UPDATE ...``). ``orm_handles`` is the mapper whose flush this is: a child
+        model reached from it by a relationship the ORM cascades itself (``passive_deletes`` /
+        ``passive_updates`` off) is tracked by the flush and needs no invalidation."""
+        memo_key = (table, deleted, orm_handles)
+        found = self._cascade_memo.get(memo_key)
+        if found is not None:
+            return found
+        found = []
+        base = table._deannotate() if hasattr(table, "_deannotate") else table
+        for layout in self._cached_layouts():
+            for fk in layout.table.foreign_keys:
+                action = fk.ondelete if deleted else fk.onupdate
+                if not action or action.upper() in ("NO ACTION", "RESTRICT"):
+                    continue
+                if fk.column.table is not base:
+                    continue
+                if orm_handles and _orm_cascades(orm_handles, layout, deleted):
+                    continue
+                found.append(layout)
+                break
+        self._cascade_memo[memo_key] = found
+        return found
+
+    def _also_invalidated(self, layout: ModelLayout) -> list[ModelLayout]:
+        targets = layout.options.also_invalidates
+        if not targets:
+            return []
+        found: list[ModelLayout] = []
+        for target in targets:
+            if isinstance(target, str):
+                found += self._layouts_by_table_name().get(target.lower(), [])
+            else:
+                other = self._layout_for(inspect(target))
+                if other is None:
+                    raise ConfigurationError(
+                        f"{layout.entity_name}: also_invalidates names {target.__name__}, "
+                        "which this cache does not cache"
+                    )
+                found.append(other)
+        return found
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -230,6 +305,7 @@ class WriteThroughCache:
         hooks: list[tuple[str, Any, dict[str, Any]]] = [
             ("do_orm_execute", self._read.on_execute, {"retval": True}),
             ("after_begin", self._write.after_begin, {}),
+            ("before_flush", self._write.before_flush, {}),
             ("after_flush", self._write.after_flush, {}),
             ("before_commit", self._write.before_commit, {}),
             ("after_commit", self._write.after_commit, {"insert": True}),
@@ -252,7 +328,7 @@ class WriteThroughCache:
     def _tracker(self, session: Session) -> SessionTracker:
         tracker: SessionTracker | None = session.info.get(self._info_key)
         if tracker is None:
-            tracker = session.info[self._info_key] = SessionTracker()
+            tracker = session.info[self._info_key] = SessionTracker(session)
         return tracker
 
     def _peek_tracker(self, session: Session) -> SessionTracker | None:
@@ -280,7 +356,7 @@ class WriteThroughCache:
         if layout is None:
             raise ConfigurationError(f"{model.__name__} is not cached by this cache")
         if ident is None:
-            if self._backend.new_generations(layout.keys.generation_keys()):
+            if self._backend.bump_generations(layout.keys.generation_keys()):
                 self._counters.add("invalidations")
                 return True
             self._journal.add_model(layout)
@@ -299,6 +375,19 @@ class WriteThroughCache:
 
     def __repr__(self) -> str:
         return f"WriteThroughCache(prefix={self.prefix!r})"
+
+
+def _orm_cascades(mapper: Any, layout: ModelLayout, deleted: bool) -> bool:
+    """Whether deleting (or re-keying) a ``mapper`` row makes the ORM load and change the
+    related ``layout`` rows itself, rather than leaving it to the database."""
+    for rel in mapper.relationships:
+        if rel.mapper is not layout.mapper or rel.direction.name != "ONETOMANY":
+            continue
+        if deleted and not rel.passive_deletes:
+            return True
+        if not deleted and not rel.passive_updates:
+            return True
+    return False
 
 
 def _identity_values(mapper: Mapper[Any], ident: Any) -> list[Any]:
@@ -325,7 +414,7 @@ def _on_mapper_configured(mapper: Mapper[Any], cls: type) -> None:
         cache._layout_for(mapper)
     if not caches and is_cached_model(cls):
         # no cache exists yet: check what can be checked with the default options
-        defaults = ModelOptions(3600.0, frozenset(), "write-through", 30.0, "degrade")
+        defaults = ModelOptions(3600.0, frozenset(), "write-through", 30.0, "degrade", ())
         ModelLayout(mapper, defaults.merged(model_overrides(cls), where=cls.__name__), "wt", 1)
 
 

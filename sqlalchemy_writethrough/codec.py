@@ -95,6 +95,17 @@ class ColumnCodec:
         self.decode = decode
         self.exact = exact
 
+    def flushed(self, value: Any, ctx: FlushContext) -> Any:
+        """The stored form of a value a flush sent, or NOT_EXACT."""
+        predicted = self.exact(value, ctx)
+        if predicted is NOT_EXACT:
+            return NOT_EXACT
+        return self.encode(predicted)
+
+    def loaded(self, value: Any) -> Any:
+        """The stored form of a value a database load returned (EncodeError if none)."""
+        return self.encode(value)
+
     def __repr__(self) -> str:
         return f"ColumnCodec({self.kind})"
 
@@ -323,6 +334,8 @@ def _exact_float(double: bool) -> Exact:
             v = float(v)
         if type(v) is not float or v != v or v in (float("inf"), float("-inf")):
             return NOT_EXACT
+        if v == 0 and ctx.name == "sqlite":
+            return 0.0  # SQLite stores a zero REAL as the integer 0: no negative zero
         return v
 
     return ex
@@ -339,14 +352,19 @@ def _exact_decimal(scale: int | None, return_scale: int) -> Exact:
             return NOT_EXACT
         if ctx.name == "sqlite":
             # bound as a float; SQLAlchemy formats the stored REAL with the return scale
-            return decimal.Decimal(fmt % float(v))
+            # (SQLite keeps a zero REAL as the integer 0, so there is no negative zero)
+            as_float = float(v)
+            return decimal.Decimal(fmt % (as_float if as_float != 0 else 0.0))
         if ctx.name in ("postgresql", "mysql", "mariadb"):
             if quantum is None:
-                return v if ctx.name == "postgresql" else NOT_EXACT
+                if ctx.name != "postgresql":
+                    return NOT_EXACT
+                return v.copy_abs() if v.is_zero() else v
             try:
-                return v.quantize(quantum, rounding=decimal.ROUND_HALF_UP)
+                rounded = v.quantize(quantum, rounding=decimal.ROUND_HALF_UP)
             except decimal.InvalidOperation:
                 return NOT_EXACT
+            return rounded.copy_abs() if rounded.is_zero() else rounded  # no "-0.00" in SQL
         return NOT_EXACT
 
     return ex
@@ -517,14 +535,52 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
     )
 
 
+class _DecoratedCodec(ColumnCodec):
+    """A TypeDecorator column: the cache stores the implementation's value, as the database
+    does, and ``decode`` runs ``process_result_value`` exactly as a database load does."""
+
+    __slots__ = ("_from_impl", "_inner", "_to_impl")
+
+    def __init__(
+        self,
+        kind: str,
+        inner: ColumnCodec,
+        to_impl: Callable[[Any], Any],
+        from_impl: Callable[[Any], Any],
+    ) -> None:
+        inner_decode = inner.decode
+
+        def decode(v: Any) -> Any:
+            return from_impl(inner_decode(v))
+
+        super().__init__(kind, inner.encode, decode, inner.exact)
+        self._inner = inner
+        self._to_impl = to_impl
+        self._from_impl = from_impl
+
+    def flushed(self, value: Any, ctx: FlushContext) -> Any:
+        # process_bind_param runs once, as the flush ran it; the implementation's rules
+        # predict what the database stored
+        return self._inner.flushed(self._to_impl(value), ctx)
+
+    def loaded(self, value: Any) -> Any:
+        # the database holds the implementation's value, which we only see through
+        # process_result_value: store it only if binding it again gives back the same value
+        stored = self._to_impl(value)
+        again = self._from_impl(stored)
+        if type(again) is not type(value) or again != value:
+            raise EncodeError("process_bind_param does not invert process_result_value")
+        return self._inner.loaded(stored)
+
+
 def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCodec:
     """The codec of one column on one dialect; TypeDecorators wrap their implementation's."""
     type_: Any = column.type
     if isinstance(type_, sqltypes.TypeDecorator):
         if isinstance(type_, sqltypes.PickleType):
             _base_codec(type_, where)  # raises with the hint
-        impl = type_.load_dialect_impl(dialect)
-        inner = _base_codec(impl.dialect_impl(dialect), where)
+        # load_dialect_impl() returns the generic implementation type (String(), ...)
+        inner = _base_codec(type_.load_dialect_impl(dialect), where)
         td = type_
         cls = type(td)
         binds = cls.process_bind_param is not sqltypes.TypeDecorator.process_bind_param
@@ -536,21 +592,10 @@ def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCod
         def from_impl(v: Any) -> Any:
             return td.process_result_value(v, dialect) if results else v
 
-        inner_encode, inner_decode, inner_exact = inner.encode, inner.decode, inner.exact
-
-        def encode(v: Any) -> Any:
-            return inner_encode(to_impl(v))
-
-        def decode(v: Any) -> Any:
-            return from_impl(inner_decode(v))
-
-        def exact(v: Any, ctx: FlushContext) -> Any:
-            # the cache stores the implementation's value, so predict that one; decode()
-            # then runs process_result_value exactly as a database load does
-            return from_impl(inner_exact(to_impl(v), ctx))
-
-        return ColumnCodec(f"{cls.__name__}({inner.kind})", encode, decode, exact)
-    return _base_codec(type_.dialect_impl(dialect), where)
+        return _DecoratedCodec(f"{cls.__name__}({inner.kind})", inner, to_impl, from_impl)
+    # the column's own type decides: dialect implementation classes do not always subclass
+    # their generic type (SQLAlchemy 2.0's psycopg Float is a Numeric)
+    return _base_codec(type_, where)
 
 
 # --- payloads --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class ModelOptionsDict(TypedDict, total=False):
     strategy: Strategy
     lock_timeout: float
     on_redis_error: OnRedisError
+    also_invalidates: Iterable[Any]
 
 
 MODEL_OPTION_NAMES = frozenset(ModelOptionsDict.__annotations__)
@@ -37,6 +38,9 @@ class ModelOptions:
     strategy: Strategy
     lock_timeout: float
     on_redis_error: OnRedisError
+    #: models (classes or table names) whose rows a write to this model may change behind the
+    #: ORM's back (a trigger): they are invalidated whole by every write to this model
+    also_invalidates: tuple[Any, ...] = ()
 
     def merged(self, overrides: Mapping[str, Any], *, where: str) -> ModelOptions:
         unknown = set(overrides) - MODEL_OPTION_NAMES
@@ -47,7 +51,11 @@ class ModelOptions:
             )
         values = dataclasses.asdict(self)
         for name, value in overrides.items():
-            values[name] = frozenset(value) if name == "exclude" else value
+            if name == "exclude":
+                value = frozenset(value)
+            elif name == "also_invalidates":
+                value = tuple(value)
+            values[name] = value
         return validate(ModelOptions(**values), where=where)
 
 
@@ -62,4 +70,9 @@ def validate(options: ModelOptions, *, where: str) -> ModelOptions:
         raise ConfigurationError(f"{where}: on_redis_error must be one of {ON_REDIS_ERROR}")
     if isinstance(options.exclude, str):
         raise ConfigurationError(f"{where}: exclude takes a list of attribute names")
+    for target in options.also_invalidates:
+        if not isinstance(target, (str, type)):
+            raise ConfigurationError(
+                f"{where}: also_invalidates takes mapped classes or table names, not {target!r}"
+            )
     return options

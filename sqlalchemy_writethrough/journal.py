@@ -39,8 +39,11 @@ class Journal:
             self.pending = True
 
     def add_model(self, layout: Any) -> None:
+        self.add_buckets(layout.keys.generation_keys())
+
+    def add_buckets(self, gen_keys: Sequence[str]) -> None:
         with self._lock:
-            self._buckets.update(layout.keys.generation_keys())
+            self._buckets.update(gen_keys)
             self.pending = True
 
     def replay(self, backend: RedisBackend) -> bool:
@@ -56,7 +59,7 @@ class Journal:
                 flat += (key, gen_key)
             if not backend.invalidate(flat):
                 return False
-        if buckets and not backend.new_generations(sorted(buckets)):
+        if buckets and not backend.bump_generations(sorted(buckets)):
             return False
         with self._lock:
             for key in keys:

@@ -43,10 +43,7 @@ class ReadPath:
     def on_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         cache = self.cache
         if not orm_state.is_select:
-            # DML or text() through the session: rows changed that no lock covers
-            tracker = cache._tracker(orm_state.session)
-            tracker.wrote = tracker.untracked_write = True
-            return None
+            return None  # DML is tracked where it reaches the cursor (see .dml)
         if orm_state.is_column_load:
             return None
         mapper = orm_state.bind_mapper
@@ -82,6 +79,9 @@ class ReadPath:
             return None
 
         session = orm_state.session
+        # a database load autoflushes first (SQLAlchemy does it after this hook, for a result
+        # this hook returns it never would)
+        _sa_compat.autoflush_before_load(orm_state)
         identity_key = mapper.identity_key_from_primary_key(tuple(pk))
         existing = session.identity_map.get(identity_key)
         if existing is not None:
@@ -103,6 +103,10 @@ class ReadPath:
             cache._counters.add("misses")
             return None
         status, data = reply
+        if status is Fetch.DAMAGED:
+            cache._counters.add("decode_errors")
+            log.warning("writethrough: damaged entry %s replaced, served as a miss", key)
+            status = Fetch.LEASED if data else Fetch.MISS
         dialect = session.get_bind(mapper=mapper).dialect
         if status is Fetch.HIT:
             assert data is not None
@@ -116,14 +120,19 @@ class ReadPath:
             return None
 
         began_before = tracker.began
-        result = orm_state.invoke_statement()
-        frozen = result.freeze()
+        assert data is not None
+        try:
+            result = orm_state.invoke_statement()
+            frozen = result.freeze()
+        except BaseException:
+            cache._backend.fill(key, gen_key, lease, data, b"", 0)  # give the lease up
+            raise
         rows = frozen.data
-        if len(rows) == 1:
-            assert data is not None
-            self._fill(
-                session, layout, identity_key, rows[0], key, gen_key, lease, data, began_before
-            )
+        filled = len(rows) == 1 and self._fill(
+            session, layout, identity_key, rows[0], key, gen_key, lease, data, began_before
+        )
+        if not filled:
+            cache._backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
         return frozen()
 
     def _build(
@@ -164,24 +173,26 @@ class ReadPath:
         lease: str,
         gen: bytes,
         began_before: bool,
-    ) -> None:
+    ) -> bool:
+        """Fill the entry over our lease; False when this load must not (or could not) fill."""
         state = instance_state(instance)
         if state.key != identity_key or type(instance) is not layout.mapper.class_:
-            return  # e.g. a case-insensitive collation matched another spelling of the key
+            return False  # e.g. a case-insensitive collation matched another spelling
         if state.modified:
-            return
+            return False
         connection = session.connection(bind_arguments={"mapper": layout.mapper})
         if not _read_was_fresh(connection, began_before):
-            return
+            return False
         payload = layout.encode_loaded(state.dict, connection.dialect)
         if payload is None:
-            return
+            return False
         cache = self.cache
         written = cache._backend.fill(key, gen_key, lease, gen, payload, cache._ttl_ms(layout))
         if written:
             cache._counters.add("fills")
         elif written is not None:
             cache._counters.add("fills_refused")
+        return True
 
 
 def _read_was_fresh(connection: Any, began_before: bool) -> bool:

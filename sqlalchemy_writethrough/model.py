@@ -173,7 +173,7 @@ class ModelLayout:
             for attr, col_codec in zip(self.attrs, self.codecs(dialect), strict=False):
                 if attr not in state_dict:
                     return None
-                values.append(col_codec.encode(state_dict[attr]))
+                values.append(col_codec.loaded(state_dict[attr]))
         except codec.EncodeError:
             return None
         return codec.pack_row(values)
@@ -185,10 +185,10 @@ class ModelLayout:
             for attr, col_codec in zip(self.attrs, self.codecs(ctx.dialect), strict=False):
                 if attr not in state_dict:
                     return None  # expired (SQL expression, server default not fetched)
-                value = col_codec.exact(state_dict[attr], ctx)
+                value = col_codec.flushed(state_dict[attr], ctx)
                 if value is codec.NOT_EXACT:
                     return None
-                values.append(col_codec.encode(value))
+                values.append(value)
         except codec.EncodeError:
             return None
         return codec.pack_row(values)

@@ -15,6 +15,9 @@ LOCK       a writer at flush, before COMMIT    a miss; no fill
 LEASE      a reader at a miss                  a miss; only the lease holder may fill
 absent     TTL, eviction, restart              a miss; the reader takes a lease
 =========  ==================================  =============================================
+
+A bucket's generation key holds a token, or a GENERATION LOCK while a transaction changes rows
+of the model that it cannot name (every entry of the bucket is then a miss, and no fill lands).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class Script(enum.Enum):
     PUBLISH = "publish"
     RELEASE = "release"
     INVALIDATE = "invalidate"
+    LOCK_GENS = "lock_gens"
+    RELEASE_GENS = "release_gens"
+    BUMP_GENS = "bump_gens"
 
     @property
     def source(self) -> str:
@@ -53,6 +59,7 @@ class Fetch(enum.IntEnum):
     HIT = 1  # second element: the whole VALUE ('V' gen ':' payload)
     BUSY = 2  # miss; locked by a writer or leased to another reader
     MISS = 3  # miss; no lease was asked for
+    DAMAGED = 4  # miss; a damaged entry was replaced (by a lease if asked: second element gen)
 
 
 def payload_of(value: bytes) -> memoryview:

@@ -9,6 +9,7 @@ seen); only the root's commit publishes, and the root's end releases whatever it
 from __future__ import annotations
 
 import secrets
+import weakref
 from typing import Any
 
 
@@ -27,22 +28,27 @@ class SessionTracker:
     """Per-session state, kept in ``session.info`` under the cache's own key."""
 
     __slots__ = (
+        "__weakref__",
         "began",
         "changes",
         "committed",
         "first_lock_at",
+        "in_flush",
+        "infos",
         "lock_ms",
         "locked",
+        "locked_gens",
         "owner",
         "reassert_on_flush",
         "released_savepoints",
-        "stale_models",
+        "session_ref",
         "strict",
         "untracked_write",
         "wrote",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, session: Any) -> None:
+        self.session_ref = weakref.ref(session)
         self.reset()
 
     def reset(self) -> None:
@@ -65,8 +71,19 @@ class SessionTracker:
         self.first_lock_at = 0.0
         #: a model involved is configured on_redis_error="strict"
         self.strict = False
-        #: models whose rows changed under a key the cache cannot name: invalidated whole
-        self.stale_models: set[Any] = set()
+        #: generation keys this root transaction locked: whole models it changed without
+        #: naming the rows (range DML, raw SQL, database cascades)
+        self.locked_gens: dict[str, None] = {}
+        #: a flush is running: its statements are tracked by after_flush, not by statement
+        self.in_flush = False
+        #: the DBAPI-connection info dicts that point statements at this tracker
+        self.infos: list[dict[Any, Any]] = []
+
+    def current_transaction(self) -> Any:
+        session = self.session_ref()
+        if session is None:
+            return None
+        return session.get_nested_transaction() or session.get_transaction()
 
     def owner_token(self) -> str:
         if not self.owner:

@@ -1,9 +1,13 @@
-"""The write path: lock at flush, publish after COMMIT, restore after ROLLBACK.
+"""The write path: lock before COMMIT, publish after it, restore after a rollback.
 
 ``after_flush``   the rows a flush wrote are snapshotted from ``state.dict`` (never by reading
                   attributes, which could emit SQL) and their entries locked, before COMMIT.
+                  Rows the database changes by itself (``ON DELETE CASCADE`` with
+                  ``passive_deletes``, ``ON UPDATE CASCADE``, declared trigger effects) get
+                  their whole model locked (:mod:`.dml` does the same for statements).
 ``before_commit`` locks that may have expired during a long transaction are taken again.
-``after_commit``  the root transaction's entries are published in one round trip.
+``after_commit``  the root transaction's entries are published in one round trip, and its
+                  locked models get new generations.
 ``after_transaction_end``  a savepoint hands its changes to its parent; the root, if it did not
                   commit (rollback, failed flush, ``close()``), releases its locks, which restores
                   the previous values where nobody else touched them.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.attributes import instance_state
@@ -40,14 +45,18 @@ class WritePath:
 
     # -- flush ---------------------------------------------------------------------------
 
+    def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        self.cache._tracker(session).in_flush = True
+
     def after_flush(self, session: Session, flush_context: Any) -> None:
         cache = self.cache
         tracker = cache._tracker(session)
+        tracker.in_flush = False
         tracker.wrote = True
         transaction = session.get_nested_transaction() or session.get_transaction()
         contexts: dict[Any, FlushContext] = {}
-        strict = False
         touched: list[tuple[str, str]] = []
+        models: list[ModelLayout] = []
 
         def context_for(layout: ModelLayout) -> FlushContext:
             bind = session.get_bind(mapper=layout.mapper)
@@ -64,30 +73,38 @@ class WritePath:
 
         for obj in session.deleted:
             state = instance_state(obj)
-            layout = cache._layout_for(state.mapper)
+            mapper = state.mapper
+            models += cache._cascades(mapper.local_table, deleted=True, orm_handles=mapper)
+            layout = cache._layout_for(mapper)
             if layout is None or state.key is None:
                 continue
-            strict = strict or layout.options.on_redis_error == "strict"
-            tracker.lock_ms = max(tracker.lock_ms, int(layout.options.lock_timeout * 1000))
+            self._involve(tracker, layout)
+            models += cache._also_invalidated(layout)
             record(layout, state.key[1], None)
 
         for collection, inserted in ((session.new, True), (session.dirty, False)):
             for obj in collection:
                 state = instance_state(obj)
                 layout = cache._layout_for(state.mapper)
+                old = state.key[1] if state.key is not None else None
                 if layout is None:
+                    if old is not None and _key_changed(state):
+                        models += cache._cascades(
+                            state.mapper.local_table, deleted=False, orm_handles=state.mapper
+                        )
                     continue
-                strict = strict or layout.options.on_redis_error == "strict"
-                tracker.lock_ms = max(tracker.lock_ms, int(layout.options.lock_timeout * 1000))
+                self._involve(tracker, layout)
+                models += cache._also_invalidated(layout)
                 dict_ = layout.inserted_values(state) if inserted else state.dict
                 pk = [dict_.get(a) for a in layout.pk_attrs]
-                old = state.key[1] if state.key is not None else None
                 if old is not None and list(old) != pk:
                     record(layout, old, None)  # the primary key itself changed
+                    models += cache._cascades(
+                        layout.table, deleted=False, orm_handles=layout.mapper
+                    )
                 if None in pk or not layout.pk_is_cacheable(pk):
                     if old is None or list(old) != pk:
-                        # no key we can name holds this row: forget the whole model
-                        tracker.stale_models.add(layout)
+                        models.append(layout)  # no key we can name holds this row
                     continue
                 if layout.options.strategy == "invalidate":
                     payload = None
@@ -95,8 +112,8 @@ class WritePath:
                     payload = layout.encode_flushed(dict_, context_for(layout))
                 record(layout, pk, payload)
 
-        if not touched and not tracker.reassert_on_flush:
-            return
+        if models:
+            self.lock_models(tracker, models)
         pairs: list[str] = []
         for key, gen_key in touched:
             if key not in tracker.locked:
@@ -104,40 +121,103 @@ class WritePath:
                 pairs += (key, gen_key)
         if tracker.reassert_on_flush:
             tracker.reassert_on_flush = False
-            pairs = _flatten(tracker.locked)
+            self._reassert(tracker)
+        elif pairs:
+            self._lock(tracker, pairs)
+
+    def _involve(self, tracker: SessionTracker, layout: ModelLayout) -> None:
+        options = layout.options
+        tracker.strict = tracker.strict or options.on_redis_error == "strict"
+        tracker.lock_ms = max(tracker.lock_ms, int(options.lock_timeout * 1000))
+
+    # -- statements (called by .dml) -------------------------------------------------------
+
+    def invalidate_rows(
+        self, tracker: SessionTracker, layout: ModelLayout, keys: Iterable[Sequence[Any]]
+    ) -> None:
+        """Rows a statement is about to change, named by primary key: locked now, left as a
+        miss at commit, restored by a rollback."""
+        self._involve(tracker, layout)
+        transaction = tracker.current_transaction()
+        ttl_ms = self.cache._ttl_ms(layout)
+        pairs: list[str] = []
+        for pk in keys:
+            if None in pk or not layout.pk_is_cacheable(pk):
+                self.lock_models(tracker, [layout])
+                return
+            key, gen_key = layout.keys.pair(pk)
+            tracker.record(transaction, key, Change(gen_key, None, ttl_ms))
+            if key not in tracker.locked:
+                tracker.locked[key] = gen_key
+                pairs += (key, gen_key)
         if pairs:
-            self._lock(tracker, pairs, strict)
+            self._lock(tracker, pairs)
+
+    def lock_models(self, tracker: SessionTracker, layouts: Iterable[ModelLayout]) -> None:
+        """Every row of these models may change: lock their generations until the end of the
+        transaction, which replaces them (after COMMIT) or puts them back (after ROLLBACK)."""
+        gen_keys: list[str] = []
+        for layout in dict.fromkeys(layouts):
+            self._involve(tracker, layout)
+            for gen_key in layout.keys.generation_keys():
+                if gen_key not in tracker.locked_gens:
+                    tracker.locked_gens[gen_key] = None
+                    gen_keys.append(gen_key)
+        if not gen_keys:
+            return
+        if not tracker.first_lock_at:
+            tracker.first_lock_at = time.monotonic()
+        ok = self.cache._backend.lock_generations(gen_keys, tracker.owner_token(), tracker.lock_ms)
+        if not ok:
+            self._lock_failed(tracker, generations=gen_keys)
+
+    # -- locks ------------------------------------------------------------------------------
 
     def before_commit(self, session: Session) -> None:
         if session.get_nested_transaction() is not None:
             return
         tracker = self.cache._peek_tracker(session)
-        if tracker is None or not tracker.locked:
+        if tracker is None or not (tracker.locked or tracker.locked_gens):
             return
         # locks older than half their timeout might expire before COMMIT: take them again
         if time.monotonic() - tracker.first_lock_at < tracker.lock_ms / 2000:
             return
         if _sa_compat.session_is_clean(session):
-            self._lock(tracker, _flatten(tracker.locked), tracker.strict)
+            self._reassert(tracker)
         else:
             tracker.reassert_on_flush = True  # in the same round trip as the final flush
 
-    def _lock(self, tracker: SessionTracker, pairs: list[str], strict: bool) -> None:
-        cache = self.cache
-        tracker.strict = tracker.strict or strict
+    def _reassert(self, tracker: SessionTracker) -> None:
+        if tracker.locked:
+            self._lock(tracker, _flatten(tracker.locked))
+        if tracker.locked_gens:
+            gen_keys = list(tracker.locked_gens)
+            backend = self.cache._backend
+            if not backend.lock_generations(gen_keys, tracker.owner_token(), tracker.lock_ms):
+                self._lock_failed(tracker, generations=gen_keys)
+
+    def _lock(self, tracker: SessionTracker, pairs: list[str]) -> None:
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
-        if cache._backend.lock(pairs, tracker.owner_token(), tracker.lock_ms):
-            return
+        if not self.cache._backend.lock(pairs, tracker.owner_token(), tracker.lock_ms):
+            self._lock_failed(tracker, pairs=pairs)
+
+    def _lock_failed(
+        self, tracker: SessionTracker, pairs: Sequence[str] = (), generations: Sequence[str] = ()
+    ) -> None:
+        cache = self.cache
         cache._counters.add("lock_failures")
         if tracker.strict:
             raise CacheUnavailableError(
-                "Redis could not lock the cache entries this flush changes, and the model is "
-                "configured on_redis_error='strict'; the flush was not applied"
+                "Redis could not lock the cache entries this transaction changes, and the model "
+                "is configured on_redis_error='strict'; the statement was not applied"
             )
         # degrade: the commit goes ahead; these keys are invalidated before this process
         # reads from Redis again
-        cache._journal.add_pairs(pairs)
+        if pairs:
+            cache._journal.add_pairs(pairs)
+        if generations:
+            cache._journal.add_buckets(generations)
 
     # -- end of transaction ----------------------------------------------------------------
 
@@ -157,26 +237,27 @@ class WritePath:
 
     def _publish(self, session: Session, tracker: SessionTracker) -> None:
         cache = self.cache
-        if tracker.stale_models:
-            for layout in tracker.stale_models:
-                if not cache._backend.new_generations(layout.keys.generation_keys()):
-                    cache._journal.add_model(layout)
-        if not tracker.locked:
-            return
-        changes = tracker.changes.get(session.get_transaction(), {})
-        pairs: list[str] = []
-        items: list[Any] = []
-        for key, gen_key in tracker.locked.items():
-            change = changes.get(key)
-            pairs += (key, gen_key)
-            if change is None or change.payload is None:
-                items += (b"", 0)
+        if tracker.locked:
+            changes = tracker.changes.get(session.get_transaction(), {})
+            pairs: list[str] = []
+            items: list[Any] = []
+            for key, gen_key in tracker.locked.items():
+                change = changes.get(key)
+                pairs += (key, gen_key)
+                if change is None or change.payload is None:
+                    items += (b"", 0)
+                else:
+                    items += (change.payload, change.ttl_ms)
+            written = cache._backend.publish(pairs, tracker.owner_token(), items)
+            if written is not None:
+                cache._counters.add("publishes", written)
+                cache._counters.add("invalidations", len(tracker.locked) - written)
+        if tracker.locked_gens:
+            gen_keys = list(tracker.locked_gens)
+            if cache._backend.release_generations(gen_keys, tracker.owner_token(), True):
+                cache._counters.add("invalidations")
             else:
-                items += (change.payload, change.ttl_ms)
-        written = cache._backend.publish(pairs, tracker.owner_token(), items)
-        if written is not None:
-            cache._counters.add("publishes", written)
-            cache._counters.add("invalidations", len(tracker.locked) - written)
+                cache._journal.add_buckets(gen_keys)
 
     def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
         tracker = self.cache._peek_tracker(session)
@@ -186,22 +267,50 @@ class WritePath:
             tracker.end_savepoint(transaction, transaction.parent)
             return
         if transaction.parent is not None:
-            return  # a flush's internal subtransaction
+            tracker.in_flush = False  # a flush's subtransaction (it may have failed)
+            return
         try:
-            if not tracker.committed and tracker.locked:
-                restored = self.cache._backend.release(
-                    _flatten(tracker.locked), tracker.owner_token()
-                )
-                if restored is not None:
-                    self.cache._counters.add("restores", restored)
-                    self.cache._counters.add("invalidations", len(tracker.locked) - restored)
+            if not tracker.committed:
+                self._release(tracker)
         except Exception:  # the locks expire into misses
             log.exception("writethrough: releasing locks after rollback failed")
         finally:
+            infos = tracker.infos
             tracker.reset()
+            key = self.cache._info_key
+            for info in infos:
+                if info.get(key) is tracker:
+                    del info[key]
+
+    def _release(self, tracker: SessionTracker) -> None:
+        cache = self.cache
+        if tracker.locked:
+            restored = cache._backend.release(_flatten(tracker.locked), tracker.owner_token())
+            if restored is not None:
+                cache._counters.add("restores", restored)
+                cache._counters.add("invalidations", len(tracker.locked) - restored)
+        if tracker.locked_gens:
+            cache._backend.release_generations(
+                list(tracker.locked_gens), tracker.owner_token(), False
+            )
 
     def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
-        self.cache._tracker(session).began = True
+        cache = self.cache
+        tracker = cache._tracker(session)
+        tracker.began = True
+        info = connection.info
+        info[cache._info_key] = tracker
+        tracker.infos.append(info)
+        cache._statements.watch(connection.engine)
+
+
+def _key_changed(state: Any) -> bool:
+    """Whether a flushed row's primary key changed (history is intact at after_flush)."""
+    mapper = state.mapper
+    for column in mapper.primary_key:
+        if state.attrs[mapper.get_property_by_column(column).key].history.deleted:
+            return True
+    return False
 
 
 def _flatten(locked: dict[str, str]) -> list[str]:

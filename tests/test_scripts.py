@@ -109,7 +109,7 @@ def test_fill_refused_after_invalidation(backend, redis_client, keys):
 def test_fill_refused_after_generation_change(backend, redis_client, keys):
     key, gen_key = keys
     _, gen = backend.fetch(key, gen_key, "r1", LEASE)
-    assert backend.new_generations([gen_key])
+    assert backend.bump_generations([gen_key])
     assert backend.fill(key, gen_key, "r1", gen, b"old", TTL) is False
     assert redis_client.get(key) is None
 
@@ -117,7 +117,7 @@ def test_fill_refused_after_generation_change(backend, redis_client, keys):
 def test_value_of_an_old_generation_is_a_miss(backend, redis_client, keys):
     key, gen_key = keys
     seed_value(backend, key, gen_key)
-    backend.new_generations([gen_key])
+    backend.bump_generations([gen_key])
     status, _ = backend.fetch(key, gen_key, "r1", LEASE)
     assert status is Fetch.LEASED
 
@@ -180,7 +180,7 @@ def test_rollback_does_not_restore_a_value_older_than_a_generation_change(
     key, gen_key = keys
     seed_value(backend, key, gen_key)
     backend.lock([key, gen_key], "w1", LOCK)
-    backend.new_generations([gen_key])
+    backend.bump_generations([gen_key])
     assert backend.release([key, gen_key], "w1") == 0
     assert redis_client.get(key) is None
 

@@ -5,6 +5,11 @@
 --   'E' .. token .. ':' .. gen     LEASE: only the holder of token may fill
 -- The generation key of a bucket holds an opaque token; it is created on first use and replaced
 -- (never incremented) by a whole-model invalidation, so a lost generation key cannot revive old entries.
+-- While a transaction changes rows it cannot name (range DML, raw SQL, database cascades), the
+-- generation key holds a GENERATION LOCK instead: 'L' .. msgpack{owners, prev token, contended},
+-- with a TTL. Every entry of the bucket is then a miss and no fill is accepted; the lock's
+-- release after COMMIT writes a new token, and its expiry (a crashed writer) removes the key,
+-- so the next use creates a new token: either way the bucket's old entries are never served again.
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -20,10 +25,40 @@ local function generation(gkey)
   return g
 end
 
+local function gen_locked(g)
+  return string.byte(g, 1) == 76
+end
+
+local function new_token(nonce)
+  local t = redis.call('TIME')
+  return 'n' .. t[1] .. '.' .. t[2] .. '.' .. nonce
+end
+
 local function value_gen(v)
   local sep = string.find(v, ':', 2, true)
   if not sep then return nil end
   return string.sub(v, 2, sep - 1)
+end
+
+-- A LOCK's fields, or nil when the entry is damaged (never let a bad entry fail a script).
+local function read_lock(v)
+  local ok, lock = pcall(cmsgpack.unpack, string.sub(v, 2))
+  if not ok or type(lock) ~= 'table' or type(lock[1]) ~= 'table' or type(lock[2]) ~= 'number'
+      or type(lock[5]) ~= 'string' then
+    return nil
+  end
+  return lock
+end
+
+-- A LEASE or LOCK always carries a TTL and a LOCK must decode; anything else is damage.
+local function damaged(key, v)
+  local tag = string.byte(v, 1)
+  if tag == 86 then return value_gen(v) == nil end
+  if tag == 69 or tag == 76 then
+    if redis.call('PTTL', key) < 0 then return true end
+    return tag == 76 and read_lock(v) == nil
+  end
+  return true
 end
 
 local function count(t)

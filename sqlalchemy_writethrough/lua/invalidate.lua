@@ -8,8 +8,8 @@ for i = 1, #KEYS, 2 do
   local k = KEYS[i]
   local v = redis.call('GET', k)
   if v then
-    if string.byte(v, 1) == 76 then
-      local lock = cmsgpack.unpack(string.sub(v, 2))
+    local lock = string.byte(v, 1) == 76 and read_lock(v) or nil
+    if lock then
       if lock[2] == 0 then
         lock[2] = 1
         redis.call('SET', k, 'L' .. cmsgpack.pack(lock), 'KEEPTTL')

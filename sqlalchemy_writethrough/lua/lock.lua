@@ -11,8 +11,10 @@ for i = 1, #KEYS, 2 do
   local g = generation(KEYS[i + 1])
   local lock
   if v and string.byte(v, 1) == 76 then
-    lock = cmsgpack.unpack(string.sub(v, 2))
-    if not lock[1][owner] then
+    lock = read_lock(v)
+    if lock == nil then
+      lock = {{[owner] = 1}, 1, false, false, g}  -- damaged: start over, never restore
+    elseif not lock[1][owner] then
       lock[1][owner] = 1
       lock[2] = 1
     end

@@ -9,14 +9,14 @@ for j = 1, #KEYS / 2 do
   local k, gk = KEYS[2 * j - 1], KEYS[2 * j]
   local payload, ttl = ARGV[2 * j], ARGV[2 * j + 1]
   local v = redis.call('GET', k)
-  if v and string.byte(v, 1) == 76 then
-    local lock = cmsgpack.unpack(string.sub(v, 2))
+  local lock = (v and string.byte(v, 1) == 76) and read_lock(v) or nil
+  if lock then
     local owners = lock[1]
     if owners[owner] then
       owners[owner] = nil
       if next(owners) == nil then
         local g = redis.call('GET', gk)
-        if lock[2] == 0 and payload ~= '' and g == lock[5] then
+        if lock[2] == 0 and payload ~= '' and g == lock[5] and not gen_locked(g) then
           redis.call('SET', k, 'V' .. g .. ':' .. payload, 'PX', ttl)
           written = written + 1
         else

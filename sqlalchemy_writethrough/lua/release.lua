@@ -10,14 +10,17 @@ local now = nil
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
   local v = redis.call('GET', k)
-  if v and string.byte(v, 1) == 76 then
-    local lock = cmsgpack.unpack(string.sub(v, 2))
+  local lock = (v and string.byte(v, 1) == 76) and read_lock(v) or nil
+  if v and string.byte(v, 1) == 76 and lock == nil then
+    redis.call('DEL', k)  -- damaged
+  elseif lock then
     local owners = lock[1]
     if owners[owner] then
       owners[owner] = nil
       if next(owners) == nil then
         local done = false
-        if lock[2] == 0 and lock[3] and redis.call('GET', KEYS[i + 1]) == lock[5] then
+        local g = redis.call('GET', KEYS[i + 1])
+        if lock[2] == 0 and lock[3] and g == lock[5] and not gen_locked(g) then
           now = now or now_ms()
           if lock[4] - now > 0 then
             redis.call('SET', k, lock[3], 'PXAT', string.format('%d', lock[4]))

@@ -1,0 +1,232 @@
+"""Invalidation for every statement that changes rows outside the unit of work.
+
+ORM bulk ``update()``/``delete()``, bulk UPDATE by primary key, ``bulk_save_objects`` and the
+``bulk_*_mappings``, Core DML and ``text()`` run through a session (``session.execute`` or
+``session.connection()``) all reach the database cursor, and that is where this module looks at
+them, in ``before_cursor_execute``, *before* they run:
+
+* when the WHERE clause names primary keys (``pk = x``, ``pk IN (...)``, one row per
+  executemany parameter set), exactly those entries are locked, and the commit leaves them as
+  misses (a rollback restores them);
+* otherwise every bucket of the model gets a generation lock, replaced by a new generation after
+  COMMIT: O(1) in the number of cached rows, effective for every reader at once;
+* a raw SQL string is matched against the cached tables' names; a statement whose effect cannot
+  be told (a procedure call) makes its own transaction read from the database until it ends.
+
+Statements of the ORM's own flush are left to ``after_flush``, which knows their rows exactly.
+A statement on a connection that belongs to no session is not seen: call ``cache.invalidate()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, TextClause
+
+if TYPE_CHECKING:
+    from .cache import WriteThroughCache
+    from .model import ModelLayout
+    from .tracking import SessionTracker
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+_LEADING_NOISE = re.compile(r"^(?:\s+|--[^\n]*\n|/\*.*?\*/)+", re.S)
+_FIRST_WORD = re.compile(r"[A-Za-z]+")
+#: statements that cannot change rows
+_READ_ONLY = frozenset(
+    {"select", "show", "explain", "describe", "desc", "values", "table", "pragma", "set",
+     "begin", "start", "commit", "rollback", "savepoint", "release", "prepare", "deallocate",
+     "listen", "unlisten", "notify", "use", "analyze", "vacuum", "checkpoint"}
+)  # fmt: skip
+#: statements that may change rows of the tables they name
+_NAMING = frozenset(
+    {"insert", "update", "delete", "replace", "merge", "truncate", "alter", "drop", "create",
+     "copy", "load", "upsert", "with", "rename"}
+)  # fmt: skip
+_UPSERT = re.compile(r"\bon\s+(?:conflict|duplicate\s+key)\b", re.I)
+
+
+class StatementTracker:
+    """The ``before_cursor_execute`` listener, added once to every engine a session uses."""
+
+    def __init__(self, cache: WriteThroughCache) -> None:
+        self.cache = cache
+        self._engines: set[int] = set()
+        self._names: re.Pattern[str] | None = None
+        self._names_for: int = -1
+
+    def watch(self, engine: Any) -> None:
+        if id(engine) in self._engines:
+            return
+        from sqlalchemy import event
+
+        event.listen(engine, "before_cursor_execute", self.before_cursor_execute)
+        self._engines.add(id(engine))
+
+    def before_cursor_execute(
+        self,
+        conn: Any,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        if context is None:
+            return
+        compiled = context.compiled
+        dml = context.isinsert or context.isupdate or context.isdelete
+        if compiled is not None and not dml and not isinstance(compiled.statement, TextClause):
+            return  # a compiled SELECT (or DDL): the hot path leaves here
+        tracker: SessionTracker | None = conn.info.get(self.cache._info_key)
+        if tracker is None or tracker.in_flush:
+            return
+        tracker.wrote = True
+        if dml and compiled is not None:
+            self._compiled_dml(tracker, context, compiled)
+        else:
+            self._text(tracker, statement)
+
+    # -- compiled DML --------------------------------------------------------------------
+
+    def _compiled_dml(self, tracker: SessionTracker, context: Any, compiled: Any) -> None:
+        cache = self.cache
+        stmt = compiled.statement
+        table = getattr(stmt, "table", None)
+        if table is None:
+            return
+        layouts = cache._layouts_for_table(table)
+        whole: list[ModelLayout] = []
+        if context.isinsert:
+            if getattr(stmt, "_post_values_clause", None) is not None:
+                whole += layouts  # an upsert may change existing rows, by any unique key
+        else:
+            if context.isdelete:
+                whole += cache._cascades(table, deleted=True, orm_handles=())
+            else:
+                whole += cache._cascades(table, deleted=False, orm_handles=())
+            if layouts:
+                extra = bool(getattr(stmt, "_extra_froms", None))
+                for layout in layouts:
+                    keys = None if extra else _pk_values(stmt, layout, compiled, context)
+                    if keys is None:
+                        whole.append(layout)
+                    else:
+                        cache._write.invalidate_rows(tracker, layout, keys)
+        for layout in layouts:
+            whole += cache._also_invalidated(layout)
+        if whole:
+            cache._write.lock_models(tracker, whole)
+
+    # -- raw SQL -------------------------------------------------------------------------
+
+    def _text(self, tracker: SessionTracker, statement: str) -> None:
+        text = _LEADING_NOISE.sub("", statement)
+        match = _FIRST_WORD.match(text)
+        word = match.group(0).lower() if match else ""
+        if word in _READ_ONLY:
+            if word == "select" and " into " not in text.lower():
+                return
+            if word != "select":
+                return
+        layouts = self._named_layouts(text)
+        if word == "insert" and not _UPSERT.search(text):
+            return  # a plain INSERT cannot change a row the cache holds
+        if word not in _NAMING and not layouts:
+            # a procedure call, a DO block...: nothing says which rows it changes
+            tracker.untracked_write = True
+            log.debug(
+                "writethrough: cannot tell what %r changes; its transaction skips Redis", word
+            )
+            return
+        if layouts:
+            whole = list(layouts)
+            for layout in layouts:
+                whole += self.cache._cascades(layout.table, deleted=True, orm_handles=())
+                whole += self.cache._also_invalidated(layout)
+            self.cache._write.lock_models(tracker, whole)
+
+    def _named_layouts(self, text: str) -> list[ModelLayout]:
+        by_name = self.cache._layouts_by_table_name()
+        if not by_name:
+            return []
+        if self._names is None or self._names_for != len(by_name):
+            alternatives = "|".join(sorted((re.escape(n) for n in by_name), key=len, reverse=True))
+            self._names = re.compile(rf"(?<![\w$]){'(?:' + alternatives + ')'}(?![\w$])", re.I)
+            self._names_for = len(by_name)
+        found: list[ModelLayout] = []
+        for match in self._names.finditer(text):
+            for layout in by_name.get(match.group(0).lower(), ()):
+                if layout not in found:
+                    found.append(layout)
+        return found
+
+
+def _pk_values(
+    stmt: Any, layout: ModelLayout, compiled: Any, context: Any
+) -> list[list[Any]] | None:
+    """Primary keys named by the WHERE clause, one list per row, or None when the clause is
+    anything but equalities (or IN lists) on the whole primary key."""
+    where = getattr(stmt, "whereclause", None)
+    if where is None:
+        return None
+    width = len(layout.pk_index)
+    columns: list[list[Any] | None] = [None] * width
+    stack: list[Any] = [where]
+    while stack:
+        clause = stack.pop()
+        if isinstance(clause, BooleanClauseList):
+            if clause.operator is not operators.and_:
+                return None
+            stack.extend(clause.clauses)
+            continue
+        if not isinstance(clause, BinaryExpression):
+            return None
+        left, right = clause.left, clause.right
+        if isinstance(left, BindParameter):
+            left, right = right, left
+        if not isinstance(right, BindParameter) or getattr(left, "table", None) is None:
+            return None
+        if not _same_table(left.table, layout.table):
+            return None
+        index = layout.pk_index.get(getattr(left, "key", ""))
+        if index is None or columns[index] is not None:
+            return None
+        name = compiled.bind_names.get(right)
+        if name is None:
+            return None
+        values = [params.get(name, right.value) for params in context.compiled_parameters]
+        if clause.operator is operators.eq:
+            columns[index] = values
+        elif clause.operator is operators.in_op and len(values) == 1:
+            columns[index] = list(values[0] or ())
+            if width != 1:
+                return None
+        else:
+            return None
+    if any(c is None for c in columns):
+        return None
+    if width == 1:
+        return [[v] for v in columns[0] or ()]
+    rows = list(zip(*columns, strict=True))  # type: ignore[misc,unused-ignore]
+    return [list(r) for r in rows]
+
+
+def _same_table(a: Any, b: Any) -> bool:
+    return a is b or (getattr(a, "fullname", None) == b.fullname and _base(a) is _base(b))
+
+
+def _base(table: Any) -> Any:
+    deannotate = getattr(table, "_deannotate", None)
+    return deannotate() if deannotate is not None else table
+
+
+def flatten(layouts: Iterable[ModelLayout]) -> Sequence[str]:
+    keys: list[str] = []
+    for layout in layouts:
+        keys += layout.keys.generation_keys()
+    return keys
