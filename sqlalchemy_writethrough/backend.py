@@ -74,6 +74,28 @@ class RedisBackend:
     def invalidate(self, pairs: Sequence[str]) -> bool:
         return self._run(Script.INVALIDATE, pairs, ()) is not None
 
+    def register_keyspace(self, registry_key: str, field: str) -> bool:
+        """Record that entries exist under a (table, digest, buckets) keyspace, so that a
+        migration can find every keyspace of a table, whichever code version wrote it."""
+        if not self.breaker.allow():
+            return False
+        try:
+            self.client.hset(registry_key, field, 1)
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            log.debug("writethrough: registering a keyspace failed: %r", exc)
+            return False
+        self.breaker.success()
+        return True
+
+    def read_registry(self, registry_key: str) -> list[str] | None:
+        try:
+            fields = self.client.hkeys(registry_key)
+        except (RedisError, OSError) as exc:
+            log.warning("writethrough: reading the keyspace registry failed: %r", exc)
+            return None
+        return [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+
     def bump_generations(self, gen_keys: Sequence[str]) -> bool:
         """Invalidate whole buckets now (a locked bucket is bumped when its lock ends)."""
         return self._run(Script.BUMP_GENS, gen_keys, (secrets.token_hex(4),)) is not None

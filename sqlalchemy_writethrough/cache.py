@@ -22,6 +22,7 @@ from .config import ModelOptions, ModelOptionsDict, OnRedisError, Strategy, vali
 from .dml import StatementTracker
 from .exc import ConfigurationError
 from .journal import Journal
+from .keys import registry_key
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
 from .stats import CacheStats, Counters
@@ -334,6 +335,14 @@ class WriteThroughCache:
     def _peek_tracker(self, session: Session) -> SessionTracker | None:
         tracker: SessionTracker | None = session.info.get(self._info_key)
         return tracker
+
+    def _register(self, layout: ModelLayout) -> None:
+        """Once per model and process, before its first entry is written."""
+        keys = layout.keys
+        if not keys.registered:
+            keys.registered = self._backend.register_keyspace(
+                registry_key(self.prefix), keys.registry_field
+            )
 
     def _ttl_ms(self, layout: ModelLayout) -> int:
         ttl_ms = layout.options.ttl * 1000

@@ -155,15 +155,23 @@ class StatementTracker:
         if not by_name:
             return []
         if self._names is None or self._names_for != len(by_name):
-            alternatives = "|".join(sorted((re.escape(n) for n in by_name), key=len, reverse=True))
-            self._names = re.compile(rf"(?<![\w$]){'(?:' + alternatives + ')'}(?![\w$])", re.I)
+            self._names = table_name_pattern(by_name)
             self._names_for = len(by_name)
         found: list[ModelLayout] = []
+        assert self._names is not None
         for match in self._names.finditer(text):
             for layout in by_name.get(match.group(0).lower(), ()):
                 if layout not in found:
                     found.append(layout)
         return found
+
+
+def table_name_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+    """A pattern finding any of these table names as whole words (quoted or not)."""
+    alternatives = sorted({re.escape(n) for n in names}, key=len, reverse=True)
+    if not alternatives:
+        return None
+    return re.compile(rf"(?<![\w$])(?:{'|'.join(alternatives)})(?![\w$])", re.I)
 
 
 def _pk_values(

@@ -32,15 +32,22 @@ def encode_pk_part(value: Any) -> str:
     raise TypeError(f"unsupported primary key value {value!r}")
 
 
+def registry_key(prefix: str) -> str:
+    """A hash listing every keyspace (table, digest, buckets) that holds entries."""
+    return f"{prefix}:registry"
+
+
 class KeySpace:
     """The keys of one model under one cache prefix."""
 
-    __slots__ = ("_buckets", "_tags")
+    __slots__ = ("_buckets", "_tags", "registered", "registry_field")
 
     def __init__(self, prefix: str, table: str, digest: str, buckets: int) -> None:
         self._buckets = buckets
         name = _escape(table)
         self._tags = [f"{prefix}:{{{name}:{digest}:{b}}}" for b in range(buckets)]
+        self.registry_field = f"{table}|{digest}|{buckets}"
+        self.registered = False
 
     def pair(self, pk: Sequence[Any]) -> tuple[str, str]:
         """(entity key, generation key) of one primary key."""
@@ -53,3 +60,9 @@ class KeySpace:
 
     def generation_keys(self) -> list[str]:
         return list(self._tags)
+
+
+def generation_keys_of(prefix: str, registry_field: str) -> tuple[str, list[str]]:
+    """(table, generation keys) of a registry field written by :class:`KeySpace`."""
+    table, digest, buckets = registry_field.rsplit("|", 2)
+    return table, KeySpace(prefix, table, digest, int(buckets)).generation_keys()

@@ -187,6 +187,7 @@ class ReadPath:
         if payload is None:
             return False
         cache = self.cache
+        cache._register(layout)
         written = cache._backend.fill(key, gen_key, lease, gen, payload, cache._ttl_ms(layout))
         if written:
             cache._counters.add("fills")

@@ -110,6 +110,8 @@ class WritePath:
                     payload = None
                 else:
                     payload = layout.encode_flushed(dict_, context_for(layout))
+                    if payload is not None:
+                        cache._register(layout)
                 record(layout, pk, payload)
 
         if models:

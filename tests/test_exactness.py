@@ -39,7 +39,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import redis
-from _cache_helpers import entry_key, entry_state
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -62,6 +61,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
+from _cache_helpers import entry_key, entry_state
 from _servers import capture_sql, reset_schema
 
 # ------------------------------------------------------------------------ column types

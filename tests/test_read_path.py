@@ -27,7 +27,6 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from _cache_helpers import cached_values, entry_key, entry_state
 from sqlalchemy import (
     ForeignKey,
     String,
@@ -56,6 +55,7 @@ from sqlalchemy.orm import (
 
 from sqlalchemy_writethrough import CachedModel, CacheStats, WriteThroughCache, from_cache
 
+from _cache_helpers import cached_values, entry_key, entry_state
 from _servers import capture_sql, reset_schema
 
 # ------------------------------------------------------------------------------ models

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from _cache_helpers import cached_values, entry_key, entry_state, prefix_keys
 from sqlalchemy import String, event, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -29,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
+from _cache_helpers import cached_values, entry_key, entry_state, prefix_keys
 from _servers import capture_sql, counting_redis, reset_schema
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -1,0 +1,106 @@
+"""Alembic integration: a migration invalidates the cached tables it touches.
+
+Schema changes need nothing: the schema digest in every key moves a changed model to a new
+keyspace, so entries written under one schema are never decoded under another. Data changes
+(``op.execute("UPDATE ...")``, ``op.bulk_insert``, a column backfill) do need invalidating, in
+every keyspace the table has, including those of application versions still running during a
+rolling deploy. In ``env.py``::
+
+    from sqlalchemy_writethrough import WriteThroughCache
+    from sqlalchemy_writethrough.alembic import invalidate_migrated_tables
+
+    cache = WriteThroughCache(os.environ["REDIS_URL"], prefix="shop")
+
+    def run_migrations_online() -> None:
+        with connectable.connect() as connection:
+            with invalidate_migrated_tables(cache, connection):
+                context.configure(connection=connection, target_metadata=target_metadata)
+                with context.begin_transaction():
+                    context.run_migrations()
+
+Every statement the migration runs is matched against the tables that hold entries (any
+process's models, from the cache's keyspace registry). Before the first statement that names a
+table, every bucket of each of its keyspaces gets a generation lock, so nothing is served or
+filled from the old rows while the migration runs; when the block exits (after the migration's
+transaction ended) the generations are replaced. If the migration process dies, the locks
+expire after ``lock_timeout`` and the buckets get new generations all the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import event
+
+from .cache import WriteThroughCache
+from .dml import table_name_pattern
+from .keys import generation_keys_of, registry_key
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+_READ_ONLY = re.compile(r"^\s*(?:select|show|explain|pragma|set|begin|commit|rollback)\b", re.I)
+
+
+@contextlib.contextmanager
+def invalidate_migrated_tables(
+    cache: WriteThroughCache, connection: Any, *, lock_timeout: float = 3600.0
+) -> Iterator[None]:
+    """Lock what the migration run inside this block touches; invalidate it at the end.
+
+    :param lock_timeout: seconds the generation locks survive a migration process that dies;
+        readers of the touched tables go to the database meanwhile.
+    """
+    backend = cache._backend
+    fields = backend.read_registry(registry_key(cache.prefix))
+    keyspaces: dict[str, list[str]] = {}
+    for field in fields or ():
+        table, gen_keys = generation_keys_of(cache.prefix, field)
+        keyspaces.setdefault(table.lower(), []).extend(gen_keys)
+        keyspaces.setdefault(table.rsplit(".", 1)[-1].lower(), []).extend(gen_keys)
+    for layout in cache._cached_layouts():  # this process's models, even with no entry yet
+        for name in {layout.table.name.lower(), layout.table.fullname.lower()}:
+            keyspaces.setdefault(name, []).extend(layout.keys.generation_keys())
+    pattern = table_name_pattern(keyspaces)
+    owner = secrets.token_hex(8)
+    locked: dict[str, None] = {}
+    ttl_ms = int(lock_timeout * 1000)
+
+    def before_cursor_execute(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> None:
+        if pattern is None or _READ_ONLY.match(statement):
+            return
+        new: list[str] = []
+        for match in pattern.finditer(statement):
+            for gen_key in keyspaces.get(match.group(0).lower(), ()):
+                if gen_key not in locked:
+                    locked[gen_key] = None
+                    new.append(gen_key)
+        if new and not backend.lock_generations(new, owner, ttl_ms):
+            log.warning("writethrough: could not lock %d buckets before a migration", len(new))
+
+    if fields is None:
+        log.warning(
+            "writethrough: Redis unreachable; tables this migration touches are only "
+            "invalidated if Redis answers when it ends"
+        )
+    event.listen(connection, "before_cursor_execute", before_cursor_execute)
+    try:
+        yield
+    finally:
+        event.remove(connection, "before_cursor_execute", before_cursor_execute)
+        if locked:
+            gen_keys = list(locked)
+            if backend.release_generations(gen_keys, owner, True):
+                log.info("writethrough: invalidated %d buckets after the migration", len(gen_keys))
+            else:
+                log.error(
+                    "writethrough: could not invalidate the tables this migration changed; "
+                    "their buckets stay locked until the lock expires (%s s)",
+                    lock_timeout,
+                )
