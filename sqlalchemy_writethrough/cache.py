@@ -91,6 +91,8 @@ class WriteThroughCache:
             raise ConfigurationError("buckets must be between 1 and 16384")
         if not lease_timeout > 0:
             raise ConfigurationError("lease_timeout must be a positive number of seconds")
+        if isinstance(exclude, str):
+            raise ConfigurationError("exclude takes a list of attribute names")
         if isinstance(redis_client, str):
             client = redis.Redis.from_url(
                 redis_client,
@@ -115,6 +117,15 @@ class WriteThroughCache:
                     "writethrough: the Redis client has no socket_timeout; a stalled Redis "
                     "will stall every cached read and commit (set one, e.g. 0.5 s)"
                 )
+            retry = kwargs.get("retry") or getattr(client, "retry", None)
+            retries = getattr(retry, "_retries", 0) if retry is not None else 0
+            if retries > 1:
+                log.warning(
+                    "writethrough: the Redis client retries a failed command %d times; while "
+                    "Redis is down each cached operation waits that many timeouts before the "
+                    "circuit breaker opens (use retry=Retry(NoBackoff(), 1))",
+                    retries,
+                )
         else:
             raise ConfigurationError("redis_client must be a redis.Redis client or a URL")
 
@@ -123,13 +134,14 @@ class WriteThroughCache:
         self._defaults = validate(
             ModelOptions(
                 ttl=ttl,
-                exclude=frozenset(exclude),
+                exclude=frozenset(),
                 strategy=strategy,
                 lock_timeout=lock_timeout,
                 on_redis_error=on_redis_error,
             ),
             where="WriteThroughCache",
         )
+        self._exclude_everywhere = frozenset(exclude)
         self._ttl_jitter = ttl_jitter
         self._lease_ms = int(lease_timeout * 1000)
         self._buckets = buckets
@@ -149,7 +161,9 @@ class WriteThroughCache:
         self._statements = StatementTracker(self)
         self._by_table: dict[str, list[ModelLayout]] | None = None
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
-        self._installed: list[tuple[Any, str, Any]] = []
+        # weak: SQLAlchemy keeps the listeners (which reference this cache) as long as the
+        # target lives; a strong reference back would keep both alive forever
+        self._installed: list[tuple[weakref.ref[Any], str, Any]] = []
         _caches.add(self)
 
     # -- models --------------------------------------------------------------------------
@@ -214,7 +228,9 @@ class WriteThroughCache:
                 layout = None
             else:
                 options = self._defaults.merged(overrides, where=mapper.class_.__name__)
-                layout = ModelLayout(mapper, options, self.prefix, self._buckets)
+                layout = ModelLayout(
+                    mapper, options, self.prefix, self._buckets, self._exclude_everywhere
+                )
             self._layouts[mapper] = layout
             if layout is not None:
                 self._by_table = None
@@ -314,16 +330,16 @@ class WriteThroughCache:
         ]
         for name, fn, kw in hooks:
             event.listen(target, name, fn, **kw)
-            self._installed.append((target, name, fn))
+            self._installed.append((weakref.ref(target), name, fn))
 
     def uninstall(self, target: InstallTarget) -> None:
         """Remove the listeners :meth:`install` added to ``target``."""
         keep = []
-        for installed_target, name, fn in self._installed:
-            if installed_target is target:
+        for ref, name, fn in self._installed:
+            if ref() is target:
                 event.remove(target, name, fn)
-            else:
-                keep.append((installed_target, name, fn))
+            elif ref() is not None:
+                keep.append((ref, name, fn))
         self._installed = keep
 
     def _tracker(self, session: Session) -> SessionTracker:

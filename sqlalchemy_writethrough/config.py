@@ -52,6 +52,8 @@ class ModelOptions:
         values = dataclasses.asdict(self)
         for name, value in overrides.items():
             if name == "exclude":
+                if isinstance(value, str):
+                    raise ConfigurationError(f"{where}: exclude takes a list of attribute names")
                 value = frozenset(value)
             elif name == "also_invalidates":
                 value = tuple(value)

@@ -48,7 +48,14 @@ _PK_KINDS = {"int": int, "str": str, "uuid": uuid.UUID}
 class ModelLayout:
     """How one model's rows are stored under one cache's options."""
 
-    def __init__(self, mapper: Mapper[Any], options: ModelOptions, prefix: str, buckets: int):
+    def __init__(
+        self,
+        mapper: Mapper[Any],
+        options: ModelOptions,
+        prefix: str,
+        buckets: int,
+        exclude_everywhere: frozenset[str] = frozenset(),
+    ):
         where = f"{mapper.class_.__name__}"
         if (
             mapper.inherits is not None
@@ -75,13 +82,16 @@ class ModelLayout:
         columns: list[Any] = []
         attrs: list[str] = []
         expired: list[str] = []
-        known = set()
+        known = {prop.key for prop in mapper.column_attrs}
+        unknown = set(options.exclude) - known
+        if unknown:
+            raise ConfigurationError(f"{where}: exclude names unknown attributes {sorted(unknown)}")
+        exclude = options.exclude | (exclude_everywhere & known)
         for prop in mapper.column_attrs:
-            known.add(prop.key)
             if len(prop.columns) != 1 or getattr(prop.columns[0], "table", None) is not table:
                 expired.append(prop.key)  # column_property expressions: loaded on access
                 continue
-            if prop.key in options.exclude:
+            if prop.key in exclude:
                 if prop.key in self.pk_attrs:
                     raise ConfigurationError(f"{where}: a primary key column cannot be excluded")
                 if not prop.deferred:
@@ -91,9 +101,6 @@ class ModelLayout:
                 continue  # the deferred loader loads it on access, as after a database load
             columns.append(prop.columns[0])
             attrs.append(prop.key)
-        unknown = set(options.exclude) - known
-        if unknown:
-            raise ConfigurationError(f"{where}: exclude names unknown attributes {sorted(unknown)}")
         for key in self.pk_attrs:
             if key not in attrs:
                 raise ConfigurationError(f"{where}: primary key attribute {key!r} must be loaded")

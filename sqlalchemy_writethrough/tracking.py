@@ -43,6 +43,8 @@ class SessionTracker:
         "released_savepoints",
         "session_ref",
         "strict",
+        "unlocked",
+        "unlocked_gens",
         "untracked_write",
         "wrote",
     )
@@ -76,6 +78,10 @@ class SessionTracker:
         self.locked_gens: dict[str, None] = {}
         #: a flush is running: its statements are tracked by after_flush, not by statement
         self.in_flush = False
+        #: entity keys and generation keys whose locks could not be taken: journaled again
+        #: after COMMIT, since a journal replay during the transaction may have come too early
+        self.unlocked: list[str] = []
+        self.unlocked_gens: list[str] = []
         #: the DBAPI-connection info dicts that point statements at this tracker
         self.infos: list[dict[Any, Any]] = []
 

@@ -215,11 +215,13 @@ class WritePath:
                 "is configured on_redis_error='strict'; the statement was not applied"
             )
         # degrade: the commit goes ahead; these keys are invalidated before this process
-        # reads from Redis again
+        # reads from Redis again (and once more after COMMIT: see after_commit)
         if pairs:
             cache._journal.add_pairs(pairs)
+            tracker.unlocked += pairs
         if generations:
             cache._journal.add_buckets(generations)
+            tracker.unlocked_gens += generations
 
     # -- end of transaction ----------------------------------------------------------------
 
@@ -236,6 +238,12 @@ class WritePath:
             self._publish(session, tracker)
         except Exception:  # never raise after COMMIT: the locks expire into misses
             log.exception("writethrough: publish failed after commit")
+        if tracker.unlocked or tracker.unlocked_gens:
+            # a reader may have filled these from the pre-commit rows after an early replay
+            if tracker.unlocked:
+                self.cache._journal.add_pairs(tracker.unlocked)
+            if tracker.unlocked_gens:
+                self.cache._journal.add_buckets(tracker.unlocked_gens)
 
     def _publish(self, session: Session, tracker: SessionTracker) -> None:
         cache = self.cache

@@ -1,0 +1,856 @@
+"""Redis unavailable: reads and commits keep working against the database, nothing stale follows.
+
+Every failure here is real and on loopback only:
+
+* refused connection: a cache pointed at a loopback port where nothing listens;
+* stopped server: a throwaway ``redis-server`` process, terminated mid-test and started again on
+  the same port (its data is lost: ``--save "" --appendonly no``);
+* timeout: a loopback TCP server that accepts connections and never answers;
+* unreachable but not lost: a loopback proxy in front of the suite's Redis that can be switched to
+  "black hole" mode (accepts, never forwards) and back, so the entries Redis held survive the
+  outage, which is what could make a cache serve stale rows afterwards.
+
+DESIGN.md, "Failure policy" and invariant 5: reads fail open, commits never fail because of
+Redis in the default ``degrade`` mode (the keys they could not lock are journaled and invalidated
+before this process reads Redis again), ``strict`` mode refuses the flush instead, timeouts are
+short and a circuit breaker keeps an outage from costing one timeout per operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from _cache_helpers import cached_values, entry_key, entry_state
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import String
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import (
+    CachedModel,
+    CacheUnavailableError,
+    WriteThroughCache,
+)
+
+from _servers import capture_sql, in_ci, reset_schema
+
+#: A burst of breaker-guarded reads must take far less than this many seconds (20 timeouts of
+#: 0.5 s would be 10 s, or 20 s with the URL client's one retry).
+BURST_BOUND_S = 5.0
+#: Upper bound for anything that waits for Redis to come back (breaker cooldown, lock expiry).
+RECOVERY_DEADLINE_S = 5.0
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RfItem(Base, CachedModel):
+    __tablename__ = "rf_item"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    qty: Mapped[int]
+
+
+class RfStrictItem(Base, CachedModel):
+    """Cached with ``on_redis_error="strict"`` through its own options."""
+
+    __tablename__ = "rf_strict_item"
+    __writethrough__ = {"on_redis_error": "strict"}
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    qty: Mapped[int]
+
+
+# ------------------------------------------------------------------- loopback fault tools
+
+
+def free_loopback_port() -> int:
+    """A TCP port that nothing listened on a moment ago (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class LoopbackProxy:
+    """A TCP proxy on 127.0.0.1 that forwards to ``upstream`` or swallows everything.
+
+    In black-hole mode it keeps accepting connections but forwards nothing (requests are read
+    and dropped, so a client waits for a reply that never comes and times out). With no
+    upstream it is a pure stalling server: it accepts and never answers.
+    """
+
+    def __init__(self, upstream: tuple[str, int] | None) -> None:
+        self._upstream = upstream
+        self._forwarding = threading.Event()
+        if upstream is not None:
+            self._forwarding.set()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self._spawn(self._accept_loop)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def blackhole(self) -> None:
+        """Stop forwarding: connections stay open (and new ones are accepted), nothing answers."""
+        self._forwarding.clear()
+
+    def forward(self) -> None:
+        assert self._upstream is not None, "a stalling server has nothing to forward to"
+        self._forwarding.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _close_socket(sock)
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                _close_socket(sock)
+                raise OSError("proxy closed")
+            self._sockets.append(sock)
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                client.settimeout(None)
+                self._track(client)
+                upstream = None
+                if self._upstream is not None:
+                    upstream = socket.create_connection(self._upstream, timeout=2)
+                    upstream.settimeout(None)
+                    self._track(upstream)
+            except OSError:
+                _close_socket(client)
+                continue
+            if upstream is None:
+                self._spawn(self._drain, client)
+            else:
+                self._spawn(self._pump, client, upstream, True)
+                self._spawn(self._pump, upstream, client, False)
+
+    def _drain(self, client: socket.socket) -> None:
+        """Read and drop whatever the client sends, never answer."""
+        with contextlib.suppress(OSError):
+            while client.recv(65536):
+                pass
+        _close_socket(client)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if gated and not self._forwarding.is_set():
+                    continue  # black hole: the request is swallowed
+                dst.sendall(data)
+        _close_socket(src)
+        _close_socket(dst)
+
+
+def _close_socket(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class RedisServerProcess:
+    """A throwaway ``redis-server`` on a loopback port, without persistence."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._clients: list[redis.Redis] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start on a free port the first time, on the same port afterwards."""
+        if self.port:
+            self._launch()
+            return
+        last_error: Exception | None = None
+        for _ in range(3):  # another process may grab the free port first
+            self.port = free_loopback_port()
+            try:
+                self._launch()
+                return
+            except RuntimeError as exc:
+                last_error = exc
+        raise RuntimeError(f"could not start redis-server: {last_error}")
+
+    def _launch(self) -> None:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode}")
+            client = redis.Redis(
+                host="127.0.0.1", port=self.port, socket_timeout=0.2, socket_connect_timeout=0.2
+            )
+            try:
+                if client.ping():
+                    return
+            except (redis.RedisError, OSError):
+                time.sleep(0.02)
+            finally:
+                client.close()
+        self.stop()
+        raise RuntimeError("redis-server did not answer within 5 s")
+
+    def stop(self) -> None:
+        """Terminate the server; its data is gone (no persistence)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def client(self) -> redis.Redis:
+        """A client to look at what the server holds (closed by ``close_clients``)."""
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        while self._clients:
+            self._clients.pop().close()
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+Installer = Callable[[WriteThroughCache, Any], None]
+
+
+@pytest.fixture
+def install() -> Iterator[Installer]:
+    """``cache.install(target)``, undone at teardown (an installed cache is otherwise never
+    freed: test_configuration.py::test_a_discarded_cache_stops_judging_new_mappers), and the
+    cache's Redis client closed."""
+    done: list[tuple[WriteThroughCache, Any]] = []
+
+    def _install(cache: WriteThroughCache, target: Any) -> None:
+        cache.install(target)
+        done.append((cache, target))
+
+    yield _install
+    for cache, target in reversed(done):
+        cache.uninstall(target)
+        cache.redis.close()
+
+
+@pytest.fixture
+def schema(engine: Engine) -> Engine:
+    reset_schema(engine, Base.metadata)
+    return engine
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServerProcess]:
+    """A throwaway redis-server; skipped (failed on CI) when the binary is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "no redis-server binary on PATH (needed to stop and restart a server)"
+        if in_ci():
+            pytest.fail(f"[CI] {message}", pytrace=False)
+        pytest.skip(message)
+    server = RedisServerProcess(binary, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close_clients()
+        server.stop()
+
+
+@pytest.fixture
+def stall_server() -> Iterator[LoopbackProxy]:
+    """A loopback server that accepts Redis connections and never answers."""
+    server = LoopbackProxy(None)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_proxy(redis_url: str) -> Iterator[LoopbackProxy]:
+    """A loopback proxy in front of the suite's Redis, switchable to black-hole mode."""
+    parsed = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    proxy = LoopbackProxy((parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379))))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def fast_client(url: str) -> redis.Redis:
+    """A client as a careful user builds it: 0.2 s timeouts and no retries.
+
+    (redis-py's default retry policy, 10 retries with backoff, would turn one timeout into
+    several seconds; the breaker would still bound the outage, but not the first calls.)
+    """
+    return redis.Redis.from_url(
+        url, socket_timeout=0.2, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+
+
+def seed(engine: Engine, *rows: tuple[int, str, int], model: type = RfItem) -> None:
+    """Insert rows with Core, outside any session (the cache does not see them)."""
+    table = model.__table__  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "name": n, "qty": q} for i, n, q in rows])
+
+
+def db_name_of(engine: Engine, model: type, pk: int) -> str | None:
+    """The name column as the database holds it, read on a fresh connection."""
+    table = model.__table__  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        value: str | None = conn.execute(
+            sa.select(table.c.name).where(table.c.id == pk)
+        ).scalar_one_or_none()
+    return value
+
+
+def get_name(factory: sessionmaker[Session], pk: int, model: type = RfItem) -> str:
+    with factory() as session:
+        obj = session.get(model, pk)
+        assert obj is not None
+        name: str = obj.name
+        return name
+
+
+def rename(factory: sessionmaker[Session], pk: int, name: str, model: type = RfItem) -> None:
+    with factory() as session:
+        obj = session.get(model, pk)
+        assert obj is not None
+        obj.name = name
+        session.commit()
+
+
+def timed_burst(factory: sessionmaker[Session], pk: int, expected: str, n: int = 20) -> float:
+    """``n`` gets in fresh sessions, each must return the database row; the seconds it took."""
+    started = time.monotonic()
+    for _ in range(n):
+        assert get_name(factory, pk) == expected
+    return time.monotonic() - started
+
+
+# ------------------------------------------------------------------------------- tests
+
+
+def test_url_cache_has_short_timeouts(prefix: str) -> None:
+    """A cache built from a URL gets 0.5 s socket and connect timeouts, not redis-py's none."""
+    cache = WriteThroughCache(f"redis://127.0.0.1:{free_loopback_port()}/0", prefix=prefix)
+    try:
+        kwargs = cache.redis.connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == 0.5
+        assert kwargs["socket_connect_timeout"] == 0.5
+    finally:
+        cache.redis.close()
+
+
+def test_refused_connection_falls_back_to_database(
+    schema: Engine, prefix: str, install: Installer
+) -> None:
+    """Nothing listens on the cache's port: gets return database rows, commits succeed, errors
+    are counted, and with the breaker open a burst of reads stays fast."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(f"redis://127.0.0.1:{free_loopback_port()}/0", prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+
+    with capture_sql(schema) as sql:
+        assert get_name(factory, 1) == "v1"
+    assert len(sql) == 1  # the database answered
+
+    rename(factory, 1, "v2")
+    assert db_name_of(schema, RfItem, 1) == "v2"
+    with factory() as session:
+        session.add(RfItem(id=2, name="new", qty=1))
+        session.commit()
+    assert db_name_of(schema, RfItem, 2) == "new"
+
+    stats = cache.stats()
+    assert stats.errors > 0
+    assert stats.lock_failures == 2  # both flushes were journaled, not refused
+    assert stats.hits == 0
+
+    assert timed_burst(factory, 1, "v2") < BURST_BOUND_S
+
+
+def test_stalled_server_times_out_and_breaker_bounds_latency(
+    schema: Engine,
+    prefix: str,
+    stall_server: LoopbackProxy,
+    install: Installer,
+) -> None:
+    """Redis accepts connections but never answers (default 0.5 s timeouts of a URL cache):
+    reads and commits succeed against the database, errors are counted, and once the breaker
+    is open 20 gets cost far less than 20 timeouts."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(stall_server.url, prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+
+    assert get_name(factory, 1) == "v1"
+    rename(factory, 1, "v2")  # lock and publish both time out: three failures, breaker opens
+    assert db_name_of(schema, RfItem, 1) == "v2"
+    stats = cache.stats()
+    assert stats.errors >= 3
+    assert stats.lock_failures == 1
+
+    errors_before = stats.errors
+    assert timed_burst(factory, 1, "v2") < BURST_BOUND_S
+    assert cache.stats().errors > errors_before  # reads were refused by the open breaker
+
+
+def test_stalled_server_with_a_short_timeout_client(
+    schema: Engine,
+    prefix: str,
+    stall_server: LoopbackProxy,
+    install: Installer,
+) -> None:
+    """The same with a client the user built (socket_timeout=0.2): no exception reaches the
+    caller, the database row is returned and the commit is applied."""
+    seed(schema, (1, "v1", 10))
+    client = fast_client(stall_server.url)
+    cache = WriteThroughCache(client, prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+
+    assert get_name(factory, 1) == "v1"
+    rename(factory, 1, "v2")
+    assert db_name_of(schema, RfItem, 1) == "v2"
+    assert cache.stats().errors > 0
+    assert timed_burst(factory, 1, "v2") < BURST_BOUND_S
+    with factory() as session:
+        session.delete(session.get(RfItem, 1))
+        session.commit()
+    assert db_name_of(schema, RfItem, 1) is None
+    with factory() as session:
+        assert session.get(RfItem, 1) is None
+
+
+def test_stopped_server_then_restarted(
+    schema: Engine,
+    prefix: str,
+    redis_server: RedisServerProcess,
+    install: Installer,
+) -> None:
+    """A real Redis is terminated while the cache is warm: reads and commits go on against the
+    database; once it runs again (empty), reads miss, fill, then hit with the right values."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(redis_server.url, prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    rename(factory, 1, "v1b")  # published
+    observer = redis_server.client()
+    key = entry_key(cache, RfItem, 1)
+    assert entry_state(observer, key) == "value"
+
+    redis_server.stop()
+    assert get_name(factory, 1) == "v1b"
+    rename(factory, 1, "v2")
+    assert db_name_of(schema, RfItem, 1) == "v2"
+    assert cache.stats().errors > 0
+    assert timed_burst(factory, 1, "v2") < BURST_BOUND_S
+
+    redis_server.start()  # same port, no data
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while True:  # the breaker may still be cooling down: reads go to the database meanwhile
+        with capture_sql(schema) as sql:
+            assert get_name(factory, 1) == "v2"
+        if not sql:
+            break  # served from Redis
+        assert time.monotonic() < deadline, "the cache never recovered after the restart"
+        time.sleep(0.05)
+    observer = redis_server.client()
+    assert cached_values(cache, observer, RfItem, 1, dialect=schema.dialect) == {
+        "id": 1,
+        "name": "v2",
+        "qty": 10,
+    }
+
+
+def test_commit_while_unreachable_is_not_served_stale_after_redis_returns(
+    schema: Engine,
+    prefix: str,
+    redis_proxy: LoopbackProxy,
+    redis_client: redis.Redis,
+    install: Installer,
+) -> None:
+    """The key single-process case: the row is cached as v1, Redis becomes unreachable without
+    losing data, v2 is committed (degrade mode journals the key). When Redis answers again, no
+    read returns the v1 still stored there, and that stale entry gets invalidated."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(fast_client(redis_proxy.url), prefix=prefix, breaker_cooldown=0.2)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    key = entry_key(cache, RfItem, 1)
+
+    assert get_name(factory, 1) == "v1"  # miss, fill
+    with capture_sql(schema) as sql:
+        assert get_name(factory, 1) == "v1"
+    assert sql == []  # warm
+    assert entry_state(redis_client, key) == "value"
+
+    redis_proxy.blackhole()
+    rename(factory, 1, "v2")  # succeeds although Redis could not be locked
+    assert db_name_of(schema, RfItem, 1) == "v2"
+    assert cache.stats().lock_failures == 1
+    # the outage kept the old entry: this is what must never be served
+    stale = cached_values(cache, redis_client, RfItem, 1, dialect=schema.dialect)
+    assert stale is not None and stale["name"] == "v1"
+
+    redis_proxy.forward()
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while True:
+        assert get_name(factory, 1) == "v2"  # never the stale v1
+        held = cached_values(cache, redis_client, RfItem, 1, dialect=schema.dialect)
+        if held is None or held["name"] != "v1":
+            break
+        assert time.monotonic() < deadline, "the journaled key was never invalidated"
+        time.sleep(0.05)
+
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while True:  # and the cache serves again, the new row
+        with capture_sql(schema) as sql:
+            assert get_name(factory, 1) == "v2"
+        if not sql:
+            break
+        assert time.monotonic() < deadline, "the cache never served the row again"
+        time.sleep(0.05)
+    held = cached_values(cache, redis_client, RfItem, 1, dialect=schema.dialect)
+    assert held is not None and held["name"] == "v2"
+
+
+def test_publish_lost_after_commit_leaves_a_miss_until_the_lock_expires(
+    schema: Engine,
+    prefix: str,
+    redis_proxy: LoopbackProxy,
+    redis_client: redis.Redis,
+    install: Installer,
+) -> None:
+    """The flush locked the entry, then Redis became unreachable before the publish: the lock
+    stays in Redis, readers get the database row (never v1), and once the lock expires the
+    entry is refilled with v2."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(
+        fast_client(redis_proxy.url), prefix=prefix, lock_timeout=0.5, breaker_cooldown=0.2
+    )
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    key = entry_key(cache, RfItem, 1)
+    assert get_name(factory, 1) == "v1"
+    assert entry_state(redis_client, key) == "value"
+
+    with factory() as session:
+        obj = session.get(RfItem, 1)
+        assert obj is not None
+        obj.name = "v2"
+        session.flush()
+        assert entry_state(redis_client, key) == "lock"
+        redis_proxy.blackhole()
+        session.commit()  # the publish times out; the commit does not fail
+    assert db_name_of(schema, RfItem, 1) == "v2"
+    assert entry_state(redis_client, key) == "lock"
+
+    redis_proxy.forward()
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while True:
+        with capture_sql(schema) as sql:
+            assert get_name(factory, 1) == "v2"
+        if not sql:
+            break
+        assert time.monotonic() < deadline, "the lock never expired into a miss"
+        time.sleep(0.05)
+    held = cached_values(cache, redis_client, RfItem, 1, dialect=schema.dialect)
+    assert held is not None and held["name"] == "v2"
+
+
+def test_strict_mode_refuses_the_flush_when_redis_is_unreachable(
+    schema: Engine,
+    prefix: str,
+    install: Installer,
+) -> None:
+    """on_redis_error="strict": with Redis refusing connections, a flush that changes a cached
+    row raises CacheUnavailableError and the transaction rolls back; reads still succeed."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(
+        f"redis://127.0.0.1:{free_loopback_port()}/0", prefix=prefix, on_redis_error="strict"
+    )
+    factory = sessionmaker(schema)
+    install(cache, factory)
+
+    with factory() as session:
+        obj = session.get(RfItem, 1)
+        assert obj is not None and obj.name == "v1"
+        obj.name = "v2"
+        with pytest.raises(CacheUnavailableError):
+            session.commit()
+        session.rollback()
+    assert db_name_of(schema, RfItem, 1) == "v1"
+
+    with factory() as session:
+        session.add(RfItem(id=2, name="new", qty=1))
+        with pytest.raises(CacheUnavailableError):
+            session.commit()
+        session.rollback()
+    assert db_name_of(schema, RfItem, 2) is None
+
+    assert get_name(factory, 1) == "v1"  # reads fail open
+    assert cache.stats().lock_failures == 2
+
+
+def test_per_model_strict_option(schema: Engine, prefix: str, install: Installer) -> None:
+    """A model configured strict refuses its flush while a degrade model in the same cache
+    commits normally during the same outage."""
+    seed(schema, (1, "v1", 10))
+    seed(schema, (1, "s1", 10), model=RfStrictItem)
+    cache = WriteThroughCache(f"redis://127.0.0.1:{free_loopback_port()}/0", prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+
+    rename(factory, 1, "v2")
+    assert db_name_of(schema, RfItem, 1) == "v2"
+
+    with factory() as session:
+        obj = session.get(RfStrictItem, 1)
+        assert obj is not None
+        obj.name = "s2"
+        with pytest.raises(CacheUnavailableError):
+            session.commit()
+        session.rollback()
+    assert db_name_of(schema, RfStrictItem, 1) == "s1"
+    assert get_name(factory, 1, RfStrictItem) == "s1"
+
+
+def test_strict_mode_commits_normally_when_redis_answers(
+    schema: Engine,
+    prefix: str,
+    redis_client: redis.Redis,
+    install: Installer,
+) -> None:
+    """strict mode only refuses when Redis cannot be locked: with Redis up, commits publish."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(
+        redis.Redis(connection_pool=redis_client.connection_pool, socket_timeout=1),
+        prefix=prefix,
+        on_redis_error="strict",
+    )
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    rename(factory, 1, "v2")
+    held = cached_values(cache, redis_client, RfItem, 1, dialect=schema.dialect)
+    assert held is not None and held["name"] == "v2"
+
+
+def test_restart_between_commit_and_read_misses_then_fills(
+    schema: Engine,
+    prefix: str,
+    redis_server: RedisServerProcess,
+    install: Installer,
+) -> None:
+    """Redis restarts (data lost) between a commit and the next read: the read misses, loads the
+    committed row and fills; the next one is a hit. Commits after the restart lock and publish
+    again: the scripts are reloaded by themselves (NOSCRIPT)."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(redis_server.url, prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    rename(factory, 1, "v2")
+    with capture_sql(schema) as sql:
+        assert get_name(factory, 1) == "v2"
+    assert sql == []
+
+    redis_server.stop()
+    redis_server.start()
+    cache.stats(reset=True)
+
+    with capture_sql(schema) as sql:
+        assert get_name(factory, 1) == "v2"
+    assert len(sql) == 1
+    with capture_sql(schema) as sql:
+        assert get_name(factory, 1) == "v2"
+    assert sql == []
+    stats = cache.stats(reset=True)
+    assert (stats.misses, stats.fills, stats.hits) == (1, 1, 1)
+
+    rename(factory, 1, "v3")  # lock + publish on the restarted server
+    with capture_sql(schema) as sql:
+        assert get_name(factory, 1) == "v3"
+    assert sql == []
+    stats = cache.stats()
+    assert stats.lock_failures == 0
+    assert stats.publishes == 1
+    assert stats.errors == 0
+
+
+def test_script_flush_is_handled(
+    schema: Engine,
+    prefix: str,
+    redis_server: RedisServerProcess,
+    install: Installer,
+) -> None:
+    """SCRIPT FLUSH (as after a restart or failover) makes every script unknown to Redis: the
+    next fetch, fill, lock and publish reload their script with no error."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(redis_server.url, prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    assert get_name(factory, 1) == "v1"  # loads fetch and fill
+    rename(factory, 1, "v2")  # loads lock and publish
+
+    observer = redis_server.client()
+    observer.script_flush()
+    assert get_name(factory, 1) == "v2"  # hit: fetch reloaded
+    rename(factory, 1, "v3")
+    observer.script_flush()
+    with factory() as session:  # the rollback path: release reloaded
+        obj = session.get(RfItem, 1)
+        assert obj is not None
+        obj.name = "never"
+        session.flush()
+        session.rollback()
+    with capture_sql(schema) as sql:
+        assert get_name(factory, 1) == "v3"
+    assert sql == []
+    stats = cache.stats()
+    assert stats.errors == 0
+    assert stats.lock_failures == 0
+
+
+def test_restart_between_flush_and_commit_leaves_no_stale_entry(
+    schema: Engine,
+    prefix: str,
+    redis_server: RedisServerProcess,
+    install: Installer,
+) -> None:
+    """Redis restarts after the writer's flush (its lock is lost) and a reader fills the old
+    row meanwhile: the writer's publish finds no lock of its own and leaves a miss, so the next
+    read returns the committed row."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(redis_server.url, prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    key = entry_key(cache, RfItem, 1)
+
+    with factory() as writer:
+        obj = writer.get(RfItem, 1)
+        assert obj is not None
+        obj.name = "v2"
+        writer.flush()
+        redis_server.stop()
+        redis_server.start()
+        assert get_name(factory, 1) == "v1"  # another session: uncommitted v2 is invisible
+        observer = redis_server.client()
+        assert entry_state(observer, key) == "value"  # it filled v1
+        writer.commit()
+    assert entry_state(observer, key) is None  # its lock was gone: the publish left a miss
+    assert get_name(factory, 1) == "v2"
+    assert get_name(factory, 1) == "v2"
+
+
+def test_redis_flapping_within_a_transaction_leaves_no_stale_entry(
+    schema: Engine,
+    prefix: str,
+    redis_proxy: LoopbackProxy,
+    redis_client: redis.Redis,
+    install: Installer,
+) -> None:
+    """Single process, Redis unreachable at the writer's flush (the key is journaled), reachable
+    for a moment (another session of this process reads the row, which is still v1 in the
+    database, and fills it), unreachable again at the writer's publish. After the commit has
+    returned and Redis is back, no read may return v1 (invariants 2 and 5: the journal must
+    cover the keys of a commit whose locks were never taken until that commit is over)."""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(fast_client(redis_proxy.url), prefix=prefix, breaker_cooldown=0.2)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    key = entry_key(cache, RfItem, 1)
+    assert get_name(factory, 1) == "v1"
+    assert entry_state(redis_client, key) == "value"
+
+    with factory() as writer:
+        obj = writer.get(RfItem, 1)
+        assert obj is not None
+        redis_proxy.blackhole()
+        obj.name = "v2"
+        writer.flush()  # the lock times out: journaled
+        assert cache.stats().lock_failures == 1
+        redis_proxy.forward()
+        assert get_name(factory, 1) == "v1"  # v2 is not committed yet: v1 is right here
+        redis_proxy.blackhole()
+        writer.commit()  # the publish times out; the commit goes through
+    assert db_name_of(schema, RfItem, 1) == "v2"
+
+    redis_proxy.forward()
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while True:
+        assert get_name(factory, 1) == "v2"  # never the v1 filled before the commit
+        held = cached_values(cache, redis_client, RfItem, 1, dialect=schema.dialect)
+        if held is None or held["name"] == "v2":
+            break
+        assert time.monotonic() < deadline, "the entry still holds v1"
+        time.sleep(0.05)
