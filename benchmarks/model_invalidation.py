@@ -102,8 +102,10 @@ def run(engine, cache, client, rows: int, sample: int) -> None:  # type: ignore[
     evalsha = after.get("cmdstat_evalsha", {}).get("calls", 0) - before.get(
         "cmdstat_evalsha", {}
     ).get("calls", 0)
-    print(f"cache.invalidate(Item) over {rows:,} cached rows: {elapsed_ms:.2f} ms, "
-          f"{evalsha} script call(s), {len(layout.keys.generation_keys())} keys written")
+    print(
+        f"cache.invalidate(Item) over {rows:,} cached rows: {elapsed_ms:.2f} ms, "
+        f"{evalsha} script call(s), {len(layout.keys.generation_keys())} keys written"
+    )
 
     statements: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))

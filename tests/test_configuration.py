@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from _cache_helpers import cached_values, entry_key, entry_state, prefix_keys
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import String
@@ -43,6 +42,7 @@ from sqlalchemy.orm import (
 
 from sqlalchemy_writethrough import CachedModel, ConfigurationError, WriteThroughCache
 
+from _cache_helpers import cached_values, entry_key, entry_state, prefix_keys
 from _servers import capture_sql, counting_redis, delete_prefix, new_prefix, reset_schema
 
 LOG_NAME = "sqlalchemy_writethrough"

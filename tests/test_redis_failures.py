@@ -31,7 +31,6 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from _cache_helpers import cached_values, entry_key, entry_state
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import String
@@ -44,6 +43,7 @@ from sqlalchemy_writethrough import (
     WriteThroughCache,
 )
 
+from _cache_helpers import cached_values, entry_key, entry_state
 from _servers import capture_sql, in_ci, reset_schema
 
 #: A burst of breaker-guarded reads must take far less than this many seconds (20 timeouts of
