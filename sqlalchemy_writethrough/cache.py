@@ -60,6 +60,9 @@ class WriteThroughCache:
     :param on_redis_error: ``"degrade"`` lets commits proceed when Redis cannot be locked, and
         invalidates the affected keys before this process reads Redis again; ``"strict"``
         makes such a flush fail (the transaction rolls back) instead.
+    :param fill_wait: seconds a reader that finds another reader loading the same row waits
+        for that fill before loading the row itself (a thundering herd on a cold row costs one
+        database load); 0 never waits.
     :param buckets: hash-tag buckets per model; a whole-model invalidation touches one key per
         bucket, and a Redis Cluster spreads a model over this many slots.
     """
@@ -75,6 +78,7 @@ class WriteThroughCache:
         strategy: Strategy = "write-through",
         lock_timeout: float = 30.0,
         lease_timeout: float = 10.0,
+        fill_wait: float = 0.05,
         on_redis_error: OnRedisError = "degrade",
         socket_timeout: float | None = None,
         socket_connect_timeout: float | None = None,
@@ -89,6 +93,8 @@ class WriteThroughCache:
             raise ConfigurationError("ttl_jitter is a fraction of the ttl, from 0 to below 1")
         if not 1 <= buckets <= 16384:
             raise ConfigurationError("buckets must be between 1 and 16384")
+        if not fill_wait >= 0:
+            raise ConfigurationError("fill_wait is a number of seconds, 0 to never wait")
         if not lease_timeout > 0:
             raise ConfigurationError("lease_timeout must be a positive number of seconds")
         if isinstance(exclude, str):
@@ -144,6 +150,7 @@ class WriteThroughCache:
         self._exclude_everywhere = frozenset(exclude)
         self._ttl_jitter = ttl_jitter
         self._lease_ms = int(lease_timeout * 1000)
+        self._fill_wait_s = fill_wait
         self._buckets = buckets
         self._counters = Counters()
         self._backend = RedisBackend(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.attributes import instance_state
@@ -103,6 +104,10 @@ class ReadPath:
             cache._counters.add("misses")
             return None
         status, data = reply
+        if status is Fetch.BUSY and data == b"E" and cache._fill_wait_s:
+            reply = self._wait_for_fill(key, gen_key, lease)
+            if reply is not None:
+                status, data = reply
         if status is Fetch.DAMAGED:
             cache._counters.add("decode_errors")
             log.warning("writethrough: damaged entry %s replaced, served as a miss", key)
@@ -134,6 +139,21 @@ class ReadPath:
         if not filled:
             cache._backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
         return frozen()
+
+    def _wait_for_fill(self, key: str, gen_key: str, lease: str) -> Any:
+        """Another reader holds the lease and is loading the row: poll briefly for its fill
+        rather than load the same row too (a thundering herd on a cold key)."""
+        cache = self.cache
+        deadline = time.monotonic() + cache._fill_wait_s
+        pause = 0.001
+        reply = None
+        while time.monotonic() + pause < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.016)
+            reply = cache._backend.fetch(key, gen_key, lease, cache._lease_ms)
+            if reply is None or reply[0] is not Fetch.BUSY or reply[1] != b"E":
+                return reply
+        return reply
 
     def _build(
         self,

@@ -84,7 +84,7 @@ def test_fill_over_own_lease_is_a_hit_with_ttl(backend, redis_client, keys):
 def test_second_reader_sees_busy_and_cannot_fill(backend, redis_client, keys):
     key, gen_key = keys
     _, gen = backend.fetch(key, gen_key, "r1", LEASE)
-    assert backend.fetch(key, gen_key, "r2", LEASE) == (Fetch.BUSY, None)
+    assert backend.fetch(key, gen_key, "r2", LEASE) == (Fetch.BUSY, b"E")
     assert backend.fill(key, gen_key, "r2", gen, b"x", TTL) is False
     assert state(redis_client, key) == "E"
 
@@ -135,7 +135,7 @@ def test_locked_entry_is_busy(backend, keys):
     key, gen_key = keys
     seed_value(backend, key, gen_key)
     backend.lock([key, gen_key], "w1", LOCK)
-    assert backend.fetch(key, gen_key, "r1", LEASE) == (Fetch.BUSY, None)
+    assert backend.fetch(key, gen_key, "r1", LEASE) == (Fetch.BUSY, b"L")
 
 
 # -- write side --------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 -- fetch: one round trip for a primary-key read.
 -- KEYS[1] entity key, KEYS[2] generation key
 -- ARGV[1] lease token ('' = the caller may not fill: no lease), ARGV[2] lease ttl ms
--- returns {1, value} hit | {0, gen} miss, lease granted | {2} miss, locked or leased by another
---   (or the whole bucket is under a generation lock) | {3} miss, no lease asked
+-- returns {1, value} hit | {0, gen} miss, lease granted | {2, 'E'} miss, another reader is
+--   filling | {2, 'L'} miss, locked by a writer (or the whole bucket by a generation lock)
+--   | {3} miss, no lease asked
 --   | {4, gen or ''} miss: the entry was damaged and has been replaced (by a lease when asked)
 local v = redis.call('GET', KEYS[1])
 local g = generation(KEYS[2])
-if gen_locked(g) then return {2} end
+if gen_locked(g) then return {2, 'L'} end
 local status = 0
 if v then
   if damaged(KEYS[1], v) then
@@ -15,8 +16,10 @@ if v then
     local tag = string.byte(v, 1)
     if tag == 86 then
       if value_gen(v) == g then return {1, v} end
+    elseif tag == 69 then
+      return {2, 'E'}
     else
-      return {2}
+      return {2, 'L'}
     end
   end
 end
