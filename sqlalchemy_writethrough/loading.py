@@ -93,6 +93,7 @@ class ReadPath:
             return _sa_compat.make_result([existing], layout.entity_name)
 
         tracker = cache._tracker(session)
+        tracker.note_first_activity(session, mapper)
         if tracker.untracked_write or not cache._journal_replayed():
             cache._counters.add("bypasses")
             return None

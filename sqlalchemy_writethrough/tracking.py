@@ -12,6 +12,8 @@ import secrets
 import weakref
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 
 class Change:
     """The fate of one entry at commit: a payload to publish, or None for a miss."""
@@ -32,6 +34,7 @@ class SessionTracker:
         "began",
         "changes",
         "committed",
+        "external",
         "first_lock_at",
         "in_flush",
         "infos",
@@ -68,6 +71,10 @@ class SessionTracker:
         #: a database connection began in this transaction (a snapshot may predate a lease)
         self.began = False
         self.committed = False
+        #: the session joined a transaction begun outside it (Session(bind=connection)): its
+        #: reads may see that transaction's uncommitted rows or an old snapshot, and its
+        #: commit() does not COMMIT, so it never fills and never publishes
+        self.external = False
         self.reassert_on_flush = False
         #: monotonic time of this transaction's first lock (0.0: none yet)
         self.first_lock_at = 0.0
@@ -84,6 +91,16 @@ class SessionTracker:
         self.unlocked_gens: list[str] = []
         #: the DBAPI-connection info dicts that point statements at this tracker
         self.infos: list[dict[Any, Any]] = []
+
+    def note_first_activity(self, session: Any, mapper: Any) -> None:
+        """Called before the transaction's first statement: was its connection already in a
+        transaction that the session did not begin?"""
+        if self.began or self.external:
+            return
+        bind = session.get_bind(mapper=mapper) if mapper is not None else session.bind
+        if isinstance(bind, Connection) and bind.in_transaction():
+            self.external = True
+            self.wrote = True
 
     def current_transaction(self) -> Any:
         session = self.session_ref()

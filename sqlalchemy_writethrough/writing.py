@@ -46,7 +46,11 @@ class WritePath:
     # -- flush ---------------------------------------------------------------------------
 
     def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
-        self.cache._tracker(session).in_flush = True
+        tracker = self.cache._tracker(session)
+        tracker.in_flush = True
+        for obj in session.new or session.dirty or session.deleted:
+            tracker.note_first_activity(session, instance_state(obj).mapper)
+            break
 
     def after_flush(self, session: Session, flush_context: Any) -> None:
         cache = self.cache
@@ -234,6 +238,11 @@ class WritePath:
             tracker.released_savepoints.add(id(nested))
             return
         tracker.committed = True
+        if tracker.external:
+            # commit() did not COMMIT: the outer transaction may still roll back. The locks
+            # stay and expire into misses (lock_timeout), which is all that is safe here.
+            log.debug("writethrough: session joined an outer transaction; nothing published")
+            return
         try:
             self._publish(session, tracker)
         except Exception:  # never raise after COMMIT: the locks expire into misses

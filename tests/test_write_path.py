@@ -985,3 +985,38 @@ def test_two_prefixes_on_one_redis_never_see_each_others_keys(
     finally:
         client_a.close()
         client_b.close()
+
+
+# -------------------------------------------- 10. a session joined to an outer transaction
+
+
+def test_session_joined_to_an_outer_transaction_never_publishes(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """``Session(bind=connection)`` on a connection already in a transaction (the usual test
+    recipe): the session's commit() does not COMMIT, so nothing it wrote may reach Redis; after
+    the outer transaction rolls back, readers get the old row."""
+    seed_products(engine, 1)
+    warm(make_session, engine, cache, redis_client, WpProduct, 1)
+    key = entry_key(cache, WpProduct, 1)
+    with engine.connect() as connection:
+        outer = connection.begin()
+        with make_session(bind=connection) as session:
+            product = session.get(WpProduct, 1)
+            assert product is not None
+            product.name = "never committed"
+            session.commit()
+        assert entry_state(redis_client, key) == "lock", "the outer COMMIT has not happened"
+        outer.rollback()
+    assert (
+        entry_state(redis_client, key) != "value"
+        or (cached_values(cache, redis_client, WpProduct, 1, dialect=engine.dialect) or {}).get(
+            "name"
+        )
+        == "product 1"
+    )
+    seen = get_via_database(make_session, engine, WpProduct, 1)
+    assert seen is not None and seen["name"] == "product 1"
