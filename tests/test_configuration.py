@@ -564,9 +564,10 @@ def test_bad_cached_model_fails_when_the_mapper_is_configured(
         pass
 
     try:
-        _model(LocalBase, kind, options, mixin=True)
+        model = _model(LocalBase, kind, options, mixin=True)  # referenced: see above
         with pytest.raises(ConfigurationError, match=message):
             LocalBase.registry.configure()
+        del model
     finally:
         del cache
         dispose(LocalBase.registry)
@@ -619,12 +620,15 @@ def test_configure_mappers_raises_our_configuration_error(redis_url: str, prefix
         pass
 
     try:
-        _model(LocalBase, "pickle", {}, mixin=True)
+        # keep the class referenced: registries hold mapped classes weakly, and a collected
+        # class leaves nothing for configure_mappers() to configure
+        model = _model(LocalBase, "pickle", {}, mixin=True)
         with pytest.raises(ConfigurationError) as caught:
             sa.orm.configure_mappers()
         assert type(caught.value) is ConfigurationError
         assert "CfBad_pickle.blob" in str(caught.value)
         assert "exclude" in str(caught.value)
+        del model
     finally:
         dispose(LocalBase.registry)
 
@@ -658,9 +662,10 @@ def test_a_cached_model_is_checked_even_before_any_cache_exists() -> None:
         pass
 
     try:
-        _model(LocalBase, "date_pk", {}, mixin=True)
+        model = _model(LocalBase, "date_pk", {}, mixin=True)  # referenced: see above
         with pytest.raises(ConfigurationError, match="primary keys of type Date"):
             LocalBase.registry.configure()
+        del model
     finally:
         dispose(LocalBase.registry)
 
@@ -681,8 +686,9 @@ def test_a_discarded_cache_stops_judging_new_mappers(redis_url: str, prefix: str
         pass
 
     try:
-        _model(LocalBase, "pickle", None, mixin=False)  # never meant to be cached
+        model = _model(LocalBase, "pickle", None, mixin=False)  # never meant to be cached
         LocalBase.registry.configure()
+        del model
         assert cache_ref() is None, "the discarded cache is still alive"
         assert factory_ref() is None, "the sessionmaker it was installed on is still alive"
     finally:
