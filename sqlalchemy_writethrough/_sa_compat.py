@@ -214,6 +214,18 @@ def only_user_defined_options(stmt: Any) -> bool:
     return all(isinstance(opt, UserDefinedOption) for opt in stmt._with_options)
 
 
+def all_mappers() -> list[Mapper[Any]]:
+    """Every mapper of every live registry (``sqlalchemy.orm.mapper._mapper_registries``), so a
+    cache knows the tables of every model it covers, not only those it has used."""
+    import sys
+
+    registries = getattr(sys.modules["sqlalchemy.orm.mapper"], "_mapper_registries", {})
+    found: list[Mapper[Any]] = []
+    for reg in list(registries):
+        found.extend(reg.mappers)
+    return found
+
+
 def connection_isolation_level(connection: Any) -> str | None:
     """The isolation level a connection runs at, without asking the database.
 

@@ -16,6 +16,7 @@ from redis.retry import Retry
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, Session, registry, scoped_session, sessionmaker
 
+from . import _sa_compat
 from .backend import RedisBackend
 from .breaker import CircuitBreaker
 from .config import ModelOptions, ModelOptionsDict, OnRedisError, Strategy, validate
@@ -167,6 +168,8 @@ class WriteThroughCache:
         self._write = WritePath(self)
         self._statements = StatementTracker(self)
         self._by_table: dict[str, list[ModelLayout]] | None = None
+        self._all_seen = False
+        self._cascade_parents: dict[str, Any] | None = None
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
         # weak: SQLAlchemy keeps the listeners (which reference this cache) as long as the
         # target lives; a strong reference back would keep both alive forever
@@ -214,6 +217,7 @@ class WriteThroughCache:
     def _forget_uncached(self) -> None:
         """Mappers seen as not cached may be covered now: look at them again."""
         self._layouts = {m: lay for m, lay in self._layouts.items() if lay is not None}
+        self._all_seen = False
 
     def _covers(self, mapper: Mapper[Any]) -> Mapping[str, Any] | None:
         cls = mapper.class_
@@ -242,11 +246,19 @@ class WriteThroughCache:
             if layout is not None:
                 self._by_table = None
                 self._cascade_memo = {}
+                self._cascade_parents = None
             return layout
 
     # -- what else a write touches ---------------------------------------------------------
 
     def _cached_layouts(self) -> list[ModelLayout]:
+        """Every model this cache covers, used or not: a statement may change rows of a model
+        this process never loaded (another process caches them)."""
+        if not self._all_seen:
+            for mapper in _sa_compat.all_mappers():
+                if mapper.configured and mapper not in self._layouts:
+                    self._layout_for(mapper)
+            self._all_seen = True
         return [layout for layout in list(self._layouts.values()) if layout is not None]
 
     def _layouts_by_table_name(self) -> dict[str, list[ModelLayout]]:
@@ -292,6 +304,34 @@ class WriteThroughCache:
                 found.append(layout)
                 break
         self._cascade_memo[memo_key] = found
+        return found
+
+    def _cascade_parent_names(self) -> dict[str, Any]:
+        """Tables whose deletes or key updates the database cascades into cached tables, by
+        lower-cased name (raw SQL names them, cached or not)."""
+        if self._cascade_parents is None:
+            parents: dict[str, Any] = {}
+            for layout in self._cached_layouts():
+                for fk in layout.table.foreign_keys:
+                    if (fk.ondelete or fk.onupdate) and fk.column.table is not None:
+                        parent = fk.column.table
+                        parents[parent.name.lower()] = parent
+                        parents[parent.fullname.lower()] = parent
+            self._cascade_parents = parents
+        return self._cascade_parents
+
+    def _declared_layouts(self, declared: Any) -> list[ModelLayout]:
+        """Models named by ``execution_options(writethrough_invalidates=[...])``."""
+        if isinstance(declared, (str, type)):
+            declared = [declared]
+        found: list[ModelLayout] = []
+        for target in declared:
+            if isinstance(target, str):
+                found += self._layouts_by_table_name().get(target.lower(), [])
+            else:
+                layout = self._layout_for(inspect(target))
+                if layout is not None:
+                    found.append(layout)
         return found
 
     def _also_invalidated(self, layout: ModelLayout) -> list[ModelLayout]:

@@ -40,14 +40,16 @@ _FIRST_WORD = re.compile(r"[A-Za-z]+")
 _READ_ONLY = frozenset(
     {"select", "show", "explain", "describe", "desc", "values", "table", "pragma", "set",
      "begin", "start", "commit", "rollback", "savepoint", "release", "prepare", "deallocate",
-     "listen", "unlisten", "notify", "use", "analyze", "vacuum", "checkpoint"}
+     "listen", "unlisten", "notify", "use", "analyze", "vacuum", "checkpoint", "lock",
+     "grant", "revoke", "comment", "discard", "reset"}
 )  # fmt: skip
 #: statements that may change rows of the tables they name
 _NAMING = frozenset(
     {"insert", "update", "delete", "replace", "merge", "truncate", "alter", "drop", "create",
-     "copy", "load", "upsert", "with", "rename"}
+     "copy", "load", "upsert", "with", "rename", "refresh"}
 )  # fmt: skip
 _UPSERT = re.compile(r"\bon\s+(?:conflict|duplicate\s+key)\b", re.I)
+_REPLACE = re.compile(r"\breplace\b", re.I)
 
 
 class StatementTracker:
@@ -86,6 +88,11 @@ class StatementTracker:
         if tracker is None or tracker.in_flush:
             return
         tracker.wrote = True
+        declared = context.execution_options.get("writethrough_invalidates")
+        if declared is not None:
+            # the caller says which models this statement changes
+            self.cache._write.lock_models(tracker, self.cache._declared_layouts(declared))
+            return
         if dml and compiled is not None:
             self._compiled_dml(tracker, context, compiled)
         else:
@@ -102,12 +109,12 @@ class StatementTracker:
         layouts = cache._layouts_for_table(table)
         whole: list[ModelLayout] = []
         if context.isinsert:
-            if getattr(stmt, "_post_values_clause", None) is not None:
+            if getattr(stmt, "_post_values_clause", None) is not None or _replaces(stmt):
                 whole += layouts  # an upsert may change existing rows, by any unique key
         else:
             if context.isdelete:
                 whole += cache._cascades(table, deleted=True, orm_handles=())
-            else:
+            elif _sets_referenced_key(stmt, context, table):
                 whole += cache._cascades(table, deleted=False, orm_handles=())
             if layouts:
                 extra = bool(getattr(stmt, "_extra_froms", None))
@@ -133,22 +140,33 @@ class StatementTracker:
                 return
             if word != "select":
                 return
-        layouts = self._named_layouts(text)
-        if word == "insert" and not _UPSERT.search(text):
+        cache = self.cache
+        if word == "insert" and not _UPSERT.search(text) and not _REPLACE.search(text):
             return  # a plain INSERT cannot change a row the cache holds
-        if word not in _NAMING and not layouts:
-            # a procedure call, a DO block...: nothing says which rows it changes
+        if word not in _NAMING:
+            # a procedure call, a DO block...: nothing says which rows it changes, so every
+            # cached model is invalidated; execution_options(writethrough_invalidates=[...])
+            # names the models instead
             tracker.untracked_write = True
-            log.debug(
-                "writethrough: cannot tell what %r changes; its transaction skips Redis", word
+            log.info(
+                "writethrough: a %r statement may change any table; invalidating every cached "
+                "model (name them with execution_options(writethrough_invalidates=[...]))",
+                word.upper(),
             )
+            cache._write.lock_models(tracker, cache._cached_layouts())
             return
-        if layouts:
-            whole = list(layouts)
-            for layout in layouts:
-                whole += self.cache._cascades(layout.table, deleted=True, orm_handles=())
-                whole += self.cache._also_invalidated(layout)
-            self.cache._write.lock_models(tracker, whole)
+        layouts = self._named_layouts(text)
+        whole = list(layouts)
+        for layout in layouts:
+            whole += cache._also_invalidated(layout)
+        parents = cache._cascade_parent_names()
+        pattern = table_name_pattern(parents)
+        if pattern is not None:
+            for name in {m.group(0).lower() for m in pattern.finditer(text)}:
+                for deleted in (True, False):
+                    whole += cache._cascades(parents[name], deleted=deleted, orm_handles=())
+        if whole:
+            cache._write.lock_models(tracker, whole)
 
     def _named_layouts(self, text: str) -> list[ModelLayout]:
         by_name = self.cache._layouts_by_table_name()
@@ -164,6 +182,26 @@ class StatementTracker:
                 if layout not in found:
                     found.append(layout)
         return found
+
+
+def _replaces(stmt: Any) -> bool:
+    """INSERT OR REPLACE (SQLite) and REPLACE-style prefixes replace existing rows."""
+    return any("replace" in str(prefix).lower() for prefix, _ in getattr(stmt, "_prefixes", ()))
+
+
+def _sets_referenced_key(stmt: Any, context: Any, table: Any) -> bool:
+    """Whether an UPDATE may set a column that foreign keys can reference (ON UPDATE CASCADE
+    then changes other tables); True when the SET columns cannot be told."""
+    referenced = {c.key for c in table.columns if c.primary_key or c.unique}
+    keys: set[str] = set()
+    for column in getattr(stmt, "_values", None) or {}:
+        keys.add(column if isinstance(column, str) else getattr(column, "key", str(column)))
+    if not keys:
+        params = context.compiled_parameters
+        if not params:
+            return True
+        keys = set(params[0])
+    return bool(referenced & keys)
 
 
 def table_name_pattern(names: Iterable[str]) -> re.Pattern[str] | None:

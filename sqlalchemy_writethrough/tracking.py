@@ -45,6 +45,7 @@ class SessionTracker:
         "reassert_on_flush",
         "released_savepoints",
         "session_ref",
+        "statement_keys",
         "strict",
         "unlocked",
         "unlocked_gens",
@@ -88,6 +89,9 @@ class SessionTracker:
         #: entity keys and generation keys whose locks could not be taken: journaled again
         #: after COMMIT, since a journal replay during the transaction may have come too early
         self.unlocked: list[str] = []
+        #: entries a statement changed in this transaction: a later flush of the same row
+        #: only knows the attributes it set, so these are left as misses at commit
+        self.statement_keys: set[str] = set()
         self.unlocked_gens: list[str] = []
         #: the DBAPI-connection info dicts that point statements at this tracker
         self.infos: list[dict[Any, Any]] = []

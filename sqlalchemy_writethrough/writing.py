@@ -72,6 +72,8 @@ class WritePath:
 
         def record(layout: ModelLayout, pk: Any, payload: bytes | None) -> None:
             key, gen_key = layout.keys.pair(pk)
+            if key in tracker.statement_keys:
+                payload = None
             tracker.record(transaction, key, Change(gen_key, payload, cache._ttl_ms(layout)))
             touched.append((key, gen_key))
 
@@ -152,6 +154,7 @@ class WritePath:
                 self.lock_models(tracker, [layout])
                 return
             key, gen_key = layout.keys.pair(pk)
+            tracker.statement_keys.add(key)
             tracker.record(transaction, key, Change(gen_key, None, ttl_ms))
             if key not in tracker.locked:
                 tracker.locked[key] = gen_key
