@@ -231,18 +231,25 @@ class WriteThroughCache:
 
     def _layout_for(self, mapper: Mapper[Any]) -> ModelLayout | None:
         layout: ModelLayout | None = self._layouts.get(mapper, _UNKNOWN)
-        if layout is not _UNKNOWN:
+        if layout is not _UNKNOWN and (layout is None or mapper in layout.variants):
             return layout
         with self._build_lock:
-            overrides = self._covers(mapper)
+            base = mapper.base_mapper  # a hierarchy is cached as one model, from its base
+            overrides = self._covers(base)
             if overrides is None:
+                if base is not mapper and self._covers(mapper) is not None:
+                    raise ConfigurationError(
+                        f"{mapper.class_.__name__}: cache the base class of its hierarchy "
+                        f"({base.class_.__name__}); the whole hierarchy shares its entries"
+                    )
                 layout = None
             else:
-                options = self._defaults.merged(overrides, where=mapper.class_.__name__)
+                options = self._defaults.merged(overrides, where=base.class_.__name__)
                 layout = ModelLayout(
-                    mapper, options, self.prefix, self._buckets, self._exclude_everywhere
+                    base, options, self.prefix, self._buckets, self._exclude_everywhere
                 )
-            self._layouts[mapper] = layout
+            for member in base.self_and_descendants:
+                self._layouts[member] = layout
             if layout is not None:
                 self._by_table = None
                 self._cascade_memo = {}
@@ -251,7 +258,7 @@ class WriteThroughCache:
 
     # -- what else a write touches ---------------------------------------------------------
 
-    def _cached_layouts(self) -> list[ModelLayout]:
+    def _cached_layouts(self) -> list[ModelLayout]:  # one per model or hierarchy
         """Every model this cache covers, used or not: a statement may change rows of a model
         this process never loaded (another process caches them)."""
         if not self._all_seen:
@@ -259,7 +266,8 @@ class WriteThroughCache:
                 if mapper.configured and mapper not in self._layouts:
                     self._layout_for(mapper)
             self._all_seen = True
-        return [layout for layout in list(self._layouts.values()) if layout is not None]
+        unique = {id(layout): layout for layout in list(self._layouts.values()) if layout}
+        return list(unique.values())
 
     def _layouts_by_table_name(self) -> dict[str, list[ModelLayout]]:
         """Cached models by lower-cased table name (bare and schema-qualified)."""
@@ -267,8 +275,9 @@ class WriteThroughCache:
         if by_table is None:
             by_table = {}
             for layout in self._cached_layouts():
-                for name in {layout.table.name.lower(), layout.table.fullname.lower()}:
-                    by_table.setdefault(name, []).append(layout)
+                for table in layout.tables:
+                    for name in {table.name.lower(), table.fullname.lower()}:
+                        by_table.setdefault(name, []).append(layout)
             self._by_table = by_table
         return by_table
 
@@ -278,7 +287,7 @@ class WriteThroughCache:
             return []
         found = self._layouts_by_table_name().get(fullname.lower(), [])
         base = table._deannotate() if hasattr(table, "_deannotate") else table
-        return [layout for layout in found if layout.table is base]
+        return [layout for layout in found if base in layout.tables]
 
     def _cascades(self, table: Any, *, deleted: bool, orm_handles: Any) -> list[ModelLayout]:
         """Cached models whose rows the database itself changes when rows of ``table`` are
@@ -293,12 +302,12 @@ class WriteThroughCache:
         found = []
         base = table._deannotate() if hasattr(table, "_deannotate") else table
         for layout in self._cached_layouts():
-            for fk in layout.table.foreign_keys:
+            for fk in (fk for t in layout.tables for fk in t.foreign_keys):
                 action = fk.ondelete if deleted else fk.onupdate
                 if not action or action.upper() in ("NO ACTION", "RESTRICT"):
                     continue
-                if fk.column.table is not base:
-                    continue
+                if fk.column.table is not base or fk.column.table in layout.tables:
+                    continue  # (a joined subclass's key referencing its own base is no cascade)
                 if orm_handles and _orm_cascades(orm_handles, layout, deleted):
                     continue
                 found.append(layout)
@@ -312,8 +321,8 @@ class WriteThroughCache:
         if self._cascade_parents is None:
             parents: dict[str, Any] = {}
             for layout in self._cached_layouts():
-                for fk in layout.table.foreign_keys:
-                    if (fk.ondelete or fk.onupdate) and fk.column.table is not None:
+                for fk in (fk for t in layout.tables for fk in t.foreign_keys):
+                    if (fk.ondelete or fk.onupdate) and fk.column.table not in layout.tables:
                         parent = fk.column.table
                         parents[parent.name.lower()] = parent
                         parents[parent.fullname.lower()] = parent

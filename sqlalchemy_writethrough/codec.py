@@ -608,14 +608,14 @@ def pack_row(values: list[Any]) -> bytes:
     return _HEADER + _packb(values)
 
 
-def unpack_row(payload: bytes | memoryview, width: int) -> list[Any]:
-    """The raw column values of a payload, or DecodeError if it is not one of ``width`` columns."""
+def unpack_row(payload: bytes | memoryview) -> list[Any]:
+    """The class tag and raw column values of a payload, or DecodeError."""
     if len(payload) < 2 or payload[0] != FORMAT_VERSION:
         raise DecodeError("unknown payload format")
     try:
         values = msgpack.unpackb(payload[1:], raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise DecodeError(f"not msgpack: {exc}") from exc
-    if type(values) is not list or len(values) != width + 1:
-        raise DecodeError("wrong number of columns")
+    if type(values) is not list or not values:
+        raise DecodeError("not a row")
     return values

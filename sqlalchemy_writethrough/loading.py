@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
+#: a cached row of another class of the hierarchy than the one asked for
+_NO_ROW: Any = object()
+
 #: isolation levels under which every statement reads the latest committed rows
 _FRESH_LEVELS = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
 
@@ -90,7 +93,7 @@ class ReadPath:
             state = instance_state(existing)
             if state.expired or state.expired_attributes:
                 return None  # a database load refreshes expired attributes: let it
-            return _sa_compat.make_result([existing], layout.entity_name)
+            return _sa_compat.make_result([existing], mapper.class_.__name__)
 
         tracker = cache._tracker(session)
         tracker.note_first_activity(session, mapper)
@@ -116,10 +119,15 @@ class ReadPath:
         dialect = session.get_bind(mapper=mapper).dialect
         if status is Fetch.HIT:
             assert data is not None
-            instance = self._build(session, layout, identity_key, pk, data, dialect, key, gen_key)
+            instance = self._build(
+                session, layout, identity_key, pk, data, dialect, key, gen_key, mapper
+            )
+            if instance is _NO_ROW:
+                cache._counters.add("hits")
+                return _sa_compat.make_result([], mapper.class_.__name__)
             if instance is not None:
                 cache._counters.add("hits")
-                return _sa_compat.make_result([instance], layout.entity_name)
+                return _sa_compat.make_result([instance], mapper.class_.__name__)
             status = Fetch.MISS
         cache._counters.add("misses")
         if status is not Fetch.LEASED:
@@ -166,9 +174,10 @@ class ReadPath:
         dialect: Any,
         key: str,
         gen_key: str,
+        requested: Any,
     ) -> Any:
         try:
-            values = layout.decode(payload_of(value), dialect)
+            variant, values = layout.decode_row(payload_of(value), dialect)
         except (DecodeError, ValueError) as exc:
             self.cache._counters.add("decode_errors")
             log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
@@ -179,8 +188,10 @@ class ReadPath:
             log.error("writethrough: entry %s holds another primary key; served as a miss", key)
             self.cache._backend.invalidate((key, gen_key))
             return None
+        if not variant.mapper.isa(requested):
+            return _NO_ROW  # the row is another class of the hierarchy: the ORM finds no row
         return _sa_compat.build_persistent(
-            session, layout.mapper, identity_key, values, layout.expired
+            session, variant.mapper, identity_key, values, variant.expired
         )
 
     def _fill(
@@ -197,14 +208,15 @@ class ReadPath:
     ) -> bool:
         """Fill the entry over our lease; False when this load must not (or could not) fill."""
         state = instance_state(instance)
-        if state.key != identity_key or type(instance) is not layout.mapper.class_:
+        variant = layout.variant(state.mapper)
+        if state.key != identity_key or variant is None:
             return False  # e.g. a case-insensitive collation matched another spelling
         if state.modified:
             return False
         connection = session.connection(bind_arguments={"mapper": layout.mapper})
         if not _read_was_fresh(connection, began_before):
             return False
-        payload = layout.encode_loaded(state.dict, connection.dialect)
+        payload = variant.encode_loaded(state.dict, connection.dialect)
         if payload is None:
             return False
         cache = self.cache

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import Table
+from sqlalchemy import Column, Table
 from sqlalchemy.orm import Mapper, RelationshipProperty
 
 from . import codec
@@ -45,67 +45,44 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _PK_KINDS = {"int": int, "str": str, "uuid": uuid.UUID}
 
 
-class ModelLayout:
-    """How one model's rows are stored under one cache's options."""
+class ClassLayout:
+    """How rows of one mapped class are stored: its attributes, in order, with their codecs."""
 
     def __init__(
         self,
         mapper: Mapper[Any],
-        options: ModelOptions,
-        prefix: str,
-        buckets: int,
-        exclude_everywhere: frozenset[str] = frozenset(),
-    ):
-        where = f"{mapper.class_.__name__}"
-        if (
-            mapper.inherits is not None
-            or mapper.polymorphic_on is not None
-            or any(m is not mapper for m in mapper.self_and_descendants)
-        ):
-            raise ConfigurationError(
-                f"{where}: models with inheritance are not cached yet; "
-                "leave this hierarchy out of the cache"
-            )
-        table = mapper.local_table
-        if not isinstance(table, Table):
-            raise ConfigurationError(f"{where}: only models mapped to a Table can be cached")
+        tag: Any,
+        exclude: frozenset[str],
+        pk_attrs: tuple[str, ...],
+        where: str,
+    ) -> None:
         self.mapper = mapper
-        self.options = options
-        self.table = table
-        self.entity_name = mapper.class_.__name__
-
-        pk_columns = list(mapper.primary_key)
-        self.pk_attrs = tuple(mapper.get_property_by_column(c).key for c in pk_columns)
-        # column *keys* (not attribute keys) as they appear in WHERE clauses
-        self.pk_index: dict[str, int] = {str(c.key): i for i, c in enumerate(pk_columns)}
-
+        self.tag = tag
+        tables = set(mapper.tables)
         columns: list[Any] = []
         attrs: list[str] = []
         expired: list[str] = []
-        known = {prop.key for prop in mapper.column_attrs}
-        unknown = set(options.exclude) - known
-        if unknown:
-            raise ConfigurationError(f"{where}: exclude names unknown attributes {sorted(unknown)}")
-        exclude = options.exclude | (exclude_everywhere & known)
         for prop in mapper.column_attrs:
-            if len(prop.columns) != 1 or getattr(prop.columns[0], "table", None) is not table:
+            cols = prop.columns
+            if not all(isinstance(c, Column) and c.table in tables for c in cols):
                 expired.append(prop.key)  # column_property expressions: loaded on access
                 continue
             if prop.key in exclude:
-                if prop.key in self.pk_attrs:
+                if prop.key in pk_attrs:
                     raise ConfigurationError(f"{where}: a primary key column cannot be excluded")
                 if not prop.deferred:
                     expired.append(prop.key)
                 continue
             if prop.deferred:
                 continue  # the deferred loader loads it on access, as after a database load
-            columns.append(prop.columns[0])
+            columns.append(cols[0])  # joined inheritance: sub.id and base.id hold one value
             attrs.append(prop.key)
-        for key in self.pk_attrs:
+        for key in pk_attrs:
             if key not in attrs:
                 raise ConfigurationError(f"{where}: primary key attribute {key!r} must be loaded")
         self.columns = tuple(columns)
         self.attrs = tuple(attrs)
+        self.expired = tuple(expired)
         # attributes an INSERT sends as NULL when left unset, without putting None in the
         # instance's dict (the same rule as the mapper's private _insert_cols_as_none)
         self.null_on_insert = frozenset(
@@ -116,68 +93,37 @@ class ModelLayout:
             and not c.default
             and not c.type.should_evaluate_none
         )
-        self.expired = tuple(expired)
-        self.pk_positions = tuple(attrs.index(k) for k in self.pk_attrs)
         self.eager_relationships = tuple(
             r.key
             for r in mapper.relationships
             if isinstance(r, RelationshipProperty) and r.lazy in _EAGER
         )
-
-        # the default dialect gives every column a codec now, so a type with no stored form
-        # fails at configuration; real dialects get theirs at first use
-        from sqlalchemy.engine.default import DefaultDialect
-
-        default = DefaultDialect()
-        kinds = [
-            codec.column_codec(c, default, f"{where}.{a}")
-            for c, a in zip(columns, attrs, strict=False)
-        ]
-        self.pk_types = []
-        for pos, key in zip(self.pk_positions, self.pk_attrs, strict=False):
-            kind = kinds[pos].kind
-            base = kind[kind.find("(") + 1 : -1] if "(" in kind else kind
-            if base not in _PK_KINDS or "(" in kind:
-                raise ConfigurationError(
-                    f"{where}.{key}: primary keys of type {columns[pos].type!r} are not cached "
-                    "yet (integer, string and UUID keys are)"
-                )
-            self.pk_types.append(_PK_KINDS[base])
-
-        description = "|".join(
-            f"{a}={c.name}:{_ADDRESS.sub('', repr(c.type))}"
-            for a, c in zip(attrs, columns, strict=False)
-        )
-        digest_source = f"{codec.FORMAT_VERSION}|{table.fullname}|{description}|{self.pk_attrs}"
-        self.digest = hashlib.sha1(digest_source.encode()).hexdigest()[:10]
-        self.keys = KeySpace(prefix, table.fullname, self.digest, buckets)
+        self._where = where
         self._codecs: weakref.WeakKeyDictionary[Any, tuple[codec.ColumnCodec, ...]] = (
             weakref.WeakKeyDictionary()
+        )
+
+    def description(self) -> str:
+        return f"{self.tag!r}:" + ",".join(
+            f"{a}={c.name}:{_ADDRESS.sub('', repr(c.type))}"
+            for a, c in zip(self.attrs, self.columns, strict=True)
         )
 
     def codecs(self, dialect: Dialect) -> tuple[codec.ColumnCodec, ...]:
         found = self._codecs.get(dialect)
         if found is None:
-            where = self.entity_name
             found = tuple(
-                codec.column_codec(c, dialect, f"{where}.{a}")
-                for c, a in zip(self.columns, self.attrs, strict=False)
+                codec.column_codec(c, dialect, f"{self._where}.{a}")
+                for c, a in zip(self.columns, self.attrs, strict=True)
             )
             self._codecs[dialect] = found
         return found
 
-    def pk_is_cacheable(self, pk: Iterable[Any]) -> bool:
-        """Only values of the column's exact Python type map to one key (``"42"`` and ``42.0``
-        would load row 42 from the database under another key)."""
-        return all(type(v) is t for v, t in zip(pk, self.pk_types, strict=False))
-
-    # -- rows ------------------------------------------------------------------------------
-
     def encode_loaded(self, state_dict: dict[str, Any], dialect: Dialect) -> bytes | None:
         """The payload of a row just loaded from the database, or None if it cannot be stored."""
-        values: list[Any] = [0]
+        values: list[Any] = [self.tag]
         try:
-            for attr, col_codec in zip(self.attrs, self.codecs(dialect), strict=False):
+            for attr, col_codec in zip(self.attrs, self.codecs(dialect), strict=True):
                 if attr not in state_dict:
                     return None
                 values.append(col_codec.loaded(state_dict[attr]))
@@ -187,9 +133,9 @@ class ModelLayout:
 
     def encode_flushed(self, state_dict: dict[str, Any], ctx: codec.FlushContext) -> bytes | None:
         """The payload of a row a flush wrote, or None when a load might return anything else."""
-        values: list[Any] = [0]
+        values: list[Any] = [self.tag]
         try:
-            for attr, col_codec in zip(self.attrs, self.codecs(ctx.dialect), strict=False):
+            for attr, col_codec in zip(self.attrs, self.codecs(ctx.dialect), strict=True):
                 if attr not in state_dict:
                     return None  # expired (SQL expression, server default not fetched)
                 value = col_codec.flushed(state_dict[attr], ctx)
@@ -214,15 +160,146 @@ class ModelLayout:
             values[a] = None
         return values
 
-    def decode(self, payload: bytes | memoryview, dialect: Dialect) -> dict[str, Any]:
-        """Attribute values of a payload; DecodeError when it is not a row of this layout."""
-        raw = codec.unpack_row(payload, len(self.attrs))
-        if raw[0] != 0:
-            raise codec.DecodeError("unknown class tag")
+    def decode_values(self, raw: list[Any], dialect: Dialect) -> dict[str, Any]:
+        if len(raw) != len(self.attrs) + 1:
+            raise codec.DecodeError("wrong number of columns")
         out: dict[str, Any] = {}
-        for attr, col_codec, value in zip(self.attrs, self.codecs(dialect), raw[1:], strict=False):
+        for attr, col_codec, value in zip(self.attrs, self.codecs(dialect), raw[1:], strict=True):
             out[attr] = col_codec.decode(value)
         return out
+
+
+class ModelLayout:
+    """How one model, or one inheritance hierarchy, is stored under one cache's options.
+
+    A hierarchy (single-table or joined) shares one keyspace, named after its base table and
+    keyed by the base's primary key, as the identity map does; each entry carries the class of
+    its row (the polymorphic identity), so ``get(Base, pk)`` builds the right subclass and
+    ``get(OtherSubclass, pk)`` finds no row, with no SQL.
+    """
+
+    def __init__(
+        self,
+        mapper: Mapper[Any],
+        options: ModelOptions,
+        prefix: str,
+        buckets: int,
+        exclude_everywhere: frozenset[str] = frozenset(),
+    ):
+        base = mapper.base_mapper
+        where = f"{base.class_.__name__}"
+        if any(m.concrete for m in base.self_and_descendants):
+            raise ConfigurationError(
+                f"{where}: concrete table inheritance is not cached; leave it out of the cache"
+            )
+        table = base.local_table
+        if not isinstance(table, Table):
+            raise ConfigurationError(f"{where}: only models mapped to a Table can be cached")
+        self.mapper = base
+        self.options = options
+        self.table = table
+        self.entity_name = base.class_.__name__
+        self.polymorphic = base.polymorphic_on is not None or any(
+            m is not base for m in base.self_and_descendants
+        )
+
+        pk_columns = list(base.primary_key)
+        self.pk_attrs = tuple(base.get_property_by_column(c).key for c in pk_columns)
+        # column *keys* (not attribute keys) as they appear in WHERE clauses
+        self.pk_index: dict[str, int] = {str(c.key): i for i, c in enumerate(pk_columns)}
+
+        mappers = [m for m in base.self_and_descendants if m is base or m.configured]
+        known = {prop.key for m in mappers for prop in m.column_attrs}
+        unknown = set(options.exclude) - known
+        if unknown:
+            raise ConfigurationError(f"{where}: exclude names unknown attributes {sorted(unknown)}")
+        exclude = options.exclude | (exclude_everywhere & known)
+        self.variants: dict[Mapper[Any], ClassLayout] = {}
+        self.by_tag: dict[Any, ClassLayout] = {}
+        for m in mappers:
+            tag = _tag(m) if self.polymorphic else 0
+            if tag in self.by_tag:
+                raise ConfigurationError(
+                    f"{m.class_.__name__}: two classes of {where}'s hierarchy share the "
+                    f"polymorphic identity {tag!r}"
+                )
+            variant = ClassLayout(m, tag, exclude, self.pk_attrs, m.class_.__name__)
+            self.variants[m] = variant
+            self.by_tag[tag] = variant
+        self.tables = frozenset(t for m in mappers for t in m.tables)
+        self.eager_relationships = tuple(
+            key for v in self.variants.values() for key in v.eager_relationships
+        )
+
+        # the default dialect gives every column a codec now, so a type with no stored form
+        # fails at configuration; real dialects get theirs at first use
+        from sqlalchemy.engine.default import DefaultDialect
+
+        default = DefaultDialect()
+        for variant in self.variants.values():
+            variant.codecs(default)
+        base_variant = self.variants[base]
+        self.pk_types = []
+        for key in self.pk_attrs:
+            pos = base_variant.attrs.index(key)
+            kind = base_variant.codecs(default)[pos].kind
+            if kind not in _PK_KINDS:
+                raise ConfigurationError(
+                    f"{where}.{key}: primary keys of type {base_variant.columns[pos].type!r} "
+                    "are not cached yet (integer, string and UUID keys are)"
+                )
+            self.pk_types.append(_PK_KINDS[kind])
+
+        description = "|".join(v.description() for v in self.variants.values())
+        digest_source = f"{codec.FORMAT_VERSION}|{table.fullname}|{description}|{self.pk_attrs}"
+        self.digest = hashlib.sha1(digest_source.encode()).hexdigest()[:10]
+        self.keys = KeySpace(prefix, table.fullname, self.digest, buckets)
+
+    # the base class's layout, for callers that handle plain models
+    @property
+    def attrs(self) -> tuple[str, ...]:
+        return self.variants[self.mapper].attrs
+
+    @property
+    def expired(self) -> tuple[str, ...]:
+        return self.variants[self.mapper].expired
+
+    def variant(self, mapper: Mapper[Any]) -> ClassLayout | None:
+        return self.variants.get(mapper)
+
+    def covers_all(self, mapper: Mapper[Any]) -> bool:
+        """False when a class of the hierarchy was configured after this layout was built."""
+        return all(m in self.variants for m in mapper.base_mapper.self_and_descendants)
+
+    def pk_is_cacheable(self, pk: Iterable[Any]) -> bool:
+        """Only values of the column's exact Python type map to one key (``"42"`` and ``42.0``
+        would load row 42 from the database under another key)."""
+        return all(type(v) is t for v, t in zip(pk, self.pk_types, strict=False))
+
+    def encode_loaded(self, state_dict: dict[str, Any], dialect: Dialect) -> bytes | None:
+        return self.variants[self.mapper].encode_loaded(state_dict, dialect)
+
+    def decode_row(
+        self, payload: bytes | memoryview, dialect: Dialect
+    ) -> tuple[ClassLayout, dict[str, Any]]:
+        """The class and attribute values of a payload; DecodeError when it is not a row of
+        this layout."""
+        raw = codec.unpack_row(payload)
+        tag = raw[0]
+        variant = self.by_tag.get(tag) if type(tag) in (int, str) else None
+        if variant is None:
+            raise codec.DecodeError("unknown class tag")
+        return variant, variant.decode_values(raw, dialect)
+
+    def decode(self, payload: bytes | memoryview, dialect: Dialect) -> dict[str, Any]:
+        return self.decode_row(payload, dialect)[1]
+
+
+def _tag(mapper: Mapper[Any]) -> Any:
+    identity = mapper.polymorphic_identity
+    if type(identity) in (int, str):
+        return identity
+    return mapper.class_.__name__
 
 
 def model_overrides(cls: type) -> ModelOptionsDict:

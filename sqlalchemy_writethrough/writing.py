@@ -101,7 +101,9 @@ class WritePath:
                     continue
                 self._involve(tracker, layout)
                 models += cache._also_invalidated(layout)
-                dict_ = layout.inserted_values(state) if inserted else state.dict
+                variant = layout.variant(state.mapper)
+                assert variant is not None  # _layout_for rebuilds a layout missing a class
+                dict_ = variant.inserted_values(state) if inserted else state.dict
                 pk = [dict_.get(a) for a in layout.pk_attrs]
                 if old is not None and list(old) != pk:
                     record(layout, old, None)  # the primary key itself changed
@@ -115,7 +117,7 @@ class WritePath:
                 if layout.options.strategy == "invalidate":
                     payload = None
                 else:
-                    payload = layout.encode_flushed(dict_, context_for(layout))
+                    payload = variant.encode_flushed(dict_, context_for(layout))
                     if payload is not None:
                         cache._register(layout)
                 record(layout, pk, payload)

@@ -540,7 +540,6 @@ BAD_MODELS = [
     ("exclude-primary-key", "plain", {"exclude": ["id"]}, r"primary key column cannot be excl"),
     ("exclude-unknown", "plain", {"exclude": ["nope"]}, r"exclude names unknown.*\['nope'\]"),
     ("exclude-as-string", "plain", {"exclude": "name"}, r"exclude takes a list"),
-    ("single-table-inheritance", "single_table", {}, r"inheritance.*leave this hierarchy out"),
     ("negative-ttl", "plain", {"ttl": -1}, r"ttl must be a positive number"),
     ("zero-lock-timeout", "plain", {"lock_timeout": 0}, r"lock_timeout must be a positive"),
     ("bad-strategy", "plain", {"strategy": "write-back"}, r"strategy must be one of"),
