@@ -440,6 +440,45 @@ def _exact_enum(enum_class: type[enum.Enum] | None, values: Sequence[str]) -> Ex
     return ex_str
 
 
+def _array_codec(t: Any, where: str) -> ColumnCodec:
+    """One-dimensional ARRAY of a scalar type: a msgpack list of the element codec's values.
+    NULL elements are kept; a nested list (more dimensions) is never stored."""
+    if t.dimensions not in (None, 1):
+        raise ConfigurationError(
+            f"{where}: multi-dimensional ARRAY columns are not cached; add the column to `exclude`"
+        )
+    item = _base_codec(t.item_type, where)
+    item_encode, item_decode, item_exact = item.encode, item.decode, item.exact
+
+    def enc(v: Any) -> Any:
+        if type(v) is not list:
+            raise EncodeError("an ARRAY value is a list")
+        return [None if x is None else item_encode(x) for x in v]
+
+    def dec(v: Any) -> Any:
+        if type(v) is not list:
+            raise _fail("list", v)
+        return [None if x is None else item_decode(x) for x in v]
+
+    def ex(v: Any, ctx: FlushContext) -> Any:
+        if ctx.name != "postgresql" or type(v) not in (list, tuple):
+            return NOT_EXACT
+        out: list[Any] = []
+        for x in v:
+            if x is None:
+                out.append(None)
+                continue
+            if type(x) in (list, tuple):
+                return NOT_EXACT
+            predicted = item_exact(x, ctx)
+            if predicted is NOT_EXACT:
+                return NOT_EXACT
+            out.append(predicted)
+        return out
+
+    return ColumnCodec(f"array[{item.kind}]", *_nullable(enc, dec, ex))
+
+
 # --- choosing a codec from a column's type -------------------------------------------------
 
 
@@ -519,6 +558,8 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
         if t.as_uuid:
             return ColumnCodec("uuid", *_nullable(_enc_uuid, _dec_uuid, _exact_type(uuid.UUID)))
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _never))
+    if isinstance(t, sqltypes.ARRAY):
+        return _array_codec(t, where)
     if isinstance(t, sqltypes.JSON):
         return ColumnCodec("json", _enc_json, _dec_json, _never)
     if isinstance(t, sqltypes.String):
