@@ -49,3 +49,50 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package (configuration in pyproject.toml)."""
     session.install(".", "mypy", "msgpack-types")
     session.run("mypy")
+
+
+# The caches a user would pick instead, measured by the benchmark suite (never dependencies of
+# the library). sqlacache is asyncio-only and imports only once greenlet is installed.
+BENCH_PEERS = ("dogpile.cache", "sqlmodel-cache", "sqlacache[redis]", "greenlet")
+
+
+def _bench(session: nox.Session, extras: str, default_args: tuple[str, ...]) -> None:
+    session.install("-e", f".[{extras}]", "matplotlib")
+    for peer in BENCH_PEERS:
+        # A peer that cannot be installed here is reported as such in the results table.
+        try:
+            session.install(peer)
+        except nox.command.CommandFailed:
+            session.warn(f"could not install {peer}; the benchmark reports it as unavailable")
+    session.run("python", "-m", "benchmarks", *default_args, *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against the Redis floor, PostgreSQL and the peers (``python -m benchmarks``).
+
+    Writes benchmarks/results/latest.md and latest.png. Arguments after ``--`` go to the
+    benchmark, e.g. ``nox -s bench -- --quick`` or ``-- --iterations 500``.
+    """
+    _bench(session, "test", ())
+
+
+@nox.session
+def bench_hiredis(session: nox.Session) -> None:
+    """The same benchmarks with redis-py's hiredis parser (the ``hiredis`` extra).
+
+    Writes benchmarks/results/latest-hiredis.md and latest-hiredis.png.
+    """
+    _bench(session, "test,hiredis", ("--name", "latest-hiredis"))
+
+
+@nox.session
+def stress(session: nox.Session) -> None:
+    """The long stress run: both databases, every fault at once, the checker (``stress/``).
+
+    Arguments after ``--`` go to ``python -m stress`` and replace the defaults, e.g.
+    ``nox -s stress -- --seconds 60 --db postgresql --faults each``.
+    """
+    session.install(".[test]")
+    args = session.posargs or ["--seconds", "300", "--db", "both", "--faults", "all"]
+    session.run("python", "-m", "stress", *args)

@@ -1,0 +1,200 @@
+"""Run settings, and the shared environment every benchmark row uses.
+
+Everything runs in one process against one engine, one Redis client and one data set:
+
+* ``engine``: ``create_engine(database_url)`` with its default pool (psycopg 3), where
+  ``database_url`` is ``postgresql_url`` with the run's own schema (``bench_<8 hex>``) as
+  ``search_path``: the ``bench_*`` tables live there, so two runs (say, the smoke test and a
+  full run) never drop each other's tables; the schema is dropped at the end;
+* ``plain``: a ``sessionmaker(engine)`` without the cache: plain SQLAlchemy;
+* ``cached``: a ``sessionmaker(engine)`` with ``WriteThroughCache.install``;
+* ``commit_cached``: the same for the commit rows, through a second ``WriteThroughCache`` on the
+  same prefix whose client counts Redis round trips (kept off the read rows, so that the read
+  rows and the floor use the very same uncounted client);
+* ``read_pks``: the rows the single-row and lazy-load rows read, ``batches``: the id lists the
+  100-row rows read (all warm in every cache); ``commit_pks``: a disjoint range of rows the
+  commit rows change.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import sessionmaker
+
+from sqlalchemy_writethrough import WriteThroughCache
+
+from .data import ITEM_ROWS
+from .redis_count import RoundTripCounter, counting_redis
+
+DEFAULT_POSTGRESQL_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+#: Commit sizes (changed rows per transaction).
+COMMIT_SIZES = (1, 10, 100, 1000)
+#: Rows per batch in the 100-row benchmark.
+BATCH_SIZE = 100
+#: How many distinct 100-id lists the batch rows cycle through (each warm in the query caches).
+BATCH_LISTS = 20
+#: Socket timeout of the benchmark's Redis clients (the value WriteThroughCache uses for a URL).
+REDIS_SOCKET_TIMEOUT = 0.5
+
+
+@dataclass
+class Settings:
+    postgresql_url: str = field(
+        default_factory=lambda: os.environ.get(
+            "BENCH_POSTGRESQL_URL", os.environ.get("POSTGRESQL_URL", DEFAULT_POSTGRESQL_URL)
+        )
+    )
+    redis_url: str = field(
+        default_factory=lambda: os.environ.get(
+            "BENCH_REDIS_URL", os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+        )
+    )
+    iterations: int = 2000
+    """measured rounds of the single-row group; the other groups scale from it"""
+    warmup: int | None = None
+    """warm-up rounds of the single-row group (default: a tenth of ``iterations``)"""
+    quick: bool = False
+    peers: bool = True
+    only: frozenset[str] = frozenset()
+    """group keys to run (empty: all)"""
+    keep_tables: bool = False
+    seed: int = 1234
+    rows: int = ITEM_ROWS
+
+    def group_iterations(self, group: str) -> tuple[int, int]:
+        """(measured rounds, warm-up rounds) of a group."""
+        n = self.iterations
+        warm = self.warmup if self.warmup is not None else max(2, n // 10)
+        factors = {
+            "pk": 1.0,
+            "batch": 0.2,
+            "chain": 0.5,
+            "commit1": 0.1,
+            "commit10": 0.1,
+            "commit100": 0.025,
+            "commit1000": 0.01,
+        }
+        f = factors.get(group, 1.0)
+        floor = 3 if self.quick else 10
+        return max(floor, round(n * f)), max(1, round(warm * f))
+
+    def wants(self, group: str) -> bool:
+        return not self.only or group in self.only
+
+
+@dataclass
+class Env:
+    settings: Settings
+    database_url: str
+    """``postgresql_url`` with ``search_path`` set to ``schema`` (what every engine uses)"""
+    schema: str
+    engine: Engine
+    redis: redis.Redis
+    prefix: str
+    cache: WriteThroughCache
+    plain: sessionmaker[Any]
+    cached: sessionmaker[Any]
+    commit_cache: WriteThroughCache
+    commit_cached: sessionmaker[Any]
+    commit_counter: RoundTripCounter
+    commit_redis: redis.Redis
+    read_pks: list[int]
+    batches: list[list[int]]
+    commit_pks: list[int]
+    floor_keys: dict[int, str] = field(default_factory=dict)
+
+    def read_pk(self, i: int) -> int:
+        return self.read_pks[i % len(self.read_pks)]
+
+    def batch(self, i: int) -> list[int]:
+        return self.batches[i % len(self.batches)]
+
+    def commit_ids(self, i: int, size: int) -> list[int]:
+        pool = self.commit_pks
+        start = (i * size) % len(pool)
+        ids = pool[start : start + size]
+        if len(ids) < size:
+            ids += pool[: size - len(ids)]
+        return ids
+
+    def close(self) -> None:
+        self.redis.close()
+        self.commit_redis.close()
+        self.engine.dispose()
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` whose connections use ``schema`` as search_path (a libpq ``options`` setting)."""
+    parsed = make_url(url)
+    setting = f"-csearch_path={schema}"
+    existing = parsed.query.get("options")
+    if isinstance(existing, str) and existing:
+        setting = f"{existing} {setting}"
+    return parsed.update_query_dict({"options": setting}).render_as_string(hide_password=False)
+
+
+def build_env(settings: Settings) -> Env:
+    """Engine, clients, caches, sessionmakers and the key sets (no data is created here)."""
+    run_id = uuid.uuid4().hex[:8]
+    schema = f"bench_{run_id}"
+    database_url = with_search_path(settings.postgresql_url, schema)
+    engine = create_engine(database_url)
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+    prefix = f"bench-{run_id}"
+    cache = WriteThroughCache(client, prefix=prefix)
+    plain = sessionmaker(engine)
+    cached = sessionmaker(engine)
+    cache.install(cached)
+
+    commit_client, counter = counting_redis(
+        settings.redis_url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+    commit_cache = WriteThroughCache(commit_client, prefix=prefix)
+    commit_cached = sessionmaker(engine)
+    commit_cache.install(commit_cached)
+
+    rng = random.Random(settings.seed)
+    rows = settings.rows
+    commit_pool = min(1000, rows // 10)
+    read_space = list(range(1, rows - commit_pool + 1))
+    # Only the rows the rounds will read are warmed (the single-row group reads the most).
+    pk_rounds = sum(settings.group_iterations("pk"))
+    read_pks = rng.sample(read_space, min(1000, pk_rounds, len(read_space)))
+    pool = read_pks if len(read_pks) >= BATCH_SIZE else rng.sample(read_space, BATCH_SIZE)
+    batch_rounds = sum(settings.group_iterations("batch"))
+    batches = [rng.sample(pool, BATCH_SIZE) for _ in range(min(BATCH_LISTS, batch_rounds))]
+    commit_pks = list(range(rows - commit_pool + 1, rows + 1))
+    return Env(
+        settings=settings,
+        database_url=database_url,
+        schema=schema,
+        engine=engine,
+        redis=client,
+        prefix=prefix,
+        cache=cache,
+        plain=plain,
+        cached=cached,
+        commit_cache=commit_cache,
+        commit_cached=commit_cached,
+        commit_counter=counter,
+        commit_redis=commit_client,
+        read_pks=read_pks,
+        batches=batches,
+        commit_pks=commit_pks,
+    )

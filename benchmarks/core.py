@@ -1,0 +1,407 @@
+"""The rows measured on this library, on plain SQLAlchemy + PostgreSQL, and the Redis floor."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import decimal
+import statistics
+from collections.abc import Callable, Iterator
+from time import perf_counter_ns
+from typing import Any
+
+import msgpack
+from sqlalchemy import event, inspect, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+
+from sqlalchemy_writethrough import from_cache
+from sqlalchemy_writethrough.protocol import payload_of
+
+from .context import Env
+from .data import item_row
+from .harness import Variant
+from .models import ITEM_COLUMNS, Item
+from .peers.common import combine_checks
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def count_sql(engine: Engine) -> Iterator[list[str]]:
+    """Collect the SQL statements sent through ``engine`` while active."""
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def no_sql_check(engine: Engine, op: Callable[[int], int], what: str) -> Callable[[], str | None]:
+    """A check that says so when an op meant to be served from a cache sent SQL."""
+
+    def check() -> str | None:
+        with count_sql(engine) as statements:
+            op(0)
+        if statements:
+            return f"{what}: {len(statements)} SQL statement(s) per operation"
+        return None
+
+    return check
+
+
+def item_values(obj: Any) -> tuple[Any, ...]:
+    return tuple(getattr(obj, name) for name in ITEM_COLUMNS)
+
+
+def expected_values(pk: int) -> tuple[Any, ...]:
+    row = item_row(pk)
+    return tuple(row[name] for name in ITEM_COLUMNS)
+
+
+def same_row(obj: Any, pk: int) -> str | None:
+    """None when ``obj`` holds exactly row ``pk`` (same values, same Python types)."""
+    got = item_values(obj)
+    want = expected_values(pk)
+    for name, g, w in zip(ITEM_COLUMNS, got, want, strict=True):
+        if g != w or type(g) is not type(w):
+            return f"{name}: got {g!r} ({type(g).__name__}), expected {w!r}"
+    return None
+
+
+def values_check(load: Callable[[int], Any], pk: int) -> Callable[[], str | None]:
+    """A check that the row a variant returns equals the database row."""
+
+    def check() -> str | None:
+        problem = same_row(load(pk), pk)
+        return f"returned a different row ({problem})" if problem else None
+
+    return check
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def warm_ours(env: Env) -> None:
+    """Fill our cache with every row the read benchmarks use, and the lazy-load chain."""
+    with env.cached() as s:
+        for pk in dict.fromkeys([*env.read_pks, *(pk for ids in env.batches for pk in ids)]):
+            s.get(Item, pk)
+            s.expunge_all()
+    for pk in env.read_pks:
+        with env.cached() as s:
+            item = s.get(Item, pk)
+            assert item is not None
+            _ = item.category.section.department.name
+    layout = env.cache._layout_for(inspect(Item))  # private: the entry's key
+    assert layout is not None
+    missing = 0
+    for pk in env.read_pks:
+        key = layout.keys.pair([pk])[0]
+        raw = env.redis.get(key)
+        if raw is None or raw[:1] != b"V":
+            missing += 1
+            continue
+        floor_key = f"{env.prefix}:floor:{pk}"
+        env.redis.set(floor_key, raw)
+        env.floor_keys[pk] = floor_key
+    if missing:
+        print(f"  ! {missing} of {len(env.read_pks)} rows were not cached after the warm-up")
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def floor_variant(env: Env) -> Variant:
+    """redis-py GET of the exact bytes our cache stores for the row, plus msgpack decoding."""
+    client = env.redis
+    unpackb = msgpack.unpackb
+
+    def op(i: int) -> int:
+        key = env.floor_keys[env.read_pk(i)]
+        t0 = perf_counter_ns()
+        raw = client.get(key)
+        unpackb(payload_of(raw)[1:], raw=False)  # type: ignore[arg-type]
+        return perf_counter_ns() - t0
+
+    return Variant(
+        key="floor",
+        label="floor: redis-py GET + msgpack.unpackb",
+        who="floor",
+        op=op,
+        note=(
+            "GET of a plain key holding a copy of our entry's bytes, then msgpack.unpackb of "
+            "its row payload (no ORM object built)"
+        ),
+    )
+
+
+def _get_op(maker: sessionmaker[Any], env: Env) -> Callable[[int], int]:
+    def op(i: int) -> int:
+        pk = env.read_pk(i)
+        t0 = perf_counter_ns()
+        with maker() as s:
+            s.get(Item, pk)
+        return perf_counter_ns() - t0
+
+    return op
+
+
+def _select_op(maker: sessionmaker[Any], env: Env, cached: bool) -> Callable[[int], int]:
+    opts = (from_cache(),) if cached else ()
+
+    def op(i: int) -> int:
+        pk = env.read_pk(i)
+        t0 = perf_counter_ns()
+        with maker() as s:
+            s.execute(select(Item).where(Item.id == pk).options(*opts)).scalar_one()
+        return perf_counter_ns() - t0
+
+    return op
+
+
+def _loader(maker: sessionmaker[Any], how: str) -> Callable[[int], Any]:
+    def load(pk: int) -> Any:
+        with maker() as s:
+            if how == "get":
+                obj = s.get(Item, pk)
+            else:
+                obj = s.execute(
+                    select(Item).where(Item.id == pk).options(from_cache())
+                ).scalar_one()
+            s.expunge_all()
+            return obj
+
+    return load
+
+
+def pk_variants(env: Env) -> list[Variant]:
+    get_pg = _get_op(env.plain, env)
+    get_cached = _get_op(env.cached, env)
+    select_cached = _select_op(env.cached, env, cached=True)
+    select_pg = _select_op(env.plain, env, cached=False)
+    some_pk = env.read_pks[0]
+    return [
+        floor_variant(env),
+        Variant(
+            "get.pg",
+            "session.get, PostgreSQL, no cache",
+            "postgresql",
+            get_pg,
+            note="new session per operation",
+        ),
+        Variant(
+            "get.cached",
+            "session.get, our cache (warm)",
+            "ours",
+            get_cached,
+            note="new session per operation",
+            check=combine_checks(
+                no_sql_check(env.engine, get_cached, "went to PostgreSQL"),
+                values_check(_loader(env.cached, "get"), some_pk),
+            ),
+        ),
+        Variant(
+            "select.cached",
+            "select(M).where(M.id == x).options(from_cache())",
+            "ours",
+            select_cached,
+            check=combine_checks(
+                no_sql_check(env.engine, select_cached, "went to PostgreSQL"),
+                values_check(_loader(env.cached, "select"), some_pk),
+            ),
+        ),
+        Variant(
+            "select.pg",
+            "select(M).where(M.id == x), PostgreSQL, no cache",
+            "postgresql",
+            select_pg,
+        ),
+    ]
+
+
+def batch_variants(env: Env) -> list[Variant]:
+    def make(maker: sessionmaker[Any], cached: bool) -> Callable[[int], int]:
+        opts = (from_cache(),) if cached else ()
+
+        def op(i: int) -> int:
+            ids = env.batch(i)
+            t0 = perf_counter_ns()
+            with maker() as s:
+                rows = s.execute(select(Item).where(Item.id.in_(ids)).options(*opts)).scalars()
+                n = len(rows.all())
+            elapsed = perf_counter_ns() - t0
+            if n != len(ids):
+                raise AssertionError(f"expected {len(ids)} rows, got {n}")
+            return elapsed
+
+        return op
+
+    cached = make(env.cached, True)
+
+    def batch_check() -> str | None:
+        before = env.cache.stats()
+        with count_sql(env.engine) as statements:
+            cached(0)
+        after = env.cache.stats()
+        if statements:
+            return (
+                "not served from cache yet: went to PostgreSQL "
+                f"({len(statements)} SQL statement(s), {after.hits - before.hits} cache hits "
+                "per operation)"
+            )
+        return None
+
+    return [
+        Variant(
+            "batch.pg",
+            "100 rows by pk: select ... IN, PostgreSQL",
+            "postgresql",
+            make(env.plain, False),
+        ),
+        Variant(
+            "batch.cached",
+            "100 rows by pk: select ... IN .options(from_cache())",
+            "ours",
+            cached,
+            check=batch_check,
+        ),
+    ]
+
+
+def chain_variants(env: Env) -> list[Variant]:
+    def make(maker: sessionmaker[Any]) -> Callable[[int], int]:
+        def op(i: int) -> int:
+            pk = env.read_pk(i)
+            with maker() as s:
+                item = s.get(Item, pk)  # not timed: the chain starts from a loaded item
+                t0 = perf_counter_ns()
+                department = item.category.section.department
+                elapsed = perf_counter_ns() - t0
+                if department is None:
+                    raise AssertionError("broken chain")
+            return elapsed
+
+        return op
+
+    cached = make(env.cached)
+
+    def chain_check() -> str | None:
+        pk = env.read_pk(0)
+        with env.cached() as s:
+            item = s.get(Item, pk)
+            with count_sql(env.engine) as statements:
+                _ = item.category.section.department
+        if statements:
+            return f"{len(statements)} of 3 hops went to PostgreSQL"
+        return None
+
+    return [
+        Variant(
+            "chain.pg",
+            "3 many-to-one lazy loads, PostgreSQL",
+            "postgresql",
+            make(env.plain),
+            note="item.category.section.department; the item load is not timed",
+        ),
+        Variant(
+            "chain.cached",
+            "3 many-to-one lazy loads, our cache",
+            "ours",
+            cached,
+            check=chain_check,
+        ),
+    ]
+
+
+def change_rows(objs: list[Any]) -> None:
+    """The change every commit row makes: two columns of each row."""
+    cent = decimal.Decimal("0.01")
+    for obj in objs:
+        obj.quantity = (obj.quantity + 1) % 1000
+        obj.price = obj.price + cent
+
+
+def commit_variants(env: Env, size: int) -> list[Variant]:
+    def make(maker: sessionmaker[Any], variant: Variant | None) -> Callable[[int], int]:
+        counter = env.commit_counter
+
+        def op(i: int) -> int:
+            ids = env.commit_ids(i, size)
+            with maker() as s:
+                objs = list(s.scalars(select(Item).where(Item.id.in_(ids))))
+                change_rows(objs)
+                counter.reset()
+                t0 = perf_counter_ns()
+                s.commit()
+                elapsed = perf_counter_ns() - t0
+                if variant is not None:
+                    variant.metrics.setdefault("redis_round_trips", []).append(counter.count)
+            return elapsed
+
+        return op
+
+    plain = Variant(
+        f"commit{size}.plain",
+        f"commit of {size:,} changed row(s), plain SQLAlchemy",
+        "postgresql",
+        None,
+    )
+    plain.op = make(env.plain, None)
+    ours = Variant(
+        f"commit{size}.cached",
+        f"commit of {size:,} changed row(s), with our extension",
+        "ours",
+        None,
+    )
+    ours.op = make(env.commit_cached, ours)
+    return [plain, ours]
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def bare_values(pk: int) -> list[Any]:
+    """The row's values in their simplest msgpack-able form (datetime and Decimal as str)."""
+    out: list[Any] = []
+    for value in expected_values(pk):
+        if isinstance(value, dt.datetime):
+            value = value.isoformat()
+        elif isinstance(value, decimal.Decimal):
+            value = str(value)
+        out.append(value)
+    return out
+
+
+def memory_usage(env: Env, sample: int = 100) -> dict[str, Any]:
+    """Bytes per entry in Redis against the msgpack of the row's bare values."""
+    layout = env.cache._layout_for(inspect(Item))
+    assert layout is not None
+    strlen: list[int] = []
+    usage: list[int] = []
+    key_len: list[int] = []
+    bare: list[int] = []
+    for pk in env.read_pks[:sample]:
+        key = layout.keys.pair([pk])[0]
+        n = env.redis.strlen(key)
+        if not n:
+            continue
+        strlen.append(int(n))
+        usage.append(int(env.redis.memory_usage(key, samples=0) or 0))
+        key_len.append(len(key.encode()))
+        bare.append(len(msgpack.packb(bare_values(pk), use_bin_type=True)))
+    if not strlen:
+        return {}
+    return {
+        "entries": len(strlen),
+        "strlen": statistics.fmean(strlen),
+        "memory_usage": statistics.fmean(usage),
+        "key_bytes": statistics.fmean(key_len),
+        "bare_msgpack": statistics.fmean(bare),
+        "example_key": layout.keys.pair([env.read_pks[0]])[0],
+    }

@@ -1,0 +1,115 @@
+"""Smoke test of the benchmark suite (``benchmarks/``): its quick mode still runs.
+
+Runs the quick mode's core rows in-process (the Redis floor, plain SQLAlchemy on PostgreSQL and
+this library; not the peers, which need packages the test environment does not install), then
+checks the structure of what it reports and that it cleaned up after itself. Timings are never
+asserted: they mean nothing in a smoke run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` lives at the repository root, not in the package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import cli, report, runner  # noqa: E402
+from benchmarks.context import Settings  # noqa: E402
+from benchmarks.models import ITEM_TABLE  # noqa: E402
+
+CORE = ("floor", "postgresql", "ours")
+
+
+@pytest.fixture(scope="module")
+def results(redis_url: str, postgresql_url: str) -> runner.Results:
+    args = cli.parse_args(["--quick", "--no-peers", "--iterations", "2", "--warmup", "1"])
+    settings = cli.settings_from(args)
+    settings.postgresql_url = postgresql_url
+    settings.redis_url = redis_url
+    return runner.run(settings, "python -m benchmarks --quick --no-peers", log=lambda _: None)
+
+
+def test_quick_mode_options() -> None:
+    """--quick gives a few rounds of every group, all groups, no files in benchmarks/results."""
+    settings = cli.settings_from(cli.parse_args(["--quick"]))
+    assert settings.quick and settings.peers and not settings.only
+    for group in runner.GROUP_ORDER:
+        iterations, warmup = settings.group_iterations(group)
+        assert 1 <= iterations <= 5 and warmup >= 1
+    assert Settings().iterations > settings.iterations
+
+
+def test_every_core_row_ran(results: runner.Results) -> None:
+    """Each group's floor / PostgreSQL / library rows produced one sample per round."""
+    assert [g.key for g in results.groups] == list(runner.GROUP_ORDER)
+    for group in results.groups:
+        core = [v for v in group.variants if v.who in CORE]
+        assert {v.who for v in core} >= {"postgresql", "ours"}, group.key
+        for variant in core:
+            assert variant.error is None, (variant.label, variant.error)
+            assert len(variant.samples) == group.iterations, variant.label
+            stats = variant.stats()
+            assert stats is not None and stats.median_ns > 0 and stats.p99_ns >= stats.median_ns
+    assert not results.peers
+
+
+def test_commit_rows_count_redis_round_trips(results: runner.Results) -> None:
+    """The library's commit rows record the Redis round trips of every measured commit."""
+    for group in results.groups:
+        if not group.key.startswith("commit"):
+            continue
+        ours = group.find(f"{group.key}.cached")
+        assert ours is not None
+        assert len(ours.metrics["redis_round_trips"]) == group.iterations
+
+
+def test_report_structure(results: runner.Results, tmp_path: Path) -> None:
+    """The Markdown report has the versions, the target ratios, every group and the memory."""
+    files = report.write_outputs(results, tmp_path, name="smoke")
+    assert files[0] == tmp_path / "smoke.md"
+    text = files[0].read_text(encoding="utf-8")
+    assert "python -m benchmarks --quick --no-peers" in text
+    for heading in ("## Versions", "## Against the targets", "## Memory per cached row"):
+        assert heading in text
+    for group in results.groups:
+        assert f"## {group.title}" in text
+    names = [r.name for r in report.compute_ratios(results)]
+    for expected in (
+        "cached session.get / floor",
+        "uncached session.get / cached session.get",
+        "fastest peer's cached pk load / cached session.get",
+        "100 rows: PostgreSQL / our cache",
+        "commit overhead, 1 row(s)",
+        "commit overhead, 1,000 row(s)",
+        "bytes per entry (STRLEN) / bare msgpack of the row",
+    ):
+        assert expected in names
+    for key in ("Python", "SQLAlchemy", "redis-py", "hiredis", "Redis server", "PostgreSQL server"):
+        assert results.versions.get(key)
+    assert results.memory["strlen"] > 0 and results.memory["bare_msgpack"] > 0
+    if len(files) > 1:  # matplotlib installed
+        assert files[1] == tmp_path / "smoke.png" and files[1].stat().st_size > 0
+
+
+def test_run_cleans_up(results: runner.Results, redis_url: str, postgresql_url: str) -> None:
+    """No key is left under the run's Redis prefix, and its schema of bench_* tables is gone."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert results.prefix.startswith("bench-")
+        assert list(client.scan_iter(match=f"{results.prefix}*", count=1000)) == []
+    finally:
+        client.close()
+    engine = sa.create_engine(postgresql_url)
+    try:
+        assert results.schema.startswith("bench_")
+        inspector = sa.inspect(engine)
+        assert results.schema not in inspector.get_schema_names()
+        assert not inspector.has_table(ITEM_TABLE, schema=results.schema)
+    finally:
+        engine.dispose()
