@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from redis.exceptions import RedisError
@@ -44,6 +44,30 @@ class RedisBackend:
             return None
         self.breaker.success()
         return reply
+
+    def peek(self, key: str, gen_key: str) -> bytes | Literal[False] | None:
+        """The entry if it is a VALUE of the current generation (one MGET, no script: both keys
+        share a hash slot); False when it is anything else; None when Redis failed."""
+        if not self.breaker.allow():
+            self._counters.add("errors")
+            return None
+        try:
+            replies: list[Any] = self.client.mget(key, gen_key)
+        except (RedisError, OSError) as exc:
+            was_open = self.breaker.is_open
+            self.breaker.failure()
+            self._counters.add("errors")
+            level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
+            log.log(level, "writethrough: Redis read failed: %r", exc)
+            return None
+        self.breaker.success()
+        value, gen = replies
+        if type(value) is not bytes or type(gen) is not bytes or value[:1] != b"V":
+            return False
+        sep = value.find(b":", 1)
+        if sep < 0 or value[1:sep] != gen:
+            return False
+        return value
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int

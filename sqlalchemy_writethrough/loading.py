@@ -102,6 +102,23 @@ class ReadPath:
             return None
         may_fill = not tracker.wrote
         key, gen_key = layout.keys.pair(pk)
+        # a hit needs no script: one MGET of the entry and its bucket's generation
+        found = cache._backend.peek(key, gen_key)
+        if found is None:
+            cache._counters.add("misses")
+            return None
+        if found is not False:
+            dialect = session.get_bind(mapper=mapper).dialect
+            instance = self._build(
+                session, layout, identity_key, pk, found, dialect, key, gen_key, mapper
+            )
+            if instance is _NO_ROW:
+                cache._counters.add("hits")
+                return _sa_compat.make_result([], mapper.class_.__name__)
+            if instance is not None:
+                cache._counters.add("hits")
+                return _sa_compat.make_result([instance], mapper.class_.__name__)
+        # a miss (or a damaged entry): the script grants a lease, atomically with the check
         lease = f"{self._lease_prefix}{next(self._lease_counter)}" if may_fill else ""
         reply = cache._backend.fetch(key, gen_key, lease, cache._lease_ms)
         if reply is None:
