@@ -72,8 +72,12 @@ def build_persistent(
     session.identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined,unused-ignore]
     for key in expired:
         state.expired_attributes.add(key)
-    state.manager.dispatch.load(state, None)
-    session.dispatch.loaded_as_persistent(session, state)
+    load = state.manager.dispatch.load
+    if load:  # an empty listener collection is falsy: skip the call, as loading.py does
+        load(state, None)
+    loaded_as_persistent = session.dispatch.loaded_as_persistent
+    if loaded_as_persistent:
+        loaded_as_persistent(session, state)
     return instance
 
 
@@ -194,6 +198,33 @@ def pk_equalities(
     if found != len(pk_keys):
         return None
     return values
+
+
+def pk_in_list(criteria: Sequence[Any], table: Any, pk_key: str, params: Any) -> list[Any] | None:
+    """The values of ``pk IN (...)`` when that is the whole WHERE clause of a single-column
+    primary key (``where(Model.id.in_(ids))``); None otherwise."""
+    if len(criteria) != 1:
+        return None
+    clause = criteria[0]
+    if not isinstance(clause, BinaryExpression) or clause.operator is not operators.in_op:
+        return None
+    left, right = clause.left, clause.right
+    if not isinstance(right, BindParameter) or not right.expanding:
+        return None
+    if getattr(left, "table", None) is not table or getattr(left, "key", None) != pk_key:
+        return None
+    if params and right.key in params:
+        values = params[right.key]
+    elif right.callable is not None:
+        values = right.callable()
+    else:
+        values = right.value
+    return list(values) if isinstance(values, (list, tuple)) else None
+
+
+def unordered(stmt: Any) -> bool:
+    """A statement without ORDER BY: its rows may come back in any order."""
+    return not stmt._order_by_clauses
 
 
 class _Missing:

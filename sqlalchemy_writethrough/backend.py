@@ -45,9 +45,10 @@ class RedisBackend:
         self.breaker.success()
         return reply
 
-    def peek(self, key: str, gen_key: str) -> bytes | Literal[False] | None:
-        """The entry if it is a VALUE of the current generation (one MGET, no script: both keys
-        share a hash slot); False when it is anything else; None when Redis failed."""
+    def peek(self, key: str, gen_key: str) -> memoryview | Literal[False] | None:
+        """The row payload if the entry is a VALUE of the current generation (one MGET, no
+        script: both keys share a hash slot); False when it is anything else; None when Redis
+        failed."""
         if not self.breaker.allow():
             self._counters.add("errors")
             return None
@@ -67,7 +68,72 @@ class RedisBackend:
         sep = value.find(b":", 1)
         if sep < 0 or value[1:sep] != gen:
             return False
-        return value
+        return memoryview(value)[sep + 1 :]
+
+    def peek_many(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> list[memoryview | Literal[False]] | None:
+        """:meth:`peek` for many entries in one MGET (standalone Redis: any slots); each
+        bucket's generation key is sent once."""
+        if not self.breaker.allow():
+            self._counters.add("errors")
+            return None
+        gen_keys = list(dict.fromkeys(gen_key for _, gen_key in pairs))
+        try:
+            replies: list[Any] = self.client.mget([key for key, _ in pairs] + gen_keys)
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            self._counters.add("errors")
+            log.debug("writethrough: Redis read failed: %r", exc)
+            return None
+        self.breaker.success()
+        gens = dict(zip(gen_keys, replies[len(pairs) :], strict=True))
+        found: list[memoryview | Literal[False]] = []
+        for (_, gen_key), value in zip(pairs, replies, strict=False):
+            gen = gens[gen_key]
+            sep = value.find(b":", 1) if type(value) is bytes and value[:1] == b"V" else -1
+            ok = sep > 0 and type(gen) is bytes and value[1:sep] == gen
+            found.append(memoryview(value)[sep + 1 :] if ok else False)
+        return found
+
+    def fetch_many(
+        self, items: Sequence[tuple[str, str, str]], lease_ms: int
+    ) -> list[tuple[Fetch, bytes | None]] | None:
+        """:meth:`fetch` for many entries (key, generation key, lease) in one round trip."""
+        replies: list[tuple[Fetch, bytes | None]] | None = self._pipelined(
+            [(Script.FETCH, (k, g), (lease, lease_ms)) for k, g, lease in items],
+            lambda r: (Fetch(int(r[0])), r[1] if len(r) > 1 else None),
+        )
+        return replies
+
+    def fill_many(self, items: Sequence[tuple[str, str, str, bytes, bytes, int]]) -> list[Any]:
+        """:meth:`fill` for many entries (key, gen key, lease, gen, payload, ttl) at once."""
+        return (
+            self._pipelined(
+                [(Script.FILL, (k, g), (lease, gen, p, ttl)) for k, g, lease, gen, p, ttl in items],
+                bool,
+            )
+            or []
+        )
+
+    def _pipelined(self, calls: Sequence[tuple[Script, Any, Any]], convert: Any) -> Any:
+        if not calls:
+            return []
+        if not self.breaker.allow():
+            self._counters.add("errors")
+            return None
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for script, keys, args in calls:
+                self._scripts[script](keys=keys, args=args, client=pipe)
+            replies = pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            self._counters.add("errors")
+            log.debug("writethrough: Redis pipeline failed: %r", exc)
+            return None
+        self.breaker.success()
+        return [convert(r) for r in replies]
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int

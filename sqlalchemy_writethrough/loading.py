@@ -15,6 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa_compat
@@ -78,6 +79,12 @@ class ReadPath:
             cache._counters.add("bypasses")
             return None
         pk = _sa_compat.pk_equalities(criteria, layout.table, layout.pk_index, orm_state.parameters)
+        if pk is None and requested and len(layout.pk_index) == 1 and _sa_compat.unordered(stmt):
+            ids = _sa_compat.pk_in_list(
+                criteria, layout.table, next(iter(layout.pk_index)), orm_state.parameters
+            )
+            if ids is not None:
+                return self._many(orm_state, layout, mapper, ids)
         if pk is None or not layout.pk_is_cacheable(pk):
             cache._counters.add("bypasses")
             return None
@@ -137,7 +144,7 @@ class ReadPath:
         if status is Fetch.HIT:
             assert data is not None
             instance = self._build(
-                session, layout, identity_key, pk, data, dialect, key, gen_key, mapper
+                session, layout, identity_key, pk, payload_of(data), dialect, key, gen_key, mapper
             )
             if instance is _NO_ROW:
                 cache._counters.add("hits")
@@ -166,6 +173,122 @@ class ReadPath:
             cache._backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
         return frozen()
 
+    def _many(
+        self, orm_state: ORMExecuteState, layout: ModelLayout, mapper: Any, ids: list[Any]
+    ) -> Result[Any] | None:
+        """``select(M).where(M.id.in_(ids)).options(from_cache())``: every hit from one MGET,
+        the misses from one database query (filled over their leases, as single misses)."""
+        cache = self.cache
+        ids = list(dict.fromkeys(ids))
+        if not all(layout.pk_is_cacheable((v,)) for v in ids):
+            cache._counters.add("bypasses")
+            return None
+        session = orm_state.session
+        _sa_compat.autoflush_before_load(orm_state)
+        tracker = cache._tracker(session)
+        tracker.note_first_activity(session, mapper)
+        if tracker.untracked_write or not cache._journal_replayed():
+            cache._counters.add("bypasses")
+            return None
+        found: dict[Any, Any] = {}
+        todo: list[tuple[Any, Any]] = []
+        for value in ids:
+            identity_key = mapper.identity_key_from_primary_key((value,))
+            existing = session.identity_map.get(identity_key)
+            if existing is None:
+                todo.append((value, identity_key))
+                continue
+            state = instance_state(existing)
+            if state.expired or state.expired_attributes:
+                return None  # a database load would refresh it: let it
+            if state.mapper.isa(mapper):
+                found[value] = existing
+        if todo:
+            pairs = [layout.keys.pair((value,)) for value, _ in todo]
+            entries = cache._backend.peek_many(pairs)
+            if entries is None:
+                cache._counters.add("misses", len(todo))
+                return None
+            dialect = session.get_bind(mapper=mapper).dialect
+            missing = []
+            hits = 0
+            for (value, identity_key), (key, gen_key), entry in zip(
+                todo, pairs, entries, strict=True
+            ):
+                instance = None
+                if entry is not False:
+                    instance = self._build(
+                        session, layout, identity_key, [value], entry, dialect, key, gen_key, mapper
+                    )
+                if instance is None:
+                    missing.append((value, identity_key, key, gen_key))
+                    continue
+                hits += 1
+                if instance is not _NO_ROW:
+                    found[value] = instance
+            cache._counters.add("hits", hits)
+            if missing:
+                self._load_missing(orm_state, layout, mapper, tracker, missing, found)
+        rows = [found[value] for value in ids if value in found]
+        return _sa_compat.make_result(rows, mapper.class_.__name__)
+
+    def _load_missing(
+        self,
+        orm_state: ORMExecuteState,
+        layout: ModelLayout,
+        mapper: Any,
+        tracker: Any,
+        missing: list[tuple[Any, Any, str, str]],
+        found: dict[Any, Any],
+    ) -> None:
+        cache = self.cache
+        cache._counters.add("misses", len(missing))
+        may_fill = not tracker.wrote
+        leases = [
+            f"{self._lease_prefix}{next(self._lease_counter)}" if may_fill else "" for _ in missing
+        ]
+        requests = [
+            (key, gen_key, lease)
+            for (_, _, key, gen_key), lease in zip(missing, leases, strict=True)
+        ]
+        replies: list[Any] = cache._backend.fetch_many(requests, cache._lease_ms) or [None] * len(
+            missing
+        )
+        began_before = tracker.began
+        column = mapper.primary_key[0]
+        statement = select(mapper).where(column.in_([value for value, _, _, _ in missing]))
+        loaded = orm_state.invoke_statement(statement=statement).scalars().all()
+        by_value = {_pk_value(obj): obj for obj in loaded}
+        fresh: bool | None = None
+        dialect: Any = None
+        fills = []
+        for (value, identity_key, key, gen_key), lease, reply in zip(
+            missing, leases, replies, strict=True
+        ):
+            obj = by_value.get(value)
+            if obj is not None and instance_state(obj).mapper.isa(mapper):
+                found[value] = obj
+            if reply is None or reply[0] not in (Fetch.LEASED, Fetch.DAMAGED) or not reply[1]:
+                continue
+            payload = b""
+            if obj is not None:
+                state = instance_state(obj)
+                variant = layout.variant(state.mapper)
+                if state.key == identity_key and variant is not None and not state.modified:
+                    if fresh is None:
+                        connection = orm_state.session.connection(bind_arguments={"mapper": mapper})
+                        fresh = _read_was_fresh(connection, began_before)
+                        dialect = connection.dialect
+                    if fresh:
+                        payload = variant.encode_loaded(state.dict, dialect) or b""
+            ttl = cache._ttl_ms(layout) if payload else 0
+            fills.append((key, gen_key, lease, reply[1], payload, ttl))
+        if any(fill[4] for fill in fills):
+            cache._register(layout)
+        results = cache._backend.fill_many(fills)
+        written = sum(1 for fill, ok in zip(fills, results, strict=False) if fill[4] and ok)
+        cache._counters.add("fills", written)
+
     def _wait_for_fill(self, key: str, gen_key: str, lease: str) -> Any:
         """Another reader holds the lease and is loading the row: poll briefly for its fill
         rather than load the same row too (a thundering herd on a cold key)."""
@@ -187,14 +310,14 @@ class ReadPath:
         layout: ModelLayout,
         identity_key: Any,
         pk: list[Any],
-        value: bytes,
+        payload: memoryview,
         dialect: Any,
         key: str,
         gen_key: str,
         requested: Any,
     ) -> Any:
         try:
-            variant, values = layout.decode_row(payload_of(value), dialect)
+            variant, values = layout.decode_row(payload, dialect)
         except (DecodeError, ValueError) as exc:
             self.cache._counters.add("decode_errors")
             log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
@@ -244,6 +367,12 @@ class ReadPath:
         elif written is not None:
             cache._counters.add("fills_refused")
         return True
+
+
+def _pk_value(obj: Any) -> Any:
+    key = instance_state(obj).key
+    assert key is not None
+    return key[1][0]
 
 
 def _read_was_fresh(connection: Any, began_before: bool) -> bool:

@@ -1,0 +1,122 @@
+"""``select(M).where(M.id.in_(ids)).options(from_cache())``: many rows by primary key.
+
+Every row found in Redis comes from one MGET (one round trip whatever the number of rows); the
+missing rows come from one database query and are filled, as single misses are. The result
+holds the same rows as the database query would (in the order of the ids asked for: an IN query
+without ORDER BY promises no order); with ORDER BY the query goes to the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import String, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
+
+from _servers import capture_sql, counting_redis, reset_schema
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BrItem(Base, CachedModel):
+    __tablename__ = "br_item"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+@pytest.fixture
+def setup(
+    engine: Engine, redis_url: str, prefix: str
+) -> Iterator[tuple[sessionmaker[Session], WriteThroughCache, object]]:
+    reset_schema(engine, Base.metadata)
+    client, counter = counting_redis(redis_url)
+    cache = WriteThroughCache(client, prefix=prefix)
+    factory = sessionmaker(engine)
+    cache.install(factory)
+    with factory() as session:
+        session.add_all([BrItem(id=i, name=f"item {i}") for i in range(1, 151)])
+        session.commit()
+    yield factory, cache, counter
+    cache.uninstall(factory)
+    client.close()
+
+
+def names(rows: list[BrItem]) -> list[tuple[int, str]]:
+    return [(r.id, r.name) for r in rows]
+
+
+def test_all_hits_are_one_round_trip_and_no_sql(engine: Engine, setup: tuple) -> None:
+    factory, cache, counter = setup
+    ids = list(range(1, 101))
+    counter.reset()
+    with capture_sql(engine) as sql, factory() as session:
+        rows = session.scalars(select(BrItem).where(BrItem.id.in_(ids)).options(from_cache())).all()
+    assert names(rows) == [(i, f"item {i}") for i in ids]
+    assert sql == []
+    assert counter.count == 1
+    assert cache.stats().hits == 100
+
+
+def test_misses_load_once_and_fill(engine: Engine, setup: tuple) -> None:
+    factory, cache, _ = setup
+    for pk in (3, 5, 8):
+        cache.invalidate(BrItem, pk)
+    ids = [8, 1, 5, 999, 3, 1]  # a duplicate and a row that does not exist
+    with capture_sql(engine) as sql, factory() as session:
+        rows = session.scalars(select(BrItem).where(BrItem.id.in_(ids)).options(from_cache())).all()
+    assert names(rows) == [(8, "item 8"), (1, "item 1"), (5, "item 5"), (3, "item 3")]
+    assert len(sql) == 1, "one query for the missing rows"
+    with Session(engine) as plain:
+        expected = plain.scalars(select(BrItem).where(BrItem.id.in_(ids))).all()
+        assert sorted(names(rows)) == sorted(names(expected))
+    with capture_sql(engine) as sql, factory() as session:
+        again = session.scalars(
+            select(BrItem).where(BrItem.id.in_([3, 5, 8])).options(from_cache())
+        )
+        assert names(list(again)) == [(3, "item 3"), (5, "item 5"), (8, "item 8")]
+    assert sql == [], "the misses were filled"
+
+
+def test_identity_map_objects_are_returned_as_they_are(engine: Engine, setup: tuple) -> None:
+    factory, _, _ = setup
+    with factory() as session:
+        mine = session.get(BrItem, 2)
+        assert mine is not None
+        with session.no_autoflush:
+            mine.name = "edited, not flushed"
+            rows = session.scalars(
+                select(BrItem).where(BrItem.id.in_([1, 2])).options(from_cache())
+            ).all()
+        assert rows[1] is mine and mine.name == "edited, not flushed"
+
+
+def test_order_by_and_no_option_go_to_the_database(engine: Engine, setup: tuple) -> None:
+    factory, _, _ = setup
+    with capture_sql(engine) as sql, factory() as session:
+        rows = session.scalars(
+            select(BrItem)
+            .where(BrItem.id.in_([3, 1, 2]))
+            .order_by(BrItem.name.desc())
+            .options(from_cache())
+        ).all()
+        assert [r.id for r in rows] == [3, 2, 1]
+        session.scalars(select(BrItem).where(BrItem.id.in_([1, 2]))).all()
+    assert len(sql) == 2
+
+
+def test_rows_changed_since_are_not_served_stale(engine: Engine, setup: tuple) -> None:
+    factory, _, _ = setup
+    with factory() as session:
+        item = session.get(BrItem, 4)
+        assert item is not None
+        item.name = "renamed"
+        session.commit()
+    with factory() as session:
+        rows = session.scalars(select(BrItem).where(BrItem.id.in_([4, 5])).options(from_cache()))
+        assert names(list(rows)) == [(4, "renamed"), (5, "item 5")]
