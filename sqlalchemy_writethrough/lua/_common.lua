@@ -25,6 +25,17 @@ local function generation(gkey)
   return g
 end
 
+-- generation() once per generation key within one script call (a commit's keys share few)
+local gens_seen = {}
+local function generation_once(gkey)
+  local g = gens_seen[gkey]
+  if not g then
+    g = generation(gkey)
+    gens_seen[gkey] = g
+  end
+  return g
+end
+
 local function gen_locked(g)
   return string.byte(g, 1) == 76
 end

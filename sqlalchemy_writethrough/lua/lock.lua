@@ -8,7 +8,7 @@ local now = nil
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
   local v = redis.call('GET', k)
-  local g = generation(KEYS[i + 1])
+  local g = generation_once(KEYS[i + 1])
   local lock
   if v and string.byte(v, 1) == 76 then
     lock = read_lock(v)
