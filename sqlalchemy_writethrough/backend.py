@@ -26,11 +26,15 @@ class RedisBackend:
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker, counters: Counters) -> None:
         self.client = client
         self.breaker = breaker
+        #: called when Redis answers again after the breaker was open (journal replay)
+        self.on_recovery: Any = None
         self._counters = counters
         self._scripts = {s: client.register_script(s.source) for s in Script}
 
-    def _run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if not self.breaker.allow():
+    def _run(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], force: bool = False
+    ) -> Any:
+        if not force and not self.breaker.allow():
             self._counters.add("errors")
             return None
         try:
@@ -42,8 +46,12 @@ class RedisBackend:
             level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
             log.log(level, "writethrough: Redis %s failed: %r", script.value, exc)
             return None
-        self.breaker.success()
+        self._succeeded()
         return reply
+
+    def _succeeded(self) -> None:
+        if self.breaker.success() and self.on_recovery is not None:
+            self.on_recovery()
 
     def peek(self, key: str, gen_key: str) -> memoryview | Literal[False] | None:
         """The row payload if the entry is a VALUE of the current generation (one MGET, no
@@ -61,7 +69,7 @@ class RedisBackend:
             level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
             log.log(level, "writethrough: Redis read failed: %r", exc)
             return None
-        self.breaker.success()
+        self._succeeded()
         value, gen = replies
         if type(value) is not bytes or type(gen) is not bytes or value[:1] != b"V":
             return False
@@ -86,7 +94,7 @@ class RedisBackend:
             self._counters.add("errors")
             log.debug("writethrough: Redis read failed: %r", exc)
             return None
-        self.breaker.success()
+        self._succeeded()
         gens = dict(zip(gen_keys, replies[len(pairs) :], strict=True))
         found: list[memoryview | Literal[False]] = []
         for (_, gen_key), value in zip(pairs, replies, strict=False):
@@ -132,7 +140,7 @@ class RedisBackend:
             self._counters.add("errors")
             log.debug("writethrough: Redis pipeline failed: %r", exc)
             return None
-        self.breaker.success()
+        self._succeeded()
         return [convert(r) for r in replies]
 
     def fetch(
@@ -161,8 +169,10 @@ class RedisBackend:
         reply = self._run(Script.RELEASE, pairs, (owner,))
         return None if reply is None else int(reply)
 
-    def invalidate(self, pairs: Sequence[str]) -> bool:
-        return self._run(Script.INVALIDATE, pairs, ()) is not None
+    def invalidate(self, pairs: Sequence[str], force: bool = False) -> bool:
+        """``force`` tries even while the breaker is open (right after a commit whose locks
+        failed, when every moment a stale value stays in Redis counts)."""
+        return self._run(Script.INVALIDATE, pairs, (), force) is not None
 
     def register_keyspace(self, registry_key: str, field: str) -> bool:
         """Record that entries exist under a (table, digest, buckets) keyspace, so that a
@@ -175,7 +185,7 @@ class RedisBackend:
             self.breaker.failure()
             log.debug("writethrough: registering a keyspace failed: %r", exc)
             return False
-        self.breaker.success()
+        self._succeeded()
         return True
 
     def read_registry(self, registry_key: str) -> list[str] | None:

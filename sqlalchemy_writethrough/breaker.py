@@ -11,7 +11,7 @@ class CircuitBreaker:
     ``cooldown`` seconds (doubling up to ``max_cooldown`` while probes keep failing); then one
     probe call is let through, and its success closes the breaker."""
 
-    def __init__(self, threshold: int = 3, cooldown: float = 1.0, max_cooldown: float = 30.0):
+    def __init__(self, threshold: int = 3, cooldown: float = 1.0, max_cooldown: float = 5.0):
         self.threshold = threshold
         self.base_cooldown = cooldown
         self.max_cooldown = max_cooldown
@@ -37,13 +37,17 @@ class CircuitBreaker:
             self._probing = True
             return True
 
-    def success(self) -> None:
+    def success(self) -> bool:
+        """Record a successful call; True when this closed an open breaker."""
         if self._failures or self._open:
             with self._lock:
+                reopened = self._open
                 self._failures = 0
                 self._open = False
                 self._probing = False
                 self._cooldown = self.base_cooldown
+                return reopened
+        return False
 
     def failure(self) -> None:
         with self._lock:

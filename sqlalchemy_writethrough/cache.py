@@ -107,7 +107,9 @@ class WriteThroughCache:
                 socket_connect_timeout=(
                     0.5 if socket_connect_timeout is None else socket_connect_timeout
                 ),
-                retry=Retry(NoBackoff(), 1),
+                # one retry for a pooled connection that died (a restart); never for a timeout,
+                # which would double what a stalled Redis costs each operation
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                 retry_on_error=[RedisConnectionError],
             )
         elif isinstance(redis_client, redis.Redis):
@@ -158,6 +160,7 @@ class WriteThroughCache:
             client, CircuitBreaker(breaker_threshold, breaker_cooldown), self._counters
         )
         self._journal = Journal(journal_limit)
+        self._backend.on_recovery = self._journal_replayed
         self._info_key = f"writethrough.tracker.{id(self)}"
         self._layouts: dict[Mapper[Any], ModelLayout | None] = {}
         self._registered: dict[type, ModelOptionsDict] = {}

@@ -54,6 +54,8 @@ class WritePath:
 
     def after_flush(self, session: Session, flush_context: Any) -> None:
         cache = self.cache
+        if cache._journal.pending:
+            cache._journal_replayed()  # a process that only writes replays here
         tracker = cache._tracker(session)
         tracker.in_flush = False
         tracker.wrote = True
@@ -256,6 +258,8 @@ class WritePath:
             # a reader may have filled these from the pre-commit rows after an early replay
             if tracker.unlocked:
                 self.cache._journal.add_pairs(tracker.unlocked)
+                # and other processes read Redis: try to invalidate them now, breaker or not
+                self.cache._journal.replay_now(self.cache._backend, tracker.unlocked)
             if tracker.unlocked_gens:
                 self.cache._journal.add_buckets(tracker.unlocked_gens)
 

@@ -854,3 +854,37 @@ def test_redis_flapping_within_a_transaction_leaves_no_stale_entry(
             break
         assert time.monotonic() < deadline, "the entry still holds v1"
         time.sleep(0.05)
+
+
+def test_a_process_that_only_writes_replays_its_journal(
+    schema: Engine,
+    prefix: str,
+    redis_url: str,
+    redis_proxy: LoopbackProxy,
+    redis_client: redis.Redis,
+    install: Installer,
+) -> None:
+    """Degrade mode across processes: a writer cut off from Redis commits v2 while a reader
+    (another process: its own client, straight to Redis) still sees the cached v1. Once the
+    writer reaches Redis again, its next write replays the journal, so the reader stops being
+    served v1 although the writer itself never reads."""
+    seed(schema, (1, "v1", 10), (2, "other", 20))
+    reader = WriteThroughCache(fast_client(redis_url), prefix=prefix)
+    reader_factory = sessionmaker(schema)
+    install(reader, reader_factory)
+    assert get_name(reader_factory, 1) == "v1"  # miss, fill
+    assert get_name(reader_factory, 1) == "v1"
+
+    writer = WriteThroughCache(fast_client(redis_proxy.url), prefix=prefix, breaker_cooldown=0.2)
+    writer_factory = sessionmaker(schema)
+    install(writer, writer_factory)
+    redis_proxy.blackhole()
+    rename(writer_factory, 1, "v2")  # degrade: committed, journaled
+    assert get_name(reader_factory, 1) == "v1", "the documented gap while the writer is cut off"
+
+    redis_proxy.forward()
+    time.sleep(0.3)  # past the writer's breaker cooldown
+    with writer_factory() as session:  # the writer writes again, and never reads
+        session.execute(sa.update(RfItem).where(RfItem.id == 2).values(name="other 2"))
+        session.commit()
+    assert get_name(reader_factory, 1) == "v2"

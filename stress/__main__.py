@@ -1,0 +1,179 @@
+"""``python -m stress``: run the stress checker or one of its scenarios; see ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from .faults import ALL_FAULTS
+from .runner import (
+    ISOLATIONS,
+    StressConfig,
+    install_signal_handlers,
+    run_herd,
+    run_outage,
+    run_partition,
+    run_stress,
+)
+from .worker import SABOTAGES
+
+DEFAULT_URLS = {
+    "postgresql": ("POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    "mariadb": ("MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"),
+}
+
+
+def db_url(name: str) -> str:
+    env, default = DEFAULT_URLS[name]
+    return os.environ.get(env) or default
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m stress",
+        description="Concurrency and failure stress checker for sqlalchemy-writethrough "
+        "(loopback only; PostgreSQL/MariaDB from $POSTGRESQL_URL/$MARIADB_URL or the local "
+        "defaults; a throwaway redis-server on a free port).",
+    )
+    p.add_argument(
+        "--scenario", choices=["stress", "herd", "outage", "partition"], default="stress"
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="total workload time, split evenly over the runs (databases, phases)",
+    )
+    p.add_argument("--db", choices=["postgresql", "mariadb", "both"], default="both")
+    p.add_argument(
+        "--faults",
+        default="all",
+        help="none | all | each (every fault alone, then all together) | a comma-separated "
+        f"list of: {', '.join(ALL_FAULTS)}",
+    )
+    p.add_argument("--workers", type=int, default=5)
+    p.add_argument("--isolation", choices=[*ISOLATIONS, "both"], default="both")
+    p.add_argument(
+        "--on-redis-error",
+        choices=["strict", "degrade"],
+        default="strict",
+        help="the cache's mode in the stress scenario (default strict: the "
+        "per-connection proxy faults are partitions, where degrade has a documented "
+        "gap; stale reads it explains are reported apart as 'gap')",
+    )
+    p.add_argument(
+        "--kill-prob",
+        type=float,
+        default=0.0015,
+        help="probability of a SIGKILL at each flush and after each COMMIT",
+    )
+    p.add_argument(
+        "--sabotage",
+        choices=SABOTAGES,
+        default=None,
+        help="break the cache on purpose, to see the checker fail",
+    )
+    p.add_argument(
+        "--fill-wait",
+        type=float,
+        default=None,
+        help="herd: the cache's fill_wait option (default: the library's default)",
+    )
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--keep-logs", action="store_true", help="keep the history files")
+    return p.parse_args(argv)
+
+
+def phases(spec: str) -> list[frozenset[str]]:
+    if spec == "none":
+        return [frozenset()]
+    if spec == "all":
+        return [frozenset(ALL_FAULTS)]
+    if spec == "each":
+        return [frozenset({f}) for f in ALL_FAULTS] + [frozenset(ALL_FAULTS)]
+    faults = frozenset(f.strip() for f in spec.split(",") if f.strip())
+    unknown = faults - set(ALL_FAULTS)
+    if unknown:
+        raise SystemExit(f"unknown faults: {sorted(unknown)}")
+    return [faults]
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    install_signal_handlers()
+    dbs = ["postgresql", "mariadb"] if args.db == "both" else [args.db]
+    isolations = tuple(ISOLATIONS) if args.isolation == "both" else (args.isolation,)
+    failed = False
+    if args.scenario == "stress":
+        runs = [(db, faults) for db in dbs for faults in phases(args.faults)]
+        per_run = args.seconds / len(runs)
+        total: dict[str, int] = {}
+        for db, faults in runs:
+            result = run_stress(
+                StressConfig(
+                    db_url=db_url(db),
+                    seconds=per_run,
+                    faults=faults,
+                    workers=args.workers,
+                    isolations=isolations,
+                    on_redis_error=args.on_redis_error,
+                    seed=args.seed,
+                    kill_prob=args.kill_prob,
+                    keep_logs=args.keep_logs,
+                    sabotage=args.sabotage,
+                )
+            )
+            print(result.format(), flush=True)
+            print(flush=True)
+            for k, v in result.report.summary().items():
+                if isinstance(v, int):
+                    total[k] = total.get(k, 0) + v
+            failed = failed or not result.report.ok
+        print("== total over all runs: " + " ".join(f"{k}={v}" for k, v in total.items()))
+    elif args.scenario == "herd":
+        for db in dbs:
+            result = run_herd(db_url(db), keep_logs=args.keep_logs, fill_wait=args.fill_wait)
+            wait = "default" if args.fill_wait is None else args.fill_wait
+            print(f"== herd on {db}: 50 concurrent readers of one cold row (fill_wait={wait})")
+            for r in result["rounds"]:
+                print("  " + " ".join(f"{k}={v}" for k, v in r.items()))
+    elif args.scenario == "outage":
+        for db in dbs:
+            out = run_outage(
+                db_url(db),
+                seconds=args.seconds / len(dbs),
+                workers=min(args.workers, 4),
+                keep_logs=args.keep_logs,
+            )
+            report = out.pop("report")
+            print(f"== outage on {db} (degrade mode: no user-visible errors expected)")
+            print(_dump(out))
+            print(report.format())
+            failed = failed or not report.ok
+    else:
+        for db in dbs:
+            for mode in ("degrade", "strict"):
+                out = run_partition(
+                    db_url(db), mode, seconds=args.seconds / len(dbs) / 2, keep_logs=args.keep_logs
+                )
+                report = out.pop("report")
+                print(f"== partition on {db}, on_redis_error={mode}: one writer cut off")
+                print(_dump(out))
+                print(report.format())
+                if mode == "strict":
+                    failed = failed or not report.ok or bool(report.gap)
+                else:
+                    failed = failed or not report.ok
+    print("FAILED: the checker found violations" if failed else "OK: no violations")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The checker: a pure function of the histories and the final database and Redis contents.
+
+It fails a run on:
+
+``stale``        a read returned a value older than the newest value whose commit had completed
+                 (``session.commit()`` returned, or the writer died after its COMMIT) before the
+                 read began. A read "begins" at its start, except a database read under
+                 REPEATABLE READ / SERIALIZABLE, which begins when its transaction's database
+                 connection began (before its first statement: the snapshot cannot be older).
+                 DESIGN.md allows a cache read to be newer than the transaction's snapshot, never
+                 older than its own start, so cache reads are always checked against their start.
+``uncommitted``  a read returned a value that no commit wrote (rolled back, lost with a killed
+                 worker, never written), or saw it before that commit had even begun. Commits
+                 whose outcome is unknown ("maybe": the worker died in the middle, or the error
+                 left it unknown) count as committed here, and never as completed for ``stale``.
+``divergent``    at quiescence (workers stopped, locks and leases expired), a VALUE entry of a
+                 current generation differs from its database row, or its row does not exist.
+
+A stale read is reported apart, as ``gap`` and not as a failure, when a newer commit of that row
+could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
+gap DESIGN.md documents for a writer that cannot reach Redis while readers can.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .models import DELETED_RANK, rank
+
+Row = tuple[str, int]
+SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE"})
+
+
+@dataclasses.dataclass
+class Version:
+    """One committed (or maybe committed) write of one row."""
+
+    rank: int
+    value: int | None  # None: deleted
+    start: int
+    end: int | None  # None: not known to have completed
+    status: str  # "ok" | "maybe"
+    tx: str
+    worker: str
+    trouble: bool  # the transaction could not lock Redis (degrade mode went ahead)
+
+
+@dataclasses.dataclass
+class Violation:
+    kind: str
+    row: Row
+    detail: str
+    t: int = 0  # when the read began (0: not a read)
+    newer: int = 0  # stale reads: when the newer commit the read missed had completed
+
+
+@dataclasses.dataclass
+class Report:
+    ops: Counter[str] = dataclasses.field(default_factory=Counter)
+    errors: Counter[str] = dataclasses.field(default_factory=Counter)
+    reads: Counter[str] = dataclasses.field(default_factory=Counter)
+    commits: Counter[str] = dataclasses.field(default_factory=Counter)
+    kills: Counter[str] = dataclasses.field(default_factory=Counter)
+    cached_entries: int = 0
+    leftover: Counter[str] = dataclasses.field(default_factory=Counter)
+    stale: list[Violation] = dataclasses.field(default_factory=list)
+    uncommitted: list[Violation] = dataclasses.field(default_factory=list)
+    divergent: list[Violation] = dataclasses.field(default_factory=list)
+    gap: list[Violation] = dataclasses.field(default_factory=list)
+
+    @property
+    def violations(self) -> int:
+        return len(self.stale) + len(self.uncommitted) + len(self.divergent)
+
+    @property
+    def ok(self) -> bool:
+        return self.violations == 0
+
+    @property
+    def cache_share(self) -> float:
+        served = self.reads["cache"] + self.reads["db"]
+        return self.reads["cache"] / served if served else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ops": sum(self.ops.values()),
+            "reads": sum(self.reads.values()),
+            "cache_share": round(self.cache_share, 3),
+            "commits": dict(self.commits),
+            "kills": dict(self.kills),
+            "errors": sum(self.errors.values()),
+            "stale": len(self.stale),
+            "uncommitted": len(self.uncommitted),
+            "divergent": len(self.divergent),
+            "gap": len(self.gap),
+        }
+
+    def format(self, limit: int = 5) -> str:
+        lines = [
+            f"operations: {sum(self.ops.values())} "
+            + " ".join(f"{k}={n}" for k, n in sorted(self.ops.items())),
+            f"reads: {sum(self.reads.values())} "
+            + " ".join(f"{k}={n}" for k, n in sorted(self.reads.items()))
+            + f"; served from cache: {self.cache_share:.1%} of cache-eligible reads",
+            "commits: " + " ".join(f"{k}={n}" for k, n in sorted(self.commits.items())),
+            "worker kills: " + (" ".join(f"{k}={n}" for k, n in sorted(self.kills.items())) or "0"),
+            "errors seen by callers: "
+            + (" ".join(f"{k}={n}" for k, n in self.errors.most_common()) or "0"),
+            f"cached VALUE entries at quiescence: {self.cached_entries}"
+            + (
+                " (left over: " + " ".join(f"{k}={n}" for k, n in self.leftover.items()) + ")"
+                if self.leftover
+                else ""
+            ),
+            f"violations: stale={len(self.stale)} uncommitted={len(self.uncommitted)} "
+            f"divergent={len(self.divergent)}"
+            f"   (documented degrade gap, not failures: stale={len(self.gap)})",
+        ]
+        for name in ("stale", "uncommitted", "divergent", "gap"):
+            found: list[Violation] = getattr(self, name)
+            for v in found[:limit]:
+                lines.append(f"  {name} {v.row[0]}#{v.row[1]}: {v.detail}")
+            if len(found) > limit:
+                lines.append(f"  ... {len(found) - limit} more {name}")
+        return "\n".join(lines)
+
+
+def _row(tb: str, id_: int) -> Row:
+    return (tb, int(id_))
+
+
+def check(
+    events: Iterable[Mapping[str, Any]],
+    final_db: Mapping[Row, Mapping[str, Any]],
+    final_cache: Mapping[Row, Mapping[str, Any] | None],
+    leftover: Mapping[str, int] | None = None,
+) -> Report:
+    """Check a run. ``final_cache`` maps rows to the decoded VALUE Redis holds (None: a VALUE
+    that could not be decoded); ``final_db`` maps rows to their columns."""
+    report = Report()
+    report.leftover.update(leftover or {})
+    events = list(events)
+    t_ref = min(
+        (int(e["t0"] if "t0" in e else e["t"]) for e in events if "t0" in e or "t" in e), default=0
+    )
+
+    def ms(t: int | None) -> str:
+        return "?" if t is None else f"{(t - t_ref) / 1e6:.1f}ms"
+
+    starts: dict[str, Mapping[str, Any]] = {}
+    ends: dict[str, Mapping[str, Any]] = {}
+    kills: dict[str, Mapping[str, Any]] = {}
+    reads: list[Mapping[str, Any]] = []
+    aborted: set[tuple[Row, int]] = set()
+    for e in events:
+        kind = e["e"]
+        if kind == "read":
+            reads.append(e)
+        elif kind == "cstart":
+            starts[e["tx"]] = e
+        elif kind == "cend":
+            ends[e["tx"]] = e
+        elif kind == "kill":
+            report.kills[e["where"]] += 1
+            if e.get("tx"):
+                kills[e["tx"]] = e
+        elif kind == "aborted":
+            for tb, id_, value in e["writes"]:
+                if value is not None:
+                    aborted.add((_row(tb, id_), value))
+        elif kind == "op":
+            report.ops[e["k"]] += 1
+            if e.get("err"):
+                report.errors[e["err"].split(":", 1)[0]] += 1
+
+    versions: dict[Row, list[Version]] = defaultdict(list)
+    failed: set[tuple[Row, int]] = set()
+    for tx, start in starts.items():
+        end = ends.get(tx)
+        kill = kills.get(tx)
+        if kill is not None and kill["where"] == "after_commit":
+            status, end_t = "ok", int(kill["t"])
+        elif kill is not None and kill["where"] == "after_flush":
+            status, end_t = "failed", None
+        elif end is None or end["outcome"] == "maybe":
+            status, end_t = "maybe", None
+        elif end["outcome"] == "ok":
+            status, end_t = "ok", int(end["t"])
+        else:
+            status, end_t = "failed", None
+        report.commits[status] += 1
+        trouble = bool(end is not None and end.get("lf"))
+        for tb, id_, value in start["writes"]:
+            row = _row(tb, id_)
+            if status == "failed":
+                if value is not None:
+                    failed.add((row, value))
+                continue
+            versions[row].append(
+                Version(
+                    rank=DELETED_RANK if value is None else rank(value),
+                    value=value,
+                    start=int(start["t"]),
+                    end=end_t,
+                    status=status,
+                    tx=tx,
+                    worker=str(start.get("w", "?")),
+                    trouble=trouble,
+                )
+            )
+
+    by_value: dict[tuple[Row, int], Version] = {}
+    completed: dict[Row, tuple[list[int], list[Version]]] = {}
+    for row, vers in versions.items():
+        for ver in vers:
+            if ver.value is not None:
+                by_value.setdefault((row, ver.value), ver)
+        done = sorted((v for v in vers if v.end is not None), key=lambda v: v.end or 0)
+        times: list[int] = []
+        best: list[Version] = []
+        for ver in done:
+            times.append(ver.end or 0)
+            best.append(ver if not best or ver.rank > best[-1].rank else best[-1])
+        completed[row] = (times, best)
+
+    for r in reads:
+        report.reads[r["src"]] += 1
+        row = _row(r["tb"], r["id"])
+        t0, t1 = int(r["t0"]), int(r["t1"])
+        value = r["v"]
+        where = f"{r['w']} read {value} ({r['src']}, {r.get('iso')}) during [{ms(t0)}, {ms(t1)}]"
+        if value is not None:
+            ver = by_value.get((row, value))
+            if ver is None:
+                why = (
+                    "a rolled-back value"
+                    if (row, value) in aborted
+                    else "the value of a failed commit"
+                    if (row, value) in failed
+                    else "a value nobody committed"
+                )
+                report.uncommitted.append(Violation("uncommitted", row, f"{where}: {why}", t0))
+                continue
+            if ver.start > t1:
+                report.uncommitted.append(
+                    Violation(
+                        "uncommitted",
+                        row,
+                        f"{where}: its commit ({ver.worker} {ver.tx}) only began at "
+                        f"{ms(ver.start)}",
+                        t0,
+                    )
+                )
+                continue
+            seen = ver.rank
+        else:
+            deleted = any(v.rank == DELETED_RANK and v.start <= t1 for v in versions.get(row, ()))
+            seen = DELETED_RANK if deleted else 0
+        begin = t0
+        if r["src"] == "db" and r.get("iso") in SNAPSHOT_LEVELS and r.get("tx") is not None:
+            begin = min(t0, int(r["tx"]))
+        times, best = completed.get(row, ([], []))
+        i = bisect.bisect_left(times, begin)
+        if i == 0:
+            continue
+        newest = best[i - 1]
+        if newest.rank <= seen:
+            continue
+        detail = (
+            f"{where}, read began {ms(begin)}; but {newest.worker} committed "
+            f"{'a delete' if newest.value is None else newest.value} (rank {newest.rank} > "
+            f"{seen}) by {ms(newest.end)} (tx {newest.tx})"
+        )
+        excused = any(v.trouble and seen < v.rank <= newest.rank for v in versions.get(row, ()))
+        (report.gap if excused else report.stale).append(
+            Violation("gap" if excused else "stale", row, detail, t0, newest.end or 0)
+        )
+
+    report.cached_entries = len(final_cache)
+    for row, cached in sorted(final_cache.items()):
+        db = final_db.get(row)
+        if cached is None:
+            detail = "an undecodable VALUE entry"
+        elif db is None:
+            detail = f"cached {dict(cached)} but the row does not exist"
+        elif dict(cached) != dict(db):
+            detail = f"cached {dict(cached)} != database {dict(db)}"
+        else:
+            continue
+        if any(v.trouble for v in versions.get(row, ())):
+            # a commit of this row could not lock Redis: its writer's journal invalidates the
+            # entry before that process reads again, nobody else knows (the degrade gap)
+            report.gap.append(Violation("gap", row, f"at quiescence: {detail}"))
+        else:
+            report.divergent.append(Violation("divergent", row, detail))
+    return report

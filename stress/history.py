@@ -1,0 +1,71 @@
+"""Histories: one JSON object per line, one file per worker process, flushed after every event.
+
+A line is written (and handed to the OS) before the next operation starts, so a worker killed
+with SIGKILL loses nothing it had recorded. Times are ``time.monotonic_ns()``: every process runs
+on this one machine, so CLOCK_MONOTONIC is shared and times from different workers compare.
+
+Events (``"e"`` is the kind; ``"w"`` the worker id, added by the recorder):
+
+``read``     ``tb`` table, ``id``, ``v`` value seen (None: no such row), ``src`` "cache" | "db" |
+             "locked" (a ``FOR UPDATE`` read), ``t0``/``t1`` start and end, ``iso`` isolation
+             level, ``tx`` when this transaction's database connection began (None: not yet)
+``cstart``   a commit is about to be attempted: ``tx`` id, ``writes`` [[table, id, value|None]]
+             (None: the row is deleted), ``t``
+``cend``     its outcome: ``ok`` | ``failed`` (certainly not committed) | ``maybe``, ``t``, and
+             ``lf`` the cache's lock failures during the transaction (degrade mode journals them)
+``kill``     the worker is about to SIGKILL itself: ``where`` "after_flush" (before the database
+             COMMIT) or "after_commit" (after COMMIT, before the cache publishes), ``tx``, ``t``
+``aborted``  values written then rolled back (explicit rollback, savepoint rollback): ``writes``
+``op``       an operation finished: ``k`` kind, ``t0``/``t1``, ``ok``, ``err`` (a user-visible
+             exception, as text)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def now() -> int:
+    return time.monotonic_ns()
+
+
+class Recorder:
+    """Appends events to one worker's history file."""
+
+    def __init__(self, path: Path | str, worker: str) -> None:
+        self.worker = worker
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def log(self, event: dict[str, Any]) -> None:
+        event["w"] = self.worker
+        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_histories(directory: Path | str) -> list[dict[str, Any]]:
+    """Every event of every ``*.jsonl`` file in ``directory``.
+
+    A torn last line (a worker killed in the middle of a write) is skipped.
+    """
+    events: list[dict[str, Any]] = []
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        events.extend(_lines(path))
+    return events
+
+
+def _lines(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                return
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue

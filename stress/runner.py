@@ -1,0 +1,672 @@
+"""Runs: the stress run (workers + faults + checker) and the herd, outage and partition scenarios.
+
+Every function here starts what it needs (a throwaway ``redis-server`` on a free loopback port,
+the proxy, worker processes) and stops all of it before returning, also on errors: processes
+started here die with the thread that started them (``PR_SET_PDEATHSIG``), are killed in
+``finally`` blocks and at exit, and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import inspect, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlalchemy_writethrough import WriteThroughCache
+from sqlalchemy_writethrough.protocol import payload_of
+
+from .checker import Report, Row, check
+from .faults import ALL_FAULTS, FaultSchedule
+from .history import Recorder, now, read_histories
+from .models import MODELS, StItem, StParent, first_value, reset_schema
+from .proxy import FaultyProxy
+from .redis_server import RedisServer, die_with_parent
+from .worker import make_engine
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ISOLATIONS = ("READ COMMITTED", "REPEATABLE READ")
+HOT_ITEMS = list(range(1, 9))
+PARENTS = [1, 2]
+#: rows only the outage scenario's database-only baseline touches (never through the cache)
+BASELINE_ITEMS = list(range(101, 109))
+BASELINE_PARENTS = [101, 102]
+
+Log = Callable[[str], None]
+
+_live: set[subprocess.Popen[bytes]] = set()
+
+
+def _kill_live() -> None:
+    for proc in list(_live):
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        with contextlib.suppress(Exception):
+            proc.wait(5)
+        _live.discard(proc)
+
+
+atexit.register(_kill_live)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so ``finally`` blocks stop what was started."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(sig, _on_sigterm)
+
+
+def spawn(config: dict[str, Any], workdir: Path) -> subprocess.Popen[bytes]:
+    name = config["worker"]
+    path = workdir / f"cfg-{name}.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    with open(workdir / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stress.worker", str(path)],
+            cwd=str(REPO_ROOT),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+    _live.add(proc)
+    return proc
+
+
+def reap(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
+    """Wait for the processes until ``deadline`` (monotonic seconds), then kill them."""
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        _live.discard(proc)
+
+
+@contextlib.contextmanager
+def workspace(keep: bool, log: Log) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="stress-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            log(f"histories kept in {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def seed_rows(
+    engine: Engine, workdir: Path, rng: random.Random, items: list[int], parents: list[int]
+) -> None:
+    """Create the hot rows, and record their creation as a commit that ended before any read."""
+    rec = Recorder(workdir / "seed.jsonl", "seed")
+    writes: list[list[Any]] = []
+    with Session(engine) as s:
+        for pid in parents:
+            value = first_value(rng)
+            s.add(StParent(id=pid, counter=value))
+            writes.append([StParent.__tablename__, pid, value])
+        s.flush()
+        for i, iid in enumerate(items):
+            value = first_value(rng)
+            s.add(StItem(id=iid, counter=value, parent_id=parents[i % len(parents)]))
+            writes.append([StItem.__tablename__, iid, value])
+        t = now()
+        s.commit()
+    rec.log({"e": "cstart", "tx": f"seed:{t}", "writes": writes, "t": t})
+    rec.log({"e": "cend", "tx": f"seed:{t}", "outcome": "ok", "t": now(), "lf": 0})
+    rec.close()
+
+
+def final_state(
+    engine: Engine, redis_url: str, prefix: str
+) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
+    """The database rows, the decoded current VALUE entries, and what else Redis still holds."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    cache = WriteThroughCache(client, prefix=prefix)
+    layouts = {}
+    for table, model in MODELS.items():
+        layout = cache._layout_for(inspect(model))
+        assert layout is not None
+        layouts[table] = layout
+    db: dict[Row, dict[str, Any]] = {}
+    with Session(engine) as s:
+        for table, model in MODELS.items():
+            for obj in s.scalars(select(model)):
+                db[(table, obj.id)] = {a: getattr(obj, a) for a in layouts[table].attrs}
+    cached: dict[Row, dict[str, Any] | None] = {}
+    leftover: Counter[str] = Counter()
+    try:
+        for raw_key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            key = raw_key.decode()
+            if key.endswith("}") or "}:" not in key:
+                continue  # a bucket's generation key, or the cache's keyspace registry
+            tag, _, part = key.rpartition("}:")
+            table = tag.split("{", 1)[1].split(":", 1)[0] if "{" in tag else ""
+            layout = layouts.get(table)
+            if layout is None or not part.isdigit():
+                leftover[f"unknown key {key}"] += 1
+                continue
+            raw = client.get(key)
+            if raw is None:
+                continue
+            state = raw[:1]
+            if state == b"L":
+                leftover["lock"] += 1
+                continue
+            if state == b"E":
+                leftover["lease"] += 1
+                continue
+            if state != b"V":
+                leftover["other"] += 1
+                continue
+            gen = raw[1 : raw.index(b":", 1)]
+            if client.get(tag + "}") != gen:
+                leftover["old generation"] += 1
+                continue
+            row = (table, int(part))
+            try:
+                cached[row] = layout.decode(payload_of(raw), engine.dialect)
+            except ValueError:
+                cached[row] = None
+    finally:
+        client.close()
+    return db, cached, leftover
+
+
+@contextlib.contextmanager
+def exclusive_tables(engine: Engine, wait: float = 600.0) -> Iterator[None]:
+    """Hold a database-wide named lock for the whole run: two runs on one database (a test
+    suite and a ``nox -s stress`` side by side) would otherwise drop each other's tables.
+
+    PostgreSQL: a session advisory lock; MariaDB: ``GET_LOCK``. Waits at most ``wait`` s.
+    """
+    conn = engine.connect()
+    try:
+        deadline = time.monotonic() + wait
+        if engine.dialect.name == "postgresql":
+            while not conn.exec_driver_sql("SELECT pg_try_advisory_lock(74312001)").scalar():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("another stress run holds the stress tables")
+                time.sleep(0.2)
+        else:
+            got = conn.exec_driver_sql(
+                f"SELECT GET_LOCK('writethrough_stress', {max(0, int(wait))})"
+            ).scalar()
+            if got != 1:
+                raise RuntimeError("another stress run holds the stress tables")
+        conn.commit()
+        yield
+    finally:
+        conn.invalidate()  # closing the session releases the lock on both databases
+        conn.close()
+
+
+# ----------------------------------------------------------------------------- stress
+
+
+@dataclasses.dataclass
+class StressConfig:
+    db_url: str
+    seconds: float = 20.0
+    faults: frozenset[str] = frozenset()
+    workers: int = 5
+    isolations: tuple[str, ...] = ISOLATIONS
+    on_redis_error: str = "strict"
+    seed: int | None = None
+    lock_timeout: float = 2.0
+    kill_prob: float = 0.0015
+    keep_logs: bool = False
+    #: break the cache on purpose in every worker (see ``stress.worker.sabotage``)
+    sabotage: str | None = None
+    #: seconds to wait for another stress run on the same database to finish
+    lock_wait: float = 600.0
+
+
+@dataclasses.dataclass
+class StressResult:
+    config: StressConfig
+    report: Report
+    info: dict[str, Any]
+
+    def format(self) -> str:
+        db = self.config.db_url.split("+", 1)[0].split(":", 1)[0]
+        faults = ",".join(sorted(self.config.faults)) or "none"
+        head = (
+            f"== {db}, faults: {faults}, {self.config.workers} workers, "
+            f"{'/'.join(self.config.isolations)}, on_redis_error={self.config.on_redis_error}, "
+            f"{self.config.seconds:.0f}s"
+        )
+        info = " ".join(f"{k}={v}" for k, v in self.info.items())
+        return f"{head}\n{info}\n{self.report.format()}"
+
+
+def run_stress(config: StressConfig, log: Log = print) -> StressResult:
+    seed = config.seed if config.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    faults = frozenset(config.faults)
+    unknown = faults - set(ALL_FAULTS)
+    if unknown:
+        raise ValueError(f"unknown faults {sorted(unknown)}")
+    started = time.monotonic()
+    lock_wait = config.lock_wait
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(workspace(config.keep_logs, log))
+        server = stack.enter_context(RedisServer())
+        proxy: FaultyProxy | None = None
+        if "proxy" in faults:
+            proxy = FaultyProxy(server.port, mode="faulty", seed=rng.randrange(1 << 30))
+            stack.callback(proxy.close)
+        engine = make_engine(config.db_url)
+        stack.callback(engine.dispose)
+        stack.enter_context(exclusive_tables(engine, lock_wait))
+        reset_schema(engine)
+        seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
+        prefix = f"st-{uuid.uuid4().hex[:8]}"
+        deadline = now() + int(config.seconds * 1e9)
+        stack.callback(lambda: reap(list(procs.values()), time.monotonic()))
+        incarnations = [0] * config.workers
+
+        def start(slot: int) -> None:
+            name = f"w{slot}.{incarnations[slot]}"
+            procs[slot] = spawn(
+                {
+                    "worker": name,
+                    "slot": slot,
+                    "incarnation": incarnations[slot],
+                    "slots": config.workers,
+                    "seed": rng.randrange(1 << 30),
+                    "db_url": config.db_url,
+                    "redis_url": proxy.url if proxy else server.url,
+                    "prefix": prefix,
+                    "deadline": deadline,
+                    "history": str(workdir / f"{name}.jsonl"),
+                    "isolations": list(config.isolations),
+                    "on_redis_error": config.on_redis_error,
+                    "lock_timeout": config.lock_timeout,
+                    "lease_timeout": config.lock_timeout,
+                    "kill_prob": config.kill_prob if "sigkill" in faults else 0.0,
+                    "db_errors": "db-errors" in faults,
+                    "hot_items": HOT_ITEMS,
+                    "parents": PARENTS,
+                    "role": "mixed",
+                    "sabotage": config.sabotage,
+                },
+                workdir,
+            )
+
+        for slot in range(config.workers):
+            start(slot)
+        schedule = FaultSchedule(faults, server, proxy, rng)
+        respawns = 0
+        crashed: list[str] = []
+        while now() < deadline:
+            time.sleep(0.05)
+            for slot, proc in list(procs.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                _live.discard(proc)
+                if rc == -signal.SIGKILL and deadline - now() > 1.5e9:
+                    incarnations[slot] += 1
+                    respawns += 1
+                    start(slot)
+                elif rc not in (0, -signal.SIGKILL):
+                    crashed.append(f"w{slot}.{incarnations[slot]} exited {rc}")
+                    del procs[slot]
+                else:
+                    del procs[slot]
+            if now() < deadline - 1e9:
+                schedule.tick()
+        schedule.heal()
+        reap(list(procs.values()), time.monotonic() + 30)
+        for slot, proc in procs.items():
+            if proc.returncode not in (0, -signal.SIGKILL):
+                crashed.append(f"w{slot}.{incarnations[slot]} exited {proc.returncode}")
+        # quiescence: every lock and lease taken before the end has expired
+        time.sleep(config.lock_timeout + 0.5)
+        final_db, final_cache, leftover = final_state(engine, server.url, prefix)
+        events = read_histories(workdir)
+        report = check(events, final_db, final_cache, leftover)
+        stats: Counter[str] = Counter()
+        for e in events:
+            if e["e"] == "stop":
+                stats.update({k: v for k, v in e["stats"].items() if v})
+        info: dict[str, Any] = {"seed": seed, "respawns": respawns}
+        info.update(schedule.counts)
+        if proxy is not None:
+            info.update({f"proxy {k}": v for k, v in proxy.counts.items()})
+        info["cache stats of workers alive at the end"] = dict(stats)
+        if crashed:
+            info["crashed"] = crashed
+            for path in sorted(workdir.glob("*.log")):
+                text = path.read_text(errors="replace").strip()
+                if text:
+                    log(f"--- {path.name}\n{text[-3000:]}")
+        info["elapsed"] = f"{time.monotonic() - started:.1f}s"
+        return StressResult(config, report, info)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------ herd
+
+
+def run_herd(
+    db_url: str,
+    processes: int = 5,
+    threads: int = 10,
+    rounds: int = 5,
+    log: Log = print,
+    keep_logs: bool = False,
+    fill_wait: float | None = None,
+    lock_wait: float = 600.0,
+) -> dict[str, Any]:
+    """``processes * threads`` readers get one cold row at the same instant, ``rounds`` times.
+
+    ``fill_wait``: the cache's option of that name (None: the library's default).
+    """
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(workspace(keep_logs, log))
+        server = stack.enter_context(RedisServer())
+        engine = make_engine(db_url)
+        stack.callback(engine.dispose)
+        stack.enter_context(exclusive_tables(engine, lock_wait))
+        reset_schema(engine)
+        rng = random.Random()
+        cold = [10 + i for i in range(rounds)]
+        warm = [900 + p for p in range(processes)]
+        seed_rows(engine, workdir, rng, cold + warm, PARENTS)
+        prefix = f"st-{uuid.uuid4().hex[:8]}"
+        go = workdir / "go"
+        procs: list[subprocess.Popen[bytes]] = []
+        stack.callback(lambda: reap(procs, time.monotonic()))
+        for p in range(processes):
+            procs.append(
+                spawn(
+                    {
+                        "scenario": "herd",
+                        "worker": f"h{p}",
+                        "db_url": db_url,
+                        "redis_url": server.url,
+                        "prefix": prefix,
+                        "threads": threads,
+                        "history": str(workdir / f"h{p}.jsonl"),
+                        "ready": str(workdir / f"h{p}.ready"),
+                        "go": str(go),
+                        "warm_id": warm[p],
+                        "ids": cold,
+                        "round_ns": int(1e9),
+                        "fill_wait": fill_wait,
+                    },
+                    workdir,
+                )
+            )
+        give_up = time.monotonic() + 60
+        while not all((workdir / f"h{p}.ready").exists() for p in range(processes)):
+            if time.monotonic() > give_up or any(proc.poll() is not None for proc in procs):
+                raise RuntimeError("herd workers did not get ready")
+            time.sleep(0.02)
+        tmp = workdir / "go.tmp"
+        tmp.write_text(str(now() + int(0.5e9)))
+        tmp.rename(go)
+        reap(procs, time.monotonic() + 30 + rounds)
+        events = [e for e in read_histories(workdir) if e["e"] == "herd"]
+        per_round = []
+        for id_ in cold:
+            rows = [e for e in events if e["id"] == id_]
+            per_round.append(
+                {
+                    "row": id_,
+                    "readers": processes * threads,
+                    "database loads": sum(e["loads"] for e in rows),
+                    "cache hits": sum(e["hits"] for e in rows),
+                    "fills": sum(e["fills"] for e in rows),
+                    "errors": sum(e["errors"] for e in rows),
+                }
+            )
+        return {"rounds": per_round}
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------- outage
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _latencies(events: list[dict[str, Any]], lo: int, hi: int) -> dict[str, dict[str, Any]]:
+    by_kind: dict[str, list[float]] = {}
+    for e in events:
+        if e["e"] == "op" and lo <= e["t0"] and e["t1"] <= hi:
+            by_kind.setdefault(e["k"], []).append((e["t1"] - e["t0"]) / 1e6)
+    return {
+        k: {
+            "n": len(v),
+            "p50_ms": round(_percentile(v, 0.5), 2),
+            "p99_ms": round(_percentile(v, 0.99), 2),
+        }
+        for k, v in sorted(by_kind.items())
+    }
+
+
+def run_outage(
+    db_url: str,
+    seconds: float = 30.0,
+    workers: int = 4,
+    log: Log = print,
+    keep_logs: bool = False,
+    lock_timeout: float = 2.0,
+    lock_wait: float = 600.0,
+) -> dict[str, Any]:
+    """Redis unreachable for every process (the proxy black-holes it), in ``degrade`` mode.
+
+    Timeline (fractions of ``seconds``): 0-0.2 warm up through the cache; 0.2-0.45 the
+    database-only baseline (sessions without the cache, on rows the cache never sees);
+    0.45-0.5 cache again; 0.5-0.75 outage; 0.75-1 Redis back.
+    """
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(workspace(keep_logs, log))
+        server = stack.enter_context(RedisServer())
+        proxy = FaultyProxy(server.port, mode="pass")
+        stack.callback(proxy.close)
+        engine = make_engine(db_url)
+        stack.callback(engine.dispose)
+        stack.enter_context(exclusive_tables(engine, lock_wait))
+        reset_schema(engine)
+        rng = random.Random()
+        seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
+        seed_rows(engine, workdir, rng, BASELINE_ITEMS, BASELINE_PARENTS)
+        prefix = f"st-{uuid.uuid4().hex[:8]}"
+        t_start = now()
+        span = int(seconds * 1e9)
+
+        def at(fraction: float) -> int:
+            return t_start + int(span * fraction)
+
+        deadline = at(1.0)
+        baseline = [at(0.2), at(0.45)]
+        outage = [at(0.5), at(0.75)]
+        procs: list[subprocess.Popen[bytes]] = []
+        stack.callback(lambda: reap(procs, time.monotonic()))
+        for slot in range(workers):
+            procs.append(
+                spawn(
+                    {
+                        "worker": f"o{slot}",
+                        "slot": slot,
+                        "incarnation": 0,
+                        "slots": workers,
+                        "seed": rng.randrange(1 << 30),
+                        "db_url": db_url,
+                        "redis_url": proxy.url,
+                        "prefix": prefix,
+                        "deadline": deadline,
+                        "history": str(workdir / f"o{slot}.jsonl"),
+                        "isolations": list(ISOLATIONS),
+                        "on_redis_error": "degrade",
+                        "lock_timeout": lock_timeout,
+                        "lease_timeout": lock_timeout,
+                        "hot_items": HOT_ITEMS,
+                        "parents": PARENTS,
+                        "baseline": baseline,
+                        "baseline_items": BASELINE_ITEMS,
+                        "baseline_parents": BASELINE_PARENTS,
+                        "role": "simple",
+                    },
+                    workdir,
+                )
+            )
+        while now() < outage[0]:
+            time.sleep(0.02)
+        proxy.mode = "blackhole"
+        proxy.kill_connections()  # open connections stop answering too
+        while now() < outage[1]:
+            time.sleep(0.02)
+        proxy.mode = "pass"
+        reap(procs, time.monotonic() + (deadline - now()) / 1e9 + 30)
+        time.sleep(lock_timeout + 0.5)
+        final_db, final_cache, leftover = final_state(engine, server.url, prefix)
+        events = read_histories(workdir)
+        report = check(events, final_db, final_cache, leftover)
+        errors = Counter(
+            e["ec"]
+            for e in events
+            if e["e"] == "op" and e.get("ec") and outage[0] <= e["t0"] and e["t1"] <= outage[1]
+        )
+        after_return = [v for v in report.stale + report.gap if v.t >= outage[1]]
+        missed_outage_write = sum(1 for v in after_return if v.newer < outage[1])
+        return {
+            "report": report,
+            "baseline (database only)": _latencies(events, *baseline),
+            "outage": _latencies(events, *outage),
+            "outage after its first second": _latencies(events, outage[0] + int(1e9), outage[1]),
+            "with Redis (before the outage)": _latencies(events, at(0.45), outage[0]),
+            "errors during the outage": dict(errors),
+            "stale reads after Redis returned": len(after_return),
+            "  of which missed a commit made during the outage": missed_outage_write,
+            "  of which missed a commit made after Redis returned": len(after_return)
+            - missed_outage_write,
+            "proxy": dict(proxy.counts),
+        }
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------- partition
+
+
+def run_partition(
+    db_url: str,
+    mode: str,
+    seconds: float = 20.0,
+    readers: int = 3,
+    log: Log = print,
+    keep_logs: bool = False,
+    lock_timeout: float = 2.0,
+    lock_wait: float = 600.0,
+) -> dict[str, Any]:
+    """One writer cut off from Redis (its proxy black-holes) while readers reach it directly.
+
+    Timeline: 0-0.3 everything connected (the readers fill the cache); 0.3-0.8 the writer's
+    Redis is unreachable; 0.8-1 healed.
+    """
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(workspace(keep_logs, log))
+        server = stack.enter_context(RedisServer())
+        proxy = FaultyProxy(server.port, mode="pass")
+        stack.callback(proxy.close)
+        engine = make_engine(db_url)
+        stack.callback(engine.dispose)
+        stack.enter_context(exclusive_tables(engine, lock_wait))
+        reset_schema(engine)
+        rng = random.Random()
+        seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
+        prefix = f"st-{uuid.uuid4().hex[:8]}"
+        t_start = now()
+        span = int(seconds * 1e9)
+        deadline = t_start + span
+        cut = (t_start + int(span * 0.3), t_start + int(span * 0.8))
+        procs: list[subprocess.Popen[bytes]] = []
+        stack.callback(lambda: reap(procs, time.monotonic()))
+        for slot in range(readers + 1):
+            writer = slot == 0
+            procs.append(
+                spawn(
+                    {
+                        "worker": f"{'W' if writer else 'r'}{slot}",
+                        "slot": slot,
+                        "incarnation": 0,
+                        "slots": readers + 1,
+                        "seed": rng.randrange(1 << 30),
+                        "db_url": db_url,
+                        "redis_url": proxy.url if writer else server.url,
+                        "prefix": prefix,
+                        "deadline": deadline,
+                        "history": str(workdir / f"p{slot}.jsonl"),
+                        "isolations": list(ISOLATIONS),
+                        "on_redis_error": mode,
+                        "lock_timeout": lock_timeout,
+                        "lease_timeout": lock_timeout,
+                        "hot_items": HOT_ITEMS,
+                        "parents": PARENTS,
+                        "role": "writer" if writer else "reader",
+                    },
+                    workdir,
+                )
+            )
+        while now() < cut[0]:
+            time.sleep(0.02)
+        proxy.mode = "blackhole"
+        proxy.kill_connections()
+        while now() < cut[1]:
+            time.sleep(0.02)
+        proxy.mode = "pass"
+        reap(procs, time.monotonic() + (deadline - now()) / 1e9 + 30)
+        time.sleep(lock_timeout + 0.5)
+        final_db, final_cache, leftover = final_state(engine, server.url, prefix)
+        events = read_histories(workdir)
+        report = check(events, final_db, final_cache, leftover)
+        commits = Counter(
+            e["outcome"] for e in events if e["e"] == "cend" and not e["tx"].startswith("seed")
+        )
+        stale = report.stale + report.gap
+        return {
+            "report": report,
+            "writer commits": dict(commits),
+            "stale reads while cut off": sum(1 for v in stale if cut[0] <= v.t < cut[1]),
+            "stale reads after healing": sum(1 for v in stale if v.t >= cut[1]),
+            "stale entries at quiescence": sum(1 for v in report.gap if v.t == 0)
+            + len(report.divergent),
+        }
+    raise AssertionError("unreachable")  # pragma: no cover

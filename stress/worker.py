@@ -1,0 +1,607 @@
+"""One stress worker process: ``python -m stress.worker CONFIG.json``.
+
+It builds its own engine, ``WriteThroughCache`` and session factories (one per isolation level,
+the cache installed on each), then runs random operations on a few hot rows until the deadline
+in its configuration, recording every read and commit (see :mod:`stress.history`):
+
+* reads: ``session.get``, ``select(...).options(from_cache())``, a many-to-one lazy load
+  (``item.parent``), and, under REPEATABLE READ, a read in a transaction whose snapshot began
+  earlier; each in a fresh session, so the identity map never answers. Whether the cache served
+  it is the change of ``cache.stats().hits`` around it (one thread per process, so exact);
+* writes: every update reads the row ``FOR UPDATE`` and writes ``next_value`` of it; inserts
+  and deletes of rows whose ids no other worker uses; explicit rollbacks after a flush;
+  savepoints released or rolled back; with ``db_errors``, transactions locking two hot rows in
+  random order (deadlocks; under REPEATABLE READ PostgreSQL raises serialization failures),
+  retried up to three times;
+* with ``kill_prob``, the worker SIGKILLs itself with that probability at each flush before
+  COMMIT and after each COMMIT before the cache publishes (a listener inserted before the
+  cache's own ``after_commit``), recording where it died first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqlalchemy_writethrough import CacheUnavailableError, WriteThroughCache, from_cache
+
+from .history import Recorder, now
+from .models import ITEM_TABLE, PARENT_TABLE, StItem, StParent, first_value, next_value
+
+SNAPSHOT = "REPEATABLE READ"
+
+#: operation weights of a "mixed" worker; db_errors adds "pair"
+MIXED = {
+    "get": 25,
+    "select": 18,
+    "lazy": 14,
+    "rr_read": 8,
+    "update": 14,
+    "savepoint": 6,
+    "rollback": 5,
+    "insert": 4,
+    "delete": 3,
+    "update_extra": 3,
+}
+READER = {"get": 40, "select": 30, "lazy": 20, "rr_read": 10}
+WRITER = {"update": 1}
+SIMPLE = {"get": 35, "select": 25, "lazy": 20, "update": 20}
+ROLES = {"mixed": MIXED, "reader": READER, "writer": WRITER, "simple": SIMPLE}
+
+
+def extra_id(slot: int, incarnation: int, n: int) -> int:
+    """Ids of rows a worker inserts: disjoint per worker slot and incarnation, never reused."""
+    return 1_000_000 + slot * 100_000 + incarnation * 10_000 + n
+
+
+def error_class(exc: BaseException) -> str:
+    if isinstance(exc, CacheUnavailableError):
+        return "cache-unavailable"
+    if isinstance(exc, DBAPIError):
+        text = str(exc.orig).lower()
+        if any(
+            s in text
+            for s in ("deadlock", "serializ", "lock wait timeout", "lock timeout", "concurrent")
+        ):
+            return "db-conflict"
+    return "unexpected"
+
+
+def error_text(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        name += "/" + type(exc.orig).__name__
+    return f"{name}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+class Worker:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.name: str = config["worker"]
+        self.slot: int = config["slot"]
+        self.incarnation: int = config["incarnation"]
+        self.rng = random.Random(config.get("seed"))
+        self.rec = Recorder(config["history"], self.name)
+        self.deadline: int = config["deadline"]
+        self.isolations: list[str] = config["isolations"]
+        self.kill_prob: float = config.get("kill_prob", 0.0)
+        self.hot_items: list[int] = config["hot_items"]
+        self.parents: list[int] = config["parents"]
+        self.slots: int = config.get("slots", 1)
+        weights = dict(ROLES[config.get("role", "mixed")])
+        if config.get("db_errors"):
+            weights["pair"] = 6
+        self.ops = list(weights)
+        self.weights = list(weights.values())
+        self.tx_seq = 0
+        self.next_extra = 0
+        self.extras: list[int] = []
+        self.baseline: list[int] | None = config.get("baseline")
+        self.baseline_items: list[int] = config.get("baseline_items", [])
+        self.baseline_parents: list[int] = config.get("baseline_parents", [])
+        self.op_in_baseline = False
+
+        self.engine = make_engine(config["db_url"], pool_size=2)
+        self.cache = WriteThroughCache(
+            config["redis_url"],
+            prefix=config["prefix"],
+            ttl=600,
+            lock_timeout=config.get("lock_timeout", 2.0),
+            lease_timeout=config.get("lease_timeout", 2.0),
+            on_redis_error=config.get("on_redis_error", "strict"),
+        )
+        sabotage(self.cache, config.get("sabotage"))
+        self.sessions: dict[str, sessionmaker[Session]] = {}
+        self.plain: dict[str, sessionmaker[Session]] = {}
+        for level in self.isolations:
+            bound = self.engine.execution_options(isolation_level=level)
+            factory: sessionmaker[Session] = sessionmaker(bound, expire_on_commit=False)
+            self.cache.install(factory)
+            self._hooks(factory)
+            self.sessions[level] = factory
+            plain: sessionmaker[Session] = sessionmaker(bound, expire_on_commit=False)
+            event.listen(plain, "after_begin", _mark_begin)
+            self.plain[level] = plain
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def _hooks(self, factory: sessionmaker[Session]) -> None:
+        event.listen(factory, "after_begin", _mark_begin)
+        if self.kill_prob <= 0:
+            return
+
+        def after_flush(session: Session, flush_context: Any) -> None:
+            if session.info.get("armed") is None:
+                return
+            if self.rng.random() < self.kill_prob:
+                self._die("after_flush", session.info["armed"] or None)
+
+        def after_commit(session: Session) -> None:
+            if not session.info.get("armed") or session.get_nested_transaction() is not None:
+                return
+            if self.rng.random() < self.kill_prob:
+                self._die("after_commit", session.info["armed"])
+
+        event.listen(factory, "after_flush_postexec", after_flush)
+        # inserted before the cache's own after_commit, so it runs before the publish
+        event.listen(factory, "after_commit", after_commit, insert=True)
+
+    def _die(self, where: str, tx: str | None) -> None:
+        self.rec.log({"e": "kill", "where": where, "tx": tx, "t": now()})
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)  # pragma: no cover
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def session(self, level: str | None = None) -> tuple[Session, str]:
+        level = level or self.rng.choice(self.isolations)
+        if self.in_baseline():
+            return self.plain[level](), level
+        return self.sessions[level](), level
+
+    def in_baseline(self) -> bool:
+        """Is the current operation part of the database-only baseline? (Decided once per
+        operation: its rows and its sessions must agree.)"""
+        return self.op_in_baseline
+
+    def item_ids(self) -> list[int]:
+        return self.baseline_items if self.in_baseline() else self.hot_items
+
+    def parent_ids(self) -> list[int]:
+        return self.baseline_parents if self.in_baseline() else self.parents
+
+    def read(
+        self,
+        s: Session,
+        level: str,
+        table: str,
+        id_: int,
+        load: Callable[[], Any],
+        locked: bool = False,
+    ) -> Any:
+        hits = self.cache.stats().hits
+        t0 = now()
+        obj = load()
+        t1 = now()
+        served = self.cache.stats().hits - hits
+        src = "cache" if served else "locked" if locked else "db"
+        value = None if obj is None else obj.counter
+        self.rec.log(
+            {
+                "e": "read",
+                "tb": table,
+                "id": id_,
+                "v": value,
+                "src": src,
+                "t0": t0,
+                "t1": t1,
+                "iso": level,
+                "tx": s.info.get("t_begin"),
+            }
+        )
+        return obj
+
+    def get_locked(self, s: Session, level: str, model: Any, id_: int) -> Any:
+        return self.read(
+            s,
+            level,
+            model.__tablename__,
+            id_,
+            lambda: s.get(model, id_, with_for_update=True),
+            locked=True,
+        )
+
+    def commit(self, s: Session, writes: list[list[Any]], lock_failures_before: int) -> str:
+        self.tx_seq += 1
+        tx = f"{self.name}:{self.tx_seq}"
+        self.rec.log({"e": "cstart", "tx": tx, "writes": writes, "t": now()})
+        s.info["armed"] = tx
+        outcome = "ok"
+        error: BaseException | None = None
+        try:
+            s.commit()
+        except CacheUnavailableError as exc:  # raised at flush, before COMMIT
+            outcome, error = "failed", exc
+        except DBAPIError as exc:
+            outcome = "maybe" if exc.connection_invalidated else "failed"
+            error = exc
+        except Exception as exc:
+            outcome, error = "maybe", exc
+        finally:
+            s.info.pop("armed", None)
+        lf = self.cache.stats().lock_failures - lock_failures_before
+        self.rec.log({"e": "cend", "tx": tx, "outcome": outcome, "t": now(), "lf": lf})
+        if error is not None:
+            raise error
+        return outcome
+
+    def pick_model(self) -> tuple[Any, int]:
+        if self.rng.random() < 0.2:
+            return StParent, self.rng.choice(self.parent_ids())
+        return StItem, self.rng.choice(self.item_ids())
+
+    def any_extra(self) -> int:
+        if self.extras and self.rng.random() < 0.5:
+            return self.rng.choice(self.extras)
+        return extra_id(
+            self.rng.randrange(self.slots), self.rng.randrange(2), self.rng.randrange(30)
+        )
+
+    def read_target(self) -> tuple[Any, int]:
+        roll = self.rng.random()
+        if roll < 0.15 and not self.in_baseline():
+            return StItem, self.any_extra()
+        if roll < 0.3:
+            return StParent, self.rng.choice(self.parent_ids())
+        return StItem, self.rng.choice(self.item_ids())
+
+    # -- operations ----------------------------------------------------------------------
+
+    def op_get(self) -> None:
+        model, id_ = self.read_target()
+        s, level = self.session()
+        with s:
+            self.read(s, level, model.__tablename__, id_, lambda: s.get(model, id_))
+
+    def op_select(self) -> None:
+        model, id_ = self.read_target()
+        s, level = self.session()
+        stmt = select(model).where(model.id == id_).options(from_cache())
+        with s:
+            self.read(
+                s,
+                level,
+                model.__tablename__,
+                id_,
+                lambda: s.execute(stmt).scalar_one_or_none(),
+            )
+
+    def op_lazy(self) -> None:
+        id_ = self.rng.choice(self.item_ids())
+        s, level = self.session()
+        with s:
+            item = self.read(s, level, ITEM_TABLE, id_, lambda: s.get(StItem, id_))
+            if item is not None:
+                pid = item.parent_id
+                self.read(s, level, PARENT_TABLE, pid, lambda: item.parent)
+
+    def op_rr_read(self) -> None:
+        """A read inside a REPEATABLE READ transaction whose snapshot began a moment before."""
+        if SNAPSHOT not in self.isolations:
+            return self.op_get()
+        s, level = self.session(SNAPSHOT)
+        with s:
+            pid = self.rng.choice(self.parent_ids())
+            stmt = select(StParent).where(StParent.id == pid)  # not from_cache: the database
+            self.read(s, level, PARENT_TABLE, pid, lambda: s.execute(stmt).scalar_one_or_none())
+            time.sleep(self.rng.uniform(0, 0.01))
+            model, id_ = self.read_target()
+            if model is StParent and id_ == pid:
+                return None
+            self.read(s, level, model.__tablename__, id_, lambda: s.get(model, id_))
+        return None
+
+    def op_update(self, model: Any = None, id_: int | None = None) -> None:
+        if model is None or id_ is None:
+            model, id_ = self.pick_model()
+        lf = self.cache.stats().lock_failures
+        s, level = self.session()
+        with s:
+            obj = self.get_locked(s, level, model, id_)
+            if obj is None:
+                return
+            obj.counter = next_value(obj.counter, self.rng)
+            self.commit(s, [[model.__tablename__, id_, obj.counter]], lf)
+
+    def op_update_extra(self) -> None:
+        if not self.extras:
+            return self.op_insert()
+        return self.op_update(StItem, self.rng.choice(self.extras))
+
+    def op_pair(self) -> None:
+        """Two hot rows locked in random order: deadlocks and serialization failures."""
+        a, b = self.rng.sample(self.hot_items, 2)
+        for attempt in range(3):
+            lf = self.cache.stats().lock_failures
+            s, level = self.session()
+            try:
+                with s:
+                    x = self.get_locked(s, level, StItem, a)
+                    time.sleep(self.rng.uniform(0, 0.01))
+                    y = self.get_locked(s, level, StItem, b)
+                    x.counter = next_value(x.counter, self.rng)
+                    y.counter = next_value(y.counter, self.rng)
+                    self.commit(s, [[ITEM_TABLE, a, x.counter], [ITEM_TABLE, b, y.counter]], lf)
+                return
+            except DBAPIError as exc:
+                if error_class(exc) != "db-conflict" or attempt == 2:
+                    raise
+                self.rec.log({"e": "retry", "t": now(), "err": error_text(exc)})
+
+    def op_rollback(self) -> None:
+        model, id_ = self.pick_model()
+        s, level = self.session()
+        with s:
+            obj = self.get_locked(s, level, model, id_)
+            if obj is None:
+                return
+            obj.counter = next_value(obj.counter, self.rng)
+            self.rec.log({"e": "aborted", "writes": [[model.__tablename__, id_, obj.counter]]})
+            s.info["armed"] = ""
+            s.flush()
+            time.sleep(self.rng.uniform(0, 0.005))
+            if self.rng.random() < 0.5:
+                s.rollback()
+            # else: close() with the transaction open (a rollback without the event)
+
+    def op_savepoint(self) -> None:
+        model, id_ = self.pick_model()
+        lf = self.cache.stats().lock_failures
+        s, level = self.session()
+        with s:
+            obj = self.get_locked(s, level, model, id_)
+            if obj is None:
+                return
+            inner = next_value(obj.counter, self.rng)
+            s.info["armed"] = ""
+            sp = s.begin_nested()
+            obj.counter = inner
+            s.flush()
+            if self.rng.random() < 0.5:
+                sp.commit()
+                final = inner
+            else:
+                self.rec.log({"e": "aborted", "writes": [[model.__tablename__, id_, inner]]})
+                sp.rollback()
+                if self.rng.random() < 0.5:
+                    s.info.pop("armed", None)
+                    s.commit()  # nothing to publish: the savepoint's key is left a miss
+                    return
+                final = next_value(obj.counter, self.rng)  # reloads the row (expired)
+                obj.counter = final
+            s.info.pop("armed", None)
+            self.commit(s, [[model.__tablename__, id_, final]], lf)
+
+    def op_insert(self) -> None:
+        if self.next_extra >= 10_000:
+            return
+        id_ = extra_id(self.slot, self.incarnation, self.next_extra)
+        self.next_extra += 1
+        value = first_value(self.rng)
+        lf = self.cache.stats().lock_failures
+        s, _level = self.session()
+        with s:
+            s.add(StItem(id=id_, counter=value, parent_id=self.rng.choice(self.parents)))
+            outcome = self.commit(s, [[ITEM_TABLE, id_, value]], lf)
+        if outcome == "ok":
+            self.extras.append(id_)
+
+    def op_delete(self) -> None:
+        if len(self.extras) < 3:
+            return self.op_insert()
+        id_ = self.extras.pop(0)
+        lf = self.cache.stats().lock_failures
+        s, level = self.session()
+        with s:
+            obj = self.get_locked(s, level, StItem, id_)
+            if obj is None:
+                return None
+            s.delete(obj)
+            self.commit(s, [[ITEM_TABLE, id_, None]], lf)
+        return None
+
+    # -- loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        parent = os.getppid()
+        while now() < self.deadline and os.getppid() == parent:
+            kind = self.rng.choices(self.ops, self.weights)[0]
+            self.op_in_baseline = bool(
+                self.baseline and self.baseline[0] <= now() < self.baseline[1]
+            )
+            if self.op_in_baseline and kind not in SIMPLE:
+                kind = "get"
+            t0 = now()
+            err = ec = None
+            try:
+                getattr(self, f"op_{kind}")()
+            except Exception as exc:
+                err, ec = error_text(exc), error_class(exc)
+            self.rec.log({"e": "op", "k": kind, "t0": t0, "t1": now(), "err": err, "ec": ec})
+        self.rec.log({"e": "stop", "t": now(), "stats": self.cache.stats().__dict__})
+        self.rec.close()
+        self.engine.dispose()
+
+
+SABOTAGES = ("unguarded-fill", "stale-snapshot-fill")
+
+
+def sabotage(cache: WriteThroughCache, name: str | None) -> None:
+    """Break the cache on purpose, to show the checker catches what a naive cache does.
+
+    ``unguarded-fill``       a fill writes whatever it loaded, even over a lock or a newer
+                             value (no lease check), a few milliseconds after the load;
+    ``stale-snapshot-fill``  a REPEATABLE READ transaction fills from its old snapshot.
+    """
+    if not name:
+        return
+    if name == "unguarded-fill":
+        backend = cache._backend
+        original = backend.fill
+
+        def fill(
+            key: str, gen_key: str, lease: str, gen: bytes, payload: bytes, ttl_ms: int
+        ) -> bool | None:
+            if not payload:  # giving a lease up
+                return original(key, gen_key, lease, gen, payload, ttl_ms)
+            time.sleep(random.uniform(0, 0.01))  # a slow reader: the race window is wider
+            backend.client.set(key, b"V" + gen + b":" + payload, px=ttl_ms)
+            return True
+
+        backend.fill = fill  # type: ignore[method-assign]
+    elif name == "stale-snapshot-fill":
+        from sqlalchemy_writethrough import loading
+
+        loading._read_was_fresh = lambda *args: True  # type: ignore[assignment]
+    else:
+        raise ValueError(f"unknown sabotage {name!r}; choose from {SABOTAGES}")
+
+
+def _mark_begin(session: Session, transaction: Any, connection: Any) -> None:
+    session.info.setdefault("t_begin", now())
+
+
+def make_engine(url: str, pool_size: int = 2) -> Engine:
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+
+    @event.listens_for(engine, "connect")
+    def _settings(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        if engine.dialect.name == "postgresql":
+            cursor.execute("SET deadlock_timeout = '100ms'")
+            cursor.execute("SET lock_timeout = '5s'")
+        else:
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = 5")
+        cursor.close()
+        dbapi_connection.commit()
+
+    return engine
+
+
+# ------------------------------------------------------------------------ herd
+
+
+def herd(config: dict[str, Any]) -> None:
+    """Threads of one process read one cold row at the same instants; report SQL per round.
+
+    After warming up it writes its ``ready`` file and waits for the runner's ``go`` file (the
+    first round's monotonic start); round ``i`` reads ``ids[i]`` at ``start + i * round_ns``.
+    One line per round goes to the history file: how many of this process's readers loaded the
+    row from the database, and the cache's hits, misses and fills.
+    """
+    threads: int = config["threads"]
+    engine = make_engine(config["db_url"], pool_size=threads + 1)
+    options: dict[str, Any] = {}
+    if config.get("fill_wait") is not None:
+        options["fill_wait"] = config["fill_wait"]
+    cache = WriteThroughCache(
+        config["redis_url"],
+        prefix=config["prefix"],
+        lock_timeout=config.get("lock_timeout", 2.0),
+        lease_timeout=config.get("lease_timeout", 2.0),
+        **options,
+    )
+    factory: sessionmaker[Session] = sessionmaker(engine)
+    cache.install(factory)
+    loads = 0
+    lock = threading.Lock()
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        nonlocal loads
+        if ITEM_TABLE in statement and statement.lstrip().upper().startswith("SELECT"):
+            with lock:
+                loads += 1
+
+    rec = Recorder(config["history"], config["worker"])
+    # warm up: connections open, mapper configured, statements compiled
+    conns = [engine.connect() for _ in range(threads)]
+    for c in conns:
+        c.close()
+    with factory() as s:
+        s.get(StItem, config["warm_id"])
+    errors: list[str] = []
+    # ready; wait (bounded) for the runner's go file, which holds the first round's start
+    with open(config["ready"], "w", encoding="utf-8") as f:
+        f.write("ready")
+    give_up = time.monotonic() + 60
+    while not os.path.exists(config["go"]):
+        if time.monotonic() > give_up:
+            return
+        time.sleep(0.01)
+    with open(config["go"], encoding="utf-8") as f:
+        base = int(f.read())
+    rounds = [(base + i * int(config["round_ns"]), id_) for i, id_ in enumerate(config["ids"])]
+
+    def reader(id_: int, start: int) -> None:
+        wait = (start - now()) / 1e9 - 0.002
+        if wait > 0:
+            time.sleep(min(wait, 30))
+        while now() < start:  # the last two milliseconds: spin, so all threads start together
+            pass
+        try:
+            with factory() as s:
+                s.get(StItem, id_)
+        except Exception as exc:
+            errors.append(error_text(exc))
+
+    for start, id_ in rounds:
+        before = cache.stats()
+        loads = 0
+        pool = [threading.Thread(target=reader, args=(id_, start)) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join(30)
+        after = cache.stats()
+        rec.log(
+            {
+                "e": "herd",
+                "id": id_,
+                "loads": loads,
+                "hits": after.hits - before.hits,
+                "misses": after.misses - before.misses,
+                "fills": after.fills - before.fills,
+                "errors": len(errors),
+                "t": now(),
+            }
+        )
+        errors.clear()
+    rec.close()
+    engine.dispose()
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[1], encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("scenario") == "herd":
+        herd(config)
+    else:
+        Worker(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
