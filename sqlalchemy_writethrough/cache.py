@@ -336,35 +336,29 @@ class WriteThroughCache:
         """Models named by ``execution_options(writethrough_invalidates=[...])``."""
         if isinstance(declared, (str, type)):
             declared = [declared]
-        found: list[ModelLayout] = []
-        for target in declared:
-            if isinstance(target, str):
-                found += self._layouts_by_table_name().get(target.lower(), [])
-            else:
-                layout = self._layout_for(inspect(target))
-                if layout is not None:
-                    found.append(layout)
-        return found
+        return self._resolve(declared, where=None)
 
-    def _also_invalidated(self, layout: ModelLayout) -> list[ModelLayout]:
-        targets = layout.options.also_invalidates
-        if not targets:
-            return []
+    def _resolve(self, targets: Iterable[Any], where: str | None) -> list[ModelLayout]:
+        """Cached models named by class or table name; ``where`` (a model's name) makes a
+        class this cache does not cache an error rather than nothing."""
         found: list[ModelLayout] = []
         for target in targets:
             if isinstance(target, str):
                 found += self._layouts_by_table_name().get(target.lower(), [])
-            else:
-                other = self._layout_for(inspect(target))
-                if other is None:
-                    raise ConfigurationError(
-                        f"{layout.entity_name}: also_invalidates names {target.__name__}, "
-                        "which this cache does not cache"
-                    )
-                found.append(other)
+                continue
+            layout = self._layout_for(inspect(target))
+            if layout is not None:
+                found.append(layout)
+            elif where is not None:
+                raise ConfigurationError(
+                    f"{where}: also_invalidates names {target.__name__}, "
+                    "which this cache does not cache"
+                )
         return found
 
-    # -- sessions ------------------------------------------------------------------------
+    def _also_invalidated(self, layout: ModelLayout) -> list[ModelLayout]:
+        targets = layout.options.also_invalidates
+        return self._resolve(targets, where=layout.entity_name) if targets else []
 
     def install(self, target: InstallTarget) -> None:
         """Add the cache to a ``sessionmaker``, ``scoped_session`` or ``Session`` subclass.

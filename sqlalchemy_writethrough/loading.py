@@ -115,16 +115,9 @@ class ReadPath:
             cache._counters.add("misses")
             return None
         if found is not False:
-            dialect = session.get_bind(mapper=mapper).dialect
-            instance = self._build(
-                session, layout, identity_key, pk, found, dialect, key, gen_key, mapper
-            )
-            if instance is _NO_ROW:
-                cache._counters.add("hits")
-                return _sa_compat.make_result([], mapper.class_.__name__)
-            if instance is not None:
-                cache._counters.add("hits")
-                return _sa_compat.make_result([instance], mapper.class_.__name__)
+            result = self._hit(session, layout, identity_key, pk, found, key, gen_key, mapper)
+            if result is not None:
+                return result
         # a miss (or a damaged entry): the script grants a lease, atomically with the check
         lease = f"{self._lease_prefix}{next(self._lease_counter)}" if may_fill else ""
         reply = cache._backend.fetch(key, gen_key, lease, cache._lease_ms)
@@ -140,18 +133,12 @@ class ReadPath:
             cache._counters.add("decode_errors")
             log.warning("writethrough: damaged entry %s replaced, served as a miss", key)
             status = Fetch.LEASED if data else Fetch.MISS
-        dialect = session.get_bind(mapper=mapper).dialect
         if status is Fetch.HIT:
             assert data is not None
-            instance = self._build(
-                session, layout, identity_key, pk, payload_of(data), dialect, key, gen_key, mapper
-            )
-            if instance is _NO_ROW:
-                cache._counters.add("hits")
-                return _sa_compat.make_result([], mapper.class_.__name__)
-            if instance is not None:
-                cache._counters.add("hits")
-                return _sa_compat.make_result([instance], mapper.class_.__name__)
+            payload = payload_of(data)
+            result = self._hit(session, layout, identity_key, pk, payload, key, gen_key, mapper)
+            if result is not None:
+                return result
             status = Fetch.MISS
         cache._counters.add("misses")
         if status is not Fetch.LEASED:
@@ -172,6 +159,28 @@ class ReadPath:
         if not filled:
             cache._backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
         return frozen()
+
+    def _hit(
+        self,
+        session: Any,
+        layout: ModelLayout,
+        identity_key: Any,
+        pk: list[Any],
+        payload: memoryview,
+        key: str,
+        gen_key: str,
+        mapper: Any,
+    ) -> Result[Any] | None:
+        """The result of a cached row, or None when the entry turned out unusable."""
+        dialect = session.get_bind(mapper=mapper).dialect
+        instance = self._build(
+            session, layout, identity_key, pk, payload, dialect, key, gen_key, mapper
+        )
+        if instance is None:
+            return None
+        self.cache._counters.add("hits")
+        rows = [] if instance is _NO_ROW else [instance]
+        return _sa_compat.make_result(rows, mapper.class_.__name__)
 
     def _many(
         self, orm_state: ORMExecuteState, layout: ModelLayout, mapper: Any, ids: list[Any]

@@ -36,6 +36,17 @@ local function generation_once(gkey)
   return g
 end
 
+-- the generation key's value (nil when absent), read once per script call
+local function current_gen(gkey)
+  local g = gens_seen[gkey]
+  if g == nil then
+    g = redis.call('GET', gkey) or false
+    gens_seen[gkey] = g
+  end
+  if g == false then return nil end
+  return g
+end
+
 local function gen_locked(g)
   return string.byte(g, 1) == 76
 end

@@ -15,12 +15,7 @@ for j = 1, #KEYS / 2 do
     if owners[owner] then
       owners[owner] = nil
       if next(owners) == nil then
-        local g = gens_seen[gk]
-        if g == nil then
-          g = redis.call('GET', gk) or false
-          gens_seen[gk] = g
-        end
-        if g == false then g = nil end
+        local g = current_gen(gk)
         if lock[2] == 0 and payload ~= '' and g == lock[5] and not gen_locked(g) then
           redis.call('SET', k, 'V' .. g .. ':' .. payload, 'PX', ttl)
           written = written + 1

@@ -19,13 +19,7 @@ for i = 1, #KEYS, 2 do
       owners[owner] = nil
       if next(owners) == nil then
         local done = false
-        local gk = KEYS[i + 1]
-        local g = gens_seen[gk]
-        if g == nil then
-          g = redis.call('GET', gk) or false
-          gens_seen[gk] = g
-        end
-        if g == false then g = nil end
+        local g = current_gen(KEYS[i + 1])
         if lock[2] == 0 and lock[3] and g == lock[5] and not gen_locked(g) then
           now = now or now_ms()
           if lock[4] - now > 0 then
