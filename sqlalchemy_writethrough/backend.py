@@ -26,15 +26,15 @@ class RedisBackend:
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker, counters: Counters) -> None:
         self.client = client
         self.breaker = breaker
+        breaker.probe = self._ping
         #: called when Redis answers again after the breaker was open (journal replay)
         self.on_recovery: Any = None
+        breaker.on_close = self._recovered
         self._counters = counters
         self._scripts = {s: client.register_script(s.source) for s in Script}
 
-    def _run(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any], force: bool = False
-    ) -> Any:
-        if not force and not self.breaker.allow():
+    def _run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if not self.breaker.allow():
             self._counters.add("errors")
             return None
         try:
@@ -49,9 +49,17 @@ class RedisBackend:
         self._succeeded()
         return reply
 
-    def _succeeded(self) -> None:
-        if self.breaker.success() and self.on_recovery is not None:
+    def _ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def _recovered(self) -> None:
+        log.warning("writethrough: Redis answers again; the cache is back in use")
+        if self.on_recovery is not None:
             self.on_recovery()
+
+    def _succeeded(self) -> None:
+        if self.breaker.success():
+            self._recovered()
 
     def peek(self, key: str, gen_key: str) -> memoryview | Literal[False] | None:
         """The row payload if the entry is a VALUE of the current generation (one MGET, no
@@ -169,10 +177,8 @@ class RedisBackend:
         reply = self._run(Script.RELEASE, pairs, (owner,))
         return None if reply is None else int(reply)
 
-    def invalidate(self, pairs: Sequence[str], force: bool = False) -> bool:
-        """``force`` tries even while the breaker is open (right after a commit whose locks
-        failed, when every moment a stale value stays in Redis counts)."""
-        return self._run(Script.INVALIDATE, pairs, (), force) is not None
+    def invalidate(self, pairs: Sequence[str]) -> bool:
+        return self._run(Script.INVALIDATE, pairs, ()) is not None
 
     def register_keyspace(self, registry_key: str, field: str) -> bool:
         """Record that entries exist under a (table, digest, buckets) keyspace, so that a

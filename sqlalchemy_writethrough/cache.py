@@ -85,7 +85,7 @@ class WriteThroughCache:
         socket_connect_timeout: float | None = None,
         buckets: int = 16,
         breaker_threshold: int = 3,
-        breaker_cooldown: float = 1.0,
+        breaker_cooldown: float = 0.25,
         journal_limit: int = 10_000,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \t\n"):

@@ -9,7 +9,6 @@ they fall in, and replaces those buckets' generations, which invalidates every e
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,6 @@ class Journal:
         self._keys: dict[str, str] = {}
         self._buckets: set[str] = set()
         self.pending = False
-        self._last_forced = -1.0
 
     def __len__(self) -> int:
         return len(self._keys) + len(self._buckets)
@@ -47,15 +45,6 @@ class Journal:
         with self._lock:
             self._buckets.update(gen_keys)
             self.pending = True
-
-    def replay_now(self, backend: RedisBackend, pairs: Sequence[str]) -> None:
-        """Invalidate these keys at once, even past an open breaker (at most one such forced
-        attempt a second, so an outage costs commits at most one timeout a second); they stay
-        journaled (and are invalidated again at the next replay) until a replay succeeds."""
-        now = time.monotonic()
-        if pairs and now - self._last_forced >= 1.0:
-            self._last_forced = now
-            backend.invalidate(pairs, force=True)
 
     def replay(self, backend: RedisBackend) -> bool:
         """Invalidate everything journaled; True when nothing is left to invalidate."""

@@ -258,8 +258,6 @@ class WritePath:
             # a reader may have filled these from the pre-commit rows after an early replay
             if tracker.unlocked:
                 self.cache._journal.add_pairs(tracker.unlocked)
-                # and other processes read Redis: try to invalidate them now, breaker or not
-                self.cache._journal.replay_now(self.cache._backend, tracker.unlocked)
             if tracker.unlocked_gens:
                 self.cache._journal.add_buckets(tracker.unlocked_gens)
 
