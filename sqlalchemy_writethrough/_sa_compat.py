@@ -8,7 +8,7 @@ of these internals fails there, by name, instead of somewhere in the cache's beh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
@@ -255,6 +255,15 @@ def all_mappers() -> list[Mapper[Any]]:
     for reg in list(registries):
         found.extend(reg.mappers)
     return found
+
+
+def expanded_parameter_names(context: Any, name: str) -> list[str] | None:
+    """The parameter names an expanding IN parameter became in this execution
+    (``id_1`` -> ``id_1_1, id_1_2``); ``ExecutionContext`` has no public view of them."""
+    expanded = getattr(context, "_expanded_parameters", None)
+    if not isinstance(expanded, Mapping) or name not in expanded:
+        return None
+    return list(expanded[name])
 
 
 def connection_isolation_level(connection: Any) -> str | None:

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, TextClause
 
+from . import _sa_compat
+
 if TYPE_CHECKING:
     from .cache import WriteThroughCache
     from .model import ModelLayout
@@ -184,6 +186,9 @@ class StatementTracker:
         return found
 
 
+_MISSING: Any = object()
+
+
 def _replaces(stmt: Any) -> bool:
     """INSERT OR REPLACE (SQLite) and REPLACE-style prefixes replace existing rows."""
     return any("replace" in str(prefix).lower() for prefix, _ in getattr(stmt, "_prefixes", ()))
@@ -245,12 +250,21 @@ def _pk_values(
         name = compiled.bind_names.get(right)
         if name is None:
             return None
-        values = [params.get(name, right.value) for params in context.compiled_parameters]
-        if clause.operator is operators.eq:
+        # values come from this execution only: the compiled statement is SQLAlchemy's cached
+        # one, whose bound values belong to whichever statement was compiled first
+        if clause.operator is operators.eq and not right.expanding:
+            values = [params.get(name, _MISSING) for params in context.compiled_parameters]
+            if any(v is _MISSING for v in values):
+                return None
             columns[index] = values
-        elif clause.operator is operators.in_op and len(values) == 1:
-            columns[index] = list(values[0] or ())
-            if width != 1:
+        elif clause.operator is operators.in_op and right.expanding and width == 1:
+            expanded = _sa_compat.expanded_parameter_names(context, name)
+            params = context.compiled_parameters
+            if expanded is None or len(params) != 1:
+                return None
+            try:
+                columns[index] = [params[0][n] for n in expanded]
+            except KeyError:
                 return None
         else:
             return None

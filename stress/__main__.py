@@ -82,6 +82,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="herd: the cache's fill_wait option (default: the library's default)",
     )
+    p.add_argument(
+        "--paths",
+        choices=["unit", "statements", "mixed"],
+        default="mixed",
+        help="stress: how the mixed workers change rows: the unit of work, statement-level DML "
+        "(ORM bulk UPDATE by primary key, update().where(...), range updates, text() through "
+        "the session and session.connection(), bulk_update_mappings), or both (default)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-logs", action="store_true", help="keep the history files")
     return p.parse_args(argv)
@@ -128,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                     kill_prob=args.kill_prob,
                     keep_logs=args.keep_logs,
                     sabotage=args.sabotage,
+                    paths=args.paths,
                 )
             )
             print(result.format(), flush=True)

@@ -248,6 +248,9 @@ class StressConfig:
     sabotage: str | None = None
     #: seconds to wait for another stress run on the same database to finish
     lock_wait: float = 600.0
+    #: write paths of the mixed workers: "unit" (unit of work only), "statements" (statement-level
+    #: DML only: bulk/ORM/Core/text UPDATEs, ``bulk_update_mappings``) or "mixed" (both)
+    paths: str = "mixed"
 
 
 @dataclasses.dataclass
@@ -318,6 +321,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "hot_items": HOT_ITEMS,
                     "parents": PARENTS,
                     "role": "mixed",
+                    "paths": config.paths,
                     "sabotage": config.sabotage,
                 },
                 workdir,

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import case, create_engine, event, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,6 +59,33 @@ READER = {"get": 40, "select": 30, "lazy": 20, "rr_read": 10}
 WRITER = {"update": 1}
 SIMPLE = {"get": 35, "select": 25, "lazy": 20, "update": 20}
 ROLES = {"mixed": MIXED, "reader": READER, "writer": WRITER, "simple": SIMPLE}
+#: the unit-of-work writes a "statements" worker replaces with statement-level ones ("stmt")
+UNIT_WRITES = ("update", "savepoint", "rollback", "update_extra")
+#: weight of "stmt" in a "mixed"-paths worker
+STMT_WEIGHT = 12
+#: the statement-level write paths of ``op_stmt``
+STMT_PATHS = (
+    "bulk_pk",  # session.execute(update(M), [{"id": .., "counter": ..}, ...])
+    "where_eq",  # update(M).where(M.id == i).values(counter=v), one statement per row
+    "in_case",  # update(M).where(M.id.in_(ids)).values(counter=CASE id WHEN .. THEN ..)
+    "range",  # update(M).where(M.id.between(a, b)).values(counter=CASE ...): rows unnamed
+    "text",  # session.execute(text("UPDATE t SET counter = :v WHERE id = :id"), ...)
+    "text_conn",  # the same through session.connection().execute(...)
+    "mappings",  # session.bulk_update_mappings(M, [{"id": .., "counter": ..}])
+)
+
+
+def op_weights(role: str, paths: str, db_errors: bool) -> dict[str, int]:
+    """The operation mix of a worker: its role's, with the write paths ``paths`` asks for."""
+    weights = dict(ROLES[role])
+    if role == "mixed" and paths != "unit":
+        if paths == "statements":
+            weights["stmt"] = sum(weights.pop(k) for k in UNIT_WRITES)
+        else:
+            weights["stmt"] = STMT_WEIGHT
+    if db_errors:
+        weights["pair"] = 6
+    return weights
 
 
 def extra_id(slot: int, incarnation: int, n: int) -> int:
@@ -100,9 +127,9 @@ class Worker:
         self.hot_items: list[int] = config["hot_items"]
         self.parents: list[int] = config["parents"]
         self.slots: int = config.get("slots", 1)
-        weights = dict(ROLES[config.get("role", "mixed")])
-        if config.get("db_errors"):
-            weights["pair"] = 6
+        weights = op_weights(
+            config.get("role", "mixed"), config.get("paths", "unit"), bool(config.get("db_errors"))
+        )
         self.ops = list(weights)
         self.weights = list(weights.values())
         self.tx_seq = 0
@@ -223,11 +250,23 @@ class Worker:
             locked=True,
         )
 
-    def commit(self, s: Session, writes: list[list[Any]], lock_failures_before: int) -> str:
+    def commit(
+        self,
+        s: Session,
+        writes: list[list[Any]],
+        lock_failures_before: int,
+        path: str | None = None,
+    ) -> str:
         self.tx_seq += 1
         tx = f"{self.name}:{self.tx_seq}"
-        self.rec.log({"e": "cstart", "tx": tx, "writes": writes, "t": now()})
+        start: dict[str, Any] = {"e": "cstart", "tx": tx, "writes": writes, "t": now()}
+        if path is not None:
+            start["path"] = path  # the statement-level write path (op_stmt)
+        self.rec.log(start)
         s.info["armed"] = tx
+        if s.info.pop("stmt_written", False) and self.rng.random() < self.kill_prob:
+            # statement-level writes run no flush: die here, between them and COMMIT
+            self._die("after_flush", tx)
         outcome = "ok"
         error: BaseException | None = None
         try:
@@ -393,6 +432,100 @@ class Worker:
                 obj.counter = final
             s.info.pop("armed", None)
             self.commit(s, [[model.__tablename__, id_, final]], lf)
+
+    def op_stmt(self, path: str | None = None) -> None:
+        """Change 1-3 rows through a statement-level write path instead of the unit of work.
+
+        Every row is first read ``FOR UPDATE`` (in id order) and gets ``next_value`` of what
+        was read, so the history stays exact; the commit is recorded like ``op_update``'s.
+        Sometimes the transaction is rolled back (or closed open) instead, its values logged
+        as aborted, like ``op_rollback``.
+        """
+        path = path or self.rng.choice(STMT_PATHS)
+        lf = self.cache.stats().lock_failures
+        s, level = self.session()
+        with s:
+            if path == "range":
+                model, ids = self._stmt_range(s, level)
+            else:
+                model, ids = self._stmt_targets()
+                ids = [i for i in ids if self.get_locked(s, level, model, i) is not None]
+            if not ids:
+                return
+            table = model.__tablename__
+            # the rows' current values: what the FOR UPDATE reads just returned
+            values = {i: next_value(s.get(model, i).counter, self.rng) for i in ids}
+            rows = [{"id": i, "counter": v} for i, v in values.items()]
+            tbl = self.engine.dialect.identifier_preparer.quote(table)
+            raw = text(f"UPDATE {tbl} SET counter = :v WHERE id = :id")
+            params = [{"v": v, "id": i} for i, v in values.items()]
+            by_id = case(values, value=model.id)
+            s.info["armed"] = ""
+            if path == "bulk_pk":
+                s.execute(update(model), rows)
+            elif path == "where_eq":
+                for i, v in values.items():
+                    s.execute(update(model).where(model.id == i).values(counter=v))
+            elif path == "in_case":
+                s.execute(update(model).where(model.id.in_(list(values))).values(counter=by_id))
+            elif path == "range":
+                lo, hi = min(values), max(values)
+                s.execute(update(model).where(model.id.between(lo, hi)).values(counter=by_id))
+            elif path == "text":
+                s.execute(raw, params if len(params) > 1 else params[0])
+            elif path == "text_conn":
+                s.connection().execute(raw, params if len(params) > 1 else params[0])
+            elif path == "mappings":
+                s.bulk_update_mappings(model, rows)
+            else:  # pragma: no cover
+                raise ValueError(path)
+            writes: list[list[Any]] = [[table, i, v] for i, v in values.items()]
+            if self.rng.random() < 0.15:
+                self.rec.log({"e": "aborted", "writes": writes, "path": path})
+                time.sleep(self.rng.uniform(0, 0.005))
+                if self.rng.random() < 0.5:
+                    s.rollback()
+                return  # else: close() with the transaction open
+            s.info["stmt_written"] = True
+            self.commit(s, writes, lf, path)
+
+    def _stmt_targets(self) -> tuple[Any, list[int]]:
+        """1-3 rows of one table for a statement write, in id order (fewer deadlocks)."""
+        if self.extras and self.rng.random() < 0.15:
+            return StItem, [self.rng.choice(self.extras)]
+        if self.rng.random() < 0.2:
+            pool, model = self.parent_ids(), StParent
+        else:
+            pool, model = self.item_ids(), StItem
+        n = self.rng.randint(1, min(3, len(pool)))
+        return model, sorted(self.rng.sample(pool, n))
+
+    def _stmt_range(self, s: Session, level: str) -> tuple[Any, list[int]]:
+        """Lock every row of a random id range ``[a, b]`` of hot items (2-3 ids wide) with one
+        ``SELECT ... FOR UPDATE``, each row logged as a locked read; returns their ids."""
+        pool = sorted(self.item_ids())
+        width = self.rng.randint(2, 3)
+        start = self.rng.randrange(len(pool) - width + 1)
+        lo, hi = pool[start], pool[start + width - 1]
+        t0 = now()
+        stmt = select(StItem).where(StItem.id.between(lo, hi)).order_by(StItem.id).with_for_update()
+        found = list(s.execute(stmt).scalars())
+        t1 = now()
+        for obj in found:
+            self.rec.log(
+                {
+                    "e": "read",
+                    "tb": ITEM_TABLE,
+                    "id": obj.id,
+                    "v": obj.counter,
+                    "src": "locked",
+                    "t0": t0,
+                    "t1": t1,
+                    "iso": level,
+                    "tx": s.info.get("t_begin"),
+                }
+            )
+        return StItem, [obj.id for obj in found]
 
     def op_insert(self) -> None:
         if self.next_extra >= 10_000:

@@ -179,3 +179,20 @@ def test_connection_isolation_level(tmp_path: Any) -> None:
         assert _sa_compat.connection_isolation_level(conn) == "READ UNCOMMITTED"
     engine.dispose()
     configured.dispose()
+
+
+def test_expanded_parameter_names(tmp_path: Any) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'e.db'}")
+    Base.metadata.create_all(engine)
+    seen: list[list[str] | None] = []
+
+    def capture(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
+        seen.append(_sa_compat.expanded_parameter_names(context, "a_1"))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    with engine.connect() as conn:
+        conn.execute(select(Thing.__table__).where(Thing.__table__.c.a.in_([1, 2, 3])))
+    engine.dispose()
+    assert seen == [["a_1_1", "a_1_2", "a_1_3"]]

@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    case,
     delete,
     event,
     insert,
@@ -1354,3 +1355,26 @@ def test_cache_that_has_not_used_a_model_still_invalidates_it(
     else:
         assert db_values(engine, WxItem, 1) == {"id": 1, "name": "by B", "qty": 10}
         assert_reads_database_row(factory_a, engine, WxItem, 1)
+
+
+@pytest.mark.parametrize("shape", ["in", "in_case"])
+def test_statements_of_one_shape_name_their_own_rows(
+    engine: Engine, items: sessionmaker[Session], shape: str
+) -> None:
+    """SQLAlchemy compiles a statement shape once and reuses it: the keys a statement
+    invalidates must come from its own parameters, not from the first statement compiled with
+    that shape (found by the stress checker: the second IN update locked the first one's ids)."""
+    warm(items, engine, WxItem, 1, 2, 3, 4)
+    for ids in ([1, 2], [3, 4]):
+        with items() as session:
+            if shape == "in":
+                stmt = update(WxItem).where(WxItem.id.in_(ids)).values(qty=WxItem.qty + 100)
+            else:
+                stmt = (
+                    update(WxItem)
+                    .where(WxItem.id.in_(ids))
+                    .values(qty=case({ids[0]: 500, ids[1]: 600}, value=WxItem.id))
+                )
+            session.execute(stmt, execution_options={"synchronize_session": False})
+            session.commit()
+        assert_reads_database_row(items, engine, WxItem, *ids)
