@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState
 
 SQLA_VERSION = tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2])
+
+#: the base of ``Interval`` and ``postgresql.INTERVAL`` (no public common base)
+ABSTRACT_INTERVAL: type = sqlalchemy.sql.sqltypes._AbstractInterval
+#: "no value known" in ``InstanceState.committed_state`` (not exported by sqlalchemy.orm)
+NO_VALUE: Any = sqlalchemy.orm.base.NO_VALUE
 SQLA_2_1 = SQLA_VERSION >= (2, 1)
 
 _UNIQUE_BY_ID: list[Callable[[Any], Any]] = [id]

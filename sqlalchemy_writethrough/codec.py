@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from sqlalchemy import types as sqltypes
 
+from ._sa_compat import ABSTRACT_INTERVAL
 from .exc import ConfigurationError
 
 if TYPE_CHECKING:
@@ -272,7 +273,9 @@ def _enc_bytes(v: Any) -> Any:
 def _json_ok(v: Any, depth: int = 0) -> bool:
     if depth > 64:
         return False
-    if v is None or type(v) in (bool, int, float, str):
+    if type(v) is int:
+        return -(2**63) <= v < 2**64  # what msgpack can store
+    if v is None or type(v) in (bool, float, str):
         return True
     if type(v) is list:
         return all(_json_ok(i, depth + 1) for i in v)
@@ -341,6 +344,9 @@ def _exact_float(double: bool) -> Exact:
     return ex
 
 
+_ONE = decimal.Decimal(1)
+
+
 def _exact_decimal(scale: int | None, return_scale: int) -> Exact:
     quantum = decimal.Decimal(1).scaleb(-scale) if scale is not None else None
     fmt = f"%.{return_scale}f"
@@ -359,6 +365,8 @@ def _exact_decimal(scale: int | None, return_scale: int) -> Exact:
             if quantum is None:
                 if ctx.name != "postgresql":
                     return NOT_EXACT
+                if v.as_tuple().exponent > 0:  # type: ignore[operator]
+                    v = v.quantize(_ONE)  # PostgreSQL returns 1.2E+3 as 1200
                 return v.copy_abs() if v.is_zero() else v
             try:
                 rounded = v.quantize(quantum, rounding=decimal.ROUND_HALF_UP)
@@ -379,7 +387,12 @@ def _exact_datetime(timezone: bool, fsp: int | None) -> Exact:
             if not timezone:
                 return v if v.tzinfo is None else NOT_EXACT
             tz = ctx.pg_timezone() if v.tzinfo is not None else None
-            return v.astimezone(tz) if tz is not None else NOT_EXACT
+            if tz is None:
+                return NOT_EXACT
+            try:
+                return v.astimezone(tz)
+            except OverflowError:  # year 1 / 9999 shifted out of datetime's range
+                return NOT_EXACT
         if v.tzinfo is not None:
             v = v.replace(tzinfo=None)  # SQLite and MySQL keep the wall time, drop the zone
         if name == "sqlite":
@@ -552,7 +565,7 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
             "time",
             *_nullable(_enc_iso(dt.time), _dec_iso(dt.time), _exact_time(_mysql_fsp(t))),
         )
-    if isinstance(t, sqltypes.Interval):
+    if isinstance(t, ABSTRACT_INTERVAL):  # Interval and postgresql.INTERVAL
         return ColumnCodec("interval", *_nullable(_enc_interval, _dec_interval, _exact_interval))
     if isinstance(t, sqltypes.Uuid):
         if t.as_uuid:
@@ -617,7 +630,9 @@ class _DecoratedCodec(ColumnCodec):
 def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCodec:
     """The codec of one column on one dialect; TypeDecorators wrap their implementation's."""
     type_: Any = column.type
-    if isinstance(type_, sqltypes.TypeDecorator):
+    # Interval is a TypeDecorator over DateTime on databases without one, but its Python values
+    # are timedeltas on every database: it has a codec of its own
+    if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):
         if isinstance(type_, sqltypes.PickleType):
             _base_codec(type_, where)  # raises with the hint
         # load_dialect_impl() returns the generic implementation type (String(), ...)
@@ -646,7 +661,10 @@ _packb = msgpack.Packer(use_bin_type=True, datetime=False).pack
 
 def pack_row(values: list[Any]) -> bytes:
     """Encode already-encoded column values (with the class tag first) as a payload."""
-    return _HEADER + _packb(values)
+    try:
+        return _HEADER + _packb(values)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise EncodeError(f"not storable in msgpack: {exc}") from exc
 
 
 def unpack_row(payload: bytes | memoryview) -> list[Any]:

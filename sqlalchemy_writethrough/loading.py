@@ -365,7 +365,11 @@ class ReadPath:
         connection = session.connection(bind_arguments={"mapper": layout.mapper})
         if not _read_was_fresh(connection, began_before):
             return False
-        payload = variant.encode_loaded(state.dict, connection.dialect)
+        try:
+            payload = variant.encode_loaded(state.dict, connection.dialect)
+        except Exception:  # a value no codec expected: no fill, never an error to the caller
+            log.warning("writethrough: could not encode %s for the cache", key, exc_info=True)
+            payload = None
         if payload is None:
             return False
         cache = self.cache

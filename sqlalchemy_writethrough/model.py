@@ -127,9 +127,9 @@ class ClassLayout:
                 if attr not in state_dict:
                     return None
                 values.append(col_codec.loaded(state_dict[attr]))
+            return codec.pack_row(values)
         except codec.EncodeError:
             return None
-        return codec.pack_row(values)
 
     def encode_flushed(self, state_dict: dict[str, Any], ctx: codec.FlushContext) -> bytes | None:
         """The payload of a row a flush wrote, or None when a load might return anything else."""
@@ -142,9 +142,9 @@ class ClassLayout:
                 if value is codec.NOT_EXACT:
                     return None
                 values.append(value)
+            return codec.pack_row(values)
         except codec.EncodeError:
             return None
-        return codec.pack_row(values)
 
     def inserted_values(self, state: Any) -> dict[str, Any]:
         """``state.dict`` of a row this flush inserted, with the unset columns the INSERT sent

@@ -105,7 +105,7 @@ class WritePath:
                 models += cache._also_invalidated(layout)
                 variant = layout.variant(state.mapper)
                 assert variant is not None  # _layout_for rebuilds a layout missing a class
-                dict_ = variant.inserted_values(state) if inserted else state.dict
+                dict_ = variant.inserted_values(state) if inserted else _as_updated(state)
                 pk = [dict_.get(a) for a in layout.pk_attrs]
                 if old is not None and list(old) != pk:
                     record(layout, old, None)  # the primary key itself changed
@@ -328,6 +328,28 @@ class WritePath:
         info[cache._info_key] = tracker
         tracker.infos.append(info)
         cache._statements.watch(connection.engine)
+
+
+def _as_updated(state: Any) -> dict[str, Any]:
+    """The row as the UPDATE left it: SQLAlchemy leaves out of the UPDATE an attribute whose
+    new value equals the old one (``-0.0`` over ``0.0``, ``1.500`` over ``1.5``), so the
+    database keeps the old value's form, which is what a load returns."""
+    dict_: dict[str, Any] = state.dict
+    committed = state.committed_state
+    if not committed:
+        return dict_
+    kept: dict[str, Any] | None = None
+    for key, old in committed.items():
+        if key in dict_ and old is not _sa_compat.NO_VALUE and old is not dict_[key]:
+            try:
+                unchanged = bool(old == dict_[key])
+            except Exception:  # an uncomparable value: the UPDATE sent it
+                unchanged = False
+            if unchanged:
+                if kept is None:
+                    kept = dict(dict_)
+                kept[key] = old
+    return dict_ if kept is None else kept
 
 
 def _key_changed(state: Any) -> bool:
