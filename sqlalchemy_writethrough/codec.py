@@ -142,10 +142,6 @@ def _dec_type(expected: type) -> Callable[[Any], Any]:
     return dec
 
 
-def _identity(v: Any) -> Any:
-    return v
-
-
 def _enc_int(v: Any) -> Any:
     if type(v) is not int:
         raise EncodeError(f"not an int: {type(v).__name__}")

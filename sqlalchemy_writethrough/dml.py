@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.sql import operators
@@ -283,10 +283,3 @@ def _same_table(a: Any, b: Any) -> bool:
 def _base(table: Any) -> Any:
     deannotate = getattr(table, "_deannotate", None)
     return deannotate() if deannotate is not None else table
-
-
-def flatten(layouts: Iterable[ModelLayout]) -> Sequence[str]:
-    keys: list[str] = []
-    for layout in layouts:
-        keys += layout.keys.generation_keys()
-    return keys

@@ -267,10 +267,6 @@ class ModelLayout:
     def variant(self, mapper: Mapper[Any]) -> ClassLayout | None:
         return self.variants.get(mapper)
 
-    def covers_all(self, mapper: Mapper[Any]) -> bool:
-        """False when a class of the hierarchy was configured after this layout was built."""
-        return all(m in self.variants for m in mapper.base_mapper.self_and_descendants)
-
     def pk_is_cacheable(self, pk: Iterable[Any]) -> bool:
         """Only values of the column's exact Python type map to one key (``"42"`` and ``42.0``
         would load row 42 from the database under another key)."""
