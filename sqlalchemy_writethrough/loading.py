@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from .cache import WriteThroughCache
     from .model import ModelLayout
+    from .tracking import SessionTracker
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
@@ -102,10 +103,8 @@ class ReadPath:
                 return None  # a database load refreshes expired attributes: let it
             return _sa_compat.make_result([existing], mapper.class_.__name__)
 
-        tracker = cache._tracker(session)
-        tracker.note_first_activity(session, mapper)
-        if tracker.untracked_write or not cache._journal_replayed():
-            cache._counters.add("bypasses")
+        tracker = self._usable_tracker(session, mapper)
+        if tracker is None:
             return None
         may_fill = not tracker.wrote
         key, gen_key = layout.keys.pair(pk)
@@ -160,6 +159,18 @@ class ReadPath:
             cache._backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
         return frozen()
 
+    def _usable_tracker(self, session: Any, mapper: Any) -> SessionTracker | None:
+        """The session's tracker, or None when this transaction must not read Redis: it ran
+        SQL whose effect the cache cannot tell, or keys journaled while Redis was away are
+        not invalidated yet."""
+        cache = self.cache
+        tracker = cache._tracker(session)
+        tracker.note_first_activity(session, mapper)
+        if tracker.untracked_write or not cache._journal_replayed():
+            cache._counters.add("bypasses")
+            return None
+        return tracker
+
     def _hit(
         self,
         session: Any,
@@ -194,10 +205,8 @@ class ReadPath:
             return None
         session = orm_state.session
         _sa_compat.autoflush_before_load(orm_state)
-        tracker = cache._tracker(session)
-        tracker.note_first_activity(session, mapper)
-        if tracker.untracked_write or not cache._journal_replayed():
-            cache._counters.add("bypasses")
+        tracker = self._usable_tracker(session, mapper)
+        if tracker is None:
             return None
         found: dict[Any, Any] = {}
         todo: list[tuple[Any, Any]] = []
@@ -281,15 +290,12 @@ class ReadPath:
                 continue
             payload = b""
             if obj is not None:
-                state = instance_state(obj)
-                variant = layout.variant(state.mapper)
-                if state.key == identity_key and variant is not None and not state.modified:
-                    if fresh is None:
-                        connection = orm_state.session.connection(bind_arguments={"mapper": mapper})
-                        fresh = _read_was_fresh(connection, began_before)
-                        dialect = connection.dialect
-                    if fresh:
-                        payload = variant.encode_loaded(state.dict, dialect) or b""
+                if fresh is None:
+                    connection = orm_state.session.connection(bind_arguments={"mapper": mapper})
+                    fresh = _read_was_fresh(connection, began_before)
+                    dialect = connection.dialect
+                if fresh:
+                    payload = self._payload(layout, identity_key, obj, dialect, key) or b""
             ttl = cache._ttl_ms(layout) if payload else 0
             fills.append((key, gen_key, lease, reply[1], payload, ttl))
         if any(fill[4] for fill in fills):
@@ -343,6 +349,22 @@ class ReadPath:
             session, variant.mapper, identity_key, values, variant.expired
         )
 
+    def _payload(
+        self, layout: ModelLayout, identity_key: Any, instance: Any, dialect: Any, key: str
+    ) -> bytes | None:
+        """What a fill stores for a row just loaded, or None when it must not be stored."""
+        state = instance_state(instance)
+        variant = layout.variant(state.mapper)
+        if state.key != identity_key or variant is None:
+            return None  # e.g. a case-insensitive collation matched another spelling
+        if state.modified:
+            return None
+        try:
+            return variant.encode_loaded(state.dict, dialect)
+        except Exception:  # a value no codec expected: no fill, never an error to the caller
+            log.warning("writethrough: could not encode %s for the cache", key, exc_info=True)
+            return None
+
     def _fill(
         self,
         session: Any,
@@ -356,20 +378,10 @@ class ReadPath:
         began_before: bool,
     ) -> bool:
         """Fill the entry over our lease; False when this load must not (or could not) fill."""
-        state = instance_state(instance)
-        variant = layout.variant(state.mapper)
-        if state.key != identity_key or variant is None:
-            return False  # e.g. a case-insensitive collation matched another spelling
-        if state.modified:
-            return False
         connection = session.connection(bind_arguments={"mapper": layout.mapper})
         if not _read_was_fresh(connection, began_before):
             return False
-        try:
-            payload = variant.encode_loaded(state.dict, connection.dialect)
-        except Exception:  # a value no codec expected: no fill, never an error to the caller
-            log.warning("writethrough: could not encode %s for the cache", key, exc_info=True)
-            payload = None
+        payload = self._payload(layout, identity_key, instance, connection.dialect, key)
         if payload is None:
             return False
         cache = self.cache

@@ -9,9 +9,10 @@ without ORDER BY promises no order); with ORDER BY the query goes to the databas
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from sqlalchemy import String, select
+from sqlalchemy import String, TypeDecorator, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -120,3 +121,46 @@ def test_rows_changed_since_are_not_served_stale(engine: Engine, setup: tuple) -
     with factory() as session:
         rows = session.scalars(select(BrItem).where(BrItem.id.in_([4, 5])).options(from_cache()))
         assert names(list(rows)) == [(4, "renamed"), (5, "item 5")]
+
+
+class Shouting:
+    """What the column loads as: a value its own type cannot bind again."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class ShoutingText(TypeDecorator[Any]):
+    impl = String(50)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if isinstance(value, Shouting):
+            raise TypeError("a loaded value cannot be bound again")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else Shouting(value)
+
+
+class BrNote(Base, CachedModel):
+    __tablename__ = "br_note"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[Any] = mapped_column(ShoutingText)
+
+
+def test_a_row_that_cannot_be_stored_is_served_from_the_database(
+    engine: Engine, setup: tuple
+) -> None:
+    """A fill that cannot encode its row stores nothing and raises nothing, on both paths."""
+    factory, cache, _ = setup
+    with factory() as session:
+        session.add_all([BrNote(id=1, body="one"), BrNote(id=2, body="two")])
+        session.commit()
+    cache.invalidate(BrNote)  # misses: the loads below try to fill
+    with factory() as session:
+        rows = session.scalars(select(BrNote).where(BrNote.id.in_([1, 2])).options(from_cache()))
+        assert [r.body.text for r in rows] == ["one", "two"]
+    with factory() as session:
+        note = session.get(BrNote, 1)
+        assert note is not None and note.body.text == "one"
