@@ -161,17 +161,17 @@ def plain_entity_select(stmt: Any, mapper: Mapper[Any]) -> Sequence[Any] | None:
     return criteria
 
 
-def pk_equalities(
-    criteria: Sequence[Any], table: Any, pk_keys: dict[str, int], params: Any
-) -> list[Any] | None:
-    """Primary-key values from criteria that are exactly ``pk_col = value`` for every pk column.
+def pk_terms(
+    criteria: Sequence[Any], same_table: Callable[[Any], bool], pk_keys: dict[str, int]
+) -> list[tuple[Any, BindParameter[Any]]] | None:
+    """``(operator, bind)`` per primary-key column (in ``pk_keys`` order) when the criteria
+    are nothing but ANDed ``pk_col <op> <bind>`` terms naming every column once; else None.
 
     Matches by (table, column key), never by Column equality: an annotated column's ``__eq__``
-    builds SQL and costs microseconds. Works for the ORM's own get/lazy-load clause (an annotated
-    copy on 2.0, the mapper's object on 2.1) and for ``where(pk == x)`` / ``filter_by``.
+    builds SQL and costs microseconds. Callers decide which operators they accept and where the
+    values come from.
     """
-    values: list[Any] = [_MISSING] * len(pk_keys)
-    found = 0
+    terms: list[Any] = [None] * len(pk_keys)
     stack = list(criteria)
     while stack:
         clause = stack.pop()
@@ -180,28 +180,41 @@ def pk_equalities(
                 return None
             stack.extend(clause.clauses)
             continue
-        if not isinstance(clause, BinaryExpression) or clause.operator is not operators.eq:
+        if not isinstance(clause, BinaryExpression):
             return None
         left, right = clause.left, clause.right
         if isinstance(left, BindParameter):
             left, right = right, left
-        if not isinstance(right, BindParameter):
-            return None
-        if getattr(left, "table", None) is not table:
+        if not isinstance(right, BindParameter) or not same_table(getattr(left, "table", None)):
             return None
         index = pk_keys.get(getattr(left, "key", None))  # type: ignore[arg-type]
-        if index is None or values[index] is not _MISSING:
+        if index is None or terms[index] is not None:
             return None
-        if params and right.key in params:
-            value = params[right.key]
-        elif right.callable is not None:
-            value = right.callable()
-        else:
-            value = right.value
-        values[index] = value
-        found += 1
-    if found != len(pk_keys):
+        terms[index] = (clause.operator, right)
+    if any(term is None for term in terms):
         return None
+    return terms
+
+
+def pk_equalities(
+    criteria: Sequence[Any], table: Any, pk_keys: dict[str, int], params: Any
+) -> list[Any] | None:
+    """Primary-key values from criteria that are exactly ``pk_col = value`` for every pk column:
+    the ORM's own get/lazy-load clause (an annotated copy on 2.0, the mapper's object on 2.1),
+    ``where(pk == x)`` and ``filter_by``."""
+    terms = pk_terms(criteria, lambda t: t is table, pk_keys)
+    if terms is None:
+        return None
+    values: list[Any] = []
+    for operator, bind in terms:
+        if operator is not operators.eq:
+            return None
+        if params and bind.key in params:
+            values.append(params[bind.key])
+        elif bind.callable is not None:
+            values.append(bind.callable())
+        else:
+            values.append(bind.value)
     return values
 
 
@@ -230,13 +243,6 @@ def pk_in_list(criteria: Sequence[Any], table: Any, pk_key: str, params: Any) ->
 def unordered(stmt: Any) -> bool:
     """A statement without ORDER BY: its rows may come back in any order."""
     return not stmt._order_by_clauses
-
-
-class _Missing:
-    __slots__ = ()
-
-
-_MISSING = _Missing()
 
 
 def only_user_defined_options(stmt: Any) -> bool:

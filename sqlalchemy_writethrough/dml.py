@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, TextClause
+from sqlalchemy.sql.elements import TextClause
 
 from . import _sa_compat
 
@@ -226,52 +226,36 @@ def _pk_values(
     if where is None:
         return None
     width = len(layout.pk_index)
-    columns: list[list[Any] | None] = [None] * width
-    stack: list[Any] = [where]
-    while stack:
-        clause = stack.pop()
-        if isinstance(clause, BooleanClauseList):
-            if clause.operator is not operators.and_:
-                return None
-            stack.extend(clause.clauses)
-            continue
-        if not isinstance(clause, BinaryExpression):
-            return None
-        left, right = clause.left, clause.right
-        if isinstance(left, BindParameter):
-            left, right = right, left
-        if not isinstance(right, BindParameter) or getattr(left, "table", None) is None:
-            return None
-        if not _same_table(left.table, layout.table):
-            return None
-        index = layout.pk_index.get(getattr(left, "key", ""))
-        if index is None or columns[index] is not None:
-            return None
+    terms = _sa_compat.pk_terms(
+        [where], lambda t: t is not None and _same_table(t, layout.table), layout.pk_index
+    )
+    if terms is None:
+        return None
+    columns: list[list[Any]] = []
+    for operator, right in terms:
         name = compiled.bind_names.get(right)
         if name is None:
             return None
         # values come from this execution only: the compiled statement is SQLAlchemy's cached
         # one, whose bound values belong to whichever statement was compiled first
-        if clause.operator is operators.eq and not right.expanding:
+        if operator is operators.eq and not right.expanding:
             values = [params.get(name, _MISSING) for params in context.compiled_parameters]
             if any(v is _MISSING for v in values):
                 return None
-            columns[index] = values
-        elif clause.operator is operators.in_op and right.expanding and width == 1:
+            columns.append(values)
+        elif operator is operators.in_op and right.expanding and width == 1:
             expanded = _sa_compat.expanded_parameter_names(context, name)
             params = context.compiled_parameters
             if expanded is None or len(params) != 1:
                 return None
             try:
-                columns[index] = [params[0][n] for n in expanded]
+                columns.append([params[0][n] for n in expanded])
             except KeyError:
                 return None
         else:
             return None
-    if any(c is None for c in columns):
-        return None
     if width == 1:
-        return [[v] for v in columns[0] or ()]
+        return [[v] for v in columns[0]]
     rows = list(zip(*columns, strict=True))  # type: ignore[misc,unused-ignore]
     return [list(r) for r in rows]
 
