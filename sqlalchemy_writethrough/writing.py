@@ -48,6 +48,8 @@ class WritePath:
     def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
         tracker = self.cache._tracker(session)
         tracker.in_flush = True
+        if tracker.began or tracker.external:
+            return  # only a transaction's first database activity needs a look at its binds
         for obj in session.new or session.dirty or session.deleted:
             tracker.note_first_activity(session, instance_state(obj).mapper)
             break
