@@ -44,13 +44,20 @@ def make_result(objects: Sequence[Any], key: str) -> Result[Any]:
     No public constructor builds an entity result: ``FrozenResult`` needs a result to freeze and
     ``merge_frozen_result`` overwrites unflushed edits. Rows are unique by ``id()`` as the ORM
     does, so dataclass models (``__hash__ = None``) work with ``.unique()``. The keyword changed
-    in 2.1 (``_unique_filters`` list became ``_create_unique_filters`` callable).
+    in 2.1 (``_unique_filters`` list became ``_create_unique_filters`` callable). The metadata
+    is built once per entity name and shared, as SQLAlchemy shares a compiled statement's.
     """
-    if SQLA_2_1:
-        metadata = SimpleResultMetaData([key], _create_unique_filters=_unique_by_id)
-    else:  # pragma: no cover - exercised by the SQLAlchemy 2.0 nox session
-        metadata = SimpleResultMetaData([key], _unique_filters=_UNIQUE_BY_ID)  # type: ignore[call-arg,unused-ignore]
+    metadata = _METADATA.get(key)
+    if metadata is None:
+        if SQLA_2_1:
+            metadata = SimpleResultMetaData([key], _create_unique_filters=_unique_by_id)
+        else:  # pragma: no cover - exercised by the SQLAlchemy 2.0 nox session
+            metadata = SimpleResultMetaData([key], _unique_filters=_UNIQUE_BY_ID)  # type: ignore[call-arg,unused-ignore]
+        _METADATA[key] = metadata
     return IteratorResult(metadata, iter(objects), _source_supports_scalars=True)
+
+
+_METADATA: dict[str, SimpleResultMetaData] = {}
 
 
 def build_persistent(
@@ -194,6 +201,26 @@ def pk_terms(
     if any(term is None for term in terms):
         return None
     return terms
+
+
+def get_clause_identity(
+    criteria: Sequence[Any], mapper: Mapper[Any], pk_columns: Sequence[Any], params: Any
+) -> list[Any] | None:
+    """Primary-key values (in ``pk_columns`` order) when the WHERE clause is the mapper's own
+    get clause, the very object ``session.get()`` and many-to-one lazy loads put there on 2.1:
+    one identity check and a dict lookup per column instead of a walk of the clause (about 3 us
+    of a cached get). Anything else, including 2.0's annotated copy, returns None and takes
+    :func:`pk_equalities`.
+    """
+    if len(criteria) != 1 or not params:
+        return None
+    clause, binds = mapper._get_clause
+    if criteria[0] is not clause:
+        return None
+    try:
+        return [params[binds[column].key] for column in pk_columns]
+    except KeyError:
+        return None
 
 
 def pk_equalities(

@@ -82,7 +82,7 @@ Exact = Callable[[Any, FlushContext], Any]
 class ColumnCodec:
     """How one column is stored, read back, and predicted after a flush."""
 
-    __slots__ = ("decode", "encode", "exact", "kind")
+    __slots__ = ("decode", "encode", "exact", "kind", "stored_type")
 
     def __init__(
         self,
@@ -95,6 +95,9 @@ class ColumnCodec:
         self.encode = encode
         self.decode = decode
         self.exact = exact
+        #: when ``decode`` only checks that the stored value is None or of this type and
+        #: returns it: the row decoder checks such columns inline instead of calling it
+        self.stored_type: type | None = getattr(decode, _STORED_TYPE, None)
 
     def flushed(self, value: Any, ctx: FlushContext) -> Any:
         """The stored form of a value a flush sent, or NOT_EXACT."""
@@ -120,6 +123,8 @@ def _nullable(
     def dec(v: Any) -> Any:
         return None if v is None else decode(v)
 
+    setattr(dec, _STORED_TYPE, getattr(decode, _STORED_TYPE, None))
+
     def ex(v: Any, ctx: FlushContext) -> Any:
         return None if v is None else exact(v, ctx)
 
@@ -139,7 +144,12 @@ def _dec_type(expected: type) -> Callable[[Any], Any]:
             raise _fail(expected.__name__, v)
         return v
 
+    setattr(dec, _STORED_TYPE, expected)
     return dec
+
+
+#: attribute naming the type a type-checking decoder accepts (see ColumnCodec.stored_type)
+_STORED_TYPE = "_writethrough_stored_type"
 
 
 def _enc_int(v: Any) -> Any:

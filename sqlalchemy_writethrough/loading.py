@@ -79,7 +79,10 @@ class ReadPath:
         ):
             cache._counters.add("bypasses")
             return None
-        pk = _sa_compat.pk_equalities(criteria, layout.table, layout.pk_index, orm_state.parameters)
+        params = orm_state.parameters
+        pk = _sa_compat.get_clause_identity(criteria, mapper, layout.pk_columns, params)
+        if pk is None:
+            pk = _sa_compat.pk_equalities(criteria, layout.table, layout.pk_index, params)
         if pk is None and requested and len(layout.pk_index) == 1 and _sa_compat.unordered(stmt):
             ids = _sa_compat.pk_in_list(
                 criteria, layout.table, next(iter(layout.pk_index)), orm_state.parameters
@@ -103,7 +106,8 @@ class ReadPath:
                 return None  # a database load refreshes expired attributes: let it
             return _sa_compat.make_result([existing], mapper.class_.__name__)
 
-        tracker = self._usable_tracker(session, mapper)
+        bind = session.get_bind(mapper=mapper)
+        tracker = self._usable_tracker(session, mapper, bind)
         if tracker is None:
             return None
         may_fill = not tracker.wrote
@@ -114,7 +118,7 @@ class ReadPath:
             cache._counters.add("misses")
             return None
         if found is not False:
-            result = self._hit(session, layout, identity_key, pk, found, key, gen_key, mapper)
+            result = self._hit(session, layout, identity_key, pk, found, key, gen_key, mapper, bind)
             if result is not None:
                 return result
         # a miss (or a damaged entry): the script grants a lease, atomically with the check
@@ -135,7 +139,9 @@ class ReadPath:
         if status is Fetch.HIT:
             assert data is not None
             payload = payload_of(data)
-            result = self._hit(session, layout, identity_key, pk, payload, key, gen_key, mapper)
+            result = self._hit(
+                session, layout, identity_key, pk, payload, key, gen_key, mapper, bind
+            )
             if result is not None:
                 return result
             status = Fetch.MISS
@@ -159,13 +165,13 @@ class ReadPath:
             cache._backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
         return frozen()
 
-    def _usable_tracker(self, session: Any, mapper: Any) -> SessionTracker | None:
+    def _usable_tracker(self, session: Any, mapper: Any, bind: Any) -> SessionTracker | None:
         """The session's tracker, or None when this transaction must not read Redis: it ran
         SQL whose effect the cache cannot tell, or keys journaled while Redis was away are
         not invalidated yet."""
         cache = self.cache
         tracker = cache._tracker(session)
-        tracker.note_first_activity(session, mapper)
+        tracker.note_first_activity(session, mapper, bind)
         if tracker.untracked_write or not cache._journal_replayed():
             cache._counters.add("bypasses")
             return None
@@ -181,11 +187,11 @@ class ReadPath:
         key: str,
         gen_key: str,
         mapper: Any,
+        bind: Any,
     ) -> Result[Any] | None:
         """The result of a cached row, or None when the entry turned out unusable."""
-        dialect = session.get_bind(mapper=mapper).dialect
         instance = self._build(
-            session, layout, identity_key, pk, payload, dialect, key, gen_key, mapper
+            session, layout, identity_key, pk, payload, bind.dialect, key, gen_key, mapper
         )
         if instance is None:
             return None
@@ -205,7 +211,8 @@ class ReadPath:
             return None
         session = orm_state.session
         _sa_compat.autoflush_before_load(orm_state)
-        tracker = self._usable_tracker(session, mapper)
+        bind = session.get_bind(mapper=mapper)
+        tracker = self._usable_tracker(session, mapper, bind)
         if tracker is None:
             return None
         found: dict[Any, Any] = {}
@@ -227,7 +234,7 @@ class ReadPath:
             if entries is None:
                 cache._counters.add("misses", len(todo))
                 return None
-            dialect = session.get_bind(mapper=mapper).dialect
+            dialect = bind.dialect
             missing = []
             hits = 0
             for (value, identity_key), (key, gen_key), entry in zip(

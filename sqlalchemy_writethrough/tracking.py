@@ -96,12 +96,14 @@ class SessionTracker:
         #: the DBAPI-connection info dicts that point statements at this tracker
         self.infos: list[dict[Any, Any]] = []
 
-    def note_first_activity(self, session: Any, mapper: Any) -> None:
+    def note_first_activity(self, session: Any, mapper: Any, bind: Any = None) -> None:
         """Called before the transaction's first statement: was its connection already in a
-        transaction that the session did not begin?"""
+        transaction that the session did not begin? (``bind``: the caller's
+        ``session.get_bind(mapper=mapper)``, when it has it.)"""
         if self.began or self.external:
             return
-        bind = session.get_bind(mapper=mapper) if mapper is not None else session.bind
+        if bind is None:
+            bind = session.get_bind(mapper=mapper) if mapper is not None else session.bind
         if isinstance(bind, Connection) and bind.in_transaction():
             self.external = True
             self.wrote = True

@@ -161,6 +161,48 @@ def test_pk_equalities_of_the_orms_get_clause(session: Session) -> None:
     assert values == [3, "z"]
 
 
+def test_get_clause_identity_of_session_get_and_lazy_loads(session: Session) -> None:
+    """On 2.1 the ORM puts the mapper's own get clause in the WHERE clause of session.get()
+    and of a many-to-one lazy load; 2.0 puts an annotated copy there (and the generic walk in
+    pk_equalities takes it). Either way, nothing else may ever match."""
+    session.add(Thing(a=3, b="z", parent=Parent(id=7)))
+    session.commit()
+    session.expunge_all()
+    states = captured_states(session)
+    thing = session.get(Thing, (3, "z"))
+    assert thing is not None
+    _ = thing.parent
+    get_state, lazy_state = states
+    thing_mapper, parent_mapper = inspect(Thing), inspect(Parent)
+    thing_pk, parent_pk = Thing.__table__.primary_key.columns, Parent.__table__.primary_key.columns
+    found = [
+        _sa_compat.get_clause_identity(
+            _sa_compat.plain_entity_select(get_state.statement, thing_mapper) or (),
+            thing_mapper,
+            [thing_pk["a"], thing_pk["b"]],
+            get_state.parameters,
+        ),
+        _sa_compat.get_clause_identity(
+            _sa_compat.plain_entity_select(lazy_state.statement, parent_mapper) or (),
+            parent_mapper,
+            [parent_pk["id"]],
+            lazy_state.parameters,
+        ),
+    ]
+    if _sa_compat.SQLA_2_1:
+        assert found == [[3, "z"], [7]]
+    else:  # pragma: no cover - exercised by the SQLAlchemy 2.0 nox session
+        assert found in ([[3, "z"], [7]], [None, None])
+    # the same values, written out: not the get clause, so not this path
+    stmt = select(Thing).where(Thing.a == 3, Thing.b == "z")
+    assert (
+        _sa_compat.get_clause_identity(
+            stmt._where_criteria, thing_mapper, [thing_pk["a"], thing_pk["b"]], {}
+        )
+        is None
+    )
+
+
 def test_only_user_defined_options() -> None:
     assert _sa_compat.only_user_defined_options(select(Thing).options(from_cache()))
     assert not _sa_compat.only_user_defined_options(select(Thing).options(joinedload(Thing.parent)))
