@@ -773,7 +773,20 @@ def waits_on_row_lock(db: Engine, backend: int) -> bool:
             ),
             {"id": backend},
         ).scalar_one_or_none()
-        return state == "LOCK WAIT"
+        if state == "LOCK WAIT":
+            return True
+        # MariaDB 10.11 sometimes leaves a waiting transaction out of innodb_trx (seen after
+        # another test's transactions on the same table): an UPDATE still "Updating" after
+        # 200 ms on a one-row table is waiting for a lock
+        stuck = conn.execute(
+            sa.text(
+                "SELECT COUNT(*) FROM information_schema.processlist WHERE id = :id "
+                "AND command = 'Query' AND state = 'Updating' AND info LIKE 'UPDATE %' "
+                "AND time_ms > 200"
+            ),
+            {"id": backend},
+        ).scalar_one()
+        return bool(stuck)
 
 
 @PROTECTION
