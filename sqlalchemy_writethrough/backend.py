@@ -22,6 +22,21 @@ from .stats import Counters
 log = logging.getLogger("sqlalchemy_writethrough")
 
 
+class PendingReply:
+    """A command sent on a pooled connection whose reply is not read yet (the connection
+    stays checked out until :meth:`RedisBackend.finish`)."""
+
+    __slots__ = ("args", "connection", "keys", "script")
+
+    def __init__(
+        self, connection: Any, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> None:
+        self.connection = connection
+        self.script = script
+        self.keys = keys
+        self.args = args
+
+
 class RedisBackend:
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker, counters: Counters) -> None:
         self.client = client
@@ -85,6 +100,52 @@ class RedisBackend:
             level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
             log.log(level, "writethrough: Redis %s failed: %r", script.value, exc)
             return None
+        self._succeeded()
+        return reply
+
+    def send_lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> PendingReply | None:
+        """Send the lock script now and read its reply later (:meth:`finish`), so that its
+        round trip overlaps the flush's SQL. None when it could not be sent (the caller takes
+        the locks synchronously, with the usual failure handling)."""
+        if not self._direct or not self.breaker.allow():
+            return None
+        pool = self.client.connection_pool
+        registered = self._scripts[Script.LOCK]
+        args = (owner, ttl_ms)
+        try:
+            conn: Any = pool.get_connection()
+        except (RedisError, OSError) as exc:
+            log.debug("writethrough: Redis lock not sent: %r", exc)
+            return None
+        try:
+            conn.send_command("EVALSHA", registered.sha, len(pairs), *pairs, *args)
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            return None  # not counted as a failure: the synchronous retry decides
+        return PendingReply(conn, Script.LOCK, pairs, args)
+
+    def finish(self, pending: PendingReply) -> Any:
+        """The reply of a command :meth:`send_lock` sent, or None when it failed (a script
+        the server no longer knows is loaded and run again)."""
+        conn = pending.connection
+        pool = self.client.connection_pool
+        try:
+            reply = conn.read_response()
+        except NoScriptError:
+            pool.release(conn)
+            return self._run(pending.script, pending.keys, pending.args)
+        except BaseException as exc:
+            if not isinstance(exc, ResponseError):
+                conn.disconnect()
+            pool.release(conn)
+            if not isinstance(exc, (RedisError, OSError)):
+                raise
+            self.breaker.failure()
+            self._counters.add("errors")
+            log.warning("writethrough: Redis %s failed: %r", pending.script.value, exc)
+            return None
+        pool.release(conn)
         self._succeeded()
         return reply
 

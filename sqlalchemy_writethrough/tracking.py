@@ -42,6 +42,7 @@ class SessionTracker:
         "locked",
         "locked_gens",
         "owner",
+        "pending_lock",
         "reassert_on_flush",
         "released_savepoints",
         "session_ref",
@@ -59,6 +60,8 @@ class SessionTracker:
 
     def reset(self) -> None:
         self.owner: str = ""
+        #: the lock script before_flush sent, whose reply after_flush reads (see .writing)
+        self.pending_lock: Any = None
         #: entity key -> generation key, for every key this root transaction locked (or tried to)
         self.locked: dict[str, str] = {}
         self.lock_ms = 0

@@ -1,5 +1,9 @@
 """The write path: lock before COMMIT, publish after it, restore after a rollback.
 
+``before_flush``  the entries of rows the flush is about to write, as far as their keys are
+                  known now (updated and deleted rows, inserts with their primary key set),
+                  get their lock script *sent*; its reply is read in ``after_flush``, so the
+                  Redis round trip runs while the database executes the flush.
 ``after_flush``   the rows a flush wrote are snapshotted from ``state.dict`` (never by reading
                   attributes, which could emit SQL) and their entries locked, before COMMIT.
                   Rows the database changes by itself (``ON DELETE CASCADE`` with
@@ -48,11 +52,64 @@ class WritePath:
     def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
         tracker = self.cache._tracker(session)
         tracker.in_flush = True
-        if tracker.began or tracker.external:
-            return  # only a transaction's first database activity needs a look at its binds
-        for obj in session.new or session.dirty or session.deleted:
-            tracker.note_first_activity(session, instance_state(obj).mapper)
-            break
+        if not (tracker.began or tracker.external):
+            # only a transaction's first database activity needs a look at its binds
+            for obj in session.new or session.dirty or session.deleted:
+                tracker.note_first_activity(session, instance_state(obj).mapper)
+                break
+        if (
+            tracker.pending_lock is None
+            and not tracker.reassert_on_flush
+            # the transaction that will end (and finish the reply) if the flush never runs
+            and session.get_transaction() is not None
+        ):
+            self._send_locks(session, tracker)
+
+    def _send_locks(self, session: Session, tracker: SessionTracker) -> None:
+        """Send the locks of the entries this flush will write, as far as their keys are known
+        before it runs; after_flush reads the reply and locks whatever else it wrote. A key
+        locked here that the flush does not write after all ends as a miss."""
+        cache = self.cache
+        pairs: list[str] = []
+        seen: set[str] = set()
+        for collection in (session.dirty, session.deleted, session.new):
+            for obj in collection:
+                state = instance_state(obj)
+                layout = cache._layout_for(state.mapper)
+                if layout is None:
+                    continue
+                if state.key is not None:
+                    pk = list(state.key[1])
+                else:
+                    dict_ = state.dict
+                    pk = [dict_.get(a) for a in layout.pk_attrs]
+                    if None in pk or not layout.pk_is_cacheable(pk):
+                        continue  # the database assigns it: after_flush locks it
+                key, gen_key = layout.keys.pair(pk)
+                if key in tracker.locked or key in seen:
+                    continue
+                self._involve(tracker, layout)
+                seen.add(key)
+                pairs += (key, gen_key)
+        if not pairs:
+            return
+        if not tracker.first_lock_at:
+            tracker.first_lock_at = time.monotonic()
+        tracker.pending_lock = cache._backend.send_lock(
+            pairs, tracker.owner_token(), tracker.lock_ms
+        )
+
+    def _finish_locks(self, tracker: SessionTracker) -> None:
+        """Read the reply of the locks before_flush sent (the flush ran, or failed)."""
+        pending = tracker.pending_lock
+        if pending is None:
+            return
+        tracker.pending_lock = None
+        pairs = list(pending.keys)
+        for i in range(0, len(pairs), 2):
+            tracker.locked[pairs[i]] = pairs[i + 1]
+        if self.cache._backend.finish(pending) is None:
+            self._lock_failed(tracker, pairs=pairs)
 
     def after_flush(self, session: Session, flush_context: Any) -> None:
         cache = self.cache
@@ -61,6 +118,7 @@ class WritePath:
         tracker = cache._tracker(session)
         tracker.in_flush = False
         tracker.wrote = True
+        self._finish_locks(tracker)
         transaction = session.get_nested_transaction() or session.get_transaction()
         contexts: dict[Any, FlushContext] = {}
         touched: list[tuple[str, str]] = []
@@ -291,6 +349,11 @@ class WritePath:
         tracker = self.cache._peek_tracker(session)
         if tracker is None:
             return
+        if tracker.pending_lock is not None:  # a flush failed before after_flush
+            try:
+                self._finish_locks(tracker)
+            except Exception:  # strict mode's error: the transaction is ending anyway
+                log.debug("writethrough: lock failed during a failed flush", exc_info=True)
         if transaction.nested:
             tracker.end_savepoint(transaction, transaction.parent)
             return

@@ -1020,3 +1020,81 @@ def test_session_joined_to_an_outer_transaction_never_publishes(
     )
     seen = get_via_database(make_session, engine, WpProduct, 1)
     assert seen is not None and seen["name"] == "product 1"
+
+
+# ---------------------------------------------- locks sent before the flush's SQL runs
+
+
+def test_rows_changed_by_a_later_before_flush_listener_are_locked_and_published(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """The cache sends the locks of the rows it can name in its before_flush; a listener that
+    runs after it changes another cached row. That row is locked before COMMIT all the same
+    and published after it."""
+    seed_products(engine, 1, 2)
+    warm(make_session, engine, cache, redis_client, WpProduct, 1, 2)
+
+    @event.listens_for(make_session, "before_flush")
+    def touch_row_two(session: Session, flush_context: Any, instances: Any) -> None:
+        two = session.get(WpProduct, 2)
+        assert two is not None
+        two.name = "changed by a listener"
+
+    with make_session() as session:
+        one = session.get(WpProduct, 1)
+        assert one is not None
+        one.name = "changed by the caller"
+        session.flush()
+        assert entry_state(redis_client, entry_key(cache, WpProduct, 1)) == "lock"
+        assert entry_state(redis_client, entry_key(cache, WpProduct, 2)) == "lock"
+        session.commit()
+    event.remove(make_session, "before_flush", touch_row_two)
+
+    for pk, name in ((1, "changed by the caller"), (2, "changed by a listener")):
+        assert entry_state(redis_client, entry_key(cache, WpProduct, pk)) == "value"
+        assert (
+            assert_value_or_miss(make_session, engine, cache, redis_client, WpProduct, pk)["name"]
+            == name
+        )
+
+
+def test_flush_aborted_by_a_listener_restores_entries_and_returns_connections(
+    engine: Engine,
+    redis_url: str,
+    prefix: str,
+) -> None:
+    """A before_flush listener after the cache's raises: the flush never runs, but the locks the
+    cache already sent are read back and released by the rollback (previous VALUEs restored),
+    and no Redis connection stays checked out of the pool, however often it happens."""
+    reset_schema(engine, Base.metadata)
+    name = f"wt-{prefix}"
+    client = redis.Redis.from_url(redis_url, socket_timeout=1, client_name=name)
+    try:
+        cache = WriteThroughCache(client, prefix=prefix)
+        factory = sessionmaker(engine)
+        cache.install(factory)
+        seed_products(engine, 1)
+        before = warm(factory, engine, cache, client, WpProduct, 1)[1]
+
+        @event.listens_for(factory, "before_flush")
+        def refuse(session: Session, flush_context: Any, instances: Any) -> None:
+            raise RuntimeError("refused by the application")
+
+        for _ in range(25):
+            with factory() as session:
+                product = session.get(WpProduct, 1)
+                assert product is not None
+                product.name = "never flushed"
+                with pytest.raises(RuntimeError):
+                    session.commit()
+                session.rollback()
+        event.remove(factory, "before_flush", refuse)
+
+        assert_restored(factory, engine, cache, client, WpProduct, 1, before)
+        ours = [c for c in client.client_list() if c.get("name") == name]
+        assert len(ours) <= 3, f"{len(ours)} connections: the pool is leaking them"
+    finally:
+        client.close()
