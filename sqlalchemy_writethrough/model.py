@@ -104,6 +104,10 @@ class ClassLayout:
             weakref.WeakKeyDictionary()
         )
         self._decoders: weakref.WeakKeyDictionary[Any, _RowDecoder] = weakref.WeakKeyDictionary()
+        # the last dialect's codecs and decoder: a weak dictionary lookup builds a weakref
+        # each time (one strong reference per class to the latest dialect is the price)
+        # (one tuple, replaced whole: threads never see one dialect's decoder with another's)
+        self._last: tuple[Any, tuple[codec.ColumnCodec, ...], _RowDecoder] | None = None
 
     def description(self) -> str:
         return f"{self.tag!r}:" + ",".join(
@@ -112,6 +116,9 @@ class ClassLayout:
         )
 
     def codecs(self, dialect: Dialect) -> tuple[codec.ColumnCodec, ...]:
+        last = self._last
+        if last is not None and last[0] is dialect:
+            return last[1]
         found = self._codecs.get(dialect)
         if found is None:
             found = tuple(
@@ -164,9 +171,14 @@ class ClassLayout:
 
     def decode_values(self, raw: list[Any], dialect: Dialect) -> dict[str, Any]:
         """Attribute values of a payload's columns (``raw[0]`` is the class tag)."""
+        last = self._last
+        if last is not None and last[0] is dialect:
+            return last[2](raw)
+        codecs = self.codecs(dialect)
         decoder = self._decoders.get(dialect)
         if decoder is None:
-            decoder = self._decoders[dialect] = _RowDecoder(self.attrs, self.codecs(dialect))
+            decoder = self._decoders[dialect] = _RowDecoder(self.attrs, codecs)
+        self._last = (dialect, codecs, decoder)
         return decoder(raw)
 
 
