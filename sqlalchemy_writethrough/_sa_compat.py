@@ -93,6 +93,38 @@ def build_persistent(
     return instance
 
 
+def build_persistent_many(
+    session: Session,
+    mapper: Mapper[Any],
+    rows: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+    expired: Iterable[str],
+) -> list[Any]:
+    """:func:`build_persistent` for many rows of one class: (identity key, values) each."""
+    new_instance = mapper.class_manager.new_instance
+    add = session.identity_map._add_unpresent  # type: ignore[attr-defined,unused-ignore]
+    hash_key = session.hash_key
+    expired = tuple(expired)
+    load = mapper.class_manager.dispatch.load
+    loaded_as_persistent = session.dispatch.loaded_as_persistent
+    instances = []
+    for identity_key, values in rows:
+        instance = new_instance()
+        state = instance_state(instance)
+        state.dict.update(values)
+        state.key = identity_key
+        state.identity_token = identity_key[2]
+        state.session_id = hash_key
+        add(state, identity_key)
+        if expired:
+            state.expired_attributes.update(expired)
+        if load:
+            load(state, None)
+        if loaded_as_persistent:
+            loaded_as_persistent(session, state)
+        instances.append(instance)
+    return instances
+
+
 def session_is_clean(session: Session) -> bool:
     """True when commit() will not flush: nothing new, deleted or modified.
 

@@ -58,6 +58,16 @@ class KeySpace:
         tag = self._tags[zlib.crc32(part.encode()) % self._buckets]
         return f"{tag}:{part}", tag
 
+    def pairs_of(self, values: Sequence[Any]) -> list[tuple[str, str]]:
+        """:meth:`pair` of many single-column primary keys (the batch read path)."""
+        tags, buckets, crc32, part_of = self._tags, self._buckets, zlib.crc32, encode_pk_part
+        found = []
+        for value in values:
+            part = part_of(value)
+            tag = tags[crc32(part.encode()) % buckets]
+            found.append((f"{tag}:{part}", tag))
+        return found
+
     def generation_keys(self) -> list[str]:
         return list(self._tags)
 

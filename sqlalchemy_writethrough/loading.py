@@ -206,7 +206,8 @@ class ReadPath:
         the misses from one database query (filled over their leases, as single misses)."""
         cache = self.cache
         ids = list(dict.fromkeys(ids))
-        if not all(layout.pk_is_cacheable((v,)) for v in ids):
+        pk_type = layout.pk_types[0]
+        if not ids or not all(type(v) is pk_type for v in ids):
             cache._counters.add("bypasses")
             return None
         session = orm_state.session
@@ -215,11 +216,14 @@ class ReadPath:
         tracker = self._usable_tracker(session, mapper, bind)
         if tracker is None:
             return None
+        # identity keys are (class, pk tuple, token): the class and token of one, for all
+        identity_class, _, token = mapper.identity_key_from_primary_key((ids[0],))
+        identity_map = session.identity_map
         found: dict[Any, Any] = {}
         todo: list[tuple[Any, Any]] = []
         for value in ids:
-            identity_key = mapper.identity_key_from_primary_key((value,))
-            existing = session.identity_map.get(identity_key)
+            identity_key = (identity_class, (value,), token)
+            existing = identity_map.get(identity_key)
             if existing is None:
                 todo.append((value, identity_key))
                 continue
@@ -229,33 +233,59 @@ class ReadPath:
             if state.mapper.isa(mapper):
                 found[value] = existing
         if todo:
-            pairs = [layout.keys.pair((value,)) for value, _ in todo]
+            pairs = layout.keys.pairs_of([value for value, _ in todo])
             entries = cache._backend.peek_many(pairs)
             if entries is None:
                 cache._counters.add("misses", len(todo))
                 return None
-            dialect = bind.dialect
-            missing = []
-            hits = 0
-            for (value, identity_key), (key, gen_key), entry in zip(
-                todo, pairs, entries, strict=True
-            ):
-                instance = None
-                if entry is not False:
-                    instance = self._build(
-                        session, layout, identity_key, [value], entry, dialect, key, gen_key, mapper
-                    )
-                if instance is None:
-                    missing.append((value, identity_key, key, gen_key))
-                    continue
-                hits += 1
-                if instance is not _NO_ROW:
-                    found[value] = instance
-            cache._counters.add("hits", hits)
+            missing = self._build_many(
+                session, layout, mapper, bind.dialect, todo, pairs, entries, found
+            )
+            cache._counters.add("hits", len(todo) - len(missing))
             if missing:
                 self._load_missing(orm_state, layout, mapper, tracker, missing, found)
         rows = [found[value] for value in ids if value in found]
         return _sa_compat.make_result(rows, mapper.class_.__name__)
+
+    def _build_many(
+        self,
+        session: Any,
+        layout: ModelLayout,
+        requested: Any,
+        dialect: Any,
+        todo: list[tuple[Any, Any]],
+        pairs: list[tuple[str, str]],
+        entries: list[Any],
+        found: dict[Any, Any],
+    ) -> list[tuple[Any, Any, str, str]]:
+        """Instances of the usable entries, into ``found``; the others, to load (as
+        ``(value, identity key, key, generation key)``)."""
+        missing = []
+        by_variant: dict[Any, list[tuple[Any, dict[str, Any]]]] = {}
+        order: dict[Any, list[Any]] = {}
+        decode_row = layout.decode_row
+        for (value, identity_key), (key, gen_key), entry in zip(todo, pairs, entries, strict=True):
+            if entry is False:
+                missing.append((value, identity_key, key, gen_key))
+                continue
+            try:
+                variant, values = decode_row(entry, dialect)
+                if values[layout.pk_attrs[0]] != value:
+                    raise DecodeError("holds another primary key")
+            except (DecodeError, ValueError) as exc:
+                self._discard(key, gen_key, exc)
+                missing.append((value, identity_key, key, gen_key))
+                continue
+            if not variant.mapper.isa(requested):
+                continue  # another class of the hierarchy: the ORM finds no row
+            by_variant.setdefault(variant, []).append((identity_key, values))
+            order.setdefault(variant, []).append(value)
+        for variant, rows in by_variant.items():
+            instances = _sa_compat.build_persistent_many(
+                session, variant.mapper, rows, variant.expired
+            )
+            found.update(zip(order[variant], instances, strict=True))
+        return missing
 
     def _load_missing(
         self,
@@ -340,21 +370,22 @@ class ReadPath:
     ) -> Any:
         try:
             variant, values = layout.decode_row(payload, dialect)
+            if [values[a] for a in layout.pk_attrs] != pk:
+                raise DecodeError("holds another primary key")
         except (DecodeError, ValueError) as exc:
-            self.cache._counters.add("decode_errors")
-            log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
-            self.cache._backend.invalidate((key, gen_key))
-            return None
-        if [values[a] for a in layout.pk_attrs] != pk:
-            self.cache._counters.add("decode_errors")
-            log.error("writethrough: entry %s holds another primary key; served as a miss", key)
-            self.cache._backend.invalidate((key, gen_key))
+            self._discard(key, gen_key, exc)
             return None
         if not variant.mapper.isa(requested):
             return _NO_ROW  # the row is another class of the hierarchy: the ORM finds no row
         return _sa_compat.build_persistent(
             session, variant.mapper, identity_key, values, variant.expired
         )
+
+    def _discard(self, key: str, gen_key: str, exc: Exception) -> None:
+        """An entry that is not a row of its key: removed, and served as a miss."""
+        self.cache._counters.add("decode_errors")
+        log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
+        self.cache._backend.invalidate((key, gen_key))
 
     def _payload(
         self, layout: ModelLayout, identity_key: Any, instance: Any, dialect: Any, key: str
