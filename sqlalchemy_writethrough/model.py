@@ -99,14 +99,10 @@ class ClassLayout:
             if isinstance(r, RelationshipProperty) and r.lazy in _EAGER
         )
         self._where = where
-        self._codecs: weakref.WeakKeyDictionary[Any, tuple[codec.ColumnCodec, ...]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._decoders: weakref.WeakKeyDictionary[Any, _RowDecoder] = weakref.WeakKeyDictionary()
-        # the last dialect's codecs and decoder: a weak dictionary lookup builds a weakref
-        # each time (one strong reference per class to the latest dialect is the price)
-        # (one tuple, replaced whole: threads never see one dialect's decoder with another's)
-        self._last: tuple[Any, tuple[codec.ColumnCodec, ...], _RowDecoder] | None = None
+        self._row_codecs: weakref.WeakKeyDictionary[Any, _RowCodec] = weakref.WeakKeyDictionary()
+        # the last dialect's row codec: a weak dictionary lookup builds a weakref each time
+        # (one strong reference per class to the latest dialect is the price)
+        self._last: _RowCodec | None = None
 
     def description(self) -> str:
         return f"{self.tag!r}:" + ",".join(
@@ -114,18 +110,22 @@ class ClassLayout:
             for a, c in zip(self.attrs, self.columns, strict=True)
         )
 
-    def codecs(self, dialect: Dialect) -> tuple[codec.ColumnCodec, ...]:
+    def row_codec(self, dialect: Dialect) -> _RowCodec:
         last = self._last
-        if last is not None and last[0] is dialect:
-            return last[1]
-        found = self._codecs.get(dialect)
+        if last is not None and last.dialect is dialect:
+            return last
+        found = self._row_codecs.get(dialect)
         if found is None:
-            found = tuple(
+            codecs = tuple(
                 codec.column_codec(c, dialect, f"{self._where}.{a}")
                 for c, a in zip(self.columns, self.attrs, strict=True)
             )
-            self._codecs[dialect] = found
+            found = self._row_codecs[dialect] = _RowCodec(dialect, self.tag, self.attrs, codecs)
+        self._last = found
         return found
+
+    def codecs(self, dialect: Dialect) -> tuple[codec.ColumnCodec, ...]:
+        return self.row_codec(dialect).codecs
 
     def encode_loaded(self, state_dict: dict[str, Any], dialect: Dialect) -> bytes | None:
         """The payload of a row just loaded from the database, or None if it cannot be stored."""
@@ -140,16 +140,15 @@ class ClassLayout:
             return None
 
     def encode_flushed(self, state_dict: dict[str, Any], ctx: codec.FlushContext) -> bytes | None:
-        """The payload of a row a flush wrote, or None when a load might return anything else."""
-        values: list[Any] = [self.tag]
+        """The payload of a row a flush wrote, or None when a load might return anything else
+        (an attribute expired, as by a SQL expression or an unfetched server default)."""
         try:
-            for attr, col_codec in zip(self.attrs, self.codecs(ctx.dialect), strict=True):
-                if attr not in state_dict:
-                    return None  # expired (SQL expression, server default not fetched)
-                value = col_codec.flushed(state_dict[attr], ctx)
-                if value is codec.NOT_EXACT:
-                    return None
-                values.append(value)
+            values = self.row_codec(ctx.dialect).flushed(state_dict, ctx)
+        except (KeyError, codec.EncodeError):
+            return None
+        if values is None:
+            return None
+        try:
             return codec.pack_row(values)
         except codec.EncodeError:
             return None
@@ -170,50 +169,73 @@ class ClassLayout:
 
     def decode_values(self, raw: list[Any], dialect: Dialect) -> dict[str, Any]:
         """Attribute values of a payload's columns (``raw[0]`` is the class tag)."""
-        last = self._last
-        if last is not None and last[0] is dialect:
-            return last[2].decode(raw)  # type: ignore[no-any-return]
-        codecs = self.codecs(dialect)
-        decoder = self._decoders.get(dialect)
-        if decoder is None:
-            decoder = self._decoders[dialect] = _RowDecoder(self.attrs, codecs)
-        self._last = (dialect, codecs, decoder)
-        return decoder(raw)
+        values: dict[str, Any] = self.row_codec(dialect).decode(raw)
+        return values
 
 
-class _RowDecoder:
-    """Decodes one class's rows on one dialect, as one generated function (as dataclasses
-    generate ``__init__``): columns stored as their Python value (int, str, bool, float,
-    bytes) are type-checked inline, the others call their codec, and the dict is built in one
-    expression. A cached get decodes in about half the time of a loop over every column's
-    codec; 100 rows by primary key spend a quarter less (``python -m benchmarks``)."""
+class _RowCodec:
+    """One class's rows on one dialect: its column codecs, and two functions generated from
+    them (as dataclasses generate ``__init__``):
 
-    __slots__ = ("decode",)
+    ``decode(raw)``            columns stored as their Python value (int, str, bool, float,
+                               bytes) are type-checked inline, the others call their codec;
+    ``flushed(dict_, ctx)``    the stored values of a row a flush wrote, or None when one is
+                               not exact; KeyError when an attribute is not loaded.
 
-    def __init__(self, attrs: tuple[str, ...], codecs: tuple[codec.ColumnCodec, ...]) -> None:
-        namespace: dict[str, Any] = {"DecodeError": codec.DecodeError, "_wrong": _wrong_type}
-        lines = [
+    Against a loop over every column's codec, a cached get decodes in about half the time and
+    a commit predicts a row's values in about a third less (``python -m benchmarks``).
+    """
+
+    __slots__ = ("codecs", "decode", "dialect", "flushed")
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        tag: Any,
+        attrs: tuple[str, ...],
+        codecs: tuple[codec.ColumnCodec, ...],
+    ) -> None:
+        self.dialect = dialect
+        self.codecs = codecs
+        namespace: dict[str, Any] = {
+            "DecodeError": codec.DecodeError,
+            "NOT_EXACT": codec.NOT_EXACT,
+            "_wrong": _wrong_type,
+            "tag": tag,
+        }
+        decode = [
             "def decode(raw):",
             f"    if len(raw) != {len(attrs) + 1}:",
             "        raise DecodeError('wrong number of columns')",
         ]
-        for i, col_codec in enumerate(codecs, 1):
-            if col_codec.stored_type is not None:
+        flushed = ["def flushed(d, ctx):"]
+        for i, (attr, col_codec) in enumerate(zip(attrs, codecs, strict=True), 1):
+            namespace[f"c{i}"] = col_codec
+            if col_codec.stored_type is not None and type(col_codec) is codec.ColumnCodec:
                 namespace[f"t{i}"] = col_codec.stored_type
-                lines.append(f"    v{i} = raw[{i}]")
-                lines.append(f"    if v{i} is not None and type(v{i}) is not t{i}:")
-                lines.append(f"        _wrong(t{i}, v{i})")
+                namespace[f"x{i}"] = col_codec.exact
+                decode.append(f"    v{i} = raw[{i}]")
+                decode.append(f"    if v{i} is not None and type(v{i}) is not t{i}:")
+                decode.append(f"        _wrong(t{i}, v{i})")
+                # exact() returns None, a value of the stored type, or NOT_EXACT: nothing
+                # left for encode() to do
+                flushed.append(f"    v{i} = x{i}(d[{attr!r}], ctx)")
             else:
                 namespace[f"d{i}"] = col_codec.decode
-                lines.append(f"    v{i} = d{i}(raw[{i}])")
-        items = ", ".join(f"{attr!r}: v{i}" for i, attr in enumerate(attrs, 1))
-        lines.append(f"    return {{{items}}}")
-        exec("\n".join(lines), namespace)  # only attribute-name literals and indexes
+                namespace[f"f{i}"] = col_codec.flushed
+                decode.append(f"    v{i} = d{i}(raw[{i}])")
+                flushed.append(f"    v{i} = f{i}(d[{attr!r}], ctx)")
+            flushed.append(f"    if v{i} is NOT_EXACT:")
+            flushed.append("        return None")
+        names = [f"v{i}" for i in range(1, len(attrs) + 1)]
+        items = ", ".join(f"{attr!r}: {name}" for attr, name in zip(attrs, names, strict=True))
+        decode.append(f"    return {{{items}}}")
+        flushed.append(f"    return [tag, {', '.join(names)}]")
+        # only attribute-name literals and indexes go into the source
+        exec("\n".join(decode), namespace)
+        exec("\n".join(flushed), namespace)
         self.decode: Any = namespace["decode"]
-
-    def __call__(self, raw: list[Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.decode(raw)
-        return result
+        self.flushed: Any = namespace["flushed"]
 
 
 def _wrong_type(expected: type, value: Any) -> None:
