@@ -121,15 +121,19 @@ class WritePath:
         self._finish_locks(tracker)
         transaction = session.get_nested_transaction() or session.get_transaction()
         contexts: dict[Any, FlushContext] = {}
+        layout_contexts: dict[ModelLayout, FlushContext] = {}
         touched: list[tuple[str, str]] = []
         models: list[ModelLayout] = []
 
         def context_for(layout: ModelLayout) -> FlushContext:
-            bind = session.get_bind(mapper=layout.mapper)
-            ctx = contexts.get(bind)
-            if ctx is None:
-                connection = session.connection(bind_arguments={"mapper": layout.mapper})
-                ctx = contexts[bind] = FlushContext(bind.dialect, connection)
+            ctx = layout_contexts.get(layout)
+            if ctx is None:  # get_bind() once per model and flush, not per row
+                bind = session.get_bind(mapper=layout.mapper)
+                ctx = contexts.get(bind)
+                if ctx is None:
+                    connection = session.connection(bind_arguments={"mapper": layout.mapper})
+                    ctx = contexts[bind] = FlushContext(bind.dialect, connection)
+                layout_contexts[layout] = ctx
             return ctx
 
         def record(layout: ModelLayout, pk: Any, payload: bytes | None) -> None:
