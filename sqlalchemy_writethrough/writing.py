@@ -136,11 +136,21 @@ class WritePath:
                 layout_contexts[layout] = ctx
             return ctx
 
+        changes = tracker.changes.setdefault(transaction, {})
+        statement_keys = tracker.statement_keys
+        involved: set[ModelLayout] = set()
+
+        def involve(layout: ModelLayout) -> None:
+            """Once per model and flush: its options, and the models its rows change too."""
+            involved.add(layout)
+            self._involve(tracker, layout)
+            models.extend(cache._also_invalidated(layout))
+
         def record(layout: ModelLayout, pk: Any, payload: bytes | None) -> None:
             key, gen_key = layout.keys.pair(pk)
-            if key in tracker.statement_keys:
+            if key in statement_keys:
                 payload = None
-            tracker.record(transaction, key, Change(gen_key, payload, cache._ttl_ms(layout)))
+            changes[key] = Change(gen_key, payload, cache._ttl_ms(layout))
             touched.append((key, gen_key))
 
         for obj in session.deleted:
@@ -150,8 +160,8 @@ class WritePath:
             layout = cache._layout_for(mapper)
             if layout is None or state.key is None:
                 continue
-            self._involve(tracker, layout)
-            models += cache._also_invalidated(layout)
+            if layout not in involved:
+                involve(layout)
             record(layout, state.key[1], None)
 
         for collection, inserted in ((session.new, True), (session.dirty, False)):
@@ -165,19 +175,19 @@ class WritePath:
                             state.mapper.local_table, deleted=False, orm_handles=state.mapper
                         )
                     continue
-                self._involve(tracker, layout)
-                models += cache._also_invalidated(layout)
+                if layout not in involved:
+                    involve(layout)
                 variant = layout.variant(state.mapper)
                 assert variant is not None  # _layout_for rebuilds a layout missing a class
                 dict_ = variant.inserted_values(state) if inserted else _as_updated(state)
                 pk = [dict_.get(a) for a in layout.pk_attrs]
-                if old is not None and list(old) != pk:
+                if old is not None and old != tuple(pk):
                     record(layout, old, None)  # the primary key itself changed
                     models += cache._cascades(
                         layout.table, deleted=False, orm_handles=layout.mapper
                     )
                 if None in pk or not layout.pk_is_cacheable(pk):
-                    if old is None or list(old) != pk:
+                    if old is None or old != tuple(pk):
                         models.append(layout)  # no key we can name holds this row
                     continue
                 if layout.options.strategy == "invalidate":
