@@ -16,12 +16,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa_compat
 from .codec import DecodeError
 from .options import FromCache
 from .protocol import Fetch, payload_of
+from .tracking import UNTOUCHED
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
@@ -168,10 +170,17 @@ class ReadPath:
     def _usable_tracker(self, session: Any, mapper: Any, bind: Any) -> SessionTracker | None:
         """The session's tracker, or None when this transaction must not read Redis: it ran
         SQL whose effect the cache cannot tell, or keys journaled while Redis was away are
-        not invalidated yet."""
+        not invalidated yet. A session with no tracker yet has done nothing: a read only
+        looks at the shared UNTOUCHED state (unless the session joined an outer
+        transaction, which its tracker must remember)."""
         cache = self.cache
-        tracker = cache._tracker(session)
-        tracker.note_first_activity(session, mapper, bind)
+        tracker = cache._peek_tracker(session)
+        if tracker is None and isinstance(bind, Connection) and bind.in_transaction():
+            tracker = cache._tracker(session)
+        if tracker is None:
+            tracker = UNTOUCHED
+        else:
+            tracker.note_first_activity(session, mapper, bind)
         if tracker.untracked_write or not cache._journal_replayed():
             cache._counters.add("bypasses")
             return None

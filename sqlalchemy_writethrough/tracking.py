@@ -138,3 +138,20 @@ class SessionTracker:
         for key, change in child.items():
             if key not in target:
                 target[key] = Change(change.gen_key, None, change.ttl_ms)
+
+
+def _untouched() -> SessionTracker:
+    class _Gone:
+        pass
+
+    tracker = SessionTracker.__new__(SessionTracker)
+    tracker.session_ref = weakref.ref(_Gone())  # dead at once: no session
+    tracker.reset()
+    return tracker
+
+
+#: what a read sees of a session whose transaction has not touched a database yet (no
+#: tracker exists): a fresh tracker's state, shared and never written to, so that a session
+#: made for one cached get does not pay for building one
+UNTOUCHED: SessionTracker = _untouched()
+
