@@ -15,7 +15,7 @@ from sqlalchemy import event, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
-from sqlalchemy_writethrough import from_cache
+from sqlalchemy_writethrough import _sa_compat, from_cache
 from sqlalchemy_writethrough.protocol import payload_of
 
 from .context import Env
@@ -141,6 +141,41 @@ def floor_variant(env: Env) -> Variant:
     )
 
 
+def orm_floor_variant(env: Env) -> Variant:
+    """``session.get`` whose ``do_orm_execute`` handler does only the floor's work (GET and
+    unpack) and returns no row: what SQLAlchemy's own get machinery adds to the floor, i.e.
+    the least any cache behind ``do_orm_execute`` can cost. No instance is built."""
+    client = env.redis
+    unpackb = msgpack.unpackb
+    maker = sessionmaker(env.engine)
+    current: list[str] = [""]
+
+    @event.listens_for(maker, "do_orm_execute")
+    def answer(orm_state: Any) -> Any:
+        raw = client.get(current[0])
+        unpackb(payload_of(raw)[1:], raw=False)  # type: ignore[arg-type]
+        return _sa_compat.make_result([], "Item")  # the library's private result builder
+
+    def op(i: int) -> int:
+        pk = env.read_pk(i)
+        current[0] = env.floor_keys[pk]
+        t0 = perf_counter_ns()
+        with maker() as s:
+            s.get(Item, pk)
+        return perf_counter_ns() - t0
+
+    return Variant(
+        key="floor.orm",
+        label="bound: session.get answered by a do_orm_execute handler doing only the floor",
+        who="floor",
+        op=op,
+        note=(
+            "the floor's GET + unpack inside SQLAlchemy's session.get (new session per "
+            "operation); the handler returns no row, so no instance is built"
+        ),
+    )
+
+
 def _get_op(maker: sessionmaker[Any], env: Env) -> Callable[[int], int]:
     def op(i: int) -> int:
         pk = env.read_pk(i)
@@ -188,6 +223,7 @@ def pk_variants(env: Env) -> list[Variant]:
     some_pk = env.read_pks[0]
     return [
         floor_variant(env),
+        orm_floor_variant(env),
         Variant(
             "get.pg",
             "session.get, PostgreSQL, no cache",

@@ -161,6 +161,23 @@ def compute_ratios(results: Results) -> list[Ratio]:
     get_pg = _median(results, "get.pg")
     add("cached session.get / floor", get_cached, floor, "<= 1.5x", lambda v: v <= 1.5)
     add("uncached session.get / cached session.get", get_pg, get_cached, ">= 5x", lambda v: v >= 5)
+    orm_floor = _median(results, "floor.orm")
+    add(
+        "bound: SQLAlchemy's session.get around the floor / floor",
+        orm_floor,
+        floor,
+        "(information)",
+        lambda v: True,
+        note="the least a cache behind do_orm_execute can cost, before any work of its own",
+    )
+    add(
+        "cached session.get / that bound",
+        get_cached,
+        orm_floor,
+        "(information)",
+        lambda v: True,
+        note="what the cache itself adds: key, tracker, decoding, building the instance",
+    )
 
     pk_group = results.group("pk")
     best: tuple[float, Variant] | None = None
