@@ -112,6 +112,8 @@ class Env:
     batches: list[list[int]]
     commit_pks: list[int]
     floor_keys: dict[int, str] = field(default_factory=dict)
+    #: the bytes of those entries (the commit floor sends copies of them)
+    floor_entries: dict[int, bytes] = field(default_factory=dict)
 
     def read_pk(self, i: int) -> int:
         return self.read_pks[i % len(self.read_pks)]

@@ -110,6 +110,7 @@ def warm_ours(env: Env) -> None:
         floor_key = f"{env.prefix}:floor:{pk}"
         env.redis.set(floor_key, raw)
         env.floor_keys[pk] = floor_key
+        env.floor_entries[pk] = raw
     if missing:
         print(f"  ! {missing} of {len(env.read_pks)} rows were not cached after the warm-up")
 
@@ -396,7 +397,32 @@ def commit_variants(env: Env, size: int) -> list[Variant]:
         None,
     )
     ours.op = make(env.commit_cached, ours)
-    return [plain, ours]
+
+    # the floor of any synchronous write-through: the plain commit, then the changed rows'
+    # entries (copies of our entries' bytes) sent to Redis in one round trip after COMMIT
+    client = env.redis
+    entry = next(iter(env.floor_entries.values()), b"") if env.floor_entries else b""
+
+    def floor_op(i: int) -> int:
+        ids = env.commit_ids(i, size)
+        with env.plain() as s:
+            objs = list(s.scalars(select(Item).where(Item.id.in_(ids))))
+            change_rows(objs)
+            mapping = {f"{env.prefix}:commit-floor:{obj.id}": entry for obj in objs}
+            t0 = perf_counter_ns()
+            s.commit()
+            client.mset(mapping)
+            elapsed = perf_counter_ns() - t0
+        return elapsed
+
+    floor = Variant(
+        f"commit{size}.floor",
+        f"bound: plain commit of {size:,} row(s), then one MSET of their entries",
+        "floor",
+        floor_op,
+        note="what any write-through that mirrors synchronously after COMMIT must add",
+    )
+    return [plain, floor, ours]
 
 
 # --------------------------------------------------------------------------- memory

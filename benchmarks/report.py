@@ -247,6 +247,19 @@ def compute_ratios(results: Results) -> list[Ratio]:
                 overhead <= 10,
             )
         )
+        floor = _median(results, f"commit{size}.floor")
+        if floor is not None:
+            bound = (floor - plain) / plain * 100
+            ratios.append(
+                Ratio(
+                    f"bound: plain commit + one MSET of the rows, {size:,} row(s)",
+                    bound,
+                    f"{bound:+.1f}%",
+                    "(information)",
+                    None,
+                    "the least a synchronous write-through adds after COMMIT",
+                )
+            )
     for size in COMMIT_SIZES:
         variant = results.variant(f"commit{size}.cached")
         trips = variant.metric_mean("redis_round_trips") if variant else None
