@@ -118,16 +118,20 @@ def warm_ours(env: Env) -> None:
 # --------------------------------------------------------------------------- rows
 
 
+def read_floor(client: Any, key: str) -> Any:
+    """The floor's work: GET the bytes, unpack the row payload."""
+    raw = client.get(key)
+    return msgpack.unpackb(payload_of(raw)[1:], raw=False)
+
+
 def floor_variant(env: Env) -> Variant:
     """redis-py GET of the exact bytes our cache stores for the row, plus msgpack decoding."""
     client = env.redis
-    unpackb = msgpack.unpackb
 
     def op(i: int) -> int:
         key = env.floor_keys[env.read_pk(i)]
         t0 = perf_counter_ns()
-        raw = client.get(key)
-        unpackb(payload_of(raw)[1:], raw=False)  # type: ignore[arg-type]
+        read_floor(client, key)
         return perf_counter_ns() - t0
 
     return Variant(
@@ -147,14 +151,12 @@ def orm_floor_variant(env: Env) -> Variant:
     unpack) and returns no row: what SQLAlchemy's own get machinery adds to the floor, i.e.
     the least any cache behind ``do_orm_execute`` can cost. No instance is built."""
     client = env.redis
-    unpackb = msgpack.unpackb
     maker = sessionmaker(env.engine)
     current: list[str] = [""]
 
     @event.listens_for(maker, "do_orm_execute")
     def answer(orm_state: Any) -> Any:
-        raw = client.get(current[0])
-        unpackb(payload_of(raw)[1:], raw=False)  # type: ignore[arg-type]
+        read_floor(client, current[0])
         return _sa_compat.make_result([], "Item")  # the library's private result builder
 
     def op(i: int) -> int:
