@@ -91,6 +91,40 @@ def test_build_persistent_is_a_clean_identity_mapped_load(session: Session) -> N
         event.remove(Thing, "load", on_load)
 
 
+def test_build_persistent_many_is_the_same_load_for_each_row(session: Session) -> None:
+    loads: list[object] = []
+    persisted: list[object] = []
+
+    def on_load(target: object, context: object) -> None:
+        loads.append(target)
+
+    def on_persistent(s: Session, instance: object) -> None:
+        persisted.append(instance)
+
+    event.listen(Thing, "load", on_load)
+    event.listen(session, "loaded_as_persistent", on_persistent)
+    try:
+        mapper = inspect(Thing)
+        rows = [
+            (
+                mapper.identity_key_from_primary_key((n, "x")),
+                {"a": n, "b": "x", "name": f"n{n}", "parent_id": None},
+            )
+            for n in (1, 2)
+        ]
+        objs = _sa_compat.build_persistent_many(session, mapper, rows, ["name"])
+        assert [inspect(o).key for o in objs] == [ident for ident, _ in rows]
+        for obj, (ident, _) in zip(objs, rows, strict=True):
+            state = inspect(obj)
+            assert state.persistent and session.identity_map.get(ident) is obj
+            assert "name" in state.expired_attributes
+        assert not session.dirty
+        assert loads == objs and persisted == objs
+    finally:
+        event.remove(Thing, "load", on_load)
+        event.remove(session, "loaded_as_persistent", on_persistent)
+
+
 def test_session_is_clean(session: Session) -> None:
     assert _sa_compat.session_is_clean(session)
     session.add(Parent(id=1))
