@@ -154,4 +154,3 @@ def _untouched() -> SessionTracker:
 #: tracker exists): a fresh tracker's state, shared and never written to, so that a session
 #: made for one cached get does not pay for building one
 UNTOUCHED: SessionTracker = _untouched()
-
