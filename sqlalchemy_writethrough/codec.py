@@ -56,10 +56,11 @@ class FlushContext:
 
     __slots__ = ("_connection", "_pg_timezone", "dialect", "is_mariadb", "name")
 
-    def __init__(self, dialect: Dialect, connection: Any = None) -> None:
+    def __init__(self, dialect: Dialect, connection: Callable[[], Any] | None = None) -> None:
         self.dialect = dialect
         self.name = dialect.name
         self.is_mariadb = bool(getattr(dialect, "is_mariadb", False))
+        #: returns the flush's Connection; called only when a rule needs it (timestamptz)
         self._connection = connection
         self._pg_timezone: Any = None
 
@@ -68,7 +69,8 @@ class FlushContext:
         if self._pg_timezone is None:
             tz = None
             try:
-                info = self._connection.connection.dbapi_connection.info
+                assert self._connection is not None
+                info = self._connection().connection.dbapi_connection.info
                 tz = info.timezone
             except Exception:  # another driver, or no connection: not predictable
                 tz = None

@@ -8,6 +8,8 @@ seen); only the root's commit publishes, and the root's end releases whatever it
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 import weakref
 from typing import Any
@@ -24,6 +26,21 @@ class Change:
         self.gen_key = gen_key
         self.payload = payload
         self.ttl_ms = ttl_ms
+
+
+# Owner tokens: a random prefix per process and a counter (a syscall per transaction for
+# secrets.token_hex showed in the commit profile); a forked child draws a prefix of its own.
+_owner_prefix = secrets.token_hex(8) + "."
+_owner_counter = itertools.count()
+
+
+def _new_owner_prefix() -> None:
+    global _owner_prefix
+    _owner_prefix = secrets.token_hex(8) + "."
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_owner_prefix)
 
 
 class SessionTracker:
@@ -119,7 +136,7 @@ class SessionTracker:
 
     def owner_token(self) -> str:
         if not self.owner:
-            self.owner = secrets.token_hex(8)
+            self.owner = f"{_owner_prefix}{next(_owner_counter)}"
         return self.owner
 
     def record(self, transaction: Any, key: str, change: Change) -> None:

@@ -131,8 +131,11 @@ class WritePath:
                 bind = session.get_bind(mapper=layout.mapper)
                 ctx = contexts.get(bind)
                 if ctx is None:
-                    connection = session.connection(bind_arguments={"mapper": layout.mapper})
-                    ctx = contexts[bind] = FlushContext(bind.dialect, connection)
+                    mapper = layout.mapper
+                    ctx = contexts[bind] = FlushContext(
+                        bind.dialect,
+                        lambda: session.connection(bind_arguments={"mapper": mapper}),
+                    )
                 layout_contexts[layout] = ctx
             return ctx
 

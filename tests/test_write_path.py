@@ -1098,3 +1098,32 @@ def test_flush_aborted_by_a_listener_restores_entries_and_returns_connections(
         assert len(ours) <= 3, f"{len(ours)} connections: the pool is leaking them"
     finally:
         client.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_worker_never_shares_lock_owner_tokens_with_its_parent() -> None:
+    """Lock owners are a per-process prefix and a counter: a worker forked after import (as
+    gunicorn and Celery prefork do) must draw its own prefix, or its locks would pass for its
+    parent's (a second writer's lock joining the first would not mark it contended)."""
+    from sqlalchemy_writethrough.tracking import SessionTracker
+
+    def token() -> str:
+        with Session() as session:
+            return SessionTracker(session).owner_token()
+
+    parent_before = token()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one token, leave at once
+        try:
+            os.write(write, token().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 200).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent_after = token()
+    assert child and child != parent_after
+    assert child.split(".")[0] != parent_before.split(".")[0]
+    assert parent_after.split(".")[0] == parent_before.split(".")[0]
