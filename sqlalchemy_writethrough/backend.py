@@ -125,17 +125,21 @@ class RedisBackend:
             return None  # not counted as a failure: the synchronous retry decides
         return PendingReply(conn, Script.LOCK, pairs, args)
 
-    def finish(self, pending: PendingReply) -> Any:
+    def finish(self, pending: PendingReply, keep: bool = False) -> Any:
         """The reply of a command :meth:`send_lock` sent, or None when it failed (a script
-        the server no longer knows is loaded and run again)."""
+        the server no longer knows is loaded and run again). With ``keep``, a connection that
+        answered stays checked out (``pending.connection``) for :meth:`publish`, which returns
+        it to the pool; :meth:`give_back` returns it otherwise."""
         conn = pending.connection
         pool = self.client.connection_pool
         try:
             reply = conn.read_response()
         except NoScriptError:
+            pending.connection = None
             pool.release(conn)
             return self._run(pending.script, pending.keys, pending.args)
         except BaseException as exc:
+            pending.connection = None
             if not isinstance(exc, ResponseError):
                 conn.disconnect()
             pool.release(conn)
@@ -145,9 +149,17 @@ class RedisBackend:
             self._counters.add("errors")
             log.warning("writethrough: Redis %s failed: %r", pending.script.value, exc)
             return None
-        pool.release(conn)
+        if not keep:
+            pending.connection = None
+            pool.release(conn)
         self._succeeded()
         return reply
+
+    def give_back(self, held: PendingReply) -> None:
+        """Return a connection :meth:`finish` kept to the pool."""
+        conn, held.connection = held.connection, None
+        if conn is not None:
+            self.client.connection_pool.release(conn)
 
     def _ping(self) -> bool:
         return bool(self.client.ping())
@@ -269,9 +281,48 @@ class RedisBackend:
     def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool:
         return self._run(Script.LOCK, pairs, (owner, ttl_ms)) is not None
 
-    def publish(self, pairs: Sequence[str], owner: str, items: Sequence[Any]) -> int | None:
-        reply = self._run(Script.PUBLISH, pairs, (owner, *items))
-        return None if reply is None else int(reply)
+    def publish(
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        items: Sequence[Any],
+        held: PendingReply | None = None,
+    ) -> int | None:
+        """Run the publish script; on ``held``'s connection when :meth:`finish` kept one (a
+        commit's last flush: no second checkout from the pool), which goes back either way."""
+        conn = held.connection if held is not None else None
+        if conn is None or not self.breaker.allow():
+            if held is not None:
+                self.give_back(held)
+            reply = self._run(Script.PUBLISH, pairs, (owner, *items))
+            return None if reply is None else int(reply)
+        assert held is not None
+        held.connection = None
+        pool = self.client.connection_pool
+        registered = self._scripts[Script.PUBLISH]
+        args = ("EVALSHA", registered.sha, len(pairs), *pairs, owner, *items)
+        try:
+            conn.send_command(*args)
+            try:
+                reply = conn.read_response()
+            except NoScriptError:
+                conn.send_command("SCRIPT", "LOAD", registered.script)
+                conn.read_response()
+                conn.send_command(*args)
+                reply = conn.read_response()
+        except BaseException as exc:
+            if not isinstance(exc, ResponseError):
+                conn.disconnect()
+            pool.release(conn)
+            if not isinstance(exc, (RedisError, OSError)):
+                raise
+            self.breaker.failure()
+            self._counters.add("errors")
+            log.warning("writethrough: Redis publish failed: %r", exc)
+            return None
+        pool.release(conn)
+        self._succeeded()
+        return int(reply)
 
     def release(self, pairs: Sequence[str], owner: str) -> int | None:
         reply = self._run(Script.RELEASE, pairs, (owner,))

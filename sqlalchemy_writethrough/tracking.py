@@ -51,8 +51,10 @@ class SessionTracker:
         "began",
         "changes",
         "committed",
+        "committing",
         "external",
         "first_lock_at",
+        "held",
         "in_flush",
         "infos",
         "lock_ms",
@@ -79,6 +81,10 @@ class SessionTracker:
         self.owner: str = ""
         #: the lock script before_flush sent, whose reply after_flush reads (see .writing)
         self.pending_lock: Any = None
+        #: commit() has begun (before_commit ran): its flush keeps the lock's connection
+        #: (``held``) for the publish right after COMMIT
+        self.committing = False
+        self.held: Any = None
         #: entity key -> generation key, for every key this root transaction locked (or tried to)
         self.locked: dict[str, str] = {}
         self.lock_ms = 0

@@ -99,8 +99,9 @@ class WritePath:
             pairs, tracker.owner_token(), tracker.lock_ms
         )
 
-    def _finish_locks(self, tracker: SessionTracker) -> None:
-        """Read the reply of the locks before_flush sent (the flush ran, or failed)."""
+    def _finish_locks(self, tracker: SessionTracker, flushed: bool = True) -> None:
+        """Read the reply of the locks before_flush sent (the flush ran, or failed). The
+        flush of a commit() keeps the connection for the publish after COMMIT."""
         pending = tracker.pending_lock
         if pending is None:
             return
@@ -108,8 +109,16 @@ class WritePath:
         pairs = list(pending.keys)
         for i in range(0, len(pairs), 2):
             tracker.locked[pairs[i]] = pairs[i + 1]
-        if self.cache._backend.finish(pending) is None:
+        keep = flushed and tracker.committing and tracker.held is None
+        if self.cache._backend.finish(pending, keep=keep) is None:
             self._lock_failed(tracker, pairs=pairs)
+        elif keep and pending.connection is not None:
+            tracker.held = pending
+
+    def _give_back(self, tracker: SessionTracker) -> None:
+        held, tracker.held = tracker.held, None
+        if held is not None:
+            self.cache._backend.give_back(held)
 
     def after_flush(self, session: Session, flush_context: Any) -> None:
         cache = self.cache
@@ -267,7 +276,12 @@ class WritePath:
         if session.get_nested_transaction() is not None:
             return
         tracker = self.cache._peek_tracker(session)
-        if tracker is None or not (tracker.locked or tracker.locked_gens):
+        if tracker is None and not _sa_compat.session_is_clean(session):
+            tracker = self.cache._tracker(session)  # commit() is about to flush
+        if tracker is None:
+            return
+        tracker.committing = True
+        if not (tracker.locked or tracker.locked_gens):
             return
         # locks older than half their timeout might expire before COMMIT: take them again
         if time.monotonic() - tracker.first_lock_at < tracker.lock_ms / 2000:
@@ -351,7 +365,8 @@ class WritePath:
                     items += (b"", 0)
                 else:
                     items += (change.payload, change.ttl_ms)
-            written = cache._backend.publish(pairs, tracker.owner_token(), items)
+            held, tracker.held = tracker.held, None
+            written = cache._backend.publish(pairs, tracker.owner_token(), items, held)
             if written is not None:
                 cache._counters.add("publishes", written)
                 cache._counters.add("invalidations", len(tracker.locked) - written)
@@ -368,9 +383,11 @@ class WritePath:
             return
         if tracker.pending_lock is not None:  # a flush failed before after_flush
             try:
-                self._finish_locks(tracker)
+                self._finish_locks(tracker, flushed=False)
             except Exception:  # strict mode's error: the transaction is ending anyway
                 log.debug("writethrough: lock failed during a failed flush", exc_info=True)
+        if tracker.held is not None and transaction.parent is None:
+            self._give_back(tracker)  # a commit that failed, or published nothing
         if transaction.nested:
             tracker.end_savepoint(transaction, transaction.parent)
             return

@@ -1061,14 +1061,18 @@ def test_rows_changed_by_a_later_before_flush_listener_are_locked_and_published(
         )
 
 
-def test_flush_aborted_by_a_listener_restores_entries_and_returns_connections(
+@pytest.mark.parametrize("failure", ["before_flush", "database_commit"])
+def test_failed_commits_restore_entries_and_return_connections(
     engine: Engine,
     redis_url: str,
     prefix: str,
+    failure: str,
 ) -> None:
-    """A before_flush listener after the cache's raises: the flush never runs, but the locks the
-    cache already sent are read back and released by the rollback (previous VALUEs restored),
-    and no Redis connection stays checked out of the pool, however often it happens."""
+    """A commit fails after the cache sent its locks: a before_flush listener after the
+    cache's raises (the flush never runs), or the database COMMIT fails (the commit's flush
+    kept the lock's connection for the publish). Either way the rollback releases the locks
+    (previous VALUEs restored) and no Redis connection stays checked out of the pool, however
+    often it happens."""
     reset_schema(engine, Base.metadata)
     name = f"wt-{prefix}"
     client = redis.Redis.from_url(redis_url, socket_timeout=1, client_name=name)
@@ -1079,19 +1083,23 @@ def test_flush_aborted_by_a_listener_restores_entries_and_returns_connections(
         seed_products(engine, 1)
         before = warm(factory, engine, cache, client, WpProduct, 1)[1]
 
-        @event.listens_for(factory, "before_flush")
-        def refuse(session: Session, flush_context: Any, instances: Any) -> None:
-            raise RuntimeError("refused by the application")
+        def refuse(*args: Any) -> None:
+            raise RuntimeError("refused")
 
-        for _ in range(25):
-            with factory() as session:
-                product = session.get(WpProduct, 1)
-                assert product is not None
-                product.name = "never flushed"
-                with pytest.raises(RuntimeError):
-                    session.commit()
-                session.rollback()
-        event.remove(factory, "before_flush", refuse)
+        target: Any = factory if failure == "before_flush" else engine
+        event_name = "before_flush" if failure == "before_flush" else "commit"
+        event.listen(target, event_name, refuse)
+        try:
+            for _ in range(25):
+                with factory() as session:
+                    product = session.get(WpProduct, 1)
+                    assert product is not None
+                    product.name = "never committed"
+                    with pytest.raises(RuntimeError):
+                        session.commit()
+                    session.rollback()
+        finally:
+            event.remove(target, event_name, refuse)
 
         assert_restored(factory, engine, cache, client, WpProduct, 1, before)
         ours = [c for c in client.client_list() if c.get("name") == name]
