@@ -245,16 +245,29 @@ class RedisBackend:
         )
 
     def _pipelined(self, calls: Sequence[tuple[Script, Any, Any]], convert: Any) -> Any:
+        """Several script calls in one round trip (redis-py's pipeline asks SCRIPT EXISTS
+        first on every execute: a second round trip)."""
         if not calls:
             return []
         if not self.breaker.allow():
             self._counters.add("errors")
             return None
+        commands = [
+            ("EVALSHA", self._scripts[script].sha, len(keys), *keys, *args)
+            for script, keys, args in calls
+        ]
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for script, keys, args in calls:
-                self._scripts[script](keys=keys, args=args, client=pipe)
-            replies = pipe.execute()
+            replies = self._commands(commands)
+            unknown = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if unknown:  # a restarted or flushed server: load what is missing, run those again
+                for script in {calls[i][0] for i in unknown}:
+                    self._command("SCRIPT", "LOAD", self._scripts[script].script)
+                again = self._commands([commands[i] for i in unknown])
+                for i, reply in zip(unknown, again, strict=True):
+                    replies[i] = reply
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    raise reply
         except (RedisError, OSError) as exc:
             self.breaker.failure()
             self._counters.add("errors")
@@ -262,6 +275,32 @@ class RedisBackend:
             return None
         self._succeeded()
         return [convert(r) for r in replies]
+
+    def _commands(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Commands sent together on one pooled connection, their replies in order (an error
+        reply is returned as its ResponseError, not raised)."""
+        client: Any = self.client
+        if not self._direct:
+            pipe = client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(pipe.execute(raise_on_error=False))
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int

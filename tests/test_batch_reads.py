@@ -65,14 +65,16 @@ def test_all_hits_are_one_round_trip_and_no_sql(engine: Engine, setup: tuple) ->
 
 
 def test_misses_load_once_and_fill(engine: Engine, setup: tuple) -> None:
-    factory, cache, _ = setup
+    factory, cache, counter = setup
     for pk in (3, 5, 8):
         cache.invalidate(BrItem, pk)
     ids = [8, 1, 5, 999, 3, 1]  # a duplicate and a row that does not exist
+    counter.reset()
     with capture_sql(engine) as sql, factory() as session:
         rows = session.scalars(select(BrItem).where(BrItem.id.in_(ids)).options(from_cache())).all()
     assert names(rows) == [(8, "item 8"), (1, "item 1"), (5, "item 5"), (3, "item 3")]
     assert len(sql) == 1, "one query for the missing rows"
+    assert counter.count == 3, "one MGET, the leases in one round trip, the fills in one"
     with Session(engine) as plain:
         expected = plain.scalars(select(BrItem).where(BrItem.id.in_(ids))).all()
         assert sorted(names(rows)) == sorted(names(expected))
