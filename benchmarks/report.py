@@ -223,6 +223,22 @@ def compute_ratios(results: Results) -> list[Ratio]:
         note=note,
     )
     add(
+        "100 rows: our cache / the bound (MGET + unpack inside SQLAlchemy's select)",
+        _median(results, "batch.cached"),
+        _median(results, "batch.floor"),
+        "(information)",
+        lambda v: True,
+        note="what building 100 identity-mapped instances (and our checks) adds",
+    )
+    add(
+        "100 rows: PostgreSQL / the bound",
+        _median(results, "batch.pg"),
+        _median(results, "batch.floor"),
+        "(information)",
+        lambda v: True,
+        note="the most any cache behind do_orm_execute could gain here, building nothing",
+    )
+    add(
         "3 lazy loads: PostgreSQL / our cache",
         _median(results, "chain.pg"),
         _median(results, "chain.cached"),
