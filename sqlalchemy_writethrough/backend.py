@@ -70,14 +70,12 @@ class RedisBackend:
         conn = pool.get_connection()
         try:
             conn.send_command(*args)
-            return conn.read_response()
-        except ResponseError:
-            raise  # an error reply: the connection is fine
-        except BaseException:
-            conn.disconnect()  # a reply may still be on its way: never reuse this socket
+            reply = conn.read_response()
+        except BaseException as exc:
+            self._abandon(conn, exc)  # a reply may still be on its way: never reuse that socket
             raise
-        finally:
-            pool.release(conn)
+        pool.release(conn)
+        return reply
 
     def _script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         registered = self._scripts[script]
@@ -94,11 +92,7 @@ class RedisBackend:
         try:
             reply = self._script(script, keys, args)
         except (RedisError, OSError) as exc:
-            was_open = self.breaker.is_open
-            self.breaker.failure()
-            self._counters.add("errors")
-            level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
-            log.log(level, "writethrough: Redis %s failed: %r", script.value, exc)
+            self._failed(script.value, exc)
             return None
         self._succeeded()
         return reply
@@ -140,14 +134,10 @@ class RedisBackend:
             return self._run(pending.script, pending.keys, pending.args)
         except BaseException as exc:
             pending.connection = None
-            if not isinstance(exc, ResponseError):
-                conn.disconnect()
-            pool.release(conn)
+            self._abandon(conn, exc)
             if not isinstance(exc, (RedisError, OSError)):
                 raise
-            self.breaker.failure()
-            self._counters.add("errors")
-            log.warning("writethrough: Redis %s failed: %r", pending.script.value, exc)
+            self._failed(pending.script.value, exc)
             return None
         if not keep:
             pending.connection = None
@@ -173,6 +163,22 @@ class RedisBackend:
         if self.breaker.success():
             self._recovered()
 
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """A call failed: the breaker hears of it, it is counted, and logged (a warning when
+        it opens the breaker, debug otherwise)."""
+        was_open = self.breaker.is_open
+        self.breaker.failure()
+        self._counters.add("errors")
+        level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
+        log.log(level, "writethrough: Redis %s failed: %r", what, exc)
+
+    def _abandon(self, conn: Any, exc: BaseException) -> None:
+        """Return the connection of a failed command to the pool, closed first unless Redis
+        answered with an error (then it is in a clean state)."""
+        if not isinstance(exc, ResponseError):
+            conn.disconnect()
+        self.client.connection_pool.release(conn)
+
     def peek(self, key: str, gen_key: str) -> memoryview | Literal[False] | None:
         """The row payload if the entry is a VALUE of the current generation (one MGET, no
         script: both keys share a hash slot); False when it is anything else; None when Redis
@@ -183,11 +189,7 @@ class RedisBackend:
         try:
             replies: list[Any] = self._command("MGET", key, gen_key)
         except (RedisError, OSError) as exc:
-            was_open = self.breaker.is_open
-            self.breaker.failure()
-            self._counters.add("errors")
-            level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
-            log.log(level, "writethrough: Redis read failed: %r", exc)
+            self._failed("read", exc)
             return None
         self._succeeded()
         value, gen = replies
@@ -210,9 +212,7 @@ class RedisBackend:
         try:
             replies: list[Any] = self._command("MGET", *[key for key, _ in pairs], *gen_keys)
         except (RedisError, OSError) as exc:
-            self.breaker.failure()
-            self._counters.add("errors")
-            log.debug("writethrough: Redis read failed: %r", exc)
+            self._failed("read", exc)
             return None
         self._succeeded()
         gens = dict(zip(gen_keys, replies[len(pairs) :], strict=True))
@@ -269,9 +269,7 @@ class RedisBackend:
                 if isinstance(reply, ResponseError):
                     raise reply
         except (RedisError, OSError) as exc:
-            self.breaker.failure()
-            self._counters.add("errors")
-            log.debug("writethrough: Redis pipeline failed: %r", exc)
+            self._failed("pipeline", exc)
             return None
         self._succeeded()
         return [convert(r) for r in replies]
@@ -350,14 +348,10 @@ class RedisBackend:
                 conn.send_command(*args)
                 reply = conn.read_response()
         except BaseException as exc:
-            if not isinstance(exc, ResponseError):
-                conn.disconnect()
-            pool.release(conn)
+            self._abandon(conn, exc)
             if not isinstance(exc, (RedisError, OSError)):
                 raise
-            self.breaker.failure()
-            self._counters.add("errors")
-            log.warning("writethrough: Redis publish failed: %r", exc)
+            self._failed(Script.PUBLISH.value, exc)
             return None
         pool.release(conn)
         self._succeeded()
