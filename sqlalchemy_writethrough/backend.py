@@ -7,12 +7,15 @@ in strict mode, raised).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import secrets
+import weakref
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis
+from redis import BlockingConnectionPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .breaker import CircuitBreaker
@@ -24,9 +27,11 @@ log = logging.getLogger("sqlalchemy_writethrough")
 
 class PendingReply:
     """A command sent on a pooled connection whose reply is not read yet (the connection
-    stays checked out until :meth:`RedisBackend.finish`)."""
+    stays checked out until :meth:`RedisBackend.finish`). Should it never be finished (a
+    session dropped mid-flush, without rollback or close), its socket is closed when it is
+    collected: never left open with a reply nobody reads."""
 
-    __slots__ = ("args", "connection", "keys", "script")
+    __slots__ = ("__weakref__", "args", "connection", "finalizer", "keys", "script")
 
     def __init__(
         self, connection: Any, script: Script, keys: Sequence[str], args: Sequence[Any]
@@ -35,6 +40,25 @@ class PendingReply:
         self.script = script
         self.keys = keys
         self.args = args
+        self.finalizer = weakref.finalize(self, connection.disconnect)
+
+    def take(self) -> Any:
+        """The connection, now the caller's to read from and return to the pool."""
+        conn, self.connection = self.connection, None
+        self.finalizer.detach()
+        return conn
+
+
+def _checkout_of(pool: Any) -> Any:
+    """``pool.get_connection`` as a no-argument callable: redis-py before 5.3 requires a
+    command name, 5.3 and later deprecate passing one."""
+    try:
+        inspect.signature(pool.get_connection).bind()
+    except TypeError:
+        return lambda: pool.get_connection("_")
+    except ValueError:  # no signature (a C or wrapped pool): assume the current form
+        pass
+    return pool.get_connection
 
 
 class RedisBackend:
@@ -47,34 +71,45 @@ class RedisBackend:
         breaker.on_close = self._recovered
         self._counters = counters
         self._scripts = {s: client.register_script(s.source) for s in Script}
+        pool = client.connection_pool
         self._direct = (
             getattr(client, "connection", None) is None
-            and getattr(client.connection_pool, "cache", None) is None
+            and getattr(pool, "cache", None) is None
             and type(client).execute_command is redis.Redis.execute_command
         )
+        self._checkout = _checkout_of(pool)
+        # a flush's locks travel during its SQL on a connection of their own; a bounded,
+        # blocking pool could run dry while writers wait on database row locks
+        self.overlaps_locks = self._direct and not isinstance(pool, BlockingConnectionPool)
 
     def _command(self, *args: Any) -> Any:
         """One command and its reply on a pooled connection.
 
         ``Connection.send_command`` / ``read_response`` skip the per-command layers of
-        ``Redis.execute_command`` (retry wrapper, observability hooks): about 7 us of a 65 us
-        loopback round trip, on every cached read (``python -m benchmarks``). No retry is lost:
-        the pool reconnects a connection Redis closed before handing it out, and a failure here
-        is the breaker's business. A single-connection client, client-side caching or a
-        subclass's ``execute_command`` keep redis-py's own path.
+        ``Redis.execute_command`` (argument filtering, observability hooks): about 7 us of a
+        65 us loopback round trip, on every cached read (``python -m benchmarks``). The
+        connection's own retry policy (the client's ``retry``) still applies, as redis-py
+        applies it. A single-connection client, client-side caching or a subclass's
+        ``execute_command`` keep redis-py's own path.
         """
-        client: Any = self.client  # redis-py's connection methods are untyped
         if not self._direct:
-            return client.execute_command(*args)
-        pool = client.connection_pool
-        conn = pool.get_connection()
-        try:
+            return cast(Any, self.client).execute_command(*args)
+        conn = self._checkout()
+
+        def call() -> Any:
             conn.send_command(*args)
-            reply = conn.read_response()
+            return conn.read_response()
+
+        try:
+            retry = getattr(conn, "retry", None)
+            if retry is None:
+                reply = call()
+            else:
+                reply = retry.call_with_retry(call, lambda error: conn.disconnect())
         except BaseException as exc:
             self._abandon(conn, exc)  # a reply may still be on its way: never reuse that socket
             raise
-        pool.release(conn)
+        self.client.connection_pool.release(conn)
         return reply
 
     def _script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -99,57 +134,45 @@ class RedisBackend:
 
     def send_lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> PendingReply | None:
         """Send the lock script now and read its reply later (:meth:`finish`), so that its
-        round trip overlaps the flush's SQL. None when it could not be sent (the caller takes
-        the locks synchronously, with the usual failure handling)."""
-        if not self._direct or not self.breaker.allow():
+        round trip overlaps the flush's SQL. None when it was not sent (the caller takes the
+        locks synchronously, with the usual failure handling)."""
+        if not self.overlaps_locks or not self.breaker.allow():
             return None
-        pool = self.client.connection_pool
         registered = self._scripts[Script.LOCK]
         args = (owner, ttl_ms)
         try:
-            conn: Any = pool.get_connection()
-        except (RedisError, OSError) as exc:
+            conn: Any = self._checkout()
+        except Exception as exc:
             log.debug("writethrough: Redis lock not sent: %r", exc)
             return None
         try:
             conn.send_command("EVALSHA", registered.sha, len(pairs), *pairs, *args)
-        except BaseException:
+        except Exception:
             conn.disconnect()
-            pool.release(conn)
-            return None  # not counted as a failure: the synchronous retry decides
+            self.client.connection_pool.release(conn)
+            return None  # not counted as a failure: the synchronous lock decides
         return PendingReply(conn, Script.LOCK, pairs, args)
 
-    def finish(self, pending: PendingReply, keep: bool = False) -> Any:
-        """The reply of a command :meth:`send_lock` sent, or None when it failed (a script
-        the server no longer knows is loaded and run again). With ``keep``, a connection that
-        answered stays checked out (``pending.connection``) for :meth:`publish`, which returns
-        it to the pool; :meth:`give_back` returns it otherwise."""
-        conn = pending.connection
-        pool = self.client.connection_pool
+    def finish(self, pending: PendingReply) -> Any:
+        """The reply of a command :meth:`send_lock` sent, or None when it failed. When the
+        reply cannot be read (a broken connection, an unknown script), the script runs again
+        synchronously, with the client's retry policy: a lock is idempotent for its owner."""
+        conn = pending.take()
+        if conn is None:
+            return None
         try:
             reply = conn.read_response()
-        except NoScriptError:
-            pending.connection = None
-            pool.release(conn)
-            return self._run(pending.script, pending.keys, pending.args)
         except BaseException as exc:
-            pending.connection = None
             self._abandon(conn, exc)
             if not isinstance(exc, (RedisError, OSError)):
                 raise
-            self._failed(pending.script.value, exc)
-            return None
-        if not keep:
-            pending.connection = None
-            pool.release(conn)
+            if isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
+                self._failed(pending.script.value, exc)
+                return None
+            return self._run(pending.script, pending.keys, pending.args)
+        self.client.connection_pool.release(conn)
         self._succeeded()
         return reply
-
-    def give_back(self, held: PendingReply) -> None:
-        """Return a connection :meth:`finish` kept to the pool."""
-        conn, held.connection = held.connection, None
-        if conn is not None:
-            self.client.connection_pool.release(conn)
 
     def _ping(self) -> bool:
         return bool(self.client.ping())
@@ -276,16 +299,17 @@ class RedisBackend:
 
     def _commands(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Commands sent together on one pooled connection, their replies in order (an error
-        reply is returned as its ResponseError, not raised)."""
+        reply is returned as its ResponseError, not raised); the connection's retry policy
+        applies to the whole batch, as it does to a redis-py pipeline."""
         client: Any = self.client
         if not self._direct:
             pipe = client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             return list(pipe.execute(raise_on_error=False))
-        pool = client.connection_pool
-        conn = pool.get_connection()
-        try:
+        conn = self._checkout()
+
+        def call() -> list[Any]:
             conn.send_packed_command(conn.pack_commands(commands))
             replies: list[Any] = []
             for _ in commands:
@@ -294,11 +318,18 @@ class RedisBackend:
                 except ResponseError as exc:
                     replies.append(exc)
             return replies
-        except BaseException:
-            conn.disconnect()
+
+        try:
+            retry = getattr(conn, "retry", None)
+            if retry is None:
+                replies = call()
+            else:
+                replies = retry.call_with_retry(call, lambda error: conn.disconnect())
+        except BaseException as exc:
+            self._abandon(conn, exc)
             raise
-        finally:
-            pool.release(conn)
+        client.connection_pool.release(conn)
+        return replies
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int
@@ -318,44 +349,9 @@ class RedisBackend:
     def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool:
         return self._run(Script.LOCK, pairs, (owner, ttl_ms)) is not None
 
-    def publish(
-        self,
-        pairs: Sequence[str],
-        owner: str,
-        items: Sequence[Any],
-        held: PendingReply | None = None,
-    ) -> int | None:
-        """Run the publish script; on ``held``'s connection when :meth:`finish` kept one (a
-        commit's last flush: no second checkout from the pool), which goes back either way."""
-        conn = held.connection if held is not None else None
-        if conn is None or not self.breaker.allow():
-            if held is not None:
-                self.give_back(held)
-            reply = self._run(Script.PUBLISH, pairs, (owner, *items))
-            return None if reply is None else int(reply)
-        assert held is not None
-        held.connection = None
-        pool = self.client.connection_pool
-        registered = self._scripts[Script.PUBLISH]
-        args = ("EVALSHA", registered.sha, len(pairs), *pairs, owner, *items)
-        try:
-            conn.send_command(*args)
-            try:
-                reply = conn.read_response()
-            except NoScriptError:
-                conn.send_command("SCRIPT", "LOAD", registered.script)
-                conn.read_response()
-                conn.send_command(*args)
-                reply = conn.read_response()
-        except BaseException as exc:
-            self._abandon(conn, exc)
-            if not isinstance(exc, (RedisError, OSError)):
-                raise
-            self._failed(Script.PUBLISH.value, exc)
-            return None
-        pool.release(conn)
-        self._succeeded()
-        return int(reply)
+    def publish(self, pairs: Sequence[str], owner: str, items: Sequence[Any]) -> int | None:
+        reply = self._run(Script.PUBLISH, pairs, (owner, *items))
+        return None if reply is None else int(reply)
 
     def release(self, pairs: Sequence[str], owner: str) -> int | None:
         reply = self._run(Script.RELEASE, pairs, (owner,))

@@ -9,9 +9,7 @@ fills the entry, but only over its own lease and only from a read that cannot pr
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +21,7 @@ from . import _sa_compat
 from .codec import DecodeError
 from .options import FromCache
 from .protocol import Fetch, payload_of
-from .tracking import UNTOUCHED
+from .tracking import UNTOUCHED, unique_token
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
@@ -45,8 +43,6 @@ _FRESH_LEVELS = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
 class ReadPath:
     def __init__(self, cache: WriteThroughCache) -> None:
         self.cache = cache
-        self._lease_prefix = os.urandom(6).hex()
-        self._lease_counter = itertools.count()
 
     def on_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         cache = self.cache
@@ -124,7 +120,7 @@ class ReadPath:
             if result is not None:
                 return result
         # a miss (or a damaged entry): the script grants a lease, atomically with the check
-        lease = f"{self._lease_prefix}{next(self._lease_counter)}" if may_fill else ""
+        lease = unique_token() if may_fill else ""
         reply = cache._backend.fetch(key, gen_key, lease, cache._lease_ms)
         if reply is None:
             cache._counters.add("misses")
@@ -308,9 +304,7 @@ class ReadPath:
         cache = self.cache
         cache._counters.add("misses", len(missing))
         may_fill = not tracker.wrote
-        leases = [
-            f"{self._lease_prefix}{next(self._lease_counter)}" if may_fill else "" for _ in missing
-        ]
+        leases = [unique_token() if may_fill else "" for _ in missing]
         requests = [
             (key, gen_key, lease)
             for (_, _, key, gen_key), lease in zip(missing, leases, strict=True)

@@ -28,19 +28,25 @@ class Change:
         self.ttl_ms = ttl_ms
 
 
-# Owner tokens: a random prefix per process and a counter (a syscall per transaction for
-# secrets.token_hex showed in the commit profile); a forked child draws a prefix of its own.
-_owner_prefix = secrets.token_hex(8) + "."
-_owner_counter = itertools.count()
+# Lock owners and lease tokens: a random prefix per process and a counter (a syscall per
+# transaction for secrets.token_hex showed in the commit profile); a forked child (gunicorn,
+# Celery prefork) draws a prefix of its own, or its tokens would repeat its parent's.
+_token_prefix = secrets.token_hex(8) + "."
+_token_counter = itertools.count()
 
 
-def _new_owner_prefix() -> None:
-    global _owner_prefix
-    _owner_prefix = secrets.token_hex(8) + "."
+def unique_token() -> str:
+    """A token no other transaction or reader, in any process, holds."""
+    return f"{_token_prefix}{next(_token_counter)}"
+
+
+def _new_token_prefix() -> None:
+    global _token_prefix
+    _token_prefix = secrets.token_hex(8) + "."
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_owner_prefix)
+    os.register_at_fork(after_in_child=_new_token_prefix)
 
 
 class SessionTracker:
@@ -51,10 +57,8 @@ class SessionTracker:
         "began",
         "changes",
         "committed",
-        "committing",
         "external",
         "first_lock_at",
-        "held",
         "in_flush",
         "infos",
         "lock_ms",
@@ -81,10 +85,6 @@ class SessionTracker:
         self.owner: str = ""
         #: the lock script before_flush sent, whose reply after_flush reads (see .writing)
         self.pending_lock: Any = None
-        #: commit() has begun (before_commit ran): its flush keeps the lock's connection
-        #: (``held``) for the publish right after COMMIT
-        self.committing = False
-        self.held: Any = None
         #: entity key -> generation key, for every key this root transaction locked (or tried to)
         self.locked: dict[str, str] = {}
         self.lock_ms = 0
@@ -110,7 +110,9 @@ class SessionTracker:
         #: generation keys this root transaction locked: whole models it changed without
         #: naming the rows (range DML, raw SQL, database cascades)
         self.locked_gens: dict[str, None] = {}
-        #: a flush is running: its statements are tracked by after_flush, not by statement
+        #: before_flush ran and after_flush has not: the flush's statements are tracked by
+        #: after_flush, not one by one (trusted only while the session is still flushing: a
+        #: flush can stop between the two)
         self.in_flush = False
         #: entity keys and generation keys whose locks could not be taken: journaled again
         #: after COMMIT, since a journal replay during the transaction may have come too early
@@ -142,7 +144,7 @@ class SessionTracker:
 
     def owner_token(self) -> str:
         if not self.owner:
-            self.owner = f"{_owner_prefix}{next(_owner_counter)}"
+            self.owner = unique_token()
         return self.owner
 
     def record(self, transaction: Any, key: str, change: Change) -> None:

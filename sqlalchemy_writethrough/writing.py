@@ -57,9 +57,10 @@ class WritePath:
             for obj in session.new or session.dirty or session.deleted:
                 tracker.note_first_activity(session, instance_state(obj).mapper)
                 break
+        if tracker.pending_lock is not None:  # the last flush stopped before after_flush
+            self._finish_locks(tracker)
         if (
-            tracker.pending_lock is None
-            and not tracker.reassert_on_flush
+            not tracker.reassert_on_flush
             # the transaction that will end (and finish the reply) if the flush never runs
             and session.get_transaction() is not None
         ):
@@ -99,9 +100,11 @@ class WritePath:
             pairs, tracker.owner_token(), tracker.lock_ms
         )
 
-    def _finish_locks(self, tracker: SessionTracker, flushed: bool = True) -> None:
-        """Read the reply of the locks before_flush sent (the flush ran, or failed). The
-        flush of a commit() keeps the connection for the publish after COMMIT."""
+    def _finish_locks(self, tracker: SessionTracker) -> None:
+        """Read the reply of the locks before_flush sent: after the flush's statements, or,
+        when the flush stopped early (nothing to write after all, a listener raising, a
+        failure), at the next flush, before COMMIT, or at the end of the transaction. A key
+        locked for a row that was not written then ends as a miss, or is restored."""
         pending = tracker.pending_lock
         if pending is None:
             return
@@ -109,16 +112,8 @@ class WritePath:
         pairs = list(pending.keys)
         for i in range(0, len(pairs), 2):
             tracker.locked[pairs[i]] = pairs[i + 1]
-        keep = flushed and tracker.committing and tracker.held is None
-        if self.cache._backend.finish(pending, keep=keep) is None:
+        if self.cache._backend.finish(pending) is None:
             self._lock_failed(tracker, pairs=pairs)
-        elif keep and pending.connection is not None:
-            tracker.held = pending
-
-    def _give_back(self, tracker: SessionTracker) -> None:
-        held, tracker.held = tracker.held, None
-        if held is not None:
-            self.cache._backend.give_back(held)
 
     def after_flush(self, session: Session, flush_context: Any) -> None:
         cache = self.cache
@@ -276,11 +271,11 @@ class WritePath:
         if session.get_nested_transaction() is not None:
             return
         tracker = self.cache._peek_tracker(session)
-        if tracker is None and not _sa_compat.session_is_clean(session):
-            tracker = self.cache._tracker(session)  # commit() is about to flush
         if tracker is None:
             return
-        tracker.committing = True
+        # a flush that stopped early left its locks' reply unread: they count from here,
+        # and are acknowledged before COMMIT
+        self._finish_locks(tracker)
         if not (tracker.locked or tracker.locked_gens):
             return
         # locks older than half their timeout might expire before COMMIT: take them again
@@ -336,6 +331,13 @@ class WritePath:
             tracker.released_savepoints.add(id(nested))
             return
         tracker.committed = True
+        if tracker.pending_lock is not None:
+            # the commit's own flush found nothing to write after all (it returned before
+            # after_flush): no row changed under these locks; they end as misses
+            try:
+                self._finish_locks(tracker)
+            except Exception:  # strict mode's error: never raise after COMMIT
+                log.debug("writethrough: lock of an empty flush failed", exc_info=True)
         if tracker.external:
             # commit() did not COMMIT: the outer transaction may still roll back. The locks
             # stay and expire into misses (lock_timeout), which is all that is safe here.
@@ -365,8 +367,7 @@ class WritePath:
                     items += (b"", 0)
                 else:
                     items += (change.payload, change.ttl_ms)
-            held, tracker.held = tracker.held, None
-            written = cache._backend.publish(pairs, tracker.owner_token(), items, held)
+            written = cache._backend.publish(pairs, tracker.owner_token(), items)
             if written is not None:
                 cache._counters.add("publishes", written)
                 cache._counters.add("invalidations", len(tracker.locked) - written)
@@ -383,11 +384,9 @@ class WritePath:
             return
         if tracker.pending_lock is not None:  # a flush failed before after_flush
             try:
-                self._finish_locks(tracker, flushed=False)
+                self._finish_locks(tracker)
             except Exception:  # strict mode's error: the transaction is ending anyway
                 log.debug("writethrough: lock failed during a failed flush", exc_info=True)
-        if tracker.held is not None and transaction.parent is None:
-            self._give_back(tracker)  # a commit that failed, or published nothing
         if transaction.nested:
             tracker.end_savepoint(transaction, transaction.parent)
             return

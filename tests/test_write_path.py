@@ -1135,3 +1135,113 @@ def test_a_forked_worker_never_shares_lock_owner_tokens_with_its_parent() -> Non
     assert child and child != parent_after
     assert child.split(".")[0] != parent_before.split(".")[0]
     assert parent_after.split(".")[0] == parent_before.split(".")[0]
+
+
+def test_statements_after_a_flush_a_listener_stopped_are_still_tracked(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """A before_flush listener after the cache's raises once; the application catches the
+    error and goes on in the same transaction with an UPDATE statement. That statement must be
+    seen (the cache had marked the session as flushing, and the flush never ended), or row 1
+    stays cached with its old name after the commit."""
+    seed_products(engine, 1, 2)
+    warm(make_session, engine, cache, redis_client, WpProduct, 1, 2)
+    refused: list[bool] = []
+
+    @event.listens_for(make_session, "before_flush")
+    def refuse_once(session: Session, flush_context: Any, instances: Any) -> None:
+        if not refused:
+            refused.append(True)
+            raise RuntimeError("refused once")
+
+    try:
+        with make_session() as session:
+            two = session.get(WpProduct, 2)
+            assert two is not None
+            two.name = "renamed by the unit of work"
+            with pytest.raises(RuntimeError):
+                session.flush()
+            # Core on the session's connection: no autoflush comes first to end the "flush"
+            session.connection().execute(
+                sa.update(WpProduct.__table__)
+                .where(WpProduct.__table__.c.id == 1)
+                .values(name="renamed by a statement")
+            )
+            session.commit()
+    finally:
+        event.remove(make_session, "before_flush", refuse_once)
+
+    for pk in (1, 2):
+        assert entry_state(redis_client, entry_key(cache, WpProduct, pk)) != "lock"
+    one = assert_value_or_miss(make_session, engine, cache, redis_client, WpProduct, 1)
+    assert one["name"] == "renamed by a statement"
+    assert (
+        assert_value_or_miss(make_session, engine, cache, redis_client, WpProduct, 2)["name"]
+        == "renamed by the unit of work"
+    )
+
+
+def test_a_flush_that_writes_nothing_after_all_leaves_no_lock_behind(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """The cache sends the lock of a changed row when the flush starts; a later before_flush
+    listener expunges that row, so the flush has nothing to do and SQLAlchemy returns before
+    after_flush. The lock's reply is read before COMMIT all the same, and the commit leaves the
+    entry a miss or the unchanged VALUE, never a LOCK that only lock_timeout would clear."""
+    seed_products(engine, 1)
+    previous = warm(make_session, engine, cache, redis_client, WpProduct, 1)[1]
+
+    @event.listens_for(make_session, "before_flush")
+    def drop_it(session: Session, flush_context: Any, instances: Any) -> None:
+        for obj in list(session.dirty):
+            session.expunge(obj)
+
+    try:
+        with make_session() as session:
+            product = session.get(WpProduct, 1)
+            assert product is not None
+            product.name = "never written"
+            session.commit()
+    finally:
+        event.remove(make_session, "before_flush", drop_it)
+
+    assert entry_state(redis_client, entry_key(cache, WpProduct, 1)) != "lock"
+    assert (
+        assert_value_or_miss(make_session, engine, cache, redis_client, WpProduct, 1)["name"]
+        == previous["name"]
+    )
+
+
+def test_a_blocking_pool_takes_the_locks_synchronously(
+    engine: Engine, redis_url: str, prefix: str
+) -> None:
+    """With a bounded BlockingConnectionPool the locks are not sent ahead of the flush (a
+    connection held while the database waits on row locks could starve the pool): they are
+    taken after the flush's statements, still before COMMIT, and the commit publishes."""
+    reset_schema(engine, Base.metadata)
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=2, timeout=1)
+    client = redis.Redis(connection_pool=pool, socket_timeout=1)
+    try:
+        cache = WriteThroughCache(client, prefix=prefix)
+        factory = sessionmaker(engine)
+        cache.install(factory)
+        seed_products(engine, 1)
+        warm(factory, engine, cache, client, WpProduct, 1)
+        with factory() as session:
+            product = session.get(WpProduct, 1)
+            assert product is not None
+            product.name = "through a blocking pool"
+            session.flush()
+            assert entry_state(client, entry_key(cache, WpProduct, 1)) == "lock"
+            session.commit()
+        assert entry_state(client, entry_key(cache, WpProduct, 1)) == "value"
+        got = assert_value_or_miss(factory, engine, cache, client, WpProduct, 1)
+        assert got["name"] == "through a blocking pool"
+    finally:
+        client.close()
