@@ -134,6 +134,14 @@ def session_is_clean(session: Session) -> bool:
     return bool(session._is_clean())
 
 
+def session_is_flushing(session: Session | None) -> bool:
+    """Whether a flush (or a bulk save) is running. A flag of our own set in before_flush
+    stays set when a flush stops before after_flush (a listener raising, nothing to write
+    after all); ``Session._flushing`` is reset in a ``finally``, so the two together say
+    whether a statement belongs to the flush after_flush will track."""
+    return session is not None and bool(session._flushing)
+
+
 def autoflush_before_load(orm_state: ORMExecuteState) -> None:
     """Flush pending changes as the ORM does before a load that asks for autoflush.
 

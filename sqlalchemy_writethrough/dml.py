@@ -87,8 +87,12 @@ class StatementTracker:
         if compiled is not None and not dml and not isinstance(compiled.statement, TextClause):
             return  # a compiled SELECT (or DDL): the hot path leaves here
         tracker: SessionTracker | None = conn.info.get(self.cache._info_key)
-        if tracker is None or tracker.in_flush:
+        if tracker is None:
             return
+        if tracker.in_flush:
+            if _sa_compat.session_is_flushing(tracker.session_ref()):
+                return  # the unit of work's own statement: after_flush tracks it
+            tracker.in_flush = False  # that flush stopped before after_flush
         tracker.wrote = True
         declared = context.execution_options.get("writethrough_invalidates")
         if declared is not None:

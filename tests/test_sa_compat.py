@@ -125,6 +125,26 @@ def test_build_persistent_many_is_the_same_load_for_each_row(session: Session) -
         event.remove(session, "loaded_as_persistent", on_persistent)
 
 
+def test_session_is_flushing_only_inside_flush(session: Session) -> None:
+    seen: list[bool] = []
+
+    def record(s: Session, *args: Any) -> None:
+        seen.append(_sa_compat.session_is_flushing(s))
+
+    event.listen(session, "before_flush", record)
+    event.listen(session, "after_flush", record)
+    try:
+        assert not _sa_compat.session_is_flushing(session)
+        session.add(Parent(id=5))
+        session.flush()
+        assert seen == [True, True]
+        assert not _sa_compat.session_is_flushing(session)
+        assert not _sa_compat.session_is_flushing(None)
+    finally:
+        event.remove(session, "before_flush", record)
+        event.remove(session, "after_flush", record)
+
+
 def test_session_is_clean(session: Session) -> None:
     assert _sa_compat.session_is_clean(session)
     session.add(Parent(id=1))
