@@ -9,7 +9,7 @@ from __future__ import annotations
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "tests_oldest_redis"]
 # Reuse session venvs between local runs; installs still run, so requirement changes apply.
 nox.options.reuse_venv = "yes"
 
@@ -27,6 +27,20 @@ def tests(session: nox.Session, sqlalchemy: str) -> None:
     session.install("-e", ".[test]")
     # Installed after the project so the pin wins over whatever `.[test]` resolved.
     session.install(SQLALCHEMY_PINS[sqlalchemy])
+    session.run(
+        "python",
+        "-c",
+        "import sqlalchemy, redis; "
+        "print('SQLAlchemy', sqlalchemy.__version__, '/ redis-py', redis.__version__)",
+    )
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def tests_oldest_redis(session: nox.Session) -> None:
+    """The suite on the oldest supported redis-py (5.0), whose connection pool API differs."""
+    session.install("-e", ".[test]")
+    session.install("redis~=5.0.0")
     session.run(
         "python",
         "-c",

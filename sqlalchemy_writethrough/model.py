@@ -100,9 +100,10 @@ class ClassLayout:
         )
         self._where = where
         self._row_codecs: weakref.WeakKeyDictionary[Any, _RowCodec] = weakref.WeakKeyDictionary()
-        # the last dialect's row codec: a weak dictionary lookup builds a weakref each time
-        # (one strong reference per class to the latest dialect is the price)
-        self._last: _RowCodec | None = None
+        # the last dialect and its row codec, one tuple replaced whole: a weak dictionary
+        # lookup builds a weakref each time (a strong reference per class to the latest
+        # dialect is the price)
+        self._last: tuple[Any, _RowCodec] | None = None
 
     def description(self) -> str:
         return f"{self.tag!r}:" + ",".join(
@@ -112,16 +113,16 @@ class ClassLayout:
 
     def row_codec(self, dialect: Dialect) -> _RowCodec:
         last = self._last
-        if last is not None and last.dialect is dialect:
-            return last
+        if last is not None and last[0] is dialect:
+            return last[1]
         found = self._row_codecs.get(dialect)
         if found is None:
             codecs = tuple(
                 codec.column_codec(c, dialect, f"{self._where}.{a}")
                 for c, a in zip(self.columns, self.attrs, strict=True)
             )
-            found = self._row_codecs[dialect] = _RowCodec(dialect, self.tag, self.attrs, codecs)
-        self._last = found
+            found = self._row_codecs[dialect] = _RowCodec(self.tag, self.attrs, codecs)
+        self._last = (dialect, found)
         return found
 
     def codecs(self, dialect: Dialect) -> tuple[codec.ColumnCodec, ...]:
@@ -186,16 +187,14 @@ class _RowCodec:
     a commit predicts a row's values in about a third less (``python -m benchmarks``).
     """
 
-    __slots__ = ("codecs", "decode", "dialect", "flushed")
+    __slots__ = ("codecs", "decode", "flushed")
 
     def __init__(
         self,
-        dialect: Dialect,
         tag: Any,
         attrs: tuple[str, ...],
         codecs: tuple[codec.ColumnCodec, ...],
     ) -> None:
-        self.dialect = dialect
         self.codecs = codecs
         namespace: dict[str, Any] = {
             "DecodeError": codec.DecodeError,
