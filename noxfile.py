@@ -24,23 +24,19 @@ SQLALCHEMY_PINS = {
 @nox.parametrize("sqlalchemy", list(SQLALCHEMY_PINS))
 def tests(session: nox.Session, sqlalchemy: str) -> None:
     """Run pytest; extra arguments after ``--`` are passed to pytest."""
-    session.install("-e", ".[test]")
-    # Installed after the project so the pin wins over whatever `.[test]` resolved.
-    session.install(SQLALCHEMY_PINS[sqlalchemy])
-    session.run(
-        "python",
-        "-c",
-        "import sqlalchemy, redis; "
-        "print('SQLAlchemy', sqlalchemy.__version__, '/ redis-py', redis.__version__)",
-    )
-    session.run("pytest", *session.posargs)
+    _pytest(session, SQLALCHEMY_PINS[sqlalchemy])
 
 
 @nox.session
 def tests_oldest_redis(session: nox.Session) -> None:
     """The suite on the oldest supported redis-py (5.0), whose connection pool API differs."""
+    _pytest(session, "redis~=5.0.0")
+
+
+def _pytest(session: nox.Session, pin: str) -> None:
     session.install("-e", ".[test]")
-    session.install("redis~=5.0.0")
+    # Installed after the project so the pin wins over whatever `.[test]` resolved.
+    session.install(pin)
     session.run(
         "python",
         "-c",

@@ -94,23 +94,29 @@ class RedisBackend:
         """
         if not self._direct:
             return cast(Any, self.client).execute_command(*args)
-        conn = self._checkout()
 
-        def call() -> Any:
+        def call(conn: Any) -> Any:
             conn.send_command(*args)
             return conn.read_response()
 
+        return self._on_connection(call)
+
+    def _on_connection(self, call: Any) -> Any:
+        """``call(connection)`` on a pooled connection, under the connection's retry policy
+        (reconnecting between attempts, as redis-py does); the connection goes back to the
+        pool afterwards, closed first if the call failed with anything but an error reply."""
+        conn = self._checkout()
         try:
             retry = getattr(conn, "retry", None)
             if retry is None:
-                reply = call()
+                result = call(conn)
             else:
-                reply = retry.call_with_retry(call, lambda error: conn.disconnect())
+                result = retry.call_with_retry(lambda: call(conn), lambda error: conn.disconnect())
         except BaseException as exc:
             self._abandon(conn, exc)  # a reply may still be on its way: never reuse that socket
             raise
         self.client.connection_pool.release(conn)
-        return reply
+        return result
 
     def _script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         registered = self._scripts[script]
@@ -307,9 +313,8 @@ class RedisBackend:
             for command in commands:
                 pipe.execute_command(*command)
             return list(pipe.execute(raise_on_error=False))
-        conn = self._checkout()
 
-        def call() -> list[Any]:
+        def call(conn: Any) -> list[Any]:
             conn.send_packed_command(conn.pack_commands(commands))
             replies: list[Any] = []
             for _ in commands:
@@ -319,16 +324,7 @@ class RedisBackend:
                     replies.append(exc)
             return replies
 
-        try:
-            retry = getattr(conn, "retry", None)
-            if retry is None:
-                replies = call()
-            else:
-                replies = retry.call_with_retry(call, lambda error: conn.disconnect())
-        except BaseException as exc:
-            self._abandon(conn, exc)
-            raise
-        client.connection_pool.release(conn)
+        replies: list[Any] = self._on_connection(call)
         return replies
 
     def fetch(
