@@ -19,7 +19,7 @@ from redis import BlockingConnectionPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .breaker import CircuitBreaker
-from .protocol import Fetch, Script
+from .protocol import Fetch, Script, current_payload
 from .stats import Counters
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -221,13 +221,7 @@ class RedisBackend:
             self._failed("read", exc)
             return None
         self._succeeded()
-        value, gen = replies
-        if type(value) is not bytes or type(gen) is not bytes or value[:1] != b"V":
-            return False
-        sep = value.find(b":", 1)
-        if sep < 0 or value[1:sep] != gen:
-            return False
-        return memoryview(value)[sep + 1 :]
+        return current_payload(replies[0], replies[1])
 
     def peek_many(
         self, pairs: Sequence[tuple[str, str]]
@@ -245,13 +239,10 @@ class RedisBackend:
             return None
         self._succeeded()
         gens = dict(zip(gen_keys, replies[len(pairs) :], strict=True))
-        found: list[memoryview | Literal[False]] = []
-        for (_, gen_key), value in zip(pairs, replies, strict=False):
-            gen = gens[gen_key]
-            sep = value.find(b":", 1) if type(value) is bytes and value[:1] == b"V" else -1
-            ok = sep > 0 and type(gen) is bytes and value[1:sep] == gen
-            found.append(memoryview(value)[sep + 1 :] if ok else False)
-        return found
+        return [
+            current_payload(value, gens[gen_key])
+            for (_, gen_key), value in zip(pairs, replies, strict=False)
+        ]
 
     def fetch_many(
         self, items: Sequence[tuple[str, str, str]], lease_ms: int

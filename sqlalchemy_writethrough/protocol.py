@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 from importlib import resources
+from typing import Any, Literal
 
 _LUA = resources.files(__package__) / "lua"
 
@@ -60,6 +61,17 @@ class Fetch(enum.IntEnum):
     BUSY = 2  # miss; locked by a writer or leased to another reader
     MISS = 3  # miss; no lease was asked for
     DAMAGED = 4  # miss; a damaged entry was replaced (by a lease if asked: second element gen)
+
+
+def current_payload(value: Any, gen: Any) -> memoryview | Literal[False]:
+    """The row payload of an entry when it is a VALUE of generation ``gen`` (both as MGET
+    returned them); False for anything else (a lock, a lease, another generation, absent)."""
+    if type(value) is not bytes or type(gen) is not bytes or value[:1] != b"V":
+        return False
+    sep = value.find(b":", 1)
+    if sep < 0 or value[1:sep] != gen:
+        return False
+    return memoryview(value)[sep + 1 :]
 
 
 def payload_of(value: bytes) -> memoryview:
