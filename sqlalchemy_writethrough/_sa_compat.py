@@ -75,22 +75,7 @@ def build_persistent(
     ``loaded_as_persistent`` events fire as for a database load (``load`` receives no
     QueryContext: there was no query).
     """
-    instance = mapper.class_manager.new_instance()
-    state = instance_state(instance)
-    state.dict.update(values)
-    state.key = identity_key
-    state.identity_token = identity_key[2]
-    state.session_id = session.hash_key
-    session.identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined,unused-ignore]
-    for key in expired:
-        state.expired_attributes.add(key)
-    load = state.manager.dispatch.load
-    if load:  # an empty listener collection is falsy: skip the call, as loading.py does
-        load(state, None)
-    loaded_as_persistent = session.dispatch.loaded_as_persistent
-    if loaded_as_persistent:
-        loaded_as_persistent(session, state)
-    return instance
+    return build_persistent_many(session, mapper, [(identity_key, values)], expired)[0]
 
 
 def build_persistent_many(
@@ -99,7 +84,8 @@ def build_persistent_many(
     rows: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
     expired: Iterable[str],
 ) -> list[Any]:
-    """:func:`build_persistent` for many rows of one class: (identity key, values) each."""
+    """:func:`build_persistent` for many rows of one class: (identity key, values) each; the
+    event collections, the identity map and the session's key are looked up once."""
     new_instance = mapper.class_manager.new_instance
     add = session.identity_map._add_unpresent  # type: ignore[attr-defined,unused-ignore]
     hash_key = session.hash_key

@@ -268,19 +268,14 @@ class ReadPath:
         missing = []
         by_variant: dict[Any, list[tuple[Any, dict[str, Any]]]] = {}
         order: dict[Any, list[Any]] = {}
-        decode_row = layout.decode_row
         for (value, identity_key), (key, gen_key), entry in zip(todo, pairs, entries, strict=True):
-            if entry is False:
+            decoded = None
+            if entry is not False:
+                decoded = self._decoded(layout, entry, dialect, [value], key, gen_key)
+            if decoded is None:
                 missing.append((value, identity_key, key, gen_key))
                 continue
-            try:
-                variant, values = decode_row(entry, dialect)
-                if values[layout.pk_attrs[0]] != value:
-                    raise DecodeError("holds another primary key")
-            except (DecodeError, ValueError) as exc:
-                self._discard(key, gen_key, exc)
-                missing.append((value, identity_key, key, gen_key))
-                continue
+            variant, values = decoded
             if not variant.mapper.isa(requested):
                 continue  # another class of the hierarchy: the ORM finds no row
             by_variant.setdefault(variant, []).append((identity_key, values))
@@ -371,24 +366,38 @@ class ReadPath:
         gen_key: str,
         requested: Any,
     ) -> Any:
-        try:
-            variant, values = layout.decode_row(payload, dialect)
-            if [values[a] for a in layout.pk_attrs] != pk:
-                raise DecodeError("holds another primary key")
-        except (DecodeError, ValueError) as exc:
-            self._discard(key, gen_key, exc)
+        decoded = self._decoded(layout, payload, dialect, pk, key, gen_key)
+        if decoded is None:
             return None
+        variant, values = decoded
         if not variant.mapper.isa(requested):
             return _NO_ROW  # the row is another class of the hierarchy: the ORM finds no row
         return _sa_compat.build_persistent(
             session, variant.mapper, identity_key, values, variant.expired
         )
 
-    def _discard(self, key: str, gen_key: str, exc: Exception) -> None:
-        """An entry that is not a row of its key: removed, and served as a miss."""
-        self.cache._counters.add("decode_errors")
-        log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
-        self.cache._backend.invalidate((key, gen_key))
+    def _decoded(
+        self,
+        layout: ModelLayout,
+        payload: memoryview,
+        dialect: Any,
+        pk: list[Any],
+        key: str,
+        gen_key: str,
+    ) -> tuple[Any, dict[str, Any]] | None:
+        """(class layout, attribute values) of an entry; None when it is not a row of its key
+        (undecodable, or holding another primary key): then it is removed, and served as a
+        miss."""
+        try:
+            variant, values = layout.decode_row(payload, dialect)
+            if [values[a] for a in layout.pk_attrs] != pk:
+                raise DecodeError("holds another primary key")
+        except (DecodeError, ValueError) as exc:
+            self.cache._counters.add("decode_errors")
+            log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
+            self.cache._backend.invalidate((key, gen_key))
+            return None
+        return variant, values
 
     def _payload(
         self, layout: ModelLayout, identity_key: Any, instance: Any, dialect: Any, key: str
