@@ -22,7 +22,7 @@ from .context import Env
 from .data import item_row
 from .harness import Variant
 from .models import ITEM_COLUMNS, Item
-from .peers.common import combine_checks
+from .peers.common import combine_checks, detached_loader, timed_read
 
 # --------------------------------------------------------------------------- helpers
 
@@ -179,50 +179,23 @@ def orm_floor_variant(env: Env) -> Variant:
     )
 
 
-def _get_op(maker: sessionmaker[Any], env: Env) -> Callable[[int], int]:
-    def op(i: int) -> int:
-        pk = env.read_pk(i)
-        t0 = perf_counter_ns()
-        with maker() as s:
-            s.get(Item, pk)
-        return perf_counter_ns() - t0
-
-    return op
+def _get_one(s: Any, pk: int) -> Any:
+    return s.get(Item, pk)
 
 
-def _select_op(maker: sessionmaker[Any], env: Env, cached: bool) -> Callable[[int], int]:
-    opts = (from_cache(),) if cached else ()
-
-    def op(i: int) -> int:
-        pk = env.read_pk(i)
-        t0 = perf_counter_ns()
-        with maker() as s:
-            s.execute(select(Item).where(Item.id == pk).options(*opts)).scalar_one()
-        return perf_counter_ns() - t0
-
-    return op
+def _select_one(s: Any, pk: int) -> Any:
+    return s.execute(select(Item).where(Item.id == pk).options(from_cache())).scalar_one()
 
 
-def _loader(maker: sessionmaker[Any], how: str) -> Callable[[int], Any]:
-    def load(pk: int) -> Any:
-        with maker() as s:
-            if how == "get":
-                obj = s.get(Item, pk)
-            else:
-                obj = s.execute(
-                    select(Item).where(Item.id == pk).options(from_cache())
-                ).scalar_one()
-            s.expunge_all()
-            return obj
-
-    return load
+def _select_one_uncached(s: Any, pk: int) -> Any:
+    return s.execute(select(Item).where(Item.id == pk)).scalar_one()
 
 
 def pk_variants(env: Env) -> list[Variant]:
-    get_pg = _get_op(env.plain, env)
-    get_cached = _get_op(env.cached, env)
-    select_cached = _select_op(env.cached, env, cached=True)
-    select_pg = _select_op(env.plain, env, cached=False)
+    get_pg = timed_read(env.plain, env.read_pk, _get_one)
+    get_cached = timed_read(env.cached, env.read_pk, _get_one)
+    select_cached = timed_read(env.cached, env.read_pk, _select_one)
+    select_pg = timed_read(env.plain, env.read_pk, _select_one_uncached)
     some_pk = env.read_pks[0]
     return [
         floor_variant(env),
@@ -242,7 +215,7 @@ def pk_variants(env: Env) -> list[Variant]:
             note="new session per operation",
             check=combine_checks(
                 no_sql_check(env.engine, get_cached, "went to PostgreSQL"),
-                values_check(_loader(env.cached, "get"), some_pk),
+                values_check(detached_loader(env.cached, _get_one), some_pk),
             ),
         ),
         Variant(
@@ -252,7 +225,7 @@ def pk_variants(env: Env) -> list[Variant]:
             select_cached,
             check=combine_checks(
                 no_sql_check(env.engine, select_cached, "went to PostgreSQL"),
-                values_check(_loader(env.cached, "select"), some_pk),
+                values_check(detached_loader(env.cached, _select_one), some_pk),
             ),
         ),
         Variant(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import perf_counter_ns
 from typing import Any
 
 import redis
@@ -38,3 +39,33 @@ def combine_checks(*checks: Callable[[], str | None]) -> Callable[[], str | None
         return "; ".join(notes) or None
 
     return check
+
+
+def timed_read(
+    maker: Callable[[], Any], key_of: Callable[[int], Any], read: Callable[[Any, Any], Any]
+) -> Callable[[int], int]:
+    """A benchmark operation: ``read(session, key_of(i))`` in a new session, timed with the
+    session's creation and close (how every single-row row of the suite is measured)."""
+
+    def op(i: int) -> int:
+        key = key_of(i)
+        t0 = perf_counter_ns()
+        with maker() as s:
+            read(s, key)
+        return perf_counter_ns() - t0
+
+    return op
+
+
+def detached_loader(
+    maker: Callable[[], Any], read: Callable[[Any, Any], Any]
+) -> Callable[[Any], Any]:
+    """``read(session, pk)`` in a new session, the result detached (for the value checks)."""
+
+    def load(pk: Any) -> Any:
+        with maker() as s:
+            obj = read(s, pk)
+            s.expunge_all()
+            return obj
+
+    return load

@@ -19,7 +19,7 @@ from ..core import no_sql_check, values_check
 from ..harness import Variant
 from ..models import Category, Item, Section
 from . import PeerRows
-from .common import combine_checks, new_keys_size
+from .common import combine_checks, detached_loader, new_keys_size, timed_read
 from .dogpile_recipe import FromCache, ORMCache, RelationshipCache, md5_key_mangler
 
 NAME = "dogpile.cache recipe"
@@ -91,27 +91,10 @@ def build(env: Any) -> PeerRows:
             _ = item.category.section.department
 
     def loader(how: Callable[[Any, int], Any]) -> Callable[[int], Any]:
-        def load(pk: int) -> Any:
-            with maker() as s:
-                obj = how(s, pk)
-                s.expunge_all()
-                return obj
+        return detached_loader(maker, how)
 
-        return load
-
-    def get_op(i: int) -> int:
-        pk = env.read_pk(i)
-        t0 = perf_counter_ns()
-        with maker() as s:
-            get(s, pk)
-        return perf_counter_ns() - t0
-
-    def select_op(i: int) -> int:
-        pk = env.read_pk(i)
-        t0 = perf_counter_ns()
-        with maker() as s:
-            select_one(s, pk)
-        return perf_counter_ns() - t0
+    get_op = timed_read(maker, env.read_pk, get)
+    select_op = timed_read(maker, env.read_pk, select_one)
 
     def batch_op(i: int) -> int:
         ids = env.batch(i)

@@ -30,7 +30,7 @@ from ..harness import Variant
 from ..models import CATEGORY_TABLE, DEPARTMENT_TABLE, ITEM_TABLE, SECTION_TABLE
 from ..redis_count import counting_redis
 from . import PeerRows
-from .common import combine_checks, new_keys_size
+from .common import combine_checks, detached_loader, new_keys_size, timed_read
 
 NAME = "sqlmodel-cache"
 KEY_PATTERN = "sqlmodelcache:BenchSmc*"
@@ -121,27 +121,10 @@ def build(env: Any) -> PeerRows:
             _ = item.category.section.department
 
     def loader(how: Callable[[Session, int], Any]) -> Callable[[int], Any]:
-        def load(pk: int) -> Any:
-            with session() as s:
-                obj = how(s, pk)
-                s.expunge_all()
-                return obj
+        return detached_loader(session, how)
 
-        return load
-
-    def get_op(i: int) -> int:
-        pk = env.read_pk(i)
-        t0 = perf_counter_ns()
-        with session() as s:
-            get(s, pk)
-        return perf_counter_ns() - t0
-
-    def select_op(i: int) -> int:
-        pk = env.read_pk(i)
-        t0 = perf_counter_ns()
-        with session() as s:
-            select_one(s, pk)
-        return perf_counter_ns() - t0
+    get_op = timed_read(session, env.read_pk, get)
+    select_op = timed_read(session, env.read_pk, select_one)
 
     def batch_op(i: int) -> int:
         ids = env.batch(i)
