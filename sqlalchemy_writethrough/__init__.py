@@ -23,10 +23,18 @@ from .config import ModelOptionsDict as ModelOptionsDict
 from .exc import CacheUnavailableError as CacheUnavailableError
 from .exc import ConfigurationError as ConfigurationError
 from .exc import WritethroughError as WritethroughError
+from .exc import WriteThroughWarning as WriteThroughWarning
 from .model import CachedModel as CachedModel
 from .options import FromCache as FromCache
 from .options import from_cache as from_cache
+from .report import CachedModels as CachedModels
+from .report import InexactColumn as InexactColumn
+from .report import LeftOutModel as LeftOutModel
+from .report import ModelInfo as ModelInfo
 from .stats import CacheStats as CacheStats
+from .stats import Latency as Latency
+from .stats import ModelStats as ModelStats
+from .stats import Recommendation as Recommendation
 
 __version__ = "0.1.0"
 
@@ -34,10 +42,18 @@ __all__ = [
     "CacheStats",
     "CacheUnavailableError",
     "CachedModel",
+    "CachedModels",
     "ConfigurationError",
     "FromCache",
+    "InexactColumn",
+    "Latency",
+    "LeftOutModel",
+    "ModelInfo",
     "ModelOptionsDict",
+    "ModelStats",
+    "Recommendation",
     "WriteThroughCache",
+    "WriteThroughWarning",
     "WritethroughError",
     "__version__",
     "from_cache",

@@ -8,13 +8,15 @@ of these internals fails there, by name, instead of somewhere in the cache's beh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session, UserDefinedOption
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
 from sqlalchemy.sql.selectable import Select
@@ -31,11 +33,20 @@ ABSTRACT_INTERVAL: type = sqlalchemy.sql.sqltypes._AbstractInterval
 NO_VALUE: Any = sqlalchemy.orm.base.NO_VALUE
 SQLA_2_1 = SQLA_VERSION >= (2, 1)
 
+_T = TypeVar("_T")
+
 _UNIQUE_BY_ID: list[Callable[[Any], Any]] = [id]
 
 
 def _unique_by_id(result: Any) -> list[Callable[[Any], Any]]:
     return _UNIQUE_BY_ID
+
+
+#: what ``loading.instances`` tells legacy ``Query._iter`` about an entity result: one entity
+#: (so it calls ``.scalars()``) of mapped rows (so it calls ``.unique()``)
+_ENTITY_ATTRIBUTES: Any = sqlalchemy.util.immutabledict(
+    {"filtered": True, "is_single_entity": True}
+)
 
 
 def make_result(objects: Sequence[Any], key: str) -> Result[Any]:
@@ -46,6 +57,7 @@ def make_result(objects: Sequence[Any], key: str) -> Result[Any]:
     does, so dataclass models (``__hash__ = None``) work with ``.unique()``. The keyword changed
     in 2.1 (``_unique_filters`` list became ``_create_unique_filters`` callable). The metadata
     is built once per entity name and shared, as SQLAlchemy shares a compiled statement's.
+    The private ``_attributes`` carry what legacy ``Query`` reads to return entities, not rows.
     """
     metadata = _METADATA.get(key)
     if metadata is None:
@@ -54,7 +66,11 @@ def make_result(objects: Sequence[Any], key: str) -> Result[Any]:
         else:  # pragma: no cover - exercised by the SQLAlchemy 2.0 nox session
             metadata = SimpleResultMetaData([key], _unique_filters=_UNIQUE_BY_ID)  # type: ignore[call-arg,unused-ignore]
         _METADATA[key] = metadata
-    return IteratorResult(metadata, iter(objects), _source_supports_scalars=True)
+    result: IteratorResult[Any] = IteratorResult(
+        metadata, iter(objects), _source_supports_scalars=True
+    )
+    result._attributes = _ENTITY_ATTRIBUTES
+    return result
 
 
 _METADATA: dict[str, SimpleResultMetaData] = {}
@@ -141,15 +157,74 @@ def autoflush_before_load(orm_state: ORMExecuteState) -> None:
 
 
 def load_options_forbid_cache(orm_state: ORMExecuteState) -> bool:
-    """populate_existing, refresh, identity tokens (horizontal sharding) or a non-default
-    identity token must load from the database; the flags live on the private load options."""
+    """populate_existing and refresh must load from the database; the flags live on the
+    private load options. So does a legacy ``Query.only_return_tuples()``, whose rows are
+    tuples, not entities."""
     lo = orm_state.load_options
     return bool(
         lo._populate_existing
         or lo._refresh_state is not None
-        or lo._identity_token is not None
+        or lo._only_return_tuples
         or orm_state.execution_options.get("populate_existing")
     )
+
+
+def reload_of_expired(orm_state: ORMExecuteState) -> tuple[Any, frozenset[str]] | None:
+    """(the object's state, the attribute keys to load) when a column load reloads expired
+    attributes of a persistent object (after a commit with ``expire_on_commit``, an
+    ``expire()``), not an explicit ``Session.refresh()``, a ``populate_existing`` or a
+    deferred column's load; else None.
+
+    The ORM marks these loads only on its private load options (``_refresh_state``,
+    ``_is_user_refresh``) and compile options (``_only_load_props``); checked on 2.0 and 2.1.
+    """
+    lo = orm_state.load_options
+    state = lo._refresh_state
+    if (
+        state is None
+        or lo._is_user_refresh
+        or lo._populate_existing
+        or orm_state.execution_options.get("populate_existing")
+        or state.key is None
+    ):
+        return None
+    compile_options = getattr(orm_state.statement, "_compile_options", None)
+    props = getattr(compile_options, "_only_load_props", None)
+    if not props:
+        return None
+    return state, frozenset(props)
+
+
+def commit_reloaded(state: Any, keys: frozenset[str]) -> None:
+    """Fire the ``refresh`` event (with no QueryContext: there was no query) and mark the
+    reloaded attributes as loaded, as ``loading._instance`` does after reloading an expired
+    object from a row (a reload counts as a populate-existing of its object there).
+    ``InstanceState._commit`` has no public counterpart."""
+    refresh = state.manager.dispatch.refresh
+    if refresh:
+        refresh(state, None, keys)
+    state._commit(state.dict, keys)
+
+
+def identity_token(orm_state: ORMExecuteState) -> Any:
+    """The identity token a load gives its rows (``session.get(..., identity_token=...)``,
+    horizontal sharding's shard id), or None; it lives on the private load options."""
+    return orm_state.load_options._identity_token
+
+
+def is_identity_load(orm_state: ORMExecuteState) -> bool:
+    """True for ``session.get()``, ``Query.get()`` and a many-to-one lazy load, False for a
+    ``select()`` or a legacy ``Query`` being iterated.
+
+    The first three run ``loading._load_on_pk_identity``, which passes the private
+    ``_sa_orm_load_options`` execution option; legacy ``Query._iter()`` passes it too, but
+    only ``Query._statement_20()`` sets the ``_use_legacy_query_style`` compile option
+    (absent from Core's default compile options, hence the getattr). Checked on 2.0 and 2.1.
+    """
+    if "_sa_orm_load_options" not in orm_state.execution_options:
+        return False
+    compile_options = getattr(orm_state.statement, "_compile_options", None)
+    return not getattr(compile_options, "_use_legacy_query_style", False)
 
 
 def plain_entity_select(stmt: Any, mapper: Mapper[Any]) -> Sequence[Any] | None:
@@ -317,8 +392,18 @@ def all_mappers() -> list[Mapper[Any]]:
     registries = getattr(sys.modules["sqlalchemy.orm.mapper"], "_mapper_registries", {})
     found: list[Mapper[Any]] = []
     for reg in list(registries):
-        found.extend(reg.mappers)
+        found.extend(registry_mappers(reg))
     return found
+
+
+def registry_mappers(reg: Any) -> list[Mapper[Any]]:
+    """``registry.mappers``, without the classes not mapped yet: ``registry.mappers`` raises
+    UnmappedClassError while one is pending (``DeferredReflection`` before ``prepare()``, an
+    ``AbstractConcreteBase`` before configure)."""
+    try:
+        return list(reg.mappers)
+    except UnmappedClassError:
+        return [m.mapper for m in list(reg._managers) if m.is_mapped]
 
 
 def expanded_parameter_names(context: Any, name: str) -> list[str] | None:
@@ -343,3 +428,44 @@ def connection_isolation_level(connection: Any) -> str | None:
     if level is None:
         level = connection.default_isolation_level
     return str(level) if level is not None else None
+
+
+def json_functions(dialect: Any) -> tuple[Callable[[Any], str], Callable[[str], Any]]:
+    """The functions a JSON column's values go through: ``create_engine(json_serializer=...,
+    json_deserializer=...)``, else ``json.dumps`` and ``json.loads`` (the default of SQLAlchemy
+    and of psycopg, which SQLAlchemy hands the engine's functions to). The dialect keeps them in
+    private attributes, with no public accessor (2.0: only the dialects with JSON types)."""
+    return (
+        getattr(dialect, "_json_serializer", None) or json.dumps,
+        getattr(dialect, "_json_deserializer", None) or json.loads,
+    )
+
+
+# -- asyncio: SQLAlchemy's greenlet bridge --------------------------------------------------
+# An AsyncSession runs its sync Session inside a greenlet that SQLAlchemy spawned on the event
+# loop; code there (the cache's hooks) awaits a coroutine with ``await_`` (2.1; ``await_only``
+# in 2.0, deprecated in 2.1). Documented for event handlers in "Using awaitable-only driver
+# methods in connection pool and other events"; checked against 2.0.x and 2.1.x.
+
+
+def await_(awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` from sync code running in SQLAlchemy's greenlet (raises
+    ``sqlalchemy.exc.MissingGreenlet`` anywhere else)."""
+    return _AWAIT(awaitable)  # type: ignore[no-any-return]
+
+
+async def greenlet_spawn(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run sync ``fn`` in a greenlet on the running loop, where it may call :func:`await_`."""
+    result: _T = await sqlalchemy.util.greenlet_spawn(fn, *args, **kwargs)
+    return result
+
+
+def in_greenlet() -> bool:
+    """Whether :func:`await_` can be called here (inside a greenlet SQLAlchemy spawned)."""
+    return bool(_IN_GREENLET())
+
+
+_AWAIT: Callable[[Any], Any] = (
+    getattr(sqlalchemy.util, "await_", None) or sqlalchemy.util.await_only
+)
+_IN_GREENLET: Callable[[], Any] = sqlalchemy.util.concurrency.in_greenlet

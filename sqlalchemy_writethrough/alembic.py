@@ -19,7 +19,10 @@ rolling deploy. In ``env.py``::
                     context.run_migrations()
 
 Every statement the migration runs is matched against the tables that hold entries (any
-process's models, from the cache's keyspace registry). Before the first statement that names a
+process's models, from the cache's keyspace registry). A table's entries are invalidated in
+every database that holds some, not only in the migrated one: the migration may reach its
+database by another URL than the application does (another host name, a direct connection
+instead of a pooler), and a miss costs one load. Before the first statement that names a
 table, every bucket of each of its keyspaces gets a generation lock, so nothing is served or
 filled from the old rows while the migration runs; when the block exits (after the migration's
 transaction ended) the generations are replaced. If the migration process dies, the locks
@@ -55,16 +58,18 @@ def invalidate_migrated_tables(
     :param lock_timeout: seconds the generation locks survive a migration process that dies;
         readers of the touched tables go to the database meanwhile.
     """
-    backend = cache._backend
+    runtime = cache._runtime
+    backend = runtime.backend
     fields = backend.read_registry(registry_key(cache.prefix))
     keyspaces: dict[str, list[str]] = {}
     for field in fields or ():
         table, gen_keys = generation_keys_of(cache.prefix, field)
         keyspaces.setdefault(table.lower(), []).extend(gen_keys)
         keyspaces.setdefault(table.rsplit(".", 1)[-1].lower(), []).extend(gen_keys)
-    for layout in cache._cached_layouts():  # this process's models, even with no entry yet
+    for layout in runtime.models.cached_layouts():  # this process's models, even unused
+        gen_keys = runtime.models.keys(layout, connection).generation_keys()
         for name in {layout.table.name.lower(), layout.table.fullname.lower()}:
-            keyspaces.setdefault(name, []).extend(layout.keys.generation_keys())
+            keyspaces.setdefault(name, []).extend(gen_keys)
     pattern = table_name_pattern(keyspaces)
     owner = secrets.token_hex(8)
     locked: dict[str, None] = {}
@@ -82,7 +87,11 @@ def invalidate_migrated_tables(
                     locked[gen_key] = None
                     new.append(gen_key)
         if new and not backend.lock_generations(new, owner, ttl_ms):
-            log.warning("writethrough: could not lock %d buckets before a migration", len(new))
+            log.warning(
+                "writethrough: could not lock %d buckets before a migration (%s)",
+                len(new),
+                backend.last_error,
+            )
 
     if fields is None:
         log.warning(
@@ -100,7 +109,8 @@ def invalidate_migrated_tables(
                 log.info("writethrough: invalidated %d buckets after the migration", len(gen_keys))
             else:
                 log.error(
-                    "writethrough: could not invalidate the tables this migration changed; "
+                    "writethrough: could not invalidate the tables this migration changed (%s); "
                     "their buckets stay locked until the lock expires (%s s)",
+                    backend.last_error,
                     lock_timeout,
                 )

@@ -1,190 +1,224 @@
-"""Runs the protocol's scripts on a synchronous redis-py client, behind the circuit breaker.
+"""The protocol's operations, written once, over a transport, behind the circuit breaker.
 
-Every method returns ``None`` (or False) instead of raising when Redis is unwell: the caller
+:class:`Backend` declares the few operations the session hooks call. :class:`ScriptBackend`
+implements them for every kind of client: it builds each script call, parses its reply, loads a
+script again after ``NOSCRIPT``, counts and logs failures and tells the circuit breaker; the
+:class:`~.transport.Transport` underneath only moves commands (sync redis-py, asyncio, Cluster).
+
+Every operation returns ``None`` (or False) instead of raising when Redis is unwell: the caller
 decides what a failure means (a read falls back to the database; a lock failure is journaled or,
 in strict mode, raised).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import secrets
-import weakref
-from collections.abc import Sequence
-from typing import Any, Literal, cast
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, Protocol
 
-import redis
-from redis import BlockingConnectionPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .breaker import CircuitBreaker
-from .protocol import Fetch, Script, current_payload
+from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
+from .epoch import EpochGuard
+from .keys import epoch_key, registry_key
+from .protocol import Fetch, Script, Scripts, current_payload, split_by_hash_tag
+from .redis_async import AsyncTransport
+from .redis_sync import SyncTransport
 from .stats import Counters
+from .transport import Transport
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
+_FAILURES = (RedisError, OSError)
+
 
 class PendingReply:
-    """A command sent on a pooled connection whose reply is not read yet (the connection
-    stays checked out until :meth:`RedisBackend.finish`). Should it never be finished (a
-    session dropped mid-flush, without rollback or close), its socket is closed when it is
-    collected: never left open with a reply nobody reads."""
+    """A lock script sent by :meth:`Backend.send_lock` whose reply is not read yet."""
 
-    __slots__ = ("__weakref__", "args", "connection", "finalizer", "keys", "script")
+    __slots__ = ("args", "handle", "keys", "script")
 
-    def __init__(
-        self, connection: Any, script: Script, keys: Sequence[str], args: Sequence[Any]
-    ) -> None:
-        self.connection = connection
+    def __init__(self, handle: Any, script: Script, keys: Sequence[str], args: Sequence[Any]):
+        self.handle = handle
         self.script = script
         self.keys = keys
         self.args = args
-        self.finalizer = weakref.finalize(self, connection.disconnect)
-
-    def take(self) -> Any:
-        """The connection, now the caller's to read from and return to the pool."""
-        conn, self.connection = self.connection, None
-        self.finalizer.detach()
-        return conn
 
 
-def _checkout_of(pool: Any) -> Any:
-    """``pool.get_connection`` as a no-argument callable: redis-py before 5.3 requires a
-    command name, 5.3 and later deprecate passing one."""
-    try:
-        inspect.signature(pool.get_connection).bind()
-    except TypeError:
-        return lambda: pool.get_connection("_")
-    except ValueError:  # no signature (a C or wrapped pool): assume the current form
-        pass
-    return pool.get_connection
+class Backend(Protocol):
+    """What the read and write paths ask of Redis."""
+
+    #: for log lines: which Redis, never its password
+    address: str
+    #: the latest failure, said by errors that must name one (strict mode's)
+    last_error: str
+    breaker: CircuitBreaker
+
+    def peek(self, key: str, gen_key: str) -> memoryview | Literal[False] | None: ...
+
+    def peek_many(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> list[memoryview | Literal[False]] | None: ...
+
+    def fetch(
+        self, key: str, gen_key: str, lease: str, lease_ms: int
+    ) -> tuple[Fetch, bytes | None] | None: ...
+
+    def fetch_many(
+        self, items: Sequence[tuple[str, str, str]], lease_ms: int
+    ) -> list[tuple[Fetch, bytes | None]] | None: ...
+
+    def wait_for_fill(
+        self, key: str, gen_key: str, lease: str, lease_ms: int, budget: float
+    ) -> tuple[Fetch, bytes | None] | None: ...
+
+    def fill(
+        self, key: str, gen_key: str, lease: str, gen: bytes, payload: bytes, ttl_ms: int
+    ) -> bool | None: ...
+
+    def fill_many(self, items: Sequence[tuple[str, str, str, bytes, bytes, int]]) -> list[Any]: ...
+
+    def send_lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> PendingReply | None: ...
+
+    def finish(self, pending: PendingReply) -> Any: ...
+
+    def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool: ...
+
+    def publish(self, pairs: Sequence[str], owner: str, items: Sequence[Any]) -> int | None: ...
+
+    def release(self, pairs: Sequence[str], owner: str) -> int | None: ...
+
+    def invalidate(self, pairs: Sequence[str], ended_owners: Sequence[str] = ()) -> bool: ...
+
+    def lock_generations(self, gen_keys: Sequence[str], owner: str, ttl_ms: int) -> bool: ...
+
+    def release_generations(self, gen_keys: Sequence[str], owner: str, committed: bool) -> bool: ...
+
+    def bump_generations(self, gen_keys: Sequence[str]) -> bool: ...
+
+    def write_batch(
+        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+    ) -> list[int] | None: ...
+
+    def register_keyspace(self, registry_key: str, field: str) -> bool: ...
+
+    def read_registry(self, registry_key: str) -> list[str] | None: ...
+
+    def delete_matching(self, patterns: Sequence[str]) -> int: ...
 
 
-class RedisBackend:
-    def __init__(self, client: redis.Redis, breaker: CircuitBreaker, counters: Counters) -> None:
-        self.client = client
+class ScriptBackend:
+    """:class:`Backend` over any :class:`~.transport.Transport`."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        breaker: CircuitBreaker,
+        counters: Counters,
+        scripts: Scripts | None = None,
+        epoch: EpochGuard | None = None,
+    ) -> None:
+        self.transport = transport
         self.breaker = breaker
-        breaker.probe = self._ping
+        breaker.probe = transport.ping
         #: called when Redis answers again after the breaker was open (journal replay)
-        self.on_recovery: Any = None
+        self.on_recovery: Callable[[], object] | None = None
         breaker.on_close = self._recovered
         self._counters = counters
-        self._scripts = {s: client.register_script(s.source) for s in Script}
-        pool = client.connection_pool
-        self._direct = (
-            getattr(client, "connection", None) is None
-            and getattr(pool, "cache", None) is None
-            and type(client).execute_command is redis.Redis.execute_command
-        )
-        self._checkout = _checkout_of(pool)
-        # a flush's locks travel during its SQL on a connection of their own; a bounded,
-        # blocking pool could run dry while writers wait on database row locks
-        self.overlaps_locks = self._direct and not isinstance(pool, BlockingConnectionPool)
+        self.address = transport.address
+        self._refusals_logged: set[tuple[type, str]] = set()
+        self.last_error = ""
+        #: called (with this backend) when the server refuses as a Redis Cluster node does
+        self.on_cluster_node: Callable[[ScriptBackend], None] | None = None
+        self._scripts = scripts or Scripts()
+        #: the epoch check of the transport's connections, if any (see :mod:`.epoch`)
+        self.epoch = epoch
 
-    def _command(self, *args: Any) -> Any:
-        """One command and its reply on a pooled connection.
+    @property
+    def overlaps_locks(self) -> bool:
+        """Whether a flush's locks travel during its SQL (see :meth:`send_lock`)."""
+        return self.transport.overlaps
 
-        ``Connection.send_command`` / ``read_response`` skip the per-command layers of
-        ``Redis.execute_command`` (argument filtering, observability hooks): about 7 us of a
-        65 us loopback round trip, on every cached read (``python -m benchmarks``). The
-        connection's own retry policy (the client's ``retry``) still applies, as redis-py
-        applies it. A single-connection client, client-side caching or a subclass's
-        ``execute_command`` keep redis-py's own path.
-        """
-        if not self._direct:
-            return cast(Any, self.client).execute_command(*args)
+    # -- running scripts ---------------------------------------------------------------------
 
-        def call(conn: Any) -> Any:
-            conn.send_command(*args)
-            return conn.read_response()
-
-        return self._on_connection(call)
-
-    def _on_connection(self, call: Any) -> Any:
-        """``call(connection)`` on a pooled connection, under the connection's retry policy
-        (reconnecting between attempts, as redis-py does); the connection goes back to the
-        pool afterwards, closed first if the call failed with anything but an error reply."""
-        conn = self._checkout()
+    def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One script call; a server that lost its scripts (restarted, flushed) gets it loaded
+        once and runs it again."""
+        transport = self.transport
+        command = self._scripts.call(script, keys, args)
         try:
-            retry = getattr(conn, "retry", None)
-            if retry is None:
-                result = call(conn)
-            else:
-                result = retry.call_with_retry(lambda: call(conn), lambda error: conn.disconnect())
-        except BaseException as exc:
-            self._abandon(conn, exc)  # a reply may still be on its way: never reuse that socket
-            raise
-        self.client.connection_pool.release(conn)
-        return result
-
-    def _script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        registered = self._scripts[script]
-        try:
-            return self._command("EVALSHA", registered.sha, len(keys), *keys, *args)
-        except NoScriptError:  # a restarted or flushed server: load it once, run it again
-            self._command("SCRIPT", "LOAD", registered.script)
-            return self._command("EVALSHA", registered.sha, len(keys), *keys, *args)
+            return transport.command(*command)
+        except NoScriptError:
+            transport.load_script(self._scripts.source[script])
+            return transport.command(*command)
 
     def _run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if not self.breaker.allow():
-            self._counters.add("errors")
+            self._counters.error("breaker")
             return None
         try:
-            reply = self._script(script, keys, args)
-        except (RedisError, OSError) as exc:
+            if self.transport.clustered:
+                reply = self._eval_split(script, keys, args)
+            else:
+                reply = self._eval(script, keys, args)
+        except _FAILURES as exc:
             self._failed(script.value, exc)
             return None
         self._succeeded()
         return reply
 
-    def send_lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> PendingReply | None:
-        """Send the lock script now and read its reply later (:meth:`finish`), so that its
-        round trip overlaps the flush's SQL. None when it was not sent (the caller takes the
-        locks synchronously, with the usual failure handling)."""
-        if not self.overlaps_locks or not self.breaker.allow():
-            return None
-        registered = self._scripts[Script.LOCK]
-        args = (owner, ttl_ms)
-        try:
-            conn: Any = self._checkout()
-        except Exception as exc:
-            log.debug("writethrough: Redis lock not sent: %r", exc)
-            return None
-        try:
-            conn.send_command("EVALSHA", registered.sha, len(pairs), *pairs, *args)
-        except Exception:
-            conn.disconnect()
-            self.client.connection_pool.release(conn)
-            return None  # not counted as a failure: the synchronous lock decides
-        return PendingReply(conn, Script.LOCK, pairs, args)
+    def _eval_split(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """A multi-key script on a Cluster: one call per hash tag, sent as one batch (the
+        transport pipelines per node); the counts they reply add up."""
+        calls = split_by_hash_tag(script, keys, args)
+        if len(calls) == 1:
+            return self._eval(script, *calls[0])
+        replies = self._eval_batch([(script, k, a) for k, a in calls])
+        return sum(int(reply) for reply in replies)
 
-    def finish(self, pending: PendingReply) -> Any:
-        """The reply of a command :meth:`send_lock` sent, or None when it failed. When the
-        reply cannot be read (a broken connection, an unknown script), the script runs again
-        synchronously, with the client's retry policy: a lock is idempotent for its owner."""
-        conn = pending.take()
-        if conn is None:
+    def _eval_batch(
+        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Several script calls in one batch; raises the first error reply."""
+        scripts = self._scripts
+        commands = [scripts.call(script, keys, args) for script, keys, args in calls]
+        replies = self.transport.batch(commands)
+        unknown = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if unknown:  # a restarted or flushed server: load what is missing, run those again
+            for script in {calls[i][0] for i in unknown}:
+                self.transport.load_script(scripts.source[script])
+            again = self.transport.batch([commands[i] for i in unknown])
+            for i, reply in zip(unknown, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
+
+    def _pipelined(self, calls: Sequence[tuple[Script, Any, Any]], convert: Any) -> Any:
+        """Several single-slot script calls in one round trip (redis-py's pipeline asks SCRIPT
+        EXISTS first on every execute: a second round trip)."""
+        if not calls:
+            return []
+        if not self.breaker.allow():
+            self._counters.error("breaker")
             return None
         try:
-            reply = conn.read_response()
-        except BaseException as exc:
-            self._abandon(conn, exc)
-            if not isinstance(exc, (RedisError, OSError)):
-                raise
-            if isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
-                self._failed(pending.script.value, exc)
-                return None
-            return self._run(pending.script, pending.keys, pending.args)
-        self.client.connection_pool.release(conn)
+            replies = self._eval_batch(calls)
+        except _FAILURES as exc:
+            self._failed("pipeline", exc)
+            return None
         self._succeeded()
-        return reply
+        return [convert(r) for r in replies]
 
-    def _ping(self) -> bool:
-        return bool(self.client.ping())
+    # -- the breaker and failures --------------------------------------------------------------
 
     def _recovered(self) -> None:
-        log.warning("writethrough: Redis answers again; the cache is back in use")
+        log.warning(
+            "writethrough: Redis at %s answers again; the cache is back in use", self.address
+        )
         if self.on_recovery is not None:
             self.on_recovery()
 
@@ -193,31 +227,48 @@ class RedisBackend:
             self._recovered()
 
     def _failed(self, what: str, exc: BaseException) -> None:
-        """A call failed: the breaker hears of it, it is counted, and logged (a warning when
-        it opens the breaker, debug otherwise)."""
+        """A call failed: the breaker hears of it, it is counted, and logged: a warning when
+        it opens the breaker, or the first time the server refuses in a new way (a wrong
+        password, a replica, a Cluster node: that does not pass by itself); debug otherwise."""
         was_open = self.breaker.is_open
         self.breaker.failure()
-        self._counters.add("errors")
-        level = logging.WARNING if self.breaker.is_open != was_open else logging.DEBUG
-        log.log(level, "writethrough: Redis %s failed: %r", what, exc)
+        self._counters.error(type(exc).__name__)
+        self.log_failure(what, exc, opened=self.breaker.is_open != was_open)
 
-    def _abandon(self, conn: Any, exc: BaseException) -> None:
-        """Return the connection of a failed command to the pool, closed first unless Redis
-        answered with an error (then it is in a clean state)."""
-        if not isinstance(exc, ResponseError):
-            conn.disconnect()
-        self.client.connection_pool.release(conn)
+    def log_failure(self, what: str, exc: BaseException, *, opened: bool = False) -> None:
+        if self.on_cluster_node is not None and is_cluster_reply(exc):
+            self.on_cluster_node(self)
+        why = explain(exc)
+        self.last_error = f"Redis at {self.address}: {what} failed: {why}"
+        level = logging.DEBUG
+        if opened:
+            level = logging.WARNING
+        elif is_configuration_error(exc):
+            kind = (type(exc), str(exc).split(" ", 1)[0])
+            if kind not in self._refusals_logged:
+                self._refusals_logged.add(kind)
+                level = logging.WARNING
+        log.log(
+            level,
+            "writethrough: Redis at %s: %s failed: %s%s",
+            self.address,
+            what,
+            why,
+            "; reads go to the database until it answers again" if opened else "",
+        )
+
+    # -- reads ---------------------------------------------------------------------------------
 
     def peek(self, key: str, gen_key: str) -> memoryview | Literal[False] | None:
         """The row payload if the entry is a VALUE of the current generation (one MGET, no
         script: both keys share a hash slot); False when it is anything else; None when Redis
         failed."""
         if not self.breaker.allow():
-            self._counters.add("errors")
+            self._counters.error("breaker")
             return None
         try:
-            replies: list[Any] = self._command("MGET", key, gen_key)
-        except (RedisError, OSError) as exc:
+            replies: list[Any] = self.transport.command("MGET", key, gen_key)
+        except _FAILURES as exc:
             self._failed("read", exc)
             return None
         self._succeeded()
@@ -229,12 +280,14 @@ class RedisBackend:
         """:meth:`peek` for many entries in one MGET (standalone Redis: any slots); each
         bucket's generation key is sent once."""
         if not self.breaker.allow():
-            self._counters.add("errors")
+            self._counters.error("breaker")
             return None
         gen_keys = list(dict.fromkeys(gen_key for _, gen_key in pairs))
         try:
-            replies: list[Any] = self._command("MGET", *[key for key, _ in pairs], *gen_keys)
-        except (RedisError, OSError) as exc:
+            replies: list[Any] = self.transport.command(
+                "MGET", *[key for key, _ in pairs], *gen_keys
+            )
+        except _FAILURES as exc:
             self._failed("read", exc)
             return None
         self._succeeded()
@@ -243,6 +296,15 @@ class RedisBackend:
             current_payload(value, gens[gen_key])
             for (_, gen_key), value in zip(pairs, replies, strict=False)
         ]
+
+    def fetch(
+        self, key: str, gen_key: str, lease: str, lease_ms: int
+    ) -> tuple[Fetch, bytes | None] | None:
+        reply = self._run(Script.FETCH, (key, gen_key), (lease, lease_ms))
+        if reply is None:
+            return None
+        status = Fetch(int(reply[0]))
+        return status, (reply[1] if len(reply) > 1 else None)
 
     def fetch_many(
         self, items: Sequence[tuple[str, str, str]], lease_ms: int
@@ -254,6 +316,29 @@ class RedisBackend:
         )
         return replies
 
+    def wait_for_fill(
+        self, key: str, gen_key: str, lease: str, lease_ms: int, budget: float
+    ) -> tuple[Fetch, bytes | None] | None:
+        """Another reader holds the lease and is loading the row: poll briefly (up to
+        ``budget`` seconds) for its fill rather than load the same row too (a thundering herd
+        on a cold key). The last FETCH reply, or None when Redis failed."""
+        deadline = time.monotonic() + budget
+        pause = 0.001
+        reply = None
+        while time.monotonic() + pause < deadline:
+            self.transport.sleep(pause)
+            pause = min(pause * 2, 0.016)
+            reply = self.fetch(key, gen_key, lease, lease_ms)
+            if reply is None or reply[0] is not Fetch.BUSY or reply[1] != b"E":
+                return reply
+        return reply
+
+    def fill(
+        self, key: str, gen_key: str, lease: str, gen: bytes, payload: bytes, ttl_ms: int
+    ) -> bool | None:
+        reply = self._run(Script.FILL, (key, gen_key), (lease, gen, payload, ttl_ms))
+        return None if reply is None else bool(reply)
+
     def fill_many(self, items: Sequence[tuple[str, str, str, bytes, bytes, int]]) -> list[Any]:
         """:meth:`fill` for many entries (key, gen key, lease, gen, payload, ttl) at once."""
         return (
@@ -264,74 +349,39 @@ class RedisBackend:
             or []
         )
 
-    def _pipelined(self, calls: Sequence[tuple[Script, Any, Any]], convert: Any) -> Any:
-        """Several script calls in one round trip (redis-py's pipeline asks SCRIPT EXISTS
-        first on every execute: a second round trip)."""
-        if not calls:
-            return []
-        if not self.breaker.allow():
-            self._counters.add("errors")
+    # -- writes --------------------------------------------------------------------------------
+
+    def send_lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> PendingReply | None:
+        """Send the lock script now and read its reply later (:meth:`finish`), so that its
+        round trip overlaps the flush's SQL. None when it was not sent (the caller takes the
+        locks synchronously, with the usual failure handling)."""
+        transport = self.transport
+        if not transport.overlaps or not self.breaker.allow() or transport.clustered:
             return None
-        commands = [
-            ("EVALSHA", self._scripts[script].sha, len(keys), *keys, *args)
-            for script, keys, args in calls
-        ]
+        args = (owner, ttl_ms)
         try:
-            replies = self._commands(commands)
-            unknown = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if unknown:  # a restarted or flushed server: load what is missing, run those again
-                for script in {calls[i][0] for i in unknown}:
-                    self._command("SCRIPT", "LOAD", self._scripts[script].script)
-                again = self._commands([commands[i] for i in unknown])
-                for i, reply in zip(unknown, again, strict=True):
-                    replies[i] = reply
-            for reply in replies:
-                if isinstance(reply, ResponseError):
-                    raise reply
-        except (RedisError, OSError) as exc:
-            self._failed("pipeline", exc)
+            handle = transport.begin(self._scripts.call(Script.LOCK, pairs, args))
+        except Exception as exc:  # not counted as a failure: the synchronous lock decides
+            log.debug("writethrough: Redis at %s: lock not sent: %s", self.address, explain(exc))
             return None
+        return PendingReply(handle, Script.LOCK, pairs, args)
+
+    def finish(self, pending: PendingReply) -> Any:
+        """The reply of a command :meth:`send_lock` sent, or None when it failed. When the
+        reply cannot be read (a broken connection, an unknown script), the script runs again
+        synchronously, with the client's retry policy: a lock is idempotent for its owner."""
+        handle, pending.handle = pending.handle, None
+        if handle is None:
+            return None
+        try:
+            reply = self.transport.complete(handle)
+        except _FAILURES as exc:
+            if isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
+                self._failed(pending.script.value, exc)
+                return None
+            return self._run(pending.script, pending.keys, pending.args)
         self._succeeded()
-        return [convert(r) for r in replies]
-
-    def _commands(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Commands sent together on one pooled connection, their replies in order (an error
-        reply is returned as its ResponseError, not raised); the connection's retry policy
-        applies to the whole batch, as it does to a redis-py pipeline."""
-        client: Any = self.client
-        if not self._direct:
-            pipe = client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            return list(pipe.execute(raise_on_error=False))
-
-        def call(conn: Any) -> list[Any]:
-            conn.send_packed_command(conn.pack_commands(commands))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
-
-        replies: list[Any] = self._on_connection(call)
-        return replies
-
-    def fetch(
-        self, key: str, gen_key: str, lease: str, lease_ms: int
-    ) -> tuple[Fetch, bytes | None] | None:
-        reply = self._run(Script.FETCH, (key, gen_key), (lease, lease_ms))
-        if reply is None:
-            return None
-        status = Fetch(int(reply[0]))
-        return status, (reply[1] if len(reply) > 1 else None)
-
-    def fill(
-        self, key: str, gen_key: str, lease: str, gen: bytes, payload: bytes, ttl_ms: int
-    ) -> bool | None:
-        reply = self._run(Script.FILL, (key, gen_key), (lease, gen, payload, ttl_ms))
-        return None if reply is None else bool(reply)
+        return reply
 
     def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool:
         return self._run(Script.LOCK, pairs, (owner, ttl_ms)) is not None
@@ -344,30 +394,10 @@ class RedisBackend:
         reply = self._run(Script.RELEASE, pairs, (owner,))
         return None if reply is None else int(reply)
 
-    def invalidate(self, pairs: Sequence[str]) -> bool:
-        return self._run(Script.INVALIDATE, pairs, ()) is not None
-
-    def register_keyspace(self, registry_key: str, field: str) -> bool:
-        """Record that entries exist under a (table, digest, buckets) keyspace, so that a
-        migration can find every keyspace of a table, whichever code version wrote it."""
-        if not self.breaker.allow():
-            return False
-        try:
-            self.client.hset(registry_key, field, 1)
-        except (RedisError, OSError) as exc:
-            self.breaker.failure()
-            log.debug("writethrough: registering a keyspace failed: %r", exc)
-            return False
-        self._succeeded()
-        return True
-
-    def read_registry(self, registry_key: str) -> list[str] | None:
-        try:
-            fields = self.client.hkeys(registry_key)
-        except (RedisError, OSError) as exc:
-            log.warning("writethrough: reading the keyspace registry failed: %r", exc)
-            return None
-        return [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+    def invalidate(self, pairs: Sequence[str], ended_owners: Sequence[str] = ()) -> bool:
+        """Drop the entries (a lock is marked contended); the locks of ``ended_owners``,
+        transactions that have ended, are dropped with them."""
+        return self._run(Script.INVALIDATE, pairs, ended_owners) is not None
 
     def bump_generations(self, gen_keys: Sequence[str]) -> bool:
         """Invalidate whole buckets now (a locked bucket is bumped when its lock ends)."""
@@ -379,3 +409,156 @@ class RedisBackend:
     def release_generations(self, gen_keys: Sequence[str], owner: str, committed: bool) -> bool:
         args = (owner, "1" if committed else "0", secrets.token_hex(4))
         return self._run(Script.RELEASE_GENS, gen_keys, args) is not None
+
+    def write_batch(
+        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+    ) -> list[int] | None:
+        """Several multi-key write scripts (publishes, restores, bucket releases) in one round
+        trip, run in order (on a Cluster, one call per hash tag, pipelined per node, which
+        keeps the order of the calls on each key); each call's count, or None when Redis
+        failed (the breaker and the counters hear of it, as for one call)."""
+        if not self.breaker.allow():
+            self._counters.error("breaker")
+            return None
+        clustered = self.transport.clustered
+        expanded: list[tuple[Script, Sequence[str], Sequence[Any]]] = []
+        spans: list[int] = []
+        for script, keys, args in calls:
+            parts = split_by_hash_tag(script, keys, args) if clustered else [(keys, args)]
+            spans.append(len(parts))
+            expanded += [(script, k, a) for k, a in parts]
+        try:
+            replies = self._eval_batch(expanded)
+        except _FAILURES as exc:
+            self._failed("publish", exc)
+            return None
+        self._succeeded()
+        counts: list[int] = []
+        i = 0
+        for n in spans:
+            counts.append(sum(int(reply) for reply in replies[i : i + n]))
+            i += n
+        return counts
+
+    # -- the keyspace registry, and clear() ----------------------------------------------------
+
+    def register_keyspace(self, registry_key: str, field: str) -> bool:
+        """Record that entries exist under a (table, digest, buckets) keyspace, so that a
+        migration can find every keyspace of a table, whichever code version wrote it."""
+        if not self.breaker.allow():
+            return False
+        try:
+            self.transport.command("HSET", registry_key, field, 1)
+        except _FAILURES as exc:
+            self.breaker.failure()
+            self.log_failure("registering a keyspace", exc)
+            return False
+        self._succeeded()
+        return True
+
+    def read_registry(self, registry_key: str) -> list[str] | None:
+        try:
+            fields: Iterable[Any] = self.transport.command("HKEYS", registry_key)
+        except _FAILURES as exc:
+            log.warning(
+                "writethrough: Redis at %s: reading the keyspace registry failed: %s",
+                self.address,
+                explain(exc),
+            )
+            return None
+        return [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+
+    def delete_matching(self, patterns: Sequence[str]) -> int:
+        """Delete every key matching one of the glob ``patterns`` (SCAN and UNLINK in batches,
+        never KEYS); the number deleted. Raises what the client raises: this is an operator's
+        call, who must hear that it failed."""
+        transport = self.transport
+        deleted = 0
+        for pattern in patterns:
+            batch: list[Any] = []
+            for key in transport.scan(pattern, 1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    deleted += transport.unlink(batch)
+                    batch.clear()
+            if batch:
+                deleted += transport.unlink(batch)
+        return deleted
+
+
+class RedisBackend(ScriptBackend):
+    """:class:`ScriptBackend` over a synchronous ``redis.Redis`` client (standalone, or a
+    Sentinel ``master_for()`` client)."""
+
+    def __init__(
+        self,
+        client: Any,
+        breaker: CircuitBreaker,
+        counters: Counters,
+        *,
+        prefix: str | None = None,
+        epoch_interval: float = 1.0,
+        on_new_epoch: Callable[[int], None] | None = None,
+        known_keyspaces: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
+        """``prefix`` turns on the epoch check (see :mod:`.epoch`) of every connection the
+        cache uses; ``on_new_epoch`` hears of each new epoch; ``known_keyspaces()`` gives the
+        registry fields of the cache's own keyspaces, which a new epoch invalidates too."""
+        scripts = Scripts()
+        address = redis_address(client)
+        epoch = _epoch_guard(
+            scripts, address, prefix, epoch_interval, on_new_epoch, known_keyspaces
+        )
+        self.client = client
+        super().__init__(SyncTransport(client, address, epoch), breaker, counters, scripts, epoch)
+
+
+class AsyncRedisBackend(ScriptBackend):
+    """:class:`ScriptBackend` over a ``redis.asyncio.Redis`` client, for sessions made by an
+    ``AsyncSession``: its operations are called from SQLAlchemy's greenlet and await Redis on
+    the event loop; the breaker's prober is a task on that loop."""
+
+    def __init__(
+        self,
+        client: Any,
+        breaker: CircuitBreaker,
+        counters: Counters,
+        *,
+        prefix: str | None = None,
+        epoch_interval: float = 1.0,
+        on_new_epoch: Callable[[int], None] | None = None,
+        known_keyspaces: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
+        scripts = Scripts()
+        address = redis_address(client)
+        epoch = _epoch_guard(
+            scripts, address, prefix, epoch_interval, on_new_epoch, known_keyspaces
+        )
+        self.client = client
+        transport = AsyncTransport(client, address, epoch)
+        breaker.launch = transport.launch
+        breaker.pause = transport.pause
+        super().__init__(transport, breaker, counters, scripts, epoch)
+
+
+def _epoch_guard(
+    scripts: Scripts,
+    address: str,
+    prefix: str | None,
+    interval: float,
+    on_new_epoch: Callable[[int], None] | None,
+    known_keyspaces: Callable[[], Iterable[str]],
+) -> EpochGuard | None:
+    """The epoch check of a backend's connections; none without a prefix (a bare backend)."""
+    if prefix is None:
+        return None
+    return EpochGuard(
+        scripts,
+        prefix,
+        epoch_key(prefix),
+        registry_key(prefix),
+        interval,
+        address,
+        on_new_epoch or (lambda replaced: None),
+        known_keyspaces,
+    )

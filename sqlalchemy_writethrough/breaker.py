@@ -6,12 +6,19 @@ import threading
 from collections.abc import Callable
 
 
+def _in_thread(probe: Callable[[], None]) -> None:
+    threading.Thread(target=probe, name="writethrough-breaker", daemon=True).start()
+
+
 class CircuitBreaker:
     """Closed: calls go through. After ``threshold`` consecutive failures it opens, and no
-    operation waits on Redis any more. While it is open a background thread (never a user's
+    operation waits on Redis any more. While it is open a background prober (never a user's
     operation) probes Redis every ``cooldown`` seconds, doubling up to ``max_cooldown``; the
     first probe that succeeds closes the breaker and calls ``on_close`` (which replays the
-    journal of keys written while Redis was away)."""
+    journal of keys written while Redis was away).
+
+    The prober is a thread for a synchronous client; an asyncio backend sets :attr:`launch`
+    and :attr:`pause` so that it is a task on the event loop instead."""
 
     def __init__(self, threshold: int = 3, cooldown: float = 0.25, max_cooldown: float = 1.0):
         self.threshold = threshold
@@ -21,18 +28,32 @@ class CircuitBreaker:
         self.probe: Callable[[], bool] | None = None
         #: called, from the probing thread, when the breaker closes again
         self.on_close: Callable[[], object] | None = None
+        #: called when the breaker opens (counted in the stats)
+        self.on_open: Callable[[], object] | None = None
         self._lock = threading.Lock()
         self._failures = 0
         self._open = False
         self._stopped = threading.Event()
-        self._prober: threading.Thread | None = None
+        self._probing = False
+        #: starts ``probe_until_closed`` in the background (a thread, or an event loop's task)
+        self.launch: Callable[[Callable[[], None]], None] = _in_thread
+        #: waits between two probes; True when the breaker was stopped meanwhile
+        self.pause: Callable[[float], bool] = self._stopped.wait
 
     @property
     def is_open(self) -> bool:
         return self._open
 
     def allow(self) -> bool:
-        return not self._open
+        if not self._open:
+            return True
+        if not self._probing and self.probe is not None:  # its prober could not start
+            with self._lock:
+                start = not self._probing
+                self._probing = True
+            if start:
+                self._relaunch()
+        return False
 
     def success(self) -> bool:
         """Record a successful call; True when this closed an open breaker."""
@@ -50,27 +71,42 @@ class CircuitBreaker:
             if self._open or self._failures < self.threshold:
                 return
             self._open = True
-            if self.probe is not None and (self._prober is None or not self._prober.is_alive()):
-                self._prober = threading.Thread(
-                    target=self._probe_until_closed, name="writethrough-breaker", daemon=True
-                )
-                self._prober.start()
-
-    def _probe_until_closed(self) -> None:
-        cooldown = self.base_cooldown
-        while self._open and not self._stopped.wait(cooldown):
-            try:
-                healthy = bool(self.probe()) if self.probe is not None else True
-            except Exception:
-                healthy = False
-            if healthy:
-                if self.success() and self.on_close is not None:
-                    try:
-                        self.on_close()
-                    except Exception:  # the next operation's replay tries again
-                        pass
+            if self.on_open is not None:
+                self.on_open()
+            if self.probe is None or self._probing:
                 return
-            cooldown = min(cooldown * 2, self.max_cooldown)
+            self._probing = True
+        self._relaunch()
+
+    def probe_until_closed(self) -> None:
+        try:
+            cooldown = self.base_cooldown
+            while self._open and not self.pause(cooldown):
+                try:
+                    healthy = bool(self.probe()) if self.probe is not None else True
+                except Exception:
+                    healthy = False
+                if healthy:
+                    if self.success() and self.on_close is not None:
+                        try:
+                            self.on_close()
+                        except Exception:  # the next operation's replay tries again
+                            pass
+                    return
+                cooldown = min(cooldown * 2, self.max_cooldown)
+        finally:
+            with self._lock:  # reopened while this prober was finishing: probe again
+                again = self._open and not self._stopped.is_set()
+                self._probing = again
+            if again:
+                self._relaunch()
+
+    def _relaunch(self) -> None:
+        """Start a prober; when none can start (no running loop), the next call tries."""
+        try:
+            self.launch(self.probe_until_closed)
+        except Exception:
+            self._probing = False
 
     def stop(self) -> None:
         """Stop probing (the process is shutting the cache down)."""

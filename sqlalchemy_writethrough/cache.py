@@ -2,40 +2,65 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
-import random
+import os
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
 
 import redis
+import redis.asyncio
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 from sqlalchemy import event, inspect
-from sqlalchemy.orm import Mapper, Session, registry, scoped_session, sessionmaker
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 
-from . import _sa_compat
-from .backend import RedisBackend
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+
+from . import _redis_compat, _sa_compat, background, flavours, shared
+from .backend import AsyncRedisBackend, Backend, RedisBackend, ScriptBackend
+from .background import Publisher
 from .breaker import CircuitBreaker
-from .config import ModelOptions, ModelOptionsDict, OnRedisError, Strategy, validate
-from .dml import StatementTracker
-from .exc import ConfigurationError
+from .cluster import ClusterBackend
+from .cluster_async import AsyncClusterBackend
+from .config import ModelOptions, OnRedisError, Publish, Strategy, validate
+from .databases import Databases
+from .diagnostics import explain
+from .exc import CacheUnavailableError, ConfigurationError
 from .journal import Journal
-from .keys import registry_key
+from .keys import KeySpace, keyspace_of, prefix_patterns, registry_key
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
+from .registry import Models
+from .report import CachedModels, describe
+from .runtime import Runtime, Settings
+from .session import overrides_get_path, session_class
+from .shared import SharedStats, parse_shared, processes_key, stats_key
 from .stats import CacheStats, Counters
-from .tracking import SessionTracker
 from .writing import WritePath
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
 _UNKNOWN: Any = object()
+
+#: seconds between two records of a keyspace in the registry by one process
+_REGISTER_EVERY = 60.0
 _caches: weakref.WeakSet[WriteThroughCache] = weakref.WeakSet()
 
-InstallTarget = sessionmaker[Any] | scoped_session[Any] | type[Session]
+InstallTarget: TypeAlias = (
+    "sessionmaker[Any] | scoped_session[Any] | type[Session]"
+    " | async_sessionmaker[Any] | async_scoped_session[Any] | type[AsyncSession]"
+)
 
 
 class WriteThroughCache:
@@ -46,12 +71,17 @@ class WriteThroughCache:
         cache = WriteThroughCache("redis://localhost:6379/0", prefix="shop", ttl=3600)
         cache.install(Session)              # a sessionmaker, scoped_session or Session subclass
 
-    :param redis: a ``redis.Redis`` client, or a URL (the cache then builds a client with the
-        short ``socket_timeout`` and ``socket_connect_timeout`` below and one retry).
-    :param prefix: namespace of every key; two applications or databases sharing one Redis
-        must use different prefixes.
+    :param redis_client: a ``redis.Redis`` client (a Sentinel ``master_for()`` one too), a
+        ``redis.cluster.RedisCluster`` client, or a URL (the cache then builds a client with
+        the short ``socket_timeout`` and ``socket_connect_timeout`` below and one retry). A
+        plain client or URL that reaches a Redis Cluster node is switched to the cluster when
+        the node first answers as one (docs/running-redis.md).
+    :param prefix: namespace of every key; two applications sharing one Redis must use
+        different prefixes. Databases need not: every key names the database its row came
+        from (see :mod:`sqlalchemy_writethrough.databases`).
     :param ttl: seconds an entry lives, minus a random jitter of up to ``ttl_jitter`` of it, so
         entries written together do not expire together.
+    :param ttl_jitter: the largest fraction of ``ttl`` removed at random (0 to below 1).
     :param exclude: attribute names never written to Redis (in any model); cached instances
         leave them unloaded and load them on access.
     :param strategy: ``"write-through"`` writes committed rows to Redis; ``"invalidate"`` leaves
@@ -61,16 +91,44 @@ class WriteThroughCache:
     :param on_redis_error: ``"degrade"`` lets commits proceed when Redis cannot be locked, and
         invalidates the affected keys before this process reads Redis again; ``"strict"``
         makes such a flush fail (the transaction rolls back) instead.
+    :param publish: ``"sync"`` writes a commit's rows to Redis before ``commit()`` returns;
+        ``"background"`` returns first and leaves the publish (and a rollback's restore) to
+        one background worker per cache: until it lands, readers miss (the entries stay
+        locked), never read stale data (docs/consistency.md). A per-model option too.
+    :param publish_queue: ``publish="background"``: transactions queued for the worker at
+        most; a commit that finds the queue full publishes synchronously.
+    :param lease_timeout: seconds a reader's fill lease lives; longer than a primary-key load.
     :param fill_wait: seconds a reader that finds another reader loading the same row waits
         for that fill before loading the row itself (a thundering herd on a cold row costs one
         database load); 0 never waits.
+    :param epoch_check_interval: seconds between two checks, on one open connection, that
+        Redis is still the data set the cache last saw (every new or re-established connection
+        is checked before its first use): a Redis that restarted from an older snapshot,
+        failed over, or was flushed starts a new epoch, and no entry written before it is
+        served again. See docs/consistency.md.
     :param buckets: hash-tag buckets per model; a whole-model invalidation touches one key per
-        bucket, and a Redis Cluster spreads a model over this many slots.
+        bucket, and a Redis Cluster spreads a model over this many slots. Every process
+        sharing a prefix must use the same number.
+    :param socket_timeout: seconds, for the client built from a URL (0.5 by default); set it
+        on your own client instead when you pass one.
+    :param socket_connect_timeout: likewise, for connecting (0.5 by default).
+    :param breaker_threshold: consecutive Redis failures before the circuit breaker opens and
+        the cache stops calling Redis until a background probe succeeds.
+    :param breaker_cooldown: seconds before the first probe of an open breaker (doubling up
+        to 1 s while probes fail).
+    :param journal_limit: keys remembered while Redis cannot be locked (``degrade`` mode);
+        beyond it their buckets are invalidated whole.
+    :param stats_interval: seconds between two sends of this process's counters to Redis
+        (``{prefix}:stats``, one pipelined batch from a background thread), where
+        ``sqlalchemy-writethrough stats`` and :meth:`shared_stats` add up every process's;
+        what is left is sent by :meth:`close` or at interpreter exit; a ``redis.asyncio``
+        client is sent to on its event loop. None sends nothing. Left out:
+        ``$SQLALCHEMY_WRITETHROUGH_STATS_INTERVAL`` when set (``off`` sends nothing), else 5.
     """
 
     def __init__(
         self,
-        redis_client: redis.Redis | str,
+        redis_client: redis.Redis | redis.asyncio.Redis | RedisCluster | AsyncRedisCluster | str,
         *,
         prefix: str = "wt",
         ttl: float = 3600.0,
@@ -81,12 +139,16 @@ class WriteThroughCache:
         lease_timeout: float = 10.0,
         fill_wait: float = 0.05,
         on_redis_error: OnRedisError = "degrade",
+        publish: Publish = "sync",
+        publish_queue: int = 1000,
         socket_timeout: float | None = None,
         socket_connect_timeout: float | None = None,
         buckets: int = 16,
         breaker_threshold: int = 3,
         breaker_cooldown: float = 0.25,
         journal_limit: int = 10_000,
+        epoch_check_interval: float = 1.0,
+        stats_interval: float | None = _UNKNOWN,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \t\n"):
             raise ConfigurationError("prefix must be non-empty, without braces or whitespace")
@@ -96,88 +158,261 @@ class WriteThroughCache:
             raise ConfigurationError("buckets must be between 1 and 16384")
         if not fill_wait >= 0:
             raise ConfigurationError("fill_wait is a number of seconds, 0 to never wait")
+        if not epoch_check_interval > 0:
+            raise ConfigurationError("epoch_check_interval must be a positive number of seconds")
         if not lease_timeout > 0:
             raise ConfigurationError("lease_timeout must be a positive number of seconds")
+        if stats_interval is _UNKNOWN:
+            stats_interval = _default_stats_interval()
+        if stats_interval is not None and not stats_interval > 0:
+            raise ConfigurationError("stats_interval is a positive number of seconds, or None")
         if isinstance(exclude, str):
             raise ConfigurationError("exclude takes a list of attribute names")
+        if not publish_queue >= 1:
+            raise ConfigurationError("publish_queue must be at least 1")
+        self._publish_queue = publish_queue
+        self._url: str | None = None
+        self._timeouts = (
+            0.5 if socket_timeout is None else socket_timeout,
+            0.5 if socket_connect_timeout is None else socket_connect_timeout,
+        )
+        sync_client: Any = None
+        async_client: Any = None
         if isinstance(redis_client, str):
-            client = redis.Redis.from_url(
-                redis_client,
-                socket_timeout=0.5 if socket_timeout is None else socket_timeout,
-                socket_connect_timeout=(
-                    0.5 if socket_connect_timeout is None else socket_connect_timeout
-                ),
-                # one retry for a pooled connection that died (a restart); never for a timeout,
-                # which would double what a stalled Redis costs each operation
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                retry_on_error=[RedisConnectionError],
-            )
-        elif isinstance(redis_client, redis.Redis):
+            self._url = redis_client
+            sync_client = redis.Redis.from_url(redis_client, **self._client_options())
+        elif isinstance(redis_client, redis.Redis) or _redis_compat.is_async_client(redis_client):
             if socket_timeout is not None or socket_connect_timeout is not None:
                 raise ConfigurationError(
                     "socket timeouts belong to the client you passed: build it with "
                     "redis.Redis(..., socket_timeout=..., socket_connect_timeout=...), "
                     "or pass a URL and let the cache build it"
                 )
-            client = redis_client
-            kwargs = client.connection_pool.connection_kwargs
+            _check_client(redis_client)
+            if isinstance(redis_client, redis.Redis):
+                sync_client = redis_client
+            else:
+                async_client = redis_client
+        elif isinstance(redis_client, RedisCluster) or _redis_compat.is_async_cluster_client(
+            redis_client
+        ):
+            if socket_timeout is not None or socket_connect_timeout is not None:
+                raise ConfigurationError(
+                    "socket timeouts belong to the client you passed: build it with "
+                    "RedisCluster(..., socket_timeout=..., socket_connect_timeout=...)"
+                )
+            if isinstance(redis_client, RedisCluster):
+                sync_client = redis_client
+            else:
+                async_client = redis_client
+            kwargs = getattr(redis_client.nodes_manager, "connection_kwargs", {})  # type: ignore[union-attr]
             if kwargs.get("socket_timeout") is None:
                 log.warning(
-                    "writethrough: the Redis client has no socket_timeout; a stalled Redis "
-                    "will stall every cached read and commit (set one, e.g. 0.5 s)"
-                )
-            retry = kwargs.get("retry") or getattr(client, "retry", None)
-            retries = getattr(retry, "_retries", 0) if retry is not None else 0
-            if retries > 1:
-                log.warning(
-                    "writethrough: the Redis client retries a failed command %d times; while "
-                    "Redis is down each cached operation waits that many timeouts before the "
-                    "circuit breaker opens (use retry=Retry(NoBackoff(), 1))",
-                    retries,
+                    "writethrough: the RedisCluster client has no socket_timeout; a stalled "
+                    "node will stall every cached read and commit on its slots (set one, "
+                    "e.g. 0.5 s)"
                 )
         else:
-            raise ConfigurationError("redis_client must be a redis.Redis client or a URL")
+            raise ConfigurationError(
+                "redis_client must be a redis.Redis, redis.asyncio.Redis, "
+                "redis.cluster.RedisCluster or redis.asyncio.cluster.RedisCluster client, "
+                "or a URL"
+            )
 
-        self.redis = client
+        #: the client given (or built from the URL): a redis.Redis, or a redis.asyncio.Redis
+        self.redis: Any = sync_client if sync_client is not None else async_client
         self.prefix = prefix
-        self._defaults = validate(
+        defaults = validate(
             ModelOptions(
                 ttl=ttl,
                 exclude=frozenset(),
                 strategy=strategy,
                 lock_timeout=lock_timeout,
                 on_redis_error=on_redis_error,
+                publish=publish,
             ),
             where="WriteThroughCache",
         )
-        self._exclude_everywhere = frozenset(exclude)
-        self._ttl_jitter = ttl_jitter
-        self._lease_ms = int(lease_timeout * 1000)
-        self._fill_wait_s = fill_wait
-        self._buckets = buckets
-        self._counters = Counters()
-        self._backend = RedisBackend(
-            client, CircuitBreaker(breaker_threshold, breaker_cooldown), self._counters
-        )
+        self._models = Models(prefix, defaults, buckets, frozenset(exclude))
+        self._shared_counters = Counters()
         self._journal = Journal(journal_limit)
-        self._backend.on_recovery = self._journal_replayed
-        self._info_key = f"writethrough.tracker.{id(self)}"
-        self._layouts: dict[Mapper[Any], ModelLayout | None] = {}
-        self._registered: dict[type, ModelOptionsDict] = {}
-        self._registries: list[registry] = []
-        self._register_everything = False
-        self._build_lock = threading.RLock()
-        self._read = ReadPath(self)
-        self._write = WritePath(self)
-        self._statements = StatementTracker(self)
-        self._by_table: dict[str, list[ModelLayout]] | None = None
-        self._all_seen = False
-        self._cascade_parents: dict[str, Any] | None = None
-        self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
+        self._settings = Settings(
+            prefix=prefix,
+            lease_ms=int(lease_timeout * 1000),
+            fill_wait=fill_wait,
+            ttl_jitter=ttl_jitter,
+            register_every=_REGISTER_EVERY,
+            info_key=f"writethrough.tracker.{id(self)}",
+        )
+        self._breaker_options = (breaker_threshold, breaker_cooldown)
+        self._epoch_interval = epoch_check_interval
+        self._cluster_lock = threading.Lock()
+        #: the hooks of each flavour: sync sessions, and AsyncSession's (made at first need)
+        self._sync: _Flavour | None = None
+        self._async: _Flavour | None = None
+        if sync_client is not None:
+            self._sync = self._flavour(RedisBackend, sync_client)
+        if async_client is not None:
+            self._async = self._flavour(AsyncRedisBackend, async_client)
+        primary = self._sync or self._async
+        assert primary is not None
+        self._runtime = primary.runtime
+        self._read = primary.read
+        self._write = primary.write
+        self._shared_stats: SharedStats | None = None
+        if stats_interval is not None:
+            # the cache's current client: a plain one switched to a Cluster is followed;
+            # a redis.asyncio one is sent to on its event loop (see shared.py)
+            me = weakref.ref(self)
+            self._shared_stats = SharedStats(
+                self._shared_counters,
+                lambda: getattr(me(), "redis", None),
+                prefix,
+                stats_interval,
+                self._process_state,
+            )
         # weak: SQLAlchemy keeps the listeners (which reference this cache) as long as the
         # target lives; a strong reference back would keep both alive forever
         self._installed: list[tuple[weakref.ref[Any], str, Any]] = []
+        #: the factories install() was given (an async one too), for the command-line tool
+        self._targets: list[weakref.ref[Any]] = []
         _caches.add(self)
+
+    def _client_options(self, asyncio: bool = False) -> dict[str, Any]:
+        """What the cache builds a client from its URL with (sync, or ``redis.asyncio``
+        with its own ``Retry``, whose attempts are awaited)."""
+        socket_timeout, connect_timeout = self._timeouts
+        retry_class: Any = AsyncRetry if asyncio else Retry
+        return {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            # one retry for a pooled connection that died (a restart); never for a timeout,
+            # which would double what a stalled Redis costs each operation
+            "retry": retry_class(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            "retry_on_error": [RedisConnectionError],
+        }
+
+    def _flavour(self, backend_class: type[ScriptBackend], client: Any) -> _Flavour:
+        """A runtime (and its hooks) over ``client``: everything but the backend is shared
+        between the flavours (models, counters, journal, settings)."""
+        backend = self._backend_for(
+            backend_class, client, CircuitBreaker(*self._breaker_options), self._shared_counters
+        )
+        runtime = Runtime(
+            self._models, backend, self._shared_counters, self._journal, self._settings
+        )
+        backend.on_recovery = runtime.journal_replayed
+        backend.breaker.on_open = self._breaker_opened
+        write = WritePath(runtime)
+        # made now, started at the first background publish (a thread, or a loop's task)
+        write.publisher = Publisher(
+            write.run_jobs, self._publish_queue, asynchronous=backend_class is AsyncRedisBackend
+        )
+        return _Flavour(runtime, ReadPath(runtime), write)
+
+    def _backend_for(
+        self,
+        backend_class: type[ScriptBackend],
+        client: Any,
+        breaker: CircuitBreaker,
+        counters: Counters,
+    ) -> ScriptBackend:
+        """The backend of ``client``: a Redis Cluster's, or a standalone or Sentinel one's
+        (which hands a reply only a Cluster node gives to :meth:`_cluster_node_seen`), or an
+        asyncio one's."""
+        if isinstance(client, RedisCluster):
+            backend_class = ClusterBackend
+        elif _redis_compat.is_async_cluster_client(client):
+            backend_class = AsyncClusterBackend
+        backend = backend_class(  # type: ignore[call-arg]
+            client,
+            breaker,
+            counters,
+            prefix=self.prefix,
+            epoch_interval=self._epoch_interval,
+            on_new_epoch=self._new_epoch,
+            known_keyspaces=self._models.known_keyspaces,
+        )
+        if backend_class in (RedisBackend, AsyncRedisBackend):
+            backend.on_cluster_node = self._cluster_node_seen
+        return backend
+
+    def _async_flavour(self) -> _Flavour:
+        """The hooks of AsyncSessions: over the redis.asyncio client given, or one built from
+        the URL the cache was given."""
+        if self._async is None:
+            if self._url is None:
+                raise ConfigurationError(
+                    "this cache was given a synchronous redis.Redis client, which would block "
+                    "the event loop: for an async_sessionmaker or AsyncSession, pass a "
+                    "redis.asyncio.Redis client (or a URL) to WriteThroughCache"
+                )
+            client = redis.asyncio.Redis.from_url(self._url, **self._client_options(True))
+            self._async = self._flavour(AsyncRedisBackend, client)
+        return self._async
+
+    def _cluster_node_seen(self, backend: ScriptBackend) -> None:
+        """A plain client's server answered like a Redis Cluster node (MOVED, CROSSSLOT...):
+        when ``INFO cluster`` confirms it, the cache goes on as a Redis Cluster client built
+        from the same address and options (it would otherwise hit only that node's slots).
+        An asyncio backend's (called from SQLAlchemy's greenlet) asks through
+        ``redis.asyncio`` and goes on as a ``redis.asyncio.cluster.RedisCluster``."""
+        asynchronous = isinstance(backend, AsyncRedisBackend)
+        # an asyncio caller must not wait for the lock: its holder awaits on this very loop
+        # (a deadlock); it goes to the database, as its operation does anyway
+        if not self._cluster_lock.acquire(blocking=not asynchronous):
+            return
+        try:
+            self._switch_to_cluster(backend, asynchronous)
+        finally:
+            self._cluster_lock.release()
+
+    def _switch_to_cluster(self, backend: ScriptBackend, asynchronous: bool) -> None:
+        """:meth:`_cluster_node_seen`'s work, under its lock."""
+        flavour = self._async if asynchronous else self._sync
+        if (
+            flavour is None
+            or flavour.runtime.backend is not backend
+            or backend.on_cluster_node is None
+        ):
+            return
+        client: Any = backend.client  # type: ignore[attr-defined]
+        try:
+            if asynchronous:
+                info = _sa_compat.await_(client.info("cluster"))
+            else:
+                info = client.info("cluster")
+        except (redis.RedisError, OSError):
+            return  # asked again at the next such reply
+        if str(info.get("cluster_enabled", 0)) != "1":
+            backend.on_cluster_node = None
+            return
+        try:
+            if asynchronous:
+                cluster: Any = _redis_compat.async_cluster_like(client)
+                _sa_compat.await_(_redis_compat.async_cluster_initialize(cluster))
+            else:
+                cluster = _redis_compat.cluster_like(client)
+        except Exception as exc:  # no node answers CLUSTER SLOTS now: asked again later
+            log.debug("writethrough: Redis Cluster client not built: %s", exc)
+            return
+        switched = self._backend_for(
+            AsyncRedisBackend if asynchronous else RedisBackend,
+            cluster,
+            backend.breaker,
+            flavour.runtime.counters,
+        )
+        switched.on_recovery = flavour.runtime.journal_replayed
+        flavour.runtime.backend = switched
+        if self.redis is client:
+            self.redis = cluster
+        log.warning(
+            "writethrough: Redis at %s is a Redis Cluster node: the cache uses the cluster "
+            "through it (pass a redis.cluster.RedisCluster client%s to say so; "
+            "docs/running-redis.md)",
+            backend.address,
+            " or its redis.asyncio twin" if asynchronous else "",
+        )
 
     # -- models --------------------------------------------------------------------------
 
@@ -187,285 +422,517 @@ class WriteThroughCache:
         Raises :class:`ConfigurationError` now if the model is already configured and cannot
         be cached exactly, else when its mapper is configured.
         """
-        mapper: Any = inspect(model, raiseerr=False)
-        if not isinstance(mapper, Mapper):
-            raise ConfigurationError(f"{model!r} is not a mapped class")
-        self._defaults.merged(options, where=model.__name__)  # check the option names now
-        with self._build_lock:
-            self._registered[model] = options  # type: ignore[assignment,unused-ignore]
-            self._layouts.pop(mapper, None)
-        if mapper.configured:
-            self._layout_for(mapper)
+        self._models.register(model, **options)
 
     def register_all(self, base: Any = None) -> None:
         """Cache every mapped class under ``base`` (a declarative base or a ``registry``), or,
-        with no argument, every mapped class, including ones mapped later."""
-        with self._build_lock:
-            if base is None:
-                self._register_everything = True
-                self._forget_uncached()
-                return
-            reg = base if isinstance(base, registry) else getattr(base, "registry", None)
-            if not isinstance(reg, registry):
-                raise ConfigurationError(
-                    "register_all() takes a declarative base class or a sqlalchemy.orm.registry"
-                )
-            self._registries.append(reg)
-            self._forget_uncached()
-            mappers = list(reg.mappers)
-        for mapper in mappers:
-            if mapper.configured:
-                self._layout_for(mapper)
+        with no argument, every mapped class, including ones mapped later.
 
-    def _forget_uncached(self) -> None:
-        """Mappers seen as not cached may be covered now: look at them again."""
-        self._layouts = {m: lay for m, lay in self._layouts.items() if lay is not None}
-        self._all_seen = False
+        "Every model the cache can keep exact": a model it cannot (a polymorphic concrete base,
+        mapped to a join or a select, a key or column type with no exact stored form) is left out,
+        with one :class:`WriteThroughWarning` naming it and saying why. A wrong option in a
+        model's ``__writethrough__`` still raises :class:`ConfigurationError`.
+        """
+        self._models.register_all(base, stacklevel=2)
 
-    def _covers(self, mapper: Mapper[Any]) -> Mapping[str, Any] | None:
-        cls = mapper.class_
-        if cls in self._registered:
-            return {**model_overrides(cls), **self._registered[cls]}
-        if is_cached_model(cls):
-            return model_overrides(cls)
-        if self._register_everything or any(mapper.registry is r for r in self._registries):
-            return model_overrides(cls) if hasattr(cls, "__writethrough__") else {}
-        return None
+    # what tests and tools look at from outside (private: no promise across versions)
+
+    @property
+    def _backend(self) -> Backend:
+        return self._runtime.backend
+
+    @_backend.setter
+    def _backend(self, backend: Backend) -> None:
+        self._runtime.backend = backend
+
+    @property
+    def _counters(self) -> Counters:
+        return self._runtime.counters
+
+    @property
+    def _databases(self) -> Databases:
+        return self._models.databases
+
+    @property
+    def _defaults(self) -> ModelOptions:
+        return self._models.defaults
 
     def _layout_for(self, mapper: Mapper[Any]) -> ModelLayout | None:
-        layout: ModelLayout | None = self._layouts.get(mapper, _UNKNOWN)
-        if layout is not _UNKNOWN and (layout is None or mapper in layout.variants):
-            return layout
-        with self._build_lock:
-            base = mapper.base_mapper  # a hierarchy is cached as one model, from its base
-            overrides = self._covers(base)
-            if overrides is None:
-                if base is not mapper and self._covers(mapper) is not None:
-                    raise ConfigurationError(
-                        f"{mapper.class_.__name__}: cache the base class of its hierarchy "
-                        f"({base.class_.__name__}); the whole hierarchy shares its entries"
-                    )
-                layout = None
-            else:
-                options = self._defaults.merged(overrides, where=base.class_.__name__)
-                layout = ModelLayout(
-                    base, options, self.prefix, self._buckets, self._exclude_everywhere
-                )
-            for member in base.self_and_descendants:
-                self._layouts[member] = layout
-            if layout is not None:
-                self._by_table = None
-                self._cascade_memo = {}
-                self._cascade_parents = None
-            return layout
+        return self._models.layout_for(mapper)
 
-    # -- what else a write touches ---------------------------------------------------------
-
-    def _cached_layouts(self) -> list[ModelLayout]:  # one per model or hierarchy
-        """Every model this cache covers, used or not: a statement may change rows of a model
-        this process never loaded (another process caches them)."""
-        if not self._all_seen:
-            for mapper in _sa_compat.all_mappers():
-                if mapper.configured and mapper not in self._layouts:
-                    self._layout_for(mapper)
-            self._all_seen = True
-        unique = {id(layout): layout for layout in list(self._layouts.values()) if layout}
-        return list(unique.values())
-
-    def _layouts_by_table_name(self) -> dict[str, list[ModelLayout]]:
-        """Cached models by lower-cased table name (bare and schema-qualified)."""
-        by_table = self._by_table
-        if by_table is None:
-            by_table = {}
-            for layout in self._cached_layouts():
-                for table in layout.tables:
-                    for name in {table.name.lower(), table.fullname.lower()}:
-                        by_table.setdefault(name, []).append(layout)
-            self._by_table = by_table
-        return by_table
-
-    def _layouts_for_table(self, table: Any) -> list[ModelLayout]:
-        fullname = getattr(table, "fullname", None)
-        if fullname is None:
-            return []
-        found = self._layouts_by_table_name().get(fullname.lower(), [])
-        base = table._deannotate() if hasattr(table, "_deannotate") else table
-        return [layout for layout in found if base in layout.tables]
-
-    def _cascades(self, table: Any, *, deleted: bool, orm_handles: Any) -> list[ModelLayout]:
-        """Cached models whose rows the database itself changes when rows of ``table`` are
-        deleted (``ON DELETE CASCADE / SET NULL / SET DEFAULT``) or have their referenced key
-        updated (``ON UPDATE ...``). ``orm_handles`` is the mapper whose flush this is: a child
-        model reached from it by a relationship the ORM cascades itself (``passive_deletes`` /
-        ``passive_updates`` off) is tracked by the flush and needs no invalidation."""
-        memo_key = (table, deleted, orm_handles)
-        found = self._cascade_memo.get(memo_key)
-        if found is not None:
-            return found
-        found = []
-        base = table._deannotate() if hasattr(table, "_deannotate") else table
-        for layout in self._cached_layouts():
-            for fk in (fk for t in layout.tables for fk in t.foreign_keys):
-                action = fk.ondelete if deleted else fk.onupdate
-                if not action or action.upper() in ("NO ACTION", "RESTRICT"):
-                    continue
-                if fk.column.table is not base or fk.column.table in layout.tables:
-                    continue  # (a joined subclass's key referencing its own base is no cascade)
-                if orm_handles and _orm_cascades(orm_handles, layout, deleted):
-                    continue
-                found.append(layout)
-                break
-        self._cascade_memo[memo_key] = found
-        return found
-
-    def _cascade_parent_names(self) -> dict[str, Any]:
-        """Tables whose deletes or key updates the database cascades into cached tables, by
-        lower-cased name (raw SQL names them, cached or not)."""
-        if self._cascade_parents is None:
-            parents: dict[str, Any] = {}
-            for layout in self._cached_layouts():
-                for fk in (fk for t in layout.tables for fk in t.foreign_keys):
-                    if (fk.ondelete or fk.onupdate) and fk.column.table not in layout.tables:
-                        parent = fk.column.table
-                        parents[parent.name.lower()] = parent
-                        parents[parent.fullname.lower()] = parent
-            self._cascade_parents = parents
-        return self._cascade_parents
-
-    def _declared_layouts(self, declared: Any) -> list[ModelLayout]:
-        """Models named by ``execution_options(writethrough_invalidates=[...])``."""
-        if isinstance(declared, (str, type)):
-            declared = [declared]
-        return self._resolve(declared, where=None)
-
-    def _resolve(self, targets: Iterable[Any], where: str | None) -> list[ModelLayout]:
-        """Cached models named by class or table name; ``where`` (a model's name) makes a
-        class this cache does not cache an error rather than nothing."""
-        found: list[ModelLayout] = []
-        for target in targets:
-            if isinstance(target, str):
-                found += self._layouts_by_table_name().get(target.lower(), [])
-                continue
-            layout = self._layout_for(inspect(target))
-            if layout is not None:
-                found.append(layout)
-            elif where is not None:
-                raise ConfigurationError(
-                    f"{where}: also_invalidates names {target.__name__}, "
-                    "which this cache does not cache"
-                )
-        return found
-
-    def _also_invalidated(self, layout: ModelLayout) -> list[ModelLayout]:
-        targets = layout.options.also_invalidates
-        return self._resolve(targets, where=layout.entity_name) if targets else []
+    def _keys(self, layout: ModelLayout, bind: Any) -> KeySpace:
+        return self._models.keys(layout, bind)
 
     def install(self, target: InstallTarget) -> None:
-        """Add the cache to a ``sessionmaker``, ``scoped_session`` or ``Session`` subclass.
+        """Add the cache to a ``sessionmaker``, ``scoped_session`` or ``Session`` subclass, or
+        to an ``async_sessionmaker``, ``async_scoped_session`` or ``AsyncSession`` subclass.
 
         Listeners are added with SQLAlchemy's event API only. The ``do_orm_execute`` listener
         should come after any of your own that add loader criteria (soft delete, tenancy):
-        install the cache after adding them.
+        install the cache after adding them. An async target's sessions run a ``Session``
+        subclass the cache gives the factory (see :mod:`.flavours`): its listeners go there,
+        and talk to Redis through ``redis.asyncio`` on the event loop (docs/asyncio.md).
+
+        A ``sessionmaker`` (or the one behind a ``scoped_session``) is also given a subclass of
+        its Session class whose ``get()`` answers a plain primary-key get from the cache before
+        SQLAlchemy builds a statement (see :meth:`session_class`); the listeners go on that
+        class. The Session subclass an async target's sessions run is such a class too (its
+        gets awaited on ``redis.asyncio`` inside SQLAlchemy's greenlet), unless the class it is
+        made from overrides how a get loads. A sync Session class given directly keeps its
+        class: its gets are answered through ``do_orm_execute``, as every other load is.
         """
-        if isinstance(target, Session):
+        if isinstance(target, Session) or flavours.is_async_session(target):
             raise ConfigurationError(
-                "install() takes a sessionmaker, scoped_session or Session subclass, so that "
-                "every session it makes is covered; not a single Session"
+                "install() takes a sessionmaker, scoped_session or Session subclass (or their "
+                "async twins), so that every session it makes is covered; not a single Session"
             )
+        if flavours.is_async_target(target):
+            flavour = self._async_flavour()
+            _check_loop(flavour.runtime.backend)
+            # made (or given the read path again) before the listeners go on it
+            listen_on: Any = flavours.sync_session_class(target, flavour.read)
+        else:
+            if self._sync is None:
+                raise ConfigurationError(
+                    "this cache was given a redis.asyncio client, which serves AsyncSessions: "
+                    "install it on an async_sessionmaker, async_scoped_session or AsyncSession "
+                    "subclass, or give the cache a redis.Redis client (or a URL) for sync "
+                    "sessions"
+                )
+            maker = target.session_factory if isinstance(target, scoped_session) else target
+            if isinstance(maker, sessionmaker) and not overrides_get_path(maker.class_):
+                # before the listeners, which SQLAlchemy puts on the factory's class
+                maker.class_ = self.session_class(maker.class_)
+            flavour, listen_on = self._sync, target
         hooks: list[tuple[str, Any, dict[str, Any]]] = [
-            ("do_orm_execute", self._read.on_execute, {"retval": True}),
-            ("after_begin", self._write.after_begin, {}),
-            ("before_flush", self._write.before_flush, {}),
-            ("after_flush", self._write.after_flush, {}),
-            ("before_commit", self._write.before_commit, {}),
-            ("after_commit", self._write.after_commit, {"insert": True}),
-            ("after_transaction_end", self._write.after_transaction_end, {}),
+            ("do_orm_execute", flavour.read.on_execute, {"retval": True}),
+            ("after_begin", flavour.write.after_begin, {}),
+            ("before_flush", flavour.write.before_flush, {}),
+            ("after_flush", flavour.write.after_flush, {}),
+            ("before_commit", flavour.write.before_commit, {}),
+            ("after_commit", flavour.write.after_commit, {"insert": True}),
+            ("after_transaction_end", flavour.write.after_transaction_end, {}),
         ]
         for name, fn, kw in hooks:
-            event.listen(target, name, fn, **kw)
-            self._installed.append((weakref.ref(target), name, fn))
+            event.listen(listen_on, name, fn, **kw)
+            self._installed.append((weakref.ref(listen_on), name, fn))
+        self._targets.append(weakref.ref(target))
+
+    def session_class(self, base: type[Session] = Session) -> type[Session]:
+        """A subclass of ``base`` whose ``get()`` answers a plain primary-key get from this
+        cache before SQLAlchemy builds a statement; anything else goes to ``base.get()``.
+
+        :meth:`install` gives one to a ``sessionmaker`` and to an async factory (as its
+        ``sync_session_class``); make one yourself for a sync Session class you construct
+        directly, then ``install()`` it. The class asks the cache only while the cache's
+        listeners are its only ``do_orm_execute`` listeners.
+        """
+        if overrides_get_path(base):
+            raise ConfigurationError(
+                f"{base.__name__} overrides how Session.get loads (get, get_bind, execute or "
+                "_identity_lookup): install() the cache on it directly, without a subclass"
+            )
+        if self._sync is None:
+            raise ConfigurationError(
+                "session_class() answers gets of sync sessions: give the cache a redis.Redis "
+                "client or a URL"
+            )
+        return session_class(base, self._sync.read)
 
     def uninstall(self, target: InstallTarget) -> None:
-        """Remove the listeners :meth:`install` added to ``target``."""
+        """Remove the listeners :meth:`install` added to ``target`` (those still there).
+
+        A sessionmaker (or an async factory) keeps the Session subclass install() gave it; its
+        ``get()`` no longer asks the cache."""
+        self._targets = [ref for ref in self._targets if ref() not in (None, target)]
+        made: type = Session
+        if flavours.is_async_target(target):
+            target = made = flavours.sync_session_class(target)
         keep = []
         for ref, name, fn in self._installed:
             if ref() is target:
-                event.remove(target, name, fn)
+                if event.contains(target, name, fn):
+                    event.remove(target, name, fn)
             elif ref() is not None:
                 keep.append((ref, name, fn))
         self._installed = keep
-
-    def _tracker(self, session: Session) -> SessionTracker:
-        tracker: SessionTracker | None = session.info.get(self._info_key)
-        if tracker is None:
-            tracker = session.info[self._info_key] = SessionTracker(session)
-        return tracker
-
-    def _peek_tracker(self, session: Session) -> SessionTracker | None:
-        tracker: SessionTracker | None = session.info.get(self._info_key)
-        return tracker
-
-    def _register(self, layout: ModelLayout) -> None:
-        """Once per model and process, before its first entry is written."""
-        keys = layout.keys
-        if not keys.registered:
-            keys.registered = self._backend.register_keyspace(
-                registry_key(self.prefix), keys.registry_field
-            )
-
-    def _ttl_ms(self, layout: ModelLayout) -> int:
-        ttl_ms = layout.options.ttl * 1000
-        return max(1, int(ttl_ms - ttl_ms * self._ttl_jitter * random.random()))
-
-    def _journal_replayed(self) -> bool:
-        return not self._journal.pending or self._journal.replay(self._backend)
+        maker = target.session_factory if isinstance(target, scoped_session) else target
+        made = cast(type, getattr(maker, "class_", made))
+        reads = [flavour.read for flavour in (self._sync, self._async) if flavour is not None]
+        for cls in made.__mro__:
+            if any(cls.__dict__.get("_wt_read") is read for read in reads):
+                cls._wt_read = None  # type: ignore[attr-defined]
 
     # -- by hand -------------------------------------------------------------------------
 
-    def invalidate(self, model: type, ident: Any = None) -> bool:
+    def invalidate(self, model: type, ident: Any = None, *, bind: Any = None) -> bool:
         """Forget one row (``ident`` as ``Session.get`` takes it) or, without ``ident``, every
         row of ``model`` at once (O(1) in the number of cached rows).
 
+        :param bind: the Engine or Connection of the database whose entries to forget.
+            Without it, the row (or model) is forgotten in every database: each one that
+            holds entries of the model (any process's, from the keyspace registry), and each
+            one this process has used the model with.
+
         Returns False when Redis could not be reached; the invalidation is then journaled and
-        done before this process reads from Redis again.
+        done before this process reads from Redis again (for the databases this process
+        knows of, when no bind was given).
         """
+        return self._invalidate(self._runtime_here(), model, ident, bind)
+
+    async def ainvalidate(self, model: type, ident: Any = None, *, bind: Any = None) -> bool:
+        """:meth:`invalidate`, awaited on the event loop (through ``redis.asyncio``): for
+        asyncio code, where the sync twin would block the loop."""
+        runtime = self._async_flavour().runtime
+        result: bool = await _sa_compat.greenlet_spawn(
+            self._invalidate, runtime, model, ident, bind
+        )
+        return result
+
+    def _runtime_here(self) -> Runtime:
+        """The runtime a by-hand call uses: the sync one, or inside SQLAlchemy's greenlet
+        (``run_sync``, an event of an AsyncSession) the asyncio one."""
+        if self._async is not None and (self._sync is None or _sa_compat.in_greenlet()):
+            if not _sa_compat.in_greenlet():
+                raise ConfigurationError(
+                    "this cache talks to Redis through redis.asyncio: await "
+                    "cache.ainvalidate() / cache.aclear() instead"
+                )
+            return self._async.runtime
+        assert self._sync is not None
+        return self._sync.runtime
+
+    def _invalidate(self, runtime: Runtime, model: type, ident: Any, bind: Any) -> bool:
+        bind = _sync_bind(bind)
         mapper: Mapper[Any] = inspect(model)
-        layout = self._layout_for(mapper)
+        layout = runtime.models.layout_for(mapper)
         if layout is None:
             raise ConfigurationError(f"{model.__name__} is not cached by this cache")
+        if bind is not None:
+            keyspaces, complete = [runtime.models.keys(layout, bind)], True
+        else:
+            keyspaces, complete = self._all_keyspaces(runtime, layout)
         if ident is None:
-            if self._backend.bump_generations(layout.keys.generation_keys()):
-                self._counters.add("invalidations")
+            gen_keys = [g for keys in keyspaces for g in keys.generation_keys()]
+            if complete and (not gen_keys or runtime.backend.bump_generations(gen_keys)):
+                runtime.counters.invalidated("model", 1, layout.entity_name)
                 return True
-            self._journal.add_model(layout)
+            runtime.journal.add_buckets(gen_keys)
             return False
         pk = _identity_values(mapper, ident)
-        pair = list(layout.keys.pair(pk))
-        if self._backend.invalidate(pair):
-            self._counters.add("invalidations")
+        pairs = [k for keys in keyspaces for k in keys.pair(pk)]
+        if complete and (not pairs or runtime.backend.invalidate(pairs)):
+            runtime.counters.invalidated("manual", 1, layout.entity_name)
             return True
-        self._journal.add_pairs(pair)
+        runtime.journal.add_pairs(pairs)
         return False
 
+    def _new_epoch(self, replaced: int) -> None:
+        """Redis may have forgotten anything, the registry included: record keyspaces again."""
+        self._runtime.counters.add("epochs")
+        self._runtime.counters.invalidated("epoch")  # every model at once
+        self._models.forget_registration()
+
+    def clear(self) -> int:
+        """Delete every key under this cache's prefix: entries, locks, leases, bucket
+        generations and the keyspace registry; returns how many keys were deleted.
+
+        For retiring a prefix, or starting over. Safe while the application runs: to readers
+        and writers a deleted key is an evicted one (a miss, a refused fill, a publish that
+        leaves a miss), never a stale value. Raises :class:`CacheUnavailableError` when Redis
+        fails midway (what was deleted stays deleted; call it again).
+        """
+        return self._clear(self._runtime_here())
+
+    async def aclear(self) -> int:
+        """:meth:`clear`, awaited on the event loop (through ``redis.asyncio``)."""
+        deleted: int = await _sa_compat.greenlet_spawn(self._clear, self._async_flavour().runtime)
+        return deleted
+
+    def _publishers(self) -> list[Publisher]:
+        """The background workers of this cache's flavours."""
+        return [
+            flavour.write.publisher
+            for flavour in (self._sync, self._async)
+            if flavour is not None and flavour.write.publisher is not None
+        ]
+
+    def flush_publishes(self, timeout: float = 5.0) -> bool:
+        """Wait until the background publishes (``publish="background"``) queued so far have
+        been written, up to ``timeout`` seconds; True when none is pending. A ``redis.asyncio``
+        cache's run on the event loop: await :meth:`aflush_publishes` there instead."""
+        deadline = time.monotonic() + timeout
+        done = True
+        for publisher in self._publishers():
+            done = publisher.flush(max(0.0, deadline - time.monotonic())) and done
+        return done
+
+    async def aflush_publishes(self, timeout: float = 5.0) -> bool:
+        """:meth:`flush_publishes` on the event loop: lets the worker task run until nothing
+        queued is pending, up to ``timeout`` seconds (a sync flavour's thread is waited for
+        in a thread of the loop's executor)."""
+        deadline = time.monotonic() + timeout
+        done = True
+        if self._async is not None and self._async.write.publisher is not None:
+            done = await self._async.write.publisher.aflush(timeout)
+        if self._sync is not None and self._sync.write.publisher is not None:
+            publisher = self._sync.write.publisher
+            left = max(0.0, deadline - time.monotonic())
+            flushed = await asyncio.get_running_loop().run_in_executor(None, publisher.flush, left)
+            done = flushed and done
+        return done
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Shut the cache down: wait for the pending background publishes (up to ``timeout``
+        seconds; later commits publish synchronously), send what this process's counters
+        gained since their last send (see ``stats_interval``; never raising, waiting at most
+        the client's socket timeout, not at all while the circuit breaker is open), stop
+        sending, and close the synchronous client the cache built from its URL (a client you
+        passed is yours to close). The cache is unusable after. An interpreter that exits
+        without it does the same (``atexit`` hooks). In asyncio code, ``await cache.aclose()``."""
+        if self._sync is None and _loop_running():
+            raise ConfigurationError(
+                "this cache talks to Redis through redis.asyncio: await cache.aclose()"
+            )
+        self.flush_publishes(timeout)
+        for publisher in self._publishers():
+            publisher.close()
+        if self._shared_stats is not None:
+            self._shared_stats.final()
+        self._close_built_sync_client()
+
+    def _close_built_sync_client(self) -> None:
+        """Stop the breakers' probes and close the synchronous client the cache built from its
+        URL (a client the caller passed is theirs to close)."""
+        if self._url is None:
+            return
+        for flavour in (self._sync, self._async):
+            if flavour is not None:
+                flavour.runtime.backend.breaker.stop()
+        if self._sync is not None:
+            self._sync.runtime.backend.client.close()  # type: ignore[attr-defined]
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """:meth:`close`, on the event loop: the pending background publishes and the last
+        stats send are awaited (through ``redis.asyncio`` when the cache has it), and the
+        ``redis.asyncio`` client the cache built from its URL is closed too."""
+        await self.aflush_publishes(timeout)
+        for publisher in self._publishers():
+            publisher.close()
+        sender = self._shared_stats
+        if sender is not None:
+            sender.stop()
+            if not self._runtime.backend.breaker.is_open:
+                client = self._async.runtime.backend.client if self._async else None  # type: ignore[attr-defined]
+                await sender.asend(client)
+        self._close_built_sync_client()
+        if self._url is not None and self._async is not None:
+            await self._async.runtime.backend.client.aclose()  # type: ignore[attr-defined]
+
+    def _clear(self, runtime: Runtime) -> int:
+        backend = runtime.backend
+        try:
+            deleted = backend.delete_matching(prefix_patterns(self.prefix))
+        except Exception as exc:
+            raise CacheUnavailableError(
+                f"clear() of prefix {self.prefix!r} failed at Redis at "
+                f"{backend.address}: {explain(exc)}"
+            ) from exc
+        self._models.forget_registration()  # record the keyspaces again at their next write
+        return deleted
+
+    def _all_keyspaces(self, runtime: Runtime, layout: ModelLayout) -> tuple[list[KeySpace], bool]:
+        """Every database's keyspace of a model (the registered ones and this process's), and
+        whether the registry could be read."""
+        found = {keys.registry_field: keys for keys in list(layout.keyspaces.values())}
+        fields = runtime.backend.read_registry(registry_key(self.prefix))
+        schema = f"{layout.digest}:"
+        for field in fields or ():
+            table, digest, keys = keyspace_of(self.prefix, field)
+            if table == layout.table.fullname and digest.startswith(schema) and field not in found:
+                found[field] = keys
+        return list(found.values()), fields is not None
+
     def stats(self, reset: bool = False) -> CacheStats:
-        """Counters of what the cache did (hits, misses, fills, publishes, errors...)."""
-        return self._counters.snapshot(reset)
+        """What the cache did in this process (hits, misses, fills, publishes, errors,
+        latencies...), in total and per model; ``reset`` zeroes the counters."""
+        runtime = self._runtime
+        return runtime.counters.snapshot(
+            reset,
+            breaker_open=runtime.backend.breaker.is_open,
+            journal_size=len(runtime.journal),
+            pending_publishes=self._pending_publishes(),
+        )
+
+    def _pending_publishes(self) -> int:
+        return sum(publisher.pending for publisher in self._publishers())
+
+    def shared_stats(self) -> CacheStats:
+        """What the cache did in every process using this prefix, as far as they have sent it
+        to Redis (every ``stats_interval`` seconds; call :meth:`send_stats` first to include
+        this process's latest). Raises :class:`CacheUnavailableError` when Redis fails."""
+        return self._read_shared(self._runtime_here())[0]
+
+    async def ashared_stats(self) -> CacheStats:
+        """:meth:`shared_stats`, awaited on the event loop (through ``redis.asyncio``)."""
+        runtime = self._async_flavour().runtime
+        found = await _sa_compat.greenlet_spawn(self._read_shared, runtime)
+        return found[0]
+
+    def _read_shared(self, runtime: Runtime) -> tuple[CacheStats, list[dict[str, Any]]]:
+        transport = runtime.backend.transport  # type: ignore[attr-defined]
+        try:
+            return parse_shared(
+                transport.command("HGETALL", stats_key(self.prefix)),
+                transport.command("HGETALL", processes_key(self.prefix)),
+            )
+        except (redis.RedisError, OSError) as exc:
+            raise CacheUnavailableError(
+                f"reading the stats of prefix {self.prefix!r} from Redis at "
+                f"{runtime.backend.address} failed: {explain(exc)}"
+            ) from exc
+
+    def send_stats(self) -> bool:
+        """Send this process's counters to Redis now (as the background thread does every
+        ``stats_interval`` seconds); False when Redis failed or sending is off. Inside
+        SQLAlchemy's greenlet (``run_sync``) it goes through the cache's ``redis.asyncio``
+        client, when it has one."""
+        sender = self._shared_stats
+        if sender is None:
+            return False
+        if self._async is not None and _sa_compat.in_greenlet():
+            client = self._async.runtime.backend.client  # type: ignore[attr-defined]
+            sent: bool = _sa_compat.await_(sender.asend(client))
+            return sent
+        return sender.send()
+
+    async def asend_stats(self) -> bool:
+        """:meth:`send_stats`, awaited on the event loop (through ``redis.asyncio`` when the
+        cache has it; a sync client's send runs in the loop's executor)."""
+        sender = self._shared_stats
+        if sender is None:
+            return False
+        client = self._async.runtime.backend.client if self._async else None  # type: ignore[attr-defined]
+        return await sender.asend(client)
+
+    @property
+    def _tracer(self) -> Any:
+        """The OpenTelemetry tracer ``otel.instrument(cache)`` gave the hooks, or None."""
+        return self._runtime.tracer
+
+    @_tracer.setter
+    def _tracer(self, tracer: Any) -> None:
+        self._runtime.tracer = tracer
+
+    def _process_state(self) -> dict[str, Any]:
+        runtime = self._runtime
+        return {
+            "breaker_open": runtime.backend.breaker.is_open,
+            "journal_size": len(runtime.journal),
+            "pending_publishes": self._pending_publishes(),
+        }
+
+    def _breaker_opened(self) -> None:
+        self._runtime.counters.add("breaker_openings")
+
+    def models(self, bind: Engine | Connection | Dialect) -> CachedModels:
+        """What this cache caches: every model with its keys and effective options, the columns
+        whose commits invalidate instead of writing through on ``bind``'s database (an Engine,
+        Connection or Dialect), and the models ``register_all()`` left out, with why."""
+        if isinstance(bind, Engine) and getattr(bind.dialect, "server_version_info", None) is None:
+            with bind.connect():  # a first connection tells MariaDB from MySQL, as at a flush
+                pass
+        dialect: Dialect = bind if isinstance(bind, Dialect) else bind.dialect
+        layouts = self._models.cached_layouts()
+        self._models.warn_left_out(stacklevel=2)
+        return describe(self, layouts, self._models.left_out(), dialect)
 
     def __repr__(self) -> str:
         return f"WriteThroughCache(prefix={self.prefix!r})"
 
 
-def _orm_cascades(mapper: Any, layout: ModelLayout, deleted: bool) -> bool:
-    """Whether deleting (or re-keying) a ``mapper`` row makes the ORM load and change the
-    related ``layout`` rows itself, rather than leaving it to the database."""
-    for rel in mapper.relationships:
-        if rel.mapper is not layout.mapper or rel.direction.name != "ONETOMANY":
-            continue
-        if deleted and not rel.passive_deletes:
-            return True
-        if not deleted and not rel.passive_updates:
-            return True
-    return False
+class _Flavour(NamedTuple):
+    """One flavour's runtime and the hooks installed with it."""
+
+    runtime: Runtime
+    read: ReadPath
+    write: WritePath
+
+
+def _check_client(client: Any) -> None:
+    """Warn about a client that would make a stalled Redis stall the application."""
+    if _redis_compat.connection_kwargs(client).get("socket_timeout") is None:
+        log.warning(
+            "writethrough: the Redis client has no socket_timeout; a stalled Redis "
+            "will stall every cached read and commit (set one, e.g. 0.5 s)"
+        )
+    sentinels = _redis_compat.sentinel_kwargs(client)
+    if sentinels is not None and sentinels.get("socket_timeout") is None:
+        log.warning(
+            "writethrough: the Sentinel has no socket_timeout; a stalled sentinel will "
+            "stall every reconnection and the cache's check of the primary (build it "
+            "with Sentinel([...], socket_timeout=0.5))"
+        )
+    retries = _redis_compat.retries(client)
+    if retries > 1:
+        log.warning(
+            "writethrough: the Redis client retries a failed command %d times; while "
+            "Redis is down each cached operation waits that many timeouts before the "
+            "circuit breaker opens (use retry=Retry(NoBackoff(), 1))",
+            retries,
+        )
+
+
+def _check_loop(backend: Any) -> None:
+    """A redis.asyncio client whose connections belong to another event loop than the one
+    running (or to a closed one) would fail every call: refuse it at install()."""
+    client = getattr(backend, "client", None)
+    if client is None:
+        return
+    loops = _redis_compat.bound_loops(client)
+    if not loops:
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if any(loop.is_closed() for loop in loops) or (running is not None and running not in loops):
+        raise ConfigurationError(
+            "the redis.asyncio client has connections bound to another event loop than the "
+            "one the sessions will run on; build the client (or the cache) inside the loop "
+            "that serves the application, e.g. in FastAPI's lifespan (docs/asyncio.md)"
+        )
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _sync_bind(bind: Any) -> Any:
+    """An AsyncEngine or AsyncConnection names the database of its sync twin."""
+    for name in ("sync_engine", "sync_connection"):
+        inner = getattr(bind, name, None)
+        if inner is not None:
+            return inner
+    return bind
+
+
+def _default_stats_interval() -> float | None:
+    setting = os.environ.get("SQLALCHEMY_WRITETHROUGH_STATS_INTERVAL", "").strip().lower()
+    if not setting:
+        return 5.0
+    if setting in ("off", "0", "none", "no"):
+        return None
+    try:
+        return float(setting)
+    except ValueError:
+        raise ConfigurationError(
+            f"SQLALCHEMY_WRITETHROUGH_STATS_INTERVAL={setting!r}: give seconds, or off"
+        ) from None
 
 
 def _identity_values(mapper: Mapper[Any], ident: Any) -> list[Any]:
@@ -488,14 +955,30 @@ def _on_mapper_configured(mapper: Mapper[Any], cls: type) -> None:
     """Validate cached models when SQLAlchemy configures them, so errors are loud and early."""
     caches = list(_caches)
     for cache in caches:
-        cache._layouts.pop(mapper, None)
-        cache._layout_for(mapper)
+        cache._models.reconfigured(mapper)
     if not caches and is_cached_model(cls):
         # no cache exists yet: check what can be checked with the default options
-        defaults = ModelOptions(3600.0, frozenset(), "write-through", 30.0, "degrade", ())
+        defaults = ModelOptions(3600.0, frozenset(), "write-through", 30.0, "degrade", (), "sync")
         ModelLayout(mapper, defaults.merged(model_overrides(cls), where=cls.__name__), "wt", 1)
 
 
+def _on_after_configured() -> None:
+    """Warn about the models left out while the mappers were configured."""
+    for cache in list(_caches):
+        cache._models.warn_left_out()
+
+
 event.listen(Mapper, "mapper_configured", _on_mapper_configured)
+event.listen(Mapper, "after_configured", _on_after_configured)
+
+
+def _at_exit() -> None:
+    """At interpreter exit, what close() would do for every cache: land the pending background
+    publishes first, so that the last stats send counts them."""
+    background.wait_at_exit()
+    shared.send_at_exit()
+
+
+atexit.register(_at_exit)
 
 __all__ = ["CachedModel", "WriteThroughCache"]

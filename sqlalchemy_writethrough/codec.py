@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import enum
+import json
 import uuid
 import zoneinfo
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from sqlalchemy import types as sqltypes
 
-from ._sa_compat import ABSTRACT_INTERVAL
+from ._sa_compat import ABSTRACT_INTERVAL, json_functions
 from .exc import ConfigurationError
 
 if TYPE_CHECKING:
@@ -81,10 +82,35 @@ class FlushContext:
 Exact = Callable[[Any, FlushContext], Any]
 
 
+class Never:
+    """Why a column's commits can never be written through on some databases, and the remedy:
+    announced once (a :class:`~sqlalchemy_writethrough.exc.WriteThroughWarning`) instead of
+    invalidating in silence."""
+
+    __slots__ = ("everywhere", "on", "reason")
+
+    def __init__(self, reason: str, on: Callable[[str, bool], bool] | None = None) -> None:
+        self.reason = reason
+        #: ``on(dialect name, is_mariadb)``; None: on every database
+        self.on = on
+        self.everywhere = on is None
+
+    def applies(self, name: str, is_mariadb: bool) -> bool:
+        return self.on is None or self.on(name, is_mariadb)
+
+
+def _mysql_family(name: str, is_mariadb: bool) -> bool:
+    return name in ("mysql", "mariadb")
+
+
+def _not_postgresql(name: str, is_mariadb: bool) -> bool:
+    return name in ("mysql", "mariadb", "sqlite")
+
+
 class ColumnCodec:
     """How one column is stored, read back, and predicted after a flush."""
 
-    __slots__ = ("decode", "encode", "exact", "kind", "stored_type")
+    __slots__ = ("decode", "encode", "exact", "kind", "mutable", "never", "stored_type")
 
     def __init__(
         self,
@@ -92,11 +118,17 @@ class ColumnCodec:
         encode: Callable[[Any], Any],
         decode: Callable[[Any], Any],
         exact: Exact,
+        never: Never | None = None,
+        mutable: bool = False,
     ) -> None:
         self.kind = kind
         self.encode = encode
         self.decode = decode
         self.exact = exact
+        #: on which databases ``exact`` never predicts a value, and what to do about it
+        self.never = never
+        #: values are containers a program can change in place, unseen by the ORM
+        self.mutable = mutable
         #: when ``decode`` only checks that the stored value is None or of this type and
         #: returns it: the row decoder checks such columns inline instead of calling it
         self.stored_type: type | None = getattr(decode, _STORED_TYPE, None)
@@ -285,9 +317,10 @@ def _json_ok(v: Any, depth: int = 0) -> bool:
         return -(2**63) <= v < 2**64  # what msgpack can store
     if v is None or type(v) in (bool, float, str):
         return True
-    if type(v) is list:
+    # subclasses too: a load hands sqlalchemy.ext.mutable's MutableDict and MutableList
+    if isinstance(v, list):
         return all(_json_ok(i, depth + 1) for i in v)
-    if type(v) is dict:
+    if isinstance(v, dict):
         return all(type(k) is str and _json_ok(i, depth + 1) for k, i in v.items())
     return False
 
@@ -302,6 +335,158 @@ def _dec_json(v: Any) -> Any:
     if not _json_ok(v):
         raise DecodeError("not a plain JSON document")
     return v
+
+
+# --- JSON: what a load returns is deserialize(the text the database gives back) ------------
+
+
+class _Unpredictable(Exception):
+    """A JSON value whose stored form the cache does not predict (the database may refuse it)."""
+
+
+class _Numeric(str):
+    """A JSON number as PostgreSQL's ``numeric`` prints it."""
+
+    __slots__ = ()
+
+
+#: PostgreSQL numeric limits (digits after the point, before it); beyond them it refuses
+_NUMERIC_SCALE_MAX = 16383
+_NUMERIC_WEIGHT_MAX = 131072
+
+
+def _jsonb_number(token: str) -> _Numeric:
+    """``1e+20`` is kept as ``100000000000000000000``, ``1.5e-7`` as ``0.00000015``,
+    ``-0.0`` as ``0.0``: plain notation, the digits after the point the token had (its scale)."""
+    number = decimal.Decimal(token)
+    exponent = number.as_tuple().exponent
+    if not isinstance(exponent, int) or not (
+        -_NUMERIC_SCALE_MAX <= exponent <= _NUMERIC_WEIGHT_MAX - len(number.as_tuple().digits)
+    ):
+        raise _Unpredictable(token)
+    text = format(number, "f")
+    return _Numeric(text[1:] if number.is_zero() and text[0] == "-" else text)
+
+
+def _jsonb_key(key: str) -> tuple[int, bytes]:
+    raw = key.encode()
+    return len(raw), raw
+
+
+def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """jsonb keeps the last of duplicate keys, and orders keys shorter first, then bytewise."""
+    last = dict(pairs)
+    return {k: last[k] for k in sorted(last, key=_jsonb_key)}
+
+
+def _jsonb_refuse(token: str) -> Any:
+    raise _Unpredictable(token)  # NaN, Infinity: PostgreSQL refuses them
+
+
+_dumps_str = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _jsonb_text(v: Any) -> str:
+    """The text PostgreSQL prints for a parsed jsonb value (``{"a": 1, "b": [true, null]}``)."""
+    if type(v) is _Numeric:
+        return v
+    if type(v) is str:
+        if "\x00" in v:
+            raise _Unpredictable("NUL")  # jsonb refuses \u0000
+        return _dumps_str(v)
+    if type(v) is dict:
+        return "{" + ", ".join(f"{_jsonb_text(k)}: {_jsonb_text(x)}" for k, x in v.items()) + "}"
+    if type(v) is list:
+        return "[" + ", ".join(_jsonb_text(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    raise _Unpredictable(type(v).__name__)
+
+
+_JSON_FAILURES = (ValueError, TypeError, RecursionError, UnicodeError, decimal.InvalidOperation)
+
+
+def _exact_json(binary: bool, dumps: Callable[[Any], str], loads: Callable[[str], Any]) -> Exact:
+    """Predict a JSON column's load from the engine's own serializer and deserializer.
+
+    * PostgreSQL ``json``, MariaDB, SQLite keep the text sent: ``loads(dumps(v))``;
+    * PostgreSQL ``jsonb`` parses it: keys reordered and deduplicated, numbers kept as
+      ``numeric`` (so ``1e+20`` comes back as an int): the text it prints is rebuilt here;
+    * SQLite gives the column NUMERIC affinity: a document that is a single number is stored
+      as an INTEGER (``1.0`` comes back as ``1``) or a REAL;
+    * MariaDB: only ASCII text (``json.dumps``'s default), since a column or connection
+      character set may change other characters; MySQL normalises its JSON type: never.
+    """
+
+    def ex(v: Any, ctx: FlushContext) -> Any:
+        name = ctx.name
+        if v is _JSON_NULL:
+            v = None
+        try:
+            text = dumps(v)
+            if name == "postgresql":
+                if not binary:
+                    return loads(text)
+                parsed = json.loads(
+                    text,
+                    object_pairs_hook=_jsonb_object,
+                    parse_float=_jsonb_number,
+                    parse_int=_jsonb_number,
+                    parse_constant=_jsonb_refuse,
+                )
+                return loads(_jsonb_text(parsed))
+            if name == "sqlite" and not binary:
+                return _sqlite_affinity(loads(text))
+            if name in ("mysql", "mariadb") and ctx.is_mariadb and text.isascii():
+                return loads(text)
+        except (_Unpredictable, *_JSON_FAILURES):
+            pass
+        return NOT_EXACT
+
+    return ex
+
+
+def _sqlite_affinity(v: Any) -> Any:
+    """A document that is one number, as SQLite's NUMERIC affinity stores its text: an
+    INTEGER when the number is integral and fits 64 bits (``1.0`` is loaded as ``1``), else a
+    REAL from SQLite's own text conversion, which is not always correctly rounded (it is for
+    the integral floats below 2**64, exact in its extended precision): others are not predicted.
+    """
+    kind = type(v)
+    if kind is int:
+        return v if -(2**63) <= v < 2**63 else NOT_EXACT
+    if kind is float:
+        if not v.is_integer() or not -(2**64) < v < 2**64:
+            return NOT_EXACT
+        return int(v) if -(2**63) < v < 2**63 else v
+    return v
+
+
+_JSON_NULL = sqltypes.JSON.NULL
+
+
+def _json_codec(t: Any, dialect: Dialect) -> ColumnCodec:
+    # the type this database gets, so that JSON().with_variant(JSONB(), "postgresql") is jsonb
+    binary = getattr(t.dialect_impl(dialect), "__visit_name__", "") == "JSONB"
+    dumps, loads = json_functions(dialect)
+    if binary:
+        never = Never(
+            "SQLite's JSONB is read back through json(), which reformats it; use JSON",
+            lambda name, is_mariadb: name == "sqlite",
+        )
+    else:
+        never = Never(
+            "MySQL normalises its JSON type (key order, numbers); store the text in a Text "
+            "column through a TypeDecorator",
+            lambda name, is_mariadb: name in ("mysql", "mariadb") and not is_mariadb,
+        )
+    return ColumnCodec(
+        "json", _enc_json, _dec_json, _exact_json(binary, dumps, loads), never, mutable=True
+    )
 
 
 # --- exactness: what the database returns for a value a flush sent -----------------------
@@ -461,14 +646,14 @@ def _exact_enum(enum_class: type[enum.Enum] | None, values: Sequence[str]) -> Ex
     return ex_str
 
 
-def _array_codec(t: Any, where: str) -> ColumnCodec:
+def _array_codec(t: Any, where: str, dialect: Dialect) -> ColumnCodec:
     """One-dimensional ARRAY of a scalar type: a msgpack list of the element codec's values.
     NULL elements are kept; a nested list (more dimensions) is never stored."""
     if t.dimensions not in (None, 1):
         raise ConfigurationError(
             f"{where}: multi-dimensional ARRAY columns are not cached; add the column to `exclude`"
         )
-    item = _base_codec(t.item_type, where)
+    item = _base_codec(t.item_type, where, dialect)
     item_encode, item_decode, item_exact = item.encode, item.decode, item.exact
 
     def enc(v: Any) -> Any:
@@ -497,7 +682,10 @@ def _array_codec(t: Any, where: str) -> ColumnCodec:
             out.append(predicted)
         return out
 
-    return ColumnCodec(f"array[{item.kind}]", *_nullable(enc, dec, ex))
+    if item.kind == "json":  # an element's text is not the document the driver hands back
+        never = Never("an ARRAY of JSON is not predicted; use one JSON column holding a list")
+        return ColumnCodec("array[json]", *_nullable(enc, dec, _never), never, mutable=True)
+    return ColumnCodec(f"array[{item.kind}]", *_nullable(enc, dec, ex), item.never, mutable=True)
 
 
 # --- choosing a codec from a column's type -------------------------------------------------
@@ -508,7 +696,7 @@ def _mysql_fsp(type_: Any) -> int | None:
     return fsp if isinstance(fsp, int) else None
 
 
-def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
+def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -> ColumnCodec:
     t: Any = type_
     if isinstance(t, sqltypes.PickleType):
         raise ConfigurationError(
@@ -543,20 +731,37 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
         double = isinstance(t, sqltypes.Double) or precision is None or precision > 24
         if isinstance(t, sqltypes.REAL):
             double = False
+        rounded = (
+            Never("MySQL and MariaDB print floats rounded; use Numeric with a scale", _mysql_family)
+            if double
+            else Never("a single-precision float is rounded on the way in; use Double")
+        )
         return ColumnCodec(
-            "float", *_nullable(_enc_type(float), _dec_type(float), _exact_float(double))
+            "float", *_nullable(_enc_type(float), _dec_type(float), _exact_float(double)), rounded
         )
     if isinstance(t, sqltypes.Numeric):
         if not t.asdecimal:
-            return ColumnCodec("float", *_nullable(_enc_type(float), _dec_type(float), _never))
+            return ColumnCodec(
+                "float",
+                *_nullable(_enc_type(float), _dec_type(float), _never),
+                Never("Numeric(asdecimal=False) is not predicted; use Numeric or Double"),
+            )
         if isinstance(t, sqltypes.Float):
             exact: Exact = _never
+            never: Never | None = Never(
+                "Float(asdecimal=True) is not predicted; use Numeric with a scale, or Double"
+            )
         else:
             return_scale = t.decimal_return_scale
             if return_scale is None:
                 return_scale = t.scale if t.scale is not None else 10
             exact = _exact_decimal(t.scale, return_scale)
-        return ColumnCodec("decimal", *_nullable(_enc_decimal, _dec_decimal, exact))
+            never = (
+                None
+                if t.scale is not None
+                else Never("MySQL's default scale is 0; give the Numeric a scale", _mysql_family)
+            )
+        return ColumnCodec("decimal", *_nullable(_enc_decimal, _dec_decimal, exact), never)
     if isinstance(t, sqltypes.DateTime):
         return ColumnCodec(
             "datetime",
@@ -574,20 +779,29 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
             *_nullable(_enc_iso(dt.time), _dec_iso(dt.time), _exact_time(_mysql_fsp(t))),
         )
     if isinstance(t, ABSTRACT_INTERVAL):  # Interval and postgresql.INTERVAL
-        return ColumnCodec("interval", *_nullable(_enc_interval, _dec_interval, _exact_interval))
+        return ColumnCodec(
+            "interval",
+            *_nullable(_enc_interval, _dec_interval, _exact_interval),
+            Never("only PostgreSQL has an interval type (elsewhere: a datetime)", _not_postgresql),
+        )
     if isinstance(t, sqltypes.Uuid):
         if t.as_uuid:
             return ColumnCodec("uuid", *_nullable(_enc_uuid, _dec_uuid, _exact_type(uuid.UUID)))
-        return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _never))
+        return ColumnCodec(
+            "str",
+            *_nullable(_enc_type(str), _dec_type(str), _never),
+            Never("the database formats UUID strings; use Uuid(as_uuid=True)"),
+        )
     if isinstance(t, sqltypes.ARRAY):
-        return _array_codec(t, where)
+        return _array_codec(t, where, dialect)
     if isinstance(t, sqltypes.JSON):
-        return ColumnCodec("json", _enc_json, _dec_json, _never)
+        return _json_codec(t, dialect)
     if isinstance(t, sqltypes.String):
         padded = isinstance(t, (sqltypes.CHAR, sqltypes.NCHAR))
         return ColumnCodec(
             "str",
             *_nullable(_enc_type(str), _dec_type(str), _exact_str(t.length, padded)),
+            Never("CHAR pads values with spaces; use String") if padded else None,
         )
     if isinstance(t, sqltypes._Binary):
         return ColumnCodec("bytes", *_nullable(_enc_bytes, _dec_type(bytes), _exact_bytes))
@@ -595,6 +809,81 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str) -> ColumnCodec:
         f"{where}: the cache has no exact stored form for type {t!r}; "
         "add the column to `exclude` (it is then loaded from the database on access)"
     )
+
+
+def inexact_reason(column: Column[Any], dialect: Dialect) -> str | None:
+    """Why a commit of a typical value of ``column`` on ``dialect`` invalidates the row instead
+    of writing it, or None when it writes through. This describes the ``exact`` rules of the
+    codecs above, type by type in the same order; tests check the two agree."""
+    type_: Any = column.type
+    if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):
+        type_ = type_.load_dialect_impl(dialect)
+    return _type_inexact_reason(type_, dialect)
+
+
+def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
+    name = dialect.name
+    mysql = name in ("mysql", "mariadb")
+    if isinstance(t, (sqltypes.Boolean, sqltypes.Enum, sqltypes.Integer)):
+        return None
+    if isinstance(t, sqltypes.Float) and not t.asdecimal:
+        precision = getattr(t, "precision", None)
+        double = isinstance(t, sqltypes.Double) or precision is None or precision > 24
+        if isinstance(t, sqltypes.REAL) or not double:
+            return "single-precision float: the database rounds it"
+        if name not in ("postgresql", "sqlite"):
+            return f"float: {name} returns it rounded"
+        return None
+    if isinstance(t, sqltypes.Numeric):
+        if not t.asdecimal:
+            return "Numeric(asdecimal=False): the database rounds the float"
+        if isinstance(t, sqltypes.Float):
+            return "Float(asdecimal=True): the database rounds it"
+        if name == "sqlite" or name == "postgresql" or (mysql and t.scale is not None):
+            return None
+        if mysql:
+            return f"Numeric without a scale: {name} rounds it to scale 0"
+        return f"Numeric: rounding on {name} is not known"
+    if isinstance(t, (sqltypes.DateTime, sqltypes.Time)):
+        kind = "DateTime" if isinstance(t, sqltypes.DateTime) else "Time"
+        if name == "postgresql":
+            psycopg3 = dialect.driver in ("psycopg", "psycopg_async")
+            if kind == "DateTime" and t.timezone and not psycopg3:
+                return "DateTime(timezone=True): only psycopg 3 tells the session's time zone"
+            return None
+        if name == "sqlite":
+            return None
+        if mysql:
+            fsp = _mysql_fsp(t)
+            if fsp == 6 or (not fsp and getattr(dialect, "is_mariadb", False)):
+                return None
+            return (
+                f"{kind} without fsp=6: MySQL rounds microseconds (a value with them invalidates)"
+            )
+        return f"{kind}: what {name} returns is not known"
+    if isinstance(t, sqltypes.Date):
+        return None
+    if isinstance(t, ABSTRACT_INTERVAL):
+        return None if name == "postgresql" else f"Interval: {name} stores it as a datetime"
+    if isinstance(t, sqltypes.Uuid):
+        return None if t.as_uuid else "Uuid(as_uuid=False): the database may reformat the string"
+    if isinstance(t, sqltypes.ARRAY):
+        if name != "postgresql":
+            return f"ARRAY: not predicted on {name}"
+        if isinstance(t.item_type, sqltypes.JSON):
+            return "ARRAY of JSON: an element's text is not the document the driver returns"
+        item = _type_inexact_reason(t.item_type, dialect)
+        return None if item is None else f"ARRAY of {item}"
+    if isinstance(t, sqltypes.JSON):  # the Never rules of _json_codec
+        if getattr(t.dialect_impl(dialect), "__visit_name__", "") == "JSONB":
+            return "JSONB on SQLite is read back reformatted" if name == "sqlite" else None
+        if mysql and not getattr(dialect, "is_mariadb", False):
+            return "JSON: MySQL normalises key order and numbers"
+        return None
+    if isinstance(t, sqltypes.String):
+        padded = isinstance(t, (sqltypes.CHAR, sqltypes.NCHAR))
+        return "CHAR pads the value with spaces" if padded else None
+    return None
 
 
 class _DecoratedCodec(ColumnCodec):
@@ -609,13 +898,14 @@ class _DecoratedCodec(ColumnCodec):
         inner: ColumnCodec,
         to_impl: Callable[[Any], Any],
         from_impl: Callable[[Any], Any],
+        mutable: bool,
     ) -> None:
         inner_decode = inner.decode
 
         def decode(v: Any) -> Any:
             return from_impl(inner_decode(v))
 
-        super().__init__(kind, inner.encode, decode, inner.exact)
+        super().__init__(kind, inner.encode, decode, inner.exact, inner.never, mutable)
         self._inner = inner
         self._to_impl = to_impl
         self._from_impl = from_impl
@@ -642,9 +932,9 @@ def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCod
     # are timedeltas on every database: it has a codec of its own
     if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):
         if isinstance(type_, sqltypes.PickleType):
-            _base_codec(type_, where)  # raises with the hint
+            _base_codec(type_, where, dialect)  # raises with the hint
         # load_dialect_impl() returns the generic implementation type (String(), ...)
-        inner = _base_codec(type_.load_dialect_impl(dialect), where)
+        inner = _base_codec(type_.load_dialect_impl(dialect), where, dialect)
         td = type_
         cls = type(td)
         binds = cls.process_bind_param is not sqltypes.TypeDecorator.process_bind_param
@@ -656,10 +946,12 @@ def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCod
         def from_impl(v: Any) -> Any:
             return td.process_result_value(v, dialect) if results else v
 
-        return _DecoratedCodec(f"{cls.__name__}({inner.kind})", inner, to_impl, from_impl)
+        # process_result_value may return a container (a dict decoded from a String)
+        mutable = inner.mutable or results
+        return _DecoratedCodec(f"{cls.__name__}({inner.kind})", inner, to_impl, from_impl, mutable)
     # the column's own type decides: dialect implementation classes do not always subclass
     # their generic type (SQLAlchemy 2.0's psycopg Float is a Numeric)
-    return _base_codec(type_, where)
+    return _base_codec(type_, where, dialect)
 
 
 # --- payloads --------------------------------------------------------------------------------

@@ -10,9 +10,17 @@ from .exc import ConfigurationError
 
 Strategy = Literal["write-through", "invalidate"]
 OnRedisError = Literal["degrade", "strict"]
+Publish = Literal["sync", "background"]
+
+
+class OptionError(ConfigurationError):
+    """An option given explicitly that is wrong (a typo, a bad value): it raises even for a
+    model that ``register_all()`` would otherwise leave out of the cache with a warning."""
+
 
 STRATEGIES: tuple[Strategy, ...] = ("write-through", "invalidate")
 ON_REDIS_ERROR: tuple[OnRedisError, ...] = ("degrade", "strict")
+PUBLISH: tuple[Publish, ...] = ("sync", "background")
 
 
 class ModelOptionsDict(TypedDict, total=False):
@@ -24,6 +32,7 @@ class ModelOptionsDict(TypedDict, total=False):
     lock_timeout: float
     on_redis_error: OnRedisError
     also_invalidates: Iterable[Any]
+    publish: Publish
 
 
 MODEL_OPTION_NAMES = frozenset(ModelOptionsDict.__annotations__)
@@ -41,11 +50,15 @@ class ModelOptions:
     #: models (classes or table names) whose rows a write to this model may change behind the
     #: ORM's back (a trigger): they are invalidated whole by every write to this model
     also_invalidates: tuple[Any, ...] = ()
+    #: ``"background"``: a commit's publish (and a rollback's restore) runs on the cache's
+    #: background worker after ``commit()`` returns; a transaction publishes in the background
+    #: only when every cached model it wrote says so
+    publish: Publish = "sync"
 
     def merged(self, overrides: Mapping[str, Any], *, where: str) -> ModelOptions:
         unknown = set(overrides) - MODEL_OPTION_NAMES
         if unknown:
-            raise ConfigurationError(
+            raise OptionError(
                 f"{where}: unknown option(s) {sorted(unknown)}; "
                 f"valid per-model options are {sorted(MODEL_OPTION_NAMES)}"
             )
@@ -53,7 +66,7 @@ class ModelOptions:
         for name, value in overrides.items():
             if name == "exclude":
                 if isinstance(value, str):
-                    raise ConfigurationError(f"{where}: exclude takes a list of attribute names")
+                    raise OptionError(f"{where}: exclude takes a list of attribute names")
                 value = frozenset(value)
             elif name == "also_invalidates":
                 value = tuple(value)
@@ -63,18 +76,20 @@ class ModelOptions:
 
 def validate(options: ModelOptions, *, where: str) -> ModelOptions:
     if not options.ttl > 0:
-        raise ConfigurationError(f"{where}: ttl must be a positive number of seconds")
+        raise OptionError(f"{where}: ttl must be a positive number of seconds")
     if not options.lock_timeout > 0:
-        raise ConfigurationError(f"{where}: lock_timeout must be a positive number of seconds")
+        raise OptionError(f"{where}: lock_timeout must be a positive number of seconds")
     if options.strategy not in STRATEGIES:
-        raise ConfigurationError(f"{where}: strategy must be one of {STRATEGIES}")
+        raise OptionError(f"{where}: strategy must be one of {STRATEGIES}")
     if options.on_redis_error not in ON_REDIS_ERROR:
-        raise ConfigurationError(f"{where}: on_redis_error must be one of {ON_REDIS_ERROR}")
+        raise OptionError(f"{where}: on_redis_error must be one of {ON_REDIS_ERROR}")
+    if options.publish not in PUBLISH:
+        raise OptionError(f"{where}: publish must be one of {PUBLISH}")
     if isinstance(options.exclude, str):
-        raise ConfigurationError(f"{where}: exclude takes a list of attribute names")
+        raise OptionError(f"{where}: exclude takes a list of attribute names")
     for target in options.also_invalidates:
         if not isinstance(target, (str, type)):
-            raise ConfigurationError(
+            raise OptionError(
                 f"{where}: also_invalidates takes mapped classes or table names, not {target!r}"
             )
     return options

@@ -30,9 +30,10 @@ from sqlalchemy.sql.elements import TextClause
 from . import _sa_compat
 
 if TYPE_CHECKING:
-    from .cache import WriteThroughCache
     from .model import ModelLayout
+    from .runtime import Runtime
     from .tracking import SessionTracker
+    from .writing import WritePath
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
@@ -57,8 +58,9 @@ _REPLACE = re.compile(r"\breplace\b", re.I)
 class StatementTracker:
     """The ``before_cursor_execute`` listener, added once to every engine a session uses."""
 
-    def __init__(self, cache: WriteThroughCache) -> None:
-        self.cache = cache
+    def __init__(self, runtime: Runtime, write: WritePath) -> None:
+        self.runtime = runtime
+        self.write = write
         self._engines: set[int] = set()
         self._names: re.Pattern[str] | None = None
         self._names_for: int = -1
@@ -86,7 +88,8 @@ class StatementTracker:
         dml = context.isinsert or context.isupdate or context.isdelete
         if compiled is not None and not dml and not isinstance(compiled.statement, TextClause):
             return  # a compiled SELECT (or DDL): the hot path leaves here
-        tracker: SessionTracker | None = conn.info.get(self.cache._info_key)
+        ref = conn.info.get(self.runtime.settings.info_key)
+        tracker: SessionTracker | None = ref() if ref is not None else None
         if tracker is None:
             return
         if tracker.in_flush:
@@ -97,31 +100,33 @@ class StatementTracker:
         declared = context.execution_options.get("writethrough_invalidates")
         if declared is not None:
             # the caller says which models this statement changes
-            self.cache._write.lock_models(tracker, self.cache._declared_layouts(declared))
+            self.write.lock_models(tracker, self.runtime.models.declared_layouts(declared), conn)
             return
         if dml and compiled is not None:
-            self._compiled_dml(tracker, context, compiled)
+            self._compiled_dml(tracker, conn, context, compiled)
         else:
-            self._text(tracker, statement)
+            self._text(tracker, conn, statement)
 
     # -- compiled DML --------------------------------------------------------------------
 
-    def _compiled_dml(self, tracker: SessionTracker, context: Any, compiled: Any) -> None:
-        cache = self.cache
+    def _compiled_dml(
+        self, tracker: SessionTracker, conn: Any, context: Any, compiled: Any
+    ) -> None:
+        rt = self.runtime
         stmt = compiled.statement
         table = getattr(stmt, "table", None)
         if table is None:
             return
-        layouts = cache._layouts_for_table(table)
+        layouts = rt.models.layouts_for_table(table)
         whole: list[ModelLayout] = []
         if context.isinsert:
             if getattr(stmt, "_post_values_clause", None) is not None or _replaces(stmt):
                 whole += layouts  # an upsert may change existing rows, by any unique key
         else:
             if context.isdelete:
-                whole += cache._cascades(table, deleted=True, orm_handles=())
+                whole += rt.models.cascades(table, deleted=True, orm_handles=())
             elif _sets_referenced_key(stmt, context, table):
-                whole += cache._cascades(table, deleted=False, orm_handles=())
+                whole += rt.models.cascades(table, deleted=False, orm_handles=())
             if layouts:
                 extra = bool(getattr(stmt, "_extra_froms", None))
                 for layout in layouts:
@@ -129,15 +134,15 @@ class StatementTracker:
                     if keys is None:
                         whole.append(layout)
                     else:
-                        cache._write.invalidate_rows(tracker, layout, keys)
+                        self.write.invalidate_rows(tracker, layout, keys, conn)
         for layout in layouts:
-            whole += cache._also_invalidated(layout)
+            whole += rt.models.also_invalidated(layout)
         if whole:
-            cache._write.lock_models(tracker, whole)
+            self.write.lock_models(tracker, whole, conn)
 
     # -- raw SQL -------------------------------------------------------------------------
 
-    def _text(self, tracker: SessionTracker, statement: str) -> None:
+    def _text(self, tracker: SessionTracker, conn: Any, statement: str) -> None:
         text = _LEADING_NOISE.sub("", statement)
         match = _FIRST_WORD.match(text)
         word = match.group(0).lower() if match else ""
@@ -146,7 +151,7 @@ class StatementTracker:
                 return
             if word != "select":
                 return
-        cache = self.cache
+        rt = self.runtime
         if word == "insert" and not _UPSERT.search(text) and not _REPLACE.search(text):
             return  # a plain INSERT cannot change a row the cache holds
         if word not in _NAMING:
@@ -159,23 +164,23 @@ class StatementTracker:
                 "model (name them with execution_options(writethrough_invalidates=[...]))",
                 word.upper(),
             )
-            cache._write.lock_models(tracker, cache._cached_layouts())
+            self.write.lock_models(tracker, rt.models.cached_layouts(), conn)
             return
         layouts = self._named_layouts(text)
         whole = list(layouts)
         for layout in layouts:
-            whole += cache._also_invalidated(layout)
-        parents = cache._cascade_parent_names()
+            whole += rt.models.also_invalidated(layout)
+        parents = rt.models.cascade_parent_names()
         pattern = table_name_pattern(parents)
         if pattern is not None:
             for name in {m.group(0).lower() for m in pattern.finditer(text)}:
                 for deleted in (True, False):
-                    whole += cache._cascades(parents[name], deleted=deleted, orm_handles=())
+                    whole += rt.models.cascades(parents[name], deleted=deleted, orm_handles=())
         if whole:
-            cache._write.lock_models(tracker, whole)
+            self.write.lock_models(tracker, whole, conn)
 
     def _named_layouts(self, text: str) -> list[ModelLayout]:
-        by_name = self.cache._layouts_by_table_name()
+        by_name = self.runtime.models.layouts_by_table_name()
         if not by_name:
             return []
         if self._names is None or self._names_for != len(by_name):

@@ -4,16 +4,21 @@ While Redis was unreachable a commit went ahead without locking its entries, so 
 hold their old values. Until those entries are invalidated, this process serves no read from
 Redis. The journal is bounded: past ``limit`` keys it keeps only the buckets (generation keys)
 they fall in, and replaces those buckets' generations, which invalidates every entry in them.
+
+A transaction that has ended (committed or rolled back) journals its keys with its owner token:
+a lock it may have taken without hearing the reply, or could not publish or release, then ends
+at the replay (the last owner leaving a miss) instead of holding its entries as misses until
+``lock_timeout``.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .backend import RedisBackend
+    from .backend import Backend
 
 
 class Journal:
@@ -22,13 +27,19 @@ class Journal:
         self._lock = threading.Lock()
         self._keys: dict[str, str] = {}
         self._buckets: set[str] = set()
+        #: owner tokens of ended transactions whose locks the replay may drop
+        self._owners: set[str] = set()
         self.pending = False
 
     def __len__(self) -> int:
         return len(self._keys) + len(self._buckets)
 
-    def add_pairs(self, pairs: Sequence[str]) -> None:
+    def add_pairs(self, pairs: Sequence[str], ended_owner: str | None = None) -> None:
+        """Journal (entity key, generation key) pairs; ``ended_owner`` is the token of the
+        transaction that wrote them once it has ended (None while it may still commit)."""
         with self._lock:
+            if ended_owner is not None:
+                self._owners.add(ended_owner)
             for i in range(0, len(pairs), 2):
                 if pairs[i + 1] in self._buckets:
                     continue
@@ -38,26 +49,24 @@ class Journal:
                 self._keys.clear()
             self.pending = True
 
-    def add_model(self, layout: Any) -> None:
-        self.add_buckets(layout.keys.generation_keys())
-
     def add_buckets(self, gen_keys: Sequence[str]) -> None:
         with self._lock:
             self._buckets.update(gen_keys)
             self.pending = True
 
-    def replay(self, backend: RedisBackend) -> bool:
+    def replay(self, backend: Backend) -> bool:
         """Invalidate everything journaled; True when nothing is left to invalidate."""
         with self._lock:
             if not self.pending:
                 return True
             keys = dict(self._keys)
             buckets = set(self._buckets)
+            owners = sorted(self._owners)
         if keys:
             flat: list[str] = []
             for key, gen_key in keys.items():
                 flat += (key, gen_key)
-            if not backend.invalidate(flat):
+            if not backend.invalidate(flat, owners):
                 return False
         if buckets and not backend.bump_generations(sorted(buckets)):
             return False
@@ -65,5 +74,6 @@ class Journal:
             for key in keys:
                 self._keys.pop(key, None)
             self._buckets.difference_update(buckets)
+            self._owners.difference_update(owners)
             self.pending = bool(self._keys or self._buckets)
             return not self.pending

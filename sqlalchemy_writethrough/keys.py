@@ -1,10 +1,12 @@
 """Redis key names.
 
-``{prefix}:{<table>:<digest>:<bucket>}:<pk>`` is an entity; ``{prefix}:{<table>:<digest>:<bucket>}``
-is the generation key of its bucket. The part in braces is the Redis Cluster hash tag, so an
-entity and its generation always share a slot while a model still spreads over ``buckets``
-slots. The digest covers the format version and the model's columns and types: a migration or an
-upgrade moves the model to a new keyspace by itself, and old entries are never decoded.
+``{prefix}:{<table>:<digest>:<database>:<bucket>}:<pk>`` is an entity;
+``{prefix}:{<table>:<digest>:<database>:<bucket>}`` is the generation key of its bucket. The part
+in braces is the Redis Cluster hash tag, so an entity and its generation always share a slot
+while a model still spreads over ``buckets`` slots. The digest covers the format version and the
+model's columns and types: a migration or an upgrade moves the model to a new keyspace by itself,
+and old entries are never decoded. ``<database>`` names the database the rows come from (see
+:mod:`.databases`): two databases never share an entry.
 """
 
 from __future__ import annotations
@@ -37,17 +39,39 @@ def registry_key(prefix: str) -> str:
     return f"{prefix}:registry"
 
 
-class KeySpace:
-    """The keys of one model under one cache prefix."""
+def epoch_key(prefix: str) -> str:
+    """The identity of the Redis data set the cache last validated (see :mod:`.epoch`)."""
+    return f"{prefix}:epoch"
 
-    __slots__ = ("_buckets", "_tags", "registered", "registry_field")
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
+def prefix_patterns(prefix: str) -> list[str]:
+    """SCAN patterns matching every key of ``prefix`` and no key of another prefix (even one
+    that starts with this one: ``shop`` must not match ``shop:eu``'s keys)."""
+    escaped = _glob_escape(prefix)
+    epoch = _glob_escape(epoch_key(prefix))
+    # the epoch key, and on Redis Cluster each primary's ({prefix}:epoch:{<n>})
+    return [f"{escaped}:{{*", _glob_escape(registry_key(prefix)), epoch, f"{epoch}:{{*"]
+
+
+class KeySpace:
+    """The keys of one model's rows in one database, under one cache prefix (``digest`` is
+    the schema digest and the database's, ``<schema>:<database>``)."""
+
+    __slots__ = ("_buckets", "_tags", "pattern", "registered", "registry_field")
 
     def __init__(self, prefix: str, table: str, digest: str, buckets: int) -> None:
         self._buckets = buckets
         name = _escape(table)
         self._tags = [f"{prefix}:{{{name}:{digest}:{b}}}" for b in range(buckets)]
         self.registry_field = f"{table}|{digest}|{buckets}"
-        self.registered = False
+        #: a ``SCAN MATCH`` pattern of the entity keys (not the generation keys)
+        self.pattern = f"{prefix}:{{{name}:{digest}:*}}:*"
+        #: when this process next records the keyspace in the registry (time.monotonic())
+        self.registered = 0.0
 
     def pair(self, pk: Sequence[Any]) -> tuple[str, str]:
         """(entity key, generation key) of one primary key."""
@@ -72,7 +96,13 @@ class KeySpace:
         return list(self._tags)
 
 
+def keyspace_of(prefix: str, registry_field: str) -> tuple[str, str, KeySpace]:
+    """(table, digest, keyspace) of a registry field written by :class:`KeySpace`."""
+    table, digest, buckets = registry_field.rsplit("|", 2)
+    return table, digest, KeySpace(prefix, table, digest, int(buckets))
+
+
 def generation_keys_of(prefix: str, registry_field: str) -> tuple[str, list[str]]:
     """(table, generation keys) of a registry field written by :class:`KeySpace`."""
-    table, digest, buckets = registry_field.rsplit("|", 2)
-    return table, KeySpace(prefix, table, digest, int(buckets)).generation_keys()
+    table, _, keys = keyspace_of(prefix, registry_field)
+    return table, keys.generation_keys()

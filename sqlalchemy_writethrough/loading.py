@@ -1,7 +1,8 @@
 """The read path: recognising a primary-key load in ``do_orm_execute`` and serving it.
 
 A load is served from Redis only when it is exactly "this entity, by this primary key, nothing
-else": ``session.get()``, a many-to-one lazy load, or a ``select()`` carrying ``from_cache()``.
+else": ``session.get()`` (or ``Query.get()``), a many-to-one lazy load, or a ``select()`` or
+legacy ``Query`` carrying ``from_cache()``.
 Anything that asks the ORM for more (locking, refresh, populate_existing, loader options or
 criteria, joins, limits) goes to the database untouched. A miss loads from the database and
 fills the entry, but only over its own lease and only from a read that cannot predate a commit.
@@ -10,25 +11,30 @@ fills the entry, but only over its own lease and only from a read that cannot pr
 from __future__ import annotations
 
 import logging
-import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa_compat
 from .codec import DecodeError
+from .databases import DatabaseUnknown
 from .options import FromCache
 from .protocol import Fetch, payload_of
+from .tracing import record_span
 from .tracking import UNTOUCHED, unique_token
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState
 
-    from .cache import WriteThroughCache
+    from .keys import KeySpace
     from .model import ModelLayout
+    from .runtime import Runtime
     from .tracking import SessionTracker
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -36,24 +42,30 @@ log = logging.getLogger("sqlalchemy_writethrough")
 #: a cached row of another class of the hierarchy than the one asked for
 _NO_ROW: Any = object()
 
+#: the execution option by which a ``Session.get`` that already read the entry and found no hit
+#: (see .session) tells the handler so: it asks for a lease at once, without reading it again
+PEEKED = "_wt_peeked"
+
+_PLAIN_GET_BIND = Session.get_bind
+
 #: isolation levels under which every statement reads the latest committed rows
 _FRESH_LEVELS = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
 
 
 class ReadPath:
-    def __init__(self, cache: WriteThroughCache) -> None:
-        self.cache = cache
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
     def on_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
-        cache = self.cache
+        rt = self.runtime
         if not orm_state.is_select:
             return None  # DML is tracked where it reaches the cursor (see .dml)
         if orm_state.is_column_load:
-            return None
+            return self._reload(orm_state)
         mapper = orm_state.bind_mapper
         if mapper is None:
             return None
-        layout = cache._layout_for(mapper)
+        layout = rt.models.layout_for(mapper)
         if layout is None:
             return None
 
@@ -62,10 +74,10 @@ class ReadPath:
             if isinstance(opt, FromCache):
                 requested = opt.enabled
         if requested is False:
-            cache._counters.add("bypasses")
+            rt.counters.add("bypasses", 1, layout.entity_name)
             return None
-        if requested is None and "_sa_orm_load_options" not in orm_state.execution_options:
-            return None  # a plain select() without from_cache()
+        if requested is None and not _sa_compat.is_identity_load(orm_state):
+            return None  # a select() or legacy Query without from_cache()
 
         stmt = orm_state.statement
         criteria = _sa_compat.plain_entity_select(stmt, mapper)
@@ -75,7 +87,7 @@ class ReadPath:
             or _sa_compat.load_options_forbid_cache(orm_state)
             or not _sa_compat.only_user_defined_options(stmt)
         ):
-            cache._counters.add("bypasses")
+            rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         params = orm_state.parameters
         pk = _sa_compat.get_clause_identity(criteria, mapper, layout.pk_columns, params)
@@ -88,50 +100,72 @@ class ReadPath:
             if ids is not None:
                 return self._many(orm_state, layout, mapper, ids)
         if pk is None or not layout.pk_is_cacheable(pk):
-            cache._counters.add("bypasses")
+            rt.counters.add("bypasses", 1, layout.entity_name)
             return None
 
         session = orm_state.session
         # a database load autoflushes first (SQLAlchemy does it after this hook, for a result
         # this hook returns it never would)
         _sa_compat.autoflush_before_load(orm_state)
-        identity_key = mapper.identity_key_from_primary_key(tuple(pk))
+        found_bind = self._bind(orm_state, mapper)
+        if found_bind is None:
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
+        bind, token = found_bind
+        identity_key = mapper.identity_key_from_primary_key(tuple(pk), token)
         existing = session.identity_map.get(identity_key)
         if existing is not None:
             # the identity map wins, as for a database load (which would not overwrite it)
             state = instance_state(existing)
             if state.expired or state.expired_attributes:
                 return None  # a database load refreshes expired attributes: let it
-            return _sa_compat.make_result([existing], mapper.class_.__name__)
+            # another class of the hierarchy is no row of this one (session.get agrees)
+            same_class = [existing] if state.mapper.isa(mapper) else []
+            return _sa_compat.make_result(same_class, mapper.class_.__name__)
 
-        bind = session.get_bind(mapper=mapper)
         tracker = self._usable_tracker(session, mapper, bind)
         if tracker is None:
+            rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         may_fill = not tracker.wrote
-        key, gen_key = layout.keys.pair(pk)
+        try:
+            keys = rt.models.keys(layout, bind)
+        except DatabaseUnknown:
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None  # the load itself says what is wrong with the database
+        key, gen_key = keys.pair(pk)
+        name = layout.entity_name
+        counters = rt.counters
+        started = perf_counter()
         # a hit needs no script: one MGET of the entry and its bucket's generation
-        found = cache._backend.peek(key, gen_key)
+        found = False if PEEKED in orm_state.execution_options else rt.backend.peek(key, gen_key)
         if found is None:
-            cache._counters.add("misses")
+            counters.add("misses", 1, name)
+            self._read_done(name, started, "error")
             return None
         if found is not False:
             result = self._hit(session, layout, identity_key, pk, found, key, gen_key, mapper, bind)
             if result is not None:
+                self._read_done(name, started, "hit")
                 return result
         # a miss (or a damaged entry): the script grants a lease, atomically with the check
         lease = unique_token() if may_fill else ""
-        reply = cache._backend.fetch(key, gen_key, lease, cache._lease_ms)
+        reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms)
         if reply is None:
-            cache._counters.add("misses")
+            counters.add("misses", 1, name)
+            self._read_done(name, started, "error")
             return None
         status, data = reply
-        if status is Fetch.BUSY and data == b"E" and cache._fill_wait_s:
-            reply = self._wait_for_fill(key, gen_key, lease)
+        if status is Fetch.BUSY and data == b"E" and rt.settings.fill_wait:
+            reply = rt.backend.wait_for_fill(
+                key, gen_key, lease, rt.settings.lease_ms, rt.settings.fill_wait
+            )
             if reply is not None:
                 status, data = reply
+        if status is Fetch.BUSY and data == b"L":
+            counters.add("locked_reads", 1, name)
         if status is Fetch.DAMAGED:
-            cache._counters.add("decode_errors")
+            counters.add("decode_errors", 1, name)
             log.warning("writethrough: damaged entry %s replaced, served as a miss", key)
             status = Fetch.LEASED if data else Fetch.MISS
         if status is Fetch.HIT:
@@ -141,9 +175,11 @@ class ReadPath:
                 session, layout, identity_key, pk, payload, key, gen_key, mapper, bind
             )
             if result is not None:
+                self._read_done(name, started, "hit")
                 return result
             status = Fetch.MISS
-        cache._counters.add("misses")
+        counters.add("misses", 1, name)
+        self._read_done(name, started, "locked" if status is Fetch.BUSY else "miss")
         if status is not Fetch.LEASED:
             return None
 
@@ -153,15 +189,130 @@ class ReadPath:
             result = orm_state.invoke_statement()
             frozen = result.freeze()
         except BaseException:
-            cache._backend.fill(key, gen_key, lease, data, b"", 0)  # give the lease up
+            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # give the lease up
             raise
         rows = frozen.data
         filled = len(rows) == 1 and self._fill(
-            session, layout, identity_key, rows[0], key, gen_key, lease, data, began_before
+            session,
+            layout,
+            keys,
+            bind,
+            identity_key,
+            rows[0],
+            key,
+            gen_key,
+            lease,
+            data,
+            began_before,
         )
         if not filled:
-            cache._backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
+            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
         return frozen()
+
+    def _read_done(self, name: str, started: float, result: str, rows: int = 1) -> None:
+        """A read that asked Redis: its latency (Redis and decoding), a span when traced, a
+        debug line (never the row)."""
+        elapsed = perf_counter() - started
+        self.runtime.counters.observe("read", elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("writethrough: read %s: %s (%d rows)", name, result, rows)
+        tracer = self.runtime.tracer
+        if tracer is not None:
+            record_span(tracer, "writethrough.read", name, elapsed, result=result, rows=rows)
+
+    def _span(self, what: str, name: str, started: float, **attributes: Any) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("writethrough: %s %s: %r", what[13:], name, attributes)
+        tracer = self.runtime.tracer
+        if tracer is not None:
+            record_span(tracer, what, name, perf_counter() - started, **attributes)
+
+    def _reload(self, orm_state: ORMExecuteState) -> Result[Any] | None:
+        """The expired attributes of a cached model's object reloaded from its entry (the
+        read-back after a commit with ``expire_on_commit``): a primary-key load like a get,
+        under the same rules. An explicit ``refresh()``, ``populate_existing``, a deferred
+        column, an attribute the entry does not hold (excluded, a SQL expression), loader
+        options or a miss go to the database, and nothing is filled from a partial load."""
+        reload = _sa_compat.reload_of_expired(orm_state)
+        mapper = orm_state.bind_mapper
+        if reload is None or mapper is None:
+            return None
+        state, props = reload
+        rt = self.runtime
+        layout = rt.models.layout_for(mapper)
+        if layout is None or state.mapper is not mapper:
+            return None
+        variant = layout.variant(mapper)
+        if variant is None:
+            return None
+        stored = variant.attr_set
+        relationships = mapper.relationships
+        if not all(key in stored or key in relationships for key in props):
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
+        stmt = orm_state.statement
+        criteria = _sa_compat.plain_entity_select(stmt, mapper)
+        if criteria is None or not _sa_compat.only_user_defined_options(stmt):
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
+        params = orm_state.parameters
+        pk = _sa_compat.get_clause_identity(criteria, mapper, layout.pk_columns, params)
+        if pk is None:
+            pk = _sa_compat.pk_equalities(criteria, layout.table, layout.pk_index, params)
+        if pk is None or list(state.key[1]) != pk or not layout.pk_is_cacheable(pk):
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
+        session = orm_state.session
+        _sa_compat.autoflush_before_load(orm_state)
+        found_bind = self._bind(orm_state, mapper)
+        if found_bind is None or found_bind[1] != state.key[2]:
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
+        bind = found_bind[0]
+        if self._usable_tracker(session, mapper, bind) is None:
+            return None
+        try:
+            keys = rt.models.keys(layout, bind)
+        except DatabaseUnknown:
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
+        key, gen_key = keys.pair(pk)
+        found = rt.backend.peek(key, gen_key)
+        if not found:
+            rt.counters.add("misses", 1, layout.entity_name)
+            return None
+        decoded = self._decoded(layout, found, bind.dialect, pk, key, gen_key)
+        if decoded is None or decoded[0] is not variant:
+            rt.counters.add("misses", 1, layout.entity_name)
+            return None  # undecodable, or the row is now of another class: the database says
+        values = decoded[1]
+        state_dict = state.dict
+        for name in props:
+            if name in stored:
+                state_dict[name] = values[name]
+        _sa_compat.commit_reloaded(state, props)
+        rt.counters.add("hits", 1, layout.entity_name)
+        return _sa_compat.make_result([state.obj()], mapper.class_.__name__)
+
+    def _bind(self, orm_state: ORMExecuteState, mapper: Any) -> tuple[Any, Any] | None:
+        """(the bind this load reads, its identity token), or None when the load may read
+        one of several databases (a sharded session given no shard: it queries each)."""
+        session = orm_state.session
+        token = _sa_compat.identity_token(orm_state)
+        if type(session).get_bind is _PLAIN_GET_BIND:
+            return session.get_bind(mapper=mapper), token
+        if not isinstance(session, ShardedSession):
+            # a get_bind of your own sees what it sees when the statement runs
+            return session.get_bind(**orm_state.bind_arguments), token
+        if token is None:
+            parent = orm_state.lazy_loaded_from
+            if parent is not None:  # a lazy load reads its parent's shard
+                token = parent.identity_token
+            else:
+                token = orm_state.bind_arguments.get("shard_id")
+        if token is None:
+            return None  # the session queries every shard the identity_chooser names
+        return session.get_bind(mapper=mapper, shard_id=token), token
 
     def _usable_tracker(self, session: Any, mapper: Any, bind: Any) -> SessionTracker | None:
         """The session's tracker, or None when this transaction must not read Redis: it ran
@@ -169,16 +320,15 @@ class ReadPath:
         not invalidated yet. A session with no tracker yet has done nothing: a read only
         looks at the shared UNTOUCHED state (unless the session joined an outer
         transaction, which its tracker must remember)."""
-        cache = self.cache
-        tracker = cache._peek_tracker(session)
+        rt = self.runtime
+        tracker = rt.peek_tracker(session)
         if tracker is None and isinstance(bind, Connection) and bind.in_transaction():
-            tracker = cache._tracker(session)
+            tracker = rt.tracker(session)
         if tracker is None:
             tracker = UNTOUCHED
         else:
             tracker.note_first_activity(session, mapper, bind)
-        if tracker.untracked_write or not cache._journal_replayed():
-            cache._counters.add("bypasses")
+        if tracker.untracked_write or not rt.journal_replayed():
             return None
         return tracker
 
@@ -200,7 +350,7 @@ class ReadPath:
         )
         if instance is None:
             return None
-        self.cache._counters.add("hits")
+        self.runtime.counters.add("hits", 1, layout.entity_name)
         rows = [] if instance is _NO_ROW else [instance]
         return _sa_compat.make_result(rows, mapper.class_.__name__)
 
@@ -209,20 +359,25 @@ class ReadPath:
     ) -> Result[Any] | None:
         """``select(M).where(M.id.in_(ids)).options(from_cache())``: every hit from one MGET,
         the misses from one database query (filled over their leases, as single misses)."""
-        cache = self.cache
+        rt = self.runtime
         ids = list(dict.fromkeys(ids))
         pk_type = layout.pk_types[0]
         if not ids or not all(type(v) is pk_type for v in ids):
-            cache._counters.add("bypasses")
+            rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         session = orm_state.session
         _sa_compat.autoflush_before_load(orm_state)
-        bind = session.get_bind(mapper=mapper)
+        found_bind = self._bind(orm_state, mapper)
+        if found_bind is None:
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
+        bind, token = found_bind
         tracker = self._usable_tracker(session, mapper, bind)
         if tracker is None:
+            rt.counters.add("bypasses", 1, layout.entity_name)
             return None
-        # identity keys are (class, pk tuple, token): the class and token of one, for all
-        identity_class, _, token = mapper.identity_key_from_primary_key((ids[0],))
+        # identity keys are (class, pk tuple, token): the class of one, for all
+        identity_class = mapper.identity_key_from_primary_key((ids[0],))[0]
         identity_map = session.identity_map
         found: dict[Any, Any] = {}
         todo: list[tuple[Any, Any]] = []
@@ -238,17 +393,26 @@ class ReadPath:
             if state.mapper.isa(mapper):
                 found[value] = existing
         if todo:
-            pairs = layout.keys.pairs_of([value for value, _ in todo])
-            entries = cache._backend.peek_many(pairs)
+            try:
+                keys = rt.models.keys(layout, bind)
+            except DatabaseUnknown:
+                rt.counters.add("bypasses", 1, layout.entity_name)
+                return None
+            pairs = keys.pairs_of([value for value, _ in todo])
+            name = layout.entity_name
+            started = perf_counter()
+            entries = rt.backend.peek_many(pairs)
             if entries is None:
-                cache._counters.add("misses", len(todo))
+                rt.counters.add("misses", len(todo), name)
+                self._read_done(name, started, "error")
                 return None
             missing = self._build_many(
                 session, layout, mapper, bind.dialect, todo, pairs, entries, found
             )
-            cache._counters.add("hits", len(todo) - len(missing))
+            rt.counters.add("hits", len(todo) - len(missing), name)
+            self._read_done(name, started, "miss" if missing else "hit", len(todo))
             if missing:
-                self._load_missing(orm_state, layout, mapper, tracker, missing, found)
+                self._load_missing(orm_state, layout, mapper, keys, bind, tracker, missing, found)
         rows = [found[value] for value in ids if value in found]
         return _sa_compat.make_result(rows, mapper.class_.__name__)
 
@@ -268,9 +432,12 @@ class ReadPath:
         missing = []
         by_variant: dict[Any, list[tuple[Any, dict[str, Any]]]] = {}
         order: dict[Any, list[Any]] = {}
-        for (value, identity_key), (key, gen_key), entry in zip(todo, pairs, entries, strict=True):
-            decoded = None
-            if entry is not False:
+        decoded_rows = layout.decode_rows(entries, dialect, [value for value, _ in todo])
+        for (value, identity_key), (key, gen_key), entry, decoded in zip(
+            todo, pairs, entries, decoded_rows, strict=True
+        ):
+            if decoded is None and entry is not False:
+                # undecodable or another key's row: logged, counted and removed there
                 decoded = self._decoded(layout, entry, dialect, [value], key, gen_key)
             if decoded is None:
                 missing.append((value, identity_key, key, gen_key))
@@ -292,19 +459,22 @@ class ReadPath:
         orm_state: ORMExecuteState,
         layout: ModelLayout,
         mapper: Any,
+        keys: KeySpace,
+        bind: Any,
         tracker: Any,
         missing: list[tuple[Any, Any, str, str]],
         found: dict[Any, Any],
     ) -> None:
-        cache = self.cache
-        cache._counters.add("misses", len(missing))
+        rt = self.runtime
+        name = layout.entity_name
+        rt.counters.add("misses", len(missing), name)
         may_fill = not tracker.wrote
         leases = [unique_token() if may_fill else "" for _ in missing]
         requests = [
             (key, gen_key, lease)
             for (_, _, key, gen_key), lease in zip(missing, leases, strict=True)
         ]
-        replies: list[Any] = cache._backend.fetch_many(requests, cache._lease_ms) or [None] * len(
+        replies: list[Any] = rt.backend.fetch_many(requests, rt.settings.lease_ms) or [None] * len(
             missing
         )
         began_before = tracker.began
@@ -326,33 +496,24 @@ class ReadPath:
             payload = b""
             if obj is not None:
                 if fresh is None:
-                    connection = orm_state.session.connection(bind_arguments={"mapper": mapper})
+                    connection = orm_state.session.connection(bind_arguments={"bind": bind})
                     fresh = _read_was_fresh(connection, began_before)
                     dialect = connection.dialect
                 if fresh:
                     payload = self._payload(layout, identity_key, obj, dialect, key) or b""
-            ttl = cache._ttl_ms(layout) if payload else 0
+            ttl = rt.ttl_ms(layout) if payload else 0
             fills.append((key, gen_key, lease, reply[1], payload, ttl))
         if any(fill[4] for fill in fills):
-            cache._register(layout)
-        results = cache._backend.fill_many(fills)
+            rt.register(keys)
+        started = perf_counter()
+        results = rt.backend.fill_many(fills)
         written = sum(1 for fill, ok in zip(fills, results, strict=False) if fill[4] and ok)
-        cache._counters.add("fills", written)
-
-    def _wait_for_fill(self, key: str, gen_key: str, lease: str) -> Any:
-        """Another reader holds the lease and is loading the row: poll briefly for its fill
-        rather than load the same row too (a thundering herd on a cold key)."""
-        cache = self.cache
-        deadline = time.monotonic() + cache._fill_wait_s
-        pause = 0.001
-        reply = None
-        while time.monotonic() + pause < deadline:
-            time.sleep(pause)
-            pause = min(pause * 2, 0.016)
-            reply = cache._backend.fetch(key, gen_key, lease, cache._lease_ms)
-            if reply is None or reply[0] is not Fetch.BUSY or reply[1] != b"E":
-                return reply
-        return reply
+        refused = sum(
+            1 for fill, ok in zip(fills, results, strict=False) if fill[4] and ok is False
+        )
+        rt.counters.add("fills", written, name)
+        rt.counters.add("fills_refused", refused, name)
+        self._span("writethrough.fill", name, started, rows=len(fills), written=written)
 
     def _build(
         self,
@@ -393,9 +554,9 @@ class ReadPath:
             if [values[a] for a in layout.pk_attrs] != pk:
                 raise DecodeError("holds another primary key")
         except (DecodeError, ValueError) as exc:
-            self.cache._counters.add("decode_errors")
+            self.runtime.counters.add("decode_errors", 1, layout.entity_name)
             log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
-            self.cache._backend.invalidate((key, gen_key))
+            self.runtime.backend.invalidate((key, gen_key))
             return None
         return variant, values
 
@@ -419,6 +580,8 @@ class ReadPath:
         self,
         session: Any,
         layout: ModelLayout,
+        keys: KeySpace,
+        bind: Any,
         identity_key: Any,
         instance: Any,
         key: str,
@@ -428,19 +591,22 @@ class ReadPath:
         began_before: bool,
     ) -> bool:
         """Fill the entry over our lease; False when this load must not (or could not) fill."""
-        connection = session.connection(bind_arguments={"mapper": layout.mapper})
+        connection = session.connection(bind_arguments={"bind": bind})
         if not _read_was_fresh(connection, began_before):
             return False
         payload = self._payload(layout, identity_key, instance, connection.dialect, key)
         if payload is None:
             return False
-        cache = self.cache
-        cache._register(layout)
-        written = cache._backend.fill(key, gen_key, lease, gen, payload, cache._ttl_ms(layout))
+        rt = self.runtime
+        rt.register(keys)
+        started = perf_counter()
+        written = rt.backend.fill(key, gen_key, lease, gen, payload, rt.ttl_ms(layout))
+        name = layout.entity_name
         if written:
-            cache._counters.add("fills")
+            rt.counters.add("fills", 1, name)
         elif written is not None:
-            cache._counters.add("fills_refused")
+            rt.counters.add("fills_refused", 1, name)
+        self._span("writethrough.fill", name, started, rows=1, written=int(bool(written)))
         return True
 
 

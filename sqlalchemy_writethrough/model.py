@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import Column, Table
 from sqlalchemy.orm import Mapper, RelationshipProperty
+from sqlalchemy.orm.exc import UnmappedColumnError
 
 from . import codec
-from .config import ModelOptions, ModelOptionsDict
-from .exc import ConfigurationError
+from .config import ModelOptions, ModelOptionsDict, OptionError
+from .exc import ConfigurationError, WriteThroughWarning
 from .keys import KeySpace
 
 if TYPE_CHECKING:
@@ -82,16 +84,15 @@ class ClassLayout:
                 raise ConfigurationError(f"{where}: primary key attribute {key!r} must be loaded")
         self.columns = tuple(columns)
         self.attrs = tuple(attrs)
+        self.attr_set = frozenset(attrs)
         self.expired = tuple(expired)
-        # attributes an INSERT sends as NULL when left unset, without putting None in the
-        # instance's dict (the same rule as the mapper's private _insert_cols_as_none)
+        # attributes left NULL by an INSERT when unset, without None in the instance's dict:
+        # sent as NULL (the mapper's private _insert_cols_as_none), or, for a type where None
+        # means something (JSON's null), left out of the INSERT, with no default to apply
         self.null_on_insert = frozenset(
             a
             for a, c in zip(attrs, columns, strict=True)
-            if not c.primary_key
-            and not c.server_default
-            and not c.default
-            and not c.type.should_evaluate_none
+            if not c.primary_key and not c.server_default and not c.default
         )
         self.eager_relationships = tuple(
             r.key
@@ -99,6 +100,8 @@ class ClassLayout:
             if isinstance(r, RelationshipProperty) and r.lazy in _EAGER
         )
         self._where = where
+        #: attributes whose values a program can change in place, unseen by the ORM
+        self.mutable: frozenset[str] = frozenset()
         self._row_codecs: weakref.WeakKeyDictionary[Any, _RowCodec] = weakref.WeakKeyDictionary()
         # the last dialect and its row codec, one tuple replaced whole: a weak dictionary
         # lookup builds a weakref each time (a strong reference per class to the latest
@@ -125,8 +128,43 @@ class ClassLayout:
         self._last = (dialect, found)
         return found
 
+    def inexact_columns(self, dialect: Dialect) -> list[tuple[str, str]]:
+        """(attribute, reason) of each stored column whose typical values make a commit
+        invalidate this class's row on ``dialect`` instead of writing it through."""
+        found = []
+        for attr, column in zip(self.attrs, self.columns, strict=True):
+            reason = codec.inexact_reason(column, dialect)
+            if reason is not None:
+                found.append((attr, reason))
+        return found
+
     def codecs(self, dialect: Dialect) -> tuple[codec.ColumnCodec, ...]:
         return self.row_codec(dialect).codecs
+
+    def announce(self, dialect: Dialect, name: str, is_mariadb: bool) -> None:
+        """Warn once per process for each column whose commits never write through on this
+        database (``name`` "default": the columns that never do on any database)."""
+        for attr, column, col_codec in zip(
+            self.attrs, self.columns, self.codecs(dialect), strict=True
+        ):
+            never = col_codec.never
+            if never is None or not never.applies(name, is_mariadb):
+                continue
+            where = "*" if never.everywhere else ("mariadb" if is_mariadb else name)
+            key = (str(column.table.fullname), str(column.name), where)
+            if key in _ANNOUNCED:
+                continue
+            _ANNOUNCED.add(key)
+            on = "" if never.everywhere else f" on {where}"
+            warnings.warn(
+                f"{self._where}.{attr} ({_ADDRESS.sub('', repr(column.type))}){on}: a commit "
+                f"cannot know what the database stores, so each commit writing a {self._where} "
+                f"row invalidates its cache entry instead of writing it through. "
+                f"{never.reason[0].upper()}{never.reason[1:]}; or add {attr!r} to `exclude`, "
+                "or set strategy='invalidate' to silence this.",
+                WriteThroughWarning,
+                stacklevel=2,
+            )
 
     def encode_loaded(self, state_dict: dict[str, Any], dialect: Dialect) -> bytes | None:
         """The payload of a row just loaded from the database, or None if it cannot be stored."""
@@ -237,6 +275,10 @@ class _RowCodec:
         self.flushed: Any = namespace["flushed"]
 
 
+#: (table, column, database or "*") of the columns already announced in this process
+_ANNOUNCED: set[tuple[str, str, str]] = set()
+
+
 def _wrong_type(expected: type, value: Any) -> None:
     raise codec.DecodeError(f"expected {expected.__name__}, found {type(value).__name__}")
 
@@ -258,22 +300,30 @@ class ModelLayout:
         buckets: int,
         exclude_everywhere: frozenset[str] = frozenset(),
     ):
-        base = mapper.base_mapper
+        base = cache_root(mapper)
         where = f"{base.class_.__name__}"
-        if any(m.concrete for m in base.self_and_descendants):
+        members = cached_members(base)
+        mappers = [m for m in members if m is base or m.configured]
+        # options first: a wrong option raises even where register_all() would skip the model
+        exclude = _checked_exclude(base, mappers, options.exclude, exclude_everywhere, where)
+        concrete = [m for m in base.self_and_descendants if m.concrete and m is not base]
+        if concrete and (base.with_polymorphic is not None or base.polymorphic_on is not None):
             raise ConfigurationError(
-                f"{where}: concrete table inheritance is not cached; leave it out of the cache"
+                f"{where}: its loads read a UNION of its concrete subclasses' tables, which "
+                f"the cache cannot serve; cache the concrete classes "
+                f"({', '.join(m.class_.__name__ for m in concrete)}) instead"
             )
         table = base.local_table
         if not isinstance(table, Table):
-            raise ConfigurationError(f"{where}: only models mapped to a Table can be cached")
+            raise ConfigurationError(
+                f"{where}: only models mapped to a Table can be cached, not to a "
+                f"{type(table).__name__} (a join or a select); leave it out of the cache"
+            )
         self.mapper = base
         self.options = options
         self.table = table
         self.entity_name = base.class_.__name__
-        self.polymorphic = base.polymorphic_on is not None or any(
-            m is not base for m in base.self_and_descendants
-        )
+        self.polymorphic = base.polymorphic_on is not None or len(members) > 1
 
         pk_columns = list(base.primary_key)
         self.pk_columns = tuple(pk_columns)
@@ -281,12 +331,8 @@ class ModelLayout:
         # column *keys* (not attribute keys) as they appear in WHERE clauses
         self.pk_index: dict[str, int] = {str(c.key): i for i, c in enumerate(pk_columns)}
 
-        mappers = [m for m in base.self_and_descendants if m is base or m.configured]
-        known = {prop.key for m in mappers for prop in m.column_attrs}
-        unknown = set(options.exclude) - known
-        if unknown:
-            raise ConfigurationError(f"{where}: exclude names unknown attributes {sorted(unknown)}")
-        exclude = options.exclude | (exclude_everywhere & known)
+        #: the attributes never written to Redis: the model's and the cache-wide ones it has
+        self.exclude = exclude
         self.variants: dict[Mapper[Any], ClassLayout] = {}
         self.by_tag: dict[Any, ClassLayout] = {}
         for m in mappers:
@@ -309,8 +355,14 @@ class ModelLayout:
         from sqlalchemy.engine.default import DefaultDialect
 
         default = DefaultDialect()
+        self.announces = options.strategy != "invalidate"
+        self._announced: set[tuple[str, bool]] = set()
         for variant in self.variants.values():
-            variant.codecs(default)
+            variant.mutable = frozenset(
+                a for a, c in zip(variant.attrs, variant.codecs(default), strict=True) if c.mutable
+            )
+            if self.announces:
+                variant.announce(default, default.name, False)
         base_variant = self.variants[base]
         self.pk_types = []
         for key in self.pk_attrs:
@@ -326,7 +378,26 @@ class ModelLayout:
         description = "|".join(v.description() for v in self.variants.values())
         digest_source = f"{codec.FORMAT_VERSION}|{table.fullname}|{description}|{self.pk_attrs}"
         self.digest = hashlib.sha1(digest_source.encode()).hexdigest()[:10]
-        self.keys = KeySpace(prefix, table.fullname, self.digest, buckets)
+        self._prefix = prefix
+        self._buckets = buckets
+        #: one keyspace per database (see .databases), by the database's digest
+        self.keyspaces: dict[str, KeySpace] = {}
+        #: the last bind and its keyspace, one tuple replaced whole (most processes use one)
+        self.last_keys: tuple[Any, Any] = (None, None)
+
+    def keyspace(self, database: str) -> KeySpace:
+        """The keys of this model's rows in one database (named by its digest)."""
+        found = self.keyspaces.get(database)
+        if found is None:
+            digest = f"{self.digest}:{database}"
+            found = KeySpace(self._prefix, self.table.fullname, digest, self._buckets)
+            found = self.keyspaces.setdefault(database, found)
+        return found
+
+    @property
+    def key_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern of this model's entity keys, in every database."""
+        return KeySpace(self._prefix, self.table.fullname, self.digest, 1).pattern
 
     # the base class's layout, for callers that handle plain models
     @property
@@ -339,6 +410,17 @@ class ModelLayout:
 
     def variant(self, mapper: Mapper[Any]) -> ClassLayout | None:
         return self.variants.get(mapper)
+
+    def announce(self, ctx: codec.FlushContext) -> None:
+        """At a flush to a database first seen: warn about the columns whose commits never
+        write through there (MariaDB and MySQL are told apart only once connected)."""
+        seen = (ctx.name, ctx.is_mariadb)
+        if seen in self._announced:
+            return
+        self._announced.add(seen)
+        if self.announces:
+            for variant in self.variants.values():
+                variant.announce(ctx.dialect, ctx.name, ctx.is_mariadb)
 
     def pk_is_cacheable(self, pk: Iterable[Any]) -> bool:
         """Only values of the column's exact Python type map to one key (``"42"`` and ``42.0``
@@ -360,8 +442,77 @@ class ModelLayout:
             raise codec.DecodeError("unknown class tag")
         return variant, variant.decode_values(raw, dialect)
 
+    def decode_rows(
+        self, payloads: Sequence[Any], dialect: Dialect, pk_values: Sequence[Any]
+    ) -> list[tuple[ClassLayout, dict[str, Any]] | None]:
+        """:meth:`decode_row` of many entries of a single-column key, in one loop (the batch
+        read path): (class layout, values) each, None for an entry that is absent (False),
+        cannot be decoded or is not the row of its key (the caller looks at those again)."""
+        by_tag = self.by_tag
+        pk_attr = self.pk_attrs[0]
+        unpack = codec.unpack_row
+        found: list[tuple[ClassLayout, dict[str, Any]] | None] = []
+        last: ClassLayout | None = None
+        decode: Any = None
+        for payload, pk in zip(payloads, pk_values, strict=True):
+            if payload is False:
+                found.append(None)
+                continue
+            try:
+                raw = unpack(payload)
+                tag = raw[0]
+                variant = by_tag.get(tag) if type(tag) in (int, str) else None
+                if variant is None:
+                    found.append(None)
+                    continue
+                if variant is not last:
+                    last, decode = variant, variant.row_codec(dialect).decode
+                values = decode(raw)
+            except (codec.DecodeError, ValueError):
+                found.append(None)
+                continue
+            found.append((variant, values) if values[pk_attr] == pk else None)
+        return found
+
     def decode(self, payload: bytes | memoryview, dialect: Dialect) -> dict[str, Any]:
         return self.decode_row(payload, dialect)[1]
+
+
+def cache_root(mapper: Mapper[Any]) -> Mapper[Any]:
+    """The mapper whose layout holds ``mapper``'s rows: its hierarchy's base, or the nearest
+    concrete class (each concrete table is a keyspace of its own)."""
+    while mapper.inherits is not None and not mapper.concrete:
+        mapper = mapper.inherits
+    return mapper
+
+
+def cached_members(root: Mapper[Any]) -> list[Mapper[Any]]:
+    """The classes whose rows share ``root``'s keyspace: itself and its descendants up to the
+    next concrete class."""
+    return [m for m in root.self_and_descendants if cache_root(m) is root]
+
+
+def _checked_exclude(
+    base: Mapper[Any],
+    mappers: list[Mapper[Any]],
+    exclude: frozenset[str],
+    exclude_everywhere: frozenset[str],
+    where: str,
+) -> frozenset[str]:
+    """The attributes a hierarchy leaves out of Redis; OptionError for a wrong ``exclude``."""
+    known = {prop.key for m in mappers for prop in m.column_attrs}
+    unknown = set(exclude) - known
+    if unknown:
+        raise OptionError(f"{where}: exclude names unknown attributes {sorted(unknown)}")
+    excluded = exclude | (exclude_everywhere & known)
+    for column in base.primary_key:
+        try:
+            key = base.get_property_by_column(column).key
+        except UnmappedColumnError:
+            continue  # not this check's business: the layout refuses the model
+        if key in excluded:
+            raise OptionError(f"{where}: a primary key column cannot be excluded")
+    return excluded
 
 
 def _tag(mapper: Mapper[Any]) -> Any:

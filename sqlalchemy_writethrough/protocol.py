@@ -2,8 +2,8 @@
 
 Every state change of an entry is one atomic script (``lua/*.lua``; each file's header lists its
 KEYS, ARGV and reply). The scripts take (entity key, generation key) pairs that share a hash tag,
-so they run unchanged on Redis Cluster, one call per slot. Nothing here does I/O: the sync
-backend (and, later, the asyncio one) run these texts with their own clients.
+so they run unchanged on Redis Cluster, one call per slot (:func:`split_by_hash_tag`). Nothing
+here does I/O: :mod:`.backend` runs these texts over a transport (sync, asyncio or Cluster).
 
 Entry states (see DESIGN.md):
 
@@ -23,6 +23,9 @@ of the model that it cannot name (every entry of the bucket is then a miss, and 
 from __future__ import annotations
 
 import enum
+import hashlib
+import secrets
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Literal
 
@@ -44,6 +47,9 @@ class Script(enum.Enum):
     LOCK_GENS = "lock_gens"
     RELEASE_GENS = "release_gens"
     BUMP_GENS = "bump_gens"
+    EPOCH_CHECK = "epoch_check"
+    EPOCH_BUMP = "epoch_bump"
+    EPOCH_GENS = "epoch_gens"
 
     @property
     def source(self) -> str:
@@ -51,6 +57,81 @@ class Script(enum.Enum):
 
 
 _SOURCES = {s: _script(s.value) for s in Script}
+
+
+def new_nonce() -> str:
+    """A fresh bucket generation's random part (``BUMP_GENS``, ``RELEASE_GENS``)."""
+    return secrets.token_hex(4)
+
+
+class Scripts:
+    """Every script's text and SHA1, as of when the backend was built (``EVALSHA`` runs a
+    script by its SHA1; ``SCRIPT LOAD`` of the text after a ``NOSCRIPT`` reply)."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self) -> None:
+        self.source = {s: s.source for s in Script}
+        self.sha = {s: hashlib.sha1(text.encode()).hexdigest() for s, text in self.source.items()}
+
+    def call(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+        """The ``EVALSHA`` command running ``script`` over ``keys`` and ``args``."""
+        return ("EVALSHA", self.sha[script], len(keys), *keys, *args)
+
+
+#: scripts whose KEYS are (entity key, generation key) pairs, any number of them
+PAIR_SCRIPTS = frozenset({Script.LOCK, Script.PUBLISH, Script.RELEASE, Script.INVALIDATE})
+#: scripts whose KEYS are generation keys, any number of them
+GENERATION_SCRIPTS = frozenset({Script.LOCK_GENS, Script.RELEASE_GENS, Script.BUMP_GENS})
+
+
+def hash_tag(key: str) -> str:
+    """The part of a key Redis Cluster hashes: between the first ``{`` and the next ``}``
+    when that is not empty, else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def split_by_hash_tag(
+    script: Script, keys: Sequence[str], args: Sequence[Any]
+) -> list[tuple[list[str], list[Any]]]:
+    """A multi-key call of ``script`` as one call per hash tag (for Redis Cluster, where a
+    script may touch one slot only), in the order of first appearance. Every such script
+    replies with a count, so the replies of the parts add up to the whole call's.
+    ``PUBLISH``'s per-pair arguments (payload, ttl) travel with their pair."""
+    groups: dict[str, tuple[list[str], list[Any]]] = {}
+    if script in PAIR_SCRIPTS:
+        per_pair = script is Script.PUBLISH
+        common = list(args[:1]) if per_pair else list(args)
+        for i in range(0, len(keys), 2):
+            group = groups.get(hash_tag(keys[i]))
+            if group is None:
+                group = groups[hash_tag(keys[i])] = ([], list(common))
+            group[0].extend((keys[i], keys[i + 1]))
+            if per_pair:
+                group[1].extend(args[1 + i : 3 + i])
+    elif script in GENERATION_SCRIPTS:
+        for key in keys:
+            group = groups.get(hash_tag(key))
+            if group is None:
+                group = groups[hash_tag(key)] = ([], list(args))
+            group[0].append(key)
+    else:
+        return [(list(keys), list(args))]
+    return list(groups.values())
+
+
+class Epoch(enum.IntEnum):
+    """First element of an EPOCH_CHECK / EPOCH_BUMP reply."""
+
+    NOT_PRIMARY = 0  # second element: the server's role
+    VALID = 1  # second element: the epoch key's value
+    NEW = 2  # second element: the server's identity; third: the epoch key's value ('' absent)
+    MOVED = 3  # the epoch key changed between check and bump: check again
 
 
 class Fetch(enum.IntEnum):

@@ -18,14 +18,18 @@ from sqlalchemy.engine import Connection
 
 
 class Change:
-    """The fate of one entry at commit: a payload to publish, or None for a miss."""
+    """The fate of one entry at commit: a payload to publish, or None for a miss (and why:
+    one of :data:`.stats.INVALIDATION_REASONS`, for the stats)."""
 
-    __slots__ = ("gen_key", "payload", "ttl_ms")
+    __slots__ = ("gen_key", "payload", "reason", "ttl_ms")
 
-    def __init__(self, gen_key: str, payload: bytes | None, ttl_ms: int) -> None:
+    def __init__(
+        self, gen_key: str, payload: bytes | None, ttl_ms: int, reason: str = "rollback"
+    ) -> None:
         self.gen_key = gen_key
         self.payload = payload
         self.ttl_ms = ttl_ms
+        self.reason = reason
 
 
 # Lock owners and lease tokens: a random prefix per process and a counter (a syscall per
@@ -54,7 +58,9 @@ class SessionTracker:
 
     __slots__ = (
         "__weakref__",
+        "background",
         "began",
+        "cache_seconds",
         "changes",
         "committed",
         "external",
@@ -67,6 +73,7 @@ class SessionTracker:
         "owner",
         "pending_lock",
         "reassert_on_flush",
+        "ref",
         "released_savepoints",
         "session_ref",
         "statement_keys",
@@ -79,6 +86,8 @@ class SessionTracker:
 
     def __init__(self, session: Any) -> None:
         self.session_ref = weakref.ref(session)
+        #: what a connection's ``info`` holds while the session uses it (never the tracker)
+        self.ref = weakref.ref(self)
         self.reset()
 
     def reset(self) -> None:
@@ -107,6 +116,8 @@ class SessionTracker:
         self.first_lock_at = 0.0
         #: a model involved is configured on_redis_error="strict"
         self.strict = False
+        #: True when every model involved says publish="background" (None: none yet)
+        self.background: bool | None = None
         #: generation keys this root transaction locked: whole models it changed without
         #: naming the rows (range DML, raw SQL, database cascades)
         self.locked_gens: dict[str, None] = {}
@@ -123,6 +134,8 @@ class SessionTracker:
         self.unlocked_gens: list[str] = []
         #: the DBAPI-connection info dicts that point statements at this tracker
         self.infos: list[dict[Any, Any]] = []
+        #: seconds this transaction spent on Redis writes (locks, publish): the stats
+        self.cache_seconds = 0.0
 
     def note_first_activity(self, session: Any, mapper: Any, bind: Any = None) -> None:
         """Called before the transaction's first statement: was its connection already in a
@@ -161,8 +174,8 @@ class SessionTracker:
             target.update(child)
             return
         for key, change in child.items():
-            if key not in target:
-                target[key] = Change(change.gen_key, None, change.ttl_ms)
+            if key not in target:  # the row may now hold an earlier value of the transaction
+                target[key] = Change(change.gen_key, None, change.ttl_ms, "rollback")
 
 
 def _untouched() -> SessionTracker:
@@ -171,6 +184,7 @@ def _untouched() -> SessionTracker:
 
     tracker = SessionTracker.__new__(SessionTracker)
     tracker.session_ref = weakref.ref(_Gone())  # dead at once: no session
+    tracker.ref = weakref.ref(tracker)
     tracker.reset()
     return tracker
 

@@ -11,46 +11,70 @@
                   their whole model locked (:mod:`.dml` does the same for statements).
 ``before_commit`` locks that may have expired during a long transaction are taken again.
 ``after_commit``  the root transaction's entries are published in one round trip, and its
-                  locked models get new generations.
+                  locked models get new generations (with ``publish="background"``, queued
+                  for the cache's background worker instead: see :mod:`.background`).
 ``after_transaction_end``  a savepoint hands its changes to its parent; the root, if it did not
                   commit (rollback, failed flush, ``close()``), releases its locks, which restores
                   the previous values where nobody else touched them.
 
 After the database COMMIT nothing here raises: the data is safe in the database, and an entry
-whose publish failed is still locked, so it expires into a miss.
+whose publish failed is still locked, so readers go to the database; the keys are journaled with
+the transaction's owner token, and the replay drops those locks when Redis answers again (a
+process that dies first leaves them to expire into misses).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import enum
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa_compat
+from .background import Job, Publisher
 from .codec import FlushContext
+from .dml import StatementTracker
 from .exc import CacheUnavailableError
+from .protocol import Script, new_nonce
+from .tracing import record_span
 from .tracking import Change, SessionTracker
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, SessionTransaction
 
-    from .cache import WriteThroughCache
+    from .keys import KeySpace
     from .model import ModelLayout
+    from .runtime import Runtime
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
+#: ``session.info`` key: when the running ``commit()`` began (its latency, and whether a
+#: transaction that ends without committing was being committed)
+_COMMIT_STARTED = "writethrough.commit_started"
+
 
 class WritePath:
-    def __init__(self, cache: WriteThroughCache) -> None:
-        self.cache = cache
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.statements = StatementTracker(runtime, self)
+        #: generation key -> model name, for the per-model stats of a transaction's keys
+        self._models: dict[str, str] = {}
+        #: the background worker of ``publish="background"`` (set by the cache)
+        self.publisher: Publisher | None = None
 
     # -- flush ---------------------------------------------------------------------------
 
     def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
-        tracker = self.cache._tracker(session)
+        tracker = self.runtime.tracker(session)
         tracker.in_flush = True
         if not (tracker.began or tracker.external):
             # only a transaction's first database activity needs a look at its binds
@@ -70,23 +94,29 @@ class WritePath:
         """Send the locks of the entries this flush will write, as far as their keys are known
         before it runs; after_flush reads the reply and locks whatever else it wrote. A key
         locked here that the flush does not write after all ends as a miss."""
-        cache = self.cache
+        rt = self.runtime
         pairs: list[str] = []
         seen: set[str] = set()
+        binds = FlushBinds(session)
         for collection in (session.dirty, session.deleted, session.new):
             for obj in collection:
                 state = instance_state(obj)
-                layout = cache._layout_for(state.mapper)
+                layout = rt.models.layout_for(state.mapper)
                 if layout is None:
                     continue
                 if state.key is not None:
                     pk = list(state.key[1])
+                    if not layout.pk_is_cacheable(pk):
+                        continue  # a partly NULL key (allow_partial_pks): never cached
                 else:
                     dict_ = state.dict
                     pk = [dict_.get(a) for a in layout.pk_attrs]
-                    if None in pk or not layout.pk_is_cacheable(pk):
+                    if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
                         continue  # the database assigns it: after_flush locks it
-                key, gen_key = layout.keys.pair(pk)
+                bind = binds.of(state, choose=False)
+                if bind is None:
+                    continue  # its shard is chosen by the flush: after_flush locks it
+                key, gen_key = rt.models.keys(layout, bind).pair(pk)
                 if key in tracker.locked or key in seen:
                     continue
                 self._involve(tracker, layout)
@@ -96,9 +126,7 @@ class WritePath:
             return
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
-        tracker.pending_lock = cache._backend.send_lock(
-            pairs, tracker.owner_token(), tracker.lock_ms
-        )
+        tracker.pending_lock = rt.backend.send_lock(pairs, tracker.owner_token(), tracker.lock_ms)
 
     def _finish_locks(self, tracker: SessionTracker) -> None:
         """Read the reply of the locks before_flush sent: after the flush's statements, or,
@@ -112,101 +140,127 @@ class WritePath:
         pairs = list(pending.keys)
         for i in range(0, len(pairs), 2):
             tracker.locked[pairs[i]] = pairs[i + 1]
-        if self.cache._backend.finish(pending) is None:
+        started = perf_counter()
+        ok = self.runtime.backend.finish(pending) is not None
+        self._locked(tracker, pairs, started, ok)
+        if not ok:
             self._lock_failed(tracker, pairs=pairs)
 
     def after_flush(self, session: Session, flush_context: Any) -> None:
-        cache = self.cache
-        if cache._journal.pending:
-            cache._journal_replayed()  # a process that only writes replays here
-        tracker = cache._tracker(session)
+        rt = self.runtime
+        if rt.journal.pending:
+            rt.journal_replayed()  # a process that only writes replays here
+        tracker = rt.tracker(session)
         tracker.in_flush = False
         tracker.wrote = True
         self._finish_locks(tracker)
         transaction = session.get_nested_transaction() or session.get_transaction()
         contexts: dict[Any, FlushContext] = {}
-        layout_contexts: dict[ModelLayout, FlushContext] = {}
         touched: list[tuple[str, str]] = []
-        models: list[ModelLayout] = []
+        # models whose every row may have changed, with the bind of the database they are in
+        models: list[tuple[ModelLayout, Any]] = []
+        binds = FlushBinds(session)
 
-        def context_for(layout: ModelLayout) -> FlushContext:
-            ctx = layout_contexts.get(layout)
-            if ctx is None:  # get_bind() once per model and flush, not per row
-                bind = session.get_bind(mapper=layout.mapper)
-                ctx = contexts.get(bind)
-                if ctx is None:
-                    mapper = layout.mapper
-                    ctx = contexts[bind] = FlushContext(
-                        bind.dialect,
-                        lambda: session.connection(bind_arguments={"mapper": mapper}),
-                    )
-                layout_contexts[layout] = ctx
+        announced: set[tuple[ModelLayout, Any]] = set()
+
+        def context_for(bind: Any, layout: ModelLayout) -> FlushContext:
+            ctx = contexts.get(bind)
+            if ctx is None:
+                ctx = contexts[bind] = FlushContext(
+                    bind.dialect, lambda: session.connection(bind_arguments={"bind": bind})
+                )
+            if (layout, bind) not in announced:  # once per model, database and flush
+                announced.add((layout, bind))
+                layout.announce(ctx)
             return ctx
 
         changes = tracker.changes.setdefault(transaction, {})
         statement_keys = tracker.statement_keys
-        involved: set[ModelLayout] = set()
+        involved: set[tuple[ModelLayout, Any]] = set()
 
-        def involve(layout: ModelLayout) -> None:
-            """Once per model and flush: its options, and the models its rows change too."""
-            involved.add(layout)
+        def involve(layout: ModelLayout, bind: Any) -> None:
+            """Once per model, database and flush: its options, and the models its rows
+            change too."""
+            involved.add((layout, bind))
             self._involve(tracker, layout)
-            models.extend(cache._also_invalidated(layout))
+            models.extend((other, bind) for other in rt.models.also_invalidated(layout))
 
-        def record(layout: ModelLayout, pk: Any, payload: bytes | None) -> None:
-            key, gen_key = layout.keys.pair(pk)
+        def record(
+            keys: KeySpace,
+            layout: ModelLayout,
+            pk: Any,
+            payload: bytes | None,
+            reason: str,
+            checked: bool = False,
+        ) -> None:
+            if not checked and not layout.pk_is_cacheable(pk):
+                return  # a partly NULL key: no entry was ever made for it
+            key, gen_key = keys.pair(pk)
             if key in statement_keys:
-                payload = None
-            changes[key] = Change(gen_key, payload, cache._ttl_ms(layout))
+                payload, reason = None, "statement"
+            changes[key] = Change(gen_key, payload, rt.ttl_ms(layout), reason)
             touched.append((key, gen_key))
 
         for obj in session.deleted:
             state = instance_state(obj)
             mapper = state.mapper
-            models += cache._cascades(mapper.local_table, deleted=True, orm_handles=mapper)
-            layout = cache._layout_for(mapper)
+            bind = binds.of(state)
+            cascades = rt.models.cascades(mapper.local_table, deleted=True, orm_handles=mapper)
+            models += ((other, bind) for other in cascades)
+            layout = rt.models.layout_for(mapper)
             if layout is None or state.key is None:
                 continue
-            if layout not in involved:
-                involve(layout)
-            record(layout, state.key[1], None)
+            if (layout, bind) not in involved:
+                involve(layout, bind)
+            record(rt.models.keys(layout, bind), layout, state.key[1], None, "delete")
 
         for collection, inserted in ((session.new, True), (session.dirty, False)):
             for obj in collection:
                 state = instance_state(obj)
-                layout = cache._layout_for(state.mapper)
+                layout = rt.models.layout_for(state.mapper)
                 old = state.key[1] if state.key is not None else None
+                bind = binds.of(state)
                 if layout is None:
                     if old is not None and _key_changed(state):
-                        models += cache._cascades(
+                        cascades = rt.models.cascades(
                             state.mapper.local_table, deleted=False, orm_handles=state.mapper
                         )
+                        models += ((other, bind) for other in cascades)
                     continue
-                if layout not in involved:
-                    involve(layout)
+                if (layout, bind) not in involved:
+                    involve(layout, bind)
+                keys = rt.models.keys(layout, bind)
                 variant = layout.variant(state.mapper)
                 assert variant is not None  # _layout_for rebuilds a layout missing a class
-                dict_ = variant.inserted_values(state) if inserted else _as_updated(state)
+                if inserted:
+                    dict_ = variant.inserted_values(state)
+                else:
+                    dict_ = _as_updated(state, variant.mutable)
                 pk = [dict_.get(a) for a in layout.pk_attrs]
-                if old is not None and old != tuple(pk):
-                    record(layout, old, None)  # the primary key itself changed
-                    models += cache._cascades(
+                if old is not None and _moved(old, pk):
+                    record(keys, layout, old, None, "delete")  # the primary key itself changed
+                    cascades = rt.models.cascades(
                         layout.table, deleted=False, orm_handles=layout.mapper
                     )
-                if None in pk or not layout.pk_is_cacheable(pk):
-                    if old is None or old != tuple(pk):
-                        models.append(layout)  # no key we can name holds this row
+                    models += ((other, bind) for other in cascades)
+                if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
+                    if old is None or _moved(old, pk):
+                        models.append((layout, bind))  # no key we can name holds this row
                     continue
                 if layout.options.strategy == "invalidate":
-                    payload = None
+                    payload, reason = None, "strategy"
                 else:
-                    payload = variant.encode_flushed(dict_, context_for(layout))
+                    payload = variant.encode_flushed(dict_, context_for(bind, layout))
+                    reason = "inexact"
                     if payload is not None:
-                        cache._register(layout)
-                record(layout, pk, payload)
+                        rt.register(keys)
+                record(keys, layout, pk, payload, reason, checked=True)
 
-        if models:
-            self.lock_models(tracker, models)
+        by_bind: dict[Any, list[ModelLayout]] = {}
+        for layout, bind in models:
+            by_bind.setdefault(bind, []).append(layout)
+        for bind, layouts in by_bind.items():
+            self.lock_models(tracker, layouts, bind)
         pairs: list[str] = []
         for key, gen_key in touched:
             if key not in tracker.locked:
@@ -221,39 +275,53 @@ class WritePath:
     def _involve(self, tracker: SessionTracker, layout: ModelLayout) -> None:
         options = layout.options
         tracker.strict = tracker.strict or options.on_redis_error == "strict"
+        # in the background only when every model the transaction wrote says so
+        if options.publish == "background":
+            if tracker.background is None:
+                tracker.background = True
+        else:
+            tracker.background = False
         tracker.lock_ms = max(tracker.lock_ms, int(options.lock_timeout * 1000))
 
     # -- statements (called by .dml) -------------------------------------------------------
 
     def invalidate_rows(
-        self, tracker: SessionTracker, layout: ModelLayout, keys: Iterable[Sequence[Any]]
+        self,
+        tracker: SessionTracker,
+        layout: ModelLayout,
+        keys: Iterable[Sequence[Any]],
+        bind: Any,
     ) -> None:
-        """Rows a statement is about to change, named by primary key: locked now, left as a
-        miss at commit, restored by a rollback."""
+        """Rows a statement about to run on ``bind`` changes, named by primary key: locked
+        now, left as a miss at commit, restored by a rollback."""
         self._involve(tracker, layout)
         transaction = tracker.current_transaction()
-        ttl_ms = self.cache._ttl_ms(layout)
+        ttl_ms = self.runtime.ttl_ms(layout)
+        keyspace = self.runtime.models.keys(layout, bind)
         pairs: list[str] = []
         for pk in keys:
-            if None in pk or not layout.pk_is_cacheable(pk):
-                self.lock_models(tracker, [layout])
+            if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
+                self.lock_models(tracker, [layout], bind)
                 return
-            key, gen_key = layout.keys.pair(pk)
+            key, gen_key = keyspace.pair(pk)
             tracker.statement_keys.add(key)
-            tracker.record(transaction, key, Change(gen_key, None, ttl_ms))
+            tracker.record(transaction, key, Change(gen_key, None, ttl_ms, "statement"))
             if key not in tracker.locked:
                 tracker.locked[key] = gen_key
                 pairs += (key, gen_key)
         if pairs:
             self._lock(tracker, pairs)
 
-    def lock_models(self, tracker: SessionTracker, layouts: Iterable[ModelLayout]) -> None:
-        """Every row of these models may change: lock their generations until the end of the
-        transaction, which replaces them (after COMMIT) or puts them back (after ROLLBACK)."""
+    def lock_models(
+        self, tracker: SessionTracker, layouts: Iterable[ModelLayout], bind: Any
+    ) -> None:
+        """Every row of these models in the database of ``bind`` may change: lock their
+        generations until the end of the transaction, which replaces them (after COMMIT) or
+        puts them back (after ROLLBACK)."""
         gen_keys: list[str] = []
         for layout in dict.fromkeys(layouts):
             self._involve(tracker, layout)
-            for gen_key in layout.keys.generation_keys():
+            for gen_key in self.runtime.models.keys(layout, bind).generation_keys():
                 if gen_key not in tracker.locked_gens:
                     tracker.locked_gens[gen_key] = None
                     gen_keys.append(gen_key)
@@ -261,7 +329,9 @@ class WritePath:
             return
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
-        ok = self.cache._backend.lock_generations(gen_keys, tracker.owner_token(), tracker.lock_ms)
+        started = perf_counter()
+        ok = self.runtime.backend.lock_generations(gen_keys, tracker.owner_token(), tracker.lock_ms)
+        self._locked(tracker, gen_keys, started, ok, models=True)
         if not ok:
             self._lock_failed(tracker, generations=gen_keys)
 
@@ -270,7 +340,8 @@ class WritePath:
     def before_commit(self, session: Session) -> None:
         if session.get_nested_transaction() is not None:
             return
-        tracker = self.cache._peek_tracker(session)
+        session.info[_COMMIT_STARTED] = perf_counter()
+        tracker = self.runtime.peek_tracker(session)
         if tracker is None:
             return
         # a flush that stopped early left its locks' reply unread: they count from here,
@@ -291,39 +362,96 @@ class WritePath:
             self._lock(tracker, _flatten(tracker.locked))
         if tracker.locked_gens:
             gen_keys = list(tracker.locked_gens)
-            backend = self.cache._backend
-            if not backend.lock_generations(gen_keys, tracker.owner_token(), tracker.lock_ms):
+            backend = self.runtime.backend
+            started = perf_counter()
+            ok = backend.lock_generations(gen_keys, tracker.owner_token(), tracker.lock_ms)
+            self._locked(tracker, gen_keys, started, ok, models=True)
+            if not ok:
                 self._lock_failed(tracker, generations=gen_keys)
 
     def _lock(self, tracker: SessionTracker, pairs: list[str]) -> None:
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
-        if not self.cache._backend.lock(pairs, tracker.owner_token(), tracker.lock_ms):
+        started = perf_counter()
+        ok = self.runtime.backend.lock(pairs, tracker.owner_token(), tracker.lock_ms)
+        self._locked(tracker, pairs, started, ok)
+        if not ok:
             self._lock_failed(tracker, pairs=pairs)
+
+    def _locked(
+        self,
+        tracker: SessionTracker,
+        keys: Sequence[str],
+        started: float,
+        ok: bool,
+        models: bool = False,
+    ) -> None:
+        """A lock round trip ended: its time counts in the transaction's cache share."""
+        elapsed = perf_counter() - started
+        tracker.cache_seconds += elapsed
+        tracer = self.runtime.tracer
+        debug = log.isEnabledFor(logging.DEBUG)
+        if tracer is None and not debug:
+            return
+        gens = keys if models else keys[1::2]
+        names = sorted({self._model_of(g) for g in gens})
+        count = len(keys) if models else len(keys) // 2
+        what = "buckets" if models else "keys"
+        if debug:
+            log.debug(
+                "writethrough: lock %s: %d %s, %s",
+                ", ".join(names),
+                count,
+                what,
+                "ok" if ok else "failed",
+            )
+        if tracer is not None:
+            record_span(
+                tracer,
+                "writethrough.lock",
+                ", ".join(names),
+                elapsed,
+                **{what: count, "result": "ok" if ok else "failed"},
+            )
+
+    def _model_of(self, gen_key: str) -> str:
+        """The model (its base class name) whose bucket ``gen_key`` is."""
+        found = self._models.get(gen_key)
+        if found is None:
+            for layout in self.runtime.models.cached_layouts():
+                for keys in list(layout.keyspaces.values()):
+                    for g in keys.generation_keys():
+                        self._models[g] = layout.entity_name
+            found = self._models.setdefault(gen_key, "")
+        return found
 
     def _lock_failed(
         self, tracker: SessionTracker, pairs: Sequence[str] = (), generations: Sequence[str] = ()
     ) -> None:
-        cache = self.cache
-        cache._counters.add("lock_failures")
+        rt = self.runtime
+        rt.counters.add("lock_failures")
         if tracker.strict:
+            backend = rt.backend
+            why = ("the circuit breaker is open after: " if backend.breaker.is_open else "") + (
+                backend.last_error or f"Redis at {backend.address} did not answer"
+            )
             raise CacheUnavailableError(
                 "Redis could not lock the cache entries this transaction changes, and the model "
-                "is configured on_redis_error='strict'; the statement was not applied"
+                f"is configured on_redis_error='strict'; the statement was not applied ({why})"
             )
         # degrade: the commit goes ahead; these keys are invalidated before this process
         # reads from Redis again (and once more after COMMIT: see after_commit)
         if pairs:
-            cache._journal.add_pairs(pairs)
+            rt.journal.add_pairs(pairs)
             tracker.unlocked += pairs
         if generations:
-            cache._journal.add_buckets(generations)
+            rt.journal.add_buckets(generations)
             tracker.unlocked_gens += generations
 
     # -- end of transaction ----------------------------------------------------------------
 
     def after_commit(self, session: Session) -> None:
-        tracker = self.cache._peek_tracker(session)
+        tracker = self.runtime.peek_tracker(session)
         if tracker is None:
             return
         nested = session.get_nested_transaction()
@@ -343,43 +471,214 @@ class WritePath:
             # stay and expire into misses (lock_timeout), which is all that is safe here.
             log.debug("writethrough: session joined an outer transaction; nothing published")
             return
+        wrote = bool(tracker.locked or tracker.locked_gens)
+        counters = self.runtime.counters
+        # a transaction whose locks failed counts once as a failed cache write, now; a
+        # failed publish counts when its reply is in (here, or on the background worker)
+        failed = bool(tracker.unlocked or tracker.unlocked_gens)
+        if failed:
+            counters.add("cache_write_failures")
         try:
-            self._publish(session, tracker)
+            if wrote:
+                job = self._publish_job(session, tracker)
+                job.counted = failed
+                if not (tracker.background and self._submit(job)):
+                    started = perf_counter()
+                    self.run_jobs([job])
+                    tracker.cache_seconds += perf_counter() - started
         except Exception:  # never raise after COMMIT: the locks expire into misses
             log.exception("writethrough: publish failed after commit")
+            if wrote and not failed:
+                counters.add("cache_write_failures")
+        if wrote:
+            counters.add("commits")
+            counters.observe("commit_cache", tracker.cache_seconds)
+            started = session.info.pop(_COMMIT_STARTED, None)
+            if started is not None:
+                counters.observe("commit", perf_counter() - started)
         if tracker.unlocked or tracker.unlocked_gens:
-            # a reader may have filled these from the pre-commit rows after an early replay
+            # a reader may have filled these from the pre-commit rows after an early replay;
+            # a lock taken without hearing the reply ends at the replay (the owner has ended)
             if tracker.unlocked:
-                self.cache._journal.add_pairs(tracker.unlocked)
+                self.runtime.journal.add_pairs(tracker.unlocked, tracker.owner_token())
             if tracker.unlocked_gens:
-                self.cache._journal.add_buckets(tracker.unlocked_gens)
+                self.runtime.journal.add_buckets(tracker.unlocked_gens)
 
-    def _publish(self, session: Session, tracker: SessionTracker) -> None:
-        cache = self.cache
+    def _submit(self, job: Job) -> bool:
+        """Hand ``job`` to the background worker; False when its queue is full (the caller
+        then runs it now)."""
+        publisher = self.publisher
+        if publisher is None:
+            return False
+        if publisher.submit(job):
+            return True
+        self.runtime.counters.add("background_overflows")
+        return False
+
+    def _publish_job(self, session: Session, tracker: SessionTracker) -> Job:
+        """What a commit writes to Redis: the new VALUE (or a miss) of each locked entry, and
+        the new generation of each locked bucket."""
+        pairs: list[str] = []
+        items: list[Any] = []
+        # per model: rows written, rows to publish, and rows left as a miss by reason
+        intents: dict[str, list[Any]] = {}
         if tracker.locked:
             changes = tracker.changes.get(session.get_transaction(), {})
-            pairs: list[str] = []
-            items: list[Any] = []
             for key, gen_key in tracker.locked.items():
                 change = changes.get(key)
                 pairs += (key, gen_key)
+                intent = intents.get(gen_key[: gen_key.rfind(":")])
+                if intent is None:
+                    name = self._model_of(gen_key)
+                    intent = intents.setdefault(gen_key[: gen_key.rfind(":")], [name, 0, 0, {}])
                 if change is None or change.payload is None:
                     items += (b"", 0)
+                    reason = "statement" if change is None else change.reason
+                    intent[3][reason] = intent[3].get(reason, 0) + 1
                 else:
                     items += (change.payload, change.ttl_ms)
-            written = cache._backend.publish(pairs, tracker.owner_token(), items)
-            if written is not None:
-                cache._counters.add("publishes", written)
-                cache._counters.add("invalidations", len(tracker.locked) - written)
-        if tracker.locked_gens:
-            gen_keys = list(tracker.locked_gens)
-            if cache._backend.release_generations(gen_keys, tracker.owner_token(), True):
-                cache._counters.add("invalidations")
+                    intent[2] += 1
+                intent[1] += 1
+        return Job(True, tracker.owner_token(), pairs, items, intents, list(tracker.locked_gens))
+
+    def _release_job(self, tracker: SessionTracker) -> Job:
+        """What a rollback writes to Redis: the previous values back where the locks are still
+        ours alone, and the locked buckets released."""
+        per_model: dict[str, int] = {}
+        for gen_key in tracker.locked.values():
+            name = self._model_of(gen_key)
+            per_model[name] = per_model.get(name, 0) + 1
+        pairs = _flatten(tracker.locked)
+        return Job(False, tracker.owner_token(), pairs, [], per_model, list(tracker.locked_gens))
+
+    def run_jobs(self, jobs: list[Job]) -> bool:
+        """Write ``jobs`` (publishes and restores, in order) to Redis and count them: one
+        job with the backend's own call per script, several in one round trip. False when
+        Redis did not complete one of them (journaled then, with its owner token)."""
+        backend = self.runtime.backend
+        done = True
+        if len(jobs) == 1:
+            job = jobs[0]
+            replies: list[Any] = []
+            elapsed = 0.0
+            if job.pairs:
+                started = perf_counter()
+                if job.committed:
+                    replies.append(backend.publish(job.pairs, job.owner, job.items))
+                else:
+                    replies.append(backend.release(job.pairs, job.owner))
+                elapsed = perf_counter() - started
+            if job.gen_keys:
+                ok = backend.release_generations(job.gen_keys, job.owner, job.committed)
+                replies.append(0 if ok else None)
+            return self._finish(job, replies, elapsed)
+        calls: list[tuple[Script, Sequence[str], Sequence[Any]]] = []
+        for job in jobs:
+            if job.pairs:
+                if job.committed:
+                    calls.append((Script.PUBLISH, job.pairs, (job.owner, *job.items)))
+                else:
+                    calls.append((Script.RELEASE, job.pairs, (job.owner,)))
+            if job.gen_keys:
+                flag = "1" if job.committed else "0"
+                calls.append((Script.RELEASE_GENS, job.gen_keys, (job.owner, flag, new_nonce())))
+        started = perf_counter()
+        batch = backend.write_batch(calls)
+        elapsed = (perf_counter() - started) / len(jobs)
+        i = 0
+        for job in jobs:
+            n = bool(job.pairs) + bool(job.gen_keys)
+            replies = [None] * n if batch is None else list(batch[i : i + n])
+            i += n
+            done = self._finish(job, replies, elapsed) and done
+        return done
+
+    def _finish(self, job: Job, replies: list[Any], elapsed: float) -> bool:
+        """Count a job's outcome (``replies``: one per script, None for a failure) and journal
+        what Redis did not complete; False then."""
+        rt = self.runtime
+        counters = rt.counters
+        done = True
+        replies = list(replies)
+        if job.pairs:
+            reply = replies.pop(0)
+            if job.committed:
+                self._published(job, reply, elapsed)
             else:
-                cache._journal.add_buckets(gen_keys)
+                self._restored(job, reply)
+            if reply is None:
+                done = False
+                # the locks may still be there (or the values written): they end at the
+                # journal's replay once Redis answers, not at lock_timeout
+                rt.journal.add_pairs(job.pairs, job.owner)
+        if job.gen_keys:
+            if replies.pop(0) is None:
+                if job.committed:  # the new generations are due: the replay bumps them
+                    rt.journal.add_buckets(job.gen_keys)
+                done = False
+            elif job.committed:
+                for name in sorted({self._model_of(g) for g in job.gen_keys}):
+                    counters.invalidated("model", 1, name)
+        if not done and not job.counted:
+            job.counted = True
+            counters.add("cache_write_failures")
+        return done
+
+    def _published(self, job: Job, written: int | None, elapsed: float) -> None:
+        rt = self.runtime
+        counters = rt.counters
+        intents: dict[str, list[Any]] = job.intents
+        # a publish that found its lock lost or contended left a miss: attributed to the
+        # models in order when a transaction wrote several (the script returns one count)
+        lost = 0 if written is None else sum(i[2] for i in intents.values()) - written
+        for name, rows, to_publish, reasons in intents.values():
+            counters.add("writes", rows, name)
+            if written is None:
+                continue
+            contended = min(lost, to_publish)
+            lost -= contended
+            counters.add("publishes", to_publish - contended, name)
+            if contended:
+                counters.invalidated("contended", contended, name)
+            for reason, n in reasons.items():
+                counters.invalidated(reason, n, name)
+        tracer = rt.tracer
+        if tracer is not None or log.isEnabledFor(logging.DEBUG):
+            names = ", ".join(sorted({i[0] for i in intents.values()}))
+            log.debug(
+                "writethrough: publish %s: %s of %d rows written",
+                names,
+                written,
+                len(job.pairs) // 2,
+            )
+            if tracer is not None:
+                record_span(
+                    tracer,
+                    "writethrough.publish",
+                    names,
+                    elapsed,
+                    rows=len(job.pairs) // 2,
+                    written=-1 if written is None else written,
+                )
+
+    def _restored(self, job: Job, restored: int | None) -> None:
+        if restored is None:
+            return
+        # per model, in order (the script returns one count for the transaction)
+        left = restored
+        for name, n in job.intents.items():
+            back = min(left, n)
+            left -= back
+            self.runtime.counters.add("restores", back, name)
+            if n - back:
+                self.runtime.counters.invalidated("rollback", n - back, name)
 
     def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
-        tracker = self.cache._peek_tracker(session)
+        # a commit() under way when the root ends without committing is a failed commit
+        committing = transaction.parent is None and (
+            session.info.pop(_COMMIT_STARTED, None) is not None
+        )
+        tracker = self.runtime.peek_tracker(session)
         if tracker is None:
             return
         if tracker.pending_lock is not None:  # a flush failed before after_flush
@@ -394,49 +693,100 @@ class WritePath:
             tracker.in_flush = False  # a flush's subtransaction (it may have failed)
             return
         try:
-            if not tracker.committed:
-                self._release(tracker)
+            if not tracker.committed and (tracker.locked or tracker.locked_gens):
+                counters = self.runtime.counters
+                counters.add("rollbacks")
+                if committing:
+                    counters.add("commit_failures")
+                job = self._release_job(tracker)
+                if tracker.unlocked or tracker.unlocked_gens:
+                    counters.add("cache_write_failures")
+                    job.counted = True
+                if not (tracker.background and self._submit(job)):
+                    self.run_jobs([job])  # a failure counts when its reply is in
+                if tracker.unlocked:  # locks possibly taken unheard end at the replay
+                    self.runtime.journal.add_pairs(tracker.unlocked, tracker.owner_token())
         except Exception:  # the locks expire into misses
             log.exception("writethrough: releasing locks after rollback failed")
         finally:
             infos = tracker.infos
             tracker.reset()
-            key = self.cache._info_key
+            key = self.runtime.settings.info_key
             for info in infos:
-                if info.get(key) is tracker:
+                if info.get(key) is tracker.ref:
                     del info[key]
 
-    def _release(self, tracker: SessionTracker) -> None:
-        cache = self.cache
-        if tracker.locked:
-            restored = cache._backend.release(_flatten(tracker.locked), tracker.owner_token())
-            if restored is not None:
-                cache._counters.add("restores", restored)
-                cache._counters.add("invalidations", len(tracker.locked) - restored)
-        if tracker.locked_gens:
-            cache._backend.release_generations(
-                list(tracker.locked_gens), tracker.owner_token(), False
-            )
-
     def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
-        cache = self.cache
-        tracker = cache._tracker(session)
+        rt = self.runtime
+        tracker = rt.tracker(session)
         tracker.began = True
+        if not isinstance(connection, Connection):
+            return  # a stand-in (a test's mock): no statements of ours to track on it
         info = connection.info
-        info[cache._info_key] = tracker
+        # weakly: the connection's info lives in the pool, and a session dropped without
+        # close() must not be kept alive (with its objects attached) by its pooled connection
+        info[rt.settings.info_key] = tracker.ref
         tracker.infos.append(info)
-        cache._statements.watch(connection.engine)
+        self.statements.watch(connection.engine)
 
 
-def _as_updated(state: Any) -> dict[str, Any]:
+class FlushBinds:
+    """The bind each row of a flush is written to, as the unit of work picks it: the base
+    mapper's bind (one ``get_bind()`` per model and flush), or in a sharded session the bind
+    of the row's shard (its identity token)."""
+
+    __slots__ = ("_found", "_session", "_sharded")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._sharded = isinstance(session, ShardedSession)
+        self._found: dict[Any, Any] = {}
+
+    def of(self, state: Any, choose: bool = True) -> Any:
+        """The row's bind. A sharded row whose shard is not chosen yet gets it chosen, as the
+        flush does, or with ``choose=False`` None."""
+        mapper = state.mapper.base_mapper
+        token = state.identity_token if self._sharded else None
+        if self._sharded and token is None:
+            if not choose:
+                return None
+            return self._session.get_bind(mapper=mapper, instance=state.obj())
+        found = self._found.get((mapper, token))
+        if found is None:
+            if self._sharded:
+                found = self._session.get_bind(mapper=mapper, shard_id=token)
+            else:
+                found = self._session.get_bind(mapper=mapper)
+            self._found[(mapper, token)] = found
+        return found
+
+
+def _moved(old: tuple[Any, ...], pk: list[Any]) -> bool:
+    """Whether a row's primary key changed; a SQL expression assigned to it (evaluated by the
+    database) counts as a change, and is never compared (its ``==`` builds SQL)."""
+    if len(old) != len(pk):
+        return True
+    return any(type(a) is not type(b) or a != b for a, b in zip(old, pk, strict=True))
+
+
+def _as_updated(state: Any, mutable: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The row as the UPDATE left it: SQLAlchemy leaves out of the UPDATE an attribute whose
     new value equals the old one (``-0.0`` over ``0.0``, ``1.500`` over ``1.5``), so the
-    database keeps the old value's form, which is what a load returns."""
+    database keeps the old value's form, which is what a load returns.
+
+    A container (a JSON document, an ARRAY) the UPDATE did not write may have been changed in
+    place, unseen by the ORM, and the database holds what it held: it is left out, so the row
+    is invalidated rather than published with a value the database does not hold."""
     dict_: dict[str, Any] = state.dict
     committed = state.committed_state
-    if not committed:
-        return dict_
     kept: dict[str, Any] | None = None
+    for key in mutable:
+        if key not in committed and key in dict_ and not _immutable(dict_[key]):
+            if kept is None:
+                kept = dict(dict_)
+            del kept[key]
+    if not committed:
+        return dict_ if kept is None else kept
     for key, old in committed.items():
         if key in dict_ and old is not _sa_compat.NO_VALUE and old is not dict_[key]:
             try:
@@ -448,6 +798,17 @@ def _as_updated(state: Any) -> dict[str, Any]:
                     kept = dict(dict_)
                 kept[key] = old
     return dict_ if kept is None else kept
+
+
+#: values nothing can change in place (a JSON scalar, a TypeDecorator's plain value)
+_IMMUTABLE = frozenset(
+    {type(None), bool, int, float, str, bytes, Decimal, dt.date, dt.datetime, dt.time}
+    | {dt.timedelta, uuid.UUID}
+)
+
+
+def _immutable(value: Any) -> bool:
+    return type(value) in _IMMUTABLE or isinstance(value, enum.Enum)
 
 
 def _key_changed(state: Any) -> bool:

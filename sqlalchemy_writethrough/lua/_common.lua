@@ -88,3 +88,11 @@ local function count(t)
   for _ in pairs(t) do n = n + 1 end
   return n
 end
+
+-- '<run id>:<replication id>' of this server: both change when its data set may not be the
+-- one it acknowledged writes to (a restart, a restore, a failover, a REPLICAOF)
+local function server_identity()
+  local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or '?'
+  local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or '?'
+  return run_id .. ':' .. replid
+end

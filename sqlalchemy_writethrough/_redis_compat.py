@@ -1,0 +1,504 @@
+"""Every use of redis-py's internals, in one place.
+
+The cache talks to Redis below ``Redis.execute_command`` on its hot path (a pooled connection's
+``send_command`` / ``read_response``: about 7 us of a 65 us loopback round trip, measured by
+``python -m benchmarks``), pipelines its own batches (``pack_commands``: redis-py's pipeline asks
+``SCRIPT EXISTS`` first), checks each connection's epoch when it connects, and follows a
+Sentinel's primary. None of that is public API. Each function here names the internal it wraps
+and the redis-py versions it was checked against (5.0 to 8.1); ``tests/test_redis_compat.py``
+exercises every one of them against a real server, so a redis-py upgrade that moves one fails
+there, by name, instead of somewhere in the cache's behaviour.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis import BlockingConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+REDIS_VERSION = tuple(int(p) for p in redis.__version__.split(".")[:2] if p.isdigit())
+
+
+# -- clients and pools ------------------------------------------------------------------
+
+
+def is_plain_client(client: Any) -> bool:
+    """Whether the cache may use ``client``'s pool directly: not a single-connection client
+    (``Redis(single_connection_client=True)`` keeps ``client.connection``), no client-side
+    caching (``pool.cache``, 5.1+), and no subclass overriding ``execute_command``. Those keep
+    redis-py's own path."""
+    return (
+        getattr(client, "connection", None) is None
+        and getattr(client.connection_pool, "cache", None) is None
+        and type(client).execute_command is redis.Redis.execute_command
+    )
+
+
+def pool_blocks(pool: Any) -> bool:
+    """A ``BlockingConnectionPool`` waits for a free connection instead of opening one."""
+    return isinstance(pool, BlockingConnectionPool)
+
+
+def checkout_of(pool: Any) -> Callable[[], Any]:
+    """``pool.get_connection`` as a no-argument callable: redis-py before 5.3 requires a
+    command name, 5.3 and later deprecate passing one."""
+    try:
+        inspect.signature(pool.get_connection).bind()
+    except TypeError:
+        return lambda: pool.get_connection("_")
+    except ValueError:  # no signature (a C or wrapped pool): assume the current form
+        pass
+    checkout: Callable[[], Any] = pool.get_connection
+    return checkout
+
+
+def release(pool: Any, conn: Any) -> None:
+    """Give a checked-out connection back to its pool."""
+    pool.release(conn)
+
+
+def connection_kwargs(client: Any) -> dict[str, Any]:
+    """The keyword arguments the pool builds connections with (``socket_timeout``...)."""
+    kwargs: dict[str, Any] = getattr(client.connection_pool, "connection_kwargs", None) or {}
+    return kwargs
+
+
+def sentinel_kwargs(client: Any) -> dict[str, Any] | None:
+    """For a ``Sentinel.master_for()`` client, the keyword arguments its sentinels are asked
+    with (``Sentinel(sentinel_kwargs=...)``, else the connection's); None for another client."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if manager is None:
+        return None
+    kwargs: dict[str, Any] = manager.sentinel_kwargs
+    return kwargs
+
+
+def retries(client: Any) -> int:
+    """How many times the client retries a failed command (``Retry._retries``; the client's
+    own ``retry`` or its connections')."""
+    retry = connection_kwargs(client).get("retry") or getattr(client, "retry", None)
+    return int(getattr(retry, "_retries", 0)) if retry is not None else 0
+
+
+# -- one connection ---------------------------------------------------------------------
+
+
+def call(conn: Any, args: Sequence[Any]) -> Any:
+    """One command and its reply (an error reply raises), on a checked-out connection."""
+    conn.send_command(*args)
+    return conn.read_response()
+
+
+def call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Commands sent together, their replies in order; an error reply is returned as its
+    ``ResponseError``, not raised (``pack_commands`` / ``send_packed_command``)."""
+    conn.send_packed_command(conn.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def send(conn: Any, args: Sequence[Any]) -> None:
+    """Send a command now; its reply is read later with :func:`read`."""
+    conn.send_command(*args)
+
+
+def read(conn: Any) -> Any:
+    """The reply of the command sent last on ``conn`` (an error reply raises)."""
+    return conn.read_response()
+
+
+def with_retry(conn: Any, action: Callable[[Any, Any], Any], arg: Any) -> Any:
+    """``action(conn, arg)`` under the connection's retry policy (the client's ``retry``),
+    reconnecting between attempts as redis-py does."""
+    retry = getattr(conn, "retry", None)
+    if retry is None:
+        return action(conn, arg)
+    return retry.call_with_retry(lambda: action(conn, arg), lambda error: reconnect(conn))
+
+
+def reconnect(conn: Any) -> None:
+    """Between two attempts of a command. A Sentinel-managed connection reconnects through
+    ``connect()``, which asks the sentinels for the primary (sending on a closed connection
+    reconnects to the address it had: after a failover, the old primary)."""
+    conn.disconnect()
+    if getattr(conn, "connection_pool", None) is not None:
+        conn.connect()
+
+
+def disconnect(conn: Any) -> None:
+    """Close the connection's socket (a reply may still be on its way: never reuse it)."""
+    conn.disconnect()
+
+
+def connect(conn: Any) -> None:
+    """Open the connection now (a Sentinel-managed one asks the sentinels where)."""
+    conn.connect()
+
+
+def on_connect(conn: Any, callback: Callable[[Any], object]) -> None:
+    """Have redis-py call ``callback(conn)`` inside every later ``connect()`` of ``conn``,
+    before the command that caused the reconnection is sent. ``callback`` must be a bound
+    method: redis-py keeps it weakly (``WeakMethod``)."""
+    conn.register_connect_callback(callback)
+
+
+def is_sentinel_managed(conn: Any) -> bool:
+    """A connection of a ``Sentinel.master_for()`` pool (it knows its pool, to ask it where
+    the primary is)."""
+    return getattr(conn, "connection_pool", None) is not None
+
+
+def follows_sentinel_primary(conn: Any) -> bool:
+    """A connection of a ``Sentinel.master_for()`` pool (not ``slave_for()``)."""
+    return bool(getattr(getattr(conn, "connection_pool", None), "is_master", False))
+
+
+def sentinel_primary(conn: Any) -> tuple[Any, ...]:
+    """For a connection of a ``master_for()`` pool, (host, port) of the primary the sentinels
+    name now: a round trip to them, in which redis-py also closes the pool's idle connections
+    to a former primary."""
+    return tuple(conn.connection_pool.get_master_address())
+
+
+def peer(conn: Any) -> tuple[Any, Any]:
+    """(host, port) the connection is configured for."""
+    return conn.host, conn.port
+
+
+# -- redis.asyncio ------------------------------------------------------------------------
+# The same internals on ``redis.asyncio`` connections, whose methods are coroutines. The asyncio
+# transport awaits these from SQLAlchemy's greenlet (see :mod:`.redis_async`).
+
+
+def is_async_client(client: Any) -> bool:
+    """A ``redis.asyncio.Redis`` client (standalone or ``Sentinel.master_for()``)."""
+    return isinstance(client, redis.asyncio.Redis)
+
+
+def is_plain_async_client(client: Any) -> bool:
+    """As :func:`is_plain_client`, for a ``redis.asyncio.Redis`` client."""
+    return (
+        getattr(client, "connection", None) is None
+        and getattr(client.connection_pool, "cache", None) is None
+        and type(client).execute_command is redis.asyncio.Redis.execute_command
+    )
+
+
+def async_pool_blocks(pool: Any) -> bool:
+    """A ``redis.asyncio.BlockingConnectionPool`` waits for a free connection."""
+    return isinstance(pool, redis.asyncio.BlockingConnectionPool)
+
+
+def async_checkout_of(pool: Any) -> Callable[[], Awaitable[Any]]:
+    """``pool.get_connection`` as a no-argument coroutine function (a command name is
+    required before 5.3, deprecated after)."""
+    try:
+        inspect.signature(pool.get_connection).bind()
+    except TypeError:
+        return lambda: pool.get_connection("_")
+    except ValueError:
+        pass
+    checkout: Callable[[], Awaitable[Any]] = pool.get_connection
+    return checkout
+
+
+async def arelease(pool: Any, conn: Any) -> None:
+    """Give a checked-out connection back to its pool (a coroutine since redis-py 5.0)."""
+    await pool.release(conn)
+
+
+async def acall(conn: Any, args: Sequence[Any]) -> Any:
+    await conn.send_command(*args)
+    return await conn.read_response()
+
+
+async def acall_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    await conn.send_packed_command(conn.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+async def asend(conn: Any, args: Sequence[Any]) -> None:
+    await conn.send_command(*args)
+
+
+async def aread(conn: Any) -> Any:
+    return await conn.read_response()
+
+
+async def awith_retry(conn: Any, action: Callable[[Any, Any], Awaitable[Any]], arg: Any) -> Any:
+    retry = getattr(conn, "retry", None)
+    if retry is None:
+        return await action(conn, arg)
+
+    async def reconnect(error: Any) -> None:
+        await areconnect(conn)
+
+    return await retry.call_with_retry(lambda: action(conn, arg), reconnect)
+
+
+async def areconnect(conn: Any) -> None:
+    await conn.disconnect()
+    if getattr(conn, "connection_pool", None) is not None:
+        await conn.connect()
+
+
+async def adisconnect(conn: Any) -> None:
+    await conn.disconnect()
+
+
+async def aconnect(conn: Any) -> None:
+    await conn.connect()
+
+
+async def async_sentinel_primary(conn: Any) -> tuple[Any, ...]:
+    """:func:`sentinel_primary` of a ``redis.asyncio.sentinel`` connection."""
+    return tuple(await conn.connection_pool.get_master_address())
+
+
+def close_now(conn: Any) -> None:
+    """Close a ``redis.asyncio`` connection's socket without awaiting (from a finalizer)."""
+    close = getattr(conn, "_close", None)
+    if close is not None:
+        close()
+
+
+def bound_loops(client: Any) -> set[Any]:
+    """The event loops the client's open connections belong to (a ``redis.asyncio``
+    connection's streams are bound to the loop that opened them)."""
+    if is_async_cluster_client(client):
+        conns = async_cluster_connections(client)
+    else:
+        pool = client.connection_pool
+        conns = [
+            *getattr(pool, "_available_connections", ()),
+            *getattr(pool, "_in_use_connections", ()),
+        ]
+    single = getattr(client, "connection", None)
+    if single is not None:
+        conns.append(single)
+    loops = set()
+    for conn in conns:
+        writer = getattr(conn, "_writer", None)
+        loop = getattr(writer, "_loop", None)
+        if loop is not None:
+            loops.add(loop)
+    return loops
+
+
+# -- Redis Cluster ----------------------------------------------------------------------
+# ``RedisCluster.nodes_manager`` keeps the slot map: ``slots_cache`` (slot -> [primary,
+# replicas...] ClusterNode), ``get_node_from_slot``, ``get_node``, ``initialize()`` (asks the
+# cluster again). A MOVED reply is applied by ``move_slot`` (redis-py 5.3+, at once) or
+# ``update_moved_exception`` (5.0 to 5.2, at the next ``get_node_from_slot``). Checked against
+# 5.0 and 8.1.
+
+
+def cluster_node_of(client: Any, slot: int) -> Any:
+    """The primary serving ``slot`` (a ``ClusterNode``; raises when no node serves it)."""
+    return client.nodes_manager.get_node_from_slot(slot)
+
+
+def cluster_owner_name(client: Any, slot: int) -> str | None:
+    """``host:port`` of the primary serving ``slot`` by the slot map as it is (no lookup that
+    could apply a pending MOVED)."""
+    nodes = client.nodes_manager.slots_cache.get(slot)
+    return str(nodes[0].name) if nodes else None
+
+
+def cluster_node_at(client: Any, host: str, port: int) -> Any:
+    """The known node at ``host:port``, or None."""
+    return client.nodes_manager.get_node(host=host, port=port)
+
+
+def cluster_primaries(client: Any) -> list[Any]:
+    return list(client.get_primaries())
+
+
+def cluster_pool(client: Any, node: Any) -> Any:
+    """The connection pool of ``node`` (its ``Redis`` client is made at first use)."""
+    return client.get_redis_connection(node).connection_pool
+
+
+def cluster_moved(client: Any, error: Any) -> bool:
+    """Teach the slot map a MOVED reply (a redis-py ``MovedError``); False when this
+    redis-py has no way to (then read the whole map again)."""
+    nodes = client.nodes_manager
+    if hasattr(nodes, "move_slot"):
+        nodes.move_slot(error)
+        return True
+    if hasattr(nodes, "update_moved_exception"):
+        nodes.update_moved_exception(error)
+        return True
+    return False
+
+
+def cluster_refresh(client: Any) -> None:
+    """Read the slot map again (``CLUSTER SLOTS``, from the known nodes)."""
+    client.nodes_manager.initialize()
+
+
+def cluster_node_name(node: Any) -> str:
+    return str(node.name)
+
+
+def cluster_connection_kwargs(client: Any) -> dict[str, Any]:
+    """The keyword arguments the nodes' connections are built with."""
+    kwargs: dict[str, Any] = getattr(client.nodes_manager, "connection_kwargs", {}) or {}
+    return kwargs
+
+
+def cluster_default_address(client: Any) -> tuple[Any, Any]:
+    """(host, port) of the client's default node, or of its first startup node before it
+    read the slot map (an asyncio client does at first use)."""
+    node = client.get_default_node()
+    if node is None:
+        node = next(iter(client.nodes_manager.startup_nodes.values()))
+    return node.host, node.port
+
+
+def cluster_like(client: Any) -> Any:
+    """A ``RedisCluster`` reaching the cluster through the node a plain ``redis.Redis``
+    points at, with its options (timeouts, credentials, TLS). ``REDIS_ALLOWED_KEYS`` lists
+    what a cluster passes on to its nodes; a cluster has only database 0, and takes no
+    ``retry`` or ``connection_class`` of the plain kind."""
+    from redis.cluster import KWARGS_DISABLED_KEYS, REDIS_ALLOWED_KEYS, RedisCluster
+    from redis.connection import SSLConnection
+
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    options = {
+        k: v
+        for k, v in kwargs.items()
+        if k in REDIS_ALLOWED_KEYS
+        and k not in KWARGS_DISABLED_KEYS
+        and k not in ("db", "retry", "connection_class")
+    }
+    if issubclass(pool.connection_class, SSLConnection):
+        options["ssl"] = True
+    return RedisCluster(host=kwargs.get("host", "localhost"), port=int(kwargs["port"]), **options)
+
+
+# -- redis.asyncio Redis Cluster ----------------------------------------------------------
+# ``redis.asyncio.cluster.RedisCluster`` keeps the same slot map (``nodes_manager.slots_cache``,
+# ``get_node_from_slot``, ``get_node``), filled by the coroutine ``initialize()``. Its nodes
+# have no connection pool: each ``ClusterNode`` hands out connections with the sync
+# ``acquire_connection()`` and takes them back with ``release()`` (8.x; ``_free.append`` in
+# 5.0, which ``release`` wraps later). A MOVED reply is applied by the coroutine
+# ``move_slot`` (6.x and later) or, in 5.0, by setting ``_moved_exception``, which the next
+# ``get_node_from_slot`` applies. Checked against 5.0 and 8.1. The slot map's sync lookups
+# (``cluster_node_of``, ``cluster_owner_name``, ``cluster_node_at``, ``cluster_primaries``,
+# ``cluster_node_name``) serve both clients.
+
+
+def is_async_cluster_client(client: Any) -> bool:
+    """A ``redis.asyncio.cluster.RedisCluster`` client."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    return isinstance(client, AsyncRedisCluster)
+
+
+def async_cluster_ready(client: Any) -> bool:
+    """Whether the client has read its slot map once (``initialize()`` awaited)."""
+    return bool(client.nodes_manager.slots_cache)
+
+
+async def async_cluster_initialize(client: Any) -> None:
+    """The client's first ``initialize()`` (slot map and command table); a no-op after."""
+    await client.initialize()
+
+
+async def async_cluster_refresh(client: Any) -> None:
+    """Read the slot map again (``CLUSTER SLOTS``, from the known nodes)."""
+    await client.nodes_manager.initialize()
+
+
+async def async_cluster_moved(client: Any, error: Any) -> bool:
+    """Teach the slot map a MOVED reply; False when this redis-py has no way to."""
+    nodes = client.nodes_manager
+    move = getattr(nodes, "move_slot", None)
+    if move is not None:
+        result = move(error)
+        if inspect.isawaitable(result):
+            await result
+        return True
+    if hasattr(nodes, "_moved_exception"):
+        nodes._moved_exception = error
+        return True
+    return False
+
+
+def async_cluster_acquire(node: Any) -> Any:
+    """A connection of ``node`` (a free one, or a new one not connected yet)."""
+    return node.acquire_connection()
+
+
+def async_cluster_release(node: Any, conn: Any) -> None:
+    """Give a connection back to ``node``."""
+    release = getattr(node, "release", None)
+    if release is not None:
+        release(conn)
+    else:
+        node._free.append(conn)
+
+
+async def acluster_call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """:func:`acall_many` on a connection of an asyncio cluster node, which another task may
+    close while the call is on it: redis-py 5.0 builds new ``ClusterNode`` objects at each
+    slot-map refresh and closes the old ones' connections, in use or not. A connection closed
+    (``disconnect(nowait=True)``) just after the call found it open makes redis.asyncio (5.0 to
+    8.1) raise ``AttributeError`` (its stream is gone): the connection error it is."""
+    try:
+        return await acall_many(conn, commands)
+    except AttributeError as exc:
+        raise RedisConnectionError(f"connection closed while in use: {exc}") from exc
+
+
+def async_cluster_connections(client: Any) -> list[Any]:
+    """Every connection the client's nodes opened (for the event-loop check)."""
+    conns: list[Any] = []
+    for node in list(client.nodes_manager.nodes_cache.values()):
+        conns.extend(getattr(node, "_connections", ()))
+    return conns
+
+
+def async_cluster_like(client: Any) -> Any:
+    """A ``redis.asyncio.cluster.RedisCluster`` reaching the cluster through the node a
+    plain ``redis.asyncio.Redis`` points at, with its options (timeouts, credentials, TLS):
+    those of its connections that the asyncio ``RedisCluster`` takes as keywords (it has no
+    ``**kwargs``, and passes them on to its nodes); not initialized yet (its first use awaits
+    that)."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    accepted = inspect.signature(AsyncRedisCluster.__init__).parameters
+    options = {
+        k: v
+        for k, v in kwargs.items()
+        if k in accepted
+        and k not in ("self", "host", "port", "db", "path", "retry", "startup_nodes")
+        and not k.startswith("connection_")
+    }
+    if issubclass(pool.connection_class, AsyncSSLConnection):
+        options["ssl"] = True
+    return AsyncRedisCluster(
+        host=kwargs.get("host", "localhost"), port=int(kwargs["port"]), **options
+    )

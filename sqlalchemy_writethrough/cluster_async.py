@@ -1,0 +1,156 @@
+"""Redis Cluster for sessions made by an ``AsyncSession``: a ``redis.asyncio.cluster.RedisCluster``.
+
+The protocol is :mod:`.cluster`'s, not a copy: the same router (scripts split by hash tag, one
+pipeline per node, ``MOVED``/``ASK``/``TRYAGAIN``/``NOSCRIPT`` followed, a breaker per node), the
+same epoch per primary, the same transport. Only the I/O differs, and it runs as
+:mod:`.redis_async`'s does: every method is sync code called from SQLAlchemy's greenlet (an
+``AsyncSession``'s hooks, or :func:`._sa_compat.greenlet_spawn`) that awaits one coroutine at a
+time through :func:`._sa_compat.await_`, so the event loop runs other tasks while a node answers.
+No thread, no sync client: a node's connections come from its ``ClusterNode`` (redis.asyncio
+has no pool per node), the ``TRYAGAIN`` pauses and the breaker's probe wait with
+``asyncio.sleep``, and the probe is a task on the loop. The client's slot map is read with its
+own coroutine (``initialize()``) at first use and after a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import MovedError, RedisError
+
+from . import _redis_compat as compat
+from ._sa_compat import await_, greenlet_spawn
+from .breaker import CircuitBreaker
+from .cluster import (
+    ClusterBackend,
+    ClusterEpochGuard,
+    ClusterRouter,
+    ClusterTransport,
+)
+from .protocol import Script, Scripts
+from .redis_async import _PROBERS
+
+
+class AsyncClusterRouter(ClusterRouter):
+    """:class:`.ClusterRouter` over a ``redis.asyncio`` cluster client; called from
+    SQLAlchemy's greenlet."""
+
+    def _ready(self) -> None:
+        """The client's first slot map (an asyncio ``RedisCluster`` reads it when first
+        awaited, not when built)."""
+        if not compat.async_cluster_ready(self.client):
+            await_(compat.async_cluster_initialize(self.client))
+
+    def node_of(self, slot: int) -> Any:
+        self._ready()
+        return super().node_of(slot)
+
+    def owner_name(self, slot: int) -> str | None:
+        self._ready()
+        return super().owner_name(slot)
+
+    def primaries(self) -> list[Any]:
+        self._ready()
+        return super().primaries()
+
+    def _read_slot_map(self) -> None:
+        await_(compat.async_cluster_refresh(self.client))
+
+    def _learn_moved(self, error: MovedError) -> bool:
+        learnt: bool = await_(compat.async_cluster_moved(self.client, error))
+        return learnt
+
+    def sleep(self, seconds: float) -> None:
+        await_(asyncio.sleep(seconds))
+
+    def _acquire(self, node: Any) -> tuple[Any, Any]:
+        """A connection of the asyncio ``node`` (redis.asyncio keeps them per node)."""
+        return compat.async_cluster_acquire(node), node
+
+    def _release(self, home: Any, conn: Any) -> None:
+        compat.async_cluster_release(home, conn)
+
+    def _discard(self, conn: Any) -> None:
+        _close(conn)
+
+    def _call_many(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        replies: list[Any] = await_(compat.acluster_call_many(conn, commands))
+        return replies
+
+
+def _close(conn: Any) -> None:
+    """Close a failed connection; closing one whose node does not answer may time out too
+    (redis.asyncio waits for the socket to close), which must not hide the first failure."""
+    try:
+        await_(compat.adisconnect(conn))
+    except (RedisError, OSError, asyncio.TimeoutError):
+        compat.close_now(conn)
+
+
+class AsyncClusterEpochGuard(ClusterEpochGuard):
+    """:class:`.ClusterEpochGuard` on ``redis.asyncio`` connections: the same checks, each
+    reply awaited; a reconnection is checked inside redis.asyncio's ``connect()``, in a
+    greenlet of its own."""
+
+    def _call(self, conn: Any, args: Sequence[Any]) -> Any:
+        return await_(compat.acall(conn, args))
+
+    def _exchange(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        replies: list[Any] = await_(compat.acall_many(conn, commands))
+        return replies
+
+    def _disconnect(self, conn: Any) -> None:
+        _close(conn)
+
+    def _on_connect(self, conn: Any) -> None:
+        compat.on_connect(conn, self._reconnected_async)
+
+    async def _reconnected_async(self, conn: Any) -> None:
+        await greenlet_spawn(self._reconnected, conn)
+
+
+class AsyncClusterTransport(ClusterTransport):
+    """:class:`.ClusterTransport` of a ``redis.asyncio.cluster.RedisCluster`` client."""
+
+    router: AsyncClusterRouter
+
+    def __init__(
+        self, client: Any, address: str, scripts: Scripts, check: Callable[[Any], None] | None
+    ) -> None:
+        self.client = client
+        self.address = address
+        self.router = AsyncClusterRouter(
+            client, {scripts.sha[s]: scripts.source[s] for s in Script}, check
+        )
+
+    def sleep(self, seconds: float) -> None:
+        await_(asyncio.sleep(seconds))
+
+    def launch(self, probe: Callable[[], None]) -> None:
+        """The breaker's prober, as a task on the running loop (see
+        :meth:`.AsyncTransport.launch`)."""
+        task = asyncio.get_running_loop().create_task(greenlet_spawn(probe))
+        _PROBERS.add(task)
+        task.add_done_callback(_PROBERS.discard)
+
+    def pause(self, seconds: float) -> bool:
+        self.sleep(seconds)
+        return False
+
+
+class AsyncClusterBackend(ClusterBackend):
+    """:class:`.ClusterBackend` over a ``redis.asyncio.cluster.RedisCluster`` client, for
+    sessions made by an ``AsyncSession``."""
+
+    guard_class = AsyncClusterEpochGuard
+    transport_class = AsyncClusterTransport
+
+    def _wire(self, transport: ClusterTransport, breaker: CircuitBreaker) -> None:
+        assert isinstance(transport, AsyncClusterTransport)
+        breaker.launch = transport.launch  # the probe: a task on the loop, never a thread
+        breaker.pause = transport.pause
+
+
+__all__ = ["AsyncClusterBackend", "AsyncClusterEpochGuard", "AsyncClusterRouter"]

@@ -1,0 +1,208 @@
+"""Which database a bind reads and writes: one part of every key, so two databases never share
+an entry (one database per tenant, a model bound to several engines, horizontal shards), and one
+database reached by two URLs never has two.
+
+Entries are shared by every process and host, so a database is named by what every process
+agrees on, never by an object of this one, and as far as possible by the server itself, not by
+the URL that reached it (a pgbouncer port, ``localhost`` in one process and an IP address in
+another, a DNS alias): a name that differed between two processes for one database would let a
+commit through one leave the other's entries stale.
+
+- PostgreSQL: the cluster's ``system_identifier`` (from ``pg_control_system()``, set at initdb)
+  and ``current_database()``, and whether it is a replica (which shares its primary's
+  identifier but lags behind it: its reads must not fill the primary's entries);
+- MySQL / MariaDB: the server's ``@@hostname`` and ``@@port`` and ``DATABASE()``;
+- asked once per URL and process, on a connection of its own (a pool recreated from the
+  engine's: same ``connect_args``, same creator, never one of the application's connections);
+  when the server cannot say (a permission, another backend), the URL's backend, host, port and
+  database name, never the driver, user or password;
+- a SQLite file by its absolute path; an in-memory SQLite database is unique to its engine's
+  pool, so never shared;
+- plus the ``schema_translate_map`` when set (it changes which tables are read);
+- or, explicitly, the engine's execution option ``writethrough_database``.
+
+Options are read from the Engine (``create_engine(..., execution_options=...)`` or an engine
+derived with ``engine.execution_options(...)``), never from a Connection's own: the ORM finds a
+load's bind before any connection exists, and a flush or statement must name the same database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.engine import URL, Connection
+
+from .exc import WritethroughError
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+#: the execution option naming a database explicitly
+OPTION = "writethrough_database"
+
+#: what a server says of itself; each query only reads functions and variables, so it cannot
+#: fail for lack of a table privilege (the CASE skips a function the user may not execute)
+_SERVER_QUERIES = {
+    "postgresql": (
+        "SELECT current_database(), CASE WHEN "
+        "has_function_privilege('pg_control_system()', 'EXECUTE') "
+        "THEN (SELECT system_identifier::text FROM pg_control_system()) "
+        "|| CASE WHEN pg_is_in_recovery() THEN ':replica' ELSE '' END END"
+    ),
+    "mysql": "SELECT DATABASE(), CONCAT(@@hostname, ':', @@port)",
+}
+
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
+_BACKENDS = {"mariadb": "mysql"}  # one server, reached by either dialect name
+
+
+def describe(url: URL, options: Mapping[str, Any], memory_id: str = "") -> str:
+    """The readable identity of the database a URL (and its execution options) reaches;
+    ``memory_id`` stands for an in-memory SQLite database."""
+    explicit = options.get(OPTION)
+    if explicit is not None:
+        if not isinstance(explicit, str) or not explicit:
+            raise ValueError(f"execution option {OPTION} must be a non-empty string")
+        name = f"named:{explicit}"
+    else:
+        backend = url.get_backend_name()
+        backend = _BACKENDS.get(backend, backend)
+        database = url.database or ""
+        if backend == "sqlite":
+            name = f"sqlite:{_sqlite_path(url) or 'memory:' + memory_id}"
+        else:
+            if not database and backend == "postgresql":
+                database = url.username or ""  # libpq's default database
+            host = (url.host or "").lower()
+            port = url.port or _DEFAULT_PORTS.get(backend) or ""
+            name = f"{backend}://{host}:{port}/{database}"
+    translate = options.get("schema_translate_map")
+    if translate:
+        pairs = sorted((str(k or ""), str(v or "")) for k, v in translate.items())
+        name += "|schemas:" + ",".join(f"{k}={v}" for k, v in pairs)
+    return name
+
+
+def _sqlite_path(url: URL) -> str | None:
+    """The absolute path of a SQLite file, or None for an in-memory database."""
+    database = url.database or ""
+    if database.startswith("file:"):  # a URI filename (``?uri=true``)
+        path, _, query = database[5:].partition("?")
+        if "mode=memory" in query or not path or path == ":memory:":
+            return None
+        return os.path.realpath(path)
+    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+        return None
+    return os.path.realpath(database)
+
+
+def digest(identity: str) -> str:
+    """The part of a key naming a database: 64 bits of a hash (readable names would need
+    escaping and make every key longer)."""
+    return hashlib.sha1(identity.encode()).hexdigest()[:16]
+
+
+class DatabaseUnknown(WritethroughError):
+    """The database could not be asked which server it is (it refused a connection): a read
+    goes to the database without the cache; a flush fails, as its own connection would."""
+
+
+class Databases:
+    """A bind's database digest, computed once per Engine (weakly held: engines made per
+    request, as ``engine.execution_options(...)`` does, are not kept alive); what a server
+    says of itself, once per URL."""
+
+    def __init__(self) -> None:
+        self._engines: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._memory: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        #: URL identity -> the server's own (or the URL's, when the server cannot say)
+        self._servers: dict[str, str] = {}
+        self._asking = threading.Lock()
+
+    def of(self, bind: Any) -> str:
+        """The digest of the database an Engine (or a Connection's Engine) reads and writes."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        found = self._engines.get(engine)
+        if found is None:
+            found = self._engines[engine] = digest(self.identity(engine))
+        return found
+
+    def identity(self, bind: Any) -> str:
+        """The readable identity of a bind's database (what :meth:`of` hashes)."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        options = engine.get_execution_options()
+        by_url = describe(engine.url, options, self._memory_id(engine))
+        backend = _BACKENDS.get(engine.url.get_backend_name(), engine.url.get_backend_name())
+        if options.get(OPTION) is not None or backend not in _SERVER_QUERIES:
+            return by_url
+        found = self._servers.get(by_url)
+        if found is None:
+            with self._asking:
+                found = self._servers.get(by_url)
+                if found is None:
+                    try:
+                        found = self._ask_server(engine, backend, by_url)
+                    except Exception as exc:
+                        raise DatabaseUnknown(
+                            f"could not ask the database at {by_url} which server it is "
+                            f"({type(exc).__name__}: {exc}); set the engine option {OPTION} "
+                            "to name it"
+                        ) from exc
+        return found
+
+    def _ask_server(self, engine: Any, backend: str, by_url: str) -> str:
+        """The server's own name for the database, on a connection of its own; the URL's
+        name when the server cannot say (remembered). Raises when it could not be asked
+        (nothing remembered: asked again next time)."""
+        pool = (
+            engine.pool.recreate()
+        )  # the engine's creator and connect_args, none of its connections
+        try:
+            fairy = pool.connect()
+            try:
+                cursor = fairy.cursor()
+                cursor.execute(_SERVER_QUERIES[backend])
+                row = cursor.fetchone()
+                cursor.close()
+                fairy.rollback()
+            finally:
+                fairy.close()
+        finally:
+            pool.dispose()
+        database, server = (row[0], row[1]) if row else (None, None)
+        if not server:
+            log.warning(
+                "writethrough: the database at %s does not say which server it is (%s); it is "
+                "named by its URL, so every process must reach it by the same host, port and "
+                "database name, or name it with the engine option %s",
+                by_url,
+                "pg_control_system() may not be executed"
+                if backend == "postgresql"
+                else "no identity",
+                OPTION,
+            )
+            found = by_url
+        else:
+            found = f"{backend}:server={server}/{database or engine.url.database or ''}"
+            translate = engine.get_execution_options().get("schema_translate_map")
+            if translate:
+                found += "|" + by_url.split("|", 1)[1]
+        self._servers[by_url] = found
+        return found
+
+    def _memory_id(self, engine: Any) -> str:
+        """A name unique to an in-memory SQLite database: its pool (shared by an engine and
+        the engines ``execution_options()`` derives from it) lives as long as it does."""
+        if engine.url.get_backend_name() != "sqlite" or _sqlite_path(engine.url) is not None:
+            return ""
+        pool = engine.pool
+        found = self._memory.get(pool)
+        if found is None:
+            found = self._memory[pool] = uuid.uuid4().hex
+        return found

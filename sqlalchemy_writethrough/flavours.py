@@ -1,0 +1,79 @@
+"""Which flavour an ``install()`` target is, and where the session events of an async one go.
+
+SQLAlchemy's session events exist on ``Session`` classes and ``sessionmaker``/``scoped_session``
+only: an ``AsyncSession`` delegates to a sync ``Session`` (its ``sync_session_class``) that runs
+in a greenlet, and that is where the cache listens. For an ``async_sessionmaker`` (or the one
+behind an ``async_scoped_session``) and for an ``AsyncSession`` subclass, the cache gives the
+factory a ``Session`` subclass of its own (of the class it already used), so that its listeners
+reach only the sessions of that factory, as a ``sessionmaker``'s do. Given the asyncio
+flavour's read path, that subclass is also the get path before the statement
+(:mod:`.session`), unless the class it is made from changes how a get loads.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from .session import overrides_get_path, session_class
+
+if TYPE_CHECKING:
+    from .loading import ReadPath
+
+#: marks the ``Session`` subclasses this module made, so that installing twice reuses one
+_MADE = "__writethrough_sync_session__"
+
+
+def _async_api() -> Any:
+    """SQLAlchemy's asyncio extension if the application imported it, else None: an async
+    target cannot exist without it, and importing it needs greenlet, which SQLAlchemy 2.1 no
+    longer installs (a sync-only application must not need it)."""
+    return sys.modules.get("sqlalchemy.ext.asyncio")
+
+
+def is_async_session(target: Any) -> bool:
+    """A single ``AsyncSession`` (install() wants its factory)."""
+    api = _async_api()
+    return api is not None and isinstance(target, api.AsyncSession)
+
+
+def is_async_target(target: Any) -> bool:
+    """An ``async_sessionmaker``, ``async_scoped_session`` or ``AsyncSession`` subclass."""
+    api = _async_api()
+    if api is None:
+        return False
+    if isinstance(target, (api.async_sessionmaker, api.async_scoped_session)):
+        return True
+    return isinstance(target, type) and issubclass(target, api.AsyncSession)
+
+
+def sync_session_class(target: Any, read: ReadPath | None = None) -> type[Session]:
+    """The ``Session`` class the sessions of an async ``target`` run, made the factory's own
+    on first call: the class the cache's listeners go on. With ``read``, its plain gets are
+    answered by ``read`` before the statement (made so, or given ``read`` again after an
+    uninstall), unless the class it was made from loads gets its own way."""
+    api = _async_api()
+    if isinstance(target, api.async_scoped_session):
+        target = target.session_factory
+    maker = isinstance(target, api.async_sessionmaker)
+    if maker:
+        current = target.kw.get("sync_session_class") or target.class_.sync_session_class
+    else:  # an AsyncSession subclass
+        current = target.sync_session_class
+    if not current.__dict__.get(_MADE):
+        current = _subclass(current, read)
+        if maker:
+            target.configure(sync_session_class=current)
+        else:
+            target.sync_session_class = current
+    elif read is not None and "_wt_read" in current.__dict__:
+        current._wt_read = read
+    return current  # type: ignore[no-any-return]
+
+
+def _subclass(base: type[Session], read: ReadPath | None) -> type[Session]:
+    if read is not None and not overrides_get_path(base):
+        return session_class(base, read, {_MADE: True})
+    return type(base.__name__, (base,), {_MADE: True, "__module__": base.__module__})

@@ -1,0 +1,335 @@
+"""Which models a cache caches, and their keys: the registry the read and write hooks consult.
+
+One :class:`Models` per cache. It builds a :class:`~.model.ModelLayout` per cached model (or
+hierarchy) when SQLAlchemy configures its mapper, remembers the models ``register_all()`` left
+out and why, and answers the questions a write asks about the rest of the schema (which cached
+models a table, a raw SQL name or a database cascade touches).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapper, registry
+
+from . import _sa_compat
+from .config import ModelOptions, ModelOptionsDict, OptionError
+from .databases import Databases
+from .exc import ConfigurationError, WriteThroughWarning
+from .keys import KeySpace
+from .model import ModelLayout, cache_root, cached_members, is_cached_model, model_overrides
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+_UNKNOWN: Any = object()
+
+
+class Models:
+    """The cached models of one cache (prefix, defaults, buckets), by mapper."""
+
+    def __init__(
+        self,
+        prefix: str,
+        defaults: ModelOptions,
+        buckets: int,
+        exclude_everywhere: frozenset[str],
+    ) -> None:
+        self._prefix = prefix
+        self._defaults = defaults
+        self._buckets = buckets
+        self._exclude_everywhere = exclude_everywhere
+        self._databases = Databases()
+        self._layouts: dict[Mapper[Any], ModelLayout | None] = {}
+        self._registered: dict[type, ModelOptionsDict] = {}
+        self._registries: list[registry] = []
+        self._register_everything = False
+        # models register_all() covers but cannot keep exact (base mapper -> why), and the
+        # warnings about them not given yet (given outside SQLAlchemy's configure)
+        self._left_out: dict[Mapper[Any], str] = {}
+        self._unwarned: list[str] = []
+        self._build_lock = threading.RLock()
+        self._by_table: dict[str, list[ModelLayout]] | None = None
+        self._all_seen = False
+        self._cascade_parents: dict[str, Any] | None = None
+        self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
+
+    @property
+    def databases(self) -> Databases:
+        return self._databases
+
+    @property
+    def defaults(self) -> ModelOptions:
+        return self._defaults
+
+    def left_out(self) -> dict[Mapper[Any], str]:
+        """The models ``register_all()`` covers but cannot cache, with why."""
+        with self._build_lock:
+            return dict(self._left_out)
+
+    def reconfigured(self, mapper: Mapper[Any]) -> None:
+        """SQLAlchemy (re)configured ``mapper``: build its layout again, now."""
+        self._layouts.pop(mapper, None)
+        self.layout_for(mapper)
+
+    def register(self, model: type, **options: Any) -> None:
+        """See :meth:`.WriteThroughCache.register`."""
+        mapper: Any = inspect(model, raiseerr=False)
+        if not isinstance(mapper, Mapper):
+            raise ConfigurationError(f"{model!r} is not a mapped class")
+        self._defaults.merged(options, where=model.__name__)  # check the option names now
+        with self._build_lock:
+            self._registered[model] = options  # type: ignore[assignment,unused-ignore]
+            self._layouts.pop(mapper, None)
+        if mapper.configured:
+            self.layout_for(mapper)
+
+    def register_all(self, base: Any = None, *, stacklevel: int = 1) -> None:
+        """See :meth:`.WriteThroughCache.register_all`; ``stacklevel`` as for
+        :func:`warnings.warn`, from the caller of this method."""
+        with self._build_lock:
+            if base is None:
+                self._register_everything = True
+                self._forget_uncached()
+                mappers = _sa_compat.all_mappers()
+            else:
+                reg = base if isinstance(base, registry) else getattr(base, "registry", None)
+                if not isinstance(reg, registry):
+                    raise ConfigurationError(
+                        "register_all() takes a declarative base class or a sqlalchemy.orm.registry"
+                    )
+                self._registries.append(reg)
+                self._forget_uncached()
+                mappers = _sa_compat.registry_mappers(reg)
+        for mapper in mappers:
+            if mapper.configured:
+                self.layout_for(mapper)
+        self.warn_left_out(stacklevel=stacklevel + 1)
+
+    def _forget_uncached(self) -> None:
+        """Mappers seen as not cached may be covered now: look at them again."""
+        self._layouts = {m: lay for m, lay in self._layouts.items() if lay is not None}
+        self._all_seen = False
+
+    def _covers(self, mapper: Mapper[Any]) -> Mapping[str, Any] | None:
+        cls = mapper.class_
+        if cls in self._registered:
+            return {**model_overrides(cls), **self._registered[cls]}
+        if is_cached_model(cls):
+            return model_overrides(cls)
+        if self._register_everything or any(mapper.registry is r for r in self._registries):
+            return model_overrides(cls) if hasattr(cls, "__writethrough__") else {}
+        return None
+
+    def layout_for(self, mapper: Mapper[Any]) -> ModelLayout | None:
+        layout: ModelLayout | None = self._layouts.get(mapper, _UNKNOWN)
+        if layout is not _UNKNOWN and (layout is None or mapper in layout.variants):
+            return layout
+        with self._build_lock:
+            # a hierarchy is cached as one model, from its base; a concrete class on its own
+            base = cache_root(mapper)
+            overrides = self._covers(base)
+            if overrides is None:
+                if base is not mapper and self._covers(mapper) is not None:
+                    raise ConfigurationError(
+                        f"{mapper.class_.__name__}: cache the base class of its hierarchy "
+                        f"({base.class_.__name__}); the whole hierarchy shares its entries"
+                    )
+                layout = None
+            else:
+                options = self._defaults.merged(overrides, where=base.class_.__name__)
+                try:
+                    layout = ModelLayout(
+                        base, options, self._prefix, self._buckets, self._exclude_everywhere
+                    )
+                except OptionError:
+                    raise
+                except ConfigurationError as exc:
+                    if self._explicitly_cached(base):
+                        raise
+                    self._leave_out(base, str(exc))
+                    layout = None
+            for member in cached_members(base):
+                self._layouts[member] = layout
+            if layout is not None:
+                self._left_out.pop(base, None)
+                self._by_table = None
+                self._cascade_memo = {}
+                self._cascade_parents = None
+            return layout
+
+    def _explicitly_cached(self, base: Mapper[Any]) -> bool:
+        """Whether a class of the hierarchy has the mixin or was given to ``register()``: such
+        a model fails loudly; one only ``register_all()`` covers is left out instead."""
+        return any(
+            m.class_ in self._registered or is_cached_model(m.class_) for m in cached_members(base)
+        )
+
+    def _leave_out(self, base: Mapper[Any], reason: str) -> None:
+        """Remember a model ``register_all()`` cannot cache; log and warn once per model."""
+        if base in self._left_out:
+            return
+        self._left_out[base] = reason
+        message = (
+            f"writethrough: register_all() leaves {base.class_.__name__} out of the cache, "
+            f"its loads go to the database: {reason}"
+        )
+        log.warning("%s", message)
+        self._unwarned.append(message)
+
+    def warn_left_out(self, stacklevel: int = 2) -> None:
+        """Give the warnings of models left out, here, outside SQLAlchemy's mapper configuration:
+        a warning filter that turns them into errors (``-W error``) then raises to the caller
+        instead of marking a mapper as failed to configure (and the warnings after the one that
+        raised are not given later, in an unrelated place: the log has them all)."""
+        unwarned, self._unwarned = self._unwarned, []
+        for message in unwarned:
+            warnings.warn(message, WriteThroughWarning, stacklevel=stacklevel + 1)
+
+    # -- what else a write touches ---------------------------------------------------------
+
+    def cached_layouts(self) -> list[ModelLayout]:  # one per model or hierarchy
+        """Every model this cache covers, used or not: a statement may change rows of a model
+        this process never loaded (another process caches them)."""
+        if not self._all_seen:
+            for mapper in _sa_compat.all_mappers():
+                if mapper.configured and mapper not in self._layouts:
+                    self.layout_for(mapper)
+            self._all_seen = True
+        unique = {id(layout): layout for layout in list(self._layouts.values()) if layout}
+        return list(unique.values())
+
+    def layouts_by_table_name(self) -> dict[str, list[ModelLayout]]:
+        """Cached models by lower-cased table name (bare and schema-qualified)."""
+        by_table = self._by_table
+        if by_table is None:
+            by_table = {}
+            for layout in self.cached_layouts():
+                for table in layout.tables:
+                    for name in {table.name.lower(), table.fullname.lower()}:
+                        by_table.setdefault(name, []).append(layout)
+            self._by_table = by_table
+        return by_table
+
+    def layouts_for_table(self, table: Any) -> list[ModelLayout]:
+        fullname = getattr(table, "fullname", None)
+        if fullname is None:
+            return []
+        found = self.layouts_by_table_name().get(fullname.lower(), [])
+        base = table._deannotate() if hasattr(table, "_deannotate") else table
+        return [layout for layout in found if base in layout.tables]
+
+    def cascades(self, table: Any, *, deleted: bool, orm_handles: Any) -> list[ModelLayout]:
+        """Cached models whose rows the database itself changes when rows of ``table`` are
+        deleted (``ON DELETE CASCADE / SET NULL / SET DEFAULT``) or have their referenced key
+        updated (``ON UPDATE ...``). ``orm_handles`` is the mapper whose flush this is: a child
+        model reached from it by a relationship the ORM cascades itself (``passive_deletes`` /
+        ``passive_updates`` off) is tracked by the flush and needs no invalidation."""
+        memo_key = (table, deleted, orm_handles)
+        found = self._cascade_memo.get(memo_key)
+        if found is not None:
+            return found
+        found = []
+        base = table._deannotate() if hasattr(table, "_deannotate") else table
+        for layout in self.cached_layouts():
+            for fk in (fk for t in layout.tables for fk in t.foreign_keys):
+                action = fk.ondelete if deleted else fk.onupdate
+                if not action or action.upper() in ("NO ACTION", "RESTRICT"):
+                    continue
+                if fk.column.table is not base or fk.column.table in layout.tables:
+                    continue  # (a joined subclass's key referencing its own base is no cascade)
+                if orm_handles and _orm_cascades(orm_handles, layout, deleted):
+                    continue
+                found.append(layout)
+                break
+        self._cascade_memo[memo_key] = found
+        return found
+
+    def cascade_parent_names(self) -> dict[str, Any]:
+        """Tables whose deletes or key updates the database cascades into cached tables, by
+        lower-cased name (raw SQL names them, cached or not)."""
+        if self._cascade_parents is None:
+            parents: dict[str, Any] = {}
+            for layout in self.cached_layouts():
+                for fk in (fk for t in layout.tables for fk in t.foreign_keys):
+                    if (fk.ondelete or fk.onupdate) and fk.column.table not in layout.tables:
+                        parent = fk.column.table
+                        parents[parent.name.lower()] = parent
+                        parents[parent.fullname.lower()] = parent
+            self._cascade_parents = parents
+        return self._cascade_parents
+
+    def declared_layouts(self, declared: Any) -> list[ModelLayout]:
+        """Models named by ``execution_options(writethrough_invalidates=[...])``."""
+        if isinstance(declared, (str, type)):
+            declared = [declared]
+        return self.resolve(declared, where=None)
+
+    def resolve(self, targets: Iterable[Any], where: str | None) -> list[ModelLayout]:
+        """Cached models named by class or table name; ``where`` (a model's name) makes a
+        class this cache does not cache an error rather than nothing."""
+        found: list[ModelLayout] = []
+        for target in targets:
+            if isinstance(target, str):
+                found += self.layouts_by_table_name().get(target.lower(), [])
+                continue
+            layout = self.layout_for(inspect(target))
+            if layout is not None:
+                found.append(layout)
+            elif where is not None:
+                raise ConfigurationError(
+                    f"{where}: also_invalidates names {target.__name__}, "
+                    "which this cache does not cache"
+                )
+        return found
+
+    def also_invalidated(self, layout: ModelLayout) -> list[ModelLayout]:
+        targets = layout.options.also_invalidates
+        return self.resolve(targets, where=layout.entity_name) if targets else []
+
+    def keys(self, layout: ModelLayout, bind: Any) -> KeySpace:
+        """The keys of ``layout``'s rows in the database of ``bind`` (the Engine or Connection
+        the load, flush or statement used): a tuple check when the bind is the last one."""
+        last = layout.last_keys
+        if last[0] is bind:
+            keys: KeySpace = last[1]
+            return keys
+        if isinstance(bind, Connection):  # named by its engine; never kept alive here
+            bind = bind.engine
+            if last[0] is bind:
+                keys = last[1]
+                return keys
+        keys = layout.keyspace(self._databases.of(bind))
+        layout.last_keys = (bind, keys)
+        return keys
+
+    def used_keyspaces(self) -> list[KeySpace]:
+        """The keyspaces this process has used: each built layout's, in every database."""
+        layouts = {id(lay): lay for lay in list(self._layouts.values()) if lay}.values()
+        return [keys for lay in layouts for keys in list(lay.keyspaces.values())]
+
+    def known_keyspaces(self) -> list[str]:
+        """Registry fields of the keyspaces this process has used."""
+        return [keys.registry_field for keys in self.used_keyspaces()]
+
+    def forget_registration(self) -> None:
+        for keys in self.used_keyspaces():
+            keys.registered = 0.0
+
+
+def _orm_cascades(mapper: Any, layout: ModelLayout, deleted: bool) -> bool:
+    """Whether deleting (or re-keying) a ``mapper`` row makes the ORM load and change the
+    related ``layout`` rows itself, rather than leaving it to the database."""
+    for rel in mapper.relationships:
+        if rel.mapper is not layout.mapper or rel.direction.name != "ONETOMANY":
+            continue
+        if deleted and not rel.passive_deletes:
+            return True
+        if not deleted and not rel.passive_updates:
+            return True
+    return False

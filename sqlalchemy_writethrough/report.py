@@ -1,0 +1,148 @@
+"""What a cache caches, for a person at a REPL or a test: ``cache.models(engine)``.
+
+Plain frozen dataclasses, built on demand from the cache's model layouts; nothing here is on a
+read or write path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from .config import ModelOptions
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.orm import Mapper
+
+    from .cache import WriteThroughCache
+    from .model import ModelLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class InexactColumn:
+    """A column whose commits invalidate its row instead of writing it through, and why."""
+
+    attribute: str
+    column: str  #: ``table.column``
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.attribute} ({self.reason})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """One cached model (or inheritance hierarchy, under its base class)."""
+
+    model: type
+    #: the hierarchy's classes, the base first (just ``(model,)`` without inheritance)
+    classes: tuple[type, ...]
+    tables: tuple[str, ...]
+    #: ``SCAN MATCH`` pattern of its entries' keys; the digest changes with its columns
+    keys: str
+    #: effective options; ``exclude`` includes the cache-wide names the model has
+    options: ModelOptions
+    #: columns whose commits invalidate instead of writing through, on this database
+    inexact_columns: tuple[InexactColumn, ...]
+    #: False when eagerly loaded relationships keep its loads off the cache (it is still
+    #: kept current in Redis)
+    loads_served: bool
+
+    def __str__(self) -> str:
+        names = ", ".join(c.__name__ for c in self.classes)
+        o = self.options
+        lines = [
+            f"{names}: tables {', '.join(self.tables)}; keys {self.keys}",
+            f"  ttl {o.ttl:g}s, {o.strategy}, lock_timeout {o.lock_timeout:g}s, "
+            f"on_redis_error {o.on_redis_error}"
+            + (", publish in the background" if o.publish == "background" else ""),
+        ]
+        if o.exclude:
+            lines.append(f"  exclude: {', '.join(sorted(o.exclude))}")
+        if o.also_invalidates:
+            targets = [t if isinstance(t, str) else t.__name__ for t in o.also_invalidates]
+            lines.append(f"  also_invalidates: {', '.join(targets)}")
+        if self.inexact_columns:
+            lines.append(
+                "  commits invalidate because of: " + "; ".join(map(str, self.inexact_columns))
+            )
+        if not self.loads_served:
+            lines.append("  loads go to the database (eagerly loaded relationships)")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftOutModel:
+    """A model ``register_all()`` covers but the cache cannot keep exact, and why."""
+
+    model: type
+    #: the ConfigurationError an explicit ``register()`` would raise: model, why, remedy
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason  # it names the model (or its column)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedModels:
+    """``cache.models(engine)``: the cached models and the ones left out, on one database."""
+
+    prefix: str
+    dialect: str
+    cached: tuple[ModelInfo, ...]
+    left_out: tuple[LeftOutModel, ...]
+
+    def __getitem__(self, model: type) -> ModelInfo:
+        """The entry of a cached class (a subclass finds its hierarchy's)."""
+        for info in self.cached:
+            if model in info.classes:
+                return info
+        raise KeyError(f"{model.__name__} is not cached by this cache")
+
+    def __str__(self) -> str:
+        lines = [f"Models cached under prefix {self.prefix!r} on {self.dialect}:"]
+        lines += ["  " + line for info in self.cached for line in str(info).splitlines()]
+        if not self.cached:
+            lines.append("  (none)")
+        if self.left_out:
+            lines.append("Left out by register_all():")
+            lines += [f"  {entry}" for entry in self.left_out]
+        return "\n".join(lines)
+
+
+def describe(
+    cache: WriteThroughCache,
+    layouts: list[ModelLayout],
+    left_out: dict[Mapper[Any], str],
+    dialect: Dialect,
+) -> CachedModels:
+    name = f"{dialect.name}+{dialect.driver}"
+    cached = sorted((_info(layout, dialect) for layout in layouts), key=_by_name)
+    skipped = sorted(
+        (LeftOutModel(m.class_, reason) for m, reason in left_out.items()), key=_by_name
+    )
+    return CachedModels(cache.prefix, name, tuple(cached), tuple(skipped))
+
+
+def _by_name(entry: ModelInfo | LeftOutModel) -> tuple[str, str]:
+    return entry.model.__name__, entry.model.__module__
+
+
+def _info(layout: ModelLayout, dialect: Dialect) -> ModelInfo:
+    inexact: dict[str, InexactColumn] = {}
+    for variant in layout.variants.values():
+        columns = dict(zip(variant.attrs, variant.columns, strict=True))
+        for attr, reason in variant.inexact_columns(dialect):
+            column = columns[attr]
+            name = f"{column.table.fullname}.{column.name}"
+            inexact.setdefault(attr, InexactColumn(attr, name, reason))
+    return ModelInfo(
+        model=layout.mapper.class_,
+        classes=tuple(v.mapper.class_ for v in layout.variants.values()),
+        tables=tuple(sorted({t.fullname for t in layout.tables})),
+        keys=layout.key_pattern,
+        options=dataclasses.replace(layout.options, exclude=layout.exclude),
+        inexact_columns=tuple(inexact.values()),
+        loads_served=not layout.eager_relationships,
+    )

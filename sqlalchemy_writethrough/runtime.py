@@ -1,0 +1,109 @@
+"""What the session hooks work with: one small object per cache, instead of the cache itself.
+
+The read path (:mod:`.loading`), the write path (:mod:`.writing`) and statement tracking
+(:mod:`.dml`) see a :class:`Runtime`: the registry of cached models, the :class:`~.backend.Backend`
+that talks to Redis, the counters, the outage journal and the settings. Nothing else of
+:class:`~.cache.WriteThroughCache`, so the hooks do not change when the cache's public surface
+does, and a backend (sync, asyncio, Cluster) is one attribute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from .keys import registry_key
+from .tracking import SessionTracker
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from .backend import Backend
+    from .journal import Journal
+    from .keys import KeySpace
+    from .model import ModelLayout
+    from .registry import Models
+    from .stats import Counters
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The cache-wide settings the hooks read (the per-model ones live in each layout)."""
+
+    prefix: str
+    #: a reader's lease on a missing entry, in milliseconds
+    lease_ms: int
+    #: seconds a reader waits for another reader's fill (0: never waits)
+    fill_wait: float
+    #: the fraction of an entry's TTL taken off at random
+    ttl_jitter: float
+    #: seconds between two records of one keyspace in the registry by this process
+    register_every: float
+    #: the key under which a session's tracker lives in ``session.info`` (one per cache)
+    info_key: str
+
+
+class Runtime:
+    """The cache as its hooks see it."""
+
+    __slots__ = ("backend", "counters", "journal", "models", "settings", "tracer")
+
+    def __init__(
+        self,
+        models: Models,
+        backend: Backend,
+        counters: Counters,
+        journal: Journal,
+        settings: Settings,
+    ) -> None:
+        self.models = models
+        self.backend = backend
+        self.counters = counters
+        self.journal = journal
+        self.settings = settings
+        #: an OpenTelemetry tracer once ``otel.instrument(cache)`` was called, else None
+        #: (the hooks then emit their spans: see :mod:`.tracing`)
+        self.tracer: Any = None
+
+    def tracker(self, session: Session) -> SessionTracker:
+        """The session's tracker, made at its first use."""
+        key = self.settings.info_key
+        tracker: SessionTracker | None = session.info.get(key)
+        if tracker is None:
+            tracker = session.info[key] = SessionTracker(session)
+        return tracker
+
+    def peek_tracker(self, session: Session) -> SessionTracker | None:
+        """The session's tracker, if its transaction did anything yet."""
+        tracker: SessionTracker | None = session.info.get(self.settings.info_key)
+        return tracker
+
+    def register(self, keys: KeySpace) -> None:
+        """Before a keyspace's first entry is written, and again every ``register_every``
+        seconds after that (so the registry comes back soon after another process's
+        ``clear()``)."""
+        now = time.monotonic()
+        if keys.registered <= now and self.backend.register_keyspace(
+            registry_key(self.settings.prefix), keys.registry_field
+        ):
+            keys.registered = now + self.settings.register_every
+
+    def ttl_ms(self, layout: ModelLayout) -> int:
+        """An entry's TTL, less its random jitter, so entries written together do not expire
+        together."""
+        ttl_ms = layout.options.ttl * 1000
+        return max(1, int(ttl_ms - ttl_ms * self.settings.ttl_jitter * random.random()))
+
+    def journal_replayed(self) -> bool:
+        """Whether nothing journaled while Redis was away is left to invalidate (replaying it
+        now if Redis answers): until then this process reads nothing from Redis."""
+        journal = self.journal
+        if not journal.pending:
+            return True
+        journaled = len(journal)
+        replayed = journal.replay(self.backend)
+        if replayed:
+            self.counters.invalidated("journal", journaled)
+        return replayed

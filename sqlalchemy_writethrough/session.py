@@ -1,0 +1,204 @@
+"""The get path before the statement: ``Session.get`` answered from the cache directly.
+
+A cached ``session.get`` that goes through ``do_orm_execute`` pays for SQLAlchemy cloning a
+select, building an ``ORMExecuteState`` and dispatching the event before the cache is asked:
+about as much as the Redis round trip itself. :meth:`WriteThroughCache.install` therefore
+gives a ``sessionmaker`` (or the one behind a ``scoped_session``) a subclass of its Session
+class whose :meth:`~sqlalchemy.orm.Session.get` asks the cache first, as SQLAlchemy's own
+``ShardedSession`` overrides Session methods. An ``async_sessionmaker``, ``AsyncSession``
+subclass or ``async_scoped_session`` gets one as its ``sync_session_class``: ``await
+session.get()`` runs it in SQLAlchemy's greenlet, where the asyncio flavour's read path awaits
+``redis.asyncio`` through ``await_``.
+
+Only the plain case is answered here: ``session.get(Model, pk)`` with no keyword argument (or
+each at its default, as ``scoped_session``, ``get_one`` and ``AsyncSession`` pass them), for a
+model the cache holds, on a session that uses SQLAlchemy's own get machinery and bind (no
+override of ``get_bind``, ``execute``, ``_identity_lookup``), has no session-wide execution
+options and no ``do_orm_execute`` listener but the cache's, has nothing to flush, and does not
+hold the object already; and only when the entry is a hit. Everything else (options,
+``with_for_update``, ``populate_existing``, ``identity_token``, execution options, an object in
+the identity map, a miss) goes to ``super().get()``, and from there to the ``do_orm_execute``
+path exactly as without this class; ``select()``, lazy loads and ``IN`` batches never come
+here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sqlalchemy import inspect
+from sqlalchemy.orm import Mapper, Session
+
+from . import _sa_compat
+from .databases import DatabaseUnknown
+from .loading import _NO_ROW, PEEKED
+
+if TYPE_CHECKING:
+    from .loading import ReadPath
+
+
+class _Answer(enum.Enum):
+    UNANSWERED = "unanswered"
+    MISSED = "missed"
+
+
+#: not answered: ask ``super().get()``
+UNANSWERED = _Answer.UNANSWERED
+#: the entry is no hit: ask ``super().get()``, telling the read path the entry was just read
+MISSED = _Answer.MISSED
+
+_PEEKED_OPTIONS: Any = {PEEKED: True}
+
+_GET_BIND = Session.get_bind
+_IDENTITY_LOOKUP = Session._identity_lookup
+_EXECUTE = Session.execute
+_EXECUTE_INTERNAL = Session._execute_internal
+_GET = Session.get
+_GET_IMPL = Session._get_impl
+
+
+class CachedGetSession(Session):
+    """The ``get()`` of a Session class made by :func:`session_class`: a plain primary-key get
+    is answered from the cache, anything else by the class it was made from."""
+
+    #: the read path answering gets; None once the cache is uninstalled
+    _wt_read: ClassVar[ReadPath | None] = None
+
+    def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
+        return get_through(type(self)._wt_read, self, entity, ident, kw, super().get)
+
+
+def get_through(
+    read: ReadPath | None,
+    session: Session,
+    entity: Any,
+    ident: Any,
+    kw: dict[str, Any],
+    plain_get: Callable[..., Any],
+) -> Any:
+    """``session.get(entity, ident, **kw)``: answered by ``read`` when it is the plain case,
+    else by ``plain_get`` (the class's own get), told when the entry was read already."""
+    if read is not None and (not kw or _defaults_only(kw)):
+        found = answer_get(read, session, entity, ident)
+        if found is MISSED:
+            return plain_get(entity, ident, **{**kw, "execution_options": _PEEKED_OPTIONS})
+        if found is not UNANSWERED:
+            return found
+    return plain_get(entity, ident, **kw)
+
+
+#: the keywords of Session.get whose default is empty (None, or an empty collection)
+_EMPTY_BY_DEFAULT = frozenset({"options", "execution_options", "bind_arguments"})
+#: those whose default is None or False (``populate_existing`` is False on 2.0, None on 2.1)
+_OFF_BY_DEFAULT = frozenset({"populate_existing", "with_for_update"})
+
+
+def _defaults_only(kw: dict[str, Any]) -> bool:
+    """Whether every keyword is at its default: ``scoped_session.get``, ``get_one`` and
+    ``AsyncSession.get`` pass them all explicitly."""
+    for name, value in kw.items():
+        if name in _EMPTY_BY_DEFAULT:
+            if value:
+                return False
+        elif name in _OFF_BY_DEFAULT:
+            if value is not None and value is not False:
+                return False
+        elif name != "identity_token" or value is not None:
+            return False
+    return True
+
+
+def overrides_get_path(cls: type[Session]) -> bool:
+    """Whether ``cls`` changes how a get loads (its own ``get``, bind or execution): such a
+    class keeps its own path, and the cache answers its gets from ``do_orm_execute``."""
+    return (
+        cls.get_bind is not _GET_BIND
+        or cls._identity_lookup is not _IDENTITY_LOOKUP
+        or cls.execute is not _EXECUTE
+        or cls._execute_internal is not _EXECUTE_INTERNAL
+        or cls._get_impl is not _GET_IMPL
+        or (cls.get is not _GET and not issubclass(cls, CachedGetSession))
+    )
+
+
+def session_class(
+    base: type[Session], read: ReadPath, extra: dict[str, Any] | None = None
+) -> type[Session]:
+    """A subclass of ``base`` (same name, with ``extra`` in its namespace) whose plain gets
+    ``read`` answers first (the sync flavour's, or the asyncio flavour's inside SQLAlchemy's
+    greenlet)."""
+    namespace = {
+        **(extra or {}),
+        "_wt_read": read,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+    }
+    bases = (base,) if issubclass(base, CachedGetSession) else (CachedGetSession, base)
+    made: type[Session] = type(base.__name__, bases, namespace)
+    return made
+
+
+def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any:
+    """``session.get(entity, ident)`` from the cache: the instance (or None, when the cached row
+    is of another class of the hierarchy, as the database would find no row), MISSED when
+    the entry is no hit, UNANSWERED when this get is not the plain case."""
+    cls = type(session)
+    if (
+        cls.get_bind is not _GET_BIND
+        or cls._identity_lookup is not _IDENTITY_LOOKUP
+        or cls.execute is not _EXECUTE
+        or cls._execute_internal is not _EXECUTE_INTERNAL
+        or len(session.dispatch.do_orm_execute) != 1  # the cache's own listener only
+        or getattr(session, "execution_options", None)  # session-wide options (2.1)
+    ):
+        return UNANSWERED
+    mapper = inspect(entity, raiseerr=False)
+    if not isinstance(mapper, Mapper) or mapper.always_refresh:
+        return UNANSWERED
+    rt = read.runtime
+    layout = rt.models.layout_for(mapper)
+    if layout is None or layout.eager_relationships:
+        return UNANSWERED
+    if mapper is not layout.mapper and not _same_columns(mapper.primary_key, layout.pk_columns):
+        return UNANSWERED
+    pk = list(ident) if type(ident) is tuple or type(ident) is list else [ident]
+    if len(pk) != len(layout.pk_types) or not layout.pk_is_cacheable(pk):
+        return UNANSWERED  # a dict, a composite, a wrong count or type: SQLAlchemy decides
+    identity_key = mapper.identity_key_from_primary_key(tuple(pk))
+    if session.identity_map.get(identity_key) is not None:
+        return UNANSWERED  # the identity map wins (and refreshes an expired object)
+    if not _sa_compat.session_is_clean(session):
+        return UNANSWERED  # the database path autoflushes first
+    bind = session.get_bind(mapper=mapper)
+    tracker = read._usable_tracker(session, mapper, bind)
+    if tracker is None:
+        return UNANSWERED
+    try:
+        keys = rt.models.keys(layout, bind)
+    except DatabaseUnknown:
+        return UNANSWERED
+    key, gen_key = keys.pair(pk)
+    started = perf_counter()
+    found = rt.backend.peek(key, gen_key)
+    if found is None:
+        return UNANSWERED  # Redis failed: the database path (behind the breaker)
+    if found is False:
+        return MISSED
+    instance = read._build(
+        session, layout, identity_key, pk, found, bind.dialect, key, gen_key, mapper
+    )
+    if instance is None:
+        return MISSED  # an undecodable entry, now removed
+    rt.counters.add("hits", 1, layout.entity_name)
+    read._read_done(layout.entity_name, started, "hit")
+    # a row of another class of the hierarchy than the one asked for: the database finds none
+    return None if instance is _NO_ROW else instance
+
+
+def _same_columns(a: Any, b: Any) -> bool:
+    """Columns compared by identity (``Column.__eq__`` builds SQL)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))

@@ -1,0 +1,70 @@
+"""The I/O seam under the backend: how commands reach one kind of Redis client.
+
+:class:`~.backend.ScriptBackend` writes the protocol once (script calls, reply parsing, the
+``NOSCRIPT`` reload, the circuit breaker's accounting, failure logging) over a
+:class:`Transport`, which only moves commands and replies. A transport exists per client kind:
+:class:`~.redis_sync.SyncTransport` for a ``redis.Redis`` client (standalone or Sentinel); an
+asyncio transport awaits ``redis.asyncio`` from inside SQLAlchemy's greenlet; a Cluster transport
+routes each command to the node of its keys' slot and sets :attr:`Transport.clustered`, which
+makes the backend split every multi-key script call into one call per hash tag
+(:func:`.protocol.split_by_hash_tag`) and send them as one batch.
+
+Every method raises what the client raises (``redis.exceptions.RedisError``, ``OSError``); the
+backend decides what a failure means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+
+class Transport(Protocol):
+    #: for log lines: which Redis, never its password
+    address: str
+    #: True when every script call must touch keys of one hash slot (Redis Cluster)
+    clustered: bool
+    #: True when :meth:`begin` can send a command now and leave its reply for later, on a
+    #: connection of its own (a flush's locks travel while the database runs its SQL)
+    overlaps: bool
+
+    def command(self, *args: Any) -> Any:
+        """One command; its reply (an error reply raises its ``ResponseError``)."""
+        ...
+
+    def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Commands sent together, in one round trip per connection involved; their replies in
+        order, an error reply returned as its ``ResponseError`` rather than raised."""
+        ...
+
+    def load_script(self, source: str) -> None:
+        """``SCRIPT LOAD`` on every server a later ``EVALSHA`` of it may reach."""
+        ...
+
+    def begin(self, command: Sequence[Any]) -> Any:
+        """Send ``command`` now on a connection of its own; a handle for :meth:`complete`.
+        Raises when it could not be sent (nothing is left checked out then)."""
+        ...
+
+    def complete(self, handle: Any) -> Any:
+        """The reply of a command :meth:`begin` sent; the connection goes back to the pool
+        (closed first unless the reply was read or was an error reply). A handle dropped
+        without this closes its connection when collected."""
+        ...
+
+    def ping(self) -> bool:
+        """A cheap health check for the circuit breaker's probe (no epoch check)."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait without holding anything (a thread sleeps; an event loop runs other tasks)."""
+        ...
+
+    def scan(self, pattern: str, count: int) -> Iterable[Any]:
+        """Every key matching the glob ``pattern`` (``SCAN``, never ``KEYS``; every primary on
+        a Cluster)."""
+        ...
+
+    def unlink(self, keys: Sequence[Any]) -> int:
+        """``UNLINK`` these keys (any slots); how many existed."""
+        ...
