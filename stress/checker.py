@@ -19,6 +19,11 @@ It fails a run on:
 A stale read is reported apart, as ``gap`` and not as a failure, when a newer commit of that row
 could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
 gap DESIGN.md documents for a writer that cannot reach Redis while readers can.
+
+A stale read begun inside a failover window (``windows``: from a ``SENTINEL FAILOVER`` to the
+promotion plus the cache's ``epoch_check_interval``) is reported apart too, as ``window``: the
+moment docs/running-redis.md documents, when two primaries take writes and a process that has
+not left the old one yet reads there what a process already on the new one has replaced.
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ class Report:
     uncommitted: list[Violation] = dataclasses.field(default_factory=list)
     divergent: list[Violation] = dataclasses.field(default_factory=list)
     gap: list[Violation] = dataclasses.field(default_factory=list)
+    window: list[Violation] = dataclasses.field(default_factory=list)
+    #: the failover windows of the run (history times, ns)
+    windows: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def violations(self) -> int:
@@ -97,7 +105,39 @@ class Report:
             "uncommitted": len(self.uncommitted),
             "divergent": len(self.divergent),
             "gap": len(self.gap),
+            "window": len(self.window),
         }
+
+    def gap_window(self) -> str:
+        """How far behind the documented degrade gap reads were: from the completion of the
+        commit a gap read missed to that read's start (ms), and the entries left at the end."""
+        lags = sorted((v.t - v.newer) / 1e6 for v in self.gap if v.t)
+        left = sum(1 for v in self.gap if not v.t)
+        if not lags:
+            return f"degrade gap: no stale read; {left} stale entries at quiescence"
+        return (
+            f"degrade gap: {len(lags)} stale reads, started {lags[len(lags) // 2]:.0f} ms "
+            f"(median) / {lags[min(len(lags) - 1, int(0.99 * len(lags)))]:.0f} ms (p99) / "
+            f"{lags[-1]:.0f} ms (max) after the commit they missed completed; {left} stale "
+            "entries at quiescence"
+        )
+
+    def failover_window(self) -> str:
+        """The failover windows, and the stale reads begun inside them."""
+        spans = sorted((b - a) / 1e6 for a, b in self.windows)
+        lags = sorted((v.t - v.newer) / 1e6 for v in self.window if v.t)
+        text = (
+            f"failover windows: {len(spans)}, {spans[0]:.0f} to {spans[-1]:.0f} ms from the "
+            "failover to the promotion plus the epoch check interval"
+            if spans
+            else "failover windows: none"
+        )
+        if not lags:
+            return f"{text}; no stale read in them"
+        return (
+            f"{text}; {len(lags)} stale reads in them, started {lags[len(lags) // 2]:.0f} ms "
+            f"(median) / {lags[-1]:.0f} ms (max) after the commit they missed completed"
+        )
 
     def format(self, limit: int = 5) -> str:
         lines = [
@@ -118,9 +158,15 @@ class Report:
             ),
             f"violations: stale={len(self.stale)} uncommitted={len(self.uncommitted)} "
             f"divergent={len(self.divergent)}"
-            f"   (documented degrade gap, not failures: stale={len(self.gap)})",
+            f"   (documented degrade gap, not failures: stale={len(self.gap)}"
+            + (f"; failover windows: stale={len(self.window)}" if self.windows else "")
+            + ")",
         ]
-        for name in ("stale", "uncommitted", "divergent", "gap"):
+        if self.gap:
+            lines.append(self.gap_window())
+        if self.windows:
+            lines.append(self.failover_window())
+        for name in ("stale", "uncommitted", "divergent", "gap", "window"):
             found: list[Violation] = getattr(self, name)
             for v in found[:limit]:
                 lines.append(f"  {name} {v.row[0]}#{v.row[1]}: {v.detail}")
@@ -138,10 +184,13 @@ def check(
     final_db: Mapping[Row, Mapping[str, Any]],
     final_cache: Mapping[Row, Mapping[str, Any] | None],
     leftover: Mapping[str, int] | None = None,
+    windows: Iterable[tuple[int, int]] = (),
 ) -> Report:
     """Check a run. ``final_cache`` maps rows to the decoded VALUE Redis holds (None: a VALUE
-    that could not be decoded); ``final_db`` maps rows to their columns."""
+    that could not be decoded); ``final_db`` maps rows to their columns; ``windows``: the
+    failover windows (history times)."""
     report = Report()
+    report.windows = list(windows)
     report.leftover.update(leftover or {})
     events = list(events)
     t_ref = min(
@@ -276,9 +325,12 @@ def check(
             f"{seen}) by {ms(newest.end)} (tx {newest.tx})"
         )
         excused = any(v.trouble and seen < v.rank <= newest.rank for v in versions.get(row, ()))
-        (report.gap if excused else report.stale).append(
-            Violation("gap" if excused else "stale", row, detail, t0, newest.end or 0)
-        )
+        if excused:
+            report.gap.append(Violation("gap", row, detail, t0, newest.end or 0))
+        elif any(a <= t0 <= b for a, b in report.windows):
+            report.window.append(Violation("window", row, detail, t0, newest.end or 0))
+        else:
+            report.stale.append(Violation("stale", row, detail, t0, newest.end or 0))
 
     report.cached_entries = len(final_cache)
     for row, cached in sorted(final_cache.items()):

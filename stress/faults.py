@@ -3,6 +3,28 @@
 Run from the runner's main loop (no threads): :meth:`FaultSchedule.tick` performs whatever is
 due. Worker-side faults (SIGKILL at flush or after COMMIT, deadlock-prone transactions) are
 switched on in the workers' configuration instead; see :mod:`stress.worker`.
+
+Every Redis fault includes "Redis forgets": besides a restart with every key lost,
+
+``redis-snapshot``  ``SAVE`` at a random moment, keep running, then stop (``SHUTDOWN NOSAVE`` or
+                    SIGKILL) and start from that snapshot: Redis goes back in time, holding old
+                    values under the generations of that moment, and none of the later locks;
+``flushall``        ``FLUSHALL`` on open connections: entries, locks, leases, generations, the
+                    keyspace registry and the epoch key vanish at once, nothing disconnects;
+``redis-switch``    the proxy every worker goes through switches to another server, started from
+                    a snapshot of the current one taken a few seconds earlier (an older copy),
+                    and resets every connection: a failover to a replica that lagged behind.
+
+Two faults run on a Redis topology of their own instead of the one throwaway server (so they
+combine with the worker-side faults, not with the server faults above):
+
+``sentinel-failover``  a primary, a replica and three sentinels (:mod:`stress.sentinel`); the
+                       workers use ``Sentinel.master_for()``; ``SENTINEL FAILOVER`` every 5 to 9
+                       s (the old primary takes writes until Sentinel demotes it ~10 s later);
+``cluster-failover``   3 primaries and 3 replicas (:mod:`stress.cluster`); the workers use a
+                       ``RedisCluster``; every 3 to 6 s a random primary is SIGKILLed (and started
+                       again, as a replica, once its replica is promoted) or a replica takes
+                       over with ``CLUSTER FAILOVER``.
 """
 
 from __future__ import annotations
@@ -10,41 +32,264 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from pathlib import Path
 
 import redis
 
+from .cluster import ClusterGroup
+from .history import now
 from .proxy import FaultyProxy
 from .redis_server import RedisServer
+from .sentinel import SentinelGroup, wait_for
 
-ALL_FAULTS = ("redis-restart", "client-kill", "proxy", "sigkill", "db-errors")
+ALL_FAULTS = (
+    "redis-restart",
+    "redis-snapshot",
+    "flushall",
+    "redis-switch",
+    "client-kill",
+    "proxy",
+    "sigkill",
+    "db-errors",
+)
+#: faults that need the workers to reach Redis through the proxy
+PROXIED = frozenset({"proxy", "redis-switch"})
+#: faults on a Redis topology of their own (not in ``all``; one at a time)
+TOPOLOGY_FAULTS = ("sentinel-failover", "cluster-failover")
+#: faults that act on the single throwaway server (they do not combine with TOPOLOGY_FAULTS)
+SERVER_FAULTS = frozenset(
+    {"redis-restart", "redis-snapshot", "flushall", "redis-switch", "client-kill", "proxy"}
+)
+#: a failover window ends this long after the promotion: the workers' epoch_check_interval
+#: (1 s, the default) and the sentinels' own lag
+WINDOW_AFTER_PROMOTION_NS = 1_250_000_000
+#: faults not built yet, and what they wait for (``--faults`` names them with this reason)
+PLANNED_FAULTS: dict[str, str] = {}
+
+
+def topology_of(faults: frozenset[str]) -> str:
+    """``server``, ``sentinel`` or ``cluster``: what Redis a run with ``faults`` needs."""
+    chosen = [f for f in TOPOLOGY_FAULTS if f in faults]
+    if not chosen:
+        return "server"
+    if len(chosen) > 1 or faults & SERVER_FAULTS:
+        raise ValueError(
+            f"{', '.join(chosen)} run on a Redis topology of their own: combine "
+            "them only with sigkill and db-errors"
+        )
+    return chosen[0].split("-", 1)[0]
 
 
 class FaultSchedule:
     def __init__(
         self,
         faults: frozenset[str],
-        server: RedisServer,
+        server: RedisServer | None,
         proxy: FaultyProxy | None,
         rng: random.Random,
+        standby: RedisServer | None = None,
+        sentinel: SentinelGroup | None = None,
+        cluster: ClusterGroup | None = None,
     ) -> None:
+        """``server``: the Redis the workers reach (through ``proxy`` if any); ``standby``: the
+        other server ``redis-switch`` moves them to (and back, after refreshing it);
+        ``sentinel`` / ``cluster``: the topology of ``sentinel-failover`` /
+        ``cluster-failover`` (then there is no ``server``)."""
         self.faults = faults
-        self.server = server
+        self._server = server
+        self.sentinel = sentinel
+        self.cluster = cluster
         self.proxy = proxy
+        self.standby = standby
         self.rng = rng
         self.counts: Counter[str] = Counter()
+        #: "<history time> <fault>" of every fault injected, for reading a failed run's logs
+        self.timeline: list[str] = []
         start = time.monotonic()
         self._next_restart = start + rng.uniform(2, 4)
         self._next_kill = start + rng.uniform(0.5, 1.5)
+        self._next_flush = start + rng.uniform(1.5, 3.5)
+        #: redis-snapshot: the snapshot taken (None: take one at _next_snapshot), restored at
+        #: _next_restore
+        self._snapshot: Path | None = None
+        self._next_snapshot = start + rng.uniform(1, 2.5)
+        self._next_restore = 0.0
+        #: redis-switch: the standby is loaded with a snapshot of the server at _next_copy and
+        #: becomes the server at _next_switch
+        self._standby_ready = False
+        self._next_copy = start + rng.uniform(1, 3)
+        self._next_switch = 0.0
+        if "redis-switch" in faults and (proxy is None or standby is None):
+            raise ValueError("redis-switch needs the proxy and a standby server")
+        self._next_failover = start + rng.uniform(2, 4)
+        #: cluster-failover: the primary killed, and the replica whose promotion ends it
+        self._victim: tuple[int, int] | None = None
+        self._victim_deadline = 0.0
+        #: sentinel-failover: (began, old primary, give up at) of the one under way
+        self._failover: tuple[int, int | None, float] | None = None
+        #: failover windows (history times, ns) for the checker
+        self.windows: list[tuple[int, int]] = []
+
+    @property
+    def server(self) -> RedisServer:
+        assert self._server is not None, "no single server in this topology"
+        return self._server
+
+    @server.setter
+    def server(self, value: RedisServer) -> None:
+        self._server = value
 
     def tick(self) -> None:
-        t = time.monotonic()
+        before = Counter(self.counts)
+        self._tick(time.monotonic())
+        for name in self.counts - before:
+            self.timeline.append(f"{now()} {name}")
+
+    def _tick(self, t: float) -> None:
         if "redis-restart" in self.faults and t >= self._next_restart:
             self.server.restart(down_for=self.rng.uniform(0.1, 0.8))
             self.counts["redis restarts"] += 1
             self._next_restart = time.monotonic() + self.rng.uniform(3, 6)
+        if "redis-snapshot" in self.faults:
+            self._snapshot_tick(t)
+        if "flushall" in self.faults and t >= self._next_flush:
+            self.flushall()
+            self._next_flush = time.monotonic() + self.rng.uniform(1.5, 4)
+        if "redis-switch" in self.faults:
+            self._switch_tick(t)
         if "client-kill" in self.faults and t >= self._next_kill:
             self.client_kill()
             self._next_kill = time.monotonic() + self.rng.uniform(0.5, 2.0)
+        if "sentinel-failover" in self.faults:
+            self._sentinel_tick()
+            if t >= self._next_failover and self._failover is None:
+                self.sentinel_failover()
+                self._next_failover = time.monotonic() + self.rng.uniform(5, 9)
+        if "cluster-failover" in self.faults:
+            self._cluster_tick(t)
+
+    def sentinel_failover(self) -> None:
+        """``SENTINEL FAILOVER`` (refused while a failover is in progress: counted apart)."""
+        assert self.sentinel is not None
+        old = self.sentinel.primary_port()
+        began = now()
+        try:
+            self.sentinel.failover()
+            self.counts["Sentinel failovers"] += 1
+        except redis.RedisError:
+            self.counts["Sentinel failovers refused"] += 1
+            return
+        self._failover = (began, old, time.monotonic() + 15)
+
+    def _sentinel_tick(self) -> None:
+        """The window of the failover under way ends ``epoch_check_interval`` (and the
+        sentinels' lag) after a majority of the sentinels name the new primary."""
+        if self._failover is None:
+            return
+        began, old, give_up = self._failover
+        assert self.sentinel is not None
+        promoted = self.sentinel.primary_port() not in (None, old)
+        if promoted or time.monotonic() > give_up:
+            self.windows.append((began, now() + WINDOW_AFTER_PROMOTION_NS))
+            self._failover = None
+
+    def _cluster_tick(self, t: float) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        if self._victim is not None:
+            victim, replica = self._victim
+            if cluster.node(replica).role() == "master" or t > self._victim_deadline:
+                cluster.node(victim).start()  # rejoins as a replica of the promoted node
+                self._victim = None
+                self._next_failover = time.monotonic() + self.rng.uniform(3, 6)
+            return
+        if t < self._next_failover:
+            return
+        self._next_failover = time.monotonic() + self.rng.uniform(3, 6)
+        try:
+            port = self.rng.choice(cluster.primaries())
+            replica = cluster.replica_of(port)
+        except (redis.RedisError, LookupError, RuntimeError):
+            return  # a restarted node is still syncing: next time
+        if self.rng.random() < 0.5:
+            cluster.node(port).kill()
+            self._victim = (port, replica)
+            self._victim_deadline = time.monotonic() + 15
+            self.counts["Cluster primaries killed"] += 1
+        else:
+            try:
+                with cluster.node(replica).admin() as client:
+                    client.execute_command("CLUSTER", "FAILOVER")
+                self.counts["CLUSTER FAILOVERs"] += 1
+            except redis.RedisError:
+                self.counts["CLUSTER FAILOVERs refused"] += 1
+
+    def _snapshot_tick(self, t: float) -> None:
+        if self._snapshot is None:
+            if t >= self._next_snapshot and self.save_snapshot():
+                self._next_restore = time.monotonic() + self.rng.uniform(1, 3.5)
+        elif t >= self._next_restore:
+            self.restore_snapshot(crash=self.rng.random() < 0.5)
+            self._next_snapshot = time.monotonic() + self.rng.uniform(0.5, 2.5)
+
+    def save_snapshot(self) -> bool:
+        """``SAVE`` the server's data set now, for :meth:`restore_snapshot` (False: Redis was
+        down, try later)."""
+        try:
+            self._snapshot = self.server.snapshot()
+        except redis.RedisError:
+            return False
+        self.counts["snapshots saved"] += 1
+        return True
+
+    def restore_snapshot(self, crash: bool) -> None:
+        """Stop the server (SIGKILL if ``crash``, else ``SHUTDOWN NOSAVE``) and start it from
+        the saved snapshot: everything written since is forgotten."""
+        assert self._snapshot is not None
+        self.server.restart(down_for=self.rng.uniform(0, 0.5), from_rdb=self._snapshot, crash=crash)
+        how = "SIGKILL" if crash else "SHUTDOWN NOSAVE"
+        self.counts[f"restarts from an older snapshot ({how})"] += 1
+        self._snapshot = None
+
+    def _switch_tick(self, t: float) -> None:
+        if not self._standby_ready:
+            if t >= self._next_copy and self.copy_to_standby():
+                self._next_switch = time.monotonic() + self.rng.uniform(1, 3.5)
+        elif t >= self._next_switch:
+            self.switch()
+            self._next_copy = time.monotonic() + self.rng.uniform(0.5, 2.5)
+
+    def copy_to_standby(self) -> bool:
+        """Restart the standby from a snapshot of the server taken now: a fresh process holding
+        an older copy, as a lagging replica would (False: the server was down, try later)."""
+        assert self.standby is not None
+        try:
+            copy = self.server.snapshot()
+        except redis.RedisError:
+            return False
+        self.standby.restart(from_rdb=copy)
+        self._standby_ready = True
+        return True
+
+    def switch(self) -> None:
+        """Point the proxy at the standby and reset every connection through it; the former
+        server keeps running, unreached, until it is the standby refreshed by the next copy."""
+        assert self.proxy is not None and self.standby is not None
+        self.server, self.standby = self.standby, self.server
+        self.proxy.upstream_port = self.server.port
+        self.proxy.kill_connections()
+        self.counts["switches to an older copy"] += 1
+        self._standby_ready = False
+
+    def flushall(self) -> None:
+        client = self.server.admin(1.0)
+        try:
+            client.flushall(asynchronous=self.rng.random() < 0.5)
+            self.counts["FLUSHALLs"] += 1
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
 
     def client_kill(self) -> None:
         client = self.server.admin(1.0)
@@ -58,8 +303,19 @@ class FaultSchedule:
             client.close()
 
     def heal(self) -> None:
-        """Leave Redis up and the proxy passing traffic."""
-        if not self.server.running:
-            self.server.start()
+        """Leave Redis up and the proxy passing traffic (every slot served, a primary named)."""
+        if self._server is not None and not self._server.running:
+            self._server.start()
         if self.proxy is not None:
             self.proxy.mode = "pass"
+        if self.cluster is not None:
+            for node in self.cluster.nodes:
+                node.start()
+            self.cluster.wait_serving(30)
+        if self.sentinel is not None:
+            group = self.sentinel
+            wait_for(
+                lambda: (port := group.primary_port()) is not None and group.role(port) == "master",
+                30,
+                "a primary named by the sentinels",
+            )

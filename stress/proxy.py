@@ -84,11 +84,20 @@ class FaultyProxy:
     def kill_connections(self) -> None:
         """Reset every open connection (both sides)."""
 
-        def _abort() -> None:
-            for w in list(self._writers):
-                w.transport.abort()
+        done = threading.Event()
 
+        def _abort() -> None:
+            try:
+                for w in list(self._writers):
+                    w.transport.abort()
+            finally:
+                # abort() closes each socket in a callback it schedules: set after those.
+                self._loop.call_soon(done.set)
+
+        # Wait until the sockets are closed: a command sent right after this returns must not
+        # slip through to the former upstream before the reset.
         self._loop.call_soon_threadsafe(_abort)
+        done.wait(5)
 
     # -- one connection ------------------------------------------------------------------
 

@@ -35,11 +35,13 @@ from sqlalchemy_writethrough import WriteThroughCache
 from sqlalchemy_writethrough.protocol import payload_of
 
 from .checker import Report, Row, check
-from .faults import ALL_FAULTS, FaultSchedule
+from .cluster import ClusterGroup
+from .faults import ALL_FAULTS, PROXIED, TOPOLOGY_FAULTS, FaultSchedule, topology_of
 from .history import Recorder, now, read_histories
 from .models import MODELS, StItem, StParent, first_value, reset_schema
 from .proxy import FaultyProxy
 from .redis_server import RedisServer, die_with_parent
+from .sentinel import SentinelGroup
 from .worker import make_engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -146,11 +148,27 @@ def seed_rows(
 
 
 def final_state(
+    engine: Engine, redis_url: str | list[str], prefix: str
+) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
+    """The database rows, the decoded current VALUE entries, and what else Redis still holds
+    (``redis_url``: the server, or every primary of a Redis Cluster: an entry and its
+    generation key always live on the same one)."""
+    urls = [redis_url] if isinstance(redis_url, str) else redis_url
+    db: dict[Row, dict[str, Any]] = {}
+    cached: dict[Row, dict[str, Any] | None] = {}
+    leftover: Counter[str] = Counter()
+    for url in urls:
+        db, found, left = _final_state_of(engine, url, prefix)
+        cached.update(found)
+        leftover.update(left)
+    return db, cached, leftover
+
+
+def _final_state_of(
     engine: Engine, redis_url: str, prefix: str
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
-    """The database rows, the decoded current VALUE entries, and what else Redis still holds."""
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    cache = WriteThroughCache(client, prefix=prefix)
+    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
     layouts = {}
     for table, model in MODELS.items():
         layout = cache._layout_for(inspect(model))
@@ -251,6 +269,12 @@ class StressConfig:
     #: write paths of the mixed workers: "unit" (unit of work only), "statements" (statement-level
     #: DML only: bulk/ORM/Core/text UPDATEs, ``bulk_update_mappings``) or "mixed" (both)
     paths: str = "mixed"
+    #: how many of the workers run the asyncio flavour (AsyncSession on asyncpg / aiomysql,
+    #: redis.asyncio), next to sync ones on the same prefix
+    asyncio_workers: int = 0
+    #: the cache's ``publish`` option in every worker: "sync", or "background" (the publish
+    #: after COMMIT on the cache's background worker)
+    publish: str = "sync"
 
 
 @dataclasses.dataclass
@@ -263,8 +287,10 @@ class StressResult:
         db = self.config.db_url.split("+", 1)[0].split(":", 1)[0]
         faults = ",".join(sorted(self.config.faults)) or "none"
         head = (
-            f"== {db}, faults: {faults}, {self.config.workers} workers, "
+            f"== {db}, faults: {faults}, {self.config.workers} workers"
+            f"{f' ({self.config.asyncio_workers} asyncio)' if self.config.asyncio_workers else ''}, "
             f"{'/'.join(self.config.isolations)}, on_redis_error={self.config.on_redis_error}, "
+            f"{'publish=background, ' if self.config.publish == 'background' else ''}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
@@ -275,26 +301,47 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
     seed = config.seed if config.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     faults = frozenset(config.faults)
-    unknown = faults - set(ALL_FAULTS)
+    unknown = faults - set(ALL_FAULTS) - set(TOPOLOGY_FAULTS)
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}")
+    topology_of(faults)  # a combination that cannot run fails now
     started = time.monotonic()
     lock_wait = config.lock_wait
     procs: dict[int, subprocess.Popen[bytes]] = {}
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(workspace(config.keep_logs, log))
-        server = stack.enter_context(RedisServer())
+        topology = topology_of(faults)
+        server: RedisServer | None = None
+        sentinel: SentinelGroup | None = None
+        cluster: ClusterGroup | None = None
+        redis_option: dict[str, Any]
+        if topology == "sentinel":
+            sentinel = stack.enter_context(SentinelGroup())
+            redis_option = {"sentinels": sentinel.addresses}
+        elif topology == "cluster":
+            cluster = stack.enter_context(ClusterGroup())
+            redis_option = {"cluster": cluster.startup_nodes}
+        else:
+            server = stack.enter_context(RedisServer())
         proxy: FaultyProxy | None = None
-        if "proxy" in faults:
-            proxy = FaultyProxy(server.port, mode="faulty", seed=rng.randrange(1 << 30))
+        if faults & PROXIED:
+            assert server is not None
+            mode = "faulty" if "proxy" in faults else "pass"
+            proxy = FaultyProxy(server.port, mode=mode, seed=rng.randrange(1 << 30))
             stack.callback(proxy.close)
+        if server is not None:
+            redis_option = {"redis_url": proxy.url if proxy else server.url}
+        standby = stack.enter_context(RedisServer()) if "redis-switch" in faults else None
         engine = make_engine(config.db_url)
         stack.callback(engine.dispose)
         stack.enter_context(exclusive_tables(engine, lock_wait))
         reset_schema(engine)
         seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
         prefix = f"st-{uuid.uuid4().hex[:8]}"
-        deadline = now() + int(config.seconds * 1e9)
+        # The clock starts once every first worker is ready (imported, connected): on a loaded
+        # machine start-up alone once took longer than a short run, which then did nothing.
+        start_file = workdir / "start"
+        deadline = 0
         stack.callback(lambda: reap(list(procs.values()), time.monotonic()))
         incarnations = [0] * config.workers
 
@@ -308,12 +355,15 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "slots": config.workers,
                     "seed": rng.randrange(1 << 30),
                     "db_url": config.db_url,
-                    "redis_url": proxy.url if proxy else server.url,
+                    **redis_option,
                     "prefix": prefix,
                     "deadline": deadline,
+                    "start_file": str(start_file),
+                    "ready": str(workdir / f"{name}.ready"),
                     "history": str(workdir / f"{name}.jsonl"),
                     "isolations": list(config.isolations),
                     "on_redis_error": config.on_redis_error,
+                    "publish": config.publish,
                     "lock_timeout": config.lock_timeout,
                     "lease_timeout": config.lock_timeout,
                     "kill_prob": config.kill_prob if "sigkill" in faults else 0.0,
@@ -323,13 +373,23 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "role": "mixed",
                     "paths": config.paths,
                     "sabotage": config.sabotage,
+                    "flavour": "asyncio" if slot < config.asyncio_workers else "sync",
                 },
                 workdir,
             )
 
         for slot in range(config.workers):
             start(slot)
-        schedule = FaultSchedule(faults, server, proxy, rng)
+        give_up = time.monotonic() + 120
+        while not all((workdir / f"w{slot}.0.ready").exists() for slot in range(config.workers)):
+            if time.monotonic() > give_up or any(p.poll() is not None for p in procs.values()):
+                raise RuntimeError("stress workers did not get ready within 120 s")
+            time.sleep(0.05)
+        deadline = now() + int(config.seconds * 1e9)
+        tmp = workdir / "start.tmp"
+        tmp.write_text(str(deadline))
+        tmp.replace(start_file)
+        schedule = FaultSchedule(faults, server, proxy, rng, standby, sentinel, cluster)
         respawns = 0
         crashed: list[str] = []
         while now() < deadline:
@@ -351,15 +411,17 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             if now() < deadline - 1e9:
                 schedule.tick()
         schedule.heal()
+        (workdir / "faults.log").write_text("".join(f"{line}\n" for line in schedule.timeline))
         reap(list(procs.values()), time.monotonic() + 30)
         for slot, proc in procs.items():
             if proc.returncode not in (0, -signal.SIGKILL):
                 crashed.append(f"w{slot}.{incarnations[slot]} exited {proc.returncode}")
         # quiescence: every lock and lease taken before the end has expired
         time.sleep(config.lock_timeout + 0.5)
-        final_db, final_cache, leftover = final_state(engine, server.url, prefix)
+        # the server the workers reach at the end (redis-switch moves them)
+        final_db, final_cache, leftover = final_state(engine, _final_urls(schedule), prefix)
         events = read_histories(workdir)
-        report = check(events, final_db, final_cache, leftover)
+        report = check(events, final_db, final_cache, leftover, schedule.windows)
         stats: Counter[str] = Counter()
         for e in events:
             if e["e"] == "stop":
@@ -378,6 +440,18 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         info["elapsed"] = f"{time.monotonic() - started:.1f}s"
         return StressResult(config, report, info)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _final_urls(schedule: FaultSchedule) -> str | list[str]:
+    """The server the workers reach at the end: the primaries, on Sentinel or Cluster."""
+    if schedule.cluster is not None:
+        cluster = schedule.cluster
+        return [f"redis://127.0.0.1:{port}/0" for port in cluster.primaries()]
+    if schedule.sentinel is not None:
+        port = schedule.sentinel.primary_port()
+        assert port is not None
+        return f"redis://127.0.0.1:{port}/0"
+    return schedule.server.url
 
 
 # ------------------------------------------------------------------------------ herd

@@ -20,6 +20,7 @@ in its configuration, recording every read and commit (see :mod:`stress.history`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import case, create_engine, event, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -140,19 +141,37 @@ class Worker:
         self.baseline_parents: list[int] = config.get("baseline_parents", [])
         self.op_in_baseline = False
 
-        self.engine = make_engine(config["db_url"], pool_size=2)
+        #: "sync", or "asyncio": AsyncSessions on the database's asyncio driver and a
+        #: redis.asyncio client; the ops then run in one greenlet on an event loop, on each
+        #: AsyncSession's sync session, as ``AsyncSession.run_sync`` runs code
+        self.flavour: str = config.get("flavour", "sync")
+        self.async_engine: Any = None
+        if self.flavour == "asyncio":
+            from sqlalchemy.ext.asyncio import create_async_engine
+
+            self.async_engine = create_async_engine(
+                async_url(config["db_url"]), pool_size=2, max_overflow=2
+            )
+            self.engine = self.async_engine.sync_engine
+            _session_settings(self.engine)
+        else:
+            self.engine = make_engine(config["db_url"], pool_size=2)
         self.cache = WriteThroughCache(
-            config["redis_url"],
+            redis_client(config, asynchronous=self.flavour == "asyncio"),
             prefix=config["prefix"],
             ttl=600,
             lock_timeout=config.get("lock_timeout", 2.0),
             lease_timeout=config.get("lease_timeout", 2.0),
             on_redis_error=config.get("on_redis_error", "strict"),
+            publish=config.get("publish", "sync"),
         )
         sabotage(self.cache, config.get("sabotage"))
-        self.sessions: dict[str, sessionmaker[Session]] = {}
-        self.plain: dict[str, sessionmaker[Session]] = {}
+        self.sessions: dict[str, Callable[[], Session]] = {}
+        self.plain: dict[str, Callable[[], Session]] = {}
         for level in self.isolations:
+            if self.async_engine is not None:
+                self.sessions[level], self.plain[level] = self._async_factories(level)
+                continue
             bound = self.engine.execution_options(isolation_level=level)
             factory: sessionmaker[Session] = sessionmaker(bound, expire_on_commit=False)
             self.cache.install(factory)
@@ -162,9 +181,24 @@ class Worker:
             event.listen(plain, "after_begin", _mark_begin)
             self.plain[level] = plain
 
+    def _async_factories(self, level: str) -> tuple[Callable[[], Session], Callable[[], Session]]:
+        """(cached, plain) session makers of the asyncio flavour: each makes an AsyncSession
+        and hands out its sync session (used from the worker's greenlet)."""
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
+        from sqlalchemy_writethrough import flavours
+
+        bound = self.async_engine.execution_options(isolation_level=level)
+        cached: Any = async_sessionmaker(bound, expire_on_commit=False)
+        self.cache.install(cached)
+        self._hooks(flavours.sync_session_class(cached))
+        plain: Any = async_sessionmaker(bound, expire_on_commit=False)
+        event.listen(flavours.sync_session_class(plain), "after_begin", _mark_begin)
+        return (lambda: cached().sync_session), (lambda: plain().sync_session)
+
     # -- hooks ---------------------------------------------------------------------------
 
-    def _hooks(self, factory: sessionmaker[Session]) -> None:
+    def _hooks(self, factory: Any) -> None:
         event.listen(factory, "after_begin", _mark_begin)
         if self.kill_prob <= 0:
             return
@@ -445,16 +479,22 @@ class Worker:
         lf = self.cache.stats().lock_failures
         s, level = self.session()
         with s:
+            # the locked rows, held: the identity map is weak, and a later s.get() of a row
+            # it let go would be a cache read, whose value the write would then be based on
             if path == "range":
-                model, ids = self._stmt_range(s, level)
+                model, locked = self._stmt_range(s, level)
             else:
                 model, ids = self._stmt_targets()
-                ids = [i for i in ids if self.get_locked(s, level, model, i) is not None]
-            if not ids:
+                locked = {}
+                for i in ids:
+                    obj = self.get_locked(s, level, model, i)
+                    if obj is not None:
+                        locked[i] = obj
+            if not locked:
                 return
             table = model.__tablename__
             # the rows' current values: what the FOR UPDATE reads just returned
-            values = {i: next_value(s.get(model, i).counter, self.rng) for i in ids}
+            values = {i: next_value(obj.counter, self.rng) for i, obj in locked.items()}
             rows = [{"id": i, "counter": v} for i, v in values.items()]
             tbl = self.engine.dialect.identifier_preparer.quote(table)
             raw = text(f"UPDATE {tbl} SET counter = :v WHERE id = :id")
@@ -500,9 +540,9 @@ class Worker:
         n = self.rng.randint(1, min(3, len(pool)))
         return model, sorted(self.rng.sample(pool, n))
 
-    def _stmt_range(self, s: Session, level: str) -> tuple[Any, list[int]]:
+    def _stmt_range(self, s: Session, level: str) -> tuple[Any, dict[int, Any]]:
         """Lock every row of a random id range ``[a, b]`` of hot items (2-3 ids wide) with one
-        ``SELECT ... FOR UPDATE``, each row logged as a locked read; returns their ids."""
+        ``SELECT ... FOR UPDATE``, each row logged as a locked read; returns them by id."""
         pool = sorted(self.item_ids())
         width = self.rng.randint(2, 3)
         start = self.rng.randrange(len(pool) - width + 1)
@@ -525,7 +565,7 @@ class Worker:
                     "tx": s.info.get("t_begin"),
                 }
             )
-        return StItem, [obj.id for obj in found]
+        return StItem, {obj.id: obj for obj in found}
 
     def op_insert(self) -> None:
         if self.next_extra >= 10_000:
@@ -558,7 +598,40 @@ class Worker:
     # -- loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.async_engine is None:
+            self._run()
+            return
+        from sqlalchemy_writethrough._sa_compat import greenlet_spawn
+
+        async def main() -> None:
+            try:
+                await greenlet_spawn(self._run)
+            finally:
+                await self.cache.aclose()
+                await self.async_engine.dispose()
+
+        asyncio.run(main())
+
+    def _wait_for_start(self, parent: int) -> None:
+        """Say ready, then take the deadline from the runner's start file (written once every
+        first worker is ready; a respawned worker finds it there)."""
+        start_file = self.config.get("start_file")
+        if not start_file:
+            return
+        with open(self.config["ready"], "w", encoding="utf-8") as f:
+            f.write("ready")
+        give_up = time.monotonic() + 150
+        while not os.path.exists(start_file):
+            if time.monotonic() > give_up or os.getppid() != parent:
+                self.deadline = 0
+                return
+            time.sleep(0.02)
+        with open(start_file, encoding="utf-8") as f:
+            self.deadline = int(f.read())
+
+    def _run(self) -> None:
         parent = os.getppid()
+        self._wait_for_start(parent)
         while now() < self.deadline and os.getppid() == parent:
             kind = self.rng.choices(self.ops, self.weights)[0]
             self.op_in_baseline = bool(
@@ -573,12 +646,73 @@ class Worker:
             except Exception as exc:
                 err, ec = error_text(exc), error_class(exc)
             self.rec.log({"e": "op", "k": kind, "t0": t0, "t1": now(), "err": err, "ec": ec})
-        self.rec.log({"e": "stop", "t": now(), "stats": self.cache.stats().__dict__})
+        counts = {k: v for k, v in vars(self.cache.stats()).items() if type(v) is int}
+        self.rec.log({"e": "stop", "t": now(), "stats": counts})
         self.rec.close()
-        self.engine.dispose()
+        if self.async_engine is None:
+            self.engine.dispose()
 
 
-SABOTAGES = ("unguarded-fill", "stale-snapshot-fill")
+def redis_client(config: dict[str, Any], asynchronous: bool = False) -> Any:
+    """What the worker gives the cache: the URL of the run's server, a Sentinel-managed
+    primary, or a Redis Cluster, configured as docs/running-redis.md advises; for an asyncio
+    worker, the ``redis.asyncio`` twin of the Sentinel or Cluster client (a URL serves both)."""
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    if config.get("sentinels"):
+        from .sentinel import SERVICE
+
+        if asynchronous:
+            from redis.asyncio.retry import Retry as AsyncRetry
+            from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+            sentinel_class: Any = AsyncSentinel
+            retry: Any = AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        else:
+            from redis.retry import Retry
+            from redis.sentinel import Sentinel
+
+            sentinel_class = Sentinel
+            retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        sentinel = sentinel_class(
+            [tuple(a) for a in config["sentinels"]],
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+        return sentinel.master_for(
+            SERVICE,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=retry,
+            retry_on_error=[RedisConnectionError],
+        )
+    if config.get("cluster"):
+        if asynchronous:
+            from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+            from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+            return AsyncRedisCluster(
+                startup_nodes=[AsyncClusterNode(h, p) for h, p in config["cluster"]],
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
+            )
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in config["cluster"]],
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+    return config["redis_url"]
+
+
+SABOTAGES = (
+    "unguarded-fill",
+    "stale-snapshot-fill",
+    "no-epoch-check",
+    "unlocked-background-publish",
+)
 
 
 def sabotage(cache: WriteThroughCache, name: str | None) -> None:
@@ -586,7 +720,14 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
 
     ``unguarded-fill``       a fill writes whatever it loaded, even over a lock or a newer
                              value (no lease check), a few milliseconds after the load;
-    ``stale-snapshot-fill``  a REPEATABLE READ transaction fills from its old snapshot.
+    ``stale-snapshot-fill``  a REPEATABLE READ transaction fills from its old snapshot;
+    ``no-epoch-check``       the cache's Redis connections are never checked against the
+                             prefix's epoch (the backend is built without it), so a Redis that
+                             went back in time serves what it remembers;
+    ``unlocked-background-publish``  with ``--publish background``: a commit gives its locks
+                             up (the previous values come back) before queuing its publish, as
+                             a naive asynchronous cache would, and the worker runs a few
+                             milliseconds late.
     """
     if not name:
         return
@@ -604,6 +745,28 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
             return True
 
         backend.fill = fill  # type: ignore[method-assign]
+    elif name == "no-epoch-check":
+        checked = cache._backend
+        unchecked = type(checked)(checked.client, checked.breaker, cache._counters)
+        unchecked.on_recovery = checked.on_recovery
+        cache._backend = unchecked
+    elif name == "unlocked-background-publish":
+        write = cache._write
+        publisher = write.publisher
+        assert publisher is not None
+        submit, run = write._submit, publisher._run
+
+        def unlocked_submit(job: Any) -> bool:
+            if job.committed and job.pairs:
+                cache._backend.release(job.pairs, job.owner)
+            return submit(job)
+
+        def late_run(jobs: Any) -> object:
+            time.sleep(random.uniform(0.002, 0.02))
+            return run(jobs)
+
+        write._submit = unlocked_submit  # type: ignore[method-assign]
+        publisher._run = late_run
     elif name == "stale-snapshot-fill":
         from sqlalchemy_writethrough import loading
 
@@ -618,6 +781,24 @@ def _mark_begin(session: Session, transaction: Any, connection: Any) -> None:
 
 def make_engine(url: str, pool_size: int = 2) -> Engine:
     engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+    _session_settings(engine)
+    return engine
+
+
+def async_url(url: str) -> str:
+    """The same database through its asyncio driver (asyncpg, aiomysql)."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    driver = {"postgresql": "asyncpg", "mysql": "aiomysql", "mariadb": "aiomysql"}[backend]
+    query = {k: v for k, v in parsed.query.items() if k != "options"}
+    return parsed.set(drivername=f"{backend}+{driver}", query=query).render_as_string(
+        hide_password=False
+    )
+
+
+def _session_settings(engine: Engine) -> None:
+    """Short lock waits on every new database connection (the sync core of an async engine
+    too: its listener runs in the greenlet that connects)."""
 
     @event.listens_for(engine, "connect")
     def _settings(dbapi_connection: Any, record: Any) -> None:
@@ -629,8 +810,6 @@ def make_engine(url: str, pool_size: int = 2) -> Engine:
             cursor.execute("SET SESSION innodb_lock_wait_timeout = 5")
         cursor.close()
         dbapi_connection.commit()
-
-    return engine
 
 
 # ------------------------------------------------------------------------ herd

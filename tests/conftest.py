@@ -8,17 +8,24 @@ Fixtures:
 * ``postgresql_url`` / ``mariadb_url`` (session): SQLAlchemy URLs of the server databases.
 * ``db_name``: one of ``sqlite``, ``postgresql``, ``mariadb``; a test using it (or ``db_url``
   / ``engine``) runs once per database. Restrict with ``@pytest.mark.databases("postgresql")``
-  on the test, class or module (``pytestmark``).
+  on the test, class or module (``pytestmark``), and for the whole run with
+  ``--databases sqlite`` (or ``$WRITETHROUGH_TEST_DATABASES``).
 * ``db_url``: SQLAlchemy URL for ``db_name`` (SQLite: a fresh file under ``tmp_path``).
 * ``engine``: an ``Engine`` on ``db_url``, disposed after the test.
+* ``cluster`` (session): a Redis Cluster of 3 primaries and 3 replicas on loopback
+  (``stress/cluster.py``), started at first use; tests that fail a node over restart it.
 
 Helpers to import from ``_servers``: ``reset_schema``, ``capture_sql``, ``counting_redis``.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -36,9 +43,26 @@ from _servers import (
     server_url,
 )
 
+# Caches made by tests send no shared stats in the background: a send landing inside a test
+# that counts Redis round trips would be counted. The tests of the shared stats turn it on.
+os.environ.setdefault("SQLALCHEMY_WRITETHROUGH_STATS_INTERVAL", "off")
+
+# the pytest plugin's own tests run a user's suite with pytester
+pytest_plugins = ["pytester"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--databases",
+        default=os.environ.get("WRITETHROUGH_TEST_DATABASES", ""),
+        help="comma-separated databases to run the database tests on (sqlite, postgresql, "
+        "mariadb; default all, or $WRITETHROUGH_TEST_DATABASES); tests needing none still run",
+    )
+
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``db_name`` over the databases allowed by the closest ``databases`` marker."""
+    """Parametrize ``db_name`` over the databases allowed by the closest ``databases`` marker
+    and by ``--databases``."""
     if "db_name" not in metafunc.fixturenames:
         return
     for mark in metafunc.definition.iter_markers("parametrize"):
@@ -57,7 +81,58 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 f"choose from {list(DATABASES)}"
             )
         names = [name for name in DATABASES if name in marker.args]
+    chosen = _chosen_databases(metafunc.config)
+    if chosen:
+        names = [name for name in names if name in chosen]
     metafunc.parametrize("db_name", names, ids=names, indirect=True)
+
+
+def _chosen_databases(config: pytest.Config) -> list[str]:
+    """The databases ``--databases`` names (empty: all)."""
+    chosen = [n.strip() for n in config.getoption("databases").split(",") if n.strip()]
+    unknown = [name for name in chosen if name not in DATABASES]
+    if unknown:
+        raise pytest.UsageError(
+            f"--databases: unknown database(s) {unknown}; choose from {list(DATABASES)}"
+        )
+    return chosen
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--databases`` also deselects tests that parametrize a ``db`` of their own (the stress
+    runs), so that a SQLite-only run needs no PostgreSQL or MariaDB at all."""
+    _narrowed(config, items)
+    chosen = _chosen_databases(config)
+    if not chosen:
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        db = spec.params.get("db") if spec is not None else None
+        other = isinstance(db, str) and db in DATABASES and db not in chosen
+        (drop if other else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def _narrowed(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A parameter marked ``pytest.param(..., marks=pytest.mark.databases(...))`` narrows
+    the databases of its test instances: the others are deselected (a Redis Cluster flavour
+    of the behaviour suite runs on one database, not on each)."""
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        db = spec.params.get("db_name") if spec is not None else None
+        # the test's own marks and its parameters' (a module's or class's are pytestmark)
+        marks = [m.args for m in getattr(item, "own_markers", ()) if m.name == "databases"]
+        outside = isinstance(db, str) and any(db not in names for names in marks)
+        (drop if outside else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -66,6 +141,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("-", "servers used")
         for name, where in sorted(DISCOVERED.items()):
             terminalreporter.write_line(f"{name}: {where}")
+
+
+# A background thread of a finished test's cache (a breaker's probe) may log a warning between
+# tests, when no handler is installed: logging's last resort then wrote it to pytest's closed
+# capture stream ("--- Logging error ---"). Tests read the records through caplog, not stderr.
+logging.getLogger("sqlalchemy_writethrough").addHandler(logging.NullHandler())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _freeze_what_earlier_modules_left() -> None:
+    """Collect the garbage of earlier modules, then exempt every survivor from later
+    collections (``gc.freeze``). Several tests call ``gc.collect()`` to free the caches they
+    discarded; late in the suite each such call walked every object of every module before
+    (about a second each), and now walks only this module's."""
+    gc.collect()
+    gc.freeze()
 
 
 # ---------------------------------------------------------------------------- Redis
@@ -98,6 +189,18 @@ def prefix(redis_url: str) -> Iterator[str]:
         delete_prefix(client, value)
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    """A Redis Cluster (3 primaries, 3 replicas) the tests start on loopback ports."""
+    from stress.cluster import running_cluster
+
+    from _sentinel import require_redis_server
+
+    require_redis_server()
+    with running_cluster() as group:
+        yield group
 
 
 # ------------------------------------------------------------------------- databases

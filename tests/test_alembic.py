@@ -150,7 +150,7 @@ def test_a_schema_change_moves_the_model_to_a_new_keyspace(
         conn.execute(text(f"UPDATE {TABLE} SET sku = 'T-1' WHERE id = 1"))
     new_cache = WriteThroughCache(cache.redis, prefix=cache.prefix)
     new_cache.register(ProductV2)
-    new_key = entry_key(new_cache, ProductV2, 1)
+    new_key = entry_key(new_cache, ProductV2, 1, bind=engine)
     assert new_key != old_key
     v1 = ModelLayout(Product.__mapper__, cache._defaults, cache.prefix, 16)
     v2 = ModelLayout(ProductV2.__mapper__, cache._defaults, cache.prefix, 16)

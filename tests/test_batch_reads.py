@@ -166,3 +166,39 @@ def test_a_row_that_cannot_be_stored_is_served_from_the_database(
     with factory() as session:
         note = session.get(BrNote, 1)
         assert note is not None and note.body.text == "one"
+
+
+def test_damaged_entries_in_a_batch_are_misses_and_the_rest_hits(
+    engine: Engine, setup: tuple, redis_url: str
+) -> None:
+    """Among the entries one read fetches, garbage and another key's row are each a miss
+    (counted, logged, removed) loaded from the database; every other entry is a hit."""
+    import redis
+
+    from _cache_helpers import entry_key
+
+    factory, cache, _ = setup
+    client = redis.Redis.from_url(redis_url)
+    try:
+        garbage_key = entry_key(cache, BrItem, 4)
+        raw = client.get(garbage_key)
+        assert raw is not None
+        header = raw[: raw.index(b":", 1) + 1]
+        client.set(garbage_key, header + b"\x01not msgpack")
+        swapped_key = entry_key(cache, BrItem, 6)
+        row6, row7 = client.get(swapped_key), client.get(entry_key(cache, BrItem, 7))
+        assert row6 is not None and row7 is not None
+        own_header = row6[: row6.index(b":", 1) + 1]  # its bucket's generation
+        client.set(swapped_key, own_header + row7[row7.index(b":", 1) + 1 :])
+    finally:
+        client.close()
+    before = cache.stats()
+    with capture_sql(engine) as sql, factory() as session:
+        rows = session.scalars(
+            select(BrItem).where(BrItem.id.in_(list(range(1, 11)))).options(from_cache())
+        ).all()
+    assert sorted(names(rows)) == [(i, f"item {i}") for i in range(1, 11)]
+    assert len(sql) == 1
+    after = cache.stats()
+    assert after.decode_errors - before.decode_errors == 2
+    assert after.hits - before.hits == 8

@@ -113,3 +113,35 @@ def test_run_cleans_up(results: runner.Results, redis_url: str, postgresql_url: 
         assert not inspector.has_table(ITEM_TABLE, schema=results.schema)
     finally:
         engine.dispose()
+
+
+def test_a_baseline_version_is_measured_beside_ours(
+    redis_url: str, postgresql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--baseline DIR`` loads the package in DIR (here this very tree) under another name and
+    adds its row beside ours in each group (the asyncio flavour's too), with a ratio of the two;
+    its keys are cleaned up."""
+    from benchmarks import peers
+
+    ours_asyncio = [peer for peer in peers.PEERS if peer[1] == "ours_asyncio"]
+    monkeypatch.setattr(peers, "PEERS", tuple(ours_asyncio))  # the other peers: not here
+    quick = ["--quick", "--iterations", "2", "--warmup", "1"]
+    args = cli.parse_args([*quick, "--baseline", str(ROOT), "--only", "pk", "--only", "readback"])
+    settings = cli.settings_from(args)
+    settings.postgresql_url = postgresql_url
+    settings.redis_url = redis_url
+    results = runner.run(settings, "python -m benchmarks --baseline", log=lambda _: None)
+    for group in results.groups:
+        variant = group.find(f"{group.key.replace('pk', 'get')}.baseline")
+        assert variant is not None and variant.error is None
+        assert len(variant.samples) == group.iterations
+    names = [r.name for r in report.compute_ratios(results)]
+    assert any(name.startswith("ours / baseline: session.get") for name in names)
+    async_baseline = next(g for g in results.groups if g.key == "pk").find("pk.async.baseline")
+    assert async_baseline is not None and async_baseline.error is None
+    assert any(name.startswith("ours / baseline: await session.get") for name in names)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"{results.prefix}*", count=1000)) == []
+    finally:
+        client.close()

@@ -820,6 +820,21 @@ def test_uninstall_stops_caching(
     assert cache.stats() == type(cache.stats())()
 
 
+def test_uninstall_after_the_listeners_were_removed_elsewhere(
+    schema: Engine, redis_url: str, prefix: str
+) -> None:
+    """Test harnesses clear a target's listeners themselves (SQLAlchemy's own suite clears
+    every SessionEvents listener): ``uninstall()`` then removes what is left, no error."""
+    cache = make_cache(redis_url, prefix)
+    factory = sessionmaker(schema)
+    cache.install(factory)
+    sa.event.remove(factory, "do_orm_execute", cache._read.on_execute)
+    cache.uninstall(factory)
+    assert not sa.event.contains(factory, "before_flush", cache._write.before_flush)
+    cache.install(factory)  # and it can come back
+    cache.uninstall(factory)
+
+
 # ---------------------------------------------------------------- two caches, timeouts
 
 
@@ -958,8 +973,9 @@ def test_invalidate_whole_model_in_one_round_trip(
     redis_url: str,
     install: Installer,
 ) -> None:
-    """``cache.invalidate(Model)``: all 50 cached rows are misses at once (one Redis round
-    trip, whatever the number of rows); reads refill them; other models keep their entries."""
+    """``cache.invalidate(Model, bind=engine)``: all 50 cached rows are misses at once (one
+    Redis round trip, whatever the number of rows); reads refill them; other models keep their
+    entries. Without ``bind`` (every database), one more round trip reads the registry."""
     client, trips = counting_redis(redis_url, socket_timeout=1)
     cache = WriteThroughCache(client, prefix=prefix)
     factory = sessionmaker(schema)
@@ -970,7 +986,7 @@ def test_invalidate_whole_model_in_one_round_trip(
     assert all(sql_of_get(schema, factory, CfWidget, i) == 0 for i in range(1, 51))
 
     trips.reset()
-    assert cache.invalidate(CfWidget) is True
+    assert cache.invalidate(CfWidget, bind=schema) is True
     assert trips.count == 1
 
     with capture_sql(schema) as sql:
@@ -983,6 +999,11 @@ def test_invalidate_whole_model_in_one_round_trip(
     assert sql == []
     assert sql_of_get(schema, factory, CfShortLived, 1) == 0
     assert cache.stats().invalidations == 1
+
+    trips.reset()
+    assert cache.invalidate(CfWidget) is True
+    assert trips.count == 2
+    assert sql_of_get(schema, factory, CfWidget, 1) == 1
     client.close()
 
 

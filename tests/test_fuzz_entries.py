@@ -38,7 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 from sqlalchemy_writethrough.codec import FORMAT_VERSION
 
-from _cache_helpers import entry_key
+from _cache_helpers import entry_key, keyspace
 from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql")
@@ -120,9 +120,7 @@ def fz(engine: Engine, redis_url: str, prefix: str) -> Iterator[Fz]:
         s.add(FzOther(id=1, title="not an item"))
         s.commit()
     key = entry_key(cache, FzItem, 1)
-    layout = cache._layout_for(inspect(FzItem))
-    assert layout is not None
-    gen_key = layout.keys.pair([1])[1]
+    gen_key = keyspace(cache, FzItem).pair([1])[1]
     real = client.get(key)
     assert real is not None and real[:1] == b"V"
     try:

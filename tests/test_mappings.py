@@ -13,7 +13,7 @@ called, deferred and computed attributes loaded on access).
 * ``column_property`` (``a + b``, a correlated count) and ``hybrid_property``;
 * relationships with ``lazy="raise"``; ``__init__`` with side effects and ``@reconstructor``;
 * ``version_id_col``: the cached version, and ``StaleDataError`` as without the cache;
-* what the cache refuses (concrete inheritance, Date / Numeric keys, PickleType, a 2-D ARRAY,
+* what the cache refuses (a polymorphic concrete base, Date / Numeric keys, PickleType, a 2-D ARRAY,
   a type with no stored form) is refused when the mapper is configured.
 
 Inheritance hierarchies have their own module (test_inheritance.py).
@@ -71,7 +71,7 @@ from sqlalchemy.types import UserDefinedType
 from sqlalchemy_writethrough import CachedModel, ConfigurationError, WriteThroughCache
 from sqlalchemy_writethrough import from_cache as cache_option
 
-from _cache_helpers import cached_values, entry_key, entry_state
+from _cache_helpers import cached_values, entry_key, entry_state, keyspace
 from _servers import capture_sql, reset_schema
 
 # ------------------------------------------------------------------------------ models
@@ -347,9 +347,7 @@ def state(cache: WriteThroughCache, client: redis.Redis, model: type, *pk: Any) 
 def is_current_value(cache: WriteThroughCache, client: redis.Redis, model: type, *pk: Any) -> bool:
     """The entry is a VALUE of its bucket's current generation (a VALUE left from before a
     whole-model invalidation is a miss)."""
-    layout = cache._layout_for(inspect(model))
-    assert layout is not None
-    key, gen_key = layout.keys.pair(list(pk))
+    key, gen_key = keyspace(cache, model).pair(list(pk))
     raw, gen = client.mget(key, gen_key)
     return raw is not None and raw[:1] == b"V" and raw[1 : raw.index(b":", 1)] == gen
 
@@ -610,8 +608,9 @@ def test_expire_on_commit(
     db: Engine, cache: WriteThroughCache, client: redis.Redis, expire_on_commit: bool
 ) -> None:
     """With expire_on_commit=False the committed objects keep their values (no SQL on access)
-    and the cache still holds the committed row; with True they reload from the database.
-    Either way a new session's ``get`` is served from the cache and equals the database."""
+    and the cache still holds the committed row; with True they reload from the entry the
+    commit published (no SQL either). Either way a new session's ``get`` is served from the
+    cache and equals the database."""
     maker = sessionmaker(db, expire_on_commit=expire_on_commit)
     cache.install(maker)
     with maker() as s:
@@ -620,12 +619,12 @@ def test_expire_on_commit(
         s.commit()
         with capture_sql(db) as sql:
             assert country.name == "Germany"
-        assert len(sql) == (1 if expire_on_commit else 0)
+        assert sql == []
         country.name = "Deutschland"
         s.commit()
         with capture_sql(db) as sql:
             assert country.name == "Deutschland"
-        assert len(sql) == (1 if expire_on_commit else 0)
+        assert sql == []
         assert state(cache, client, MxCountry, "DE") == "value"
         with maker() as other:
             with capture_sql(db) as sql:
@@ -931,17 +930,24 @@ class _Point(UserDefinedType[Any]):
         return "POINT"
 
 
-def _concrete(base: type) -> list[type]:
+def _concrete(base: Any) -> list[type]:
+    """A polymorphic concrete base: its loads read a UNION of the concrete tables. (The
+    classic mapping: ``ConcreteBase``'s listener outlives a disposed registry on SA 2.0.)"""
+    employee = sa.Table("mx_employee", base.metadata, sa.Column("id", Integer, primary_key=True))
+    manager = sa.Table("mx_manager", base.metadata, sa.Column("id", Integer, primary_key=True))
+    pjoin = sa.orm.polymorphic_union({"employee": employee, "manager": manager}, "type")
+
     class MxEmployee(base, CachedModel):  # type: ignore[misc,valid-type]
-        __tablename__ = "mx_employee"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        name: Mapped[str] = mapped_column(String(40))
+        __table__ = employee
+        __mapper_args__ = {
+            "polymorphic_on": pjoin.c.type,
+            "with_polymorphic": ("*", pjoin),
+            "polymorphic_identity": "employee",
+        }
 
     class MxManager(MxEmployee):
-        __tablename__ = "mx_manager"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        name: Mapped[str] = mapped_column(String(40))
-        __mapper_args__ = {"concrete": True}
+        __table__ = manager
+        __mapper_args__ = {"polymorphic_identity": "manager", "concrete": True}
 
     return [MxEmployee, MxManager]
 
@@ -960,7 +966,7 @@ def _one_column(column: Any, primary_key: bool = False) -> Any:
 
 
 REFUSED = [
-    pytest.param(_concrete, r"concrete table inheritance is not cached", id="concrete"),
+    pytest.param(_concrete, r"loads read a UNION.*cache the concrete classes", id="concrete"),
     pytest.param(
         _one_column(sa.Date, primary_key=True), r"primary keys of type Date", id="date-pk"
     ),

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import ForeignKey, String, create_engine, event, inspect, select
+from sqlalchemy.ext.declarative import DeferredReflection
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -22,6 +23,7 @@ from sqlalchemy.orm import (
     relationship,
     with_loader_criteria,
 )
+from sqlalchemy.orm.exc import UnmappedClassError
 
 from sqlalchemy_writethrough import _sa_compat, from_cache
 
@@ -67,6 +69,16 @@ def test_make_result_supports_what_callers_do(session: Session) -> None:
     row = _sa_compat.make_result(objs, "Thing").one()
     assert row.Thing is objs[0]
     assert _sa_compat.make_result([], "Thing").scalars().first() is None
+
+
+def test_make_result_carries_what_legacy_query_reads(session: Session) -> None:
+    """Legacy ``Query`` turns rows into entities by reading the ORM result's attributes."""
+    session.add(Parent(id=1))
+    session.commit()
+    orm_result = session.execute(select(Parent))
+    made = _sa_compat.make_result([], "Parent")
+    for name in ("is_single_entity", "filtered"):
+        assert made._attributes.get(name) is orm_result._attributes.get(name) is True
 
 
 def test_build_persistent_is_a_clean_identity_mapped_load(session: Session) -> None:
@@ -162,7 +174,43 @@ def test_load_options_flags(session: Session) -> None:
     session.expunge_all()
     session.get(Parent, 1, populate_existing=True)
     session.execute(select(Parent).execution_options(populate_existing=True)).all()
-    assert [_sa_compat.load_options_forbid_cache(s) for s in states] == [False, True, True]
+    session.query(Parent).only_return_tuples(True).all()
+    assert [_sa_compat.load_options_forbid_cache(s) for s in states] == [False, True, True, True]
+
+
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.LegacyAPIWarning")
+def test_is_identity_load_tells_gets_and_lazy_loads_from_queries(session: Session) -> None:
+    session.add(Thing(a=3, b="z", parent=Parent(id=7)))
+    session.commit()
+    session.expunge_all()
+    states = captured_states(session)
+    thing = session.get(Thing, (3, "z"))
+    assert thing is not None
+    _ = thing.parent  # a many-to-one lazy load
+    session.expunge_all()
+    session.query(Parent).get(7)
+    session.expunge_all()
+    session.query(Parent).filter(Parent.id == 7).all()
+    session.query(Parent).filter(Parent.id == 7).first()
+    session.execute(select(Parent).where(Parent.id == 7)).all()
+    session.execute(select(Parent).where(Parent.id == 7).options(from_cache())).all()
+    found = [_sa_compat.is_identity_load(s) for s in states]
+    assert found == [True, True, True, False, False, False, False]
+
+
+def test_identity_token(session: Session) -> None:
+    """The token of ``get(identity_token=...)`` and of the ``identity_token`` execution option
+    (what horizontal sharding sets) reaches do_orm_execute; a plain load has none."""
+    session.add(Parent(id=1))
+    session.commit()
+    session.expunge_all()
+    states = captured_states(session)
+    session.get(Parent, 1)
+    session.expunge_all()
+    session.get(Parent, 1, identity_token="shard-a")
+    session.execute(select(Parent).execution_options(identity_token="shard-b")).all()
+    assert [_sa_compat.identity_token(s) for s in states] == [None, "shard-a", "shard-b"]
+    assert not any(_sa_compat.load_options_forbid_cache(s) for s in states)
 
 
 def test_plain_entity_select_and_pk_equalities(session: Session) -> None:
@@ -292,3 +340,71 @@ def test_expanded_parameter_names(tmp_path: Any) -> None:
         conn.execute(select(Thing.__table__).where(Thing.__table__.c.a.in_([1, 2, 3])))
     engine.dispose()
     assert seen == [["a_1_1", "a_1_2", "a_1_3"]]
+
+
+def test_registry_mappers_and_all_mappers_skip_classes_not_mapped_yet() -> None:
+    """A ``DeferredReflection`` class is not mapped until ``prepare()``; ``registry.mappers``
+    then raises, ``registry_mappers`` and ``all_mappers`` list the mapped classes."""
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class Mapped_(LocalBase):
+        __tablename__ = "sc_mapped"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Reflected(DeferredReflection, LocalBase):
+        __abstract__ = True
+
+    class Pending(Reflected):
+        __tablename__ = "sc_pending"
+
+    try:
+        with pytest.raises(UnmappedClassError):
+            list(LocalBase.registry.mappers)
+        assert _sa_compat.registry_mappers(LocalBase.registry) == [inspect(Mapped_)]
+        assert inspect(Mapped_) in _sa_compat.all_mappers()
+        engine = create_engine("sqlite://")
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE sc_pending (id INTEGER PRIMARY KEY)")
+        Reflected.prepare(engine)
+        mapped = set(_sa_compat.registry_mappers(LocalBase.registry))
+        assert mapped == {inspect(Mapped_), inspect(Pending)}
+    finally:
+        LocalBase.registry.dispose()
+
+
+def test_json_functions_are_the_engines() -> None:
+    import json
+
+    def dumps(v: Any) -> str:
+        return json.dumps(v, sort_keys=True)
+
+    def loads(s: str) -> Any:
+        return json.loads(s)
+
+    default = create_engine("sqlite://")
+    custom = create_engine("sqlite://", json_serializer=dumps, json_deserializer=loads)
+    try:
+        assert _sa_compat.json_functions(default.dialect) == (json.dumps, json.loads)
+        assert _sa_compat.json_functions(custom.dialect) == (dumps, loads)
+    finally:
+        default.dispose()
+        custom.dispose()
+
+
+def test_the_greenlet_bridge_awaits_from_sync_code() -> None:
+    """``greenlet_spawn`` runs sync code on the loop; there ``await_`` awaits a coroutine
+    (what the asyncio transport does for every Redis call); outside, ``in_greenlet`` says no."""
+    import asyncio
+
+    async def double(value: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * value
+
+    def sync_part() -> int:
+        assert _sa_compat.in_greenlet()
+        return _sa_compat.await_(double(21))
+
+    assert asyncio.run(_sa_compat.greenlet_spawn(sync_part)) == 42
+    assert not _sa_compat.in_greenlet()

@@ -193,3 +193,8 @@ def test_stale_reads_behind_a_writer_that_could_not_lock_are_the_documented_gap(
     report = check(events, DB, cache)
     assert report.ok, report.format()
     assert len(report.gap) == 2  # the stale read and the stale entry at quiescence
+    # its window: the read began 5 ms after the commit it missed had completed
+    assert report.gap_window() == (
+        "degrade gap: 1 stale reads, started 5 ms (median) / 5 ms (p99) / 5 ms (max) after the "
+        "commit they missed completed; 1 stale entries at quiescence"
+    )

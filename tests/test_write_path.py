@@ -964,6 +964,7 @@ def test_two_prefixes_on_one_redis_never_see_each_others_keys(
             keys = {entry_key(cache, WpProduct, pk) for pk in pks}
             keys |= {generation_key(k) for k in keys}
             keys.add(f"{cache.prefix}:registry")  # the keyspaces that hold entries
+            keys.add(f"{cache.prefix}:epoch")  # the Redis data set last validated
             return sorted(k.encode() for k in keys)
 
         assert prefix_keys(redis_client, prefix) == expected(cache_a, 1, 2)

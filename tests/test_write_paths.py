@@ -1126,6 +1126,9 @@ def _create_triggers(engine: Engine) -> None:
     with engine.begin() as conn:
         for src, dst in (("wx_src", "wx_dst"), ("wx_src2", "wx_dst2"), ("wx_src3", "wx_dst3")):
             body = f"UPDATE {dst} SET total = NEW.amount WHERE id = NEW.dst_id"
+            # reset_schema empties tables without dropping them: an earlier test's trigger stays
+            on = f" ON {src}" if dialect == "postgresql" else ""
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {src}_trg{on}")
             if dialect == "postgresql":
                 conn.exec_driver_sql(
                     f"CREATE OR REPLACE FUNCTION {src}_copy() RETURNS trigger LANGUAGE plpgsql "

@@ -1,0 +1,371 @@
+"""Each redis-py internal in ``_redis_compat`` exercised on its own, against a real server.
+
+When an upgrade of redis-py moves one of these internals, the failure shows up here, by function
+name, rather than as a cache that quietly stops checking epochs or overlapping its locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from sqlalchemy_writethrough import _redis_compat as compat
+from stress.sentinel import SERVICE, SentinelGroup
+
+from _sentinel import require_redis_server
+
+
+@pytest.fixture
+def pooled(redis_url: str) -> Iterator[tuple[redis.Redis, Any]]:
+    """A client and one connection checked out of its pool (given back afterwards)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    conn = compat.checkout_of(client.connection_pool)()
+    try:
+        yield client, conn
+    finally:
+        compat.release(client.connection_pool, conn)
+        client.close()
+
+
+def test_redis_version_is_parsed() -> None:
+    assert compat.REDIS_VERSION >= (5, 0)
+
+
+def test_a_plain_client_is_used_directly(redis_url: str) -> None:
+    plain = redis.Redis.from_url(redis_url)
+    single = redis.Redis.from_url(redis_url, single_connection_client=True)
+
+    class Wrapped(redis.Redis):
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            return super().execute_command(*args, **options)
+
+    wrapped = Wrapped.from_url(redis_url)
+    try:
+        assert compat.is_plain_client(plain)
+        assert not compat.is_plain_client(single)
+        assert not compat.is_plain_client(wrapped)
+    finally:
+        for client in (plain, single, wrapped):
+            client.close()
+
+
+def test_pool_kinds_and_connection_settings(redis_url: str) -> None:
+    blocking = redis.Redis(
+        connection_pool=redis.BlockingConnectionPool.from_url(redis_url, socket_timeout=0.5)
+    )
+    retrying = redis.Redis.from_url(
+        redis_url,
+        retry=Retry(NoBackoff(), 3, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError],
+    )
+    try:
+        assert compat.pool_blocks(blocking.connection_pool)
+        assert not compat.pool_blocks(retrying.connection_pool)
+        assert compat.connection_kwargs(blocking)["socket_timeout"] == 0.5
+        assert compat.retries(retrying) == 3
+        assert compat.sentinel_kwargs(retrying) is None
+    finally:
+        blocking.close()
+        retrying.close()
+
+
+def test_checkout_call_and_release(pooled: tuple[redis.Redis, Any], prefix: str) -> None:
+    _, conn = pooled
+    assert compat.call(conn, ("SET", f"{prefix}:a", "1")) in (b"OK", "OK", True)
+    assert compat.call(conn, ("GET", f"{prefix}:a")) == b"1"
+    with pytest.raises(ResponseError):
+        compat.call(conn, ("INCR", f"{prefix}:a", "extra"))
+    assert compat.call(conn, ("PING",)) in (b"PONG", "PONG", True)  # the connection is clean
+
+
+def test_call_many_returns_error_replies_as_values(
+    pooled: tuple[redis.Redis, Any], prefix: str
+) -> None:
+    _, conn = pooled
+    replies = compat.call_many(
+        conn, [("SET", f"{prefix}:b", "x"), ("INCR", f"{prefix}:b"), ("GET", f"{prefix}:b")]
+    )
+    assert isinstance(replies[1], ResponseError)
+    assert replies[2] == b"x"
+
+
+def test_send_now_read_later(pooled: tuple[redis.Redis, Any], prefix: str) -> None:
+    _, conn = pooled
+    compat.send(conn, ("INCRBY", f"{prefix}:c", 5))
+    assert compat.read(conn) == 5
+
+
+def test_with_retry_reconnects_a_dropped_connection(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(
+        redis_url,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError],
+    )
+    conn = compat.checkout_of(client.connection_pool)()
+    try:
+        compat.call(conn, ("PING",))
+        killed = compat.call(conn, ("CLIENT", "ID"))
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.execute_command("CLIENT", "KILL", "ID", killed)
+        # the first attempt fails on the killed socket; the retry reconnects and succeeds
+        assert compat.with_retry(conn, compat.call, ("INCR", f"{prefix}:d")) == 1
+        assert compat.call(conn, ("CLIENT", "ID")) != killed
+    finally:
+        compat.release(client.connection_pool, conn)
+        client.close()
+
+
+def test_disconnect_connect_and_connect_callbacks(pooled: tuple[redis.Redis, Any]) -> None:
+    _, conn = pooled
+
+    class Listener:
+        def __init__(self) -> None:
+            self.seen: list[Any] = []
+
+        def connected(self, connection: Any) -> None:
+            self.seen.append(connection)
+
+    listener = Listener()
+    compat.call(conn, ("PING",))
+    compat.on_connect(conn, listener.connected)
+    compat.disconnect(conn)
+    compat.connect(conn)
+    assert listener.seen == [conn]
+    compat.reconnect(conn)  # a plain connection: closed, reopened at its next command
+    assert compat.call(conn, ("PING",)) in (b"PONG", "PONG", True)
+    assert compat.peer(conn)[1] == conn.port
+    assert not compat.is_sentinel_managed(conn)
+    assert not compat.follows_sentinel_primary(conn)
+
+
+def test_sentinel_managed_connections_know_the_primary() -> None:
+    require_redis_server()
+    with SentinelGroup(replicas=0, sentinels=1) as group:
+        sentinel = Sentinel(group.addresses, sentinel_kwargs={"socket_timeout": 0.7})
+        client = sentinel.master_for(SERVICE, socket_timeout=0.5)
+        conn = compat.checkout_of(client.connection_pool)()
+        try:
+            compat.connect(conn)
+            assert compat.is_sentinel_managed(conn)
+            assert compat.follows_sentinel_primary(conn)
+            assert compat.sentinel_primary(conn) == ("127.0.0.1", group.servers[0].port)
+            assert compat.peer(conn) == compat.sentinel_primary(conn)
+            assert (compat.sentinel_kwargs(client) or {}).get("socket_timeout") == 0.7
+        finally:
+            compat.release(client.connection_pool, conn)
+            client.close()
+
+
+def test_the_same_internals_on_redis_asyncio(redis_url: str, prefix: str) -> None:
+    """The redis.asyncio twins: checkout, one command, a batch with error replies as values,
+    send now and read later, retry, release, and which loop the connections belong to."""
+    import asyncio
+
+    import redis.asyncio
+
+    async def scenario() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=2)
+        blocking = redis.asyncio.Redis(
+            connection_pool=redis.asyncio.BlockingConnectionPool.from_url(redis_url)
+        )
+        assert compat.is_async_client(client) and not compat.is_async_client(redis.Redis())
+        assert compat.is_plain_async_client(client)
+        assert compat.async_pool_blocks(blocking.connection_pool)
+        assert not compat.async_pool_blocks(client.connection_pool)
+        pool = client.connection_pool
+        conn = await compat.async_checkout_of(pool)()
+        try:
+            assert await compat.awith_retry(conn, compat.acall, ("INCR", f"{prefix}:a")) == 1
+            replies = await compat.acall_many(conn, [("INCR", f"{prefix}:a", "x"), ("PING",)])
+            assert isinstance(replies[0], ResponseError) and replies[1] in (b"PONG", "PONG")
+            await compat.asend(conn, ("INCR", f"{prefix}:a"))
+            assert await compat.aread(conn) == 2
+            assert compat.bound_loops(client) == {asyncio.get_running_loop()}
+            await compat.areconnect(conn)
+            await compat.adisconnect(conn)
+            await compat.aconnect(conn)
+            compat.close_now(conn)
+        finally:
+            await compat.arelease(pool, conn)
+            await client.aclose()
+            await blocking.aclose()
+
+    asyncio.run(scenario())
+
+
+# -- Redis Cluster ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_node_cluster() -> Iterator[Any]:
+    """A one-node Redis Cluster (every slot on it) and a ``RedisCluster`` client."""
+    from redis.cluster import RedisCluster
+
+    from stress.cluster import ClusterGroup
+
+    require_redis_server()
+    with ClusterGroup(primaries=1, replicas=0) as group:
+        client = RedisCluster(host="127.0.0.1", port=group.ports[0], socket_timeout=2)
+        try:
+            yield group, client
+        finally:
+            client.close()
+
+
+def test_the_cluster_slot_map(one_node_cluster: Any) -> None:
+    group, client = one_node_cluster
+    name = f"127.0.0.1:{group.ports[0]}"
+    node = compat.cluster_node_of(client, 1234)
+    assert compat.cluster_node_name(node) == name
+    assert compat.cluster_owner_name(client, 1234) == name
+    assert [compat.cluster_node_name(n) for n in compat.cluster_primaries(client)] == [name]
+    assert compat.cluster_node_at(client, "127.0.0.1", group.ports[0]) is node
+    assert compat.cluster_node_at(client, "127.0.0.1", 1) is None
+    assert compat.cluster_default_address(client) == ("127.0.0.1", group.ports[0])
+    assert compat.cluster_connection_kwargs(client)["socket_timeout"] == 2
+    pool = compat.cluster_pool(client, node)
+    conn = compat.checkout_of(pool)()
+    try:
+        assert compat.call(conn, ("PING",)) in (True, b"PONG", "PONG")
+    finally:
+        compat.release(pool, conn)
+
+
+def test_a_moved_reply_teaches_the_slot_map_and_a_refresh_restores_it(
+    one_node_cluster: Any,
+) -> None:
+    from redis.exceptions import MovedError
+
+    group, client = one_node_cluster
+    assert compat.cluster_moved(client, MovedError("1234 127.0.0.1:1"))
+    assert compat.cluster_node_name(compat.cluster_node_of(client, 1234)) == "127.0.0.1:1"
+    compat.cluster_refresh(client)
+    assert compat.cluster_owner_name(client, 1234) == f"127.0.0.1:{group.ports[0]}"
+
+
+def test_a_cluster_client_like_a_plain_one(one_node_cluster: Any) -> None:
+    group, _ = one_node_cluster
+    plain = redis.Redis(host="127.0.0.1", port=group.ports[0], socket_timeout=1.5, db=0)
+    cluster = compat.cluster_like(plain)
+    try:
+        assert compat.cluster_connection_kwargs(cluster)["socket_timeout"] == 1.5
+        cluster.set("compat-key", b"v")
+        assert cluster.get("compat-key") == b"v"
+    finally:
+        cluster.close()
+        plain.close()
+
+
+def test_the_asyncio_cluster_client_internals(one_node_cluster: Any) -> None:
+    """``redis.asyncio.cluster``: the slot map (read by a coroutine, at first use), a node's
+    connections (no pool), a MOVED reply learnt and a refresh, the loops its connections
+    belong to."""
+    import asyncio
+
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.exceptions import MovedError
+
+    group, _ = one_node_cluster
+    port = group.ports[0]
+    name = f"127.0.0.1:{port}"
+
+    async def scenario() -> None:
+        client = AsyncRedisCluster(host="127.0.0.1", port=port, socket_timeout=2)
+        try:
+            assert compat.is_async_cluster_client(client)
+            assert not compat.is_async_client(client)
+            assert compat.cluster_default_address(client) == ("127.0.0.1", port)
+            assert not compat.async_cluster_ready(client)
+            await compat.async_cluster_initialize(client)
+            assert compat.async_cluster_ready(client)
+            node = compat.cluster_node_of(client, 1234)
+            assert compat.cluster_node_name(node) == name
+            assert compat.cluster_owner_name(client, 1234) == name
+            assert [compat.cluster_node_name(n) for n in compat.cluster_primaries(client)] == [name]
+            assert compat.cluster_node_at(client, "127.0.0.1", port) is node
+            assert compat.cluster_connection_kwargs(client)["socket_timeout"] == 2
+
+            conn = compat.async_cluster_acquire(node)
+            try:
+                assert await compat.acall(conn, ("PING",)) in (True, b"PONG", "PONG")
+                assert compat.peer(conn) == ("127.0.0.1", port)
+            finally:
+                compat.async_cluster_release(node, conn)
+            again = compat.async_cluster_acquire(node)
+            compat.async_cluster_release(node, again)
+            assert again is conn  # released connections are handed out again
+            assert conn in compat.async_cluster_connections(client)
+            assert compat.bound_loops(client) == {asyncio.get_running_loop()}
+
+            assert await compat.async_cluster_moved(client, MovedError("1234 127.0.0.1:1"))
+            moved = compat.cluster_node_of(client, 1234)
+            assert compat.cluster_node_name(moved) == "127.0.0.1:1"
+            await compat.async_cluster_refresh(client)
+            assert compat.cluster_owner_name(client, 1234) == name
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_asyncio_cluster_client_like_a_plain_one(one_node_cluster: Any) -> None:
+    import asyncio
+
+    import redis.asyncio
+
+    group, _ = one_node_cluster
+
+    async def scenario() -> None:
+        plain = redis.asyncio.Redis(host="127.0.0.1", port=group.ports[0], socket_timeout=1.5)
+        cluster = compat.async_cluster_like(plain)
+        try:
+            assert compat.is_async_cluster_client(cluster)
+            await compat.async_cluster_initialize(cluster)
+            assert compat.cluster_connection_kwargs(cluster)["socket_timeout"] == 1.5
+            await cluster.set("compat-async-key", b"v")
+            assert await cluster.get("compat-async-key") == b"v"
+        finally:
+            await cluster.aclose()
+            await plain.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_asyncio_cluster_connection_closed_while_in_use_is_a_connection_error(
+    one_node_cluster: Any,
+) -> None:
+    """Another task closes a connection (``disconnect(nowait=True)``, as redis-py does after a
+    failed command, and as 5.0's slot-map refresh does to the nodes it replaces) just after a
+    call found it open: redis.asyncio then raises ``AttributeError`` (its stream is gone);
+    the call must fail as the connection error it is."""
+    import asyncio
+
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    group, _ = one_node_cluster
+
+    async def scenario() -> list[Any]:
+        client = AsyncRedisCluster(host="127.0.0.1", port=group.ports[0], socket_timeout=2)
+        try:
+            await compat.async_cluster_initialize(client)
+            node = compat.cluster_node_of(client, 0)
+            conn = compat.async_cluster_acquire(node)
+            await compat.acall(conn, ("PING",))  # connected
+            call = asyncio.ensure_future(compat.acluster_call_many(conn, [("PING",)]))
+            close = asyncio.ensure_future(conn.disconnect(nowait=True))
+            outcomes = await asyncio.gather(call, close, return_exceptions=True)
+            compat.async_cluster_release(node, conn)
+            return outcomes
+        finally:
+            await client.aclose()
+
+    got, _ = asyncio.run(scenario())
+    assert isinstance(got, (list, RedisConnectionError)), repr(got)

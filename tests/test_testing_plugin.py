@@ -1,0 +1,90 @@
+"""The pytest plugin, as a user's suite sees it: installed with the package, its fixtures give
+each test a Redis namespace of its own and a cache on it, and its assertions fail with a
+message saying what reached the database."""
+
+from __future__ import annotations
+
+import pytest
+
+USER_SUITE = """
+import pytest
+import redis
+from sqlalchemy import String, create_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import CachedModel
+from sqlalchemy_writethrough.testing import assert_no_sql, assert_served_from_cache
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Product(Base, CachedModel):
+    __tablename__ = "product"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+@pytest.fixture
+def app(tmp_path, writethrough_cache):
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Product(id=1, name="one"))
+        s.commit()
+    factory = sessionmaker(engine)
+    cache = writethrough_cache(factory)
+    yield factory, cache, engine
+    engine.dispose()
+
+
+PREFIXES = []
+
+
+@pytest.mark.parametrize("run", [1, 2])
+def test_own_namespace(writethrough_prefix, writethrough_redis_url, run):
+    PREFIXES.append(writethrough_prefix)
+    assert len(set(PREFIXES)) == len(PREFIXES)
+    client = redis.Redis.from_url(writethrough_redis_url)
+    assert list(client.scan_iter(match=f"{writethrough_prefix}:*")) == []
+    client.close()
+
+
+def test_served_from_cache(app):
+    factory, cache, engine = app
+    with factory() as s:
+        s.get(Product, 1)  # a miss fills the entry
+    with factory() as s:
+        with assert_served_from_cache(cache, hits=1), assert_no_sql(engine):
+            assert s.get(Product, 1).name == "one"
+
+
+def test_a_miss_fails_the_assertion(app):
+    factory, cache, engine = app
+    with factory() as s:
+        with assert_served_from_cache(cache):
+            s.get(Product, 1)
+
+
+def test_sql_fails_the_assertion(app):
+    factory, cache, engine = app
+    with factory() as s:
+        with assert_no_sql(s):
+            s.get(Product, 1)
+"""
+
+
+def test_a_users_suite_gets_fixtures_and_assertions(
+    pytester: pytest.Pytester, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    pytester.makepyfile(test_user=USER_SUITE)
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*not served from the cache: 1 load(s) missed the cache*",
+            "*1 SQL statement(s) were sent:*",
+        ]
+    )
