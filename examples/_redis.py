@@ -34,15 +34,24 @@ Any one of these will do:
 """
 
 
-def _answers(url: str, timeout: float = 1.0) -> bool:
-    """True if the Redis server at ``url`` answers PING within ``timeout`` seconds."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+def why_not_answering(url: str, timeout: float = 1.0) -> str | None:
+    """None if the Redis server at ``url`` answers PING within ``timeout`` seconds, else what
+    went wrong (the error and the server's own message)."""
     try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    except ValueError as exc:  # not a Redis URL
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
     finally:
         client.close()
+    return None
+
+
+def _answers(url: str, timeout: float = 1.0) -> bool:
+    return why_not_answering(url, timeout) is None
 
 
 def _free_loopback_port() -> int:
