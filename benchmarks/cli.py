@@ -82,6 +82,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="do not drop the run's schema (bench_<8 hex>) and its bench_* tables",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also measure the sqlalchemy_writethrough package found in DIR (another version, "
+        "e.g. `git archive <commit> sqlalchemy_writethrough | tar -x -C DIR`), interleaved "
+        "with this one: a 'baseline' row beside each of ours",
+    )
+    parser.add_argument(
         "--profile",
         metavar="ROW",
         default=None,
@@ -107,6 +116,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         settings.warmup = 2
     if args.only:
         settings.only = frozenset(args.only)
+    if args.baseline is not None:
+        settings.baseline = args.baseline.resolve()
     return settings
 
 

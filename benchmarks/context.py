@@ -22,6 +22,7 @@ import os
 import random
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -68,6 +69,8 @@ class Settings:
     only: frozenset[str] = frozenset()
     """group keys to run (empty: all)"""
     keep_tables: bool = False
+    baseline: Path | None = None
+    """a directory holding another version's sqlalchemy_writethrough (see .baseline)"""
     seed: int = 1234
     rows: int = ITEM_ROWS
 
@@ -83,6 +86,7 @@ class Settings:
             "commit10": 0.1,
             "commit100": 0.025,
             "commit1000": 0.01,
+            "readback": 0.5,
         }
         f = factors.get(group, 1.0)
         floor = 3 if self.quick else 10
@@ -108,9 +112,16 @@ class Env:
     commit_cached: sessionmaker[Any]
     commit_counter: RoundTripCounter
     commit_redis: redis.Redis
+    #: ``publish="background"``: a third cache on the same prefix, for the one-row commit row
+    background_cache: WriteThroughCache
+    commit_background: sessionmaker[Any]
     read_pks: list[int]
     batches: list[list[int]]
     commit_pks: list[int]
+    #: the baseline version's cache (--baseline) and its sessionmakers, or None
+    baseline_cache: Any = None
+    baseline_cached: sessionmaker[Any] | None = None
+    baseline_name: str = ""
     floor_keys: dict[int, str] = field(default_factory=dict)
     #: the bytes of those entries (the commit floor sends copies of them)
     floor_entries: dict[int, bytes] = field(default_factory=dict)
@@ -130,6 +141,9 @@ class Env:
         return ids
 
     def close(self) -> None:
+        if self.baseline_cache is not None and self.baseline_cached is not None:
+            self.baseline_cache.uninstall(self.baseline_cached)
+        self.background_cache.close()  # its pending publishes first
         self.redis.close()
         self.commit_redis.close()
         self.engine.dispose()
@@ -157,7 +171,8 @@ def build_env(settings: Settings) -> Env:
         socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
     )
     prefix = f"bench-{run_id}"
-    cache = WriteThroughCache(client, prefix=prefix)
+    # no shared stats: a send after the run's clean-up would leave its prefix's stats behind
+    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
     plain = sessionmaker(engine)
     cached = sessionmaker(engine)
     cache.install(cached)
@@ -167,9 +182,34 @@ def build_env(settings: Settings) -> Env:
         socket_timeout=REDIS_SOCKET_TIMEOUT,
         socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
     )
-    commit_cache = WriteThroughCache(commit_client, prefix=prefix)
+    commit_cache = WriteThroughCache(commit_client, prefix=prefix, stats_interval=None)
     commit_cached = sessionmaker(engine)
     commit_cache.install(commit_cached)
+    background_cache = WriteThroughCache(
+        settings.redis_url,
+        prefix=prefix,
+        stats_interval=None,
+        publish="background",
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+    commit_background = sessionmaker(engine)
+    background_cache.install(commit_background)
+
+    baseline_cache: Any = None
+    baseline_cached: sessionmaker[Any] | None = None
+    baseline_name = ""
+    if settings.baseline is not None:
+        from . import baseline
+        from .models import Base
+
+        module = baseline.load(settings.baseline)
+        baseline_name = baseline.describe(settings.baseline)
+        # its own prefix: the two versions may store entries differently
+        baseline_cache = module.WriteThroughCache(client, prefix=f"{prefix}-baseline")
+        baseline_cache.register_all(Base)  # its mixin is not ours: name the models
+        baseline_cached = sessionmaker(engine)
+        baseline_cache.install(baseline_cached)
 
     rng = random.Random(settings.seed)
     rows = settings.rows
@@ -196,7 +236,12 @@ def build_env(settings: Settings) -> Env:
         commit_cached=commit_cached,
         commit_counter=counter,
         commit_redis=commit_client,
+        background_cache=background_cache,
+        commit_background=commit_background,
         read_pks=read_pks,
         batches=batches,
         commit_pks=commit_pks,
+        baseline_cache=baseline_cache,
+        baseline_cached=baseline_cached,
+        baseline_name=baseline_name,
     )

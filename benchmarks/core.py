@@ -100,9 +100,10 @@ def warm_ours(env: Env) -> None:
             _ = item.category.section.department.name
     layout = env.cache._layout_for(inspect(Item))  # private: the entry's key
     assert layout is not None
+    keys = env.cache._keys(layout, env.engine)
     missing = 0
     for pk in dict.fromkeys([*env.read_pks, *(pk for ids in env.batches for pk in ids)]):
-        key = layout.keys.pair([pk])[0]
+        key = keys.pair([pk])[0]
         raw = env.redis.get(key)
         if raw is None or raw[:1] != b"V":
             missing += 1
@@ -113,6 +114,34 @@ def warm_ours(env: Env) -> None:
         env.floor_entries[pk] = raw
     if missing:
         print(f"  ! {missing} of {len(env.read_pks)} rows were not cached after the warm-up")
+    if env.baseline_cached is not None:
+        warm_baseline(env)
+
+
+def warm_baseline(env: Env) -> None:
+    """The baseline version's cache (``--baseline``) holds the same rows as ours."""
+    maker = env.baseline_cached
+    assert maker is not None
+    with maker() as s:
+        for pk in dict.fromkeys([*env.read_pks, *(pk for ids in env.batches for pk in ids)]):
+            s.get(Item, pk)
+            s.expunge_all()
+    for pk in env.read_pks:
+        with maker() as s:
+            item = s.get(Item, pk)
+            assert item is not None
+            _ = item.category.section.department.name
+
+
+def baseline_variant(env: Env, key: str, label: str, op: Callable[[int], int] | None) -> Variant:
+    """The baseline version's row beside one of ours (``--baseline``)."""
+    return Variant(
+        key,
+        f"{label}, baseline ({env.baseline_name})",
+        "baseline",
+        op,
+        note="the same operation through the --baseline version of the library",
+    )
 
 
 # --------------------------------------------------------------------------- rows
@@ -197,7 +226,12 @@ def pk_variants(env: Env) -> list[Variant]:
     select_cached = timed_read(env.cached, env.read_pk, _select_one)
     select_pg = timed_read(env.plain, env.read_pk, _select_one_uncached)
     some_pk = env.read_pks[0]
+    extra = []
+    if env.baseline_cached is not None:
+        get_baseline = timed_read(env.baseline_cached, env.read_pk, _get_one)
+        extra.append(baseline_variant(env, "get.baseline", "session.get", get_baseline))
     return [
+        *extra,
         floor_variant(env),
         orm_floor_variant(env),
         Variant(
@@ -287,7 +321,15 @@ def batch_variants(env: Env) -> list[Variant]:
             s.execute(select(Item).where(Item.id.in_(ids))).scalars().all()
         return perf_counter_ns() - t0
 
+    extra = []
+    if env.baseline_cached is not None:
+        extra.append(
+            baseline_variant(
+                env, "batch.baseline", "100 rows by pk", make(env.baseline_cached, True)
+            )
+        )
     return [
+        *extra,
         Variant(
             "batch.floor",
             "bound: the same select answered by a handler doing one MGET + unpack of the rows",
@@ -341,7 +383,13 @@ def chain_variants(env: Env) -> list[Variant]:
             return f"{len(statements)} of 3 hops went to PostgreSQL"
         return None
 
+    extra = []
+    if env.baseline_cached is not None:
+        extra.append(
+            baseline_variant(env, "chain.baseline", "3 lazy loads", make(env.baseline_cached))
+        )
     return [
+        *extra,
         Variant(
             "chain.pg",
             "3 many-to-one lazy loads, PostgreSQL",
@@ -425,7 +473,80 @@ def commit_variants(env: Env, size: int) -> list[Variant]:
         floor_op,
         note="what any write-through that mirrors synchronously after COMMIT must add",
     )
-    return [plain, floor, ours]
+    extra = []
+    if size == 1:
+        # until commit() returns; the publish runs on the cache's worker, and is waited for
+        # after the measurement so that it never overlaps another row's round
+        commit_background = make(env.commit_background, None)
+        background_cache = env.background_cache
+
+        def background_op(i: int) -> int:
+            elapsed = commit_background(i)
+            background_cache.flush_publishes(timeout=10.0)
+            return elapsed
+
+        extra.append(
+            Variant(
+                f"commit{size}.background",
+                f'commit of {size:,} changed row(s), with our extension, publish="background"',
+                "ours",
+                background_op,
+                note="until commit() returns; the publish then runs on the cache's worker",
+            )
+        )
+    if env.baseline_cached is not None:
+        label = f"commit of {size:,} changed row(s)"
+        extra.append(
+            baseline_variant(env, f"commit{size}.baseline", label, make(env.baseline_cached, None))
+        )
+    return [plain, floor, ours, *extra]
+
+
+def readback_variants(env: Env) -> list[Variant]:
+    """The web handler's read-back: get a row, change it, commit, read an attribute (with
+    ``expire_on_commit``, the default, the read reloads the expired object). Only the read is
+    timed. Each row changes rows of its own, so none reads a row another's commit changed
+    behind its cache."""
+    makers: list[tuple[str, str, str, Any]] = [
+        ("readback.pg", "read-back after commit, PostgreSQL, no cache", "postgresql", env.plain),
+        ("readback.cached", "read-back after commit, our cache", "ours", env.cached),
+    ]
+    if env.baseline_cached is not None:
+        makers.append(("readback.baseline", "", "baseline", env.baseline_cached))
+    variants = []
+    for index, (key, label, who, maker) in enumerate(makers):
+        pool = env.commit_pks[index :: len(makers)]
+
+        def op(i: int, maker: Any = maker, pool: list[int] = pool) -> int:
+            with maker() as s:
+                pk = pool[i % len(pool)]  # loaded from the database, as the commit rows do
+                item = s.scalars(select(Item).where(Item.id == pk)).one()
+                change_rows([item])
+                s.commit()
+                t0 = perf_counter_ns()
+                _ = item.name
+                elapsed = perf_counter_ns() - t0
+            return elapsed
+
+        if who == "baseline":
+            variants.append(baseline_variant(env, key, "read-back after commit", op))
+        else:
+            variants.append(Variant(key, label, who, op, note="only the attribute read is timed"))
+
+    def readback_check() -> str | None:
+        pk = env.commit_pks[1]
+        with env.cached() as s:
+            item = s.scalars(select(Item).where(Item.id == pk)).one()
+            change_rows([item])
+            s.commit()
+            with count_sql(env.engine) as statements:
+                _ = item.name
+        if statements:
+            return f"the read-back went to PostgreSQL ({len(statements)} statement(s))"
+        return None
+
+    variants[1].check = readback_check
+    return variants
 
 
 # --------------------------------------------------------------------------- memory
@@ -447,12 +568,13 @@ def memory_usage(env: Env, sample: int = 100) -> dict[str, Any]:
     """Bytes per entry in Redis against the msgpack of the row's bare values."""
     layout = env.cache._layout_for(inspect(Item))
     assert layout is not None
+    keys = env.cache._keys(layout, env.engine)
     strlen: list[int] = []
     usage: list[int] = []
     key_len: list[int] = []
     bare: list[int] = []
     for pk in env.read_pks[:sample]:
-        key = layout.keys.pair([pk])[0]
+        key = keys.pair([pk])[0]
         n = env.redis.strlen(key)
         if not n:
             continue
@@ -468,5 +590,5 @@ def memory_usage(env: Env, sample: int = 100) -> dict[str, Any]:
         "memory_usage": statistics.fmean(usage),
         "key_bytes": statistics.fmean(key_len),
         "bare_msgpack": statistics.fmean(bare),
-        "example_key": layout.keys.pair([env.read_pks[0]])[0],
+        "example_key": keys.pair([env.read_pks[0]])[0],
     }

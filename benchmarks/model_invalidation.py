@@ -45,7 +45,7 @@ def main() -> None:
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     prefix = f"bench-inv-{os.getpid()}"
     client = redis.Redis.from_url(url, socket_timeout=30)
-    cache = WriteThroughCache(client, prefix=prefix)
+    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
     with tempfile.TemporaryDirectory() as tmp:
         engine = create_engine(f"sqlite:///{Path(tmp) / 'items.db'}")
         Base.metadata.create_all(engine)
@@ -69,9 +69,10 @@ def run(engine, cache, client, rows: int, sample: int) -> None:  # type: ignore[
     print(f"{rows:,} rows in SQLite in {time.perf_counter() - started:.1f} s")
 
     layout = cache._layout_for(inspect(Item))
+    keys = cache._keys(layout, engine)
     dialect = engine.dialect
     generations = {}
-    for gen_key in layout.keys.generation_keys():  # create each bucket's generation
+    for gen_key in keys.generation_keys():  # create each bucket's generation
         reply = cache._backend.fetch(f"{gen_key}:probe", gen_key, "", 1000)
         assert reply is not None and reply[0] is Fetch.MISS
         generations[gen_key] = client.get(gen_key)
@@ -79,7 +80,7 @@ def run(engine, cache, client, rows: int, sample: int) -> None:  # type: ignore[
     pipe = client.pipeline(transaction=False)
     for i in range(rows):
         values = {"id": i, "name": f"item {i}", "qty": i % 97}
-        key, gen_key = layout.keys.pair([i])
+        key, gen_key = keys.pair([i])
         payload = layout.encode_loaded(values, dialect)
         pipe.set(key, b"V" + generations[gen_key] + b":" + payload, px=3_600_000)
         if i % 10_000 == 9_999:
@@ -104,7 +105,7 @@ def run(engine, cache, client, rows: int, sample: int) -> None:  # type: ignore[
     ).get("calls", 0)
     print(
         f"cache.invalidate(Item) over {rows:,} cached rows: {elapsed_ms:.2f} ms, "
-        f"{evalsha} script call(s), {len(layout.keys.generation_keys())} keys written"
+        f"{evalsha} script call(s), {len(keys.generation_keys())} keys written"
     )
 
     statements: list[str] = []

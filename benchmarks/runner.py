@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 
-from . import core
+from . import core, counting
 from .context import COMMIT_SIZES, Env, Settings, build_env
 from .data import create_and_fill, delete_pattern, drop, glob_escape
 from .harness import Group, Variant, run_group
@@ -22,8 +22,9 @@ GROUP_TITLES = {
     "batch": "100 rows by primary key",
     "chain": "Chain of 3 many-to-one lazy loads (item.category.section.department)",
     **{f"commit{n}": f"Commit of {n:,} changed row{'s' if n > 1 else ''}" for n in COMMIT_SIZES},
+    "readback": "Read-back after a commit (get, change, commit, then read an attribute)",
 }
-GROUP_ORDER = ("pk", "batch", "chain", *(f"commit{n}" for n in COMMIT_SIZES))
+GROUP_ORDER = ("pk", "batch", "chain", *(f"commit{n}" for n in COMMIT_SIZES), "readback")
 
 
 @dataclass
@@ -61,11 +62,13 @@ class Results:
 
 def _core_rows(env: Env, group: str) -> list[Variant]:
     if group == "pk":
-        return core.pk_variants(env)
+        return [*core.pk_variants(env), counting.uncounted_variant(env)]
     if group == "batch":
         return core.batch_variants(env)
     if group == "chain":
         return core.chain_variants(env)
+    if group == "readback":
+        return core.readback_variants(env)
     size = int(group.removeprefix("commit"))
     return core.commit_variants(env, size)
 

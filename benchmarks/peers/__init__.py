@@ -25,6 +25,8 @@ PEERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("dogpile.cache recipe", "dogpile_peer", ("dogpile.cache",)),
     ("sqlmodel-cache", "sqlmodel_cache_peer", ("sqlmodel-cache", "sqlmodel", "pydantic")),
     ("sqlacache", "sqlacache_peer", ("sqlacache", "cashews", "greenlet")),
+    # not a peer: this library's asyncio flavour, measured in the same rounds (see the module)
+    ("ours (asyncio)", "ours_asyncio", ("asyncpg", "greenlet")),
 )
 
 
