@@ -1,0 +1,92 @@
+"""Tell "the event loop was blocked" from "the machine was busy" in the asyncio tests.
+
+A ticker task measures how late a 5 ms sleep wakes up (the loop's lag). A late tick has two
+causes: the loop thread itself held on (a blocking socket read, ``time.sleep``, a long CPU
+loop: what the asyncio tests guard against), or the machine (the process not scheduled, the
+other core busy with the servers the test started): only the first is a bug. While a tick is
+late, a watchdog thread samples the loop thread's innermost Python frame every 2 ms. A loop
+that blocks stays on one line outside the selector for many samples in a row; a socket read
+that waits for a frozen Redis releases the GIL, so the watchdog sees all of it. A process the
+machine does not run takes no samples at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import traceback
+from types import TracebackType
+
+
+class LoopWatch:
+    """Lag per window (``window`` names the phase the test is in), the time ticks spent late
+    beyond ``blocked``, and every place where the loop thread stayed on one line for
+    ``blocked`` seconds or more while a tick was late."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, blocked: float) -> None:
+        self.loop = loop
+        self.window = "healthy"
+        self.lag: dict[str, float] = {}
+        #: per window, the sum of every tick's lateness beyond ``blocked``
+        self.stalled: dict[str, float] = {}
+        #: a formatted stack for each block found (the loop thread's, at the moment found)
+        self.blocks: list[str] = []
+        self._blocked = blocked
+        self._late = min(0.02, blocked / 2)
+        self._beat = time.monotonic()
+        self._loop_thread: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="loop-watch", daemon=True)
+
+    def __enter__(self) -> LoopWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    async def tick(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set: the ticker."""
+        self._loop_thread = threading.get_ident()
+        try:
+            while not stop.is_set():
+                t0 = self.loop.time()
+                self._beat = time.monotonic()
+                await asyncio.sleep(0.005)
+                late = self.loop.time() - t0 - 0.005
+                self.lag[self.window] = max(self.lag.get(self.window, 0.0), late)
+                if late > self._blocked:
+                    beyond = late - self._blocked
+                    self.stalled[self.window] = self.stalled.get(self.window, 0.0) + beyond
+        finally:
+            self._loop_thread = None
+
+    def _watch(self) -> None:
+        where: tuple[str, int] | None = None
+        since = 0.0
+        found = False
+        while not self._stop.wait(0.002):
+            tid = self._loop_thread
+            now = time.monotonic()
+            frame = sys._current_frames().get(tid) if tid is not None else None
+            if frame is None or now - self._beat < self._late:
+                where = None
+                continue
+            if frame.f_code.co_filename.endswith("selectors.py"):  # idle: waiting for events
+                where = None
+                continue
+            here = (frame.f_code.co_filename, frame.f_lineno)
+            if here != where:
+                where, since, found = here, now, False
+            elif not found and now - since >= self._blocked:
+                found = True
+                stack = "".join(traceback.format_stack(frame))
+                self.blocks.append(f"{self.window}: {now - since:.3f} s on one line\n{stack}")
