@@ -247,6 +247,41 @@ def test_invalidate_on_a_lock_prevents_publish_and_restore(backend, redis_client
     assert redis_client.get(key) is None
 
 
+def test_a_replay_ends_only_the_locks_of_ended_owners(backend, redis_client, keys):
+    """A journal replay names the transactions that ended while Redis was away: their locks
+    go, and a lock a live transaction shares stays (contended: its publish writes nothing),
+    so readers keep missing until that transaction ends."""
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "ended", LOCK)
+    backend.lock([key, gen_key], "live", LOCK)
+    backend.invalidate([key, gen_key], ["ended"])
+    assert state(redis_client, key) == "L", "the live writer's lock must stay"
+    reply = backend.fetch(key, gen_key, "reader", LEASE)
+    assert reply is not None and reply[0] is Fetch.BUSY
+    assert backend.publish([key, gen_key], "live", [b"new", TTL]) == 0
+    assert redis_client.get(key) is None
+
+
+def test_a_replay_leaves_a_live_owners_lock_alone(backend, redis_client, keys):
+    """An ended owner that holds no lock here changes nothing but contention."""
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "live", LOCK)
+    backend.invalidate([key, gen_key], ["someone-else"])
+    assert state(redis_client, key) == "L"
+    assert backend.release([key, gen_key], "live") == 0
+    assert redis_client.get(key) is None
+
+
+def test_a_replay_of_the_last_owner_leaves_a_miss(backend, redis_client, keys):
+    key, gen_key = keys
+    seed_value(backend, key, gen_key)
+    backend.lock([key, gen_key], "ended", LOCK)
+    backend.invalidate([key, gen_key], ["ended"])
+    assert redis_client.get(key) is None
+
+
 def test_reasserting_own_lock_extends_it_without_contention(backend, redis_client, keys):
     key, gen_key = keys
     seed_value(backend, key, gen_key, b"old")
