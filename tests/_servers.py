@@ -511,6 +511,13 @@ def _counting_connection_class(
     return CountingConnection
 
 
+#: WriteThroughCache options for a cache whose round trips a test counts: the connection's
+#: epoch check (at most every ``epoch_check_interval`` on an open connection) and the
+#: counters' sends to Redis are periodic, not part of any one operation; on a loaded machine
+#: a periodic check once landed inside a counted commit.
+COUNTED: dict[str, Any] = {"epoch_check_interval": 3600.0, "stats_interval": None}
+
+
 def counting_redis(url: str, **kwargs: Any) -> tuple[redis.Redis, RoundTripCounter]:
     """A Redis client whose pool counts round trips, and its counter.
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
 
-from _servers import capture_sql, counting_redis, reset_schema
+from _servers import COUNTED, capture_sql, counting_redis, reset_schema
 
 
 class Base(DeclarativeBase):
@@ -37,7 +37,7 @@ def setup(
 ) -> Iterator[tuple[sessionmaker[Session], WriteThroughCache, object]]:
     reset_schema(engine, Base.metadata)
     client, counter = counting_redis(redis_url)
-    cache = WriteThroughCache(client, prefix=prefix)
+    cache = WriteThroughCache(client, prefix=prefix, **COUNTED)
     factory = sessionmaker(engine)
     cache.install(factory)
     with factory() as session:

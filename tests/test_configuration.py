@@ -43,7 +43,7 @@ from sqlalchemy.orm import (
 from sqlalchemy_writethrough import CachedModel, ConfigurationError, WriteThroughCache
 
 from _cache_helpers import cached_values, entry_key, entry_state, prefix_keys
-from _servers import capture_sql, counting_redis, delete_prefix, new_prefix, reset_schema
+from _servers import COUNTED, capture_sql, counting_redis, delete_prefix, new_prefix, reset_schema
 
 LOG_NAME = "sqlalchemy_writethrough"
 
@@ -977,7 +977,7 @@ def test_invalidate_whole_model_in_one_round_trip(
     Redis round trip, whatever the number of rows); reads refill them; other models keep their
     entries. Without ``bind`` (every database), one more round trip reads the registry."""
     client, trips = counting_redis(redis_url, socket_timeout=1)
-    cache = WriteThroughCache(client, prefix=prefix)
+    cache = WriteThroughCache(client, prefix=prefix, **COUNTED)
     factory = sessionmaker(schema)
     install(cache, factory)
     add(

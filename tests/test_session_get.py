@@ -46,7 +46,7 @@ from sqlalchemy_writethrough import CachedModel, ConfigurationError, WriteThroug
 from sqlalchemy_writethrough.session import CachedGetSession
 
 from _cache_helpers import cached_values
-from _servers import capture_sql, counting_redis, reset_schema
+from _servers import COUNTED, capture_sql, counting_redis, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite")
 
@@ -331,7 +331,7 @@ def test_a_miss_costs_the_round_trips_it_cost_before(
     """A miss reads the entry once, takes a lease, loads and fills: three round trips (the
     get path's own read of the entry is not repeated behind the statement)."""
     counted, counter = counting_redis(redis_url, socket_timeout=1)
-    cache = WriteThroughCache(counted, prefix=prefix)
+    cache = WriteThroughCache(counted, prefix=prefix, **COUNTED)
     maker = sessionmaker(db)
     cache.install(maker)
     with db.begin() as conn:

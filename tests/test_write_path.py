@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
 from _cache_helpers import cached_values, entry_key, entry_state, prefix_keys
-from _servers import capture_sql, counting_redis, reset_schema
+from _servers import COUNTED, capture_sql, counting_redis, reset_schema
 
 TESTS_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = TESTS_DIR.parent
@@ -455,15 +455,10 @@ def test_commit_costs_a_constant_number_of_redis_round_trips(
 ) -> None:
     """Committing 1, 10 or 100 inserted, updated or deleted rows costs the same two Redis round
     trips (lock at the commit's flush, publish after COMMIT); an explicit flush() then commit()
-    costs the same constant for every size (within the budget of three: here two). The
-    connection's epoch check (at most every ``epoch_check_interval``) and the counters' sends
-    to Redis are periodic, not per commit: spaced out of the way here, as on a loaded machine
-    a periodic check once landed in a counted commit."""
+    costs the same constant for every size (within the budget of three: here two)."""
     client, counter = counting_redis(redis_url, socket_timeout=1)
     try:
-        cache = WriteThroughCache(
-            client, prefix=prefix, epoch_check_interval=3600.0, stats_interval=None
-        )
+        cache = WriteThroughCache(client, prefix=prefix, **COUNTED)
         reset_schema(engine, Base.metadata)
         factory = sessionmaker(engine)
         cache.install(factory)

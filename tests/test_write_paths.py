@@ -51,7 +51,7 @@ from sqlalchemy.orm import (
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
 from _cache_helpers import entry_key, entry_state
-from _servers import capture_sql, counting_redis, reset_schema
+from _servers import COUNTED, capture_sql, counting_redis, reset_schema
 
 # ------------------------------------------------------------------------------- models
 # One declarative base per group of tables, so that each test creates only the tables it uses.
@@ -767,7 +767,7 @@ def test_orm_flush_of_one_row_touches_only_that_row(
     row is published (served with no SQL, new value) and the other rows stay cached."""
     client, counter = counting_redis(redis_url, socket_timeout=1)
     try:
-        counting = WriteThroughCache(client, prefix=prefix)
+        counting = WriteThroughCache(client, prefix=prefix, **COUNTED)
         factory = sessionmaker(engine)
         counting.install(factory)
         warm(factory, engine, WxItem, 1, 2, 3, 4)
@@ -1203,7 +1203,7 @@ def test_invalidate_model_is_constant_round_trips_and_immediate(
     with 1000 cached rows, and afterwards every previously cached row is a miss."""
     client, counter = counting_redis(redis_url, socket_timeout=1)
     try:
-        counting = WriteThroughCache(client, prefix=prefix)
+        counting = WriteThroughCache(client, prefix=prefix, **COUNTED)
         factory = sessionmaker(engine)
         counting.install(factory)
         counting.invalidate(WxItem)  # loads the script once; not what is measured
