@@ -118,7 +118,8 @@ def _pytest(session: nox.Session, pin: str, *args: str) -> None:
         "import sqlalchemy, redis; "
         "print('SQLAlchemy', sqlalchemy.__version__, '/ redis-py', redis.__version__)",
     )
-    session.run("pytest", *args, *session.posargs)
+    # the slowest tests, in CI's log: where the next cut of CI time is
+    session.run("pytest", "--durations=25", *args, *session.posargs)
 
 
 @nox.session
