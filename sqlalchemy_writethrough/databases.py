@@ -21,9 +21,13 @@ commit through one leave the other's entries stale.
 - plus the ``schema_translate_map`` when set (it changes which tables are read);
 - or, explicitly, the engine's execution option ``writethrough_database``.
 
-Options are read from the Engine (``create_engine(..., execution_options=...)`` or an engine
-derived with ``engine.execution_options(...)``), never from a Connection's own: the ORM finds a
-load's bind before any connection exists, and a flush or statement must name the same database.
+Those two options are read where SQLAlchemy reads them, the narrowest winning: a statement's
+(``session.get(..., execution_options=...)``, ``select(...).execution_options(...)``, a
+session's own in SQLAlchemy 2.1), then its connection's (``session.connection(
+execution_options=...)``, a session bound to a Connection), then its engine's
+(``create_engine(..., execution_options=...)``, ``engine.execution_options(...)``). A
+``schema_translate_map`` chosen per tenant on a connection or a statement names that tenant's
+rows, as it names the tables its SQL reads.
 """
 
 from __future__ import annotations
@@ -62,6 +66,61 @@ _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 15
 _BACKENDS = {"mariadb": "mysql"}  # one server, reached by either dialect name
 
 
+#: the execution options that name a database (see the module's docstring)
+NAMING = (OPTION, "schema_translate_map")
+
+
+def _translate(value: Any) -> dict[Any, Any] | None:
+    """A ``schema_translate_map`` as it names a database: a copy, without the ``"_none"``
+    alias of the ``None`` key that SQLAlchemy adds to a connection's map (in place, at its
+    first statement)."""
+    if not value:
+        return None
+    return {k: v for k, v in value.items() if k != "_none"}
+
+
+def naming_of(engine: Any, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The naming options of ``options`` (a statement's or a connection's) where they name
+    another database than ``engine``'s own options do, else None (the common case: a
+    dictionary lookup or two)."""
+    engine_options = engine.get_execution_options()
+    if options is engine_options:
+        return None
+    explicit = options.get(OPTION, engine_options.get(OPTION))
+    if "schema_translate_map" in options:
+        translate = _translate(options["schema_translate_map"])
+    else:
+        translate = _translate(engine_options.get("schema_translate_map"))
+    if explicit == engine_options.get(OPTION) and translate == _translate(
+        engine_options.get("schema_translate_map")
+    ):
+        return None
+    return {OPTION: explicit, "schema_translate_map": translate}
+
+
+def own_naming(engine: Any) -> dict[str, Any]:
+    """An engine's own naming options, said explicitly (where None would mean "whatever the
+    session's connection names")."""
+    options = engine.get_execution_options()
+    return {
+        OPTION: options.get(OPTION),
+        "schema_translate_map": _translate(options.get("schema_translate_map")),
+    }
+
+
+def connection_naming(connection: Connection) -> dict[str, Any] | None:
+    """A connection's own naming options, where they differ from its engine's."""
+    return naming_of(connection.engine, connection.get_execution_options())
+
+
+def _schemas(translate: Mapping[Any, Any] | None) -> str:
+    translate = _translate(translate)
+    if not translate:
+        return ""
+    pairs = sorted((str(k or ""), str(v or "")) for k, v in translate.items())
+    return "|schemas:" + ",".join(f"{k}={v}" for k, v in pairs)
+
+
 def describe(url: URL, options: Mapping[str, Any], memory_id: str = "") -> str:
     """The readable identity of the database a URL (and its execution options) reaches;
     ``memory_id`` stands for an in-memory SQLite database."""
@@ -82,11 +141,7 @@ def describe(url: URL, options: Mapping[str, Any], memory_id: str = "") -> str:
             host = (url.host or "").lower()
             port = url.port or _DEFAULT_PORTS.get(backend) or ""
             name = f"{backend}://{host}:{port}/{database}"
-    translate = options.get("schema_translate_map")
-    if translate:
-        pairs = sorted((str(k or ""), str(v or "")) for k, v in translate.items())
-        name += "|schemas:" + ",".join(f"{k}={v}" for k, v in pairs)
-    return name
+    return name + _schemas(options.get("schema_translate_map"))
 
 
 def _sqlite_path(url: URL) -> str | None:
@@ -120,6 +175,8 @@ class Databases:
 
     def __init__(self) -> None:
         self._engines: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        #: engine -> (naming options of a connection or statement -> digest)
+        self._renamed: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
         self._memory: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         #: URL identity -> the server's own (or the URL's, when the server cannot say)
         self._servers: dict[str, str] = {}
@@ -133,14 +190,33 @@ class Databases:
             found = self._engines[engine] = digest(self.identity(engine))
         return found
 
-    def identity(self, bind: Any) -> str:
-        """The readable identity of a bind's database (what :meth:`of` hashes)."""
+    def renamed(self, bind: Any, naming: Mapping[str, Any]) -> str:
+        """The digest of the database that ``naming`` (from :func:`naming_of`) names on the
+        engine of ``bind``: once per engine and naming."""
         engine = bind.engine if isinstance(bind, Connection) else bind
-        options = engine.get_execution_options()
-        by_url = describe(engine.url, options, self._memory_id(engine))
+        translate = _translate(naming.get("schema_translate_map"))
+        hashable = (
+            naming.get(OPTION),
+            None if translate is None else tuple(sorted(translate.items(), key=repr)),
+        )
+        per_engine = self._renamed.get(engine)
+        if per_engine is None:
+            per_engine = self._renamed[engine] = {}
+        found = per_engine.get(hashable)
+        if found is None:
+            found = per_engine[hashable] = digest(self.identity(engine, naming))
+        return found
+
+    def identity(self, bind: Any, naming: Mapping[str, Any] | None = None) -> str:
+        """The readable identity of a bind's database (what :meth:`of` hashes), or of the
+        database ``naming`` names on its engine."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        options = engine.get_execution_options() if naming is None else naming
+        memory = self._memory_id(engine)
         backend = _BACKENDS.get(engine.url.get_backend_name(), engine.url.get_backend_name())
         if options.get(OPTION) is not None or backend not in _SERVER_QUERIES:
-            return by_url
+            return describe(engine.url, options, memory)
+        by_url = describe(engine.url, {}, memory)
         found = self._servers.get(by_url)
         if found is None:
             with self._asking:
@@ -154,7 +230,7 @@ class Databases:
                             f"({type(exc).__name__}: {exc}); set the engine option {OPTION} "
                             "to name it"
                         ) from exc
-        return found
+        return found + _schemas(options.get("schema_translate_map"))
 
     def _ask_server(self, engine: Any, backend: str, by_url: str) -> str:
         """The server's own name for the database, on a connection of its own; the URL's
@@ -190,9 +266,6 @@ class Databases:
             found = by_url
         else:
             found = f"{backend}:server={server}/{database or engine.url.database or ''}"
-            translate = engine.get_execution_options().get("schema_translate_map")
-            if translate:
-                found += "|" + by_url.split("|", 1)[1]
         self._servers[by_url] = found
         return found
 

@@ -28,6 +28,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import TextClause
 
 from . import _sa_compat
+from .databases import OPTION, naming_of, own_naming
 
 if TYPE_CHECKING:
     from .model import ModelLayout
@@ -97,20 +98,35 @@ class StatementTracker:
                 return  # the unit of work's own statement: after_flush tracks it
             tracker.in_flush = False  # that flush stopped before after_flush
         tracker.wrote = True
-        declared = context.execution_options.get("writethrough_invalidates")
+        # the database the statement's tables are in: its engine, or the one its execution
+        # options name (a schema_translate_map of the statement or of its connection)
+        engine = conn.engine
+        options = context.execution_options
+        naming = naming_of(engine, options)
+        if naming is None and tracker.renamed:
+            naming = own_naming(engine)  # not the session's connection's: the statement's
+        declared = options.get("writethrough_invalidates")
         if declared is not None:
             # the caller says which models this statement changes
-            self.write.lock_models(tracker, self.runtime.models.declared_layouts(declared), conn)
+            layouts = self.runtime.models.declared_layouts(declared)
+            for each in _with_and_without_schemas(engine, naming):
+                self.write.lock_models(tracker, layouts, engine, each)
             return
         if dml and compiled is not None:
-            self._compiled_dml(tracker, conn, context, compiled)
+            self._compiled_dml(tracker, engine, naming, context, compiled)
         else:
-            self._text(tracker, conn, statement)
+            for each in _with_and_without_schemas(engine, naming):
+                self._text(tracker, engine, each, statement)
 
     # -- compiled DML --------------------------------------------------------------------
 
     def _compiled_dml(
-        self, tracker: SessionTracker, conn: Any, context: Any, compiled: Any
+        self,
+        tracker: SessionTracker,
+        engine: Any,
+        naming: dict[str, Any] | None,
+        context: Any,
+        compiled: Any,
     ) -> None:
         rt = self.runtime
         stmt = compiled.statement
@@ -134,15 +150,21 @@ class StatementTracker:
                     if keys is None:
                         whole.append(layout)
                     else:
-                        self.write.invalidate_rows(tracker, layout, keys, conn)
+                        self.write.invalidate_rows(tracker, layout, keys, engine, naming)
         for layout in layouts:
             whole += rt.models.also_invalidated(layout)
         if whole:
-            self.write.lock_models(tracker, whole, conn)
+            self.write.lock_models(tracker, whole, engine, naming)
 
     # -- raw SQL -------------------------------------------------------------------------
 
-    def _text(self, tracker: SessionTracker, conn: Any, statement: str) -> None:
+    def _text(
+        self,
+        tracker: SessionTracker,
+        engine: Any,
+        naming: dict[str, Any] | None,
+        statement: str,
+    ) -> None:
         text = _LEADING_NOISE.sub("", statement)
         match = _FIRST_WORD.match(text)
         word = match.group(0).lower() if match else ""
@@ -164,7 +186,7 @@ class StatementTracker:
                 "model (name them with execution_options(writethrough_invalidates=[...]))",
                 word.upper(),
             )
-            self.write.lock_models(tracker, rt.models.cached_layouts(), conn)
+            self.write.lock_models(tracker, rt.models.cached_layouts(), engine, naming)
             return
         layouts = self._named_layouts(text)
         whole = list(layouts)
@@ -177,7 +199,7 @@ class StatementTracker:
                 for deleted in (True, False):
                     whole += rt.models.cascades(parents[name], deleted=deleted, orm_handles=())
         if whole:
-            self.write.lock_models(tracker, whole, conn)
+            self.write.lock_models(tracker, whole, engine, naming)
 
     def _named_layouts(self, text: str) -> list[ModelLayout]:
         by_name = self.runtime.models.layouts_by_table_name()
@@ -276,3 +298,17 @@ def _same_table(a: Any, b: Any) -> bool:
 def _base(table: Any) -> Any:
     deannotate = getattr(table, "_deannotate", None)
     return deannotate() if deannotate is not None else table
+
+
+def _with_and_without_schemas(
+    engine: Any, naming: dict[str, Any] | None
+) -> list[dict[str, Any] | None]:
+    """The databases raw SQL (or a statement that names its models itself) may change: a
+    ``schema_translate_map`` translates the tables of compiled statements only, so the SQL
+    text reaches the tables its own names (and the ``search_path``) say: the database named
+    without the map as well as the one named with it."""
+    options = naming if naming is not None else engine.get_execution_options()
+    if not options.get("schema_translate_map"):
+        return [naming]
+    plain = {OPTION: options.get(OPTION), "schema_translate_map": None}
+    return [naming, naming_of(engine, plain) or own_naming(engine)]

@@ -22,7 +22,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa_compat
 from .codec import DecodeError
-from .databases import DatabaseUnknown
+from .databases import NAMING, DatabaseUnknown, naming_of, own_naming
 from .options import FromCache
 from .protocol import Fetch, payload_of
 from .tracing import record_span
@@ -129,7 +129,7 @@ class ReadPath:
             return None
         may_fill = not tracker.wrote
         try:
-            keys = rt.models.keys(layout, bind)
+            keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
         except DatabaseUnknown:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None  # the load itself says what is wrong with the database
@@ -269,10 +269,11 @@ class ReadPath:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         bind = found_bind[0]
-        if self._usable_tracker(session, mapper, bind) is None:
+        tracker = self._usable_tracker(session, mapper, bind)
+        if tracker is None:
             return None
         try:
-            keys = rt.models.keys(layout, bind)
+            keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
         except DatabaseUnknown:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
@@ -394,7 +395,7 @@ class ReadPath:
                 found[value] = existing
         if todo:
             try:
-                keys = rt.models.keys(layout, bind)
+                keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
             except DatabaseUnknown:
                 rt.counters.add("bypasses", 1, layout.entity_name)
                 return None
@@ -632,3 +633,25 @@ def _read_was_fresh(connection: Any, began_before: bool) -> bool:
         dbapi = connection.connection.dbapi_connection
         return getattr(dbapi, "in_transaction", True) is False
     return False
+
+
+def _naming(
+    orm_state: ORMExecuteState, tracker: SessionTracker, bind: Any
+) -> dict[str, Any] | None:
+    """The naming options the load's SQL runs under, where they name another database than
+    its engine's: the statement's (or the session's, on SQLAlchemy 2.1) over those of the
+    session's connection over the engine's, as SQLAlchemy applies a ``schema_translate_map``."""
+    renamed = tracker.renamed.get(bind) if tracker.renamed else None
+    options = orm_state.execution_options
+    if NAMING[0] not in options and NAMING[1] not in options:
+        return renamed  # the common case
+    engine = bind.engine if isinstance(bind, Connection) else bind
+    if renamed is not None:
+        merged = dict(renamed)
+    elif isinstance(bind, Connection):
+        merged = dict(bind.get_execution_options())
+    else:
+        merged = dict(engine.get_execution_options())
+    merged.update((name, options[name]) for name in NAMING if name in options)
+    # the engine's own said explicitly where it is: a Connection bind's may differ
+    return naming_of(engine, merged) or own_naming(engine)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Mapper, registry
 
 from . import _sa_compat
 from .config import ModelOptions, ModelOptionsDict, OptionError
-from .databases import Databases
+from .databases import Databases, connection_naming
 from .exc import ConfigurationError, WriteThroughWarning
 from .keys import KeySpace
 from .model import ModelLayout, cache_root, cached_members, is_cached_model, model_overrides
@@ -292,9 +292,18 @@ class Models:
         targets = layout.options.also_invalidates
         return self.resolve(targets, where=layout.entity_name) if targets else []
 
-    def keys(self, layout: ModelLayout, bind: Any) -> KeySpace:
+    def keys(
+        self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None = None
+    ) -> KeySpace:
         """The keys of ``layout``'s rows in the database of ``bind`` (the Engine or Connection
-        the load, flush or statement used): a tuple check when the bind is the last one."""
+        the load, flush or statement used): a tuple check when the bind is the last one.
+        ``naming``: the naming options of the statement or the session's connection, where
+        they name another database than the engine's (:func:`.databases.naming_of`); a
+        Connection's own are read from it."""
+        if naming is None and isinstance(bind, Connection):
+            naming = connection_naming(bind)
+        if naming is not None:
+            return layout.keyspace(self._databases.renamed(bind, naming))
         last = layout.last_keys
         if last[0] is bind:
             keys: KeySpace = last[1]

@@ -178,7 +178,7 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
     if tracker is None:
         return UNANSWERED
     try:
-        keys = rt.models.keys(layout, bind)
+        keys = rt.models.keys(layout, bind, tracker.renamed.get(bind) if tracker.renamed else None)
     except DatabaseUnknown:
         return UNANSWERED
     key, gen_key = keys.pair(pk)

@@ -75,6 +75,7 @@ class SessionTracker:
         "reassert_on_flush",
         "ref",
         "released_savepoints",
+        "renamed",
         "session_ref",
         "statement_keys",
         "strict",
@@ -112,6 +113,10 @@ class SessionTracker:
         #: commit() does not COMMIT, so it never fills and never publishes
         self.external = False
         self.reassert_on_flush = False
+        #: engine -> the naming options of this transaction's connection to it, where they
+        #: name another database than the engine's (a schema_translate_map given to
+        #: ``session.connection(execution_options=...)``): its loads and flushes use them
+        self.renamed: dict[Any, dict[str, Any]] = {}
         #: monotonic time of this transaction's first lock (0.0: none yet)
         self.first_lock_at = 0.0
         #: a model involved is configured on_redis_error="strict"

@@ -42,6 +42,7 @@ from sqlalchemy.orm.attributes import instance_state
 from . import _sa_compat
 from .background import Job, Publisher
 from .codec import FlushContext
+from .databases import connection_naming
 from .dml import StatementTracker
 from .exc import CacheUnavailableError
 from .protocol import Script, new_nonce
@@ -116,7 +117,7 @@ class WritePath:
                 bind = binds.of(state, choose=False)
                 if bind is None:
                     continue  # its shard is chosen by the flush: after_flush locks it
-                key, gen_key = rt.models.keys(layout, bind).pair(pk)
+                key, gen_key = rt.models.keys(layout, bind, tracker.renamed.get(bind)).pair(pk)
                 if key in tracker.locked or key in seen:
                     continue
                 self._involve(tracker, layout)
@@ -212,7 +213,8 @@ class WritePath:
                 continue
             if (layout, bind) not in involved:
                 involve(layout, bind)
-            record(rt.models.keys(layout, bind), layout, state.key[1], None, "delete")
+            keys = rt.models.keys(layout, bind, tracker.renamed.get(bind))
+            record(keys, layout, state.key[1], None, "delete")
 
         for collection, inserted in ((session.new, True), (session.dirty, False)):
             for obj in collection:
@@ -229,7 +231,7 @@ class WritePath:
                     continue
                 if (layout, bind) not in involved:
                     involve(layout, bind)
-                keys = rt.models.keys(layout, bind)
+                keys = rt.models.keys(layout, bind, tracker.renamed.get(bind))
                 variant = layout.variant(state.mapper)
                 assert variant is not None  # _layout_for rebuilds a layout missing a class
                 if inserted:
@@ -291,17 +293,21 @@ class WritePath:
         layout: ModelLayout,
         keys: Iterable[Sequence[Any]],
         bind: Any,
+        naming: dict[str, Any] | None = None,
     ) -> None:
         """Rows a statement about to run on ``bind`` changes, named by primary key: locked
-        now, left as a miss at commit, restored by a rollback."""
+        now, left as a miss at commit, restored by a rollback. (``naming``: as for
+        :meth:`lock_models`.)"""
         self._involve(tracker, layout)
         transaction = tracker.current_transaction()
         ttl_ms = self.runtime.ttl_ms(layout)
-        keyspace = self.runtime.models.keys(layout, bind)
+        if naming is None:
+            naming = tracker.renamed.get(bind)
+        keyspace = self.runtime.models.keys(layout, bind, naming)
         pairs: list[str] = []
         for pk in keys:
             if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
-                self.lock_models(tracker, [layout], bind)
+                self.lock_models(tracker, [layout], bind, naming)
                 return
             key, gen_key = keyspace.pair(pk)
             tracker.statement_keys.add(key)
@@ -313,15 +319,22 @@ class WritePath:
             self._lock(tracker, pairs)
 
     def lock_models(
-        self, tracker: SessionTracker, layouts: Iterable[ModelLayout], bind: Any
+        self,
+        tracker: SessionTracker,
+        layouts: Iterable[ModelLayout],
+        bind: Any,
+        naming: dict[str, Any] | None = None,
     ) -> None:
         """Every row of these models in the database of ``bind`` may change: lock their
         generations until the end of the transaction, which replaces them (after COMMIT) or
-        puts them back (after ROLLBACK)."""
+        puts them back (after ROLLBACK). ``naming``: the statement's naming options where
+        they name another database than its connection's (:func:`.databases.naming_of`)."""
+        if naming is None:
+            naming = tracker.renamed.get(bind)
         gen_keys: list[str] = []
         for layout in dict.fromkeys(layouts):
             self._involve(tracker, layout)
-            for gen_key in self.runtime.models.keys(layout, bind).generation_keys():
+            for gen_key in self.runtime.models.keys(layout, bind, naming).generation_keys():
                 if gen_key not in tracker.locked_gens:
                     tracker.locked_gens[gen_key] = None
                     gen_keys.append(gen_key)
@@ -728,6 +741,9 @@ class WritePath:
         info[rt.settings.info_key] = tracker.ref
         tracker.infos.append(info)
         self.statements.watch(connection.engine)
+        naming = connection_naming(connection)
+        if naming is not None:
+            tracker.renamed[connection.engine] = naming
 
 
 class FlushBinds:

@@ -1,0 +1,260 @@
+"""One schema per tenant, chosen with ``schema_translate_map`` anywhere SQLAlchemy takes it:
+tenants never share an entry (invariant 10).
+
+SQLAlchemy applies the map of a statement over the map of its connection over the map of its
+engine. Each of those names the tenant's rows here, as it names the tables the SQL reads:
+
+* on the Session's connection: ``session.connection(execution_options=...)`` before the first
+  load, or ``Session(bind=connection.execution_options(...))``;
+* on a statement: ``session.get(..., execution_options=...)``,
+  ``select(...).execution_options(...)``, an ORM UPDATE's ``execution_options``;
+* on the engine (``engine.execution_options(...)``), as before.
+
+Each tenant is served its own row from the cache (no SQL the second time), its commits write
+through to its own entry only, and a statement on one tenant's table invalidates that
+tenant's entries only. On PostgreSQL: schemas in the run's database.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import String, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
+
+from _servers import capture_sql
+
+pytestmark = pytest.mark.databases("postgresql")
+
+
+class StBase(DeclarativeBase):
+    pass
+
+
+class StItem(StBase, CachedModel):
+    __tablename__ = "st_item"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+@pytest.fixture
+def schemas(engine: Engine) -> Iterator[tuple[str, str]]:
+    """Two tenants' schemas, each with its own st_item holding row 1 named after it; the
+    default schema's table holds row 1 too ("default")."""
+    names = tuple(f"st_{t}_{uuid.uuid4().hex[:6]}" for t in ("a", "b"))
+    with engine.begin() as conn:
+        StBase.metadata.drop_all(conn)
+        StBase.metadata.create_all(conn)
+        conn.execute(StItem.__table__.insert(), {"id": 1, "name": "default"})
+        for name in names:
+            conn.exec_driver_sql(f"CREATE SCHEMA {name}")
+            tenant = conn.execution_options(schema_translate_map={None: name})
+            StBase.metadata.create_all(tenant)
+            tenant.execute(StItem.__table__.insert(), {"id": 1, "name": name})
+    yield names[0], names[1]
+    with engine.begin() as conn:
+        for name in names:
+            conn.exec_driver_sql(f"DROP SCHEMA {name} CASCADE")
+        StBase.metadata.drop_all(conn)
+
+
+@pytest.fixture
+def maker(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessionmaker[Session]]:
+    client = redis.Redis.from_url(redis_url, socket_timeout=1)
+    cache = WriteThroughCache(client, prefix=prefix)
+    factory = sessionmaker(engine)
+    cache.install(factory)
+    try:
+        yield factory
+    finally:
+        cache.uninstall(factory)
+        client.close()
+
+
+def _tenant(schema: str) -> dict[str, Any]:
+    return {"schema_translate_map": {None: schema}}
+
+
+def read_on_connection(maker: sessionmaker[Session], engine: Engine, schema: str) -> Any:
+    """(the name ``session.get`` returns with the tenant chosen on the session's connection,
+    the SQL it sent)."""
+    with maker() as session, capture_sql(engine) as sql:
+        session.connection(execution_options=_tenant(schema))
+        found = session.get(StItem, 1)
+        return (found.name if found else None), len(sql)
+
+
+def test_a_tenant_chosen_on_the_sessions_connection_reads_its_own_rows(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
+) -> None:
+    a, b = schemas
+    for _ in range(2):  # the second round from the cache
+        assert read_on_connection(maker, engine, a)[0] == a
+        assert read_on_connection(maker, engine, b)[0] == b
+        with maker() as session:
+            found = session.get(StItem, 1)
+            assert found is not None and found.name == "default"
+    assert read_on_connection(maker, engine, a) == (a, 0), "served from the cache"
+    assert read_on_connection(maker, engine, b) == (b, 0), "served from the cache"
+
+
+def test_a_tenants_commit_writes_through_to_its_own_entry_only(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
+) -> None:
+    a, b = schemas
+    for schema in (a, b, "default"):  # warm every entry
+        if schema == "default":
+            with maker() as session:
+                session.get(StItem, 1)
+        else:
+            read_on_connection(maker, engine, schema)
+    with maker() as session:
+        session.connection(execution_options=_tenant(b))
+        item = session.get(StItem, 1)
+        assert item is not None
+        item.name = "b changed"
+        session.commit()
+    assert read_on_connection(maker, engine, b) == ("b changed", 0), "written through"
+    assert read_on_connection(maker, engine, a) == (a, 0)
+    with maker() as session:
+        found = session.get(StItem, 1)
+        assert found is not None and found.name == "default"
+    with engine.connect() as conn:
+        tenant = conn.execution_options(schema_translate_map={None: b})
+        assert tenant.scalar(select(StItem.name).where(StItem.id == 1)) == "b changed"
+
+
+def test_a_session_bound_to_a_tenants_connection(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
+) -> None:
+    a, b = schemas
+    with engine.connect() as conn:
+        for _ in range(2):
+            for schema in (a, b):
+                with maker(bind=conn.execution_options(**_tenant(schema))) as session:
+                    found = session.get(StItem, 1)
+                    assert found is not None and found.name == schema
+                    found.name = schema  # unchanged: nothing to flush
+                    session.commit()
+        with maker(bind=conn.execution_options(**_tenant(b))) as session:
+            item = session.get(StItem, 1)
+            assert item is not None
+            item.name = "b again"
+            session.commit()
+        with maker(bind=conn.execution_options(**_tenant(a))) as session:
+            found = session.get(StItem, 1)
+            assert found is not None and found.name == a
+        with maker(bind=conn.execution_options(**_tenant(b))) as session:
+            found = session.get(StItem, 1)
+            assert found is not None and found.name == "b again"
+
+
+def test_a_tenant_chosen_on_the_statement(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
+) -> None:
+    a, b = schemas
+    with maker() as session:
+        found = session.get(StItem, 1)  # the default schema's row, now cached
+        assert found is not None and found.name == "default"
+    for _ in range(2):
+        with maker() as session:
+            found = session.get(StItem, 1, execution_options=_tenant(a))
+            assert found is not None and found.name == a
+        with maker() as session:
+            stmt = select(StItem).where(StItem.id == 1).options(from_cache())
+            found = session.scalars(stmt.execution_options(**_tenant(b))).one()
+            assert found.name == b
+        with maker() as session:
+            found = session.scalars(
+                select(StItem).where(StItem.id == 1).options(from_cache()),
+                execution_options=_tenant(a),
+            ).one()
+            assert found.name == a
+
+
+def test_a_statement_on_a_tenants_table_invalidates_that_tenants_entries(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
+) -> None:
+    a, b = schemas
+    read_on_connection(maker, engine, a)
+    read_on_connection(maker, engine, b)
+    with maker() as session:
+        session.execute(
+            update(StItem).where(StItem.id == 1).values(name="b by statement"),
+            execution_options=_tenant(b),
+        )
+        session.commit()
+    assert read_on_connection(maker, engine, b)[0] == "b by statement"
+    assert read_on_connection(maker, engine, a) == (a, 0), "the other tenant stays served"
+    with maker() as session:
+        found = session.get(StItem, 1)
+        assert found is not None and found.name == "default"  # cached
+    with maker() as session:
+        session.connection(execution_options=_tenant(a))
+        # raw SQL names its table itself: the map does not apply, the default schema's row
+        # changes; whichever it changed, no tenant is served a row it no longer has
+        session.execute(sa.text("UPDATE st_item SET name = 'by hand' WHERE id = 1"))
+        session.commit()
+    with maker() as session:
+        found = session.get(StItem, 1)
+        assert found is not None and found.name == "by hand"
+    assert read_on_connection(maker, engine, a)[0] == a
+
+
+def test_a_tenant_chosen_on_an_async_sessions_connection(
+    engine: Engine, schemas: tuple[str, str], redis_url: str, prefix: str
+) -> None:
+    """The same with an AsyncSession and redis.asyncio: each tenant is served its own row,
+    and a commit writes through to its tenant's entry only."""
+    import asyncio
+
+    import redis.asyncio
+    from _flavours import async_url
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    a, b = schemas
+
+    async def scenario() -> list[Any]:
+        aengine = create_async_engine(async_url(engine.url.render_as_string(False)))
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
+        cache = WriteThroughCache(client, prefix=prefix)
+        factory = async_sessionmaker(aengine, expire_on_commit=False)
+        cache.install(factory)
+        seen: list[Any] = []
+
+        async def read(schema: str) -> Any:
+            async with factory() as session:
+                await session.connection(execution_options=_tenant(schema))
+                found = await session.get(StItem, 1)
+                return found.name if found else None
+
+        try:
+            for _ in range(2):
+                seen += [await read(a), await read(b)]
+            async with factory() as session:
+                await session.connection(execution_options=_tenant(b))
+                item = await session.get(StItem, 1)
+                assert item is not None
+                item.name = "b async"
+                await session.commit()
+            seen += [await read(a), await read(b)]
+            hits = cache.stats().hits
+        finally:
+            await client.aclose()
+            await aengine.dispose()
+        return [*seen, hits > 0]
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(scenario()) == [a, b, a, b, a, "b async", True]
+    finally:
+        loop.close()
