@@ -467,7 +467,11 @@ def stats_json(stats: CacheStats) -> dict[str, Any]:
 
 def render_stats(stats: CacheStats, processes: list[dict[str, Any]], prefix: str) -> str:
     """The stats as a terminal page: totals, rates, latencies, per model, processes."""
-    lines = [f"Cache {prefix!r}: {len(processes)} live process(es) reporting"]
+    exited = sum(1 for p in processes if p.get("exited"))
+    lines = [
+        f"Cache {prefix!r}: {len(processes) - exited} live process(es) reporting"
+        + (f", {exited} exited lately" if exited else "")
+    ]
     lines.append(
         f"  reads    {stats.hits} hits, {stats.misses} misses (hit rate {_pct(stats.hit_rate)}), "
         f"{stats.locked_reads} found a lock, {stats.bypasses} bypassed"
@@ -515,6 +519,9 @@ def render_stats(stats: CacheStats, processes: list[dict[str, Any]], prefix: str
                 f"{_pct(m.hit_rate):>8}  {_ratio(m.read_write_ratio):>10}  {rec}"
             )
     for p in processes:
+        if p.get("exited"):
+            lines.append(f"  process {p['host']}:{p['pid']}: exited (its counts are in)")
+            continue
         state = "breaker OPEN" if p.get("breaker_open") else "ok"
         lines.append(
             f"  process {p['host']}:{p['pid']}: {state}, journal {p.get('journal_size', 0)}"

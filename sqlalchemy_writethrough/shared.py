@@ -120,6 +120,9 @@ class SharedStats:
         self._warned = False
         #: an asyncio send is under way (its counts are not yet known sent)
         self._inflight = False
+        #: the cache is closing or the process exiting: the last send says so, and the
+        #: command-line tool lists the process as live no more
+        self._exiting = False
         self.due = time.monotonic() + interval
         _senders.add(self)
         _ensure_thread()
@@ -157,6 +160,8 @@ class SharedStats:
             if total:
                 commands.append(("HINCRBYFLOAT", key, f"s|{name}", repr(total)))
         state = self._state()
+        if self._exiting:
+            state = {**state, "exited": True}
         heartbeat = self._sent_state is not None and time.monotonic() - self._sent_at >= HEARTBEAT
         if not (commands or heartbeat or state != (self._sent_state or state)):
             return None
@@ -270,6 +275,7 @@ class SharedStats:
         cache's circuit breaker is open). A ``redis.asyncio`` client whose loop has ended is
         used on a loop of its own for this one send."""
         self.stop()
+        self._exiting = True
         try:
             if self._state().get("breaker_open"):
                 return False
@@ -333,8 +339,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def read_shared(client: Any, prefix: str) -> tuple[CacheStats, list[dict[str, Any]]]:
-    """Every process's counters under ``prefix``, added up, and the live processes' states
-    (``host``, ``pid``, ``breaker_open``, ``journal_size``, ``at``), read with a sync client."""
+    """Every process's counters under ``prefix``, added up, and the states of the processes
+    that sent lately (``host``, ``pid``, ``breaker_open``, ``journal_size``, ``at``, and
+    ``exited``: True once its cache closed or it exited), read with a sync client."""
     return parse_shared(client.hgetall(stats_key(prefix)), client.hgetall(processes_key(prefix)))
 
 
@@ -377,13 +384,14 @@ def parse_shared(raw_stats: Any, raw_processes: Any) -> tuple[CacheStats, list[d
         host, _, pid = field.rpartition(":")
         processes.append({"host": host, "pid": int(pid), **state})
     processes.sort(key=lambda p: (p["host"], p["pid"]))
+    live = [p for p in processes if not p.get("exited")]  # an exited one holds nothing now
     stats = build_stats(
         counts.items(),
         hist,
         sums,
-        breaker_open=any(p.get("breaker_open") for p in processes),
-        journal_size=sum(int(p.get("journal_size", 0)) for p in processes),
-        pending_publishes=sum(int(p.get("pending_publishes", 0)) for p in processes),
+        breaker_open=any(p.get("breaker_open") for p in live),
+        journal_size=sum(int(p.get("journal_size", 0)) for p in live),
+        pending_publishes=sum(int(p.get("pending_publishes", 0)) for p in live),
     )
     return stats, processes
 

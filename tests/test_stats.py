@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, ConfigurationError, WriteThroughCache
+from sqlalchemy_writethrough.shared import read_shared
 from sqlalchemy_writethrough.stats import BOUNDS, Counters, Latency, recommend
 from sqlalchemy_writethrough.testing import assert_no_sql, assert_served_from_cache
 
@@ -320,6 +321,8 @@ def test_a_short_lived_process_sends_its_counts_when_it_exits(
         assert (sent[b"c|StItem|misses"], sent[b"c|StItem|hits"]) == (b"1", b"1")
         for prefix in (sync_prefix, async_prefix):
             assert len(redis_client.hgetall(f"{prefix}:stats:processes")) == 1
+            # its last send says it exited: listed so, not as a live process
+            assert [p.get("exited") for p in read_shared(redis_client, prefix)[1]] == [True]
     finally:
         for prefix in prefixes:
             redis_client.delete(f"{prefix}:stats", f"{prefix}:stats:processes")
