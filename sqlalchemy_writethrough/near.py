@@ -1,0 +1,234 @@
+"""The near cache: copies of entries in process memory, in front of Redis (opt-in).
+
+A hit from memory costs no round trip, so it may be older than Redis: by at most the
+staleness bound (``NearCacheOptions.staleness``), never uncommitted. How that holds:
+
+* every script that changes an entry or a generation publishes the keys it changed on
+  :func:`channel_of` the prefix (see ``lua/_common.lua``); this process's subscriber thread
+  drops them, a generation's whole bucket, or everything (a new epoch, ``clear()``);
+* a copy is taken only from a read that saw a VALUE of the current generation, and only when
+  no invalidation was processed since that read began (a sequence number taken before it:
+  a value read before an invalidation is never stored after it);
+* this process's own writes drop their keys as soon as their script returns, so it reads its
+  own commits at once;
+* the subscription is trusted only while a heartbeat (a ``PING`` on the subscribed connection,
+  whose reply comes after every message published before it) came back within the bound: a
+  subscription not confirmed yet, lost, or lagging serves nothing, and each (re)subscription
+  starts from an empty cache;
+* whatever happens, a copy expires ``staleness`` seconds after the read that took it began.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgpack
+
+from .config import NearCacheOptions
+from .diagnostics import explain
+from .protocol import GENERATION_SCRIPTS, PAIR_SCRIPTS, Script
+
+if TYPE_CHECKING:
+    from .backend import Backend
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+_NEVER = float("-inf")
+
+
+def channel_of(prefix: str) -> str:
+    """The pub/sub channel of a prefix's near-cache invalidations."""
+    return f"{prefix}:near"
+
+
+class NearCache:
+    """One cache's in-process entries and the subscription that keeps them correct."""
+
+    def __init__(self, client: Any, prefix: str, options: NearCacheOptions) -> None:
+        self.client = client
+        self.channel = channel_of(prefix)
+        self.max_entries = options.max_entries
+        self.staleness = options.staleness
+        #: key -> (payload, generation key, monotonic time after which it is not served)
+        self._entries: dict[str, tuple[memoryview, str, float]] = {}
+        self._lock = threading.Lock()
+        #: bumped by every invalidation processed: a read stores only if it did not move
+        self._seq = 0
+        #: when the latest heartbeat that came back was sent (-inf: not subscribed)
+        self._heard = _NEVER
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: what it did, for tests and diagnosis
+        self.hits = 0
+        self.stores = 0
+        self.refused = 0
+        self.resets = 0
+        self.messages = 0
+
+    # -- reading -------------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        """Whether the subscription is confirmed and its last heartbeat is within the bound."""
+        return monotonic() - self._heard <= self.staleness
+
+    def peek(self, backend: Backend, key: str, gen_key: str) -> memoryview | Literal[False] | None:
+        """:meth:`Backend.peek`, answered from memory when a copy is fresh and the
+        subscription healthy; a VALUE read from Redis is kept for the next reads."""
+        entry = self._entries.get(key)
+        now = monotonic()
+        if now - self._heard > self.staleness:
+            return backend.peek(key, gen_key)
+        if entry is not None:
+            if now < entry[2]:
+                self.hits += 1
+                return entry[0]
+            self._discard(key, entry)
+        seq = self._seq
+        found = backend.peek(key, gen_key)
+        if found:
+            self._store(key, gen_key, found, seq, now + self.staleness)
+        return found
+
+    def _store(self, key: str, gen_key: str, payload: memoryview, seq: int, expires: float) -> None:
+        with self._lock:
+            if seq != self._seq or monotonic() - self._heard > self.staleness:
+                self.refused += 1
+                return
+            entries = self._entries
+            entries.pop(key, None)
+            while len(entries) >= self.max_entries:
+                del entries[next(iter(entries))]  # the oldest copy first
+            entries[key] = (payload, gen_key, expires)
+            self.stores += 1
+
+    def _discard(self, key: str, entry: tuple[memoryview, str, float]) -> None:
+        with self._lock:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- invalidating --------------------------------------------------------------------
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Forget these entries (and void the reads in flight)."""
+        with self._lock:
+            self._seq += 1
+            entries = self._entries
+            for key in keys:
+                entries.pop(key, None)
+
+    def drop_buckets(self, gen_keys: Iterable[str]) -> None:
+        """Forget every entry of these buckets."""
+        wanted = set(gen_keys)
+        with self._lock:
+            self._seq += 1
+            self._entries = {k: e for k, e in self._entries.items() if e[1] not in wanted}
+
+    def drop_all(self) -> None:
+        with self._lock:
+            self._seq += 1
+            self._entries = {}
+
+    def wrote(self, script: Script, keys: Sequence[str]) -> None:
+        """This process ran ``script`` over ``keys``: drop what it may have changed now,
+        without waiting for its message (read your own writes)."""
+        if script in PAIR_SCRIPTS:
+            self.drop(keys[0::2])
+        elif script in GENERATION_SCRIPTS:
+            self.drop_buckets(keys)
+        elif script is Script.EPOCH_BUMP:
+            self.drop_all()
+
+    def _down(self) -> None:
+        """The subscription is lost (or not confirmed yet): serve nothing, keep nothing."""
+        with self._lock:
+            self._heard = _NEVER
+            self._seq += 1
+            self._entries = {}
+
+    # -- the subscription ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._listen, name="writethrough-near-cache", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop listening: the near cache serves nothing from now on."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._down()
+
+    def _listen(self) -> None:
+        pause = 0.05
+        while not self._stop.is_set():
+            try:
+                self._subscribed()
+                pause = 0.05
+            except Exception as exc:  # a lost connection, a Redis down: try again shortly
+                log.debug("writethrough: near cache subscription lost: %s", explain(exc))
+                pause = min(pause * 2, 1.0)
+            self._down()
+            self._stop.wait(pause)
+
+    def _subscribed(self) -> None:
+        """Subscribe, then handle messages and send heartbeats until stopped or failed."""
+        every = self.staleness / 4
+        pubsub = self.client.pubsub()
+        try:
+            pubsub.subscribe(self.channel)
+            due = 0.0
+            while not self._stop.is_set():
+                now = monotonic()
+                if now >= due:
+                    pubsub.ping(repr(now))
+                    due = now + every
+                message = pubsub.get_message(timeout=max(0.0, due - now))
+                if message is not None:
+                    self._handle(message)
+        finally:
+            try:
+                pubsub.close()
+            except Exception:  # a broken connection closes anyway
+                pass
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        data = message["data"]
+        if kind == "message":
+            self.messages += 1
+            if data[:1] == b"k":
+                self.drop(_names(data))
+            elif data[:1] == b"g":
+                self.drop_buckets(_names(data))
+            else:
+                self.drop_all()
+        elif kind == "pong":
+            if isinstance(data, bytes):
+                data = data.decode()
+            if data:  # sent when the PING was: every message published before has come
+                with self._lock:
+                    self._heard = max(self._heard, float(data))
+        elif kind == "subscribe":
+            # a (re)subscription: what was published while unsubscribed is lost
+            self.resets += 1
+            self._down()
+        else:  # unsubscribed
+            self._down()
+
+
+def _names(data: bytes) -> list[str]:
+    names = msgpack.unpackb(data[1:], raw=True)
+    return [n.decode("utf-8", "surrogateescape") for n in names]

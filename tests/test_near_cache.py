@@ -1,0 +1,571 @@
+"""The near cache (``near_cache=``): entries in process memory, kept correct by messages.
+
+* a hit from memory sends no Redis command and no SQL;
+* another cache's commit (another process) is seen once its message arrives, and never later
+  than the staleness bound, even from a writer that sends no message;
+* a value read from Redis before an invalidation was processed is not stored after it;
+* the process's own commits and rollbacks are read at once;
+* a subscription killed, refused or lagging serves nothing until it is back;
+* copies expire after the bound; the size bound evicts;
+* loads that bypass the cache, and models that opt out, read as without it;
+* off by default: no PUBLISH, nothing in memory.
+
+The tests that need a message to arrive wait for it (the subscriber is a thread); none asserts
+a duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import String, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import (
+    CachedModel,
+    ConfigurationError,
+    NearCacheOptions,
+    WriteThroughCache,
+    from_cache,
+)
+from sqlalchemy_writethrough.config import OptionError
+from sqlalchemy_writethrough.near import NearCache, channel_of
+from stress.redis_server import RedisServer
+
+from _cache_helpers import entry_key
+from _servers import capture_sql, in_ci, reset_schema
+
+pytestmark = pytest.mark.databases("sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class NcItem(Base, CachedModel):
+    __tablename__ = "nc_item"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class NcFar(Base, CachedModel):
+    """A model that opts out of the near cache."""
+
+    __tablename__ = "nc_far"
+    __writethrough__ = {"near_cache": False}
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class NcPlain(Base):
+    """A model no cache holds."""
+
+    __tablename__ = "nc_plain"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+
+#: short, so that the tests that wait for the bound stay short
+BOUND = 0.4
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def near_of(cache: WriteThroughCache) -> NearCache:
+    near = cache._near
+    assert near is not None
+    return near
+
+
+def serving(cache: WriteThroughCache) -> None:
+    """Wait until the cache's subscription is confirmed and has handled every message
+    published so far (a heartbeat sent after now came back)."""
+    near = near_of(cache)
+    now = time.monotonic()
+    wait_until(lambda: near.serving() and near._heard >= now, "the near cache's subscription")
+
+
+@contextlib.contextmanager
+def monitored(url: str) -> Iterator[list[str]]:
+    """Every command Redis runs while active (scripts' commands too), but the heartbeats of
+    the near caches' subscriptions (PING): read up to a marker sent at the end."""
+    client = redis.Redis.from_url(url)
+    other = redis.Redis.from_url(url)
+    other.ping()  # connected before: its handshake is not in the list
+    monitor = client.monitor()
+    monitor.__enter__()
+    commands: list[str] = []
+    try:
+        yield commands
+    finally:
+        marker = f"near-test-marker-{uuid.uuid4().hex}"
+        try:
+            other.echo(marker)
+        finally:
+            other.close()
+        while True:
+            command = monitor.next_command()["command"]
+            if marker in command:
+                break
+            if not command.upper().startswith("PING"):
+                commands.append(command)
+        monitor.__exit__(None, None, None)
+        client.close()
+
+
+def seed(factory: Any, *objects: Any) -> None:
+    with factory() as s:
+        s.add_all(objects)
+        s.commit()
+
+
+def name_of(factory: Any, model: type = NcItem, pk: int = 1) -> str:
+    with factory() as s:
+        obj = s.get(model, pk)
+        assert obj is not None
+        return str(obj.name)
+
+
+def rename(factory: Any, name: str, model: type = NcItem, pk: int = 1) -> None:
+    with factory() as s:
+        obj = s.get(model, pk)
+        assert obj is not None
+        obj.name = name
+        s.commit()
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def db(engine: Engine) -> Engine:
+    reset_schema(engine, Base.metadata)
+    return engine
+
+
+@pytest.fixture
+def clients(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
+    made: list[redis.Redis] = []
+
+    def make() -> redis.Redis:
+        client = redis.Redis.from_url(redis_url, socket_timeout=1)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def caches(
+    clients: Callable[[], redis.Redis], prefix: str
+) -> Iterator[Callable[..., WriteThroughCache]]:
+    """Caches on the test's prefix, each on its own client (one per "process")."""
+    made: list[WriteThroughCache] = []
+
+    def make(**options: Any) -> WriteThroughCache:
+        options.setdefault("near_cache", NearCacheOptions(staleness=BOUND))
+        cache = WriteThroughCache(clients(), prefix=prefix, stats_interval=None, **options)
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def installed(db: Engine, cache: WriteThroughCache) -> sessionmaker[Session]:
+    maker = sessionmaker(db)
+    cache.install(maker)
+    return maker
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_a_hit_from_memory_sends_no_redis_command_and_no_sql(
+    db: Engine, caches: Any, redis_url: str
+) -> None:
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"))
+    serving(cache)
+    assert name_of(factory) == "a"  # from Redis, now in memory
+    with monitored(redis_url) as commands, capture_sql(db) as sql:
+        assert name_of(factory) == "a"
+        with factory() as s:  # a select() with from_cache() too
+            from sqlalchemy import select
+
+            found = s.scalars(select(NcItem).where(NcItem.id == 1).options(from_cache())).one()
+            assert found.name == "a"
+    assert commands == []
+    assert sql == []
+    assert near_of(cache).hits == 2
+
+
+def test_off_by_default_nothing_is_published_and_nothing_kept(
+    db: Engine, caches: Any, redis_url: str
+) -> None:
+    cache = caches(near_cache=False)
+    factory = installed(db, cache)
+    with monitored(redis_url) as commands:
+        seed(factory, NcItem(id=1, name="a"))
+        rename(factory, "b")
+        assert name_of(factory) == "b"
+        cache.invalidate(NcItem)
+        cache.invalidate(NcItem, 1)
+    assert commands
+    assert not [c for c in commands if c.upper().startswith("PUBLISH")]
+    assert cache._near is None
+    assert cache._sync is not None and cache._sync.runtime.near is None
+
+
+def test_with_it_every_write_script_publishes_one_message(
+    db: Engine, caches: Any, redis_url: str, prefix: str
+) -> None:
+    cache = caches()
+    factory = installed(db, cache)
+    with monitored(redis_url) as commands:
+        seed(factory, NcItem(id=1, name="a"))  # lock, publish
+    published = [c.split(" ", 2) for c in commands if c.upper().startswith("PUBLISH")]
+    assert all(channel == channel_of(prefix) for _, channel, _ in published)
+    # the new prefix's first epoch ("*": everything), then the lock and the publish
+    assert [message[0] for _, _, message in published] == ["*", "k", "k"]
+
+
+def test_another_process_commit_is_seen_once_its_message_arrives(db: Engine, caches: Any) -> None:
+    reader, writer = caches(), caches()
+    mine, theirs = installed(db, reader), installed(db, writer)
+    seed(theirs, NcItem(id=1, name="a"))
+    serving(reader)
+    assert name_of(mine) == "a"
+    assert name_of(mine) == "a"
+    near = near_of(reader)
+    assert near.hits == 1
+    key = entry_key(reader, NcItem, 1, bind=db)
+    rename(theirs, "b")
+    wait_until(lambda: key not in near._entries, "the writer's message")
+    assert name_of(mine) == "b"
+
+
+def test_a_writer_that_sends_no_message_is_seen_within_the_bound(db: Engine, caches: Any) -> None:
+    """The bound holds without messages: a copy expires ``staleness`` after its read."""
+    reader = caches()
+    writer = caches(near_cache=False)  # its scripts publish nothing
+    mine, theirs = installed(db, reader), installed(db, writer)
+    seed(theirs, NcItem(id=1, name="a"))
+    serving(reader)
+    assert name_of(mine) == "a"
+    read_at = time.monotonic()
+    rename(theirs, "b")
+    seen = name_of(mine)
+    while seen == "a":
+        assert time.monotonic() - read_at <= BOUND, "served older than the staleness bound"
+        seen = name_of(mine)
+    assert seen == "b"
+
+
+def test_a_value_read_before_an_invalidation_is_not_stored_after_it(
+    db: Engine, caches: Any
+) -> None:
+    reader, writer = caches(), caches()
+    mine, theirs = installed(db, reader), installed(db, writer)
+    seed(theirs, NcItem(id=1, name="a"))
+    serving(reader)
+    near = near_of(reader)
+    backend: Any = reader._backend
+    real_peek = backend.peek
+    raced = threading.Event()
+
+    def peek_then_commit(key: str, gen_key: str) -> Any:
+        found = real_peek(key, gen_key)  # the old row
+        if not raced.is_set():
+            raced.set()
+            seen = near.messages
+            rename(theirs, "b")  # another process commits; its message is processed
+            wait_until(lambda: near.messages >= seen + 2, "the lock and publish messages")
+        return found
+
+    backend.peek = peek_then_commit
+    try:
+        assert name_of(mine) == "a"  # what Redis held when the read began
+    finally:
+        del backend.peek
+    assert near.refused == 1
+    assert len(near) == 0
+    assert name_of(mine) == "b"
+
+
+def test_own_commits_and_rollbacks_are_read_at_once(db: Engine, caches: Any) -> None:
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"))
+    serving(cache)
+    near = near_of(cache)
+    assert name_of(factory) == "a"
+    assert len(near) == 1
+    # hold every message back: only this process's own drops can make the next read fresh
+    gate = threading.Event()
+    handle = near._handle
+
+    def held(message: dict[str, Any]) -> None:
+        if message["type"] in ("message", b"message"):
+            gate.wait(10)
+        handle(message)
+
+    near._handle = held  # type: ignore[method-assign]
+    try:
+        rename(factory, "b")
+        assert name_of(factory) == "b"
+        with factory() as s:
+            item = s.get(NcItem, 1)
+            assert item is not None
+            item.name = "rolled back"
+            s.flush()
+            with factory() as other:  # another session meanwhile: the committed row
+                got = other.get(NcItem, 1)
+                assert got is not None and got.name == "b"
+            s.rollback()
+        assert name_of(factory) == "b"
+    finally:
+        gate.set()
+        del near._handle
+
+
+def test_own_background_publish_is_read_at_once(db: Engine, caches: Any) -> None:
+    cache = caches(publish="background")
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"))
+    cache.flush_publishes()
+    serving(cache)
+    assert name_of(factory) == "a"
+    assert name_of(factory) == "a"
+    rename(factory, "b")  # returns before the worker publishes
+    assert name_of(factory) == "b"
+    cache.flush_publishes()
+    assert name_of(factory) == "b"
+
+
+def test_a_killed_subscription_serves_nothing_until_back(
+    db: Engine, caches: Any, redis_client: redis.Redis, redis_url: str
+) -> None:
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"))
+    serving(cache)
+    near = near_of(cache)
+    assert name_of(factory) == "a"
+    assert len(near) == 1
+    resets = near.resets
+    client_name = f"near-{uuid.uuid4().hex[:8]}"
+    # this test's own subscriber stands in for the others: only pubsub clients are killed
+    redis_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    wait_until(lambda: near.resets > resets, f"a new subscription ({client_name})")
+    assert len(near) == 0  # nothing kept across the gap
+    serving(cache)
+    with monitored(redis_url) as commands:
+        assert name_of(factory) == "a"
+    assert any("MGET" in c.upper() for c in commands)  # from Redis again
+    assert name_of(factory) == "a"
+    assert near.hits >= 1
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        if in_ci():
+            pytest.fail("[CI] no redis-server binary on PATH", pytrace=False)
+        pytest.skip("no redis-server binary on PATH")
+    with RedisServer() as srv:
+        yield srv
+
+
+def test_a_refused_subscription_serves_nothing_and_writes_still_work(
+    db: Engine, server: RedisServer
+) -> None:
+    """An ACL user without the channel: no subscription, no PUBLISH; reads and writes go on
+    through Redis as without a near cache, and the near cache serves once allowed."""
+    admin = server.admin()
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "resetchannels")
+    client = redis.Redis(
+        host="127.0.0.1", port=server.port, username="app", password="pw", socket_timeout=1
+    )
+    cache = WriteThroughCache(
+        client, prefix="nc", stats_interval=None, near_cache=NearCacheOptions(staleness=BOUND)
+    )
+    try:
+        factory = installed(db, cache)
+        seed(factory, NcItem(id=1, name="a"))
+        rename(factory, "b")
+        near = near_of(cache)
+        with capture_sql(db) as sql:
+            for _ in range(3):
+                assert name_of(factory) == "b"
+        assert sql == []  # from Redis
+        assert near.hits == 0 and len(near) == 0
+        assert not near.serving()
+        admin.execute_command("ACL", "SETUSER", "app", "allchannels")
+        serving(cache)
+        assert name_of(factory) == "b"
+        assert name_of(factory) == "b"
+        assert near.hits == 1
+        admin.execute_command("ACL", "SETUSER", "app", "resetchannels")  # kills its subscription
+        wait_until(lambda: not near.serving(), "the subscription to be refused")
+        hits = near.hits
+        assert name_of(factory) == "b"
+        assert near.hits == hits
+    finally:
+        cache.close()
+        client.close()
+        admin.close()
+
+
+def test_a_stalled_subscriber_stops_serving_after_the_bound(db: Engine, caches: Any) -> None:
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"))
+    serving(cache)
+    near = near_of(cache)
+    stall = threading.Event()
+    handle = near._handle
+
+    def stalled(message: dict[str, Any]) -> None:
+        stall.wait(10)
+        handle(message)
+
+    near._handle = stalled  # type: ignore[method-assign]
+    try:
+        wait_until(lambda: not near.serving(), "the heartbeat to be late")
+        hits = near.hits
+        assert name_of(factory) == "a"
+        assert name_of(factory) == "a"
+        assert near.hits == hits
+        assert len(near) == 0
+    finally:
+        stall.set()
+        del near._handle
+    serving(cache)
+
+
+def test_copies_expire_and_the_size_bound_evicts(db: Engine, caches: Any) -> None:
+    cache = caches(near_cache=NearCacheOptions(max_entries=2, staleness=BOUND))
+    factory = installed(db, cache)
+    seed(factory, *[NcItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
+    serving(cache)
+    near = near_of(cache)
+    for pk in (1, 2, 3):
+        assert name_of(factory, pk=pk) == f"n{pk}"
+    assert len(near) == 2
+    assert entry_key(cache, NcItem, 1, bind=db) not in near._entries  # the oldest went
+    stores = near.stores
+    assert name_of(factory, pk=3) == "n3"
+    assert near.stores == stores  # a hit
+    key = entry_key(cache, NcItem, 3, bind=db)
+    expires = near._entries[key][2]
+    wait_until(lambda: time.monotonic() > expires, "the copy's expiry")
+    hits = near.hits
+    assert name_of(factory, pk=3) == "n3"
+    assert near.hits == hits  # expired: read from Redis again
+    assert near.stores == stores + 1
+
+
+def test_loads_that_bypass_the_cache_and_models_that_opt_out_read_as_before(
+    db: Engine, caches: Any, redis_url: str
+) -> None:
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"), NcFar(id=1, name="far"))
+    serving(cache)
+    near = near_of(cache)
+    assert name_of(factory) == "a"
+    with db.begin() as conn:  # behind the cache: only loads that read the database see it
+        conn.execute(update(NcItem).where(NcItem.id == 1).values(name="db"))
+    with factory() as s:
+        assert s.get(NcItem, 1, populate_existing=True).name == "db"  # type: ignore[union-attr]
+    with factory() as s:
+        assert s.get(NcItem, 1, with_for_update=True).name == "db"  # type: ignore[union-attr]
+    with factory() as s:
+        got = s.get(NcItem, 1, options=[from_cache(False)])
+        assert got is not None and got.name == "db"
+    assert name_of(factory) == "a"  # the plain get: from memory
+    assert name_of(factory, NcFar) == "far"
+    with monitored(redis_url) as commands:
+        assert name_of(factory, NcFar) == "far"
+    assert any("MGET" in c.upper() for c in commands)
+    assert entry_key(cache, NcFar, 1, bind=db) not in near._entries
+
+
+def test_clear_and_invalidate_by_hand_drop_every_process_copies(db: Engine, caches: Any) -> None:
+    reader, other = caches(), caches()
+    mine = installed(db, reader)
+    installed(db, other)
+    seed(mine, NcItem(id=1, name="a"), NcItem(id=2, name="b"))
+    serving(reader)
+    near = near_of(reader)
+    assert name_of(mine) == "a" and name_of(mine, pk=2) == "b"
+    assert len(near) == 2
+    other.invalidate(NcItem, 1)
+    wait_until(lambda: len(near) == 1, "the invalidation's message")
+    other.invalidate(NcItem)
+    wait_until(lambda: len(near) == 0, "the generation bump's message")
+    for _ in range(2):  # a miss (filled in Redis), then a copy of the new entry
+        assert name_of(mine) == "a" and name_of(mine, pk=2) == "b"
+    assert len(near) == 2
+    other.clear()
+    wait_until(lambda: len(near) == 0, "clear()'s message")
+
+
+def test_options_are_checked(db: Engine, clients: Any, prefix: str) -> None:
+    with pytest.raises(ConfigurationError, match="max_entries"):
+        NearCacheOptions(max_entries=0)
+    with pytest.raises(ConfigurationError, match="staleness"):
+        NearCacheOptions(staleness=0)
+    with pytest.raises(ConfigurationError, match="near_cache"):
+        WriteThroughCache(clients(), prefix=prefix, near_cache="yes")  # type: ignore[arg-type]
+    off = WriteThroughCache(clients(), prefix=prefix, stats_interval=None)
+    with pytest.raises(OptionError, match="near_cache"):
+        off.register(NcPlain, near_cache=True)
+
+
+def test_asyncio_sessions_are_refused(clients: Any, prefix: str, redis_url: str) -> None:
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None, near_cache=True)
+    try:
+        with pytest.raises(ConfigurationError, match="asyncio"):
+            cache.install(async_sessionmaker())
+    finally:
+        cache.close()
+
+
+def test_redis_cluster_is_refused(cluster: Any, prefix: str) -> None:
+    from redis.cluster import RedisCluster
+
+    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0], socket_timeout=1)
+    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None, near_cache=True)
+    try:
+        with pytest.raises(ConfigurationError, match="Cluster"):
+            cache.install(sessionmaker())
+    finally:
+        cache.close()
+        client.close()
