@@ -172,12 +172,23 @@ class NearCache:
 
     def _listen(self) -> None:
         pause = 0.05
+        warned = False
         while not self._stop.is_set():
+            resets = self.resets
             try:
                 self._subscribed()
-                pause = 0.05
             except Exception as exc:  # a lost connection, a Redis down: try again shortly
-                log.debug("writethrough: near cache subscription lost: %s", explain(exc))
+                if self.resets != resets:
+                    warned = False  # it was subscribed meanwhile: a new outage
+                    pause = 0.05
+                log.log(
+                    logging.DEBUG if warned else logging.WARNING,
+                    "writethrough: near cache subscription on %s failed: %s; reads go to "
+                    "Redis until it is back",
+                    self.channel,
+                    explain(exc),
+                )
+                warned = True
                 pause = min(pause * 2, 1.0)
             self._down()
             self._stop.wait(pause)
