@@ -227,6 +227,21 @@ def pk_variants(env: Env) -> list[Variant]:
     select_pg = timed_read(env.plain, env.read_pk, _select_one_uncached)
     some_pk = env.read_pks[0]
     extra = []
+    if env.near_cached is not None:
+        get_near = timed_read(env.near_cached, env.read_pk, _get_one)
+        extra.append(
+            Variant(
+                "get.near",
+                "session.get, our cache with near_cache=True (warm)",
+                "ours",
+                get_near,
+                note="new session per operation; a copy lives 1 s, then one Redis read",
+                check=combine_checks(
+                    no_sql_check(env.engine, get_near, "went to PostgreSQL"),
+                    values_check(detached_loader(env.near_cached, _get_one), some_pk),
+                ),
+            )
+        )
     if env.baseline_cached is not None:
         get_baseline = timed_read(env.baseline_cached, env.read_pk, _get_one)
         extra.append(baseline_variant(env, "get.baseline", "session.get", get_baseline))
