@@ -693,7 +693,7 @@ class WriteThroughCache:
         self._runtime.counters.add("epochs")
         self._runtime.counters.invalidated("epoch")  # every model at once
         if self._near is not None:
-            self._near.drop_all()
+            self._near.renew()
         self._models.forget_registration()
 
     def clear(self) -> int:

@@ -61,6 +61,8 @@ class NearCache:
         #: when the latest heartbeat that came back was sent (-inf: not subscribed)
         self._heard = _NEVER
         self._stop = threading.Event()
+        #: set to make the subscriber subscribe again (a new epoch: maybe another server)
+        self._renew = threading.Event()
         self._thread: threading.Thread | None = None
         #: what it did, for tests and diagnosis
         self.hits = 0
@@ -145,6 +147,13 @@ class NearCache:
         elif script is Script.EPOCH_BUMP:
             self.drop_all()
 
+    def renew(self) -> None:
+        """Forget everything and subscribe again: the server behind the address may have
+        changed (a new epoch), and a subscription still open on the old one would hear
+        heartbeats but none of the new server's invalidations."""
+        self._renew.set()
+        self._down()
+
     def _down(self) -> None:
         """The subscription is lost (or not confirmed yet): serve nothing, keep nothing."""
         with self._lock:
@@ -200,7 +209,8 @@ class NearCache:
         try:
             pubsub.subscribe(self.channel)
             due = 0.0
-            while not self._stop.is_set():
+            self._renew.clear()
+            while not self._stop.is_set() and not self._renew.is_set():
                 now = monotonic()
                 if now >= due:
                     pubsub.ping(repr(now))

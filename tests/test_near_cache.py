@@ -432,6 +432,45 @@ def test_a_killed_or_stalled_subscription_serves_nothing_until_back(
         admin.close()
 
 
+def test_a_new_epoch_empties_it_and_subscribes_again(db: Engine, server: RedisServer) -> None:
+    """A Redis that forgot (here FLUSHALL; a restart or another server behind the address
+    alike): the near cache keeps nothing from before and listens anew."""
+    admin = server.admin()
+    client = redis.Redis(
+        host="127.0.0.1", port=server.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 1)
+    )
+    cache = WriteThroughCache(
+        client,
+        prefix="nc",
+        stats_interval=None,
+        epoch_check_interval=0.05,
+        near_cache=NearCacheOptions(staleness=BOUND),
+    )
+    try:
+        factory = installed(db, cache)
+        seed(factory, NcItem(id=1, name="a"))
+        serving(cache)
+        near = near_of(cache)
+        assert name_of(factory) == "a" and name_of(factory) == "a"
+        assert len(near) == 1
+        resets = near.resets
+        admin.flushall()
+        # a hit from memory sends nothing, so nothing notices until the copy expires; the
+        # next read from Redis checks the epoch (its connection was idle for longer than
+        # epoch_check_interval)
+        key = entry_key(cache, NcItem, 1, bind=db)
+        expires = near._entries[key][2]
+        wait_until(lambda: time.monotonic() > expires, "the copy's expiry")
+        assert name_of(factory) == "a"
+        assert cache.stats().epochs == 1
+        wait_until(lambda: near.resets > resets, "a new subscription")
+        assert len(near) == 0
+    finally:
+        cache.close()
+        client.close()
+        admin.close()
+
+
 def test_a_refused_subscription_serves_nothing_and_writes_still_work(
     db: Engine, server: RedisServer
 ) -> None:
