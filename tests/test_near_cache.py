@@ -643,3 +643,55 @@ def test_redis_cluster_is_refused(cluster: Any, prefix: str) -> None:
     finally:
         cache.close()
         client.close()
+
+
+def test_a_sentinel_client_keeps_it_correct_across_a_failover(db: Engine) -> None:
+    """A ``master_for()`` client is a plain ``redis.Redis``: its near cache hears another
+    process's commits before and after a ``SENTINEL FAILOVER``, and serves again after it."""
+    from stress.sentinel import wait_for
+
+    from _sentinel import master_for, running_group
+
+    with running_group() as group:
+        options = NearCacheOptions(staleness=BOUND)
+        reader = WriteThroughCache(
+            master_for(group), prefix="nc", stats_interval=None, near_cache=options
+        )
+        writer = WriteThroughCache(
+            master_for(group), prefix="nc", stats_interval=None, near_cache=options
+        )
+        later: WriteThroughCache | None = None
+        try:
+            mine, theirs = installed(db, reader), installed(db, writer)
+            seed(theirs, NcItem(id=1, name="a"))
+            serving(reader)
+            near = near_of(reader)
+            assert name_of(mine) == "a" and name_of(mine) == "a"
+            assert near.hits == 1
+            key = entry_key(reader, NcItem, 1, bind=db)
+            rename(theirs, "b")
+            wait_until(lambda: key not in near._entries, "the writer's message")
+            assert name_of(mine) == "b"
+
+            old = group.primary_port()
+            group.failover()
+            wait_for(lambda: group.primary_port() not in (None, old), 10, "the promotion")
+            # a process that starts now writes to the new primary
+            later = WriteThroughCache(
+                master_for(group), prefix="nc", stats_interval=None, near_cache=options
+            )
+            fresh = installed(db, later)
+            rename(fresh, "c")
+            wait_until(lambda: name_of(mine) == "c", "the reader to see the new commit")
+            serving(reader)
+            hits = near.hits
+            assert name_of(mine) == "c" and name_of(mine) == "c"
+            assert near.hits > hits  # from memory again
+            rename(fresh, "d")
+            wait_until(lambda: key not in near._entries, "a message after the failover")
+            wait_until(lambda: name_of(mine) == "d", "the reader to see it")
+        finally:
+            for cache in (reader, writer, later):
+                if cache is not None:
+                    cache.close()
+                    cache.redis.close()
