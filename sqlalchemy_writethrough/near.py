@@ -205,11 +205,11 @@ class NearCache:
     def _subscribed(self) -> None:
         """Subscribe, then handle messages and send heartbeats until stopped or failed."""
         every = self.staleness / 4
+        self._renew.clear()  # a renew() from now on ends this subscription
         pubsub = self.client.pubsub()
         try:
             pubsub.subscribe(self.channel)
             due = 0.0
-            self._renew.clear()
             while not self._stop.is_set() and not self._renew.is_set():
                 now = monotonic()
                 if now >= due:
