@@ -7,8 +7,9 @@ staleness bound (``NearCacheOptions.staleness``), never uncommitted. How that ho
   :func:`channel_of` the prefix (see ``lua/_common.lua``); this process's subscriber thread
   drops them, a generation's whole bucket, or everything (a new epoch, ``clear()``);
 * a copy is taken only from a read that saw a VALUE of the current generation, and only when
-  no invalidation was processed since that read began (a sequence number taken before it:
-  a value read before an invalidation is never stored after it);
+  no invalidation of its key (its bucket, everything) was processed since that read began
+  (a sequence number taken before it: a value read before an invalidation is never stored
+  after it);
 * this process's own writes drop their keys as soon as their script returns, so it reads its
   own commits at once;
 * the subscription is trusted only while a heartbeat (a ``PING`` on the subscribed connection,
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqlalchemy_writethrough")
 
 _NEVER = float("-inf")
+#: keys (and buckets) whose last invalidation is remembered at most; beyond, they are
+#: forgotten together, as if everything had been invalidated (reads in flight store nothing)
+_MARKS = 10_000
 
 
 def channel_of(prefix: str) -> str:
@@ -56,8 +60,12 @@ class NearCache:
         #: key -> (payload, generation key, monotonic time after which it is not served)
         self._entries: dict[str, tuple[memoryview, str, float]] = {}
         self._lock = threading.Lock()
-        #: bumped by every invalidation processed: a read stores only if it did not move
+        #: bumped by every invalidation processed; a read takes it before asking Redis, and
+        #: stores only if its key (its bucket, everything) was not invalidated since
         self._seq = 0
+        self._key_at: dict[str, int] = {}
+        self._bucket_at: dict[str, int] = {}
+        self._all_at = 0
         #: when the latest heartbeat that came back was sent (-inf: not subscribed)
         self._heard = _NEVER
         self._stop = threading.Event()
@@ -97,7 +105,12 @@ class NearCache:
 
     def _store(self, key: str, gen_key: str, payload: memoryview, seq: int, expires: float) -> None:
         with self._lock:
-            if seq != self._seq or monotonic() - self._heard > self.staleness:
+            if (
+                self._all_at > seq
+                or self._key_at.get(key, 0) > seq
+                or self._bucket_at.get(gen_key, 0) > seq
+                or monotonic() - self._heard > self.staleness
+            ):
                 self.refused += 1
                 return
             entries = self._entries
@@ -121,9 +134,12 @@ class NearCache:
         """Forget these entries (and void the reads in flight)."""
         with self._lock:
             self._seq += 1
-            entries = self._entries
+            seq, entries, marks = self._seq, self._entries, self._key_at
             for key in keys:
                 entries.pop(key, None)
+                marks[key] = seq
+            if len(marks) > _MARKS:
+                self._forget_marks()
 
     def drop_buckets(self, gen_keys: Iterable[str]) -> None:
         """Forget every entry of these buckets."""
@@ -131,11 +147,22 @@ class NearCache:
         with self._lock:
             self._seq += 1
             self._entries = {k: e for k, e in self._entries.items() if e[1] not in wanted}
+            for gen_key in wanted:
+                self._bucket_at[gen_key] = self._seq
+            if len(self._bucket_at) > _MARKS:
+                self._forget_marks()
 
     def drop_all(self) -> None:
         with self._lock:
-            self._seq += 1
             self._entries = {}
+            self._forget_marks()
+
+    def _forget_marks(self) -> None:
+        """Under the lock: every read in flight counts as invalidated."""
+        self._seq += 1
+        self._all_at = self._seq
+        self._key_at = {}
+        self._bucket_at = {}
 
     def wrote(self, script: Script, keys: Sequence[str]) -> None:
         """This process ran ``script`` over ``keys``: drop what it may have changed now,
@@ -158,8 +185,8 @@ class NearCache:
         """The subscription is lost (or not confirmed yet): serve nothing, keep nothing."""
         with self._lock:
             self._heard = _NEVER
-            self._seq += 1
             self._entries = {}
+            self._forget_marks()
 
     # -- the subscription ----------------------------------------------------------------
 

@@ -289,35 +289,52 @@ def test_a_writer_that_sends_no_message_is_seen_within_the_bound(db: Engine, cac
     assert seen == "b"
 
 
+@pytest.mark.parametrize(
+    ("during", "messages", "refused", "after"),
+    [
+        ("its row committed", 2, True, "b"),
+        ("its model invalidated", 1, True, "a"),
+        ("another row committed", 2, False, "a"),
+    ],
+)
 def test_a_value_read_before_an_invalidation_is_not_stored_after_it(
-    db: Engine, caches: Any
+    db: Engine, caches: Any, during: str, messages: int, refused: bool, after: str
 ) -> None:
+    """The read's Redis round trip and the store are split by another process's write and
+    its messages, processed in between: a copy of what the read found is stored only when
+    that write did not touch its key (nor its bucket)."""
     reader, writer = caches(), caches()
     mine, theirs = installed(db, reader), installed(db, writer)
-    seed(theirs, NcItem(id=1, name="a"))
+    seed(theirs, NcItem(id=1, name="a"), NcItem(id=2, name="x"))
     serving(reader)
     near = near_of(reader)
     backend: Any = reader._backend
     real_peek = backend.peek
     raced = threading.Event()
 
-    def peek_then_commit(key: str, gen_key: str) -> Any:
-        found = real_peek(key, gen_key)  # the old row
+    def peek_then_write(key: str, gen_key: str) -> Any:
+        found = real_peek(key, gen_key)  # the row as it was
         if not raced.is_set():
             raced.set()
             seen = near.messages
-            rename(theirs, "b")  # another process commits; its message is processed
-            wait_until(lambda: near.messages >= seen + 2, "the lock and publish messages")
+            if during == "its row committed":
+                rename(theirs, "b")
+            elif during == "its model invalidated":
+                writer.invalidate(NcItem)
+            else:
+                rename(theirs, "y", pk=2)
+            wait_until(lambda: near.messages >= seen + messages, "the writer's messages")
         return found
 
-    backend.peek = peek_then_commit
+    backend.peek = peek_then_write
     try:
         assert name_of(mine) == "a"  # what Redis held when the read began
     finally:
         del backend.peek
-    assert near.refused == 1
-    assert len(near) == 0
-    assert name_of(mine) == "b"
+    assert near.refused == int(refused)
+    assert len(near) == int(not refused)
+    for _ in range(2):  # from Redis (a miss after the invalidation), then from memory
+        assert name_of(mine) == after
 
 
 def test_own_commits_and_rollbacks_are_read_at_once(db: Engine, caches: Any) -> None:
