@@ -446,6 +446,7 @@ class WriteThroughCache:
             # not supported on a Redis Cluster yet: stop serving from memory
             flavour.runtime.near.stop()
             flavour.runtime.near = None
+            self._near = None
         flavour.runtime.backend = switched
         if self.redis is client:
             self.redis = cluster

@@ -712,3 +712,25 @@ def test_a_sentinel_client_keeps_it_correct_across_a_failover(db: Engine) -> Non
                 if cache is not None:
                     cache.close()
                     cache.redis.close()
+
+
+def test_a_plain_client_that_reaches_a_cluster_node_stops_using_it(
+    cluster: Any, db: Engine, prefix: str
+) -> None:
+    """Not supported on a Redis Cluster yet: a URL at a node, found to be one at the first
+    refusal only a Cluster node gives, goes on through the cluster without a near cache."""
+    from sqlalchemy_writethrough.cluster import ClusterBackend
+
+    cache = WriteThroughCache(cluster.url, prefix=prefix, stats_interval=None, near_cache=True)
+    try:
+        factory = installed(db, cache)
+        seed(factory, *[NcItem(id=i, name=f"n{i}") for i in range(1, 31)])
+        for _ in range(2):
+            assert [name_of(factory, pk=i) for i in range(1, 31)] == [f"n{i}" for i in range(1, 31)]
+        assert isinstance(cache._backend, ClusterBackend)
+        assert cache._near is None
+        assert cache._sync is not None and cache._sync.runtime.near is None
+        with pytest.raises(ConfigurationError, match="Cluster"):
+            cache.install(sessionmaker(db))
+    finally:
+        cache.close()
