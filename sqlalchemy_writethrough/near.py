@@ -85,21 +85,29 @@ class NearCache:
         """Whether the subscription is confirmed and its last heartbeat is within the bound."""
         return monotonic() - self._heard <= self.staleness
 
-    def peek(self, backend: Backend, key: str, gen_key: str) -> memoryview | Literal[False] | None:
-        """:meth:`Backend.peek`, answered from memory when a copy is fresh and the
-        subscription healthy; a VALUE read from Redis is kept for the next reads."""
+    def get(self, key: str) -> memoryview | None:
+        """The payload of a fresh copy, when the subscription is healthy; else None."""
         entry = self._entries.get(key)
+        if entry is None:
+            return None
         now = monotonic()
         if now - self._heard > self.staleness:
-            return backend.peek(key, gen_key)
-        if entry is not None:
-            if now < entry[2]:
-                self.hits += 1
-                return entry[0]
-            self._discard(key, entry)
+            return None
+        if now < entry[2]:
+            self.hits += 1
+            return entry[0]
+        self._discard(key, entry)
+        return None
+
+    def read_through(
+        self, backend: Backend, key: str, gen_key: str
+    ) -> memoryview | Literal[False] | None:
+        """:meth:`Backend.peek`, whose VALUE is kept for the next reads (when the
+        subscription is healthy and nothing invalidated the key meanwhile)."""
         seq = self._seq
+        now = monotonic()
         found = backend.peek(key, gen_key)
-        if found:
+        if found and now - self._heard <= self.staleness:
             self._store(key, gen_key, found, seq, now + self.staleness)
         return found
 

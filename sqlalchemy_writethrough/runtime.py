@@ -78,7 +78,11 @@ class Runtime:
         Redis (:meth:`Backend.peek`)."""
         near = self.near
         if near is not None and layout.options.near_cache:
-            return near.peek(self.backend, key, gen_key)
+            found = near.get(key)
+            if found is not None:
+                self.counters.add("near_hits", 1, layout.entity_name)
+                return found
+            return near.read_through(self.backend, key, gen_key)
         return self.backend.peek(key, gen_key)
 
     def tracker(self, session: Session) -> SessionTracker:

@@ -114,6 +114,8 @@ class ModelStats:
 
     model: str
     hits: int = 0
+    #: of the hits, those served from the near cache (process memory)
+    near_hits: int = 0
     misses: int = 0
     fills: int = 0
     fills_refused: int = 0
@@ -158,7 +160,9 @@ class CacheStats:
     total (the attributes) and per model (:attr:`models`)."""
 
     hits: int = 0
-    """primary-key loads served from Redis"""
+    """primary-key loads served from Redis (or from the near cache: ``near_hits``)"""
+    near_hits: int = 0
+    """of the hits, those served from the near cache (process memory, ``near_cache=``)"""
     misses: int = 0
     """primary-key loads that went to the database"""
     fills: int = 0

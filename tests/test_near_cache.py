@@ -225,6 +225,9 @@ def test_a_hit_from_memory_sends_no_redis_command_and_no_sql(
     assert commands == []
     assert sql == []
     assert near_of(cache).hits == 2
+    stats = cache.stats()
+    assert stats.near_hits == 2 and stats.hits == 3
+    assert stats.models["NcItem"].near_hits == 2
 
 
 def test_off_by_default_nothing_is_published_and_nothing_kept(
