@@ -5,10 +5,12 @@
   than the staleness bound, even from a writer that sends no message;
 * a value read from Redis before an invalidation was processed is not stored after it;
 * the process's own commits and rollbacks are read at once;
-* a subscription killed, refused or lagging serves nothing until it is back;
+* a subscription killed, refused or lagging serves nothing until it is back; a new epoch
+  empties it and subscribes again;
 * copies expire after the bound; the size bound evicts;
 * loads that bypass the cache, and models that opt out, read as without it;
-* off by default: no PUBLISH, nothing in memory.
+* off by default: no PUBLISH, nothing in memory;
+* a Sentinel client across a failover; asyncio sessions and Redis Cluster refused.
 
 The tests that need a message to arrive wait for it (the subscriber is a thread); none asserts
 a duration.
