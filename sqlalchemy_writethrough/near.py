@@ -22,7 +22,9 @@ staleness bound (``NearCacheOptions.staleness``), never uncommitted. How that ho
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Literal
@@ -78,6 +80,7 @@ class NearCache:
         self.refused = 0
         self.resets = 0
         self.messages = 0
+        _nears.add(self)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -214,6 +217,18 @@ class NearCache:
             thread.join(timeout)
         self._down()
 
+    def _forked(self) -> None:
+        """In a forked child: the parent's thread is gone, and a lock it held stays held.
+        Start over, empty, with a subscription of the child's own."""
+        running = self._thread is not None and not self._stop.is_set()
+        self._lock = threading.Lock()
+        self._thread = None
+        self._stop = threading.Event()
+        self._renew = threading.Event()
+        self._down()
+        if running:
+            self.start()
+
     def _listen(self) -> None:
         pause = 0.05
         warned = False
@@ -283,6 +298,18 @@ class NearCache:
             self._down()
         else:  # unsubscribed
             self._down()
+
+
+_nears: weakref.WeakSet[NearCache] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for near in list(_nears):
+        near._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _names(data: bytes) -> list[str]:

@@ -19,6 +19,7 @@ a duration.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import shutil
 import threading
 import time
@@ -394,6 +395,37 @@ def test_own_background_publish_is_read_at_once(db: Engine, caches: Any) -> None
     assert name_of(factory) == "b"
     cache.flush_publishes()
     assert name_of(factory) == "b"
+
+
+def test_a_forked_child_listens_on_its_own(db: Engine, caches: Any) -> None:
+    """A process forked after the cache was made (a pre-forking server): the parent's thread
+    is not in the child, whose near cache starts empty with a subscription of its own."""
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"))
+    serving(cache)
+    assert name_of(factory) == "a" and name_of(factory) == "a"
+    context = multiprocessing.get_context("fork")
+    results: Any = context.Queue()
+
+    def child() -> None:
+        try:
+            near = near_of(cache)
+            copies, hits = len(near), near.hits
+            wait_until(near.serving, "the child's subscription")
+            names = [name_of(factory), name_of(factory)]  # from Redis, then from memory
+            results.put((copies, names, near.hits - hits))
+        except BaseException as exc:
+            results.put(repr(exc))
+
+    process = context.Process(target=child)
+    process.start()
+    try:
+        assert results.get(timeout=60) == (0, ["a", "a"], 1)
+    finally:
+        process.join(10)
+    assert process.exitcode == 0
+    assert near_of(cache).serving()  # the parent's goes on
 
 
 @pytest.fixture
