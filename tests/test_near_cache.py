@@ -346,6 +346,37 @@ def test_a_value_read_before_an_invalidation_is_not_stored_after_it(
         assert name_of(mine) == after
 
 
+def test_too_many_invalidations_in_flight_refuse_every_copy(
+    db: Engine, caches: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last invalidation of each key is remembered up to a limit; beyond it they are
+    forgotten together, and every read in flight counts as invalidated (never stored)."""
+    import sqlalchemy_writethrough.near as near_module
+
+    monkeypatch.setattr(near_module, "_MARKS", 2)
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"))
+    serving(cache)
+    near = near_of(cache)
+    backend: Any = cache._backend
+    real_peek = backend.peek
+
+    def peek_then_invalidate_others(key: str, gen_key: str) -> Any:
+        found = real_peek(key, gen_key)
+        near.drop(["other:1", "other:2", "other:3"])  # none is this key
+        return found
+
+    backend.peek = peek_then_invalidate_others
+    try:
+        assert name_of(factory) == "a"
+    finally:
+        del backend.peek
+    assert near.refused == 1 and len(near) == 0
+    assert name_of(factory) == "a"
+    assert len(near) == 1
+
+
 def test_own_commits_and_rollbacks_are_read_at_once(db: Engine, caches: Any) -> None:
     # a long bound: while the messages are held back below, the copies stay served
     cache = caches(near_cache=NearCacheOptions(staleness=30))
