@@ -125,6 +125,9 @@ class Env:
     floor_keys: dict[int, str] = field(default_factory=dict)
     #: the bytes of those entries (the commit floor sends copies of them)
     floor_entries: dict[int, bytes] = field(default_factory=dict)
+    #: ``near_cache=True``: a fourth cache on the same prefix, for the near-cache get row
+    near_cache: WriteThroughCache | None = None
+    near_cached: sessionmaker[Any] | None = None
 
     def read_pk(self, i: int) -> int:
         return self.read_pks[i % len(self.read_pks)]
@@ -144,6 +147,8 @@ class Env:
         if self.baseline_cache is not None and self.baseline_cached is not None:
             self.baseline_cache.uninstall(self.baseline_cached)
         self.background_cache.close()  # its pending publishes first
+        if self.near_cache is not None:
+            self.near_cache.close()
         self.redis.close()
         self.commit_redis.close()
         self.engine.dispose()
@@ -195,6 +200,16 @@ def build_env(settings: Settings) -> Env:
     )
     commit_background = sessionmaker(engine)
     background_cache.install(commit_background)
+    near_cache = WriteThroughCache(
+        settings.redis_url,
+        prefix=prefix,
+        stats_interval=None,
+        near_cache=True,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+    near_cached = sessionmaker(engine)
+    near_cache.install(near_cached)
 
     baseline_cache: Any = None
     baseline_cached: sessionmaker[Any] | None = None
@@ -238,6 +253,8 @@ def build_env(settings: Settings) -> Env:
         commit_redis=commit_client,
         background_cache=background_cache,
         commit_background=commit_background,
+        near_cache=near_cache,
+        near_cached=near_cached,
         read_pks=read_pks,
         batches=batches,
         commit_pks=commit_pks,

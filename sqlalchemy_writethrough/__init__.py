@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from .cache import WriteThroughCache as WriteThroughCache
 from .config import ModelOptionsDict as ModelOptionsDict
+from .config import NearCacheOptions as NearCacheOptions
 from .exc import CacheUnavailableError as CacheUnavailableError
 from .exc import ConfigurationError as ConfigurationError
 from .exc import WritethroughError as WritethroughError
@@ -51,6 +52,7 @@ __all__ = [
     "ModelInfo",
     "ModelOptionsDict",
     "ModelStats",
+    "NearCacheOptions",
     "Recommendation",
     "WriteThroughCache",
     "WriteThroughWarning",

@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -29,6 +29,9 @@ from .redis_async import AsyncTransport
 from .redis_sync import SyncTransport
 from .stats import Counters
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from .near import NearCache
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
@@ -135,6 +138,17 @@ class ScriptBackend:
         self._scripts = scripts or Scripts()
         #: the epoch check of the transport's connections, if any (see :mod:`.epoch`)
         self.epoch = epoch
+        #: the cache's near cache, told of every write script this process runs
+        self.near: NearCache | None = None
+
+    @property
+    def near_channel(self) -> str:
+        """The channel the write scripts publish their changes on ('' for none)."""
+        return self._scripts.channel
+
+    @near_channel.setter
+    def near_channel(self, channel: str) -> None:
+        self._scripts.channel = channel
 
     @property
     def overlaps_locks(self) -> bool:
@@ -166,6 +180,9 @@ class ScriptBackend:
         except _FAILURES as exc:
             self._failed(script.value, exc)
             return None
+        finally:
+            if self.near is not None:
+                self.near.wrote(script, keys)
         self._succeeded()
         return reply
 
@@ -376,10 +393,14 @@ class ScriptBackend:
         try:
             reply = self.transport.complete(handle)
         except _FAILURES as exc:
+            if self.near is not None:
+                self.near.wrote(pending.script, pending.keys)
             if isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
                 self._failed(pending.script.value, exc)
                 return None
             return self._run(pending.script, pending.keys, pending.args)
+        if self.near is not None:
+            self.near.wrote(pending.script, pending.keys)
         self._succeeded()
         return reply
 
@@ -432,6 +453,10 @@ class ScriptBackend:
         except _FAILURES as exc:
             self._failed("publish", exc)
             return None
+        finally:
+            if self.near is not None:
+                for script, keys, _ in calls:
+                    self.near.wrote(script, keys)
         self._succeeded()
         counts: list[int] = []
         i = 0

@@ -33,7 +33,7 @@ from .background import Publisher
 from .breaker import CircuitBreaker
 from .cluster import ClusterBackend
 from .cluster_async import AsyncClusterBackend
-from .config import ModelOptions, OnRedisError, Publish, Strategy, validate
+from .config import ModelOptions, NearCacheOptions, OnRedisError, Publish, Strategy, validate
 from .databases import Databases
 from .diagnostics import explain
 from .exc import CacheUnavailableError, ConfigurationError
@@ -41,6 +41,7 @@ from .journal import Journal
 from .keys import KeySpace, keyspace_of, prefix_patterns, registry_key
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
+from .near import NearCache
 from .registry import Models
 from .report import CachedModels, describe
 from .runtime import Runtime, Settings
@@ -124,6 +125,14 @@ class WriteThroughCache:
         what is left is sent by :meth:`close` or at interpreter exit; a ``redis.asyncio``
         client is sent to on its event loop. None sends nothing. Left out:
         ``$SQLALCHEMY_WRITETHROUGH_STATS_INTERVAL`` when set (``off`` sends nothing), else 5.
+    :param near_cache: ``True`` (or a :class:`NearCacheOptions` with other bounds than its
+        10 000 entries and 1 s) keeps copies of entries in process memory, so a repeated
+        primary-key read costs no round trip; such a read may be up to the staleness bound
+        behind another process's commit (never uncommitted, never behind this process's own
+        commits): docs/consistency.md. Every model uses it unless its ``near_cache`` option
+        says False. Sync sessions over a ``redis.Redis`` client (standalone or Sentinel)
+        only; every process sharing the prefix should enable it, so that its writes tell
+        the others at once. Off by default.
     """
 
     def __init__(
@@ -149,6 +158,7 @@ class WriteThroughCache:
         journal_limit: int = 10_000,
         epoch_check_interval: float = 1.0,
         stats_interval: float | None = _UNKNOWN,
+        near_cache: bool | NearCacheOptions = False,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \t\n"):
             raise ConfigurationError("prefix must be non-empty, without braces or whitespace")
@@ -170,6 +180,11 @@ class WriteThroughCache:
             raise ConfigurationError("exclude takes a list of attribute names")
         if not publish_queue >= 1:
             raise ConfigurationError("publish_queue must be at least 1")
+        if near_cache is True:
+            near_cache = NearCacheOptions()
+        elif near_cache is not False and not isinstance(near_cache, NearCacheOptions):
+            raise ConfigurationError("near_cache takes True, False or NearCacheOptions(...)")
+        self._near_options = near_cache or None
         self._publish_queue = publish_queue
         self._url: str | None = None
         self._timeouts = (
@@ -230,6 +245,7 @@ class WriteThroughCache:
                 lock_timeout=lock_timeout,
                 on_redis_error=on_redis_error,
                 publish=publish,
+                near_cache=True if near_cache else None,
             ),
             where="WriteThroughCache",
         )
@@ -259,6 +275,20 @@ class WriteThroughCache:
         self._runtime = primary.runtime
         self._read = primary.read
         self._write = primary.write
+        #: the near cache (``near_cache=``), serving the sync flavour's reads
+        self._near: NearCache | None = None
+        if (
+            self._near_options is not None
+            and self._sync is not None
+            and isinstance(sync_client, redis.Redis)
+        ):
+            self._near = NearCache(sync_client, prefix, self._near_options)
+            self._sync.runtime.near = self._near
+            for flavour in (self._sync, self._async):
+                if flavour is not None and isinstance(flavour.runtime.backend, ScriptBackend):
+                    self._tell_near(flavour.runtime.backend)
+            self._near.start()
+            weakref.finalize(self, self._near.stop, 0)
         self._shared_stats: SharedStats | None = None
         if stats_interval is not None:
             # the cache's current client: a plain one switched to a Cluster is followed;
@@ -335,7 +365,16 @@ class WriteThroughCache:
         )
         if backend_class in (RedisBackend, AsyncRedisBackend):
             backend.on_cluster_node = self._cluster_node_seen
+        self._tell_near(backend)
         return backend
+
+    def _tell_near(self, backend: ScriptBackend) -> None:
+        """With a near cache, ``backend``'s write scripts publish their changes for every
+        process's near cache, and drop this process's copies at once."""
+        near = getattr(self, "_near", None)
+        if near is not None:
+            backend.near = near
+            backend.near_channel = near.channel
 
     def _async_flavour(self) -> _Flavour:
         """The hooks of AsyncSessions: over the redis.asyncio client given, or one built from
@@ -403,6 +442,11 @@ class WriteThroughCache:
             flavour.runtime.counters,
         )
         switched.on_recovery = flavour.runtime.journal_replayed
+        if flavour.runtime.near is not None:
+            # not supported on a Redis Cluster yet: stop serving from memory
+            flavour.runtime.near.stop()
+            flavour.runtime.near = None
+            self._near = None
         flavour.runtime.backend = switched
         if self.redis is client:
             self.redis = cluster
@@ -486,6 +530,7 @@ class WriteThroughCache:
                 "install() takes a sessionmaker, scoped_session or Session subclass (or their "
                 "async twins), so that every session it makes is covered; not a single Session"
             )
+        self._check_near(target)
         if flavours.is_async_target(target):
             flavour = self._async_flavour()
             _check_loop(flavour.runtime.backend)
@@ -517,6 +562,23 @@ class WriteThroughCache:
             event.listen(listen_on, name, fn, **kw)
             self._installed.append((weakref.ref(listen_on), name, fn))
         self._targets.append(weakref.ref(target))
+
+    def _check_near(self, target: Any) -> None:
+        """The near cache serves sync sessions over a standalone or Sentinel client only."""
+        if self._near_options is None:
+            return
+        if flavours.is_async_target(target):
+            raise ConfigurationError(
+                "near_cache is not supported with asyncio sessions yet: build this cache "
+                "without near_cache for an async_sessionmaker or AsyncSession"
+            )
+        if isinstance(self.redis, RedisCluster) or _redis_compat.is_async_cluster_client(
+            self.redis
+        ):
+            raise ConfigurationError(
+                "near_cache is not supported on Redis Cluster yet: build this cache without "
+                "near_cache"
+            )
 
     def session_class(self, base: type[Session] = Session) -> type[Session]:
         """A subclass of ``base`` whose ``get()`` answers a plain primary-key get from this
@@ -631,6 +693,8 @@ class WriteThroughCache:
         """Redis may have forgotten anything, the registry included: record keyspaces again."""
         self._runtime.counters.add("epochs")
         self._runtime.counters.invalidated("epoch")  # every model at once
+        if self._near is not None:
+            self._near.renew()
         self._models.forget_registration()
 
     def clear(self) -> int:
@@ -697,6 +761,8 @@ class WriteThroughCache:
         self.flush_publishes(timeout)
         for publisher in self._publishers():
             publisher.close()
+        if self._near is not None:
+            self._near.stop()
         if self._shared_stats is not None:
             self._shared_stats.final()
         self._close_built_sync_client()
@@ -719,6 +785,8 @@ class WriteThroughCache:
         await self.aflush_publishes(timeout)
         for publisher in self._publishers():
             publisher.close()
+        if self._near is not None:
+            self._near.stop()
         sender = self._shared_stats
         if sender is not None:
             sender.stop()
@@ -739,6 +807,15 @@ class WriteThroughCache:
                 f"{backend.address}: {explain(exc)}"
             ) from exc
         self._models.forget_registration()  # record the keyspaces again at their next write
+        near = self._near
+        if near is not None:
+            near.drop_all()
+            try:  # every other process's near cache: forget everything
+                backend.transport.command("PUBLISH", near.channel, "*")  # type: ignore[attr-defined]
+            except (redis.RedisError, OSError) as exc:
+                log.warning(
+                    "writethrough: clear() could not tell the near caches: %s", explain(exc)
+                )
         return deleted
 
     def _all_keyspaces(self, runtime: Runtime, layout: ModelLayout) -> tuple[list[KeySpace], bool]:
@@ -958,7 +1035,9 @@ def _on_mapper_configured(mapper: Mapper[Any], cls: type) -> None:
         cache._models.reconfigured(mapper)
     if not caches and is_cached_model(cls):
         # no cache exists yet: check what can be checked with the default options
-        defaults = ModelOptions(3600.0, frozenset(), "write-through", 30.0, "degrade", (), "sync")
+        defaults = ModelOptions(
+            3600.0, frozenset(), "write-through", 30.0, "degrade", (), "sync", near_cache=False
+        )
         ModelLayout(mapper, defaults.merged(model_overrides(cls), where=cls.__name__), "wt", 1)
 
 

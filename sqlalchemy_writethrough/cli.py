@@ -475,6 +475,7 @@ def render_stats(stats: CacheStats, processes: list[dict[str, Any]], prefix: str
     lines.append(
         f"  reads    {stats.hits} hits, {stats.misses} misses (hit rate {_pct(stats.hit_rate)}), "
         f"{stats.locked_reads} found a lock, {stats.bypasses} bypassed"
+        + (f"; {stats.near_hits} of the hits from near caches" if stats.near_hits else "")
     )
     lines.append(
         f"  fills    {stats.fills} ({stats.fills_refused} refused), decode errors "

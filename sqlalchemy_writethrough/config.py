@@ -33,6 +33,7 @@ class ModelOptionsDict(TypedDict, total=False):
     on_redis_error: OnRedisError
     also_invalidates: Iterable[Any]
     publish: Publish
+    near_cache: bool
 
 
 MODEL_OPTION_NAMES = frozenset(ModelOptionsDict.__annotations__)
@@ -54,6 +55,9 @@ class ModelOptions:
     #: background worker after ``commit()`` returns; a transaction publishes in the background
     #: only when every cached model it wrote says so
     publish: Publish = "sync"
+    #: serve this model's primary-key reads from the cache's near cache (process memory);
+    #: None when the cache has no near cache (then a model may not ask for one)
+    near_cache: bool | None = None
 
     def merged(self, overrides: Mapping[str, Any], *, where: str) -> ModelOptions:
         unknown = set(overrides) - MODEL_OPTION_NAMES
@@ -70,6 +74,11 @@ class ModelOptions:
                 value = frozenset(value)
             elif name == "also_invalidates":
                 value = tuple(value)
+            elif name == "near_cache" and value is True and self.near_cache is None:
+                raise OptionError(
+                    f"{where}: near_cache needs the cache's near cache: "
+                    "WriteThroughCache(..., near_cache=True) (or NearCacheOptions(...))"
+                )
             values[name] = value
         return validate(ModelOptions(**values), where=where)
 
@@ -85,6 +94,8 @@ def validate(options: ModelOptions, *, where: str) -> ModelOptions:
         raise OptionError(f"{where}: on_redis_error must be one of {ON_REDIS_ERROR}")
     if options.publish not in PUBLISH:
         raise OptionError(f"{where}: publish must be one of {PUBLISH}")
+    if options.near_cache not in (True, False, None):
+        raise OptionError(f"{where}: near_cache must be True or False")
     if isinstance(options.exclude, str):
         raise OptionError(f"{where}: exclude takes a list of attribute names")
     for target in options.also_invalidates:
@@ -93,3 +104,26 @@ def validate(options: ModelOptions, *, where: str) -> ModelOptions:
                 f"{where}: also_invalidates takes mapped classes or table names, not {target!r}"
             )
     return options
+
+
+@dataclasses.dataclass(frozen=True)
+class NearCacheOptions:
+    """The near cache's bounds (``WriteThroughCache(near_cache=NearCacheOptions(...))``;
+    ``near_cache=True`` takes these defaults). See docs/consistency.md, "Near cache"."""
+
+    #: entries kept in process memory at most; the oldest copy goes first
+    max_entries: int = 10_000
+    #: seconds a read served from memory may be behind a commit another process completed:
+    #: every copy expires this long after it was read from Redis, and nothing is served while
+    #: the invalidation channel is down or lags by more
+    staleness: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_entries, bool) or not (
+            isinstance(self.max_entries, int) and self.max_entries >= 1
+        ):
+            raise ConfigurationError("NearCacheOptions.max_entries must be at least 1")
+        if not (isinstance(self.staleness, (int, float)) and 0 < self.staleness <= 3600):
+            raise ConfigurationError(
+                "NearCacheOptions.staleness must be a positive number of seconds (at most 3600)"
+            )

@@ -138,7 +138,7 @@ class ReadPath:
         counters = rt.counters
         started = perf_counter()
         # a hit needs no script: one MGET of the entry and its bucket's generation
-        found = False if PEEKED in orm_state.execution_options else rt.backend.peek(key, gen_key)
+        found = False if PEEKED in orm_state.execution_options else rt.peek(layout, key, gen_key)
         if found is None:
             counters.add("misses", 1, name)
             self._read_done(name, started, "error")
@@ -278,7 +278,7 @@ class ReadPath:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         key, gen_key = keys.pair(pk)
-        found = rt.backend.peek(key, gen_key)
+        found = rt.peek(layout, key, gen_key)
         if not found:
             rt.counters.add("misses", 1, layout.entity_name)
             return None

@@ -43,6 +43,7 @@ _SCOPE = "sqlalchemy_writethrough"
 #: per-model counters: (ModelStats attribute, instrument name, description)
 _MODEL_COUNTERS = (
     ("hits", "writethrough.hits", "Primary-key loads served from Redis"),
+    ("near_hits", "writethrough.near_hits", "Of the hits, those served from the near cache"),
     ("misses", "writethrough.misses", "Primary-key loads that went to the database"),
     ("fills", "writethrough.fills", "Rows written to Redis after a miss"),
     ("fills_refused", "writethrough.fills_refused", "Fills refused: a writer took the key"),

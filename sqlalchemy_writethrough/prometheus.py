@@ -37,6 +37,7 @@ _EXPORTED = tuple(k for k in range(10, 71) if k % 10 in (0, 3, 7))
 #: per-model counters: (ModelStats attribute, metric name, help)
 _MODEL_COUNTERS = (
     ("hits", "hits", "Primary-key loads served from Redis"),
+    ("near_hits", "near_hits", "Of the hits, those served from the near cache"),
     ("misses", "misses", "Primary-key loads that went to the database"),
     ("fills", "fills", "Rows written to Redis after a miss"),
     ("fills_refused", "fills_refused", "Fills refused: a writer took the key meanwhile"),

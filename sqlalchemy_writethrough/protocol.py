@@ -68,14 +68,20 @@ class Scripts:
     """Every script's text and SHA1, as of when the backend was built (``EVALSHA`` runs a
     script by its SHA1; ``SCRIPT LOAD`` of the text after a ``NOSCRIPT`` reply)."""
 
-    __slots__ = ("sha", "source")
+    __slots__ = ("channel", "sha", "source")
 
     def __init__(self) -> None:
         self.source = {s: s.source for s in Script}
         self.sha = {s: hashlib.sha1(text.encode()).hexdigest() for s, text in self.source.items()}
+        #: the near cache's invalidation channel, which the scripts that change entries
+        #: publish on (see :mod:`.near`); '' publishes nothing
+        self.channel = ""
 
     def call(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
-        """The ``EVALSHA`` command running ``script`` over ``keys`` and ``args``."""
+        """The ``EVALSHA`` command running ``script`` over ``keys`` and ``args`` (and, for a
+        script that changes entries, the near cache's channel as its last argument)."""
+        if script in NOTIFYING_SCRIPTS:
+            return ("EVALSHA", self.sha[script], len(keys), *keys, *args, self.channel)
         return ("EVALSHA", self.sha[script], len(keys), *keys, *args)
 
 
@@ -83,6 +89,8 @@ class Scripts:
 PAIR_SCRIPTS = frozenset({Script.LOCK, Script.PUBLISH, Script.RELEASE, Script.INVALIDATE})
 #: scripts whose KEYS are generation keys, any number of them
 GENERATION_SCRIPTS = frozenset({Script.LOCK_GENS, Script.RELEASE_GENS, Script.BUMP_GENS})
+#: scripts that change entries or generations, and tell the near cache (their last ARGV)
+NOTIFYING_SCRIPTS = PAIR_SCRIPTS | GENERATION_SCRIPTS | {Script.EPOCH_BUMP}
 
 
 def hash_tag(key: str) -> str:

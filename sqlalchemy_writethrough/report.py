@@ -56,7 +56,8 @@ class ModelInfo:
             f"{names}: tables {', '.join(self.tables)}; keys {self.keys}",
             f"  ttl {o.ttl:g}s, {o.strategy}, lock_timeout {o.lock_timeout:g}s, "
             f"on_redis_error {o.on_redis_error}"
-            + (", publish in the background" if o.publish == "background" else ""),
+            + (", publish in the background" if o.publish == "background" else "")
+            + (", near cache" if o.near_cache else ""),
         ]
         if o.exclude:
             lines.append(f"  exclude: {', '.join(sorted(o.exclude))}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .keys import registry_key
 from .tracking import SessionTracker
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .journal import Journal
     from .keys import KeySpace
     from .model import ModelLayout
+    from .near import NearCache
     from .registry import Models
     from .stats import Counters
 
@@ -48,7 +49,7 @@ class Settings:
 class Runtime:
     """The cache as its hooks see it."""
 
-    __slots__ = ("backend", "counters", "journal", "models", "settings", "tracer")
+    __slots__ = ("backend", "counters", "journal", "models", "near", "settings", "tracer")
 
     def __init__(
         self,
@@ -66,6 +67,23 @@ class Runtime:
         #: an OpenTelemetry tracer once ``otel.instrument(cache)`` was called, else None
         #: (the hooks then emit their spans: see :mod:`.tracing`)
         self.tracer: Any = None
+        #: the near cache in front of Redis (opt-in: see :mod:`.near`), else None
+        self.near: NearCache | None = None
+
+    def peek(
+        self, layout: ModelLayout, key: str, gen_key: str
+    ) -> memoryview | Literal[False] | None:
+        """An entry's payload when it is a VALUE of the current generation (False when not,
+        None when Redis failed): from the near cache for a model that uses it, else from
+        Redis (:meth:`Backend.peek`)."""
+        near = self.near
+        if near is not None and layout.options.near_cache:
+            found = near.get(key)
+            if found is not None:
+                self.counters.add("near_hits", 1, layout.entity_name)
+                return found
+            return near.read_through(self.backend, key, gen_key)
+        return self.backend.peek(key, gen_key)
 
     def tracker(self, session: Session) -> SessionTracker:
         """The session's tracker, made at its first use."""

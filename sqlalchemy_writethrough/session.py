@@ -183,7 +183,7 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
         return UNANSWERED
     key, gen_key = keys.pair(pk)
     started = perf_counter()
-    found = rt.backend.peek(key, gen_key)
+    found = rt.peek(layout, key, gen_key)
     if found is None:
         return UNANSWERED  # Redis failed: the database path (behind the breaker)
     if found is False:

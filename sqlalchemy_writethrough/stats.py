@@ -115,6 +115,8 @@ class ModelStats:
     model: str
     hits: int = 0
     misses: int = 0
+    #: of the hits, those served from the near cache (process memory)
+    near_hits: int = 0
     fills: int = 0
     fills_refused: int = 0
     #: reads that found the entry locked by a writer (they went to the database)
@@ -158,9 +160,11 @@ class CacheStats:
     total (the attributes) and per model (:attr:`models`)."""
 
     hits: int = 0
-    """primary-key loads served from Redis"""
+    """primary-key loads served from Redis (or from the near cache: ``near_hits``)"""
     misses: int = 0
     """primary-key loads that went to the database"""
+    near_hits: int = 0
+    """of the hits, those served from the near cache (process memory, ``near_cache=``)"""
     fills: int = 0
     """rows written to Redis after a miss"""
     fills_refused: int = 0

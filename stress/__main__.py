@@ -73,6 +73,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "on the cache's background worker; reads may miss meanwhile, never be stale)",
     )
     p.add_argument(
+        "--near-cache",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stress: give every sync worker a near cache with this staleness bound; a read "
+        "from memory behind a completed commit by more than the bound fails the run",
+    )
+    p.add_argument(
         "--kill-prob",
         type=float,
         default=0.0015,
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     paths=args.paths,
                     asyncio_workers=args.asyncio_workers,
                     publish=args.publish,
+                    near_cache=args.near_cache,
                 )
             )
             print(result.format(), flush=True)

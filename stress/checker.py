@@ -20,6 +20,11 @@ A stale read is reported apart, as ``gap`` and not as a failure, when a newer co
 could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
 gap DESIGN.md documents for a writer that cannot reach Redis while readers can.
 
+A read served from a near cache (``src`` "near", ``--near-cache``) may be behind a completed commit by
+up to the near cache's staleness bound (docs/consistency.md, "Near cache"): such a read is
+reported apart, as ``near`` with how far behind it was (from the completion of the first
+commit it missed to its start); one further behind than the bound is ``stale``.
+
 A stale read begun inside a failover window (``windows``: from a ``SENTINEL FAILOVER`` to the
 promotion plus the cache's ``epoch_check_interval``) is reported apart too, as ``window``: the
 moment docs/running-redis.md documents, when two primaries take writes and a process that has
@@ -77,6 +82,10 @@ class Report:
     divergent: list[Violation] = dataclasses.field(default_factory=list)
     gap: list[Violation] = dataclasses.field(default_factory=list)
     window: list[Violation] = dataclasses.field(default_factory=list)
+    #: near-cache reads behind a completed commit, within the staleness bound
+    near: list[Violation] = dataclasses.field(default_factory=list)
+    #: the near cache's staleness bound (ns), when the run used one
+    near_bound: int | None = None
     #: the failover windows of the run (history times, ns)
     windows: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
@@ -90,8 +99,9 @@ class Report:
 
     @property
     def cache_share(self) -> float:
-        served = self.reads["cache"] + self.reads["db"]
-        return self.reads["cache"] / served if served else 0.0
+        cached = self.reads["cache"] + self.reads["near"]
+        served = cached + self.reads["db"]
+        return cached / served if served else 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -106,7 +116,20 @@ class Report:
             "divergent": len(self.divergent),
             "gap": len(self.gap),
             "window": len(self.window),
+            "near_behind": len(self.near),
         }
+
+    def near_lag(self) -> str:
+        """How far behind a completed commit the near-cache reads were, against the bound."""
+        bound = (self.near_bound or 0) / 1e6
+        lags = sorted((v.t - v.newer) / 1e6 for v in self.near)
+        head = f"near cache: {self.reads['near']} reads from memory (bound {bound:.0f} ms)"
+        if not lags:
+            return f"{head}; none behind a completed commit"
+        return (
+            f"{head}; {len(lags)} behind a completed commit, started {lags[len(lags) // 2]:.1f} "
+            f"ms (median) / {lags[-1]:.1f} ms (max) after the first commit they missed completed"
+        )
 
     def gap_window(self) -> str:
         """How far behind the documented degrade gap reads were: from the completion of the
@@ -166,7 +189,9 @@ class Report:
             lines.append(self.gap_window())
         if self.windows:
             lines.append(self.failover_window())
-        for name in ("stale", "uncommitted", "divergent", "gap", "window"):
+        if self.near_bound is not None:
+            lines.append(self.near_lag())
+        for name in ("stale", "uncommitted", "divergent", "gap", "window", "near"):
             found: list[Violation] = getattr(self, name)
             for v in found[:limit]:
                 lines.append(f"  {name} {v.row[0]}#{v.row[1]}: {v.detail}")
@@ -185,11 +210,13 @@ def check(
     final_cache: Mapping[Row, Mapping[str, Any] | None],
     leftover: Mapping[str, int] | None = None,
     windows: Iterable[tuple[int, int]] = (),
+    near_bound: int | None = None,
 ) -> Report:
     """Check a run. ``final_cache`` maps rows to the decoded VALUE Redis holds (None: a VALUE
     that could not be decoded); ``final_db`` maps rows to their columns; ``windows``: the
-    failover windows (history times)."""
+    failover windows (history times); ``near_bound``: the near cache's staleness bound (ns)."""
     report = Report()
+    report.near_bound = near_bound
     report.windows = list(windows)
     report.leftover.update(leftover or {})
     events = list(events)
@@ -324,6 +351,16 @@ def check(
             f"{'a delete' if newest.value is None else newest.value} (rank {newest.rank} > "
             f"{seen}) by {ms(newest.end)} (tx {newest.tx})"
         )
+        if r["src"] == "near" and near_bound is not None:
+            missed = min(
+                v.end
+                for v in versions.get(row, ())
+                if v.end is not None and v.rank > seen and v.end <= begin
+            )
+            if begin - missed <= near_bound:
+                report.near.append(Violation("near", row, detail, t0, missed))
+                continue
+            detail += f": {(begin - missed) / 1e6:.1f} ms behind, beyond the near cache's bound"
         excused = any(v.trouble and seen < v.rank <= newest.rank for v in versions.get(row, ()))
         if excused:
             report.gap.append(Violation("gap", row, detail, t0, newest.end or 0))

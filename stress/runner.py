@@ -275,6 +275,8 @@ class StressConfig:
     #: the cache's ``publish`` option in every worker: "sync", or "background" (the publish
     #: after COMMIT on the cache's background worker)
     publish: str = "sync"
+    #: the near cache's staleness bound (seconds) in every sync worker; None: no near cache
+    near_cache: float | None = None
 
 
 @dataclasses.dataclass
@@ -291,6 +293,7 @@ class StressResult:
             f"{f' ({self.config.asyncio_workers} asyncio)' if self.config.asyncio_workers else ''}, "
             f"{'/'.join(self.config.isolations)}, on_redis_error={self.config.on_redis_error}, "
             f"{'publish=background, ' if self.config.publish == 'background' else ''}"
+            f"{f'near cache {self.config.near_cache} s, ' if self.config.near_cache else ''}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
@@ -364,6 +367,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "isolations": list(config.isolations),
                     "on_redis_error": config.on_redis_error,
                     "publish": config.publish,
+                    "near_cache": config.near_cache,
                     "lock_timeout": config.lock_timeout,
                     "lease_timeout": config.lock_timeout,
                     "kill_prob": config.kill_prob if "sigkill" in faults else 0.0,
@@ -421,7 +425,8 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         # the server the workers reach at the end (redis-switch moves them)
         final_db, final_cache, leftover = final_state(engine, _final_urls(schedule), prefix)
         events = read_histories(workdir)
-        report = check(events, final_db, final_cache, leftover, schedule.windows)
+        near_bound = None if config.near_cache is None else int(config.near_cache * 1e9)
+        report = check(events, final_db, final_cache, leftover, schedule.windows, near_bound)
         stats: Counter[str] = Counter()
         for e in events:
             if e["e"] == "stop":

@@ -36,7 +36,12 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqlalchemy_writethrough import CacheUnavailableError, WriteThroughCache, from_cache
+from sqlalchemy_writethrough import (
+    CacheUnavailableError,
+    NearCacheOptions,
+    WriteThroughCache,
+    from_cache,
+)
 
 from .history import Recorder, now
 from .models import ITEM_TABLE, PARENT_TABLE, StItem, StParent, first_value, next_value
@@ -164,6 +169,7 @@ class Worker:
             lease_timeout=config.get("lease_timeout", 2.0),
             on_redis_error=config.get("on_redis_error", "strict"),
             publish=config.get("publish", "sync"),
+            near_cache=near_options(config, self.flavour),
         )
         sabotage(self.cache, config.get("sabotage"))
         self.sessions: dict[str, Callable[[], Session]] = {}
@@ -253,11 +259,14 @@ class Worker:
         locked: bool = False,
     ) -> Any:
         hits = self.cache.stats().hits
+        near = self.cache._near
+        near_hits = near.hits if near is not None else 0
         t0 = now()
         obj = load()
         t1 = now()
         served = self.cache.stats().hits - hits
-        src = "cache" if served else "locked" if locked else "db"
+        from_memory = near is not None and near.hits > near_hits
+        src = "near" if from_memory else "cache" if served else "locked" if locked else "db"
         value = None if obj is None else obj.counter
         self.rec.log(
             {
@@ -653,6 +662,14 @@ class Worker:
             self.engine.dispose()
 
 
+def near_options(config: dict[str, Any], flavour: str) -> NearCacheOptions | bool:
+    """``--near-cache``: the sync workers' near cache (asyncio sessions have none yet)."""
+    staleness = config.get("near_cache")
+    if staleness is None or flavour != "sync":
+        return False
+    return NearCacheOptions(staleness=staleness)
+
+
 def redis_client(config: dict[str, Any], asynchronous: bool = False) -> Any:
     """What the worker gives the cache: the URL of the run's server, a Sentinel-managed
     primary, or a Redis Cluster, configured as docs/running-redis.md advises; for an asyncio
@@ -712,6 +729,7 @@ SABOTAGES = (
     "stale-snapshot-fill",
     "no-epoch-check",
     "unlocked-background-publish",
+    "deaf-near-cache",
 )
 
 
@@ -728,8 +746,21 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
                              up (the previous values come back) before queuing its publish, as
                              a naive asynchronous cache would, and the worker runs a few
                              milliseconds late.
+    ``deaf-near-cache``      with ``--near-cache``: the near cache ignores every invalidation
+                             message and its copies live 10 times the bound.
     """
     if not name:
+        return
+    if name == "deaf-near-cache":
+        near = cache._near
+        if near is None:
+            raise ValueError("deaf-near-cache needs --near-cache")
+        hear = near._handle
+        near._handle = lambda message: None if message["type"] == "message" else hear(message)  # type: ignore[method-assign]
+        original_store = near._store
+        near._store = lambda key, gen_key, payload, seq, expires: original_store(  # type: ignore[method-assign]
+            key, gen_key, payload, near._seq, expires + 9 * near.staleness
+        )
         return
     if name == "unguarded-fill":
         backend = cache._backend

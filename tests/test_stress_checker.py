@@ -198,3 +198,24 @@ def test_stale_reads_behind_a_writer_that_could_not_lock_are_the_documented_gap(
         "degrade gap: 1 stale reads, started 5 ms (median) / 5 ms (p99) / 5 ms (max) after the "
         "commit they missed completed; 1 stale entries at quiescence"
     )
+
+
+def test_near_cache_reads_within_the_bound_are_reported_apart_beyond_it_stale() -> None:
+    """``--near-cache``: a read from memory may be behind a completed commit by up to the
+    bound (measured from that commit's completion to the read's start), never more."""
+    events = [
+        *history(),  # v2 completed at 20 ms
+        read(1, v(1), 25, 26, src="near"),  # 5 ms behind
+        read(1, v(1), 50, 51, src="near"),  # 30 ms behind
+        read(1, v(2), 60, 61, src="near"),
+    ]
+    report = check(events, DB, {}, near_bound=10 * MS)
+    assert len(report.near) == 1 and len(report.stale) == 1, report.format()
+    assert "30.0 ms behind" in report.stale[0].detail
+    assert report.reads["near"] == 3
+    assert report.near_lag() == (
+        "near cache: 3 reads from memory (bound 10 ms); 1 behind a completed commit, started "
+        "5.0 ms (median) / 5.0 ms (max) after the first commit they missed completed"
+    )
+    # without a bound (no near cache in the run) the same reads are all stale
+    assert len(check(events, DB, {}).stale) == 2

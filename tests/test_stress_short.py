@@ -35,6 +35,8 @@ SECONDS = 22.0
 CLUSTER_SECONDS = 16.0
 #: workload seconds of the background-publish run (about 20 s in all)
 BACKGROUND_SECONDS = 5.0
+#: workload seconds of the near-cache run
+NEAR_SECONDS = 10.0
 
 pytestmark = pytest.mark.stress
 
@@ -110,6 +112,34 @@ def test_short_background_publish_run_finds_no_violation(
     report = result.report
     assert "crashed" not in result.info, result.format()
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
+    assert report.ok, result.format()
+
+
+@pytest.mark.timeout(150)
+def test_short_near_cache_run_finds_no_violation(
+    redis_server_binary: str, postgresql_url: str
+) -> None:
+    """``near_cache`` (1 s bound) in the three sync workers, under every fault; the two asyncio
+    workers have none, so their commits send no message and the others' copies of their rows
+    live to their expiry: no read from memory may be further behind a completed commit than
+    the bound, and zero stale, uncommitted or divergent."""
+    result = run_stress(
+        StressConfig(
+            db_url=postgresql_url,
+            seconds=NEAR_SECONDS,
+            faults=frozenset(ALL_FAULTS),
+            workers=5,
+            asyncio_workers=2,
+            on_redis_error="strict",
+            near_cache=1.0,
+            lock_wait=60,
+        ),
+        log=print,
+    )
+    print(result.format())
+    report = result.report
+    assert "crashed" not in result.info, result.format()
+    assert report.reads["near"] > 0 and report.commits["ok"] > 0, result.format()
     assert report.ok, result.format()
 
 

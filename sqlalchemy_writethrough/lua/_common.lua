@@ -96,3 +96,23 @@ local function server_identity()
   local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or '?'
   return run_id .. ':' .. replid
 end
+
+-- The near cache (in-process copies of entries in each application process): a script that
+-- changes entries or generations tells them on a channel, one message per call. The caller
+-- appends the channel name as the last ARGV of such a script; '' (no process of this cache
+-- uses a near cache) publishes nothing. A message is 'k' then the changed entity keys, 'g' then
+-- the changed generation keys (every entry of those buckets), each a msgpack array of names (a
+-- key may hold any character), or '*' (everything). A PUBLISH refused (an ACL user without the
+-- channel) fails nothing: the other processes' copies then expire within the staleness bound.
+local function notify(kind, first, step)
+  local channel = ARGV[#ARGV]
+  if channel == '' then return end
+  if kind == '*' then
+    redis.pcall('PUBLISH', channel, '*')
+    return
+  end
+  local names = {}
+  for i = first, #KEYS, step do names[#names + 1] = KEYS[i] end
+  if #names == 0 then return end
+  redis.pcall('PUBLISH', channel, kind .. cmsgpack.pack(names))
+end

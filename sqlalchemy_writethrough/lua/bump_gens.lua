@@ -2,7 +2,7 @@
 -- A bucket under a generation lock is marked contended instead: its last owner writes the new
 -- token when it ends, whether it commits or rolls back.
 -- KEYS: generation keys
--- ARGV[1] a random nonce
+-- ARGV[1] a random nonce, ARGV[2] near channel
 -- returns the number of generations replaced now
 local bumped = 0
 for i = 1, #KEYS do
@@ -18,4 +18,5 @@ for i = 1, #KEYS do
     bumped = bumped + 1
   end
 end
+notify('g', 1, 1)
 return bumped

@@ -7,6 +7,7 @@
 -- ARGV[1] the epoch key's value epoch_check saw ('' = absent), ARGV[2] a random nonce,
 -- ARGV[3] '1' to replace them even though the epoch names this server (a process that was
 --   using another server until now: its last writes may be missing here)
+-- ARGV[4] near channel
 -- returns {1, epoch, replaced} done | {1, epoch, -1} another process did it first
 --   | {3} the epoch moved otherwise meanwhile: check again | {0, role} not a primary
 local role = string.match(redis.call('INFO', 'replication'), 'role:(%a+)')
@@ -32,4 +33,5 @@ for i = 2, #KEYS do
 end
 local epoch = identity .. '|' .. new_token(ARGV[2])
 redis.call('SET', KEYS[1], epoch)
+notify('*')
 return {1, epoch, replaced}

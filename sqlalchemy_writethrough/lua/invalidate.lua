@@ -3,11 +3,11 @@
 -- A lock is marked contended, so neither its publish nor its rollback writes a value; anything else
 -- (value, lease) is deleted, which also voids a lease so an in-flight fill is refused.
 -- ARGV: owner tokens of transactions that have ended (a journal replay): they leave the locks
--- they hold, the last owner leaving a miss, as a release does.
+-- they hold, the last owner leaving a miss, as a release does; then the near cache's channel.
 -- KEYS: entity key, generation key, repeated
 -- returns the number of keys touched
 local ended = {}
-for _, owner in ipairs(ARGV) do ended[owner] = true end
+for i = 1, #ARGV - 1 do ended[ARGV[i]] = true end
 local n = 0
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
@@ -31,4 +31,5 @@ for i = 1, #KEYS, 2 do
     n = n + 1
   end
 end
+notify('k', 1, 2)
 return n

@@ -1,6 +1,6 @@
 -- lock: taken at flush, before COMMIT; re-asserted just before COMMIT.
 -- KEYS: entity key, generation key, repeated (all pairs in one hash slot on Cluster)
--- ARGV[1] owner token (one per root transaction), ARGV[2] lock ttl ms
+-- ARGV[1] owner token (one per root transaction), ARGV[2] lock ttl ms, ARGV[3] near channel
 -- A lock keeps the VALUE it replaced (prev) so a rollback can put it back; a second owner marks it contended.
 -- returns the number of keys locked
 local owner, ttl = ARGV[1], ARGV[2]
@@ -31,4 +31,5 @@ for i = 1, #KEYS, 2 do
   end
   redis.call('SET', k, 'L' .. cmsgpack.pack(lock), 'PX', ttl)
 end
+notify('k', 1, 2)
 return #KEYS / 2

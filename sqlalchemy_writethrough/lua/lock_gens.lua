@@ -1,7 +1,7 @@
 -- lock_gens: before a statement that changes rows the cache cannot name, every bucket of the
 -- model is locked, so that no entry is served or filled until the transaction ends.
 -- KEYS: generation keys (one call per hash slot on Cluster)
--- ARGV[1] owner token, ARGV[2] lock ttl ms
+-- ARGV[1] owner token, ARGV[2] lock ttl ms, ARGV[3] near channel
 -- returns the number of generation keys locked
 local owner, ttl = ARGV[1], ARGV[2]
 for i = 1, #KEYS do
@@ -18,4 +18,5 @@ for i = 1, #KEYS do
   end
   redis.call('SET', KEYS[i], 'L' .. cmsgpack.pack(lock), 'PX', ttl)
 end
+notify('g', 1, 1)
 return #KEYS

@@ -1,7 +1,7 @@
 -- publish: after COMMIT. Writes the new VALUE only where this transaction still holds the only,
 -- uncontended lock and the generation has not moved; everywhere else it leaves a miss.
 -- KEYS: entity key, generation key, repeated
--- ARGV[1] owner token; then per pair: payload ('' = leave a miss), ttl ms
+-- ARGV[1] owner token; then per pair: payload ('' = leave a miss), ttl ms; last: near channel
 -- returns the number of values written
 local owner = ARGV[1]
 local written = 0
@@ -36,4 +36,5 @@ for j = 1, #KEYS / 2 do
     redis.call('DEL', k)
   end
 end
+notify('k', 1, 2)
 return written

@@ -2,7 +2,7 @@
 -- uncontended lock and the generation has not moved; otherwise drops ownership, the last owner
 -- leaving a miss.
 -- KEYS: entity key, generation key, repeated
--- ARGV[1] owner token
+-- ARGV[1] owner token, ARGV[2] near channel
 -- returns the number of previous values restored
 local owner = ARGV[1]
 local restored = 0
@@ -36,4 +36,5 @@ for i = 1, #KEYS, 2 do
     end
   end
 end
+notify('k', 1, 2)
 return restored

@@ -1,6 +1,7 @@
 -- release_gens: the end of a transaction that held generation locks.
 -- KEYS: generation keys
--- ARGV[1] owner token, ARGV[2] '1' after COMMIT, '0' after ROLLBACK, ARGV[3] a random nonce
+-- ARGV[1] owner token, ARGV[2] '1' after COMMIT, '0' after ROLLBACK, ARGV[3] a random nonce,
+-- ARGV[4] near channel
 -- After COMMIT the last owner writes a new token: every older entry of the bucket is a miss.
 -- After ROLLBACK an uncontended sole owner puts the previous token back (nothing changed); a
 -- contended lock (another owner committed meanwhile) gets a new token from its last owner.
@@ -36,4 +37,5 @@ for i = 1, #KEYS do
     bumped = bumped + 1
   end
 end
+notify('g', 1, 1)
 return bumped

@@ -1,0 +1,317 @@
+"""The near cache: copies of entries in process memory, in front of Redis (opt-in).
+
+A hit from memory costs no round trip, so it may be older than Redis: by at most the
+staleness bound (``NearCacheOptions.staleness``), never uncommitted. How that holds:
+
+* every script that changes an entry or a generation publishes the keys it changed on
+  :func:`channel_of` the prefix (see ``lua/_common.lua``); this process's subscriber thread
+  drops them, a generation's whole bucket, or everything (a new epoch, ``clear()``);
+* a copy is taken only from a read that saw a VALUE of the current generation, and only when
+  no invalidation of its key (its bucket, everything) was processed since that read began
+  (a sequence number taken before it: a value read before an invalidation is never stored
+  after it);
+* this process's own writes drop their keys as soon as their script returns, so it reads its
+  own commits at once;
+* the subscription is trusted only while a heartbeat (a ``PING`` on the subscribed connection,
+  whose reply comes after every message published before it) came back within the bound: a
+  subscription not confirmed yet, lost, or lagging serves nothing, and each (re)subscription
+  starts from an empty cache;
+* whatever happens, a copy expires ``staleness`` seconds after the read that took it began.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgpack
+
+from .config import NearCacheOptions
+from .diagnostics import explain
+from .protocol import GENERATION_SCRIPTS, PAIR_SCRIPTS, Script
+
+if TYPE_CHECKING:
+    from .backend import Backend
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+_NEVER = float("-inf")
+#: keys (and buckets) whose last invalidation is remembered at most; beyond, they are
+#: forgotten together, as if everything had been invalidated (reads in flight store nothing)
+_MARKS = 10_000
+
+
+def channel_of(prefix: str) -> str:
+    """The pub/sub channel of a prefix's near-cache invalidations."""
+    return f"{prefix}:near"
+
+
+class NearCache:
+    """One cache's in-process entries and the subscription that keeps them correct."""
+
+    def __init__(self, client: Any, prefix: str, options: NearCacheOptions) -> None:
+        self.client = client
+        self.channel = channel_of(prefix)
+        self.max_entries = options.max_entries
+        self.staleness = options.staleness
+        #: key -> (payload, generation key, monotonic time after which it is not served)
+        self._entries: dict[str, tuple[memoryview, str, float]] = {}
+        self._lock = threading.Lock()
+        #: bumped by every invalidation processed; a read takes it before asking Redis, and
+        #: stores only if its key (its bucket, everything) was not invalidated since
+        self._seq = 0
+        self._key_at: dict[str, int] = {}
+        self._bucket_at: dict[str, int] = {}
+        self._all_at = 0
+        #: when the latest heartbeat that came back was sent (-inf: not subscribed)
+        self._heard = _NEVER
+        self._stop = threading.Event()
+        #: set to make the subscriber subscribe again (a new epoch: maybe another server)
+        self._renew = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: what it did, for tests and diagnosis
+        self.hits = 0
+        self.stores = 0
+        self.refused = 0
+        self.resets = 0
+        self.messages = 0
+        _nears.add(self)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        """Whether the subscription is confirmed and its last heartbeat is within the bound."""
+        return monotonic() - self._heard <= self.staleness
+
+    def get(self, key: str) -> memoryview | None:
+        """The payload of a fresh copy, when the subscription is healthy; else None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = monotonic()
+        if now - self._heard > self.staleness:
+            return None
+        if now < entry[2]:
+            self.hits += 1
+            return entry[0]
+        self._discard(key, entry)
+        return None
+
+    def read_through(
+        self, backend: Backend, key: str, gen_key: str
+    ) -> memoryview | Literal[False] | None:
+        """:meth:`Backend.peek`, whose VALUE is kept for the next reads (when the
+        subscription is healthy and nothing invalidated the key meanwhile)."""
+        seq = self._seq
+        now = monotonic()
+        found = backend.peek(key, gen_key)
+        if found and now - self._heard <= self.staleness:
+            self._store(key, gen_key, found, seq, now + self.staleness)
+        return found
+
+    def _store(self, key: str, gen_key: str, payload: memoryview, seq: int, expires: float) -> None:
+        with self._lock:
+            if (
+                self._all_at > seq
+                or self._key_at.get(key, 0) > seq
+                or self._bucket_at.get(gen_key, 0) > seq
+                or monotonic() - self._heard > self.staleness
+            ):
+                self.refused += 1
+                return
+            entries = self._entries
+            entries.pop(key, None)
+            while len(entries) >= self.max_entries:
+                del entries[next(iter(entries))]  # the oldest copy first
+            entries[key] = (payload, gen_key, expires)
+            self.stores += 1
+
+    def _discard(self, key: str, entry: tuple[memoryview, str, float]) -> None:
+        with self._lock:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- invalidating --------------------------------------------------------------------
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Forget these entries (and void the reads in flight)."""
+        with self._lock:
+            self._seq += 1
+            seq, entries, marks = self._seq, self._entries, self._key_at
+            for key in keys:
+                entries.pop(key, None)
+                marks[key] = seq
+            if len(marks) > _MARKS:
+                self._forget_marks()
+
+    def drop_buckets(self, gen_keys: Iterable[str]) -> None:
+        """Forget every entry of these buckets."""
+        wanted = set(gen_keys)
+        with self._lock:
+            self._seq += 1
+            self._entries = {k: e for k, e in self._entries.items() if e[1] not in wanted}
+            for gen_key in wanted:
+                self._bucket_at[gen_key] = self._seq
+            if len(self._bucket_at) > _MARKS:
+                self._forget_marks()
+
+    def drop_all(self) -> None:
+        with self._lock:
+            self._entries = {}
+            self._forget_marks()
+
+    def _forget_marks(self) -> None:
+        """Under the lock: every read in flight counts as invalidated."""
+        self._seq += 1
+        self._all_at = self._seq
+        self._key_at = {}
+        self._bucket_at = {}
+
+    def wrote(self, script: Script, keys: Sequence[str]) -> None:
+        """This process ran ``script`` over ``keys``: drop what it may have changed now,
+        without waiting for its message (read your own writes)."""
+        if script in PAIR_SCRIPTS:
+            self.drop(keys[0::2])
+        elif script in GENERATION_SCRIPTS:
+            self.drop_buckets(keys)
+        elif script is Script.EPOCH_BUMP:
+            self.drop_all()
+
+    def renew(self) -> None:
+        """Forget everything and subscribe again: the server behind the address may have
+        changed (a new epoch), and a subscription still open on the old one would hear
+        heartbeats but none of the new server's invalidations."""
+        self._renew.set()
+        self._down()
+
+    def _down(self) -> None:
+        """The subscription is lost (or not confirmed yet): serve nothing, keep nothing."""
+        with self._lock:
+            self._heard = _NEVER
+            self._entries = {}
+            self._forget_marks()
+
+    # -- the subscription ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._listen, name="writethrough-near-cache", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop listening: the near cache serves nothing from now on."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._down()
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's thread is gone, and a lock it held stays held.
+        Start over, empty, with a subscription of the child's own."""
+        running = self._thread is not None and not self._stop.is_set()
+        self._lock = threading.Lock()
+        self._thread = None
+        self._stop = threading.Event()
+        self._renew = threading.Event()
+        self._down()
+        if running:
+            self.start()
+
+    def _listen(self) -> None:
+        pause = 0.05
+        warned = False
+        while not self._stop.is_set():
+            resets = self.resets
+            try:
+                self._subscribed()
+            except Exception as exc:  # a lost connection, a Redis down: try again shortly
+                if self.resets != resets:
+                    warned = False  # it was subscribed meanwhile: a new outage
+                    pause = 0.05
+                log.log(
+                    logging.DEBUG if warned else logging.WARNING,
+                    "writethrough: near cache subscription on %s failed: %s; reads go to "
+                    "Redis until it is back",
+                    self.channel,
+                    explain(exc),
+                )
+                warned = True
+                pause = min(pause * 2, 1.0)
+            self._down()
+            self._stop.wait(pause)
+
+    def _subscribed(self) -> None:
+        """Subscribe, then handle messages and send heartbeats until stopped or failed."""
+        every = self.staleness / 4
+        self._renew.clear()  # a renew() from now on ends this subscription
+        pubsub = self.client.pubsub()
+        try:
+            pubsub.subscribe(self.channel)
+            due = 0.0
+            while not self._stop.is_set() and not self._renew.is_set():
+                now = monotonic()
+                if now >= due:
+                    pubsub.ping(repr(now))
+                    due = now + every
+                message = pubsub.get_message(timeout=max(0.0, due - now))
+                if message is not None:
+                    self._handle(message)
+        finally:
+            try:
+                pubsub.close()
+            except Exception:  # a broken connection closes anyway
+                pass
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        data = message["data"]
+        if kind == "message":
+            self.messages += 1
+            if data[:1] == b"k":
+                self.drop(_names(data))
+            elif data[:1] == b"g":
+                self.drop_buckets(_names(data))
+            else:
+                self.drop_all()
+        elif kind == "pong":
+            if isinstance(data, bytes):
+                data = data.decode()
+            if data:  # sent when the PING was: every message published before has come
+                with self._lock:
+                    self._heard = max(self._heard, float(data))
+        elif kind == "subscribe":
+            # a (re)subscription: what was published while unsubscribed is lost
+            self.resets += 1
+            self._down()
+        else:  # unsubscribed
+            self._down()
+
+
+_nears: weakref.WeakSet[NearCache] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for near in list(_nears):
+        near._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _names(data: bytes) -> list[str]:
+    names = msgpack.unpackb(data[1:], raw=True)
+    return [n.decode("utf-8", "surrogateescape") for n in names]
