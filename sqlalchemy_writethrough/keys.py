@@ -85,11 +85,12 @@ class KeySpace:
     def pairs_of(self, values: Sequence[Any]) -> list[tuple[str, str]]:
         """:meth:`pair` of many single-column primary keys (the batch read path)."""
         tags, buckets, crc32, part_of = self._tags, self._buckets, zlib.crc32, encode_pk_part
-        found = []
+        found: list[tuple[str, str]] = []
+        append = found.append
         for value in values:
-            part = part_of(value)
+            part = str(value) if type(value) is int else part_of(value)
             tag = tags[crc32(part.encode()) % buckets]
-            found.append((f"{tag}:{part}", tag))
+            append((f"{tag}:{part}", tag))
         return found
 
     def generation_keys(self) -> list[str]:

@@ -258,9 +258,16 @@ class _RowCodec:
                 # left for encode() to do
                 flushed.append(f"    v{i} = x{i}(d[{attr!r}], ctx)")
             else:
-                namespace[f"d{i}"] = col_codec.decode
                 namespace[f"f{i}"] = col_codec.flushed
-                decode.append(f"    v{i} = d{i}(raw[{i}])")
+                if col_codec.not_null is not None and type(col_codec) is codec.ColumnCodec:
+                    # None needs no call: only the other values go through the codec
+                    namespace[f"d{i}"] = col_codec.not_null
+                    decode.append(f"    v{i} = raw[{i}]")
+                    decode.append(f"    if v{i} is not None:")
+                    decode.append(f"        v{i} = d{i}(v{i})")
+                else:
+                    namespace[f"d{i}"] = col_codec.decode
+                    decode.append(f"    v{i} = d{i}(raw[{i}])")
                 flushed.append(f"    v{i} = f{i}(d[{attr!r}], ctx)")
             flushed.append(f"    if v{i} is NOT_EXACT:")
             flushed.append("        return None")
@@ -450,28 +457,28 @@ class ModelLayout:
         cannot be decoded or is not the row of its key (the caller looks at those again)."""
         by_tag = self.by_tag
         pk_attr = self.pk_attrs[0]
-        unpack = codec.unpack_row
+        unpack = codec.unpack_rows
         found: list[tuple[ClassLayout, dict[str, Any]] | None] = []
+        append = found.append
         last: ClassLayout | None = None
         decode: Any = None
-        for payload, pk in zip(payloads, pk_values, strict=True):
-            if payload is False:
-                found.append(None)
+        for raw, pk in zip(unpack(payloads), pk_values, strict=True):
+            if raw is None:
+                append(None)
                 continue
+            tag = raw[0]
+            variant = by_tag.get(tag) if type(tag) in (int, str) else None
+            if variant is None:
+                append(None)
+                continue
+            if variant is not last:
+                last, decode = variant, variant.row_codec(dialect).decode
             try:
-                raw = unpack(payload)
-                tag = raw[0]
-                variant = by_tag.get(tag) if type(tag) in (int, str) else None
-                if variant is None:
-                    found.append(None)
-                    continue
-                if variant is not last:
-                    last, decode = variant, variant.row_codec(dialect).decode
                 values = decode(raw)
             except (codec.DecodeError, ValueError):
-                found.append(None)
+                append(None)
                 continue
-            found.append((variant, values) if values[pk_attr] == pk else None)
+            append((variant, values) if values[pk_attr] == pk else None)
         return found
 
     def decode(self, payload: bytes | memoryview, dialect: Dialect) -> dict[str, Any]:
