@@ -110,7 +110,18 @@ def _not_postgresql(name: str, is_mariadb: bool) -> bool:
 class ColumnCodec:
     """How one column is stored, read back, and predicted after a flush."""
 
-    __slots__ = ("decode", "encode", "exact", "kind", "mutable", "never", "not_null", "stored_type")
+    __slots__ = (
+        "decode",
+        "encode",
+        "encode_not_null",
+        "exact",
+        "exact_not_null",
+        "kind",
+        "mutable",
+        "never",
+        "not_null",
+        "stored_type",
+    )
 
     def __init__(
         self,
@@ -132,9 +143,11 @@ class ColumnCodec:
         #: when ``decode`` only checks that the stored value is None or of this type and
         #: returns it: the row decoder checks such columns inline instead of calling it
         self.stored_type: type | None = getattr(decode, _STORED_TYPE, None)
-        #: when ``decode`` returns None for None and ``not_null(value)`` for anything else:
-        #: the row decoder checks for None inline and calls this one
+        #: when ``decode``, ``encode`` and ``exact`` return None for None and call these for
+        #: anything else (see _nullable): the generated row functions check for None inline
         self.not_null: Callable[[Any], Any] | None = getattr(decode, _NULLABLE_OF, None)
+        self.encode_not_null: Callable[[Any], Any] | None = getattr(encode, _NULLABLE_OF, None)
+        self.exact_not_null: Exact | None = getattr(exact, _NULLABLE_OF, None)
 
     def flushed(self, value: Any, ctx: FlushContext) -> Any:
         """The stored form of a value a flush sent, or NOT_EXACT."""
@@ -161,11 +174,13 @@ def _nullable(
         return None if v is None else decode(v)
 
     setattr(dec, _STORED_TYPE, getattr(decode, _STORED_TYPE, None))
-    setattr(dec, _NULLABLE_OF, decode)
 
     def ex(v: Any, ctx: FlushContext) -> Any:
         return None if v is None else exact(v, ctx)
 
+    setattr(enc, _NULLABLE_OF, encode)
+    setattr(dec, _NULLABLE_OF, decode)
+    setattr(ex, _NULLABLE_OF, exact)
     return enc, dec, ex
 
 

@@ -76,7 +76,8 @@ class KeySpace:
     def pair(self, pk: Sequence[Any]) -> tuple[str, str]:
         """(entity key, generation key) of one primary key."""
         if len(pk) == 1:
-            part = encode_pk_part(pk[0])
+            value = pk[0]
+            part = str(value) if type(value) is int else encode_pk_part(value)
         else:
             part = ":".join([encode_pk_part(v) for v in pk])
         tag = self._tags[zlib.crc32(part.encode()) % self._buckets]
