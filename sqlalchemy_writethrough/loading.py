@@ -381,7 +381,12 @@ class ReadPath:
         identity_map = session.identity_map
         found: dict[Any, Any] = {}
         todo: list[tuple[Any, Any]] = []
-        for value in ids:
+        if not len(identity_map):  # a session that holds nothing yet: no lookup per id
+            todo = [(value, (identity_class, (value,), token)) for value in ids]
+            ids_held: list[Any] = []
+        else:
+            ids_held = ids
+        for value in ids_held:
             identity_key = (identity_class, (value,), token)
             existing = identity_map.get(identity_key)
             if existing is None:
