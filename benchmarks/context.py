@@ -122,6 +122,8 @@ class Env:
     baseline_cache: Any = None
     baseline_cached: sessionmaker[Any] | None = None
     baseline_name: str = ""
+    #: the baseline version's package: its own ``from_cache()`` (ours is not its option class)
+    baseline_module: Any = None
     floor_keys: dict[int, str] = field(default_factory=dict)
     #: the bytes of those entries (the commit floor sends copies of them)
     floor_entries: dict[int, bytes] = field(default_factory=dict)
@@ -214,6 +216,7 @@ def build_env(settings: Settings) -> Env:
     baseline_cache: Any = None
     baseline_cached: sessionmaker[Any] | None = None
     baseline_name = ""
+    module: Any = None
     if settings.baseline is not None:
         from . import baseline
         from .models import Base
@@ -261,4 +264,5 @@ def build_env(settings: Settings) -> Env:
         baseline_cache=baseline_cache,
         baseline_cached=baseline_cached,
         baseline_name=baseline_name,
+        baseline_module=module,
     )

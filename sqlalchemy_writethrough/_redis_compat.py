@@ -23,6 +23,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 REDIS_VERSION = tuple(int(p) for p in redis.__version__.split(".")[:2] if p.isdigit())
+#: redis-py's Python command packer (see :func:`pack`)
+_PYTHON_PACKER: Any = getattr(redis.connection, "PythonRespSerializer", None)
 
 
 # -- clients and pools ------------------------------------------------------------------
@@ -91,14 +93,62 @@ def retries(client: Any) -> int:
 
 def call(conn: Any, args: Sequence[Any]) -> Any:
     """One command and its reply (an error reply raises), on a checked-out connection."""
-    conn.send_command(*args)
+    conn.send_packed_command(pack(conn, args))
     return conn.read_response()
+
+
+def pack(conn: Any, args: Sequence[Any]) -> Any:
+    """``conn.pack_command(*args)``, in one pass when redis-py would pack it in Python.
+
+    redis-py's ``PythonRespSerializer`` (without ``hiredis``; kept in the connection's private
+    ``_command_packer``) joins its whole buffer again for every argument: about 120 us for the
+    117 keys of a 100-row batch read, against 40 us here. Only str (encoded as the
+    connection's encoder does), bytes and int arguments are packed here; anything else, a
+    command name with a space in it ("CONFIG GET") or another packer (hiredis's, in C) keeps
+    redis-py's.
+    """
+    packed = _packed(conn, args)
+    return conn.pack_command(*args) if packed is None else [packed]
+
+
+def pack_many(conn: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    """``conn.pack_commands(commands)`` (one buffer for the whole batch), by :func:`pack`'s
+    rules."""
+    parts = []
+    for command in commands:
+        packed = _packed(conn, command)
+        if packed is None:
+            return conn.pack_commands(commands)
+        parts.append(packed)
+    return [b"".join(parts)]
+
+
+def _packed(conn: Any, args: Sequence[Any]) -> bytes | None:
+    if _PYTHON_PACKER is None or type(getattr(conn, "_command_packer", None)) is not _PYTHON_PACKER:
+        return None
+    first = args[0]
+    if type(first) is not str or " " in first:
+        return None
+    encoder = conn.encoder
+    encoding, errors = encoder.encoding, encoder.encoding_errors
+    parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
+    for arg in args:
+        kind = type(arg)
+        if kind is str:
+            arg = arg.encode(encoding, errors)
+        elif kind is int:
+            arg = b"%d" % arg
+        elif kind is not bytes:
+            return None
+        append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
 
 
 def call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
     """Commands sent together, their replies in order; an error reply is returned as its
-    ``ResponseError``, not raised (``pack_commands`` / ``send_packed_command``)."""
-    conn.send_packed_command(conn.pack_commands(commands))
+    ``ResponseError``, not raised (:func:`pack` / ``send_packed_command``)."""
+    conn.send_packed_command(pack_many(conn, commands))
     replies: list[Any] = []
     for _ in commands:
         try:
@@ -110,7 +160,7 @@ def call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
 
 def send(conn: Any, args: Sequence[Any]) -> None:
     """Send a command now; its reply is read later with :func:`read`."""
-    conn.send_command(*args)
+    conn.send_packed_command(pack(conn, args))
 
 
 def read(conn: Any) -> Any:

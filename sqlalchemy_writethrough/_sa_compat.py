@@ -17,6 +17,7 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session, UserDefinedOption
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import UnmappedClassError
+from sqlalchemy.orm.instrumentation import ClassManager
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
 from sqlalchemy.sql.selectable import Select
@@ -101,27 +102,46 @@ def build_persistent_many(
     expired: Iterable[str],
 ) -> list[Any]:
     """:func:`build_persistent` for many rows of one class: (identity key, values) each; the
-    event collections, the identity map and the session's key are looked up once."""
-    new_instance = mapper.class_manager.new_instance
+    event collections, the identity map and the session's key are looked up once.
+
+    With SQLAlchemy's own instrumentation, ``ClassManager.new_instance`` is inlined (its
+    private ``_state_constructor`` and ``_state_setter``), and the instance's dict is reached
+    through ``dict_getter()`` rather than the ``InstanceState.dict`` property: three Python
+    calls fewer a row, about a fifth of building 100 instances.
+    """
+    manager = mapper.class_manager
     add = session.identity_map._add_unpresent  # type: ignore[attr-defined,unused-ignore]
     hash_key = session.hash_key
     expired = tuple(expired)
-    load = mapper.class_manager.dispatch.load
+    load = manager.dispatch.load
     loaded_as_persistent = session.dispatch.loaded_as_persistent
+    has_load = bool(load)
+    has_persistent = bool(loaded_as_persistent)
+    # SQLAlchemy's own instrumentation (ext.instrumentation's managers make instances their way)
+    inline = type(manager).new_instance is ClassManager.new_instance
+    cls: Any = manager.class_
+    make_state = manager._state_constructor
+    set_state = manager._state_setter
+    dict_of = manager.dict_getter()
     instances = []
     for identity_key, values in rows:
-        instance = new_instance()
-        state = instance_state(instance)
-        state.dict.update(values)
+        if inline:
+            instance = cls.__new__(cls)
+            state = make_state(instance, manager)
+            set_state(instance, state)
+        else:  # pragma: no cover - ext.instrumentation
+            instance = manager.new_instance()
+            state = instance_state(instance)
+        dict_of(instance).update(values)
         state.key = identity_key
         state.identity_token = identity_key[2]
         state.session_id = hash_key
         add(state, identity_key)
         if expired:
             state.expired_attributes.update(expired)
-        if load:
+        if has_load:
             load(state, None)
-        if loaded_as_persistent:
+        if has_persistent:
             loaded_as_persistent(session, state)
         instances.append(instance)
     return instances

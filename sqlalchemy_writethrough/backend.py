@@ -24,7 +24,14 @@ from .breaker import CircuitBreaker
 from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
 from .epoch import EpochGuard
 from .keys import epoch_key, registry_key
-from .protocol import Fetch, Script, Scripts, current_payload, split_by_hash_tag
+from .protocol import (
+    Fetch,
+    Script,
+    Scripts,
+    current_payload,
+    current_payloads,
+    split_by_hash_tag,
+)
 from .redis_async import AsyncTransport
 from .redis_sync import SyncTransport
 from .stats import Counters
@@ -309,10 +316,7 @@ class ScriptBackend:
             return None
         self._succeeded()
         gens = dict(zip(gen_keys, replies[len(pairs) :], strict=True))
-        return [
-            current_payload(value, gens[gen_key])
-            for (_, gen_key), value in zip(pairs, replies, strict=False)
-        ]
+        return current_payloads(replies, [gens[gen_key] for _, gen_key in pairs])
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int

@@ -22,7 +22,7 @@ import enum
 import json
 import uuid
 import zoneinfo
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -110,7 +110,18 @@ def _not_postgresql(name: str, is_mariadb: bool) -> bool:
 class ColumnCodec:
     """How one column is stored, read back, and predicted after a flush."""
 
-    __slots__ = ("decode", "encode", "exact", "kind", "mutable", "never", "stored_type")
+    __slots__ = (
+        "decode",
+        "encode",
+        "encode_not_null",
+        "exact",
+        "exact_not_null",
+        "kind",
+        "mutable",
+        "never",
+        "not_null",
+        "stored_type",
+    )
 
     def __init__(
         self,
@@ -132,6 +143,11 @@ class ColumnCodec:
         #: when ``decode`` only checks that the stored value is None or of this type and
         #: returns it: the row decoder checks such columns inline instead of calling it
         self.stored_type: type | None = getattr(decode, _STORED_TYPE, None)
+        #: when ``decode``, ``encode`` and ``exact`` return None for None and call these for
+        #: anything else (see _nullable): the generated row functions check for None inline
+        self.not_null: Callable[[Any], Any] | None = getattr(decode, _NULLABLE_OF, None)
+        self.encode_not_null: Callable[[Any], Any] | None = getattr(encode, _NULLABLE_OF, None)
+        self.exact_not_null: Exact | None = getattr(exact, _NULLABLE_OF, None)
 
     def flushed(self, value: Any, ctx: FlushContext) -> Any:
         """The stored form of a value a flush sent, or NOT_EXACT."""
@@ -162,6 +178,9 @@ def _nullable(
     def ex(v: Any, ctx: FlushContext) -> Any:
         return None if v is None else exact(v, ctx)
 
+    setattr(enc, _NULLABLE_OF, encode)
+    setattr(dec, _NULLABLE_OF, decode)
+    setattr(ex, _NULLABLE_OF, exact)
     return enc, dec, ex
 
 
@@ -184,6 +203,8 @@ def _dec_type(expected: type) -> Callable[[Any], Any]:
 
 #: attribute naming the type a type-checking decoder accepts (see ColumnCodec.stored_type)
 _STORED_TYPE = "_writethrough_stored_type"
+#: attribute of a decoder made by _nullable: the decoder it calls for a value that is not None
+_NULLABLE_OF = "_writethrough_nullable_of"
 
 
 def _enc_int(v: Any) -> Any:
@@ -978,3 +999,23 @@ def unpack_row(payload: bytes | memoryview) -> list[Any]:
     if type(values) is not list or not values:
         raise DecodeError("not a row")
     return values
+
+
+def unpack_rows(payloads: Iterable[Any]) -> list[list[Any] | None]:
+    """:func:`unpack_row` of many payloads in one loop (the batch read path): None for one
+    that is False (no entry) or that :func:`unpack_row` would refuse."""
+    unpackb = msgpack.unpackb
+    version = FORMAT_VERSION
+    found: list[list[Any] | None] = []
+    append = found.append
+    for payload in payloads:
+        if payload is False or len(payload) < 2 or payload[0] != version:
+            append(None)
+            continue
+        try:
+            values = unpackb(payload[1:], raw=False, use_list=True, strict_map_key=True)
+        except Exception:  # msgpack raises several unrelated types on garbage
+            append(None)
+            continue
+        append(values if type(values) is list and values else None)
+    return found

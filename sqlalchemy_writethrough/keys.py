@@ -76,7 +76,8 @@ class KeySpace:
     def pair(self, pk: Sequence[Any]) -> tuple[str, str]:
         """(entity key, generation key) of one primary key."""
         if len(pk) == 1:
-            part = encode_pk_part(pk[0])
+            value = pk[0]
+            part = str(value) if type(value) is int else encode_pk_part(value)
         else:
             part = ":".join([encode_pk_part(v) for v in pk])
         tag = self._tags[zlib.crc32(part.encode()) % self._buckets]
@@ -85,11 +86,12 @@ class KeySpace:
     def pairs_of(self, values: Sequence[Any]) -> list[tuple[str, str]]:
         """:meth:`pair` of many single-column primary keys (the batch read path)."""
         tags, buckets, crc32, part_of = self._tags, self._buckets, zlib.crc32, encode_pk_part
-        found = []
+        found: list[tuple[str, str]] = []
+        append = found.append
         for value in values:
-            part = part_of(value)
+            part = str(value) if type(value) is int else part_of(value)
             tag = tags[crc32(part.encode()) % buckets]
-            found.append((f"{tag}:{part}", tag))
+            append((f"{tag}:{part}", tag))
         return found
 
     def generation_keys(self) -> list[str]:

@@ -382,7 +382,12 @@ class ReadPath:
         identity_map = session.identity_map
         found: dict[Any, Any] = {}
         todo: list[tuple[Any, Any]] = []
-        for value in ids:
+        if not len(identity_map):  # a session that holds nothing yet: no lookup per id
+            todo = [(value, (identity_class, (value,), token)) for value in ids]
+            ids_held: list[Any] = []
+        else:
+            ids_held = ids
+        for value in ids_held:
             identity_key = (identity_class, (value,), token)
             existing = identity_map.get(identity_key)
             if existing is None:
@@ -414,7 +419,8 @@ class ReadPath:
             self._read_done(name, started, "miss" if missing else "hit", len(todo))
             if missing:
                 self._load_missing(orm_state, layout, mapper, keys, bind, tracker, missing, found)
-        rows = [found[value] for value in ids if value in found]
+        get = found.get
+        rows = [row for row in map(get, ids) if row is not None]
         return _sa_compat.make_result(rows, mapper.class_.__name__)
 
     def _build_many(
@@ -431,8 +437,11 @@ class ReadPath:
         """Instances of the usable entries, into ``found``; the others, to load (as
         ``(value, identity key, key, generation key)``)."""
         missing = []
-        by_variant: dict[Any, list[tuple[Any, dict[str, Any]]]] = {}
-        order: dict[Any, list[Any]] = {}
+        # the classes whose rows this load returns (a row of another class of the hierarchy:
+        # the ORM finds no row), and the rows by class, in order (one class, most often)
+        wanted = {v for v in layout.variants.values() if v.mapper.isa(requested)}
+        hits: list[tuple[Any, Any, Any, dict[str, Any]]] = []
+        classes: dict[Any, None] = {}  # in order of first appearance, as the rows
         decoded_rows = layout.decode_rows(entries, dialect, [value for value, _ in todo])
         for (value, identity_key), (key, gen_key), entry, decoded in zip(
             todo, pairs, entries, decoded_rows, strict=True
@@ -444,15 +453,15 @@ class ReadPath:
                 missing.append((value, identity_key, key, gen_key))
                 continue
             variant, values = decoded
-            if not variant.mapper.isa(requested):
-                continue  # another class of the hierarchy: the ORM finds no row
-            by_variant.setdefault(variant, []).append((identity_key, values))
-            order.setdefault(variant, []).append(value)
-        for variant, rows in by_variant.items():
+            if variant in wanted:
+                hits.append((variant, value, identity_key, values))
+                classes[variant] = None
+        for variant in classes:
+            rows = hits if len(classes) == 1 else [hit for hit in hits if hit[0] is variant]
             instances = _sa_compat.build_persistent_many(
-                session, variant.mapper, rows, variant.expired
+                session, variant.mapper, [(hit[2], hit[3]) for hit in rows], variant.expired
             )
-            found.update(zip(order[variant], instances, strict=True))
+            found.update(zip([hit[1] for hit in rows], instances, strict=True))
         return missing
 
     def _load_missing(

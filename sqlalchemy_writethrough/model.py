@@ -248,19 +248,48 @@ class _RowCodec:
         flushed = ["def flushed(d, ctx):"]
         for i, (attr, col_codec) in enumerate(zip(attrs, codecs, strict=True), 1):
             namespace[f"c{i}"] = col_codec
-            if col_codec.stored_type is not None and type(col_codec) is codec.ColumnCodec:
+            plain = type(col_codec) is codec.ColumnCodec
+            # a nullable codec's None needs no call: the other values go to its inner functions
+            exact, encode = col_codec.exact_not_null, col_codec.encode_not_null
+            if col_codec.stored_type is not None and plain:
                 namespace[f"t{i}"] = col_codec.stored_type
-                namespace[f"x{i}"] = col_codec.exact
                 decode.append(f"    v{i} = raw[{i}]")
                 decode.append(f"    if v{i} is not None and type(v{i}) is not t{i}:")
                 decode.append(f"        _wrong(t{i}, v{i})")
                 # exact() returns None, a value of the stored type, or NOT_EXACT: nothing
                 # left for encode() to do
+                if exact is not None:
+                    namespace[f"x{i}"] = exact
+                    flushed.append(f"    v{i} = d[{attr!r}]")
+                    flushed.append(f"    if v{i} is not None:")
+                    flushed.append(f"        v{i} = x{i}(v{i}, ctx)")
+                    flushed.append(f"        if v{i} is NOT_EXACT:")
+                    flushed.append("            return None")
+                    continue
+                namespace[f"x{i}"] = col_codec.exact
                 flushed.append(f"    v{i} = x{i}(d[{attr!r}], ctx)")
             else:
-                namespace[f"d{i}"] = col_codec.decode
+                if col_codec.not_null is not None and plain:
+                    namespace[f"d{i}"] = col_codec.not_null
+                    decode.append(f"    v{i} = raw[{i}]")
+                    decode.append(f"    if v{i} is not None:")
+                    decode.append(f"        v{i} = d{i}(v{i})")
+                else:
+                    namespace[f"d{i}"] = col_codec.decode
+                    decode.append(f"    v{i} = d{i}(raw[{i}])")
+                if plain and exact is not None and encode is not None:
+                    # ColumnCodec.flushed: encode(exact(value)), NOT_EXACT passed on
+                    namespace[f"x{i}"] = exact
+                    namespace[f"e{i}"] = encode
+                    flushed.append(f"    v{i} = d[{attr!r}]")
+                    flushed.append(f"    if v{i} is not None:")
+                    flushed.append(f"        v{i} = x{i}(v{i}, ctx)")
+                    flushed.append(f"        if v{i} is NOT_EXACT:")
+                    flushed.append("            return None")
+                    flushed.append(f"        if v{i} is not None:")
+                    flushed.append(f"            v{i} = e{i}(v{i})")
+                    continue
                 namespace[f"f{i}"] = col_codec.flushed
-                decode.append(f"    v{i} = d{i}(raw[{i}])")
                 flushed.append(f"    v{i} = f{i}(d[{attr!r}], ctx)")
             flushed.append(f"    if v{i} is NOT_EXACT:")
             flushed.append("        return None")
@@ -425,7 +454,12 @@ class ModelLayout:
     def pk_is_cacheable(self, pk: Iterable[Any]) -> bool:
         """Only values of the column's exact Python type map to one key (``"42"`` and ``42.0``
         would load row 42 from the database under another key)."""
-        return all(type(v) is t for v, t in zip(pk, self.pk_types, strict=False))
+        types = self.pk_types
+        if len(types) == 1:  # no generator for the common case (twice per flushed row)
+            for v in pk:
+                return type(v) is types[0]
+            return True
+        return all(type(v) is t for v, t in zip(pk, types, strict=False))
 
     def encode_loaded(self, state_dict: dict[str, Any], dialect: Dialect) -> bytes | None:
         return self.variants[self.mapper].encode_loaded(state_dict, dialect)
@@ -450,28 +484,28 @@ class ModelLayout:
         cannot be decoded or is not the row of its key (the caller looks at those again)."""
         by_tag = self.by_tag
         pk_attr = self.pk_attrs[0]
-        unpack = codec.unpack_row
+        unpack = codec.unpack_rows
         found: list[tuple[ClassLayout, dict[str, Any]] | None] = []
+        append = found.append
         last: ClassLayout | None = None
         decode: Any = None
-        for payload, pk in zip(payloads, pk_values, strict=True):
-            if payload is False:
-                found.append(None)
+        for raw, pk in zip(unpack(payloads), pk_values, strict=True):
+            if raw is None:
+                append(None)
                 continue
+            tag = raw[0]
+            variant = by_tag.get(tag) if type(tag) in (int, str) else None
+            if variant is None:
+                append(None)
+                continue
+            if variant is not last:
+                last, decode = variant, variant.row_codec(dialect).decode
             try:
-                raw = unpack(payload)
-                tag = raw[0]
-                variant = by_tag.get(tag) if type(tag) in (int, str) else None
-                if variant is None:
-                    found.append(None)
-                    continue
-                if variant is not last:
-                    last, decode = variant, variant.row_codec(dialect).decode
                 values = decode(raw)
             except (codec.DecodeError, ValueError):
-                found.append(None)
+                append(None)
                 continue
-            found.append((variant, values) if values[pk_attr] == pk else None)
+            append((variant, values) if values[pk_attr] == pk else None)
         return found
 
     def decode(self, payload: bytes | memoryview, dialect: Dialect) -> dict[str, Any]:

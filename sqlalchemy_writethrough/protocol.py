@@ -163,6 +163,23 @@ def current_payload(value: Any, gen: Any) -> memoryview | Literal[False]:
     return memoryview(value)[sep + 1 :]
 
 
+def current_payloads(values: Sequence[Any], gens: Sequence[Any]) -> list[Any]:
+    """:func:`current_payload` of each value against the generation at the same index, in one
+    loop (the batch read path); ``values`` may be longer (the generations MGET returned)."""
+    found: list[Any] = []
+    append = found.append
+    for value, gen in zip(values, gens, strict=False):
+        if type(value) is not bytes or type(gen) is not bytes or value[:1] != b"V":
+            append(False)
+            continue
+        sep = value.find(b":", 1)
+        if sep < 0 or value[1:sep] != gen:
+            append(False)
+            continue
+        append(memoryview(value)[sep + 1 :])
+    return found
+
+
 def payload_of(value: bytes) -> memoryview:
     """The row payload inside a VALUE entry ('V' <generation> ':' <payload>)."""
     return memoryview(value)[value.index(b":", 1) + 1 :]

@@ -202,3 +202,43 @@ def test_damaged_entries_in_a_batch_are_misses_and_the_rest_hits(
     after = cache.stats()
     assert after.decode_errors - before.decode_errors == 2
     assert after.hits - before.hits == 8
+
+
+def test_the_batch_loops_agree_with_the_single_entry_functions() -> None:
+    """``unpack_rows`` and ``current_payloads`` (one loop per batch) say what ``unpack_row``
+    and ``current_payload`` say of each entry, whatever it holds."""
+    import msgpack
+
+    from sqlalchemy_writethrough import codec, protocol
+
+    version = bytes([codec.FORMAT_VERSION])
+    payloads: list[Any] = [
+        codec.pack_row([0, 1, "x"]),
+        False,
+        b"",
+        version,
+        bytes([codec.FORMAT_VERSION + 1]) + msgpack.packb([0, 1]),
+        version + b"\xc1garbage",
+        version + msgpack.packb({"a": 1}),
+        version + msgpack.packb([]),
+        memoryview(b"??" + codec.pack_row([0, 2, None]))[2:],
+    ]
+    expected: list[Any] = []
+    for payload in payloads:
+        try:
+            expected.append(None if payload is False else codec.unpack_row(payload))
+        except codec.DecodeError:
+            expected.append(None)
+    assert codec.unpack_rows(payloads) == expected
+    assert expected[0] == [0, 1, "x"] and expected[-1] == [0, 2, None]
+
+    gen = b"t1.2"
+    values: list[Any] = [b"Vt1.2:abc", b"Vt1.3:abc", b"Et1.2:x", None, b"V", b"Vt1.2", "Vt1.2:s"]
+    gens: list[Any] = [gen, gen, gen, gen, gen, gen, gen]
+    gens[1] = None
+    single = [protocol.current_payload(v, g) for v, g in zip(values, gens, strict=True)]
+    batch = protocol.current_payloads([*values, b"trailing generation reply"], gens)
+    assert [bytes(p) if p is not False else p for p in batch] == [
+        bytes(p) if p is not False else p for p in single
+    ]
+    assert bytes(batch[0]) == b"abc"

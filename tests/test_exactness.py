@@ -644,3 +644,70 @@ def test_non_idempotent_type_decorator_fill(
     if state_of(cache, client, ExEscaped, pk) is None:
         return  # not cached at all is exact too
     assert_same_row(served_from_cache(factory, db, cache, ExEscaped, pk), fresh)
+
+
+def test_generated_row_functions_agree_with_the_column_codecs() -> None:
+    """The generated ``decode`` and ``flushed`` of a row (None checked inline for nullable
+    codecs) give what calling each column's codec gives, for None, ordinary values and values
+    a codec cannot predict, on every dialect."""
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+    from sqlalchemy_writethrough import codec
+    from sqlalchemy_writethrough.model import ClassLayout
+
+    layout = ClassLayout(inspect(ExRow), 0, frozenset(), ("id",), "ExRow")
+    full = {
+        "id": 1,
+        "n_int": 5,
+        "n_big": 2**40,
+        "s50": "abc",
+        "body": "text",
+        "flag": True,
+        "amount": Decimal("1.50"),
+        "ratio": 0.5,
+        "naive_at": datetime(2024, 1, 2, 3, 4, 5, 600),
+        "aware_at": datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        "day": date(2024, 1, 2),
+        "clock": time(3, 4, 5),
+        "email": "A@B.example",
+        "tags": ["a", "b"],
+        "utc_at": datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        "uid": uuid.UUID(int=7),
+        "color": Color.RED,
+        "level": 7,
+        "created_at": datetime(2024, 1, 2),
+    }
+    empty = {
+        key: (value if key in ("id", "level", "created_at") else None)
+        for key, value in full.items()
+    }
+    odd = dict(full, amount=Decimal("1.005"), ratio=math.nan, s50="x" * 60)
+    for dialect in (postgresql.dialect(), mysql.dialect(), sqlite.dialect()):
+        row_codec = layout.row_codec(dialect)
+        ctx = codec.FlushContext(dialect)
+        for values in (full, empty, odd):
+            expected: list[Any] | None = [0]
+            for attr, col_codec in zip(layout.attrs, row_codec.codecs, strict=True):
+                try:
+                    stored = col_codec.flushed(values[attr], ctx)
+                except codec.EncodeError:
+                    stored = codec.NOT_EXACT
+                if stored is codec.NOT_EXACT:
+                    expected = None
+                    break
+                expected.append(stored)
+            try:
+                generated = row_codec.flushed(values, ctx)
+            except codec.EncodeError:
+                generated = None
+            assert generated == expected, (dialect.name, values)
+            if expected is None:
+                continue
+            raw = codec.unpack_row(codec.pack_row(expected))
+            decoded = row_codec.decode(raw)
+            assert decoded == {
+                attr: col_codec.decode(raw[i])
+                for i, (attr, col_codec) in enumerate(
+                    zip(layout.attrs, row_codec.codecs, strict=True), 1
+                )
+            }

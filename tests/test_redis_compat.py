@@ -97,6 +97,32 @@ def test_call_many_returns_error_replies_as_values(
     assert replies[2] == b"x"
 
 
+def test_commands_are_packed_as_redis_py_packs_them(pooled: tuple[redis.Redis, Any]) -> None:
+    """:func:`compat.pack` writes the bytes redis-py's Python packer writes; it takes over
+    only where that packer is the connection's (``_command_packer``), so an upgrade that
+    renames either shows here."""
+    _, conn = pooled
+    from redis.connection import PythonRespSerializer
+
+    commands: list[tuple[Any, ...]] = [
+        ("MGET", "wt:{t:1}:42", "wt:{t:1}"),
+        ("EVALSHA", "ab" * 20, 2, "k\u00e9y", b"\x00\xffbinary", -7, "x" * 10_000),
+        ("SET", "a", 1.5),  # a float: redis-py's packer
+        ("CONFIG GET", "maxmemory"),  # a command name with a space: redis-py's packer
+    ]
+    packer = conn._command_packer
+    assert type(packer) is PythonRespSerializer or packer.__class__.__name__.startswith("Hiredis")
+    if type(packer) is not PythonRespSerializer:
+        pytest.skip("hiredis packs: compat.pack keeps redis-py's packer")
+    for command in commands:
+        assert b"".join(compat.pack(conn, command)) == b"".join(conn.pack_command(*command))
+    assert b"".join(compat.pack_many(conn, commands[:2])) == b"".join(
+        conn.pack_commands(commands[:2])
+    )
+    assert b"".join(compat.pack_many(conn, commands)) == b"".join(conn.pack_commands(commands))
+    assert len(compat.pack(conn, commands[0])) == 1  # one buffer: one sendall
+
+
 def test_send_now_read_later(pooled: tuple[redis.Redis, Any], prefix: str) -> None:
     _, conn = pooled
     compat.send(conn, ("INCRBY", f"{prefix}:c", 5))

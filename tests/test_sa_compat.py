@@ -103,6 +103,27 @@ def test_build_persistent_is_a_clean_identity_mapped_load(session: Session) -> N
         event.remove(Thing, "load", on_load)
 
 
+def test_build_persistent_many_inlines_new_instance() -> None:
+    """``build_persistent_many`` makes instances as ``ClassManager.new_instance`` does, with
+    its private ``_state_constructor`` and ``_state_setter``: an upgrade that renames them or
+    changes ``new_instance`` fails here."""
+    import inspect as pyinspect
+
+    from sqlalchemy.orm.instrumentation import ClassManager
+    from sqlalchemy.orm.state import InstanceState
+
+    manager = inspect(Thing).class_manager
+    assert type(manager).new_instance is ClassManager.new_instance
+    assert manager._state_constructor is InstanceState
+    source = pyinspect.getsource(ClassManager.new_instance)
+    assert "self._state_constructor(instance, self)" in source
+    assert "self._state_setter(instance, state)" in source
+    instance = Thing.__new__(Thing)
+    state = manager._state_constructor(instance, manager)
+    manager._state_setter(instance, state)
+    assert inspect(instance) is state and manager.dict_getter()(instance) is state.dict
+
+
 def test_build_persistent_many_is_the_same_load_for_each_row(session: Session) -> None:
     loads: list[object] = []
     persisted: list[object] = []
