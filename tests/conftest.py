@@ -20,6 +20,7 @@ Helpers to import from ``_servers``: ``reset_schema``, ``capture_sql``, ``counti
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -201,6 +202,29 @@ def cluster() -> Iterator[Any]:
     require_redis_server()
     with running_cluster() as group:
         yield group
+
+
+@pytest.fixture
+def server() -> Iterator[Any]:
+    """A throwaway redis-server of the test's own on a loopback port (to stop, freeze,
+    restart or configure), stopped afterwards."""
+    from stress.redis_server import RedisServer
+
+    from _sentinel import require_redis_server
+
+    require_redis_server()
+    with RedisServer() as started:
+        yield started
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A new event loop of the test's own, closed afterwards."""
+    new = asyncio.new_event_loop()
+    try:
+        yield new
+    finally:
+        new.close()
 
 
 # ------------------------------------------------------------------------- databases

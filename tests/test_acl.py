@@ -7,8 +7,6 @@ A throwaway ``redis-server`` (ACLs are per server; the shared one is left alone)
 from __future__ import annotations
 
 import logging
-import shutil
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import String
@@ -18,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 from stress.redis_server import RedisServer
 
-from _servers import capture_sql, in_ci, reset_schema
+from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite")
 
@@ -36,16 +34,6 @@ class AclItem(Base, CachedModel):
     __tablename__ = "acl_item"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(40))
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if in_ci():
-            pytest.fail("[CI] no redis-server binary on PATH", pytrace=False)
-        pytest.skip("no redis-server binary on PATH")
-    with RedisServer() as srv:
-        yield srv
 
 
 def _exercise(cache: WriteThroughCache, engine: Engine) -> list[int]:

@@ -12,7 +12,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -64,15 +63,6 @@ def prefix() -> str:
 def schema(engine: Engine) -> Engine:
     reset_schema(engine, Base.metadata)
     return engine
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    try:
-        yield loop
-    finally:
-        loop.close()
 
 
 def _client(cluster: ClusterGroup, timeout: float = 0.5) -> RedisCluster:

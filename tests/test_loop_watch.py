@@ -7,21 +7,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import pytest
 from _loop_watch import LoopWatch
 
 pytestmark = pytest.mark.databases("sqlite")
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    try:
-        yield loop
-    finally:
-        loop.close()
 
 
 def _watch(loop: asyncio.AbstractEventLoop, work: Callable[[], Awaitable[None]]) -> LoopWatch:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import shutil
 import threading
 import time
 import uuid
@@ -48,7 +47,7 @@ from sqlalchemy_writethrough.near import NearCache, channel_of
 from stress.redis_server import RedisServer
 
 from _cache_helpers import entry_key
-from _servers import capture_sql, in_ci, reset_schema
+from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite")
 
@@ -457,16 +456,6 @@ def test_a_forked_child_listens_on_its_own(db: Engine, caches: Any) -> None:
         process.join(10)
     assert process.exitcode == 0
     assert near_of(cache).serving()  # the parent's goes on
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if in_ci():
-            pytest.fail("[CI] no redis-server binary on PATH", pytrace=False)
-        pytest.skip("no redis-server binary on PATH")
-    with RedisServer() as srv:
-        yield srv
 
 
 def test_a_killed_or_stalled_subscription_serves_nothing_until_back(

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,24 +18,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from _servers import in_ci
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stress.__main__ import phases
 from stress.faults import ALL_FAULTS, FaultSchedule
 from stress.proxy import FaultyProxy
 from stress.redis_server import RedisServer
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if in_ci():
-            pytest.fail("[CI] no redis-server binary on PATH", pytrace=False)
-        pytest.skip("no redis-server binary on PATH")
-    with RedisServer() as s:
-        yield s
 
 
 def _run_id(server: RedisServer) -> str:
