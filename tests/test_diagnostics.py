@@ -290,7 +290,7 @@ def test_quickstart_shows_the_cache_serving_loads(tmp_path: Path, redis_url: str
     assert "2 load(s) served from Redis" in out
     assert "SQL   INSERT INTO product" in out  # the statements themselves, not a count
     assert "previous value(s) put back by the rollback" in out
-    assert "errors=0" in out
+    assert "5 hits, 0 misses, 3 rows written through, 1 restored, 0 Redis errors" in out
 
 
 def test_quickstart_says_what_happened_when_redis_does_not_answer(tmp_path: Path) -> None:
