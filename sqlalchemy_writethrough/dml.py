@@ -115,8 +115,10 @@ class StatementTracker:
         if dml and compiled is not None:
             self._compiled_dml(tracker, engine, naming, context, compiled)
         else:
-            for each in _with_and_without_schemas(engine, naming):
-                self._text(tracker, engine, each, statement)
+            layouts = self._text(tracker, statement)
+            if layouts:
+                for each in _with_and_without_schemas(engine, naming):
+                    self.write.lock_models(tracker, layouts, engine, each)
 
     # -- compiled DML --------------------------------------------------------------------
 
@@ -158,24 +160,20 @@ class StatementTracker:
 
     # -- raw SQL -------------------------------------------------------------------------
 
-    def _text(
-        self,
-        tracker: SessionTracker,
-        engine: Any,
-        naming: dict[str, Any] | None,
-        statement: str,
-    ) -> None:
+    def _text(self, tracker: SessionTracker, statement: str) -> list[ModelLayout]:
+        """The cached models raw SQL may change (read once, locked in each database it may
+        reach by the caller)."""
         text = _LEADING_NOISE.sub("", statement)
         match = _FIRST_WORD.match(text)
         word = match.group(0).lower() if match else ""
         if word in _READ_ONLY:
             if word == "select" and " into " not in text.lower():
-                return
+                return []
             if word != "select":
-                return
+                return []
         rt = self.runtime
         if word == "insert" and not _UPSERT.search(text) and not _REPLACE.search(text):
-            return  # a plain INSERT cannot change a row the cache holds
+            return []  # a plain INSERT cannot change a row the cache holds
         if word not in _NAMING:
             # a procedure call, a DO block...: nothing says which rows it changes, so every
             # cached model is invalidated; execution_options(writethrough_invalidates=[...])
@@ -186,8 +184,7 @@ class StatementTracker:
                 "model (name them with execution_options(writethrough_invalidates=[...]))",
                 word.upper(),
             )
-            self.write.lock_models(tracker, rt.models.cached_layouts(), engine, naming)
-            return
+            return rt.models.cached_layouts()
         layouts = self._named_layouts(text)
         whole = list(layouts)
         for layout in layouts:
@@ -198,8 +195,7 @@ class StatementTracker:
             for name in {m.group(0).lower() for m in pattern.finditer(text)}:
                 for deleted in (True, False):
                     whole += rt.models.cascades(parents[name], deleted=deleted, orm_handles=())
-        if whole:
-            self.write.lock_models(tracker, whole, engine, naming)
+        return whole
 
     def _named_layouts(self, text: str) -> list[ModelLayout]:
         by_name = self.runtime.models.layouts_by_table_name()
