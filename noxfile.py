@@ -118,8 +118,12 @@ def _pytest(session: nox.Session, pin: str, *args: str) -> None:
         "import sqlalchemy, redis; "
         "print('SQLAlchemy', sqlalchemy.__version__, '/ redis-py', redis.__version__)",
     )
-    # the slowest tests, in CI's log: where the next cut of CI time is
-    session.run("pytest", "--durations=25", *args, *session.posargs)
+    # Two workers, each taking whole modules (--dist loadfile: a module's Cluster, Sentinel
+    # group or throwaway servers are started once); the slowest tests, in CI's log: where the
+    # next cut of CI time is
+    session.run(
+        "pytest", "-n", "2", "--dist", "loadfile", "--durations=25", *args, *session.posargs
+    )  # fmt: skip
 
 
 @nox.session

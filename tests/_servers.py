@@ -521,7 +521,9 @@ COUNTED: dict[str, Any] = {"epoch_check_interval": 3600.0, "stats_interval": Non
 def counting_redis(url: str, **kwargs: Any) -> tuple[redis.Redis, RoundTripCounter]:
     """A Redis client whose pool counts round trips, and its counter.
 
-    ``kwargs`` go to ``redis.Redis.from_url`` (e.g. ``decode_responses=True``).
+    ``kwargs`` go to ``redis.Redis.from_url`` (e.g. ``decode_responses=True``). Give a
+    generous ``socket_timeout``: redis-py retries a command whose reply timed out, and a late
+    reply on a loaded machine (another suite on the same Redis) would count as two trips.
     Close the client when done (``client.close()`` also disconnects its pool).
     """
     scheme = url.split("://", 1)[0].lower()

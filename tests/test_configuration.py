@@ -976,7 +976,7 @@ def test_invalidate_whole_model_in_one_round_trip(
     """``cache.invalidate(Model, bind=engine)``: all 50 cached rows are misses at once (one
     Redis round trip, whatever the number of rows); reads refill them; other models keep their
     entries. Without ``bind`` (every database), one more round trip reads the registry."""
-    client, trips = counting_redis(redis_url, socket_timeout=1)
+    client, trips = counting_redis(redis_url, socket_timeout=10)
     cache = WriteThroughCache(client, prefix=prefix, **COUNTED)
     factory = sessionmaker(schema)
     install(cache, factory)

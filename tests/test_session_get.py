@@ -330,7 +330,7 @@ def test_a_miss_costs_the_round_trips_it_cost_before(
 ) -> None:
     """A miss reads the entry once, takes a lease, loads and fills: three round trips (the
     get path's own read of the entry is not repeated behind the statement)."""
-    counted, counter = counting_redis(redis_url, socket_timeout=1)
+    counted, counter = counting_redis(redis_url, socket_timeout=10)
     cache = WriteThroughCache(counted, prefix=prefix, **COUNTED)
     maker = sessionmaker(db)
     cache.install(maker)

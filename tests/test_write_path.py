@@ -456,7 +456,7 @@ def test_commit_costs_a_constant_number_of_redis_round_trips(
     """Committing 1, 10 or 100 inserted, updated or deleted rows costs the same two Redis round
     trips (lock at the commit's flush, publish after COMMIT); an explicit flush() then commit()
     costs the same constant for every size (within the budget of three: here two)."""
-    client, counter = counting_redis(redis_url, socket_timeout=1)
+    client, counter = counting_redis(redis_url, socket_timeout=10)
     try:
         cache = WriteThroughCache(client, prefix=prefix, **COUNTED)
         reset_schema(engine, Base.metadata)

@@ -765,7 +765,7 @@ def test_orm_flush_of_one_row_touches_only_that_row(
     """An ORM flush's own UPDATE is left to ``after_flush`` (not handled again as a statement):
     the commit costs exactly the flush's lock and the publish (2 Redis round trips), the changed
     row is published (served with no SQL, new value) and the other rows stay cached."""
-    client, counter = counting_redis(redis_url, socket_timeout=1)
+    client, counter = counting_redis(redis_url, socket_timeout=10)
     try:
         counting = WriteThroughCache(client, prefix=prefix, **COUNTED)
         factory = sessionmaker(engine)
@@ -1201,7 +1201,7 @@ def test_invalidate_model_is_constant_round_trips_and_immediate(
 ) -> None:
     """``cache.invalidate(M)`` costs the same small number of Redis round trips with 10 and
     with 1000 cached rows, and afterwards every previously cached row is a miss."""
-    client, counter = counting_redis(redis_url, socket_timeout=1)
+    client, counter = counting_redis(redis_url, socket_timeout=10)
     try:
         counting = WriteThroughCache(client, prefix=prefix, **COUNTED)
         factory = sessionmaker(engine)
