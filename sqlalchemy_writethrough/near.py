@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .config import NearCacheOptions
 from .diagnostics import explain
@@ -112,7 +114,10 @@ class ClusterSubscriptions(Subscriptions):
         host, port = nodes[self._turn % len(nodes)]
         self.close()
         self.node = (host, port)
-        self.client = redis.Redis(host=host, port=port, **self._options)
+        # no retry of its own: a node that fails is left for the next one at once
+        self.client = redis.Redis(
+            host=host, port=port, retry=Retry(NoBackoff(), 0), **self._options
+        )
         return self.client.pubsub()
 
     def current(self) -> bool:
