@@ -131,9 +131,10 @@ class WriteThroughCache:
         primary-key read costs no round trip; such a read may be up to the staleness bound
         behind another process's commit (never uncommitted, never behind this process's own
         commits): docs/consistency.md. Every model uses it unless its ``near_cache`` option
-        says False. Sync sessions over a ``redis.Redis`` client (standalone or Sentinel)
-        only; every process sharing the prefix should enable it, so that its writes tell
-        the others at once. Off by default.
+        says False. Sync and asyncio sessions, standalone, Sentinel or Cluster (its
+        subscriber is a thread, on a synchronous twin of a ``redis.asyncio`` client, on one
+        node of a Cluster); every process sharing the prefix should enable it, so that its
+        writes tell the others at once. Off by default.
     """
 
     def __init__(
