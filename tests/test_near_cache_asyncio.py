@@ -457,6 +457,8 @@ def test_an_asyncio_sentinel_client_keeps_it_correct_across_a_failover(
             finally:
                 await reader.aclose()
                 await client.aclose()
+                for asker in client.connection_pool.sentinel_manager.sentinels:
+                    await asker.aclose()
                 for cache in (writer, later):
                     if cache is not None:
                         cache.close()
