@@ -767,7 +767,9 @@ class WriteThroughCache:
         for publisher in self._publishers():
             publisher.close()
         if self._near is not None:
-            self._near.stop()
+            # told, not waited for (a join would block the loop up to a heartbeat): the
+            # thread ends at its next wake-up, closing the client it built
+            self._near.stop(0)
         sender = self._shared_stats
         if sender is not None:
             sender.stop()

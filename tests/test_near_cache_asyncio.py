@@ -495,3 +495,33 @@ def test_the_subscriber_is_one_thread_per_cache(
         await client.aclose()
 
     run(loop, scenario)
+
+
+def test_aclose_does_not_wait_for_the_subscriber_on_the_loop(
+    redis_url: str, prefix: str, loop: Any
+) -> None:
+    """``aclose()`` tells the subscriber thread to stop and returns: joining it would hold
+    the loop until the thread's next wake-up (up to a quarter of ``staleness``)."""
+
+    async def scenario() -> None:
+        client = async_client(redis_url)
+        cache = near_cache(client, prefix, near_cache=NearCacheOptions(staleness=4.0))
+        await serving(cache)
+        thread = near_of(cache)._thread
+        assert thread is not None
+        stop = asyncio.Event()
+        tick = asyncio.ensure_future(watch.tick(stop))
+        await asyncio.sleep(0.05)
+        watch.window = "aclose"
+        await cache.aclose()
+        await asyncio.sleep(0.05)
+        stop.set()
+        await tick
+        assert not near_of(cache).serving()
+        await await_until(lambda: not thread.is_alive(), "the thread's end")
+        assert near_of(cache).source.client is None  # it closed the twin it built
+        await client.aclose()
+
+    with LoopWatch(loop, blocked=0.05) as watch:
+        run(loop, scenario)
+    assert watch.blocks == [], "\n".join(watch.blocks)
