@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -104,7 +105,8 @@ class ClusterSubscriptions(Subscriptions):
         super().__init__(None)
         self._nodes = nodes
         self._options = options
-        self._turn = -1
+        #: a random first node, so that the processes' subscriptions spread over the nodes
+        self._turn = random.randrange(1 << 16)
         #: (host, port) of the node subscribed to, None before
         self.node: tuple[str, int] | None = None
 
