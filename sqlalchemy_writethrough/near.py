@@ -69,6 +69,10 @@ class Subscriptions:
         """A new ``PubSub``, on a connection of its own (made at its first command)."""
         return self.client.pubsub()
 
+    #: whether a subscription whose heartbeats stopped coming back within the bound is left
+    #: for another server (only where another server hears the same messages: a Cluster)
+    leave_when_late = False
+
     def current(self) -> bool:
         """Whether the server of the open subscription still hears every message."""
         return True
@@ -99,7 +103,10 @@ class TwinSubscriptions(Subscriptions):
 class ClusterSubscriptions(Subscriptions):
     """On Redis Cluster: a plain connection to one node (a ``PUBLISH`` on any node reaches
     every node's subscribers over the cluster bus), each subscription on the next node of
-    the client's slot map; the one open stays trusted while its node is in that map."""
+    the client's slot map; the one open stays trusted while its node is in that map, and is
+    left for another when its heartbeats stop coming back within the bound (a stalled node)."""
+
+    leave_when_late = True
 
     def __init__(self, nodes: Callable[[], list[tuple[str, int]]], options: dict[str, Any]) -> None:
         super().__init__(None)
@@ -357,11 +364,14 @@ class NearCache:
         try:
             pubsub.subscribe(self.channel)
             due = 0.0
+            began = monotonic()
             while not self._stop.is_set() and not self._renew.is_set():
                 now = monotonic()
                 if now >= due:
                     if not source.current():
                         return  # its node left the cluster: subscribe elsewhere, empty
+                    if source.leave_when_late and now - max(began, self._heard) > self.staleness:
+                        return  # a stalled node: another node hears the same messages
                     pubsub.ping(repr(now))
                     due = now + every
                 message = pubsub.get_message(timeout=max(0.0, due - now))

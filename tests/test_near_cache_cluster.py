@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, NearCacheOptions, WriteThroughCache
+from sqlalchemy_writethrough import _redis_compat as compat
 from sqlalchemy_writethrough.near import ClusterSubscriptions, NearCache
 from stress.cluster import ClusterGroup
 
@@ -216,6 +217,65 @@ def test_the_subscription_node_killed_serves_nothing_until_back_on_another(
         other.close()
         if killed is not None:
             cluster.restart(killed)
+
+
+def test_a_stalled_subscription_node_is_left_for_another(
+    cluster: ClusterGroup, schema: Engine, prefix: str
+) -> None:
+    """The subscribed node stops answering (SIGSTOP; a replica, so that nothing fails over):
+    the near cache stops serving within the bound, then subscribes on another node, empty,
+    and serves again while that node is still stopped."""
+    client, other = client_of(cluster), client_of(cluster)
+    reader, writer = cache_of(client, prefix), cache_of(other, prefix)
+    paused: int | None = None
+    try:
+        mine, theirs = installed(reader, schema), installed(writer, schema)
+        with theirs() as s:
+            s.add_all(NkItem(id=i, name="a") for i in ROWS)
+            s.commit()
+        near = near_of(reader)
+        source = near.source
+        assert isinstance(source, ClusterSubscriptions)
+        serving(reader)
+        primaries = set(cluster.primaries())
+        addresses: list[tuple[str, int]] = []
+
+        def replicas() -> list[int]:  # a new cluster lists its replicas once they synced
+            compat.cluster_refresh(client)
+            addresses[:] = compat.cluster_addresses(client)
+            return [i for i, (_, port) in enumerate(addresses) if port not in primaries]
+
+        wait_until(replicas, "a replica in the slot map")
+        replica = replicas()[0]
+        source._turn = replica - 1  # the next subscription: on that replica
+        near.renew()
+        wait_until(lambda: source.node == addresses[replica], "the subscription on a replica")
+        serving(reader)
+        keys = {entry_key(reader, NkItem, i, bind=schema) for i in ROWS}
+        wait_until(lambda: names(mine) == ["a"] * 30 and keys <= set(near._entries), "copies")
+        resets = near.resets
+        paused = addresses[replica][1]
+        cluster.pause(paused)
+        wait_until(lambda: not near.serving(), "the heartbeat to be late")
+        hits = near.hits
+        assert names(mine) == ["a"] * 30  # from Redis: the primaries answer
+        assert near.hits == hits
+        wait_until(lambda: near.resets > resets and near.serving(), "a subscription elsewhere")
+        assert source.node is not None and source.node[1] != paused
+        assert len(near) == 0
+        rename_all(theirs, "b")
+        wait_until(lambda: names(mine) == ["b"] * 30 and keys <= set(near._entries), "copies")
+        hits = near.hits
+        assert names(mine) == ["b"] * 30
+        assert near.hits == hits + 30  # from memory, with the old node still stopped
+    finally:
+        if paused is not None:
+            cluster.resume(paused)
+        reader.close()
+        writer.close()
+        client.close()
+        other.close()
+        cluster.wait_serving()
 
 
 def test_a_cluster_that_forgets_serves_nothing_older_than_the_bound(
