@@ -552,3 +552,116 @@ def async_cluster_like(client: Any) -> Any:
     return AsyncRedisCluster(
         host=kwargs.get("host", "localhost"), port=int(kwargs["port"]), **options
     )
+
+
+# -- the near cache's subscriber: a synchronous client of its own ---------------------------
+# The near cache listens in a thread (see near.py), on a synchronous connection. For a
+# ``redis.asyncio`` client, or a node of a Redis Cluster, it builds one from the options the
+# client's connections are built with (``connection_pool.connection_kwargs``; a cluster's
+# ``nodes_manager.connection_kwargs``; an asyncio Sentinel pool's ``sentinel_manager`` with its
+# ``sentinels``, ``sentinel_kwargs``, ``min_other_sentinels``, ``connection_kwargs`` and the
+# pool's ``service_name``). Only plain options are carried over: the asyncio ones (``retry``,
+# the maintenance-notification handlers, the connection class) have no sync meaning, and
+# ``decode_responses`` is left out (the subscriber reads bytes). Checked against 5.0 and 8.1.
+
+_PORTABLE = frozenset(
+    {
+        "host",
+        "port",
+        "db",
+        "path",
+        "username",
+        "password",
+        "credential_provider",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "client_name",
+        "protocol",
+        "lib_name",
+        "lib_version",
+    }
+)
+
+
+def sync_options(kwargs: dict[str, Any], *, ssl: bool = False) -> dict[str, Any]:
+    """The options of ``kwargs`` a synchronous connection takes the same way (and its TLS
+    ones, ``ssl_*``, when ``ssl``)."""
+    return {
+        k: v
+        for k, v in kwargs.items()
+        if v is not None and (k in _PORTABLE or (ssl and k.startswith("ssl_")))
+    }
+
+
+def sync_twin(client: Any) -> redis.Redis:
+    """A synchronous ``redis.Redis`` reaching the server a ``redis.asyncio.Redis`` reaches,
+    with its options: a Sentinel one follows the same service through the same sentinels."""
+    from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+    from redis.asyncio.connection import UnixDomainSocketConnection as AsyncUnixConnection
+    from redis.connection import ConnectionPool, SSLConnection, UnixDomainSocketConnection
+
+    pool = client.connection_pool
+    ssl = issubclass(pool.connection_class, AsyncSSLConnection)
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is not None:
+        from redis.sentinel import Sentinel
+
+        addresses = [
+            (
+                s.connection_pool.connection_kwargs["host"],
+                s.connection_pool.connection_kwargs["port"],
+            )
+            for s in manager.sentinels
+        ]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            addresses,
+            min_other_sentinels=manager.min_other_sentinels,
+            sentinel_kwargs=sync_options(manager.sentinel_kwargs or {}),
+            **sync_options(manager.connection_kwargs, ssl=ssl),
+        )
+        options = sync_options(pool.connection_kwargs, ssl=ssl)
+        options.pop("host", None)
+        options.pop("port", None)
+        if ssl:
+            options["ssl"] = True
+        twin: redis.Redis = sentinel.master_for(pool.service_name, **options)  # type: ignore[no-untyped-call]
+        return twin
+    if issubclass(pool.connection_class, AsyncUnixConnection):
+        connection_class: Any = UnixDomainSocketConnection
+    elif ssl:
+        connection_class = SSLConnection
+    else:
+        connection_class = redis.connection.Connection
+    options = sync_options(pool.connection_kwargs, ssl=ssl)
+    return redis.Redis(connection_pool=ConnectionPool(connection_class=connection_class, **options))
+
+
+def cluster_addresses(client: Any) -> list[tuple[str, int]]:
+    """(host, port) of every node a Redis Cluster client (sync or asyncio) knows, primaries
+    and replicas (its startup nodes before it read the slot map)."""
+    manager = client.nodes_manager
+    nodes = list(manager.nodes_cache.values()) or list(manager.startup_nodes.values())
+    return [(str(node.host), int(node.port)) for node in nodes]
+
+
+def cluster_node_options(client: Any) -> dict[str, Any]:
+    """What a plain ``redis.Redis`` at one of the cluster's nodes is built with: the nodes'
+    timeouts, credentials and TLS options."""
+    from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+    from redis.connection import SSLConnection
+
+    kwargs = dict(cluster_connection_kwargs(client))
+    connection_class = kwargs.get("connection_class")
+    ssl = bool(kwargs.get("ssl")) or (
+        isinstance(connection_class, type)
+        and issubclass(connection_class, (SSLConnection, AsyncSSLConnection))
+    )
+    options = sync_options(kwargs, ssl=ssl)
+    options.pop("host", None)
+    options.pop("port", None)
+    options.pop("db", None)
+    if ssl:
+        options["ssl"] = True
+    return options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import logging
 import os
 import threading
@@ -41,7 +42,7 @@ from .journal import Journal
 from .keys import KeySpace, keyspace_of, prefix_patterns, registry_key
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
-from .near import NearCache
+from .near import ClusterSubscriptions, NearCache, Subscriptions, TwinSubscriptions
 from .registry import Models
 from .report import CachedModels, describe
 from .runtime import Runtime, Settings
@@ -130,9 +131,10 @@ class WriteThroughCache:
         primary-key read costs no round trip; such a read may be up to the staleness bound
         behind another process's commit (never uncommitted, never behind this process's own
         commits): docs/consistency.md. Every model uses it unless its ``near_cache`` option
-        says False. Sync sessions over a ``redis.Redis`` client (standalone or Sentinel)
-        only; every process sharing the prefix should enable it, so that its writes tell
-        the others at once. Off by default.
+        says False. Sync and asyncio sessions, standalone, Sentinel or Cluster (its
+        subscriber is a thread, on a synchronous twin of a ``redis.asyncio`` client, on one
+        node of a Cluster); every process sharing the prefix should enable it, so that its
+        writes tell the others at once. Off by default.
     """
 
     def __init__(
@@ -275,18 +277,15 @@ class WriteThroughCache:
         self._runtime = primary.runtime
         self._read = primary.read
         self._write = primary.write
-        #: the near cache (``near_cache=``), serving the sync flavour's reads
+        #: the near cache (``near_cache=``), serving both flavours' reads
         self._near: NearCache | None = None
-        if (
-            self._near_options is not None
-            and self._sync is not None
-            and isinstance(sync_client, redis.Redis)
-        ):
-            self._near = NearCache(sync_client, prefix, self._near_options)
-            self._sync.runtime.near = self._near
+        if self._near_options is not None:
+            self._near = NearCache(_subscriptions(self.redis), prefix, self._near_options)
             for flavour in (self._sync, self._async):
-                if flavour is not None and isinstance(flavour.runtime.backend, ScriptBackend):
-                    self._tell_near(flavour.runtime.backend)
+                if flavour is not None:
+                    flavour.runtime.near = self._near
+                    if isinstance(flavour.runtime.backend, ScriptBackend):
+                        self._tell_near(flavour.runtime.backend)
             self._near.start()
             weakref.finalize(self, self._near.stop, 0)
         self._shared_stats: SharedStats | None = None
@@ -331,6 +330,7 @@ class WriteThroughCache:
         runtime = Runtime(
             self._models, backend, self._shared_counters, self._journal, self._settings
         )
+        runtime.near = getattr(self, "_near", None)  # an asyncio flavour made later too
         backend.on_recovery = runtime.journal_replayed
         backend.breaker.on_open = self._breaker_opened
         write = WritePath(runtime)
@@ -442,14 +442,13 @@ class WriteThroughCache:
             flavour.runtime.counters,
         )
         switched.on_recovery = flavour.runtime.journal_replayed
-        if flavour.runtime.near is not None:
-            # not supported on a Redis Cluster yet: stop serving from memory
-            flavour.runtime.near.stop()
-            flavour.runtime.near = None
-            self._near = None
         flavour.runtime.backend = switched
         if self.redis is client:
             self.redis = cluster
+            if self._near is not None:
+                # listen on a node of the cluster from now on (the node given hears every
+                # node's messages, but would not be left when it fails)
+                self._near.switch(_subscriptions(cluster))
         log.warning(
             "writethrough: Redis at %s is a Redis Cluster node: the cache uses the cluster "
             "through it (pass a redis.cluster.RedisCluster client%s to say so; "
@@ -530,7 +529,6 @@ class WriteThroughCache:
                 "install() takes a sessionmaker, scoped_session or Session subclass (or their "
                 "async twins), so that every session it makes is covered; not a single Session"
             )
-        self._check_near(target)
         if flavours.is_async_target(target):
             flavour = self._async_flavour()
             _check_loop(flavour.runtime.backend)
@@ -562,23 +560,6 @@ class WriteThroughCache:
             event.listen(listen_on, name, fn, **kw)
             self._installed.append((weakref.ref(listen_on), name, fn))
         self._targets.append(weakref.ref(target))
-
-    def _check_near(self, target: Any) -> None:
-        """The near cache serves sync sessions over a standalone or Sentinel client only."""
-        if self._near_options is None:
-            return
-        if flavours.is_async_target(target):
-            raise ConfigurationError(
-                "near_cache is not supported with asyncio sessions yet: build this cache "
-                "without near_cache for an async_sessionmaker or AsyncSession"
-            )
-        if isinstance(self.redis, RedisCluster) or _redis_compat.is_async_cluster_client(
-            self.redis
-        ):
-            raise ConfigurationError(
-                "near_cache is not supported on Redis Cluster yet: build this cache without "
-                "near_cache"
-            )
 
     def session_class(self, base: type[Session] = Session) -> type[Session]:
         """A subclass of ``base`` whose ``get()`` answers a plain primary-key get from this
@@ -786,7 +767,9 @@ class WriteThroughCache:
         for publisher in self._publishers():
             publisher.close()
         if self._near is not None:
-            self._near.stop()
+            # told, not waited for (a join would block the loop up to a heartbeat): the
+            # thread ends at its next wake-up, closing the client it built
+            self._near.stop(0)
         sender = self._shared_stats
         if sender is not None:
             sender.stop()
@@ -958,6 +941,20 @@ def _check_client(client: Any) -> None:
             "circuit breaker opens (use retry=Retry(NoBackoff(), 1))",
             retries,
         )
+
+
+def _subscriptions(client: Any) -> Subscriptions:
+    """Where the near cache's subscriber thread listens for ``client`` (see :mod:`.near`):
+    the client itself (a sync standalone or Sentinel one), a synchronous twin of a
+    ``redis.asyncio`` one, or one node of a Redis Cluster (either kind) at a time."""
+    if isinstance(client, RedisCluster) or _redis_compat.is_async_cluster_client(client):
+        return ClusterSubscriptions(
+            functools.partial(_redis_compat.cluster_addresses, client),
+            _redis_compat.cluster_node_options(client),
+        )
+    if _redis_compat.is_async_client(client):
+        return TwinSubscriptions(functools.partial(_redis_compat.sync_twin, client))
+    return Subscriptions(client)
 
 
 def _check_loop(backend: Any) -> None:

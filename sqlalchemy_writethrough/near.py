@@ -17,19 +17,31 @@ staleness bound (``NearCacheOptions.staleness``), never uncommitted. How that ho
   subscription not confirmed yet, lost, or lagging serves nothing, and each (re)subscription
   starts from an empty cache;
 * whatever happens, a copy expires ``staleness`` seconds after the read that took it began.
+
+Where it subscribes (a :class:`Subscriptions`): through the client itself for a
+``redis.Redis`` (standalone, or a Sentinel one, which follows the primary); through a
+synchronous twin of a ``redis.asyncio`` client, built from its options and owned by the
+subscriber thread (so the event loop never waits for it, whichever loop runs, and closing the
+asyncio client does not end it); on Redis Cluster, through a plain connection to one node,
+which hears every node's ``PUBLISH`` over the cluster bus: the heartbeat goes to that node, and
+when it fails or leaves the slot map the next subscription goes to another node, empty.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .config import NearCacheOptions
 from .diagnostics import explain
@@ -46,6 +58,86 @@ _NEVER = float("-inf")
 _MARKS = 10_000
 
 
+class Subscriptions:
+    """Where the subscriber subscribes: the ``pubsub()`` of a synchronous ``redis.Redis``
+    (standalone, or a Sentinel ``master_for()`` one)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def open(self) -> Any:
+        """A new ``PubSub``, on a connection of its own (made at its first command)."""
+        return self.client.pubsub()
+
+    #: whether a subscription whose heartbeats stopped coming back within the bound is left
+    #: for another server (only where another server hears the same messages: a Cluster)
+    leave_when_late = False
+
+    def current(self) -> bool:
+        """Whether the server of the open subscription still hears every message."""
+        return True
+
+    def close(self) -> None:
+        """Release what :meth:`open` built (not the client given: the caller's)."""
+
+
+class TwinSubscriptions(Subscriptions):
+    """For a ``redis.asyncio`` client: a synchronous client of the thread's own, built (at
+    the first subscription) from the asyncio client's options, closed with the near cache."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        super().__init__(None)
+        self._build = build
+
+    def open(self) -> Any:
+        if self.client is None:
+            self.client = self._build()
+        return self.client.pubsub()
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+
+
+class ClusterSubscriptions(Subscriptions):
+    """On Redis Cluster: a plain connection to one node (a ``PUBLISH`` on any node reaches
+    every node's subscribers over the cluster bus), each subscription on the next node of
+    the client's slot map; the one open stays trusted while its node is in that map, and is
+    left for another when its heartbeats stop coming back within the bound (a stalled node)."""
+
+    leave_when_late = True
+
+    def __init__(self, nodes: Callable[[], list[tuple[str, int]]], options: dict[str, Any]) -> None:
+        super().__init__(None)
+        self._nodes = nodes
+        self._options = options
+        #: a random first node, so that the processes' subscriptions spread over the nodes
+        self._turn = random.randrange(1 << 16)
+        #: (host, port) of the node subscribed to, None before
+        self.node: tuple[str, int] | None = None
+
+    def open(self) -> Any:
+        nodes = self._nodes()
+        self._turn += 1
+        host, port = nodes[self._turn % len(nodes)]
+        self.close()
+        self.node = (host, port)
+        # no retry of its own: a node that fails is left for the next one at once
+        self.client = redis.Redis(
+            host=host, port=port, retry=Retry(NoBackoff(), 0), **self._options
+        )
+        return self.client.pubsub()
+
+    def current(self) -> bool:
+        return self.node in self._nodes()
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+
+
 def channel_of(prefix: str) -> str:
     """The pub/sub channel of a prefix's near-cache invalidations."""
     return f"{prefix}:near"
@@ -54,8 +146,9 @@ def channel_of(prefix: str) -> str:
 class NearCache:
     """One cache's in-process entries and the subscription that keeps them correct."""
 
-    def __init__(self, client: Any, prefix: str, options: NearCacheOptions) -> None:
-        self.client = client
+    def __init__(self, source: Subscriptions, prefix: str, options: NearCacheOptions) -> None:
+        #: where it subscribes (replaced when a plain client turns out to reach a Cluster)
+        self.source = source
         self.channel = channel_of(prefix)
         self.max_entries = options.max_entries
         self.staleness = options.staleness
@@ -192,6 +285,12 @@ class NearCache:
         self._renew.set()
         self._down()
 
+    def switch(self, source: Subscriptions) -> None:
+        """Subscribe from now on through ``source`` (a plain client found to reach a Redis
+        Cluster node goes on through the cluster), starting empty."""
+        self.source = source
+        self.renew()
+
     def _down(self) -> None:
         """The subscription is lost (or not confirmed yet): serve nothing, keep nothing."""
         with self._lock:
@@ -216,6 +315,8 @@ class NearCache:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         self._down()
+        if thread is None or not thread.is_alive():
+            self.source.close()
 
     def _forked(self) -> None:
         """In a forked child: the parent's thread is gone, and a lock it held stays held.
@@ -251,18 +352,26 @@ class NearCache:
                 pause = min(pause * 2, 1.0)
             self._down()
             self._stop.wait(pause)
+        if self._thread is None:  # stopped (not restarted meanwhile): release its client
+            self.source.close()
 
     def _subscribed(self) -> None:
         """Subscribe, then handle messages and send heartbeats until stopped or failed."""
         every = self.staleness / 4
         self._renew.clear()  # a renew() from now on ends this subscription
-        pubsub = self.client.pubsub()
+        source = self.source
+        pubsub = source.open()
         try:
             pubsub.subscribe(self.channel)
             due = 0.0
+            began = monotonic()
             while not self._stop.is_set() and not self._renew.is_set():
                 now = monotonic()
                 if now >= due:
+                    if not source.current():
+                        return  # its node left the cluster: subscribe elsewhere, empty
+                    if source.leave_when_late and now - max(began, self._heard) > self.staleness:
+                        return  # a stalled node: another node hears the same messages
                     pubsub.ping(repr(now))
                     due = now + every
                 message = pubsub.get_message(timeout=max(0.0, due - now))
@@ -273,6 +382,8 @@ class NearCache:
                 pubsub.close()
             except Exception:  # a broken connection closes anyway
                 pass
+            if source is not self.source:  # replaced (see switch()): release its client
+                source.close()
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]

@@ -77,7 +77,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="stress: give every sync worker a near cache with this staleness bound; a read "
+        help="stress: give every worker a near cache with this staleness bound; a read "
         "from memory behind a completed commit by more than the bound fails the run",
     )
     p.add_argument(

@@ -275,7 +275,7 @@ class StressConfig:
     #: the cache's ``publish`` option in every worker: "sync", or "background" (the publish
     #: after COMMIT on the cache's background worker)
     publish: str = "sync"
-    #: the near cache's staleness bound (seconds) in every sync worker; None: no near cache
+    #: the near cache's staleness bound (seconds) in every worker; None: no near cache
     near_cache: float | None = None
 
 

@@ -663,9 +663,9 @@ class Worker:
 
 
 def near_options(config: dict[str, Any], flavour: str) -> NearCacheOptions | bool:
-    """``--near-cache``: the sync workers' near cache (asyncio sessions have none yet)."""
+    """``--near-cache``: every worker's near cache, sync and asyncio alike."""
     staleness = config.get("near_cache")
-    if staleness is None or flavour != "sync":
+    if staleness is None:
         return False
     return NearCacheOptions(staleness=staleness)
 

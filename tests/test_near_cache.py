@@ -10,7 +10,9 @@
 * copies expire after the bound; the size bound evicts;
 * loads that bypass the cache, and models that opt out, read as without it;
 * off by default: no PUBLISH, nothing in memory;
-* a Sentinel client across a failover; asyncio sessions and Redis Cluster refused.
+* a Sentinel client across a failover; a plain client that reaches a Cluster node goes on
+  through the cluster with it (asyncio: test_near_cache_asyncio.py; Cluster:
+  test_near_cache_cluster.py).
 
 The tests that need a message to arrive wait for it (the subscriber is a thread); none asserts
 a duration.
@@ -32,7 +34,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import String, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import (
@@ -701,28 +702,6 @@ def test_options_are_checked(db: Engine, clients: Any, prefix: str) -> None:
         off.register(NcPlain, near_cache=True)
 
 
-def test_asyncio_sessions_are_refused(clients: Any, prefix: str, redis_url: str) -> None:
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None, near_cache=True)
-    try:
-        with pytest.raises(ConfigurationError, match="asyncio"):
-            cache.install(async_sessionmaker())
-    finally:
-        cache.close()
-
-
-def test_redis_cluster_is_refused(cluster: Any, prefix: str) -> None:
-    from redis.cluster import RedisCluster
-
-    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0], socket_timeout=1)
-    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None, near_cache=True)
-    try:
-        with pytest.raises(ConfigurationError, match="Cluster"):
-            cache.install(sessionmaker())
-    finally:
-        cache.close()
-        client.close()
-
-
 def test_a_sentinel_client_keeps_it_correct_across_a_failover(db: Engine) -> None:
     """A ``master_for()`` client is a plain ``redis.Redis``: its near cache hears another
     process's commits before and after a ``SENTINEL FAILOVER``, and serves again after it."""
@@ -775,23 +754,33 @@ def test_a_sentinel_client_keeps_it_correct_across_a_failover(db: Engine) -> Non
                     cache.redis.close()
 
 
-def test_a_plain_client_that_reaches_a_cluster_node_stops_using_it(
+def test_a_plain_client_that_reaches_a_cluster_node_keeps_it_through_the_cluster(
     cluster: Any, db: Engine, prefix: str
 ) -> None:
-    """Not supported on a Redis Cluster yet: a URL at a node, found to be one at the first
-    refusal only a Cluster node gives, goes on through the cluster without a near cache."""
+    """A URL at a node, found to be one at the first refusal only a Cluster node gives, goes
+    on through the cluster: its near cache then subscribes on one node of the cluster at a
+    time (see test_near_cache_cluster.py) and serves again once that is confirmed."""
     from sqlalchemy_writethrough.cluster import ClusterBackend
+    from sqlalchemy_writethrough.near import ClusterSubscriptions
 
-    cache = WriteThroughCache(cluster.url, prefix=prefix, stats_interval=None, near_cache=True)
+    cache = WriteThroughCache(
+        cluster.url,
+        prefix=prefix,
+        stats_interval=None,
+        near_cache=NearCacheOptions(staleness=BOUND),
+    )
     try:
         factory = installed(db, cache)
         seed(factory, *[NcItem(id=i, name=f"n{i}") for i in range(1, 31)])
         for _ in range(2):
             assert [name_of(factory, pk=i) for i in range(1, 31)] == [f"n{i}" for i in range(1, 31)]
         assert isinstance(cache._backend, ClusterBackend)
-        assert cache._near is None
-        assert cache._sync is not None and cache._sync.runtime.near is None
-        with pytest.raises(ConfigurationError, match="Cluster"):
-            cache.install(sessionmaker(db))
+        near = near_of(cache)
+        assert cache._sync is not None and cache._sync.runtime.near is near
+        wait_until(lambda: isinstance(near.source, ClusterSubscriptions), "the switch")
+        serving(cache)
+        for _ in range(2):
+            assert [name_of(factory, pk=i) for i in range(1, 31)] == [f"n{i}" for i in range(1, 31)]
+        assert near.hits >= 30
     finally:
         cache.close()

@@ -395,3 +395,87 @@ def test_an_asyncio_cluster_connection_closed_while_in_use_is_a_connection_error
 
     got, _ = asyncio.run(scenario())
     assert isinstance(got, (list, RedisConnectionError)), repr(got)
+
+
+# -- the near cache's subscriber clients ------------------------------------------------
+
+
+def test_a_sync_twin_of_an_asyncio_client_reaches_the_same_server_with_its_options(
+    redis_url: str,
+) -> None:
+    """``connection_pool.connection_kwargs`` and ``connection_class`` of a redis.asyncio
+    client: the twin keeps host, port, db, timeouts and credentials, reads bytes, and drops
+    the asyncio-only options."""
+    import redis.asyncio
+
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    client = redis.asyncio.Redis.from_url(
+        url, socket_timeout=1.25, client_name="twin-test", decode_responses=True
+    )
+    twin = compat.sync_twin(client)
+    try:
+        kwargs = twin.connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == 1.25 and kwargs["db"] == 3
+        assert kwargs["client_name"] == "twin-test"
+        assert "retry" not in kwargs and "decode_responses" not in kwargs
+        assert twin.connection_pool.connection_class is redis.connection.Connection
+        twin.set("compat-twin", "v")
+        assert twin.get("compat-twin") == b"v"
+        assert twin.client_getname() == "twin-test"
+        twin.delete("compat-twin")
+    finally:
+        twin.close()
+
+
+def test_a_sync_twin_of_an_asyncio_sentinel_client_follows_the_same_service() -> None:
+    """``sentinel_manager`` (``sentinels``, ``sentinel_kwargs``, ``min_other_sentinels``,
+    ``connection_kwargs``) and ``service_name`` of an asyncio Sentinel pool."""
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    require_redis_server()
+    with SentinelGroup(replicas=0, sentinels=1) as group:
+        sentinel = AsyncSentinel(group.addresses, sentinel_kwargs={"socket_timeout": 0.7})
+        client = sentinel.master_for(SERVICE, socket_timeout=0.5)
+        twin = compat.sync_twin(client)
+        try:
+            assert compat.sentinel_kwargs(twin) == {"socket_timeout": 0.7}
+            assert twin.connection_pool.service_name == SERVICE
+            assert twin.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+            conn = compat.checkout_of(twin.connection_pool)()
+            try:
+                compat.connect(conn)
+                assert compat.sentinel_primary(conn) == ("127.0.0.1", group.servers[0].port)
+            finally:
+                compat.release(twin.connection_pool, conn)
+        finally:
+            twin.close()
+
+
+def test_a_cluster_nodes_addresses_and_options(one_node_cluster: Any) -> None:
+    """``nodes_manager.nodes_cache`` / ``startup_nodes`` and the nodes' connection kwargs,
+    of both cluster clients."""
+    import asyncio
+
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    group, client = one_node_cluster
+    address = ("127.0.0.1", group.ports[0])
+    assert compat.cluster_addresses(client) == [address]
+    options = compat.cluster_node_options(client)
+    assert options["socket_timeout"] == 2 and "host" not in options and "retry" not in options
+    node = redis.Redis(host=address[0], port=address[1], **options)
+    try:
+        assert node.ping()
+    finally:
+        node.close()
+    aclient = AsyncRedisCluster(host="127.0.0.1", port=group.ports[0], socket_timeout=1.5)
+    assert compat.cluster_addresses(aclient) == [address]  # startup nodes, before reading
+    options = compat.cluster_node_options(aclient)
+    assert options["socket_timeout"] == 1.5 and "connection_class" not in options
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(compat.async_cluster_initialize(aclient))
+        assert compat.cluster_addresses(aclient) == [address]
+        loop.run_until_complete(aclient.aclose())
+    finally:
+        loop.close()

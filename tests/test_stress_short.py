@@ -119,10 +119,9 @@ def test_short_background_publish_run_finds_no_violation(
 def test_short_near_cache_run_finds_no_violation(
     redis_server_binary: str, postgresql_url: str
 ) -> None:
-    """``near_cache`` (1 s bound) in the three sync workers, under every fault; the two asyncio
-    workers have none, so their commits send no message and the others' copies of their rows
-    live to their expiry: no read from memory may be further behind a completed commit than
-    the bound, and zero stale, uncommitted or divergent."""
+    """``near_cache`` (1 s bound) in every worker, the two asyncio ones included, under every
+    fault: no read from memory may be further behind a completed commit than the bound, and
+    zero stale, uncommitted or divergent."""
     result = run_stress(
         StressConfig(
             db_url=postgresql_url,
