@@ -72,7 +72,7 @@ class Runtime:
 
     def peek(
         self, layout: ModelLayout, key: str, gen_key: str
-    ) -> memoryview | Literal[False] | None:
+    ) -> memoryview | bytes | Literal[False] | None:
         """An entry's payload when it is a VALUE of the current generation (False when not,
         None when Redis failed): from the near cache for a model that uses it, else from
         Redis (:meth:`Backend.peek`)."""
