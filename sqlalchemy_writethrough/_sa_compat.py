@@ -168,6 +168,17 @@ def build_persistent_many(
     return instances
 
 
+def info_if_made(session: Session) -> dict[Any, Any] | None:
+    """``session.info`` if it was made, else None (then it is empty).
+
+    ``Session.info`` is a memoized property (2.0 and 2.1): its first read makes the dict and
+    keeps it in the instance's ``__dict__``. A read that only looks for a key in it need not
+    make one per session (a cached get in a new session).
+    """
+    info: dict[Any, Any] | None = session.__dict__.get("info")
+    return info
+
+
 def session_is_clean(session: Session) -> bool:
     """True when commit() will not flush: nothing new, deleted or modified.
 
