@@ -137,7 +137,8 @@ def test_an_mget_reply_is_read_as_redis_py_reads_it(
     conn = compat.checkout_of(client.connection_pool)()
     try:
         conn.connect()
-        if not decode:  # what read_values stands on (hiredis: redis-py parses in C)
+        if not decode and "Hiredis" not in type(conn._parser).__name__:
+            # what read_values stands on (with hiredis, redis-py parses in C: it keeps it)
             import io
 
             assert type(conn._parser) in compat._PYTHON_PARSERS
