@@ -21,8 +21,6 @@ from typing import Any
 import redis
 import redis.asyncio
 from redis import BlockingConnectionPool
-from redis._parsers import _RESP2Parser, _RESP3Parser
-from redis._parsers.socket import SocketBuffer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -30,8 +28,15 @@ REDIS_VERSION = tuple(int(p) for p in redis.__version__.split(".")[:2] if p.isdi
 #: redis-py's Python command packer (see :func:`pack`)
 _PYTHON_PACKER: Any = getattr(redis.connection, "PythonRespSerializer", None)
 #: redis-py's pure-Python reply parsers and their socket buffer (see :func:`read_values`)
-_PYTHON_PARSERS: tuple[Any, ...] = (_RESP2Parser, _RESP3Parser)
-_SOCKET_BUFFER: Any = SocketBuffer
+try:
+    from redis._parsers import _RESP2Parser, _RESP3Parser
+    from redis._parsers.socket import SocketBuffer
+
+    _PYTHON_PARSERS: tuple[Any, ...] = (_RESP2Parser, _RESP3Parser)
+    _SOCKET_BUFFER: Any = SocketBuffer
+except ImportError:  # pragma: no cover - moved: redis-py's own parser reads every reply
+    _PYTHON_PARSERS = ()
+    _SOCKET_BUFFER = None
 #: the one ``read_response`` :func:`read_values` stands in for (Connection, SSLConnection,
 #: UnixDomainSocketConnection; not a Sentinel-managed or client-side-caching connection's)
 _PLAIN_READ_RESPONSE: Any = getattr(
