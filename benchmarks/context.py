@@ -124,6 +124,9 @@ class Env:
     baseline_name: str = ""
     #: the baseline version's package: its own ``from_cache()`` (ours is not its option class)
     baseline_module: Any = None
+    #: the baseline version's ``near_cache=True`` cache and sessionmaker (when it has one)
+    baseline_near_cache: Any = None
+    baseline_near_cached: sessionmaker[Any] | None = None
     floor_keys: dict[int, str] = field(default_factory=dict)
     #: the bytes of those entries (the commit floor sends copies of them)
     floor_entries: dict[int, bytes] = field(default_factory=dict)
@@ -148,6 +151,8 @@ class Env:
     def close(self) -> None:
         if self.baseline_cache is not None and self.baseline_cached is not None:
             self.baseline_cache.uninstall(self.baseline_cached)
+        if self.baseline_near_cache is not None:
+            self.baseline_near_cache.close()
         self.background_cache.close()  # its pending publishes first
         if self.near_cache is not None:
             self.near_cache.close()
@@ -215,6 +220,8 @@ def build_env(settings: Settings) -> Env:
 
     baseline_cache: Any = None
     baseline_cached: sessionmaker[Any] | None = None
+    baseline_near_cache: Any = None
+    baseline_near_cached: sessionmaker[Any] | None = None
     baseline_name = ""
     module: Any = None
     if settings.baseline is not None:
@@ -228,6 +235,21 @@ def build_env(settings: Settings) -> Env:
         baseline_cache.register_all(Base)  # its mixin is not ours: name the models
         baseline_cached = sessionmaker(engine)
         baseline_cache.install(baseline_cached)
+        try:  # a version with a near cache: one on the baseline's prefix, for its get.near row
+            baseline_near_cache = module.WriteThroughCache(
+                settings.redis_url,
+                prefix=f"{prefix}-baseline",
+                stats_interval=None,
+                near_cache=True,
+                socket_timeout=REDIS_SOCKET_TIMEOUT,
+                socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+            )
+        except TypeError:
+            baseline_near_cache = None
+        if baseline_near_cache is not None:
+            baseline_near_cache.register_all(Base)
+            baseline_near_cached = sessionmaker(engine)
+            baseline_near_cache.install(baseline_near_cached)
 
     rng = random.Random(settings.seed)
     rows = settings.rows
@@ -265,4 +287,6 @@ def build_env(settings: Settings) -> Env:
         baseline_cached=baseline_cached,
         baseline_name=baseline_name,
         baseline_module=module,
+        baseline_near_cache=baseline_near_cache,
+        baseline_near_cached=baseline_near_cached,
     )

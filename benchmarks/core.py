@@ -251,6 +251,14 @@ def pk_variants(env: Env) -> list[Variant]:
     if env.baseline_cached is not None:
         get_baseline = timed_read(env.baseline_cached, env.read_pk, _get_one)
         extra.append(baseline_variant(env, "get.baseline", "session.get", get_baseline))
+    if env.baseline_near_cached is not None:
+        hot = env.read_pks[:NEAR_HOT_ROWS]
+        near_baseline = timed_read(env.baseline_near_cached, lambda i: hot[i % len(hot)], _get_one)
+        extra.append(
+            baseline_variant(
+                env, "get.near.baseline", "session.get, near_cache=True", near_baseline
+            )
+        )
     return [
         *extra,
         floor_variant(env),

@@ -255,6 +255,16 @@ def compute_ratios(results: Results) -> list[Ratio]:
             note="no peer row measured",
         )
 
+    if results.variant("get.near") is not None:
+        add(
+            "near-cache hit (near_cache=True) / floor",
+            _median(results, "get.near"),
+            _median(results, "floor"),
+            "<= 0.3x",
+            lambda v: v <= 0.3,
+            note="a session.get answered from process memory, against one Redis GET + unpack",
+        )
+
     batch_cached = results.variant("batch.cached")
     note = ""
     if batch_cached is not None and _went_to_db(batch_cached):
@@ -363,6 +373,8 @@ def compute_ratios(results: Results) -> list[Ratio]:
             if variant.who != "baseline":
                 continue
             ours_key = variant.key.replace(".baseline", ".cached")
+            if results.variant(ours_key) is None:  # get.near.baseline beside get.near
+                ours_key = variant.key.removesuffix(".baseline")
             add(
                 f"ours / baseline: {results.variant(ours_key).label if results.variant(ours_key) else ours_key}",
                 _median(results, ours_key),

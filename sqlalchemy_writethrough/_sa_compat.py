@@ -92,7 +92,28 @@ def build_persistent(
     ``loaded_as_persistent`` events fire as for a database load (``load`` receives no
     QueryContext: there was no query).
     """
-    return build_persistent_many(session, mapper, [(identity_key, values)], expired)[0]
+    manager = mapper.class_manager
+    if type(manager).new_instance is not ClassManager.new_instance:  # pragma: no cover
+        return build_persistent_many(session, mapper, [(identity_key, values)], expired)[0]
+    # build_persistent_many's loop for one row, without its per-batch set-up (a cached get)
+    cls: Any = manager.class_
+    instance = cls.__new__(cls)
+    state = manager._state_constructor(instance, manager)
+    manager._state_setter(instance, state)
+    manager.dict_getter()(instance).update(values)
+    state.key = identity_key
+    state.identity_token = identity_key[2]
+    state.session_id = session.hash_key
+    session.identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined,unused-ignore]
+    if expired:
+        state.expired_attributes.update(expired)
+    load = manager.dispatch.load
+    if load:
+        load(state, None)
+    loaded_as_persistent = session.dispatch.loaded_as_persistent
+    if loaded_as_persistent:
+        loaded_as_persistent(session, state)
+    return instance
 
 
 def build_persistent_many(
@@ -145,6 +166,17 @@ def build_persistent_many(
             loaded_as_persistent(session, state)
         instances.append(instance)
     return instances
+
+
+def info_if_made(session: Session) -> dict[Any, Any] | None:
+    """``session.info`` if it was made, else None (then it is empty).
+
+    ``Session.info`` is a memoized property (2.0 and 2.1): its first read makes the dict and
+    keeps it in the instance's ``__dict__``. A read that only looks for a key in it need not
+    make one per session (a cached get in a new session).
+    """
+    info: dict[Any, Any] | None = session.__dict__.get("info")
+    return info
 
 
 def session_is_clean(session: Session) -> bool:

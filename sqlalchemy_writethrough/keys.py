@@ -57,11 +57,15 @@ def prefix_patterns(prefix: str) -> list[str]:
     return [f"{escaped}:{{*", _glob_escape(registry_key(prefix)), epoch, f"{epoch}:{{*"]
 
 
+#: int primary keys whose pairs a keyspace keeps (about 200 bytes each), then forgets at once
+_PAIRS = 4096
+
+
 class KeySpace:
     """The keys of one model's rows in one database, under one cache prefix (``digest`` is
     the schema digest and the database's, ``<schema>:<database>``)."""
 
-    __slots__ = ("_buckets", "_tags", "pattern", "registered", "registry_field")
+    __slots__ = ("_buckets", "_pairs", "_tags", "pattern", "registered", "registry_field")
 
     def __init__(self, prefix: str, table: str, digest: str, buckets: int) -> None:
         self._buckets = buckets
@@ -72,12 +76,19 @@ class KeySpace:
         self.pattern = f"{prefix}:{{{name}:{digest}:*}}:*"
         #: when this process next records the keyspace in the registry (time.monotonic())
         self.registered = 0.0
+        #: the pairs of the int primary keys read lately (at most _PAIRS, then forgotten)
+        self._pairs: dict[int, tuple[str, str]] = {}
 
     def pair(self, pk: Sequence[Any]) -> tuple[str, str]:
         """(entity key, generation key) of one primary key."""
         if len(pk) == 1:
             value = pk[0]
-            part = str(value) if type(value) is int else encode_pk_part(value)
+            if type(value) is int:  # only ints: True == 1, and must not share its key
+                found = self._pairs.get(value)
+                if found is not None:
+                    return found
+                return self._int_pair(value)
+            part = encode_pk_part(value)
         else:
             part = ":".join([encode_pk_part(v) for v in pk])
         tag = self._tags[zlib.crc32(part.encode()) % self._buckets]
@@ -86,13 +97,30 @@ class KeySpace:
     def pairs_of(self, values: Sequence[Any]) -> list[tuple[str, str]]:
         """:meth:`pair` of many single-column primary keys (the batch read path)."""
         tags, buckets, crc32, part_of = self._tags, self._buckets, zlib.crc32, encode_pk_part
+        known = self._pairs.get
         found: list[tuple[str, str]] = []
         append = found.append
         for value in values:
-            part = str(value) if type(value) is int else part_of(value)
+            if type(value) is int:
+                pair = known(value)
+                append(self._int_pair(value) if pair is None else pair)
+                continue
+            part = part_of(value)
             tag = tags[crc32(part.encode()) % buckets]
             append((f"{tag}:{part}", tag))
         return found
+
+    def _int_pair(self, value: int) -> tuple[str, str]:
+        """:meth:`pair` of an int primary key, kept for the next reads of it: rows read once
+        are often read again, and the key costs a string, its bytes and a CRC."""
+        part = str(value)
+        tag = self._tags[zlib.crc32(part.encode()) % self._buckets]
+        pair = (f"{tag}:{part}", tag)
+        pairs = self._pairs
+        if len(pairs) >= _PAIRS:
+            pairs.clear()
+        pairs[value] = pair
+        return pair
 
     def generation_keys(self) -> list[str]:
         return list(self._tags)

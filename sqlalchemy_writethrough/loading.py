@@ -10,7 +10,10 @@ fills the entry, but only over its own lease and only from a read that cannot pr
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import logging
+import uuid
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +26,7 @@ from sqlalchemy.orm.attributes import instance_state
 from . import _sa_compat
 from .codec import DecodeError
 from .databases import NAMING, DatabaseUnknown, naming_of, own_naming
+from .near import Copy
 from .options import FromCache
 from .protocol import Fetch, payload_of
 from .tracing import record_span
@@ -47,6 +51,25 @@ _NO_ROW: Any = object()
 PEEKED = "_wt_peeked"
 
 _PLAIN_GET_BIND = Session.get_bind
+
+#: the types of decoded values that no caller can change in place: a near-cache copy whose
+#: values are all of these keeps them for its next hits (see ``ReadPath._decoded``)
+_IMMUTABLE = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        str,
+        bytes,
+        decimal.Decimal,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        uuid.UUID,
+    }
+)
 
 #: isolation levels under which every statement reads the latest committed rows
 _FRESH_LEVELS = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
@@ -339,7 +362,7 @@ class ReadPath:
         layout: ModelLayout,
         identity_key: Any,
         pk: list[Any],
-        payload: memoryview,
+        payload: memoryview | bytes,
         key: str,
         gen_key: str,
         mapper: Any,
@@ -531,7 +554,7 @@ class ReadPath:
         layout: ModelLayout,
         identity_key: Any,
         pk: list[Any],
-        payload: memoryview,
+        payload: memoryview | bytes,
         dialect: Any,
         key: str,
         gen_key: str,
@@ -550,7 +573,7 @@ class ReadPath:
     def _decoded(
         self,
         layout: ModelLayout,
-        payload: memoryview,
+        payload: memoryview | bytes,
         dialect: Any,
         pk: list[Any],
         key: str,
@@ -558,7 +581,15 @@ class ReadPath:
     ) -> tuple[Any, dict[str, Any]] | None:
         """(class layout, attribute values) of an entry; None when it is not a row of its key
         (undecodable, or holding another primary key): then it is removed, and served as a
-        miss."""
+        miss. The values are the caller's to read, not to change: a near-cache copy whose
+        values are all immutable keeps them for its next hits (a mutable value, a JSON
+        document say, is decoded again for each)."""
+        near_copy = type(payload) is Copy
+        if near_copy:
+            memo = payload.decoded  # type: ignore[union-attr]
+            if memo is not None and memo[0] is dialect and memo[1] is layout and memo[2] == pk:
+                decoded: tuple[Any, dict[str, Any]] = memo[3]
+                return decoded
         try:
             variant, values = layout.decode_row(payload, dialect)
             if [values[a] for a in layout.pk_attrs] != pk:
@@ -568,6 +599,8 @@ class ReadPath:
             log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
             self.runtime.backend.invalidate((key, gen_key))
             return None
+        if near_copy and all(type(v) in _IMMUTABLE for v in values.values()):
+            payload.decoded = (dialect, layout, list(pk), (variant, values))  # type: ignore[union-attr]
         return variant, values
 
     def _payload(

@@ -138,6 +138,16 @@ class ClusterSubscriptions(Subscriptions):
             client.close()
 
 
+class Copy(bytes):
+    """An entry's payload as the near cache keeps it: bytes of its own (not a view of the
+    reply it came in), and ``decoded``, where the read path keeps what it decoded from it
+    (see ``ReadPath._decoded``): a copy never changes, so neither does its decoding. A copy
+    that is invalidated is dropped with its decoding."""
+
+    #: (dialect, layout, primary key, (class layout, values)) once decoded, else None
+    decoded: Any = None
+
+
 def channel_of(prefix: str) -> str:
     """The pub/sub channel of a prefix's near-cache invalidations."""
     return f"{prefix}:near"
@@ -153,7 +163,7 @@ class NearCache:
         self.max_entries = options.max_entries
         self.staleness = options.staleness
         #: key -> (payload, generation key, monotonic time after which it is not served)
-        self._entries: dict[str, tuple[memoryview, str, float]] = {}
+        self._entries: dict[str, tuple[Copy, str, float]] = {}
         self._lock = threading.Lock()
         #: bumped by every invalidation processed; a read takes it before asking Redis, and
         #: stores only if its key (its bucket, everything) was not invalidated since
@@ -181,7 +191,7 @@ class NearCache:
         """Whether the subscription is confirmed and its last heartbeat is within the bound."""
         return monotonic() - self._heard <= self.staleness
 
-    def get(self, key: str) -> memoryview | None:
+    def get(self, key: str) -> Copy | None:
         """The payload of a fresh copy, when the subscription is healthy; else None."""
         entry = self._entries.get(key)
         if entry is None:
@@ -197,7 +207,7 @@ class NearCache:
 
     def read_through(
         self, backend: Backend, key: str, gen_key: str
-    ) -> memoryview | Literal[False] | None:
+    ) -> memoryview | Copy | Literal[False] | None:
         """:meth:`Backend.peek`, whose VALUE is kept for the next reads (when the
         subscription is healthy and nothing invalidated the key meanwhile)."""
         seq = self._seq
@@ -221,10 +231,10 @@ class NearCache:
             entries.pop(key, None)
             while len(entries) >= self.max_entries:
                 del entries[next(iter(entries))]  # the oldest copy first
-            entries[key] = (payload, gen_key, expires)
+            entries[key] = (Copy(payload), gen_key, expires)
             self.stores += 1
 
-    def _discard(self, key: str, entry: tuple[memoryview, str, float]) -> None:
+    def _discard(self, key: str, entry: tuple[Copy, str, float]) -> None:
         with self._lock:
             if self._entries.get(key) is entry:
                 del self._entries[key]

@@ -14,6 +14,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _sa_compat
 from .keys import registry_key
 from .tracking import SessionTracker
 
@@ -72,7 +73,7 @@ class Runtime:
 
     def peek(
         self, layout: ModelLayout, key: str, gen_key: str
-    ) -> memoryview | Literal[False] | None:
+    ) -> memoryview | bytes | Literal[False] | None:
         """An entry's payload when it is a VALUE of the current generation (False when not,
         None when Redis failed): from the near cache for a model that uses it, else from
         Redis (:meth:`Backend.peek`)."""
@@ -95,7 +96,10 @@ class Runtime:
 
     def peek_tracker(self, session: Session) -> SessionTracker | None:
         """The session's tracker, if its transaction did anything yet."""
-        tracker: SessionTracker | None = session.info.get(self.settings.info_key)
+        info = _sa_compat.info_if_made(session)  # a session nobody gave info to has none
+        if info is None:
+            return None
+        tracker: SessionTracker | None = info.get(self.settings.info_key)
         return tracker
 
     def register(self, keys: KeySpace) -> None:

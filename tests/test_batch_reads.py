@@ -242,3 +242,20 @@ def test_the_batch_loops_agree_with_the_single_entry_functions() -> None:
         bytes(p) if p is not False else p for p in single
     ]
     assert bytes(batch[0]) == b"abc"
+
+
+def test_keys_of_int_primary_keys_read_again_are_the_same() -> None:
+    """A keyspace keeps the keys of the int primary keys it computed lately (a bounded
+    memo): the keys it gives for a pk read again, in a batch or alone, after the memo was
+    forgotten, are the ones a fresh keyspace computes."""
+    from sqlalchemy_writethrough import keys as keys_module
+    from sqlalchemy_writethrough.keys import KeySpace
+
+    used = KeySpace("p", "br_item", "digest", 16)
+    values = [*range(keys_module._PAIRS + 10), -5, 10**20, 3, 3]
+    expected = [KeySpace("p", "br_item", "digest", 16).pair([v]) for v in values]
+    assert used.pairs_of(values) == expected  # the memo overflows once on the way
+    assert [used.pair([v]) for v in values] == expected
+    assert used.pairs_of(values[:5]) == expected[:5]
+    assert used.pair(["a string"]) == KeySpace("p", "br_item", "digest", 16).pair(["a string"])
+    assert len(set(expected[:20])) == 20

@@ -32,7 +32,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import String, update
+from sqlalchemy import JSON, String, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -72,6 +72,16 @@ class NcFar(Base, CachedModel):
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(50))
+
+
+class NcDoc(Base, CachedModel):
+    """A model with a value a caller can change in place."""
+
+    __tablename__ = "nc_doc"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    doc: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class NcPlain(Base):
@@ -231,6 +241,35 @@ def test_a_hit_from_memory_sends_no_redis_command_and_no_sql(
     stats = cache.stats()
     assert stats.near_hits == 2 and stats.hits == 3
     assert stats.models["NcItem"].near_hits == 2
+
+
+def test_hits_from_one_copy_share_no_value_a_caller_can_change(db: Engine, caches: Any) -> None:
+    """A copy's decoded row serves its next hits: each hit is an instance of its own, and a
+    value changed in place (a JSON document) in one session, never committed, is not what
+    the next hit from the same copy returns."""
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, NcItem(id=1, name="a"), NcDoc(id=1, name="d", doc={"k": [1, 2]}))
+    serving(cache)
+    for _ in range(2):  # the first from Redis, the others from the copy
+        with factory() as s:
+            doc = s.get(NcDoc, 1)
+            item = s.get(NcItem, 1)
+            assert doc is not None and item is not None
+            assert doc.doc == {"k": [1, 2]} and item.name == "a"
+            doc.doc["k"].append(3)  # in place: SQLAlchemy's JSON does not see it
+            doc.doc["new"] = True
+            item.name = "changed, never committed"
+            s.rollback()
+    hits = near_of(cache).hits
+    with factory() as s:
+        first, second = s.get(NcDoc, 1), s.get(NcItem, 1)
+        assert first is not None and first.doc == {"k": [1, 2]}
+        assert second is not None and second.name == "a"
+    with factory() as s:
+        again = s.get(NcItem, 1)
+        assert again is not None and again is not second and again.name == "a"
+    assert near_of(cache).hits == hits + 3
 
 
 def test_off_by_default_nothing_is_published_and_nothing_kept(

@@ -123,6 +123,78 @@ def test_commands_are_packed_as_redis_py_packs_them(pooled: tuple[redis.Redis, A
     assert len(compat.pack(conn, commands[0])) == 1  # one buffer: one sendall
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("decode", [False, True])
+def test_an_mget_reply_is_read_as_redis_py_reads_it(
+    redis_url: str, prefix: str, protocol: int, decode: bool
+) -> None:
+    """:func:`compat.read_values` (an ``MGET``'s reply read from the buffer) returns what
+    redis-py's own parser returns, leaves the next reply in the buffer, and takes over only
+    where the private parser, socket buffer and ``read_response`` are the ones it knows."""
+    client = redis.Redis.from_url(
+        redis_url, protocol=protocol, socket_timeout=2, decode_responses=decode
+    )
+    conn = compat.checkout_of(client.connection_pool)()
+    try:
+        conn.connect()
+        if not decode and "Hiredis" not in type(conn._parser).__name__:
+            # what read_values stands on (with hiredis, redis-py parses in C: it keeps it)
+            import io
+
+            assert type(conn._parser) in compat._PYTHON_PARSERS
+            assert type(conn._parser._buffer) is compat._SOCKET_BUFFER
+            assert type(conn._parser._buffer._buffer) is io.BytesIO
+            assert type(conn).read_response is compat._PLAIN_READ_RESPONSE
+        values = {
+            f"{prefix}:empty": "",
+            f"{prefix}:crlf": "a\r\n$3\r\n_\r\n" * 3,
+            f"{prefix}:big": "x" * 300_000,  # several reads from the socket
+        }
+        values.update({f"{prefix}:{i}": f"v{i}" for i in range(200)})
+        client.mset(values)
+        keys = [*values, f"{prefix}:absent", f"{prefix}:big", f"{prefix}:absent2"]
+        for command in (("MGET", *keys), ("MGET", f"{prefix}:absent")):
+            got = compat.call(conn, command)
+            conn.send_command(*command)
+            assert got == conn.read_response()
+        assert got == [None]
+        # two replies in the buffer at once: the second stays for the next read
+        conn.send_packed_command(
+            conn.pack_commands(
+                [("MGET", f"{prefix}:1", f"{prefix}:absent"), ("MGET", f"{prefix}:2")]
+            )
+        )
+        first, second = compat.read_values(conn), compat.read_values(conn)
+        assert [first, second] in (
+            [[b"v1", None], [b"v2"]],
+            [["v1", None], ["v2"]],
+        )
+        with pytest.raises(ResponseError):  # an error reply: redis-py's parser reads it
+            compat.call(conn, ("MGET",))
+        assert compat.call(conn, ("PING",)) in (b"PONG", "PONG", True)  # the connection is clean
+    finally:
+        compat.release(client.connection_pool, conn)
+        client.delete(*[f"{prefix}:{k}" for k in ("empty", "crlf", "big")])
+        client.delete(*[f"{prefix}:{i}" for i in range(200)])
+        client.close()
+
+
+def test_an_mget_reply_that_does_not_come_closes_the_connection(redis_url: str) -> None:
+    """A read that times out raises redis-py's ``TimeoutError`` and closes the socket, as
+    ``read_response`` does (a late reply must never be read as the next command's)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=0.2)
+    conn = compat.checkout_of(client.connection_pool)()
+    try:
+        conn.connect()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            compat.read_values(conn)  # nothing was sent: nothing comes
+        assert conn._sock is None
+        assert compat.call(conn, ("MGET", "no-such-key")) == [None]  # reconnects
+    finally:
+        compat.release(client.connection_pool, conn)
+        client.close()
+
+
 def test_send_now_read_later(pooled: tuple[redis.Redis, Any], prefix: str) -> None:
     _, conn = pooled
     compat.send(conn, ("INCRBY", f"{prefix}:c", 5))

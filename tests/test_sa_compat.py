@@ -186,6 +186,17 @@ def test_session_is_clean(session: Session) -> None:
     assert _sa_compat.session_is_clean(session)
 
 
+def test_info_if_made() -> None:
+    """``Session.info`` is a memoized property: made at its first read, kept in ``__dict__``."""
+    engine = create_engine("sqlite://")
+    with Session(engine) as fresh:
+        assert _sa_compat.info_if_made(fresh) is None
+        fresh.info["k"] = 1
+        assert _sa_compat.info_if_made(fresh) is fresh.info == {"k": 1}
+    with Session(engine, info={"given": True}) as given:
+        assert _sa_compat.info_if_made(given) == {"given": True}
+
+
 def test_load_options_flags(session: Session) -> None:
     session.add(Parent(id=1))
     session.commit()
