@@ -110,14 +110,26 @@ class WritePath:
         flush_keys: dict[Any, tuple[Any, Any, str, str]] = {}
         tracker.flush_keys = flush_keys
         involved: set[ModelLayout] = set()
-        layout_for = rt.models.layout_for
-        keys_of = rt.models.keys
+        # per class, in a session that is not sharded: its layout and key space, once
+        per_mapper: dict[Any, tuple[ModelLayout, KeySpace] | None] = {}
+        sharded = binds.sharded
         for collection in (session.dirty, session.deleted, session.new):
             for obj in collection:
                 state = instance_state(obj)
-                layout = layout_for(state.mapper)
-                if layout is None:
-                    continue
+                mapper = state.mapper
+                found = per_mapper.get(mapper, _UNSEEN)
+                if found is _UNSEEN:
+                    found = None
+                    model = rt.models.layout_for(mapper)
+                    if model is not None:
+                        bind = binds.of(state, choose=False)
+                        if bind is not None:  # else its shard is chosen by the flush
+                            found = (model, rt.models.keys(model, bind, renamed.get(bind)))
+                    if not sharded:
+                        per_mapper[mapper] = found
+                if found is None:
+                    continue  # not cached, or after_flush locks it
+                layout, keys = found
                 identity = state.key
                 if identity is not None:
                     pk = identity[1]
@@ -128,10 +140,6 @@ class WritePath:
                     pk = tuple([dict_.get(a) for a in layout.pk_attrs])
                     if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
                         continue  # the database assigns it: after_flush locks it
-                bind = binds.of(state, choose=False)
-                if bind is None:
-                    continue  # its shard is chosen by the flush: after_flush locks it
-                keys = keys_of(layout, bind, renamed.get(bind))
                 key, gen_key = keys.pair(pk)
                 flush_keys[state] = (keys, pk, key, gen_key)
                 if key in locked or key in seen:
@@ -222,12 +230,10 @@ class WritePath:
             pk: Any,
             payload: bytes | None,
             reason: str,
-            checked: bool = False,
-            pair: tuple[str, str] | None = None,
         ) -> None:
-            if not checked and not layout.pk_is_cacheable(pk):
+            if not layout.pk_is_cacheable(pk):
                 return  # a partly NULL key: no entry was ever made for it
-            key, gen_key = keys.pair(pk) if pair is None else pair
+            key, gen_key = keys.pair(pk)
             if key in statement_keys:
                 payload, reason = None, "statement"
             ttl, spread = ttls[layout]
@@ -248,22 +254,41 @@ class WritePath:
             keys = involved.get((layout, bind)) or involve(layout, bind)
             record(keys, layout, state.key[1], None, "delete")
 
+        # per class, in a session that is not sharded (the bind is then the model's): what
+        # every row of it shares, looked up once per flush
+        per_mapper: dict[Any, tuple[Any, ...]] = {}
+        sharded = binds.sharded
         for collection, inserted in ((session.new, True), (session.dirty, False)):
             for obj in collection:
                 state = instance_state(obj)
-                layout = rt.models.layout_for(state.mapper)
+                mapper = state.mapper
+                found = per_mapper.get(mapper)
+                if found is None:
+                    layout = rt.models.layout_for(mapper)
+                    bind = binds.of(state)
+                    if layout is None:
+                        found = (None, bind, None, None, None)
+                    else:
+                        keys = involved.get((layout, bind)) or involve(layout, bind)
+                        variant = layout.variant(mapper)
+                        assert variant is not None  # _layout_for rebuilds a layout missing a class
+                        ctx = (
+                            None
+                            if layout.options.strategy == "invalidate"
+                            else context_for(bind, layout)
+                        )
+                        found = (layout, bind, keys, variant, ctx)
+                    if not sharded:
+                        per_mapper[mapper] = found
+                layout, bind, keys, variant, ctx = found
                 old = state.key[1] if state.key is not None else None
-                bind = binds.of(state)
                 if layout is None:
                     if old is not None and _key_changed(state):
                         cascades = rt.models.cascades(
-                            state.mapper.local_table, deleted=False, orm_handles=state.mapper
+                            mapper.local_table, deleted=False, orm_handles=mapper
                         )
                         models += ((other, bind) for other in cascades)
                     continue
-                keys = involved.get((layout, bind)) or involve(layout, bind)
-                variant = layout.variant(state.mapper)
-                assert variant is not None  # _layout_for rebuilds a layout missing a class
                 if inserted:
                     dict_ = variant.inserted_values(state)
                 else:
@@ -281,25 +306,36 @@ class WritePath:
                     if old is None or moved:
                         models.append((layout, bind))  # no key we can name holds this row
                     continue
-                if layout.options.strategy == "invalidate":
+                if ctx is None:  # strategy="invalidate"
                     payload, reason = None, "strategy"
                 else:
-                    payload = variant.encode_flushed(dict_, context_for(bind, layout))
+                    payload = variant.encode_flushed(dict_, ctx)
                     reason = "inexact"
                     if payload is not None and keys not in registered:
                         registered.add(keys)
                         rt.register(keys)
                 # the key before_flush computed, when it is the same row's in the same key
                 # space: the identity's own tuple (not moved), or an insert's equal key
-                pair = None
                 known = flush_keys.get(state) if flush_keys else None
-                if known is not None and known[0] is keys:
-                    if old is None:
-                        if not _moved(known[1], pk):
-                            pair = (known[2], known[3])
-                    elif known[1] is old and not moved:
-                        pair = (known[2], known[3])
-                record(keys, layout, pk, payload, reason, checked=True, pair=pair)
+                if (
+                    known is not None
+                    and known[0] is keys
+                    and (
+                        (known[1] is old and not moved)
+                        if old is not None
+                        else not _moved(known[1], pk)
+                    )
+                ):
+                    key, gen_key = known[2], known[3]
+                else:
+                    key, gen_key = keys.pair(pk)
+                if key in statement_keys:
+                    payload, reason = None, "statement"
+                ttl, spread = ttls[layout]
+                changes[key] = Change(
+                    gen_key, payload, max(1, int(ttl - spread * random())), reason
+                )
+                touched.append((key, gen_key))
 
         by_bind: dict[Any, list[ModelLayout]] = {}
         for layout, bind in models:
@@ -799,11 +835,12 @@ class FlushBinds:
     mapper's bind (one ``get_bind()`` per model and flush), or in a sharded session the bind
     of the row's shard (its identity token)."""
 
-    __slots__ = ("_found", "_session", "_sharded")
+    __slots__ = ("_found", "_session", "_sharded", "sharded")
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._sharded = isinstance(session, ShardedSession)
+        #: a sharded session: a row's bind depends on the row (its shard), not only its model
+        self.sharded = self._sharded = isinstance(session, ShardedSession)
         self._found: dict[Any, Any] = {}
 
     def of(self, state: Any, choose: bool = True) -> Any:
@@ -823,6 +860,10 @@ class FlushBinds:
                 found = self._session.get_bind(mapper=mapper)
             self._found[(mapper, token)] = found
         return found
+
+
+#: a class not looked at yet in this flush
+_UNSEEN: Any = object()
 
 
 def _moved(old: tuple[Any, ...], pk: list[Any]) -> bool:
