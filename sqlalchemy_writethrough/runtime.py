@@ -118,6 +118,12 @@ class Runtime:
         ttl_ms = layout.options.ttl * 1000
         return max(1, int(ttl_ms - ttl_ms * self.settings.ttl_jitter * random.random()))
 
+    def ttl_spread(self, layout: ModelLayout) -> tuple[float, float]:
+        """(TTL, its largest jitter), in ms: :meth:`ttl_ms` is ``max(1, int(ttl - spread *
+        random.random()))``, for callers that compute many (a flush's rows)."""
+        ttl_ms = layout.options.ttl * 1000
+        return ttl_ms, ttl_ms * self.settings.ttl_jitter
+
     def journal_replayed(self) -> bool:
         """Whether nothing journaled while Redis was away is left to invalidate (replaying it
         now if Redis answers): until then this process reads nothing from Redis."""

@@ -65,6 +65,7 @@ class SessionTracker:
         "committed",
         "external",
         "first_lock_at",
+        "flush_keys",
         "in_flush",
         "infos",
         "lock_ms",
@@ -95,6 +96,9 @@ class SessionTracker:
         self.owner: str = ""
         #: the lock script before_flush sent, whose reply after_flush reads (see .writing)
         self.pending_lock: Any = None
+        #: the running flush's rows whose keys before_flush computed: state -> (key space,
+        #: primary key, entity key, generation key), for after_flush to reuse
+        self.flush_keys: dict[Any, tuple[Any, Any, str, str]] = {}
         #: entity key -> generation key, for every key this root transaction locked (or tried to)
         self.locked: dict[str, str] = {}
         self.lock_ms = 0

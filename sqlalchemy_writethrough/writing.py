@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
+from random import random
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,8 @@ class WritePath:
                 break
         if tracker.pending_lock is not None:  # the last flush stopped before after_flush
             self._finish_locks(tracker)
+        if tracker.flush_keys:  # the last flush's (it stopped before after_flush)
+            tracker.flush_keys = {}
         if (
             not tracker.reassert_on_flush
             # the transaction that will end (and finish the reply) if the flush never runs
@@ -94,33 +97,56 @@ class WritePath:
     def _send_locks(self, session: Session, tracker: SessionTracker) -> None:
         """Send the locks of the entries this flush will write, as far as their keys are known
         before it runs; after_flush reads the reply and locks whatever else it wrote. A key
-        locked here that the flush does not write after all ends as a miss."""
+        locked here that the flush does not write after all ends as a miss.
+
+        Each row's key is kept in ``tracker.flush_keys`` for after_flush, which reuses it when
+        the row's key space and primary key are still the same (one key computed per row)."""
         rt = self.runtime
         pairs: list[str] = []
         seen: set[str] = set()
         binds = FlushBinds(session)
+        locked = tracker.locked
+        renamed = tracker.renamed
+        flush_keys: dict[Any, tuple[Any, Any, str, str]] = {}
+        tracker.flush_keys = flush_keys
+        involved: set[ModelLayout] = set()
+        # per class, in a session that is not sharded: its layout and key space, once
+        per_mapper: dict[Any, tuple[ModelLayout, KeySpace] | None] = {}
+        sharded = binds.sharded
         for collection in (session.dirty, session.deleted, session.new):
             for obj in collection:
                 state = instance_state(obj)
-                layout = rt.models.layout_for(state.mapper)
-                if layout is None:
-                    continue
-                if state.key is not None:
-                    pk = list(state.key[1])
+                mapper = state.mapper
+                found = per_mapper.get(mapper, _UNSEEN)
+                if found is _UNSEEN:
+                    found = None
+                    model = rt.models.layout_for(mapper)
+                    if model is not None:
+                        bind = binds.of(state, choose=False)
+                        if bind is not None:  # else its shard is chosen by the flush
+                            found = (model, rt.models.keys(model, bind, renamed.get(bind)))
+                    if not sharded:
+                        per_mapper[mapper] = found
+                if found is None:
+                    continue  # not cached, or after_flush locks it
+                layout, keys = found
+                identity = state.key
+                if identity is not None:
+                    pk = identity[1]
                     if not layout.pk_is_cacheable(pk):
                         continue  # a partly NULL key (allow_partial_pks): never cached
                 else:
                     dict_ = state.dict
-                    pk = [dict_.get(a) for a in layout.pk_attrs]
+                    pk = tuple([dict_.get(a) for a in layout.pk_attrs])
                     if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
                         continue  # the database assigns it: after_flush locks it
-                bind = binds.of(state, choose=False)
-                if bind is None:
-                    continue  # its shard is chosen by the flush: after_flush locks it
-                key, gen_key = rt.models.keys(layout, bind, tracker.renamed.get(bind)).pair(pk)
-                if key in tracker.locked or key in seen:
+                key, gen_key = keys.pair(pk)
+                flush_keys[state] = (keys, pk, key, gen_key)
+                if key in locked or key in seen:
                     continue
-                self._involve(tracker, layout)
+                if layout not in involved:
+                    involved.add(layout)
+                    self._involve(tracker, layout)
                 seen.add(key)
                 pairs += (key, gen_key)
         if not pairs:
@@ -177,14 +203,26 @@ class WritePath:
 
         changes = tracker.changes.setdefault(transaction, {})
         statement_keys = tracker.statement_keys
-        involved: set[tuple[ModelLayout, Any]] = set()
+        # the keys before_flush computed for this flush's rows (see _send_locks)
+        flush_keys = tracker.flush_keys
+        if flush_keys:
+            tracker.flush_keys = {}
+        # once per model, database and flush: its key space
+        involved: dict[tuple[ModelLayout, Any], KeySpace] = {}
+        # once per model and flush: its TTL and the TTL's random spread (jitter), in ms
+        ttls: dict[ModelLayout, tuple[float, float]] = {}
+        registered: set[KeySpace] = set()
 
-        def involve(layout: ModelLayout, bind: Any) -> None:
-            """Once per model, database and flush: its options, and the models its rows
-            change too."""
-            involved.add((layout, bind))
+        def involve(layout: ModelLayout, bind: Any) -> KeySpace:
+            """Once per model, database and flush: its options, the models its rows change
+            too, and its key space."""
             self._involve(tracker, layout)
             models.extend((other, bind) for other in rt.models.also_invalidated(layout))
+            keys = rt.models.keys(layout, bind, tracker.renamed.get(bind))
+            involved[(layout, bind)] = keys
+            if layout not in ttls:
+                ttls[layout] = rt.ttl_spread(layout)
+            return keys
 
         def record(
             keys: KeySpace,
@@ -192,14 +230,16 @@ class WritePath:
             pk: Any,
             payload: bytes | None,
             reason: str,
-            checked: bool = False,
         ) -> None:
-            if not checked and not layout.pk_is_cacheable(pk):
+            if not layout.pk_is_cacheable(pk):
                 return  # a partly NULL key: no entry was ever made for it
             key, gen_key = keys.pair(pk)
             if key in statement_keys:
                 payload, reason = None, "statement"
-            changes[key] = Change(gen_key, payload, rt.ttl_ms(layout), reason)
+            ttl, spread = ttls[layout]
+            # as Runtime.ttl_ms: less a random jitter, so entries written together do not
+            # expire together
+            changes[key] = Change(gen_key, payload, max(1, int(ttl - spread * random())), reason)
             touched.append((key, gen_key))
 
         for obj in session.deleted:
@@ -211,52 +251,91 @@ class WritePath:
             layout = rt.models.layout_for(mapper)
             if layout is None or state.key is None:
                 continue
-            if (layout, bind) not in involved:
-                involve(layout, bind)
-            keys = rt.models.keys(layout, bind, tracker.renamed.get(bind))
+            keys = involved.get((layout, bind)) or involve(layout, bind)
             record(keys, layout, state.key[1], None, "delete")
 
+        # per class, in a session that is not sharded (the bind is then the model's): what
+        # every row of it shares, looked up once per flush
+        per_mapper: dict[Any, tuple[Any, ...]] = {}
+        sharded = binds.sharded
         for collection, inserted in ((session.new, True), (session.dirty, False)):
             for obj in collection:
                 state = instance_state(obj)
-                layout = rt.models.layout_for(state.mapper)
+                mapper = state.mapper
+                found = per_mapper.get(mapper)
+                if found is None:
+                    layout = rt.models.layout_for(mapper)
+                    bind = binds.of(state)
+                    if layout is None:
+                        found = (None, bind, None, None, None)
+                    else:
+                        keys = involved.get((layout, bind)) or involve(layout, bind)
+                        variant = layout.variant(mapper)
+                        assert variant is not None  # _layout_for rebuilds a layout missing a class
+                        ctx = (
+                            None
+                            if layout.options.strategy == "invalidate"
+                            else context_for(bind, layout)
+                        )
+                        found = (layout, bind, keys, variant, ctx)
+                    if not sharded:
+                        per_mapper[mapper] = found
+                layout, bind, keys, variant, ctx = found
                 old = state.key[1] if state.key is not None else None
-                bind = binds.of(state)
                 if layout is None:
                     if old is not None and _key_changed(state):
                         cascades = rt.models.cascades(
-                            state.mapper.local_table, deleted=False, orm_handles=state.mapper
+                            mapper.local_table, deleted=False, orm_handles=mapper
                         )
                         models += ((other, bind) for other in cascades)
                     continue
-                if (layout, bind) not in involved:
-                    involve(layout, bind)
-                keys = rt.models.keys(layout, bind, tracker.renamed.get(bind))
-                variant = layout.variant(state.mapper)
-                assert variant is not None  # _layout_for rebuilds a layout missing a class
                 if inserted:
                     dict_ = variant.inserted_values(state)
                 else:
                     dict_ = _as_updated(state, variant.mutable)
                 pk = [dict_.get(a) for a in layout.pk_attrs]
-                if old is not None and _moved(old, pk):
+                moved = old is not None and _moved(old, pk)
+                if moved:
+                    assert old is not None
                     record(keys, layout, old, None, "delete")  # the primary key itself changed
                     cascades = rt.models.cascades(
                         layout.table, deleted=False, orm_handles=layout.mapper
                     )
                     models += ((other, bind) for other in cascades)
                 if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
-                    if old is None or _moved(old, pk):
+                    if old is None or moved:
                         models.append((layout, bind))  # no key we can name holds this row
                     continue
-                if layout.options.strategy == "invalidate":
+                if ctx is None:  # strategy="invalidate"
                     payload, reason = None, "strategy"
                 else:
-                    payload = variant.encode_flushed(dict_, context_for(bind, layout))
+                    payload = variant.encode_flushed(dict_, ctx)
                     reason = "inexact"
-                    if payload is not None:
+                    if payload is not None and keys not in registered:
+                        registered.add(keys)
                         rt.register(keys)
-                record(keys, layout, pk, payload, reason, checked=True)
+                # the key before_flush computed, when it is the same row's in the same key
+                # space: the identity's own tuple (not moved), or an insert's equal key
+                known = flush_keys.get(state) if flush_keys else None
+                if (
+                    known is not None
+                    and known[0] is keys
+                    and (
+                        (known[1] is old and not moved)
+                        if old is not None
+                        else not _moved(known[1], pk)
+                    )
+                ):
+                    key, gen_key = known[2], known[3]
+                else:
+                    key, gen_key = keys.pair(pk)
+                if key in statement_keys:
+                    payload, reason = None, "statement"
+                ttl, spread = ttls[layout]
+                changes[key] = Change(
+                    gen_key, payload, max(1, int(ttl - spread * random())), reason
+                )
+                touched.append((key, gen_key))
 
         by_bind: dict[Any, list[ModelLayout]] = {}
         for layout, bind in models:
@@ -537,13 +616,18 @@ class WritePath:
         intents: dict[str, list[Any]] = {}
         if tracker.locked:
             changes = tracker.changes.get(session.get_transaction(), {})
+            # a transaction's keys share few buckets: each one's intent looked up once
+            by_bucket: dict[str, list[Any]] = {}
             for key, gen_key in tracker.locked.items():
                 change = changes.get(key)
                 pairs += (key, gen_key)
-                intent = intents.get(gen_key[: gen_key.rfind(":")])
+                intent = by_bucket.get(gen_key)
                 if intent is None:
-                    name = self._model_of(gen_key)
-                    intent = intents.setdefault(gen_key[: gen_key.rfind(":")], [name, 0, 0, {}])
+                    model_key = gen_key[: gen_key.rfind(":")]
+                    intent = intents.get(model_key)
+                    if intent is None:
+                        intent = intents[model_key] = [self._model_of(gen_key), 0, 0, {}]
+                    by_bucket[gen_key] = intent
                 if change is None or change.payload is None:
                     items += (b"", 0)
                     reason = "statement" if change is None else change.reason
@@ -751,11 +835,12 @@ class FlushBinds:
     mapper's bind (one ``get_bind()`` per model and flush), or in a sharded session the bind
     of the row's shard (its identity token)."""
 
-    __slots__ = ("_found", "_session", "_sharded")
+    __slots__ = ("_found", "_session", "_sharded", "sharded")
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._sharded = isinstance(session, ShardedSession)
+        #: a sharded session: a row's bind depends on the row (its shard), not only its model
+        self.sharded = self._sharded = isinstance(session, ShardedSession)
         self._found: dict[Any, Any] = {}
 
     def of(self, state: Any, choose: bool = True) -> Any:
@@ -777,11 +862,18 @@ class FlushBinds:
         return found
 
 
+#: a class not looked at yet in this flush
+_UNSEEN: Any = object()
+
+
 def _moved(old: tuple[Any, ...], pk: list[Any]) -> bool:
     """Whether a row's primary key changed; a SQL expression assigned to it (evaluated by the
     database) counts as a change, and is never compared (its ``==`` builds SQL)."""
     if len(old) != len(pk):
         return True
+    if len(pk) == 1:  # no generator for the common case (once per flushed row)
+        a, b = old[0], pk[0]
+        return type(a) is not type(b) or bool(a != b)
     return any(type(a) is not type(b) or a != b for a, b in zip(old, pk, strict=True))
 
 

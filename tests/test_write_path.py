@@ -895,6 +895,46 @@ def test_primary_key_update_moves_the_entry(
     assert_same(get_from_cache(make_session, engine, WpProduct, 50), moved)
 
 
+def test_key_changed_after_the_early_lock_is_published_under_the_new_key(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """The early lock computes each row's key before the flush and after_flush reuses it only
+    for the same key: a listener that runs after the cache's before_flush and gives a pending
+    row another primary key gets the row published under the key it was inserted with, and
+    the key locked early ends as a miss, not as a value."""
+    seed_products(engine, 1)
+    warm(make_session, engine, cache, redis_client, WpProduct, 1)
+
+    @event.listens_for(make_session, "before_flush")
+    def renumber(session: Session, flush_context: Any, instances: Any) -> None:
+        for obj in session.new:
+            if isinstance(obj, WpProduct) and obj.id == 60:
+                obj.id = 61
+
+    with make_session() as session:
+        session.add(
+            WpProduct(id=60, name="renumbered", note=None, added=dt.datetime(2024, 5, 6, 7, 8))
+        )
+        one = session.get(WpProduct, 1)
+        assert one is not None
+        one.name = "updated"
+        session.commit()
+
+    assert db_values(engine, WpProduct, 60) is None
+    assert entry_state(redis_client, entry_key(cache, WpProduct, 60)) is None
+    for pk in (61, 1):
+        assert entry_state(redis_client, entry_key(cache, WpProduct, pk)) == "value", pk
+        database = db_values(engine, WpProduct, pk)
+        assert database is not None
+        cached = cached_values(cache, redis_client, WpProduct, pk, dialect=engine.dialect)
+        assert cached is not None
+        assert_same(cached, database)
+    assert db_values(engine, WpProduct, 1)["name"] == "updated"  # type: ignore[index]
+
+
 # ------------------------------------------------------------ 8. strategy="invalidate"
 
 
