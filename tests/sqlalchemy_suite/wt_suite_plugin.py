@@ -23,6 +23,7 @@ by ``--wt-status``, which ``run.py`` checks (a pass without the extension proves
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -104,6 +105,22 @@ def _route_session_get() -> None:
     Session.get = get  # type: ignore[method-assign]
 
 
+#: WT_SUITE_NEAR_CACHE=1: every test's cache has a near cache too (hits from process memory)
+_NEAR_CACHE = os.environ.get("WT_SUITE_NEAR_CACHE", "") not in ("", "0")
+
+
+def _wait_until_serving(cache: Any, timeout: float = 5.0) -> None:
+    """A near cache serves nothing until its subscription is confirmed: wait for that, so
+    that the test's repeated reads can be served from memory."""
+    near = cache._near
+    deadline = time.monotonic() + timeout
+    while not near.serving():
+        if time.monotonic() > deadline:
+            _problems.append("a near cache's subscription was not confirmed within 5 s")
+            return
+        time.sleep(0.002)
+
+
 def _delete_prefix(prefix: str) -> None:
     keys = list(_client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
@@ -131,10 +148,14 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         from sqlalchemy_writethrough import WriteThroughCache
 
         # no shared stats: a send after the test would leave its prefix's stats behind
-        cache = WriteThroughCache(_client, prefix=prefix, stats_interval=None)
+        cache = WriteThroughCache(
+            _client, prefix=prefix, stats_interval=None, near_cache=_NEAR_CACHE
+        )
         cache.install(Session)
         cache.register_all()
         _read = cache._read
+        if _NEAR_CACHE:
+            _wait_until_serving(cache)
     except Exception as exc:
         _problems.append(f"{item.nodeid}: the cache could not be installed ({exc!r})")
         if cache is not None:
@@ -146,6 +167,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         _read = None
         if cache is not None:
             cache.uninstall(Session)
+            if _NEAR_CACHE:
+                cache.close()  # its subscriber thread and connection
             # the cache validates every mapper configured while it lives: a later test's
             # mappers are none of its business (it would be collected only at the next gc)
             cache_module._caches.discard(cache)
