@@ -108,6 +108,20 @@ def own_naming(engine: Any) -> dict[str, Any]:
     }
 
 
+def for_schemas(naming: Mapping[str, Any], schemas: frozenset[str | None]) -> Mapping[str, Any]:
+    """``naming`` as it names the rows of tables in ``schemas``: its ``schema_translate_map``
+    cut to the entries that move one of them elsewhere. SQLAlchemy renders a table the map
+    leaves alone (a schema it does not list, or maps to itself) in its own schema, so the rows
+    it reads are the same with or without the map and must have the same entries: a tenant's
+    commit to a table every tenant shares is then seen by every tenant."""
+    translate = _translate(naming.get("schema_translate_map"))
+    if translate:
+        moved = {s: translate[s] for s in schemas if s in translate and translate[s] != s}
+        if len(moved) != len(translate):
+            return {OPTION: naming.get(OPTION), "schema_translate_map": moved or None}
+    return naming
+
+
 def connection_naming(connection: Connection) -> dict[str, Any] | None:
     """A connection's own naming options, where they differ from its engine's."""
     return naming_of(connection.engine, connection.get_execution_options())

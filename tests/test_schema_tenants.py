@@ -47,19 +47,33 @@ class StItem(StBase, CachedModel):
     name: Mapped[str] = mapped_column(String(40))
 
 
+#: a schema of tables every tenant shares, named on the model: a tenant's map leaves it alone
+SHARED = f"st_shared_{uuid.uuid4().hex[:6]}"
+
+
+class StPlan(StBase, CachedModel):
+    __tablename__ = "st_plan"
+    __table_args__ = {"schema": SHARED}
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
 @pytest.fixture
 def schemas(engine: Engine) -> Iterator[tuple[str, str]]:
     """Two tenants' schemas, each with its own st_item holding row 1 named after it; the
     default schema's table holds row 1 too ("default")."""
     names = tuple(f"st_{t}_{uuid.uuid4().hex[:6]}" for t in ("a", "b"))
     with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {SHARED}")
         StBase.metadata.drop_all(conn)
         StBase.metadata.create_all(conn)
+        conn.execute(StPlan.__table__.insert(), {"id": 1, "name": "shared"})
         conn.execute(StItem.__table__.insert(), {"id": 1, "name": "default"})
         for name in names:
             conn.exec_driver_sql(f"CREATE SCHEMA {name}")
             tenant = conn.execution_options(schema_translate_map={None: name})
-            StBase.metadata.create_all(tenant)
+            StBase.metadata.create_all(tenant, tables=[StItem.__table__])
             tenant.execute(StItem.__table__.insert(), {"id": 1, "name": name})
     yield names[0], names[1]
     with engine.begin() as conn:
@@ -68,6 +82,7 @@ def schemas(engine: Engine) -> Iterator[tuple[str, str]]:
             cascade = " CASCADE" if engine.dialect.name == "postgresql" else ""
             conn.exec_driver_sql(f"DROP SCHEMA {name}{cascade}")
         StBase.metadata.drop_all(conn)
+        conn.exec_driver_sql(f"DROP SCHEMA {SHARED}{cascade}")
 
 
 @pytest.fixture
@@ -390,3 +405,44 @@ def test_a_statement_with_a_tenants_map_leaves_no_tenant_stale(
     for schema in (None, a, b):
         assert _served(maker, engine, schema) == _rows(engine, schema), schema
     assert _rows(engine, b) == before[b]
+
+
+@pytest.mark.parametrize("path", ["update by pk", "update where", "flush"])
+def test_a_shared_table_is_one_entry_whatever_map_names_it(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str], path: str
+) -> None:
+    """A table in a schema the map does not translate is the same table with or without the
+    map (SQLAlchemy renders its own schema): a tenant's write to it is seen by a session with
+    no map and by another tenant's, and the other way round."""
+    a, b = schemas
+
+    def plan(schema: str | None) -> Any:
+        with maker() as session:
+            if schema is not None:
+                session.connection(execution_options=_tenant(schema))
+            found = session.get(StPlan, 1)
+            return found.name if found else None
+
+    def write(schema: str | None, name: str) -> None:
+        with maker() as session:
+            if schema is not None:
+                session.connection(execution_options=_tenant(schema))
+            if path == "update by pk":
+                session.execute(update(StPlan), [{"id": 1, "name": name}])
+            elif path == "update where":
+                session.execute(update(StPlan).where(StPlan.id == 1).values(name=name))
+            else:
+                found = session.get(StPlan, 1)
+                assert found is not None
+                found.name = name
+            session.commit()
+
+    for writer, name in ((a, "by a"), (None, "by nobody"), (b, "by b")):
+        for reader in (None, a, b):  # every entry warm
+            plan(reader)
+        write(writer, name)
+        for reader in (None, a, b):
+            assert plan(reader) == name, (writer, reader)
+    with capture_sql(engine) as sql:
+        assert plan(None) == plan(a) == plan(b) == "by b"
+    assert sql == [], "served from the cache"
