@@ -18,7 +18,8 @@ commit through one leave the other's entries stale.
   database name, never the driver, user or password;
 - a SQLite file by its absolute path; an in-memory SQLite database is unique to its engine's
   pool, so never shared;
-- plus the ``schema_translate_map`` when set (it changes which tables are read);
+- plus the ``schema_translate_map`` when set (it changes which tables are read): per model,
+  only its entries that move the schemas of the model's tables (:func:`for_schemas`);
 - or, explicitly, the engine's execution option ``writethrough_database``.
 
 Those two options are read where SQLAlchemy reads them, the narrowest winning: a statement's
