@@ -18,7 +18,8 @@ commit through one leave the other's entries stale.
   database name, never the driver, user or password;
 - a SQLite file by its absolute path; an in-memory SQLite database is unique to its engine's
   pool, so never shared;
-- plus the ``schema_translate_map`` when set (it changes which tables are read);
+- plus the ``schema_translate_map`` when set (it changes which tables are read): per model,
+  only its entries that move the schemas of the model's tables (:func:`for_schemas`);
 - or, explicitly, the engine's execution option ``writethrough_database``.
 
 Those two options are read where SQLAlchemy reads them, the narrowest winning: a statement's
@@ -106,6 +107,20 @@ def own_naming(engine: Any) -> dict[str, Any]:
         OPTION: options.get(OPTION),
         "schema_translate_map": _translate(options.get("schema_translate_map")),
     }
+
+
+def for_schemas(naming: Mapping[str, Any], schemas: frozenset[str | None]) -> Mapping[str, Any]:
+    """``naming`` as it names the rows of tables in ``schemas``: its ``schema_translate_map``
+    cut to the entries that move one of them elsewhere. SQLAlchemy renders a table the map
+    leaves alone (a schema it does not list, or maps to itself) in its own schema, so the rows
+    it reads are the same with or without the map and must have the same entries: a tenant's
+    commit to a table every tenant shares is then seen by every tenant."""
+    translate = _translate(naming.get("schema_translate_map"))
+    if translate:
+        moved = {s: translate[s] for s in schemas if s in translate and translate[s] != s}
+        if len(moved) != len(translate):
+            return {OPTION: naming.get(OPTION), "schema_translate_map": moved or None}
+    return naming
 
 
 def connection_naming(connection: Connection) -> dict[str, Any] | None:

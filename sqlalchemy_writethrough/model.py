@@ -375,6 +375,8 @@ class ModelLayout:
             self.variants[m] = variant
             self.by_tag[tag] = variant
         self.tables = frozenset(t for m in mappers for t in m.tables)
+        #: the schemas its tables name (a schema_translate_map names its rows by these only)
+        self.schemas: frozenset[str | None] = frozenset(t.schema for t in self.tables)
         self.eager_relationships = tuple(
             key for v in self.variants.values() for key in v.eager_relationships
         )

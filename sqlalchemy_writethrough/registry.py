@@ -20,7 +20,7 @@ from sqlalchemy.orm import Mapper, registry
 
 from . import _sa_compat
 from .config import ModelOptions, ModelOptionsDict, OptionError
-from .databases import Databases, connection_naming
+from .databases import Databases, connection_naming, for_schemas, own_naming
 from .exc import ConfigurationError, WriteThroughWarning
 from .keys import KeySpace
 from .model import ModelLayout, cache_root, cached_members, is_cached_model, model_overrides
@@ -303,7 +303,8 @@ class Models:
         if naming is None and isinstance(bind, Connection):
             naming = connection_naming(bind)
         if naming is not None:
-            return layout.keyspace(self._databases.renamed(bind, naming))
+            named = for_schemas(naming, layout.schemas)
+            return layout.keyspace(self._databases.renamed(bind, named))
         last = layout.last_keys
         if last[0] is bind:
             keys: KeySpace = last[1]
@@ -313,7 +314,12 @@ class Models:
             if last[0] is bind:
                 keys = last[1]
                 return keys
-        keys = layout.keyspace(self._databases.of(bind))
+        if bind.get_execution_options().get("schema_translate_map"):
+            # the engine's own map, as it names this model's tables (see for_schemas)
+            named = for_schemas(own_naming(bind), layout.schemas)
+            keys = layout.keyspace(self._databases.renamed(bind, named))
+        else:
+            keys = layout.keyspace(self._databases.of(bind))
         layout.last_keys = (bind, keys)
         return keys
 

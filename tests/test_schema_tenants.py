@@ -47,19 +47,33 @@ class StItem(StBase, CachedModel):
     name: Mapped[str] = mapped_column(String(40))
 
 
+#: a schema of tables every tenant shares, named on the model: a tenant's map leaves it alone
+SHARED = f"st_shared_{uuid.uuid4().hex[:6]}"
+
+
+class StPlan(StBase, CachedModel):
+    __tablename__ = "st_plan"
+    __table_args__ = {"schema": SHARED}
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
 @pytest.fixture
 def schemas(engine: Engine) -> Iterator[tuple[str, str]]:
     """Two tenants' schemas, each with its own st_item holding row 1 named after it; the
     default schema's table holds row 1 too ("default")."""
     names = tuple(f"st_{t}_{uuid.uuid4().hex[:6]}" for t in ("a", "b"))
     with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {SHARED}")
         StBase.metadata.drop_all(conn)
         StBase.metadata.create_all(conn)
+        conn.execute(StPlan.__table__.insert(), {"id": 1, "name": "shared"})
         conn.execute(StItem.__table__.insert(), {"id": 1, "name": "default"})
         for name in names:
             conn.exec_driver_sql(f"CREATE SCHEMA {name}")
             tenant = conn.execution_options(schema_translate_map={None: name})
-            StBase.metadata.create_all(tenant)
+            StBase.metadata.create_all(tenant, tables=[StItem.__table__])
             tenant.execute(StItem.__table__.insert(), {"id": 1, "name": name})
     yield names[0], names[1]
     with engine.begin() as conn:
@@ -68,6 +82,7 @@ def schemas(engine: Engine) -> Iterator[tuple[str, str]]:
             cascade = " CASCADE" if engine.dialect.name == "postgresql" else ""
             conn.exec_driver_sql(f"DROP SCHEMA {name}{cascade}")
         StBase.metadata.drop_all(conn)
+        conn.exec_driver_sql(f"DROP SCHEMA {SHARED}{cascade}")
 
 
 @pytest.fixture
@@ -269,3 +284,165 @@ def test_a_tenant_chosen_on_an_async_sessions_connection(
         assert loop.run_until_complete(scenario()) == [a, b, a, b, a, "b async", True]
     finally:
         loop.close()
+
+
+# ----------------------------------------------- statements outside the unit of work
+
+#: where a test gives the tenant's map: on the statement, in ``session.execute(...,
+#: execution_options=...)``, on the session's connection, on the engine the session is bound to
+WHERE = ("statement", "execute", "connection", "engine")
+
+
+def _rows(engine: Engine, schema: str | None) -> dict[int, Any]:
+    """What the database holds in rows 1 and 2 of a tenant, read without the cache."""
+    with engine.connect() as conn:
+        if schema is not None:
+            conn = conn.execution_options(**_tenant(schema))
+        found = {i: n for i, n in conn.execute(select(StItem.id, StItem.name)).all()}
+        return {pk: found.get(pk) for pk in (1, 2)}
+
+
+def _served(maker: sessionmaker[Session], engine: Engine, schema: str | None) -> dict[int, Any]:
+    """What ``session.get`` returns for rows 1 and 2 in a tenant (None: the default schema);
+    asserts the second read of each came from the cache."""
+    served: dict[int, Any] = {}
+    options = _tenant(schema) if schema is not None else {}
+    for pk in (1, 2):
+        for attempt in range(2):
+            with maker() as session, capture_sql(engine) as sql:
+                found = session.get(StItem, pk, execution_options=options)
+                served[pk] = found.name if found else None
+            if attempt and found is not None:
+                assert sql == [], "the second read is served from the cache"
+    return served
+
+
+def _bulk(session: Session, path: str, where: str, schema: str) -> None:
+    """One statement outside the unit of work (or a flush, for comparison), with the tenant's
+    map given ``where``."""
+    on_statement = _tenant(schema) if where == "statement" else {}
+    on_execute = _tenant(schema) if where == "execute" else {}
+    if where == "connection":
+        session.connection(execution_options=_tenant(schema))
+    rows = [{"id": 1, "name": "X"}, {"id": 2, "name": "X"}]
+    table = StItem.__table__
+    if path == "update by pk":
+        stmt = update(StItem).execution_options(**on_statement)
+        session.execute(stmt, rows, execution_options=on_execute)
+    elif path == "update where":
+        stmt = update(StItem).where(StItem.id == 1).values(name="X")
+        session.execute(stmt.execution_options(**on_statement), execution_options=on_execute)
+    elif path == "delete where":
+        stmt = sa.delete(StItem).where(StItem.id == 1)
+        session.execute(stmt.execution_options(**on_statement), execution_options=on_execute)
+    elif path == "insert":
+        stmt = sa.insert(StItem).execution_options(**on_statement)
+        session.execute(stmt, [{"id": 2, "name": "X"}], execution_options=on_execute)
+    elif path == "core update":
+        stmt = table.update().where(table.c.id == 1).values(name="X")
+        session.execute(stmt.execution_options(**on_statement), execution_options=on_execute)
+    elif path == "bulk_update_mappings":
+        session.bulk_update_mappings(StItem, rows)  # type: ignore[arg-type]
+    elif path == "bulk_save_objects":
+        items = [session.get(StItem, 1), session.get(StItem, 2)]
+        for item in items:
+            assert item is not None
+            item.name = "X"
+        session.bulk_save_objects(items)
+    else:
+        assert path == "flush"
+        found = session.get(StItem, 1, execution_options={**on_statement, **on_execute})
+        assert found is not None
+        found.name = "X"
+
+
+#: the paths that take no execution options of a statement
+_NO_STATEMENT = {"bulk_update_mappings", "bulk_save_objects"}
+#: (path, where) whose SQL SQLAlchemy (2.0 and 2.1) renders without the map: a bulk UPDATE by
+#: primary key ignores ``session.execute``'s execution options (only the statement's and the
+#: connection's reach its SQL); a flush uses its connection's, never a load's
+_DEFAULT_SCHEMA = {("update by pk", "execute"), ("flush", "statement"), ("flush", "execute")}
+
+
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize(
+    "path",
+    ["update by pk", "update where", "delete where", "insert", "core update",
+     "bulk_update_mappings", "bulk_save_objects", "flush"],
+)  # fmt: skip
+def test_a_statement_with_a_tenants_map_leaves_no_tenant_stale(
+    maker: sessionmaker[Session],
+    engine: Engine,
+    schemas: tuple[str, str],
+    path: str,
+    where: str,
+) -> None:
+    """Whichever table SQLAlchemy writes (the SQL says), every tenant is then served what its
+    own table holds: the entries of the table written are invalidated or written through, the
+    others stay served."""
+    if path in _NO_STATEMENT and where in ("statement", "execute"):
+        pytest.skip(f"{path} takes no execution options")
+    a, b = schemas
+    with engine.begin() as conn:  # row 2 in every schema (row 1 is there already)
+        for schema in (None, a, b):
+            tenant = conn.execution_options(**_tenant(schema)) if schema else conn
+            if path == "insert":
+                tenant.execute(StItem.__table__.delete().where(StItem.id == 2))
+            else:
+                tenant.execute(StItem.__table__.insert(), {"id": 2, "name": f"{schema} 2"})
+    before = {schema: _served(maker, engine, schema) for schema in (None, a, b)}
+    bind = engine.execution_options(**_tenant(a)) if where == "engine" else engine
+    with maker(bind=bind) as session, capture_sql(engine) as sql:  # an OptionEngine's too
+        _bulk(session, path, where, a)
+        session.commit()
+    written = [s for s in sql if s.lstrip().split()[0].upper() in ("INSERT", "UPDATE", "DELETE")]
+    assert written, "the path wrote"
+    expected = None if (path, where) in _DEFAULT_SCHEMA else a
+    for statement in written:  # SQLAlchemy's behaviour, pinned: which table it wrote
+        assert (a in statement) == (expected == a), statement
+    changed = _rows(engine, expected)
+    assert changed != before[expected], "the rows written changed"
+    for schema in (None, a, b):
+        assert _served(maker, engine, schema) == _rows(engine, schema), schema
+    assert _rows(engine, b) == before[b]
+
+
+@pytest.mark.parametrize("path", ["update by pk", "update where", "flush"])
+def test_a_shared_table_is_one_entry_whatever_map_names_it(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str], path: str
+) -> None:
+    """A table in a schema the map does not translate is the same table with or without the
+    map (SQLAlchemy renders its own schema): a tenant's write to it is seen by a session with
+    no map and by another tenant's, and the other way round."""
+    a, b = schemas
+
+    def plan(schema: str | None) -> Any:
+        with maker() as session:
+            if schema is not None:
+                session.connection(execution_options=_tenant(schema))
+            found = session.get(StPlan, 1)
+            return found.name if found else None
+
+    def write(schema: str | None, name: str) -> None:
+        with maker() as session:
+            if schema is not None:
+                session.connection(execution_options=_tenant(schema))
+            if path == "update by pk":
+                session.execute(update(StPlan), [{"id": 1, "name": name}])
+            elif path == "update where":
+                session.execute(update(StPlan).where(StPlan.id == 1).values(name=name))
+            else:
+                found = session.get(StPlan, 1)
+                assert found is not None
+                found.name = name
+            session.commit()
+
+    for writer, name in ((a, "by a"), (None, "by nobody"), (b, "by b")):
+        for reader in (None, a, b):  # every entry warm
+            plan(reader)
+        write(writer, name)
+        for reader in (None, a, b):
+            assert plan(reader) == name, (writer, reader)
+    with capture_sql(engine) as sql:
+        assert plan(None) == plan(a) == plan(b) == "by b"
+    assert sql == [], "served from the cache"
