@@ -86,6 +86,9 @@ class Report:
     leftover: Counter[str] = dataclasses.field(default_factory=Counter)
     stale: list[Violation] = dataclasses.field(default_factory=list)
     uncommitted: list[Violation] = dataclasses.field(default_factory=list)
+    #: reads per tenant and per way of reaching it (``--tenants``)
+    tenant_reads: Counter[str] = dataclasses.field(default_factory=Counter)
+    way_reads: Counter[str] = dataclasses.field(default_factory=Counter)
     #: reads in one tenant of a value written in another (``--tenants``)
     cross_tenant: list[Violation] = dataclasses.field(default_factory=list)
     divergent: list[Violation] = dataclasses.field(default_factory=list)
@@ -181,6 +184,16 @@ class Report:
             f"reads: {sum(self.reads.values())} "
             + " ".join(f"{k}={n}" for k, n in sorted(self.reads.items()))
             + f"; served from cache: {self.cache_share:.1%} of cache-eligible reads",
+            *(
+                [
+                    "tenants: reads "
+                    + " ".join(f"{k}={n}" for k, n in sorted(self.tenant_reads.items()))
+                    + "; by way "
+                    + " ".join(f"{k}={n}" for k, n in sorted(self.way_reads.items()))
+                ]
+                if self.tenant_reads
+                else []
+            ),
             "commits: " + " ".join(f"{k}={n}" for k, n in sorted(self.commits.items())),
             "worker kills: " + (" ".join(f"{k}={n}" for k, n in sorted(self.kills.items())) or "0"),
             "errors seen by callers: "
@@ -328,6 +341,9 @@ def check(
     for r in reads:
         report.reads[r["src"]] += 1
         tenant = r.get("tn")
+        if tenant is not None:
+            report.tenant_reads[tenant] += 1
+            report.way_reads[r.get("way") or "?"] += 1
         row = _row(r["tb"], r["id"], tenant)
         t0, t1 = int(r["t0"]), int(r["t1"])
         value = r["v"]
