@@ -18,7 +18,7 @@ from .runner import (
     run_partition,
     run_stress,
 )
-from .worker import SABOTAGES
+from .worker import SABOTAGES, WAYS
 
 DEFAULT_URLS = {
     "postgresql": ("POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
@@ -113,6 +113,32 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="stress: how many of the workers use AsyncSession (asyncpg / aiomysql) and "
         "redis.asyncio, next to the sync ones (sabotages apply to the sync ones only)",
     )
+    p.add_argument(
+        "--tenants",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stress: N tenants, one schema each (PostgreSQL schemas, MariaDB databases; "
+        "per-run names, dropped at the end) with the same tables and their own data; each "
+        "operation picks a tenant and reaches it through a schema_translate_map in one of "
+        "the ways users do (see --tenant-ways); a read of another tenant's value fails the "
+        "run as 'cross-tenant' (default 0: one database)",
+    )
+    p.add_argument(
+        "--tenant-ways",
+        default=",".join(WAYS),
+        help="with --tenants: the ways operations may reach their tenant, a comma-separated "
+        f"list of: {', '.join(WAYS)} (default: all; unit-of-work writes need one of bind, "
+        "maker, connection)",
+    )
+    p.add_argument(
+        "--avoid",
+        default="",
+        metavar="PATH:WAY,...",
+        help="with --tenants: statement-level write paths never taken with these ways, e.g. "
+        "bulk_pk:execute (SQLAlchemy 2.1 runs that UPDATE on the default schema; see "
+        "tests/test_tenant_bulk_update.py), so that a run checks everything else",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-logs", action="store_true", help="keep the history files")
     return p.parse_args(argv)
@@ -142,8 +168,19 @@ def _dump(value: Any) -> str:
     return json.dumps(value, indent=2, default=str)
 
 
+def tenant_ways(spec: str) -> tuple[str, ...]:
+    ways = tuple(w.strip() for w in spec.split(",") if w.strip())
+    unknown = set(ways) - set(WAYS)
+    if unknown or not ways:
+        raise SystemExit(f"--tenant-ways: choose from {', '.join(WAYS)}; got {spec!r}")
+    return ways
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.tenants < 0:
+        raise SystemExit("--tenants must be 0 or more")
+    ways = tenant_ways(args.tenant_ways)
     install_signal_handlers()
     dbs = ["postgresql", "mariadb"] if args.db == "both" else [args.db]
     isolations = tuple(ISOLATIONS) if args.isolation == "both" else (args.isolation,)
@@ -169,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                     asyncio_workers=args.asyncio_workers,
                     publish=args.publish,
                     near_cache=args.near_cache,
+                    tenants=args.tenants,
+                    tenant_ways=ways,
+                    avoid=frozenset(a.strip() for a in args.avoid.split(",") if a.strip()),
                 )
             )
             print(result.format(), flush=True)

@@ -13,6 +13,11 @@ It fails a run on:
                  worker, never written), or saw it before that commit had even begun. Commits
                  whose outcome is unknown ("maybe": the worker died in the middle, or the error
                  left it unknown) count as committed here, and never as completed for ``stale``.
+``cross-tenant`` (with ``--tenants``) a read in one tenant's schema returned a value written (by any
+                 commit, failed or rolled back too) in another tenant's: two tenants shared a
+                 cache entry, or a statement reached the wrong schema. Every row is the tenant's
+                 own (``row[0]`` is ``tenant/table``): each read is checked against its own
+                 tenant's committed history only.
 ``divergent``    at quiescence (workers stopped, locks and leases expired), a VALUE entry of a
                  current generation differs from its database row, or its row does not exist.
 
@@ -42,6 +47,8 @@ from typing import Any
 from .models import DELETED_RANK, rank
 
 Row = tuple[str, int]
+#: the tenant label of the default schema's rows in a ``--tenants`` run (no worker means them)
+DEFAULT_TENANT = "(default)"
 SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE"})
 
 
@@ -79,6 +86,11 @@ class Report:
     leftover: Counter[str] = dataclasses.field(default_factory=Counter)
     stale: list[Violation] = dataclasses.field(default_factory=list)
     uncommitted: list[Violation] = dataclasses.field(default_factory=list)
+    #: reads per tenant and per way of reaching it (``--tenants``)
+    tenant_reads: Counter[str] = dataclasses.field(default_factory=Counter)
+    way_reads: Counter[str] = dataclasses.field(default_factory=Counter)
+    #: reads in one tenant of a value written in another (``--tenants``)
+    cross_tenant: list[Violation] = dataclasses.field(default_factory=list)
     divergent: list[Violation] = dataclasses.field(default_factory=list)
     gap: list[Violation] = dataclasses.field(default_factory=list)
     window: list[Violation] = dataclasses.field(default_factory=list)
@@ -91,7 +103,9 @@ class Report:
 
     @property
     def violations(self) -> int:
-        return len(self.stale) + len(self.uncommitted) + len(self.divergent)
+        return (
+            len(self.stale) + len(self.uncommitted) + len(self.cross_tenant) + len(self.divergent)
+        )
 
     @property
     def ok(self) -> bool:
@@ -113,6 +127,7 @@ class Report:
             "errors": sum(self.errors.values()),
             "stale": len(self.stale),
             "uncommitted": len(self.uncommitted),
+            "cross_tenant": len(self.cross_tenant),
             "divergent": len(self.divergent),
             "gap": len(self.gap),
             "window": len(self.window),
@@ -169,6 +184,16 @@ class Report:
             f"reads: {sum(self.reads.values())} "
             + " ".join(f"{k}={n}" for k, n in sorted(self.reads.items()))
             + f"; served from cache: {self.cache_share:.1%} of cache-eligible reads",
+            *(
+                [
+                    "tenants: reads "
+                    + " ".join(f"{k}={n}" for k, n in sorted(self.tenant_reads.items()))
+                    + "; by way "
+                    + " ".join(f"{k}={n}" for k, n in sorted(self.way_reads.items()))
+                ]
+                if self.tenant_reads
+                else []
+            ),
             "commits: " + " ".join(f"{k}={n}" for k, n in sorted(self.commits.items())),
             "worker kills: " + (" ".join(f"{k}={n}" for k, n in sorted(self.kills.items())) or "0"),
             "errors seen by callers: "
@@ -180,7 +205,7 @@ class Report:
                 else ""
             ),
             f"violations: stale={len(self.stale)} uncommitted={len(self.uncommitted)} "
-            f"divergent={len(self.divergent)}"
+            f"cross-tenant={len(self.cross_tenant)} divergent={len(self.divergent)}"
             f"   (documented degrade gap, not failures: stale={len(self.gap)}"
             + (f"; failover windows: stale={len(self.window)}" if self.windows else "")
             + ")",
@@ -191,17 +216,22 @@ class Report:
             lines.append(self.failover_window())
         if self.near_bound is not None:
             lines.append(self.near_lag())
-        for name in ("stale", "uncommitted", "divergent", "gap", "window", "near"):
+        for name in ("stale", "uncommitted", "cross_tenant", "divergent", "gap", "window", "near"):
             found: list[Violation] = getattr(self, name)
             for v in found[:limit]:
-                lines.append(f"  {name} {v.row[0]}#{v.row[1]}: {v.detail}")
+                lines.append(f"  {name.replace('_', '-')} {v.row[0]}#{v.row[1]}: {v.detail}")
             if len(found) > limit:
-                lines.append(f"  ... {len(found) - limit} more {name}")
+                lines.append(f"  ... {len(found) - limit} more {name.replace('_', '-')}")
         return "\n".join(lines)
 
 
-def _row(tb: str, id_: int) -> Row:
-    return (tb, int(id_))
+def tenant_table(tenant: str | None, table: str) -> str:
+    """The table part of a row's name: ``tenant/table`` in a ``--tenants`` run."""
+    return table if tenant is None else f"{tenant}/{table}"
+
+
+def _row(tb: str, id_: int, tenant: str | None = None) -> Row:
+    return (tenant_table(tenant, tb), int(id_))
 
 
 def check(
@@ -232,6 +262,8 @@ def check(
     kills: dict[str, Mapping[str, Any]] = {}
     reads: list[Mapping[str, Any]] = []
     aborted: set[tuple[Row, int]] = set()
+    #: (table, id, value) -> the tenants whose history wrote it (committed, failed or aborted)
+    written_in: dict[tuple[str, int, int], set[str | None]] = defaultdict(set)
     for e in events:
         kind = e["e"]
         if kind == "read":
@@ -247,7 +279,8 @@ def check(
         elif kind == "aborted":
             for tb, id_, value in e["writes"]:
                 if value is not None:
-                    aborted.add((_row(tb, id_), value))
+                    aborted.add((_row(tb, id_, e.get("tn")), value))
+                    written_in[(tb, int(id_), value)].add(e.get("tn"))
         elif kind == "op":
             report.ops[e["k"]] += 1
             if e.get("err"):
@@ -271,7 +304,9 @@ def check(
         report.commits[status] += 1
         trouble = bool(end is not None and end.get("lf"))
         for tb, id_, value in start["writes"]:
-            row = _row(tb, id_)
+            row = _row(tb, id_, start.get("tn"))
+            if value is not None:
+                written_in[(tb, int(id_), value)].add(start.get("tn"))
             if status == "failed":
                 if value is not None:
                     failed.add((row, value))
@@ -305,12 +340,30 @@ def check(
 
     for r in reads:
         report.reads[r["src"]] += 1
-        row = _row(r["tb"], r["id"])
+        tenant = r.get("tn")
+        if tenant is not None:
+            report.tenant_reads[tenant] += 1
+            report.way_reads[r.get("way") or "?"] += 1
+        row = _row(r["tb"], r["id"], tenant)
         t0, t1 = int(r["t0"]), int(r["t1"])
         value = r["v"]
-        where = f"{r['w']} read {value} ({r['src']}, {r.get('iso')}) during [{ms(t0)}, {ms(t1)}]"
+        how = f", {r['way']}" if r.get("way") else ""
+        where = (
+            f"{r['w']} read {value} ({r['src']}, {r.get('iso')}{how}) during [{ms(t0)}, {ms(t1)}]"
+        )
         if value is not None:
             ver = by_value.get((row, value))
+            others = written_in.get((r["tb"], int(r["id"]), value), set()) - {tenant}
+            if ver is None and others:
+                report.cross_tenant.append(
+                    Violation(
+                        "cross-tenant",
+                        row,
+                        f"{where}: a value of tenant {', '.join(sorted(map(str, others)))}",
+                        t0,
+                    )
+                )
+                continue
             if ver is None:
                 why = (
                     "a rolled-back value"

@@ -18,6 +18,10 @@ Events (``"e"`` is the kind; ``"w"`` the worker id, added by the recorder):
 ``aborted``  values written then rolled back (explicit rollback, savepoint rollback): ``writes``
 ``op``       an operation finished: ``k`` kind, ``t0``/``t1``, ``ok``, ``err`` (a user-visible
              exception, as text)
+
+With ``--tenants``, every event of an operation also carries ``tn``, the tenant (schema) it
+reached, and ``way``, how it chose it (``bind``, ``maker``, ``connection``, ``execute``,
+``statement``; see :mod:`stress.worker`); the seed of each schema carries its ``tn``.
 """
 
 from __future__ import annotations
@@ -38,10 +42,17 @@ class Recorder:
 
     def __init__(self, path: Path | str, worker: str) -> None:
         self.worker = worker
+        #: the current operation's tenant and way (``--tenants``), added to every event
+        self.tenant: str | None = None
+        self.way: str | None = None
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def log(self, event: dict[str, Any]) -> None:
         event["w"] = self.worker
+        if self.tenant is not None:
+            event.setdefault("tn", self.tenant)
+            if self.way is not None:
+                event.setdefault("way", self.way)
         self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
         self._file.flush()
 

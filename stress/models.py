@@ -78,3 +78,25 @@ def reset_schema(engine: Engine, metadata: MetaData = Base.metadata) -> None:
                 conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
         metadata.drop_all(conn, checkfirst=True)
         metadata.create_all(conn)
+
+
+def create_tenant_schemas(
+    engine: Engine, schemas: list[str], metadata: MetaData = Base.metadata
+) -> None:
+    """One schema per tenant holding the stress tables (on MariaDB, a schema is a database,
+    beside the run's)."""
+    preparer = engine.dialect.identifier_preparer
+    with engine.begin() as conn:
+        for schema in schemas:
+            conn.exec_driver_sql(f"CREATE SCHEMA {preparer.quote_schema(schema)}")
+            metadata.create_all(conn.execution_options(schema_translate_map={None: schema}))
+
+
+def drop_tenant_schemas(engine: Engine, schemas: list[str]) -> None:
+    """Drop the tenants' schemas and everything in them (those that exist)."""
+    preparer = engine.dialect.identifier_preparer
+    # MariaDB's DROP SCHEMA (a database) drops its tables and takes no CASCADE
+    cascade = " CASCADE" if engine.dialect.name == "postgresql" else ""
+    with engine.begin() as conn:
+        for schema in schemas:
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)}{cascade}")

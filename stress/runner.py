@@ -34,11 +34,19 @@ from sqlalchemy.orm import Session
 from sqlalchemy_writethrough import WriteThroughCache
 from sqlalchemy_writethrough.protocol import payload_of
 
-from .checker import Report, Row, check
+from .checker import DEFAULT_TENANT, Report, Row, check, tenant_table
 from .cluster import ClusterGroup
 from .faults import ALL_FAULTS, PROXIED, TOPOLOGY_FAULTS, FaultSchedule, topology_of
 from .history import Recorder, now, read_histories
-from .models import MODELS, StItem, StParent, first_value, reset_schema
+from .models import (
+    MODELS,
+    StItem,
+    StParent,
+    create_tenant_schemas,
+    drop_tenant_schemas,
+    first_value,
+    reset_schema,
+)
 from .proxy import FaultyProxy
 from .redis_server import RedisServer, die_with_parent
 from .sentinel import SentinelGroup
@@ -125,10 +133,17 @@ def workspace(keep: bool, log: Log) -> Iterator[Path]:
 
 
 def seed_rows(
-    engine: Engine, workdir: Path, rng: random.Random, items: list[int], parents: list[int]
+    engine: Engine,
+    workdir: Path,
+    rng: random.Random,
+    items: list[int],
+    parents: list[int],
+    tenant: str | None = None,
 ) -> None:
-    """Create the hot rows, and record their creation as a commit that ended before any read."""
-    rec = Recorder(workdir / "seed.jsonl", "seed")
+    """Create the hot rows, and record their creation as a commit that ended before any read
+    (``tenant``: the label of the schema ``engine`` reaches, in a ``--tenants`` run)."""
+    rec = Recorder(workdir / f"seed{'' if tenant is None else '-' + tenant}.jsonl", "seed")
+    rec.tenant = tenant
     writes: list[list[Any]] = []
     with Session(engine) as s:
         for pid in parents:
@@ -142,30 +157,33 @@ def seed_rows(
             writes.append([StItem.__tablename__, iid, value])
         t = now()
         s.commit()
-    rec.log({"e": "cstart", "tx": f"seed:{t}", "writes": writes, "t": t})
-    rec.log({"e": "cend", "tx": f"seed:{t}", "outcome": "ok", "t": now(), "lf": 0})
+    tx = f"seed:{t}" if tenant is None else f"seed:{tenant}:{t}"
+    rec.log({"e": "cstart", "tx": tx, "writes": writes, "t": t})
+    rec.log({"e": "cend", "tx": tx, "outcome": "ok", "t": now(), "lf": 0})
     rec.close()
 
 
 def final_state(
-    engine: Engine, redis_url: str | list[str], prefix: str
+    engine: Engine, redis_url: str | list[str], prefix: str, tenants: list[str] | None = None
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     """The database rows, the decoded current VALUE entries, and what else Redis still holds
     (``redis_url``: the server, or every primary of a Redis Cluster: an entry and its
-    generation key always live on the same one)."""
+    generation key always live on the same one). ``tenants``: the schemas of a ``--tenants``
+    run; each row is then named ``tenant/table`` (the default schema's ``(default)/table``),
+    each entry by the database its key names."""
     urls = [redis_url] if isinstance(redis_url, str) else redis_url
     db: dict[Row, dict[str, Any]] = {}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     for url in urls:
-        db, found, left = _final_state_of(engine, url, prefix)
+        db, found, left = _final_state_of(engine, url, prefix, tenants)
         cached.update(found)
         leftover.update(left)
     return db, cached, leftover
 
 
 def _final_state_of(
-    engine: Engine, redis_url: str, prefix: str
+    engine: Engine, redis_url: str, prefix: str, tenants: list[str] | None = None
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
@@ -174,11 +192,20 @@ def _final_state_of(
         layout = cache._layout_for(inspect(model))
         assert layout is not None
         layouts[table] = layout
+    # (label, engine) of every tenant: the run's one database, or each schema and the default
+    binds: list[tuple[str | None, Engine]] = [(None, engine)]
+    if tenants:
+        binds = [(DEFAULT_TENANT, engine)]
+        binds += [(t, engine.execution_options(schema_translate_map={None: t})) for t in tenants]
+    #: the database digest a key names -> its tenant's label
+    labels = {cache._databases.of(bind): label for label, bind in binds}
     db: dict[Row, dict[str, Any]] = {}
-    with Session(engine) as s:
-        for table, model in MODELS.items():
-            for obj in s.scalars(select(model)):
-                db[(table, obj.id)] = {a: getattr(obj, a) for a in layouts[table].attrs}
+    for label, bind in binds:
+        with Session(bind) as s:
+            for table, model in MODELS.items():
+                for obj in s.scalars(select(model)):
+                    row = (tenant_table(label, table), obj.id)
+                    db[row] = {a: getattr(obj, a) for a in layouts[table].attrs}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     try:
@@ -187,9 +214,12 @@ def _final_state_of(
             if key.endswith("}") or "}:" not in key:
                 continue  # a bucket's generation key, or the cache's keyspace registry
             tag, _, part = key.rpartition("}:")
-            table = tag.split("{", 1)[1].split(":", 1)[0] if "{" in tag else ""
+            # {table:<model digest>:<database digest>:<bucket>
+            inner = tag.split("{", 1)[1].split(":") if "{" in tag else [""]
+            table = inner[0]
             layout = layouts.get(table)
-            if layout is None or not part.isdigit():
+            database = inner[-2] if len(inner) >= 4 else ""
+            if layout is None or not part.isdigit() or database not in labels:
                 leftover[f"unknown key {key}"] += 1
                 continue
             raw = client.get(key)
@@ -209,7 +239,7 @@ def _final_state_of(
             if client.get(tag + "}") != gen:
                 leftover["old generation"] += 1
                 continue
-            row = (table, int(part))
+            row = (tenant_table(labels[database], table), int(part))
             try:
                 cached[row] = layout.decode(payload_of(raw), engine.dialect)
             except ValueError:
@@ -277,6 +307,13 @@ class StressConfig:
     publish: str = "sync"
     #: the near cache's staleness bound (seconds) in every worker; None: no near cache
     near_cache: float | None = None
+    #: how many tenants' schemas (0: the one database); each operation picks one
+    tenants: int = 0
+    #: the ways operations may reach their tenant (None: all of ``stress.worker.WAYS``)
+    tenant_ways: tuple[str, ...] | None = None
+    #: "path:way" pairs the workers never use for a statement-level write (with tenants): a
+    #: known defect set aside, so that a run checks everything else
+    avoid: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass
@@ -294,6 +331,8 @@ class StressResult:
             f"{'/'.join(self.config.isolations)}, on_redis_error={self.config.on_redis_error}, "
             f"{'publish=background, ' if self.config.publish == 'background' else ''}"
             f"{f'near cache {self.config.near_cache} s, ' if self.config.near_cache else ''}"
+            f"{f'{self.config.tenants} tenants, ' if self.config.tenants else ''}"
+            f"{'avoiding ' + ','.join(sorted(self.config.avoid)) + ', ' if self.config.avoid else ''}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
@@ -339,7 +378,19 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         stack.callback(engine.dispose)
         stack.enter_context(exclusive_tables(engine, lock_wait))
         reset_schema(engine)
-        seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
+        tenants: list[str] = []
+        if config.tenants:
+            tenants = [f"stt{i}_{uuid.uuid4().hex[:6]}" for i in range(config.tenants)]
+            stack.callback(drop_tenant_schemas, engine, tenants)
+            create_tenant_schemas(engine, tenants)
+            # the default schema holds the same ids with values of its own: a statement that
+            # misses its tenant's map reads or writes there, and the checker sees it
+            seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS, DEFAULT_TENANT)
+            for tenant in tenants:
+                tenant_engine = engine.execution_options(schema_translate_map={None: tenant})
+                seed_rows(tenant_engine, workdir, rng, HOT_ITEMS, PARENTS, tenant)
+        else:
+            seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
         prefix = f"st-{uuid.uuid4().hex[:8]}"
         # The clock starts once every first worker is ready (imported, connected): on a loaded
         # machine start-up alone once took longer than a short run, which then did nothing.
@@ -378,6 +429,9 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "paths": config.paths,
                     "sabotage": config.sabotage,
                     "flavour": "asyncio" if slot < config.asyncio_workers else "sync",
+                    "tenants": tenants,
+                    "tenant_ways": list(config.tenant_ways or ()),
+                    "avoid": sorted(config.avoid),
                 },
                 workdir,
             )
@@ -423,7 +477,9 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         # quiescence: every lock and lease taken before the end has expired
         time.sleep(config.lock_timeout + 0.5)
         # the server the workers reach at the end (redis-switch moves them)
-        final_db, final_cache, leftover = final_state(engine, _final_urls(schedule), prefix)
+        final_db, final_cache, leftover = final_state(
+            engine, _final_urls(schedule), prefix, tenants
+        )
         events = read_histories(workdir)
         near_bound = None if config.near_cache is None else int(config.near_cache * 1e9)
         report = check(events, final_db, final_cache, leftover, schedule.windows, near_bound)

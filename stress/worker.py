@@ -15,12 +15,17 @@ in its configuration, recording every read and commit (see :mod:`stress.history`
   retried up to three times;
 * with ``kill_prob``, the worker SIGKILLs itself with that probability at each flush before
   COMMIT and after each COMMIT before the cache publishes (a listener inserted before the
-  cache's own ``after_commit``), recording where it died first.
+  cache's own ``after_commit``), recording where it died first;
+* with ``tenants`` (``--tenants N``), every operation picks one of the tenants' schemas and
+  reaches it in one of the ways users choose a ``schema_translate_map`` (chosen at random per
+  session, among those that apply to the operation; see ``WAYS``). Every event of the
+  operation records the tenant and the way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -79,6 +84,21 @@ STMT_PATHS = (
     "text_conn",  # the same through session.connection().execute(...)
     "mappings",  # session.bulk_update_mappings(M, [{"id": .., "counter": ..}])
 )
+
+
+#: how an operation reaches its tenant's schema, as users do:
+WAYS = (
+    "bind",  # the shared sessionmaker, called with bind=engine.execution_options(map)
+    "maker",  # a sessionmaker per tenant, bound to engine.execution_options(map)
+    "connection",  # session.connection(execution_options=map) at the start of the transaction
+    "execute",  # session.get / session.execute(..., execution_options=map) for every statement
+    "statement",  # stmt.execution_options(map) (session.get's execution_options for a get)
+)
+#: the ways that put the map on the session's bind or connection: only these reach the
+#: tenant from the unit of work's flush, lazy loads, refreshes and bulk_update_mappings
+SESSION_WAYS = ("bind", "maker", "connection")
+#: the operations that reach their tenant through statements only (any way applies)
+STATEMENT_OPS = frozenset({"get", "select", "rr_read", "stmt"})
 
 
 def op_weights(role: str, paths: str, db_errors: bool) -> dict[str, int]:
@@ -140,7 +160,14 @@ class Worker:
         self.weights = list(weights.values())
         self.tx_seq = 0
         self.next_extra = 0
-        self.extras: list[int] = []
+        self._extras: dict[str | None, list[int]] = {}
+        #: the tenants' schemas (empty: one database, as without --tenants), and the ways
+        #: operations may reach them
+        self.tenants: list[str] = list(config.get("tenants") or [])
+        self.tenant_ways: list[str] = list(config.get("tenant_ways") or WAYS)
+        #: "path:way" pairs of statement-level writes never used (a known defect set aside)
+        self.avoid: set[str] = set(config.get("avoid") or ())
+        self.op_tenant: str | None = None
         self.baseline: list[int] | None = config.get("baseline")
         self.baseline_items: list[int] = config.get("baseline_items", [])
         self.baseline_parents: list[int] = config.get("baseline_parents", [])
@@ -174,33 +201,62 @@ class Worker:
         sabotage(self.cache, config.get("sabotage"))
         self.sessions: dict[str, Callable[[], Session]] = {}
         self.plain: dict[str, Callable[[], Session]] = {}
+        #: per level: the shared cached maker, called with another bind (the "bind" way)
+        self.rebound: dict[str, Callable[[Any], Session]] = {}
+        #: per (level, tenant): the tenant's engine (the "bind" way) and maker ("maker")
+        self.tenant_binds: dict[tuple[str, str], Any] = {}
+        self.tenant_makers: dict[tuple[str, str], Callable[[], Session]] = {}
         for level in self.isolations:
             if self.async_engine is not None:
-                self.sessions[level], self.plain[level] = self._async_factories(level)
+                self.sessions[level], self.plain[level], self.rebound[level] = (
+                    self._async_factories(level)
+                )
+                base = self.async_engine.execution_options(isolation_level=level)
+                for tenant in self.tenants:
+                    tenant_bind = base.execution_options(schema_translate_map={None: tenant})
+                    self.tenant_binds[(level, tenant)] = tenant_bind
+                    self.tenant_makers[(level, tenant)] = self._async_factories(level, tenant_bind)[
+                        0
+                    ]
                 continue
             bound = self.engine.execution_options(isolation_level=level)
             factory: sessionmaker[Session] = sessionmaker(bound, expire_on_commit=False)
             self.cache.install(factory)
             self._hooks(factory)
             self.sessions[level] = factory
+            self.rebound[level] = functools.partial(_rebind, factory)
             plain: sessionmaker[Session] = sessionmaker(bound, expire_on_commit=False)
             event.listen(plain, "after_begin", _mark_begin)
             self.plain[level] = plain
+            for tenant in self.tenants:
+                tenant_bind = bound.execution_options(schema_translate_map={None: tenant})
+                self.tenant_binds[(level, tenant)] = tenant_bind
+                own: sessionmaker[Session] = sessionmaker(tenant_bind, expire_on_commit=False)
+                self.cache.install(own)
+                self._hooks(own)
+                self.tenant_makers[(level, tenant)] = own
 
-    def _async_factories(self, level: str) -> tuple[Callable[[], Session], Callable[[], Session]]:
-        """(cached, plain) session makers of the asyncio flavour: each makes an AsyncSession
-        and hands out its sync session (used from the worker's greenlet)."""
+    def _async_factories(
+        self, level: str, bind: Any = None
+    ) -> tuple[Callable[[], Session], Callable[[], Session], Callable[[Any], Session]]:
+        """(cached, plain, cached with another bind) session makers of the asyncio flavour:
+        each makes an AsyncSession and hands out its sync session (used from the worker's
+        greenlet). ``bind``: a tenant's engine instead of the worker's."""
         from sqlalchemy.ext.asyncio import async_sessionmaker
 
         from sqlalchemy_writethrough import flavours
 
-        bound = self.async_engine.execution_options(isolation_level=level)
+        bound = bind or self.async_engine.execution_options(isolation_level=level)
         cached: Any = async_sessionmaker(bound, expire_on_commit=False)
         self.cache.install(cached)
         self._hooks(flavours.sync_session_class(cached))
         plain: Any = async_sessionmaker(bound, expire_on_commit=False)
         event.listen(flavours.sync_session_class(plain), "after_begin", _mark_begin)
-        return (lambda: cached().sync_session), (lambda: plain().sync_session)
+        return (
+            (lambda: cached().sync_session),
+            (lambda: plain().sync_session),
+            (lambda other: cached(bind=other).sync_session),
+        )
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -232,11 +288,64 @@ class Worker:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def session(self, level: str | None = None) -> tuple[Session, str]:
+    def session(
+        self, level: str | None = None, ways: tuple[str, ...] = SESSION_WAYS
+    ) -> tuple[Session, str]:
+        """A fresh session; with tenants, on the operation's tenant, reached in one of
+        ``ways`` (those that apply to what the caller does with it), picked at random."""
         level = level or self.rng.choice(self.isolations)
         if self.in_baseline():
             return self.plain[level](), level
-        return self.sessions[level](), level
+        tenant = self.op_tenant
+        if tenant is None:
+            return self.sessions[level](), level
+        way = self.rng.choice([w for w in self.tenant_ways if w in ways])
+        self.rec.way = way
+        if way == "bind":
+            return self.rebound[level](self.tenant_binds[(level, tenant)]), level
+        if way == "maker":
+            return self.tenant_makers[(level, tenant)](), level
+        s = self.sessions[level]()
+        if way == "connection":
+            s.connection(execution_options=self.translate())
+        return s, level
+
+    def translate(self) -> dict[str, Any]:
+        """The execution options naming the operation's tenant."""
+        return {"schema_translate_map": {None: self.op_tenant}}
+
+    def by_statement(self) -> bool:
+        """Does the current session reach its tenant through each statement's options?"""
+        return self.op_tenant is not None and self.rec.way in ("execute", "statement")
+
+    def get(self, s: Session, model: Any, id_: int, **kw: Any) -> Any:
+        """``s.get``, with the tenant's map when the session's way is per statement."""
+        if self.by_statement():
+            kw["execution_options"] = self.translate()
+        return s.get(model, id_, **kw)
+
+    def execute(self, s: Any, stmt: Any, params: Any = None) -> Any:
+        """``s.execute`` (a Session or a Connection), with the tenant's map in the call's
+        ``execution_options`` or on the statement, when the session's way says so."""
+        if self.by_statement():
+            if self.rec.way == "statement":
+                stmt = stmt.execution_options(**self.translate())
+            else:
+                return s.execute(stmt, params, execution_options=self.translate())
+        return s.execute(stmt, params)
+
+    def table_name(self, table: str) -> str:
+        """A table as raw SQL names it: ``text()`` is not translated by a map, so a tenant's
+        table is named with its schema, as users write it."""
+        preparer = self.engine.dialect.identifier_preparer
+        if self.op_tenant is None:
+            return str(preparer.quote(table))
+        return f"{preparer.quote_schema(self.op_tenant)}.{preparer.quote(table)}"
+
+    @property
+    def extras(self) -> list[int]:
+        """The rows this worker inserted (and did not delete) in the operation's tenant."""
+        return self._extras.setdefault(self.op_tenant, [])
 
     def in_baseline(self) -> bool:
         """Is the current operation part of the database-only baseline? (Decided once per
@@ -289,7 +398,7 @@ class Worker:
             level,
             model.__tablename__,
             id_,
-            lambda: s.get(model, id_, with_for_update=True),
+            lambda: self.get(s, model, id_, with_for_update=True),
             locked=True,
         )
 
@@ -353,13 +462,13 @@ class Worker:
 
     def op_get(self) -> None:
         model, id_ = self.read_target()
-        s, level = self.session()
+        s, level = self.session(ways=WAYS)
         with s:
-            self.read(s, level, model.__tablename__, id_, lambda: s.get(model, id_))
+            self.read(s, level, model.__tablename__, id_, lambda: self.get(s, model, id_))
 
     def op_select(self) -> None:
         model, id_ = self.read_target()
-        s, level = self.session()
+        s, level = self.session(ways=WAYS)
         stmt = select(model).where(model.id == id_).options(from_cache())
         with s:
             self.read(
@@ -367,14 +476,14 @@ class Worker:
                 level,
                 model.__tablename__,
                 id_,
-                lambda: s.execute(stmt).scalar_one_or_none(),
+                lambda: self.execute(s, stmt).scalar_one_or_none(),
             )
 
     def op_lazy(self) -> None:
         id_ = self.rng.choice(self.item_ids())
         s, level = self.session()
         with s:
-            item = self.read(s, level, ITEM_TABLE, id_, lambda: s.get(StItem, id_))
+            item = self.read(s, level, ITEM_TABLE, id_, lambda: self.get(s, StItem, id_))
             if item is not None:
                 pid = item.parent_id
                 self.read(s, level, PARENT_TABLE, pid, lambda: item.parent)
@@ -383,16 +492,18 @@ class Worker:
         """A read inside a REPEATABLE READ transaction whose snapshot began a moment before."""
         if SNAPSHOT not in self.isolations:
             return self.op_get()
-        s, level = self.session(SNAPSHOT)
+        s, level = self.session(SNAPSHOT, ways=WAYS)
         with s:
             pid = self.rng.choice(self.parent_ids())
             stmt = select(StParent).where(StParent.id == pid)  # not from_cache: the database
-            self.read(s, level, PARENT_TABLE, pid, lambda: s.execute(stmt).scalar_one_or_none())
+            self.read(
+                s, level, PARENT_TABLE, pid, lambda: self.execute(s, stmt).scalar_one_or_none()
+            )
             time.sleep(self.rng.uniform(0, 0.01))
             model, id_ = self.read_target()
             if model is StParent and id_ == pid:
                 return None
-            self.read(s, level, model.__tablename__, id_, lambda: s.get(model, id_))
+            self.read(s, level, model.__tablename__, id_, lambda: self.get(s, model, id_))
         return None
 
     def op_update(self, model: Any = None, id_: int | None = None) -> None:
@@ -485,8 +596,12 @@ class Worker:
         as aborted, like ``op_rollback``.
         """
         path = path or self.rng.choice(STMT_PATHS)
+        if path == "mappings" and not set(self.tenant_ways) & set(SESSION_WAYS):
+            path = "bulk_pk"  # bulk_update_mappings takes no execution options
+        ways: tuple[str, ...] = SESSION_WAYS if path == "mappings" else WAYS
+        ways = tuple(w for w in ways if f"{path}:{w}" not in self.avoid) or SESSION_WAYS
         lf = self.cache.stats().lock_failures
-        s, level = self.session()
+        s, level = self.session(ways=ways)
         with s:
             # the locked rows, held: the identity map is weak, and a later s.get() of a row
             # it let go would be a cache read, whose value the write would then be based on
@@ -505,25 +620,27 @@ class Worker:
             # the rows' current values: what the FOR UPDATE reads just returned
             values = {i: next_value(obj.counter, self.rng) for i, obj in locked.items()}
             rows = [{"id": i, "counter": v} for i, v in values.items()]
-            tbl = self.engine.dialect.identifier_preparer.quote(table)
+            tbl = self.table_name(table)
             raw = text(f"UPDATE {tbl} SET counter = :v WHERE id = :id")
             params = [{"v": v, "id": i} for i, v in values.items()]
             by_id = case(values, value=model.id)
             s.info["armed"] = ""
             if path == "bulk_pk":
-                s.execute(update(model), rows)
+                self.execute(s, update(model), rows)
             elif path == "where_eq":
                 for i, v in values.items():
-                    s.execute(update(model).where(model.id == i).values(counter=v))
+                    self.execute(s, update(model).where(model.id == i).values(counter=v))
             elif path == "in_case":
-                s.execute(update(model).where(model.id.in_(list(values))).values(counter=by_id))
+                self.execute(
+                    s, update(model).where(model.id.in_(list(values))).values(counter=by_id)
+                )
             elif path == "range":
                 lo, hi = min(values), max(values)
-                s.execute(update(model).where(model.id.between(lo, hi)).values(counter=by_id))
+                self.execute(s, update(model).where(model.id.between(lo, hi)).values(counter=by_id))
             elif path == "text":
-                s.execute(raw, params if len(params) > 1 else params[0])
+                self.execute(s, raw, params if len(params) > 1 else params[0])
             elif path == "text_conn":
-                s.connection().execute(raw, params if len(params) > 1 else params[0])
+                self.execute(s.connection(), raw, params if len(params) > 1 else params[0])
             elif path == "mappings":
                 s.bulk_update_mappings(model, rows)
             else:  # pragma: no cover
@@ -558,7 +675,7 @@ class Worker:
         lo, hi = pool[start], pool[start + width - 1]
         t0 = now()
         stmt = select(StItem).where(StItem.id.between(lo, hi)).order_by(StItem.id).with_for_update()
-        found = list(s.execute(stmt).scalars())
+        found = list(self.execute(s, stmt).scalars())
         t1 = now()
         for obj in found:
             self.rec.log(
@@ -648,6 +765,14 @@ class Worker:
             )
             if self.op_in_baseline and kind not in SIMPLE:
                 kind = "get"
+            self.op_tenant = self.rng.choice(self.tenants) if self.tenants else None
+            self.rec.tenant, self.rec.way = self.op_tenant, None
+            if (
+                self.op_tenant is not None
+                and kind not in STATEMENT_OPS
+                and not set(self.tenant_ways) & set(SESSION_WAYS)
+            ):
+                kind = "get"  # a unit-of-work write cannot reach a tenant per statement
             t0 = now()
             err = ec = None
             try:
@@ -656,6 +781,7 @@ class Worker:
                 err, ec = error_text(exc), error_class(exc)
             self.rec.log({"e": "op", "k": kind, "t0": t0, "t1": now(), "err": err, "ec": ec})
         counts = {k: v for k, v in vars(self.cache.stats()).items() if type(v) is int}
+        self.rec.tenant = None
         self.rec.log({"e": "stop", "t": now(), "stats": counts})
         self.rec.close()
         if self.async_engine is None:
@@ -730,6 +856,7 @@ SABOTAGES = (
     "no-epoch-check",
     "unlocked-background-publish",
     "deaf-near-cache",
+    "tenant-blind-keys",
 )
 
 
@@ -748,6 +875,8 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
                              milliseconds late.
     ``deaf-near-cache``      with ``--near-cache``: the near cache ignores every invalidation
                              message and its copies live 10 times the bound.
+    ``tenant-blind-keys``    with ``--tenants``: a database is named without its
+                             ``schema_translate_map``, so every tenant's row shares one entry.
     """
     if not name:
         return
@@ -761,6 +890,11 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
         near._store = lambda key, gen_key, payload, seq, expires: original_store(  # type: ignore[method-assign]
             key, gen_key, payload, near._seq, expires + 9 * near.staleness
         )
+        return
+    if name == "tenant-blind-keys":
+        from sqlalchemy_writethrough import databases
+
+        databases._schemas = lambda translate: ""
         return
     if name == "unguarded-fill":
         backend = cache._backend
@@ -804,6 +938,11 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
         loading._read_was_fresh = lambda *args: True  # type: ignore[assignment]
     else:
         raise ValueError(f"unknown sabotage {name!r}; choose from {SABOTAGES}")
+
+
+def _rebind(factory: sessionmaker[Session], bind: Any) -> Session:
+    """A session of ``factory`` on another bind (the "bind" way to a tenant)."""
+    return factory(bind=bind)
 
 
 def _mark_begin(session: Session, transaction: Any, connection: Any) -> None:

@@ -219,3 +219,66 @@ def test_near_cache_reads_within_the_bound_are_reported_apart_beyond_it_stale() 
     )
     # without a bound (no near cache in the run) the same reads are all stale
     assert len(check(events, DB, {}).stale) == 2
+
+
+# -- tenants (python -m stress --tenants) ------------------------------------------------------
+
+
+def in_tenant(tenant: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``events`` as a ``--tenants`` run records them: each carries its tenant."""
+    return [{**e, "tn": tenant} for e in events]
+
+
+def tenants_history() -> list[dict[str, Any]]:
+    """Row 1 in tenants a and b, each with its own values: a's v(1, tag=1) then v(2, tag=1)
+    (committed during [10, 20] ms), b's v(1, tag=2)."""
+    return [
+        *in_tenant("a", commit("seed-a", 1, v(1, tag=1), 0, 1)),
+        *in_tenant("b", commit("seed-b", 1, v(1, tag=2), 0, 1)),
+        *in_tenant("a", commit("w:1", 1, v(2, tag=1), 10, 20)),
+    ]
+
+
+def test_each_tenant_is_checked_against_its_own_history() -> None:
+    """b's row never changed: its old value is not stale after a's commit, and a's row and b's
+    are two rows of the report (and of the final state)."""
+    events = [
+        *tenants_history(),
+        *in_tenant("b", [read(1, v(1, tag=2), 25, 26)]),
+        *in_tenant("a", [read(1, v(2, tag=1), 25, 26)]),
+    ]
+    a_row, b_row = ("a/" + ITEM_TABLE, 1), ("b/" + ITEM_TABLE, 1)
+    db = {
+        a_row: {"id": 1, "counter": v(2, tag=1), "parent_id": 1},
+        b_row: {"id": 1, "counter": v(1, tag=2), "parent_id": 1},
+    }
+    report = check(events, db, dict(db))
+    assert report.ok, report.format()
+    assert report.tenant_reads == {"a": 1, "b": 1}
+    stale = check([*events, *in_tenant("a", [read(1, v(1, tag=1), 30, 31)])], db, {})
+    assert [x.row for x in stale.stale] == [a_row], stale.format()
+
+
+def test_a_read_of_another_tenants_value_is_cross_tenant() -> None:
+    """b reading a's committed value (two tenants sharing an entry) fails the run as its own
+    kind, not as stale or uncommitted; so does a value another tenant rolled back."""
+    events = [
+        *tenants_history(),
+        *in_tenant("b", [read(1, v(2, tag=1), 25, 26, src="cache")]),
+        *in_tenant("a", [{"e": "aborted", "writes": [[ITEM_TABLE, 1, v(3, tag=9)]], "w": "w"}]),
+        *in_tenant("b", [read(1, v(3, tag=9), 30, 31, src="cache")]),
+    ]
+    report = check(events, {}, {})
+    assert len(report.cross_tenant) == 2, report.format()
+    assert not report.stale and not report.uncommitted, report.format()
+    assert {x.row for x in report.cross_tenant} == {("b/" + ITEM_TABLE, 1)}
+    assert "tenant a" in report.cross_tenant[0].detail
+    assert not report.ok
+    assert report.summary()["cross_tenant"] == 2
+    assert "cross-tenant=2" in report.format()
+
+
+def test_a_value_nobody_wrote_in_any_tenant_is_still_uncommitted() -> None:
+    events = [*tenants_history(), *in_tenant("b", [read(1, v(5, tag=77), 25, 26)])]
+    report = check(events, {}, {})
+    assert len(report.uncommitted) == 1 and not report.cross_tenant, report.format()
