@@ -137,7 +137,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         metavar="PATH:WAY,...",
         help="with --tenants: statement-level write paths never taken with these ways, e.g. "
         "bulk_pk:execute (SQLAlchemy 2.1 runs that UPDATE on the default schema; see "
-        "tests/test_tenant_bulk_update.py), so that a run checks everything else",
+        "tests/test_schema_tenants.py), so that a run checks everything else",
     )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-logs", action="store_true", help="keep the history files")

@@ -446,3 +446,85 @@ def test_a_shared_table_is_one_entry_whatever_map_names_it(
     with capture_sql(engine) as sql:
         assert plan(None) == plan(a) == plan(b) == "by b"
     assert sql == [], "served from the cache"
+
+
+# -- ORM bulk UPDATE by primary key with the map only in session.execute()'s options --------
+# Found by ``python -m stress --tenants``: SQLAlchemy (2.0 and 2.1) runs that UPDATE without
+# the map, on the default schema (plain sessions too, without the cache), so the tenant's row
+# keeps its value and the default schema's row changes. The strict xfails flag the day that
+# changes; the same map on the statement, ``update(M).execution_options(...)``, reaches the
+# tenant; and the cache answers each schema's row as its database holds it either way.
+
+KNOWN = (
+    "known: SQLAlchemy's ORM bulk UPDATE by primary key ignores a schema_translate_map given "
+    "only in session.execute()'s execution_options (it writes the default schema)"
+)
+
+
+def _bulk_names(engine: Engine, schema: str) -> tuple[str | None, str | None]:
+    """(the tenant's row 1, the default schema's row 1), straight from the database."""
+    stmt = select(StItem.name).where(StItem.id == 1)
+    with engine.connect() as conn:
+        default = conn.scalar(stmt)
+    with engine.connect() as conn:  # Connection.execution_options() changes conn itself
+        return conn.execution_options(**_tenant(schema)).scalar(stmt), default
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN)
+def test_bulk_update_by_pk_with_the_map_in_execute_options_writes_the_tenant(
+    maker: sessionmaker[Session],
+    engine: Engine,
+    schemas: tuple[str, str],
+) -> None:
+    a, _b = schemas
+    with maker() as session:
+        session.execute(update(StItem), [{"id": 1, "name": "a bulk"}], execution_options=_tenant(a))
+        session.commit()
+    assert _bulk_names(engine, a) == ("a bulk", "default")
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN)
+def test_without_the_cache_too(engine: Engine, schemas: tuple[str, str]) -> None:
+    """The same statement through a plain Session: SQLAlchemy's own behaviour."""
+    a, _b = schemas
+    with Session(engine) as session:
+        session.execute(update(StItem), [{"id": 1, "name": "a bulk"}], execution_options=_tenant(a))
+        session.commit()
+    assert _bulk_names(engine, a) == ("a bulk", "default")
+
+
+def test_the_map_on_the_statement_writes_the_tenant(
+    maker: sessionmaker[Session],
+    engine: Engine,
+    schemas: tuple[str, str],
+) -> None:
+    """The workaround: the map on the statement itself."""
+    a, _b = schemas
+    with maker() as session:
+        session.execute(update(StItem).execution_options(**_tenant(a)), [{"id": 1, "name": "a"}])
+        session.commit()
+    assert _bulk_names(engine, a) == ("a", "default")
+
+
+def test_bulk_update_by_pk_leaves_no_stale_entry_whichever_schema_it_wrote(
+    maker: sessionmaker[Session],
+    engine: Engine,
+    schemas: tuple[str, str],
+) -> None:
+    """Whatever schema the UPDATE reached, the cache answers each schema's row as its
+    database holds it afterwards (every entry warmed first)."""
+    a, _b = schemas
+    for _ in range(2):  # warm: the second round from the cache
+        with maker() as session:
+            assert session.get(StItem, 1, execution_options=_tenant(a)) is not None
+            assert session.get(StItem, 1) is not None
+    with maker() as session:
+        session.execute(update(StItem), [{"id": 1, "name": "a bulk"}], execution_options=_tenant(a))
+        session.commit()
+    in_tenant, in_default = _bulk_names(engine, a)
+    with maker() as session:
+        found = session.get(StItem, 1, execution_options=_tenant(a))
+        assert found is not None and found.name == in_tenant
+    with maker() as session:
+        found = session.get(StItem, 1)
+        assert found is not None and found.name == in_default

@@ -46,7 +46,7 @@ NEAR_SECONDS = 10.0
 TENANTS_SECONDS = 8.0
 TENANTS_SABOTAGE_SECONDS = 3.0
 #: SQLAlchemy 2.1 runs an ORM bulk UPDATE by primary key whose map is only in
-#: session.execute()'s options on the default schema (tests/test_tenant_bulk_update.py)
+#: session.execute()'s options on the default schema (tests/test_schema_tenants.py)
 KNOWN_TENANT_DEFECTS = frozenset({"bulk_pk:execute"})
 
 pytestmark = pytest.mark.stress
