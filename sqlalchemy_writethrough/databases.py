@@ -19,7 +19,10 @@ commit through one leave the other's entries stale.
 - a SQLite file by its absolute path; an in-memory SQLite database is unique to its engine's
   pool, so never shared;
 - plus the ``schema_translate_map`` when set (it changes which tables are read): per model,
-  only its entries that move the schemas of the model's tables (:func:`for_schemas`);
+  only its entries that move the schemas of the model's tables (:func:`for_schemas`), and
+  without those that send a schema where it already is: the server's default schema
+  (PostgreSQL's ``current_schema()``, MySQL's ``DATABASE()``) stands for ``None``, so
+  ``{None: "public"}`` names the rows no map names;
 - or, explicitly, the engine's execution option ``writethrough_database``.
 
 Those two options are read where SQLAlchemy reads them, the narrowest winning: a statement's
@@ -58,9 +61,10 @@ _SERVER_QUERIES = {
         "SELECT current_database(), CASE WHEN "
         "has_function_privilege('pg_control_system()', 'EXECUTE') "
         "THEN (SELECT system_identifier::text FROM pg_control_system()) "
-        "|| CASE WHEN pg_is_in_recovery() THEN ':replica' ELSE '' END END"
+        "|| CASE WHEN pg_is_in_recovery() THEN ':replica' ELSE '' END END, "
+        "current_schema()"
     ),
-    "mysql": "SELECT DATABASE(), CONCAT(@@hostname, ':', @@port)",
+    "mysql": "SELECT DATABASE(), CONCAT(@@hostname, ':', @@port), DATABASE()",
 }
 
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
@@ -126,6 +130,18 @@ def for_schemas(naming: Mapping[str, Any], schemas: frozenset[str | None]) -> Ma
 def connection_naming(connection: Connection) -> dict[str, Any] | None:
     """A connection's own naming options, where they differ from its engine's."""
     return naming_of(connection.engine, connection.get_execution_options())
+
+
+def _moving(translate: dict[Any, Any], default: str | None) -> dict[Any, Any]:
+    """The entries of a map that send a schema elsewhere than it already is: SQLAlchemy
+    renders a table sent to its own schema (or, by name, to the default schema an unqualified
+    name reaches, or from it to None) where it is without the map, so those entries name no
+    other rows. ``default``: the server's default schema, None when unknown."""
+    return {
+        k: v
+        for k, v in translate.items()
+        if (k if k is not None else default) != (v if v is not None else default)
+    }
 
 
 def _schemas(translate: Mapping[Any, Any] | None) -> str:
@@ -195,6 +211,8 @@ class Databases:
         self._memory: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         #: URL identity -> the server's own (or the URL's, when the server cannot say)
         self._servers: dict[str, str] = {}
+        #: URL identity -> the schema unqualified table names reach there (None: unknown)
+        self._defaults: dict[str, str | None] = {}
         self._asking = threading.Lock()
 
     def of(self, bind: Any) -> str:
@@ -245,7 +263,10 @@ class Databases:
                             f"({type(exc).__name__}: {exc}); set the engine option {OPTION} "
                             "to name it"
                         ) from exc
-        return found + _schemas(options.get("schema_translate_map"))
+        translate = _translate(options.get("schema_translate_map"))
+        if translate:
+            translate = _moving(translate, self._defaults.get(by_url))
+        return found + _schemas(translate)
 
     def _ask_server(self, engine: Any, backend: str, by_url: str) -> str:
         """The server's own name for the database, on a connection of its own; the URL's
@@ -267,6 +288,9 @@ class Databases:
         finally:
             pool.dispose()
         database, server = (row[0], row[1]) if row else (None, None)
+        # the schema an unqualified table name reaches (remembered even when the server
+        # cannot say which it is): a map that sends None there moves nothing
+        self._defaults[by_url] = row[2] if row else None
         if not server:
             log.warning(
                 "writethrough: the database at %s does not say which server it is (%s); it is "

@@ -528,3 +528,36 @@ def test_bulk_update_by_pk_leaves_no_stale_entry_whichever_schema_it_wrote(
     with maker() as session:
         found = session.get(StItem, 1)
         assert found is not None and found.name == in_default
+
+
+@pytest.mark.parametrize("writer", ["no map", "map"])
+def test_a_map_naming_the_default_schema_shares_the_entries_of_no_map(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str], writer: str
+) -> None:
+    """``{None: "public"}`` on PostgreSQL (``{None: <the database>}`` on MariaDB) reaches the
+    tables no map reaches: a commit through either is seen through the other."""
+    query = (
+        "SELECT current_schema()" if engine.dialect.name == "postgresql" else "SELECT DATABASE()"
+    )
+    with engine.connect() as conn:
+        default = conn.exec_driver_sql(query).scalar()
+    assert default
+    options = {"schema_translate_map": {None: default}}
+
+    def read(mapped: bool) -> Any:
+        with maker() as session:
+            found = session.get(StItem, 1, execution_options=options if mapped else {})
+            return found.name if found else None
+
+    for mapped in (False, True, False, True):  # both entries warm
+        assert read(mapped) == "default"
+    with maker() as session:
+        if writer == "map":
+            session.connection(execution_options=options)
+        found = session.get(StItem, 1)
+        assert found is not None
+        found.name = f"by {writer}"
+        session.commit()
+    with capture_sql(engine) as sql:
+        assert read(False) == read(True) == f"by {writer}"
+    assert sql == [], "served from the cache"
