@@ -935,6 +935,34 @@ def test_key_changed_after_the_early_lock_is_published_under_the_new_key(
     assert db_values(engine, WpProduct, 1)["name"] == "updated"  # type: ignore[index]
 
 
+def test_an_explicit_zero_in_an_auto_increment_key_is_never_published_as_row_zero(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """MySQL and MariaDB (without ``NO_AUTO_VALUE_ON_ZERO`` in ``sql_mode``) give a row
+    inserted with 0 in its ``AUTO_INCREMENT`` column the next value instead, and SQLAlchemy
+    does not read it back: the entry must not say that row 0 exists. Every later session
+    gets what the database gives for 0 and for the row's real key."""
+    with make_session() as session:
+        session.add(WpItem(id=1, label="one"))
+        session.commit()
+    with make_session() as session:
+        session.add(WpItem(id=0, label="zero"))
+        session.commit()
+    with Session(engine) as plain:
+        real = plain.scalars(select(WpItem.id).where(WpItem.label == "zero")).one()
+    for pk in (0, real, 0):  # each twice: a fill, then what the entry says
+        for _ in range(2):
+            with make_session() as session:
+                got = session.get(WpItem, pk)
+                database = db_values(engine, WpItem, pk)
+                assert (None if got is None else values_of(got)) == database, pk
+    if real != 0:  # the server gave it another key: no entry says row 0 is there
+        assert entry_state(redis_client, entry_key(cache, WpItem, 0)) != "value"
+
+
 # ------------------------------------------------------------ 8. strategy="invalidate"
 
 
