@@ -895,6 +895,34 @@ def test_primary_key_update_moves_the_entry(
     assert_same(get_from_cache(make_session, engine, WpProduct, 50), moved)
 
 
+def test_rows_deleted_re_added_and_renumbered_in_one_transaction(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """One flush deletes row 1 and adds a new row 1 (SQLAlchemy's row switch: an UPDATE) and
+    renumbers rows 2 and 4 to 3 and 5; the next adds new rows 2 and 4 (keys the first flush
+    locked): every key holds the database's row or a miss, and each get returns it."""
+    seed_products(engine, 1, 2, 4)
+    warm(make_session, engine, cache, redis_client, WpProduct, 1, 2, 4)
+    with make_session() as session:
+        one, two, four = (session.get(WpProduct, pk) for pk in (1, 2, 4))
+        assert one is not None and two is not None and four is not None
+        session.delete(one)
+        session.add(full_product(1, "re-added 1"))
+        two.id = 3
+        four.id = 5
+        session.flush()
+        session.add_all([full_product(2, "new 2"), full_product(4, "new 4")])
+        session.commit()
+    expected = {1: "re-added 1", 2: "new 2", 3: "product 2", 4: "new 4", 5: "product 4"}
+    for pk, name in expected.items():
+        for _ in range(2):  # what the commit left, then what a fill left
+            got = assert_value_or_miss(make_session, engine, cache, redis_client, WpProduct, pk)
+            assert got["name"] == name
+
+
 def test_key_changed_after_the_early_lock_is_published_under_the_new_key(
     engine: Engine,
     make_session: sessionmaker[Session],
