@@ -280,17 +280,21 @@ def test_equal_primary_keys_of_other_types_never_share_an_int_key(
 
     factory, _, _ = setup
     huge = 2**31 - 1  # an INTEGER column's largest
+    # (MariaDB stores a row inserted with 0 in an AUTO_INCREMENT key under the next value)
+    rows = [(1, "item 1"), (0, "zero"), (-7, "negative"), (huge, "huge")]
+    if engine.dialect.name in ("mysql", "mariadb"):
+        rows.remove((0, "zero"))
     with factory() as session:
-        session.add_all([BrItem(id=0, name="zero"), BrItem(id=-7, name="negative")])
-        session.add_all([BrItem(id=huge, name="huge"), BrCode(code="1", name="code 1")])
+        session.add_all([BrItem(id=pk, name=name) for pk, name in rows[1:]])
+        session.add(BrCode(code="1", name="code 1"))
         session.commit()
-    ints = [1, 0, -7, huge]
+    ints = [pk for pk, _ in rows]
     for _ in range(2):  # fills, then hits: the memo holds every int's keys
         with factory() as session:
-            rows = session.scalars(
+            found = session.scalars(
                 select(BrItem).where(BrItem.id.in_(ints)).options(from_cache())
             ).all()
-            assert names(rows) == [(1, "item 1"), (0, "zero"), (-7, "negative"), (huge, "huge")]
+            assert names(found) == rows
         for pk in ints:
             with factory() as session:
                 assert session.get(BrItem, pk) is not None
@@ -299,10 +303,10 @@ def test_equal_primary_keys_of_other_types_never_share_an_int_key(
             got = session.get(BrItem, value)
             assert got is not None and (got.id, got.name) == (1, "item 1")
     with factory() as session:  # (PostgreSQL compares no integer with a boolean in IN)
-        rows = session.scalars(
-            select(BrItem).where(BrItem.id.in_([1.0, 0])).options(from_cache())
+        found = session.scalars(
+            select(BrItem).where(BrItem.id.in_([1.0, -7])).options(from_cache())
         ).all()
-        assert sorted(names(rows)) == [(0, "zero"), (1, "item 1")]
+        assert sorted(names(found)) == [(-7, "negative"), (1, "item 1")]
     for _ in range(2):
         with factory() as session:
             code = session.get(BrCode, "1")
@@ -314,6 +318,6 @@ def test_equal_primary_keys_of_other_types_never_share_an_int_key(
         codes = {k.rsplit(b"}:", 1)[1] for k in client.scan_iter(f"{prefix}:{{br_code:*}}:*")}
     finally:
         client.close()
-    assert {b"1", b"0", b"-7", str(huge).encode()} <= tails
+    assert {str(pk).encode() for pk in ints} <= tails
     assert all(tail.lstrip(b"-").isdigit() for tail in tails)
     assert codes == {b"1"}
