@@ -132,11 +132,14 @@ def read_values(conn: Any) -> Any:
     on a loaded machine. Here the buffered bytes are scanned in one loop and the buffer is only
     advanced (and purged, as redis-py does) once the whole reply is in; more bytes are read
     with the buffer's own ``_read_from_socket``, its errors handled as ``read_response`` handles
-    them (the connection is closed). Anything else (hiredis, ``decode_responses``, a push
-    message or an error reply first, another connection class's ``read_response``) is left
-    to redis-py, from the same position. Private: ``Connection._parser``, the parser's
-    ``_buffer`` (a ``SocketBuffer``), its ``_buffer`` (a ``BytesIO``), ``_read_from_socket()``
-    and ``purge()``; checked on redis-py 5.0 to 8.1 (``tests/test_redis_compat.py``).
+    them (the connection is closed). A reply that spans many reads is scanned once: each pass
+    starts where the last complete element ended, and the rest of a value whose length is
+    known is read in one call (a value of many MiB is not copied once per socket read).
+    Anything else (hiredis, ``decode_responses``, a push message or an error reply first,
+    another connection class's ``read_response``) is left to redis-py, from the same position.
+    Private: ``Connection._parser``, the parser's ``_buffer`` (a ``SocketBuffer``), its
+    ``_buffer`` (a ``BytesIO``), ``_read_from_socket()`` and ``purge()``; checked on redis-py
+    5.0 to 8.1 (``tests/test_redis_compat.py``).
     """
     parser: Any = getattr(conn, "_parser", None)
     if (
@@ -149,22 +152,26 @@ def read_values(conn: Any) -> Any:
     if type(source) is not _SOCKET_BUFFER:
         return conn.read_response()
     buf = source._buffer
-    start = buf.tell()
+    start = pos = buf.tell()
+    values: list[bytes | None] = []
+    count = -1  # the array's length, once its header is in
     try:
         while True:
-            data = buf.getvalue()
+            data = buf.read()  # from pos (the first element not read yet) to the end
             try:
-                parsed = _parse_values(data, start)
+                count, used, missing = _parse_values(data, values, count)
             except _NotValues:
                 break
-            if parsed is not None:
-                values, end = parsed
-                buf.seek(end)
+            pos += used
+            buf.seek(pos)
+            if len(values) == count:
                 source.purge()
                 if conn.health_check_interval:
                     conn.next_health_check = time.monotonic() + conn.health_check_interval
                 return values
-            source._read_from_socket()  # raises when the socket has nothing more to give
+            # appends to the buffer, leaves its position; raises when the socket has nothing
+            # more to give
+            source._read_from_socket(missing or None)
     except BaseException as exc:
         conn.disconnect()  # as read_response(): a half-read reply leaves the socket unusable
         if isinstance(exc, socket.timeout):
@@ -176,50 +183,54 @@ def read_values(conn: Any) -> Any:
     return conn.read_response()
 
 
-def _parse_values(data: bytes, pos: int) -> tuple[list[bytes | None], int] | None:
-    """(the array of bulk strings and nulls at ``pos``, where it ends); None when ``data``
-    stops before its end; _NotValues when it is anything else."""
+def _parse_values(data: bytes, values: list[bytes | None], count: int) -> tuple[int, int, int]:
+    """Read what ``data`` completes of an array of bulk strings and nulls into ``values``:
+    ``data`` starts at its header when ``count`` is -1, else at its next element. Returns
+    (the array's length, or -1 while its header is incomplete; the bytes of ``data`` read;
+    how many more bytes the next element needs at least, 0 when not known yet). Raises
+    _NotValues when the reply is anything else."""
     size = len(data)
-    if pos >= size:
-        return None
-    if data[pos] != 42:  # b"*"
-        raise _NotValues
-    eol = data.find(b"\r\n", pos)
-    if eol < 0:
-        return None
-    count = int(data[pos + 1 : eol])
+    pos = 0
     if count < 0:
-        raise _NotValues
-    pos = eol + 2
-    values: list[bytes | None] = []
+        if not size:
+            return -1, 0, 0
+        if data[0] != 42:  # b"*"
+            raise _NotValues
+        eol = data.find(b"\r\n")
+        if eol < 0:
+            return -1, 0, 0
+        count = int(data[1:eol])
+        if count < 0:
+            raise _NotValues
+        pos = eol + 2
     append = values.append
     find = data.find
-    for _ in range(count):
+    for _ in range(count - len(values)):
         if pos >= size:
-            return None
+            return count, pos, 0
         kind = data[pos]
         if kind == 36:  # b"$": a bulk string, or RESP2's null ($-1)
             eol = find(b"\r\n", pos)
             if eol < 0:
-                return None
+                return count, pos, 0
             length = int(data[pos + 1 : eol])
             if length < 0:
                 append(None)
                 pos = eol + 2
                 continue
-            pos = eol + 2 + length
-            if pos + 2 > size:
-                return None
-            append(data[eol + 2 : pos])
-            pos += 2
+            end = eol + 2 + length
+            if end + 2 > size:
+                return count, pos, end + 2 - size
+            append(data[eol + 2 : end])
+            pos = end + 2
         elif kind == 95:  # b"_": RESP3's null
             if pos + 3 > size:
-                return None
+                return count, pos, pos + 3 - size
             append(None)
             pos += 3
         else:
             raise _NotValues
-    return values, pos
+    return count, pos, 0
 
 
 def pack(conn: Any, args: Sequence[Any]) -> Any:

@@ -267,7 +267,7 @@ class WritePath:
                     layout = rt.models.layout_for(mapper)
                     bind = binds.of(state)
                     if layout is None:
-                        found = (None, bind, None, None, None)
+                        found = (None, bind, None, None, None, None)
                     else:
                         keys = involved.get((layout, bind)) or involve(layout, bind)
                         variant = layout.variant(mapper)
@@ -277,10 +277,10 @@ class WritePath:
                             if layout.options.strategy == "invalidate"
                             else context_for(bind, layout)
                         )
-                        found = (layout, bind, keys, variant, ctx)
+                        found = (layout, bind, keys, variant, ctx, _renumbered_at(layout, bind))
                     if not sharded:
                         per_mapper[mapper] = found
-                layout, bind, keys, variant, ctx = found
+                layout, bind, keys, variant, ctx, renumbered_at = found
                 old = state.key[1] if state.key is not None else None
                 if layout is None:
                     if old is not None and _key_changed(state):
@@ -294,6 +294,15 @@ class WritePath:
                 else:
                     dict_ = _as_updated(state, variant.mutable)
                 pk = [dict_.get(a) for a in layout.pk_attrs]
+                if (
+                    inserted
+                    and renumbered_at is not None
+                    and type(pk[renumbered_at]) is int
+                    and pk[renumbered_at] == 0
+                ):  # the server may have stored the row under another key
+                    record(keys, layout, pk, None, "inexact")  # no row 0 for anybody
+                    models.append((layout, bind))  # no key we can name holds this row
+                    continue
                 moved = old is not None and _moved(old, pk)
                 if moved:
                     assert old is not None
@@ -864,6 +873,20 @@ class FlushBinds:
 
 #: a class not looked at yet in this flush
 _UNSEEN: Any = object()
+
+
+def _renumbered_at(layout: ModelLayout, bind: Any) -> int | None:
+    """The position in the primary key of the column to which MySQL and MariaDB give the next
+    value when a row is inserted with 0 in it (its ``AUTO_INCREMENT``, unless ``sql_mode`` has
+    ``NO_AUTO_VALUE_ON_ZERO``, which we cannot see), or None: SQLAlchemy, which sent the 0,
+    does not read the new value back, so that row's key is not known."""
+    if bind.dialect.name not in ("mysql", "mariadb"):
+        return None
+    column = layout.table.autoincrement_column
+    for at, pk_column in enumerate(layout.pk_columns):
+        if pk_column is column:  # (a Column's == builds SQL)
+            return at
+    return None
 
 
 def _moved(old: tuple[Any, ...], pk: list[Any]) -> bool:

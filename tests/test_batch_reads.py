@@ -31,6 +31,14 @@ class BrItem(Base, CachedModel):
     name: Mapped[str] = mapped_column(String(50))
 
 
+class BrCode(Base, CachedModel):
+    """A string primary key: "1" is another row than BrItem's 1."""
+
+    __tablename__ = "br_code"
+    code: Mapped[str] = mapped_column(String(20), primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
 @pytest.fixture
 def setup(
     engine: Engine, redis_url: str, prefix: str
@@ -259,3 +267,57 @@ def test_keys_of_int_primary_keys_read_again_are_the_same() -> None:
     assert used.pairs_of(values[:5]) == expected[:5]
     assert used.pair(["a string"]) == KeySpace("p", "br_item", "digest", 16).pair(["a string"])
     assert len(set(expected[:20])) == 20
+
+
+def test_equal_primary_keys_of_other_types_never_share_an_int_key(
+    engine: Engine, setup: tuple, redis_url: str, prefix: str
+) -> None:
+    """The memo of int keys never answers for a value equal to an int but of another type
+    (True, 1.0), nor for another model's "1": those read the database, and the
+    row they get is the one the database gives; Redis holds entries under the ints' keys
+    only (0, a negative, a huge int included)."""
+    import redis
+
+    factory, _, _ = setup
+    huge = 2**31 - 1  # an INTEGER column's largest
+    # (MariaDB stores a row inserted with 0 in an AUTO_INCREMENT key under the next value)
+    rows = [(1, "item 1"), (0, "zero"), (-7, "negative"), (huge, "huge")]
+    if engine.dialect.name in ("mysql", "mariadb"):
+        rows.remove((0, "zero"))
+    with factory() as session:
+        session.add_all([BrItem(id=pk, name=name) for pk, name in rows[1:]])
+        session.add(BrCode(code="1", name="code 1"))
+        session.commit()
+    ints = [pk for pk, _ in rows]
+    for _ in range(2):  # fills, then hits: the memo holds every int's keys
+        with factory() as session:
+            found = session.scalars(
+                select(BrItem).where(BrItem.id.in_(ints)).options(from_cache())
+            ).all()
+            assert names(found) == rows
+        for pk in ints:
+            with factory() as session:
+                assert session.get(BrItem, pk) is not None
+    for value in (True, 1.0):  # (Decimal: SQLite binds none)
+        with factory() as session:
+            got = session.get(BrItem, value)
+            assert got is not None and (got.id, got.name) == (1, "item 1")
+    with factory() as session:  # (PostgreSQL compares no integer with a boolean in IN)
+        found = session.scalars(
+            select(BrItem).where(BrItem.id.in_([1.0, -7])).options(from_cache())
+        ).all()
+        assert sorted(names(found)) == [(-7, "negative"), (1, "item 1")]
+    for _ in range(2):
+        with factory() as session:
+            code = session.get(BrCode, "1")
+            assert code is not None and code.name == "code 1"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # entity keys only (a generation key ends with its hash tag)
+        tails = {k.rsplit(b"}:", 1)[1] for k in client.scan_iter(f"{prefix}:{{br_item:*}}:*")}
+        codes = {k.rsplit(b"}:", 1)[1] for k in client.scan_iter(f"{prefix}:{{br_code:*}}:*")}
+    finally:
+        client.close()
+    assert {str(pk).encode() for pk in ints} <= tails
+    assert all(tail.lstrip(b"-").isdigit() for tail in tails)
+    assert codes == {b"1"}

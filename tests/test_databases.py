@@ -420,6 +420,35 @@ def test_sharded_gets_lazy_loads_and_commits_are_cached_per_shard(
         assert sorted(a.name for a in rows) == ["maria account", "pg account"]
 
 
+def test_one_flush_of_one_class_on_two_shards_publishes_each_shard_its_own_row(
+    shards: dict[str, Engine], cache: WriteThroughCache, client: redis.Redis
+) -> None:
+    """Rows of one class written to two shards in one flush (an update of each and an insert
+    of each): each shard's entries hold that shard's rows, never the other's (the commit path
+    looks a class's bind up once per flush only where it cannot depend on the row)."""
+    maker = sharded_maker(shards)
+    cache.install(maker)
+    with maker() as s:
+        s.add_all([TnAccount(id=1, region=shard, name=f"{shard} 1") for shard in shards])
+        s.commit()
+    with maker() as s:
+        for shard in shards:
+            account = s.get(TnAccount, 1, identity_token=shard)
+            assert account is not None
+            account.balance = len(shard)
+            s.add(TnAccount(id=2, region=shard, name=f"{shard} 2", balance=-len(shard)))
+        s.commit()
+    for shard, engine in shards.items():
+        for pk in (1, 2):
+            published = state(cache, client, engine, pk)
+            assert published in ("value", None)
+            with maker() as s, capture_sql(engine) as sql:
+                got = s.get(TnAccount, pk, identity_token=shard)
+                assert got is not None
+                assert (got.name, got.balance) == (f"{shard} {pk}", len(shard) * (-1) ** (pk + 1))
+            assert (sql == []) == (published == "value")
+
+
 # ------------------------------------------------------------------- naming a database
 
 

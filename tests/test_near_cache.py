@@ -21,20 +21,43 @@ a duration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
+import enum
 import multiprocessing
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import JSON, String, update
+from sqlalchemy import (
+    JSON,
+    Date,
+    DateTime,
+    Enum,
+    LargeBinary,
+    Numeric,
+    String,
+    TypeDecorator,
+    Uuid,
+    update,
+)
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.ext.mutable import MutableDict, MutableList
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    composite,
+    mapped_column,
+    sessionmaker,
+)
 
 from sqlalchemy_writethrough import (
     CachedModel,
@@ -82,6 +105,71 @@ class NcDoc(Base, CachedModel):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(50))
     doc: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Box:
+    """A mutable value a TypeDecorator makes of a string."""
+
+    def __init__(self, items: list[str]) -> None:
+        self.items = items
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Box) and other.items == self.items
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class BoxType(TypeDecorator[Box]):
+    impl = String(200)
+    cache_ok = True
+
+    def process_bind_param(self, value: Box | None, dialect: Any) -> str | None:
+        return None if value is None else ",".join(value.items)
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Box | None:
+        return None if value is None else Box(value.split(",") if value else [])
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class NcTypes(Base, CachedModel):
+    """Every kind of value a caller could change in place, or that could alias another."""
+
+    __tablename__ = "nc_types"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    data: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSON()))
+    tags: Mapped[list[int]] = mapped_column(MutableList.as_mutable(JSON()))
+    doc: Mapped[dict[str, Any]] = mapped_column(JSON)
+    box: Mapped[Box] = mapped_column(BoxType)
+    x: Mapped[int]
+    y: Mapped[int]
+    point: Mapped[Point] = composite("x", "y")
+    colour: Mapped[Colour] = mapped_column(Enum(Colour))
+
+
+class NcScalars(Base, CachedModel):
+    """Only values no caller can change in place: a near copy keeps its decoded row."""
+
+    __tablename__ = "nc_scalars"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    amount: Mapped[Decimal] = mapped_column(Numeric(10, 2))
+    day: Mapped[datetime.date] = mapped_column(Date)
+    at: Mapped[datetime.datetime] = mapped_column(DateTime)
+    uid: Mapped[uuid.UUID] = mapped_column(Uuid)
+    flag: Mapped[bool]
+    ratio: Mapped[float]
 
 
 class NcPlain(Base):
@@ -270,6 +358,109 @@ def test_hits_from_one_copy_share_no_value_a_caller_can_change(db: Engine, cache
         again = s.get(NcItem, 1)
         assert again is not None and again is not second and again.name == "a"
     assert near_of(cache).hits == hits + 3
+
+
+def _types_row() -> NcTypes:
+    return NcTypes(
+        id=1,
+        data={"k": "v", "n": [1]},
+        tags=[1, 2],
+        doc={"d": {"e": 1}},
+        box=Box(["a", "b"]),
+        point=Point(1, 2),
+        colour=Colour.RED,
+    )
+
+
+def _assert_committed(row: NcTypes | None) -> None:
+    assert row is not None
+    assert row.data == {"k": "v", "n": [1]} and isinstance(row.data, MutableDict)
+    assert row.tags == [1, 2] and isinstance(row.tags, MutableList)
+    assert row.doc == {"d": {"e": 1}}
+    assert row.box == Box(["a", "b"])
+    assert row.point == Point(1, 2)
+    assert row.colour is Colour.RED
+
+
+def test_values_changed_in_place_in_one_session_are_not_another_sessions_hit(
+    db: Engine, caches: Any
+) -> None:
+    """Mutable values (MutableDict, MutableList, plain JSON, a TypeDecorator's object, a
+    composite) changed in place in a session that is still open, or rolled back: every other
+    session's hit from the same copy gets the committed values; a change made in place and
+    committed (sqlalchemy.ext.mutable tracks it) is what the next hit gets."""
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, _types_row())
+    serving(cache)
+    with factory() as warm:  # the copy, from Redis
+        _assert_committed(warm.get(NcTypes, 1))
+    hits = near_of(cache).hits
+    with factory() as changer:
+        changed = changer.get(NcTypes, 1)
+        assert changed is not None
+        changed.data["k"] = "changed"
+        changed.data["n"].append(2)  # inside a MutableDict: not tracked, still in place
+        changed.tags.append(3)
+        changed.doc["d"]["e"] = 2
+        changed.box.items.append("c")
+        changed.point.x = 9  # the composite's object, in place
+        changed.colour = Colour.BLUE
+        for _ in range(2):
+            with factory() as other:
+                _assert_committed(other.get(NcTypes, 1))
+        changer.rollback()
+    with factory() as other:
+        _assert_committed(other.get(NcTypes, 1))
+    assert near_of(cache).hits == hits + 4
+    with factory() as writer:
+        row = writer.get(NcTypes, 1)
+        assert row is not None
+        row.data["k"] = "committed"
+        row.tags.append(3)
+        writer.commit()
+    with factory() as reader:
+        row = reader.get(NcTypes, 1)
+        assert row is not None and row.data == {"k": "committed", "n": [1]}
+        assert row.tags == [1, 2, 3]
+
+
+def test_a_kept_decoded_row_gives_each_hit_the_values_and_types_of_a_load(
+    db: Engine, caches: Any
+) -> None:
+    """A row of immutable values only (bytes, Decimal, date, datetime, UUID, bool, float):
+    the copy keeps its decoded row, and each hit's values are those a database load gives,
+    of the same types; an attribute set on one hit's instance is not the next hit's."""
+    cache = caches()
+    factory = installed(db, cache)
+    committed = {
+        "blob": b"\x00raw\xff",
+        "amount": Decimal("12.30"),
+        "day": datetime.date(2024, 2, 29),
+        "at": datetime.datetime(2024, 2, 29, 23, 59, 58, 123456),
+        "uid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "flag": True,
+        "ratio": 0.5,
+    }
+    seed(factory, NcScalars(id=1, **committed))
+    serving(cache)
+    with db.connect() as conn:  # what the database load gives, without any cache
+        row = conn.execute(NcScalars.__table__.select()).one()._mapping
+        from_db = {name: row[name] for name in committed}
+    hits = near_of(cache).hits
+    for _ in range(3):  # Redis, then the copy, then its kept decoding
+        with factory() as s:
+            got = s.get(NcScalars, 1)
+            assert got is not None
+            values = {name: getattr(got, name) for name in committed}
+            assert values == from_db == committed
+            assert {n: type(v) for n, v in values.items()} == {
+                n: type(v) for n, v in from_db.items()
+            }
+            got.blob = b"changed"
+            got.amount = Decimal("0")
+            s.rollback()
+    assert near_of(cache).hits == hits + 2
 
 
 def test_off_by_default_nothing_is_published_and_nothing_kept(

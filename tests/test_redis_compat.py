@@ -195,6 +195,134 @@ def test_an_mget_reply_that_does_not_come_closes_the_connection(redis_url: str) 
         client.close()
 
 
+def _python_parser(conn: Any) -> bool:
+    """Whether redis-py parses this connection's replies in Python (not hiredis): where
+    read_values reads from the buffer."""
+    return type(conn._parser) in compat._PYTHON_PARSERS
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("read_size", [1, 7, 1000])
+def test_an_mget_reply_over_many_socket_reads(
+    redis_url: str, prefix: str, protocol: int, read_size: int
+) -> None:
+    """A reply that comes in many pieces (each ``recv`` at most ``socket_read_size`` bytes):
+    every split point, inside a header, a value, a CRLF or a RESP3 null, gives redis-py's
+    answer, and the next reply on the connection is read right."""
+    client = redis.Redis.from_url(
+        redis_url, protocol=protocol, socket_timeout=5, socket_read_size=read_size
+    )
+    values = {f"{prefix}:empty": b"", f"{prefix}:crlf": b"$3\r\n_\r\n*2\r\n"}
+    values.update({f"{prefix}:{i}": b"v%d" % i * (i % 5) for i in range(60)})
+    if read_size > 1:
+        values[f"{prefix}:64k"] = b"k" * (65536 + 7)
+        values[f"{prefix}:1m"] = b"m" * (1 << 20)
+    keys = [f"{prefix}:absent", *values, f"{prefix}:absent2"]
+    conn = compat.checkout_of(client.connection_pool)()
+    try:
+        client.mset(values)
+        assert compat.call(conn, ("MGET", *keys)) == [None, *values.values(), None]
+        assert compat.call(conn, ("MGET", f"{prefix}:absent")) == [None]
+        assert compat.call(conn, ("PING",)) in (b"PONG", True)  # the connection is clean
+    finally:
+        compat.release(client.connection_pool, conn)
+        client.close()
+
+
+def test_a_large_value_is_read_in_one_go_once_its_length_is_known(
+    redis_url: str, prefix: str
+) -> None:
+    """The rest of a value whose length the buffer holds is read in one call, not one
+    socket read (and one scan of everything buffered so far) at a time: a value of n socket
+    reads cost n copies of the growing buffer, quadratic (32 MiB: 10 s against redis-py's
+    0.1 s)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_read_size=4096)
+    conn = compat.checkout_of(client.connection_pool)()
+    try:
+        big = b"b" * (1 << 20)
+        client.set(f"{prefix}:big", big)
+        conn.connect()
+        if not _python_parser(conn):
+            pytest.skip("hiredis parses the reply: read_values keeps redis-py's parser")
+        source = conn._parser._buffer
+        reads = []
+        read_from_socket = source._read_from_socket
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            reads.append(args)
+            return read_from_socket(*args, **kwargs)
+
+        source._read_from_socket = counted
+        assert compat.call(conn, ("MGET", f"{prefix}:big", f"{prefix}:absent")) == [big, None]
+        assert len(reads) <= 3  # its header (and a first piece), the rest, the next key's
+    finally:
+        compat.release(client.connection_pool, conn)
+        client.close()
+
+
+def test_an_mget_reply_dribbled_byte_by_byte(redis_url: str, prefix: str) -> None:
+    """Through a proxy that passes Redis's replies on one byte per ``send``."""
+    from _dribble import DribblingProxy
+
+    plain = redis.Redis.from_url(redis_url)
+    proxy = DribblingProxy(plain.connection_pool.connection_kwargs["port"])
+    values = {f"{prefix}:{i}": b"x\r\n" * i for i in range(12)}
+    try:
+        plain.mset(values)
+        for protocol in (2, 3):
+            client = redis.Redis.from_url(proxy.url, socket_timeout=5, protocol=protocol)
+            conn = compat.checkout_of(client.connection_pool)()
+            try:
+                keys = [f"{prefix}:absent", *values]
+                assert compat.call(conn, ("MGET", *keys)) == [None, *values.values()]
+                assert compat.call(conn, ("PING",)) in (b"PONG", True)
+            finally:
+                compat.release(client.connection_pool, conn)
+                client.close()
+    finally:
+        proxy.close()
+        plain.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_an_mget_reply_that_stalls_half_way_closes_the_connection(
+    redis_url: str, prefix: str, protocol: int
+) -> None:
+    """A reply cut off half-way (the server or the network stalls longer than
+    ``socket_timeout``): a ``TimeoutError``, the connection closed with its half reply, and
+    the pool's next read (a new connection) gets the right values, never the rest of the
+    first reply."""
+    from _dribble import DribblingProxy
+
+    plain = redis.Redis.from_url(redis_url)
+    port = plain.connection_pool.connection_kwargs["port"]
+    first = {f"{prefix}:a{i}": b"first %d " % i * 300 for i in range(20)}
+    second = {f"{prefix}:b{i}": b"second %d" % i for i in range(20)}
+    plain.mset({**first, **second})
+    proxy = DribblingProxy(port, chunk=65536, stall_after=5000)
+    client = redis.Redis.from_url(proxy.url, socket_timeout=0.3, protocol=protocol)
+    pool = client.connection_pool
+    try:
+        conn = compat.checkout_of(pool)()
+        try:
+            with pytest.raises(redis.exceptions.TimeoutError):
+                compat.call(conn, ("MGET", *first))
+            assert conn._sock is None
+        finally:
+            compat.release(pool, conn)
+        proxy.stall_after = None
+        conn = compat.checkout_of(pool)()
+        try:
+            assert compat.call(conn, ("MGET", *second)) == list(second.values())
+            assert compat.call(conn, ("MGET", *first)) == list(first.values())
+        finally:
+            compat.release(pool, conn)
+    finally:
+        client.close()
+        proxy.close()
+        plain.close()
+
+
 def test_send_now_read_later(pooled: tuple[redis.Redis, Any], prefix: str) -> None:
     _, conn = pooled
     compat.send(conn, ("INCRBY", f"{prefix}:c", 5))

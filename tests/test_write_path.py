@@ -895,6 +895,34 @@ def test_primary_key_update_moves_the_entry(
     assert_same(get_from_cache(make_session, engine, WpProduct, 50), moved)
 
 
+def test_rows_deleted_re_added_and_renumbered_in_one_transaction(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """One flush deletes row 1 and adds a new row 1 (SQLAlchemy's row switch: an UPDATE) and
+    renumbers rows 2 and 4 to 3 and 5; the next adds new rows 2 and 4 (keys the first flush
+    locked): every key holds the database's row or a miss, and each get returns it."""
+    seed_products(engine, 1, 2, 4)
+    warm(make_session, engine, cache, redis_client, WpProduct, 1, 2, 4)
+    with make_session() as session:
+        one, two, four = (session.get(WpProduct, pk) for pk in (1, 2, 4))
+        assert one is not None and two is not None and four is not None
+        session.delete(one)
+        session.add(full_product(1, "re-added 1"))
+        two.id = 3
+        four.id = 5
+        session.flush()
+        session.add_all([full_product(2, "new 2"), full_product(4, "new 4")])
+        session.commit()
+    expected = {1: "re-added 1", 2: "new 2", 3: "product 2", 4: "new 4", 5: "product 4"}
+    for pk, name in expected.items():
+        for _ in range(2):  # what the commit left, then what a fill left
+            got = assert_value_or_miss(make_session, engine, cache, redis_client, WpProduct, pk)
+            assert got["name"] == name
+
+
 def test_key_changed_after_the_early_lock_is_published_under_the_new_key(
     engine: Engine,
     make_session: sessionmaker[Session],
@@ -933,6 +961,34 @@ def test_key_changed_after_the_early_lock_is_published_under_the_new_key(
         assert cached is not None
         assert_same(cached, database)
     assert db_values(engine, WpProduct, 1)["name"] == "updated"  # type: ignore[index]
+
+
+def test_an_explicit_zero_in_an_auto_increment_key_is_never_published_as_row_zero(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """MySQL and MariaDB (without ``NO_AUTO_VALUE_ON_ZERO`` in ``sql_mode``) give a row
+    inserted with 0 in its ``AUTO_INCREMENT`` column the next value instead, and SQLAlchemy
+    does not read it back: the entry must not say that row 0 exists. Every later session
+    gets what the database gives for 0 and for the row's real key."""
+    with make_session() as session:
+        session.add(WpItem(id=1, label="one"))
+        session.commit()
+    with make_session() as session:
+        session.add(WpItem(id=0, label="zero"))
+        session.commit()
+    with Session(engine) as plain:
+        real = plain.scalars(select(WpItem.id).where(WpItem.label == "zero")).one()
+    for pk in (0, real, 0):  # each twice: a fill, then what the entry says
+        for _ in range(2):
+            with make_session() as session:
+                got = session.get(WpItem, pk)
+                database = db_values(engine, WpItem, pk)
+                assert (None if got is None else values_of(got)) == database, pk
+    if real != 0:  # the server gave it another key: no entry says row 0 is there
+        assert entry_state(redis_client, entry_key(cache, WpItem, 0)) != "value"
 
 
 # ------------------------------------------------------------ 8. strategy="invalidate"
