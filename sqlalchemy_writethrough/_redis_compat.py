@@ -178,6 +178,8 @@ def read_values(conn: Any) -> Any:
             raise redis.exceptions.TimeoutError("Timeout reading from Redis") from exc
         if isinstance(exc, OSError):
             raise RedisConnectionError(f"Error while reading from Redis: {exc.args}") from exc
+        if isinstance(exc, ValueError):  # a length that is not a number: not Redis speaking
+            raise redis.exceptions.InvalidResponse(f"Protocol error: {exc}") from exc
         raise
     buf.seek(start)
     return conn.read_response()

@@ -6,6 +6,7 @@ name, rather than as a cache that quietly stops checking epochs or overlapping i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -193,6 +194,49 @@ def test_an_mget_reply_that_does_not_come_closes_the_connection(redis_url: str) 
     finally:
         compat.release(client.connection_pool, conn)
         client.close()
+
+
+def test_a_garbled_mget_reply_is_a_redis_error_and_closes_the_connection(redis_url: str) -> None:
+    """A reply whose length header is not a number (a broken proxy or middlebox: a loopback
+    relay to the real server here, which garbles the MGET's reply) raises a ``RedisError``,
+    which the cache counts as Redis failing, not the ``ValueError`` of parsing it, and the
+    connection is closed."""
+    import socket
+    import threading
+
+    upstream_port = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def relay() -> None:  # one request at a time, as the test sends them
+        with contextlib.suppress(OSError):
+            peer, _ = listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", upstream_port), timeout=5)
+            with peer, upstream:
+                while request := peer.recv(65536):
+                    if b"MGET" in request:
+                        peer.sendall(b"*1\r\n$zz\r\nabc\r\n")
+                        continue
+                    upstream.sendall(request)
+                    peer.sendall(upstream.recv(65536))
+
+    server = threading.Thread(target=relay, daemon=True)
+    server.start()
+    client = redis.Redis(port=listener.getsockname()[1], socket_timeout=2)
+    conn = compat.checkout_of(client.connection_pool)()
+    try:
+        conn.connect()
+        if not _python_parser(conn):
+            pytest.skip("hiredis parses the reply: read_values leaves it to redis-py")
+        conn.send_command("MGET", "k")
+        with pytest.raises(redis.exceptions.RedisError):
+            compat.read_values(conn)
+        assert conn._sock is None
+    finally:
+        compat.release(client.connection_pool, conn)
+        client.close()
+        listener.close()
+        server.join(5)
 
 
 def _python_parser(conn: Any) -> bool:
