@@ -468,7 +468,7 @@ class ReadPath:
         hits: list[tuple[Any, Any, Any, dict[str, Any]]] = []
         classes: dict[Any, None] = {}  # in order of first appearance, as the rows
         undecoded = entries
-        if self.runtime.near is not None:
+        if self.runtime.near is not None and layout.options.near_cache:
             # a near-cache copy is decoded by _decoded below, which keeps its decoding
             undecoded = [False if type(entry) is Copy else entry for entry in entries]
         decoded_rows = layout.decode_rows(undecoded, dialect, [value for value, _ in todo])
