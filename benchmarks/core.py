@@ -364,6 +364,45 @@ def batch_variants(env: Env) -> list[Variant]:
 
         baseline.check = baseline_check
         extra.append(baseline)
+    near_rows = []  # beside the Redis row
+    if env.near_cached is not None:
+        near = make(env.near_cached, from_cache())
+        near_cache = env.near_cache
+        assert near_cache is not None
+
+        def near_check() -> str | None:
+            near(0)  # copied into memory, if it was not yet
+            before = near_cache.stats()
+            with count_sql(env.engine) as statements:
+                near(0)
+            served = near_cache.stats().near_hits - before.near_hits
+            if statements or served != len(env.batch(0)):
+                return (
+                    f"not served from the near cache: {served} of {len(env.batch(0))} rows "
+                    f"from memory, {len(statements)} SQL statement(s)"
+                )
+            return None
+
+        near_rows.append(
+            Variant(
+                "batch.near",
+                "100 rows by pk: select ... IN .options(from_cache()), near_cache=True (warm)",
+                "ours",
+                near,
+                note=f"the {len(env.batches)} id lists read again well within the 1 s a copy lives "
+                "(a copy expired costs one MGET of the expired keys)",
+                check=near_check,
+            )
+        )
+    if env.baseline_near_cached is not None:
+        near_rows.append(
+            baseline_variant(
+                env,
+                "batch.near.baseline",
+                "100 rows by pk, near_cache=True",
+                make(env.baseline_near_cached, env.baseline_module.from_cache()),
+            )
+        )
     return [
         *extra,
         Variant(
@@ -389,6 +428,7 @@ def batch_variants(env: Env) -> list[Variant]:
             cached,
             check=batch_check,
         ),
+        *near_rows,
     ]
 
 

@@ -293,6 +293,15 @@ def compute_ratios(results: Results) -> list[Ratio]:
         lambda v: True,
         note="the most any cache behind do_orm_execute could gain here, building nothing",
     )
+    if results.variant("batch.near") is not None:
+        add(
+            "100 rows: near cache (near_cache=True) / our cache from Redis",
+            _median(results, "batch.near"),
+            _median(results, "batch.cached"),
+            "(information)",
+            lambda v: True,
+            note="the same IN list answered from process memory, against one MGET",
+        )
     add(
         "3 lazy loads: PostgreSQL / our cache",
         _median(results, "chain.pg"),

@@ -14,6 +14,7 @@ import datetime
 import decimal
 import logging
 import uuid
+from collections.abc import Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -430,7 +431,8 @@ class ReadPath:
             pairs = keys.pairs_of([value for value, _ in todo])
             name = layout.entity_name
             started = perf_counter()
-            entries = rt.backend.peek_many(pairs)
+            # the near cache's copies from memory, the rest in one MGET (see Runtime.peek_many)
+            entries = rt.peek_many(layout, pairs)
             if entries is None:
                 rt.counters.add("misses", len(todo), name)
                 self._read_done(name, started, "error")
@@ -454,7 +456,7 @@ class ReadPath:
         dialect: Any,
         todo: list[tuple[Any, Any]],
         pairs: list[tuple[str, str]],
-        entries: list[Any],
+        entries: Sequence[Any],
         found: dict[Any, Any],
     ) -> list[tuple[Any, Any, str, str]]:
         """Instances of the usable entries, into ``found``; the others, to load (as
@@ -465,11 +467,16 @@ class ReadPath:
         wanted = {v for v in layout.variants.values() if v.mapper.isa(requested)}
         hits: list[tuple[Any, Any, Any, dict[str, Any]]] = []
         classes: dict[Any, None] = {}  # in order of first appearance, as the rows
-        decoded_rows = layout.decode_rows(entries, dialect, [value for value, _ in todo])
+        undecoded = entries
+        if self.runtime.near is not None and layout.options.near_cache:
+            # a near-cache copy is decoded by _decoded below, which keeps its decoding
+            undecoded = [False if type(entry) is Copy else entry for entry in entries]
+        decoded_rows = layout.decode_rows(undecoded, dialect, [value for value, _ in todo])
         for (value, identity_key), (key, gen_key), entry, decoded in zip(
             todo, pairs, entries, decoded_rows, strict=True
         ):
             if decoded is None and entry is not False:
+                # a near-cache copy (its kept decoding, else decoded and kept); else
                 # undecodable or another key's row: logged, counted and removed there
                 decoded = self._decoded(layout, entry, dialect, [value], key, gen_key)
             if decoded is None:

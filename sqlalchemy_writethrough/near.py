@@ -217,22 +217,80 @@ class NearCache:
             self._store(key, gen_key, found, seq, now + self.staleness)
         return found
 
+    def read_many(
+        self, backend: Backend, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[list[memoryview | Copy | Literal[False]], int] | None:
+        """:meth:`Backend.peek_many` served from memory first: only the keys without a fresh
+        copy go to Redis (in one MGET, none when every key is in memory), and the VALUEs it
+        finds are kept as :meth:`read_through` keeps one. The entries in the order of
+        ``pairs``, and how many came from memory; None when Redis failed (then nothing is
+        counted as served from memory: the caller reads the database)."""
+        entries = self._entries
+        now = monotonic()
+        serving = now - self._heard <= self.staleness
+        found: list[memoryview | Copy | Literal[False]] = []
+        todo: list[int] = []  # positions of the keys Redis is asked for
+        if serving and entries:
+            for at, (key, _) in enumerate(pairs):
+                entry = entries.get(key)
+                if entry is not None:
+                    if now < entry[2]:
+                        found.append(entry[0])
+                        continue
+                    self._discard(key, entry)
+                found.append(False)
+                todo.append(at)
+        else:
+            found = [False] * len(pairs)
+            todo = list(range(len(pairs)))
+        hits = len(pairs) - len(todo)
+        if todo:
+            seq = self._seq  # before the read, as read_through takes it
+            began = monotonic()
+            asked = [pairs[at] for at in todo]
+            read = backend.peek_many(asked)
+            if read is None:
+                return None
+            for at, payload in zip(todo, read, strict=True):
+                found[at] = payload
+            if began - self._heard <= self.staleness:
+                self._store_many(
+                    [
+                        (key, gen_key, payload)
+                        for (key, gen_key), payload in zip(asked, read, strict=True)
+                        if payload
+                    ],
+                    seq,
+                    began + self.staleness,
+                )
+        self.hits += hits
+        return found, hits
+
     def _store(self, key: str, gen_key: str, payload: memoryview, seq: int, expires: float) -> None:
+        self._store_many(((key, gen_key, payload),), seq, expires)
+
+    def _store_many(
+        self, copies: Sequence[tuple[str, str, memoryview]], seq: int, expires: float
+    ) -> None:
+        """Keep copies of what a read that began at ``seq`` found, each only if no
+        invalidation of its key, its bucket or everything was processed since (the fill
+        race), and only while the subscription is trusted."""
         with self._lock:
-            if (
-                self._all_at > seq
-                or self._key_at.get(key, 0) > seq
-                or self._bucket_at.get(gen_key, 0) > seq
-                or monotonic() - self._heard > self.staleness
-            ):
-                self.refused += 1
+            if self._all_at > seq or monotonic() - self._heard > self.staleness:
+                self.refused += len(copies)
                 return
             entries = self._entries
-            entries.pop(key, None)
-            while len(entries) >= self.max_entries:
-                del entries[next(iter(entries))]  # the oldest copy first
-            entries[key] = (Copy(payload), gen_key, expires)
-            self.stores += 1
+            key_at = self._key_at
+            bucket_at = self._bucket_at
+            for key, gen_key, payload in copies:
+                if key_at.get(key, 0) > seq or bucket_at.get(gen_key, 0) > seq:
+                    self.refused += 1
+                    continue
+                entries.pop(key, None)
+                while len(entries) >= self.max_entries:
+                    del entries[next(iter(entries))]  # the oldest copy first
+                entries[key] = (Copy(payload), gen_key, expires)
+                self.stores += 1
 
     def _discard(self, key: str, entry: tuple[Copy, str, float]) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _sa_compat
@@ -85,6 +86,23 @@ class Runtime:
                 return found
             return near.read_through(self.backend, key, gen_key)
         return self.backend.peek(key, gen_key)
+
+    def peek_many(
+        self, layout: ModelLayout, pairs: Sequence[tuple[str, str]]
+    ) -> Sequence[memoryview | bytes | Literal[False]] | None:
+        """:meth:`peek` of many entries (None when Redis failed): those in the near cache
+        from memory, the others in one MGET (none when all are in memory), under the same
+        rules."""
+        near = self.near
+        if near is not None and layout.options.near_cache:
+            read = near.read_many(self.backend, pairs)
+            if read is None:
+                return None
+            found, hits = read
+            if hits:
+                self.counters.add("near_hits", hits, layout.entity_name)
+            return found
+        return self.backend.peek_many(pairs)
 
     def tracker(self, session: Session) -> SessionTracker:
         """The session's tracker, made at its first use."""

@@ -2,6 +2,8 @@
 
 * a hit from memory sends no Redis command and no SQL;
 * another client's commit is seen once its message arrives; the session's own at once;
+* an IN list with ``from_cache()``: from memory first, one MGET for the rest (the other batch
+  cases: test_near_cache_batch.py);
 * one near cache serves both flavours of a cache given a URL;
 * closing the ``redis.asyncio`` client, or installing on another factory, does not end the
   subscription (the subscriber is a thread on a synchronous twin of the client);
@@ -30,11 +32,11 @@ from _flavours import async_url
 from _loop_watch import LoopWatch
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from sqlalchemy import String, update
+from sqlalchemy import String, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from sqlalchemy_writethrough import CachedModel, NearCacheOptions, WriteThroughCache
+from sqlalchemy_writethrough import CachedModel, NearCacheOptions, WriteThroughCache, from_cache
 from sqlalchemy_writethrough.near import NearCache, TwinSubscriptions
 from stress.redis_server import RedisServer
 
@@ -217,6 +219,58 @@ def test_another_client_commit_is_seen_once_its_message_arrives_own_commits_at_o
                 await s.flush()
                 await s.rollback()
             assert await name_of(mine) == "c"
+        finally:
+            for cache, client in ((reader, reader_client), (writer, writer_client)):
+                await cache.aclose()
+                await client.aclose()
+            await engine.dispose()
+
+    run(loop, scenario)
+
+
+def test_an_in_list_is_served_from_memory_and_sees_another_client_commit(
+    schema: Any, db_url: str, redis_url: str, prefix: str, loop: Any
+) -> None:
+    """A batch read (``select()`` of an IN list with ``from_cache()``): the keys in memory
+    from there, one MGET for the rest, then nothing sent at all; another client's commit to
+    one of the rows is seen once its message arrives."""
+
+    async def batch(factory: Any, ids: list[int]) -> list[tuple[int, str]]:
+        async with factory() as s:
+            stmt = select(NaItem).where(NaItem.id.in_(ids)).options(from_cache())
+            return [(row.id, row.name) for row in await s.scalars(stmt)]
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(db_url))
+        reader_client, writer_client = async_client(redis_url), async_client(redis_url)
+        # copies that outlive a slow step on a loaded machine: this test counts hits
+        lasting = NearCacheOptions(staleness=2.0)
+        reader = near_cache(reader_client, prefix, near_cache=lasting)
+        writer = near_cache(writer_client, prefix, near_cache=lasting)
+        try:
+            mine = async_sessionmaker(engine, expire_on_commit=False)
+            theirs = async_sessionmaker(engine, expire_on_commit=False)
+            reader.install(mine)
+            writer.install(theirs)
+            await seed(theirs, *[NaItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
+            await serving(reader)
+            near = near_of(reader)
+            assert await name_of(mine, 1) == "n1"  # 1 in memory
+            ids = [3, 2, 1]
+            with monitored(redis_url, prefix) as commands:
+                assert await batch(mine, ids) == [(3, "n3"), (2, "n2"), (1, "n1")]
+            assert [c.split(" ")[0].strip('"').upper() for c in commands] == ["MGET"]
+            assert entry_key(reader, NaItem, 1, bind=schema) not in commands[0]
+            assert near.hits == 1
+            with monitored(redis_url, prefix) as commands, capture_sql(engine.sync_engine) as sql:
+                assert await batch(mine, ids) == [(3, "n3"), (2, "n2"), (1, "n1")]
+            assert commands == [] and sql == []
+            assert near.hits == 4 and reader.stats().near_hits == 4
+            key = entry_key(reader, NaItem, 2, bind=schema)
+            await rename(theirs, "b", pk=2)
+            await await_until(lambda: key not in near._entries, "the writer's message")
+            assert await batch(mine, ids) == [(3, "n3"), (2, "b"), (1, "n1")]
+            assert near.hits == 6
         finally:
             for cache, client in ((reader, reader_client), (writer, writer_client)):
                 await cache.aclose()
