@@ -136,7 +136,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default="",
         metavar="PATH:WAY,...",
         help="with --tenants: statement-level write paths never taken with these ways, e.g. "
-        "bulk_pk:execute (SQLAlchemy 2.1 runs that UPDATE on the default schema; see "
+        "bulk_pk:execute (SQLAlchemy 2.0 and 2.1 run that UPDATE on the default schema; see "
         "tests/test_schema_tenants.py), so that a run checks everything else",
     )
     p.add_argument("--seed", type=int, default=None)

@@ -45,7 +45,7 @@ NEAR_SECONDS = 10.0
 #: workload seconds of the tenants run and of its sabotaged twin (about 30 s in all)
 TENANTS_SECONDS = 8.0
 TENANTS_SABOTAGE_SECONDS = 3.0
-#: SQLAlchemy 2.1 runs an ORM bulk UPDATE by primary key whose map is only in
+#: SQLAlchemy (2.0 and 2.1) runs an ORM bulk UPDATE by primary key whose map is only in
 #: session.execute()'s options on the default schema (tests/test_schema_tenants.py)
 KNOWN_TENANT_DEFECTS = frozenset({"bulk_pk:execute"})
 
