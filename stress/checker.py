@@ -87,6 +87,8 @@ class Report:
     #: the rows of IN-list reads among ``reads``, by source, and those not in the result
     batch_reads: Counter[str] = dataclasses.field(default_factory=Counter)
     batch_missing: int = 0
+    #: how many IN-list reads those rows came from
+    batches: int = 0
     commits: Counter[str] = dataclasses.field(default_factory=Counter)
     kills: Counter[str] = dataclasses.field(default_factory=Counter)
     cached_entries: int = 0
@@ -128,6 +130,7 @@ class Report:
         return {
             "ops": sum(self.ops.values()),
             "reads": sum(self.reads.values()),
+            "batches": self.batches,
             "batch_reads": sum(self.batch_reads.values()),
             "cache_share": round(self.cache_share, 3),
             "commits": dict(self.commits),
@@ -195,7 +198,7 @@ class Report:
             *(
                 [
                     f"batch reads: {sum(self.batch_reads.values())} rows in "
-                    f"{self.ops['batch']} IN-list reads "
+                    f"{self.batches} IN-list reads "
                     + " ".join(f"{k}={n}" for k, n in sorted(self.batch_reads.items()))
                     + f"; {self.batch_missing} ids not in the result"
                 ]
@@ -356,12 +359,15 @@ def check(
             best.append(ver if not best or ver.rank > best[-1].rank else best[-1])
         completed[row] = (times, best)
 
+    batches: set[tuple[str, int]] = set()
     for r in reads:
         report.reads[r["src"]] += 1
         batch = r.get("batch")
         if batch is not None:
             report.batch_reads[r["src"]] += 1
             report.batch_missing += r["v"] is None
+            batches.add((r["w"], int(r["t0"])))  # a worker's batch: its rows share their times
+            report.batches = len(batches)
         tenant = r.get("tn")
         if tenant is not None:
             report.tenant_reads[tenant] += 1
