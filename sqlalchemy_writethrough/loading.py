@@ -520,6 +520,13 @@ class ReadPath:
         began_before = tracker.began
         column = mapper.primary_key[0]
         statement = select(mapper).where(column.in_([value for value, _, _, _ in missing]))
+        # invoke_statement keeps the call's execution options, not the replaced statement's:
+        # the naming the keys were made with (a schema_translate_map on the statement) goes
+        # with the load, else it reads another schema's rows into this one's keys
+        options = orm_state.execution_options
+        naming = {name: options[name] for name in NAMING if name in options}
+        if naming:
+            statement = statement.execution_options(**naming)
         loaded = orm_state.invoke_statement(statement=statement).scalars().all()
         by_value = {_pk_value(obj): obj for obj in loaded}
         fresh: bool | None = None

@@ -139,6 +139,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "bulk_pk:execute (SQLAlchemy 2.0 and 2.1 run that UPDATE on the default schema; see "
         "tests/test_schema_tenants.py), so that a run checks everything else",
     )
+    p.add_argument(
+        "--no-batch-reads",
+        dest="batch_reads",
+        action="store_false",
+        help="stress: no IN-list reads (select(M).where(M.id.in_(ids)) and the legacy Query, "
+        "with from_cache(); 2-8 rows each) in the workers' read mix",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-logs", action="store_true", help="keep the history files")
     return p.parse_args(argv)
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                     tenants=args.tenants,
                     tenant_ways=ways,
                     avoid=frozenset(a.strip() for a in args.avoid.split(",") if a.strip()),
+                    batch_reads=args.batch_reads,
                 )
             )
             print(result.format(), flush=True)

@@ -25,6 +25,10 @@ A stale read is reported apart, as ``gap`` and not as a failure, when a newer co
 could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
 gap DESIGN.md documents for a writer that cannot reach Redis while readers can.
 
+A batch read (an ``IN`` list, ``batch`` the number of ids asked for) is one read event per id,
+each checked by the same rules: an id missing from the result is a read of "no such row", stale
+if the row existed (a committed insert or the seed completed, no delete) before the read began.
+
 A read served from a near cache (``src`` "near", ``--near-cache``) may be behind a completed commit by
 up to the near cache's staleness bound (docs/consistency.md, "Near cache"): such a read is
 reported apart, as ``near`` with how far behind it was (from the completion of the first
@@ -80,6 +84,11 @@ class Report:
     ops: Counter[str] = dataclasses.field(default_factory=Counter)
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
     reads: Counter[str] = dataclasses.field(default_factory=Counter)
+    #: the rows of IN-list reads among ``reads``, by source, and those not in the result
+    batch_reads: Counter[str] = dataclasses.field(default_factory=Counter)
+    batch_missing: int = 0
+    #: how many IN-list reads those rows came from
+    batches: int = 0
     commits: Counter[str] = dataclasses.field(default_factory=Counter)
     kills: Counter[str] = dataclasses.field(default_factory=Counter)
     cached_entries: int = 0
@@ -121,6 +130,8 @@ class Report:
         return {
             "ops": sum(self.ops.values()),
             "reads": sum(self.reads.values()),
+            "batches": self.batches,
+            "batch_reads": sum(self.batch_reads.values()),
             "cache_share": round(self.cache_share, 3),
             "commits": dict(self.commits),
             "kills": dict(self.kills),
@@ -184,6 +195,16 @@ class Report:
             f"reads: {sum(self.reads.values())} "
             + " ".join(f"{k}={n}" for k, n in sorted(self.reads.items()))
             + f"; served from cache: {self.cache_share:.1%} of cache-eligible reads",
+            *(
+                [
+                    f"batch reads: {sum(self.batch_reads.values())} rows in "
+                    f"{self.batches} IN-list reads "
+                    + " ".join(f"{k}={n}" for k, n in sorted(self.batch_reads.items()))
+                    + f"; {self.batch_missing} ids not in the result"
+                ]
+                if self.batch_reads
+                else []
+            ),
             *(
                 [
                     "tenants: reads "
@@ -338,8 +359,15 @@ def check(
             best.append(ver if not best or ver.rank > best[-1].rank else best[-1])
         completed[row] = (times, best)
 
+    batches: set[tuple[str, int]] = set()
     for r in reads:
         report.reads[r["src"]] += 1
+        batch = r.get("batch")
+        if batch is not None:
+            report.batch_reads[r["src"]] += 1
+            report.batch_missing += r["v"] is None
+            batches.add((r["w"], int(r["t0"])))  # a worker's batch: its rows share their times
+            report.batches = len(batches)
         tenant = r.get("tn")
         if tenant is not None:
             report.tenant_reads[tenant] += 1
@@ -348,6 +376,8 @@ def check(
         t0, t1 = int(r["t0"]), int(r["t1"])
         value = r["v"]
         how = f", {r['way']}" if r.get("way") else ""
+        if batch is not None:
+            how += f", IN list of {batch}"
         where = (
             f"{r['w']} read {value} ({r['src']}, {r.get('iso')}{how}) during [{ms(t0)}, {ms(t1)}]"
         )

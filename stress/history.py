@@ -7,8 +7,10 @@ on this one machine, so CLOCK_MONOTONIC is shared and times from different worke
 Events (``"e"`` is the kind; ``"w"`` the worker id, added by the recorder):
 
 ``read``     ``tb`` table, ``id``, ``v`` value seen (None: no such row), ``src`` "cache" | "db" |
-             "locked" (a ``FOR UPDATE`` read), ``t0``/``t1`` start and end, ``iso`` isolation
-             level, ``tx`` when this transaction's database connection began (None: not yet)
+             "locked" (a ``FOR UPDATE`` read) | "near" (a near-cache copy), ``t0``/``t1`` start
+             and end, ``iso`` isolation level, ``tx`` when this transaction's database
+             connection began (None: not yet); an IN-list read logs one per id asked for, with
+             the batch's times, ``batch`` how many ids and ``q`` "select" | "query" (legacy)
 ``cstart``   a commit is about to be attempted: ``tx`` id, ``writes`` [[table, id, value|None]]
              (None: the row is deleted), ``t``
 ``cend``     its outcome: ``ok`` | ``failed`` (certainly not committed) | ``maybe``, ``t``, and

@@ -314,6 +314,8 @@ class StressConfig:
     #: "path:way" pairs the workers never use for a statement-level write (with tenants): a
     #: known defect set aside, so that a run checks everything else
     avoid: frozenset[str] = frozenset()
+    #: IN-list reads of 2-8 rows in the workers' read mix (``--no-batch-reads``: none)
+    batch_reads: bool = True
 
 
 @dataclasses.dataclass
@@ -432,6 +434,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "tenants": tenants,
                     "tenant_ways": list(config.tenant_ways or ()),
                     "avoid": sorted(config.avoid),
+                    "batch_reads": config.batch_reads,
                 },
                 workdir,
             )

@@ -5,8 +5,11 @@ the cache installed on each), then runs random operations on a few hot rows unti
 in its configuration, recording every read and commit (see :mod:`stress.history`):
 
 * reads: ``session.get``, ``select(...).options(from_cache())``, a many-to-one lazy load
-  (``item.parent``), and, under REPEATABLE READ, a read in a transaction whose snapshot began
-  earlier; each in a fresh session, so the identity map never answers. Whether the cache served
+  (``item.parent``), batch reads of 2-8 rows (``select(M).where(M.id.in_(ids))`` or the legacy
+  ``session.query(M).filter(M.id.in_(ids))``, with ``from_cache()``; hot rows writers are
+  changing, sometimes a row that does not exist), and, under REPEATABLE READ, a read in a
+  transaction whose snapshot began earlier; each in a fresh session, so the identity map
+  never answers. Whether the cache served
   it is the change of ``cache.stats().hits`` around it (one thread per process, so exact);
 * writes: every update reads the row ``FOR UPDATE`` and writes ``next_value`` of it; inserts
   and deletes of rows whose ids no other worker uses; explicit rollbacks after a flush;
@@ -47,6 +50,7 @@ from sqlalchemy_writethrough import (
     WriteThroughCache,
     from_cache,
 )
+from sqlalchemy_writethrough.near import Copy
 
 from .history import Recorder, now
 from .models import ITEM_TABLE, PARENT_TABLE, StItem, StParent, first_value, next_value
@@ -57,6 +61,7 @@ SNAPSHOT = "REPEATABLE READ"
 MIXED = {
     "get": 25,
     "select": 18,
+    "batch": 12,
     "lazy": 14,
     "rr_read": 8,
     "update": 14,
@@ -66,7 +71,7 @@ MIXED = {
     "delete": 3,
     "update_extra": 3,
 }
-READER = {"get": 40, "select": 30, "lazy": 20, "rr_read": 10}
+READER = {"get": 40, "select": 30, "batch": 20, "lazy": 20, "rr_read": 10}
 WRITER = {"update": 1}
 SIMPLE = {"get": 35, "select": 25, "lazy": 20, "update": 20}
 ROLES = {"mixed": MIXED, "reader": READER, "writer": WRITER, "simple": SIMPLE}
@@ -98,12 +103,18 @@ WAYS = (
 #: tenant from the unit of work's flush, lazy loads, refreshes and bulk_update_mappings
 SESSION_WAYS = ("bind", "maker", "connection")
 #: the operations that reach their tenant through statements only (any way applies)
-STATEMENT_OPS = frozenset({"get", "select", "rr_read", "stmt"})
+STATEMENT_OPS = frozenset({"get", "select", "batch", "rr_read", "stmt"})
+#: ids no row ever has (between the hot rows and the inserted ones): a batch read asks for one
+#: now and then, which must come back without it
+ABSENT_IDS = range(900_000, 901_000)
 
 
-def op_weights(role: str, paths: str, db_errors: bool) -> dict[str, int]:
-    """The operation mix of a worker: its role's, with the write paths ``paths`` asks for."""
+def op_weights(role: str, paths: str, db_errors: bool, batch_reads: bool = True) -> dict[str, int]:
+    """The operation mix of a worker: its role's, with the write paths ``paths`` asks for
+    (and without batch reads when ``batch_reads`` is false: ``--no-batch-reads``)."""
     weights = dict(ROLES[role])
+    if not batch_reads:
+        weights.pop("batch", None)
     if role == "mixed" and paths != "unit":
         if paths == "statements":
             weights["stmt"] = sum(weights.pop(k) for k in UNIT_WRITES)
@@ -154,7 +165,10 @@ class Worker:
         self.parents: list[int] = config["parents"]
         self.slots: int = config.get("slots", 1)
         weights = op_weights(
-            config.get("role", "mixed"), config.get("paths", "unit"), bool(config.get("db_errors"))
+            config.get("role", "mixed"),
+            config.get("paths", "unit"),
+            bool(config.get("db_errors")),
+            bool(config.get("batch_reads", True)),
         )
         self.ops = list(weights)
         self.weights = list(weights.values())
@@ -199,6 +213,11 @@ class Worker:
             near_cache=near_options(config, self.flavour),
         )
         sabotage(self.cache, config.get("sabotage"))
+        #: where each key of the latest IN-list read came from (see ``_watch_batch_reads``)
+        self.batch_sources: dict[str, str] = {}
+        self.batch_keys: list[str] = []
+        self._watched_backend: Any = None
+        self._watched_near: Any = None
         self.sessions: dict[str, Callable[[], Session]] = {}
         self.plain: dict[str, Callable[[], Session]] = {}
         #: per level: the shared cached maker, called with another bind (the "bind" way)
@@ -259,6 +278,45 @@ class Worker:
         )
 
     # -- hooks ---------------------------------------------------------------------------
+
+    def _watch_batch_reads(self) -> None:
+        """Record where every key of an IN-list read came from: "near" (a copy in memory),
+        "cache" (a VALUE in the MGET's reply) or "db" (loaded), by key, in
+        ``batch_sources``; and the keys in the order asked (a fresh session's: the ids,
+        deduplicated), in ``batch_keys``. Stress instrumentation around the two calls a batch
+        read makes (``NearCache.read_many``, which asks ``Backend.peek_many`` for the keys not
+        in memory): the stats count hits per batch, not which row was one, and the checker
+        allows a read from memory its bound. Installed again when the cache replaced its
+        backend (as a switch to Cluster does)."""
+        backend = self.cache._backend
+        if backend is not self._watched_backend:
+            self._watched_backend = backend
+            peek_many = backend.peek_many
+
+            def watched_peek_many(pairs: Any) -> Any:
+                found = peek_many(pairs)
+                self._note(pairs, found)
+                return found
+
+            backend.peek_many = watched_peek_many  # type: ignore[method-assign]
+        near = self.cache._near
+        if near is not None and near is not self._watched_near:
+            self._watched_near = near
+            read_many = near.read_many
+
+            def watched_read_many(backend: Any, pairs: Any) -> Any:
+                read = read_many(backend, pairs)
+                self._note(pairs, None if read is None else read[0])
+                return read
+
+            near.read_many = watched_read_many  # type: ignore[method-assign]
+
+    def _note(self, pairs: Any, found: Any) -> None:
+        if found is None:
+            return
+        self.batch_keys = [key for key, _ in pairs]
+        for (key, _), entry in zip(pairs, found, strict=True):
+            self.batch_sources[key] = "near" if type(entry) is Copy else "cache" if entry else "db"
 
     def _hooks(self, factory: Any) -> None:
         event.listen(factory, "after_begin", _mark_begin)
@@ -478,6 +536,66 @@ class Worker:
                 id_,
                 lambda: self.execute(s, stmt).scalar_one_or_none(),
             )
+
+    def batch_ids(self, model: Any) -> list[int]:
+        """2-8 distinct ids of ``model`` for an IN-list read: hot rows (the ones writers are
+        changing), sometimes a row inserted or deleted by a worker, sometimes one that never
+        existed."""
+        n = self.rng.randint(2, 8)
+        ids: list[int] = []
+        if self.rng.random() < 0.25:
+            ids.append(self.rng.choice(ABSENT_IDS))
+        if model is StItem and not self.in_baseline() and self.rng.random() < 0.3:
+            ids.append(self.any_extra())
+        pool = self.parent_ids() if model is StParent else self.item_ids()
+        ids += self.rng.sample(pool, max(0, min(n - len(ids), len(pool))))
+        if len(ids) < 2:
+            ids.append(self.rng.choice(ABSENT_IDS))
+        self.rng.shuffle(ids)
+        return list(dict.fromkeys(ids))
+
+    def op_batch(self) -> None:
+        """An IN-list read with ``from_cache()`` (one MGET, the misses in one query), as a 2.0
+        ``select`` or a legacy ``Query``; one read event per id asked for (``v`` None: not in
+        the result), each with the batch's times and where that row came from."""
+        model = StParent if self.rng.random() < 0.15 else StItem
+        ids = self.batch_ids(model)
+        s, level = self.session(ways=WAYS)
+        legacy = self.rng.random() < 0.3
+        with s:
+            if legacy:
+                query = s.query(model).filter(model.id.in_(ids)).options(from_cache())
+                if self.by_statement():
+                    query = query.execution_options(**self.translate())
+                load: Callable[[], list[Any]] = query.all
+            else:
+                stmt = select(model).where(model.id.in_(ids)).options(from_cache())
+                load = lambda: list(self.execute(s, stmt).scalars())  # noqa: E731
+            self._watch_batch_reads()
+            self.batch_sources.clear()
+            self.batch_keys = []
+            t0 = now()
+            rows = load()
+            t1 = now()
+            keys = self.batch_keys  # the outermost call's (the near cache's) are the last
+            sources = [self.batch_sources[key] for key in keys] if len(keys) == len(ids) else None
+            values = {obj.id: obj.counter for obj in rows}
+            for at, id_ in enumerate(ids):
+                self.rec.log(
+                    {
+                        "e": "read",
+                        "tb": model.__tablename__,
+                        "id": id_,
+                        "v": values.get(id_),
+                        "src": "db" if sources is None else sources[at],
+                        "t0": t0,
+                        "t1": t1,
+                        "iso": level,
+                        "tx": s.info.get("t_begin"),
+                        "batch": len(ids),
+                        "q": "query" if legacy else "select",
+                    }
+                )
 
     def op_lazy(self) -> None:
         id_ = self.rng.choice(self.item_ids())
@@ -857,6 +975,8 @@ SABOTAGES = (
     "unlocked-background-publish",
     "deaf-near-cache",
     "tenant-blind-keys",
+    "unguarded-batch-fill",
+    "deaf-near-batch",
 )
 
 
@@ -877,19 +997,61 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
                              message and its copies live 10 times the bound.
     ``tenant-blind-keys``    with ``--tenants``: a database is named without its
                              ``schema_translate_map``, so every tenant's row shares one entry.
+    ``unguarded-batch-fill`` the fills of an IN-list read's misses write whatever was loaded,
+                             over a lock or a newer value (no lease check), a few milliseconds
+                             late; single-row fills are left alone.
+    ``deaf-near-batch``      with ``--near-cache``: the copies an IN-list read keeps are filed
+                             under keys no invalidation message names (as if the batch path
+                             spelled its keys differently) and live 10 times the bound; the
+                             single-row path is left alone.
     """
     if not name:
         return
-    if name == "deaf-near-cache":
+    if name == "unguarded-batch-fill":
+        backend = cache._backend
+        fill_many = backend.fill_many
+
+        def unguarded_fill_many(items: Any) -> list[Any]:
+            time.sleep(random.uniform(0, 0.01))  # a slow reader: the race window is wider
+            done: list[Any] = []
+            for item in items:
+                key, _gen_key, _lease, gen, payload, ttl_ms = item
+                if not payload:  # giving a lease up
+                    done.extend(fill_many([item]) or [None])
+                    continue
+                backend.client.set(key, b"V" + gen + b":" + payload, px=ttl_ms)
+                done.append(True)
+            return done
+
+        backend.fill_many = unguarded_fill_many  # type: ignore[method-assign]
+        return
+    if name == "deaf-near-batch":
         near = cache._near
         if near is None:
-            raise ValueError("deaf-near-cache needs --near-cache")
-        hear = near._handle
-        near._handle = lambda message: None if message["type"] == "message" else hear(message)  # type: ignore[method-assign]
-        original_store = near._store
-        near._store = lambda key, gen_key, payload, seq, expires: original_store(  # type: ignore[method-assign]
-            key, gen_key, payload, near._seq, expires + 9 * near.staleness
-        )
+            raise ValueError("deaf-near-batch needs --near-cache")
+        read_many, store_many = near.read_many, near._store_many
+        tag = "batch|"
+
+        class Untagged:
+            """The backend, asked for the real keys of the tagged ones."""
+
+            def __init__(self, backend: Any) -> None:
+                self.backend = backend
+
+            def peek_many(self, pairs: Any) -> Any:
+                return self.backend.peek_many([(key[len(tag) :], g) for key, g in pairs])
+
+        def long_store(copies: Any, seq: int, expires: float) -> None:
+            store_many(copies, seq, expires + 9 * near.staleness)
+
+        def deaf_read_many(backend: Any, pairs: Any) -> Any:
+            near._store_many = long_store  # type: ignore[method-assign]
+            try:
+                return read_many(Untagged(backend), [(tag + key, g) for key, g in pairs])
+            finally:
+                near._store_many = store_many  # type: ignore[method-assign]
+
+        near.read_many = deaf_read_many  # type: ignore[method-assign]
         return
     if name == "tenant-blind-keys":
         from sqlalchemy_writethrough import databases

@@ -207,6 +207,29 @@ def test_a_tenant_chosen_on_the_statement(
             assert found.name == a
 
 
+def test_an_in_list_with_the_tenant_on_the_statement_reads_the_tenants_rows(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
+) -> None:
+    """An ``IN``-list read with ``from_cache()`` whose map is on the statement (``select``'s
+    or the legacy ``Query``'s ``execution_options``): the misses it loads from the database
+    are the tenant's rows, as the hits are. (Found by the stress checker's batch reads: the
+    misses were loaded from the default schema, a cross-tenant read.)"""
+    a, b = schemas
+    in_list = select(StItem).where(StItem.id.in_([1, 2])).options(from_cache())
+    for _ in range(2):  # cold, then from the cache
+        with maker() as session:
+            found = session.scalars(in_list.execution_options(**_tenant(a))).all()
+            assert [row.name for row in found] == [a]
+        with maker() as session:
+            query = session.query(StItem).filter(StItem.id.in_([1, 2])).options(from_cache())
+            assert [row.name for row in query.execution_options(**_tenant(b)).all()] == [b]
+        with maker() as session:  # the map in the call's options
+            found = session.scalars(in_list, execution_options=_tenant(b)).all()
+            assert [row.name for row in found] == [b]
+        with maker() as session:
+            assert [row.name for row in session.scalars(in_list).all()] == ["default"]
+
+
 def test_a_statement_on_a_tenants_table_invalidates_that_tenants_entries(
     maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
 ) -> None:

@@ -221,6 +221,58 @@ def test_near_cache_reads_within_the_bound_are_reported_apart_beyond_it_stale() 
     assert len(check(events, DB, {}).stale) == 2
 
 
+# -- batch reads (IN lists) --------------------------------------------------------------------
+
+
+def batch(rows: list[tuple[int, int | None, str]], t0: int, t1: int) -> list[dict[str, Any]]:
+    """An IN-list read as a worker logs it: one read per id asked for, (id, value, source),
+    with the batch's times and size (value None: the id was not in the result)."""
+    return [
+        {**read(id_, value, t0, t1, src=src), "batch": len(rows), "q": "select"}
+        for id_, value, src in rows
+    ]
+
+
+def test_batch_reads_are_checked_row_by_row() -> None:
+    """Every row of an IN-list read obeys the single-read rules: a stale row, a row of a value
+    nobody committed and an existing row missing from the result are each a violation; an id
+    that never existed may be missing, and the other rows of the same batch are fine."""
+    events = [
+        *history(),  # row 1: v2 completed at 20 ms
+        *commit("w:2", 9, v(1), 0, 1),  # row 9 inserted
+        *batch([(1, v(2), "cache"), (9, v(1), "db"), (900_000, None, "db")], 25, 26),
+        *batch([(1, v(1), "cache"), (9, None, "cache"), (2, v(5), "db")], 30, 31),
+    ]
+    report = check(events, DB, {})
+    assert [v.row[1] for v in report.stale] == [1, 9], report.format()
+    assert [v.row[1] for v in report.uncommitted] == [2], report.format()
+    assert "IN list of 3" in report.stale[0].detail
+    assert report.batch_reads == {"cache": 3, "db": 3} and report.batch_missing == 2
+    assert report.batches == 2
+    assert report.reads == {"cache": 3, "db": 3}
+    assert "batch reads: 6 rows in 2 IN-list reads cache=3 db=3; 2 ids not in the result" in (
+        report.format()
+    )
+
+
+def test_only_the_rows_of_a_batch_served_from_memory_get_the_near_cache_bound() -> None:
+    """``--near-cache``: in one IN-list read, a row from memory may be behind a completed
+    commit by up to the bound; a row of the same batch from Redis may not (its source is
+    logged per row)."""
+    events = [
+        *history(),  # v2 completed at 20 ms
+        *commit("seed:2", 2, v(1), 0, 1),
+        *commit("w:3", 2, v(2), 10, 20),
+        *batch([(1, v(1), "near"), (2, v(1), "cache")], 25, 26),  # both 5 ms behind
+        *batch([(1, v(1), "near"), (2, v(2), "near")], 50, 51),  # row 1: 30 ms behind
+    ]
+    report = check(events, DB, {}, near_bound=10 * MS)
+    assert len(report.near) == 1 and report.near[0].row[1] == 1, report.format()
+    assert [(v.row[1], v.t) for v in report.stale] == [(2, 25 * MS), (1, 50 * MS)]
+    assert "beyond the near cache's bound" in report.stale[1].detail
+    assert report.batch_reads == {"near": 3, "cache": 1}
+
+
 # -- tenants (python -m stress --tenants) ------------------------------------------------------
 
 
