@@ -12,13 +12,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import logging
 import re
-import socket
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,6 +23,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from _proxy import LoopbackProxy, upstream_of
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import String
@@ -1015,88 +1013,10 @@ def test_invalidate_an_uncached_model_raises(redis_url: str, prefix: str) -> Non
         cache.invalidate(CfPlain, 1)
 
 
-class _BlackholeProxy:
-    """A loopback TCP proxy to Redis that can swallow all traffic (accept, never forward)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self._upstream = upstream
-        self._forwarding = threading.Event()
-        self._forwarding.set()
-        self._closed = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
-        self._spawn(self._accept_loop)
-
-    def blackhole(self) -> None:
-        self._forwarding.clear()
-
-    def forward(self) -> None:
-        self._forwarding.set()
-
-    def close(self) -> None:
-        self._closed.set()
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            _close(sock)
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(timeout=2)
-
-    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                client.settimeout(None)
-                upstream = socket.create_connection(self._upstream, timeout=2)
-                upstream.settimeout(None)
-            except OSError:
-                _close(client)
-                continue
-            with self._lock:
-                self._sockets += (client, upstream)
-            self._spawn(self._pump, client, upstream, True)
-            self._spawn(self._pump, upstream, client, False)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if gated and not self._forwarding.is_set():
-                    continue  # swallowed
-                dst.sendall(data)
-        _close(src)
-        _close(dst)
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
 @pytest.fixture
-def redis_proxy(redis_url: str) -> Iterator[_BlackholeProxy]:
-    kwargs = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
-    proxy = _BlackholeProxy((kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379))))
-    try:
+def redis_proxy(redis_url: str) -> Iterator[LoopbackProxy]:
+    with LoopbackProxy(upstream_of(redis_url)) as proxy:
         yield proxy
-    finally:
-        proxy.close()
 
 
 @pytest.mark.parametrize("scope", ["row", "model"])
@@ -1105,7 +1025,7 @@ def test_invalidate_while_redis_is_unreachable_is_journaled(
     schema: Engine,
     prefix: str,
     redis_client: redis.Redis,
-    redis_proxy: _BlackholeProxy,
+    redis_proxy: LoopbackProxy,
     install: Installer,
 ) -> None:
     """With Redis unreachable ``invalidate()`` returns False; once Redis answers again the

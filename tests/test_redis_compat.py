@@ -306,10 +306,10 @@ def test_a_large_value_is_read_in_one_go_once_its_length_is_known(
 
 def test_an_mget_reply_dribbled_byte_by_byte(redis_url: str, prefix: str) -> None:
     """Through a proxy that passes Redis's replies on one byte per ``send``."""
-    from _dribble import DribblingProxy
+    from _proxy import LoopbackProxy, upstream_of
 
     plain = redis.Redis.from_url(redis_url)
-    proxy = DribblingProxy(plain.connection_pool.connection_kwargs["port"])
+    proxy = LoopbackProxy(upstream_of(redis_url), chunk=1)
     values = {f"{prefix}:{i}": b"x\r\n" * i for i in range(12)}
     try:
         plain.mset(values)
@@ -336,14 +336,13 @@ def test_an_mget_reply_that_stalls_half_way_closes_the_connection(
     ``socket_timeout``): a ``TimeoutError``, the connection closed with its half reply, and
     the pool's next read (a new connection) gets the right values, never the rest of the
     first reply."""
-    from _dribble import DribblingProxy
+    from _proxy import LoopbackProxy, upstream_of
 
     plain = redis.Redis.from_url(redis_url)
-    port = plain.connection_pool.connection_kwargs["port"]
     first = {f"{prefix}:a{i}": b"first %d " % i * 300 for i in range(20)}
     second = {f"{prefix}:b{i}": b"second %d" % i for i in range(20)}
     plain.mset({**first, **second})
-    proxy = DribblingProxy(port, chunk=65536, stall_after=5000)
+    proxy = LoopbackProxy(upstream_of(redis_url), stall_after=5000)
     client = redis.Redis.from_url(proxy.url, socket_timeout=0.3, protocol=protocol)
     pool = client.connection_pool
     try:

@@ -18,11 +18,9 @@ short and a circuit breaker keeps an outage from costing one timeout per operati
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from _proxy import LoopbackProxy, upstream_of
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import String
@@ -85,123 +84,6 @@ def free_loopback_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
-
-
-class LoopbackProxy:
-    """A TCP proxy on 127.0.0.1 that forwards to ``upstream`` or swallows everything.
-
-    In black-hole mode it keeps accepting connections but forwards nothing (requests are read
-    and dropped, so a client waits for a reply that never comes and times out). With no
-    upstream it is a pure stalling server: it accepts and never answers.
-    """
-
-    def __init__(self, upstream: tuple[str, int] | None) -> None:
-        self._upstream = upstream
-        self._forwarding = threading.Event()
-        if upstream is not None:
-            self._forwarding.set()
-        self._deaf = threading.Event()
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
-        self._spawn(self._accept_loop)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def blackhole(self) -> None:
-        """Stop forwarding: connections stay open (and new ones are accepted), nothing answers."""
-        self._forwarding.clear()
-
-    def deafen(self) -> None:
-        """Forward requests but swallow the replies: Redis runs each command, the client
-        never hears it did."""
-        self._deaf.set()
-
-    def forward(self) -> None:
-        assert self._upstream is not None, "a stalling server has nothing to forward to"
-        self._deaf.clear()
-        self._forwarding.set()
-
-    def close(self) -> None:
-        self._closed.set()
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            _close_socket(sock)
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(timeout=2)
-
-    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _track(self, sock: socket.socket) -> None:
-        with self._lock:
-            if self._closed.is_set():
-                _close_socket(sock)
-                raise OSError("proxy closed")
-            self._sockets.append(sock)
-
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                client.settimeout(None)
-                self._track(client)
-                upstream = None
-                if self._upstream is not None:
-                    upstream = socket.create_connection(self._upstream, timeout=2)
-                    upstream.settimeout(None)
-                    self._track(upstream)
-            except OSError:
-                _close_socket(client)
-                continue
-            if upstream is None:
-                self._spawn(self._drain, client)
-            else:
-                self._spawn(self._pump, client, upstream, True)
-                self._spawn(self._pump, upstream, client, False)
-
-    def _drain(self, client: socket.socket) -> None:
-        """Read and drop whatever the client sends, never answer."""
-        with contextlib.suppress(OSError):
-            while client.recv(65536):
-                pass
-        _close_socket(client)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if gated and not self._forwarding.is_set():
-                    continue  # black hole: the request is swallowed
-                if not gated and self._deaf.is_set():
-                    continue  # deaf: the reply is swallowed
-                dst.sendall(data)
-        _close_socket(src)
-        _close_socket(dst)
-
-
-def _close_socket(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 class RedisServerProcess:
@@ -335,22 +217,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServerProcess]:
 @pytest.fixture
 def stall_server() -> Iterator[LoopbackProxy]:
     """A loopback server that accepts Redis connections and never answers."""
-    server = LoopbackProxy(None)
-    try:
+    with LoopbackProxy(None) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def redis_proxy(redis_url: str) -> Iterator[LoopbackProxy]:
     """A loopback proxy in front of the suite's Redis, switchable to black-hole mode."""
-    parsed = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
-    proxy = LoopbackProxy((parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379))))
-    try:
+    with LoopbackProxy(upstream_of(redis_url)) as proxy:
         yield proxy
-    finally:
-        proxy.close()
 
 
 def fast_client(url: str) -> redis.Redis:
