@@ -1,14 +1,22 @@
-"""What tests need to look at the cache from outside: keys, entry states, decoded rows."""
+"""What tests need to look at the cache from outside: keys, entry states, decoded rows; the
+near cache's copies, subscription and the commands Redis ran."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
 from sqlalchemy import inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from sqlalchemy_writethrough import WriteThroughCache
 from sqlalchemy_writethrough.keys import KeySpace
+from sqlalchemy_writethrough.near import NearCache
 from sqlalchemy_writethrough.protocol import payload_of
 
 
@@ -67,3 +75,76 @@ def cached_values(
 
 def prefix_keys(client: redis.Redis, prefix: str) -> list[bytes]:
     return sorted(client.scan_iter(match=f"{prefix}:*", count=1000))
+
+
+# --------------------------------------------------------------------------- near cache
+
+#: a near copy's life in the tests of the bound itself: short, so that waiting for it is short
+BOUND = 0.4
+#: a near copy's life in every other test: long enough to outlive a slow step on a loaded
+#: machine, so that a test counting hits never sees a copy expire between two reads
+LASTING = 2.0
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def near_of(cache: WriteThroughCache) -> NearCache:
+    near = cache._near
+    assert near is not None
+    return near
+
+
+def serving(cache: WriteThroughCache, timeout: float = 10.0) -> None:
+    """Wait until the cache's subscription is confirmed and has handled every message
+    published so far (a heartbeat sent after now came back)."""
+    near = near_of(cache)
+    now = time.monotonic()
+    wait_until(
+        lambda: near.serving() and near._heard >= now, "the near cache's subscription", timeout
+    )
+
+
+@contextlib.contextmanager
+def monitored(url: str, prefix: str) -> Iterator[list[str]]:
+    """Every command Redis runs while active (scripts' commands too) that names a key or
+    channel of ``prefix`` (the server may be shared): read up to a marker sent at the end."""
+    client = redis.Redis.from_url(url)
+    other = redis.Redis.from_url(url)
+    other.ping()  # connected before: its handshake is not in the list
+    monitor = client.monitor()
+    monitor.__enter__()
+    commands: list[str] = []
+    try:
+        yield commands
+    finally:
+        marker = f"near-test-marker-{uuid.uuid4().hex}"
+        try:
+            other.echo(marker)
+        finally:
+            other.close()
+        while True:
+            command = monitor.next_command()["command"]
+            if marker in command:
+                break
+            if prefix in command:
+                commands.append(command)
+        monitor.__exit__(None, None, None)
+        client.close()
+
+
+def seed(factory: Callable[[], Session], *objects: Any) -> None:
+    with factory() as s:
+        s.add_all(objects)
+        s.commit()
+
+
+def installed(db: Engine, cache: WriteThroughCache) -> sessionmaker[Session]:
+    maker = sessionmaker(db)
+    cache.install(maker)
+    return maker

@@ -5,6 +5,8 @@ Fixtures:
 * ``redis_url`` (session): URL of a Redis server.
 * ``redis_client``: ``redis.Redis`` on ``redis_url`` (bytes replies), closed after the test.
 * ``prefix``: a unique Redis key namespace (``t-<8 hex>``); its keys are deleted afterwards.
+* ``clients`` / ``caches``: make Redis clients / caches with a near cache on ``prefix``,
+  closed after the test (the near cache tests).
 * ``postgresql_url`` / ``mariadb_url`` (session): SQLAlchemy URLs of the server databases.
 * ``db_name``: one of ``sqlite``, ``postgresql``, ``mariadb``; a test using it (or ``db_url``
   / ``engine``) runs once per database. Restrict with ``@pytest.mark.databases("postgresql")``
@@ -24,7 +26,7 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,43 @@ def prefix(redis_url: str) -> Iterator[str]:
         delete_prefix(client, value)
     finally:
         client.close()
+
+
+@pytest.fixture
+def clients(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
+    """Makes clients for ``redis_url`` (1 s timeouts), each closed after the test."""
+    made: list[redis.Redis] = []
+
+    def make() -> redis.Redis:
+        client = redis.Redis.from_url(redis_url, socket_timeout=1)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def caches(clients: Callable[[], redis.Redis], prefix: str) -> Iterator[Callable[..., Any]]:
+    """Makes caches with a near cache on the test's prefix, each on its own client (one per
+    "process"), each closed after the test. Their copies live ``_cache_helpers.LASTING``
+    seconds unless the test passes ``near_cache=``."""
+    from sqlalchemy_writethrough import NearCacheOptions, WriteThroughCache
+
+    from _cache_helpers import LASTING
+
+    made: list[WriteThroughCache] = []
+
+    def make(**options: Any) -> WriteThroughCache:
+        options.setdefault("near_cache", NearCacheOptions(staleness=LASTING))
+        cache = WriteThroughCache(clients(), prefix=prefix, stats_interval=None, **options)
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        cache.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ a duration.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import enum
@@ -28,7 +27,6 @@ import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -53,10 +51,8 @@ from sqlalchemy.ext.mutable import MutableDict, MutableList
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
-    Session,
     composite,
     mapped_column,
-    sessionmaker,
 )
 
 from sqlalchemy_writethrough import (
@@ -67,10 +63,20 @@ from sqlalchemy_writethrough import (
     from_cache,
 )
 from sqlalchemy_writethrough.config import OptionError
-from sqlalchemy_writethrough.near import NearCache, channel_of
+from sqlalchemy_writethrough.near import channel_of
 from stress.redis_server import RedisServer
 
-from _cache_helpers import entry_key
+from _cache_helpers import (
+    BOUND,
+    LASTING,
+    entry_key,
+    installed,
+    monitored,
+    near_of,
+    seed,
+    serving,
+    wait_until,
+)
 from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite")
@@ -180,67 +186,7 @@ class NcPlain(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
 
 
-#: short, so that the tests that wait for the bound stay short
-BOUND = 0.4
-
-
 # ---------------------------------------------------------------------------- helpers
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def near_of(cache: WriteThroughCache) -> NearCache:
-    near = cache._near
-    assert near is not None
-    return near
-
-
-def serving(cache: WriteThroughCache) -> None:
-    """Wait until the cache's subscription is confirmed and has handled every message
-    published so far (a heartbeat sent after now came back)."""
-    near = near_of(cache)
-    now = time.monotonic()
-    wait_until(lambda: near.serving() and near._heard >= now, "the near cache's subscription")
-
-
-@contextlib.contextmanager
-def monitored(url: str, prefix: str) -> Iterator[list[str]]:
-    """Every command Redis runs while active (scripts' commands too) that names a key or
-    channel of ``prefix`` (the server may be shared): read up to a marker sent at the end."""
-    client = redis.Redis.from_url(url)
-    other = redis.Redis.from_url(url)
-    other.ping()  # connected before: its handshake is not in the list
-    monitor = client.monitor()
-    monitor.__enter__()
-    commands: list[str] = []
-    try:
-        yield commands
-    finally:
-        marker = f"near-test-marker-{uuid.uuid4().hex}"
-        try:
-            other.echo(marker)
-        finally:
-            other.close()
-        while True:
-            command = monitor.next_command()["command"]
-            if marker in command:
-                break
-            if prefix in command:
-                commands.append(command)
-        monitor.__exit__(None, None, None)
-        client.close()
-
-
-def seed(factory: Any, *objects: Any) -> None:
-    with factory() as s:
-        s.add_all(objects)
-        s.commit()
 
 
 def name_of(factory: Any, model: type = NcItem, pk: int = 1) -> str:
@@ -265,44 +211,6 @@ def rename(factory: Any, name: str, model: type = NcItem, pk: int = 1) -> None:
 def db(engine: Engine) -> Engine:
     reset_schema(engine, Base.metadata)
     return engine
-
-
-@pytest.fixture
-def clients(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
-    made: list[redis.Redis] = []
-
-    def make() -> redis.Redis:
-        client = redis.Redis.from_url(redis_url, socket_timeout=1)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
-@pytest.fixture
-def caches(
-    clients: Callable[[], redis.Redis], prefix: str
-) -> Iterator[Callable[..., WriteThroughCache]]:
-    """Caches on the test's prefix, each on its own client (one per "process")."""
-    made: list[WriteThroughCache] = []
-
-    def make(**options: Any) -> WriteThroughCache:
-        options.setdefault("near_cache", NearCacheOptions(staleness=BOUND))
-        cache = WriteThroughCache(clients(), prefix=prefix, stats_interval=None, **options)
-        made.append(cache)
-        return cache
-
-    yield make
-    for cache in made:
-        cache.close()
-
-
-def installed(db: Engine, cache: WriteThroughCache) -> sessionmaker[Session]:
-    maker = sessionmaker(db)
-    cache.install(maker)
-    return maker
 
 
 # ------------------------------------------------------------------------------ tests
@@ -510,7 +418,7 @@ def test_another_process_commit_is_seen_once_its_message_arrives(db: Engine, cac
 
 def test_a_writer_that_sends_no_message_is_seen_within_the_bound(db: Engine, caches: Any) -> None:
     """The bound holds without messages: a copy expires ``staleness`` after its read."""
-    reader = caches()
+    reader = caches(near_cache=NearCacheOptions(staleness=BOUND))
     writer = caches(near_cache=False)  # its scripts publish nothing
     mine, theirs = installed(db, reader), installed(db, writer)
     seed(theirs, NcItem(id=1, name="a"))
@@ -698,7 +606,7 @@ def test_a_killed_or_stalled_subscription_serves_nothing_until_back(
         host="127.0.0.1", port=server.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 1)
     )
     cache = WriteThroughCache(
-        client, prefix="nc", stats_interval=None, near_cache=NearCacheOptions(staleness=BOUND)
+        client, prefix="nc", stats_interval=None, near_cache=NearCacheOptions(staleness=LASTING)
     )
     try:
         factory = installed(db, cache)
@@ -796,7 +704,7 @@ def test_a_refused_subscription_serves_nothing_and_writes_still_work(
         retry=Retry(NoBackoff(), 1),
     )
     cache = WriteThroughCache(
-        client, prefix="nc", stats_interval=None, near_cache=NearCacheOptions(staleness=BOUND)
+        client, prefix="nc", stats_interval=None, near_cache=NearCacheOptions(staleness=LASTING)
     )
     try:
         factory = installed(db, cache)
@@ -826,7 +734,7 @@ def test_a_refused_subscription_serves_nothing_and_writes_still_work(
 
 
 def test_a_stalled_subscriber_stops_serving_after_the_bound(db: Engine, caches: Any) -> None:
-    cache = caches()
+    cache = caches(near_cache=NearCacheOptions(staleness=BOUND))
     factory = installed(db, cache)
     seed(factory, NcItem(id=1, name="a"))
     serving(cache)
@@ -853,7 +761,7 @@ def test_a_stalled_subscriber_stops_serving_after_the_bound(db: Engine, caches: 
 
 
 def test_copies_expire_and_the_size_bound_evicts(db: Engine, caches: Any) -> None:
-    cache = caches(near_cache=NearCacheOptions(max_entries=2, staleness=BOUND))
+    cache = caches(near_cache=NearCacheOptions(max_entries=2, staleness=LASTING))
     factory = installed(db, cache)
     seed(factory, *[NcItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
     serving(cache)
@@ -940,7 +848,7 @@ def test_a_sentinel_client_keeps_it_correct_across_a_failover(db: Engine) -> Non
     from _sentinel import master_for, running_group
 
     with running_group() as group:
-        options = NearCacheOptions(staleness=BOUND)
+        options = NearCacheOptions(staleness=LASTING)
         reader = WriteThroughCache(
             master_for(group), prefix="nc", stats_interval=None, near_cache=options
         )
@@ -997,7 +905,7 @@ def test_a_plain_client_that_reaches_a_cluster_node_keeps_it_through_the_cluster
         cluster.url,
         prefix=prefix,
         stats_interval=None,
-        near_cache=NearCacheOptions(staleness=BOUND),
+        near_cache=NearCacheOptions(staleness=LASTING),
     )
     try:
         factory = installed(db, cache)

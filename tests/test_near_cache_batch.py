@@ -23,40 +23,74 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import JSON, String, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
-from test_near_cache import (
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import CachedModel, NearCacheOptions, from_cache
+
+from _cache_helpers import (
     BOUND,
-    NcDoc,
-    NcFar,
-    NcItem,
-    caches,  # noqa: F401 - a fixture
-    clients,  # noqa: F401 - a fixture
-    db,  # noqa: F401 - a fixture
+    entry_key,
     installed,
     monitored,
     near_of,
-    rename,
     seed,
     serving,
     wait_until,
 )
-
-from sqlalchemy_writethrough import NearCacheOptions, from_cache
-
-from _cache_helpers import entry_key
-from _servers import capture_sql
+from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite")
 
-#: for the tests that count hits: copies that outlive a slow step on a loaded machine (the
-#: tests of the bound itself and of a stalled subscriber keep the short BOUND)
-LASTING = NearCacheOptions(staleness=2.0)
+
+class Base(DeclarativeBase):
+    pass
+
+
+class NbItem(Base, CachedModel):
+    __tablename__ = "nb_item"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class NbFar(Base, CachedModel):
+    """A model that opts out of the near cache."""
+
+    __tablename__ = "nb_far"
+    __writethrough__ = {"near_cache": False}
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class NbDoc(Base, CachedModel):
+    """A model with a value a caller can change in place."""
+
+    __tablename__ = "nb_doc"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    doc: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+@pytest.fixture
+def db(engine: Engine) -> Engine:
+    reset_schema(engine, Base.metadata)
+    return engine
+
+
+def rename(factory: sessionmaker[Session], name: str, pk: int) -> None:
+    with factory() as s:
+        obj = s.get(NbItem, pk)
+        assert obj is not None
+        obj.name = name
+        s.commit()
 
 
 def batch(
-    factory: sessionmaker[Session], ids: list[int], model: type = NcItem, **options: Any
+    factory: sessionmaker[Session], ids: list[int], model: type = NbItem, **options: Any
 ) -> list[tuple[int, str]]:
     """(id, name) of each row an IN list of ``ids`` read with ``from_cache()`` returns."""
     with factory() as s:
@@ -79,14 +113,14 @@ def words(command: str) -> list[str]:
 
 
 def test_an_in_list_in_memory_sends_no_redis_command_and_no_sql(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
     redis_url: str,
     prefix: str,
 ) -> None:
-    cache = caches(near_cache=LASTING)
+    cache = caches()
     factory = installed(db, cache)
-    seed(factory, *[NcItem(id=i, name=f"n{i}") for i in range(1, 6)])
+    seed(factory, *[NbItem(id=i, name=f"n{i}") for i in range(1, 6)])
     serving(cache)
     near = near_of(cache)
     ids = [3, 1, 5, 2, 4]
@@ -100,23 +134,23 @@ def test_an_in_list_in_memory_sends_no_redis_command_and_no_sql(
     assert near.hits == 7
     stats = cache.stats()
     assert stats.near_hits == 7 and stats.hits == 12
-    assert stats.models["NcItem"].near_hits == 7
+    assert stats.models["NbItem"].near_hits == 7
 
 
 def test_an_in_list_partly_in_memory_sends_one_mget_of_the_rest(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
     redis_url: str,
     prefix: str,
 ) -> None:
-    cache = caches(near_cache=LASTING)
+    cache = caches()
     factory = installed(db, cache)
-    seed(factory, *[NcItem(id=i, name=f"n{i}") for i in range(1, 7)])
-    cache.invalidate(NcItem, 6)  # a miss in Redis: loaded from the database, filled
+    seed(factory, *[NbItem(id=i, name=f"n{i}") for i in range(1, 7)])
+    cache.invalidate(NbItem, 6)  # a miss in Redis: loaded from the database, filled
     serving(cache)
     near = near_of(cache)
     assert batch(factory, [1, 2, 3]) == items(1, 2, 3)
-    key_of = {i: entry_key(cache, NcItem, i, bind=db) for i in range(1, 7)}
+    key_of = {i: entry_key(cache, NbItem, i, bind=db) for i in range(1, 7)}
     with monitored(redis_url, prefix) as commands, capture_sql(db) as sql:
         assert batch(factory, [1, 2, 3, 4, 5, 6, 7]) == items(1, 2, 3, 4, 5, 6)
     mgets = [words(c) for c in commands if words(c)[0].upper() == "MGET"]
@@ -140,18 +174,18 @@ def test_an_in_list_partly_in_memory_sends_one_mget_of_the_rest(
 
 
 def test_another_process_commit_is_seen_once_its_message_arrives(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
 ) -> None:
-    reader, writer = caches(near_cache=LASTING), caches(near_cache=LASTING)
+    reader, writer = caches(), caches()
     mine, theirs = installed(db, reader), installed(db, writer)
-    seed(theirs, *[NcItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
+    seed(theirs, *[NbItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
     serving(reader)
     near = near_of(reader)
     assert batch(mine, [1, 2, 3]) == items(1, 2, 3)
     assert batch(mine, [1, 2, 3]) == items(1, 2, 3)
     assert near.hits == 3
-    key = entry_key(reader, NcItem, 2, bind=db)
+    key = entry_key(reader, NbItem, 2, bind=db)
     seen = near.messages
     rename(theirs, "b", pk=2)
     wait_until(lambda: key not in near._entries, "the writer's first message")
@@ -167,13 +201,13 @@ def test_another_process_commit_is_seen_once_its_message_arrives(
 
 
 def test_a_writer_that_sends_no_message_is_seen_within_the_bound(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
 ) -> None:
-    reader = caches()
+    reader = caches(near_cache=NearCacheOptions(staleness=BOUND))
     writer = caches(near_cache=False)  # its scripts publish nothing
     mine, theirs = installed(db, reader), installed(db, writer)
-    seed(theirs, *[NcItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
+    seed(theirs, *[NbItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
     serving(reader)
     assert batch(mine, [1, 2, 3]) == items(1, 2, 3)
     rename(theirs, "b", pk=2)
@@ -197,8 +231,8 @@ def test_a_writer_that_sends_no_message_is_seen_within_the_bound(
     ],
 )
 def test_a_value_read_before_an_invalidation_is_not_stored_after_it(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
     during: str,
     messages: int,
     stored: tuple[int, ...],
@@ -206,9 +240,9 @@ def test_a_value_read_before_an_invalidation_is_not_stored_after_it(
     """The batch's MGET and its stores are split by another process's write and its
     messages, processed in between: each key is stored unless that write touched it (its
     bucket)."""
-    reader, writer = caches(near_cache=LASTING), caches(near_cache=LASTING)
+    reader, writer = caches(), caches()
     mine, theirs = installed(db, reader), installed(db, writer)
-    seed(theirs, *[NcItem(id=i, name=f"n{i}") for i in (1, 2, 3, 4)])
+    seed(theirs, *[NbItem(id=i, name=f"n{i}") for i in (1, 2, 3, 4)])
     serving(reader)
     near = near_of(reader)
     backend: Any = reader._backend
@@ -223,7 +257,7 @@ def test_a_value_read_before_an_invalidation_is_not_stored_after_it(
             if during == "its row committed":
                 rename(theirs, "b", pk=2)
             elif during == "its model invalidated":
-                writer.invalidate(NcItem)
+                writer.invalidate(NbItem)
             else:
                 rename(theirs, "b", pk=4)
             wait_until(lambda: near.messages >= seen + messages, "the writer's messages")
@@ -235,7 +269,7 @@ def test_a_value_read_before_an_invalidation_is_not_stored_after_it(
     finally:
         del backend.peek_many
     assert near.refused == 3 - len(stored)
-    assert set(near._entries) == {entry_key(reader, NcItem, i, bind=db) for i in stored}
+    assert set(near._entries) == {entry_key(reader, NbItem, i, bind=db) for i in stored}
     after = [(1, "n1"), (2, "n2" if during != "its row committed" else "b"), (3, "n3")]
     for _ in range(2):  # the rest from Redis, then all from memory
         assert batch(mine, [1, 2, 3]) == after
@@ -243,19 +277,19 @@ def test_a_value_read_before_an_invalidation_is_not_stored_after_it(
 
 
 def test_a_model_that_opts_out_reads_its_batches_from_redis(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
     redis_url: str,
     prefix: str,
 ) -> None:
-    cache = caches(near_cache=LASTING)
+    cache = caches()
     factory = installed(db, cache)
-    seed(factory, *[NcFar(id=i, name=f"n{i}") for i in (1, 2)])
+    seed(factory, *[NbFar(id=i, name=f"n{i}") for i in (1, 2)])
     serving(cache)
     near = near_of(cache)
-    assert batch(factory, [1, 2], NcFar) == items(1, 2)
+    assert batch(factory, [1, 2], NbFar) == items(1, 2)
     with monitored(redis_url, prefix) as commands, capture_sql(db) as sql:
-        assert batch(factory, [1, 2], NcFar) == items(1, 2)
+        assert batch(factory, [1, 2], NbFar) == items(1, 2)
     assert [words(c)[0].upper() for c in commands] == ["MGET"]
     assert sql == []
     assert len(near) == 0 and near.hits == 0
@@ -263,8 +297,8 @@ def test_a_model_that_opts_out_reads_its_batches_from_redis(
 
 
 def test_a_near_cache_not_serving_sends_batches_to_redis(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
     redis_url: str,
     prefix: str,
 ) -> None:
@@ -272,7 +306,7 @@ def test_a_near_cache_not_serving_sends_batches_to_redis(
     it holds are not served), nothing is kept; once it serves again, batches are copied and served from memory again."""
     cache = caches()
     factory = installed(db, cache)
-    seed(factory, *[NcItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
+    seed(factory, *[NbItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
     serving(cache)
     near = near_of(cache)
     assert batch(factory, [1, 2]) == items(1, 2)
@@ -291,7 +325,7 @@ def test_a_near_cache_not_serving_sends_batches_to_redis(
             assert batch(factory, [1, 2, 3]) == items(1, 2, 3)
         mgets = [words(c) for c in commands if words(c)[0].upper() == "MGET"]
         assert len(mgets) == 1
-        assert {entry_key(cache, NcItem, i, bind=db) for i in (1, 2, 3)} <= set(mgets[0])
+        assert {entry_key(cache, NbItem, i, bind=db) for i in (1, 2, 3)} <= set(mgets[0])
         assert near.hits == hits and near.stores == stores  # nothing served, nothing kept
     finally:
         stall.set()
@@ -304,19 +338,19 @@ def test_a_near_cache_not_serving_sends_batches_to_redis(
 
 
 def test_loads_that_bypass_the_cache_read_the_database(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
 ) -> None:
-    cache = caches(near_cache=LASTING)
+    cache = caches()
     factory = installed(db, cache)
-    seed(factory, *[NcItem(id=i, name=f"n{i}") for i in (1, 2)])
+    seed(factory, *[NbItem(id=i, name=f"n{i}") for i in (1, 2)])
     serving(cache)
     assert batch(factory, [1, 2]) == items(1, 2)  # in memory
     with db.begin() as conn:  # behind the cache: only loads that read the database see it
-        conn.execute(update(NcItem).values(name="db"))
+        conn.execute(update(NbItem).values(name="db"))
     assert batch(factory, [1, 2], populate_existing=True) == [(1, "db"), (2, "db")]
     with factory() as s:
-        stmt = select(NcItem).where(NcItem.id.in_([1, 2]))
+        stmt = select(NbItem).where(NbItem.id.in_([1, 2]))
         locked = s.scalars(stmt.options(from_cache()).with_for_update()).all()
         assert [(r.id, r.name) for r in locked] == [(1, "db"), (2, "db")]
     with factory() as s:
@@ -326,16 +360,16 @@ def test_loads_that_bypass_the_cache_read_the_database(
 
 
 def test_batch_hits_from_one_copy_share_no_value_a_caller_can_change(
-    db: Engine,  # noqa: F811
-    caches: Any,  # noqa: F811
+    db: Engine,
+    caches: Any,
 ) -> None:
-    cache = caches(near_cache=LASTING)
+    cache = caches()
     factory = installed(db, cache)
-    seed(factory, *[NcDoc(id=i, name=f"n{i}", doc={"k": [i]}) for i in (1, 2)])
+    seed(factory, *[NbDoc(id=i, name=f"n{i}", doc={"k": [i]}) for i in (1, 2)])
     serving(cache)
     for _ in range(3):  # from Redis, then twice from the copies
         with factory() as s:
-            docs = s.scalars(select(NcDoc).where(NcDoc.id.in_([1, 2])).options(from_cache()))
+            docs = s.scalars(select(NbDoc).where(NbDoc.id.in_([1, 2])).options(from_cache()))
             found = list(docs)
             assert [(d.id, d.doc) for d in found] == [(1, {"k": [1]}), (2, {"k": [2]})]
             for d in found:
