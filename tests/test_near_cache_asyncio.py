@@ -19,10 +19,9 @@ staleness bound itself, measured from when the commit returned.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -37,10 +36,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, NearCacheOptions, WriteThroughCache, from_cache
-from sqlalchemy_writethrough.near import NearCache, TwinSubscriptions
+from sqlalchemy_writethrough.near import TwinSubscriptions
 from stress.redis_server import RedisServer
 
-from _cache_helpers import entry_key
+from _cache_helpers import BOUND, LASTING, entry_key, monitored, near_of
 from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite")
@@ -57,10 +56,6 @@ class NaItem(Base, CachedModel):
     name: Mapped[str] = mapped_column(String(50))
 
 
-#: short, so that the tests that wait for the bound stay short
-BOUND = 0.4
-
-
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -72,42 +67,11 @@ async def await_until(condition: Callable[[], Any], what: str, timeout: float = 
         await asyncio.sleep(0.005)
 
 
-def near_of(cache: WriteThroughCache) -> NearCache:
-    near = cache._near
-    assert near is not None
-    return near
-
-
 async def serving(cache: WriteThroughCache) -> None:
     """Until the subscription is confirmed and has handled everything published so far."""
     near = near_of(cache)
     now = time.monotonic()
     await await_until(lambda: near.serving() and near._heard >= now, "the subscription")
-
-
-@contextlib.contextmanager
-def monitored(url: str, prefix: str) -> Iterator[list[str]]:
-    """Every command Redis runs meanwhile that names a key or channel of ``prefix``."""
-    client = redis.Redis.from_url(url)
-    other = redis.Redis.from_url(url)
-    other.ping()
-    monitor = client.monitor()
-    monitor.__enter__()
-    commands: list[str] = []
-    try:
-        yield commands
-    finally:
-        marker = "near-async-marker"
-        other.echo(marker)
-        other.close()
-        while True:
-            command = monitor.next_command()["command"]
-            if marker in command:
-                break
-            if prefix in command:
-                commands.append(command)
-        monitor.__exit__(None, None, None)
-        client.close()
 
 
 async def seed(factory: Any, *objects: Any) -> None:
@@ -147,7 +111,7 @@ def async_client(url: str, **kwargs: Any) -> Any:
 
 
 def near_cache(client: Any, prefix: str, **options: Any) -> WriteThroughCache:
-    options.setdefault("near_cache", NearCacheOptions(staleness=BOUND))
+    options.setdefault("near_cache", NearCacheOptions(staleness=LASTING))
     return WriteThroughCache(client, prefix=prefix, stats_interval=None, **options)
 
 
@@ -246,10 +210,8 @@ def test_an_in_list_is_served_from_memory_and_sees_another_client_commit(
     async def scenario() -> None:
         engine = create_async_engine(async_url(db_url))
         reader_client, writer_client = async_client(redis_url), async_client(redis_url)
-        # copies that outlive a slow step on a loaded machine: this test counts hits
-        lasting = NearCacheOptions(staleness=2.0)
-        reader = near_cache(reader_client, prefix, near_cache=lasting)
-        writer = near_cache(writer_client, prefix, near_cache=lasting)
+        reader = near_cache(reader_client, prefix)
+        writer = near_cache(writer_client, prefix)
         try:
             mine = async_sessionmaker(engine, expire_on_commit=False)
             theirs = async_sessionmaker(engine, expire_on_commit=False)
@@ -296,7 +258,7 @@ def test_one_near_cache_serves_both_flavours_and_outlives_the_asyncio_client(
             redis_url,
             prefix=prefix,
             stats_interval=None,
-            near_cache=NearCacheOptions(staleness=BOUND),
+            near_cache=NearCacheOptions(staleness=LASTING),
         )
         client = async_client(redis_url)
         other = near_cache(client, prefix)
@@ -357,7 +319,9 @@ def test_a_frozen_redis_never_blocks_the_loop_and_serves_nothing_stale(
             socket_connect_timeout=0.3,
             retry=AsyncRetry(NoBackoff(), 0),
         )
-        cache = near_cache(client, prefix, breaker_cooldown=0.05)
+        cache = near_cache(
+            client, prefix, breaker_cooldown=0.05, near_cache=NearCacheOptions(staleness=BOUND)
+        )
         near = near_of(cache)
         factory = async_sessionmaker(engine, expire_on_commit=False)
         cache.install(factory)
@@ -419,8 +383,9 @@ def test_a_redis_that_forgets_serves_nothing_older_than_the_bound(
         engine = create_async_engine(async_url(db_url))
         reader_client = async_client(server.url, retry=AsyncRetry(NoBackoff(), 1))
         writer_client = async_client(server.url, retry=AsyncRetry(NoBackoff(), 1))
-        reader = near_cache(reader_client, prefix, epoch_check_interval=0.05)
-        writer = near_cache(writer_client, prefix, epoch_check_interval=0.05)
+        short = NearCacheOptions(staleness=BOUND)  # the test waits for the bound
+        reader = near_cache(reader_client, prefix, epoch_check_interval=0.05, near_cache=short)
+        writer = near_cache(writer_client, prefix, epoch_check_interval=0.05, near_cache=short)
         try:
             mine = async_sessionmaker(engine, expire_on_commit=False)
             theirs = async_sessionmaker(engine, expire_on_commit=False)

@@ -32,10 +32,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, NearCacheOptions, WriteThroughCache
 from sqlalchemy_writethrough import _redis_compat as compat
-from sqlalchemy_writethrough.near import ClusterSubscriptions, NearCache
+from sqlalchemy_writethrough.near import ClusterSubscriptions
 from stress.cluster import ClusterGroup
 
-from _cache_helpers import entry_key
+from _cache_helpers import BOUND, LASTING, entry_key, near_of
 from _servers import (
     COUNTED,
     RoundTripCounter,
@@ -46,7 +46,6 @@ from _servers import (
 
 pytestmark = [pytest.mark.cluster, pytest.mark.databases("sqlite")]
 
-BOUND = 0.4
 ROWS = range(1, 31)  # their keys spread over every primary
 
 
@@ -89,16 +88,10 @@ def client_of(cluster: ClusterGroup, **kwargs: Any) -> RedisCluster:
 
 
 def cache_of(client: Any, prefix: str, **options: Any) -> WriteThroughCache:
+    """Its copies live LASTING unless ``near_cache=`` says otherwise."""
     options.setdefault("stats_interval", None)
-    return WriteThroughCache(
-        client, prefix=prefix, near_cache=NearCacheOptions(staleness=BOUND), **options
-    )
-
-
-def near_of(cache: WriteThroughCache) -> NearCache:
-    near = cache._near
-    assert near is not None
-    return near
+    options.setdefault("near_cache", NearCacheOptions(staleness=LASTING))
+    return WriteThroughCache(client, prefix=prefix, **options)
 
 
 def serving(cache: WriteThroughCache) -> None:
@@ -284,8 +277,9 @@ def test_a_cluster_that_forgets_serves_nothing_older_than_the_bound(
     """Every primary flushed (as a restart without persistence would): a copy taken before
     is not served once ``staleness`` has passed since a commit made after."""
     client, other = client_of(cluster), client_of(cluster)
-    reader = cache_of(client, prefix, epoch_check_interval=0.05)
-    writer = cache_of(other, prefix, epoch_check_interval=0.05)
+    short = NearCacheOptions(staleness=BOUND)  # the test waits for the bound
+    reader = cache_of(client, prefix, epoch_check_interval=0.05, near_cache=short)
+    writer = cache_of(other, prefix, epoch_check_interval=0.05, near_cache=short)
     try:
         mine, theirs = installed(reader, schema), installed(writer, schema)
         with theirs() as s:
