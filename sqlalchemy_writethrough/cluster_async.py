@@ -30,16 +30,29 @@ from .cluster import (
     ClusterTransport,
 )
 from .protocol import Script, Scripts
-from .redis_async import _PROBERS
+from .redis_async import _PROBER_LOOPS, LoopGuard
 
 
 class AsyncClusterRouter(ClusterRouter):
     """:class:`.ClusterRouter` over a ``redis.asyncio`` cluster client; called from
-    SQLAlchemy's greenlet."""
+    SQLAlchemy's greenlet. Used on another event loop than its connections' (see
+    :class:`.LoopGuard`), every call fails as an unreachable node's would."""
+
+    _loop_guard: LoopGuard | None = None
+
+    def _on_this_loop(self) -> None:
+        guard = self._loop_guard
+        if guard is None:
+            client = self.client
+            guard = self._loop_guard = LoopGuard(
+                client, lambda: compat.async_cluster_connections(client)
+            )
+        guard.check()
 
     def _ready(self) -> None:
         """The client's first slot map (an asyncio ``RedisCluster`` reads it when first
         awaited, not when built)."""
+        self._on_this_loop()
         if not compat.async_cluster_ready(self.client):
             await_(compat.async_cluster_initialize(self.client))
 
@@ -56,6 +69,7 @@ class AsyncClusterRouter(ClusterRouter):
         return super().primaries()
 
     def _read_slot_map(self) -> None:
+        self._on_this_loop()
         await_(compat.async_cluster_refresh(self.client))
 
     def _learn_moved(self, error: MovedError) -> bool:
@@ -67,6 +81,7 @@ class AsyncClusterRouter(ClusterRouter):
 
     def _acquire(self, node: Any) -> tuple[Any, Any]:
         """A connection of the asyncio ``node`` (redis.asyncio keeps them per node)."""
+        self._on_this_loop()
         return compat.async_cluster_acquire(node), node
 
     def _release(self, home: Any, conn: Any) -> None:
@@ -131,13 +146,10 @@ class AsyncClusterTransport(ClusterTransport):
     def launch(self, probe: Callable[[], None]) -> None:
         """The breaker's prober, as a task on the running loop (see
         :meth:`.AsyncTransport.launch`)."""
-        task = asyncio.get_running_loop().create_task(greenlet_spawn(probe))
-        _PROBERS.add(task)
-        task.add_done_callback(_PROBERS.discard)
+        _PROBER_LOOPS.launch(probe)
 
     def pause(self, seconds: float) -> bool:
-        self.sleep(seconds)
-        return False
+        return _PROBER_LOOPS.pause(seconds)
 
 
 class AsyncClusterBackend(ClusterBackend):
