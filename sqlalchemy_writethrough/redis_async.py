@@ -50,33 +50,29 @@ class _LoopPools:
     """Which pool each running event loop takes connections from: the client's own on its
     home loop (the first to use it, unless the client already has connections open on
     another), a copy of it with the same settings on any other. A copy whose loop is closed
-    is dropped, its sockets closed. A client whose pool cannot be copied (a Sentinel or custom
-    pool, a client that keeps redis-py's own path) is guarded by a :class:`LoopGuard`
-    instead."""
+    is dropped, its sockets closed. When the home loop is closed, the next loop becomes the
+    home (see :class:`LoopGuard`). A client whose pool cannot be copied (a Sentinel or custom
+    pool, a client that keeps redis-py's own path), used on another loop while its own is open, it fails as an unreachable Redis."""
 
     def __init__(self, client: Any, direct: bool) -> None:
         self.client = client
         self.pool = client.connection_pool
         self.home: asyncio.AbstractEventLoop | None = None
-        copyable = direct and type(self.pool) in (
+        self.copyable = direct and type(self.pool) in (
             redis.asyncio.ConnectionPool,
             redis.asyncio.BlockingConnectionPool,
         )
-        self.guard = None if copyable else LoopGuard(client, lambda: _pool_connections(client))
+        self.guard = LoopGuard(client, lambda: _pool_connections(client), _waits_of(self.pool))
         self.others: dict[asyncio.AbstractEventLoop, tuple[Any, Any]] = {}
         self.told = False
 
     def here(self, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
         """(pool, client) to use on ``loop``, which is not the home loop (yet)."""
-        if self.guard is not None:
-            self.guard.check()  # raises OtherEventLoopError, or makes ``loop`` the home
+        if self.guard.settle(loop):
             self.home = loop
             return self.pool, self.client
-        if self.home is None:
-            bound = compat.bound_loops(self.client)
-            if not bound or bound == {loop}:
-                self.home = loop
-                return self.pool, self.client
+        if not self.copyable:
+            self.guard.refuse()
         found = self.others.get(loop)
         if found is None:
             found = self.others[loop] = self._copy()
@@ -130,51 +126,80 @@ def _close_on_closed_loop(conn: Any) -> None:
     if parser is not None:
         parser.on_disconnect()
     conn._reader = conn._writer = None
-    sock = getattr(writer.transport, "_sock", None)
+    try:
+        writer.close()  # marks it closing; scheduling the rest fails on a closed loop
+    except RuntimeError:
+        pass
+    sock = getattr(writer.transport, "_sock", None)  # what that scheduled step would close
     if sock is not None:
         sock.close()
 
 
 class LoopGuard:
-    """For a client whose connections cannot be opened per loop (a ``redis.asyncio``
-    ``RedisCluster``): the loop that first uses it is its home; when that loop is closed
-    (``asyncio.run()`` again, a test's loop), the next loop becomes its home, the client's
-    connections (dead with their loop) closed first; any other loop, while the home one is
-    open, fails with :class:`OtherEventLoopError` (warned once)."""
+    """The event loop a client's connections belong to (its home): the first loop that uses
+    it, unless the client already has connections open on another. When that loop is closed
+    (``asyncio.run()`` again, a test's loop), the next loop becomes the home, the client's
+    connections (dead with their loop) closed first; not if the pool's own lock already
+    belongs to the closed loop (redis.asyncio binds it there the first time two tasks
+    wait for it: it would fail on any other)."""
 
-    def __init__(self, client: Any, connections: Callable[[], Sequence[Any]]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        connections: Callable[[], Sequence[Any]],
+        waits: Sequence[Any] = (),
+    ) -> None:
         self.client = client
         self.connections = connections
+        self.waits = waits
         self.home: asyncio.AbstractEventLoop | None = None
         self.warned = False
 
-    def check(self) -> None:
-        loop = asyncio.get_running_loop()
+    def settle(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """True if ``loop`` is the home loop (now)."""
         home = self.home
         if home is loop:
-            return
+            return True
         if home is None:
             bound = compat.bound_loops(self.client)
             home = next(iter(bound - {loop}), None) if bound else None
             if home is None:
                 self.home = loop
-                return
-        if home.is_closed():
-            for conn in self.connections():
-                _close_on_closed_loop(conn)
-            self.home = loop
-            return
+                return True
+        if not home.is_closed():
+            return False
+        if any(getattr(wait, "_loop", None) not in (None, loop) for wait in self.waits):
+            return False
+        for conn in self.connections():
+            _close_on_closed_loop(conn)
+        self.home = loop
+        return True
+
+    def check(self) -> None:
+        """Make the running loop the home, or raise :class:`OtherEventLoopError`."""
+        if not self.settle(asyncio.get_running_loop()):
+            self.refuse()
+
+    def refuse(self) -> None:
         if not self.warned:
             self.warned = True
             log.warning(
                 "writethrough: the redis.asyncio client is used on another event loop than the "
-                "one its connections belong to, which is still open: every operation there "
-                "goes to the database. %s",
+                "one its connections belong to, and the cache cannot open connections of its "
+                "own there: every operation on that loop goes to the database. %s",
                 _LOOP_HINT,
             )
         raise OtherEventLoopError(
             "the redis.asyncio client belongs to another event loop; " + _LOOP_HINT
         )
+
+
+def _waits_of(pool: Any) -> list[Any]:
+    """The asyncio lock and condition a ``redis.asyncio`` pool waits on (redis-py 8's lock,
+    a blocking pool's condition and its lock), each bound to a loop once waited on."""
+    waits = [getattr(pool, "_lock", None), getattr(pool, "_condition", None)]
+    waits.append(getattr(waits[1], "_lock", None))
+    return [wait for wait in waits if wait is not None]
 
 
 class PendingAsyncConnection:
