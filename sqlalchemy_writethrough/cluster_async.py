@@ -30,7 +30,7 @@ from .cluster import (
     ClusterTransport,
 )
 from .protocol import Script, Scripts
-from .redis_async import _PROBER_LOOPS, LoopGuard
+from .redis_async import _PROBER_LOOPS, LoopGuard, await_io
 
 
 class AsyncClusterRouter(ClusterRouter):
@@ -54,7 +54,7 @@ class AsyncClusterRouter(ClusterRouter):
         awaited, not when built)."""
         self._on_this_loop()
         if not compat.async_cluster_ready(self.client):
-            await_(compat.async_cluster_initialize(self.client))
+            await_io(compat.async_cluster_initialize(self.client))
 
     def node_of(self, slot: int) -> Any:
         self._ready()
@@ -70,10 +70,10 @@ class AsyncClusterRouter(ClusterRouter):
 
     def _read_slot_map(self) -> None:
         self._on_this_loop()
-        await_(compat.async_cluster_refresh(self.client))
+        await_io(compat.async_cluster_refresh(self.client))
 
     def _learn_moved(self, error: MovedError) -> bool:
-        learnt: bool = await_(compat.async_cluster_moved(self.client, error))
+        learnt: bool = await_io(compat.async_cluster_moved(self.client, error))
         return learnt
 
     def sleep(self, seconds: float) -> None:
@@ -91,7 +91,7 @@ class AsyncClusterRouter(ClusterRouter):
         _close(conn)
 
     def _call_many(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        replies: list[Any] = await_(compat.acluster_call_many(conn, commands))
+        replies: list[Any] = await_io(compat.acluster_call_many(conn, commands))
         return replies
 
 
@@ -99,9 +99,12 @@ def _close(conn: Any) -> None:
     """Close a failed connection; closing one whose node does not answer may time out too
     (redis.asyncio waits for the socket to close), which must not hide the first failure."""
     try:
-        await_(compat.adisconnect(conn))
+        await_io(compat.adisconnect(conn))
     except (RedisError, OSError, asyncio.TimeoutError):
-        compat.close_now(conn)
+        try:
+            compat.close_now(conn)
+        except RuntimeError:  # its loop is closed: nothing can close it on that loop now
+            pass
 
 
 class AsyncClusterEpochGuard(ClusterEpochGuard):
@@ -110,10 +113,10 @@ class AsyncClusterEpochGuard(ClusterEpochGuard):
     greenlet of its own."""
 
     def _call(self, conn: Any, args: Sequence[Any]) -> Any:
-        return await_(compat.acall(conn, args))
+        return await_io(compat.acall(conn, args))
 
     def _exchange(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        replies: list[Any] = await_(compat.acall_many(conn, commands))
+        replies: list[Any] = await_io(compat.acall_many(conn, commands))
         return replies
 
     def _disconnect(self, conn: Any) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio
@@ -44,6 +44,18 @@ class OtherEventLoopError(RedisConnectionError):
     """The client cannot be used on the running event loop (its connections belong to
     another); a :class:`redis.exceptions.ConnectionError`, so that the cache treats it as
     Redis being unreachable: the read goes to the database, the write is journaled."""
+
+
+def await_io(awaitable: Awaitable[Any]) -> Any:
+    """:func:`._sa_compat.await_` of Redis I/O; the ``RuntimeError`` asyncio raises for an
+    object of another event loop (a connection, a lock, a Sentinel's own client) is
+    :class:`OtherEventLoopError`: Redis unreachable from here, never an error for the caller."""
+    try:
+        return await_(awaitable)
+    except RuntimeError as exc:
+        if "loop" not in str(exc):
+            raise
+        raise OtherEventLoopError(f"{exc}; {_LOOP_HINT}") from exc
 
 
 class _LoopPools:
@@ -288,14 +300,14 @@ class AsyncTransport:
 
     def command(self, *args: Any) -> Any:
         if not self._direct:
-            return await_(self._via_client([args], True))
-        return await_(self._on_connection(compat.acall, args))
+            return await_io(self._via_client([args], True))
+        return await_io(self._on_connection(compat.acall, args))
 
     def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         if not self._direct:
-            replies: list[Any] = await_(self._via_client(commands, False))
+            replies: list[Any] = await_io(self._via_client(commands, False))
             return replies
-        replies = await_(self._on_connection(compat.acall_many, commands))
+        replies = await_io(self._on_connection(compat.acall_many, commands))
         return replies
 
     def load_script(self, source: str) -> None:
@@ -313,7 +325,8 @@ class AsyncTransport:
         return PendingAsyncConnection(conn, pool)
 
     def begin(self, command: Sequence[Any]) -> PendingAsyncConnection:
-        return await_(self._begin(command))
+        handle: PendingAsyncConnection = await_io(self._begin(command))
+        return handle
 
     async def _complete(self, handle: PendingAsyncConnection) -> Any:
         pool = handle.pool
@@ -327,14 +340,14 @@ class AsyncTransport:
         return reply
 
     def complete(self, handle: PendingAsyncConnection) -> Any:
-        return await_(self._complete(handle))
+        return await_io(self._complete(handle))
 
     async def _ping(self) -> bool:
         _, client = self._here()
         return bool(await client.ping())
 
     def ping(self) -> bool:
-        return bool(await_(self._ping()))
+        return bool(await_io(self._ping()))
 
     def sleep(self, seconds: float) -> None:
         await_(asyncio.sleep(seconds))
@@ -344,7 +357,7 @@ class AsyncTransport:
         return [key async for key in client.scan_iter(match=pattern, count=count)]
 
     def scan(self, pattern: str, count: int) -> list[Any]:
-        keys: list[Any] = await_(self._scan(pattern, count))
+        keys: list[Any] = await_io(self._scan(pattern, count))
         return keys
 
     async def _unlink(self, keys: Sequence[Any]) -> int:
@@ -352,7 +365,7 @@ class AsyncTransport:
         return int(await client.unlink(*keys))
 
     def unlink(self, keys: Sequence[Any]) -> int:
-        return int(await_(self._unlink(keys)))
+        return int(await_io(self._unlink(keys)))
 
     # -- the circuit breaker's prober, as a task on the loop --------------------------------
 
