@@ -64,7 +64,8 @@ class _LoopPools:
     another), a copy of it with the same settings on any other. A copy whose loop is closed
     is dropped, its sockets closed. When the home loop is closed, the next loop becomes the
     home (see :class:`LoopGuard`). A client whose pool cannot be copied (a Sentinel or custom
-    pool, a client that keeps redis-py's own path), used on another loop while its own is open, it fails as an unreachable Redis."""
+    pool, a client that keeps redis-py's own path) fails as an unreachable Redis on a loop
+    open alongside its own."""
 
     def __init__(self, client: Any, direct: bool) -> None:
         self.client = client
