@@ -30,18 +30,31 @@ from .cluster import (
     ClusterTransport,
 )
 from .protocol import Script, Scripts
-from .redis_async import _PROBERS
+from .redis_async import _PROBER_LOOPS, LoopGuard, await_io
 
 
 class AsyncClusterRouter(ClusterRouter):
     """:class:`.ClusterRouter` over a ``redis.asyncio`` cluster client; called from
-    SQLAlchemy's greenlet."""
+    SQLAlchemy's greenlet. Used on another event loop than its connections' (see
+    :class:`.LoopGuard`), every call fails as an unreachable node's would."""
+
+    _loop_guard: LoopGuard | None = None
+
+    def _on_this_loop(self) -> None:
+        guard = self._loop_guard
+        if guard is None:
+            client = self.client
+            guard = self._loop_guard = LoopGuard(
+                client, lambda: compat.async_cluster_connections(client)
+            )
+        guard.check()
 
     def _ready(self) -> None:
         """The client's first slot map (an asyncio ``RedisCluster`` reads it when first
         awaited, not when built)."""
+        self._on_this_loop()
         if not compat.async_cluster_ready(self.client):
-            await_(compat.async_cluster_initialize(self.client))
+            await_io(compat.async_cluster_initialize(self.client))
 
     def node_of(self, slot: int) -> Any:
         self._ready()
@@ -56,10 +69,11 @@ class AsyncClusterRouter(ClusterRouter):
         return super().primaries()
 
     def _read_slot_map(self) -> None:
-        await_(compat.async_cluster_refresh(self.client))
+        self._on_this_loop()
+        await_io(compat.async_cluster_refresh(self.client))
 
     def _learn_moved(self, error: MovedError) -> bool:
-        learnt: bool = await_(compat.async_cluster_moved(self.client, error))
+        learnt: bool = await_io(compat.async_cluster_moved(self.client, error))
         return learnt
 
     def sleep(self, seconds: float) -> None:
@@ -67,6 +81,7 @@ class AsyncClusterRouter(ClusterRouter):
 
     def _acquire(self, node: Any) -> tuple[Any, Any]:
         """A connection of the asyncio ``node`` (redis.asyncio keeps them per node)."""
+        self._on_this_loop()
         return compat.async_cluster_acquire(node), node
 
     def _release(self, home: Any, conn: Any) -> None:
@@ -76,7 +91,7 @@ class AsyncClusterRouter(ClusterRouter):
         _close(conn)
 
     def _call_many(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        replies: list[Any] = await_(compat.acluster_call_many(conn, commands))
+        replies: list[Any] = await_io(compat.acluster_call_many(conn, commands))
         return replies
 
 
@@ -84,9 +99,12 @@ def _close(conn: Any) -> None:
     """Close a failed connection; closing one whose node does not answer may time out too
     (redis.asyncio waits for the socket to close), which must not hide the first failure."""
     try:
-        await_(compat.adisconnect(conn))
+        await_io(compat.adisconnect(conn))
     except (RedisError, OSError, asyncio.TimeoutError):
-        compat.close_now(conn)
+        try:
+            compat.close_now(conn)
+        except RuntimeError:  # its loop is closed: nothing can close it on that loop now
+            pass
 
 
 class AsyncClusterEpochGuard(ClusterEpochGuard):
@@ -95,10 +113,10 @@ class AsyncClusterEpochGuard(ClusterEpochGuard):
     greenlet of its own."""
 
     def _call(self, conn: Any, args: Sequence[Any]) -> Any:
-        return await_(compat.acall(conn, args))
+        return await_io(compat.acall(conn, args))
 
     def _exchange(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        replies: list[Any] = await_(compat.acall_many(conn, commands))
+        replies: list[Any] = await_io(compat.acall_many(conn, commands))
         return replies
 
     def _disconnect(self, conn: Any) -> None:
@@ -131,13 +149,10 @@ class AsyncClusterTransport(ClusterTransport):
     def launch(self, probe: Callable[[], None]) -> None:
         """The breaker's prober, as a task on the running loop (see
         :meth:`.AsyncTransport.launch`)."""
-        task = asyncio.get_running_loop().create_task(greenlet_spawn(probe))
-        _PROBERS.add(task)
-        task.add_done_callback(_PROBERS.discard)
+        _PROBER_LOOPS.launch(probe)
 
     def pause(self, seconds: float) -> bool:
-        self.sleep(seconds)
-        return False
+        return _PROBER_LOOPS.pause(seconds)
 
 
 class AsyncClusterBackend(ClusterBackend):

@@ -15,25 +15,215 @@ against the prefix's epoch before its first use and at every reconnection.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import redis.asyncio
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from . import _redis_compat as compat
 from ._sa_compat import await_, greenlet_spawn
 from .epoch import EpochGuard
 
+log = logging.getLogger("sqlalchemy_writethrough")
+
+#: pool settings a pool adds to its connections' for itself, never copied to another pool
+_OWN_POOL_KWARGS = frozenset({"maint_notifications_pool_handler"})
+
+_LOOP_HINT = (
+    "a redis.asyncio client belongs to the event loop it first ran on; build the client (or "
+    "the cache) inside the loop that uses it, one per loop (e.g. in FastAPI's lifespan, or in "
+    "an async fixture of the loop's scope), or give the cache a URL (docs/asyncio.md)"
+)
+
+
+class OtherEventLoopError(RedisConnectionError):
+    """The client cannot be used on the running event loop (its connections belong to
+    another); a :class:`redis.exceptions.ConnectionError`, so that the cache treats it as
+    Redis being unreachable: the read goes to the database, the write is journaled."""
+
+
+def await_io(awaitable: Awaitable[Any]) -> Any:
+    """:func:`._sa_compat.await_` of Redis I/O; the ``RuntimeError`` asyncio raises for an
+    object of another event loop (a connection, a lock, a Sentinel's own client) is
+    :class:`OtherEventLoopError`: Redis unreachable from here, never an error for the caller."""
+    try:
+        return await_(awaitable)
+    except RuntimeError as exc:
+        if "loop" not in str(exc):
+            raise
+        raise OtherEventLoopError(f"{exc}; {_LOOP_HINT}") from exc
+
+
+class _LoopPools:
+    """Which pool each running event loop takes connections from: the client's own on its
+    home loop (the first to use it, unless the client already has connections open on
+    another), a copy of it with the same settings on any other. A copy whose loop is closed
+    is dropped, its sockets closed. When the home loop is closed, the next loop becomes the
+    home (see :class:`LoopGuard`). A client whose pool cannot be copied (a Sentinel or custom
+    pool, a client that keeps redis-py's own path) fails as an unreachable Redis on a loop
+    open alongside its own."""
+
+    def __init__(self, client: Any, direct: bool) -> None:
+        self.client = client
+        self.pool = client.connection_pool
+        self.home: asyncio.AbstractEventLoop | None = None
+        self.copyable = direct and type(self.pool) in (
+            redis.asyncio.ConnectionPool,
+            redis.asyncio.BlockingConnectionPool,
+        )
+        self.guard = LoopGuard(client, lambda: _pool_connections(client), _waits_of(self.pool))
+        self.others: dict[asyncio.AbstractEventLoop, tuple[Any, Any]] = {}
+        self.told = False
+
+    def here(self, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
+        """(pool, client) to use on ``loop``, which is not the home loop (yet)."""
+        if self.guard.settle(loop):
+            self.home = loop
+            return self.pool, self.client
+        if not self.copyable:
+            self.guard.refuse()
+        found = self.others.get(loop)
+        if found is None:
+            found = self.others[loop] = self._copy()
+        return found
+
+    def _copy(self) -> tuple[Any, Any]:
+        """A pool of the client's settings and a plain client over it, for one more loop."""
+        for loop in [loop for loop in self.others if loop.is_closed()]:
+            pool, _ = self.others.pop(loop)
+            for conn in [*pool._available_connections, *pool._in_use_connections]:
+                _close_on_closed_loop(conn)
+        pool = self.pool
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _OWN_POOL_KWARGS}
+        if isinstance(pool, redis.asyncio.BlockingConnectionPool):
+            kwargs["timeout"] = pool.timeout
+        copy = type(pool)(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
+        )
+        if not self.told:
+            self.told = True
+            log.info(
+                "writethrough: the redis.asyncio client is used on more than one event loop; "
+                "the cache opens connections of its own on each other loop (the client itself "
+                "raises RuntimeError there): %s",
+                _LOOP_HINT,
+            )
+        return copy, redis.asyncio.Redis(connection_pool=copy)
+
+
+def _pool_connections(client: Any) -> list[Any]:
+    """The connections a ``redis.asyncio.Redis`` client holds (its pool's, its own)."""
+    pool = client.connection_pool
+    conns = [
+        *getattr(pool, "_available_connections", ()),
+        *getattr(pool, "_in_use_connections", ()),
+    ]
+    single = getattr(client, "connection", None)
+    if single is not None:
+        conns.append(single)
+    return conns
+
+
+def _close_on_closed_loop(conn: Any) -> None:
+    """Close the socket of a connection whose event loop is closed (its transport cannot
+    schedule its own close any more), leaving it to connect again on first use, on the loop
+    that uses it then (what redis-py's ``disconnect()`` leaves, which cannot run here)."""
+    writer = getattr(conn, "_writer", None)
+    if writer is None:
+        return
+    parser = getattr(conn, "_parser", None)
+    if parser is not None:
+        parser.on_disconnect()
+    conn._reader = conn._writer = None
+    try:
+        writer.close()  # marks it closing; scheduling the rest fails on a closed loop
+    except RuntimeError:
+        pass
+    sock = getattr(writer.transport, "_sock", None)  # what that scheduled step would close
+    if sock is not None:
+        sock.close()
+
+
+class LoopGuard:
+    """The event loop a client's connections belong to (its home): the first loop that uses
+    it, unless the client already has connections open on another. When that loop is closed
+    (``asyncio.run()`` again, a test's loop), the next loop becomes the home, the client's
+    connections (dead with their loop) closed first; not if the pool's own lock already
+    belongs to the closed loop (redis.asyncio binds it there the first time two tasks
+    wait for it: it would fail on any other)."""
+
+    def __init__(
+        self,
+        client: Any,
+        connections: Callable[[], Sequence[Any]],
+        waits: Sequence[Any] = (),
+    ) -> None:
+        self.client = client
+        self.connections = connections
+        self.waits = waits
+        self.home: asyncio.AbstractEventLoop | None = None
+        self.warned = False
+
+    def settle(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """True if ``loop`` is the home loop (now)."""
+        home = self.home
+        if home is loop:
+            return True
+        if home is None:
+            bound = compat.bound_loops(self.client)
+            home = next(iter(bound - {loop}), None) if bound else None
+            if home is None:
+                self.home = loop
+                return True
+        if not home.is_closed():
+            return False
+        if any(getattr(wait, "_loop", None) not in (None, loop) for wait in self.waits):
+            return False
+        for conn in self.connections():
+            _close_on_closed_loop(conn)
+        self.home = loop
+        return True
+
+    def check(self) -> None:
+        """Make the running loop the home, or raise :class:`OtherEventLoopError`."""
+        if not self.settle(asyncio.get_running_loop()):
+            self.refuse()
+
+    def refuse(self) -> None:
+        if not self.warned:
+            self.warned = True
+            log.warning(
+                "writethrough: the redis.asyncio client is used on another event loop than the "
+                "one its connections belong to, and the cache cannot open connections of its "
+                "own there: every operation on that loop goes to the database. %s",
+                _LOOP_HINT,
+            )
+        raise OtherEventLoopError(
+            "the redis.asyncio client belongs to another event loop; " + _LOOP_HINT
+        )
+
+
+def _waits_of(pool: Any) -> list[Any]:
+    """The asyncio lock and condition a ``redis.asyncio`` pool waits on (redis-py 8's lock,
+    a blocking pool's condition and its lock), each bound to a loop once waited on."""
+    waits = [getattr(pool, "_lock", None), getattr(pool, "_condition", None)]
+    waits.append(getattr(waits[1], "_lock", None))
+    return [wait for wait in waits if wait is not None]
+
 
 class PendingAsyncConnection:
     """A command sent on a pooled ``redis.asyncio`` connection whose reply is not read yet;
     its socket is closed if it is collected unread."""
 
-    __slots__ = ("__weakref__", "connection", "finalizer")
+    __slots__ = ("__weakref__", "connection", "finalizer", "pool")
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, pool: Any) -> None:
         self.connection = connection
+        self.pool = pool
         self.finalizer = weakref.finalize(self, compat.close_now, connection)
 
     def take(self) -> Any:
@@ -57,37 +247,47 @@ class AsyncTransport:
         self._direct = compat.is_plain_async_client(client)
         self._get = compat.async_checkout_of(self._pool)
         self.overlaps = self._direct and not compat.async_pool_blocks(self._pool)
+        self._loops = _LoopPools(client, self._direct)
 
-    async def _checkout(self) -> Any:
-        conn = await self._get()
+    def _here(self) -> tuple[Any, Any]:
+        """(pool, client) to use on the running loop (see :class:`_LoopPools`)."""
+        loop = asyncio.get_running_loop()
+        loops = self._loops
+        if loop is loops.home:
+            return self._pool, self.client
+        return loops.here(loop)
+
+    async def _checkout(self, pool: Any) -> Any:
+        conn = await (self._get() if pool is self._pool else compat.async_checkout_of(pool)())
         epoch = self._epoch
         if epoch is not None and epoch.due(conn):
             try:
                 await epoch.check_connection_async(conn)
             except BaseException:
-                await compat.arelease(self._pool, conn)
+                await compat.arelease(pool, conn)
                 raise
         return conn
 
     async def _on_connection(self, call: Callable[[Any, Any], Any], what: Any) -> Any:
-        conn = await self._checkout()
+        pool, _ = self._here()
+        conn = await self._checkout(pool)
         try:
             result = await compat.awith_retry(conn, call, what)
         except BaseException as exc:
-            await self._abandon(conn, exc)
+            await self._abandon(pool, conn, exc)
             raise
-        await compat.arelease(self._pool, conn)
+        await compat.arelease(pool, conn)
         return result
 
-    async def _abandon(self, conn: Any, exc: BaseException) -> None:
+    async def _abandon(self, pool: Any, conn: Any, exc: BaseException) -> None:
         if not isinstance(exc, ResponseError):
             await compat.adisconnect(conn)
-        await compat.arelease(self._pool, conn)
+        await compat.arelease(pool, conn)
 
     async def _via_client(self, commands: Sequence[Sequence[Any]], single: bool) -> Any:
         """A client that keeps redis-py's own path (a subclass, a single connection,
         client-side caching), checked against the epoch every interval."""
-        client = self.client
+        _, client = self._here()
         if self._epoch is not None:
             await greenlet_spawn(
                 self._epoch.check_client, lambda *args: await_(client.execute_command(*args))
@@ -101,75 +301,112 @@ class AsyncTransport:
 
     def command(self, *args: Any) -> Any:
         if not self._direct:
-            return await_(self._via_client([args], True))
-        return await_(self._on_connection(compat.acall, args))
+            return await_io(self._via_client([args], True))
+        return await_io(self._on_connection(compat.acall, args))
 
     def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         if not self._direct:
-            replies: list[Any] = await_(self._via_client(commands, False))
+            replies: list[Any] = await_io(self._via_client(commands, False))
             return replies
-        replies = await_(self._on_connection(compat.acall_many, commands))
+        replies = await_io(self._on_connection(compat.acall_many, commands))
         return replies
 
     def load_script(self, source: str) -> None:
         self.command("SCRIPT", "LOAD", source)
 
     async def _begin(self, command: Sequence[Any]) -> PendingAsyncConnection:
-        conn = await self._checkout()
+        pool, _ = self._here()
+        conn = await self._checkout(pool)
         try:
             await compat.asend(conn, command)
         except BaseException:
             await compat.adisconnect(conn)
-            await compat.arelease(self._pool, conn)
+            await compat.arelease(pool, conn)
             raise
-        return PendingAsyncConnection(conn)
+        return PendingAsyncConnection(conn, pool)
 
     def begin(self, command: Sequence[Any]) -> PendingAsyncConnection:
-        return await_(self._begin(command))
+        handle: PendingAsyncConnection = await_io(self._begin(command))
+        return handle
 
     async def _complete(self, handle: PendingAsyncConnection) -> Any:
+        pool = handle.pool
         conn = handle.take()
         try:
             reply = await compat.aread(conn)
         except BaseException as exc:
-            await self._abandon(conn, exc)
+            await self._abandon(pool, conn, exc)
             raise
-        await compat.arelease(self._pool, conn)
+        await compat.arelease(pool, conn)
         return reply
 
     def complete(self, handle: PendingAsyncConnection) -> Any:
-        return await_(self._complete(handle))
+        return await_io(self._complete(handle))
+
+    async def _ping(self) -> bool:
+        _, client = self._here()
+        return bool(await client.ping())
 
     def ping(self) -> bool:
-        return bool(await_(self.client.ping()))
+        return bool(await_io(self._ping()))
 
     def sleep(self, seconds: float) -> None:
         await_(asyncio.sleep(seconds))
 
     async def _scan(self, pattern: str, count: int) -> list[Any]:
-        return [key async for key in self.client.scan_iter(match=pattern, count=count)]
+        _, client = self._here()
+        return [key async for key in client.scan_iter(match=pattern, count=count)]
 
     def scan(self, pattern: str, count: int) -> list[Any]:
-        keys: list[Any] = await_(self._scan(pattern, count))
+        keys: list[Any] = await_io(self._scan(pattern, count))
         return keys
 
+    async def _unlink(self, keys: Sequence[Any]) -> int:
+        _, client = self._here()
+        return int(await client.unlink(*keys))
+
     def unlink(self, keys: Sequence[Any]) -> int:
-        return int(await_(self.client.unlink(*keys)))
+        return int(await_io(self._unlink(keys)))
 
     # -- the circuit breaker's prober, as a task on the loop --------------------------------
 
     def launch(self, probe: Callable[[], None]) -> None:
         """Start the breaker's prober as a task on the running loop, in a greenlet of its
         own (it awaits Redis, and :meth:`sleep`, like the hooks do)."""
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(greenlet_spawn(probe))
-        _PROBERS.add(task)  # a task nobody references may be collected mid-run
-        task.add_done_callback(_PROBERS.discard)
+        _PROBER_LOOPS.launch(probe)
 
     def pause(self, seconds: float) -> bool:
         """The prober's wait between two probes; never stopped from outside."""
-        self.sleep(seconds)
+        return _PROBER_LOOPS.pause(seconds)
+
+
+class ProberLoops:
+    """Starts the circuit breakers' probers as tasks on the running loop, and keeps a prober
+    from outliving its loop: a prober cancelled while it waits (``asyncio.run()`` cancels
+    the tasks left when its coroutine returns) is not started again on that loop (the breaker
+    then starts one on the next loop that uses the cache, instead of waiting forever for a
+    prober whose loop is closed)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.cancelled: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+    def launch(self, probe: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        if loop in self.cancelled:
+            self.cancelled.discard(loop)
+            raise RuntimeError("the event loop cancelled the prober: not started again on it")
+        task = loop.create_task(greenlet_spawn(probe))
+        self.tasks.add(task)  # a task nobody references may be collected mid-run
+        task.add_done_callback(self.tasks.discard)
+
+    def pause(self, seconds: float) -> bool:
+        try:
+            await_(asyncio.sleep(seconds))
+        except asyncio.CancelledError:
+            self.cancelled.add(asyncio.get_running_loop())
+            raise
         return False
 
 
-_PROBERS: set[asyncio.Task[Any]] = set()
+_PROBER_LOOPS = ProberLoops()

@@ -1,0 +1,317 @@
+"""A ``redis.asyncio`` client used from more than one event loop never makes the cache raise.
+
+redis-py binds an asyncio connection to the loop that opened it and raises ``RuntimeError``
+("Event loop is closed", "got Future attached to a different loop") when it is used from
+another; that happens in ordinary setups: ``asyncio.run()`` twice with one cache (a script, a
+command-line tool), pytest-asyncio's loop per test with a module-level cache, a client built at
+import time. Here, on real Redis and a real database (aiosqlite, asyncpg):
+
+* a plain client (or a URL) works on every loop: the cache opens connections of its own on
+  each loop other than the client's (gets served from Redis with no SQL, commits published);
+* a client of its own kind on another loop while its own loop is still open is Redis being
+  unreachable: the database answers, the commit's keys are journaled, one warning says how to
+  build the client per loop; once its loop is closed, the next loop uses it again, with nothing
+  stale;
+* a circuit breaker opened on a loop that ``asyncio.run()`` then closed probes on the next one;
+* a ``redis.asyncio`` Redis Cluster client moves to the next loop when its loop is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import redis.asyncio
+from _flavours import async_url
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from sqlalchemy import String, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
+from stress.redis_server import RedisServer
+
+from _sentinel import require_redis_server
+from _servers import capture_sql, reset_schema
+
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class LoopRow(Base, CachedModel):
+    __tablename__ = "loop_row"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class OwnKindRedis(redis.asyncio.Redis):  # type: ignore[type-arg]
+    """A client of the application's own kind: the cache keeps redis-py's own path for it."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        return await super().execute_command(*args, **options)
+
+
+@pytest.fixture
+def schema(engine: Any) -> Any:
+    reset_schema(engine, Base.metadata)
+    return engine
+
+
+class App:
+    """An asyncio application: an async engine (no pool: a database connection belongs to its
+    loop too), a factory, the cache installed on it."""
+
+    def __init__(self, db_url: str, cache: WriteThroughCache) -> None:
+        self.engine = create_async_engine(async_url(db_url), poolclass=NullPool)
+        self.factory = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.cache = cache
+        cache.install(self.factory)
+
+    async def seed(self, count: int) -> None:
+        async with self.factory() as session:
+            session.add_all(LoopRow(id=i, name=f"r{i}") for i in range(1, count + 1))
+            await session.commit()
+
+    async def names(self, *ids: int) -> tuple[list[str], int]:
+        """(the names gets return, how many SQL statements they sent)."""
+        with capture_sql(self.engine.sync_engine) as sql:
+            async with self.factory() as session:
+                found = [await session.get(LoopRow, i) for i in ids]
+        return [row.name for row in found if row is not None], len(sql)
+
+    async def from_cache(self, *ids: int) -> tuple[list[str], int]:
+        with capture_sql(self.engine.sync_engine) as sql:
+            async with self.factory() as session:
+                rows = await session.scalars(
+                    select(LoopRow).where(LoopRow.id.in_(ids)).options(from_cache())
+                )
+                names = sorted(row.name for row in rows)
+        return names, len(sql)
+
+    async def rename(self, row_id: int, name: str, commit: bool = True) -> None:
+        async with self.factory() as session:
+            row = await session.get(LoopRow, row_id)
+            assert row is not None
+            row.name = name
+            await session.flush()
+            if commit:
+                await session.commit()
+            else:
+                await session.rollback()
+
+
+def _run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
+    return loop.run_until_complete(asyncio.wait_for(coro, 20))
+
+
+@pytest.mark.parametrize("given", ["url", "client", "near cache", "background publish"])
+def test_asyncio_run_twice_with_one_cache(
+    given: str, schema: Any, db_url: str, prefix: str, redis_url: str
+) -> None:
+    """The second ``asyncio.run()`` is served as the first: a cached get sends no SQL, a miss
+    fills, a ``from_cache()`` IN list is read from Redis, a commit is published and a rollback
+    restores, with no error counted (before the fix, the first call on the second loop raised
+    RuntimeError, on redis-py 5.0 and 8)."""
+    options: dict[str, Any] = {}
+    if given == "near cache":
+        options["near_cache"] = True
+    if given == "background publish":
+        options["publish"] = "background"
+    target: Any = redis_url
+    if given == "client":  # built at import time: no loop yet
+        target = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.5)
+    app = App(db_url, WriteThroughCache(target, prefix=prefix, **options))
+
+    async def first() -> tuple[list[str], int]:
+        await app.seed(4)  # the commit puts the rows in Redis
+        return await app.names(1, 2)
+
+    async def second() -> dict[str, Any]:
+        try:
+            seen: dict[str, Any] = {"cached": await app.names(1)}
+            await app.cache.ainvalidate(LoopRow, 3)
+            seen["miss"] = await app.names(3)
+            seen["again"] = await app.names(3)
+            seen["in list"] = await app.from_cache(1, 2, 3)
+            await app.rename(2, "renamed")
+            await app.rename(4, "rolled back", commit=False)
+            await app.cache.aflush_publishes()
+            seen["after commit"] = await app.names(2, 4)
+            seen["errors"] = app.cache.stats().errors
+            return seen
+        finally:
+            await app.cache.aclose()
+
+    assert asyncio.run(first()) == (["r1", "r2"], 0)
+    seen = asyncio.run(asyncio.wait_for(second(), 20))
+    assert seen == {
+        "cached": (["r1"], 0),
+        "miss": (["r3"], 1),
+        "again": (["r3"], 0),
+        "in list": (["r1", "r2", "r3"], 0),
+        "after commit": (["renamed", "r4"], 0),  # 4: its previous value restored
+        "errors": 0,
+    }
+
+
+def test_a_plain_client_serves_two_open_loops(
+    schema: Any, db_url: str, prefix: str, redis_url: str
+) -> None:
+    """Two loops open at once take turns with one cache: each is served from Redis, and sees
+    the other's commits (before the fix: RuntimeError, attached to a different loop)."""
+    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.5)
+    app = App(db_url, WriteThroughCache(client, prefix=prefix))
+    one, two = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        _run_on(one, app.seed(2))
+        assert _run_on(one, app.names(1, 2)) == (["r1", "r2"], 0)
+        assert _run_on(two, app.names(1, 2)) == (["r1", "r2"], 0)
+        _run_on(two, app.rename(1, "by two"))
+        assert _run_on(one, app.names(1)) == (["by two"], 0)
+        _run_on(one, app.rename(2, "by one"))
+        assert _run_on(two, app.names(1, 2)) == (["by two", "by one"], 0)
+        assert app.cache.stats().errors == 0
+        _run_on(two, app.cache.aclose())
+        _run_on(one, client.aclose())
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_client_of_its_own_kind_on_another_open_loop_is_redis_unreachable(
+    schema: Any, db_url: str, prefix: str, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client the cache cannot open connections for on another loop: while its own loop is
+    open, another loop's reads go to the database and its commit is journaled, with one
+    warning saying how to build the client per loop; once its loop is closed, the next loop
+    uses it again and reads the new name, not the one Redis held."""
+    client = OwnKindRedis.from_url(redis_url, socket_timeout=0.5)
+    cache = WriteThroughCache(client, prefix=prefix, breaker_threshold=100)
+    app = App(db_url, cache)
+    home, other, third = (asyncio.new_event_loop() for _ in range(3))
+    try:
+        _run_on(home, app.seed(2))
+        assert _run_on(home, app.names(1, 2)) == (["r1", "r2"], 0)
+        with caplog.at_level(logging.WARNING, logger="sqlalchemy_writethrough"):
+            assert _run_on(other, app.names(1)) == (["r1"], 1)
+            _run_on(other, app.rename(1, "while away"))
+            assert _run_on(other, app.names(1)) == (["while away"], 1)
+        warned = [r.getMessage() for r in caplog.records if "another event loop" in r.getMessage()]
+        assert len(warned) == 1 and "one per loop" in warned[0]
+        assert cache.stats().errors > 0
+        home.close()
+        assert _run_on(third, app.names(1)) == (["while away"], 1)  # journal replayed first
+        assert _run_on(third, app.names(1)) == (["while away"], 0)
+        _run_on(third, client.aclose())
+    finally:
+        for loop in (home, other, third):
+            loop.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_a_breaker_opened_on_a_closed_loop_probes_on_the_next(
+    schema: Any, db_url: str, prefix: str
+) -> None:
+    """Redis stops answering during one ``asyncio.run()``: the breaker opens, its prober is a
+    task on that loop, cancelled when the run ends. Redis answers again: the next run's reads
+    come back to Redis (before the fix the breaker waited forever for the dead prober, and the
+    cache was never used again)."""
+    require_redis_server()
+    server = RedisServer()
+    server.start()
+    try:
+        client = redis.asyncio.Redis.from_url(
+            server.url, socket_timeout=0.2, socket_connect_timeout=0.2
+        )
+        cache = WriteThroughCache(client, prefix=prefix, breaker_cooldown=0.05)
+        app = App(db_url, cache)
+
+        async def first() -> bool:
+            await app.seed(1)
+            await app.names(1)
+            server.freeze()
+            for _ in range(4):
+                assert await app.names(1) == (["r1"], 1)
+            return cache.stats().errors > 0
+
+        try:
+            assert asyncio.run(first())
+        finally:
+            server.thaw()
+
+        async def second() -> bool:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if (await app.names(1))[1] == 0:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        assert asyncio.run(second())
+    finally:
+        server.thaw()
+        server.stop()
+
+
+def _cluster_client(cluster: Any) -> RedisCluster:
+    return RedisCluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+    )
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+def test_a_cluster_client_moves_to_the_next_loop(
+    schema: Any, db_url: str, cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``asyncio.run()`` twice with a ``redis.asyncio`` Cluster client: the second run is served
+    from the cluster and its commit published (before the fix, the get and the commit raised
+    RuntimeError); meanwhile another loop, open while the client's own is, goes to the
+    database."""
+    prefix = f"aloop-{random.randrange(1 << 40):x}"
+    client = _cluster_client(cluster)
+    app = App(db_url, WriteThroughCache(client, prefix=prefix))
+
+    async def first() -> tuple[list[str], int]:
+        await app.seed(3)
+        await app.names(1, 2, 3)
+        return await app.names(1, 2, 3)
+
+    async def second() -> dict[str, Any]:
+        seen: dict[str, Any] = {"cached": await app.names(1, 2, 3)}
+        await app.rename(2, "renamed")
+        seen["after commit"] = await app.names(2)
+        seen["errors"] = app.cache.stats().errors
+        return seen
+
+    assert asyncio.run(first()) == (["r1", "r2", "r3"], 0)
+    home = asyncio.new_event_loop()
+    other = asyncio.new_event_loop()
+    try:
+        assert _run_on(home, _call(second)) == {
+            "cached": (["r1", "r2", "r3"], 0),
+            "after commit": (["renamed"], 0),
+            "errors": 0,
+        }
+        with caplog.at_level(logging.WARNING, logger="sqlalchemy_writethrough"):
+            assert _run_on(other, app.names(3)) == (["r3"], 1)
+        assert any("another event loop" in r.getMessage() for r in caplog.records)
+        _run_on(home, app.cache.aclose())
+    finally:
+        home.close()
+        other.close()
+
+
+async def _call(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return await fn()
