@@ -484,8 +484,9 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             engine, _final_urls(schedule), prefix, tenants
         )
         events = read_histories(workdir)
-        near_bound = None if config.near_cache is None else int(config.near_cache * 1e9)
-        report = check(events, final_db, final_cache, leftover, schedule.windows, near_bound)
+        report = check(
+            events, final_db, final_cache, leftover, schedule.windows, _bound(config.near_cache)
+        )
         stats: Counter[str] = Counter()
         for e in events:
             if e["e"] == "stop":
@@ -504,6 +505,11 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         info["elapsed"] = f"{time.monotonic() - started:.1f}s"
         return StressResult(config, report, info)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _bound(near_cache: float | None) -> int | None:
+    """The checker's near-cache bound (ns) of a near cache's staleness (s; None: none)."""
+    return None if near_cache is None else int(near_cache * 1e9)
 
 
 def _final_urls(schedule: FaultSchedule) -> str | list[str]:
@@ -631,12 +637,16 @@ def run_outage(
     keep_logs: bool = False,
     lock_timeout: float = 2.0,
     lock_wait: float = 600.0,
+    near_cache: float | None = None,
+    batch_reads: bool = True,
 ) -> dict[str, Any]:
     """Redis unreachable for every process (the proxy black-holes it), in ``degrade`` mode.
 
     Timeline (fractions of ``seconds``): 0-0.2 warm up through the cache; 0.2-0.45 the
     database-only baseline (sessions without the cache, on rows the cache never sees);
-    0.45-0.5 cache again; 0.5-0.75 outage; 0.75-1 Redis back.
+    0.45-0.5 cache again; 0.5-0.75 outage; 0.75-1 Redis back. ``near_cache``: every worker's
+    near cache bound (seconds; None: none); ``batch_reads``: IN-list reads in the mix (not in
+    the baseline).
     """
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(workspace(keep_logs, log))
@@ -686,6 +696,8 @@ def run_outage(
                         "baseline_items": BASELINE_ITEMS,
                         "baseline_parents": BASELINE_PARENTS,
                         "role": "simple",
+                        "near_cache": near_cache,
+                        "batch_reads": batch_reads,
                     },
                     workdir,
                 )
@@ -701,7 +713,7 @@ def run_outage(
         time.sleep(lock_timeout + 0.5)
         final_db, final_cache, leftover = final_state(engine, server.url, prefix)
         events = read_histories(workdir)
-        report = check(events, final_db, final_cache, leftover)
+        report = check(events, final_db, final_cache, leftover, near_bound=_bound(near_cache))
         errors = Counter(
             e["ec"]
             for e in events
@@ -737,11 +749,14 @@ def run_partition(
     keep_logs: bool = False,
     lock_timeout: float = 2.0,
     lock_wait: float = 600.0,
+    near_cache: float | None = None,
+    batch_reads: bool = True,
 ) -> dict[str, Any]:
     """One writer cut off from Redis (its proxy black-holes) while readers reach it directly.
 
     Timeline: 0-0.3 everything connected (the readers fill the cache); 0.3-0.8 the writer's
-    Redis is unreachable; 0.8-1 healed.
+    Redis is unreachable; 0.8-1 healed. ``near_cache``: every process's near cache bound
+    (seconds; None: none); ``batch_reads``: IN-list reads in the readers' mix.
     """
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(workspace(keep_logs, log))
@@ -783,6 +798,8 @@ def run_partition(
                         "hot_items": HOT_ITEMS,
                         "parents": PARENTS,
                         "role": "writer" if writer else "reader",
+                        "near_cache": near_cache,
+                        "batch_reads": batch_reads,
                     },
                     workdir,
                 )
@@ -798,7 +815,7 @@ def run_partition(
         time.sleep(lock_timeout + 0.5)
         final_db, final_cache, leftover = final_state(engine, server.url, prefix)
         events = read_histories(workdir)
-        report = check(events, final_db, final_cache, leftover)
+        report = check(events, final_db, final_cache, leftover, near_bound=_bound(near_cache))
         commits = Counter(
             e["outcome"] for e in events if e["e"] == "cend" and not e["tx"].startswith("seed")
         )

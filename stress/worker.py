@@ -75,6 +75,8 @@ MIXED = {
 READER = {"get": 40, "select": 30, "batch": 20, "lazy": 20, "rr_read": 10}
 WRITER = {"update": 1}
 SIMPLE = {"get": 35, "select": 25, "lazy": 20, "update": 20}
+#: weight of "batch" in a "simple" worker (the outage scenario's), unless ``--no-batch-reads``
+SIMPLE_BATCH_WEIGHT = 12
 ROLES = {"mixed": MIXED, "reader": READER, "writer": WRITER, "simple": SIMPLE}
 #: the unit-of-work writes a "statements" worker replaces with statement-level ones ("stmt")
 UNIT_WRITES = ("update", "savepoint", "rollback", "update_extra")
@@ -116,6 +118,8 @@ def op_weights(role: str, paths: str, db_errors: bool, batch_reads: bool = True)
     weights = dict(ROLES[role])
     if not batch_reads:
         weights.pop("batch", None)
+    elif role == "simple":
+        weights["batch"] = SIMPLE_BATCH_WEIGHT  # not in SIMPLE: never in the outage's baseline
     if role == "mixed" and paths != "unit":
         if paths == "statements":
             weights["stmt"] = sum(weights.pop(k) for k in UNIT_WRITES)
