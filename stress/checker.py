@@ -117,6 +117,9 @@ class Report:
     near: list[Violation] = dataclasses.field(default_factory=list)
     #: near-cache reads behind a commit their own process had completed (never allowed)
     own_commit: list[Violation] = dataclasses.field(default_factory=list)
+    #: near-cache reads of a row their own process had committed before they began (what
+    #: ``own_commit`` had to check: how often the promise was put to the test)
+    near_after_own: int = 0
     #: the near cache's staleness bound (ns), when the run used one
     near_bound: int | None = None
     #: the failover windows of the run (history times, ns)
@@ -160,6 +163,7 @@ class Report:
             "gap": len(self.gap),
             "window": len(self.window),
             "near_behind": len(self.near),
+            "near_after_own": self.near_after_own,
         }
 
     def near_lag(self) -> str:
@@ -167,6 +171,8 @@ class Report:
         bound = (self.near_bound or 0) / 1e6
         lags = sorted((v.t - v.newer) / 1e6 for v in self.near)
         head = f"near cache: {self.reads['near']} reads from memory (bound {bound:.0f} ms)"
+        if self.near_after_own:
+            head += f", {self.near_after_own} of a row their own process had committed before"
         if not lags:
             return f"{head}; none behind a completed commit"
         return (
@@ -448,6 +454,11 @@ def check(
         begin = t0
         if r["src"] == "db" and r.get("iso") in SNAPSHOT_LEVELS and r.get("tx") is not None:
             begin = min(t0, int(r["tx"]))
+        if r["src"] == "near" and any(
+            v.worker == r["w"] and v.end is not None and v.end <= begin
+            for v in versions.get(row, ())
+        ):
+            report.near_after_own += 1
         times, best = completed.get(row, ([], []))
         i = bisect.bisect_left(times, begin)
         if i == 0:

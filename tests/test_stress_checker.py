@@ -255,6 +255,9 @@ def test_a_near_read_behind_its_own_process_commit_is_own_commit_whatever_the_bo
     assert not report.ok and report.violations == 1
     assert report.summary()["own_commit"] == 1
     assert "own-commit=1" in report.format()
+    # the reads of w0.0 after its own commit completed: what the promise was checked on
+    assert report.near_after_own == 3
+    assert "3 of a row their own process had committed before" in report.near_lag()
     # without a bound too (the promise does not depend on it), and for a batch's row
     in_batch = {**read(1, v(1), 21, 22, src="near", w="w0.0"), "batch": 2, "q": "select"}
     unbounded = check([*events[:4], in_batch], DB, {})
