@@ -862,8 +862,9 @@ class Worker:
         asyncio.run(main())
 
     def _wait_for_start(self, parent: int) -> None:
-        """Say ready, then take the deadline from the runner's start file (written once every
-        first worker is ready; a respawned worker finds it there)."""
+        """Say ready, then take the deadline (and, in the outage scenario, the database-only
+        baseline's span) from the runner's start file (written once every first worker is
+        ready; a respawned worker finds it there)."""
         start_file = self.config.get("start_file")
         if not start_file:
             return
@@ -876,7 +877,10 @@ class Worker:
                 return
             time.sleep(0.02)
         with open(start_file, encoding="utf-8") as f:
-            self.deadline = int(f.read())
+            times = [int(t) for t in f.read().split()]
+        self.deadline = times[0]
+        if len(times) == 3:
+            self.baseline = times[1:]
 
     def _run(self) -> None:
         parent = os.getppid()
