@@ -660,9 +660,9 @@ def run_outage(
     """Redis unreachable for every process (the proxy black-holes it), in ``degrade`` mode.
 
     Timeline (fractions of ``seconds``, from the moment every worker is ready): 0-0.2 warm up
-    through the cache; 0.2-0.45 the
-    database-only baseline (sessions without the cache, on rows the cache never sees);
-    0.45-0.5 cache again; 0.5-0.75 outage; 0.75-1 Redis back. ``near_cache``: every worker's
+    through the cache; 0.2-0.45 the database-only baseline (sessions without the cache, on
+    rows the cache never sees); 0.45-0.5 cache again; 0.5-0.75 outage; 0.75-1 Redis back.
+    ``near_cache``: every worker's
     near cache bound (seconds; None: none); ``batch_reads``: IN-list reads in the mix (not in
     the baseline).
     """
@@ -777,9 +777,9 @@ def run_partition(
     """One writer cut off from Redis (its proxy black-holes) while readers reach it directly.
 
     Timeline (from the moment every process is ready): 0-0.3 everything connected (the
-    readers fill the cache); 0.3-0.8 the writer's
-    Redis is unreachable; 0.8-1 healed. ``near_cache``: every process's near cache bound
-    (seconds; None: none); ``batch_reads``: IN-list reads in the readers' mix.
+    readers fill the cache); 0.3-0.8 the writer's Redis is unreachable; 0.8-1 healed.
+    ``near_cache``: every process's near cache bound (seconds; None: none); ``batch_reads``:
+    IN-list reads in the readers' mix.
     """
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(workspace(keep_logs, log))
