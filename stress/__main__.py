@@ -77,8 +77,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="stress: give every worker a near cache with this staleness bound; a read "
-        "from memory behind a completed commit by more than the bound fails the run",
+        help="stress, outage, partition: give every worker a near cache with this staleness "
+        "bound; a read from memory behind a completed commit by more than the bound, or "
+        "behind one its own process completed (own-commit), fails the run",
     )
     p.add_argument(
         "--kill-prob",
@@ -143,8 +144,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--no-batch-reads",
         dest="batch_reads",
         action="store_false",
-        help="stress: no IN-list reads (select(M).where(M.id.in_(ids)) and the legacy Query, "
-        "with from_cache(); 2-8 rows each) in the workers' read mix",
+        help="stress, outage, partition: no IN-list reads (select(M).where(M.id.in_(ids)) and "
+        "the legacy Query, with from_cache(); 2-8 rows each) in the workers' read mix",
     )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-logs", action="store_true", help="keep the history files")
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds=args.seconds / len(dbs),
                 workers=min(args.workers, 4),
                 keep_logs=args.keep_logs,
+                near_cache=args.near_cache,
+                batch_reads=args.batch_reads,
             )
             report = out.pop("report")
             print(f"== outage on {db} (degrade mode: no user-visible errors expected)")
@@ -250,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         for db in dbs:
             for mode in ("degrade", "strict"):
                 out = run_partition(
-                    db_url(db), mode, seconds=args.seconds / len(dbs) / 2, keep_logs=args.keep_logs
+                    db_url(db),
+                    mode,
+                    seconds=args.seconds / len(dbs) / 2,
+                    keep_logs=args.keep_logs,
+                    near_cache=args.near_cache,
+                    batch_reads=args.batch_reads,
                 )
                 report = out.pop("report")
                 print(f"== partition on {db}, on_redis_error={mode}: one writer cut off")

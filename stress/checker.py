@@ -18,8 +18,17 @@ It fails a run on:
                  cache entry, or a statement reached the wrong schema. Every row is the tenant's
                  own (``row[0]`` is ``tenant/table``): each read is checked against its own
                  tenant's committed history only.
+``own-commit``   a read served from a near cache (``src`` "near") returned a value older than a
+                 commit that the same worker process completed (its ``session.commit()``
+                 returned) before the read began: docs/consistency.md ("Near cache") promises a
+                 process reads its own commits at once, whatever the staleness bound. A worker
+                 (``w``, ``w<slot>.<incarnation>``) is one process with one ``WriteThroughCache``,
+                 so one near cache: the same ``w`` is the same cache instance, and a respawned
+                 worker (a new incarnation, an empty near cache) is another.
 ``divergent``    at quiescence (workers stopped, locks and leases expired), a VALUE entry of a
-                 current generation differs from its database row, or its row does not exist.
+                 current generation differs from its database row, or its row does not exist;
+                 with ``--tenants``, an entry holding a value only another tenant wrote is
+                 ``cross-tenant`` instead (two tenants shared the entry).
 
 A stale read is reported apart, as ``gap`` and not as a failure, when a newer commit of that row
 could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
@@ -32,7 +41,8 @@ if the row existed (a committed insert or the seed completed, no delete) before 
 A read served from a near cache (``src`` "near", ``--near-cache``) may be behind a completed commit by
 up to the near cache's staleness bound (docs/consistency.md, "Near cache"): such a read is
 reported apart, as ``near`` with how far behind it was (from the completion of the first
-commit it missed to its start); one further behind than the bound is ``stale``.
+commit it missed to its start); one further behind than the bound is ``stale``; one behind a
+commit its own process completed before it began is ``own-commit``, whatever the bound.
 
 A stale read begun inside a failover window (``windows``: from a ``SENTINEL FAILOVER`` to the
 promotion plus the cache's ``epoch_check_interval``) is reported apart too, as ``window``: the
@@ -105,6 +115,11 @@ class Report:
     window: list[Violation] = dataclasses.field(default_factory=list)
     #: near-cache reads behind a completed commit, within the staleness bound
     near: list[Violation] = dataclasses.field(default_factory=list)
+    #: near-cache reads behind a commit their own process had completed (never allowed)
+    own_commit: list[Violation] = dataclasses.field(default_factory=list)
+    #: near-cache reads of a row their own process had committed before they began (what
+    #: ``own_commit`` had to check: how often the promise was put to the test)
+    near_after_own: int = 0
     #: the near cache's staleness bound (ns), when the run used one
     near_bound: int | None = None
     #: the failover windows of the run (history times, ns)
@@ -113,7 +128,11 @@ class Report:
     @property
     def violations(self) -> int:
         return (
-            len(self.stale) + len(self.uncommitted) + len(self.cross_tenant) + len(self.divergent)
+            len(self.stale)
+            + len(self.uncommitted)
+            + len(self.own_commit)
+            + len(self.cross_tenant)
+            + len(self.divergent)
         )
 
     @property
@@ -138,11 +157,13 @@ class Report:
             "errors": sum(self.errors.values()),
             "stale": len(self.stale),
             "uncommitted": len(self.uncommitted),
+            "own_commit": len(self.own_commit),
             "cross_tenant": len(self.cross_tenant),
             "divergent": len(self.divergent),
             "gap": len(self.gap),
             "window": len(self.window),
             "near_behind": len(self.near),
+            "near_after_own": self.near_after_own,
         }
 
     def near_lag(self) -> str:
@@ -150,6 +171,8 @@ class Report:
         bound = (self.near_bound or 0) / 1e6
         lags = sorted((v.t - v.newer) / 1e6 for v in self.near)
         head = f"near cache: {self.reads['near']} reads from memory (bound {bound:.0f} ms)"
+        if self.near_after_own:
+            head += f", {self.near_after_own} of a row their own process had committed before"
         if not lags:
             return f"{head}; none behind a completed commit"
         return (
@@ -226,7 +249,7 @@ class Report:
                 else ""
             ),
             f"violations: stale={len(self.stale)} uncommitted={len(self.uncommitted)} "
-            f"cross-tenant={len(self.cross_tenant)} divergent={len(self.divergent)}"
+            f"own-commit={len(self.own_commit)} cross-tenant={len(self.cross_tenant)} divergent={len(self.divergent)}"
             f"   (documented degrade gap, not failures: stale={len(self.gap)}"
             + (f"; failover windows: stale={len(self.window)}" if self.windows else "")
             + ")",
@@ -237,7 +260,16 @@ class Report:
             lines.append(self.failover_window())
         if self.near_bound is not None:
             lines.append(self.near_lag())
-        for name in ("stale", "uncommitted", "cross_tenant", "divergent", "gap", "window", "near"):
+        for name in (
+            "stale",
+            "uncommitted",
+            "own_commit",
+            "cross_tenant",
+            "divergent",
+            "gap",
+            "window",
+            "near",
+        ):
             found: list[Violation] = getattr(self, name)
             for v in found[:limit]:
                 lines.append(f"  {name.replace('_', '-')} {v.row[0]}#{v.row[1]}: {v.detail}")
@@ -422,6 +454,11 @@ def check(
         begin = t0
         if r["src"] == "db" and r.get("iso") in SNAPSHOT_LEVELS and r.get("tx") is not None:
             begin = min(t0, int(r["tx"]))
+        if r["src"] == "near" and any(
+            v.worker == r["w"] and v.end is not None and v.end <= begin
+            for v in versions.get(row, ())
+        ):
+            report.near_after_own += 1
         times, best = completed.get(row, ([], []))
         i = bisect.bisect_left(times, begin)
         if i == 0:
@@ -434,6 +471,28 @@ def check(
             f"{'a delete' if newest.value is None else newest.value} (rank {newest.rank} > "
             f"{seen}) by {ms(newest.end)} (tx {newest.tx})"
         )
+        if r["src"] == "near":
+            own = [
+                v
+                for v in versions.get(row, ())
+                if v.worker == r["w"] and v.end is not None and v.end <= begin and v.rank > seen
+            ]
+            if own:
+                mine = max(own, key=lambda v: v.rank)
+                report.own_commit.append(
+                    Violation(
+                        "own-commit",
+                        row,
+                        f"{where}, read began {ms(begin)}; but its own process had committed "
+                        f"{'a delete' if mine.value is None else mine.value} (rank {mine.rank} > "
+                        f"{seen}) by {ms(mine.end)} (tx {mine.tx}"
+                        + (", which could not lock Redis" if mine.trouble else "")
+                        + ")",
+                        t0,
+                        mine.end or 0,
+                    )
+                )
+                continue
         if r["src"] == "near" and near_bound is not None:
             missed = min(
                 v.end
@@ -462,6 +521,24 @@ def check(
         elif dict(cached) != dict(db):
             detail = f"cached {dict(cached)} != database {dict(db)}"
         else:
+            continue
+        tenant, _, table = row[0].rpartition("/")
+        value = None if cached is None else cached.get("counter")
+        others = (
+            written_in.get((table, row[1], value), set()) - {tenant}
+            if tenant and isinstance(value, int) and (row, value) not in by_value
+            else set()
+        )
+        if others:
+            # the tenant's entry holds a row of another tenant's: two tenants shared the entry
+            report.cross_tenant.append(
+                Violation(
+                    "cross-tenant",
+                    row,
+                    f"at quiescence: {detail}: a value of tenant "
+                    f"{', '.join(sorted(map(str, others)))}",
+                )
+            )
             continue
         if any(v.trouble for v in versions.get(row, ())):
             # a commit of this row could not lock Redis: its writer's journal invalidates the

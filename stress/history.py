@@ -4,7 +4,8 @@ A line is written (and handed to the OS) before the next operation starts, so a 
 with SIGKILL loses nothing it had recorded. Times are ``time.monotonic_ns()``: every process runs
 on this one machine, so CLOCK_MONOTONIC is shared and times from different workers compare.
 
-Events (``"e"`` is the kind; ``"w"`` the worker id, added by the recorder):
+Events (``"e"`` is the kind; ``"w"`` the worker id, added by the recorder: one process with one
+``WriteThroughCache``, so one near cache; a respawned worker has a new id):
 
 ``read``     ``tb`` table, ``id``, ``v`` value seen (None: no such row), ``src`` "cache" | "db" |
              "locked" (a ``FOR UPDATE`` read) | "near" (a near-cache copy), ``t0``/``t1`` start

@@ -109,6 +109,28 @@ def spawn(config: dict[str, Any], workdir: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def start_when_ready(
+    workdir: Path, names: list[str], procs: list[subprocess.Popen[bytes]], what: str
+) -> int:
+    """Wait (at most 120 s) until every worker named has said it is ready (imported,
+    connected), and return the time the run's clock starts: now. On a loaded machine start-up
+    alone once took longer than a phase of a short run."""
+    give_up = time.monotonic() + 120
+    while not all((workdir / f"{name}.ready").exists() for name in names):
+        if time.monotonic() > give_up or any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"{what} workers did not get ready within 120 s")
+        time.sleep(0.05)
+    return now()
+
+
+def release(start_file: Path, deadline: int, baseline: tuple[int, int] | None = None) -> None:
+    """Let the waiting workers go: the deadline (and the database-only baseline's span, for
+    the outage scenario's workers) in their start file, written at once."""
+    tmp = start_file.with_suffix(".tmp")
+    tmp.write_text(" ".join(str(t) for t in (deadline, *(baseline or ()))))
+    tmp.replace(start_file)
+
+
 def reap(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
     """Wait for the processes until ``deadline`` (monotonic seconds), then kill them."""
     for proc in procs:
@@ -441,15 +463,10 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
 
         for slot in range(config.workers):
             start(slot)
-        give_up = time.monotonic() + 120
-        while not all((workdir / f"w{slot}.0.ready").exists() for slot in range(config.workers)):
-            if time.monotonic() > give_up or any(p.poll() is not None for p in procs.values()):
-                raise RuntimeError("stress workers did not get ready within 120 s")
-            time.sleep(0.05)
-        deadline = now() + int(config.seconds * 1e9)
-        tmp = workdir / "start.tmp"
-        tmp.write_text(str(deadline))
-        tmp.replace(start_file)
+        names = [f"w{slot}.0" for slot in range(config.workers)]
+        deadline = start_when_ready(workdir, names, list(procs.values()), "stress")
+        deadline += int(config.seconds * 1e9)
+        release(start_file, deadline)
         schedule = FaultSchedule(faults, server, proxy, rng, standby, sentinel, cluster)
         respawns = 0
         crashed: list[str] = []
@@ -484,8 +501,9 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             engine, _final_urls(schedule), prefix, tenants
         )
         events = read_histories(workdir)
-        near_bound = None if config.near_cache is None else int(config.near_cache * 1e9)
-        report = check(events, final_db, final_cache, leftover, schedule.windows, near_bound)
+        report = check(
+            events, final_db, final_cache, leftover, schedule.windows, _bound(config.near_cache)
+        )
         stats: Counter[str] = Counter()
         for e in events:
             if e["e"] == "stop":
@@ -504,6 +522,11 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         info["elapsed"] = f"{time.monotonic() - started:.1f}s"
         return StressResult(config, report, info)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _bound(near_cache: float | None) -> int | None:
+    """The checker's near-cache bound (ns) of a near cache's staleness (s; None: none)."""
+    return None if near_cache is None else int(near_cache * 1e9)
 
 
 def _final_urls(schedule: FaultSchedule) -> str | list[str]:
@@ -631,12 +654,17 @@ def run_outage(
     keep_logs: bool = False,
     lock_timeout: float = 2.0,
     lock_wait: float = 600.0,
+    near_cache: float | None = None,
+    batch_reads: bool = True,
 ) -> dict[str, Any]:
     """Redis unreachable for every process (the proxy black-holes it), in ``degrade`` mode.
 
-    Timeline (fractions of ``seconds``): 0-0.2 warm up through the cache; 0.2-0.45 the
-    database-only baseline (sessions without the cache, on rows the cache never sees);
-    0.45-0.5 cache again; 0.5-0.75 outage; 0.75-1 Redis back.
+    Timeline (fractions of ``seconds``, from the moment every worker is ready): 0-0.2 warm up
+    through the cache; 0.2-0.45 the database-only baseline (sessions without the cache, on
+    rows the cache never sees); 0.45-0.5 cache again; 0.5-0.75 outage; 0.75-1 Redis back.
+    ``near_cache``: every worker's
+    near cache bound (seconds; None: none); ``batch_reads``: IN-list reads in the mix (not in
+    the baseline).
     """
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(workspace(keep_logs, log))
@@ -651,15 +679,7 @@ def run_outage(
         seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
         seed_rows(engine, workdir, rng, BASELINE_ITEMS, BASELINE_PARENTS)
         prefix = f"st-{uuid.uuid4().hex[:8]}"
-        t_start = now()
-        span = int(seconds * 1e9)
-
-        def at(fraction: float) -> int:
-            return t_start + int(span * fraction)
-
-        deadline = at(1.0)
-        baseline = [at(0.2), at(0.45)]
-        outage = [at(0.5), at(0.75)]
+        start_file = workdir / "start"
         procs: list[subprocess.Popen[bytes]] = []
         stack.callback(lambda: reap(procs, time.monotonic()))
         for slot in range(workers):
@@ -674,7 +694,9 @@ def run_outage(
                         "db_url": db_url,
                         "redis_url": proxy.url,
                         "prefix": prefix,
-                        "deadline": deadline,
+                        "deadline": 0,  # from the start file (with the baseline)
+                        "start_file": str(start_file),
+                        "ready": str(workdir / f"o{slot}.ready"),
                         "history": str(workdir / f"o{slot}.jsonl"),
                         "isolations": list(ISOLATIONS),
                         "on_redis_error": "degrade",
@@ -682,14 +704,26 @@ def run_outage(
                         "lease_timeout": lock_timeout,
                         "hot_items": HOT_ITEMS,
                         "parents": PARENTS,
-                        "baseline": baseline,
                         "baseline_items": BASELINE_ITEMS,
                         "baseline_parents": BASELINE_PARENTS,
                         "role": "simple",
+                        "near_cache": near_cache,
+                        "batch_reads": batch_reads,
                     },
                     workdir,
                 )
             )
+        names = [f"o{slot}" for slot in range(workers)]
+        t_start = start_when_ready(workdir, names, procs, "outage")
+        span = int(seconds * 1e9)
+
+        def at(fraction: float) -> int:
+            return t_start + int(span * fraction)
+
+        deadline = at(1.0)
+        baseline = (at(0.2), at(0.45))
+        outage = [at(0.5), at(0.75)]
+        release(start_file, deadline, baseline)
         while now() < outage[0]:
             time.sleep(0.02)
         proxy.mode = "blackhole"
@@ -701,7 +735,7 @@ def run_outage(
         time.sleep(lock_timeout + 0.5)
         final_db, final_cache, leftover = final_state(engine, server.url, prefix)
         events = read_histories(workdir)
-        report = check(events, final_db, final_cache, leftover)
+        report = check(events, final_db, final_cache, leftover, near_bound=_bound(near_cache))
         errors = Counter(
             e["ec"]
             for e in events
@@ -737,11 +771,15 @@ def run_partition(
     keep_logs: bool = False,
     lock_timeout: float = 2.0,
     lock_wait: float = 600.0,
+    near_cache: float | None = None,
+    batch_reads: bool = True,
 ) -> dict[str, Any]:
     """One writer cut off from Redis (its proxy black-holes) while readers reach it directly.
 
-    Timeline: 0-0.3 everything connected (the readers fill the cache); 0.3-0.8 the writer's
-    Redis is unreachable; 0.8-1 healed.
+    Timeline (from the moment every process is ready): 0-0.3 everything connected (the
+    readers fill the cache); 0.3-0.8 the writer's Redis is unreachable; 0.8-1 healed.
+    ``near_cache``: every process's near cache bound (seconds; None: none); ``batch_reads``:
+    IN-list reads in the readers' mix.
     """
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(workspace(keep_logs, log))
@@ -755,10 +793,7 @@ def run_partition(
         rng = random.Random()
         seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
         prefix = f"st-{uuid.uuid4().hex[:8]}"
-        t_start = now()
-        span = int(seconds * 1e9)
-        deadline = t_start + span
-        cut = (t_start + int(span * 0.3), t_start + int(span * 0.8))
+        start_file = workdir / "start"
         procs: list[subprocess.Popen[bytes]] = []
         stack.callback(lambda: reap(procs, time.monotonic()))
         for slot in range(readers + 1):
@@ -774,7 +809,9 @@ def run_partition(
                         "db_url": db_url,
                         "redis_url": proxy.url if writer else server.url,
                         "prefix": prefix,
-                        "deadline": deadline,
+                        "deadline": 0,  # from the start file
+                        "start_file": str(start_file),
+                        "ready": str(workdir / f"p{slot}.ready"),
                         "history": str(workdir / f"p{slot}.jsonl"),
                         "isolations": list(ISOLATIONS),
                         "on_redis_error": mode,
@@ -783,10 +820,19 @@ def run_partition(
                         "hot_items": HOT_ITEMS,
                         "parents": PARENTS,
                         "role": "writer" if writer else "reader",
+                        "near_cache": near_cache,
+                        "batch_reads": batch_reads,
                     },
                     workdir,
                 )
             )
+        t_start = start_when_ready(
+            workdir, [f"p{slot}" for slot in range(readers + 1)], procs, "partition"
+        )
+        span = int(seconds * 1e9)
+        deadline = t_start + span
+        cut = (t_start + int(span * 0.3), t_start + int(span * 0.8))
+        release(start_file, deadline)
         while now() < cut[0]:
             time.sleep(0.02)
         proxy.mode = "blackhole"
@@ -798,7 +844,7 @@ def run_partition(
         time.sleep(lock_timeout + 0.5)
         final_db, final_cache, leftover = final_state(engine, server.url, prefix)
         events = read_histories(workdir)
-        report = check(events, final_db, final_cache, leftover)
+        report = check(events, final_db, final_cache, leftover, near_bound=_bound(near_cache))
         commits = Counter(
             e["outcome"] for e in events if e["e"] == "cend" and not e["tx"].startswith("seed")
         )

@@ -51,6 +51,7 @@ from sqlalchemy_writethrough import (
     from_cache,
 )
 from sqlalchemy_writethrough.near import Copy
+from sqlalchemy_writethrough.protocol import PAIR_SCRIPTS
 
 from .history import Recorder, now
 from .models import ITEM_TABLE, PARENT_TABLE, StItem, StParent, first_value, next_value
@@ -74,6 +75,8 @@ MIXED = {
 READER = {"get": 40, "select": 30, "batch": 20, "lazy": 20, "rr_read": 10}
 WRITER = {"update": 1}
 SIMPLE = {"get": 35, "select": 25, "lazy": 20, "update": 20}
+#: weight of "batch" in a "simple" worker (the outage scenario's), unless ``--no-batch-reads``
+SIMPLE_BATCH_WEIGHT = 12
 ROLES = {"mixed": MIXED, "reader": READER, "writer": WRITER, "simple": SIMPLE}
 #: the unit-of-work writes a "statements" worker replaces with statement-level ones ("stmt")
 UNIT_WRITES = ("update", "savepoint", "rollback", "update_extra")
@@ -115,6 +118,8 @@ def op_weights(role: str, paths: str, db_errors: bool, batch_reads: bool = True)
     weights = dict(ROLES[role])
     if not batch_reads:
         weights.pop("batch", None)
+    elif role == "simple":
+        weights["batch"] = SIMPLE_BATCH_WEIGHT  # not in SIMPLE: never in the outage's baseline
     if role == "mixed" and paths != "unit":
         if paths == "statements":
             weights["stmt"] = sum(weights.pop(k) for k in UNIT_WRITES)
@@ -857,8 +862,9 @@ class Worker:
         asyncio.run(main())
 
     def _wait_for_start(self, parent: int) -> None:
-        """Say ready, then take the deadline from the runner's start file (written once every
-        first worker is ready; a respawned worker finds it there)."""
+        """Say ready, then take the deadline (and, in the outage scenario, the database-only
+        baseline's span) from the runner's start file (written once every first worker is
+        ready; a respawned worker finds it there)."""
         start_file = self.config.get("start_file")
         if not start_file:
             return
@@ -871,7 +877,10 @@ class Worker:
                 return
             time.sleep(0.02)
         with open(start_file, encoding="utf-8") as f:
-            self.deadline = int(f.read())
+            times = [int(t) for t in f.read().split()]
+        self.deadline = times[0]
+        if len(times) == 3:
+            self.baseline = times[1:]
 
     def _run(self) -> None:
         parent = os.getppid()
@@ -977,6 +986,7 @@ SABOTAGES = (
     "tenant-blind-keys",
     "unguarded-batch-fill",
     "deaf-near-batch",
+    "deaf-own-near",
 )
 
 
@@ -1004,8 +1014,54 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
                              under keys no invalidation message names (as if the batch path
                              spelled its keys differently) and live 10 times the bound; the
                              single-row path is left alone.
+    ``deaf-own-near``        with ``--near-cache``: the near cache does not drop its copies of
+                             the keys its own process writes (it leaves them to the messages)
+                             and ignores the messages naming a key it wrote itself within the
+                             bound (as a cache filtering out its own messages would): a
+                             process may read from memory what it has just replaced, other
+                             processes' commits are still heard; copies expire as usual.
     """
     if not name:
+        return
+    if name == "deaf-near-cache":
+        near = cache._near
+        if near is None:
+            raise ValueError("deaf-near-cache needs --near-cache")
+        hear, store = near._handle, near._store
+
+        def deaf_handle(message: dict[str, Any]) -> None:
+            kind = message["type"]
+            if (kind.decode() if isinstance(kind, bytes) else kind) != "message":
+                hear(message)
+
+        def long_store(key: str, gen_key: str, payload: Any, seq: int, expires: float) -> None:
+            store(key, gen_key, payload, near._seq, expires + 9 * near.staleness)
+
+        near._handle = deaf_handle  # type: ignore[method-assign]
+        near._store = long_store  # type: ignore[method-assign]
+        return
+    if name == "deaf-own-near":
+        near = cache._near
+        if near is None:
+            raise ValueError("deaf-own-near needs --near-cache")
+        wrote, drop = near.wrote, near.drop
+        #: key -> when this process last wrote it (monotonic seconds)
+        mine: dict[str, float] = {}
+
+        def own_wrote(script: Any, keys: Any) -> None:
+            if script not in PAIR_SCRIPTS:
+                wrote(script, keys)  # buckets and epochs as before
+                return
+            at = time.monotonic()
+            for key in keys[0::2]:
+                mine[key] = at
+
+        def deaf_drop(keys: Any) -> None:
+            since = time.monotonic() - near.staleness
+            drop([key for key in keys if mine.get(key, float("-inf")) < since])
+
+        near.wrote = own_wrote  # type: ignore[method-assign]
+        near.drop = deaf_drop  # type: ignore[method-assign]
         return
     if name == "unguarded-batch-fill":
         backend = cache._backend

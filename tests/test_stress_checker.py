@@ -26,11 +26,18 @@ def v(seq: int, tag: int = 7) -> int:
 
 
 def commit(
-    tx: str, id_: int, value: int | None, start: int, end: int, outcome: str = "ok", lf: int = 0
+    tx: str,
+    id_: int,
+    value: int | None,
+    start: int,
+    end: int,
+    outcome: str = "ok",
+    lf: int = 0,
+    w: str = "w",
 ) -> list[dict[str, Any]]:
     return [
-        {"e": "cstart", "tx": tx, "writes": [[ITEM_TABLE, id_, value]], "t": start * MS, "w": "w"},
-        {"e": "cend", "tx": tx, "outcome": outcome, "t": end * MS, "lf": lf, "w": "w"},
+        {"e": "cstart", "tx": tx, "writes": [[ITEM_TABLE, id_, value]], "t": start * MS, "w": w},
+        {"e": "cend", "tx": tx, "outcome": outcome, "t": end * MS, "lf": lf, "w": w},
     ]
 
 
@@ -42,6 +49,7 @@ def read(
     src: str = "cache",
     iso: str = "READ COMMITTED",
     tx: int | None = None,
+    w: str = "r",
 ) -> dict[str, Any]:
     return {
         "e": "read",
@@ -53,7 +61,7 @@ def read(
         "t1": t1 * MS,
         "iso": iso,
         "tx": None if tx is None else tx * MS,
-        "w": "r",
+        "w": w,
     }
 
 
@@ -221,6 +229,55 @@ def test_near_cache_reads_within_the_bound_are_reported_apart_beyond_it_stale() 
     assert len(check(events, DB, {}).stale) == 2
 
 
+def test_a_near_read_behind_its_own_process_commit_is_own_commit_whatever_the_bound() -> None:
+    """A process reads its own commits at once (docs/consistency.md, "Near cache"): a read
+    from memory behind a commit the same worker completed before the read began is a
+    violation of its own kind, however little behind; the same read by another worker (or by
+    a new incarnation of the same slot: another process, another near cache) is within the
+    bound; a read overlapping its own commit, or behind an own commit whose outcome is
+    unknown, is not."""
+    events = [
+        *commit("seed", 1, v(1), 0, 1, w="seeder"),
+        *commit("w0.0:1", 1, v(2), 10, 20, w="w0.0"),  # completed at 20 ms
+        read(1, v(1), 15, 16, src="near", w="w0.0"),  # during its own commit: fine
+        read(1, v(1), 21, 22, src="near", w="w0.0"),  # 1 ms after: own-commit
+        read(1, v(1), 21, 22, src="near", w="w1.0"),  # another process: near
+        read(1, v(1), 21, 22, src="near", w="w0.1"),  # the slot's next process: near
+        read(1, v(2), 23, 24, src="near", w="w0.0"),
+        *commit("w0.0:2", 1, v(3), 30, 31, outcome="maybe", w="w0.0"),
+        read(1, v(2), 40, 41, src="near", w="w0.0"),  # behind a maybe commit: fine
+    ]
+    report = check(events, DB, {}, near_bound=10 * MS)
+    assert [(x.row[1], x.t) for x in report.own_commit] == [(1, 21 * MS)], report.format()
+    assert "its own process had committed" in report.own_commit[0].detail
+    assert "(tx w0.0:1)" in report.own_commit[0].detail
+    assert len(report.near) == 2 and not report.stale, report.format()
+    assert not report.ok and report.violations == 1
+    assert report.summary()["own_commit"] == 1
+    assert "own-commit=1" in report.format()
+    # the reads of w0.0 after its own commit completed: what the promise was checked on
+    assert report.near_after_own == 3
+    assert "3 of a row their own process had committed before" in report.near_lag()
+    # without a bound too (the promise does not depend on it), and for a batch's row
+    in_batch = {**read(1, v(1), 21, 22, src="near", w="w0.0"), "batch": 2, "q": "select"}
+    unbounded = check([*events[:4], in_batch], DB, {})
+    assert len(unbounded.own_commit) == 1 and not unbounded.stale, unbounded.format()
+    # a read from Redis behind its own commit stays what it was: stale
+    from_redis = check([*events[:4], read(1, v(1), 21, 22, w="w0.0")], DB, {})
+    assert len(from_redis.stale) == 1 and not from_redis.own_commit, from_redis.format()
+
+
+def test_a_near_read_of_a_row_its_own_process_deleted_is_own_commit() -> None:
+    events = [
+        *commit("w0.0:1", 9, v(1), 0, 1, w="w0.0"),
+        *commit("w0.0:2", 9, None, 10, 20, w="w0.0"),
+        read(9, v(1), 25, 26, src="near", w="w0.0"),
+    ]
+    report = check(events, {}, {}, near_bound=1000 * MS)
+    assert len(report.own_commit) == 1, report.format()
+    assert "committed a delete" in report.own_commit[0].detail
+
+
 # -- batch reads (IN lists) --------------------------------------------------------------------
 
 
@@ -334,3 +391,22 @@ def test_a_value_nobody_wrote_in_any_tenant_is_still_uncommitted() -> None:
     events = [*tenants_history(), *in_tenant("b", [read(1, v(5, tag=77), 25, 26)])]
     report = check(events, {}, {})
     assert len(report.uncommitted) == 1 and not report.cross_tenant, report.format()
+
+
+def test_an_entry_holding_another_tenants_row_at_quiescence_is_cross_tenant() -> None:
+    """At quiescence, b's entry holding a's value (two tenants shared it) is ``cross-tenant``,
+    not ``divergent``; an entry holding an older value of its own tenant stays divergent."""
+    a_row, b_row = ("a/" + ITEM_TABLE, 1), ("b/" + ITEM_TABLE, 1)
+    db = {
+        a_row: {"id": 1, "counter": v(2, tag=1), "parent_id": 1},
+        b_row: {"id": 1, "counter": v(1, tag=2), "parent_id": 1},
+    }
+    cache = {
+        a_row: {"id": 1, "counter": v(1, tag=1), "parent_id": 1},  # a's own older value
+        b_row: {"id": 1, "counter": v(2, tag=1), "parent_id": 1},  # a's value
+    }
+    report = check(tenants_history(), db, cache)
+    assert [x.row for x in report.cross_tenant] == [b_row], report.format()
+    assert "at quiescence" in report.cross_tenant[0].detail
+    assert "tenant a" in report.cross_tenant[0].detail
+    assert [x.row for x in report.divergent] == [a_row], report.format()

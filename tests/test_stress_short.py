@@ -132,8 +132,9 @@ def test_short_near_cache_run_finds_no_violation(
     redis_server_binary: str, postgresql_url: str
 ) -> None:
     """``near_cache`` (1 s bound) in every worker, the two asyncio ones included, under every
-    fault: no read from memory may be further behind a completed commit than the bound, and
-    zero stale, uncommitted or divergent."""
+    fault: no read from memory may be further behind a completed commit than the bound, nor
+    behind one its own process completed (own-commit), and zero stale, uncommitted or
+    divergent."""
     result = run_stress(
         StressConfig(
             db_url=postgresql_url,
@@ -153,6 +154,7 @@ def test_short_near_cache_run_finds_no_violation(
     assert report.reads["near"] > 0 and report.commits["ok"] > 0, result.format()
     # IN-list reads, each row checked against the bound only when it came from memory
     assert report.batches > 0, result.format()
+    assert not report.own_commit, result.format()
     assert report.ok, result.format()
 
 
