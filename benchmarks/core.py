@@ -208,6 +208,27 @@ def orm_floor_variant(env: Env) -> Variant:
     )
 
 
+def session_variant(env: Env) -> Variant:
+    """A new ``Session`` opened and closed with nothing done in it: what every
+    ``session.get`` row of the group pays before reading anything (new session per
+    operation)."""
+    maker = env.plain
+
+    def op(i: int) -> int:
+        t0 = perf_counter_ns()
+        with maker():
+            pass
+        return perf_counter_ns() - t0
+
+    return Variant(
+        key="session",
+        label="bound: a new Session opened and closed, nothing else",
+        who="floor",
+        op=op,
+        note="`with maker() as s: pass` (plain sessionmaker): every session.get row here pays it",
+    )
+
+
 def _get_one(s: Any, pk: int) -> Any:
     return s.get(Item, pk)
 
@@ -263,6 +284,7 @@ def pk_variants(env: Env) -> list[Variant]:
         *extra,
         floor_variant(env),
         orm_floor_variant(env),
+        session_variant(env),
         Variant(
             "get.pg",
             "session.get, PostgreSQL, no cache",

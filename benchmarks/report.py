@@ -195,6 +195,14 @@ def compute_ratios(results: Results) -> list[Ratio]:
         lambda v: True,
         note="what the cache itself adds: key, tracker, decoding, building the instance",
     )
+    add(
+        "bound: a new Session opened and closed / floor",
+        _median(results, "session"),
+        floor,
+        "(information)",
+        lambda v: True,
+        note="with maker() as s: pass; every session.get row of the one-row group pays it",
+    )
 
     # the asyncio flavour (benchmarks/peers/ours_asyncio.py), when it ran
     async_cached = _median(results, "pk.async.cached")
