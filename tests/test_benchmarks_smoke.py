@@ -57,6 +57,11 @@ def test_every_core_row_ran(results: runner.Results) -> None:
             stats = variant.stats()
             assert stats is not None and stats.median_ns > 0 and stats.p99_ns >= stats.median_ns
     assert not results.peers
+    # the one-row group's bound of a new Session opened and closed, beside the floor
+    pk = next(g for g in results.groups if g.key == "pk")
+    session = pk.find("session")
+    assert session is not None and session.who == "floor"
+    assert len(session.samples) == pk.iterations
 
 
 def test_commit_rows_count_redis_round_trips(results: runner.Results) -> None:
@@ -84,6 +89,7 @@ def test_report_structure(results: runner.Results, tmp_path: Path) -> None:
         "cached session.get / floor",
         "uncached session.get / cached session.get",
         "fastest peer's cached pk load / cached session.get",
+        "bound: a new Session opened and closed / floor",
         "100 rows: PostgreSQL / our cache",
         "commit overhead, 1 row(s)",
         "commit overhead, 1,000 row(s)",
@@ -149,3 +155,4 @@ def test_a_baseline_version_is_measured_beside_ours(
         assert list(client.scan_iter(match=f"{results.prefix}*", count=1000)) == []
     finally:
         client.close()
+
