@@ -214,6 +214,19 @@ def bench_hiredis(session: nox.Session) -> None:
 
 
 @nox.session
+def callgrind(session: nox.Session) -> None:
+    """Instruction counts of the hot paths under valgrind (``python -m benchmarks.callgrind``).
+
+    Client-side instructions per operation (cached and near-cache ``session.get``, 100-row
+    ``IN`` lists, commits of 1 and 100 rows) and their bounds, on SQLite and the local Redis:
+    reproducible where the wall-clock ``bench`` is not. Needs valgrind (its ``vgdb``).
+    Arguments after ``--`` go to the tool, e.g. ``-- --baseline /tmp/base --output FILE``.
+    """
+    session.install("-e", ".")
+    session.run("python", "-m", "benchmarks.callgrind", *session.posargs)
+
+
+@nox.session
 def stress(session: nox.Session) -> None:
     """The long stress run: both databases, every fault at once, the checker (``stress/``).
 

@@ -8,6 +8,7 @@ asserted: they mean nothing in a smoke run.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -156,3 +157,34 @@ def test_a_baseline_version_is_measured_beside_ours(
     finally:
         client.close()
 
+
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("vgdb") is None,
+    reason="valgrind (and its vgdb) is not installed",
+)
+def test_callgrind_counts_instructions_and_cleans_up(redis_url: str, tmp_path: Path) -> None:
+    """``python -m benchmarks.callgrind`` runs its cases under callgrind and writes a table of
+    instructions per operation (no count asserted but that there is one); its Redis keys are
+    deleted at the end."""
+    from benchmarks import callgrind
+
+    out = tmp_path / "callgrind.md"
+    argv = ["--iterations", "3", "--only", "floor", "--only", "session", "--only", "get.cached"]
+    assert callgrind.main([*argv, "--redis-url", redis_url, "--output", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    counted = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`"):
+            counted[cells[0].strip("`")] = cells[3]
+    assert set(counted) == {"floor", "session", "get.cached"}, text
+    for value in counted.values():
+        assert value and value[0].isdigit() and value != "0", text
+    prefix = next(line for line in text.splitlines() if line.startswith("- Redis prefix"))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        name = prefix.split("`")[1]
+        assert name.startswith("callgrind-")
+        assert list(client.scan_iter(match=f"{name}*", count=1000)) == []
+    finally:
+        client.close()
