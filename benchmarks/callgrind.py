@@ -16,8 +16,10 @@ costs the process a few thousand instructions (the ``posix_spawn`` of ``vgdb`` a
 a calibration case of empty windows measures it, and every case's count is net of its windows.
 
 The database is SQLite (a file in a temporary directory), so that no server's timing changes
-what the client executes; Redis is ``--redis-url`` with a key prefix of the run's own, deleted
-at the end. ``PYTHONHASHSEED=0`` is set for the measured process. ``--baseline DIR`` measures
+what the client executes; Redis is ``--redis-url`` with a fixed key prefix (:data:`PREFIX`: the
+same key strings in every run, so that the dicts holding them collide alike), its keys deleted
+at the start and at the end, one run at a time per Redis. ``PYTHONHASHSEED=0`` is set for the
+measured process. ``--baseline DIR`` measures
 another version of the library in the same process (``benchmarks.baseline``), on its own prefix,
 with the same cases: a ``baseline`` column and the ratio of the two.
 """
@@ -53,6 +55,11 @@ NEAR_HOT_ROWS = 20
 #: distinct 100-id lists the IN-list cases cycle through
 BATCH_LISTS = 5
 BATCH_SIZE = 100
+#: the key prefix of every run: fixed, because a key's characters decide how the dicts that
+#: hold it collide, and so the count (a random prefix moved a near-cache hit by 1.5%); one run
+#: at a time per Redis, under LOCK_KEY
+PREFIX = "callgrind-run"
+LOCK_KEY = "callgrind-lock"
 #: the empty windows of the calibration case
 CALIBRATION_WINDOWS = 20
 
@@ -538,7 +545,17 @@ class ChildEnv:
             )
             conn.execute(insert(Item), [item_row(i) for i in range(1, ROWS + 1)])
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
-        self.prefix = f"callgrind-{uuid.uuid4().hex[:8]}"
+        self.prefix = PREFIX
+        self._token = uuid.uuid4().hex
+        if not self.redis.set(LOCK_KEY, self._token, nx=True, ex=3600):
+            self.redis.close()
+            raise SystemExit(
+                f"another python -m benchmarks.callgrind is running against {redis_url} "
+                f"(its key {LOCK_KEY!r}, an hour at most): the runs share one key prefix"
+            )
+        from .data import delete_pattern, glob_escape
+
+        delete_pattern(self.redis, glob_escape(PREFIX) + "*")  # a killed run's leftovers
         self.plain = sessionmaker(self.engine)
         self.read_pks = list(range(1, READ_ROWS + 1))
         self.hot_pks = self.read_pks[:NEAR_HOT_ROWS]
@@ -579,6 +596,8 @@ class ChildEnv:
                 print(f"  ! closing: {type(exc).__name__}: {exc}", file=sys.stderr)
         try:
             delete_pattern(self.redis, glob_escape(self.prefix) + "*")
+            if self.redis.get(LOCK_KEY) == self._token.encode():
+                self.redis.delete(LOCK_KEY)
         finally:
             self.redis.close()
             self.engine.dispose()
