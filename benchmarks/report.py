@@ -126,6 +126,10 @@ def collect_versions(env: Env, peers: list[PeerRows]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- ratios
 
 
+#: the target of a row shown for information: no bound to meet, its "met" column is "-"
+INFORMATION = "(information)"
+
+
 @dataclass
 class Ratio:
     name: str
@@ -165,7 +169,8 @@ def compute_ratios(results: Results) -> list[Ratio]:
             ratios.append(Ratio(name, None, "n/a", target, None, note or "row not measured"))
             return
         value = num / den
-        ratios.append(Ratio(name, value, fmt.format(value), target, bool(ok(value)), note))
+        met = None if target == INFORMATION else bool(ok(value))  # nothing to meet
+        ratios.append(Ratio(name, value, fmt.format(value), target, met, note))
 
     floor = _median(results, "floor")
     get_cached = _median(results, "get.cached")
@@ -175,7 +180,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
         "uncached session.get / cached session.get",
         get_pg,
         get_cached,
-        "(information)",
+        INFORMATION,
         lambda v: True,
     )
     orm_floor = _median(results, "floor.orm")
@@ -183,7 +188,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
         "bound: SQLAlchemy's session.get around the floor / floor",
         orm_floor,
         floor,
-        "(information)",
+        INFORMATION,
         lambda v: True,
         note="the least a cache behind do_orm_execute can cost, before any work of its own",
     )
@@ -191,7 +196,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
         "cached session.get / that bound",
         get_cached,
         orm_floor,
-        "(information)",
+        INFORMATION,
         lambda v: True,
         note="what the cache itself adds: key, tracker, decoding, building the instance",
     )
@@ -199,7 +204,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
         "bound: a new Session opened and closed / floor",
         _median(results, "session"),
         floor,
-        "(information)",
+        INFORMATION,
         lambda v: True,
         note="with maker() as s: pass; every session.get row of the one-row group pays it",
     )
@@ -211,7 +216,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
             "asyncio: await session.get cached / await redis.asyncio GET + decode",
             async_cached,
             _median(results, "pk.async.floor"),
-            "(information)",
+            INFORMATION,
             lambda v: True,
             note="AsyncSession + redis.asyncio against the asyncio floor",
         )
@@ -219,7 +224,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
             "asyncio: await session.get on asyncpg / cached",
             _median(results, "pk.async.postgresql"),
             async_cached,
-            "(information)",
+            INFORMATION,
             lambda v: True,
             note="what the cache saves an AsyncSession on asyncpg",
         )
@@ -227,7 +232,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
             "asyncio cached await session.get / sync cached session.get",
             async_cached,
             get_cached,
-            "(information)",
+            INFORMATION,
             lambda v: True,
             note="the event loop and SQLAlchemy's greenlet bridge, per load",
         )
@@ -249,7 +254,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
             "fastest peer's cached pk load / cached session.get",
             best[0],
             get_cached,
-            "(information)",
+            INFORMATION,
             lambda v: True,
             note=f"fastest peer row: [{best[1].who}] {best[1].label}{caveat}",
         )
@@ -258,7 +263,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
             "fastest peer's cached pk load / cached session.get",
             None,
             None,
-            "(information)",
+            INFORMATION,
             None,
             note="no peer row measured",
         )
@@ -289,7 +294,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
         "100 rows: our cache / the bound (MGET + unpack inside SQLAlchemy's select)",
         _median(results, "batch.cached"),
         _median(results, "batch.floor"),
-        "(information)",
+        INFORMATION,
         lambda v: True,
         note="what building 100 identity-mapped instances (and our checks) adds",
     )
@@ -297,7 +302,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
         "100 rows: PostgreSQL / the bound",
         _median(results, "batch.pg"),
         _median(results, "batch.floor"),
-        "(information)",
+        INFORMATION,
         lambda v: True,
         note="the most any cache behind do_orm_execute could gain here, building nothing",
     )
@@ -306,7 +311,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
             "100 rows: near cache (near_cache=True) / our cache from Redis",
             _median(results, "batch.near"),
             _median(results, "batch.cached"),
-            "(information)",
+            INFORMATION,
             lambda v: True,
             note="the same IN list answered from process memory, against one MGET",
         )
@@ -323,14 +328,14 @@ def compute_ratios(results: Results) -> list[Ratio]:
         "read-back after commit: PostgreSQL / our cache",
         _median(results, "readback.pg"),
         _median(results, "readback.cached"),
-        "(information)",
+        INFORMATION,
         lambda v: True,
         note="reading an attribute of the object a commit expired",
     )
     for size in COMMIT_SIZES:
         plain = _median(results, f"commit{size}.plain")
         ours = _median(results, f"commit{size}.cached")
-        target = "<= 30%" if size in (1, 100) else "(information)"
+        target = "<= 30%" if size in (1, 100) else INFORMATION
         if plain is None or ours is None:
             add(f"commit overhead, {size} row(s)", None, None, target, None)
             continue
@@ -352,7 +357,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
                     f"bound: plain commit + one MSET of the rows, {size:,} row(s)",
                     bound,
                     f"{bound:+.1f}%",
-                    "(information)",
+                    INFORMATION,
                     None,
                     "the least a synchronous write-through adds after COMMIT",
                 )
@@ -396,7 +401,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
                 f"ours / baseline: {results.variant(ours_key).label if results.variant(ours_key) else ours_key}",
                 _median(results, ours_key),
                 _median(results, variant.key),
-                "(information)",
+                INFORMATION,
                 lambda v: True,
                 note="the same operation, this version over the --baseline one, interleaved",
             )
@@ -413,7 +418,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
             "Redis MEMORY USAGE per entry / bare msgpack of the row",
             mem["memory_usage"],
             mem["bare_msgpack"],
-            "(information)",
+            INFORMATION,
             lambda v: True,
         )
     return ratios
@@ -695,7 +700,7 @@ def console_summary(results: Results) -> str:
                 )
     lines.append("\nAgainst the targets")
     for ratio in compute_ratios(results):
-        met = {True: "met", False: "NOT met", None: ""}[ratio.met]
+        met = {True: "met", False: "NOT met", None: "-"}[ratio.met]
         note = f"  ({ratio.note})" if ratio.note else ""
         lines.append(
             f"  {ratio.name:<58} {ratio.display:>10}  target {ratio.target:<14} {met}{note}"

@@ -104,6 +104,23 @@ def test_report_structure(results: runner.Results, tmp_path: Path) -> None:
         assert files[1] == tmp_path / "smoke.png" and files[1].stat().st_size > 0
 
 
+def test_information_rows_are_neither_met_nor_missed(
+    results: runner.Results, tmp_path: Path
+) -> None:
+    """A row shown for information has no bound: "-" in the report's "met" column and in the
+    console summary, never "yes" / "met" (which read as a target reached)."""
+    ratios = report.compute_ratios(results)
+    informative = [r for r in ratios if r.target == report.INFORMATION and r.value is not None]
+    assert informative
+    text = report.render_markdown(results)
+    console = report.console_summary(results).splitlines()
+    for ratio in informative:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {ratio.name} |"))
+        assert row.endswith("| (information) | - |"), row
+        line = next(line for line in console if line.startswith(f"  {ratio.name:<58} "))
+        assert line.split("target (information)", 1)[1].split()[0] == "-", line
+
+
 def test_run_cleans_up(results: runner.Results, redis_url: str, postgresql_url: str) -> None:
     """No key is left under the run's Redis prefix, and its schema of bench_* tables is gone."""
     client = redis.Redis.from_url(redis_url)
