@@ -513,11 +513,11 @@ class ChildEnv:
 
     def __init__(self, work: Path, redis_url: str, baseline: Path | None) -> None:
         import redis
-        from sqlalchemy import create_engine, insert
+        from sqlalchemy import create_engine
         from sqlalchemy.orm import sessionmaker
 
-        from .data import CATEGORIES, DEPARTMENTS, SECTIONS, item_row
-        from .models import Base, Category, Department, Item, Section
+        from .data import fill
+        from .models import Base, Item
 
         self.Item = Item
         self.Base = Base
@@ -525,25 +525,7 @@ class ChildEnv:
         self.engine = create_engine(f"sqlite:///{work / 'callgrind.db'}")
         Base.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
-            conn.execute(
-                insert(Department),
-                [{"id": i, "name": f"dept {i}"} for i in range(1, DEPARTMENTS + 1)],
-            )
-            conn.execute(
-                insert(Section),
-                [
-                    {"id": i, "name": f"section {i}", "department_id": i % DEPARTMENTS + 1}
-                    for i in range(1, SECTIONS + 1)
-                ],
-            )
-            conn.execute(
-                insert(Category),
-                [
-                    {"id": i, "name": f"category {i}", "section_id": i % SECTIONS + 1}
-                    for i in range(1, CATEGORIES + 1)
-                ],
-            )
-            conn.execute(insert(Item), [item_row(i) for i in range(1, ROWS + 1)])
+            fill(conn, ROWS)
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.prefix = PREFIX
         self._token = uuid.uuid4().hex

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 from sqlalchemy import insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .models import Base, Category, Department, Item, Section
 
@@ -74,29 +74,36 @@ def create_and_fill(engine: Engine, schema: str, rows: int = ITEM_ROWS) -> None:
         conn.exec_driver_sql(f"CREATE SCHEMA {quoted}")
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(
-            insert(Department), [{"id": i, "name": f"dept {i}"} for i in range(1, DEPARTMENTS + 1)]
-        )
-        conn.execute(
-            insert(Section),
-            [
-                {"id": i, "name": f"section {i}", "department_id": i % DEPARTMENTS + 1}
-                for i in range(1, SECTIONS + 1)
-            ],
-        )
-        conn.execute(
-            insert(Category),
-            [
-                {"id": i, "name": f"category {i}", "section_id": i % SECTIONS + 1}
-                for i in range(1, CATEGORIES + 1)
-            ],
-        )
-        batch = 2000
-        for start in range(1, rows + 1, batch):
-            conn.execute(
-                insert(Item), [item_row(i) for i in range(start, min(start + batch, rows + 1))]
-            )
+        fill(conn, rows)
         conn.exec_driver_sql(f"ANALYZE {Item.__tablename__}")
+
+
+def fill(conn: Connection, rows: int = ITEM_ROWS) -> None:
+    """Insert the departments, sections, categories and ``rows`` items into the empty
+    ``bench_*`` tables: the same rows for the wall-clock bench (PostgreSQL) and the
+    instruction counts (``benchmarks.callgrind``, SQLite), so both measure the same data."""
+    conn.execute(
+        insert(Department), [{"id": i, "name": f"dept {i}"} for i in range(1, DEPARTMENTS + 1)]
+    )
+    conn.execute(
+        insert(Section),
+        [
+            {"id": i, "name": f"section {i}", "department_id": i % DEPARTMENTS + 1}
+            for i in range(1, SECTIONS + 1)
+        ],
+    )
+    conn.execute(
+        insert(Category),
+        [
+            {"id": i, "name": f"category {i}", "section_id": i % SECTIONS + 1}
+            for i in range(1, CATEGORIES + 1)
+        ],
+    )
+    batch = 2000
+    for start in range(1, rows + 1, batch):
+        conn.execute(
+            insert(Item), [item_row(i) for i in range(start, min(start + batch, rows + 1))]
+        )
 
 
 def drop(engine: Engine, schema: str) -> None:
