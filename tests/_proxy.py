@@ -10,6 +10,8 @@ of them observable by a client only as what it receives:
 * ``stall_after=n``: once ``n`` bytes of replies have passed on a connection, no more (a reply
   cut off half-way); read at each connection's start.
 
+``fast_client(proxy.url)`` is a client whose timeouts make such a failure cost 0.2 s.
+
 Threads only (daemons), loopback only. ``close()`` (or leaving the ``with`` block) shuts every
 socket down, which ends every thread, and joins them with a timeout.
 """
@@ -23,6 +25,22 @@ from types import TracebackType
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+#: Upper bound for anything that waits for Redis to come back (breaker cooldown, lock expiry).
+RECOVERY_DEADLINE_S = 5.0
+
+
+def fast_client(url: str) -> redis.Redis:
+    """A client as a careful user builds it: 0.2 s timeouts and no retries.
+
+    (redis-py's default retry policy, 10 retries with backoff, would turn one timeout into
+    several seconds; the breaker would still bound the outage, but not the first calls.)
+    """
+    return redis.Redis.from_url(
+        url, socket_timeout=0.2, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
 
 
 def upstream_of(redis_url: str) -> tuple[str, int]:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 from _flavours import FLAVOURS, Harness
+from _proxy import RECOVERY_DEADLINE_S, LoopbackProxy, fast_client
 from sqlalchemy import String
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncAttrs
@@ -258,8 +259,6 @@ def test_a_failed_background_publish_is_journaled_and_its_lock_ends_at_the_repla
     """Redis stops answering between the commit and the worker's publish: the failure is
     counted and journaled with the owner token; readers get the database row meanwhile; when
     Redis answers again the replay ends the lock and the row is cached again."""
-    from test_redis_failures import RECOVERY_DEADLINE_S, LoopbackProxy, fast_client
-
     reset_schema(engine, Base.metadata)
     proxy = LoopbackProxy(("127.0.0.1", redis_client.connection_pool.connection_kwargs["port"]))
     cache = WriteThroughCache(

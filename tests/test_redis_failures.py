@@ -29,9 +29,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from _proxy import LoopbackProxy, upstream_of
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from _proxy import RECOVERY_DEADLINE_S, LoopbackProxy, fast_client, upstream_of
 from sqlalchemy import String
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -48,8 +46,6 @@ from _servers import capture_sql, in_ci, reset_schema
 #: A burst of breaker-guarded reads must take far less than this many seconds (20 timeouts of
 #: 0.5 s would be 10 s, or 20 s with the URL client's one retry).
 BURST_BOUND_S = 5.0
-#: Upper bound for anything that waits for Redis to come back (breaker cooldown, lock expiry).
-RECOVERY_DEADLINE_S = 5.0
 
 
 class Base(DeclarativeBase):
@@ -226,17 +222,6 @@ def redis_proxy(redis_url: str) -> Iterator[LoopbackProxy]:
     """A loopback proxy in front of the suite's Redis, switchable to black-hole mode."""
     with LoopbackProxy(upstream_of(redis_url)) as proxy:
         yield proxy
-
-
-def fast_client(url: str) -> redis.Redis:
-    """A client as a careful user builds it: 0.2 s timeouts and no retries.
-
-    (redis-py's default retry policy, 10 retries with backoff, would turn one timeout into
-    several seconds; the breaker would still bound the outage, but not the first calls.)
-    """
-    return redis.Redis.from_url(
-        url, socket_timeout=0.2, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
-    )
 
 
 def seed(engine: Engine, *rows: tuple[int, str, int], model: type = RfItem) -> None:
