@@ -467,27 +467,97 @@ def close_now(conn: Any) -> None:
         close()
 
 
-def bound_loops(client: Any) -> set[Any]:
-    """The event loops the client's open connections belong to (a ``redis.asyncio``
-    connection's streams are bound to the loop that opened them)."""
-    if is_async_cluster_client(client):
-        conns = async_cluster_connections(client)
-    else:
-        pool = client.connection_pool
-        conns = [
-            *getattr(pool, "_available_connections", ()),
-            *getattr(pool, "_in_use_connections", ()),
-        ]
+# -- redis.asyncio and event loops ------------------------------------------------------------
+# A ``redis.asyncio`` connection's streams belong to the event loop that opened them, and a pool's
+# asyncio lock or condition to the first loop that waited on it: used from another loop, asyncio
+# raises ``RuntimeError``. The cache reads, to tell up front which loop they belong to, and to
+# close a connection whose loop is closed (its own ``disconnect()`` cannot run there):
+# ``ConnectionPool._available_connections`` / ``_in_use_connections`` (a list, a set or WeakSet);
+# ``Connection._reader`` / ``_writer`` / ``_parser`` (with ``on_disconnect()``); the pool's
+# ``_lock`` (redis-py 6+) and a ``BlockingConnectionPool``'s ``_condition``. And asyncio's: a
+# ``StreamWriter``'s ``_loop``, its transport's ``_sock``, a ``Lock``'s / ``Condition``'s
+# ``_loop`` (set at their first contended wait, Python 3.10+). Checked on redis-py 5.0 and 8.1,
+# Python 3.11 (``tests/test_redis_compat.py``).
+
+
+def async_pool_connections(pool: Any) -> list[Any]:
+    """The connections a ``redis.asyncio`` pool holds, idle and checked out (none for a pool
+    of another kind)."""
+    return [
+        *getattr(pool, "_available_connections", ()),
+        *getattr(pool, "_in_use_connections", ()),
+    ]
+
+
+def async_client_connections(client: Any) -> list[Any]:
+    """The connections a ``redis.asyncio.Redis`` client holds: its pool's, and its own
+    (``single_connection_client=True``)."""
+    conns = async_pool_connections(client.connection_pool)
     single = getattr(client, "connection", None)
     if single is not None:
         conns.append(single)
+    return conns
+
+
+def connection_loop(conn: Any) -> Any:
+    """The event loop an open ``redis.asyncio`` connection belongs to; None when closed (it
+    connects on the loop that uses it next)."""
+    return getattr(getattr(conn, "_writer", None), "_loop", None)
+
+
+def bound_loops(client: Any) -> set[Any]:
+    """The event loops the client's open connections belong to."""
+    if is_async_cluster_client(client):
+        conns = async_cluster_connections(client)
+    else:
+        conns = async_client_connections(client)
     loops = set()
     for conn in conns:
-        writer = getattr(conn, "_writer", None)
-        loop = getattr(writer, "_loop", None)
+        loop = connection_loop(conn)
         if loop is not None:
             loops.add(loop)
     return loops
+
+
+def async_pool_waits(pool: Any) -> list[Any]:
+    """The asyncio lock and condition a ``redis.asyncio`` pool waits on (redis-py 6+'s lock,
+    a blocking pool's condition and the lock inside it)."""
+    waits = [getattr(pool, "_lock", None), getattr(pool, "_condition", None)]
+    waits.append(getattr(waits[1], "_lock", None))
+    return [wait for wait in waits if wait is not None]
+
+
+def wait_loop(wait: Any) -> Any:
+    """The event loop an asyncio lock or condition belongs to; None until a task first had to
+    wait on it (asyncio binds it then, and raises on any other loop after)."""
+    return getattr(wait, "_loop", None)
+
+
+def close_elsewhere(conn: Any) -> None:
+    """Close a ``redis.asyncio`` connection from outside its event loop, which is closed or
+    not running, leaving the connection as its ``disconnect()`` does (it connects again at
+    its next use, on the loop that uses it then). ``disconnect()`` cannot be awaited here:
+    its streams belong to the other loop. Its transport's close is scheduled on that loop,
+    as ``disconnect(nowait=True)`` does; on a closed loop that fails, and the socket is
+    closed here, the transport told it has none (else, collected, it warns of a transport
+    left open)."""
+    writer = getattr(conn, "_writer", None)
+    if writer is None:
+        return
+    parser = getattr(conn, "_parser", None)
+    if parser is not None:
+        parser.on_disconnect()
+    conn._reader = conn._writer = None
+    try:
+        writer.close()
+        return
+    except RuntimeError:  # its loop is closed: the close it scheduled never runs
+        pass
+    transport = writer.transport
+    sock = getattr(transport, "_sock", None)
+    if sock is not None:
+        sock.close()
+        transport._sock = None
 
 
 # -- Redis Cluster ----------------------------------------------------------------------

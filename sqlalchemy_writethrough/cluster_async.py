@@ -30,7 +30,7 @@ from .cluster import (
     ClusterTransport,
 )
 from .protocol import Script, Scripts
-from .redis_async import _PROBER_LOOPS, LoopGuard, await_io
+from .redis_async import _PROBER_LOOPS, LoopGuard, await_io, claim
 
 
 class AsyncClusterRouter(ClusterRouter):
@@ -82,7 +82,12 @@ class AsyncClusterRouter(ClusterRouter):
     def _acquire(self, node: Any) -> tuple[Any, Any]:
         """A connection of the asyncio ``node`` (redis.asyncio keeps them per node)."""
         self._on_this_loop()
-        return compat.async_cluster_acquire(node), node
+        conn = compat.async_cluster_acquire(node)
+        if not claim(conn, asyncio.get_running_loop()):
+            compat.async_cluster_release(node, conn)
+            assert self._loop_guard is not None
+            self._loop_guard.refuse()
+        return conn, node
 
     def _release(self, home: Any, conn: Any) -> None:
         compat.async_cluster_release(home, conn)

@@ -46,16 +46,49 @@ class OtherEventLoopError(RedisConnectionError):
     Redis being unreachable: the read goes to the database, the write is journaled."""
 
 
+#: what asyncio says when an object of another event loop is awaited on this one (a future or
+#: a task of it, a lock bound to it, or that loop closed); read only by :func:`await_io`'s
+#: fallback
+_ANOTHER_LOOP = (
+    "attached to a different loop",
+    "is bound to a different event loop",
+    "Event loop is closed",
+)
+
+
 def await_io(awaitable: Awaitable[Any]) -> Any:
-    """:func:`._sa_compat.await_` of Redis I/O; the ``RuntimeError`` asyncio raises for an
-    object of another event loop (a connection, a lock, a Sentinel's own client) is
-    :class:`OtherEventLoopError`: Redis unreachable from here, never an error for the caller."""
+    """:func:`._sa_compat.await_` of Redis I/O.
+
+    Whether a connection belongs to the running loop is decided before it is used (see
+    :class:`_LoopPools`, :class:`LoopGuard`, :func:`claim`), by the loops redis.asyncio's
+    objects are bound to. What cannot be told up front is caught here, by asyncio's words
+    (:data:`_ANOTHER_LOOP`), as :class:`OtherEventLoopError` (Redis unreachable from here,
+    never an error for the caller): the objects the cache does not hold (a Sentinel's own
+    clients, to the sentinels; the connections of a custom pool class), and a pool's lock
+    that the application's own use of the client on another loop bound there (asyncio
+    raises only when a task must wait for it: refusing every call up front would refuse
+    the ones that work)."""
     try:
         return await_(awaitable)
     except RuntimeError as exc:
-        if "loop" not in str(exc):
+        message = str(exc)
+        if not any(words in message for words in _ANOTHER_LOOP):
             raise
         raise OtherEventLoopError(f"{exc}; {_LOOP_HINT}") from exc
+
+
+def claim(conn: Any, loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``conn`` may be used on ``loop``: True if it is closed or belongs to ``loop``,
+    or to a loop that is not running (closed, or idle between two runs): it is closed first,
+    to connect again here, as redis-py's own error path would close it. False if it belongs
+    to a loop running now (in another thread): not the cache's to touch."""
+    bound = compat.connection_loop(conn)
+    if bound is None or bound is loop:
+        return True
+    if bound.is_running():
+        return False
+    compat.close_elsewhere(conn)
+    return True
 
 
 class _LoopPools:
@@ -75,7 +108,11 @@ class _LoopPools:
             redis.asyncio.ConnectionPool,
             redis.asyncio.BlockingConnectionPool,
         )
-        self.guard = LoopGuard(client, lambda: _pool_connections(client), _waits_of(self.pool))
+        self.guard = LoopGuard(
+            client,
+            lambda: compat.async_client_connections(client),
+            compat.async_pool_waits(self.pool),
+        )
         self.others: dict[asyncio.AbstractEventLoop, tuple[Any, Any]] = {}
         self.told = False
 
@@ -93,10 +130,7 @@ class _LoopPools:
 
     def _copy(self) -> tuple[Any, Any]:
         """A pool of the client's settings and a plain client over it, for one more loop."""
-        for loop in [loop for loop in self.others if loop.is_closed()]:
-            pool, _ = self.others.pop(loop)
-            for conn in [*pool._available_connections, *pool._in_use_connections]:
-                _close_on_closed_loop(conn)
+        self.drop_closed()
         pool = self.pool
         kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _OWN_POOL_KWARGS}
         if isinstance(pool, redis.asyncio.BlockingConnectionPool):
@@ -114,38 +148,13 @@ class _LoopPools:
             )
         return copy, redis.asyncio.Redis(connection_pool=copy)
 
-
-def _pool_connections(client: Any) -> list[Any]:
-    """The connections a ``redis.asyncio.Redis`` client holds (its pool's, its own)."""
-    pool = client.connection_pool
-    conns = [
-        *getattr(pool, "_available_connections", ()),
-        *getattr(pool, "_in_use_connections", ()),
-    ]
-    single = getattr(client, "connection", None)
-    if single is not None:
-        conns.append(single)
-    return conns
-
-
-def _close_on_closed_loop(conn: Any) -> None:
-    """Close the socket of a connection whose event loop is closed (its transport cannot
-    schedule its own close any more), leaving it to connect again on first use, on the loop
-    that uses it then (what redis-py's ``disconnect()`` leaves, which cannot run here)."""
-    writer = getattr(conn, "_writer", None)
-    if writer is None:
-        return
-    parser = getattr(conn, "_parser", None)
-    if parser is not None:
-        parser.on_disconnect()
-    conn._reader = conn._writer = None
-    try:
-        writer.close()  # marks it closing; scheduling the rest fails on a closed loop
-    except RuntimeError:
-        pass
-    sock = getattr(writer.transport, "_sock", None)  # what that scheduled step would close
-    if sock is not None:
-        sock.close()
+    def drop_closed(self) -> None:
+        """Forget the copies whose loop is closed, their sockets closed (nothing can be
+        awaited on their loop any more)."""
+        for loop in [loop for loop in self.others if loop.is_closed()]:
+            pool, _ = self.others.pop(loop)
+            for conn in compat.async_pool_connections(pool):
+                compat.close_elsewhere(conn)
 
 
 class LoopGuard:
@@ -181,10 +190,10 @@ class LoopGuard:
                 return True
         if not home.is_closed():
             return False
-        if any(getattr(wait, "_loop", None) not in (None, loop) for wait in self.waits):
+        if any(compat.wait_loop(wait) not in (None, loop) for wait in self.waits):
             return False
         for conn in self.connections():
-            _close_on_closed_loop(conn)
+            compat.close_elsewhere(conn)
         self.home = loop
         return True
 
@@ -205,14 +214,6 @@ class LoopGuard:
         raise OtherEventLoopError(
             "the redis.asyncio client belongs to another event loop; " + _LOOP_HINT
         )
-
-
-def _waits_of(pool: Any) -> list[Any]:
-    """The asyncio lock and condition a ``redis.asyncio`` pool waits on (redis-py 8's lock,
-    a blocking pool's condition and its lock), each bound to a loop once waited on."""
-    waits = [getattr(pool, "_lock", None), getattr(pool, "_condition", None)]
-    waits.append(getattr(waits[1], "_lock", None))
-    return [wait for wait in waits if wait is not None]
 
 
 class PendingAsyncConnection:
@@ -259,6 +260,9 @@ class AsyncTransport:
 
     async def _checkout(self, pool: Any) -> Any:
         conn = await (self._get() if pool is self._pool else compat.async_checkout_of(pool)())
+        if not claim(conn, asyncio.get_running_loop()):
+            await compat.arelease(pool, conn)
+            self._loops.guard.refuse()
         epoch = self._epoch
         if epoch is not None and epoch.due(conn):
             try:
@@ -288,6 +292,9 @@ class AsyncTransport:
         """A client that keeps redis-py's own path (a subclass, a single connection,
         client-side caching), checked against the epoch every interval."""
         _, client = self._here()
+        loop = asyncio.get_running_loop()
+        if not all([claim(conn, loop) for conn in compat.async_client_connections(client)]):
+            self._loops.guard.refuse()
         if self._epoch is not None:
             await greenlet_spawn(
                 self._epoch.check_client, lambda *args: await_(client.execute_command(*args))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -214,6 +215,50 @@ def test_a_client_of_its_own_kind_on_another_open_loop_is_redis_unreachable(
         _run_on(third, client.aclose())
     finally:
         for loop in (home, other, third):
+            loop.close()
+
+
+def test_a_connection_the_application_took_to_another_loop(
+    schema: Any, db_url: str, prefix: str, redis_url: str
+) -> None:
+    """The application closes the client's connections on the cache's loop and uses the client
+    on another loop, so that a pooled connection now belongs there. Once that loop is closed,
+    the cache's loop closes the connection and opens it again before using it, served from
+    Redis with no error (before, the read failed on it first, asyncio's RuntimeError counted
+    as a Redis error, and was served by the retry). While that loop runs in another thread,
+    the cache's loop finds Redis unreachable (the database answers, nothing raises); once it
+    stops, Redis serves again."""
+    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.5)
+    cache = WriteThroughCache(client, prefix=prefix, breaker_threshold=100)
+    app = App(db_url, cache)
+    home, closed, threaded = (asyncio.new_event_loop() for _ in range(3))
+    try:
+        _run_on(home, app.seed(2))
+        assert _run_on(home, app.names(1, 2)) == (["r1", "r2"], 0)
+
+        _run_on(home, client.connection_pool.disconnect())
+        assert _run_on(closed, client.ping())  # the pool's connection, connected there
+        closed.close()
+        assert _run_on(home, app.names(1, 2)) == (["r1", "r2"], 0)
+        assert cache.stats().errors == 0
+
+        _run_on(home, client.connection_pool.disconnect())
+        thread = threading.Thread(target=threaded.run_forever, daemon=True)
+        thread.start()
+        try:
+            assert asyncio.run_coroutine_threadsafe(client.ping(), threaded).result(20)
+            assert _run_on(home, app.names(1)) == (["r1"], 1)
+            assert cache.stats().errors > 0
+        finally:
+            threaded.call_soon_threadsafe(threaded.stop)
+            thread.join(20)
+        errors = cache.stats().errors
+        assert _run_on(home, app.names(1, 2)) == (["r1", "r2"], 0)
+        assert cache.stats().errors == errors
+        _run_on(threaded, asyncio.sleep(0))  # the close the cache scheduled there
+        _run_on(home, client.aclose())
+    finally:
+        for loop in (home, closed, threaded):
             loop.close()
 
 

@@ -470,6 +470,62 @@ def test_the_same_internals_on_redis_asyncio(redis_url: str, prefix: str) -> Non
     asyncio.run(scenario())
 
 
+def test_which_event_loop_redis_asyncio_objects_belong_to(redis_url: str) -> None:
+    """A pool's connections, idle and checked out, and the loop each belongs to; the lock or
+    condition a blocking pool waits on, bound to the loop where a task first waited; a
+    connection of a closed loop, and one of an idle loop, closed from another and connected
+    again there."""
+    import asyncio
+
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=2)
+    blocking = redis.asyncio.Redis(
+        connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+            redis_url, max_connections=1, timeout=5
+        )
+    )
+    first, second, third = (asyncio.new_event_loop() for _ in range(3))
+
+    async def scenario() -> Any:
+        pool = client.connection_pool
+        assert compat.async_pool_connections(pool) == []
+        conn = await compat.async_checkout_of(pool)()
+        await compat.acall(conn, ("PING",))
+        assert compat.async_pool_connections(pool) == [conn]  # checked out
+        assert compat.connection_loop(conn) is asyncio.get_running_loop()
+        await compat.arelease(pool, conn)
+        assert compat.async_client_connections(client) == [conn]  # idle
+        assert compat.bound_loops(client) == {asyncio.get_running_loop()}
+
+        waits = compat.async_pool_waits(blocking.connection_pool)
+        assert waits and all(compat.wait_loop(w) is None for w in waits)
+        await asyncio.gather(blocking.ping(), blocking.ping())  # the second waits
+        assert asyncio.get_running_loop() in {compat.wait_loop(w) for w in waits}
+        return conn
+
+    async def again(conn: Any) -> None:
+        assert compat.connection_loop(conn) is None
+        assert await compat.acall(conn, ("PING",)) in (True, b"PONG", "PONG")
+        assert compat.connection_loop(conn) is asyncio.get_running_loop()
+
+    try:
+        conn = first.run_until_complete(scenario())
+        first.close()
+        compat.close_elsewhere(conn)  # its loop is closed
+        second.run_until_complete(again(conn))
+        compat.close_elsewhere(conn)  # its loop (`second`) is open, not running
+        third.run_until_complete(again(conn))
+        second.run_until_complete(asyncio.sleep(0))  # the close scheduled there
+        third.run_until_complete(client.aclose())
+        for other in compat.async_pool_connections(blocking.connection_pool):
+            compat.close_elsewhere(other)  # of `first`, closed
+        third.run_until_complete(blocking.aclose())
+    finally:
+        for loop in (first, second, third):
+            loop.close()
+
+
 # -- Redis Cluster ------------------------------------------------------------------------
 
 
