@@ -43,6 +43,7 @@ from .keys import KeySpace, keyspace_of, prefix_patterns, registry_key
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
 from .near import ClusterSubscriptions, NearCache, Subscriptions, TwinSubscriptions
+from .redis_async import AsyncTransport
 from .registry import Models
 from .report import CachedModels, describe
 from .runtime import Runtime, Settings
@@ -762,7 +763,9 @@ class WriteThroughCache:
     async def aclose(self, timeout: float = 5.0) -> None:
         """:meth:`close`, on the event loop: the pending background publishes and the last
         stats send are awaited (through ``redis.asyncio`` when the cache has it), and the
-        ``redis.asyncio`` client the cache built from its URL is closed too."""
+        ``redis.asyncio`` client the cache built from its URL is closed too, as are the
+        connections the cache opened of its own for the running loop (a client used on more
+        than one event loop, docs/asyncio.md)."""
         await self.aflush_publishes(timeout)
         for publisher in self._publishers():
             publisher.close()
@@ -776,6 +779,10 @@ class WriteThroughCache:
             if not self._runtime.backend.breaker.is_open:
                 client = self._async.runtime.backend.client if self._async else None  # type: ignore[attr-defined]
                 await sender.asend(client)
+        if self._async is not None:
+            transport = getattr(self._async.runtime.backend, "transport", None)
+            if isinstance(transport, AsyncTransport):  # the connections it opened on this loop
+                await transport.aclose()
         self._close_built_sync_client()
         if self._url is not None and self._async is not None:
             await self._async.runtime.backend.client.aclose()  # type: ignore[attr-defined]

@@ -156,6 +156,16 @@ class _LoopPools:
             for conn in compat.async_pool_connections(pool):
                 compat.close_elsewhere(conn)
 
+    async def aclose(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the copy made for ``loop`` (the running one) and drop those of closed loops;
+        the client's own pool is the application's (or the cache's, for a URL) to close."""
+        self.drop_closed()
+        found = self.others.pop(loop, None)
+        if found is not None:
+            pool, client = found
+            await client.aclose()
+            await pool.disconnect()  # a client given its pool leaves it open
+
 
 class LoopGuard:
     """The event loop a client's connections belong to (its home): the first loop that uses
@@ -374,6 +384,11 @@ class AsyncTransport:
 
     def unlink(self, keys: Sequence[Any]) -> int:
         return int(await_io(self._unlink(keys)))
+
+    async def aclose(self) -> None:
+        """Close the connections the cache opened for the running loop, and forget those of
+        closed loops (see :class:`_LoopPools`); the client's own are not the cache's."""
+        await self._loops.aclose(asyncio.get_running_loop())
 
     # -- the circuit breaker's prober, as a task on the loop --------------------------------
 

@@ -19,10 +19,12 @@ import time. Here, on real Redis and a real database (aiosqlite, asyncpg):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -260,6 +262,43 @@ def test_a_connection_the_application_took_to_another_loop(
     finally:
         for loop in (home, closed, threaded):
             loop.close()
+
+
+@pytest.mark.filterwarnings("error::ResourceWarning")
+def test_aclose_closes_the_connections_the_cache_opened_for_its_loop(
+    schema: Any, db_url: str, prefix: str, redis_url: str
+) -> None:
+    """A client whose own loop stays open, and ``asyncio.run()`` twice: each run is served by
+    connections the cache opens for its loop; those of the first run are closed when the
+    second finds its loop closed, those of the second by ``aclose()``. Nothing is left for
+    the garbage collector to warn about (before: an unclosed transport for the first run's,
+    an unclosed Connection for the second's)."""
+    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=2)
+    app = App(db_url, WriteThroughCache(client, prefix=prefix))
+    home = asyncio.new_event_loop()
+    try:
+        _run_on(home, app.seed(2))
+        assert _run_on(home, app.names(1, 2)) == (["r1", "r2"], 0)
+
+        async def last() -> tuple[list[str], int]:
+            try:
+                return await app.names(1, 2)
+            finally:
+                await app.cache.aclose()
+
+        with warnings.catch_warnings():  # what earlier tests left is theirs
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            assert asyncio.run(app.names(1, 2)) == (["r1", "r2"], 0)
+            assert asyncio.run(last()) == (["r1", "r2"], 0)
+            gc.collect()
+        assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []
+        assert app.cache.stats().errors == 0
+        _run_on(home, client.aclose())
+    finally:
+        home.close()
 
 
 @pytest.mark.databases("sqlite")
