@@ -489,6 +489,16 @@ def async_pool_connections(pool: Any) -> list[Any]:
     ]
 
 
+def async_idle_connections(client: Any) -> list[Any]:
+    """The connections a ``redis.asyncio.Redis`` client would hand out next: its pool's idle
+    ones, and its own (``single_connection_client=True``)."""
+    conns = list(getattr(client.connection_pool, "_available_connections", ()))
+    single = getattr(client, "connection", None)
+    if single is not None:
+        conns.append(single)
+    return conns
+
+
 def async_client_connections(client: Any) -> list[Any]:
     """The connections a ``redis.asyncio.Redis`` client holds: its pool's, and its own
     (``single_connection_client=True``)."""

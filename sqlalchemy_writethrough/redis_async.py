@@ -303,7 +303,7 @@ class AsyncTransport:
         client-side caching), checked against the epoch every interval."""
         _, client = self._here()
         loop = asyncio.get_running_loop()
-        if not all([claim(conn, loop) for conn in compat.async_client_connections(client)]):
+        if not all([claim(conn, loop) for conn in compat.async_idle_connections(client)]):
             self._loops.guard.refuse()
         if self._epoch is not None:
             await greenlet_spawn(

@@ -493,9 +493,11 @@ def test_which_event_loop_redis_asyncio_objects_belong_to(redis_url: str) -> Non
         conn = await compat.async_checkout_of(pool)()
         await compat.acall(conn, ("PING",))
         assert compat.async_pool_connections(pool) == [conn]  # checked out
+        assert compat.async_idle_connections(client) == []
         assert compat.connection_loop(conn) is asyncio.get_running_loop()
         await compat.arelease(pool, conn)
         assert compat.async_client_connections(client) == [conn]  # idle
+        assert compat.async_idle_connections(client) == [conn]
         assert compat.bound_loops(client) == {asyncio.get_running_loop()}
 
         waits = compat.async_pool_waits(blocking.connection_pool)
