@@ -284,6 +284,17 @@ def _enc_iso(expected: type) -> Callable[[Any], Any]:
     return enc
 
 
+#: decoders whose value stored as a str is ``convert(value)``, a call into C that the generated
+#: row decoder (see model._RowCodec) makes inline, without the decoder's own Python frame;
+#: ``naive``: the result must carry no time zone, as the decoder checks. Any other stored value
+#: goes to the decoder itself, and a ValueError (decimal's InvalidOperation) of ``convert`` is a
+#: DecodeError there as here.
+STR_DECODERS: dict[Callable[[Any], Any], tuple[Callable[[str], Any], bool]] = {
+    _dec_decimal: (decimal.Decimal, False),
+    _dec_datetime: (dt.datetime.fromisoformat, True),
+}
+
+
 def _dec_iso(expected: Any) -> Callable[[Any], Any]:
     parse = expected.fromisoformat
 

@@ -386,8 +386,8 @@ class ReadPath:
         the misses from one database query (filled over their leases, as single misses)."""
         rt = self.runtime
         ids = list(dict.fromkeys(ids))
-        pk_type = layout.pk_types[0]
-        if not ids or not all(type(v) is pk_type for v in ids):
+        # every id of the key's exact type: one set of their types, made in C
+        if not ids or set(map(type, ids)) != {layout.pk_types[0]}:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         session = orm_state.session
@@ -405,30 +405,34 @@ class ReadPath:
         identity_class = mapper.identity_key_from_primary_key((ids[0],))[0]
         identity_map = session.identity_map
         found: dict[Any, Any] = {}
-        todo: list[tuple[Any, Any]] = []
+        # the ids to read and their identity keys, in two lists of the same order
+        todo: list[Any]
+        todo_keys: list[Any]
         if not len(identity_map):  # a session that holds nothing yet: no lookup per id
-            todo = [(value, (identity_class, (value,), token)) for value in ids]
-            ids_held: list[Any] = []
+            todo = ids
+            todo_keys = [(identity_class, (value,), token) for value in ids]
         else:
-            ids_held = ids
-        for value in ids_held:
-            identity_key = (identity_class, (value,), token)
-            existing = identity_map.get(identity_key)
-            if existing is None:
-                todo.append((value, identity_key))
-                continue
-            state = instance_state(existing)
-            if state.expired or state.expired_attributes:
-                return None  # a database load would refresh it: let it
-            if state.mapper.isa(mapper):
-                found[value] = existing
+            todo = []
+            todo_keys = []
+            for value in ids:
+                identity_key = (identity_class, (value,), token)
+                existing = identity_map.get(identity_key)
+                if existing is None:
+                    todo.append(value)
+                    todo_keys.append(identity_key)
+                    continue
+                state = instance_state(existing)
+                if state.expired or state.expired_attributes:
+                    return None  # a database load would refresh it: let it
+                if state.mapper.isa(mapper):
+                    found[value] = existing
         if todo:
             try:
                 keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
             except DatabaseUnknown:
                 rt.counters.add("bypasses", 1, layout.entity_name)
                 return None
-            pairs = keys.pairs_of([value for value, _ in todo])
+            pairs = keys.pairs_of(todo)
             name = layout.entity_name
             started = perf_counter()
             # the near cache's copies from memory, the rest in one MGET (see Runtime.peek_many)
@@ -438,14 +442,16 @@ class ReadPath:
                 self._read_done(name, started, "error")
                 return None
             missing = self._build_many(
-                session, layout, mapper, bind.dialect, todo, pairs, entries, found
+                session, layout, mapper, bind.dialect, todo, todo_keys, pairs, entries, found
             )
             rt.counters.add("hits", len(todo) - len(missing), name)
             self._read_done(name, started, "miss" if missing else "hit", len(todo))
             if missing:
                 self._load_missing(orm_state, layout, mapper, keys, bind, tracker, missing, found)
-        get = found.get
-        rows = [row for row in map(get, ids) if row is not None]
+        if len(found) == len(ids):  # every row found (found holds no other key)
+            rows = list(map(found.__getitem__, ids))
+        else:
+            rows = [row for row in map(found.get, ids) if row is not None]
         return _sa_compat.make_result(rows, mapper.class_.__name__)
 
     def _build_many(
@@ -454,42 +460,63 @@ class ReadPath:
         layout: ModelLayout,
         requested: Any,
         dialect: Any,
-        todo: list[tuple[Any, Any]],
+        todo: list[Any],
+        todo_keys: list[Any],
         pairs: list[tuple[str, str]],
         entries: Sequence[Any],
         found: dict[Any, Any],
     ) -> list[tuple[Any, Any, str, str]]:
         """Instances of the usable entries, into ``found``; the others, to load (as
         ``(value, identity key, key, generation key)``)."""
+        undecoded = entries
+        near_copies = (
+            self.runtime.near is not None
+            and layout.options.near_cache
+            and Copy in map(type, entries)
+        )
+        if near_copies:
+            # a near-cache copy is decoded by _decoded below, which keeps its decoding
+            undecoded = [False if type(entry) is Copy else entry for entry in entries]
+        decoded_rows, variants = layout.decode_rows(undecoded, dialect, todo)
+        if variants is None and not near_copies and None not in decoded_rows:
+            # the common case: every entry a row of the layout's one class, decoded here
+            one = layout.variants[layout.mapper]
+            if one.mapper.isa(requested):
+                rows: Any = zip(todo_keys, decoded_rows, strict=True)  # no None among them
+                instances = _sa_compat.build_persistent_many(
+                    session, one.mapper, rows, one.expired, True
+                )
+                found.update(zip(todo, instances, strict=True))
+            return []
         missing = []
         # the classes whose rows this load returns (a row of another class of the hierarchy:
         # the ORM finds no row), and the rows by class, in order (one class, most often)
         wanted = {v for v in layout.variants.values() if v.mapper.isa(requested)}
         hits: list[tuple[Any, Any, Any, dict[str, Any]]] = []
         classes: dict[Any, None] = {}  # in order of first appearance, as the rows
-        undecoded = entries
-        if self.runtime.near is not None and layout.options.near_cache:
-            # a near-cache copy is decoded by _decoded below, which keeps its decoding
-            undecoded = [False if type(entry) is Copy else entry for entry in entries]
-        decoded_rows = layout.decode_rows(undecoded, dialect, [value for value, _ in todo])
-        for (value, identity_key), (key, gen_key), entry, decoded in zip(
-            todo, pairs, entries, decoded_rows, strict=True
-        ):
-            if decoded is None and entry is not False:
-                # a near-cache copy (its kept decoding, else decoded and kept); else
-                # undecodable or another key's row: logged, counted and removed there
-                decoded = self._decoded(layout, entry, dialect, [value], key, gen_key)
-            if decoded is None:
-                missing.append((value, identity_key, key, gen_key))
-                continue
-            variant, values = decoded
+        only = layout.variants[layout.mapper] if variants is None else None
+        for i, values in enumerate(decoded_rows):
+            variant: Any = only if variants is None else variants[i]
+            if values is None:
+                entry = entries[i]
+                key, gen_key = pairs[i]
+                if entry is not False:
+                    # a near-cache copy (its kept decoding, else decoded and kept); else
+                    # undecodable or another key's row: logged, counted and removed there
+                    decoded = self._decoded(layout, entry, dialect, [todo[i]], key, gen_key)
+                    if decoded is not None:
+                        # a near copy keeps its values for its next hits: the instance's own
+                        variant, values = decoded[0], dict(decoded[1])
+                if values is None:
+                    missing.append((todo[i], todo_keys[i], key, gen_key))
+                    continue
             if variant in wanted:
-                hits.append((variant, value, identity_key, values))
+                hits.append((variant, todo[i], todo_keys[i], values))
                 classes[variant] = None
         for variant in classes:
             rows = hits if len(classes) == 1 else [hit for hit in hits if hit[0] is variant]
             instances = _sa_compat.build_persistent_many(
-                session, variant.mapper, [(hit[2], hit[3]) for hit in rows], variant.expired
+                session, variant.mapper, [(hit[2], hit[3]) for hit in rows], variant.expired, True
             )
             found.update(zip([hit[1] for hit in rows], instances, strict=True))
         return missing

@@ -8,6 +8,7 @@ codecs, and how the primary key reaches a Redis key. Anything the cache cannot k
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import re
 import uuid
@@ -16,6 +17,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import msgpack
 from sqlalchemy import Column, Table
 from sqlalchemy.orm import Mapper, RelationshipProperty
 from sqlalchemy.orm.exc import UnmappedColumnError
@@ -217,7 +219,8 @@ class _RowCodec:
     them (as dataclasses generate ``__init__``):
 
     ``decode(raw)``            columns stored as their Python value (int, str, bool, float,
-                               bytes) are type-checked inline, the others call their codec;
+                               bytes) are type-checked inline, a decimal or naive datetime
+                               stored as a str converted inline, the others call their codec;
     ``flushed(dict_, ctx)``    the stored values of a row a flush wrote, or None when one is
                                not exact; KeyError when an attribute is not loaded.
 
@@ -246,6 +249,7 @@ class _RowCodec:
             "        raise DecodeError('wrong number of columns')",
         ]
         flushed = ["def flushed(d, ctx):"]
+        converts = False
         for i, (attr, col_codec) in enumerate(zip(attrs, codecs, strict=True), 1):
             namespace[f"c{i}"] = col_codec
             plain = type(col_codec) is codec.ColumnCodec
@@ -269,7 +273,24 @@ class _RowCodec:
                 namespace[f"x{i}"] = col_codec.exact
                 flushed.append(f"    v{i} = x{i}(d[{attr!r}], ctx)")
             else:
-                if col_codec.not_null is not None and plain:
+                inline = codec.STR_DECODERS.get(col_codec.not_null) if plain else None  # type: ignore[arg-type]
+                if inline is not None:
+                    # the common stored form converted here, anything else by the decoder
+                    converts = True
+                    namespace[f"d{i}"] = col_codec.not_null
+                    namespace[f"s{i}"] = inline[0]
+                    decode.append(f"    v{i} = raw[{i}]")
+                    decode.append(f"    if v{i} is not None:")
+                    decode.append(f"        if type(v{i}) is str:")
+                    decode.append(f"            v{i} = s{i}(v{i})")
+                    if inline[1]:
+                        decode.append(f"            if v{i}.tzinfo is not None:")
+                        decode.append(
+                            "                raise DecodeError('naive datetime expected')"
+                        )
+                    decode.append("        else:")
+                    decode.append(f"            v{i} = d{i}(v{i})")
+                elif col_codec.not_null is not None and plain:
                     namespace[f"d{i}"] = col_codec.not_null
                     decode.append(f"    v{i} = raw[{i}]")
                     decode.append(f"    if v{i} is not None:")
@@ -296,6 +317,17 @@ class _RowCodec:
         names = [f"v{i}" for i in range(1, len(attrs) + 1)]
         items = ", ".join(f"{attr!r}: {name}" for attr, name in zip(attrs, names, strict=True))
         decode.append(f"    return {{{items}}}")
+        if converts:
+            # what a conversion made inline raises is a DecodeError, as from its decoder
+            namespace["InvalidOperation"] = decimal.InvalidOperation
+            decode[1:] = [
+                "    try:",
+                *("    " + line for line in decode[1:]),
+                "    except DecodeError:",
+                "        raise",
+                "    except (ValueError, InvalidOperation) as exc:",
+                "        raise DecodeError(str(exc)) from exc",
+            ]
         flushed.append(f"    return [tag, {', '.join(names)}]")
         # only attribute-name literals and indexes go into the source
         exec("\n".join(decode), namespace)
@@ -480,35 +512,71 @@ class ModelLayout:
 
     def decode_rows(
         self, payloads: Sequence[Any], dialect: Dialect, pk_values: Sequence[Any]
-    ) -> list[tuple[ClassLayout, dict[str, Any]] | None]:
+    ) -> tuple[list[dict[str, Any] | None], list[ClassLayout | None] | None]:
         """:meth:`decode_row` of many entries of a single-column key, in one loop (the batch
-        read path): (class layout, values) each, None for an entry that is absent (False),
-        cannot be decoded or is not the row of its key (the caller looks at those again)."""
+        read path): the attribute values of each, None for an entry that is absent (False),
+        cannot be decoded or is not the row of its key (the caller looks at those again); and
+        the class layout of each, or None for the list when the layout has one class only.
+        Each values dict is new, the caller's to keep.
+
+        :func:`codec.unpack_rows` is inlined: one Python loop a row, not two."""
         by_tag = self.by_tag
         pk_attr = self.pk_attrs[0]
-        unpack = codec.unpack_rows
-        found: list[tuple[ClassLayout, dict[str, Any]] | None] = []
+        unpackb = msgpack.unpackb
+        version = codec.FORMAT_VERSION
+        found: list[dict[str, Any] | None] = []
         append = found.append
+        DecodeError = codec.DecodeError
+        if len(by_tag) == 1:
+            # one class (of the many layouts): its tag is checked, no variant kept per row
+            ((only_tag, only),) = by_tag.items()
+            decode = only.row_codec(dialect).decode
+            for payload, pk in zip(payloads, pk_values, strict=True):
+                if payload is False:  # no entry
+                    append(None)
+                    continue
+                try:
+                    # an empty payload raises here too; msgpack >= 1.0's defaults are
+                    # raw=False, use_list=True, strict_map_key=True
+                    raw = unpackb(payload[1:]) if payload[0] == version else None
+                except Exception:  # msgpack raises several unrelated types on garbage
+                    raw = None
+                if type(raw) is not list or not raw:  # not a row (None: not a payload)
+                    append(None)
+                    continue
+                tag = raw[0]
+                if tag != only_tag or type(tag) is not type(only_tag):
+                    append(None)
+                    continue
+                try:
+                    values = decode(raw)
+                except (DecodeError, ValueError):
+                    append(None)
+                    continue
+                append(values if values[pk_attr] == pk else None)
+            return found, None
+        variants: list[ClassLayout | None] = []
+        add_variant = variants.append
         last: ClassLayout | None = None
-        decode: Any = None
-        for raw, pk in zip(unpack(payloads), pk_values, strict=True):
-            if raw is None:
-                append(None)
-                continue
-            tag = raw[0]
-            variant = by_tag.get(tag) if type(tag) in (int, str) else None
-            if variant is None:
-                append(None)
-                continue
-            if variant is not last:
-                last, decode = variant, variant.row_codec(dialect).decode
-            try:
-                values = decode(raw)
-            except (codec.DecodeError, ValueError):
-                append(None)
-                continue
-            append((variant, values) if values[pk_attr] == pk else None)
-        return found
+        decode = None
+        for raw, pk in zip(codec.unpack_rows(payloads), pk_values, strict=True):
+            variant = None
+            values = None
+            if raw is not None:
+                tag = raw[0]
+                variant = by_tag.get(tag) if type(tag) in (int, str) else None
+            if variant is not None:
+                if variant is not last:
+                    last, decode = variant, variant.row_codec(dialect).decode
+                try:
+                    values = decode(raw)
+                except (DecodeError, ValueError):
+                    variant = None
+                if values is not None and values[pk_attr] != pk:
+                    variant = values = None
+            append(values)
+            add_variant(variant)
+        return found, variants
 
     def decode(self, payload: bytes | memoryview, dialect: Dialect) -> dict[str, Any]:
         return self.decode_row(payload, dialect)[1]
