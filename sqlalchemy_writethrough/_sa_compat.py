@@ -35,6 +35,10 @@ ABSTRACT_INTERVAL: type = sqlalchemy.sql.sqltypes._AbstractInterval
 #: "no value known" in ``InstanceState.committed_state`` (not exported by sqlalchemy.orm)
 NO_VALUE: Any = sqlalchemy.orm.base.NO_VALUE
 SQLA_2_1 = SQLA_VERSION >= (2, 1)
+#: the class attribute holding a mapped class's ``ClassManager`` (``inspect(cls)`` reads it
+#: from the class's own ``__dict__``): reading it is how a memo keyed on a class sees, for the
+#: price of one attribute lookup, that the class was unmapped or mapped again (2.0 and 2.1)
+CLASS_MANAGER_ATTR: str = sqlalchemy.orm.base.DEFAULT_MANAGER_ATTR
 
 _T = TypeVar("_T")
 
@@ -230,9 +234,11 @@ def session_is_clean(session: Session) -> bool:
     """True when commit() will not flush: nothing new, deleted or modified.
 
     ``Session._is_clean()`` is O(1); the public ``new``/``dirty``/``deleted`` build sets and
-    check attribute history of every modified object.
+    check attribute history of every modified object. This is its body (2.0 and 2.1), without
+    its two calls (``IdentityMap.check_modified()`` is ``bool(self._modified)``): a cached get
+    asks on every call.
     """
-    return bool(session._is_clean())
+    return not session.identity_map._modified and not session._deleted and not session._new
 
 
 def session_is_flushing(session: Session | None) -> bool:

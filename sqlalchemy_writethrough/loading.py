@@ -233,11 +233,21 @@ class ReadPath:
             rt.backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
         return frozen()
 
-    def _read_done(self, name: str, started: float, result: str, rows: int = 1) -> None:
-        """A read that asked Redis: its latency (Redis and decoding), a span when traced, a
-        debug line (never the row)."""
+    def _read_done(
+        self,
+        name: str,
+        started: float,
+        result: str,
+        rows: int = 1,
+        *,
+        hits: int = 0,
+        near_hits: int = 0,
+    ) -> None:
+        """A read that asked Redis: its latency (Redis and decoding), counted with its
+        ``hits`` (of them ``near_hits``) when the caller leaves them to this, a span when
+        traced, a debug line (never the row)."""
         elapsed = perf_counter() - started
-        self.runtime.counters.observe("read", elapsed)
+        self.runtime.counters.observe_read(elapsed, name, hits, near_hits)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("writethrough: read %s: %s (%d rows)", name, result, rows)
         tracer = self.runtime.tracer
@@ -346,14 +356,15 @@ class ReadPath:
         looks at the shared UNTOUCHED state (unless the session joined an outer
         transaction, which its tracker must remember)."""
         rt = self.runtime
-        tracker = rt.peek_tracker(session)
+        info = _sa_compat.info_if_made(session)  # (Runtime.peek_tracker, one call less)
+        tracker = None if info is None else info.get(rt.settings.info_key)
         if tracker is None and isinstance(bind, Connection) and bind.in_transaction():
             tracker = rt.tracker(session)
         if tracker is None:
             tracker = UNTOUCHED
         else:
             tracker.note_first_activity(session, mapper, bind)
-        if tracker.untracked_write or not rt.journal_replayed():
+        if tracker.untracked_write or (rt.journal.pending and not rt.journal_replayed()):
             return None
         return tracker
 
@@ -605,7 +616,7 @@ class ReadPath:
         if decoded is None:
             return None
         variant, values = decoded
-        if not variant.mapper.isa(requested):
+        if variant.mapper is not requested and not variant.mapper.isa(requested):
             return _NO_ROW  # the row is another class of the hierarchy: the ORM finds no row
         return _sa_compat.build_persistent(
             session, variant.mapper, identity_key, values, variant.expired

@@ -58,6 +58,18 @@ class Models:
         self._all_seen = False
         self._cascade_parents: dict[str, Any] | None = None
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
+        #: bumped whenever a model's layout is built, dropped or may change (register,
+        #: register_all, a mapper configured again): what a hook decided from the layouts
+        #: holds while it is unchanged
+        self.generation = 0
+        #: the get path's decisions per entity (see :mod:`.session`), each tagged with the
+        #: generation it was made in
+        self.get_plans: dict[Any, Any] = {}
+
+    def _changed(self) -> None:
+        """A layout was built, dropped or may now differ: every decision made from the
+        layouts before is stale."""
+        self.generation += 1
 
     @property
     def databases(self) -> Databases:
@@ -75,6 +87,7 @@ class Models:
     def reconfigured(self, mapper: Mapper[Any]) -> None:
         """SQLAlchemy (re)configured ``mapper``: build its layout again, now."""
         self._layouts.pop(mapper, None)
+        self._changed()
         self.layout_for(mapper)
 
     def register(self, model: type, **options: Any) -> None:
@@ -86,6 +99,7 @@ class Models:
         with self._build_lock:
             self._registered[model] = options  # type: ignore[assignment,unused-ignore]
             self._layouts.pop(mapper, None)
+            self._changed()
         if mapper.configured:
             self.layout_for(mapper)
 
@@ -115,6 +129,7 @@ class Models:
         """Mappers seen as not cached may be covered now: look at them again."""
         self._layouts = {m: lay for m, lay in self._layouts.items() if lay is not None}
         self._all_seen = False
+        self._changed()
 
     def _covers(self, mapper: Mapper[Any]) -> Mapping[str, Any] | None:
         cls = mapper.class_
@@ -156,6 +171,7 @@ class Models:
                     layout = None
             for member in cached_members(base):
                 self._layouts[member] = layout
+            self._changed()
             if layout is not None:
                 self._left_out.pop(base, None)
                 self._by_table = None

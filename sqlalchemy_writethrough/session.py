@@ -35,9 +35,12 @@ from sqlalchemy.orm import Mapper, Session
 from . import _sa_compat
 from .databases import DatabaseUnknown
 from .loading import _NO_ROW, PEEKED
+from .near import Copy
 
 if TYPE_CHECKING:
     from .loading import ReadPath
+    from .model import ModelLayout
+    from .registry import Models
 
 
 class _Answer(enum.Enum):
@@ -68,7 +71,15 @@ class CachedGetSession(Session):
     _wt_read: ClassVar[ReadPath | None] = None
 
     def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
-        return get_through(type(self)._wt_read, self, entity, ident, kw, super().get)
+        # get_through's body: one call layer less on every get
+        read = type(self)._wt_read
+        if read is not None and (not kw or _defaults_only(kw)):
+            found = answer_get(read, self, entity, ident)
+            if found is MISSED:
+                return super().get(entity, ident, **{**kw, "execution_options": _PEEKED_OPTIONS})
+            if found is not UNANSWERED:
+                return found
+        return super().get(entity, ident, **kw)
 
 
 def get_through(
@@ -142,6 +153,57 @@ def session_class(
     return made
 
 
+class _Plan:
+    """What :func:`answer_get` decides from an entity alone (its mapper, its model's layout,
+    whether a get of it may be answered at all), kept per entity class in
+    ``Models.get_plans``: valid while the registry's generation is the one it was made in and
+    the class still has the ``ClassManager`` it had (not unmapped, not mapped again)."""
+
+    __slots__ = ("generation", "identity_class", "layout", "manager", "mapper", "pk_count")
+
+    def __init__(self, generation: int, mapper: Mapper[Any], layout: ModelLayout) -> None:
+        self.generation = generation
+        self.mapper = mapper
+        self.layout = layout
+        self.manager = mapper.class_manager
+        #: the first item of the mapper's identity keys
+        self.identity_class = mapper.identity_key_from_primary_key((None,))[0]
+        self.pk_count = len(layout.pk_types)
+
+
+#: plans kept per cache at most (then forgotten at once): classes made and dropped by the
+#: thousand (a test suite's) are not kept alive by the memo
+_PLANS = 256
+_MANAGER_ATTR = _sa_compat.CLASS_MANAGER_ATTR
+
+
+def _plan_of(models: Models, entity: Any) -> _Plan | None:
+    """The plan of ``entity``, made now (and kept, for a mapped class); None when its gets are
+    not answered here (not a mapped entity, ``always_refresh``, an uncached model, eager
+    relationships, a subclass with primary key columns of its own)."""
+    generation = models.generation  # read first: a change while deciding makes this stale
+    mapper = inspect(entity, raiseerr=False)
+    if not isinstance(mapper, Mapper) or mapper.always_refresh:
+        return None
+    layout = models.layout_for(mapper)
+    if layout is None or layout.eager_relationships:
+        return None
+    if mapper is not layout.mapper and not _same_columns(mapper.primary_key, layout.pk_columns):
+        return None
+    plan = _Plan(generation, mapper, layout)
+    manager = plan.manager
+    if (
+        isinstance(entity, type)
+        and manager.class_ is entity
+        and getattr(entity, _MANAGER_ATTR, None) is manager
+    ):
+        plans = models.get_plans
+        if len(plans) >= _PLANS:
+            plans.clear()
+        plans[entity] = plan
+    return plan
+
+
 def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any:
     """``session.get(entity, ident)`` from the cache: the instance (or None, when the cached row
     is of another class of the hierarchy, as the database would find no row), MISSED when
@@ -156,19 +218,27 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
         or getattr(session, "execution_options", None)  # session-wide options (2.1)
     ):
         return UNANSWERED
-    mapper = inspect(entity, raiseerr=False)
-    if not isinstance(mapper, Mapper) or mapper.always_refresh:
-        return UNANSWERED
     rt = read.runtime
-    layout = rt.models.layout_for(mapper)
-    if layout is None or layout.eager_relationships:
+    models = rt.models
+    try:
+        plan = models.get_plans.get(entity)
+    except TypeError:  # unhashable: no entity SQLAlchemy knows, it says so
         return UNANSWERED
-    if mapper is not layout.mapper and not _same_columns(mapper.primary_key, layout.pk_columns):
-        return UNANSWERED
+    if (
+        plan is None
+        or plan.generation != models.generation
+        or getattr(entity, _MANAGER_ATTR, None) is not plan.manager
+    ):
+        plan = _plan_of(models, entity)
+        if plan is None:
+            return UNANSWERED
+    layout = plan.layout
+    mapper = plan.mapper
     pk = list(ident) if type(ident) is tuple or type(ident) is list else [ident]
-    if len(pk) != len(layout.pk_types) or not layout.pk_is_cacheable(pk):
+    if len(pk) != plan.pk_count or not layout.pk_is_cacheable(pk):
         return UNANSWERED  # a dict, a composite, a wrong count or type: SQLAlchemy decides
-    identity_key = mapper.identity_key_from_primary_key(tuple(pk))
+    # Mapper.identity_key_from_primary_key(pk), without its call
+    identity_key = (plan.identity_class, tuple(pk), None)
     if session.identity_map.get(identity_key) is not None:
         return UNANSWERED  # the identity map wins (and refreshes an expired object)
     if not _sa_compat.session_is_clean(session):
@@ -178,23 +248,25 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
     if tracker is None:
         return UNANSWERED
     try:
-        keys = rt.models.keys(layout, bind, tracker.renamed.get(bind) if tracker.renamed else None)
+        keys = models.keys(layout, bind, tracker.renamed.get(bind) if tracker.renamed else None)
     except DatabaseUnknown:
         return UNANSWERED
     key, gen_key = keys.pair(pk)
     started = perf_counter()
-    found = rt.peek(layout, key, gen_key)
+    found = rt.peek_one(layout, key, gen_key)
     if found is None:
         return UNANSWERED  # Redis failed: the database path (behind the breaker)
     if found is False:
         return MISSED
+    near_hits = 1 if type(found) is Copy else 0
     instance = read._build(
         session, layout, identity_key, pk, found, bind.dialect, key, gen_key, mapper
     )
     if instance is None:
+        if near_hits:
+            rt.counters.add("near_hits", 1, layout.entity_name)
         return MISSED  # an undecodable entry, now removed
-    rt.counters.add("hits", 1, layout.entity_name)
-    read._read_done(layout.entity_name, started, "hit")
+    read._read_done(layout.entity_name, started, "hit", hits=1, near_hits=near_hits)
     # a row of another class of the hierarchy than the one asked for: the database finds none
     return None if instance is _NO_ROW else instance
 

@@ -327,6 +327,23 @@ class Counters:
             self._hist[histogram][i] += 1
             self._sums[histogram] += seconds
 
+    def observe_read(
+        self, seconds: float, model: str = "", hits: int = 0, near_hits: int = 0
+    ) -> None:
+        """``observe("read", seconds)`` and the read's hits (of them, near-cache hits) under
+        one lock: a cached get's whole accounting in one call."""
+        i = bisect.bisect_left(BOUNDS, seconds)
+        with self._lock:
+            self._hist["read"][i] += 1
+            self._sums["read"] += seconds
+            if hits:
+                counts = self._counts
+                key = (model, "hits")
+                counts[key] = counts.get(key, 0) + hits
+                if near_hits:
+                    key = (model, "near_hits")
+                    counts[key] = counts.get(key, 0) + near_hits
+
     def raw(
         self, reset: bool = False
     ) -> tuple[dict[tuple[str, str], int], dict[str, list[int]], dict[str, float]]:

@@ -179,11 +179,40 @@ def test_session_is_flushing_only_inside_flush(session: Session) -> None:
 
 
 def test_session_is_clean(session: Session) -> None:
+    """``Session._is_clean()``'s body: nothing new, modified or deleted."""
     assert _sa_compat.session_is_clean(session)
     session.add(Parent(id=1))
     assert not _sa_compat.session_is_clean(session)
     session.flush()
     assert _sa_compat.session_is_clean(session)
+    parent = session.get(Parent, 1)
+    assert parent is not None
+    parent.name = "changed"
+    assert not _sa_compat.session_is_clean(session)
+    session.flush()
+    assert _sa_compat.session_is_clean(session)
+    session.delete(parent)
+    assert not _sa_compat.session_is_clean(session)
+    session.flush()
+    assert _sa_compat.session_is_clean(session)
+
+
+def test_class_manager_attr_holds_a_mapped_class_manager() -> None:
+    """The attribute ``inspect(cls)`` reads: a class's own manager while it is mapped, gone
+    once its registry is disposed."""
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class ScLocal(LocalBase):
+        __tablename__ = "sc_local"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    attr = _sa_compat.CLASS_MANAGER_ATTR
+    manager = inspect(ScLocal).class_manager
+    assert getattr(ScLocal, attr) is manager and ScLocal.__dict__[attr] is manager
+    LocalBase.registry.dispose()
+    assert getattr(ScLocal, attr, None) is None
 
 
 def test_info_if_made() -> None:
