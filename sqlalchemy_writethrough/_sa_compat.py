@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import sqlalchemy
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session, UserDefinedOption
+from sqlalchemy.orm import identity as _identity
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import DEFAULT_STATE_ATTR, instance_dict
 from sqlalchemy.orm.exc import UnmappedClassError
-from sqlalchemy.orm.identity import _WeakInstanceDict
 from sqlalchemy.orm.instrumentation import ClassManager
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
@@ -39,6 +39,13 @@ SQLA_2_1 = SQLA_VERSION >= (2, 1)
 #: from the class's own ``__dict__``): reading it is how a memo keyed on a class sees, for the
 #: price of one attribute lookup, that the class was unmapped or mapped again (2.0 and 2.1)
 CLASS_MANAGER_ATTR: str = sqlalchemy.orm.base.DEFAULT_MANAGER_ATTR
+#: the session's identity map class: ``_WeakInstanceDict`` on 2.1, ``WeakInstanceDict`` on 2.0
+#: (same ``_add_unpresent``: ``self._dict[key] = state; state._instance_dict = self._wr``)
+WEAK_INSTANCE_DICT: type = next(
+    getattr(_identity, name)
+    for name in ("_WeakInstanceDict", "WeakInstanceDict")
+    if hasattr(_identity, name)
+)
 
 _T = TypeVar("_T")
 
@@ -162,7 +169,7 @@ def build_persistent_many(
     dict_of = manager.dict_getter()
     # a closed session's old map has a raising _add_unpresent of its own (IdentityMap._kill)
     map_dict: dict[Any, Any] | None = None
-    if type(identity_map) is _WeakInstanceDict and "_add_unpresent" not in vars(identity_map):
+    if type(identity_map) is WEAK_INSTANCE_DICT and "_add_unpresent" not in vars(identity_map):
         map_dict = identity_map._dict
         map_ref = identity_map._wr
     add = identity_map._add_unpresent  # type: ignore[attr-defined,unused-ignore]

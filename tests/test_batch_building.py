@@ -253,19 +253,18 @@ def test_build_persistent_many_hands_owned_values_over() -> None:
     ``ClassManager.new_instance`` and ``_state_setter`` would store it; the identity map holds
     the state as ``_WeakInstanceDict._add_unpresent`` would."""
     from sqlalchemy.orm.base import DEFAULT_STATE_ATTR, instance_dict
-    from sqlalchemy.orm.identity import _WeakInstanceDict
     from sqlalchemy.orm.instrumentation import ClassManager
 
     manager = inspect(BbRow).class_manager
     assert manager.STATE_ATTR == DEFAULT_STATE_ATTR == "_sa_instance_state"
     assert manager.dict_getter() is instance_dict
     assert type(manager).new_instance is ClassManager.new_instance
-    source = pyinspect.getsource(_WeakInstanceDict._add_unpresent)
+    source = pyinspect.getsource(_sa_compat.WEAK_INSTANCE_DICT._add_unpresent)
     assert "self._dict[key] = state" in source
     assert "state._instance_dict = self._wr" in source
 
     session = Session()
-    assert type(session.identity_map) is _WeakInstanceDict
+    assert type(session.identity_map) is _sa_compat.WEAK_INSTANCE_DICT
     mapper = inspect(BbRow)
     values = [{"id": n, "name": f"n{n}", "price": None, "at": None} for n in (1, 2)]
     keys = [mapper.identity_key_from_primary_key((n,)) for n in (1, 2)]
