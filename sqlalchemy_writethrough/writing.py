@@ -618,17 +618,44 @@ class WritePath:
 
     def _publish_job(self, session: Session, tracker: SessionTracker) -> Job:
         """What a commit writes to Redis: the new VALUE (or a miss) of each locked entry, and
-        the new generation of each locked bucket."""
+        the new generation of each locked bucket (built by :meth:`build`, where it runs)."""
+        changes = tracker.changes.get(session.get_transaction()) if tracker.locked else None
+        return Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
+
+    def _release_job(self, tracker: SessionTracker) -> Job:
+        """What a rollback writes to Redis: the previous values back where the locks are still
+        ours alone, and the locked buckets released."""
+        return Job(False, tracker.owner_token(), tracker.locked, None, list(tracker.locked_gens))
+
+    def build(self, job: Job) -> None:
+        """A job's script arguments and tallies, from the locks and changes its transaction
+        left (which nothing changes any more: the tracker starts new ones): built by whoever
+        runs the job, the background worker for ``publish="background"``."""
+        locked = job.locked
+        if locked is None:
+            return
+        job.locked = None
         pairs: list[str] = []
+        if not job.committed:
+            per_model: dict[str, int] = {}
+            model_of = self._model_of
+            for key, gen_key in locked.items():
+                name = model_of(gen_key)
+                per_model[name] = per_model.get(name, 0) + 1
+                pairs += (key, gen_key)
+            job.pairs, job.intents = pairs, per_model
+            return
         items: list[Any] = []
         # per model: rows written, rows to publish, and rows left as a miss by reason
         intents: dict[str, list[Any]] = {}
-        if tracker.locked:
-            changes = tracker.changes.get(session.get_transaction(), {})
+        if locked:
+            changes = job.changes or {}
+            job.changes = None
+            get_change = changes.get
             # a transaction's keys share few buckets: each one's intent looked up once
             by_bucket: dict[str, list[Any]] = {}
-            for key, gen_key in tracker.locked.items():
-                change = changes.get(key)
+            for key, gen_key in locked.items():
+                change = get_change(key)
                 pairs += (key, gen_key)
                 intent = by_bucket.get(gen_key)
                 if intent is None:
@@ -637,25 +664,20 @@ class WritePath:
                     if intent is None:
                         intent = intents[model_key] = [self._model_of(gen_key), 0, 0, {}]
                     by_bucket[gen_key] = intent
-                if change is None or change.payload is None:
-                    items += (b"", 0)
-                    reason = "statement" if change is None else change.reason
-                    intent[3][reason] = intent[3].get(reason, 0) + 1
-                else:
-                    items += (change.payload, change.ttl_ms)
-                    intent[2] += 1
                 intent[1] += 1
-        return Job(True, tracker.owner_token(), pairs, items, intents, list(tracker.locked_gens))
-
-    def _release_job(self, tracker: SessionTracker) -> Job:
-        """What a rollback writes to Redis: the previous values back where the locks are still
-        ours alone, and the locked buckets released."""
-        per_model: dict[str, int] = {}
-        for gen_key in tracker.locked.values():
-            name = self._model_of(gen_key)
-            per_model[name] = per_model.get(name, 0) + 1
-        pairs = _flatten(tracker.locked)
-        return Job(False, tracker.owner_token(), pairs, [], per_model, list(tracker.locked_gens))
+                if change is not None:
+                    payload = change.payload
+                    if payload is not None:
+                        items += (payload, change.ttl_ms)
+                        intent[2] += 1
+                        continue
+                    reason = change.reason
+                else:
+                    reason = "statement"
+                items += (b"", 0)
+                reasons = intent[3]
+                reasons[reason] = reasons.get(reason, 0) + 1
+        job.pairs, job.items, job.intents = pairs, items, intents
 
     def run_jobs(self, jobs: list[Job]) -> bool:
         """Write ``jobs`` (publishes and restores, in order) to Redis and count them: one
@@ -663,6 +685,8 @@ class WritePath:
         Redis did not complete one of them (journaled then, with its owner token)."""
         backend = self.runtime.backend
         done = True
+        for job in jobs:
+            self.build(job)
         if len(jobs) == 1:
             job = jobs[0]
             replies: list[Any] = []
