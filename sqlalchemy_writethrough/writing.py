@@ -267,20 +267,31 @@ class WritePath:
                     layout = rt.models.layout_for(mapper)
                     bind = binds.of(state)
                     if layout is None:
-                        found = (None, bind, None, None, None, None)
+                        found = (None, bind, None, None, None, None, None, None)
                     else:
                         keys = involved.get((layout, bind)) or involve(layout, bind)
                         variant = layout.variant(mapper)
                         assert variant is not None  # _layout_for rebuilds a layout missing a class
-                        ctx = (
+                        encode = (
                             None
                             if layout.options.strategy == "invalidate"
-                            else context_for(bind, layout)
+                            else variant.flush_encoder(context_for(bind, layout))
                         )
-                        found = (layout, bind, keys, variant, ctx, _renumbered_at(layout, bind))
+                        # a single-column key (the common case) is read and checked inline
+                        single = layout.pk_attrs[0] if len(layout.pk_attrs) == 1 else None
+                        found = (
+                            layout,
+                            bind,
+                            keys,
+                            variant,
+                            encode,
+                            _renumbered_at(layout, bind),
+                            single,
+                            layout.pk_types[0],
+                        )
                     if not sharded:
                         per_mapper[mapper] = found
-                layout, bind, keys, variant, ctx, renumbered_at = found
+                layout, bind, keys, variant, encode, renumbered_at, single, pk_type = found
                 old = state.key[1] if state.key is not None else None
                 if layout is None:
                     if old is not None and _key_changed(state):
@@ -293,7 +304,17 @@ class WritePath:
                     dict_ = variant.inserted_values(state)
                 else:
                     dict_ = _as_updated(state, variant.mutable)
-                pk = [dict_.get(a) for a in layout.pk_attrs]
+                if single is not None:  # as the general case below, without its calls
+                    value = dict_.get(single)
+                    pk = [value]
+                    moved = old is not None and (
+                        len(old) != 1 or type(old[0]) is not type(value) or bool(old[0] != value)
+                    )
+                    cacheable = type(value) is pk_type
+                else:
+                    pk = [dict_.get(a) for a in layout.pk_attrs]
+                    moved = old is not None and _moved(old, pk)
+                    cacheable = layout.pk_is_cacheable(pk)
                 if (
                     inserted
                     and renumbered_at is not None
@@ -303,7 +324,6 @@ class WritePath:
                     record(keys, layout, pk, None, "inexact")  # no row 0 for anybody
                     models.append((layout, bind))  # no key we can name holds this row
                     continue
-                moved = old is not None and _moved(old, pk)
                 if moved:
                     assert old is not None
                     record(keys, layout, old, None, "delete")  # the primary key itself changed
@@ -311,14 +331,14 @@ class WritePath:
                         layout.table, deleted=False, orm_handles=layout.mapper
                     )
                     models += ((other, bind) for other in cascades)
-                if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
+                if not cacheable:  # None, a SQL expression: no key
                     if old is None or moved:
                         models.append((layout, bind))  # no key we can name holds this row
                     continue
-                if ctx is None:  # strategy="invalidate"
+                if encode is None:  # strategy="invalidate"
                     payload, reason = None, "strategy"
                 else:
-                    payload = variant.encode_flushed(dict_, ctx)
+                    payload = encode(dict_)
                     reason = "inexact"
                     if payload is not None and keys not in registered:
                         registered.add(keys)
