@@ -261,6 +261,11 @@ def pack_many(conn: Any, commands: Sequence[Sequence[Any]]) -> Any:
     return [b"".join(parts)]
 
 
+#: the length headers of the short arguments (keys, owners, TTLs), made once: formatting one
+#: for every argument was a third of a 100-row publish's packing
+_HEADERS = [b"$%d\r\n" % n for n in range(256)]
+
+
 def _packed(conn: Any, args: Sequence[Any]) -> bytes | None:
     if _PYTHON_PACKER is None or type(getattr(conn, "_command_packer", None)) is not _PYTHON_PACKER:
         return None
@@ -269,17 +274,23 @@ def _packed(conn: Any, args: Sequence[Any]) -> bytes | None:
         return None
     encoder = conn.encoder
     encoding, errors = encoder.encoding, encoder.encoding_errors
+    # str.encode() without arguments takes CPython's UTF-8 fast path
+    utf8 = encoding in ("utf-8", "utf8") and errors == "strict"
+    headers = _HEADERS
     parts = [b"*%d\r\n" % len(args)]
     append = parts.append
     for arg in args:
         kind = type(arg)
         if kind is str:
-            arg = arg.encode(encoding, errors)
+            arg = arg.encode() if utf8 else arg.encode(encoding, errors)
         elif kind is int:
             arg = b"%d" % arg
         elif kind is not bytes:
             return None
-        append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        size = len(arg)
+        append(headers[size] if size < 256 else b"$%d\r\n" % size)
+        append(arg)
+        append(b"\r\n")
     return b"".join(parts)
 
 

@@ -40,26 +40,45 @@ BATCH = 64
 
 class Job:
     """What one ended transaction still has to write: a commit's publish (``committed``) or a
-    rollback's restore, of its locked entries (``pairs``) and locked buckets (``gen_keys``)."""
+    rollback's restore, of its locked entries (``pairs``) and locked buckets (``gen_keys``).
 
-    __slots__ = ("committed", "counted", "gen_keys", "intents", "items", "owner", "pairs")
+    A job is queued as the transaction left it (its ``locked`` entries and their ``changes``,
+    dictionaries the ended transaction no longer touches): whoever runs it builds the script
+    arguments (:meth:`.WritePath.build`), so that a background commit does not build them
+    before ``commit()`` returns."""
+
+    __slots__ = (
+        "changes",
+        "committed",
+        "counted",
+        "gen_keys",
+        "intents",
+        "items",
+        "locked",
+        "owner",
+        "pairs",
+    )
 
     def __init__(
         self,
         committed: bool,
         owner: str,
-        pairs: list[str],
-        items: list[Any],
-        intents: Any,
+        locked: dict[str, str],
+        changes: dict[str, Any] | None,
         gen_keys: list[str],
     ) -> None:
         self.committed = committed
         self.owner = owner
-        self.pairs = pairs
-        #: a publish's (payload, ttl) per pair
-        self.items = items
-        #: what the stats count once the reply is in (see :mod:`.writing`)
-        self.intents = intents
+        #: entity key -> generation key of every entry the transaction locked, and what its
+        #: commit wrote to each (a :class:`~.tracking.Change` by entity key); None once built
+        self.locked: dict[str, str] | None = locked
+        self.changes = changes
+        #: (entity key, generation key) pairs, flattened, once built
+        self.pairs: list[str] = []
+        #: a publish's (payload, ttl) per pair, once built
+        self.items: list[Any] = []
+        #: what the stats count once the reply is in (see :mod:`.writing`), once built
+        self.intents: Any = {}
         self.gen_keys = gen_keys
         #: the transaction was already counted in ``cache_write_failures``
         self.counted = False
@@ -84,6 +103,8 @@ class Publisher:
         self._running = 0
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
+        #: the thread waits on the condition for a job (a submit must wake it)
+        self._idle = False
         self._task: asyncio.Task[Any] | None = None
         #: a test's hold on the worker: it takes no job while this is clear
         self._go = threading.Event()
@@ -103,13 +124,12 @@ class Publisher:
             if self._closed or len(self._queue) >= self.limit:
                 return False
             self._queue.append(job)
-            self._cond.notify()
+            if self._idle:  # a worker that is busy takes the job when its batch is done
+                self._cond.notify_all()  # (not notify(): a flush() may be waiting too)
         if self.asynchronous:
             self._ensure_task()
-        else:
-            thread = self._thread
-            if thread is None or not thread.is_alive():
-                self._start_thread()
+        elif self._thread is None:  # never started, or ended (it clears this as it ends)
+            self._start_thread()
         return True
 
     # -- the worker ---------------------------------------------------------------------------
@@ -145,8 +165,7 @@ class Publisher:
 
     def _start_thread(self) -> None:
         with self._cond:
-            thread = self._thread
-            if thread is not None and thread.is_alive():
+            if self._thread is not None:
                 return
             self._thread = threading.Thread(
                 target=_thread_main, args=(weakref.ref(self),), name="writethrough-publish",
@@ -159,8 +178,13 @@ class Publisher:
         if not self._go.wait(wait):
             return None
         with self._cond:
-            if not self._queue and not self._cond.wait(wait):
-                return None
+            if not self._queue:
+                self._idle = True
+                try:
+                    if not self._cond.wait(wait):
+                        return None
+                finally:
+                    self._idle = False
             if not self._queue or not self._go.is_set():
                 return None
             return self._take()
@@ -225,20 +249,30 @@ class Publisher:
         if not held:
             self._go.set()
         self._thread = None
+        self._idle = False
         self._task = None
 
 
 def _thread_main(ref: weakref.ref[Publisher]) -> None:
     """The sync worker: holds its publisher only while there is work, so a dropped cache's
-    publisher (and thread) can go."""
-    while True:
+    publisher (and thread) can go. As it ends, it says so (``_thread``), so that a submit
+    starts another without asking each time whether this one is alive."""
+    me = threading.current_thread()
+    try:
+        while True:
+            publisher = ref()
+            if publisher is None or (publisher._closed and not publisher._queue):
+                return
+            batch = publisher._next_batch(1.0)
+            if batch is not None:
+                publisher._run_batch(batch)
+            del publisher
+    finally:
         publisher = ref()
-        if publisher is None or (publisher._closed and not publisher._queue):
-            return
-        batch = publisher._next_batch(1.0)
-        if batch is not None:
-            publisher._run_batch(batch)
-        del publisher
+        if publisher is not None and publisher._thread is me:
+            with publisher._cond:
+                if publisher._thread is me:
+                    publisher._thread = None
 
 
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()

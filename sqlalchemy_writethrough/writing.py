@@ -267,20 +267,31 @@ class WritePath:
                     layout = rt.models.layout_for(mapper)
                     bind = binds.of(state)
                     if layout is None:
-                        found = (None, bind, None, None, None, None)
+                        found = (None, bind, None, None, None, None, None, None)
                     else:
                         keys = involved.get((layout, bind)) or involve(layout, bind)
                         variant = layout.variant(mapper)
                         assert variant is not None  # _layout_for rebuilds a layout missing a class
-                        ctx = (
+                        encode = (
                             None
                             if layout.options.strategy == "invalidate"
-                            else context_for(bind, layout)
+                            else variant.flush_encoder(context_for(bind, layout))
                         )
-                        found = (layout, bind, keys, variant, ctx, _renumbered_at(layout, bind))
+                        # a single-column key (the common case) is read and checked inline
+                        single = layout.pk_attrs[0] if len(layout.pk_attrs) == 1 else None
+                        found = (
+                            layout,
+                            bind,
+                            keys,
+                            variant,
+                            encode,
+                            _renumbered_at(layout, bind),
+                            single,
+                            layout.pk_types[0],
+                        )
                     if not sharded:
                         per_mapper[mapper] = found
-                layout, bind, keys, variant, ctx, renumbered_at = found
+                layout, bind, keys, variant, encode, renumbered_at, single, pk_type = found
                 old = state.key[1] if state.key is not None else None
                 if layout is None:
                     if old is not None and _key_changed(state):
@@ -293,7 +304,17 @@ class WritePath:
                     dict_ = variant.inserted_values(state)
                 else:
                     dict_ = _as_updated(state, variant.mutable)
-                pk = [dict_.get(a) for a in layout.pk_attrs]
+                if single is not None:  # as the general case below, without its calls
+                    value = dict_.get(single)
+                    pk = [value]
+                    moved = old is not None and (
+                        len(old) != 1 or type(old[0]) is not type(value) or bool(old[0] != value)
+                    )
+                    cacheable = type(value) is pk_type
+                else:
+                    pk = [dict_.get(a) for a in layout.pk_attrs]
+                    moved = old is not None and _moved(old, pk)
+                    cacheable = layout.pk_is_cacheable(pk)
                 if (
                     inserted
                     and renumbered_at is not None
@@ -303,7 +324,6 @@ class WritePath:
                     record(keys, layout, pk, None, "inexact")  # no row 0 for anybody
                     models.append((layout, bind))  # no key we can name holds this row
                     continue
-                moved = old is not None and _moved(old, pk)
                 if moved:
                     assert old is not None
                     record(keys, layout, old, None, "delete")  # the primary key itself changed
@@ -311,14 +331,14 @@ class WritePath:
                         layout.table, deleted=False, orm_handles=layout.mapper
                     )
                     models += ((other, bind) for other in cascades)
-                if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
+                if not cacheable:  # None, a SQL expression: no key
                     if old is None or moved:
                         models.append((layout, bind))  # no key we can name holds this row
                     continue
-                if ctx is None:  # strategy="invalidate"
+                if encode is None:  # strategy="invalidate"
                     payload, reason = None, "strategy"
                 else:
-                    payload = variant.encode_flushed(dict_, ctx)
+                    payload = encode(dict_)
                     reason = "inexact"
                     if payload is not None and keys not in registered:
                         registered.add(keys)
@@ -618,17 +638,44 @@ class WritePath:
 
     def _publish_job(self, session: Session, tracker: SessionTracker) -> Job:
         """What a commit writes to Redis: the new VALUE (or a miss) of each locked entry, and
-        the new generation of each locked bucket."""
+        the new generation of each locked bucket (built by :meth:`build`, where it runs)."""
+        changes = tracker.changes.get(session.get_transaction()) if tracker.locked else None
+        return Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
+
+    def _release_job(self, tracker: SessionTracker) -> Job:
+        """What a rollback writes to Redis: the previous values back where the locks are still
+        ours alone, and the locked buckets released."""
+        return Job(False, tracker.owner_token(), tracker.locked, None, list(tracker.locked_gens))
+
+    def build(self, job: Job) -> None:
+        """A job's script arguments and tallies, from the locks and changes its transaction
+        left (which nothing changes any more: the tracker starts new ones): built by whoever
+        runs the job, the background worker for ``publish="background"``."""
+        locked = job.locked
+        if locked is None:
+            return
+        job.locked = None
         pairs: list[str] = []
+        if not job.committed:
+            per_model: dict[str, int] = {}
+            model_of = self._model_of
+            for key, gen_key in locked.items():
+                name = model_of(gen_key)
+                per_model[name] = per_model.get(name, 0) + 1
+                pairs += (key, gen_key)
+            job.pairs, job.intents = pairs, per_model
+            return
         items: list[Any] = []
         # per model: rows written, rows to publish, and rows left as a miss by reason
         intents: dict[str, list[Any]] = {}
-        if tracker.locked:
-            changes = tracker.changes.get(session.get_transaction(), {})
+        if locked:
+            changes = job.changes or {}
+            job.changes = None
+            get_change = changes.get
             # a transaction's keys share few buckets: each one's intent looked up once
             by_bucket: dict[str, list[Any]] = {}
-            for key, gen_key in tracker.locked.items():
-                change = changes.get(key)
+            for key, gen_key in locked.items():
+                change = get_change(key)
                 pairs += (key, gen_key)
                 intent = by_bucket.get(gen_key)
                 if intent is None:
@@ -637,25 +684,20 @@ class WritePath:
                     if intent is None:
                         intent = intents[model_key] = [self._model_of(gen_key), 0, 0, {}]
                     by_bucket[gen_key] = intent
-                if change is None or change.payload is None:
-                    items += (b"", 0)
-                    reason = "statement" if change is None else change.reason
-                    intent[3][reason] = intent[3].get(reason, 0) + 1
-                else:
-                    items += (change.payload, change.ttl_ms)
-                    intent[2] += 1
                 intent[1] += 1
-        return Job(True, tracker.owner_token(), pairs, items, intents, list(tracker.locked_gens))
-
-    def _release_job(self, tracker: SessionTracker) -> Job:
-        """What a rollback writes to Redis: the previous values back where the locks are still
-        ours alone, and the locked buckets released."""
-        per_model: dict[str, int] = {}
-        for gen_key in tracker.locked.values():
-            name = self._model_of(gen_key)
-            per_model[name] = per_model.get(name, 0) + 1
-        pairs = _flatten(tracker.locked)
-        return Job(False, tracker.owner_token(), pairs, [], per_model, list(tracker.locked_gens))
+                if change is not None:
+                    payload = change.payload
+                    if payload is not None:
+                        items += (payload, change.ttl_ms)
+                        intent[2] += 1
+                        continue
+                    reason = change.reason
+                else:
+                    reason = "statement"
+                items += (b"", 0)
+                reasons = intent[3]
+                reasons[reason] = reasons.get(reason, 0) + 1
+        job.pairs, job.items, job.intents = pairs, items, intents
 
     def run_jobs(self, jobs: list[Job]) -> bool:
         """Write ``jobs`` (publishes and restores, in order) to Redis and count them: one
@@ -663,6 +705,8 @@ class WritePath:
         Redis did not complete one of them (journaled then, with its owner token)."""
         backend = self.runtime.backend
         done = True
+        for job in jobs:
+            self.build(job)
         if len(jobs) == 1:
             job = jobs[0]
             replies: list[Any] = []

@@ -168,6 +168,41 @@ def test_queued_publishes_land_in_commit_order_in_one_batch(
     assert stats.publishes + stats.invalidations_by_reason.get("contended", 0) == 2 + 3
 
 
+def test_a_queued_publish_keeps_its_rows_while_the_session_writes_on(
+    h: Harness, redis_client: redis.Redis
+) -> None:
+    """The worker builds a queued job's script arguments from what its transaction left: the
+    same session's next transactions (a commit of another row, a rollback of the first) are
+    queued behind it and change nothing of it. Readers miss meanwhile; each row ends as its
+    own last committed value."""
+    cache, factory = seeded(h)
+    publisher_of(h, cache)._go.clear()
+    with h.session(factory) as s:
+        s.get(BgItem, 1).name = "first"
+        s.commit()
+        s.get(BgItem, 2).name = "second"
+        s.commit()
+        s.get(BgItem, 1).name = "never"
+        s.flush()
+        s.rollback()
+    assert cache.stats().pending_publishes == 3
+    for pk in (1, 2):
+        assert entry_state(redis_client, key(h, cache, pk)) == "lock"
+    with h.session(factory) as s, h.sql() as sql:
+        assert (s.get(BgItem, 1).name, s.get(BgItem, 2).name) == ("first", "second")
+    assert len(sql) == 2  # both from the database: no fill over the locks
+    publisher_of(h, cache)._go.set()
+    assert flush(h, cache)
+    assert name_in_redis(h, cache, redis_client, 2) == "second"
+    # row 1: the rollback's restore found the commit's lock still there (contended): a miss
+    # or the committed value, never "one" nor "never"
+    assert name_in_redis(h, cache, redis_client, 1) in (None, "first")
+    with h.session(factory) as s:
+        assert (s.get(BgItem, 1).name, s.get(BgItem, 2).name) == ("first", "second")
+    stats = cache.stats()
+    assert (stats.pending_publishes, stats.cache_write_failures, stats.commits) == (0, 0, 3)
+
+
 def test_a_rollback_restores_in_the_background(h: Harness, redis_client: redis.Redis) -> None:
     cache, factory = seeded(h)
     publisher_of(h, cache)._go.clear()

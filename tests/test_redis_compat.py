@@ -108,6 +108,7 @@ def test_commands_are_packed_as_redis_py_packs_them(pooled: tuple[redis.Redis, A
     commands: list[tuple[Any, ...]] = [
         ("MGET", "wt:{t:1}:42", "wt:{t:1}"),
         ("EVALSHA", "ab" * 20, 2, "k\u00e9y", b"\x00\xffbinary", -7, "x" * 10_000),
+        ("MSET", "y" * 255, b"z" * 256, "", 2**70),  # about the made-once length headers
         ("SET", "a", 1.5),  # a float: redis-py's packer
         ("CONFIG GET", "maxmemory"),  # a command name with a space: redis-py's packer
     ]
