@@ -1140,8 +1140,11 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
         submit, run = write._submit, publisher._run
 
         def unlocked_submit(job: Any) -> bool:
-            if job.committed and job.pairs:
-                cache._backend.release(job.pairs, job.owner)
+            # a queued job carries its locks as the transaction left them (``locked``: entity
+            # key -> generation key); ``pairs`` is only filled once the worker builds it
+            pairs = job.pairs or [k for pair in (job.locked or {}).items() for k in pair]
+            if job.committed and pairs:
+                cache._backend.release(pairs, job.owner)
             return submit(job)
 
         def late_run(jobs: Any) -> object:

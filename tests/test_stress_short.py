@@ -40,6 +40,8 @@ SECONDS = 22.0
 CLUSTER_SECONDS = 16.0
 #: workload seconds of the background-publish run (about 20 s in all)
 BACKGROUND_SECONDS = 5.0
+#: workload seconds of the background run whose publish gives its locks up first
+BACKGROUND_SABOTAGE_SECONDS = 6.0
 #: workload seconds of the near-cache run
 NEAR_SECONDS = 10.0
 #: workload seconds of the tenants run and of its sabotaged twin (about 30 s in all)
@@ -185,6 +187,30 @@ def test_short_tenants_run_finds_no_violation(
     assert len(report.tenant_reads) == 3 and set(report.way_reads) == set(WAYS), result.format()
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     assert report.ok, result.format()
+
+
+@pytest.mark.timeout(150)
+def test_short_background_run_with_unlocked_publish_fails(
+    redis_server_binary: str, postgresql_url: str
+) -> None:
+    """The checker can fail on the background path: a commit that gives its locks up before
+    its publish is queued (the previous values come back, as in a naive asynchronous cache)
+    serves stale reads. (The sabotage went inert once a queued job stopped carrying its pairs
+    before the worker built them; this run would have passed.)"""
+    result = run_stress(
+        StressConfig(
+            db_url=postgresql_url,
+            seconds=BACKGROUND_SABOTAGE_SECONDS,
+            workers=4,
+            on_redis_error="strict",
+            publish="background",
+            sabotage="unlocked-background-publish",
+            lock_wait=60,
+        ),
+        log=print,
+    )
+    print(result.format())
+    assert result.report.stale, result.format()
 
 
 @pytest.mark.timeout(150)
