@@ -36,6 +36,11 @@ class NoCounters(Counters):
     def observe(self, histogram: str, seconds: float) -> None:
         pass
 
+    def observe_read(
+        self, seconds: float, model: str = "", hits: int = 0, near_hits: int = 0
+    ) -> None:
+        pass
+
 
 def uncounted(cache: WriteThroughCache) -> WriteThroughCache:
     """``cache`` with its counters replaced by :class:`NoCounters` everywhere they are read."""

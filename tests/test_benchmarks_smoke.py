@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column, registry, sessionmaker
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` lives at the repository root, not in the package
@@ -205,3 +206,38 @@ def test_callgrind_counts_instructions_and_cleans_up(redis_url: str, tmp_path: P
         assert list(client.scan_iter(match=f"{name}*", count=1000)) == []
     finally:
         client.close()
+
+
+def test_the_uncounted_row_counts_nothing(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """The "counting switched off" row measures what counting costs only if its counters
+    count nothing on the get path: a cached get leaves no hit and no read latency behind."""
+    from benchmarks.counting import uncounted
+    from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+
+    mapper_registry = registry()
+
+    @mapper_registry.mapped
+    class UncountedRow(CachedModel):
+        __tablename__ = "uncounted_row"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(sa.String(20))
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'uncounted.db'}")
+    mapper_registry.metadata.create_all(engine)
+    client = redis.Redis.from_url(redis_url)
+    cache = uncounted(WriteThroughCache(client, prefix=prefix, stats_interval=None))
+    maker = sessionmaker(engine)
+    cache.install(maker)
+    try:
+        with maker() as s:
+            s.add(UncountedRow(id=1, name="a"))
+            s.commit()
+        for _ in range(3):
+            with maker() as s:
+                assert s.get(UncountedRow, 1).name == "a"
+        stats = cache.stats()
+        assert stats.hits == 0 and stats.read_latency.count == 0, stats
+    finally:
+        cache.uninstall(maker)
+        client.close()
+        engine.dispose()
