@@ -770,9 +770,9 @@ class WriteThroughCache:
         for publisher in self._publishers():
             publisher.close()
         if self._near is not None:
-            # told, not waited for (a join would block the loop up to a heartbeat): the
-            # thread ends at its next wake-up, closing the client it built
-            self._near.stop(0)
+            # waited for in the loop's executor (a join would block the loop): the thread
+            # looks whether it was stopped every 0.1 s, and closes the client it built
+            await asyncio.get_running_loop().run_in_executor(None, self._near.stop)
         sender = self._shared_stats
         if sender is not None:
             sender.stop()
