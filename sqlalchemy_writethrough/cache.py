@@ -758,8 +758,9 @@ class WriteThroughCache:
         the client's socket timeout, not at all while the circuit breaker is open), stop
         sending, and close the synchronous clients the cache built: from its URL, and the
         Redis Cluster client it went on through when the server turned out to be a Cluster
-        node (a client you passed is yours to close). The cache is unusable after. An interpreter that exits
-        without it does the same (``atexit`` hooks). In asyncio code, ``await cache.aclose()``."""
+        node (a client you passed is yours to close). The cache is unusable after. An
+        interpreter that exits without it does the same (``atexit`` hooks). In asyncio code,
+        ``await cache.aclose()``."""
         if self._sync is None and _loop_running():
             raise ConfigurationError(
                 "this cache talks to Redis through redis.asyncio: await cache.aclose()"

@@ -298,6 +298,10 @@ class SharedStats:
             raise ConfigurationError(
                 "this cache sends through redis.asyncio: await cache.aclose() in asyncio code"
             )
+        if any(loop.is_running() for loop in _redis_compat.bound_loops(client)):
+            # its loop runs on in another thread: the send is a task there, as the
+            # background thread's are (its connections are not this thread's to close)
+            return self._schedule(client)
         loop = asyncio.new_event_loop()
         try:
             if _redis_compat.is_async_cluster_client(client):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -192,6 +193,43 @@ def test_the_last_send_after_the_loop_ended(
         leaked = [w for w in caught if "never awaited" in str(w.message)]
         assert leaked == [], [str(w.message) for w in leaked]
     finally:
+        for name in (key, f"{prefix}:stats:processes"):
+            reader.delete(name)
+        reader.close()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "asyncio-cluster"])
+def test_close_from_another_thread_while_the_loop_runs(
+    servers: Callable[[str], tuple[Any, Any]], kind: str
+) -> None:
+    """An asyncio cache closed from a thread other than its running loop's: the last send is
+    a task on that loop (its connections are not closed from outside it), the counts
+    arrive, and the client keeps working on its loop."""
+    client, reader = servers(kind)
+    prefix = f"ssc-{random.randrange(1 << 40):x}"
+    key = f"{prefix}:stats"
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        cache = WriteThroughCache(client, prefix=prefix, stats_interval=3600)
+        cache.register(SsItem)
+
+        async def work() -> bool:
+            return await cache.ainvalidate(SsItem, 1)
+
+        assert asyncio.run_coroutine_threadsafe(work(), loop).result(30)
+        cache.close()  # from this thread, the loop running in the other
+        deadline = time.monotonic() + 30
+        while int(reader.hget(key, FIELD) or 0) != 1:
+            assert time.monotonic() < deadline, "the counts never arrived"
+            time.sleep(0.05)
+        assert asyncio.run_coroutine_threadsafe(client.ping(), loop).result(30)
+        asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
         for name in (key, f"{prefix}:stats:processes"):
             reader.delete(name)
         reader.close()
