@@ -381,8 +381,18 @@ def peer(conn: Any) -> tuple[Any, Any]:
 
 
 def is_async_client(client: Any) -> bool:
-    """A ``redis.asyncio.Redis`` client (standalone or ``Sentinel.master_for()``)."""
+    """A ``redis.asyncio.Redis`` client (standalone or ``Sentinel.master_for()``); not a
+    ``redis.asyncio.cluster.RedisCluster``, which is no subclass of it (see
+    :func:`uses_asyncio`)."""
     return isinstance(client, redis.asyncio.Redis)
+
+
+def uses_asyncio(client: Any) -> bool:
+    """Whether ``client``'s commands are coroutines: a ``redis.asyncio.Redis`` (standalone or
+    Sentinel-managed) or a ``redis.asyncio.cluster.RedisCluster``. What to ask before choosing
+    between calling a client and awaiting it: a sync call of an asyncio Cluster client's
+    pipeline leaves its ``execute()`` coroutine un-awaited, and sends nothing."""
+    return is_async_client(client) or is_async_cluster_client(client)
 
 
 def is_plain_async_client(client: Any) -> bool:

@@ -190,6 +190,11 @@ class WriteThroughCache:
         self._near_options = near_cache or None
         self._publish_queue = publish_queue
         self._url: str | None = None
+        #: the clients the cache built, (client, whether redis.asyncio), closed by close() /
+        #: aclose(): from its URL, and the Redis Cluster clients it switched to
+        self._built: list[tuple[Any, bool]] = []
+        #: the backends a switch to a Redis Cluster replaced (their clients may be the cache's)
+        self._retired: list[ScriptBackend] = []
         self._timeouts = (
             0.5 if socket_timeout is None else socket_timeout,
             0.5 if socket_connect_timeout is None else socket_connect_timeout,
@@ -199,6 +204,7 @@ class WriteThroughCache:
         if isinstance(redis_client, str):
             self._url = redis_client
             sync_client = redis.Redis.from_url(redis_client, **self._client_options())
+            self._built.append((sync_client, False))
         elif isinstance(redis_client, redis.Redis) or _redis_compat.is_async_client(redis_client):
             if socket_timeout is not None or socket_connect_timeout is not None:
                 raise ConfigurationError(
@@ -388,6 +394,7 @@ class WriteThroughCache:
                     "redis.asyncio.Redis client (or a URL) to WriteThroughCache"
                 )
             client = redis.asyncio.Redis.from_url(self._url, **self._client_options(True))
+            self._built.append((client, True))
             self._async = self._flavour(AsyncRedisBackend, client)
         return self._async
 
@@ -444,6 +451,22 @@ class WriteThroughCache:
         )
         switched.on_recovery = flavour.runtime.journal_replayed
         flavour.runtime.backend = switched
+        self._built.append((cluster, asynchronous))
+        self._retired.append(backend)
+        if any(built is client for built, _ in self._built):
+            # the plain client of the cache's URL is used no more: its idle connections are
+            # closed now (one in use by another thread at this moment is closed by close())
+            try:
+                if asynchronous:
+                    # only on the loop its connections belong to (one of another loop's
+                    # copies is the transport's, closed by aclose() on that loop)
+                    if _redis_compat.bound_loops(client) <= {asyncio.get_running_loop()}:
+                        pool = client.connection_pool
+                        _sa_compat.await_(pool.disconnect(inuse_connections=False))
+                else:
+                    client.connection_pool.disconnect(inuse_connections=False)
+            except Exception as exc:  # never in the way of the switch
+                log.debug("writethrough: closing the plain client's connections: %s", exc)
         if self.redis is client:
             self.redis = cluster
             if self._near is not None:
@@ -733,9 +756,11 @@ class WriteThroughCache:
         seconds; later commits publish synchronously), send what this process's counters
         gained since their last send (see ``stats_interval``; never raising, waiting at most
         the client's socket timeout, not at all while the circuit breaker is open), stop
-        sending, and close the synchronous client the cache built from its URL (a client you
-        passed is yours to close). The cache is unusable after. An interpreter that exits
-        without it does the same (``atexit`` hooks). In asyncio code, ``await cache.aclose()``."""
+        sending, and close the synchronous clients the cache built: from its URL, and the
+        Redis Cluster client it went on through when the server turned out to be a Cluster
+        node (a client you passed is yours to close). The cache is unusable after. An
+        interpreter that exits without it does the same (``atexit`` hooks). In asyncio code,
+        ``await cache.aclose()``."""
         if self._sync is None and _loop_running():
             raise ConfigurationError(
                 "this cache talks to Redis through redis.asyncio: await cache.aclose()"
@@ -747,18 +772,21 @@ class WriteThroughCache:
             self._near.stop()
         if self._shared_stats is not None:
             self._shared_stats.final()
-        self._close_built_sync_client()
+        self._close_built_sync_clients()
 
-    def _close_built_sync_client(self) -> None:
-        """Stop the breakers' probes and close the synchronous client the cache built from its
-        URL (a client the caller passed is theirs to close)."""
-        if self._url is None:
-            return
-        for flavour in (self._sync, self._async):
-            if flavour is not None:
-                flavour.runtime.backend.breaker.stop()
-        if self._sync is not None:
-            self._sync.runtime.backend.client.close()  # type: ignore[attr-defined]
+    def _close_built_sync_clients(self) -> None:
+        """Stop the breakers' probes of a cache given a URL, and close the synchronous clients
+        the cache built: from its URL, and a Redis Cluster client it switched to, with the
+        plain client it switched away from when that was the URL's (a client the caller
+        passed is theirs to close)."""
+        if self._url is not None:
+            for flavour in (self._sync, self._async):
+                if flavour is not None:
+                    flavour.runtime.backend.breaker.stop()
+        for client, asynchronous in self._built:
+            if not asynchronous:
+                client.close()
+        self._built = [(client, True) for client, asynchronous in self._built if asynchronous]
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """:meth:`close`, on the event loop: the pending background publishes and the last
@@ -770,9 +798,9 @@ class WriteThroughCache:
         for publisher in self._publishers():
             publisher.close()
         if self._near is not None:
-            # told, not waited for (a join would block the loop up to a heartbeat): the
-            # thread ends at its next wake-up, closing the client it built
-            self._near.stop(0)
+            # waited for in the loop's executor (a join would block the loop): the thread
+            # looks whether it was stopped every 0.1 s, and closes the client it built
+            await asyncio.get_running_loop().run_in_executor(None, self._near.stop)
         sender = self._shared_stats
         if sender is not None:
             sender.stop()
@@ -780,12 +808,15 @@ class WriteThroughCache:
                 client = self._async.runtime.backend.client if self._async else None  # type: ignore[attr-defined]
                 await sender.asend(client)
         if self._async is not None:
-            transport = getattr(self._async.runtime.backend, "transport", None)
-            if isinstance(transport, AsyncTransport):  # the connections it opened on this loop
-                await transport.aclose()
-        self._close_built_sync_client()
-        if self._url is not None and self._async is not None:
-            await self._async.runtime.backend.client.aclose()  # type: ignore[attr-defined]
+            # the connections opened on this loop, by the backend and those a switch replaced
+            for backend in [self._async.runtime.backend, *self._retired]:
+                transport = getattr(backend, "transport", None)
+                if isinstance(transport, AsyncTransport):
+                    await transport.aclose()
+        self._close_built_sync_clients()
+        built, self._built = self._built, []
+        for client, _ in built:  # the asyncio ones left
+            await client.aclose()
 
     def _clear(self, runtime: Runtime) -> int:
         backend = runtime.backend

@@ -56,6 +56,10 @@ _NEVER = float("-inf")
 #: keys (and buckets) whose last invalidation is remembered at most; beyond, they are
 #: forgotten together, as if everything had been invalidated (reads in flight store nothing)
 _MARKS = 10_000
+#: seconds the subscriber waits for a message at most before it looks whether it was stopped
+#: (or renewed): a heartbeat is ``staleness / 4`` apart, up to 15 minutes, and a stop that
+#: waited for it would leave the thread behind, reading a connection its owner then closes
+_WAKE = 0.1
 
 
 class Subscriptions:
@@ -406,6 +410,11 @@ class NearCache:
             try:
                 self._subscribed()
             except Exception as exc:  # a lost connection, a Redis down: try again shortly
+                if self._stop.is_set():
+                    # stopped meanwhile: its connection may have been closed under it (the
+                    # caller's client closed after the cache), which is no failure
+                    log.debug("writethrough: near cache subscription ended: %s", explain(exc))
+                    break
                 if self.resets != resets:
                     warned = False  # it was subscribed meanwhile: a new outage
                     pause = 0.05
@@ -442,7 +451,7 @@ class NearCache:
                         return  # a stalled node: another node hears the same messages
                     pubsub.ping(repr(now))
                     due = now + every
-                message = pubsub.get_message(timeout=max(0.0, due - now))
+                message = pubsub.get_message(timeout=max(0.0, min(due - now, _WAKE)))
                 if message is not None:
                     self._handle(message)
         finally:

@@ -11,8 +11,9 @@ exits (an ``atexit`` hook), is sent then (:meth:`SharedStats.final`); a process 
 its last interval.
 
 The batch goes to the cache's current client (a plain client the cache switched to a Cluster
-sends to the cluster). A ``redis.asyncio`` client is never used from the thread: the thread
-schedules the send as a task on the event loop the client's connections belong to.
+sends to the cluster). A ``redis.asyncio`` client (standalone, Sentinel-managed or a
+``redis.asyncio.cluster.RedisCluster``) is never used from the thread: the thread schedules
+the send as a task on the event loop the client's connections belong to.
 
 Each process also records its current state (breaker open, journal size) under its host and
 pid in ``{prefix}:stats:processes``, with the time, so the tool can list the live ones.
@@ -97,8 +98,9 @@ class SharedStats:
 
     ``client()`` gives the cache's current client: a ``redis.Redis`` or ``RedisCluster`` (the
     one a plain client was switched to, once it was), sent to from the calling thread; or a
-    ``redis.asyncio.Redis``, sent to on the event loop its connections belong to, as a task
-    the background thread schedules there without waiting for it."""
+    ``redis.asyncio`` one (``Redis`` or ``cluster.RedisCluster``), sent to on the event loop
+    its connections belong to, as a task the background thread schedules there without
+    waiting for it."""
 
     def __init__(
         self,
@@ -197,7 +199,7 @@ class SharedStats:
         client = self._client()
         if client is None:  # the cache is gone
             return False
-        if _redis_compat.is_async_client(client):
+        if _redis_compat.uses_asyncio(client):
             from ._sa_compat import await_, in_greenlet
 
             if in_greenlet():
@@ -225,7 +227,7 @@ class SharedStats:
         (never blocking the loop)."""
         if client is None:
             client = self._client()
-        if not _redis_compat.is_async_client(client):
+        if not _redis_compat.uses_asyncio(client):
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, self.send)
         deadline = time.monotonic() + 30.0
@@ -280,7 +282,7 @@ class SharedStats:
             if self._state().get("breaker_open"):
                 return False
             client = self._client()
-            if not _redis_compat.is_async_client(client):
+            if not _redis_compat.uses_asyncio(client):
                 return self.send()
             return self._send_on_new_loop(client)
         except Exception as exc:
@@ -296,17 +298,49 @@ class SharedStats:
             raise ConfigurationError(
                 "this cache sends through redis.asyncio: await cache.aclose() in asyncio code"
             )
-        timeout = _redis_compat.connection_kwargs(client).get("socket_timeout") or 1.0
-        pool = client.connection_pool
-        # the connections opened on a loop that has ended cannot be used on another
-        pool.reset()
+        if any(loop.is_running() for loop in _redis_compat.bound_loops(client)):
+            # its loop runs on in another thread: the send is a task there, as the
+            # background thread's are (its connections are not this thread's to close)
+            return self._schedule(client)
         loop = asyncio.new_event_loop()
         try:
-            sent: bool = loop.run_until_complete(asyncio.wait_for(self.asend(), timeout))
-            loop.run_until_complete(pool.disconnect())
+            if _redis_compat.is_async_cluster_client(client):
+                kwargs = _redis_compat.cluster_connection_kwargs(client)
+                timeout = kwargs.get("socket_timeout") or 1.0
+                # the nodes' connections opened on a loop that has ended cannot be used on
+                # another: closed here, each connects again on this loop
+                for conn in _redis_compat.async_cluster_connections(client):
+                    _redis_compat.close_elsewhere(conn)
+                sent: bool = loop.run_until_complete(asyncio.wait_for(self.asend(), timeout))
+                loop.run_until_complete(_disconnect_all(client))
+                return sent
+            timeout = _redis_compat.connection_kwargs(client).get("socket_timeout") or 1.0
+            # the connections opened on a loop that has ended cannot be used on another: the
+            # client's, and a Sentinel-managed client's sentinels' (asked where the primary is)
+            pools = [client.connection_pool, *_sentinel_pools(client)]
+            for pool in pools:
+                for conn in _redis_compat.async_pool_connections(pool):
+                    _redis_compat.close_elsewhere(conn)
+                pool.reset()
+            sent = loop.run_until_complete(asyncio.wait_for(self.asend(), timeout))
+            for pool in pools:
+                loop.run_until_complete(pool.disconnect())
             return sent
         finally:
             loop.close()
+
+
+def _sentinel_pools(client: Any) -> list[Any]:
+    """The connection pools of the sentinels a ``Sentinel.master_for()`` client asks."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    return [sentinel.connection_pool for sentinel in getattr(manager, "sentinels", ())]
+
+
+async def _disconnect_all(cluster: Any) -> None:
+    """Close the connections an asyncio Cluster client's nodes opened on the running loop
+    (the client stays usable: each connects again at its next use)."""
+    for conn in _redis_compat.async_cluster_connections(cluster):
+        await _redis_compat.adisconnect(conn)
 
 
 def _consume(future: Any) -> None:
