@@ -344,6 +344,30 @@ def test_a_baseline_version_is_measured_beside_ours(
         client.close()
 
 
+def test_the_baseline_cache_is_built_like_ours(
+    redis_url: str, postgresql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--baseline`` compares two versions only if both caches are set up alike: neither sends
+    shared stats. The baseline's did, every 5 s through the client our rows and the floor
+    share, and went on after the run's clean-up: a --baseline run left its prefixes'
+    ``stats``, ``stats:processes`` and ``epoch`` keys behind in Redis."""
+    from benchmarks.context import build_env
+
+    # what a benchmark run outside the test suite gets (the suite switches stats off)
+    monkeypatch.delenv("SQLALCHEMY_WRITETHROUGH_STATS_INTERVAL", raising=False)
+    settings = cli.settings_from(cli.parse_args(["--quick", "--baseline", str(ROOT)]))
+    settings.postgresql_url = postgresql_url
+    settings.redis_url = redis_url
+    env = build_env(settings)
+    try:
+        assert env.cache.send_stats() is False
+        assert env.baseline_cache.send_stats() is False
+        if env.baseline_near_cache is not None:
+            assert env.baseline_near_cache.send_stats() is False
+    finally:
+        env.close()
+
+
 @pytest.mark.skipif(
     shutil.which("valgrind") is None or shutil.which("vgdb") is None,
     reason="valgrind (and its vgdb) is not installed",
