@@ -230,8 +230,15 @@ def build_env(settings: Settings) -> Env:
 
         module = baseline.load(settings.baseline)
         baseline_name = baseline.describe(settings.baseline)
-        # its own prefix: the two versions may store entries differently
-        baseline_cache = module.WriteThroughCache(client, prefix=f"{prefix}-baseline")
+        # its own prefix: the two versions may store entries differently; the same options as
+        # ours (no shared stats: a send costs its rows time ours do not pay, and one after the
+        # run's clean-up would leave keys behind)
+        try:
+            baseline_cache = module.WriteThroughCache(
+                client, prefix=f"{prefix}-baseline", stats_interval=None
+            )
+        except TypeError:  # a version from before stats_interval
+            baseline_cache = module.WriteThroughCache(client, prefix=f"{prefix}-baseline")
         baseline_cache.register_all(Base)  # its mixin is not ours: name the models
         baseline_cached = sessionmaker(engine)
         baseline_cache.install(baseline_cached)

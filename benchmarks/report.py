@@ -15,9 +15,11 @@ import redis
 import sqlalchemy
 from sqlalchemy import text
 
+from .harness import BLOCKS, block_slices, paired_spread
+
 if TYPE_CHECKING:
     from .context import Env
-    from .harness import Variant
+    from .harness import Group, Variant
     from .peers import PeerRows
     from .runner import Results
 
@@ -129,23 +131,49 @@ def collect_versions(env: Env, peers: list[PeerRows]) -> dict[str, Any]:
 #: the target of a row shown for information: no bound to meet, its "met" column is "-"
 INFORMATION = "(information)"
 
+#: a group whose floor's block medians spread more than this (p90 over p10, minus 1) ran on a
+#: disturbed machine: its ratios say more about the disturbance than about the code
+DISTURBED_SPREAD = 0.20
+#: blocks of fewer rounds than this are too small to tell a disturbed machine from one slow
+#: round (a quick run's, or the 1,000-row commits' 2 rounds a block)
+STEADY_BLOCK_ROUNDS = 5
+
+#: what the "met" column says: the whole interval on the target's side, wholly on the other
+#: side, or straddling the bound
+YES, NO, UNCLEAR = "yes", "no", "unclear"
+
 
 @dataclass
 class Ratio:
     name: str
     value: float | None
+    """the median of the per-block values (the exact value for a row without rounds)"""
     display: str
     target: str
-    met: bool | None
+    met: str | None
+    """``YES``, ``NO`` or ``UNCLEAR``; None for a row without a target (information)"""
     note: str = ""
+    low: float | None = None
+    """10th percentile of the per-block values (None: not measured in rounds)"""
+    high: float | None = None
+    """90th percentile of the per-block values"""
+    blocks: int = 0
+    """how many blocks of rounds the values come from (0: not measured in rounds)"""
+    interval: str = "-"
+    """``low`` to ``high`` as shown ("exact" for a count that has no rounds)"""
 
 
-def _median(results: Results, key: str) -> float | None:
-    variant = results.variant(key)
-    if variant is None:
+def judge(low: float, high: float, bound: tuple[str, float] | None) -> str | None:
+    """ "yes" when all of [low, high] meets ``bound`` ("<=" or ">=" a number), "no" when none
+    of it does, "unclear" otherwise; None when there is no bound."""
+    if bound is None:
         return None
-    stats = variant.stats()
-    return stats.median_ns if stats else None
+    op, limit = bound
+    if op == "<=":
+        return YES if high <= limit else NO if low > limit else UNCLEAR
+    if op == ">=":
+        return YES if low >= limit else NO if high < limit else UNCLEAR
+    raise ValueError(f"unknown bound {op!r}")
 
 
 def _went_to_db(variant: Variant) -> bool:
@@ -153,87 +181,128 @@ def _went_to_db(variant: Variant) -> bool:
     return "went to postgresql" in note or "not served from cache" in note
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b
+
+
+def _overhead(a: float, b: float) -> float:
+    return (a - b) / b * 100
+
+
+def _show_ratio(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def _show_overhead(v: float) -> str:
+    return f"{v:+.1f}%"
+
+
 def compute_ratios(results: Results) -> list[Ratio]:
+    """The rows of "Against the targets": each ratio of two rows of one group, per block of
+    rounds (see ``harness.paired_spread``), with its median and 10th-90th percentile."""
     ratios: list[Ratio] = []
 
-    def add(
+    def paired(
         name: str,
-        num: float | None,
-        den: float | None,
+        num_key: str,
+        den_key: str,
         target: str,
-        ok: Any,
+        bound: tuple[str, float] | None,
         note: str = "",
-        fmt: str = "{:.2f}x",
+        overhead: bool = False,
     ) -> None:
-        if num is None or den is None or den == 0:
+        num = results.variant(num_key)
+        den = results.variant(den_key)
+        spread = None
+        if num is not None and den is not None and num.stats() and den.stats():
+            spread = paired_spread(num.samples, den.samples, _overhead if overhead else _ratio)
+        if spread is None:
             ratios.append(Ratio(name, None, "n/a", target, None, note or "row not measured"))
             return
-        value = num / den
-        met = None if target == INFORMATION else bool(ok(value))  # nothing to meet
-        ratios.append(Ratio(name, value, fmt.format(value), target, met, note))
+        show = _show_overhead if overhead else _show_ratio
+        ratios.append(
+            Ratio(
+                name,
+                spread.value,
+                show(spread.value),
+                target,
+                judge(spread.low, spread.high, bound),
+                note,
+                low=spread.low,
+                high=spread.high,
+                blocks=spread.blocks,
+                interval=f"{show(spread.low)} to {show(spread.high)}",
+            )
+        )
 
-    floor = _median(results, "floor")
-    get_cached = _median(results, "get.cached")
-    get_pg = _median(results, "get.pg")
-    add("cached session.get / floor", get_cached, floor, "<= 1.2x", lambda v: v <= 1.2)
-    add(
-        "uncached session.get / cached session.get",
-        get_pg,
-        get_cached,
-        INFORMATION,
-        lambda v: True,
-    )
-    orm_floor = _median(results, "floor.orm")
-    add(
+    def exact(
+        name: str, value: float, display: str, target: str, bound: tuple[str, float] | None
+    ) -> None:
+        ratios.append(
+            Ratio(
+                name,
+                value,
+                display,
+                target,
+                judge(value, value, bound),
+                low=value,
+                high=value,
+                interval="exact",
+            )
+        )
+
+    paired("cached session.get / floor", "get.cached", "floor", "<= 1.2x", ("<=", 1.2))
+    paired("uncached session.get / cached session.get", "get.pg", "get.cached", INFORMATION, None)
+    paired(
         "bound: SQLAlchemy's session.get around the floor / floor",
-        orm_floor,
-        floor,
+        "floor.orm",
+        "floor",
         INFORMATION,
-        lambda v: True,
+        None,
         note="the least a cache behind do_orm_execute can cost, before any work of its own",
     )
-    add(
+    paired(
         "cached session.get / that bound",
-        get_cached,
-        orm_floor,
+        "get.cached",
+        "floor.orm",
         INFORMATION,
-        lambda v: True,
+        None,
         note="what the cache itself adds: key, tracker, decoding, building the instance",
     )
-    add(
+    paired(
         "bound: a new Session opened and closed / floor",
-        _median(results, "session"),
-        floor,
+        "session",
+        "floor",
         INFORMATION,
-        lambda v: True,
+        None,
         note="with maker() as s: pass; every session.get row of the one-row group pays it",
     )
 
     # the asyncio flavour (benchmarks/peers/ours_asyncio.py), when it ran
-    async_cached = _median(results, "pk.async.cached")
-    if async_cached is not None:
-        add(
+    async_cached = results.variant("pk.async.cached")
+    if async_cached is not None and async_cached.stats() is not None:
+        paired(
             "asyncio: await session.get cached / await redis.asyncio GET + decode",
-            async_cached,
-            _median(results, "pk.async.floor"),
+            "pk.async.cached",
+            "pk.async.floor",
             INFORMATION,
-            lambda v: True,
+            None,
             note="AsyncSession + redis.asyncio against the asyncio floor",
         )
-        add(
+        paired(
             "asyncio: await session.get on asyncpg / cached",
-            _median(results, "pk.async.postgresql"),
-            async_cached,
+            "pk.async.postgresql",
+            "pk.async.cached",
             INFORMATION,
-            lambda v: True,
+            None,
             note="what the cache saves an AsyncSession on asyncpg",
         )
-        add(
+        paired(
             "asyncio cached await session.get / sync cached session.get",
-            async_cached,
-            get_cached,
+            "pk.async.cached",
+            "get.cached",
             INFORMATION,
-            lambda v: True,
+            None,
             note="the event loop and SQLAlchemy's greenlet bridge, per load",
         )
 
@@ -248,33 +317,27 @@ def compute_ratios(results: Results) -> list[Ratio]:
                 continue
             if best is None or stats.median_ns < best[0]:
                 best = (stats.median_ns, variant)
+    name = "fastest peer's cached pk load / cached session.get"
     if best is not None:
         caveat = f"; that row's note: {best[1].note}" if best[1].note else ""
-        add(
-            "fastest peer's cached pk load / cached session.get",
-            best[0],
-            get_cached,
+        paired(
+            name,
+            best[1].key,
+            "get.cached",
             INFORMATION,
-            lambda v: True,
+            None,
             note=f"fastest peer row: [{best[1].who}] {best[1].label}{caveat}",
         )
     else:
-        add(
-            "fastest peer's cached pk load / cached session.get",
-            None,
-            None,
-            INFORMATION,
-            None,
-            note="no peer row measured",
-        )
+        ratios.append(Ratio(name, None, "n/a", INFORMATION, None, "no peer row measured"))
 
     if results.variant("get.near") is not None:
-        add(
+        paired(
             "near-cache hit (near_cache=True) / floor",
-            _median(results, "get.near"),
-            _median(results, "floor"),
+            "get.near",
+            "floor",
             "<= 0.3x",
-            lambda v: v <= 0.3,
+            ("<=", 0.3),
             note="a session.get answered from process memory, against one Redis GET + unpack",
         )
 
@@ -282,103 +345,78 @@ def compute_ratios(results: Results) -> list[Ratio]:
     note = ""
     if batch_cached is not None and _went_to_db(batch_cached):
         note = "the cached row is NOT served from cache yet (it went to PostgreSQL)"
-    add(
-        "100 rows: PostgreSQL / our cache",
-        _median(results, "batch.pg"),
-        _median(results, "batch.cached"),
-        ">= 2.5x",
-        lambda v: v >= 2.5,
-        note=note,
+    paired(
+        "100 rows: PostgreSQL / our cache", "batch.pg", "batch.cached", ">= 2.5x", (">=", 2.5), note
     )
-    add(
+    paired(
         "100 rows: our cache / the bound (MGET + unpack inside SQLAlchemy's select)",
-        _median(results, "batch.cached"),
-        _median(results, "batch.floor"),
+        "batch.cached",
+        "batch.floor",
         INFORMATION,
-        lambda v: True,
+        None,
         note="what building 100 identity-mapped instances (and our checks) adds",
     )
-    add(
+    paired(
         "100 rows: PostgreSQL / the bound",
-        _median(results, "batch.pg"),
-        _median(results, "batch.floor"),
+        "batch.pg",
+        "batch.floor",
         INFORMATION,
-        lambda v: True,
+        None,
         note="the most any cache behind do_orm_execute could gain here, building nothing",
     )
     if results.variant("batch.near") is not None:
-        add(
+        paired(
             "100 rows: near cache (near_cache=True) / our cache from Redis",
-            _median(results, "batch.near"),
-            _median(results, "batch.cached"),
+            "batch.near",
+            "batch.cached",
             INFORMATION,
-            lambda v: True,
+            None,
             note="the same IN list answered from process memory, against one MGET",
         )
-    add(
-        "3 lazy loads: PostgreSQL / our cache",
-        _median(results, "chain.pg"),
-        _median(results, "chain.cached"),
-        "(no target)",
-        lambda v: True,
-    )
+    paired("3 lazy loads: PostgreSQL / our cache", "chain.pg", "chain.cached", "(no target)", None)
     from .context import COMMIT_SIZES
 
-    add(
+    paired(
         "read-back after commit: PostgreSQL / our cache",
-        _median(results, "readback.pg"),
-        _median(results, "readback.cached"),
+        "readback.pg",
+        "readback.cached",
         INFORMATION,
-        lambda v: True,
+        None,
         note="reading an attribute of the object a commit expired",
     )
     for size in COMMIT_SIZES:
-        plain = _median(results, f"commit{size}.plain")
-        ours = _median(results, f"commit{size}.cached")
-        target = "<= 30%" if size in (1, 100) else INFORMATION
-        if plain is None or ours is None:
-            add(f"commit overhead, {size} row(s)", None, None, target, None)
-            continue
-        overhead = (ours - plain) / plain * 100
-        ratios.append(
-            Ratio(
-                f"commit overhead, {size:,} row(s)",
-                overhead,
-                f"{overhead:+.1f}%",
-                target,
-                overhead <= 30 if size in (1, 100) else None,
-            )
+        targeted = size in (1, 100)
+        paired(
+            f"commit overhead, {size:,} row(s)",
+            f"commit{size}.cached",
+            f"commit{size}.plain",
+            "<= 30%" if targeted else INFORMATION,
+            ("<=", 30.0) if targeted else None,
+            overhead=True,
         )
-        floor = _median(results, f"commit{size}.floor")
-        if floor is not None:
-            bound = (floor - plain) / plain * 100
-            ratios.append(
-                Ratio(
-                    f"bound: plain commit + one MSET of the rows, {size:,} row(s)",
-                    bound,
-                    f"{bound:+.1f}%",
-                    INFORMATION,
-                    None,
-                    "the least a synchronous write-through adds after COMMIT",
-                )
+        if results.variant(f"commit{size}.floor") is not None:
+            paired(
+                f"bound: plain commit + one MSET of the rows, {size:,} row(s)",
+                f"commit{size}.floor",
+                f"commit{size}.plain",
+                INFORMATION,
+                None,
+                note="the least a synchronous write-through adds after COMMIT",
+                overhead=True,
             )
-    background = _median(results, "commit1.background")
-    plain1 = _median(results, "commit1.plain")
-    if background is not None and plain1:
-        overhead = (background - plain1) / plain1 * 100
-        ratios.append(
-            Ratio(
-                'commit overhead, 1 row, publish="background"',
-                overhead,
-                f"{overhead:+.1f}%",
-                "<= 12%",
-                overhead <= 12,
-                "until commit() returns; the publish lands after it",
-            )
+    if results.variant("commit1.background") is not None:
+        paired(
+            'commit overhead, 1 row, publish="background"',
+            "commit1.background",
+            "commit1.plain",
+            "<= 12%",
+            ("<=", 12.0),
+            note="until commit() returns; the publish lands after it",
+            overhead=True,
         )
     for size in COMMIT_SIZES:
-        variant = results.variant(f"commit{size}.cached")
-        trips = variant.metric_mean("redis_round_trips") if variant else None
+        committed = results.variant(f"commit{size}.cached")
+        trips = committed.metric_mean("redis_round_trips") if committed else None
         if trips is None:
             continue
         ratios.append(
@@ -388,6 +426,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
                 f"{trips:.2f}",
                 "constant",
                 None,
+                "mean over the measured commits",
             )
         )
     for group in results.groups:
@@ -397,31 +436,80 @@ def compute_ratios(results: Results) -> list[Ratio]:
             ours_key = variant.key.replace(".baseline", ".cached")
             if results.variant(ours_key) is None:  # get.near.baseline beside get.near
                 ours_key = variant.key.removesuffix(".baseline")
-            add(
-                f"ours / baseline: {results.variant(ours_key).label if results.variant(ours_key) else ours_key}",
-                _median(results, ours_key),
-                _median(results, variant.key),
+            ours = results.variant(ours_key)
+            paired(
+                f"ours / baseline: {ours.label if ours else ours_key}",
+                ours_key,
+                variant.key,
                 INFORMATION,
-                lambda v: True,
+                None,
                 note="the same operation, this version over the --baseline one, interleaved",
             )
     mem = results.memory
     if mem:
-        add(
+        value = mem["strlen"] / mem["bare_msgpack"]
+        exact(
             "bytes per entry (STRLEN) / bare msgpack of the row",
-            mem["strlen"],
-            mem["bare_msgpack"],
+            value,
+            _show_ratio(value),
             "<= 1.2x",
-            lambda v: v <= 1.2,
+            ("<=", 1.2),
         )
-        add(
+        value = mem["memory_usage"] / mem["bare_msgpack"]
+        exact(
             "Redis MEMORY USAGE per entry / bare msgpack of the row",
-            mem["memory_usage"],
-            mem["bare_msgpack"],
+            value,
+            _show_ratio(value),
             INFORMATION,
-            lambda v: True,
+            None,
         )
     return ratios
+
+
+@dataclass
+class Steadiness:
+    """How steady the machine was while one group ran: its floor's medians block by block."""
+
+    group: Group
+    row: Variant
+    """the group's floor (or, without one, its reference row)"""
+    low_ns: float
+    """10th percentile of the row's block medians"""
+    high_ns: float
+    """90th percentile"""
+    spread: float
+    """``high_ns / low_ns - 1``"""
+    disturbed: bool | None
+    """``spread`` above ``DISTURBED_SPREAD``; None: blocks too small to tell"""
+
+
+def _steady_row(group: Group) -> Variant | None:
+    ran = [v for v in group.variants if v.stats() is not None]
+    for who in ("floor", "postgresql"):
+        for variant in ran:
+            if variant.who == who:
+                return variant
+    return ran[0] if ran else None
+
+
+def steadiness(results: Results) -> list[Steadiness]:
+    """Per group, how much its floor's median moved between blocks of rounds."""
+    out: list[Steadiness] = []
+    for group in results.groups:
+        row = _steady_row(group)
+        spread = row.block_spread() if row is not None else None
+        if row is None or spread is None or spread.low <= 0:
+            continue
+        ratio = spread.high / spread.low - 1
+        disturbed = None
+        if len(row.samples) >= STEADY_BLOCK_ROUNDS * spread.blocks:
+            disturbed = ratio > DISTURBED_SPREAD
+        out.append(Steadiness(group, row, spread.low, spread.high, ratio, disturbed))
+    return out
+
+
+def _load(load: tuple[float, ...] | None) -> str:
+    return f"{load[0]:.2f}" if load else "unknown"
 
 
 # --------------------------------------------------------------------------- markdown
@@ -471,14 +559,59 @@ def render_markdown(results: Results) -> str:
         out.append(f"- {name}: {value}")
     out.append("")
 
+    steady = steadiness(results)
+    disturbed = [st for st in steady if st.disturbed]
     out.append("## Against the targets")
     out.append("")
-    out.append("| ratio | measured | target | met |")
-    out.append("|---|---:|---|---|")
+    out.append(
+        f"How sure each ratio is: the measured rounds of a group are cut into {BLOCKS} blocks "
+        "of consecutive rounds (fewer when a group has fewer rounds); each block gives its own "
+        "ratio of the two rows' medians over the same rounds (rows of a round are paired: they "
+        "ran at the same moment). *measured* is the median of the block ratios, *10th to 90th "
+        "percentile* their spread: how far the ratio moved while the run went on. *met*: yes "
+        "when the whole spread is on the target's side, **no** when it is wholly on the other "
+        "side, unclear otherwise; - for a row without a target. One run's spread does not "
+        "cover a machine that was busy for the whole run: compare the floor's medians and the "
+        "load average with another run's."
+    )
+    out.append("")
+    if disturbed:
+        names = ", ".join(f"{st.group.title} ({st.spread:.0%})" for st in disturbed)
+        out.append(
+            f"**Disturbed run**: the floor's block medians moved more than "
+            f"{DISTURBED_SPREAD:.0%} (10th to 90th percentile) in: {_md_escape(names)}. "
+            "Those groups' ratios say more about the machine than about the code."
+        )
+        out.append("")
+    out.append("| ratio | measured | 10th to 90th percentile | target | met |")
+    out.append("|---|---:|---:|---|---|")
     for ratio in compute_ratios(results):
-        met = {True: "yes", False: "**no**", None: "-"}[ratio.met]
+        met = {YES: "yes", NO: "**no**", UNCLEAR: "unclear", None: "-"}[ratio.met]
         display = ratio.display + (f" ({_md_escape(ratio.note)})" if ratio.note else "")
-        out.append(f"| {_md_escape(ratio.name)} | {display} | {ratio.target} | {met} |")
+        out.append(
+            f"| {_md_escape(ratio.name)} | {display} | {ratio.interval} | {ratio.target} | {met} |"
+        )
+    out.append("")
+    out.append("### How steady the machine was")
+    out.append("")
+    out.append(
+        "Per group: the floor's median block by block (10th to 90th percentile of the block "
+        "medians; the reference row where a group has no floor) and the 1-minute load average "
+        f"when the group started and ended ({os.cpu_count()} CPUs; the benchmark, Redis and "
+        "PostgreSQL count in it)."
+    )
+    out.append("")
+    out.append("| group | row | block medians | spread | load average | |")
+    out.append("|---|---|---:|---:|---:|---|")
+    for st in steady:
+        flag = {True: "**disturbed**", False: "", None: "too few rounds a block to tell"}[
+            st.disturbed
+        ]
+        out.append(
+            f"| {_md_escape(st.group.title)} | {_md_escape(st.row.label)} | "
+            f"{fmt_time(st.low_ns)} to {fmt_time(st.high_ns)} | {st.spread:.0%} | "
+            f"{_load(st.group.load_before)} to {_load(st.group.load_after)} | {flag} |"
+        )
     out.append("")
 
     for group in results.groups:
@@ -489,16 +622,24 @@ def render_markdown(results: Results) -> str:
         ref_stats = ref.stats() if ref else None
         out.append(f"## {group.title}")
         out.append("")
+        blocks = len(block_slices(group.iterations))
         out.append(
             f"{group.iterations} measured rounds after {group.warmup} warm-up rounds "
-            f"({group.elapsed_s:.1f} s)."
+            f"({group.elapsed_s:.1f} s), in {blocks} blocks of about "
+            f"{group.iterations / blocks:.0f} rounds; load average (1 min) "
+            f"{_load(group.load_before)} at the start, {_load(group.load_after)} at the end."
         )
         out.append("")
         if ref is not None:
             out.append(f"`x ref`: median over the median of *{_md_escape(ref.label)}*.")
             out.append("")
-        out.append("| operation | median | p99 | x ref | notes |")
-        out.append("|---|---:|---:|---:|---|")
+        out.append(
+            "`block medians`: the 10th to 90th percentile of the row's medians over each block "
+            "of rounds (how much the row moved during the run)."
+        )
+        out.append("")
+        out.append("| operation | median | p99 | block medians | x ref | notes |")
+        out.append("|---|---:|---:|---:|---:|---|")
         for variant in group.variants:
             stats = variant.stats()
             notes = variant.note
@@ -508,13 +649,15 @@ def render_markdown(results: Results) -> str:
             if trips is not None:
                 shown = f"{trips:,.0f}" if trips == int(trips) else f"{trips:,.2f}"
                 notes = f"{shown} Redis round trips per commit" + (f"; {notes}" if notes else "")
-            if stats is None:
-                cells = ["-", "-", "-"]
+            spread = variant.block_spread()
+            if stats is None or spread is None:
+                cells = ["-", "-", "-", "-"]
                 if not notes:
                     notes = "not run"
             else:
                 rel = f"{stats.median_ns / ref_stats.median_ns:.2f}" if ref_stats else "-"
-                cells = [fmt_time(stats.median_ns), fmt_time(stats.p99_ns), rel]
+                moved = f"{fmt_time(spread.low)} to {fmt_time(spread.high)}"
+                cells = [fmt_time(stats.median_ns), fmt_time(stats.p99_ns), moved, rel]
             who = "" if variant.who in ("ours", "floor", "postgresql") else f"[{variant.who}] "
             label = _md_escape(who + variant.label)
             out.append(f"| {label} | {' | '.join(cells)} | {_md_escape(notes)} |")
@@ -592,6 +735,14 @@ def render_markdown(results: Results) -> str:
         "group's reference row. Round trips per commit are counted by a redis-py connection "
         "subclass on a second cache instance used only by the commit rows."
     )
+    out.append(
+        f"- Sample *i* of every row of a group comes from round *i*. The ratios against the "
+        f"targets are computed per block of consecutive rounds ({BLOCKS} blocks, at least one "
+        "round each), from the two rows' medians in that block; the table shows the median "
+        "of the block ratios and their 10th to 90th percentile (linear between ranks). A "
+        f"group whose floor's block medians spread more than {DISTURBED_SPREAD:.0%} is "
+        f"flagged as disturbed (when its blocks hold at least {STEADY_BLOCK_ROUNDS} rounds)."
+    )
     out.append("")
     return "\n".join(out)
 
@@ -659,6 +810,8 @@ def render_plot(results: Results, path: Path) -> str | None:
     title = "sqlalchemy-writethrough benchmarks"
     if results.settings.quick:
         title += " (quick smoke run: not meaningful)"
+    elif any(st.disturbed for st in steadiness(results)):
+        title += " (disturbed run: see the report's steadiness table)"
     ax.set_title(title)
     handles = [
         plt.Rectangle((0, 0), 1, 1, color=c)
@@ -686,7 +839,11 @@ def render_plot(results: Results, path: Path) -> str | None:
 def console_summary(results: Results) -> str:
     lines = []
     for group in results.groups:
-        lines.append(f"\n{group.title}")
+        blocks = len(block_slices(group.iterations))
+        lines.append(
+            f"\n{group.title}  ({group.iterations} rounds in {blocks} blocks; load "
+            f"{_load(group.load_before)} -> {_load(group.load_after)})"
+        )
         for variant in group.variants:
             stats = variant.stats()
             label = variant.label if variant.who in COLORS else f"[{variant.who}] {variant.label}"
@@ -698,12 +855,24 @@ def console_summary(results: Results) -> str:
                     f"  {label[:78]:<78} {fmt_time(stats.median_ns):>12} {fmt_time(stats.p99_ns):>12}"
                     + (f"  {variant.note}" if variant.note else "")
                 )
-    lines.append("\nAgainst the targets")
+    lines.append(
+        f"\nAgainst the targets (median of {BLOCKS} blocks' ratios, 10th to 90th percentile)"
+    )
     for ratio in compute_ratios(results):
-        met = {True: "met", False: "NOT met", None: "-"}[ratio.met]
+        met = {YES: "met", NO: "NOT met", UNCLEAR: "unclear", None: "-"}[ratio.met]
         note = f"  ({ratio.note})" if ratio.note else ""
         lines.append(
-            f"  {ratio.name:<58} {ratio.display:>10}  target {ratio.target:<14} {met}{note}"
+            f"  {ratio.name:<58} {ratio.display:>10} {ratio.interval:>22}  "
+            f"target {ratio.target:<14} {met}{note}"
+        )
+    lines.append("\nHow steady the machine was (the floor's block medians, 10th to 90th pct)")
+    for st in steadiness(results):
+        flag = {True: "  DISTURBED", False: "", None: "  (too few rounds a block to tell)"}[
+            st.disturbed
+        ]
+        lines.append(
+            f"  {st.group.title[:58]:<58} {fmt_time(st.low_ns):>12} to {fmt_time(st.high_ns):>12}"
+            f"  spread {st.spread:>5.0%}{flag}"
         )
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` lives at the repository root, not 
 
 from benchmarks import cli, report, runner  # noqa: E402
 from benchmarks.context import Settings  # noqa: E402
+from benchmarks.harness import BLOCKS, Group, Variant  # noqa: E402
 from benchmarks.models import ITEM_TABLE  # noqa: E402
 
 CORE = ("floor", "postgresql", "ours")
@@ -122,6 +123,173 @@ def test_information_rows_are_neither_met_nor_missed(
         assert line.split("target (information)", 1)[1].split()[0] == "-", line
 
 
+def test_ratios_say_how_sure_they_are(results: runner.Results) -> None:
+    """Every ratio of two measured rows carries its block count and a 10th-90th percentile
+    around its median, shown in the Markdown table and the console summary; "met" is yes, no
+    or unclear for a target and "-" for information; every group has a steadiness line with
+    the load average when it started and ended."""
+    ratios = report.compute_ratios(results)
+    measured = [r for r in ratios if r.blocks]
+    assert len(measured) >= 15
+    rounds = {g.key: g.iterations for g in results.groups}
+    for ratio in measured:
+        assert ratio.value is not None and ratio.low is not None and ratio.high is not None
+        assert ratio.low <= ratio.value <= ratio.high, ratio
+        assert ratio.blocks in {min(BLOCKS, n) for n in rounds.values()}, ratio
+        assert " to " in ratio.interval, ratio
+        if ratio.target in (report.INFORMATION, "(no target)"):
+            assert ratio.met is None, ratio
+        else:
+            assert ratio.met in (report.YES, report.NO, report.UNCLEAR), ratio
+    targeted = [r for r in measured if r.met is not None]
+    assert {r.name for r in targeted} >= {
+        "cached session.get / floor",
+        "near-cache hit (near_cache=True) / floor",
+        "100 rows: PostgreSQL / our cache",
+        "commit overhead, 1 row(s)",
+        "commit overhead, 100 row(s)",
+        'commit overhead, 1 row, publish="background"',
+    }
+    strlen = next(r for r in ratios if r.name.startswith("bytes per entry (STRLEN)"))
+    assert strlen.interval == "exact" and strlen.met in (report.YES, report.NO)
+
+    text = report.render_markdown(results)
+    assert "| ratio | measured | 10th to 90th percentile | target | met |" in text
+    shown = {"yes": report.YES, "**no**": report.NO, "unclear": report.UNCLEAR, "-": None}
+    for ratio in measured:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {ratio.name} |"))
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert cells[-3] == ratio.interval and shown[cells[-1]] == ratio.met, row
+    console = report.console_summary(results)
+    for ratio in measured:
+        line = next(x for x in console.splitlines() if x.startswith(f"  {ratio.name:<58} "))
+        assert ratio.interval in line, line
+
+    assert "### How steady the machine was" in text
+    steady = report.steadiness(results)
+    assert [st.group.key for st in steady] == [g.key for g in results.groups]
+    for st in steady:
+        assert 0 < st.low_ns <= st.high_ns and st.spread >= 0
+        assert st.disturbed is None  # a quick run's blocks hold one round: too few to tell
+        assert st.group.load_before is not None and st.group.load_after is not None
+        assert f"| {st.group.title} | {st.row.label} |" in text
+    pk = next(st for st in steady if st.group.key == "pk")
+    assert pk.row.key == "floor"
+
+
+# ---------------------------------------------------------------- how sure a ratio is, by hand
+
+
+def _results(groups: list[Group]) -> runner.Results:
+    """Results of made-up samples (no services): what the report makes of them."""
+    return runner.Results(
+        settings=Settings(),
+        command="python -m benchmarks  # made up",
+        groups=groups,
+        peers=[],
+        memory={},
+        peer_memory={},
+        versions={},
+    )
+
+
+def _row(key: str, who: str, samples: list[int]) -> Variant:
+    return Variant(key, key, who, lambda i: 0, samples=samples)
+
+
+def _pk(floor: list[int], cached: list[int]) -> Group:
+    group = Group(
+        "pk",
+        runner.GROUP_TITLES["pk"],
+        [_row("floor", "floor", floor), _row("get.cached", "ours", cached)],
+        iterations=len(floor),
+        warmup=0,
+    )
+    group.load_before = group.load_after = (1.0, 1.0, 1.0)
+    return group
+
+
+def _markdown_row(results: runner.Results, name: str) -> list[str]:
+    text = report.render_markdown(results)
+    row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+    return [c.strip() for c in row.strip("|").split(" | ")]
+
+
+def test_a_ratio_is_paired_round_by_round() -> None:
+    """Both rows tripled half way through the run (a busy machine): the ratio of the rounds
+    they shared stays 1.10x in every block, so the target is met without doubt, and the
+    floor's move shows the run as disturbed."""
+    floor = [100_000] * 50 + [300_000] * 50
+    cached = [110_000] * 50 + [330_000] * 50
+    results = _results([_pk(floor, cached)])
+    ratio = next(r for r in report.compute_ratios(results) if r.name.startswith("cached session"))
+    assert (ratio.value, ratio.low, ratio.high, ratio.blocks) == pytest.approx(
+        (1.1, 1.1, 1.1, BLOCKS)
+    )
+    assert _markdown_row(results, "cached session.get / floor") == [
+        "cached session.get / floor",
+        "1.10x",
+        "1.10x to 1.10x",
+        "<= 1.2x",
+        "yes",
+    ]
+    (steady,) = report.steadiness(results)
+    assert steady.disturbed is True and steady.spread == pytest.approx(2.0)
+    text = report.render_markdown(results)
+    assert "**Disturbed run**" in text and "| **disturbed** |" in text
+    assert "DISTURBED" in report.console_summary(results)
+
+
+@pytest.mark.parametrize(
+    ("cached", "shown", "met"),
+    [
+        ([110_000] * 100, "1.10x to 1.10x", "yes"),
+        ([130_000] * 100, "1.30x to 1.30x", "**no**"),
+        # 1.10x for the first 60 rounds, 1.30x after: the spread straddles the target
+        ([110_000] * 60 + [130_000] * 40, "1.10x to 1.30x", "unclear"),
+    ],
+)
+def test_met_is_yes_only_when_the_whole_spread_is_on_the_right_side(
+    cached: list[int], shown: str, met: str
+) -> None:
+    results = _results([_pk([100_000] * 100, cached)])
+    cells = _markdown_row(results, "cached session.get / floor")
+    assert cells[2:] == [shown, "<= 1.2x", met]
+    console = report.console_summary(results)
+    line = next(x for x in console.splitlines() if x.startswith("  cached session.get / floor"))
+    assert line.endswith({"yes": "met", "**no**": "NOT met", "unclear": "unclear"}[met])
+    (steady,) = report.steadiness(results)
+    assert steady.disturbed is False and "Disturbed run" not in report.render_markdown(results)
+
+
+def test_a_commit_overhead_has_a_spread_too() -> None:
+    """A commit's overhead is computed per block like a ratio: +20% in the first half of the
+    run and +40% in the second straddle the <= 30% target: unclear."""
+    plain = [1_000_000] * 100
+    cached = [1_200_000] * 50 + [1_400_000] * 50
+    group = Group(
+        "commit1",
+        runner.GROUP_TITLES["commit1"],
+        [_row("commit1.plain", "postgresql", plain), _row("commit1.cached", "ours", cached)],
+        iterations=100,
+        warmup=0,
+    )
+    results = _results([group])
+    cells = _markdown_row(results, "commit overhead, 1 row(s)")
+    assert cells[2:] == ["+20.0% to +40.0%", "<= 30%", "unclear"]
+    # no floor in this group: the steadiness line reads the PostgreSQL row
+    (steady,) = report.steadiness(results)
+    assert steady.row.key == "commit1.plain" and steady.disturbed is False
+
+
+def test_a_row_that_did_not_run_has_no_ratio() -> None:
+    """A row with no samples (it failed) gives "n/a" and no verdict, not a made-up spread."""
+    group = _pk([100_000] * 20, [])
+    results = _results([group])
+    cells = _markdown_row(results, "cached session.get / floor")
+    assert cells[1:] == ["n/a (row not measured)", "-", "<= 1.2x", "-"]
+
+
 def test_run_cleans_up(results: runner.Results, redis_url: str, postgresql_url: str) -> None:
     """No key is left under the run's Redis prefix, and its schema of bench_* tables is gone."""
     client = redis.Redis.from_url(redis_url)
@@ -174,6 +342,30 @@ def test_a_baseline_version_is_measured_beside_ours(
         assert list(client.scan_iter(match=f"{results.prefix}*", count=1000)) == []
     finally:
         client.close()
+
+
+def test_the_baseline_cache_is_built_like_ours(
+    redis_url: str, postgresql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--baseline`` compares two versions only if both caches are set up alike: neither sends
+    shared stats. The baseline's did, every 5 s through the client our rows and the floor
+    share, and went on after the run's clean-up: a --baseline run left its prefixes'
+    ``stats``, ``stats:processes`` and ``epoch`` keys behind in Redis."""
+    from benchmarks.context import build_env
+
+    # what a benchmark run outside the test suite gets (the suite switches stats off)
+    monkeypatch.delenv("SQLALCHEMY_WRITETHROUGH_STATS_INTERVAL", raising=False)
+    settings = cli.settings_from(cli.parse_args(["--quick", "--baseline", str(ROOT)]))
+    settings.postgresql_url = postgresql_url
+    settings.redis_url = redis_url
+    env = build_env(settings)
+    try:
+        assert env.cache.send_stats() is False
+        assert env.baseline_cache.send_stats() is False
+        if env.baseline_near_cache is not None:
+            assert env.baseline_near_cache.send_stats() is False
+    finally:
+        env.close()
 
 
 @pytest.mark.skipif(
