@@ -395,6 +395,68 @@ def test_a_breaker_opened_on_a_closed_loop_probes_on_the_next(
         server.stop()
 
 
+@pytest.mark.databases("sqlite")
+def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_probe(
+    schema: Any, db_url: str, prefix: str
+) -> None:
+    """As above, but the run ends while the prober awaits its probe of the frozen Redis (not
+    while it waits between two probes): cancelled there, it must not start another prober on
+    the loop being shut down (which never ran and left the breaker "probing" for ever: the
+    cache was never used again; seen under load, where a probe's timeout is most of the
+    prober's time)."""
+    require_redis_server()
+    server = RedisServer()
+    server.start()
+    try:
+        client = redis.asyncio.Redis.from_url(
+            server.url, socket_timeout=0.5, socket_connect_timeout=0.5
+        )
+        cache = WriteThroughCache(client, prefix=prefix, breaker_cooldown=0.01)
+        app = App(db_url, cache)
+        probing = threading.Event()
+
+        async def first() -> None:
+            await app.seed(1)
+            await app.names(1)
+            flavour = cache._async
+            assert flavour is not None
+            breaker = flavour.runtime.backend.breaker
+            probe = breaker.probe
+            assert probe is not None
+
+            def watched() -> bool:
+                probing.set()
+                return probe()
+
+            breaker.probe = watched
+            server.freeze()
+            while not breaker.is_open:
+                assert await app.names(1) == (["r1"], 1)
+            deadline = time.monotonic() + 10
+            while not probing.is_set():  # the prober is awaiting the frozen server
+                assert time.monotonic() < deadline, "the breaker never probed"
+                await asyncio.sleep(0.005)
+            breaker.probe = probe
+
+        try:
+            asyncio.run(first())  # cancels the prober in its probe
+        finally:
+            server.thaw()
+
+        async def second() -> bool:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if (await app.names(1))[1] == 0:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        assert asyncio.run(second())
+    finally:
+        server.thaw()
+        server.stop()
+
+
 def _cluster_client(cluster: Any) -> RedisCluster:
     return RedisCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
