@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -414,8 +415,20 @@ def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_pro
         cache = WriteThroughCache(client, prefix=prefix, breaker_cooldown=0.01)
         app = App(db_url, cache)
         probing = threading.Event()
+        loops: list[asyncio.AbstractEventLoop] = []
+        hung: list[str] = []
+
+        def rescue() -> None:
+            """asyncio.run() did not return: say which tasks it waits for, then let them end."""
+            for task in asyncio.all_tasks(loops[0]):
+                frames = "".join(
+                    traceback.format_list(traceback.extract_stack(task.get_coro().cr_frame))
+                )  # type: ignore[union-attr]
+                hung.append(f"{task!r}\n{frames}")
+            server.thaw()
 
         async def first() -> None:
+            loops.append(asyncio.get_running_loop())
             await app.seed(1)
             await app.names(1)
             flavour = cache._async
@@ -438,10 +451,14 @@ def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_pro
                 await asyncio.sleep(0.005)
             breaker.probe = probe
 
+        timer = threading.Timer(30, rescue)
+        timer.start()
         try:
             asyncio.run(first())  # cancels the prober in its probe
         finally:
+            timer.cancel()
             server.thaw()
+        assert not hung, "asyncio.run() hung on:\n" + "\n".join(hung)
 
         async def second() -> bool:
             deadline = time.monotonic() + 10
