@@ -474,6 +474,52 @@ def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_pro
         server.stop()
 
 
+def test_a_prober_whose_probe_swallowed_its_cancellation_stops_with_its_loop() -> None:
+    """The prober is cancelled (``asyncio.run()`` ending) in a probe that swallows the
+    CancelledError, as a client that turns it into a timeout would: it must not go on probing
+    (``asyncio.run()`` would wait for it as long as Redis stays down: a hang, seen once under
+    load in the test above)."""
+    from sqlalchemy_writethrough._sa_compat import await_
+    from sqlalchemy_writethrough.breaker import CircuitBreaker
+    from sqlalchemy_writethrough.redis_async import _PROBER_LOOPS
+
+    if not hasattr(asyncio.Task, "cancelling"):
+        pytest.skip("Python 3.10: a task does not say it is being cancelled")
+    breaker = CircuitBreaker(threshold=1, cooldown=0.01)
+    breaker.launch, breaker.pause = _PROBER_LOOPS.launch, _PROBER_LOOPS.pause
+    probing, give_up, returned = threading.Event(), threading.Event(), threading.Event()
+    swallowed: list[bool] = []
+
+    def probe() -> bool:
+        probing.set()
+        try:
+            await_(asyncio.sleep(0.2))
+        except asyncio.CancelledError:
+            swallowed.append(True)
+        return give_up.is_set()  # healthy once the test gives up: the prober ends
+
+    breaker.probe = probe
+
+    async def main() -> None:
+        breaker.failure()  # opens: the prober starts on this loop
+        while not probing.is_set():
+            await asyncio.sleep(0.001)
+
+    def run() -> None:
+        asyncio.run(main())
+        returned.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert returned.wait(10), "asyncio.run() waited for a prober that probed on"
+        assert swallowed == [True]
+        assert breaker.is_open  # the next loop's first call starts a prober there
+    finally:
+        give_up.set()
+        thread.join(10)
+
+
 def _cluster_client(cluster: Any) -> RedisCluster:
     return RedisCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
