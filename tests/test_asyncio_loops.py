@@ -19,6 +19,7 @@ import time. Here, on real Redis and a real database (aiosqlite, asyncpg):
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import random
@@ -26,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -421,10 +421,9 @@ def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_pro
         def rescue() -> None:
             """asyncio.run() did not return: say which tasks it waits for, then let them end."""
             for task in asyncio.all_tasks(loops[0]):
-                frames = "".join(
-                    traceback.format_list(traceback.extract_stack(task.get_coro().cr_frame))
-                )  # type: ignore[union-attr]
-                hung.append(f"{task!r}\n{frames}")
+                frames = io.StringIO()
+                task.print_stack(file=frames)
+                hung.append(frames.getvalue())
             server.thaw()
 
         async def first() -> None:
