@@ -79,6 +79,7 @@ class CircuitBreaker:
         self._relaunch()
 
     def probe_until_closed(self) -> None:
+        cut_short = True  # until it ends by itself: not cancelled with its event loop
         try:
             cooldown = self.base_cooldown
             while self._open and not self.pause(cooldown):
@@ -92,11 +93,17 @@ class CircuitBreaker:
                             self.on_close()
                         except Exception:  # the next operation's replay tries again
                             pass
+                    cut_short = False
                     return
                 cooldown = min(cooldown * 2, self.max_cooldown)
+            cut_short = False
         finally:
-            with self._lock:  # reopened while this prober was finishing: probe again
-                again = self._open and not self._stopped.is_set()
+            with self._lock:
+                # reopened while this prober was finishing: probe again. A prober cut short
+                # (an asyncio task cancelled, in its probe or its pause, by ``asyncio.run()``
+                # ending) starts none: one started on a loop being shut down would never run
+                # and the breaker would wait for it for ever; the next call starts one
+                again = not cut_short and self._open and not self._stopped.is_set()
                 self._probing = again
             if again:
                 self._relaunch()

@@ -423,7 +423,14 @@ class ProberLoops:
         task.add_done_callback(self.tasks.discard)
 
     def pause(self, seconds: float) -> bool:
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
         try:
+            if cancelling is not None and cancelling():
+                # cancelled during its probe, which swallowed the CancelledError (a client
+                # that turns it into a timeout): stop now, or asyncio.run() would wait for a
+                # prober that probes a dead Redis for ever
+                raise asyncio.CancelledError
             await_(asyncio.sleep(seconds))
         except asyncio.CancelledError:
             self.cancelled.add(asyncio.get_running_loop())

@@ -51,7 +51,7 @@ from sqlalchemy_writethrough import (
     from_cache,
 )
 from sqlalchemy_writethrough.near import Copy
-from sqlalchemy_writethrough.protocol import PAIR_SCRIPTS
+from sqlalchemy_writethrough.protocol import PAIR_SCRIPTS, Scripts
 
 from .history import Recorder, now
 from .models import ITEM_TABLE, PARENT_TABLE, StItem, StParent, first_value, next_value
@@ -1017,7 +1017,8 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
     ``deaf-own-near``        with ``--near-cache``: the near cache does not drop its copies of
                              the keys its own process writes (it leaves them to the messages)
                              and ignores the messages naming a key it wrote itself within the
-                             bound (as a cache filtering out its own messages would): a
+                             bound (as a cache filtering out its own messages would; a key
+                             counts as written when its script is sent): a
                              process may read from memory what it has just replaced, other
                              processes' commits are still heard; copies expire as usual.
     """
@@ -1048,13 +1049,34 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
         #: key -> when this process last wrote it (monotonic seconds)
         mine: dict[str, float] = {}
 
+        def mark(keys: Any) -> None:
+            at = time.monotonic()
+            for key in keys[0::2]:
+                mine[key] = at
+
+        class MarkingScripts(Scripts):
+            """The backend's scripts, marking the keys a write script names when it is SENT:
+            its message may be handled before its reply is read (a flush's LOCK travels
+            during the flush's SQL and its reply is read after it: marked on the reply, the
+            LOCK's own message dropped the copy first and this sabotage was inert)."""
+
+            __slots__ = ()
+
+            def call(self, script: Any, keys: Any, args: Any) -> tuple[Any, ...]:
+                if script in PAIR_SCRIPTS:
+                    mark(keys)
+                return super().call(script, keys, args)
+
+        backend: Any = cache._backend
+        scripts, marking = backend._scripts, MarkingScripts()
+        marking.source, marking.sha, marking.channel = scripts.source, scripts.sha, scripts.channel
+        backend._scripts = marking
+
         def own_wrote(script: Any, keys: Any) -> None:
             if script not in PAIR_SCRIPTS:
                 wrote(script, keys)  # buckets and epochs as before
                 return
-            at = time.monotonic()
-            for key in keys[0::2]:
-                mine[key] = at
+            mark(keys)
 
         def deaf_drop(keys: Any) -> None:
             since = time.monotonic() - near.staleness

@@ -301,7 +301,7 @@ def test_a_frozen_redis_never_blocks_the_event_loop(
     finally:
         server.thaw()
         server.stop()
-    result.update(lag=watch.lag, stalled=watch.stalled)
+    result.update(lag=watch.lag, stalled=watch.stalled, queued=watch.queued)
     assert result["wrong"] == []
     assert result["done"] > 0 and result["errors"] > 0
     assert result["new threads"] == set()

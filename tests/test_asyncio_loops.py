@@ -19,6 +19,7 @@ import time. Here, on real Redis and a real database (aiosqlite, asyncpg):
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import random
@@ -393,6 +394,129 @@ def test_a_breaker_opened_on_a_closed_loop_probes_on_the_next(
     finally:
         server.thaw()
         server.stop()
+
+
+@pytest.mark.databases("sqlite")
+def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_probe(
+    schema: Any, db_url: str, prefix: str
+) -> None:
+    """As above, but the run ends while the prober awaits its probe of the frozen Redis (not
+    while it waits between two probes): cancelled there, it must not start another prober on
+    the loop being shut down (which never ran and left the breaker "probing" for ever: the
+    cache was never used again; seen under load, where a probe's timeout is most of the
+    prober's time)."""
+    require_redis_server()
+    server = RedisServer()
+    server.start()
+    try:
+        client = redis.asyncio.Redis.from_url(
+            server.url, socket_timeout=0.5, socket_connect_timeout=0.5
+        )
+        cache = WriteThroughCache(client, prefix=prefix, breaker_cooldown=0.01)
+        app = App(db_url, cache)
+        probing = threading.Event()
+        loops: list[asyncio.AbstractEventLoop] = []
+        hung: list[str] = []
+
+        def rescue() -> None:
+            """asyncio.run() did not return: say which tasks it waits for, then let them end."""
+            for task in asyncio.all_tasks(loops[0]):
+                frames = io.StringIO()
+                task.print_stack(file=frames)
+                hung.append(frames.getvalue())
+            server.thaw()
+
+        async def first() -> None:
+            loops.append(asyncio.get_running_loop())
+            await app.seed(1)
+            await app.names(1)
+            flavour = cache._async
+            assert flavour is not None
+            breaker = flavour.runtime.backend.breaker
+            probe = breaker.probe
+            assert probe is not None
+
+            def watched() -> bool:
+                probing.set()
+                return probe()
+
+            breaker.probe = watched
+            server.freeze()
+            while not breaker.is_open:
+                assert await app.names(1) == (["r1"], 1)
+            deadline = time.monotonic() + 10
+            while not probing.is_set():  # the prober is awaiting the frozen server
+                assert time.monotonic() < deadline, "the breaker never probed"
+                await asyncio.sleep(0.005)
+            breaker.probe = probe
+
+        timer = threading.Timer(30, rescue)
+        timer.start()
+        try:
+            asyncio.run(first())  # cancels the prober in its probe
+        finally:
+            timer.cancel()
+            server.thaw()
+        assert not hung, "asyncio.run() hung on:\n" + "\n".join(hung)
+
+        async def second() -> bool:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if (await app.names(1))[1] == 0:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        assert asyncio.run(second())
+    finally:
+        server.thaw()
+        server.stop()
+
+
+def test_a_prober_whose_probe_swallowed_its_cancellation_stops_with_its_loop() -> None:
+    """The prober is cancelled (``asyncio.run()`` ending) in a probe that swallows the
+    CancelledError, as a client that turns it into a timeout would: it must not go on probing
+    (``asyncio.run()`` would wait for it as long as Redis stays down: a hang, seen once under
+    load in the test above)."""
+    from sqlalchemy_writethrough._sa_compat import await_
+    from sqlalchemy_writethrough.breaker import CircuitBreaker
+    from sqlalchemy_writethrough.redis_async import _PROBER_LOOPS
+
+    if not hasattr(asyncio.Task, "cancelling"):
+        pytest.skip("Python 3.10: a task does not say it is being cancelled")
+    breaker = CircuitBreaker(threshold=1, cooldown=0.01)
+    breaker.launch, breaker.pause = _PROBER_LOOPS.launch, _PROBER_LOOPS.pause
+    probing, give_up, returned = threading.Event(), threading.Event(), threading.Event()
+    swallowed: list[bool] = []
+
+    def probe() -> bool:
+        probing.set()
+        try:
+            await_(asyncio.sleep(0.2))
+        except asyncio.CancelledError:
+            swallowed.append(True)
+        return give_up.is_set()  # healthy once the test gives up: the prober ends
+
+    breaker.probe = probe
+
+    async def main() -> None:
+        breaker.failure()  # opens: the prober starts on this loop
+        while not probing.is_set():
+            await asyncio.sleep(0.001)
+
+    def run() -> None:
+        asyncio.run(main())
+        returned.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert returned.wait(10), "asyncio.run() waited for a prober that probed on"
+        assert swallowed == [True]
+        assert breaker.is_open  # the next loop's first call starts a prober there
+    finally:
+        give_up.set()
+        thread.join(10)
 
 
 def _cluster_client(cluster: Any) -> RedisCluster:

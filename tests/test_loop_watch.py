@@ -5,7 +5,11 @@ loop are found, with their stack; a loop that only awaits is not blamed."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -66,3 +70,56 @@ def test_a_loop_that_awaits_is_not_blamed(loop: asyncio.AbstractEventLoop) -> No
 
     watch = _watch(loop, awaits)
     assert watch.blocks == []
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/thread-self/schedstat") or not hasattr(os, "sched_setaffinity"),
+    reason="the kernel does not say how long a thread waited for a CPU",
+)
+def test_a_loop_the_machine_does_not_run_is_not_counted_as_stalled() -> None:
+    """The loop's thread at a low priority (nice 10), on one CPU with a busy process: the loop only
+    awaits and does short bursts of CPU work, its ticks come back late because the machine
+    runs the other process, and that lateness is not counted as the loop's own. (A blocking
+    read on the same loop still counts: the read above.)"""
+    cpu = min(os.sched_getaffinity(0))
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"],
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
+    found: list[LoopWatch] = []
+    failed: list[BaseException] = []
+
+    def starved() -> None:
+        try:
+            os.sched_setaffinity(threading.get_native_id(), {cpu})
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            loop = asyncio.new_event_loop()
+
+            async def bursts() -> None:
+                for _ in range(5):
+                    end = time.thread_time() + 0.008
+                    while time.thread_time() < end:
+                        pass
+                    await asyncio.sleep(0)
+
+            try:
+                found.append(_watch(loop, bursts))
+            finally:
+                loop.close()
+        except BaseException as exc:
+            failed.append(exc)
+
+    try:
+        thread = threading.Thread(target=starved)  # its priority ends with it
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        busy.kill()
+        busy.wait(5)
+    if failed:
+        raise failed[0]
+    watch = found[0]
+    late = watch.lag["work"]
+    assert late > 0.05 and watch.queued["work"] > 0.05, (watch.lag, watch.queued)
+    assert watch.stalled.get("work", 0.0) < 0.05, (watch.stalled, watch.queued, watch.lag)
