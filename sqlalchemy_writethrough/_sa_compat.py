@@ -123,7 +123,7 @@ def build_persistent(
     load = manager.dispatch.load
     if load:
         load(state, None)
-    loaded_as_persistent = session.dispatch.loaded_as_persistent
+    loaded_as_persistent = session_dispatch(session).loaded_as_persistent
     if loaded_as_persistent:
         loaded_as_persistent(session, state)
     return instance
@@ -224,6 +224,39 @@ def build_persistent_many(
             loaded_as_persistent(session, state)
         append(instance)
     return instances
+
+
+#: the session events a cached get reads (``do_orm_execute``, ``loaded_as_persistent``) and
+#: those ``Session.close()`` reads when it detaches the session's objects
+PRIMED_SESSION_EVENTS = (
+    "do_orm_execute",
+    "loaded_as_persistent",
+    "persistent_to_detached",
+    "deleted_to_detached",
+    "pending_to_transient",
+    "persistent_to_transient",
+)
+
+
+def session_dispatch(session: Session) -> Any:
+    """``session.dispatch``, made (when it is not made yet) with the listener collections of
+    :data:`PRIMED_SESSION_EVENTS` already in place.
+
+    A session's ``_Dispatch`` (2.0 and 2.1) makes each event's collection at its first read:
+    the event names are slots, so the read fails, Python formats an ``AttributeError`` and
+    ``_Dispatch.__getattr__`` then sets the class's shared ``_EmptyListener`` from
+    ``_empty_listeners`` (about 6k instructions per name; a cached get in a new session read
+    six of them, close() included). Setting those same objects up front is what those reads
+    would do, without the exceptions. A dispatch made before (listeners given to the session
+    itself, an earlier use) is returned as it is.
+    """
+    dispatch = session.__dict__.get("dispatch")
+    if dispatch is None:
+        dispatch = session.dispatch
+        empty = dispatch._empty_listeners
+        for name in PRIMED_SESSION_EVENTS:
+            setattr(dispatch, name, empty[name])
+    return dispatch
 
 
 def info_if_made(session: Session) -> dict[Any, Any] | None:

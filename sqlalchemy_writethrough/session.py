@@ -214,7 +214,8 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
         or cls._identity_lookup is not _IDENTITY_LOOKUP
         or cls.execute is not _EXECUTE
         or cls._execute_internal is not _EXECUTE_INTERNAL
-        or len(session.dispatch.do_orm_execute) != 1  # the cache's own listener only
+        # the cache's own listener only
+        or len(_sa_compat.session_dispatch(session).do_orm_execute) != 1
         or getattr(session, "execution_options", None)  # session-wide options (2.1)
     ):
         return UNANSWERED

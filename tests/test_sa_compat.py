@@ -469,3 +469,50 @@ def test_the_greenlet_bridge_awaits_from_sync_code() -> None:
 
     assert asyncio.run(_sa_compat.greenlet_spawn(sync_part)) == 42
     assert not _sa_compat.in_greenlet()
+
+
+def test_session_dispatch_sets_what_the_lazy_reads_would() -> None:
+    """``session_dispatch`` primes a new session's event collections with the objects
+    ``_Dispatch.__getattr__`` would set at their first read (the class's ``_EmptyListener``
+    of each name): an upgrade that stops making them lazily, renames ``_empty_listeners`` or
+    changes what ``__getattr__`` sets fails here."""
+    import inspect as pyinspect
+
+    from sqlalchemy.event.attr import _EmptyListener
+    from sqlalchemy.event.base import _Dispatch
+
+    assert "self._empty_listeners[name]" in pyinspect.getsource(_Dispatch.__getattr__)
+    engine = create_engine("sqlite://")
+    with Session(engine) as lazy, Session(engine) as primed:
+        dispatch = _sa_compat.session_dispatch(primed)
+        assert dispatch is primed.dispatch is _sa_compat.session_dispatch(primed)
+        for name in _sa_compat.PRIMED_SESSION_EVENTS:
+            got = getattr(dispatch, name)
+            assert type(got) is _EmptyListener and got is getattr(lazy.dispatch, name)
+        # a dispatch made before is left as it is (an instance-level listener stays)
+        seen: list[object] = []
+        event.listen(lazy, "do_orm_execute", seen.append)
+        assert _sa_compat.session_dispatch(lazy) is lazy.dispatch
+        assert len(_sa_compat.session_dispatch(lazy).do_orm_execute) == 1
+
+
+def test_listeners_given_to_a_primed_session_fire() -> None:
+    """Listeners given to a session after its dispatch was primed fire, as do its class's."""
+
+    class OwnSession(Session):
+        pass
+
+    seen: list[str] = []
+    event.listen(OwnSession, "persistent_to_detached", lambda s_, obj: seen.append("detached"))
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Parent(id=1))
+        s.commit()
+    with OwnSession(engine) as s:
+        _sa_compat.session_dispatch(s)
+        event.listen(s, "do_orm_execute", lambda state: seen.append("execute"))
+        event.listen(s, "loaded_as_persistent", lambda s_, obj: seen.append("loaded"))
+        held = s.get(Parent, 1)  # held: the identity map is weak
+    assert held is not None and seen == ["execute", "loaded", "detached"]
+    engine.dispose()
