@@ -618,8 +618,14 @@ class ReadPath:
         variant, values = decoded
         if variant.mapper is not requested and not variant.mapper.isa(requested):
             return _NO_ROW  # the row is another class of the hierarchy: the ORM finds no row
+        # values decoded from Redis's reply are this load's; a near copy's may be kept in it
         return _sa_compat.build_persistent(
-            session, variant.mapper, identity_key, values, variant.expired
+            session,
+            variant.mapper,
+            identity_key,
+            values,
+            variant.expired,
+            type(payload) is not Copy,
         )
 
     def _decoded(

@@ -516,3 +516,47 @@ def test_listeners_given_to_a_primed_session_fire() -> None:
         held = s.get(Parent, 1)  # held: the identity map is weak
     assert held is not None and seen == ["execute", "loaded", "detached"]
     engine.dispose()
+
+
+def test_build_persistent_inlines_the_identity_map_add(session: Session) -> None:
+    """``build_persistent`` puts the state in the map as ``_WeakInstanceDict._add_unpresent``
+    does, and makes the values the instance's ``__dict__`` as SQLAlchemy's own ``ClassManager``
+    (its dict getter, its state attribute) would fill it: an upgrade that changes either
+    fails here."""
+    import inspect as pyinspect
+
+    from sqlalchemy.orm.base import DEFAULT_STATE_ATTR, instance_dict
+    from sqlalchemy.orm.instrumentation import ClassManager
+
+    source = pyinspect.getsource(_sa_compat.WEAK_INSTANCE_DICT._add_unpresent)
+    assert "self._dict[key] = state" in source and "state._instance_dict = self._wr" in source
+    assert ClassManager.STATE_ATTR == DEFAULT_STATE_ATTR
+    mapper = inspect(Parent)
+    assert type(mapper.class_manager) is ClassManager
+    assert mapper.class_manager.dict_getter() is instance_dict
+    ident = mapper.identity_key_from_primary_key((7,))
+    obj = _sa_compat.build_persistent(session, mapper, ident, {"id": 7, "name": "n"}, ())
+    assert session.identity_map.get(ident) is obj and obj in session
+    assert instance_dict(obj) is inspect(obj).dict and inspect(obj).obj() is obj
+
+
+def test_build_persistent_copies_values_it_does_not_own(session: Session) -> None:
+    """Values kept elsewhere (a near-cache copy's decoding) are copied, not given away: a
+    change to the instance leaves them as they were; ``owned`` values become the instance's."""
+    mapper = inspect(Parent)
+    kept = {"id": 8, "name": "n"}
+    first = _sa_compat.build_persistent(
+        session, mapper, mapper.identity_key_from_primary_key((8,)), kept, ()
+    )
+    first.name = "changed"
+    assert kept == {"id": 8, "name": "n"} and session.is_modified(first)
+    session.expunge(first)
+    again = _sa_compat.build_persistent(
+        session, mapper, mapper.identity_key_from_primary_key((8,)), kept, ()
+    )
+    assert again.name == "n" and again is not first
+    owned = {"id": 9, "name": "o"}
+    mine = _sa_compat.build_persistent(
+        session, mapper, mapper.identity_key_from_primary_key((9,)), owned, (), True
+    )
+    assert mine.__dict__ is owned
