@@ -179,11 +179,11 @@ _MANAGER_ATTR = _sa_compat.CLASS_MANAGER_ATTR
 
 def _plan_of(models: Models, entity: Any) -> _Plan | None:
     """The plan of ``entity``, made now (and kept, for a mapped class); None when its gets are
-    not answered here (not a mapped entity, ``always_refresh``, an uncached model, eager
+    not answered here (not a mapped entity, an uncached model, eager
     relationships, a subclass with primary key columns of its own)."""
     generation = models.generation  # read first: a change while deciding makes this stale
     mapper = inspect(entity, raiseerr=False)
-    if not isinstance(mapper, Mapper) or mapper.always_refresh:
+    if not isinstance(mapper, Mapper):
         return None
     layout = models.layout_for(mapper)
     if layout is None or layout.eager_relationships:
@@ -233,8 +233,10 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
         plan = _plan_of(models, entity)
         if plan is None:
             return UNANSWERED
-    layout = plan.layout
     mapper = plan.mapper
+    if mapper.always_refresh:  # read per get: it may be set after mapping, and after a plan
+        return UNANSWERED
+    layout = plan.layout
     pk = list(ident) if type(ident) is tuple or type(ident) is list else [ident]
     if len(pk) != plan.pk_count or not layout.pk_is_cacheable(pk):
         return UNANSWERED  # a dict, a composite, a wrong count or type: SQLAlchemy decides
