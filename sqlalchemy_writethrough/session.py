@@ -71,15 +71,7 @@ class CachedGetSession(Session):
     _wt_read: ClassVar[ReadPath | None] = None
 
     def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
-        # get_through's body: one call layer less on every get
-        read = type(self)._wt_read
-        if read is not None and (not kw or _defaults_only(kw)):
-            found = answer_get(read, self, entity, ident)
-            if found is MISSED:
-                return super().get(entity, ident, **{**kw, "execution_options": _PEEKED_OPTIONS})
-            if found is not UNANSWERED:
-                return found
-        return super().get(entity, ident, **kw)
+        return get_through(type(self)._wt_read, self, entity, ident, kw, super().get)
 
 
 def get_through(
