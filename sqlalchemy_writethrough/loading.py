@@ -356,15 +356,14 @@ class ReadPath:
         looks at the shared UNTOUCHED state (unless the session joined an outer
         transaction, which its tracker must remember)."""
         rt = self.runtime
-        info = _sa_compat.info_if_made(session)  # (Runtime.peek_tracker, one call less)
-        tracker = None if info is None else info.get(rt.settings.info_key)
+        tracker = rt.peek_tracker(session)
         if tracker is None and isinstance(bind, Connection) and bind.in_transaction():
             tracker = rt.tracker(session)
         if tracker is None:
             tracker = UNTOUCHED
         else:
             tracker.note_first_activity(session, mapper, bind)
-        if tracker.untracked_write or (rt.journal.pending and not rt.journal_replayed()):
+        if tracker.untracked_write or not rt.journal_replayed():
             return None
         return tracker
 
