@@ -39,6 +39,11 @@ SQLA_2_1 = SQLA_VERSION >= (2, 1)
 #: from the class's own ``__dict__``): reading it is how a memo keyed on a class sees, for the
 #: price of one attribute lookup, that the class was unmapped or mapped again (2.0 and 2.1)
 CLASS_MANAGER_ATTR: str = sqlalchemy.orm.base.DEFAULT_MANAGER_ATTR
+#: the Session attribute holding its per-entity binds (``Session(binds=...)``, ``bind_mapper()``):
+#: ``binds`` on 2.1, the name-mangled ``__binds`` on 2.0. ``Session.get_bind`` returns
+#: ``self.bind`` when it has none and a ``bind`` (its first case after an explicit ``bind=``),
+#: which a cached get checks without calling it
+SESSION_BINDS_ATTR: str = "binds" if SQLA_2_1 else "_Session__binds"
 #: the session's identity map class: ``_WeakInstanceDict`` on 2.1, ``WeakInstanceDict`` on 2.0
 #: (same ``_add_unpresent``: ``self._dict[key] = state; state._instance_dict = self._wr``)
 WEAK_INSTANCE_DICT: type = next(

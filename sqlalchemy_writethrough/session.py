@@ -151,7 +151,15 @@ class _Plan:
     ``Models.get_plans``: valid while the registry's generation is the one it was made in and
     the class still has the ``ClassManager`` it had (not unmapped, not mapped again)."""
 
-    __slots__ = ("generation", "identity_class", "layout", "manager", "mapper", "pk_count")
+    __slots__ = (
+        "generation",
+        "identity_class",
+        "layout",
+        "manager",
+        "mapper",
+        "pk_count",
+        "pk_type",
+    )
 
     def __init__(self, generation: int, mapper: Mapper[Any], layout: ModelLayout) -> None:
         self.generation = generation
@@ -161,12 +169,17 @@ class _Plan:
         #: the first item of the mapper's identity keys
         self.identity_class = mapper.identity_key_from_primary_key((None,))[0]
         self.pk_count = len(layout.pk_types)
+        #: the Python type of a one-column key (a ``get`` whose ident is a value of it needs
+        #: no other check), else None
+        only = layout.pk_types[0] if self.pk_count == 1 else None
+        self.pk_type = None if only in (tuple, list) else only
 
 
 #: plans kept per cache at most (then forgotten at once): classes made and dropped by the
 #: thousand (a test suite's) are not kept alive by the memo
 _PLANS = 256
 _MANAGER_ATTR = _sa_compat.CLASS_MANAGER_ATTR
+_BINDS_ATTR = _sa_compat.SESSION_BINDS_ATTR
 
 
 def _plan_of(models: Models, entity: Any) -> _Plan | None:
@@ -229,16 +242,22 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
     if mapper.always_refresh:  # read per get: it may be set after mapping, and after a plan
         return UNANSWERED
     layout = plan.layout
-    pk = list(ident) if type(ident) is tuple or type(ident) is list else [ident]
-    if len(pk) != plan.pk_count or not layout.pk_is_cacheable(pk):
-        return UNANSWERED  # a dict, a composite, a wrong count or type: SQLAlchemy decides
+    if type(ident) is plan.pk_type:  # one column, a value of its exact type
+        pk = [ident]
+    else:
+        pk = list(ident) if type(ident) is tuple or type(ident) is list else [ident]
+        if len(pk) != plan.pk_count or not layout.pk_is_cacheable(pk):
+            return UNANSWERED  # a dict, a composite, a wrong count or type: SQLAlchemy decides
     # Mapper.identity_key_from_primary_key(pk), without its call
     identity_key = (plan.identity_class, tuple(pk), None)
     if session.identity_map.get(identity_key) is not None:
         return UNANSWERED  # the identity map wins (and refreshes an expired object)
     if not _sa_compat.session_is_clean(session):
         return UNANSWERED  # the database path autoflushes first
-    bind = session.get_bind(mapper=mapper)
+    # Session.get_bind's first case without its call: no per-entity binds, and a bind
+    bind = session.bind
+    if not bind or getattr(session, _BINDS_ATTR):
+        bind = session.get_bind(mapper=mapper)
     tracker = read._usable_tracker(session, mapper, bind)
     if tracker is None:
         return UNANSWERED

@@ -560,3 +560,24 @@ def test_build_persistent_copies_values_it_does_not_own(session: Session) -> Non
         session, mapper, mapper.identity_key_from_primary_key((9,)), owned, (), True
     )
     assert mine.__dict__ is owned
+
+
+def test_session_binds_attr_is_what_get_bind_checks_first() -> None:
+    """A cached get takes ``session.bind`` when the session has no per-entity binds, as
+    ``Session.get_bind`` does first: an upgrade that renames the attribute or changes that
+    case fails here."""
+    import inspect as pyinspect
+
+    attr = _sa_compat.SESSION_BINDS_ATTR
+    source = pyinspect.getsource(Session.get_bind)
+    mangled = "self.__binds" if attr == "_Session__binds" else f"self.{attr}"
+    assert f"elif not {mangled} and self.bind:" in source
+    assert "return self.bind" in source
+    engine, other = create_engine("sqlite://"), create_engine("sqlite://")
+    with Session(engine) as plain:
+        assert not getattr(plain, attr) and plain.get_bind(mapper=inspect(Parent)) is engine
+    with Session(engine, binds={Parent: other}) as routed:
+        assert getattr(routed, attr) and routed.get_bind(mapper=inspect(Parent)) is other
+    with Session() as unbound:
+        unbound.bind_mapper(Parent, other)
+        assert getattr(unbound, attr) and not unbound.bind
