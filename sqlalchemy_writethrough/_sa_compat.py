@@ -139,8 +139,9 @@ def build_persistent(
     state.key = identity_key
     state.identity_token = identity_key[2]
     state.session_id = session.hash_key
-    identity_map._dict[identity_key] = state
-    state._instance_dict = identity_map._wr
+    weak: Any = identity_map  # (a _WeakInstanceDict: its _add_unpresent inlined)
+    weak._dict[identity_key] = state
+    state._instance_dict = weak._wr
     if expired:
         state.expired_attributes.update(expired)
     load = manager.dispatch.load
@@ -273,7 +274,7 @@ def session_dispatch(session: Session) -> Any:
     would do, without the exceptions. A dispatch made before (listeners given to the session
     itself, an earlier use) is returned as it is.
     """
-    dispatch = session.__dict__.get("dispatch")
+    dispatch: Any = session.__dict__.get("dispatch")
     if dispatch is None:
         dispatch = session.dispatch
         empty = dispatch._empty_listeners
