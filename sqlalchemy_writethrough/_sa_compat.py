@@ -39,6 +39,11 @@ SQLA_2_1 = SQLA_VERSION >= (2, 1)
 #: from the class's own ``__dict__``): reading it is how a memo keyed on a class sees, for the
 #: price of one attribute lookup, that the class was unmapped or mapped again (2.0 and 2.1)
 CLASS_MANAGER_ATTR: str = sqlalchemy.orm.base.DEFAULT_MANAGER_ATTR
+#: the Session attribute holding its per-entity binds (``Session(binds=...)``, ``bind_mapper()``):
+#: ``binds`` on 2.1, the name-mangled ``__binds`` on 2.0. ``Session.get_bind`` returns
+#: ``self.bind`` when it has none and a ``bind`` (its first case after an explicit ``bind=``),
+#: which a cached get checks without calling it
+SESSION_BINDS_ATTR: str = "binds" if SQLA_2_1 else "_Session__binds"
 #: the session's identity map class: ``_WeakInstanceDict`` on 2.1, ``WeakInstanceDict`` on 2.0
 #: (same ``_add_unpresent``: ``self._dict[key] = state; state._instance_dict = self._wr``)
 WEAK_INSTANCE_DICT: type = next(
@@ -96,6 +101,7 @@ def build_persistent(
     identity_key: tuple[Any, ...],
     values: dict[str, Any],
     expired: Iterable[str],
+    owned: bool = False,
 ) -> Any:
     """Create a clean, persistent, identity-mapped instance from column values, with no SQL.
 
@@ -104,26 +110,44 @@ def build_persistent(
     ``detached_to_persistent`` instead of ``load``; here the ``load`` and
     ``loaded_as_persistent`` events fire as for a database load (``load`` receives no
     QueryContext: there was no query).
+
+    The one-row form of :func:`build_persistent_many`'s common case (a cached get): with
+    SQLAlchemy's own ``ClassManager`` (its default ``new_instance``, dict getter and state
+    attribute) and a class of ``object.__new__``, ``values`` (a copy of them, unless
+    ``owned``: the caller's to give away) becomes the instance's ``__dict__`` with the state
+    in it, and the state goes into the open ``_WeakInstanceDict``'s private ``_dict`` as its
+    ``_add_unpresent`` puts it: four Python calls fewer than ``new_instance``,
+    ``dict_getter()`` and ``_add_unpresent``. Anything else goes through
+    :func:`build_persistent_many`.
     """
     manager = mapper.class_manager
-    if type(manager).new_instance is not ClassManager.new_instance:  # pragma: no cover
-        return build_persistent_many(session, mapper, [(identity_key, values)], expired)[0]
-    # build_persistent_many's loop for one row, without its per-batch set-up (a cached get)
     cls: Any = manager.class_
+    identity_map: Any = session.identity_map
+    if (
+        type(manager) is not ClassManager
+        or cls.__new__ is not object.__new__
+        or type(identity_map) is not WEAK_INSTANCE_DICT
+        or "_add_unpresent" in identity_map.__dict__  # a closed session's killed map
+    ):
+        return build_persistent_many(session, mapper, [(identity_key, values)], expired, owned)[0]
     instance = cls.__new__(cls)
     state = manager._state_constructor(instance, manager)
-    manager._state_setter(instance, state)
-    manager.dict_getter()(instance).update(values)
+    if not owned:
+        values = values.copy()
+    values[DEFAULT_STATE_ATTR] = state
+    instance.__dict__ = values
     state.key = identity_key
     state.identity_token = identity_key[2]
     state.session_id = session.hash_key
-    session.identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined,unused-ignore]
+    weak: Any = identity_map  # (a _WeakInstanceDict: its _add_unpresent inlined)
+    weak._dict[identity_key] = state
+    state._instance_dict = weak._wr
     if expired:
         state.expired_attributes.update(expired)
     load = manager.dispatch.load
     if load:
         load(state, None)
-    loaded_as_persistent = session.dispatch.loaded_as_persistent
+    loaded_as_persistent = session_dispatch(session).loaded_as_persistent
     if loaded_as_persistent:
         loaded_as_persistent(session, state)
     return instance
@@ -224,6 +248,39 @@ def build_persistent_many(
             loaded_as_persistent(session, state)
         append(instance)
     return instances
+
+
+#: the session events a cached get reads (``do_orm_execute``, ``loaded_as_persistent``) and
+#: those ``Session.close()`` reads when it detaches the session's objects
+PRIMED_SESSION_EVENTS = (
+    "do_orm_execute",
+    "loaded_as_persistent",
+    "persistent_to_detached",
+    "deleted_to_detached",
+    "pending_to_transient",
+    "persistent_to_transient",
+)
+
+
+def session_dispatch(session: Session) -> Any:
+    """``session.dispatch``, made (when it is not made yet) with the listener collections of
+    :data:`PRIMED_SESSION_EVENTS` already in place.
+
+    A session's ``_Dispatch`` (2.0 and 2.1) makes each event's collection at its first read:
+    the event names are slots, so the read fails, Python formats an ``AttributeError`` and
+    ``_Dispatch.__getattr__`` then sets the class's shared ``_EmptyListener`` from
+    ``_empty_listeners`` (about 6k instructions per name; a cached get in a new session read
+    six of them, close() included). Setting those same objects up front is what those reads
+    would do, without the exceptions. A dispatch made before (listeners given to the session
+    itself, an earlier use) is returned as it is.
+    """
+    dispatch: Any = session.__dict__.get("dispatch")
+    if dispatch is None:
+        dispatch = session.dispatch
+        empty = dispatch._empty_listeners
+        for name in PRIMED_SESSION_EVENTS:
+            setattr(dispatch, name, empty[name])
+    return dispatch
 
 
 def info_if_made(session: Session) -> dict[Any, Any] | None:

@@ -356,15 +356,14 @@ class ReadPath:
         looks at the shared UNTOUCHED state (unless the session joined an outer
         transaction, which its tracker must remember)."""
         rt = self.runtime
-        info = _sa_compat.info_if_made(session)  # (Runtime.peek_tracker, one call less)
-        tracker = None if info is None else info.get(rt.settings.info_key)
+        tracker = rt.peek_tracker(session)
         if tracker is None and isinstance(bind, Connection) and bind.in_transaction():
             tracker = rt.tracker(session)
         if tracker is None:
             tracker = UNTOUCHED
         else:
             tracker.note_first_activity(session, mapper, bind)
-        if tracker.untracked_write or (rt.journal.pending and not rt.journal_replayed()):
+        if tracker.untracked_write or not rt.journal_replayed():
             return None
         return tracker
 
@@ -618,8 +617,14 @@ class ReadPath:
         variant, values = decoded
         if variant.mapper is not requested and not variant.mapper.isa(requested):
             return _NO_ROW  # the row is another class of the hierarchy: the ORM finds no row
+        # values decoded from Redis's reply are this load's; a near copy's may be kept in it
         return _sa_compat.build_persistent(
-            session, variant.mapper, identity_key, values, variant.expired
+            session,
+            variant.mapper,
+            identity_key,
+            values,
+            variant.expired,
+            type(payload) is not Copy,
         )
 
     def _decoded(

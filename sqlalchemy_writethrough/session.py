@@ -71,15 +71,7 @@ class CachedGetSession(Session):
     _wt_read: ClassVar[ReadPath | None] = None
 
     def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
-        # get_through's body: one call layer less on every get
-        read = type(self)._wt_read
-        if read is not None and (not kw or _defaults_only(kw)):
-            found = answer_get(read, self, entity, ident)
-            if found is MISSED:
-                return super().get(entity, ident, **{**kw, "execution_options": _PEEKED_OPTIONS})
-            if found is not UNANSWERED:
-                return found
-        return super().get(entity, ident, **kw)
+        return get_through(type(self)._wt_read, self, entity, ident, kw, super().get)
 
 
 def get_through(
@@ -159,7 +151,15 @@ class _Plan:
     ``Models.get_plans``: valid while the registry's generation is the one it was made in and
     the class still has the ``ClassManager`` it had (not unmapped, not mapped again)."""
 
-    __slots__ = ("generation", "identity_class", "layout", "manager", "mapper", "pk_count")
+    __slots__ = (
+        "generation",
+        "identity_class",
+        "layout",
+        "manager",
+        "mapper",
+        "pk_count",
+        "pk_type",
+    )
 
     def __init__(self, generation: int, mapper: Mapper[Any], layout: ModelLayout) -> None:
         self.generation = generation
@@ -169,21 +169,26 @@ class _Plan:
         #: the first item of the mapper's identity keys
         self.identity_class = mapper.identity_key_from_primary_key((None,))[0]
         self.pk_count = len(layout.pk_types)
+        #: the Python type of a one-column key (a ``get`` whose ident is a value of it needs
+        #: no other check), else None
+        only = layout.pk_types[0] if self.pk_count == 1 else None
+        self.pk_type = None if only in (tuple, list) else only
 
 
 #: plans kept per cache at most (then forgotten at once): classes made and dropped by the
 #: thousand (a test suite's) are not kept alive by the memo
 _PLANS = 256
 _MANAGER_ATTR = _sa_compat.CLASS_MANAGER_ATTR
+_BINDS_ATTR = _sa_compat.SESSION_BINDS_ATTR
 
 
 def _plan_of(models: Models, entity: Any) -> _Plan | None:
     """The plan of ``entity``, made now (and kept, for a mapped class); None when its gets are
-    not answered here (not a mapped entity, ``always_refresh``, an uncached model, eager
+    not answered here (not a mapped entity, an uncached model, eager
     relationships, a subclass with primary key columns of its own)."""
     generation = models.generation  # read first: a change while deciding makes this stale
     mapper = inspect(entity, raiseerr=False)
-    if not isinstance(mapper, Mapper) or mapper.always_refresh:
+    if not isinstance(mapper, Mapper):
         return None
     layout = models.layout_for(mapper)
     if layout is None or layout.eager_relationships:
@@ -214,7 +219,8 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
         or cls._identity_lookup is not _IDENTITY_LOOKUP
         or cls.execute is not _EXECUTE
         or cls._execute_internal is not _EXECUTE_INTERNAL
-        or len(session.dispatch.do_orm_execute) != 1  # the cache's own listener only
+        # the cache's own listener only
+        or len(_sa_compat.session_dispatch(session).do_orm_execute) != 1
         or getattr(session, "execution_options", None)  # session-wide options (2.1)
     ):
         return UNANSWERED
@@ -232,18 +238,26 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
         plan = _plan_of(models, entity)
         if plan is None:
             return UNANSWERED
-    layout = plan.layout
     mapper = plan.mapper
-    pk = list(ident) if type(ident) is tuple or type(ident) is list else [ident]
-    if len(pk) != plan.pk_count or not layout.pk_is_cacheable(pk):
-        return UNANSWERED  # a dict, a composite, a wrong count or type: SQLAlchemy decides
+    if mapper.always_refresh:  # read per get: it may be set after mapping, and after a plan
+        return UNANSWERED
+    layout = plan.layout
+    if type(ident) is plan.pk_type:  # one column, a value of its exact type
+        pk = [ident]
+    else:
+        pk = list(ident) if type(ident) is tuple or type(ident) is list else [ident]
+        if len(pk) != plan.pk_count or not layout.pk_is_cacheable(pk):
+            return UNANSWERED  # a dict, a composite, a wrong count or type: SQLAlchemy decides
     # Mapper.identity_key_from_primary_key(pk), without its call
     identity_key = (plan.identity_class, tuple(pk), None)
     if session.identity_map.get(identity_key) is not None:
         return UNANSWERED  # the identity map wins (and refreshes an expired object)
     if not _sa_compat.session_is_clean(session):
         return UNANSWERED  # the database path autoflushes first
-    bind = session.get_bind(mapper=mapper)
+    # Session.get_bind's first case without its call: no per-entity binds, and a bind
+    bind = session.bind
+    if not bind or getattr(session, _BINDS_ATTR):
+        bind = session.get_bind(mapper=mapper)
     tracker = read._usable_tracker(session, mapper, bind)
     if tracker is None:
         return UNANSWERED

@@ -219,3 +219,44 @@ def test_a_get_after_uninstall_reads_the_database(
     change_behind_the_cache(db, GpItem.__table__, 1, name="database")
     cache.uninstall(factory)
     assert get_name(factory, GpItem, 1, db) == ("database", 1)
+
+
+def test_always_refresh_set_after_the_first_get_is_seen_by_the_next_gets(
+    db: Engine, cache: WriteThroughCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Mapper.always_refresh`` sends a class's gets through SQLAlchemy's own ``get`` (the
+    ``do_orm_execute`` path), set before the first get or after it: the memo of the first
+    get does not keep answering them directly. (Seen through the cache's ``do_orm_execute``
+    listener, wrapped before it is installed: without always_refresh it is not called.)"""
+    from sqlalchemy import inspect
+
+    from sqlalchemy_writethrough.loading import ReadPath
+
+    through_statement: list[int] = []
+    on_execute = ReadPath.on_execute
+
+    def counted(self: ReadPath, orm_state: ORMExecuteState) -> Any:
+        through_statement.append(1)
+        return on_execute(self, orm_state)
+
+    monkeypatch.setattr(ReadPath, "on_execute", counted)
+    factory = sessionmaker(db)
+    cache.install(factory)
+    seed(factory, GpItem(id=1, name="cached"))
+    mapper = inspect(GpItem)
+    try:
+        through_statement.clear()
+        assert get_name(factory, GpItem, 1, db) == ("cached", 0)  # warm: a fill, then a hit
+        assert get_name(factory, GpItem, 1, db) == ("cached", 0)
+        through_statement.clear()
+        assert get_name(factory, GpItem, 1, db) == ("cached", 0)
+        assert through_statement == []  # answered before any statement
+        mapper.always_refresh = True
+        assert get_name(factory, GpItem, 1, db) == ("cached", 0)
+        assert through_statement == [1]
+        mapper.always_refresh = False
+        through_statement.clear()
+        assert get_name(factory, GpItem, 1, db) == ("cached", 0)
+        assert through_statement == []
+    finally:
+        mapper.always_refresh = False

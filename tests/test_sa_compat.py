@@ -469,3 +469,115 @@ def test_the_greenlet_bridge_awaits_from_sync_code() -> None:
 
     assert asyncio.run(_sa_compat.greenlet_spawn(sync_part)) == 42
     assert not _sa_compat.in_greenlet()
+
+
+def test_session_dispatch_sets_what_the_lazy_reads_would() -> None:
+    """``session_dispatch`` primes a new session's event collections with the objects
+    ``_Dispatch.__getattr__`` would set at their first read (the class's ``_EmptyListener``
+    of each name): an upgrade that stops making them lazily, renames ``_empty_listeners`` or
+    changes what ``__getattr__`` sets fails here."""
+    import inspect as pyinspect
+
+    from sqlalchemy.event.attr import _EmptyListener
+    from sqlalchemy.event.base import _Dispatch
+
+    assert "self._empty_listeners[name]" in pyinspect.getsource(_Dispatch.__getattr__)
+    engine = create_engine("sqlite://")
+    with Session(engine) as lazy, Session(engine) as primed:
+        dispatch = _sa_compat.session_dispatch(primed)
+        assert dispatch is primed.dispatch is _sa_compat.session_dispatch(primed)
+        for name in _sa_compat.PRIMED_SESSION_EVENTS:
+            got = getattr(dispatch, name)
+            assert type(got) is _EmptyListener and got is getattr(lazy.dispatch, name)
+        # a dispatch made before is left as it is (an instance-level listener stays)
+        seen: list[object] = []
+        event.listen(lazy, "do_orm_execute", seen.append)
+        assert _sa_compat.session_dispatch(lazy) is lazy.dispatch
+        assert len(_sa_compat.session_dispatch(lazy).do_orm_execute) == 1
+
+
+def test_listeners_given_to_a_primed_session_fire() -> None:
+    """Listeners given to a session after its dispatch was primed fire, as do its class's."""
+
+    class OwnSession(Session):
+        pass
+
+    seen: list[str] = []
+    event.listen(OwnSession, "persistent_to_detached", lambda s_, obj: seen.append("detached"))
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Parent(id=1))
+        s.commit()
+    with OwnSession(engine) as s:
+        _sa_compat.session_dispatch(s)
+        event.listen(s, "do_orm_execute", lambda state: seen.append("execute"))
+        event.listen(s, "loaded_as_persistent", lambda s_, obj: seen.append("loaded"))
+        held = s.get(Parent, 1)  # held: the identity map is weak
+    assert held is not None and seen == ["execute", "loaded", "detached"]
+    engine.dispose()
+
+
+def test_build_persistent_inlines_the_identity_map_add(session: Session) -> None:
+    """``build_persistent`` puts the state in the map as ``_WeakInstanceDict._add_unpresent``
+    does, and makes the values the instance's ``__dict__`` as SQLAlchemy's own ``ClassManager``
+    (its dict getter, its state attribute) would fill it: an upgrade that changes either
+    fails here."""
+    import inspect as pyinspect
+
+    from sqlalchemy.orm.base import DEFAULT_STATE_ATTR, instance_dict
+    from sqlalchemy.orm.instrumentation import ClassManager
+
+    source = pyinspect.getsource(_sa_compat.WEAK_INSTANCE_DICT._add_unpresent)
+    assert "self._dict[key] = state" in source and "state._instance_dict = self._wr" in source
+    assert ClassManager.STATE_ATTR == DEFAULT_STATE_ATTR
+    mapper = inspect(Parent)
+    assert type(mapper.class_manager) is ClassManager
+    assert mapper.class_manager.dict_getter() is instance_dict
+    ident = mapper.identity_key_from_primary_key((7,))
+    obj = _sa_compat.build_persistent(session, mapper, ident, {"id": 7, "name": "n"}, ())
+    assert session.identity_map.get(ident) is obj and obj in session
+    assert instance_dict(obj) is inspect(obj).dict and inspect(obj).obj() is obj
+
+
+def test_build_persistent_copies_values_it_does_not_own(session: Session) -> None:
+    """Values kept elsewhere (a near-cache copy's decoding) are copied, not given away: a
+    change to the instance leaves them as they were; ``owned`` values become the instance's."""
+    mapper = inspect(Parent)
+    kept = {"id": 8, "name": "n"}
+    first = _sa_compat.build_persistent(
+        session, mapper, mapper.identity_key_from_primary_key((8,)), kept, ()
+    )
+    first.name = "changed"
+    assert kept == {"id": 8, "name": "n"} and session.is_modified(first)
+    session.expunge(first)
+    again = _sa_compat.build_persistent(
+        session, mapper, mapper.identity_key_from_primary_key((8,)), kept, ()
+    )
+    assert again.name == "n" and again is not first
+    owned = {"id": 9, "name": "o"}
+    mine = _sa_compat.build_persistent(
+        session, mapper, mapper.identity_key_from_primary_key((9,)), owned, (), True
+    )
+    assert mine.__dict__ is owned
+
+
+def test_session_binds_attr_is_what_get_bind_checks_first() -> None:
+    """A cached get takes ``session.bind`` when the session has no per-entity binds, as
+    ``Session.get_bind`` does first: an upgrade that renames the attribute or changes that
+    case fails here."""
+    import inspect as pyinspect
+
+    attr = _sa_compat.SESSION_BINDS_ATTR
+    source = pyinspect.getsource(Session.get_bind)
+    mangled = "self.__binds" if attr == "_Session__binds" else f"self.{attr}"
+    assert f"elif not {mangled} and self.bind:" in source
+    assert "return self.bind" in source
+    engine, other = create_engine("sqlite://"), create_engine("sqlite://")
+    with Session(engine) as plain:
+        assert not getattr(plain, attr) and plain.get_bind(mapper=inspect(Parent)) is engine
+    with Session(engine, binds={Parent: other}) as routed:
+        assert getattr(routed, attr) and routed.get_bind(mapper=inspect(Parent)) is other
+    with Session() as unbound:
+        unbound.bind_mapper(Parent, other)
+        assert getattr(unbound, attr) and not unbound.bind

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis
 from _flavours import FLAVOURS, Harness
-from sqlalchemy import ForeignKey, String, event, inspect, update
+from sqlalchemy import ForeignKey, String, create_engine, event, inspect, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -686,3 +686,26 @@ def test_an_async_session_subclass_and_async_scoped_session_get_the_get_path(
         h.run(scoped.remove())
     finally:
         h.close()
+
+
+def test_a_get_reads_the_database_its_entity_is_bound_to(
+    db: Engine, cache: WriteThroughCache, tmp_path: Any
+) -> None:
+    """``sessionmaker(bind=other, binds={SgItem: db})``: the session has a bind, but its gets of
+    ``SgItem`` read ``db``'s entries (answered without the database), never ``other``'s."""
+    other = create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        reset_schema(other, Base.metadata)
+        for engine, name in ((db, "bound"), (other, "other")):
+            maker = sessionmaker(engine)
+            cache.install(maker)
+            seed(maker, SgItem(id=1, name=name))
+            with maker() as s:
+                assert s.get(SgItem, 1).name == name  # each database's entry, filled
+        routed = sessionmaker(bind=other, binds={SgItem: db})
+        cache.install(routed)
+        with routed() as s, capture_sql(db) as sql, capture_sql(other) as other_sql:
+            assert s.get(SgItem, 1).name == "bound"
+        assert sql == [] and other_sql == []
+    finally:
+        other.dispose()
