@@ -211,7 +211,10 @@ def _whole_values(data: bytes) -> list[bytes | None] | None:
     names. The split cannot hide a terminating CRLF inside a value: a value's terminator
     starts right after its last byte, and no CRLF found earlier can overlap it (that would
     need the terminator's first byte to be LF). ``bytes.find`` and ``int()`` a header were
-    most of :func:`_parse_values`'s instructions (about 6k an element)."""
+    most of :func:`_parse_values`'s instructions (about 6k an element). When every element
+    is a bulk string without CRLF (an MGET whose keys all exist, most often), no Python loop
+    runs at all: the headers the values' lengths make are compared with the reply's as
+    lists."""
     parts = data.split(b"\r\n")
     head = parts[0]
     if head[:1] != b"*" or parts[-1]:  # the reply ends with a CRLF: its last part is empty
@@ -220,6 +223,15 @@ def _whole_values(data: bytes) -> list[bytes | None] | None:
         count = int(head[1:])
     except ValueError:
         return None
+    if len(parts) == 2 * count + 2:
+        # as many parts as ``count`` bulk strings without CRLFs make: when each header is the
+        # one its value's length makes, the values are the reply, checked in C
+        strings = parts[2:-1:2]
+        try:
+            if list(map(_BULK_HEADERS.__getitem__, map(len, strings))) == parts[1:-1:2]:
+                return strings  # type: ignore[return-value]
+        except IndexError:  # a value of 4096 bytes or more: the loop below reads it
+            pass
     values: list[bytes | None] = []
     append = values.append
     headers = _BULK_HEADERS
