@@ -307,11 +307,11 @@ class ScriptBackend:
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
-        gen_keys = list(dict.fromkeys(gen_key for _, gen_key in pairs))
+        # the keys and the generation keys in two tuples, in C (no Python loop per pair)
+        keys, gen_of = zip(*pairs, strict=True) if pairs else ((), ())
+        gen_keys = list(dict.fromkeys(gen_of))
         try:
-            replies: list[Any] = self.transport.command(
-                "MGET", *[key for key, _ in pairs], *gen_keys
-            )
+            replies: list[Any] = self.transport.command("MGET", *keys, *gen_keys)
         except _FAILURES as exc:
             self._failed("read", exc)
             return None
@@ -321,7 +321,7 @@ class ScriptBackend:
             gen_key: value_prefix(gen)
             for gen_key, gen in zip(gen_keys, replies[len(pairs) :], strict=True)
         }
-        return payloads_after(replies, [prefixes[gen_key] for _, gen_key in pairs])
+        return payloads_after(replies, list(map(prefixes.__getitem__, gen_of)))
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int
