@@ -15,6 +15,7 @@ import decimal
 import logging
 import uuid
 from collections.abc import Sequence
+from itertools import repeat
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -421,7 +422,8 @@ class ReadPath:
         todo_keys: list[Any]
         if not len(identity_map):  # a session that holds nothing yet: no lookup per id
             todo = ids
-            todo_keys = [(identity_class, (value,), token) for value in ids]
+            # (class, (value,), token) each, made in C: zip(ids) gives the 1-tuples
+            todo_keys = list(zip(repeat(identity_class), zip(ids), repeat(token)))
         else:
             todo = []
             todo_keys = []
