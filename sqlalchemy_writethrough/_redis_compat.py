@@ -158,6 +158,15 @@ def read_values(conn: Any) -> Any:
     try:
         while True:
             data = buf.read()  # from pos (the first element not read yet) to the end
+            if count < 0 and data.endswith(b"\r\n"):
+                # the whole reply in the buffer, most often: one split, no scan per element
+                whole = _whole_values(data)
+                if whole is not None:
+                    buf.seek(pos + len(data))
+                    source.purge()
+                    if conn.health_check_interval:
+                        conn.next_health_check = time.monotonic() + conn.health_check_interval
+                    return whole
             try:
                 count, used, missing = _parse_values(data, values, count)
             except _NotValues:
@@ -183,6 +192,82 @@ def read_values(conn: Any) -> Any:
         raise
     buf.seek(start)
     return conn.read_response()
+
+
+#: a bulk string's header by its length (``b"$5"`` at 5), for the lengths of most entries:
+#: :func:`_whole_values` compares a header with the one its value's length makes
+_BULK_HEADERS = [b"$%d" % n for n in range(4096)]
+
+
+def _whole_values(data: bytes) -> list[bytes | None] | None:
+    """The array of bulk strings and nulls that ``data`` is, exactly and entirely; None for
+    anything else (a part of one, a reply followed by more bytes, another kind of reply, a
+    garbled header), which :func:`_parse_values` then reads, or refuses, element by element.
+
+    One ``split`` on CRLF parts the whole reply in C; per element, a header that is the one
+    its value's length makes (``_BULK_HEADERS``) is all the checking. A value holding CRLFs
+    comes in several parts (its header then names a longer length than its first part):
+    they are joined back with the CRLFs the split took out, up to the length its header
+    names. The split cannot hide a terminating CRLF inside a value: a value's terminator
+    starts right after its last byte, and no CRLF found earlier can overlap it (that would
+    need the terminator's first byte to be LF). ``bytes.find`` and ``int()`` a header were
+    most of :func:`_parse_values`'s instructions (about 6k an element). When every element
+    is a bulk string without CRLF (an MGET whose keys all exist, most often), no Python loop
+    runs at all: the headers the values' lengths make are compared with the reply's as
+    lists."""
+    parts = data.split(b"\r\n")
+    head = parts[0]
+    if head[:1] != b"*" or parts[-1]:  # the reply ends with a CRLF: its last part is empty
+        return None
+    try:
+        count = int(head[1:])
+    except ValueError:
+        return None
+    if len(parts) == 2 * count + 2:
+        # as many parts as ``count`` bulk strings without CRLFs make: when each header is the
+        # one its value's length makes, the values are the reply, checked in C
+        strings = parts[2:-1:2]
+        try:
+            if list(map(_BULK_HEADERS.__getitem__, map(len, strings))) == parts[1:-1:2]:
+                return strings  # type: ignore[return-value]
+        except IndexError:  # a value of 4096 bytes or more: the loop below reads it
+            pass
+    values: list[bytes | None] = []
+    append = values.append
+    headers = _BULK_HEADERS
+    known = len(headers)
+    it = iter(parts[1:-1])
+    for header in it:
+        if header == b"$-1" or header == b"_":  # RESP2's and RESP3's null
+            append(None)
+            continue
+        value = next(it, None)
+        if value is None:
+            return None
+        size = len(value)
+        if size < known and headers[size] == header:
+            append(value)
+            continue
+        if header[:1] != b"$":
+            return None
+        try:
+            length = int(header[1:])
+        except ValueError:
+            return None
+        if size < length:
+            pieces = [value]
+            while size < length:
+                more = next(it, None)
+                if more is None:
+                    return None
+                pieces.append(more)
+                size += 2 + len(more)
+            value = b"\r\n".join(pieces)
+        if size != length:
+            return None
+        append(value)
+    # every part read: more elements than the header says is more than this reply
+    return values if len(values) == count else None
 
 
 def _parse_values(data: bytes, values: list[bytes | None], count: int) -> tuple[int, int, int]:

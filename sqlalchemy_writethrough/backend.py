@@ -29,8 +29,9 @@ from .protocol import (
     Script,
     Scripts,
     current_payload,
-    current_payloads,
+    payloads_after,
     split_by_hash_tag,
+    value_prefix,
 )
 from .redis_async import AsyncTransport
 from .redis_sync import SyncTransport
@@ -70,7 +71,7 @@ class Backend(Protocol):
 
     def peek_many(
         self, pairs: Sequence[tuple[str, str]]
-    ) -> list[memoryview | Literal[False]] | None: ...
+    ) -> list[memoryview | bytes | Literal[False]] | None: ...
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int
@@ -300,23 +301,27 @@ class ScriptBackend:
 
     def peek_many(
         self, pairs: Sequence[tuple[str, str]]
-    ) -> list[memoryview | Literal[False]] | None:
+    ) -> list[memoryview | bytes | Literal[False]] | None:
         """:meth:`peek` for many entries in one MGET (standalone Redis: any slots); each
         bucket's generation key is sent once."""
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
-        gen_keys = list(dict.fromkeys(gen_key for _, gen_key in pairs))
+        # the keys and the generation keys in two tuples, in C (no Python loop per pair)
+        keys, gen_of = zip(*pairs, strict=True) if pairs else ((), ())
+        gen_keys = list(dict.fromkeys(gen_of))
         try:
-            replies: list[Any] = self.transport.command(
-                "MGET", *[key for key, _ in pairs], *gen_keys
-            )
+            replies: list[Any] = self.transport.command("MGET", *keys, *gen_keys)
         except _FAILURES as exc:
             self._failed("read", exc)
             return None
         self._succeeded()
-        gens = dict(zip(gen_keys, replies[len(pairs) :], strict=True))
-        return current_payloads(replies, [gens[gen_key] for _, gen_key in pairs])
+        # what a current VALUE starts with, once per bucket
+        prefixes = {
+            gen_key: value_prefix(gen)
+            for gen_key, gen in zip(gen_keys, replies[len(pairs) :], strict=True)
+        }
+        return payloads_after(replies, list(map(prefixes.__getitem__, gen_of)))
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int

@@ -15,6 +15,7 @@ import decimal
 import logging
 import uuid
 from collections.abc import Sequence
+from itertools import repeat
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -420,7 +421,8 @@ class ReadPath:
         todo_keys: list[Any]
         if not len(identity_map):  # a session that holds nothing yet: no lookup per id
             todo = ids
-            todo_keys = [(identity_class, (value,), token) for value in ids]
+            # (class, (value,), token) each, made in C: zip(ids) gives the 1-tuples
+            todo_keys = list(zip(repeat(identity_class), zip(ids), repeat(token)))
         else:
             todo = []
             todo_keys = []
@@ -485,6 +487,16 @@ class ReadPath:
             and Copy in map(type, entries)
         )
         if near_copies:
+            one = layout.variants[layout.mapper]
+            if one.mapper.isa(requested):
+                kept = _kept_rows(layout, one, dialect, todo, todo_keys, entries)
+                if kept is not None:
+                    # every entry a near copy of the layout's own class, decoded before
+                    instances = _sa_compat.build_persistent_many(
+                        session, one.mapper, kept, one.expired, True
+                    )
+                    found.update(zip(todo, instances, strict=True))
+                    return []
             # a near-cache copy is decoded by _decoded below, which keeps its decoding
             undecoded = [False if type(entry) is Copy else entry for entry in entries]
         decoded_rows, variants = layout.decode_rows(undecoded, dialect, todo)
@@ -708,6 +720,39 @@ class ReadPath:
             rt.counters.add("fills_refused", 1, name)
         self._span("writethrough.fill", name, started, rows=1, written=int(bool(written)))
         return True
+
+
+def _kept_rows(
+    layout: ModelLayout,
+    one: Any,
+    dialect: Any,
+    todo: list[Any],
+    todo_keys: list[Any],
+    entries: Sequence[Any],
+) -> list[tuple[Any, dict[str, Any]]] | None:
+    """(identity key, values) of each entry when every one is a near-cache copy whose kept
+    decoding (``ReadPath._decoded``'s memo: this dialect, this layout, this primary key) is
+    a row of the class layout ``one``, each values dict a copy of its own for its instance;
+    None as soon as one is not (the general loop then looks at each entry again). The
+    memo's check inline, one loop: a batch served from memory spent more on calling
+    ``_decoded`` per entry than on the check."""
+    rows: list[tuple[Any, dict[str, Any]]] = []
+    append = rows.append
+    for value, identity_key, entry in zip(todo, todo_keys, entries, strict=True):
+        if type(entry) is not Copy:
+            return None
+        memo = entry.decoded
+        if (
+            memo is None
+            or memo[0] is not dialect
+            or memo[1] is not layout
+            or memo[2] != [value]
+            or memo[3][0] is not one
+        ):
+            return None
+        # the copy keeps its values for its next hits: the instance gets its own
+        append((identity_key, memo[3][1].copy()))
+    return rows
 
 
 def _pk_value(obj: Any) -> Any:

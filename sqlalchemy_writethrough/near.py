@@ -223,7 +223,7 @@ class NearCache:
 
     def read_many(
         self, backend: Backend, pairs: Sequence[tuple[str, str]]
-    ) -> tuple[list[memoryview | Copy | Literal[False]], int] | None:
+    ) -> tuple[list[memoryview | bytes | Literal[False]], int] | None:
         """:meth:`Backend.peek_many` served from memory first: only the keys without a fresh
         copy go to Redis (in one MGET, none when every key is in memory), and the VALUEs it
         finds are kept as :meth:`read_through` keeps one. The entries in the order of
@@ -232,7 +232,7 @@ class NearCache:
         entries = self._entries
         now = monotonic()
         serving = now - self._heard <= self.staleness
-        found: list[memoryview | Copy | Literal[False]] = []
+        found: list[memoryview | bytes | Literal[False]] = []
         todo: list[int] = []  # positions of the keys Redis is asked for
         if serving and entries:
             for at, (key, _) in enumerate(pairs):
@@ -274,7 +274,7 @@ class NearCache:
         self._store_many(((key, gen_key, payload),), seq, expires)
 
     def _store_many(
-        self, copies: Sequence[tuple[str, str, memoryview]], seq: int, expires: float
+        self, copies: Sequence[tuple[str, str, memoryview | bytes]], seq: int, expires: float
     ) -> None:
         """Keep copies of what a read that began at ``seq`` found, each only if no
         invalidation of its key, its bucket or everything was processed since (the fill

@@ -321,3 +321,33 @@ def test_equal_primary_keys_of_other_types_never_share_an_int_key(
     assert {str(pk).encode() for pk in ints} <= tails
     assert all(tail.lstrip(b"-").isdigit() for tail in tails)
     assert codes == {b"1"}
+
+
+def test_the_batch_payloads_are_those_of_current_payload() -> None:
+    """``payloads_after`` (a ``startswith`` of 'V' gen ':' per entry, bytes out) finds the
+    payload ``current_payload`` finds, and none where it finds none: another or no
+    generation, a lease, a lock, a generation holding ':' (a generation lock may), a payload
+    holding ':'."""
+    from sqlalchemy_writethrough import protocol
+
+    gens: list[Any] = [b"t1", b"t1.2", b"t1:2", None, "t1", b"", b"t1"]
+    values: list[Any] = [
+        b"Vt1:ab:c",
+        b"Vt1.2:",
+        b"Vt1:2:x",
+        b"Vt1:x",
+        b"Vt1:x",
+        b"V:x",
+        b"Et1:x",
+        b"Vt1.2:x",
+        b"Vt1",
+        None,
+        "Vt1:x",
+        b"Lt1:x",
+    ]
+    for gen in gens:
+        expected = [protocol.current_payload(v, gen) for v in values]
+        got = protocol.payloads_after(values, [protocol.value_prefix(gen)] * len(values))
+        assert [bytes(p) if p is not False else p for p in expected] == got
+        assert all(type(p) is bytes for p in got if p is not False)
+    assert protocol.payloads_after([b"Vt1:ab:c"], [b"Vt1:"]) == [b"ab:c"]

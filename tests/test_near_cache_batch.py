@@ -376,3 +376,42 @@ def test_batch_hits_from_one_copy_share_no_value_a_caller_can_change(
                 d.doc["k"].append(0)  # in place, never committed
             s.rollback()
     assert near_of(cache).hits == 4
+
+
+def test_batch_hits_from_kept_decodings_give_each_instance_its_own_values(
+    db: Engine, caches: Any, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose entries are all copies decoded before is built from their kept
+    decodings in one loop (``_kept_rows``, checked here to be the path taken), without SQL
+    or a Redis command, and each instance gets values of its own: a change never committed
+    is not served by the next hit."""
+    from sqlalchemy_writethrough import loading
+
+    cache = caches()
+    factory = installed(db, cache)
+    seed(factory, *[NbItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
+    serving(cache)
+    taken: list[bool] = []
+    real = loading._kept_rows
+
+    def spy(*args: Any) -> Any:
+        rows = real(*args)
+        taken.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(loading, "_kept_rows", spy)
+    assert batch(factory, [1, 2, 3]) == items(1, 2, 3)  # from Redis, copied
+    assert batch(factory, [3, 1, 2]) == items(3, 1, 2)  # the copies decoded, decodings kept
+    with capture_sql(db) as statements, monitored(redis_url, prefix) as commands:
+        for _ in range(2):
+            with factory() as s:
+                found = list(
+                    s.scalars(select(NbItem).where(NbItem.id.in_([1, 2, 3])).options(from_cache()))
+                )
+                assert [(o.id, o.name) for o in found] == items(1, 2, 3)
+                for o in found:
+                    o.name = "changed"  # never committed
+    assert statements == []
+    assert commands == []
+    assert taken == [False, True, True]
+    assert near_of(cache).hits >= 8

@@ -781,3 +781,73 @@ def test_a_cluster_nodes_addresses_and_options(one_node_cluster: Any) -> None:
         loop.run_until_complete(aclient.aclose())
     finally:
         loop.close()
+
+
+def test_a_whole_mget_reply_is_split_once_and_read_as_element_by_element() -> None:
+    """``_whole_values`` (a reply wholly in the buffer, split on CRLF at once) gives what the
+    element-by-element reading gives, for values full of CRLFs, headers and nulls of both
+    protocols, and None (left to that reading) for a part of a reply, a reply followed by
+    more bytes, or a garbled header."""
+    import random
+
+    rnd = random.Random(15)
+    alphabet = [b"\r", b"\n", b"\r\n", b"$", b"_", b"a", b"-1", b"*", b"0", b"$-1\r\n"]
+    for _ in range(3000):
+        values: list[bytes | None] = []
+        for _ in range(rnd.randint(0, 6)):
+            if rnd.random() < 0.15:
+                values.append(None)
+            elif rnd.random() < 0.05:
+                values.append(b"x" * rnd.randint(4090, 4100))  # past the headers made once
+            else:
+                values.append(b"".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 8))))
+        null = b"_\r\n" if rnd.random() < 0.5 else b"$-1\r\n"
+        data = b"*%d\r\n" % len(values) + b"".join(
+            null if v is None else b"$%d\r\n%s\r\n" % (len(v), v) for v in values
+        )
+        parsed: list[bytes | None] = []
+        assert compat._parse_values(data, parsed, -1) == (len(values), len(data), 0)
+        assert compat._whole_values(data) == parsed == values
+        cut = rnd.randint(0, len(data) - 1)
+        assert compat._whole_values(data[:cut]) is None
+        for more in (b"*1\r\n$1\r\nz\r\n", b"$1\r\nz\r\n", null, b">2\r\n"):
+            assert compat._whole_values(data + more) is None
+    assert compat._whole_values(b"*1\r\n$zz\r\nabc\r\n") is None
+    assert compat._whole_values(b"*1\r\n$4\r\nabc\r\n") is None
+    assert compat._whole_values(b"-ERR wrong\r\n") is None
+    assert compat._whole_values(b"*-1\r\n") is None
+
+
+def test_a_whole_mget_reply_in_the_buffer_takes_the_one_split(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply that is wholly in the buffer is read by ``_whole_values`` (the element by
+    element reading is not reached), and the next reply on the connection is read right."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    conn = compat.checkout_of(client.connection_pool)()
+    try:
+        conn.connect()
+        if not _python_parser(conn):
+            pytest.skip("hiredis parses the reply: read_values leaves it to redis-py")
+        client.mset({f"{prefix}:a": b"1\r\n2", f"{prefix}:b": b""})
+        whole: list[Any] = []
+        real = compat._whole_values
+
+        def spy(data: bytes) -> Any:
+            whole.append(real(data))
+            return whole[-1]
+
+        def refused(*args: Any) -> Any:
+            raise AssertionError("read element by element")
+
+        monkeypatch.setattr(compat, "_whole_values", spy)
+        monkeypatch.setattr(compat, "_parse_values", refused)
+        conn.send_command("MGET", f"{prefix}:a", f"{prefix}:absent", f"{prefix}:b")
+        conn._parser._buffer._read_from_socket()  # the whole reply buffered
+        assert compat.read_values(conn) == [b"1\r\n2", None, b""]
+        assert whole == [[b"1\r\n2", None, b""]]
+        assert compat.call(conn, ("PING",)) in (b"PONG", True)
+    finally:
+        compat.release(client.connection_pool, conn)
+        client.delete(f"{prefix}:a", f"{prefix}:b")
+        client.close()
