@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,26 +33,36 @@ class PendingConnection:
     its socket is closed first unless the reply was read. A handle made before a ``fork()``
     is never used nor released in the child (its socket is the parent's)."""
 
-    __slots__ = ("__weakref__", "state")
+    __slots__ = ("connection", "fork", "orphans", "read")
 
     def __init__(self, connection: Any, orphans: list[Any]) -> None:
-        #: [the connection (None once taken), its reply read, the fork generation]
-        self.state: list[Any] = [connection, False, _forks[0]]
-        weakref.finalize(self, _collected, orphans, self.state)
-
-    @property
-    def connection(self) -> Any:
-        return self.state[0]
+        #: the connection (None once taken)
+        self.connection = connection
+        #: its reply was read: it can go back to the pool as it is
+        self.read = False
+        self.fork = _forks[0]
+        self.orphans = orphans
 
     def take(self) -> Any:
         """The connection, now the caller's to read from and return to the pool; None when
         taken already or when it is a parent process's (after a fork)."""
-        state = self.state
-        conn = state[0]
-        state[0] = None
-        if conn is not None and state[2] != _forks[0]:
+        conn = self.connection
+        self.connection = None
+        if conn is not None and self.fork != _forks[0]:
             return None  # the parent's socket: not ours to use or to release
         return conn
+
+    def __del__(self) -> None:
+        # a __del__, not a weakref.finalize: nothing to register and unregister per lock
+        conn = self.connection
+        if conn is None or self.fork != _forks[0]:
+            return
+        self.connection = None
+        try:
+            if not self.read:
+                compat.disconnect(conn)  # a reply may still be on its way: never reuse it
+        finally:
+            self.orphans.append(conn)  # atomic; the pool's lock is never taken from here
 
 
 #: how many times this process was forked from its parent (a handle made in another
@@ -67,18 +76,6 @@ def _after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
-
-
-def _collected(orphans: list[Any], state: list[Any]) -> None:
-    """A handle was collected with its connection still checked out: closed unless its reply
-    was read, and queued for the pool (``list.append`` is atomic; no lock taken here)."""
-    conn = state[0]
-    if conn is None or state[2] != _forks[0]:
-        return
-    state[0] = None
-    if not state[1]:
-        compat.disconnect(conn)  # a reply may still be on its way: never reuse that socket
-    orphans.append(conn)
 
 
 class SyncTransport:
@@ -195,9 +192,8 @@ class SyncTransport:
             self._abandon(conn, exc)
             raise
         if hold:
-            state = handle.state
-            state[0] = conn
-            state[1] = True  # in a clean state: the pool may have it back as it is
+            handle.connection = conn
+            handle.read = True  # in a clean state: the pool may have it back as it is
         else:
             compat.release(self._pool, conn)
         return reply
