@@ -10,6 +10,7 @@ left checked out, and the entries are what the protocol says (never the older va
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import threading
@@ -49,6 +50,9 @@ class CountingPool(redis.ConnectionPool):
         self.releases = 0
         self.checked_out: set[Any] = set()
 
+    # redis-py's own signature (a command name is required before 5.3, deprecated after),
+    # which the transport reads to call it
+    @functools.wraps(redis.ConnectionPool.get_connection)
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         conn = super().get_connection(*args, **kwargs)
         self.checkouts += 1
