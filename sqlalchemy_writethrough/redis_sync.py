@@ -55,14 +55,17 @@ class PendingConnection:
     def __del__(self) -> None:
         # a __del__, not a weakref.finalize: nothing to register and unregister per lock
         conn = self.connection
-        if conn is None or self.fork != _forks[0]:
+        if conn is None:
             return
         self.connection = None
         try:
-            if not self.read:
-                compat.disconnect(conn)  # a reply may still be on its way: never reuse it
-        finally:
-            self.orphans.append(conn)  # atomic; the pool's lock is never taken from here
+            if self.fork != _forks[0]:
+                return  # the parent's socket
+        except TypeError:  # at interpreter exit, this module torn down: nothing to give back
+            return
+        if not self.read:
+            compat.disconnect(conn)  # a reply may still be on its way: never reuse it
+        self.orphans.append(conn)  # atomic; the pool's lock is never taken from here
 
 
 #: how many times this process was forked from its parent (a handle made in another
@@ -165,7 +168,11 @@ class SyncTransport:
     def _release_orphans(self) -> None:
         orphans = self._orphans
         while orphans:
-            compat.release(self._pool, orphans.pop())
+            try:
+                conn = orphans.pop()  # atomic: another thread may have taken the last one
+            except IndexError:
+                return
+            compat.release(self._pool, conn)
 
     def begin(self, command: Sequence[Any]) -> PendingConnection:
         if self._orphans:
