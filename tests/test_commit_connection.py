@@ -226,10 +226,14 @@ def test_the_breaker_open_at_publish_gives_the_connection_back(
 
 @pytest.mark.databases("sqlite")
 def test_a_connection_killed_before_the_publish(
-    maker: sessionmaker[Session], pool: CountingPool, cache: WriteThroughCache, redis_client: Any
+    maker: sessionmaker[Session],
+    pool: CountingPool,
+    cache: WriteThroughCache,
+    redis_client: Any,
+    redis_url: str,
 ) -> None:
     engine = maker.kw["bind"]
-    admin = redis.Redis(connection_pool=redis.ConnectionPool(**pool.connection_kwargs))
+    admin = redis.Redis.from_url(redis_url)
 
     def kill(conn: Any) -> None:  # the held connection dies between the lock and the publish
         killed = 0
