@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -36,7 +36,7 @@ from .protocol import (
 from .redis_async import AsyncTransport
 from .redis_sync import SyncTransport
 from .stats import Counters
-from .transport import Transport
+from .transport import HoldingTransport, Transport
 
 if TYPE_CHECKING:
     from .near import NearCache
@@ -49,13 +49,15 @@ _FAILURES = (RedisError, OSError)
 class PendingReply:
     """A lock script sent by :meth:`Backend.send_lock` whose reply is not read yet."""
 
-    __slots__ = ("args", "handle", "keys", "script")
+    __slots__ = ("args", "handle", "held", "keys", "script")
 
     def __init__(self, handle: Any, script: Script, keys: Sequence[str], args: Sequence[Any]):
         self.handle = handle
         self.script = script
         self.keys = keys
         self.args = args
+        #: after ``finish(hold=True)``: the handle holding the connection for the publish
+        self.held: Any = None
 
 
 class Backend(Protocol):
@@ -93,11 +95,15 @@ class Backend(Protocol):
 
     def send_lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> PendingReply | None: ...
 
-    def finish(self, pending: PendingReply) -> Any: ...
+    def finish(self, pending: PendingReply, hold: bool = False) -> Any: ...
+
+    def let_go(self, held: Any) -> None: ...
 
     def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool: ...
 
-    def publish(self, pairs: Sequence[str], owner: str, items: Sequence[Any]) -> int | None: ...
+    def publish(
+        self, pairs: Sequence[str], owner: str, items: Sequence[Any], held: Any = None
+    ) -> int | None: ...
 
     def release(self, pairs: Sequence[str], owner: str) -> int | None: ...
 
@@ -148,6 +154,10 @@ class ScriptBackend:
         self.epoch = epoch
         #: the cache's near cache, told of every write script this process runs
         self.near: NearCache | None = None
+        #: the transport, when it can keep a lock's connection for the publish
+        self._holding: HoldingTransport | None = (
+            cast("HoldingTransport", transport) if getattr(transport, "holds", False) else None
+        )
 
     @property
     def near_channel(self) -> str:
@@ -165,18 +175,24 @@ class ScriptBackend:
 
     # -- running scripts ---------------------------------------------------------------------
 
-    def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """One script call; a server that lost its scripts (restarted, flushed) gets it loaded
-        once and runs it again."""
+    def _eval(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], held: Any = None
+    ) -> Any:
+        """One script call (on the connection ``held`` holds, if any); a server that lost its
+        scripts (restarted, flushed) gets it loaded once and runs it again."""
         transport = self.transport
         command = self._scripts.call(script, keys, args)
         try:
+            if held is not None and self._holding is not None:
+                return self._holding.command_on(held, *command)
             return transport.command(*command)
         except NoScriptError:
             transport.load_script(self._scripts.source[script])
             return transport.command(*command)
 
-    def _run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _run(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], held: Any = None
+    ) -> Any:
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
@@ -184,7 +200,7 @@ class ScriptBackend:
             if self.transport.clustered:
                 reply = self._eval_split(script, keys, args)
             else:
-                reply = self._eval(script, keys, args)
+                reply = self._eval(script, keys, args, held)
         except _FAILURES as exc:
             self._failed(script.value, exc)
             return None
@@ -392,15 +408,23 @@ class ScriptBackend:
             return None
         return PendingReply(handle, Script.LOCK, pairs, args)
 
-    def finish(self, pending: PendingReply) -> Any:
+    def finish(self, pending: PendingReply, hold: bool = False) -> Any:
         """The reply of a command :meth:`send_lock` sent, or None when it failed. When the
         reply cannot be read (a broken connection, an unknown script), the script runs again
-        synchronously, with the client's retry policy: a lock is idempotent for its owner."""
+        synchronously, with the client's retry policy: a lock is idempotent for its owner.
+
+        ``hold``: where the transport can, the connection stays checked out for the commit's
+        publish (``pending.held``, for :meth:`publish`; :meth:`let_go` gives it back)."""
         handle, pending.handle = pending.handle, None
         if handle is None:
             return None
         try:
-            reply = self.transport.complete(handle)
+            holding = self._holding
+            if hold and holding is not None:
+                reply = holding.complete(handle, True)
+                pending.held = handle
+            else:
+                reply = self.transport.complete(handle)
         except _FAILURES as exc:
             if self.near is not None:
                 self.near.wrote(pending.script, pending.keys)
@@ -413,11 +437,20 @@ class ScriptBackend:
         self._succeeded()
         return reply
 
+    def let_go(self, held: Any) -> None:
+        """Give back the connection :meth:`finish` held, unless a publish took it already."""
+        if held is not None and self._holding is not None:
+            self._holding.let_go(held)
+
     def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool:
         return self._run(Script.LOCK, pairs, (owner, ttl_ms)) is not None
 
-    def publish(self, pairs: Sequence[str], owner: str, items: Sequence[Any]) -> int | None:
-        reply = self._run(Script.PUBLISH, pairs, (owner, *items))
+    def publish(
+        self, pairs: Sequence[str], owner: str, items: Sequence[Any], held: Any = None
+    ) -> int | None:
+        """The publish script; on the connection ``held`` holds (a lock's, see :meth:`finish`),
+        which goes back to the pool with it, when given and still held."""
+        reply = self._run(Script.PUBLISH, pairs, (owner, *items), held)
         return None if reply is None else int(reply)
 
     def release(self, pairs: Sequence[str], owner: str) -> int | None:

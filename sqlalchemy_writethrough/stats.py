@@ -284,6 +284,7 @@ _TOTAL_FIELDS = tuple(
     f.name for f in dataclasses.fields(CacheStats) if f.type in ("int", int) and f.name != "model"
 )
 NBUCKETS = len(BOUNDS) + 1
+_COMMITS = ("", "commits")
 
 
 class Counters:
@@ -343,6 +344,34 @@ class Counters:
                 if near_hits:
                     key = (model, "near_hits")
                     counts[key] = counts.get(key, 0) + near_hits
+
+    def add_many(self, counts: Iterable[tuple[tuple[str, str], int]]) -> None:
+        """Several ``add`` calls (``((model, name), n)`` each) under one lock."""
+        with self._lock:
+            got = self._counts
+            for key, n in counts:
+                got[key] = got.get(key, 0) + n
+
+    def committed(
+        self,
+        counts: Iterable[tuple[tuple[str, str], int]],
+        cache_seconds: float,
+        commit_seconds: float | None,
+    ) -> None:
+        """A commit's whole accounting under one lock: ``commits``, its ``commit_cache`` and
+        (unless None) ``commit`` latencies, and the publish's ``counts`` (as :meth:`add_many`)."""
+        i = bisect.bisect_left(BOUNDS, cache_seconds)
+        j = -1 if commit_seconds is None else bisect.bisect_left(BOUNDS, commit_seconds)
+        with self._lock:
+            got = self._counts
+            for key, n in counts:
+                got[key] = got.get(key, 0) + n
+            got[_COMMITS] = got.get(_COMMITS, 0) + 1
+            self._hist["commit_cache"][i] += 1
+            self._sums["commit_cache"] += cache_seconds
+            if commit_seconds is not None:
+                self._hist["commit"][j] += 1
+                self._sums["commit"] += commit_seconds
 
     def raw(
         self, reset: bool = False

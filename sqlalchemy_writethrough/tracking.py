@@ -66,6 +66,7 @@ class SessionTracker:
         "external",
         "first_lock_at",
         "flush_keys",
+        "held",
         "in_flush",
         "infos",
         "lock_ms",
@@ -96,6 +97,10 @@ class SessionTracker:
         self.owner: str = ""
         #: the lock script before_flush sent, whose reply after_flush reads (see .writing)
         self.pending_lock: Any = None
+        #: the connection a lock inside ``commit()`` kept checked out for the publish (a
+        #: transport handle, see :meth:`.ScriptBackend.finish`); given back at the latest
+        #: when the transaction ends (see .writing)
+        self.held: Any = None
         #: the running flush's rows whose keys before_flush computed: state -> (key space,
         #: primary key, entity key, generation key), for after_flush to reuse
         self.flush_keys: dict[Any, tuple[Any, Any, str, str]] = {}

@@ -68,3 +68,24 @@ class Transport(Protocol):
     def unlink(self, keys: Sequence[Any]) -> int:
         """``UNLINK`` these keys (any slots); how many existed."""
         ...
+
+
+class HoldingTransport(Transport, Protocol):
+    """A transport whose :meth:`complete` can keep the connection checked out for one more
+    command (``holds`` True): a commit's publish goes on its flush's lock connection, one
+    pool checkout and release fewer (:class:`~.redis_sync.SyncTransport`)."""
+
+    holds: bool
+
+    def complete(self, handle: Any, hold: bool = False) -> Any:
+        """:meth:`Transport.complete`; with ``hold``, the connection stays in ``handle``."""
+        ...
+
+    def command_on(self, handle: Any, *args: Any) -> Any:
+        """:meth:`Transport.command` on the connection ``handle`` holds, which then goes back
+        to the pool (a new checkout when it holds none any more)."""
+        ...
+
+    def let_go(self, handle: Any) -> None:
+        """Give back the connection ``handle`` holds, if any."""
+        ...

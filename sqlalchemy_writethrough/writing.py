@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
+#: counts to add: ((model, counter name), n), see :meth:`.stats.Counters.add_many`
+Tally = list[tuple[tuple[str, str], int]]
+
 #: ``session.info`` key: when the running ``commit()`` began (its latency, and whether a
 #: transaction that ends without committing was being committed)
 _COMMIT_STARTED = "writethrough.commit_started"
@@ -155,11 +158,16 @@ class WritePath:
             tracker.first_lock_at = time.monotonic()
         tracker.pending_lock = rt.backend.send_lock(pairs, tracker.owner_token(), tracker.lock_ms)
 
-    def _finish_locks(self, tracker: SessionTracker) -> None:
+    def _finish_locks(self, tracker: SessionTracker, hold: bool = False) -> None:
         """Read the reply of the locks before_flush sent: after the flush's statements, or,
         when the flush stopped early (nothing to write after all, a listener raising, a
         failure), at the next flush, before COMMIT, or at the end of the transaction. A key
-        locked for a row that was not written then ends as a miss, or is restored."""
+        locked for a row that was not written then ends as a miss, or is restored.
+
+        ``hold``: the flush runs inside ``commit()`` and the publish will be synchronous:
+        the lock's connection stays checked out for it (``tracker.held``), one pool checkout
+        and release fewer. after_commit, or at the latest the end of the transaction, gives
+        it back."""
         pending = tracker.pending_lock
         if pending is None:
             return
@@ -168,7 +176,11 @@ class WritePath:
         for i in range(0, len(pairs), 2):
             tracker.locked[pairs[i]] = pairs[i + 1]
         started = perf_counter()
-        ok = self.runtime.backend.finish(pending) is not None
+        if hold and tracker.held is None:
+            ok = self.runtime.backend.finish(pending, True) is not None
+            tracker.held = pending.held
+        else:
+            ok = self.runtime.backend.finish(pending) is not None
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
@@ -180,7 +192,15 @@ class WritePath:
         tracker = rt.tracker(session)
         tracker.in_flush = False
         tracker.wrote = True
-        self._finish_locks(tracker)
+        if tracker.pending_lock is not None:
+            # inside commit() (see before_commit), with a synchronous publish to come: the
+            # lock's connection is kept for it
+            self._finish_locks(
+                tracker,
+                hold=tracker.background is False
+                and _COMMIT_STARTED in session.info
+                and not tracker.external,
+            )
         transaction = session.get_nested_transaction() or session.get_transaction()
         contexts: dict[Any, FlushContext] = {}
         touched: list[tuple[str, str]] = []
@@ -580,6 +600,21 @@ class WritePath:
             tracker.released_savepoints.add(id(nested))
             return
         tracker.committed = True
+        try:
+            self._committed(session, tracker)
+        finally:
+            held = tracker.held
+            if held is not None:  # the publish did not take the lock's connection
+                tracker.held = None
+                self._let_go(held)
+
+    def _let_go(self, held: Any) -> None:
+        try:
+            self.runtime.backend.let_go(held)
+        except Exception:  # never raise after COMMIT, nor while a transaction ends
+            log.debug("writethrough: returning a connection to the pool failed", exc_info=True)
+
+    def _committed(self, session: Session, tracker: SessionTracker) -> None:
         if tracker.pending_lock is not None:
             # the commit's own flush found nothing to write after all (it returned before
             # after_flush): no row changed under these locks; they end as misses
@@ -599,24 +634,26 @@ class WritePath:
         failed = bool(tracker.unlocked or tracker.unlocked_gens)
         if failed:
             counters.add("cache_write_failures")
+        tally: Tally = []
         try:
             if wrote:
                 job = self._publish_job(session, tracker)
                 job.counted = failed
                 if not (tracker.background and self._submit(job)):
                     started = perf_counter()
-                    self.run_jobs([job])
+                    held, tracker.held = tracker.held, None
+                    self.run_jobs([job], held, tally)
                     tracker.cache_seconds += perf_counter() - started
         except Exception:  # never raise after COMMIT: the locks expire into misses
             log.exception("writethrough: publish failed after commit")
             if wrote and not failed:
                 counters.add("cache_write_failures")
         if wrote:
-            counters.add("commits")
-            counters.observe("commit_cache", tracker.cache_seconds)
-            started = session.info.pop(_COMMIT_STARTED, None)
-            if started is not None:
-                counters.observe("commit", perf_counter() - started)
+            began = session.info.pop(_COMMIT_STARTED, None)
+            # the publish's counts, the commit and its latencies: one lock
+            counters.committed(
+                tally, tracker.cache_seconds, None if began is None else perf_counter() - began
+            )
         if tracker.unlocked or tracker.unlocked_gens:
             # a reader may have filled these from the pre-commit rows after an early replay;
             # a lock taken without hearing the reply ends at the replay (the owner has ended)
@@ -699,29 +736,40 @@ class WritePath:
                 reasons[reason] = reasons.get(reason, 0) + 1
         job.pairs, job.items, job.intents = pairs, items, intents
 
-    def run_jobs(self, jobs: list[Job]) -> bool:
+    def run_jobs(self, jobs: list[Job], held: Any = None, tally: Tally | None = None) -> bool:
         """Write ``jobs`` (publishes and restores, in order) to Redis and count them: one
         job with the backend's own call per script, several in one round trip. False when
-        Redis did not complete one of them (journaled then, with its owner token)."""
+        Redis did not complete one of them (journaled then, with its owner token).
+        ``held``: a connection the commit's lock kept for one job's publish (see
+        :meth:`_finish_locks`); given back here in any case. ``tally``: where one job's
+        publish leaves its counts, for the caller to count with the commit's own."""
         backend = self.runtime.backend
+        if held is not None and (len(jobs) != 1 or not (jobs[0].committed and jobs[0].locked)):
+            backend.let_go(held)  # no publish of entries to run on it
+            held = None
         done = True
-        for job in jobs:
-            self.build(job)
         if len(jobs) == 1:
             job = jobs[0]
             replies: list[Any] = []
             elapsed = 0.0
-            if job.pairs:
-                started = perf_counter()
-                if job.committed:
-                    replies.append(backend.publish(job.pairs, job.owner, job.items))
-                else:
-                    replies.append(backend.release(job.pairs, job.owner))
-                elapsed = perf_counter() - started
+            try:
+                self.build(job)
+                if job.pairs:
+                    started = perf_counter()
+                    if job.committed:
+                        replies.append(backend.publish(job.pairs, job.owner, job.items, held))
+                    else:
+                        replies.append(backend.release(job.pairs, job.owner))
+                    elapsed = perf_counter() - started
+            finally:
+                if held is not None:  # the publish did not run on it (the breaker, a failure)
+                    backend.let_go(held)
             if job.gen_keys:
                 ok = backend.release_generations(job.gen_keys, job.owner, job.committed)
                 replies.append(0 if ok else None)
-            return self._finish(job, replies, elapsed)
+            return self._finish(job, replies, elapsed, tally)
+        for job in jobs:
+            self.build(job)
         calls: list[tuple[Script, Sequence[str], Sequence[Any]]] = []
         for job in jobs:
             if job.pairs:
@@ -743,7 +791,9 @@ class WritePath:
             done = self._finish(job, replies, elapsed) and done
         return done
 
-    def _finish(self, job: Job, replies: list[Any], elapsed: float) -> bool:
+    def _finish(
+        self, job: Job, replies: list[Any], elapsed: float, tally: Tally | None = None
+    ) -> bool:
         """Count a job's outcome (``replies``: one per script, None for a failure) and journal
         what Redis did not complete; False then."""
         rt = self.runtime
@@ -753,7 +803,7 @@ class WritePath:
         if job.pairs:
             reply = replies.pop(0)
             if job.committed:
-                self._published(job, reply, elapsed)
+                self._published(job, reply, elapsed, tally)
             else:
                 self._restored(job, reply)
             if reply is None:
@@ -774,24 +824,32 @@ class WritePath:
             counters.add("cache_write_failures")
         return done
 
-    def _published(self, job: Job, written: int | None, elapsed: float) -> None:
+    def _published(
+        self, job: Job, written: int | None, elapsed: float, tally: Tally | None = None
+    ) -> None:
+        """Count a publish's outcome per model: into ``tally`` when given (the caller counts
+        it with the commit, under one lock), else now."""
         rt = self.runtime
-        counters = rt.counters
         intents: dict[str, list[Any]] = job.intents
+        counts: Tally = [] if tally is None else tally
         # a publish that found its lock lost or contended left a miss: attributed to the
         # models in order when a transaction wrote several (the script returns one count)
         lost = 0 if written is None else sum(i[2] for i in intents.values()) - written
         for name, rows, to_publish, reasons in intents.values():
-            counters.add("writes", rows, name)
+            if rows:
+                counts.append(((name, "writes"), rows))
             if written is None:
                 continue
             contended = min(lost, to_publish)
             lost -= contended
-            counters.add("publishes", to_publish - contended, name)
+            if to_publish - contended:
+                counts.append(((name, "publishes"), to_publish - contended))
             if contended:
-                counters.invalidated("contended", contended, name)
+                counts.append(((name, "invalidated:contended"), contended))
             for reason, n in reasons.items():
-                counters.invalidated(reason, n, name)
+                counts.append(((name, "invalidated:" + reason), n))
+        if tally is None:
+            rt.counters.add_many(counts)
         tracer = rt.tracer
         if tracer is not None or log.isEnabledFor(logging.DEBUG):
             names = ", ".join(sorted({i[0] for i in intents.values()}))
@@ -859,6 +917,10 @@ class WritePath:
         except Exception:  # the locks expire into misses
             log.exception("writethrough: releasing locks after rollback failed")
         finally:
+            held = tracker.held
+            if held is not None:  # a rollback, a failed COMMIT, close(): never kept past the end
+                tracker.held = None
+                self._let_go(held)
             infos = tracker.infos
             tracker.reset()
             key = self.runtime.settings.info_key
