@@ -41,6 +41,12 @@ class NoCounters(Counters):
     ) -> None:
         pass
 
+    def add_many(self, counts: Any) -> None:
+        pass
+
+    def committed(self, counts: Any, cache_seconds: float, commit_seconds: float | None) -> None:
+        pass
+
 
 def uncounted(cache: WriteThroughCache) -> WriteThroughCache:
     """``cache`` with its counters replaced by :class:`NoCounters` everywhere they are read."""

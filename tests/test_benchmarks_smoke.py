@@ -402,7 +402,8 @@ def test_callgrind_counts_instructions_and_cleans_up(redis_url: str, tmp_path: P
 
 def test_the_uncounted_row_counts_nothing(redis_url: str, prefix: str, tmp_path: Path) -> None:
     """The "counting switched off" row measures what counting costs only if its counters
-    count nothing on the get path: a cached get leaves no hit and no read latency behind."""
+    count nothing: a cached get leaves no hit and no read latency behind, a commit no commit
+    and no commit latency."""
     from benchmarks.counting import uncounted
     from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
@@ -429,6 +430,7 @@ def test_the_uncounted_row_counts_nothing(redis_url: str, prefix: str, tmp_path:
                 assert s.get(UncountedRow, 1).name == "a"
         stats = cache.stats()
         assert stats.hits == 0 and stats.read_latency.count == 0, stats
+        assert stats.commits == 0 and stats.commit_latency.count == 0, stats
     finally:
         cache.uninstall(maker)
         client.close()
