@@ -139,14 +139,15 @@ class SyncTransport:
         replies: list[Any] = self._on_connection(compat.call_many, commands)
         return replies
 
-    def _on_connection(self, call: Callable[[Any, Any], Any], what: Any) -> Any:
-        """``call(connection, what)`` on a pooled connection, under the connection's retry
-        policy (reconnecting between attempts, as redis-py does); the connection goes back to
-        the pool afterwards, closed first if the call failed with anything but an error
-        reply."""
-        if self._orphans:
-            self._release_orphans()
-        conn = self._checkout()
+    def _on_connection(self, call: Callable[[Any, Any], Any], what: Any, conn: Any = None) -> Any:
+        """``call(connection, what)`` on a pooled connection (``conn``, checked out already,
+        else one checked out now), under the connection's retry policy (reconnecting between
+        attempts, as redis-py does); the connection goes back to the pool afterwards, closed
+        first if the call failed with anything but an error reply."""
+        if conn is None:
+            if self._orphans:
+                self._release_orphans()
+            conn = self._checkout()
         try:
             result = compat.with_retry(conn, call, what)
         except BaseException as exc:
@@ -218,13 +219,7 @@ class SyncTransport:
             except BaseException:
                 compat.release(self._pool, conn)
                 raise
-        try:
-            result = compat.with_retry(conn, compat.call, args)
-        except BaseException as exc:
-            self._abandon(conn, exc)
-            raise
-        compat.release(self._pool, conn)
-        return result
+        return self._on_connection(compat.call, args, conn)
 
     def let_go(self, handle: PendingConnection) -> None:
         """Give back the connection ``handle`` holds, if it still holds one."""
