@@ -42,7 +42,7 @@ from sqlalchemy import event
 
 from .cache import WriteThroughCache
 from .dml import table_name_pattern
-from .keys import generation_keys_of, registry_key
+from .keys import generation_keys_of
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
@@ -59,8 +59,9 @@ def invalidate_migrated_tables(
         readers of the touched tables go to the database meanwhile.
     """
     runtime = cache._runtime
-    backend = runtime.backend
-    fields = backend.read_registry(registry_key(cache.prefix))
+    # the backend is looked up at each use: a plain client at a Redis Cluster node goes on
+    # as the cluster at its first refusal (this read, as a rule)
+    fields = cache._read_registry(runtime)
     keyspaces: dict[str, list[str]] = {}
     for field in fields or ():
         table, gen_keys = generation_keys_of(cache.prefix, field)
@@ -86,6 +87,7 @@ def invalidate_migrated_tables(
                 if gen_key not in locked:
                     locked[gen_key] = None
                     new.append(gen_key)
+        backend = runtime.backend
         if new and not backend.lock_generations(new, owner, ttl_ms):
             log.warning(
                 "writethrough: could not lock %d buckets before a migration (%s)",
@@ -105,6 +107,7 @@ def invalidate_migrated_tables(
         event.remove(connection, "before_cursor_execute", before_cursor_execute)
         if locked:
             gen_keys = list(locked)
+            backend = runtime.backend
             if backend.release_generations(gen_keys, owner, True):
                 log.info("writethrough: invalidated %d buckets after the migration", len(gen_keys))
             else:

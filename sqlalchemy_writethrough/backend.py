@@ -524,9 +524,21 @@ class ScriptBackend:
         return True
 
     def read_registry(self, registry_key: str) -> list[str] | None:
+        """The registry's fields; None when Redis failed. A plain client's Cluster refusal
+        (MOVED...) switches the cache to the cluster, as any other command's does: the
+        caller asks the runtime's new backend again (:meth:`.WriteThroughCache._read_registry`)."""
         try:
             fields: Iterable[Any] = self.transport.command("HKEYS", registry_key)
         except _FAILURES as exc:
+            seen = self.on_cluster_node
+            if seen is not None and is_cluster_reply(exc):
+                seen(self)  # the switch says so itself, with a warning
+                log.debug(
+                    "writethrough: Redis at %s: reading the keyspace registry: %s",
+                    self.address,
+                    explain(exc),
+                )
+                return None
             log.warning(
                 "writethrough: Redis at %s: reading the keyspace registry failed: %s",
                 self.address,

@@ -843,13 +843,24 @@ class WriteThroughCache:
         """Every database's keyspace of a model (the registered ones and this process's), and
         whether the registry could be read."""
         found = {keys.registry_field: keys for keys in list(layout.keyspaces.values())}
-        fields = runtime.backend.read_registry(registry_key(self.prefix))
+        fields = self._read_registry(runtime)
         schema = f"{layout.digest}:"
         for field in fields or ():
             table, digest, keys = keyspace_of(self.prefix, field)
             if table == layout.table.fullname and digest.startswith(schema) and field not in found:
                 found[field] = keys
         return list(found.values()), fields is not None
+
+    def _read_registry(self, runtime: Runtime) -> list[str] | None:
+        """The keyspace registry's fields (None when Redis failed), read again on the
+        cluster when the first read's refusal switched a plain client at a Cluster node to
+        it: the first command of a cache can be this read (``invalidate(Model)``, a
+        migration)."""
+        backend = runtime.backend
+        fields = backend.read_registry(registry_key(self.prefix))
+        if fields is None and runtime.backend is not backend:
+            fields = runtime.backend.read_registry(registry_key(self.prefix))
+        return fields
 
     def stats(self, reset: bool = False) -> CacheStats:
         """What the cache did in this process (hits, misses, fills, publishes, errors,

@@ -209,7 +209,17 @@ class SyncTransport:
     def command_on(self, handle: PendingConnection, *args: Any) -> Any:
         """:meth:`command` on the connection ``handle`` holds (checked against the epoch as a
         checkout would), which then goes back to the pool; on a new checkout when the handle
-        holds none any more."""
+        holds none any more.
+
+        The check is for Sentinel: a promotion while the connection was held (the flush's
+        SQL, the COMMIT) leaves it open to the old primary, which takes writes until it is
+        demoted; the publish must go where the sentinels point, or a lagging new primary
+        keeps a value filled there before the COMMIT
+        (``test_a_commit_locked_on_the_old_primary_publishes_on_the_new_one``). A restart or
+        another server breaks the connection, and redis-py's reconnection is checked anyway;
+        after a ``FLUSHALL`` or a ``REPLICAOF`` that keeps it open, the publish writes only
+        over this commit's own lock at its generation and deletes anything else, and the
+        check only narrows the documented ``epoch_check_interval`` window."""
         conn = handle.take()
         if conn is None:
             return self.command(*args)

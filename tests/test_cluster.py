@@ -35,6 +35,7 @@ from sqlalchemy_writethrough import (
 )
 from sqlalchemy_writethrough.cluster import ClusterBackend
 from sqlalchemy_writethrough.config import OnRedisError
+from sqlalchemy_writethrough.keys import registry_key
 from stress.cluster import ClusterGroup, wait_for
 
 from _servers import RoundTripCounter, _counting_connection_class, capture_sql, reset_schema
@@ -293,6 +294,62 @@ def test_a_plain_url_at_one_node_is_used_as_the_cluster(
     assert any("is a Redis Cluster node" in r.getMessage() for r in caplog.records)
     assert _names(factory, schema, range(1, 61)) == (["v1"] * 60, 0)
     assert all(n > 0 for n in cluster.keys_per_primary(f"{prefix}:*").values())
+
+
+def test_invalidate_of_a_model_at_a_node_url_switches_to_the_cluster(
+    cluster: ClusterGroup, schema: Engine, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``invalidate(Model)`` without a bind reads the keyspace registry first: when that is the
+    first command of a cache given one node's URL, and the node does not own the registry's
+    slot, its MOVED switches the cache to the cluster as any other command's does, and the
+    invalidation is done there (it once failed, with a warning, and stayed journaled)."""
+    node = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+    while cluster.owner(key_slot(registry_key(prefix).encode())) == node:
+        prefix += "x"
+    filler = WriteThroughCache(_client(cluster), prefix=prefix)
+    filled = _installed(filler, schema)
+    _fill(filled, 30)
+    assert _names(filled, schema, range(1, 31)) == (["v1"] * 30, 0)  # from the cache
+
+    cache = WriteThroughCache(cluster.url, prefix=prefix)
+    _installed(cache, schema)
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_writethrough"):
+        assert cache.invalidate(ClItem) is True
+    assert isinstance(cache._backend, ClusterBackend)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("is a Redis Cluster node" in m for m in messages), messages
+    assert not any("keyspace registry" in m for m in messages), messages
+    names, selects = _names(filled, schema, range(1, 31))  # every entry forgotten
+    assert (names, selects) == (["v1"] * 30, 30)
+    cache.close()
+    filler.close()
+
+
+def test_a_migration_at_a_node_url_invalidates_on_the_cluster(
+    cluster: ClusterGroup, schema: Engine, prefix: str
+) -> None:
+    """``invalidate_migrated_tables`` of a cache given one node's URL: its first command (the
+    registry's read) switches it to the cluster, and the buckets the migration touched are
+    locked and invalidated there (the old plain client would refuse every multi-bucket
+    script, and the migrated rows would stay cached)."""
+    from sqlalchemy_writethrough.alembic import invalidate_migrated_tables
+
+    node = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+    while cluster.owner(key_slot(registry_key(prefix).encode())) == node:
+        prefix += "x"
+    filler = WriteThroughCache(_client(cluster), prefix=prefix)
+    filled = _installed(filler, schema)
+    _fill(filled, 30)
+    assert _names(filled, schema, range(1, 31)) == (["v1"] * 30, 0)
+
+    cache = WriteThroughCache(cluster.url, prefix=prefix)
+    _installed(cache, schema)
+    with schema.begin() as conn, invalidate_migrated_tables(cache, conn):
+        conn.execute(sa.update(ClItem.__table__).values(name="migrated"))
+    assert isinstance(cache._backend, ClusterBackend)
+    assert _names(filled, schema, range(1, 31)) == (["migrated"] * 30, 30)
+    cache.close()
+    filler.close()
 
 
 def _tool(monkeypatch: pytest.MonkeyPatch, factory: sessionmaker[Session], *argv: str) -> Any:

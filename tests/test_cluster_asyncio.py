@@ -37,6 +37,7 @@ from sqlalchemy_writethrough import (
 from sqlalchemy_writethrough import _redis_compat as compat
 from sqlalchemy_writethrough.cluster_async import AsyncClusterBackend
 from sqlalchemy_writethrough.config import OnRedisError
+from sqlalchemy_writethrough.keys import registry_key
 from stress.cluster import ClusterGroup, wait_for
 
 from _servers import capture_sql, reset_schema
@@ -212,6 +213,42 @@ def test_a_plain_asyncio_client_at_one_node_is_used_as_the_cluster(
     assert loop.run_until_complete(scenario()) == (["v1"] * 60, 0)
     assert any("is a Redis Cluster node" in r.getMessage() for r in caplog.records)
     assert all(n > 0 for n in cluster.keys_per_primary(f"{prefix}:*").values())
+
+
+def test_ainvalidate_of_a_model_at_a_node_url_switches_to_the_cluster(
+    cluster: ClusterGroup,
+    schema: Engine,
+    prefix: str,
+    loop: asyncio.AbstractEventLoop,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``await ainvalidate(Model)`` without a bind as the first command of a cache given one
+    node's URL: the keyspace registry's read meets a MOVED (its slot is on another node),
+    which switches the cache to the cluster, and the invalidation is done there."""
+    node = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+    while cluster.owner(key_slot(registry_key(prefix).encode())) == node:
+        prefix += "x"
+
+    async def scenario() -> tuple[bool, tuple[list[str], int], tuple[list[str], int]]:
+        filler = App(schema, WriteThroughCache(_client(cluster), prefix=prefix))
+        await filler.fill(20)
+        cached = await filler.names(range(1, 21))
+        app = App(schema, WriteThroughCache(cluster.url, prefix=prefix))
+        with caplog.at_level(logging.WARNING, logger="sqlalchemy_writethrough"):
+            done = await app.cache.ainvalidate(AcItem)
+        assert isinstance(app.cache._async.runtime.backend, AsyncClusterBackend)  # type: ignore[union-attr]
+        after = await filler.names(range(1, 21))
+        await app.close()
+        await filler.close()
+        return done, cached, after
+
+    done, cached, after = loop.run_until_complete(scenario())
+    assert cached == (["v1"] * 20, 0)
+    assert done is True
+    assert after == (["v1"] * 20, 20)  # every entry forgotten
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("is a Redis Cluster node" in m for m in messages), messages
+    assert not any("keyspace registry" in m for m in messages), messages
 
 
 def test_tasks_that_find_a_cluster_node_at_once_switch_it_once(

@@ -217,6 +217,57 @@ def test_the_old_primary_is_left_within_the_check_interval(
     assert {c.port for c in conns if c._sock} == {new}
 
 
+@pytest.mark.databases("postgresql", "sqlite")
+def test_a_commit_locked_on_the_old_primary_publishes_on_the_new_one(
+    sentinel_group: SentinelGroup, schema: Engine
+) -> None:
+    """What the epoch check of a commit's held connection (``SyncTransport.command_on``) is
+    for. Inside ``commit()``, the flush locks row 1 on the primary and its connection stays
+    checked out for the publish; the replica never received that lock (cut off, then
+    promoted while the old primary is frozen: a failover to a lagging replica), and a reader
+    connected to the new primary fills row 1 from the database before the COMMIT. The
+    publish then goes on the held connection, still open to the old primary, which answers
+    again as a primary (Sentinel demotes it only later). Checked, that connection is moved
+    to the primary the sentinels name (more than ``epoch_check_interval`` after its last
+    check), where the publish removes the reader's pre-commit fill; unchecked, the publish
+    lands on the old primary, and the new one serves the pre-commit value after the commit
+    has returned, until its TTL."""
+    old = sentinel_group.primary_port()
+    assert old is not None
+    replica = next(s.port for s in sentinel_group.servers if s.port != old)
+    writer = _cache(sentinel_group, epoch_check_interval=0.2)
+    writer_factory = _installed(writer, schema)
+    _commit_name(writer_factory, "v1")
+    assert _read(writer_factory, schema) == ("v1", 0)
+    reader = _cache(sentinel_group)
+    reader_factory = _installed(reader, schema)
+
+    def failover(session: Session, flush_context: Any) -> None:
+        """After the flush's lock (its reply read, its connection held), before COMMIT."""
+        sentinel_group.pause(old)  # the replica cannot sync from it while it is promoted
+        sentinel_group.resume(replica)
+        sentinel_group.failover()
+        assert _promoted(sentinel_group, old) == replica
+        assert _read(reader_factory, schema) == ("v1", 1)  # filled into the new primary
+        assert _read(reader_factory, schema) == ("v1", 0)
+        sentinel_group.resume(old)  # a primary again until Sentinel demotes it
+
+    with writer_factory() as session:
+        item = session.get(SnItem, 1)
+        assert item is not None
+        item.name = "v2"
+        sentinel_group.pause(replica)  # cut off: it never receives the lock
+        with sentinel_group.server(old).admin() as admin:
+            admin.client_kill_filter(_type="slave")  # "replica" is refused by redis-py 5.0
+        sa.event.listen(session, "after_flush_postexec", failover, once=True)
+        session.commit()
+    assert sentinel_group.role(old) == "master"  # the publish did not wait for the demotion
+    assert _read(reader_factory, schema) == ("v2", 1)
+    assert _read(writer_factory, schema)[0] == "v2"
+    writer.close()
+    reader.close()
+
+
 # --------------------------------------------- asyncio: redis.asyncio.sentinel master_for()
 
 
