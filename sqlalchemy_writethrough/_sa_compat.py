@@ -305,6 +305,48 @@ def session_is_clean(session: Session) -> bool:
     return not session.identity_map._modified and not session._deleted and not session._new
 
 
+def pending_states(session: Session) -> tuple[list[Any], list[Any], list[Any]]:
+    """(modified, deleted, new) states of a session about to flush, in before_flush.
+
+    The public ``session.dirty``, ``deleted`` and ``new`` build an ``IdentitySet`` of objects
+    each, whose states the caller then looks up again; these are the dicts they are built
+    from (2.0 and 2.1: ``identity_map._modified``, ``Session._deleted``, ``Session._new``,
+    keyed by state), with ``dirty``'s own rule (modified, not deleted).
+    """
+    deleted = session._deleted
+    modified = [s for s in session.identity_map._modified if s not in deleted]
+    return modified, list(deleted), list(session._new)
+
+
+def flushed_states(session: Session, flush_context: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    """(deleted, inserted, updated) states a flush wrote, in after_flush: what the unit of
+    work itself saved and deleted, not the session's collections.
+
+    ``UOWTransaction.states`` (2.0 and 2.1) maps every state the flush registered to
+    ``(isdelete, listonly)``: the session's new, modified and deleted objects after every
+    before_flush listener ran, plus what the relationships' processors added while it ran
+    (a ``delete-orphan`` child removed from its collection, deleted without ever being in
+    ``session.deleted``; a removed child whose foreign key is set to NULL); ``listonly``
+    states were only looked at, not written. An inserted row is one still in
+    ``Session._new``, which the flush empties after after_flush (its ``key`` may already be
+    set then, by ``eager_defaults``).
+    """
+    new = session._new
+    deleted: list[Any] = []
+    inserted: list[Any] = []
+    updated: list[Any] = []
+    for state, (isdelete, listonly) in flush_context.states.items():
+        if listonly:
+            continue
+        if isdelete:
+            deleted.append(state)
+        elif state in new:
+            inserted.append(state)
+        else:
+            updated.append(state)
+    return deleted, inserted, updated
+
+
 def session_is_flushing(session: Session | None) -> bool:
     """Whether a flush (or a bulk save) is running. A flag of our own set in before_flush
     stays set when a flush stops before after_flush (a listener raising, nothing to write

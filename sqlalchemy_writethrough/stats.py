@@ -287,6 +287,14 @@ NBUCKETS = len(BOUNDS) + 1
 _COMMITS = ("", "commits")
 
 
+def _add_all(
+    got: dict[tuple[str, str], int], counts: Iterable[tuple[tuple[str, str], int]]
+) -> None:
+    """``counts`` added into ``got`` (the caller holds the counters' lock)."""
+    for key, n in counts:
+        got[key] = got.get(key, 0) + n
+
+
 class Counters:
     """The live counters of one cache. ``add`` and ``observe`` are the only calls on hot paths.
 
@@ -348,9 +356,7 @@ class Counters:
     def add_many(self, counts: Iterable[tuple[tuple[str, str], int]]) -> None:
         """Several ``add`` calls (``((model, name), n)`` each) under one lock."""
         with self._lock:
-            got = self._counts
-            for key, n in counts:
-                got[key] = got.get(key, 0) + n
+            _add_all(self._counts, counts)
 
     def committed(
         self,
@@ -364,8 +370,8 @@ class Counters:
         j = -1 if commit_seconds is None else bisect.bisect_left(BOUNDS, commit_seconds)
         with self._lock:
             got = self._counts
-            for key, n in counts:
-                got[key] = got.get(key, 0) + n
+            if counts:
+                _add_all(got, counts)
             got[_COMMITS] = got.get(_COMMITS, 0) + 1
             self._hist["commit_cache"][i] += 1
             self._sums["commit_cache"] += cache_seconds

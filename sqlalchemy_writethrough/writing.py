@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.horizontal_shard import ShardedSession
-from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa_compat
 from .background import Job, Publisher
@@ -47,6 +46,7 @@ from .databases import connection_naming
 from .dml import StatementTracker
 from .exc import CacheUnavailableError
 from .protocol import Script, new_nonce
+from .stats import INVALIDATION_REASONS
 from .tracing import record_span
 from .tracking import Change, SessionTracker
 
@@ -81,10 +81,13 @@ class WritePath:
     def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
         tracker = self.runtime.tracker(session)
         tracker.in_flush = True
+        # what the flush will write as far as the session knows now (before_flush listeners
+        # added after this one are seen by after_flush, which reads the flush's own states)
+        modified, deleted, new = _sa_compat.pending_states(session)
         if not (tracker.began or tracker.external):
             # only a transaction's first database activity needs a look at its binds
-            for obj in session.new or session.dirty or session.deleted:
-                tracker.note_first_activity(session, instance_state(obj).mapper)
+            for state in new or modified or deleted:
+                tracker.note_first_activity(session, state.mapper)
                 break
         if tracker.pending_lock is not None:  # the last flush stopped before after_flush
             self._finish_locks(tracker)
@@ -95,9 +98,11 @@ class WritePath:
             # the transaction that will end (and finish the reply) if the flush never runs
             and session.get_transaction() is not None
         ):
-            self._send_locks(session, tracker)
+            self._send_locks(session, tracker, (modified, deleted, new))
 
-    def _send_locks(self, session: Session, tracker: SessionTracker) -> None:
+    def _send_locks(
+        self, session: Session, tracker: SessionTracker, pending: tuple[list[Any], ...]
+    ) -> None:
         """Send the locks of the entries this flush will write, as far as their keys are known
         before it runs; after_flush reads the reply and locks whatever else it wrote. A key
         locked here that the flush does not write after all ends as a miss.
@@ -116,9 +121,8 @@ class WritePath:
         # per class, in a session that is not sharded: its layout and key space, once
         per_mapper: dict[Any, tuple[ModelLayout, KeySpace] | None] = {}
         sharded = binds.sharded
-        for collection in (session.dirty, session.deleted, session.new):
-            for obj in collection:
-                state = instance_state(obj)
+        for collection in pending:
+            for state in collection:
                 mapper = state.mapper
                 found = per_mapper.get(mapper, _UNSEEN)
                 if found is _UNSEEN:
@@ -262,8 +266,10 @@ class WritePath:
             changes[key] = Change(gen_key, payload, max(1, int(ttl - spread * random())), reason)
             touched.append((key, gen_key))
 
-        for obj in session.deleted:
-            state = instance_state(obj)
+        # what the unit of work wrote: the session's objects after every before_flush
+        # listener, and the rows its relationships deleted or changed (orphans)
+        deleted, inserted_states, updated = _sa_compat.flushed_states(session, flush_context)
+        for state in deleted:
             mapper = state.mapper
             bind = binds.of(state)
             cascades = rt.models.cascades(mapper.local_table, deleted=True, orm_handles=mapper)
@@ -278,9 +284,8 @@ class WritePath:
         # every row of it shares, looked up once per flush
         per_mapper: dict[Any, tuple[Any, ...]] = {}
         sharded = binds.sharded
-        for collection, inserted in ((session.new, True), (session.dirty, False)):
-            for obj in collection:
-                state = instance_state(obj)
+        for collection, inserted in ((inserted_states, True), (updated, False)):
+            for state in collection:
                 mapper = state.mapper
                 found = per_mapper.get(mapper)
                 if found is None:
@@ -847,7 +852,7 @@ class WritePath:
             if contended:
                 counts.append(((name, "invalidated:contended"), contended))
             for reason, n in reasons.items():
-                counts.append(((name, "invalidated:" + reason), n))
+                counts.append(((name, _INVALIDATED.get(reason) or "invalidated:" + reason), n))
         if tally is None:
             rt.counters.add_many(counts)
         tracer = rt.tracer
@@ -976,6 +981,9 @@ class FlushBinds:
             self._found[(mapper, token)] = found
         return found
 
+
+#: the stats' counter name of each reason a row is left as a miss, made once
+_INVALIDATED = {reason: "invalidated:" + reason for reason in INVALIDATION_REASONS}
 
 #: a class not looked at yet in this flush
 _UNSEEN: Any = object()

@@ -581,3 +581,63 @@ def test_session_binds_attr_is_what_get_bind_checks_first() -> None:
     with Session() as unbound:
         unbound.bind_mapper(Parent, other)
         assert getattr(unbound, attr) and not unbound.bind
+
+
+def test_pending_states_are_the_public_collections_states(session: Session) -> None:
+    """``identity_map._modified``, ``Session._deleted`` and ``Session._new``: the states of
+    ``session.dirty``, ``deleted`` and ``new``, as before_flush sees them."""
+    session.add_all([Parent(id=1), Parent(id=2), Parent(id=3)])
+    session.flush()
+    one, two = session.get(Parent, 1), session.get(Parent, 2)
+    assert one is not None and two is not None
+    one.name = "changed"
+    two.name = "changed, then deleted"
+    session.delete(two)
+    four = Parent(id=4)
+    session.add(four)
+    seen: list[tuple[list[Any], ...]] = []
+
+    @event.listens_for(session, "before_flush")
+    def look(session: Session, flush_context: Any, instances: Any) -> None:
+        modified, deleted, new = _sa_compat.pending_states(session)
+        public = (session.dirty, session.deleted, session.new)
+        seen.append((modified, deleted, new))
+        for states, objects in zip((modified, deleted, new), public, strict=True):
+            assert {id(s) for s in states} == {id(inspect(o)) for o in objects}
+
+    session.flush()
+    modified, deleted, new = seen[0]
+    assert [s.obj() for s in modified] == [one]
+    assert [s.obj() for s in deleted] == [two]
+    assert [s.obj() for s in new] == [four]
+
+
+def test_flushed_states_are_what_the_unit_of_work_wrote(session: Session) -> None:
+    """``UOWTransaction.states`` (state -> ``(isdelete, listonly)``) in after_flush: the rows
+    written, split into deleted, inserted (still in ``Session._new``) and updated; a row the
+    flush only looked at (registered ``listonly``) is not among them."""
+    session.add_all([Parent(id=1), Parent(id=2), Thing(a=1, b="x"), Thing(a=2, b="y")])
+    session.flush()
+    parent, looked_at = session.get(Parent, 1), session.get(Parent, 2)
+    thing, gone = session.get(Thing, (1, "x")), session.get(Thing, (2, "y"))
+    assert parent is not None and thing is not None and gone is not None
+    thing.parent = parent
+    session.delete(gone)
+    three = Parent(id=3)
+    session.add(three)
+    seen: list[tuple[list[Any], ...]] = []
+
+    @event.listens_for(session, "before_flush")
+    def register(session: Session, flush_context: Any, instances: Any) -> None:
+        flush_context.register_object(inspect(looked_at), listonly=True)
+
+    @event.listens_for(session, "after_flush")
+    def look(session: Session, flush_context: Any) -> None:
+        assert flush_context.states[inspect(looked_at)] == (False, True)
+        seen.append(_sa_compat.flushed_states(session, flush_context))
+
+    session.flush()
+    deleted, inserted, updated = seen[0]
+    assert [s.obj() for s in deleted] == [gone]
+    assert [s.obj() for s in inserted] == [three]
+    assert [s.obj() for s in updated] == [thing]

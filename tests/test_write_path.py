@@ -21,10 +21,17 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from sqlalchemy import String, event, inspect, select
+from sqlalchemy import ForeignKey, String, event, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
@@ -81,6 +88,33 @@ class WpTag(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     body: Mapped[str] = mapped_column(String(100))
+
+
+class WpBox(Base, CachedModel):
+    """A cached parent whose children are deleted with it and when taken out of it
+    (``delete-orphan``), and whose loose children only lose their foreign key."""
+
+    __tablename__ = "wp_box"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    parts: Mapped[list[WpPart]] = relationship(cascade="all, delete-orphan")
+    loose: Mapped[list[WpLoose]] = relationship()
+
+
+class WpPart(Base, CachedModel):
+    __tablename__ = "wp_part"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    box_id: Mapped[int | None] = mapped_column(ForeignKey("wp_box.id"))
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class WpLoose(Base, CachedModel):
+    __tablename__ = "wp_loose"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    box_id: Mapped[int | None] = mapped_column(ForeignKey("wp_box.id"))
+    name: Mapped[str] = mapped_column(String(50))
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -1156,6 +1190,106 @@ def test_rows_changed_by_a_later_before_flush_listener_are_locked_and_published(
             assert_value_or_miss(make_session, engine, cache, redis_client, WpProduct, pk)["name"]
             == name
         )
+
+
+@pytest.mark.parametrize("order", ["before the cache's", "after the cache's"])
+def test_rows_a_before_flush_listener_adds_or_deletes_are_published(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+    order: str,
+) -> None:
+    """A before_flush listener, running before or after the cache's own, adds one row and
+    deletes another: the commit publishes the new row and leaves no entry of the deleted
+    one (after_flush reads what the flush wrote, whatever the listeners' order)."""
+    seed_products(engine, 1, 2)
+    warm(make_session, engine, cache, redis_client, WpProduct, 1, 2)
+
+    def add_and_delete(session: Session, flush_context: Any, instances: Any) -> None:
+        if session.get(WpProduct, 3) is None:
+            session.add(full_product(3, "added by a listener"))
+            session.delete(session.get(WpProduct, 2))
+
+    event.listen(make_session, "before_flush", add_and_delete, insert=order.startswith("before"))
+    try:
+        with make_session() as session:
+            one = session.get(WpProduct, 1)
+            assert one is not None
+            one.name = "changed by the caller"
+            session.commit()
+    finally:
+        event.remove(make_session, "before_flush", add_and_delete)
+
+    assert db_values(engine, WpProduct, 2) is None
+    assert entry_state(redis_client, entry_key(cache, WpProduct, 2)) is None
+    assert get_via_database(make_session, engine, WpProduct, 2) is None
+    for pk, name in ((1, "changed by the caller"), (3, "added by a listener")):
+        assert entry_state(redis_client, entry_key(cache, WpProduct, pk)) == "value"
+        assert (
+            assert_value_or_miss(make_session, engine, cache, redis_client, WpProduct, pk)["name"]
+            == name
+        )
+
+
+def test_a_child_deleted_as_an_orphan_is_never_served_from_the_cache(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """A ``delete-orphan`` child taken out of its parent's collection is deleted by the flush
+    without ever being in ``session.deleted``: its cached entry goes with it."""
+    with Session(engine) as seed:
+        seed.add(WpBox(id=1, parts=[WpPart(id=1, name="kept"), WpPart(id=2, name="dropped")]))
+        seed.commit()
+    warm(make_session, engine, cache, redis_client, WpPart, 1, 2)
+
+    with make_session() as session:
+        box = session.get(WpBox, 1)
+        part = session.get(WpPart, 2)
+        assert box is not None and part is not None
+        box.parts.remove(part)
+        session.commit()
+
+    assert db_values(engine, WpPart, 2) is None
+    assert entry_state(redis_client, entry_key(cache, WpPart, 2)) is None
+    with make_session() as session:
+        assert session.get(WpPart, 2) is None
+    assert assert_value_or_miss(make_session, engine, cache, redis_client, WpPart, 1)["name"] == (
+        "kept"
+    )
+
+
+def test_a_child_taken_out_of_its_parent_is_published_without_its_parent(
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+) -> None:
+    """A child taken out of a collection (no ``delete-orphan``) gets its foreign key set to
+    NULL by the flush, though the child itself was never modified: the cache serves the
+    row the database holds, not the one with its old parent."""
+    with Session(engine) as seed:
+        seed.add(WpBox(id=1, loose=[WpLoose(id=1, name="one"), WpLoose(id=2, name="two")]))
+        seed.commit()
+    warm(make_session, engine, cache, redis_client, WpLoose, 1, 2)
+
+    with make_session() as session:
+        box = session.get(WpBox, 1)
+        loose = session.get(WpLoose, 2)
+        assert box is not None and loose is not None
+        box.loose.remove(loose)
+        session.commit()
+
+    assert db_values(engine, WpLoose, 2) == {"id": 2, "box_id": None, "name": "two"}
+    assert (
+        assert_value_or_miss(make_session, engine, cache, redis_client, WpLoose, 2)["box_id"]
+        is None
+    )
+    assert (
+        assert_value_or_miss(make_session, engine, cache, redis_client, WpLoose, 1)["box_id"] == 1
+    )
 
 
 @pytest.mark.parametrize("failure", ["before_flush", "database_commit"])
