@@ -64,6 +64,25 @@ def pool_blocks(pool: Any) -> bool:
     return isinstance(pool, BlockingConnectionPool)
 
 
+def lendable_connections(pool: Any) -> int:
+    """How many of ``pool``'s connections the cache may keep checked out between commands,
+    one per thread (see :class:`~.redis_sync.SyncTransport`): a quarter of ``max_connections``
+    (redis-py's default is 100 in 6.0 and later, 2**31 before) for a plain ``ConnectionPool``
+    only, so that threads holding idle connections never run the pool dry; 0 for any other
+    pool (a ``BlockingConnectionPool`` waits instead of opening one; a Sentinel pool's
+    ``release`` drops connections to a demoted primary, which a held one would skip)."""
+    if type(pool) is not redis.ConnectionPool:
+        return 0
+    return int(getattr(pool, "max_connections", 0) or 0) // 4
+
+
+def socket_of(conn: Any) -> Any:
+    """The connection's socket (``Connection._sock``, private in 5.0 to 8.1; None when it is
+    not connected): a kept connection is polled before its next command, the check redis-py's
+    ``get_connection`` makes with ``can_read()``."""
+    return getattr(conn, "_sock", None)
+
+
 def checkout_of(pool: Any) -> Callable[[], Any]:
     """``pool.get_connection`` as a no-argument callable: redis-py before 5.3 requires a
     command name, 5.3 and later deprecate passing one."""

@@ -44,6 +44,7 @@ from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
 from .near import ClusterSubscriptions, NearCache, Subscriptions, TwinSubscriptions
 from .redis_async import AsyncTransport
+from .redis_sync import SyncTransport
 from .registry import Models
 from .report import CachedModels, describe
 from .runtime import Runtime, Settings
@@ -453,6 +454,8 @@ class WriteThroughCache:
         flavour.runtime.backend = switched
         self._built.append((cluster, asynchronous))
         self._retired.append(backend)
+        if isinstance(backend.transport, SyncTransport):
+            backend.transport.close()  # the connections its threads kept go back to the pool
         if any(built is client for built, _ in self._built):
             # the plain client of the cache's URL is used no more: its idle connections are
             # closed now (one in use by another thread at this moment is closed by close())
@@ -623,6 +626,7 @@ class WriteThroughCache:
             elif ref() is not None:
                 keep.append((ref, name, fn))
         self._installed = keep
+        self._give_back_kept_connections()
         maker = target.session_factory if isinstance(target, scoped_session) else target
         made = cast(type, getattr(maker, "class_", made))
         reads = [flavour.read for flavour in (self._sync, self._async) if flavour is not None]
@@ -772,7 +776,22 @@ class WriteThroughCache:
             self._near.stop()
         if self._shared_stats is not None:
             self._shared_stats.final()
+        self._give_back_kept_connections(close=True)
         self._close_built_sync_clients()
+
+    def _give_back_kept_connections(self, close: bool = False) -> None:
+        """Return to their pools the connections the synchronous transports keep per thread
+        between commands (:class:`~.redis_sync.SyncTransport`); with ``close``, they keep none
+        from now on."""
+        if self._sync is None:
+            return
+        for backend in [self._sync.runtime.backend, *self._retired]:
+            transport = getattr(backend, "transport", None)
+            if isinstance(transport, SyncTransport):
+                if close:
+                    transport.close()
+                else:
+                    transport.release_held()
 
     def _close_built_sync_clients(self) -> None:
         """Stop the breakers' probes of a cache given a URL, and close the synchronous clients

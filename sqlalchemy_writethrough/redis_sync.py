@@ -3,14 +3,20 @@
 A plain client's commands go straight to a pooled connection (``send_command`` /
 ``read_response``, below ``Redis.execute_command``: see :mod:`._redis_compat`), under the
 connection's retry policy, and every connection is checked against the prefix's epoch before its
-first use and at every reconnection (:mod:`.epoch`). A single-connection client, client-side
-caching or a subclass's ``execute_command`` keep redis-py's own path, checked every interval.
+first use and at every reconnection (:mod:`.epoch`). On a plain ``ConnectionPool``, each thread
+keeps its connection checked out between commands (:class:`HeldConnection`): redis-py 8.1's
+``get_connection`` and ``release`` are about 70k instructions, a quarter of a cached get's. A
+single-connection client, client-side caching or a subclass's ``execute_command`` keep
+redis-py's own path, checked every interval.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -68,6 +74,64 @@ class PendingConnection:
         self.orphans.append(conn)  # atomic; the pool's lock is never taken from here
 
 
+class HeldConnection:
+    """The connection a thread keeps checked out between its commands on one transport
+    (:class:`SyncTransport`), so that a command skips the pool's checkout and release (a
+    quarter of a cached get's instructions with redis-py 8.1). The connection is in a clean
+    state (its last reply read) whenever it is here. Taking it is one atomic ``list.pop()``:
+    :meth:`SyncTransport.close` may take it from another thread.
+
+    When the thread ends (its ``threading.local`` dropped), the connection goes back to the
+    pool at the transport's next checkout, as a collected :class:`PendingConnection`'s does; a
+    holder made before a ``fork()`` is never used nor released in the child."""
+
+    __slots__ = ("__weakref__", "fork", "orphans", "poller", "slot", "sock")
+
+    def __init__(self, orphans: list[Any]) -> None:
+        #: the connection, when the thread holds one (at most one element)
+        self.slot: list[Any] = []
+        self.fork = _forks[0]
+        self.orphans = orphans
+        #: the socket ``poller`` polls (a reconnected connection has a new one)
+        self.sock: Any = None
+        self.poller: Any = None
+
+    def take(self) -> Any:
+        """The connection (None when there is none), now the caller's."""
+        try:
+            return self.slot.pop()
+        except IndexError:
+            return None
+
+    def quiet(self, conn: Any) -> bool:
+        """Whether ``conn`` can take a command as it is: connected, and nothing to read on its
+        socket (a server that closed an idle connection, ``timeout`` or a restart, makes it
+        readable). The check ``get_connection`` makes with ``can_read()``, for a poll's price."""
+        sock = compat.socket_of(conn)
+        if sock is None:
+            return False
+        if sock is not self.sock:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            self.sock, self.poller = sock, poller
+        return not self.poller.poll(0)
+
+    def __del__(self) -> None:
+        slot = self.slot
+        if not slot:
+            return
+        try:
+            if self.fork != _forks[0]:
+                slot.clear()
+                return  # the parent's socket
+        except TypeError:  # at interpreter exit, this module torn down: nothing to give back
+            return
+        try:
+            self.orphans.append(slot.pop())  # atomic; the pool's lock is never taken from here
+        except IndexError:
+            pass
+
+
 #: how many times this process was forked from its parent (a handle made in another
 #: generation holds the parent's connection)
 _forks = [0]
@@ -82,7 +146,15 @@ if hasattr(os, "register_at_fork"):
 
 
 class SyncTransport:
-    """:class:`~.transport.Transport` of a ``redis.Redis`` client."""
+    """:class:`~.transport.Transport` of a ``redis.Redis`` client.
+
+    Where the pool allows it (:func:`._redis_compat.lendable_connections`), a thread's command
+    runs on the connection the thread kept from its last one, when that connection is quiet
+    (:meth:`HeldConnection.quiet`; else it goes back to the pool, whose checkout reconnects
+    it) and passes the epoch check a checkout makes; the command keeps it after succeeding,
+    and abandons it after failing, as before. A commit's lock connection goes back to the
+    thread's holder, where the publish finds it (no per-handle hold: :attr:`holds` is
+    False)."""
 
     clustered = False
 
@@ -104,6 +176,19 @@ class SyncTransport:
         #: connections of handles collected while checked out: back to the pool at the next
         #: checkout (see :class:`PendingConnection`)
         self._orphans: list[Any] = []
+        #: how many threads may keep a connection between commands (:class:`HeldConnection`;
+        #: 0: every command checks one out and releases it)
+        self._lendable = (
+            compat.lendable_connections(self._pool)
+            if self._direct and hasattr(select, "poll")
+            else 0
+        )
+        self._local = threading.local()
+        self._holders: weakref.WeakSet[HeldConnection] = weakref.WeakSet()
+        self._holders_lock = threading.Lock()
+        self._closed = False
+        if self._lendable:
+            self.holds = False  # a lock's connection goes back to the thread's holder
 
     def _checked(self, checkout: Callable[[], Any], guard: EpochGuard) -> Callable[[], Any]:
         pool = self._pool
@@ -124,6 +209,8 @@ class SyncTransport:
             if self._epoch is not None:
                 self._epoch.check_client(self.client.execute_command)
             return self.client.execute_command(*args)
+        if self._lendable:
+            return self._on_held(compat.call, args)
         return self._on_connection(compat.call, args)
 
     def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
@@ -136,8 +223,89 @@ class SyncTransport:
             for command in commands:
                 pipe.execute_command(*command)
             return list(pipe.execute(raise_on_error=False))
+        if self._lendable:
+            held: list[Any] = self._on_held(compat.call_many, commands)
+            return held
         replies: list[Any] = self._on_connection(compat.call_many, commands)
         return replies
+
+    def _holder(self) -> HeldConnection | None:
+        """This thread's :class:`HeldConnection` (None: this thread does not keep one)."""
+        try:
+            held: HeldConnection | None = self._local.held
+        except AttributeError:
+            held = None
+            with self._holders_lock:  # once per thread: the cap holds with threads racing
+                if not self._closed and len(self._holders) < self._lendable:
+                    held = HeldConnection(self._orphans)
+                    self._holders.add(held)
+            self._local.held = held
+            return held
+        if held is not None and held.fork != _forks[0]:
+            held.slot.clear()  # the parent's connection: neither used nor released here
+            self._local.held = held = HeldConnection(self._orphans)
+            self._holders = weakref.WeakSet([held])
+        return held
+
+    def _take_held(self, held: HeldConnection | None) -> Any:
+        """A connection for one command: the thread's kept one when it is quiet (and checked
+        against the epoch as a checkout's is), else one checked out now."""
+        if self._orphans:  # a dead thread's: back to the pool (it may be the one taken now)
+            self._release_orphans()
+        conn = held.take() if held is not None else None
+        if conn is not None:
+            if held.quiet(conn):  # type: ignore[union-attr]
+                if self._epoch is not None:
+                    try:
+                        self._epoch.check_connection(conn)
+                    except BaseException:
+                        compat.release(self._pool, conn)
+                        raise
+                return conn
+            # closed by the server or by pool.disconnect(): the pool's checkout looks at it
+            # (can_read) and reconnects it, as it does for any idle connection
+            compat.release(self._pool, conn)
+        return self._checkout()
+
+    def _keep(self, held: HeldConnection | None, conn: Any) -> None:
+        """After a command that succeeded: the connection stays the thread's, or goes back to
+        the pool (the thread keeps one already, or keeps none, or the transport is closed)."""
+        if held is None or held.slot:
+            compat.release(self._pool, conn)
+            return
+        held.slot.append(conn)
+        if self._closed:
+            conn = held.take()
+            if conn is not None:
+                compat.release(self._pool, conn)
+
+    def _on_held(self, call: Callable[[Any, Any], Any], what: Any) -> Any:
+        """:meth:`_on_connection` on the thread's kept connection, which it keeps after."""
+        held = self._holder()
+        conn = self._take_held(held)
+        try:
+            result = compat.with_retry(conn, call, what)
+        except BaseException as exc:
+            self._abandon(conn, exc)  # never kept: closed first unless Redis answered
+            raise
+        self._keep(held, conn)
+        return result
+
+    def close(self) -> None:
+        """Give back every connection kept between commands (each thread's idle one), and keep
+        none from now on: ``cache.close()``."""
+        self._closed = True
+        self.release_held()
+
+    def release_held(self) -> None:
+        """Give back the connections threads keep between commands and that are idle now (a
+        thread amid a command gives its own back after it, or keeps it when not closed)."""
+        for held in list(self._holders):
+            conn = held.take()
+            if conn is not None and held.fork == _forks[0]:
+                compat.release(self._pool, conn)
+        if self._orphans:
+            self._release_orphans()
 
     def _on_connection(self, call: Callable[[Any, Any], Any], what: Any, conn: Any = None) -> Any:
         """``call(connection, what)`` on a pooled connection (``conn``, checked out already,
@@ -176,9 +344,12 @@ class SyncTransport:
             compat.release(self._pool, conn)
 
     def begin(self, command: Sequence[Any]) -> PendingConnection:
-        if self._orphans:
-            self._release_orphans()
-        conn = self._checkout()
+        if self._lendable:
+            conn = self._take_held(self._holder())
+        else:
+            if self._orphans:
+                self._release_orphans()
+            conn = self._checkout()
         try:
             compat.send(conn, command)
         except BaseException:
@@ -199,7 +370,9 @@ class SyncTransport:
         except BaseException as exc:
             self._abandon(conn, exc)
             raise
-        if hold:
+        if self._lendable:
+            self._keep(self._holder(), conn)  # the thread's again: the publish runs on it
+        elif hold:
             handle.connection = conn
             handle.read = True  # in a clean state: the pool may have it back as it is
         else:

@@ -78,6 +78,31 @@ def test_pool_kinds_and_connection_settings(redis_url: str) -> None:
         retrying.close()
 
 
+def test_lendable_connections_of_each_pool_kind(redis_url: str) -> None:
+    plain = redis.ConnectionPool.from_url(redis_url, max_connections=40)
+    default = redis.ConnectionPool.from_url(redis_url)
+    blocking = redis.BlockingConnectionPool.from_url(redis_url, max_connections=40)
+
+    class Subclass(redis.ConnectionPool):
+        pass
+
+    sentinel = Sentinel([("127.0.0.1", 1)]).master_for("nothing").connection_pool
+    assert compat.lendable_connections(plain) == 10
+    assert compat.lendable_connections(default) == default.max_connections // 4 > 0
+    for other in (blocking, Subclass.from_url(redis_url), sentinel):
+        assert compat.lendable_connections(other) == 0
+
+
+def test_the_socket_of_a_connection(pooled: tuple[redis.Redis, Any]) -> None:
+    _, conn = pooled
+    sock = compat.socket_of(conn)
+    assert sock is not None and sock.fileno() >= 0  # connected by the checkout
+    compat.disconnect(conn)
+    assert compat.socket_of(conn) is None
+    compat.connect(conn)
+    assert compat.socket_of(conn) is not None and compat.socket_of(conn) is not sock
+
+
 def test_checkout_call_and_release(pooled: tuple[redis.Redis, Any], prefix: str) -> None:
     _, conn = pooled
     assert compat.call(conn, ("SET", f"{prefix}:a", "1")) in (b"OK", "OK", True)
