@@ -273,8 +273,8 @@ class _RowCodec:
             exact, encode = col_codec.exact_not_null, col_codec.encode_not_null
             if col_codec.stored_type is not None and plain:
                 namespace[f"t{i}"] = col_codec.stored_type
-                decode.append(f"    v{i} = raw[{i}]")
-                decode.append(f"    if v{i} is not None and type(v{i}) is not t{i}:")
+                # the type first: most values are not None, and are of their type
+                decode.append(f"    if type(v{i}) is not t{i} and v{i} is not None:")
                 decode.append(f"        _wrong(t{i}, v{i})")
                 # exact() returns None, a value of the stored type, or NOT_EXACT: nothing
                 # left for encode() to do
@@ -295,7 +295,6 @@ class _RowCodec:
                     converts = True
                     namespace[f"d{i}"] = col_codec.not_null
                     namespace[f"s{i}"] = inline[0]
-                    decode.append(f"    v{i} = raw[{i}]")
                     decode.append(f"    if v{i} is not None:")
                     decode.append(f"        if type(v{i}) is str:")
                     decode.append(f"            v{i} = s{i}(v{i})")
@@ -308,12 +307,11 @@ class _RowCodec:
                     decode.append(f"            v{i} = d{i}(v{i})")
                 elif col_codec.not_null is not None and plain:
                     namespace[f"d{i}"] = col_codec.not_null
-                    decode.append(f"    v{i} = raw[{i}]")
                     decode.append(f"    if v{i} is not None:")
                     decode.append(f"        v{i} = d{i}(v{i})")
                 else:
                     namespace[f"d{i}"] = col_codec.decode
-                    decode.append(f"    v{i} = d{i}(raw[{i}])")
+                    decode.append(f"    v{i} = d{i}(v{i})")
                 if plain and exact is not None and encode is not None:
                     # ColumnCodec.flushed: encode(exact(value)), NOT_EXACT passed on
                     namespace[f"x{i}"] = exact
@@ -331,6 +329,9 @@ class _RowCodec:
             flushed.append(f"    if v{i} is NOT_EXACT:")
             flushed.append("        return None")
         names = [f"v{i}" for i in range(1, len(attrs) + 1)]
+        # every column in one unpacking of the list (its length checked above), not an
+        # index a column
+        decode.insert(3, f"    _, {', '.join(names)}, = raw")
         items = ", ".join(f"{attr!r}: {name}" for attr, name in zip(attrs, names, strict=True))
         decode.append(f"    return {{{items}}}")
         if converts:

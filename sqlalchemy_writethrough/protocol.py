@@ -27,6 +27,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from importlib import resources
+from operator import itemgetter
 from typing import Any, Literal
 
 _LUA = resources.files(__package__) / "lua"
@@ -186,7 +187,25 @@ def payloads_after(values: Sequence[Any], prefixes: Sequence[bytes | None]) -> l
     batch read path. One ``startswith`` an entry rather than a search for the separator and
     two comparisons; the payload is a slice of the reply's bytes (a copy of a few hundred
     bytes costs fewer instructions than a memoryview and its view, and decoding slices it
-    again)."""
+    again).
+
+    When every value (of those with a prefix: an MGET's reply ends with the generations) is
+    bytes that starts with its own prefix, the values' heads, sliced at the first prefix's
+    length, are the prefixes: compared as lists, then the payloads sliced, each in C
+    (``map``), with no Python loop per entry (``bytes.startswith`` parses its arguments as a
+    tuple: about 1,000 instructions a call). Anything else (a null, an entry of another
+    generation or none, prefixes of several lengths) takes the loop."""
+    count = len(prefixes)
+    first = prefixes[0] if count else None
+    if first is not None:
+        size = len(first)
+        values = values[:count]
+        try:
+            heads = list(map(itemgetter(slice(None, size)), values))
+        except TypeError:  # a null
+            heads = []
+        if heads == prefixes:  # each a bytes head (as an MGET's reply has): a bytes payload
+            return list(map(itemgetter(slice(size, None)), values))
     found: list[Any] = []
     append = found.append
     for value, prefix in zip(values, prefixes, strict=False):
