@@ -370,7 +370,9 @@ def test_the_batch_payloads_of_many_buckets_are_those_of_current_payload() -> No
     ]
     for values, buckets in cases:
         reply = [*values, *gens]  # the generations follow the entries, as in an MGET's
-        expected = [protocol.current_payload(v, gens[b]) for v, b in zip(values, buckets)]
+        expected = [
+            protocol.current_payload(v, gens[b]) for v, b in zip(values, buckets, strict=True)
+        ]
         got = protocol.payloads_after(reply, [protocol.value_prefix(gens[b]) for b in buckets])
         assert [bytes(p) if p is not False else p for p in expected] == got
         assert all(type(p) is bytes for p in got if p is not False)
