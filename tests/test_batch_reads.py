@@ -265,6 +265,9 @@ def test_keys_of_int_primary_keys_read_again_are_the_same() -> None:
     assert used.pairs_of(values) == expected  # the memo overflows once on the way
     assert [used.pair([v]) for v in values] == expected
     assert used.pairs_of(values[:5]) == expected[:5]
+    assert used.pairs_of(values[-4:]) == expected[-4:]  # all kept: looked up at once
+    with pytest.raises(TypeError):  # True == 1, kept: still no key of its own
+        used.pairs_of([1, True])
     assert used.pair(["a string"]) == KeySpace("p", "br_item", "digest", 16).pair(["a string"])
     assert len(set(expected[:20])) == 20
 
