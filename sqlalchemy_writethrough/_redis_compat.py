@@ -404,7 +404,7 @@ def _packed_keys(conn: Any, args: Sequence[Any]) -> bytes | None:
     if encoder.encoding not in ("utf-8", "utf8") or encoder.encoding_errors != "strict":
         return None
     kept = _PACKED_ARGS
-    parts = list(map(kept.get, args))
+    parts: list[Any] = list(map(kept.get, args))  # None for a key not kept
     parts.insert(0, b"*%d\r\n" % len(args))
     try:
         return b"".join(parts)
