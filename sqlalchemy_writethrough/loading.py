@@ -759,7 +759,7 @@ def _kept_rows(
             memo is None
             or memo[0] is not dialect
             or memo[1] is not layout
-            or memo[2] != [value]
+            or memo[2][0] != value  # this layout's keys are of one column: no list to make
             or memo[3][0] is not one
         ):
             return None
