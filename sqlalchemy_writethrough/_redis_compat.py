@@ -393,11 +393,13 @@ def _packed_keys(conn: Any, args: Sequence[Any]) -> bytes | None:
     packed form kept from an earlier MGET (``_PACKED_ARGS``): one dict lookup a key, in C,
     then one join. Rows read once are often read again, and a bucket's generation key is in
     every read of it: :func:`_packed`'s loop was about 1,800 instructions an argument (117 for
-    a 100-row batch read). A key not kept yet is packed as :func:`_packed` packs a str, and
-    kept. None when an argument is not a str (or a str's subclass), or the encoding is not
-    strict UTF-8, or redis-py's packer is not the Python one: :func:`_packed` or redis-py's
-    packer then packs it. Only exact str arguments are kept; a str subclass's argument equal to
-    a kept key is packed as that key (the same UTF-8 bytes)."""
+    a 100-row batch read; now about 480). A key not kept yet is packed as :func:`_packed`
+    packs a str, and kept: only exact str arguments are. None when an argument not kept is
+    not an exact str (bytes, an int, a str subclass), or the encoding is not strict UTF-8,
+    or redis-py's packer is not the Python one: :func:`_packed` or redis-py's packer then
+    packs it. A str subclass's argument equal to a kept key is packed as that key is (its
+    UTF-8 bytes, what redis-py's encoder writes for it). The kept forms are a pure function
+    of the key: no connection, client or fork can make one wrong."""
     if _PYTHON_PACKER is None or type(getattr(conn, "_command_packer", None)) is not _PYTHON_PACKER:
         return None
     encoder = conn.encoder
