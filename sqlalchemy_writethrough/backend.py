@@ -337,7 +337,7 @@ class ScriptBackend:
             gen_key: value_prefix(gen)
             for gen_key, gen in zip(gen_keys, replies[len(pairs) :], strict=True)
         }
-        return payloads_after(replies, list(map(prefixes.__getitem__, gen_of)))
+        return payloads_after(replies, list(map(prefixes.get, gen_of)))  # every one is there
 
     def fetch(
         self, key: str, gen_key: str, lease: str, lease_ms: int

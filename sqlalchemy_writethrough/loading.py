@@ -416,6 +416,7 @@ class ReadPath:
         identity_class = mapper.identity_key_from_primary_key((ids[0],))[0]
         identity_map = session.identity_map
         found: dict[Any, Any] = {}
+        built = None  # the rows, in the order of ids, when every one was built from the cache
         # the ids to read and their identity keys, in two lists of the same order
         todo: list[Any]
         todo_keys: list[Any]
@@ -453,14 +454,18 @@ class ReadPath:
                 rt.counters.add("misses", len(todo), name)
                 self._read_done(name, started, "error")
                 return None
-            missing = self._build_many(
-                session, layout, mapper, bind.dialect, todo, todo_keys, pairs, entries, found
+            # every id to read (none in the identity map): the instances may be the rows
+            whole = len(todo) == len(ids)
+            missing, built = self._build_many(
+                session, layout, mapper, bind.dialect, todo, todo_keys, pairs, entries, found, whole
             )
             rt.counters.add("hits", len(todo) - len(missing), name)
             self._read_done(name, started, "miss" if missing else "hit", len(todo))
             if missing:
                 self._load_missing(orm_state, layout, mapper, keys, bind, tracker, missing, found)
-        if len(found) == len(ids):  # every row found (found holds no other key)
+        if built is not None:
+            rows = built
+        elif len(found) == len(ids):  # every row found (found holds no other key)
             rows = list(map(found.__getitem__, ids))
         else:
             rows = [row for row in map(found.get, ids) if row is not None]
@@ -477,9 +482,13 @@ class ReadPath:
         pairs: list[tuple[str, str]],
         entries: Sequence[Any],
         found: dict[Any, Any],
-    ) -> list[tuple[Any, Any, str, str]]:
+        whole: bool = False,
+    ) -> tuple[list[tuple[Any, Any, str, str]], list[Any] | None]:
         """Instances of the usable entries, into ``found``; the others, to load (as
-        ``(value, identity key, key, generation key)``)."""
+        ``(value, identity key, key, generation key)``). With ``whole`` (``todo`` is every id
+        of the load, in order), when every entry is a row of the requested class, the
+        instances in that order instead, ``found`` left alone: the caller's rows, without a
+        dict of them by id and a lookup per id."""
         undecoded = entries
         near_copies = (
             self.runtime.near is not None
@@ -495,8 +504,10 @@ class ReadPath:
                     instances = _sa_compat.build_persistent_many(
                         session, one.mapper, kept, one.expired, True
                     )
+                    if whole:
+                        return [], instances
                     found.update(zip(todo, instances, strict=True))
-                    return []
+                    return [], None
             # a near-cache copy is decoded by _decoded below, which keeps its decoding
             undecoded = [False if type(entry) is Copy else entry for entry in entries]
         decoded_rows, variants = layout.decode_rows(undecoded, dialect, todo)
@@ -508,8 +519,10 @@ class ReadPath:
                 instances = _sa_compat.build_persistent_many(
                     session, one.mapper, rows, one.expired, True
                 )
+                if whole:
+                    return [], instances
                 found.update(zip(todo, instances, strict=True))
-            return []
+            return [], None
         missing = []
         # the classes whose rows this load returns (a row of another class of the hierarchy:
         # the ORM finds no row), and the rows by class, in order (one class, most often)
@@ -541,7 +554,7 @@ class ReadPath:
                 session, variant.mapper, [(hit[2], hit[3]) for hit in rows], variant.expired, True
             )
             found.update(zip([hit[1] for hit in rows], instances, strict=True))
-        return missing
+        return missing, None
 
     def _load_missing(
         self,
@@ -746,7 +759,7 @@ def _kept_rows(
             memo is None
             or memo[0] is not dialect
             or memo[1] is not layout
-            or memo[2] != [value]
+            or memo[2][0] != value  # this layout's keys are of one column: no list to make
             or memo[3][0] is not one
         ):
             return None

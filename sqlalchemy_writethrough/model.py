@@ -86,6 +86,7 @@ class ClassLayout:
                 raise ConfigurationError(f"{where}: primary key attribute {key!r} must be loaded")
         self.columns = tuple(columns)
         self.attrs = tuple(attrs)
+        self._pk_attrs = pk_attrs
         self.attr_set = frozenset(attrs)
         self.expired = tuple(expired)
         # attributes left NULL by an INSERT when unset, without None in the instance's dict:
@@ -126,7 +127,9 @@ class ClassLayout:
                 codec.column_codec(c, dialect, f"{self._where}.{a}")
                 for c, a in zip(self.columns, self.attrs, strict=True)
             )
-            found = self._row_codecs[dialect] = _RowCodec(self.tag, self.attrs, codecs)
+            found = self._row_codecs[dialect] = _RowCodec(
+                self.tag, self.attrs, codecs, self._pk_attrs
+            )
         self._last = (dialect, found)
         return found
 
@@ -238,19 +241,24 @@ class _RowCodec:
                                bytes) are type-checked inline, a decimal or naive datetime
                                stored as a str converted inline, the others call their codec;
     ``flushed(dict_, ctx)``    the stored values of a row a flush wrote, or None when one is
-                               not exact; KeyError when an attribute is not loaded.
+                               not exact; KeyError when an attribute is not loaded;
+    ``decode_one(raw, pk)``    ``decode(raw)`` of a row that must be of this class (its tag)
+                               and of the single-column key ``pk`` (DecodeError if not):
+                               the batch read path's checks inside the one call (None
+                               for a key of several columns).
 
     Against a loop over every column's codec, a cached get decodes in about half the time and
     a commit predicts a row's values in about a third less (``python -m benchmarks``).
     """
 
-    __slots__ = ("codecs", "decode", "flushed")
+    __slots__ = ("codecs", "decode", "decode_one", "flushed")
 
     def __init__(
         self,
         tag: Any,
         attrs: tuple[str, ...],
         codecs: tuple[codec.ColumnCodec, ...],
+        pk_attrs: tuple[str, ...] = (),
     ) -> None:
         self.codecs = codecs
         namespace: dict[str, Any] = {
@@ -258,6 +266,7 @@ class _RowCodec:
             "NOT_EXACT": codec.NOT_EXACT,
             "_wrong": _wrong_type,
             "tag": tag,
+            "tag_type": type(tag),
         }
         decode = [
             "def decode(raw):",
@@ -273,8 +282,8 @@ class _RowCodec:
             exact, encode = col_codec.exact_not_null, col_codec.encode_not_null
             if col_codec.stored_type is not None and plain:
                 namespace[f"t{i}"] = col_codec.stored_type
-                decode.append(f"    v{i} = raw[{i}]")
-                decode.append(f"    if v{i} is not None and type(v{i}) is not t{i}:")
+                # the type first: most values are not None, and are of their type
+                decode.append(f"    if type(v{i}) is not t{i} and v{i} is not None:")
                 decode.append(f"        _wrong(t{i}, v{i})")
                 # exact() returns None, a value of the stored type, or NOT_EXACT: nothing
                 # left for encode() to do
@@ -295,7 +304,6 @@ class _RowCodec:
                     converts = True
                     namespace[f"d{i}"] = col_codec.not_null
                     namespace[f"s{i}"] = inline[0]
-                    decode.append(f"    v{i} = raw[{i}]")
                     decode.append(f"    if v{i} is not None:")
                     decode.append(f"        if type(v{i}) is str:")
                     decode.append(f"            v{i} = s{i}(v{i})")
@@ -308,12 +316,11 @@ class _RowCodec:
                     decode.append(f"            v{i} = d{i}(v{i})")
                 elif col_codec.not_null is not None and plain:
                     namespace[f"d{i}"] = col_codec.not_null
-                    decode.append(f"    v{i} = raw[{i}]")
                     decode.append(f"    if v{i} is not None:")
                     decode.append(f"        v{i} = d{i}(v{i})")
                 else:
                     namespace[f"d{i}"] = col_codec.decode
-                    decode.append(f"    v{i} = d{i}(raw[{i}])")
+                    decode.append(f"    v{i} = d{i}(v{i})")
                 if plain and exact is not None and encode is not None:
                     # ColumnCodec.flushed: encode(exact(value)), NOT_EXACT passed on
                     namespace[f"x{i}"] = exact
@@ -331,25 +338,48 @@ class _RowCodec:
             flushed.append(f"    if v{i} is NOT_EXACT:")
             flushed.append("        return None")
         names = [f"v{i}" for i in range(1, len(attrs) + 1)]
+        # every column in one unpacking of the list (its length checked above), not an
+        # index a column
+        decode.insert(3, f"    _, {', '.join(names)}, = raw")
         items = ", ".join(f"{attr!r}: {name}" for attr, name in zip(attrs, names, strict=True))
         decode.append(f"    return {{{items}}}")
+        one: list[str] = []
+        if len(pk_attrs) == 1:
+            # the class tag checked as decode_rows checked it (1 is not True), the key last
+            pk_name = names[attrs.index(pk_attrs[0])]
+            one = [
+                "def decode_one(raw, pk):",
+                *decode[1:3],
+                f"    tag0, {', '.join(names)}, = raw",
+                "    if tag0 != tag or type(tag0) is not tag_type:",
+                "        raise DecodeError('a row of another class')",
+                *decode[4:-1],
+                f"    if {pk_name} != pk:",
+                "        raise DecodeError('holds another primary key')",
+                decode[-1],
+            ]
         if converts:
             # what a conversion made inline raises is a DecodeError, as from its decoder
             namespace["InvalidOperation"] = decimal.InvalidOperation
-            decode[1:] = [
-                "    try:",
-                *("    " + line for line in decode[1:]),
-                "    except DecodeError:",
-                "        raise",
-                "    except (ValueError, InvalidOperation) as exc:",
-                "        raise DecodeError(str(exc)) from exc",
-            ]
+            for lines in (decode, one) if one else (decode,):
+                lines[1:] = [
+                    "    try:",
+                    *("    " + line for line in lines[1:]),
+                    "    except DecodeError:",
+                    "        raise",
+                    "    except (ValueError, InvalidOperation) as exc:",
+                    "        raise DecodeError(str(exc)) from exc",
+                ]
         flushed.append(f"    return [tag, {', '.join(names)}]")
         # only attribute-name literals and indexes go into the source
         exec("\n".join(decode), namespace)
         exec("\n".join(flushed), namespace)
         self.decode: Any = namespace["decode"]
         self.flushed: Any = namespace["flushed"]
+        self.decode_one: Any = None
+        if one:
+            exec("\n".join(one), namespace)
+            self.decode_one = namespace["decode_one"]
 
 
 #: (table, column, database or "*") of the columns already announced in this process
@@ -545,8 +575,9 @@ class ModelLayout:
         DecodeError = codec.DecodeError
         if len(by_tag) == 1:
             # one class (of the many layouts): its tag is checked, no variant kept per row
-            ((only_tag, only),) = by_tag.items()
-            decode = only.row_codec(dialect).decode
+            ((_, only),) = by_tag.items()
+            # the class tag, the columns and the key checked in one generated function
+            decode_one = only.row_codec(dialect).decode_one
             for payload, pk in zip(payloads, pk_values, strict=True):
                 if payload is False:  # no entry
                     append(None)
@@ -557,24 +588,18 @@ class ModelLayout:
                     raw = unpackb(payload[1:]) if payload[0] == version else None
                 except Exception:  # msgpack raises several unrelated types on garbage
                     raw = None
-                if type(raw) is not list or not raw:  # not a row (None: not a payload)
+                if type(raw) is not list:  # not a row (None: not a payload)
                     append(None)
                     continue
-                tag = raw[0]
-                if tag != only_tag or type(tag) is not type(only_tag):
-                    append(None)
-                    continue
-                try:
-                    values = decode(raw)
+                try:  # an empty list, another class's row or another key's: DecodeError
+                    append(decode_one(raw, pk))
                 except (DecodeError, ValueError):
                     append(None)
-                    continue
-                append(values if values[pk_attr] == pk else None)
             return found, None
         variants: list[ClassLayout | None] = []
         add_variant = variants.append
         last: ClassLayout | None = None
-        decode = None
+        decode: Any = None
         for raw, pk in zip(codec.unpack_rows(payloads), pk_values, strict=True):
             variant = None
             values = None

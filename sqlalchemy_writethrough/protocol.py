@@ -27,6 +27,8 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from importlib import resources
+from itertools import repeat
+from operator import getitem, itemgetter
 from typing import Any, Literal
 
 _LUA = resources.files(__package__) / "lua"
@@ -186,7 +188,33 @@ def payloads_after(values: Sequence[Any], prefixes: Sequence[bytes | None]) -> l
     batch read path. One ``startswith`` an entry rather than a search for the separator and
     two comparisons; the payload is a slice of the reply's bytes (a copy of a few hundred
     bytes costs fewer instructions than a memoryview and its view, and decoding slices it
-    again)."""
+    again).
+
+    When every value (of those with a prefix: an MGET's reply ends with the generations) is
+    bytes that starts with its own prefix, the values' heads, each sliced at its prefix's
+    length, are the prefixes: compared as lists, then the payloads sliced, each in C
+    (``map``), with no Python loop per entry (``bytes.startswith`` parses its arguments as a
+    tuple: about 1,000 instructions a call). Prefixes of one length (the buckets'
+    generations alike) take one ``itemgetter`` of a slice; of several (a generation is a
+    timestamp: ``t1.5`` beside ``t1.25``), a slice each. Anything else (a null, an entry of
+    another generation or none) takes the loop."""
+    count = len(prefixes)
+    held: Any = prefixes
+    try:
+        lengths = list(map(len, held))
+    except TypeError:  # a bucket without a current generation (None)
+        lengths = []
+    if lengths:
+        values = values[:count]
+        try:
+            if lengths.count(lengths[0]) == count:
+                size = lengths[0]
+                if list(map(itemgetter(slice(None, size)), values)) == held:
+                    return list(map(itemgetter(slice(size, None)), values))
+            elif list(map(getitem, values, map(slice, lengths))) == held:
+                return list(map(getitem, values, map(slice, lengths, repeat(None))))
+        except TypeError:  # a null
+            pass
     found: list[Any] = []
     append = found.append
     for value, prefix in zip(values, prefixes, strict=False):

@@ -265,6 +265,9 @@ def test_keys_of_int_primary_keys_read_again_are_the_same() -> None:
     assert used.pairs_of(values) == expected  # the memo overflows once on the way
     assert [used.pair([v]) for v in values] == expected
     assert used.pairs_of(values[:5]) == expected[:5]
+    assert used.pairs_of(values[-4:]) == expected[-4:]  # all kept: looked up at once
+    with pytest.raises(TypeError):  # True == 1, kept: still no key of its own
+        used.pairs_of([1, True])
     assert used.pair(["a string"]) == KeySpace("p", "br_item", "digest", 16).pair(["a string"])
     assert len(set(expected[:20])) == 20
 
@@ -351,3 +354,28 @@ def test_the_batch_payloads_are_those_of_current_payload() -> None:
         assert [bytes(p) if p is not False else p for p in expected] == got
         assert all(type(p) is bytes for p in got if p is not False)
     assert protocol.payloads_after([b"Vt1:ab:c"], [b"Vt1:"]) == [b"ab:c"]
+
+
+def test_the_batch_payloads_of_many_buckets_are_those_of_current_payload() -> None:
+    """``payloads_after`` of an MGET's reply (the entries, then their buckets' generations)
+    when the buckets differ: generations of one length (every entry current: checked and
+    sliced as lists), of several lengths, and one entry of another generation or none."""
+    from sqlalchemy_writethrough import protocol
+
+    gens = [b"t1.5", b"t2.5", b"t10.5", None]
+    cases: list[tuple[list[Any], list[Any]]] = [
+        ([b"Vt1.5:a", b"Vt2.5:b:c", b"Vt1.5:"], [0, 1, 0]),
+        ([b"Vt1.5:a", b"Vt10.5:b", b"Vt1.5:c"], [0, 2, 0]),
+        ([b"Vt1.5:a", b"Vt2.5:b", b"Vt1.5:c"], [0, 0, 0]),
+        ([b"Vt1.5:a", b"Vt2.5:b", b"Vt1.5:c"], [0, 3, 0]),
+        ([b"Vt1.5:a", None, b"Et1.5:c"], [0, 0, 0]),
+        ([b"Vt10.5:a", b"Vt1.5:b"], [2, 0]),
+    ]
+    for values, buckets in cases:
+        reply = [*values, *gens]  # the generations follow the entries, as in an MGET's
+        expected = [
+            protocol.current_payload(v, gens[b]) for v, b in zip(values, buckets, strict=True)
+        ]
+        got = protocol.payloads_after(reply, [protocol.value_prefix(gens[b]) for b in buckets])
+        assert [bytes(p) if p is not False else p for p in expected] == got
+        assert all(type(p) is bytes for p in got if p is not False)

@@ -876,3 +876,40 @@ def test_a_whole_mget_reply_in_the_buffer_takes_the_one_split(
         compat.release(client.connection_pool, conn)
         client.delete(f"{prefix}:a", f"{prefix}:b")
         client.close()
+
+
+def test_an_mget_is_packed_as_redis_py_packs_it_from_kept_keys(
+    pooled: tuple[redis.Redis, Any], prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:func:`compat.pack` of an ``MGET`` (the batch read path) takes each str key's packed
+    form from the ones kept from earlier MGETs: the bytes are redis-py's, the first time and
+    the next, for keys of every shape (non-ASCII, CRLF, 256 bytes and more, empty); a bytes or
+    int argument, or a str subclass never seen, is packed by the other rules; the kept forms
+    are forgotten past their bound; and Redis answers the packed command."""
+    client, conn = pooled
+    from redis.connection import PythonRespSerializer
+
+    if type(conn._command_packer) is not PythonRespSerializer:
+        pytest.skip("hiredis packs: compat.pack keeps redis-py's packer")
+
+    class Key(str):
+        pass
+
+    monkeypatch.setattr(compat, "_PACKED_ARGS", {})
+    monkeypatch.setattr(compat, "_KEPT_ARGS", 8)
+    commands: list[tuple[Any, ...]] = [
+        ("MGET", "wt:{t:1}:42", "wt:{t:1}"),
+        ("MGET", "wt:{t:1}:42", "k\u00e9y", "a\r\nb", "x" * 300, ""),
+        ("MGET", "wt:{t:1}:42", b"\x00\xffbinary", 7),
+        ("MGET", Key("new"), "wt:{t:1}"),
+        ("MGET", *(f"k{i}" for i in range(12))),
+    ]
+    for command in [*commands, *commands]:
+        assert b"".join(compat.pack(conn, command)) == b"".join(conn.pack_command(*command))
+        assert len(compat.pack(conn, command)) == 1
+        # past the bound, forgotten before the next command's are kept
+        assert len(compat._PACKED_ARGS) <= compat._KEPT_ARGS + len(command)
+    assert "new" not in compat._PACKED_ARGS and 7 not in compat._PACKED_ARGS
+    client.set(f"{prefix}:\u00e9", b"v")
+    assert compat.call(conn, ("MGET", f"{prefix}:\u00e9", f"{prefix}:none")) == [b"v", None]
+    assert compat.call(conn, ("MGET", f"{prefix}:\u00e9", f"{prefix}:none")) == [b"v", None]
