@@ -54,7 +54,7 @@ _NAMING = frozenset(
 )  # fmt: skip
 #: a statement choosing the schema unqualified names reach for the rest of its connection
 _SWITCH = re.compile(
-    r"(?:set\s+(?:session\s+|local\s+)?search_path\b|use\s"
+    r"(?:set\s+(?:session\s+|(local\s+))?search_path\b|use\s"
     r"|select\b.*\bset_config\s*\(\s*'search_path')",
     re.I | re.S,
 )
@@ -142,11 +142,14 @@ class StatementTracker:
     def _switches(self, conn: Any, statement: str) -> bool:
         """Whether raw SQL chooses the schema unqualified names reach on its connection
         (``SET search_path``, ``set_config('search_path', ...)``, ``USE``): the keys of its
-        rows were named by the schema the engine's connections start on, so the connection
-        is marked (:func:`switched`), and the engine warned of once."""
-        if not _SWITCH.match(_LEADING_NOISE.sub("", statement, count=1)):
+        rows are named by the schema the engine's connections start on, so the connection is
+        marked (:data:`SWITCHED`; not for ``SET LOCAL``, which ends with the transaction),
+        and the engine warned of once."""
+        switch = _SWITCH.match(_LEADING_NOISE.sub("", statement, count=1))
+        if switch is None:
             return False
-        conn.info[SWITCHED] = True
+        if switch.group(1) is None:  # not SET LOCAL: the switch outlives the transaction
+            conn.info[SWITCHED] = True
         engine = conn.engine
         if id(engine) not in self._warned:
             self._warned.add(id(engine))

@@ -319,3 +319,28 @@ def test_a_schema_switched_by_a_statement_is_never_served_another_tenants_row(
     finally:
         one.dispose()
         other.dispose()
+
+
+@pytest.mark.databases("postgresql")
+def test_set_local_switches_for_its_transaction_only(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
+) -> None:
+    """``SET LOCAL search_path`` ends with its transaction: that transaction reads from the
+    database, and the next one on the same connection (back on the default schema) is served
+    from the cache again."""
+    a, _ = schemas
+    one = sa.create_engine(engine.url, pool_size=1, max_overflow=0)
+    try:
+        assert served(maker, one) == ("default", 1)
+        with maker(bind=one) as session:
+            session.execute(text(f"SET LOCAL search_path TO {a}"))
+            found = session.get(SpItem, 1)
+            assert found is not None and found.name == a
+        assert served(maker, one) == ("default", 0)
+        with maker(bind=one) as session:
+            session.connection()
+            with capture_sql(one) as sql:
+                found = session.get(SpItem, 1)
+            assert found is not None and found.name == "default" and sql == []
+    finally:
+        one.dispose()
