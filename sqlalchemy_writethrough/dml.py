@@ -13,6 +13,13 @@ them, in ``before_cursor_execute``, *before* they run:
 * a raw SQL string is matched against the cached tables' names; a statement whose effect cannot
   be told (a procedure call) makes its own transaction read from the database until it ends.
 
+Raw SQL that switches the schema unqualified names reach on its connection (``SET
+search_path``, ``set_config('search_path', ...)``, ``USE``) is seen here too, on any connection
+of an engine a session used: keys name the schema an engine's connections start on
+(:mod:`.databases`), so the connection is marked and every transaction on it reads from the
+database and invalidates every cached model at its commit; a warning says how to name tenants
+instead. Only raw SQL pays for the check: compiled SELECTs leave before it.
+
 Statements of the ORM's own flush are left to ``after_flush``, which knows their rows exactly.
 A statement on a connection that belongs to no session is not seen: call ``cache.invalidate()``.
 """

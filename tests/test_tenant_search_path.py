@@ -344,3 +344,24 @@ def test_set_local_switches_for_its_transaction_only(
             assert found is not None and found.name == "default" and sql == []
     finally:
         one.dispose()
+
+
+def test_a_switch_on_a_connection_outside_sessions_is_remembered_by_the_pool(
+    maker: sessionmaker[Session], engine: Engine, schemas: tuple[str, str]
+) -> None:
+    """A ``SET search_path`` / ``USE`` on a plain connection of an engine sessions use leaves
+    its pooled connection switched: a session's transaction on it reads the switched schema's
+    row from the database, not the default's entry."""
+    a, _ = schemas
+    one = sa.create_engine(engine.url, pool_size=1, max_overflow=0)
+    try:
+        assert served(maker, one) == ("default", 1)  # (sessions use the engine)
+        with one.connect() as conn:
+            conn.exec_driver_sql(_switch(one, a))
+            conn.commit()
+        with maker(bind=one) as session:
+            session.connection()
+            found = session.get(SpItem, 1)
+            assert found is not None and found.name == a, "served the default's entry"
+    finally:
+        one.dispose()
