@@ -12,8 +12,10 @@ commit through one leave the other's entries stale.
   and ``current_database()``, and whether it is a replica (which shares its primary's
   identifier but lags behind it: its reads must not fill the primary's entries);
 - MySQL / MariaDB: the server's ``@@hostname`` and ``@@port`` and ``DATABASE()``;
-- asked once per URL and process, on a connection of its own (a pool recreated from the
-  engine's: same ``connect_args``, same creator, never one of the application's connections);
+- asked once per engine pool and process (an engine and those ``execution_options()``
+  derives share one), on a connection of its own (a pool recreated from the engine's: same
+  ``connect_args``, creator and pool listeners, never one of the application's connections):
+  per pool, not per URL, because those choose the schema an unqualified name reaches;
   when the server cannot say (a permission, another backend), the URL's backend, host, port and
   database name, never the driver, user or password;
 - a SQLite file by its absolute path; an in-memory SQLite database is unique to its engine's
@@ -23,6 +25,13 @@ commit through one leave the other's entries stale.
   without those that send a schema where it already is: the server's default schema
   (PostgreSQL's ``current_schema()``, MySQL's ``DATABASE()``) stands for ``None``, so
   ``{None: "public"}`` names the rows no map names;
+- plus that default schema (``search_path`` in ``connect_args`` or a "connect" listener; a
+  ``USE`` there) when it is not the server's plain default (``public``; the URL's database),
+  as the map entry ``{None: schema}`` that reaches the same tables, and only for models with
+  a table of no schema: an engine on the default keeps the name earlier versions gave it (so
+  a process of an older version shares its entries), a tenant chosen by ``search_path`` or
+  by the map is one database, and a table that names its schema is shared by every tenant.
+  A statement switching the schema mid-connection is :mod:`.dml`'s to see;
 - or, explicitly, the engine's execution option ``writethrough_database``.
 
 Those two options are read where SQLAlchemy reads them, the narrowest winning: a statement's
@@ -43,7 +52,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.engine import URL, Connection
 
@@ -66,6 +75,14 @@ _SERVER_QUERIES = {
     ),
     "mysql": "SELECT DATABASE(), CONCAT(@@hostname, ':', @@port), DATABASE()",
 }
+
+#: the schema an unqualified name reaches on a PostgreSQL connection left to the server's
+#: defaults (``"$user", public`` with no schema named after the user)
+_PLAIN_DEFAULT_SCHEMA = "public"
+
+#: a naming option of this module's own: the name for models whose tables all name their
+#: schema, which the schema a connection chooses does not move
+_QUALIFIED = "_writethrough_qualified"
 
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
 _BACKENDS = {"mariadb": "mysql"}  # one server, reached by either dialect name
@@ -118,12 +135,18 @@ def for_schemas(naming: Mapping[str, Any], schemas: frozenset[str | None]) -> Ma
     cut to the entries that move one of them elsewhere. SQLAlchemy renders a table the map
     leaves alone (a schema it does not list, or maps to itself) in its own schema, so the rows
     it reads are the same with or without the map and must have the same entries: a tenant's
-    commit to a table every tenant shares is then seen by every tenant."""
+    commit to a table every tenant shares is then seen by every tenant. Tables that all name
+    their schema are not moved by the schema a connection chooses (``search_path``, ``USE``)
+    either."""
     translate = _translate(naming.get("schema_translate_map"))
+    qualified = None not in schemas
     if translate:
         moved = {s: translate[s] for s in schemas if s in translate and translate[s] != s}
-        if len(moved) != len(translate):
-            return {OPTION: naming.get(OPTION), "schema_translate_map": moved or None}
+        if len(moved) != len(translate) or qualified:
+            cut = {OPTION: naming.get(OPTION), "schema_translate_map": moved or None}
+            return {**cut, _QUALIFIED: True} if qualified else cut
+    elif qualified:
+        return {**naming, _QUALIFIED: True}
     return naming
 
 
@@ -132,15 +155,19 @@ def connection_naming(connection: Connection) -> dict[str, Any] | None:
     return naming_of(connection.engine, connection.get_execution_options())
 
 
-def _moving(translate: dict[Any, Any], default: str | None) -> dict[Any, Any]:
-    """The entries of a map that send a schema elsewhere than it already is: SQLAlchemy
-    renders a table sent to its own schema (or, by name, to the default schema an unqualified
-    name reaches, or from it to None) where it is without the map, so those entries name no
-    other rows. ``default``: the server's default schema, None when unknown."""
+def _moving(
+    translate: Mapping[Any, Any], current: str | None, default: str | None
+) -> dict[Any, Any]:
+    """The entries of a map that send a schema elsewhere than a connection on the server's
+    plain default reaches it: SQLAlchemy renders a table sent to its own schema (or, by name,
+    to the schema an unqualified name reaches, or from it to None) where it is without the
+    map, so those entries name no other rows. ``current``: the schema an unqualified name
+    reaches on the engine's connections; ``default``: the one it reaches on the server's plain
+    default (the name every process agrees on); None when unknown."""
     return {
         k: v
         for k, v in translate.items()
-        if (k if k is not None else default) != (v if v is not None else default)
+        if (k if k is not None else default) != (v if v is not None else current)
     }
 
 
@@ -194,6 +221,17 @@ def digest(identity: str) -> str:
     return hashlib.sha1(identity.encode()).hexdigest()[:16]
 
 
+class _Server(NamedTuple):
+    """What a server says of one pool's connections."""
+
+    #: the database, by the server's name for itself (or by the URL when it cannot say)
+    name: str
+    #: the schema an unqualified table name reaches on the pool's connections
+    schema: str | None
+    #: the schema it reaches on the server's plain default
+    default: str | None
+
+
 class DatabaseUnknown(WritethroughError):
     """The database could not be asked which server it is (it refused a connection): a read
     goes to the database without the cache; a flush fails, as its own connection would."""
@@ -202,35 +240,47 @@ class DatabaseUnknown(WritethroughError):
 class Databases:
     """A bind's database digest, computed once per Engine (weakly held: engines made per
     request, as ``engine.execution_options(...)`` does, are not kept alive); what a server
-    says of itself, once per URL."""
+    says of itself, once per pool (shared by an engine and those it derives)."""
 
     def __init__(self) -> None:
-        self._engines: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        #: engine -> (whether the model has a table of no schema -> digest)
+        self._engines: weakref.WeakKeyDictionary[Any, dict[bool, str]] = weakref.WeakKeyDictionary()
         #: engine -> (naming options of a connection or statement -> digest)
         self._renamed: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
         self._memory: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-        #: URL identity -> the server's own (or the URL's, when the server cannot say)
-        self._servers: dict[str, str] = {}
-        #: URL identity -> the schema unqualified table names reach there (None: unknown)
-        self._defaults: dict[str, str | None] = {}
+        #: pool -> what its server says (see _Server): per pool, not per URL, because the
+        #: engine's connect_args and "connect" listeners choose the schema unqualified names
+        #: reach, and two engines on one URL may choose two
+        self._servers: weakref.WeakKeyDictionary[Any, _Server] = weakref.WeakKeyDictionary()
         self._asking = threading.Lock()
 
-    def of(self, bind: Any) -> str:
-        """The digest of the database an Engine (or a Connection's Engine) reads and writes."""
+    def of(self, bind: Any, unqualified: bool = True) -> str:
+        """The digest of the database an Engine (or a Connection's Engine) reads and writes;
+        ``unqualified``: for a model with a table of no schema (the only tables the schema an
+        engine's connections choose moves)."""
         engine = bind.engine if isinstance(bind, Connection) else bind
-        found = self._engines.get(engine)
+        per_engine = self._engines.get(engine)
+        if per_engine is None:
+            per_engine = self._engines[engine] = {}
+        found = per_engine.get(unqualified)
         if found is None:
-            found = self._engines[engine] = digest(self.identity(engine))
+            if unqualified:
+                found = digest(self.identity(engine))
+            else:  # no table the connection's schema moves: the engine's name without it
+                options = engine.get_execution_options()
+                found = digest(self.identity(engine, {**options, _QUALIFIED: True}))
+            per_engine[unqualified] = found
         return found
 
     def renamed(self, bind: Any, naming: Mapping[str, Any]) -> str:
-        """The digest of the database that ``naming`` (from :func:`naming_of`) names on the
-        engine of ``bind``: once per engine and naming."""
+        """The digest of the database that ``naming`` (from :func:`naming_of`, cut by
+        :func:`for_schemas`) names on the engine of ``bind``: once per engine and naming."""
         engine = bind.engine if isinstance(bind, Connection) else bind
         translate = _translate(naming.get("schema_translate_map"))
         hashable = (
             naming.get(OPTION),
             None if translate is None else tuple(sorted(translate.items(), key=repr)),
+            bool(naming.get(_QUALIFIED)),
         )
         per_engine = self._renamed.get(engine)
         if per_engine is None:
@@ -242,39 +292,52 @@ class Databases:
 
     def identity(self, bind: Any, naming: Mapping[str, Any] | None = None) -> str:
         """The readable identity of a bind's database (what :meth:`of` hashes), or of the
-        database ``naming`` names on its engine."""
+        database ``naming`` names on its engine.
+
+        The schema an unqualified name reaches on the engine's connections is part of it
+        only when it is not the server's plain default (PostgreSQL's ``public``, the URL's
+        database on MySQL), written as the ``schema_translate_map`` entry ``None: schema``
+        that would reach the same tables: an engine on the default keeps the name earlier
+        versions gave it, and a tenant chosen by ``search_path`` or ``USE`` is one database
+        with the same tenant chosen by the map."""
         engine = bind.engine if isinstance(bind, Connection) else bind
         options = engine.get_execution_options() if naming is None else naming
         memory = self._memory_id(engine)
         backend = _BACKENDS.get(engine.url.get_backend_name(), engine.url.get_backend_name())
         if options.get(OPTION) is not None or backend not in _SERVER_QUERIES:
             return describe(engine.url, options, memory)
-        by_url = describe(engine.url, {}, memory)
-        found = self._servers.get(by_url)
+        server = self._server(engine, backend)
+        translate = _translate(options.get("schema_translate_map")) or {}
+        if server.schema is not None and not options.get(_QUALIFIED) and None not in translate:
+            translate[None] = server.schema  # where the connection sends unqualified names
+        return server.name + _schemas(_moving(translate, server.schema, server.default))
+
+    def _server(self, engine: Any, backend: str) -> _Server:
+        """What the server of ``engine``'s pool says of itself: asked once per pool."""
+        pool = engine.pool
+        found = self._servers.get(pool)
         if found is None:
             with self._asking:
-                found = self._servers.get(by_url)
+                found = self._servers.get(pool)
                 if found is None:
+                    by_url = describe(engine.url, {}, self._memory_id(engine))
                     try:
-                        found = self._ask_server(engine, backend, by_url)
+                        found = self._servers[pool] = self._ask_server(engine, backend, by_url)
                     except Exception as exc:
                         raise DatabaseUnknown(
                             f"could not ask the database at {by_url} which server it is "
                             f"({type(exc).__name__}: {exc}); set the engine option {OPTION} "
                             "to name it"
                         ) from exc
-        translate = _translate(options.get("schema_translate_map"))
-        if translate:
-            translate = _moving(translate, self._defaults.get(by_url))
-        return found + _schemas(translate)
+        return found
 
-    def _ask_server(self, engine: Any, backend: str, by_url: str) -> str:
+    def _ask_server(self, engine: Any, backend: str, by_url: str) -> _Server:
         """The server's own name for the database, on a connection of its own; the URL's
-        name when the server cannot say (remembered). Raises when it could not be asked
-        (nothing remembered: asked again next time)."""
+        name when the server cannot say. Raises when it could not be asked (nothing
+        remembered: asked again next time)."""
         pool = (
             engine.pool.recreate()
-        )  # the engine's creator and connect_args, none of its connections
+        )  # the engine's creator, connect_args and pool listeners, none of its connections
         try:
             fairy = pool.connect()
             try:
@@ -287,10 +350,16 @@ class Databases:
                 fairy.close()
         finally:
             pool.dispose()
-        database, server = (row[0], row[1]) if row else (None, None)
-        # the schema an unqualified table name reaches (remembered even when the server
-        # cannot say which it is): a map that sends None there moves nothing
-        self._defaults[by_url] = row[2] if row else None
+        database, server, schema = (row[0], row[1], row[2]) if row else (None, None, None)
+        url_database = engine.url.database or ""
+        if backend == "mysql":
+            # a schema is a database: a connection that USEs another than the URL's is named
+            # by the URL's database and the schema its unqualified names reach
+            default: str | None = url_database or schema
+            if url_database:
+                database = url_database
+        else:
+            default = _PLAIN_DEFAULT_SCHEMA
         if not server:
             log.warning(
                 "writethrough: the database at %s does not say which server it is (%s); it is "
@@ -302,11 +371,12 @@ class Databases:
                 else "no identity",
                 OPTION,
             )
-            found = by_url
+            name = by_url
         else:
-            found = f"{backend}:server={server}/{database or engine.url.database or ''}"
-        self._servers[by_url] = found
-        return found
+            name = f"{backend}:server={server}/{database or url_database}"
+        # the schema an unqualified table name reaches (None when the server cannot say:
+        # then taken to be the default)
+        return _Server(name, schema if schema is not None else default, default)
 
     def _memory_id(self, engine: Any) -> str:
         """A name unique to an in-memory SQLite database: its pool (shared by an engine and

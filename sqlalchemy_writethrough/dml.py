@@ -13,6 +13,13 @@ them, in ``before_cursor_execute``, *before* they run:
 * a raw SQL string is matched against the cached tables' names; a statement whose effect cannot
   be told (a procedure call) makes its own transaction read from the database until it ends.
 
+Raw SQL that switches the schema unqualified names reach on its connection (``SET
+search_path``, ``set_config('search_path', ...)``, ``USE``) is seen here too, on any connection
+of an engine a session used: keys name the schema an engine's connections start on
+(:mod:`.databases`), so the connection is marked and every transaction on it reads from the
+database and invalidates every cached model at its commit; a warning says how to name tenants
+instead. Only raw SQL pays for the check: compiled SELECTs leave before it.
+
 Statements of the ORM's own flush are left to ``after_flush``, which knows their rows exactly.
 A statement on a connection that belongs to no session is not seen: call ``cache.invalidate()``.
 """
@@ -52,6 +59,15 @@ _NAMING = frozenset(
     {"insert", "update", "delete", "replace", "merge", "truncate", "alter", "drop", "create",
      "copy", "load", "upsert", "with", "rename", "refresh"}
 )  # fmt: skip
+#: a statement choosing the schema unqualified names reach for the rest of its connection
+_SWITCH = re.compile(
+    r"(?:set\s+(?:session\s+|(local\s+))?search_path\b|use\s"
+    r"|select\b.*\bset_config\s*\(\s*'search_path')",
+    re.I | re.S,
+)
+#: the connection's info (its pool entry's, kept while the DBAPI connection lives) once a
+#: statement switched its schema
+SWITCHED = "writethrough_schema_switched"
 _UPSERT = re.compile(r"\bon\s+(?:conflict|duplicate\s+key)\b", re.I)
 _REPLACE = re.compile(r"\breplace\b", re.I)
 
@@ -65,6 +81,8 @@ class StatementTracker:
         self._engines: set[int] = set()
         self._names: re.Pattern[str] | None = None
         self._names_for: int = -1
+        #: engines already warned of a switched schema (ids: never kept alive)
+        self._warned: set[int] = set()
 
     def watch(self, engine: Any) -> None:
         if id(engine) in self._engines:
@@ -92,6 +110,8 @@ class StatementTracker:
         ref = conn.info.get(self.runtime.settings.info_key)
         tracker: SessionTracker | None = ref() if ref is not None else None
         if tracker is None:
+            if not dml:
+                self._switches(conn, statement)  # remembered for the sessions it serves next
             return
         if tracker.in_flush:
             if _sa_compat.session_is_flushing(tracker.session_ref()):
@@ -115,10 +135,56 @@ class StatementTracker:
         if dml and compiled is not None:
             self._compiled_dml(tracker, engine, naming, context, compiled)
         else:
-            layouts = self._text(tracker, statement)
+            if self._switches(conn, statement):
+                tracker.untracked_write = True
+                layouts = self.runtime.models.cached_layouts()
+            else:
+                layouts = self._text(tracker, statement)
             if layouts:
                 for each in _with_and_without_schemas(engine, naming):
                     self.write.lock_models(tracker, layouts, engine, each)
+
+    # -- a schema switched mid-connection ------------------------------------------------
+
+    def _switches(self, conn: Any, statement: str) -> bool:
+        """Whether raw SQL chooses the schema unqualified names reach on its connection
+        (``SET search_path``, ``set_config('search_path', ...)``, ``USE``): the keys of its
+        rows are named by the schema the engine's connections start on, so the connection is
+        marked (:data:`SWITCHED`; not for ``SET LOCAL``, which ends with the transaction),
+        and the engine warned of once."""
+        switch = _SWITCH.match(_LEADING_NOISE.sub("", statement, count=1))
+        if switch is None:
+            return False
+        if switch.group(1) is None:  # not SET LOCAL: the switch outlives the transaction
+            conn.info[SWITCHED] = True
+        engine = conn.engine
+        if id(engine) not in self._warned:
+            self._warned.add(id(engine))
+            log.warning(
+                "writethrough: %r switched the schema of a connection of %s mid-connection; "
+                "the cache names a database by the schema its connections start on, so every "
+                "transaction on that connection reads from the database and invalidates every "
+                "cached model when it commits. Choose the tenant with "
+                "execution_options(schema_translate_map={None: schema}) (per engine, "
+                "connection or statement), connect_args or a pool 'connect' listener, or "
+                "name it with the execution option %s",
+                statement[:80],
+                engine.url.render_as_string(hide_password=True),
+                OPTION,
+            )
+        return True
+
+    def begin_on(self, tracker: SessionTracker, conn: Any) -> None:
+        """A transaction begins on a connection whose schema a statement switched: it reads
+        from the database, and its commit invalidates every cached model (its rows may come
+        from another schema than its keys name)."""
+        tracker.untracked_write = True
+        tracker.wrote = True
+        layouts = self.runtime.models.cached_layouts()
+        if layouts:
+            naming = naming_of(conn.engine, conn.get_execution_options())
+            for each in _with_and_without_schemas(conn.engine, naming):
+                self.write.lock_models(tracker, layouts, conn.engine, each)
 
     # -- compiled DML --------------------------------------------------------------------
 

@@ -335,7 +335,7 @@ class Models:
             named = for_schemas(own_naming(bind), layout.schemas)
             keys = layout.keyspace(self._databases.renamed(bind, named))
         else:
-            keys = layout.keyspace(self._databases.of(bind))
+            keys = layout.keyspace(self._databases.of(bind, None in layout.schemas))
         layout.last_keys = (bind, keys)
         return keys
 

@@ -43,7 +43,7 @@ from . import _sa_compat
 from .background import Job, Publisher
 from .codec import FlushContext
 from .databases import connection_naming
-from .dml import StatementTracker
+from .dml import SWITCHED, StatementTracker
 from .exc import CacheUnavailableError
 from .protocol import Script, new_nonce
 from .stats import INVALIDATION_REASONS
@@ -948,6 +948,8 @@ class WritePath:
         naming = connection_naming(connection)
         if naming is not None:
             tracker.renamed[connection.engine] = naming
+        if info.get(SWITCHED):  # a statement switched this connection's schema
+            self.statements.begin_on(tracker, connection)
 
 
 class FlushBinds:
