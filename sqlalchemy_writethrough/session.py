@@ -77,11 +77,13 @@ class CachedGetSession(Session):
     #: the read path answering gets; None once the cache is uninstalled
     _wt_read: ClassVar[ReadPath | None] = None
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        # the event collections a get and close() read, set up now: every session of the
-        # factory closes, most get (see _sa_compat.session_dispatch)
+    def close(self) -> None:
+        # the event collections close() reads, set up first (a get has, or they are made
+        # now): without their lazy AttributeErrors, see _sa_compat.session_dispatch. Here
+        # rather than in __init__, whose pass-through of the factory's keywords costs more
+        # than it saves
         _sa_compat.session_dispatch(self)
+        super().close()
 
     def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
         found = answer_get(type(self)._wt_read, self, entity, ident, kw)
