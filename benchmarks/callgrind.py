@@ -119,6 +119,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 CASES: tuple[tuple[str, str, str], ...] = (
     ("floor", "floor: redis-py GET + msgpack.unpackb of a copy of the entry", ""),
     ("session", "bound: `with Session() as s: pass` (a new session opened and closed)", "floor"),
+    (
+        "session.cached",
+        "`with Session() as s: pass` of the cache's factory (its Session class)",
+        "session",
+    ),
     ("get.plain", "session.get, SQLite, no cache", "floor"),
     ("get.cached", "session.get, from Redis (warm)", "floor"),
     ("get.near", "session.get, near-cache hit", "floor"),
@@ -675,6 +680,13 @@ class ChildEnv:
 
             return op
 
+        def opened(maker: Any) -> Callable[[int, Meter | None], None]:
+            def op(i: int, meter: Meter | None) -> None:
+                with maker():
+                    pass
+
+            return op
+
         def batch(maker: Any, *opts: Any) -> Callable[[int, Meter | None], None]:
             batches = self.batches
 
@@ -718,6 +730,7 @@ class ChildEnv:
             if version == "ours":
                 self.copy_floor_entries(cache)
             cases: list[tuple[str, Any, int, dict[str, Any]]] = []
+            cases.append(("session.cached", opened(maker), 20, {}))
             op = get(maker, self.read_pks)
             cases.append(("get.cached", op, READ_ROWS, {"check": no_sql(op)}))
             if near_maker is not None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.event.attr import _EmptyListener
 from sqlalchemy.orm import Mapper, Session, UserDefinedOption
 from sqlalchemy.orm import identity as _identity
 from sqlalchemy.orm.attributes import instance_state
@@ -44,6 +45,10 @@ CLASS_MANAGER_ATTR: str = sqlalchemy.orm.base.DEFAULT_MANAGER_ATTR
 #: ``self.bind`` when it has none and a ``bind`` (its first case after an explicit ``bind=``),
 #: which a cached get checks without calling it
 SESSION_BINDS_ATTR: str = "binds" if SQLA_2_1 else "_Session__binds"
+#: the ``Session.info`` dict, once made: ``info`` is a memoized property (2.0 and 2.1) whose
+#: first read makes the dict and keeps it under this name in the instance's ``__dict__``; a
+#: read that only looks for a key in it reads it there, not making one per session
+SESSION_INFO_ATTR: str = "info"
 #: the session's identity map class: ``_WeakInstanceDict`` on 2.1, ``WeakInstanceDict`` on 2.0
 #: (same ``_add_unpresent``: ``self._dict[key] = state; state._instance_dict = self._wr``)
 WEAK_INSTANCE_DICT: type = next(
@@ -147,7 +152,10 @@ def build_persistent(
     load = manager.dispatch.load
     if load:
         load(state, None)
-    loaded_as_persistent = session_dispatch(session).loaded_as_persistent
+    dispatch = session.__dict__.get("dispatch")  # session_dispatch's common case, inlined
+    if dispatch is None:
+        dispatch = session_dispatch(session)
+    loaded_as_persistent = dispatch.loaded_as_persistent
     if loaded_as_persistent:
         loaded_as_persistent(session, state)
     return instance
@@ -278,9 +286,49 @@ def session_dispatch(session: Session) -> Any:
     if dispatch is None:
         dispatch = session.dispatch
         empty = dispatch._empty_listeners
-        for name in PRIMED_SESSION_EVENTS:
-            setattr(dispatch, name, empty[name])
+        # PRIMED_SESSION_EVENTS, unrolled (a loop of setattr() costs twice as many opcodes:
+        # every session of a cache's factory pays this once)
+        dispatch.do_orm_execute = empty["do_orm_execute"]
+        dispatch.loaded_as_persistent = empty["loaded_as_persistent"]
+        dispatch.persistent_to_detached = empty["persistent_to_detached"]
+        dispatch.deleted_to_detached = empty["deleted_to_detached"]
+        dispatch.pending_to_transient = empty["pending_to_transient"]
+        dispatch.persistent_to_transient = empty["persistent_to_transient"]
     return dispatch
+
+
+def do_orm_execute_count(session: Session) -> int:
+    """``len(session.dispatch.do_orm_execute)``: the session's ``do_orm_execute`` listeners,
+    its class's and its own (the dispatch made by :func:`session_dispatch` when not made yet).
+
+    With no listener of the session's own, the collection is the class's shared
+    ``_EmptyListener`` (2.0 and 2.1), whose ``__len__`` is ``len(self.parent_listeners)``:
+    read here without that Python call (a cached get asks on every call)."""
+    dispatch: Any = session.__dict__.get("dispatch")
+    if dispatch is None:
+        dispatch = session_dispatch(session)
+    listeners = dispatch.do_orm_execute
+    if type(listeners) is _EmptyListener:
+        return len(listeners.parent_listeners)
+    return len(listeners)
+
+
+def holds_or_changed(session: Session, identity_key: tuple[Any, ...]) -> bool:
+    """Whether the session holds a live object under ``identity_key``
+    (``session.identity_map.get(identity_key) is not None``) or has changes to flush (not
+    :func:`session_is_clean`): a cached get asks both on every call, here in one call.
+
+    With the session's own ``_WeakInstanceDict`` (2.0 and 2.1), its ``get`` is read as it reads
+    itself: the state in its private ``_dict``, live while its ``obj()`` is not None."""
+    identity_map: Any = session.identity_map
+    if type(identity_map) is WEAK_INSTANCE_DICT:
+        weak: Any = identity_map  # (a _WeakInstanceDict: its get inlined)
+        state = weak._dict.get(identity_key)
+        if state is not None and state.obj() is not None:
+            return True
+    elif identity_map.get(identity_key) is not None:
+        return True
+    return bool(identity_map._modified or session._deleted or session._new)
 
 
 def info_if_made(session: Session) -> dict[Any, Any] | None:
@@ -290,7 +338,7 @@ def info_if_made(session: Session) -> dict[Any, Any] | None:
     keeps it in the instance's ``__dict__``. A read that only looks for a key in it need not
     make one per session (a cached get in a new session).
     """
-    info: dict[Any, Any] | None = session.__dict__.get("info")
+    info: dict[Any, Any] | None = session.__dict__.get(SESSION_INFO_ATTR)
     return info
 
 

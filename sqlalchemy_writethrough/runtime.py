@@ -87,20 +87,6 @@ class Runtime:
             return near.read_through(self.backend, key, gen_key)
         return self.backend.peek(key, gen_key)
 
-    def peek_one(
-        self, layout: ModelLayout, key: str, gen_key: str
-    ) -> memoryview | bytes | Literal[False] | None:
-        """:meth:`peek`, leaving a near-cache hit to the caller to count with the hit it
-        serves (one counters call per cached get): it is the payload of type
-        :class:`~.near.Copy` (a read from Redis is a memoryview)."""
-        near = self.near
-        if near is not None and layout.options.near_cache:
-            found = near.get(key)
-            if found is not None:
-                return found
-            return near.read_through(self.backend, key, gen_key)
-        return self.backend.peek(key, gen_key)
-
     def peek_many(
         self, layout: ModelLayout, pairs: Sequence[tuple[str, str]]
     ) -> Sequence[memoryview | bytes | Literal[False]] | None:

@@ -25,17 +25,20 @@ here.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 
 from . import _sa_compat
 from .databases import DatabaseUnknown
 from .loading import _NO_ROW, PEEKED
 from .near import Copy
+from .tracing import record_span
 
 if TYPE_CHECKING:
     from .loading import ReadPath
@@ -55,6 +58,10 @@ MISSED = _Answer.MISSED
 
 _PEEKED_OPTIONS: Any = {PEEKED: True}
 
+#: the read path's logger (see ``ReadPath._read_done``)
+log = logging.getLogger("sqlalchemy_writethrough")
+_DEBUG = logging.DEBUG
+
 _GET_BIND = Session.get_bind
 _IDENTITY_LOOKUP = Session._identity_lookup
 _EXECUTE = Session.execute
@@ -70,8 +77,21 @@ class CachedGetSession(Session):
     #: the read path answering gets; None once the cache is uninstalled
     _wt_read: ClassVar[ReadPath | None] = None
 
+    def close(self) -> None:
+        # the event collections close() reads, set up first (a get has, or they are made
+        # now): without their lazy AttributeErrors, see _sa_compat.session_dispatch. Here
+        # rather than in __init__, whose pass-through of the factory's keywords costs more
+        # than it saves
+        _sa_compat.session_dispatch(self)
+        super().close()
+
     def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
-        return get_through(type(self)._wt_read, self, entity, ident, kw, super().get)
+        found = answer_get(type(self)._wt_read, self, entity, ident, kw)
+        if found is UNANSWERED:
+            return super().get(entity, ident, **kw)
+        if found is MISSED:
+            return super().get(entity, ident, **{**kw, "execution_options": _PEEKED_OPTIONS})
+        return found
 
 
 def get_through(
@@ -83,14 +103,14 @@ def get_through(
     plain_get: Callable[..., Any],
 ) -> Any:
     """``session.get(entity, ident, **kw)``: answered by ``read`` when it is the plain case,
-    else by ``plain_get`` (the class's own get), told when the entry was read already."""
-    if read is not None and (not kw or _defaults_only(kw)):
-        found = answer_get(read, session, entity, ident)
-        if found is MISSED:
-            return plain_get(entity, ident, **{**kw, "execution_options": _PEEKED_OPTIONS})
-        if found is not UNANSWERED:
-            return found
-    return plain_get(entity, ident, **kw)
+    else by ``plain_get`` (the class's own get), told when the entry was read already.
+    :meth:`CachedGetSession.get` is this, with ``super().get`` as ``plain_get``."""
+    found = answer_get(read, session, entity, ident, kw)
+    if found is UNANSWERED:
+        return plain_get(entity, ident, **kw)
+    if found is MISSED:
+        return plain_get(entity, ident, **{**kw, "execution_options": _PEEKED_OPTIONS})
+    return found
 
 
 #: the keywords of Session.get whose default is empty (None, or an empty collection)
@@ -180,6 +200,7 @@ class _Plan:
 _PLANS = 256
 _MANAGER_ATTR = _sa_compat.CLASS_MANAGER_ATTR
 _BINDS_ATTR = _sa_compat.SESSION_BINDS_ATTR
+_INFO_ATTR = _sa_compat.SESSION_INFO_ATTR
 
 
 def _plan_of(models: Models, entity: Any) -> _Plan | None:
@@ -209,10 +230,19 @@ def _plan_of(models: Models, entity: Any) -> _Plan | None:
     return plan
 
 
-def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any:
-    """``session.get(entity, ident)`` from the cache: the instance (or None, when the cached row
-    is of another class of the hierarchy, as the database would find no row), MISSED when
-    the entry is no hit, UNANSWERED when this get is not the plain case."""
+def answer_get(
+    read: ReadPath | None, session: Session, entity: Any, ident: Any, kw: dict[str, Any]
+) -> Any:
+    """``session.get(entity, ident, **kw)`` from the cache: the instance (or None, when the
+    cached row is of another class of the hierarchy, as the database would find no row),
+    MISSED when the entry is no hit, UNANSWERED when this get is not the plain case (a
+    keyword off its default, no ``read``: the cache was uninstalled).
+
+    A near hit is the common case, and every Python call is a measurable share of it: the
+    tracker, keys, near-cache and decoding-memo steps of the read path are inlined here for
+    it (each falls back to the read path's own call off that case)."""
+    if read is None or (kw and not _defaults_only(kw)):
+        return UNANSWERED
     cls = type(session)
     if (
         cls.get_bind is not _GET_BIND
@@ -220,7 +250,7 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
         or cls.execute is not _EXECUTE
         or cls._execute_internal is not _EXECUTE_INTERNAL
         # the cache's own listener only
-        or len(_sa_compat.session_dispatch(session).do_orm_execute) != 1
+        or _sa_compat.do_orm_execute_count(session) != 1
         or getattr(session, "execution_options", None)  # session-wide options (2.1)
     ):
         return UNANSWERED
@@ -250,37 +280,80 @@ def answer_get(read: ReadPath, session: Session, entity: Any, ident: Any) -> Any
             return UNANSWERED  # a dict, a composite, a wrong count or type: SQLAlchemy decides
     # Mapper.identity_key_from_primary_key(pk), without its call
     identity_key = (plan.identity_class, tuple(pk), None)
-    if session.identity_map.get(identity_key) is not None:
-        return UNANSWERED  # the identity map wins (and refreshes an expired object)
-    if not _sa_compat.session_is_clean(session):
-        return UNANSWERED  # the database path autoflushes first
+    # the identity map wins (and refreshes an expired object); the database path autoflushes
+    if _sa_compat.holds_or_changed(session, identity_key):
+        return UNANSWERED
     # Session.get_bind's first case without its call: no per-entity binds, and a bind
     bind = session.bind
     if not bind or getattr(session, _BINDS_ATTR):
         bind = session.get_bind(mapper=mapper)
-    tracker = read._usable_tracker(session, mapper, bind)
-    if tracker is None:
-        return UNANSWERED
-    try:
-        keys = models.keys(layout, bind, tracker.renamed.get(bind) if tracker.renamed else None)
-    except DatabaseUnknown:
-        return UNANSWERED
-    key, gen_key = keys.pair(pk)
+    # ReadPath._usable_tracker's common case inlined: a session whose transaction did
+    # nothing yet (no tracker; not joined to a Connection's transaction) reads as UNTOUCHED
+    info = session.__dict__.get(_INFO_ATTR)
+    if (info is None or rt.settings.info_key not in info) and not isinstance(bind, Connection):
+        if rt.journal.pending and not rt.journal_replayed():
+            return UNANSWERED  # keys journaled while Redis was away are not invalidated yet
+        renamed = None
+    else:
+        tracker = read._usable_tracker(session, mapper, bind)
+        if tracker is None:
+            return UNANSWERED
+        renamed = tracker.renamed.get(bind) if tracker.renamed else None
+    last = layout.last_keys  # Models.keys' first case (the bind of the last get) inlined
+    if last[0] is bind and renamed is None:
+        keys = last[1]
+    else:
+        try:
+            keys = models.keys(layout, bind, renamed)
+        except DatabaseUnknown:
+            return UNANSWERED
+    # KeySpace.pair's memo of int keys read, without its call
+    pair = keys._pairs.get(ident) if type(ident) is int else None
+    key, gen_key = keys.pair(pk) if pair is None else pair
     started = perf_counter()
-    found = rt.peek_one(layout, key, gen_key)
+    near = rt.near  # Runtime.peek's, with a near-cache hit counted with the hit below
+    found: memoryview | bytes | Literal[False] | None
+    if near is not None and layout.options.near_cache:
+        found = near.get(key)
+        if found is None:
+            found = near.read_through(rt.backend, key, gen_key)
+    else:
+        found = rt.backend.peek(key, gen_key)
     if found is None:
         return UNANSWERED  # Redis failed: the database path (behind the breaker)
     if found is False:
         return MISSED
-    near_hits = 1 if type(found) is Copy else 0
-    instance = read._build(
-        session, layout, identity_key, pk, found, bind.dialect, key, gen_key, mapper
-    )
-    if instance is None:
-        if near_hits:
-            rt.counters.add("near_hits", 1, layout.entity_name)
-        return MISSED  # an undecodable entry, now removed
-    read._read_done(layout.entity_name, started, "hit", hits=1, near_hits=near_hits)
+    dialect = bind.dialect
+    memo = found.decoded if type(found) is Copy else None
+    if memo is not None and memo[0] is dialect and memo[1] is layout and memo[2] == pk:
+        # ReadPath._build of a near copy already decoded: its values are kept in it
+        near_hits = 1
+        variant, values = memo[3]
+        built = variant.mapper
+        if built is mapper or built.isa(mapper):
+            instance = _sa_compat.build_persistent(
+                session, built, identity_key, values, variant.expired
+            )
+        else:
+            instance = _NO_ROW
+    else:
+        near_hits = 1 if type(found) is Copy else 0
+        instance = read._build(
+            session, layout, identity_key, pk, found, dialect, key, gen_key, mapper
+        )
+        if instance is None:
+            if near_hits:
+                rt.counters.add("near_hits", 1, layout.entity_name)
+            return MISSED  # an undecodable entry, now removed
+    # ReadPath._read_done, inlined
+    name = layout.entity_name
+    elapsed = perf_counter() - started
+    rt.counters.observe_read(elapsed, name, 1, near_hits)
+    if log.isEnabledFor(_DEBUG):
+        log.debug("writethrough: read %s: %s (%d rows)", name, "hit", 1)
+    tracer = rt.tracer
+    if tracer is not None:
+        record_span(tracer, "writethrough.read", name, elapsed, result="hit", rows=1)
     # a row of another class of the hierarchy than the one asked for: the database finds none
     return None if instance is _NO_ROW else instance
 

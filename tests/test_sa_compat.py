@@ -6,6 +6,7 @@ function name, rather than as a subtle change in what the cache serves.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -487,6 +488,11 @@ def test_session_dispatch_sets_what_the_lazy_reads_would() -> None:
         dispatch = _sa_compat.session_dispatch(primed)
         assert dispatch is primed.dispatch is _sa_compat.session_dispatch(primed)
         for name in _sa_compat.PRIMED_SESSION_EVENTS:
+            # set up front: the slot holds it (read without _Dispatch.__getattr__)
+            slot = next(k.__dict__[name] for k in type(dispatch).__mro__ if name in k.__dict__)
+            assert type(slot.__get__(dispatch)) is _EmptyListener
+            with pytest.raises(AttributeError):
+                slot.__get__(lazy.dispatch)  # not read yet: not made yet
             got = getattr(dispatch, name)
             assert type(got) is _EmptyListener and got is getattr(lazy.dispatch, name)
         # a dispatch made before is left as it is (an instance-level listener stays)
@@ -494,6 +500,61 @@ def test_session_dispatch_sets_what_the_lazy_reads_would() -> None:
         event.listen(lazy, "do_orm_execute", seen.append)
         assert _sa_compat.session_dispatch(lazy) is lazy.dispatch
         assert len(_sa_compat.session_dispatch(lazy).do_orm_execute) == 1
+
+
+def test_do_orm_execute_count_counts_the_class_and_the_session_listeners() -> None:
+    """``do_orm_execute_count`` is ``len(session.dispatch.do_orm_execute)``, read through the
+    ``_EmptyListener``'s ``parent_listeners`` while the session has none of its own: an
+    upgrade that changes what an empty listener's ``__len__`` counts fails here."""
+    import inspect as pyinspect
+
+    from sqlalchemy.event.attr import _EmptyListener
+
+    assert "len(self.parent_listeners)" in pyinspect.getsource(_EmptyListener.__len__)
+
+    class OwnSession(Session):
+        pass
+
+    engine = create_engine("sqlite://")
+    with OwnSession(engine) as s, OwnSession(engine) as primed:
+        _sa_compat.session_dispatch(primed)
+        assert _sa_compat.do_orm_execute_count(s) == 0 == len(s.dispatch.do_orm_execute)
+        event.listen(OwnSession, "do_orm_execute", lambda state: None)
+        assert _sa_compat.do_orm_execute_count(primed) == 1 == len(primed.dispatch.do_orm_execute)
+        event.listen(primed, "do_orm_execute", lambda state: None)
+        assert _sa_compat.do_orm_execute_count(primed) == 2 == len(primed.dispatch.do_orm_execute)
+        assert _sa_compat.do_orm_execute_count(s) == 1
+    engine.dispose()
+
+
+def test_holds_or_changed(session: Session) -> None:
+    """``identity_map.get(key) is not None`` or not ``session_is_clean``, in one call; the
+    map's ``get`` is read as ``_WeakInstanceDict.get`` reads itself (its ``_dict``, the state's
+    ``obj()``): an upgrade that changes that fails here."""
+    import inspect as pyinspect
+
+    source = pyinspect.getsource(_sa_compat.WEAK_INSTANCE_DICT.get)
+    assert "self._dict[key]" in source and "state.obj()" in source
+    mapper = inspect(Parent)
+    key = mapper.identity_key_from_primary_key((1,))
+    assert not _sa_compat.holds_or_changed(session, key)
+    held = Parent(id=1)
+    session.add(held)
+    assert _sa_compat.holds_or_changed(session, key)  # pending
+    session.flush()
+    assert _sa_compat.holds_or_changed(session, key)  # held
+    other = mapper.identity_key_from_primary_key((2,))
+    assert not _sa_compat.holds_or_changed(session, other)
+    held.name = "changed"
+    assert _sa_compat.holds_or_changed(session, other)  # modified
+    session.flush()
+    session.delete(held)
+    assert _sa_compat.holds_or_changed(session, other)  # deleted
+    session.flush()
+    session.commit()
+    del held
+    gc.collect()
+    assert not _sa_compat.holds_or_changed(session, key)
 
 
 def test_listeners_given_to_a_primed_session_fire() -> None:

@@ -246,6 +246,49 @@ def test_a_do_orm_execute_listener_of_the_users_still_filters_gets(
         assert found is not None and found.name == "here"
 
 
+def test_listeners_added_after_a_session_was_made_fire_for_it(
+    db: Engine, cache: WriteThroughCache
+) -> None:
+    """A session of the factory sets up its event collections when it is made (not at its
+    first get): listeners given later to the factory, to the Session class it was made from
+    or to the session itself still fire for it, at a cached get and at ``close()``, as for a
+    plain Session; a ``do_orm_execute`` listener given later sees its gets."""
+
+    class OwnSession(Session):
+        pass
+
+    maker = sessionmaker(db, class_=OwnSession)
+    cache.install(maker)
+    seed(maker, SgItem(id=1, name="one"))
+    with maker() as s:
+        s.get(SgItem, 1)  # cached now
+    seen: list[str] = []
+    never = maker()  # made before every listener below; never gets
+    early = maker()
+    event.listen(maker, "loaded_as_persistent", lambda s_, obj: seen.append(f"loaded {obj.id}"))
+    event.listen(OwnSession, "persistent_to_detached", lambda s_, o: seen.append(f"off {o.id}"))
+    event.listen(never, "pending_to_transient", lambda s_, obj: seen.append(f"dropped {obj.id}"))
+    with capture_sql(db) as sql:
+        held = early.get(SgItem, 1)
+    assert held is not None and held.name == "one" and selects(sql) == []
+    assert seen == ["loaded 1"]
+    early.close()
+    assert seen == ["loaded 1", "off 1"]
+    never.add(SgItem(id=3, name="new"))
+    never.close()
+    assert seen == ["loaded 1", "off 1", "dropped 3"]
+    late = maker()
+    calls: list[str] = []
+    # first in line (a listener after the cache's would not see a load the cache answers)
+    event.listen(maker, "do_orm_execute", lambda state: calls.append("execute"), insert=True)
+    with capture_sql(db) as sql:
+        again = late.get(SgItem, 1)
+    assert again is not None and again.name == "one" and selects(sql) == []
+    assert calls == ["execute"]
+    late.close()
+    assert seen[3:] == ["loaded 1", "off 1"]
+
+
 def test_pending_changes_are_flushed_before_a_cached_get(
     factory: sessionmaker[Session], db: Engine
 ) -> None:
