@@ -184,7 +184,11 @@ class SyncTransport:
             else 0
         )
         self._local = threading.local()
-        self._holders: weakref.WeakSet[HeldConnection] = weakref.WeakSet()
+        #: every thread's holder, weakly: a tuple replaced (under ``_holders_lock``), never
+        #: changed, so that :meth:`release_held` iterates it while threads add theirs (a
+        #: ``WeakSet`` iterated as a thread added to it raised "Set changed size during
+        #: iteration" out of ``uninstall()``)
+        self._holders: tuple[weakref.ref[HeldConnection], ...] = ()
         self._holders_lock = threading.Lock()
         self._closed = False
         if self._lendable:
@@ -236,15 +240,18 @@ class SyncTransport:
         except AttributeError:
             held = None
             with self._holders_lock:  # once per thread: the cap holds with threads racing
-                if not self._closed and len(self._holders) < self._lendable:
+                # the holders of the threads still alive (a dead thread's is collected)
+                alive = tuple(ref for ref in self._holders if ref() is not None)
+                if not self._closed and len(alive) < self._lendable:
                     held = HeldConnection(self._orphans)
-                    self._holders.add(held)
+                    alive += (weakref.ref(held),)
+                self._holders = alive
             self._local.held = held
             return held
         if held is not None and held.fork != _forks[0]:
             held.slot.clear()  # the parent's connection: neither used nor released here
             self._local.held = held = HeldConnection(self._orphans)
-            self._holders = weakref.WeakSet([held])
+            self._holders = (weakref.ref(held),)
         return held
 
     def _take_held(self, held: HeldConnection | None) -> Any:
@@ -300,7 +307,10 @@ class SyncTransport:
     def release_held(self) -> None:
         """Give back the connections threads keep between commands and that are idle now (a
         thread amid a command gives its own back after it, or keeps it when not closed)."""
-        for held in list(self._holders):
+        for ref in self._holders:  # a tuple: threads adding theirs replace it
+            held = ref()
+            if held is None:
+                continue
             conn = held.take()
             if conn is not None and held.fork == _forks[0]:
                 compat.release(self._pool, conn)

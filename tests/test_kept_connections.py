@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -312,3 +313,50 @@ def test_a_forked_child_never_uses_the_parents_connection(server: int) -> None:
     assert int(transport.command("CLIENT", "ID")) == parent  # the parent's, intact
     transport.close()
     client.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_uninstall_while_other_threads_start_reading_never_raises(
+    engine: Engine, maker: sessionmaker[Session], server: int
+) -> None:
+    """``uninstall()`` of one session factory gives back every thread's kept connection
+    while threads reading through another factory of the same cache make their first
+    command, and so their holder: it never raises (it raised ``RuntimeError: Set changed
+    size during iteration`` from the holders' set), and the reads go on being answered."""
+    cache = _cached(maker, server, max_connections=100_000)
+    other = sessionmaker(engine)
+    cache.install(other)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            assert _get(other) == "one"
+        except BaseException as exc:
+            failures.append(exc)
+
+    def spawner() -> None:
+        while not stop.is_set():
+            threads = [threading.Thread(target=reader) for _ in range(20)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: the race shows within a second
+    spawning = threading.Thread(target=spawner)
+    spawning.start()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not failures:
+            cache.uninstall(maker)  # the second time on, it only gives connections back
+    except BaseException as exc:
+        failures.append(exc)
+    finally:
+        stop.set()
+        spawning.join()
+        sys.setswitchinterval(interval)
+    assert failures == []
+    cache.close()
+    cache.redis.close()
