@@ -615,12 +615,24 @@ class ChildEnv:
 
     # ------------------------------------------------------------------ makers
 
+    @staticmethod
+    def _keeps(module: Any) -> dict[str, Any]:
+        """``keep_connections=True`` for a version that has the option (benchmarks/context.py
+        ``keeps``: this file runs under valgrind on its own)."""
+        import inspect
+
+        params = inspect.signature(module.WriteThroughCache.__init__).parameters
+        return {"keep_connections": True} if "keep_connections" in params else {}
+
     def cache(self, module: Any, prefix: str) -> tuple[Any, Any]:
         """A cache of ``module`` (None: ours) on ``prefix``, without a near cache, and its
         sessionmaker."""
         if module is None:
             import sqlalchemy_writethrough as module
-        cache = module.WriteThroughCache(self.redis, prefix=prefix, stats_interval=None)
+        # threads keep their connection, as a cache built from a URL does
+        cache = module.WriteThroughCache(
+            self.redis, prefix=prefix, stats_interval=None, **self._keeps(module)
+        )
         maker = self._sessionmaker(self.engine)
         if module.__name__ != "sqlalchemy_writethrough":
             cache.register_all(self.Base)  # its mixin is not ours: name the models

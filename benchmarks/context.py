@@ -161,6 +161,20 @@ class Env:
         self.engine.dispose()
 
 
+#: what a cache given a client (not a URL) needs to keep a connection per thread, as one
+#: built from a URL does by default (``keep_connections``)
+KEEP: dict[str, Any] = {"keep_connections": True}
+
+
+def keeps(module: Any) -> dict[str, Any]:
+    """:data:`KEEP` for a version of the library that has ``keep_connections`` (one from
+    before it kept connections on any pool, or never)."""
+    import inspect
+
+    params = inspect.signature(module.WriteThroughCache.__init__).parameters
+    return KEEP if "keep_connections" in params else {}
+
+
 def with_search_path(url: str, schema: str) -> str:
     """``url`` whose connections use ``schema`` as search_path (a libpq ``options`` setting)."""
     parsed = make_url(url)
@@ -183,8 +197,10 @@ def build_env(settings: Settings) -> Env:
         socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
     )
     prefix = f"bench-{run_id}"
-    # no shared stats: a send after the run's clean-up would leave its prefix's stats behind
-    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
+    # no shared stats: a send after the run's clean-up would leave its prefix's stats behind;
+    # threads keep their connection, as a cache built from a URL (the README's) does: this
+    # client is shared with the floor, which a user's cache from a URL would not be
+    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None, **KEEP)
     plain = sessionmaker(engine)
     cached = sessionmaker(engine)
     cache.install(cached)
@@ -194,7 +210,7 @@ def build_env(settings: Settings) -> Env:
         socket_timeout=REDIS_SOCKET_TIMEOUT,
         socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
     )
-    commit_cache = WriteThroughCache(commit_client, prefix=prefix, stats_interval=None)
+    commit_cache = WriteThroughCache(commit_client, prefix=prefix, stats_interval=None, **KEEP)
     commit_cached = sessionmaker(engine)
     commit_cache.install(commit_cached)
     background_cache = WriteThroughCache(
@@ -235,7 +251,7 @@ def build_env(settings: Settings) -> Env:
         # run's clean-up would leave keys behind)
         try:
             baseline_cache = module.WriteThroughCache(
-                client, prefix=f"{prefix}-baseline", stats_interval=None
+                client, prefix=f"{prefix}-baseline", stats_interval=None, **keeps(module)
             )
         except TypeError:  # a version from before stats_interval
             baseline_cache = module.WriteThroughCache(client, prefix=f"{prefix}-baseline")

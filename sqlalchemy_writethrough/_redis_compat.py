@@ -76,6 +76,13 @@ def lendable_connections(pool: Any) -> int:
     return int(getattr(pool, "max_connections", 0) or 0) // 4
 
 
+def pool_unbounded(pool: Any) -> bool:
+    """Whether ``pool`` opens as many connections as it is asked for (redis-py before 6.0
+    defaults ``max_connections`` to 2**31; 6.0 and later to 100, which a busy application can
+    reach)."""
+    return int(getattr(pool, "max_connections", 0) or 0) >= 2**20
+
+
 def socket_of(conn: Any) -> Any:
     """The connection's socket (``Connection._sock``, private in 5.0 to 8.1; None when it is
     not connected): a kept connection is polled before its next command, the check redis-py's

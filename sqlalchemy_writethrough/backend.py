@@ -579,17 +579,21 @@ class RedisBackend(ScriptBackend):
         epoch_interval: float = 1.0,
         on_new_epoch: Callable[[int], None] | None = None,
         known_keyspaces: Callable[[], Iterable[str]] = tuple,
+        keep_connections: bool = True,
     ) -> None:
         """``prefix`` turns on the epoch check (see :mod:`.epoch`) of every connection the
         cache uses; ``on_new_epoch`` hears of each new epoch; ``known_keyspaces()`` gives the
-        registry fields of the cache's own keyspaces, which a new epoch invalidates too."""
+        registry fields of the cache's own keyspaces, which a new epoch invalidates too;
+        ``keep_connections``: whether threads may keep a pooled connection between commands
+        (:class:`.redis_sync.SyncTransport`)."""
         scripts = Scripts()
         address = redis_address(client)
         epoch = _epoch_guard(
             scripts, address, prefix, epoch_interval, on_new_epoch, known_keyspaces
         )
         self.client = client
-        super().__init__(SyncTransport(client, address, epoch), breaker, counters, scripts, epoch)
+        transport = SyncTransport(client, address, epoch, keep=keep_connections)
+        super().__init__(transport, breaker, counters, scripts, epoch)
 
 
 class AsyncRedisBackend(ScriptBackend):

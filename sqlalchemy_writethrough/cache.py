@@ -137,6 +137,16 @@ class WriteThroughCache:
         subscriber is a thread, on a synchronous twin of a ``redis.asyncio`` client, on one
         node of a Cluster); every process sharing the prefix should enable it, so that its
         writes tell the others at once. Off by default.
+    :param keep_connections: whether each thread keeps one pooled connection of a
+        synchronous, standalone Redis client checked out between the cache's commands (a
+        read then skips redis-py's checkout and release: docs/usage.md). ``None`` (the
+        default): yes for the client the cache builds from a URL, whose pool only it uses,
+        and for a pool without a real bound (``max_connections`` of 2**20 or more: redis-py
+        5's default); no for a client you pass with a bounded pool (redis-py 6 and later
+        default to 100), which your own commands share: a thread keeping one needs a second
+        for its own command. ``True`` keeps them on such a pool too (at most a quarter of
+        its ``max_connections`` at a time); ``False`` never. Only a plain
+        ``redis.ConnectionPool`` ever keeps one (not Blocking, Sentinel or Cluster).
     """
 
     def __init__(
@@ -163,6 +173,7 @@ class WriteThroughCache:
         epoch_check_interval: float = 1.0,
         stats_interval: float | None = _UNKNOWN,
         near_cache: bool | NearCacheOptions = False,
+        keep_connections: bool | None = None,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \t\n"):
             raise ConfigurationError("prefix must be non-empty, without braces or whitespace")
@@ -196,6 +207,9 @@ class WriteThroughCache:
         self._built: list[tuple[Any, bool]] = []
         #: the backends a switch to a Redis Cluster replaced (their clients may be the cache's)
         self._retired: list[ScriptBackend] = []
+        #: None: threads keep a connection between commands on a pool only the cache uses
+        #: (built from its URL) or an unbounded one (see :meth:`_keeps_connections`)
+        self._keep_connections = keep_connections
         self._timeouts = (
             0.5 if socket_timeout is None else socket_timeout,
             0.5 if socket_connect_timeout is None else socket_connect_timeout,
@@ -362,6 +376,9 @@ class WriteThroughCache:
             backend_class = ClusterBackend
         elif _redis_compat.is_async_cluster_client(client):
             backend_class = AsyncClusterBackend
+        extra: dict[str, Any] = {}
+        if backend_class is RedisBackend:
+            extra["keep_connections"] = self._keeps_connections(client)
         backend = backend_class(  # type: ignore[call-arg]
             client,
             breaker,
@@ -370,11 +387,24 @@ class WriteThroughCache:
             epoch_interval=self._epoch_interval,
             on_new_epoch=self._new_epoch,
             known_keyspaces=self._models.known_keyspaces,
+            **extra,
         )
         if backend_class in (RedisBackend, AsyncRedisBackend):
             backend.on_cluster_node = self._cluster_node_seen
         self._tell_near(backend)
         return backend
+
+    def _keeps_connections(self, client: Any) -> bool:
+        """Whether the cache's threads may each keep one of ``client``'s pooled connections
+        between commands: as ``keep_connections`` says, else only on a pool nobody else
+        checks connections out of (the client the cache built from its URL) or one without a
+        real bound: an application sharing a bounded pool would find it dry sooner (a thread
+        keeping one needs a second for its own command)."""
+        if self._keep_connections is not None:
+            return self._keep_connections
+        if any(built is client for built, _ in self._built):
+            return True
+        return _redis_compat.pool_unbounded(client.connection_pool)
 
     def _tell_near(self, backend: ScriptBackend) -> None:
         """With a near cache, ``backend``'s write scripts publish their changes for every

@@ -158,7 +158,11 @@ class SyncTransport:
 
     clustered = False
 
-    def __init__(self, client: Any, address: str, epoch: EpochGuard | None = None) -> None:
+    def __init__(
+        self, client: Any, address: str, epoch: EpochGuard | None = None, keep: bool = True
+    ) -> None:
+        """``keep``: whether threads may keep a connection between commands at all (see
+        :meth:`.WriteThroughCache.__init__`'s ``keep_connections``)."""
         self.client = client
         self.address = address
         self._epoch = epoch
@@ -180,7 +184,7 @@ class SyncTransport:
         #: 0: every command checks one out and releases it)
         self._lendable = (
             compat.lendable_connections(self._pool)
-            if self._direct and hasattr(select, "poll")
+            if keep and self._direct and hasattr(select, "poll")
             else 0
         )
         self._local = threading.local()

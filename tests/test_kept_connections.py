@@ -108,7 +108,9 @@ def maker(engine: Engine) -> sessionmaker[Session]:
 
 
 def _cached(maker: sessionmaker[Session], port: int, **kwargs: Any) -> WriteThroughCache:
-    cache = WriteThroughCache(_client(port, **kwargs), prefix="kc", **COUNTED)
+    cache = WriteThroughCache(
+        _client(port, **kwargs), prefix="kc", keep_connections=True, **COUNTED
+    )
     cache.install(maker)
     with maker() as s:
         s.add(KcRow(id=1, name="one"))
@@ -360,3 +362,75 @@ def test_uninstall_while_other_threads_start_reading_never_raises(
     assert failures == []
     cache.close()
     cache.redis.close()
+
+
+def _other_thread_connection_id(cache: WriteThroughCache) -> int:
+    ids: list[int] = []
+    thread = threading.Thread(target=lambda: ids.append(_connection_id(cache)))
+    thread.start()
+    thread.join()
+    return ids[0]
+
+
+@pytest.mark.databases("sqlite")
+def test_a_cache_built_from_a_url_keeps_a_connection_per_thread(
+    maker: sessionmaker[Session], server: int
+) -> None:
+    """The cache's own client (from its URL; no one else checks its connections out): a
+    thread keeps its connection, so another thread's command opens a second one."""
+    cache = WriteThroughCache(f"redis://127.0.0.1:{server}/0", prefix="kc", **COUNTED)
+    first = _connection_id(cache)
+    assert _other_thread_connection_id(cache) != first
+    cache.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_keep_connections_false_releases_after_every_command(
+    maker: sessionmaker[Session], server: int
+) -> None:
+    cache = WriteThroughCache(
+        f"redis://127.0.0.1:{server}/0", prefix="kc", keep_connections=False, **COUNTED
+    )
+    first = _connection_id(cache)
+    assert _other_thread_connection_id(cache) == first  # the one released, checked out again
+    cache.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_a_bounded_client_of_the_application_keeps_nothing_by_default(
+    maker: sessionmaker[Session], server: int
+) -> None:
+    """A client the application passes, with a bounded pool it also uses: after the cache's
+    read on this thread, with every other connection busy with the application's own
+    commands, this thread's own command still gets a connection (a kept one would have left
+    the pool dry: ``MaxConnectionsError``)."""
+    client = _client(server, max_connections=4)
+    cache = WriteThroughCache(client, prefix="kc", **COUNTED)
+    cache.install(maker)
+    with maker() as s:
+        s.add(KcRow(id=1, name="one"))
+        s.commit()
+    assert _get(maker) == "one"
+    pool = client.connection_pool
+    ready, done = threading.Barrier(4), threading.Event()
+
+    def busy() -> None:
+        conn = pool.get_connection()
+        try:
+            ready.wait(10)
+            done.wait(10)
+        finally:
+            pool.release(conn)
+
+    threads = [threading.Thread(target=busy) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        ready.wait(10)
+        assert client.get("kc-nothing") is None
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    cache.close()
+    client.close()
