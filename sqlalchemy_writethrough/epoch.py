@@ -113,7 +113,7 @@ class EpochGuard:
         except BaseException:
             compat.disconnect(conn)  # never leave it connected and unchecked
             raise
-        self._due[conn] = time.monotonic() + self._interval
+        self._due[conn] = self._next_check(conn)
         if due is None:
             compat.on_connect(conn, self._reconnected)
 
@@ -128,6 +128,18 @@ class EpochGuard:
             self._primary = compat.sentinel_primary(conn)
             self._primary_due = now + self._interval
         return compat.peer(conn) != self._primary
+
+    def _next_check(self, conn: Any) -> float:
+        """When ``conn``, just checked, is checked again: after ``interval``, and for a
+        Sentinel-managed connection no later than the sentinels' answer it was compared with
+        expires. That answer is shared by the process's connections: one checked with an answer
+        asked before a promotion, and due a whole interval later, would stay on the old primary
+        up to twice the interval after the promotion
+        (``test_each_connection_leaves_the_old_primary_within_the_check_interval``)."""
+        due = time.monotonic() + self._interval
+        if compat.follows_sentinel_primary(conn) and self._primary_due < due:
+            return self._primary_due
+        return due
 
     def _reconnected(self, conn: Any) -> None:
         """redis-py calls this inside ``connect()``: a reconnection is checked before the
@@ -172,7 +184,7 @@ class EpochGuard:
         except BaseException:
             await compat.adisconnect(conn)
             raise
-        self._due[conn] = time.monotonic() + self._interval
+        self._due[conn] = self._next_check(conn)
         if due is None:
             compat.on_connect(conn, self._reconnected_async)
 

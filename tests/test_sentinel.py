@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+from sqlalchemy_writethrough import _redis_compat as compat
 from stress.redis_server import RedisServer
 from stress.sentinel import SentinelGroup, wait_for
 
@@ -215,6 +216,58 @@ def test_the_old_primary_is_left_within_the_check_interval(
     assert first.stats().epochs == 1
     conns = first.redis.connection_pool._available_connections  # type: ignore[attr-defined]
     assert {c.port for c in conns if c._sock} == {new}
+
+
+def test_each_connection_leaves_the_old_primary_within_the_check_interval(
+    sentinel_group: SentinelGroup, schema: Engine
+) -> None:
+    """A process asks the sentinels at most every ``epoch_check_interval`` and shares their
+    answer among its connections. A connection checked just before that answer expires must
+    not take an answer from before the promotion for another whole interval: every one of the
+    process's connections leaves the old primary within the interval after the sentinels agree
+    (docs/running-redis.md), or its reads there miss a commit made on the new primary.
+
+    Two pooled connections, ``a`` and ``b``, each put on top of the pool's stack
+    (redis-py hands out the last one released) before the read that should use it."""
+    interval = 4.0
+    old = sentinel_group.primary_port()
+    assert old is not None
+    late = _cache(sentinel_group, epoch_check_interval=interval, stats_interval=None)
+    late_factory = _installed(late, schema)
+    _commit_name(late_factory, "v1")
+    pool = late.redis.connection_pool
+    checkout = compat.checkout_of(pool)
+    a, b = checkout(), checkout()
+    pool.release(a)
+    pool.release(b)
+    available = pool._available_connections  # type: ignore[attr-defined]
+
+    def read_on(conn: Any) -> tuple[str, int]:
+        available.remove(conn)
+        available.append(conn)
+        return _read(late_factory, schema)
+
+    assert read_on(b) == ("v1", 0)  # b's first check asks the sentinels
+    time.sleep(0.3)
+    assert read_on(a) == ("v1", 0)  # a's first check takes their answer
+    time.sleep(interval - 0.2)
+    assert read_on(a) == ("v1", 0)  # a is due: the sentinels are asked again (old primary)
+    asked = time.monotonic()
+    sentinel_group.failover()
+    new = _promoted(sentinel_group, old)
+    promoted = time.monotonic()
+    if promoted > asked + interval - 0.8:
+        pytest.skip("the promotion took too long for this interleaving")
+    second = _cache(sentinel_group, stats_interval=None)
+    second_factory = _installed(second, schema)
+    _commit_name(second_factory, "v2")  # on the new primary
+
+    time.sleep(asked + interval - 0.3 - time.monotonic())
+    read_on(b)  # b is due, after the promotion; the sentinels' last answer is not expired
+    time.sleep(promoted + interval + 0.3 - time.monotonic())
+    assert sentinel_group.role(old) == "master"  # not demoted yet: still holds v1
+    assert read_on(b)[0] == "v2"  # past the interval after the promotion
+    assert {c.port for c in (a, b) if c._sock} <= {new}
 
 
 @pytest.mark.databases("postgresql", "sqlite")
