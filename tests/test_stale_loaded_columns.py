@@ -11,12 +11,14 @@ xfail until the write path publishes only what it knows the database holds.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import String
+from sqlalchemy import Integer, String, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
@@ -37,6 +39,23 @@ class SlcRow(Base, CachedModel):
     b: Mapped[str] = mapped_column(String(20))
 
 
+class SlvRow(Base, CachedModel):
+    __tablename__ = "slv_row"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    a: Mapped[str] = mapped_column(String(20))
+    b: Mapped[str] = mapped_column(String(20))
+    v: Mapped[int] = mapped_column(Integer)
+    __mapper_args__ = {"version_id_col": v}
+
+
+class SliRow(Base, CachedModel):
+    __tablename__ = "sli_row"
+    __writethrough__ = {"strategy": "invalidate"}
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    a: Mapped[str] = mapped_column(String(20))
+    b: Mapped[str] = mapped_column(String(20))
+
+
 @pytest.fixture
 def make_session(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessionmaker[Session]]:
     """A sessionmaker with a cache installed, on a fresh ``slc_row`` table holding row 1."""
@@ -47,6 +66,8 @@ def make_session(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessio
     cache.install(factory)
     with factory() as session:
         session.add(SlcRow(id=1, a="a0", b="b0"))
+        session.add(SlvRow(id=1, a="a0", b="b0"))
+        session.add(SliRow(id=1, a="a0", b="b0"))
         session.commit()
     try:
         yield factory
@@ -81,3 +102,29 @@ def test_a_column_another_commit_changed_after_the_load_is_not_published_stale(
         assert got is not None
         served = (got.a, got.b)
     assert served == ("a1", "b1"), f"served {served} from {'SQL' if statements else 'Redis'}"
+
+
+@pytest.mark.parametrize("model", [SlvRow, SliRow], ids=["version_id_col", "invalidate"])
+def test_the_documented_ways_around_it_serve_what_the_database_holds(
+    engine: Engine, make_session: sessionmaker[Session], model: type[Base]
+) -> None:
+    """docs/consistency.md's advice for rows whose columns concurrent transactions change
+    apart: a ``version_id_col`` (the second writer's UPDATE finds no row: StaleDataError, and
+    nothing is published) or the model's ``strategy="invalidate"`` (a commit leaves a miss)."""
+    with make_session() as writer_a:
+        row: Any = writer_a.get(model, 1)
+        with make_session() as writer_b:
+            other: Any = writer_b.get(model, 1)
+            other.b = "b1"
+            writer_b.commit()
+        row.a = "a1"
+        try:
+            writer_a.commit()
+        except StaleDataError:
+            writer_a.rollback()
+    with make_session() as reader:
+        got: Any = reader.get(model, 1)
+        served = (got.a, got.b)
+    with engine.connect() as conn:
+        held = tuple(conn.execute(select(model.a, model.b).where(model.id == 1)).one())  # type: ignore[attr-defined]
+    assert served == held
