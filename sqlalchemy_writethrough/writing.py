@@ -410,6 +410,7 @@ class WritePath:
                     payload is not None
                     and not inserted
                     and key not in tracker.locked
+                    and key not in tracker.expected
                     and variant.unwritten is not None
                 ):  # locked below, not by before_flush: the row as loaded goes with the lock
                     loaded = _loaded_row(state, (variant.unwritten, variant.attr_set, encode))

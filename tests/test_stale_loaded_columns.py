@@ -12,6 +12,7 @@ replaces holds exactly that (docs/consistency.md, "How: locks, leases and a guar
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -184,6 +185,46 @@ def test_an_update_writing_every_column_publishes_whatever_the_entry_held(
         row.a, row.b = "a1", "b1"
         writer.commit()
     assert _rows(make_session, engine) == (("a1", "b1"), 0)
+
+
+def test_a_row_locked_at_the_reasserting_final_flush_is_checked_too(
+    engine: Engine, redis_url: str, prefix: str
+) -> None:
+    """A transaction whose first locks are older than half ``lock_timeout`` when it commits
+    takes them again in the same round trip as its final flush (after the flush's statements,
+    not before): the row that flush changes carries its row as loaded there too."""
+    reset_schema(engine, Base.metadata)
+    client = redis.Redis.from_url(redis_url, socket_timeout=1)
+    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None, lock_timeout=0.4)
+    factory = sessionmaker(engine)
+    cache.install(factory)
+    try:
+        with factory() as session:
+            session.add_all([SlcRow(id=1, a="a0", b="b0"), SlcRow(id=2, a="a0", b="b0")])
+            session.commit()
+        with factory() as writer_a:
+            row = writer_a.get(SlcRow, 1)
+            assert row is not None
+            with factory() as writer_b:
+                other = writer_b.get(SlcRow, 1)
+                assert other is not None
+                other.b = "b1"
+                writer_b.commit()
+            if engine.dialect.name != "sqlite":  # SQLite: one writer at a time
+                two = writer_a.get(SlcRow, 2)
+                assert two is not None
+                two.a = "a1"
+                writer_a.flush()  # locks row 2 now
+                time.sleep(0.25)  # older than half the lock timeout at commit
+            row.a = "a1"
+            writer_a.commit()
+        with factory() as reader:
+            got = reader.get(SlcRow, 1)
+            assert got is not None
+            assert (got.a, got.b) == ("a1", "b1")
+    finally:
+        cache.close()
+        client.close()
 
 
 def test_the_asyncio_flavour_does_not_publish_a_stale_column(
