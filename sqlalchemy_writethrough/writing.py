@@ -413,7 +413,14 @@ class WritePath:
                     and key not in tracker.expected
                     and variant.unwritten is not None
                 ):  # locked below, not by before_flush: the row as loaded goes with the lock
-                    loaded = _loaded_row(state, (variant.unwritten, variant.attr_set, encode))
+                    loaded = _loaded_row(
+                        state,
+                        (
+                            variant.unwritten,
+                            variant.attr_set,
+                            _or_as_loaded(variant, bind.dialect, encode),
+                        ),
+                    )
                     if loaded is not None:
                         tracker.expected[key] = loaded
                 ttl, spread = ttls[layout]
@@ -1116,8 +1123,27 @@ def _loaded_encoder(session: Session, layout: ModelLayout, mapper: Any, bind: An
     variant = layout.variant(mapper)
     if variant is None or variant.unwritten is None:
         return False
-    ctx = FlushContext(bind.dialect, lambda: session.connection(bind_arguments={"bind": bind}))
-    return (variant.unwritten, variant.attr_set, variant.flush_encoder(ctx))
+    dialect = bind.dialect
+    ctx = FlushContext(dialect, lambda: session.connection(bind_arguments={"bind": bind}))
+    return (
+        variant.unwritten,
+        variant.attr_set,
+        _or_as_loaded(variant, dialect, variant.flush_encoder(ctx)),
+    )
+
+
+def _or_as_loaded(variant: Any, dialect: Any, encode: Any) -> Any:
+    """The publish's encoder, or, for a row it refuses (a value whose stored form a write
+    cannot predict, as a FLOAT on MariaDB), the fill's: the values here are loaded ones, and
+    either encoding matches an entry only if the entry holds exactly these values."""
+
+    def encode_loaded(dict_: dict[str, Any]) -> bytes | None:
+        payload: bytes | None = encode(dict_)
+        if payload is None:
+            payload = variant.encode_loaded(dict_, dialect)
+        return payload
+
+    return encode_loaded
 
 
 def _loaded_row(state: Any, encoder: tuple[tuple[str, ...], frozenset[str], Any]) -> bytes | None:
