@@ -93,13 +93,25 @@ class Backend(Protocol):
 
     def fill_many(self, items: Sequence[tuple[str, str, str, bytes, bytes, int]]) -> list[Any]: ...
 
-    def send_lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> PendingReply | None: ...
+    def send_lock(
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        ttl_ms: int,
+        expected: Sequence[bytes] | None = None,
+    ) -> PendingReply | None: ...
 
     def finish(self, pending: PendingReply, hold: bool = False) -> Any: ...
 
     def let_go(self, held: Any) -> None: ...
 
-    def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool: ...
+    def lock(
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        ttl_ms: int,
+        expected: Sequence[bytes] | None = None,
+    ) -> bool: ...
 
     def publish(
         self, pairs: Sequence[str], owner: str, items: Sequence[Any], held: Any = None
@@ -393,14 +405,21 @@ class ScriptBackend:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def send_lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> PendingReply | None:
+    def send_lock(
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        ttl_ms: int,
+        expected: Sequence[bytes] | None = None,
+    ) -> PendingReply | None:
         """Send the lock script now and read its reply later (:meth:`finish`), so that its
         round trip overlaps the flush's SQL. None when it was not sent (the caller takes the
-        locks synchronously, with the usual failure handling)."""
+        locks synchronously, with the usual failure handling). ``expected``: as for
+        :meth:`lock`."""
         transport = self.transport
         if not transport.overlaps or not self.breaker.allow() or transport.clustered:
             return None
-        args = (owner, ttl_ms)
+        args: tuple[Any, ...] = (owner, ttl_ms) if expected is None else (owner, ttl_ms, *expected)
         try:
             handle = transport.begin(self._scripts.call(Script.LOCK, pairs, args))
         except Exception as exc:  # not counted as a failure: the synchronous lock decides
@@ -442,8 +461,17 @@ class ScriptBackend:
         if held is not None and self._holding is not None:
             self._holding.let_go(held)
 
-    def lock(self, pairs: Sequence[str], owner: str, ttl_ms: int) -> bool:
-        return self._run(Script.LOCK, pairs, (owner, ttl_ms)) is not None
+    def lock(
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        ttl_ms: int,
+        expected: Sequence[bytes] | None = None,
+    ) -> bool:
+        """Lock the pairs' entries. ``expected``: one payload a pair (``b""``: none), the row
+        as the writer loaded it; a new lock is contended unless it replaces exactly that."""
+        args: tuple[Any, ...] = (owner, ttl_ms) if expected is None else (owner, ttl_ms, *expected)
+        return self._run(Script.LOCK, pairs, args) is not None
 
     def publish(
         self, pairs: Sequence[str], owner: str, items: Sequence[Any], held: Any = None

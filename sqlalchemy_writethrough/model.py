@@ -105,6 +105,12 @@ class ClassLayout:
         self._where = where
         #: attributes whose values a program can change in place, unseen by the ORM
         self.mutable: frozenset[str] = frozenset()
+        #: the attributes an UPDATE may leave unwritten (all but the primary key), or None
+        #: when there are none: a commit's publish takes those from memory (see .writing)
+        self.unwritten: tuple[str, ...] | None = (
+            tuple(a for a in self.attrs if a not in pk_attrs) or None
+        )
+        self.attr_set = frozenset(self.attrs)
         self._row_codecs: weakref.WeakKeyDictionary[Any, _RowCodec] = weakref.WeakKeyDictionary()
         # the last dialect and its row codec, one tuple replaced whole: a weak dictionary
         # lookup builds a weakref each time (a strong reference per class to the latest

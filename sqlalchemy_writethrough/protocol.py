@@ -112,11 +112,13 @@ def split_by_hash_tag(
     """A multi-key call of ``script`` as one call per hash tag (for Redis Cluster, where a
     script may touch one slot only), in the order of first appearance. Every such script
     replies with a count, so the replies of the parts add up to the whole call's.
-    ``PUBLISH``'s per-pair arguments (payload, ttl) travel with their pair."""
+    ``PUBLISH``'s per-pair arguments (payload, ttl) travel with their pair, as do ``LOCK``'s
+    expected payloads (one a pair, after owner and ttl, when given)."""
     groups: dict[str, tuple[list[str], list[Any]]] = {}
     if script in PAIR_SCRIPTS:
         per_pair = script is Script.PUBLISH
-        common = list(args[:1]) if per_pair else list(args)
+        expecting = script is Script.LOCK and len(args) > 2
+        common = list(args[:1] if per_pair else args[:2] if expecting else args)
         for i in range(0, len(keys), 2):
             group = groups.get(hash_tag(keys[i]))
             if group is None:
@@ -124,6 +126,8 @@ def split_by_hash_tag(
             group[0].extend((keys[i], keys[i + 1]))
             if per_pair:
                 group[1].extend(args[1 + i : 3 + i])
+            elif expecting:
+                group[1].append(args[2 + i // 2])
     elif script in GENERATION_SCRIPTS:
         for key in keys:
             group = groups.get(hash_tag(key))

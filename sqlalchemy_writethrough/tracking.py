@@ -63,6 +63,7 @@ class SessionTracker:
         "cache_seconds",
         "changes",
         "committed",
+        "expected",
         "external",
         "first_lock_at",
         "flush_keys",
@@ -106,6 +107,11 @@ class SessionTracker:
         self.flush_keys: dict[Any, tuple[Any, Any, str, str]] = {}
         #: entity key -> generation key, for every key this root transaction locked (or tried to)
         self.locked: dict[str, str] = {}
+        #: entity key -> the row's payload as this transaction loaded it, for the keys of rows
+        #: it UPDATEs leaving loaded columns unwritten: each lock of the key (the first, and a
+        #: re-assertion) is contended unless the VALUE it replaces holds exactly this (see
+        #: lua/lock.lua); ``b"!"`` (never a payload) where the loaded row could not be encoded
+        self.expected: dict[str, bytes] = {}
         self.lock_ms = 0
         self.changes: dict[Any, dict[str, Change]] = {}
         self.released_savepoints: set[int] = set()

@@ -118,10 +118,14 @@ class WritePath:
         flush_keys: dict[Any, tuple[Any, Any, str, str]] = {}
         tracker.flush_keys = flush_keys
         involved: set[ModelLayout] = set()
-        # per class, in a session that is not sharded: its layout and key space, once
-        per_mapper: dict[Any, tuple[ModelLayout, KeySpace] | None] = {}
+        # per class, in a session that is not sharded: its layout, key space and bind, once
+        per_mapper: dict[Any, tuple[ModelLayout, KeySpace, Any] | None] = {}
         sharded = binds.sharded
-        for collection in pending:
+        # the rows as loaded, of UPDATEs that leave loaded columns unwritten (see _loaded_row)
+        expected: list[bytes] | None = None
+        encoders: dict[tuple[Any, Any], Any] = {}
+        for index, collection in enumerate(pending):
+            updating = index == 0  # the modified rows (pending: modified, deleted, new)
             for state in collection:
                 mapper = state.mapper
                 found = per_mapper.get(mapper, _UNSEEN)
@@ -131,12 +135,12 @@ class WritePath:
                     if model is not None:
                         bind = binds.of(state, choose=False)
                         if bind is not None:  # else its shard is chosen by the flush
-                            found = (model, rt.models.keys(model, bind, renamed.get(bind)))
+                            found = (model, rt.models.keys(model, bind, renamed.get(bind)), bind)
                     if not sharded:
                         per_mapper[mapper] = found
                 if found is None:
                     continue  # not cached, or after_flush locks it
-                layout, keys = found
+                layout, keys, bind = found
                 identity = state.key
                 if identity is not None:
                     pk = identity[1]
@@ -155,12 +159,29 @@ class WritePath:
                     involved.add(layout)
                     self._involve(tracker, layout)
                 seen.add(key)
+                loaded = None
+                if updating and identity is not None and layout.options.strategy != "invalidate":
+                    encode = encoders.get((mapper, bind))
+                    if encode is None:
+                        encode = encoders[(mapper, bind)] = _loaded_encoder(
+                            session, layout, mapper, bind
+                        )
+                    if encode is not False:
+                        loaded = _loaded_row(state, encode)
+                if loaded is not None:
+                    tracker.expected[key] = loaded
+                    if expected is None:
+                        expected = [b""] * (len(pairs) // 2)
+                if expected is not None:
+                    expected.append(loaded or b"")
                 pairs += (key, gen_key)
         if not pairs:
             return
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
-        tracker.pending_lock = rt.backend.send_lock(pairs, tracker.owner_token(), tracker.lock_ms)
+        tracker.pending_lock = rt.backend.send_lock(
+            pairs, tracker.owner_token(), tracker.lock_ms, expected
+        )
 
     def _finish_locks(self, tracker: SessionTracker, hold: bool = False) -> None:
         """Read the reply of the locks before_flush sent: after the flush's statements, or,
@@ -385,6 +406,23 @@ class WritePath:
                     key, gen_key = keys.pair(pk)
                 if key in statement_keys:
                     payload, reason = None, "statement"
+                elif (
+                    payload is not None
+                    and not inserted
+                    and key not in tracker.locked
+                    and key not in tracker.expected
+                    and variant.unwritten is not None
+                ):  # locked below, not by before_flush: the row as loaded goes with the lock
+                    loaded = _loaded_row(
+                        state,
+                        (
+                            variant.unwritten,
+                            variant.attr_set,
+                            _or_as_loaded(variant, bind.dialect, encode),
+                        ),
+                    )
+                    if loaded is not None:
+                        tracker.expected[key] = loaded
                 ttl, spread = ttls[layout]
                 changes[key] = Change(
                     gen_key, payload, max(1, int(ttl - spread * random())), reason
@@ -519,7 +557,13 @@ class WritePath:
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
         started = perf_counter()
-        ok = self.runtime.backend.lock(pairs, tracker.owner_token(), tracker.lock_ms)
+        expected: list[bytes] | None = None
+        if tracker.expected:  # the rows as loaded go with every lock of their keys
+            found = tracker.expected.get
+            expected = [found(key, b"") for key in pairs[::2]]
+            if not any(expected):
+                expected = None
+        ok = self.runtime.backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected)
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
@@ -1065,6 +1109,67 @@ def _key_changed(state: Any) -> bool:
         if state.attrs[mapper.get_property_by_column(column).key].history.deleted:
             return True
     return False
+
+
+#: an expected payload no VALUE holds (a payload starts with its format version, then
+#: msgpack): the lock is contended, where the row as loaded cannot be encoded
+_UNKNOWN_ROW = b"!"
+
+
+def _loaded_encoder(session: Session, layout: ModelLayout, mapper: Any, bind: Any) -> Any:
+    """(the class's columns an UPDATE may leave unwritten, all its columns, the publish's
+    encoder) for the rows of one class on one database, or False when the class has no
+    column an UPDATE may leave unwritten."""
+    variant = layout.variant(mapper)
+    if variant is None or variant.unwritten is None:
+        return False
+    dialect = bind.dialect
+    ctx = FlushContext(dialect, lambda: session.connection(bind_arguments={"bind": bind}))
+    return (
+        variant.unwritten,
+        variant.attr_set,
+        _or_as_loaded(variant, dialect, variant.flush_encoder(ctx)),
+    )
+
+
+def _or_as_loaded(variant: Any, dialect: Any, encode: Any) -> Any:
+    """The publish's encoder, or, for a row it refuses (a value whose stored form a write
+    cannot predict, as a FLOAT on MariaDB), the fill's: the values here are loaded ones, and
+    either encoding matches an entry only if the entry holds exactly these values."""
+
+    def encode_loaded(dict_: dict[str, Any]) -> bytes | None:
+        payload: bytes | None = encode(dict_)
+        if payload is None:
+            payload = variant.encode_loaded(dict_, dialect)
+        return payload
+
+    return encode_loaded
+
+
+def _loaded_row(state: Any, encoder: tuple[tuple[str, ...], frozenset[str], Any]) -> bytes | None:
+    """The row as this transaction loaded it, encoded as the publish encodes (its pre-flush
+    values), when its UPDATE leaves a loaded column unwritten: the publish takes those from
+    memory, so it may write only if the cache still holds this when the key is locked (see
+    lua/lock.lua). None when the UPDATE writes every loaded column (or none is loaded: the
+    publish then leaves a miss); :data:`_UNKNOWN_ROW` when a column's pre-flush value is
+    unknown (set without being loaded)."""
+    unwritten, columns, encode = encoder
+    committed = state.committed_state
+    dict_ = state.dict
+    for attr in unwritten:
+        if attr not in committed and attr in dict_:
+            break
+    else:
+        return None
+    loaded = dict(dict_)
+    for attr, old in committed.items():
+        if old is _sa_compat.NO_VALUE:  # set without being loaded
+            if attr in columns:
+                return _UNKNOWN_ROW
+            continue  # a relationship: not in the row
+        loaded[attr] = old
+    payload: bytes | None = encode(loaded)
+    return _UNKNOWN_ROW if payload is None else payload
 
 
 def _flatten(locked: dict[str, str]) -> list[str]:

@@ -416,6 +416,9 @@ def test_updated_rows_equal_a_fresh_load(
     published by the UPDATE, and refilled afterwards, equal a fresh load."""
     rows = awkward_rows()
     pks = insert(factory, ExRow, *rows)
+    for pk in pks:  # an INSERT that could not publish (a FLOAT on MariaDB) left a miss
+        if state_of(cache, client, ExRow, pk) is None:
+            load_and_fill(factory, db, ExRow, pk)
     new_rows = rows[1:] + rows[:1]  # each row takes the next row's values
     with factory() as s:
         for pk, values in zip(pks, new_rows, strict=True):

@@ -265,8 +265,11 @@ def test_json_null_and_sql_null_both_load_as_none(
 def test_mutable_dict_in_place_change_is_published(
     factory: Any, engine: Engine, db_name: str
 ) -> None:
-    """A MutableDict sees an in-place change: the UPDATE writes it, the commit publishes it, and
-    the cache hands back a MutableDict, as a load does, that tracks the next change too."""
+    """A MutableDict sees an in-place change: the UPDATE writes it, and the cache hands back a
+    MutableDict, as a load does, that tracks the next change too. The commit leaves a miss (the
+    next read fills it): the document's value as loaded is gone (changed in place), so the
+    lock cannot check that the entry still holds the row as loaded, and the publish would
+    take the other columns from memory (tests/test_stale_loaded_columns.py)."""
     maker = factory[0]
     with maker() as s:
         s.add(JxDoc(id=1, tracked={"a": 1}))
@@ -278,6 +281,9 @@ def test_mutable_dict_in_place_change_is_published(
             assert obj.tracked is not None
             obj.tracked[f"k{step}"] = [step, 1.5]
             s.commit()
+        assert state(factory, JxDoc, 1) is None
+        with maker() as s:  # the fill
+            s.get(JxDoc, 1)
         assert state(factory, JxDoc, 1) == "value"
         cached = cached_row(factory, engine, JxDoc, 1)
         loaded = database_row(engine, JxDoc, 1)

@@ -305,6 +305,48 @@ def test_expired_lock_is_a_miss_and_reassert_takes_it_back(backend, redis_client
     assert value_payload(redis_client, key) == b"new"
 
 
+@pytest.mark.parametrize(
+    "before",
+    ["same", "other", "absent", "lease", "other lock", "old generation"],
+)
+def test_a_lock_expecting_the_row_as_loaded_is_contended_unless_the_value_holds_it(
+    backend, redis_client, keys, before
+):
+    """An UPDATE leaving loaded columns unwritten sends the row as loaded with its lock: the
+    publish writes only when the VALUE the lock replaced held exactly that, else a miss."""
+    key, gen_key = keys
+    if before in ("same", "other", "old generation"):
+        seed_value(backend, key, gen_key, b"loaded" if before != "other" else b"changed")
+        if before == "old generation":
+            backend.bump_generations([gen_key])
+    elif before == "lease":
+        backend.fetch(key, gen_key, "reader", LEASE)
+    elif before == "other lock":
+        backend.lock([key, gen_key], "w0", LOCK)
+    backend.lock([key, gen_key], "w1", LOCK, [b"loaded"])
+    backend.lock([key, gen_key], "w1", LOCK, [b"loaded"])  # re-asserted: no change
+    written = backend.publish([key, gen_key], "w1", [b"new", TTL])
+    if before == "same":
+        assert written == 1 and value_payload(redis_client, key) == b"new"
+    else:
+        assert written == 0 and state(redis_client, key) in (None, "L")
+
+
+def test_expectations_travel_with_their_pairs(backend, redis_client, prefix):
+    """One lock call over several pairs: each pair is checked against its own row, and ''
+    checks nothing (an INSERT, a DELETE, an UPDATE writing every column)."""
+    pairs: list[str] = []
+    for i in range(3):
+        tag = f"{prefix}:{{m:d:{i}}}"
+        pairs += (f"{tag}:1", tag)
+        seed_value(backend, pairs[-2], tag, f"row{i}".encode())
+    backend.lock(pairs, "w1", LOCK, [b"row0", b"stale", b""])
+    assert backend.publish(pairs, "w1", [b"n0", TTL, b"n1", TTL, b"n2", TTL]) == 2
+    assert value_payload(redis_client, pairs[0]) == b"n0"
+    assert redis_client.get(pairs[2]) is None
+    assert value_payload(redis_client, pairs[4]) == b"n2"
+
+
 def test_one_call_handles_many_keys(backend, redis_client, prefix):
     pairs: list[str] = []
     for i in range(200):

@@ -1,9 +1,15 @@
 -- lock: taken at flush, before COMMIT; re-asserted just before COMMIT.
 -- KEYS: entity key, generation key, repeated (all pairs in one hash slot on Cluster)
--- ARGV[1] owner token (one per root transaction), ARGV[2] lock ttl ms, ARGV[3] near channel
+-- ARGV[1] owner token (one per root transaction), ARGV[2] lock ttl ms; then, optionally, one
+-- expected payload per pair ('' = none); last: near channel
 -- A lock keeps the VALUE it replaced (prev) so a rollback can put it back; a second owner marks it contended.
+-- An expected payload (the row as the writer loaded it, when its UPDATE leaves loaded columns
+-- unwritten, so its publish takes them from memory): a new lock is contended (the publish leaves
+-- a miss) unless it replaces a current VALUE holding exactly that payload; any other entry (none,
+-- another generation, a lease, a mismatch) means a commit may have changed those columns since.
 -- returns the number of keys locked
 local owner, ttl = ARGV[1], ARGV[2]
+local expecting = #ARGV > 3
 local now = nil
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
@@ -20,14 +26,22 @@ for i = 1, #KEYS, 2 do
     end
   else
     local prev, prev_at = false, false
-    if v and string.byte(v, 1) == 86 and value_gen(v) == g then
+    local current = v and string.byte(v, 1) == 86 and value_gen(v) == g
+    if current then
       local pttl = redis.call('PTTL', k)
       if pttl > 0 then
         now = now or now_ms()
         prev, prev_at = v, now + pttl
       end
     end
-    lock = {{[owner] = 1}, 0, prev, prev_at, g}
+    local contended = 0
+    if expecting then
+      local expected = ARGV[2 + (i + 1) / 2]
+      if expected ~= '' and not (current and string.sub(v, #g + 3) == expected) then
+        contended = 1
+      end
+    end
+    lock = {{[owner] = 1}, contended, prev, prev_at, g}
   end
   redis.call('SET', k, 'L' .. cmsgpack.pack(lock), 'PX', ttl)
 end
