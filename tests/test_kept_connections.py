@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+from sqlalchemy_writethrough._redis_compat import checkout_of
 from sqlalchemy_writethrough.redis_sync import SyncTransport
 
 from _servers import COUNTED, capture_sql, reset_schema
@@ -415,7 +416,7 @@ def test_a_bounded_client_of_the_application_keeps_nothing_by_default(
     ready, done = threading.Barrier(4), threading.Event()
 
     def busy() -> None:
-        conn = pool.get_connection()
+        conn = checkout_of(pool)()
         try:
             ready.wait(10)
             done.wait(10)
