@@ -826,7 +826,12 @@ class Worker:
         start = self.rng.randrange(len(pool) - width + 1)
         lo, hi = pool[start], pool[start + width - 1]
         t0 = now()
-        stmt = select(self.Item).where(self.Item.id.between(lo, hi)).order_by(self.Item.id).with_for_update()
+        stmt = (
+            select(self.Item)
+            .where(self.Item.id.between(lo, hi))
+            .order_by(self.Item.id)
+            .with_for_update()
+        )
         found = list(self.execute(s, stmt).scalars())
         t1 = now()
         for obj in found:
