@@ -30,6 +30,12 @@ It fails a run on:
                  with ``--tenants``, an entry holding a value only another tenant wrote is
                  ``cross-tenant`` instead (two tenants shared the entry).
 
+With ``--model-versions 2`` (a rolling deploy), reads carry their worker's model version
+(``mv``) and are checked like any other (by ``counter``: the second version's extra column is
+never needed); ``final_cache`` then also holds the second version's entries, named
+``table@B`` (:func:`versioned`), each compared with the row as that version loads it (also in
+``final_db`` under that name) and judged by the row's one history.
+
 A stale read is reported apart, as ``gap`` and not as a failure, when a newer commit of that row
 could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
 gap DESIGN.md documents for a writer that cannot reach Redis while readers can.
