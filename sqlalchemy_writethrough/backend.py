@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .breaker import CircuitBreaker
 from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
 from .epoch import EpochGuard
-from .keys import epoch_key, registry_key
+from .keys import epoch_key, registry_key, version_key_of
 from .protocol import (
     Fetch,
     Script,
@@ -58,6 +58,22 @@ class PendingReply:
         self.args = args
         #: after ``finish(hold=True)``: the handle holding the connection for the publish
         self.held: Any = None
+
+
+class VersionProbe:
+    """The registry's version, read in the same round trip as a publish (see
+    :mod:`.siblings`): ``read`` stays False when it could not be read."""
+
+    __slots__ = ("key", "read", "value")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.read = False
+        self.value: Any = None
+
+    def heard(self, reply: Any) -> None:
+        if isinstance(reply, list) and len(reply) == 1:
+            self.value, self.read = reply[0], True
 
 
 class Backend(Protocol):
@@ -114,7 +130,12 @@ class Backend(Protocol):
     ) -> bool: ...
 
     def publish(
-        self, pairs: Sequence[str], owner: str, items: Sequence[Any], held: Any = None
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        items: Sequence[Any],
+        held: Any = None,
+        version: VersionProbe | None = None,
     ) -> int | None: ...
 
     def release(self, pairs: Sequence[str], owner: str) -> int | None: ...
@@ -128,12 +149,16 @@ class Backend(Protocol):
     def bump_generations(self, gen_keys: Sequence[str]) -> bool: ...
 
     def write_batch(
-        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+        self,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        version: VersionProbe | None = None,
     ) -> list[int] | None: ...
 
     def register_keyspace(self, registry_key: str, field: str) -> bool: ...
 
     def read_registry(self, registry_key: str) -> list[str] | None: ...
+
+    def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None: ...
 
     def delete_matching(self, patterns: Sequence[str]) -> int: ...
 
@@ -232,12 +257,25 @@ class ScriptBackend:
         return sum(int(reply) for reply in replies)
 
     def _eval_batch(
-        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+        self,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        version: VersionProbe | None = None,
+        held: Any = None,
     ) -> list[Any]:
-        """Several script calls in one batch; raises the first error reply."""
+        """Several script calls in one batch; raises the first error reply. ``version``: the
+        registry's version is read in the same batch, after the scripts (an error reply to
+        it leaves it unread); ``held``: as for :meth:`_eval`."""
         scripts = self._scripts
         commands = [scripts.call(script, keys, args) for script, keys, args in calls]
-        replies = self.transport.batch(commands)
+        if version is not None:
+            commands.append(("MGET", version.key))
+        if held is not None and self._holding is not None:
+            replies = self._holding.batch_on(held, commands)
+        else:
+            replies = self.transport.batch(commands)
+        if version is not None:
+            version.heard(replies.pop())
+            commands.pop()
         unknown = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if unknown:  # a restarted or flushed server: load what is missing, run those again
             for script in {calls[i][0] for i in unknown}:
@@ -474,12 +512,21 @@ class ScriptBackend:
         return self._run(Script.LOCK, pairs, args) is not None
 
     def publish(
-        self, pairs: Sequence[str], owner: str, items: Sequence[Any], held: Any = None
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        items: Sequence[Any],
+        held: Any = None,
+        version: VersionProbe | None = None,
     ) -> int | None:
         """The publish script; on the connection ``held`` holds (a lock's, see :meth:`finish`),
-        which goes back to the pool with it, when given and still held."""
-        reply = self._run(Script.PUBLISH, pairs, (owner, *items), held)
-        return None if reply is None else int(reply)
+        which goes back to the pool with it, when given and still held. ``version``: the
+        keyspace registry's version is read in the same round trip, after the publish."""
+        if version is None:
+            reply = self._run(Script.PUBLISH, pairs, (owner, *items), held)
+            return None if reply is None else int(reply)
+        counts = self._write_batch([(Script.PUBLISH, pairs, (owner, *items))], version, held)
+        return None if counts is None else counts[0]
 
     def release(self, pairs: Sequence[str], owner: str) -> int | None:
         reply = self._run(Script.RELEASE, pairs, (owner,))
@@ -502,12 +549,23 @@ class ScriptBackend:
         return self._run(Script.RELEASE_GENS, gen_keys, args) is not None
 
     def write_batch(
-        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+        self,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        version: VersionProbe | None = None,
     ) -> list[int] | None:
         """Several multi-key write scripts (publishes, restores, bucket releases) in one round
         trip, run in order (on a Cluster, one call per hash tag, pipelined per node, which
         keeps the order of the calls on each key); each call's count, or None when Redis
-        failed (the breaker and the counters hear of it, as for one call)."""
+        failed (the breaker and the counters hear of it, as for one call). ``version``: as
+        for :meth:`publish`."""
+        return self._write_batch(calls, version)
+
+    def _write_batch(
+        self,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        version: VersionProbe | None = None,
+        held: Any = None,
+    ) -> list[int] | None:
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
@@ -519,7 +577,7 @@ class ScriptBackend:
             spans.append(len(parts))
             expanded += [(script, k, a) for k, a in parts]
         try:
-            replies = self._eval_batch(expanded)
+            replies = self._eval_batch(expanded, version, None if clustered else held)
         except _FAILURES as exc:
             self._failed("publish", exc)
             return None
@@ -543,13 +601,46 @@ class ScriptBackend:
         if not self.breaker.allow():
             return False
         try:
-            self.transport.command("HSET", registry_key, field, 1)
+            self._register(registry_key, field)
         except _FAILURES as exc:
             self.breaker.failure()
             self.log_failure("registering a keyspace", exc)
             return False
         self._succeeded()
         return True
+
+    def _register(self, registry_key: str, field: str) -> None:
+        """HSET the field; a new one gives the registry a new version (lua/register.lua)."""
+        keys = (registry_key, version_key_of(registry_key))
+        self._eval(Script.REGISTER, keys, (field, secrets.token_hex(8)))
+
+    def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None:
+        """The registry's version and fields, read together (the version first: fields
+        registered in between make the next publish read them again); None when Redis
+        failed (logged by the caller, once)."""
+        if not self.breaker.allow():
+            return None
+        try:
+            replies = self.transport.batch(
+                [("MGET", version_key_of(registry_key)), ("HKEYS", registry_key)]
+            )
+        except _FAILURES as exc:
+            log.debug(
+                "writethrough: Redis at %s: reading the keyspace registry failed: %s",
+                self.address,
+                explain(exc),
+            )
+            return None
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                log.debug(
+                    "writethrough: Redis at %s: reading the keyspace registry failed: %s",
+                    self.address,
+                    explain(reply),
+                )
+                return None
+        fields = [f.decode() if isinstance(f, bytes) else str(f) for f in replies[1]]
+        return fields, replies[0][0]
 
     def read_registry(self, registry_key: str) -> list[str] | None:
         """The registry's fields; None when Redis failed. A plain client's Cluster refusal

@@ -789,7 +789,7 @@ class ClusterBackend(ScriptBackend):
         if not self.breaker.allow():
             return False
         try:
-            self.transport.command("HSET", registry_key, field, 1)
+            self._register(registry_key, field)
         except (RedisError, OSError) as exc:
             if not _node_failure(exc):
                 self.breaker.failure()

@@ -175,6 +175,11 @@ class ReadPath:
                 return result
         # a miss (or a damaged entry): the script grants a lease, atomically with the check
         lease = unique_token() if may_fill else ""
+        if may_fill and not keys.registered:
+            # recorded before the first lease, not only before the first fill: a commit
+            # that finds this keyspace in the registry after its COMMIT invalidates its keys
+            # there, and a lease taken before it read the row is voided (see .siblings)
+            rt.register(keys)
         reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms)
         if reply is None:
             counters.add("misses", 1, name)
@@ -572,6 +577,8 @@ class ReadPath:
         rt.counters.add("misses", len(missing), name)
         may_fill = not tracker.wrote
         leases = [unique_token() if may_fill else "" for _ in missing]
+        if may_fill and not keys.registered:  # before the first lease (see .siblings)
+            rt.register(keys)
         requests = [
             (key, gen_key, lease)
             for (_, _, key, gen_key), lease in zip(missing, leases, strict=True)

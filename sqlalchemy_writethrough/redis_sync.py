@@ -418,6 +418,21 @@ class SyncTransport:
                 raise
         return self._on_connection(compat.call, args, conn)
 
+    def batch_on(self, handle: PendingConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """:meth:`batch` on the connection ``handle`` holds, as :meth:`command_on` (the same
+        epoch check)."""
+        conn = handle.take()
+        if conn is None:
+            return self.batch(commands)
+        if self._epoch is not None:
+            try:
+                self._epoch.check_connection(conn)
+            except BaseException:
+                compat.release(self._pool, conn)
+                raise
+        replies: list[Any] = self._on_connection(compat.call_many, commands, conn)
+        return replies
+
     def let_go(self, handle: PendingConnection) -> None:
         """Give back the connection ``handle`` holds, if it still holds one."""
         conn = handle.take()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import _sa_compat
 from .keys import registry_key
+from .siblings import Siblings
 from .tracking import SessionTracker
 
 if TYPE_CHECKING:
@@ -51,7 +52,16 @@ class Settings:
 class Runtime:
     """The cache as its hooks see it."""
 
-    __slots__ = ("backend", "counters", "journal", "models", "near", "settings", "tracer")
+    __slots__ = (
+        "backend",
+        "counters",
+        "journal",
+        "models",
+        "near",
+        "settings",
+        "siblings",
+        "tracer",
+    )
 
     def __init__(
         self,
@@ -66,6 +76,8 @@ class Runtime:
         self.counters = counters
         self.journal = journal
         self.settings = settings
+        #: the other keyspaces of the tables this process writes (rolling deploys)
+        self.siblings = Siblings(settings.prefix, models.used_keyspaces)
         #: an OpenTelemetry tracer once ``otel.instrument(cache)`` was called, else None
         #: (the hooks then emit their spans: see :mod:`.tracing`)
         self.tracer: Any = None
@@ -130,6 +142,15 @@ class Runtime:
         ):
             keys.registered = now + self.settings.register_every
 
+    def _replay_siblings(
+        self, pairs: list[str], gen_keys: list[str]
+    ) -> tuple[list[str], list[str]]:
+        """What a journal replay invalidates besides its keys and buckets: theirs in the
+        siblings the registry lists now (read again: Redis just came back)."""
+        siblings = self.siblings
+        known = siblings.refresh(self.backend) or siblings.known
+        return siblings.extra(pairs, known), siblings.extra_buckets(gen_keys, known)
+
     def ttl_ms(self, layout: ModelLayout) -> int:
         """An entry's TTL, less its random jitter, so entries written together do not expire
         together."""
@@ -149,7 +170,7 @@ class Runtime:
         if not journal.pending:
             return True
         journaled = len(journal)
-        replayed = journal.replay(self.backend)
+        replayed = journal.replay(self.backend, self._replay_siblings)
         if replayed:
             self.counters.invalidated("journal", journaled)
         return replayed

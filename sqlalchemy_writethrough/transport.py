@@ -86,6 +86,10 @@ class HoldingTransport(Transport, Protocol):
         to the pool (a new checkout when it holds none any more)."""
         ...
 
+    def batch_on(self, handle: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """:meth:`Transport.batch` on the connection ``handle`` holds, as :meth:`command_on`."""
+        ...
+
     def let_go(self, handle: Any) -> None:
         """Give back the connection ``handle`` holds, if any."""
         ...

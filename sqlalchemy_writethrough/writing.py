@@ -46,6 +46,7 @@ from .databases import connection_naming
 from .dml import SWITCHED, StatementTracker
 from .exc import CacheUnavailableError
 from .protocol import Script, new_nonce
+from .siblings import Known
 from .stats import INVALIDATION_REASONS
 from .tracing import record_span
 from .tracking import Change, SessionTracker
@@ -177,6 +178,11 @@ class WritePath:
                 pairs += (key, gen_key)
         if not pairs:
             return
+        more = self._siblings(tracker, pairs)
+        if more:
+            pairs += more
+            if expected is not None:
+                expected += [b""] * (len(more) // 2)
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
         tracker.pending_lock = rt.backend.send_lock(
@@ -439,6 +445,12 @@ class WritePath:
             if key not in tracker.locked:
                 tracker.locked[key] = gen_key
                 pairs += (key, gen_key)
+        if pairs:
+            more = self._siblings(tracker, pairs)
+            for i in range(0, len(more), 2):
+                if more[i] not in tracker.locked:
+                    tracker.locked[more[i]] = more[i + 1]
+                    pairs += (more[i], more[i + 1])
         if tracker.reassert_on_flush:
             tracker.reassert_on_flush = False
             self._reassert(tracker)
@@ -487,7 +499,22 @@ class WritePath:
                 tracker.locked[key] = gen_key
                 pairs += (key, gen_key)
         if pairs:
+            more = self._siblings(tracker, pairs)
+            for i in range(0, len(more), 2):
+                if more[i] not in tracker.locked:
+                    tracker.locked[more[i]] = more[i + 1]
+                    pairs += (more[i], more[i + 1])
             self._lock(tracker, pairs)
+
+    def _siblings(self, tracker: SessionTracker, pairs: list[str]) -> list[str]:
+        """The keys of the rows of ``pairs`` in the other keyspaces of their tables (see
+        :mod:`.siblings`), as the process's list of the registry names them now; the first
+        list a transaction uses is the one its publish checks the registry's version against."""
+        siblings = self.runtime.siblings
+        known = siblings.known
+        if tracker.siblings_known is None:
+            tracker.siblings_known = known
+        return siblings.extra(pairs, known)
 
     def lock_models(
         self,
@@ -511,6 +538,14 @@ class WritePath:
                     gen_keys.append(gen_key)
         if not gen_keys:
             return
+        siblings = self.runtime.siblings
+        known = siblings.known
+        if tracker.siblings_known is None:
+            tracker.siblings_known = known
+        for gen_key in siblings.extra_buckets(gen_keys, known):
+            if gen_key not in tracker.locked_gens:
+                tracker.locked_gens[gen_key] = None
+                gen_keys.append(gen_key)
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
         started = perf_counter()
@@ -726,7 +761,9 @@ class WritePath:
         """What a commit writes to Redis: the new VALUE (or a miss) of each locked entry, and
         the new generation of each locked bucket (built by :meth:`build`, where it runs)."""
         changes = tracker.changes.get(session.get_transaction()) if tracker.locked else None
-        return Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
+        job = Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
+        job.known = tracker.siblings_known
+        return job
 
     def _release_job(self, tracker: SessionTracker) -> Job:
         """What a rollback writes to Redis: the previous values back where the locks are still
@@ -747,7 +784,8 @@ class WritePath:
             model_of = self._model_of
             for key, gen_key in locked.items():
                 name = model_of(gen_key)
-                per_model[name] = per_model.get(name, 0) + 1
+                if name:  # else another keyspace's (a sibling's): not counted
+                    per_model[name] = per_model.get(name, 0) + 1
                 pairs += (key, gen_key)
             job.pairs, job.intents = pairs, per_model
             return
@@ -765,10 +803,14 @@ class WritePath:
                 pairs += (key, gen_key)
                 intent = by_bucket.get(gen_key)
                 if intent is None:
-                    model_key = gen_key[: gen_key.rfind(":")]
-                    intent = intents.get(model_key)
-                    if intent is None:
-                        intent = intents[model_key] = [self._model_of(gen_key), 0, 0, {}]
+                    name = self._model_of(gen_key)
+                    if not name:  # a sibling keyspace's key (see .siblings): not counted
+                        intent = ["", 0, 0, {}]
+                    else:
+                        model_key = gen_key[: gen_key.rfind(":")]
+                        intent = intents.get(model_key)
+                        if intent is None:
+                            intent = intents[model_key] = [name, 0, 0, {}]
                     by_bucket[gen_key] = intent
                 intent[1] += 1
                 if change is not None:
@@ -797,16 +839,21 @@ class WritePath:
             backend.let_go(held)  # no publish of entries to run on it
             held = None
         done = True
+        siblings = self.runtime.siblings
         if len(jobs) == 1:
             job = jobs[0]
             replies: list[Any] = []
             elapsed = 0.0
+            # a commit reads the registry's version in its publish's round trip
+            probe = siblings.probe() if job.committed else None
             try:
                 self.build(job)
                 if job.pairs:
                     started = perf_counter()
                     if job.committed:
-                        replies.append(backend.publish(job.pairs, job.owner, job.items, held))
+                        replies.append(
+                            backend.publish(job.pairs, job.owner, job.items, held, probe)
+                        )
                     else:
                         replies.append(backend.release(job.pairs, job.owner))
                     elapsed = perf_counter() - started
@@ -814,9 +861,18 @@ class WritePath:
                 if held is not None:  # the publish did not run on it (the breaker, a failure)
                     backend.let_go(held)
             if job.gen_keys:
-                ok = backend.release_generations(job.gen_keys, job.owner, job.committed)
-                replies.append(0 if ok else None)
-            return self._finish(job, replies, elapsed, tally)
+                if probe is not None and not job.pairs:
+                    flag = "1" if job.committed else "0"
+                    call = (Script.RELEASE_GENS, job.gen_keys, (job.owner, flag, new_nonce()))
+                    batch = backend.write_batch([call], probe)
+                    replies.append(None if batch is None else 0)
+                else:
+                    ok = backend.release_generations(job.gen_keys, job.owner, job.committed)
+                    replies.append(0 if ok else None)
+            done = self._finish(job, replies, elapsed, tally)
+            if probe is not None:
+                self._check_siblings(job, probe)
+            return done
         for job in jobs:
             self.build(job)
         calls: list[tuple[Script, Sequence[str], Sequence[Any]]] = []
@@ -830,7 +886,8 @@ class WritePath:
                 flag = "1" if job.committed else "0"
                 calls.append((Script.RELEASE_GENS, job.gen_keys, (job.owner, flag, new_nonce())))
         started = perf_counter()
-        batch = backend.write_batch(calls)
+        probe = siblings.probe() if any(job.committed for job in jobs) else None
+        batch = backend.write_batch(calls, probe)
         elapsed = (perf_counter() - started) / len(jobs)
         i = 0
         for job in jobs:
@@ -838,7 +895,22 @@ class WritePath:
             replies = [None] * n if batch is None else list(batch[i : i + n])
             i += n
             done = self._finish(job, replies, elapsed) and done
+        if probe is not None:
+            for job in jobs:
+                if job.committed:
+                    self._check_siblings(job, probe)
         return done
+
+    def _check_siblings(self, job: Job, probe: Any) -> None:
+        """After a commit's publish: the rows' keys in keyspaces of their tables registered
+        since the transaction's list of the registry was read are invalidated (see
+        :mod:`.siblings`)."""
+        rt = self.runtime
+        siblings = rt.siblings
+        known = job.known
+        if known is None:  # locks taken by no path that names siblings: the oldest list
+            known = _UNREAD
+        siblings.check(rt.backend, known, probe, job.pairs, job.gen_keys, rt.journal)
 
     def _finish(
         self, job: Job, replies: list[Any], elapsed: float, tally: Tally | None = None
@@ -866,7 +938,7 @@ class WritePath:
                     rt.journal.add_buckets(job.gen_keys)
                 done = False
             elif job.committed:
-                for name in sorted({self._model_of(g) for g in job.gen_keys}):
+                for name in sorted({self._model_of(g) for g in job.gen_keys} - {""}):
                     counters.invalidated("model", 1, name)
         if not done and not job.counted:
             job.counted = True
@@ -1033,6 +1105,9 @@ _INVALIDATED = {reason: "invalidated:" + reason for reason in INVALIDATION_REASO
 
 #: a class not looked at yet in this flush
 _UNSEEN: Any = object()
+
+#: the keyspace registry as nobody read it yet
+_UNREAD = Known("", (), None, False)
 
 
 def _renumbered_at(layout: ModelLayout, bind: Any) -> int | None:
