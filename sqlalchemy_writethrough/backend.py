@@ -160,6 +160,8 @@ class Backend(Protocol):
 
     def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None: ...
 
+    registry_read: tuple[list[str], Any] | None
+
     def delete_matching(self, patterns: Sequence[str]) -> int: ...
 
 
@@ -191,6 +193,8 @@ class ScriptBackend:
         self.epoch = epoch
         #: the cache's near cache, told of every write script this process runs
         self.near: NearCache | None = None
+        #: the keyspace registry's (fields, version) as the last registration read them
+        self.registry_read: tuple[list[str], Any] | None = None
         #: the transport, when it can keep a lock's connection for the publish
         self._holding: HoldingTransport | None = (
             cast("HoldingTransport", transport) if getattr(transport, "holds", False) else None
@@ -610,9 +614,12 @@ class ScriptBackend:
         return True
 
     def _register(self, registry_key: str, field: str) -> None:
-        """HSET the field; a new one gives the registry a new version (lua/register.lua)."""
+        """HSET the field; a new one gives the registry a new version (lua/register.lua),
+        which is kept with the registry's fields in :attr:`registry_read`."""
         keys = (registry_key, version_key_of(registry_key))
-        self._eval(Script.REGISTER, keys, (field, secrets.token_hex(8)))
+        reply = self._eval(Script.REGISTER, keys, (field, secrets.token_hex(8)))
+        fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply[1]]
+        self.registry_read = (fields, reply[0])
 
     def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None:
         """The registry's version and fields, read together (the version first: fields

@@ -137,10 +137,14 @@ class Runtime:
         seconds after that (so the registry comes back soon after another process's
         ``clear()``)."""
         now = time.monotonic()
-        if keys.registered <= now and self.backend.register_keyspace(
+        backend = self.backend
+        if keys.registered <= now and backend.register_keyspace(
             registry_key(self.settings.prefix), keys.registry_field
         ):
             keys.registered = now + self.settings.register_every
+            read, backend.registry_read = backend.registry_read, None
+            if read is not None:  # the registry as the registration found it
+                self.siblings.learn(*read)
 
     def _replay_siblings(
         self, pairs: list[str], gen_keys: list[str]

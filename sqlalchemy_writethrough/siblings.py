@@ -166,6 +166,14 @@ class Siblings:
 
     # -- after COMMIT ----------------------------------------------------------------------------
 
+    def learn(self, fields: Iterable[str], version: Any) -> None:
+        """The registry as another read (a registration's) found it."""
+        known = self.known
+        if known.read and known.version == version and known.fields.issuperset(fields):
+            known.at = time.monotonic()  # still what it was: kept, with its siblings found
+            return
+        self.known = Known(self.prefix, fields, version, True)
+
     def refresh(self, backend: Backend) -> Known | None:
         """Read the registry again (None when it could not be read: logged once)."""
         # no lock held across I/O: an asyncio flavour's sessions share this thread (two
