@@ -1,0 +1,342 @@
+"""Rolling deploys: two code versions share a prefix with two keyspaces of one table (a column
+added, another ``buckets``). A commit by either must leave the other's entry of the row a miss
+(or, for a keyspace registered while it ran, invalidate it after COMMIT), so that neither
+serves a row older than a completed commit. See docs/consistency.md, "Keyspaces of one table".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from _flavours import async_url
+from sqlalchemy import String, delete, event, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncAttrs, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import WriteThroughCache
+from sqlalchemy_writethrough.keys import registry_key, registry_version_key
+
+from _cache_helpers import entry_key, entry_state, keyspace
+from _servers import COUNTED, capture_sql, counting_redis, reset_schema
+
+
+class OldBase(AsyncAttrs, DeclarativeBase):
+    pass
+
+
+class NewBase(AsyncAttrs, DeclarativeBase):
+    pass
+
+
+class OldItem(OldBase):
+    """The model as the old code version maps the table."""
+
+    __tablename__ = "sib_item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class NewItem(NewBase):
+    """The model as the new code version maps it: a column added (another digest)."""
+
+    __tablename__ = "sib_item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+    note: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+Factory = sessionmaker[Session]
+
+
+@pytest.fixture
+def schema(engine: Engine) -> Engine:
+    reset_schema(engine, NewBase.metadata)
+    return engine
+
+
+@pytest.fixture
+def process(
+    schema: Engine, clients: Callable[[], redis.Redis], prefix: str
+) -> Iterator[Callable[..., tuple[WriteThroughCache, Factory]]]:
+    """Makes one "process": a cache on its own client caching one model, and its factory."""
+    made: list[WriteThroughCache] = []
+
+    def make(model: type, **options: Any) -> tuple[WriteThroughCache, Factory]:
+        cache = WriteThroughCache(clients(), prefix=prefix, stats_interval=None, **options)
+        made.append(cache)
+        cache.register(model)
+        factory = sessionmaker(schema)
+        cache.install(factory)
+        return cache, factory
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def name_of(factory: Factory, model: type, pk: int, engine: Engine) -> tuple[str | None, int]:
+    """(the row's name as a new session gets it, how many SQL statements that took)."""
+    with factory() as session, capture_sql(engine) as sql:
+        row = session.get(model, pk)
+        return (None if row is None else row.name), len(sql)
+
+
+def cached(factory: Factory, model: type, pk: int, engine: Engine, name: str) -> None:
+    """Read the row until it is served from Redis (no SQL) with ``name``."""
+    assert name_of(factory, model, pk, engine)[0] == name
+    assert name_of(factory, model, pk, engine) == (name, 0)
+
+
+@pytest.mark.parametrize("writer", ["new", "old"])
+def test_an_update_leaves_the_other_versions_entry_a_miss(
+    writer: str, process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    new_cache, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    writes, reads, model, other = (
+        (new, old, NewItem, OldItem) if writer == "new" else (old, new, OldItem, NewItem)
+    )
+    with writes() as session:
+        row = session.get(model, 1)
+        row.name = "v2"
+        session.commit()
+    other_cache = old_cache if writer == "new" else new_cache
+    assert entry_state(redis_client, entry_key(other_cache, other, 1)) is None
+    assert name_of(reads, other, 1, schema) == ("v2", 1)  # was "v1", from Redis
+    cached(reads, other, 1, schema, "v2")
+
+
+def test_a_delete_and_an_insert_after_it(
+    process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(old, OldItem, 2, schema, "two")
+    with new() as session:
+        session.delete(session.get(NewItem, 2))
+        session.commit()
+    assert name_of(old, OldItem, 2, schema)[0] is None
+    with new() as session:  # deleted and inserted again in one transaction
+        session.delete(session.get(NewItem, 1))
+        session.flush()
+        session.add(NewItem(id=1, name="v3"))
+        session.commit()
+    assert entry_state(redis_client, entry_key(old_cache, OldItem, 1)) is None
+    cached(old, OldItem, 1, schema, "v3")
+
+
+def test_statements_by_primary_key_and_whole_table(process: Any, schema: Engine) -> None:
+    _, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(old, OldItem, 2, schema, "two")
+    with new() as session:
+        session.execute(update(NewItem).where(NewItem.id == 1).values(name="v2"))
+        session.commit()
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+    with new() as session:  # no primary key named: the whole keyspace (its buckets)
+        session.execute(update(NewItem).where(NewItem.name == "two").values(name="2"))
+        session.commit()
+    assert name_of(old, OldItem, 2, schema) == ("2", 1)
+    with new() as session:
+        session.execute(delete(NewItem).where(NewItem.id == 1))
+        session.commit()
+    assert name_of(old, OldItem, 1, schema) == (None, 1)
+
+
+def test_another_bucket_count_is_another_keyspace_too(
+    schema: Engine, clients: Callable[[], redis.Redis], prefix: str
+) -> None:
+    caches = [
+        WriteThroughCache(clients(), prefix=prefix, stats_interval=None, buckets=n) for n in (1, 16)
+    ]
+    try:
+        one, many = (sessionmaker(schema), sessionmaker(schema))
+        for cache, factory in zip(caches, (one, many), strict=True):
+            cache.register(NewItem)
+            cache.install(factory)
+        # a row whose key differs between the two (its bucket is not 0 of 16)
+        pk = next(
+            n
+            for n in range(1, 100)
+            if entry_key(caches[0], NewItem, n) != entry_key(caches[1], NewItem, n)
+        )
+        with many() as session:
+            session.add(NewItem(id=pk, name="v1"))
+            session.commit()
+        cached(one, NewItem, pk, schema, "v1")
+        cached(many, NewItem, pk, schema, "v1")
+        with many() as session:
+            session.get(NewItem, pk).name = "v2"
+            session.commit()
+        assert name_of(one, NewItem, pk, schema) == ("v2", 1)
+    finally:
+        for cache in caches:
+            cache.close()
+
+
+def test_a_rollback_leaves_the_other_versions_entry_as_it_was(
+    process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    with new() as session:  # a commit: its publish finds the old version's keyspace
+        session.add(NewItem(id=2, name="two"))
+        session.commit()
+    key = entry_key(old_cache, OldItem, 1)
+    before = redis_client.get(key)
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.flush()
+        assert entry_state(redis_client, key) == "lock"  # locked with the row's own
+        session.rollback()
+    assert redis_client.get(key) == before
+    assert name_of(old, OldItem, 1, schema) == ("v1", 0)
+
+
+def test_a_keyspace_registered_during_the_transaction_is_invalidated_after_commit(
+    process: Any, schema: Engine, redis_client: redis.Redis, prefix: str
+) -> None:
+    """The old version registers its keyspace and fills the row (the pre-COMMIT value) after
+    the new one took its locks: the publish's version check finds it and invalidates it."""
+    old_cache, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    fields = {f.decode() for f in redis_client.hkeys(registry_key(prefix))}
+    assert len(fields) == 1  # the new version's only: the old one has not read yet
+    key = entry_key(old_cache, OldItem, 1)
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.flush()
+        assert entry_state(redis_client, key) is None  # not a sibling yet: not locked
+        cached(old, OldItem, 1, schema, "v1")  # registers, and fills from the database
+        session.commit()
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+def test_a_keyspace_registered_between_flush_and_commit_by_hand(
+    process: Any, schema: Engine, redis_client: redis.Redis, prefix: str
+) -> None:
+    """As above, the old keyspace's field written by hand in a ``before_commit`` listener
+    (after the flush's locks): its entry is invalidated before ``commit()`` returns."""
+    old_cache, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    field = keyspace(old_cache, OldItem).registry_field
+    key = entry_key(old_cache, OldItem, 1)
+    value = redis_client.get(key)
+    redis_client.hdel(registry_key(prefix), field)  # as if never registered
+
+    def register_by_hand(session: Session) -> None:
+        redis_client.hset(registry_key(prefix), field, 1)
+        # as the registration script does for a new field
+        redis_client.set(registry_version_key(prefix), "by hand")
+
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.flush()
+        assert redis_client.get(key) == value  # not locked: not known to be a sibling
+        event.listen(session, "before_commit", register_by_hand)
+        session.commit()
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+def test_no_extra_round_trip_with_or_without_siblings(
+    process: Any, schema: Engine, redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    _, new_plain = process(NewItem)
+    with new_plain() as session:
+        session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+        session.commit()
+    client, counter = counting_redis(redis_url, socket_timeout=10)
+    counting = WriteThroughCache(client, prefix=prefix, **COUNTED)
+    try:
+        counting.register(NewItem)
+        new = sessionmaker(schema)
+        counting.install(new)
+        cached(new, NewItem, 1, schema, "v1")
+        cached(new, NewItem, 2, schema, "two")
+
+        def commit(pk: int, name: str) -> int:
+            with new() as session:
+                row = session.get(NewItem, pk)
+                counter.reset()
+                row.name = name
+                session.commit()
+                return counter.count
+
+        commit(1, "warm")  # a first commit registers the keyspace, on a new connection
+        assert commit(1, "v2") == 2, "one lock at flush, one publish after COMMIT"
+        cached(old, OldItem, 1, schema, "v2")  # the old version registers its keyspace
+        cached(old, OldItem, 2, schema, "two")
+        # the publish read a new version: the registry read again, the old entry invalidated
+        assert commit(1, "v3") == 4
+        assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+        assert commit(2, "2") == 2, "the old keyspace's key locked with the row's own"
+        assert entry_state(redis_client, entry_key(old_cache, OldItem, 2)) is None
+        assert name_of(old, OldItem, 2, schema) == ("2", 1)
+    finally:
+        counting.close()
+        client.close()
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_asyncio_commits_invalidate_the_other_versions_entry(
+    process: Any, schema: Engine, db_url: str, redis_url: str, prefix: str, loop: Any
+) -> None:
+    _, old = process(OldItem)
+    with old() as session:
+        session.add(OldItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+        try:
+            cache.register(NewItem)
+            factory = async_sessionmaker(engine, expire_on_commit=False)
+            cache.install(factory)
+            async with factory() as session:
+                (await session.get(NewItem, 1)).name = "v2"
+                await session.commit()
+            assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+            cached(old, OldItem, 1, schema, "v2")
+            async with factory() as session:
+                await session.execute(update(NewItem).where(NewItem.id == 1).values(name="v3"))
+                await session.commit()
+                assert (await session.scalar(select(NewItem.name))) == "v3"
+        finally:
+            await cache.aclose()
+            await engine.dispose()
+
+    loop.run_until_complete(scenario())
+    assert name_of(old, OldItem, 1, schema) == ("v3", 1)
