@@ -6,12 +6,14 @@ serves a row older than a completed commit. See docs/consistency.md, "Keyspaces 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
 from _flavours import async_url
+from _proxy import RECOVERY_DEADLINE_S, LoopbackProxy, fast_client, upstream_of
 from sqlalchemy import String, delete, event, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncAttrs, async_sessionmaker, create_async_engine
@@ -340,3 +342,108 @@ def test_asyncio_commits_invalidate_the_other_versions_entry(
 
     loop.run_until_complete(scenario())
     assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+
+
+def test_a_background_publish_leaves_the_other_versions_entry_a_miss(
+    process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    new_cache, new = process(NewItem, publish="background")
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    assert new_cache.flush_publishes()
+    cached(old, OldItem, 1, schema, "v1")
+    key = entry_key(old_cache, OldItem, 1)
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.commit()
+    assert new_cache.flush_publishes()
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+def test_on_a_redis_cluster(cluster: Any, schema: Engine, prefix: str) -> None:
+    from redis.cluster import ClusterNode, RedisCluster
+
+    def client() -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+
+    caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "on"]
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=True):
+            cache.register(model)
+            cache.install(factory)
+        with new() as session:
+            session.add_all(NewItem(id=i, name="v1") for i in range(1, 21))
+            session.commit()
+        for i in range(1, 21):
+            cached(old, OldItem, i, schema, "v1")
+        with new() as session:  # the publish finds the old keyspace, registered since
+            for i in range(1, 11):
+                session.get(NewItem, i).name = "v2"
+            session.commit()
+        with new() as session:  # the locks name it
+            for i in range(11, 21):
+                session.get(NewItem, i).name = "v2"
+            session.commit()
+        for i in range(1, 21):
+            assert name_of(old, OldItem, i, schema) == ("v2", 1)
+    finally:
+        for cache in caches:
+            cache.close()
+
+
+@pytest.fixture
+def redis_proxy(redis_url: str) -> Iterator[LoopbackProxy]:
+    with LoopbackProxy(upstream_of(redis_url)) as proxy:
+        yield proxy
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_a_journal_replay_covers_the_keyspaces_registered_meanwhile(
+    schema: Engine, prefix: str, redis_url: str, redis_proxy: LoopbackProxy
+) -> None:
+    """The new version, cut off from Redis, commits v2 unlocked (journaled); its replay, once
+    Redis answers, invalidates the row in the old version's keyspace, which it had never
+    heard of."""
+    old_cache = WriteThroughCache(fast_client(redis_url), prefix=prefix, stats_interval=None)
+    new_cache = WriteThroughCache(
+        fast_client(redis_proxy.url), prefix=prefix, stats_interval=None, breaker_cooldown=0.2
+    )
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        old_cache.register(OldItem)
+        old_cache.install(old)
+        new_cache.register(NewItem)
+        new_cache.install(new)
+        with new() as session:
+            session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+            session.commit()
+        cached(old, OldItem, 1, schema, "v1")  # registered after the new version's last read
+        redis_proxy.blackhole()
+        with new() as session:
+            session.get(NewItem, 1).name = "v2"  # from Redis; then committed unlocked
+            session.commit()
+        assert name_of(old, OldItem, 1, schema) == ("v1", 0), "the documented gap"
+        redis_proxy.forward()
+        time.sleep(0.3)  # past the breaker's cooldown
+        deadline = time.monotonic() + RECOVERY_DEADLINE_S
+        n = 0
+        while name_of(old, OldItem, 1, schema)[0] != "v2":  # a write replays the journal
+            assert time.monotonic() < deadline, "the old version's entry was never invalidated"
+            n += 1
+            with new() as session:
+                session.execute(update(NewItem).where(NewItem.id == 2).values(name=f"{n}"))
+                session.commit()
+            time.sleep(0.1)
+    finally:
+        old_cache.close()
+        new_cache.close()
