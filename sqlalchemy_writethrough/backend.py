@@ -64,16 +64,20 @@ class VersionProbe:
     """The registry's version, read in the same round trip as a publish (see
     :mod:`.siblings`): ``read`` stays False when it could not be read."""
 
-    __slots__ = ("key", "read", "value")
+    __slots__ = ("error", "key", "read", "value")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.read = False
         self.value: Any = None
+        #: the error reply Redis gave instead (an ACL without the key, say), if any
+        self.error: BaseException | None = None
 
     def heard(self, reply: Any) -> None:
         if isinstance(reply, list) and len(reply) == 1:
             self.value, self.read = reply[0], True
+        elif isinstance(reply, BaseException):
+            self.error = reply
 
 
 class Backend(Protocol):

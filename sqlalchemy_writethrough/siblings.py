@@ -180,18 +180,24 @@ class Siblings:
         # reads at once are harmless, the last one stays)
         read = backend.read_registry_version(self._registry)
         if read is None:
-            if not self._logged:
-                self._logged = True
-                log.warning(
-                    "writethrough: Redis at %s: the keyspace registry could not be read; "
-                    "commits invalidate their own keyspaces only until it can (rolling "
-                    "deploys: see docs/consistency.md)",
-                    backend.address,
-                )
+            self._cannot_read(backend.address, None)
             return None
         fields, version = read
         known = self.known = Known(self.prefix, fields, version, True)
         return known
+
+    def _cannot_read(self, address: str, error: BaseException | None) -> None:
+        """Log, once per process, that the registry (or its version) could not be read."""
+        if self._logged:
+            return
+        self._logged = True
+        log.warning(
+            "writethrough: Redis at %s: the keyspace registry could not be read%s; commits "
+            "invalidate their own keyspaces only until it can (rolling deploys: see "
+            "docs/consistency.md)",
+            address,
+            "" if error is None else f" ({error})",
+        )
 
     def check(
         self,
@@ -206,7 +212,10 @@ class Siblings:
         locks used), read it again and invalidate the rows (and buckets) of the commit in the
         siblings found since (journaled when Redis fails meanwhile). Never raises."""
         if probe is None or not probe.read:
-            return  # the publish failed (journaled), or the version could not be read
+            # the publish failed (journaled), or Redis refused the version's read
+            if probe is not None and probe.error is not None:
+                self._cannot_read(backend.address, probe.error)
+            return
         if known.read and probe.value == known.version and time.monotonic() - known.at < _MAX_AGE:
             return
         try:

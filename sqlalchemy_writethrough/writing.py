@@ -619,7 +619,7 @@ class WritePath:
         if tracer is None and not debug:
             return
         gens = keys if models else keys[1::2]
-        names = sorted({self._model_of(g) for g in gens})
+        names = sorted({self._model_of(g) for g in gens} - {""})  # "": a sibling's
         count = len(keys) if models else len(keys) // 2
         what = "buckets" if models else "keys"
         if debug:
