@@ -216,11 +216,17 @@ class Siblings:
             if probe is not None and probe.error is not None:
                 self._cannot_read(backend.address, probe.error)
             return
-        if known.read and probe.value == known.version and time.monotonic() - known.at < _MAX_AGE:
+        now = time.monotonic()
+        if known.read and probe.value == known.version and now - known.at < _MAX_AGE:
             return
         try:
             current = self.known
-            if not (current.read and current.version == probe.value and current is not known):
+            if not (
+                current.read
+                and current.version == probe.value
+                and current is not known
+                and now - current.at < _MAX_AGE
+            ):
                 found = self.refresh(backend)
                 if found is None:
                     return
