@@ -321,7 +321,11 @@ class ReadPath:
         found = rt.peek(layout, key, gen_key)
         if not found:
             rt.counters.add("misses", 1, layout.entity_name)
-            return None
+            if found is None or not stored <= props or tracker.wrote:
+                return None
+            return self._reload_and_fill(
+                orm_state, layout, keys, bind, tracker, state, key, gen_key
+            )
         decoded = self._decoded(layout, found, bind.dialect, pk, key, gen_key)
         if decoded is None or decoded[0] is not variant:
             rt.counters.add("misses", 1, layout.entity_name)
@@ -334,6 +338,57 @@ class ReadPath:
         _sa_compat.commit_reloaded(state, props)
         rt.counters.add("hits", 1, layout.entity_name)
         return _sa_compat.make_result([state.obj()], mapper.class_.__name__)
+
+    def _reload_and_fill(
+        self,
+        orm_state: ORMExecuteState,
+        layout: ModelLayout,
+        keys: KeySpace,
+        bind: Any,
+        tracker: SessionTracker,
+        state: Any,
+        key: str,
+        gen_key: str,
+    ) -> Result[Any] | None:
+        """A read-back that missed and reloads every column the entry holds: the database's
+        row, loaded under a lease as a get's miss is, fills the entry. Without this, a row
+        loaded with a plain ``select()`` and changed by UPDATEs that leave loaded columns
+        unwritten (whose publish needs the entry it replaces) would never be cached again
+        once its entry was gone (TTL, eviction, a Redis that forgot)."""
+        rt = self.runtime
+        lease = unique_token()
+        reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms)
+        if reply is None or reply[0] is not Fetch.LEASED:
+            return None  # a hit now, a lock, a lease of another reader: the database says
+        data = reply[1]
+        assert data is not None
+        began_before = tracker.began
+        try:
+            frozen = orm_state.invoke_statement().freeze()
+        except BaseException:
+            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # give the lease up
+            raise
+        rows = frozen.data
+        filled = (
+            len(rows) == 1
+            and rows[0] is state.obj()
+            and self._fill(
+                orm_state.session,
+                layout,
+                keys,
+                bind,
+                state.key,
+                rows[0],
+                key,
+                gen_key,
+                lease,
+                data,
+                began_before,
+            )
+        )
+        if not filled:
+            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
+        return frozen()
 
     def _bind(self, orm_state: ORMExecuteState, mapper: Any) -> tuple[Any, Any] | None:
         """(the bind this load reads, its identity token), or None when the load may read

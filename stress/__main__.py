@@ -147,6 +147,30 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="stress, outage, partition: no IN-list reads (select(M).where(M.id.in_(ids)) and "
         "the legacy Query, with from_cache(); 2-8 rows each) in the workers' read mix",
     )
+    p.add_argument(
+        "--model-versions",
+        "--versions",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="stress: 2 is a rolling deploy: the odd worker slots (w1, w3...; sync and asyncio "
+        "alike) run the next code version, whose models (their own declarative base) map the "
+        "same tables with one more nullable column (the tables are created with it; version A "
+        "does not map it, version B writes it), so its rows have keys of another keyspace on "
+        "the same prefix and Redis; both versions read and write the same rows, and every "
+        "read of either is checked against the one committed history (reads compare the "
+        "counter, never the extra column; at quiescence each version's entries are compared "
+        "with the row as that version loads it) (default 1: one version)",
+    )
+    p.add_argument(
+        "--model-b-buckets",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --model-versions 2: the second version's cache 'buckets' (default: the "
+        "library's, as version A's); docs/configuration.md says never to change it in a "
+        "rolling deploy",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-logs", action="store_true", help="keep the history files")
     return p.parse_args(argv)
@@ -188,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.tenants < 0:
         raise SystemExit("--tenants must be 0 or more")
+    if args.model_b_buckets is not None and args.model_versions < 2:
+        raise SystemExit("--model-b-buckets needs --model-versions 2")
     ways = tenant_ways(args.tenant_ways)
     install_signal_handlers()
     dbs = ["postgresql", "mariadb"] if args.db == "both" else [args.db]
@@ -218,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                     tenant_ways=ways,
                     avoid=frozenset(a.strip() for a in args.avoid.split(",") if a.strip()),
                     batch_reads=args.batch_reads,
+                    model_versions=args.model_versions,
+                    model_b_buckets=args.model_b_buckets,
                 )
             )
             print(result.format(), flush=True)

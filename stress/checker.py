@@ -30,6 +30,12 @@ It fails a run on:
                  with ``--tenants``, an entry holding a value only another tenant wrote is
                  ``cross-tenant`` instead (two tenants shared the entry).
 
+With ``--model-versions 2`` (a rolling deploy), reads carry their worker's model version
+(``mv``) and are checked like any other (by ``counter``: the second version's extra column is
+never needed); ``final_cache`` then also holds the second version's entries, named
+``table@B`` (:func:`versioned`), each compared with the row as that version loads it (also in
+``final_db`` under that name) and judged by the row's one history.
+
 A stale read is reported apart, as ``gap`` and not as a failure, when a newer commit of that row
 could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
 gap DESIGN.md documents for a writer that cannot reach Redis while readers can.
@@ -108,6 +114,10 @@ class Report:
     #: reads per tenant and per way of reaching it (``--tenants``)
     tenant_reads: Counter[str] = dataclasses.field(default_factory=Counter)
     way_reads: Counter[str] = dataclasses.field(default_factory=Counter)
+    #: reads per model version and source, "A cache", "B db"... (``--model-versions 2``)
+    version_reads: Counter[str] = dataclasses.field(default_factory=Counter)
+    #: stale reads per model version of the reader (``--model-versions 2``)
+    version_stale: Counter[str] = dataclasses.field(default_factory=Counter)
     #: reads in one tenant of a value written in another (``--tenants``)
     cross_tenant: list[Violation] = dataclasses.field(default_factory=list)
     divergent: list[Violation] = dataclasses.field(default_factory=list)
@@ -230,6 +240,16 @@ class Report:
             ),
             *(
                 [
+                    "model versions: reads "
+                    + " ".join(f"{k}={n}" for k, n in sorted(self.version_reads.items()))
+                    + "; stale reads by the reader's version "
+                    + (" ".join(f"{k}={n}" for k, n in sorted(self.version_stale.items())) or "0")
+                ]
+                if any(k.startswith("B") for k in self.version_reads)
+                else []
+            ),
+            *(
+                [
                     "tenants: reads "
                     + " ".join(f"{k}={n}" for k, n in sorted(self.tenant_reads.items()))
                     + "; by way "
@@ -281,6 +301,22 @@ class Report:
 def tenant_table(tenant: str | None, table: str) -> str:
     """The table part of a row's name: ``tenant/table`` in a ``--tenants`` run."""
     return table if tenant is None else f"{tenant}/{table}"
+
+
+#: what separates a table from its model version in the name of a row at quiescence
+VERSION_MARK = "@"
+
+
+def versioned(table: str, version: str) -> str:
+    """The table part of the name of an entry (and of its row) at quiescence, in the keyspace
+    of model version ``version`` (``--model-versions 2``): ``table@B``; the first version's
+    (``A``) is the table's name as without versions."""
+    return table if version == "A" else f"{table}{VERSION_MARK}{version}"
+
+
+def unversioned(row: Row) -> Row:
+    """The row (as the histories name it) of an entry named by :func:`versioned`."""
+    return (row[0].split(VERSION_MARK, 1)[0], row[1])
 
 
 def _row(tb: str, id_: int, tenant: str | None = None) -> Row:
@@ -407,7 +443,11 @@ def check(
         row = _row(r["tb"], r["id"], tenant)
         t0, t1 = int(r["t0"]), int(r["t1"])
         value = r["v"]
+        version = r.get("mv") or "A"
+        report.version_reads[f"{version} {r['src']}"] += 1
         how = f", {r['way']}" if r.get("way") else ""
+        if version != "A":
+            how += f", model {version}"
         if batch is not None:
             how += f", IN list of {batch}"
         where = (
@@ -510,10 +550,14 @@ def check(
             report.window.append(Violation("window", row, detail, t0, newest.end or 0))
         else:
             report.stale.append(Violation("stale", row, detail, t0, newest.end or 0))
+            report.version_stale[version] += 1
 
     report.cached_entries = len(final_cache)
-    for row, cached in sorted(final_cache.items()):
-        db = final_db.get(row)
+    for entry, cached in sorted(final_cache.items()):
+        # an entry of another model version's keyspace is compared with the row as that
+        # version loads it (``final_db`` names it alike), and judged by the row's history
+        db = final_db.get(entry)
+        row = unversioned(entry)
         if cached is None:
             detail = "an undecodable VALUE entry"
         elif db is None:
@@ -534,7 +578,7 @@ def check(
             report.cross_tenant.append(
                 Violation(
                     "cross-tenant",
-                    row,
+                    entry,
                     f"at quiescence: {detail}: a value of tenant "
                     f"{', '.join(sorted(map(str, others)))}",
                 )
@@ -543,7 +587,7 @@ def check(
         if any(v.trouble for v in versions.get(row, ())):
             # a commit of this row could not lock Redis: its writer's journal invalidates the
             # entry before that process reads again, nobody else knows (the degrade gap)
-            report.gap.append(Violation("gap", row, f"at quiescence: {detail}"))
+            report.gap.append(Violation("gap", entry, f"at quiescence: {detail}"))
         else:
-            report.divergent.append(Violation("divergent", row, detail))
+            report.divergent.append(Violation("divergent", entry, detail))
     return report

@@ -25,6 +25,9 @@ Events (``"e"`` is the kind; ``"w"`` the worker id, added by the recorder: one p
 With ``--tenants``, every event of an operation also carries ``tn``, the tenant (schema) it
 reached, and ``way``, how it chose it (``bind``, ``maker``, ``connection``, ``execute``,
 ``statement``; see :mod:`stress.worker`); the seed of each schema carries its ``tn``.
+
+With ``--model-versions 2``, every event of a worker that maps the tables with the second model
+version (see :mod:`stress.models`) carries ``mv`` "B"; version A's events have no ``mv``.
 """
 
 from __future__ import annotations
@@ -48,10 +51,15 @@ class Recorder:
         #: the current operation's tenant and way (``--tenants``), added to every event
         self.tenant: str | None = None
         self.way: str | None = None
+        #: the worker's model version when not the first (``--model-versions``), added to
+        #: every event as ``mv``
+        self.model_version: str | None = None
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def log(self, event: dict[str, Any]) -> None:
         event["w"] = self.worker
+        if self.model_version is not None:
+            event["mv"] = self.model_version
         if self.tenant is not None:
             event.setdefault("tn", self.tenant)
             if self.way is not None:

@@ -10,8 +10,9 @@ unique: a reader that sees a value can be matched to the one write that produced
 from __future__ import annotations
 
 import random
+from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, MetaData
+from sqlalchemy import BigInteger, ForeignKey, MetaData, String
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -46,6 +47,54 @@ class StItem(Base, CachedModel):
 
 
 MODELS: dict[str, type[StParent] | type[StItem]] = {PARENT_TABLE: StParent, ITEM_TABLE: StItem}
+
+# -- the second model version (``--model-versions 2``: a rolling deploy) ----------------------
+#
+# The next release of the application maps the same tables with one more column, ``note``
+# (nullable: the migration that added it ran first, so the tables have it while version A's
+# processes still run). Distinct classes on their own declarative base (their own registry and
+# metadata), so both versions can live in one process; their rows' keys differ (a model's
+# digest covers its columns), so the two versions use two keyspaces of one prefix.
+
+#: the column only version B maps; version A never reads or writes it, and the checker's reads
+#: never need it (they compare ``counter``)
+EXTRA_COLUMN = "note"
+
+
+class BaseB(DeclarativeBase):
+    pass
+
+
+class StParentB(BaseB, CachedModel):
+    __tablename__ = PARENT_TABLE
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    counter: Mapped[int] = mapped_column(BigInteger)
+    note: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class StItemB(BaseB, CachedModel):
+    __tablename__ = ITEM_TABLE
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    counter: Mapped[int] = mapped_column(BigInteger)
+    parent_id: Mapped[int] = mapped_column(ForeignKey(f"{PARENT_TABLE}.id"))
+    parent: Mapped[StParentB] = relationship(lazy="select")
+    note: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+MODELS_B: dict[str, type[StParentB] | type[StItemB]] = {
+    PARENT_TABLE: StParentB,
+    ITEM_TABLE: StItemB,
+}
+#: the models of each version, by its name in the histories (``mv``) and the worker's config
+VERSIONS: dict[str, dict[str, Any]] = {"A": dict(MODELS), "B": dict(MODELS_B)}
+
+
+def metadata_of(model_versions: int) -> MetaData:
+    """The metadata the stress tables are created from: with a second model version, its
+    (the tables with the extra column, which version A does not map)."""
+    return BaseB.metadata if model_versions > 1 else Base.metadata
 
 
 def rank(value: int) -> int:

@@ -34,17 +34,18 @@ from sqlalchemy.orm import Session
 from sqlalchemy_writethrough import WriteThroughCache
 from sqlalchemy_writethrough.protocol import payload_of
 
-from .checker import DEFAULT_TENANT, Report, Row, check, tenant_table
+from .checker import DEFAULT_TENANT, Report, Row, check, tenant_table, versioned
 from .cluster import ClusterGroup
 from .faults import ALL_FAULTS, PROXIED, TOPOLOGY_FAULTS, FaultSchedule, topology_of
 from .history import Recorder, now, read_histories
 from .models import (
-    MODELS,
+    VERSIONS,
     StItem,
     StParent,
     create_tenant_schemas,
     drop_tenant_schemas,
     first_value,
+    metadata_of,
     reset_schema,
 )
 from .proxy import FaultyProxy
@@ -186,34 +187,47 @@ def seed_rows(
 
 
 def final_state(
-    engine: Engine, redis_url: str | list[str], prefix: str, tenants: list[str] | None = None
+    engine: Engine,
+    redis_url: str | list[str],
+    prefix: str,
+    tenants: list[str] | None = None,
+    model_versions: int = 1,
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     """The database rows, the decoded current VALUE entries, and what else Redis still holds
     (``redis_url``: the server, or every primary of a Redis Cluster: an entry and its
     generation key always live on the same one). ``tenants``: the schemas of a ``--tenants``
     run; each row is then named ``tenant/table`` (the default schema's ``(default)/table``),
-    each entry by the database its key names."""
+    each entry by the database its key names. ``model_versions`` 2: the entries of the second
+    model version's keyspace too, each decoded with its own model and named
+    ``table@B`` (:func:`stress.checker.versioned`), beside the row as version B loads it."""
     urls = [redis_url] if isinstance(redis_url, str) else redis_url
     db: dict[Row, dict[str, Any]] = {}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     for url in urls:
-        db, found, left = _final_state_of(engine, url, prefix, tenants)
+        db, found, left = _final_state_of(engine, url, prefix, tenants, model_versions)
         cached.update(found)
         leftover.update(left)
     return db, cached, leftover
 
 
 def _final_state_of(
-    engine: Engine, redis_url: str, prefix: str, tenants: list[str] | None = None
+    engine: Engine,
+    redis_url: str,
+    prefix: str,
+    tenants: list[str] | None = None,
+    model_versions: int = 1,
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
-    layouts = {}
-    for table, model in MODELS.items():
-        layout = cache._layout_for(inspect(model))
-        assert layout is not None
-        layouts[table] = layout
+    #: (table, model digest) -> (model version, its model, its layout): the digest a key
+    #: names tells which version wrote the entry (whatever its ``buckets``)
+    layouts: dict[tuple[str, str], tuple[str, Any, Any]] = {}
+    for version in list(VERSIONS)[:model_versions]:
+        for table, model in VERSIONS[version].items():
+            layout = cache._layout_for(inspect(model))
+            assert layout is not None
+            layouts[(table, layout.digest)] = (version, model, layout)
     # (label, engine) of every tenant: the run's one database, or each schema and the default
     binds: list[tuple[str | None, Engine]] = [(None, engine)]
     if tenants:
@@ -223,11 +237,11 @@ def _final_state_of(
     labels = {cache._databases.of(bind): label for label, bind in binds}
     db: dict[Row, dict[str, Any]] = {}
     for label, bind in binds:
-        with Session(bind) as s:
-            for table, model in MODELS.items():
+        for (table, _), (version, model, layout) in layouts.items():
+            with Session(bind) as s:
                 for obj in s.scalars(select(model)):
-                    row = (tenant_table(label, table), obj.id)
-                    db[row] = {a: getattr(obj, a) for a in layouts[table].attrs}
+                    row = (versioned(tenant_table(label, table), version), obj.id)
+                    db[row] = {a: getattr(obj, a) for a in layout.attrs}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     try:
@@ -239,9 +253,9 @@ def _final_state_of(
             # {table:<model digest>:<database digest>:<bucket>
             inner = tag.split("{", 1)[1].split(":") if "{" in tag else [""]
             table = inner[0]
-            layout = layouts.get(table)
+            found = layouts.get((table, inner[1])) if len(inner) >= 4 else None
             database = inner[-2] if len(inner) >= 4 else ""
-            if layout is None or not part.isdigit() or database not in labels:
+            if found is None or not part.isdigit() or database not in labels:
                 leftover[f"unknown key {key}"] += 1
                 continue
             raw = client.get(key)
@@ -261,7 +275,8 @@ def _final_state_of(
             if client.get(tag + "}") != gen:
                 leftover["old generation"] += 1
                 continue
-            row = (tenant_table(labels[database], table), int(part))
+            version, _, layout = found
+            row = (versioned(tenant_table(labels[database], table), version), int(part))
             try:
                 cached[row] = layout.decode(payload_of(raw), engine.dialect)
             except ValueError:
@@ -338,6 +353,14 @@ class StressConfig:
     avoid: frozenset[str] = frozenset()
     #: IN-list reads of 2-8 rows in the workers' read mix (``--no-batch-reads``: none)
     batch_reads: bool = True
+    #: 2: a rolling deploy, two code versions on the same tables and prefix: the odd worker
+    #: slots map the tables with the second model version (``stress.models``: one more
+    #: column, which the tables have and version A does not map), so their rows' keys are
+    #: another keyspace; 1: every worker maps them alike
+    model_versions: int = 1
+    #: the second model version's cache ``buckets`` (None: the library's default, as version
+    #: A's): a rolling deploy that changes it too
+    model_b_buckets: int | None = None
 
 
 @dataclasses.dataclass
@@ -357,10 +380,21 @@ class StressResult:
             f"{f'near cache {self.config.near_cache} s, ' if self.config.near_cache else ''}"
             f"{f'{self.config.tenants} tenants, ' if self.config.tenants else ''}"
             f"{'avoiding ' + ','.join(sorted(self.config.avoid)) + ', ' if self.config.avoid else ''}"
+            f"{self._versions()}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
         return f"{head}\n{info}\n{self.report.format()}"
+
+    def _versions(self) -> str:
+        if self.config.model_versions < 2:
+            return ""
+        second = range(1, self.config.workers, 2)
+        buckets = self.config.model_b_buckets
+        return (
+            f"2 model versions (B: workers {','.join(f'w{i}' for i in second)}"
+            f"{f', buckets={buckets}' if buckets else ''}), "
+        )
 
 
 def run_stress(config: StressConfig, log: Log = print) -> StressResult:
@@ -401,12 +435,15 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         engine = make_engine(config.db_url)
         stack.callback(engine.dispose)
         stack.enter_context(exclusive_tables(engine, lock_wait))
-        reset_schema(engine)
+        if config.model_versions not in (1, 2):
+            raise ValueError("model_versions must be 1 or 2")
+        metadata = metadata_of(config.model_versions)
+        reset_schema(engine, metadata)
         tenants: list[str] = []
         if config.tenants:
             tenants = [f"stt{i}_{uuid.uuid4().hex[:6]}" for i in range(config.tenants)]
             stack.callback(drop_tenant_schemas, engine, tenants)
-            create_tenant_schemas(engine, tenants)
+            create_tenant_schemas(engine, tenants, metadata)
             # the default schema holds the same ids with values of its own: a statement that
             # misses its tenant's map reads or writes there, and the checker sees it
             seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS, DEFAULT_TENANT)
@@ -425,6 +462,8 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
 
         def start(slot: int) -> None:
             name = f"w{slot}.{incarnations[slot]}"
+            # a respawned worker keeps its slot's version: one process, one code version
+            second = config.model_versions > 1 and slot % 2 == 1
             procs[slot] = spawn(
                 {
                     "worker": name,
@@ -457,6 +496,8 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "tenant_ways": list(config.tenant_ways or ()),
                     "avoid": sorted(config.avoid),
                     "batch_reads": config.batch_reads,
+                    "model_version": "B" if second else "A",
+                    "buckets": config.model_b_buckets if second else None,
                 },
                 workdir,
             )
@@ -498,7 +539,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         time.sleep(config.lock_timeout + 0.5)
         # the server the workers reach at the end (redis-switch moves them)
         final_db, final_cache, leftover = final_state(
-            engine, _final_urls(schedule), prefix, tenants
+            engine, _final_urls(schedule), prefix, tenants, config.model_versions
         )
         events = read_histories(workdir)
         report = check(

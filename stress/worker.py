@@ -54,7 +54,15 @@ from sqlalchemy_writethrough.near import Copy
 from sqlalchemy_writethrough.protocol import PAIR_SCRIPTS, Scripts
 
 from .history import Recorder, now
-from .models import ITEM_TABLE, PARENT_TABLE, StItem, StParent, first_value, next_value
+from .models import (
+    EXTRA_COLUMN,
+    ITEM_TABLE,
+    PARENT_TABLE,
+    VERSIONS,
+    StItem,
+    first_value,
+    next_value,
+)
 
 SNAPSHOT = "REPEATABLE READ"
 
@@ -163,6 +171,16 @@ class Worker:
         self.incarnation: int = config["incarnation"]
         self.rng = random.Random(config.get("seed"))
         self.rec = Recorder(config["history"], self.name)
+        #: the model version this process maps the tables with ("A", or "B" with the extra
+        #: column: ``--model-versions 2``, a rolling deploy); its reads are recorded with it
+        self.model_version: str = config.get("model_version") or "A"
+        models = VERSIONS[self.model_version]
+        self.Parent: Any = models[PARENT_TABLE]
+        self.Item: Any = models[ITEM_TABLE]
+        #: does this version map (and so write) the extra column?
+        self.writes_extra = hasattr(self.Item, EXTRA_COLUMN)
+        if self.model_version != "A":
+            self.rec.model_version = self.model_version
         self.deadline: int = config["deadline"]
         self.isolations: list[str] = config["isolations"]
         self.kill_prob: float = config.get("kill_prob", 0.0)
@@ -216,6 +234,7 @@ class Worker:
             on_redis_error=config.get("on_redis_error", "strict"),
             publish=config.get("publish", "sync"),
             near_cache=near_options(config, self.flavour),
+            **({"buckets": config["buckets"]} if config.get("buckets") else {}),
         )
         sabotage(self.cache, config.get("sabotage"))
         #: where each key of the latest IN-list read came from (see ``_watch_batch_reads``)
@@ -501,10 +520,18 @@ class Worker:
             raise error
         return outcome
 
+    def write_extra(self, obj: Any) -> None:
+        """Version B writes its extra column too (who wrote the row last, and when): its
+        UPDATE then changes a column version A's entries do not hold. The checker never
+        reads it (reads compare ``counter``); at quiescence version B's entries are compared
+        with the row as version B loads it, extra column included."""
+        if self.writes_extra:
+            setattr(obj, EXTRA_COLUMN, f"{self.name}@{now()}")
+
     def pick_model(self) -> tuple[Any, int]:
         if self.rng.random() < 0.2:
-            return StParent, self.rng.choice(self.parent_ids())
-        return StItem, self.rng.choice(self.item_ids())
+            return self.Parent, self.rng.choice(self.parent_ids())
+        return self.Item, self.rng.choice(self.item_ids())
 
     def any_extra(self) -> int:
         if self.extras and self.rng.random() < 0.5:
@@ -516,10 +543,10 @@ class Worker:
     def read_target(self) -> tuple[Any, int]:
         roll = self.rng.random()
         if roll < 0.15 and not self.in_baseline():
-            return StItem, self.any_extra()
+            return self.Item, self.any_extra()
         if roll < 0.3:
-            return StParent, self.rng.choice(self.parent_ids())
-        return StItem, self.rng.choice(self.item_ids())
+            return self.Parent, self.rng.choice(self.parent_ids())
+        return self.Item, self.rng.choice(self.item_ids())
 
     # -- operations ----------------------------------------------------------------------
 
@@ -550,9 +577,9 @@ class Worker:
         ids: list[int] = []
         if self.rng.random() < 0.25:
             ids.append(self.rng.choice(ABSENT_IDS))
-        if model is StItem and not self.in_baseline() and self.rng.random() < 0.3:
+        if model is self.Item and not self.in_baseline() and self.rng.random() < 0.3:
             ids.append(self.any_extra())
-        pool = self.parent_ids() if model is StParent else self.item_ids()
+        pool = self.parent_ids() if model is self.Parent else self.item_ids()
         ids += self.rng.sample(pool, max(0, min(n - len(ids), len(pool))))
         if len(ids) < 2:
             ids.append(self.rng.choice(ABSENT_IDS))
@@ -563,7 +590,7 @@ class Worker:
         """An IN-list read with ``from_cache()`` (one MGET, the misses in one query), as a 2.0
         ``select`` or a legacy ``Query``; one read event per id asked for (``v`` None: not in
         the result), each with the batch's times and where that row came from."""
-        model = StParent if self.rng.random() < 0.15 else StItem
+        model = self.Parent if self.rng.random() < 0.15 else self.Item
         ids = self.batch_ids(model)
         s, level = self.session(ways=WAYS)
         legacy = self.rng.random() < 0.3
@@ -606,7 +633,7 @@ class Worker:
         id_ = self.rng.choice(self.item_ids())
         s, level = self.session()
         with s:
-            item = self.read(s, level, ITEM_TABLE, id_, lambda: self.get(s, StItem, id_))
+            item = self.read(s, level, ITEM_TABLE, id_, lambda: self.get(s, self.Item, id_))
             if item is not None:
                 pid = item.parent_id
                 self.read(s, level, PARENT_TABLE, pid, lambda: item.parent)
@@ -618,13 +645,13 @@ class Worker:
         s, level = self.session(SNAPSHOT, ways=WAYS)
         with s:
             pid = self.rng.choice(self.parent_ids())
-            stmt = select(StParent).where(StParent.id == pid)  # not from_cache: the database
+            stmt = select(self.Parent).where(self.Parent.id == pid)  # not from_cache: the database
             self.read(
                 s, level, PARENT_TABLE, pid, lambda: self.execute(s, stmt).scalar_one_or_none()
             )
             time.sleep(self.rng.uniform(0, 0.01))
             model, id_ = self.read_target()
-            if model is StParent and id_ == pid:
+            if model is self.Parent and id_ == pid:
                 return None
             self.read(s, level, model.__tablename__, id_, lambda: self.get(s, model, id_))
         return None
@@ -639,12 +666,13 @@ class Worker:
             if obj is None:
                 return
             obj.counter = next_value(obj.counter, self.rng)
+            self.write_extra(obj)
             self.commit(s, [[model.__tablename__, id_, obj.counter]], lf)
 
     def op_update_extra(self) -> None:
         if not self.extras:
             return self.op_insert()
-        return self.op_update(StItem, self.rng.choice(self.extras))
+        return self.op_update(self.Item, self.rng.choice(self.extras))
 
     def op_pair(self) -> None:
         """Two hot rows locked in random order: deadlocks and serialization failures."""
@@ -654,11 +682,12 @@ class Worker:
             s, level = self.session()
             try:
                 with s:
-                    x = self.get_locked(s, level, StItem, a)
+                    x = self.get_locked(s, level, self.Item, a)
                     time.sleep(self.rng.uniform(0, 0.01))
-                    y = self.get_locked(s, level, StItem, b)
+                    y = self.get_locked(s, level, self.Item, b)
                     x.counter = next_value(x.counter, self.rng)
                     y.counter = next_value(y.counter, self.rng)
+                    self.write_extra(x)
                     self.commit(s, [[ITEM_TABLE, a, x.counter], [ITEM_TABLE, b, y.counter]], lf)
                 return
             except DBAPIError as exc:
@@ -781,11 +810,11 @@ class Worker:
     def _stmt_targets(self) -> tuple[Any, list[int]]:
         """1-3 rows of one table for a statement write, in id order (fewer deadlocks)."""
         if self.extras and self.rng.random() < 0.15:
-            return StItem, [self.rng.choice(self.extras)]
+            return self.Item, [self.rng.choice(self.extras)]
         if self.rng.random() < 0.2:
-            pool, model = self.parent_ids(), StParent
+            pool, model = self.parent_ids(), self.Parent
         else:
-            pool, model = self.item_ids(), StItem
+            pool, model = self.item_ids(), self.Item
         n = self.rng.randint(1, min(3, len(pool)))
         return model, sorted(self.rng.sample(pool, n))
 
@@ -797,7 +826,12 @@ class Worker:
         start = self.rng.randrange(len(pool) - width + 1)
         lo, hi = pool[start], pool[start + width - 1]
         t0 = now()
-        stmt = select(StItem).where(StItem.id.between(lo, hi)).order_by(StItem.id).with_for_update()
+        stmt = (
+            select(self.Item)
+            .where(self.Item.id.between(lo, hi))
+            .order_by(self.Item.id)
+            .with_for_update()
+        )
         found = list(self.execute(s, stmt).scalars())
         t1 = now()
         for obj in found:
@@ -814,7 +848,7 @@ class Worker:
                     "tx": s.info.get("t_begin"),
                 }
             )
-        return StItem, {obj.id: obj for obj in found}
+        return self.Item, {obj.id: obj for obj in found}
 
     def op_insert(self) -> None:
         if self.next_extra >= 10_000:
@@ -825,7 +859,9 @@ class Worker:
         lf = self.cache.stats().lock_failures
         s, _level = self.session()
         with s:
-            s.add(StItem(id=id_, counter=value, parent_id=self.rng.choice(self.parents)))
+            item = self.Item(id=id_, counter=value, parent_id=self.rng.choice(self.parents))
+            self.write_extra(item)
+            s.add(item)
             outcome = self.commit(s, [[ITEM_TABLE, id_, value]], lf)
         if outcome == "ok":
             self.extras.append(id_)
@@ -837,7 +873,7 @@ class Worker:
         lf = self.cache.stats().lock_failures
         s, level = self.session()
         with s:
-            obj = self.get_locked(s, level, StItem, id_)
+            obj = self.get_locked(s, level, self.Item, id_)
             if obj is None:
                 return None
             s.delete(obj)

@@ -455,21 +455,37 @@ class RoundTripCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._count = 0
+        #: the first command name of each counted write, for an assertion's message
+        self.names: list[str] = []
 
     @property
     def count(self) -> int:
         return self._count
 
-    def increment(self) -> None:
+    def increment(self, name: str = "?") -> None:
         with self._lock:
             self._count += 1
+            self.names.append(name)
 
     def reset(self) -> None:
         with self._lock:
             self._count = 0
+            self.names = []
 
     def __repr__(self) -> str:
         return f"<RoundTripCounter count={self._count}>"
+
+
+def _command_name(packed: Any) -> str:
+    """The first command's name in a packed write (RESP ``*n $len NAME ...``), best effort."""
+    try:
+        first = packed if isinstance(packed, (bytes, bytearray)) else packed[0]
+        if isinstance(first, memoryview):
+            first = first.tobytes()
+        parts = bytes(first).split(b"\r\n", 3)
+        return parts[2].decode(errors="replace") if len(parts) > 2 else "?"
+    except (IndexError, TypeError):
+        return "?"
 
 
 def _counting_connection_class(
@@ -504,7 +520,7 @@ def _counting_connection_class(
 
         def send_packed_command(self, command: Any, check_health: bool = True) -> None:
             if not self._handshake_depth:
-                counter.increment()
+                counter.increment(_command_name(command))
             super().send_packed_command(command, check_health=check_health)
 
     CountingConnection.__name__ = CountingConnection.__qualname__ = f"Counting{base.__name__}"

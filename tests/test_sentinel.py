@@ -559,7 +559,7 @@ def _failover_under_load(
         begin(old)
         switched: list[float | None] = [None, None]
         promoted = demoted = None
-        deadline = started + 30
+        deadline = started + 60  # a loaded machine's sentinels can take another election
         while (demoted is None or None in switched) and time.monotonic() < deadline:
             now = time.monotonic()
             if promoted is None and group.primary_port() not in (None, old):
@@ -577,7 +577,9 @@ def _failover_under_load(
         for thread in threads:
             thread.join(10)
     assert not load.failures, load.failures
-    assert promoted is not None and demoted is not None
+    assert promoted is not None and demoted is not None, (
+        f"{label}: promoted={promoted}, demoted={demoted}: the sentinels did not finish in 60 s"
+    )
     assert None not in switched, switched
     after = [cache.stats() for cache in caches]
 

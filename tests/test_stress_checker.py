@@ -14,7 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stress.checker import check
+from stress.checker import check, unversioned, versioned
 from stress.models import ITEM_TABLE, TAG_BITS
 
 MS = 1_000_000  # nanoseconds
@@ -410,3 +410,31 @@ def test_an_entry_holding_another_tenants_row_at_quiescence_is_cross_tenant() ->
     assert "at quiescence" in report.cross_tenant[0].detail
     assert "tenant a" in report.cross_tenant[0].detail
     assert [x.row for x in report.divergent] == [a_row], report.format()
+
+
+def test_reads_of_either_model_version_are_checked_against_the_one_history() -> None:
+    """``--model-versions 2``: a read by a version-B worker (``mv`` "B") of a value another
+    version's commit replaced is stale like any other, named as model B's and counted apart."""
+    b_read = {**read(1, v(1), 25, 26, w="w1.0"), "mv": "B"}
+    report = check([*history(), read(1, v(2), 22, 23), b_read], DB, {})
+    assert [x.row for x in report.stale] == [(ITEM_TABLE, 1)], report.format()
+    assert "model B" in report.stale[0].detail
+    assert report.version_stale == {"B": 1}
+    assert report.version_reads == {"A cache": 1, "B cache": 1}
+    assert "model versions: reads A cache=1 B cache=1" in report.format()
+
+
+def test_each_model_versions_entries_are_compared_with_that_versions_row() -> None:
+    """At quiescence an entry of version B's keyspace (``table@B``) is compared with the row as
+    version B loads it (its extra column included); an old value there is divergent, named as
+    version B's entry, while version A's entry of the same row may be right."""
+    b_item = (versioned(ITEM_TABLE, "B"), 1)
+    assert unversioned(b_item) == (ITEM_TABLE, 1)
+    db = {**DB, b_item: {"id": 1, "counter": v(2), "parent_id": 1, "note": "x"}}
+    fresh = {(ITEM_TABLE, 1): dict(DB[(ITEM_TABLE, 1)])}
+    assert check(history(), db, {**fresh, b_item: dict(db[b_item])}).ok
+    old = {b_item: {"id": 1, "counter": v(1), "parent_id": 1, "note": "x"}}
+    report = check(history(), db, {**fresh, **old})
+    assert [x.row for x in report.divergent] == [b_item], report.format()
+    other_note = {b_item: {**db[b_item], "note": "y"}}
+    assert [x.row for x in check(history(), db, {**fresh, **other_note}).divergent] == [b_item]
