@@ -88,7 +88,7 @@ class KeySpace:
     """The keys of one model's rows in one database, under one cache prefix (``digest`` is
     the schema digest and the database's, ``<schema>:<database>``)."""
 
-    __slots__ = ("_buckets", "_pairs", "_tags", "pattern", "registered", "registry_field")
+    __slots__ = ("_buckets", "_pairs", "_tags", "fields", "pattern", "registry_field")
 
     def __init__(self, prefix: str, table: str, digest: str, buckets: int) -> None:
         self._buckets = buckets
@@ -97,8 +97,8 @@ class KeySpace:
         self.registry_field = f"{table}|{digest}|{buckets}"
         #: a ``SCAN MATCH`` pattern of the entity keys (not the generation keys)
         self.pattern = f"{prefix}:{{{name}:{digest}:*}}:*"
-        #: when this process next records the keyspace in the registry (time.monotonic())
-        self.registered = 0.0
+        #: what a lease's registration records (see :meth:`.Siblings.registration`)
+        self.fields = (self.registry_field,)
         #: the pairs of the int primary keys read lately (at most _PAIRS, then forgotten)
         self._pairs: dict[int, tuple[str, str]] = {}
 

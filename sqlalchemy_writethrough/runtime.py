@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _sa_compat
-from .keys import registry_key
 from .siblings import Siblings
 from .tracking import SessionTracker
 
@@ -25,7 +23,6 @@ if TYPE_CHECKING:
 
     from .backend import Backend
     from .journal import Journal
-    from .keys import KeySpace
     from .model import ModelLayout
     from .near import NearCache
     from .registry import Models
@@ -43,8 +40,6 @@ class Settings:
     fill_wait: float
     #: the fraction of an entry's TTL taken off at random
     ttl_jitter: float
-    #: seconds between two records of one keyspace in the registry by this process
-    register_every: float
     #: the key under which a session's tracker lives in ``session.info`` (one per cache)
     info_key: str
 
@@ -131,20 +126,6 @@ class Runtime:
             return None
         tracker: SessionTracker | None = info.get(self.settings.info_key)
         return tracker
-
-    def register(self, keys: KeySpace) -> None:
-        """Before a keyspace's first entry is written, and again every ``register_every``
-        seconds after that (so the registry comes back soon after another process's
-        ``clear()``)."""
-        now = time.monotonic()
-        backend = self.backend
-        if keys.registered <= now and backend.register_keyspace(
-            registry_key(self.settings.prefix), keys.registry_field
-        ):
-            keys.registered = now + self.settings.register_every
-            read, backend.registry_read = backend.registry_read, None
-            if read is not None:  # the registry as the registration found it
-                self.siblings.learn(*read)
 
     def _replay_siblings(
         self, pairs: list[str], gen_keys: list[str]

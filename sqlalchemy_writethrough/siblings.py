@@ -13,8 +13,12 @@ new field replaces, :func:`.keys.registry_version_key`) every publish reads in i
 trip. When it is not the version the commit's list was read at, the registry is read again
 and the rows' keys in the siblings found since are invalidated (``invalidate.lua``: values
 deleted, leases voided, other locks contended) before ``commit()`` returns. This relies on a
-process recording a keyspace before it takes its first lease (:mod:`.loading`): a sibling
-registered after the publish read the version can only have read the row after COMMIT.
+keyspace being in the registry before any of its entries can be filled or published: every
+lease's fetch (:mod:`.loading`) and every commit's lock (:mod:`.writing`) records its
+keyspaces in the same round trip, ahead of it (:meth:`Siblings.registration`), so a sibling
+registered after the publish read the version can only have read the row after COMMIT. Every
+time, not once per process: Redis may have forgotten the registry since (a ``FLUSHALL``,
+another process's ``cache.clear()``) while the entries written after that are there.
 
 Reading the registry never raises: a failure falls back to the commit's own keyspace (logged
 once).
@@ -22,12 +26,15 @@ once).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .backend import VersionProbe
+from .backend import Registration, VersionProbe
 from .keys import KeySpace, registry_key, registry_version_key
 
 if TYPE_CHECKING:
@@ -81,6 +88,45 @@ class Siblings:
         self._version_key = registry_version_key(prefix)
         self.known = Known(prefix, (), None, False)
         self._logged = False
+        self._register_logged = False
+        #: the registry's version a registration sets when it adds a field: unique to this
+        #: process (and its pid: a forked child counts on from its parent's count) and call
+        self._nonce = secrets.token_hex(6)
+        self._count = itertools.count()
+
+    def registration(self, fields: tuple[str, ...]) -> Registration:
+        """The registration of keyspaces (their registry fields) that a lease's fetch or a
+        commit's lock sends ahead of it; :meth:`registered` reads its reply. The version
+        this process knows goes with it: the reply lists the registry's fields only when the
+        version is another."""
+        return Registration(
+            (self._registry, self._version_key),
+            (
+                f"{self._nonce}:{os.getpid()}:{next(self._count)}",
+                self.known.version or "",
+                *fields,
+            ),
+        )
+
+    def registered(self, registration: Registration, address: str) -> None:
+        """What a registration's reply says: the registry as it found it, when its version
+        is not the one this process knows (a refusal is logged once; a round trip that failed
+        says so itself)."""
+        reply = registration.reply
+        if reply is None:
+            if registration.error is not None and not self._register_logged:
+                self._register_logged = True
+                log.warning(
+                    "writethrough: Redis at %s: recording a keyspace in the registry failed "
+                    "(%s); a commit of another code version may leave this one's entries as "
+                    "they were (rolling deploys: see docs/consistency.md)",
+                    address,
+                    registration.error,
+                )
+            return
+        if len(reply) > 1:
+            fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply[1]]
+            self.learn(fields, reply[0])
 
     def probe(self) -> VersionProbe:
         """What a publish fills with the registry's version."""

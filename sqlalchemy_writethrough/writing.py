@@ -125,6 +125,9 @@ class WritePath:
         # the rows as loaded, of UPDATEs that leave loaded columns unwritten (see _loaded_row)
         expected: list[bytes] | None = None
         encoders: dict[tuple[Any, Any], Any] = {}
+        # the keyspaces of the keys locked, recorded in the registry ahead of their locks
+        spaces: dict[str, None] = {}
+        last: KeySpace | None = None
         for index, collection in enumerate(pending):
             updating = index == 0  # the modified rows (pending: modified, deleted, new)
             for state in collection:
@@ -176,6 +179,9 @@ class WritePath:
                 if expected is not None:
                     expected.append(loaded or b"")
                 pairs += (key, gen_key)
+                if keys is not last:
+                    last = keys
+                    spaces[keys.registry_field] = None
         if not pairs:
             return
         more = self._siblings(tracker, pairs)
@@ -186,7 +192,11 @@ class WritePath:
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
         tracker.pending_lock = rt.backend.send_lock(
-            pairs, tracker.owner_token(), tracker.lock_ms, expected
+            pairs,
+            tracker.owner_token(),
+            tracker.lock_ms,
+            expected,
+            rt.siblings.registration(tuple(spaces)),
         )
 
     def _finish_locks(self, tracker: SessionTracker, hold: bool = False) -> None:
@@ -207,11 +217,14 @@ class WritePath:
         for i in range(0, len(pairs), 2):
             tracker.locked[pairs[i]] = pairs[i + 1]
         started = perf_counter()
+        backend = self.runtime.backend
         if hold and tracker.held is None:
-            ok = self.runtime.backend.finish(pending, True) is not None
+            ok = backend.finish(pending, True) is not None
             tracker.held = pending.held
         else:
-            ok = self.runtime.backend.finish(pending) is not None
+            ok = backend.finish(pending) is not None
+        if pending.first is not None:
+            self.runtime.siblings.registered(pending.first, backend.address)
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
@@ -234,7 +247,8 @@ class WritePath:
             )
         transaction = session.get_nested_transaction() or session.get_transaction()
         contexts: dict[Any, FlushContext] = {}
-        touched: list[tuple[str, str]] = []
+        # (key, generation key, keyspace) of every row the flush wrote
+        touched: list[tuple[str, str, KeySpace]] = []
         # models whose every row may have changed, with the bind of the database they are in
         models: list[tuple[ModelLayout, Any]] = []
         binds = FlushBinds(session)
@@ -262,7 +276,6 @@ class WritePath:
         involved: dict[tuple[ModelLayout, Any], KeySpace] = {}
         # once per model and flush: its TTL and the TTL's random spread (jitter), in ms
         ttls: dict[ModelLayout, tuple[float, float]] = {}
-        registered: set[KeySpace] = set()
 
         def involve(layout: ModelLayout, bind: Any) -> KeySpace:
             """Once per model, database and flush: its options, the models its rows change
@@ -291,7 +304,7 @@ class WritePath:
             # as Runtime.ttl_ms: less a random jitter, so entries written together do not
             # expire together
             changes[key] = Change(gen_key, payload, max(1, int(ttl - spread * random())), reason)
-            touched.append((key, gen_key))
+            touched.append((key, gen_key, keys))
 
         # what the unit of work wrote: the session's objects after every before_flush
         # listener, and the rows its relationships deleted or changed (orphans)
@@ -392,9 +405,6 @@ class WritePath:
                 else:
                     payload = encode(dict_)
                     reason = "inexact"
-                    if payload is not None and keys not in registered:
-                        registered.add(keys)
-                        rt.register(keys)
                 # the key before_flush computed, when it is the same row's in the same key
                 # space: the identity's own tuple (not moved), or an insert's equal key
                 known = flush_keys.get(state) if flush_keys else None
@@ -433,7 +443,7 @@ class WritePath:
                 changes[key] = Change(
                     gen_key, payload, max(1, int(ttl - spread * random())), reason
                 )
-                touched.append((key, gen_key))
+                touched.append((key, gen_key, keys))
 
         by_bind: dict[Any, list[ModelLayout]] = {}
         for layout, bind in models:
@@ -441,21 +451,28 @@ class WritePath:
         for bind, layouts in by_bind.items():
             self.lock_models(tracker, layouts, bind)
         pairs: list[str] = []
-        for key, gen_key in touched:
-            if key not in tracker.locked:
-                tracker.locked[key] = gen_key
+        # the keyspaces of the keys locked here, recorded in the registry ahead of the locks
+        spaces: dict[str, None] = {}
+        last: KeySpace | None = None
+        locked = tracker.locked
+        for key, gen_key, keys in touched:
+            if key not in locked:
+                locked[key] = gen_key
                 pairs += (key, gen_key)
+                if keys is not last:
+                    last = keys
+                    spaces[keys.registry_field] = None
         if pairs:
             more = self._siblings(tracker, pairs)
             for i in range(0, len(more), 2):
-                if more[i] not in tracker.locked:
-                    tracker.locked[more[i]] = more[i + 1]
+                if more[i] not in locked:
+                    locked[more[i]] = more[i + 1]
                     pairs += (more[i], more[i + 1])
         if tracker.reassert_on_flush:
             tracker.reassert_on_flush = False
-            self._reassert(tracker)
+            self._reassert(tracker, tuple(spaces))
         elif pairs:
-            self._lock(tracker, pairs)
+            self._lock(tracker, pairs, tuple(spaces))
 
     def _involve(self, tracker: SessionTracker, layout: ModelLayout) -> None:
         options = layout.options
@@ -504,7 +521,7 @@ class WritePath:
                 if more[i] not in tracker.locked:
                     tracker.locked[more[i]] = more[i + 1]
                     pairs += (more[i], more[i + 1])
-            self._lock(tracker, pairs)
+            self._lock(tracker, pairs, keyspace.fields)
 
     def _siblings(self, tracker: SessionTracker, pairs: list[str]) -> list[str]:
         """The keys of the rows of ``pairs`` in the other keyspaces of their tables (see
@@ -576,9 +593,11 @@ class WritePath:
         else:
             tracker.reassert_on_flush = True  # in the same round trip as the final flush
 
-    def _reassert(self, tracker: SessionTracker) -> None:
+    def _reassert(self, tracker: SessionTracker, fields: tuple[str, ...] = ()) -> None:
+        """Take the transaction's locks again (``fields``: keyspaces recorded in the registry
+        ahead of them, those of the keys a flush locks with them for the first time)."""
         if tracker.locked:
-            self._lock(tracker, _flatten(tracker.locked))
+            self._lock(tracker, _flatten(tracker.locked), fields)
         if tracker.locked_gens:
             gen_keys = list(tracker.locked_gens)
             backend = self.runtime.backend
@@ -588,7 +607,12 @@ class WritePath:
             if not ok:
                 self._lock_failed(tracker, generations=gen_keys)
 
-    def _lock(self, tracker: SessionTracker, pairs: list[str]) -> None:
+    def _lock(
+        self, tracker: SessionTracker, pairs: list[str], fields: tuple[str, ...] = ()
+    ) -> None:
+        """Lock ``pairs``; ``fields``: the keyspaces recorded in the registry ahead of the
+        locks, in the same round trip (those of the keys locked for the first time: see
+        :mod:`.siblings`)."""
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
         started = perf_counter()
@@ -598,7 +622,11 @@ class WritePath:
             expected = [found(key, b"") for key in pairs[::2]]
             if not any(expected):
                 expected = None
-        ok = self.runtime.backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected)
+        rt = self.runtime
+        register = rt.siblings.registration(fields) if fields else None
+        ok = rt.backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected, register)
+        if register is not None:
+            rt.siblings.registered(register, rt.backend.address)
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
