@@ -299,8 +299,9 @@ def test_no_extra_round_trip_with_or_without_siblings(
         assert commit(1, "v2") == 2, "one lock at flush, one publish after COMMIT"
         cached(old, OldItem, 1, schema, "v2")  # the old version registers its keyspace
         cached(old, OldItem, 2, schema, "two")
-        # the publish read a new version: the registry read again, the old entry invalidated
-        assert commit(1, "v3") == 4
+        # the lock's registration brought the registry's new list with its version, which
+        # the publish read: the old entry invalidated, with no read of the registry
+        assert commit(1, "v3") == 3
         assert name_of(old, OldItem, 1, schema) == ("v3", 1)
         assert commit(2, "2") == 2, "the old keyspace's key locked with the row's own"
         assert entry_state(redis_client, entry_key(old_cache, OldItem, 2)) is None
@@ -447,3 +448,195 @@ def test_a_journal_replay_covers_the_keyspaces_registered_meanwhile(
     finally:
         old_cache.close()
         new_cache.close()
+
+
+# -- a registry Redis forgot: FLUSHALL, another process's clear() ---------------------------------
+
+
+def _forget(server: Any, forget: str, prefix: str) -> None:
+    """Redis forgets the registry while the processes go on: a FLUSHALL (its epoch noticed
+    too late to matter here: the check runs once an hour in these tests), or another
+    process's ``cache.clear()`` (which changes no epoch at all)."""
+    if forget == "flushall":
+        server.admin().flushall()
+        return
+    other = WriteThroughCache(server.url, prefix=prefix, stats_interval=None)
+    try:
+        other.clear()
+    finally:
+        other.close()
+
+
+@pytest.fixture
+def on_server(
+    server: Any, schema: Engine, prefix: str
+) -> Iterator[Callable[..., tuple[WriteThroughCache, Factory]]]:
+    """:func:`process` on a redis-server of the test's own (it gets flushed)."""
+    made: list[WriteThroughCache] = []
+
+    def make(model: type, **options: Any) -> tuple[WriteThroughCache, Factory]:
+        cache = WriteThroughCache(
+            server.url, prefix=prefix, stats_interval=None, epoch_check_interval=3600, **options
+        )
+        made.append(cache)
+        cache.register(model)
+        factory = sessionmaker(schema)
+        cache.install(factory)
+        return cache, factory
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def _set_name(factory: Factory, model: Any, name: str) -> None:
+    """Change row 1's name, the row loaded by a plain select() (no read through the cache:
+    this process takes no lease before its commit)."""
+    with factory() as session:
+        session.scalars(select(model).where(model.id == 1)).one().name = name
+        session.commit()
+
+
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("forget", ["flushall", "clear"])
+def test_a_reader_records_its_keyspace_again_after_redis_forgot_it(
+    forget: str, server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """After the registry is forgotten, the old version's miss takes a lease and fills: its
+    keyspace must be in the registry again before it reads the database, or the new
+    version's commits (whose list of the registry is now empty) never reach that entry.
+    (Seen failing before the fix: the old version kept serving "v3" from Redis.)"""
+    _, old = on_server(OldItem)
+    _, new = on_server(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    _set_name(new, NewItem, "v2")
+    cached(old, OldItem, 1, schema, "v2")
+    _forget(server, forget, prefix)
+    _set_name(new, NewItem, "v3")  # its publish finds the registry empty
+    cached(old, OldItem, 1, schema, "v3")  # a miss, a fill: recorded again, ahead of its lease
+    _set_name(new, NewItem, "v4")
+    assert name_of(old, OldItem, 1, schema) == ("v4", 1)
+    assert server.admin().hlen(registry_key(prefix)) == 2
+
+
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("forget", ["flushall", "clear"])
+def test_a_writer_records_its_keyspace_again_after_redis_forgot_it(
+    forget: str, server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """After the registry is forgotten, the old version's commit publishes its entry (it read
+    nothing through the cache: no lease): its lock must record its keyspace again before
+    COMMIT, or the new version's next commit leaves that entry as it was. (Seen failing
+    before the fix: the old version served "v4" from Redis after "v5" was committed.)"""
+    old_cache, old = on_server(OldItem)
+    _, new = on_server(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    _forget(server, forget, prefix)
+    _set_name(new, NewItem, "v3")  # its publish finds the registry forgotten: read again
+    _set_name(old, OldItem, "v4")  # publishes the old version's entry
+    assert entry_state(server.admin(), entry_key(old_cache, OldItem, 1)) == "value"
+    _set_name(new, NewItem, "v5")
+    assert name_of(old, OldItem, 1, schema) == ("v5", 1)
+
+
+@pytest.mark.databases("sqlite")
+def test_asyncio_records_its_keyspaces_again_after_a_flushall(
+    server: Any, on_server: Any, schema: Engine, db_url: str, prefix: str, loop: Any
+) -> None:
+    """The two tests above with the new version on asyncio: its lease's fetch and its
+    commit's lock (sent during the flush, on a connection of their own) record its
+    keyspace."""
+    _, old = on_server(OldItem)
+    with old() as session:
+        session.add(OldItem(id=1, name="v1"))
+        session.commit()
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(
+            server.url, prefix=prefix, stats_interval=None, epoch_check_interval=3600
+        )
+        try:
+            cache.register(NewItem)
+            factory = async_sessionmaker(engine, expire_on_commit=False)
+            cache.install(factory)
+
+            async def read() -> str:
+                async with factory() as session:
+                    return (await session.get(NewItem, 1)).name  # type: ignore[union-attr]
+
+            async def write(name: str) -> None:
+                async with factory() as session:
+                    row = (await session.scalars(select(NewItem).where(NewItem.id == 1))).one()
+                    row.name = name
+                    await session.commit()
+
+            assert await read() == "v1"
+            assert await read() == "v1"
+            _set_name(old, OldItem, "v2")
+            assert await read() == "v2"  # filled: the new version's entry
+            server.admin().flushall()
+            _set_name(old, OldItem, "v3")  # its publish finds the registry empty
+            assert await read() == "v3"  # a lease: the keyspace recorded ahead of it
+            _set_name(old, OldItem, "v4")
+            async with factory() as session:
+                assert (await session.get(NewItem, 1)).name == "v4"  # type: ignore[union-attr]
+            server.admin().flushall()
+            _set_name(old, OldItem, "v5")  # the old version's list of the registry: empty
+            await write("v6")  # publishes the new version's entry, recorded by its lock
+            assert await read() == "v6"
+            _set_name(old, OldItem, "v7")
+            assert await read() == "v7"
+        finally:
+            await cache.aclose()
+            await engine.dispose()
+
+    loop.run_until_complete(scenario())
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+def test_on_a_redis_cluster_after_a_clear(cluster: Any, schema: Engine, prefix: str) -> None:
+    """The registrations of a lease and of a lock go to the registry's node, in the same
+    round trip as the fetch and the locks (on their own nodes)."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    def client() -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+
+    caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "onc"]
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=False):
+            cache.register(model)
+            cache.install(factory)
+        with new() as session:
+            session.add(NewItem(id=1, name="v1"))
+            session.commit()
+        cached(old, OldItem, 1, schema, "v1")
+        cached(new, NewItem, 1, schema, "v1")
+        caches[2].clear()  # another process's
+        _set_name(new, NewItem, "v2")  # its publish finds the registry empty
+        cached(old, OldItem, 1, schema, "v2")  # recorded again, ahead of its lease
+        _set_name(new, NewItem, "v3")
+        assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+        caches[2].clear()
+        _set_name(new, NewItem, "v4")
+        _set_name(old, OldItem, "v5")  # its entry published, its keyspace recorded by its lock
+        _set_name(new, NewItem, "v6")
+        assert name_of(old, OldItem, 1, schema) == ("v6", 1)
+    finally:
+        for cache in caches:
+            cache.close()
