@@ -26,9 +26,7 @@ once).
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -52,7 +50,7 @@ class Known:
     """The registry as one read found it: its version and fields, each table's keyspaces
     (by database), and the siblings of this process's generation keys, made as asked."""
 
-    __slots__ = ("at", "by_table", "fields", "read", "siblings", "version")
+    __slots__ = ("at", "by_table", "fields", "read", "registering", "siblings", "version")
 
     def __init__(self, prefix: str, fields: Iterable[str], version: Any, read: bool) -> None:
         self.version = version
@@ -71,6 +69,8 @@ class Known:
             self.by_table.setdefault((table, _database(digest)), []).append((field, keys))
         #: own generation key -> its keyspace's siblings (filled by Siblings._lookup)
         self.siblings: dict[str, tuple[tuple[str, KeySpace], ...]] = {}
+        #: registry fields -> the arguments of their registration against this version
+        self.registering: dict[tuple[str, ...], tuple[str | bytes, ...]] = {}
 
 
 def _database(digest: str) -> str:
@@ -89,24 +89,20 @@ class Siblings:
         self.known = Known(prefix, (), None, False)
         self._logged = False
         self._register_logged = False
-        #: the registry's version a registration sets when it adds a field: unique to this
-        #: process (and its pid: a forked child counts on from its parent's count) and call
-        self._nonce = secrets.token_hex(6)
-        self._count = itertools.count()
+        self._keys = (self._registry, self._version_key)
+        #: part of the version a registration of this process sets when it adds a field
+        self._token = secrets.token_hex(6)
 
     def registration(self, fields: tuple[str, ...]) -> Registration:
         """The registration of keyspaces (their registry fields) that a lease's fetch or a
         commit's lock sends ahead of it; :meth:`registered` reads its reply. The version
         this process knows goes with it: the reply lists the registry's fields only when the
         version is another."""
-        return Registration(
-            (self._registry, self._version_key),
-            (
-                f"{self._nonce}:{os.getpid()}:{next(self._count)}",
-                self.known.version or "",
-                *fields,
-            ),
-        )
+        known = self.known
+        args = known.registering.get(fields)
+        if args is None:
+            args = known.registering[fields] = (self._token, known.version or "", *fields)
+        return Registration(self._keys, args)
 
     def registered(self, registration: Registration, address: str) -> None:
         """What a registration's reply says: the registry as it found it, when its version
@@ -124,7 +120,7 @@ class Siblings:
                     registration.error,
                 )
             return
-        if len(reply) > 1:
+        if type(reply) is list and len(reply) > 1:  # else 0: the version this process knows
             fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply[1]]
             self.learn(fields, reply[0])
 
