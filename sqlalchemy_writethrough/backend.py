@@ -597,7 +597,8 @@ class ScriptBackend:
                 self._failed(pending.script.value, exc)
                 return None
             if first is not None and first.reply is None:  # sent again with the locks
-                return self._run_first(pending.script, pending.keys, pending.args, first)
+                replies = self._run_first(pending.script, pending.keys, pending.args, first)
+                return None if replies is None else replies[0]
             return self._run(pending.script, pending.keys, pending.args)
         if first is not None:
             first.heard(handle.first)
