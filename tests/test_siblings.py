@@ -640,3 +640,35 @@ def test_on_a_redis_cluster_after_a_clear(cluster: Any, schema: Engine, prefix: 
     finally:
         for cache in caches:
             cache.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_a_refused_registration_fails_neither_the_read_nor_the_commit(
+    server: Any, schema: Engine, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL that lets the cache write its entries but not the registry: the registration's
+    error reply is its own (logged once), the lease and the lock it travelled with work."""
+    admin = server.admin()
+    admin.execute_command(
+        "ACL", "SETUSER", "cacheonly", "on", ">pw", "+@all", "&*", "%R~*",
+        f"~{prefix}:{{*", f"~{prefix}:epoch*",
+    )  # fmt: skip
+    url = server.url.replace("redis://", "redis://cacheonly:pw@")
+    cache = WriteThroughCache(url, prefix=prefix, stats_interval=None)
+    try:
+        cache.register(NewItem)
+        factory = sessionmaker(schema)
+        cache.install(factory)
+        with factory() as session:
+            session.add(NewItem(id=1, name="v1"))
+            session.commit()
+        with caplog.at_level("WARNING", logger="sqlalchemy_writethrough"):
+            cached(factory, NewItem, 1, schema, "v1")
+            _set_name(factory, NewItem, "v2")
+            cached(factory, NewItem, 1, schema, "v2")
+        refusals = [r for r in caplog.records if "recording a keyspace" in r.getMessage()]
+        assert len(refusals) == 1
+        assert not admin.exists(registry_key(prefix))
+        assert cache.stats().lock_failures == 0
+    finally:
+        cache.close()
