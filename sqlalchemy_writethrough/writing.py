@@ -223,8 +223,19 @@ class WritePath:
             tracker.held = pending.held
         else:
             ok = backend.finish(pending) is not None
-        if pending.first is not None:
-            self.runtime.siblings.registered(pending.first, backend.address)
+        rt = self.runtime
+        first = pending.first
+        if first is not None:
+            rt.siblings.registered(first, backend.address)
+        if not ok and rt.backend is not backend:
+            # refused as only a Redis Cluster node refuses: the cache switched to the cluster
+            # (the first command a plain client sends there may be these locks): once more
+            args = pending.args
+            register = None if first is None else rt.siblings.registration(first.args[2:])
+            expected = list(args[2:]) if len(args) > 2 else None
+            ok = rt.backend.lock(pairs, args[0], args[1], expected, register)
+            if register is not None:
+                rt.siblings.registered(register, rt.backend.address)
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
@@ -623,10 +634,16 @@ class WritePath:
             if not any(expected):
                 expected = None
         rt = self.runtime
-        register = rt.siblings.registration(fields) if fields else None
-        ok = rt.backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected, register)
-        if register is not None:
-            rt.siblings.registered(register, rt.backend.address)
+        for _ in range(2):
+            backend = rt.backend
+            register = rt.siblings.registration(fields) if fields else None
+            ok = backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected, register)
+            if register is not None:
+                rt.siblings.registered(register, backend.address)
+            if ok or rt.backend is backend:
+                break
+            # refused as only a Redis Cluster node refuses: the cache switched to the
+            # cluster (the first command a plain client sends there may be these locks)
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
