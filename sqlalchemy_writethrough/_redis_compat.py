@@ -464,9 +464,13 @@ def call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
     return replies
 
 
-def send(conn: Any, args: Sequence[Any]) -> None:
-    """Send a command now; its reply is read later with :func:`read`."""
-    conn.send_packed_command(pack(conn, args))
+def send(conn: Any, args: Sequence[Any], first: Sequence[Any] | None = None) -> None:
+    """Send a command now (after ``first``, in the same write, when given); its reply (and
+    first ``first``'s) is read later with :func:`read`."""
+    if first is None:
+        conn.send_packed_command(pack(conn, args))
+    else:
+        conn.send_packed_command(pack_many(conn, (first, args)))
 
 
 def read(conn: Any) -> Any:
@@ -600,8 +604,11 @@ async def acall_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
     return replies
 
 
-async def asend(conn: Any, args: Sequence[Any]) -> None:
-    await conn.send_command(*args)
+async def asend(conn: Any, args: Sequence[Any], first: Sequence[Any] | None = None) -> None:
+    if first is None:
+        await conn.send_command(*args)
+    else:
+        await conn.send_packed_command(conn.pack_commands((first, args)))
 
 
 async def aread(conn: Any) -> Any:

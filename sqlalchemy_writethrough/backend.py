@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .breaker import CircuitBreaker
 from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
 from .epoch import EpochGuard
-from .keys import epoch_key, registry_key
+from .keys import epoch_key, registry_key, version_key_of
 from .protocol import (
     Fetch,
     Script,
@@ -46,18 +46,69 @@ log = logging.getLogger("sqlalchemy_writethrough")
 _FAILURES = (RedisError, OSError)
 
 
+class Registration:
+    """Keyspaces recorded in the registry in the round trip of a lease's fetch or of a
+    commit's lock, ahead of it (``lua/register.lua``; see :mod:`.siblings`): acknowledged
+    before the reader reads the database or the writer commits, every time. ``reply`` the
+    script's reply, or ``error`` the error reply Redis gave instead (``reply`` stays None
+    when the round trip failed)."""
+
+    __slots__ = ("args", "error", "keys", "reply")
+
+    def __init__(self, keys: tuple[str, str], args: tuple[Any, ...]) -> None:
+        self.keys = keys
+        self.args = args
+        self.reply: Any = None
+        self.error: BaseException | None = None
+
+    def heard(self, reply: Any) -> None:
+        if isinstance(reply, BaseException):
+            self.error = reply
+        else:
+            self.reply, self.error = reply, None
+
+
 class PendingReply:
     """A lock script sent by :meth:`Backend.send_lock` whose reply is not read yet."""
 
-    __slots__ = ("args", "handle", "held", "keys", "script")
+    __slots__ = ("args", "first", "handle", "held", "keys", "script")
 
-    def __init__(self, handle: Any, script: Script, keys: Sequence[str], args: Sequence[Any]):
+    def __init__(
+        self,
+        handle: Any,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        first: Registration | None = None,
+    ):
         self.handle = handle
         self.script = script
         self.keys = keys
         self.args = args
+        #: the registration sent ahead of the lock, if any
+        self.first = first
         #: after ``finish(hold=True)``: the handle holding the connection for the publish
         self.held: Any = None
+
+
+class VersionProbe:
+    """The registry's version, read in the same round trip as a publish (see
+    :mod:`.siblings`): ``read`` stays False when it could not be read."""
+
+    __slots__ = ("error", "key", "read", "value")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.read = False
+        self.value: Any = None
+        #: the error reply Redis gave instead (an ACL without the key, say), if any
+        self.error: BaseException | None = None
+
+    def heard(self, reply: Any) -> None:
+        if isinstance(reply, list) and len(reply) == 1:
+            self.value, self.read = reply[0], True
+        elif isinstance(reply, BaseException):
+            self.error = reply
 
 
 class Backend(Protocol):
@@ -76,11 +127,19 @@ class Backend(Protocol):
     ) -> list[memoryview | bytes | Literal[False]] | None: ...
 
     def fetch(
-        self, key: str, gen_key: str, lease: str, lease_ms: int
+        self,
+        key: str,
+        gen_key: str,
+        lease: str,
+        lease_ms: int,
+        register: Registration | None = None,
     ) -> tuple[Fetch, bytes | None] | None: ...
 
     def fetch_many(
-        self, items: Sequence[tuple[str, str, str]], lease_ms: int
+        self,
+        items: Sequence[tuple[str, str, str]],
+        lease_ms: int,
+        register: Registration | None = None,
     ) -> list[tuple[Fetch, bytes | None]] | None: ...
 
     def wait_for_fill(
@@ -99,6 +158,7 @@ class Backend(Protocol):
         owner: str,
         ttl_ms: int,
         expected: Sequence[bytes] | None = None,
+        register: Registration | None = None,
     ) -> PendingReply | None: ...
 
     def finish(self, pending: PendingReply, hold: bool = False) -> Any: ...
@@ -111,10 +171,16 @@ class Backend(Protocol):
         owner: str,
         ttl_ms: int,
         expected: Sequence[bytes] | None = None,
+        register: Registration | None = None,
     ) -> bool: ...
 
     def publish(
-        self, pairs: Sequence[str], owner: str, items: Sequence[Any], held: Any = None
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        items: Sequence[Any],
+        held: Any = None,
+        version: VersionProbe | None = None,
     ) -> int | None: ...
 
     def release(self, pairs: Sequence[str], owner: str) -> int | None: ...
@@ -128,12 +194,14 @@ class Backend(Protocol):
     def bump_generations(self, gen_keys: Sequence[str]) -> bool: ...
 
     def write_batch(
-        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+        self,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        version: VersionProbe | None = None,
     ) -> list[int] | None: ...
 
-    def register_keyspace(self, registry_key: str, field: str) -> bool: ...
-
     def read_registry(self, registry_key: str) -> list[str] | None: ...
+
+    def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None: ...
 
     def delete_matching(self, patterns: Sequence[str]) -> int: ...
 
@@ -222,6 +290,30 @@ class ScriptBackend:
         self._succeeded()
         return reply
 
+    def _run_first(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], first: Registration
+    ) -> list[Any] | None:
+        """:meth:`_run` with a registration sent ahead (one batch; split per hash tag on a
+        Cluster, where the registration goes to the registry's node): the script's replies,
+        one per call, or None when Redis failed."""
+        if not self.breaker.allow():
+            self._counters.error("breaker")
+            return None
+        calls = split_by_hash_tag(script, keys, args) if self.transport.clustered else None
+        try:
+            if calls is None:
+                replies = self._eval_batch([(script, keys, args)], first=first)
+            else:
+                replies = self._eval_batch([(script, k, a) for k, a in calls], first=first)
+        except _FAILURES as exc:
+            self._failed(script.value, exc)
+            return None
+        finally:
+            if self.near is not None:
+                self.near.wrote(script, keys)
+        self._succeeded()
+        return replies
+
     def _eval_split(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """A multi-key script on a Cluster: one call per hash tag, sent as one batch (the
         transport pipelines per node); the counts they reply add up."""
@@ -232,12 +324,29 @@ class ScriptBackend:
         return sum(int(reply) for reply in replies)
 
     def _eval_batch(
-        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+        self,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        version: VersionProbe | None = None,
+        held: Any = None,
+        first: Registration | None = None,
     ) -> list[Any]:
-        """Several script calls in one batch; raises the first error reply."""
+        """Several script calls in one batch; raises the first error reply. ``version``: the
+        registry's version is read in the same batch, after the scripts (an error reply to
+        it leaves it unread); ``held``: as for :meth:`_eval`; ``first``: a registration sent
+        ahead of the scripts (its error reply is its own, raised by none)."""
         scripts = self._scripts
+        if first is not None:
+            calls = [(Script.REGISTER, first.keys, first.args), *calls]
         commands = [scripts.call(script, keys, args) for script, keys, args in calls]
-        replies = self.transport.batch(commands)
+        if version is not None:
+            commands.append(("MGET", version.key))
+        if held is not None and self._holding is not None:
+            replies = self._holding.batch_on(held, commands)
+        else:
+            replies = self.transport.batch(commands)
+        if version is not None:
+            version.heard(replies.pop())
+            commands.pop()
         unknown = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if unknown:  # a restarted or flushed server: load what is missing, run those again
             for script in {calls[i][0] for i in unknown}:
@@ -245,21 +354,29 @@ class ScriptBackend:
             again = self.transport.batch([commands[i] for i in unknown])
             for i, reply in zip(unknown, again, strict=True):
                 replies[i] = reply
+        if first is not None:
+            first.heard(replies.pop(0))
         for reply in replies:
             if isinstance(reply, ResponseError):
                 raise reply
         return replies
 
-    def _pipelined(self, calls: Sequence[tuple[Script, Any, Any]], convert: Any) -> Any:
+    def _pipelined(
+        self,
+        calls: Sequence[tuple[Script, Any, Any]],
+        convert: Any,
+        first: Registration | None = None,
+    ) -> Any:
         """Several single-slot script calls in one round trip (redis-py's pipeline asks SCRIPT
-        EXISTS first on every execute: a second round trip)."""
+        EXISTS first on every execute: a second round trip); ``first``: as for
+        :meth:`_eval_batch`."""
         if not calls:
             return []
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
         try:
-            replies = self._eval_batch(calls)
+            replies = self._eval_batch(calls, first=first)
         except _FAILURES as exc:
             self._failed("pipeline", exc)
             return None
@@ -352,21 +469,39 @@ class ScriptBackend:
         return payloads_after(replies, list(map(prefixes.get, gen_of)))  # every one is there
 
     def fetch(
-        self, key: str, gen_key: str, lease: str, lease_ms: int
+        self,
+        key: str,
+        gen_key: str,
+        lease: str,
+        lease_ms: int,
+        register: Registration | None = None,
     ) -> tuple[Fetch, bytes | None] | None:
-        reply = self._run(Script.FETCH, (key, gen_key), (lease, lease_ms))
+        """The entry, or a lease on it (``lease``, '' for none); ``register``: keyspaces
+        recorded in the registry ahead of it, in the same round trip."""
+        if register is None:
+            reply = self._run(Script.FETCH, (key, gen_key), (lease, lease_ms))
+        else:
+            replies = self._pipelined(
+                [(Script.FETCH, (key, gen_key), (lease, lease_ms))], _same, register
+            )
+            reply = None if replies is None else replies[0]
         if reply is None:
             return None
         status = Fetch(int(reply[0]))
         return status, (reply[1] if len(reply) > 1 else None)
 
     def fetch_many(
-        self, items: Sequence[tuple[str, str, str]], lease_ms: int
+        self,
+        items: Sequence[tuple[str, str, str]],
+        lease_ms: int,
+        register: Registration | None = None,
     ) -> list[tuple[Fetch, bytes | None]] | None:
-        """:meth:`fetch` for many entries (key, generation key, lease) in one round trip."""
+        """:meth:`fetch` for many entries (key, generation key, lease) in one round trip
+        (``register``: as for :meth:`fetch`)."""
         replies: list[tuple[Fetch, bytes | None]] | None = self._pipelined(
             [(Script.FETCH, (k, g), (lease, lease_ms)) for k, g, lease in items],
             lambda r: (Fetch(int(r[0])), r[1] if len(r) > 1 else None),
+            register,
         )
         return replies
 
@@ -411,21 +546,29 @@ class ScriptBackend:
         owner: str,
         ttl_ms: int,
         expected: Sequence[bytes] | None = None,
+        register: Registration | None = None,
     ) -> PendingReply | None:
         """Send the lock script now and read its reply later (:meth:`finish`), so that its
         round trip overlaps the flush's SQL. None when it was not sent (the caller takes the
         locks synchronously, with the usual failure handling). ``expected``: as for
-        :meth:`lock`."""
+        :meth:`lock`; ``register``: keyspaces recorded in the registry ahead of the locks, in
+        the same write."""
         transport = self.transport
         if not transport.overlaps or not self.breaker.allow() or transport.clustered:
             return None
         args: tuple[Any, ...] = (owner, ttl_ms) if expected is None else (owner, ttl_ms, *expected)
+        scripts = self._scripts
         try:
-            handle = transport.begin(self._scripts.call(Script.LOCK, pairs, args))
+            handle = transport.begin(
+                scripts.call(Script.LOCK, pairs, args),
+                None
+                if register is None
+                else scripts.call(Script.REGISTER, register.keys, register.args),
+            )
         except Exception as exc:  # not counted as a failure: the synchronous lock decides
             log.debug("writethrough: Redis at %s: lock not sent: %s", self.address, explain(exc))
             return None
-        return PendingReply(handle, Script.LOCK, pairs, args)
+        return PendingReply(handle, Script.LOCK, pairs, args, register)
 
     def finish(self, pending: PendingReply, hold: bool = False) -> Any:
         """The reply of a command :meth:`send_lock` sent, or None when it failed. When the
@@ -437,6 +580,7 @@ class ScriptBackend:
         handle, pending.handle = pending.handle, None
         if handle is None:
             return None
+        first = pending.first
         try:
             holding = self._holding
             if hold and holding is not None:
@@ -445,12 +589,23 @@ class ScriptBackend:
             else:
                 reply = self.transport.complete(handle)
         except _FAILURES as exc:
+            if first is not None and handle.first is not None:
+                first.heard(handle.first)
             if self.near is not None:
                 self.near.wrote(pending.script, pending.keys)
             if isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
                 self._failed(pending.script.value, exc)
                 return None
+            if first is not None and first.reply is None:  # sent again with the locks
+                replies = self._run_first(pending.script, pending.keys, pending.args, first)
+                return None if replies is None else replies[0]
             return self._run(pending.script, pending.keys, pending.args)
+        if first is not None:
+            first.heard(handle.first)
+            if isinstance(first.error, NoScriptError):  # a server that lost its scripts
+                again = self._run(Script.REGISTER, first.keys, first.args)
+                if again is not None:
+                    first.heard(again)
         if self.near is not None:
             self.near.wrote(pending.script, pending.keys)
         self._succeeded()
@@ -467,19 +622,33 @@ class ScriptBackend:
         owner: str,
         ttl_ms: int,
         expected: Sequence[bytes] | None = None,
+        register: Registration | None = None,
     ) -> bool:
         """Lock the pairs' entries. ``expected``: one payload a pair (``b""``: none), the row
-        as the writer loaded it; a new lock is contended unless it replaces exactly that."""
+        as the writer loaded it; a new lock is contended unless it replaces exactly that.
+        ``register``: keyspaces recorded in the registry ahead of the locks, in the same
+        round trip."""
         args: tuple[Any, ...] = (owner, ttl_ms) if expected is None else (owner, ttl_ms, *expected)
-        return self._run(Script.LOCK, pairs, args) is not None
+        if register is None:
+            return self._run(Script.LOCK, pairs, args) is not None
+        return self._run_first(Script.LOCK, pairs, args, register) is not None
 
     def publish(
-        self, pairs: Sequence[str], owner: str, items: Sequence[Any], held: Any = None
+        self,
+        pairs: Sequence[str],
+        owner: str,
+        items: Sequence[Any],
+        held: Any = None,
+        version: VersionProbe | None = None,
     ) -> int | None:
         """The publish script; on the connection ``held`` holds (a lock's, see :meth:`finish`),
-        which goes back to the pool with it, when given and still held."""
-        reply = self._run(Script.PUBLISH, pairs, (owner, *items), held)
-        return None if reply is None else int(reply)
+        which goes back to the pool with it, when given and still held. ``version``: the
+        keyspace registry's version is read in the same round trip, after the publish."""
+        if version is None:
+            reply = self._run(Script.PUBLISH, pairs, (owner, *items), held)
+            return None if reply is None else int(reply)
+        counts = self._write_batch([(Script.PUBLISH, pairs, (owner, *items))], version, held)
+        return None if counts is None else counts[0]
 
     def release(self, pairs: Sequence[str], owner: str) -> int | None:
         reply = self._run(Script.RELEASE, pairs, (owner,))
@@ -502,12 +671,23 @@ class ScriptBackend:
         return self._run(Script.RELEASE_GENS, gen_keys, args) is not None
 
     def write_batch(
-        self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+        self,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        version: VersionProbe | None = None,
     ) -> list[int] | None:
         """Several multi-key write scripts (publishes, restores, bucket releases) in one round
         trip, run in order (on a Cluster, one call per hash tag, pipelined per node, which
         keeps the order of the calls on each key); each call's count, or None when Redis
-        failed (the breaker and the counters hear of it, as for one call)."""
+        failed (the breaker and the counters hear of it, as for one call). ``version``: as
+        for :meth:`publish`."""
+        return self._write_batch(calls, version)
+
+    def _write_batch(
+        self,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        version: VersionProbe | None = None,
+        held: Any = None,
+    ) -> list[int] | None:
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
@@ -519,7 +699,7 @@ class ScriptBackend:
             spans.append(len(parts))
             expanded += [(script, k, a) for k, a in parts]
         try:
-            replies = self._eval_batch(expanded)
+            replies = self._eval_batch(expanded, version, None if clustered else held)
         except _FAILURES as exc:
             self._failed("publish", exc)
             return None
@@ -537,19 +717,33 @@ class ScriptBackend:
 
     # -- the keyspace registry, and clear() ----------------------------------------------------
 
-    def register_keyspace(self, registry_key: str, field: str) -> bool:
-        """Record that entries exist under a (table, digest, buckets) keyspace, so that a
-        migration can find every keyspace of a table, whichever code version wrote it."""
+    def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None:
+        """The registry's version and fields, read together (the version first: fields
+        registered in between make the next publish read them again); None when Redis
+        failed (logged by the caller, once)."""
         if not self.breaker.allow():
-            return False
+            return None
         try:
-            self.transport.command("HSET", registry_key, field, 1)
+            replies = self.transport.batch(
+                [("MGET", version_key_of(registry_key)), ("HKEYS", registry_key)]
+            )
         except _FAILURES as exc:
-            self.breaker.failure()
-            self.log_failure("registering a keyspace", exc)
-            return False
-        self._succeeded()
-        return True
+            log.debug(
+                "writethrough: Redis at %s: reading the keyspace registry failed: %s",
+                self.address,
+                explain(exc),
+            )
+            return None
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                log.debug(
+                    "writethrough: Redis at %s: reading the keyspace registry failed: %s",
+                    self.address,
+                    explain(reply),
+                )
+                return None
+        fields = [f.decode() if isinstance(f, bytes) else str(f) for f in replies[1]]
+        return fields, replies[0][0]
 
     def read_registry(self, registry_key: str) -> list[str] | None:
         """The registry's fields; None when Redis failed. A plain client's Cluster refusal
@@ -591,6 +785,10 @@ class ScriptBackend:
             if batch:
                 deleted += transport.unlink(batch)
         return deleted
+
+
+def _same(reply: Any) -> Any:
+    return reply
 
 
 class RedisBackend(ScriptBackend):

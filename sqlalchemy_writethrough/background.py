@@ -54,6 +54,7 @@ class Job:
         "gen_keys",
         "intents",
         "items",
+        "known",
         "locked",
         "owner",
         "pairs",
@@ -80,6 +81,8 @@ class Job:
         #: what the stats count once the reply is in (see :mod:`.writing`), once built
         self.intents: Any = {}
         self.gen_keys = gen_keys
+        #: the keyspace registry as the transaction's locks saw it (see :mod:`.siblings`)
+        self.known: Any = None
         #: the transaction was already counted in ``cache_write_failures``
         self.counted = False
 

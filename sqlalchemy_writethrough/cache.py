@@ -57,8 +57,6 @@ log = logging.getLogger("sqlalchemy_writethrough")
 
 _UNKNOWN: Any = object()
 
-#: seconds between two records of a keyspace in the registry by one process
-_REGISTER_EVERY = 60.0
 _caches: weakref.WeakSet[WriteThroughCache] = weakref.WeakSet()
 
 InstallTarget: TypeAlias = (
@@ -281,7 +279,6 @@ class WriteThroughCache:
             lease_ms=int(lease_timeout * 1000),
             fill_wait=fill_wait,
             ttl_jitter=ttl_jitter,
-            register_every=_REGISTER_EVERY,
             info_key=f"writethrough.tracker.{id(self)}",
         )
         self._breaker_options = (breaker_threshold, breaker_cooldown)
@@ -729,12 +726,12 @@ class WriteThroughCache:
         return False
 
     def _new_epoch(self, replaced: int) -> None:
-        """Redis may have forgotten anything, the registry included: record keyspaces again."""
+        """Redis may have forgotten anything, the registry included (every lease and lock
+        records its keyspaces again: see :mod:`.siblings`)."""
         self._runtime.counters.add("epochs")
         self._runtime.counters.invalidated("epoch")  # every model at once
         if self._near is not None:
             self._near.renew()
-        self._models.forget_registration()
 
     def clear(self) -> int:
         """Delete every key under this cache's prefix: entries, locks, leases, bucket
@@ -876,7 +873,6 @@ class WriteThroughCache:
                 f"clear() of prefix {self.prefix!r} failed at Redis at "
                 f"{backend.address}: {explain(exc)}"
             ) from exc
-        self._models.forget_registration()  # record the keyspaces again at their next write
         near = self._near
         if near is not None:
             near.drop_all()

@@ -672,7 +672,7 @@ class ClusterTransport:
         for node in self.router.primaries():
             self.router.on_node(node, [("SCRIPT", "LOAD", source)], checked=False)
 
-    def begin(self, command: Sequence[Any]) -> Any:
+    def begin(self, command: Sequence[Any], first: Sequence[Any] | None = None) -> Any:
         raise NotImplementedError("a Cluster transport does not overlap its locks")
 
     def complete(self, handle: Any) -> Any:
@@ -784,19 +784,6 @@ class ClusterBackend(ScriptBackend):
             self.log_failure(what, exc)
             return
         super()._failed(what, exc)
-
-    def register_keyspace(self, registry_key: str, field: str) -> bool:
-        if not self.breaker.allow():
-            return False
-        try:
-            self.transport.command("HSET", registry_key, field, 1)
-        except (RedisError, OSError) as exc:
-            if not _node_failure(exc):
-                self.breaker.failure()
-            self.log_failure("registering a keyspace", exc)
-            return False
-        self._succeeded()
-        return True
 
 
 __all__ = ["ClusterBackend", "ClusterEpochGuard", "ClusterRouter", "ClusterTransport"]

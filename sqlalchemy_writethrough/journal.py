@@ -14,7 +14,7 @@ at the replay (the last owner leaving a miss) instead of holding its entries as 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,21 +54,31 @@ class Journal:
             self._buckets.update(gen_keys)
             self.pending = True
 
-    def replay(self, backend: Backend) -> bool:
-        """Invalidate everything journaled; True when nothing is left to invalidate."""
+    def replay(
+        self,
+        backend: Backend,
+        siblings: Callable[[list[str], list[str]], tuple[list[str], list[str]]] | None = None,
+    ) -> bool:
+        """Invalidate everything journaled; True when nothing is left to invalidate.
+        ``siblings(pairs, buckets)``: the same rows' and buckets' keys in the other keyspaces
+        of their tables (see :mod:`.siblings`), invalidated with them."""
         with self._lock:
             if not self.pending:
                 return True
             keys = dict(self._keys)
             buckets = set(self._buckets)
             owners = sorted(self._owners)
-        if keys:
-            flat: list[str] = []
-            for key, gen_key in keys.items():
-                flat += (key, gen_key)
-            if not backend.invalidate(flat, owners):
-                return False
-        if buckets and not backend.bump_generations(sorted(buckets)):
+        flat: list[str] = []
+        for key, gen_key in keys.items():
+            flat += (key, gen_key)
+        bumped = sorted(buckets)
+        if siblings is not None and (flat or bumped):
+            more, more_buckets = siblings(flat, bumped)
+            flat += more
+            bumped += more_buckets
+        if flat and not backend.invalidate(flat, owners):
+            return False
+        if bumped and not backend.bump_generations(bumped):
             return False
         with self._lock:
             for key in keys:

@@ -40,6 +40,20 @@ def registry_key(prefix: str) -> str:
     return f"{prefix}:registry"
 
 
+def registry_version_key(prefix: str) -> str:
+    """A value that changes whenever a new field enters the registry (see :mod:`.siblings`),
+    in the registry's Redis Cluster slot: its hash tag is the registry's own (the prefix's
+    tag, or the whole registry key when the prefix has none)."""
+    return version_key_of(registry_key(prefix))
+
+
+def version_key_of(registry: str) -> str:
+    """:func:`registry_version_key` of a registry key."""
+    if "{" not in registry:
+        return f"{registry}:{{{registry}}}"
+    return f"{registry}:version"
+
+
 def epoch_key(prefix: str) -> str:
     """The identity of the Redis data set the cache last validated (see :mod:`.epoch`)."""
     return f"{prefix}:epoch"
@@ -55,7 +69,13 @@ def prefix_patterns(prefix: str) -> list[str]:
     escaped = _glob_escape(prefix)
     epoch = _glob_escape(epoch_key(prefix))
     # the epoch key, and on Redis Cluster each primary's ({prefix}:epoch:{<n>})
-    return [f"{escaped}:{{*", _glob_escape(registry_key(prefix)), epoch, f"{epoch}:{{*"]
+    return [
+        f"{escaped}:{{*",
+        _glob_escape(registry_key(prefix)),
+        _glob_escape(registry_version_key(prefix)),
+        epoch,
+        f"{epoch}:{{*",
+    ]
 
 
 #: int primary keys whose pairs a keyspace keeps (about 200 bytes each), then forgets at once
@@ -68,7 +88,7 @@ class KeySpace:
     """The keys of one model's rows in one database, under one cache prefix (``digest`` is
     the schema digest and the database's, ``<schema>:<database>``)."""
 
-    __slots__ = ("_buckets", "_pairs", "_tags", "pattern", "registered", "registry_field")
+    __slots__ = ("_buckets", "_pairs", "_tags", "fields", "pattern", "registry_field")
 
     def __init__(self, prefix: str, table: str, digest: str, buckets: int) -> None:
         self._buckets = buckets
@@ -77,8 +97,8 @@ class KeySpace:
         self.registry_field = f"{table}|{digest}|{buckets}"
         #: a ``SCAN MATCH`` pattern of the entity keys (not the generation keys)
         self.pattern = f"{prefix}:{{{name}:{digest}:*}}:*"
-        #: when this process next records the keyspace in the registry (time.monotonic())
-        self.registered = 0.0
+        #: what a lease's registration records (see :meth:`.Siblings.registration`)
+        self.fields = (self.registry_field,)
         #: the pairs of the int primary keys read lately (at most _PAIRS, then forgotten)
         self._pairs: dict[int, tuple[str, str]] = {}
 
@@ -131,6 +151,12 @@ class KeySpace:
             pairs.clear()
         pairs[value] = pair
         return pair
+
+    def pair_of_part(self, part: str) -> tuple[str, str]:
+        """(entity key, generation key) of a primary key already encoded (the part of an
+        entity key after its generation key and ``:``): the same row in this keyspace."""
+        tag = self._tags[zlib.crc32(part.encode()) % self._buckets]
+        return f"{tag}:{part}", tag
 
     def generation_keys(self) -> list[str]:
         return list(self._tags)

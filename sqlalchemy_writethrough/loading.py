@@ -175,7 +175,13 @@ class ReadPath:
                 return result
         # a miss (or a damaged entry): the script grants a lease, atomically with the check
         lease = unique_token() if may_fill else ""
-        reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms)
+        # a lease's round trip records the keyspace first, every time (Redis may have
+        # forgotten it): a commit that finds it in the registry after its COMMIT
+        # invalidates its keys there, and voids a lease taken before it (see .siblings)
+        register = rt.siblings.registration(keys.fields) if may_fill else None
+        reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms, register)
+        if register is not None:
+            rt.siblings.registered(register, rt.backend.address)
         if reply is None:
             counters.add("misses", 1, name)
             self._read_done(name, started, "error")
@@ -352,7 +358,9 @@ class ReadPath:
         once its entry was gone (TTL, eviction, a Redis that forgot)."""
         rt = self.runtime
         lease = unique_token()
-        reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms)
+        register = rt.siblings.registration(keys.fields)  # as a get's miss (see .siblings)
+        reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms, register)
+        rt.siblings.registered(register, rt.backend.address)
         if reply is None or reply[0] is not Fetch.LEASED:
             return None  # a hit now, a lock, a lease of another reader: the database says
         data = reply[1]
@@ -631,9 +639,11 @@ class ReadPath:
             (key, gen_key, lease)
             for (_, _, key, gen_key), lease in zip(missing, leases, strict=True)
         ]
-        replies: list[Any] = rt.backend.fetch_many(requests, rt.settings.lease_ms) or [None] * len(
-            missing
-        )
+        register = rt.siblings.registration(keys.fields) if may_fill else None  # see .siblings
+        fetched = rt.backend.fetch_many(requests, rt.settings.lease_ms, register)
+        replies: list[Any] = fetched or [None] * len(missing)
+        if register is not None:
+            rt.siblings.registered(register, rt.backend.address)
         began_before = tracker.began
         column = mapper.primary_key[0]
         statement = select(mapper).where(column.in_([value for value, _, _, _ in missing]))
@@ -667,8 +677,6 @@ class ReadPath:
                     payload = self._payload(layout, identity_key, obj, dialect, key) or b""
             ttl = rt.ttl_ms(layout) if payload else 0
             fills.append((key, gen_key, lease, reply[1], payload, ttl))
-        if any(fill[4] for fill in fills):
-            rt.register(keys)
         started = perf_counter()
         results = rt.backend.fill_many(fills)
         written = sum(1 for fill, ok in zip(fills, results, strict=False) if fill[4] and ok)
@@ -778,7 +786,6 @@ class ReadPath:
         if payload is None:
             return False
         rt = self.runtime
-        rt.register(keys)
         started = perf_counter()
         written = rt.backend.fill(key, gen_key, lease, gen, payload, rt.ttl_ms(layout))
         name = layout.entity_name

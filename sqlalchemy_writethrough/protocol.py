@@ -52,6 +52,7 @@ class Script(enum.Enum):
     EPOCH_CHECK = "epoch_check"
     EPOCH_BUMP = "epoch_bump"
     EPOCH_GENS = "epoch_gens"
+    REGISTER = "register"
 
     @property
     def source(self) -> str:

@@ -230,11 +230,14 @@ class PendingAsyncConnection:
     """A command sent on a pooled ``redis.asyncio`` connection whose reply is not read yet;
     its socket is closed if it is collected unread."""
 
-    __slots__ = ("__weakref__", "connection", "finalizer", "pool")
+    __slots__ = ("__weakref__", "ahead", "connection", "finalizer", "first", "pool")
 
-    def __init__(self, connection: Any, pool: Any) -> None:
+    def __init__(self, connection: Any, pool: Any, ahead: bool = False) -> None:
         self.connection = connection
         self.pool = pool
+        #: a command went ahead of the one whose reply is awaited; ``first``: its reply
+        self.ahead = ahead
+        self.first: Any = None
         self.finalizer = weakref.finalize(self, compat.close_now, connection)
 
     def take(self) -> Any:
@@ -331,25 +334,34 @@ class AsyncTransport:
     def load_script(self, source: str) -> None:
         self.command("SCRIPT", "LOAD", source)
 
-    async def _begin(self, command: Sequence[Any]) -> PendingAsyncConnection:
+    async def _begin(
+        self, command: Sequence[Any], first: Sequence[Any] | None
+    ) -> PendingAsyncConnection:
         pool, _ = self._here()
         conn = await self._checkout(pool)
         try:
-            await compat.asend(conn, command)
+            await compat.asend(conn, command, first)
         except BaseException:
             await compat.adisconnect(conn)
             await compat.arelease(pool, conn)
             raise
-        return PendingAsyncConnection(conn, pool)
+        return PendingAsyncConnection(conn, pool, first is not None)
 
-    def begin(self, command: Sequence[Any]) -> PendingAsyncConnection:
-        handle: PendingAsyncConnection = await_io(self._begin(command))
+    def begin(
+        self, command: Sequence[Any], first: Sequence[Any] | None = None
+    ) -> PendingAsyncConnection:
+        handle: PendingAsyncConnection = await_io(self._begin(command, first))
         return handle
 
     async def _complete(self, handle: PendingAsyncConnection) -> Any:
         pool = handle.pool
         conn = handle.take()
         try:
+            if handle.ahead:
+                try:
+                    handle.first = await compat.aread(conn)
+                except ResponseError as exc:  # the command's own reply follows
+                    handle.first = exc
             reply = await compat.aread(conn)
         except BaseException as exc:
             await self._abandon(pool, conn, exc)

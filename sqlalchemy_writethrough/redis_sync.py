@@ -39,11 +39,15 @@ class PendingConnection:
     its socket is closed first unless the reply was read. A handle made before a ``fork()``
     is never used nor released in the child (its socket is the parent's)."""
 
-    __slots__ = ("connection", "fork", "orphans", "read")
+    __slots__ = ("ahead", "connection", "first", "fork", "orphans", "read")
 
-    def __init__(self, connection: Any, orphans: list[Any]) -> None:
+    def __init__(self, connection: Any, orphans: list[Any], ahead: bool = False) -> None:
         #: the connection (None once taken)
         self.connection = connection
+        #: a command went ahead of the one whose reply is awaited (:meth:`SyncTransport.begin`)
+        self.ahead = ahead
+        #: its reply, once read (an error reply as its exception)
+        self.first: Any = None
         #: its reply was read: it can go back to the pool as it is
         self.read = False
         self.fork = _forks[0]
@@ -357,7 +361,9 @@ class SyncTransport:
                 return
             compat.release(self._pool, conn)
 
-    def begin(self, command: Sequence[Any]) -> PendingConnection:
+    def begin(
+        self, command: Sequence[Any], first: Sequence[Any] | None = None
+    ) -> PendingConnection:
         if self._lendable:
             conn = self._take_held(self._holder())
         else:
@@ -365,12 +371,12 @@ class SyncTransport:
                 self._release_orphans()
             conn = self._checkout()
         try:
-            compat.send(conn, command)
+            compat.send(conn, command, first)
         except BaseException:
             compat.disconnect(conn)
             compat.release(self._pool, conn)
             raise
-        return PendingConnection(conn, self._orphans)
+        return PendingConnection(conn, self._orphans, first is not None)
 
     def complete(self, handle: PendingConnection, hold: bool = False) -> Any:
         """The reply of :meth:`begin`'s command; with ``hold``, the connection stays checked
@@ -380,6 +386,11 @@ class SyncTransport:
         if conn is None:  # a parent process's handle, in a forked child
             raise RedisConnectionError("the connection was opened before a fork")
         try:
+            if handle.ahead:
+                try:
+                    handle.first = compat.read(conn)
+                except ResponseError as exc:  # the command's own reply follows
+                    handle.first = exc
             reply = compat.read(conn)
         except BaseException as exc:
             self._abandon(conn, exc)
@@ -417,6 +428,21 @@ class SyncTransport:
                 compat.release(self._pool, conn)
                 raise
         return self._on_connection(compat.call, args, conn)
+
+    def batch_on(self, handle: PendingConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """:meth:`batch` on the connection ``handle`` holds, as :meth:`command_on` (the same
+        epoch check)."""
+        conn = handle.take()
+        if conn is None:
+            return self.batch(commands)
+        if self._epoch is not None:
+            try:
+                self._epoch.check_connection(conn)
+            except BaseException:
+                compat.release(self._pool, conn)
+                raise
+        replies: list[Any] = self._on_connection(compat.call_many, commands, conn)
+        return replies
 
     def let_go(self, handle: PendingConnection) -> None:
         """Give back the connection ``handle`` holds, if it still holds one."""

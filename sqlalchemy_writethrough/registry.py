@@ -348,10 +348,6 @@ class Models:
         """Registry fields of the keyspaces this process has used."""
         return [keys.registry_field for keys in self.used_keyspaces()]
 
-    def forget_registration(self) -> None:
-        for keys in self.used_keyspaces():
-            keys.registered = 0.0
-
 
 def _orm_cascades(mapper: Any, layout: ModelLayout, deleted: bool) -> bool:
     """Whether deleting (or re-keying) a ``mapper`` row makes the ORM load and change the

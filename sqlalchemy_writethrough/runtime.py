@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _sa_compat
-from .keys import registry_key
+from .siblings import Siblings
 from .tracking import SessionTracker
 
 if TYPE_CHECKING:
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
 
     from .backend import Backend
     from .journal import Journal
-    from .keys import KeySpace
     from .model import ModelLayout
     from .near import NearCache
     from .registry import Models
@@ -42,8 +40,6 @@ class Settings:
     fill_wait: float
     #: the fraction of an entry's TTL taken off at random
     ttl_jitter: float
-    #: seconds between two records of one keyspace in the registry by this process
-    register_every: float
     #: the key under which a session's tracker lives in ``session.info`` (one per cache)
     info_key: str
 
@@ -51,7 +47,16 @@ class Settings:
 class Runtime:
     """The cache as its hooks see it."""
 
-    __slots__ = ("backend", "counters", "journal", "models", "near", "settings", "tracer")
+    __slots__ = (
+        "backend",
+        "counters",
+        "journal",
+        "models",
+        "near",
+        "settings",
+        "siblings",
+        "tracer",
+    )
 
     def __init__(
         self,
@@ -66,6 +71,8 @@ class Runtime:
         self.counters = counters
         self.journal = journal
         self.settings = settings
+        #: the other keyspaces of the tables this process writes (rolling deploys)
+        self.siblings = Siblings(settings.prefix, models.used_keyspaces)
         #: an OpenTelemetry tracer once ``otel.instrument(cache)`` was called, else None
         #: (the hooks then emit their spans: see :mod:`.tracing`)
         self.tracer: Any = None
@@ -120,15 +127,14 @@ class Runtime:
         tracker: SessionTracker | None = info.get(self.settings.info_key)
         return tracker
 
-    def register(self, keys: KeySpace) -> None:
-        """Before a keyspace's first entry is written, and again every ``register_every``
-        seconds after that (so the registry comes back soon after another process's
-        ``clear()``)."""
-        now = time.monotonic()
-        if keys.registered <= now and self.backend.register_keyspace(
-            registry_key(self.settings.prefix), keys.registry_field
-        ):
-            keys.registered = now + self.settings.register_every
+    def _replay_siblings(
+        self, pairs: list[str], gen_keys: list[str]
+    ) -> tuple[list[str], list[str]]:
+        """What a journal replay invalidates besides its keys and buckets: theirs in the
+        siblings the registry lists now (read again: Redis just came back)."""
+        siblings = self.siblings
+        known = siblings.refresh(self.backend) or siblings.known
+        return siblings.extra(pairs, known), siblings.extra_buckets(gen_keys, known)
 
     def ttl_ms(self, layout: ModelLayout) -> int:
         """An entry's TTL, less its random jitter, so entries written together do not expire
@@ -149,7 +155,7 @@ class Runtime:
         if not journal.pending:
             return True
         journaled = len(journal)
-        replayed = journal.replay(self.backend)
+        replayed = journal.replay(self.backend, self._replay_siblings)
         if replayed:
             self.counters.invalidated("journal", journaled)
         return replayed

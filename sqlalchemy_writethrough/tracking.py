@@ -80,6 +80,7 @@ class SessionTracker:
         "released_savepoints",
         "renamed",
         "session_ref",
+        "siblings_known",
         "statement_keys",
         "strict",
         "unlocked",
@@ -113,6 +114,9 @@ class SessionTracker:
         #: lua/lock.lua); ``b"!"`` (never a payload) where the loaded row could not be encoded
         self.expected: dict[str, bytes] = {}
         self.lock_ms = 0
+        #: the keyspace registry as the first lock of the transaction that named siblings
+        #: saw it (a :class:`.siblings.Known`), which the publish's version check goes by
+        self.siblings_known: Any = None
         self.changes: dict[Any, dict[str, Change]] = {}
         self.released_savepoints: set[int] = set()
         #: the transaction wrote (flush or DML): its reads are not fresh enough to fill

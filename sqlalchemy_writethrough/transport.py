@@ -41,8 +41,10 @@ class Transport(Protocol):
         """``SCRIPT LOAD`` on every server a later ``EVALSHA`` of it may reach."""
         ...
 
-    def begin(self, command: Sequence[Any]) -> Any:
-        """Send ``command`` now on a connection of its own; a handle for :meth:`complete`.
+    def begin(self, command: Sequence[Any], first: Sequence[Any] | None = None) -> Any:
+        """Send ``command`` now on a connection of its own (``first``, when given, ahead of
+        it in the same write: :meth:`complete` reads its reply first and keeps it in the
+        handle's ``first``, an error reply as its exception); a handle for :meth:`complete`.
         Raises when it could not be sent (nothing is left checked out then)."""
         ...
 
@@ -84,6 +86,10 @@ class HoldingTransport(Transport, Protocol):
     def command_on(self, handle: Any, *args: Any) -> Any:
         """:meth:`Transport.command` on the connection ``handle`` holds, which then goes back
         to the pool (a new checkout when it holds none any more)."""
+        ...
+
+    def batch_on(self, handle: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """:meth:`Transport.batch` on the connection ``handle`` holds, as :meth:`command_on`."""
         ...
 
     def let_go(self, handle: Any) -> None:

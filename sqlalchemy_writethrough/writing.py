@@ -46,6 +46,7 @@ from .databases import connection_naming
 from .dml import SWITCHED, StatementTracker
 from .exc import CacheUnavailableError
 from .protocol import Script, new_nonce
+from .siblings import Known
 from .stats import INVALIDATION_REASONS
 from .tracing import record_span
 from .tracking import Change, SessionTracker
@@ -124,6 +125,9 @@ class WritePath:
         # the rows as loaded, of UPDATEs that leave loaded columns unwritten (see _loaded_row)
         expected: list[bytes] | None = None
         encoders: dict[tuple[Any, Any], Any] = {}
+        # the keyspaces of the keys locked, recorded in the registry ahead of their locks
+        spaces: dict[str, None] = {}
+        last: KeySpace | None = None
         for index, collection in enumerate(pending):
             updating = index == 0  # the modified rows (pending: modified, deleted, new)
             for state in collection:
@@ -175,12 +179,24 @@ class WritePath:
                 if expected is not None:
                     expected.append(loaded or b"")
                 pairs += (key, gen_key)
+                if keys is not last:
+                    last = keys
+                    spaces[keys.registry_field] = None
         if not pairs:
             return
+        more = self._siblings(tracker, pairs)
+        if more:
+            pairs += more
+            if expected is not None:
+                expected += [b""] * (len(more) // 2)
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
         tracker.pending_lock = rt.backend.send_lock(
-            pairs, tracker.owner_token(), tracker.lock_ms, expected
+            pairs,
+            tracker.owner_token(),
+            tracker.lock_ms,
+            expected,
+            rt.siblings.registration(tuple(spaces)),
         )
 
     def _finish_locks(self, tracker: SessionTracker, hold: bool = False) -> None:
@@ -201,11 +217,25 @@ class WritePath:
         for i in range(0, len(pairs), 2):
             tracker.locked[pairs[i]] = pairs[i + 1]
         started = perf_counter()
+        backend = self.runtime.backend
         if hold and tracker.held is None:
-            ok = self.runtime.backend.finish(pending, True) is not None
+            ok = backend.finish(pending, True) is not None
             tracker.held = pending.held
         else:
-            ok = self.runtime.backend.finish(pending) is not None
+            ok = backend.finish(pending) is not None
+        rt = self.runtime
+        first = pending.first
+        if first is not None:
+            rt.siblings.registered(first, backend.address)
+        if not ok and rt.backend is not backend:
+            # refused as only a Redis Cluster node refuses: the cache switched to the cluster
+            # (the first command a plain client sends there may be these locks): once more
+            args = pending.args
+            register = None if first is None else rt.siblings.registration(first.args[2:])
+            expected = list(args[2:]) if len(args) > 2 else None
+            ok = rt.backend.lock(pairs, args[0], args[1], expected, register)
+            if register is not None:
+                rt.siblings.registered(register, rt.backend.address)
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
@@ -228,7 +258,8 @@ class WritePath:
             )
         transaction = session.get_nested_transaction() or session.get_transaction()
         contexts: dict[Any, FlushContext] = {}
-        touched: list[tuple[str, str]] = []
+        # (key, generation key, keyspace) of every row the flush wrote
+        touched: list[tuple[str, str, KeySpace]] = []
         # models whose every row may have changed, with the bind of the database they are in
         models: list[tuple[ModelLayout, Any]] = []
         binds = FlushBinds(session)
@@ -256,7 +287,6 @@ class WritePath:
         involved: dict[tuple[ModelLayout, Any], KeySpace] = {}
         # once per model and flush: its TTL and the TTL's random spread (jitter), in ms
         ttls: dict[ModelLayout, tuple[float, float]] = {}
-        registered: set[KeySpace] = set()
 
         def involve(layout: ModelLayout, bind: Any) -> KeySpace:
             """Once per model, database and flush: its options, the models its rows change
@@ -285,7 +315,7 @@ class WritePath:
             # as Runtime.ttl_ms: less a random jitter, so entries written together do not
             # expire together
             changes[key] = Change(gen_key, payload, max(1, int(ttl - spread * random())), reason)
-            touched.append((key, gen_key))
+            touched.append((key, gen_key, keys))
 
         # what the unit of work wrote: the session's objects after every before_flush
         # listener, and the rows its relationships deleted or changed (orphans)
@@ -386,9 +416,6 @@ class WritePath:
                 else:
                     payload = encode(dict_)
                     reason = "inexact"
-                    if payload is not None and keys not in registered:
-                        registered.add(keys)
-                        rt.register(keys)
                 # the key before_flush computed, when it is the same row's in the same key
                 # space: the identity's own tuple (not moved), or an insert's equal key
                 known = flush_keys.get(state) if flush_keys else None
@@ -427,7 +454,7 @@ class WritePath:
                 changes[key] = Change(
                     gen_key, payload, max(1, int(ttl - spread * random())), reason
                 )
-                touched.append((key, gen_key))
+                touched.append((key, gen_key, keys))
 
         by_bind: dict[Any, list[ModelLayout]] = {}
         for layout, bind in models:
@@ -435,15 +462,28 @@ class WritePath:
         for bind, layouts in by_bind.items():
             self.lock_models(tracker, layouts, bind)
         pairs: list[str] = []
-        for key, gen_key in touched:
-            if key not in tracker.locked:
-                tracker.locked[key] = gen_key
+        # the keyspaces of the keys locked here, recorded in the registry ahead of the locks
+        spaces: dict[str, None] = {}
+        last: KeySpace | None = None
+        locked = tracker.locked
+        for key, gen_key, keys in touched:
+            if key not in locked:
+                locked[key] = gen_key
                 pairs += (key, gen_key)
+                if keys is not last:
+                    last = keys
+                    spaces[keys.registry_field] = None
+        if pairs:
+            more = self._siblings(tracker, pairs)
+            for i in range(0, len(more), 2):
+                if more[i] not in locked:
+                    locked[more[i]] = more[i + 1]
+                    pairs += (more[i], more[i + 1])
         if tracker.reassert_on_flush:
             tracker.reassert_on_flush = False
-            self._reassert(tracker)
+            self._reassert(tracker, tuple(spaces))
         elif pairs:
-            self._lock(tracker, pairs)
+            self._lock(tracker, pairs, tuple(spaces))
 
     def _involve(self, tracker: SessionTracker, layout: ModelLayout) -> None:
         options = layout.options
@@ -487,7 +527,22 @@ class WritePath:
                 tracker.locked[key] = gen_key
                 pairs += (key, gen_key)
         if pairs:
-            self._lock(tracker, pairs)
+            more = self._siblings(tracker, pairs)
+            for i in range(0, len(more), 2):
+                if more[i] not in tracker.locked:
+                    tracker.locked[more[i]] = more[i + 1]
+                    pairs += (more[i], more[i + 1])
+            self._lock(tracker, pairs, keyspace.fields)
+
+    def _siblings(self, tracker: SessionTracker, pairs: list[str]) -> list[str]:
+        """The keys of the rows of ``pairs`` in the other keyspaces of their tables (see
+        :mod:`.siblings`), as the process's list of the registry names them now; the first
+        list a transaction uses is the one its publish checks the registry's version against."""
+        siblings = self.runtime.siblings
+        known = siblings.known
+        if tracker.siblings_known is None:
+            tracker.siblings_known = known
+        return siblings.extra(pairs, known)
 
     def lock_models(
         self,
@@ -511,6 +566,14 @@ class WritePath:
                     gen_keys.append(gen_key)
         if not gen_keys:
             return
+        siblings = self.runtime.siblings
+        known = siblings.known
+        if tracker.siblings_known is None:
+            tracker.siblings_known = known
+        for gen_key in siblings.extra_buckets(gen_keys, known):
+            if gen_key not in tracker.locked_gens:
+                tracker.locked_gens[gen_key] = None
+                gen_keys.append(gen_key)
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
         started = perf_counter()
@@ -541,9 +604,11 @@ class WritePath:
         else:
             tracker.reassert_on_flush = True  # in the same round trip as the final flush
 
-    def _reassert(self, tracker: SessionTracker) -> None:
+    def _reassert(self, tracker: SessionTracker, fields: tuple[str, ...] = ()) -> None:
+        """Take the transaction's locks again (``fields``: keyspaces recorded in the registry
+        ahead of them, those of the keys a flush locks with them for the first time)."""
         if tracker.locked:
-            self._lock(tracker, _flatten(tracker.locked))
+            self._lock(tracker, _flatten(tracker.locked), fields)
         if tracker.locked_gens:
             gen_keys = list(tracker.locked_gens)
             backend = self.runtime.backend
@@ -553,7 +618,12 @@ class WritePath:
             if not ok:
                 self._lock_failed(tracker, generations=gen_keys)
 
-    def _lock(self, tracker: SessionTracker, pairs: list[str]) -> None:
+    def _lock(
+        self, tracker: SessionTracker, pairs: list[str], fields: tuple[str, ...] = ()
+    ) -> None:
+        """Lock ``pairs``; ``fields``: the keyspaces recorded in the registry ahead of the
+        locks, in the same round trip (those of the keys locked for the first time: see
+        :mod:`.siblings`)."""
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
         started = perf_counter()
@@ -563,7 +633,17 @@ class WritePath:
             expected = [found(key, b"") for key in pairs[::2]]
             if not any(expected):
                 expected = None
-        ok = self.runtime.backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected)
+        rt = self.runtime
+        for _ in range(2):
+            backend = rt.backend
+            register = rt.siblings.registration(fields) if fields else None
+            ok = backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected, register)
+            if register is not None:
+                rt.siblings.registered(register, backend.address)
+            if ok or rt.backend is backend:
+                break
+            # refused as only a Redis Cluster node refuses: the cache switched to the
+            # cluster (the first command a plain client sends there may be these locks)
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
@@ -584,7 +664,7 @@ class WritePath:
         if tracer is None and not debug:
             return
         gens = keys if models else keys[1::2]
-        names = sorted({self._model_of(g) for g in gens})
+        names = sorted({self._model_of(g) for g in gens} - {""})  # "": a sibling's
         count = len(keys) if models else len(keys) // 2
         what = "buckets" if models else "keys"
         if debug:
@@ -726,7 +806,9 @@ class WritePath:
         """What a commit writes to Redis: the new VALUE (or a miss) of each locked entry, and
         the new generation of each locked bucket (built by :meth:`build`, where it runs)."""
         changes = tracker.changes.get(session.get_transaction()) if tracker.locked else None
-        return Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
+        job = Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
+        job.known = tracker.siblings_known
+        return job
 
     def _release_job(self, tracker: SessionTracker) -> Job:
         """What a rollback writes to Redis: the previous values back where the locks are still
@@ -747,7 +829,8 @@ class WritePath:
             model_of = self._model_of
             for key, gen_key in locked.items():
                 name = model_of(gen_key)
-                per_model[name] = per_model.get(name, 0) + 1
+                if name:  # else another keyspace's (a sibling's): not counted
+                    per_model[name] = per_model.get(name, 0) + 1
                 pairs += (key, gen_key)
             job.pairs, job.intents = pairs, per_model
             return
@@ -765,10 +848,14 @@ class WritePath:
                 pairs += (key, gen_key)
                 intent = by_bucket.get(gen_key)
                 if intent is None:
-                    model_key = gen_key[: gen_key.rfind(":")]
-                    intent = intents.get(model_key)
-                    if intent is None:
-                        intent = intents[model_key] = [self._model_of(gen_key), 0, 0, {}]
+                    name = self._model_of(gen_key)
+                    if not name:  # a sibling keyspace's key (see .siblings): not counted
+                        intent = ["", 0, 0, {}]
+                    else:
+                        model_key = gen_key[: gen_key.rfind(":")]
+                        intent = intents.get(model_key)
+                        if intent is None:
+                            intent = intents[model_key] = [name, 0, 0, {}]
                     by_bucket[gen_key] = intent
                 intent[1] += 1
                 if change is not None:
@@ -797,16 +884,21 @@ class WritePath:
             backend.let_go(held)  # no publish of entries to run on it
             held = None
         done = True
+        siblings = self.runtime.siblings
         if len(jobs) == 1:
             job = jobs[0]
             replies: list[Any] = []
             elapsed = 0.0
+            # a commit reads the registry's version in its publish's round trip
+            probe = siblings.probe() if job.committed else None
             try:
                 self.build(job)
                 if job.pairs:
                     started = perf_counter()
                     if job.committed:
-                        replies.append(backend.publish(job.pairs, job.owner, job.items, held))
+                        replies.append(
+                            backend.publish(job.pairs, job.owner, job.items, held, probe)
+                        )
                     else:
                         replies.append(backend.release(job.pairs, job.owner))
                     elapsed = perf_counter() - started
@@ -814,9 +906,18 @@ class WritePath:
                 if held is not None:  # the publish did not run on it (the breaker, a failure)
                     backend.let_go(held)
             if job.gen_keys:
-                ok = backend.release_generations(job.gen_keys, job.owner, job.committed)
-                replies.append(0 if ok else None)
-            return self._finish(job, replies, elapsed, tally)
+                if probe is not None and not job.pairs:
+                    flag = "1" if job.committed else "0"
+                    call = (Script.RELEASE_GENS, job.gen_keys, (job.owner, flag, new_nonce()))
+                    batch = backend.write_batch([call], probe)
+                    replies.append(None if batch is None else 0)
+                else:
+                    ok = backend.release_generations(job.gen_keys, job.owner, job.committed)
+                    replies.append(0 if ok else None)
+            done = self._finish(job, replies, elapsed, tally)
+            if probe is not None:
+                self._check_siblings(job, probe)
+            return done
         for job in jobs:
             self.build(job)
         calls: list[tuple[Script, Sequence[str], Sequence[Any]]] = []
@@ -830,7 +931,8 @@ class WritePath:
                 flag = "1" if job.committed else "0"
                 calls.append((Script.RELEASE_GENS, job.gen_keys, (job.owner, flag, new_nonce())))
         started = perf_counter()
-        batch = backend.write_batch(calls)
+        probe = siblings.probe() if any(job.committed for job in jobs) else None
+        batch = backend.write_batch(calls, probe)
         elapsed = (perf_counter() - started) / len(jobs)
         i = 0
         for job in jobs:
@@ -838,7 +940,22 @@ class WritePath:
             replies = [None] * n if batch is None else list(batch[i : i + n])
             i += n
             done = self._finish(job, replies, elapsed) and done
+        if probe is not None:
+            for job in jobs:
+                if job.committed:
+                    self._check_siblings(job, probe)
         return done
+
+    def _check_siblings(self, job: Job, probe: Any) -> None:
+        """After a commit's publish: the rows' keys in keyspaces of their tables registered
+        since the transaction's list of the registry was read are invalidated (see
+        :mod:`.siblings`)."""
+        rt = self.runtime
+        siblings = rt.siblings
+        known = job.known
+        if known is None:  # locks taken by no path that names siblings: the oldest list
+            known = _UNREAD
+        siblings.check(rt.backend, known, probe, job.pairs, job.gen_keys, rt.journal)
 
     def _finish(
         self, job: Job, replies: list[Any], elapsed: float, tally: Tally | None = None
@@ -866,7 +983,7 @@ class WritePath:
                     rt.journal.add_buckets(job.gen_keys)
                 done = False
             elif job.committed:
-                for name in sorted({self._model_of(g) for g in job.gen_keys}):
+                for name in sorted({self._model_of(g) for g in job.gen_keys} - {""}):
                     counters.invalidated("model", 1, name)
         if not done and not job.counted:
             job.counted = True
@@ -1033,6 +1150,9 @@ _INVALIDATED = {reason: "invalidated:" + reason for reason in INVALIDATION_REASO
 
 #: a class not looked at yet in this flush
 _UNSEEN: Any = object()
+
+#: the keyspace registry as nobody read it yet
+_UNREAD = Known("", (), None, False)
 
 
 def _renumbered_at(layout: ModelLayout, bind: Any) -> int | None:

@@ -27,7 +27,6 @@ from sqlalchemy import String
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-import sqlalchemy_writethrough.cache as cache_module
 from sqlalchemy_writethrough import CachedModel, CacheUnavailableError, WriteThroughCache
 
 from _cache_helpers import prefix_keys
@@ -229,13 +228,10 @@ def test_clear_removes_every_key_of_its_prefix_and_nothing_else(
 
 
 def test_another_process_records_its_keyspace_again_after_a_clear(
-    redis_url: str, redis_client: redis.Redis, prefix: str, schema: Engine,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+    redis_url: str, redis_client: redis.Redis, prefix: str, schema: Engine
+) -> None:
     """The registry lets a migration find every keyspace of a table; a process that wrote it
-    before another process's clear() writes it again (here at once; by default within a
-    minute)."""
-    monkeypatch.setattr(cache_module, "_REGISTER_EVERY", 0.0)
+    before another process's clear() writes it again at its next lease (or lock)."""
     cache, other = (
         WriteThroughCache(redis_url, prefix=prefix),
         WriteThroughCache(redis_url, prefix=prefix),

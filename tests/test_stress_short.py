@@ -162,11 +162,6 @@ def test_short_near_cache_run_finds_no_violation(
     assert report.ok, result.format()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a commit locks and publishes only its own model version's keyspace, so the other "
-    "version's entry of the row stays (the siblings fix; drop this mark with it)",
-)
 @pytest.mark.timeout(150)
 def test_short_two_model_versions_run_finds_no_violation(
     redis_server_binary: str, postgresql_url: str

@@ -1094,6 +1094,8 @@ def test_two_prefixes_on_one_redis_never_see_each_others_keys(
             keys = {entry_key(cache, WpProduct, pk) for pk in pks}
             keys |= {generation_key(k) for k in keys}
             keys.add(f"{cache.prefix}:registry")  # the keyspaces that hold entries
+            # the registry's version (see sqlalchemy_writethrough.siblings)
+            keys.add(f"{cache.prefix}:registry:{{{cache.prefix}:registry}}")
             keys.add(f"{cache.prefix}:epoch")  # the Redis data set last validated
             return sorted(k.encode() for k in keys)
 

@@ -1,0 +1,286 @@
+"""The other keyspaces of a table: what a commit must invalidate besides its own entries.
+
+A row's key names its model's digest and bucket count (:mod:`.keys`). During a rolling deploy
+two code versions share a prefix with two models of one table (a column added, ``buckets``
+changed): two keyspaces, each holding its own entry of the row. A commit by one must not leave
+the other's entry as it was, so every keyspace of the table in the same database that the
+keyspace registry lists (a *sibling*) gets the committed row's key locked with the row's own,
+and left as a miss by the publish (another digest's format cannot be encoded here), or restored
+by a rollback.
+
+Which siblings exist is read from the registry, whose version (a nonce the registration of a
+new field replaces, :func:`.keys.registry_version_key`) every publish reads in its own round
+trip. When it is not the version the commit's list was read at, the registry is read again
+and the rows' keys in the siblings found since are invalidated (``invalidate.lua``: values
+deleted, leases voided, other locks contended) before ``commit()`` returns. This relies on a
+keyspace being in the registry before any of its entries can be filled or published: every
+lease's fetch (:mod:`.loading`) and every commit's lock (:mod:`.writing`) records its
+keyspaces in the same round trip, ahead of it (:meth:`Siblings.registration`), so a sibling
+registered after the publish read the version can only have read the row after COMMIT. Every
+time, not once per process: Redis may have forgotten the registry since (a ``FLUSHALL``,
+another process's ``cache.clear()``) while the entries written after that are there.
+
+Reading the registry never raises: a failure falls back to the commit's own keyspace (logged
+once).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .backend import Registration, VersionProbe
+from .keys import KeySpace, registry_key, registry_version_key
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .journal import Journal
+
+log = logging.getLogger("sqlalchemy_writethrough")
+
+#: seconds after which a list is read again even if the version did not change (a process of
+#: a version before this one registers without changing it)
+_MAX_AGE = 60.0
+
+
+class Known:
+    """The registry as one read found it: its version and fields, each table's keyspaces
+    (by database), and the siblings of this process's generation keys, made as asked."""
+
+    __slots__ = ("at", "by_table", "fields", "read", "registering", "siblings", "version")
+
+    def __init__(self, prefix: str, fields: Iterable[str], version: Any, read: bool) -> None:
+        self.version = version
+        #: whether this is a registry read (False: nothing read yet, or it failed)
+        self.read = read
+        self.at = time.monotonic()
+        self.fields = frozenset(fields)
+        #: (table, database digest) -> [(field, keyspace)]
+        self.by_table: dict[tuple[str, str], list[tuple[str, KeySpace]]] = {}
+        for field in sorted(self.fields):
+            try:
+                table, digest, buckets = field.rsplit("|", 2)
+                keys = KeySpace(prefix, table, digest, int(buckets))
+            except ValueError:  # not one of ours
+                continue
+            self.by_table.setdefault((table, _database(digest)), []).append((field, keys))
+        #: own generation key -> its keyspace's siblings (filled by Siblings._lookup)
+        self.siblings: dict[str, tuple[tuple[str, KeySpace], ...]] = {}
+        #: registry fields -> the arguments of their registration against this version
+        self.registering: dict[tuple[str, ...], tuple[str | bytes, ...]] = {}
+
+
+def _database(digest: str) -> str:
+    """The database part of a keyspace's digest (``<schema digest>:<database>``)."""
+    return digest.split(":", 1)[1] if ":" in digest else ""
+
+
+class Siblings:
+    """This process's list of the registry, and the sibling keys of the keys it locks."""
+
+    def __init__(self, prefix: str, own: Callable[[], Iterable[KeySpace]]) -> None:
+        self.prefix = prefix
+        self._own = own
+        self._registry = registry_key(prefix)
+        self._version_key = registry_version_key(prefix)
+        self.known = Known(prefix, (), None, False)
+        self._logged = False
+        self._register_logged = False
+        self._keys = (self._registry, self._version_key)
+        #: part of the version a registration of this process sets when it adds a field
+        self._token = secrets.token_hex(6)
+
+    def registration(self, fields: tuple[str, ...]) -> Registration:
+        """The registration of keyspaces (their registry fields) that a lease's fetch or a
+        commit's lock sends ahead of it; :meth:`registered` reads its reply. The version
+        this process knows goes with it: the reply lists the registry's fields only when the
+        version is another."""
+        known = self.known
+        args = known.registering.get(fields)
+        if args is None:
+            args = known.registering[fields] = (self._token, known.version or "", *fields)
+        return Registration(self._keys, args)
+
+    def registered(self, registration: Registration, address: str) -> None:
+        """What a registration's reply says: the registry as it found it, when its version
+        is not the one this process knows (a refusal is logged once; a round trip that failed
+        says so itself)."""
+        reply = registration.reply
+        if reply is None:
+            if registration.error is not None and not self._register_logged:
+                self._register_logged = True
+                log.warning(
+                    "writethrough: Redis at %s: recording a keyspace in the registry failed "
+                    "(%s); a commit of another code version may leave this one's entries as "
+                    "they were (rolling deploys: see docs/consistency.md)",
+                    address,
+                    registration.error,
+                )
+            return
+        if type(reply) is list and len(reply) > 1:  # else 0: the version this process knows
+            fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply[1]]
+            self.learn(fields, reply[0])
+
+    def probe(self) -> VersionProbe:
+        """What a publish fills with the registry's version."""
+        return VersionProbe(self._version_key)
+
+    # -- lock time -------------------------------------------------------------------------------
+
+    def extra(
+        self, pairs: Sequence[str], known: Known | None = None, only: frozenset[str] | None = None
+    ) -> list[str]:
+        """(entity key, generation key) pairs of the rows of ``pairs`` in their keyspaces'
+        siblings (``only``: those with these registry fields), none already in ``pairs``."""
+        if known is None:
+            known = self.known
+        if not known.by_table:
+            return []
+        siblings = known.siblings
+        found: dict[str, tuple[tuple[str, KeySpace], ...]] = {}
+        for gen_key in set(pairs[1::2]):
+            of = siblings.get(gen_key)
+            if of is None:
+                of = self._lookup(known, gen_key)
+            if only is not None:
+                of = tuple(s for s in of if s[0] in only)
+            if of:
+                found[gen_key] = of
+        if not found:
+            return []
+        seen = set(pairs[0::2])
+        extra: list[str] = []
+        for i in range(0, len(pairs), 2):
+            of = found.get(pairs[i + 1])
+            if of is None:
+                continue
+            part = pairs[i][len(pairs[i + 1]) + 1 :]
+            for _, keys in of:
+                key, gen_key = keys.pair_of_part(part)
+                if key not in seen:
+                    seen.add(key)
+                    extra += (key, gen_key)
+        return extra
+
+    def extra_buckets(
+        self,
+        gen_keys: Sequence[str],
+        known: Known | None = None,
+        only: frozenset[str] | None = None,
+    ) -> list[str]:
+        """Every generation key of the siblings of the keyspaces of ``gen_keys`` (a bucket's
+        rows fall in any bucket of a sibling with another bucket count)."""
+        if known is None:
+            known = self.known
+        if not known.by_table:
+            return []
+        seen = set(gen_keys)
+        extra: list[str] = []
+        for gen_key in gen_keys:
+            of = known.siblings.get(gen_key)
+            if of is None:
+                of = self._lookup(known, gen_key)
+            for field, keys in of:
+                if only is not None and field not in only:
+                    continue
+                for g in keys.generation_keys():
+                    if g not in seen:
+                        seen.add(g)
+                        extra.append(g)
+        return extra
+
+    def _lookup(self, known: Known, gen_key: str) -> tuple[tuple[str, KeySpace], ...]:
+        """The siblings of the keyspace whose bucket ``gen_key`` is, recorded for each of its
+        buckets; none for a key of no keyspace of this process (a sibling's own)."""
+        siblings = known.siblings
+        for keys in self._own():
+            field = keys.registry_field
+            table, digest, _ = field.rsplit("|", 2)
+            of = tuple(
+                s for s in known.by_table.get((table, _database(digest)), ()) if s[0] != field
+            )
+            for g in keys.generation_keys():
+                siblings[g] = of
+        return siblings.setdefault(gen_key, ())
+
+    # -- after COMMIT ----------------------------------------------------------------------------
+
+    def learn(self, fields: Iterable[str], version: Any) -> None:
+        """The registry as another read (a registration's) found it."""
+        known = self.known
+        if known.read and known.version == version and known.fields.issuperset(fields):
+            known.at = time.monotonic()  # still what it was: kept, with its siblings found
+            return
+        self.known = Known(self.prefix, fields, version, True)
+
+    def refresh(self, backend: Backend) -> Known | None:
+        """Read the registry again (None when it could not be read: logged once)."""
+        # no lock held across I/O: an asyncio flavour's sessions share this thread (two
+        # reads at once are harmless, the last one stays)
+        read = backend.read_registry_version(self._registry)
+        if read is None:
+            self._cannot_read(backend.address, None)
+            return None
+        fields, version = read
+        known = self.known = Known(self.prefix, fields, version, True)
+        return known
+
+    def _cannot_read(self, address: str, error: BaseException | None) -> None:
+        """Log, once per process, that the registry (or its version) could not be read."""
+        if self._logged:
+            return
+        self._logged = True
+        log.warning(
+            "writethrough: Redis at %s: the keyspace registry could not be read%s; commits "
+            "invalidate their own keyspaces only until it can (rolling deploys: see "
+            "docs/consistency.md)",
+            address,
+            "" if error is None else f" ({error})",
+        )
+
+    def check(
+        self,
+        backend: Backend,
+        known: Known,
+        probe: VersionProbe | None,
+        pairs: Sequence[str],
+        gen_keys: Sequence[str],
+        journal: Journal | None = None,
+    ) -> None:
+        """After a publish: when the registry changed since ``known`` (the list the commit's
+        locks used), read it again and invalidate the rows (and buckets) of the commit in the
+        siblings found since (journaled when Redis fails meanwhile). Never raises."""
+        if probe is None or not probe.read:
+            # the publish failed (journaled), or Redis refused the version's read
+            if probe is not None and probe.error is not None:
+                self._cannot_read(backend.address, probe.error)
+            return
+        now = time.monotonic()
+        if known.read and probe.value == known.version and now - known.at < _MAX_AGE:
+            return
+        try:
+            current = self.known
+            if not (
+                current.read
+                and current.version == probe.value
+                and current is not known
+                and now - current.at < _MAX_AGE
+            ):
+                found = self.refresh(backend)
+                if found is None:
+                    return
+                current = found
+            new = current.fields - known.fields
+            if not new:
+                return
+            extra = self.extra(pairs, current, new)
+            if extra and not backend.invalidate(extra) and journal is not None:
+                journal.add_pairs(extra)
+            buckets = self.extra_buckets(gen_keys, current, new) if gen_keys else []
+            if buckets and not backend.bump_generations(buckets) and journal is not None:
+                journal.add_buckets(buckets)
+        except Exception:  # never raise after COMMIT
+            log.debug("writethrough: checking the keyspace registry failed", exc_info=True)

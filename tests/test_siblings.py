@@ -1,0 +1,674 @@
+"""Rolling deploys: two code versions share a prefix with two keyspaces of one table (a column
+added, another ``buckets``). A commit by either must leave the other's entry of the row a miss
+(or, for a keyspace registered while it ran, invalidate it after COMMIT), so that neither
+serves a row older than a completed commit. See docs/consistency.md, "Keyspaces of one table".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from _flavours import async_url
+from _proxy import RECOVERY_DEADLINE_S, LoopbackProxy, fast_client, upstream_of
+from sqlalchemy import String, delete, event, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncAttrs, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import WriteThroughCache
+from sqlalchemy_writethrough.keys import registry_key, registry_version_key
+
+from _cache_helpers import entry_key, entry_state, keyspace
+from _servers import COUNTED, capture_sql, counting_redis, reset_schema
+
+
+class OldBase(AsyncAttrs, DeclarativeBase):
+    pass
+
+
+class NewBase(AsyncAttrs, DeclarativeBase):
+    pass
+
+
+class OldItem(OldBase):
+    """The model as the old code version maps the table."""
+
+    __tablename__ = "sib_item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class NewItem(NewBase):
+    """The model as the new code version maps it: a column added (another digest)."""
+
+    __tablename__ = "sib_item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+    note: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+Factory = sessionmaker[Session]
+
+
+@pytest.fixture
+def schema(engine: Engine) -> Engine:
+    reset_schema(engine, NewBase.metadata)
+    return engine
+
+
+@pytest.fixture
+def process(
+    schema: Engine, clients: Callable[[], redis.Redis], prefix: str
+) -> Iterator[Callable[..., tuple[WriteThroughCache, Factory]]]:
+    """Makes one "process": a cache on its own client caching one model, and its factory."""
+    made: list[WriteThroughCache] = []
+
+    def make(model: type, **options: Any) -> tuple[WriteThroughCache, Factory]:
+        cache = WriteThroughCache(clients(), prefix=prefix, stats_interval=None, **options)
+        made.append(cache)
+        cache.register(model)
+        factory = sessionmaker(schema)
+        cache.install(factory)
+        return cache, factory
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def name_of(factory: Factory, model: type, pk: int, engine: Engine) -> tuple[str | None, int]:
+    """(the row's name as a new session gets it, how many SQL statements that took)."""
+    with factory() as session, capture_sql(engine) as sql:
+        row = session.get(model, pk)
+        return (None if row is None else row.name), len(sql)
+
+
+def cached(factory: Factory, model: type, pk: int, engine: Engine, name: str) -> None:
+    """Read the row until it is served from Redis (no SQL) with ``name``."""
+    assert name_of(factory, model, pk, engine)[0] == name
+    assert name_of(factory, model, pk, engine) == (name, 0)
+
+
+@pytest.mark.parametrize("writer", ["new", "old"])
+def test_an_update_leaves_the_other_versions_entry_a_miss(
+    writer: str, process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    new_cache, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    writes, reads, model, other = (
+        (new, old, NewItem, OldItem) if writer == "new" else (old, new, OldItem, NewItem)
+    )
+    with writes() as session:
+        row = session.get(model, 1)
+        row.name = "v2"
+        session.commit()
+    other_cache = old_cache if writer == "new" else new_cache
+    assert entry_state(redis_client, entry_key(other_cache, other, 1)) is None
+    assert name_of(reads, other, 1, schema) == ("v2", 1)  # was "v1", from Redis
+    cached(reads, other, 1, schema, "v2")
+
+
+def test_a_delete_and_an_insert_after_it(
+    process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(old, OldItem, 2, schema, "two")
+    with new() as session:
+        session.delete(session.get(NewItem, 2))
+        session.commit()
+    assert name_of(old, OldItem, 2, schema)[0] is None
+    with new() as session:  # deleted and inserted again in one transaction
+        session.delete(session.get(NewItem, 1))
+        session.flush()
+        session.add(NewItem(id=1, name="v3"))
+        session.commit()
+    assert entry_state(redis_client, entry_key(old_cache, OldItem, 1)) is None
+    cached(old, OldItem, 1, schema, "v3")
+
+
+def test_statements_by_primary_key_and_whole_table(process: Any, schema: Engine) -> None:
+    _, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(old, OldItem, 2, schema, "two")
+    with new() as session:
+        session.execute(update(NewItem).where(NewItem.id == 1).values(name="v2"))
+        session.commit()
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+    with new() as session:  # no primary key named: the whole keyspace (its buckets)
+        session.execute(update(NewItem).where(NewItem.name == "two").values(name="2"))
+        session.commit()
+    assert name_of(old, OldItem, 2, schema) == ("2", 1)
+    with new() as session:
+        session.execute(delete(NewItem).where(NewItem.id == 1))
+        session.commit()
+    assert name_of(old, OldItem, 1, schema) == (None, 1)
+
+
+def test_another_bucket_count_is_another_keyspace_too(
+    schema: Engine, clients: Callable[[], redis.Redis], prefix: str
+) -> None:
+    caches = [
+        WriteThroughCache(clients(), prefix=prefix, stats_interval=None, buckets=n) for n in (1, 16)
+    ]
+    try:
+        one, many = (sessionmaker(schema), sessionmaker(schema))
+        for cache, factory in zip(caches, (one, many), strict=True):
+            cache.register(NewItem)
+            cache.install(factory)
+        # a row whose key differs between the two (its bucket is not 0 of 16)
+        pk = next(
+            n
+            for n in range(1, 100)
+            if entry_key(caches[0], NewItem, n) != entry_key(caches[1], NewItem, n)
+        )
+        with many() as session:
+            session.add(NewItem(id=pk, name="v1"))
+            session.commit()
+        cached(one, NewItem, pk, schema, "v1")
+        cached(many, NewItem, pk, schema, "v1")
+        with many() as session:
+            session.get(NewItem, pk).name = "v2"
+            session.commit()
+        assert name_of(one, NewItem, pk, schema) == ("v2", 1)
+    finally:
+        for cache in caches:
+            cache.close()
+
+
+def test_a_rollback_leaves_the_other_versions_entry_as_it_was(
+    process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    with new() as session:  # a commit: its publish finds the old version's keyspace
+        session.add(NewItem(id=2, name="two"))
+        session.commit()
+    key = entry_key(old_cache, OldItem, 1)
+    before = redis_client.get(key)
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.flush()
+        assert entry_state(redis_client, key) == "lock"  # locked with the row's own
+        session.rollback()
+    assert redis_client.get(key) == before
+    assert name_of(old, OldItem, 1, schema) == ("v1", 0)
+
+
+def test_a_keyspace_registered_during_the_transaction_is_invalidated_after_commit(
+    process: Any, schema: Engine, redis_client: redis.Redis, prefix: str
+) -> None:
+    """The old version registers its keyspace and fills the row (the pre-COMMIT value) after
+    the new one took its locks: the publish's version check finds it and invalidates it."""
+    old_cache, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    fields = {f.decode() for f in redis_client.hkeys(registry_key(prefix))}
+    assert len(fields) == 1  # the new version's only: the old one has not read yet
+    key = entry_key(old_cache, OldItem, 1)
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.flush()
+        assert entry_state(redis_client, key) is None  # not a sibling yet: not locked
+        cached(old, OldItem, 1, schema, "v1")  # registers, and fills from the database
+        session.commit()
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+def test_a_keyspace_registered_between_flush_and_commit_by_hand(
+    process: Any, schema: Engine, redis_client: redis.Redis, prefix: str
+) -> None:
+    """As above, the old keyspace's field written by hand in a ``before_commit`` listener
+    (after the flush's locks): its entry is invalidated before ``commit()`` returns."""
+    old_cache, old = process(OldItem)
+    _, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    field = keyspace(old_cache, OldItem).registry_field
+    key = entry_key(old_cache, OldItem, 1)
+    value = redis_client.get(key)
+    redis_client.hdel(registry_key(prefix), field)  # as if never registered
+
+    def register_by_hand(session: Session) -> None:
+        redis_client.hset(registry_key(prefix), field, 1)
+        # as the registration script does for a new field
+        redis_client.set(registry_version_key(prefix), "by hand")
+
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.flush()
+        assert redis_client.get(key) == value  # not locked: not known to be a sibling
+        event.listen(session, "before_commit", register_by_hand)
+        session.commit()
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+def test_no_extra_round_trip_with_or_without_siblings(
+    process: Any, schema: Engine, redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    _, new_plain = process(NewItem)
+    with new_plain() as session:
+        session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+        session.commit()
+    client, counter = counting_redis(redis_url, socket_timeout=10)
+    counting = WriteThroughCache(client, prefix=prefix, **COUNTED)
+    try:
+        counting.register(NewItem)
+        new = sessionmaker(schema)
+        counting.install(new)
+        cached(new, NewItem, 1, schema, "v1")
+        cached(new, NewItem, 2, schema, "two")
+
+        def commit(pk: int, name: str) -> int:
+            with new() as session:
+                row = session.get(NewItem, pk)
+                counter.reset()
+                row.name = name
+                session.commit()
+                return counter.count
+
+        commit(1, "warm")  # a first commit registers the keyspace, on a new connection
+        assert commit(1, "v2") == 2, "one lock at flush, one publish after COMMIT"
+        cached(old, OldItem, 1, schema, "v2")  # the old version registers its keyspace
+        cached(old, OldItem, 2, schema, "two")
+        # the lock's registration brought the registry's new list with its version, which
+        # the publish read: the old entry invalidated, with no read of the registry
+        assert commit(1, "v3") == 3
+        assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+        assert commit(2, "2") == 2, "the old keyspace's key locked with the row's own"
+        assert entry_state(redis_client, entry_key(old_cache, OldItem, 2)) is None
+        assert name_of(old, OldItem, 2, schema) == ("2", 1)
+    finally:
+        counting.close()
+        client.close()
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_asyncio_commits_invalidate_the_other_versions_entry(
+    process: Any, schema: Engine, db_url: str, redis_url: str, prefix: str, loop: Any
+) -> None:
+    _, old = process(OldItem)
+    with old() as session:
+        session.add(OldItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+        try:
+            cache.register(NewItem)
+            factory = async_sessionmaker(engine, expire_on_commit=False)
+            cache.install(factory)
+            async with factory() as session:
+                (await session.get(NewItem, 1)).name = "v2"
+                await session.commit()
+            assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+            cached(old, OldItem, 1, schema, "v2")
+            async with factory() as session:
+                await session.execute(update(NewItem).where(NewItem.id == 1).values(name="v3"))
+                await session.commit()
+                assert (await session.scalar(select(NewItem.name))) == "v3"
+        finally:
+            await cache.aclose()
+            await engine.dispose()
+
+    loop.run_until_complete(scenario())
+    assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+
+
+def test_a_background_publish_leaves_the_other_versions_entry_a_miss(
+    process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old = process(OldItem)
+    new_cache, new = process(NewItem, publish="background")
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    assert new_cache.flush_publishes()
+    cached(old, OldItem, 1, schema, "v1")
+    key = entry_key(old_cache, OldItem, 1)
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.commit()
+    assert new_cache.flush_publishes()
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+def test_on_a_redis_cluster(cluster: Any, schema: Engine, prefix: str) -> None:
+    from redis.cluster import ClusterNode, RedisCluster
+
+    def client() -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+
+    caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "on"]
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=True):
+            cache.register(model)
+            cache.install(factory)
+        with new() as session:
+            session.add_all(NewItem(id=i, name="v1") for i in range(1, 21))
+            session.commit()
+        for i in range(1, 21):
+            cached(old, OldItem, i, schema, "v1")
+        with new() as session:  # the publish finds the old keyspace, registered since
+            for i in range(1, 11):
+                session.get(NewItem, i).name = "v2"
+            session.commit()
+        with new() as session:  # the locks name it
+            for i in range(11, 21):
+                session.get(NewItem, i).name = "v2"
+            session.commit()
+        for i in range(1, 21):
+            assert name_of(old, OldItem, i, schema) == ("v2", 1)
+    finally:
+        for cache in caches:
+            cache.close()
+
+
+@pytest.fixture
+def redis_proxy(redis_url: str) -> Iterator[LoopbackProxy]:
+    with LoopbackProxy(upstream_of(redis_url)) as proxy:
+        yield proxy
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_a_journal_replay_covers_the_keyspaces_registered_meanwhile(
+    schema: Engine, prefix: str, redis_url: str, redis_proxy: LoopbackProxy
+) -> None:
+    """The new version, cut off from Redis, commits v2 unlocked (journaled); its replay, once
+    Redis answers, invalidates the row in the old version's keyspace, which it had never
+    heard of."""
+    old_cache = WriteThroughCache(fast_client(redis_url), prefix=prefix, stats_interval=None)
+    new_cache = WriteThroughCache(
+        fast_client(redis_proxy.url), prefix=prefix, stats_interval=None, breaker_cooldown=0.2
+    )
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        old_cache.register(OldItem)
+        old_cache.install(old)
+        new_cache.register(NewItem)
+        new_cache.install(new)
+        with new() as session:
+            session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+            session.commit()
+        cached(old, OldItem, 1, schema, "v1")  # registered after the new version's last read
+        redis_proxy.blackhole()
+        with new() as session:
+            session.get(NewItem, 1).name = "v2"  # from Redis; then committed unlocked
+            session.commit()
+        assert name_of(old, OldItem, 1, schema) == ("v1", 0), "the documented gap"
+        redis_proxy.forward()
+        time.sleep(0.3)  # past the breaker's cooldown
+        deadline = time.monotonic() + RECOVERY_DEADLINE_S
+        n = 0
+        while name_of(old, OldItem, 1, schema)[0] != "v2":  # a write replays the journal
+            assert time.monotonic() < deadline, "the old version's entry was never invalidated"
+            n += 1
+            with new() as session:
+                session.execute(update(NewItem).where(NewItem.id == 2).values(name=f"{n}"))
+                session.commit()
+            time.sleep(0.1)
+    finally:
+        old_cache.close()
+        new_cache.close()
+
+
+# -- a registry Redis forgot: FLUSHALL, another process's clear() ---------------------------------
+
+
+def _forget(server: Any, forget: str, prefix: str) -> None:
+    """Redis forgets the registry while the processes go on: a FLUSHALL (its epoch noticed
+    too late to matter here: the check runs once an hour in these tests), or another
+    process's ``cache.clear()`` (which changes no epoch at all)."""
+    if forget == "flushall":
+        server.admin().flushall()
+        return
+    other = WriteThroughCache(server.url, prefix=prefix, stats_interval=None)
+    try:
+        other.clear()
+    finally:
+        other.close()
+
+
+@pytest.fixture
+def on_server(
+    server: Any, schema: Engine, prefix: str
+) -> Iterator[Callable[..., tuple[WriteThroughCache, Factory]]]:
+    """:func:`process` on a redis-server of the test's own (it gets flushed)."""
+    made: list[WriteThroughCache] = []
+
+    def make(model: type, **options: Any) -> tuple[WriteThroughCache, Factory]:
+        cache = WriteThroughCache(
+            server.url, prefix=prefix, stats_interval=None, epoch_check_interval=3600, **options
+        )
+        made.append(cache)
+        cache.register(model)
+        factory = sessionmaker(schema)
+        cache.install(factory)
+        return cache, factory
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def _set_name(factory: Factory, model: Any, name: str) -> None:
+    """Change row 1's name, the row loaded by a plain select() (no read through the cache:
+    this process takes no lease before its commit)."""
+    with factory() as session:
+        session.scalars(select(model).where(model.id == 1)).one().name = name
+        session.commit()
+
+
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("forget", ["flushall", "clear"])
+def test_a_reader_records_its_keyspace_again_after_redis_forgot_it(
+    forget: str, server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """After the registry is forgotten, the old version's miss takes a lease and fills: its
+    keyspace must be in the registry again before it reads the database, or the new
+    version's commits (whose list of the registry is now empty) never reach that entry.
+    (Seen failing before the fix: the old version kept serving "v3" from Redis.)"""
+    _, old = on_server(OldItem)
+    _, new = on_server(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    _set_name(new, NewItem, "v2")
+    cached(old, OldItem, 1, schema, "v2")
+    _forget(server, forget, prefix)
+    _set_name(new, NewItem, "v3")  # its publish finds the registry empty
+    cached(old, OldItem, 1, schema, "v3")  # a miss, a fill: recorded again, ahead of its lease
+    _set_name(new, NewItem, "v4")
+    assert name_of(old, OldItem, 1, schema) == ("v4", 1)
+    assert server.admin().hlen(registry_key(prefix)) == 2
+
+
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("forget", ["flushall", "clear"])
+def test_a_writer_records_its_keyspace_again_after_redis_forgot_it(
+    forget: str, server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """After the registry is forgotten, the old version's commit publishes its entry (it read
+    nothing through the cache: no lease): its lock must record its keyspace again before
+    COMMIT, or the new version's next commit leaves that entry as it was. (Seen failing
+    before the fix: the old version served "v4" from Redis after "v5" was committed.)"""
+    old_cache, old = on_server(OldItem)
+    _, new = on_server(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    _forget(server, forget, prefix)
+    _set_name(new, NewItem, "v3")  # its publish finds the registry forgotten: read again
+    _set_name(old, OldItem, "v4")  # publishes the old version's entry
+    assert entry_state(server.admin(), entry_key(old_cache, OldItem, 1)) == "value"
+    _set_name(new, NewItem, "v5")
+    assert name_of(old, OldItem, 1, schema) == ("v5", 1)
+
+
+@pytest.mark.databases("sqlite")
+def test_asyncio_records_its_keyspaces_again_after_a_flushall(
+    server: Any, on_server: Any, schema: Engine, db_url: str, prefix: str, loop: Any
+) -> None:
+    """The two tests above with the new version on asyncio: its lease's fetch and its
+    commit's lock (sent during the flush, on a connection of their own) record its
+    keyspace."""
+    _, old = on_server(OldItem)
+    with old() as session:
+        session.add(OldItem(id=1, name="v1"))
+        session.commit()
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(
+            server.url, prefix=prefix, stats_interval=None, epoch_check_interval=3600
+        )
+        try:
+            cache.register(NewItem)
+            factory = async_sessionmaker(engine, expire_on_commit=False)
+            cache.install(factory)
+
+            async def read() -> str:
+                async with factory() as session:
+                    return (await session.get(NewItem, 1)).name  # type: ignore[union-attr]
+
+            async def write(name: str) -> None:
+                async with factory() as session:
+                    row = (await session.scalars(select(NewItem).where(NewItem.id == 1))).one()
+                    row.name = name
+                    await session.commit()
+
+            assert await read() == "v1"
+            assert await read() == "v1"
+            _set_name(old, OldItem, "v2")
+            assert await read() == "v2"  # filled: the new version's entry
+            server.admin().flushall()
+            _set_name(old, OldItem, "v3")  # its publish finds the registry empty
+            assert await read() == "v3"  # a lease: the keyspace recorded ahead of it
+            _set_name(old, OldItem, "v4")
+            async with factory() as session:
+                assert (await session.get(NewItem, 1)).name == "v4"  # type: ignore[union-attr]
+            server.admin().flushall()
+            _set_name(old, OldItem, "v5")  # the old version's list of the registry: empty
+            await write("v6")  # publishes the new version's entry, recorded by its lock
+            assert await read() == "v6"
+            _set_name(old, OldItem, "v7")
+            assert await read() == "v7"
+        finally:
+            await cache.aclose()
+            await engine.dispose()
+
+    loop.run_until_complete(scenario())
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+def test_on_a_redis_cluster_after_a_clear(cluster: Any, schema: Engine, prefix: str) -> None:
+    """The registrations of a lease and of a lock go to the registry's node, in the same
+    round trip as the fetch and the locks (on their own nodes)."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    def client() -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+
+    caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "onc"]
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=False):
+            cache.register(model)
+            cache.install(factory)
+        with new() as session:
+            session.add(NewItem(id=1, name="v1"))
+            session.commit()
+        cached(old, OldItem, 1, schema, "v1")
+        cached(new, NewItem, 1, schema, "v1")
+        caches[2].clear()  # another process's
+        _set_name(new, NewItem, "v2")  # its publish finds the registry empty
+        cached(old, OldItem, 1, schema, "v2")  # recorded again, ahead of its lease
+        _set_name(new, NewItem, "v3")
+        assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+        caches[2].clear()
+        _set_name(new, NewItem, "v4")
+        _set_name(old, OldItem, "v5")  # its entry published, its keyspace recorded by its lock
+        _set_name(new, NewItem, "v6")
+        assert name_of(old, OldItem, 1, schema) == ("v6", 1)
+    finally:
+        for cache in caches:
+            cache.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_a_refused_registration_fails_neither_the_read_nor_the_commit(
+    server: Any, schema: Engine, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL that lets the cache write its entries but not the registry: the registration's
+    error reply is its own (logged once), the lease and the lock it travelled with work."""
+    admin = server.admin()
+    admin.execute_command(
+        "ACL", "SETUSER", "cacheonly", "on", ">pw", "+@all", "&*", "%R~*",
+        f"~{prefix}:{{*", f"~{prefix}:epoch*",
+    )  # fmt: skip
+    url = server.url.replace("redis://", "redis://cacheonly:pw@")
+    cache = WriteThroughCache(url, prefix=prefix, stats_interval=None)
+    try:
+        cache.register(NewItem)
+        factory = sessionmaker(schema)
+        cache.install(factory)
+        with factory() as session:
+            session.add(NewItem(id=1, name="v1"))
+            session.commit()
+        with caplog.at_level("WARNING", logger="sqlalchemy_writethrough"):
+            cached(factory, NewItem, 1, schema, "v1")
+            _set_name(factory, NewItem, "v2")
+            cached(factory, NewItem, 1, schema, "v2")
+        refusals = [r for r in caplog.records if "recording a keyspace" in r.getMessage()]
+        assert len(refusals) == 1
+        assert not admin.exists(registry_key(prefix))
+        assert cache.stats().lock_failures == 0
+    finally:
+        cache.close()
