@@ -50,6 +50,7 @@ from .report import CachedModels, describe
 from .runtime import Runtime, Settings
 from .session import overrides_get_path, session_class
 from .shared import SharedStats, parse_shared, processes_key, stats_key
+from .siblings import Known
 from .stats import CacheStats, Counters
 from .writing import WritePath
 
@@ -670,7 +671,8 @@ class WriteThroughCache:
         :param bind: the Engine or Connection of the database whose entries to forget.
             Without it, the row (or model) is forgotten in every database: each one that
             holds entries of the model (any process's, from the keyspace registry), and each
-            one this process has used the model with.
+            one this process has used the model with. Either way, the keyspaces of other
+            versions of the model (a rolling deploy's) are reached too, read from the registry.
 
         Returns False when Redis could not be reached; the invalidation is then journaled and
         done before this process reads from Redis again (for the databases this process
@@ -706,12 +708,21 @@ class WriteThroughCache:
         layout = runtime.models.layout_for(mapper)
         if layout is None:
             raise ConfigurationError(f"{model.__name__} is not cached by this cache")
+        known: Known | None = None
         if bind is not None:
-            keyspaces, complete = [runtime.models.keys(layout, bind)], True
+            keyspaces = [runtime.models.keys(layout, bind)]
+            # other versions' keyspaces of this table in this database, the registry read now
+            # (read as _all_keyspaces does: a plain client's first refusal at a Cluster node
+            # switches the cache to the cluster, and the read is made there again)
+            fields = self._read_registry(runtime)
+            known = None if fields is None else Known(self.prefix, fields, None, True)
+            complete = known is not None
         else:
             keyspaces, complete = self._all_keyspaces(runtime, layout)
         if ident is None:
             gen_keys = [g for keys in keyspaces for g in keys.generation_keys()]
+            if known is not None:
+                gen_keys += runtime.siblings.extra_buckets(gen_keys, known)
             if complete and (not gen_keys or runtime.backend.bump_generations(gen_keys)):
                 runtime.counters.invalidated("model", 1, layout.entity_name)
                 return True
@@ -719,6 +730,8 @@ class WriteThroughCache:
             return False
         pk = _identity_values(mapper, ident)
         pairs = [k for keys in keyspaces for k in keys.pair(pk)]
+        if known is not None:
+            pairs += runtime.siblings.extra(pairs, known)
         if complete and (not pairs or runtime.backend.invalidate(pairs)):
             runtime.counters.invalidated("manual", 1, layout.entity_name)
             return True
@@ -889,10 +902,11 @@ class WriteThroughCache:
         whether the registry could be read."""
         found = {keys.registry_field: keys for keys in list(layout.keyspaces.values())}
         fields = self._read_registry(runtime)
-        schema = f"{layout.digest}:"
         for field in fields or ():
-            table, digest, keys = keyspace_of(self.prefix, field)
-            if table == layout.table.fullname and digest.startswith(schema) and field not in found:
+            # every keyspace of the table: every database's, and those of other versions of
+            # the model (a rolling deploy's, another ``buckets``: see .siblings)
+            table, _, keys = keyspace_of(self.prefix, field)
+            if table == layout.table.fullname and field not in found:
                 found[field] = keys
         return list(found.values()), fields is not None
 

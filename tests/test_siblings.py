@@ -672,3 +672,25 @@ def test_a_refused_registration_fails_neither_the_read_nor_the_commit(
         assert cache.stats().lock_failures == 0
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("with_bind", [False, True], ids=["every_database", "bind"])
+@pytest.mark.parametrize("ident", [1, None], ids=["row", "model"])
+def test_invalidate_by_hand_reaches_the_other_versions_entries(
+    with_bind: bool, ident: int | None, process: Any, schema: Engine
+) -> None:
+    """``cache.invalidate(NewItem[, 1])`` in the new version forgets the row (or the model) in
+    the old version's keyspace too: a change made behind the ORM, announced by hand, must not
+    leave the old code serving the row as it was."""
+    _, old = process(OldItem)
+    new_cache, new = process(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    with schema.begin() as conn:  # behind the ORM
+        conn.execute(update(NewItem).where(NewItem.id == 1).values(name="v2"))
+    assert new_cache.invalidate(NewItem, ident, bind=schema if with_bind else None) is True
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+    assert name_of(new, NewItem, 1, schema) == ("v2", 1)
