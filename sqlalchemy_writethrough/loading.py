@@ -214,17 +214,36 @@ class ReadPath:
         if status is not Fetch.LEASED:
             return None
 
-        began_before = tracker.began
         assert data is not None
+        return self._load_and_fill(
+            orm_state, layout, keys, bind, tracker, identity_key, key, gen_key, lease, data
+        )
+
+    def _load_and_fill(
+        self,
+        orm_state: ORMExecuteState,
+        layout: ModelLayout,
+        keys: KeySpace,
+        bind: Any,
+        tracker: SessionTracker,
+        identity_key: Any,
+        key: str,
+        gen_key: str,
+        lease: str,
+        gen: bytes,
+    ) -> Result[Any]:
+        """The load SQLAlchemy was about to run, then a fill of its one row over our lease
+        (given up when the load fails or must not fill)."""
+        rt = self.runtime
+        began_before = tracker.began
         try:
-            result = orm_state.invoke_statement()
-            frozen = result.freeze()
+            frozen = orm_state.invoke_statement().freeze()
         except BaseException:
-            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # give the lease up
+            rt.backend.fill(key, gen_key, lease, gen, b"", 0)  # give the lease up
             raise
         rows = frozen.data
         filled = len(rows) == 1 and self._fill(
-            session,
+            orm_state.session,
             layout,
             keys,
             bind,
@@ -233,11 +252,11 @@ class ReadPath:
             key,
             gen_key,
             lease,
-            data,
+            gen,
             began_before,
         )
         if not filled:
-            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
+            rt.backend.fill(key, gen_key, lease, gen, b"", 0)  # others may fill
         return frozen()
 
     def _read_done(
@@ -365,33 +384,11 @@ class ReadPath:
             return None  # a hit now, a lock, a lease of another reader: the database says
         data = reply[1]
         assert data is not None
-        began_before = tracker.began
-        try:
-            frozen = orm_state.invoke_statement().freeze()
-        except BaseException:
-            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # give the lease up
-            raise
-        rows = frozen.data
-        filled = (
-            len(rows) == 1
-            and rows[0] is state.obj()
-            and self._fill(
-                orm_state.session,
-                layout,
-                keys,
-                bind,
-                state.key,
-                rows[0],
-                key,
-                gen_key,
-                lease,
-                data,
-                began_before,
-            )
+        # the fill's payload check (the row's key is the object's, nothing modified) holds
+        # for the reloaded object only
+        return self._load_and_fill(
+            orm_state, layout, keys, bind, tracker, state.key, key, gen_key, lease, data
         )
-        if not filled:
-            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # others may fill
-        return frozen()
 
     def _bind(self, orm_state: ORMExecuteState, mapper: Any) -> tuple[Any, Any] | None:
         """(the bind this load reads, its identity token), or None when the load may read
