@@ -50,7 +50,7 @@ from .report import CachedModels, describe
 from .runtime import Runtime, Settings
 from .session import overrides_get_path, session_class
 from .shared import SharedStats, parse_shared, processes_key, stats_key
-from .siblings import Known
+from .siblings import database_of
 from .stats import CacheStats, Counters
 from .writing import WritePath
 
@@ -708,21 +708,10 @@ class WriteThroughCache:
         layout = runtime.models.layout_for(mapper)
         if layout is None:
             raise ConfigurationError(f"{model.__name__} is not cached by this cache")
-        known: Known | None = None
-        if bind is not None:
-            keyspaces = [runtime.models.keys(layout, bind)]
-            # other versions' keyspaces of this table in this database, the registry read now
-            # (read as _all_keyspaces does: a plain client's first refusal at a Cluster node
-            # switches the cache to the cluster, and the read is made there again)
-            fields = self._read_registry(runtime)
-            known = None if fields is None else Known(self.prefix, fields, None, True)
-            complete = known is not None
-        else:
-            keyspaces, complete = self._all_keyspaces(runtime, layout)
+        own = None if bind is None else runtime.models.keys(layout, bind)
+        keyspaces, complete = self._all_keyspaces(runtime, layout, own)
         if ident is None:
             gen_keys = [g for keys in keyspaces for g in keys.generation_keys()]
-            if known is not None:
-                gen_keys += runtime.siblings.extra_buckets(gen_keys, known)
             if complete and (not gen_keys or runtime.backend.bump_generations(gen_keys)):
                 runtime.counters.invalidated("model", 1, layout.entity_name)
                 return True
@@ -730,8 +719,6 @@ class WriteThroughCache:
             return False
         pk = _identity_values(mapper, ident)
         pairs = [k for keys in keyspaces for k in keys.pair(pk)]
-        if known is not None:
-            pairs += runtime.siblings.extra(pairs, known)
         if complete and (not pairs or runtime.backend.invalidate(pairs)):
             runtime.counters.invalidated("manual", 1, layout.entity_name)
             return True
@@ -897,16 +884,27 @@ class WriteThroughCache:
                 )
         return deleted
 
-    def _all_keyspaces(self, runtime: Runtime, layout: ModelLayout) -> tuple[list[KeySpace], bool]:
-        """Every database's keyspace of a model (the registered ones and this process's), and
-        whether the registry could be read."""
-        found = {keys.registry_field: keys for keys in list(layout.keyspaces.values())}
+    def _all_keyspaces(
+        self, runtime: Runtime, layout: ModelLayout, own: KeySpace | None = None
+    ) -> tuple[list[KeySpace], bool]:
+        """Every keyspace of a model's table (the registered ones and this process's): every
+        database's, or with ``own`` (a bind's keyspace) its database's only; those of other
+        versions of the model too (a rolling deploy's, another ``buckets``: see .siblings).
+        And whether the registry could be read."""
+        if own is None:
+            found = {keys.registry_field: keys for keys in list(layout.keyspaces.values())}
+            database = None
+        else:
+            found = {own.registry_field: own}
+            database = database_of(keyspace_of(self.prefix, own.registry_field)[1])
         fields = self._read_registry(runtime)
         for field in fields or ():
-            # every keyspace of the table: every database's, and those of other versions of
-            # the model (a rolling deploy's, another ``buckets``: see .siblings)
-            table, _, keys = keyspace_of(self.prefix, field)
-            if table == layout.table.fullname and field not in found:
+            table, digest, keys = keyspace_of(self.prefix, field)
+            if (
+                table == layout.table.fullname
+                and field not in found
+                and (database is None or database_of(digest) == database)
+            ):
                 found[field] = keys
         return list(found.values()), fields is not None
 

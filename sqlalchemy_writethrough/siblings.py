@@ -66,14 +66,14 @@ class Known:
                 keys = KeySpace(prefix, table, digest, int(buckets))
             except ValueError:  # not one of ours
                 continue
-            self.by_table.setdefault((table, _database(digest)), []).append((field, keys))
+            self.by_table.setdefault((table, database_of(digest)), []).append((field, keys))
         #: own generation key -> its keyspace's siblings (filled by Siblings._lookup)
         self.siblings: dict[str, tuple[tuple[str, KeySpace], ...]] = {}
         #: registry fields -> the arguments of their registration against this version
         self.registering: dict[tuple[str, ...], tuple[str | bytes, ...]] = {}
 
 
-def _database(digest: str) -> str:
+def database_of(digest: str) -> str:
     """The database part of a keyspace's digest (``<schema digest>:<database>``)."""
     return digest.split(":", 1)[1] if ":" in digest else ""
 
@@ -200,7 +200,7 @@ class Siblings:
             field = keys.registry_field
             table, digest, _ = field.rsplit("|", 2)
             of = tuple(
-                s for s in known.by_table.get((table, _database(digest)), ()) if s[0] != field
+                s for s in known.by_table.get((table, database_of(digest)), ()) if s[0] != field
             )
             for g in keys.generation_keys():
                 siblings[g] = of
