@@ -418,31 +418,31 @@ class SyncTransport:
         after a ``FLUSHALL`` or a ``REPLICAOF`` that keeps it open, the publish writes only
         over this commit's own lock at its generation and deletes anything else, and the
         check only narrows the documented ``epoch_check_interval`` window."""
-        conn = handle.take()
+        conn = self._checked_take(handle)
         if conn is None:
             return self.command(*args)
-        if self._epoch is not None:
-            try:
-                self._epoch.check_connection(conn)
-            except BaseException:
-                compat.release(self._pool, conn)
-                raise
         return self._on_connection(compat.call, args, conn)
 
     def batch_on(self, handle: PendingConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """:meth:`batch` on the connection ``handle`` holds, as :meth:`command_on` (the same
         epoch check)."""
-        conn = handle.take()
+        conn = self._checked_take(handle)
         if conn is None:
             return self.batch(commands)
-        if self._epoch is not None:
+        replies: list[Any] = self._on_connection(compat.call_many, commands, conn)
+        return replies
+
+    def _checked_take(self, handle: PendingConnection) -> Any:
+        """The connection ``handle`` holds (None when it holds none any more), checked
+        against the epoch; back to the pool when the check raises."""
+        conn = handle.take()
+        if conn is not None and self._epoch is not None:
             try:
                 self._epoch.check_connection(conn)
             except BaseException:
                 compat.release(self._pool, conn)
                 raise
-        replies: list[Any] = self._on_connection(compat.call_many, commands, conn)
-        return replies
+        return conn
 
     def let_go(self, handle: PendingConnection) -> None:
         """Give back the connection ``handle`` holds, if it still holds one."""
