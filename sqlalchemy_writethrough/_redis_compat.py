@@ -1018,7 +1018,9 @@ def sync_twin(client: Any) -> redis.Redis:
             )
             for s in manager.sentinels
         ]
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        # typed by redis-py 8.2 and later, not before: called through Any on every version
+        make_sentinel: Any = Sentinel
+        sentinel = make_sentinel(
             addresses,
             min_other_sentinels=manager.min_other_sentinels,
             sentinel_kwargs=sync_options(manager.sentinel_kwargs or {}),
@@ -1029,7 +1031,7 @@ def sync_twin(client: Any) -> redis.Redis:
         options.pop("port", None)
         if ssl:
             options["ssl"] = True
-        twin: redis.Redis = sentinel.master_for(pool.service_name, **options)  # type: ignore[no-untyped-call]
+        twin: redis.Redis = sentinel.master_for(pool.service_name, **options)
         return twin
     if issubclass(pool.connection_class, AsyncUnixConnection):
         connection_class: Any = UnixDomainSocketConnection
