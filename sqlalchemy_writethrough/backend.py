@@ -53,11 +53,15 @@ class Registration:
     script's reply, or ``error`` the error reply Redis gave instead (``reply`` stays None
     when the round trip failed)."""
 
-    __slots__ = ("args", "error", "keys", "reply")
+    __slots__ = ("args", "error", "fields", "keys", "reply")
 
-    def __init__(self, keys: tuple[str, str], args: tuple[Any, ...]) -> None:
+    def __init__(
+        self, keys: tuple[str, ...], args: tuple[Any, ...], fields: tuple[str, ...]
+    ) -> None:
         self.keys = keys
         self.args = args
+        #: the registry fields recorded (the tail of ``args``)
+        self.fields = fields
         self.reply: Any = None
         self.error: BaseException | None = None
 

@@ -38,7 +38,8 @@ _HINTS = {
     "(an evicted entry is a miss), or give it more memory",
     "NOPERM": "the ACL user lacks a command or key permission the cache needs: "
     "EVALSHA, SCRIPT|LOAD, MGET, HSET, HKEYS, SCAN, UNLINK, PING, INFO, and inside its scripts "
-    "GET, SET, DEL, PTTL, TIME, INFO, on the keys of its prefix; with the near cache, "
+    "GET, SET, DEL, PTTL, TIME, HGET, HGETALL, HDEL, INFO, on the keys of its prefix; with the "
+    "near cache, "
     "SUBSCRIBE and PUBLISH on the channel <prefix>:near (docs/running-redis.md)",
     "NOAUTH": "Redis requires a password: put it in the URL (redis://user:password@host/0)",
     "WRONGPASS": "the username or password in the URL is wrong",

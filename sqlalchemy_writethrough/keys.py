@@ -54,6 +54,15 @@ def version_key_of(registry: str) -> str:
     return f"{registry}:version"
 
 
+def registry_pruning_key(prefix: str) -> str:
+    """A key that exists while the registry's expired fields were dropped recently (see
+    ``lua/register.lua``), in the registry's Redis Cluster slot."""
+    registry = registry_key(prefix)
+    if "{" not in registry:
+        return f"{registry}:pruning:{{{registry}}}"
+    return f"{registry}:pruning"
+
+
 def epoch_key(prefix: str) -> str:
     """The identity of the Redis data set the cache last validated (see :mod:`.epoch`)."""
     return f"{prefix}:epoch"
@@ -73,6 +82,7 @@ def prefix_patterns(prefix: str) -> list[str]:
         f"{escaped}:{{*",
         _glob_escape(registry_key(prefix)),
         _glob_escape(registry_version_key(prefix)),
+        _glob_escape(registry_pruning_key(prefix)),
         epoch,
         f"{epoch}:{{*",
     ]

@@ -339,6 +339,17 @@ class Models:
         layout.last_keys = (bind, keys)
         return keys
 
+    def longest_holds(self) -> tuple[float, float]:
+        """(the longest ``ttl``, the longest ``lock_timeout``) of the models built so far, in
+        seconds: how long one of their entries may live, and a lock be held."""
+        layouts = [lay for lay in list(self._layouts.values()) if lay]
+        if not layouts:
+            return 0.0, 0.0
+        return (
+            max(lay.options.ttl for lay in layouts),
+            max(lay.options.lock_timeout for lay in layouts),
+        )
+
     def used_keyspaces(self) -> list[KeySpace]:
         """The keyspaces this process has used: each built layout's, in every database."""
         layouts = {id(lay): lay for lay in list(self._layouts.values()) if lay}.values()

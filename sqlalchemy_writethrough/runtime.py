@@ -72,12 +72,31 @@ class Runtime:
         self.journal = journal
         self.settings = settings
         #: the other keyspaces of the tables this process writes (rolling deploys)
-        self.siblings = Siblings(settings.prefix, models.used_keyspaces)
+        self.siblings = Siblings(
+            settings.prefix,
+            models.used_keyspaces,
+            self._entry_lifetime_ms,
+            self._entry_lifetime_stamp,
+        )
         #: an OpenTelemetry tracer once ``otel.instrument(cache)`` was called, else None
         #: (the hooks then emit their spans: see :mod:`.tracing`)
         self.tracer: Any = None
         #: the near cache in front of Redis (opt-in: see :mod:`.near`), else None
         self.near: NearCache | None = None
+
+    def _entry_lifetime_ms(self) -> int:
+        """How long after a registration (see :mod:`.siblings`) an entry of this process's
+        keyspaces, or a near-cache copy of one, may exist: a lease (or a lock) taken right
+        after it, the fill (or publish) at its end at the latest, the entry's TTL, a near
+        copy's staleness bound; and as much again, up to a minute, for the round trip's
+        delays and the server's clock steps."""
+        ttl, lock = self.models.longest_holds()
+        near = self.near
+        need = ttl + max(lock, self.settings.lease_ms / 1000) + (near.staleness if near else 0)
+        return int((need + min(60.0, need)) * 1000)
+
+    def _entry_lifetime_stamp(self) -> tuple[int, bool]:
+        return self.models.generation, self.near is not None
 
     def peek(
         self, layout: ModelLayout, key: str, gen_key: str

@@ -29,11 +29,11 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .backend import Registration, VersionProbe
-from .keys import KeySpace, registry_key, registry_version_key
+from .keys import KeySpace, registry_key, registry_pruning_key, registry_version_key
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -81,15 +81,29 @@ def database_of(digest: str) -> str:
 class Siblings:
     """This process's list of the registry, and the sibling keys of the keys it locks."""
 
-    def __init__(self, prefix: str, own: Callable[[], Iterable[KeySpace]]) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        own: Callable[[], Iterable[KeySpace]],
+        lifetime_ms: Callable[[], int] = lambda: 0,
+        lifetime_stamp: Callable[[], Hashable] = lambda: None,
+    ) -> None:
         self.prefix = prefix
         self._own = own
+        #: the milliseconds after a registration during which an entry of this process's
+        #: keyspaces (or a near-cache copy of one) may exist: what a registration asks the
+        #: registry to keep its fields for; worked out again when ``lifetime_stamp()``
+        #: changes (a model built, a near cache added)
+        self._lifetime = lifetime_ms
+        self._stamp = lifetime_stamp
+        self._lifetime_stamp: Hashable = ()
+        self._lifetime_ms = "0"
         self._registry = registry_key(prefix)
         self._version_key = registry_version_key(prefix)
         self.known = Known(prefix, (), None, False)
         self._logged = False
         self._register_logged = False
-        self._keys = (self._registry, self._version_key)
+        self._keys = (self._registry, self._version_key, registry_pruning_key(prefix))
         #: part of the version a registration of this process sets when it adds a field
         self._token = secrets.token_hex(6)
 
@@ -99,10 +113,21 @@ class Siblings:
         this process knows goes with it: the reply lists the registry's fields only when the
         version is another."""
         known = self.known
+        stamp = self._stamp()
+        if stamp != self._lifetime_stamp:  # a model built since, a near cache added
+            # never shorter: entries made under the longer one may still be there
+            lifetime = max(int(self._lifetime_ms), self._lifetime())
+            self._lifetime_stamp, self._lifetime_ms = stamp, str(lifetime)
+            known.registering.clear()
         args = known.registering.get(fields)
         if args is None:
-            args = known.registering[fields] = (self._token, known.version or "", *fields)
-        return Registration(self._keys, args)
+            args = known.registering[fields] = (
+                self._token,
+                known.version or "",
+                self._lifetime_ms,
+                *fields,
+            )
+        return Registration(self._keys, args, fields)
 
     def registered(self, registration: Registration, address: str) -> None:
         """What a registration's reply says: the registry as it found it, when its version

@@ -81,6 +81,7 @@ class SessionTracker:
         "renamed",
         "session_ref",
         "siblings_known",
+        "spaces",
         "statement_keys",
         "strict",
         "unlocked",
@@ -114,6 +115,10 @@ class SessionTracker:
         #: lua/lock.lua); ``b"!"`` (never a payload) where the loaded row could not be encoded
         self.expected: dict[str, bytes] = {}
         self.lock_ms = 0
+        #: the registry fields of the keyspaces this root transaction locked keys in: each
+        #: lock of the transaction records them again (see :mod:`.siblings`), so that its
+        #: publish comes within a lock's timeout of a registration of its keyspaces
+        self.spaces: dict[str, None] = {}
         #: the keyspace registry as the first lock of the transaction that named siblings
         #: saw it (a :class:`.siblings.Known`), which the publish's version check goes by
         self.siblings_known: Any = None

@@ -191,6 +191,7 @@ class WritePath:
                 expected += [b""] * (len(more) // 2)
         if not tracker.first_lock_at:
             tracker.first_lock_at = time.monotonic()
+        tracker.spaces.update(spaces)
         tracker.pending_lock = rt.backend.send_lock(
             pairs,
             tracker.owner_token(),
@@ -231,7 +232,7 @@ class WritePath:
             # refused as only a Redis Cluster node refuses: the cache switched to the cluster
             # (the first command a plain client sends there may be these locks): once more
             args = pending.args
-            register = None if first is None else rt.siblings.registration(first.args[2:])
+            register = None if first is None else rt.siblings.registration(first.fields)
             expected = list(args[2:]) if len(args) > 2 else None
             ok = rt.backend.lock(pairs, args[0], args[1], expected, register)
             if register is not None:
@@ -606,9 +607,12 @@ class WritePath:
 
     def _reassert(self, tracker: SessionTracker, fields: tuple[str, ...] = ()) -> None:
         """Take the transaction's locks again (``fields``: keyspaces recorded in the registry
-        ahead of them, those of the keys a flush locks with them for the first time)."""
+        ahead of them, those of the keys a flush locks with them for the first time; those
+        of the keys locked before are recorded again too, so that the publish, within a
+        lock's timeout of this, is also within it of their registration)."""
         if tracker.locked:
-            self._lock(tracker, _flatten(tracker.locked), fields)
+            tracker.spaces.update(dict.fromkeys(fields))
+            self._lock(tracker, _flatten(tracker.locked), tuple(tracker.spaces))
         if tracker.locked_gens:
             gen_keys = list(tracker.locked_gens)
             backend = self.runtime.backend
@@ -634,6 +638,8 @@ class WritePath:
             if not any(expected):
                 expected = None
         rt = self.runtime
+        if fields:
+            tracker.spaces.update(dict.fromkeys(fields))
         for _ in range(2):
             backend = rt.backend
             register = rt.siblings.registration(fields) if fields else None

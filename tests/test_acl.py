@@ -23,7 +23,7 @@ pytestmark = pytest.mark.databases("sqlite")
 #: the rules docs/running-redis.md gives, for prefix "shop"
 LEAST_PRIVILEGE = "~shop:* -@all +evalsha +script|load +mget +hset +hkeys +scan +unlink +ping +info"
 #: what the scripts run inside Redis (run with the caller's permissions)
-SCRIPT_COMMANDS = "+get +set +del +pttl +time"
+SCRIPT_COMMANDS = "+get +set +del +pttl +time +hget +hgetall +hdel"
 
 
 class Base(DeclarativeBase):

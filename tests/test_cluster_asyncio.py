@@ -171,8 +171,8 @@ def test_keys_on_every_primary_and_the_core_operations(
         await app.rename(range(1, 61), "v3")
         assert await app.names(range(1, 61)) == (["v3"] * 60, 0)
         assert app.cache.stats().errors == 0
-        # + generations, the registry and its version, epochs
-        assert await app.cache.aclear() == 60 + 16 + 2 + 3
+        # + generations, the registry, its version and its pruning key, epochs
+        assert await app.cache.aclear() == 60 + 16 + 3 + 3
         await app.close()
         return per_primary
 

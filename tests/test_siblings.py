@@ -256,7 +256,8 @@ def test_a_keyspace_registered_between_flush_and_commit_by_hand(
     redis_client.hdel(registry_key(prefix), field)  # as if never registered
 
     def register_by_hand(session: Session) -> None:
-        redis_client.hset(registry_key(prefix), field, 1)
+        # a field kept for a long time (its value: the server time it may be dropped at)
+        redis_client.hset(registry_key(prefix), field, 2**52)
         # as the registration script does for a new field
         redis_client.set(registry_version_key(prefix), "by hand")
 
@@ -495,6 +496,102 @@ def _set_name(factory: Factory, model: Any, name: str) -> None:
     with factory() as session:
         session.scalars(select(model).where(model.id == 1)).one().name = name
         session.commit()
+
+
+#: options under which a keyspace's registry field is dropped within seconds of its last use:
+#: entries live 1 s, leases and locks 0.5 s (a field lives 3 s past its last registration,
+#: renewed 3 s ahead; the registry is pruned every 3 s)
+SHORT_LIVED = {"ttl": 1, "lock_timeout": 0.5, "lease_timeout": 0.5}
+
+
+def registry_fields(redis_client: redis.Redis, prefix: str) -> dict[str, int]:
+    """The registry's fields, with the server time (ms) each may be dropped at."""
+    return {f.decode(): int(v) for f, v in redis_client.hgetall(registry_key(prefix)).items()}
+
+
+@pytest.mark.databases("sqlite")
+def test_a_keyspace_nobody_uses_any_more_leaves_the_registry(
+    process: Any, schema: Engine, redis_client: redis.Redis, prefix: str
+) -> None:
+    """The deploy is over: no process of the old version reads or commits any more. Once no
+    entry of its keyspace can be left (its TTL, a lease's and a lock's time after its last
+    registration), the registry drops the keyspace and commits stop locking the row there;
+    when the old version comes back, it registers again and is reached again."""
+    old_cache, old = process(OldItem, **SHORT_LIVED)
+    _, new = process(NewItem, **SHORT_LIVED)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    field = keyspace(old_cache, OldItem).registry_field
+    key = entry_key(old_cache, OldItem, 1)
+    assert field in registry_fields(redis_client, prefix)
+    _set_name(new, NewItem, "v2")
+    assert entry_state(redis_client, key) is None  # a sibling: reached
+    deadline = time.monotonic() + 30
+    while field in registry_fields(redis_client, prefix):
+        assert time.monotonic() < deadline, "the old keyspace was never dropped"
+        time.sleep(0.3)
+        name_of(new, NewItem, 1, schema)  # the new version goes on (a miss now and then)
+    # a value in the old keyspace's key: no commit of the new version touches it now
+    redis_client.set(key, b"untouched", px=60_000)
+    _set_name(new, NewItem, "v3")
+    assert redis_client.get(key) == b"untouched"
+    # the old version comes back: recorded again before it reads, and reached again
+    redis_client.delete(key)
+    cached(old, OldItem, 1, schema, "v3")
+    assert field in registry_fields(redis_client, prefix)
+    _set_name(new, NewItem, "v4")
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == ("v4", 1)
+
+
+@pytest.mark.databases("sqlite")
+def test_a_keyspace_in_use_stays_in_the_registry(
+    process: Any, schema: Engine, redis_client: redis.Redis, prefix: str
+) -> None:
+    """A version that goes on reading (its entries expire, its misses register again) keeps
+    its keyspace registered long past one field's lifetime, and is reached by every commit."""
+    old_cache, old = process(OldItem, **SHORT_LIVED)
+    _, new = process(NewItem, **SHORT_LIVED)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    field = keyspace(old_cache, OldItem).registry_field
+    key = entry_key(old_cache, OldItem, 1)
+    end = time.monotonic() + 10  # more than three lifetimes of a field (3 s each)
+    while time.monotonic() < end:
+        assert name_of(old, OldItem, 1, schema)[0] == "v1"
+        name_of(new, NewItem, 1, schema)  # registers too: the registry is pruned meanwhile
+        assert field in registry_fields(redis_client, prefix)
+        time.sleep(0.25)
+    cached(old, OldItem, 1, schema, "v1")
+    _set_name(new, NewItem, "v2")
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+@pytest.mark.databases("sqlite")
+def test_a_long_transaction_records_its_keyspace_again_with_its_locks(
+    process: Any, schema: Engine, redis_client: redis.Redis, prefix: str
+) -> None:
+    """Locks older than half their timeout are taken again before COMMIT; their keyspaces
+    are recorded again with them, so the publish comes within a lock's timeout of a
+    registration however long the transaction ran (else the registry could drop a keyspace
+    a transaction is about to publish into)."""
+    cache, factory = process(NewItem, **SHORT_LIVED)
+    with factory() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    field = keyspace(cache, NewItem).registry_field
+    with factory() as session:
+        session.get(NewItem, 1).name = "v2"
+        session.flush()  # locked, and recorded
+        recorded = registry_fields(redis_client, prefix)[field]
+        time.sleep(3.5)  # more than a field's lifetime (3 s): renewed at the next record
+        session.commit()
+    assert registry_fields(redis_client, prefix)[field] > recorded
+    cached(factory, NewItem, 1, schema, "v2")
 
 
 @pytest.mark.databases("sqlite")
