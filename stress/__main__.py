@@ -171,6 +171,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "library's, as version A's); docs/configuration.md says never to change it in a "
         "rolling deploy",
     )
+    p.add_argument(
+        "--ttl",
+        type=float,
+        default=600.0,
+        help="stress: every worker's cache ttl in seconds (default 600); a short one makes the "
+        "keyspace registry drop a keyspace soon after its last use (with --idle-second-version)",
+    )
+    p.add_argument(
+        "--idle-second-version",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --model-versions 2: the second version's workers all do nothing for SECONDS "
+        "in every 2*SECONDS, while the first version goes on (with a short --ttl, the registry "
+        "drops their keyspace meanwhile, and they register it again when they resume)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-logs", action="store_true", help="keep the history files")
     return p.parse_args(argv)
@@ -214,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--tenants must be 0 or more")
     if args.model_b_buckets is not None and args.model_versions < 2:
         raise SystemExit("--model-b-buckets needs --model-versions 2")
+    if args.idle_second_version and args.model_versions < 2:
+        raise SystemExit("--idle-second-version needs --model-versions 2")
+    if not args.ttl > 0 or args.idle_second_version < 0:
+        raise SystemExit("--ttl must be positive and --idle-second-version 0 or more")
     ways = tenant_ways(args.tenant_ways)
     install_signal_handlers()
     dbs = ["postgresql", "mariadb"] if args.db == "both" else [args.db]
@@ -246,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                     batch_reads=args.batch_reads,
                     model_versions=args.model_versions,
                     model_b_buckets=args.model_b_buckets,
+                    ttl=args.ttl,
+                    idle_second_version=args.idle_second_version,
                 )
             )
             print(result.format(), flush=True)

@@ -361,6 +361,12 @@ class StressConfig:
     #: the second model version's cache ``buckets`` (None: the library's default, as version
     #: A's): a rolling deploy that changes it too
     model_b_buckets: int | None = None
+    #: every worker's cache ``ttl`` (seconds)
+    ttl: float = 600.0
+    #: with ``model_versions`` 2: the second version's workers all stop for this many seconds
+    #: in every twice as long (0: never), so that the registry may drop their keyspace while
+    #: the first version goes on committing, and they register it again when they resume
+    idle_second_version: float = 0.0
 
 
 @dataclasses.dataclass
@@ -381,6 +387,7 @@ class StressResult:
             f"{f'{self.config.tenants} tenants, ' if self.config.tenants else ''}"
             f"{'avoiding ' + ','.join(sorted(self.config.avoid)) + ', ' if self.config.avoid else ''}"
             f"{self._versions()}"
+            f"{f'ttl {self.config.ttl:g} s, ' if self.config.ttl != 600 else ''}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
@@ -391,9 +398,11 @@ class StressResult:
             return ""
         second = range(1, self.config.workers, 2)
         buckets = self.config.model_b_buckets
+        idle = self.config.idle_second_version
         return (
             f"2 model versions (B: workers {','.join(f'w{i}' for i in second)}"
-            f"{f', buckets={buckets}' if buckets else ''}), "
+            f"{f', buckets={buckets}' if buckets else ''}"
+            f"{f', idle {idle:g} s in every {2 * idle:g} s' if idle else ''}), "
         )
 
 
@@ -497,6 +506,8 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "avoid": sorted(config.avoid),
                     "batch_reads": config.batch_reads,
                     "model_version": "B" if second else "A",
+                    "ttl": config.ttl,
+                    "idle": config.idle_second_version if second else 0.0,
                     "buckets": config.model_b_buckets if second else None,
                 },
                 workdir,

@@ -228,7 +228,7 @@ class Worker:
         self.cache = WriteThroughCache(
             redis_client(config, asynchronous=self.flavour == "asyncio"),
             prefix=config["prefix"],
-            ttl=600,
+            ttl=config.get("ttl", 600),
             lock_timeout=config.get("lock_timeout", 2.0),
             lease_timeout=config.get("lease_timeout", 2.0),
             on_redis_error=config.get("on_redis_error", "strict"),
@@ -918,10 +918,25 @@ class Worker:
         if len(times) == 3:
             self.baseline = times[1:]
 
+    def _idle(self) -> None:
+        """``--idle-second-version``: in the second half of every period (shared by the
+        version's workers: the monotonic clock is the machine's), do nothing at all."""
+        idle_ns = int(self.config.get("idle", 0.0) * 1e9)
+        if not idle_ns:
+            return
+        phase = now() % (2 * idle_ns)
+        if phase >= idle_ns:
+            resume = now() + 2 * idle_ns - phase
+            while now() < min(resume, self.deadline):
+                time.sleep(0.05)
+
     def _run(self) -> None:
         parent = os.getppid()
         self._wait_for_start(parent)
         while now() < self.deadline and os.getppid() == parent:
+            self._idle()
+            if now() >= self.deadline:
+                break
             kind = self.rng.choices(self.ops, self.weights)[0]
             self.op_in_baseline = bool(
                 self.baseline and self.baseline[0] <= now() < self.baseline[1]
