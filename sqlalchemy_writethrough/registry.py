@@ -339,15 +339,23 @@ class Models:
         layout.last_keys = (bind, keys)
         return keys
 
-    def longest_holds(self) -> tuple[float, float]:
-        """(the longest ``ttl``, the longest ``lock_timeout``) of the models built so far, in
-        seconds: how long one of their entries may live, and a lock be held."""
-        layouts = [lay for lay in list(self._layouts.values()) if lay]
+    def longest_holds(self, fields: Iterable[str]) -> tuple[float, float]:
+        """(the longest ``ttl``, the longest ``lock_timeout``), in seconds, of the models whose
+        keyspaces have these registry fields: how long one of their entries may live, and a
+        lock be held (of every model built so far, for a field of none of them)."""
+        owners = {
+            keys.registry_field: lay
+            for lay in {id(lay): lay for lay in list(self._layouts.values()) if lay}.values()
+            for keys in list(lay.keyspaces.values())
+        }
+        layouts = [owners.get(field) for field in fields]
+        if not layouts or None in layouts:
+            layouts = [lay for lay in owners.values() if lay]
         if not layouts:
             return 0.0, 0.0
         return (
-            max(lay.options.ttl for lay in layouts),
-            max(lay.options.lock_timeout for lay in layouts),
+            max(lay.options.ttl for lay in layouts if lay),
+            max(lay.options.lock_timeout for lay in layouts if lay),
         )
 
     def used_keyspaces(self) -> list[KeySpace]:

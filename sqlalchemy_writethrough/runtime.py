@@ -84,13 +84,13 @@ class Runtime:
         #: the near cache in front of Redis (opt-in: see :mod:`.near`), else None
         self.near: NearCache | None = None
 
-    def _entry_lifetime_ms(self) -> int:
-        """How long after a registration (see :mod:`.siblings`) an entry of this process's
-        keyspaces, or a near-cache copy of one, may exist: a lease (or a lock) taken right
-        after it, the fill (or publish) at its end at the latest, the entry's TTL, a near
-        copy's staleness bound; and as much again, up to a minute, for the round trip's
-        delays and the server's clock steps."""
-        ttl, lock = self.models.longest_holds()
+    def _entry_lifetime_ms(self, fields: tuple[str, ...]) -> int:
+        """How long after a registration of these keyspaces (see :mod:`.siblings`) an entry of
+        one, or a near-cache copy of one, may exist: a lease (or a lock) taken right after it,
+        the fill (or publish) at its end at the latest, the entry's TTL, a near copy's
+        staleness bound; and as much again, up to a minute, for the round trip's delays and
+        the server's clock steps."""
+        ttl, lock = self.models.longest_holds(fields)
         near = self.near
         need = ttl + max(lock, self.settings.lease_ms / 1000) + (near.staleness if near else 0)
         return int((need + min(60.0, need)) * 1000)

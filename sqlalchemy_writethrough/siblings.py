@@ -85,19 +85,19 @@ class Siblings:
         self,
         prefix: str,
         own: Callable[[], Iterable[KeySpace]],
-        lifetime_ms: Callable[[], int] = lambda: 0,
+        lifetime_ms: Callable[[tuple[str, ...]], int] = lambda fields: 0,
         lifetime_stamp: Callable[[], Hashable] = lambda: None,
     ) -> None:
         self.prefix = prefix
         self._own = own
-        #: the milliseconds after a registration during which an entry of this process's
-        #: keyspaces (or a near-cache copy of one) may exist: what a registration asks the
-        #: registry to keep its fields for; worked out again when ``lifetime_stamp()``
-        #: changes (a model built, a near cache added)
+        #: the milliseconds after a registration of some keyspaces during which an entry of
+        #: one (or a near-cache copy of one) may exist: what a registration asks the registry
+        #: to keep their fields for; worked out again when ``lifetime_stamp()`` changes (a
+        #: model built or registered again, a near cache added), never shorter than before
         self._lifetime = lifetime_ms
         self._stamp = lifetime_stamp
         self._lifetime_stamp: Hashable = ()
-        self._lifetime_ms = "0"
+        self._lifetimes: dict[str, int] = {}
         self._registry = registry_key(prefix)
         self._version_key = registry_version_key(prefix)
         self.known = Known(prefix, (), None, False)
@@ -115,16 +115,19 @@ class Siblings:
         known = self.known
         stamp = self._stamp()
         if stamp != self._lifetime_stamp:  # a model built since, a near cache added
-            # never shorter: entries made under the longer one may still be there
-            lifetime = max(int(self._lifetime_ms), self._lifetime())
-            self._lifetime_stamp, self._lifetime_ms = stamp, str(lifetime)
+            self._lifetime_stamp = stamp
             known.registering.clear()
         args = known.registering.get(fields)
         if args is None:
+            # never shorter than before: entries made under a longer one may still be there
+            lifetimes = self._lifetimes
+            lifetime = max([self._lifetime(fields), *(lifetimes.get(f, 0) for f in fields)])
+            for field in fields:
+                lifetimes[field] = lifetime
             args = known.registering[fields] = (
                 self._token,
                 known.version or "",
-                self._lifetime_ms,
+                str(lifetime),
                 *fields,
             )
         return Registration(self._keys, args, fields)

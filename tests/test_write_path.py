@@ -1096,6 +1096,8 @@ def test_two_prefixes_on_one_redis_never_see_each_others_keys(
             keys.add(f"{cache.prefix}:registry")  # the keyspaces that hold entries
             # the registry's version (see sqlalchemy_writethrough.siblings)
             keys.add(f"{cache.prefix}:registry:{{{cache.prefix}:registry}}")
+            # the registry was pruned lately (see lua/register.lua)
+            keys.add(f"{cache.prefix}:registry:pruning:{{{cache.prefix}:registry}}")
             keys.add(f"{cache.prefix}:epoch")  # the Redis data set last validated
             return sorted(k.encode() for k in keys)
 
