@@ -19,7 +19,17 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import JSON, DateTime, Enum, Integer, Numeric, String, event, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    Integer,
+    LargeBinary,
+    Numeric,
+    String,
+    event,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import (
@@ -71,6 +81,7 @@ class EoDoc(Base, CachedModel):
     price: Mapped[Decimal] = mapped_column(Numeric(10, 2))
     colour: Mapped[Colour] = mapped_column(Enum(Colour))
     doc: Mapped[Any] = mapped_column(JSON)
+    blob: Mapped[Any] = mapped_column(LargeBinary)
 
 
 class EoPair(Base, CachedModel):
@@ -101,7 +112,9 @@ def _row(i: int) -> EoRow:
 
 
 def _doc(i: int) -> EoDoc:
-    return EoDoc(id=i, price=Decimal("1.50"), colour=Colour.RED, doc={"n": i, "tags": ["a"]})
+    return EoDoc(
+        id=i, price=Decimal("1.50"), colour=Colour.RED, doc={"n": i, "tags": ["a"]}, blob=b"abc"
+    )
 
 
 class Env:
@@ -402,3 +415,33 @@ def test_many_rows_and_commits(env: Env) -> None:
                     row.qty = None if row.qty else step
             s.commit()
         env.check(env.published())
+
+
+def test_a_before_update_listener_changes_a_bytearray_in_place(
+    env: Env, listener: list[Any]
+) -> None:
+    """A column whose codec takes mutable values too (a LargeBinary holding a bytearray, kept
+    by a session that does not expire on commit), changed in place during the flush: the
+    very object before_flush encoded, so only its type tells it must be encoded again."""
+
+    def change(target: Any) -> None:
+        if isinstance(target, EoDoc):
+            target.blob[0] = ord("X")
+            attributes.flag_modified(target, "blob")
+
+    with env.maker(expire_on_commit=False) as s:
+        docs = _docs(s)
+        for row in docs:
+            row.blob = bytearray(b"abc")
+            row.doc = {**row.doc}  # (a document left unwritten leaves a miss)
+        s.commit()
+        assert type(docs[0].blob) is bytearray
+        env.check(env.published(EoDoc), EoDoc)
+        listener.append(change)
+        for row in docs:
+            row.price = Decimal("6.00")
+            row.doc = {**row.doc}
+        s.commit()
+    env.check(env.published(EoDoc), EoDoc)
+    with env.maker() as s:
+        assert {bytes(d.blob) for d in _docs(s)} == {b"Xbc"}
