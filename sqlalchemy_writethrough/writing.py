@@ -119,11 +119,14 @@ class WritePath:
         flush_keys: dict[Any, tuple[Any, Any, str, str, Any]] = {}
         tracker.flush_keys = flush_keys
         involved: set[ModelLayout] = set()
-        # per class, in a session that is not sharded: its layout, key space and bind, once
-        per_mapper: dict[Any, tuple[ModelLayout, KeySpace, Any] | None] = {}
+        # per class, in a session that is not sharded: its layout, key space, bind, the type
+        # of its single-column key (else None) and the encoder of its rows as loaded (None:
+        # not made yet; False: none), once
+        per_mapper: dict[Any, list[Any] | None] = {}
         sharded = binds.sharded
         # the rows as loaded, of UPDATEs that leave loaded columns unwritten (see _loaded_row)
         expected: list[bytes] | None = None
+        expected_rows = tracker.expected
         encoders: dict[tuple[Any, Any], Any] = {}
         # the keyspaces of the keys locked, recorded in the registry ahead of their locks
         spaces: dict[str, None] = {}
@@ -139,16 +142,26 @@ class WritePath:
                     if model is not None:
                         bind = binds.of(state, choose=False)
                         if bind is not None:  # else its shard is chosen by the flush
-                            found = (model, rt.models.keys(model, bind, renamed.get(bind)), bind)
+                            found = [
+                                model,
+                                rt.models.keys(model, bind, renamed.get(bind)),
+                                bind,
+                                model.pk_types[0] if len(model.pk_types) == 1 else None,
+                                # strategy="invalidate": no row as loaded goes with the lock
+                                False if model.options.strategy == "invalidate" else None,
+                            ]
                     if not sharded:
                         per_mapper[mapper] = found
                 if found is None:
                     continue  # not cached, or after_flush locks it
-                layout, keys, bind = found
+                layout, keys, bind, pk_type, encode = found
                 identity = state.key
                 if identity is not None:
                     pk = identity[1]
-                    if not layout.pk_is_cacheable(pk):
+                    if pk_type is not None:  # a single-column key: pk_is_cacheable inline
+                        if type(pk[0]) is not pk_type:
+                            continue
+                    elif not layout.pk_is_cacheable(pk):
                         continue  # a partly NULL key (allow_partial_pks): never cached
                 else:
                     dict_ = state.dict
@@ -156,26 +169,28 @@ class WritePath:
                     if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
                         continue  # the database assigns it: after_flush locks it
                 key, gen_key = keys.pair(pk)
-                flush_keys[state] = (keys, pk, key, gen_key, None)
                 if key in locked or key in seen:
+                    flush_keys[state] = (keys, pk, key, gen_key, None)
                     continue
                 if layout not in involved:
                     involved.add(layout)
                     self._involve(tracker, layout)
                 seen.add(key)
-                loaded = None
-                if updating and identity is not None and layout.options.strategy != "invalidate":
-                    encode = encoders.get((mapper, bind))
+                loaded = kept = None
+                if updating and identity is not None and encode is not False:
                     if encode is None:
-                        encode = encoders[(mapper, bind)] = _loaded_encoder(
-                            session, layout, mapper, bind
-                        )
+                        encode = encoders.get((mapper, bind))
+                        if encode is None:
+                            encode = encoders[(mapper, bind)] = _loaded_encoder(
+                                session, layout, mapper, bind
+                            )
+                        found[4] = encode
                     if encode is not False:
                         loaded, kept = _loaded_row(state, encode)
-                        if kept is not None:  # for after_flush's encode (see above)
-                            flush_keys[state] = (keys, pk, key, gen_key, kept)
+                # kept: for after_flush's encode (see above)
+                flush_keys[state] = (keys, pk, key, gen_key, kept)
                 if loaded is not None:
-                    tracker.expected[key] = loaded
+                    expected_rows[key] = loaded
                     if expected is None:
                         expected = [b""] * (len(pairs) // 2)
                 if expected is not None:
@@ -340,6 +355,8 @@ class WritePath:
         # the contexts before_flush encoded rows as loaded with, and whether what it kept of
         # them may be reused here (the same database, as this flush's context sees it)
         fits: dict[FlushContext, bool] = {}
+        locked = tracker.locked
+        expected_rows = tracker.expected
         for collection, inserted in ((inserted_states, True), (updated, False)):
             for state in collection:
                 mapper = state.mapper
@@ -348,7 +365,7 @@ class WritePath:
                     layout = rt.models.layout_for(mapper)
                     bind = binds.of(state)
                     if layout is None:
-                        found = (None, bind, None, None, None, None, None, None, None, None)
+                        found = (None, bind, *([None] * 9))
                     else:
                         keys = involved.get((layout, bind)) or involve(layout, bind)
                         variant = layout.variant(mapper)
@@ -369,6 +386,7 @@ class WritePath:
                             _renumbered_at(layout, bind),
                             single,
                             layout.pk_types[0],
+                            ttls[layout],
                         )
                     if not sharded:
                         per_mapper[mapper] = found
@@ -383,6 +401,7 @@ class WritePath:
                     renumbered_at,
                     single,
                     pk_type,
+                    (ttl, spread),
                 ) = found
                 old = state.key[1] if state.key is not None else None
                 if layout is None:
@@ -470,16 +489,15 @@ class WritePath:
                 elif (
                     payload is not None
                     and not inserted
-                    and key not in tracker.locked
-                    and key not in tracker.expected
+                    and key not in locked
+                    and key not in expected_rows
                     and variant.unwritten is not None
                 ):  # locked below, not by before_flush: the row as loaded goes with the lock
                     loaded = _loaded_row(
                         state, (variant.unwritten, variant.attr_set, flushed, ctx, variant)
                     )[0]
                     if loaded is not None:
-                        tracker.expected[key] = loaded
-                ttl, spread = ttls[layout]
+                        expected_rows[key] = loaded
                 changes[key] = Change(
                     gen_key, payload, max(1, int(ttl - spread * random())), reason
                 )
@@ -494,7 +512,6 @@ class WritePath:
         # the keyspaces of the keys locked here, recorded in the registry ahead of the locks
         spaces: dict[str, None] = {}
         last: KeySpace | None = None
-        locked = tracker.locked
         for key, gen_key, keys in touched:
             if key not in locked:
                 locked[key] = gen_key

@@ -156,9 +156,7 @@ class Env:
             assert payload == self.filled(model, *pk), f"{model.__name__}{pk}"
 
     def published(self, model: type = EoRow, pks: Any = range(1, ROWS + 1)) -> dict[Any, Any]:
-        return {
-            pk: self.payload(model, *(pk if isinstance(pk, tuple) else (pk,))) for pk in pks
-        }
+        return {pk: self.payload(model, *(pk if isinstance(pk, tuple) else (pk,))) for pk in pks}
 
 
 @pytest.fixture
