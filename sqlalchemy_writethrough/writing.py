@@ -1245,16 +1245,24 @@ def _as_updated(state: Any, mutable: frozenset[str] = frozenset()) -> dict[str, 
     if not committed:
         return dict_ if kept is None else kept
     for key, old in committed.items():
-        if key in dict_ and old is not _sa_compat.NO_VALUE and old is not dict_[key]:
-            try:
-                unchanged = bool(old == dict_[key])
-            except Exception:  # an uncomparable value: the UPDATE sent it
-                unchanged = False
-            if unchanged:
-                if kept is None:
-                    kept = dict(dict_)
-                kept[key] = old
+        # (one lookup a key: NO_VALUE for a key not in the row, which is skipped as an old
+        # value set without being loaded is)
+        new = dict_.get(key, _NO_VALUE)
+        if old is new or old is _NO_VALUE or new is _NO_VALUE:
+            continue
+        try:
+            unchanged = bool(old == new)
+        except Exception:  # an uncomparable value: the UPDATE sent it
+            continue
+        if not unchanged:
+            continue
+        if kept is None:
+            kept = dict(dict_)
+        kept[key] = old
     return dict_ if kept is None else kept
+
+
+_NO_VALUE = _sa_compat.NO_VALUE
 
 
 #: values nothing can change in place (a JSON scalar, a TypeDecorator's plain value)
