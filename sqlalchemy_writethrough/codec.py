@@ -50,6 +50,14 @@ IMMUTABLE = frozenset(
     | {dt.timedelta, uuid.UUID}
 )
 
+#: the kinds of the plain codecs (not a TypeDecorator's) whose ``exact`` returns NOT_EXACT for
+#: every value not of an exact type in IMMUTABLE, or an enum member: a value one of them
+#: predicted cannot be changed in place (not "bytes": a bytearray; not "decimal": a Decimal
+#: subclass). Keep in step with the rules below (tests/test_encode_once.py checks them).
+IMMUTABLE_KINDS = frozenset(
+    {"bool", "date", "datetime", "enum", "float", "int", "interval", "str", "time", "uuid"}
+)
+
 
 class DecodeError(ValueError):
     """A payload that is not a valid row of this model (another format, damaged, wrong types)."""

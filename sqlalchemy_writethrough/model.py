@@ -360,9 +360,14 @@ class _RowCodec:
                 # process_bind_param is the application's): encoded again
                 again += ["    " + line for line in body]
                 continue
-            again.append(
-                f"    if v{i} is o[{attr!r}] and (type(v{i}) in IMMUTABLE or isinstance(v{i}, Enum)):"
-            )
+            if col_codec.kind in codec.IMMUTABLE_KINDS:
+                # exact() let only an immutable value through: the kept one was
+                again.append(f"    if v{i} is o[{attr!r}]:")
+            else:
+                again.append(
+                    f"    if v{i} is o[{attr!r}] and "
+                    f"(type(v{i}) in IMMUTABLE or isinstance(v{i}, Enum)):"
+                )
             again.append(f"        v{i} = k[{i}]")
             again.append("    else:")
             again += ["        " + line for line in body]

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     event,
     select,
 )
+from sqlalchemy import types as sa_types
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import (
@@ -41,7 +43,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache, codec
 from sqlalchemy_writethrough.protocol import payload_of
 
 from _cache_helpers import entry_key
@@ -443,3 +445,75 @@ def test_a_before_update_listener_changes_a_bytearray_in_place(
     env.check(env.published(EoDoc), EoDoc)
     with env.maker() as s:
         assert {bytes(d.blob) for d in _docs(s)} == {b"Xbc"}
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+class _Float(float):
+    pass
+
+
+class _Stamp(dt.datetime):
+    pass
+
+
+_TYPES = [
+    Integer(),
+    sa_types.BigInteger(),
+    sa_types.Boolean(),
+    String(10),
+    sa_types.Text(),
+    sa_types.CHAR(3),
+    Enum(Colour),
+    Enum("a", "b", name="ab"),
+    sa_types.Float(),
+    sa_types.Double(),
+    DateTime(),
+    DateTime(timezone=True),
+    sa_types.Date(),
+    sa_types.Time(),
+    sa_types.Interval(),
+    sa_types.Uuid(),
+    sa_types.Uuid(as_uuid=False),
+]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mysql"])
+def test_the_immutable_kinds_predict_only_immutable_values(dialect: str) -> None:
+    """The codecs whose kept values after_flush reuses on identity alone (no type check,
+    codec.IMMUTABLE_KINDS) let no mutable value through their ``exact``: a value they
+    predicted cannot have been changed in place since."""
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+    dialects = {"sqlite": sqlite, "postgresql": postgresql, "mysql": mysql}
+    found = dialects[dialect].dialect()
+    ctx = codec.FlushContext(found)
+    mutable = [
+        bytearray(b"1"),
+        memoryview(b"1"),
+        [1],
+        {"a": 1},
+        {1},
+        object(),
+        _Str("a"),
+        _Int(1),
+        _Float(1.0),
+        _Stamp(2024, 1, 1),
+    ]
+    kinds = set()
+    for type_ in _TYPES:
+        column = sa.Column("c", type_)
+        col_codec = codec.column_codec(column, found, "T.c")
+        assert type(col_codec) is codec.ColumnCodec
+        kinds.add(col_codec.kind)
+        if col_codec.kind not in codec.IMMUTABLE_KINDS:
+            continue
+        for value in mutable:
+            assert col_codec.exact(value, ctx) is codec.NOT_EXACT, (type_, value)
+    assert kinds >= codec.IMMUTABLE_KINDS  # every kind of the set was looked at
