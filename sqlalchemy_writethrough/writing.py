@@ -365,7 +365,7 @@ class WritePath:
                     layout = rt.models.layout_for(mapper)
                     bind = binds.of(state)
                     if layout is None:
-                        found = (None, bind, *([None] * 9))
+                        found = (None, bind, *([None] * 8), (0.0, 0.0))  # not cached
                     else:
                         keys = involved.get((layout, bind)) or involve(layout, bind)
                         variant = layout.variant(mapper)
