@@ -43,6 +43,21 @@ _HEADER = bytes([FORMAT_VERSION])
 #: What :meth:`ColumnCodec.exact` returns when the database may return something else.
 NOT_EXACT: Any = type("NotExact", (), {"__repr__": lambda self: "NOT_EXACT"})()
 
+#: the types of values nothing can change in place (a JSON scalar, a TypeDecorator's plain
+#: value); with enum members, what a commit may take for unchanged by identity alone
+IMMUTABLE = frozenset(
+    {type(None), bool, int, float, str, bytes, decimal.Decimal, dt.date, dt.datetime, dt.time}
+    | {dt.timedelta, uuid.UUID}
+)
+
+#: the kinds of the plain codecs (not a TypeDecorator's) whose ``exact`` returns NOT_EXACT for
+#: every value not of an exact type in IMMUTABLE, or an enum member: a value one of them
+#: predicted cannot be changed in place (not "bytes": a bytearray; not "decimal": a Decimal
+#: subclass). Keep in step with the rules below (tests/test_encode_once.py checks them).
+IMMUTABLE_KINDS = frozenset(
+    {"bool", "date", "datetime", "enum", "float", "int", "interval", "str", "time", "uuid"}
+)
+
 
 class DecodeError(ValueError):
     """A payload that is not a valid row of this model (another format, damaged, wrong types)."""
@@ -77,6 +92,17 @@ class FlushContext:
                 tz = None
             self._pg_timezone = tz if isinstance(tz, dt.tzinfo) else False
         return self._pg_timezone or None
+
+    def same_as(self, other: FlushContext) -> bool:
+        """Whether every stored value predicted in this context is what ``other`` predicts
+        for the same value: the same dialect, the same MariaDB-or-MySQL, and the same
+        connection time zone where this context read it (the one rule reading the
+        connection)."""
+        return (
+            self.dialect is other.dialect
+            and self.is_mariadb == other.is_mariadb
+            and (self._pg_timezone is None or (self._pg_timezone or None) == other.pg_timezone())
+        )
 
 
 Exact = Callable[[Any, FlushContext], Any]

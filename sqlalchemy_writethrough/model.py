@@ -9,6 +9,7 @@ codecs, and how the primary key reaches a Redis key. Anything the cache cannot k
 from __future__ import annotations
 
 import decimal
+import enum
 import hashlib
 import re
 import uuid
@@ -257,7 +258,7 @@ class _RowCodec:
     a commit predicts a row's values in about a third less (``python -m benchmarks``).
     """
 
-    __slots__ = ("codecs", "decode", "decode_one", "flushed")
+    __slots__ = ("codecs", "decode", "decode_one", "flushed", "flushed_again")
 
     def __init__(
         self,
@@ -269,6 +270,8 @@ class _RowCodec:
         self.codecs = codecs
         namespace: dict[str, Any] = {
             "DecodeError": codec.DecodeError,
+            "Enum": enum.Enum,
+            "IMMUTABLE": codec.IMMUTABLE,
             "NOT_EXACT": codec.NOT_EXACT,
             "_wrong": _wrong_type,
             "tag": tag,
@@ -280,12 +283,16 @@ class _RowCodec:
             "        raise DecodeError('wrong number of columns')",
         ]
         flushed = ["def flushed(d, ctx):"]
+        # flushed_again: the same, reusing the stored value kept for a column whose value is
+        # the very (immutable) object encoded before the flush (see .writing)
+        again = ["def flushed_again(d, ctx, o, k):"]
         converts = False
         for i, (attr, col_codec) in enumerate(zip(attrs, codecs, strict=True), 1):
             namespace[f"c{i}"] = col_codec
             plain = type(col_codec) is codec.ColumnCodec
             # a nullable codec's None needs no call: the other values go to its inner functions
             exact, encode = col_codec.exact_not_null, col_codec.encode_not_null
+            not_exact = [f"if v{i} is NOT_EXACT:", "    return None"]
             if col_codec.stored_type is not None and plain:
                 namespace[f"t{i}"] = col_codec.stored_type
                 # the type first: most values are not None, and are of their type
@@ -295,14 +302,15 @@ class _RowCodec:
                 # left for encode() to do
                 if exact is not None:
                     namespace[f"x{i}"] = exact
-                    flushed.append(f"    v{i} = d[{attr!r}]")
-                    flushed.append(f"    if v{i} is not None:")
-                    flushed.append(f"        v{i} = x{i}(v{i}, ctx)")
-                    flushed.append(f"        if v{i} is NOT_EXACT:")
-                    flushed.append("            return None")
-                    continue
-                namespace[f"x{i}"] = col_codec.exact
-                flushed.append(f"    v{i} = x{i}(d[{attr!r}], ctx)")
+                    body = [
+                        f"if v{i} is not None:",
+                        f"    v{i} = x{i}(v{i}, ctx)",
+                        f"    if v{i} is NOT_EXACT:",
+                        "        return None",
+                    ]
+                else:
+                    namespace[f"x{i}"] = col_codec.exact
+                    body = [f"v{i} = x{i}(v{i}, ctx)", *not_exact]
             else:
                 inline = codec.STR_DECODERS.get(col_codec.not_null) if plain else None  # type: ignore[arg-type]
                 if inline is not None:
@@ -331,18 +339,38 @@ class _RowCodec:
                     # ColumnCodec.flushed: encode(exact(value)), NOT_EXACT passed on
                     namespace[f"x{i}"] = exact
                     namespace[f"e{i}"] = encode
-                    flushed.append(f"    v{i} = d[{attr!r}]")
-                    flushed.append(f"    if v{i} is not None:")
-                    flushed.append(f"        v{i} = x{i}(v{i}, ctx)")
-                    flushed.append(f"        if v{i} is NOT_EXACT:")
-                    flushed.append("            return None")
-                    flushed.append(f"        if v{i} is not None:")
-                    flushed.append(f"            v{i} = e{i}(v{i})")
-                    continue
-                namespace[f"f{i}"] = col_codec.flushed
-                flushed.append(f"    v{i} = f{i}(d[{attr!r}], ctx)")
-            flushed.append(f"    if v{i} is NOT_EXACT:")
-            flushed.append("        return None")
+                    body = [
+                        f"if v{i} is not None:",
+                        f"    v{i} = x{i}(v{i}, ctx)",
+                        f"    if v{i} is NOT_EXACT:",
+                        "        return None",
+                        f"    if v{i} is not None:",
+                        f"        v{i} = e{i}(v{i})",
+                    ]
+                else:
+                    namespace[f"f{i}"] = col_codec.flushed
+                    body = [f"v{i} = f{i}(v{i}, ctx)", *not_exact]
+            # the value read first (KeyError when not loaded), then its stored form
+            read = f"    v{i} = d[{attr!r}]"
+            flushed.append(read)
+            flushed += ["    " + line for line in body]
+            again.append(read)
+            if col_codec.mutable or not plain:
+                # a container, changed in place or not, and a TypeDecorator's value (its
+                # process_bind_param is the application's): encoded again
+                again += ["    " + line for line in body]
+                continue
+            if col_codec.kind in codec.IMMUTABLE_KINDS:
+                # exact() let only an immutable value through: the kept one was
+                again.append(f"    if v{i} is o[{attr!r}]:")
+            else:
+                again.append(
+                    f"    if v{i} is o[{attr!r}] and "
+                    f"(type(v{i}) in IMMUTABLE or isinstance(v{i}, Enum)):"
+                )
+            again.append(f"        v{i} = k[{i}]")
+            again.append("    else:")
+            again += ["        " + line for line in body]
         names = [f"v{i}" for i in range(1, len(attrs) + 1)]
         # every column in one unpacking of the list (its length checked above), not an
         # index a column
@@ -377,11 +405,14 @@ class _RowCodec:
                     "        raise DecodeError(str(exc)) from exc",
                 ]
         flushed.append(f"    return [tag, {', '.join(names)}]")
+        again.append(flushed[-1])
         # only attribute-name literals and indexes go into the source
         exec("\n".join(decode), namespace)
         exec("\n".join(flushed), namespace)
+        exec("\n".join(again), namespace)
         self.decode: Any = namespace["decode"]
         self.flushed: Any = namespace["flushed"]
+        self.flushed_again: Any = namespace["flushed_again"]
         self.decode_one: Any = None
         if one:
             exec("\n".join(one), namespace)

@@ -105,8 +105,9 @@ class SessionTracker:
         #: when the transaction ends (see .writing)
         self.held: Any = None
         #: the running flush's rows whose keys before_flush computed: state -> (key space,
-        #: primary key, entity key, generation key), for after_flush to reuse
-        self.flush_keys: dict[Any, tuple[Any, Any, str, str]] = {}
+        #: primary key, entity key, generation key, what it kept of the row as loaded or
+        #: None: see writing.Kept), for after_flush to reuse; replaced at each before_flush
+        self.flush_keys: dict[Any, tuple[Any, Any, str, str, Any]] = {}
         #: entity key -> generation key, for every key this root transaction locked (or tried to)
         self.locked: dict[str, str] = {}
         #: entity key -> the row's payload as this transaction loaded it, for the keys of rows

@@ -25,13 +25,10 @@ process that dies first leaves them to expire into misses).
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Sequence
-from decimal import Decimal
 from random import random
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -41,7 +38,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession
 
 from . import _sa_compat
 from .background import Job, Publisher
-from .codec import FlushContext
+from .codec import IMMUTABLE, EncodeError, FlushContext, pack_row
 from .databases import connection_naming
 from .dml import SWITCHED, StatementTracker
 from .exc import CacheUnavailableError
@@ -109,21 +106,27 @@ class WritePath:
         locked here that the flush does not write after all ends as a miss.
 
         Each row's key is kept in ``tracker.flush_keys`` for after_flush, which reuses it when
-        the row's key space and primary key are still the same (one key computed per row)."""
+        the row's key space and primary key are still the same (one key computed per row),
+        and so is the row as loaded with its columns' stored values, where it is encoded
+        here: after_flush's publish takes the stored value of each column still holding the
+        very (immutable) object encoded here, one encode per column and row."""
         rt = self.runtime
         pairs: list[str] = []
         seen: set[str] = set()
         binds = FlushBinds(session)
         locked = tracker.locked
         renamed = tracker.renamed
-        flush_keys: dict[Any, tuple[Any, Any, str, str]] = {}
+        flush_keys: dict[Any, tuple[Any, Any, str, str, Any]] = {}
         tracker.flush_keys = flush_keys
         involved: set[ModelLayout] = set()
-        # per class, in a session that is not sharded: its layout, key space and bind, once
-        per_mapper: dict[Any, tuple[ModelLayout, KeySpace, Any] | None] = {}
+        # per class, in a session that is not sharded: its layout, key space, bind, the type
+        # of its single-column key (else None) and the encoder of its rows as loaded (None:
+        # not made yet; False: none), once
+        per_mapper: dict[Any, list[Any] | None] = {}
         sharded = binds.sharded
         # the rows as loaded, of UPDATEs that leave loaded columns unwritten (see _loaded_row)
         expected: list[bytes] | None = None
+        expected_rows = tracker.expected
         encoders: dict[tuple[Any, Any], Any] = {}
         # the keyspaces of the keys locked, recorded in the registry ahead of their locks
         spaces: dict[str, None] = {}
@@ -139,16 +142,26 @@ class WritePath:
                     if model is not None:
                         bind = binds.of(state, choose=False)
                         if bind is not None:  # else its shard is chosen by the flush
-                            found = (model, rt.models.keys(model, bind, renamed.get(bind)), bind)
+                            found = [
+                                model,
+                                rt.models.keys(model, bind, renamed.get(bind)),
+                                bind,
+                                model.pk_types[0] if len(model.pk_types) == 1 else None,
+                                # strategy="invalidate": no row as loaded goes with the lock
+                                False if model.options.strategy == "invalidate" else None,
+                            ]
                     if not sharded:
                         per_mapper[mapper] = found
                 if found is None:
                     continue  # not cached, or after_flush locks it
-                layout, keys, bind = found
+                layout, keys, bind, pk_type, encode = found
                 identity = state.key
                 if identity is not None:
                     pk = identity[1]
-                    if not layout.pk_is_cacheable(pk):
+                    if pk_type is not None:  # a single-column key: pk_is_cacheable inline
+                        if type(pk[0]) is not pk_type:
+                            continue
+                    elif not layout.pk_is_cacheable(pk):
                         continue  # a partly NULL key (allow_partial_pks): never cached
                 else:
                     dict_ = state.dict
@@ -156,24 +169,28 @@ class WritePath:
                     if not layout.pk_is_cacheable(pk):  # None, a SQL expression: no key
                         continue  # the database assigns it: after_flush locks it
                 key, gen_key = keys.pair(pk)
-                flush_keys[state] = (keys, pk, key, gen_key)
                 if key in locked or key in seen:
+                    flush_keys[state] = (keys, pk, key, gen_key, None)
                     continue
                 if layout not in involved:
                     involved.add(layout)
                     self._involve(tracker, layout)
                 seen.add(key)
-                loaded = None
-                if updating and identity is not None and layout.options.strategy != "invalidate":
-                    encode = encoders.get((mapper, bind))
+                loaded = kept = None
+                if updating and identity is not None and encode is not False:
                     if encode is None:
-                        encode = encoders[(mapper, bind)] = _loaded_encoder(
-                            session, layout, mapper, bind
-                        )
+                        encode = encoders.get((mapper, bind))
+                        if encode is None:
+                            encode = encoders[(mapper, bind)] = _loaded_encoder(
+                                session, layout, mapper, bind
+                            )
+                        found[4] = encode
                     if encode is not False:
-                        loaded = _loaded_row(state, encode)
+                        loaded, kept = _loaded_row(state, encode)
+                # kept: for after_flush's encode (see above)
+                flush_keys[state] = (keys, pk, key, gen_key, kept)
                 if loaded is not None:
-                    tracker.expected[key] = loaded
+                    expected_rows[key] = loaded
                     if expected is None:
                         expected = [b""] * (len(pairs) // 2)
                 if expected is not None:
@@ -336,6 +353,11 @@ class WritePath:
         # every row of it shares, looked up once per flush
         per_mapper: dict[Any, tuple[Any, ...]] = {}
         sharded = binds.sharded
+        # the contexts before_flush encoded rows as loaded with, and whether what it kept of
+        # them may be reused here (the same database, as this flush's context sees it)
+        fits: dict[FlushContext, bool] = {}
+        locked = tracker.locked
+        expected_rows = tracker.expected
         for collection, inserted in ((inserted_states, True), (updated, False)):
             for state in collection:
                 mapper = state.mapper
@@ -344,16 +366,13 @@ class WritePath:
                     layout = rt.models.layout_for(mapper)
                     bind = binds.of(state)
                     if layout is None:
-                        found = (None, bind, None, None, None, None, None, None)
+                        found = (None, bind, *([None] * 8), (0.0, 0.0))  # not cached
                     else:
                         keys = involved.get((layout, bind)) or involve(layout, bind)
                         variant = layout.variant(mapper)
                         assert variant is not None  # _layout_for rebuilds a layout missing a class
-                        encode = (
-                            None
-                            if layout.options.strategy == "invalidate"
-                            else variant.flush_encoder(context_for(bind, layout))
-                        )
+                        ctx = context_for(bind, layout)
+                        row_codec = variant.row_codec(ctx.dialect)
                         # a single-column key (the common case) is read and checked inline
                         single = layout.pk_attrs[0] if len(layout.pk_attrs) == 1 else None
                         found = (
@@ -361,14 +380,30 @@ class WritePath:
                             bind,
                             keys,
                             variant,
-                            encode,
+                            # None: strategy="invalidate"
+                            None if layout.options.strategy == "invalidate" else row_codec,
+                            ctx,
+                            row_codec.flushed,
                             _renumbered_at(layout, bind),
                             single,
                             layout.pk_types[0],
+                            ttls[layout],
                         )
                     if not sharded:
                         per_mapper[mapper] = found
-                layout, bind, keys, variant, encode, renumbered_at, single, pk_type = found
+                (
+                    layout,
+                    bind,
+                    keys,
+                    variant,
+                    encoder,
+                    ctx,
+                    flushed,
+                    renumbered_at,
+                    single,
+                    pk_type,
+                    (ttl, spread),
+                ) = found
                 old = state.key[1] if state.key is not None else None
                 if layout is None:
                     if old is not None and _key_changed(state):
@@ -412,14 +447,32 @@ class WritePath:
                     if old is None or moved:
                         models.append((layout, bind))  # no key we can name holds this row
                     continue
-                if encode is None:  # strategy="invalidate"
+                # what before_flush computed for this row: its key, and its row as loaded
+                known = flush_keys.get(state) if flush_keys else None
+                if encoder is None:  # strategy="invalidate"
                     payload, reason = None, "strategy"
                 else:
-                    payload = encode(dict_)
                     reason = "inexact"
+                    kept = None if known is None else known[4]
+                    if kept is not None:  # (before ctx, row as loaded, its stored values)
+                        fit = fits.get(kept[0])
+                        if fit is None:
+                            fit = fits[kept[0]] = kept[0].same_as(ctx)
+                        if not fit:
+                            kept = None
+                    # the publish's encode: the generated flushed(), or with what before_flush
+                    # kept flushed_again(), which encodes only the columns whose value is no
+                    # longer the very object encoded then (see model._RowCodec)
+                    try:
+                        if kept is None:
+                            values = flushed(dict_, ctx)
+                        else:
+                            values = encoder.flushed_again(dict_, ctx, kept[1], kept[2])
+                        payload = None if values is None else pack_row(values)
+                    except (KeyError, EncodeError):
+                        payload = None
                 # the key before_flush computed, when it is the same row's in the same key
                 # space: the identity's own tuple (not moved), or an insert's equal key
-                known = flush_keys.get(state) if flush_keys else None
                 if (
                     known is not None
                     and known[0] is keys
@@ -437,21 +490,15 @@ class WritePath:
                 elif (
                     payload is not None
                     and not inserted
-                    and key not in tracker.locked
-                    and key not in tracker.expected
+                    and key not in locked
+                    and key not in expected_rows
                     and variant.unwritten is not None
                 ):  # locked below, not by before_flush: the row as loaded goes with the lock
                     loaded = _loaded_row(
-                        state,
-                        (
-                            variant.unwritten,
-                            variant.attr_set,
-                            _or_as_loaded(variant, bind.dialect, encode),
-                        ),
-                    )
+                        state, (variant.unwritten, variant.attr_set, flushed, ctx, variant)
+                    )[0]
                     if loaded is not None:
-                        tracker.expected[key] = loaded
-                ttl, spread = ttls[layout]
+                        expected_rows[key] = loaded
                 changes[key] = Change(
                     gen_key, payload, max(1, int(ttl - spread * random())), reason
                 )
@@ -466,7 +513,6 @@ class WritePath:
         # the keyspaces of the keys locked here, recorded in the registry ahead of the locks
         spaces: dict[str, None] = {}
         last: KeySpace | None = None
-        locked = tracker.locked
         for key, gen_key, keys in touched:
             if key not in locked:
                 locked[key] = gen_key
@@ -1205,23 +1251,28 @@ def _as_updated(state: Any, mutable: frozenset[str] = frozenset()) -> dict[str, 
     if not committed:
         return dict_ if kept is None else kept
     for key, old in committed.items():
-        if key in dict_ and old is not _sa_compat.NO_VALUE and old is not dict_[key]:
-            try:
-                unchanged = bool(old == dict_[key])
-            except Exception:  # an uncomparable value: the UPDATE sent it
-                unchanged = False
-            if unchanged:
-                if kept is None:
-                    kept = dict(dict_)
-                kept[key] = old
+        # (one lookup a key: NO_VALUE for a key not in the row, which is skipped as an old
+        # value set without being loaded is)
+        new = dict_.get(key, _NO_VALUE)
+        if old is new or old is _NO_VALUE or new is _NO_VALUE:
+            continue
+        try:
+            unchanged = bool(old == new)
+        except Exception:  # an uncomparable value: the UPDATE sent it
+            continue
+        if not unchanged:
+            continue
+        if kept is None:
+            kept = dict(dict_)
+        kept[key] = old
     return dict_ if kept is None else kept
 
 
+_NO_VALUE = _sa_compat.NO_VALUE
+
+
 #: values nothing can change in place (a JSON scalar, a TypeDecorator's plain value)
-_IMMUTABLE = frozenset(
-    {type(None), bool, int, float, str, bytes, Decimal, dt.date, dt.datetime, dt.time}
-    | {dt.timedelta, uuid.UUID}
-)
+_IMMUTABLE = IMMUTABLE
 
 
 def _immutable(value: Any) -> bool:
@@ -1243,59 +1294,62 @@ _UNKNOWN_ROW = b"!"
 
 
 def _loaded_encoder(session: Session, layout: ModelLayout, mapper: Any, bind: Any) -> Any:
-    """(the class's columns an UPDATE may leave unwritten, all its columns, the publish's
-    encoder) for the rows of one class on one database, or False when the class has no
-    column an UPDATE may leave unwritten."""
+    """What :func:`_loaded_row` needs for the rows of one class on one database: (the
+    class's columns an UPDATE may leave unwritten, all its columns, the publish's generated
+    ``flushed``, its context, the class layout), or False when the class has no column an
+    UPDATE may leave unwritten."""
     variant = layout.variant(mapper)
     if variant is None or variant.unwritten is None:
         return False
     dialect = bind.dialect
     ctx = FlushContext(dialect, lambda: session.connection(bind_arguments={"bind": bind}))
-    return (
-        variant.unwritten,
-        variant.attr_set,
-        _or_as_loaded(variant, dialect, variant.flush_encoder(ctx)),
-    )
+    return (variant.unwritten, variant.attr_set, variant.row_codec(dialect).flushed, ctx, variant)
 
 
-def _or_as_loaded(variant: Any, dialect: Any, encode: Any) -> Any:
-    """The publish's encoder, or, for a row it refuses (a value whose stored form a write
-    cannot predict, as a FLOAT on MariaDB), the fill's: the values here are loaded ones, and
-    either encoding matches an entry only if the entry holds exactly these values."""
-
-    def encode_loaded(dict_: dict[str, Any]) -> bytes | None:
-        payload: bytes | None = encode(dict_)
-        if payload is None:
-            payload = variant.encode_loaded(dict_, dialect)
-        return payload
-
-    return encode_loaded
+#: what before_flush keeps of a row it encoded as loaded, for after_flush's publish: (the
+#: context it was encoded with, the row as loaded, its stored values as ``flushed`` made them)
+Kept = tuple[FlushContext, dict[str, Any], list[Any]]
 
 
-def _loaded_row(state: Any, encoder: tuple[tuple[str, ...], frozenset[str], Any]) -> bytes | None:
+def _loaded_row(
+    state: Any, encoder: tuple[tuple[str, ...], frozenset[str], Any, FlushContext, Any]
+) -> tuple[bytes | None, Kept | None]:
     """The row as this transaction loaded it, encoded as the publish encodes (its pre-flush
     values), when its UPDATE leaves a loaded column unwritten: the publish takes those from
     memory, so it may write only if the cache still holds this when the key is locked (see
     lua/lock.lua). None when the UPDATE writes every loaded column (or none is loaded: the
     publish then leaves a miss); :data:`_UNKNOWN_ROW` when a column's pre-flush value is
-    unknown (set without being loaded)."""
-    unwritten, columns, encode = encoder
+    unknown (set without being loaded).
+
+    For a row the publish's encoder refuses (a value whose stored form a write cannot
+    predict, as a FLOAT on MariaDB) the fill's encoder: the values here are loaded ones, and
+    either encoding matches an entry only if the entry holds exactly these values.
+
+    With the payload, what the publish may reuse (:data:`Kept`) when the publish's encoder
+    made it, else None."""
+    unwritten, columns, flushed, ctx, variant = encoder
     committed = state.committed_state
     dict_ = state.dict
     for attr in unwritten:
         if attr not in committed and attr in dict_:
             break
     else:
-        return None
+        return None, None
     loaded = dict(dict_)
     for attr, old in committed.items():
         if old is _sa_compat.NO_VALUE:  # set without being loaded
             if attr in columns:
-                return _UNKNOWN_ROW
+                return _UNKNOWN_ROW, None
             continue  # a relationship: not in the row
         loaded[attr] = old
-    payload: bytes | None = encode(loaded)
-    return _UNKNOWN_ROW if payload is None else payload
+    try:
+        values = flushed(loaded, ctx)
+        if values is not None:
+            return pack_row(values), (ctx, loaded, values)
+    except (KeyError, EncodeError):
+        pass
+    payload: bytes | None = variant.encode_loaded(loaded, ctx.dialect)
+    return (_UNKNOWN_ROW if payload is None else payload), None
 
 
 def _flatten(locked: dict[str, str]) -> list[str]:
