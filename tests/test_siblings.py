@@ -509,6 +509,31 @@ def registry_fields(redis_client: redis.Redis, prefix: str) -> dict[str, int]:
     return {f.decode(): int(v) for f, v in redis_client.hgetall(registry_key(prefix)).items()}
 
 
+def short_lived_versions(process: Any) -> tuple[Factory, Factory, str, str]:
+    """The old and the new version under :data:`SHORT_LIVED`, row 1 committed by the new one:
+    (old factory, new factory, the old keyspace's registry field, row 1's key there)."""
+    old_cache, old = process(OldItem, **SHORT_LIVED)
+    _, new = process(NewItem, **SHORT_LIVED)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    return (
+        old,
+        new,
+        keyspace(old_cache, OldItem).registry_field,
+        entry_key(old_cache, OldItem, 1),
+    )
+
+
+def reaches(
+    new: Factory, old: Factory, schema: Engine, redis_client: redis.Redis, key: str, name: str
+) -> None:
+    """A commit of the new version leaves the old one's entry a miss; the old reads ``name``."""
+    _set_name(new, NewItem, name)
+    assert entry_state(redis_client, key) is None
+    assert name_of(old, OldItem, 1, schema) == (name, 1)
+
+
 @pytest.mark.databases("sqlite")
 def test_a_keyspace_nobody_uses_any_more_leaves_the_registry(
     process: Any, schema: Engine, redis_client: redis.Redis, prefix: str
@@ -517,14 +542,8 @@ def test_a_keyspace_nobody_uses_any_more_leaves_the_registry(
     entry of its keyspace can be left (its TTL, a lease's and a lock's time after its last
     registration), the registry drops the keyspace and commits stop locking the row there;
     when the old version comes back, it registers again and is reached again."""
-    old_cache, old = process(OldItem, **SHORT_LIVED)
-    _, new = process(NewItem, **SHORT_LIVED)
-    with new() as session:
-        session.add(NewItem(id=1, name="v1"))
-        session.commit()
+    old, new, field, key = short_lived_versions(process)
     cached(old, OldItem, 1, schema, "v1")
-    field = keyspace(old_cache, OldItem).registry_field
-    key = entry_key(old_cache, OldItem, 1)
     assert field in registry_fields(redis_client, prefix)
     _set_name(new, NewItem, "v2")
     assert entry_state(redis_client, key) is None  # a sibling: reached
@@ -541,9 +560,7 @@ def test_a_keyspace_nobody_uses_any_more_leaves_the_registry(
     redis_client.delete(key)
     cached(old, OldItem, 1, schema, "v3")
     assert field in registry_fields(redis_client, prefix)
-    _set_name(new, NewItem, "v4")
-    assert entry_state(redis_client, key) is None
-    assert name_of(old, OldItem, 1, schema) == ("v4", 1)
+    reaches(new, old, schema, redis_client, key, "v4")
 
 
 @pytest.mark.databases("sqlite")
@@ -552,13 +569,7 @@ def test_a_keyspace_in_use_stays_in_the_registry(
 ) -> None:
     """A version that goes on reading (its entries expire, its misses register again) keeps
     its keyspace registered long past one field's lifetime, and is reached by every commit."""
-    old_cache, old = process(OldItem, **SHORT_LIVED)
-    _, new = process(NewItem, **SHORT_LIVED)
-    with new() as session:
-        session.add(NewItem(id=1, name="v1"))
-        session.commit()
-    field = keyspace(old_cache, OldItem).registry_field
-    key = entry_key(old_cache, OldItem, 1)
+    old, new, field, key = short_lived_versions(process)
     end = time.monotonic() + 10  # more than three lifetimes of a field (3 s each)
     while time.monotonic() < end:
         assert name_of(old, OldItem, 1, schema)[0] == "v1"
@@ -566,9 +577,7 @@ def test_a_keyspace_in_use_stays_in_the_registry(
         assert field in registry_fields(redis_client, prefix)
         time.sleep(0.25)
     cached(old, OldItem, 1, schema, "v1")
-    _set_name(new, NewItem, "v2")
-    assert entry_state(redis_client, key) is None
-    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+    reaches(new, old, schema, redis_client, key, "v2")
 
 
 @pytest.mark.databases("sqlite")
