@@ -10,10 +10,7 @@ fills the entry, but only over its own lease and only from a read that cannot pr
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import logging
-import uuid
 from collections.abc import Sequence
 from itertools import repeat
 from time import perf_counter
@@ -26,7 +23,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa_compat
-from .codec import DecodeError
+from .codec import IMMUTABLE, DecodeError
 from .databases import NAMING, DatabaseUnknown, naming_of, own_naming
 from .near import Copy
 from .options import FromCache
@@ -53,25 +50,6 @@ _NO_ROW: Any = object()
 PEEKED = "_wt_peeked"
 
 _PLAIN_GET_BIND = Session.get_bind
-
-#: the types of decoded values that no caller can change in place: a near-cache copy whose
-#: values are all of these keeps them for its next hits (see ``ReadPath._decoded``)
-_IMMUTABLE = frozenset(
-    {
-        type(None),
-        bool,
-        int,
-        float,
-        str,
-        bytes,
-        decimal.Decimal,
-        datetime.datetime,
-        datetime.date,
-        datetime.time,
-        datetime.timedelta,
-        uuid.UUID,
-    }
-)
 
 #: isolation levels under which every statement reads the latest committed rows
 _FRESH_LEVELS = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
@@ -741,7 +719,7 @@ class ReadPath:
             log.warning("writethrough: undecodable entry %s, served as a miss: %s", key, exc)
             self.runtime.backend.invalidate((key, gen_key))
             return None
-        if near_copy and all(type(v) in _IMMUTABLE for v in values.values()):
+        if near_copy and all(type(v) in IMMUTABLE for v in values.values()):
             payload.decoded = (dialect, layout, list(pk), (variant, values))  # type: ignore[union-attr]
         return variant, values
 

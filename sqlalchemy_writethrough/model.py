@@ -15,7 +15,7 @@ import re
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
@@ -189,36 +189,6 @@ class ClassLayout:
             return codec.pack_row(values)
         except codec.EncodeError:
             return None
-
-    def encode_flushed(self, state_dict: dict[str, Any], ctx: codec.FlushContext) -> bytes | None:
-        """The payload of a row a flush wrote, or None when a load might return anything else
-        (an attribute expired, as by a SQL expression or an unfetched server default)."""
-        try:
-            values = self.row_codec(ctx.dialect).flushed(state_dict, ctx)
-        except (KeyError, codec.EncodeError):
-            return None
-        if values is None:
-            return None
-        try:
-            return codec.pack_row(values)
-        except codec.EncodeError:
-            return None
-
-    def flush_encoder(self, ctx: codec.FlushContext) -> Callable[[dict[str, Any]], bytes | None]:
-        """:meth:`encode_flushed` for the rows of one flush on one database, with what they
-        share (the generated codec, the payload packer) looked up once, not per row."""
-        flushed = self.row_codec(ctx.dialect).flushed
-        pack_row = codec.pack_row
-        failures = (KeyError, codec.EncodeError)
-
-        def encode(state_dict: dict[str, Any]) -> bytes | None:
-            try:
-                values = flushed(state_dict, ctx)
-                return None if values is None else pack_row(values)
-            except failures:
-                return None
-
-        return encode
 
     def inserted_values(self, state: Any) -> dict[str, Any]:
         """``state.dict`` of a row this flush inserted, with the unset columns the INSERT sent

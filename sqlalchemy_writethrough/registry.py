@@ -339,29 +339,32 @@ class Models:
         layout.last_keys = (bind, keys)
         return keys
 
+    def _built_layouts(self) -> list[ModelLayout]:
+        """Each layout built so far, once (a hierarchy's is every member's)."""
+        return list({id(lay): lay for lay in list(self._layouts.values()) if lay}.values())
+
     def longest_holds(self, fields: Iterable[str]) -> tuple[float, float]:
         """(the longest ``ttl``, the longest ``lock_timeout``), in seconds, of the models whose
         keyspaces have these registry fields: how long one of their entries may live, and a
         lock be held (of every model built so far, for a field of none of them)."""
+        built = self._built_layouts()
         owners = {
-            keys.registry_field: lay
-            for lay in {id(lay): lay for lay in list(self._layouts.values()) if lay}.values()
-            for keys in list(lay.keyspaces.values())
+            keys.registry_field: lay for lay in built for keys in list(lay.keyspaces.values())
         }
         layouts = [owners.get(field) for field in fields]
-        if not layouts or None in layouts:
-            layouts = [lay for lay in owners.values() if lay]
-        if not layouts:
+        found = [lay for lay in layouts if lay is not None]
+        if not found or len(found) < len(layouts):
+            found = built
+        if not found:
             return 0.0, 0.0
         return (
-            max(lay.options.ttl for lay in layouts if lay),
-            max(lay.options.lock_timeout for lay in layouts if lay),
+            max(lay.options.ttl for lay in found),
+            max(lay.options.lock_timeout for lay in found),
         )
 
     def used_keyspaces(self) -> list[KeySpace]:
         """The keyspaces this process has used: each built layout's, in every database."""
-        layouts = {id(lay): lay for lay in list(self._layouts.values()) if lay}.values()
-        return [keys for lay in layouts for keys in list(lay.keyspaces.values())]
+        return [keys for lay in self._built_layouts() for keys in list(lay.keyspaces.values())]
 
     def known_keyspaces(self) -> list[str]:
         """Registry fields of the keyspaces this process has used."""

@@ -1271,12 +1271,8 @@ def _as_updated(state: Any, mutable: frozenset[str] = frozenset()) -> dict[str, 
 _NO_VALUE = _sa_compat.NO_VALUE
 
 
-#: values nothing can change in place (a JSON scalar, a TypeDecorator's plain value)
-_IMMUTABLE = IMMUTABLE
-
-
 def _immutable(value: Any) -> bool:
-    return type(value) in _IMMUTABLE or isinstance(value, enum.Enum)
+    return type(value) in IMMUTABLE or isinstance(value, enum.Enum)
 
 
 def _key_changed(state: Any) -> bool:
