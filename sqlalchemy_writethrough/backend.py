@@ -147,7 +147,13 @@ class Backend(Protocol):
     ) -> list[tuple[Fetch, bytes | None]] | None: ...
 
     def wait_for_fill(
-        self, key: str, gen_key: str, lease: str, lease_ms: int, budget: float
+        self,
+        key: str,
+        gen_key: str,
+        lease: str,
+        lease_ms: int,
+        budget: float,
+        register: Registration | None = None,
     ) -> tuple[Fetch, bytes | None] | None: ...
 
     def fill(
@@ -510,18 +516,25 @@ class ScriptBackend:
         return replies
 
     def wait_for_fill(
-        self, key: str, gen_key: str, lease: str, lease_ms: int, budget: float
+        self,
+        key: str,
+        gen_key: str,
+        lease: str,
+        lease_ms: int,
+        budget: float,
+        register: Registration | None = None,
     ) -> tuple[Fetch, bytes | None] | None:
         """Another reader holds the lease and is loading the row: poll briefly (up to
         ``budget`` seconds) for its fill rather than load the same row too (a thundering herd
-        on a cold key). The last FETCH reply, or None when Redis failed."""
+        on a cold key). The last FETCH reply, or None when Redis failed. ``register``: as
+        for :meth:`fetch`, with every poll (a poll may be granted the lease)."""
         deadline = time.monotonic() + budget
         pause = 0.001
         reply = None
         while time.monotonic() + pause < deadline:
             self.transport.sleep(pause)
             pause = min(pause * 2, 0.016)
-            reply = self.fetch(key, gen_key, lease, lease_ms)
+            reply = self.fetch(key, gen_key, lease, lease_ms, register)
             if reply is None or reply[0] is not Fetch.BUSY or reply[1] != b"E":
                 return reply
         return reply

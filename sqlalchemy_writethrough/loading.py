@@ -158,19 +158,22 @@ class ReadPath:
         # invalidates its keys there, and voids a lease taken before it (see .siblings)
         register = rt.siblings.registration(keys.fields) if may_fill else None
         reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms, register)
-        if register is not None:
-            rt.siblings.registered(register, rt.backend.address)
+        # refused (see Siblings.registered): a lease granted with it is given up unused
+        refused = register is not None and not rt.siblings.registered(register, rt.backend.address)
         if reply is None:
             counters.add("misses", 1, name)
             self._read_done(name, started, "error")
             return None
         status, data = reply
         if status is Fetch.BUSY and data == b"E" and rt.settings.fill_wait:
+            # each poll registers again: the lease it may be granted is a new one
             reply = rt.backend.wait_for_fill(
-                key, gen_key, lease, rt.settings.lease_ms, rt.settings.fill_wait
+                key, gen_key, lease, rt.settings.lease_ms, rt.settings.fill_wait, register
             )
             if reply is not None:
                 status, data = reply
+                if register is not None:
+                    refused = not rt.siblings.registered(register, rt.backend.address)
         if status is Fetch.BUSY and data == b"L":
             counters.add("locked_reads", 1, name)
         if status is Fetch.DAMAGED:
@@ -193,6 +196,9 @@ class ReadPath:
             return None
 
         assert data is not None
+        if refused:
+            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # give the lease up
+            return None
         return self._load_and_fill(
             orm_state, layout, keys, bind, tracker, identity_key, key, gen_key, lease, data
         )
@@ -357,11 +363,14 @@ class ReadPath:
         lease = unique_token()
         register = rt.siblings.registration(keys.fields)  # as a get's miss (see .siblings)
         reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms, register)
-        rt.siblings.registered(register, rt.backend.address)
+        refused = not rt.siblings.registered(register, rt.backend.address)
         if reply is None or reply[0] is not Fetch.LEASED:
             return None  # a hit now, a lock, a lease of another reader: the database says
         data = reply[1]
         assert data is not None
+        if refused:
+            rt.backend.fill(key, gen_key, lease, data, b"", 0)  # give the lease up
+            return None
         # the fill's payload check (the row's key is the object's, nothing modified) holds
         # for the reloaded object only
         return self._load_and_fill(
@@ -617,8 +626,8 @@ class ReadPath:
         register = rt.siblings.registration(keys.fields) if may_fill else None  # see .siblings
         fetched = rt.backend.fetch_many(requests, rt.settings.lease_ms, register)
         replies: list[Any] = fetched or [None] * len(missing)
-        if register is not None:
-            rt.siblings.registered(register, rt.backend.address)
+        # refused (see Siblings.registered): every lease granted with it is given up unused
+        unlisted = register is not None and not rt.siblings.registered(register, rt.backend.address)
         began_before = tracker.began
         column = mapper.primary_key[0]
         statement = select(mapper).where(column.in_([value for value, _, _, _ in missing]))
@@ -643,7 +652,7 @@ class ReadPath:
             if reply is None or reply[0] not in (Fetch.LEASED, Fetch.DAMAGED) or not reply[1]:
                 continue
             payload = b""
-            if obj is not None:
+            if obj is not None and not unlisted:
                 if fresh is None:
                     connection = orm_state.session.connection(bind_arguments={"bind": bind})
                     fresh = _read_was_fresh(connection, began_before)

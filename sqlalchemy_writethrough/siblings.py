@@ -132,25 +132,32 @@ class Siblings:
             )
         return Registration(self._keys, args, fields)
 
-    def registered(self, registration: Registration, address: str) -> None:
+    def registered(self, registration: Registration, address: str) -> bool:
         """What a registration's reply says: the registry as it found it, when its version
-        is not the one this process knows (a refusal is logged once; a round trip that failed
-        says so itself)."""
+        is not the one this process knows. False when Redis refused it (an ACL without
+        HSET, an out-of-memory server): no entry of these keyspaces may then be filled or
+        published, since a commit of another code version would not find them to invalidate
+        (logged once; a round trip that failed says so itself, and fills and locks nothing)."""
         reply = registration.reply
         if reply is None:
-            if registration.error is not None and not self._register_logged:
+            if registration.error is None:
+                return True
+            if not self._register_logged:
                 self._register_logged = True
                 log.warning(
                     "writethrough: Redis at %s: recording a keyspace in the registry failed "
-                    "(%s); a commit of another code version may leave this one's entries as "
-                    "they were (rolling deploys: see docs/consistency.md)",
+                    "(%s); until it succeeds, reads and commits of its models leave misses: "
+                    "a commit of another code version could not find its entries to "
+                    "invalidate them (rolling deploys: see docs/consistency.md; the ACL: "
+                    "docs/running-redis.md)",
                     address,
                     registration.error,
                 )
-            return
+            return False
         if type(reply) is list and len(reply) > 1:  # else 0: the version this process knows
             fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply[1]]
             self.learn(fields, reply[0])
+        return True
 
     def probe(self) -> VersionProbe:
         """What a publish fills with the registry's version."""

@@ -39,6 +39,7 @@ INVALIDATION_REASONS = (
     "manual",  # cache.invalidate(Model, pk)
     "journal",  # keys journaled while Redis could not be locked, replayed
     "epoch",  # Redis started a new epoch (restarted, failed over, flushed)
+    "unregistered",  # Redis refused to record the model's keyspace in the registry
 )
 
 #: read:write ratio above which a model is worth writing through (the pattern's rule of thumb)

@@ -86,6 +86,7 @@ class SessionTracker:
         "strict",
         "unlocked",
         "unlocked_gens",
+        "unregistered",
         "untracked_write",
         "wrote",
     )
@@ -123,6 +124,9 @@ class SessionTracker:
         #: the keyspace registry as the first lock of the transaction that named siblings
         #: saw it (a :class:`.siblings.Known`), which the publish's version check goes by
         self.siblings_known: Any = None
+        #: a registration sent with one of this transaction's locks was refused: its
+        #: publish leaves every entry as a miss (see :meth:`.siblings.Siblings.registered`)
+        self.unregistered = False
         self.changes: dict[Any, dict[str, Change]] = {}
         self.released_savepoints: set[int] = set()
         #: the transaction wrote (flush or DML): its reads are not fresh enough to fill

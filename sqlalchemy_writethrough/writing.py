@@ -243,8 +243,8 @@ class WritePath:
             ok = backend.finish(pending) is not None
         rt = self.runtime
         first = pending.first
-        if first is not None:
-            rt.siblings.registered(first, backend.address)
+        if first is not None and not rt.siblings.registered(first, backend.address):
+            tracker.unregistered = True
         if not ok and rt.backend is not backend:
             # refused as only a Redis Cluster node refuses: the cache switched to the cluster
             # (the first command a plain client sends there may be these locks): once more
@@ -252,8 +252,8 @@ class WritePath:
             register = None if first is None else rt.siblings.registration(first.fields)
             expected = list(args[2:]) if len(args) > 2 else None
             ok = rt.backend.lock(pairs, args[0], args[1], expected, register)
-            if register is not None:
-                rt.siblings.registered(register, rt.backend.address)
+            if register is not None and not rt.siblings.registered(register, rt.backend.address):
+                tracker.unregistered = True
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
@@ -690,8 +690,8 @@ class WritePath:
             backend = rt.backend
             register = rt.siblings.registration(fields) if fields else None
             ok = backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected, register)
-            if register is not None:
-                rt.siblings.registered(register, backend.address)
+            if register is not None and not rt.siblings.registered(register, backend.address):
+                tracker.unregistered = True
             if ok or rt.backend is backend:
                 break
             # refused as only a Redis Cluster node refuses: the cache switched to the
@@ -858,6 +858,13 @@ class WritePath:
         """What a commit writes to Redis: the new VALUE (or a miss) of each locked entry, and
         the new generation of each locked bucket (built by :meth:`build`, where it runs)."""
         changes = tracker.changes.get(session.get_transaction()) if tracker.locked else None
+        if changes and tracker.unregistered:
+            # a lock's registration was refused: entries of keyspaces the registry may not
+            # list are left as misses (see Siblings.registered)
+            changes = {
+                key: Change(change.gen_key, None, change.ttl_ms, "unregistered")
+                for key, change in changes.items()
+            }
         job = Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
         job.known = tracker.siblings_known
         return job

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 
 import pytest
-from sqlalchemy import String
+from sqlalchemy import String, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
 from stress.redis_server import RedisServer
 
 from _servers import capture_sql, reset_schema
@@ -93,3 +93,51 @@ def test_a_missing_permission_is_named(
         _exercise(cache, engine)  # never raises: the database serves everything
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("permission" in m and "INFO" in m for m in warnings), warnings
+
+
+def test_a_refused_registration_caches_nothing(
+    server: RedisServer, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without HSET the keyspace registry cannot record this keyspace: a commit of another
+    code version (a rolling deploy) could not find, so could not invalidate, an entry of it.
+    Reads and commits then leave misses, never entries, and the database serves every read;
+    the warning says why."""
+    admin = server.admin()
+    admin.acl_setuser("shop", enabled=True, passwords=["+s3cret"], reset=True)
+    rules = f"{LEAST_PRIVILEGE} {SCRIPT_COMMANDS}".replace("+hset ", "")
+    admin.execute_command("ACL", "SETUSER", "shop", *rules.split())
+    cache = WriteThroughCache(f"redis://shop:s3cret@127.0.0.1:{server.port}/0", prefix="shop")
+    reset_schema(engine, Base.metadata)
+    factory = sessionmaker(engine)
+    cache.install(factory)
+
+    def values() -> list[bytes]:
+        return [k for k in admin.scan_iter("shop:*") if (admin.get(k) or b"").startswith(b"V")]
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="sqlalchemy_writethrough"):
+            with factory() as session:
+                session.add_all([AclItem(id=1, name="a"), AclItem(id=2, name="b")])
+                session.commit()
+            with factory() as session:
+                item = session.get(AclItem, 1)  # a miss: no entry may be filled
+                assert item is not None and item.name == "a"
+                assert values() == []
+                item.name = "changed"
+                session.commit()  # its publish may not write an entry either
+            assert values() == []
+            with factory() as session:
+                rows = session.scalars(
+                    select(AclItem).where(AclItem.id.in_([1, 2])).options(from_cache())
+                ).all()
+                assert sorted(r.name for r in rows) == ["b", "changed"]
+            assert values() == []
+            for _ in range(2):
+                with factory() as session, capture_sql(engine) as sql:
+                    assert session.get(AclItem, 1).name == "changed"  # type: ignore[union-attr]
+                assert len(sql) == 1  # the database, every time
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any("registry" in m for m in warnings), warnings
+    finally:
+        cache.uninstall(factory)
+        cache.redis.close()
