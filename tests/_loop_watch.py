@@ -48,6 +48,8 @@ class LoopWatch:
         self._late = min(0.02, blocked / 2)
         self._beat = time.monotonic()
         self._loop_thread: int | None = None
+        #: the loop thread's run-queue clock (see _run_queue_clock), read by the watchdog too
+        self._loop_queued: Callable[[], float] = lambda: 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="loop-watch", daemon=True)
 
@@ -67,7 +69,7 @@ class LoopWatch:
     async def tick(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set: the ticker."""
         self._loop_thread = threading.get_ident()
-        queued = _run_queue_clock()
+        self._loop_queued = queued = _run_queue_clock()
         try:
             while not stop.is_set():
                 q0 = queued()
@@ -87,32 +89,54 @@ class LoopWatch:
             self._loop_thread = None
 
     def _watch(self) -> None:
+        """A block: the loop thread on one line for ``blocked`` seconds or more, less the
+        time it waited for a CPU meanwhile (a loaded machine that does not run it holds it on
+        its line too: a socket send stretched to 50 ms is not the loop's doing). The kernel
+        adds a wait to the thread's run-queue clock only once the thread runs again, so a
+        line held that long is judged when the thread has left it (or when the watch stops),
+        with its stack taken while it was there."""
         where: tuple[str, int] | None = None
-        since = 0.0
-        found = False
+        since = last = 0.0
+        queued_since = 0.0
+        held: str | None = None  # the stack of the line held ``blocked`` seconds, to judge
+
+        def judge(until: float) -> None:
+            nonlocal held
+            if held is not None:
+                on_line = until - since
+                if on_line - (self._loop_queued() - queued_since) >= self._blocked:
+                    self.blocks.append(f"{held}: {on_line:.3f} s on one line\n{stack}")
+                held = None
+
+        stack = ""
         while not self._stop.wait(0.002):
             tid = self._loop_thread
             now = time.monotonic()
             frame = sys._current_frames().get(tid) if tid is not None else None
             if frame is None or now - self._beat < self._late:
+                judge(last)
                 where = None
                 continue
             if frame.f_code.co_filename.endswith("selectors.py"):  # idle: waiting for events
+                judge(last)
                 where = None
                 continue
             here = (frame.f_code.co_filename, frame.f_lineno)
             if here != where:
-                where, since, found = here, now, False
-            elif not found and now - since >= self._blocked:
-                found = True
+                judge(last)
+                where, since = here, now
+                queued_since = self._loop_queued()
+            elif held is None and now - since >= self._blocked:
+                held = self.window
                 stack = "".join(traceback.format_stack(frame))
-                self.blocks.append(f"{self.window}: {now - since:.3f} s on one line\n{stack}")
+            last = now
+        judge(last)
 
 
 def _run_queue_clock() -> Callable[[], float]:
     """A clock of the calling thread's time spent runnable but not running (seconds waited
-    on a run queue: the machine busy with other work), read from Linux's schedstat; a clock
-    that stays at 0 where the kernel does not say."""
+    on a run queue: the machine busy with other work), read from Linux's schedstat, from any
+    thread; a clock that stays at 0 where the kernel does not say."""
     path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
 
     def waited() -> float:
