@@ -12,8 +12,9 @@
 
 ``--app`` names the session factory the cache is installed on (a sessionmaker,
 scoped_session, async_sessionmaker or async_scoped_session; or the cache itself), as
-``package.module:Session``; the module is imported, as the application imports it, from the
-current directory. A thin shell over :mod:`.admin`: every command is a function there (an
+``package.module:Session``, or a function that builds one, called, as
+``package.module:make_session()`` (an application built by a factory has no module-level
+one); the module is imported, as the application imports it, from the current directory. A thin shell over :mod:`.admin`: every command is a function there (an
 async factory's run in SQLAlchemy's greenlet on an event loop, see :func:`.admin.run`).
 
 Exit status: 0 done (``verify``: nothing found); 1 ``verify`` found mismatches, or a purge
@@ -24,7 +25,9 @@ hint; 3 Redis or the database failed.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import inspect
 import json
 import math
 import os
@@ -68,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--app",
         metavar="MODULE:ATTR",
         help="the session factory the cache is installed on (sessionmaker, scoped_session, "
-        "async_sessionmaker or async_scoped_session), or the WriteThroughCache itself",
+        "async_sessionmaker or async_scoped_session), or the WriteThroughCache itself; "
+        "MODULE:FUNC() calls a function of yours that builds and returns one (an app built "
+        "by a factory)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -118,10 +123,15 @@ def _positive(text: str) -> int:
 
 
 def load_app(spec: str) -> Any:
-    """The object ``MODULE:ATTR`` names (``ATTR`` may be dotted)."""
+    """The object ``MODULE:ATTR`` names (``ATTR`` may be dotted), or what ``MODULE:FUNC(...)``
+    returns: an application built by a factory (Flask's ``create_app()``, FastAPI's lifespan)
+    has no module-level session factory, so a function of the application's that builds one
+    the way the application does is called, with literal arguments if any, as Flask's own
+    ``--app 'module:create_app()'`` does."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise _Usage(f"--app {spec!r} is not MODULE:ATTR", "for example --app myapp.db:Session")
+    name, args, kwargs = _call_of(spec, attr)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -134,15 +144,48 @@ def load_app(spec: str) -> Any:
             ) from None
         raise
     found: Any = module
-    for part in attr.split("."):
+    for part in name.split("."):
         try:
             found = getattr(found, part)
         except AttributeError:
             raise _Usage(
-                f"module {module_name!r} has no attribute {attr!r}",
-                "name the sessionmaker the cache is installed on, e.g. MODULE:Session",
+                f"module {module_name!r} has no attribute {name!r}",
+                "name the sessionmaker the cache is installed on, e.g. MODULE:Session, or a "
+                "function that builds it, e.g. MODULE:make_session()",
             ) from None
-    return found
+    if args is None:
+        if inspect.isfunction(found):
+            raise _Usage(
+                f"{module_name}:{name} is a function",
+                f"to call it, add parentheses: --app '{module_name}:{name}()'",
+            )
+        return found
+    if not callable(found):
+        raise _Usage(f"{module_name}:{name} is not callable", f"--app {module_name}:{name}")
+    return found(*args, **kwargs)
+
+
+def _call_of(spec: str, attr: str) -> tuple[str, list[Any] | None, dict[str, Any]]:
+    """(dotted name, positional arguments or None when ``attr`` is no call, keywords)."""
+    if "(" not in attr and ")" not in attr:
+        return attr, None, {}
+    try:
+        call = ast.parse(attr.strip(), mode="eval").body
+        if not isinstance(call, ast.Call):
+            raise ValueError
+        name = ast.unparse(call.func)
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError
+        args = [ast.literal_eval(arg) for arg in call.args]
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+        if len(kwargs) != len(call.keywords):
+            raise ValueError
+    except (SyntaxError, ValueError):
+        raise _Usage(
+            f"--app {spec!r} is not MODULE:FUNC(...) with literal arguments",
+            "for example --app 'myapp:create_session()' or --app 'myapp:create_session(\"prod\")'",
+        ) from None
+    return name, args, kwargs
 
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:

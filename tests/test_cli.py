@@ -56,6 +56,15 @@ APP = textwrap.dedent(
     scoped = scoped_session(Session)
 
 
+    def make_session(prefix=None):
+        """What an application built by a factory does: a new engine, a cache, installed."""
+        factory = sessionmaker(create_engine(os.environ["WT_DB_URL"]))
+        prefix = prefix or os.environ["WT_PREFIX"]
+        built = WriteThroughCache(os.environ["WT_REDIS_URL"], prefix=prefix)
+        built.install(factory)
+        return factory
+
+
     def traffic():
         """Reads and writes, as a worker would; then the counts go to Redis."""
         with Session() as s:
@@ -121,6 +130,16 @@ ASYNC_APP = textwrap.dedent(
     cache = WriteThroughCache(client, prefix=os.environ["WT_PREFIX"], stats_interval=60)
     cache.install(Session)
     scoped = async_scoped_session(Session, scopefunc=asyncio.current_task)
+
+
+    def make_session(prefix=None):
+        # as a FastAPI app's lifespan does, but called outside any event loop: a new
+        # engine, a cache built from the URL, installed
+        factory = async_sessionmaker(create_async_engine(os.environ["WT_ASYNC_DB_URL"]))
+        prefix = prefix or os.environ["WT_PREFIX"]
+        built = WriteThroughCache(os.environ["WT_REDIS_URL"], prefix=prefix)
+        built.install(factory)
+        return factory
     """
 )
 
@@ -438,6 +457,11 @@ def test_wrong_arguments_say_what_in_one_line_and_exit_2(app: App) -> None:
         ("--app", "wtapp", "stats"): "is not MODULE:ATTR",
         ("--app", "nosuchmodule:Session", "stats"): "cannot import module",
         ("--app", "wtapp:Nope", "stats"): "has no attribute",
+        ("--app", "wtapp:Nope()", "stats"): "has no attribute",
+        ("--app", "wtapp:make_session", "stats"): "is a function",
+        ("--app", "wtapp:make_session(os.sep)", "stats"): "with literal arguments",
+        ("--app", "wtapp:make_session(", "stats"): "with literal arguments",
+        ("--app", "wtapp:Session()", "stats"): "no WriteThroughCache is installed",
         ("--app", "wtapp:engine", "stats"): "no WriteThroughCache is installed",
         ("--app", "wtapp:Session", "frobnicate"): "invalid choice",
         ("--app", "wtapp:Session", "inspect", "Nope", "1"): "no cached model is named 'Nope'",
@@ -515,3 +539,29 @@ def test_console_script_is_installed() -> None:
         pytest.skip("not installed as a package in this environment")
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "verify" in done.stdout
+
+
+@pytest.mark.parametrize("app", ["wtapp", "wtapp_async"], indirect=True)
+@pytest.mark.databases("postgresql")
+def test_app_may_name_a_function_that_builds_the_factory(
+    app: App, redis_client: redis.Redis
+) -> None:
+    """An application built by a factory (Flask's create_app, FastAPI's lifespan) has no
+    module-level sessionmaker: ``--app 'MODULE:FUNC()'`` calls a function of the
+    application's that builds one, with literal arguments, as Flask's ``--app`` does."""
+    done = app.run("--app", f"{app.module}:make_session()", "warm", "Product", "--where", "id <= 3")
+    assert done.returncode == 0, done.stderr
+    assert "3 filled" in done.stdout
+    assert len(entry_keys(redis_client, app.prefix, "cli_product")) == 3
+    other = f"{app.prefix}-other"
+    try:
+        done = app.main(
+            "--app", f"{app.module}:make_session(prefix={other!r})", "warm", "Product", "--json"
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["filled"] == ROWS
+        assert len(entry_keys(redis_client, other, "cli_product")) == ROWS
+        assert len(entry_keys(redis_client, app.prefix, "cli_product")) == 3
+    finally:
+        for key in redis_client.scan_iter(match=f"{other}:*"):
+            redis_client.delete(key)

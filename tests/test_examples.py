@@ -101,6 +101,47 @@ def test_flask_app_serves_products_from_redis_and_restores_on_a_failed_request(
     assert reported["publishes"] == 2 and reported["errors"] == 0
 
 
+#: what the example's tests ask the command-line tool
+INSPECT = ("inspect", "Product", "1", "--json")
+
+
+def _cli(example: str, tmp_path: Path, redis_url: str, prefix: str, database_url: str) -> Any:
+    """``python -m sqlalchemy_writethrough --app 'app:cli_session()' inspect Product 1 --json``
+    run in the example's directory, as its docstring says, on the test's database and prefix."""
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_writethrough", "--app", "app:cli_session()", *INSPECT],
+        cwd=ROOT / "examples" / example,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "WRITETHROUGH_PREFIX": prefix,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_cli_reaches_the_flask_apps_cache(
+    flask_app: Any, tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    """The app is built by a factory: the tool calls the example's ``cli_session()``."""
+    client = flask_app.test_client()
+    assert (
+        client.post("/products", json={"id": 1, "name": "Teapot", "price": "19.90"}).status_code
+        == 201
+    )
+    report = _cli("flask_app", tmp_path, redis_url, prefix, f"sqlite:///{tmp_path / 'flask.db'}")
+    assert report["state"] == "value" and report["equal"] is True, report
+    assert report["row"]["name"] == "Teapot"
+
+
 # ---------------------------------------------------------------------------------- FastAPI
 
 
@@ -144,6 +185,17 @@ def test_fastapi_app_serves_products_from_redis_and_restores_on_a_failed_request
 
         updated = client.put("/products/1", json={"price": "17.50"})
         assert updated.json() == {"id": 1, "name": "Teapot", "price": "17.50"}
+        # the command-line tool, which runs no lifespan, reaches the same entry through the
+        # example's cli_session()
+        report = _cli(
+            "fastapi_app",
+            tmp_path,
+            redis_url,
+            prefix,
+            f"sqlite+aiosqlite:///{tmp_path / 'fastapi.db'}",
+        )
+        assert report["state"] == "value" and report["equal"] is True, report
+        assert report["row"]["price"] == "17.50"
         assert entry_state(redis_client, key) == "value"
         assert redis_client.get(key) != held  # the new row, written through at the commit
         with capture_sql(engine) as sql:

@@ -10,6 +10,9 @@ requests: the ``redis.asyncio`` client it builds from the URL is bound to that l
 says otherwise; Redis is ``$REDIS_URL`` or the local one. ``tests/test_examples.py`` drives
 this app through FastAPI's test client.
 
+The command-line tool reaches the same cache through :func:`cli_session`, since it runs no
+lifespan (from this directory: ``sqlalchemy-writethrough --app 'app:cli_session()' stats``).
+
 No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at
 runtime, and ``SessionDep``, local to ``create_app``, could not be resolved from a string.
 """
@@ -56,25 +59,46 @@ class ProductChange(BaseModel):
     price: decimal.Decimal | None = None
 
 
-def create_app(
-    database_url: str | None = None, redis_url: str | None = None, prefix: str | None = None
-) -> FastAPI:
-    """The app factory: an async engine and session factory now, the cache in the lifespan."""
+def make_session(database_url: str | None = None) -> async_sessionmaker[AsyncSession]:
+    """The app's session factory, on an engine of its own."""
     engine = create_async_engine(
         database_url or os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///fastapi-example.db")
     )
     # expire_on_commit=False: after a commit the endpoint returns the object it holds,
     # instead of reloading it (an await the response serialisation cannot make).
-    Session = async_sessionmaker(engine, expire_on_commit=False)
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def make_cache(redis_url: str | None = None, prefix: str | None = None) -> WriteThroughCache:
+    return WriteThroughCache(
+        redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        prefix=prefix or os.environ.get("WRITETHROUGH_PREFIX", "fastapi-example"),
+        ttl=3600,
+    )
+
+
+def cli_session() -> async_sessionmaker[AsyncSession]:
+    """The session factory and its cache as the app builds them, for the command-line tool,
+    which runs no lifespan::
+
+        sqlalchemy-writethrough --app 'app:cli_session()' stats
+    """
+    Session = make_session()
+    make_cache().install(Session)
+    return Session
+
+
+def create_app(
+    database_url: str | None = None, redis_url: str | None = None, prefix: str | None = None
+) -> FastAPI:
+    """The app factory: an async engine and session factory now, the cache in the lifespan."""
+    Session = make_session(database_url)
+    engine = Session.kw["bind"]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Inside the application's event loop: the redis.asyncio client is bound to it.
-        cache = WriteThroughCache(
-            redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-            prefix=prefix or os.environ.get("WRITETHROUGH_PREFIX", "fastapi-example"),
-            ttl=3600,
-        )
+        cache = make_cache(redis_url, prefix)
         cache.install(Session)
         app.state.cache = cache
         async with engine.begin() as connection:

@@ -13,9 +13,11 @@ Run it from the repository root (after ``pip install . flask flask-sqlalchemy``)
 
 The whole integration is ``cache.install(db.session)``: Flask-SQLAlchemy's scoped session gets
 the cache's listeners, and every request's session uses it. The database is a SQLite file in
-the app's instance folder unless ``SQLALCHEMY_DATABASE_URI`` says otherwise; Redis is
-``$REDIS_URL`` or the local one. ``tests/test_examples.py`` drives this app through Flask's
-test client.
+the app's instance folder unless ``$DATABASE_URL`` (or the ``SQLALCHEMY_DATABASE_URI`` given to
+``create_app``) says otherwise; Redis is ``$REDIS_URL`` or the local one.
+``tests/test_examples.py`` drives this app through Flask's test client, and the command-line
+tool through :func:`cli_session` (from this directory: ``sqlalchemy-writethrough --app
+'app:cli_session()' stats``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: Flask-SQLAlchemy, then the cache on its session."""
     app = Flask(__name__)
     app.config.from_mapping(
-        SQLALCHEMY_DATABASE_URI="sqlite:///flask-example.db",
+        SQLALCHEMY_DATABASE_URI=os.environ.get("DATABASE_URL", "sqlite:///flask-example.db"),
         REDIS_URL=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         WRITETHROUGH_PREFIX=os.environ.get("WRITETHROUGH_PREFIX", "flask-example"),
     )
@@ -107,6 +109,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return dataclasses.asdict(cache.stats())
 
     return app
+
+
+def cli_session() -> WriteThroughCache:
+    """The app's cache, installed on ``db.session``, for the command-line tool: the app built
+    by its factory, with an application context pushed for the tool's whole run (as ``flask
+    shell`` has one), since Flask-SQLAlchemy's session needs one::
+
+        sqlalchemy-writethrough --app 'app:cli_session()' stats
+    """
+    app = create_app()
+    app.app_context().push()
+    cache: WriteThroughCache = app.extensions["writethrough"]
+    return cache
 
 
 if __name__ == "__main__":
