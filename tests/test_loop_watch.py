@@ -72,15 +72,16 @@ def test_a_loop_that_awaits_is_not_blamed(loop: asyncio.AbstractEventLoop) -> No
     assert watch.blocks == []
 
 
-@pytest.mark.skipif(
+#: the kernel says how long a thread waited for a CPU, and threads can be pinned
+SCHEDSTAT = pytest.mark.skipif(
     not os.path.exists("/proc/thread-self/schedstat") or not hasattr(os, "sched_setaffinity"),
     reason="the kernel does not say how long a thread waited for a CPU",
 )
-def test_a_loop_the_machine_does_not_run_is_not_counted_as_stalled() -> None:
-    """The loop's thread at a low priority (nice 10), on one CPU with a busy process: the loop only
-    awaits and does short bursts of CPU work, its ticks come back late because the machine
-    runs the other process, and that lateness is not counted as the loop's own. (A blocking
-    read on the same loop still counts: the read above.)"""
+
+
+def _starved(work: Callable[[], Awaitable[None]]) -> LoopWatch:
+    """:func:`_watch` of ``work`` on a loop whose thread the machine runs a tenth of the time:
+    at a low priority (nice 10), on one CPU with a busy process."""
     cpu = min(os.sched_getaffinity(0))
     busy = subprocess.Popen(
         [sys.executable, "-c", "while True: pass"],
@@ -94,16 +95,8 @@ def test_a_loop_the_machine_does_not_run_is_not_counted_as_stalled() -> None:
             os.sched_setaffinity(threading.get_native_id(), {cpu})
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
             loop = asyncio.new_event_loop()
-
-            async def bursts() -> None:
-                for _ in range(5):
-                    end = time.thread_time() + 0.008
-                    while time.thread_time() < end:
-                        pass
-                    await asyncio.sleep(0)
-
             try:
-                found.append(_watch(loop, bursts))
+                found.append(_watch(loop, work))
             finally:
                 loop.close()
         except BaseException as exc:
@@ -119,20 +112,34 @@ def test_a_loop_the_machine_does_not_run_is_not_counted_as_stalled() -> None:
         busy.wait(5)
     if failed:
         raise failed[0]
-    watch = found[0]
+    return found[0]
+
+
+@SCHEDSTAT
+def test_a_loop_the_machine_does_not_run_is_not_counted_as_stalled() -> None:
+    """The loop's thread starved (:func:`_starved`): the loop only awaits and does short
+    bursts of CPU work, its ticks come back late because the machine runs the other process,
+    and that lateness is not counted as the loop's own. (A blocking read on the same loop
+    still counts: the read above.)"""
+
+    async def bursts() -> None:
+        for _ in range(5):
+            end = time.thread_time() + 0.008
+            while time.thread_time() < end:
+                pass
+            await asyncio.sleep(0)
+
+    watch = _starved(bursts)
     late = watch.lag["work"]
     assert late > 0.05 and watch.queued["work"] > 0.05, (watch.lag, watch.queued)
     assert watch.stalled.get("work", 0.0) < 0.05, (watch.stalled, watch.queued, watch.lag)
 
 
-@pytest.mark.skipif(
-    not os.path.exists("/proc/thread-self/schedstat") or not hasattr(os, "sched_setaffinity"),
-    reason="the kernel does not say how long a thread waited for a CPU",
-)
+@SCHEDSTAT
 def test_a_short_call_the_machine_does_not_run_is_not_a_block() -> None:
     """One line of about 10 ms of CPU work (a C call, the loop's frame on that line all the
-    while), on a loop thread the machine runs a tenth of the time: it stays on the line for
-    about 100 ms, nearly all of it waiting for a CPU. That is the machine, not a block (as a
+    while), on a starved loop thread (:func:`_starved`): it stays on the line for about
+    100 ms, nearly all of it waiting for a CPU. That is the machine, not a block (as a
     loaded CI machine stretched an asyncpg send to 50 ms). (Seen failing before: reported as
     a block of about 0.1 s.)"""
     import hashlib
@@ -144,42 +151,12 @@ def test_a_short_call_the_machine_does_not_run_is_not_a_block() -> None:
         if time.thread_time() - started >= 0.01:
             break
         rounds *= 2
-    cpu = min(os.sched_getaffinity(0))
-    busy = subprocess.Popen(
-        [sys.executable, "-c", "while True: pass"],
-        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-    )
-    found: list[LoopWatch] = []
-    failed: list[BaseException] = []
 
-    def starved() -> None:
-        try:
-            os.sched_setaffinity(threading.get_native_id(), {cpu})
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-            loop = asyncio.new_event_loop()
+    async def one_line() -> None:
+        for _ in range(3):
+            hashlib.pbkdf2_hmac("sha256", b"p", b"s", rounds)
+            await asyncio.sleep(0)
 
-            async def one_line() -> None:
-                for _ in range(3):
-                    hashlib.pbkdf2_hmac("sha256", b"p", b"s", rounds)
-                    await asyncio.sleep(0)
-
-            try:
-                found.append(_watch(loop, one_line))
-            finally:
-                loop.close()
-        except BaseException as exc:
-            failed.append(exc)
-
-    try:
-        thread = threading.Thread(target=starved)
-        thread.start()
-        thread.join(60)
-        assert not thread.is_alive()
-    finally:
-        busy.kill()
-        busy.wait(5)
-    if failed:
-        raise failed[0]
-    watch = found[0]
+    watch = _starved(one_line)
     assert watch.queued["work"] > 0.1, (watch.lag, watch.queued)
     assert watch.blocks == [], "\n".join(watch.blocks)
