@@ -173,6 +173,8 @@ class Backend(Protocol):
 
     def finish(self, pending: PendingReply, hold: bool = False) -> Any: ...
 
+    def leave(self) -> None: ...
+
     def let_go(self, held: Any) -> None: ...
 
     def lock(
@@ -627,6 +629,31 @@ class ScriptBackend:
             self.near.wrote(pending.script, pending.keys)
         self._succeeded()
         return reply
+
+    def leave(self) -> None:
+        """Before the process stops using Redis (``close()``, interpreter exit), on a
+        Sentinel-managed pool: one ``PING`` on a connection checked against a fresh answer
+        from the sentinels. After a promotion the old primary takes writes until Sentinel
+        demotes it; a process that committed there arrives at the new primary at its next
+        check, which replaces the generations another process's fills there may predate
+        (:mod:`.epoch`). One that stops first would leave those fills served until their
+        TTL: leaving, it arrives now. Never raises; nothing while the breaker is open."""
+        pool = getattr(getattr(self, "client", None), "connection_pool", None)
+        if self.epoch is None or self.epoch.epoch is None or not getattr(pool, "is_master", False):
+            return  # not Sentinel, or never used
+        if not self.breaker.allow():
+            return
+        self.epoch.expire()
+        try:
+            self.transport.command("PING")
+        except Exception as exc:
+            log.warning(
+                "writethrough: Redis at %s: the last epoch check before leaving failed: %s; "
+                "if the primary moved, entries this process's last commits changed may be "
+                "served as they were until their TTL",
+                self.address,
+                explain(exc),
+            )
 
     def let_go(self, held: Any) -> None:
         """Give back the connection :meth:`finish` held, unless a publish took it already."""

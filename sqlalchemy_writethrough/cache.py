@@ -206,6 +206,8 @@ class WriteThroughCache:
         self._built: list[tuple[Any, bool]] = []
         #: the backends a switch to a Redis Cluster replaced (their clients may be the cache's)
         self._retired: list[ScriptBackend] = []
+        #: close() (or the exit hook) made its last epoch check (see _leave)
+        self._left = False
         #: None: threads keep a connection between commands on a pool only the cache uses
         #: (built from its URL) or an unbounded one (see :meth:`_keeps_connections`)
         self._keep_connections = keep_connections
@@ -799,12 +801,21 @@ class WriteThroughCache:
         self.flush_publishes(timeout)
         for publisher in self._publishers():
             publisher.close()
+        self._leave()
         if self._near is not None:
             self._near.stop()
         if self._shared_stats is not None:
             self._shared_stats.final()
         self._give_back_kept_connections(close=True)
         self._close_built_sync_clients()
+
+    def _leave(self) -> None:
+        """The synchronous backend's last epoch check on a Sentinel-managed pool (see
+        :meth:`.ScriptBackend.leave`); once."""
+        if self._sync is None or self._left:
+            return
+        self._left = True
+        self._sync.runtime.backend.leave()
 
     def _give_back_kept_connections(self, close: bool = False) -> None:
         """Return to their pools the connections the synchronous transports keep per thread
@@ -843,6 +854,9 @@ class WriteThroughCache:
         await self.aflush_publishes(timeout)
         for publisher in self._publishers():
             publisher.close()
+        if self._async is not None and not self._left:
+            self._left = True
+            await _sa_compat.greenlet_spawn(self._async.runtime.backend.leave)
         if self._near is not None:
             # waited for in the loop's executor (a join would block the loop): the thread
             # looks whether it was stopped every 0.1 s, and closes the client it built
@@ -1156,8 +1170,14 @@ event.listen(Mapper, "after_configured", _on_after_configured)
 
 def _at_exit() -> None:
     """At interpreter exit, what close() would do for every cache: land the pending background
-    publishes first, so that the last stats send counts them."""
+    publishes first, so that the last stats send counts them; and leave a Sentinel-managed
+    pool's primary as close() does."""
     background.wait_at_exit()
+    for cache in list(_caches):
+        try:
+            cache._leave()
+        except Exception:  # never fail an exit
+            log.debug("writethrough: leaving failed", exc_info=True)
     shared.send_at_exit()
 
 

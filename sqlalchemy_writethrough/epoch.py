@@ -160,6 +160,15 @@ class EpochGuard:
         self._check(send, self._address)
         self._client_due = time.monotonic() + self._interval
 
+    def expire(self) -> None:
+        """Every connection due for a check at its next use, against a fresh answer from the
+        sentinels: see :meth:`.ScriptBackend.leave`."""
+        with self._lock:
+            self._primary_due = 0.0
+            self._client_due = 0.0
+            for conn in list(self._due.keys()):
+                self._due[conn] = 0.0
+
     def due(self, conn: Any) -> bool:
         """Whether ``conn`` must be checked before its next use (asyncio transports ask
         first: the check itself is a coroutine)."""

@@ -166,6 +166,113 @@ def test_a_process_still_on_the_old_primary_serves_nothing_stale_after(
     )
 
 
+def test_a_process_that_leaves_from_the_old_primary_leaves_nothing_stale(
+    sentinel_group: SentinelGroup, schema: Engine
+) -> None:
+    """As above, but the late process stops (``cache.close()``, as at a deploy) instead of
+    arriving at the new primary by its next check: its commit on the old primary never reaches
+    the new one, where another process filled the row before that commit. Leaving, a process
+    on a Sentinel-managed pool asks the sentinels once more and arrives at the primary they
+    name, which replaces the generations there as its next check would have. (Seen failing
+    before: the new primary served "v1" after "v2" was committed, until its TTL; the stress
+    checker's sentinel-failover runs found it as entries left divergent at quiescence.)"""
+    old = sentinel_group.primary_port()
+    assert old is not None
+    late = _cache(sentinel_group, epoch_check_interval=30)  # its connections stay where they are
+    late_factory = _installed(late, schema)
+    _commit_name(late_factory, "v1")
+    assert _read(late_factory, schema) == ("v1", 0)
+
+    sentinel_group.failover()
+    _promoted(sentinel_group, old)
+    early = _cache(sentinel_group)  # connects to the new primary: a new epoch there
+    early_factory = _installed(early, schema)
+    assert _read(early_factory, schema) == ("v1", 1)  # filled into the new primary
+    assert _read(early_factory, schema) == ("v1", 0)
+
+    _commit_name(late_factory, "v2")  # locks and publishes on the old primary
+    assert sentinel_group.role(old) == "master"  # not demoted yet
+    late.close()
+    late.redis.close()
+    assert _read(early_factory, schema) == ("v2", 1)
+    assert _read(early_factory, schema) == ("v2", 0)
+    early.close()
+
+
+#: a late process that never calls close(): it commits each name it reads on stdin, and
+#: exits at end of input
+EXITING = """
+import sys
+from redis.sentinel import Sentinel
+from sqlalchemy import String, create_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+
+class Base(DeclarativeBase):
+    pass
+
+class SnItem(Base, CachedModel):
+    __tablename__ = "sn_item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+sentinel = Sentinel(eval(sys.argv[2]), socket_timeout=0.5, socket_connect_timeout=0.5)
+client = sentinel.master_for("wtmaster", socket_timeout=0.5, socket_connect_timeout=0.5)
+cache = WriteThroughCache(client, prefix="sn", epoch_check_interval=30)
+factory = sessionmaker(create_engine(sys.argv[1]))
+cache.install(factory)
+for line in sys.stdin:
+    with factory() as session:
+        session.get(SnItem, 1).name = line.strip()
+        session.commit()
+    print("committed", flush=True)
+"""
+
+
+@pytest.mark.databases("postgresql")
+def test_a_process_that_exits_from_the_old_primary_leaves_nothing_stale(
+    sentinel_group: SentinelGroup, schema: Engine
+) -> None:
+    """:func:`test_a_process_that_leaves_from_the_old_primary_leaves_nothing_stale` with a
+    late process that exits without ``close()``: the interpreter's exit hook leaves as
+    ``close()`` does. (Seen failing before.)"""
+    import subprocess
+    import sys
+
+    old = sentinel_group.primary_port()
+    assert old is not None
+    first = _cache(sentinel_group)
+    _commit_name(_installed(first, schema), "v1")
+    first.close()
+    late = subprocess.Popen(
+        [sys.executable, "-c", EXITING, schema.url.render_as_string(False),
+         repr(sentinel_group.addresses)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert late.stdin is not None and late.stdout is not None
+    try:
+        late.stdin.write("v1\n")
+        late.stdin.flush()
+        assert late.stdout.readline().strip() == "committed"  # connected to the old primary
+        sentinel_group.failover()
+        _promoted(sentinel_group, old)
+        early = _cache(sentinel_group)
+        early_factory = _installed(early, schema)
+        assert _read(early_factory, schema) == ("v1", 1)  # filled into the new primary
+        late.stdin.write("v2\n")
+        late.stdin.flush()
+        assert late.stdout.readline().strip() == "committed"  # on the old primary
+        assert sentinel_group.role(old) == "master"
+        late.stdin.close()
+        assert late.wait(30) == 0
+    finally:
+        late.kill()
+        late.wait(5)
+        late.stdout.close()
+    assert _read(early_factory, schema) == ("v2", 1)
+    early.close()
+
+
 def test_a_command_refused_by_the_demoted_primary_is_retried_on_the_new_one(
     sentinel_group: SentinelGroup, schema: Engine
 ) -> None:
@@ -426,6 +533,32 @@ def test_an_asyncio_master_for_leaves_the_old_primary_after_a_sentinel_failover(
         assert {c.port for c in conns if c.is_connected} == {new}
     finally:
         first.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_an_asyncio_process_that_leaves_from_the_old_primary_leaves_nothing_stale(
+    sentinel_group: SentinelGroup, schema: Engine
+) -> None:
+    """:func:`test_a_process_that_leaves_from_the_old_primary_leaves_nothing_stale` with the
+    late process on asyncio, leaving by ``await cache.aclose()``. (Seen failing before.)"""
+    old = sentinel_group.primary_port()
+    assert old is not None
+    late = AsyncApp(sentinel_group, schema, epoch_check_interval=30)
+    try:
+        late.commit_name("v1")
+        assert late.read() == ("v1", 0)
+        sentinel_group.failover()
+        _promoted(sentinel_group, old)
+        early = _cache(sentinel_group)
+        early_factory = _installed(early, schema)
+        assert _read(early_factory, schema) == ("v1", 1)  # filled into the new primary
+        late.commit_name("v2")  # on the old primary
+        assert sentinel_group.role(old) == "master"
+        late.loop.run_until_complete(late.cache.aclose())
+    finally:
+        late.close()
+    assert _read(early_factory, schema) == ("v2", 1)
+    early.close()
 
 
 # ------------------------------------------------------------------ a failover under load
