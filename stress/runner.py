@@ -286,6 +286,39 @@ def _final_state_of(
     return db, cached, leftover
 
 
+def dump_cluster(cluster: ClusterGroup, prefix: str, path: Path) -> None:
+    """Every key of the run on every Cluster node (role, value, PTTL), for reading a failed
+    run's logs (``--keep-logs``): when an entry was written (from its PTTL), where."""
+    with path.open("w") as out:
+        for node in cluster.nodes:
+            if not node.running:
+                continue
+            try:
+                with redis.Redis(port=node.port, socket_timeout=5) as client:
+                    role = client.info("replication")["role"]
+                    if role != "master":
+                        client.execute_command("READONLY")
+                    for raw_key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                        raw = client.get(raw_key)
+                        out.write(
+                            json.dumps(
+                                {
+                                    "node": node.port,
+                                    "role": role,
+                                    "key": raw_key.decode(errors="replace"),
+                                    "v": None
+                                    if raw is None
+                                    else raw[:120].decode(errors="replace"),
+                                    "pttl": client.pttl(raw_key),
+                                    "t": now(),
+                                }
+                            )
+                            + "\n"
+                        )
+            except redis.RedisError as exc:
+                out.write(json.dumps({"node": node.port, "error": str(exc)}) + "\n")
+
+
 @contextlib.contextmanager
 def exclusive_tables(engine: Engine, wait: float = 600.0) -> Iterator[None]:
     """Hold a database-wide named lock for the whole run: two runs on one database (a test
@@ -552,6 +585,8 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         final_db, final_cache, leftover = final_state(
             engine, _final_urls(schedule), prefix, tenants, config.model_versions
         )
+        if config.keep_logs and schedule.cluster is not None:
+            dump_cluster(schedule.cluster, prefix, workdir / "final-redis.dump")
         events = read_histories(workdir)
         report = check(
             events, final_db, final_cache, leftover, schedule.windows, _bound(config.near_cache)
