@@ -24,7 +24,11 @@ combine with the worker-side faults, not with the server faults above):
 ``cluster-failover``   3 primaries and 3 replicas (:mod:`stress.cluster`); the workers use a
                        ``RedisCluster``; every 3 to 6 s a random primary is SIGKILLed (and started
                        again, as a replica, once its replica is promoted) or a replica takes
-                       over with ``CLUSTER FAILOVER``.
+                       over with ``CLUSTER FAILOVER``. A killed node restarts from the RDB file
+                       of its last full sync as a replica, if it had one (back in time); one
+                       killed in the last second restarts when the run heals, which may be before
+                       its replica's promotion: its old data may then become the primary's,
+                       after the workers stopped (see :func:`stress.runner.epoch_checked`).
 """
 
 from __future__ import annotations

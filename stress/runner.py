@@ -32,6 +32,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlalchemy_writethrough import WriteThroughCache
+from sqlalchemy_writethrough.cluster import slot_of
+from sqlalchemy_writethrough.keys import epoch_key
 from sqlalchemy_writethrough.protocol import payload_of
 
 from .checker import DEFAULT_TENANT, Report, Row, check, tenant_table, versioned
@@ -245,6 +247,11 @@ def _final_state_of(
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     try:
+        # a server (or Cluster node) whose identity changed since a process last checked its
+        # epoch (a restart, here from the RDB file of a replica's last full sync, after the
+        # workers stopped): its entries are never served, since the first process to use it
+        # replaces every generation of its slots first (docs/consistency.md, "Epochs")
+        unchecked = not epoch_checked(client, prefix)
         for raw_key in client.scan_iter(match=f"{prefix}:*", count=1000):
             key = raw_key.decode()
             if key.endswith("}") or "}:" not in key:
@@ -271,6 +278,9 @@ def _final_state_of(
             if state != b"V":
                 leftover["other"] += 1
                 continue
+            if unchecked:
+                leftover[UNCHECKED_EPOCH] += 1
+                continue
             gen = raw[1 : raw.index(b":", 1)]
             if client.get(tag + "}") != gen:
                 leftover["old generation"] += 1
@@ -286,6 +296,39 @@ def _final_state_of(
     return db, cached, leftover
 
 
+#: ``leftover`` of the VALUE entries of a server or Cluster node whose epoch no process has
+#: checked since its identity changed (see :func:`epoch_checked`)
+UNCHECKED_EPOCH = "new epoch nobody checked"
+
+
+def epoch_checked(client: redis.Redis, prefix: str) -> bool:
+    """Whether the epoch key a process checks on this server names its identity (``<run
+    id>:<replication id>``), as ``lua/epoch_check.lua`` decides: if not, the first process
+    to use it starts a new epoch, which replaces every generation of its keyspaces (on a
+    Cluster node: of the slots it serves) before anything there is read, so none of the
+    entries it holds now is ever served. On a Cluster node, the key is
+    ``{prefix}:epoch:{<n>}`` for the smallest ``n`` whose slot the node serves, as
+    :meth:`~sqlalchemy_writethrough.cluster.ClusterEpochGuard.epoch_key_of` picks it."""
+    server = client.info("server")
+    identity = f"{server['run_id']}:{client.info('replication')['master_replid']}"
+    key = epoch_key(prefix)
+    if int(client.info("cluster").get("cluster_enabled", 0)):
+        port = int(server["tcp_port"])
+        mine = [
+            (int(entry[0]), int(entry[1]))
+            for entry in client.execute_command("CLUSTER", "SLOTS")
+            if int(entry[2][1]) == port
+        ]
+        n = next(
+            (n for n in range(1 << 16) if any(a <= slot_of(str(n)) <= b for a, b in mine)), None
+        )
+        if n is None:
+            return True  # serves no slot: holds no entry a process could reach
+        key = f"{prefix}:epoch:{{{n}}}"
+    value = client.get(key)
+    return value is not None and value.decode(errors="replace").startswith(identity + "|")
+
+
 def dump_cluster(cluster: ClusterGroup, prefix: str, path: Path) -> None:
     """Every key of the run on every Cluster node (role, value, PTTL), for reading a failed
     run's logs (``--keep-logs``): when an entry was written (from its PTTL), where."""
@@ -295,7 +338,10 @@ def dump_cluster(cluster: ClusterGroup, prefix: str, path: Path) -> None:
                 continue
             try:
                 with redis.Redis(port=node.port, socket_timeout=5) as client:
-                    role = client.info("replication")["role"]
+                    replication = client.info("replication")
+                    role = replication["role"]
+                    identity = f"{client.info('server')['run_id']}:{replication['master_replid']}"
+                    out.write(json.dumps({"node": node.port, "identity": identity}) + "\n")
                     if role != "master":
                         client.execute_command("READONLY")
                     for raw_key in client.scan_iter(match=f"{prefix}:*", count=1000):
