@@ -194,6 +194,7 @@ def final_state(
     prefix: str,
     tenants: list[str] | None = None,
     model_versions: int = 1,
+    epochs: bool = True,
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     """The database rows, the decoded current VALUE entries, and what else Redis still holds
     (``redis_url``: the server, or every primary of a Redis Cluster: an entry and its
@@ -201,13 +202,16 @@ def final_state(
     run; each row is then named ``tenant/table`` (the default schema's ``(default)/table``),
     each entry by the database its key names. ``model_versions`` 2: the entries of the second
     model version's keyspace too, each decoded with its own model and named
-    ``table@B`` (:func:`stress.checker.versioned`), beside the row as version B loads it."""
+    ``table@B`` (:func:`stress.checker.versioned`), beside the row as version B loads it.
+    ``epochs``: the workers check epochs (all but ``--sabotage no-epoch-check``), so the
+    entries of a server whose epoch none checked since it changed are never served: they are
+    counted in ``leftover`` (:data:`UNCHECKED_EPOCH`), not returned."""
     urls = [redis_url] if isinstance(redis_url, str) else redis_url
     db: dict[Row, dict[str, Any]] = {}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     for url in urls:
-        db, found, left = _final_state_of(engine, url, prefix, tenants, model_versions)
+        db, found, left = _final_state_of(engine, url, prefix, tenants, model_versions, epochs)
         cached.update(found)
         leftover.update(left)
     return db, cached, leftover
@@ -219,6 +223,7 @@ def _final_state_of(
     prefix: str,
     tenants: list[str] | None = None,
     model_versions: int = 1,
+    epochs: bool = True,
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
@@ -251,7 +256,7 @@ def _final_state_of(
         # epoch (a restart, here from the RDB file of a replica's last full sync, after the
         # workers stopped): its entries are never served, since the first process to use it
         # replaces every generation of its slots first (docs/consistency.md, "Epochs")
-        unchecked = not epoch_checked(client, prefix)
+        unchecked = epochs and not epoch_checked(client, prefix)
         for raw_key in client.scan_iter(match=f"{prefix}:*", count=1000):
             key = raw_key.decode()
             if key.endswith("}") or "}:" not in key:
@@ -629,7 +634,12 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         time.sleep(config.lock_timeout + 0.5)
         # the server the workers reach at the end (redis-switch moves them)
         final_db, final_cache, leftover = final_state(
-            engine, _final_urls(schedule), prefix, tenants, config.model_versions
+            engine,
+            _final_urls(schedule),
+            prefix,
+            tenants,
+            config.model_versions,
+            epochs=config.sabotage != "no-epoch-check",
         )
         if config.keep_logs and schedule.cluster is not None:
             dump_cluster(schedule.cluster, prefix, workdir / "final-redis.dump")

@@ -291,6 +291,9 @@ def test_final_state_leaves_out_the_entries_of_a_new_epoch_nobody_checked(
             db, cached, leftover = final_state(engine, server.url, prefix)
             assert db[row] == {"id": 1, "counter": 11}
             assert cached == {} and leftover == {UNCHECKED_EPOCH: 1}
+            # workers that never check epochs (--sabotage no-epoch-check) would serve it
+            _, cached, leftover = final_state(engine, server.url, prefix, epochs=False)
+            assert cached == {row: {"id": 1, "counter": 10}} and not leftover
 
             with maker() as s:  # what a process is served: the new epoch, then the row
                 assert s.get(StParent, 1).counter == 11
