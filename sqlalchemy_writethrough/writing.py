@@ -529,8 +529,23 @@ class WritePath:
         if tracker.reassert_on_flush:
             tracker.reassert_on_flush = False
             self._reassert(tracker, tuple(spaces))
-        elif pairs:
+            return
+        if pairs:
             self._lock(tracker, pairs, tuple(spaces))
+        if _COMMIT_STARTED in session.info and session.get_nested_transaction() is None:
+            self._retake_aged_locks(tracker)
+
+    def _retake_aged_locks(self, tracker: SessionTracker) -> None:
+        """The flush inside ``commit()`` has run, and COMMIT comes next: locks older than
+        half their timeout are taken again now. ``before_commit`` checked them before this
+        flush, whose own locks were taken when it began: a flush whose statements waited
+        (a row lock) longer than the locks live would otherwise COMMIT unlocked, and a
+        reader could fill the row as it was before the COMMIT; the publish removes such a
+        fill, but a process that dies between COMMIT and publish would leave it."""
+        if not (tracker.locked or tracker.locked_gens) or tracker.pending_lock is not None:
+            return
+        if time.monotonic() - tracker.first_lock_at >= tracker.lock_ms / 2000:
+            self._reassert(tracker)
 
     def _involve(self, tracker: SessionTracker, layout: ModelLayout) -> None:
         options = layout.options

@@ -28,7 +28,13 @@ It fails a run on:
 ``divergent``    at quiescence (workers stopped, locks and leases expired), a VALUE entry of a
                  current generation differs from its database row, or its row does not exist;
                  with ``--tenants``, an entry holding a value only another tenant wrote is
-                 ``cross-tenant`` instead (two tenants shared the entry).
+                 ``cross-tenant`` instead (two tenants shared the entry). An entry on a server
+                 or Cluster node whose epoch no process checked since its identity changed (it
+                 went back in time after the workers stopped) is no such entry: the first
+                 process to use that server replaces every generation there before reading
+                 anything, so it is never served; the runner does not hand it to the checker
+                 and counts it among the ``leftover`` ("new epoch nobody checked", see
+                 :func:`stress.runner.epoch_checked`).
 
 With ``--model-versions 2`` (a rolling deploy), reads carry their worker's model version
 (``mv``) and are checked like any other (by ``counter``: the second version's extra column is

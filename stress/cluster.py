@@ -2,6 +2,10 @@
 --cluster-enabled yes`` processes, each in its own temporary directory (its own
 ``nodes.conf``), joined by ``redis-cli --cluster create``, killed with their parent.
 
+A node that was ever a replica keeps the RDB file of its last full sync (``dump.rdb``: a replica
+writes what it receives to disk before loading it) and loads it when it starts again: a killed
+node does not come back empty but back in time, to that sync.
+
 ``cluster-node-timeout`` is short (1000 ms), so that a killed primary's replica is promoted
 within two or three seconds. Helpers kill a primary (or fail it over with ``CLUSTER FAILOVER``)
 and wait for the promotion, and move a hash slot to another primary key by key while traffic
@@ -280,8 +284,11 @@ class ClusterGroup:
         return replica
 
     def restart(self, port: int, timeout: float = 20.0) -> None:
-        """Start a killed node again (empty: no persistence); it rejoins as a replica of the
-        node that took over its slots, from its nodes.conf."""
+        """Start a killed node again; it rejoins as a replica of the
+        node that took over its slots, from its nodes.conf. Not necessarily empty: nothing
+        saves by itself, but a replica writes the RDB of each full sync to its ``dump.rdb``
+        (``repl-diskless-load`` is off), and a restart loads it, so a node that was a replica
+        comes back holding the data of its last full sync (a Redis gone back in time)."""
         node = self.node(port)
         node.start()
         wait_for(lambda: node.admin(0.2).ping(), timeout, f"node {port}")

@@ -24,7 +24,11 @@ combine with the worker-side faults, not with the server faults above):
 ``cluster-failover``   3 primaries and 3 replicas (:mod:`stress.cluster`); the workers use a
                        ``RedisCluster``; every 3 to 6 s a random primary is SIGKILLed (and started
                        again, as a replica, once its replica is promoted) or a replica takes
-                       over with ``CLUSTER FAILOVER``.
+                       over with ``CLUSTER FAILOVER``. A killed node restarts from the RDB file
+                       of its last full sync as a replica, if it had one (back in time); one
+                       killed in the last second restarts when the run heals, which may be before
+                       its replica's promotion: its old data may then become the primary's,
+                       after the workers stopped (see :func:`stress.runner.epoch_checked`).
 """
 
 from __future__ import annotations
@@ -200,6 +204,10 @@ class FaultSchedule:
             victim, replica = self._victim
             if cluster.node(replica).role() == "master" or t > self._victim_deadline:
                 cluster.node(victim).start()  # rejoins as a replica of the promoted node
+                self.timeline.append(
+                    f"{now()} restarted {victim} (its replica {replica}: "
+                    f"{cluster.node(replica).role()})"
+                )
                 self._victim = None
                 self._next_failover = time.monotonic() + self.rng.uniform(3, 6)
             return
@@ -213,6 +221,7 @@ class FaultSchedule:
             return  # a restarted node is still syncing: next time
         if self.rng.random() < 0.5:
             cluster.node(port).kill()
+            self.timeline.append(f"{now()} killed primary {port} (its replica {replica})")
             self._victim = (port, replica)
             self._victim_deadline = time.monotonic() + 15
             self.counts["Cluster primaries killed"] += 1
@@ -220,6 +229,7 @@ class FaultSchedule:
             try:
                 with cluster.node(replica).admin() as client:
                     client.execute_command("CLUSTER", "FAILOVER")
+                self.timeline.append(f"{now()} CLUSTER FAILOVER of {port} to {replica}")
                 self.counts["CLUSTER FAILOVERs"] += 1
             except redis.RedisError:
                 self.counts["CLUSTER FAILOVERs refused"] += 1
@@ -310,6 +320,8 @@ class FaultSchedule:
             self.proxy.mode = "pass"
         if self.cluster is not None:
             for node in self.cluster.nodes:
+                if not node.running:
+                    self.timeline.append(f"{now()} heal: started {node.port}")
                 node.start()
             self.cluster.wait_serving(30)
         if self.sentinel is not None:

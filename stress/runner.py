@@ -32,6 +32,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlalchemy_writethrough import WriteThroughCache
+from sqlalchemy_writethrough.cluster import slot_of
+from sqlalchemy_writethrough.keys import epoch_key
 from sqlalchemy_writethrough.protocol import payload_of
 
 from .checker import DEFAULT_TENANT, Report, Row, check, tenant_table, versioned
@@ -192,6 +194,7 @@ def final_state(
     prefix: str,
     tenants: list[str] | None = None,
     model_versions: int = 1,
+    epochs: bool = True,
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     """The database rows, the decoded current VALUE entries, and what else Redis still holds
     (``redis_url``: the server, or every primary of a Redis Cluster: an entry and its
@@ -199,13 +202,16 @@ def final_state(
     run; each row is then named ``tenant/table`` (the default schema's ``(default)/table``),
     each entry by the database its key names. ``model_versions`` 2: the entries of the second
     model version's keyspace too, each decoded with its own model and named
-    ``table@B`` (:func:`stress.checker.versioned`), beside the row as version B loads it."""
+    ``table@B`` (:func:`stress.checker.versioned`), beside the row as version B loads it.
+    ``epochs``: the workers check epochs (all but ``--sabotage no-epoch-check``), so the
+    entries of a server whose epoch none checked since it changed are never served: they are
+    counted in ``leftover`` (:data:`UNCHECKED_EPOCH`), not returned."""
     urls = [redis_url] if isinstance(redis_url, str) else redis_url
     db: dict[Row, dict[str, Any]] = {}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     for url in urls:
-        db, found, left = _final_state_of(engine, url, prefix, tenants, model_versions)
+        db, found, left = _final_state_of(engine, url, prefix, tenants, model_versions, epochs)
         cached.update(found)
         leftover.update(left)
     return db, cached, leftover
@@ -217,6 +223,7 @@ def _final_state_of(
     prefix: str,
     tenants: list[str] | None = None,
     model_versions: int = 1,
+    epochs: bool = True,
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
@@ -245,6 +252,11 @@ def _final_state_of(
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     try:
+        # a server (or Cluster node) whose identity changed since a process last checked its
+        # epoch (a restart, here from the RDB file of a replica's last full sync, after the
+        # workers stopped): its entries are never served, since the first process to use it
+        # replaces every generation of its slots first (docs/consistency.md, "Epochs")
+        unchecked = epochs and not epoch_checked(client, prefix)
         for raw_key in client.scan_iter(match=f"{prefix}:*", count=1000):
             key = raw_key.decode()
             if key.endswith("}") or "}:" not in key:
@@ -271,6 +283,9 @@ def _final_state_of(
             if state != b"V":
                 leftover["other"] += 1
                 continue
+            if unchecked:
+                leftover[UNCHECKED_EPOCH] += 1
+                continue
             gen = raw[1 : raw.index(b":", 1)]
             if client.get(tag + "}") != gen:
                 leftover["old generation"] += 1
@@ -284,6 +299,75 @@ def _final_state_of(
     finally:
         client.close()
     return db, cached, leftover
+
+
+#: ``leftover`` of the VALUE entries of a server or Cluster node whose epoch no process has
+#: checked since its identity changed (see :func:`epoch_checked`)
+UNCHECKED_EPOCH = "new epoch nobody checked"
+
+
+def epoch_checked(client: redis.Redis, prefix: str) -> bool:
+    """Whether the epoch key a process checks on this server names its identity (``<run
+    id>:<replication id>``), as ``lua/epoch_check.lua`` decides: if not, the first process
+    to use it starts a new epoch, which replaces every generation of its keyspaces (on a
+    Cluster node: of the slots it serves) before anything there is read, so none of the
+    entries it holds now is ever served. On a Cluster node, the key is
+    ``{prefix}:epoch:{<n>}`` for the smallest ``n`` whose slot the node serves, as
+    :meth:`~sqlalchemy_writethrough.cluster.ClusterEpochGuard.epoch_key_of` picks it."""
+    server = client.info("server")
+    identity = f"{server['run_id']}:{client.info('replication')['master_replid']}"
+    key = epoch_key(prefix)
+    if int(client.info("cluster").get("cluster_enabled", 0)):
+        port = int(server["tcp_port"])
+        mine = [
+            (int(entry[0]), int(entry[1]))
+            for entry in client.execute_command("CLUSTER", "SLOTS")
+            if int(entry[2][1]) == port
+        ]
+        n = next(
+            (n for n in range(1 << 16) if any(a <= slot_of(str(n)) <= b for a, b in mine)), None
+        )
+        if n is None:
+            return True  # serves no slot: holds no entry a process could reach
+        key = f"{prefix}:epoch:{{{n}}}"
+    value = client.get(key)
+    return value is not None and value.decode(errors="replace").startswith(identity + "|")
+
+
+def dump_cluster(cluster: ClusterGroup, prefix: str, path: Path) -> None:
+    """Every key of the run on every Cluster node (role, value, PTTL), for reading a failed
+    run's logs (``--keep-logs``): when an entry was written (from its PTTL), where."""
+    with path.open("w") as out:
+        for node in cluster.nodes:
+            if not node.running:
+                continue
+            try:
+                with redis.Redis(port=node.port, socket_timeout=5) as client:
+                    replication = client.info("replication")
+                    role = replication["role"]
+                    identity = f"{client.info('server')['run_id']}:{replication['master_replid']}"
+                    out.write(json.dumps({"node": node.port, "identity": identity}) + "\n")
+                    if role != "master":
+                        client.execute_command("READONLY")
+                    for raw_key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                        raw = client.get(raw_key)
+                        out.write(
+                            json.dumps(
+                                {
+                                    "node": node.port,
+                                    "role": role,
+                                    "key": raw_key.decode(errors="replace"),
+                                    "v": None
+                                    if raw is None
+                                    else raw[:120].decode(errors="replace"),
+                                    "pttl": client.pttl(raw_key),
+                                    "t": now(),
+                                }
+                            )
+                            + "\n"
+                        )
+            except redis.RedisError as exc:
+                out.write(json.dumps({"node": node.port, "error": str(exc)}) + "\n")
 
 
 @contextlib.contextmanager
@@ -550,8 +634,15 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         time.sleep(config.lock_timeout + 0.5)
         # the server the workers reach at the end (redis-switch moves them)
         final_db, final_cache, leftover = final_state(
-            engine, _final_urls(schedule), prefix, tenants, config.model_versions
+            engine,
+            _final_urls(schedule),
+            prefix,
+            tenants,
+            config.model_versions,
+            epochs=config.sabotage != "no-epoch-check",
         )
+        if config.keep_logs and schedule.cluster is not None:
+            dump_cluster(schedule.cluster, prefix, workdir / "final-redis.dump")
         events = read_histories(workdir)
         report = check(
             events, final_db, final_cache, leftover, schedule.windows, _bound(config.near_cache)

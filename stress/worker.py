@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import random
 import signal
@@ -1369,7 +1370,17 @@ def herd(config: dict[str, Any]) -> None:
     engine.dispose()
 
 
+def _stamp(record: logging.LogRecord) -> bool:
+    record.created_ns = time.monotonic_ns()
+    return True
+
+
 def main(argv: list[str]) -> int:
+    # the warnings the cache logs (epochs, nodes down), each with its history time
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(created_ns)s %(message)s"))
+    handler.addFilter(_stamp)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     with open(argv[1], encoding="utf-8") as f:
         config = json.load(f)
     if config.get("scenario") == "herd":

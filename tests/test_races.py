@@ -909,6 +909,76 @@ def test_lock_expired_in_a_long_transaction_is_taken_again_before_commit(
 
 
 @PROTECTION
+def test_lock_expired_during_the_commits_own_flush_is_taken_again_before_commit(
+    protection: str,
+    monkeypatch: pytest.MonkeyPatch,
+    db: Engine,
+    make_cache: Callable[..., WriteThroughCache],
+    client: redis.Redis,
+) -> None:
+    """Long final flush. W changes n to 1 and calls commit(): the flush inside commit() locks
+    the entry (0.3 s lock), then its UPDATE takes longer than the lock lives (a row lock it
+    waits for, in real life; here a hook on the UPDATE waits for the lock's expiry); meanwhile
+    a reader misses and fills the committed n=0; W's UPDATE runs, W COMMITs, and W's process
+    dies between its COMMIT and its publish (simulated as in the test above).
+
+    before_commit ran before that flush, when the lock was young, so it took nothing again.
+    Protection: once a flush inside commit() has run, locks older than half their timeout
+    are taken again (over the filled n=0) before COMMIT, so after the crash readers go to the
+    database until the lock expires into a miss.
+    Off: without it (``WritePath._retake_aged_locks`` a no-op), the filled n=0 stays in Redis
+    after W's commit: stale until its TTL. The stress checker's ``divergent`` at quiescence."""
+    if protection == "off":
+        monkeypatch.setattr(WritePath, "_retake_aged_locks", lambda self, tracker: None)
+    cache = make_cache(lock_timeout=0.3)
+    factory = installed(cache, db)
+    insert_behind_cache(db, 1, n=0)
+    key = entry_key(cache, RcItem, 1)
+    assert read(factory, db, 1) == (0, "db")
+    fired: list[bool] = []
+
+    def slow_update(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
+        if fired or not statement.lstrip().upper().startswith("UPDATE RC_ITEM"):
+            return
+        fired.append(True)
+        wait_until(lambda: entry_state(client, key) == "lock", "W's flush locks the entry")
+        wait_until(lambda: client.get(key) is None, "W's lock expires during its UPDATE")
+        # a miss that fills the committed n=0 (no capture_sql here: it would add a listener
+        # to the event being dispatched)
+        with factory() as r:
+            got = r.get(RcItem, 1)
+            assert got is not None and got.n == 0
+        assert redis_n(cache, client, db, 1) == 0
+
+    with factory() as w:
+        obj = w.get(RcItem, 1)
+        assert obj is not None
+        obj.n = 1
+        event.listen(db, "before_cursor_execute", slow_update)
+        try:
+            with monkeypatch.context() as crash:
+                crash.setattr(cache._backend, "publish", lambda *args, **kwargs: None)
+                crash.setattr(cache._journal, "add_pairs", lambda *args, **kwargs: None)
+                w.commit()
+        finally:
+            event.remove(db, "before_cursor_execute", slow_update)
+    assert fired, "W's flush never ran its UPDATE"
+
+    assert in_database(db, 1) == 1
+    if protection == "on":
+        assert entry_state(client, key) != "value"  # W's lock (or, if slow, its expiry)
+        assert read(factory, db, 1) == (1, "db")
+        wait_until(lambda: entry_state(client, key) != "lock", "W's lock expires")
+        assert read(factory, db, 1)[0] == 1
+        assert read(factory, db, 1) == (1, "cache")
+    else:
+        assert redis_n(cache, client, db, 1) == 0
+        assert read(factory, db, 1) == (0, "cache")  # stale after W's commit
+
+
+@PROTECTION
 def test_delete_then_reinsert_of_the_same_primary_key(
     protection: str,
     monkeypatch: pytest.MonkeyPatch,

@@ -248,6 +248,64 @@ def test_final_state_reads_each_model_versions_entries(
         engine.dispose()
 
 
+def test_final_state_leaves_out_the_entries_of_a_new_epoch_nobody_checked(
+    postgresql_url: str,
+) -> None:
+    """A server that goes back in time after the workers stopped (here restarted from an
+    older snapshot; on a Cluster, a node restarted from the RDB file of its last full sync as
+    a replica, promoted once the run was over) holds old values under generations that look
+    current, yet no process is ever served them: the first one to use it sees its new
+    identity and replaces every generation first. The run's final look at Redis counts them
+    apart (``leftover``), never as entries to compare with their rows (a ``divergent`` that
+    is none); once a process has checked the epoch, entries count again."""
+    from sqlalchemy.orm import sessionmaker
+
+    from sqlalchemy_writethrough import WriteThroughCache
+    from stress.models import StParent, reset_schema
+    from stress.redis_server import RedisServer
+    from stress.runner import UNCHECKED_EPOCH, exclusive_tables, final_state
+    from stress.worker import make_engine
+
+    engine = make_engine(postgresql_url)
+    row = ("stress_parent", 1)
+    try:
+        with exclusive_tables(engine, 60), RedisServer() as server:
+            reset_schema(engine)
+            prefix = "st-epoch"
+            maker = sessionmaker(engine)
+            cache = WriteThroughCache(server.url, prefix=prefix, stats_interval=None)
+            cache.install(maker)
+            with maker() as s:
+                s.add(StParent(id=1, counter=10))
+                s.commit()
+            with maker() as s:
+                assert s.get(StParent, 1).counter == 10
+            older = server.snapshot()
+            with maker() as s:
+                s.get(StParent, 1).counter = 11
+                s.commit()
+            db, cached, leftover = final_state(engine, server.url, prefix)
+            assert db[row] == cached[row] == {"id": 1, "counter": 11} and not leftover
+
+            server.restart(from_rdb=older)  # 10 again, under the generation of then
+            db, cached, leftover = final_state(engine, server.url, prefix)
+            assert db[row] == {"id": 1, "counter": 11}
+            assert cached == {} and leftover == {UNCHECKED_EPOCH: 1}
+            # workers that never check epochs (--sabotage no-epoch-check) would serve it
+            _, cached, leftover = final_state(engine, server.url, prefix, epochs=False)
+            assert cached == {row: {"id": 1, "counter": 10}} and not leftover
+
+            with maker() as s:  # what a process is served: the new epoch, then the row
+                assert s.get(StParent, 1).counter == 11
+            assert cache.stats().epochs == 1
+            db, cached, leftover = final_state(engine, server.url, prefix)
+            assert UNCHECKED_EPOCH not in leftover
+            assert cached == {row: {"id": 1, "counter": 11}}
+            cache.close()
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.timeout(150)
 def test_short_tenants_run_finds_no_violation(
     redis_server_binary: str, postgresql_url: str
