@@ -863,10 +863,8 @@ def test_lock_expired_in_a_long_transaction_is_taken_again_before_commit(
     reader misses and fills the committed n=0 (right at that time); W commits, and W's process
     dies between its DB COMMIT and its publish.
 
-    The crash is simulated by dropping what a killed process would not do: the publish (the
-    backend's ``publish`` returns None, as for an unreachable Redis; the commit succeeded, so
-    no release follows either) and the journaling of its keys. Nothing else of W's reaches
-    Redis afterwards.
+    The crash is simulated by :func:`_commit_and_die` (the commit succeeded, so no release
+    follows either): nothing else of W's reaches Redis afterwards.
 
     Protection: before COMMIT, W takes its expired lock again (over the filled n=0), so after
     the crash readers go to the database until the lock expires into a miss.
@@ -889,13 +887,32 @@ def test_lock_expired_in_a_long_transaction_is_taken_again_before_commit(
         wait_until(lambda: client.get(key) is None, "W's lock expires")
         assert read(factory, db, 1) == (0, "db")  # a miss; fills the committed n=0
         assert redis_n(cache, client, db, 1) == 0
-        with monkeypatch.context() as crash:
-            crash.setattr(cache._backend, "publish", lambda *args, **kwargs: None)
-            # nor does a killed process journal its keys (a live one would drop them when
-            # Redis answers: that would take the stale n=0 away in the unprotected variant)
-            crash.setattr(cache._journal, "add_pairs", lambda *args, **kwargs: None)
-            w.commit()
+        _commit_and_die(w, monkeypatch, cache)
+    _after_the_writer_died(protection, factory, db, cache, client, key)
 
+
+def _commit_and_die(w: Session, monkeypatch: pytest.MonkeyPatch, cache: WriteThroughCache) -> None:
+    """W commits, and its process dies between its DB COMMIT and its publish: what a killed
+    process would not do is dropped, the publish (the backend's ``publish`` returns None, as
+    for an unreachable Redis) and the journaling of its keys (a live process would drop them
+    when Redis answers: that would take a stale fill away in the unprotected variants)."""
+    with monkeypatch.context() as crash:
+        crash.setattr(cache._backend, "publish", lambda *args, **kwargs: None)
+        crash.setattr(cache._journal, "add_pairs", lambda *args, **kwargs: None)
+        w.commit()
+
+
+def _after_the_writer_died(
+    protection: str,
+    factory: sessionmaker[Session],
+    db: Engine,
+    cache: WriteThroughCache,
+    client: redis.Redis,
+    key: str,
+) -> None:
+    """W committed n=1 and died before its publish, after a reader filled n=0. Protected:
+    W's lock keeps readers on the database until it expires into a miss. Not: the filled
+    n=0 is served after W's commit, stale until its TTL."""
     assert in_database(db, 1) == 1
     if protection == "on":
         assert entry_state(client, key) != "value"  # W's lock (or, if slow, its expiry)
@@ -958,24 +975,11 @@ def test_lock_expired_during_the_commits_own_flush_is_taken_again_before_commit(
         obj.n = 1
         event.listen(db, "before_cursor_execute", slow_update)
         try:
-            with monkeypatch.context() as crash:
-                crash.setattr(cache._backend, "publish", lambda *args, **kwargs: None)
-                crash.setattr(cache._journal, "add_pairs", lambda *args, **kwargs: None)
-                w.commit()
+            _commit_and_die(w, monkeypatch, cache)
         finally:
             event.remove(db, "before_cursor_execute", slow_update)
     assert fired, "W's flush never ran its UPDATE"
-
-    assert in_database(db, 1) == 1
-    if protection == "on":
-        assert entry_state(client, key) != "value"  # W's lock (or, if slow, its expiry)
-        assert read(factory, db, 1) == (1, "db")
-        wait_until(lambda: entry_state(client, key) != "lock", "W's lock expires")
-        assert read(factory, db, 1)[0] == 1
-        assert read(factory, db, 1) == (1, "cache")
-    else:
-        assert redis_n(cache, client, db, 1) == 0
-        assert read(factory, db, 1) == (0, "cache")  # stale after W's commit
+    _after_the_writer_died(protection, factory, db, cache, client, key)
 
 
 @PROTECTION

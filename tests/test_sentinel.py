@@ -131,6 +131,25 @@ def _promoted(group: SentinelGroup, old: int) -> int:
     return port
 
 
+def _split(group: SentinelGroup, schema: Engine) -> tuple[Any, ...]:
+    """A late process (its connections stay where they are) commits "v1" on the primary; a
+    ``SENTINEL FAILOVER`` promotes the replica; an early process connects to the new primary
+    (a new epoch there) and fills "v1" into it. (old port, new port, late cache, its
+    factory, early cache, its factory), the old primary not demoted yet."""
+    old = group.primary_port()
+    assert old is not None
+    late = _cache(group, epoch_check_interval=30)
+    late_factory = _installed(late, schema)
+    _commit_name(late_factory, "v1")
+    assert _read(late_factory, schema) == ("v1", 0)
+    group.failover()
+    new = _promoted(group, old)
+    early = _cache(group)
+    early_factory = _installed(early, schema)
+    assert _read(early_factory, schema) == ("v1", 1)  # filled into the new primary
+    return old, new, late, late_factory, early, early_factory
+
+
 def test_a_process_still_on_the_old_primary_serves_nothing_stale_after(
     sentinel_group: SentinelGroup, schema: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -139,19 +158,7 @@ def test_a_process_still_on_the_old_primary_serves_nothing_stale_after(
     process that connects anew fills the new one from the database. The late process's
     commit never reaches the new primary; when it arrives there, no entry filled before its
     arrival may be served."""
-    old = sentinel_group.primary_port()
-    assert old is not None
-    late = _cache(sentinel_group, epoch_check_interval=30)  # its connections stay where they are
-    late_factory = _installed(late, schema)
-    _commit_name(late_factory, "v1")
-    assert _read(late_factory, schema) == ("v1", 0)
-
-    sentinel_group.failover()
-    new = _promoted(sentinel_group, old)
-    early = _cache(sentinel_group)  # connects to the new primary: a new epoch there
-    early_factory = _installed(early, schema)
-    assert _read(early_factory, schema) == ("v1", 1)  # filled into the new primary
-
+    old, new, _late, late_factory, _early, early_factory = _split(sentinel_group, schema)
     _commit_name(late_factory, "v2")  # locks and publishes on the old primary
     with sentinel_group.server(old).admin() as admin:  # what the demotion does to clients
         admin.client_kill_filter(_type="normal", skipme=True)
@@ -176,18 +183,7 @@ def test_a_process_that_leaves_from_the_old_primary_leaves_nothing_stale(
     name, which replaces the generations there as its next check would have. (Seen failing
     before: the new primary served "v1" after "v2" was committed, until its TTL; the stress
     checker's sentinel-failover runs found it as entries left divergent at quiescence.)"""
-    old = sentinel_group.primary_port()
-    assert old is not None
-    late = _cache(sentinel_group, epoch_check_interval=30)  # its connections stay where they are
-    late_factory = _installed(late, schema)
-    _commit_name(late_factory, "v1")
-    assert _read(late_factory, schema) == ("v1", 0)
-
-    sentinel_group.failover()
-    _promoted(sentinel_group, old)
-    early = _cache(sentinel_group)  # connects to the new primary: a new epoch there
-    early_factory = _installed(early, schema)
-    assert _read(early_factory, schema) == ("v1", 1)  # filled into the new primary
+    old, _, late, late_factory, early, early_factory = _split(sentinel_group, schema)
     assert _read(early_factory, schema) == ("v1", 0)
 
     _commit_name(late_factory, "v2")  # locks and publishes on the old primary
