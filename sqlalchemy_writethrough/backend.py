@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from . import _redis_compat as compat
 from .breaker import CircuitBreaker
 from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
 from .epoch import EpochGuard
@@ -638,9 +639,11 @@ class ScriptBackend:
         check, which replaces the generations another process's fills there may predate
         (:mod:`.epoch`). One that stops first would leave those fills served until their
         TTL: leaving, it arrives now. Never raises; nothing while the breaker is open."""
-        pool = getattr(getattr(self, "client", None), "connection_pool", None)
-        if self.epoch is None or self.epoch.epoch is None or not getattr(pool, "is_master", False):
-            return  # not Sentinel, or never used
+        client = getattr(self, "client", None)
+        if self.epoch is None or self.epoch.epoch is None:
+            return  # never used
+        if not compat.follows_sentinel_primary(client):
+            return
         if not self.breaker.allow():
             return
         self.epoch.expire()

@@ -14,8 +14,9 @@
 scoped_session, async_sessionmaker or async_scoped_session; or the cache itself), as
 ``package.module:Session``, or a function that builds one, called, as
 ``package.module:make_session()`` (an application built by a factory has no module-level
-one); the module is imported, as the application imports it, from the current directory. A thin shell over :mod:`.admin`: every command is a function there (an
-async factory's run in SQLAlchemy's greenlet on an event loop, see :func:`.admin.run`).
+one); the module is imported, as the application imports it, from the current directory. A
+thin shell over :mod:`.admin`: every command is a function there (an async factory's run in
+SQLAlchemy's greenlet on an event loop, see :func:`.admin.run`).
 
 Exit status: 0 done (``verify``: nothing found); 1 ``verify`` found mismatches, or a purge
 was not confirmed; 2 a wrong argument or configuration, said in one line on stderr with a

@@ -51,6 +51,7 @@ from .tracking import Change, SessionTracker
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, SessionTransaction
 
+    from .backend import Registration
     from .keys import KeySpace
     from .model import ModelLayout
     from .runtime import Runtime
@@ -243,8 +244,8 @@ class WritePath:
             ok = backend.finish(pending) is not None
         rt = self.runtime
         first = pending.first
-        if first is not None and not rt.siblings.registered(first, backend.address):
-            tracker.unregistered = True
+        if first is not None:
+            self._registered(tracker, first, backend.address)
         if not ok and rt.backend is not backend:
             # refused as only a Redis Cluster node refuses: the cache switched to the cluster
             # (the first command a plain client sends there may be these locks): once more
@@ -252,8 +253,8 @@ class WritePath:
             register = None if first is None else rt.siblings.registration(first.fields)
             expected = list(args[2:]) if len(args) > 2 else None
             ok = rt.backend.lock(pairs, args[0], args[1], expected, register)
-            if register is not None and not rt.siblings.registered(register, rt.backend.address):
-                tracker.unregistered = True
+            if register is not None:
+                self._registered(tracker, register, rt.backend.address)
         self._locked(tracker, pairs, started, ok)
         if not ok:
             self._lock_failed(tracker, pairs=pairs)
@@ -535,6 +536,12 @@ class WritePath:
         if _COMMIT_STARTED in session.info and session.get_nested_transaction() is None:
             self._retake_aged_locks(tracker)
 
+    def _registered(self, tracker: SessionTracker, register: Registration, address: str) -> None:
+        """A lock's registration heard: refused, the transaction's publish leaves misses
+        (see :meth:`.siblings.Siblings.registered`)."""
+        if not self.runtime.siblings.registered(register, address):
+            tracker.unregistered = True
+
     def _retake_aged_locks(self, tracker: SessionTracker) -> None:
         """The flush inside ``commit()`` has run, and COMMIT comes next: locks older than
         half their timeout are taken again now. ``before_commit`` checked them before this
@@ -542,9 +549,7 @@ class WritePath:
         (a row lock) longer than the locks live would otherwise COMMIT unlocked, and a
         reader could fill the row as it was before the COMMIT; the publish removes such a
         fill, but a process that dies between COMMIT and publish would leave it."""
-        if not (tracker.locked or tracker.locked_gens) or tracker.pending_lock is not None:
-            return
-        if time.monotonic() - tracker.first_lock_at >= tracker.lock_ms / 2000:
+        if tracker.pending_lock is None and _locks_aged(tracker):
             self._reassert(tracker)
 
     def _involve(self, tracker: SessionTracker, layout: ModelLayout) -> None:
@@ -656,10 +661,8 @@ class WritePath:
         # a flush that stopped early left its locks' reply unread: they count from here,
         # and are acknowledged before COMMIT
         self._finish_locks(tracker)
-        if not (tracker.locked or tracker.locked_gens):
-            return
         # locks older than half their timeout might expire before COMMIT: take them again
-        if time.monotonic() - tracker.first_lock_at < tracker.lock_ms / 2000:
+        if not _locks_aged(tracker):
             return
         if _sa_compat.session_is_clean(session):
             self._reassert(tracker)
@@ -705,8 +708,8 @@ class WritePath:
             backend = rt.backend
             register = rt.siblings.registration(fields) if fields else None
             ok = backend.lock(pairs, tracker.owner_token(), tracker.lock_ms, expected, register)
-            if register is not None and not rt.siblings.registered(register, backend.address):
-                tracker.unregistered = True
+            if register is not None:
+                self._registered(tracker, register, backend.address)
             if ok or rt.backend is backend:
                 break
             # refused as only a Redis Cluster node refuses: the cache switched to the
@@ -1368,6 +1371,14 @@ def _loaded_row(
         pass
     payload: bytes | None = variant.encode_loaded(loaded, ctx.dialect)
     return (_UNKNOWN_ROW if payload is None else payload), None
+
+
+def _locks_aged(tracker: SessionTracker) -> bool:
+    """Whether the transaction holds locks older than half their timeout, which might expire
+    before its COMMIT."""
+    return bool(tracker.locked or tracker.locked_gens) and (
+        time.monotonic() - tracker.first_lock_at >= tracker.lock_ms / 2000
+    )
 
 
 def _flatten(locked: dict[str, str]) -> list[str]:
