@@ -13,6 +13,7 @@ there, by name, instead of somewhere in the cache's behaviour.
 from __future__ import annotations
 
 import inspect
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +23,7 @@ import redis
 import redis.asyncio
 from redis import BlockingConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 REDIS_VERSION = tuple(int(p) for p in redis.__version__.split(".")[:2] if p.isdigit())
 #: redis-py's Python command packer (see :func:`pack`)
@@ -140,7 +141,56 @@ def call(conn: Any, args: Sequence[Any]) -> Any:
     conn.send_packed_command(pack(conn, args))
     if args[0] == "MGET":
         return read_values(conn)
-    return conn.read_response()
+    try:
+        return conn.read_response()
+    except ResponseError as exc:
+        raise script_error(conn, exc) from None
+
+
+#: Redis before 7.0 reports an error that a script's ``redis.call()`` met under the generic
+#: ``ERR``, inside its own message: ``Error running script (call to f_<sha>): @user_script:2:
+#: @user_script: 2: -READONLY You can't write against a read only replica.`` (6.2.16); 7.0 and
+#: later put the inner error's code first, which redis-py's parser turns into its class
+_WRAPPED_SCRIPT_ERROR = re.compile(
+    r"Error running script \(call to [^)]*\): (?:@\w+: ?\d+: )+-?([A-Z][A-Z_]* .*)", re.S
+)
+#: redis-py's error-reply parser (``BaseParser.parse_error``, a classmethod, 5.0 to 8.2)
+_PARSE_ERROR: Any = getattr(
+    getattr(getattr(redis, "_parsers", None), "base", None), "BaseParser", None
+)
+_PARSE_ERROR = getattr(_PARSE_ERROR, "parse_error", None)
+
+
+def unwrapped_script_error(exc: ResponseError) -> ResponseError:
+    """A script's error as Redis 7.0 and later report it: on Redis 6.2, the error class
+    redis-py gives the inner error's code (``ReadOnlyError`` for ``READONLY``; a
+    ``ResponseError`` whose message starts with the code otherwise), so that every caller
+    classifies a refusal inside a script (a demoted primary, ``NOREPLICAS``, ``OOM``,
+    ``NOPERM``) the same on every server version. Any other error is returned as it is.
+    ``BaseParser.parse_error``: redis-py 5.0 to 8.2."""
+    if type(exc) is not ResponseError or _PARSE_ERROR is None:
+        return exc
+    match = _WRAPPED_SCRIPT_ERROR.match(str(exc))
+    if match is None:
+        return exc
+    inner: ResponseError = _PARSE_ERROR(match.group(1).strip())
+    return inner
+
+
+def script_error(conn: Any, exc: ResponseError) -> Exception:
+    """What a reply's error means on ``conn``: :func:`unwrapped_script_error`, and, on a
+    connection of a ``Sentinel.master_for()`` pool, a ``READONLY`` as redis-py's
+    ``SentinelManagedConnection.read_response`` treats one it parsed itself (the primary was
+    demoted): the connection is closed and a ``ConnectionError`` raised, which the retry
+    policy answers by asking the sentinels again. On Redis 6.2 a script's ``READONLY`` is
+    wrapped, so redis-py does not see it
+    (``tests/test_sentinel.py::test_a_command_refused_by_the_demoted_primary_is_retried_on_the_new_one``
+    on Redis 6.2)."""
+    error = unwrapped_script_error(exc)
+    if isinstance(error, ReadOnlyError) and follows_sentinel_primary(conn):
+        conn.disconnect()
+        return RedisConnectionError("The previous master is now a slave")
+    return error
 
 
 class _NotValues(Exception):
@@ -460,7 +510,10 @@ def call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
         try:
             replies.append(conn.read_response())
         except ResponseError as exc:
-            replies.append(exc)
+            error = script_error(conn, exc)
+            if isinstance(error, RedisConnectionError):
+                raise error from None
+            replies.append(error)
     return replies
 
 
@@ -475,7 +528,10 @@ def send(conn: Any, args: Sequence[Any], first: Sequence[Any] | None = None) -> 
 
 def read(conn: Any) -> Any:
     """The reply of the command sent last on ``conn`` (an error reply raises)."""
-    return conn.read_response()
+    try:
+        return conn.read_response()
+    except ResponseError as exc:
+        raise script_error(conn, exc) from None
 
 
 def with_retry(conn: Any, action: Callable[[Any, Any], Any], arg: Any) -> Any:
@@ -590,7 +646,10 @@ async def arelease(pool: Any, conn: Any) -> None:
 
 async def acall(conn: Any, args: Sequence[Any]) -> Any:
     await conn.send_command(*args)
-    return await conn.read_response()
+    try:
+        return await conn.read_response()
+    except ResponseError as exc:
+        raise await ascript_error(conn, exc) from None
 
 
 async def acall_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
@@ -600,8 +659,20 @@ async def acall_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
         try:
             replies.append(await conn.read_response())
         except ResponseError as exc:
-            replies.append(exc)
+            error = await ascript_error(conn, exc)
+            if isinstance(error, RedisConnectionError):
+                raise error from None
+            replies.append(error)
     return replies
+
+
+async def ascript_error(conn: Any, exc: ResponseError) -> Exception:
+    """:func:`script_error` on a ``redis.asyncio`` connection."""
+    error = unwrapped_script_error(exc)
+    if isinstance(error, ReadOnlyError) and follows_sentinel_primary(conn):
+        await conn.disconnect()
+        return RedisConnectionError("The previous master is now a slave")
+    return error
 
 
 async def asend(conn: Any, args: Sequence[Any], first: Sequence[Any] | None = None) -> None:
@@ -612,7 +683,10 @@ async def asend(conn: Any, args: Sequence[Any], first: Sequence[Any] | None = No
 
 
 async def aread(conn: Any) -> Any:
-    return await conn.read_response()
+    try:
+        return await conn.read_response()
+    except ResponseError as exc:
+        raise await ascript_error(conn, exc) from None
 
 
 async def awith_retry(conn: Any, action: Callable[[Any, Any], Awaitable[Any]], arg: Any) -> Any:

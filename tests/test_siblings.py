@@ -799,6 +799,10 @@ def test_on_a_redis_cluster_after_a_clear(cluster: Any, schema: Engine, prefix: 
             cache.close()
 
 
+def _server_version(admin: Any) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(admin.info("server")["redis_version"]).split(".")[:2])
+
+
 @pytest.mark.databases("sqlite")
 def test_a_refused_registration_fails_neither_the_read_nor_the_commit(
     server: Any, schema: Engine, prefix: str, caplog: pytest.LogCaptureFixture
@@ -808,6 +812,11 @@ def test_a_refused_registration_fails_neither_the_read_nor_the_commit(
     nothing is cached: an entry the registry does not list is one a commit of another code
     version could not invalidate. (Seen failing before: the reads were served from Redis.)"""
     admin = server.admin()
+    if _server_version(admin) < (7, 0):
+        pytest.skip(
+            "needs Redis 7.0's read-only key patterns (%R~): without them the registry's key "
+            "is refused whole, which fails the lock script at its call, not its registration"
+        )
     admin.execute_command(
         "ACL", "SETUSER", "cacheonly", "on", ">pw", "+@all", "&*", "%R~*",
         f"~{prefix}:{{*", f"~{prefix}:epoch*",
