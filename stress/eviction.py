@@ -155,3 +155,50 @@ class Squeezer:
             self.uncounted += 1
         finally:
             client.close()
+
+
+#: delete a key only while it holds a LOCK (an entry's, or a bucket's generation lock):
+#: what an eviction of that lock does, at the moment the script runs
+_DROP_IF_LOCKED = """
+local v = redis.call('GET', KEYS[1])
+if v and string.byte(v, 1) == 76 then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LockDropper:
+    """``evict-locks``: the locks Redis may evict, targeted. Real eviction picks its keys at
+    random, and a lock lives only from its writer's flush to its publish, so few evictions
+    land on one; this deletes one to three of the locks the server holds now (entries' and
+    generation locks, under the run's ``prefix``), as an eviction of each would, and records
+    each as an ``evicted`` event heard right after it (a history file of its own)."""
+
+    def __init__(self, prefix: str, path: Path) -> None:
+        self.prefix = prefix
+        self._file = path.open("a", encoding="utf-8")
+        self.dropped = 0
+
+    def drop(self, server: RedisServer, rng: random.Random) -> int:
+        """Delete up to three locks of the server's, picked at random (0: none, or Redis
+        was down)."""
+        client = server.admin(0.5)
+        try:
+            keys = list(client.scan_iter(match=f"{self.prefix}:{{*", count=1000))
+            values = client.mget(keys) if keys else []
+            locked = [k for k, v in zip(keys, values, strict=True) if v and v[:1] == b"L"]
+            dropped = 0
+            for key in rng.sample(locked, min(len(locked), rng.randint(1, 3))):
+                if client.eval(_DROP_IF_LOCKED, 1, key):
+                    line = {"e": "evicted", "key": key.decode(), "t": now(), "w": "redis"}
+                    self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+                    self._file.flush()
+                    dropped += 1
+        except redis.RedisError:
+            return 0
+        finally:
+            client.close()
+        self.dropped += dropped
+        return dropped
+
+    def close(self) -> None:
+        self._file.close()

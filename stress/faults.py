@@ -13,7 +13,14 @@ Every Redis fault includes "Redis forgets": besides a restart with every key los
                     keyspace registry and the epoch key vanish at once, nothing disconnects;
 ``redis-switch``    the proxy every worker goes through switches to another server, started from
                     a snapshot of the current one taken a few seconds earlier (an older copy),
-                    and resets every connection: a failover to a replica that lagged behind.
+                    and resets every connection: a failover to a replica that lagged behind;
+``evict``           every 0.3 to 1.5 s, for 0.1 to 1 s, the server is squeezed a few KB below the
+                    memory it uses (``maxmemory``, under ``allkeys-random`` or
+                    ``volatile-random``): it evicts keys of every kind, one at a time, while the
+                    workers run (:mod:`stress.eviction`, which also hears every eviction);
+``evict-locks``     (opt-in, not in ``all``) every 20 to 100 ms, one to three of the locks the
+                    server holds (entries' and generation locks) are deleted, as an eviction of
+                    each would: real eviction rarely lands on a lock in its short life.
 
 Two faults run on a Redis topology of their own instead of the one throwaway server (so they
 combine with the worker-side faults, not with the server faults above):
@@ -41,7 +48,7 @@ from pathlib import Path
 import redis
 
 from .cluster import ClusterGroup
-from .eviction import POLICIES, Squeezer
+from .eviction import POLICIES, LockDropper, Squeezer
 from .history import now
 from .proxy import FaultyProxy
 from .redis_server import RedisServer
@@ -58,13 +65,24 @@ ALL_FAULTS = (
     "db-errors",
     "evict",
 )
+#: faults a run takes only when named (not in ``all``): targeted, where ``all``'s are natural
+OPT_IN_FAULTS = ("evict-locks",)
 #: faults that need the workers to reach Redis through the proxy
 PROXIED = frozenset({"proxy", "redis-switch"})
 #: faults on a Redis topology of their own (not in ``all``; one at a time)
 TOPOLOGY_FAULTS = ("sentinel-failover", "cluster-failover")
 #: faults that act on the single throwaway server (they do not combine with TOPOLOGY_FAULTS)
 SERVER_FAULTS = frozenset(
-    {"redis-restart", "redis-snapshot", "flushall", "redis-switch", "client-kill", "proxy", "evict"}
+    {
+        "redis-restart",
+        "redis-snapshot",
+        "flushall",
+        "redis-switch",
+        "client-kill",
+        "proxy",
+        "evict",
+        "evict-locks",
+    }
 )
 #: a failover window ends this long after the promotion: the workers' epoch_check_interval
 #: (1 s, the default) and the sentinels' own lag
@@ -97,12 +115,13 @@ class FaultSchedule:
         sentinel: SentinelGroup | None = None,
         cluster: ClusterGroup | None = None,
         squeezer: Squeezer | None = None,
+        dropper: LockDropper | None = None,
     ) -> None:
         """``server``: the Redis the workers reach (through ``proxy`` if any); ``standby``: the
         other server ``redis-switch`` moves them to (and back, after refreshing it);
         ``sentinel`` / ``cluster``: the topology of ``sentinel-failover`` /
         ``cluster-failover`` (then there is no ``server``); ``squeezer``: what ``evict``
-        squeezes the server with."""
+        squeezes the server with; ``dropper``: what ``evict-locks`` deletes locks with."""
         self.faults = faults
         self._server = server
         self.sentinel = sentinel
@@ -135,6 +154,10 @@ class FaultSchedule:
         self.squeezer = squeezer
         self._next_squeeze = start + rng.uniform(0.3, 1.0)
         self._next_let_go = 0.0
+        if "evict-locks" in faults and dropper is None:
+            raise ValueError("evict-locks needs a lock dropper")
+        self.dropper = dropper
+        self._next_drop = start + rng.uniform(0.02, 0.1)
         #: cluster-failover: the primary killed, and the replica whose promotion ends it
         self._victim: tuple[int, int] | None = None
         self._victim_deadline = 0.0
@@ -175,6 +198,10 @@ class FaultSchedule:
             self._next_kill = time.monotonic() + self.rng.uniform(0.5, 2.0)
         if "evict" in self.faults:
             self._evict_tick(t)
+        if "evict-locks" in self.faults and t >= self._next_drop:
+            assert self.dropper is not None
+            self.counts["locks evicted (deleted)"] += self.dropper.drop(self.server, self.rng)
+            self._next_drop = time.monotonic() + self.rng.uniform(0.02, 0.1)
         if "sentinel-failover" in self.faults:
             self._sentinel_tick()
             if t >= self._next_failover and self._failover is None:

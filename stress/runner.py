@@ -39,8 +39,15 @@ from sqlalchemy_writethrough.protocol import payload_of
 
 from .checker import DEFAULT_TENANT, Report, Row, check, tenant_table, versioned
 from .cluster import ClusterGroup
-from .eviction import EvictionListener, Squeezer
-from .faults import ALL_FAULTS, PROXIED, TOPOLOGY_FAULTS, FaultSchedule, topology_of
+from .eviction import EvictionListener, LockDropper, Squeezer
+from .faults import (
+    ALL_FAULTS,
+    OPT_IN_FAULTS,
+    PROXIED,
+    TOPOLOGY_FAULTS,
+    FaultSchedule,
+    topology_of,
+)
 from .history import Recorder, now, read_histories
 from .models import (
     VERSIONS,
@@ -496,7 +503,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
     seed = config.seed if config.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     faults = frozenset(config.faults)
-    unknown = faults - set(ALL_FAULTS) - set(TOPOLOGY_FAULTS)
+    unknown = faults - set(ALL_FAULTS) - set(OPT_IN_FAULTS) - set(TOPOLOGY_FAULTS)
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}")
     topology_of(faults)  # a combination that cannot run fails now
@@ -561,6 +568,10 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             )
             stack.callback(listener.close)
             squeezer = Squeezer(listener, rng)
+        dropper: LockDropper | None = None
+        if "evict-locks" in faults:
+            dropper = LockDropper(prefix, workdir / "evictions-of-locks.jsonl")
+            stack.callback(dropper.close)
         # The clock starts once every first worker is ready (imported, connected): on a loaded
         # machine start-up alone once took longer than a short run, which then did nothing.
         start_file = workdir / "start"
@@ -619,7 +630,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         deadline += int(config.seconds * 1e9)
         release(start_file, deadline)
         schedule = FaultSchedule(
-            faults, server, proxy, rng, standby, sentinel, cluster, squeezer=squeezer
+            faults, server, proxy, rng, standby, sentinel, cluster, squeezer, dropper
         )
         scheduled.append(schedule)
         respawns = 0

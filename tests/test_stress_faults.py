@@ -24,7 +24,7 @@ from redis.retry import Retry
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stress.__main__ import phases
-from stress.eviction import EvictionListener, Squeezer
+from stress.eviction import EvictionListener, LockDropper, Squeezer
 from stress.faults import ALL_FAULTS, FaultSchedule
 from stress.proxy import FaultyProxy
 from stress.redis_server import RedisServer
@@ -85,6 +85,8 @@ def test_every_fault_is_in_all_and_topologies_run_alone() -> None:
     """The failovers run on a Sentinel group or a Cluster instead of the one server that the
     server faults act on: ``all`` leaves them out, and a mix is refused."""
     assert phases("all") == [frozenset(ALL_FAULTS)]
+    assert "evict" in ALL_FAULTS and "evict-locks" not in ALL_FAULTS  # opt-in: targeted
+    assert phases("evict-locks,sigkill") == [frozenset({"evict-locks", "sigkill"})]
     assert {"redis-snapshot", "flushall", "redis-switch"} <= set(ALL_FAULTS)
     assert phases("cluster-failover,sigkill") == [frozenset({"cluster-failover", "sigkill"})]
     assert frozenset({"sentinel-failover"}) in phases("each")
@@ -165,3 +167,31 @@ def test_a_squeeze_survives_a_restart_and_a_switch_of_the_server(
             assert squeezer.uncounted == 1
         finally:
             listener.close()
+
+
+def test_evict_locks_deletes_locks_only_and_records_each(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """``evict-locks`` deletes locks (an entry's, a bucket's generation lock) of the run's
+    prefix, as their eviction would, never a value, a lease or another prefix's lock, and
+    records each deletion as an eviction."""
+    client = server.admin(2.0)
+    locks = ["p:{t:d:db:1}:1", "p:{t:d:db:2}"]
+    for key in locks:
+        client.set(key, "Lxyz", px=60_000)
+    others = ["p:{t:d:db:1}:2", "p:{t:d:db:1}:3", "q:{t:d:db:1}:1", "p:registry"]
+    client.set(others[0], "Vgen:payload")
+    client.set(others[1], "Etoken:gen", px=60_000)
+    client.set(others[2], "Lxyz", px=60_000)
+    client.hset(others[3], "field", 1)
+    path = tmp_path / "evictions-of-locks.jsonl"
+    dropper = LockDropper("p", path)
+    try:
+        rng = random.Random(3)
+        while dropper.dropped < len(locks):
+            assert dropper.drop(server, rng) > 0
+    finally:
+        dropper.close()
+    assert sorted(_evictions(path)) == sorted(locks)
+    assert not any(client.exists(key) for key in locks)
+    assert all(client.exists(key) for key in others)
