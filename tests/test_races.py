@@ -1131,9 +1131,10 @@ return written
     ("protection", "ending"),
     [
         pytest.param(protection, ending, id=f"{ending}-protection_{protection}")
-        for ending in ("publishes", "background", "dies")
+        for ending in ("publishes", "background", "publish_fails", "dies")
         for protection in ("on", "off")
-        if (ending, protection) != ("dies", "off")  # a writer that dies runs no publish
+        # a writer that dies, or whose publish fails, runs no publish script
+        if protection == "on" or ending in ("publishes", "background")
     ],
 )
 def test_an_evicted_lock_serves_the_old_row_only_until_the_publish_lands(
@@ -1149,7 +1150,9 @@ def test_an_evicted_lock_serves_the_old_row_only_until_the_publish_lands(
     (W has not committed) and fills it; W commits. Its publish finds its lock gone and removes
     what is there, so n=1 can be read after ``commit()`` returned only until that publish
     lands: not at all with a synchronous publish, until the background worker's publish with
-    ``publish="background"``, until the TTL when W dies between its COMMIT and its publish.
+    ``publish="background"``, until W's journal replays when its publish fails (another
+    process reads n=1 until W's next read does it), until the TTL when W dies between its
+    COMMIT and its publish.
 
     Off: a publish that leaves an entry whose lock is gone as it finds it keeps n=1 for good."""
     if protection == "off":
@@ -1171,6 +1174,10 @@ def test_an_evicted_lock_serves_the_old_row_only_until_the_publish_lands(
         assert redis_n(cache, client, db, 1) == 1
         if ending == "dies":
             _commit_and_die(w, monkeypatch, cache)
+        elif ending == "publish_fails":
+            with monkeypatch.context() as failing:  # as for a Redis that did not answer
+                failing.setattr(cache._backend, "publish", lambda *args, **kwargs: None)
+                w.commit()
         else:
             if background:
                 assert publisher is not None
@@ -1183,6 +1190,12 @@ def test_an_evicted_lock_serves_the_old_row_only_until_the_publish_lands(
             return
         assert entry_state(client, key) is None
         assert read(factory, db, 1) == (2, "db")
+        return
+    if ending == "publish_fails":
+        other = installed(make_cache(), db)  # another process: W's journal is not its own
+        assert read(other, db, 1) == (1, "cache")  # the old row, after commit() returned
+        assert read(factory, db, 1) == (2, "db")  # W's next read replays its journal first
+        assert read(other, db, 1) == (2, "cache")
         return
     assert read(factory, db, 1) == (1, "cache")  # the old row, after commit() returned
     if ending == "dies":
