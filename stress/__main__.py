@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from .faults import ALL_FAULTS, PLANNED_FAULTS, TOPOLOGY_FAULTS, topology_of
+from .faults import ALL_FAULTS, OPT_IN_FAULTS, PLANNED_FAULTS, TOPOLOGY_FAULTS, topology_of
 from .runner import (
     ISOLATIONS,
     StressConfig,
@@ -52,7 +52,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--faults",
         default="all",
         help="none | all | each (every fault alone, then all together) | a comma-separated "
-        f"list of: {', '.join(ALL_FAULTS)}; or one of {', '.join(TOPOLOGY_FAULTS)} (a Redis "
+        f"list of: {', '.join(ALL_FAULTS)} (all), {', '.join(OPT_IN_FAULTS)} (only when "
+        f"named); or one of {', '.join(TOPOLOGY_FAULTS)} (a Redis "
         "Sentinel group or Cluster instead of one server; with sigkill and db-errors only)",
     )
     p.add_argument("--workers", type=int, default=5)
@@ -200,11 +201,12 @@ def phases(spec: str) -> list[frozenset[str]]:
     if spec == "all":
         return [frozenset(ALL_FAULTS)]
     if spec == "each":
-        return [frozenset({f}) for f in (*ALL_FAULTS, *TOPOLOGY_FAULTS)] + [frozenset(ALL_FAULTS)]
+        each = (*ALL_FAULTS, *OPT_IN_FAULTS, *TOPOLOGY_FAULTS)
+        return [frozenset({f}) for f in each] + [frozenset(ALL_FAULTS)]
     faults = frozenset(f.strip() for f in spec.split(",") if f.strip())
     for name in sorted(faults & set(PLANNED_FAULTS)):
         raise SystemExit(f"fault {name} is not built yet: it {PLANNED_FAULTS[name]}")
-    unknown = faults - set(ALL_FAULTS) - set(TOPOLOGY_FAULTS)
+    unknown = faults - set(ALL_FAULTS) - set(OPT_IN_FAULTS) - set(TOPOLOGY_FAULTS)
     if unknown:
         raise SystemExit(f"unknown faults: {sorted(unknown)}")
     try:

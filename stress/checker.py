@@ -56,6 +56,20 @@ reported apart, as ``near`` with how far behind it was (from the completion of t
 commit it missed to its start); one further behind than the bound is ``stale``; one behind a
 commit its own process completed before it began is ``own-commit``, whatever the bound.
 
+With the ``evict`` fault (Redis evicting keys under ``maxmemory``, every eviction recorded as an
+``evicted`` event with its key and the time it was heard), a stale read is reported apart, as
+``evicted`` and not as a failure, when it is the residual docs/consistency.md ("Eviction of
+locks") documents: an evicted lock lets a reader fill the value from before the COMMIT, and only
+the commit's publish removes it. Exactly: for every completed commit of the row that the read
+missed, the row's entity key or its bucket's generation key (in any keyspace) was evicted
+between that transaction's start (``tb``, when its database transaction began, before its
+locks) and its completion (its ``cend``, or its worker's death after COMMIT; the notice heard at
+most :data:`EVICTION_NOTICE_SLACK_NS` later), and the read began before that commit's publish
+landed: never, when the worker died after its COMMIT and before its publish (``kill``
+``after_commit``); at its ``published`` event with ``--publish background``. An entry left so
+at quiescence (every later commit's writer died before publishing) is ``evicted`` too, instead
+of ``divergent``. Anything else stale with evictions is still ``stale``.
+
 A stale read begun inside a failover window (``windows``: from a ``SENTINEL FAILOVER`` to the
 promotion plus the cache's ``epoch_check_interval``) is reported apart too, as ``window``: the
 moment docs/running-redis.md documents, when two primaries take writes and a process that has
@@ -66,6 +80,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -76,6 +91,10 @@ Row = tuple[str, int]
 #: the tenant label of the default schema's rows in a ``--tenants`` run (no worker means them)
 DEFAULT_TENANT = "(default)"
 SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE"})
+#: how long after an eviction its notice may be heard (the listener's read of a keyspace
+#: notification, on a loaded machine): an eviction heard this long after a writer's death is
+#: still taken to have come before it
+EVICTION_NOTICE_SLACK_NS = 250_000_000
 
 
 @dataclasses.dataclass
@@ -90,6 +109,12 @@ class Version:
     tx: str
     worker: str
     trouble: bool  # the transaction could not lock Redis (degrade mode went ahead)
+    #: the row's key (or bucket) was evicted during the transaction: a reader may have filled
+    #: the value from before it, which stays until the publish (the residual of an evicted lock)
+    evicted: bool = False
+    #: when its publish landed (None: never, its writer died after COMMIT); a commit's
+    #: publish lands before its ``cend``, a background one at its ``published`` event
+    landed: int | None = None
 
 
 @dataclasses.dataclass
@@ -129,6 +154,11 @@ class Report:
     divergent: list[Violation] = dataclasses.field(default_factory=list)
     gap: list[Violation] = dataclasses.field(default_factory=list)
     window: list[Violation] = dataclasses.field(default_factory=list)
+    #: stale reads and entries explained by an evicted lock whose commit's publish had not
+    #: landed (its writer died after COMMIT, or it was still queued): the documented residual
+    evicted: list[Violation] = dataclasses.field(default_factory=list)
+    #: the keys Redis evicted (``evict``), as the run heard them
+    evictions: int = 0
     #: near-cache reads behind a completed commit, within the staleness bound
     near: list[Violation] = dataclasses.field(default_factory=list)
     #: near-cache reads behind a commit their own process had completed (never allowed)
@@ -178,6 +208,7 @@ class Report:
             "divergent": len(self.divergent),
             "gap": len(self.gap),
             "window": len(self.window),
+            "evicted": len(self.evicted),
             "near_behind": len(self.near),
             "near_after_own": self.near_after_own,
         }
@@ -278,8 +309,15 @@ class Report:
             f"own-commit={len(self.own_commit)} cross-tenant={len(self.cross_tenant)} divergent={len(self.divergent)}"
             f"   (documented degrade gap, not failures: stale={len(self.gap)}"
             + (f"; failover windows: stale={len(self.window)}" if self.windows else "")
+            + (
+                f"; evicted lock before an unlanded publish: stale={len(self.evicted)}"
+                if self.evictions or self.evicted
+                else ""
+            )
             + ")",
         ]
+        if self.evictions:
+            lines.append(f"evictions heard: {self.evictions}")
         if self.gap:
             lines.append(self.gap_window())
         if self.windows:
@@ -294,6 +332,7 @@ class Report:
             "divergent",
             "gap",
             "window",
+            "evicted",
             "near",
         ):
             found: list[Violation] = getattr(self, name)
@@ -336,10 +375,13 @@ def check(
     leftover: Mapping[str, int] | None = None,
     windows: Iterable[tuple[int, int]] = (),
     near_bound: int | None = None,
+    buckets: tuple[int, ...] = (16,),
 ) -> Report:
     """Check a run. ``final_cache`` maps rows to the decoded VALUE Redis holds (None: a VALUE
     that could not be decoded); ``final_db`` maps rows to their columns; ``windows``: the
-    failover windows (history times); ``near_bound``: the near cache's staleness bound (ns)."""
+    failover windows (history times); ``near_bound``: the near cache's staleness bound (ns);
+    ``buckets``: the cache ``buckets`` of the run's keyspaces (an evicted generation key
+    names its bucket, a row falls in one of each)."""
     report = Report()
     report.near_bound = near_bound
     report.windows = list(windows)
@@ -355,6 +397,10 @@ def check(
     starts: dict[str, Mapping[str, Any]] = {}
     ends: dict[str, Mapping[str, Any]] = {}
     kills: dict[str, Mapping[str, Any]] = {}
+    #: (table, id or None, bucket or None) -> when each eviction of such a key was heard
+    evicted_at: dict[tuple[str, int | None, int | None], list[int]] = defaultdict(list)
+    #: tx -> when the background worker wrote its publish
+    published: dict[str, int] = {}
     reads: list[Mapping[str, Any]] = []
     aborted: set[tuple[Row, int]] = set()
     #: (table, id, value) -> the tenants whose history wrote it (committed, failed or aborted)
@@ -376,10 +422,33 @@ def check(
                 if value is not None:
                     aborted.add((_row(tb, id_, e.get("tn")), value))
                     written_in[(tb, int(id_), value)].add(e.get("tn"))
+        elif kind == "published":
+            for tx in e["txs"]:
+                published[tx] = int(e["t"])
+        elif kind == "evicted":
+            report.evictions += 1
+            named = evicted_key(e["key"])
+            if named is not None:
+                evicted_at[named].append(int(e["t"]))
         elif kind == "op":
             report.ops[e["k"]] += 1
             if e.get("err"):
                 report.errors[e["err"].split(":", 1)[0]] += 1
+
+    for times_ in evicted_at.values():
+        times_.sort()
+
+    def evicted_during(tb: str, id_: int, lo: int, hi: int) -> bool:
+        """Was the key of row ``id_`` of table ``tb``, or its bucket's generation key, evicted
+        (heard) between ``lo`` and ``hi``?"""
+        names = [(tb, id_, None)]
+        part = str(id_).encode()
+        names += [(tb, None, zlib.crc32(part) % n) for n in buckets]
+        for name in names:
+            heard = evicted_at.get(name)
+            if heard and bisect.bisect_left(heard, lo) < bisect.bisect_right(heard, hi):
+                return True
+        return False
 
     versions: dict[Row, list[Version]] = defaultdict(list)
     failed: set[tuple[Row, int]] = set()
@@ -406,6 +475,17 @@ def check(
                 if value is not None:
                     failed.add((row, value))
                 continue
+            died = kill is not None and kill["where"] == "after_commit"
+            evicted = (
+                end_t is not None
+                and bool(evicted_at)
+                and evicted_during(
+                    tb,
+                    int(id_),
+                    int(start.get("tb") or start["t"]),
+                    end_t + EVICTION_NOTICE_SLACK_NS,
+                )
+            )
             versions[row].append(
                 Version(
                     rank=DELETED_RANK if value is None else rank(value),
@@ -416,6 +496,8 @@ def check(
                     tx=tx,
                     worker=str(start.get("w", "?")),
                     trouble=trouble,
+                    evicted=evicted,
+                    landed=None if died else published.get(tx, end_t),
                 )
             )
 
@@ -550,7 +632,14 @@ def check(
                 continue
             detail += f": {(begin - missed) / 1e6:.1f} ms behind, beyond the near cache's bound"
         excused = any(v.trouble and seen < v.rank <= newest.rank for v in versions.get(row, ()))
-        if excused:
+        missed = [
+            v
+            for v in versions.get(row, ())
+            if v.end is not None and v.end <= begin and v.rank > seen
+        ]
+        if all(v.evicted and (v.landed is None or begin < v.landed) for v in missed):
+            report.evicted.append(Violation("evicted", row, detail, t0, newest.end or 0))
+        elif excused:
             report.gap.append(Violation("gap", row, detail, t0, newest.end or 0))
         elif any(a <= t0 <= b for a, b in report.windows):
             report.window.append(Violation("window", row, detail, t0, newest.end or 0))
@@ -590,10 +679,40 @@ def check(
                 )
             )
             continue
-        if any(v.trouble for v in versions.get(row, ())):
+        kept = (
+            None
+            if not isinstance(value, int) or (row, value) not in by_value
+            else by_value[(row, value)].rank
+        )
+        later = [
+            v
+            for v in versions.get(row, ())
+            if v.end is not None and kept is not None and v.rank > kept
+        ]
+        if later and all(v.evicted and v.landed is None for v in later):
+            # every commit after the value it holds died before its publish, its lock evicted
+            report.evicted.append(Violation("evicted", entry, f"at quiescence: {detail}"))
+        elif any(v.trouble for v in versions.get(row, ())):
             # a commit of this row could not lock Redis: its writer's journal invalidates the
             # entry before that process reads again, nobody else knows (the degrade gap)
             report.gap.append(Violation("gap", entry, f"at quiescence: {detail}"))
         else:
             report.divergent.append(Violation("divergent", entry, detail))
     return report
+
+
+def evicted_key(key: str) -> tuple[str, int | None, int | None] | None:
+    """(table, id, None) of an evicted entity key ``{prefix}:{<table>:<digest>:<database>:
+    <bucket>}:<id>``, (table, None, bucket) of a generation key (the same without ``:<id>``),
+    None for any other key (the registry, the epoch key, a key of no int id)."""
+    if "{" not in key or "}" not in key:
+        return None
+    inner, _, rest = key.partition("{")[2].partition("}")
+    parts = inner.split(":")
+    if len(parts) < 4 or not parts[-1].isdigit():
+        return None
+    table = parts[0]
+    if not rest:
+        return table, None, int(parts[-1])
+    id_ = rest[1:] if rest.startswith(":") else ""
+    return (table, int(id_), None) if id_.isdigit() else None

@@ -13,7 +13,14 @@ Every Redis fault includes "Redis forgets": besides a restart with every key los
                     keyspace registry and the epoch key vanish at once, nothing disconnects;
 ``redis-switch``    the proxy every worker goes through switches to another server, started from
                     a snapshot of the current one taken a few seconds earlier (an older copy),
-                    and resets every connection: a failover to a replica that lagged behind.
+                    and resets every connection: a failover to a replica that lagged behind;
+``evict``           every 0.3 to 1.5 s, for 0.1 to 1 s, the server is squeezed a few KB below the
+                    memory it uses (``maxmemory``, under ``allkeys-random`` or
+                    ``volatile-random``): it evicts keys of every kind, one at a time, while the
+                    workers run (:mod:`stress.eviction`, which also hears every eviction);
+``evict-locks``     (opt-in, not in ``all``) every 20 to 100 ms, one to three of the locks the
+                    server holds (entries' and generation locks) are deleted, as an eviction of
+                    each would: real eviction rarely lands on a lock in its short life.
 
 Two faults run on a Redis topology of their own instead of the one throwaway server (so they
 combine with the worker-side faults, not with the server faults above):
@@ -41,6 +48,7 @@ from pathlib import Path
 import redis
 
 from .cluster import ClusterGroup
+from .eviction import POLICIES, LockDropper, Squeezer
 from .history import now
 from .proxy import FaultyProxy
 from .redis_server import RedisServer
@@ -55,14 +63,26 @@ ALL_FAULTS = (
     "proxy",
     "sigkill",
     "db-errors",
+    "evict",
 )
+#: faults a run takes only when named (not in ``all``): targeted, where ``all``'s are natural
+OPT_IN_FAULTS = ("evict-locks",)
 #: faults that need the workers to reach Redis through the proxy
 PROXIED = frozenset({"proxy", "redis-switch"})
 #: faults on a Redis topology of their own (not in ``all``; one at a time)
 TOPOLOGY_FAULTS = ("sentinel-failover", "cluster-failover")
 #: faults that act on the single throwaway server (they do not combine with TOPOLOGY_FAULTS)
 SERVER_FAULTS = frozenset(
-    {"redis-restart", "redis-snapshot", "flushall", "redis-switch", "client-kill", "proxy"}
+    {
+        "redis-restart",
+        "redis-snapshot",
+        "flushall",
+        "redis-switch",
+        "client-kill",
+        "proxy",
+        "evict",
+        "evict-locks",
+    }
 )
 #: a failover window ends this long after the promotion: the workers' epoch_check_interval
 #: (1 s, the default) and the sentinels' own lag
@@ -94,11 +114,14 @@ class FaultSchedule:
         standby: RedisServer | None = None,
         sentinel: SentinelGroup | None = None,
         cluster: ClusterGroup | None = None,
+        squeezer: Squeezer | None = None,
+        dropper: LockDropper | None = None,
     ) -> None:
         """``server``: the Redis the workers reach (through ``proxy`` if any); ``standby``: the
         other server ``redis-switch`` moves them to (and back, after refreshing it);
         ``sentinel`` / ``cluster``: the topology of ``sentinel-failover`` /
-        ``cluster-failover`` (then there is no ``server``)."""
+        ``cluster-failover`` (then there is no ``server``); ``squeezer``: what ``evict``
+        squeezes the server with; ``dropper``: what ``evict-locks`` deletes locks with."""
         self.faults = faults
         self._server = server
         self.sentinel = sentinel
@@ -126,6 +149,15 @@ class FaultSchedule:
         if "redis-switch" in faults and (proxy is None or standby is None):
             raise ValueError("redis-switch needs the proxy and a standby server")
         self._next_failover = start + rng.uniform(2, 4)
+        if "evict" in faults and squeezer is None:
+            raise ValueError("evict needs a squeezer (and its eviction listener)")
+        self.squeezer = squeezer
+        self._next_squeeze = start + rng.uniform(0.3, 1.0)
+        self._next_let_go = 0.0
+        if "evict-locks" in faults and dropper is None:
+            raise ValueError("evict-locks needs a lock dropper")
+        self.dropper = dropper
+        self._next_drop = start + rng.uniform(0.02, 0.1)
         #: cluster-failover: the primary killed, and the replica whose promotion ends it
         self._victim: tuple[int, int] | None = None
         self._victim_deadline = 0.0
@@ -164,6 +196,12 @@ class FaultSchedule:
         if "client-kill" in self.faults and t >= self._next_kill:
             self.client_kill()
             self._next_kill = time.monotonic() + self.rng.uniform(0.5, 2.0)
+        if "evict" in self.faults:
+            self._evict_tick(t)
+        if "evict-locks" in self.faults and t >= self._next_drop:
+            assert self.dropper is not None
+            self.counts["locks evicted (deleted)"] += self.dropper.drop(self.server, self.rng)
+            self._next_drop = time.monotonic() + self.rng.uniform(0.02, 0.1)
         if "sentinel-failover" in self.faults:
             self._sentinel_tick()
             if t >= self._next_failover and self._failover is None:
@@ -291,6 +329,27 @@ class FaultSchedule:
         self.counts["switches to an older copy"] += 1
         self._standby_ready = False
 
+    def _evict_tick(self, t: float) -> None:
+        squeezer = self.squeezer
+        assert squeezer is not None
+        if squeezer.squeezing:
+            if t >= self._next_let_go:
+                squeezer.let_go()
+                self._next_squeeze = time.monotonic() + self.rng.uniform(0.3, 1.5)
+        elif t >= self._next_squeeze:
+            self.squeeze()
+
+    def squeeze(self) -> bool:
+        """Squeeze the server (:class:`stress.eviction.Squeezer`) until the tick that lets
+        it go, 0.1 to 1 s later (False: it could not, try at the next tick)."""
+        assert self.squeezer is not None
+        policy = self.rng.choice(POLICIES)
+        if not self.squeezer.squeeze(self.server, policy, self.rng.randint(500, 8000)):
+            return False
+        self.counts[f"squeezes ({policy})"] += 1
+        self._next_let_go = time.monotonic() + self.rng.uniform(0.1, 1.0)
+        return True
+
     def flushall(self) -> None:
         client = self.server.admin(1.0)
         try:
@@ -314,6 +373,8 @@ class FaultSchedule:
 
     def heal(self) -> None:
         """Leave Redis up and the proxy passing traffic (every slot served, a primary named)."""
+        if self.squeezer is not None:
+            self.squeezer.let_go()
         if self._server is not None and not self._server.running:
             self._server.start()
         if self.proxy is not None:

@@ -19,6 +19,11 @@ Events (``"e"`` is the kind; ``"w"`` the worker id, added by the recorder: one p
 ``kill``     the worker is about to SIGKILL itself: ``where`` "after_flush" (before the database
              COMMIT) or "after_commit" (after COMMIT, before the cache publishes), ``tx``, ``t``
 ``aborted``  values written then rolled back (explicit rollback, savepoint rollback): ``writes``
+``published`` (``--publish background``) the cache's background worker wrote the publishes of
+             the commits ``txs``, at ``t`` (a commit with none published it before its
+             ``cend``, or never, if its worker died first)
+``evicted``  (``--faults evict``, written by the runner's listener, ``w`` "redis") Redis evicted
+             ``key``; ``t`` when the run heard of it
 ``op``       an operation finished: ``k`` kind, ``t0``/``t1``, ``ok``, ``err`` (a user-visible
              exception, as text)
 
@@ -33,6 +38,7 @@ version (see :mod:`stress.models`) carries ``mv`` "B"; version A's events have n
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +61,8 @@ class Recorder:
         #: every event as ``mv``
         self.model_version: str | None = None
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        #: the cache's background publisher logs from its own thread (``published``)
+        self._lock = threading.Lock()
 
     def log(self, event: dict[str, Any]) -> None:
         event["w"] = self.worker
@@ -64,8 +72,10 @@ class Recorder:
             event.setdefault("tn", self.tenant)
             if self.way is not None:
                 event.setdefault("way", self.way)
-        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
-        self._file.flush()
+        line = json.dumps(event, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
 
     def close(self) -> None:
         self._file.close()

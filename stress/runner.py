@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,15 @@ from sqlalchemy_writethrough.protocol import payload_of
 
 from .checker import DEFAULT_TENANT, Report, Row, check, tenant_table, versioned
 from .cluster import ClusterGroup
-from .faults import ALL_FAULTS, PROXIED, TOPOLOGY_FAULTS, FaultSchedule, topology_of
+from .eviction import EvictionListener, LockDropper, Squeezer
+from .faults import (
+    ALL_FAULTS,
+    OPT_IN_FAULTS,
+    PROXIED,
+    TOPOLOGY_FAULTS,
+    FaultSchedule,
+    topology_of,
+)
 from .history import Recorder, now, read_histories
 from .models import (
     VERSIONS,
@@ -494,7 +503,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
     seed = config.seed if config.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     faults = frozenset(config.faults)
-    unknown = faults - set(ALL_FAULTS) - set(TOPOLOGY_FAULTS)
+    unknown = faults - set(ALL_FAULTS) - set(OPT_IN_FAULTS) - set(TOPOLOGY_FAULTS)
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}")
     topology_of(faults)  # a combination that cannot run fails now
@@ -546,6 +555,23 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         else:
             seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
         prefix = f"st-{uuid.uuid4().hex[:8]}"
+        squeezer: Squeezer | None = None
+        listener: EvictionListener | None = None
+        #: the schedule, once made: the eviction listener follows its server (redis-switch)
+        scheduled: list[FaultSchedule] = []
+        if "evict" in faults:
+            assert server is not None
+            first = server
+            listener = EvictionListener(
+                lambda: (scheduled[0].server if scheduled else first).port,
+                workdir / "evictions.jsonl",
+            )
+            stack.callback(listener.close)
+            squeezer = Squeezer(listener, rng)
+        dropper: LockDropper | None = None
+        if "evict-locks" in faults:
+            dropper = LockDropper(prefix, workdir / "evictions-of-locks.jsonl")
+            stack.callback(dropper.close)
         # The clock starts once every first worker is ready (imported, connected): on a loaded
         # machine start-up alone once took longer than a short run, which then did nothing.
         start_file = workdir / "start"
@@ -603,7 +629,10 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         deadline = start_when_ready(workdir, names, list(procs.values()), "stress")
         deadline += int(config.seconds * 1e9)
         release(start_file, deadline)
-        schedule = FaultSchedule(faults, server, proxy, rng, standby, sentinel, cluster)
+        schedule = FaultSchedule(
+            faults, server, proxy, rng, standby, sentinel, cluster, squeezer, dropper
+        )
+        scheduled.append(schedule)
         respawns = 0
         crashed: list[str] = []
         while now() < deadline:
@@ -624,6 +653,8 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     del procs[slot]
             if now() < deadline - 1e9:
                 schedule.tick()
+            elif squeezer is not None:
+                squeezer.let_go()  # no eviction in the last second: entries stay to compare
         schedule.heal()
         (workdir / "faults.log").write_text("".join(f"{line}\n" for line in schedule.timeline))
         reap(list(procs.values()), time.monotonic() + 30)
@@ -645,7 +676,13 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             dump_cluster(schedule.cluster, prefix, workdir / "final-redis.dump")
         events = read_histories(workdir)
         report = check(
-            events, final_db, final_cache, leftover, schedule.windows, _bound(config.near_cache)
+            events,
+            final_db,
+            final_cache,
+            leftover,
+            schedule.windows,
+            _bound(config.near_cache),
+            buckets=_bucket_counts(config),
         )
         stats: Counter[str] = Counter()
         for e in events:
@@ -655,6 +692,11 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         info.update(schedule.counts)
         if proxy is not None:
             info.update({f"proxy {k}": v for k, v in proxy.counts.items()})
+        if squeezer is not None and listener is not None:
+            info["keys evicted (the servers' count)"] = squeezer.evicted
+            info["evictions heard"] = listener.heard
+            if squeezer.uncounted:
+                info["squeezes ended by a restart (not counted)"] = squeezer.uncounted
         info["cache stats of workers alive at the end"] = dict(stats)
         if crashed:
             info["crashed"] = crashed
@@ -665,6 +707,13 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         info["elapsed"] = f"{time.monotonic() - started:.1f}s"
         return StressResult(config, report, info)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _bucket_counts(config: StressConfig) -> tuple[int, ...]:
+    """The cache ``buckets`` of the run's keyspaces (the workers' default, and the second
+    model version's own): the checker finds a row's bucket with them."""
+    default = int(signature(WriteThroughCache).parameters["buckets"].default)
+    return tuple(sorted({default, config.model_b_buckets or default}))
 
 
 def _bound(near_cache: float | None) -> int | None:

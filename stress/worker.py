@@ -238,6 +238,9 @@ class Worker:
             **({"buckets": config["buckets"]} if config.get("buckets") else {}),
         )
         sabotage(self.cache, config.get("sabotage"))
+        #: the transaction ``commit()`` is committing now (its background publish's ``tx``)
+        self.committing: str | None = None
+        self._watch_background_publishes()
         #: where each key of the latest IN-list read came from (see ``_watch_batch_reads``)
         self.batch_sources: dict[str, str] = {}
         self.batch_keys: list[str] = []
@@ -335,6 +338,38 @@ class Worker:
                 return read
 
             near.read_many = watched_read_many  # type: ignore[method-assign]
+
+    def _watch_background_publishes(self) -> None:
+        """Record when the cache's background worker wrote each commit's publish
+        (``published``): until then, an entry whose lock Redis evicted may hold a value a
+        reader filled before the COMMIT (docs/consistency.md, "Eviction of locks"), which the
+        checker tells apart only while the publish is pending. Stress instrumentation around
+        the queue's two ends, as ``--sabotage unlocked-background-publish`` wraps them."""
+        write = self.cache._write
+        publisher = write.publisher
+        if publisher is None:
+            return
+        submit, run = write._submit, publisher._run
+        queued: dict[int, str] = {}
+
+        def tagged_submit(job: Any) -> bool:
+            if job.committed and self.committing is not None:
+                queued[id(job)] = self.committing
+            taken = submit(job)
+            if not taken:
+                queued.pop(id(job), None)  # the queue was full: published before cend
+            return taken
+
+        def logged_run(jobs: Any) -> object:
+            try:
+                return run(jobs)
+            finally:
+                txs = [tx for job in jobs if (tx := queued.pop(id(job), None)) is not None]
+                if txs:
+                    self.rec.log({"e": "published", "txs": txs, "t": now()})
+
+        write._submit = tagged_submit  # type: ignore[method-assign]
+        publisher._run = logged_run
 
     def _note(self, pairs: Any, found: Any) -> None:
         if found is None:
@@ -495,6 +530,8 @@ class Worker:
         self.tx_seq += 1
         tx = f"{self.name}:{self.tx_seq}"
         start: dict[str, Any] = {"e": "cstart", "tx": tx, "writes": writes, "t": now()}
+        if s.info.get("t_begin") is not None:
+            start["tb"] = s.info["t_begin"]  # its database transaction began (before its locks)
         if path is not None:
             start["path"] = path  # the statement-level write path (op_stmt)
         self.rec.log(start)
@@ -504,6 +541,7 @@ class Worker:
             self._die("after_flush", tx)
         outcome = "ok"
         error: BaseException | None = None
+        self.committing = tx
         try:
             s.commit()
         except CacheUnavailableError as exc:  # raised at flush, before COMMIT
@@ -515,6 +553,7 @@ class Worker:
             outcome, error = "maybe", exc
         finally:
             s.info.pop("armed", None)
+            self.committing = None
         lf = self.cache.stats().lock_failures - lock_failures_before
         self.rec.log({"e": "cend", "tx": tx, "outcome": outcome, "t": now(), "lf": lf})
         if error is not None:

@@ -1103,3 +1103,109 @@ def test_get_of_a_missing_row_then_an_insert(
     else:
         assert client.get(entry_key(cache, RcItem, 6)) == NEGATIVE
         assert reader(6) == (None, "cache")  # the committed row is hidden
+
+
+#: a publish that leaves an entry whose lock is gone as it is (the real one deletes it: what is
+#: there may have been filled before the COMMIT)
+NAIVE_PUBLISH_KEEPS_WHAT_IT_FINDS = """
+local written = 0
+for j = 1, #KEYS / 2 do
+  local k, gk = KEYS[2 * j - 1], KEYS[2 * j]
+  local payload, ttl = ARGV[2 * j], ARGV[2 * j + 1]
+  local v = redis.call('GET', k)
+  local lock = (v and string.byte(v, 1) == 76) and read_lock(v) or nil
+  if lock and lock[1][ARGV[1]] then
+    if payload ~= '' and lock[2] == 0 and current_gen(gk) == lock[5] then
+      redis.call('SET', k, 'V' .. lock[5] .. ':' .. payload, 'PX', ttl)
+      written = written + 1
+    else
+      redis.call('DEL', k)
+    end
+  end
+end
+return written
+"""
+
+
+@pytest.mark.parametrize(
+    ("protection", "ending"),
+    [
+        pytest.param(protection, ending, id=f"{ending}-protection_{protection}")
+        for ending in ("publishes", "background", "publish_fails", "dies")
+        for protection in ("on", "off")
+        # a writer that dies, or whose publish fails, runs no publish script
+        if protection == "on" or ending in ("publishes", "background")
+    ],
+)
+def test_an_evicted_lock_serves_the_old_row_only_until_the_publish_lands(
+    protection: str,
+    ending: str,
+    monkeypatch: pytest.MonkeyPatch,
+    db: Engine,
+    make_cache: Callable[..., WriteThroughCache],
+    client: redis.Redis,
+) -> None:
+    """The documented residual of eviction (docs/consistency.md, "Eviction of locks"),
+    exactly. W flushes n=2 (its lock is in Redis); Redis evicts the lock; R misses, loads n=1
+    (W has not committed) and fills it; W commits. Its publish finds its lock gone and removes
+    what is there, so n=1 can be read after ``commit()`` returned only until that publish
+    lands: not at all with a synchronous publish, until the background worker's publish with
+    ``publish="background"``, until W's journal replays when its publish fails (another
+    process reads n=1 until W's next read does it), until the TTL when W dies between its
+    COMMIT and its publish.
+
+    Off: a publish that leaves an entry whose lock is gone as it finds it keeps n=1 for good."""
+    if protection == "off":
+        replace_script(monkeypatch, Script.PUBLISH, NAIVE_PUBLISH_KEEPS_WHAT_IT_FINDS)
+    background = ending == "background"
+    cache = make_cache(**({"publish": "background"} if background else {}))
+    factory = installed(cache, db)
+    insert_behind_cache(db, 1, n=1)
+    key = entry_key(cache, RcItem, 1)
+    publisher = cache._write.publisher
+    with factory() as w:
+        obj = w.get(RcItem, 1)
+        assert obj is not None
+        obj.n = 2
+        w.flush()
+        assert entry_state(client, key) == "lock"
+        client.delete(key)  # evicted
+        assert read(factory, db, 1) == (1, "db")  # R: a miss, filled with the row before
+        assert redis_n(cache, client, db, 1) == 1
+        if ending == "dies":
+            _commit_and_die(w, monkeypatch, cache)
+        elif ending == "publish_fails":
+            with monkeypatch.context() as failing:  # as for a Redis that did not answer
+                failing.setattr(cache._backend, "publish", lambda *args, **kwargs: None)
+                w.commit()
+        else:
+            if background:
+                assert publisher is not None
+                publisher._go.clear()  # the publish stays queued
+            w.commit()
+    assert in_database(db, 1) == 2
+    if ending == "publishes":
+        if protection == "off":
+            assert read(factory, db, 1) == (1, "cache")  # stale, after W's commit returned
+            return
+        assert entry_state(client, key) is None
+        assert read(factory, db, 1) == (2, "db")
+        return
+    if ending == "publish_fails":
+        other = installed(make_cache(), db)  # another process: W's journal is not its own
+        assert read(other, db, 1) == (1, "cache")  # the old row, after commit() returned
+        assert read(factory, db, 1) == (2, "db")  # W's next read replays its journal first
+        assert read(other, db, 1) == (2, "cache")
+        return
+    assert read(factory, db, 1) == (1, "cache")  # the old row, after commit() returned
+    if ending == "dies":
+        assert client.pttl(key) > 0  # until the entry's TTL
+        return
+    assert publisher is not None
+    publisher._go.set()
+    assert cache.flush_publishes()
+    if protection == "off":
+        assert read(factory, db, 1) == (1, "cache")  # stale for good
+        return
+    assert entry_state(client, key) is None
+    assert read(factory, db, 1) == (2, "db")

@@ -654,6 +654,36 @@ def test_a_writer_records_its_keyspace_again_after_redis_forgot_it(
 
 
 @pytest.mark.databases("sqlite")
+def test_an_evicted_registry_leaves_the_other_versions_entry_until_it_registers_again(
+    server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """The documented cost of an ``allkeys-*`` eviction policy during a rolling deploy
+    (docs/running-redis.md, "Eviction and maxmemory-policy"): Redis evicts the registry alone,
+    the entries stay. The new version's next registration records only its own keyspace and
+    brings that list back, so its next commit neither locks nor invalidates the old version's
+    entry, which (read by hits, which record nothing) serves the older row until the old
+    version takes a lease or a lock again (then the next commit reaches it) or its TTL. A
+    ``FLUSHALL`` or ``cache.clear()`` takes the entries with the registry; ``volatile-*``
+    never evicts it (it has no TTL)."""
+    _, old = on_server(OldItem)
+    new_cache, new = on_server(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")  # the new version's lease brings the old keyspace
+    server.admin().delete(registry_key(prefix))  # evicted (allkeys-random, allkeys-lru...)
+    assert name_of(new, NewItem, 2, schema) == (None, 1)  # a miss: its lease registers
+    _set_name(new, NewItem, "v2")
+    assert name_of(old, OldItem, 1, schema) == ("v1", 0)  # the older row, from Redis
+    assert new_cache.stats().commits >= 1
+    # a lease or lock of the old version records its keyspace again; commits reach it then
+    assert name_of(old, OldItem, 2, schema) == (None, 1)
+    _set_name(new, NewItem, "v3")
+    assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+
+
+@pytest.mark.databases("sqlite")
 def test_a_reader_waiting_for_a_fill_records_its_keyspace_with_each_poll(
     server: Any, on_server: Any, schema: Engine, prefix: str
 ) -> None:

@@ -9,6 +9,7 @@ excused cases, that nothing is reported).
 from __future__ import annotations
 
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -438,3 +439,88 @@ def test_each_model_versions_entries_are_compared_with_that_versions_row() -> No
     assert [x.row for x in report.divergent] == [b_item], report.format()
     other_note = {b_item: {**db[b_item], "note": "y"}}
     assert [x.row for x in check(history(), db, {**fresh, **other_note}).divergent] == [b_item]
+
+
+def _killed_writer(evicted: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """Row 1: v1 seeded; w's transaction began at 5 ms, committed v2 (cstart at 10) and died
+    after its COMMIT at 12 ms, before its publish; Redis evicted ``evicted`` (key, ms)."""
+    return [
+        *commit("seed", 1, v(1), 0, 1),
+        {
+            "e": "cstart",
+            "tx": "w:1",
+            "writes": [[ITEM_TABLE, 1, v(2)]],
+            "t": 10 * MS,
+            "tb": 5 * MS,
+            "w": "w",
+        },
+        {"e": "kill", "where": "after_commit", "tx": "w:1", "t": 12 * MS, "w": "w"},
+        *({"e": "evicted", "key": key, "t": t * MS, "w": "redis"} for key, t in evicted),
+    ]
+
+
+ITEM_KEY = "st:{" + ITEM_TABLE + ":d1:db1:%d}"
+BUCKET_OF_1 = zlib.crc32(b"1") % 16
+
+
+def test_a_stale_read_behind_a_dead_writer_whose_lock_was_evicted_is_the_eviction_residual() -> (
+    None
+):
+    """docs/consistency.md, "Eviction of locks": a lock evicted while its writer is between
+    flush and publish, and the writer dead after COMMIT, leaves the value a reader filled
+    before the COMMIT. The checker reports exactly that apart (``evicted``), for the row's
+    entity key and for its bucket's generation key, and at quiescence too."""
+    entity = (ITEM_KEY % BUCKET_OF_1) + ":1"
+    generation = ITEM_KEY % BUCKET_OF_1
+    stale_entry = {(ITEM_TABLE, 1): {"id": 1, "counter": v(1), "parent_id": 1}}
+    for key in (entity, generation):
+        report = check([*_killed_writer([(key, 8)]), read(1, v(1), 20, 21)], DB, stale_entry)
+        assert report.ok, report.format()
+        assert len(report.evicted) == 2 and report.evictions == 1, report.format()
+        assert "at quiescence" in report.evicted[1].detail
+
+
+def test_evictions_excuse_nothing_else() -> None:
+    """The same stale read is ``stale`` when no key of the row was evicted during the dead
+    writer's transaction (none, before it began, another row's, another bucket's, a registry
+    key), or when the writer did not die: its publish removes what a reader filled."""
+    other_bucket = (BUCKET_OF_1 + 1) % 16
+    for evicted in (
+        [],
+        [((ITEM_KEY % BUCKET_OF_1) + ":1", 3)],  # before its transaction began
+        [((ITEM_KEY % BUCKET_OF_1) + ":2", 8)],  # another row
+        [(ITEM_KEY % other_bucket, 8)],  # another bucket
+        [("st:registry", 8), ("st:epoch", 8)],
+    ):
+        report = check([*_killed_writer(evicted), read(1, v(1), 20, 21)], DB, {})
+        assert len(report.stale) == 1 and not report.evicted, (evicted, report.format())
+    events = [
+        *commit("seed", 1, v(1), 0, 1),
+        *commit("w:1", 1, v(2), 10, 12),
+        {"e": "evicted", "key": (ITEM_KEY % BUCKET_OF_1) + ":1", "t": 11 * MS, "w": "redis"},
+        read(1, v(1), 20, 21),
+    ]
+    report = check(events, DB, {(ITEM_TABLE, 1): {"id": 1, "counter": v(1), "parent_id": 1}})
+    assert len(report.stale) == 1 and len(report.divergent) == 1, report.format()
+    assert not report.evicted
+
+
+def test_with_background_publish_the_eviction_residual_lasts_until_the_publish_lands() -> None:
+    """``--publish background``: ``commit()`` returns before the publish; a value a reader filled
+    over an evicted lock is there until the background worker's publish removes it. A read
+    begun before it landed (``published``) is the residual; one begun after, stale."""
+    key = (ITEM_KEY % BUCKET_OF_1) + ":1"
+    events = [
+        *commit("seed", 1, v(1), 0, 1),
+        {"e": "cstart", "tx": "w:1", "writes": [[ITEM_TABLE, 1, v(2)]], "t": 10 * MS, "tb": 5 * MS},
+        {"e": "cend", "tx": "w:1", "outcome": "ok", "t": 12 * MS, "lf": 0, "w": "w"},
+        {"e": "published", "txs": ["w:1"], "t": 30 * MS, "w": "w"},
+        {"e": "evicted", "key": key, "t": 8 * MS, "w": "redis"},
+        read(1, v(1), 20, 21),
+        read(1, v(1), 35, 36),
+    ]
+    for e in events:
+        e.setdefault("w", "w")
+    report = check(events, DB, {})
+    assert len(report.evicted) == 1 and report.evicted[0].t == 20 * MS, report.format()
+    assert len(report.stale) == 1 and report.stale[0].t == 35 * MS, report.format()

@@ -3,14 +3,17 @@
 ``python -m stress`` (and ``tests/test_stress_short.py``) trusts ``stress.faults`` to make Redis
 go back in time; these tests check that it does: a restart from a snapshot holds the snapshot's
 values under a new run id, a switch lands every connection on a server holding an older copy,
-and ``FLUSHALL`` empties the server the workers reach.
+``FLUSHALL`` empties the server the workers reach, and ``evict`` makes the server evict keys
+(and hears every one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from redis.retry import Retry
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stress.__main__ import phases
+from stress.eviction import EvictionListener, LockDropper, Squeezer
 from stress.faults import ALL_FAULTS, FaultSchedule
 from stress.proxy import FaultyProxy
 from stress.redis_server import RedisServer
@@ -81,6 +85,8 @@ def test_every_fault_is_in_all_and_topologies_run_alone() -> None:
     """The failovers run on a Sentinel group or a Cluster instead of the one server that the
     server faults act on: ``all`` leaves them out, and a mix is refused."""
     assert phases("all") == [frozenset(ALL_FAULTS)]
+    assert "evict" in ALL_FAULTS and "evict-locks" not in ALL_FAULTS  # opt-in: targeted
+    assert phases("evict-locks,sigkill") == [frozenset({"evict-locks", "sigkill"})]
     assert {"redis-snapshot", "flushall", "redis-switch"} <= set(ALL_FAULTS)
     assert phases("cluster-failover,sigkill") == [frozenset({"cluster-failover", "sigkill"})]
     assert frozenset({"sentinel-failover"}) in phases("each")
@@ -88,3 +94,104 @@ def test_every_fault_is_in_all_and_topologies_run_alone() -> None:
         phases("redis-restart,sentinel-failover")
     with pytest.raises(SystemExit, match="topology of their own"):
         phases("sentinel-failover,cluster-failover")
+
+
+def _evictions(path: Path) -> list[str]:
+    return [json.loads(line)["key"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("policy", ["allkeys-random", "volatile-random"])
+def test_evict_makes_redis_evict_and_every_eviction_is_heard(
+    server: RedisServer, tmp_path: Path, policy: str
+) -> None:
+    """``evict`` squeezes the server below the memory it uses: its writes then evict keys
+    (under ``allkeys-random`` keys without a TTL too, under ``volatile-random`` only keys with
+    one), and the listener hears each eviction, as many as the server counts; once let go,
+    nothing more is evicted."""
+    client = server.admin(2.0)
+    for i in range(100):
+        client.set(f"forever:{i}", "x" * 200)
+        client.set(f"expiring:{i}", "x" * 200, px=600_000)
+    path = tmp_path / "evictions.jsonl"
+    listener = EvictionListener(lambda: server.port, path)
+    try:
+        squeezer = Squeezer(listener, random.Random(1))
+        schedule = FaultSchedule(
+            frozenset({"evict"}), server, None, random.Random(1), squeezer=squeezer
+        )
+        assert squeezer.squeeze(server, policy, 6000)
+        for i in range(20):
+            client.set(f"new:{i}", "y" * 100, px=600_000)
+        squeezer.let_go()
+        deadline = time.monotonic() + 5
+        while listener.heard < squeezer.evicted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        evicted = _evictions(path)
+        assert len(evicted) == listener.heard == squeezer.evicted >= 20
+        assert not any(client.exists(key) for key in evicted)
+        kinds = {key.split(":", 1)[0] for key in evicted}
+        if policy == "volatile-random":
+            assert "forever" not in kinds
+        else:
+            assert "forever" in kinds
+        for i in range(50):
+            client.set(f"after:{i}", "z" * 200)
+        assert int(client.info("stats")["evicted_keys"]) == squeezer.evicted
+        assert schedule.squeeze() and squeezer.squeezing  # as the schedule's ticks do
+        schedule.heal()
+        assert not squeezer.squeezing and client.config_get("maxmemory")["maxmemory"] == "0"
+    finally:
+        listener.close()
+
+
+def test_a_squeeze_survives_a_restart_and_a_switch_of_the_server(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """A restart ends a squeeze (the server starts without a limit; its count is lost and
+    said so); the listener follows the server it is told about, and a squeeze waits until
+    it hears that one."""
+    with RedisServer() as other:
+        current = [server]
+        listener = EvictionListener(lambda: current[0].port, tmp_path / "evictions.jsonl")
+        try:
+            squeezer = Squeezer(listener, random.Random(1))
+            assert squeezer.squeeze(server, "allkeys-random", 1000)
+            server.restart()
+            squeezer.let_go()
+            assert squeezer.uncounted == 1 and squeezer.evicted == 0
+            assert server.admin().config_get("maxmemory")["maxmemory"] == "0"
+            current[0] = other
+            assert squeezer.squeeze(other, "volatile-random", 1000)
+            assert listener.subscribed == other.port
+            squeezer.let_go()
+            assert squeezer.uncounted == 1
+        finally:
+            listener.close()
+
+
+def test_evict_locks_deletes_locks_only_and_records_each(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """``evict-locks`` deletes locks (an entry's, a bucket's generation lock) of the run's
+    prefix, as their eviction would, never a value, a lease or another prefix's lock, and
+    records each deletion as an eviction."""
+    client = server.admin(2.0)
+    locks = ["p:{t:d:db:1}:1", "p:{t:d:db:2}"]
+    for key in locks:
+        client.set(key, "Lxyz", px=60_000)
+    others = ["p:{t:d:db:1}:2", "p:{t:d:db:1}:3", "q:{t:d:db:1}:1", "p:registry"]
+    client.set(others[0], "Vgen:payload")
+    client.set(others[1], "Etoken:gen", px=60_000)
+    client.set(others[2], "Lxyz", px=60_000)
+    client.hset(others[3], "field", 1)
+    path = tmp_path / "evictions-of-locks.jsonl"
+    dropper = LockDropper("p", path)
+    try:
+        rng = random.Random(3)
+        while dropper.dropped < len(locks):
+            assert dropper.drop(server, rng) > 0
+    finally:
+        dropper.close()
+    assert sorted(_evictions(path)) == sorted(locks)
+    assert not any(client.exists(key) for key in locks)
+    assert all(client.exists(key) for key in others)
