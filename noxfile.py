@@ -6,6 +6,15 @@ Sessions run on the interpreter that runs nox; pick another with
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -124,6 +133,66 @@ def _pytest(session: nox.Session, pin: str, *args: str) -> None:
     session.run(
         "pytest", "-n", "2", "--dist", "loadfile", "--durations=25", *args, *session.posargs
     )  # fmt: skip
+
+
+@nox.session
+def valkey(session: nox.Session) -> None:
+    """The suite against Valkey (not in the default list: CI has no Valkey build).
+
+    ``REDIS_SERVER_BINARY`` names a ``valkey-server`` (``REDIS_CLI_BINARY`` its cli, by
+    default the ``valkey-cli`` beside it): the session starts one on a free loopback port for
+    ``REDIS_URL``, and every fixture (Cluster nodes, Sentinel groups, restarted servers, the
+    short stress runs) starts that binary too. docs/running-redis.md says which Valkey was
+    verified. Arguments after ``--`` go to pytest."""
+    binary = os.environ.get("REDIS_SERVER_BINARY", "")
+    found = shutil.which(binary) if binary else None
+    if found is None:
+        session.error(
+            "set REDIS_SERVER_BINARY to a valkey-server binary (docs/running-redis.md, 'Valkey')"
+        )
+    version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
+    if "valkey" not in version.lower():
+        session.error(f"{found} is not Valkey: {version.strip()!r}")
+    session.log(version.strip())
+    with (
+        tempfile.TemporaryDirectory(prefix="nox-valkey-") as workdir,
+        _server(found, workdir) as url,
+    ):
+        session.env["REDIS_URL"] = url
+        _pytest(session, SQLALCHEMY_PINS["2.1"], *(() if session.posargs else _ONCE_RUNS))
+
+
+@contextlib.contextmanager
+def _server(binary: str, workdir: str) -> Iterator[str]:
+    """A throwaway ``binary`` (redis-server or valkey-server) on a free loopback port, without
+    persistence; its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        [*args, "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _answers(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{binary} did not start on port {port}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _answers(port: int) -> bool:
+    """True when the server on ``port`` answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 @nox.session

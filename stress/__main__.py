@@ -36,7 +36,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         prog="python -m stress",
         description="Concurrency and failure stress checker for sqlalchemy-writethrough "
         "(loopback only; PostgreSQL/MariaDB from $POSTGRESQL_URL/$MARIADB_URL or the local "
-        "defaults; a throwaway redis-server on a free port).",
+        "defaults; a throwaway redis-server on a free port: $REDIS_SERVER_BINARY and "
+        "$REDIS_CLI_BINARY name another build, e.g. Valkey's valkey-server).",
     )
     p.add_argument(
         "--scenario", choices=["stress", "herd", "outage", "partition"], default="stress"

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import redis
 
-from .redis_server import admin_client, die_with_parent, free_port, wait_for
+from .redis_server import (
+    admin_client,
+    cli_binary,
+    die_with_parent,
+    free_port,
+    server_binary,
+    wait_for,
+)
 
 NODE_TIMEOUT_MS = 1000
 SLOTS = 16384
@@ -143,8 +150,8 @@ class ClusterGroup:
     """
 
     def __init__(self, primaries: int = 3, replicas: int = 1) -> None:
-        binary = shutil.which("redis-server")
-        cli = shutil.which("redis-cli")
+        binary = server_binary()
+        cli = cli_binary()
         if binary is None or cli is None:
             raise RuntimeError("redis-server and redis-cli are needed for a Redis Cluster")
         self.cli = cli

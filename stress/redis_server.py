@@ -1,10 +1,18 @@
 """A throwaway ``redis-server`` on a free loopback port, which can be restarted with its data
-lost, or from an older snapshot (its own or another server's)."""
+lost, or from an older snapshot (its own or another server's).
+
+Which server binary every fixture and stress run starts (standalone servers, Cluster nodes,
+sentinels): ``$REDIS_SERVER_BINARY`` if set (a path, or a name looked up on PATH: a Valkey
+build's ``valkey-server``, another Redis version), else ``redis-server`` on PATH; the cli
+(``redis-cli --cluster create``): ``$REDIS_CLI_BINARY``, else the ``-cli`` next to a configured
+server (``valkey-server`` -> ``valkey-cli`` in the same directory), else ``redis-cli`` on PATH.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -21,6 +29,46 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 _PR_SET_PDEATHSIG = 1
+
+#: Environment variable naming the server binary to start instead of ``redis-server``.
+SERVER_BINARY_ENV = "REDIS_SERVER_BINARY"
+#: Environment variable naming the cli binary to run instead of ``redis-cli``.
+CLI_BINARY_ENV = "REDIS_CLI_BINARY"
+
+
+def _configured(variable: str) -> str | None:
+    """The executable ``$variable`` names; None when unset. A set variable naming nothing
+    runnable is a broken setup: it raises rather than falling back to another server."""
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        return None
+    found = shutil.which(value)
+    if found is None:
+        raise RuntimeError(f"${variable}={value!r} is not an executable file (nor on PATH)")
+    return found
+
+
+def server_binary() -> str | None:
+    """The server to start: ``$REDIS_SERVER_BINARY``, else ``redis-server`` on PATH (None:
+    neither)."""
+    return _configured(SERVER_BINARY_ENV) or shutil.which("redis-server")
+
+
+def cli_binary() -> str | None:
+    """The cli to run: ``$REDIS_CLI_BINARY``; else, with ``$REDIS_SERVER_BINARY`` set, the
+    ``-cli`` beside it (``valkey-server`` -> ``valkey-cli``), so that one variable picks a
+    whole build; else ``redis-cli`` on PATH (None: none of them)."""
+    configured = _configured(CLI_BINARY_ENV)
+    if configured is not None:
+        return configured
+    server = _configured(SERVER_BINARY_ENV)
+    if server is not None:
+        path = Path(server)
+        if path.name.endswith("-server"):
+            sibling = path.with_name(path.name[: -len("server")] + "cli")
+            if os.access(sibling, os.X_OK):
+                return str(sibling)
+    return shutil.which("redis-cli")
 
 
 def die_with_parent() -> None:
@@ -96,7 +144,7 @@ class RedisServer:
     to the moment of that snapshot."""
 
     def __init__(self, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
+        binary = server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.binary = binary

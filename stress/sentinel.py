@@ -19,7 +19,14 @@ from pathlib import Path
 
 import redis
 
-from .redis_server import RedisServer, admin_client, die_with_parent, free_port, wait_for
+from .redis_server import (
+    RedisServer,
+    admin_client,
+    die_with_parent,
+    free_port,
+    server_binary,
+    wait_for,
+)
 
 SERVICE = "wtmaster"
 
@@ -79,7 +86,7 @@ class SentinelGroup:
     """
 
     def __init__(self, replicas: int = 1, sentinels: int = 3) -> None:
-        binary = shutil.which("redis-server")
+        binary = server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.binary = binary

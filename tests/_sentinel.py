@@ -5,7 +5,6 @@ real primary, one replica and 3 sentinels on loopback (:mod:`stress.sentinel`);
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from stress.redis_server import server_binary
 from stress.sentinel import SERVICE, SentinelGroup
 
 from _servers import in_ci
@@ -23,7 +23,7 @@ from _servers import in_ci
 
 def require_redis_server() -> None:
     """Skip the test (fail it on CI) without a redis-server binary."""
-    if shutil.which("redis-server") is None:
+    if server_binary() is None:
         if in_ci():
             pytest.fail("[CI] no redis-server binary on PATH", pytrace=False)
         pytest.skip("no redis-server binary on PATH")

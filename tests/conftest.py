@@ -26,6 +26,7 @@ import asyncio
 import gc
 import logging
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -140,10 +141,30 @@ def _narrowed(config: pytest.Config, items: list[pytest.Item]) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say which servers the run actually used, so a CI log shows what was tested."""
-    if DISCOVERED:
-        terminalreporter.write_sep("-", "servers used")
-        for name, where in sorted(DISCOVERED.items()):
-            terminalreporter.write_line(f"{name}: {where}")
+    terminalreporter.write_sep("-", "servers used")
+    for name, where in sorted(DISCOVERED.items()):  # empty in pytest-xdist's controller
+        terminalreporter.write_line(f"{name}: {where}")
+    terminalreporter.write_line(f"servers started by fixtures: {_started_binary()}")
+
+
+def _started_binary() -> str:
+    """The server binary the fixtures start (Cluster, Sentinel, restarts), and its version."""
+    from stress.redis_server import SERVER_BINARY_ENV, server_binary
+
+    try:
+        binary = server_binary()
+    except RuntimeError as exc:
+        return str(exc)
+    if binary is None:
+        return "none (no redis-server on PATH)"
+    where = f"${SERVER_BINARY_ENV}" if os.environ.get(SERVER_BINARY_ENV) else "PATH"
+    try:
+        version = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        version = f"--version failed: {exc}"
+    return f"{binary} (from {where}): {version}"
 
 
 # A background thread of a finished test's cache (a breaker's probe) may log a warning between

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, CacheUnavailableError, WriteThroughCache
+from stress.redis_server import server_binary
 
 from _cache_helpers import prefix_keys
 from _servers import capture_sql, in_ci, reset_schema
@@ -73,7 +73,7 @@ def _free_port() -> int:
 @pytest.fixture
 def spawn_redis(tmp_path: Path) -> Iterator[object]:
     """``spawn_redis(*args)``: a throwaway redis-server with extra arguments; its port."""
-    binary = shutil.which("redis-server")
+    binary = server_binary()
     if binary is None:
         if in_ci():
             pytest.fail("[CI] no redis-server binary on PATH", pytrace=False)

@@ -19,7 +19,6 @@ check disabled) to see v1 served: that is what these tests guard against.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy_writethrough import CachedModel, CacheUnavailableError, WriteThroughCache
 from sqlalchemy_writethrough.keys import registry_version_key
 from stress.proxy import FaultyProxy
-from stress.redis_server import RedisServer
+from stress.redis_server import RedisServer, server_binary
 
 from _cache_helpers import entry_key
 from _servers import capture_sql, in_ci, reset_schema
@@ -60,7 +59,7 @@ def schema(engine: Engine) -> Engine:
 @pytest.fixture
 def servers() -> Iterator[Any]:
     """``servers()``: a started throwaway RedisServer; all closed afterwards."""
-    if shutil.which("redis-server") is None:
+    if server_binary() is None:
         if in_ci():
             pytest.fail("[CI] no redis-server binary on PATH", pytrace=False)
         pytest.skip("no redis-server binary on PATH")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 from sqlalchemy_writethrough._redis_compat import checkout_of
 from sqlalchemy_writethrough.redis_sync import SyncTransport
+from stress.redis_server import server_binary
 
 from _servers import COUNTED, capture_sql, reset_schema
 
@@ -53,7 +53,7 @@ NAME = "wt-kept"
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[int]:
     """The port of a throwaway redis-server (tests here CONFIG SET and CLIENT KILL)."""
-    binary = shutil.which("redis-server")
+    binary = server_binary()
     if binary is None:
         pytest.skip("no redis-server binary on PATH")
     with socket.socket() as sock:

@@ -18,7 +18,6 @@ short and a circuit breaker keeps an outage from costing one timeout per operati
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -39,6 +38,7 @@ from sqlalchemy_writethrough import (
     CacheUnavailableError,
     WriteThroughCache,
 )
+from stress.redis_server import server_binary
 
 from _cache_helpers import cached_values, entry_key, entry_state
 from _servers import capture_sql, in_ci, reset_schema
@@ -195,7 +195,7 @@ def schema(engine: Engine) -> Engine:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServerProcess]:
     """A throwaway redis-server; skipped (failed on CI) when the binary is not installed."""
-    binary = shutil.which("redis-server")
+    binary = server_binary()
     if binary is None:
         message = "no redis-server binary on PATH (needed to stop and restart a server)"
         if in_ci():

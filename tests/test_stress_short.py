@@ -20,11 +20,12 @@ server started is stopped. Loopback only. The longer run is ``nox -s stress``.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from stress.redis_server import server_binary
 
 from _servers import in_ci
 
@@ -58,7 +59,7 @@ pytestmark = pytest.mark.stress
 
 @pytest.fixture(scope="module")
 def redis_server_binary() -> str:
-    binary = shutil.which("redis-server")
+    binary = server_binary()
     if binary is None:
         message = "the stress run starts its own throwaway redis-server, which is not installed"
         if in_ci():
