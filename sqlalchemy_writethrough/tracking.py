@@ -15,6 +15,9 @@ import weakref
 from typing import Any
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.horizontal_shard import ShardedSession
+
+from . import _sa_compat
 
 
 class Change:
@@ -174,12 +177,18 @@ class SessionTracker:
     def note_first_activity(self, session: Any, mapper: Any, bind: Any = None) -> None:
         """Called before the transaction's first statement: was its connection already in a
         transaction that the session did not begin? (``bind``: the caller's
-        ``session.get_bind(mapper=mapper)``, when it has it.)"""
+        ``session.get_bind(mapper=mapper)``, when it has it.) A sharded session's flush
+        chooses each row's shard as it writes it: before that, every shard it may write is
+        looked at (its ``get_bind()`` would ask the user's ``shard_chooser`` with no row)."""
         if self.began or self.external:
             return
-        if bind is None:
-            bind = session.get_bind(mapper=mapper) if mapper is not None else session.bind
-        if isinstance(bind, Connection) and bind.in_transaction():
+        if bind is not None:
+            binds = [bind]
+        elif isinstance(session, ShardedSession):
+            binds = _sa_compat.shard_binds(session)
+        else:
+            binds = [session.get_bind(mapper=mapper) if mapper is not None else session.bind]
+        if any(isinstance(bind, Connection) and bind.in_transaction() for bind in binds):
             self.external = True
             self.wrote = True
 
