@@ -262,6 +262,32 @@ def test_binds_per_model_and_lazy_loads(
         assert sql_a == sql_b == []
 
 
+def test_a_model_bound_to_an_outer_transaction_is_never_published(
+    cache: WriteThroughCache,
+    maker: sessionmaker[Session],
+    client: redis.Redis,
+    tenant_a: Engine,
+    tenant_b: Engine,
+) -> None:
+    """``binds={TnNote: engine, TnAccount: connection}``, the connection already in a
+    transaction: the session's commit does not COMMIT it, so the account it wrote must not be
+    published, even when the flush's first row is a note (on an engine that does COMMIT);
+    once the outer transaction rolls back, the account is gone."""
+    with tenant_a.begin() as conn:  # the note's account, on the note's database
+        conn.execute(TnAccount.__table__.insert().values(id=1, name="a", region="pg"))
+    with tenant_b.connect() as outer:
+        outer.begin()
+        joined = sessionmaker(binds={TnNote: tenant_a, TnAccount: outer})
+        cache.install(joined)
+        with joined() as s:
+            s.add(TnNote(id=1, account_id=1, body="committed"))  # the flush's first row
+            s.add(TnAccount(id=1, name="uncommitted"))
+            s.commit()
+        assert state(cache, client, outer.engine) != "value"
+        outer.rollback()
+    assert served(maker, tenant_b)[0] is None
+
+
 @pytest.mark.parametrize(
     "statement",
     [
