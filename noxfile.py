@@ -227,17 +227,29 @@ def docs(session: nox.Session) -> None:
     )  # fmt: skip
 
 
+# The runs of ``nox -s sqlalchemy_suite``: test/orm, test/ext (sharding, mutable columns,
+# association proxies, hybrids, automap, baked queries, declarative...) and test/ext/asyncio,
+# whose tests need an async driver (on SQLite's default pysqlite they are skipped).
+SQLALCHEMY_SUITE_RUNS: tuple[tuple[str, ...], ...] = (
+    (),
+    ("--target", "test/ext"),
+    ("--target", "test/ext/asyncio", "--", "--db", "aiosqlite"),
+)
+
+
 @nox.session
 def sqlalchemy_suite(session: nox.Session) -> None:
-    """SQLAlchemy's own test/orm, plainly and with the extension on every Session.
+    """SQLAlchemy's own test/orm and test/ext, plainly and with the extension on every Session.
 
     Fails on a test that fails only with the extension and is not in
-    tests/sqlalchemy_suite/known_failures.txt. ``nox -s sqlalchemy_suite -- --quick`` runs
-    the files of tests/sqlalchemy_suite/quick.txt; more arguments after ``--`` as for
-    ``python tests/sqlalchemy_suite/run.py --help``. Needs Redis ($REDIS_URL or local).
+    tests/sqlalchemy_suite/known_failures.txt. Arguments after ``--`` make it one run of
+    ``python tests/sqlalchemy_suite/run.py`` with them instead (see its ``--help``):
+    ``nox -s sqlalchemy_suite -- --quick`` runs the files of tests/sqlalchemy_suite/quick.txt,
+    ``-- --target test/ext`` test/ext only. Needs Redis ($REDIS_URL or local).
     """
     session.install("-e", ".[test]", "pytest-xdist", "setuptools>=77")
-    session.run("python", "tests/sqlalchemy_suite/run.py", *session.posargs)
+    for args in [session.posargs] if session.posargs else SQLALCHEMY_SUITE_RUNS:
+        session.run("python", "tests/sqlalchemy_suite/run.py", *args)
 
 
 @nox.session

@@ -59,6 +59,15 @@ WEAK_INSTANCE_DICT: type = next(
 
 _T = TypeVar("_T")
 
+
+def shard_binds(session: Any) -> list[Any]:
+    """The bind of every shard of a ``ShardedSession`` (``shards=`` and ``bind_shard()``): kept
+    under the name-mangled ``__shards`` (2.0 and 2.1), with no public accessor. Its public
+    ``get_bind()`` needs a shard id or a row, else it asks the user's ``shard_chooser`` with no
+    row, which the unit of work never does."""
+    return list(session._ShardedSession__shards.values())
+
+
 _UNIQUE_BY_ID: list[Callable[[Any], Any]] = [id]
 
 

@@ -12,9 +12,18 @@ import itertools
 import os
 import secrets
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import UnboundExecutionError
+from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.orm import Session
+
+from . import _sa_compat
+
+#: ``Session.get_bind`` itself: a subclass's own may route each class elsewhere
+_PLAIN_GET_BIND = Session.get_bind
 
 
 class Change:
@@ -174,12 +183,44 @@ class SessionTracker:
     def note_first_activity(self, session: Any, mapper: Any, bind: Any = None) -> None:
         """Called before the transaction's first statement: was its connection already in a
         transaction that the session did not begin? (``bind``: the caller's
-        ``session.get_bind(mapper=mapper)``, when it has it.)"""
+        ``session.get_bind(mapper=mapper)``, when it has it.) A sharded session's flush
+        chooses each row's shard as it writes it: before that, every shard it may write is
+        looked at (its ``get_bind()`` would ask the user's ``shard_chooser`` with no row)."""
         if self.began or self.external:
             return
-        if bind is None:
-            bind = session.get_bind(mapper=mapper) if mapper is not None else session.bind
-        if isinstance(bind, Connection) and bind.in_transaction():
+        if bind is not None:
+            binds = [bind]
+        elif isinstance(session, ShardedSession):
+            binds = _sa_compat.shard_binds(session)
+        else:
+            binds = [session.get_bind(mapper=mapper) if mapper is not None else session.bind]
+        self._note_binds(binds)
+
+    def note_first_flush(self, session: Any, pending: Iterable[Iterable[Any]]) -> None:
+        """Called by a flush before the transaction's first statement, with the states it
+        will write: is any database they go to reached through a connection already in a
+        transaction that the session did not begin? Each class's bind is looked at
+        (``binds={Model: connection}``), and in a sharded session every shard's."""
+        if self.began or self.external:
+            return
+        if isinstance(session, ShardedSession):
+            binds = _sa_compat.shard_binds(session)
+        elif type(session).get_bind is _PLAIN_GET_BIND and not getattr(
+            session, _sa_compat.SESSION_BINDS_ATTR
+        ):
+            binds = [session.bind]  # what get_bind() answers for every class
+        else:
+            binds = []
+            # the unit of work asks get_bind() for each row's base mapper
+            for mapper in {state.mapper.base_mapper for states in pending for state in states}:
+                try:
+                    binds.append(session.get_bind(mapper=mapper))
+                except UnboundExecutionError:  # the flush raises it, if it writes the class
+                    continue
+        self._note_binds(binds)
+
+    def _note_binds(self, binds: Iterable[Any]) -> None:
+        if any(isinstance(bind, Connection) and bind.in_transaction() for bind in binds):
             self.external = True
             self.wrote = True
 

@@ -83,11 +83,9 @@ class WritePath:
         # what the flush will write as far as the session knows now (before_flush listeners
         # added after this one are seen by after_flush, which reads the flush's own states)
         modified, deleted, new = _sa_compat.pending_states(session)
-        if not (tracker.began or tracker.external):
+        if not (tracker.began or tracker.external) and (new or modified or deleted):
             # only a transaction's first database activity needs a look at its binds
-            for state in new or modified or deleted:
-                tracker.note_first_activity(session, state.mapper)
-                break
+            tracker.note_first_flush(session, (modified, deleted, new))
         if tracker.pending_lock is not None:  # the last flush stopped before after_flush
             self._finish_locks(tracker)
         if tracker.flush_keys:  # the last flush's (it stopped before after_flush)

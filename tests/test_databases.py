@@ -262,6 +262,32 @@ def test_binds_per_model_and_lazy_loads(
         assert sql_a == sql_b == []
 
 
+def test_a_model_bound_to_an_outer_transaction_is_never_published(
+    cache: WriteThroughCache,
+    maker: sessionmaker[Session],
+    client: redis.Redis,
+    tenant_a: Engine,
+    tenant_b: Engine,
+) -> None:
+    """``binds={TnNote: engine, TnAccount: connection}``, the connection already in a
+    transaction: the session's commit does not COMMIT it, so the account it wrote must not be
+    published, even when the flush's first row is a note (on an engine that does COMMIT);
+    once the outer transaction rolls back, the account is gone."""
+    with tenant_a.begin() as conn:  # the note's account, on the note's database
+        conn.execute(TnAccount.__table__.insert().values(id=1, name="a", region="pg"))
+    with tenant_b.connect() as outer:
+        outer.begin()
+        joined = sessionmaker(binds={TnNote: tenant_a, TnAccount: outer})
+        cache.install(joined)
+        with joined() as s:
+            s.add(TnNote(id=1, account_id=1, body="committed"))  # the flush's first row
+            s.add(TnAccount(id=1, name="uncommitted"))
+            s.commit()
+        assert state(cache, client, outer.engine) != "value"
+        outer.rollback()
+    assert served(maker, tenant_b)[0] is None
+
+
 @pytest.mark.parametrize(
     "statement",
     [
@@ -447,6 +473,76 @@ def test_one_flush_of_one_class_on_two_shards_publishes_each_shard_its_own_row(
                 assert got is not None
                 assert (got.name, got.balance) == (f"{shard} {pk}", len(shard) * (-1) ** (pk + 1))
             assert (sql == []) == (published == "value")
+
+
+def test_a_shard_chooser_is_asked_only_what_the_flush_asks_it(
+    shards: dict[str, Engine], cache: WriteThroughCache, client: redis.Redis
+) -> None:
+    """A ``shard_chooser`` written for the flush alone (it reads the row, and takes no
+    ``clause``, as in SQLAlchemy's own tests) is never called by the cache with no row: the
+    flushes that insert, update and delete on both shards run as without the cache, and
+    their rows are published per shard."""
+    asked: list[Any] = []
+
+    def shard_chooser(mapper: Any, instance: Any) -> str:
+        asked.append(instance)
+        return str(instance.region)  # AttributeError on None, as a user's chooser would
+
+    maker = sessionmaker(
+        class_=ShardedSession,
+        shards=shards,
+        shard_chooser=shard_chooser,
+        identity_chooser=lambda *args, **kw: list(shards),
+        execute_chooser=lambda context: list(shards),
+    )
+    cache.install(maker)
+    with maker() as s:
+        s.add_all([TnAccount(id=pk, region=r, name=f"{r} {pk}") for r in shards for pk in (1, 2)])
+        s.commit()
+    with maker() as s:
+        for shard in shards:
+            account = s.get(TnAccount, 1, identity_token=shard)
+            assert account is not None
+            account.balance = len(shard)
+            s.delete(s.get(TnAccount, 2, identity_token=shard))
+        s.commit()
+    assert None not in asked and len(asked) == 4  # the four inserts, as without the cache
+    for shard, engine in shards.items():
+        assert (state(cache, client, engine, 1), state(cache, client, engine, 2)) == ("value", None)
+        with maker() as s, capture_sql(engine) as sql:
+            got = s.get(TnAccount, 1, identity_token=shard)
+            assert got is not None and (got.name, got.balance) == (f"{shard} 1", len(shard))
+            assert s.get(TnAccount, 2, identity_token=shard) is None
+        assert len(sql) == 1  # the deleted row only: row 1 came from Redis
+
+
+def test_a_shard_on_an_outer_transaction_keeps_the_sharded_session_from_publishing(
+    shards: dict[str, Engine], cache: WriteThroughCache, client: redis.Redis
+) -> None:
+    """One shard bound to a connection already in a transaction (the test recipe): whichever
+    shard a flush writes first, the session's commit does not COMMIT that shard, so its row
+    is never published (guarantee 1); once the outer transaction rolls back, it is gone."""
+    with shards["maria"].connect() as outer:
+        outer.begin()
+        maker = sessionmaker(
+            class_=ShardedSession,
+            shards={"pg": shards["pg"], "maria": outer},
+            # with no row, "pg": a flush's first look at its binds saw pg's engine only
+            shard_chooser=lambda mapper, instance, **kw: instance.region if instance else "pg",
+            identity_chooser=lambda *args, **kw: list(shards),
+            execute_chooser=lambda context: list(shards),
+        )
+        cache.install(maker)
+        with maker() as s:
+            s.add_all([TnAccount(id=1, region=r, name=f"{r} 1") for r in ("pg", "maria")])
+            s.commit()
+        assert state(cache, client, outer.engine) != "value"  # maria's row is uncommitted
+        outer.rollback()
+    reader = sharded_maker(shards)
+    cache.install(reader)
+    with reader() as s:  # the outer transaction's row is gone; pg's was committed
+        assert s.get(TnAccount, 1, identity_token="maria") is None
+        assert s.get(TnAccount, 1, identity_token="pg") is not None
 
 
 # ------------------------------------------------------------------- naming a database

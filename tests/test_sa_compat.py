@@ -702,3 +702,22 @@ def test_flushed_states_are_what_the_unit_of_work_wrote(session: Session) -> Non
     assert [s.obj() for s in deleted] == [gone]
     assert [s.obj() for s in inserted] == [three]
     assert [s.obj() for s in updated] == [thing]
+
+
+def test_shard_binds_are_every_shard_given_or_bound_later() -> None:
+    from sqlalchemy.ext.horizontal_shard import ShardedSession
+
+    one, two, three = (create_engine("sqlite://") for _ in range(3))
+    session = ShardedSession(
+        shards={"one": one, "two": two},
+        shard_chooser=lambda mapper, instance, **kw: "one",
+        identity_chooser=lambda *args, **kw: ["one"],
+        execute_chooser=lambda context: ["one"],
+    )
+    session.bind_shard("three", three)
+    assert _sa_compat.shard_binds(session) == [one, two, three]
+    assert [session.get_bind(shard_id=shard) for shard in ("one", "two", "three")] == [
+        one,
+        two,
+        three,
+    ]
