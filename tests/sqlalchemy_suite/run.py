@@ -1,6 +1,7 @@
 """SQLAlchemy's own ORM test suite, plainly and with the extension on every Session.
 
-    python tests/sqlalchemy_suite/run.py [--quick | --target test/ext ...] [-n 2] [-- pytest args]
+    python tests/sqlalchemy_suite/run.py [--quick | --target test/ext ...] [-n 2] [--dburi URL]
+        [-- pytest arguments]
 
 Takes the sdist of the installed SQLAlchemy (it ships ``test/`` and its pytest plugin) into
 ``.sqlalchemy-suite/`` (``--workdir``), runs ``test/orm`` (``--target``, repeatable: other
@@ -9,18 +10,29 @@ folders or files of the sdist, e.g. ``test/ext``; ``--quick``: the files listed 
 ``wt_suite_plugin``, each selection's results in a folder of its own. It prints the tests
 that fail only with the extension, minus those listed in ``known_failures.txt`` with their
 reason, and exits non-zero on any unexplained one, or if the extension was not active.
+
+``--dburi postgresql+psycopg://user@host/db`` (or ``mysql+pymysql://...``) runs on that server
+instead: the URL's database only serves to connect; each run creates a database of its own
+(``wtsuite_<random>``, with the schemas the suite needs), SQLAlchemy's provisioning makes one
+per pytest-xdist worker from it, and all of them are dropped at the end. Results go to a
+folder named after the backend too (``postgresql-full``, ``postgresql-quick``,
+``postgresql-test_ext``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
 import time
+import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +62,21 @@ def known_reason(known: dict[str, str], test: str) -> str | None:
         if entry.endswith("*") and test.startswith(entry[:-1]):
             return reason or "(no reason given)"
     return None
+
+
+def known_on(known: dict[str, str], backend: str) -> dict[str, str]:
+    """The entries that apply on ``backend``: a reason starting with ``[postgresql, mysql]``
+    applies on those backends only (``sqlite`` is the default run's; a ``mysql+`` URL is
+    ``mysql`` on MariaDB too), one without such a tag everywhere."""
+    applying = {}
+    for test, reason in known.items():
+        tags, bracket, _ = reason.partition("]")
+        if reason.startswith("[") and bracket:
+            only = {tag.strip() for tag in tags[1:].split(",")}
+            if backend not in only:
+                continue
+        applying[test] = reason
+    return applying
 
 
 def sdist_folder(workdir: Path) -> Path:
@@ -97,20 +124,81 @@ def outcomes(junit: Path) -> dict[str, str]:
     return found
 
 
+#: schemas SQLAlchemy's suite expects in its database (README.unittests.rst in the sdist)
+_SCHEMAS = ("test_schema", "test_schema_2")
+
+
+@contextlib.contextmanager
+def fresh_database(dburi: str, out: Path) -> Iterator[str]:
+    """The URL of a new, uniquely named database on the server of ``dburi``, for one run.
+
+    On PostgreSQL it holds the schemas the suite needs, and is the template of each xdist
+    worker's database. On MySQL/MariaDB a schema is a database: provisioning makes
+    ``<worker db>_test_schema(_2)`` per worker (hence at least one worker, see ``main``).
+    Afterwards the database is dropped, with the worker databases the passes listed in
+    ``out/*.followers`` (``wt_suite_followers``) that SQLAlchemy did not drop itself."""
+    from sqlalchemy import create_engine, make_url, pool
+
+    url = make_url(dburi)
+    backend = url.get_backend_name()
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+    name = f"wtsuite_{uuid.uuid4().hex[:12]}"
+    if backend == "postgresql":
+        with admin.connect() as conn:
+            # UTF8 for the suite's unicode JSONB tests (README.unittests.rst)
+            conn.exec_driver_sql(f"CREATE DATABASE {name} ENCODING 'utf8' TEMPLATE template0")
+        with create_engine(url.set(database=name), poolclass=pool.NullPool).begin() as conn:
+            for schema in _SCHEMAS:
+                conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    elif backend in ("mysql", "mariadb"):
+        if "charset" not in url.query:
+            url = url.update_query_dict({"charset": "utf8mb4"})
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    else:
+        sys.exit(f"--dburi: no provisioning for {backend} here (PostgreSQL, MySQL, MariaDB)")
+    print(f"== database {name} on {url.get_backend_name()} at {url.host}:{url.port}", flush=True)
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        workers = {
+            line.strip()
+            for listed in out.glob("*.followers")
+            for line in listed.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        }
+        with admin.connect() as conn:
+            for db in [*sorted(workers), name]:
+                if backend == "postgresql":
+                    conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+                else:
+                    for suffix in ("", "_test_schema", "_test_schema_2"):
+                        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {db}{suffix}")
+        admin.dispose()
+
+
 def run_pass(
-    folder: Path, out: Path, targets: list[str], extra: list[str], plugin: bool
+    folder: Path,
+    out: Path,
+    targets: list[str],
+    extra: list[str],
+    plugin: bool,
+    dburi: str | None = None,
 ) -> tuple[Path, float]:
     junit = out / ("extension.xml" if plugin else "plain.xml")
     status = out / "extension.status"
     command = [sys.executable, "-s", "-m", "pytest", *targets, "-p", "no:cacheprovider"]
     command += ["--maxfail=1000000", "-q", f"--junitxml={junit}", *extra]
+    if dburi:
+        command += [f"--dburi={dburi}", "-p", "wt_suite_followers"]
+        command += [f"--wt-followers={junit.with_suffix('.followers')}"]
     # -s for pytest-xdist's workers too: else the suite's conftest puts the sdist's lib/ (pure
     # Python) before the installed SQLAlchemy
     env = {**os.environ, "PYTHONNOUSERSITE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     if plugin:
         status.unlink(missing_ok=True)
         command += ["-p", "wt_suite_plugin", f"--wt-status={status}"]
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     label = "with the extension" if plugin else "plainly"
     print(f"== {label}: {' '.join(command[3:])}", flush=True)
     started = time.monotonic()
@@ -130,6 +218,15 @@ def out_name(targets: list[str]) -> str:
     return "+".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", target).strip("_") for target in targets)
 
 
+def _backend(dburi: str | None) -> str | None:
+    """``postgresql``, ``mysql``, ``mariadb`` for a --dburi; None for the default SQLite."""
+    if not dburi:
+        return None
+    from sqlalchemy import make_url
+
+    return make_url(dburi).get_backend_name()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the files in quick.txt")
@@ -142,6 +239,11 @@ def main() -> int:
     parser.add_argument("-n", "--workers", default="2", help="pytest-xdist workers, 0 for none")
     parser.add_argument("--workdir", type=Path, default=REPO / ".sqlalchemy-suite")
     parser.add_argument(
+        "--dburi",
+        help="run on this PostgreSQL/MySQL/MariaDB server, in a database made for the run "
+        "(the URL's database is only connected to)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="compare the results of the last run again"
     )
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
@@ -150,22 +252,33 @@ def main() -> int:
     folder = sdist_folder(args.workdir)
     targets = list(read_list(HERE / "quick.txt")) if args.quick else args.target or ["test/orm"]
     extra = list(args.pytest_args)
+    backend = _backend(args.dburi)
+    if args.workers == "0" and backend in ("mysql", "mariadb"):
+        # without xdist the suite's schemas would be the server-wide test_schema(_2)
+        args.workers = "1"
     if args.workers != "0":
         extra += ["-n", args.workers]
-    out = args.workdir / ("quick" if args.quick else out_name(targets))
+    selection = "quick" if args.quick else out_name(targets)
+    out = args.workdir / "-".join(filter(None, [backend, selection]))
     out.mkdir(parents=True, exist_ok=True)
 
     if args.report_only:
         plain_xml, ext_xml = out / "plain.xml", out / "extension.xml"
     else:
-        plain_xml, _ = run_pass(folder, out, targets, extra, plugin=False)
-        ext_xml, _ = run_pass(folder, out, targets, extra, plugin=True)
+        for listed in out.glob("*.followers"):
+            listed.unlink()
+        # a SIGTERM (timeout, CI) unwinds like Ctrl-C: the run's databases are dropped
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        database = fresh_database(args.dburi, out) if args.dburi else contextlib.nullcontext()
+        with database as dburi:
+            plain_xml, _ = run_pass(folder, out, targets, extra, plugin=False, dburi=dburi)
+            ext_xml, _ = run_pass(folder, out, targets, extra, plugin=True, dburi=dburi)
 
     status = (out / "extension.status").read_text(encoding="utf-8").split("\n")
     skipped = sorted({line for line in status if line.startswith("skipped model ")})
     problems = [line for line in status if line and line != "ok" and line not in skipped]
     plain, ext = outcomes(plain_xml), outcomes(ext_xml)
-    known = read_list(HERE / "known_failures.txt")
+    known = known_on(read_list(HERE / "known_failures.txt"), backend or "sqlite")
     only_ext = {
         test: state
         for test, state in ext.items()
