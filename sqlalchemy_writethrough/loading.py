@@ -410,7 +410,7 @@ class ReadPath:
         if tracker is None:
             tracker = UNTOUCHED
         else:
-            tracker.note_first_activity(session, mapper, bind)
+            tracker.note_first_read(bind)
         if tracker.untracked_write or not rt.journal_replayed():
             return None
         return tracker

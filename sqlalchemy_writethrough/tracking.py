@@ -180,21 +180,11 @@ class SessionTracker:
         #: seconds this transaction spent on Redis writes (locks, publish): the stats
         self.cache_seconds = 0.0
 
-    def note_first_activity(self, session: Any, mapper: Any, bind: Any = None) -> None:
-        """Called before the transaction's first statement: was its connection already in a
-        transaction that the session did not begin? (``bind``: the caller's
-        ``session.get_bind(mapper=mapper)``, when it has it.) A sharded session's flush
-        chooses each row's shard as it writes it: before that, every shard it may write is
-        looked at (its ``get_bind()`` would ask the user's ``shard_chooser`` with no row)."""
-        if self.began or self.external:
-            return
-        if bind is not None:
-            binds = [bind]
-        elif isinstance(session, ShardedSession):
-            binds = _sa_compat.shard_binds(session)
-        else:
-            binds = [session.get_bind(mapper=mapper) if mapper is not None else session.bind]
-        self._note_binds(binds)
+    def note_first_read(self, bind: Any) -> None:
+        """Called before a read that is the transaction's first statement, with the bind it
+        reads: was that connection already in a transaction that the session did not begin?"""
+        if not (self.began or self.external):
+            self._note_binds((bind,))
 
     def note_first_flush(self, session: Any, pending: Iterable[Iterable[Any]]) -> None:
         """Called by a flush before the transaction's first statement, with the states it
