@@ -155,10 +155,8 @@ _WRAPPED_SCRIPT_ERROR = re.compile(
     r"Error running script \(call to [^)]*\): (?:@\w+: ?\d+: )+-?([A-Z][A-Z_]* .*)", re.S
 )
 #: redis-py's error-reply parser (``BaseParser.parse_error``, a classmethod, 5.0 to 8.2)
-_PARSE_ERROR: Any = getattr(
-    getattr(getattr(redis, "_parsers", None), "base", None), "BaseParser", None
-)
-_PARSE_ERROR = getattr(_PARSE_ERROR, "parse_error", None)
+_PARSERS_BASE: Any = getattr(getattr(redis, "_parsers", None), "base", None)
+_PARSE_ERROR: Any = getattr(getattr(_PARSERS_BASE, "BaseParser", None), "parse_error", None)
 
 
 def unwrapped_script_error(exc: ResponseError) -> ResponseError:
