@@ -41,17 +41,37 @@ POLICIES = ("allkeys-random", "volatile-random")
 CHANNEL = "__keyevent@0__:evicted"
 
 
+class EvictionLog:
+    """A history file of ``evicted`` events (``w`` "redis"), written from any thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def record(self, key: str) -> None:
+        line = json.dumps(
+            {"e": "evicted", "key": key, "t": now(), "w": "redis"}, separators=(",", ":")
+        )
+        with self._lock:
+            self.count += 1
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
 class EvictionListener:
     """A daemon thread subscribed to the evictions of the server ``port_of()`` names (it
     follows a switch, and reconnects after a restart), recording each in ``path``."""
 
     def __init__(self, port_of: Callable[[], int], path: Path) -> None:
         self._port_of = port_of
-        self._file = path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
+        self._log = EvictionLog(path)
         #: the port whose evictions are being heard now (None: not subscribed)
         self.subscribed: int | None = None
-        self.heard = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stress-evictions", daemon=True)
         self._thread.start()
@@ -70,7 +90,7 @@ class EvictionListener:
                     if message["type"] == "subscribe":
                         self.subscribed = port
                     elif message["type"] == "message":
-                        self._record(message["data"])
+                        self._log.record(message["data"].decode(errors="replace"))
             except (redis.RedisError, OSError):
                 time.sleep(0.02)
             finally:
@@ -79,12 +99,9 @@ class EvictionListener:
                     pubsub.close()
                 client.close()
 
-    def _record(self, key: bytes) -> None:
-        line = {"e": "evicted", "key": key.decode(errors="replace"), "t": now(), "w": "redis"}
-        with self._lock:
-            self.heard += 1
-            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
-            self._file.flush()
+    @property
+    def heard(self) -> int:
+        return self._log.count
 
     def wait_subscribed(self, port: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -97,8 +114,7 @@ class EvictionListener:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        with self._lock:
-            self._file.close()
+        self._log.close()
 
 
 class Squeezer:
@@ -175,8 +191,7 @@ class LockDropper:
 
     def __init__(self, prefix: str, path: Path) -> None:
         self.prefix = prefix
-        self._file = path.open("a", encoding="utf-8")
-        self.dropped = 0
+        self._log = EvictionLog(path)
 
     def drop(self, server: RedisServer, rng: random.Random) -> int:
         """Delete up to three locks of the server's, picked at random (0: none, or Redis
@@ -189,16 +204,17 @@ class LockDropper:
             dropped = 0
             for key in rng.sample(locked, min(len(locked), rng.randint(1, 3))):
                 if client.eval(_DROP_IF_LOCKED, 1, key):
-                    line = {"e": "evicted", "key": key.decode(), "t": now(), "w": "redis"}
-                    self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
-                    self._file.flush()
+                    self._log.record(key.decode())
                     dropped += 1
         except redis.RedisError:
             return 0
         finally:
             client.close()
-        self.dropped += dropped
         return dropped
 
+    @property
+    def dropped(self) -> int:
+        return self._log.count
+
     def close(self) -> None:
-        self._file.close()
+        self._log.close()
