@@ -71,19 +71,10 @@ OPT_IN_FAULTS = ("evict-locks",)
 PROXIED = frozenset({"proxy", "redis-switch"})
 #: faults on a Redis topology of their own (not in ``all``; one at a time)
 TOPOLOGY_FAULTS = ("sentinel-failover", "cluster-failover")
+#: faults that act on the workers, on any topology
+WORKER_FAULTS = frozenset({"sigkill", "db-errors"})
 #: faults that act on the single throwaway server (they do not combine with TOPOLOGY_FAULTS)
-SERVER_FAULTS = frozenset(
-    {
-        "redis-restart",
-        "redis-snapshot",
-        "flushall",
-        "redis-switch",
-        "client-kill",
-        "proxy",
-        "evict",
-        "evict-locks",
-    }
-)
+SERVER_FAULTS = frozenset((*ALL_FAULTS, *OPT_IN_FAULTS)) - WORKER_FAULTS
 #: a failover window ends this long after the promotion: the workers' epoch_check_interval
 #: (1 s, the default) and the sentinels' own lag
 WINDOW_AFTER_PROMOTION_NS = 1_250_000_000
