@@ -21,6 +21,11 @@ Every Redis fault includes "Redis forgets": besides a restart with every key los
 ``evict-locks``     (opt-in, not in ``all``) every 20 to 100 ms, one to three of the locks the
                     server holds (entries' and generation locks) are deleted, as an eviction of
                     each would: real eviction rarely lands on a lock in its short life.
+``evict-registry``  (opt-in) every 0.2 to 1 s the keyspace registry alone is deleted, as an
+                    ``allkeys-*`` eviction of it would, the entries staying: with
+                    ``--versions 2``, what a rolling deploy meets (see the library's
+                    ``siblings`` module: the next commit that goes by the new registry makes
+                    it whole again).
 
 Two faults run on a Redis topology of their own instead of the one throwaway server (so they
 combine with the worker-side faults, not with the server faults above):
@@ -66,7 +71,7 @@ ALL_FAULTS = (
     "evict",
 )
 #: faults a run takes only when named (not in ``all``): targeted, where ``all``'s are natural
-OPT_IN_FAULTS = ("evict-locks",)
+OPT_IN_FAULTS = ("evict-locks", "evict-registry")
 #: faults that need the workers to reach Redis through the proxy
 PROXIED = frozenset({"proxy", "redis-switch"})
 #: faults on a Redis topology of their own (not in ``all``; one at a time)
@@ -107,12 +112,14 @@ class FaultSchedule:
         cluster: ClusterGroup | None = None,
         squeezer: Squeezer | None = None,
         dropper: LockDropper | None = None,
+        registry: str = "",
     ) -> None:
         """``server``: the Redis the workers reach (through ``proxy`` if any); ``standby``: the
         other server ``redis-switch`` moves them to (and back, after refreshing it);
         ``sentinel`` / ``cluster``: the topology of ``sentinel-failover`` /
         ``cluster-failover`` (then there is no ``server``); ``squeezer``: what ``evict``
-        squeezes the server with; ``dropper``: what ``evict-locks`` deletes locks with."""
+        squeezes the server with; ``dropper``: what ``evict-locks`` deletes locks with;
+        ``registry``: the keyspace registry's key, which ``evict-registry`` deletes."""
         self.faults = faults
         self._server = server
         self.sentinel = sentinel
@@ -149,6 +156,10 @@ class FaultSchedule:
             raise ValueError("evict-locks needs a lock dropper")
         self.dropper = dropper
         self._next_drop = start + rng.uniform(0.02, 0.1)
+        if "evict-registry" in faults and not registry:
+            raise ValueError("evict-registry needs the registry's key")
+        self.registry = registry
+        self._next_registry_drop = start + rng.uniform(0.2, 1.0)
         #: cluster-failover: the primary killed, and the replica whose promotion ends it
         self._victim: tuple[int, int] | None = None
         self._victim_deadline = 0.0
@@ -193,6 +204,9 @@ class FaultSchedule:
             assert self.dropper is not None
             self.counts["locks evicted (deleted)"] += self.dropper.drop(self.server, self.rng)
             self._next_drop = time.monotonic() + self.rng.uniform(0.02, 0.1)
+        if "evict-registry" in self.faults and t >= self._next_registry_drop:
+            self.evict_registry()
+            self._next_registry_drop = time.monotonic() + self.rng.uniform(0.2, 1.0)
         if "sentinel-failover" in self.faults:
             self._sentinel_tick()
             if t >= self._next_failover and self._failover is None:
@@ -200,6 +214,18 @@ class FaultSchedule:
                 self._next_failover = time.monotonic() + self.rng.uniform(5, 9)
         if "cluster-failover" in self.faults:
             self._cluster_tick(t)
+
+    def evict_registry(self) -> None:
+        """Delete the keyspace registry alone, as an eviction of it would (counted when it was
+        there: a registry just deleted may not be made again yet)."""
+        client = self.server.admin(0.5)
+        try:
+            if client.delete(self.registry):
+                self.counts["registry evicted (deleted)"] += 1
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
 
     def sentinel_failover(self) -> None:
         """``SENTINEL FAILOVER`` (refused while a failover is in progress: counted apart)."""

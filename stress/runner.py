@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from sqlalchemy_writethrough import WriteThroughCache
 from sqlalchemy_writethrough.cluster import slot_of
-from sqlalchemy_writethrough.keys import epoch_key
+from sqlalchemy_writethrough.keys import epoch_key, registry_key
 from sqlalchemy_writethrough.protocol import payload_of
 
 from .checker import DEFAULT_TENANT, Report, Row, check, tenant_table, versioned
@@ -630,7 +630,16 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         deadline += int(config.seconds * 1e9)
         release(start_file, deadline)
         schedule = FaultSchedule(
-            faults, server, proxy, rng, standby, sentinel, cluster, squeezer, dropper
+            faults,
+            server,
+            proxy,
+            rng,
+            standby,
+            sentinel,
+            cluster,
+            squeezer,
+            dropper,
+            registry_key(prefix),
         )
         scheduled.append(schedule)
         respawns = 0
