@@ -24,7 +24,13 @@ from . import _redis_compat as compat
 from .breaker import CircuitBreaker
 from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
 from .epoch import EpochGuard
-from .keys import epoch_key, registry_key, version_key_of
+from .keys import (
+    epoch_key,
+    generation_key_pattern,
+    is_generation_key,
+    registry_key,
+    version_key_of,
+)
 from .protocol import (
     Fetch,
     Script,
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqlalchemy_writethrough")
 
 _FAILURES = (RedisError, OSError)
+#: keys a SCAN call looks at (a hint): few round trips over a large data set, each short
+_SCAN_COUNT = 5000
 
 
 class Registration:
@@ -54,15 +62,25 @@ class Registration:
     script's reply, or ``error`` the error reply Redis gave instead (``reply`` stays None
     when the round trip failed)."""
 
-    __slots__ = ("args", "error", "fields", "keys", "reply")
+    __slots__ = ("ahead", "args", "error", "fields", "keys", "reply")
 
     def __init__(
-        self, keys: tuple[str, ...], args: tuple[Any, ...], fields: tuple[str, ...]
+        self,
+        keys: tuple[str, ...],
+        args: tuple[Any, ...],
+        fields: tuple[str, ...],
+        ahead: bool = False,
     ) -> None:
         self.keys = keys
         self.args = args
         #: the registry fields recorded (the tail of ``args``)
         self.fields = fields
+        #: on a Cluster, sent in a round trip of its own, before the calls it goes with: the
+        #: registry may not be whole, and a registration that makes it again must do so
+        #: before their scripts make generations there (pipelined to other nodes, they may
+        #: run first, and a registry made after a generation counts it as older than itself:
+        #: its recovery replaces it, see .siblings)
+        self.ahead = ahead
         self.reply: Any = None
         self.error: BaseException | None = None
 
@@ -124,6 +142,7 @@ class Backend(Protocol):
     #: the latest failure, said by errors that must name one (strict mode's)
     last_error: str
     breaker: CircuitBreaker
+    transport: Transport
 
     def peek(self, key: str, gen_key: str) -> memoryview | Literal[False] | None: ...
 
@@ -206,6 +225,8 @@ class Backend(Protocol):
 
     def bump_generations(self, gen_keys: Sequence[str]) -> bool: ...
 
+    def replace_generations_before(self, gen_keys: Sequence[str], before: str) -> int | None: ...
+
     def write_batch(
         self,
         calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
@@ -215,6 +236,12 @@ class Backend(Protocol):
     def read_registry(self, registry_key: str) -> list[str] | None: ...
 
     def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None: ...
+
+    def registry_whole(
+        self, keys: Sequence[str], step: str, token: str, lease_ms: int
+    ) -> tuple[int, Any]: ...
+
+    def generation_keys(self, prefix: str) -> list[str] | None: ...
 
     def delete_matching(self, patterns: Sequence[str]) -> int: ...
 
@@ -284,8 +311,14 @@ class ScriptBackend:
             return transport.command(*command)
 
     def _run(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any], held: Any = None
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        held: Any = None,
+        near_after: bool = True,
     ) -> Any:
+        """``near_after=False``: the caller tells the near cache itself (or not at all)."""
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
@@ -298,7 +331,7 @@ class ScriptBackend:
             self._failed(script.value, exc)
             return None
         finally:
-            if self.near is not None:
+            if near_after and self.near is not None:
                 self.near.wrote(script, keys)
         self._succeeded()
         return reply
@@ -348,6 +381,14 @@ class ScriptBackend:
         it leaves it unread); ``held``: as for :meth:`_eval`; ``first``: a registration sent
         ahead of the scripts (its error reply is its own, raised by none)."""
         scripts = self._scripts
+        if first is not None and first.ahead and self.transport.clustered:
+            command = scripts.call(Script.REGISTER, first.keys, first.args)
+            reply = self.transport.batch([command])[0]
+            if isinstance(reply, NoScriptError):
+                self.transport.load_script(scripts.source[Script.REGISTER])
+                reply = self.transport.batch([command])[0]
+            first.heard(reply)
+            first = None
         if first is not None:
             calls = [(Script.REGISTER, first.keys, first.args), *calls]
         commands = [scripts.call(script, keys, args) for script, keys, args in calls]
@@ -710,6 +751,15 @@ class ScriptBackend:
         """Invalidate whole buckets now (a locked bucket is bumped when its lock ends)."""
         return self._run(Script.BUMP_GENS, gen_keys, (secrets.token_hex(4),)) is not None
 
+    def replace_generations_before(self, gen_keys: Sequence[str], before: str) -> int | None:
+        """:meth:`bump_generations` of the buckets whose generation the server made before
+        ``before`` (microseconds), absent ones left absent: how many, None when Redis failed."""
+        args = (secrets.token_hex(4), before)
+        reply = self._run(Script.BUMP_GENS, gen_keys, args, near_after=False)
+        if self.near is not None and (reply is None or int(reply)):
+            self.near.wrote(Script.BUMP_GENS, gen_keys)  # buckets this process may hold
+        return None if reply is None else int(reply)
+
     def lock_generations(self, gen_keys: Sequence[str], owner: str, ttl_ms: int) -> bool:
         return self._run(Script.LOCK_GENS, gen_keys, (owner, ttl_ms)) is not None
 
@@ -815,6 +865,42 @@ class ScriptBackend:
             )
             return None
         return [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+
+    def registry_whole(
+        self, keys: Sequence[str], step: str, token: str, lease_ms: int
+    ) -> tuple[int, Any]:
+        """A step of making a forgotten registry whole (``lua/registry_whole.lua``): its
+        status, and with 2 the registry's birth (microseconds, text), with 1 the registry's
+        (version, fields) when the reply has them, else None; (-1, None) when Redis failed."""
+        reply = self._run(Script.REGISTRY_WHOLE, keys, (step, token, lease_ms))
+        if reply is None:
+            return -1, None
+        if not isinstance(reply, list):
+            return int(reply), None
+        status = int(reply[0])
+        if status == 2:
+            since = reply[1]
+            return status, since.decode() if isinstance(since, bytes) else str(since)
+        fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply[2]]
+        return status, (reply[1], fields)
+
+    def generation_keys(self, prefix: str) -> list[str] | None:
+        """Every generation key of ``prefix`` on the server (``SCAN``, on every primary of a
+        Cluster), or None when Redis failed."""
+        if not self.breaker.allow():
+            self._counters.error("breaker")
+            return None
+        found: list[str] = []
+        try:
+            for key in self.transport.scan(generation_key_pattern(prefix), _SCAN_COUNT):
+                text = key.decode() if isinstance(key, bytes) else str(key)
+                if is_generation_key(prefix, text):
+                    found.append(text)
+        except _FAILURES as exc:
+            self._failed("SCAN", exc)
+            return None
+        self._succeeded()
+        return found
 
     def delete_matching(self, patterns: Sequence[str]) -> int:
         """Delete every key matching one of the glob ``patterns`` (SCAN and UNLINK in batches,

@@ -891,7 +891,7 @@ class WriteThroughCache:
         if near is not None:
             near.drop_all()
             try:  # every other process's near cache: forget everything
-                backend.transport.command("PUBLISH", near.channel, "*")  # type: ignore[attr-defined]
+                backend.transport.command("PUBLISH", near.channel, "*")
             except (redis.RedisError, OSError) as exc:
                 log.warning(
                     "writethrough: clear() could not tell the near caches: %s", explain(exc)
@@ -960,7 +960,7 @@ class WriteThroughCache:
         return found[0]
 
     def _read_shared(self, runtime: Runtime) -> tuple[CacheStats, list[dict[str, Any]]]:
-        transport = runtime.backend.transport  # type: ignore[attr-defined]
+        transport = runtime.backend.transport
         try:
             return parse_shared(
                 transport.command("HGETALL", stats_key(self.prefix)),

@@ -62,8 +62,14 @@ from . import _redis_compat as compat
 from .backend import ScriptBackend
 from .breaker import CircuitBreaker
 from .diagnostics import explain
-from .epoch import EpochGuard, _text, same_server
-from .keys import generation_keys_of, registry_key
+from .epoch import EpochGuard, _text, same_server, scan_generations
+from .keys import (
+    REGISTRY_WHOLE,
+    generation_keys_of,
+    registry_key,
+    registry_recovery_key,
+    registry_version_key,
+)
 from .protocol import Epoch, Script, Scripts
 from .stats import Counters
 
@@ -452,6 +458,11 @@ class ClusterEpochGuard(EpochGuard):
             known_fields,
         )
         self._router = router
+        self._whole_keys = (
+            registry_key(prefix),
+            registry_version_key(prefix),
+            registry_recovery_key(prefix),
+        )
         #: epoch key -> the epoch this process saw there last
         self._seen: dict[str, str] = {}
         self._tags: dict[int, int] = {}
@@ -555,9 +566,13 @@ class ClusterEpochGuard(EpochGuard):
         reply = router.execute([("HKEYS", registry)], checked=False)[0]
         if isinstance(reply, BaseException):
             raise reply
+        self._forget_registry(conn, nonce)
         registered = [_text(f) for f in reply]
         fields = registered + sorted(set(self._known_fields()) - set(registered))
         gen_keys = [k for f in fields for k in generation_keys_of(self._prefix, f)[1]]
+        if REGISTRY_WHOLE not in registered:  # this node's, found by SCAN (see .epoch)
+            found = scan_generations(lambda *args: self._call(conn, args), self._prefix)
+            gen_keys = list(dict.fromkeys(gen_keys + found))
         if not gen_keys:
             return 0
         scripts = self._scripts
@@ -575,6 +590,21 @@ class ClusterEpochGuard(EpochGuard):
                 raise r
             replaced += int(r)
         return replaced
+
+    def _forget_registry(self, conn: Any, nonce: str) -> None:
+        """When the node of ``conn`` serves the keyspace registry: it is no longer known whole
+        (``lua/registry_whole.lua``, ``forget``). A failover may have lost registrations its
+        old primary acknowledged while the other nodes keep those keyspaces' entries, which
+        the commits that go by the registry would not reach; the next such commit replaces
+        every bucket made before now, on every node (see :mod:`.siblings`)."""
+        scripts = self._scripts
+        command = scripts.call(Script.REGISTRY_WHOLE, self._whole_keys, ["forget", nonce, 0])
+        reply = self._exchange(conn, [command])[0]
+        if isinstance(reply, NoScriptError):
+            self._call(conn, ("SCRIPT", "LOAD", scripts.source[Script.REGISTRY_WHOLE]))
+            reply = self._exchange(conn, [command])[0]
+        if isinstance(reply, BaseException) and _redirect(reply) not in ("MOVED", "ASK"):
+            raise reply  # MOVED: another node serves the registry
 
     def _saw_at(
         self, epoch_key: str, epoch: str, replaced: int, where: str, late: bool = False

@@ -41,7 +41,12 @@ from redis.exceptions import ConnectionError, NoScriptError, ReadOnlyError
 
 from . import _redis_compat as compat
 from . import _sa_compat
-from .keys import generation_keys_of
+from .keys import (
+    REGISTRY_WHOLE,
+    generation_key_pattern,
+    generation_keys_of,
+    is_generation_key,
+)
 from .protocol import Epoch, Script, Scripts
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -61,6 +66,21 @@ def same_server(epoch: str, other: str) -> bool:
     process that arrived late from another server). Comparing whole epochs would have each
     such process replace them again at every check, forever."""
     return epoch.split("|", 1)[0] == other.split("|", 1)[0]
+
+
+def scan_generations(send: Send, prefix: str) -> list[str]:
+    """Every generation key of ``prefix`` on the server ``send`` talks to: what a new epoch
+    replaces besides the registry's keyspaces when the registry is not whole (Redis forgot
+    it, and a snapshot may hold entries of keyspaces it no longer lists: see
+    :mod:`.siblings`)."""
+    pattern = generation_key_pattern(prefix)
+    found: list[str] = []
+    cursor: Any = 0
+    while True:
+        cursor, keys = send("SCAN", cursor, "MATCH", pattern, "COUNT", 5000)
+        found += [k for k in map(_text, keys) if is_generation_key(prefix, k)]
+        if int(cursor) == 0:
+            return found
 
 
 class EpochGuard:
@@ -241,6 +261,8 @@ class EpochGuard:
             registered = [_text(f) for f in send("HKEYS", self._registry_key)]
             fields = registered + sorted(set(self._known_fields()) - set(registered))
             gen_keys = [k for f in fields for k in generation_keys_of(self._prefix, f)[1]]
+            if REGISTRY_WHOLE not in registered:
+                gen_keys = list(dict.fromkeys(gen_keys + scan_generations(send, self._prefix)))
             nonce = secrets.token_hex(4)
             reply = self._script(
                 send,

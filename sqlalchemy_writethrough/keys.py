@@ -63,6 +63,37 @@ def registry_pruning_key(prefix: str) -> str:
     return f"{registry}:pruning"
 
 
+def registry_recovery_key(prefix: str) -> str:
+    """The lease of the process making a forgotten registry whole again (see
+    ``lua/registry_whole.lua``), in the registry's Redis Cluster slot."""
+    registry = registry_key(prefix)
+    if "{" not in registry:
+        return f"{registry}:recovery:{{{registry}}}"
+    return f"{registry}:recovery"
+
+
+#: The registry field present while the registry has listed, since it was last made whole,
+#: every keyspace that may hold entries (see :mod:`.siblings`). Redis evicting the registry (or
+#: anyone deleting it) takes the field with it, and the next registration makes a registry
+#: without it. It reads as a keyspace of no bucket, which every reader of the registry, older
+#: versions too, passes over; its value is a time no pruning reaches.
+REGISTRY_WHOLE = "~|whole|0"
+REGISTRY_WHOLE_UNTIL = "9007199254740991"
+
+
+def generation_key_pattern(prefix: str) -> str:
+    """A ``SCAN MATCH`` pattern of the prefix's generation keys (and of no entity key: a
+    key's parts have their braces escaped, so only a generation key ends with ``}``)."""
+    return f"{_glob_escape(prefix)}:{{*}}"
+
+
+def is_generation_key(prefix: str, key: str) -> bool:
+    """Whether ``key`` (a :func:`generation_key_pattern` match) is a generation key of
+    ``prefix`` itself, not of a prefix that starts with it (``shop`` and ``shop:eu``)."""
+    start = len(prefix) + 2
+    return key.startswith(prefix + ":{") and key.endswith("}") and "}" not in key[start:-1]
+
+
 def epoch_key(prefix: str) -> str:
     """The identity of the Redis data set the cache last validated (see :mod:`.epoch`)."""
     return f"{prefix}:epoch"
@@ -83,6 +114,7 @@ def prefix_patterns(prefix: str) -> list[str]:
         _glob_escape(registry_key(prefix)),
         _glob_escape(registry_version_key(prefix)),
         _glob_escape(registry_pruning_key(prefix)),
+        _glob_escape(registry_recovery_key(prefix)),
         epoch,
         f"{epoch}:{{*",
     ]

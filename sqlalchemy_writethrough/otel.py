@@ -71,6 +71,11 @@ _COUNTERS = (
         "Publishes run by the committer because the background queue was full",
     ),
     ("epochs", "writethrough.epochs", "Times Redis was found in a new epoch"),
+    (
+        "registries_made_whole",
+        "writethrough.registries_made_whole",
+        "Times a forgotten keyspace registry was made whole",
+    ),
 )
 _LATENCIES = (
     ("read_latency", "writethrough.read.duration", "Cached reads: Redis and decoding"),

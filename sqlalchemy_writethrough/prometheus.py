@@ -67,6 +67,11 @@ _COUNTERS = (
         "Publishes run by the committing caller because the background queue was full",
     ),
     ("epochs", "epochs", "Times Redis was found in a new epoch (restart, failover, flush)"),
+    (
+        "registries_made_whole",
+        "registries_made_whole",
+        "Times a forgotten keyspace registry was made whole, its older buckets replaced",
+    ),
 )
 
 

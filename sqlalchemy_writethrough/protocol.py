@@ -53,6 +53,7 @@ class Script(enum.Enum):
     EPOCH_BUMP = "epoch_bump"
     EPOCH_GENS = "epoch_gens"
     REGISTER = "register"
+    REGISTRY_WHOLE = "registry_whole"
 
     @property
     def source(self) -> str:

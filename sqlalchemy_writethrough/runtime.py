@@ -77,6 +77,7 @@ class Runtime:
             models.used_keyspaces,
             self._entry_lifetime_ms,
             self._entry_lifetime_stamp,
+            lambda: counters.add("registries_made_whole"),
         )
         #: an OpenTelemetry tracer once ``otel.instrument(cache)`` was called, else None
         #: (the hooks then emit their spans: see :mod:`.tracing`)

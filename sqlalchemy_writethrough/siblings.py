@@ -20,6 +20,18 @@ registered after the publish read the version can only have read the row after C
 time, not once per process: Redis may have forgotten the registry since (a ``FLUSHALL``,
 another process's ``cache.clear()``) while the entries written after that are there.
 
+Redis can forget the registry while the entries it listed stay: evicted under an
+``allkeys-*`` policy, deleted by hand, or missing from a snapshot taken meanwhile. The next
+registration makes a new one listing only the keyspaces registered since, and the others'
+entries, read by hits (which record nothing), would outlive commits that no longer lock them.
+A registry is *whole* while it holds the field :data:`.keys.REGISTRY_WHOLE`, which goes with
+it. A transaction whose list lacked the field (a forgotten registry, or none read yet), or
+whose lock's registration found the registry without it, does not return from ``commit()``
+before the registry is whole again (:meth:`Siblings.make_whole`):
+one process replaces every generation key of the prefix (found by ``SCAN``) and marks the
+registry whole, the others wait for it, so no entry filled before the loss is served after
+such a commit. Entries filled since were registered first, and reached as above.
+
 Reading the registry never raises: a failure falls back to the commit's own keyspace (logged
 once).
 """
@@ -33,7 +45,14 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .backend import Registration, VersionProbe
-from .keys import KeySpace, registry_key, registry_pruning_key, registry_version_key
+from .keys import (
+    REGISTRY_WHOLE,
+    KeySpace,
+    registry_key,
+    registry_pruning_key,
+    registry_recovery_key,
+    registry_version_key,
+)
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -44,13 +63,29 @@ log = logging.getLogger("sqlalchemy_writethrough")
 #: seconds after which a list is read again even if the version did not change (a process of
 #: a version before this one registers without changing it)
 _MAX_AGE = 60.0
+#: how long the lease of a process making the registry whole lasts (renewed between its
+#: steps): another process takes over this long after it died
+_WHOLE_LEASE_MS = 10_000
+#: how long a commit waits for another process to make the registry whole, at most
+_WHOLE_WAIT = 30.0
+#: generation keys replaced per script call while making the registry whole
+_WHOLE_BATCH = 500
 
 
 class Known:
     """The registry as one read found it: its version and fields, each table's keyspaces
     (by database), and the siblings of this process's generation keys, made as asked."""
 
-    __slots__ = ("at", "by_table", "fields", "read", "registering", "siblings", "version")
+    __slots__ = (
+        "at",
+        "by_table",
+        "fields",
+        "read",
+        "registering",
+        "siblings",
+        "version",
+        "whole",
+    )
 
     def __init__(self, prefix: str, fields: Iterable[str], version: Any, read: bool) -> None:
         self.version = version
@@ -58,6 +93,9 @@ class Known:
         self.read = read
         self.at = time.monotonic()
         self.fields = frozenset(fields)
+        #: whether this list is one of a whole registry (see the module's docstring): a
+        #: transaction that went by another does not return before the registry is whole
+        self.whole = read and REGISTRY_WHOLE in self.fields
         #: (table, database digest) -> [(field, keyspace)]
         self.by_table: dict[tuple[str, str], list[tuple[str, KeySpace]]] = {}
         for field in sorted(self.fields):
@@ -65,6 +103,8 @@ class Known:
                 table, digest, buckets = field.rsplit("|", 2)
                 keys = KeySpace(prefix, table, digest, int(buckets))
             except ValueError:  # not one of ours
+                continue
+            if not keys.generation_keys():  # a marker (REGISTRY_WHOLE...), not a keyspace
                 continue
             self.by_table.setdefault((table, database_of(digest)), []).append((field, keys))
         #: own generation key -> its keyspace's siblings (filled by Siblings._lookup)
@@ -87,6 +127,7 @@ class Siblings:
         own: Callable[[], Iterable[KeySpace]],
         lifetime_ms: Callable[[tuple[str, ...]], int] = lambda fields: 0,
         lifetime_stamp: Callable[[], Hashable] = lambda: None,
+        on_made_whole: Callable[[], object] = lambda: None,
     ) -> None:
         self.prefix = prefix
         self._own = own
@@ -104,6 +145,10 @@ class Siblings:
         self._logged = False
         self._register_logged = False
         self._keys = (self._registry, self._version_key, registry_pruning_key(prefix))
+        self._whole_keys = (self._registry, self._version_key, registry_recovery_key(prefix))
+        self._whole_logged = False
+        #: called when this process made a forgotten registry whole, buckets replaced
+        self._on_made_whole = on_made_whole
         #: part of the version a registration of this process sets when it adds a field
         self._token = secrets.token_hex(6)
 
@@ -130,7 +175,7 @@ class Siblings:
                 str(lifetime),
                 *fields,
             )
-        return Registration(self._keys, args, fields)
+        return Registration(self._keys, args, fields, not known.whole)
 
     def registered(self, registration: Registration, address: str) -> bool:
         """What a registration's reply says: the registry as it found it, when its version
@@ -319,3 +364,99 @@ class Siblings:
                 journal.add_buckets(buckets)
         except Exception:  # never raise after COMMIT
             log.debug("writethrough: checking the keyspace registry failed", exc_info=True)
+
+    # -- a forgotten registry --------------------------------------------------------------------
+
+    def make_whole(self, backend: Backend) -> bool:
+        """Return once the registry is whole (see the module's docstring): made whole by this
+        process (every generation key of the prefix replaced), or by another one meanwhile.
+        False when Redis failed or another process took longer than ``_WHOLE_WAIT`` (logged
+        once). Never raises: it runs after COMMIT."""
+        try:
+            return self._make_whole(backend)
+        except Exception:
+            log.debug("writethrough: making the keyspace registry whole failed", exc_info=True)
+            return False
+
+    def _make_whole(self, backend: Backend) -> bool:
+        keys, token = self._whole_keys, secrets.token_hex(8)
+        deadline = time.monotonic() + _WHOLE_WAIT
+        pause = 0.002
+        while True:
+            step, detail = backend.registry_whole(keys, "begin", token, _WHOLE_LEASE_MS)
+            if step == 1:
+                self._learn_whole(detail)
+                return True
+            if step == 2:
+                since: str = detail
+                replaced = self._replace_generations(backend, keys, token, since)
+                if replaced is None:
+                    break
+                if replaced < 0:  # forgotten again meanwhile
+                    continue
+                step, detail = backend.registry_whole(keys, "end", token, _WHOLE_LEASE_MS)
+                if step < 0:
+                    break
+                if step == 1:
+                    self._learn_whole(detail)
+                    self._made_whole(backend.address, replaced)
+                    return True
+                continue
+            if step < 0 or time.monotonic() > deadline:
+                break
+            backend.transport.sleep(pause)  # another process is at it
+            pause = min(pause * 2, 0.05)
+        if not self._whole_logged:
+            self._whole_logged = True
+            log.warning(
+                "writethrough: Redis at %s: the keyspace registry was forgotten (evicted?) and "
+                "could not be made whole again%s; until it is, a commit may leave entries of "
+                "other code versions' keyspaces as they were (docs/running-redis.md, eviction)",
+                backend.address,
+                "" if step < 0 else f" within {_WHOLE_WAIT:.0f} s",
+            )
+        return False
+
+    def _replace_generations(
+        self, backend: Backend, keys: Sequence[str], token: str, since: str
+    ) -> int | None:
+        """Replace the prefix's generations made before the registry (``since``), renewing
+        the lease between batches: how many, -1 when the registry was forgotten again
+        meanwhile, None when Redis failed."""
+        found = backend.generation_keys(self.prefix)
+        if found is None:
+            return None
+        replaced = 0
+        for start in range(0, len(found), _WHOLE_BATCH):
+            if start:
+                step, _ = backend.registry_whole(keys, "renew", token, _WHOLE_LEASE_MS)
+                if step < 0:
+                    return None
+                if step != 2:
+                    return -1
+            n = backend.replace_generations_before(found[start : start + _WHOLE_BATCH], since)
+            if n is None:
+                return None
+            replaced += n
+        return replaced
+
+    def _learn_whole(self, registry: tuple[Any, list[str]] | None) -> None:
+        """The registry as a step that found it whole read it: the next commit's locks go
+        by a whole list (none of its own to make whole again)."""
+        if registry is not None:
+            version, fields = registry
+            self.learn(fields, version)
+
+    def _made_whole(self, address: str, replaced: int) -> None:
+        if replaced:  # a new prefix, a flushed server: nothing was there to replace
+            self._on_made_whole()
+            log.warning(
+                "writethrough: Redis at %s: the keyspace registry had been forgotten (evicted "
+                "under an allkeys-* policy, deleted, or restored without it): %d bucket "
+                "generations replaced, so no entry of a keyspace it no longer listed is served "
+                "again (docs/running-redis.md, eviction)",
+                address,
+                replaced,
+            )
+        else:
+            log.debug("writethrough: Redis at %s: the keyspace registry was made", address)

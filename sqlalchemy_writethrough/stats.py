@@ -190,6 +190,9 @@ class CacheStats:
     epochs: int = 0
     """times this process found Redis in a new epoch (restarted, failed over, flushed,
     replaced): every entry written before it was invalidated"""
+    registries_made_whole: int = 0
+    """times this process found the keyspace registry forgotten while entries stayed (evicted
+    under an ``allkeys-*`` policy, deleted) and replaced the buckets made before it"""
     commits: int = 0
     """committed transactions that changed cached rows"""
     rollbacks: int = 0

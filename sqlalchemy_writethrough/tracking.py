@@ -83,6 +83,7 @@ class SessionTracker:
         "locked",
         "locked_gens",
         "owner",
+        "partial_list",
         "pending_lock",
         "reassert_on_flush",
         "ref",
@@ -133,6 +134,9 @@ class SessionTracker:
         #: the keyspace registry as the first lock of the transaction that named siblings
         #: saw it (a :class:`.siblings.Known`), which the publish's version check goes by
         self.siblings_known: Any = None
+        #: a lock of the transaction went by a list of a registry that was not whole (Redis
+        #: forgot it, or no list was read yet): ``commit()`` returns once it is whole again
+        self.partial_list = False
         #: a registration sent with one of this transaction's locks was refused: its
         #: publish leaves every entry as a miss (see :meth:`.siblings.Siblings.registered`)
         self.unregistered = False

@@ -536,9 +536,15 @@ class WritePath:
 
     def _registered(self, tracker: SessionTracker, register: Registration, address: str) -> None:
         """A lock's registration heard: refused, the transaction's publish leaves misses
-        (see :meth:`.siblings.Siblings.registered`)."""
-        if not self.runtime.siblings.registered(register, address):
+        (see :meth:`.siblings.Siblings.registered`); a registry found not whole, the commit
+        makes it whole (the locks went by an older list, which may lack what Redis lost:
+        a Cluster failover of the registry's node loses registrations the process never
+        learned)."""
+        siblings = self.runtime.siblings
+        if not siblings.registered(register, address):
             tracker.unregistered = True
+        if not siblings.known.whole:
+            tracker.partial_list = True
 
     def _retake_aged_locks(self, tracker: SessionTracker) -> None:
         """The flush inside ``commit()`` has run, and COMMIT comes next: locks older than
@@ -607,6 +613,8 @@ class WritePath:
         known = siblings.known
         if tracker.siblings_known is None:
             tracker.siblings_known = known
+        if not known.whole:
+            tracker.partial_list = True
         return siblings.extra(pairs, known)
 
     def lock_models(
@@ -635,6 +643,8 @@ class WritePath:
         known = siblings.known
         if tracker.siblings_known is None:
             tracker.siblings_known = known
+        if not known.whole:
+            tracker.partial_list = True
         for gen_key in siblings.extra_buckets(gen_keys, known):
             if gen_key not in tracker.locked_gens:
                 tracker.locked_gens[gen_key] = None
@@ -823,6 +833,7 @@ class WritePath:
             # commit() did not COMMIT: the outer transaction may still roll back. The locks
             # stay and expire into misses (lock_timeout), which is all that is safe here.
             log.debug("writethrough: session joined an outer transaction; nothing published")
+            self._make_registry_whole(tracker)
             return
         wrote = bool(tracker.locked or tracker.locked_gens)
         counters = self.runtime.counters
@@ -845,6 +856,7 @@ class WritePath:
             log.exception("writethrough: publish failed after commit")
             if wrote and not failed:
                 counters.add("cache_write_failures")
+        self._make_registry_whole(tracker)
         if wrote:
             began = session.info.pop(_COMMIT_STARTED, None)
             # the publish's counts, the commit and its latencies: one lock
@@ -858,6 +870,19 @@ class WritePath:
                 self.runtime.journal.add_pairs(tracker.unlocked, tracker.owner_token())
             if tracker.unlocked_gens:
                 self.runtime.journal.add_buckets(tracker.unlocked_gens)
+
+    def _make_registry_whole(self, tracker: SessionTracker) -> None:
+        """A transaction whose locks went by the list of a registry Redis had forgotten (or
+        by none) may have left other keyspaces' entries of its rows unlocked: they are
+        replaced before ``commit()`` returns (see :mod:`.siblings`). One round trip when the
+        registry is whole after all (the first commit of a process that read no list)."""
+        if tracker.partial_list or (
+            tracker.siblings_known is None and (tracker.locked or tracker.locked_gens)
+        ):
+            started = perf_counter()
+            rt = self.runtime
+            rt.siblings.make_whole(rt.backend)
+            tracker.cache_seconds += perf_counter() - started
 
     def _submit(self, job: Job) -> bool:
         """Hand ``job`` to the background worker; False when its queue is full (the caller

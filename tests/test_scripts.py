@@ -358,3 +358,72 @@ def test_one_call_handles_many_keys(backend, redis_client, prefix):
         items += (f"row{i}".encode(), TTL)
     assert backend.publish(pairs, "w1", items) == 200
     assert value_payload(redis_client, pairs[2 * 150]) == b"row150"
+
+
+# -- a forgotten keyspace registry (lua/registry_whole.lua, see .siblings) -------------------
+
+
+def _whole_keys(prefix: str) -> tuple[str, str, str]:
+    from sqlalchemy_writethrough.keys import (
+        registry_key,
+        registry_recovery_key,
+        registry_version_key,
+    )
+
+    return registry_key(prefix), registry_version_key(prefix), registry_recovery_key(prefix)
+
+
+def test_only_generations_made_before_the_registry_are_replaced(backend, redis_client, prefix):
+    """What a recovery replaces: the generations the server made before the registry was made
+    again (an entry under one of those may predate the loss), not those made since (their
+    entries were filled after a registration in this registry), and an absent generation
+    stays absent."""
+    old, new, absent = (f"{prefix}:{{m:d:{b}}}" for b in range(3))
+    seed_value(backend, f"{old}:1", old)
+    since = backend.registry_whole(_whole_keys(prefix), "begin", "me", LEASE)[1]
+    seed_value(backend, f"{new}:1", new)
+    old_gen, new_gen = redis_client.get(old), redis_client.get(new)
+    assert backend.replace_generations_before([old, new, absent], since) == 1
+    assert redis_client.get(old) != old_gen
+    assert redis_client.get(new) == new_gen
+    assert redis_client.get(absent) is None
+    assert backend.peek(f"{new}:1", new) not in (None, False)
+    assert backend.peek(f"{old}:1", old) is False  # a miss: its generation is gone
+
+
+def test_a_registry_forgotten_again_during_its_recovery_is_not_called_whole(
+    backend, redis_client, prefix
+):
+    keys = _whole_keys(prefix)
+    registry = keys[0]
+    assert backend.registry_whole(keys, "begin", "me", LEASE)[0] == 2
+    assert backend.registry_whole(keys, "begin", "other", LEASE)[0] == 0  # the lease is mine
+    redis_client.delete(registry)  # evicted again while "me" scans
+    assert backend.registry_whole(keys, "renew", "me", LEASE)[0] == 0
+    assert backend.registry_whole(keys, "end", "me", LEASE)[0] == 0
+    assert not redis_client.hexists(registry, "~|whole|0")
+    assert backend.registry_whole(keys, "begin", "me", LEASE)[0] == 2  # starts again
+    version = redis_client.get(keys[1])
+    assert backend.registry_whole(keys, "end", "me", LEASE)[0] == 1
+    assert redis_client.hexists(registry, "~|whole|0")
+    assert redis_client.get(keys[1]) != version  # lists are read again
+    assert redis_client.get(keys[2]) is None  # the lease let go
+    assert [f for f in redis_client.hkeys(registry) if b"recovering" in f] == []
+    assert backend.registry_whole(keys, "begin", "other", LEASE)[0] == 1
+
+
+def test_a_registry_made_by_a_registration_records_when(backend, redis_client, prefix):
+    """Every registration that finds no '~|since|0' in the registry (a new one, a forgotten
+    one, one made by a version before this field) records the server time it made it at."""
+    from sqlalchemy_writethrough.keys import registry_key
+    from sqlalchemy_writethrough.siblings import Siblings
+
+    siblings = Siblings(prefix, lambda: ())
+    before = int(redis_client.time()[0])
+    registration = siblings.registration(("t|d:db|4",))
+    assert backend.lock(
+        [f"{prefix}:{{t:d:0}}:1", f"{prefix}:{{t:d:0}}"], "o", LOCK, None, registration
+    )
+    since = redis_client.hget(registry_key(prefix), "~|since|0")
+    assert since is not None and int(since) // 1_000_000 >= before
+    assert not redis_client.hexists(registry_key(prefix), "~|whole|0")

@@ -6,6 +6,7 @@ serves a row older than a completed commit. See docs/consistency.md, "Keyspaces 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncAttrs, async_sessionmaker, create_async_
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import WriteThroughCache
-from sqlalchemy_writethrough.keys import registry_key, registry_version_key
+from sqlalchemy_writethrough.keys import (
+    REGISTRY_WHOLE,
+    registry_key,
+    registry_recovery_key,
+    registry_version_key,
+)
 
 from _cache_helpers import entry_key, entry_state, keyspace
 from _servers import COUNTED, capture_sql, counting_redis, reset_schema
@@ -226,8 +232,8 @@ def test_a_keyspace_registered_during_the_transaction_is_invalidated_after_commi
     with new() as session:
         session.add(NewItem(id=1, name="v1"))
         session.commit()
-    fields = {f.decode() for f in redis_client.hkeys(registry_key(prefix))}
-    assert len(fields) == 1  # the new version's only: the old one has not read yet
+    assert len(registry_fields(redis_client, prefix)) == 1  # the new version's: the old one
+    # has not read yet
     key = entry_key(old_cache, OldItem, 1)
     with new() as session:
         session.get(NewItem, 1).name = "v2"
@@ -505,8 +511,10 @@ SHORT_LIVED = {"ttl": 1, "lock_timeout": 0.5, "lease_timeout": 0.5}
 
 
 def registry_fields(redis_client: redis.Redis, prefix: str) -> dict[str, int]:
-    """The registry's fields, with the server time (ms) each may be dropped at."""
-    return {f.decode(): int(v) for f, v in redis_client.hgetall(registry_key(prefix)).items()}
+    """The registry's keyspace fields, with the server time (ms) each may be dropped at (not
+    its own markers, ``~|...|0``)."""
+    found = redis_client.hgetall(registry_key(prefix)).items()
+    return {f.decode(): int(v) for f, v in found if not f.startswith(b"~|")}
 
 
 def short_lived_versions(process: Any) -> tuple[Factory, Factory, str, str]:
@@ -626,7 +634,7 @@ def test_a_reader_records_its_keyspace_again_after_redis_forgot_it(
     cached(old, OldItem, 1, schema, "v3")  # a miss, a fill: recorded again, ahead of its lease
     _set_name(new, NewItem, "v4")
     assert name_of(old, OldItem, 1, schema) == ("v4", 1)
-    assert server.admin().hlen(registry_key(prefix)) == 2
+    assert len(registry_fields(server.admin(), prefix)) == 2
 
 
 @pytest.mark.databases("sqlite")
@@ -654,17 +662,16 @@ def test_a_writer_records_its_keyspace_again_after_redis_forgot_it(
 
 
 @pytest.mark.databases("sqlite")
-def test_an_evicted_registry_leaves_the_other_versions_entry_until_it_registers_again(
+def test_an_evicted_registry_is_made_whole_before_the_next_commit_returns(
     server: Any, on_server: Any, schema: Engine, prefix: str
 ) -> None:
-    """The documented cost of an ``allkeys-*`` eviction policy during a rolling deploy
-    (docs/running-redis.md, "Eviction and maxmemory-policy"): Redis evicts the registry alone,
-    the entries stay. The new version's next registration records only its own keyspace and
-    brings that list back, so its next commit neither locks nor invalidates the old version's
-    entry, which (read by hits, which record nothing) serves the older row until the old
-    version takes a lease or a lock again (then the next commit reaches it) or its TTL. A
-    ``FLUSHALL`` or ``cache.clear()`` takes the entries with the registry; ``volatile-*``
-    never evicts it (it has no TTL)."""
+    """An ``allkeys-*`` eviction policy during a rolling deploy: Redis evicts the registry
+    alone, the entries stay. The new version's next registration makes a registry that lists
+    its own keyspace only, and its next commit, which goes by that list, neither locks nor
+    invalidates the old version's entry (read by hits, which record nothing). So that commit
+    makes the registry whole before it returns: every generation made before the new registry
+    is replaced. (Before: the old version served the older row until it took a lease or a
+    lock again, or its TTL.)"""
     _, old = on_server(OldItem)
     new_cache, new = on_server(NewItem)
     with new() as session:
@@ -672,15 +679,89 @@ def test_an_evicted_registry_leaves_the_other_versions_entry_until_it_registers_
         session.commit()
     cached(old, OldItem, 1, schema, "v1")
     cached(new, NewItem, 1, schema, "v1")  # the new version's lease brings the old keyspace
-    server.admin().delete(registry_key(prefix))  # evicted (allkeys-random, allkeys-lru...)
+    admin = server.admin()
+    assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
+    admin.delete(registry_key(prefix))  # evicted (allkeys-random, allkeys-lru...)
     assert name_of(new, NewItem, 2, schema) == (None, 1)  # a miss: its lease registers
+    assert REGISTRY_WHOLE.encode() not in admin.hkeys(registry_key(prefix))
+    made_whole = new_cache.stats().registries_made_whole
     _set_name(new, NewItem, "v2")
-    assert name_of(old, OldItem, 1, schema) == ("v1", 0)  # the older row, from Redis
+    assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
+    assert new_cache.stats().registries_made_whole == made_whole + 1
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)  # a miss: the committed row
+    assert name_of(old, OldItem, 1, schema) == ("v2", 0)
     assert new_cache.stats().commits >= 1
-    # a lease or lock of the old version records its keyspace again; commits reach it then
-    assert name_of(old, OldItem, 2, schema) == (None, 1)
+    # the old version's lease recorded its keyspace again: commits reach it as before
     _set_name(new, NewItem, "v3")
     assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+
+
+def _forget_registry_while_another_process_recovers(
+    server: Any, on_server: Any, schema: Engine, prefix: str, lease_ms: int
+) -> tuple[Factory, Factory]:
+    """The old and the new version's factories, row 1 cached by both, then the registry
+    evicted, registered again by the new version (not whole), and another process holding
+    the lease of its recovery for ``lease_ms``."""
+    _, old = on_server(OldItem)
+    _, new = on_server(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    admin = server.admin()
+    admin.delete(registry_key(prefix))
+    assert name_of(new, NewItem, 2, schema) == (None, 1)  # registers: a registry not whole
+    admin.set(registry_recovery_key(prefix), "another", px=lease_ms)
+    return old, new
+
+
+def _commit_in_a_thread(factory: Factory) -> tuple[threading.Thread, threading.Event]:
+    done = threading.Event()
+
+    def commit() -> None:
+        _set_name(factory, NewItem, "v2")
+        done.set()
+
+    thread = threading.Thread(target=commit)
+    thread.start()
+    return thread, done
+
+
+@pytest.mark.databases("sqlite")
+def test_a_commit_takes_over_the_recovery_of_a_process_that_died(
+    server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """One process at a time replaces the generations of a forgotten registry (it holds a
+    lease); a commit that went by a list of that registry waits for it, and when the lease
+    expires (that process died) takes over before it returns."""
+    old, new = _forget_registry_while_another_process_recovers(
+        server, on_server, schema, prefix, lease_ms=1500
+    )
+    thread, done = _commit_in_a_thread(new)
+    try:
+        assert not done.wait(0.7)  # waits for the other process
+        assert done.wait(15)
+    finally:
+        thread.join(15)
+    assert REGISTRY_WHOLE.encode() in server.admin().hkeys(registry_key(prefix))
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+@pytest.mark.databases("sqlite")
+def test_a_commit_returns_once_another_process_made_the_registry_whole(
+    server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    _, new = _forget_registry_while_another_process_recovers(
+        server, on_server, schema, prefix, lease_ms=20_000
+    )
+    thread, done = _commit_in_a_thread(new)
+    try:
+        assert not done.wait(0.7)
+        server.admin().hset(registry_key(prefix), REGISTRY_WHOLE, "9007199254740991")
+        assert done.wait(5)  # long before the other process's lease expires
+    finally:
+        thread.join(25)
 
 
 @pytest.mark.databases("sqlite")
@@ -692,8 +773,6 @@ def test_a_reader_waiting_for_a_fill_records_its_keyspace_with_each_poll(
     fills: its keyspace must be recorded in that poll's round trip, not only in the first
     one's, which Redis has forgotten. (Seen failing before: the entry was filled with the
     registry empty.)"""
-    import threading
-
     cache, factory = on_server(NewItem, fill_wait=5.0)
     with factory() as session:
         session.add(NewItem(id=1, name="v1"))
@@ -827,6 +906,186 @@ def test_on_a_redis_cluster_after_a_clear(cluster: Any, schema: Engine, prefix: 
     finally:
         for cache in caches:
             cache.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+def test_an_evicted_registry_is_made_whole_on_a_redis_cluster(
+    cluster: Any, schema: Engine, prefix: str
+) -> None:
+    """The registry's node evicts it: the generations made before the new registry are found
+    by SCAN on every primary and replaced, each on its own node."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    def client() -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+
+    caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "on"]
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=True):
+            cache.register(model)
+            cache.install(factory)
+        with new() as session:
+            session.add_all(NewItem(id=i, name="v1") for i in range(1, 21))
+            session.commit()
+        for i in range(1, 21):
+            cached(old, OldItem, i, schema, "v1")
+        admin = client()
+        admin.delete(registry_key(prefix))  # evicted
+        assert name_of(new, NewItem, 21, schema) == (None, 1)  # registers: not whole
+        with new() as session:
+            for i in range(1, 21):
+                session.get(NewItem, i).name = "v2"
+            session.commit()
+        assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
+        for i in range(1, 21):
+            assert name_of(old, OldItem, i, schema) == ("v2", 1)
+    finally:
+        for cache in caches:
+            cache.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+def test_a_failover_of_the_registrys_node_that_lost_a_registration(
+    cluster: Any, schema: Engine, prefix: str
+) -> None:
+    """On a Redis Cluster the registry lives on one node and the entries on all. A failover
+    of the registry's node to a replica that missed a registration (replication is
+    asynchronous) loses a keyspace whose entries the other nodes keep. The new epoch on that
+    node marks the registry not whole, and the next commit replaces the buckets made before it
+    on every node. (Before: a writer that had not learned the keyspace left its entries stale
+    until that version registered again, or their TTL: a documented residual.)"""
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.crc import key_slot
+
+    from stress.cluster import wait_for
+
+    def client() -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+
+    caches = [
+        WriteThroughCache(client(), prefix=prefix, stats_interval=None, epoch_check_interval=0.2)
+        for _ in "on"
+    ]
+    registry = registry_key(prefix)
+    primary = cluster.owner(key_slot(registry.encode()))
+    replica = cluster.replica_of(primary)
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=True):
+            cache.register(model)
+            cache.install(factory)
+        with new() as session:
+            session.add_all(NewItem(id=i, name="v1") for i in range(1, 31))
+            session.commit()  # makes the registry whole
+        cached(new, NewItem, 1, schema, "v1")  # its list now says whole
+        rows = [
+            i
+            for i in range(1, 31)
+            if cluster.owner(key_slot(entry_key(caches[0], OldItem, i).encode())) != primary
+        ]
+        assert rows
+
+        def replica_has_the_registry() -> bool:
+            with redis.Redis(host="127.0.0.1", port=replica, socket_timeout=1) as r:
+                r.execute_command("READONLY")
+                return bool(r.hexists(registry, REGISTRY_WHOLE))
+
+        wait_for(replica_has_the_registry, 5, "replication")
+        cluster.pause(replica)
+        try:
+            with cluster.node(primary).admin() as admin:  # what is sent now never arrives
+                admin.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            for i in rows:  # the old version registers on the primary only; fills elsewhere
+                cached(old, OldItem, i, schema, "v1")
+            cluster.node(primary).kill()
+        finally:
+            cluster.resume(replica)
+        wait_for(lambda: cluster.node(replica).role() == "master", 20, "the promotion")
+        cluster.wait_serving()
+        admin = client()
+        old_field = keyspace(caches[0], OldItem).registry_field
+        assert old_field.encode() not in admin.hkeys(registry)  # lost with the old primary
+
+        deadline = time.monotonic() + 20
+        while True:  # the first commits may meet the cluster still settling
+            try:
+                with new() as session:
+                    for i in rows:
+                        session.get(NewItem, i).name = "v2"
+                    session.commit()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        for i in rows:
+            assert name_of(old, OldItem, i, schema) == ("v2", 1)
+    finally:
+        for cache in caches:
+            cache.close()
+        cluster.restart(primary)  # back, as a replica of the promoted node
+
+
+def test_asyncio_makes_an_evicted_registry_whole(
+    server: Any, on_server: Any, schema: Engine, db_url: str, prefix: str, loop: Any
+) -> None:
+    """An asyncio commit that went by a registry that is not whole makes it whole before
+    ``commit()`` returns, and waits for another process's recovery without blocking its
+    event loop."""
+    import asyncio
+
+    _, old = on_server(OldItem)
+    with old() as session:
+        session.add(OldItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(server.url, prefix=prefix, stats_interval=None)
+        try:
+            cache.register(NewItem)
+            factory = async_sessionmaker(engine, expire_on_commit=False)
+            cache.install(factory)
+            async with factory() as session:
+                assert (await session.get(NewItem, 1)).name == "v1"  # type: ignore[union-attr]
+            admin = server.admin()
+            admin.delete(registry_key(prefix))  # evicted
+            async with factory() as session:
+                assert await session.get(NewItem, 2) is None  # registers: not whole
+            admin.set(registry_recovery_key(prefix), "another", px=1000)
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.05)
+                    ticks += 1
+
+            ticking = asyncio.ensure_future(tick())
+            async with factory() as session:
+                (await session.get(NewItem, 1)).name = "v2"  # type: ignore[union-attr]
+                await session.commit()  # waits for the lease, then takes over
+            ticking.cancel()
+            assert ticks >= 5  # the loop ran while the commit waited
+            assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
+        finally:
+            await cache.aclose()
+            await engine.dispose()
+
+    loop.run_until_complete(scenario())
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
 
 
 def _server_version(admin: Any) -> tuple[int, ...]:

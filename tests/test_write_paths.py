@@ -771,6 +771,10 @@ def test_orm_flush_of_one_row_touches_only_that_row(
         factory = sessionmaker(engine)
         counting.install(factory)
         warm(factory, engine, WxItem, 1, 2, 3, 4)
+        with factory() as session:  # a new prefix's first commit makes its registry whole
+            session.get(WxItem, 4).qty += 1  # type: ignore[union-attr]
+            session.commit()
+        warm(factory, engine, WxItem, 4)
         with factory() as session:
             obj = session.get(WxItem, 1)
             assert obj is not None

@@ -56,6 +56,24 @@ local function new_token(nonce)
   return 'n' .. t[1] .. '.' .. t[2] .. '.' .. nonce
 end
 
+-- the server time (microseconds) a generation token was made at, and the same for now
+local function token_us(g)
+  local s, u = string.match(g, '^[tn](%d+)%.(%d+)')
+  if not s then return nil end
+  return tonumber(s) * 1000000 + tonumber(u)
+end
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- whether a generation token was made before the time ``us`` (a token of no known form: yes)
+local function made_before(g, us)
+  local made = token_us(g)
+  return made == nil or made < us
+end
+
 local function value_gen(v)
   local sep = string.find(v, ':', 2, true)
   if not sep then return nil end

@@ -23,6 +23,11 @@ local need = tonumber(ARGV[3]) or 0
 local slack = math.min(60000, need)
 local version = redis.call('GET', KEYS[2])
 local new = not version
+-- when this registry was made (microseconds): a registry Redis forgot comes back without it,
+-- and registry_whole.lua replaces the generations made before it
+if not redis.call('HGET', KEYS[1], '~|since|0') then
+  redis.call('HSET', KEYS[1], '~|since|0', t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
+end
 for i = 4, #ARGV do
   local held = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
   if not held then

@@ -1,0 +1,80 @@
+-- registry_whole: make a keyspace registry Redis forgot whole again (see siblings.py).
+-- The registry is whole while it holds the field '~|whole|0': Redis evicting the hash, or anyone
+-- deleting it, takes the field too, and the next registration makes a hash without it, listing
+-- only the keyspaces registered since. The entries of the others are still there, served by
+-- the processes that read them (a hit records nothing), and commits that go by the new list
+-- neither lock nor invalidate them. A recovery replaces the prefix's generation keys (found by
+-- SCAN, from the client) made before the registry (its field '~|since|0', register.lua)
+-- between its 'begin' and its 'end': no entry filled before the loss is served after it. An
+-- entry of a generation made since was filled after a registration of its keyspace in this
+-- registry (every fill and lock registers first), which commits reach (siblings.py).
+-- Its own field '~|recovering.<token>|0' proves at 'end' that the hash was not forgotten
+-- again meanwhile (that would have taken the field too); the field's value is a time, so
+-- register.lua's pruning drops it if the process dies.
+-- Only GET, SET, DEL, TIME, HGET, HSET, HDEL: the documented least-privilege ACL.
+-- KEYS[1] the registry, KEYS[2] its version key, KEYS[3] the recovery lease (same hash slot)
+-- ARGV[1] 'begin' | 'renew' | 'end' | 'forget', ARGV[2] the caller's token, ARGV[3] the lease (ms)
+-- begin: {1, version, fields} the registry is whole (1 alone when its version key is missing)
+--   | 0 another process's recovery holds the lease: wait
+--   | {2, since} the caller holds the lease: replace the generations made before since (microseconds),
+--   then 'end'
+-- renew: 2 the lease is the caller's for ARGV[3] ms more | 0 the registry was forgotten again
+--   meanwhile (start again) | 1 it was made whole meanwhile
+-- end: {1, version, fields} whole | 0 forgotten again meanwhile: begin again
+-- forget: 1, the registry no longer whole and its birth now (a Cluster epoch, cluster.py)
+local whole = '~|whole|0'
+local mine = '~|recovering.' .. ARGV[2] .. '|0'
+if ARGV[1] == 'forget' then
+  -- a new epoch on a Redis Cluster node serving the registry: its failover may have lost
+  -- registrations the old primary acknowledged while other nodes keep those keyspaces' entries,
+  -- so the registry is not known whole any more, and counts as made now
+  redis.call('HDEL', KEYS[1], whole)
+  redis.call('HSET', KEYS[1], '~|since|0', string.format('%d', now_us()))
+  local fields = redis.call('HKEYS', KEYS[1])
+  redis.call('SET', KEYS[2], new_token(ARGV[2] .. '.' .. #fields))
+  return 1
+end
+local ms = tonumber(ARGV[3]) or 5000
+local lease = redis.call('GET', KEYS[3])
+local function let_go()
+  redis.call('HDEL', KEYS[1], mine)
+  if lease == ARGV[2] then redis.call('DEL', KEYS[3]) end
+end
+-- whole: the registry as it is now, for the caller's list of it (as register.lua replies)
+local function whole_now()
+  local version = redis.call('GET', KEYS[2])
+  if not version then return 1 end
+  return {1, version, redis.call('HKEYS', KEYS[1])}
+end
+if redis.call('HGET', KEYS[1], whole) then
+  if ARGV[1] ~= 'begin' then let_go() end
+  return whole_now()
+end
+if ARGV[1] == 'begin' then
+  if lease and lease ~= ARGV[2] then return 0 end
+  redis.call('SET', KEYS[3], ARGV[2], 'PX', ms)
+  redis.call('HSET', KEYS[1], mine, now_ms() + 4 * ms)
+  local since = redis.call('HGET', KEYS[1], '~|since|0')
+  if not since then  -- forgotten again since the registration that saw it missing
+    since = string.format('%d', now_us())
+    redis.call('HSET', KEYS[1], '~|since|0', since)
+  end
+  return {2, since}
+end
+if not redis.call('HGET', KEYS[1], mine) then
+  let_go()
+  return 0
+end
+if ARGV[1] == 'renew' then
+  if not lease or lease == ARGV[2] then
+    redis.call('SET', KEYS[3], ARGV[2], 'PX', ms)
+  end
+  redis.call('HSET', KEYS[1], mine, now_ms() + 4 * ms)
+  return 2
+end
+let_go()
+redis.call('HSET', KEYS[1], whole, '9007199254740991')
+-- a new version: every process's next registration or publish reads the whole list
+local fields = redis.call('HKEYS', KEYS[1])
+redis.call('SET', KEYS[2], new_token(ARGV[2] .. '.' .. #fields))
+return whole_now()
