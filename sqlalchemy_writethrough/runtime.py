@@ -151,9 +151,12 @@ class Runtime:
         self, pairs: list[str], gen_keys: list[str]
     ) -> tuple[list[str], list[str]]:
         """What a journal replay invalidates besides its keys and buckets: theirs in the
-        siblings the registry lists now (read again: Redis just came back)."""
+        siblings the registry lists now (read again: Redis just came back). A registry Redis
+        forgot meanwhile may not list them all: it is made whole first (see .siblings)."""
         siblings = self.siblings
         known = siblings.refresh(self.backend) or siblings.known
+        if known.read and not known.whole:
+            siblings.make_whole(self.backend, wait=False)
         return siblings.extra(pairs, known), siblings.extra_buckets(gen_keys, known)
 
     def ttl_ms(self, layout: ModelLayout) -> int:

@@ -367,18 +367,20 @@ class Siblings:
 
     # -- a forgotten registry --------------------------------------------------------------------
 
-    def make_whole(self, backend: Backend) -> bool:
+    def make_whole(self, backend: Backend, wait: bool = True) -> bool:
         """Return once the registry is whole (see the module's docstring): made whole by this
         process (every generation key of the prefix replaced), or by another one meanwhile.
         False when Redis failed or another process took longer than ``_WHOLE_WAIT`` (logged
-        once). Never raises: it runs after COMMIT."""
+        once), or at once when another process is at it and ``wait`` is False (a journal
+        replay: that process's recovery covers its rows). Never raises: it runs after
+        COMMIT."""
         try:
-            return self._make_whole(backend)
+            return self._make_whole(backend, wait)
         except Exception:
             log.debug("writethrough: making the keyspace registry whole failed", exc_info=True)
             return False
 
-    def _make_whole(self, backend: Backend) -> bool:
+    def _make_whole(self, backend: Backend, wait: bool) -> bool:
         keys, token = self._whole_keys, secrets.token_hex(8)
         deadline = time.monotonic() + _WHOLE_WAIT
         pause = 0.002
@@ -402,6 +404,8 @@ class Siblings:
                     self._made_whole(backend.address, replaced)
                     return True
                 continue
+            if not wait and step == 0:
+                return False
             if step < 0 or time.monotonic() > deadline:
                 break
             backend.transport.sleep(pause)  # another process is at it

@@ -457,6 +457,51 @@ def test_a_journal_replay_covers_the_keyspaces_registered_meanwhile(
         new_cache.close()
 
 
+@pytest.mark.databases("sqlite")
+def test_a_journal_replay_makes_a_registry_forgotten_meanwhile_whole(
+    schema: Engine, prefix: str, redis_url: str, redis_proxy: LoopbackProxy
+) -> None:
+    """The new version, cut off from Redis, commits v2 unlocked (journaled) while Redis
+    forgets the registry. Its replay, once Redis answers (here at a read), reads the
+    registry again and finds it without the old version's keyspace: it makes it whole, so the
+    old version's entry of the row is not served any more. (Before: the replay invalidated
+    the siblings of an empty registry, none, and the old version served v1 until its TTL.)"""
+    old_cache = WriteThroughCache(fast_client(redis_url), prefix=prefix, stats_interval=None)
+    new_cache = WriteThroughCache(
+        fast_client(redis_proxy.url), prefix=prefix, stats_interval=None, breaker_cooldown=0.2
+    )
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        old, new = sessionmaker(schema), sessionmaker(schema)
+        old_cache.register(OldItem)
+        old_cache.install(old)
+        new_cache.register(NewItem)
+        new_cache.install(new)
+        with new() as session:
+            session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
+            session.commit()
+        cached(old, OldItem, 1, schema, "v1")
+        cached(new, NewItem, 2, schema, "two")  # its list names the old keyspace now
+        redis_proxy.blackhole()
+        admin.delete(registry_key(prefix))  # evicted meanwhile
+        with new() as session:
+            session.scalars(select(NewItem).where(NewItem.id == 1)).one().name = "v2"
+            session.commit()  # its locks fail: journaled
+        assert name_of(old, OldItem, 1, schema) == ("v1", 0), "the documented gap"
+        redis_proxy.forward()
+        time.sleep(0.3)  # past the breaker's cooldown
+        deadline = time.monotonic() + RECOVERY_DEADLINE_S
+        while name_of(old, OldItem, 1, schema)[0] != "v2":
+            assert time.monotonic() < deadline, "the old version's entry was never invalidated"
+            name_of(new, NewItem, 2, schema)  # a read replays the journal
+            time.sleep(0.1)
+        assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
+    finally:
+        admin.close()
+        old_cache.close()
+        new_cache.close()
+
+
 # -- a registry Redis forgot: FLUSHALL, another process's clear() ---------------------------------
 
 
