@@ -61,7 +61,7 @@ def invalidate_migrated_tables(
     runtime = cache._runtime
     # the backend is looked up at each use: a plain client at a Redis Cluster node goes on
     # as the cluster at its first refusal (this read, as a rule)
-    fields = cache._read_registry(runtime)
+    fields = cache._whole_registry(runtime)
     keyspaces: dict[str, list[str]] = {}
     for field in fields or ():
         table, gen_keys = generation_keys_of(cache.prefix, field)

@@ -39,7 +39,7 @@ from .databases import Databases
 from .diagnostics import explain
 from .exc import CacheUnavailableError, ConfigurationError
 from .journal import Journal
-from .keys import KeySpace, keyspace_of, prefix_patterns, registry_key
+from .keys import REGISTRY_WHOLE, KeySpace, keyspace_of, prefix_patterns, registry_key
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
 from .near import ClusterSubscriptions, NearCache, Subscriptions, TwinSubscriptions
@@ -911,7 +911,7 @@ class WriteThroughCache:
         else:
             found = {own.registry_field: own}
             database = database_of(keyspace_of(self.prefix, own.registry_field)[1])
-        fields = self._read_registry(runtime)
+        fields = self._whole_registry(runtime)
         for field in fields or ():
             table, digest, keys = keyspace_of(self.prefix, field)
             if (
@@ -921,6 +921,16 @@ class WriteThroughCache:
             ):
                 found[field] = keys
         return list(found.values()), fields is not None
+
+    def _whole_registry(self, runtime: Runtime) -> list[str] | None:
+        """:meth:`_read_registry`, made whole first when Redis forgot it (see .siblings): the
+        list of every keyspace that may hold entries; None when that could not be had."""
+        fields = self._read_registry(runtime)
+        if fields is None or REGISTRY_WHOLE in fields:
+            return fields
+        if not runtime.siblings.make_whole(runtime.backend):
+            return None
+        return self._read_registry(runtime)
 
     def _read_registry(self, runtime: Runtime) -> list[str] | None:
         """The keyspace registry's fields (None when Redis failed), read again on the

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import WriteThroughCache
+from sqlalchemy_writethrough.keys import registry_key
 from sqlalchemy_writethrough.model import ModelLayout
 
 from _cache_helpers import entry_key, entry_state
@@ -124,6 +125,26 @@ def test_data_migration_invalidates_cached_rows(
     alembic_command.downgrade(alembic, "0001")
     assert price_and_sql(engine, factory, 1)[0] == 1500
     assert price_and_sql(engine, factory, 2)[0] == 450
+
+
+def test_a_data_migration_after_redis_forgot_the_registry(
+    engine: Engine,
+    alembic: object,
+    cache: WriteThroughCache,
+    redis_client: redis.Redis,
+    prefix: str,
+) -> None:
+    """The migration's process registers no model: it finds the keyspaces of the tables it
+    changes in the keyspace registry. Evicted alone (``allkeys-*``), the registry no longer
+    lists the application's keyspace; the migration makes it whole first (every bucket made
+    before it replaced), so the application is not served the rows as they were. (Before: it
+    found nothing to lock and the application served the old price.)"""
+    alembic_command.upgrade(alembic, "0001")
+    factory = seeded(engine, cache)
+    assert price_and_sql(engine, factory, 1) == (1500, 0), "served from Redis"
+    redis_client.delete(registry_key(prefix))  # evicted
+    alembic_command.upgrade(alembic, "0002")
+    assert price_and_sql(engine, factory, 1) == (3000, 1)
 
 
 def test_without_the_integration_a_data_migration_leaves_stale_rows(

@@ -1199,3 +1199,26 @@ def test_invalidate_by_hand_reaches_the_other_versions_entries(
     assert new_cache.invalidate(NewItem, ident, bind=schema if with_bind else None) is True
     assert name_of(old, OldItem, 1, schema) == ("v2", 1)
     assert name_of(new, NewItem, 1, schema) == ("v2", 1)
+
+
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("ident", [1, None])
+def test_invalidate_by_hand_after_redis_forgot_the_registry(
+    ident: int | None, server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """The same after the registry was evicted alone and registered again by the new version
+    only: ``invalidate()`` makes it whole first, so the old version's entry goes too. (Before:
+    it read the new registry, found no sibling, and the old version served v1.)"""
+    _, old = on_server(OldItem)
+    new_cache, new = on_server(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    cached(old, OldItem, 1, schema, "v1")
+    cached(new, NewItem, 1, schema, "v1")
+    server.admin().delete(registry_key(prefix))  # evicted
+    assert name_of(new, NewItem, 2, schema) == (None, 1)  # registers: not whole
+    with schema.begin() as conn:  # behind the ORM
+        conn.execute(update(NewItem).where(NewItem.id == 1).values(name="v2"))
+    assert new_cache.invalidate(NewItem, ident) is True
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
