@@ -54,22 +54,24 @@ def version_key_of(registry: str) -> str:
     return f"{registry}:version"
 
 
+def _beside_registry(prefix: str, name: str) -> str:
+    """A key named ``name`` next to the registry, in its Redis Cluster slot."""
+    registry = registry_key(prefix)
+    if "{" not in registry:
+        return f"{registry}:{name}:{{{registry}}}"
+    return f"{registry}:{name}"
+
+
 def registry_pruning_key(prefix: str) -> str:
     """A key that exists while the registry's expired fields were dropped recently (see
     ``lua/register.lua``), in the registry's Redis Cluster slot."""
-    registry = registry_key(prefix)
-    if "{" not in registry:
-        return f"{registry}:pruning:{{{registry}}}"
-    return f"{registry}:pruning"
+    return _beside_registry(prefix, "pruning")
 
 
 def registry_recovery_key(prefix: str) -> str:
     """The lease of the process making a forgotten registry whole again (see
     ``lua/registry_whole.lua``), in the registry's Redis Cluster slot."""
-    registry = registry_key(prefix)
-    if "{" not in registry:
-        return f"{registry}:recovery:{{{registry}}}"
-    return f"{registry}:recovery"
+    return _beside_registry(prefix, "recovery")
 
 
 #: The registry field present while the registry has listed, since it was last made whole,

@@ -371,17 +371,22 @@ def test_a_background_publish_leaves_the_other_versions_entry_a_miss(
     assert name_of(old, OldItem, 1, schema) == ("v2", 1)
 
 
+def _cluster_client(cluster: Any) -> Any:
+    """A ``RedisCluster`` client of the test cluster, with short timeouts."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    return RedisCluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+    )
+
+
 @pytest.mark.cluster
 @pytest.mark.databases("sqlite")
 def test_on_a_redis_cluster(cluster: Any, schema: Engine, prefix: str) -> None:
-    from redis.cluster import ClusterNode, RedisCluster
-
-    def client() -> RedisCluster:
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-        )
+    def client() -> Any:
+        return _cluster_client(cluster)
 
     caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "on"]
     try:
@@ -918,14 +923,9 @@ def test_asyncio_records_its_keyspaces_again_after_a_flushall(
 def test_on_a_redis_cluster_after_a_clear(cluster: Any, schema: Engine, prefix: str) -> None:
     """The registrations of a lease and of a lock go to the registry's node, in the same
     round trip as the fetch and the locks (on their own nodes)."""
-    from redis.cluster import ClusterNode, RedisCluster
 
-    def client() -> RedisCluster:
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-        )
+    def client() -> Any:
+        return _cluster_client(cluster)
 
     caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "onc"]
     try:
@@ -960,14 +960,9 @@ def test_an_evicted_registry_is_made_whole_on_a_redis_cluster(
 ) -> None:
     """The registry's node evicts it: the generations made before the new registry are found
     by SCAN on every primary and replaced, each on its own node."""
-    from redis.cluster import ClusterNode, RedisCluster
 
-    def client() -> RedisCluster:
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-        )
+    def client() -> Any:
+        return _cluster_client(cluster)
 
     caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "on"]
     try:
@@ -1006,17 +1001,12 @@ def test_a_failover_of_the_registrys_node_that_lost_a_registration(
     node marks the registry not whole, and the next commit replaces the buckets made before it
     on every node. (Before: a writer that had not learned the keyspace left its entries stale
     until that version registered again, or their TTL: a documented residual.)"""
-    from redis.cluster import ClusterNode, RedisCluster
     from redis.crc import key_slot
 
     from stress.cluster import wait_for
 
-    def client() -> RedisCluster:
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-        )
+    def client() -> Any:
+        return _cluster_client(cluster)
 
     caches = [
         WriteThroughCache(client(), prefix=prefix, stats_interval=None, epoch_check_interval=0.2)
