@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -241,7 +241,9 @@ class Backend(Protocol):
         self, keys: Sequence[str], step: str, token: str, lease_ms: int
     ) -> tuple[int, Any]: ...
 
-    def generation_keys(self, prefix: str) -> list[str] | None: ...
+    def generation_keys(
+        self, prefix: str, renew: Callable[[], bool] | None = None, every: float = 2.0
+    ) -> list[str] | Literal[False] | None: ...
 
     def delete_matching(self, patterns: Sequence[str]) -> int: ...
 
@@ -884,15 +886,26 @@ class ScriptBackend:
         fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply[2]]
         return status, (reply[1], fields)
 
-    def generation_keys(self, prefix: str) -> list[str] | None:
+    def generation_keys(
+        self, prefix: str, renew: Callable[[], bool] | None = None, every: float = 2.0
+    ) -> list[str] | Literal[False] | None:
         """Every generation key of ``prefix`` on the server (``SCAN``, on every primary of a
-        Cluster), or None when Redis failed."""
+        Cluster), or None when Redis failed. ``renew`` is called every ``every`` seconds
+        of a standalone server's SCAN (a Cluster's is per node, each shorter); False from it
+        stops the SCAN, which then returns False."""
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
+        pattern = generation_key_pattern(prefix)
         found: list[str] = []
         try:
-            for key in self.transport.scan(generation_key_pattern(prefix), _SCAN_COUNT):
+            if self.transport.clustered:
+                keys: Iterable[Any] = self.transport.scan(pattern, _SCAN_COUNT)
+            else:
+                keys = self._scan(pattern, renew, every)
+            for key in keys:
+                if key is False:
+                    return False
                 text = key.decode() if isinstance(key, bytes) else str(key)
                 if is_generation_key(prefix, text):
                     found.append(text)
@@ -901,6 +914,24 @@ class ScriptBackend:
             return None
         self._succeeded()
         return found
+
+    def _scan(self, pattern: str, renew: Callable[[], bool] | None, every: float) -> Iterator[Any]:
+        """The keys ``SCAN`` matches on a standalone server, cursor by cursor; False (and
+        no more) when ``renew``, called every ``every`` seconds, says to stop."""
+        cursor: Any = 0
+        due = time.monotonic() + every
+        while True:
+            cursor, keys = self.transport.command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT
+            )
+            yield from keys
+            if int(cursor) == 0:
+                return
+            if renew is not None and time.monotonic() >= due:
+                if not renew():
+                    yield False
+                    return
+                due = time.monotonic() + every
 
     def delete_matching(self, patterns: Sequence[str]) -> int:
         """Delete every key matching one of the glob ``patterns`` (SCAN and UNLINK in batches,

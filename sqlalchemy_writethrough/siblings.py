@@ -70,6 +70,8 @@ _WHOLE_LEASE_MS = 10_000
 _WHOLE_WAIT = 30.0
 #: generation keys replaced per script call while making the registry whole
 _WHOLE_BATCH = 500
+#: seconds of SCAN between two renewals of that lease (and of its marker field)
+_WHOLE_RENEW = 2.0
 
 
 class Known:
@@ -353,6 +355,11 @@ class Siblings:
                 if found is None:
                     return
                 current = found
+            if not current.whole:
+                # Redis forgot the registry since this commit's locks went by a whole one: a
+                # keyspace registered meanwhile (whose entry may hold the row as it was before
+                # the COMMIT) may be gone from it with the rest
+                self.make_whole(backend)
             new = current.fields - known.fields
             if not new:
                 return
@@ -384,7 +391,10 @@ class Siblings:
         keys, token = self._whole_keys, secrets.token_hex(8)
         deadline = time.monotonic() + _WHOLE_WAIT
         pause = 0.002
+        step = 0
         while True:
+            if time.monotonic() > deadline:  # however it got here: never forever
+                break
             step, detail = backend.registry_whole(keys, "begin", token, _WHOLE_LEASE_MS)
             if step == 1:
                 self._learn_whole(detail)
@@ -406,7 +416,7 @@ class Siblings:
                 continue
             if not wait and step == 0:
                 return False
-            if step < 0 or time.monotonic() > deadline:
+            if step < 0:
                 break
             backend.transport.sleep(pause)  # another process is at it
             pause = min(pause * 2, 0.05)
@@ -425,11 +435,18 @@ class Siblings:
         self, backend: Backend, keys: Sequence[str], token: str, since: str
     ) -> int | None:
         """Replace the prefix's generations made before the registry (``since``), renewing
-        the lease between batches: how many, -1 when the registry was forgotten again
-        meanwhile, None when Redis failed."""
-        found = backend.generation_keys(self.prefix)
+        the lease as it goes (every ``_WHOLE_RENEW`` seconds of the SCAN, and between
+        batches): how many, -1 when the registry was forgotten again meanwhile, None when
+        Redis failed."""
+
+        def renew() -> bool:
+            return backend.registry_whole(keys, "renew", token, _WHOLE_LEASE_MS)[0] == 2
+
+        found = backend.generation_keys(self.prefix, renew, _WHOLE_RENEW)
         if found is None:
             return None
+        if found is False:
+            return -1
         replaced = 0
         for start in range(0, len(found), _WHOLE_BATCH):
             if start:

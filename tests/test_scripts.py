@@ -427,3 +427,18 @@ def test_a_registry_made_by_a_registration_records_when(backend, redis_client, p
     since = redis_client.hget(registry_key(prefix), "~|since|0")
     assert since is not None and int(since) // 1_000_000 >= before
     assert not redis_client.hexists(registry_key(prefix), "~|whole|0")
+
+
+def test_a_recovery_under_way_when_the_registry_node_fails_over_is_not_called_whole(
+    backend, redis_client, prefix
+):
+    """``forget`` (a new epoch on a Redis Cluster node serving the registry) gives the
+    registry a new birth: a recovery begun before it replaces the generations made before the
+    old one only, so its ``end`` must not mark the registry whole."""
+    keys = _whole_keys(prefix)
+    assert backend.registry_whole(keys, "begin", "me", LEASE)[0] == 2
+    assert backend.registry_whole(keys, "forget", "epoch", LEASE)[0] == 1
+    assert backend.registry_whole(keys, "end", "me", LEASE)[0] == 0
+    assert not redis_client.hexists(keys[0], "~|whole|0")
+    assert backend.registry_whole(keys, "begin", "me", LEASE)[0] == 2  # again, the new birth
+    assert backend.registry_whole(keys, "end", "me", LEASE)[0] == 1

@@ -746,6 +746,58 @@ def test_an_evicted_registry_is_made_whole_before_the_next_commit_returns(
     assert name_of(old, OldItem, 1, schema) == ("v3", 1)
 
 
+@pytest.mark.databases("sqlite")
+def test_a_registry_forgotten_between_a_commits_locks_and_its_publish(
+    server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """The new version's locks go by a whole registry that does not list the old keyspace
+    yet; the old version then registers it and fills the row as it was before the COMMIT;
+    Redis then forgets the registry, that registration with it. The publish's version check
+    reads the registry again and finds it not whole: it makes it whole before ``commit()``
+    returns. (Before: it found no new keyspace to invalidate, and the old version served v1.)"""
+    _, old = on_server(OldItem)
+    _, new = on_server(NewItem)
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()  # a new prefix's first commit: the registry made whole
+    cached(new, NewItem, 1, schema, "v1")  # the new version's list: whole, one keyspace
+    with new() as session:
+        session.get(NewItem, 1).name = "v2"  # type: ignore[union-attr]
+        session.flush()  # locked by that list
+        cached(old, OldItem, 1, schema, "v1")  # registers its keyspace; fills v1
+        server.admin().delete(registry_key(prefix))  # evicted, that registration with it
+        session.commit()
+    assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+
+
+@pytest.mark.databases("sqlite")
+def test_a_commit_returns_while_redis_keeps_forgetting_the_registry(
+    server: Any, on_server: Any, schema: Engine, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making the registry whole starts over when Redis forgets it again meanwhile (here
+    during every SCAN); a commit still returns within the wait's bound (shortened here) when
+    that never stops, and logs it. (Before: it started over forever.)"""
+    from sqlalchemy_writethrough import siblings
+
+    monkeypatch.setattr(siblings, "_WHOLE_WAIT", 1.0)
+    cache, new = on_server(NewItem)
+    backend = cache._runtime.backend
+    scan = backend.generation_keys
+
+    def forgetting_scan(*args: Any, **kwargs: Any) -> Any:
+        server.admin().delete(registry_key(prefix))  # Redis forgets it again meanwhile
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "generation_keys", forgetting_scan)
+    thread, done = _commit_in_a_thread(new, insert=True)
+    try:
+        assert done.wait(20), "commit() never returned"
+    finally:
+        monkeypatch.setattr(backend, "generation_keys", scan)  # lets a stuck commit end
+        thread.join(30)
+    assert REGISTRY_WHOLE.encode() not in server.admin().hkeys(registry_key(prefix))
+
+
 def _forget_registry_while_another_process_recovers(
     server: Any, on_server: Any, schema: Engine, prefix: str, lease_ms: int
 ) -> tuple[Factory, Factory]:
@@ -766,11 +818,18 @@ def _forget_registry_while_another_process_recovers(
     return old, new
 
 
-def _commit_in_a_thread(factory: Factory) -> tuple[threading.Thread, threading.Event]:
+def _commit_in_a_thread(
+    factory: Factory, insert: bool = False
+) -> tuple[threading.Thread, threading.Event]:
     done = threading.Event()
 
     def commit() -> None:
-        _set_name(factory, NewItem, "v2")
+        if insert:
+            with factory() as session:
+                session.add(NewItem(id=1, name="v1"))
+                session.commit()
+        else:
+            _set_name(factory, NewItem, "v2")
         done.set()
 
     thread = threading.Thread(target=commit)

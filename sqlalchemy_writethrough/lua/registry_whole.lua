@@ -11,7 +11,9 @@
 -- Its own field '~|recovering.<token>|0' proves at 'end' that the hash was not forgotten
 -- again meanwhile (that would have taken the field too); the field's value is a time, so
 -- register.lua's pruning drops it if the process dies.
--- Only GET, SET, DEL, TIME, HGET, HSET, HDEL: the documented least-privilege ACL.
+-- Only GET, SET, DEL, TIME, HGET, HSET, HDEL, HKEYS: the documented least-privilege ACL. The
+-- birth '~|since|0' (microseconds) outlives register.lua's pruning, which drops a field whose
+-- value is below the time in milliseconds: a time in microseconds never is.
 -- KEYS[1] the registry, KEYS[2] its version key, KEYS[3] the recovery lease (same hash slot)
 -- ARGV[1] 'begin' | 'renew' | 'end' | 'forget', ARGV[2] the caller's token, ARGV[3] the lease (ms)
 -- begin: {1, version, fields} the registry is whole (1 alone when its version key is missing)
@@ -30,6 +32,10 @@ if ARGV[1] == 'forget' then
   -- so the registry is not known whole any more, and counts as made now
   redis.call('HDEL', KEYS[1], whole)
   redis.call('HSET', KEYS[1], '~|since|0', string.format('%d', now_us()))
+  -- a recovery under way went by the old birth: its 'end' must not call this one whole
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(field, 1, 13) == '~|recovering.' then redis.call('HDEL', KEYS[1], field) end
+  end
   local fields = redis.call('HKEYS', KEYS[1])
   redis.call('SET', KEYS[2], new_token(ARGV[2] .. '.' .. #fields))
   return 1
