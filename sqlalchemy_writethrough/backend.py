@@ -75,11 +75,11 @@ class Registration:
         self.args = args
         #: the registry fields recorded (the tail of ``args``)
         self.fields = fields
-        #: on a Cluster, sent in a round trip of its own, before the calls it goes with: the
-        #: registry may not be whole, and a registration that makes it again must do so
-        #: before their scripts make generations there (pipelined to other nodes, they may
-        #: run first, and a registry made after a generation counts it as older than itself:
-        #: its recovery replaces it, see .siblings)
+        #: on a Cluster, sent in a round trip of its own, before the calls it goes with (a
+        #: process's first: the registry may not exist yet). Pipelined to other nodes, their
+        #: scripts may run first, and a registry made after a generation counts it as older
+        #: than itself: making it whole replaces it (see .siblings), a cold bucket where a
+        #: new prefix's first commit has just published
         self.ahead = ahead
         self.reply: Any = None
         self.error: BaseException | None = None

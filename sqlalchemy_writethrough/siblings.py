@@ -177,7 +177,7 @@ class Siblings:
                 str(lifetime),
                 *fields,
             )
-        return Registration(self._keys, args, fields, not known.whole)
+        return Registration(self._keys, args, fields, not known.read)
 
     def registered(self, registration: Registration, address: str) -> bool:
         """What a registration's reply says: the registry as it found it, when its version
