@@ -382,23 +382,32 @@ def _cluster_client(cluster: Any) -> Any:
     )
 
 
+def _two_versions_on_a_cluster(
+    cluster: Any, schema: Engine, prefix: str, rows: int = 20, **options: Any
+) -> tuple[list[WriteThroughCache], Factory, Factory]:
+    """The old and the new version on the test cluster (their caches, then factories), rows
+    1 to ``rows`` committed v1 by the new one and cached by the old one."""
+    caches = [
+        WriteThroughCache(_cluster_client(cluster), prefix=prefix, stats_interval=None, **options)
+        for _ in "on"
+    ]
+    old, new = sessionmaker(schema), sessionmaker(schema)
+    for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=True):
+        cache.register(model)
+        cache.install(factory)
+    with new() as session:
+        session.add_all(NewItem(id=i, name="v1") for i in range(1, rows + 1))
+        session.commit()
+    for i in range(1, rows + 1):
+        cached(old, OldItem, i, schema, "v1")
+    return caches, old, new
+
+
 @pytest.mark.cluster
 @pytest.mark.databases("sqlite")
 def test_on_a_redis_cluster(cluster: Any, schema: Engine, prefix: str) -> None:
-    def client() -> Any:
-        return _cluster_client(cluster)
-
-    caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "on"]
+    caches, old, new = _two_versions_on_a_cluster(cluster, schema, prefix)
     try:
-        old, new = sessionmaker(schema), sessionmaker(schema)
-        for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=True):
-            cache.register(model)
-            cache.install(factory)
-        with new() as session:
-            session.add_all(NewItem(id=i, name="v1") for i in range(1, 21))
-            session.commit()
-        for i in range(1, 21):
-            cached(old, OldItem, i, schema, "v1")
         with new() as session:  # the publish finds the old keyspace, registered since
             for i in range(1, 11):
                 session.get(NewItem, i).name = "v2"
@@ -1019,22 +1028,9 @@ def test_an_evicted_registry_is_made_whole_on_a_redis_cluster(
 ) -> None:
     """The registry's node evicts it: the generations made before the new registry are found
     by SCAN on every primary and replaced, each on its own node."""
-
-    def client() -> Any:
-        return _cluster_client(cluster)
-
-    caches = [WriteThroughCache(client(), prefix=prefix, stats_interval=None) for _ in "on"]
+    caches, old, new = _two_versions_on_a_cluster(cluster, schema, prefix)
     try:
-        old, new = sessionmaker(schema), sessionmaker(schema)
-        for cache, model, factory in zip(caches, (OldItem, NewItem), (old, new), strict=True):
-            cache.register(model)
-            cache.install(factory)
-        with new() as session:
-            session.add_all(NewItem(id=i, name="v1") for i in range(1, 21))
-            session.commit()
-        for i in range(1, 21):
-            cached(old, OldItem, i, schema, "v1")
-        admin = client()
+        admin = _cluster_client(cluster)
         admin.delete(registry_key(prefix))  # evicted
         assert name_of(new, NewItem, 21, schema) == (None, 1)  # registers: not whole
         with new() as session:
