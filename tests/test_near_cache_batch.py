@@ -41,6 +41,10 @@ from _cache_helpers import (
 )
 from _servers import capture_sql, reset_schema
 
+#: the caches' epoch check interval: these tests list the commands a batch read sends, and a
+#: periodic check (every second by default) falling into one under load adds an EVALSHA
+QUIET = 3600.0
+
 pytestmark = pytest.mark.databases("sqlite")
 
 
@@ -118,7 +122,7 @@ def test_an_in_list_in_memory_sends_no_redis_command_and_no_sql(
     redis_url: str,
     prefix: str,
 ) -> None:
-    cache = caches()
+    cache = caches(epoch_check_interval=QUIET)
     factory = installed(db, cache)
     seed(factory, *[NbItem(id=i, name=f"n{i}") for i in range(1, 6)])
     serving(cache)
@@ -143,7 +147,7 @@ def test_an_in_list_partly_in_memory_sends_one_mget_of_the_rest(
     redis_url: str,
     prefix: str,
 ) -> None:
-    cache = caches()
+    cache = caches(epoch_check_interval=QUIET)
     factory = installed(db, cache)
     seed(factory, *[NbItem(id=i, name=f"n{i}") for i in range(1, 7)])
     cache.invalidate(NbItem, 6)  # a miss in Redis: loaded from the database, filled
@@ -282,7 +286,7 @@ def test_a_model_that_opts_out_reads_its_batches_from_redis(
     redis_url: str,
     prefix: str,
 ) -> None:
-    cache = caches()
+    cache = caches(epoch_check_interval=QUIET)
     factory = installed(db, cache)
     seed(factory, *[NbFar(id=i, name=f"n{i}") for i in (1, 2)])
     serving(cache)
@@ -304,7 +308,7 @@ def test_a_near_cache_not_serving_sends_batches_to_redis(
 ) -> None:
     """A stalled subscriber (its heartbeats late): the batch goes to Redis whole (the copies
     it holds are not served), nothing is kept; once it serves again, batches are copied and served from memory again."""
-    cache = caches()
+    cache = caches(epoch_check_interval=QUIET)
     factory = installed(db, cache)
     seed(factory, *[NbItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
     serving(cache)
@@ -341,7 +345,7 @@ def test_loads_that_bypass_the_cache_read_the_database(
     db: Engine,
     caches: Any,
 ) -> None:
-    cache = caches()
+    cache = caches(epoch_check_interval=QUIET)
     factory = installed(db, cache)
     seed(factory, *[NbItem(id=i, name=f"n{i}") for i in (1, 2)])
     serving(cache)
@@ -363,7 +367,7 @@ def test_batch_hits_from_one_copy_share_no_value_a_caller_can_change(
     db: Engine,
     caches: Any,
 ) -> None:
-    cache = caches()
+    cache = caches(epoch_check_interval=QUIET)
     factory = installed(db, cache)
     seed(factory, *[NbDoc(id=i, name=f"n{i}", doc={"k": [i]}) for i in (1, 2)])
     serving(cache)
@@ -387,7 +391,7 @@ def test_batch_hits_from_kept_decodings_give_each_instance_its_own_values(
     is not served by the next hit."""
     from sqlalchemy_writethrough import loading
 
-    cache = caches()
+    cache = caches(epoch_check_interval=QUIET)
     factory = installed(db, cache)
     seed(factory, *[NbItem(id=i, name=f"n{i}") for i in (1, 2, 3)])
     serving(cache)
