@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from . import _redis_compat as compat
 from .breaker import CircuitBreaker
 from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
-from .epoch import EpochGuard
+from .epoch import SCAN_COUNT, EpochGuard, scan_generations
 from .keys import (
     epoch_key,
     generation_key_pattern,
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqlalchemy_writethrough")
 
 _FAILURES = (RedisError, OSError)
-#: keys a SCAN call looks at (a hint): few round trips over a large data set, each short
-_SCAN_COUNT = 5000
 
 
 class Registration:
@@ -384,12 +382,8 @@ class ScriptBackend:
         ahead of the scripts (its error reply is its own, raised by none)."""
         scripts = self._scripts
         if first is not None and first.ahead and self.transport.clustered:
-            command = scripts.call(Script.REGISTER, first.keys, first.args)
-            reply = self.transport.batch([command])[0]
-            if isinstance(reply, NoScriptError):
-                self.transport.load_script(scripts.source[Script.REGISTER])
-                reply = self.transport.batch([command])[0]
-            first.heard(reply)
+            first.ahead = False
+            self._eval_batch((), first=first)  # a round trip of its own, ahead
             first = None
         if first is not None:
             calls = [(Script.REGISTER, first.keys, first.args), *calls]
@@ -890,48 +884,26 @@ class ScriptBackend:
         self, prefix: str, renew: Callable[[], bool] | None = None, every: float = 2.0
     ) -> list[str] | Literal[False] | None:
         """Every generation key of ``prefix`` on the server (``SCAN``, on every primary of a
-        Cluster), or None when Redis failed. ``renew`` is called every ``every`` seconds
-        of a standalone server's SCAN (a Cluster's is per node, each shorter); False from it
-        stops the SCAN, which then returns False."""
+        Cluster), or None when Redis failed; ``renew`` and ``every``: as for
+        :func:`.epoch.scan_generations`, on a standalone server (a Cluster's SCAN is per node,
+        each shorter)."""
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
-        pattern = generation_key_pattern(prefix)
-        found: list[str] = []
+        transport = self.transport
         try:
-            if self.transport.clustered:
-                keys: Iterable[Any] = self.transport.scan(pattern, _SCAN_COUNT)
+            found: list[str] | Literal[False]
+            if transport.clustered:
+                keys = transport.scan(generation_key_pattern(prefix), SCAN_COUNT)
+                texts = (k.decode() if isinstance(k, bytes) else str(k) for k in keys)
+                found = [k for k in texts if is_generation_key(prefix, k)]
             else:
-                keys = self._scan(pattern, renew, every)
-            for key in keys:
-                if key is False:
-                    return False
-                text = key.decode() if isinstance(key, bytes) else str(key)
-                if is_generation_key(prefix, text):
-                    found.append(text)
+                found = scan_generations(transport.command, prefix, renew, every)
         except _FAILURES as exc:
             self._failed("SCAN", exc)
             return None
         self._succeeded()
         return found
-
-    def _scan(self, pattern: str, renew: Callable[[], bool] | None, every: float) -> Iterator[Any]:
-        """The keys ``SCAN`` matches on a standalone server, cursor by cursor; False (and
-        no more) when ``renew``, called every ``every`` seconds, says to stop."""
-        cursor: Any = 0
-        due = time.monotonic() + every
-        while True:
-            cursor, keys = self.transport.command(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT
-            )
-            yield from keys
-            if int(cursor) == 0:
-                return
-            if renew is not None and time.monotonic() >= due:
-                if not renew():
-                    yield False
-                    return
-                due = time.monotonic() + every
 
     def delete_matching(self, patterns: Sequence[str]) -> int:
         """Delete every key matching one of the glob ``patterns`` (SCAN and UNLINK in batches,

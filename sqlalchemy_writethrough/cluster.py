@@ -572,6 +572,7 @@ class ClusterEpochGuard(EpochGuard):
         gen_keys = [k for f in fields for k in generation_keys_of(self._prefix, f)[1]]
         if REGISTRY_WHOLE not in registered:  # this node's, found by SCAN (see .epoch)
             found = scan_generations(lambda *args: self._call(conn, args), self._prefix)
+            assert found is not False  # no renew: never stopped
             gen_keys = list(dict.fromkeys(gen_keys + found))
         if not gen_keys:
             return 0

@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from redis.exceptions import ConnectionError, NoScriptError, ReadOnlyError
 
@@ -68,19 +68,31 @@ def same_server(epoch: str, other: str) -> bool:
     return epoch.split("|", 1)[0] == other.split("|", 1)[0]
 
 
-def scan_generations(send: Send, prefix: str) -> list[str]:
+#: keys a SCAN call looks at (a hint): few round trips over a large data set, each short
+SCAN_COUNT = 5000
+
+
+def scan_generations(
+    send: Send, prefix: str, renew: Callable[[], bool] | None = None, every: float = 2.0
+) -> list[str] | Literal[False]:
     """Every generation key of ``prefix`` on the server ``send`` talks to: what a new epoch
     replaces besides the registry's keyspaces when the registry is not whole (Redis forgot
     it, and a snapshot may hold entries of keyspaces it no longer lists: see
-    :mod:`.siblings`)."""
+    :mod:`.siblings`), and what making it whole looks at. ``renew`` is called every
+    ``every`` seconds of the SCAN; False from it stops the SCAN, which then returns False."""
     pattern = generation_key_pattern(prefix)
     found: list[str] = []
     cursor: Any = 0
+    due = time.monotonic() + every
     while True:
-        cursor, keys = send("SCAN", cursor, "MATCH", pattern, "COUNT", 5000)
+        cursor, keys = send("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
         found += [k for k in map(_text, keys) if is_generation_key(prefix, k)]
         if int(cursor) == 0:
             return found
+        if renew is not None and time.monotonic() >= due:
+            if not renew():
+                return False
+            due = time.monotonic() + every
 
 
 class EpochGuard:
@@ -262,7 +274,9 @@ class EpochGuard:
             fields = registered + sorted(set(self._known_fields()) - set(registered))
             gen_keys = [k for f in fields for k in generation_keys_of(self._prefix, f)[1]]
             if REGISTRY_WHOLE not in registered:
-                gen_keys = list(dict.fromkeys(gen_keys + scan_generations(send, self._prefix)))
+                found = scan_generations(send, self._prefix)
+                assert found is not False  # no renew: never stopped
+                gen_keys = list(dict.fromkeys(gen_keys + found))
             nonce = secrets.token_hex(4)
             reply = self._script(
                 send,

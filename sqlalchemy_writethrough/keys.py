@@ -80,7 +80,6 @@ def registry_recovery_key(prefix: str) -> str:
 #: without it. It reads as a keyspace of no bucket, which every reader of the registry, older
 #: versions too, passes over; its value is a time no pruning reaches.
 REGISTRY_WHOLE = "~|whole|0"
-REGISTRY_WHOLE_UNTIL = "9007199254740991"
 
 
 def generation_key_pattern(prefix: str) -> str:

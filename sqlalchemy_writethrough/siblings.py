@@ -449,12 +449,8 @@ class Siblings:
             return -1
         replaced = 0
         for start in range(0, len(found), _WHOLE_BATCH):
-            if start:
-                step, _ = backend.registry_whole(keys, "renew", token, _WHOLE_LEASE_MS)
-                if step < 0:
-                    return None
-                if step != 2:
-                    return -1
+            if start and not renew():  # forgotten again, or Redis failed: begin again
+                return -1
             n = backend.replace_generations_before(found[start : start + _WHOLE_BATCH], since)
             if n is None:
                 return None

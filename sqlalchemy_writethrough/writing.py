@@ -876,9 +876,7 @@ class WritePath:
         by none) may have left other keyspaces' entries of its rows unlocked: they are
         replaced before ``commit()`` returns (see :mod:`.siblings`). One round trip when the
         registry is whole after all (the first commit of a process that read no list)."""
-        if tracker.partial_list or (
-            tracker.siblings_known is None and (tracker.locked or tracker.locked_gens)
-        ):
+        if tracker.partial_list:  # an unread list is not whole either
             started = perf_counter()
             rt = self.runtime
             rt.siblings.make_whole(rt.backend)
