@@ -23,11 +23,6 @@ local need = tonumber(ARGV[3]) or 0
 local slack = math.min(60000, need)
 local version = redis.call('GET', KEYS[2])
 local new = not version
--- when this registry was made (microseconds): a registry Redis forgot comes back without it,
--- and registry_whole.lua replaces the generations made before it
-if not redis.call('HGET', KEYS[1], '~|since|0') then
-  redis.call('HSET', KEYS[1], '~|since|0', t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
-end
 for i = 4, #ARGV do
   local held = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
   if not held then
@@ -36,6 +31,13 @@ for i = 4, #ARGV do
   elseif held < now + need then
     redis.call('HSET', KEYS[1], ARGV[i], now + need + slack)
   end
+end
+-- when this registry was made (microseconds): a registry Redis forgot comes back without it,
+-- and registry_whole.lua replaces the generations made before it. Looked at only when a field
+-- was missing (a new registry misses every one); a registry without it otherwise (made by a
+-- version before this field) is given one when it is made whole, from that moment
+if new and not redis.call('HGET', KEYS[1], '~|since|0') then
+  redis.call('HSET', KEYS[1], '~|since|0', t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
 end
 if redis.call('SET', KEYS[3], now, 'PX', math.max(1000, slack), 'NX') then
   local all = redis.call('HGETALL', KEYS[1])

@@ -33,11 +33,15 @@ if ARGV[1] == 'forget' then
   redis.call('HDEL', KEYS[1], whole)
   redis.call('HSET', KEYS[1], '~|since|0', string.format('%d', now_us()))
   -- a recovery under way went by the old birth: its 'end' must not call this one whole
-  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if string.sub(field, 1, 13) == '~|recovering.' then redis.call('HDEL', KEYS[1], field) end
-  end
   local fields = redis.call('HKEYS', KEYS[1])
-  redis.call('SET', KEYS[2], new_token(ARGV[2] .. '.' .. #fields))
+  local left = #fields
+  for _, field in ipairs(fields) do
+    if string.sub(field, 1, 13) == '~|recovering.' then
+      redis.call('HDEL', KEYS[1], field)
+      left = left - 1
+    end
+  end
+  redis.call('SET', KEYS[2], new_token(ARGV[2] .. '.' .. left))
   return 1
 end
 local ms = tonumber(ARGV[3]) or 5000
@@ -82,5 +86,6 @@ let_go()
 redis.call('HSET', KEYS[1], whole, '9007199254740991')
 -- a new version: every process's next registration or publish reads the whole list
 local fields = redis.call('HKEYS', KEYS[1])
-redis.call('SET', KEYS[2], new_token(ARGV[2] .. '.' .. #fields))
-return whole_now()
+local version = new_token(ARGV[2] .. '.' .. #fields)
+redis.call('SET', KEYS[2], version)
+return {1, version, fields}
