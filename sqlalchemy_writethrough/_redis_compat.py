@@ -515,13 +515,19 @@ def call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
     return replies
 
 
-def send(conn: Any, args: Sequence[Any], first: Sequence[Any] | None = None) -> None:
-    """Send a command now (after ``first``, in the same write, when given); its reply (and
-    first ``first``'s) is read later with :func:`read`."""
-    if first is None:
+def send(
+    conn: Any,
+    args: Sequence[Any],
+    after: Sequence[Any] | None = None,
+    before: Sequence[Any] | None = None,
+) -> None:
+    """Send a command now (``before`` ahead of it and ``after`` behind it, in the same write,
+    when given); the replies, in that order, are read later with :func:`read`."""
+    if after is None and before is None:
         conn.send_packed_command(pack(conn, args))
     else:
-        conn.send_packed_command(pack_many(conn, (first, args)))
+        commands = [c for c in (before, args, after) if c is not None]
+        conn.send_packed_command(pack_many(conn, commands))
 
 
 def read(conn: Any) -> Any:
@@ -673,11 +679,17 @@ async def ascript_error(conn: Any, exc: ResponseError) -> Exception:
     return error
 
 
-async def asend(conn: Any, args: Sequence[Any], first: Sequence[Any] | None = None) -> None:
-    if first is None:
+async def asend(
+    conn: Any,
+    args: Sequence[Any],
+    after: Sequence[Any] | None = None,
+    before: Sequence[Any] | None = None,
+) -> None:
+    if after is None and before is None:
         await conn.send_command(*args)
     else:
-        await conn.send_packed_command(conn.pack_commands((first, args)))
+        commands = [c for c in (before, args, after) if c is not None]
+        await conn.send_packed_command(conn.pack_commands(commands))
 
 
 async def aread(conn: Any) -> Any:

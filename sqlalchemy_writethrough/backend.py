@@ -55,12 +55,17 @@ _FAILURES = (RedisError, OSError)
 
 class Registration:
     """Keyspaces recorded in the registry in the round trip of a lease's fetch or of a
-    commit's lock, ahead of it (``lua/register.lua``; see :mod:`.siblings`): acknowledged
-    before the reader reads the database or the writer commits, every time. ``reply`` the
-    script's reply, or ``error`` the error reply Redis gave instead (``reply`` stays None
-    when the round trip failed)."""
+    commit's lock (``lua/register.lua``; see :mod:`.siblings`): acknowledged before the
+    reader reads the database or the writer commits, every time. Pipelined behind the fetch
+    or lock, not ahead of it: a registry Redis forgot and another process made again between
+    the two commands (a pipeline that reached Redis in two reads) then lists the keyspace,
+    and a generation made before it by that fetch or lock is older than the registry and
+    replaced when it is made whole. Ahead, the registration would land in the registry Redis
+    forgot, and the generation would be newer than the registry that does not list it.
+    ``reply`` the script's reply, or ``error`` the error reply Redis gave instead (``reply``
+    stays None when the round trip failed)."""
 
-    __slots__ = ("ahead", "args", "error", "fields", "keys", "reply")
+    __slots__ = ("ahead", "args", "error", "fields", "keys", "lead", "reply")
 
     def __init__(
         self,
@@ -68,6 +73,7 @@ class Registration:
         args: tuple[Any, ...],
         fields: tuple[str, ...],
         ahead: bool = False,
+        lead: bool = False,
     ) -> None:
         self.keys = keys
         self.args = args
@@ -79,6 +85,11 @@ class Registration:
         #: than itself: making it whole replaces it (see .siblings), a cold bucket where a
         #: new prefix's first commit has just published
         self.ahead = ahead
+        #: on one server, sent ahead of the calls as well as behind them (in the same
+        #: pipeline), while the process has not seen the registry whole: for the same reason
+        #: (a registry made behind the lock would replace what a new prefix's first commit
+        #: publishes)
+        self.lead = lead
         self.reply: Any = None
         self.error: BaseException | None = None
 
@@ -92,7 +103,7 @@ class Registration:
 class PendingReply:
     """A lock script sent by :meth:`Backend.send_lock` whose reply is not read yet."""
 
-    __slots__ = ("args", "first", "handle", "held", "keys", "script")
+    __slots__ = ("args", "handle", "held", "keys", "register", "script")
 
     def __init__(
         self,
@@ -100,14 +111,14 @@ class PendingReply:
         script: Script,
         keys: Sequence[str],
         args: Sequence[Any],
-        first: Registration | None = None,
+        register: Registration | None = None,
     ):
         self.handle = handle
         self.script = script
         self.keys = keys
         self.args = args
-        #: the registration sent ahead of the lock, if any
-        self.first = first
+        #: the registration sent behind the lock, if any
+        self.register = register
         #: after ``finish(hold=True)``: the handle holding the connection for the publish
         self.held: Any = None
 
@@ -336,21 +347,21 @@ class ScriptBackend:
         self._succeeded()
         return reply
 
-    def _run_first(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any], first: Registration
+    def _run_registered(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], register: Registration
     ) -> list[Any] | None:
-        """:meth:`_run` with a registration sent ahead (one batch; split per hash tag on a
-        Cluster, where the registration goes to the registry's node): the script's replies,
-        one per call, or None when Redis failed."""
+        """:meth:`_run` with a registration (one batch; split per hash tag on a Cluster,
+        where the registration goes to the registry's node): the script's replies, one per
+        call, or None when Redis failed."""
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
         calls = split_by_hash_tag(script, keys, args) if self.transport.clustered else None
         try:
             if calls is None:
-                replies = self._eval_batch([(script, keys, args)], first=first)
+                replies = self._eval_batch([(script, keys, args)], register=register)
             else:
-                replies = self._eval_batch([(script, k, a) for k, a in calls], first=first)
+                replies = self._eval_batch([(script, k, a) for k, a in calls], register=register)
         except _FAILURES as exc:
             self._failed(script.value, exc)
             return None
@@ -374,19 +385,26 @@ class ScriptBackend:
         calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
         version: VersionProbe | None = None,
         held: Any = None,
-        first: Registration | None = None,
+        register: Registration | None = None,
     ) -> list[Any]:
         """Several script calls in one batch; raises the first error reply. ``version``: the
         registry's version is read in the same batch, after the scripts (an error reply to
-        it leaves it unread); ``held``: as for :meth:`_eval`; ``first``: a registration sent
-        ahead of the scripts (its error reply is its own, raised by none)."""
+        it leaves it unread); ``held``: as for :meth:`_eval`; ``register``: a registration
+        sent behind the scripts (see :class:`Registration`; its error reply is its own,
+        raised by none)."""
         scripts = self._scripts
-        if first is not None and first.ahead and self.transport.clustered:
-            first.ahead = False
-            self._eval_batch((), first=first)  # a round trip of its own, ahead
-            first = None
-        if first is not None:
-            calls = [(Script.REGISTER, first.keys, first.args), *calls]
+        if register is not None:
+            registering = (Script.REGISTER, register.keys, register.args)
+            if not self.transport.clustered:
+                calls = (
+                    [registering, *calls, registering] if register.lead else [*calls, registering]
+                )
+            elif register.ahead:
+                register.ahead = False
+                self._eval_batch((), register=register)  # a round trip of its own, ahead
+                register = None
+            else:
+                calls = [*calls, registering]
         commands = [scripts.call(script, keys, args) for script, keys, args in calls]
         if version is not None:
             commands.append(("MGET", version.key))
@@ -404,8 +422,10 @@ class ScriptBackend:
             again = self.transport.batch([commands[i] for i in unknown])
             for i, reply in zip(unknown, again, strict=True):
                 replies[i] = reply
-        if first is not None:
-            first.heard(replies.pop(0))
+        if register is not None:
+            register.heard(replies.pop())
+            if register.lead and not self.transport.clustered:
+                replies.pop(0)  # the one behind says the same, later
         for reply in replies:
             if isinstance(reply, ResponseError):
                 raise reply
@@ -415,10 +435,10 @@ class ScriptBackend:
         self,
         calls: Sequence[tuple[Script, Any, Any]],
         convert: Any,
-        first: Registration | None = None,
+        register: Registration | None = None,
     ) -> Any:
         """Several single-slot script calls in one round trip (redis-py's pipeline asks SCRIPT
-        EXISTS first on every execute: a second round trip); ``first``: as for
+        EXISTS first on every execute: a second round trip); ``register``: as for
         :meth:`_eval_batch`."""
         if not calls:
             return []
@@ -426,7 +446,7 @@ class ScriptBackend:
             self._counters.error("breaker")
             return None
         try:
-            replies = self._eval_batch(calls, first=first)
+            replies = self._eval_batch(calls, register=register)
         except _FAILURES as exc:
             self._failed("pipeline", exc)
             return None
@@ -527,7 +547,7 @@ class ScriptBackend:
         register: Registration | None = None,
     ) -> tuple[Fetch, bytes | None] | None:
         """The entry, or a lease on it (``lease``, '' for none); ``register``: keyspaces
-        recorded in the registry ahead of it, in the same round trip."""
+        recorded in the registry with it, in the same round trip (see :class:`Registration`)."""
         if register is None:
             reply = self._run(Script.FETCH, (key, gen_key), (lease, lease_ms))
         else:
@@ -608,19 +628,21 @@ class ScriptBackend:
         """Send the lock script now and read its reply later (:meth:`finish`), so that its
         round trip overlaps the flush's SQL. None when it was not sent (the caller takes the
         locks synchronously, with the usual failure handling). ``expected``: as for
-        :meth:`lock`; ``register``: keyspaces recorded in the registry ahead of the locks, in
-        the same write."""
+        :meth:`lock`; ``register``: keyspaces recorded in the registry behind the locks (and
+        ahead of them too, see :class:`Registration`), in the same write."""
         transport = self.transport
         if not transport.overlaps or not self.breaker.allow() or transport.clustered:
             return None
         args: tuple[Any, ...] = (owner, ttl_ms) if expected is None else (owner, ttl_ms, *expected)
         scripts = self._scripts
+        registering = None
+        if register is not None:
+            registering = scripts.call(Script.REGISTER, register.keys, register.args)
         try:
             handle = transport.begin(
                 scripts.call(Script.LOCK, pairs, args),
-                None
-                if register is None
-                else scripts.call(Script.REGISTER, register.keys, register.args),
+                registering,
+                registering if register is not None and register.lead else None,
             )
         except Exception as exc:  # not counted as a failure: the synchronous lock decides
             log.debug("writethrough: Redis at %s: lock not sent: %s", self.address, explain(exc))
@@ -637,7 +659,7 @@ class ScriptBackend:
         handle, pending.handle = pending.handle, None
         if handle is None:
             return None
-        first = pending.first
+        register = pending.register
         try:
             holding = self._holding
             if hold and holding is not None:
@@ -646,23 +668,23 @@ class ScriptBackend:
             else:
                 reply = self.transport.complete(handle)
         except _FAILURES as exc:
-            if first is not None and handle.first is not None:
-                first.heard(handle.first)
+            if register is not None and handle.after is not None:
+                register.heard(handle.after)
             if self.near is not None:
                 self.near.wrote(pending.script, pending.keys)
             if isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
                 self._failed(pending.script.value, exc)
                 return None
-            if first is not None and first.reply is None:  # sent again with the locks
-                replies = self._run_first(pending.script, pending.keys, pending.args, first)
+            if register is not None and register.reply is None:  # sent again with the locks
+                replies = self._run_registered(pending.script, pending.keys, pending.args, register)
                 return None if replies is None else replies[0]
             return self._run(pending.script, pending.keys, pending.args)
-        if first is not None:
-            first.heard(handle.first)
-            if isinstance(first.error, NoScriptError):  # a server that lost its scripts
-                again = self._run(Script.REGISTER, first.keys, first.args)
+        if register is not None:
+            register.heard(handle.after)
+            if isinstance(register.error, NoScriptError):  # a server that lost its scripts
+                again = self._run(Script.REGISTER, register.keys, register.args)
                 if again is not None:
-                    first.heard(again)
+                    register.heard(again)
         if self.near is not None:
             self.near.wrote(pending.script, pending.keys)
         self._succeeded()
@@ -710,12 +732,12 @@ class ScriptBackend:
     ) -> bool:
         """Lock the pairs' entries. ``expected``: one payload a pair (``b""``: none), the row
         as the writer loaded it; a new lock is contended unless it replaces exactly that.
-        ``register``: keyspaces recorded in the registry ahead of the locks, in the same
-        round trip."""
+        ``register``: keyspaces recorded in the registry with the locks, in the same round
+        trip (see :class:`Registration`)."""
         args: tuple[Any, ...] = (owner, ttl_ms) if expected is None else (owner, ttl_ms, *expected)
         if register is None:
             return self._run(Script.LOCK, pairs, args) is not None
-        return self._run_first(Script.LOCK, pairs, args, register) is not None
+        return self._run_registered(Script.LOCK, pairs, args, register) is not None
 
     def publish(
         self,

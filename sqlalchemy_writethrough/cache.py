@@ -732,8 +732,16 @@ class WriteThroughCache:
         records its keyspaces again: see :mod:`.siblings`)."""
         self._runtime.counters.add("epochs")
         self._runtime.counters.invalidated("epoch")  # every model at once
+        self._registry_forgotten()
         if self._near is not None:
             self._near.renew()
+
+    def _registry_forgotten(self) -> None:
+        """Redis may have forgotten the keyspace registry: the flavours' next registrations
+        go ahead of their fetches and locks as well (see :class:`.backend.Registration`)."""
+        for flavour in (self._sync, self._async):
+            if flavour is not None:
+                flavour.runtime.siblings.doubt()
 
     def clear(self) -> int:
         """Delete every key under this cache's prefix: entries, locks, leases, bucket
@@ -887,6 +895,7 @@ class WriteThroughCache:
                 f"clear() of prefix {self.prefix!r} failed at Redis at "
                 f"{backend.address}: {explain(exc)}"
             ) from exc
+        self._registry_forgotten()
         near = self._near
         if near is not None:
             near.drop_all()

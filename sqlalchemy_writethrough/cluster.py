@@ -703,7 +703,12 @@ class ClusterTransport:
         for node in self.router.primaries():
             self.router.on_node(node, [("SCRIPT", "LOAD", source)], checked=False)
 
-    def begin(self, command: Sequence[Any], first: Sequence[Any] | None = None) -> Any:
+    def begin(
+        self,
+        command: Sequence[Any],
+        after: Sequence[Any] | None = None,
+        before: Sequence[Any] | None = None,
+    ) -> Any:
         raise NotImplementedError("a Cluster transport does not overlap its locks")
 
     def complete(self, handle: Any) -> Any:

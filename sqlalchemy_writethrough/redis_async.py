@@ -226,18 +226,28 @@ class LoopGuard:
         )
 
 
+async def _areply_or_error(conn: Any) -> Any:
+    """The next reply on ``conn``; an error reply as its exception, not raised."""
+    try:
+        return await compat.aread(conn)
+    except ResponseError as exc:
+        return exc
+
+
 class PendingAsyncConnection:
     """A command sent on a pooled ``redis.asyncio`` connection whose reply is not read yet;
     its socket is closed if it is collected unread."""
 
-    __slots__ = ("__weakref__", "ahead", "connection", "finalizer", "first", "pool")
+    __slots__ = ("__weakref__", "after", "ahead", "behind", "connection", "finalizer", "pool")
 
-    def __init__(self, connection: Any, pool: Any, ahead: bool = False) -> None:
+    def __init__(self, connection: Any, pool: Any, behind: bool = False, ahead: bool = False):
         self.connection = connection
         self.pool = pool
-        #: a command went ahead of the one whose reply is awaited; ``first``: its reply
+        #: a command went behind the one whose reply is awaited; ``after``: its reply
+        self.behind = behind
+        #: a command went ahead of it (its reply is dropped)
         self.ahead = ahead
-        self.first: Any = None
+        self.after: Any = None
         self.finalizer = weakref.finalize(self, compat.close_now, connection)
 
     def take(self) -> Any:
@@ -335,22 +345,25 @@ class AsyncTransport:
         self.command("SCRIPT", "LOAD", source)
 
     async def _begin(
-        self, command: Sequence[Any], first: Sequence[Any] | None
+        self, command: Sequence[Any], after: Sequence[Any] | None, before: Sequence[Any] | None
     ) -> PendingAsyncConnection:
         pool, _ = self._here()
         conn = await self._checkout(pool)
         try:
-            await compat.asend(conn, command, first)
+            await compat.asend(conn, command, after, before)
         except BaseException:
             await compat.adisconnect(conn)
             await compat.arelease(pool, conn)
             raise
-        return PendingAsyncConnection(conn, pool, first is not None)
+        return PendingAsyncConnection(conn, pool, after is not None, before is not None)
 
     def begin(
-        self, command: Sequence[Any], first: Sequence[Any] | None = None
+        self,
+        command: Sequence[Any],
+        after: Sequence[Any] | None = None,
+        before: Sequence[Any] | None = None,
     ) -> PendingAsyncConnection:
-        handle: PendingAsyncConnection = await_io(self._begin(command, first))
+        handle: PendingAsyncConnection = await_io(self._begin(command, after, before))
         return handle
 
     async def _complete(self, handle: PendingAsyncConnection) -> Any:
@@ -358,11 +371,15 @@ class AsyncTransport:
         conn = handle.take()
         try:
             if handle.ahead:
-                try:
-                    handle.first = await compat.aread(conn)
-                except ResponseError as exc:  # the command's own reply follows
-                    handle.first = exc
-            reply = await compat.aread(conn)
+                await _areply_or_error(conn)
+            try:
+                reply = await compat.aread(conn)
+            except ResponseError as exc:
+                if handle.behind:
+                    handle.after = await _areply_or_error(conn)  # the connection's clean
+                raise exc from None
+            if handle.behind:
+                handle.after = await _areply_or_error(conn)
         except BaseException as exc:
             await self._abandon(pool, conn, exc)
             raise

@@ -39,15 +39,19 @@ class PendingConnection:
     its socket is closed first unless the reply was read. A handle made before a ``fork()``
     is never used nor released in the child (its socket is the parent's)."""
 
-    __slots__ = ("ahead", "connection", "first", "fork", "orphans", "read")
+    __slots__ = ("after", "ahead", "behind", "connection", "fork", "orphans", "read")
 
-    def __init__(self, connection: Any, orphans: list[Any], ahead: bool = False) -> None:
+    def __init__(
+        self, connection: Any, orphans: list[Any], behind: bool = False, ahead: bool = False
+    ) -> None:
         #: the connection (None once taken)
         self.connection = connection
-        #: a command went ahead of the one whose reply is awaited (:meth:`SyncTransport.begin`)
+        #: a command went behind the one whose reply is awaited (:meth:`SyncTransport.begin`)
+        self.behind = behind
+        #: a command went ahead of it (its reply is dropped)
         self.ahead = ahead
         #: its reply, once read (an error reply as its exception)
-        self.first: Any = None
+        self.after: Any = None
         #: its reply was read: it can go back to the pool as it is
         self.read = False
         self.fork = _forks[0]
@@ -139,6 +143,14 @@ class HeldConnection:
 #: how many times this process was forked from its parent (a handle made in another
 #: generation holds the parent's connection)
 _forks = [0]
+
+
+def _reply_or_error(conn: Any) -> Any:
+    """The next reply on ``conn``; an error reply as its exception, not raised."""
+    try:
+        return compat.read(conn)
+    except ResponseError as exc:
+        return exc
 
 
 def _after_fork() -> None:
@@ -362,7 +374,10 @@ class SyncTransport:
             compat.release(self._pool, conn)
 
     def begin(
-        self, command: Sequence[Any], first: Sequence[Any] | None = None
+        self,
+        command: Sequence[Any],
+        after: Sequence[Any] | None = None,
+        before: Sequence[Any] | None = None,
     ) -> PendingConnection:
         if self._lendable:
             conn = self._take_held(self._holder())
@@ -371,12 +386,12 @@ class SyncTransport:
                 self._release_orphans()
             conn = self._checkout()
         try:
-            compat.send(conn, command, first)
+            compat.send(conn, command, after, before)
         except BaseException:
             compat.disconnect(conn)
             compat.release(self._pool, conn)
             raise
-        return PendingConnection(conn, self._orphans, first is not None)
+        return PendingConnection(conn, self._orphans, after is not None, before is not None)
 
     def complete(self, handle: PendingConnection, hold: bool = False) -> Any:
         """The reply of :meth:`begin`'s command; with ``hold``, the connection stays checked
@@ -387,11 +402,15 @@ class SyncTransport:
             raise RedisConnectionError("the connection was opened before a fork")
         try:
             if handle.ahead:
-                try:
-                    handle.first = compat.read(conn)
-                except ResponseError as exc:  # the command's own reply follows
-                    handle.first = exc
-            reply = compat.read(conn)
+                _reply_or_error(conn)
+            try:
+                reply = compat.read(conn)
+            except ResponseError as exc:
+                if handle.behind:
+                    handle.after = _reply_or_error(conn)  # the connection's clean
+                raise exc from None
+            if handle.behind:
+                handle.after = _reply_or_error(conn)
         except BaseException as exc:
             self._abandon(conn, exc)
             raise

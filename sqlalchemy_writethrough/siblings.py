@@ -15,8 +15,9 @@ and the rows' keys in the siblings found since are invalidated (``invalidate.lua
 deleted, leases voided, other locks contended) before ``commit()`` returns. This relies on a
 keyspace being in the registry before any of its entries can be filled or published: every
 lease's fetch (:mod:`.loading`) and every commit's lock (:mod:`.writing`) records its
-keyspaces in the same round trip, ahead of it (:meth:`Siblings.registration`), so a sibling
-registered after the publish read the version can only have read the row after COMMIT. Every
+keyspaces in the same round trip (:meth:`Siblings.registration`; pipelined behind the fetch
+or lock: :class:`.backend.Registration` says why), so a sibling registered after the publish
+read the version can only have read the row after COMMIT. Every
 time, not once per process: Redis may have forgotten the registry since (a ``FLUSHALL``,
 another process's ``cache.clear()``) while the entries written after that are there.
 
@@ -153,10 +154,13 @@ class Siblings:
         self._on_made_whole = on_made_whole
         #: part of the version a registration of this process sets when it adds a field
         self._token = secrets.token_hex(6)
+        #: Redis may have forgotten the registry since this process last saw it whole (a new
+        #: epoch, ``clear()``): registrations go ahead of their calls too until it is seen so
+        self._doubted = False
 
     def registration(self, fields: tuple[str, ...]) -> Registration:
         """The registration of keyspaces (their registry fields) that a lease's fetch or a
-        commit's lock sends ahead of it; :meth:`registered` reads its reply. The version
+        commit's lock sends with it; :meth:`registered` reads its reply. The version
         this process knows goes with it: the reply lists the registry's fields only when the
         version is another."""
         known = self.known
@@ -177,7 +181,12 @@ class Siblings:
                 str(lifetime),
                 *fields,
             )
-        return Registration(self._keys, args, fields, not known.read)
+        lead = self._doubted or not known.whole
+        return Registration(self._keys, args, fields, not known.read, lead)
+
+    def doubt(self) -> None:
+        """Redis may have forgotten the registry (see ``_doubted``)."""
+        self._doubted = True
 
     def registered(self, registration: Registration, address: str) -> bool:
         """What a registration's reply says: the registry as it found it, when its version
@@ -204,6 +213,8 @@ class Siblings:
         if type(reply) is list and len(reply) > 1:  # else 0: the version this process knows
             fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply[1]]
             self.learn(fields, reply[0])
+        if self._doubted and self.known.whole:
+            self._doubted = False
         return True
 
     def probe(self) -> VersionProbe:

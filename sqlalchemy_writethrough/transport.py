@@ -41,10 +41,16 @@ class Transport(Protocol):
         """``SCRIPT LOAD`` on every server a later ``EVALSHA`` of it may reach."""
         ...
 
-    def begin(self, command: Sequence[Any], first: Sequence[Any] | None = None) -> Any:
-        """Send ``command`` now on a connection of its own (``first``, when given, ahead of
-        it in the same write: :meth:`complete` reads its reply first and keeps it in the
-        handle's ``first``, an error reply as its exception); a handle for :meth:`complete`.
+    def begin(
+        self,
+        command: Sequence[Any],
+        after: Sequence[Any] | None = None,
+        before: Sequence[Any] | None = None,
+    ) -> Any:
+        """Send ``command`` now on a connection of its own (``after``, when given, behind
+        it in the same write: :meth:`complete` reads its reply too and keeps it in the
+        handle's ``after``, an error reply as its exception; ``before`` ahead of it, its
+        reply read and dropped); a handle for :meth:`complete`.
         Raises when it could not be sent (nothing is left checked out then)."""
         ...
 

@@ -127,7 +127,7 @@ class WritePath:
         expected: list[bytes] | None = None
         expected_rows = tracker.expected
         encoders: dict[tuple[Any, Any], Any] = {}
-        # the keyspaces of the keys locked, recorded in the registry ahead of their locks
+        # the keyspaces of the keys locked, recorded in the registry with their locks
         spaces: dict[str, None] = {}
         last: KeySpace | None = None
         for index, collection in enumerate(pending):
@@ -241,14 +241,14 @@ class WritePath:
         else:
             ok = backend.finish(pending) is not None
         rt = self.runtime
-        first = pending.first
-        if first is not None:
-            self._registered(tracker, first, backend.address)
+        sent = pending.register
+        if sent is not None:
+            self._registered(tracker, sent, backend.address)
         if not ok and rt.backend is not backend:
             # refused as only a Redis Cluster node refuses: the cache switched to the cluster
             # (the first command a plain client sends there may be these locks): once more
             args = pending.args
-            register = None if first is None else rt.siblings.registration(first.fields)
+            register = None if sent is None else rt.siblings.registration(sent.fields)
             expected = list(args[2:]) if len(args) > 2 else None
             ok = rt.backend.lock(pairs, args[0], args[1], expected, register)
             if register is not None:
@@ -509,7 +509,7 @@ class WritePath:
         for bind, layouts in by_bind.items():
             self.lock_models(tracker, layouts, bind)
         pairs: list[str] = []
-        # the keyspaces of the keys locked here, recorded in the registry ahead of the locks
+        # the keyspaces of the keys locked here, recorded in the registry with the locks
         spaces: dict[str, None] = {}
         last: KeySpace | None = None
         for key, gen_key, keys in touched:
@@ -679,7 +679,7 @@ class WritePath:
 
     def _reassert(self, tracker: SessionTracker, fields: tuple[str, ...] = ()) -> None:
         """Take the transaction's locks again (``fields``: keyspaces recorded in the registry
-        ahead of them, those of the keys a flush locks with them for the first time; those
+        with them, those of the keys a flush locks with them for the first time; those
         of the keys locked before are recorded again too, so that the publish, within a
         lock's timeout of this, is also within it of their registration)."""
         if tracker.locked:
@@ -697,7 +697,7 @@ class WritePath:
     def _lock(
         self, tracker: SessionTracker, pairs: list[str], fields: tuple[str, ...] = ()
     ) -> None:
-        """Lock ``pairs``; ``fields``: the keyspaces recorded in the registry ahead of the
+        """Lock ``pairs``; ``fields``: the keyspaces recorded in the registry with the
         locks, in the same round trip (those of the keys locked for the first time: see
         :mod:`.siblings`)."""
         if not tracker.first_lock_at:

@@ -8,7 +8,11 @@ of them observable by a client only as what it receives:
 * ``deafen()``: requests reach Redis, its replies are dropped (``forward()`` ends it);
 * ``chunk=n``: replies are passed on ``n`` bytes per ``send`` (``TCP_NODELAY``);
 * ``stall_after=n``: once ``n`` bytes of replies have passed on a connection, no more (a reply
-  cut off half-way); read at each connection's start.
+  cut off half-way); read at each connection's start;
+* ``split_once(between, *needles)``: the next write holding two commands or more and every
+  needle is cut after its first command: once Redis has answered that one, ``between()``
+  runs (another client's commands land there), then the rest goes on: a pipeline that
+  reached Redis in two reads, as a large one does.
 
 ``fast_client(proxy.url)`` is a client whose timeouts make such a failure cost 0.2 s.
 
@@ -64,6 +68,10 @@ class LoopbackProxy:
         self._forwarding = threading.Event()
         self._forwarding.set()
         self._deaf = threading.Event()
+        #: (needles, between) of an armed :meth:`split_once`
+        self._split: tuple[tuple[bytes, ...], Any] | None = None
+        #: whether a split has run its ``between``
+        self.split_done = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -85,6 +93,12 @@ class LoopbackProxy:
         """Forward requests but swallow the replies: Redis runs each command, the client
         never hears it did."""
         self._deaf.set()
+
+    def split_once(self, between: Any, *needles: bytes) -> None:
+        """Cut the next write that holds every needle and two commands or more (see the
+        module's docstring); ``split_done`` is set once ``between`` has run."""
+        self.split_done.clear()
+        self._split = (needles, between)
 
     def forward(self) -> None:
         assert self._upstream is not None, "a stalling server has nothing to forward to"
@@ -147,8 +161,9 @@ class LoopbackProxy:
             if upstream is None:
                 self._spawn(self._drain, client)
             else:
-                self._spawn(self._requests, client, upstream)
-                self._spawn(self._replies, upstream, client, self.stall_after)
+                answered = threading.Event()
+                self._spawn(self._requests, client, upstream, answered)
+                self._spawn(self._replies, upstream, client, self.stall_after, answered)
 
     def _drain(self, client: socket.socket) -> None:
         """Read and drop whatever the client sends, never answer."""
@@ -157,19 +172,41 @@ class LoopbackProxy:
                 pass
         _close(client)
 
-    def _requests(self, src: socket.socket, dst: socket.socket) -> None:
+    def _requests(self, src: socket.socket, dst: socket.socket, answered: threading.Event) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                if self._forwarding.is_set():
+                if not self._forwarding.is_set():
+                    continue  # black hole: the request is swallowed
+                split = self._split
+                cut = None
+                if split is not None and all(n in data for n in split[0]):
+                    cut = _first_command_end(data)
+                if cut is not None and cut < len(data):
+                    self._split = None
+                    answered.clear()
+                    dst.sendall(data[:cut])
+                    answered.wait(5.0)  # Redis ran the first command
+                    try:
+                        split[1]()
+                    finally:
+                        self.split_done.set()
+                        dst.sendall(data[cut:])
+                else:
                     dst.sendall(data)
-                # else black hole: the request is swallowed
         _close(src)
         _close(dst)
 
-    def _replies(self, src: socket.socket, dst: socket.socket, stall_after: int | None) -> None:
+    def _replies(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        stall_after: int | None,
+        answered: threading.Event,
+    ) -> None:
         budget = stall_after
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                answered.set()
                 if self._deaf.is_set():
                     continue  # deaf: the reply is swallowed
                 if budget is not None:
@@ -180,6 +217,25 @@ class LoopbackProxy:
                     dst.sendall(data[i : i + step])
         _close(src)
         _close(dst)
+
+
+def _first_command_end(data: bytes) -> int | None:
+    """Where the first command of a RESP request (an array of bulk strings) ends in
+    ``data``; None unless it is whole there."""
+    if not data.startswith(b"*"):
+        return None
+    end = data.find(b"\r\n")
+    if end < 0:
+        return None
+    at = end + 2
+    for _ in range(int(data[1:end])):
+        end = data.find(b"\r\n", at)
+        if end < 0 or data[at : at + 1] != b"$":
+            return None
+        at = end + 2 + int(data[at + 1 : end]) + 2
+        if at > len(data):
+            return None
+    return at
 
 
 def _close(sock: socket.socket) -> None:

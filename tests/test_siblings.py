@@ -780,6 +780,59 @@ def test_a_registry_forgotten_between_a_commits_locks_and_its_publish(
 
 
 @pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("old_knows", ["a whole registry", "nothing yet"])
+@pytest.mark.parametrize("old_does", ["a miss", "a commit"])
+def test_a_registry_forgotten_and_made_again_inside_a_pipeline_with_a_registration(
+    old_does: str, old_knows: str, server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """The old version's registration travels in one pipeline with its lease's fetch (or its
+    commit's lock). Redis receives that pipeline in two reads (as it does a large one), and
+    between them it forgets the registry and another process's registration makes it again.
+    The entry's generation, evicted too, is made by the fetch (lock) after that new registry
+    was born: making the registry whole does not replace it. The old version's keyspace must
+    be in the new registry, or the new version's next commit does not reach the old entry.
+    (Before: the registration ran first, landed in the registry Redis forgot, and the old
+    version served v1 (v2) after v3 was committed: a documented residual.)"""
+    new_cache, new = on_server(NewItem)
+    with new() as session:
+        session.add_all([NewItem(id=1, name="v1"), NewItem(id=99, name="x")])
+        session.commit()
+    cached(new, NewItem, 1, schema, "v1")
+    admin = server.admin()
+    with LoopbackProxy(upstream_of(server.url)) as proxy:
+        old_cache = WriteThroughCache(
+            proxy.url, prefix=prefix, stats_interval=None, epoch_check_interval=3600
+        )
+        try:
+            old_cache.register(OldItem)
+            old = sessionmaker(schema)
+            old_cache.install(old)
+            if old_knows == "a whole registry":
+                cached(old, OldItem, 1, schema, "v1")
+            key, gen_key = keyspace(old_cache, OldItem).pair([1])
+            admin.delete(key, gen_key)  # evicted: the next fetch or lock makes a generation
+
+            made_again: list[tuple[str | None, int]] = []
+
+            def forget_and_make_again() -> None:
+                admin.delete(registry_key(prefix), entry_key(new_cache, NewItem, 99))  # evicted
+                # another process's miss: its registration makes the registry again
+                made_again.append(name_of(new, NewItem, 99, schema)[0])
+
+            proxy.split_once(forget_and_make_again, registry_key(prefix).encode(), gen_key.encode())
+            if old_does == "a miss":
+                assert name_of(old, OldItem, 1, schema)[0] == "v1"  # fills v1
+            else:
+                _set_name(old, OldItem, "v2")  # publishes v2
+            assert made_again == ["x"]
+            _set_name(new, NewItem, "v3")
+            assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+        finally:
+            old_cache.close()
+    assert new_cache.stats().commits >= 1
+
+
+@pytest.mark.databases("sqlite")
 def test_a_commit_returns_while_redis_keeps_forgetting_the_registry(
     server: Any, on_server: Any, schema: Engine, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,8 +1,10 @@
 -- register: record keyspaces (table, digest, buckets) in the registry. A field new there gives
 -- the registry a new version, which every commit's publish reads: a writer whose list of the
 -- registry is older then reads it again (see siblings.py). Sent with every lease's fetch and
--- every commit's lock (pipelined ahead of them), so a keyspace is in the registry before its
--- reader reads the database or its writer commits, whatever Redis forgot meanwhile.
+-- every commit's lock (pipelined behind them: a registry forgotten and made again between the
+-- two then lists the keyspace, and the generation the fetch or lock made is older than it),
+-- so a keyspace is in the registry before its reader reads the database or its writer
+-- commits, whatever Redis forgot meanwhile.
 -- A field's value is the server time (ms) until which an entry of its keyspace may exist: every
 -- entry is filled or published under a lease or lock taken right after a registration, and
 -- lives its TTL at most, so a keyspace nobody registered for ARGV[3] ms holds none, and no
