@@ -906,9 +906,8 @@ class ScriptBackend:
         self, prefix: str, renew: Callable[[], bool] | None = None, every: float = 2.0
     ) -> list[str] | Literal[False] | None:
         """Every generation key of ``prefix`` on the server (``SCAN``, on every primary of a
-        Cluster), or None when Redis failed; ``renew`` and ``every``: as for
-        :func:`.epoch.scan_generations`, on a standalone server (a Cluster's SCAN is per node,
-        each shorter)."""
+        Cluster, node after node), or None when Redis failed; ``renew`` and ``every``: as for
+        :func:`.epoch.scan_generations`."""
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
@@ -916,9 +915,19 @@ class ScriptBackend:
         try:
             found: list[str] | Literal[False]
             if transport.clustered:
-                keys = transport.scan(generation_key_pattern(prefix), SCAN_COUNT)
-                texts = (k.decode() if isinstance(k, bytes) else str(k) for k in keys)
-                found = [k for k in texts if is_generation_key(prefix, k)]
+                found = []
+                due = time.monotonic() + every
+                for key in transport.scan(generation_key_pattern(prefix), SCAN_COUNT):
+                    text = key.decode() if isinstance(key, bytes) else str(key)
+                    if is_generation_key(prefix, text):
+                        found.append(text)
+                    # at a key found (SCAN spreads them over the node's keys, which are
+                    # hashed): every ``every`` seconds, as on one server
+                    if renew is not None and time.monotonic() >= due:
+                        if not renew():
+                            found = False
+                            break
+                        due = time.monotonic() + every
             else:
                 found = scan_generations(transport.command, prefix, renew, every)
         except _FAILURES as exc:

@@ -1100,6 +1100,60 @@ def test_an_evicted_registry_is_made_whole_on_a_redis_cluster(
 
 @pytest.mark.cluster
 @pytest.mark.databases("sqlite")
+def test_a_long_cluster_scan_keeps_its_recovery_lease(
+    cluster: Any, schema: Engine, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making the registry whole on a Cluster scans node after node; on nodes with tens of
+    millions of keys that outlasts the recovery's lease, so it is renewed during the SCAN, as
+    on one server, and a second process's commit waits for the first instead of taking over
+    and scanning every node again. (Before: renewed only between the SCAN and the batches
+    of replacements; here, a scan slowed to outlast a lease shortened to 0.6 s, the second
+    process took over.)"""
+    from sqlalchemy_writethrough import siblings
+
+    monkeypatch.setattr(siblings, "_WHOLE_LEASE_MS", 600)
+    monkeypatch.setattr(siblings, "_WHOLE_RENEW", 0.1)
+    caches, old, new = _two_versions_on_a_cluster(cluster, schema, prefix)
+    other = WriteThroughCache(_cluster_client(cluster), prefix=prefix, stats_interval=None)
+    caches.append(other)
+    try:
+        other.register(NewItem)
+        second = sessionmaker(schema)
+        other.install(second)
+        assert name_of(second, NewItem, 1, schema)[0] == "v1"
+        admin = _cluster_client(cluster)
+        admin.delete(registry_key(prefix))  # evicted
+        assert name_of(new, NewItem, 21, schema) == (None, 1)  # registers: not whole
+        transport = caches[1]._runtime.backend.transport
+        scan = transport.scan
+        scanning = threading.Event()
+
+        def slow_scan(*args: Any, **kwargs: Any) -> Any:
+            scanning.set()
+            for key in scan(*args, **kwargs):
+                time.sleep(0.05)  # a node of tens of millions of keys
+                yield key
+
+        monkeypatch.setattr(transport, "scan", slow_scan)
+        thread, done = _commit_in_a_thread(new)
+        try:
+            assert scanning.wait(10)
+            time.sleep(0.8)  # past the lease it took
+            _set_name(second, NewItem, "v3")  # goes by a list not whole: waits
+            assert done.wait(30)
+        finally:
+            thread.join(30)
+        assert caches[1].stats().registries_made_whole == 1
+        assert other.stats().registries_made_whole == 0
+        assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
+        assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+    finally:
+        for cache in caches:
+            cache.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
 def test_a_failover_of_the_registrys_node_that_lost_a_registration(
     cluster: Any, schema: Engine, prefix: str
 ) -> None:
