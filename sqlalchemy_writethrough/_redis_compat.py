@@ -744,7 +744,8 @@ def close_now(conn: Any) -> None:
 # ``ConnectionPool._available_connections`` / ``_in_use_connections`` (a list, a set or WeakSet);
 # ``Connection._reader`` / ``_writer`` / ``_parser`` (with ``on_disconnect()``); the pool's
 # ``_lock`` (redis-py 6+) and a ``BlockingConnectionPool``'s ``_condition``. And asyncio's: a
-# ``StreamWriter``'s ``_loop``, its transport's ``_sock``, a ``Lock``'s / ``Condition``'s
+# ``StreamWriter``'s ``_loop``, its transport's ``_sock`` (over TLS, the SSL transport's
+# ``_ssl_protocol._transport``'s), a ``Lock``'s / ``Condition``'s
 # ``_loop`` (set at their first contended wait, Python 3.10+). Checked on redis-py 5.0 and 8.1,
 # Python 3.11 (``tests/test_redis_compat.py``).
 
@@ -833,10 +834,13 @@ def close_elsewhere(conn: Any) -> None:
     except RuntimeError:  # its loop is closed: the close it scheduled never runs
         pass
     transport = writer.transport
-    sock = getattr(transport, "_sock", None)
-    if sock is not None:
-        sock.close()
-        transport._sock = None
+    # over TLS the stream's transport is an SSL transport over the socket's own
+    tls = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    for each in (transport, tls):
+        sock = getattr(each, "_sock", None)
+        if each is not None and sock is not None:
+            sock.close()
+            each._sock = None
 
 
 # -- Redis Cluster ----------------------------------------------------------------------

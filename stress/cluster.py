@@ -21,7 +21,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,12 +47,30 @@ def _admin(port: int, timeout: float = 1.0) -> redis.Redis:
 class ClusterNode:
     """One ``redis-server --cluster-enabled yes`` on 127.0.0.1 (its bus on port + 10000)."""
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    def __init__(self, binary: str, directory: Path, tls_args: Sequence[str] = ()) -> None:
         self.binary = binary
         self.port = free_port(bus=True)
         self.dir = directory / f"node-{self.port}"
         self.dir.mkdir()
         self._proc: subprocess.Popen[bytes] | None = None
+        #: with ``tls_args`` (certificate options), a TLS port too, which the bus and the
+        #: replication use; the plain port stays, for the admin clients and redis-cli
+        self.tls_port = free_port() if tls_args else None
+        self._tls = (
+            [
+                *tls_args,
+                "--tls-port",
+                str(self.tls_port),
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                "--cluster-port",
+                str(self.port + 10000),
+            ]
+            if tls_args
+            else []
+        )
 
     def start(self) -> None:
         if self.running:
@@ -82,6 +100,7 @@ class ClusterNode:
                 "0",
                 "--loglevel",
                 "warning",
+                *self._tls,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -149,14 +168,16 @@ class ClusterGroup:
     node; ``close()`` stops everything within a few seconds, whatever state it is in.
     """
 
-    def __init__(self, primaries: int = 3, replicas: int = 1) -> None:
+    def __init__(self, primaries: int = 3, replicas: int = 1, tls_args: Sequence[str] = ()) -> None:
         binary = server_binary()
         cli = cli_binary()
         if binary is None or cli is None:
             raise RuntimeError("redis-server and redis-cli are needed for a Redis Cluster")
         self.cli = cli
         self._dir = Path(tempfile.mkdtemp(prefix="stress-cluster-"))
-        self.nodes = [ClusterNode(binary, self._dir) for _ in range(primaries * (1 + replicas))]
+        self.nodes = [
+            ClusterNode(binary, self._dir, tls_args) for _ in range(primaries * (1 + replicas))
+        ]
         self._replicas = replicas
 
     @property
@@ -393,7 +414,9 @@ class ClusterGroup:
 
 
 @contextlib.contextmanager
-def running_cluster(primaries: int = 3, replicas: int = 1) -> Iterator[ClusterGroup]:
+def running_cluster(
+    primaries: int = 3, replicas: int = 1, tls_args: Sequence[str] = ()
+) -> Iterator[ClusterGroup]:
     """A started :class:`ClusterGroup`, closed (every process gone) afterwards."""
-    with ClusterGroup(primaries, replicas) as group:
+    with ClusterGroup(primaries, replicas, tls_args) as group:
         yield group

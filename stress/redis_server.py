@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,9 @@ class RedisServer:
     (unless a ``SAVE`` sent to it left an RDB file), ``restart(from_rdb=snapshot())`` goes back
     to the moment of that snapshot."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
+        """``extra_args``: more ``redis-server`` options (a TLS port, say: the plain port
+        stays, for :meth:`admin`)."""
         binary = server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed")
@@ -152,6 +154,7 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="stress-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
+        self._extra = list(extra_args)
         self.restarts = 0
         self._snapshots = 0
 
@@ -207,6 +210,7 @@ class RedisServer:
                 "yes",
                 "--loglevel",
                 "warning",
+                *self._extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
