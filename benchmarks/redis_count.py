@@ -26,7 +26,8 @@ class RoundTripCounter:
 def counting_redis(url: str, **kwargs: Any) -> tuple[redis.Redis, RoundTripCounter]:
     """A client on ``url`` whose connections count round trips, and its counter."""
     counter = RoundTripCounter()
-    base = redis.connection.Connection
+    # the URL's own kind (rediss: TLS, unix: a socket file), which connection_class replaces
+    base = redis.ConnectionPool.from_url(url).connection_class
 
     class CountingConnection(base):  # type: ignore[valid-type,misc]
         _handshake_depth = 0

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 from _flavours import FLAVOURS, Harness
-from _proxy import RECOVERY_DEADLINE_S, LoopbackProxy, fast_client
+from _proxy import RECOVERY_DEADLINE_S, LoopbackProxy, fast_client, upstream_of
 from sqlalchemy import String
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncAttrs
@@ -289,13 +289,13 @@ def test_a_bad_publish_option_is_refused(redis_url: str) -> None:
 
 @pytest.mark.databases("postgresql")
 def test_a_failed_background_publish_is_journaled_and_its_lock_ends_at_the_replay(
-    engine: Engine, prefix: str, redis_client: redis.Redis
+    engine: Engine, prefix: str, redis_client: redis.Redis, redis_url: str
 ) -> None:
     """Redis stops answering between the commit and the worker's publish: the failure is
     counted and journaled with the owner token; readers get the database row meanwhile; when
     Redis answers again the replay ends the lock and the row is cached again."""
     reset_schema(engine, Base.metadata)
-    proxy = LoopbackProxy(("127.0.0.1", redis_client.connection_pool.connection_kwargs["port"]))
+    proxy = LoopbackProxy(upstream_of(redis_url))
     cache = WriteThroughCache(
         fast_client(proxy.url),
         prefix=prefix,

@@ -7,6 +7,7 @@ name, rather than as a cache that quietly stops checking epochs or overlapping i
 from __future__ import annotations
 
 import contextlib
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -312,7 +313,9 @@ def test_a_garbled_mget_reply_is_a_redis_error_and_closes_the_connection(redis_u
     import socket
     import threading
 
-    upstream_port = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]
+    from _proxy import upstream_of
+
+    _, upstream_port = upstream_of(redis_url)  # plain TCP only
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(5)
 
@@ -817,7 +820,7 @@ def test_a_sync_twin_of_an_asyncio_client_reaches_the_same_server_with_its_optio
     the asyncio-only options."""
     import redis.asyncio
 
-    url = redis_url.rsplit("/", 1)[0] + "/3"
+    url = urllib.parse.urlsplit(redis_url)._replace(path="/3").geturl()  # query kept (TLS)
     client = redis.asyncio.Redis.from_url(
         url, socket_timeout=1.25, client_name="twin-test", decode_responses=True
     )
@@ -827,7 +830,11 @@ def test_a_sync_twin_of_an_asyncio_client_reaches_the_same_server_with_its_optio
         assert kwargs["socket_timeout"] == 1.25 and kwargs["db"] == 3
         assert kwargs["client_name"] == "twin-test"
         assert "retry" not in kwargs and "decode_responses" not in kwargs
-        assert twin.connection_pool.connection_class is redis.connection.Connection
+        assert twin.connection_pool.connection_class is (
+            redis.connection.SSLConnection
+            if url.startswith("rediss:")
+            else redis.connection.Connection
+        )
         twin.set("compat-twin", "v")
         assert twin.get("compat-twin") == b"v"
         assert twin.client_getname() == "twin-test"
