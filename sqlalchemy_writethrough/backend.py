@@ -416,6 +416,10 @@ class ScriptBackend:
             version.heard(replies.pop())
             commands.pop()
         unknown = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if unknown and register is not None and unknown[-1] != len(replies) - 1:
+            # the registration goes behind them again (see Registration: a registry made
+            # again while the script was loaded would not list what they fill or publish)
+            unknown.append(len(replies) - 1)
         if unknown:  # a restarted or flushed server: load what is missing, run those again
             for script in {calls[i][0] for i in unknown}:
                 self.transport.load_script(scripts.source[script])
@@ -675,7 +679,8 @@ class ScriptBackend:
             if isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
                 self._failed(pending.script.value, exc)
                 return None
-            if register is not None and register.reply is None:  # sent again with the locks
+            if register is not None and (register.reply is None or isinstance(exc, NoScriptError)):
+                # sent again with the locks, behind them (see Registration)
                 replies = self._run_registered(pending.script, pending.keys, pending.args, register)
                 return None if replies is None else replies[0]
             return self._run(pending.script, pending.keys, pending.args)

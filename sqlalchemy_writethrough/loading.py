@@ -153,9 +153,9 @@ class ReadPath:
                 return result
         # a miss (or a damaged entry): the script grants a lease, atomically with the check
         lease = unique_token() if may_fill else ""
-        # a lease's round trip records the keyspace first, every time (Redis may have
-        # forgotten it): a commit that finds it in the registry after its COMMIT
-        # invalidates its keys there, and voids a lease taken before it (see .siblings)
+        # a lease's round trip records the keyspace too, behind the fetch, every time
+        # (Redis may have forgotten it): a commit that finds it in the registry after its
+        # COMMIT invalidates its keys there, and voids a lease taken before it (see .siblings)
         register = rt.siblings.registration(keys.fields) if may_fill else None
         reply = rt.backend.fetch(key, gen_key, lease, rt.settings.lease_ms, register)
         # refused (see Siblings.registered): a lease granted with it is given up unused

@@ -6,6 +6,7 @@ serves a row older than a completed commit. See docs/consistency.md, "Keyspaces 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from sqlalchemy_writethrough.keys import (
     registry_recovery_key,
     registry_version_key,
 )
+from sqlalchemy_writethrough.protocol import Script
 
 from _cache_helpers import entry_key, entry_state, keyspace
 from _servers import COUNTED, capture_sql, counting_redis, reset_schema
@@ -830,6 +832,56 @@ def test_a_registry_forgotten_and_made_again_inside_a_pipeline_with_a_registrati
         finally:
             old_cache.close()
     assert new_cache.stats().commits >= 1
+
+
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("old_does", ["a miss", "a commit"])
+def test_a_registry_forgotten_and_made_again_while_a_script_is_loaded(
+    old_does: str,
+    server: Any,
+    on_server: Any,
+    schema: Engine,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same race without a split pipeline: the fetch (lock) script's text is new to the
+    server (a deploy that changed it), so the pipeline's registration runs and the fetch
+    (lock) is refused with NOSCRIPT, loaded, and sent again: Redis forgets the registry and
+    another process makes it again meanwhile. The call sent again must have its registration
+    behind it again. (Found by review: before, it went alone, its generation newer than the
+    registry that did not list it, and the old version served v1 (v2) after v3.)"""
+    new_cache, new = on_server(NewItem)
+    with new() as session:
+        session.add_all([NewItem(id=1, name="v1"), NewItem(id=99, name="x")])
+        session.commit()
+    cached(new, NewItem, 1, schema, "v1")
+    old_cache, old = on_server(OldItem)
+    cached(old, OldItem, 1, schema, "v1")  # its registration's script loaded, registry whole
+    admin = server.admin()
+    admin.delete(*keyspace(old_cache, OldItem).pair([1]))  # evicted, its bucket too
+    backend = old_cache._runtime.backend
+    scripts = backend._scripts
+    script = Script.FETCH if old_does == "a miss" else Script.LOCK
+    text = scripts.source[script] + "\n-- the next version's"  # new to the server
+    monkeypatch.setitem(scripts.source, script, text)
+    monkeypatch.setitem(scripts.sha, script, hashlib.sha1(text.encode()).hexdigest())
+    load = backend.transport.load_script
+    made_again: list[str | None] = []
+
+    def load_script(source: str) -> None:
+        if source == text and not made_again:
+            admin.delete(registry_key(prefix), entry_key(new_cache, NewItem, 99))  # evicted
+            made_again.append(name_of(new, NewItem, 99, schema)[0])  # registers: made again
+        load(source)
+
+    monkeypatch.setattr(backend.transport, "load_script", load_script)
+    if old_does == "a miss":
+        assert name_of(old, OldItem, 1, schema)[0] == "v1"  # fills v1
+    else:
+        _set_name(old, OldItem, "v2")  # publishes v2
+    assert made_again == ["x"]
+    _set_name(new, NewItem, "v3")
+    assert name_of(old, OldItem, 1, schema) == ("v3", 1)
 
 
 @pytest.mark.databases("sqlite")

@@ -6,9 +6,9 @@
 -- so a keyspace is in the registry before its reader reads the database or its writer
 -- commits, whatever Redis forgot meanwhile.
 -- A field's value is the server time (ms) until which an entry of its keyspace may exist: every
--- entry is filled or published under a lease or lock taken right after a registration, and
--- lives its TTL at most, so a keyspace nobody registered for ARGV[3] ms holds none, and no
--- commit needs to reach it. Once a minute at most (or ARGV[3] if shorter) the script drops the
+-- entry is filled or published under a lease or lock taken in one pipeline with a
+-- registration, and lives its TTL at most, so a keyspace nobody registered for ARGV[3] ms
+-- holds none, and no commit needs to reach it. Once a minute at most (or ARGV[3] if shorter) the script drops the
 -- fields whose time has passed, and gives the registry a new version if it dropped any.
 -- Only GET, SET, HGET, HSET, HGETALL, HDEL, HKEYS and TIME: the documented least-privilege ACL
 -- (running-redis.md).

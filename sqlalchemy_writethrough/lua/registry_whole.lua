@@ -7,7 +7,8 @@
 -- SCAN, from the client) made before the registry (its field '~|since|0', register.lua)
 -- between its 'begin' and its 'end': no entry filled before the loss is served after it. An
 -- entry of a generation made since was filled after a registration of its keyspace in this
--- registry (every fill and lock registers first), which commits reach (siblings.py).
+-- registry (every fetch and lock registers in its pipeline, behind it: one made before the
+-- registry's birth is replaced here), which commits reach (siblings.py).
 -- Its own field '~|recovering.<token>|0' proves at 'end' that the hash was not forgotten
 -- again meanwhile (that would have taken the field too); the field's value is a time, so
 -- register.lua's pruning drops it if the process dies.
