@@ -327,18 +327,20 @@ print(json.dumps({
 """
 
 
-def test_aclose_closes_the_connections_the_cache_opened_for_its_loop(
-    schema: Any, db_url: str, prefix: str, redis_url: str
-) -> None:
-    """A client whose own loop stays open, and ``asyncio.run()`` twice: each run is served by
-    connections the cache opens for its loop; those of the first run are closed when the
-    second finds its loop closed, those of the second by ``aclose()``. Nothing is left for
-    the garbage collector to warn about (before: an unclosed transport for the first run's,
-    an unclosed Connection for the second's). In a process of its own: what other tests left
-    for the collector is not this test's."""
-    args = [async_url(db_url), redis_url, prefix]
+def assert_aclose_leaves_nothing_open(db_url: str, redis_url: str, prefix: str) -> None:
+    """Run :data:`_ACLOSE_SCRIPT` in a process of its own: both runs served, no error, no
+    ResourceWarning."""
     done = subprocess.run(
-        [sys.executable, "-W", "error::ResourceWarning", "-c", _ACLOSE_SCRIPT, *args],
+        [
+            sys.executable,
+            "-W",
+            "error::ResourceWarning",
+            "-c",
+            _ACLOSE_SCRIPT,
+            db_url,
+            redis_url,
+            prefix,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -350,6 +352,18 @@ def test_aclose_closes_the_connections_the_cache_opened_for_its_loop(
         "warnings": [],
     }
     assert "ResourceWarning" not in done.stderr, done.stderr
+
+
+def test_aclose_closes_the_connections_the_cache_opened_for_its_loop(
+    schema: Any, db_url: str, prefix: str, redis_url: str
+) -> None:
+    """A client whose own loop stays open, and ``asyncio.run()`` twice: each run is served by
+    connections the cache opens for its loop; those of the first run are closed when the
+    second finds its loop closed, those of the second by ``aclose()``. Nothing is left for
+    the garbage collector to warn about (before: an unclosed transport for the first run's,
+    an unclosed Connection for the second's). In a process of its own: what other tests left
+    for the collector is not this test's."""
+    assert_aclose_leaves_nothing_open(async_url(db_url), redis_url, prefix)
 
 
 @pytest.mark.databases("sqlite")

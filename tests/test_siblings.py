@@ -781,6 +781,34 @@ def test_a_registry_forgotten_between_a_commits_locks_and_its_publish(
     assert name_of(old, OldItem, 1, schema) == ("v2", 1)
 
 
+def _make_the_registry_again(
+    admin: Any,
+    prefix: str,
+    new_cache: WriteThroughCache,
+    new: Factory,
+    schema: Engine,
+    made: list[str | None],
+) -> None:
+    """Redis forgets the registry; the new version's miss on row 99 (evicted too) makes it
+    again with its registration."""
+    admin.delete(registry_key(prefix), entry_key(new_cache, NewItem, 99))
+    made.append(name_of(new, NewItem, 99, schema)[0])
+
+
+def _old_then_new_version_commits(
+    old_does: str, old: Factory, new: Factory, schema: Engine, made: list[str | None]
+) -> None:
+    """The old version fills v1 (or publishes v2) while the registry is made again; the new
+    version then commits v3, which the old version must not serve as it was."""
+    if old_does == "a miss":
+        assert name_of(old, OldItem, 1, schema)[0] == "v1"  # fills v1
+    else:
+        _set_name(old, OldItem, "v2")  # publishes v2
+    assert made == ["x"]
+    _set_name(new, NewItem, "v3")
+    assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+
+
 @pytest.mark.databases("sqlite")
 @pytest.mark.parametrize("old_knows", ["a whole registry", "nothing yet"])
 @pytest.mark.parametrize("old_does", ["a miss", "a commit"])
@@ -814,21 +842,13 @@ def test_a_registry_forgotten_and_made_again_inside_a_pipeline_with_a_registrati
             key, gen_key = keyspace(old_cache, OldItem).pair([1])
             admin.delete(key, gen_key)  # evicted: the next fetch or lock makes a generation
 
-            made_again: list[tuple[str | None, int]] = []
-
-            def forget_and_make_again() -> None:
-                admin.delete(registry_key(prefix), entry_key(new_cache, NewItem, 99))  # evicted
-                # another process's miss: its registration makes the registry again
-                made_again.append(name_of(new, NewItem, 99, schema)[0])
-
-            proxy.split_once(forget_and_make_again, registry_key(prefix).encode(), gen_key.encode())
-            if old_does == "a miss":
-                assert name_of(old, OldItem, 1, schema)[0] == "v1"  # fills v1
-            else:
-                _set_name(old, OldItem, "v2")  # publishes v2
-            assert made_again == ["x"]
-            _set_name(new, NewItem, "v3")
-            assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+            made_again: list[str | None] = []
+            proxy.split_once(
+                lambda: _make_the_registry_again(admin, prefix, new_cache, new, schema, made_again),
+                registry_key(prefix).encode(),
+                gen_key.encode(),
+            )
+            _old_then_new_version_commits(old_does, old, new, schema, made_again)
         finally:
             old_cache.close()
     assert new_cache.stats().commits >= 1
@@ -870,18 +890,11 @@ def test_a_registry_forgotten_and_made_again_while_a_script_is_loaded(
 
     def load_script(source: str) -> None:
         if source == text and not made_again:
-            admin.delete(registry_key(prefix), entry_key(new_cache, NewItem, 99))  # evicted
-            made_again.append(name_of(new, NewItem, 99, schema)[0])  # registers: made again
+            _make_the_registry_again(admin, prefix, new_cache, new, schema, made_again)
         load(source)
 
     monkeypatch.setattr(backend.transport, "load_script", load_script)
-    if old_does == "a miss":
-        assert name_of(old, OldItem, 1, schema)[0] == "v1"  # fills v1
-    else:
-        _set_name(old, OldItem, "v2")  # publishes v2
-    assert made_again == ["x"]
-    _set_name(new, NewItem, "v3")
-    assert name_of(old, OldItem, 1, schema) == ("v3", 1)
+    _old_then_new_version_commits(old_does, old, new, schema, made_again)
 
 
 @pytest.mark.databases("sqlite")

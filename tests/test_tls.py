@@ -12,10 +12,7 @@ the test's own with a TLS port and a throwaway CA (``_tls.py``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -279,28 +276,8 @@ def test_aclose_closes_the_tls_connections_of_a_closed_loop(
     closed are closed from outside it. Over TLS the stream's transport is an SSL transport
     over the socket's own, which must be closed too. (Before: the collector warned of an
     unclosed socket and transport, one file descriptor left open until then.)"""
-    from test_asyncio_loops import _ACLOSE_SCRIPT
     from test_asyncio_loops import Base as LoopBase
+    from test_asyncio_loops import assert_aclose_leaves_nothing_open
 
     reset_schema(engine, LoopBase.metadata)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-W",
-            "error::ResourceWarning",
-            "-c",
-            _ACLOSE_SCRIPT,
-            async_url(db_url),
-            tls.url,
-            prefix,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == {
-        "got": [["r1", "r2"], ["r1", "r2"]],
-        "errors": 0,
-        "warnings": [],
-    }
+    assert_aclose_leaves_nothing_open(async_url(db_url), tls.url, prefix)
