@@ -480,9 +480,9 @@ class Siblings:
             self._on_made_whole()
             log.warning(
                 "writethrough: Redis at %s: the keyspace registry had been forgotten (evicted "
-                "under an allkeys-* policy, deleted, or restored without it): %d bucket "
-                "generations replaced, so no entry of a keyspace it no longer listed is served "
-                "again (docs/running-redis.md, eviction)",
+                "under an allkeys-* policy, deleted by cache.clear() or FLUSHALL, or restored "
+                "without it): %d bucket generations replaced, so no entry of a keyspace it no "
+                "longer listed is served again (docs/running-redis.md, eviction)",
                 address,
                 replaced,
             )
