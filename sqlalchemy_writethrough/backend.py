@@ -23,11 +23,9 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from . import _redis_compat as compat
 from .breaker import CircuitBreaker
 from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
-from .epoch import SCAN_COUNT, EpochGuard, scan_generations
+from .epoch import EpochGuard, scan_generations
 from .keys import (
     epoch_key,
-    generation_key_pattern,
-    is_generation_key,
     registry_key,
     version_key_of,
 )
@@ -911,30 +909,13 @@ class ScriptBackend:
         self, prefix: str, renew: Callable[[], bool] | None = None, every: float = 2.0
     ) -> list[str] | Literal[False] | None:
         """Every generation key of ``prefix`` on the server (``SCAN``, on every primary of a
-        Cluster, node after node), or None when Redis failed; ``renew`` and ``every``: as for
-        :func:`.epoch.scan_generations`."""
+        Cluster, one after the other), or None when Redis failed; ``renew`` and ``every``: as
+        for :func:`.epoch.scan_generations`."""
         if not self.breaker.allow():
             self._counters.error("breaker")
             return None
-        transport = self.transport
         try:
-            found: list[str] | Literal[False]
-            if transport.clustered:
-                found = []
-                due = time.monotonic() + every
-                for key in transport.scan(generation_key_pattern(prefix), SCAN_COUNT):
-                    text = key.decode() if isinstance(key, bytes) else str(key)
-                    if is_generation_key(prefix, text):
-                        found.append(text)
-                    # at a key found (SCAN spreads them over the node's keys, which are
-                    # hashed): every ``every`` seconds, as on one server
-                    if renew is not None and time.monotonic() >= due:
-                        if not renew():
-                            found = False
-                            break
-                        due = time.monotonic() + every
-            else:
-                found = scan_generations(transport.command, prefix, renew, every)
+            found = scan_generations(self.transport.servers(), prefix, renew, every)
         except _FAILURES as exc:
             self._failed("SCAN", exc)
             return None

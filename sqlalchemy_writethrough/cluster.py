@@ -571,7 +571,7 @@ class ClusterEpochGuard(EpochGuard):
         fields = registered + sorted(set(self._known_fields()) - set(registered))
         gen_keys = [k for f in fields for k in generation_keys_of(self._prefix, f)[1]]
         if REGISTRY_WHOLE not in registered:  # this node's, found by SCAN (see .epoch)
-            found = scan_generations(lambda *args: self._call(conn, args), self._prefix)
+            found = scan_generations([lambda *args: self._call(conn, args)], self._prefix)
             assert found is not False  # no renew: never stopped
             gen_keys = list(dict.fromkeys(gen_keys + found))
         if not gen_keys:
@@ -728,19 +728,28 @@ class ClusterTransport:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
-    def scan(self, pattern: str, count: int) -> Iterator[Any]:
-        """``SCAN`` on every primary."""
-        for node in self.router.primaries():
-            cursor: Any = 0
-            while True:
-                reply = self.router.on_node(
-                    node, [("SCAN", cursor, "MATCH", pattern, "COUNT", count)]
-                )[0]
+    def servers(self) -> list[Callable[..., Any]]:
+        """One ``send`` per primary."""
+
+        def on(node: Any) -> Callable[..., Any]:
+            def send(*args: Any) -> Any:
+                reply = self.router.on_node(node, [args])[0]
                 if isinstance(reply, BaseException):
                     raise reply
-                cursor = int(reply[0])
-                yield from reply[1]
-                if cursor == 0:
+                return reply
+
+            return send
+
+        return [on(node) for node in self.router.primaries()]
+
+    def scan(self, pattern: str, count: int) -> Iterator[Any]:
+        """``SCAN`` on every primary."""
+        for send in self.servers():
+            cursor: Any = 0
+            while True:
+                cursor, keys = send("SCAN", cursor, "MATCH", pattern, "COUNT", count)
+                yield from keys
+                if int(cursor) == 0:
                     break
 
     def unlink(self, keys: Sequence[Any]) -> int:

@@ -73,26 +73,32 @@ SCAN_COUNT = 5000
 
 
 def scan_generations(
-    send: Send, prefix: str, renew: Callable[[], bool] | None = None, every: float = 2.0
+    sends: Iterable[Send],
+    prefix: str,
+    renew: Callable[[], bool] | None = None,
+    every: float = 2.0,
 ) -> list[str] | Literal[False]:
-    """Every generation key of ``prefix`` on the server ``send`` talks to: what a new epoch
-    replaces besides the registry's keyspaces when the registry is not whole (Redis forgot
-    it, and a snapshot may hold entries of keyspaces it no longer lists: see
-    :mod:`.siblings`), and what making it whole looks at. ``renew`` is called every
-    ``every`` seconds of the SCAN; False from it stops the SCAN, which then returns False."""
+    """Every generation key of ``prefix`` on the servers the ``sends`` talk to (one, or each
+    primary of a Cluster, one after the other): what a new epoch replaces besides the
+    registry's keyspaces when the registry is not whole (Redis forgot it, and a snapshot may
+    hold entries of keyspaces it no longer lists: see :mod:`.siblings`), and what making it
+    whole looks at. ``renew`` is called every ``every`` seconds of the SCAN, between two of
+    its replies; False from it stops the SCAN, which then returns False."""
     pattern = generation_key_pattern(prefix)
     found: list[str] = []
-    cursor: Any = 0
     due = time.monotonic() + every
-    while True:
-        cursor, keys = send("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
-        found += [k for k in map(_text, keys) if is_generation_key(prefix, k)]
-        if int(cursor) == 0:
-            return found
-        if renew is not None and time.monotonic() >= due:
-            if not renew():
-                return False
-            due = time.monotonic() + every
+    for send in sends:
+        cursor: Any = 0
+        while True:
+            cursor, keys = send("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
+            found += [k for k in map(_text, keys) if is_generation_key(prefix, k)]
+            if renew is not None and time.monotonic() >= due:  # between nodes too
+                if not renew():
+                    return False
+                due = time.monotonic() + every
+            if int(cursor) == 0:
+                break
+    return found
 
 
 class EpochGuard:
@@ -274,7 +280,7 @@ class EpochGuard:
             fields = registered + sorted(set(self._known_fields()) - set(registered))
             gen_keys = [k for f in fields for k in generation_keys_of(self._prefix, f)[1]]
             if REGISTRY_WHOLE not in registered:
-                found = scan_generations(send, self._prefix)
+                found = scan_generations([send], self._prefix)
                 assert found is not False  # no renew: never stopped
                 gen_keys = list(dict.fromkeys(gen_keys + found))
             nonce = secrets.token_hex(4)

@@ -399,6 +399,9 @@ class AsyncTransport:
     def sleep(self, seconds: float) -> None:
         await_(asyncio.sleep(seconds))
 
+    def servers(self) -> list[Callable[..., Any]]:
+        return [self.command]
+
     async def _scan(self, pattern: str, count: int) -> list[Any]:
         _, client = self._here()
         return [key async for key in client.scan_iter(match=pattern, count=count)]

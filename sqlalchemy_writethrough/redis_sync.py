@@ -475,6 +475,9 @@ class SyncTransport:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def servers(self) -> list[Callable[..., Any]]:
+        return [self.command]
+
     def scan(self, pattern: str, count: int) -> Iterator[Any]:
         keys: Iterator[Any] = self.client.scan_iter(match=pattern, count=count)
         return keys

@@ -15,7 +15,7 @@ backend decides what a failure means.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 
@@ -66,6 +66,12 @@ class Transport(Protocol):
 
     def sleep(self, seconds: float) -> None:
         """Wait without holding anything (a thread sleeps; an event loop runs other tasks)."""
+        ...
+
+    def servers(self) -> list[Callable[..., Any]]:
+        """One ``send(*args)`` per server the keys live on (the server itself; every primary
+        of a Cluster): it runs one command there and returns the reply (an error reply
+        raised). For a walk of every server's keys that acts between two ``SCAN`` replies."""
         ...
 
     def scan(self, pattern: str, count: int) -> Iterable[Any]:

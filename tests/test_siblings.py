@@ -1190,16 +1190,19 @@ def test_a_long_cluster_scan_keeps_its_recovery_lease(
         admin.delete(registry_key(prefix))  # evicted
         assert name_of(new, NewItem, 21, schema) == (None, 1)  # registers: not whole
         transport = caches[1]._runtime.backend.transport
-        scan = transport.scan
+        servers = transport.servers
         scanning = threading.Event()
 
-        def slow_scan(*args: Any, **kwargs: Any) -> Any:
-            scanning.set()
-            for key in scan(*args, **kwargs):
-                time.sleep(0.05)  # a node of tens of millions of keys
-                yield key
+        def slow(send: Any) -> Any:
+            def slow_send(*args: Any) -> Any:
+                if args[0] == "SCAN":
+                    scanning.set()
+                    time.sleep(0.4)  # a node of tens of millions of keys
+                return send(*args)
 
-        monkeypatch.setattr(transport, "scan", slow_scan)
+            return slow_send
+
+        monkeypatch.setattr(transport, "servers", lambda: [slow(s) for s in servers()])
         thread, done = _commit_in_a_thread(new)
         try:
             assert scanning.wait(10)
