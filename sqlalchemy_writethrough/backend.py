@@ -391,12 +391,12 @@ class ScriptBackend:
         sent behind the scripts (see :class:`Registration`; its error reply is its own,
         raised by none)."""
         scripts = self._scripts
+        led = False  # a registration ahead of the calls too, its reply dropped
         if register is not None:
             registering = (Script.REGISTER, register.keys, register.args)
             if not self.transport.clustered:
-                calls = (
-                    [registering, *calls, registering] if register.lead else [*calls, registering]
-                )
+                led = register.lead
+                calls = [registering, *calls, registering] if led else [*calls, registering]
             elif register.ahead:
                 register.ahead = False
                 self._eval_batch((), register=register)  # a round trip of its own, ahead
@@ -426,7 +426,7 @@ class ScriptBackend:
                 replies[i] = reply
         if register is not None:
             register.heard(replies.pop())
-            if register.lead and not self.transport.clustered:
+            if led:
                 replies.pop(0)  # the one behind says the same, later
         for reply in replies:
             if isinstance(reply, ResponseError):
