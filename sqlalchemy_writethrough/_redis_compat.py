@@ -538,6 +538,14 @@ def read(conn: Any) -> Any:
         raise script_error(conn, exc) from None
 
 
+def read_or_error(conn: Any) -> Any:
+    """:func:`read`, an error reply returned as its exception, not raised."""
+    try:
+        return read(conn)
+    except ResponseError as exc:
+        return exc
+
+
 def with_retry(conn: Any, action: Callable[[Any, Any], Any], arg: Any) -> Any:
     """``action(conn, arg)`` under the connection's retry policy (the client's ``retry``),
     reconnecting between attempts as redis-py does."""
@@ -697,6 +705,14 @@ async def aread(conn: Any) -> Any:
         return await conn.read_response()
     except ResponseError as exc:
         raise await ascript_error(conn, exc) from None
+
+
+async def aread_or_error(conn: Any) -> Any:
+    """:func:`read_or_error` on ``redis.asyncio``."""
+    try:
+        return await aread(conn)
+    except ResponseError as exc:
+        return exc
 
 
 async def awith_retry(conn: Any, action: Callable[[Any, Any], Awaitable[Any]], arg: Any) -> Any:

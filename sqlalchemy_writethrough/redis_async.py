@@ -226,14 +226,6 @@ class LoopGuard:
         )
 
 
-async def _areply_or_error(conn: Any) -> Any:
-    """The next reply on ``conn``; an error reply as its exception, not raised."""
-    try:
-        return await compat.aread(conn)
-    except ResponseError as exc:
-        return exc
-
-
 class PendingAsyncConnection:
     """A command sent on a pooled ``redis.asyncio`` connection whose reply is not read yet;
     its socket is closed if it is collected unread."""
@@ -371,15 +363,15 @@ class AsyncTransport:
         conn = handle.take()
         try:
             if handle.ahead:
-                await _areply_or_error(conn)
+                await compat.aread_or_error(conn)
             try:
                 reply = await compat.aread(conn)
             except ResponseError as exc:
                 if handle.behind:
-                    handle.after = await _areply_or_error(conn)  # the connection's clean
+                    handle.after = await compat.aread_or_error(conn)  # the connection's clean
                 raise exc from None
             if handle.behind:
-                handle.after = await _areply_or_error(conn)
+                handle.after = await compat.aread_or_error(conn)
         except BaseException as exc:
             await self._abandon(pool, conn, exc)
             raise

@@ -145,14 +145,6 @@ class HeldConnection:
 _forks = [0]
 
 
-def _reply_or_error(conn: Any) -> Any:
-    """The next reply on ``conn``; an error reply as its exception, not raised."""
-    try:
-        return compat.read(conn)
-    except ResponseError as exc:
-        return exc
-
-
 def _after_fork() -> None:
     _forks[0] += 1
 
@@ -402,15 +394,15 @@ class SyncTransport:
             raise RedisConnectionError("the connection was opened before a fork")
         try:
             if handle.ahead:
-                _reply_or_error(conn)
+                compat.read_or_error(conn)
             try:
                 reply = compat.read(conn)
             except ResponseError as exc:
                 if handle.behind:
-                    handle.after = _reply_or_error(conn)  # the connection's clean
+                    handle.after = compat.read_or_error(conn)  # the connection's clean
                 raise exc from None
             if handle.behind:
-                handle.after = _reply_or_error(conn)
+                handle.after = compat.read_or_error(conn)
         except BaseException as exc:
             self._abandon(conn, exc)
             raise
