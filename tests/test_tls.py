@@ -66,8 +66,9 @@ def _name(factory: sessionmaker[Session], engine: Engine, pk: int = 1) -> tuple[
         return (None if row is None else row.name), len(sql)
 
 
-def _cache(url: str, prefix: str, **options: Any) -> WriteThroughCache:
-    cache = WriteThroughCache(url, prefix=prefix, stats_interval=None, **options)
+def _cache(client: Any, prefix: str, **options: Any) -> WriteThroughCache:
+    """A cache of TlsItem on ``client`` (a URL or a client)."""
+    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None, **options)
     cache.register(TlsItem)
     return cache
 
@@ -129,6 +130,24 @@ def test_asyncio_over_tls(tls: TlsServer, db_url: str, schema: Engine, prefix: s
     asyncio.run(run())
 
 
+def _reader_keeps_then_hears(
+    reader: WriteThroughCache,
+    mine: sessionmaker[Session],
+    theirs: sessionmaker[Session],
+    schema: Engine,
+) -> None:
+    """Row 1 (v1) read twice by the reader, the second time from its near cache; the
+    writer commits v2, and the reader's subscription hears it."""
+    serving(reader)
+    assert _name(mine, schema) == ("v1", 0)
+    assert _name(mine, schema) == ("v1", 0)
+    assert reader.stats().near_hits >= 1
+    with theirs() as session:
+        session.get(TlsItem, 1).name = "v2"  # type: ignore[union-attr]
+        session.commit()
+    wait_until(lambda: _name(mine, schema)[0] == "v2", "the reader hears the commit")
+
+
 def test_the_near_cache_subscribes_over_tls(tls: TlsServer, schema: Engine, prefix: str) -> None:
     """The subscription is a connection the cache opens itself, from the client's options:
     TLS too, or the reader would never hear the writer's commit (nor serve from memory)."""
@@ -141,14 +160,7 @@ def test_the_near_cache_subscribes_over_tls(tls: TlsServer, schema: Engine, pref
         with theirs() as session:
             session.add(TlsItem(id=1, name="v1"))
             session.commit()
-        serving(reader)
-        assert _name(mine, schema) == ("v1", 0)
-        assert _name(mine, schema) == ("v1", 0)
-        assert reader.stats().near_hits >= 1
-        with theirs() as session:
-            session.get(TlsItem, 1).name = "v2"  # type: ignore[union-attr]
-            session.commit()
-        wait_until(lambda: _name(mine, schema)[0] == "v2", "the reader hears the commit")
+        _reader_keeps_then_hears(reader, mine, theirs, schema)
     finally:
         reader.close()
         writer.close()
@@ -215,12 +227,6 @@ def tls_cluster(certificates: Certificates) -> Iterator[Any]:
         yield group
 
 
-def _cluster_cache(client: Any, prefix: str, **options: Any) -> WriteThroughCache:
-    cache = WriteThroughCache(client, prefix=prefix, stats_interval=None, **options)
-    cache.register(TlsItem)
-    return cache
-
-
 @pytest.mark.cluster
 @pytest.mark.parametrize("given", ["a RedisCluster client", "the rediss:// URL of one node"])
 def test_a_redis_cluster_over_tls(
@@ -242,8 +248,8 @@ def test_a_redis_cluster_over_tls(
     else:
         client = f"rediss://127.0.0.1:{node.tls_port}/0?ssl_ca_certs={certificates.ca}"
     near = NearCacheOptions(staleness=LASTING)
-    reader = _cluster_cache(client, prefix, near_cache=near)
-    writer = _cluster_cache(client, prefix)
+    reader = _cache(client, prefix, near_cache=near)
+    writer = _cache(client, prefix)
     mine, theirs = sessionmaker(schema), sessionmaker(schema)
     reader.install(mine)
     writer.install(theirs)
@@ -254,14 +260,7 @@ def test_a_redis_cluster_over_tls(
         for i in range(1, 11):  # rows on every primary
             assert _name(theirs, schema, i) == ("v1", 0)
         assert _name(mine, schema, 2) == ("v1", 0)  # a plain client: switched to the cluster
-        serving(reader)  # subscribed again, there
-        assert _name(mine, schema, 1) == ("v1", 0)
-        assert _name(mine, schema, 1) == ("v1", 0)
-        assert reader.stats().near_hits >= 1
-        with theirs() as session:
-            session.get(TlsItem, 1).name = "v2"  # type: ignore[union-attr]
-            session.commit()
-        wait_until(lambda: _name(mine, schema, 1)[0] == "v2", "the reader hears the commit")
+        _reader_keeps_then_hears(reader, mine, theirs, schema)  # subscribed again, there
         if given == "a RedisCluster client":  # (a URL's first command meets a MOVED)
             assert reader.stats().errors == 0 and writer.stats().errors == 0
     finally:
