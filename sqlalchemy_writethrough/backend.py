@@ -34,6 +34,8 @@ from .protocol import (
     Script,
     Scripts,
     current_payload,
+    locked_count,
+    newest_generation,
     payloads_after,
     split_by_hash_tag,
     value_prefix,
@@ -50,6 +52,11 @@ log = logging.getLogger("sqlalchemy_writethrough")
 
 _FAILURES = (RedisError, OSError)
 
+#: How far apart two Cluster nodes' clocks may be (microseconds): a generation made less than
+#: this before a registration on another node may have been made after it
+#: (:meth:`ScriptBackend._register_behind`)
+CLOCK_SKEW_US = 100_000
+
 
 class Registration:
     """Keyspaces recorded in the registry in the round trip of a lease's fetch or of a
@@ -59,7 +66,9 @@ class Registration:
     the two commands (a pipeline that reached Redis in two reads) then lists the keyspace,
     and a generation made before it by that fetch or lock is older than the registry and
     replaced when it is made whole. Ahead, the registration would land in the registry Redis
-    forgot, and the generation would be newer than the registry that does not list it.
+    forgot, and the generation would be newer than the registry that does not list it. On
+    a Cluster, where the two run on different nodes in either order, it runs again behind
+    them when their generation may be newer than it (:meth:`ScriptBackend._register_behind`).
     ``reply`` the script's reply, or ``error`` the error reply Redis gave instead (``reply``
     stays None when the round trip failed)."""
 
@@ -96,6 +105,16 @@ class Registration:
             self.error = reply
         else:
             self.reply, self.error = reply, None
+
+    @property
+    def ran_us(self) -> int | None:
+        """The server time (microseconds) the registration last ran at, from its reply."""
+        reply = self.reply
+        if type(reply) is int:
+            return reply
+        if type(reply) is list and len(reply) > 2:
+            return int(reply[2])
+        return None
 
 
 class PendingReply:
@@ -376,7 +395,7 @@ class ScriptBackend:
         if len(calls) == 1:
             return self._eval(script, *calls[0])
         replies = self._eval_batch([(script, k, a) for k, a in calls])
-        return sum(int(reply) for reply in replies)
+        return sum(map(locked_count, replies))
 
     def _eval_batch(
         self,
@@ -392,6 +411,7 @@ class ScriptBackend:
         raised by none)."""
         scripts = self._scripts
         led = False  # a registration ahead of the calls too, its reply dropped
+        apart = None  # on a Cluster: the registration, which ran on another node
         if register is not None:
             registering = (Script.REGISTER, register.keys, register.args)
             if not self.transport.clustered:
@@ -400,9 +420,10 @@ class ScriptBackend:
             elif register.ahead:
                 register.ahead = False
                 self._eval_batch((), register=register)  # a round trip of its own, ahead
-                register = None
+                apart, register = register, None
             else:
                 calls = [*calls, registering]
+                apart = register
         commands = [scripts.call(script, keys, args) for script, keys, args in calls]
         if version is not None:
             commands.append(("MGET", version.key))
@@ -428,10 +449,30 @@ class ScriptBackend:
             register.heard(replies.pop())
             if led:
                 replies.pop(0)  # the one behind says the same, later
+        if apart is not None and replies:
+            self._register_behind(apart, calls, replies)
         for reply in replies:
             if isinstance(reply, ResponseError):
                 raise reply
         return replies
+
+    def _register_behind(
+        self,
+        register: Registration,
+        calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+        replies: Sequence[Any],
+    ) -> None:
+        """On a Cluster the registration runs on the registry's node, the fetches and locks on
+        theirs, in no order between nodes: a registry Redis forgot and another process made
+        again between the two would not list the keyspace, while a generation the fetch or
+        lock made (or found made) after it is not replaced when that registry is made whole.
+        So when a generation they replied with is not clearly older than the registration,
+        it runs again, now behind them, before the reader reads the database or the writer
+        commits: a round trip in the rare case (a bucket's first use or new generation, up
+        to :data:`CLOCK_SKEW_US` before), none otherwise."""
+        ran = register.ran_us
+        if ran is not None and newest_generation(calls, replies) > ran - CLOCK_SKEW_US:
+            self._eval_batch((), register=register)
 
     def _pipelined(
         self,

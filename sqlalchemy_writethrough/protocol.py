@@ -160,6 +160,42 @@ class Fetch(enum.IntEnum):
     DAMAGED = 4  # miss; a damaged entry was replaced (by a lease if asked: second element gen)
 
 
+def generation_made_us(token: Any) -> int:
+    """The server time (microseconds) a generation token was made at (``'t'`` or ``'n'``,
+    seconds, ``'.'``, microseconds: ``lua/_common.lua``); 0 for anything else (a generation
+    lock, an empty reply), which counts as made long ago."""
+    if type(token) is not bytes or token[:1] not in (b"t", b"n"):
+        return 0
+    seconds, _, rest = token[1:].partition(b".")
+    micros = rest.partition(b".")[0]
+    if not (seconds.isdigit() and micros.isdigit()):
+        return 0
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+def newest_generation(calls: Sequence[tuple[Script, Any, Any]], replies: Sequence[Any]) -> int:
+    """The server time (microseconds) the newest generation that FETCH calls leasing an
+    entry, or LOCK calls, replied with was made at (0: none)."""
+    newest = 0
+    for (script, _, _), reply in zip(calls, replies, strict=False):  # a registration last
+        if type(reply) is not list or len(reply) < 2:
+            continue
+        if script is Script.LOCK:
+            made = int(reply[1])
+        elif script is Script.FETCH and reply[0] in (Fetch.LEASED, Fetch.DAMAGED):
+            made = generation_made_us(reply[1])
+        else:
+            continue
+        newest = max(newest, made)
+    return newest
+
+
+def locked_count(reply: Any) -> int:
+    """The number of keys a script call locked or changed: a LOCK reply's first element, the
+    others' whole reply."""
+    return int(reply[0]) if type(reply) is list else int(reply)
+
+
 def current_payload(value: Any, gen: Any) -> memoryview | Literal[False]:
     """The row payload of an entry when it is a VALUE of generation ``gen`` (both as MGET
     returned them); False for anything else (a lock, a lease, another generation, absent)."""

@@ -854,6 +854,112 @@ def test_a_registry_forgotten_and_made_again_inside_a_pipeline_with_a_registrati
     assert new_cache.stats().commits >= 1
 
 
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("old_knows", ["a whole registry", "nothing yet"])
+@pytest.mark.parametrize("old_does", ["a miss", "a commit"])
+def test_a_registry_forgotten_and_made_again_between_a_registration_and_its_fetch_on_a_cluster(
+    old_does: str,
+    old_knows: str,
+    cluster: Any,
+    schema: Engine,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a Cluster the registration runs on the registry's node and the lease's fetch (the
+    commit's lock) on the entry's, in no order between them. Here the registration runs
+    first; then Redis forgets the registry and another process makes it again; then the
+    fetch (lock) makes the entry's generation, evicted too, after that registry's birth:
+    making the registry whole does not replace it, and the new version's next commit must
+    still reach the old entry. (Before: the documented Cluster residual; the old version
+    served v1 (v2) after v3 was committed.)"""
+    new_cache = WriteThroughCache(_cluster_client(cluster), prefix=prefix, stats_interval=None)
+    old_cache = WriteThroughCache(
+        _cluster_client(cluster), prefix=prefix, stats_interval=None, epoch_check_interval=3600
+    )
+    try:
+        new, old = sessionmaker(schema), sessionmaker(schema)
+        new_cache.register(NewItem)
+        new_cache.install(new)
+        with new() as session:
+            session.add_all([NewItem(id=1, name="v1"), NewItem(id=99, name="x")])
+            session.commit()
+        cached(new, NewItem, 1, schema, "v1")
+        old_cache.register(OldItem)
+        old_cache.install(old)
+        if old_knows == "a whole registry":
+            cached(old, OldItem, 1, schema, "v1")
+        key, gen_key = keyspace(old_cache, OldItem).pair([1])
+        admin = _cluster_client(cluster)
+        admin.delete(key, gen_key)  # evicted: the next fetch or lock makes a generation
+        backend = old_cache._runtime.backend
+        registering = backend._scripts.sha[Script.REGISTER]
+        batch = backend.transport.batch
+        made_again: list[str | None] = []
+
+        def registration_first(commands: list[tuple[Any, ...]]) -> list[Any]:
+            if made_again or not any(gen_key in command for command in commands):
+                return batch(commands)
+            replies: list[Any] = [None] * len(commands)
+            first = [i for i, command in enumerate(commands) if command[1] == registering]
+            rest = [i for i in range(len(commands)) if i not in first]
+            for i, reply in zip(first, batch([commands[i] for i in first]), strict=True):
+                replies[i] = reply
+            _make_the_registry_again(admin, prefix, new_cache, new, schema, made_again)
+            for i, reply in zip(rest, batch([commands[i] for i in rest]), strict=True):
+                replies[i] = reply
+            return replies
+
+        monkeypatch.setattr(backend.transport, "batch", registration_first)
+        _old_then_new_version_commits(old_does, old, new, schema, made_again)
+    finally:
+        old_cache.close()
+        new_cache.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.databases("sqlite")
+def test_a_registration_runs_again_on_a_cluster_only_behind_a_new_generation(
+    cluster: Any, schema: Engine, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the test above costs: a miss whose bucket's generation was made well before its
+    registration sends the registration once, with the fetch; the miss that makes its
+    bucket's generation sends it again, behind the fetch, before reading the database."""
+    cache = WriteThroughCache(_cluster_client(cluster), prefix=prefix, stats_interval=None)
+    try:
+        factory = sessionmaker(schema)
+        cache.register(NewItem)
+        cache.install(factory)
+        space = keyspace(cache, NewItem)
+        gen_key = space.pair([1])[1]
+        other = next(pk for pk in range(2, 10_000) if space.pair([pk])[1] == gen_key)
+        with factory() as session:
+            session.add_all([NewItem(id=1, name="a"), NewItem(id=other, name="b")])
+            session.commit()
+        cached(factory, NewItem, 1, schema, "a")  # the registry known to this process
+        backend = cache._runtime.backend
+        registering = backend._scripts.sha[Script.REGISTER]
+        batch = backend.transport.batch
+        sent: list[int] = []
+
+        def counted(commands: list[tuple[Any, ...]]) -> list[Any]:
+            sent.append(sum(command[1] == registering for command in commands))
+            return batch(commands)
+
+        monkeypatch.setattr(backend.transport, "batch", counted)
+        admin = _cluster_client(cluster)
+        admin.delete(*space.pair([1]))  # the bucket's generation too: the fetch makes one
+        assert name_of(factory, NewItem, 1, schema) == ("a", 1)
+        assert sum(sent) == 2
+        time.sleep(0.2)  # the generation is now older than the next registration
+        sent.clear()
+        admin.delete(space.pair([other])[0])
+        assert name_of(factory, NewItem, other, schema) == ("b", 1)
+        assert sum(sent) == 1
+    finally:
+        cache.close()
+
+
 @pytest.mark.databases("sqlite")
 @pytest.mark.parametrize("old_does", ["a miss", "a commit"])
 def test_a_registry_forgotten_and_made_again_while_a_script_is_loaded(

@@ -7,7 +7,9 @@
 -- unwritten, so its publish takes them from memory): a new lock is contended (the publish leaves
 -- a miss) unless it replaces a current VALUE holding exactly that payload; any other entry (none,
 -- another generation, a lease, a mismatch) means a commit may have changed those columns since.
--- returns the number of keys locked
+-- returns {the number of keys locked, the server time (microseconds) the newest of their
+--   generations was made at (0: none of a known form)}: on a Cluster, a generation made after
+--   the registration that went with the lock (backend.py, Registration)
 local owner, ttl = ARGV[1], ARGV[2]
 local expecting = #ARGV > 3
 local now = nil
@@ -46,4 +48,9 @@ for i = 1, #KEYS, 2 do
   redis.call('SET', k, 'L' .. cmsgpack.pack(lock), 'PX', ttl)
 end
 notify('k', 1, 2)
-return #KEYS / 2
+local newest = 0
+for _, g in pairs(gens_seen) do
+  local made = g and token_us(g)
+  if made and made > newest then newest = made end
+end
+return {#KEYS / 2, newest}

@@ -15,10 +15,14 @@
 -- KEYS[1] the registry hash, KEYS[2] its version key, KEYS[3] its pruning key (same hash slot)
 -- ARGV[1] the caller's process token, ARGV[2] the version the caller knows ('' none),
 -- ARGV[3] how long (ms) from now an entry of these keyspaces may exist, ARGV[4..] the fields
--- returns 0 when the version is still ARGV[2], else {the version, the registry's fields}: the
---   caller's new list of them, for free
+-- returns the server time (microseconds) it ran at when the version is still ARGV[2], else
+--   {the version, the registry's fields, that time}: the caller's new list of them, for free.
+--   The time: on a Cluster the registration runs on another node than the fetch or lock it
+--   goes with, and a generation made after it may have been made after a registry Redis
+--   made again meanwhile (backend.py, Registration)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ran_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local need = tonumber(ARGV[3]) or 0
 -- renewed a minute (or the lifetime itself, if shorter) ahead of need: one HSET a minute at
 -- most per keyspace, whatever the traffic
@@ -57,7 +61,7 @@ if new then
   local fields = redis.call('HKEYS', KEYS[1])
   version = new_token(ARGV[1] .. '.' .. #fields)
   redis.call('SET', KEYS[2], version)
-  return {version, fields}
+  return {version, fields, ran_us}
 end
-if version == ARGV[2] then return 0 end
-return {version, redis.call('HKEYS', KEYS[1])}
+if version == ARGV[2] then return ran_us end
+return {version, redis.call('HKEYS', KEYS[1]), ran_us}
