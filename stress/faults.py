@@ -28,7 +28,8 @@ Every Redis fault includes "Redis forgets": besides a restart with every key los
                     it whole again).
 
 Two faults run on a Redis topology of their own instead of the one throwaway server (so they
-combine with the worker-side faults, not with the server faults above):
+combine with the worker-side faults and ``evict-registry``, which deletes the registry on the
+primary that holds it, not with the other server faults above):
 
 ``sentinel-failover``  a primary, a replica and three sentinels (:mod:`stress.sentinel`); the
                        workers use ``Sentinel.master_for()``; ``SENTINEL FAILOVER`` every 5 to 9
@@ -51,6 +52,7 @@ from collections import Counter
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from .cluster import ClusterGroup
 from .eviction import POLICIES, LockDropper, Squeezer
@@ -80,6 +82,8 @@ TOPOLOGY_FAULTS = ("sentinel-failover", "cluster-failover")
 WORKER_FAULTS = frozenset({"sigkill", "db-errors"})
 #: faults that act on the single throwaway server (they do not combine with TOPOLOGY_FAULTS)
 SERVER_FAULTS = frozenset((*ALL_FAULTS, *OPT_IN_FAULTS)) - WORKER_FAULTS
+#: server faults that also run on a topology's primaries (the registry's node of a Cluster)
+TOPOLOGY_COMPANIONS = frozenset({"evict-registry"})
 #: a failover window ends this long after the promotion: the workers' epoch_check_interval
 #: (1 s, the default) and the sentinels' own lag
 WINDOW_AFTER_PROMOTION_NS = 1_250_000_000
@@ -92,10 +96,10 @@ def topology_of(faults: frozenset[str]) -> str:
     chosen = [f for f in TOPOLOGY_FAULTS if f in faults]
     if not chosen:
         return "server"
-    if len(chosen) > 1 or faults & SERVER_FAULTS:
+    if len(chosen) > 1 or faults & (SERVER_FAULTS - TOPOLOGY_COMPANIONS):
         raise ValueError(
             f"{', '.join(chosen)} run on a Redis topology of their own: combine "
-            "them only with sigkill and db-errors"
+            "them only with sigkill, db-errors and evict-registry"
         )
     return chosen[0].split("-", 1)[0]
 
@@ -218,7 +222,9 @@ class FaultSchedule:
     def evict_registry(self) -> None:
         """Delete the keyspace registry alone, as an eviction of it would (counted when it was
         there: a registry just deleted may not be made again yet)."""
-        client = self.server.admin(0.5)
+        client = self._registry_node()
+        if client is None:
+            return
         try:
             if client.delete(self.registry):
                 self.counts["registry evicted (deleted)"] += 1
@@ -226,6 +232,23 @@ class FaultSchedule:
             pass
         finally:
             client.close()
+
+    def _registry_node(self) -> redis.Redis | None:
+        """A direct client to the primary holding the registry (None: none answers now)."""
+        if self.cluster is not None:
+            try:
+                port = self.cluster.owner(key_slot(self.registry.encode()))
+            except (LookupError, RuntimeError, redis.RedisError):
+                return None
+            return self.cluster.node(port).admin(0.5)
+        if self.sentinel is not None:
+            primary = self.sentinel.primary_port()
+            if primary is None:
+                return None
+            return redis.Redis(
+                host="127.0.0.1", port=primary, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+        return self.server.admin(0.5)
 
     def sentinel_failover(self) -> None:
         """``SENTINEL FAILOVER`` (refused while a failover is in progress: counted apart)."""
