@@ -5,7 +5,7 @@ KEYS, ARGV and reply). The scripts take (entity key, generation key) pairs that 
 so they run unchanged on Redis Cluster, one call per slot (:func:`split_by_hash_tag`). Nothing
 here does I/O: :mod:`.backend` runs these texts over a transport (sync, asyncio or Cluster).
 
-Entry states (see DESIGN.md):
+Entry states (docs/consistency.md, "How: locks, leases and a guarded publish"):
 
 =========  ==================================  =============================================
 state      written by                          a reader sees

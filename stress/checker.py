@@ -7,7 +7,7 @@ It fails a run on:
                  read began. A read "begins" at its start, except a database read under
                  REPEATABLE READ / SERIALIZABLE, which begins when its transaction's database
                  connection began (before its first statement: the snapshot cannot be older).
-                 DESIGN.md allows a cache read to be newer than the transaction's snapshot, never
+                 docs/consistency.md allows a cache read to be newer than the transaction's snapshot, never
                  older than its own start, so cache reads are always checked against their start.
 ``uncommitted``  a read returned a value that no commit wrote (rolled back, lost with a killed
                  worker, never written), or saw it before that commit had even begun. Commits
@@ -44,7 +44,7 @@ never needed); ``final_cache`` then also holds the second version's entries, nam
 
 A stale read is reported apart, as ``gap`` and not as a failure, when a newer commit of that row
 could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
-gap DESIGN.md documents for a writer that cannot reach Redis while readers can.
+gap docs/consistency.md documents for a writer that cannot reach Redis while readers can.
 
 A batch read (an ``IN`` list, ``batch`` the number of ids asked for) is one read event per id,
 each checked by the same rules: an id missing from the result is a read of "no such row", stale

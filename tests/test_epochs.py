@@ -1,5 +1,5 @@
 """A Redis that forgets: no entry older than a completed commit is served after Redis goes back
-in time (DESIGN.md invariant 9, docs/consistency.md "Epochs").
+in time (guarantee 8 of docs/consistency.md, and its "Epochs").
 
 Each test runs real throwaway ``redis-server`` processes on loopback ports:
 

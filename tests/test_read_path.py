@@ -10,8 +10,8 @@ Checked against real Redis on SQLite, PostgreSQL and MariaDB:
   non-key filters. Those tests first make the cache hold an older row than the database (an
   UPDATE outside any session), so a result served from Redis would be visible;
 * the identity map wins over the cache (unflushed edits are never overwritten);
-* a miss loads from the database and fills the entry, only from a fresh read (DESIGN.md
-  "Fill only from a fresh read");
+* a miss loads from the database and fills the entry, only from a fresh read (docs/consistency.md,
+  "How: locks, leases and a guarded publish");
 * instances built from the cache are ordinary persistent ORM objects;
 * excluded and deferred columns never come from Redis;
 * bad cache contents are a miss, a warning and a metric, never an exception (invariant 8).

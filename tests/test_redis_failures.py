@@ -10,7 +10,7 @@ Every failure here is real and on loopback only:
   "black hole" mode (accepts, never forwards) and back, so the entries Redis held survive the
   outage, which is what could make a cache serve stale rows afterwards.
 
-DESIGN.md, "Failure policy" and invariant 5: reads fail open, commits never fail because of
+docs/failures.md and guarantee 5 of docs/consistency.md: reads fail open, commits never fail because of
 Redis in the default ``degrade`` mode (the keys they could not lock are journaled and invalidated
 before this process reads Redis again), ``strict`` mode refuses the flush instead, timeouts are
 short and a circuit breaker keeps an outage from costing one timeout per operation.

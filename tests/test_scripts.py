@@ -1,4 +1,5 @@
-"""The Lua state machine on a real Redis: every transition of DESIGN.md's entry states.
+"""The Lua state machine on a real Redis: every transition of the entry states
+(docs/consistency.md, "How: locks, leases and a guarded publish").
 
 These run the scripts through the same backend the cache uses, one transition per test, and
 assert what the key holds afterwards. They are the ground truth the ORM-level tests build on:

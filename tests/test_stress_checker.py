@@ -177,7 +177,7 @@ def test_deleted_rows() -> None:
 def test_repeatable_read_database_reads_begin_at_their_snapshot() -> None:
     """A database read in a REPEATABLE READ transaction that began before a commit may return
     the older value; a cache read in the same transaction may not (cache reads are as fresh
-    as their start, DESIGN.md's documented exception to snapshot isolation)."""
+    as their start: docs/consistency.md, "What is not guaranteed")."""
     rr = "REPEATABLE READ"
     events = [
         *history(),
@@ -192,7 +192,7 @@ def test_repeatable_read_database_reads_begin_at_their_snapshot() -> None:
 
 def test_stale_reads_behind_a_writer_that_could_not_lock_are_the_documented_gap() -> None:
     """In degrade mode a writer whose locks failed commits anyway: readers elsewhere may see the
-    old value. That is reported apart (DESIGN.md's documented gap), not as a violation."""
+    old value. That is reported apart (the gap docs/consistency.md, "What is not guaranteed", documents), not as a violation."""
     events = [
         *commit("seed", 1, v(1), 0, 1),
         *commit("w:1", 1, v(2), 10, 20, lf=1),

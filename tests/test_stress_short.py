@@ -8,7 +8,7 @@ snapshot, flushed, replaced by another server holding an older copy), its connec
 killed, the proxy delays, stalls and drops traffic, workers SIGKILL themselves between flush and
 COMMIT and between COMMIT and publish, and two-row transactions deadlock. The checker must then
 find no stale read, no read of an uncommitted value and, at quiescence, no cached entry that
-differs from its row (invariants 1, 2, 3 and 5 of DESIGN.md).
+differs from its row (guarantees 1, 2, 3 and 5 of docs/consistency.md).
 
 With ``tenants=3`` (one schema per tenant, reached through ``schema_translate_map`` in the
 ways users choose it), the same on PostgreSQL adds zero cross-tenant reads; with the sabotage

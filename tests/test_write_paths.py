@@ -1308,7 +1308,7 @@ def test_procedure_changing_a_cached_row_is_not_served_stale_after_commit(
 ) -> None:
     """A procedure (``text("CALL ...")``) that changes a cached row, committed through the
     session: right after the commit a new session's get must return the database row
-    (invariant 2; DESIGN.md names whole-model invalidation as the fallback for raw SQL)."""
+    (guarantee 2; docs/write-paths.md: whole-model invalidation is the fallback for raw SQL)."""
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite has no stored procedures (no CALL)")
     _create_procedure(engine)
