@@ -1067,7 +1067,8 @@ def async_cluster_like(client: Any) -> Any:
 # client's connections are built with (``connection_pool.connection_kwargs``; a cluster's
 # ``nodes_manager.connection_kwargs``; an asyncio Sentinel pool's ``sentinel_manager`` with its
 # ``sentinels``, ``sentinel_kwargs``, ``min_other_sentinels``, ``connection_kwargs`` and the
-# pool's ``service_name``). Only plain options are carried over: the asyncio ones (``retry``,
+# pool's ``service_name``; the sentinels' TLS options too, found by tests/test_tls.py: the twin
+# asked TLS sentinels in plain TCP). Only plain options are carried over: the asyncio ones (``retry``,
 # the maintenance-notification handlers, the connection class) have no sync meaning, and
 # ``decode_responses`` is left out (the subscriber reads bytes). Checked against 5.0 and 8.1.
 
@@ -1122,12 +1123,22 @@ def sync_twin(client: Any) -> redis.Redis:
             )
             for s in manager.sentinels
         ]
+        # the sentinels' own options: over TLS too when they are (``ssl=True`` there, or an
+        # SSL connection class), whatever the primary's connections are
+        asked = manager.sentinel_kwargs or {}
+        asked_class = asked.get("connection_class")
+        sentinels_ssl = bool(asked.get("ssl")) or (
+            isinstance(asked_class, type) and issubclass(asked_class, AsyncSSLConnection)
+        )
+        sentinel_options = sync_options(asked, ssl=sentinels_ssl)
+        if sentinels_ssl:
+            sentinel_options["ssl"] = True
         # typed by redis-py 8.2 and later, not before: called through Any on every version
         make_sentinel: Any = Sentinel
         sentinel = make_sentinel(
             addresses,
             min_other_sentinels=manager.min_other_sentinels,
-            sentinel_kwargs=sync_options(manager.sentinel_kwargs or {}),
+            sentinel_kwargs=sentinel_options,
             **sync_options(manager.connection_kwargs, ssl=ssl),
         )
         options = sync_options(pool.connection_kwargs, ssl=ssl)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -38,16 +39,29 @@ def _admin(port: int, timeout: float = 0.5) -> redis.Redis:
 class SentinelProcess:
     """``redis-server sentinel.conf --sentinel`` monitoring ``service`` at ``primary_port``."""
 
-    def __init__(self, directory: Path, primary_port: int, quorum: int) -> None:
+    def __init__(
+        self, directory: Path, primary_port: int, quorum: int, tls_args: Sequence[str] = ()
+    ) -> None:
+        """``tls_args``: the TLS options of :class:`SentinelGroup` (then ``tls_port`` is the
+        port clients use, and the sentinel reaches the servers and the other sentinels over
+        TLS)."""
         self.port = free_port()
+        self.tls_port = free_port() if tls_args else None
         self._dir = directory / f"sentinel-{self.port}"
         self._dir.mkdir()
         self.config = self._dir / "sentinel.conf"  # Sentinel rewrites it: it must be its own
+        tls = "".join(
+            f"{name.lstrip('-')} {value}\n"
+            for name, value in zip(*[iter(tls_args)] * 2, strict=True)
+        )
+        if self.tls_port is not None:
+            tls += f"tls-port {self.tls_port}\ntls-replication yes\n"
         self.config.write_text(
             f"port {self.port}\n"
             "bind 127.0.0.1\n"
             f'dir "{self._dir}"\n'
             "loglevel warning\n"
+            f"{tls}"
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} {quorum}\n"
             f"sentinel down-after-milliseconds {SERVICE} 1000\n"
             f"sentinel failover-timeout {SERVICE} 3000\n"
@@ -85,22 +99,47 @@ class SentinelGroup:
     sentinel; ``close()`` stops everything within a few seconds, whatever state it is in.
     """
 
-    def __init__(self, replicas: int = 1, sentinels: int = 3) -> None:
+    def __init__(self, replicas: int = 1, sentinels: int = 3, tls_args: Sequence[str] = ()) -> None:
+        """``tls_args``: ``redis-server`` options naming a TLS certificate, key and CA
+        (``--tls-cert-file ...``): every server and sentinel then also listens on a TLS port,
+        replicates and is watched over it, and the sentinels name those ports (the plain
+        ports stay, for the group's own admin connections)."""
         binary = server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.binary = binary
         self._dir = Path(tempfile.mkdtemp(prefix="stress-sentinel-"))
-        self.servers = [RedisServer() for _ in range(1 + replicas)]
+        #: a server's plain port by the port the sentinels name it by (its TLS port)
+        self._plain: dict[int, int] = {}
+        self.servers: list[RedisServer] = []
+        for _ in range(1 + replicas):
+            if tls_args:
+                tls_port = free_port()
+                server = RedisServer(
+                    extra_args=["--tls-port", str(tls_port), "--tls-replication", "yes", *tls_args]
+                )
+                self._plain[tls_port] = server.port
+            else:
+                server = RedisServer()
+            self.servers.append(server)
         self.sentinels = [
-            SentinelProcess(self._dir, self.servers[0].port, sentinels // 2 + 1)
+            SentinelProcess(
+                self._dir, self.named_port(self.servers[0]), sentinels // 2 + 1, tls_args
+            )
             for _ in range(sentinels)
         ]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        """The sentinels' addresses, for ``redis.sentinel.Sentinel(...)``."""
-        return [("127.0.0.1", s.port) for s in self.sentinels]
+        """The sentinels' addresses, for ``redis.sentinel.Sentinel(...)`` (their TLS ports,
+        in a TLS group)."""
+        return [("127.0.0.1", s.tls_port or s.port) for s in self.sentinels]
+
+    def named_port(self, server: RedisServer) -> int:
+        """The port the sentinels name ``server`` by."""
+        return next(
+            (tls for tls, plain in self._plain.items() if plain == server.port), server.port
+        )
 
     def start(self, timeout: float = 20.0) -> None:
         for server in self.servers:
@@ -111,7 +150,7 @@ class SentinelGroup:
         primary = self.servers[0]
         for replica in self.servers[1:]:
             with replica.admin() as client:
-                client.replicaof("127.0.0.1", primary.port)
+                client.replicaof("127.0.0.1", self.named_port(primary))
         wait_for(lambda: self.replicas_of(primary.port) == len(self.servers) - 1, timeout, "sync")
         for sentinel in self.sentinels:
             sentinel.start(self.binary)
@@ -149,14 +188,14 @@ class SentinelGroup:
     def role(self, port: int) -> str:
         """``master`` or ``slave`` (INFO replication), ``down`` when it does not answer."""
         try:
-            with _admin(port) as client:
+            with _admin(self._plain.get(port, port)) as client:
                 return str(client.info("replication")["role"])
         except redis.RedisError:
             return "down"
 
     def replicas_of(self, port: int) -> int:
         """How many replicas are in sync with the server at ``port``."""
-        with _admin(port) as client:
+        with _admin(self._plain.get(port, port)) as client:
             info = client.info("replication")
         return sum(
             1 for k, v in info.items() if k.startswith("slave") and v.get("state") == "online"
@@ -168,6 +207,8 @@ class SentinelGroup:
             client.execute_command("SENTINEL", "FAILOVER", SERVICE)
 
     def server(self, port: int) -> RedisServer:
+        """The server at ``port`` (its plain port, or the port the sentinels name)."""
+        port = self._plain.get(port, port)
         return next(s for s in self.servers if s.port == port)
 
     def pause(self, port: int) -> None:

@@ -6,13 +6,16 @@ the test's own with a TLS port and a throwaway CA (``_tls.py``).
 * the near cache's subscription, a connection the cache opens itself, is TLS too;
 * client certificates (``tls-auth-clients yes``);
 * a certificate the client does not trust: reads go to the database, nothing raises, and
-  the reason is logged.
+  the reason is logged;
+* a Cluster, and a Sentinel group, whose servers replicate (and sentinels watch them) over
+  TLS: sync across a failover, asyncio with the near cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import pytest
 from _flavours import async_url
 from _tls import Certificates, TlsServer, make_certificates, tls_server, tls_server_args
+from redis.sentinel import SentinelManagedSSLConnection
 from sqlalchemy import String
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -266,6 +270,131 @@ def test_a_redis_cluster_over_tls(
     finally:
         reader.close()
         writer.close()
+
+
+@pytest.fixture
+def tls_sentinel_group(certificates: Certificates) -> Iterator[Any]:
+    """A Sentinel group (:mod:`stress.sentinel`) whose servers and sentinels also listen on
+    TLS ports, replicate and watch each other over them, and name those ports."""
+    from stress.sentinel import SentinelGroup
+
+    from _sentinel import require_redis_server
+
+    require_redis_server()
+    group = SentinelGroup(tls_args=tls_server_args(certificates))
+    try:
+        group.start()
+    except RuntimeError:
+        group.close()
+        pytest.skip(f"{group.binary} does not run Sentinel over TLS (built without TLS?)")
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+def _tls_master_for(group: Any, certificates: Certificates, asyncio_client: bool = False) -> Any:
+    """``Sentinel(...).master_for(...)`` over TLS, to the sentinels and to the primary, as
+    docs/running-redis.md configures it (timeouts, one retry)."""
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from stress.sentinel import SERVICE
+
+    if asyncio_client:
+        from redis.asyncio.retry import Retry
+        from redis.asyncio.sentinel import Sentinel
+    else:
+        from redis.retry import Retry  # type: ignore[assignment]
+        from redis.sentinel import Sentinel  # type: ignore[assignment]
+    tls = {"ssl": True, "ssl_ca_certs": str(certificates.ca)}
+    timeouts = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+    sentinel = Sentinel(group.addresses, sentinel_kwargs={**tls, **timeouts}, **timeouts)
+    return sentinel.master_for(
+        SERVICE,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError],
+        **tls,
+        **timeouts,
+    )
+
+
+def test_a_sentinel_group_over_tls(
+    tls_sentinel_group: Any, certificates: Certificates, schema: Engine, prefix: str
+) -> None:
+    """Sentinel over TLS (the sentinels asked over TLS, the primary reached over TLS): reads
+    and commits, then a ``SENTINEL FAILOVER``: a process whose connections stay on the old
+    primary (not demoted yet, about 10 s) moves to the new one within its epoch check
+    interval, as over plain TCP, and reads what another process committed there."""
+    group = tls_sentinel_group
+    old = group.primary_port()
+    assert old is not None
+    first = _cache(_tls_master_for(group, certificates), prefix, epoch_check_interval=0.2)
+    mine = sessionmaker(schema)
+    first.install(mine)
+    try:
+        with mine() as session:
+            session.add(TlsItem(id=1, name="v1"))
+            session.commit()
+        assert _name(mine, schema) == ("v1", 0)
+
+        group.failover()
+        wait_until(lambda: group.primary_port() not in (None, old), "the promotion")
+        new = group.primary_port()
+        second = _cache(_tls_master_for(group, certificates), prefix)
+        theirs = sessionmaker(schema)
+        second.install(theirs)
+        try:
+            with theirs() as session:
+                session.get(TlsItem, 1).name = "v2"  # type: ignore[union-attr]
+                session.commit()  # on the new primary
+            assert group.role(old) == "master"  # not demoted yet: still holds v1
+            time.sleep(0.3)  # past the first process's check interval
+            assert _name(mine, schema)[0] == "v2"
+            assert first.stats().epochs == 1
+            pool = first.redis.connection_pool
+            conns = pool._available_connections  # type: ignore[attr-defined]
+            assert {c.port for c in conns if c._sock} == {new}
+            assert all(isinstance(c, SentinelManagedSSLConnection) for c in conns)  # TLS
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_an_asyncio_sentinel_client_over_tls(
+    tls_sentinel_group: Any, certificates: Certificates, db_url: str, schema: Engine, prefix: str
+) -> None:
+    """``redis.asyncio``'s Sentinel client over TLS: reads and commits through the cache,
+    the near cache's subscriber (a thread with a sync twin of that client) too."""
+
+    async def run() -> None:
+        client = _tls_master_for(tls_sentinel_group, certificates, asyncio_client=True)
+        cache = _cache(client, prefix, near_cache=NearCacheOptions(staleness=LASTING))
+        engine = create_async_engine(async_url(db_url))
+        factory = async_sessionmaker(engine, expire_on_commit=False)
+        cache.install(factory)
+        try:
+            async with factory() as session:
+                session.add(TlsItem(id=1, name="v1"))
+                await session.commit()
+            serving(cache)
+            with capture_sql(engine.sync_engine) as sql:
+                for _ in range(2):
+                    async with factory() as session:
+                        row = await session.get(TlsItem, 1)
+                        assert row is not None and row.name == "v1"
+            assert sql == []
+            stats = cache.stats()
+            assert stats.errors == 0 and stats.near_hits >= 1
+        finally:
+            await cache.aclose()
+            await client.aclose()  # the application's client, and its sentinels
+            for sentinel in client.connection_pool.sentinel_manager.sentinels:
+                await sentinel.aclose()
+            await engine.dispose()
+
+    asyncio.run(run())
 
 
 def test_aclose_closes_the_tls_connections_of_a_closed_loop(
