@@ -109,29 +109,32 @@ def test_asyncio_over_tls(tls: TlsServer, db_url: str, schema: Engine, prefix: s
     """``redis.asyncio`` over TLS; the near cache's subscriber, a thread with a sync twin of
     that client, over TLS too."""
 
-    async def run() -> None:
-        cache = _cache(tls.url, prefix, near_cache=NearCacheOptions(staleness=LASTING))
-        engine = create_async_engine(async_url(db_url))
-        factory = async_sessionmaker(engine, expire_on_commit=False)
-        cache.install(factory)
-        try:
-            async with factory() as session:
-                session.add(TlsItem(id=1, name="v1"))
-                await session.commit()
-            serving(cache)
-            with capture_sql(engine.sync_engine) as sql:
-                for _ in range(2):
-                    async with factory() as session:
-                        row = await session.get(TlsItem, 1)
-                        assert row is not None and row.name == "v1"
-            assert sql == []
-            stats = cache.stats()
-            assert stats.errors == 0 and stats.near_hits >= 1
-        finally:
-            await cache.aclose()
-            await engine.dispose()
+    asyncio.run(_asyncio_near_hits(tls.url, db_url, prefix))
 
-    asyncio.run(run())
+
+async def _asyncio_near_hits(client: Any, db_url: str, prefix: str) -> None:
+    """An asyncio process with the near cache on ``client``: a commit, then two gets with no
+    SQL, at least one a near hit (its subscription up), and no error."""
+    cache = _cache(client, prefix, near_cache=NearCacheOptions(staleness=LASTING))
+    engine = create_async_engine(async_url(db_url))
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    cache.install(factory)
+    try:
+        async with factory() as session:
+            session.add(TlsItem(id=1, name="v1"))
+            await session.commit()
+        serving(cache)
+        with capture_sql(engine.sync_engine) as sql:
+            for _ in range(2):
+                async with factory() as session:
+                    row = await session.get(TlsItem, 1)
+                    assert row is not None and row.name == "v1"
+        assert sql == []
+        stats = cache.stats()
+        assert stats.errors == 0 and stats.near_hits >= 1
+    finally:
+        await cache.aclose()
+        await engine.dispose()
 
 
 def _reader_keeps_then_hears(
@@ -370,29 +373,12 @@ def test_an_asyncio_sentinel_client_over_tls(
 
     async def run() -> None:
         client = _tls_master_for(tls_sentinel_group, certificates, asyncio_client=True)
-        cache = _cache(client, prefix, near_cache=NearCacheOptions(staleness=LASTING))
-        engine = create_async_engine(async_url(db_url))
-        factory = async_sessionmaker(engine, expire_on_commit=False)
-        cache.install(factory)
         try:
-            async with factory() as session:
-                session.add(TlsItem(id=1, name="v1"))
-                await session.commit()
-            serving(cache)
-            with capture_sql(engine.sync_engine) as sql:
-                for _ in range(2):
-                    async with factory() as session:
-                        row = await session.get(TlsItem, 1)
-                        assert row is not None and row.name == "v1"
-            assert sql == []
-            stats = cache.stats()
-            assert stats.errors == 0 and stats.near_hits >= 1
+            await _asyncio_near_hits(client, db_url, prefix)
         finally:
-            await cache.aclose()
             await client.aclose()  # the application's client, and its sentinels
             for sentinel in client.connection_pool.sentinel_manager.sentinels:
                 await sentinel.aclose()
-            await engine.dispose()
 
     asyncio.run(run())
 
