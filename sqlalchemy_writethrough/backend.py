@@ -34,8 +34,8 @@ from .protocol import (
     Script,
     Scripts,
     current_payload,
+    generations_made,
     locked_count,
-    newest_generation,
     payloads_after,
     split_by_hash_tag,
     value_prefix,
@@ -102,7 +102,10 @@ class Registration:
 
     def heard(self, reply: Any) -> None:
         if isinstance(reply, BaseException):
-            self.error = reply
+            # a reply heard before (one that ran ahead) says nothing of this one: a refused
+            # registration behind the calls is a refusal (review finding: CLUSTERDOWN there
+            # let the fill through on the reply ahead)
+            self.reply, self.error = None, reply
         else:
             self.reply, self.error = reply, None
 
@@ -306,6 +309,10 @@ class ScriptBackend:
         self._holding: HoldingTransport | None = (
             cast("HoldingTransport", transport) if getattr(transport, "holds", False) else None
         )
+        #: on a Cluster, the generations (made-at times) a registration of these keyspaces
+        #: ran behind: made before it, so older than any registry made since
+        #: (:meth:`_register_behind`); bounded, forgotten as a whole when full
+        self._behind: dict[tuple[str, ...], set[int]] = {}
 
     @property
     def near_channel(self) -> str:
@@ -469,10 +476,22 @@ class ScriptBackend:
         So when a generation they replied with is not clearly older than the registration,
         it runs again, now behind them, before the reader reads the database or the writer
         commits: a round trip in the rare case (a bucket's first use or new generation, up
-        to :data:`CLOCK_SKEW_US` before), none otherwise."""
+        to :data:`CLOCK_SKEW_US` before), once per generation and keyspaces, none
+        otherwise."""
         ran = register.ran_us
-        if ran is not None and newest_generation(calls, replies) > ran - CLOCK_SKEW_US:
-            self._eval_batch((), register=register)
+        if ran is None:
+            return  # failed or refused: registered() says so
+        young = {made for made in generations_made(calls, replies) if made > ran - CLOCK_SKEW_US}
+        behind = self._behind.get(register.fields)
+        if not young or (behind is not None and young <= behind):
+            return
+        self._eval_batch((), register=register)
+        if register.ran_us is not None:
+            if behind is None or len(behind) > 4096:
+                if len(self._behind) > 64:
+                    self._behind.clear()
+                behind = self._behind[register.fields] = set()
+            behind |= young
 
     def _pipelined(
         self,

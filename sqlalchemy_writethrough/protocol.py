@@ -173,21 +173,18 @@ def generation_made_us(token: Any) -> int:
     return int(seconds) * 1_000_000 + int(micros)
 
 
-def newest_generation(calls: Sequence[tuple[Script, Any, Any]], replies: Sequence[Any]) -> int:
-    """The server time (microseconds) the newest generation that FETCH calls leasing an
-    entry, or LOCK calls, replied with was made at (0: none)."""
-    newest = 0
+def generations_made(calls: Sequence[tuple[Script, Any, Any]], replies: Sequence[Any]) -> list[int]:
+    """The server times (microseconds) the generations that FETCH calls leasing an entry,
+    and LOCK calls (their newest), replied with were made at (0: of no known form)."""
+    made = []
     for (script, _, _), reply in zip(calls, replies, strict=False):  # a registration last
         if type(reply) is not list or len(reply) < 2:
             continue
         if script is Script.LOCK:
-            made = int(reply[1])
+            made.append(int(reply[1]))
         elif script is Script.FETCH and reply[0] in (Fetch.LEASED, Fetch.DAMAGED):
-            made = generation_made_us(reply[1])
-        else:
-            continue
-        newest = max(newest, made)
-    return newest
+            made.append(generation_made_us(reply[1]))
+    return made
 
 
 def locked_count(reply: Any) -> int:
