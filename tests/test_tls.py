@@ -383,6 +383,31 @@ def test_an_asyncio_sentinel_client_over_tls(
     asyncio.run(run())
 
 
+@pytest.mark.cluster
+def test_an_asyncio_redis_cluster_over_tls(
+    tls_cluster: Any, certificates: Certificates, db_url: str, schema: Engine, prefix: str
+) -> None:
+    """``redis.asyncio``'s ``RedisCluster`` over TLS: reads and commits through the cache,
+    and the near cache's subscriber (a thread with a sync twin of the cluster's node
+    options) over TLS too."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    async def run() -> None:
+        node = tls_cluster.nodes[0]
+        client = RedisCluster(
+            startup_nodes=[ClusterNode("127.0.0.1", node.tls_port)],
+            ssl=True,
+            ssl_ca_certs=str(certificates.ca),
+            socket_timeout=1.0,
+        )
+        try:
+            await _asyncio_near_hits(client, db_url, prefix)
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
 def test_aclose_closes_the_tls_connections_of_a_closed_loop(
     tls: TlsServer, engine: Engine, db_url: str, prefix: str
 ) -> None:
