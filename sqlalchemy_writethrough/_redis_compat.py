@@ -1103,6 +1103,24 @@ def sync_options(kwargs: dict[str, Any], *, ssl: bool = False) -> dict[str, Any]
     }
 
 
+def sync_options_of(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`sync_options` of connection options that say themselves whether they are TLS
+    (``ssl=True``, or an SSL connection class, sync or asyncio): then with ``ssl=True`` and
+    the ``ssl_*`` ones."""
+    from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+    from redis.connection import SSLConnection
+
+    connection_class = kwargs.get("connection_class")
+    ssl = bool(kwargs.get("ssl")) or (
+        isinstance(connection_class, type)
+        and issubclass(connection_class, (SSLConnection, AsyncSSLConnection))
+    )
+    options = sync_options(kwargs, ssl=ssl)
+    if ssl:
+        options["ssl"] = True
+    return options
+
+
 def sync_twin(client: Any) -> redis.Redis:
     """A synchronous ``redis.Redis`` reaching the server a ``redis.asyncio.Redis`` reaches,
     with its options: a Sentinel one follows the same service through the same sentinels."""
@@ -1123,22 +1141,13 @@ def sync_twin(client: Any) -> redis.Redis:
             )
             for s in manager.sentinels
         ]
-        # the sentinels' own options: over TLS too when they are (``ssl=True`` there, or an
-        # SSL connection class), whatever the primary's connections are
-        asked = manager.sentinel_kwargs or {}
-        asked_class = asked.get("connection_class")
-        sentinels_ssl = bool(asked.get("ssl")) or (
-            isinstance(asked_class, type) and issubclass(asked_class, AsyncSSLConnection)
-        )
-        sentinel_options = sync_options(asked, ssl=sentinels_ssl)
-        if sentinels_ssl:
-            sentinel_options["ssl"] = True
         # typed by redis-py 8.2 and later, not before: called through Any on every version
         make_sentinel: Any = Sentinel
         sentinel = make_sentinel(
             addresses,
             min_other_sentinels=manager.min_other_sentinels,
-            sentinel_kwargs=sentinel_options,
+            # the sentinels' own: over TLS when they are, whatever the primary's connections
+            sentinel_kwargs=sync_options_of(manager.sentinel_kwargs or {}),
             **sync_options(manager.connection_kwargs, ssl=ssl),
         )
         options = sync_options(pool.connection_kwargs, ssl=ssl)
@@ -1169,19 +1178,8 @@ def cluster_addresses(client: Any) -> list[tuple[str, int]]:
 def cluster_node_options(client: Any) -> dict[str, Any]:
     """What a plain ``redis.Redis`` at one of the cluster's nodes is built with: the nodes'
     timeouts, credentials and TLS options."""
-    from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
-    from redis.connection import SSLConnection
-
-    kwargs = dict(cluster_connection_kwargs(client))
-    connection_class = kwargs.get("connection_class")
-    ssl = bool(kwargs.get("ssl")) or (
-        isinstance(connection_class, type)
-        and issubclass(connection_class, (SSLConnection, AsyncSSLConnection))
-    )
-    options = sync_options(kwargs, ssl=ssl)
+    options = sync_options_of(dict(cluster_connection_kwargs(client)))
     options.pop("host", None)
     options.pop("port", None)
     options.pop("db", None)
-    if ssl:
-        options["ssl"] = True
     return options
