@@ -139,9 +139,24 @@ def op_weights(role: str, paths: str, db_errors: bool, batch_reads: bool = True)
     return weights
 
 
+#: rows one incarnation of a worker may insert (``op_insert`` stops there), and incarnations
+#: one worker slot may have: their ids are disjoint within ``EXTRA_IDS_PER_SLOT``
+EXTRAS_PER_INCARNATION = 10_000
+INCARNATIONS_PER_SLOT = 1_000
+EXTRA_IDS_PER_SLOT = EXTRAS_PER_INCARNATION * INCARNATIONS_PER_SLOT
+
+
 def extra_id(slot: int, incarnation: int, n: int) -> int:
-    """Ids of rows a worker inserts: disjoint per worker slot and incarnation, never reused."""
-    return 1_000_000 + slot * 100_000 + incarnation * 10_000 + n
+    """Ids of rows a worker inserts: disjoint per worker slot and incarnation, never reused
+    (the checker knows a row by its id: an id inserted again after its delete would read as
+    a row that came back from the dead). A long run respawns a worker more than ten times:
+    with 100,000 ids per slot its 11th incarnation inserted the next slot's first ids."""
+    if not (0 <= n < EXTRAS_PER_INCARNATION and 0 <= incarnation < INCARNATIONS_PER_SLOT):
+        raise ValueError(f"no extra id for incarnation {incarnation}, row {n}")
+    id_ = 1_000_000 + slot * EXTRA_IDS_PER_SLOT + incarnation * EXTRAS_PER_INCARNATION + n
+    if id_ >= 2**31:
+        raise ValueError(f"worker slot {slot}: its rows' ids pass the INTEGER column's range")
+    return id_
 
 
 def error_class(exc: BaseException) -> str:
@@ -891,7 +906,7 @@ class Worker:
         return self.Item, {obj.id: obj for obj in found}
 
     def op_insert(self) -> None:
-        if self.next_extra >= 10_000:
+        if self.next_extra >= EXTRAS_PER_INCARNATION or self.incarnation >= INCARNATIONS_PER_SLOT:
             return
         id_ = extra_id(self.slot, self.incarnation, self.next_extra)
         self.next_extra += 1

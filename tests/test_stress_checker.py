@@ -524,3 +524,17 @@ def test_with_background_publish_the_eviction_residual_lasts_until_the_publish_l
     report = check(events, DB, {})
     assert len(report.evicted) == 1 and report.evicted[0].t == 20 * MS, report.format()
     assert len(report.stale) == 1 and report.stale[0].t == 35 * MS, report.format()
+
+
+def test_rows_inserted_by_any_incarnation_of_any_worker_never_share_an_id() -> None:
+    """The checker knows a row by its id, so no two inserts of a run may use one: a long run
+    respawned a worker more than ten times, its eleventh incarnation inserted the next
+    slot's first ids again, and every read of them after their delete was reported stale."""
+    from stress.worker import EXTRAS_PER_INCARNATION, extra_id
+
+    seen: dict[int, tuple[int, int]] = {}
+    for slot in range(8):
+        for incarnation in range(40):
+            for n in (0, 1, EXTRAS_PER_INCARNATION - 1):
+                id_ = extra_id(slot, incarnation, n)
+                assert seen.setdefault(id_, (slot, incarnation)) == (slot, incarnation), id_
