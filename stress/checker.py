@@ -66,7 +66,9 @@ between that transaction's start (``tb``, when its database transaction began, b
 locks) and its completion (its ``cend``, or its worker's death after COMMIT; the notice heard at
 most :data:`EVICTION_NOTICE_SLACK_NS` later), and the read began before that commit's publish
 landed: never, when the worker died after its COMMIT and before its publish (``kill``
-``after_commit``); at its ``published`` event with ``--publish background``. An entry left so
+``after_commit``); at its ``published`` event with ``--publish background``; when Redis did not
+complete the publish (``published`` with ``"ok": false``, the keys journaled), at its worker's
+next journal replay (``replayed``), or never if none came. An entry left so
 at quiescence (every later commit's writer died before publishing) is ``evicted`` too, instead
 of ``divergent``. Anything else stale with evictions is still ``stale``.
 
@@ -399,8 +401,12 @@ def check(
     kills: dict[str, Mapping[str, Any]] = {}
     #: (table, id or None, bucket or None) -> when each eviction of such a key was heard
     evicted_at: dict[tuple[str, int | None, int | None], list[int]] = defaultdict(list)
-    #: tx -> when the background worker wrote its publish
+    #: tx -> when the background worker wrote its publish (or the commit's own publish failed)
     published: dict[str, int] = {}
+    #: tx -> its worker, for the commits whose publish Redis did not complete (journaled)
+    unpublished: dict[str, str] = {}
+    #: worker -> when each of its journal replays completed
+    replays: dict[str, list[int]] = defaultdict(list)
     reads: list[Mapping[str, Any]] = []
     aborted: set[tuple[Row, int]] = set()
     #: (table, id, value) -> the tenants whose history wrote it (committed, failed or aborted)
@@ -425,6 +431,10 @@ def check(
         elif kind == "published":
             for tx in e["txs"]:
                 published[tx] = int(e["t"])
+                if e.get("ok") is False:
+                    unpublished[tx] = str(e.get("w", "?"))
+        elif kind == "replayed":
+            replays[str(e.get("w", "?"))].append(int(e["t"]))
         elif kind == "evicted":
             report.evictions += 1
             named = evicted_key(e["key"])
@@ -437,6 +447,20 @@ def check(
 
     for times_ in evicted_at.values():
         times_.sort()
+    for times_ in replays.values():
+        times_.sort()
+
+    def landed_at(tx: str, end_t: int | None) -> int | None:
+        """When the publish of commit ``tx`` removed what readers may have filled: its own
+        publish (the ``published`` event, or the commit's end); when Redis did not complete
+        it, its worker's next journal replay (None: none came)."""
+        at = published.get(tx, end_t)
+        worker = unpublished.get(tx)
+        if worker is None or at is None:
+            return at
+        later = replays.get(worker, [])
+        i = bisect.bisect_right(later, at)
+        return later[i] if i < len(later) else None
 
     def evicted_during(tb: str, id_: int, lo: int, hi: int) -> bool:
         """Was the key of row ``id_`` of table ``tb``, or its bucket's generation key, evicted
@@ -497,7 +521,7 @@ def check(
                     worker=str(start.get("w", "?")),
                     trouble=trouble,
                     evicted=evicted,
-                    landed=None if died else published.get(tx, end_t),
+                    landed=None if died else landed_at(tx, end_t),
                 )
             )
 

@@ -256,6 +256,7 @@ class Worker:
         #: the transaction ``commit()`` is committing now (its background publish's ``tx``)
         self.committing: str | None = None
         self._watch_background_publishes()
+        self._watch_publish_failures()
         #: where each key of the latest IN-list read came from (see ``_watch_batch_reads``)
         self.batch_sources: dict[str, str] = {}
         self.batch_keys: list[str] = []
@@ -376,15 +377,49 @@ class Worker:
             return taken
 
         def logged_run(jobs: Any) -> object:
+            done = False
             try:
-                return run(jobs)
+                done = bool(run(jobs))
+                return done
             finally:
                 txs = [tx for job in jobs if (tx := queued.pop(id(job), None)) is not None]
                 if txs:
-                    self.rec.log({"e": "published", "txs": txs, "t": now()})
+                    self._log_published(txs, done)
 
         write._submit = tagged_submit  # type: ignore[method-assign]
         publisher._run = logged_run
+
+    def _watch_publish_failures(self) -> None:
+        """Record the commits whose publish Redis did not complete (``published`` with
+        ``"ok": false``; on the committing thread here, on the background worker in
+        :meth:`_watch_background_publishes`) and every journal replay (``replayed``): such a
+        publish lands at its writer's next replay, which invalidates the keys it journaled
+        (docs/consistency.md, "Eviction of locks"). Stress instrumentation, as above."""
+        write = self.cache._write
+        journal = write.runtime.journal
+        run_now, replay = write.run_jobs, journal.replay
+
+        def logged_run_now(jobs: Any, held: Any = None, tally: Any = None) -> bool:
+            done = run_now(jobs, held, tally)
+            if not done and self.committing is not None and any(j.committed for j in jobs):
+                self._log_published([self.committing], False)
+            return done
+
+        def logged_replay(*args: Any) -> bool:
+            pending = journal.pending
+            replayed = replay(*args)
+            if pending and replayed:
+                self.rec.log({"e": "replayed", "t": now()})
+            return replayed
+
+        write.run_jobs = logged_run_now  # type: ignore[method-assign]
+        journal.replay = logged_replay  # type: ignore[method-assign]
+
+    def _log_published(self, txs: list[str], done: bool) -> None:
+        event: dict[str, Any] = {"e": "published", "txs": txs, "t": now()}
+        if not done:
+            event["ok"] = False
+        self.rec.log(event)
 
     def _note(self, pairs: Any, found: Any) -> None:
         if found is None:
