@@ -140,6 +140,9 @@ class Report:
     batches: int = 0
     commits: Counter[str] = dataclasses.field(default_factory=Counter)
     kills: Counter[str] = dataclasses.field(default_factory=Counter)
+    #: worker slot ("w0": all its incarnations) -> the commits whose publish its background
+    #: worker recorded (``published``), failed ones included
+    publishes: Counter[str] = dataclasses.field(default_factory=Counter)
     cached_entries: int = 0
     leftover: Counter[str] = dataclasses.field(default_factory=Counter)
     stale: list[Violation] = dataclasses.field(default_factory=list)
@@ -429,6 +432,7 @@ def check(
                     aborted.add((_row(tb, id_, e.get("tn")), value))
                     written_in[(tb, int(id_), value)].add(e.get("tn"))
         elif kind == "published":
+            report.publishes[str(e.get("w", "?")).split(".", 1)[0]] += len(e["txs"])
             for tx in e["txs"]:
                 published[tx] = int(e["t"])
                 if e.get("ok") is False:

@@ -355,13 +355,23 @@ class Worker:
 
             near.read_many = watched_read_many  # type: ignore[method-assign]
 
+    def _write_path(self) -> Any:
+        """The write path of the cache's flavour that this worker's sessions use. An asyncio
+        worker's cache is given the server's URL, which makes the synchronous flavour the
+        cache's first; its AsyncSessions use the asyncio one (made at first need: here).
+        Watching the first one recorded no publish of an asyncio worker, and the checker took
+        its commits' publishes to land when ``commit()`` returned."""
+        if self.flavour == "asyncio":
+            return self.cache._async_flavour().write
+        return self.cache._write
+
     def _watch_background_publishes(self) -> None:
         """Record when the cache's background worker wrote each commit's publish
         (``published``): until then, an entry whose lock Redis evicted may hold a value a
         reader filled before the COMMIT (docs/consistency.md, "Eviction of locks"), which the
         checker tells apart only while the publish is pending. Stress instrumentation around
         the queue's two ends, as ``--sabotage unlocked-background-publish`` wraps them."""
-        write = self.cache._write
+        write = self._write_path()
         publisher = write.publisher
         if publisher is None:
             return
@@ -395,7 +405,7 @@ class Worker:
         :meth:`_watch_background_publishes`) and every journal replay (``replayed``): such a
         publish lands at its writer's next replay, which invalidates the keys it journaled
         (docs/consistency.md, "Eviction of locks"). Stress instrumentation, as above."""
-        write = self.cache._write
+        write = self._write_path()
         journal = write.runtime.journal
         run_now, replay = write.run_jobs, journal.replay
 

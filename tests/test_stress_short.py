@@ -129,6 +129,8 @@ def test_short_background_publish_run_finds_no_violation(
     report = result.report
     assert "crashed" not in result.info, result.format()
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
+    # every worker's background publishes are seen, the asyncio ones' (slots 0 and 1) too
+    assert all(report.publishes[f"w{slot}"] for slot in range(5)), report.publishes
     assert report.ok, result.format()
 
 
@@ -160,6 +162,8 @@ def test_short_evict_run_finds_no_violation(redis_server_binary: str, postgresql
     assert report.evictions > 0, result.format()
     assert result.info["evictions heard"] == report.evictions, result.format()
     assert result.info["keys evicted (the servers' count)"] == report.evictions, result.format()
+    # the residual ends when a publish lands: the checker must see every worker's
+    assert all(report.publishes[f"w{slot}"] for slot in range(5)), report.publishes
     assert report.ok, result.format()
 
 
