@@ -154,7 +154,9 @@ class SentinelGroup:
         wait_for(lambda: self.replicas_of(primary.port) == len(self.servers) - 1, timeout, "sync")
         for sentinel in self.sentinels:
             sentinel.start(self.binary)
-        wait_for(self.agreed, timeout, "the sentinels to agree")
+        # a sentinel learns the others from hello messages (every 2 s) and the replicas from
+        # the primary's INFO (every 10 s): on a loaded machine that took longer than 20 s once
+        wait_for(self.agreed, max(timeout, 60.0), "the sentinels to agree")
 
     def agreed(self) -> bool:
         """Every sentinel names the same primary and sees every replica and sentinel."""
