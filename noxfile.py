@@ -266,23 +266,34 @@ def sqlalchemy_suite_quick(session: nox.Session, sqlalchemy: str) -> None:
 
 
 @nox.session
-def sqlalchemy_suite_postgresql(session: nox.Session) -> None:
+@nox.parametrize("sqlalchemy", list(SQLALCHEMY_PINS))
+def sqlalchemy_suite_postgresql(session: nox.Session, sqlalchemy: str) -> None:
     """``sqlalchemy_suite`` on PostgreSQL ($POSTGRESQL_URL or the local server), in a database
-    the run makes and drops. Not in the default list: the plain pass alone took 18 minutes on
-    two cores, the pass with the extension much longer. ``-- --quick`` for the quick subset."""
-    _suite_on(session, "POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    the run makes and drops, on each supported SQLAlchemy series. Not in the default list: the
+    plain pass alone took 18 minutes on two cores, the pass with the extension much longer.
+    ``-- --quick`` for the quick subset."""
+    _suite_on(
+        session, sqlalchemy, "POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
 
 
 @nox.session
-def sqlalchemy_suite_mariadb(session: nox.Session) -> None:
+@nox.parametrize("sqlalchemy", list(SQLALCHEMY_PINS))
+def sqlalchemy_suite_mariadb(session: nox.Session, sqlalchemy: str) -> None:
     """``sqlalchemy_suite`` on MariaDB or MySQL ($MARIADB_URL or the local server), in
-    databases the run makes and drops. Not in the default list (slower than PostgreSQL)."""
-    _suite_on(session, "MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4")
+    databases the run makes and drops, on each supported SQLAlchemy series. Not in the
+    default list (slower than PostgreSQL)."""
+    _suite_on(
+        session,
+        sqlalchemy,
+        "MARIADB_URL",
+        "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4",
+    )
 
 
-def _suite_on(session: nox.Session, env_var: str, default_url: str) -> None:
+def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: str) -> None:
     # the URL's database is only connected to: run.py --dburi makes a database for the run
-    session.install("-e", ".[test]", "pytest-xdist", "setuptools>=77")
+    session.install("-e", ".[test]", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy])
     dburi = os.environ.get(env_var, default_url)
     session.run("python", "tests/sqlalchemy_suite/run.py", "--dburi", dburi, *session.posargs)
 
