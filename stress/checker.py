@@ -62,8 +62,9 @@ With the ``evict`` fault (Redis evicting keys under ``maxmemory``, every evictio
 locks") documents: an evicted lock lets a reader fill the value from before the COMMIT, and only
 the commit's publish removes it. Exactly: for every completed commit of the row that the read
 missed, the row's entity key or its bucket's generation key (in any keyspace) was evicted
-between that transaction's start (``tb``, when its database transaction began, before its
-locks) and its completion (its ``cend``, or its worker's death after COMMIT; the notice heard at
+between that transaction's first write (``tw``, when its first flush or statement began,
+before its locks; ``tb``, when its database transaction began, where it has none) and its
+completion (its ``cend``, or its worker's death after COMMIT; the notice heard at
 most :data:`EVICTION_NOTICE_SLACK_NS` later), and the read began before that commit's publish
 landed: never, when the worker died after its COMMIT and before its publish (``kill``
 ``after_commit``); at its ``published`` event with ``--publish background``; when Redis did not
@@ -510,7 +511,7 @@ def check(
                 and evicted_during(
                     tb,
                     int(id_),
-                    int(start.get("tb") or start["t"]),
+                    int(start.get("tw") or start.get("tb") or start["t"]),
                     end_t + EVICTION_NOTICE_SLACK_NS,
                 )
             )

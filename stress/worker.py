@@ -440,6 +440,8 @@ class Worker:
 
     def _hooks(self, factory: Any) -> None:
         event.listen(factory, "after_begin", _mark_begin)
+        # before the cache's own before_flush, which sends the flush's locks
+        event.listen(factory, "before_flush", _mark_write, insert=True)
         if self.kill_prob <= 0:
             return
 
@@ -592,6 +594,8 @@ class Worker:
         start: dict[str, Any] = {"e": "cstart", "tx": tx, "writes": writes, "t": now()}
         if s.info.get("t_begin") is not None:
             start["tb"] = s.info["t_begin"]  # its database transaction began (before its locks)
+        if s.info.get("t_write") is not None:
+            start["tw"] = s.info["t_write"]  # its first write began (before its locks)
         if path is not None:
             start["path"] = path  # the statement-level write path (op_stmt)
         self.rec.log(start)
@@ -877,6 +881,7 @@ class Worker:
             params = [{"v": v, "id": i} for i, v in values.items()]
             by_id = case(values, value=model.id)
             s.info["armed"] = ""
+            s.info.setdefault("t_write", now())  # before the statements' locks
             if path == "bulk_pk":
                 self.execute(s, update(model), rows)
             elif path == "where_eq":
@@ -1341,6 +1346,11 @@ def _rebind(factory: sessionmaker[Session], bind: Any) -> Session:
 
 def _mark_begin(session: Session, transaction: Any, connection: Any) -> None:
     session.info.setdefault("t_begin", now())
+
+
+def _mark_write(session: Session, flush_context: Any, instances: Any) -> None:
+    """When the session's first write began: its locks in Redis come after it."""
+    session.info.setdefault("t_write", now())
 
 
 def make_engine(url: str, pool_size: int = 2) -> Engine:

@@ -505,6 +505,20 @@ def test_evictions_excuse_nothing_else() -> None:
     assert not report.evicted
 
 
+def test_an_eviction_before_the_transactions_first_write_excuses_nothing() -> None:
+    """A key evicted after the writer's transaction began but before its first write (``tw``:
+    its first flush or statement, which its locks follow) took nothing the writer had locked:
+    a value filled then is replaced by the lock, or refused. So a stale read behind that commit
+    is ``stale``; an eviction after ``tw`` is still the residual."""
+    entity = (ITEM_KEY % BUCKET_OF_1) + ":1"
+    for evicted_at, excused in ((7, False), (9, True)):
+        events = _killed_writer([(entity, evicted_at)])
+        next(e for e in events if e.get("tx") == "w:1")["tw"] = 8 * MS
+        report = check([*events, read(1, v(1), 20, 21)], DB, {})
+        assert bool(report.evicted) is excused, (evicted_at, report.format())
+        assert bool(report.stale) is not excused, (evicted_at, report.format())
+
+
 def test_with_background_publish_the_eviction_residual_lasts_until_the_publish_lands() -> None:
     """``--publish background``: ``commit()`` returns before the publish; a value a reader filled
     over an evicted lock is there until the background worker's publish removes it. A read
