@@ -29,6 +29,11 @@ class Journal:
         self._buckets: set[str] = set()
         #: owner tokens of ended transactions whose locks the replay may drop
         self._owners: set[str] = set()
+        #: each key, bucket and owner token journaled -> the number of the add that journaled
+        #: it last: a replay forgets only what nothing journaled again while it ran (another
+        #: thread's failed publish, after the replay read the journal)
+        self._added: dict[str, int] = {}
+        self._adds = 0
         self.pending = False
 
     def __len__(self) -> int:
@@ -38,20 +43,31 @@ class Journal:
         """Journal (entity key, generation key) pairs; ``ended_owner`` is the token of the
         transaction that wrote them once it has ended (None while it may still commit)."""
         with self._lock:
+            self._adds += 1
+            added = self._added
             if ended_owner is not None:
                 self._owners.add(ended_owner)
+                added[ended_owner] = self._adds
             for i in range(0, len(pairs), 2):
                 if pairs[i + 1] in self._buckets:
+                    added[pairs[i + 1]] = self._adds
                     continue
                 self._keys[pairs[i]] = pairs[i + 1]
+                added[pairs[i]] = self._adds
             if len(self._keys) > self.limit:
-                self._buckets.update(self._keys.values())
+                for key, gen_key in self._keys.items():
+                    del added[key]
+                    self._buckets.add(gen_key)
+                    added[gen_key] = self._adds
                 self._keys.clear()
             self.pending = True
 
     def add_buckets(self, gen_keys: Sequence[str]) -> None:
         with self._lock:
+            self._adds += 1
             self._buckets.update(gen_keys)
+            for gen_key in gen_keys:
+                self._added[gen_key] = self._adds
             self.pending = True
 
     def replay(
@@ -68,6 +84,7 @@ class Journal:
             keys = dict(self._keys)
             buckets = set(self._buckets)
             owners = sorted(self._owners)
+            seen = dict(self._added)
         flat: list[str] = []
         for key, gen_key in keys.items():
             flat += (key, gen_key)
@@ -81,9 +98,13 @@ class Journal:
         if bumped and not backend.bump_generations(bumped):
             return False
         with self._lock:
-            for key in keys:
-                self._keys.pop(key, None)
-            self._buckets.difference_update(buckets)
-            self._owners.difference_update(owners)
+            added = self._added
+            for done in (keys, buckets, owners):
+                for name in done:
+                    if name in added and added[name] == seen.get(name):
+                        del added[name]
+                        self._keys.pop(name, None)
+                        self._buckets.discard(name)
+                        self._owners.discard(name)
             self.pending = bool(self._keys or self._buckets)
             return not self.pending

@@ -1209,3 +1209,41 @@ def test_an_evicted_lock_serves_the_old_row_only_until_the_publish_lands(
         return
     assert entry_state(client, key) is None
     assert read(factory, db, 1) == (2, "db")
+
+
+def test_a_key_journaled_again_while_a_replay_runs_stays_journaled(
+    monkeypatch: pytest.MonkeyPatch,
+    db: Engine,
+    make_cache: Callable[..., WriteThroughCache],
+    client: redis.Redis,
+) -> None:
+    """A replay invalidates the keys it found journaled, then forgets them. The same key
+    journaled again meanwhile (a publish failing on the background worker's thread after the
+    replay read the journal) was forgotten with them: the second writer's lock stayed until
+    ``lock_timeout`` and, had Redis evicted it, what a reader filled over it until the TTL,
+    where docs/consistency.md promises the writer's journal replay. It stays journaled now,
+    and this process's next read replays it."""
+    cache = make_cache(lock_timeout=60)
+    factory = installed(cache, db)
+    insert_behind_cache(db, 1, n=1)
+    key = entry_key(cache, RcItem, 1)
+    pair = [key, key.rsplit(":", 1)[0]]  # the entity key and its bucket's generation key
+    backend, journal = cache._backend, cache._journal
+    assert backend.lock(pair, "first", 60_000)
+    journal.add_pairs(pair, "first")  # its publish failed: journaled with its owner token
+    invalidate = backend.invalidate
+    raced: list[str] = []
+
+    def replay_meets_a_second_failure(pairs: Any, ended_owners: Any = ()) -> bool:
+        if not raced:  # another thread, between the replay's read of the journal and its end
+            raced.append("second")
+            assert backend.lock(pair, "second", 60_000)
+            journal.add_pairs(pair, "second")
+        return invalidate(pairs, ended_owners)
+
+    monkeypatch.setattr(backend, "invalidate", replay_meets_a_second_failure)
+    # the read replays "first", then "second" (still journaled), whose lock ends: R fills
+    assert read(factory, db, 1) == (1, "db")
+    assert raced and entry_state(client, key) == "value"
+    assert cache.stats().journal_size == 0
+    assert read(factory, db, 1) == (1, "cache")
