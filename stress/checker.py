@@ -63,13 +63,16 @@ locks") documents: an evicted lock lets a reader fill the value from before the 
 the commit's publish removes it. Exactly: for every completed commit of the row that the read
 missed, the row's entity key or its bucket's generation key (in any keyspace) was evicted
 between that transaction's first write (``tw``, when its first flush or statement began,
-before its locks; ``tb``, when its database transaction began, where it has none) and its
+before its locks, on its ``cend`` or ``after_commit`` kill; ``tb``, when its database
+transaction began, where it has none) and its
 completion (its ``cend``, or its worker's death after COMMIT; the notice heard at
 most :data:`EVICTION_NOTICE_SLACK_NS` later), and the read began before that commit's publish
 landed: never, when the worker died after its COMMIT and before its publish (``kill``
-``after_commit``); at its ``published`` event with ``--publish background``; when Redis did not
-complete the publish (``published`` with ``"ok": false``, the keys journaled), at its worker's
-next journal replay (``replayed``), or never if none came. An entry left so
+``after_commit``), nor when it died with the publish still queued (``q`` on its ``cend``, no
+``published``); at its ``published`` event with ``--publish background``; when Redis did not
+complete the publish (``published`` with ``"ok": false``, the keys journaled by the journal's
+add number ``js``), at the first journal replay of its worker that began after that add
+(``replayed``, with the latest add number when it began), or never if none did. An entry left so
 at quiescence (every later commit's writer died before publishing) is ``evicted`` too, instead
 of ``divergent``. Anything else stale with evictions is still ``stale``.
 
@@ -407,10 +410,12 @@ def check(
     evicted_at: dict[tuple[str, int | None, int | None], list[int]] = defaultdict(list)
     #: tx -> when the background worker wrote its publish (or the commit's own publish failed)
     published: dict[str, int] = {}
-    #: tx -> its worker, for the commits whose publish Redis did not complete (journaled)
-    unpublished: dict[str, str] = {}
-    #: worker -> when each of its journal replays completed
-    replays: dict[str, list[int]] = defaultdict(list)
+    #: tx -> (its worker, the number of the journal add that journaled its keys), for the
+    #: commits whose publish Redis did not complete
+    unpublished: dict[str, tuple[str, int | None]] = {}
+    #: worker -> (when each of its journal replays completed, the number of the journal's
+    #: latest add when it began: it replayed every add up to that one)
+    replays: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
     reads: list[Mapping[str, Any]] = []
     aborted: set[tuple[Row, int]] = set()
     #: (table, id, value) -> the tenants whose history wrote it (committed, failed or aborted)
@@ -437,9 +442,9 @@ def check(
             for tx in e["txs"]:
                 published[tx] = int(e["t"])
                 if e.get("ok") is False:
-                    unpublished[tx] = str(e.get("w", "?"))
+                    unpublished[tx] = (str(e.get("w", "?")), e.get("js"))
         elif kind == "replayed":
-            replays[str(e.get("w", "?"))].append(int(e["t"]))
+            replays[str(e.get("w", "?"))].append((int(e["t"]), e.get("js")))
         elif kind == "evicted":
             report.evictions += 1
             named = evicted_key(e["key"])
@@ -452,20 +457,29 @@ def check(
 
     for times_ in evicted_at.values():
         times_.sort()
-    for times_ in replays.values():
-        times_.sort()
+    for replayed in replays.values():
+        replayed.sort()
 
-    def landed_at(tx: str, end_t: int | None) -> int | None:
+    def landed_at(tx: str, end_t: int | None, queued: bool) -> int | None:
         """When the publish of commit ``tx`` removed what readers may have filled: its own
         publish (the ``published`` event, or the commit's end); when Redis did not complete
-        it, its worker's next journal replay (None: none came)."""
+        it, the first journal replay of its worker that began after its keys were journaled
+        (None: none did); a publish queued for the background worker and never run (its
+        process died first): None."""
+        if queued and tx not in published:
+            return None
         at = published.get(tx, end_t)
-        worker = unpublished.get(tx)
-        if worker is None or at is None:
+        failed = unpublished.get(tx)
+        if failed is None or at is None:
             return at
-        later = replays.get(worker, [])
-        i = bisect.bisect_right(later, at)
-        return later[i] if i < len(later) else None
+        worker, added = failed
+        for t, began_after in replays.get(worker, ()):
+            if added is None or began_after is None:
+                if t > at:
+                    return t
+            elif began_after >= added:
+                return t
+        return None
 
     def evicted_during(tb: str, id_: int, lo: int, hi: int) -> bool:
         """Was the key of row ``id_`` of table ``tb``, or its bucket's generation key, evicted
@@ -511,7 +525,13 @@ def check(
                 and evicted_during(
                     tb,
                     int(id_),
-                    int(start.get("tw") or start.get("tb") or start["t"]),
+                    int(
+                        (end or {}).get("tw")
+                        or (kill or {}).get("tw")
+                        or start.get("tw")
+                        or start.get("tb")
+                        or start["t"]
+                    ),
                     end_t + EVICTION_NOTICE_SLACK_NS,
                 )
             )
@@ -526,7 +546,7 @@ def check(
                     worker=str(start.get("w", "?")),
                     trouble=trouble,
                     evicted=evicted,
-                    landed=None if died else landed_at(tx, end_t),
+                    landed=None if died else landed_at(tx, end_t, bool(end and end.get("q"))),
                 )
             )
 

@@ -255,6 +255,10 @@ class Worker:
         sabotage(self.cache, config.get("sabotage"))
         #: the transaction ``commit()`` is committing now (its background publish's ``tx``)
         self.committing: str | None = None
+        #: whether that commit queued its publish for the background worker
+        self.queued = False
+        #: per thread: the number of the journal's latest add this thread made
+        self._journaled = threading.local()
         self._watch_background_publishes()
         self._watch_publish_failures()
         #: where each key of the latest IN-list read came from (see ``_watch_batch_reads``)
@@ -332,7 +336,7 @@ class Worker:
         in memory): the stats count hits per batch, not which row was one, and the checker
         allows a read from memory its bound. Installed again when the cache replaced its
         backend (as a switch to Cluster does)."""
-        backend = self.cache._backend
+        backend = self._write_path().runtime.backend
         if backend is not self._watched_backend:
             self._watched_backend = backend
             peek_many = backend.peek_many
@@ -384,10 +388,13 @@ class Worker:
             taken = submit(job)
             if not taken:
                 queued.pop(id(job), None)  # the queue was full: published before cend
+            elif job.committed:
+                self.queued = True  # cend says so: a death before the publish loses it
             return taken
 
         def logged_run(jobs: Any) -> object:
-            done = False
+            self._journaled.last = None
+            done: bool | None = None
             try:
                 done = bool(run(jobs))
                 return done
@@ -408,27 +415,44 @@ class Worker:
         write = self._write_path()
         journal = write.runtime.journal
         run_now, replay = write.run_jobs, journal.replay
+        add_pairs, add_buckets = journal.add_pairs, journal.add_buckets
+
+        def noted(add: Callable[..., None]) -> Callable[..., None]:
+            def journal_add(*args: Any) -> None:
+                add(*args)
+                self._journaled.last = journal._adds  # this thread's latest add
+
+            return journal_add
 
         def logged_run_now(jobs: Any, held: Any = None, tally: Any = None) -> bool:
+            self._journaled.last = None
             done = run_now(jobs, held, tally)
             if not done and self.committing is not None and any(j.committed for j in jobs):
                 self._log_published([self.committing], False)
             return done
 
         def logged_replay(*args: Any) -> bool:
-            pending = journal.pending
+            pending, before = journal.pending, journal._adds
             replayed = replay(*args)
             if pending and replayed:
-                self.rec.log({"e": "replayed", "t": now()})
+                # nothing is left journaled: every add up to ``before`` has been replayed
+                self.rec.log({"e": "replayed", "js": before, "t": now()})
             return replayed
 
         write.run_jobs = logged_run_now  # type: ignore[method-assign]
         journal.replay = logged_replay  # type: ignore[method-assign]
+        journal.add_pairs = noted(add_pairs)  # type: ignore[method-assign]
+        journal.add_buckets = noted(add_buckets)  # type: ignore[method-assign]
 
-    def _log_published(self, txs: list[str], done: bool) -> None:
+    def _log_published(self, txs: list[str], done: bool | None) -> None:
+        """``done``: False when Redis did not complete the publish (its keys journaled, by
+        the add ``js``: the first replay that began after it removes what it would have);
+        None when it raised (nothing journaled: taken as landed now, so a value it left is
+        reported)."""
         event: dict[str, Any] = {"e": "published", "txs": txs, "t": now()}
-        if not done:
+        if done is False:
             event["ok"] = False
+            event["js"] = self._journaled.last
         self.rec.log(event)
 
     def _note(self, pairs: Any, found: Any) -> None:
@@ -455,14 +479,17 @@ class Worker:
             if not session.info.get("armed") or session.get_nested_transaction() is not None:
                 return
             if self.rng.random() < self.kill_prob:
-                self._die("after_commit", session.info["armed"])
+                self._die("after_commit", session.info["armed"], session.info.get("t_write"))
 
         event.listen(factory, "after_flush_postexec", after_flush)
         # inserted before the cache's own after_commit, so it runs before the publish
         event.listen(factory, "after_commit", after_commit, insert=True)
 
-    def _die(self, where: str, tx: str | None) -> None:
-        self.rec.log({"e": "kill", "where": where, "tx": tx, "t": now()})
+    def _die(self, where: str, tx: str | None, t_write: int | None = None) -> None:
+        event: dict[str, Any] = {"e": "kill", "where": where, "tx": tx, "t": now()}
+        if t_write is not None:
+            event["tw"] = t_write  # the transaction's first write (see commit())
+        self.rec.log(event)
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(10)  # pragma: no cover
 
@@ -605,7 +632,7 @@ class Worker:
             self._die("after_flush", tx)
         outcome = "ok"
         error: BaseException | None = None
-        self.committing = tx
+        self.committing, self.queued = tx, False
         try:
             s.commit()
         except CacheUnavailableError as exc:  # raised at flush, before COMMIT
@@ -619,7 +646,12 @@ class Worker:
             s.info.pop("armed", None)
             self.committing = None
         lf = self.cache.stats().lock_failures - lock_failures_before
-        self.rec.log({"e": "cend", "tx": tx, "outcome": outcome, "t": now(), "lf": lf})
+        end: dict[str, Any] = {"e": "cend", "tx": tx, "outcome": outcome, "t": now(), "lf": lf}
+        if s.info.get("t_write") is not None:
+            end["tw"] = s.info["t_write"]  # commit()'s own flush may have been the first write
+        if self.queued:
+            end["q"] = True
+        self.rec.log(end)
         if error is not None:
             raise error
         return outcome

@@ -578,6 +578,59 @@ def test_a_publish_redis_did_not_complete_lands_at_its_writers_next_journal_repl
         assert report.ok and len(report.evicted) == 4, (background, report.format())
 
 
+def _evicted_writer(*extra: dict[str, Any], end: dict[str, Any] | None = None) -> list[Any]:
+    """Row 1: v1 seeded; w's transaction began at 5 ms and committed v2 (cstart at 10, cend at
+    12); Redis evicted the row's key at 8 ms; ``extra`` events (worker ``w`` unless named)."""
+    events = [
+        *commit("seed", 1, v(1), 0, 1),
+        {"e": "cstart", "tx": "w:1", "writes": [[ITEM_TABLE, 1, v(2)]], "t": 10 * MS, "tb": 5 * MS},
+        {"e": "cend", "tx": "w:1", "outcome": "ok", "t": 12 * MS, "lf": 0, **(end or {})},
+        {"e": "evicted", "key": (ITEM_KEY % BUCKET_OF_1) + ":1", "t": 8 * MS, "w": "redis"},
+        *extra,
+    ]
+    for e in events:
+        e.setdefault("w", "w")
+    return events
+
+
+def test_a_failed_publish_lands_at_the_first_replay_that_began_after_its_journaling() -> None:
+    """The worker numbers the journal's adds: the failed publish names the add that journaled
+    its keys, each replay the latest add when it began. A replay that began after that add
+    lands it, even one that ended before the failed publish's event was written (another
+    thread's); one that began before it does not."""
+    failed = {"e": "published", "txs": ["w:1"], "t": 30 * MS, "ok": False, "js": 5}
+    for replay, landed in (
+        ({"e": "replayed", "t": 29 * MS, "js": 5}, 29),  # began after add 5, ended before 30
+        ({"e": "replayed", "t": 31 * MS, "js": 4}, None),  # began before add 5
+    ):
+        reads = [read(1, v(1), t, t + 1) for t in (25, 35)]
+        report = check(_evicted_writer(failed, replay, *reads), DB, {})
+        excused, stale = ([25, 35], []) if landed is None else ([25], [35])
+        assert [x.t // MS for x in report.evicted] == excused, (replay, report.format())
+        assert [x.t // MS for x in report.stale] == stale, (replay, report.format())
+
+
+def test_a_queued_publish_its_worker_died_before_running_is_never_landed() -> None:
+    """``--publish background``: a commit queued its publish (``q`` on its ``cend``) and its
+    worker died before the background worker ran it (no ``published``): the residual lasts,
+    as for a writer killed after its COMMIT. A commit that did not queue it published before
+    its ``cend``."""
+    reads = [read(1, v(1), 20, 21)]
+    assert len(check(_evicted_writer(*reads, end={"q": True}), DB, {}).evicted) == 1
+    report = check(_evicted_writer(*reads), DB, {})
+    assert len(report.stale) == 1 and not report.evicted, report.format()
+
+
+def test_a_first_write_recorded_at_the_commits_end_bounds_the_eviction_residual() -> None:
+    """Most transactions write first in ``commit()``'s own flush, after their ``cstart``: the
+    worker records the first write (``tw``) on the ``cend`` (and on an ``after_commit``
+    kill), and an eviction before it excuses nothing."""
+    events = [{"e": "published", "txs": ["w:1"], "t": 30 * MS}, read(1, v(1), 20, 21)]
+    report = check(_evicted_writer(*events, end={"tw": 9 * MS}), DB, {})
+    assert len(report.stale) == 1 and not report.evicted, report.format()
+    assert len(check(_evicted_writer(*events, end={"tw": 7 * MS}), DB, {}).evicted) == 1
+
+
 def test_rows_inserted_by_any_incarnation_of_any_worker_never_share_an_id() -> None:
     """The checker knows a row by its id, so no two inserts of a run may use one: a long run
     respawned a worker more than ten times, its eleventh incarnation inserted the next
