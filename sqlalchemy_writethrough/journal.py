@@ -14,7 +14,7 @@ at the replay (the last owner leaving a miss) instead of holding its entries as 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -99,12 +99,17 @@ class Journal:
             return False
         with self._lock:
             added = self._added
-            for done in (keys, buckets, owners):
+
+            def forgotten(names: Iterable[str]) -> list[str]:
+                """Those of ``names`` nothing journaled again since the snapshot above."""
+                done = [name for name in names if added.get(name) == seen[name]]
                 for name in done:
-                    if name in added and added[name] == seen.get(name):
-                        del added[name]
-                        self._keys.pop(name, None)
-                        self._buckets.discard(name)
-                        self._owners.discard(name)
+                    del added[name]
+                return done
+
+            for key in forgotten(keys):
+                self._keys.pop(key, None)
+            self._buckets.difference_update(forgotten(buckets))
+            self._owners.difference_update(forgotten(owners))
             self.pending = bool(self._keys or self._buckets)
             return not self.pending
