@@ -525,13 +525,8 @@ def check(
                 and evicted_during(
                     tb,
                     int(id_),
-                    int(
-                        (end or {}).get("tw")
-                        or (kill or {}).get("tw")
-                        or start.get("tw")
-                        or start.get("tb")
-                        or start["t"]
-                    ),
+                    # a completed commit has a cend or an after_commit kill: both say "tw"
+                    int((end or kill or {}).get("tw") or start.get("tb") or start["t"]),
                     end_t + EVICTION_NOTICE_SLACK_NS,
                 )
             )

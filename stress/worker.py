@@ -621,8 +621,6 @@ class Worker:
         start: dict[str, Any] = {"e": "cstart", "tx": tx, "writes": writes, "t": now()}
         if s.info.get("t_begin") is not None:
             start["tb"] = s.info["t_begin"]  # its database transaction began (before its locks)
-        if s.info.get("t_write") is not None:
-            start["tw"] = s.info["t_write"]  # its first write began (before its locks)
         if path is not None:
             start["path"] = path  # the statement-level write path (op_stmt)
         self.rec.log(start)
@@ -648,7 +646,8 @@ class Worker:
         lf = self.cache.stats().lock_failures - lock_failures_before
         end: dict[str, Any] = {"e": "cend", "tx": tx, "outcome": outcome, "t": now(), "lf": lf}
         if s.info.get("t_write") is not None:
-            end["tw"] = s.info["t_write"]  # commit()'s own flush may have been the first write
+            end["tw"] = s.info["t_write"]  # its first write began (before its locks): often
+            # commit()'s own flush, after cstart
         if self.queued:
             end["q"] = True
         self.rec.log(end)

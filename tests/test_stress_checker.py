@@ -513,7 +513,7 @@ def test_an_eviction_before_the_transactions_first_write_excuses_nothing() -> No
     entity = (ITEM_KEY % BUCKET_OF_1) + ":1"
     for evicted_at, excused in ((7, False), (9, True)):
         events = _killed_writer([(entity, evicted_at)])
-        next(e for e in events if e.get("tx") == "w:1")["tw"] = 8 * MS
+        next(e for e in events if e["e"] == "kill")["tw"] = 8 * MS
         report = check([*events, read(1, v(1), 20, 21)], DB, {})
         assert bool(report.evicted) is excused, (evicted_at, report.format())
         assert bool(report.stale) is not excused, (evicted_at, report.format())
