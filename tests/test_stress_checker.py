@@ -540,44 +540,6 @@ def test_with_background_publish_the_eviction_residual_lasts_until_the_publish_l
     assert len(report.stale) == 1 and report.stale[0].t == 35 * MS, report.format()
 
 
-def test_a_publish_redis_did_not_complete_lands_at_its_writers_next_journal_replay() -> None:
-    """A publish that Redis refused (an ``OOM`` from a squeezed server, a lost connection)
-    journals its keys; the value a reader filled over the evicted lock is removed only when the
-    writer's journal replays (docs/consistency.md, "Eviction of locks"), not when the failed
-    publish returned. A read begun before that replay is the residual, one begun after it is
-    stale; another worker's replay does not count. The checker took the failed publish for a
-    landed one, and reported the residual as stale."""
-    key = (ITEM_KEY % BUCKET_OF_1) + ":1"
-    for published_at, background in ((30, True), (11, False)):
-        events = [
-            *commit("seed", 1, v(1), 0, 1),
-            {
-                "e": "cstart",
-                "tx": "w:1",
-                "writes": [[ITEM_TABLE, 1, v(2)]],
-                "t": 10 * MS,
-                "tb": 5 * MS,
-            },
-            {"e": "published", "txs": ["w:1"], "t": published_at * MS, "ok": False},
-            {"e": "cend", "tx": "w:1", "outcome": "ok", "t": 12 * MS, "lf": 0},
-            {"e": "evicted", "key": key, "t": 8 * MS, "w": "redis"},
-            {"e": "replayed", "t": 33 * MS, "w": "x"},
-            {"e": "replayed", "t": 40 * MS},
-            read(1, v(1), 20, 21, w="r"),
-            read(1, v(1), 35, 36, w="r"),
-            read(1, v(1), 45, 46, w="r"),
-        ]
-        for e in events:
-            e.setdefault("w", "w")
-        report = check(events, DB, {})
-        assert [x.t for x in report.evicted] == [20 * MS, 35 * MS], (background, report.format())
-        assert [x.t for x in report.stale] == [45 * MS], (background, report.format())
-        # no replay came: the residual lasts, and an entry left so at quiescence is too
-        events = [e for e in events if e["e"] != "replayed" or e["w"] != "w"]
-        report = check(events, DB, {(ITEM_TABLE, 1): {"id": 1, "counter": v(1), "parent_id": 1}})
-        assert report.ok and len(report.evicted) == 4, (background, report.format())
-
-
 def _evicted_writer(*extra: dict[str, Any], end: dict[str, Any] | None = None) -> list[Any]:
     """Row 1: v1 seeded; w's transaction began at 5 ms and committed v2 (cstart at 10, cend at
     12); Redis evicted the row's key at 8 ms; ``extra`` events (worker ``w`` unless named)."""
@@ -591,6 +553,29 @@ def _evicted_writer(*extra: dict[str, Any], end: dict[str, Any] | None = None) -
     for e in events:
         e.setdefault("w", "w")
     return events
+
+
+def test_a_publish_redis_did_not_complete_lands_at_its_writers_next_journal_replay() -> None:
+    """A publish that Redis refused (an ``OOM`` from a squeezed server, a lost connection)
+    journals its keys; the value a reader filled over the evicted lock is removed only when the
+    writer's journal replays (docs/consistency.md, "Eviction of locks"), not when the failed
+    publish returned. A read begun before that replay is the residual, one begun after it is
+    stale; another worker's replay does not count. The checker took the failed publish for a
+    landed one, and reported the residual as stale."""
+    for published_at, background in ((30, True), (11, False)):
+        events = _evicted_writer(
+            {"e": "published", "txs": ["w:1"], "t": published_at * MS, "ok": False},
+            {"e": "replayed", "t": 33 * MS, "w": "x"},
+            {"e": "replayed", "t": 40 * MS},
+            *(read(1, v(1), t, t + 1) for t in (20, 35, 45)),
+        )
+        report = check(events, DB, {})
+        assert [x.t for x in report.evicted] == [20 * MS, 35 * MS], (background, report.format())
+        assert [x.t for x in report.stale] == [45 * MS], (background, report.format())
+        # no replay came: the residual lasts, and an entry left so at quiescence is too
+        events = [e for e in events if e["e"] != "replayed" or e["w"] != "w"]
+        report = check(events, DB, {(ITEM_TABLE, 1): {"id": 1, "counter": v(1), "parent_id": 1}})
+        assert report.ok and len(report.evicted) == 4, (background, report.format())
 
 
 def test_a_failed_publish_lands_at_the_first_replay_that_began_after_its_journaling() -> None:
