@@ -327,6 +327,9 @@ class WriteThroughCache:
         self._installed: list[tuple[weakref.ref[Any], str, Any]] = []
         #: the factories install() was given (an async one too), for the command-line tool
         self._targets: list[weakref.ref[Any]] = []
+        #: the Session classes the listeners went on, with what install() was given for them
+        #: (see _refuse_covered_twice)
+        self._covered: list[tuple[weakref.ref[type], str]] = []
         _caches.add(self)
 
     def _client_options(self, asyncio: bool = False) -> dict[str, Any]:
@@ -589,8 +592,10 @@ class WriteThroughCache:
         if flavours.is_async_target(target):
             flavour = self._async_flavour()
             _check_loop(flavour.runtime.backend)
+            self._refuse_covered_twice(target, *flavours.planned_sync_session_class(target))
             # made (or given the read path again) before the listeners go on it
             listen_on: Any = flavours.sync_session_class(target, flavour.read)
+            covered: type = listen_on
         else:
             if self._sync is None:
                 raise ConfigurationError(
@@ -600,9 +605,16 @@ class WriteThroughCache:
                     "sessions"
                 )
             maker = target.session_factory if isinstance(target, scoped_session) else target
-            if isinstance(maker, sessionmaker) and not overrides_get_path(maker.class_):
-                # before the listeners, which SQLAlchemy puts on the factory's class
-                maker.class_ = self.session_class(maker.class_)
+            if isinstance(maker, sessionmaker):
+                subclass = not overrides_get_path(maker.class_)
+                self._refuse_covered_twice(target, maker.class_, subclass)
+                if subclass:
+                    # before the listeners, which SQLAlchemy puts on the factory's class
+                    maker.class_ = self.session_class(maker.class_)
+                covered = maker.class_
+            else:  # a Session class (the async kinds were taken above)
+                covered = cast(type, maker)
+                self._refuse_covered_twice(target, covered, False)
             flavour, listen_on = self._sync, target
         hooks: list[tuple[str, Any, dict[str, Any]]] = [
             ("do_orm_execute", flavour.read.on_execute, {"retval": True}),
@@ -617,6 +629,29 @@ class WriteThroughCache:
             event.listen(listen_on, name, fn, **kw)
             self._installed.append((weakref.ref(listen_on), name, fn))
         self._targets.append(weakref.ref(target))
+        self._covered.append((weakref.ref(covered), _described(target)))
+
+    def _refuse_covered_twice(self, target: Any, cls: type, subclassed: bool) -> None:
+        """SQLAlchemy runs the listeners of a Session class for its subclasses too: installed
+        on a class and on a subclass of it (``Session`` and an ``async_sessionmaker``, whose
+        sessions run a ``Session`` subclass; or one factory twice), every flush and commit of
+        the subclass would go through the cache twice, each pass taking the other's locks for
+        a concurrent writer's (or, across the two flavours, failing). ``cls`` is the class
+        the listeners will go on, or with ``subclassed`` the class a new one will derive
+        from."""
+        for ref, where in self._covered:
+            other = ref()
+            if other is None:
+                continue
+            if issubclass(cls, other) or (not subclassed and issubclass(other, cls)):
+                raise ConfigurationError(
+                    f"installing this cache on {_described(target)} would cover sessions it "
+                    f"already covers through {where}: SQLAlchemy runs a Session class's "
+                    "listeners for its subclasses too, so every flush and commit of those "
+                    "sessions would go through the cache twice. Install it once per family of "
+                    "Session classes: on your sessionmaker and your async_sessionmaker, for "
+                    "instance, rather than on Session itself (or uninstall() it first)"
+                )
 
     def session_class(self, base: type[Session] = Session) -> type[Session]:
         """A subclass of ``base`` whose ``get()`` answers a plain primary-key get from this
@@ -648,6 +683,9 @@ class WriteThroughCache:
         made: type = Session
         if flavours.is_async_target(target):
             target = made = flavours.sync_session_class(target)
+        factory = target.session_factory if isinstance(target, scoped_session) else target
+        covered = factory.class_ if isinstance(factory, sessionmaker) else factory
+        self._covered = [pair for pair in self._covered if pair[0]() not in (None, covered)]
         keep = []
         for ref, name, fn in self._installed:
             if ref() is target:
@@ -1094,6 +1132,15 @@ def _subscriptions(client: Any) -> Subscriptions:
     if _redis_compat.is_async_client(client):
         return TwinSubscriptions(functools.partial(_redis_compat.sync_twin, client))
     return Subscriptions(client)
+
+
+def _described(target: Any) -> str:
+    """An install target in a message: its class's path, or which kind of factory it is
+    (a factory's repr lists its whole configuration)."""
+    if isinstance(target, type):
+        return f"{target.__module__}.{target.__qualname__}"
+    kind = type(target).__name__
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _check_loop(backend: Any) -> None:

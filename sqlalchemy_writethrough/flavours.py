@@ -49,6 +49,19 @@ def is_async_target(target: Any) -> bool:
     return isinstance(target, type) and issubclass(target, api.AsyncSession)
 
 
+def planned_sync_session_class(target: Any) -> tuple[type[Session], bool]:
+    """The class :func:`sync_session_class` would return for an async ``target``, without
+    making it: the class itself, or (``True``) the class a new subclass would derive from."""
+    api = _async_api()
+    if isinstance(target, api.async_scoped_session):
+        target = target.session_factory
+    if isinstance(target, api.async_sessionmaker):
+        current = target.kw.get("sync_session_class") or target.class_.sync_session_class
+    else:
+        current = target.sync_session_class
+    return current, not current.__dict__.get(_MADE)
+
+
 def sync_session_class(target: Any, read: ReadPath | None = None) -> type[Session]:
     """The ``Session`` class the sessions of an async ``target`` run, made the factory's own
     on first call: the class the cache's listeners go on. With ``read``, its plain gets are

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, ConfigurationError, WriteThroughCache
 from stress.redis_server import RedisServer
@@ -130,6 +130,64 @@ def test_installing_on_an_asyncsession_leaves_other_factories_alone(
             await engine.dispose()
 
     assert loop.run_until_complete(scenario()) == (1, 1)
+
+
+@pytest.mark.databases("sqlite")
+def test_one_cache_on_session_and_an_async_factory_raises_at_install(
+    schema: Any, db_url: str, prefix: str, redis_url: str, loop: Any
+) -> None:
+    """An AsyncSession runs a subclass of ``Session``: with the cache installed on ``Session``
+    too, both flavours' listeners ran on its commits, and the first async commit raised an
+    AttributeError from the cache. install() now refuses, saying where to install instead,
+    and the async factory works on its own once ``Session`` is uninstalled."""
+
+    async def scenario() -> tuple[str, int]:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix)
+        factory = async_sessionmaker(engine, expire_on_commit=False)
+        cache.install(Session)
+        try:
+            with pytest.raises(ConfigurationError, match="async_sessionmaker, for instance"):
+                cache.install(factory)
+        finally:
+            cache.uninstall(Session)
+        cache.install(factory)
+        try:
+            return await _seed_and_read(factory, cache, engine)
+        finally:
+            cache.uninstall(factory)
+            await cache.aclose()
+            await engine.dispose()
+
+    assert loop.run_until_complete(scenario()) == ("one", 0)
+
+
+@pytest.mark.databases("sqlite")
+def test_one_cache_on_a_sessionmaker_and_an_async_sessionmaker(
+    schema: Any, db_url: str, prefix: str, redis_url: str, loop: Any
+) -> None:
+    """The installation docs recommend for sync and async code side by side: both work."""
+
+    async def scenario() -> tuple[str, int, str]:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix)
+        factory = async_sessionmaker(engine, expire_on_commit=False)
+        sync_factory = sessionmaker(engine.sync_engine)
+        cache.install(sync_factory)
+        cache.install(factory)
+        try:
+            name, sql = await _seed_and_read(factory, cache, engine)
+            with sync_factory() as session:
+                row = session.get(AsRow, 1)
+                assert row is not None
+                return name, sql, row.name
+        finally:
+            cache.uninstall(factory)
+            cache.uninstall(sync_factory)
+            await cache.aclose()
+            await engine.dispose()
+
+    assert loop.run_until_complete(scenario()) == ("one", 0, "one")
 
 
 def test_a_sync_client_with_an_async_factory_fails_at_install(redis_url: str) -> None:

@@ -833,6 +833,54 @@ def test_uninstall_after_the_listeners_were_removed_elsewhere(
     cache.uninstall(factory)
 
 
+@pytest.mark.parametrize("order", ["session_first", "factory_first", "factory_twice"])
+def test_installing_twice_over_one_family_of_sessions_raises(
+    order: str, schema: Engine, prefix: str, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """SQLAlchemy runs a Session class's listeners for its subclasses: installed on
+    ``Session`` and on a sessionmaker (either order), or on one factory twice, every commit
+    of the factory's sessions went through the cache twice, the second pass taking the
+    first's lock for a concurrent writer's and invalidating instead of publishing (the next
+    get went to the database). The second install() now says so, and the first keeps
+    working: a commit publishes, the next get sends no SQL."""
+    cache = make_cache(redis_url, prefix)
+    factory = sessionmaker(schema)
+    first, second = {
+        "session_first": (Session, factory),
+        "factory_first": (factory, Session),
+        "factory_twice": (factory, factory),
+    }[order]
+    cache.install(first)
+    try:
+        with pytest.raises(ConfigurationError, match="through the cache twice"):
+            cache.install(second)
+        add(factory, CfWidget(id=1, name="w"))
+        assert entry_state(redis_client, entry_key(cache, CfWidget, 1)) == "value"
+        assert sql_of_get(schema, factory, CfWidget, 1) == 0
+        assert cache.stats().commits == 1
+    finally:
+        cache.uninstall(first)
+    cache.install(second)  # once uninstalled, the other one may have it
+    cache.uninstall(second)
+
+
+def test_sibling_factories_share_one_cache(
+    schema: Engine, prefix: str, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """Two sessionmakers of plain ``Session`` get a subclass each, siblings: both install."""
+    cache = make_cache(redis_url, prefix)
+    one, two = sessionmaker(schema), sessionmaker(schema)
+    cache.install(one)
+    cache.install(two)
+    try:
+        add(one, CfWidget(id=1, name="w"))
+        assert sql_of_get(schema, two, CfWidget, 1) == 0
+        assert cache.stats().commits == 1
+    finally:
+        cache.uninstall(one)
+        cache.uninstall(two)
+
+
 # ---------------------------------------------------------------- two caches, timeouts
 
 
