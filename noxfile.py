@@ -229,12 +229,15 @@ def docs(session: nox.Session) -> None:
 
 # The runs of ``nox -s sqlalchemy_suite``: test/orm, test/ext (sharding, mutable columns,
 # association proxies, hybrids, automap, baked queries, declarative...) and test/ext/asyncio,
-# whose tests need an async driver (on SQLite's default pysqlite they are skipped). 2.0's
-# test/ext/mypy (its mypy plugin's tests, gone in 2.1) needs mypy of that time: left out.
+# whose tests need an async driver (on SQLite's default pysqlite they are skipped), twice: with
+# the cache on Session (AsyncSessions then run its sync flavour inside the event loop) and on
+# AsyncSession (its asyncio flavour, as asyncio applications run it). 2.0's test/ext/mypy (its
+# mypy plugin's tests, gone in 2.1) needs mypy of that time: left out.
 SQLALCHEMY_SUITE_RUNS: tuple[tuple[str, ...], ...] = (
     (),
     ("--target", "test/ext", "--", "--ignore=test/ext/mypy"),
     ("--target", "test/ext/asyncio", "--", "--db", "aiosqlite"),
+    ("--target", "test/ext/asyncio", "--asyncio-flavour", "--", "--db", "aiosqlite"),
 )
 
 

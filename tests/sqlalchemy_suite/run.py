@@ -17,6 +17,12 @@ instead: the URL's database only serves to connect; each run creates a database 
 per pytest-xdist worker from it, and all of them are dropped at the end. Results go to a
 folder named after the backend too (``postgresql-full``, ``postgresql-quick``,
 ``postgresql-test_ext``).
+
+``--asyncio-flavour`` installs the cache on ``AsyncSession`` instead of ``Session`` (results in
+``...-asyncio``): ``test/ext/asyncio`` then runs through the cache's asyncio flavour
+(``redis.asyncio``), as asyncio applications do, rather than through the sync one inside the
+event loop. An asyncio driver in ``--dburi`` (``postgresql+asyncpg://``, ``mysql+aiomysql://``)
+is used for the suite, a synchronous one of the same database for making the run's database.
 """
 
 from __future__ import annotations
@@ -64,16 +70,17 @@ def known_reason(known: dict[str, str], test: str) -> str | None:
     return None
 
 
-def known_on(known: dict[str, str], backend: str) -> dict[str, str]:
+def known_on(known: dict[str, str], backend: str, flavour: str | None = None) -> dict[str, str]:
     """The entries that apply on ``backend``: a reason starting with ``[postgresql, mysql]``
     applies on those backends only (``sqlite`` is the default run's; a ``mysql+`` URL is
-    ``mysql`` on MariaDB too), one without such a tag everywhere."""
+    ``mysql`` on MariaDB too), one without such a tag everywhere; ``[asyncio]`` to the runs
+    with ``--asyncio-flavour`` only."""
     applying = {}
     for test, reason in known.items():
         tags, bracket, _ = reason.partition("]")
         if reason.startswith("[") and bracket:
             only = {tag.strip() for tag in tags[1:].split(",")}
-            if backend not in only:
+            if not only & {backend, flavour}:
                 continue
         applying[test] = reason
     return applying
@@ -127,6 +134,11 @@ def outcomes(junit: Path) -> dict[str, str]:
 #: schemas SQLAlchemy's suite expects in its database (README.unittests.rst in the sdist)
 _SCHEMAS = ("test_schema", "test_schema_2")
 
+#: a synchronous driver for the provisioning of a run whose ``--dburi`` names an asyncio one
+#: (the suite itself runs on the asyncio driver, through SQLAlchemy's greenlet adaptation)
+_SYNC_DRIVERS = {"asyncpg": "psycopg", "psycopg_async": "psycopg", "aiomysql": "pymysql"}
+_SYNC_DRIVERS |= {"asyncmy": "pymysql"}
+
 
 @contextlib.contextmanager
 def fresh_database(dburi: str, out: Path) -> Iterator[str]:
@@ -141,13 +153,15 @@ def fresh_database(dburi: str, out: Path) -> Iterator[str]:
 
     url = make_url(dburi)
     backend = url.get_backend_name()
-    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+    driver = url.get_driver_name()
+    sync_url = url.set(drivername=f"{backend}+{_SYNC_DRIVERS.get(driver, driver)}")
+    admin = create_engine(sync_url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
     name = f"wtsuite_{uuid.uuid4().hex[:12]}"
     if backend == "postgresql":
         with admin.connect() as conn:
             # UTF8 for the suite's unicode JSONB tests (README.unittests.rst)
             conn.exec_driver_sql(f"CREATE DATABASE {name} ENCODING 'utf8' TEMPLATE template0")
-        with create_engine(url.set(database=name), poolclass=pool.NullPool).begin() as conn:
+        with create_engine(sync_url.set(database=name), poolclass=pool.NullPool).begin() as conn:
             for schema in _SCHEMAS:
                 conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     elif backend in ("mysql", "mariadb"):
@@ -244,6 +258,12 @@ def main() -> int:
         "(the URL's database is only connected to)",
     )
     parser.add_argument(
+        "--asyncio-flavour",
+        action="store_true",
+        help="install the cache on AsyncSession (its asyncio flavour) instead of Session: "
+        "for test/ext/asyncio",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="compare the results of the last run again"
     )
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
@@ -259,7 +279,10 @@ def main() -> int:
     if args.workers != "0":
         extra += ["-n", args.workers]
     selection = "quick" if args.quick else out_name(targets)
-    out = args.workdir / "-".join(filter(None, [backend, selection]))
+    flavour = "asyncio" if args.asyncio_flavour else None
+    out = args.workdir / "-".join(filter(None, [backend, selection, flavour]))
+    if args.asyncio_flavour:
+        os.environ["WT_SUITE_ASYNCIO"] = "1"
     out.mkdir(parents=True, exist_ok=True)
 
     if args.report_only:
@@ -276,9 +299,11 @@ def main() -> int:
 
     status = (out / "extension.status").read_text(encoding="utf-8").split("\n")
     skipped = sorted({line for line in status if line.startswith("skipped model ")})
+    used = [line.split() for line in status if line.startswith("used ")]
+    status = [line for line in status if not line.startswith("used ")]
     problems = [line for line in status if line and line != "ok" and line not in skipped]
     plain, ext = outcomes(plain_xml), outcomes(ext_xml)
-    known = known_on(read_list(HERE / "known_failures.txt"), backend or "sqlite")
+    known = known_on(read_list(HERE / "known_failures.txt"), backend or "sqlite", flavour)
     only_ext = {
         test: state
         for test, state in ext.items()
@@ -301,6 +326,12 @@ def main() -> int:
         f"\n{len(ext)} tests; failing plainly: {failed_plain}; failing only with the "
         f"extension: {len(only_ext)} ({len(explained)} known, {len(unexplained)} unexplained)"
     )
+    if used:
+        through = "the asyncio flavour" if args.asyncio_flavour else "the cache"
+        print(
+            f"  {sum(int(u[1]) for u in used)} of the {sum(int(u[2]) for u in used)} tests run "
+            f"with the extension read or wrote through {through}"
+        )
     by_reason: dict[str, list[str]] = {}
     for test, reason in sorted(explained.items()):
         by_reason.setdefault(reason, []).append(test)

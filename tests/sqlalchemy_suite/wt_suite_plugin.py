@@ -15,6 +15,13 @@ one test from answering another's loads. A model the cache cannot keep exact (a 
 to a join, a concrete union base...) is left out by ``register_all()`` itself, with its
 ``WriteThroughWarning``.
 
+With ``WT_SUITE_ASYNCIO=1`` (``run.py --asyncio-flavour``, for ``test/ext/asyncio``) the cache is
+built from the URL and installed on ``AsyncSession`` instead of ``Session``: every AsyncSession
+then runs the cache's asyncio flavour (``redis.asyncio`` awaited inside SQLAlchemy's greenlet,
+the Session subclass ``install()`` gives an async target), the path users of asyncio take; the
+few plain ``Session`` tests of that folder run without the cache. Each test's cache is closed
+with ``aclose()`` on the suite's own event loop (one per process), where its connections live.
+
 It never fails a test by itself: if Redis cannot be reached or the cache cannot be set up, it
 says so loudly, runs the tests without the extension and writes the reason to the file named
 by ``--wt-status``, which ``run.py`` checks (a pass without the extension proves nothing).
@@ -33,6 +40,9 @@ import pytest
 #: set when the extension could not be installed for at least one test
 _problems: list[str] = []
 _client: Any = None
+_url = ""
+#: [tests run with the cache installed, those of them whose sessions read or wrote through it]
+_used = [0, 0]
 #: the read path of the current test's cache, which Session.get asks first (see above)
 _read: Any = None
 
@@ -79,7 +89,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    global _url
+    url = _url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     try:
         client = redis.Redis.from_url(
             url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1)
@@ -107,6 +118,8 @@ def _route_session_get() -> None:
 
 #: WT_SUITE_NEAR_CACHE=1: every test's cache has a near cache too (hits from process memory)
 _NEAR_CACHE = os.environ.get("WT_SUITE_NEAR_CACHE", "") not in ("", "0")
+#: WT_SUITE_ASYNCIO=1: the cache goes on AsyncSession, through its asyncio flavour (see above)
+_ASYNCIO = os.environ.get("WT_SUITE_ASYNCIO", "") not in ("", "0")
 
 
 def _wait_until_serving(cache: Any, timeout: float = 5.0) -> None:
@@ -144,30 +157,46 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         event.listen(Mapper, "mapper_configured", cache_module._on_mapper_configured)
     prefix = f"wtsuite-{uuid.uuid4().hex[:12]}"
     cache = None
+    target: Any = Session
     try:
         from sqlalchemy_writethrough import WriteThroughCache
 
         # no shared stats: a send after the test would leave its prefix's stats behind
         cache = WriteThroughCache(
-            _client, prefix=prefix, stats_interval=None, near_cache=_NEAR_CACHE
+            _url if _ASYNCIO else _client,
+            prefix=prefix,
+            stats_interval=None,
+            near_cache=_NEAR_CACHE,
         )
-        cache.install(Session)
+        if _ASYNCIO:
+            from sqlalchemy.ext.asyncio import AsyncSession
+
+            target = AsyncSession
+        cache.install(target)
         cache.register_all()
-        _read = cache._read
+        _read = None if _ASYNCIO else cache._read
         if _NEAR_CACHE:
             _wait_until_serving(cache)
     except Exception as exc:
         _problems.append(f"{item.nodeid}: the cache could not be installed ({exc!r})")
         if cache is not None:
-            cache.uninstall(Session)
+            cache.uninstall(target)
         cache = None
     try:
         yield
     finally:
         _read = None
         if cache is not None:
-            cache.uninstall(Session)
-            if _NEAR_CACHE:
+            stats = cache.stats()
+            _used[0] += 1
+            _used[1] += bool(stats.hits or stats.misses or stats.commits)
+            cache.uninstall(target)
+            if _ASYNCIO:
+                from sqlalchemy.testing import asyncio as suite_asyncio
+
+                # on the suite's event loop, where the asyncio client's connections live
+                suite_asyncio._run_coroutine_function(cache.aclose)
+            elif _NEAR_CACHE:
                 cache.close()  # its subscriber thread and connection
             # the cache validates every mapper configured while it lives: a later test's
             # mappers are none of its business (it would be collected only at the next gc)
@@ -192,3 +221,5 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write("".join(f"{line}\n" for line in _problems) if _problems else "ok\n")
+            # (per pytest-xdist worker: run.py adds them up)
+            fh.write(f"used {_used[1]} {_used[0]}\n")
