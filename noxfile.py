@@ -106,6 +106,9 @@ _NEWEST_REDIS_ONLY = (
     # the failovers and the stress run exercise redis-py the same way on every database: on
     # redis-py 5.0 they run on one database each (tests(2.1) runs them on all)
     "--deselect=tests/test_stress_short.py::test_short_stress_run_finds_no_violation[mariadb]",
+    # the command line's --repeat: nothing of redis-py's own
+    "--deselect=tests/test_stress_short.py::"
+    "test_repeat_lists_the_failing_seeds_and_keeps_only_their_histories",
     *(
         f"--deselect=tests/test_sentinel.py::{test}[{db}]"
         for test in ("test_a_stopped_primary_under_load", "test_a_failover_under_load")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from .faults import ALL_FAULTS, OPT_IN_FAULTS, PLANNED_FAULTS, TOPOLOGY_FAULTS, topology_of
 from .runner import (
@@ -191,8 +192,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "in every 2*SECONDS, while the first version goes on (with a short --ttl, the registry "
         "drops their keyspace meanwhile, and they register it again when they resume)",
     )
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the run's random seed (default: a random one, printed with the result); with "
+        "--repeat, the first repetition's, and each next one adds 1",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the history files")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="stress: do the runs N times, each repetition with its own seed, to find a rare "
+        "violation: prints a line per run and, at the end, the seeds of the failing ones; "
+        "keeps the histories of failing runs only (all with --keep-logs)",
+    )
     return p.parse_args(argv)
 
 
@@ -255,11 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     dbs = ["postgresql", "mariadb"] if args.db == "both" else [args.db]
     isolations = tuple(ISOLATIONS) if args.isolation == "both" else (args.isolation,)
     failed = False
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be 1 or more")
+    if args.repeat > 1 and args.scenario != "stress":
+        raise SystemExit("--repeat applies to --scenario stress only")
     if args.scenario == "stress":
         runs = [(db, faults) for db in dbs for faults in phases(args.faults)]
         per_run = args.seconds / len(runs)
         total: dict[str, int] = {}
-        for db, faults in runs:
+        keep_logs: bool | Literal["failed"] = args.keep_logs or (
+            "failed" if args.repeat > 1 else False
+        )
+        #: (repetition, database, faults, seed) of each failing run
+        failing: list[tuple[int, str, str, Any]] = []
+        for repetition, (db, faults) in itertools.product(range(args.repeat), runs):
+            seed = None if args.seed is None else args.seed + repetition
+            if args.repeat > 1:
+                print(f"== repetition {repetition + 1} of {args.repeat}", flush=True)
             result = run_stress(
                 StressConfig(
                     db_url=db_url(db),
@@ -268,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                     workers=args.workers,
                     isolations=isolations,
                     on_redis_error=args.on_redis_error,
-                    seed=args.seed,
+                    seed=seed,
                     kill_prob=args.kill_prob,
-                    keep_logs=args.keep_logs,
+                    keep_logs=keep_logs,
                     sabotage=args.sabotage,
                     paths=args.paths,
                     asyncio_workers=args.asyncio_workers,
@@ -291,8 +319,15 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in result.report.summary().items():
                 if isinstance(v, int):
                     total[k] = total.get(k, 0) + v
-            failed = failed or not result.report.ok
+            if not result.report.ok:
+                failed = True
+                label = ",".join(sorted(faults)) or "none"
+                failing.append((repetition + 1, db, label, result.info.get("seed")))
         print("== total over all runs: " + " ".join(f"{k}={v}" for k, v in total.items()))
+        if args.repeat > 1:
+            print(f"== {len(failing)} of {args.repeat * len(runs)} runs failed")
+            for repetition, db, label, seed in failing:
+                print(f"   repetition {repetition}: {db}, faults {label}: --seed {seed}")
     elif args.scenario == "herd":
         for db in dbs:
             result = run_herd(db_url(db), keep_logs=args.keep_logs, fill_wait=args.fill_wait)

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from inspect import signature
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from sqlalchemy import inspect, select
@@ -155,12 +155,14 @@ def reap(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def workspace(keep: bool, log: Log) -> Iterator[Path]:
+def workspace(keep: bool | Callable[[], bool], log: Log) -> Iterator[Path]:
+    """A folder for the run's histories, removed afterwards unless ``keep`` (or ``keep()``,
+    asked at the end: whether the run failed) says otherwise."""
     path = Path(tempfile.mkdtemp(prefix="stress-"))
     try:
         yield path
     finally:
-        if keep:
+        if keep() if callable(keep) else keep:
             log(f"histories kept in {path}")
         else:
             shutil.rmtree(path, ignore_errors=True)
@@ -421,7 +423,9 @@ class StressConfig:
     seed: int | None = None
     lock_timeout: float = 2.0
     kill_prob: float = 0.0015
-    keep_logs: bool = False
+    #: keep the history files: always (True), or only when the run fails ("failed": it found
+    #: a violation, a worker crashed, or the run ended with an exception)
+    keep_logs: bool | Literal["failed"] = False
     #: break the cache on purpose in every worker (see ``stress.worker.sabotage``)
     sabotage: str | None = None
     #: seconds to wait for another stress run on the same database to finish
@@ -510,8 +514,13 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
     started = time.monotonic()
     lock_wait = config.lock_wait
     procs: dict[int, subprocess.Popen[bytes]] = {}
+    #: set once the checker has judged the run (keep_logs="failed" keeps the others')
+    passed: list[bool] = []
+    keep: bool | Callable[[], bool] = config.keep_logs is True
+    if config.keep_logs == "failed":
+        keep = lambda: not passed  # noqa: E731
     with contextlib.ExitStack() as stack:
-        workdir = stack.enter_context(workspace(config.keep_logs, log))
+        workdir = stack.enter_context(workspace(keep, log))
         topology = topology_of(faults)
         server: RedisServer | None = None
         sentinel: SentinelGroup | None = None
@@ -693,6 +702,8 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             _bound(config.near_cache),
             buckets=_bucket_counts(config),
         )
+        if report.ok and not crashed:
+            passed.append(True)
         stats: Counter[str] = Counter()
         for e in events:
             if e["e"] == "stop":

@@ -446,3 +446,48 @@ def test_short_cluster_failover_run_finds_no_violation(
     assert any(k.startswith(("Cluster primaries killed", "CLUSTER FAILOVERs")) for k in result.info)
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     assert report.ok, result.format()
+
+
+@pytest.mark.timeout(150)
+def test_repeat_lists_the_failing_seeds_and_keeps_only_their_histories(
+    redis_server_binary: str,
+    postgresql_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``python -m stress --repeat N`` (loop a short run to find a rare violation): each
+    repetition has its own seed, the failing ones are listed with theirs, and only their
+    histories stay on disk. Sabotaged here, so that both repetitions fail."""
+    import re
+    import shutil
+
+    from stress.__main__ import main
+
+    monkeypatch.setenv("POSTGRESQL_URL", postgresql_url)
+    argv = ["--db", "postgresql", "--faults", "none", "--workers", "3", "--seconds", "2"]
+    argv += ["--repeat", "2", "--seed", "5", "--sabotage", "unguarded-fill"]
+    try:
+        assert main(argv) == 1
+    finally:
+        out = capsys.readouterr().out
+        kept = re.findall(r"histories kept in (\S+)", out)
+        for folder in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(out)
+    assert "== 2 of 2 runs failed" in out
+    assert "--seed 5" in out and "--seed 6" in out
+    assert len(kept) == 2
+
+
+@pytest.mark.timeout(150)
+def test_keep_logs_failed_removes_the_histories_of_a_passing_run(
+    redis_server_binary: str, postgresql_url: str
+) -> None:
+    """``--repeat`` keeps the histories of failing runs only: a passing run's are removed."""
+    lines: list[str] = []
+    result = run_stress(
+        StressConfig(db_url=postgresql_url, seconds=1, workers=2, keep_logs="failed", lock_wait=60),
+        log=lines.append,
+    )
+    assert result.report.ok, result.format()
+    assert not [line for line in lines if "histories kept" in line]
