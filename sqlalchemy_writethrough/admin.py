@@ -132,7 +132,11 @@ def cache_of(target: Any) -> WriteThroughCache:
     found = [
         cache
         for cache in list(_caches)
-        if any(ref() is c for ref, _, _ in cache._installed for c in candidates)
+        if any(
+            ref() is c
+            for ref in [*(ref for ref, _, _ in cache._installed), *cache._targets]
+            for c in candidates
+        )
     ]
     if not found:
         raise UsageError(

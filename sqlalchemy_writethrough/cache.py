@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import redis
 import redis.asyncio
@@ -327,9 +327,9 @@ class WriteThroughCache:
         self._installed: list[tuple[weakref.ref[Any], str, Any]] = []
         #: the factories install() was given (an async one too), for the command-line tool
         self._targets: list[weakref.ref[Any]] = []
-        #: the Session classes the listeners went on, with what install() was given for them
-        #: (see _refuse_covered_twice)
-        self._covered: list[tuple[weakref.ref[type], str]] = []
+        #: what install() was given, the Session class its listeners went on, and the first,
+        #: in words (see _refuse_covered_twice)
+        self._covered: list[tuple[weakref.ref[Any], weakref.ref[type], str]] = []
         _caches.add(self)
 
     def _client_options(self, asyncio: bool = False) -> dict[str, Any]:
@@ -595,7 +595,7 @@ class WriteThroughCache:
             self._refuse_covered_twice(target, *flavours.planned_sync_session_class(target))
             # made (or given the read path again) before the listeners go on it
             listen_on: Any = flavours.sync_session_class(target, flavour.read)
-            covered: type = listen_on
+            covered: type | None = listen_on
         else:
             if self._sync is None:
                 raise ConfigurationError(
@@ -612,10 +612,14 @@ class WriteThroughCache:
                     # before the listeners, which SQLAlchemy puts on the factory's class
                     maker.class_ = self.session_class(maker.class_)
                 covered = maker.class_
-            else:  # a Session class (the async kinds were taken above)
-                covered = cast(type, maker)
-                self._refuse_covered_twice(target, covered, False)
-            flavour, listen_on = self._sync, target
+            else:  # a Session class (the async kinds were taken above), or what a
+                # scoped_session was made of (SQLAlchemy refuses what it cannot listen on)
+                covered = maker if isinstance(maker, type) else None
+                if covered is not None:
+                    self._refuse_covered_twice(target, covered, False)
+            # on the class itself, as SQLAlchemy would through the factory: uninstall()
+            # then removes them from this class, even once the factory has another
+            flavour, listen_on = self._sync, covered or target
         hooks: list[tuple[str, Any, dict[str, Any]]] = [
             ("do_orm_execute", flavour.read.on_execute, {"retval": True}),
             ("after_begin", flavour.write.after_begin, {}),
@@ -629,7 +633,9 @@ class WriteThroughCache:
             event.listen(listen_on, name, fn, **kw)
             self._installed.append((weakref.ref(listen_on), name, fn))
         self._targets.append(weakref.ref(target))
-        self._covered.append((weakref.ref(covered), _described(target)))
+        if covered is not None:
+            where = _described(target, covered)
+            self._covered.append((weakref.ref(target), weakref.ref(covered), where))
 
     def _refuse_covered_twice(self, target: Any, cls: type, subclassed: bool) -> None:
         """SQLAlchemy runs the listeners of a Session class for its subclasses too: installed
@@ -639,18 +645,21 @@ class WriteThroughCache:
         a concurrent writer's (or, across the two flavours, failing). ``cls`` is the class
         the listeners will go on, or with ``subclassed`` the class a new one will derive
         from."""
-        for ref, where in self._covered:
+        for installed, ref, where in self._covered:
             other = ref()
-            if other is None:
+            if other is None or installed() is None:
                 continue
             if issubclass(cls, other) or (not subclassed and issubclass(other, cls)):
+                what = _described(target, cls if subclassed else None)
+                if installed() is target:
+                    what, where = "it again", "its first install()"
                 raise ConfigurationError(
-                    f"installing this cache on {_described(target)} would cover sessions it "
-                    f"already covers through {where}: SQLAlchemy runs a Session class's "
-                    "listeners for its subclasses too, so every flush and commit of those "
-                    "sessions would go through the cache twice. Install it once per family of "
-                    "Session classes: on your sessionmaker and your async_sessionmaker, for "
-                    "instance, rather than on Session itself (or uninstall() it first)"
+                    f"installing this cache on {what} would cover sessions it already covers "
+                    f"through {where}: SQLAlchemy runs a Session class's listeners for its "
+                    "subclasses too, so every flush and commit of those sessions would go "
+                    "through the cache twice. Install it once per family of Session classes: "
+                    "on your sessionmaker and your async_sessionmaker, for instance, rather "
+                    "than on Session itself (or uninstall() the other first)"
                 )
 
     def session_class(self, base: type[Session] = Session) -> type[Session]:
@@ -680,27 +689,23 @@ class WriteThroughCache:
         A sessionmaker (or an async factory) keeps the Session subclass install() gave it; its
         ``get()`` no longer asks the cache."""
         self._targets = [ref for ref in self._targets if ref() not in (None, target)]
-        made: type = Session
-        if flavours.is_async_target(target):
-            target = made = flavours.sync_session_class(target)
-        factory = target.session_factory if isinstance(target, scoped_session) else target
-        covered = factory.class_ if isinstance(factory, sessionmaker) else factory
-        self._covered = [pair for pair in self._covered if pair[0]() not in (None, covered)]
+        classes = [entry[1]() for entry in self._covered if entry[0]() is target]
+        self._covered = [entry for entry in self._covered if entry[0]() not in (None, target)]
         keep = []
         for ref, name, fn in self._installed:
-            if ref() is target:
-                if event.contains(target, name, fn):
-                    event.remove(target, name, fn)
-            elif ref() is not None:
+            cls = ref()
+            if cls is not None and cls in classes:
+                if event.contains(cls, name, fn):
+                    event.remove(cls, name, fn)
+            elif cls is not None:
                 keep.append((ref, name, fn))
         self._installed = keep
         self._give_back_kept_connections()
-        maker = target.session_factory if isinstance(target, scoped_session) else target
-        made = cast(type, getattr(maker, "class_", made))
         reads = [flavour.read for flavour in (self._sync, self._async) if flavour is not None]
-        for cls in made.__mro__:
-            if any(cls.__dict__.get("_wt_read") is read for read in reads):
-                cls._wt_read = None  # type: ignore[attr-defined]
+        for made in classes:
+            for cls in made.__mro__ if made is not None else ():
+                if any(cls.__dict__.get("_wt_read") is read for read in reads):
+                    cls._wt_read = None  # type: ignore[attr-defined]
 
     # -- by hand -------------------------------------------------------------------------
 
@@ -1134,13 +1139,22 @@ def _subscriptions(client: Any) -> Subscriptions:
     return Subscriptions(client)
 
 
-def _described(target: Any) -> str:
-    """An install target in a message: its class's path, or which kind of factory it is
-    (a factory's repr lists its whole configuration)."""
+def _described(target: Any, cls: type | None = None) -> str:
+    """An install target in a message: its class's path, or which kind of factory it is (a
+    factory's repr lists its whole configuration), with the class its sessions are
+    (``cls``). A Session subclass the cache made has its base's name: it says so."""
     if isinstance(target, type):
-        return f"{target.__module__}.{target.__qualname__}"
+        return _class_words(target)
     kind = type(target).__name__
-    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+    words = f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+    return words if cls is None else f"{words} of {_class_words(cls)}"
+
+
+def _class_words(cls: type) -> str:
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    if "_wt_read" in cls.__dict__ or flavours.made_here(cls):
+        return f"the {path} subclass made by a WriteThroughCache"
+    return path
 
 
 def _check_loop(backend: Any) -> None:

@@ -51,15 +51,22 @@ def is_async_target(target: Any) -> bool:
 
 def planned_sync_session_class(target: Any) -> tuple[type[Session], bool]:
     """The class :func:`sync_session_class` would return for an async ``target``, without
-    making it: the class itself, or (``True``) the class a new subclass would derive from."""
+    making it: the class itself, or (``True``) the class a new subclass would derive from.
+
+    A class made here is the target's own only where the target itself names it (a factory's
+    ``sync_session_class`` keyword, an AsyncSession subclass's own attribute): one inherited
+    (``AsyncSession.sync_session_class`` after an install on ``AsyncSession``) belongs to
+    another target, and a factory of it gets a subclass of its own, as siblings do."""
     api = _async_api()
     if isinstance(target, api.async_scoped_session):
         target = target.session_factory
     if isinstance(target, api.async_sessionmaker):
-        current = target.kw.get("sync_session_class") or target.class_.sync_session_class
-    else:
+        own = target.kw.get("sync_session_class")
+        current = own or target.class_.sync_session_class
+    else:  # an AsyncSession subclass
+        own = target.__dict__.get("sync_session_class")
         current = target.sync_session_class
-    return current, not current.__dict__.get(_MADE)
+    return current, not (own is not None and own.__dict__.get(_MADE))
 
 
 def sync_session_class(target: Any, read: ReadPath | None = None) -> type[Session]:
@@ -70,20 +77,21 @@ def sync_session_class(target: Any, read: ReadPath | None = None) -> type[Sessio
     api = _async_api()
     if isinstance(target, api.async_scoped_session):
         target = target.session_factory
-    maker = isinstance(target, api.async_sessionmaker)
-    if maker:
-        current = target.kw.get("sync_session_class") or target.class_.sync_session_class
-    else:  # an AsyncSession subclass
-        current = target.sync_session_class
-    if not current.__dict__.get(_MADE):
+    current, make = planned_sync_session_class(target)
+    if make:
         current = _subclass(current, read)
-        if maker:
+        if isinstance(target, api.async_sessionmaker):
             target.configure(sync_session_class=current)
         else:
             target.sync_session_class = current
     elif read is not None and "_wt_read" in current.__dict__:
-        current._wt_read = read
-    return current  # type: ignore[no-any-return]
+        current._wt_read = read  # type: ignore[attr-defined]
+    return current
+
+
+def made_here(cls: type) -> bool:
+    """Whether :func:`sync_session_class` made ``cls``."""
+    return bool(cls.__dict__.get(_MADE))
 
 
 def _subclass(base: type[Session], read: ReadPath | None) -> type[Session]:

@@ -27,7 +27,7 @@ def keyspace(cache: WriteThroughCache, model: type, bind: Any = None) -> KeySpac
     layout = cache._layout_for(inspect(model))
     assert layout is not None, f"{model.__name__} is not cached"
     if bind is None:
-        targets = [ref() for ref, _, _ in cache._installed]
+        targets = [ref() for ref in cache._targets]
         binds = {
             cache._databases.of(b): b
             for t in targets

@@ -163,6 +163,43 @@ def test_one_cache_on_session_and_an_async_factory_raises_at_install(
 
 
 @pytest.mark.databases("sqlite")
+def test_sibling_async_factories_after_an_install_on_asyncsession(
+    schema: Any, db_url: str, prefix: str, redis_url: str, loop: Any, monkeypatch: Any
+) -> None:
+    """An install() on ``AsyncSession`` leaves ``AsyncSession.sync_session_class`` the class
+    it made; two default async_sessionmakers inherit it. Each gets a subclass of its own
+    again (siblings: both install, each commit goes through the cache once), where the
+    second was refused, and before that the two shared one class and ran every hook twice."""
+
+    # the class install() gives AsyncSession stays there: put Session back afterwards
+    monkeypatch.setattr(AsyncSession, "sync_session_class", AsyncSession.sync_session_class)
+
+    async def scenario() -> tuple[str, int, int, str]:
+        engine = create_async_engine(async_url(db_url))
+        earlier = WriteThroughCache(redis_url, prefix=prefix + "-earlier")
+        earlier.install(AsyncSession)
+        earlier.uninstall(AsyncSession)
+        await earlier.aclose()
+        cache = WriteThroughCache(redis_url, prefix=prefix)
+        one = async_sessionmaker(engine, expire_on_commit=False)
+        two = async_sessionmaker(engine, expire_on_commit=False)
+        cache.install(one)
+        cache.install(two)
+        try:
+            name, sql = await _seed_and_read(one, cache, engine)
+            async with two() as session:
+                row = await session.get(AsRow, 1)
+            return name, sql, cache.stats().commits, row.name
+        finally:
+            cache.uninstall(one)
+            cache.uninstall(two)
+            await cache.aclose()
+            await engine.dispose()
+
+    assert loop.run_until_complete(scenario()) == ("one", 0, 1, "one")
+
+
+@pytest.mark.databases("sqlite")
 def test_one_cache_on_a_sessionmaker_and_an_async_sessionmaker(
     schema: Any, db_url: str, prefix: str, redis_url: str, loop: Any
 ) -> None:

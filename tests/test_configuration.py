@@ -826,9 +826,10 @@ def test_uninstall_after_the_listeners_were_removed_elsewhere(
     cache = make_cache(redis_url, prefix)
     factory = sessionmaker(schema)
     cache.install(factory)
-    sa.event.remove(factory, "do_orm_execute", cache._read.on_execute)
+    # the listeners are on the factory's class (as SQLAlchemy puts a factory's)
+    sa.event.remove(factory.class_, "do_orm_execute", cache._read.on_execute)
     cache.uninstall(factory)
-    assert not sa.event.contains(factory, "before_flush", cache._write.before_flush)
+    assert not sa.event.contains(factory.class_, "before_flush", cache._write.before_flush)
     cache.install(factory)  # and it can come back
     cache.uninstall(factory)
 
@@ -862,6 +863,56 @@ def test_installing_twice_over_one_family_of_sessions_raises(
         cache.uninstall(first)
     cache.install(second)  # once uninstalled, the other one may have it
     cache.uninstall(second)
+
+
+def test_uninstalling_another_wrapper_of_the_factory_keeps_the_refusal(
+    schema: Engine, prefix: str, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """``uninstall()`` removes what ``install()`` added to that very target: installed on a
+    scoped_session, an uninstall of its sessionmaker removes nothing, so the sessionmaker is
+    still covered and a second install() on it is still refused (it was let through, and ran
+    every hook twice)."""
+    cache = make_cache(redis_url, prefix)
+    factory = sessionmaker(schema)
+    scoped = scoped_session(factory)
+    cache.install(scoped)
+    try:
+        cache.uninstall(factory)
+        with pytest.raises(ConfigurationError, match="through the cache twice"):
+            cache.install(factory)
+        scoped.remove()
+        add(factory, CfWidget(id=1, name="w"))
+        assert sql_of_get(schema, factory, CfWidget, 1) == 0
+        assert cache.stats().commits == 1
+    finally:
+        scoped.remove()
+        cache.uninstall(scoped)
+
+
+def test_two_caches_on_one_factory_uninstall_and_install_again(
+    schema: Engine, prefix: str, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """With a second cache installed on the same sessionmaker (whose class it replaced with a
+    subclass of its own), the first cache's uninstall() left its listeners on the class it
+    had installed them on (SQLAlchemy resolved the factory to its current class), so a new
+    install() made it run twice. Now each commit goes through each cache once."""
+    other_prefix = new_prefix()
+    first, second = make_cache(redis_url, prefix), make_cache(redis_url, other_prefix)
+    factory = sessionmaker(schema)
+    first.install(factory)
+    second.install(factory)
+    try:
+        first.uninstall(factory)
+        add(factory, CfWidget(id=1, name="w"))
+        assert (first.stats().commits, second.stats().commits) == (0, 1)
+        first.install(factory)
+        add(factory, CfWidget(id=2, name="w"))
+        assert (first.stats().commits, second.stats().commits) == (1, 2)
+        assert entry_state(redis_client, entry_key(first, CfWidget, 2)) == "value"
+    finally:
+        first.uninstall(factory)
+        second.uninstall(factory)
+        delete_prefix(redis_client, other_prefix)
 
 
 def test_sibling_factories_share_one_cache(
