@@ -252,7 +252,8 @@ class Worker:
             near_cache=near_options(config, self.flavour),
             **({"buckets": config["buckets"]} if config.get("buckets") else {}),
         )
-        sabotage(self.cache, config.get("sabotage"))
+        # the flavour this worker's sessions use: an asyncio worker's never reach the other
+        sabotage(self.cache, config.get("sabotage"), self.flavour)
         #: the transaction ``commit()`` is committing now (its background publish's ``tx``)
         self.committing: str | None = None
         #: whether that commit queued its publish for the background worker
