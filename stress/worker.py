@@ -1365,6 +1365,8 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
         # prefix that turns the epoch check on
         unchecked = type(checked)(checked.client, checked.breaker, runtime.counters)
         unchecked.on_recovery = checked.on_recovery
+        unchecked.on_cluster_node = checked.on_cluster_node
+        cache._tell_near(unchecked)  # its writes still tell the near caches
         runtime.backend = unchecked
     elif name == "unlocked-background-publish":
         publisher = write.publisher
