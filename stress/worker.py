@@ -1383,8 +1383,8 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
 
         def late_run(jobs: Any) -> object:
             # on the worker thread, or in the asyncio worker's greenlet: awaited on the loop
-            transport: Any = runtime.backend.transport  # type: ignore[attr-defined]
-            transport.sleep(random.uniform(0.002, 0.02))
+            current: Any = runtime.backend
+            current.transport.sleep(random.uniform(0.002, 0.02))
             return run(jobs)
 
         write._submit = unlocked_submit  # type: ignore[method-assign]
