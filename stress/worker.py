@@ -1191,8 +1191,9 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
     sessions never reach the other, so a sabotage of it would prove nothing. The patches go
     through the flavour's backend and transport (``transport.command``, ``transport.sleep``),
     which await Redis and ``asyncio.sleep`` inside SQLAlchemy's greenlet for the asyncio
-    flavour: one patch serves both. The near cache (and the modules ``stale-snapshot-fill``
-    and ``tenant-blind-keys`` patch) are shared by both flavours: patched once, whichever.
+    flavour: one patch serves both. The near cache and the modules ``stale-snapshot-fill``
+    and ``tenant-blind-keys`` patch are shared by both flavours: one call breaks them for both
+    (a second call, for the other flavour, would patch the near cache twice).
 
     ``unguarded-fill``       a fill writes whatever it loaded, even over a lock or a newer
                              value (no lease check), a few milliseconds after the load;
