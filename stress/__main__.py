@@ -115,7 +115,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=0,
         help="stress: how many of the workers use AsyncSession (asyncpg / aiomysql) and "
-        "redis.asyncio, next to the sync ones (sabotages apply to the sync ones only)",
+        "redis.asyncio, next to the sync ones (a sabotage breaks every worker's flavour)",
     )
     p.add_argument(
         "--tenants",

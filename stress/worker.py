@@ -252,7 +252,8 @@ class Worker:
             near_cache=near_options(config, self.flavour),
             **({"buckets": config["buckets"]} if config.get("buckets") else {}),
         )
-        sabotage(self.cache, config.get("sabotage"))
+        # the flavour this worker's sessions use: an asyncio worker's never reach the other
+        sabotage(self.cache, config.get("sabotage"), self.flavour)
         #: the transaction ``commit()`` is committing now (its background publish's ``tx``)
         self.committing: str | None = None
         #: whether that commit queued its publish for the background worker
@@ -1177,8 +1178,22 @@ SABOTAGES = (
 )
 
 
-def sabotage(cache: WriteThroughCache, name: str | None) -> None:
+#: the flavours of a cache ``sabotage`` can break: the one sync sessions use, and the one
+#: AsyncSessions use (``cache._async_flavour()``)
+FLAVOURS = ("sync", "asyncio")
+
+
+def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") -> None:
     """Break the cache on purpose, to show the checker catches what a naive cache does.
+
+    ``flavour``: whose hooks break, "sync" (the cache's first flavour, which sync sessions
+    use) or "asyncio" (the one AsyncSessions use, made now if not yet): an asyncio worker's
+    sessions never reach the other, so a sabotage of it would prove nothing. The patches go
+    through the flavour's backend and transport (``transport.command``, ``transport.sleep``),
+    which await Redis and ``asyncio.sleep`` inside SQLAlchemy's greenlet for the asyncio
+    flavour: one patch serves both. The near cache and the modules ``stale-snapshot-fill``
+    and ``tenant-blind-keys`` patch are shared by both flavours: one call breaks them for both
+    (a second call, for the other flavour, would patch the near cache twice).
 
     ``unguarded-fill``       a fill writes whatever it loaded, even over a lock or a newer
                              value (no lease check), a few milliseconds after the load;
@@ -1211,6 +1226,15 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
     """
     if not name:
         return
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; choose from {FLAVOURS}")
+    if flavour == "asyncio":
+        hooks = cache._async_flavour()
+        runtime, write = hooks.runtime, hooks.write
+    else:
+        runtime, write = cache._runtime, cache._write
+    #: the flavour's backend as it is now (``no-epoch-check`` replaces it)
+    backend: Any = runtime.backend
     if name == "deaf-near-cache":
         near = cache._near
         if near is None:
@@ -1254,7 +1278,6 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
                     mark(keys)
                 return super().call(script, keys, args)
 
-        backend: Any = cache._backend
         scripts, marking = backend._scripts, MarkingScripts()
         marking.source, marking.sha, marking.channel = scripts.source, scripts.sha, scripts.channel
         backend._scripts = marking
@@ -1273,22 +1296,22 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
         near.drop = deaf_drop  # type: ignore[method-assign]
         return
     if name == "unguarded-batch-fill":
-        backend = cache._backend
         fill_many = backend.fill_many
 
         def unguarded_fill_many(items: Any) -> list[Any]:
-            time.sleep(random.uniform(0, 0.01))  # a slow reader: the race window is wider
+            # a slow reader: the race window is wider (awaited on the loop for asyncio)
+            backend.transport.sleep(random.uniform(0, 0.01))
             done: list[Any] = []
             for item in items:
                 key, _gen_key, _lease, gen, payload, ttl_ms = item
                 if not payload:  # giving a lease up
                     done.extend(fill_many([item]) or [None])
                     continue
-                backend.client.set(key, b"V" + gen + b":" + payload, px=ttl_ms)
+                backend.transport.command("SET", key, b"V" + gen + b":" + payload, "PX", ttl_ms)
                 done.append(True)
             return done
 
-        backend.fill_many = unguarded_fill_many  # type: ignore[method-assign]
+        backend.fill_many = unguarded_fill_many
         return
     if name == "deaf-near-batch":
         near = cache._near
@@ -1324,7 +1347,6 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
         databases._schemas = lambda translate: ""
         return
     if name == "unguarded-fill":
-        backend = cache._backend
         original = backend.fill
 
         def fill(
@@ -1332,18 +1354,22 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
         ) -> bool | None:
             if not payload:  # giving a lease up
                 return original(key, gen_key, lease, gen, payload, ttl_ms)
-            time.sleep(random.uniform(0, 0.01))  # a slow reader: the race window is wider
-            backend.client.set(key, b"V" + gen + b":" + payload, px=ttl_ms)
+            # a slow reader: the race window is wider (awaited on the loop for asyncio)
+            backend.transport.sleep(random.uniform(0, 0.01))
+            backend.transport.command("SET", key, b"V" + gen + b":" + payload, "PX", ttl_ms)
             return True
 
-        backend.fill = fill  # type: ignore[method-assign]
+        backend.fill = fill
     elif name == "no-epoch-check":
-        checked = cache._backend
-        unchecked = type(checked)(checked.client, checked.breaker, cache._counters)
+        checked = backend
+        # the same kind of backend (sync, asyncio, Cluster) on the same client, without the
+        # prefix that turns the epoch check on
+        unchecked = type(checked)(checked.client, checked.breaker, runtime.counters)
         unchecked.on_recovery = checked.on_recovery
-        cache._backend = unchecked
+        unchecked.on_cluster_node = checked.on_cluster_node
+        cache._tell_near(unchecked)  # its writes still tell the near caches
+        runtime.backend = unchecked
     elif name == "unlocked-background-publish":
-        write = cache._write
         publisher = write.publisher
         assert publisher is not None
         submit, run = write._submit, publisher._run
@@ -1353,11 +1379,13 @@ def sabotage(cache: WriteThroughCache, name: str | None) -> None:
             # key -> generation key); ``pairs`` is only filled once the worker builds it
             pairs = job.pairs or [k for pair in (job.locked or {}).items() for k in pair]
             if job.committed and pairs:
-                cache._backend.release(pairs, job.owner)
+                runtime.backend.release(pairs, job.owner)
             return submit(job)
 
         def late_run(jobs: Any) -> object:
-            time.sleep(random.uniform(0.002, 0.02))
+            # on the worker thread, or in the asyncio worker's greenlet: awaited on the loop
+            current: Any = runtime.backend
+            current.transport.sleep(random.uniform(0.002, 0.02))
             return run(jobs)
 
         write._submit = unlocked_submit  # type: ignore[method-assign]

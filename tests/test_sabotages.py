@@ -16,10 +16,18 @@ The test is parametrized over ``SABOTAGES``: a new sabotage without a scenario f
 Caches are built as the stress worker builds them: the sabotage applied right after the
 cache is made, before it is installed. Sabotages that patch a module (``databases._schemas``,
 ``loading._read_was_fresh``) are undone after each test.
+
+Each scenario runs on both flavours. The asyncio one is an ``--asyncio-workers`` worker's: the
+cache given Redis's URL, the sabotage applied to its asyncio flavour, ``async_sessionmaker``
+factories on asyncpg, and the scenario run in one SQLAlchemy greenlet on an event loop, on
+each AsyncSession's sync session (as ``AsyncSession.run_sync`` runs code): the cache's hooks
+await ``redis.asyncio`` there. The sync flavour's patches never reach those hooks: a
+sabotage whose patch reached only them shows the intact behaviour here and fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,8 +37,10 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from _flavours import async_url
 from sqlalchemy import event, func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import (
@@ -38,9 +48,11 @@ from sqlalchemy_writethrough import (
     NearCacheOptions,
     WriteThroughCache,
     databases,
+    flavours,
     from_cache,
     loading,
 )
+from sqlalchemy_writethrough._sa_compat import await_, greenlet_spawn
 from stress.redis_server import RedisServer
 from stress.worker import SABOTAGES, sabotage
 
@@ -71,12 +83,16 @@ class SbItem(Base, CachedModel):
 class Ctx:
     """What a scenario needs: the database, Redis, and a cache maker that sabotages (or not)."""
 
+    #: the engine the sessions' SQL goes through (the async engine's sync core for asyncio)
     engine: Engine
     redis_url: str
     prefix: str
     #: the sabotage under test, or None for the intact twin
     sabotage: str | None
     client: redis.Redis
+    #: "sync", or "asyncio" (the scenario runs in a greenlet on ``loop``)
+    flavour: str = "sync"
+    loop: asyncio.AbstractEventLoop | None = None
     made: list[WriteThroughCache] = field(default_factory=list)
     clients: list[redis.Redis] = field(default_factory=list)
 
@@ -84,14 +100,55 @@ class Ctx:
     def sabotaged(self) -> bool:
         return self.sabotage is not None
 
+    @property
+    def is_async(self) -> bool:
+        return self.flavour == "asyncio"
+
     def cache(self, url: str | None = None, **options: Any) -> WriteThroughCache:
-        """A cache built as a stress worker builds its own: sabotaged right after it is made."""
-        client = redis.Redis.from_url(url or self.redis_url, socket_timeout=2)
-        self.clients.append(client)
-        cache = WriteThroughCache(client, prefix=self.prefix, stats_interval=None, **options)
+        """A cache built as a stress worker builds its own: sabotaged right after it is made.
+        An asyncio worker's is given the URL, and its asyncio flavour is the one sabotaged."""
+        if self.is_async:
+            cache = WriteThroughCache(
+                url or self.redis_url,
+                prefix=self.prefix,
+                stats_interval=None,
+                socket_timeout=2,
+                **options,
+            )
+        else:
+            client = redis.Redis.from_url(url or self.redis_url, socket_timeout=2)
+            self.clients.append(client)
+            cache = WriteThroughCache(client, prefix=self.prefix, stats_interval=None, **options)
         self.made.append(cache)
-        sabotage(cache, self.sabotage)
+        sabotage(cache, self.sabotage, self.flavour)
         return cache
+
+    def publisher(self, cache: WriteThroughCache) -> Any:
+        """The background publisher of the flavour the sessions use."""
+        hooks = cache._async_flavour() if self.is_async else cache._sync
+        assert hooks is not None
+        return hooks.write.publisher
+
+    def flush_publishes(self, cache: WriteThroughCache, timeout: float) -> bool:
+        """``cache.flush_publishes()``; awaited on the loop for asyncio, whose publisher is a
+        task there (called from the scenario's greenlet)."""
+        if self.is_async:
+            return bool(await_(cache.aflush_publishes(timeout)))
+        return cache.flush_publishes(timeout)
+
+    def close(self, cache: WriteThroughCache) -> None:
+        """``cache.close()``, or ``aclose()`` awaited from the scenario's greenlet."""
+        if self.is_async:
+            await_(cache.aclose())
+        else:
+            cache.close()
+
+    def run(self, scenario: Callable[[Ctx], None]) -> None:
+        """The scenario: called, or for asyncio run in a greenlet on the loop."""
+        if self.loop is None:
+            scenario(self)
+        else:
+            self.loop.run_until_complete(greenlet_spawn(scenario, self))
 
     def near_cache(self, **options: Any) -> WriteThroughCache:
         """A cache with a near cache whose copies outlive any slow step of the test."""
@@ -112,6 +169,7 @@ def engine(postgresql_url: str) -> Iterator[Engine]:
 def ctx(
     request: pytest.FixtureRequest,
     engine: Engine,
+    postgresql_url: str,
     redis_url: str,
     prefix: str,
     redis_client: redis.Redis,
@@ -121,26 +179,63 @@ def ctx(
     monkeypatch.setattr(databases, "_schemas", databases._schemas)
     monkeypatch.setattr(loading, "_read_was_fresh", loading._read_was_fresh)
     name: str = request.node.callspec.params["name"]
+    flavour: str = request.node.callspec.params["flavour"]
     context = Ctx(engine, redis_url, prefix, name if request.param else None, redis_client)
+    async_engine: AsyncEngine | None = None
+    if flavour == "asyncio":
+        async_engine = create_async_engine(async_url(postgresql_url))
+        context.flavour, context.engine = flavour, async_engine.sync_engine
+        context.loop = asyncio.new_event_loop()
     try:
         yield context
     finally:
         for cache in context.made:
-            publisher = cache._write.publisher
-            if publisher is not None:
-                publisher._go.set()
-            cache.close()
+            for hooks in (cache._sync, cache._async):
+                if hooks is not None and hooks.write.publisher is not None:
+                    hooks.write.publisher._go.set()
+            if context.loop is not None:
+                context.loop.run_until_complete(cache.aclose())
+            else:
+                cache.close()
         for client in context.clients:
             client.close()
+        if context.loop is not None:
+            assert async_engine is not None
+            context.loop.run_until_complete(async_engine.dispose())
+            context.loop.close()
 
 
 # ------------------------------------------------------------------------------ helpers
 
 
-def installed(cache: WriteThroughCache, bind: Any) -> sessionmaker[Session]:
+class AsyncFactory:
+    """An installed ``async_sessionmaker`` handing out its AsyncSessions' sync sessions, for a
+    scenario run in the greenlet (as a stress asyncio worker's ``_async_factories``)."""
+
+    def __init__(self, maker: async_sessionmaker[Any]) -> None:
+        self.maker = maker
+        #: the Session class its sessions run: where their events can be listened to
+        self.session_class = flavours.sync_session_class(maker)
+
+    def __call__(self) -> Session:
+        return self.maker().sync_session
+
+
+def installed(cache: WriteThroughCache, bind: Any) -> Any:
+    """A factory with ``cache`` installed: a sessionmaker, or on the sync core of an async
+    engine (the asyncio flavour) an :class:`AsyncFactory`."""
+    if bind.dialect.is_async:
+        maker = async_sessionmaker(AsyncEngine(bind), expire_on_commit=False)
+        cache.install(maker)
+        return AsyncFactory(maker)
     factory = sessionmaker(bind, expire_on_commit=False)
     cache.install(factory)
     return factory
+
+
+def session_events(factory: Any) -> Any:
+    """Where to listen to the session events of ``factory``'s sessions."""
+    return factory.session_class if isinstance(factory, AsyncFactory) else factory
 
 
 def insert_behind_cache(engine: Engine, **rows: int) -> None:
@@ -240,7 +335,9 @@ def fill_over_a_lock(ctx: Ctx, batch_read: bool) -> None:
             if session is w:
                 seen.append(get(factory, ctx.engine))
 
-        event.listen(factory, "after_commit", between_commit_and_publish, insert=True)
+        event.listen(
+            session_events(factory), "after_commit", between_commit_and_publish, insert=True
+        )
         w.commit()
     # stale: the database had committed n=2 when the reader was served n=1
     assert seen == ([(1, "cache")] if ctx.sabotaged else [(2, "db")])
@@ -295,7 +392,7 @@ def scenario_no_epoch_check(ctx: Ctx) -> None:
         raw = server.admin().get(entry_key(cache, SbItem, 1, bind=ctx.engine))
         assert raw is not None and raw[:1] == b"V", "the restart must restore the old entry"
         got = get(factory, ctx.engine)
-        cache.close()
+        ctx.close(cache)
     assert got == ((1, "cache") if ctx.sabotaged else (2, "db"))
 
 
@@ -306,7 +403,7 @@ def scenario_unlocked_background_publish(ctx: Ctx) -> None:
     a reader is served it."""
     cache = ctx.cache(publish="background")
     factory = installed(cache, ctx.engine)
-    publisher = cache._write.publisher
+    publisher = ctx.publisher(cache)
     assert publisher is not None
     insert_behind_cache(ctx.engine, **{"1": 1})
     assert get(factory, ctx.engine) == (1, "db")
@@ -324,7 +421,7 @@ def scenario_unlocked_background_publish(ctx: Ctx) -> None:
             assert get(factory, ctx.engine) == (2, "db")
     finally:
         publisher._go.set()
-    assert cache.flush_publishes(timeout=20.0)
+    assert ctx.flush_publishes(cache, timeout=20.0)
     # intact: the publish wrote n=2; sabotaged: it found its locks gone and left a miss
     assert get(factory, ctx.engine)[0] == 2
 
@@ -437,13 +534,14 @@ SCENARIOS: dict[str, Callable[[Ctx], None]] = {
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
 @pytest.mark.parametrize("name", SABOTAGES)
-def test_the_sabotage_breaks_what_the_intact_cache_keeps(name: str, ctx: Ctx) -> None:
+def test_the_sabotage_breaks_what_the_intact_cache_keeps(name: str, flavour: str, ctx: Ctx) -> None:
     scenario = SCENARIOS.get(name)
     assert scenario is not None, (
         f"sabotage {name!r} has no scenario here: add one showing it still acts"
     )
-    scenario(ctx)
+    ctx.run(scenario)
     if not ctx.sabotaged:
         assert all(cache.stats().errors == 0 for cache in ctx.made), "Redis errors: proves nothing"
 
@@ -457,5 +555,7 @@ def test_an_unknown_sabotage_is_refused(redis_url: str, prefix: str) -> None:
     try:
         with pytest.raises(ValueError, match="unknown sabotage"):
             sabotage(cache, "no-such-sabotage")
+        with pytest.raises(ValueError, match="unknown flavour"):
+            sabotage(cache, "unguarded-fill", "threads")
     finally:
         cache.close()
