@@ -844,10 +844,15 @@ class WriteThroughCache:
         Redis Cluster client it went on through when the server turned out to be a Cluster
         node (a client you passed is yours to close). The cache is unusable after. An
         interpreter that exits without it does the same (``atexit`` hooks). In asyncio code,
-        ``await cache.aclose()``."""
-        if self._sync is None and _loop_running():
+        ``await cache.aclose()``: called on a running event loop once the cache has served
+        AsyncSessions, close() raises :class:`ConfigurationError` (it would leave the
+        ``redis.asyncio`` connections open)."""
+        if (self._sync is None or self._async is not None) and _loop_running():
+            # on the loop: the redis.asyncio client (and the connections opened for this
+            # loop) can only be closed by awaiting, which close() cannot do here
             raise ConfigurationError(
-                "this cache talks to Redis through redis.asyncio: await cache.aclose()"
+                "this cache talks to Redis through redis.asyncio (for AsyncSessions): on the "
+                "event loop, await cache.aclose()"
             )
         self.flush_publishes(timeout)
         for publisher in self._publishers():

@@ -227,6 +227,35 @@ def test_one_cache_on_a_sessionmaker_and_an_async_sessionmaker(
     assert loop.run_until_complete(scenario()) == ("one", 0, "one")
 
 
+@pytest.mark.databases("sqlite")
+def test_close_on_the_loop_of_a_cache_serving_asyncsessions_says_aclose(
+    schema: Any, db_url: str, prefix: str, redis_url: str, loop: Any
+) -> None:
+    """A cache given a URL serves sync and async sessions; ``close()`` called on the event
+    loop returned and left the ``redis.asyncio`` connections open (a ResourceWarning at
+    exit, a connection held on the server). It now raises, naming ``aclose()``; the cache
+    keeps working, and ``aclose()`` then closes it."""
+
+    async def scenario() -> tuple[str, int]:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix)
+        factory = async_sessionmaker(engine, expire_on_commit=False)
+        cache.install(factory)
+        try:
+            result = await _seed_and_read(factory, cache, engine)
+            with pytest.raises(ConfigurationError, match=r"await cache\.aclose\(\)"):
+                cache.close()
+            async with factory() as session:
+                assert (await session.get(AsRow, 1)).name == "one"
+            return result
+        finally:
+            cache.uninstall(factory)
+            await cache.aclose()
+            await engine.dispose()
+
+    assert loop.run_until_complete(scenario()) == ("one", 0)
+
+
 def test_a_sync_client_with_an_async_factory_fails_at_install(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, socket_timeout=0.5)
     cache = WriteThroughCache(client, prefix="as-misuse")
