@@ -154,6 +154,12 @@ class Siblings:
         self._on_made_whole = on_made_whole
         #: part of the version a registration of this process sets when it adds a field
         self._token = secrets.token_hex(6)
+        #: this process's token in the lease of making the registry whole: one for all its
+        #: attempts, so that the lease an attempt left behind (Redis failed after 'begin'
+        #: took it, or refused the rest of the script) never makes a later commit of this
+        #: process wait for its expiry; its threads' attempts may overlap (each replaces
+        #: generations, the first 'end' makes it whole, the others see that at 'renew')
+        self._whole_token = secrets.token_hex(8)
         #: Redis may have forgotten the registry since this process last saw it whole (a new
         #: epoch, ``clear()``): registrations go ahead of their calls too until it is seen so
         self._doubted = False
@@ -399,7 +405,7 @@ class Siblings:
             return False
 
     def _make_whole(self, backend: Backend, wait: bool) -> bool:
-        keys, token = self._whole_keys, secrets.token_hex(8)
+        keys, token = self._whole_keys, self._whole_token
         deadline = time.monotonic() + _WHOLE_WAIT
         pause = 0.002
         step = 0

@@ -16,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
 from stress.redis_server import RedisServer
 
-from _servers import capture_sql, reset_schema
+from _servers import capture_sql, counting_redis, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite")
 
@@ -141,3 +141,40 @@ def test_a_refused_registration_caches_nothing(
     finally:
         cache.uninstall(factory)
         cache.redis.close()
+
+
+def test_a_refused_registration_does_not_hold_commits_up(
+    server: RedisServer, engine: Engine
+) -> None:
+    """Without HSET, the registry recovery's first step took its lease (SET) and then failed
+    (HSET): the lease stayed, and each later commit of any process waited for it to expire,
+    asking again and again (10 s and a few hundred round trips a commit). The step now takes
+    the lease last, and a process's own lease never holds it up: a commit costs a handful
+    of round trips."""
+    admin = server.admin()
+    admin.acl_setuser("shop", enabled=True, passwords=["+s3cret"], reset=True)
+    rules = f"{LEAST_PRIVILEGE} {SCRIPT_COMMANDS}".replace("+hset ", "")
+    admin.execute_command("ACL", "SETUSER", "shop", *rules.split())
+    client, counter = counting_redis(
+        f"redis://shop:s3cret@127.0.0.1:{server.port}/0", socket_timeout=5
+    )
+    # two processes' caches (each its own token in the recovery's lease)
+    caches = [WriteThroughCache(client, prefix="shop", stats_interval=None) for _ in range(2)]
+    reset_schema(engine, Base.metadata)
+    factories = [sessionmaker(engine), sessionmaker(engine)]
+    for cache, factory in zip(caches, factories, strict=True):
+        cache.install(factory)
+    trips = []
+    try:
+        for i in range(6):
+            counter.reset()
+            with factories[i % 2]() as session:
+                session.add(AclItem(id=i + 1, name="a"))
+                session.commit()
+            trips.append(counter.count)
+        # the first commit of each loads the scripts and reads the registry
+        assert max(trips[2:]) <= 5, (trips, counter.names)
+    finally:
+        for cache, factory in zip(caches, factories, strict=True):
+            cache.uninstall(factory)
+        client.close()

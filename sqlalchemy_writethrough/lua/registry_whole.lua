@@ -63,13 +63,15 @@ if redis.call('HGET', KEYS[1], whole) then
 end
 if ARGV[1] == 'begin' then
   if lease and lease ~= ARGV[2] then return 0 end
-  redis.call('SET', KEYS[3], ARGV[2], 'PX', ms)
+  -- the lease last: a script stopped on the way (an ACL refusing HSET) leaves none behind,
+  -- which every process's commits would otherwise wait for until it expired
   redis.call('HSET', KEYS[1], mine, now_ms() + 4 * ms)
   local since = redis.call('HGET', KEYS[1], '~|since|0')
   if not since then  -- forgotten again since the registration that saw it missing
     since = string.format('%d', now_us())
     redis.call('HSET', KEYS[1], '~|since|0', since)
   end
+  redis.call('SET', KEYS[3], ARGV[2], 'PX', ms)
   return {2, since}
 end
 if not redis.call('HGET', KEYS[1], mine) then
