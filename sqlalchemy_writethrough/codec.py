@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import enum
+import importlib
 import json
 import uuid
 import zoneinfo
@@ -81,7 +82,10 @@ class FlushContext:
         self._pg_timezone: Any = None
 
     def pg_timezone(self) -> dt.tzinfo | None:
-        """The tzinfo psycopg 3 attaches to ``timestamptz`` values on this connection."""
+        """The tzinfo the driver attaches to ``timestamptz`` values on this connection:
+        psycopg 3's is the session's ``TimeZone``; asyncpg's is always UTC."""
+        if self._pg_timezone is None and getattr(self.dialect, "driver", None) == "asyncpg":
+            self._pg_timezone = dt.timezone.utc
         if self._pg_timezone is None:
             tz = None
             try:
@@ -351,7 +355,8 @@ def _dec_interval(v: Any) -> Any:
 
 
 def _enc_uuid(v: Any) -> Any:
-    if type(v) is not uuid.UUID:
+    # a subclass too: asyncpg returns its own (asyncpg.pgproto.pgproto.UUID)
+    if not isinstance(v, uuid.UUID):
         raise EncodeError(f"expected UUID, got {type(v).__name__}")
     return v.bytes
 
@@ -360,6 +365,29 @@ def _dec_uuid(v: Any) -> Any:
     if type(v) is not bytes or len(v) != 16:
         raise _fail("16 bytes", v)
     return uuid.UUID(bytes=v)
+
+
+def _dec_uuid_for(dialect: Dialect) -> Callable[[Any], Any]:
+    """The decoder giving a UUID of the class the dialect's driver returns: asyncpg's own
+    (``asyncpg.pgproto.pgproto.UUID``, a ``uuid.UUID`` subclass built from the 16 bytes)
+    on asyncpg, ``uuid.UUID`` elsewhere."""
+    if getattr(dialect, "driver", None) != "asyncpg":
+        return _dec_uuid
+    try:
+        make: Callable[[bytes], Any] = importlib.import_module("asyncpg.pgproto.pgproto").UUID
+    except (ImportError, AttributeError):  # pragma: no cover - the dialect's own driver
+        return _dec_uuid
+
+    def dec(v: Any) -> Any:
+        if type(v) is not bytes or len(v) != 16:
+            raise _fail("16 bytes", v)
+        return make(v)
+
+    return dec
+
+
+def _exact_uuid(v: Any, ctx: FlushContext) -> Any:
+    return v if isinstance(v, uuid.UUID) else NOT_EXACT
 
 
 def _enc_bytes(v: Any) -> Any:
@@ -844,7 +872,8 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
         )
     if isinstance(t, sqltypes.Uuid):
         if t.as_uuid:
-            return ColumnCodec("uuid", *_nullable(_enc_uuid, _dec_uuid, _exact_type(uuid.UUID)))
+            dec = _dec_uuid_for(dialect)
+            return ColumnCodec("uuid", *_nullable(_enc_uuid, dec, _exact_uuid))
         return ColumnCodec(
             "str",
             *_nullable(_enc_type(str), _dec_type(str), _never),
@@ -905,9 +934,13 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
     if isinstance(t, (sqltypes.DateTime, sqltypes.Time)):
         kind = "DateTime" if isinstance(t, sqltypes.DateTime) else "Time"
         if name == "postgresql":
-            psycopg3 = dialect.driver in ("psycopg", "psycopg_async")
-            if kind == "DateTime" and t.timezone and not psycopg3:
-                return "DateTime(timezone=True): only psycopg 3 tells the session's time zone"
+            # psycopg 3 tells the session's time zone; asyncpg always returns UTC
+            known = dialect.driver in ("psycopg", "psycopg_async", "asyncpg")
+            if kind == "DateTime" and t.timezone and not known:
+                return (
+                    "DateTime(timezone=True): only psycopg 3 and asyncpg tell the time zone "
+                    "of what they return"
+                )
             return None
         if name == "sqlite":
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import decimal
 import enum
 import hashlib
+import logging
 import re
 import uuid
 import warnings
@@ -27,6 +28,8 @@ from . import codec
 from .config import ModelOptions, ModelOptionsDict, OptionError
 from .exc import ConfigurationError, WriteThroughWarning
 from .keys import KeySpace
+
+log = logging.getLogger("sqlalchemy_writethrough")
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -104,6 +107,8 @@ class ClassLayout:
             if isinstance(r, RelationshipProperty) and r.lazy in _EAGER
         )
         self._where = where
+        #: (attribute, type of value) a load returned that the codec could not store: said
+        self._unstorable_seen: set[tuple[str, type]] = set()
         #: attributes whose values a program can change in place, unseen by the ORM
         self.mutable: frozenset[str] = frozenset()
         #: the attributes an UPDATE may leave unwritten (all but the primary key), or None
@@ -181,14 +186,36 @@ class ClassLayout:
     def encode_loaded(self, state_dict: dict[str, Any], dialect: Dialect) -> bytes | None:
         """The payload of a row just loaded from the database, or None if it cannot be stored."""
         values: list[Any] = [self.tag]
-        try:
-            for attr, col_codec in zip(self.attrs, self.codecs(dialect), strict=True):
-                if attr not in state_dict:
-                    return None
+        for attr, col_codec in zip(self.attrs, self.codecs(dialect), strict=True):
+            if attr not in state_dict:
+                return None
+            try:
                 values.append(col_codec.loaded(state_dict[attr]))
+            except codec.EncodeError as exc:
+                self._unstorable(attr, state_dict[attr], exc)
+                return None
+        try:
             return codec.pack_row(values)
         except codec.EncodeError:
             return None
+
+    def _unstorable(self, attr: str, value: Any, exc: Exception) -> None:
+        """A loaded value its column's codec cannot store: the row is served from the
+        database, never filled. Said once per column and type of value (a driver returning
+        a type the codec does not expect would otherwise go unseen: every read a miss)."""
+        seen = (attr, type(value))
+        if seen in self._unstorable_seen:
+            return
+        self._unstorable_seen.add(seen)
+        log.warning(
+            "writethrough: %s.%s: a load returned a %s.%s, which the cache cannot store (%s): "
+            "rows loaded with such a value are not cached",
+            self._where,
+            attr,
+            type(value).__module__,
+            type(value).__qualname__,
+            exc,
+        )
 
     def inserted_values(self, state: Any) -> dict[str, Any]:
         """``state.dict`` of a row this flush inserted, with the unset columns the INSERT sent

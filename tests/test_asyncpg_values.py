@@ -1,0 +1,117 @@
+"""Values as asyncpg returns them, from the cache as from the database.
+
+asyncpg returns its own ``UUID`` class (``asyncpg.pgproto.pgproto.UUID``, a ``uuid.UUID``
+subclass) and every ``timestamptz`` in UTC. The cache refused to store the first (a load of a
+row with a ``Uuid`` column was never filled: every read of it a miss, silently), and took the
+second for unpredictable (each commit of a row with a ``DateTime(timezone=True)`` column
+invalidated its entry instead of writing it through). What is observed: the entry Redis holds
+after a commit, the counters of the fills and hits, and the values and their types a get
+returns, against a load from the database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+import zoneinfo
+from typing import Any
+
+import pytest
+import redis
+from _flavours import async_url
+from sqlalchemy import DateTime, String, Uuid, select
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+
+from _cache_helpers import entry_state
+from _servers import reset_schema
+
+pytestmark = [pytest.mark.databases("postgresql")]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApRow(Base, CachedModel):
+    __tablename__ = "ap_row"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    other: Mapped[uuid.UUID] = mapped_column(PG_UUID(as_uuid=True))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    name: Mapped[str] = mapped_column(String(40))
+
+
+ATTRS = ("id", "other", "at", "name")
+
+
+@pytest.fixture
+def schema(engine: Any) -> Any:
+    reset_schema(engine, Base.metadata)
+    return engine
+
+
+def _seen(row: Any) -> dict[str, tuple[type, Any, Any]]:
+    """Each attribute's type, value and, for a datetime, its offset."""
+    return {
+        a: (type(v), v, v.utcoffset() if isinstance(v, dt.datetime) else None)
+        for a in ATTRS
+        if (v := getattr(row, a)) is not None
+    }
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone.utc),
+        dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))),
+        dt.datetime(2024, 11, 3, 1, 30, fold=1, tzinfo=zoneinfo.ZoneInfo("America/New_York")),
+    ],
+    ids=["utc", "offset", "zone"],
+)
+def test_asyncpg_values_are_written_through_filled_and_served_as_loaded(
+    at: dt.datetime,
+    schema: Any,
+    db_url: str,
+    prefix: str,
+    redis_url: str,
+    redis_client: redis.Redis,
+    loop: Any,
+) -> None:
+    key_id = uuid.uuid4()
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix)
+        factory = async_sessionmaker(engine, expire_on_commit=False)
+        cache.install(factory)
+        try:
+            async with factory() as session:
+                session.add(ApRow(id=key_id, other=uuid.uuid4(), at=at, name="a"))
+                await session.commit()
+            # written through: the commit knew what the database stores
+            keys = [k for k in redis_client.scan_iter(f"{prefix}:*ap_row*") if b":g" not in k]
+            states = {entry_state(redis_client, k.decode()) for k in keys}
+            assert "value" in states, (keys, states, cache.stats())
+            async with factory() as session:
+                loaded = (await session.execute(select(ApRow))).scalar_one()
+                from_db = _seen(loaded)
+            async with factory() as session:
+                published = _seen(await session.get(ApRow, key_id))
+            assert published == from_db
+            # filled from a load, then served
+            await cache.ainvalidate(ApRow, key_id)
+            for _ in range(2):
+                async with factory() as session:
+                    got = _seen(await session.get(ApRow, key_id))
+                assert got == from_db
+            stats = cache.stats()
+            assert (stats.fills, stats.hits) == (1, 2), stats
+        finally:
+            cache.uninstall(factory)
+            await cache.aclose()
+            await engine.dispose()
+
+    loop.run_until_complete(scenario())
