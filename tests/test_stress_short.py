@@ -457,7 +457,9 @@ def test_repeat_lists_the_failing_seeds_and_keeps_only_their_histories(
 ) -> None:
     """``python -m stress --repeat N`` (loop a short run to find a rare violation): each
     repetition has its own seed, the failing ones are listed with theirs, and only their
-    histories stay on disk. Sabotaged here, so that both repetitions fail."""
+    histories stay on disk. Sabotaged, so that most repetitions fail (a 2-second run may
+    miss the sabotage's race: the test asks for one failure in three, and that the list,
+    the kept histories and the exit status agree)."""
     import re
     import shutil
 
@@ -465,18 +467,22 @@ def test_repeat_lists_the_failing_seeds_and_keeps_only_their_histories(
 
     monkeypatch.setenv("POSTGRESQL_URL", postgresql_url)
     argv = ["--db", "postgresql", "--faults", "none", "--workers", "3", "--seconds", "2"]
-    argv += ["--repeat", "2", "--seed", "5", "--sabotage", "unguarded-fill"]
+    argv += ["--repeat", "3", "--seed", "5", "--sabotage", "unguarded-fill"]
     try:
-        assert main(argv) == 1
+        status = main(argv)
     finally:
         out = capsys.readouterr().out
         kept = re.findall(r"histories kept in (\S+)", out)
         for folder in kept:
             shutil.rmtree(folder, ignore_errors=True)
     print(out)
-    assert "== 2 of 2 runs failed" in out
-    assert "--seed 5" in out and "--seed 6" in out
-    assert len(kept) == 2
+    assert re.findall(r"\bseed=(\d+)", out) == ["5", "6", "7"]
+    failed = re.search(r"== (\d+) of 3 runs failed", out)
+    assert failed is not None
+    listed = re.findall(r"repetition \d: postgresql, faults none: --seed (\d+)", out)
+    assert int(failed.group(1)) == len(listed) == len(kept) >= 1
+    assert set(listed) <= {"5", "6", "7"}
+    assert status == 1
 
 
 @pytest.mark.timeout(150)
