@@ -30,7 +30,7 @@ def encode_pk_part(value: Any) -> str:
         return str(value)
     if type(value) is str:
         return _escape(value)
-    if type(value) is uuid.UUID:
+    if isinstance(value, uuid.UUID):  # asyncpg's own UUID class too: the same hex
         return value.hex
     raise TypeError(f"unsupported primary key value {value!r}")
 

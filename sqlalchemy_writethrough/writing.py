@@ -158,8 +158,8 @@ class WritePath:
                 if identity is not None:
                     pk = identity[1]
                     if pk_type is not None:  # a single-column key: pk_is_cacheable inline
-                        if type(pk[0]) is not pk_type:
-                            continue
+                        if type(pk[0]) is not pk_type and not layout.pk_is_cacheable(pk):
+                            continue  # after_flush invalidates the model
                     elif not layout.pk_is_cacheable(pk):
                         continue  # a partly NULL key (allow_partial_pks): never cached
                 else:
@@ -346,7 +346,13 @@ class WritePath:
             if layout is None or state.key is None:
                 continue
             keys = involved.get((layout, bind)) or involve(layout, bind)
-            record(keys, layout, state.key[1], None, "delete")
+            pk = state.key[1]
+            if not layout.pk_is_cacheable(pk) and all(v is not None for v in pk):
+                # a key of a value of another type than the column's (5.0 for 5, an IntEnum
+                # member) may stand for a cached row no key we can name holds
+                models.append((layout, bind))
+                continue
+            record(keys, layout, pk, None, "delete")
 
         # per class, in a session that is not sharded (the bind is then the model's): what
         # every row of it shares, looked up once per flush
@@ -421,7 +427,7 @@ class WritePath:
                     moved = old is not None and (
                         len(old) != 1 or type(old[0]) is not type(value) or bool(old[0] != value)
                     )
-                    cacheable = type(value) is pk_type
+                    cacheable = type(value) is pk_type or layout.pk_is_cacheable(pk)
                 else:
                     pk = [dict_.get(a) for a in layout.pk_attrs]
                     moved = old is not None and _moved(old, pk)
@@ -443,8 +449,10 @@ class WritePath:
                     )
                     models += ((other, bind) for other in cascades)
                 if not cacheable:  # None, a SQL expression: no key
-                    if old is None or moved:
-                        models.append((layout, bind))  # no key we can name holds this row
+                    if old is None or moved or all(v is not None for v in old):
+                        # no key we can name holds this row (a key of a value of another
+                        # type than the column's, e.g. 5.0 for 5, may stand for a cached row)
+                        models.append((layout, bind))
                     continue
                 # what before_flush computed for this row: its key, and its row as loaded
                 known = flush_keys.get(state) if flush_keys else None

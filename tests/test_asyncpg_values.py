@@ -115,3 +115,46 @@ def test_asyncpg_values_are_written_through_filled_and_served_as_loaded(
             await engine.dispose()
 
     loop.run_until_complete(scenario())
+
+
+def test_rows_loaded_by_asyncpg_are_locked_and_invalidated_by_their_writes(
+    schema: Any, db_url: str, prefix: str, redis_url: str, loop: Any
+) -> None:
+    """An object loaded through a plain ``select()`` has asyncpg's UUID class in its
+    identity; the write path took only ``uuid.UUID`` for the column's key, so its UPDATE and
+    DELETE neither locked nor replaced the cached entry, and later gets served the old row
+    (the deleted one too)."""
+    key_id = uuid.uuid4()
+    at = dt.datetime(2024, 5, 6, tzinfo=dt.timezone.utc)
+
+    async def scenario() -> tuple[str, str, Any]:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix)
+        factory = async_sessionmaker(engine, expire_on_commit=False)
+        cache.install(factory)
+        try:
+            async with factory() as session:
+                session.add(ApRow(id=key_id, other=uuid.uuid4(), at=at, name="a"))
+                await session.commit()
+            async with factory() as session:
+                first = (await session.get(ApRow, key_id)).name  # from the cache
+            async with factory() as session:
+                row = (await session.execute(select(ApRow))).scalar_one()
+                assert type(row.id) is not uuid.UUID  # asyncpg's own class
+                row.name = "b"
+                await session.commit()
+            async with factory() as session:
+                second = (await session.get(ApRow, key_id)).name
+            async with factory() as session:
+                row = (await session.execute(select(ApRow))).scalar_one()
+                await session.delete(row)
+                await session.commit()
+            async with factory() as session:
+                gone = await session.get(ApRow, key_id)
+            return first, second, gone
+        finally:
+            cache.uninstall(factory)
+            await cache.aclose()
+            await engine.dispose()
+
+    assert loop.run_until_complete(scenario()) == ("a", "b", None)
