@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
@@ -762,7 +763,7 @@ class WriteThroughCache:
                 return True
             runtime.journal.add_buckets(gen_keys)
             return False
-        pk = _identity_values(mapper, ident)
+        pk = _key_values(layout, mapper, _identity_values(mapper, ident))
         pairs = [k for keys in keyspaces for k in keys.pair(pk)]
         if complete and (not pairs or runtime.backend.invalidate(pairs)):
             runtime.counters.invalidated("manual", 1, layout.entity_name)
@@ -1228,6 +1229,35 @@ def _identity_values(mapper: Mapper[Any], ident: Any) -> list[Any]:
             f"got {len(values)} value(s)"
         )
     return values
+
+
+def _key_values(layout: ModelLayout, mapper: Mapper[Any], values: list[Any]) -> list[Any]:
+    """The primary key of an invalidation as its entry's key spells it: a UUID given as text,
+    an ``IntEnum`` member or a ``str`` subclass's value are what the database compares; any
+    other value of another type than the column's would name a key no entry has (the call
+    would report success and leave the row cached), so it is refused."""
+    if layout.pk_is_cacheable(values):
+        return values
+    out = []
+    for value, kind in zip(values, layout.pk_types, strict=True):
+        try:
+            if type(value) is kind or (kind is uuid.UUID and isinstance(value, uuid.UUID)):
+                pass
+            elif kind is uuid.UUID and isinstance(value, str):
+                value = uuid.UUID(value)
+            elif kind is int and isinstance(value, int):
+                value = int(value)  # an IntEnum member, True
+            elif kind is str and isinstance(value, str):
+                value = str.__str__(value)
+            else:
+                raise ValueError(value)
+        except ValueError:
+            raise ConfigurationError(
+                f"{mapper.class_.__name__}: {value!r} is not a primary key value of the "
+                f"column's type ({kind.__name__})"
+            ) from None
+        out.append(value)
+    return out
 
 
 def _on_mapper_configured(mapper: Mapper[Any], cls: type) -> None:

@@ -24,7 +24,7 @@ import json
 import uuid
 import zoneinfo
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 from sqlalchemy import types as sqltypes
@@ -46,10 +46,10 @@ NOT_EXACT: Any = type("NotExact", (), {"__repr__": lambda self: "NOT_EXACT"})()
 
 #: the types of values nothing can change in place (a JSON scalar, a TypeDecorator's plain
 #: value); with enum members, what a commit may take for unchanged by identity alone
-IMMUTABLE = frozenset(
-    {type(None), bool, int, float, str, bytes, decimal.Decimal, dt.date, dt.datetime, dt.time}
-    | {dt.timedelta, uuid.UUID}
-)
+IMMUTABLE: set[type] = {
+    *(type(None), bool, int, float, str, bytes, decimal.Decimal, dt.date, dt.datetime, dt.time),
+    *(dt.timedelta, uuid.UUID),
+}  # (asyncpg's UUID class joins once an asyncpg dialect's codecs are made)
 
 #: the kinds of the plain codecs (not a TypeDecorator's) whose ``exact`` returns NOT_EXACT for
 #: every value not of an exact type in IMMUTABLE, or an enum member: a value one of them
@@ -377,6 +377,7 @@ def _dec_uuid_for(dialect: Dialect) -> Callable[[Any], Any]:
         make: Callable[[bytes], Any] = importlib.import_module("asyncpg.pgproto.pgproto").UUID
     except (ImportError, AttributeError):  # pragma: no cover - the dialect's own driver
         return _dec_uuid
+    IMMUTABLE.add(cast(type, make))  # as immutable as uuid.UUID
 
     def dec(v: Any) -> Any:
         if type(v) is not bytes or len(v) != 16:

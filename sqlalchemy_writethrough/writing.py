@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from random import random
 from time import perf_counter
@@ -425,7 +426,7 @@ class WritePath:
                     value = dict_.get(single)
                     pk = [value]
                     moved = old is not None and (
-                        len(old) != 1 or type(old[0]) is not type(value) or bool(old[0] != value)
+                        len(old) != 1 or not _same_key_type(old[0], value) or bool(old[0] != value)
                     )
                     cacheable = type(value) is pk_type or layout.pk_is_cacheable(pk)
                 else:
@@ -1282,8 +1283,14 @@ def _moved(old: tuple[Any, ...], pk: list[Any]) -> bool:
         return True
     if len(pk) == 1:  # no generator for the common case (once per flushed row)
         a, b = old[0], pk[0]
-        return type(a) is not type(b) or bool(a != b)
-    return any(type(a) is not type(b) or a != b for a, b in zip(old, pk, strict=True))
+        return not _same_key_type(a, b) or bool(a != b)
+    return any(not _same_key_type(a, b) or a != b for a, b in zip(old, pk, strict=True))
+
+
+def _same_key_type(a: Any, b: Any) -> bool:
+    """Whether two key values are of one type: a ``uuid.UUID`` and asyncpg's subclass (a row
+    inserted with ``uuid4()`` and reloaded through asyncpg) are."""
+    return type(a) is type(b) or (isinstance(a, uuid.UUID) and isinstance(b, uuid.UUID))
 
 
 def _as_updated(state: Any, mutable: frozenset[str] = frozenset()) -> dict[str, Any]:

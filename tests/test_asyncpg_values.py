@@ -24,10 +24,10 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
 
 from _cache_helpers import entry_state
-from _servers import reset_schema
+from _servers import capture_sql, reset_schema
 
 pytestmark = [pytest.mark.databases("postgresql")]
 
@@ -158,3 +158,44 @@ def test_rows_loaded_by_asyncpg_are_locked_and_invalidated_by_their_writes(
             await engine.dispose()
 
     assert loop.run_until_complete(scenario()) == ("a", "b", None)
+
+
+def test_asyncpg_keys_are_served_in_batches_and_a_reloaded_key_has_not_moved(
+    schema: Any, db_url: str, prefix: str, redis_url: str, loop: Any
+) -> None:
+    """Keys taken from rows asyncpg loaded are UUIDs of its own class: an IN-list read of
+    them bypassed the cache (``from_cache()`` sent its SELECT every time), and an UPDATE of a
+    row inserted with ``uuid.UUID`` and reloaded (expire_on_commit) took its key for changed
+    (it recorded a delete and locked every model its foreign keys cascade to)."""
+    ids = [uuid.uuid4() for _ in range(3)]
+    at = dt.datetime(2024, 5, 6, tzinfo=dt.timezone.utc)
+
+    async def scenario() -> tuple[int, int, dict[str, int], str]:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix)
+        factory = async_sessionmaker(engine)  # expire_on_commit: reloads through asyncpg
+        cache.install(factory)
+        try:
+            async with factory() as session:
+                rows = [ApRow(id=i, other=i, at=at, name="a") for i in ids]
+                session.add_all(rows)
+                await session.commit()
+                loaded = []
+                for row in rows:
+                    await session.refresh(row)  # reloaded through asyncpg: its UUIDs
+                    row.name = "b"
+                    loaded.append(row.id)
+                await session.commit()
+                reasons = dict(cache.stats().invalidations_by_reason)
+            assert all(type(i) is not uuid.UUID for i in loaded)
+            query = select(ApRow).where(ApRow.id.in_(loaded)).options(from_cache())
+            async with factory() as session:
+                with capture_sql(engine.sync_engine) as sql:
+                    got = (await session.scalars(query)).all()
+            return len(got), len(sql), reasons, got[0].name
+        finally:
+            cache.uninstall(factory)
+            await cache.aclose()
+            await engine.dispose()
+
+    assert loop.run_until_complete(scenario()) == (3, 0, {}, "b")
