@@ -11,9 +11,11 @@ returns, against a load from the database.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 import zoneinfo
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -53,6 +55,29 @@ def schema(engine: Any) -> Any:
     return engine
 
 
+@contextlib.asynccontextmanager
+async def _installed(
+    db_url: str, redis_url: str, prefix: str, **factory_options: Any
+) -> AsyncIterator[tuple[Any, WriteThroughCache, Any]]:
+    """An asyncpg engine, a cache from the URL, and a factory it is installed on."""
+    engine = create_async_engine(async_url(db_url))
+    cache = WriteThroughCache(redis_url, prefix=prefix)
+    factory = async_sessionmaker(engine, **factory_options)
+    cache.install(factory)
+    try:
+        yield engine, cache, factory
+    finally:
+        cache.uninstall(factory)
+        await cache.aclose()
+        await engine.dispose()
+
+
+async def _add(factory: Any, key_id: uuid.UUID, at: dt.datetime) -> None:
+    async with factory() as session:
+        session.add(ApRow(id=key_id, other=uuid.uuid4(), at=at, name="a"))
+        await session.commit()
+
+
 def _seen(row: Any) -> dict[str, tuple[type, Any, Any]]:
     """Each attribute's type, value and, for a datetime, its offset."""
     return {
@@ -83,14 +108,12 @@ def test_asyncpg_values_are_written_through_filled_and_served_as_loaded(
     key_id = uuid.uuid4()
 
     async def scenario() -> None:
-        engine = create_async_engine(async_url(db_url))
-        cache = WriteThroughCache(redis_url, prefix=prefix)
-        factory = async_sessionmaker(engine, expire_on_commit=False)
-        cache.install(factory)
-        try:
-            async with factory() as session:
-                session.add(ApRow(id=key_id, other=uuid.uuid4(), at=at, name="a"))
-                await session.commit()
+        async with _installed(db_url, redis_url, prefix, expire_on_commit=False) as (
+            _,
+            cache,
+            factory,
+        ):
+            await _add(factory, key_id, at)
             # written through: the commit knew what the database stores
             keys = [k for k in redis_client.scan_iter(f"{prefix}:*ap_row*") if b":g" not in k]
             states = {entry_state(redis_client, k.decode()) for k in keys}
@@ -109,10 +132,6 @@ def test_asyncpg_values_are_written_through_filled_and_served_as_loaded(
                 assert got == from_db
             stats = cache.stats()
             assert (stats.fills, stats.hits) == (1, 2), stats
-        finally:
-            cache.uninstall(factory)
-            await cache.aclose()
-            await engine.dispose()
 
     loop.run_until_complete(scenario())
 
@@ -128,14 +147,12 @@ def test_rows_loaded_by_asyncpg_are_locked_and_invalidated_by_their_writes(
     at = dt.datetime(2024, 5, 6, tzinfo=dt.timezone.utc)
 
     async def scenario() -> tuple[str, str, Any]:
-        engine = create_async_engine(async_url(db_url))
-        cache = WriteThroughCache(redis_url, prefix=prefix)
-        factory = async_sessionmaker(engine, expire_on_commit=False)
-        cache.install(factory)
-        try:
-            async with factory() as session:
-                session.add(ApRow(id=key_id, other=uuid.uuid4(), at=at, name="a"))
-                await session.commit()
+        async with _installed(db_url, redis_url, prefix, expire_on_commit=False) as (
+            _,
+            _cache,
+            factory,
+        ):
+            await _add(factory, key_id, at)
             async with factory() as session:
                 first = (await session.get(ApRow, key_id)).name  # from the cache
             async with factory() as session:
@@ -152,10 +169,6 @@ def test_rows_loaded_by_asyncpg_are_locked_and_invalidated_by_their_writes(
             async with factory() as session:
                 gone = await session.get(ApRow, key_id)
             return first, second, gone
-        finally:
-            cache.uninstall(factory)
-            await cache.aclose()
-            await engine.dispose()
 
     assert loop.run_until_complete(scenario()) == ("a", "b", None)
 
@@ -171,11 +184,8 @@ def test_asyncpg_keys_are_served_in_batches_and_a_reloaded_key_has_not_moved(
     at = dt.datetime(2024, 5, 6, tzinfo=dt.timezone.utc)
 
     async def scenario() -> tuple[int, int, dict[str, int], str]:
-        engine = create_async_engine(async_url(db_url))
-        cache = WriteThroughCache(redis_url, prefix=prefix)
-        factory = async_sessionmaker(engine)  # expire_on_commit: reloads through asyncpg
-        cache.install(factory)
-        try:
+        # expire_on_commit: rows reload through asyncpg
+        async with _installed(db_url, redis_url, prefix) as (engine, cache, factory):
             async with factory() as session:
                 rows = [ApRow(id=i, other=i, at=at, name="a") for i in ids]
                 session.add_all(rows)
@@ -193,9 +203,5 @@ def test_asyncpg_keys_are_served_in_batches_and_a_reloaded_key_has_not_moved(
                 with capture_sql(engine.sync_engine) as sql:
                     got = (await session.scalars(query)).all()
             return len(got), len(sql), reasons, got[0].name
-        finally:
-            cache.uninstall(factory)
-            await cache.aclose()
-            await engine.dispose()
 
     assert loop.run_until_complete(scenario()) == (3, 0, {}, "b")
