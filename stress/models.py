@@ -10,9 +10,11 @@ unique: a reader that sees a value can be matched to the one write that produced
 from __future__ import annotations
 
 import random
+import uuid
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, MetaData, String
+from sqlalchemy import BigInteger, ForeignKey, MetaData, String, Uuid
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -91,9 +93,80 @@ MODELS_B: dict[str, type[StParentB] | type[StItemB]] = {
 VERSIONS: dict[str, dict[str, Any]] = {"A": dict(MODELS), "B": dict(MODELS_B)}
 
 
-def metadata_of(model_versions: int) -> MetaData:
+# -- UUID primary keys (``--key-type uuid``) ---------------------------------------------------
+#
+# The same logical rows, keyed by ``Uuid`` columns (and a ``Uuid`` foreign key): with asyncpg,
+# rows loaded by a query hold asyncpg's own UUID class (a ``uuid.UUID`` subclass) in their
+# identity, which the write path once failed to take as a key of a Uuid column (stale reads).
+# The harness keeps every id an int (histories, checker, hot lists); only the ORM boundary maps
+# them, with the fixed bijection ``uuid.UUID(int=n)`` / ``u.int`` (:data:`KEY_TYPES`), which
+# keeps their order (PostgreSQL compares uuids bytewise, big-endian), so id ranges still work.
+
+
+class BaseU(DeclarativeBase):
+    pass
+
+
+class StParentU(BaseU, CachedModel):
+    __tablename__ = PARENT_TABLE
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger)
+
+
+class StItemU(BaseU, CachedModel):
+    __tablename__ = ITEM_TABLE
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger)
+    parent_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey(f"{PARENT_TABLE}.id"))
+    parent: Mapped[StParentU] = relationship(lazy="select")
+
+
+MODELS_U: dict[str, type[StParentU] | type[StItemU]] = {
+    PARENT_TABLE: StParentU,
+    ITEM_TABLE: StItemU,
+}
+
+
+def _uuid_of(n: int) -> uuid.UUID:
+    return uuid.UUID(int=n)
+
+
+def _int_of_uuid(u: Any) -> int:
+    return int(u.int)  # asyncpg's UUID class has .int too
+
+
+def _same(n: Any) -> Any:
+    return n
+
+
+#: per key type: (its models by table, int id -> key, key -> int id)
+KEY_TYPES: dict[str, tuple[dict[str, Any], Callable[[int], Any], Callable[[Any], int]]] = {
+    "int": (dict(MODELS), _same, _same),
+    "uuid": (dict(MODELS_U), _uuid_of, _int_of_uuid),
+}
+
+
+def key_part_id(part: str, key_type: str = "int") -> int | None:
+    """The int id of a key's primary-key part (``encode_pk_part``: an int's digits, a UUID's
+    32 hex digits), None when it is not one of this key type."""
+    if key_type == "uuid":
+        if len(part) != 32:
+            return None
+        try:
+            return int(part, 16)
+        except ValueError:
+            return None
+    return int(part) if part.isdigit() else None
+
+
+def metadata_of(model_versions: int, key_type: str = "int") -> MetaData:
     """The metadata the stress tables are created from: with a second model version, its
-    (the tables with the extra column, which version A does not map)."""
+    (the tables with the extra column, which version A does not map); with UUID keys, the
+    tables with Uuid keys."""
+    if key_type == "uuid":
+        return BaseU.metadata
     return BaseB.metadata if model_versions > 1 else Base.metadata
 
 

@@ -58,6 +58,7 @@ from .history import Recorder, now
 from .models import (
     EXTRA_COLUMN,
     ITEM_TABLE,
+    KEY_TYPES,
     PARENT_TABLE,
     VERSIONS,
     StItem,
@@ -191,6 +192,17 @@ class Worker:
         #: column: ``--model-versions 2``, a rolling deploy); its reads are recorded with it
         self.model_version: str = config.get("model_version") or "A"
         models = VERSIONS[self.model_version]
+        #: "int", or "uuid" (``--key-type uuid``): the models keyed by Uuid columns. Ids stay
+        #: ints everywhere else (histories, hot lists); ``key`` maps one to the value the ORM
+        #: takes, ``unkey`` a loaded ``obj.id`` / ``obj.parent_id`` back
+        self.key_type: str = config.get("key_type") or "int"
+        self.key: Callable[[int], Any]
+        self.unkey: Callable[[Any], int]
+        keyed, self.key, self.unkey = KEY_TYPES[self.key_type]
+        if self.key_type != "int":
+            if self.model_version != "A":
+                raise ValueError("key_type uuid has one model version")
+            models = keyed
         self.Parent: Any = models[PARENT_TABLE]
         self.Item: Any = models[ITEM_TABLE]
         #: does this version map (and so write) the extra column?
@@ -530,7 +542,7 @@ class Worker:
         """``s.get``, with the tenant's map when the session's way is per statement."""
         if self.by_statement():
             kw["execution_options"] = self.translate()
-        return s.get(model, id_, **kw)
+        return s.get(model, self.key(id_), **kw)
 
     def execute(self, s: Any, stmt: Any, params: Any = None) -> Any:
         """``s.execute`` (a Session or a Connection), with the tenant's map in the call's
@@ -695,7 +707,7 @@ class Worker:
     def op_select(self) -> None:
         model, id_ = self.read_target()
         s, level = self.session(ways=WAYS)
-        stmt = select(model).where(model.id == id_).options(from_cache())
+        stmt = select(model).where(model.id == self.key(id_)).options(from_cache())
         with s:
             self.read(
                 s,
@@ -732,12 +744,14 @@ class Worker:
         legacy = self.rng.random() < 0.3
         with s:
             if legacy:
-                query = s.query(model).filter(model.id.in_(ids)).options(from_cache())
+                wanted = [self.key(i) for i in ids]
+                query = s.query(model).filter(model.id.in_(wanted)).options(from_cache())
                 if self.by_statement():
                     query = query.execution_options(**self.translate())
                 load: Callable[[], list[Any]] = query.all
             else:
-                stmt = select(model).where(model.id.in_(ids)).options(from_cache())
+                stmt = select(model).where(model.id.in_([self.key(i) for i in ids]))
+                stmt = stmt.options(from_cache())
                 load = lambda: list(self.execute(s, stmt).scalars())  # noqa: E731
             self._watch_batch_reads()
             self.batch_sources.clear()
@@ -747,7 +761,7 @@ class Worker:
             t1 = now()
             keys = self.batch_keys  # the outermost call's (the near cache's) are the last
             sources = [self.batch_sources[key] for key in keys] if len(keys) == len(ids) else None
-            values = {obj.id: obj.counter for obj in rows}
+            values = {self.unkey(obj.id): obj.counter for obj in rows}
             for at, id_ in enumerate(ids):
                 self.rec.log(
                     {
@@ -771,7 +785,7 @@ class Worker:
         with s:
             item = self.read(s, level, ITEM_TABLE, id_, lambda: self.get(s, self.Item, id_))
             if item is not None:
-                pid = item.parent_id
+                pid = self.unkey(item.parent_id)
                 self.read(s, level, PARENT_TABLE, pid, lambda: item.parent)
 
     def op_rr_read(self) -> None:
@@ -781,7 +795,8 @@ class Worker:
         s, level = self.session(SNAPSHOT, ways=WAYS)
         with s:
             pid = self.rng.choice(self.parent_ids())
-            stmt = select(self.Parent).where(self.Parent.id == pid)  # not from_cache: the database
+            # not from_cache: the database
+            stmt = select(self.Parent).where(self.Parent.id == self.key(pid))
             self.read(
                 s, level, PARENT_TABLE, pid, lambda: self.execute(s, stmt).scalar_one_or_none()
             )
@@ -907,24 +922,28 @@ class Worker:
             table = model.__tablename__
             # the rows' current values: what the FOR UPDATE reads just returned
             values = {i: next_value(obj.counter, self.rng) for i, obj in locked.items()}
-            rows = [{"id": i, "counter": v} for i, v in values.items()]
+            key = self.key
+            rows = [{"id": key(i), "counter": v} for i, v in values.items()]
             tbl = self.table_name(table)
             raw = text(f"UPDATE {tbl} SET counter = :v WHERE id = :id")
-            params = [{"v": v, "id": i} for i, v in values.items()]
-            by_id = case(values, value=model.id)
+            params = [{"v": v, "id": key(i)} for i, v in values.items()]
+            by_id = case({key(i): v for i, v in values.items()}, value=model.id)
             s.info["armed"] = ""
             s.info.setdefault("t_write", now())  # before the statements' locks
             if path == "bulk_pk":
                 self.execute(s, update(model), rows)
             elif path == "where_eq":
                 for i, v in values.items():
-                    self.execute(s, update(model).where(model.id == i).values(counter=v))
+                    self.execute(s, update(model).where(model.id == key(i)).values(counter=v))
             elif path == "in_case":
                 self.execute(
-                    s, update(model).where(model.id.in_(list(values))).values(counter=by_id)
+                    s,
+                    update(model)
+                    .where(model.id.in_([key(i) for i in values]))
+                    .values(counter=by_id),
                 )
             elif path == "range":
-                lo, hi = min(values), max(values)
+                lo, hi = key(min(values)), key(max(values))
                 self.execute(s, update(model).where(model.id.between(lo, hi)).values(counter=by_id))
             elif path == "text":
                 self.execute(s, raw, params if len(params) > 1 else params[0])
@@ -965,7 +984,7 @@ class Worker:
         t0 = now()
         stmt = (
             select(self.Item)
-            .where(self.Item.id.between(lo, hi))
+            .where(self.Item.id.between(self.key(lo), self.key(hi)))
             .order_by(self.Item.id)
             .with_for_update()
         )
@@ -976,7 +995,7 @@ class Worker:
                 {
                     "e": "read",
                     "tb": ITEM_TABLE,
-                    "id": obj.id,
+                    "id": self.unkey(obj.id),
                     "v": obj.counter,
                     "src": "locked",
                     "t0": t0,
@@ -985,7 +1004,7 @@ class Worker:
                     "tx": s.info.get("t_begin"),
                 }
             )
-        return self.Item, {obj.id: obj for obj in found}
+        return self.Item, {self.unkey(obj.id): obj for obj in found}
 
     def op_insert(self) -> None:
         if self.next_extra >= EXTRAS_PER_INCARNATION or self.incarnation >= INCARNATIONS_PER_SLOT:
@@ -996,7 +1015,8 @@ class Worker:
         lf = self.cache.stats().lock_failures
         s, _level = self.session()
         with s:
-            item = self.Item(id=id_, counter=value, parent_id=self.rng.choice(self.parents))
+            parent = self.key(self.rng.choice(self.parents))
+            item = self.Item(id=self.key(id_), counter=value, parent_id=parent)
             self.write_extra(item)
             s.add(item)
             outcome = self.commit(s, [[ITEM_TABLE, id_, value]], lf)
