@@ -613,14 +613,21 @@ class Worker:
         return obj
 
     def get_locked(self, s: Session, level: str, model: Any, id_: int) -> Any:
-        return self.read(
-            s,
-            level,
-            model.__tablename__,
-            id_,
-            lambda: self.get(s, model, id_, with_for_update=True),
-            locked=True,
-        )
+        """Load a row ``FOR UPDATE`` for a write: by ``session.get``, or (as often) by a plain
+        ``select()``, whose loaded identity holds the driver's own values (asyncpg's UUID
+        class, with ``--key-type uuid``), which the write path must key like the column's
+        type: a write of such an object once skipped its entry (stale reads)."""
+        if self.rng.random() < 0.5:
+            load = lambda: self.get(s, model, id_, with_for_update=True)  # noqa: E731
+        else:
+            stmt = (
+                select(model)
+                .where(model.id == self.key(id_))
+                .with_for_update()
+                .execution_options(populate_existing=True)  # as get's with_for_update
+            )
+            load = lambda: self.execute(s, stmt).scalar_one_or_none()  # noqa: E731
+        return self.read(s, level, model.__tablename__, id_, load, locked=True)
 
     def commit(
         self,
