@@ -14,6 +14,7 @@ from .runner import (
     ISOLATIONS,
     StressConfig,
     install_signal_handlers,
+    key_type_problem,
     run_herd,
     run_outage,
     run_partition,
@@ -177,6 +178,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "rolling deploy",
     )
     p.add_argument(
+        "--key-type",
+        choices=["int", "uuid"],
+        default="int",
+        help="stress: the stress tables' primary keys (and item's foreign key): int, or uuid "
+        "(Uuid columns holding the same logical rows, so that asyncio workers write objects "
+        "whose loaded identities hold asyncpg's own UUID class); uuid: PostgreSQL only, "
+        "without --model-versions 2, --tenants or the evict/evict-locks faults "
+        "(default int)",
+    )
+    p.add_argument(
         "--ttl",
         type=float,
         default=600.0,
@@ -266,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--idle-second-version needs --model-versions 2")
     if not args.ttl > 0 or args.idle_second_version < 0:
         raise SystemExit("--ttl must be positive and --idle-second-version 0 or more")
+    if args.key_type != "int" and args.scenario != "stress":
+        raise SystemExit("--key-type applies to --scenario stress only")
     ways = tenant_ways(args.tenant_ways)
     install_signal_handlers()
     dbs = ["postgresql", "mariadb"] if args.db == "both" else [args.db]
@@ -277,6 +290,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--repeat applies to --scenario stress only")
     if args.scenario == "stress":
         runs = [(db, faults) for db in dbs for faults in phases(args.faults)]
+        for db, faults in runs:
+            problem = key_type_problem(
+                StressConfig(
+                    db_url=db_url(db),
+                    faults=faults,
+                    tenants=args.tenants,
+                    model_versions=args.model_versions,
+                    key_type=args.key_type,
+                )
+            )
+            if problem:
+                raise SystemExit(f"--key-type {args.key_type}: {problem}")
         per_run = args.seconds / len(runs)
         total: dict[str, int] = {}
         keep_logs: bool | Literal["failed"] = args.keep_logs or (
@@ -312,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     model_b_buckets=args.model_b_buckets,
                     ttl=args.ttl,
                     idle_second_version=args.idle_second_version,
+                    key_type=args.key_type,
                 )
             )
             print(result.format(), flush=True)

@@ -50,12 +50,14 @@ from .faults import (
 )
 from .history import Recorder, now, read_histories
 from .models import (
+    KEY_TYPES,
     VERSIONS,
     StItem,
     StParent,
     create_tenant_schemas,
     drop_tenant_schemas,
     first_value,
+    key_part_id,
     metadata_of,
     reset_schema,
 )
@@ -175,21 +177,25 @@ def seed_rows(
     items: list[int],
     parents: list[int],
     tenant: str | None = None,
+    key_type: str = "int",
 ) -> None:
     """Create the hot rows, and record their creation as a commit that ended before any read
-    (``tenant``: the label of the schema ``engine`` reaches, in a ``--tenants`` run)."""
+    (``tenant``: the label of the schema ``engine`` reaches, in a ``--tenants`` run;
+    ``key_type``: the models', see :data:`stress.models.KEY_TYPES`)."""
+    models, key, _ = KEY_TYPES[key_type]
+    Parent, Item = models[StParent.__tablename__], models[StItem.__tablename__]
     rec = Recorder(workdir / f"seed{'' if tenant is None else '-' + tenant}.jsonl", "seed")
     rec.tenant = tenant
     writes: list[list[Any]] = []
     with Session(engine) as s:
         for pid in parents:
             value = first_value(rng)
-            s.add(StParent(id=pid, counter=value))
+            s.add(Parent(id=key(pid), counter=value))
             writes.append([StParent.__tablename__, pid, value])
         s.flush()
         for i, iid in enumerate(items):
             value = first_value(rng)
-            s.add(StItem(id=iid, counter=value, parent_id=parents[i % len(parents)]))
+            s.add(Item(id=key(iid), counter=value, parent_id=key(parents[i % len(parents)])))
             writes.append([StItem.__tablename__, iid, value])
         t = now()
         s.commit()
@@ -206,6 +212,7 @@ def final_state(
     tenants: list[str] | None = None,
     model_versions: int = 1,
     epochs: bool = True,
+    key_type: str = "int",
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     """The database rows, the decoded current VALUE entries, and what else Redis still holds
     (``redis_url``: the server, or every primary of a Redis Cluster: an entry and its
@@ -216,13 +223,17 @@ def final_state(
     ``table@B`` (:func:`stress.checker.versioned`), beside the row as version B loads it.
     ``epochs``: the workers check epochs (all but ``--sabotage no-epoch-check``), so the
     entries of a server whose epoch none checked since it changed are never served: they are
-    counted in ``leftover`` (:data:`UNCHECKED_EPOCH`), not returned."""
+    counted in ``leftover`` (:data:`UNCHECKED_EPOCH`), not returned. ``key_type`` "uuid":
+    the rows are read with the Uuid-keyed models, and rows and entries named by int ids (as
+    the histories name them)."""
     urls = [redis_url] if isinstance(redis_url, str) else redis_url
     db: dict[Row, dict[str, Any]] = {}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     for url in urls:
-        db, found, left = _final_state_of(engine, url, prefix, tenants, model_versions, epochs)
+        db, found, left = _final_state_of(
+            engine, url, prefix, tenants, model_versions, epochs, key_type
+        )
         cached.update(found)
         leftover.update(left)
     return db, cached, leftover
@@ -235,14 +246,17 @@ def _final_state_of(
     tenants: list[str] | None = None,
     model_versions: int = 1,
     epochs: bool = True,
+    key_type: str = "int",
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
     #: (table, model digest) -> (model version, its model, its layout): the digest a key
     #: names tells which version wrote the entry (whatever its ``buckets``)
     layouts: dict[tuple[str, str], tuple[str, Any, Any]] = {}
-    for version in list(VERSIONS)[:model_versions]:
-        for table, model in VERSIONS[version].items():
+    keyed, _, unkey = KEY_TYPES[key_type]
+    versions = VERSIONS if key_type == "int" else {"A": keyed}
+    for version in list(versions)[:model_versions]:
+        for table, model in versions[version].items():
             layout = cache._layout_for(inspect(model))
             assert layout is not None
             layouts[(table, layout.digest)] = (version, model, layout)
@@ -258,8 +272,8 @@ def _final_state_of(
         for (table, _), (version, model, layout) in layouts.items():
             with Session(bind) as s:
                 for obj in s.scalars(select(model)):
-                    row = (versioned(tenant_table(label, table), version), obj.id)
-                    db[row] = {a: getattr(obj, a) for a in layout.attrs}
+                    row = (versioned(tenant_table(label, table), version), unkey(obj.id))
+                    db[row] = {a: _plain(getattr(obj, a), unkey) for a in layout.attrs}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     try:
@@ -278,7 +292,8 @@ def _final_state_of(
             table = inner[0]
             found = layouts.get((table, inner[1])) if len(inner) >= 4 else None
             database = inner[-2] if len(inner) >= 4 else ""
-            if found is None or not part.isdigit() or database not in labels:
+            id_ = key_part_id(part, key_type)
+            if found is None or id_ is None or database not in labels:
                 leftover[f"unknown key {key}"] += 1
                 continue
             raw = client.get(key)
@@ -302,14 +317,21 @@ def _final_state_of(
                 leftover["old generation"] += 1
                 continue
             version, _, layout = found
-            row = (versioned(tenant_table(labels[database], table), version), int(part))
+            row = (versioned(tenant_table(labels[database], table), version), id_)
             try:
-                cached[row] = layout.decode(payload_of(raw), engine.dialect)
+                decoded = layout.decode(payload_of(raw), engine.dialect)
+                cached[row] = {a: _plain(v, unkey) for a, v in decoded.items()}
             except ValueError:
                 cached[row] = None
     finally:
         client.close()
     return db, cached, leftover
+
+
+def _plain(value: Any, unkey: Callable[[Any], int]) -> Any:
+    """A column value as the checker compares it: a UUID (a key: ``id``, ``parent_id``) as
+    its int id; the same for a row and an entry, whichever UUID class the driver gave."""
+    return unkey(value) if isinstance(value, uuid.UUID) else value
 
 
 #: ``leftover`` of the VALUE entries of a server or Cluster node whose epoch no process has
@@ -464,6 +486,36 @@ class StressConfig:
     #: in every twice as long (0: never), so that the registry may drop their keyspace while
     #: the first version goes on committing, and they register it again when they resume
     idle_second_version: float = 0.0
+    #: the type of the stress tables' keys: "int", or "uuid" (``Uuid`` primary keys and foreign
+    #: key, the same logical rows: ids stay ints in the histories, see
+    #: :data:`stress.models.KEY_TYPES`), so that asyncio workers write objects whose loaded
+    #: identities hold asyncpg's own UUID class; PostgreSQL only, one model version, no
+    #: tenants, no ``evict``/``evict-locks`` (the checker names evicted keys by int ids)
+    key_type: str = "int"
+
+
+#: the faults a ``key_type`` "uuid" run refuses: the checker parses and buckets evicted keys
+#: by their int ids' digits
+UUID_REFUSED_FAULTS = frozenset({"evict", "evict-locks"})
+
+
+def key_type_problem(config: StressConfig) -> str | None:
+    """Why the run's ``key_type`` cannot run with the rest of its configuration (None: it
+    can)."""
+    if config.key_type not in KEY_TYPES:
+        return f"key_type must be one of {', '.join(KEY_TYPES)}, not {config.key_type!r}"
+    if config.key_type == "int":
+        return None
+    if not config.db_url.startswith("postgresql"):
+        return "key type uuid runs on PostgreSQL only"
+    if config.model_versions != 1:
+        return "key type uuid has one model version (no --model-versions 2)"
+    if config.tenants:
+        return "key type uuid runs without --tenants"
+    refused = sorted(frozenset(config.faults) & UUID_REFUSED_FAULTS)
+    if refused:
+        return f"key type uuid runs without the faults {', '.join(refused)}"
+    return None
 
 
 @dataclasses.dataclass
@@ -484,6 +536,7 @@ class StressResult:
             f"{f'{self.config.tenants} tenants, ' if self.config.tenants else ''}"
             f"{'avoiding ' + ','.join(sorted(self.config.avoid)) + ', ' if self.config.avoid else ''}"
             f"{self._versions()}"
+            f"{'uuid keys, ' if self.config.key_type == 'uuid' else ''}"
             f"{f'ttl {self.config.ttl:g} s, ' if self.config.ttl != 600 else ''}"
             f"{self.config.seconds:.0f}s"
         )
@@ -511,6 +564,9 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}")
     topology_of(faults)  # a combination that cannot run fails now
+    problem = key_type_problem(config)
+    if problem:
+        raise ValueError(problem)
     started = time.monotonic()
     lock_wait = config.lock_wait
     procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -548,7 +604,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         stack.enter_context(exclusive_tables(engine, lock_wait))
         if config.model_versions not in (1, 2):
             raise ValueError("model_versions must be 1 or 2")
-        metadata = metadata_of(config.model_versions)
+        metadata = metadata_of(config.model_versions, config.key_type)
         reset_schema(engine, metadata)
         tenants: list[str] = []
         if config.tenants:
@@ -562,7 +618,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                 tenant_engine = engine.execution_options(schema_translate_map={None: tenant})
                 seed_rows(tenant_engine, workdir, rng, HOT_ITEMS, PARENTS, tenant)
         else:
-            seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS)
+            seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS, key_type=config.key_type)
         prefix = f"st-{uuid.uuid4().hex[:8]}"
         squeezer: Squeezer | None = None
         listener: EvictionListener | None = None
@@ -628,6 +684,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "ttl": config.ttl,
                     "idle": config.idle_second_version if second else 0.0,
                     "buckets": config.model_b_buckets if second else None,
+                    "key_type": config.key_type,
                 },
                 workdir,
             )
@@ -689,6 +746,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             tenants,
             config.model_versions,
             epochs=config.sabotage != "no-epoch-check",
+            key_type=config.key_type,
         )
         if config.keep_logs and schedule.cluster is not None:
             dump_cluster(schedule.cluster, prefix, workdir / "final-redis.dump")
