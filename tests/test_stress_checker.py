@@ -628,3 +628,36 @@ def test_rows_inserted_by_any_incarnation_of_any_worker_never_share_an_id() -> N
             for n in (0, 1, EXTRAS_PER_INCARNATION - 1):
                 id_ = extra_id(slot, incarnation, n)
                 assert seen.setdefault(id_, (slot, incarnation)) == (slot, incarnation), id_
+
+
+def test_uuid_keys_map_ids_both_ways_and_refuse_runs_the_checker_cannot_follow() -> None:
+    """``--key-type uuid``: an int id and its UUID key map both ways (asyncpg's UUID class
+    too: a subclass), order kept (id ranges); a key's hex part reads back as the id; and a run
+    the checker could not follow is refused before it starts."""
+    import uuid
+
+    from stress.models import KEY_TYPES, key_part_id
+    from stress.runner import StressConfig, key_type_problem
+
+    class DriverUUID(uuid.UUID):  # as asyncpg.pgproto.pgproto.UUID
+        pass
+
+    _, key, unkey = KEY_TYPES["uuid"]
+    ids = [1, 8, 9, 10, 1_000_000, 2**31 - 1]
+    assert [unkey(key(i)) for i in ids] == ids
+    assert unkey(DriverUUID(int=1_000_017)) == 1_000_017
+    assert sorted(key(i) for i in reversed(ids)) == [key(i) for i in ids]
+    assert [key_part_id(key(i).hex, "uuid") for i in ids] == ids
+    assert key_part_id("10", "uuid") is None and key_part_id("10", "int") == 10
+    assert key_part_id(key(10).hex, "int") is None  # hex digits, "a" among them
+
+    pg = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    assert key_type_problem(StressConfig(db_url=pg, key_type="uuid")) is None
+    assert key_type_problem(StressConfig(db_url=pg, key_type="bigint"))
+    for refused in (
+        StressConfig(db_url="mysql+pymysql://root@127.0.0.1/test", key_type="uuid"),
+        StressConfig(db_url=pg, key_type="uuid", tenants=2),
+        StressConfig(db_url=pg, key_type="uuid", model_versions=2),
+        StressConfig(db_url=pg, key_type="uuid", faults=frozenset({"evict"})),
+    ):
+        assert key_type_problem(refused), refused
