@@ -32,7 +32,7 @@ from _servers import in_ci
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stress.faults import ALL_FAULTS
-from stress.runner import StressConfig, run_stress
+from stress.runner import StressConfig, StressResult, run_stress
 from stress.worker import WAYS
 
 #: workload seconds per database; with start-up and quiescence a run takes about 30 s
@@ -59,6 +59,14 @@ KNOWN_TENANT_DEFECTS = frozenset({"bulk_pk:execute"})
 pytestmark = pytest.mark.stress
 
 
+def _ran(config: StressConfig) -> StressResult:
+    """A stress run, its report printed (pytest shows it on failure); no worker crashed."""
+    result = run_stress(config, log=print)
+    print(result.format())
+    assert "crashed" not in result.info, result.format()
+    return result
+
+
 @pytest.fixture(scope="module")
 def redis_server_binary() -> str:
     binary = server_binary()
@@ -78,7 +86,7 @@ def test_short_stress_run_finds_no_violation(
     """All faults at once, strict mode (the proxy's per-connection faults are partitions, where
     degrade mode has a documented gap): zero stale, uncommitted or divergent."""
     url: str = request.getfixturevalue(f"{db}_url")
-    result = run_stress(
+    result = _ran(
         StressConfig(
             db_url=url,
             seconds=SECONDS,
@@ -87,12 +95,9 @@ def test_short_stress_run_finds_no_violation(
             asyncio_workers=2,  # AsyncSession + redis.asyncio, next to 3 sync workers
             on_redis_error="strict",
             lock_wait=60,  # another stress run on the same database: wait, bounded
-        ),
-        log=print,
+        )
     )
-    print(result.format())
     report = result.report
-    assert "crashed" not in result.info, result.format()
     # Redis went back in time, was flushed and was replaced by an older copy
     forgot = ("restarts from an older snapshot", "FLUSHALLs", "switches to an older copy")
     for fault in forgot:
@@ -114,7 +119,7 @@ def test_short_background_publish_run_finds_no_violation(
     pending; deadlocks. (The all-faults runs above cover the rest; in a run this short, the
     proxy's partitions and the restarts left too little to check on a loaded machine.) Zero
     stale, uncommitted or divergent."""
-    result = run_stress(
+    result = _ran(
         StressConfig(
             db_url=postgresql_url,
             seconds=BACKGROUND_SECONDS,
@@ -124,12 +129,9 @@ def test_short_background_publish_run_finds_no_violation(
             on_redis_error="strict",
             publish="background",
             lock_wait=60,
-        ),
-        log=print,
+        )
     )
-    print(result.format())
     report = result.report
-    assert "crashed" not in result.info, result.format()
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     # every worker's background publishes are seen, the asyncio ones' (slots 0 and 1) too
     assert all(report.publishes[f"w{slot}"] for slot in range(5)), report.publishes
@@ -143,7 +145,7 @@ def test_short_evict_run_finds_no_violation(redis_server_binary: str, postgresql
     five asyncio) and die after COMMIT: every eviction is heard, and nothing is stale but the
     documented residual of an evicted lock whose publish had not landed (reported apart as
     ``evicted``, not a failure)."""
-    result = run_stress(
+    result = _ran(
         StressConfig(
             db_url=postgresql_url,
             seconds=BACKGROUND_SECONDS,
@@ -154,12 +156,9 @@ def test_short_evict_run_finds_no_violation(redis_server_binary: str, postgresql
             publish="background",
             kill_prob=0.005,
             lock_wait=60,
-        ),
-        log=print,
+        )
     )
-    print(result.format())
     report = result.report
-    assert "crashed" not in result.info, result.format()
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     assert report.evictions > 0, result.format()
     assert result.info["evictions heard"] == report.evictions, result.format()
@@ -177,7 +176,7 @@ def test_short_near_cache_run_finds_no_violation(
     fault: no read from memory may be further behind a completed commit than the bound, nor
     behind one its own process completed (own-commit), and zero stale, uncommitted or
     divergent."""
-    result = run_stress(
+    result = _ran(
         StressConfig(
             db_url=postgresql_url,
             seconds=NEAR_SECONDS,
@@ -187,12 +186,9 @@ def test_short_near_cache_run_finds_no_violation(
             on_redis_error="strict",
             near_cache=1.0,
             lock_wait=60,
-        ),
-        log=print,
+        )
     )
-    print(result.format())
     report = result.report
-    assert "crashed" not in result.info, result.format()
     assert report.reads["near"] > 0 and report.commits["ok"] > 0, result.format()
     # IN-list reads, each row checked against the bound only when it came from memory
     assert report.batches > 0, result.format()
@@ -213,7 +209,7 @@ def test_short_two_model_versions_run_finds_no_violation(
     commits reach only their own version's keyspace, a few seconds find hundreds of stale
     reads: seen with this very test before the fix; on one that did not make a forgotten
     registry whole, 20 s found 53.)"""
-    result = run_stress(
+    result = _ran(
         StressConfig(
             db_url=postgresql_url,
             seconds=VERSIONS_SECONDS,
@@ -223,12 +219,9 @@ def test_short_two_model_versions_run_finds_no_violation(
             faults=frozenset({"evict-registry"}),
             model_versions=2,
             lock_wait=60,
-        ),
-        log=print,
+        )
     )
-    print(result.format())
     report = result.report
-    assert "crashed" not in result.info, result.format()
     # both versions read from the cache and commit
     assert report.version_reads["A cache"] and report.version_reads["B cache"], result.format()
     assert report.commits["ok"] > 0, result.format()
@@ -246,7 +239,7 @@ def test_short_uuid_keys_asyncio_run_finds_no_violation(
     (With the write path of before fa287f2 and c12d1a8, which took only ``type(v) is
     uuid.UUID`` as a key of a Uuid column, this very test found 301 stale reads and 5
     divergent entries.)"""
-    result = run_stress(
+    result = _ran(
         StressConfig(
             db_url=postgresql_url,
             seconds=UUID_SECONDS,
@@ -255,12 +248,9 @@ def test_short_uuid_keys_asyncio_run_finds_no_violation(
             on_redis_error="strict",
             key_type="uuid",
             lock_wait=60,
-        ),
-        log=print,
+        )
     )
-    print(result.format())
     report = result.report
-    assert "crashed" not in result.info, result.format()
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     # final_state named every entry by its int id (a key's 32 hex digits)
     assert report.cached_entries > 0, result.format()
@@ -387,7 +377,7 @@ def test_short_tenants_run_finds_no_violation(
     """Three tenants' schemas, each operation on one of them through a schema_translate_map
     chosen in one of the ways users do, under every fault (two of five workers asyncio): every
     tenant and way read, zero stale, uncommitted, cross-tenant or divergent."""
-    result = run_stress(
+    result = _ran(
         StressConfig(
             db_url=postgresql_url,
             seconds=TENANTS_SECONDS,
@@ -398,12 +388,9 @@ def test_short_tenants_run_finds_no_violation(
             tenants=3,
             avoid=KNOWN_TENANT_DEFECTS,
             lock_wait=60,
-        ),
-        log=print,
+        )
     )
-    print(result.format())
     report = result.report
-    assert "crashed" not in result.info, result.format()
     assert len(report.tenant_reads) == 3 and set(report.way_reads) == set(WAYS), result.format()
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     assert report.ok, result.format()
@@ -463,7 +450,7 @@ def test_short_cluster_failover_run_finds_no_violation(
     """The same workers (half of them asyncio) on a Redis Cluster (3 primaries, 3 replicas) whose primaries are
     SIGKILLed or replaced with ``CLUSTER FAILOVER`` every few seconds, with SIGKILLed workers
     and deadlocks; strict mode: zero stale, uncommitted or divergent."""
-    result = run_stress(
+    result = _ran(
         StressConfig(
             db_url=postgresql_url,
             seconds=CLUSTER_SECONDS,
@@ -472,12 +459,9 @@ def test_short_cluster_failover_run_finds_no_violation(
             asyncio_workers=2,  # redis.asyncio.cluster.RedisCluster, next to 2 sync workers
             on_redis_error="strict",
             lock_wait=60,
-        ),
-        log=print,
+        )
     )
-    print(result.format())
     report = result.report
-    assert "crashed" not in result.info, result.format()
     assert any(k.startswith(("Cluster primaries killed", "CLUSTER FAILOVERs")) for k in result.info)
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     assert report.ok, result.format()
