@@ -108,19 +108,13 @@ def session_factory_of(target: Any) -> Callable[[], Session]:
 
 
 def _install_targets(target: Any) -> list[Any]:
-    """What ``cache.install(target)`` recorded: the target, or the sync Session class of an
-    async one (read, never made: an async factory the cache is not on stays untouched)."""
+    """What ``cache.install()`` may have been given for ``target``'s sessions: the target, or
+    the factory a scoped session wraps (sync or async)."""
     candidates = [target]
-    if isinstance(target, scoped_session):
-        candidates.append(target.session_factory)
     api = flavours._async_api()
-    if api is not None:
-        if isinstance(target, api.async_scoped_session):
-            target = target.session_factory
-        if isinstance(target, api.async_sessionmaker):
-            made = target.kw.get("sync_session_class")
-            if made is not None:
-                candidates.append(made)
+    scoped = (scoped_session,) if api is None else (scoped_session, api.async_scoped_session)
+    if isinstance(target, scoped):
+        candidates.append(target.session_factory)
     return candidates
 
 
@@ -132,11 +126,7 @@ def cache_of(target: Any) -> WriteThroughCache:
     found = [
         cache
         for cache in list(_caches)
-        if any(
-            ref() is c
-            for ref in [*(ref for ref, _, _ in cache._installed), *cache._targets]
-            for c in candidates
-        )
+        if any(ref() is c for ref in cache._targets for c in candidates)
     ]
     if not found:
         raise UsageError(

@@ -40,7 +40,14 @@ from .databases import Databases
 from .diagnostics import explain
 from .exc import CacheUnavailableError, ConfigurationError
 from .journal import Journal
-from .keys import REGISTRY_WHOLE, KeySpace, keyspace_of, prefix_patterns, registry_key
+from .keys import (
+    REGISTRY_WHOLE,
+    KeySpace,
+    fits_key,
+    keyspace_of,
+    prefix_patterns,
+    registry_key,
+)
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
 from .near import ClusterSubscriptions, NearCache, Subscriptions, TwinSubscriptions
@@ -1241,7 +1248,7 @@ def _key_values(layout: ModelLayout, mapper: Mapper[Any], values: list[Any]) -> 
     out = []
     for value, kind in zip(values, layout.pk_types, strict=True):
         try:
-            if type(value) is kind or (kind is uuid.UUID and isinstance(value, uuid.UUID)):
+            if fits_key(value, kind):
                 pass
             elif kind is uuid.UUID and isinstance(value, str):
                 value = uuid.UUID(value)

@@ -24,6 +24,13 @@ def _escape(text: str) -> str:
     return text
 
 
+def fits_key(value: Any, kind: type) -> bool:
+    """Whether ``value`` names a key of a column whose values are of type ``kind``: its exact
+    type (``True`` or ``5.0`` must not load row 1 or 5 under a key of their own), or a
+    ``uuid.UUID`` subclass (asyncpg returns its own class: the same value, the same key)."""
+    return type(value) is kind or (kind is uuid.UUID and isinstance(value, uuid.UUID))
+
+
 def encode_pk_part(value: Any) -> str:
     """One primary-key value as it appears in a key; types are checked by the caller."""
     if type(value) is int:

@@ -11,7 +11,6 @@ fills the entry, but only over its own lease and only from a read that cannot pr
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from itertools import repeat
 from time import perf_counter
@@ -26,6 +25,7 @@ from sqlalchemy.orm.attributes import instance_state
 from . import _sa_compat
 from .codec import IMMUTABLE, DecodeError
 from .databases import NAMING, DatabaseUnknown, naming_of, own_naming
+from .keys import fits_key
 from .near import Copy
 from .options import FromCache
 from .protocol import Fetch, payload_of
@@ -445,12 +445,10 @@ class ReadPath:
         the misses from one database query (filled over their leases, as single misses)."""
         rt = self.runtime
         ids = list(dict.fromkeys(ids))
-        # every id of the key's exact type: one set of their types, made in C (or UUIDs of
-        # a subclass: asyncpg's, ids taken from rows it loaded)
-        if not ids or (
-            set(map(type, ids)) != {layout.pk_types[0]}
-            and not (layout.pk_types[0] is uuid.UUID and all(isinstance(i, uuid.UUID) for i in ids))
-        ):
+        # every id of the key's exact type: one set of their types, made in C (else each
+        # id on its own: asyncpg's UUIDs, ids taken from rows it loaded)
+        kind = layout.pk_types[0]
+        if not ids or (set(map(type, ids)) != {kind} and not all(fits_key(i, kind) for i in ids)):
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         session = orm_state.session

@@ -27,7 +27,7 @@ from sqlalchemy.orm.exc import UnmappedColumnError
 from . import codec
 from .config import ModelOptions, ModelOptionsDict, OptionError
 from .exc import ConfigurationError, WriteThroughWarning
-from .keys import KeySpace
+from .keys import KeySpace, fits_key
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
@@ -567,18 +567,14 @@ class ModelLayout:
 
     def pk_is_cacheable(self, pk: Iterable[Any]) -> bool:
         """Only values of the column's exact Python type map to one key (``"42"`` and ``42.0``
-        would load row 42 from the database under another key), and a ``uuid.UUID``
-        subclass's (asyncpg returns its own class: the same value, the same key)."""
+        would load row 42 from the database under another key), or of a ``uuid.UUID``
+        subclass (:func:`.keys.fits_key`)."""
         types = self.pk_types
         if len(types) == 1:  # no generator for the common case (twice per flushed row)
             for v in pk:
-                t = types[0]
-                return type(v) is t or (t is uuid.UUID and isinstance(v, uuid.UUID))
+                return fits_key(v, types[0])
             return True
-        return all(
-            type(v) is t or (t is uuid.UUID and isinstance(v, uuid.UUID))
-            for v, t in zip(pk, types, strict=False)
-        )
+        return all(fits_key(v, t) for v, t in zip(pk, types, strict=False))
 
     def encode_loaded(self, state_dict: dict[str, Any], dialect: Dialect) -> bytes | None:
         return self.variants[self.mapper].encode_loaded(state_dict, dialect)
