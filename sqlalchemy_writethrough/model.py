@@ -572,7 +572,8 @@ class ModelLayout:
         types = self.pk_types
         if len(types) == 1:  # no generator for the common case (twice per flushed row)
             for v in pk:
-                return fits_key(v, types[0])
+                t = types[0]
+                return type(v) is t or fits_key(v, t)  # the call only for another type
             return True
         return all(fits_key(v, t) for v, t in zip(pk, types, strict=False))
 
