@@ -44,8 +44,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-#: the database/driver suffix SQLAlchemy adds to backend-specific test classes
-_BACKEND_SUFFIX = re.compile(r"_[a-z]+\+[a-z0-9]+(_\d+)+\b")
+#: the database/driver suffix SQLAlchemy adds to backend-specific test classes:
+#: ``_postgresql+psycopg2_15_20``, and on an asyncio driver ``_postgresql+asyncpg_async_15_20``
+_BACKEND_SUFFIX = re.compile(r"_[a-z]+\+[a-z0-9]+(_[a-z]+)?(_\d+)+\b")
 
 
 def read_list(path: Path) -> dict[str, str]:
