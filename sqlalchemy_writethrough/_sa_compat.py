@@ -24,6 +24,7 @@ from sqlalchemy.orm.instrumentation import ClassManager
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
 from sqlalchemy.sql.selectable import Select
+from sqlalchemy.util import LRUCache as _LRUCache
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
@@ -410,6 +411,17 @@ def session_is_flushing(session: Session | None) -> bool:
     after all); ``Session._flushing`` is reset in a ``finally``, so the two together say
     whether a statement belongs to the flush after_flush will track."""
     return session is not None and bool(session._flushing)
+
+
+def emitted_by_unit_of_work(context: Any) -> bool:
+    """Whether a DML statement is one the unit of work emits for a flushed row, not one a
+    listener runs during the flush (``connection.execute`` in a mapper event, the documented
+    place for more SQL; ``session.execute`` in an ``after_flush`` listener that runs before the
+    cache's). ``persistence.py`` runs every INSERT, UPDATE and DELETE of the flush with the base
+    mapper's own ``_compiled_cache`` (an ``LRUCache``) as an execution option; no public API says
+    which statements a flush emitted. The secondary table's rows of a many-to-many are written
+    without it (``dependency.py``), and are tracked like any other statement."""
+    return type(context.execution_options.get("compiled_cache")) is _LRUCache
 
 
 def autoflush_before_load(orm_state: ORMExecuteState) -> None:

@@ -20,7 +20,9 @@ of an engine a session used: keys name the schema an engine's connections start 
 database and invalidates every cached model at its commit; a warning says how to name tenants
 instead. Only raw SQL pays for the check: compiled SELECTs leave before it.
 
-Statements of the ORM's own flush are left to ``after_flush``, which knows their rows exactly.
+Statements of the ORM's own flush are left to ``after_flush``, which knows their rows exactly;
+SQL a listener runs while the session flushes (a mapper event's ``connection.execute``, an
+``after_flush`` listener's ``session.execute``) is not the flush's and is handled here.
 A statement on a connection that belongs to no session is not seen: call ``cache.invalidate()``.
 """
 
@@ -114,9 +116,11 @@ class StatementTracker:
                 self._switches(conn, statement)  # remembered for the sessions it serves next
             return
         if tracker.in_flush:
-            if _sa_compat.session_is_flushing(tracker.session_ref()):
+            if not _sa_compat.session_is_flushing(tracker.session_ref()):
+                tracker.in_flush = False  # that flush stopped before after_flush
+            elif dml and compiled is not None and _sa_compat.emitted_by_unit_of_work(context):
                 return  # the unit of work's own statement: after_flush tracks it
-            tracker.in_flush = False  # that flush stopped before after_flush
+            # else a listener's statement during the flush: tracked as any other
         tracker.wrote = True
         # the database the statement's tables are in: its engine, or the one its execution
         # options name (a schema_translate_map of the statement or of its connection)

@@ -179,6 +179,46 @@ def test_session_is_flushing_only_inside_flush(session: Session) -> None:
         event.remove(session, "after_flush", record)
 
 
+def test_emitted_by_unit_of_work_tells_the_flush_from_a_listener(session: Session) -> None:
+    """The flush's INSERT, UPDATE and DELETE carry the mapper's compiled cache; a statement a
+    mapper event runs on the flush's connection, and one run outside any flush, do not."""
+    seen: list[tuple[str, bool]] = []
+    table = Parent.__table__
+
+    def record(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: Any
+    ) -> None:
+        if not statement.startswith("SELECT"):
+            seen.append((statement.split()[0], _sa_compat.emitted_by_unit_of_work(context)))
+
+    def after_insert(mapper: Any, connection: Any, target: Any) -> None:
+        connection.execute(table.update().where(table.c.id == 99).values(name="listener"))
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", record)
+    event.listen(Thing, "after_insert", after_insert)
+    try:
+        session.add(Parent(id=1))
+        session.flush()
+        assert seen == [("INSERT", True)]
+        seen.clear()
+        session.add(Thing(a=1, b="b"))
+        session.flush()
+        assert seen == [("INSERT", True), ("UPDATE", False)]
+        seen.clear()
+        parent = session.get(Parent, 1)
+        assert parent is not None
+        parent.name = "changed"
+        session.flush()
+        session.delete(parent)
+        session.flush()
+        session.execute(table.update().values(name="statement"))
+        assert seen == [("UPDATE", True), ("DELETE", True), ("UPDATE", False)]
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+        event.remove(Thing, "after_insert", after_insert)
+
+
 def test_session_is_clean(session: Session) -> None:
     """``Session._is_clean()``'s body: nothing new, modified or deleted."""
     assert _sa_compat.session_is_clean(session)

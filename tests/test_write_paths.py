@@ -168,6 +168,35 @@ class WxNatChild(NaturalBase, CachedModel):
     name: Mapped[str] = mapped_column(String(50))
 
 
+class SecondaryBase(DeclarativeBase):
+    pass
+
+
+class WxTag(SecondaryBase, CachedModel):
+    __tablename__ = "wx_tag"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+
+class WxPost(SecondaryBase, CachedModel):
+    """Its tags are kept through the table a cached model maps (``secondary=``)."""
+
+    __tablename__ = "wx_post"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    tags: Mapped[list[WxTag]] = relationship(secondary="wx_post_tag")
+
+
+class WxPostTag(SecondaryBase, CachedModel):
+    """Cached, and the ``secondary`` table of ``WxPost.tags``."""
+
+    __tablename__ = "wx_post_tag"
+
+    post_id: Mapped[int] = mapped_column(ForeignKey("wx_post.id"), primary_key=True)
+    tag_id: Mapped[int] = mapped_column(ForeignKey("wx_tag.id"), primary_key=True)
+    note: Mapped[str] = mapped_column(String(20), default="")
+
+
 class TriggerBase(DeclarativeBase):
     pass
 
@@ -838,6 +867,88 @@ def test_flush_after_a_statement_on_the_same_row(
 
     assert db_values(engine, WxItem, 1) == {"id": 1, "name": "statement", "qty": 5}
     assert_reads_database_row(items, engine, WxItem, 1)
+
+
+def _listener_statement(hook: str) -> tuple[Any, str, Callable[..., Any]]:
+    """Where a listener runs SQL during a flush, and the SQL it runs: row 1's qty becomes 99."""
+    table = table_of(WxItem)
+    core = update(table).where(table.c.id == 1).values(qty=99)
+    if hook == "after_flush_runs_first":
+        # as sqlalchemy-utils' aggregates do: a Core UPDATE whose WHERE names no key, through
+        # the session, in an after_flush listener that runs before the cache's
+        def after_flush(session: Session, flush_context: Any) -> None:
+            session.execute(
+                update(table)
+                .where(table.c.qty > 0)
+                .values(qty=case((table.c.id == 1, 99), else_=table.c.qty))
+            )
+
+        return None, "after_flush", after_flush
+    if hook in ("mapper_event", "mapper_event_text"):
+        # SQLAlchemy's documented place for more SQL in a flush: the mapper event's connection
+        def after_insert(mapper: Any, connection: Connection, target: Any) -> None:
+            if hook == "mapper_event":
+                connection.execute(core)
+            else:
+                connection.execute(text("UPDATE wx_item SET qty = 99 WHERE id = 1"))
+
+        return WxItem, "after_insert", after_insert
+
+    def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+        session.execute(core)  # Core: the loaded object's qty is not synchronized
+
+    return None, "before_flush", before_flush
+
+
+@pytest.mark.parametrize(
+    "hook", ["after_flush_runs_first", "mapper_event", "mapper_event_text", "before_flush"]
+)
+def test_statement_a_listener_runs_during_the_flush(
+    engine: Engine, items: sessionmaker[Session], hook: str
+) -> None:
+    """SQL a listener runs while the session flushes (a mapper event's ``connection.execute``,
+    an ``after_flush`` listener that runs before the cache's, a ``before_flush`` listener that
+    runs after it) is not the unit of work's own: its rows are invalidated like any other
+    statement's. It used to be taken for the flush's, so the commit published the flushed
+    object's snapshot of row 1 (its old qty) and gets served it until the TTL."""
+    target, name, listener = _listener_statement(hook)
+    on = target if target is not None else items
+    event.listen(on, name, listener, **({"insert": True} if name == "after_flush" else {}))
+    try:
+        warm(items, engine, WxItem, 1, 2)
+        with items() as session:
+            obj = session.get(WxItem, 1)
+            assert obj is not None
+            obj.name = "flushed"
+            session.add(WxItem(id=5, name="item 5", qty=50))
+            session.commit()
+            assert (obj.name, obj.qty) == ("flushed", 99)  # the read-back after the commit
+    finally:
+        event.remove(on, name, listener)
+
+    assert db_values(engine, WxItem, 1) == {"id": 1, "name": "flushed", "qty": 99}
+    assert_reads_database_row(items, engine, WxItem, 1, 2, 5)
+
+
+def test_rows_a_flush_writes_through_a_secondary_table_of_a_cached_model(
+    engine: Engine, factory_for: Callable[[MetaData], sessionmaker[Session]]
+) -> None:
+    """A many-to-many writes its ``secondary`` table's rows itself, without the mapper of a
+    model mapped to that table: a cached ``WxPostTag`` row the relationship deletes is
+    invalidated (it used to be served after the commit, deleted)."""
+    factory = factory_for(SecondaryBase.metadata)
+    with factory() as session:
+        session.add(WxPost(id=1, tags=[WxTag(id=1), WxTag(id=2)]))
+        session.commit()
+    warm(factory, engine, WxPostTag, (1, 1), (1, 2))
+    with factory() as session:
+        post = session.get(WxPost, 1)
+        assert post is not None
+        post.tags.remove(next(tag for tag in post.tags if tag.id == 1))
+        session.commit()
+
+    assert db_values(engine, WxPostTag, (1, 1)) is None
+    assert_reads_database_row(factory, engine, WxPostTag, (1, 1), (1, 2))
 
 
 # ============================================================================ 6. rollback
