@@ -709,6 +709,8 @@ class WriteThroughCache:
                 keep.append((ref, name, fn))
         self._installed = keep
         self._give_back_kept_connections()
+        if not self._targets:
+            self._unwatch_engines()
         reads = [flavour.read for flavour in (self._sync, self._async) if flavour is not None]
         for made in classes:
             for cls in made.__mro__ if made is not None else ():
@@ -872,6 +874,15 @@ class WriteThroughCache:
             self._shared_stats.final()
         self._give_back_kept_connections(close=True)
         self._close_built_sync_clients()
+
+    def _unwatch_engines(self) -> None:
+        """Take the statement listeners off the engines the sessions used, once the cache is
+        installed nowhere (an engine may outlive it: a test suite's, one several caches
+        share). Not at close(): a session of a factory it is still installed on would then
+        change rows no statement lock covers."""
+        for flavour in (self._sync, self._async):
+            if flavour is not None:
+                flavour.write.statements.unwatch()
 
     def _leave(self) -> None:
         """The synchronous backend's last epoch check on a Sentinel-managed pool (see

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.sql import operators
@@ -80,19 +81,44 @@ class StatementTracker:
     def __init__(self, runtime: Runtime, write: WritePath) -> None:
         self.runtime = runtime
         self.write = write
-        self._engines: set[int] = set()
+        #: engine -> the listener watch() added to it (weak keys: an engine is never kept)
+        self._watched: weakref.WeakKeyDictionary[Any, Callable[..., None]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._names: re.Pattern[str] | None = None
         self._names_for: int = -1
         #: engines already warned of a switched schema (ids: never kept alive)
         self._warned: set[int] = set()
 
     def watch(self, engine: Any) -> None:
-        if id(engine) in self._engines:
+        """Look at the statements of every connection of ``engine`` (once per engine). The
+        listener holds this tracker weakly: an engine that outlives a cache (a test suite's
+        engine, a cache per test) neither keeps the cache, its models and their mappers alive
+        nor runs its listener for it once it is gone; :meth:`unwatch` removes it."""
+        if engine in self._watched:
             return
         from sqlalchemy import event
 
-        event.listen(engine, "before_cursor_execute", self.before_cursor_execute)
-        self._engines.add(id(engine))
+        tracker = weakref.ref(self)
+
+        def before_cursor_execute(*args: Any) -> None:
+            watching = tracker()
+            if watching is not None:
+                watching.before_cursor_execute(*args)
+
+        event.listen(engine, "before_cursor_execute", before_cursor_execute)
+        self._watched[engine] = before_cursor_execute
+
+    def unwatch(self) -> None:
+        """Remove the listeners :meth:`watch` added (the cache was closed or uninstalled from
+        its last target)."""
+        from sqlalchemy import event
+
+        watched = list(self._watched.items())
+        self._watched.clear()
+        for engine, listener in watched:
+            if event.contains(engine, "before_cursor_execute", listener):
+                event.remove(engine, "before_cursor_execute", listener)
 
     def before_cursor_execute(
         self,

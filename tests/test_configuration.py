@@ -818,6 +818,29 @@ def test_uninstall_stops_caching(
     assert cache.stats() == type(cache.stats())()
 
 
+def test_an_engine_that_outlives_its_caches_keeps_none_of_them(
+    schema: Engine, redis_url: str, prefix: str
+) -> None:
+    """A test suite's engine outlives the cache of each test: every cache used to leave a
+    ``before_cursor_execute`` listener on it, run for every later statement, holding the
+    cache (its models, their mappers) alive. The listener goes at the last ``uninstall()``,
+    and holds the cache weakly: an uninstalled cache is collected."""
+    baseline = len(schema.dispatch.before_cursor_execute)
+    caches = []
+    for n in range(3):
+        cache = make_cache(redis_url, f"{prefix}-{n}")
+        factory = sessionmaker(schema)
+        cache.install(factory)
+        add(factory, CfWidget(id=10 + n, name="w"))
+        assert len(schema.dispatch.before_cursor_execute) == baseline + 1
+        cache.uninstall(factory)
+        assert len(schema.dispatch.before_cursor_execute) == baseline
+        caches.append(weakref.ref(cache))
+        del cache, factory
+    gc.collect()
+    assert [ref() for ref in caches] == [None, None, None]
+
+
 def test_uninstall_after_the_listeners_were_removed_elsewhere(
     schema: Engine, redis_url: str, prefix: str
 ) -> None:
