@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 from sqlalchemy import types as sqltypes
+from sqlalchemy.engine.default import DefaultDialect
 
 from ._sa_compat import ABSTRACT_INTERVAL, json_functions
 from .exc import ConfigurationError
@@ -906,6 +907,8 @@ def inexact_reason(column: Column[Any], dialect: Dialect) -> str | None:
     type_: Any = column.type
     if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):
         type_ = type_.load_dialect_impl(dialect)
+    if column_codec(column, dialect, "").kind == "unstorable":
+        return f"no exact stored form on {dialect.name}: a row with a value is never cached"
     return _type_inexact_reason(type_, dialect)
 
 
@@ -1018,7 +1021,36 @@ class _DecoratedCodec(ColumnCodec):
 
 
 def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCodec:
-    """The codec of one column on one dialect; TypeDecorators wrap their implementation's."""
+    """The codec of one column on one dialect; TypeDecorators wrap their implementation's.
+
+    A type with no stored form fails at configuration, on SQLAlchemy's default dialect. One
+    that has a form there but not on a real database (a TypeDecorator whose
+    ``load_dialect_impl`` picks a database's own type: sqlalchemy-utils' range types on
+    PostgreSQL) is met at the first flush or load there, inside the application's commit or
+    get: its column then stores nothing on that database, so its rows are never cached there
+    and each commit invalidates them, with a warning (it used to raise from the commit)."""
+    try:
+        return _column_codec(column, dialect, where)
+    except ConfigurationError as exc:
+        if dialect.name == DefaultDialect.name:
+            raise
+        return _unstorable_on(dialect.name, exc)
+
+
+def _unstorable_on(name: str, refused: ConfigurationError) -> ColumnCodec:
+    reason = str(refused).split("; ", 1)[0].split(": ", 1)[-1]
+
+    def refuse(v: Any) -> Any:
+        raise EncodeError(reason)
+
+    return ColumnCodec(
+        "unstorable",
+        *_nullable(refuse, refuse, _never),
+        Never(f"{reason}: its rows are never cached there", lambda on, _mariadb: on == name),
+    )
+
+
+def _column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCodec:
     type_: Any = column.type
     # Interval is a TypeDecorator over DateTime on databases without one, but its Python values
     # are timedeltas on every database: it has a codec of its own
