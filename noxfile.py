@@ -25,6 +25,8 @@ nox.options.sessions = [
     "tests",
     "tests_oldest_redis",
     "sqlalchemy_suite_quick",
+    "third_party(suite='flask-sqlalchemy')",
+    "third_party(suite='sqlmodel')",
 ]
 # Reuse session venvs between local runs; installs still run, so requirement changes apply.
 nox.options.reuse_venv = "yes"
@@ -304,6 +306,38 @@ def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: 
     session.install("-e", ".[test]", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy])
     dburi = os.environ.get(env_var, default_url)
     session.run("python", "tests/sqlalchemy_suite/run.py", "--dburi", dburi, *session.posargs)
+
+
+# Other projects' suites run with the extension on every Session (tests/third_party/run.py):
+# the release each is verified at, and what its tests import. SQLAlchemy 2.0 only: Flask-SQLAlchemy
+# 3.1.1's tests fail on 2.1 without the extension, SQLModel requires <2.1, and SQLAlchemy-Utils
+# 0.43 does not import on 2.1.
+THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
+    "flask-sqlalchemy": ("flask-sqlalchemy==3.1.1", "flask"),
+    "sqlmodel": (
+        "sqlmodel==0.0.50",
+        *("fastapi", "httpx", "dirty-equals", "black", "jinja2", "typer", "coverage", "pyyaml"),
+    ),
+    "sqlalchemy-utils": (
+        "sqlalchemy-utils[arrow,babel,color,encrypted,intervals,password,pendulum,phone,"
+        "timezone,url]==0.43.0",
+        *("psycopg2-binary", "pg8000", "pytz", "python-dateutil", "flexmock", "docutils"),
+        *("pygments", "jinja2"),
+    ),
+}
+
+
+@nox.session
+@nox.parametrize("suite", list(THIRD_PARTY_SUITES))
+def third_party(session: nox.Session, suite: str) -> None:
+    """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Utils), plainly
+    and with the extension on every Session: fails on a test that fails only with it and is
+    not in tests/third_party/known_failures.txt (``nox -s "third_party(suite='sqlmodel')"``
+    for one). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or
+    the local servers). Needs Redis ($REDIS_URL or local)."""
+    session.install("-e", ".[test]", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
+    session.install(SQLALCHEMY_PINS["2.0"])
+    session.run("python", "tests/third_party/run.py", suite, *session.posargs)
 
 
 # The caches a user would pick instead, measured by the benchmark suite (never dependencies of

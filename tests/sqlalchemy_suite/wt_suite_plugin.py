@@ -134,6 +134,26 @@ def _wait_until_serving(cache: Any, timeout: float = 5.0) -> None:
         time.sleep(0.002)
 
 
+#: registries alive after the last gc.collect(), plus the growth that triggers the next one
+_collect_above = [0]
+
+
+def _collect_dead_mappers() -> None:
+    """``register_all()`` builds a layout for every mapper still in memory, and a test's own
+    models are garbage only once the cyclic collector has run: a suite that maps its models
+    in each test (sqlalchemy-utils', Flask-SQLAlchemy's) and clears nothing would have each
+    test's cache hold the earlier tests' mappers, which then never die (every test slower
+    than the last). SQLAlchemy's suite clears its mappers itself: with few registries alive,
+    nothing is collected here."""
+    import gc
+
+    from sqlalchemy.orm import mapperlib
+
+    if len(mapperlib._mapper_registries) > _collect_above[0]:
+        gc.collect()
+        _collect_above[0] = len(mapperlib._mapper_registries) + 20
+
+
 def _delete_prefix(prefix: str) -> None:
     keys = list(_client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
@@ -155,6 +175,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     # mapper_configured check among them: put it back, as a fresh process would have it
     if not event.contains(Mapper, "mapper_configured", cache_module._on_mapper_configured):
         event.listen(Mapper, "mapper_configured", cache_module._on_mapper_configured)
+    _collect_dead_mappers()
     prefix = f"wtsuite-{uuid.uuid4().hex[:12]}"
     cache = None
     target: Any = Session

@@ -1,0 +1,209 @@
+"""Other projects' test suites, plainly and with the extension on every Session.
+
+    python tests/third_party/run.py SUITE [--workdir DIR] [-- pytest arguments]
+
+SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-utils``: libraries our users
+put between their code and the ORM, each with its own Session subclass, listeners, types or
+declarative base. The sdist of the installed release (each ships its tests) is unpacked into
+``.third-party/`` (``--workdir``) and its tests run twice, plainly and with
+``tests/sqlalchemy_suite/wt_suite_plugin.py`` (a cache on ``sqlalchemy.orm.Session`` under a
+fresh prefix per test, ``register_all()`` over every mapping). It prints the tests that fail
+only with the extension, minus those listed in ``known_failures.txt`` with their reason
+(``suite:test id -- reason``), and exits non-zero on any unexplained one, or if the extension
+was not active.
+
+sqlalchemy-utils' tests need PostgreSQL (with the ``hstore`` and ``ltree`` extensions) and
+MySQL/MariaDB: the run makes a database of its own on each ($POSTGRESQL_URL and $MARIADB_URL,
+else the local servers) and drops them at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+PLUGIN_DIR = REPO / "tests" / "sqlalchemy_suite"
+
+# the results reading of SQLAlchemy's suite runner (tests/sqlalchemy_suite/run.py)
+_spec = importlib.util.spec_from_file_location("sqlalchemy_suite_run", PLUGIN_DIR / "run.py")
+assert _spec is not None and _spec.loader is not None
+_suite_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_suite_run)
+known_reason, outcomes, read_list = (
+    _suite_run.known_reason,
+    _suite_run.outcomes,
+    _suite_run.read_list,
+)
+
+#: suite -> (distribution, test folder, pytest arguments of its own)
+SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "flask-sqlalchemy": ("Flask-SQLAlchemy", "tests", ()),
+    "sqlmodel": ("sqlmodel", "tests", ()),
+    # its tox.ini turns every warning into an error; dateutil's and pendulum's deprecations
+    # are the environment's, not the tests'
+    "sqlalchemy-utils": ("SQLAlchemy-Utils", "tests", ("-W", "ignore::DeprecationWarning")),
+}
+
+_POSTGRESQL = os.environ.get("POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+_MARIADB = os.environ.get("MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def sdist_folder(workdir: Path, distribution: str) -> Path:
+    """The unpacked sdist of the installed release of ``distribution``, downloaded once."""
+    version = importlib.metadata.version(distribution)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stem = f"{distribution.lower().replace('-', '_')}-{version}"
+    folder = workdir / stem
+    if folder.is_dir():
+        return folder
+    archive = workdir / f"{stem}.tar.gz"
+    if not archive.exists():
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"),
+                *("--no-binary", ":all:", "--dest", str(workdir)),
+                f"{distribution}=={version}",
+            ],
+            check=True,
+        )
+    with tarfile.open(archive) as tar:
+        tar.extractall(workdir, filter="data")
+    return folder
+
+
+@contextlib.contextmanager
+def utils_databases() -> Iterator[dict[str, str]]:
+    """The environment sqlalchemy-utils' conftest reads, naming a database of this run's on
+    PostgreSQL and on MySQL/MariaDB (one name for both, as its conftest wants)."""
+    from sqlalchemy import create_engine, make_url, pool
+
+    name = f"wt_utils_{uuid.uuid4().hex[:10]}"
+    pg, my = make_url(_POSTGRESQL), make_url(_MARIADB)
+    admins = [
+        create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+        for url in (pg, my)
+    ]
+    with admins[0].connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    with create_engine(pg.set(database=name), poolclass=pool.NullPool).begin() as conn:
+        for extension in ("hstore", "ltree"):
+            conn.exec_driver_sql(f"CREATE EXTENSION IF NOT EXISTS {extension}")
+    with admins[1].connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield {
+            "SQLALCHEMY_UTILS_TEST_DB": name,
+            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_HOST": f"{pg.host}:{pg.port or 5432}",
+            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_USER": pg.username or "postgres",
+            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_PASSWORD": pg.password or "",
+            "SQLALCHEMY_UTILS_TEST_MYSQL_USER": my.username or "root",
+        }
+    finally:
+        with admins[0].connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        with admins[1].connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        for admin in admins:
+            admin.dispose()
+
+
+def run_pass(
+    folder: Path, out: Path, tests: str, extra: list[str], env: dict[str, str], plugin: bool
+) -> Path:
+    junit = out / ("extension.xml" if plugin else "plain.xml")
+    command = [sys.executable, "-m", "pytest", tests, "-p", "no:cacheprovider", "-q"]
+    command += [f"--junitxml={junit}", *extra]
+    env = {**os.environ, **env}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
+    if plugin:
+        status = out / "extension.status"
+        status.unlink(missing_ok=True)
+        command += ["-p", "wt_suite_plugin", f"--wt-status={status}"]
+    label = "with the extension" if plugin else "plainly"
+    print(f"== {label}: {' '.join(command[2:])}", flush=True)
+    with open(out / (junit.stem + ".log"), "w", encoding="utf-8") as log:
+        subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if not junit.exists():
+        sys.exit(f"no results from the run {label}: see {out / (junit.stem + '.log')}")
+    return junit
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--workdir", type=Path, default=REPO / ".third-party")
+    parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
+    args = parser.parse_args()
+
+    distribution, tests, own = SUITES[args.suite]
+    folder = sdist_folder(args.workdir, distribution)
+    out = args.workdir / f"{args.suite}-results"
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [*own, *args.pytest_args]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the databases are dropped
+    databases = utils_databases() if args.suite == "sqlalchemy-utils" else contextlib.nullcontext()
+    with databases as env:
+        plain_xml = run_pass(folder, out, tests, extra, env or {}, plugin=False)
+        ext_xml = run_pass(folder, out, tests, extra, env or {}, plugin=True)
+
+    status = (out / "extension.status").read_text(encoding="utf-8").split("\n")
+    used = [line.split() for line in status if line.startswith("used ")]
+    problems = [
+        line
+        for line in status
+        if line and line != "ok" and not line.startswith(("used ", "skipped model "))
+    ]
+    plain, ext = outcomes(plain_xml), outcomes(ext_xml)
+    known = {
+        test.removeprefix(f"{args.suite}:"): reason
+        for test, reason in read_list(HERE / "known_failures.txt").items()
+        if test.startswith(f"{args.suite}:")
+    }
+    only_ext = {
+        test: state
+        for test, state in ext.items()
+        if state.startswith("failed") and not plain.get(test, "").startswith("failed")
+    }
+    explained = {test: reason for test in only_ext if (reason := known_reason(known, test))}
+    unexplained = {test: state for test, state in only_ext.items() if test not in explained}
+    failed_plain = sum(1 for state in plain.values() if state.startswith("failed"))
+    if failed_plain * 2 > len(plain):
+        # a missing test dependency or a collection error: a comparison proves nothing
+        problems.append(f"{failed_plain} of {len(plain)} tests fail without the extension")
+    if not sum(int(u[1]) for u in used):
+        problems.append("no test read or wrote through the cache")
+    print(
+        f"\n{args.suite} {importlib.metadata.version(distribution)}: {len(ext)} tests; failing "
+        f"plainly: {failed_plain}; failing only with the extension: {len(only_ext)} "
+        f"({len(explained)} known, {len(unexplained)} unexplained)"
+    )
+    if used:
+        print(
+            f"  {sum(int(u[1]) for u in used)} of the {sum(int(u[2]) for u in used)} tests run "
+            "with the extension read or wrote through the cache"
+        )
+    for test, reason in sorted(explained.items()):
+        print(f"  known   {test}\n          {reason}")
+    for test, state in sorted(unexplained.items()):
+        print(f"  FAILED  {test}\n          {state}")
+    if problems:
+        print("the extension was NOT active everywhere:")
+        for line in problems[:20]:
+            print(f"  {line}")
+    return 1 if unexplained or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
