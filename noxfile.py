@@ -309,14 +309,20 @@ def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: 
 
 
 # Other projects' suites run with the extension on every Session (tests/third_party/run.py):
-# the release each is verified at, and what its tests import. SQLAlchemy 2.0 only: Flask-SQLAlchemy
-# 3.1.1's tests fail on 2.1 without the extension, SQLModel requires <2.1, and SQLAlchemy-Utils
-# 0.43 does not import on 2.1.
+# the release each is verified at, and what its tests import. SQLAlchemy 2.0 for all: Flask-SQLAlchemy
+# 3.1.1's tests fail on 2.1 without the extension, SQLModel requires <2.1, SQLAlchemy-Utils 0.43
+# does not import on 2.1 (SQLAlchemy-Continuum 2.0.0 allows 2.1: not tried there).
 THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     "flask-sqlalchemy": ("flask-sqlalchemy==3.1.1", "flask"),
     "sqlmodel": (
         "sqlmodel==0.0.50",
         *("fastapi", "httpx", "dirty-equals", "black", "jinja2", "typer", "coverage", "pyyaml"),
+    ),
+    # its versioning writes its tables from flush listeners
+    "sqlalchemy-continuum": (
+        "sqlalchemy-continuum==2.0.0",
+        *("flask", "flask-login", "flask-sqlalchemy", "psycopg2-binary", "packaging"),
+        "pytest-xdist",
     ),
     "sqlalchemy-utils": (
         "sqlalchemy-utils[arrow,babel,color,encrypted,intervals,password,pendulum,phone,"
@@ -330,7 +336,8 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
 @nox.session
 @nox.parametrize("suite", list(THIRD_PARTY_SUITES))
 def third_party(session: nox.Session, suite: str) -> None:
-    """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Utils), plainly
+    """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
+    SQLAlchemy-Utils), plainly
     and with the extension on every Session: fails on a test that fails only with it and is
     not in tests/third_party/known_failures.txt (``nox -s "third_party(suite='sqlmodel')"``
     for one). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or

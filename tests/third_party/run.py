@@ -2,9 +2,9 @@
 
     python tests/third_party/run.py SUITE [--workdir DIR] [-- pytest arguments]
 
-SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-utils``: libraries our users
-put between their code and the ORM, each with its own Session subclass, listeners, types or
-declarative base. The sdist of the installed release (each ships its tests) is unpacked into
+SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
+``sqlalchemy-utils``: libraries our users put between their code and the ORM, each with its
+own Session subclass, listeners, types or declarative base. The sdist of the installed release (each ships its tests) is unpacked into
 ``.third-party/`` (``--workdir``) and its tests run twice, plainly and with
 ``tests/sqlalchemy_suite/wt_suite_plugin.py`` (a cache on ``sqlalchemy.orm.Session`` under a
 fresh prefix per test, ``register_all()`` over every mapping). It prints the tests that fail
@@ -51,6 +51,8 @@ known_reason, outcomes, read_list = (
 SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "flask-sqlalchemy": ("Flask-SQLAlchemy", "tests", ()),
     "sqlmodel": ("sqlmodel", "tests", ()),
+    # on SQLite (its default): versioning tables written from flush listeners
+    "sqlalchemy-continuum": ("SQLAlchemy-Continuum", "tests", ("-n", "2")),
     # its tox.ini turns every warning into an error; dateutil's and pendulum's deprecations
     # are the environment's, not the tests'
     "sqlalchemy-utils": ("SQLAlchemy-Utils", "tests", ("-W", "ignore::DeprecationWarning")),
