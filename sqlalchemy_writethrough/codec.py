@@ -907,8 +907,6 @@ def inexact_reason(column: Column[Any], dialect: Dialect) -> str | None:
     type_: Any = column.type
     if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):
         type_ = type_.load_dialect_impl(dialect)
-    if column_codec(column, dialect, "").kind == "unstorable":
-        return f"no exact stored form on {dialect.name}: a row with a value is never cached"
     return _type_inexact_reason(type_, dialect)
 
 

@@ -110,8 +110,8 @@ class StatementTracker:
         self._watched[engine] = before_cursor_execute
 
     def unwatch(self) -> None:
-        """Remove the listeners :meth:`watch` added (the cache was closed or uninstalled from
-        its last target)."""
+        """Remove the listeners :meth:`watch` added (the cache was uninstalled from its last
+        target)."""
         from sqlalchemy import event
 
         watched = list(self._watched.items())

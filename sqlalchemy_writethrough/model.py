@@ -149,7 +149,12 @@ class ClassLayout:
         """(attribute, reason) of each stored column whose typical values make a commit
         invalidate this class's row on ``dialect`` instead of writing it through."""
         found = []
-        for attr, column in zip(self.attrs, self.columns, strict=True):
+        for attr, column, col_codec in zip(
+            self.attrs, self.columns, self.codecs(dialect), strict=True
+        ):
+            if col_codec.kind == "unstorable":  # no stored form on this database
+                found.append((attr, f"no exact stored form on {dialect.name}: never cached"))
+                continue
             reason = codec.inexact_reason(column, dialect)
             if reason is not None:
                 found.append((attr, reason))
