@@ -267,7 +267,7 @@ class Backend(Protocol):
     def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None: ...
 
     def registry_whole(
-        self, keys: Sequence[str], step: str, token: str, lease_ms: int
+        self, keys: Sequence[str], step: str, token: str, lease_ms: int, attempt: str = ""
     ) -> tuple[int, Any]: ...
 
     def generation_keys(
@@ -948,12 +948,14 @@ class ScriptBackend:
         return [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
 
     def registry_whole(
-        self, keys: Sequence[str], step: str, token: str, lease_ms: int
+        self, keys: Sequence[str], step: str, token: str, lease_ms: int, attempt: str = ""
     ) -> tuple[int, Any]:
         """A step of making a forgotten registry whole (``lua/registry_whole.lua``): its
         status, and with 2 the registry's birth (microseconds, text), with 1 the registry's
-        (version, fields) when the reply has them, else None; (-1, None) when Redis failed."""
-        reply = self._run(Script.REGISTRY_WHOLE, keys, (step, token, lease_ms))
+        (version, fields) when the reply has them, else None; (-1, None) when Redis failed.
+        ``attempt``: which of the process's recoveries (one per call that begins one) takes
+        the step."""
+        reply = self._run(Script.REGISTRY_WHOLE, keys, (step, token, lease_ms, attempt))
         if reply is None:
             return -1, None
         if not isinstance(reply, list):

@@ -158,7 +158,9 @@ class Siblings:
         #: attempts, so that the lease an attempt left behind (Redis failed after 'begin'
         #: took it, or refused the rest of the script) never makes a later commit of this
         #: process wait for its expiry; its threads' attempts may overlap (each replaces
-        #: generations, the first 'end' makes it whole, the others see that at 'renew')
+        #: generations, the first 'end' makes it whole, the others see that at 'renew'), each
+        #: with a marker field of its own (see _make_whole); so may those of processes forked
+        #: from one that had made this object (a server's preloaded app)
         self._whole_token = secrets.token_hex(8)
         #: Redis may have forgotten the registry since this process last saw it whole (a new
         #: epoch, ``clear()``): registrations go ahead of their calls too until it is seen so
@@ -406,24 +408,28 @@ class Siblings:
 
     def _make_whole(self, backend: Backend, wait: bool) -> bool:
         keys, token = self._whole_keys, self._whole_token
+        # the process's threads and tasks share its token and lease; each call's steps are
+        # told apart by this (see lua/registry_whole.lua: one begun on a registry Redis then
+        # forgot must not end another's recovery of the registry made again)
+        attempt = secrets.token_hex(4)
         deadline = time.monotonic() + _WHOLE_WAIT
         pause = 0.002
         step = 0
         while True:
             if time.monotonic() > deadline:  # however it got here: never forever
                 break
-            step, detail = backend.registry_whole(keys, "begin", token, _WHOLE_LEASE_MS)
+            step, detail = backend.registry_whole(keys, "begin", token, _WHOLE_LEASE_MS, attempt)
             if step == 1:
                 self._learn_whole(detail)
                 return True
             if step == 2:
                 since: str = detail
-                replaced = self._replace_generations(backend, keys, token, since)
+                replaced = self._replace_generations(backend, keys, token, since, attempt)
                 if replaced is None:
                     break
                 if replaced < 0:  # forgotten again meanwhile
                     continue
-                step, detail = backend.registry_whole(keys, "end", token, _WHOLE_LEASE_MS)
+                step, detail = backend.registry_whole(keys, "end", token, _WHOLE_LEASE_MS, attempt)
                 if step < 0:
                     break
                 if step == 1:
@@ -449,7 +455,7 @@ class Siblings:
         return False
 
     def _replace_generations(
-        self, backend: Backend, keys: Sequence[str], token: str, since: str
+        self, backend: Backend, keys: Sequence[str], token: str, since: str, attempt: str
     ) -> int | None:
         """Replace the prefix's generations made before the registry (``since``), renewing
         the lease as it goes (every ``_WHOLE_RENEW`` seconds of the SCAN, and between
@@ -457,7 +463,7 @@ class Siblings:
         Redis failed."""
 
         def renew() -> bool:
-            return backend.registry_whole(keys, "renew", token, _WHOLE_LEASE_MS)[0] == 2
+            return backend.registry_whole(keys, "renew", token, _WHOLE_LEASE_MS, attempt)[0] == 2
 
         found = backend.generation_keys(self.prefix, renew, _WHOLE_RENEW)
         if found is None:

@@ -443,3 +443,78 @@ def test_a_recovery_under_way_when_the_registry_node_fails_over_is_not_called_wh
     assert not redis_client.hexists(keys[0], "~|whole|0")
     assert backend.registry_whole(keys, "begin", "me", LEASE)[0] == 2  # again, the new birth
     assert backend.registry_whole(keys, "end", "me", LEASE)[0] == 1
+
+
+def test_a_recovery_begun_on_a_forgotten_registry_does_not_end_another_threads(
+    backend, redis_client, prefix
+):
+    """Two threads (or tasks) of one process make the registry whole at once: they share
+    the process's token and lease. The first began on a registry Redis then forgot, and
+    replaces only the generations made before that registry's birth; the second began on
+    the registry made again. When the first one's ``end`` came, it found the process's
+    marker field there (the second's) and called the new registry whole, while a generation
+    made between the two births was still in place: the first commit to return served an
+    entry no commit going by the new list reaches. Each attempt now has a field of its own:
+    the first one starts over, and returns only once that generation is replaced."""
+    import threading
+
+    from sqlalchemy_writethrough.keys import registry_key
+    from sqlalchemy_writethrough.siblings import Siblings
+
+    siblings = Siblings(prefix, lambda: ())
+    registry = registry_key(prefix)
+
+    def register() -> None:  # a lock with its registration, which makes the registry
+        registration = siblings.registration(("t|d:db|4",))
+        assert backend.lock(
+            [f"{prefix}:{{t:d:0}}:1", f"{prefix}:{{t:d:0}}"], "o", LOCK, None, registration
+        )
+
+    register()
+    scanning = {"first": threading.Event(), "second": threading.Event()}
+    go = {"first": threading.Event(), "second": threading.Event()}
+    scans: dict[str, int] = {}
+    real_scan = backend.generation_keys
+
+    def stalled_scan(*args, **kwargs):
+        name = threading.current_thread().name
+        scans[name] = scans.get(name, 0) + 1
+        if scans[name] == 1:  # each thread's first scan waits for the test
+            scanning[name].set()
+            assert go[name].wait(10)
+        return real_scan(*args, **kwargs)
+
+    backend.generation_keys = stalled_scan
+    results: dict[str, bool] = {}
+
+    def recover() -> None:
+        name = threading.current_thread().name
+        results[name] = siblings.make_whole(backend)
+
+    first = threading.Thread(target=recover, name="first")
+    second = threading.Thread(target=recover, name="second")
+    try:
+        first.start()
+        assert scanning["first"].wait(10)  # began on the registry as it is now
+        # an entry under a generation made after that registry's birth (its keyspace
+        # recorded there only), then Redis forgets the registry, and it is made again
+        between = f"{prefix}:{{m:d:0}}"
+        seed_value(backend, f"{between}:1", between)
+        redis_client.delete(registry)
+        register()
+        second.start()
+        assert scanning["second"].wait(10)  # began on the registry made again
+        go["first"].set()
+        first.join(10)
+        assert results.get("first") is True
+        # the first recovery returned: the entry under the generation made before the
+        # registry's birth is not served any more
+        assert backend.peek(f"{between}:1", between) is False
+    finally:
+        go["first"].set()
+        go["second"].set()
+        first.join(10)
+        second.join(10)
+    assert results.get("second") is True
+    assert redis_client.hexists(registry, "~|whole|0")
+    assert [f for f in redis_client.hkeys(registry) if b"recovering" in f] == []

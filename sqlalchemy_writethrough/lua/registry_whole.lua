@@ -9,14 +9,18 @@
 -- entry of a generation made since was filled after a registration of its keyspace in this
 -- registry (every fetch and lock registers in its pipeline, behind it: one made before the
 -- registry's birth is replaced here), which commits reach (siblings.py).
--- Its own field '~|recovering.<token>|0' proves at 'end' that the hash was not forgotten
--- again meanwhile (that would have taken the field too); the field's value is a time, so
--- register.lua's pruning drops it if the process dies.
+-- Its own field '~|recovering.<token>.<attempt>|0' proves at 'end' that the hash was not
+-- forgotten again meanwhile (that would have taken the field too); the field's value is a time,
+-- so register.lua's pruning drops it if the process dies. One field per attempt, not per
+-- process: two threads (or tasks) of a process share its token and its lease, and one begun on
+-- a registry Redis then forgot must not find, at its 'end', the field another one's 'begin' put
+-- in the registry made again (it replaced the generations made before the old birth only).
 -- Only GET, SET, DEL, TIME, HGET, HSET, HDEL, HKEYS: the documented least-privilege ACL. The
 -- birth '~|since|0' (microseconds) outlives register.lua's pruning, which drops a field whose
 -- value is below the time in milliseconds: a time in microseconds never is.
 -- KEYS[1] the registry, KEYS[2] its version key, KEYS[3] the recovery lease (same hash slot)
--- ARGV[1] 'begin' | 'renew' | 'end' | 'forget', ARGV[2] the caller's token, ARGV[3] the lease (ms)
+-- ARGV[1] 'begin' | 'renew' | 'end' | 'forget', ARGV[2] the caller's token, ARGV[3] the lease (ms),
+-- ARGV[4] the caller's attempt (one per recovery a thread or task of the process begins)
 -- begin: {1, version, fields} the registry is whole (1 alone when its version key is missing)
 --   | 0 another process's recovery holds the lease: wait
 --   | {2, since} the caller holds the lease: replace the generations made before since (microseconds),
@@ -26,7 +30,7 @@
 -- end: {1, version, fields} whole | 0 forgotten again meanwhile: begin again
 -- forget: 1, the registry no longer whole and its birth now (a Cluster epoch, cluster.py)
 local whole = '~|whole|0'
-local mine = '~|recovering.' .. ARGV[2] .. '|0'
+local mine = '~|recovering.' .. ARGV[2] .. '.' .. (ARGV[4] or '') .. '|0'
 if ARGV[1] == 'forget' then
   -- a new epoch on a Redis Cluster node serving the registry: its failover may have lost
   -- registrations the old primary acknowledged while other nodes keep those keyspaces' entries,
