@@ -51,6 +51,7 @@ class Job:
         "changes",
         "committed",
         "counted",
+        "covered",
         "gen_keys",
         "intents",
         "items",
@@ -81,8 +82,10 @@ class Job:
         #: what the stats count once the reply is in (see :mod:`.writing`), once built
         self.intents: Any = {}
         self.gen_keys = gen_keys
-        #: the keyspace registry as the transaction's locks saw it (see :mod:`.siblings`)
+        #: the keyspace registry as the transaction's locks saw it (see :mod:`.siblings`),
+        #: and the fields all their lists named (``SessionTracker.siblings_covered``)
         self.known: Any = None
+        self.covered: frozenset[str] | None = None
         #: the transaction was already counted in ``cache_write_failures``
         self.counted = False
 

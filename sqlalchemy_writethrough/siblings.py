@@ -350,17 +350,27 @@ class Siblings:
         pairs: Sequence[str],
         gen_keys: Sequence[str],
         journal: Journal | None = None,
+        covered: frozenset[str] | None = None,
     ) -> None:
         """After a publish: when the registry changed since ``known`` (the list the commit's
-        locks used), read it again and invalidate the rows (and buckets) of the commit in the
-        siblings found since (journaled when Redis fails meanwhile). Never raises."""
+        first lock used), read it again and invalidate the rows (and buckets) of the commit in
+        the siblings not in ``covered`` (the fields every list its locks went by named;
+        ``known``'s by default): found since, or missing from a later lock's list
+        (journaled when Redis fails meanwhile). Never raises."""
         if probe is None or not probe.read:
             # the publish failed (journaled), or Redis refused the version's read
             if probe is not None and probe.error is not None:
                 self._cannot_read(backend.address, probe.error)
             return
+        if covered is None:
+            covered = known.fields
         now = time.monotonic()
-        if known.read and probe.value == known.version and now - known.at < _MAX_AGE:
+        if (
+            known.read
+            and probe.value == known.version
+            and covered == known.fields
+            and now - known.at < _MAX_AGE
+        ):
             return
         try:
             current = self.known
@@ -379,7 +389,7 @@ class Siblings:
                 # keyspace registered meanwhile (whose entry may hold the row as it was before
                 # the COMMIT) may be gone from it with the rest
                 self.make_whole(backend)
-            new = current.fields - known.fields
+            new = current.fields - covered
             if not new:
                 return
             extra = self.extra(pairs, current, new)

@@ -90,6 +90,7 @@ class SessionTracker:
         "released_savepoints",
         "renamed",
         "session_ref",
+        "siblings_covered",
         "siblings_known",
         "spaces",
         "statement_keys",
@@ -134,6 +135,11 @@ class SessionTracker:
         #: the keyspace registry as the first lock of the transaction that named siblings
         #: saw it (a :class:`.siblings.Known`), which the publish's version check goes by
         self.siblings_known: Any = None
+        #: the registry fields every list the transaction's locks went by named: a later
+        #: lock may go by a shorter list than the first (Redis forgot the registry in
+        #: between, and a registration brought the one made again), and missed a sibling
+        #: the first list named; the publish's check invalidates every sibling not in here
+        self.siblings_covered: frozenset[str] | None = None
         #: a lock of the transaction went by a list of a registry that was not whole (Redis
         #: forgot it, or no list was read yet): ``commit()`` returns once it is whole again
         self.partial_list = False

@@ -620,10 +620,7 @@ class WritePath:
         list a transaction uses is the one its publish checks the registry's version against."""
         siblings = self.runtime.siblings
         known = siblings.known
-        if tracker.siblings_known is None:
-            tracker.siblings_known = known
-        if not known.whole:
-            tracker.partial_list = True
+        _went_by(tracker, known)
         return siblings.extra(pairs, known)
 
     def lock_models(
@@ -650,10 +647,7 @@ class WritePath:
             return
         siblings = self.runtime.siblings
         known = siblings.known
-        if tracker.siblings_known is None:
-            tracker.siblings_known = known
-        if not known.whole:
-            tracker.partial_list = True
+        _went_by(tracker, known)
         for gen_key in siblings.extra_buckets(gen_keys, known):
             if gen_key not in tracker.locked_gens:
                 tracker.locked_gens[gen_key] = None
@@ -915,6 +909,7 @@ class WritePath:
             }
         job = Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
         job.known = tracker.siblings_known
+        job.covered = tracker.siblings_covered
         return job
 
     def _release_job(self, tracker: SessionTracker) -> Job:
@@ -1062,7 +1057,7 @@ class WritePath:
         known = job.known
         if known is None:  # locks taken by no path that names siblings: the oldest list
             known = _UNREAD
-        siblings.check(rt.backend, known, probe, job.pairs, job.gen_keys, rt.journal)
+        siblings.check(rt.backend, known, probe, job.pairs, job.gen_keys, rt.journal, job.covered)
 
     def _finish(
         self, job: Job, replies: list[Any], elapsed: float, tally: Tally | None = None
@@ -1218,6 +1213,21 @@ class WritePath:
             tracker.renamed[connection.engine] = naming
         if info.get(SWITCHED):  # a statement switched this connection's schema
             self.statements.begin_on(tracker, connection)
+
+
+def _went_by(tracker: SessionTracker, known: Known) -> None:
+    """A lock of the transaction names the siblings ``known`` lists: the first list is
+    the one the publish's version check compares the registry with, and the siblings every
+    list named (``siblings_covered``) are the ones it need not invalidate; a list of a
+    registry that is not whole makes ``commit()`` wait until it is whole again."""
+    first = tracker.siblings_known
+    if first is None:
+        tracker.siblings_known = known
+        tracker.siblings_covered = known.fields
+    elif known is not first and tracker.siblings_covered is not None:
+        tracker.siblings_covered &= known.fields
+    if not known.whole:
+        tracker.partial_list = True
 
 
 class FlushBinds:

@@ -782,6 +782,50 @@ def test_a_registry_forgotten_between_a_commits_locks_and_its_publish(
     assert name_of(old, OldItem, 1, schema) == ("v2", 1)
 
 
+@pytest.mark.parametrize("second", ["flush", "statement", "range"])
+def test_a_transactions_later_locks_went_by_a_list_redis_had_shortened(
+    second: str, server: Any, on_server: Any, schema: Engine, prefix: str
+) -> None:
+    """Redis forgets the registry in the middle of a transaction of the new version. Its
+    first write locks by the whole list it had (the old keyspace's entry of row 1 too); that
+    lock's registration makes the registry again, listing the new keyspace only, and brings
+    that list. Another process makes the registry whole (generations replaced), and the old
+    version misses row 2 and fills it as it was before the COMMIT, registering its keyspace
+    again. The second write (a flush, a statement by primary key, a range of rows) locks by
+    the shortened list: not the old keyspace's entry. The publish's version check compared
+    the registry with the first list, which listed the old keyspace: nothing new, nothing
+    invalidated, and the old version served row 2 as it was (found by the stress checker in
+    CI, one stale read; here before the fix: "b1" from Redis)."""
+    old_cache, old = on_server(OldItem)
+    _, new = on_server(NewItem)
+    with new() as session:
+        session.add_all([NewItem(id=1, name="a1"), NewItem(id=2, name="b1")])
+        session.commit()
+    cached(old, OldItem, 2, schema, "b1")
+    # a miss of the new version: its lease's registration brings its list, whole, of both
+    # keyspaces
+    assert name_of(new, NewItem, 9, schema) == (None, 1)
+    admin = server.admin()
+    assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
+    with new() as session:
+        admin.delete(registry_key(prefix))  # evicted
+        session.execute(update(NewItem).where(NewItem.id == 1).values(name="a2"))
+        assert REGISTRY_WHOLE.encode() not in admin.hkeys(registry_key(prefix))
+        old_cache.invalidate(OldItem, 3)  # another process: goes by the registry made whole
+        assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
+        assert name_of(old, OldItem, 2, schema) == ("b1", 1)  # a miss: filled as before
+        if second == "flush":
+            session.get(NewItem, 2).name = "b2"  # type: ignore[union-attr]
+            session.flush()
+        elif second == "statement":
+            session.execute(update(NewItem).where(NewItem.id == 2).values(name="b2"))
+        else:
+            session.execute(update(NewItem).where(NewItem.id >= 2).values(name="b2"))
+        session.commit()
+    assert name_of(old, OldItem, 2, schema) == ("b2", 1)
+    assert name_of(old, OldItem, 1, schema) == ("a2", 1)
+
+
 def _make_the_registry_again(
     admin: Any,
     prefix: str,
