@@ -195,6 +195,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "keyspace registry drop a keyspace soon after its last use (with --idle-second-version)",
     )
     p.add_argument(
+        "--evict-registry-every",
+        default="0.2,1.0",
+        metavar="LOW,HIGH",
+        help="with --faults evict-registry: the registry is deleted every LOW to HIGH seconds "
+        "(default 0.2,1.0; 0.01,0.06 keeps it rarely whole, so that more transactions go by "
+        "two lists of it)",
+    )
+    p.add_argument(
         "--idle-second-version",
         type=float,
         default=0.0,
@@ -253,6 +261,17 @@ def _dump(value: Any) -> str:
 KNOWN_DEFECTS = frozenset({"bulk_pk:execute"})
 
 
+def _interval(spec: str) -> tuple[float, float]:
+    """``LOW,HIGH`` seconds, 0 < LOW <= HIGH."""
+    try:
+        low, high = (float(part) for part in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--evict-registry-every {spec!r}: expected LOW,HIGH seconds") from None
+    if not 0 < low <= high:
+        raise SystemExit(f"--evict-registry-every {spec!r}: expected 0 < LOW <= HIGH")
+    return low, high
+
+
 def _avoided(spec: str | None) -> frozenset[str]:
     if spec is None:
         return KNOWN_DEFECTS
@@ -302,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if problem:
                 raise SystemExit(f"--key-type {args.key_type}: {problem}")
+        every = _interval(args.evict_registry_every)
         per_run = args.seconds / len(runs)
         total: dict[str, int] = {}
         keep_logs: bool | Literal["failed"] = args.keep_logs or (
@@ -338,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                     ttl=args.ttl,
                     idle_second_version=args.idle_second_version,
                     key_type=args.key_type,
+                    evict_registry_every=every,
                 )
             )
             print(result.format(), flush=True)

@@ -21,8 +21,9 @@ Every Redis fault includes "Redis forgets": besides a restart with every key los
 ``evict-locks``     (opt-in, not in ``all``) every 20 to 100 ms, one to three of the locks the
                     server holds (entries' and generation locks) are deleted, as an eviction of
                     each would: real eviction rarely lands on a lock in its short life.
-``evict-registry``  (opt-in) every 0.2 to 1 s the keyspace registry alone is deleted, as an
-                    ``allkeys-*`` eviction of it would, the entries staying: with
+``evict-registry``  (opt-in) every 0.2 to 1 s (``--evict-registry-every``) the keyspace
+                    registry alone is deleted, as an ``allkeys-*`` eviction of it would, the
+                    entries staying: with
                     ``--versions 2``, what a rolling deploy meets (see the library's
                     ``siblings`` module: the next commit that goes by the new registry makes
                     it whole again).
@@ -117,13 +118,15 @@ class FaultSchedule:
         squeezer: Squeezer | None = None,
         dropper: LockDropper | None = None,
         registry: str = "",
+        registry_every: tuple[float, float] = (0.2, 1.0),
     ) -> None:
         """``server``: the Redis the workers reach (through ``proxy`` if any); ``standby``: the
         other server ``redis-switch`` moves them to (and back, after refreshing it);
         ``sentinel`` / ``cluster``: the topology of ``sentinel-failover`` /
         ``cluster-failover`` (then there is no ``server``); ``squeezer``: what ``evict``
         squeezes the server with; ``dropper``: what ``evict-locks`` deletes locks with;
-        ``registry``: the keyspace registry's key, which ``evict-registry`` deletes."""
+        ``registry``: the keyspace registry's key, which ``evict-registry`` deletes, every
+        ``registry_every`` seconds (drawn between the two)."""
         self.faults = faults
         self._server = server
         self.sentinel = sentinel
@@ -163,7 +166,8 @@ class FaultSchedule:
         if "evict-registry" in faults and not registry:
             raise ValueError("evict-registry needs the registry's key")
         self.registry = registry
-        self._next_registry_drop = start + rng.uniform(0.2, 1.0)
+        self._registry_every = registry_every
+        self._next_registry_drop = start + rng.uniform(*registry_every)
         #: cluster-failover: the primary killed, and the replica whose promotion ends it
         self._victim: tuple[int, int] | None = None
         self._victim_deadline = 0.0
@@ -210,7 +214,7 @@ class FaultSchedule:
             self._next_drop = time.monotonic() + self.rng.uniform(0.02, 0.1)
         if "evict-registry" in self.faults and t >= self._next_registry_drop:
             self.evict_registry()
-            self._next_registry_drop = time.monotonic() + self.rng.uniform(0.2, 1.0)
+            self._next_registry_drop = time.monotonic() + self.rng.uniform(*self._registry_every)
         if "sentinel-failover" in self.faults:
             self._sentinel_tick()
             if t >= self._next_failover and self._failover is None:

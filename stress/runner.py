@@ -492,6 +492,9 @@ class StressConfig:
     #: identities hold asyncpg's own UUID class; PostgreSQL only, one model version, no
     #: tenants, no ``evict``/``evict-locks`` (the checker names evicted keys by int ids)
     key_type: str = "int"
+    #: ``evict-registry``: the registry is deleted every this many seconds, drawn between the
+    #: two (a short interval keeps it rarely whole: more transactions go by two lists of it)
+    evict_registry_every: tuple[float, float] = (0.2, 1.0)
 
 
 #: the faults a ``key_type`` "uuid" run refuses: the checker parses and buckets evicted keys
@@ -706,6 +709,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             squeezer,
             dropper,
             registry_key(prefix),
+            config.evict_registry_every,
         )
         scheduled.append(schedule)
         respawns = 0
