@@ -49,6 +49,7 @@ class Job:
 
     __slots__ = (
         "changes",
+        "checked",
         "committed",
         "counted",
         "covered",
@@ -86,6 +87,9 @@ class Job:
         #: and the fields all their lists named (``SessionTracker.siblings_covered``)
         self.known: Any = None
         self.covered: frozenset[str] | None = None
+        #: the sibling check ran before ``commit()`` returned (see
+        #: ``WritePath._check_siblings_now``): the worker's publish skips it
+        self.checked = False
         #: the transaction was already counted in ``cache_write_failures``
         self.counted = False
 

@@ -229,6 +229,18 @@ class Siblings:
         """What a publish fills with the registry's version."""
         return VersionProbe(self._version_key)
 
+    def read_now(self, backend: Backend) -> VersionProbe:
+        """The registry's version read in a round trip of its own, with its fields, which
+        this process then knows (a background commit's check before ``commit()`` returns);
+        ``read`` False when Redis failed."""
+        probe = VersionProbe(self._version_key)
+        read = backend.read_registry_version(self._registry)
+        if read is not None:
+            fields, version = read
+            self.learn(fields, version)
+            probe.value, probe.read = version, True
+        return probe
+
     # -- lock time -------------------------------------------------------------------------------
 
     def extra(

@@ -374,6 +374,37 @@ def test_a_background_publish_leaves_the_other_versions_entry_a_miss(
     assert name_of(old, OldItem, 1, schema) == ("v2", 1)
 
 
+def test_a_background_commit_reaches_a_keyspace_registered_during_it_before_returning(
+    process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    """``publish="background"``: the new version's flush locks the row by a list without the
+    old keyspace; the old version then registers it and fills the row as it was before the
+    COMMIT. A synchronous commit's publish finds the registry's new version and invalidates
+    that entry before ``commit()`` returns; a background commit did it only when its
+    worker published, so until then (held here, as under load; for good if the process was
+    killed) the old version served the older row (found by review: "v1" from Redis)."""
+    _, old = process(OldItem)
+    new_cache, new = process(NewItem, publish="background")
+    with new() as session:
+        session.add(NewItem(id=1, name="v1"))
+        session.commit()
+    assert new_cache.flush_publishes()
+    publisher = new_cache._sync.write.publisher  # type: ignore[union-attr]
+    assert publisher is not None
+    try:
+        with new() as session:
+            session.get(NewItem, 1).name = "v2"  # type: ignore[union-attr]
+            session.flush()  # locked by a list without the old keyspace
+            cached(old, OldItem, 1, schema, "v1")  # registers it; fills v1
+            publisher._go.clear()  # the worker is late
+            session.commit()
+        assert name_of(old, OldItem, 1, schema) == ("v2", 1)
+    finally:
+        publisher._go.set()
+    assert new_cache.flush_publishes()
+    assert name_of(old, OldItem, 1, schema) == ("v2", 0)
+
+
 def _cluster_client(cluster: Any) -> Any:
     """A ``RedisCluster`` client of the test cluster, with short timeouts."""
     from redis.cluster import ClusterNode, RedisCluster
