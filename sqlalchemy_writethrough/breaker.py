@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from . import forks
+
 
 def _in_thread(probe: Callable[[], None]) -> None:
     threading.Thread(target=probe, name="writethrough-breaker", daemon=True).start()
@@ -39,6 +41,13 @@ class CircuitBreaker:
         self.launch: Callable[[Callable[[], None]], None] = _in_thread
         #: waits between two probes; True when the breaker was stopped meanwhile
         self.pause: Callable[[float], bool] = self._stopped.wait
+        forks.renew_in_child(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's prober is not there (nor is its lock's holder),
+        so the next call starts a prober of the child's own while the breaker is open."""
+        self._lock = threading.Lock()
+        self._probing = False
 
     @property
     def is_open(self) -> bool:

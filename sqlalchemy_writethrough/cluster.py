@@ -59,6 +59,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import _redis_compat as compat
+from . import forks
 from .backend import ScriptBackend
 from .breaker import CircuitBreaker
 from .diagnostics import explain
@@ -159,6 +160,12 @@ class ClusterRouter:
         self._refreshing = threading.Lock()
         #: node name -> (not tried again before, cooldown): the nodes that failed to answer
         self._down: dict[str, tuple[float, float]] = {}
+        forks.renew_in_child(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a refresh a parent's thread was making at the fork would hold
+        this lock for good, and the child's slot map would never be refreshed."""
+        self._refreshing = threading.Lock()
 
     # -- the slot map ----------------------------------------------------------------------
 

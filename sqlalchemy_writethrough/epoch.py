@@ -40,7 +40,7 @@ from typing import Any, Literal
 from redis.exceptions import ConnectionError, NoScriptError, ReadOnlyError
 
 from . import _redis_compat as compat
-from . import _sa_compat
+from . import _sa_compat, forks
 from .keys import (
     REGISTRY_WHOLE,
     generation_key_pattern,
@@ -135,6 +135,11 @@ class EpochGuard:
         self._lock = threading.Lock()
         #: the epoch key's value this process saw last (None: not looked yet)
         self.epoch: str | None = None
+        forks.renew_in_child(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock a parent's thread held at the fork would stay held."""
+        self._lock = threading.Lock()
 
     def check_connection(self, conn: Any) -> None:
         """Before a pooled connection is used: checked when new, and every ``interval``."""

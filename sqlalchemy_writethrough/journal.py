@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from . import forks
+
 if TYPE_CHECKING:
     from .backend import Backend
 
@@ -35,6 +37,11 @@ class Journal:
         self._added: dict[str, int] = {}
         self._adds = 0
         self.pending = False
+        forks.renew_in_child(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock a parent's thread held at the fork would stay held."""
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._keys) + len(self._buckets)

@@ -18,6 +18,7 @@ short and a circuit breaker keeps an outage from costing one timeout per operati
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -819,3 +820,49 @@ def test_a_process_that_only_writes_replays_its_journal(
         assert time.monotonic() < deadline, "the writer's journal was never replayed"
         n += 1
         time.sleep(0.1)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_redis_was_away_uses_redis_again(
+    schema: Engine,
+    prefix: str,
+    redis_server: RedisServerProcess,
+    install: Installer,
+) -> None:
+    """A preloaded app (``gunicorn --preload``, a Celery parent) forks its workers while its
+    cache's circuit breaker is open: Redis was away when it started. The child inherited the
+    open breaker, and the flag saying a prober runs, but not the prober thread: no probe ever
+    closed it, so the child went to the database for every read, and its commits, taken for
+    Redis failures, were journaled but never replayed (stale rows elsewhere; in strict mode,
+    every flush refused), for the life of the worker. (Found by review.)"""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(redis_server.url, prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    redis_server.stop()
+    for _ in range(5):  # Redis away: the breaker opens, and its prober starts (a thread)
+        assert get_name(factory, 1) == "v1"
+    assert cache._sync is not None and cache._sync.runtime.backend.breaker.is_open
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: report whether Redis serves it again
+        try:
+            schema.dispose(close=False)
+            deadline = time.monotonic() + RECOVERY_DEADLINE_S
+            served = False
+            while not served and time.monotonic() < deadline:
+                with capture_sql(schema) as sql:
+                    get_name(factory, 1)
+                served = not sql
+                time.sleep(0.05)
+            os.write(write, b"served" if served else b"never")
+        finally:
+            os._exit(0)
+    os.close(write)
+    redis_server.start()  # same port, no data
+    try:
+        outcome = os.read(read, 20).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert outcome == "served", "the forked process never read from Redis again"
