@@ -74,6 +74,8 @@ def invalidate_migrated_tables(
     pattern = table_name_pattern(keyspaces)
     owner = secrets.token_hex(8)
     locked: dict[str, None] = {}
+    #: the table names the migration's statements named (as ``keyspaces`` has them)
+    touched: set[str] = set()
     ttl_ms = int(lock_timeout * 1000)
 
     def before_cursor_execute(
@@ -83,6 +85,7 @@ def invalidate_migrated_tables(
             return
         new: list[str] = []
         for match in pattern.finditer(statement):
+            touched.add(match.group(0).lower())
             for gen_key in keyspaces.get(match.group(0).lower(), ()):
                 if gen_key not in locked:
                     locked[gen_key] = None
@@ -117,3 +120,34 @@ def invalidate_migrated_tables(
                     backend.last_error,
                     lock_timeout,
                 )
+        if touched:
+            _invalidate_late_keyspaces(cache, touched, locked)
+
+
+def _invalidate_late_keyspaces(
+    cache: WriteThroughCache, touched: set[str], locked: dict[str, None]
+) -> None:
+    """Keyspaces of the migrated tables that the registry lists now but did not when the
+    migration began (the next code version's first process started meanwhile, or a keyspace
+    the registry had dropped came back): their reads filled the rows as they were before the
+    migration's COMMIT, under no lock of ours. Their buckets are replaced now; a fill still
+    on its way carries the old generation and is refused."""
+    runtime = cache._runtime
+    late: list[str] = []
+    for field in cache._whole_registry(runtime) or ():
+        table, gen_keys = generation_keys_of(cache.prefix, field)
+        if {table.lower(), table.rsplit(".", 1)[-1].lower()} & touched:
+            late += [gen_key for gen_key in gen_keys if gen_key not in locked]
+    if not late:
+        return
+    backend = runtime.backend
+    if backend.bump_generations(late):
+        log.info("writethrough: invalidated %d buckets registered during the migration", len(late))
+    else:
+        log.error(
+            "writethrough: could not invalidate %d buckets of the migrated tables registered "
+            "during the migration (%s); their entries may hold rows as they were before it "
+            "until their TTL",
+            len(late),
+            backend.last_error,
+        )

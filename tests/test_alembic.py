@@ -184,3 +184,57 @@ def test_a_schema_change_moves_the_model_to_a_new_keyspace(
         assert product is not None and product.sku == "T-1"
     assert sql, "the new schema never decodes the old entry"
     assert entry_state(redis_client, new_key) == "value"
+
+
+def test_a_keyspace_registered_during_the_migration_is_invalidated_at_its_end(
+    engine: Engine, redis_url: str, prefix: str, cache: WriteThroughCache
+) -> None:
+    """The migration finds the keyspaces of the tables it changes in the registry when it
+    begins. The next version's first process starts while it runs (a rolling deploy), or a
+    keyspace the registry had dropped comes back: its reads register a keyspace of the
+    table the migration did not lock, and fill the rows as they were before its COMMIT. The
+    registry is read again at the end, and those keyspaces' buckets replaced too. (Before,
+    found by review: the new version served the price from before the migration.)"""
+    from sqlalchemy_writethrough.alembic import invalidate_migrated_tables
+
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {TABLE}"))
+    V2Base.metadata.create_all(engine)
+    made: list[WriteThroughCache] = []
+
+    def process(model: type | None) -> tuple[WriteThroughCache, sessionmaker[Session]]:
+        client = redis.Redis.from_url(redis_url, socket_timeout=1)
+        one = WriteThroughCache(client, prefix=prefix, stats_interval=None)
+        made.append(one)
+        factory = sessionmaker(engine)
+        if model is not None:
+            one.register(model)
+            one.install(factory)
+        return one, factory
+
+    def new_price(factory: sessionmaker[Session]) -> tuple[int, int]:
+        with capture_sql(engine) as sql, factory() as session:
+            product = session.get(ProductV2, 1)
+            assert product is not None
+            return product.price_cents, len(sql)
+
+    try:
+        factory = seeded(engine, cache)
+        assert price_and_sql(engine, factory, 1) == (1500, 0)
+        migrator, _ = process(None)
+        with (
+            engine.connect() as conn,
+            invalidate_migrated_tables(migrator, conn),
+            conn.begin(),
+        ):
+            conn.execute(text(f"UPDATE {TABLE} SET price_cents = price_cents * 2"))
+            _, newer = process(ProductV2)  # starts now: reads as before the COMMIT
+            assert new_price(newer) == (1500, 1)
+            assert new_price(newer) == (1500, 0)
+        assert price_and_sql(engine, factory, 1) == (3000, 1)
+        assert new_price(newer) == (3000, 1)
+    finally:
+        for one in made:
+            one.close()
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {TABLE}"))
