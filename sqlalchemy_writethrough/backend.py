@@ -266,6 +266,8 @@ class Backend(Protocol):
 
     def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None: ...
 
+    def probe_version(self, probe: VersionProbe) -> None: ...
+
     def registry_whole(
         self, keys: Sequence[str], step: str, token: str, lease_ms: int, attempt: str = ""
     ) -> tuple[int, Any]: ...
@@ -894,6 +896,21 @@ class ScriptBackend:
         return counts
 
     # -- the keyspace registry, and clear() ----------------------------------------------------
+
+    def probe_version(self, probe: VersionProbe) -> None:
+        """Fill ``probe`` with the registry's version, in a round trip of its own (a
+        background commit's check before ``commit()`` returns); left unread when Redis
+        failed, which the breaker hears of."""
+        if not self.breaker.allow():
+            self._counters.error("breaker")
+            return
+        try:
+            reply = self.transport.command("MGET", probe.key)
+        except _FAILURES as exc:
+            self._failed("registry version read", exc)
+            return
+        self._succeeded()
+        probe.heard(reply)
 
     def read_registry_version(self, registry_key: str) -> tuple[list[str], Any] | None:
         """The registry's version and fields, read together (the version first: fields

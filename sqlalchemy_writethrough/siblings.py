@@ -230,16 +230,26 @@ class Siblings:
         return VersionProbe(self._version_key)
 
     def read_now(self, backend: Backend) -> VersionProbe:
-        """The registry's version read in a round trip of its own, with its fields, which
-        this process then knows (a background commit's check before ``commit()`` returns);
-        ``read`` False when Redis failed."""
+        """The registry's version read in a round trip of its own (a background commit's
+        check before ``commit()`` returns: :meth:`check` reads the fields only when it
+        changed); ``read`` False when Redis failed."""
         probe = VersionProbe(self._version_key)
-        read = backend.read_registry_version(self._registry)
-        if read is not None:
-            fields, version = read
-            self.learn(fields, version)
-            probe.value, probe.read = version, True
+        backend.probe_version(probe)
         return probe
+
+    @staticmethod
+    def unchanged(known: Known, probe: VersionProbe, covered: frozenset[str] | None) -> bool:
+        """Whether ``probe`` found the registry as ``known`` (the commit's first list) had
+        it, and every list the commit's locks went by named what it named: then
+        :meth:`check` has nothing to do. The common case, so cheap: one comparison of
+        versions and an identity test (the covered fields are the first list's own set
+        until a lock goes by another list)."""
+        return (
+            known.read
+            and probe.value == known.version
+            and (covered is None or covered is known.fields or covered == known.fields)
+            and time.monotonic() - known.at < _MAX_AGE
+        )
 
     # -- lock time -------------------------------------------------------------------------------
 
@@ -374,16 +384,11 @@ class Siblings:
             if probe is not None and probe.error is not None:
                 self._cannot_read(backend.address, probe.error)
             return
+        if self.unchanged(known, probe, covered):
+            return
         if covered is None:
             covered = known.fields
         now = time.monotonic()
-        if (
-            known.read
-            and probe.value == known.version
-            and covered == known.fields
-            and now - known.at < _MAX_AGE
-        ):
-            return
         try:
             current = self.known
             if not (

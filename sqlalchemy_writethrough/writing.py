@@ -850,11 +850,11 @@ class WritePath:
             if wrote:
                 job = self._publish_job(session, tracker)
                 job.counted = failed
-                if tracker.background:
+                if tracker.background and self._submit(job):
                     started = perf_counter()
-                    self._check_siblings_now(job, tracker)
+                    self._check_siblings_now(job)
                     tracker.cache_seconds += perf_counter() - started
-                if not (tracker.background and self._submit(job)):
+                else:
                     started = perf_counter()
                     held, tracker.held = tracker.held, None
                     self.run_jobs([job], held, tally)
@@ -1052,21 +1052,31 @@ class WritePath:
                     self._check_siblings(job, probe)
         return done
 
-    def _check_siblings_now(self, job: Job, tracker: SessionTracker) -> None:
-        """``publish="background"``: the publish's sibling check (below) runs before
-        ``commit()`` returns, not when the worker publishes: a keyspace registered between
-        the transaction's locks and its COMMIT may hold the row as it was before the COMMIT,
-        which no lock of the transaction reached, and is served until the check invalidates
-        it (for good, if the process dies before its worker publishes). One round trip: the
-        registry's version and fields, which this process then knows."""
-        rt = self.runtime
-        probe = rt.siblings.read_now(rt.backend)
-        if not probe.read:  # Redis failed: the worker's publish reads it again
-            return
-        known = job.known if job.known is not None else _UNREAD
-        pairs, gen_keys = _flatten(tracker.locked), list(tracker.locked_gens)
-        rt.siblings.check(rt.backend, known, probe, pairs, gen_keys, rt.journal, job.covered)
-        job.checked = True
+    def _check_siblings_now(self, job: Job) -> None:
+        """``publish="background"``, once the job is queued: the publish's sibling check
+        (below) runs before ``commit()`` returns, not only when the worker publishes: a
+        keyspace registered between the transaction's locks and its COMMIT may hold the row
+        as it was before the COMMIT, which no lock of the transaction reached, and is served
+        until the check invalidates it (for good, if the process dies before its worker
+        publishes). One round trip, the registry's version; the fields only when it changed.
+        Never raises: the worker's publish checks again unless this one was done."""
+        try:
+            rt = self.runtime
+            probe = rt.siblings.read_now(rt.backend)
+            if not probe.read:  # Redis failed: the worker's publish reads it again
+                return
+            known = job.known if job.known is not None else _UNREAD
+            if not rt.siblings.unchanged(known, probe, job.covered):
+                locked = job.locked
+                if locked is None:  # the worker built the job already: its check runs
+                    return
+                pairs, gen_keys = _flatten(locked), job.gen_keys
+                rt.siblings.check(
+                    rt.backend, known, probe, pairs, gen_keys, rt.journal, job.covered
+                )
+            job.checked = True
+        except Exception:
+            log.debug("writethrough: checking the keyspace registry failed", exc_info=True)
 
     def _check_siblings(self, job: Job, probe: Any) -> None:
         """After a commit's publish: the rows' keys in keyspaces of their tables registered
