@@ -21,6 +21,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
+from . import forks
+
 #: upper bounds of the latency buckets, in seconds: 1 µs to 100 s, ten per decade
 BOUNDS: tuple[float, ...] = tuple(1e-6 * 10 ** (k / 10) for k in range(81))
 #: histogram names: a cached read (its Redis round trips and decoding); the cache's share of
@@ -306,13 +308,19 @@ class Counters:
     epochs); ``invalidated:<reason>`` and ``error:<kind>`` names carry a reason or a kind.
     """
 
-    __slots__ = ("_counts", "_hist", "_lock", "_sums")
+    __slots__ = ("__weakref__", "_counts", "_hist", "_lock", "_sums")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        forks.renew_in_child(self)
         self._counts: dict[tuple[str, str], int] = {}
         self._hist = {name: [0] * NBUCKETS for name in HISTOGRAMS}
         self._sums = dict.fromkeys(HISTOGRAMS, 0.0)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the background worker or the breaker's prober of the parent
+        may have held this lock at the fork, and would hold it for good."""
+        self._lock = threading.Lock()
 
     def add(self, name: str, n: int = 1, model: str = "") -> None:
         if not n:

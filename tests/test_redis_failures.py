@@ -19,9 +19,12 @@ short and a circuit breaker keeps an outage from costing one timeout per operati
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import subprocess
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -846,23 +849,30 @@ def test_a_process_forked_while_redis_was_away_uses_redis_again(
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child: report whether Redis serves it again
+        outcome = b"never"
         try:
             schema.dispose(close=False)
             deadline = time.monotonic() + RECOVERY_DEADLINE_S
-            served = False
-            while not served and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 with capture_sql(schema) as sql:
                     get_name(factory, 1)
-                served = not sql
+                if not sql:
+                    outcome = b"served"
+                    break
                 time.sleep(0.05)
-            os.write(write, b"served" if served else b"never")
+        except BaseException:
+            outcome = traceback.format_exc().encode()
         finally:
+            os.write(write, outcome)
             os._exit(0)
     os.close(write)
     redis_server.start()  # same port, no data
     try:
-        outcome = os.read(read, 20).decode()
+        ready, _, _ = select.select([read], [], [], RECOVERY_DEADLINE_S + 10)
+        outcome = os.read(read, 65536).decode() if ready else "no answer from the child"
     finally:
         os.close(read)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    assert outcome == "served", "the forked process never read from Redis again"
+    assert outcome == "served", f"the forked process never read from Redis again: {outcome}"
