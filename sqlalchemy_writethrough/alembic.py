@@ -74,18 +74,25 @@ def invalidate_migrated_tables(
     pattern = table_name_pattern(keyspaces)
     owner = secrets.token_hex(8)
     locked: dict[str, None] = {}
-    #: the table names the migration's statements named (as ``keyspaces`` has them)
-    touched: set[str] = set()
+    #: the migration's statements that may write (distinct, up to _KEPT_STATEMENTS; None
+    #: beyond): matched at the end against the tables the registry lists then
+    statements: set[str] | None = set()
     ttl_ms = int(lock_timeout * 1000)
 
     def before_cursor_execute(
         conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
-        if pattern is None or _READ_ONLY.match(statement):
+        nonlocal statements
+        if _READ_ONLY.match(statement):
+            return
+        if statements is not None:
+            statements.add(statement)
+            if len(statements) > _KEPT_STATEMENTS:
+                statements = None
+        if pattern is None:
             return
         new: list[str] = []
         for match in pattern.finditer(statement):
-            touched.add(match.group(0).lower())
             for gen_key in keyspaces.get(match.group(0).lower(), ()):
                 if gen_key not in locked:
                     locked[gen_key] = None
@@ -120,28 +127,44 @@ def invalidate_migrated_tables(
                     backend.last_error,
                     lock_timeout,
                 )
-        if touched:
-            _invalidate_late_keyspaces(cache, touched, locked)
+        if statements is None or statements:
+            _invalidate_late_keyspaces(cache, statements, locked)
+
+
+#: how many distinct statements a migration keeps for the end's second look at the registry;
+#: beyond, every keyspace registered meanwhile is invalidated (a miss per row, never stale)
+_KEPT_STATEMENTS = 10_000
 
 
 def _invalidate_late_keyspaces(
-    cache: WriteThroughCache, touched: set[str], locked: dict[str, None]
+    cache: WriteThroughCache, statements: set[str] | None, locked: dict[str, None]
 ) -> None:
     """Keyspaces of the migrated tables that the registry lists now but did not when the
     migration began (the next code version's first process started meanwhile, or a keyspace
-    the registry had dropped came back): their reads filled the rows as they were before the
-    migration's COMMIT, under no lock of ours. Their buckets are replaced now; a fill still
-    on its way carries the old generation and is refused."""
+    the registry had dropped came back, also of a table it listed none of then): their reads
+    filled the rows as they were before the migration's COMMIT, under no lock of ours. Their
+    buckets are replaced now; a fill still on its way carries the old generation and is
+    refused. ``statements``: the migration's (None: too many kept, every such keyspace)."""
     runtime = cache._runtime
-    late: list[str] = []
+    by_name: dict[str, list[str]] = {}
     for field in cache._whole_registry(runtime) or ():
         table, gen_keys = generation_keys_of(cache.prefix, field)
-        if {table.lower(), table.rsplit(".", 1)[-1].lower()} & touched:
-            late += [gen_key for gen_key in gen_keys if gen_key not in locked]
+        fresh = [gen_key for gen_key in gen_keys if gen_key not in locked]
+        if fresh:
+            by_name.setdefault(table.lower(), []).extend(fresh)
+            by_name.setdefault(table.rsplit(".", 1)[-1].lower(), []).extend(fresh)
+    late: dict[str, None] = {}
+    if statements is None:
+        for gen_keys in by_name.values():
+            late.update(dict.fromkeys(gen_keys))
+    elif (pattern := table_name_pattern(by_name)) is not None:
+        for statement in statements:
+            for match in pattern.finditer(statement):
+                late.update(dict.fromkeys(by_name[match.group(0).lower()]))
     if not late:
         return
     backend = runtime.backend
-    if backend.bump_generations(late):
+    if backend.bump_generations(list(late)):
         log.info("writethrough: invalidated %d buckets registered during the migration", len(late))
     else:
         log.error(
