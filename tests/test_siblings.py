@@ -126,14 +126,21 @@ def test_an_update_leaves_the_other_versions_entry_a_miss(
     cached(reads, other, 1, schema, "v2")
 
 
+def _both_versions(make: Any, **rows: str) -> tuple[WriteThroughCache, Factory, Factory]:
+    """The old version's process (its cache and factory) and the new one's factory, which
+    committed ``rows`` (``id_<n>=name``)."""
+    old_cache, old = make(OldItem)
+    _, new = make(NewItem)
+    with new() as session:
+        session.add_all([NewItem(id=int(k[3:]), name=v) for k, v in rows.items()])
+        session.commit()
+    return old_cache, old, new
+
+
 def test_a_delete_and_an_insert_after_it(
     process: Any, schema: Engine, redis_client: redis.Redis
 ) -> None:
-    old_cache, old = process(OldItem)
-    _, new = process(NewItem)
-    with new() as session:
-        session.add_all([NewItem(id=1, name="v1"), NewItem(id=2, name="two")])
-        session.commit()
+    old_cache, old, new = _both_versions(process, id_1="v1", id_2="two")
     cached(old, OldItem, 1, schema, "v1")
     cached(old, OldItem, 2, schema, "two")
     with new() as session:
@@ -355,15 +362,22 @@ def test_asyncio_commits_invalidate_the_other_versions_entry(
     assert name_of(old, OldItem, 1, schema) == ("v3", 1)
 
 
-def test_a_background_publish_leaves_the_other_versions_entry_a_miss(
-    process: Any, schema: Engine, redis_client: redis.Redis
-) -> None:
+def _new_version_in_background(process: Any) -> tuple[Any, Factory, Any, Factory]:
+    """The old version's process, and the new one's with ``publish="background"``, which
+    committed row 1 as "v1" (published)."""
     old_cache, old = process(OldItem)
     new_cache, new = process(NewItem, publish="background")
     with new() as session:
         session.add(NewItem(id=1, name="v1"))
         session.commit()
     assert new_cache.flush_publishes()
+    return old_cache, old, new_cache, new
+
+
+def test_a_background_publish_leaves_the_other_versions_entry_a_miss(
+    process: Any, schema: Engine, redis_client: redis.Redis
+) -> None:
+    old_cache, old, new_cache, new = _new_version_in_background(process)
     cached(old, OldItem, 1, schema, "v1")
     key = entry_key(old_cache, OldItem, 1)
     with new() as session:
@@ -383,12 +397,7 @@ def test_a_background_commit_reaches_a_keyspace_registered_during_it_before_retu
     that entry before ``commit()`` returns; a background commit did it only when its
     worker published, so until then (held here, as under load; for good if the process was
     killed) the old version served the older row (found by review: "v1" from Redis)."""
-    _, old = process(OldItem)
-    new_cache, new = process(NewItem, publish="background")
-    with new() as session:
-        session.add(NewItem(id=1, name="v1"))
-        session.commit()
-    assert new_cache.flush_publishes()
+    _, old, new_cache, new = _new_version_in_background(process)
     publisher = new_cache._sync.write.publisher  # type: ignore[union-attr]
     assert publisher is not None
     try:
@@ -827,11 +836,7 @@ def test_a_transactions_later_locks_went_by_a_list_redis_had_shortened(
     the registry with the first list, which listed the old keyspace: nothing new, nothing
     invalidated, and the old version served row 2 as it was (found by the stress checker in
     CI, one stale read; here before the fix: "b1" from Redis)."""
-    old_cache, old = on_server(OldItem)
-    _, new = on_server(NewItem)
-    with new() as session:
-        session.add_all([NewItem(id=1, name="a1"), NewItem(id=2, name="b1")])
-        session.commit()
+    old_cache, old, new = _both_versions(on_server, id_1="a1", id_2="b1")
     cached(old, OldItem, 2, schema, "b1")
     # a miss of the new version: its lease's registration brings its list, whole, of both
     # keyspaces
