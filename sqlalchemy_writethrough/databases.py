@@ -56,6 +56,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.engine import URL, Connection
 
+from . import forks
 from .exc import WritethroughError
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -252,6 +253,11 @@ class Databases:
         #: engine's connect_args and "connect" listeners choose the schema unqualified names
         #: reach, and two engines on one URL may choose two
         self._servers: weakref.WeakKeyDictionary[Any, _Server] = weakref.WeakKeyDictionary()
+        self._asking = threading.Lock()
+        forks.renew_in_child(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a parent's thread asking its server at the fork held this."""
         self._asking = threading.Lock()
 
     def of(self, bind: Any, unqualified: bool = True) -> str:

@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from . import _redis_compat as compat
+from . import forks
 from .epoch import EpochGuard
 
 
@@ -203,8 +204,14 @@ class SyncTransport:
         self._holders: tuple[weakref.ref[HeldConnection], ...] = ()
         self._holders_lock = threading.Lock()
         self._closed = False
+        forks.renew_in_child(self)
         if self._lendable:
             self.holds = False  # a lock's connection goes back to the thread's holder
+
+    def _after_fork(self) -> None:
+        """In a forked child: a parent's thread adding its holder at the fork held this
+        (the holders themselves are the parent's, dropped at their next use: ``_forks``)."""
+        self._holders_lock = threading.Lock()
 
     def _checked(self, checkout: Callable[[], Any], guard: EpochGuard) -> Callable[[], Any]:
         pool = self._pool

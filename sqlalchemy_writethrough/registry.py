@@ -18,7 +18,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, registry
 
-from . import _sa_compat
+from . import _sa_compat, forks
 from .config import ModelOptions, ModelOptionsDict, OptionError
 from .databases import Databases, connection_naming, for_schemas, own_naming
 from .exc import ConfigurationError, WriteThroughWarning
@@ -56,6 +56,7 @@ class Models:
         self._build_lock = threading.RLock()
         self._by_table: dict[str, list[ModelLayout]] | None = None
         self._all_seen = False
+        forks.renew_in_child(self)
         self._cascade_parents: dict[str, Any] | None = None
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
         #: bumped whenever a model's layout is built, dropped or may change (register,
@@ -65,6 +66,10 @@ class Models:
         #: the get path's decisions per entity (see :mod:`.session`), each tagged with the
         #: generation it was made in
         self.get_plans: dict[Any, Any] = {}
+
+    def _after_fork(self) -> None:
+        """In a forked child: a parent's thread building a layout at the fork held this."""
+        self._build_lock = threading.RLock()
 
     def _changed(self) -> None:
         """A layout was built, dropped or may now differ: every decision made from the

@@ -876,3 +876,43 @@ def test_a_process_forked_while_redis_was_away_uses_redis_again(
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert outcome == "served", f"the forked process never read from Redis again: {outcome}"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_a_thread_held_the_counters_lock_does_not_hang(
+    schema: Engine, prefix: str, redis_url: str, install: Installer
+) -> None:
+    """A thread of the parent (its background publisher, the breaker's prober, a request)
+    was counting when the process forked: the child got the counters' lock held by a thread
+    it does not have, and hung at its first cached read. Held here on purpose across the
+    fork. (Found by review; likewise the journal's, the epoch check's, the breaker's, the
+    connection holders', the model registry's and the Cluster switch's locks.)"""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(redis.Redis.from_url(redis_url, socket_timeout=1), prefix=prefix)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    assert get_name(factory, 1) == "v1"
+    counters = cache._shared_counters
+    read, write = os.pipe()
+    with counters._lock:  # a parent's thread is counting at the fork
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            outcome = b"hung"
+            try:
+                schema.dispose(close=False)
+                outcome = get_name(factory, 1).encode()
+            except BaseException:
+                outcome = traceback.format_exc().encode()
+            finally:
+                os.write(write, outcome)
+                os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 15)
+        outcome = os.read(read, 65536).decode() if ready else "no answer: the child hung"
+    finally:
+        os.close(read)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert outcome == "v1"
