@@ -80,11 +80,13 @@ class Journal:
     def replay(
         self,
         backend: Backend,
-        siblings: Callable[[list[str], list[str]], tuple[list[str], list[str]]] | None = None,
+        siblings: Callable[[list[str], list[str]], tuple[list[str], list[str]] | None]
+        | None = None,
     ) -> bool:
         """Invalidate everything journaled; True when nothing is left to invalidate.
         ``siblings(pairs, buckets)``: the same rows' and buckets' keys in the other keyspaces
-        of their tables (see :mod:`.siblings`), invalidated with them."""
+        of their tables (see :mod:`.siblings`), invalidated with them; None from it: they
+        cannot be known now, and the replay is left for later."""
         with self._lock:
             if not self.pending:
                 return True
@@ -97,9 +99,11 @@ class Journal:
             flat += (key, gen_key)
         bumped = sorted(buckets)
         if siblings is not None and (flat or bumped):
-            more, more_buckets = siblings(flat, bumped)
-            flat += more
-            bumped += more_buckets
+            found = siblings(flat, bumped)
+            if found is None:
+                return False
+            flat += found[0]
+            bumped += found[1]
         if flat and not backend.invalidate(flat, owners):
             return False
         if bumped and not backend.bump_generations(bumped):

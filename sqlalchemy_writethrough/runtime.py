@@ -149,14 +149,19 @@ class Runtime:
 
     def _replay_siblings(
         self, pairs: list[str], gen_keys: list[str]
-    ) -> tuple[list[str], list[str]]:
+    ) -> tuple[list[str], list[str]] | None:
         """What a journal replay invalidates besides its keys and buckets: theirs in the
         siblings the registry lists now (read again: Redis just came back). A registry Redis
-        forgot meanwhile may not list them all: it is made whole first (see .siblings)."""
+        forgot meanwhile may not list them all: it is made whole first (see .siblings); None
+        when it cannot be now (another process is at it, without waiting for it here, or
+        Redis failed): the replay is left for later, the journal kept, rather than gone by a
+        list that may lack a sibling (were that process to die, nothing would reach it)."""
         siblings = self.siblings
         known = siblings.refresh(self.backend) or siblings.known
         if known.read and not known.whole:
-            siblings.make_whole(self.backend, wait=False)
+            if not siblings.make_whole(self.backend, wait=False):
+                return None
+            known = siblings.known  # the whole list, as making it whole read it
         return siblings.extra(pairs, known), siblings.extra_buckets(gen_keys, known)
 
     def ttl_ms(self, layout: ModelLayout) -> int:

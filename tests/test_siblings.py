@@ -515,14 +515,20 @@ def test_a_journal_replay_covers_the_keyspaces_registered_meanwhile(
 
 
 @pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("recovery", ["none", "another process died in it"])
 def test_a_journal_replay_makes_a_registry_forgotten_meanwhile_whole(
-    schema: Engine, prefix: str, redis_url: str, redis_proxy: LoopbackProxy
+    recovery: str, schema: Engine, prefix: str, redis_url: str, redis_proxy: LoopbackProxy
 ) -> None:
     """The new version, cut off from Redis, commits v2 unlocked (journaled) while Redis
     forgets the registry. Its replay, once Redis answers (here at a read), reads the
     registry again and finds it without the old version's keyspace: it makes it whole, so the
     old version's entry of the row is not served any more. (Before: the replay invalidated
-    the siblings of an empty registry, none, and the old version served v1 until its TTL.)"""
+    the siblings of an empty registry, none, and the old version served v1 until its TTL.)
+    When another process is making the registry whole, the replay waits for it (it stays
+    journaled, the process reading nothing from Redis meanwhile) rather than going by the
+    list that is not whole: if that process dies, its lease expires and the replay makes
+    the registry whole itself. (Before, found by review: the replay went by the list without
+    the old keyspace, cleared its journal, and the old version served v1 until its TTL.)"""
     old_cache = WriteThroughCache(fast_client(redis_url), prefix=prefix, stats_interval=None)
     new_cache = WriteThroughCache(
         fast_client(redis_proxy.url), prefix=prefix, stats_interval=None, breaker_cooldown=0.2
@@ -541,6 +547,15 @@ def test_a_journal_replay_makes_a_registry_forgotten_meanwhile_whole(
         cached(new, NewItem, 2, schema, "two")  # its list names the old keyspace now
         redis_proxy.blackhole()
         admin.delete(registry_key(prefix))  # evicted meanwhile
+        if recovery != "none":  # began making it whole, with a 1.5 s lease, and died
+            from sqlalchemy_writethrough.backend import RedisBackend
+            from sqlalchemy_writethrough.breaker import CircuitBreaker
+            from sqlalchemy_writethrough.stats import Counters
+
+            dead = RedisBackend(admin, CircuitBreaker(), Counters())
+            keys = (registry_key(prefix), registry_version_key(prefix))
+            whole_keys = (*keys, registry_recovery_key(prefix))
+            assert dead.registry_whole(whole_keys, "begin", "dead", 1500, "x")[0] == 2
         with new() as session:
             session.scalars(select(NewItem).where(NewItem.id == 1)).one().name = "v2"
             session.commit()  # its locks fail: journaled
