@@ -846,35 +846,20 @@ def test_a_process_forked_while_redis_was_away_uses_redis_again(
     for _ in range(5):  # Redis away: the breaker opens, and its prober starts (a thread)
         assert get_name(factory, 1) == "v1"
     assert cache._sync is not None and cache._sync.runtime.backend.breaker.is_open
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: report whether Redis serves it again
-        outcome = b"never"
-        try:
-            schema.dispose(close=False)
-            deadline = time.monotonic() + RECOVERY_DEADLINE_S
-            while time.monotonic() < deadline:
-                with capture_sql(schema) as sql:
-                    get_name(factory, 1)
-                if not sql:
-                    outcome = b"served"
-                    break
-                time.sleep(0.05)
-        except BaseException:
-            outcome = traceback.format_exc().encode()
-        finally:
-            os.write(write, outcome)
-            os._exit(0)
-    os.close(write)
-    redis_server.start()  # same port, no data
-    try:
-        ready, _, _ = select.select([read], [], [], RECOVERY_DEADLINE_S + 10)
-        outcome = os.read(read, 65536).decode() if ready else "no answer from the child"
-    finally:
-        os.close(read)
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+
+    def child() -> str:  # report whether Redis serves it again
+        schema.dispose(close=False)
+        deadline = time.monotonic() + RECOVERY_DEADLINE_S
+        while time.monotonic() < deadline:
+            with capture_sql(schema) as sql:
+                get_name(factory, 1)
+            if not sql:
+                return "served"
+            time.sleep(0.05)
+        return "never"
+
+    # Redis runs again (same port, no data) once the child is forked
+    outcome = _forked(child, RECOVERY_DEADLINE_S + 10, then=redis_server.start)
     assert outcome == "served", f"the forked process never read from Redis again: {outcome}"
 
 
@@ -893,26 +878,49 @@ def test_a_process_forked_while_a_thread_held_the_counters_lock_does_not_hang(
     install(cache, factory)
     assert get_name(factory, 1) == "v1"
     counters = cache._shared_counters
+
+    def child() -> str:
+        schema.dispose(close=False)
+        return get_name(factory, 1)
+
+    outcome = _forked(child, 15, holding=counters._lock)  # a parent's thread is counting
+    assert outcome == "v1"
+
+
+def _forked(
+    child: Callable[[], str],
+    timeout: float,
+    holding: Any = None,
+    then: Callable[[], object] = lambda: None,
+) -> str:
+    """Run ``child`` in a process forked (while ``holding``, a lock, is held by this thread,
+    if given) and return what it returned, its traceback, or that it did not answer within
+    ``timeout`` seconds (then it is killed); ``then``: what the parent does once it forked."""
     read, write = os.pipe()
-    with counters._lock:  # a parent's thread is counting at the fork
+    if holding is not None:
+        holding.acquire()
+    try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
-            outcome = b"hung"
+            outcome = "no outcome"
             try:
-                schema.dispose(close=False)
-                outcome = get_name(factory, 1).encode()
+                outcome = child()
             except BaseException:
-                outcome = traceback.format_exc().encode()
+                outcome = traceback.format_exc()
             finally:
-                os.write(write, outcome)
+                os.write(write, outcome.encode())
                 os._exit(0)
+    finally:
+        if holding is not None:
+            holding.release()
     os.close(write)
+    ready: list[Any] = []
     try:
-        ready, _, _ = select.select([read], [], [], 15)
-        outcome = os.read(read, 65536).decode() if ready else "no answer: the child hung"
+        then()
+        ready, _, _ = select.select([read], [], [], timeout)
+        return os.read(read, 65536).decode() if ready else "no answer: the child hung"
     finally:
         os.close(read)
         if not ready:
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    assert outcome == "v1"
