@@ -41,12 +41,11 @@ class CircuitBreaker:
         self.launch: Callable[[Callable[[], None]], None] = _in_thread
         #: waits between two probes; True when the breaker was stopped meanwhile
         self.pause: Callable[[float], bool] = self._stopped.wait
-        forks.renew_in_child(self)
+        forks.renew_in_child(self, "_lock")
 
     def _after_fork(self) -> None:
-        """In a forked child: the parent's prober is not there (nor is its lock's holder),
-        so the next call starts a prober of the child's own while the breaker is open."""
-        self._lock = threading.Lock()
+        """In a forked child: the parent's prober is not there, so the next call starts a
+        prober of the child's own while the breaker is open."""
         self._probing = False
 
     @property

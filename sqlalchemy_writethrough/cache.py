@@ -295,7 +295,7 @@ class WriteThroughCache:
         self._breaker_options = (breaker_threshold, breaker_cooldown)
         self._epoch_interval = epoch_check_interval
         self._cluster_lock = threading.Lock()
-        forks.renew_in_child(self)
+        forks.renew_in_child(self, "_cluster_lock")
         #: the hooks of each flavour: sync sessions, and AsyncSession's (made at first need)
         self._sync: _Flavour | None = None
         self._async: _Flavour | None = None
@@ -340,10 +340,6 @@ class WriteThroughCache:
         #: in words (see _refuse_covered_twice)
         self._covered: list[tuple[weakref.ref[Any], weakref.ref[type], str]] = []
         _caches.add(self)
-
-    def _after_fork(self) -> None:
-        """In a forked child: a parent's thread switching to a Cluster at the fork held this."""
-        self._cluster_lock = threading.Lock()
 
     def _client_options(self, asyncio: bool = False) -> dict[str, Any]:
         """What the cache builds a client from its URL with (sync, or ``redis.asyncio``

@@ -160,12 +160,9 @@ class ClusterRouter:
         self._refreshing = threading.Lock()
         #: node name -> (not tried again before, cooldown): the nodes that failed to answer
         self._down: dict[str, tuple[float, float]] = {}
-        forks.renew_in_child(self)
-
-    def _after_fork(self) -> None:
-        """In a forked child: a refresh a parent's thread was making at the fork would hold
-        this lock for good, and the child's slot map would never be refreshed."""
-        self._refreshing = threading.Lock()
+        # a refresh a parent's thread was making at a fork would hold it for good in the
+        # child, whose slot map would then never be refreshed
+        forks.renew_in_child(self, "_refreshing")
 
     # -- the slot map ----------------------------------------------------------------------
 

@@ -254,11 +254,7 @@ class Databases:
         #: reach, and two engines on one URL may choose two
         self._servers: weakref.WeakKeyDictionary[Any, _Server] = weakref.WeakKeyDictionary()
         self._asking = threading.Lock()
-        forks.renew_in_child(self)
-
-    def _after_fork(self) -> None:
-        """In a forked child: a parent's thread asking its server at the fork held this."""
-        self._asking = threading.Lock()
+        forks.renew_in_child(self, "_asking")
 
     def of(self, bind: Any, unqualified: bool = True) -> str:
         """The digest of the database an Engine (or a Connection's Engine) reads and writes;

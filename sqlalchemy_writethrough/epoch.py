@@ -135,11 +135,7 @@ class EpochGuard:
         self._lock = threading.Lock()
         #: the epoch key's value this process saw last (None: not looked yet)
         self.epoch: str | None = None
-        forks.renew_in_child(self)
-
-    def _after_fork(self) -> None:
-        """In a forked child: a lock a parent's thread held at the fork would stay held."""
-        self._lock = threading.Lock()
+        forks.renew_in_child(self, "_lock")
 
     def check_connection(self, conn: Any) -> None:
         """Before a pooled connection is used: checked when new, and every ``interval``."""

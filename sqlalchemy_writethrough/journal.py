@@ -37,11 +37,7 @@ class Journal:
         self._added: dict[str, int] = {}
         self._adds = 0
         self.pending = False
-        forks.renew_in_child(self)
-
-    def _after_fork(self) -> None:
-        """In a forked child: a lock a parent's thread held at the fork would stay held."""
-        self._lock = threading.Lock()
+        forks.renew_in_child(self, "_lock")
 
     def __len__(self) -> int:
         return len(self._keys) + len(self._buckets)

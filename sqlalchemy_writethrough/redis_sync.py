@@ -204,14 +204,9 @@ class SyncTransport:
         self._holders: tuple[weakref.ref[HeldConnection], ...] = ()
         self._holders_lock = threading.Lock()
         self._closed = False
-        forks.renew_in_child(self)
+        forks.renew_in_child(self, "_holders_lock")
         if self._lendable:
             self.holds = False  # a lock's connection goes back to the thread's holder
-
-    def _after_fork(self) -> None:
-        """In a forked child: a parent's thread adding its holder at the fork held this
-        (the holders themselves are the parent's, dropped at their next use: ``_forks``)."""
-        self._holders_lock = threading.Lock()
 
     def _checked(self, checkout: Callable[[], Any], guard: EpochGuard) -> Callable[[], Any]:
         pool = self._pool

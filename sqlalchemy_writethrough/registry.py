@@ -56,7 +56,7 @@ class Models:
         self._build_lock = threading.RLock()
         self._by_table: dict[str, list[ModelLayout]] | None = None
         self._all_seen = False
-        forks.renew_in_child(self)
+        forks.renew_in_child(self, "_build_lock")
         self._cascade_parents: dict[str, Any] | None = None
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
         #: bumped whenever a model's layout is built, dropped or may change (register,
@@ -66,10 +66,6 @@ class Models:
         #: the get path's decisions per entity (see :mod:`.session`), each tagged with the
         #: generation it was made in
         self.get_plans: dict[Any, Any] = {}
-
-    def _after_fork(self) -> None:
-        """In a forked child: a parent's thread building a layout at the fork held this."""
-        self._build_lock = threading.RLock()
 
     def _changed(self) -> None:
         """A layout was built, dropped or may now differ: every decision made from the

@@ -312,15 +312,10 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        forks.renew_in_child(self)
+        forks.renew_in_child(self, "_lock")
         self._counts: dict[tuple[str, str], int] = {}
         self._hist = {name: [0] * NBUCKETS for name in HISTOGRAMS}
         self._sums = dict.fromkeys(HISTOGRAMS, 0.0)
-
-    def _after_fork(self) -> None:
-        """In a forked child: the background worker or the breaker's prober of the parent
-        may have held this lock at the fork, and would hold it for good."""
-        self._lock = threading.Lock()
 
     def add(self, name: str, n: int = 1, model: str = "") -> None:
         if not n:
