@@ -35,7 +35,7 @@ import contextlib
 import logging
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import event
@@ -64,13 +64,10 @@ def invalidate_migrated_tables(
     fields = cache._whole_registry(runtime)
     keyspaces: dict[str, list[str]] = {}
     for field in fields or ():
-        table, gen_keys = generation_keys_of(cache.prefix, field)
-        keyspaces.setdefault(table.lower(), []).extend(gen_keys)
-        keyspaces.setdefault(table.rsplit(".", 1)[-1].lower(), []).extend(gen_keys)
+        _file_under(keyspaces, *generation_keys_of(cache.prefix, field))
     for layout in runtime.models.cached_layouts():  # this process's models, even unused
         gen_keys = runtime.models.keys(layout, connection).generation_keys()
-        for name in {layout.table.name.lower(), layout.table.fullname.lower()}:
-            keyspaces.setdefault(name, []).extend(gen_keys)
+        _file_under(keyspaces, layout.table.fullname, gen_keys)
     pattern = table_name_pattern(keyspaces)
     owner = secrets.token_hex(8)
     locked: dict[str, None] = {}
@@ -131,6 +128,14 @@ def invalidate_migrated_tables(
             _invalidate_late_keyspaces(cache, statements, locked)
 
 
+def _file_under(by_name: dict[str, list[str]], table: str, gen_keys: Sequence[str]) -> None:
+    """File a keyspace's generation keys under its table's names as a statement may write
+    them: with its schema and without (lower case: the statements are matched so)."""
+    if gen_keys:
+        for name in {table.lower(), table.rsplit(".", 1)[-1].lower()}:
+            by_name.setdefault(name, []).extend(gen_keys)
+
+
 #: how many distinct statements a migration keeps for the end's second look at the registry;
 #: beyond, every keyspace registered meanwhile is invalidated (a miss per row, never stale)
 _KEPT_STATEMENTS = 10_000
@@ -149,10 +154,7 @@ def _invalidate_late_keyspaces(
     by_name: dict[str, list[str]] = {}
     for field in cache._whole_registry(runtime) or ():
         table, gen_keys = generation_keys_of(cache.prefix, field)
-        fresh = [gen_key for gen_key in gen_keys if gen_key not in locked]
-        if fresh:
-            by_name.setdefault(table.lower(), []).extend(fresh)
-            by_name.setdefault(table.rsplit(".", 1)[-1].lower(), []).extend(fresh)
+        _file_under(by_name, table, [gen_key for gen_key in gen_keys if gen_key not in locked])
     late: dict[str, None] = {}
     if statements is None:
         for gen_keys in by_name.values():
