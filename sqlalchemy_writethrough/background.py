@@ -83,8 +83,9 @@ class Job:
         #: what the stats count once the reply is in (see :mod:`.writing`), once built
         self.intents: Any = {}
         self.gen_keys = gen_keys
-        #: the keyspace registry as the transaction's locks saw it (see :mod:`.siblings`),
-        #: and the fields all their lists named (``SessionTracker.siblings_covered``)
+        #: the keyspace registry as the transaction's locks saw it (see :mod:`.siblings`; a
+        #: list never read when none did), and the fields all their lists named
+        #: (``SessionTracker.siblings_covered``); set for a commit's job
         self.known: Any = None
         self.covered: frozenset[str] | None = None
         #: the sibling check ran before ``commit()`` returned (see

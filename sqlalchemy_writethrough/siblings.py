@@ -226,16 +226,8 @@ class Siblings:
         return True
 
     def probe(self) -> VersionProbe:
-        """What a publish fills with the registry's version."""
+        """What a publish (or ``Backend.probe_version``) fills with the registry's version."""
         return VersionProbe(self._version_key)
-
-    def read_now(self, backend: Backend) -> VersionProbe:
-        """The registry's version read in a round trip of its own (a background commit's
-        check before ``commit()`` returns: :meth:`check` reads the fields only when it
-        changed); ``read`` False when Redis failed."""
-        probe = VersionProbe(self._version_key)
-        backend.probe_version(probe)
-        return probe
 
     @staticmethod
     def unchanged(known: Known, probe: VersionProbe, covered: frozenset[str] | None) -> bool:

@@ -912,7 +912,8 @@ class WritePath:
                 for key, change in changes.items()
             }
         job = Job(True, tracker.owner_token(), tracker.locked, changes, list(tracker.locked_gens))
-        job.known = tracker.siblings_known
+        # locks taken by no path that names siblings went by the oldest list: none read
+        job.known = tracker.siblings_known or _UNREAD
         job.covered = tracker.siblings_covered
         return job
 
@@ -1062,34 +1063,36 @@ class WritePath:
         Never raises: the worker's publish checks again unless this one was done."""
         try:
             rt = self.runtime
-            probe = rt.siblings.read_now(rt.backend)
+            probe = rt.siblings.probe()
+            rt.backend.probe_version(probe)
             if not probe.read:  # Redis failed: the worker's publish reads it again
                 return
-            known = job.known if job.known is not None else _UNREAD
-            if not rt.siblings.unchanged(known, probe, job.covered):
+            if not rt.siblings.unchanged(job.known, probe, job.covered):
                 locked = job.locked
                 if locked is None:  # the worker built the job already: its check runs
                     return
-                pairs, gen_keys = _flatten(locked), job.gen_keys
-                rt.siblings.check(
-                    rt.backend, known, probe, pairs, gen_keys, rt.journal, job.covered
-                )
+                self._check_siblings(job, probe, _flatten(locked))
             job.checked = True
         except Exception:
             log.debug("writethrough: checking the keyspace registry failed", exc_info=True)
 
-    def _check_siblings(self, job: Job, probe: Any) -> None:
-        """After a commit's publish: the rows' keys in keyspaces of their tables registered
-        since the transaction's list of the registry was read are invalidated (see
-        :mod:`.siblings`)."""
+    def _check_siblings(self, job: Job, probe: Any, pairs: Sequence[str] | None = None) -> None:
+        """After a commit's publish (or, ``publish="background"``, before ``commit()``
+        returns, with ``pairs`` from the job's locks, not yet built): the rows' keys in
+        keyspaces of their tables registered since the transaction's list of the registry
+        was read are invalidated (see :mod:`.siblings`)."""
         if job.checked:  # before commit() returned (publish="background")
             return
         rt = self.runtime
-        siblings = rt.siblings
-        known = job.known
-        if known is None:  # locks taken by no path that names siblings: the oldest list
-            known = _UNREAD
-        siblings.check(rt.backend, known, probe, job.pairs, job.gen_keys, rt.journal, job.covered)
+        rt.siblings.check(
+            rt.backend,
+            job.known,
+            probe,
+            job.pairs if pairs is None else pairs,
+            job.gen_keys,
+            rt.journal,
+            job.covered,
+        )
 
     def _finish(
         self, job: Job, replies: list[Any], elapsed: float, tally: Tally | None = None
