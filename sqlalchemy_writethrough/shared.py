@@ -359,8 +359,10 @@ def send_at_exit() -> None:
 
 
 def _after_fork() -> None:
-    global _thread
+    global _thread, _thread_lock
     _thread = None
+    # a thread of the parent starting the sender (a cache being built) held it at the fork
+    _thread_lock = threading.Lock()
     senders = list(_senders)
     for sender in senders:
         sender._forked()

@@ -887,6 +887,31 @@ def test_a_process_forked_while_a_thread_held_the_counters_lock_does_not_hang(
     assert outcome == "v1"
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_a_thread_started_the_stats_sender_does_not_hang(
+    schema: Engine, prefix: str, redis_url: str, install: Installer
+) -> None:
+    """A thread of the parent was building a cache (which starts the shared stats' sender
+    thread) when the process forked: the child's fork hook, which starts a sender of its
+    own, waited for the lock that thread held, and ``os.fork()`` never returned in the
+    child. Held here on purpose across the fork. (Found by review of the fork hooks.)"""
+    seed(schema, (1, "v1", 10))
+    client = redis.Redis.from_url(redis_url, socket_timeout=1)
+    cache = WriteThroughCache(client, prefix=prefix, stats_interval=3600)
+    factory = sessionmaker(schema)
+    install(cache, factory)
+    assert get_name(factory, 1) == "v1"
+
+    def child() -> str:
+        schema.dispose(close=False)
+        return get_name(factory, 1)
+
+    from sqlalchemy_writethrough import shared
+
+    outcome = _forked(child, 15, holding=shared._thread_lock)  # a cache being built
+    assert outcome == "v1"
+
+
 def _forked(
     child: Callable[[], str],
     timeout: float,
