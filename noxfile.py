@@ -340,11 +340,13 @@ def third_party(session: nox.Session, suite: str) -> None:
     SQLAlchemy-Utils), plainly
     and with the extension on every Session: fails on a test that fails only with it and is
     not in tests/third_party/known_failures.txt (``nox -s "third_party(suite='sqlmodel')"``
-    for one). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or
+    for one; ``-- -k NAME`` for some of its tests). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or
     the local servers). Needs Redis ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
     session.install(SQLALCHEMY_PINS["2.0"])
-    session.run("python", "tests/third_party/run.py", suite, *session.posargs)
+    # arguments after nox's ``--`` are pytest's (``-- -k test_name``)
+    pytest_args = ("--", *session.posargs) if session.posargs else ()
+    session.run("python", "tests/third_party/run.py", suite, *pytest_args)
 
 
 # The caches a user would pick instead, measured by the benchmark suite (never dependencies of

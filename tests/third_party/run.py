@@ -147,7 +147,8 @@ def main() -> int:
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--workdir", type=Path, default=REPO / ".third-party")
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
-    args = parser.parse_args()
+    # SUITE, then --workdir, then -- and pytest's own: the documented order
+    args = parser.parse_intermixed_args()
 
     distribution, tests, own = SUITES[args.suite]
     folder = sdist_folder(args.workdir, distribution)
