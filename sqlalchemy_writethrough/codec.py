@@ -21,6 +21,9 @@ import decimal
 import enum
 import importlib
 import json
+import logging
+import math
+import re
 import uuid
 import zoneinfo
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +35,8 @@ from sqlalchemy.engine.default import DefaultDialect
 
 from ._sa_compat import ABSTRACT_INTERVAL, json_functions
 from .exc import ConfigurationError
+
+log = logging.getLogger("sqlalchemy_writethrough")
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -84,15 +89,21 @@ class FlushContext:
 
     def pg_timezone(self) -> dt.tzinfo | None:
         """The tzinfo the driver attaches to ``timestamptz`` values on this connection:
-        psycopg 3's is the session's ``TimeZone``; asyncpg's is always UTC."""
-        if self._pg_timezone is None and getattr(self.dialect, "driver", None) == "asyncpg":
+        psycopg 3's is the session's ``TimeZone``; asyncpg's is always UTC; psycopg2's is
+        the offset PostgreSQL gives for the session's ``TimeZone``, known here only when
+        that zone is UTC or a fixed offset (:func:`psycopg2_zone`)."""
+        driver = getattr(self.dialect, "driver", None)
+        if self._pg_timezone is None and driver == "asyncpg":
             self._pg_timezone = dt.timezone.utc
         if self._pg_timezone is None:
             tz = None
             try:
                 assert self._connection is not None
                 info = self._connection().connection.dbapi_connection.info
-                tz = info.timezone
+                if driver == "psycopg2":
+                    tz = psycopg2_zone(info.parameter_status("TimeZone"))
+                else:
+                    tz = info.timezone
             except Exception:  # another driver, or no connection: not predictable
                 tz = None
             self._pg_timezone = tz if isinstance(tz, dt.tzinfo) else False
@@ -111,6 +122,50 @@ class FlushContext:
 
 
 Exact = Callable[[Any, FlushContext], Any]
+
+#: the names PostgreSQL reports for a ``TimeZone`` of UTC (lower case)
+_PG_UTC_NAMES = frozenset(
+    f"{area}{name}"
+    for area in ("", "etc/")
+    for name in ("utc", "uct", "gmt", "gmt0", "gmt+0", "gmt-0", "zulu", "universal", "greenwich")
+) | {"utc0"}
+#: ``Etc/GMT+5`` (5 hours west of UTC), or a POSIX zone of one fixed offset,
+#: ``<+05:30>-05:30`` (what ``SET TIME ZONE INTERVAL '+05:30'`` reports): both west-positive
+_PG_FIXED = re.compile(
+    r"(?:etc/gmt|<[^<>,]*>)([+-]?)(\d{1,2})(?::(\d{2}))?(?::(\d{2}))?", re.IGNORECASE
+)
+_psycopg2_zones_warned: set[str] = set()
+
+
+def psycopg2_zone(name: str | None) -> dt.timezone | None:
+    """The tzinfo psycopg2 attaches to every ``timestamptz`` of a session whose ``TimeZone``
+    is ``name``, or None when it depends on the instant. psycopg2 parses the offset
+    PostgreSQL prints, which in a zone with transitions comes from the server's time zone
+    database: Python's may disagree with it for some instants (historical or newly changed
+    rules), so only a zone without transitions is predicted, and the first other one is
+    logged with the remedy."""
+    if not name:
+        return None
+    if name.lower() in _PG_UTC_NAMES:
+        return dt.timezone.utc
+    fixed = _PG_FIXED.fullmatch(name)
+    if fixed is not None:
+        sign, hours, minutes, seconds = fixed.groups()
+        west = dt.timedelta(hours=int(hours), minutes=int(minutes or 0), seconds=int(seconds or 0))
+        if west < dt.timedelta(hours=24):
+            # timezone(timedelta(0)) is timezone.utc, as psycopg2's own is
+            return dt.timezone(west if sign == "-" else -west)
+    if name not in _psycopg2_zones_warned:
+        _psycopg2_zones_warned.add(name)
+        log.warning(
+            "writethrough: psycopg2 returns timestamptz values with the offset PostgreSQL "
+            "gives for the session's TimeZone %r, which the cache predicts only for UTC or a "
+            "fixed offset: commits of DateTime(timezone=True) columns invalidate their rows "
+            "instead of writing them through. Give the sessions UTC (connect_args="
+            "{'options': '-c timezone=UTC'}) or use psycopg 3 (postgresql+psycopg://).",
+            name,
+        )
+    return None
 
 
 class Never:
@@ -620,6 +675,10 @@ def _exact_float(double: bool) -> Exact:
             return NOT_EXACT
         if v == 0 and ctx.name == "sqlite":
             return 0.0  # SQLite stores a zero REAL as the integer 0: no negative zero
+        if v == 0 and ctx.dialect.driver == "psycopg2" and math.copysign(1.0, v) < 0:
+            # psycopg2 writes the literal " -0.0" into the statement: the negation of a
+            # numeric zero, stored as 0.0 unless a cast binds first (a negative zero then)
+            return NOT_EXACT
         return v
 
     return ex
@@ -936,12 +995,13 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
     if isinstance(t, (sqltypes.DateTime, sqltypes.Time)):
         kind = "DateTime" if isinstance(t, sqltypes.DateTime) else "Time"
         if name == "postgresql":
-            # psycopg 3 tells the session's time zone; asyncpg always returns UTC
-            known = dialect.driver in ("psycopg", "psycopg_async", "asyncpg")
+            # psycopg 3 tells the session's time zone; asyncpg always returns UTC; psycopg2
+            # the offset of the session's zone, known when it is UTC or fixed (else a warning)
+            known = dialect.driver in ("psycopg", "psycopg_async", "asyncpg", "psycopg2")
             if kind == "DateTime" and t.timezone and not known:
                 return (
-                    "DateTime(timezone=True): only psycopg 3 and asyncpg tell the time zone "
-                    "of what they return"
+                    "DateTime(timezone=True): only psycopg 3, psycopg2 and asyncpg tell the "
+                    "time zone of what they return"
                 )
             return None
         if name == "sqlite":
