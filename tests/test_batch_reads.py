@@ -301,7 +301,10 @@ def test_equal_primary_keys_of_other_types_never_share_an_int_key(
         for pk in ints:
             with factory() as session:
                 assert session.get(BrItem, pk) is not None
-    for value in (True, 1.0):  # (Decimal: SQLite binds none)
+    # (Decimal: SQLite binds none; True: psycopg2 binds a boolean, which PostgreSQL compares
+    # with no integer, where psycopg 3's statement casts it)
+    others = (1.0,) if engine.dialect.driver == "psycopg2" else (True, 1.0)
+    for value in others:
         with factory() as session:
             got = session.get(BrItem, value)
             assert got is not None and (got.id, got.name) == (1, "item 1")
