@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, Table, TypeDecorator
 from sqlalchemy.orm import Mapper, RelationshipProperty
 from sqlalchemy.orm.exc import UnmappedColumnError
 
@@ -517,9 +517,16 @@ class ModelLayout:
             pos = base_variant.attrs.index(key)
             kind = base_variant.codecs(default)[pos].kind
             if kind not in _PK_KINDS:
+                type_ = base_variant.columns[pos].type
+                hint = (
+                    ": a TypeDecorator's values are not known to be one of these; map the "
+                    "column with sqlalchemy.Uuid, Integer or String to cache the model"
+                    if isinstance(type_, TypeDecorator)
+                    else ""
+                )
                 raise ConfigurationError(
-                    f"{where}.{key}: primary keys of type {base_variant.columns[pos].type!r} "
-                    "are not cached yet (integer, string and UUID keys are)"
+                    f"{where}.{key}: primary keys of type {type_!r} are not cached yet "
+                    f"(integer, string and UUID keys are){hint}"
                 )
             self.pk_types.append(_PK_KINDS[kind])
 
