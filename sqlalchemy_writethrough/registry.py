@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,8 +27,6 @@ from .keys import KeySpace
 from .model import ModelLayout, cache_root, cached_members, is_cached_model, model_overrides
 
 log = logging.getLogger("sqlalchemy_writethrough")
-
-_UNKNOWN: Any = object()
 
 
 class Models:
@@ -45,7 +44,11 @@ class Models:
         self._buckets = buckets
         self._exclude_everywhere = exclude_everywhere
         self._databases = Databases()
-        self._layouts: dict[Mapper[Any], ModelLayout | None] = {}
+        self._layouts: dict[Mapper[Any], ModelLayout] = {}
+        #: mappers seen and not cached, held weakly: every mapper configured while the cache
+        #: lives is looked at, and a class mapped at run time (a test's, a per-tenant automap)
+        #: must stay free to be collected
+        self._uncached: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
         self._registered: dict[type, ModelOptionsDict] = {}
         self._registries: list[registry] = []
         self._register_everything = False
@@ -88,6 +91,7 @@ class Models:
     def reconfigured(self, mapper: Mapper[Any]) -> None:
         """SQLAlchemy (re)configured ``mapper``: build its layout again, now."""
         self._layouts.pop(mapper, None)
+        self._uncached.discard(mapper)
         self._changed()
         self.layout_for(mapper)
 
@@ -100,6 +104,7 @@ class Models:
         with self._build_lock:
             self._registered[model] = options  # type: ignore[assignment,unused-ignore]
             self._layouts.pop(mapper, None)
+            self._uncached.discard(mapper)
             self._changed()
         if mapper.configured:
             self.layout_for(mapper)
@@ -128,7 +133,7 @@ class Models:
 
     def _forget_uncached(self) -> None:
         """Mappers seen as not cached may be covered now: look at them again."""
-        self._layouts = {m: lay for m, lay in self._layouts.items() if lay is not None}
+        self._uncached = weakref.WeakSet()
         self._all_seen = False
         self._changed()
 
@@ -143,9 +148,12 @@ class Models:
         return None
 
     def layout_for(self, mapper: Mapper[Any]) -> ModelLayout | None:
-        layout: ModelLayout | None = self._layouts.get(mapper, _UNKNOWN)
-        if layout is not _UNKNOWN and (layout is None or mapper in layout.variants):
-            return layout
+        layout: ModelLayout | None = self._layouts.get(mapper)
+        if layout is not None:
+            if mapper in layout.variants:
+                return layout
+        elif mapper in self._uncached:
+            return None
         with self._build_lock:
             # a hierarchy is cached as one model, from its base; a concrete class on its own
             base = cache_root(mapper)
@@ -171,7 +179,12 @@ class Models:
                     self._leave_out(base, str(exc))
                     layout = None
             for member in cached_members(base):
-                self._layouts[member] = layout
+                if layout is None:
+                    self._layouts.pop(member, None)
+                    self._uncached.add(member)
+                else:
+                    self._uncached.discard(member)
+                    self._layouts[member] = layout
             self._changed()
             if layout is not None:
                 self._left_out.pop(base, None)
@@ -215,10 +228,14 @@ class Models:
         this process never loaded (another process caches them)."""
         if not self._all_seen:
             for mapper in _sa_compat.all_mappers():
-                if mapper.configured and mapper not in self._layouts:
+                if (
+                    mapper.configured
+                    and mapper not in self._layouts
+                    and mapper not in self._uncached
+                ):
                     self.layout_for(mapper)
             self._all_seen = True
-        unique = {id(layout): layout for layout in list(self._layouts.values()) if layout}
+        unique = {id(layout): layout for layout in list(self._layouts.values())}
         return list(unique.values())
 
     def layouts_by_table_name(self) -> dict[str, list[ModelLayout]]:
@@ -342,7 +359,7 @@ class Models:
 
     def _built_layouts(self) -> list[ModelLayout]:
         """Each layout built so far, once (a hierarchy's is every member's)."""
-        return list({id(lay): lay for lay in list(self._layouts.values()) if lay}.values())
+        return list({id(lay): lay for lay in list(self._layouts.values())}.values())
 
     def longest_holds(self, fields: Iterable[str]) -> tuple[float, float]:
         """(the longest ``ttl``, the longest ``lock_timeout``), in seconds, of the models whose

@@ -285,6 +285,34 @@ def test_register_all_without_argument_warns_for_models_mapped_later(
         LocalBase.registry.dispose()
 
 
+def test_a_class_mapped_while_a_cache_lives_and_not_cached_is_freed(
+    redis_url: str, prefix: str
+) -> None:
+    """Every mapper SQLAlchemy configures while a cache lives is looked at (is it cached?);
+    the answer "no" was kept with the mapper as its key, so a class mapped at run time (a
+    test's, a per-tenant automap) lived as long as the cache: memory that grew with every
+    such class. A cached model stays known, as long as the cache."""
+    import weakref
+
+    cache = make_cache(redis_url, prefix)
+
+    def mapped_and_dropped() -> weakref.ref[type]:
+        class LocalBase(DeclarativeBase):
+            pass
+
+        class RaTransient(LocalBase):
+            __tablename__ = "ra_transient"
+            id: Mapped[int] = mapped_column(primary_key=True)
+
+        LocalBase.registry.configure()
+        assert cache._layout_for(sa.inspect(RaTransient)) is None  # looked at: not cached
+        return weakref.ref(RaTransient)
+
+    gone = mapped_and_dropped()
+    gc.collect()
+    assert gone() is None
+
+
 def test_warnings_as_errors_leave_the_mappers_usable(
     engine: Engine, redis_url: str, redis_client: redis.Redis, prefix: str
 ) -> None:
