@@ -92,18 +92,19 @@ class FlushContext:
         psycopg 3's is the session's ``TimeZone``; asyncpg's is always UTC; psycopg2's is
         the offset PostgreSQL gives for the session's ``TimeZone``, known here only when
         that zone is UTC or a fixed offset (:func:`psycopg2_zone`)."""
-        driver = getattr(self.dialect, "driver", None)
-        if self._pg_timezone is None and driver == "asyncpg":
-            self._pg_timezone = dt.timezone.utc
-        if self._pg_timezone is None:
-            tz = None
+        if self._pg_timezone is None:  # read once per flush, asked once per value
+            driver = getattr(self.dialect, "driver", None)
+            tz: Any = None
             try:
-                assert self._connection is not None
-                info = self._connection().connection.dbapi_connection.info
-                if driver == "psycopg2":
-                    tz = psycopg2_zone(info.parameter_status("TimeZone"))
+                if driver == "asyncpg":
+                    tz = dt.timezone.utc
                 else:
-                    tz = info.timezone
+                    assert self._connection is not None
+                    info = self._connection().connection.dbapi_connection.info
+                    if driver == "psycopg2":
+                        tz = psycopg2_zone(info.parameter_status("TimeZone"))
+                    else:
+                        tz = info.timezone
             except Exception:  # another driver, or no connection: not predictable
                 tz = None
             self._pg_timezone = tz if isinstance(tz, dt.tzinfo) else False
