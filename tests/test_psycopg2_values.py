@@ -12,6 +12,7 @@ returns (types, values, offsets) against a load from the database.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import zoneinfo
@@ -62,10 +63,21 @@ def psycopg2_engine(db_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _factory(engine: Engine, zone: str) -> sessionmaker[Session]:
-    """Sessions whose connections have ``zone`` as their ``TimeZone``."""
+@contextlib.contextmanager
+def _installed(
+    engine: Engine, zone: str, redis_url: str, prefix: str
+) -> Iterator[tuple[sessionmaker[Session], WriteThroughCache]]:
+    """Sessions whose connections have ``zone`` as their ``TimeZone``, with a cache."""
     zoned = create_engine(engine.url, connect_args={"options": f"-c timezone={zone}"})
-    return sessionmaker(zoned, expire_on_commit=False)
+    factory = sessionmaker(zoned, expire_on_commit=False)
+    cache = WriteThroughCache(redis_url, prefix=prefix)
+    cache.install(factory)
+    try:
+        yield factory, cache
+    finally:
+        cache.uninstall(factory)
+        cache.close()
+        zoned.dispose()
 
 
 def _seen(row: PtRow) -> tuple[Any, ...]:
@@ -84,10 +96,7 @@ def test_psycopg2_timestamptz_is_written_through_and_served_as_loaded(
     redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
-    factory = _factory(psycopg2_engine, zone)
-    cache = WriteThroughCache(redis_url, prefix=prefix)
-    cache.install(factory)
-    try:
+    with _installed(psycopg2_engine, zone, redis_url, prefix) as (factory, cache):
         with factory() as session:
             session.add_all(PtRow(id=i, at=at, name="a") for i, at in enumerate(AT, 1))
             session.commit()
@@ -109,10 +118,6 @@ def test_psycopg2_timestamptz_is_written_through_and_served_as_loaded(
             from_db[2] = _seen(session.scalars(select(PtRow).where(PtRow.id == 2)).one())
         with factory() as session, assert_no_sql(session):
             assert _seen(session.get_one(PtRow, 2)) == from_db[2]
-    finally:
-        cache.uninstall(factory)
-        cache.close()
-        factory.kw["bind"].dispose()
 
 
 def test_psycopg2_in_a_zone_with_transitions_invalidates_and_says_why(
@@ -125,10 +130,7 @@ def test_psycopg2_in_a_zone_with_transitions_invalidates_and_says_why(
     """In ``Europe/Paris`` the offset comes from PostgreSQL's time zone database, which may
     disagree with Python's for some instants: the commit leaves a miss, never a guess, and a
     warning names the remedy; a load still fills the entry as psycopg2 returned it."""
-    factory = _factory(psycopg2_engine, "Europe/Paris")
-    cache = WriteThroughCache(redis_url, prefix=prefix)
-    cache.install(factory)
-    try:
+    with _installed(psycopg2_engine, "Europe/Paris", redis_url, prefix) as (factory, cache):
         with (
             caplog.at_level(logging.WARNING, logger="sqlalchemy_writethrough"),
             factory() as session,
@@ -144,10 +146,6 @@ def test_psycopg2_in_a_zone_with_transitions_invalidates_and_says_why(
             assert _seen(session.get_one(PtRow, 1)) == from_db  # a miss: filled
         with factory() as session, assert_no_sql(session):
             assert _seen(session.get_one(PtRow, 1)) == from_db
-    finally:
-        cache.uninstall(factory)
-        cache.close()
-        factory.kw["bind"].dispose()
 
 
 def test_psycopg2_negative_zero_is_served_as_the_database_stored_it(
@@ -157,10 +155,7 @@ def test_psycopg2_negative_zero_is_served_as_the_database_stored_it(
     a numeric zero: PostgreSQL stores ``0.0``. The commit published ``-0.0``, and a cached
     get returned it where the database returns ``0.0``. (Found running the exactness tests
     on psycopg2.)"""
-    factory = _factory(psycopg2_engine, "UTC")
-    cache = WriteThroughCache(redis_url, prefix=prefix)
-    cache.install(factory)
-    try:
+    with _installed(psycopg2_engine, "UTC", redis_url, prefix) as (factory, _):
         with factory() as session:
             session.add(PtRow(id=1, at=AT[0], name="a", ratio=-0.0))
             session.add(PtRow(id=2, at=AT[0], name="a", ratio=1.5))
@@ -175,7 +170,3 @@ def test_psycopg2_negative_zero_is_served_as_the_database_stored_it(
         with factory() as session:
             cached = {i: repr(session.get_one(PtRow, i).ratio) for i in (1, 2)}
         assert cached == from_db
-    finally:
-        cache.uninstall(factory)
-        cache.close()
-        factory.kw["bind"].dispose()
