@@ -23,12 +23,13 @@ factory's functions run in SQLAlchemy's greenlet on an event loop (:func:`run`),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import func, inspect, select, text, tuple_
@@ -45,6 +46,7 @@ from .backend import ScriptBackend
 from .cache import WriteThroughCache, _caches
 from .codec import DecodeError
 from .exc import ConfigurationError
+from .keys import DecoratedKey
 from .model import ModelLayout
 from .options import from_cache
 from .protocol import payload_of
@@ -275,13 +277,37 @@ def parse_pk(layout: ModelLayout, text_: str) -> list[Any]:
     values: list[Any] = []
     for part, kind, attr in zip(parts, layout.pk_types, layout.pk_attrs, strict=True):
         try:
-            values.append(kind(part) if kind is not str else part)
+            if isinstance(kind, DecoratedKey):
+                values.append(_decorated_value(kind, _spellings(part)))
+            else:
+                values.append(kind(part) if kind is not str else part)
         except ValueError:
             raise UsageError(
                 f"{attr} is a {kind.__name__} primary key, not {part!r}",
                 f"give {layout.entity_name}'s key as its database holds it",
             ) from None
     return values
+
+
+def _spellings(text_: str) -> Iterator[Any]:
+    """The values a command-line key may stand for: a UUID, an int, the text itself."""
+    with contextlib.suppress(ValueError):
+        yield uuid.UUID(text_)
+    with contextlib.suppress(ValueError):
+        yield int(text_)
+    yield text_
+
+
+def _decorated_value(kind: DecoratedKey, candidates: Iterable[Any]) -> Any:
+    """The first of ``candidates`` that a TypeDecorator key column takes as its own (the value
+    a load of the row holds), else ValueError."""
+    for value in candidates:
+        if kind.fits(value):
+            return value
+        again = kind.canonical(value)  # a UUID's text for a column that loads UUIDs
+        if again is not None and kind.fits(again):
+            return again
+    raise ValueError("no key value")
 
 
 def _bind(factory: Callable[[], Session], layout: ModelLayout) -> Any:
@@ -566,20 +592,24 @@ def _pk_of_key(layout: ModelLayout, key: str) -> tuple[Any, ...] | None:
     values: list[Any] = []
     try:
         for part, kind in zip(parts, layout.pk_types, strict=True):
-            if kind is int:
+            if isinstance(kind, DecoratedKey):
+                # a key spells an int, a str or a UUID's hex: the one the column takes
+                text_value = _unescaped(part)
+                hex_uuid = [uuid.UUID(hex=part)] if len(part) == 32 else []
+                values.append(_decorated_value(kind, [*hex_uuid, *_spellings(text_value)]))
+            elif kind is int:
                 values.append(int(part))
             elif kind is uuid.UUID:
                 values.append(uuid.UUID(hex=part))
             else:
-                values.append(
-                    part.replace("%7D", "}")
-                    .replace("%7B", "{")
-                    .replace("%3A", ":")
-                    .replace("%25", "%")
-                )
+                values.append(_unescaped(part))
     except ValueError:
         return None
     return tuple(values)
+
+
+def _unescaped(part: str) -> str:
+    return part.replace("%7D", "}").replace("%7B", "{").replace("%3A", ":").replace("%25", "%")
 
 
 def _pk_filter(layout: ModelLayout, pks: list[tuple[Any, ...]]) -> Any:

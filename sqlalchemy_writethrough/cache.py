@@ -42,6 +42,7 @@ from .exc import CacheUnavailableError, ConfigurationError
 from .journal import Journal
 from .keys import (
     REGISTRY_WHOLE,
+    DecoratedKey,
     KeySpace,
     fits_key,
     keyspace_of,
@@ -1262,6 +1263,11 @@ def _key_values(layout: ModelLayout, mapper: Mapper[Any], values: list[Any]) -> 
         try:
             if fits_key(value, kind):
                 pass
+            elif isinstance(kind, DecoratedKey):
+                # what a load of the row holds: a UUID given as text for a GUID column
+                value = kind.canonical(value)
+                if value is None or not kind.fits(value):
+                    raise ValueError(value)
             elif kind is uuid.UUID and isinstance(value, str):
                 value = uuid.UUID(value)
             elif kind is int and isinstance(value, int):

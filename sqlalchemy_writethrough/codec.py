@@ -35,6 +35,7 @@ from sqlalchemy.engine.default import DefaultDialect
 
 from ._sa_compat import ABSTRACT_INTERVAL, json_functions
 from .exc import ConfigurationError
+from .keys import DecoratedKey
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
@@ -1040,7 +1041,7 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
     return None
 
 
-class _DecoratedCodec(ColumnCodec):
+class DecoratedCodec(ColumnCodec):
     """A TypeDecorator column: the cache stores the implementation's value, as the database
     does, and ``decode`` runs ``process_result_value`` exactly as a database load does."""
 
@@ -1059,6 +1060,9 @@ class _DecoratedCodec(ColumnCodec):
         def decode(v: Any) -> Any:
             return from_impl(inner_decode(v))
 
+        if inner.kind == "uuid":
+            to_impl = _text_as_uuid(to_impl)
+
         super().__init__(kind, inner.encode, decode, inner.exact, inner.never, mutable)
         self._inner = inner
         self._to_impl = to_impl
@@ -1069,6 +1073,10 @@ class _DecoratedCodec(ColumnCodec):
         # predict what the database stored
         return self._inner.flushed(self._to_impl(value), ctx)
 
+    def key_kind(self) -> DecoratedKey:
+        """What values of this column name a key, as a primary key (see :mod:`.keys`)."""
+        return DecoratedKey(self.kind.split("(", 1)[0], self._to_impl, self._from_impl)
+
     def loaded(self, value: Any) -> Any:
         # the database holds the implementation's value, which we only see through
         # process_result_value: store it only if binding it again gives back the same value
@@ -1077,6 +1085,23 @@ class _DecoratedCodec(ColumnCodec):
         if type(again) is not type(value) or again != value:
             raise EncodeError("process_bind_param does not invert process_result_value")
         return self._inner.loaded(stored)
+
+
+def _text_as_uuid(to_impl: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A TypeDecorator that binds text into a UUID column (the GUID recipe on PostgreSQL):
+    the database parses the text, and a load returns the UUID it spells; text Python cannot
+    parse stays text, which the UUID codec finds inexact."""
+
+    def bound(v: Any) -> Any:
+        v = to_impl(v)
+        if type(v) is str:
+            try:
+                return uuid.UUID(v)
+            except ValueError:
+                return v
+        return v
+
+    return bound
 
 
 def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCodec:
@@ -1131,7 +1156,7 @@ def _column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCo
 
         # process_result_value may return a container (a dict decoded from a String)
         mutable = inner.mutable or results
-        return _DecoratedCodec(f"{cls.__name__}({inner.kind})", inner, to_impl, from_impl, mutable)
+        return DecoratedCodec(f"{cls.__name__}({inner.kind})", inner, to_impl, from_impl, mutable)
     # the column's own type decides: dialect implementation classes do not always subclass
     # their generic type (SQLAlchemy 2.0's psycopg Float is a Numeric)
     return _base_codec(type_, where, dialect)

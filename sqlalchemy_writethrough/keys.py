@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -24,11 +24,58 @@ def _escape(text: str) -> str:
     return text
 
 
-def fits_key(value: Any, kind: type) -> bool:
+def fits_key(value: Any, kind: type | DecoratedKey) -> bool:
     """Whether ``value`` names a key of a column whose values are of type ``kind``: its exact
     type (``True`` or ``5.0`` must not load row 1 or 5 under a key of their own), or a
-    ``uuid.UUID`` subclass (asyncpg returns its own class: the same value, the same key)."""
-    return type(value) is kind or (kind is uuid.UUID and isinstance(value, uuid.UUID))
+    ``uuid.UUID`` subclass (asyncpg returns its own class: the same value, the same key); for
+    a column of a ``TypeDecorator`` type, a value its type gives back unchanged
+    (:class:`DecoratedKey`)."""
+    if type(value) is kind:
+        return True
+    if kind is uuid.UUID:
+        return isinstance(value, uuid.UUID)
+    return type(kind) is DecoratedKey and kind.fits(value)
+
+
+class DecoratedKey:
+    """The key values of a primary-key column of a ``TypeDecorator`` type (the GUID recipe,
+    sqlalchemy-utils' ``UUIDType``): what its ``process_result_value`` returns, and so the
+    identity a load gives a row, is known only from values. A value names a key when it is an
+    int, a str or a UUID that binding and reading back through the type returns unchanged,
+    of the same type: that is the value a load of its row holds (a UUID given as text is not:
+    a load returns the UUID, so the text would name another key for the same row)."""
+
+    __slots__ = ("__name__", "_from_impl", "_to_impl")
+
+    def __init__(
+        self, name: str, to_impl: Callable[[Any], Any], from_impl: Callable[[Any], Any]
+    ) -> None:
+        self.__name__ = name
+        self._to_impl = to_impl
+        self._from_impl = from_impl
+
+    def __repr__(self) -> str:
+        return f"DecoratedKey({self.__name__})"
+
+    def canonical(self, value: Any) -> Any:
+        """``value`` bound and read back through the type (what a load of its row holds), or
+        None when the type refuses it or returns no key value."""
+        try:
+            again = self._from_impl(self._to_impl(value))
+        except Exception:  # the application's code: any error means "not a key"
+            return None
+        if type(again) is int or type(again) is str or isinstance(again, uuid.UUID):
+            return again
+        return None
+
+    def fits(self, value: Any) -> bool:
+        if isinstance(value, uuid.UUID):
+            again = self.canonical(value)
+            return isinstance(again, uuid.UUID) and again == value
+        if type(value) is not int and type(value) is not str:
+            return False
+        again = self.canonical(value)
+        return type(again) is type(value) and again == value
 
 
 def encode_pk_part(value: Any) -> str:

@@ -20,14 +20,14 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
-from sqlalchemy import Column, Table, TypeDecorator
+from sqlalchemy import Column, Table
 from sqlalchemy.orm import Mapper, RelationshipProperty
 from sqlalchemy.orm.exc import UnmappedColumnError
 
 from . import codec
 from .config import ModelOptions, ModelOptionsDict, OptionError
 from .exc import ConfigurationError, WriteThroughWarning
-from .keys import KeySpace, fits_key
+from .keys import DecoratedKey, KeySpace, fits_key
 
 log = logging.getLogger("sqlalchemy_writethrough")
 
@@ -512,23 +512,20 @@ class ModelLayout:
             if self.announces:
                 variant.announce(default, default.name, False)
         base_variant = self.variants[base]
-        self.pk_types = []
+        self.pk_types: list[type | DecoratedKey] = []
         for key in self.pk_attrs:
             pos = base_variant.attrs.index(key)
-            kind = base_variant.codecs(default)[pos].kind
-            if kind not in _PK_KINDS:
-                type_ = base_variant.columns[pos].type
-                hint = (
-                    ": a TypeDecorator's values are not known to be one of these; map the "
-                    "column with sqlalchemy.Uuid, Integer or String to cache the model"
-                    if isinstance(type_, TypeDecorator)
-                    else ""
-                )
+            col_codec = base_variant.codecs(default)[pos]
+            if col_codec.kind in _PK_KINDS:
+                self.pk_types.append(_PK_KINDS[col_codec.kind])
+            elif isinstance(col_codec, codec.DecoratedCodec):
+                # the values its process_result_value returns decide, one by one
+                self.pk_types.append(col_codec.key_kind())
+            else:
                 raise ConfigurationError(
-                    f"{where}.{key}: primary keys of type {type_!r} are not cached yet "
-                    f"(integer, string and UUID keys are){hint}"
+                    f"{where}.{key}: primary keys of type {base_variant.columns[pos].type!r} "
+                    "are not cached yet (integer, string and UUID keys are)"
                 )
-            self.pk_types.append(_PK_KINDS[kind])
 
         description = "|".join(v.description() for v in self.variants.values())
         digest_source = f"{codec.FORMAT_VERSION}|{table.fullname}|{description}|{self.pk_attrs}"

@@ -24,8 +24,9 @@ from _servers import reset_schema
 APP = textwrap.dedent(
     '''
     import os
+    import uuid
 
-    from sqlalchemy import String, create_engine
+    from sqlalchemy import String, TypeDecorator, create_engine
     from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 
     from sqlalchemy_writethrough import CachedModel, WriteThroughCache
@@ -47,6 +48,25 @@ APP = textwrap.dedent(
         order_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
         sku: Mapped[str] = mapped_column(String(20), primary_key=True)
         qty: Mapped[int]
+
+
+    class GUID(TypeDecorator):
+        """UUIDs stored as text: the recipe fastapi-users' tables key on."""
+
+        impl = String(36)
+        cache_ok = True
+
+        def process_bind_param(self, value, dialect):
+            return None if value is None else str(uuid.UUID(str(value)))
+
+        def process_result_value(self, value, dialect):
+            return None if value is None else uuid.UUID(value)
+
+
+    class Device(Base, CachedModel):
+        __tablename__ = "cli_device"
+        id: Mapped[uuid.UUID] = mapped_column(GUID, primary_key=True)
+        name: Mapped[str] = mapped_column(String(40))
 
 
     engine = create_engine(os.environ["WT_DB_URL"])
@@ -159,6 +179,13 @@ line = sa.Table(
     sa.Column("qty", sa.Integer, nullable=False),
 )
 
+device = sa.Table(
+    "cli_device",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(40), nullable=False),
+)
+DEVICE = "0b5e3c1e-6a0f-4a52-9d4e-5f2b8c7d1e90"
 ROWS = 50
 
 #: runs the tool's main() for each request line: one interpreter start for many commands (the
@@ -299,6 +326,7 @@ def app(
             [{"id": i, "name": f"product {i}", "price": 100 + i} for i in range(1, ROWS + 1)],
         )
         conn.execute(line.insert(), [{"order_id": 1, "sku": "abc", "qty": 2}])
+        conn.execute(device.insert(), [{"id": DEVICE, "name": "phone"}])
     (tmp_path / "wtapp.py").write_text(APP)
     (tmp_path / "wtapp_async.py").write_text(ASYNC_APP)
     url = engine.url.render_as_string(hide_password=False)
@@ -400,6 +428,26 @@ def test_inspect_shows_state_ttl_row_and_equality(app: App, redis_client: redis.
     composite = app.json("inspect", "Line", "1,abc")
     assert composite["state"] == "value" and composite["row"]["qty"] == 2
     assert composite["equal"] is True
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_a_key_of_a_type_decorator_is_given_as_text(app: App, redis_client: redis.Redis) -> None:
+    """A model keyed by a TypeDecorator (UUIDs stored as text, loaded as UUIDs): the tool takes
+    the key as its text, and reads the keys of the entries it finds back as UUIDs."""
+    assert app.json("inspect", "Device", DEVICE)["state"] == "absent"
+    warmed = app.json("warm", "Device")
+    assert warmed["rows"] == 1 and warmed["filled"] == 1
+    inspected = app.json("inspect", "Device", DEVICE.upper())  # as uuid.UUID reads it
+    assert inspected["state"] == "value" and inspected["equal"] is True
+    assert inspected["row"]["name"] == "phone"
+    with app.engine.begin() as conn:  # behind the cache's back
+        conn.execute(device.update().values(name="tablet"))
+    report = app.json("verify", "Device", status=1)
+    assert [(m["kind"], m["detail"]) for m in report["mismatches"]] == [("stale", "name")]
+    assert app.json("verify", "Device", "--fix", status=1)["fixed"] == 1
+    assert app.json("verify", "Device")["mismatches"] == []
+    refused = app.tool("inspect", "Device", "not-a-uuid")
+    assert refused.returncode == 2 and "primary key" in refused.stderr
 
 
 @pytest.mark.databases("postgresql")

@@ -1,0 +1,261 @@
+"""Primary keys of a ``TypeDecorator`` type: the "backend-agnostic GUID" recipe of SQLAlchemy
+1.x's documentation (fastapi-users' tables still key on it), a UUID stored as 16 bytes
+(sqlalchemy-utils' ``UUIDType``), and a type whose values are no key at all.
+
+These models used to be refused ("not cached yet"). A key is now the value a load of the row
+holds (what ``process_result_value`` returns): a get, a lazy load or an IN batch with such a
+value is served from the cache, and one that is not (a UUID given as text, which a load turns
+into a UUID) goes to the database, as would a write whose identity holds one (it invalidates
+the model's entries). What is observed: the SQL each read emits and what it returns.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import CHAR, ForeignKey, LargeBinary, String, TypeDecorator, select
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
+
+from _servers import capture_sql, reset_schema
+
+
+class GUID(TypeDecorator[uuid.UUID]):
+    """The recipe, as fastapi-users-db-sqlalchemy ships it: PostgreSQL's UUID there, CHAR(36)
+    elsewhere; text accepted on the way in, a UUID on the way out."""
+
+    impl = CHAR
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.UUID())
+        return dialect.type_descriptor(CHAR(36))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return None if value is None else str(value)
+        return str(value if isinstance(value, uuid.UUID) else uuid.UUID(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or isinstance(value, uuid.UUID):
+            return value
+        return uuid.UUID(value)
+
+
+class BinaryUUID(TypeDecorator[uuid.UUID]):
+    """A UUID in 16 bytes: the stored form's kind (bytes) is no key kind, the loaded one is."""
+
+    impl = LargeBinary(16)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):  # a BLOB cannot be a key there
+            return dialect.type_descriptor(mysql.BINARY(16))
+        return dialect.type_descriptor(LargeBinary(16))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else value.bytes
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else uuid.UUID(bytes=bytes(value))
+
+
+class Code:
+    """A value object no key is made of."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Code) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+class CodeType(TypeDecorator[Code]):
+    impl = String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else value.text
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else Code(value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DkUser(Base, CachedModel):
+    __tablename__ = "dk_user"
+    id: Mapped[uuid.UUID] = mapped_column(GUID, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class DkToken(Base, CachedModel):
+    __tablename__ = "dk_token"
+    token: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(GUID, ForeignKey("dk_user.id"))
+    user: Mapped[DkUser] = relationship()
+
+
+class DkDevice(Base, CachedModel):
+    __tablename__ = "dk_device"
+    id: Mapped[uuid.UUID] = mapped_column(BinaryUUID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class DkCoded(Base, CachedModel):
+    __tablename__ = "dk_coded"
+    code: Mapped[Code] = mapped_column(CodeType, primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+@pytest.fixture
+def cache(redis_url: str, prefix: str) -> Iterator[WriteThroughCache]:
+    made = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    yield made
+    made.redis.close()
+
+
+@pytest.fixture
+def factory(engine: Engine, cache: WriteThroughCache) -> Iterator[sessionmaker[Session]]:
+    reset_schema(engine, Base.metadata)
+    made = sessionmaker(engine, expire_on_commit=False)
+    cache.install(made)
+    yield made
+    cache.uninstall(made)
+
+
+def _get(factory: sessionmaker[Session], model: type, ident: Any) -> tuple[Any, int]:
+    """(the row's name or None, the SELECTs the get emitted)."""
+    with factory() as session, capture_sql(session.get_bind()) as statements:
+        row = session.get(model, ident)
+        name = None if row is None else row.name
+    return name, sum(1 for s in statements if s.lstrip().upper().startswith("SELECT"))
+
+
+def _served(factory: sessionmaker[Session], model: type, ident: Any) -> Any:
+    """The row's name, read twice: the second read emits no SQL (filled by the first, or
+    published by the commit before it)."""
+    name = _get(factory, model, ident)[0]
+    assert _get(factory, model, ident) == (name, 0)
+    return name
+
+
+@pytest.mark.parametrize("model", [DkUser, DkDevice])
+def test_a_decorated_uuid_key_is_served_from_the_cache_and_kept_current(
+    factory: sessionmaker[Session], model: type
+) -> None:
+    key = uuid.uuid4()
+    with factory() as session:
+        session.add(model(id=key, name="a"))
+        session.commit()
+    assert _served(factory, model, key) == "a"
+    with factory() as session:
+        row = session.get(model, key)
+        row.name = "b"  # type: ignore[union-attr]
+        session.commit()
+    assert _served(factory, model, key) == "b"
+    with factory() as session:
+        session.delete(session.get(model, key))
+        session.commit()
+    assert _get(factory, model, key)[0] is None
+
+
+def test_a_uuid_given_as_text_goes_to_the_database(factory: sessionmaker[Session]) -> None:
+    """``get(User, "…")`` loads the row (the recipe binds text), but a load holds a UUID: the
+    text would name another key for the same row, so that get never touches the cache."""
+    key = uuid.uuid4()
+    with factory() as session:
+        session.add(DkUser(id=key, name="a"))
+        session.commit()
+    assert _served(factory, DkUser, key) == "a"
+    assert _get(factory, DkUser, str(key)) == ("a", 1)
+    assert _get(factory, DkUser, str(key)) == ("a", 1)
+
+
+def test_an_object_keyed_by_text_still_reaches_the_cached_row(
+    factory: sessionmaker[Session],
+) -> None:
+    """An object created with ``id="…"`` keeps the text in its identity: its writes name no key
+    a load's UUID names, so they invalidate the model's entries instead of leaving the row
+    cached under the UUID's key served."""
+    key = uuid.uuid4()
+    with factory() as session:
+        mine = DkUser(id=str(key), name="a")
+        session.add(mine)
+        session.commit()
+        assert _served(factory, DkUser, key) == "a"  # under the UUID's key
+        mine.name = "b"
+        session.commit()
+        assert _served(factory, DkUser, key) == "b"
+        session.delete(mine)
+        session.commit()
+    assert _get(factory, DkUser, key)[0] is None
+
+
+def test_lazy_loads_and_in_batches_of_a_decorated_key(factory: sessionmaker[Session]) -> None:
+    keys = [uuid.uuid4() for _ in range(3)]
+    with factory() as session:
+        session.add_all(DkUser(id=k, name=f"u{i}") for i, k in enumerate(keys))
+        session.add(DkToken(token="t", user_id=keys[0]))
+        session.commit()
+    for k in keys:
+        _served(factory, DkUser, k)
+    with factory() as session:
+        assert session.get(DkToken, "t") is not None  # filled
+    with factory() as session, capture_sql(session.get_bind()) as statements:
+        token = session.get(DkToken, "t")
+        assert token is not None and token.user.name == "u0"  # the many-to-one, cached
+        rows = session.scalars(
+            select(DkUser).where(DkUser.id.in_(keys)).options(from_cache())
+        ).all()
+        assert sorted(r.name for r in rows) == ["u0", "u1", "u2"]
+    assert statements == []
+
+
+def test_a_key_type_whose_values_are_no_keys_reads_from_the_database(
+    factory: sessionmaker[Session],
+) -> None:
+    """Whether a TypeDecorator's values can be keys is known only from them: here they are
+    not, so every read goes to the database, and every commit invalidates instead."""
+    with factory() as session:
+        session.add(DkCoded(code=Code("x"), name="a"))
+        session.commit()
+    assert _get(factory, DkCoded, Code("x")) == ("a", 1)
+    with factory() as session:
+        session.get(DkCoded, Code("x")).name = "b"  # type: ignore[union-attr]
+        session.commit()
+    assert _get(factory, DkCoded, Code("x")) == ("b", 1)
+
+
+def test_invalidate_takes_a_decorated_key_as_text(
+    factory: sessionmaker[Session], cache: WriteThroughCache, engine: Engine
+) -> None:
+    key = uuid.uuid4()
+    with factory() as session:
+        session.add(DkUser(id=key, name="a"))
+        session.commit()
+    assert _served(factory, DkUser, key) == "a"
+    with engine.begin() as conn:  # behind the cache's back
+        conn.execute(DkUser.__table__.update().values(name="b"))
+    assert _get(factory, DkUser, key) == ("a", 0)
+    assert cache.invalidate(DkUser, str(key))
+    assert _get(factory, DkUser, key) == ("b", 1)
