@@ -179,13 +179,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--key-type",
-        choices=["int", "uuid"],
+        choices=["int", "uuid", "guid"],
         default="int",
-        help="stress: the stress tables' primary keys (and item's foreign key): int, or uuid "
+        help="stress: the stress tables' primary keys (and item's foreign key): int, uuid "
         "(Uuid columns holding the same logical rows, so that asyncio workers write objects "
-        "whose loaded identities hold asyncpg's own UUID class); uuid: PostgreSQL only, "
-        "without --model-versions 2, --tenants or the evict/evict-locks faults "
-        "(default int)",
+        "whose loaded identities hold asyncpg's own UUID class), or guid (the same through a "
+        "TypeDecorator, the GUID recipe); uuid and guid: PostgreSQL only, without "
+        "--model-versions 2, --tenants or the evict/evict-locks faults (default int)",
     )
     p.add_argument(
         "--ttl",

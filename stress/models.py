@@ -14,8 +14,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, MetaData, String, Uuid
-from sqlalchemy.engine import Engine
+from sqlalchemy import CHAR, BigInteger, ForeignKey, MetaData, String, TypeDecorator, Uuid
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from sqlalchemy_writethrough import CachedModel
@@ -129,6 +130,59 @@ MODELS_U: dict[str, type[StParentU] | type[StItemU]] = {
 }
 
 
+# -- TypeDecorator primary keys (``--key-type guid``) ------------------------------------------
+#
+# The same rows keyed by the "backend-agnostic GUID" recipe (fastapi-users' key type): on
+# PostgreSQL a ``UUID`` column bound as text, loaded as UUIDs (asyncpg's own class with
+# asyncpg). The cache keys such a model by the values its type gives back unchanged.
+
+
+class GUID(TypeDecorator[uuid.UUID]):
+    impl = CHAR
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.UUID())
+        return dialect.type_descriptor(CHAR(36))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return str(value if isinstance(value, uuid.UUID) else uuid.UUID(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or isinstance(value, uuid.UUID):
+            return value
+        return uuid.UUID(value)
+
+
+class BaseG(DeclarativeBase):
+    pass
+
+
+class StParentG(BaseG, CachedModel):
+    __tablename__ = PARENT_TABLE
+
+    id: Mapped[uuid.UUID] = mapped_column(GUID, primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger)
+
+
+class StItemG(BaseG, CachedModel):
+    __tablename__ = ITEM_TABLE
+
+    id: Mapped[uuid.UUID] = mapped_column(GUID, primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger)
+    parent_id: Mapped[uuid.UUID] = mapped_column(GUID, ForeignKey(f"{PARENT_TABLE}.id"))
+    parent: Mapped[StParentG] = relationship(lazy="select")
+
+
+MODELS_G: dict[str, type[StParentG] | type[StItemG]] = {
+    PARENT_TABLE: StParentG,
+    ITEM_TABLE: StItemG,
+}
+
+
 def _uuid_of(n: int) -> uuid.UUID:
     return uuid.UUID(int=n)
 
@@ -145,13 +199,14 @@ def _same(n: Any) -> Any:
 KEY_TYPES: dict[str, tuple[dict[str, Any], Callable[[int], Any], Callable[[Any], int]]] = {
     "int": (dict(MODELS), _same, _same),
     "uuid": (dict(MODELS_U), _uuid_of, _int_of_uuid),
+    "guid": (dict(MODELS_G), _uuid_of, _int_of_uuid),
 }
 
 
 def key_part_id(part: str, key_type: str = "int") -> int | None:
     """The int id of a key's primary-key part (``encode_pk_part``: an int's digits, a UUID's
     32 hex digits), None when it is not one of this key type."""
-    if key_type == "uuid":
+    if key_type != "int":  # a UUID's 32 hex digits
         if len(part) != 32:
             return None
         try:
@@ -167,6 +222,8 @@ def metadata_of(model_versions: int, key_type: str = "int") -> MetaData:
     tables with Uuid keys."""
     if key_type == "uuid":
         return BaseU.metadata
+    if key_type == "guid":
+        return BaseG.metadata
     return BaseB.metadata if model_versions > 1 else Base.metadata
 
 

@@ -486,11 +486,12 @@ class StressConfig:
     #: in every twice as long (0: never), so that the registry may drop their keyspace while
     #: the first version goes on committing, and they register it again when they resume
     idle_second_version: float = 0.0
-    #: the type of the stress tables' keys: "int", or "uuid" (``Uuid`` primary keys and foreign
+    #: the type of the stress tables' keys: "int", "uuid" (``Uuid`` primary keys and foreign
     #: key, the same logical rows: ids stay ints in the histories, see
     #: :data:`stress.models.KEY_TYPES`), so that asyncio workers write objects whose loaded
-    #: identities hold asyncpg's own UUID class; PostgreSQL only, one model version, no
-    #: tenants, no ``evict``/``evict-locks`` (the checker names evicted keys by int ids)
+    #: identities hold asyncpg's own UUID class; or "guid" (the same through a TypeDecorator);
+    #: PostgreSQL only, one model version, no tenants, no ``evict``/``evict-locks`` (the
+    #: checker names evicted keys by int ids)
     key_type: str = "int"
     #: ``evict-registry``: the registry is deleted every this many seconds, drawn between the
     #: two (a short interval keeps it rarely whole: more transactions go by two lists of it)
@@ -510,14 +511,14 @@ def key_type_problem(config: StressConfig) -> str | None:
     if config.key_type == "int":
         return None
     if not config.db_url.startswith("postgresql"):
-        return "key type uuid runs on PostgreSQL only"
+        return f"key type {config.key_type} runs on PostgreSQL only"
     if config.model_versions != 1:
-        return "key type uuid has one model version (no --model-versions 2)"
+        return f"key type {config.key_type} has one model version (no --model-versions 2)"
     if config.tenants:
-        return "key type uuid runs without --tenants"
+        return f"key type {config.key_type} runs without --tenants"
     refused = sorted(frozenset(config.faults) & UUID_REFUSED_FAULTS)
     if refused:
-        return f"key type uuid runs without the faults {', '.join(refused)}"
+        return f"key type {config.key_type} runs without the faults {', '.join(refused)}"
     return None
 
 
@@ -539,7 +540,7 @@ class StressResult:
             f"{f'{self.config.tenants} tenants, ' if self.config.tenants else ''}"
             f"{'avoiding ' + ','.join(sorted(self.config.avoid)) + ', ' if self.config.avoid else ''}"
             f"{self._versions()}"
-            f"{'uuid keys, ' if self.config.key_type == 'uuid' else ''}"
+            f"{'' if self.config.key_type == 'int' else self.config.key_type + ' keys, '}"
             f"{f'ttl {self.config.ttl:g} s, ' if self.config.ttl != 600 else ''}"
             f"{self.config.seconds:.0f}s"
         )

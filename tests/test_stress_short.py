@@ -229,8 +229,9 @@ def test_short_two_model_versions_run_finds_no_violation(
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("key_type", ["uuid", "guid"])
 def test_short_uuid_keys_asyncio_run_finds_no_violation(
-    redis_server_binary: str, postgresql_url: str
+    redis_server_binary: str, postgresql_url: str, key_type: str
 ) -> None:
     """``key_type="uuid"``: the same rows keyed by ``Uuid`` columns, three of four workers
     asyncio (asyncpg), so that the objects they write were loaded (by ``session.get`` or a
@@ -238,7 +239,8 @@ def test_short_uuid_keys_asyncio_run_finds_no_violation(
     stale, uncommitted or divergent, and the entries at quiescence read back by their ids.
     (With the write path of before fa287f2 and c12d1a8, which took only ``type(v) is
     uuid.UUID`` as a key of a Uuid column, this very test found 301 stale reads and 5
-    divergent entries.)"""
+    divergent entries.) ``key_type="guid"``: the same through a TypeDecorator (the GUID
+    recipe), keyed by the UUIDs its ``process_result_value`` returns."""
     result = _ran(
         StressConfig(
             db_url=postgresql_url,
@@ -246,7 +248,7 @@ def test_short_uuid_keys_asyncio_run_finds_no_violation(
             workers=4,
             asyncio_workers=3,
             on_redis_error="strict",
-            key_type="uuid",
+            key_type=key_type,
             lock_wait=60,
         )
     )
