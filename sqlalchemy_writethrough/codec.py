@@ -191,6 +191,10 @@ def _mysql_family(name: str, is_mariadb: bool) -> bool:
     return name in ("mysql", "mariadb")
 
 
+def _real_database(name: str, is_mariadb: bool) -> bool:
+    return name != DefaultDialect.name
+
+
 def _not_postgresql(name: str, is_mariadb: bool) -> bool:
     return name in ("mysql", "mariadb", "sqlite")
 
@@ -1156,7 +1160,17 @@ def _column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCo
 
         # process_result_value may return a container (a dict decoded from a String)
         mutable = inner.mutable or results
-        return DecoratedCodec(f"{cls.__name__}({inner.kind})", inner, to_impl, from_impl, mutable)
+        found = DecoratedCodec(f"{cls.__name__}({inner.kind})", inner, to_impl, from_impl, mutable)
+        if (
+            found.never is not None
+            and dialect.name == DefaultDialect.name
+            and cls.load_dialect_impl is not sqltypes.TypeDecorator.load_dialect_impl
+        ):
+            # the default dialect's implementation says nothing of a real database's (the
+            # GUID recipe: CHAR there, PostgreSQL's UUID on PostgreSQL): announced at the
+            # first flush to each database instead, from its own implementation
+            found.never = Never(found.never.reason, _real_database)
+        return found
     # the column's own type decides: dialect implementation classes do not always subclass
     # their generic type (SQLAlchemy 2.0's psycopg Float is a Numeric)
     return _base_codec(type_, where, dialect)

@@ -12,6 +12,7 @@ the model's entries). What is observed: the SQL each read emits and what it retu
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -259,3 +260,48 @@ def test_invalidate_takes_a_decorated_key_as_text(
     assert _get(factory, DkUser, key) == ("a", 0)
     assert cache.invalidate(DkUser, str(key))
     assert _get(factory, DkUser, key) == ("b", 1)
+
+
+def test_the_recipe_warns_only_where_its_commits_invalidate(
+    engine: Engine, redis_url: str, prefix: str, db_name: str
+) -> None:
+    """The recipe picks CHAR(36) on SQLAlchemy's default dialect and PostgreSQL's UUID there:
+    a warning given when the mapper is configured ("each commit invalidates: CHAR pads")
+    was false on PostgreSQL, where the column is written through. It is given at the first
+    commit to a database whose implementation pads, and only there."""
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    name = f"dk_owned_{uuid.uuid4().hex[:8]}"  # the warnings are given once per column
+
+    class DkOwned(LocalBase, CachedModel):
+        __tablename__ = name
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        owner: Mapped[uuid.UUID] = mapped_column(GUID)
+
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            LocalBase.registry.configure()
+            configured = [str(w.message) for w in caught if "DkOwned.owner" in str(w.message)]
+            LocalBase.metadata.create_all(engine)
+            made = sessionmaker(engine)
+            cache.install(made)
+            with made() as session:
+                session.add(DkOwned(id=1, owner=uuid.uuid4()))
+                session.commit()
+        committed = [str(w.message) for w in caught if "DkOwned.owner" in str(w.message)]
+        assert configured == []
+        if db_name == "postgresql":
+            assert committed == []
+        else:
+            assert len(committed) == 1 and "CHAR pads" in committed[0], committed
+        with made() as session:
+            assert session.get(DkOwned, 1) is not None
+        cache.uninstall(made)
+    finally:
+        LocalBase.metadata.drop_all(engine)
+        LocalBase.registry.dispose()
+        cache.redis.close()
