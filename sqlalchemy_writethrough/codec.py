@@ -660,13 +660,36 @@ def _exact_bool(v: Any, ctx: FlushContext) -> Any:
     return NOT_EXACT
 
 
-def _exact_str(length: int | None, padded: bool) -> Exact:
+def _exact_str(length: int | None) -> Exact:
     def ex(v: Any, ctx: FlushContext) -> Any:
-        if type(v) is not str or padded:
+        if type(v) is not str:
             return NOT_EXACT
         if length is not None and len(v) > length:
             return NOT_EXACT  # truncated by a lenient MySQL sql_mode, or an error
         return v
+
+    return ex
+
+
+def _exact_char(length: int, national: bool) -> Exact:
+    """CHAR(n): PostgreSQL and MySQL pad a shorter value with spaces (MySQL strips trailing
+    spaces on the way out instead), so a value of exactly n characters is what a load returns
+    there (on MySQL one that does not end in a space); SQLite stores text as given."""
+
+    def ex(v: Any, ctx: FlushContext) -> Any:
+        if type(v) is not str or len(v) > length:
+            return NOT_EXACT
+        name = ctx.name
+        if name == "sqlite":
+            return v
+        if len(v) != length:
+            return NOT_EXACT  # padded with spaces
+        if name == "postgresql":
+            return v
+        if name in ("mysql", "mariadb") and not national and not v.endswith(" "):
+            # (NCHAR is utf8mb3 there: a character beyond the BMP is refused or replaced)
+            return v
+        return NOT_EXACT
 
     return ex
 
@@ -950,13 +973,18 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
         return _array_codec(t, where, dialect)
     if isinstance(t, sqltypes.JSON):
         return _json_codec(t, dialect)
+    if isinstance(t, (sqltypes.CHAR, sqltypes.NCHAR)):
+        if t.length is None:  # CHAR(1) on most databases
+            return ColumnCodec(
+                "str",
+                *_nullable(_enc_type(str), _dec_type(str), _never),
+                Never("CHAR pads values with spaces; use String"),
+            )
+        # a fixed-width code (a country or currency code, a UUID's text) is written through
+        exact = _exact_char(t.length, isinstance(t, sqltypes.NCHAR))
+        return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), exact))
     if isinstance(t, sqltypes.String):
-        padded = isinstance(t, (sqltypes.CHAR, sqltypes.NCHAR))
-        return ColumnCodec(
-            "str",
-            *_nullable(_enc_type(str), _dec_type(str), _exact_str(t.length, padded)),
-            Never("CHAR pads values with spaces; use String") if padded else None,
-        )
+        return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _exact_str(t.length)))
     if isinstance(t, sqltypes._Binary):
         return ColumnCodec("bytes", *_nullable(_enc_bytes, _dec_type(bytes), _exact_bytes))
     raise ConfigurationError(
@@ -1039,9 +1067,12 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
         if mysql and not getattr(dialect, "is_mariadb", False):
             return "JSON: MySQL normalises key order and numbers"
         return None
-    if isinstance(t, sqltypes.String):
-        padded = isinstance(t, (sqltypes.CHAR, sqltypes.NCHAR))
-        return "CHAR pads the value with spaces" if padded else None
+    if isinstance(t, (sqltypes.CHAR, sqltypes.NCHAR)):
+        if t.length is None:
+            return "CHAR pads the value with spaces"
+        if name == "sqlite":
+            return None
+        return "CHAR pads a value shorter than its length with spaces"
     return None
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import CHAR, ForeignKey, LargeBinary, String, TypeDecorator, select
+from sqlalchemy import CHAR, ForeignKey, LargeBinary, String, TypeDecorator, Uuid, select
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import (
@@ -262,13 +262,42 @@ def test_invalidate_takes_a_decorated_key_as_text(
     assert _get(factory, DkUser, key) == ("b", 1)
 
 
-def test_the_recipe_warns_only_where_its_commits_invalidate(
+class TextGUID(GUID):
+    """The recipe over ``Uuid(as_uuid=False)`` (the database's own text form of a UUID, which
+    the cache never predicts) outside PostgreSQL."""
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.UUID())
+        return dialect.type_descriptor(Uuid(as_uuid=False))
+
+
+def test_the_recipe_writes_through_on_every_database(factory: sessionmaker[Session]) -> None:
+    """CHAR(36) holding a UUID's text (the recipe outside PostgreSQL) is a value of the
+    column's full length, stored as sent: commits write it through, as PostgreSQL's UUID."""
+    key = uuid.uuid4()
+    with factory() as session:
+        session.add(DkUser(id=key, name="a"))
+        session.commit()
+    assert _get(factory, DkUser, key) == ("a", 0)
+    with factory() as session:
+        session.add(DkToken(token="t", user_id=key))
+        session.get(DkUser, key).name = "b"  # type: ignore[union-attr]
+        session.commit()
+    assert _get(factory, DkUser, key) == ("b", 0)
+    with factory() as session, capture_sql(session.get_bind()) as statements:
+        assert session.get(DkToken, "t").user_id == key  # type: ignore[union-attr]
+    assert statements == []
+
+
+def test_a_per_database_type_warns_only_where_its_commits_invalidate(
     engine: Engine, redis_url: str, prefix: str, db_name: str
 ) -> None:
-    """The recipe picks CHAR(36) on SQLAlchemy's default dialect and PostgreSQL's UUID there:
-    a warning given when the mapper is configured ("each commit invalidates: CHAR pads")
-    was false on PostgreSQL, where the column is written through. It is given at the first
-    commit to a database whose implementation pads, and only there."""
+    """A TypeDecorator picking its implementation per database: a warning given when the
+    mapper was configured, from SQLAlchemy's default dialect's implementation ("each commit
+    invalidates"), was false on the databases where the column is written through (the GUID
+    recipe's CHAR there, PostgreSQL's UUID here). It is given at the first commit to a
+    database whose own implementation is never exact, and only there."""
 
     class LocalBase(DeclarativeBase):
         pass
@@ -278,7 +307,7 @@ def test_the_recipe_warns_only_where_its_commits_invalidate(
     class DkOwned(LocalBase, CachedModel):
         __tablename__ = name
         id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-        owner: Mapped[uuid.UUID] = mapped_column(GUID)
+        owner: Mapped[uuid.UUID] = mapped_column(TextGUID)
 
     cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
     try:
@@ -297,7 +326,7 @@ def test_the_recipe_warns_only_where_its_commits_invalidate(
         if db_name == "postgresql":
             assert committed == []
         else:
-            assert len(committed) == 1 and "CHAR pads" in committed[0], committed
+            assert len(committed) == 1 and "formats UUID strings" in committed[0], committed
         with made() as session:
             assert session.get(DkOwned, 1) is not None
         cache.uninstall(made)

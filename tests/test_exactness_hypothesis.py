@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from sqlalchemy import (
     CHAR,
     JSON,
+    NCHAR,
     BigInteger,
     Boolean,
     Date,
@@ -167,13 +168,25 @@ class HxRow(Base, CachedModel):
 
 
 class HxLossy(Base, CachedModel):
-    """Types whose commits always invalidate (the database pads CHAR, formats a UUID string)."""
+    """Types whose commits invalidate: the database formats a UUID string, and pads a CHAR value
+    shorter than the column (one of its full length is written through)."""
 
     __tablename__ = "hx_lossy"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     code: Mapped[str | None] = mapped_column(CHAR(6))
     uid_str: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))
+
+
+class HxChar(Base, CachedModel):
+    """CHAR(n): a value of n characters is written through (on MySQL and MariaDB, one not
+    ending in a space), a shorter one padded, so invalidated (SQLite stores it as given)."""
+
+    __tablename__ = "hx_char"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(CHAR(6))
+    ncode: Mapped[str | None] = mapped_column(NCHAR(6))
 
 
 class HxDoc(Base, CachedModel):
@@ -228,6 +241,7 @@ class HxPgArray(PgBase, CachedModel):
 MODELS: dict[str, type[Any]] = {
     "row": HxRow,
     "lossy": HxLossy,
+    "char": HxChar,
     "doc": HxDoc,
     "stamped": HxStamped,
     "pg_doc": HxPgDoc,
@@ -349,9 +363,28 @@ def scalar_values(db: str) -> dict[str, Strategy]:
     }
 
 
+def char_codes(db: str, national: bool = False) -> Strategy:
+    """CHAR(6) values: shorter than the column (padded), of its length (written through; one
+    ending in a space is stripped by MySQL), longer (SQLite only: refused elsewhere).
+    ``national``: NCHAR's, which MySQL and MariaDB keep in utf8mb3 (no character beyond the
+    BMP: refused)."""
+    if national and db == "mariadb":
+        chars = st.characters(codec="utf-8", max_codepoint=0xFFFF)
+        return st.one_of(
+            st.text(chars, max_size=6),
+            st.text(chars, min_size=6, max_size=6),
+            st.sampled_from(["abcde ", "Straße", "ab"]),
+        )
+    return st.one_of(
+        text(db, 8 if db == "sqlite" else 6),
+        text(db, 6, min_size=6),
+        st.sampled_from(["abcde ", "  ab  ", "🙂é\tİ b", "Straße", "ab"]),
+    )
+
+
 def lossy_values(db: str) -> dict[str, Strategy]:
     return {
-        "code": text(db, 8 if db == "sqlite" else 6),
+        "code": char_codes(db),
         "uid_str": uuids(db).map(str),
     }
 
@@ -454,6 +487,9 @@ def insert_rows(db: str) -> Strategy:
     models: dict[str, Strategy] = {
         "row": st.fixed_dictionaries({}, optional=scalars),
         "lossy": st.fixed_dictionaries({}, optional=lossy),
+        "char": st.fixed_dictionaries(
+            {"code": char_codes(db)}, optional={"ncode": optional(char_codes(db, national=True))}
+        ),
         "doc": st.fixed_dictionaries({}, optional=doc_values(db, binary=False)),
         "stamped": st.fixed_dictionaries({"name": text(db, 40)}),
     }
@@ -484,6 +520,10 @@ def update_rows(db: str) -> Strategy:
     models: dict[str, Strategy] = {
         "row": st.fixed_dictionaries({}, optional=row),
         "lossy": st.fixed_dictionaries({}, optional=lossy),
+        "char": st.fixed_dictionaries(
+            {"code": equal_or(char_codes(db))},
+            optional={"ncode": optional(char_codes(db, national=True))},
+        ),
         "doc": doc_updates(db, binary=False),
         "stamped": st.fixed_dictionaries({}, optional={"name": text(db, 40)}),
     }
@@ -544,7 +584,7 @@ class Hx:
 @pytest.fixture
 def hx(engine: Engine, db_name: str, redis_url: str, prefix: str) -> Iterator[Hx]:
     reset_schema(engine, Base.metadata)
-    models = ("row", "lossy", "doc", "stamped")
+    models = ("row", "lossy", "char", "doc", "stamped")
     if db_name == "postgresql":
         reset_schema(engine, PgBase.metadata)
         models += ("pg_doc", "pg_array")
@@ -717,6 +757,10 @@ def run_property(hx: Hx, test: Callable[[], None]) -> None:
     test()
     assert hx.outcomes.get("insert: HxRow a hit"), f"no INSERT published a value: {hx.outcomes}"
     assert hx.outcomes.get("insert: HxLossy a miss, filled"), hx.outcomes
+    # a CHAR value of the column's length is written through, a shorter one padded
+    assert hx.outcomes.get("insert: HxChar a hit"), hx.outcomes
+    if hx.db != "sqlite":
+        assert hx.outcomes.get("insert: HxChar a miss, filled"), hx.outcomes
     for model in ("HxDoc", "HxPgDoc") if hx.db == "postgresql" else ("HxDoc",):
         for step in ("insert", "update"):  # JSON is written through, not invalidated
             assert hx.outcomes.get(f"{step}: {model} a hit"), hx.outcomes
