@@ -27,6 +27,8 @@ nox.options.sessions = [
     "sqlalchemy_suite_quick",
     "third_party(suite='flask-sqlalchemy')",
     "third_party(suite='sqlmodel')",
+    "third_party(suite='fastapi-users-db-sqlalchemy')",
+    "third_party(suite='flask-admin')",
 ]
 # Reuse session venvs between local runs; installs still run, so requirement changes apply.
 nox.options.reuse_venv = "yes"
@@ -330,6 +332,17 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
         *("psycopg2-binary", "pg8000", "pytz", "python-dateutil", "flexmock", "docutils"),
         *("pygments", "jinja2"),
     ),
+    # admin views over models (inline forms, composite keys, hstore, citext) on PostgreSQL;
+    # WTForms 3.3 deprecates what its 2.2.1 passes, and its tests turn warnings into errors
+    "flask-admin": (
+        "flask-admin[sqlalchemy,sqlalchemy-lite,sqlalchemy-with-utils,export,translation]==2.2.1",
+        *("wtforms<3.3", "flask[async]", "beautifulsoup4", "psycopg2-binary"),
+    ),
+    # a User table keyed by the GUID TypeDecorator, on asyncpg
+    "fastapi-users-db-sqlalchemy": (
+        "fastapi-users-db-sqlalchemy==7.0.0",
+        *("asyncpg", "aiosqlite", "pytest-asyncio"),
+    ),
 }
 
 
@@ -337,11 +350,12 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
 @nox.parametrize("suite", list(THIRD_PARTY_SUITES))
 def third_party(session: nox.Session, suite: str) -> None:
     """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
-    SQLAlchemy-Utils), plainly
+    SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy), plainly
     and with the extension on every Session: fails on a test that fails only with it and is
     not in tests/third_party/known_failures.txt (``nox -s "third_party(suite='sqlmodel')"``
-    for one; ``-- -k NAME`` for some of its tests). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or
-    the local servers). Needs Redis ($REDIS_URL or local)."""
+    for one; ``-- -k NAME`` for some of its tests). SQLAlchemy-Utils' needs PostgreSQL and
+    MariaDB ($POSTGRESQL_URL, $MARIADB_URL or the local servers), Flask-Admin's and
+    fastapi-users' PostgreSQL. Needs Redis ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
     session.install(SQLALCHEMY_PINS["2.0"])
     # arguments after nox's ``--`` are pytest's (``-- -k test_name``)

@@ -3,8 +3,9 @@
     python tests/third_party/run.py SUITE [--workdir DIR] [-- pytest arguments]
 
 SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
-``sqlalchemy-utils``: libraries our users put between their code and the ORM, each with its
-own Session subclass, listeners, types or declarative base. The sdist of the installed release (each ships its tests) is unpacked into
+``sqlalchemy-utils``, ``flask-admin``, ``fastapi-users-db-sqlalchemy``: libraries our users put
+between their code and the ORM, each with its own Session subclass, listeners, types or
+declarative base. The sdist of the installed release (each ships its tests) is unpacked into
 ``.third-party/`` (``--workdir``) and its tests run twice, plainly and with
 ``tests/sqlalchemy_suite/wt_suite_plugin.py`` (a cache on ``sqlalchemy.orm.Session`` under a
 fresh prefix per test, ``register_all()`` over every mapping). It prints the tests that fail
@@ -14,7 +15,10 @@ was not active.
 
 sqlalchemy-utils' tests need PostgreSQL (with the ``hstore`` and ``ltree`` extensions) and
 MySQL/MariaDB: the run makes a database of its own on each ($POSTGRESQL_URL and $MARIADB_URL,
-else the local servers) and drops them at the end.
+else the local servers) and drops them at the end. Flask-Admin's SQLAlchemy tests (its admin
+views over models with inline forms, composite keys, hstore and citext columns) and
+fastapi-users' (its ``User`` table keyed by the GUID TypeDecorator, run on asyncpg) get a
+PostgreSQL database of their own the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -56,6 +64,10 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # its tox.ini turns every warning into an error; dateutil's and pendulum's deprecations
     # are the environment's, not the tests'
     "sqlalchemy-utils": ("SQLAlchemy-Utils", "tests", ("-W", "ignore::DeprecationWarning")),
+    # admin views: list, edit and inline forms loading rows by primary key
+    "flask-admin": ("Flask-Admin", "flask_admin/tests/sqla", ()),
+    # a User table keyed by a TypeDecorator (GUID), through AsyncSession
+    "fastapi-users-db-sqlalchemy": ("fastapi-users-db-sqlalchemy", "tests", ()),
 }
 
 _POSTGRESQL = os.environ.get("POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -121,12 +133,52 @@ def utils_databases() -> Iterator[dict[str, str]]:
             admin.dispose()
 
 
+@contextlib.contextmanager
+def postgresql_database(extensions: tuple[str, ...] = ()) -> Iterator[URL]:
+    """A PostgreSQL database of this run's (with ``extensions``), dropped at the end."""
+    from sqlalchemy import create_engine, make_url, pool
+
+    name = f"wt_suite_{uuid.uuid4().hex[:10]}"
+    url = make_url(_POSTGRESQL)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        with create_engine(url.set(database=name), poolclass=pool.NullPool).begin() as conn:
+            for extension in extensions:
+                conn.exec_driver_sql(f"CREATE EXTENSION IF NOT EXISTS {extension}")
+        yield url.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def suite_environment(suite: str) -> Iterator[dict[str, str]]:
+    """The environment a suite's tests read to find their databases (made for this run)."""
+    if suite == "sqlalchemy-utils":
+        with utils_databases() as env:
+            yield env
+    elif suite == "flask-admin":
+        with postgresql_database(("hstore", "citext")) as url:
+            plain = url.set(drivername="postgresql+psycopg2")  # what its tests install
+            yield {"SQLALCHEMY_DATABASE_URI": plain.render_as_string(hide_password=False)}
+    elif suite == "fastapi-users-db-sqlalchemy":
+        with postgresql_database() as url:
+            found = url.set(drivername="postgresql+asyncpg")
+            yield {"DATABASE_URL": found.render_as_string(hide_password=False)}
+    else:
+        yield {}
+
+
 def run_pass(
     folder: Path, out: Path, tests: str, extra: list[str], env: dict[str, str], plugin: bool
 ) -> Path:
     junit = out / ("extension.xml" if plugin else "plain.xml")
     command = [sys.executable, "-m", "pytest", tests, "-p", "no:cacheprovider", "-q"]
     command += [f"--junitxml={junit}", *extra]
+    env_suite = env
     env = {**os.environ, **env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
     if plugin:
@@ -134,7 +186,14 @@ def run_pass(
         status.unlink(missing_ok=True)
         command += ["-p", "wt_suite_plugin", f"--wt-status={status}"]
     label = "with the extension" if plugin else "plainly"
-    print(f"== {label}: {' '.join(command[2:])}", flush=True)
+    from sqlalchemy import make_url
+
+    where = "".join(
+        f" {k}={make_url(v).render_as_string(hide_password=True)}"  # never a password in a log
+        for k, v in sorted(env_suite.items())
+        if k.endswith(("URI", "URL"))
+    )
+    print(f"== {label}:{where} {' '.join(command[2:])}", flush=True)
     with open(out / (junit.stem + ".log"), "w", encoding="utf-8") as log:
         subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
     if not junit.exists():
@@ -156,10 +215,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     extra = [*own, *args.pytest_args]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the databases are dropped
-    databases = utils_databases() if args.suite == "sqlalchemy-utils" else contextlib.nullcontext()
-    with databases as env:
-        plain_xml = run_pass(folder, out, tests, extra, env or {}, plugin=False)
-        ext_xml = run_pass(folder, out, tests, extra, env or {}, plugin=True)
+    with suite_environment(args.suite) as env:
+        plain_xml = run_pass(folder, out, tests, extra, env, plugin=False)
+        ext_xml = run_pass(folder, out, tests, extra, env, plugin=True)
 
     status = (out / "extension.status").read_text(encoding="utf-8").split("\n")
     used = [line.split() for line in status if line.startswith("used ")]
