@@ -998,6 +998,9 @@ def inexact_reason(column: Column[Any], dialect: Dialect) -> str | None:
     of writing it, or None when it writes through. This describes the ``exact`` rules of the
     codecs above, type by type in the same order; tests check the two agree."""
     type_: Any = column.type
+    transformed = sql_expression_reason(type_)
+    if transformed is not None:
+        return transformed
     if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):
         type_ = type_.load_dialect_impl(dialect)
     return _type_inexact_reason(type_, dialect)
@@ -1149,11 +1152,55 @@ def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCod
     get: its column then stores nothing on that database, so its rows are never cached there
     and each commit invalidates them, with a warning (it used to raise from the commit)."""
     try:
-        return _column_codec(column, dialect, where)
+        found = _column_codec(column, dialect, where)
     except ConfigurationError as exc:
         if dialect.name == DefaultDialect.name:
             raise
         return _unstorable_on(dialect.name, exc)
+    reason = sql_expression_reason(column.type)
+    return found if reason is None else SqlTransformedCodec(found, reason)
+
+
+def sql_expression_reason(type_: Any) -> str | None:
+    """Why the database, not the value a flush sent, decides what a load of a column of this
+    type returns: the type wraps its values in SQL on the way in (``bind_expression``:
+    ``lower(?)``, an encryption function) or out (``column_expression``). None when it does
+    not. SQLAlchemy's own types that do (SQLite's JSONB) have rules of their own."""
+    found: list[str] = []
+    t = type_
+    while True:
+        for name in ("bind_expression", "column_expression"):
+            method = getattr(type(t), name, None)
+            module = getattr(method, "__module__", None) or "sqlalchemy"
+            if name not in found and not module.startswith("sqlalchemy."):
+                found.append(name)
+        if not isinstance(t, sqltypes.TypeDecorator):
+            break
+        t = t.impl_instance
+    if not found:
+        return None
+    return (
+        f"its type wraps values in SQL ({' and '.join(found)}): the database computes what a "
+        "load returns"
+    )
+
+
+class SqlTransformedCodec(ColumnCodec):
+    """A column whose values SQL transforms on the way in or out: stored as a load returns
+    them (a fill), never predicted from what a flush sent (a commit invalidates)."""
+
+    __slots__ = ("_found",)
+
+    def __init__(self, found: ColumnCodec, reason: str) -> None:
+        super().__init__(found.kind, found.encode, found.decode, _never, Never(reason))
+        self.mutable = found.mutable
+        self._found = found
+
+    def flushed(self, value: Any, ctx: FlushContext) -> Any:
+        return NOT_EXACT
+
+    def loaded(self, value: Any) -> Any:
+        return self._found.loaded(value)
 
 
 def _unstorable_on(name: str, refused: ConfigurationError) -> ColumnCodec:

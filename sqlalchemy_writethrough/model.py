@@ -516,6 +516,12 @@ class ModelLayout:
         for key in self.pk_attrs:
             pos = base_variant.attrs.index(key)
             col_codec = base_variant.codecs(default)[pos]
+            if isinstance(col_codec, codec.SqlTransformedCodec):
+                raise ConfigurationError(
+                    f"{where}.{key}: primary keys of type {base_variant.columns[pos].type!r} "
+                    f"are not cached: {col_codec.never.reason if col_codec.never else ''}, so "
+                    "the key a value names is not known"
+                )
             if col_codec.kind in _PK_KINDS:
                 self.pk_types.append(_PK_KINDS[col_codec.kind])
             elif isinstance(col_codec, codec.DecoratedCodec):
