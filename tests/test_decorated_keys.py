@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import CHAR, ForeignKey, LargeBinary, String, TypeDecorator, Uuid, select
+from sqlalchemy import ForeignKey, LargeBinary, String, TypeDecorator, Uuid, select
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import (
@@ -30,31 +30,9 @@ from sqlalchemy.orm import (
 )
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
+from stress.models import GUID  # the recipe, as fastapi-users-db-sqlalchemy ships it
 
 from _servers import capture_sql, reset_schema
-
-
-class GUID(TypeDecorator[uuid.UUID]):
-    """The recipe, as fastapi-users-db-sqlalchemy ships it: PostgreSQL's UUID there, CHAR(36)
-    elsewhere; text accepted on the way in, a UUID on the way out."""
-
-    impl = CHAR
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> Any:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(postgresql.UUID())
-        return dialect.type_descriptor(CHAR(36))
-
-    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        if value is None or dialect.name == "postgresql":
-            return None if value is None else str(value)
-        return str(value if isinstance(value, uuid.UUID) else uuid.UUID(value))
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        if value is None or isinstance(value, uuid.UUID):
-            return value
-        return uuid.UUID(value)
 
 
 class BinaryUUID(TypeDecorator[uuid.UUID]):
