@@ -55,7 +55,9 @@ _READ_ONLY = frozenset(
     {"select", "show", "explain", "describe", "desc", "values", "table", "pragma", "set",
      "begin", "start", "commit", "rollback", "savepoint", "release", "prepare", "deallocate",
      "listen", "unlisten", "notify", "use", "analyze", "vacuum", "checkpoint", "lock",
-     "grant", "revoke", "comment", "discard", "reset"}
+     "grant", "revoke", "comment", "discard", "reset",
+     # MySQL's two-phase commit (a Session with twophase=True): XA START, END, PREPARE, COMMIT
+     "xa"}
 )  # fmt: skip
 #: statements that may change rows of the tables they name
 _NAMING = frozenset(

@@ -1414,6 +1414,29 @@ def test_call_makes_its_transaction_read_the_database(
     assert_still_cached(items, engine, WxItem, 1, 2, 3)
 
 
+@pytest.mark.databases("mariadb")  # PostgreSQL here has max_prepared_transactions = 0
+def test_a_two_phase_commit_writes_through_and_leaves_other_rows_cached(
+    engine: Engine, items: sessionmaker[Session], cache: WriteThroughCache
+) -> None:
+    """``sessionmaker(twophase=True)`` on MySQL/MariaDB runs ``XA START``, ``XA END``, ``XA
+    PREPARE`` and ``XA COMMIT`` on the session's connection: statements the cache could not
+    classify, so every commit invalidated every cached model whole and published nothing."""
+    twophase = sessionmaker(engine, twophase=True)
+    cache.install(twophase)
+    try:
+        warm(twophase, engine, WxItem, 1, 2)
+        with twophase() as session:
+            obj = session.get(WxItem, 1)
+            assert obj is not None
+            obj.qty = 11
+            session.commit()
+        assert get_from_cache(twophase, engine, WxItem, 1) == db_values(engine, WxItem, 1)
+        assert db_values(engine, WxItem, 1)["qty"] == 11  # type: ignore[index]
+        assert_still_cached(twophase, engine, WxItem, 2)
+    finally:
+        cache.uninstall(twophase)
+
+
 def test_procedure_changing_a_cached_row_is_not_served_stale_after_commit(
     engine: Engine, items: sessionmaker[Session]
 ) -> None:
