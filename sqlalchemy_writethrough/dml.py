@@ -74,6 +74,13 @@ _SWITCH = re.compile(
 #: statement switched its schema
 SWITCHED = "writethrough_schema_switched"
 _UPSERT = re.compile(r"\bon\s+(?:conflict|duplicate\s+key)\b", re.I)
+#: ``EXPLAIN`` and its options: with ANALYZE, PostgreSQL (and MySQL) run the statement
+_EXPLAIN = re.compile(
+    r"explain\b((?:\s*\([^)]*\)|\s+(?:analy[sz]e|verbose|extended|partitions|format\s*=?\s*\w+)"
+    r"\b)*)\s*",
+    re.I,
+)
+_ANALYZE = re.compile(r"\banaly[sz]e\b", re.I)
 _REPLACE = re.compile(r"\breplace\b", re.I)
 
 
@@ -264,6 +271,16 @@ class StatementTracker:
         text = _LEADING_NOISE.sub("", statement)
         match = _FIRST_WORD.match(text)
         word = match.group(0).lower() if match else ""
+        if word == "explain":
+            explained = _EXPLAIN.match(text)
+            if explained is not None and _ANALYZE.search(explained.group(1)):
+                return self._text(tracker, text[explained.end() :])  # it runs the statement
+        elif word in ("analyze", "analyse"):
+            # MariaDB's ANALYZE <statement> runs it; ANALYZE <table> (statistics) does not
+            rest = _LEADING_NOISE.sub("", text[len(word) :])
+            inner = _FIRST_WORD.match(rest)
+            if inner is not None and inner.group(0).lower() in _NAMING | {"select"}:
+                return self._text(tracker, rest)
         if word in _READ_ONLY:
             if word == "select" and " into " not in text.lower():
                 return []

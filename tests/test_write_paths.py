@@ -1414,6 +1414,22 @@ def test_call_makes_its_transaction_read_the_database(
     assert_still_cached(items, engine, WxItem, 1, 2, 3)
 
 
+@pytest.mark.databases("postgresql", "mariadb")
+def test_a_statement_explain_analyze_runs_is_seen(
+    engine: Engine, items: sessionmaker[Session]
+) -> None:
+    """``EXPLAIN ANALYZE UPDATE ...`` (PostgreSQL) and ``ANALYZE UPDATE ...`` (MariaDB) run the
+    statement they describe; the cache read them as read-only, and served the row as it was
+    before that UPDATE was committed."""
+    warm(items, engine, WxItem, 1, 2)
+    analyze = "EXPLAIN ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE"
+    with items() as session:
+        session.execute(text(f"{analyze} UPDATE wx_item SET qty = 99 WHERE id = 1"))
+        session.commit()
+    assert db_values(engine, WxItem, 1)["qty"] == 99  # type: ignore[index]
+    assert_reads_database_row(items, engine, WxItem, 1)
+
+
 @pytest.mark.databases("mariadb")  # PostgreSQL here has max_prepared_transactions = 0
 def test_a_two_phase_commit_writes_through_and_leaves_other_rows_cached(
     engine: Engine, items: sessionmaker[Session], cache: WriteThroughCache
