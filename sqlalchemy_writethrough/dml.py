@@ -84,6 +84,17 @@ _ANALYZE = re.compile(r"\banaly[sz]e\b", re.I)
 _REPLACE = re.compile(r"\breplace\b", re.I)
 
 
+def _statements(sql: str) -> list[str]:
+    """The statements of raw SQL that may hold several (``SET LOCAL ...; UPDATE ...``: psycopg
+    runs them all), split at every semicolon. One inside a literal or a comment splits too:
+    its fragments read as statements of no known kind (every cached model invalidated), so a
+    statement is never missed, at the cost of invalidating too much for such rare SQL."""
+    if ";" not in sql:
+        return [sql]
+    parts = [part for part in sql.split(";") if _LEADING_NOISE.sub("", part).strip()]
+    return parts or [sql]
+
+
 class StatementTracker:
     """The ``before_cursor_execute`` listener, added once to every engine a session uses."""
 
@@ -174,11 +185,15 @@ class StatementTracker:
         if dml and compiled is not None:
             self._compiled_dml(tracker, engine, naming, context, compiled)
         else:
-            if self._switches(conn, statement):
+            parts = _statements(statement)
+            if any([self._switches(conn, part) for part in parts]):
                 tracker.untracked_write = True
                 layouts = self.runtime.models.cached_layouts()
-            else:
+            elif len(parts) == 1:
                 layouts = self._text(tracker, statement)
+            else:
+                found = {id(lay): lay for part in parts for lay in self._text(tracker, part)}
+                layouts = list(found.values())
             if layouts:
                 for each in _with_and_without_schemas(engine, naming):
                     self.write.lock_models(tracker, layouts, engine, each)

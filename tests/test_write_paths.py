@@ -1414,6 +1414,30 @@ def test_call_makes_its_transaction_read_the_database(
     assert_still_cached(items, engine, WxItem, 1, 2, 3)
 
 
+@pytest.mark.databases("postgresql")  # PyMySQL and sqlite3 refuse several statements
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET LOCAL statement_timeout = 5000; UPDATE wx_item SET qty = 7 WHERE id = 1",
+        "SELECT 1; /* then */ UPDATE wx_item SET qty = 7 WHERE id = 1;",
+        "SELECT ';' AS semicolon; DELETE FROM wx_item WHERE id = 2; "
+        "UPDATE wx_item SET qty = 7 WHERE id = 1",
+    ],
+    ids=["set-local", "select-first", "semicolon-literal"],
+)
+def test_every_statement_of_raw_sql_holding_several_is_seen(
+    engine: Engine, items: sessionmaker[Session], sql: str
+) -> None:
+    """psycopg runs every statement of ``text("SET LOCAL ...; UPDATE ...")``; the cache looked
+    only at the first (read-only), and served the rows as they were before the UPDATE."""
+    warm(items, engine, WxItem, 1, 2)
+    with items() as session:
+        session.execute(text(sql))
+        session.commit()
+    assert db_values(engine, WxItem, 1)["qty"] == 7  # type: ignore[index]
+    assert_reads_database_row(items, engine, WxItem, 1, 2)
+
+
 @pytest.mark.databases("postgresql", "mariadb")
 def test_a_statement_explain_analyze_runs_is_seen(
     engine: Engine, items: sessionmaker[Session]
