@@ -81,6 +81,8 @@ _EXPLAIN = re.compile(
     re.I,
 )
 _ANALYZE = re.compile(r"\banaly[sz]e\b", re.I)
+#: MariaDB's ``SET STATEMENT var=value[, ...] FOR <statement>`` runs the statement
+_SET_STATEMENT = re.compile(r"set\s+statement\b.*?\bfor\s+", re.I | re.S)
 _REPLACE = re.compile(r"\breplace\b", re.I)
 
 
@@ -290,6 +292,10 @@ class StatementTracker:
             explained = _EXPLAIN.match(text)
             if explained is not None and _ANALYZE.search(explained.group(1)):
                 return self._text(tracker, text[explained.end() :])  # it runs the statement
+        elif word == "set":
+            statement_for = _SET_STATEMENT.match(text)
+            if statement_for is not None:
+                return self._text(tracker, text[statement_for.end() :])
         elif word in ("analyze", "analyse"):
             # MariaDB's ANALYZE <statement> runs it; ANALYZE <table> (statistics) does not
             rest = _LEADING_NOISE.sub("", text[len(word) :])

@@ -1442,16 +1442,25 @@ def test_every_statement_of_raw_sql_holding_several_is_seen(
 def test_a_statement_explain_analyze_runs_is_seen(
     engine: Engine, items: sessionmaker[Session]
 ) -> None:
-    """``EXPLAIN ANALYZE UPDATE ...`` (PostgreSQL) and ``ANALYZE UPDATE ...`` (MariaDB) run the
-    statement they describe; the cache read them as read-only, and served the row as it was
-    before that UPDATE was committed."""
+    """``EXPLAIN ANALYZE UPDATE ...`` (PostgreSQL), ``ANALYZE UPDATE ...`` and ``SET STATEMENT
+    ... FOR UPDATE ...`` (MariaDB) run the statement they lead; the cache read them as
+    read-only, and served the row as it was before that UPDATE was committed."""
     warm(items, engine, WxItem, 1, 2)
-    analyze = "EXPLAIN ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE"
-    with items() as session:
-        session.execute(text(f"{analyze} UPDATE wx_item SET qty = 99 WHERE id = 1"))
-        session.commit()
-    assert db_values(engine, WxItem, 1)["qty"] == 99  # type: ignore[index]
-    assert_reads_database_row(items, engine, WxItem, 1)
+    mariadb = engine.dialect.name != "postgresql"
+    prefixes = (
+        ["ANALYZE", "SET STATEMENT max_statement_time = 10 FOR"]
+        if mariadb
+        else [
+            "EXPLAIN ANALYZE",
+            "EXPLAIN (ANALYZE, BUFFERS)",
+        ]
+    )
+    for qty, prefix in enumerate(prefixes, 97):
+        with items() as session:
+            session.execute(text(f"{prefix} UPDATE wx_item SET qty = {qty} WHERE id = 1"))
+            session.commit()
+        assert db_values(engine, WxItem, 1)["qty"] == qty  # type: ignore[index]
+        assert_reads_database_row(items, engine, WxItem, 1)
 
 
 @pytest.mark.databases("mariadb")  # PostgreSQL here has max_prepared_transactions = 0
