@@ -638,7 +638,7 @@ def _compare_rows(
     """(key, raw entry, kind, detail) of the entries that differ from their rows: a model
     of one class, read with Core (no ORM objects) and compared byte for byte with what a fill
     of the row stores, values compared only where the bytes differ."""
-    variant = layout.variants[layout.mapper]
+    variant = layout.base_variant
     columns = [c.label(a) for a, c in zip(variant.attrs, variant.columns, strict=True)]
     statement = select(*columns).where(_pk_filter(layout, list(current)))
     pk_attrs = layout.pk_attrs

@@ -546,7 +546,7 @@ class ReadPath:
             and Copy in map(type, entries)
         )
         if near_copies:
-            one = layout.variants[layout.mapper]
+            one = layout.base_variant
             if one.mapper.isa(requested):
                 kept = _kept_rows(layout, one, dialect, todo, todo_keys, entries)
                 if kept is not None:
@@ -563,7 +563,7 @@ class ReadPath:
         decoded_rows, variants = layout.decode_rows(undecoded, dialect, todo)
         if variants is None and not near_copies and None not in decoded_rows:
             # the common case: every entry a row of the layout's one class, decoded here
-            one = layout.variants[layout.mapper]
+            one = layout.base_variant
             if one.mapper.isa(requested):
                 rows: Any = zip(todo_keys, decoded_rows, strict=True)  # no None among them
                 instances = _sa_compat.build_persistent_many(
@@ -579,7 +579,7 @@ class ReadPath:
         wanted = {v for v in layout.variants.values() if v.mapper.isa(requested)}
         hits: list[tuple[Any, Any, Any, dict[str, Any]]] = []
         classes: dict[Any, None] = {}  # in order of first appearance, as the rows
-        only = layout.variants[layout.mapper] if variants is None else None
+        only = layout.base_variant if variants is None else None
         for i, values in enumerate(decoded_rows):
             variant: Any = only if variants is None else variants[i]
             if values is None:

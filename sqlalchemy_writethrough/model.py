@@ -64,7 +64,9 @@ class ClassLayout:
         pk_attrs: tuple[str, ...],
         where: str,
     ) -> None:
-        self.mapper = mapper
+        # held weakly: a layout lives as long as its cache, a class mapped at run time
+        # (a test's, a per-tenant automap) must stay free to be collected
+        self._mapper = weakref.ref(mapper)
         self.tag = tag
         tables = set(mapper.tables)
         columns: list[Any] = []
@@ -122,6 +124,12 @@ class ClassLayout:
         # lookup builds a weakref each time (a strong reference per class to the latest
         # dialect is the price)
         self._last: tuple[Any, _RowCodec] | None = None
+
+    @property
+    def mapper(self) -> Mapper[Any]:
+        found = self._mapper()
+        assert found is not None, "the layout of a class that no longer exists"
+        return found
 
     def description(self) -> str:
         return f"{self.tag!r}:" + ",".join(
@@ -465,7 +473,7 @@ class ModelLayout:
                 f"{where}: only models mapped to a Table can be cached, not to a "
                 f"{type(table).__name__} (a join or a select); leave it out of the cache"
             )
-        self.mapper = base
+        self._mapper = weakref.ref(base)  # weakly, as ClassLayout's
         self.options = options
         self.table = table
         self.entity_name = base.class_.__name__
@@ -479,7 +487,9 @@ class ModelLayout:
 
         #: the attributes never written to Redis: the model's and the cache-wide ones it has
         self.exclude = exclude
-        self.variants: dict[Mapper[Any], ClassLayout] = {}
+        self.variants: weakref.WeakKeyDictionary[Mapper[Any], ClassLayout] = (
+            weakref.WeakKeyDictionary()
+        )
         self.by_tag: dict[Any, ClassLayout] = {}
         for m in mappers:
             tag = _tag(m) if self.polymorphic else 0
@@ -511,7 +521,7 @@ class ModelLayout:
             )
             if self.announces:
                 variant.announce(default, default.name, False)
-        base_variant = self.variants[base]
+        base_variant = self.base_variant = self.variants[base]
         self.pk_types: list[type | DecoratedKey] = []
         for key in self.pk_attrs:
             pos = base_variant.attrs.index(key)
@@ -543,6 +553,13 @@ class ModelLayout:
         #: the last bind and its keyspace, one tuple replaced whole (most processes use one)
         self.last_keys: tuple[Any, Any] = (None, None)
 
+    @property
+    def mapper(self) -> Mapper[Any]:
+        """The base mapper of the model (or hierarchy)."""
+        found = self._mapper()
+        assert found is not None, "the layout of a class that no longer exists"
+        return found
+
     def keyspace(self, database: str) -> KeySpace:
         """The keys of this model's rows in one database (named by its digest)."""
         found = self.keyspaces.get(database)
@@ -560,11 +577,11 @@ class ModelLayout:
     # the base class's layout, for callers that handle plain models
     @property
     def attrs(self) -> tuple[str, ...]:
-        return self.variants[self.mapper].attrs
+        return self.base_variant.attrs
 
     @property
     def expired(self) -> tuple[str, ...]:
-        return self.variants[self.mapper].expired
+        return self.base_variant.expired
 
     def variant(self, mapper: Mapper[Any]) -> ClassLayout | None:
         return self.variants.get(mapper)
@@ -593,7 +610,7 @@ class ModelLayout:
         return all(fits_key(v, t) for v, t in zip(pk, types, strict=False))
 
     def encode_loaded(self, state_dict: dict[str, Any], dialect: Dialect) -> bytes | None:
-        return self.variants[self.mapper].encode_loaded(state_dict, dialect)
+        return self.base_variant.encode_loaded(state_dict, dialect)
 
     def decode_row(
         self, payload: bytes | memoryview, dialect: Dialect

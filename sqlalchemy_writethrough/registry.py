@@ -44,23 +44,31 @@ class Models:
         self._buckets = buckets
         self._exclude_everywhere = exclude_everywhere
         self._databases = Databases()
-        self._layouts: dict[Mapper[Any], ModelLayout] = {}
-        #: mappers seen and not cached, held weakly: every mapper configured while the cache
-        #: lives is looked at, and a class mapped at run time (a test's, a per-tenant automap)
-        #: must stay free to be collected
+        # Every mapper and class is held weakly here (and by the layouts): every mapper
+        # configured while the cache lives is looked at, and a class mapped at run time (a
+        # test's, a per-tenant automap) must stay free to be collected, cached or not.
+        self._layouts: weakref.WeakKeyDictionary[Mapper[Any], ModelLayout] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: mappers seen and not cached
         self._uncached: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
-        self._registered: dict[type, ModelOptionsDict] = {}
-        self._registries: list[registry] = []
+        self._registered: weakref.WeakKeyDictionary[type, ModelOptionsDict] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._registries: weakref.WeakSet[registry] = weakref.WeakSet()
         self._register_everything = False
         # models register_all() covers but cannot keep exact (base mapper -> why), and the
         # warnings about them not given yet (given outside SQLAlchemy's configure)
-        self._left_out: dict[Mapper[Any], str] = {}
+        self._left_out: weakref.WeakKeyDictionary[Mapper[Any], str] = weakref.WeakKeyDictionary()
         self._unwarned: list[str] = []
         self._build_lock = threading.RLock()
         self._by_table: dict[str, list[ModelLayout]] | None = None
+        #: base mappers whose end resets the memos (see _layout_gone)
+        self._watched: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
         self._all_seen = False
         forks.renew_in_child(self, "_build_lock")
         self._cascade_parents: dict[str, Any] | None = None
+        #: (table, deleted, a weak reference to the flushing mapper or None) -> layouts
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
         #: bumped whenever a model's layout is built, dropped or may change (register,
         #: register_all, a mapper configured again): what a hook decided from the layouts
@@ -123,7 +131,7 @@ class Models:
                     raise ConfigurationError(
                         "register_all() takes a declarative base class or a sqlalchemy.orm.registry"
                     )
-                self._registries.append(reg)
+                self._registries.add(reg)
                 self._forget_uncached()
                 mappers = _sa_compat.registry_mappers(reg)
         for mapper in mappers:
@@ -188,10 +196,18 @@ class Models:
             self._changed()
             if layout is not None:
                 self._left_out.pop(base, None)
-                self._by_table = None
-                self._cascade_memo = {}
-                self._cascade_parents = None
+                self._forget_memos()
+                if base not in self._watched:
+                    # when the class goes, so do the memos that list its layout
+                    self._watched.add(base)
+                    weakref.finalize(base, _layout_gone, weakref.ref(self))
             return layout
+
+    def _forget_memos(self) -> None:
+        """The layouts changed: what was worked out from them is worked out again."""
+        self._by_table = None
+        self._cascade_memo = {}
+        self._cascade_parents = None
 
     def _explicitly_cached(self, base: Mapper[Any]) -> bool:
         """Whether a class of the hierarchy has the mixin or was given to ``register()``: such
@@ -264,7 +280,8 @@ class Models:
         updated (``ON UPDATE ...``). ``orm_handles`` is the mapper whose flush this is: a child
         model reached from it by a relationship the ORM cascades itself (``passive_deletes`` /
         ``passive_updates`` off) is tracked by the flush and needs no invalidation."""
-        memo_key = (table, deleted, orm_handles)
+        # (a weak reference: the memo must not keep a class mapped at run time alive)
+        memo_key = (table, deleted, weakref.ref(orm_handles) if orm_handles else None)
         found = self._cascade_memo.get(memo_key)
         if found is not None:
             return found
@@ -387,6 +404,15 @@ class Models:
     def known_keyspaces(self) -> list[str]:
         """Registry fields of the keyspaces this process has used."""
         return [keys.registry_field for keys in self.used_keyspaces()]
+
+
+def _layout_gone(models: weakref.ref[Models]) -> None:
+    """A cached class was collected: the memos listing its layout are worked out again, and
+    the get path's decisions made again."""
+    found = models()
+    if found is not None:
+        found._forget_memos()
+        found._changed()
 
 
 def _orm_cascades(mapper: Any, layout: ModelLayout, deleted: bool) -> bool:

@@ -45,6 +45,7 @@ from sqlalchemy_writethrough import (
     ConfigurationError,
     WriteThroughCache,
     WriteThroughWarning,
+    from_cache,
 )
 
 from _cache_helpers import entry_key, entry_state, prefix_keys
@@ -311,6 +312,63 @@ def test_a_class_mapped_while_a_cache_lives_and_not_cached_is_freed(
     gone = mapped_and_dropped()
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("covered_by", ["mixin", "register_all"])
+def test_a_cached_class_mapped_while_a_cache_lives_is_freed_when_dropped(
+    redis_url: str, prefix: str, covered_by: str
+) -> None:
+    """A class the cache does cache, mapped at run time and used (a commit, reads by primary
+    key through ``from_cache()``, a many-to-one lazy load), then dropped: the cache kept its
+    layout, keyed by its mapper and holding it, for as long as the cache lived (a per-tenant
+    automap, a test suite's classes). Its layout now holds it weakly, and the memos that
+    list it are dropped with it. (A ``session.get``'s plan keeps its class, among the last
+    256 classes read so, as SQLAlchemy's own compiled cache keeps the statements'.)"""
+    import weakref
+
+    cache = make_cache(redis_url, prefix)
+
+    def mapped_used_and_dropped() -> list[weakref.ref[Any]]:
+        class LocalBase(DeclarativeBase):
+            pass
+
+        mixin: tuple[type, ...] = (CachedModel,) if covered_by == "mixin" else ()
+
+        class RaRunParent(LocalBase, *mixin):  # type: ignore[misc]
+            __tablename__ = "ra_run_parent"
+            id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+        class RaRunChild(LocalBase, *mixin):  # type: ignore[misc]
+            __tablename__ = "ra_run_child"
+            id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+            parent_id: Mapped[int] = mapped_column(ForeignKey("ra_run_parent.id"))
+            parent: Mapped[RaRunParent] = relationship()
+
+        if covered_by == "register_all":
+            cache.register_all(LocalBase)
+        engine = sa.create_engine("sqlite://")
+        LocalBase.metadata.create_all(engine)
+        factory = sessionmaker(engine)
+        cache.install(factory)
+        with factory() as session:
+            session.add_all([RaRunParent(id=1), RaRunChild(id=1, parent_id=1)])
+            session.commit()
+        for _ in range(2):  # a fill, then a hit
+            with factory() as session:
+                child = session.scalars(
+                    select(RaRunChild).where(RaRunChild.id == 1).options(from_cache())
+                ).one()
+                assert child.parent.id == 1
+        assert cache.stats().hits > 0
+        assert cache._layout_for(sa.inspect(RaRunChild)) is not None
+        cache.uninstall(factory)
+        engine.dispose()
+        return [weakref.ref(RaRunParent), weakref.ref(RaRunChild), weakref.ref(LocalBase)]
+
+    gone = mapped_used_and_dropped()
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]
+    cache.models(sa.create_engine("sqlite://"))  # the cache still answers
 
 
 def test_warnings_as_errors_leave_the_mappers_usable(
