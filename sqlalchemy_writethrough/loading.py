@@ -576,7 +576,7 @@ class ReadPath:
         missing = []
         # the classes whose rows this load returns (a row of another class of the hierarchy:
         # the ORM finds no row), and the rows by class, in order (one class, most often)
-        wanted = {v for v in layout.variants.values() if v.mapper.isa(requested)}
+        wanted = {v for v in layout.by_tag.values() if v.mapper.isa(requested)}
         hits: list[tuple[Any, Any, Any, dict[str, Any]]] = []
         classes: dict[Any, None] = {}  # in order of first appearance, as the rows
         only = layout.base_variant if variants is None else None
@@ -690,12 +690,13 @@ class ReadPath:
         if decoded is None:
             return None
         variant, values = decoded
-        if variant.mapper is not requested and not variant.mapper.isa(requested):
+        built = variant.mapper_ref()  # alive: its class is the one requested, or a subclass
+        if built is not requested and not built.isa(requested):
             return _NO_ROW  # the row is another class of the hierarchy: the ORM finds no row
         # values decoded from Redis's reply are this load's; a near copy's may be kept in it
         return _sa_compat.build_persistent(
             session,
-            variant.mapper,
+            built,
             identity_key,
             values,
             variant.expired,

@@ -66,7 +66,7 @@ class ClassLayout:
     ) -> None:
         # held weakly: a layout lives as long as its cache, a class mapped at run time
         # (a test's, a per-tenant automap) must stay free to be collected
-        self._mapper = weakref.ref(mapper)
+        self.mapper_ref = weakref.ref(mapper)
         self.tag = tag
         tables = set(mapper.tables)
         columns: list[Any] = []
@@ -127,7 +127,8 @@ class ClassLayout:
 
     @property
     def mapper(self) -> Mapper[Any]:
-        found = self._mapper()
+        """(The read path calls ``mapper_ref()`` itself: no Python frame per row.)"""
+        found = self.mapper_ref()
         assert found is not None, "the layout of a class that no longer exists"
         return found
 
@@ -491,6 +492,9 @@ class ModelLayout:
             weakref.WeakKeyDictionary()
         )
         self.by_tag: dict[Any, ClassLayout] = {}
+        #: the variants by id(mapper), each checked against its weak reference: a lookup
+        #: without the weak reference a WeakKeyDictionary makes per call (the read path's)
+        self._by_id: dict[int, ClassLayout] = {}
         for m in mappers:
             tag = _tag(m) if self.polymorphic else 0
             if tag in self.by_tag:
@@ -501,6 +505,7 @@ class ModelLayout:
             variant = ClassLayout(m, tag, exclude, self.pk_attrs, m.class_.__name__)
             self.variants[m] = variant
             self.by_tag[tag] = variant
+            self._by_id[id(m)] = variant
         self.tables = frozenset(t for m in mappers for t in m.tables)
         #: the schemas its tables name (a schema_translate_map names its rows by these only)
         self.schemas: frozenset[str | None] = frozenset(t.schema for t in self.tables)
@@ -584,7 +589,10 @@ class ModelLayout:
         return self.base_variant.expired
 
     def variant(self, mapper: Mapper[Any]) -> ClassLayout | None:
-        return self.variants.get(mapper)
+        found = self._by_id.get(id(mapper))
+        if found is not None and found.mapper_ref() is mapper:
+            return found
+        return None
 
     def announce(self, ctx: codec.FlushContext) -> None:
         """At a flush to a database first seen: warn about the columns whose commits never

@@ -158,7 +158,7 @@ class Models:
     def layout_for(self, mapper: Mapper[Any]) -> ModelLayout | None:
         layout: ModelLayout | None = self._layouts.get(mapper)
         if layout is not None:
-            if mapper in layout.variants:
+            if layout.variant(mapper) is not None:
                 return layout
         elif mapper in self._uncached:
             return None

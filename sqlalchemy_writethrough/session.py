@@ -329,7 +329,7 @@ def answer_get(
         # ReadPath._build of a near copy already decoded: its values are kept in it
         near_hits = 1
         variant, values = memo[3]
-        built = variant.mapper
+        built = variant.mapper_ref()
         if built is mapper or built.isa(mapper):
             instance = _sa_compat.build_persistent(
                 session, built, identity_key, values, variant.expired
