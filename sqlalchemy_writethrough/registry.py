@@ -200,7 +200,8 @@ class Models:
                 if base not in self._watched:
                     # when the class goes, so do the memos that list its layout
                     self._watched.add(base)
-                    weakref.finalize(base, _layout_gone, weakref.ref(self))
+                    ended = weakref.finalize(base, _layout_gone, weakref.ref(self))
+                    ended.atexit = False  # nothing to forget when the process ends
             return layout
 
     def _forget_memos(self) -> None:
