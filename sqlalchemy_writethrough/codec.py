@@ -1111,9 +1111,10 @@ class DecoratedCodec(ColumnCodec):
         # predict what the database stored
         return self._inner.flushed(self._to_impl(value), ctx)
 
-    def key_kind(self) -> DecoratedKey:
-        """What values of this column name a key, as a primary key (see :mod:`.keys`)."""
-        return DecoratedKey(self.kind.split("(", 1)[0], self._to_impl, self._from_impl)
+    def key_kind(self, where: str = "") -> DecoratedKey:
+        """What values of this column name a key, as a primary key (see :mod:`.keys`);
+        ``where``: the model's attribute, for the log."""
+        return DecoratedKey(self.kind.split("(", 1)[0], self._to_impl, self._from_impl, where)
 
     def loaded(self, value: Any) -> Any:
         # the database holds the implementation's value, which we only see through

@@ -11,11 +11,14 @@ and old entries are never decoded. ``<database>`` names the database the rows co
 
 from __future__ import annotations
 
+import logging
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
+
+log = logging.getLogger("sqlalchemy_writethrough")
 
 
 def _escape(text: str) -> str:
@@ -45,14 +48,20 @@ class DecoratedKey:
     of the same type: that is the value a load of its row holds (a UUID given as text is not:
     a load returns the UUID, so the text would name another key for the same row)."""
 
-    __slots__ = ("__name__", "_from_impl", "_to_impl")
+    __slots__ = ("__name__", "_from_impl", "_said", "_to_impl", "_where")
 
     def __init__(
-        self, name: str, to_impl: Callable[[Any], Any], from_impl: Callable[[Any], Any]
+        self,
+        name: str,
+        to_impl: Callable[[Any], Any],
+        from_impl: Callable[[Any], Any],
+        where: str = "",
     ) -> None:
         self.__name__ = name
         self._to_impl = to_impl
         self._from_impl = from_impl
+        self._where = where
+        self._said = False
 
     def __repr__(self) -> str:
         return f"DecoratedKey({self.__name__})"
@@ -73,6 +82,16 @@ class DecoratedKey:
             again = self.canonical(value)
             return isinstance(again, uuid.UUID) and again == value
         if type(value) is not int and type(value) is not str:
+            if value is not None and not self._said:
+                self._said = True  # once: known only from values, so said when one is seen
+                log.warning(
+                    "writethrough: %s (%s): a key value of type %s is not an int, a str or a "
+                    "UUID, so no key names its row: reads of the model with such keys go to "
+                    "the database, and commits writing it invalidate its entries",
+                    self._where or "a primary key",
+                    self.__name__,
+                    type(value).__qualname__,
+                )
             return False
         again = self.canonical(value)
         return type(again) is type(value) and again == value

@@ -541,7 +541,7 @@ class ModelLayout:
                 self.pk_types.append(_PK_KINDS[col_codec.kind])
             elif isinstance(col_codec, codec.DecoratedCodec):
                 # the values its process_result_value returns decide, one by one
-                self.pk_types.append(col_codec.key_kind())
+                self.pk_types.append(col_codec.key_kind(f"{where}.{key}"))
             else:
                 raise ConfigurationError(
                     f"{where}.{key}: primary keys of type {base_variant.columns[pos].type!r} "

@@ -211,10 +211,12 @@ def test_lazy_loads_and_in_batches_of_a_decorated_key(factory: sessionmaker[Sess
 
 
 def test_a_key_type_whose_values_are_no_keys_reads_from_the_database(
-    factory: sessionmaker[Session],
+    factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Whether a TypeDecorator's values can be keys is known only from them: here they are
-    not, so every read goes to the database, and every commit invalidates instead."""
+    not, so every read goes to the database, and every commit invalidates instead; the log
+    says so once, naming the model's attribute and the values' type."""
+    caplog.set_level("WARNING", logger="sqlalchemy_writethrough")
     with factory() as session:
         session.add(DkCoded(code=Code("x"), name="a"))
         session.commit()
@@ -223,6 +225,8 @@ def test_a_key_type_whose_values_are_no_keys_reads_from_the_database(
         session.get(DkCoded, Code("x")).name = "b"  # type: ignore[union-attr]
         session.commit()
     assert _get(factory, DkCoded, Code("x")) == ("b", 1)
+    said = [r.getMessage() for r in caplog.records if "DkCoded.code" in r.getMessage()]
+    assert len(said) == 1 and "type Code is not an int" in said[0], said
 
 
 def test_invalidate_takes_a_decorated_key_as_text(
