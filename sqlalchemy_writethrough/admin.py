@@ -255,7 +255,7 @@ def find_model(cache: WriteThroughCache, name: str) -> ModelLayout:
     """A cached model named by its class name (any class of its hierarchy) or table name."""
     found = layouts(cache)
     for layout in found:
-        if any(m.class_.__name__ == name for m in layout.variants):
+        if any(v.mapper.class_.__name__ == name for v in layout.by_tag.values()):
             return layout
     lowered = name.lower()
     for layout in found:
@@ -330,7 +330,7 @@ def _state_of(raw: bytes | None, gen: bytes | None) -> str:
 
 
 def _entity(layout: ModelLayout) -> Any:
-    return with_polymorphic(layout.mapper, "*") if len(layout.variants) > 1 else layout.mapper
+    return with_polymorphic(layout.mapper, "*") if len(layout.by_tag) > 1 else layout.mapper
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -524,7 +524,7 @@ def verify(
     checked = equal = old = in_flux = 0
     mismatches: list[Mismatch] = []
     dialect = bind.dialect
-    compare = _compare_rows if len(layout.variants) == 1 else _compare_objects
+    compare = _compare_rows if len(layout.by_tag) == 1 else _compare_objects
     for batch in _batches(found, batch_size):
         raws, gens = read_entries(cache, batch)
         current: dict[tuple[Any, ...], tuple[str, bytes]] = {}
@@ -684,7 +684,8 @@ def _compare_objects(
                 suspects.append((key, raw, "extra", "no such row in the database"))
                 continue
             state = inspect(obj)
-            variant = layout.variants[state.mapper]
+            variant = layout.variant(state.mapper)
+            assert variant is not None  # a row of the hierarchy the layout covers
             values = {a: getattr(obj, a) for a in variant.attrs}
             try:
                 differing = _decoded_differences(layout, dialect, raw, values, state.mapper)

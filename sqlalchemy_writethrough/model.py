@@ -474,7 +474,6 @@ class ModelLayout:
                 f"{where}: only models mapped to a Table can be cached, not to a "
                 f"{type(table).__name__} (a join or a select); leave it out of the cache"
             )
-        self._mapper = weakref.ref(base)  # weakly, as ClassLayout's
         self.options = options
         self.table = table
         self.entity_name = base.class_.__name__
@@ -488,12 +487,9 @@ class ModelLayout:
 
         #: the attributes never written to Redis: the model's and the cache-wide ones it has
         self.exclude = exclude
-        self.variants: weakref.WeakKeyDictionary[Mapper[Any], ClassLayout] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: the class layouts of the hierarchy, by polymorphic identity, and by id(mapper)
+        #: (checked against the layout's weak reference: see :meth:`variant`)
         self.by_tag: dict[Any, ClassLayout] = {}
-        #: the variants by id(mapper), each checked against its weak reference: a lookup
-        #: without the weak reference a WeakKeyDictionary makes per call (the read path's)
         self._by_id: dict[int, ClassLayout] = {}
         for m in mappers:
             tag = _tag(m) if self.polymorphic else 0
@@ -503,14 +499,13 @@ class ModelLayout:
                     f"polymorphic identity {tag!r}"
                 )
             variant = ClassLayout(m, tag, exclude, self.pk_attrs, m.class_.__name__)
-            self.variants[m] = variant
             self.by_tag[tag] = variant
             self._by_id[id(m)] = variant
         self.tables = frozenset(t for m in mappers for t in m.tables)
         #: the schemas its tables name (a schema_translate_map names its rows by these only)
         self.schemas: frozenset[str | None] = frozenset(t.schema for t in self.tables)
         self.eager_relationships = tuple(
-            key for v in self.variants.values() for key in v.eager_relationships
+            key for v in self.by_tag.values() for key in v.eager_relationships
         )
 
         # the default dialect gives every column a codec now, so a type with no stored form
@@ -520,13 +515,13 @@ class ModelLayout:
         default = DefaultDialect()
         self.announces = options.strategy != "invalidate"
         self._announced: set[tuple[str, bool]] = set()
-        for variant in self.variants.values():
+        for variant in self.by_tag.values():
             variant.mutable = frozenset(
                 a for a, c in zip(variant.attrs, variant.codecs(default), strict=True) if c.mutable
             )
             if self.announces:
                 variant.announce(default, default.name, False)
-        base_variant = self.base_variant = self.variants[base]
+        base_variant = self.base_variant = self._by_id[id(base)]
         self.pk_types: list[type | DecoratedKey] = []
         for key in self.pk_attrs:
             pos = base_variant.attrs.index(key)
@@ -548,7 +543,7 @@ class ModelLayout:
                     "are not cached yet (integer, string and UUID keys are)"
                 )
 
-        description = "|".join(v.description() for v in self.variants.values())
+        description = "|".join(v.description() for v in self.by_tag.values())
         digest_source = f"{codec.FORMAT_VERSION}|{table.fullname}|{description}|{self.pk_attrs}"
         self.digest = hashlib.sha1(digest_source.encode()).hexdigest()[:10]
         self._prefix = prefix
@@ -561,9 +556,7 @@ class ModelLayout:
     @property
     def mapper(self) -> Mapper[Any]:
         """The base mapper of the model (or hierarchy)."""
-        found = self._mapper()
-        assert found is not None, "the layout of a class that no longer exists"
-        return found
+        return self.base_variant.mapper
 
     def keyspace(self, database: str) -> KeySpace:
         """The keys of this model's rows in one database (named by its digest)."""
@@ -602,7 +595,7 @@ class ModelLayout:
             return
         self._announced.add(seen)
         if self.announces:
-            for variant in self.variants.values():
+            for variant in self.by_tag.values():
                 variant.announce(ctx.dialect, ctx.name, ctx.is_mariadb)
 
     def pk_is_cacheable(self, pk: Iterable[Any]) -> bool:

@@ -132,7 +132,7 @@ def _by_name(entry: ModelInfo | LeftOutModel) -> tuple[str, str]:
 
 def _info(layout: ModelLayout, dialect: Dialect) -> ModelInfo:
     inexact: dict[str, InexactColumn] = {}
-    for variant in layout.variants.values():
+    for variant in layout.by_tag.values():
         columns = dict(zip(variant.attrs, variant.columns, strict=True))
         for attr, reason in variant.inexact_columns(dialect):
             column = columns[attr]
@@ -140,7 +140,7 @@ def _info(layout: ModelLayout, dialect: Dialect) -> ModelInfo:
             inexact.setdefault(attr, InexactColumn(attr, name, reason))
     return ModelInfo(
         model=layout.mapper.class_,
-        classes=tuple(v.mapper.class_ for v in layout.variants.values()),
+        classes=tuple(v.mapper.class_ for v in layout.by_tag.values()),
         tables=tuple(sorted({t.fullname for t in layout.tables})),
         keys=layout.key_pattern,
         options=dataclasses.replace(layout.options, exclude=layout.exclude),
