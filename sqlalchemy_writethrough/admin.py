@@ -302,11 +302,9 @@ def _decorated_value(kind: DecoratedKey, candidates: Iterable[Any]) -> Any:
     """The first of ``candidates`` that a TypeDecorator key column takes as its own (the value
     a load of the row holds), else ValueError."""
     for value in candidates:
-        if kind.fits(value):
-            return value
-        again = kind.canonical(value)  # a UUID's text for a column that loads UUIDs
-        if again is not None and kind.fits(again):
-            return again
+        found = kind.key_of(value)
+        if found is not None:
+            return found
     raise ValueError("no key value")
 
 

@@ -1265,9 +1265,10 @@ def _key_values(layout: ModelLayout, mapper: Mapper[Any], values: list[Any]) -> 
                 pass
             elif isinstance(kind, DecoratedKey):
                 # what a load of the row holds: a UUID given as text for a GUID column
-                value = kind.canonical(value)
-                if value is None or not kind.fits(value):
+                found = kind.key_of(value)
+                if found is None:
                     raise ValueError(value)
+                value = found
             elif kind is uuid.UUID and isinstance(value, str):
                 value = uuid.UUID(value)
             elif kind is int and isinstance(value, int):

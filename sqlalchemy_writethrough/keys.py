@@ -77,6 +77,14 @@ class DecoratedKey:
             return again
         return None
 
+    def key_of(self, value: Any) -> Any:
+        """The key value ``value`` stands for: itself when it fits, else what the type turns
+        it into when that fits (a UUID's text for a column that loads UUIDs), else None."""
+        if self.fits(value):
+            return value
+        again = self.canonical(value)
+        return again if again is not None and self.fits(again) else None
+
     def fits(self, value: Any) -> bool:
         if isinstance(value, uuid.UUID):
             again = self.canonical(value)

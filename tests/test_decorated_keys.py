@@ -29,7 +29,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
+from sqlalchemy_writethrough import CachedModel, ConfigurationError, WriteThroughCache, from_cache
 from stress.models import GUID  # the recipe, as fastapi-users-db-sqlalchemy ships it
 
 from _servers import capture_sql, reset_schema
@@ -242,6 +242,8 @@ def test_invalidate_takes_a_decorated_key_as_text(
     assert _get(factory, DkUser, key) == ("a", 0)
     assert cache.invalidate(DkUser, str(key))
     assert _get(factory, DkUser, key) == ("b", 1)
+    with pytest.raises(ConfigurationError, match="'not a uuid' is not a primary key value"):
+        cache.invalidate(DkUser, "not a uuid")
 
 
 class TextGUID(GUID):
