@@ -30,6 +30,7 @@ from sqlalchemy_writethrough import (
     WriteThroughWarning,
 )
 
+from _cache_helpers import installed
 from _servers import capture_sql, reset_schema
 
 
@@ -101,12 +102,6 @@ def cache(redis_url: str, prefix: str) -> Iterator[WriteThroughCache]:
     made.redis.close()
 
 
-def _installed(engine: Engine, cache: WriteThroughCache) -> sessionmaker[Session]:
-    made = sessionmaker(engine)
-    cache.install(made)
-    return made
-
-
 def _read(factory: sessionmaker[Session], model: type, pk: int) -> tuple[dict[str, Any], int]:
     """(the row's column values as a get returns them, the statements it emitted)."""
     with factory() as session, capture_sql(session.get_bind()) as statements:
@@ -139,7 +134,7 @@ def test_values_sql_changes_are_read_as_the_database_returns_them(
     engine: Engine, cache: WriteThroughCache
 ) -> None:
     reset_schema(engine, Base.metadata)
-    factory = _installed(engine, cache)
+    factory = installed(engine, cache)
     with factory() as session:
         session.add(SxAccount(id=1, email="Ann@Example.COM", code="abc", plain="x"))
         session.commit()
@@ -163,7 +158,7 @@ def test_the_documented_pgcrypto_recipe(engine: Engine, cache: WriteThroughCache
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pgcrypto")
     reset_schema(engine, PgBase.metadata)
-    factory = _installed(engine, cache)
+    factory = installed(engine, cache)
     with factory() as session:
         session.add(SxSecret(id=1, username="some user", password="some password"))
         session.commit()
