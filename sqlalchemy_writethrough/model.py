@@ -523,14 +523,16 @@ class ModelLayout:
                 variant.announce(default, default.name, False)
         base_variant = self.base_variant = self._by_id[id(base)]
         self.pk_types: list[type | DecoratedKey] = []
+        base_codecs = base_variant.codecs(default)
         for key in self.pk_attrs:
             pos = base_variant.attrs.index(key)
-            col_codec = base_variant.codecs(default)[pos]
+            col_codec = base_codecs[pos]
             if isinstance(col_codec, codec.SqlTransformedCodec):
+                assert col_codec.never is not None  # its reason
                 raise ConfigurationError(
                     f"{where}.{key}: primary keys of type {base_variant.columns[pos].type!r} "
-                    f"are not cached: {col_codec.never.reason if col_codec.never else ''}, so "
-                    "the key a value names is not known"
+                    f"are not cached: {col_codec.never.reason}, so the key a value names is "
+                    "not known"
                 )
             if col_codec.kind in _PK_KINDS:
                 self.pk_types.append(_PK_KINDS[col_codec.kind])
