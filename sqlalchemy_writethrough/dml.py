@@ -81,9 +81,32 @@ _EXPLAIN = re.compile(
     re.I,
 )
 _ANALYZE = re.compile(r"\banaly[sz]e\b", re.I)
+#: the statements MariaDB's ``ANALYZE`` runs (rather than analysing a table)
+_ANALYZED = _NAMING | {"select"}
 #: MariaDB's ``SET STATEMENT var=value[, ...] FOR <statement>`` runs the statement
 _SET_STATEMENT = re.compile(r"set\s+statement\b.*?\bfor\s+", re.I | re.S)
 _REPLACE = re.compile(r"\breplace\b", re.I)
+
+
+def _statement_run_by(word: str, text: str) -> str | None:
+    """The statement a read-only-looking one runs, or None: ``EXPLAIN ANALYZE <statement>``
+    (PostgreSQL, MySQL), ``ANALYZE <statement>`` (MariaDB; ``ANALYZE <table>`` gathers
+    statistics) and ``SET STATEMENT ... FOR <statement>`` (MariaDB). ``word``: the text's
+    first word, lower-cased."""
+    if word == "explain":
+        explained = _EXPLAIN.match(text)
+        if explained is not None and _ANALYZE.search(explained.group(1)):
+            return text[explained.end() :]
+    elif word == "set":
+        statement_for = _SET_STATEMENT.match(text)
+        if statement_for is not None:
+            return text[statement_for.end() :]
+    elif word in ("analyze", "analyse"):
+        rest = _LEADING_NOISE.sub("", text[len(word) :])
+        inner = _FIRST_WORD.match(rest)
+        if inner is not None and inner.group(0).lower() in _ANALYZED:
+            return rest
+    return None
 
 
 def _statements(sql: str) -> list[str]:
@@ -288,20 +311,9 @@ class StatementTracker:
         text = _LEADING_NOISE.sub("", statement)
         match = _FIRST_WORD.match(text)
         word = match.group(0).lower() if match else ""
-        if word == "explain":
-            explained = _EXPLAIN.match(text)
-            if explained is not None and _ANALYZE.search(explained.group(1)):
-                return self._text(tracker, text[explained.end() :])  # it runs the statement
-        elif word == "set":
-            statement_for = _SET_STATEMENT.match(text)
-            if statement_for is not None:
-                return self._text(tracker, text[statement_for.end() :])
-        elif word in ("analyze", "analyse"):
-            # MariaDB's ANALYZE <statement> runs it; ANALYZE <table> (statistics) does not
-            rest = _LEADING_NOISE.sub("", text[len(word) :])
-            inner = _FIRST_WORD.match(rest)
-            if inner is not None and inner.group(0).lower() in _NAMING | {"select"}:
-                return self._text(tracker, rest)
+        runs = _statement_run_by(word, text)
+        if runs is not None:
+            return self._text(tracker, runs)
         if word in _READ_ONLY:
             if word == "select" and " into " not in text.lower():
                 return []
