@@ -104,41 +104,32 @@ def utils_databases() -> Iterator[dict[str, str]]:
     from sqlalchemy import create_engine, make_url, pool
 
     name = f"wt_utils_{uuid.uuid4().hex[:10]}"
-    pg, my = make_url(_POSTGRESQL), make_url(_MARIADB)
-    admins = [
-        create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
-        for url in (pg, my)
-    ]
-    with admins[0].connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    with create_engine(pg.set(database=name), poolclass=pool.NullPool).begin() as conn:
-        for extension in ("hstore", "ltree"):
-            conn.exec_driver_sql(f"CREATE EXTENSION IF NOT EXISTS {extension}")
-    with admins[1].connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield {
-            "SQLALCHEMY_UTILS_TEST_DB": name,
-            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_HOST": f"{pg.host}:{pg.port or 5432}",
-            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_USER": pg.username or "postgres",
-            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_PASSWORD": pg.password or "",
-            "SQLALCHEMY_UTILS_TEST_MYSQL_USER": my.username or "root",
-        }
-    finally:
-        with admins[0].connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        with admins[1].connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-        for admin in admins:
+    my = make_url(_MARIADB)
+    with postgresql_database(("hstore", "ltree"), name) as pg:
+        admin = create_engine(my, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        try:
+            yield {
+                "SQLALCHEMY_UTILS_TEST_DB": name,
+                "SQLALCHEMY_UTILS_TEST_POSTGRESQL_HOST": f"{pg.host}:{pg.port or 5432}",
+                "SQLALCHEMY_UTILS_TEST_POSTGRESQL_USER": pg.username or "postgres",
+                "SQLALCHEMY_UTILS_TEST_POSTGRESQL_PASSWORD": pg.password or "",
+                "SQLALCHEMY_UTILS_TEST_MYSQL_USER": my.username or "root",
+            }
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
             admin.dispose()
 
 
 @contextlib.contextmanager
-def postgresql_database(extensions: tuple[str, ...] = ()) -> Iterator[URL]:
-    """A PostgreSQL database of this run's (with ``extensions``), dropped at the end."""
+def postgresql_database(extensions: tuple[str, ...] = (), name: str = "") -> Iterator[URL]:
+    """A PostgreSQL database of this run's (with ``extensions``; named ``name``, else a name
+    of its own), dropped at the end."""
     from sqlalchemy import create_engine, make_url, pool
 
-    name = f"wt_suite_{uuid.uuid4().hex[:10]}"
+    name = name or f"wt_suite_{uuid.uuid4().hex[:10]}"
     url = make_url(_POSTGRESQL)
     admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
     with admin.connect() as conn:
@@ -173,13 +164,12 @@ def suite_environment(suite: str) -> Iterator[dict[str, str]]:
 
 
 def run_pass(
-    folder: Path, out: Path, tests: str, extra: list[str], env: dict[str, str], plugin: bool
+    folder: Path, out: Path, tests: str, extra: list[str], suite_env: dict[str, str], plugin: bool
 ) -> Path:
     junit = out / ("extension.xml" if plugin else "plain.xml")
     command = [sys.executable, "-m", "pytest", tests, "-p", "no:cacheprovider", "-q"]
     command += [f"--junitxml={junit}", *extra]
-    env_suite = env
-    env = {**os.environ, **env}
+    env = {**os.environ, **suite_env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
     if plugin:
         status = out / "extension.status"
@@ -190,7 +180,7 @@ def run_pass(
 
     where = "".join(
         f" {k}={make_url(v).render_as_string(hide_password=True)}"  # never a password in a log
-        for k, v in sorted(env_suite.items())
+        for k, v in sorted(suite_env.items())
         if k.endswith(("URI", "URL"))
     )
     print(f"== {label}:{where} {' '.join(command[2:])}", flush=True)
