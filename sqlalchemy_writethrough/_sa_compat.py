@@ -323,6 +323,15 @@ def do_orm_execute_count(session: Session) -> int:
     return len(listeners)
 
 
+def listeners_after(orm_state: ORMExecuteState) -> Sequence[Any]:
+    """The ``do_orm_execute`` listeners SQLAlchemy runs after the one now running
+    (``ORMExecuteState._remaining_events()``, 2.0 and 2.1): a load the cache answers never
+    reaches them. Without a listener after it (the common case) no list is built."""
+    todo = orm_state._events_todo
+    after = orm_state._starting_event_idx + 1
+    return todo[after:] if len(todo) > after else ()
+
+
 def holds_or_changed(session: Session, identity_key: tuple[Any, ...]) -> bool:
     """Whether the session holds a live object under ``identity_key``
     (``session.identity_map.get(identity_key) is not None``) or has changes to flush (not

@@ -581,8 +581,9 @@ class WriteThroughCache:
         to an ``async_sessionmaker``, ``async_scoped_session`` or ``AsyncSession`` subclass.
 
         Listeners are added with SQLAlchemy's event API only. The ``do_orm_execute`` listener
-        should come after any of your own that add loader criteria (soft delete, tenancy):
-        install the cache after adding them. An async target's sessions run a ``Session``
+        should come after your own (loader criteria for soft delete or tenancy): install the
+        cache after adding them. Loads that a listener running after the cache's would see go
+        to the database (logged once per listener). An async target's sessions run a ``Session``
         subclass the cache gives the factory (see :mod:`.flavours`): its listeners go there,
         and talk to Redis through ``redis.asyncio`` on the event loop (docs/asyncio.md).
 

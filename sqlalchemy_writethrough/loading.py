@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.ext.horizontal_shard import ShardedSession, execute_and_instances
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
@@ -59,6 +59,8 @@ _FRESH_LEVELS = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
 class ReadPath:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        #: the listeners already named in a warning (by module and name: never kept alive)
+        self._warned_listeners: set[str] = set()
 
     def on_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         rt = self.runtime
@@ -82,6 +84,9 @@ class ReadPath:
             return None
         if requested is None and not _sa_compat.is_identity_load(orm_state):
             return None  # a select() or legacy Query without from_cache()
+        if self._listened_after(orm_state):
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
 
         stmt = orm_state.statement
         criteria = _sa_compat.plain_entity_select(stmt, mapper)
@@ -272,6 +277,29 @@ class ReadPath:
         if tracer is not None:
             record_span(tracer, what, name, perf_counter() - started, **attributes)
 
+    def _listened_after(self, orm_state: ORMExecuteState) -> bool:
+        """Whether a ``do_orm_execute`` listener runs after the cache's (one added after
+        ``install()``, or to a session itself): it may add loader criteria or options, or
+        answer the load itself, and a load the cache answered would never reach it. Such a
+        load goes to the database, where it does reach it. Another cache's read path and
+        ``ShardedSession``'s own listener are known: the cache answers as they would."""
+        for fn in _sa_compat.listeners_after(orm_state):
+            if fn is execute_and_instances or isinstance(getattr(fn, "__self__", None), ReadPath):
+                continue
+            name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            if name not in self._warned_listeners:
+                self._warned_listeners.add(name)
+                log.warning(
+                    "writethrough: the do_orm_execute listener %s runs after the cache's, "
+                    "which cannot see what it does to a load (loader criteria, options, a "
+                    "result of its own): loads of sessions it listens to go to the database. "
+                    "Add it before cache.install() (listeners of a factory or Session class "
+                    "run in the order they were added) to have them served from Redis",
+                    name,
+                )
+            return True
+        return False
+
     def _reload(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         """The expired attributes of a cached model's object reloaded from its entry (the
         read-back after a commit with ``expire_on_commit``): a primary-key load like a get,
@@ -286,6 +314,9 @@ class ReadPath:
         rt = self.runtime
         layout = rt.models.layout_for(mapper)
         if layout is None or state.mapper is not mapper:
+            return None
+        if self._listened_after(orm_state):
+            rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         variant = layout.variant(mapper)
         if variant is None:

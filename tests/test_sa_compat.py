@@ -567,6 +567,38 @@ def test_do_orm_execute_count_counts_the_class_and_the_session_listeners() -> No
     engine.dispose()
 
 
+def test_listeners_after_are_those_sqlalchemy_runs_next() -> None:
+    """``listeners_after`` is ``ORMExecuteState._remaining_events()``: the class's listeners
+    then the session's, after the one running; a listener returning a result stops them."""
+
+    class OwnSession(Session):
+        pass
+
+    engine = create_engine("sqlite://")
+    seen: list[tuple[str, list[Any]]] = []
+
+    def first(state: ORMExecuteState) -> None:
+        seen.append(("first", list(_sa_compat.listeners_after(state))))
+
+    def second(state: ORMExecuteState) -> None:
+        seen.append(("second", list(_sa_compat.listeners_after(state))))
+
+    def own(state: ORMExecuteState) -> None:
+        seen.append(("own", list(_sa_compat.listeners_after(state))))
+
+    event.listen(OwnSession, "do_orm_execute", first)
+    event.listen(OwnSession, "do_orm_execute", second)
+    with OwnSession(engine) as s:
+        event.listen(s, "do_orm_execute", own)
+        s.execute(select(1))
+        assert [(n, [f.__name__ for f in after]) for n, after in seen] == [
+            ("first", ["second", "own"]),
+            ("second", ["own"]),
+            ("own", []),
+        ]
+    engine.dispose()
+
+
 def test_holds_or_changed(session: Session) -> None:
     """``identity_map.get(key) is not None`` or not ``session_is_clean``, in one call; the
     map's ``get`` is read as ``_WeakInstanceDict.get`` reads itself (its ``_dict``, the state's

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis
 from _flavours import FLAVOURS, Harness
-from sqlalchemy import ForeignKey, String, create_engine, event, inspect, update
+from sqlalchemy import ForeignKey, String, create_engine, event, inspect, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -244,6 +244,60 @@ def test_a_do_orm_execute_listener_of_the_users_still_filters_gets(
         assert s.get(SgItem, 1) is None
         found = s.get(SgItem, 2)
         assert found is not None and found.name == "here"
+
+
+@pytest.mark.parametrize("where", ["factory", "Session class", "session"])
+def test_a_do_orm_execute_listener_added_after_install_sees_every_load(
+    db: Engine, cache: WriteThroughCache, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same soft-delete listener, added after install() (to the factory, to the Session
+    class it derives from, or to one session): SQLAlchemy runs it after the cache's, which
+    used to answer the load first, so the listener never saw it and a get returned the
+    soft-deleted row. The cache now leaves every load with a listener after its own to the
+    database, and says once why."""
+
+    class OwnSession(Session):
+        pass
+
+    maker = sessionmaker(db, class_=OwnSession)
+    cache.install(maker)
+    seed(maker, SgItem(id=1, name="gone", deleted=True), SgItem(id=2, name="here"))
+    assert cached_values(cache, cache.redis, SgItem, 1, dialect=db.dialect, bind=db) is not None
+    with maker() as s:  # a first tag: the lazy load below is a cached many-to-one
+        s.add(SgTag(id=1, item_id=1, label="t"))
+        s.commit()
+    seen: list[str] = []
+
+    def hide_deleted(state: ORMExecuteState) -> None:
+        seen.append("load")
+        if state.is_select and not state.is_column_load and not state.is_relationship_load:
+            state.statement = state.statement.options(
+                with_loader_criteria(SgItem, SgItem.deleted.is_(False), include_aliases=True)
+            )
+
+    def loads(s: Session) -> list[Any]:
+        stmt = select(SgItem).where(SgItem.id == 1).options(from_cache())
+        tag = s.get(SgTag, 1)
+        here = s.get(SgItem, 2)
+        found = [s.get(SgItem, 1), s.scalars(stmt).all(), tag and tag.item]  # the criteria
+        s.commit()  # reach the lazy load too; after it, reading `here` reloads it
+        return [*found, here and here.name]
+
+    with sessionmaker(db)() as plain:  # no cache: what the ORM returns
+        event.listen(plain, "do_orm_execute", hide_deleted)
+        expected = loads(plain)
+    assert expected == [None, [], None, "here"] and seen == ["load"] * 6
+    seen.clear()
+    session = maker()
+    target = {"factory": maker, "Session class": OwnSession, "session": session}[where]
+    event.listen(target, "do_orm_execute", hide_deleted)
+    caplog.set_level("WARNING", logger="sqlalchemy_writethrough")
+    with session as s:
+        assert loads(s) == expected
+    assert seen == ["load"] * 6
+    warned = [r.getMessage() for r in caplog.records if "hide_deleted" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert "before cache.install()" in warned[0]
 
 
 def test_listeners_added_after_a_session_was_made_fire_for_it(
