@@ -272,6 +272,7 @@ def build_persistent_many(
 #: those ``Session.close()`` reads when it detaches the session's objects
 PRIMED_SESSION_EVENTS = (
     "do_orm_execute",
+    "after_begin",
     "loaded_as_persistent",
     "persistent_to_detached",
     "deleted_to_detached",
@@ -299,6 +300,7 @@ def session_dispatch(session: Session) -> Any:
         # PRIMED_SESSION_EVENTS, unrolled (a loop of setattr() costs twice as many opcodes:
         # every session of a cache's factory pays this once)
         dispatch.do_orm_execute = empty["do_orm_execute"]
+        dispatch.after_begin = empty["after_begin"]
         dispatch.loaded_as_persistent = empty["loaded_as_persistent"]
         dispatch.persistent_to_detached = empty["persistent_to_detached"]
         dispatch.deleted_to_detached = empty["deleted_to_detached"]
@@ -318,6 +320,18 @@ def do_orm_execute_count(session: Session) -> int:
     if dispatch is None:
         dispatch = session_dispatch(session)
     listeners = dispatch.do_orm_execute
+    if type(listeners) is _EmptyListener:
+        return len(listeners.parent_listeners)
+    return len(listeners)
+
+
+def after_begin_count(session: Session) -> int:
+    """``len(session.dispatch.after_begin)``, read as :func:`do_orm_execute_count` reads its
+    event (a cached get asks on every call)."""
+    dispatch: Any = session.__dict__.get("dispatch")
+    if dispatch is None:
+        dispatch = session_dispatch(session)
+    listeners = dispatch.after_begin
     if type(listeners) is _EmptyListener:
         return len(listeners.parent_listeners)
     return len(listeners)

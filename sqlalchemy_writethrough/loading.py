@@ -31,6 +31,7 @@ from .options import FromCache
 from .protocol import Fetch, payload_of
 from .tracing import record_span
 from .tracking import UNTOUCHED, unique_token
+from .writing import WritePath
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
@@ -54,6 +55,25 @@ _PLAIN_GET_BIND = Session.get_bind
 
 #: isolation levels under which every statement reads the latest committed rows
 _FRESH_LEVELS = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
+
+
+def others_await_begin(session: Session) -> bool:
+    """Whether ``after_begin`` listeners besides the caches' are waiting for the session's
+    transaction to begin on a connection."""
+    return any(
+        not isinstance(getattr(fn, "__self__", None), WritePath)
+        for fn in session.dispatch.after_begin
+    )
+
+
+def begin_like_a_load(session: Session, bind: Any) -> None:
+    """Procure the session's connection to ``bind``, as the database load the cache answers
+    would have, when ``after_begin`` listeners besides the caches' wait for it:
+    zope.sqlalchemy joins the session to the transaction manager there (which closes it at
+    the end of the request), others ``SET`` per-transaction settings. Without them no
+    connection is taken: its checkout is no small part of what a load costs."""
+    if others_await_begin(session):
+        session.connection(bind_arguments={"bind": bind})
 
 
 class ReadPath:
@@ -411,7 +431,16 @@ class ReadPath:
 
     def _bind(self, orm_state: ORMExecuteState, mapper: Any) -> tuple[Any, Any] | None:
         """(the bind this load reads, its identity token), or None when the load may read
-        one of several databases (a sharded session given no shard: it queries each)."""
+        one of several databases (a sharded session given no shard: it queries each).
+
+        The session then holds a connection to it, as after a database load, if it has
+        ``after_begin`` listeners besides the caches' (see :func:`begin_like_a_load`)."""
+        found = self._bind_of(orm_state, mapper)
+        if found is not None:
+            begin_like_a_load(orm_state.session, found[0])
+        return found
+
+    def _bind_of(self, orm_state: ORMExecuteState, mapper: Any) -> tuple[Any, Any] | None:
         session = orm_state.session
         token = _sa_compat.identity_token(orm_state)
         if type(session).get_bind is _PLAIN_GET_BIND:

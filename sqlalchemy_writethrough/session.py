@@ -36,7 +36,7 @@ from sqlalchemy.orm import Mapper, Session
 
 from . import _sa_compat
 from .databases import DatabaseUnknown
-from .loading import _NO_ROW, PEEKED
+from .loading import _NO_ROW, PEEKED, begin_like_a_load
 from .near import Copy
 from .tracing import record_span
 
@@ -287,6 +287,8 @@ def answer_get(
     bind = session.bind
     if not bind or getattr(session, _BINDS_ATTR):
         bind = session.get_bind(mapper=mapper)
+    if _sa_compat.after_begin_count(session) != 1:  # listeners besides the cache's
+        begin_like_a_load(session, bind)
     # ReadPath._usable_tracker's common case inlined: a session whose transaction did
     # nothing yet (no tracker; not joined to a Connection's transaction) reads as UNTOUCHED
     info = session.__dict__.get(_INFO_ATTR)

@@ -300,6 +300,88 @@ def test_a_do_orm_execute_listener_added_after_install_sees_every_load(
     assert "before cache.install()" in warned[0]
 
 
+@pytest.mark.parametrize("load", ["get", "get after a miss", "select", "lazy", "in batch"])
+def test_after_begin_listeners_fire_at_a_cached_load_as_at_a_database_load(
+    db: Engine, cache: WriteThroughCache, load: str
+) -> None:
+    """A database load takes the session's connection, which fires ``after_begin``:
+    zope.sqlalchemy joins the session to the transaction manager there, and the manager
+    closes the session at the end of the request. A session that only read from the cache
+    never fired it, so it was never closed: a ``scoped_session`` kept serving the objects of
+    an earlier request. With such a listener the cache takes the connection too (and still
+    answers without SQL); the session is in a transaction, as after a database load."""
+    maker = sessionmaker(db)
+    cache.install(maker)
+    seed(
+        maker, SgItem(id=1, name="one"), SgItem(id=2, name="two"), SgTag(id=1, item_id=1, label="t")
+    )
+    if load == "get after a miss":
+        cache.invalidate(SgItem, 1)
+
+    def run(s: Session) -> Any:
+        if load == "lazy":
+            tag = s.get(SgTag, 1)
+            began.clear()
+            s.commit()  # ends the transaction the tag's get began; the lazy load begins one
+            assert tag is not None
+            return tag.item.name
+        if load == "select":
+            return s.scalars(select(SgItem).where(SgItem.id == 1).options(from_cache())).one().name
+        if load == "in batch":
+            stmt = select(SgItem).where(SgItem.id.in_([1, 2])).options(from_cache())
+            return sorted(i.name for i in s.scalars(stmt))
+        found = s.get(SgItem, 1)
+        return found and found.name
+
+    began: list[Any] = []
+    event.listen(maker, "after_begin", lambda s_, transaction, conn: began.append(conn.engine))
+    with maker() as s, capture_sql(db) as sql:
+        got = run(s)
+        assert began == [db] and s.in_transaction()
+    if load != "get after a miss":
+        assert selects(sql) == []  # answered by the cache all the same
+    with sessionmaker(db)() as plain:
+        event.listen(plain, "after_begin", lambda s_, transaction, conn: began.append(conn.engine))
+        began.clear()
+        assert run(plain) == got and began == [db]
+
+
+def test_a_session_that_only_read_the_cache_is_closed_by_its_transaction_manager(
+    db: Engine, cache: WriteThroughCache
+) -> None:
+    """zope.sqlalchemy's pattern, reduced: ``after_begin`` joins the session to a request's
+    transaction, whose end closes it. A scoped session reused by the next request then loads
+    the row as it is now, not the object of the request before (still referenced here, as
+    objects of a session often are: by others, by the application)."""
+    Scoped = scoped_session(sessionmaker(db))
+    cache.install(Scoped)
+    seed(Scoped.session_factory, SgItem(id=1, name="one"))
+    joined: list[Session] = []
+    event.listen(Scoped, "after_begin", lambda s_, transaction, conn: joined.append(s_))
+    held: list[SgItem] = []
+
+    def request() -> str:
+        try:
+            item = Scoped.get(SgItem, 1)
+            assert item is not None
+            held.append(item)
+            return item.name
+        finally:  # the manager finishes what joined it
+            for s_ in joined:
+                s_.commit()
+                s_.close()
+            joined.clear()
+
+    assert request() == "one"
+    with Scoped.session_factory() as other:  # another process's commit
+        found = other.get(SgItem, 1)
+        assert found is not None
+        found.name = "two"
+        other.commit()
+    assert request() == "two"
+    Scoped.remove()
+
+
 def test_listeners_added_after_a_session_was_made_fire_for_it(
     db: Engine, cache: WriteThroughCache
 ) -> None:
