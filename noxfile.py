@@ -29,6 +29,8 @@ nox.options.sessions = [
     "third_party(suite='sqlmodel')",
     "third_party(suite='fastapi-users-db-sqlalchemy')",
     "third_party(suite='flask-admin')",
+    "third_party(suite='zope.sqlalchemy')",
+    "third_party(suite='zope.sqlalchemy-twophase')",
 ]
 # Reuse session venvs between local runs; installs still run, so requirement changes apply.
 nox.options.reuse_venv = "yes"
@@ -345,6 +347,9 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
         "fastapi-users-db-sqlalchemy==7.0.0",
         *("asyncpg", "aiosqlite", "pytest-asyncio"),
     ),
+    # the transaction manager of Pyramid and Plone: on PostgreSQL, then two-phase on MariaDB
+    "zope.sqlalchemy": ("zope.sqlalchemy==4.1", "transaction", "zope.testing", "psycopg[binary]"),
+    "zope.sqlalchemy-twophase": ("zope.sqlalchemy==4.1", "transaction", "zope.testing", "pymysql"),
 }
 
 
@@ -352,12 +357,13 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
 @nox.parametrize("suite", list(THIRD_PARTY_SUITES))
 def third_party(session: nox.Session, suite: str) -> None:
     """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
-    SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy), plainly
+    SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy, zope.sqlalchemy), plainly
     and with the extension on every Session: fails on a test that fails only with it and is
     not in tests/third_party/known_failures.txt (``nox -s "third_party(suite='sqlmodel')"``
     for one; ``-- -k NAME`` for some of its tests). SQLAlchemy-Utils' needs PostgreSQL and
-    MariaDB ($POSTGRESQL_URL, $MARIADB_URL or the local servers), Flask-Admin's and
-    fastapi-users' PostgreSQL. Needs Redis ($REDIS_URL or local)."""
+    MariaDB ($POSTGRESQL_URL, $MARIADB_URL or the local servers), Flask-Admin's,
+    fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB.
+    Needs Redis ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
     session.install(SQLALCHEMY_PINS["2.0"])
     # arguments after nox's ``--`` are pytest's (``-- -k test_name``)

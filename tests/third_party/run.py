@@ -3,7 +3,8 @@
     python tests/third_party/run.py SUITE [--workdir DIR] [-- pytest arguments]
 
 SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
-``sqlalchemy-utils``, ``flask-admin``, ``fastapi-users-db-sqlalchemy``: libraries our users put
+``sqlalchemy-utils``, ``flask-admin``, ``fastapi-users-db-sqlalchemy``, ``zope.sqlalchemy``,
+``zope.sqlalchemy-twophase``: libraries our users put
 between their code and the ORM, each with its own Session subclass, listeners, types or
 declarative base. The sdist of the installed release (each ships its tests) is unpacked into
 ``.third-party/`` (``--workdir``) and its tests run twice, plainly and with
@@ -18,7 +19,9 @@ MySQL/MariaDB: the run makes a database of its own on each ($POSTGRESQL_URL and 
 else the local servers) and drops them at the end. Flask-Admin's SQLAlchemy tests (its admin
 views over models with inline forms, composite keys, hstore and citext columns) and
 fastapi-users' (its ``User`` table keyed by the GUID TypeDecorator, run on asyncpg) get a
-PostgreSQL database of their own the same way.
+PostgreSQL database of their own the same way. zope.sqlalchemy's (the transaction manager of
+Pyramid and Plone) run on a PostgreSQL database of their own, and again two-phase (XA) on a
+MariaDB database of their own.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +59,9 @@ known_reason, outcomes, read_list = (
     _suite_run.read_list,
 )
 
+#: its tests are a module of the package (``zope`` is a namespace package)
+_ZOPE = ("--import-mode=importlib",)
+
 #: suite -> (distribution, test folder, pytest arguments of its own)
 SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "flask-sqlalchemy": ("Flask-SQLAlchemy", "tests", ()),
@@ -68,6 +75,10 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "flask-admin": ("Flask-Admin", "flask_admin/tests/sqla", ()),
     # a User table keyed by a TypeDecorator (GUID), through AsyncSession
     "fastapi-users-db-sqlalchemy": ("fastapi-users-db-sqlalchemy", "tests", ()),
+    # Pyramid's and Plone's transaction manager: it joins a session at after_begin and
+    # closes it at the end of the transaction; on PostgreSQL, then two-phase on MariaDB (XA)
+    "zope.sqlalchemy": ("zope.sqlalchemy", "src/zope/sqlalchemy/tests.py", _ZOPE),
+    "zope.sqlalchemy-twophase": ("zope.sqlalchemy", "src/zope/sqlalchemy/tests.py", _ZOPE),
 }
 
 _POSTGRESQL = os.environ.get("POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -78,7 +89,7 @@ def sdist_folder(workdir: Path, distribution: str) -> Path:
     """The unpacked sdist of the installed release of ``distribution``, downloaded once."""
     version = importlib.metadata.version(distribution)
     workdir.mkdir(parents=True, exist_ok=True)
-    stem = f"{distribution.lower().replace('-', '_')}-{version}"
+    stem = f"{re.sub(r'[-_.]+', '_', distribution).lower()}-{version}"  # the sdist's name
     folder = workdir / stem
     if folder.is_dir():
         return folder
@@ -101,26 +112,34 @@ def sdist_folder(workdir: Path, distribution: str) -> Path:
 def utils_databases() -> Iterator[dict[str, str]]:
     """The environment sqlalchemy-utils' conftest reads, naming a database of this run's on
     PostgreSQL and on MySQL/MariaDB (one name for both, as its conftest wants)."""
+    name = f"wt_utils_{uuid.uuid4().hex[:10]}"
+    with postgresql_database(("hstore", "ltree"), name) as pg, mariadb_database(name) as my:
+        yield {
+            "SQLALCHEMY_UTILS_TEST_DB": name,
+            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_HOST": f"{pg.host}:{pg.port or 5432}",
+            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_USER": pg.username or "postgres",
+            "SQLALCHEMY_UTILS_TEST_POSTGRESQL_PASSWORD": pg.password or "",
+            "SQLALCHEMY_UTILS_TEST_MYSQL_USER": my.username or "root",
+        }
+
+
+@contextlib.contextmanager
+def mariadb_database(name: str = "") -> Iterator[URL]:
+    """A MySQL/MariaDB database of this run's (named ``name``, else a name of its own),
+    dropped at the end."""
     from sqlalchemy import create_engine, make_url, pool
 
-    name = f"wt_utils_{uuid.uuid4().hex[:10]}"
-    my = make_url(_MARIADB)
-    with postgresql_database(("hstore", "ltree"), name) as pg:
-        admin = create_engine(my, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+    name = name or f"wt_suite_{uuid.uuid4().hex[:10]}"
+    url = make_url(_MARIADB)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield url.set(database=name)
+    finally:
         with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        try:
-            yield {
-                "SQLALCHEMY_UTILS_TEST_DB": name,
-                "SQLALCHEMY_UTILS_TEST_POSTGRESQL_HOST": f"{pg.host}:{pg.port or 5432}",
-                "SQLALCHEMY_UTILS_TEST_POSTGRESQL_USER": pg.username or "postgres",
-                "SQLALCHEMY_UTILS_TEST_POSTGRESQL_PASSWORD": pg.password or "",
-                "SQLALCHEMY_UTILS_TEST_MYSQL_USER": my.username or "root",
-            }
-        finally:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-            admin.dispose()
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        admin.dispose()
 
 
 @contextlib.contextmanager
@@ -159,6 +178,13 @@ def suite_environment(suite: str) -> Iterator[dict[str, str]]:
         with postgresql_database() as url:
             found = url.set(drivername="postgresql+asyncpg")
             yield {"DATABASE_URL": found.render_as_string(hide_password=False)}
+    elif suite == "zope.sqlalchemy":
+        with postgresql_database() as url:
+            yield {"TEST_DSN": url.render_as_string(hide_password=False)}
+    elif suite == "zope.sqlalchemy-twophase":
+        # XA transactions (PostgreSQL's prepared ones are off by default)
+        with mariadb_database() as url:
+            yield {"TEST_DSN": url.render_as_string(hide_password=False), "TEST_TWOPHASE": "1"}
     else:
         yield {}
 
@@ -181,7 +207,7 @@ def run_pass(
     where = "".join(
         f" {k}={make_url(v).render_as_string(hide_password=True)}"  # never a password in a log
         for k, v in sorted(suite_env.items())
-        if k.endswith(("URI", "URL"))
+        if k.endswith(("URI", "URL", "DSN"))
     )
     print(f"== {label}:{where} {' '.join(command[2:])}", flush=True)
     with open(out / (junit.stem + ".log"), "w", encoding="utf-8") as log:
