@@ -51,7 +51,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from sqlalchemy.engine import URL, Connection
@@ -76,6 +76,14 @@ _SERVER_QUERIES = {
     ),
     "mysql": "SELECT DATABASE(), CONCAT(@@hostname, ':', @@port), DATABASE()",
 }
+
+#: PostgreSQL's tables with row-level security enabled: which of their rows a session sees
+#: depends on its role and settings, which the cache cannot know (``pg_class`` is readable by
+#: every role)
+_ROW_SECURED_QUERY = (
+    "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relrowsecurity"
+)
 
 #: the schema an unqualified name reaches on a PostgreSQL connection left to the server's
 #: defaults (``"$user", public`` with no schema named after the user)
@@ -231,6 +239,31 @@ class _Server(NamedTuple):
     schema: str | None
     #: the schema it reaches on the server's plain default
     default: str | None
+    #: (schema, table) of each table with row-level security enabled (PostgreSQL)
+    row_secured: frozenset[tuple[str, str]] = frozenset()
+
+
+def _row_secured(fairy: Any, by_url: str) -> list[tuple[str, str]]:
+    """The (schema, table) pairs of :data:`_ROW_SECURED_QUERY`, on a pooled connection; none,
+    with a warning, when the server cannot say (a PostgreSQL look-alike)."""
+    try:
+        cursor = fairy.cursor()
+        cursor.execute(_ROW_SECURED_QUERY)
+        found = [(str(schema), str(table)) for schema, table in cursor.fetchall()]
+        cursor.close()
+        return found
+    except Exception as exc:
+        log.warning(
+            "writethrough: the database at %s does not say which tables have row-level "
+            "security (%s: %s); rows of such a table would be served from the cache to "
+            "sessions its policies hide them from",
+            by_url,
+            type(exc).__name__,
+            exc,
+        )
+        return []
+    finally:
+        fairy.rollback()
 
 
 class DatabaseUnknown(WritethroughError):
@@ -348,6 +381,7 @@ class Databases:
                 row = cursor.fetchone()
                 cursor.close()
                 fairy.rollback()
+                row_secured = _row_secured(fairy, by_url) if backend == "postgresql" else ()
             finally:
                 fairy.close()
         finally:
@@ -378,7 +412,32 @@ class Databases:
             name = f"{backend}:server={server}/{database or url_database}"
         # the schema an unqualified table name reaches (None when the server cannot say:
         # then taken to be the default)
-        return _Server(name, schema if schema is not None else default, default)
+        return _Server(
+            name, schema if schema is not None else default, default, frozenset(row_secured)
+        )
+
+    def row_secured(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
+    ) -> list[str]:
+        """The names of those of ``tables`` that have row-level security enabled in the
+        database of ``bind`` (as ``naming``, a connection's or statement's naming options,
+        sends them): asked with what the server says of itself, once per pool."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        if engine.url.get_backend_name() != "postgresql":
+            return []
+        server = self._server(engine, "postgresql")
+        if not server.row_secured:
+            return []
+        options = engine.get_execution_options() if naming is None else naming
+        translate = _translate(options.get("schema_translate_map")) or {}
+        found = []
+        for table in tables:
+            schema = translate.get(table.schema, table.schema)
+            if schema is None:
+                schema = server.schema or server.default
+            if (schema, table.name) in server.row_secured:
+                found.append(f"{schema}.{table.name}")
+        return sorted(found)
 
     def _memory_id(self, engine: Any) -> str:
         """A name unique to an in-memory SQLite database: its pool (shared by an engine and

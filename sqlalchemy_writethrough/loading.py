@@ -162,6 +162,9 @@ class ReadPath:
         except DatabaseUnknown:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None  # the load itself says what is wrong with the database
+        if not keys.served:  # row-level security: the database decides what it sees
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
         key, gen_key = keys.pair(pk)
         name = layout.entity_name
         counters = rt.counters
@@ -373,6 +376,9 @@ class ReadPath:
         except DatabaseUnknown:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
+        if not keys.served:
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
         key, gen_key = keys.pair(pk)
         found = rt.peek(layout, key, gen_key)
         if not found:
@@ -553,6 +559,9 @@ class ReadPath:
             try:
                 keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
             except DatabaseUnknown:
+                rt.counters.add("bypasses", 1, layout.entity_name)
+                return None
+            if not keys.served:
                 rt.counters.add("bypasses", 1, layout.entity_name)
                 return None
             pairs = keys.pairs_of(todo)

@@ -44,6 +44,8 @@ class Models:
         self._buckets = buckets
         self._exclude_everywhere = exclude_everywhere
         self._databases = Databases()
+        #: (model, table) pairs already named in a row-level security warning
+        self._row_secured_said: set[tuple[str, str]] = set()
         # Every mapper and class is held weakly here (and by the layouts): every mapper
         # configured while the cache lives is looked at, and a class mapped at run time (a
         # test's, a per-tenant automap) must stay free to be collected, cached or not.
@@ -356,24 +358,47 @@ class Models:
             naming = connection_naming(bind)
         if naming is not None:
             named = for_schemas(naming, layout.schemas)
-            return layout.keyspace(self._databases.renamed(bind, named))
+            keys = layout.keyspace(self._databases.renamed(bind, named))
+            if keys.served is None:
+                keys.served = self._served(layout, bind, naming)
+            return keys
         last = layout.last_keys
         if last[0] is bind:
-            keys: KeySpace = last[1]
-            return keys
+            found: KeySpace = last[1]
+            return found
         if isinstance(bind, Connection):  # named by its engine; never kept alive here
             bind = bind.engine
             if last[0] is bind:
-                keys = last[1]
-                return keys
+                found = last[1]
+                return found
         if bind.get_execution_options().get("schema_translate_map"):
             # the engine's own map, as it names this model's tables (see for_schemas)
             named = for_schemas(own_naming(bind), layout.schemas)
             keys = layout.keyspace(self._databases.renamed(bind, named))
         else:
             keys = layout.keyspace(self._databases.of(bind, None in layout.schemas))
+        if keys.served is None:
+            keys.served = self._served(layout, bind, None)
         layout.last_keys = (bind, keys)
         return keys
+
+    def _served(self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None) -> bool:
+        """Whether loads of ``layout``'s rows in this database may be answered from the
+        cache: not when one of its tables has row-level security, whose policies decide per
+        session (its role, its settings) which rows it sees. Said once per model and table."""
+        secured = self._databases.row_secured(bind, naming, layout.tables)
+        for name in secured:
+            if (layout.entity_name, name) not in self._row_secured_said:
+                self._row_secured_said.add((layout.entity_name, name))
+                log.warning(
+                    "writethrough: %s's table %s has row-level security, whose policies decide "
+                    "which rows each session sees: its loads in that database are never served "
+                    "from the cache (they read the database); leave the model uncached to spare "
+                    "its commits the Redis writes",
+                    layout.entity_name,
+                    name,
+                )
+        return not secured
 
     def _built_layouts(self) -> list[ModelLayout]:
         """Each layout built so far, once (a hierarchy's is every member's)."""

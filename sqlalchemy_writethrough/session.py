@@ -309,6 +309,8 @@ def answer_get(
             keys = models.keys(layout, bind, renamed)
         except DatabaseUnknown:
             return UNANSWERED
+    if not keys.served:  # row-level security: the database's load decides
+        return UNANSWERED
     # KeySpace.pair's memo of int keys read, without its call
     pair = keys._pairs.get(ident) if type(ident) is int else None
     key, gen_key = keys.pair(pk) if pair is None else pair
