@@ -309,32 +309,23 @@ def session_dispatch(session: Session) -> Any:
     return dispatch
 
 
-def do_orm_execute_count(session: Session) -> int:
-    """``len(session.dispatch.do_orm_execute)``: the session's ``do_orm_execute`` listeners,
-    its class's and its own (the dispatch made by :func:`session_dispatch` when not made yet).
+def listener_counts(session: Session) -> tuple[int, int]:
+    """``(len(session.dispatch.do_orm_execute), len(session.dispatch.after_begin))``: the
+    session's listeners of those events, its class's and its own (the dispatch made by
+    :func:`session_dispatch` when not made yet).
 
-    With no listener of the session's own, the collection is the class's shared
+    With no listener of the session's own, each collection is the class's shared
     ``_EmptyListener`` (2.0 and 2.1), whose ``__len__`` is ``len(self.parent_listeners)``:
     read here without that Python call (a cached get asks on every call)."""
     dispatch: Any = session.__dict__.get("dispatch")
     if dispatch is None:
         dispatch = session_dispatch(session)
-    listeners = dispatch.do_orm_execute
-    if type(listeners) is _EmptyListener:
-        return len(listeners.parent_listeners)
-    return len(listeners)
-
-
-def after_begin_count(session: Session) -> int:
-    """``len(session.dispatch.after_begin)``, read as :func:`do_orm_execute_count` reads its
-    event (a cached get asks on every call)."""
-    dispatch: Any = session.__dict__.get("dispatch")
-    if dispatch is None:
-        dispatch = session_dispatch(session)
-    listeners = dispatch.after_begin
-    if type(listeners) is _EmptyListener:
-        return len(listeners.parent_listeners)
-    return len(listeners)
+    executes = dispatch.do_orm_execute
+    begins = dispatch.after_begin
+    return (
+        len(executes.parent_listeners) if type(executes) is _EmptyListener else len(executes),
+        len(begins.parent_listeners) if type(begins) is _EmptyListener else len(begins),
+    )
 
 
 def listeners_after(orm_state: ORMExecuteState) -> Sequence[Any]:

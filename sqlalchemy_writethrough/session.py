@@ -36,7 +36,7 @@ from sqlalchemy.orm import Mapper, Session
 
 from . import _sa_compat
 from .databases import DatabaseUnknown
-from .loading import _NO_ROW, PEEKED, begin_like_a_load
+from .loading import _NO_ROW, PEEKED
 from .near import Copy
 from .tracing import record_span
 
@@ -249,8 +249,9 @@ def answer_get(
         or cls._identity_lookup is not _IDENTITY_LOOKUP
         or cls.execute is not _EXECUTE
         or cls._execute_internal is not _EXECUTE_INTERNAL
-        # the cache's own listener only
-        or _sa_compat.do_orm_execute_count(session) != 1
+        # the cache's own do_orm_execute listener only, and no after_begin listener but the
+        # cache's (others wait for the connection a load takes: see begin_like_a_load)
+        or _sa_compat.listener_counts(session) != (1, 1)
         or getattr(session, "execution_options", None)  # session-wide options (2.1)
     ):
         return UNANSWERED
@@ -287,8 +288,6 @@ def answer_get(
     bind = session.bind
     if not bind or getattr(session, _BINDS_ATTR):
         bind = session.get_bind(mapper=mapper)
-    if _sa_compat.after_begin_count(session) != 1:  # listeners besides the cache's
-        begin_like_a_load(session, bind)
     # ReadPath._usable_tracker's common case inlined: a session whose transaction did
     # nothing yet (no tracker; not joined to a Connection's transaction) reads as UNTOUCHED
     info = session.__dict__.get(_INFO_ATTR)

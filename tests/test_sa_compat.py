@@ -543,8 +543,8 @@ def test_session_dispatch_sets_what_the_lazy_reads_would() -> None:
 
 
 def test_listener_counts_count_the_class_and_the_session_listeners() -> None:
-    """``do_orm_execute_count`` is ``len(session.dispatch.do_orm_execute)`` (and
-    ``after_begin_count`` the same of ``after_begin``), read through the
+    """``listener_counts`` is ``len(session.dispatch.do_orm_execute)`` and the same of
+    ``after_begin``, read through the
     ``_EmptyListener``'s ``parent_listeners`` while the session has none of its own: an
     upgrade that changes what an empty listener's ``__len__`` counts fails here."""
     import inspect as pyinspect
@@ -559,17 +559,17 @@ def test_listener_counts_count_the_class_and_the_session_listeners() -> None:
     engine = create_engine("sqlite://")
     with OwnSession(engine) as s, OwnSession(engine) as primed:
         _sa_compat.session_dispatch(primed)
-        assert _sa_compat.do_orm_execute_count(s) == 0 == len(s.dispatch.do_orm_execute)
+        assert _sa_compat.listener_counts(s)[0] == 0 == len(s.dispatch.do_orm_execute)
         event.listen(OwnSession, "do_orm_execute", lambda state: None)
-        assert _sa_compat.do_orm_execute_count(primed) == 1 == len(primed.dispatch.do_orm_execute)
+        assert _sa_compat.listener_counts(primed)[0] == 1 == len(primed.dispatch.do_orm_execute)
         event.listen(primed, "do_orm_execute", lambda state: None)
-        assert _sa_compat.do_orm_execute_count(primed) == 2 == len(primed.dispatch.do_orm_execute)
-        assert _sa_compat.do_orm_execute_count(s) == 1
-        assert _sa_compat.after_begin_count(primed) == 0 == len(primed.dispatch.after_begin)
+        assert _sa_compat.listener_counts(primed)[0] == 2 == len(primed.dispatch.do_orm_execute)
+        assert _sa_compat.listener_counts(s)[0] == 1
+        assert _sa_compat.listener_counts(primed)[1] == 0 == len(primed.dispatch.after_begin)
         event.listen(OwnSession, "after_begin", lambda *args: None)
         event.listen(primed, "after_begin", lambda *args: None)
-        assert _sa_compat.after_begin_count(primed) == 2 == len(primed.dispatch.after_begin)
-        assert _sa_compat.after_begin_count(s) == 1 == len(s.dispatch.after_begin)
+        assert _sa_compat.listener_counts(primed)[1] == 2 == len(primed.dispatch.after_begin)
+        assert _sa_compat.listener_counts(s)[1] == 1 == len(s.dispatch.after_begin)
     engine.dispose()
 
 
