@@ -309,6 +309,15 @@ def session_dispatch(session: Session) -> Any:
     return dispatch
 
 
+def refuse_without_transaction(session: Session) -> None:
+    """Raise SQLAlchemy's own ``InvalidRequestError`` ("Autobegin is disabled") when the
+    session was made with ``autobegin=False`` and has no transaction, as a database load
+    would (``Session._autobegin_t()``, 2.0 and 2.1, raises it; on any other session it is not
+    called: beginning a transaction that sends nothing costs about a third of a cached get)."""
+    if not session.autobegin and session._transaction is None:
+        session._autobegin_t()
+
+
 def listener_counts(session: Session) -> tuple[int, int]:
     """``(len(session.dispatch.do_orm_execute), len(session.dispatch.after_begin))``: the
     session's listeners of those events, its class's and its own (the dispatch made by

@@ -67,11 +67,14 @@ def others_await_begin(session: Session) -> bool:
 
 
 def begin_like_a_load(session: Session, bind: Any) -> None:
-    """Procure the session's connection to ``bind``, as the database load the cache answers
-    would have, when ``after_begin`` listeners besides the caches' wait for it:
-    zope.sqlalchemy joins the session to the transaction manager there (which closes it at
-    the end of the request), others ``SET`` per-transaction settings. Without them no
-    connection is taken: its checkout is no small part of what a load costs."""
+    """What the database load the cache answers would have begun, where someone waits for
+    it: a session made with ``autobegin=False`` refuses the load outside a transaction, and
+    ``after_begin`` listeners besides the caches' get the session's connection to ``bind``
+    (and its transaction): zope.sqlalchemy joins the session to the transaction manager
+    there (which closes it at the end of the request), others ``SET`` per-transaction
+    settings. Otherwise neither is begun: a transaction costs about a third of a cached
+    get, a connection's checkout more."""
+    _sa_compat.refuse_without_transaction(session)
     if others_await_begin(session):
         session.connection(bind_arguments={"bind": bind})
 

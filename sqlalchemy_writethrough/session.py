@@ -288,6 +288,8 @@ def answer_get(
     bind = session.bind
     if not bind or getattr(session, _BINDS_ATTR):
         bind = session.get_bind(mapper=mapper)
+    # autobegin=False refuses a load outside a transaction (see loading.begin_like_a_load)
+    _sa_compat.refuse_without_transaction(session)
     # ReadPath._usable_tracker's common case inlined: a session whose transaction did
     # nothing yet (no tracker; not joined to a Connection's transaction) reads as UNTOUCHED
     info = session.__dict__.get(_INFO_ATTR)

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 from _flavours import FLAVOURS, Harness
 from sqlalchemy import ForeignKey, String, create_engine, event, inspect, select, update
 from sqlalchemy.engine import Engine
@@ -344,6 +345,40 @@ def test_after_begin_listeners_fire_at_a_cached_load_as_at_a_database_load(
         event.listen(plain, "after_begin", lambda s_, transaction, conn: began.append(conn.engine))
         began.clear()
         assert run(plain) == got and began == [db]
+
+
+@pytest.mark.parametrize("load", ["get", "select", "in batch", "lazy", "expired attribute"])
+def test_a_session_without_autobegin_refuses_a_cached_load_outside_a_transaction(
+    db: Engine, cache: WriteThroughCache, load: str
+) -> None:
+    """``Session(autobegin=False)`` refuses a database load outside ``begin()``; a load the
+    cache answered was returned instead, so the mistake showed only on a miss, or while
+    Redis was down. Inside ``begin()`` both serve it."""
+    maker = sessionmaker(db, autobegin=False)
+    cache.install(maker)
+    with maker() as s, s.begin():
+        s.add_all([SgItem(id=1, name="one"), SgItem(id=2, name="two")])
+        s.add(SgTag(id=1, item_id=1, label="t"))
+
+    def run(s: Session) -> Any:
+        if load in ("lazy", "expired attribute"):
+            with s.begin():
+                loaded = s.get(SgTag, 1) if load == "lazy" else s.get(SgItem, 1)
+            assert loaded is not None
+            return loaded.item.name if load == "lazy" else loaded.name  # outside begin()
+        if load == "select":
+            return s.scalars(select(SgItem).where(SgItem.id == 1).options(from_cache())).one().name
+        if load == "in batch":
+            stmt = select(SgItem).where(SgItem.id.in_([1, 2])).options(from_cache())
+            return sorted(i.name for i in s.scalars(stmt))
+        return s.get(SgItem, 1)
+
+    for m in (sessionmaker(db, autobegin=False), maker):  # without the cache, then with it
+        with m() as s, pytest.raises(sa.exc.InvalidRequestError, match="Autobegin is disabled"):
+            run(s)
+    with maker() as s, s.begin(), capture_sql(db) as sql:
+        item = s.get(SgItem, 2)
+        assert item is not None and item.name == "two" and selects(sql) == []
 
 
 def test_a_session_that_only_read_the_cache_is_closed_by_its_transaction_manager(
