@@ -16,7 +16,7 @@ import re
 import uuid
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
@@ -502,6 +502,37 @@ class ModelLayout:
             self.by_tag[tag] = variant
             self._by_id[id(m)] = variant
         self.tables = frozenset(t for m in mappers for t in m.tables)
+        # A load picks the class of a row from its discriminator (``polymorphic_on``), not
+        # from the class of the object that wrote it: a commit may write the row through only
+        # as the class its discriminator picks. A discriminator that is a SQL expression
+        # (SQLAlchemy's ``case()`` recipe) cannot be evaluated here: such a hierarchy's
+        # commits leave misses, and loads fill the class they picked.
+        on = base.polymorphic_on
+        #: the attribute holding the discriminator column, when there is one
+        self.discriminator: str | None = None
+        #: whether a commit must check the class a load would pick (see :meth:`picks`)
+        self.checks_class = on is not None
+        #: whether that class can be told at commit (False: an expression discriminator)
+        self.class_predicted = True
+        if on is not None:
+            try:
+                prop = base.get_property_by_column(on) if isinstance(on, Column) else None
+            except UnmappedColumnError:
+                prop = None
+            if prop is not None and on.table in self.tables:
+                self.discriminator = prop.key
+            else:
+                self.class_predicted = False
+                if options.strategy != "invalidate":
+                    warnings.warn(
+                        f"{where}: its polymorphic_on is a SQL expression, so a commit cannot "
+                        "tell which class a load of the row picks: each commit writing a "
+                        f"{where} row invalidates its cache entry instead of writing it "
+                        "through (loads fill it). Map polymorphic_on to a column, or set "
+                        "strategy='invalidate' to silence this.",
+                        WriteThroughWarning,
+                        stacklevel=2,
+                    )
         #: the schemas its tables name (a schema_translate_map names its rows by these only)
         self.schemas: frozenset[str | None] = frozenset(t.schema for t in self.tables)
         self.eager_relationships = tuple(
@@ -559,6 +590,17 @@ class ModelLayout:
     def mapper(self) -> Mapper[Any]:
         """The base mapper of the model (or hierarchy)."""
         return self.base_variant.mapper
+
+    def picks(self, mapper: Mapper[Any], values: Mapping[str, Any]) -> bool:
+        """Whether a load of the row ``values`` (by attribute) would build ``mapper``'s class,
+        as its discriminator says (only asked when :attr:`checks_class`)."""
+        if not self.class_predicted:
+            return False
+        value = values.get(self.discriminator) if self.discriminator is not None else None
+        try:
+            return mapper.polymorphic_map.get(value) is mapper
+        except TypeError:  # an unhashable value: no identity
+            return False
 
     def keyspace(self, database: str) -> KeySpace:
         """The keys of this model's rows in one database (named by its digest)."""

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import ForeignKey, String, select, text, update
+from sqlalchemy import ForeignKey, String, case, select, text, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, ConfigurationError, WriteThroughCache, from_cache
@@ -88,6 +89,30 @@ class InCircle(InShape):
     name: Mapped[str] = mapped_column(String(50))
     radius: Mapped[int] = mapped_column()
     __mapper_args__ = {"concrete": True}
+
+
+class InStaff(Base, CachedModel):
+    """``polymorphic_on`` a SQL expression (SQLAlchemy's documented ``case()`` recipe): the
+    class a load picks is computed from the row."""
+
+    __tablename__ = "in_staff"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    code: Mapped[str] = mapped_column(String(4))
+    name: Mapped[str] = mapped_column(String(50))
+    __mapper_args__ = {
+        "polymorphic_on": case(
+            (code == "EN", "engineer"), (code == "MA", "manager"), else_="staff"
+        ),
+        "polymorphic_identity": "staff",
+    }
+
+
+class InEngineer(InStaff):
+    __mapper_args__ = {"polymorphic_identity": "engineer"}
+
+
+class InManager(InStaff):
+    __mapper_args__ = {"polymorphic_identity": "manager"}
 
 
 @pytest.fixture
@@ -359,3 +384,55 @@ def test_from_cache_with_the_row_in_the_identity_map_keeps_to_the_class_asked_fo
                 stmt = select(model).where(column == pk).options(from_cache())
                 found = session.execute(stmt).scalars().all()
             assert [type(obj).__name__ for obj in found] == ([expected] if expected else [])
+
+
+def classes(maker: sessionmaker[Session], model: type, pks: list[int]) -> list[str | None]:
+    with maker() as session:
+        return [type(o).__name__ if (o := session.get(model, pk)) else None for pk in pks]
+
+
+def test_the_class_of_a_row_is_what_its_discriminator_picks(
+    engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """A load picks the class from the row's discriminator, not from the class of the object
+    that wrote it: a car whose ``kind`` was set to "truck" loads as a truck (SQLAlchemy warns
+    at that flush), and an entry holding "car" would be another class than every load
+    returns. The commit leaves a miss for such a row; the next load fills the class it picked."""
+    plain = sessionmaker(engine)
+    with factory() as session, pytest.warns(SAWarning, match="incompatible polymorphic identity"):
+        car = session.get(InVehicle, 2)
+        assert isinstance(car, InCar)
+        car.kind = "truck"
+        session.commit()
+    for model in (InVehicle, InCar, InTruck):
+        assert classes(factory, model, [1, 2, 3]) == classes(plain, model, [1, 2, 3])
+    assert classes(factory, InVehicle, [2]) == ["InTruck"]
+
+
+def test_a_polymorphic_on_expression_picks_the_class_of_every_load(
+    engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """With ``polymorphic_on`` a ``case()`` over a column, a commit cannot tell which class
+    a load picks: an engineer written with the manager's code, and one whose code changes,
+    load as managers. Commits of such a hierarchy leave misses; loads fill what they pick."""
+    plain = sessionmaker(engine)
+    with factory() as session:
+        session.add_all(
+            [
+                InEngineer(id=1, code="EN", name="eng"),
+                InEngineer(id=2, code="MA", name="odd"),
+                InStaff(id=3, code="XX", name="staff"),
+            ]
+        )
+        session.commit()
+    for _ in range(2):  # the commit's entries, then the ones the loads filled
+        for model in (InStaff, InEngineer, InManager):
+            assert classes(factory, model, [1, 2, 3]) == classes(plain, model, [1, 2, 3])
+    with factory() as session:
+        first = session.get(InStaff, 1)
+        assert isinstance(first, InEngineer)
+        first.code = "MA"
+        session.commit()
+    for model in (InStaff, InEngineer, InManager):
+        assert classes(factory, model, [1, 2, 3]) == classes(plain, model, [1, 2, 3])
+    assert classes(factory, InStaff, [1, 2, 3]) == ["InManager", "InManager", "InStaff"]
