@@ -318,6 +318,21 @@ def refuse_without_transaction(session: Session) -> None:
         session._autobegin_t()
 
 
+def held_connection(session: Session, bind: Any) -> Any:
+    """The ``Connection`` the session's transaction holds for ``bind`` (an Engine), without
+    taking one; None when it holds none. SQLAlchemy 2.1.7 has this as
+    ``SessionTransaction.bound_connection()``; here for 2.0 too: each transaction's
+    ``_connections`` (keyed by bind), up through its parents (a savepoint's own may not hold
+    the outer transaction's)."""
+    trans: Any = session._transaction
+    while trans is not None:
+        entry = trans._connections.get(bind)
+        if entry is not None:
+            return entry[0]
+        trans = trans._parent
+    return None
+
+
 def listener_counts(session: Session) -> tuple[int, int]:
     """``(len(session.dispatch.do_orm_execute), len(session.dispatch.after_begin))``: the
     session's listeners of those events, its class's and its own (the dispatch made by

@@ -94,18 +94,13 @@ class FlushContext:
         the offset PostgreSQL gives for the session's ``TimeZone``, known here only when
         that zone is UTC or a fixed offset (:func:`psycopg2_zone`)."""
         if self._pg_timezone is None:  # read once per flush, asked once per value
-            driver = getattr(self.dialect, "driver", None)
             tz: Any = None
             try:
-                if driver == "asyncpg":
+                if getattr(self.dialect, "driver", None) == "asyncpg":
                     tz = dt.timezone.utc
                 else:
                     assert self._connection is not None
-                    info = self._connection().connection.dbapi_connection.info
-                    if driver == "psycopg2":
-                        tz = psycopg2_zone(info.parameter_status("TimeZone"))
-                    else:
-                        tz = info.timezone
+                    tz = driver_timezone(self.dialect, self._connection().connection)
             except Exception:  # another driver, or no connection: not predictable
                 tz = None
             self._pg_timezone = tz if isinstance(tz, dt.tzinfo) else False
@@ -124,6 +119,41 @@ class FlushContext:
 
 
 Exact = Callable[[Any, FlushContext], Any]
+
+
+def driver_timezone(dialect: Dialect, pooled: Any) -> dt.tzinfo | None:
+    """The tzinfo ``dialect``'s driver attaches to ``timestamptz`` values on a pooled
+    connection (SQLAlchemy's ``PoolProxiedConnection``): psycopg 3's is the session's
+    ``TimeZone``; asyncpg's is always UTC; psycopg2's is the offset PostgreSQL gives for the
+    session's ``TimeZone``, known here only when that zone is UTC or a fixed offset
+    (:func:`psycopg2_zone`). None when the driver cannot say (another driver)."""
+    driver = getattr(dialect, "driver", None)
+    if driver == "asyncpg":
+        return dt.timezone.utc
+    info = pooled.dbapi_connection.info
+    if driver == "psycopg2":
+        return psycopg2_zone(info.parameter_status("TimeZone"))
+    if driver == "psycopg":
+        tz = info.timezone
+        return tz if isinstance(tz, dt.tzinfo) else None
+    return None
+
+
+def in_zone(
+    values: dict[str, Any], attrs: tuple[str, ...], tz: dt.tzinfo, owned: bool = False
+) -> dict[str, Any]:
+    """``values`` with each ``timestamptz`` value of ``attrs`` in the time zone ``tz``, as a
+    load on a connection in that zone returns it: changed in place when ``owned``, else a new
+    dict when one changes."""
+    changed = values if owned else None
+    for attr in attrs:
+        value = values[attr]
+        if value is not None and value.tzinfo is not tz:
+            if changed is None:
+                changed = dict(values)
+            changed[attr] = value.astimezone(tz)
+    return values if changed is None else changed
+
 
 #: the names PostgreSQL reports for a ``TimeZone`` of UTC (lower case)
 _PG_UTC_NAMES = frozenset(

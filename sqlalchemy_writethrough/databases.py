@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import URL, Connection
 
 from . import forks
+from .codec import driver_timezone
 from .exc import WritethroughError
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -241,6 +242,9 @@ class _Server(NamedTuple):
     default: str | None
     #: (schema, table) of each table with row-level security enabled (PostgreSQL)
     row_secured: frozenset[tuple[str, str]] = frozenset()
+    #: the tzinfo the driver gives ``timestamptz`` values on a new connection of the pool
+    #: (PostgreSQL; None when the driver cannot say)
+    timezone: Any = None
 
 
 def _row_secured(fairy: Any, by_url: str) -> list[tuple[str, str]]:
@@ -264,6 +268,14 @@ def _row_secured(fairy: Any, by_url: str) -> list[tuple[str, str]]:
         return []
     finally:
         fairy.rollback()
+
+
+def _timezone(engine: Any, fairy: Any) -> Any:
+    """:func:`.codec.driver_timezone` of a pooled connection; None when it cannot say."""
+    try:
+        return driver_timezone(engine.dialect, fairy)
+    except Exception:
+        return None
 
 
 class DatabaseUnknown(WritethroughError):
@@ -382,6 +394,7 @@ class Databases:
                 cursor.close()
                 fairy.rollback()
                 row_secured = _row_secured(fairy, by_url) if backend == "postgresql" else ()
+                timezone = _timezone(engine, fairy) if backend == "postgresql" else None
             finally:
                 fairy.close()
         finally:
@@ -413,8 +426,19 @@ class Databases:
         # the schema an unqualified table name reaches (None when the server cannot say:
         # then taken to be the default)
         return _Server(
-            name, schema if schema is not None else default, default, frozenset(row_secured)
+            name,
+            schema if schema is not None else default,
+            default,
+            frozenset(row_secured),
+            timezone,
         )
+
+    def timezone(self, bind: Any) -> Any:
+        """The tzinfo ``bind``'s driver gives ``timestamptz`` values on a new connection of
+        its pool (its ``connect_args`` and "connect" listeners applied), asked once per pool;
+        None when the driver cannot say."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        return self._server(engine, "postgresql").timezone
 
     def row_secured(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]

@@ -22,7 +22,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession, execute_and_instance
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
-from . import _sa_compat
+from . import _sa_compat, codec
 from .codec import IMMUTABLE, DecodeError
 from .databases import NAMING, DatabaseUnknown, naming_of, own_naming
 from .keys import fits_key
@@ -46,6 +46,9 @@ log = logging.getLogger("sqlalchemy_writethrough")
 
 #: a cached row of another class of the hierarchy than the one asked for
 _NO_ROW: Any = object()
+
+#: a load whose values need no time zone of the reader's (see ReadPath.zone)
+NO_ZONE: Any = object()
 
 #: the execution option by which a ``Session.get`` that already read the entry and found no hit
 #: (see .session) tells the handler so: it asks for a lease at once, without reading it again
@@ -168,6 +171,7 @@ class ReadPath:
         if not keys.served:  # row-level security: the database decides what it sees
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
+        zone = self.zone(session, layout, bind)
         key, gen_key = keys.pair(pk)
         name = layout.entity_name
         counters = rt.counters
@@ -179,7 +183,9 @@ class ReadPath:
             self._read_done(name, started, "error")
             return None
         if found is not False:
-            result = self._hit(session, layout, identity_key, pk, found, key, gen_key, mapper, bind)
+            result = self._hit(
+                session, layout, identity_key, pk, found, key, gen_key, mapper, bind, zone
+            )
             if result is not None:
                 self._read_done(name, started, "hit")
                 return result
@@ -216,7 +222,7 @@ class ReadPath:
             assert data is not None
             payload = payload_of(data)
             result = self._hit(
-                session, layout, identity_key, pk, payload, key, gen_key, mapper, bind
+                session, layout, identity_key, pk, payload, key, gen_key, mapper, bind, zone
             )
             if result is not None:
                 self._read_done(name, started, "hit")
@@ -303,6 +309,27 @@ class ReadPath:
         if tracer is not None:
             record_span(tracer, what, name, perf_counter() - started, **attributes)
 
+    def zone(self, session: Any, layout: ModelLayout, bind: Any) -> Any:
+        """The tzinfo in which a load by ``session`` from ``bind`` would return the
+        ``DateTime(timezone=True)`` values of ``layout`` (PostgreSQL's drivers give them in
+        the time zone of the connection that loaded them, asyncpg in UTC): that of the
+        connection the session holds to ``bind`` (``SET TIME ZONE`` in its transaction),
+        else that of a new connection of its pool. :data:`NO_ZONE` when the layout has no
+        such attribute (or values have no zone on this database), and when the driver
+        cannot say (psycopg2 in a zone with transitions, whose offsets come from the server's
+        time zone database: values are served as the entry holds them)."""
+        if not layout.zoned or bind.dialect.name != "postgresql":
+            return NO_ZONE
+        held = bind if isinstance(bind, Connection) else _sa_compat.held_connection(session, bind)
+        try:
+            if held is not None:
+                found = codec.driver_timezone(bind.dialect, held.connection)
+            else:
+                found = self.runtime.models.pool_timezone(bind)
+        except Exception:  # the connection or the server cannot say
+            found = None
+        return NO_ZONE if found is None else found
+
     def _listened_after(self, orm_state: ORMExecuteState) -> bool:
         """Whether a ``do_orm_execute`` listener runs after the cache's (one added after
         ``install()``, or to a session itself): it may add loader criteria or options, or
@@ -382,6 +409,7 @@ class ReadPath:
         if not keys.served:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
+        zone = self.zone(session, layout, bind)
         key, gen_key = keys.pair(pk)
         found = rt.peek(layout, key, gen_key)
         if not found:
@@ -396,6 +424,8 @@ class ReadPath:
             rt.counters.add("misses", 1, layout.entity_name)
             return None  # undecodable, or the row is now of another class: the database says
         values = decoded[1]
+        if zone is not NO_ZONE and variant.zoned:
+            values = codec.in_zone(values, variant.zoned, zone)
         state_dict = state.dict
         for name in props:
             if name in stored:
@@ -496,10 +526,11 @@ class ReadPath:
         gen_key: str,
         mapper: Any,
         bind: Any,
+        zone: Any = NO_ZONE,
     ) -> Result[Any] | None:
         """The result of a cached row, or None when the entry turned out unusable."""
         instance = self._build(
-            session, layout, identity_key, pk, payload, bind.dialect, key, gen_key, mapper
+            session, layout, identity_key, pk, payload, bind.dialect, key, gen_key, mapper, zone
         )
         if instance is None:
             return None
@@ -567,6 +598,7 @@ class ReadPath:
             if not keys.served:
                 rt.counters.add("bypasses", 1, layout.entity_name)
                 return None
+            zone = self.zone(session, layout, bind)
             pairs = keys.pairs_of(todo)
             name = layout.entity_name
             started = perf_counter()
@@ -579,7 +611,17 @@ class ReadPath:
             # every id to read (none in the identity map): the instances may be the rows
             whole = len(todo) == len(ids)
             missing, built = self._build_many(
-                session, layout, mapper, bind.dialect, todo, todo_keys, pairs, entries, found, whole
+                session,
+                layout,
+                mapper,
+                bind.dialect,
+                todo,
+                todo_keys,
+                pairs,
+                entries,
+                found,
+                whole,
+                zone,
             )
             rt.counters.add("hits", len(todo) - len(missing), name)
             self._read_done(name, started, "miss" if missing else "hit", len(todo))
@@ -605,6 +647,7 @@ class ReadPath:
         entries: Sequence[Any],
         found: dict[Any, Any],
         whole: bool = False,
+        zone: Any = NO_ZONE,
     ) -> tuple[list[tuple[Any, Any, str, str]], list[Any] | None]:
         """Instances of the usable entries, into ``found``; the others, to load (as
         ``(value, identity key, key, generation key)``). With ``whole`` (``todo`` is every id
@@ -622,6 +665,9 @@ class ReadPath:
             if one.mapper.isa(requested):
                 kept = _kept_rows(layout, one, dialect, todo, todo_keys, entries)
                 if kept is not None:
+                    if zone is not NO_ZONE and one.zoned:  # each values dict a copy of its own
+                        for _, own in kept:
+                            codec.in_zone(own, one.zoned, zone, True)
                     # every entry a near copy of the layout's own class, decoded before
                     instances = _sa_compat.build_persistent_many(
                         session, one.mapper, kept, one.expired, True
@@ -637,6 +683,10 @@ class ReadPath:
             # the common case: every entry a row of the layout's one class, decoded here
             one = layout.base_variant
             if one.mapper.isa(requested):
+                if zone is not NO_ZONE and one.zoned:  # decoded here: this load's own
+                    for row in decoded_rows:
+                        if row is not None:  # (none is: see the test above)
+                            codec.in_zone(row, one.zoned, zone, True)
                 rows: Any = zip(todo_keys, decoded_rows, strict=True)  # no None among them
                 instances = _sa_compat.build_persistent_many(
                     session, one.mapper, rows, one.expired, True
@@ -668,6 +718,8 @@ class ReadPath:
                     missing.append((todo[i], todo_keys[i], key, gen_key))
                     continue
             if variant in wanted:
+                if zone is not NO_ZONE and variant.zoned:  # decoded or copied: its own
+                    codec.in_zone(values, variant.zoned, zone, True)
                 hits.append((variant, todo[i], todo_keys[i], values))
                 classes[variant] = None
         for variant in classes:
@@ -757,6 +809,7 @@ class ReadPath:
         key: str,
         gen_key: str,
         requested: Any,
+        zone: Any = NO_ZONE,
     ) -> Any:
         decoded = self._decoded(layout, payload, dialect, pk, key, gen_key)
         if decoded is None:
@@ -766,13 +819,12 @@ class ReadPath:
         if built is not requested and not built.isa(requested):
             return _NO_ROW  # the row is another class of the hierarchy: the ORM finds no row
         # values decoded from Redis's reply are this load's; a near copy's may be kept in it
+        owned = type(payload) is not Copy
+        if zone is not NO_ZONE and variant.zoned:
+            values = codec.in_zone(values, variant.zoned, zone, owned)
+            owned = owned or values is not decoded[1]
         return _sa_compat.build_persistent(
-            session,
-            built,
-            identity_key,
-            values,
-            variant.expired,
-            type(payload) is not Copy,
+            session, built, identity_key, values, variant.expired, owned
         )
 
     def _decoded(

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, DateTime, Table
 from sqlalchemy.orm import Mapper, RelationshipProperty
 from sqlalchemy.orm.exc import UnmappedColumnError
 
@@ -94,6 +94,13 @@ class ClassLayout:
         self.attrs = tuple(attrs)
         self._pk_attrs = pk_attrs
         self.attr_set = frozenset(attrs)
+        #: the ``DateTime(timezone=True)`` attributes: a driver returns their values in the
+        #: time zone of the connection that loaded them (see codec.in_zone)
+        self.zoned = tuple(
+            a
+            for a, c in zip(attrs, columns, strict=True)
+            if isinstance(c.type, DateTime) and c.type.timezone
+        )
         self.expired = tuple(expired)
         # attributes left NULL by an INSERT when unset, without None in the instance's dict:
         # sent as NULL (the mapper's private _insert_cols_as_none), or, for a type where None
@@ -538,6 +545,8 @@ class ModelLayout:
         self.eager_relationships = tuple(
             key for v in self.by_tag.values() for key in v.eager_relationships
         )
+        #: whether a class of the hierarchy has ``DateTime(timezone=True)`` attributes
+        self.zoned = any(v.zoned for v in self.by_tag.values())
 
         # the default dialect gives every column a codec now, so a type with no stored form
         # fails at configuration; real dialects get theirs at first use

@@ -382,6 +382,11 @@ class Models:
         layout.last_keys = (bind, keys)
         return keys
 
+    def pool_timezone(self, bind: Any) -> Any:
+        """The tzinfo of ``timestamptz`` values on a new connection of ``bind``'s pool
+        (PostgreSQL: see :meth:`.Databases.timezone`)."""
+        return self._databases.timezone(bind)
+
     def _served(self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None) -> bool:
         """Whether loads of ``layout``'s rows in this database may be answered from the
         cache: not when one of its tables has row-level security, whose policies decide per

@@ -35,8 +35,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 
 from . import _sa_compat
+from .codec import in_zone
 from .databases import DatabaseUnknown
-from .loading import _NO_ROW, PEEKED
+from .loading import _NO_ROW, NO_ZONE, PEEKED
 from .near import Copy
 from .tracing import record_span
 
@@ -312,6 +313,7 @@ def answer_get(
             return UNANSWERED
     if not keys.served:  # row-level security: the database's load decides
         return UNANSWERED
+    zone = read.zone(session, layout, bind) if layout.zoned else NO_ZONE
     # KeySpace.pair's memo of int keys read, without its call
     pair = keys._pairs.get(ident) if type(ident) is int else None
     key, gen_key = keys.pair(pk) if pair is None else pair
@@ -336,6 +338,8 @@ def answer_get(
         variant, values = memo[3]
         built = variant.mapper_ref()
         if built is mapper or built.isa(mapper):
+            if zone is not NO_ZONE and variant.zoned:
+                values = in_zone(values, variant.zoned, zone)
             instance = _sa_compat.build_persistent(
                 session, built, identity_key, values, variant.expired
             )
@@ -344,7 +348,7 @@ def answer_get(
     else:
         near_hits = 1 if type(found) is Copy else 0
         instance = read._build(
-            session, layout, identity_key, pk, found, dialect, key, gen_key, mapper
+            session, layout, identity_key, pk, found, dialect, key, gen_key, mapper, zone
         )
         if instance is None:
             if near_hits:

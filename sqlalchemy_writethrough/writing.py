@@ -479,8 +479,10 @@ class WritePath:
                         payload = None if values is None else pack_row(values)
                     except (KeyError, EncodeError):
                         payload = None
-                    if payload is not None and layout.checks_class and not layout.picks(
-                        mapper, dict_
+                    if (
+                        payload is not None
+                        and layout.checks_class
+                        and not layout.picks(mapper, dict_)
                     ):
                         payload = None  # a load would build another class (see ModelLayout)
                 # the key before_flush computed, when it is the same row's in the same key
