@@ -530,7 +530,9 @@ class ModelLayout:
                 self.discriminator = prop.key
             else:
                 self.class_predicted = False
-                if options.strategy != "invalidate":
+                said = (str(table.fullname), "polymorphic_on", "*")
+                if options.strategy != "invalidate" and said not in _ANNOUNCED:
+                    _ANNOUNCED.add(said)  # once per process, as the columns' notices
                     warnings.warn(
                         f"{where}: its polymorphic_on is a SQL expression, so a commit cannot "
                         "tell which class a load of the row picks: each commit writing a "
