@@ -113,7 +113,8 @@ class ClassLayout:
         self.eager_relationships = tuple(
             r.key
             for r in mapper.relationships
-            if isinstance(r, RelationshipProperty) and r.lazy in _EAGER
+            # lazy=False is SQLAlchemy's older spelling of "joined"
+            if isinstance(r, RelationshipProperty) and (r.lazy is False or r.lazy in _EAGER)
         )
         self._where = where
         #: (attribute, type of value) a load returned that the codec could not store: said

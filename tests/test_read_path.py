@@ -1101,3 +1101,43 @@ def test_garbage_lock_entry_does_not_disable_the_cache(
         "rank": 0,
         "deleted": False,
     }, f"entry still {client.get(key)!r}"
+
+
+@pytest.mark.parametrize("lazy", ["joined", False, "selectin", "subquery", "immediate"])
+def test_a_model_with_an_eager_relationship_is_loaded_with_it(
+    engine: Engine, client: redis.Redis, prefix: str, lazy: Any
+) -> None:
+    """A relationship loaded with its parent (``lazy=False`` is SQLAlchemy's old spelling of
+    ``"joined"``) is there after the session closes; a parent built from the cache had it
+    unloaded, and reading it raised DetachedInstanceError. Such a model's loads read the
+    database, whatever the spelling."""
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class EgParent(LocalBase, CachedModel):
+        __tablename__ = "eg_parent"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        children: Mapped[list[EgChild]] = relationship(lazy=lazy)
+
+    class EgChild(LocalBase, CachedModel):
+        __tablename__ = "eg_child"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        parent_id: Mapped[int] = mapped_column(ForeignKey("eg_parent.id"))
+
+    reset_schema(engine, LocalBase.metadata)
+    cache = WriteThroughCache(client, prefix=prefix)
+    maker = sessionmaker(engine)
+    cache.install(maker)
+    try:
+        with maker() as s:
+            s.add(EgParent(id=1, children=[EgChild(id=1), EgChild(id=2)]))
+            s.commit()
+        for m in (sessionmaker(engine), maker):
+            with m() as s:
+                parent = s.get(EgParent, 1)
+            assert parent is not None
+            assert sorted(c.id for c in parent.children) == [1, 2]  # no DetachedInstanceError
+    finally:
+        cache.uninstall(maker)
+        LocalBase.registry.dispose()
