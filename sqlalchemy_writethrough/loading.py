@@ -118,7 +118,7 @@ class ReadPath:
         criteria = _sa_compat.plain_entity_select(stmt, mapper)
         if (
             criteria is None
-            or layout.eager_relationships
+            or layout.loaded_with_row
             or _sa_compat.load_options_forbid_cache(orm_state)
             or not _sa_compat.only_user_defined_options(stmt)
         ):

@@ -49,6 +49,8 @@ class CachedModel:
 
 
 _EAGER = frozenset({"joined", "selectin", "subquery", "immediate"})
+#: the strategy of ``query_expression()``: None unless the query gives it an expression
+_QUERY_EXPRESSION = (("query_expression", True),)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _PK_KINDS = {"int": int, "str": str, "uuid": uuid.UUID}
 
@@ -72,10 +74,14 @@ class ClassLayout:
         columns: list[Any] = []
         attrs: list[str] = []
         expired: list[str] = []
+        #: SQL expressions a load selects with the row (``column_property`` not deferred)
+        self.loaded_expressions: tuple[str, ...] = ()
         for prop in mapper.column_attrs:
             cols = prop.columns
             if not all(isinstance(c, Column) and c.table in tables for c in cols):
                 expired.append(prop.key)  # column_property expressions: loaded on access
+                if not prop.deferred and prop.strategy_key != _QUERY_EXPRESSION:
+                    self.loaded_expressions += (prop.key,)
                 continue
             if prop.key in exclude:
                 if prop.key in pk_attrs:
@@ -547,6 +553,14 @@ class ModelLayout:
         self.schemas: frozenset[str | None] = frozenset(t.schema for t in self.tables)
         self.eager_relationships = tuple(
             key for v in self.by_tag.values() for key in v.eager_relationships
+        )
+        #: what a load brings with the row that an entry cannot: eagerly loaded
+        #: relationships, SQL expressions selected with it (``column_property`` not
+        #: deferred). Present after the session closes when loaded; an object built from an
+        #: entry would have them unloaded (DetachedInstanceError), so such a model's loads
+        #: read the database
+        self.loaded_with_row = self.eager_relationships + tuple(
+            key for v in self.by_tag.values() for key in v.loaded_expressions
         )
         #: whether a class of the hierarchy has ``DateTime(timezone=True)`` attributes
         self.zoned = any(v.zoned for v in self.by_tag.values())

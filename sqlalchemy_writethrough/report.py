@@ -45,8 +45,8 @@ class ModelInfo:
     options: ModelOptions
     #: columns whose commits invalidate instead of writing through, on this database
     inexact_columns: tuple[InexactColumn, ...]
-    #: False when eagerly loaded relationships keep its loads off the cache (it is still
-    #: kept current in Redis)
+    #: False when eagerly loaded relationships or ``column_property`` expressions (not
+    #: deferred) keep its loads off the cache (it is still kept current in Redis)
     loads_served: bool
 
     def __str__(self) -> str:
@@ -69,7 +69,10 @@ class ModelInfo:
                 "  commits invalidate because of: " + "; ".join(map(str, self.inexact_columns))
             )
         if not self.loads_served:
-            lines.append("  loads go to the database (eagerly loaded relationships)")
+            lines.append(
+                "  loads go to the database (eagerly loaded relationships or column_property "
+                "expressions: declare those deferred=True)"
+            )
         return "\n".join(lines)
 
 
@@ -145,5 +148,5 @@ def _info(layout: ModelLayout, dialect: Dialect) -> ModelInfo:
         keys=layout.key_pattern,
         options=dataclasses.replace(layout.options, exclude=layout.exclude),
         inexact_columns=tuple(inexact.values()),
-        loads_served=not layout.eager_relationships,
+        loads_served=not layout.loaded_with_row,
     )

@@ -213,7 +213,7 @@ def _plan_of(models: Models, entity: Any) -> _Plan | None:
     if not isinstance(mapper, Mapper):
         return None
     layout = models.layout_for(mapper)
-    if layout is None or layout.eager_relationships:
+    if layout is None or layout.loaded_with_row:
         return None
     if mapper is not layout.mapper and not _same_columns(mapper.primary_key, layout.pk_columns):
         return None

@@ -44,14 +44,17 @@ from sqlalchemy.orm import (
     MappedAsDataclass,
     ORMExecuteState,
     Session,
+    column_property,
     deferred,
     joinedload,
     mapped_column,
+    query_expression,
     relationship,
     selectinload,
     sessionmaker,
     with_loader_criteria,
 )
+from sqlalchemy.orm.exc import DetachedInstanceError
 
 from sqlalchemy_writethrough import CachedModel, CacheStats, WriteThroughCache, from_cache
 from sqlalchemy_writethrough.protocol import payload_of
@@ -1138,6 +1141,53 @@ def test_a_model_with_an_eager_relationship_is_loaded_with_it(
                 parent = s.get(EgParent, 1)
             assert parent is not None
             assert sorted(c.id for c in parent.children) == [1, 2]  # no DetachedInstanceError
+    finally:
+        cache.uninstall(maker)
+        LocalBase.registry.dispose()
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["selected", "deferred"])
+def test_a_column_property_expression_is_there_as_a_load_leaves_it(
+    engine: Engine, client: redis.Redis, prefix: str, deferred: bool
+) -> None:
+    """``column_property(first + " " + last)`` is selected with the row: after the session
+    closes a load's object still has it. Built from the cache it was unloaded, and reading
+    it raised DetachedInstanceError. Such a model's loads now read the database; declared
+    ``deferred=True`` it loads on access with or without the cache, and is served."""
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class CpUser(LocalBase, CachedModel):
+        __tablename__ = "cp_user"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        first: Mapped[str] = mapped_column(String(20))
+        last: Mapped[str] = mapped_column(String(20))
+        full = column_property(first + " " + last, deferred=deferred)
+        picked: Mapped[str | None] = query_expression()  # None unless a query gives one
+
+    reset_schema(engine, LocalBase.metadata)
+    cache = WriteThroughCache(client, prefix=prefix)
+    maker = sessionmaker(engine)
+    cache.install(maker)
+
+    def seen(m: sessionmaker[Session]) -> list[Any]:
+        with m() as s:
+            user = s.get(CpUser, 1)
+        assert user is not None
+        try:
+            return [user.picked, user.full]
+        except DetachedInstanceError:
+            return [user.picked, "detached"]
+
+    try:
+        with maker() as s:
+            s.add(CpUser(id=1, first="Ada", last="Lovelace"))
+            s.commit()
+        with capture_sql(engine) as sql:
+            assert seen(maker) == seen(sessionmaker(engine))
+        assert len(sql) == (1 if deferred else 2)  # the plain load's, and not served: ours
+        assert cache.models(engine)[CpUser].loads_served is deferred
     finally:
         cache.uninstall(maker)
         LocalBase.registry.dispose()
