@@ -11,10 +11,12 @@ in the reader's time zone, as its load would.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
 import pytest
+import redis.asyncio
 import sqlalchemy as sa
 from sqlalchemy import event, make_url
 from sqlalchemy.engine import Engine
@@ -151,3 +153,50 @@ def test_a_time_zone_set_per_transaction_is_the_readers(
     finally:
         cache.uninstall(maker)
         cache.redis.close()
+
+
+def test_an_asyncpg_reader_gets_utc(
+    db: Engine, redis_url: str, prefix: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """asyncpg returns every ``timestamptz`` in UTC, whatever the session's time zone: an
+    entry written by a psycopg 3 process in ``Asia/Kolkata`` is read by an asyncio process in
+    UTC, as its load would be."""
+    pytest.importorskip("asyncpg")
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    writer = engine_in(db, "postgresql+psycopg", "Asia/Kolkata")
+    sync_cache = WriteThroughCache(redis_url, prefix=prefix)
+    maker = sessionmaker(writer)
+    sync_cache.install(maker)
+    with maker() as s:
+        s.add_all([TzEvent(id=i, at=AT, local=AT.replace(tzinfo=None)) for i in (1, 2)])
+        s.commit()
+    assert loaded(maker)[0].startswith("2026-12-05T15:30:00+05:30")
+
+    async def read() -> tuple[list[str], list[str], int]:
+        url = db.url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        engine = create_async_engine(url)
+        client = redis.asyncio.Redis.from_url(redis_url)
+        cache = WriteThroughCache(client, prefix=prefix)
+        factory = async_sessionmaker(engine)
+        cache.install(factory)
+        try:
+            seen = []
+            for m in (factory, async_sessionmaker(engine)):  # the cache's, then a load's
+                async with m() as s:
+                    rows = [await s.get(TzEvent, i) for i in (1, 2)]
+                    seen.append([f"{e.at.isoformat()} {e.at.tzinfo!r}" for e in rows if e])
+            return seen[0], seen[1], cache.stats().hits
+        finally:
+            await cache.aclose()
+            await client.aclose()  # the caller's client: the cache leaves it open
+            await engine.dispose()
+
+    try:
+        cached, plain, hits = loop.run_until_complete(read())
+        assert cached == plain and plain[0].startswith("2026-12-05T10:00:00+00:00")
+        assert hits == 2
+    finally:
+        sync_cache.uninstall(maker)
+        sync_cache.close()
+        writer.dispose()
