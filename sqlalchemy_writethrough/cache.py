@@ -1107,14 +1107,22 @@ class WriteThroughCache:
     def models(self, bind: Engine | Connection | Dialect) -> CachedModels:
         """What this cache caches: every model with its keys and effective options, the columns
         whose commits invalidate instead of writing through on ``bind``'s database (an Engine,
-        Connection or Dialect), and the models ``register_all()`` left out, with why."""
+        Connection or Dialect), whether its loads are served there and why not (an Engine or
+        Connection is asked which tables have row-level security), and the models
+        ``register_all()`` left out, with why."""
         if isinstance(bind, Engine) and getattr(bind.dialect, "server_version_info", None) is None:
             with bind.connect():  # a first connection tells MariaDB from MySQL, as at a flush
                 pass
         dialect: Dialect = bind if isinstance(bind, Dialect) else bind.dialect
         layouts = self._models.cached_layouts()
         self._models.warn_left_out(stacklevel=2)
-        return describe(self, layouts, self._models.left_out(), dialect)
+        secured = {}
+        if not isinstance(bind, Dialect):  # a database to ask (PostgreSQL: row security)
+            for layout in layouts:
+                found = self._models.row_secured(layout, bind)
+                if found:
+                    secured[layout] = found
+        return describe(self, layouts, self._models.left_out(), dialect, secured)
 
     def __repr__(self) -> str:
         return f"WriteThroughCache(prefix={self.prefix!r})"

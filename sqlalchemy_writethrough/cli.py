@@ -274,6 +274,7 @@ def _models(args: argparse.Namespace, cache: WriteThroughCache, factory: Any, ou
                     "exclude": sorted(info.options.exclude),
                     "inexact_columns": [str(c) for c in info.inexact_columns],
                     "loads_served": info.loads_served,
+                    "not_served_because": info.not_served_because,
                 }
                 for info in described.cached
             ],

@@ -382,6 +382,10 @@ class Models:
         layout.last_keys = (bind, keys)
         return keys
 
+    def row_secured(self, layout: ModelLayout, bind: Any) -> list[str]:
+        """The tables of ``layout`` with row-level security in ``bind``'s database."""
+        return self._databases.row_secured(bind, None, layout.tables)
+
     def pool_timezone(self, bind: Any) -> Any:
         """The tzinfo of ``timestamptz`` values on a new connection of ``bind``'s pool
         (PostgreSQL: see :meth:`.Databases.timezone`)."""

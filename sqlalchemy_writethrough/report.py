@@ -46,8 +46,11 @@ class ModelInfo:
     #: columns whose commits invalidate instead of writing through, on this database
     inexact_columns: tuple[InexactColumn, ...]
     #: False when eagerly loaded relationships or ``column_property`` expressions (not
-    #: deferred) keep its loads off the cache (it is still kept current in Redis)
+    #: deferred) keep its loads off the cache, or a table's row-level security keeps them off
+    #: on this database (it is still kept current in Redis)
     loads_served: bool
+    #: why its loads are not served ("" when they are)
+    not_served_because: str = ""
 
     def __str__(self) -> str:
         names = ", ".join(c.__name__ for c in self.classes)
@@ -69,10 +72,7 @@ class ModelInfo:
                 "  commits invalidate because of: " + "; ".join(map(str, self.inexact_columns))
             )
         if not self.loads_served:
-            lines.append(
-                "  loads go to the database (eagerly loaded relationships or column_property "
-                "expressions: declare those deferred=True)"
-            )
+            lines.append(f"  loads go to the database ({self.not_served_because})")
         return "\n".join(lines)
 
 
@@ -120,9 +120,15 @@ def describe(
     layouts: list[ModelLayout],
     left_out: dict[Mapper[Any], str],
     dialect: Dialect,
+    row_secured: dict[ModelLayout, list[str]] | None = None,
 ) -> CachedModels:
+    """``row_secured``: the tables with row-level security of each layout that has one, on
+    the database described (when it was asked)."""
     name = f"{dialect.name}+{dialect.driver}"
-    cached = sorted((_info(layout, dialect) for layout in layouts), key=_by_name)
+    secured = row_secured or {}
+    cached = sorted(
+        (_info(layout, dialect, secured.get(layout, [])) for layout in layouts), key=_by_name
+    )
     skipped = sorted(
         (LeftOutModel(m.class_, reason) for m, reason in left_out.items()), key=_by_name
     )
@@ -133,7 +139,22 @@ def _by_name(entry: ModelInfo | LeftOutModel) -> tuple[str, str]:
     return entry.model.__name__, entry.model.__module__
 
 
-def _info(layout: ModelLayout, dialect: Dialect) -> ModelInfo:
+def _not_served_because(layout: ModelLayout, secured: list[str]) -> str:
+    reasons = []
+    if layout.eager_relationships:
+        reasons.append(f"eagerly loaded relationships: {', '.join(layout.eager_relationships)}")
+    expressions = [k for k in layout.loaded_with_row if k not in layout.eager_relationships]
+    if expressions:
+        reasons.append(
+            f"column_property expressions selected with the row: {', '.join(expressions)}; "
+            "declare them deferred=True"
+        )
+    if secured:
+        reasons.append(f"row-level security on {', '.join(secured)}")
+    return "; ".join(reasons)
+
+
+def _info(layout: ModelLayout, dialect: Dialect, secured: list[str]) -> ModelInfo:
     inexact: dict[str, InexactColumn] = {}
     for variant in layout.by_tag.values():
         columns = dict(zip(variant.attrs, variant.columns, strict=True))
@@ -148,5 +169,6 @@ def _info(layout: ModelLayout, dialect: Dialect) -> ModelInfo:
         keys=layout.key_pattern,
         options=dataclasses.replace(layout.options, exclude=layout.exclude),
         inexact_columns=tuple(inexact.values()),
-        loads_served=not layout.loaded_with_row,
+        loads_served=not (layout.loaded_with_row or secured),
+        not_served_because=_not_served_because(layout, secured),
     )

@@ -1187,7 +1187,14 @@ def test_a_column_property_expression_is_there_as_a_load_leaves_it(
         with capture_sql(engine) as sql:
             assert seen(maker) == seen(sessionmaker(engine))
         assert len(sql) == (1 if deferred else 2)  # the plain load's, and not served: ours
-        assert cache.models(engine)[CpUser].loads_served is deferred
+        info = cache.models(engine)[CpUser]
+        assert info.loads_served is deferred
+        assert info.not_served_because == (
+            ""
+            if deferred
+            else "column_property expressions selected with the row: full; "
+            "declare them deferred=True"
+        )
     finally:
         cache.uninstall(maker)
         LocalBase.registry.dispose()

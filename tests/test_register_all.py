@@ -674,7 +674,9 @@ def test_models_reports_classes_tables_keys_and_effective_options(
         for expected in ("RaItem", "ttl 60s", "exclude: cost, notes", "code (CHAR pads"):
             assert expected in text
         assert "RaDocument, RaInvoice" in text and "Left out by register_all():" in text
-        assert "eagerly loaded relationships" in text
+        assert "eagerly loaded relationships: item" in text
+        assert order.not_served_because == "eagerly loaded relationships: item"
+        assert item.not_served_because == ""
         cache.uninstall(factory)
     finally:
         del cache

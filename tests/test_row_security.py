@@ -115,6 +115,11 @@ def test_a_row_secured_table_is_never_served_from_the_cache(
         assert stats["RsDoc"].hits == 0 and stats["RsPlan"].hits == 1
         warned = [r.getMessage() for r in caplog.records if "row-level security" in r.getMessage()]
         assert len(warned) == 1 and "rs_doc" in warned[0], caplog.text
+        report = cache.models(app_engine)  # what cache.models() says, per database
+        assert not report[RsDoc].loads_served and report[RsPlan].loads_served
+        assert report[RsDoc].not_served_because == "row-level security on public.rs_doc"
+        assert "loads go to the database (row-level security on public.rs_doc)" in str(report)
+        assert cache.models(app_engine.dialect)[RsDoc].loads_served  # no database: not asked
     finally:
         cache.uninstall(maker)
         cache.redis.close()
