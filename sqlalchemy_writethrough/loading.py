@@ -163,13 +163,8 @@ class ReadPath:
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
         may_fill = not tracker.wrote
-        try:
-            keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
-        except DatabaseUnknown:
-            rt.counters.add("bypasses", 1, layout.entity_name)
-            return None  # the load itself says what is wrong with the database
-        if not keys.served:  # row-level security: the database decides what it sees
-            rt.counters.add("bypasses", 1, layout.entity_name)
+        keys = self._served_keys(orm_state, layout, bind, tracker)
+        if keys is None:
             return None
         zone = self.zone(session, layout, bind)
         key, gen_key = keys.pair(pk)
@@ -309,6 +304,23 @@ class ReadPath:
         if tracer is not None:
             record_span(tracer, what, name, perf_counter() - started, **attributes)
 
+    def _served_keys(
+        self, orm_state: ORMExecuteState, layout: ModelLayout, bind: Any, tracker: Any
+    ) -> KeySpace | None:
+        """The keys of this load's rows in ``bind``'s database, or None (a bypass) when the
+        cache may not answer it there: the database could not be named (the load itself
+        says what is wrong with it), or a table of the model has row-level security, whose
+        policies decide what each session sees."""
+        rt = self.runtime
+        try:
+            keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
+        except DatabaseUnknown:
+            keys = None
+        if keys is None or not keys.served:
+            rt.counters.add("bypasses", 1, layout.entity_name)
+            return None
+        return keys
+
     def zone(self, session: Any, layout: ModelLayout, bind: Any) -> Any:
         """The tzinfo in which a load by ``session`` from ``bind`` would return the
         ``DateTime(timezone=True)`` values of ``layout`` (PostgreSQL's drivers give them in
@@ -401,13 +413,8 @@ class ReadPath:
         tracker = self._usable_tracker(session, mapper, bind)
         if tracker is None:
             return None
-        try:
-            keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
-        except DatabaseUnknown:
-            rt.counters.add("bypasses", 1, layout.entity_name)
-            return None
-        if not keys.served:
-            rt.counters.add("bypasses", 1, layout.entity_name)
+        keys = self._served_keys(orm_state, layout, bind, tracker)
+        if keys is None:
             return None
         zone = self.zone(session, layout, bind)
         key, gen_key = keys.pair(pk)
@@ -590,13 +597,8 @@ class ReadPath:
                 if state.mapper.isa(mapper):
                     found[value] = existing
         if todo:
-            try:
-                keys = rt.models.keys(layout, bind, _naming(orm_state, tracker, bind))
-            except DatabaseUnknown:
-                rt.counters.add("bypasses", 1, layout.entity_name)
-                return None
-            if not keys.served:
-                rt.counters.add("bypasses", 1, layout.entity_name)
+            keys = self._served_keys(orm_state, layout, bind, tracker)
+            if keys is None:
                 return None
             zone = self.zone(session, layout, bind)
             pairs = keys.pairs_of(todo)

@@ -554,14 +554,14 @@ class ModelLayout:
         self.eager_relationships = tuple(
             key for v in self.by_tag.values() for key in v.eager_relationships
         )
-        #: what a load brings with the row that an entry cannot: eagerly loaded
-        #: relationships, SQL expressions selected with it (``column_property`` not
-        #: deferred). Present after the session closes when loaded; an object built from an
-        #: entry would have them unloaded (DetachedInstanceError), so such a model's loads
-        #: read the database
-        self.loaded_with_row = self.eager_relationships + tuple(
+        #: SQL expressions a load selects with the row (``column_property`` not deferred)
+        self.loaded_expressions = tuple(
             key for v in self.by_tag.values() for key in v.loaded_expressions
         )
+        #: what a load brings with the row that an entry cannot: present after the session
+        #: closes when loaded, where an object built from an entry would have them unloaded
+        #: (DetachedInstanceError), so such a model's loads read the database
+        self.loaded_with_row = self.eager_relationships + self.loaded_expressions
         #: whether a class of the hierarchy has ``DateTime(timezone=True)`` attributes
         self.zoned = any(v.zoned for v in self.by_tag.values())
 

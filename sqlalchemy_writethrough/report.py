@@ -143,11 +143,10 @@ def _not_served_because(layout: ModelLayout, secured: list[str]) -> str:
     reasons = []
     if layout.eager_relationships:
         reasons.append(f"eagerly loaded relationships: {', '.join(layout.eager_relationships)}")
-    expressions = [k for k in layout.loaded_with_row if k not in layout.eager_relationships]
-    if expressions:
+    if layout.loaded_expressions:
         reasons.append(
-            f"column_property expressions selected with the row: {', '.join(expressions)}; "
-            "declare them deferred=True"
+            "column_property expressions selected with the row: "
+            f"{', '.join(layout.loaded_expressions)}; declare them deferred=True"
         )
     if secured:
         reasons.append(f"row-level security on {', '.join(secured)}")
