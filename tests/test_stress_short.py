@@ -254,8 +254,11 @@ def test_short_uuid_keys_asyncio_run_finds_no_violation(
     )
     report = result.report
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
-    # final_state named every entry by its int id (a key's 32 hex digits)
-    assert report.cached_entries > 0, result.format()
+    # final_state named every VALUE entry by its int id (a key's 32 hex digits): those of
+    # the current generation, and those a statement's bucket bump left behind (the run's
+    # last statements may have bumped every bucket the entries were in: seen in CI)
+    named = report.cached_entries + report.leftover.get("old generation", 0)
+    assert named > 0, result.format()
     assert not [k for k in report.leftover if k.startswith("unknown key")], result.format()
     assert report.ok, result.format()
 
