@@ -309,13 +309,36 @@ def session_dispatch(session: Session) -> Any:
     return dispatch
 
 
-def refuse_without_transaction(session: Session) -> None:
-    """Raise SQLAlchemy's own ``InvalidRequestError`` ("Autobegin is disabled") when the
-    session was made with ``autobegin=False`` and has no transaction, as a database load
-    would (``Session._autobegin_t()``, 2.0 and 2.1, raises it; on any other session it is not
-    called: beginning a transaction that sends nothing costs about a third of a cached get)."""
-    if not session.autobegin and session._transaction is None:
+def begin_as_a_load(session: Session) -> None:
+    """What a database load does first: autobegin the session's transaction
+    (``Session._autobegin_t()``, 2.0 and 2.1), so that ``rollback()`` expires what was
+    loaded, ``begin()`` refuses to begin again, and ``autobegin=False`` refuses the load
+    outside ``begin()`` with SQLAlchemy's own error.
+
+    A session of a class with ``_wt_defers_begin`` (the get path's Session subclass) only
+    records it, in its ``_wt_deferred_begin`` (an attribute, not a ``__dict__`` item: that
+    costs 3% of a cached get); the class begins it when something can tell
+    (:func:`begin_deferred`), since a transaction that a session then closes unseen costs
+    about a third of a cached get."""
+    if session._transaction is None:
+        if session.autobegin and getattr(type(session), "_wt_defers_begin", False):
+            session._wt_deferred_begin = True  # type: ignore[attr-defined]
+        else:
+            session._autobegin_t()
+
+
+def begin_deferred(session: Session) -> None:
+    """Begin the transaction a load the cache answered deferred (see
+    :func:`begin_as_a_load`), unless one began or ended since."""
+    if session._transaction is None and getattr(session, "_wt_deferred_begin", False):
+        session._wt_deferred_begin = False  # type: ignore[attr-defined]
         session._autobegin_t()
+
+
+def forget_deferred_begin(session: Session) -> None:
+    """The session's transaction ended (or it closed): a deferred begin was its."""
+    if getattr(session, "_wt_deferred_begin", False):
+        session._wt_deferred_begin = False  # type: ignore[attr-defined]
 
 
 def held_connection(session: Session, bind: Any) -> Any:

@@ -70,14 +70,13 @@ def others_await_begin(session: Session) -> bool:
 
 
 def begin_like_a_load(session: Session, bind: Any) -> None:
-    """What the database load the cache answers would have begun, where someone waits for
-    it: a session made with ``autobegin=False`` refuses the load outside a transaction, and
-    ``after_begin`` listeners besides the caches' get the session's connection to ``bind``
-    (and its transaction): zope.sqlalchemy joins the session to the transaction manager
-    there (which closes it at the end of the request), others ``SET`` per-transaction
-    settings. Otherwise neither is begun: a transaction costs about a third of a cached
-    get, a connection's checkout more."""
-    _sa_compat.refuse_without_transaction(session)
+    """What the database load the cache answers would have begun: the session's
+    transaction (see :func:`._sa_compat.begin_as_a_load`), and, where ``after_begin``
+    listeners besides the caches' wait for it, the session's connection to ``bind``:
+    zope.sqlalchemy joins the session to the transaction manager there (which closes it at
+    the end of the request), others ``SET`` per-transaction settings. Otherwise no
+    connection is taken: its checkout costs more than a cached get."""
+    _sa_compat.begin_as_a_load(session)
     if others_await_begin(session):
         session.connection(bind_arguments={"bind": bind})
 

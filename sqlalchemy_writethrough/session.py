@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import Mapper, Session, SessionTransaction
 
 from . import _sa_compat
 from .codec import in_zone
@@ -78,13 +78,35 @@ class CachedGetSession(Session):
     #: the read path answering gets; None once the cache is uninstalled
     _wt_read: ClassVar[ReadPath | None] = None
 
+    #: a load the cache answers records the transaction it would have begun, and the
+    #: methods that can tell begin it first (_sa_compat.begin_as_a_load): a session that
+    #: only reads the cache and closes never pays for one
+    _wt_defers_begin: ClassVar[bool] = True
+
     def close(self) -> None:
         # the event collections close() reads, set up first (a get has, or they are made
         # now): without their lazy AttributeErrors, see _sa_compat.session_dispatch. Here
         # rather than in __init__, whose pass-through of the factory's keywords costs more
         # than it saves
         _sa_compat.session_dispatch(self)
+        _sa_compat.forget_deferred_begin(self)
         super().close()
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        _sa_compat.begin_deferred(self)  # "already begun", as after a database load
+        return super().begin(nested)
+
+    def rollback(self) -> None:
+        _sa_compat.begin_deferred(self)  # its rollback expires what the cache answered
+        super().rollback()
+
+    def in_transaction(self) -> bool:
+        _sa_compat.begin_deferred(self)
+        return super().in_transaction()
+
+    def get_transaction(self) -> SessionTransaction | None:
+        _sa_compat.begin_deferred(self)
+        return super().get_transaction()
 
     def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
         found = answer_get(type(self)._wt_read, self, entity, ident, kw)
@@ -289,8 +311,8 @@ def answer_get(
     bind = session.bind
     if not bind or getattr(session, _BINDS_ATTR):
         bind = session.get_bind(mapper=mapper)
-    # autobegin=False refuses a load outside a transaction (see loading.begin_like_a_load)
-    _sa_compat.refuse_without_transaction(session)
+    # the transaction a database load begins (recorded here: see CachedGetSession.begin)
+    _sa_compat.begin_as_a_load(session)
     # ReadPath._usable_tracker's common case inlined: a session whose transaction did
     # nothing yet (no tracker; not joined to a Connection's transaction) reads as UNTOUCHED
     info = session.__dict__.get(_INFO_ATTR)

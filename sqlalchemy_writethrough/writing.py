@@ -1191,6 +1191,8 @@ class WritePath:
                 self.runtime.counters.invalidated("rollback", n - back, name)
 
     def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None:  # a load the cache answered began this one
+            _sa_compat.forget_deferred_begin(session)
         # a commit() under way when the root ends without committing is a failed commit
         committing = transaction.parent is None and (
             session.info.pop(_COMMIT_STARTED, None) is not None

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import ForeignKey, String, create_engine, event, inspect, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.declarative import DeferredReflection
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -799,3 +800,31 @@ def test_shard_binds_are_every_shard_given_or_bound_later() -> None:
         two,
         three,
     ]
+
+
+def test_begin_as_a_load_begins_what_a_database_load_autobegins() -> None:
+    """``Session._autobegin_t()``: the transaction a load begins (so ``rollback()`` expires
+    what it loaded), SQLAlchemy's own error without autobegin, and a deferred begin that
+    the methods able to tell begin first, and a closed session forgets."""
+    engine = create_engine("sqlite://")
+    plain = Session(engine)
+    _sa_compat.begin_as_a_load(plain)
+    assert plain.in_transaction() and plain.get_transaction() is not None
+    with pytest.raises(sa_exc.InvalidRequestError, match="already begun"):
+        plain.begin()
+    with pytest.raises(sa_exc.InvalidRequestError, match="Autobegin is disabled"):
+        _sa_compat.begin_as_a_load(Session(engine, autobegin=False))
+
+    class Deferring(Session):
+        _wt_defers_begin = True
+
+    deferring = Deferring(engine)
+    _sa_compat.begin_as_a_load(deferring)
+    assert deferring._transaction is None  # recorded only
+    _sa_compat.begin_deferred(deferring)
+    assert deferring._transaction is not None
+    deferring.close()
+    _sa_compat.begin_as_a_load(deferring)
+    _sa_compat.forget_deferred_begin(deferring)
+    _sa_compat.begin_deferred(deferring)
+    assert deferring._transaction is None

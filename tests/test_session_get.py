@@ -381,6 +381,71 @@ def test_a_session_without_autobegin_refuses_a_cached_load_outside_a_transaction
         assert item is not None and item.name == "two" and selects(sql) == []
 
 
+@pytest.mark.parametrize("load", ["get", "select", "in batch", "lazy"])
+@pytest.mark.parametrize("installed_on", ["sessionmaker", "Session class"])
+def test_a_cached_load_is_in_the_session_transaction_as_a_database_load_is(
+    db: Engine, cache: WriteThroughCache, client: redis.Redis, load: str, installed_on: str
+) -> None:
+    """A database load autobegins the session's transaction, so what follows it behaves as
+    inside one: ``rollback()`` expires every object (the next access reads the row as it is
+    now, after another process's commit), ``in_transaction()`` is True and ``begin()``
+    raises "already begun". A session that had only read the cache had no transaction:
+    ``rollback()`` did nothing and kept the object **older than a completed commit**, and
+    ``begin()`` passed where it raises on a miss, or while Redis is down."""
+    expire_kept = {"expire_on_commit": False}
+    if installed_on == "sessionmaker":
+        maker: Any = sessionmaker(db, **expire_kept)
+        cache.install(maker)
+    else:
+
+        class AppSession(Session):
+            pass
+
+        cache.install(AppSession)
+        maker = sessionmaker(db, class_=AppSession, **expire_kept)
+    plain = sessionmaker(db, **expire_kept)
+    seed(maker, SgItem(id=1, name="one"), SgItem(id=2, name="two"))
+    seed(maker, SgTag(id=1, item_id=1, label="t"))
+
+    def loaded(s: Session) -> SgItem:
+        if load == "lazy":
+            with s.begin():
+                tag = s.get(SgTag, 1)
+            assert tag is not None and not s.in_transaction()
+            return tag.item  # outside any transaction
+        if load == "select":
+            return s.scalars(select(SgItem).where(SgItem.id == 1).options(from_cache())).one()
+        if load == "in batch":
+            stmt = select(SgItem).where(SgItem.id.in_([1, 2])).options(from_cache())
+            return {i.id: i for i in s.scalars(stmt)}[1]
+        item = s.get(SgItem, 1)
+        assert item is not None
+        return item
+
+    def run(m: Any, name: str) -> tuple[Any, ...]:
+        with maker() as s:  # the entries filled, the row committed as `name`
+            s.get(SgItem, 1)
+            s.scalars(select(SgItem).where(SgItem.id.in_([1, 2])).options(from_cache())).all()
+        with m() as s, capture_sql(db) as sql:
+            item = loaded(s)
+            served = selects(sql) == [] if load != "lazy" else None
+            in_transaction = s.in_transaction()
+            with pytest.raises(sa.exc.InvalidRequestError, match="already begun"):
+                s.begin()
+            with maker.begin() as other:  # another process commits
+                found = other.get(SgItem, 1)
+                assert found is not None
+                found.name = name
+            s.rollback()
+            return served, in_transaction, s.get_transaction() is None, item.name
+
+    assert run(plain, "uno") == (None if load == "lazy" else False, True, True, "uno")
+    got = run(maker, "eins")
+    assert got == (None if load == "lazy" else True, True, True, "eins")
+    held = cached_values(cache, client, SgItem, 1, dialect=db.dialect)
+    assert held is not None and held["name"] == "eins"
+
+
 def test_a_session_that_only_read_the_cache_is_closed_by_its_transaction_manager(
     db: Engine, cache: WriteThroughCache
 ) -> None:
@@ -923,3 +988,24 @@ def test_a_get_reads_the_database_its_entity_is_bound_to(
         assert sql == [] and other_sql == []
     finally:
         other.dispose()
+
+
+def test_a_rollback_after_cached_gets_expires_them_in_both_flavours(h: Harness) -> None:
+    """``await session.rollback()`` after gets the cache answered (an ``AsyncSession``'s
+    runs its sync session's): the objects are expired, and read again they are the row as
+    another process committed it meanwhile; the session is in a transaction after the get,
+    as after a database load."""
+    cache = h.cache()
+    factory = h.factory(cache, expire_on_commit=False)
+    with h.session(factory) as s:
+        s.add(SgItem(id=1, name="one"))
+        s.commit()
+    with h.session(factory) as s, h.sql() as sql:
+        item = s.get(SgItem, 1)
+        assert item is not None and item.name == "one" and sql == []
+        in_transaction = s.session.in_transaction()
+        with h.session(factory) as other:
+            other.get(SgItem, 1).name = "two"
+            other.commit()
+        s.rollback()
+        assert in_transaction and s.run_sync(lambda _: item.name) == "two"
