@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import uuid
+import warnings
 import zoneinfo
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -34,7 +35,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.engine.default import DefaultDialect
 
 from ._sa_compat import ABSTRACT_INTERVAL, json_functions
-from .exc import ConfigurationError
+from .exc import ConfigurationError, WriteThroughWarning
 from .keys import DecoratedKey
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -1113,7 +1114,7 @@ class DecoratedCodec(ColumnCodec):
     """A TypeDecorator column: the cache stores the implementation's value, as the database
     does, and ``decode`` runs ``process_result_value`` exactly as a database load does."""
 
-    __slots__ = ("_from_impl", "_inner", "_to_impl")
+    __slots__ = ("_from_impl", "_inner", "_said", "_to_impl", "_where")
 
     def __init__(
         self,
@@ -1122,6 +1123,7 @@ class DecoratedCodec(ColumnCodec):
         to_impl: Callable[[Any], Any],
         from_impl: Callable[[Any], Any],
         mutable: bool,
+        where: str = "",
     ) -> None:
         inner_decode = inner.decode
 
@@ -1135,11 +1137,35 @@ class DecoratedCodec(ColumnCodec):
         self._inner = inner
         self._to_impl = to_impl
         self._from_impl = from_impl
+        self._where = where
+        self._said = False
 
     def flushed(self, value: Any, ctx: FlushContext) -> Any:
-        # process_bind_param runs once, as the flush ran it; the implementation's rules
-        # predict what the database stored
-        return self._inner.flushed(self._to_impl(value), ctx)
+        # process_bind_param runs once more, on the value the flush bound; the
+        # implementation's rules predict what the database stored
+        try:
+            stored = self._to_impl(value)
+        except Exception as exc:  # the application's code: the commit must not fail here
+            raise self._refused(exc) from exc
+        return self._inner.flushed(stored, ctx)
+
+    def _refused(self, exc: Exception) -> EncodeError:
+        """The type's ``process_bind_param`` raised on a value a flush had bound: the row is
+        left a miss. Said once per column: a type that does more than convert (fastapi-
+        storages' ``FileType`` saves an upload and closes its file) fails the second run."""
+        if not self._said:
+            self._said = True
+            warnings.warn(
+                f"{self._where or 'a column'} ({self.kind}): its type's process_bind_param "
+                f"raised {type(exc).__name__} ({exc}) when a commit ran it again on the "
+                "value the flush had bound, to learn what the database stored: each such "
+                "commit leaves its row's cache entry a miss. A process_bind_param that does "
+                "more than convert (saves a file) runs twice on commit; add the column to "
+                "`exclude`, or set strategy='invalidate'.",
+                WriteThroughWarning,
+                stacklevel=2,
+            )
+        return EncodeError(f"process_bind_param raised {type(exc).__name__}")
 
     def key_kind(self, where: str = "") -> DecoratedKey:
         """What values of this column name a key, as a primary key (see :mod:`.keys`);
@@ -1149,8 +1175,11 @@ class DecoratedCodec(ColumnCodec):
     def loaded(self, value: Any) -> Any:
         # the database holds the implementation's value, which we only see through
         # process_result_value: store it only if binding it again gives back the same value
-        stored = self._to_impl(value)
-        again = self._from_impl(stored)
+        try:
+            stored = self._to_impl(value)
+            again = self._from_impl(stored)
+        except Exception as exc:  # the application's code: the load must not fail here
+            raise EncodeError(f"the type raised {type(exc).__name__}") from exc
         if type(again) is not type(value) or again != value:
             raise EncodeError("process_bind_param does not invert process_result_value")
         return self._inner.loaded(stored)
@@ -1269,7 +1298,8 @@ def _column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCo
 
         # process_result_value may return a container (a dict decoded from a String)
         mutable = inner.mutable or results
-        found = DecoratedCodec(f"{cls.__name__}({inner.kind})", inner, to_impl, from_impl, mutable)
+        kind = f"{cls.__name__}({inner.kind})"
+        found = DecoratedCodec(kind, inner, to_impl, from_impl, mutable, where)
         if (
             found.never is not None
             and dialect.name == DefaultDialect.name
