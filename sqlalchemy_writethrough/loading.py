@@ -557,6 +557,10 @@ class ReadPath:
         if not ids or (set(map(type, ids)) != {kind} and not all(fits_key(i, kind) for i in ids)):
             rt.counters.add("bypasses", 1, layout.entity_name)
             return None
+        if kind is int:
+            # the order an IN query without ORDER BY gives on SQLite and InnoDB (by the
+            # primary key), and on PostgreSQL while the rows lie in key order: not the list's
+            ids.sort()
         session = orm_state.session
         _sa_compat.autoflush_before_load(orm_state)
         found_bind = self._bind(orm_state, mapper)

@@ -105,7 +105,8 @@ def batch(
 
 
 def items(*ids: int, suffix: str = "") -> list[tuple[int, str]]:
-    return [(i, f"n{i}{suffix}") for i in ids]
+    """The rows of ``ids`` as a batch returns them: in key order, as the database does."""
+    return [(i, f"n{i}{suffix}") for i in sorted(ids)]
 
 
 def words(command: str) -> list[str]:
