@@ -69,7 +69,11 @@ _REDIS_ONLY_RUNS = (
     "not cluster",
 )
 # Tests that depend on neither SQLAlchemy's nor redis-py's version: run by one session only.
-_ONCE_RUNS = ("--ignore=tests/test_packaging.py",)
+_ONCE_RUNS = (
+    "--ignore=tests/test_packaging.py",
+    # the benchmarks' scripts (callgrind under valgrind: 20 s), smoke-run once
+    "--ignore=tests/test_benchmarks_smoke.py",
+)
 
 
 @nox.session
@@ -119,7 +123,11 @@ _NEWEST_REDIS_ONLY = (
     "--deselect=tests/test_stress_short.py::test_short_uuid_keys_asyncio_run_finds_no_violation",
     *(
         f"--deselect=tests/test_sentinel.py::{test}[{db}]"
-        for test in ("test_a_stopped_primary_under_load", "test_a_failover_under_load")
+        for test in (
+            "test_a_stopped_primary_under_load",
+            "test_a_failover_under_load",
+            "test_each_connection_leaves_the_old_primary_within_the_check_interval",
+        )
         for db in ("postgresql", "mariadb")
     ),
     # the asyncio Cluster module, and the behaviour suite's async-cluster flavour
