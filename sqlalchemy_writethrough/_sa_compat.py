@@ -309,22 +309,26 @@ def session_dispatch(session: Session) -> Any:
     return dispatch
 
 
-def begin_as_a_load(session: Session) -> None:
-    """What a database load does first: autobegin the session's transaction
-    (``Session._autobegin_t()``, 2.0 and 2.1), so that ``rollback()`` expires what was
-    loaded, ``begin()`` refuses to begin again, and ``autobegin=False`` refuses the load
-    outside ``begin()`` with SQLAlchemy's own error.
+def unbegun(session: Session) -> bool:
+    """Whether the session has no transaction (its autobegin is due at the next load)."""
+    return session._transaction is None
 
-    A session of a class with ``_wt_defers_begin`` (the get path's Session subclass) only
-    records it, in its ``_wt_deferred_begin`` (an attribute, not a ``__dict__`` item: that
-    costs 3% of a cached get); the class begins it when something can tell
-    (:func:`begin_deferred`), since a transaction that a session then closes unseen costs
-    about a third of a cached get."""
-    if session._transaction is None:
-        if session.autobegin and getattr(type(session), "_wt_defers_begin", False):
-            session._wt_deferred_begin = True  # type: ignore[attr-defined]
-        else:
-            session._autobegin_t()
+
+def begin_as_a_load(session: Session, defer: bool) -> None:
+    """What a database load does first, for a session with no transaction: autobegin it
+    (``Session._autobegin_t()``, 2.0 and 2.1), so that ``rollback()`` expires what was
+    loaded, ``begin()`` refuses to begin again, transaction listeners fire, and
+    ``autobegin=False`` refuses the load outside ``begin()`` with SQLAlchemy's own error.
+
+    With ``defer`` (the get path's Session subclass, no transaction listener of the
+    application's) it is only recorded, in the session's ``_wt_deferred_begin`` (an
+    attribute, not a ``__dict__`` item: that costs 3% of a cached get), and the class begins
+    it when something can tell (:func:`begin_deferred`): a transaction that a session then
+    closes unseen costs about a third of a cached get."""
+    if defer and session.autobegin:
+        session._wt_deferred_begin = True  # type: ignore[attr-defined]
+    else:
+        session._autobegin_t()
 
 
 def begin_deferred(session: Session) -> None:

@@ -808,23 +808,23 @@ def test_begin_as_a_load_begins_what_a_database_load_autobegins() -> None:
     the methods able to tell begin first, and a closed session forgets."""
     engine = create_engine("sqlite://")
     plain = Session(engine)
-    _sa_compat.begin_as_a_load(plain)
+    assert _sa_compat.unbegun(plain)
+    _sa_compat.begin_as_a_load(plain, False)
+    assert not _sa_compat.unbegun(plain)
     assert plain.in_transaction() and plain.get_transaction() is not None
     with pytest.raises(sa_exc.InvalidRequestError, match="already begun"):
         plain.begin()
-    with pytest.raises(sa_exc.InvalidRequestError, match="Autobegin is disabled"):
-        _sa_compat.begin_as_a_load(Session(engine, autobegin=False))
+    for defer in (False, True):
+        with pytest.raises(sa_exc.InvalidRequestError, match="Autobegin is disabled"):
+            _sa_compat.begin_as_a_load(Session(engine, autobegin=False), defer)
 
-    class Deferring(Session):
-        _wt_defers_begin = True
-
-    deferring = Deferring(engine)
-    _sa_compat.begin_as_a_load(deferring)
+    deferring = Session(engine)
+    _sa_compat.begin_as_a_load(deferring, True)
     assert deferring._transaction is None  # recorded only
     _sa_compat.begin_deferred(deferring)
     assert deferring._transaction is not None
     deferring.close()
-    _sa_compat.begin_as_a_load(deferring)
+    _sa_compat.begin_as_a_load(deferring, True)
     _sa_compat.forget_deferred_begin(deferring)
     _sa_compat.begin_deferred(deferring)
     assert deferring._transaction is None

@@ -1009,3 +1009,31 @@ def test_a_rollback_after_cached_gets_expires_them_in_both_flavours(h: Harness) 
             other.commit()
         s.rollback()
         assert in_transaction and s.run_sync(lambda _: item.name) == "two"
+
+
+@pytest.mark.parametrize("event_name", ["after_transaction_create", "after_transaction_end"])
+def test_transaction_listeners_see_the_transaction_a_cached_get_begins(
+    db: Engine, factory: sessionmaker[Session], event_name: str
+) -> None:
+    """A session with ``after_transaction_create`` or ``after_transaction_end`` listeners of
+    its own begins its transaction at a cached get, as at a database load: they fire when
+    they would without the cache (the get path's Session subclass otherwise begins it only
+    when something can tell, see test_a_cached_load_is_in_the_session_transaction_...)."""
+    seed(factory, SgItem(id=1, name="one"))
+    seen: list[str] = []
+
+    def run(maker: Any) -> list[str]:
+        seen.clear()
+        with maker() as s, capture_sql(db):
+            event.listen(s, event_name, lambda *a: seen.append(event_name))
+            assert s.get(SgItem, 1) is not None
+            seen.append("got")
+        seen.append("closed")
+        return list(seen)
+
+    expected = run(sessionmaker(db))
+    assert expected in (
+        [event_name, "got", "closed"],
+        ["got", event_name, "closed"],
+    )
+    assert run(factory) == expected
