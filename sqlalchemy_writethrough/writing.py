@@ -386,8 +386,11 @@ class WritePath:
                             bind,
                             keys,
                             variant,
-                            # None: strategy="invalidate"
-                            None if layout.options.strategy == "invalidate" else row_codec,
+                            # None: strategy="invalidate", or nothing reads the entries
+                            # (row-level security: a tenant's rows stay out of Redis)
+                            None
+                            if layout.options.strategy == "invalidate" or not keys.served
+                            else row_codec,
                             ctx,
                             row_codec.flushed,
                             _renumbered_at(layout, bind),

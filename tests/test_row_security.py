@@ -23,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
+from _cache_helpers import entry_key, entry_state
 from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("postgresql")
@@ -128,6 +129,43 @@ def test_a_row_secured_table_is_never_served_from_the_cache(
         assert report[RsDoc].not_served_because == "row-level security on public.rs_doc"
         assert "loads go to the database (row-level security on public.rs_doc)" in str(report)
         assert cache.models(app_engine.dialect)[RsDoc].loads_served  # no database: not asked
+    finally:
+        cache.uninstall(maker)
+        cache.redis.close()
+
+
+def test_a_row_secured_table_rows_are_never_copied_into_redis(
+    app_engine: Engine, redis_url: str, prefix: str, redis_client: Any
+) -> None:
+    """Nothing reads a row-secured table's entries, so its commits write none: a tenant's
+    rows are not copied into Redis, where anyone who can read Redis would see every tenant's
+    (a commit leaves the key a miss, as ``strategy="invalidate"`` does); the shared table's
+    rows are written through as always."""
+    current = {"tenant": 1}
+    maker = tenant_sessions(app_engine, current)
+    cache = WriteThroughCache(redis_url, prefix=prefix)
+    cache.install(maker)
+    try:
+        with maker() as s:
+            s.add_all([RsDoc(id=1, tenant=1, body="secret"), RsPlan(id=1, name="basic")])
+            s.commit()
+        doc_key = entry_key(cache, RsDoc, 1, bind=app_engine)
+        plan_key = entry_key(cache, RsPlan, 1, bind=app_engine)
+        assert entry_state(redis_client, doc_key) is None
+        assert entry_state(redis_client, plan_key) == "value"
+        with maker() as s:  # an update, and a load in between
+            doc = s.get(RsDoc, 1)
+            assert doc is not None
+            doc.body = "still secret"
+            s.commit()
+            assert doc.body == "still secret"
+        assert entry_state(redis_client, doc_key) is None
+        values = [
+            redis_client.get(k)
+            for k in redis_client.scan_iter(f"{prefix}:*")
+            if redis_client.type(k) == b"string"
+        ]
+        assert not [v for v in values if v and b"secret" in v]
     finally:
         cache.uninstall(maker)
         cache.redis.close()
