@@ -63,6 +63,7 @@ from .models import (
     VERSIONS,
     StItem,
     first_value,
+    key_part_id,
     next_value,
 )
 
@@ -343,9 +344,9 @@ class Worker:
     def _watch_batch_reads(self) -> None:
         """Record where every key of an IN-list read came from: "near" (a copy in memory),
         "cache" (a VALUE in the MGET's reply) or "db" (loaded), by key, in
-        ``batch_sources``; and the keys in the order asked (a fresh session's: the ids,
-        deduplicated), in ``batch_keys``. Stress instrumentation around the two calls a batch
-        read makes (``NearCache.read_many``, which asks ``Backend.peek_many`` for the keys not
+        ``batch_sources``; and the keys read (a fresh session's: every id's, in the order the
+        cache reads them), in ``batch_keys``. Stress instrumentation around the two calls a
+        batch read makes (``NearCache.read_many``, which asks ``Backend.peek_many`` for the keys not
         in memory): the stats count hits per batch, not which row was one, and the checker
         allows a read from memory its bound. Installed again when the cache replaced its
         backend (as a switch to Cluster does)."""
@@ -767,16 +768,22 @@ class Worker:
             rows = load()
             t1 = now()
             keys = self.batch_keys  # the outermost call's (the near cache's) are the last
-            sources = [self.batch_sources[key] for key in keys] if len(keys) == len(ids) else None
+            # by id, from each key's primary-key part: the cache reads them in its own order
+            # (an int key's sorted), not the list's
+            by_id = {
+                key_part_id(key.rpartition("}:")[2], self.key_type): self.batch_sources[key]
+                for key in keys
+            }
+            sources = by_id if len(keys) == len(ids) and all(i in by_id for i in ids) else None
             values = {self.unkey(obj.id): obj.counter for obj in rows}
-            for at, id_ in enumerate(ids):
+            for id_ in ids:
                 self.rec.log(
                     {
                         "e": "read",
                         "tb": model.__tablename__,
                         "id": id_,
                         "v": values.get(id_),
-                        "src": "db" if sources is None else sources[at],
+                        "src": "db" if sources is None else sources[id_],
                         "t0": t0,
                         "t1": t1,
                         "iso": level,
