@@ -278,6 +278,8 @@ PRIMED_SESSION_EVENTS = (
     "deleted_to_detached",
     "pending_to_transient",
     "persistent_to_transient",
+    "after_transaction_create",
+    "after_transaction_end",
 )
 
 
@@ -306,29 +308,41 @@ def session_dispatch(session: Session) -> Any:
         dispatch.deleted_to_detached = empty["deleted_to_detached"]
         dispatch.pending_to_transient = empty["pending_to_transient"]
         dispatch.persistent_to_transient = empty["persistent_to_transient"]
+        dispatch.after_transaction_create = empty["after_transaction_create"]
+        dispatch.after_transaction_end = empty["after_transaction_end"]
     return dispatch
 
 
-def unbegun(session: Session) -> bool:
-    """Whether the session has no transaction (its autobegin is due at the next load)."""
-    return session._transaction is None
-
-
-def begin_as_a_load(session: Session, defer: bool) -> None:
-    """What a database load does first, for a session with no transaction: autobegin it
+def begin_as_a_load(session: Session, defers: bool) -> None:
+    """What a database load does first: autobegin the session's transaction when it has none
     (``Session._autobegin_t()``, 2.0 and 2.1), so that ``rollback()`` expires what was
     loaded, ``begin()`` refuses to begin again, transaction listeners fire, and
     ``autobegin=False`` refuses the load outside ``begin()`` with SQLAlchemy's own error.
 
-    With ``defer`` (the get path's Session subclass, no transaction listener of the
-    application's) it is only recorded, in the session's ``_wt_deferred_begin`` (an
-    attribute, not a ``__dict__`` item: that costs 3% of a cached get), and the class begins
-    it when something can tell (:func:`begin_deferred`): a transaction that a session then
-    closes unseen costs about a third of a cached get."""
-    if defer and session.autobegin:
-        session._wt_deferred_begin = True  # type: ignore[attr-defined]
-    else:
-        session._autobegin_t()
+    ``defers``: the session's class is the get path's Session subclass, which begins it when
+    something can tell (:func:`begin_deferred`): while no ``after_transaction_create``
+    listener and no ``after_transaction_end`` listener but one (the cache's) would see it,
+    it is only recorded, in the session's ``_wt_deferred_begin`` (an attribute, not a
+    ``__dict__`` item: that costs 3% of a cached get). A transaction that a session then
+    closes unseen costs about a third of a cached get. The listener collections are read
+    as :func:`listener_counts` reads its two (a cached get asks on every call)."""
+    if session._transaction is not None:
+        return
+    if defers and session.autobegin:
+        dispatch: Any = session.__dict__.get("dispatch")
+        if dispatch is None:
+            dispatch = session_dispatch(session)
+        creates = dispatch.after_transaction_create
+        ends = dispatch.after_transaction_end
+        if (
+            type(creates) is _EmptyListener
+            and not creates.parent_listeners
+            and type(ends) is _EmptyListener
+            and len(ends.parent_listeners) <= 1
+        ):
+            session._wt_deferred_begin = True  # type: ignore[attr-defined]
+            return
+    session._autobegin_t()
 
 
 def begin_deferred(session: Session) -> None:

@@ -69,33 +69,14 @@ def others_await_begin(session: Session) -> bool:
     )
 
 
-def others_see_transactions(session: Session) -> bool:
-    """Whether ``after_transaction_create`` or ``after_transaction_end`` listeners besides
-    the caches' would see when the session's transaction begins."""
-    dispatch = session.dispatch
-    return bool(dispatch.after_transaction_create) or any(
-        not isinstance(getattr(fn, "__self__", None), WritePath)
-        for fn in dispatch.after_transaction_end
-    )
-
-
-def begin_as_a_load(session: Session) -> None:
-    """The session's transaction, begun as a database load begins it, when it has none
-    (see :func:`._sa_compat.begin_as_a_load`); deferred by the get path's Session subclass
-    while nobody would see it begin."""
-    if _sa_compat.unbegun(session):
-        defer = getattr(type(session), "_wt_defers_begin", False)
-        _sa_compat.begin_as_a_load(session, defer and not others_see_transactions(session))
-
-
 def begin_like_a_load(session: Session, bind: Any) -> None:
     """What the database load the cache answers would have begun: the session's
-    transaction (see :func:`begin_as_a_load`), and, where ``after_begin``
+    transaction (see :func:`._sa_compat.begin_as_a_load`), and, where ``after_begin``
     listeners besides the caches' wait for it, the session's connection to ``bind``:
     zope.sqlalchemy joins the session to the transaction manager there (which closes it at
     the end of the request), others ``SET`` per-transaction settings. Otherwise no
     connection is taken: its checkout costs more than a cached get."""
-    begin_as_a_load(session)
+    _sa_compat.begin_as_a_load(session, getattr(type(session), "_wt_defers_begin", False))
     if others_await_begin(session):
         session.connection(bind_arguments={"bind": bind})
 

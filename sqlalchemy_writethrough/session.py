@@ -37,7 +37,7 @@ from sqlalchemy.orm import Mapper, Session, SessionTransaction
 from . import _sa_compat
 from .codec import in_zone
 from .databases import DatabaseUnknown
-from .loading import _NO_ROW, NO_ZONE, PEEKED, begin_as_a_load
+from .loading import _NO_ROW, NO_ZONE, PEEKED
 from .near import Copy
 from .tracing import record_span
 
@@ -79,7 +79,7 @@ class CachedGetSession(Session):
     _wt_read: ClassVar[ReadPath | None] = None
 
     #: a load the cache answers records the transaction it would have begun, and the
-    #: methods that can tell begin it first (loading.begin_as_a_load): a session that
+    #: methods that can tell begin it first (_sa_compat.begin_as_a_load): a session that
     #: only reads the cache and closes never pays for one
     _wt_defers_begin: ClassVar[bool] = True
 
@@ -312,8 +312,7 @@ def answer_get(
     if not bind or getattr(session, _BINDS_ATTR):
         bind = session.get_bind(mapper=mapper)
     # the transaction a database load begins (recorded here: see CachedGetSession.begin)
-    if _sa_compat.unbegun(session):
-        begin_as_a_load(session)
+    _sa_compat.begin_as_a_load(session, True)  # a CachedGetSession's
     # ReadPath._usable_tracker's common case inlined: a session whose transaction did
     # nothing yet (no tracker; not joined to a Connection's transaction) reads as UNTOUCHED
     info = session.__dict__.get(_INFO_ATTR)

@@ -808,9 +808,7 @@ def test_begin_as_a_load_begins_what_a_database_load_autobegins() -> None:
     the methods able to tell begin first, and a closed session forgets."""
     engine = create_engine("sqlite://")
     plain = Session(engine)
-    assert _sa_compat.unbegun(plain)
     _sa_compat.begin_as_a_load(plain, False)
-    assert not _sa_compat.unbegun(plain)
     assert plain.in_transaction() and plain.get_transaction() is not None
     with pytest.raises(sa_exc.InvalidRequestError, match="already begun"):
         plain.begin()
@@ -828,3 +826,9 @@ def test_begin_as_a_load_begins_what_a_database_load_autobegins() -> None:
     _sa_compat.forget_deferred_begin(deferring)
     _sa_compat.begin_deferred(deferring)
     assert deferring._transaction is None
+    # a transaction listener of the application's would see it: begun at once
+    for name in ("after_transaction_create", "after_transaction_end"):
+        seen = Session(engine)
+        event.listen(seen, name, lambda *a: None)
+        _sa_compat.begin_as_a_load(seen, True)
+        assert seen._transaction is not None
