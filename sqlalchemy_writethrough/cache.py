@@ -52,7 +52,7 @@ from .keys import (
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
 from .near import ClusterSubscriptions, NearCache, Subscriptions, TwinSubscriptions
-from .redis_async import AsyncTransport
+from .redis_async import AsyncTransport, close_off_loop
 from .redis_sync import SyncTransport
 from .registry import Models
 from .report import CachedModels, describe
@@ -855,7 +855,9 @@ class WriteThroughCache:
         the client's socket timeout, not at all while the circuit breaker is open), stop
         sending, and close the synchronous clients the cache built: from its URL, and the
         Redis Cluster client it went on through when the server turned out to be a Cluster
-        node (a client you passed is yours to close). The cache is unusable after. An
+        node (a client you passed is yours to close). Once the event loops of AsyncSessions
+        it served are over, the ``redis.asyncio`` connections :meth:`aclose` would have closed
+        are closed too, without awaiting. The cache is unusable after. An
         interpreter that exits without it does the same (``atexit`` hooks). In asyncio code,
         ``await cache.aclose()``: called on a running event loop once the cache has served
         AsyncSessions, close() raises :class:`ConfigurationError` (it would leave the
@@ -877,6 +879,7 @@ class WriteThroughCache:
             self._shared_stats.final()
         self._give_back_kept_connections(close=True)
         self._close_built_sync_clients()
+        self._close_async_off_loop()
 
     def _unwatch_engines(self) -> None:
         """Take the statement listeners off the engines the sessions used, once the cache is
@@ -922,6 +925,26 @@ class WriteThroughCache:
             if not asynchronous:
                 client.close()
         self._built = [(client, True) for client, asynchronous in self._built if asynchronous]
+
+    def _close_async_off_loop(self) -> None:
+        """close() once the event loops the cache served are over (a script's second
+        ``asyncio.run()``, a test's loop): the ``redis.asyncio`` connections of the client it
+        built and those it opened for other loops are closed without awaiting, as
+        :meth:`aclose` would have closed them on their loop (else each is collected with a
+        ``ResourceWarning``, an error in suites whose warnings are). A connection of a loop
+        still running in another thread is left to that loop."""
+        if self._async is None:
+            return
+        for backend in [self._async.runtime.backend, *self._retired]:
+            transport = getattr(backend, "transport", None)
+            if isinstance(transport, AsyncTransport):
+                transport.close_off_loop()
+        for client, _ in self._built:  # the asyncio ones left
+            if _redis_compat.is_async_cluster_client(client):
+                conns = _redis_compat.async_cluster_connections(client)
+            else:
+                conns = _redis_compat.async_client_connections(client)
+            close_off_loop(conns)
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """:meth:`close`, on the event loop: the pending background publishes and the last

@@ -91,6 +91,17 @@ def claim(conn: Any, loop: asyncio.AbstractEventLoop) -> bool:
     return True
 
 
+def close_off_loop(conns: Sequence[Any]) -> None:
+    """Close the connections of event loops that are not running, without awaiting: their
+    loop is closed, or idle and perhaps never run again (a test's loop, ``asyncio.run()``
+    over), and a socket left open would be collected with a ``ResourceWarning``. Those of a
+    loop running in another thread are that loop's to close."""
+    for conn in conns:
+        bound = compat.connection_loop(conn)
+        if bound is not None and not bound.is_running():
+            compat.close_elsewhere(conn)
+
+
 class _LoopPools:
     """Which pool each running event loop takes connections from: the client's own on its
     home loop (the first to use it, unless the client already has connections open on
@@ -155,6 +166,13 @@ class _LoopPools:
             pool, _ = self.others.pop(loop)
             for conn in compat.async_pool_connections(pool):
                 compat.close_elsewhere(conn)
+
+    def close_off_loop(self) -> None:
+        """Close the copies of loops that are not running (closed, or idle once their run is
+        over), from outside them: :meth:`WriteThroughCache.close` after the loops it served."""
+        for loop in [loop for loop in self.others if not loop.is_running()]:
+            pool, _ = self.others.pop(loop)
+            close_off_loop(compat.async_pool_connections(pool))
 
     async def aclose(self, loop: asyncio.AbstractEventLoop) -> None:
         """Close the copy made for ``loop`` (the running one) and drop those of closed loops;
@@ -413,6 +431,11 @@ class AsyncTransport:
         """Close the connections the cache opened for the running loop, and forget those of
         closed loops (see :class:`_LoopPools`); the client's own are not the cache's."""
         await self._loops.aclose(asyncio.get_running_loop())
+
+    def close_off_loop(self) -> None:
+        """:meth:`aclose` from sync code, once the loops are over: the connections the cache
+        opened for other loops, closed without awaiting (see :func:`close_off_loop`)."""
+        self._loops.close_off_loop()
 
     # -- the circuit breaker's prober, as a task on the loop --------------------------------
 

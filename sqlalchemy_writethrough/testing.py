@@ -203,4 +203,4 @@ def writethrough_cache(
     for cache, target in made:
         if target is not None:
             cache.uninstall(target)
-        cache.redis.close()
+        cache.close()

@@ -587,3 +587,80 @@ def test_a_cluster_client_moves_to_the_next_loop(
 
 async def _call(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return await fn()
+
+
+_CLOSE_AFTER_LOOPS_SCRIPT = """
+import asyncio, gc, json, sys, warnings
+from sqlalchemy import String
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+
+db_url, redis_url, prefix = sys.argv[1:4]
+
+class Base(DeclarativeBase):
+    pass
+
+class LoopRow(Base, CachedModel):  # as in the test module
+    __tablename__ = "loop_row"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+engine = create_async_engine(db_url, poolclass=NullPool)
+factory = async_sessionmaker(engine, expire_on_commit=False)
+cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+cache.install(factory)
+
+async def seed():
+    async with factory() as session:
+        session.add_all(LoopRow(id=i, name=f"r{i}") for i in (1, 2))
+        await session.commit()
+
+async def names():
+    async with factory() as session:
+        return [(await session.get(LoopRow, i)).name for i in (1, 2)]
+
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always", ResourceWarning)
+    idle = asyncio.new_event_loop()  # the URL's client's first loop: idle, then closed
+    idle.run_until_complete(seed())
+    got = [idle.run_until_complete(names()), asyncio.run(names())]  # the second on a copy
+    cache.uninstall(factory)
+    cache.close()  # sync code, no loop running: nothing may be left open
+    # closed as asyncio.run() and pytest-asyncio close theirs: a run to shut it down first,
+    # where the closes scheduled on it run
+    idle.run_until_complete(idle.shutdown_asyncgens())
+    idle.close()
+    errors = cache.stats().errors
+    del cache
+    gc.collect()
+print(json.dumps({
+    "got": got,
+    "errors": errors,
+    "warnings": [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)],
+}))
+"""
+
+
+def test_close_from_sync_code_after_the_loops_leaves_nothing_open(
+    schema: Any, db_url: str, prefix: str, redis_url: str
+) -> None:
+    """A cache given a URL, used on a loop left idle and on ``asyncio.run()``'s (connections
+    the cache opened for it), then ``close()`` from sync code, as the pytest plugin's fixture
+    does after a test's loop: every ``redis.asyncio`` connection is closed (before: collected
+    with a ``ResourceWarning`` each, failing suites whose warnings are errors). Those of the
+    idle loop are closed as redis-py's ``disconnect(nowait=True)`` closes them: scheduled on
+    their loop, which runs them when it shuts down."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSE_AFTER_LOOPS_SCRIPT, async_url(db_url), redis_url, prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "got": [["r1", "r2"], ["r1", "r2"]],
+        "errors": 0,
+        "warnings": [],
+    }

@@ -88,3 +88,63 @@ def test_a_users_suite_gets_fixtures_and_assertions(
             "*1 SQL statement(s) were sent:*",
         ]
     )
+
+
+ASYNC_USER_SUITE = """
+import pytest
+from sqlalchemy import String
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sqlalchemy_writethrough import CachedModel
+from sqlalchemy_writethrough.testing import assert_served_from_cache
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Product(Base, CachedModel):
+    __tablename__ = "product"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+@pytest.fixture
+async def factory(tmp_path):
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    yield async_sessionmaker(engine, expire_on_commit=False)
+    await engine.dispose()
+
+
+@pytest.mark.parametrize("run", [1, 2, 3])
+async def test_served(factory, writethrough_cache, run):
+    cache = writethrough_cache(factory)
+    async with factory() as s:
+        s.add(Product(id=1, name="one"))
+        await s.commit()
+    async with factory() as s:
+        with assert_served_from_cache(cache, hits=1):
+            assert (await s.get(Product, 1)).name == "one"
+"""
+
+
+def test_an_asyncio_suite_with_warnings_as_errors_passes(
+    pytester: pytest.Pytester, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytest-asyncio gives each test a loop of its own, closed after it: the fixture closes
+    the cache's ``redis.asyncio`` connections of that loop, so that a suite whose warnings are
+    errors (``filterwarnings = error``) does not fail on the sockets the cache left open."""
+    pytest.importorskip("pytest_asyncio")
+    pytest.importorskip("aiosqlite")
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    pytester.makepyfile(test_user=ASYNC_USER_SUITE)
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+        "filterwarnings =\n    error\n"
+    )
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    assert result.ret == 0, result.stdout.str()
