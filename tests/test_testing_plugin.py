@@ -91,6 +91,8 @@ def test_a_users_suite_gets_fixtures_and_assertions(
 
 
 ASYNC_USER_SUITE = """
+import asyncio
+
 import pytest
 from sqlalchemy import String
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -110,17 +112,11 @@ class Product(Base, CachedModel):
     name: Mapped[str] = mapped_column(String(40))
 
 
-@pytest.fixture
-async def factory(tmp_path):
+async def served(tmp_path, writethrough_cache):
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
-    yield async_sessionmaker(engine, expire_on_commit=False)
-    await engine.dispose()
-
-
-@pytest.mark.parametrize("run", [1, 2, 3])
-async def test_served(factory, writethrough_cache, run):
+    factory = async_sessionmaker(engine, expire_on_commit=False)
     cache = writethrough_cache(factory)
     async with factory() as s:
         s.add(Product(id=1, name="one"))
@@ -128,23 +124,45 @@ async def test_served(factory, writethrough_cache, run):
     async with factory() as s:
         with assert_served_from_cache(cache, hits=1):
             assert (await s.get(Product, 1)).name == "one"
+    await engine.dispose()
+"""
+
+#: each test runs its own loop, closed when it returns
+RUN_PER_TEST = """
+
+@pytest.mark.parametrize("run", [1, 2, 3])
+def test_served(tmp_path, writethrough_cache, run):
+    asyncio.run(served(tmp_path, writethrough_cache))
+"""
+
+#: pytest-asyncio's loop per test
+PYTEST_ASYNCIO = """
+
+@pytest.mark.parametrize("run", [1, 2, 3])
+async def test_served(tmp_path, writethrough_cache, run):
+    await served(tmp_path, writethrough_cache)
 """
 
 
+@pytest.mark.parametrize("loops", ["asyncio.run", "pytest-asyncio"])
 def test_an_asyncio_suite_with_warnings_as_errors_passes(
-    pytester: pytest.Pytester, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, redis_url: str, monkeypatch: pytest.MonkeyPatch, loops: str
 ) -> None:
-    """pytest-asyncio gives each test a loop of its own, closed after it: the fixture closes
-    the cache's ``redis.asyncio`` connections of that loop, so that a suite whose warnings are
-    errors (``filterwarnings = error``) does not fail on the sockets the cache left open."""
-    pytest.importorskip("pytest_asyncio")
+    """A loop per test, closed after it: the fixture closes the cache's ``redis.asyncio``
+    connections of that loop, so that a suite whose warnings are errors (``filterwarnings =
+    error``) does not exit non-zero on the sockets the cache left open (before: every test
+    passed, and the run failed on the collected connections)."""
     pytest.importorskip("aiosqlite")
+    ini = "[pytest]\nfilterwarnings =\n    error\n"
+    if loops == "pytest-asyncio":
+        pytest.importorskip("pytest_asyncio")  # not a test dependency: where installed
+        ini += "asyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
     monkeypatch.setenv("REDIS_URL", redis_url)
-    pytester.makepyfile(test_user=ASYNC_USER_SUITE)
-    pytester.makeini(
-        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
-        "filterwarnings =\n    error\n"
-    )
-    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    tests = RUN_PER_TEST if loops == "asyncio.run" else PYTEST_ASYNCIO
+    pytester.makepyfile(test_user=ASYNC_USER_SUITE + tests)
+    pytester.makeini(ini)
+    # pytest-asyncio, where installed, warns of its unset option: an error here
+    off = ("-p", "no:asyncio") if loops == "asyncio.run" else ()
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", *off)
     result.assert_outcomes(passed=3)
     assert result.ret == 0, result.stdout.str()
