@@ -78,13 +78,37 @@ _SERVER_QUERIES = {
     "mysql": "SELECT DATABASE(), CONCAT(@@hostname, ':', @@port), DATABASE()",
 }
 
-#: PostgreSQL's tables with row-level security enabled: which of their rows a session sees
-#: depends on its role and settings, which the cache cannot know (``pg_class`` is readable by
-#: every role)
-_ROW_SECURED_QUERY = (
-    "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relrowsecurity"
-)
+#: the relations whose rows the cache cannot serve, by backend: (schema, name, kind), kind
+#: one of :data:`_UNSERVED_KINDS`. PostgreSQL's tables with row-level security enabled (which
+#: rows a session sees depends on its role and settings, which the cache cannot know); views
+#: and materialized views (their rows change with the tables they read, or at a ``REFRESH``,
+#: and no commit of theirs says so); foreign tables (their rows change in another database).
+#: Only catalogs every role may read (``pg_class``; ``information_schema.TABLES`` lists what
+#: the user can see, ``sqlite_master``), the server's own schemas left out.
+_UNSERVED_QUERIES = {
+    "postgresql": (
+        "SELECT n.nspname, c.relname, "
+        "CASE WHEN c.relrowsecurity THEN 's' ELSE c.relkind::text END "
+        "FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE (c.relrowsecurity OR c.relkind IN ('v', 'm', 'f')) "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    ),
+    "mysql": (
+        "SELECT TABLE_SCHEMA, TABLE_NAME, 'v' FROM information_schema.TABLES "
+        "WHERE TABLE_TYPE = 'VIEW' "
+        "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys')"
+    ),
+    "sqlite": "SELECT 'main', name, 'v' FROM sqlite_master WHERE type = 'view'",
+}
+
+#: kind -> how a relation of that kind is described (``{}``: its schema-qualified name)
+_UNSERVED_KINDS = {
+    "s": "row-level security on {}",
+    "v": "{} is a view",
+    "m": "{} is a materialized view",
+    "f": "{} is a foreign table",
+}
 
 #: the schema an unqualified name reaches on a PostgreSQL connection left to the server's
 #: defaults (``"$user", public`` with no schema named after the user)
@@ -240,32 +264,34 @@ class _Server(NamedTuple):
     schema: str | None
     #: the schema it reaches on the server's plain default
     default: str | None
-    #: (schema, table) of each table with row-level security enabled (PostgreSQL)
-    row_secured: frozenset[tuple[str, str]] = frozenset()
+    #: {(schema, name): kind} of the relations whose rows are not served (see
+    #: :data:`_UNSERVED_QUERIES`)
+    unserved: Mapping[tuple[str, str], str] = {}
     #: the tzinfo the driver gives ``timestamptz`` values on a new connection of the pool
     #: (PostgreSQL; None when the driver cannot say)
     timezone: Any = None
 
 
-def _row_secured(fairy: Any, by_url: str) -> list[tuple[str, str]]:
-    """The (schema, table) pairs of :data:`_ROW_SECURED_QUERY`, on a pooled connection; none,
+def _unserved(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
+    """{(schema, name): kind} of :data:`_UNSERVED_QUERIES`, on a pooled connection; none,
     with a warning, when the server cannot say (a PostgreSQL look-alike)."""
     try:
         cursor = fairy.cursor()
-        cursor.execute(_ROW_SECURED_QUERY)
-        found = [(str(schema), str(table)) for schema, table in cursor.fetchall()]
+        cursor.execute(_UNSERVED_QUERIES[backend])
+        found = {(str(schema), str(name)): str(kind) for schema, name, kind in cursor.fetchall()}
         cursor.close()
         return found
     except Exception as exc:
         log.warning(
-            "writethrough: the database at %s does not say which tables have row-level "
-            "security (%s: %s); rows of such a table would be served from the cache to "
-            "sessions its policies hide them from",
+            "writethrough: the database at %s does not say which of its tables are views%s "
+            "(%s: %s); rows of such a relation would be served from the cache after it changed%s",
             by_url,
+            " or have row-level security" if backend == "postgresql" else "",
             type(exc).__name__,
             exc,
+            ", or to sessions its policies hide them from" if backend == "postgresql" else "",
         )
-        return []
+        return {}
     finally:
         fairy.rollback()
 
@@ -385,20 +411,24 @@ class Databases:
         pool = (
             engine.pool.recreate()
         )  # the engine's creator, connect_args and pool listeners, none of its connections
+        row = None
         try:
             fairy = pool.connect()
             try:
-                cursor = fairy.cursor()
-                cursor.execute(_SERVER_QUERIES[backend])
-                row = cursor.fetchone()
-                cursor.close()
-                fairy.rollback()
-                row_secured = _row_secured(fairy, by_url) if backend == "postgresql" else ()
+                if backend in _SERVER_QUERIES:
+                    cursor = fairy.cursor()
+                    cursor.execute(_SERVER_QUERIES[backend])
+                    row = cursor.fetchone()
+                    cursor.close()
+                    fairy.rollback()
+                unserved = _unserved(fairy, backend, by_url)
                 timezone = _timezone(engine, fairy) if backend == "postgresql" else None
             finally:
                 fairy.close()
         finally:
             pool.dispose()
+        if backend == "sqlite":  # named by its file (asked only for its views)
+            return _Server(by_url, "main", "main", unserved)
         database, server, schema = (row[0], row[1], row[2]) if row else (None, None, None)
         url_database = engine.url.database or ""
         if backend == "mysql":
@@ -429,7 +459,7 @@ class Databases:
             name,
             schema if schema is not None else default,
             default,
-            frozenset(row_secured),
+            unserved,
             timezone,
         )
 
@@ -440,27 +470,34 @@ class Databases:
         engine = bind.engine if isinstance(bind, Connection) else bind
         return self._server(engine, "postgresql").timezone
 
-    def row_secured(
+    def unserved(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
     ) -> list[str]:
-        """The names of those of ``tables`` that have row-level security enabled in the
-        database of ``bind`` (as ``naming``, a connection's or statement's naming options,
-        sends them): asked with what the server says of itself, once per pool."""
+        """Why loads of rows of ``tables`` in the database of ``bind`` (as ``naming``, a
+        connection's or statement's naming options, sends them) cannot be served: one
+        description per table that is a view (``info={"is_view": True}`` says so too, as
+        SQLAlchemy-Utils' ``create_view`` marks it), a materialized view or a foreign table,
+        or has row-level security (see :data:`_UNSERVED_QUERIES`), asked once per pool. An
+        in-memory SQLite database is not asked (a connection of its own would be another
+        database)."""
+        tables = list(tables)
+        found = [_UNSERVED_KINDS["v"].format(t.fullname) for t in tables if t.info.get("is_view")]
         engine = bind.engine if isinstance(bind, Connection) else bind
-        if engine.url.get_backend_name() != "postgresql":
-            return []
-        server = self._server(engine, "postgresql")
-        if not server.row_secured:
-            return []
+        backend = _BACKENDS.get(engine.url.get_backend_name(), engine.url.get_backend_name())
+        if backend not in _UNSERVED_QUERIES or self._memory_id(engine):
+            return found
+        server = self._server(engine, backend)
+        if not server.unserved:
+            return found
         options = engine.get_execution_options() if naming is None else naming
         translate = _translate(options.get("schema_translate_map")) or {}
-        found = []
         for table in tables:
             schema = translate.get(table.schema, table.schema)
             if schema is None:
                 schema = server.schema or server.default
-            if (schema, table.name) in server.row_secured:
-                found.append(f"{schema}.{table.name}")
+            kind = server.unserved.get((schema, table.name))
+            if kind is not None and not table.info.get("is_view"):
+                found.append(_UNSERVED_KINDS[kind].format(f"{schema}.{table.name}"))
         return sorted(found)
 
     def _memory_id(self, engine: Any) -> str:

@@ -44,8 +44,8 @@ class Models:
         self._buckets = buckets
         self._exclude_everywhere = exclude_everywhere
         self._databases = Databases()
-        #: (model, table) pairs already named in a row-level security warning
-        self._row_secured_said: set[tuple[str, str]] = set()
+        #: (model, reason) pairs already named in a "not served" warning
+        self._unserved_said: set[tuple[str, str]] = set()
         # Every mapper and class is held weakly here (and by the layouts): every mapper
         # configured while the cache lives is looked at, and a class mapped at run time (a
         # test's, a per-tenant automap) must stay free to be collected, cached or not.
@@ -382,9 +382,10 @@ class Models:
         layout.last_keys = (bind, keys)
         return keys
 
-    def row_secured(self, layout: ModelLayout, bind: Any) -> list[str]:
-        """The tables of ``layout`` with row-level security in ``bind``'s database."""
-        return self._databases.row_secured(bind, None, layout.tables)
+    def unserved(self, layout: ModelLayout, bind: Any) -> list[str]:
+        """Why loads of ``layout``'s rows in ``bind``'s database are not served, if they are
+        not: a view, row-level security (:meth:`.Databases.unserved`)."""
+        return self._databases.unserved(bind, None, layout.tables)
 
     def pool_timezone(self, bind: Any) -> Any:
         """The tzinfo of ``timestamptz`` values on a new connection of ``bind``'s pool
@@ -394,20 +395,25 @@ class Models:
     def _served(self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None) -> bool:
         """Whether loads of ``layout``'s rows in this database may be answered from the
         cache: not when one of its tables has row-level security, whose policies decide per
-        session (its role, its settings) which rows it sees. Said once per model and table."""
-        secured = self._databases.row_secured(bind, naming, layout.tables)
-        for name in secured:
-            if (layout.entity_name, name) not in self._row_secured_said:
-                self._row_secured_said.add((layout.entity_name, name))
+        session (its role, its settings) which rows it sees, nor when it is a view (or a
+        materialized view, a foreign table), whose rows change when the tables it reads do,
+        which no commit of the view's says. Said once per model and reason."""
+        reasons = self._databases.unserved(bind, naming, layout.tables)
+        for reason in reasons:
+            if (layout.entity_name, reason) not in self._unserved_said:
+                self._unserved_said.add((layout.entity_name, reason))
                 log.warning(
-                    "writethrough: %s's table %s has row-level security, whose policies decide "
-                    "which rows each session sees: its loads in that database are never served "
-                    "from the cache (they read the database); leave the model uncached to spare "
-                    "its commits the Redis writes",
+                    "writethrough: %s is not served from the cache in that database (%s): %s; "
+                    "its loads read the database and its commits write no entries. Leave the "
+                    "model uncached to spare its commits the Redis round trips",
                     layout.entity_name,
-                    name,
+                    reason,
+                    "row-level security policies decide which rows each session sees"
+                    if reason.startswith("row-level security")
+                    else "its rows change when the tables it reads do, and commits to those "
+                    "do not touch its entries",
                 )
-        return not secured
+        return not reasons
 
     def _built_layouts(self) -> list[ModelLayout]:
         """Each layout built so far, once (a hierarchy's is every member's)."""

@@ -120,12 +120,12 @@ def describe(
     layouts: list[ModelLayout],
     left_out: dict[Mapper[Any], str],
     dialect: Dialect,
-    row_secured: dict[ModelLayout, list[str]] | None = None,
+    unserved: dict[ModelLayout, list[str]] | None = None,
 ) -> CachedModels:
-    """``row_secured``: the tables with row-level security of each layout that has one, on
-    the database described (when it was asked)."""
+    """``unserved``: why the loads of each layout that has such tables are not served on the
+    database described, when it was asked (a view, row-level security)."""
     name = f"{dialect.name}+{dialect.driver}"
-    secured = row_secured or {}
+    secured = unserved or {}
     cached = sorted(
         (_info(layout, dialect, secured.get(layout, [])) for layout in layouts), key=_by_name
     )
@@ -148,8 +148,7 @@ def _not_served_because(layout: ModelLayout, secured: list[str]) -> str:
             "column_property expressions selected with the row: "
             f"{', '.join(layout.loaded_expressions)}; declare them deferred=True"
         )
-    if secured:
-        reasons.append(f"row-level security on {', '.join(secured)}")
+    reasons.extend(secured)
     return "; ".join(reasons)
 
 
