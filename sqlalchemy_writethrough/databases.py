@@ -48,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
@@ -56,7 +55,6 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.engine import URL, Connection
 
-from . import forks
 from .codec import driver_timezone
 from .exc import WritethroughError
 
@@ -324,8 +322,6 @@ class Databases:
         #: engine's connect_args and "connect" listeners choose the schema unqualified names
         #: reach, and two engines on one URL may choose two
         self._servers: weakref.WeakKeyDictionary[Any, _Server] = weakref.WeakKeyDictionary()
-        self._asking = threading.Lock()
-        forks.renew_in_child(self, "_asking")
 
     def of(self, bind: Any, unqualified: bool = True) -> str:
         """The digest of the database an Engine (or a Connection's Engine) reads and writes;
@@ -386,22 +382,24 @@ class Databases:
         return server.name + _schemas(_moving(translate, server.schema, server.default))
 
     def _server(self, engine: Any, backend: str) -> _Server:
-        """What the server of ``engine``'s pool says of itself: asked once per pool."""
+        """What the server of ``engine``'s pool says of itself: asked once per pool, or a
+        few times if its first users ask at once. No lock is held while asking: an
+        AsyncSession's ask awaits the driver in SQLAlchemy's greenlet, giving the event loop
+        to other sessions, whose first loads would block the loop's thread on that lock for
+        good (a lock held across an ``await`` cannot be waited for in the same thread)."""
         pool = engine.pool
         found = self._servers.get(pool)
         if found is None:
-            with self._asking:
-                found = self._servers.get(pool)
-                if found is None:
-                    by_url = describe(engine.url, {}, self._memory_id(engine))
-                    try:
-                        found = self._servers[pool] = self._ask_server(engine, backend, by_url)
-                    except Exception as exc:
-                        raise DatabaseUnknown(
-                            f"could not ask the database at {by_url} which server it is "
-                            f"({type(exc).__name__}: {exc}); set the engine option {OPTION} "
-                            "to name it"
-                        ) from exc
+            by_url = describe(engine.url, {}, self._memory_id(engine))
+            try:
+                asked = self._ask_server(engine, backend, by_url)
+            except Exception as exc:
+                raise DatabaseUnknown(
+                    f"could not ask the database at {by_url} which server it is "
+                    f"({type(exc).__name__}: {exc}); set the engine option {OPTION} "
+                    "to name it"
+                ) from exc
+            found = self._servers.setdefault(pool, asked)  # the same answer, whoever asked
         return found
 
     def _ask_server(self, engine: Any, backend: str, by_url: str) -> _Server:

@@ -664,3 +664,63 @@ def test_close_from_sync_code_after_the_loops_leaves_nothing_open(
         "errors": 0,
         "warnings": [],
     }
+
+
+_FIRST_LOADS_AT_ONCE_SCRIPT = """
+import asyncio, json, sys
+from sqlalchemy import String
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+
+db_url, redis_url, prefix = sys.argv[1:4]
+
+class Base(DeclarativeBase):
+    pass
+
+class LoopRow(Base, CachedModel):  # as in the test module
+    __tablename__ = "loop_row"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+async def main():
+    seed = create_async_engine(db_url, poolclass=NullPool)
+    async with seed.begin() as conn:
+        await conn.execute(LoopRow.__table__.insert(), [{"id": i, "name": f"r{i}"} for i in (1, 2)])
+    await seed.dispose()
+    engine = create_async_engine(db_url)  # a pool the cache has never asked about
+    factory = async_sessionmaker(engine)
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    cache.install(factory)
+
+    async def name(i):
+        async with factory() as session:
+            return (await session.get(LoopRow, i)).name
+
+    try:
+        return await asyncio.gather(*(name(1 + i % 2) for i in range(6)))
+    finally:
+        await cache.aclose()
+        await engine.dispose()
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_the_first_loads_of_a_pool_at_once_do_not_hang_the_loop(
+    schema: Any, db_url: str, prefix: str, redis_url: str
+) -> None:
+    """An application's first requests, all at once: each session's first cached load asks
+    the database what it is (once per pool), awaiting the driver. The question was asked under
+    a thread lock, held across that await: the next session's load, on the same thread,
+    waited for the lock, and the event loop with it, for good (PostgreSQL, SQLite, MariaDB
+    alike). In a process of its own, bounded: a hang fails the test."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_LOADS_AT_ONCE_SCRIPT, async_url(db_url), redis_url, prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == ["r1", "r2"] * 3
