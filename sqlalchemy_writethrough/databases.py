@@ -108,6 +108,40 @@ _UNSERVED_KINDS = {
     "f": "{} is a foreign table",
 }
 
+#: the tables whose rows the database may rewrite as they are written, by backend: (schema,
+#: name, kind), kind one of :data:`_REWRITING_KINDS`. A ``BEFORE`` row trigger on INSERT or
+#: UPDATE may change the values the flush sent (``NEW.updated_at = now()``); so does a MySQL
+#: column ``ON UPDATE CURRENT_TIMESTAMP``, and any trigger of a SQLite table (an ``AFTER``
+#: trigger that updates its own row is SQLite's way). Nothing tells the ORM, which keeps the
+#: values it sent: such a table's commits invalidate instead of writing through. MySQL lists
+#: only the triggers of tables the user has the TRIGGER privilege on.
+_REWRITING_QUERIES = {
+    "postgresql": (
+        "SELECT DISTINCT n.nspname, c.relname, 't' FROM pg_catalog.pg_trigger t "
+        "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        # a row trigger (1), before (2), on INSERT (4) or UPDATE (16), not switched off
+        "WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' "
+        "AND t.tgtype & 3 = 3 AND t.tgtype & 20 <> 0 "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    ),
+    "mysql": (
+        "SELECT DISTINCT EVENT_OBJECT_SCHEMA, EVENT_OBJECT_TABLE, 't' "
+        "FROM information_schema.TRIGGERS WHERE ACTION_TIMING = 'BEFORE' "
+        "AND EVENT_MANIPULATION IN ('INSERT', 'UPDATE') "
+        "UNION SELECT DISTINCT TABLE_SCHEMA, TABLE_NAME, 'u' FROM information_schema.COLUMNS "
+        "WHERE EXTRA LIKE '%on update%' "
+        "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys')"
+    ),
+    "sqlite": "SELECT DISTINCT 'main', tbl_name, 't' FROM sqlite_master WHERE type = 'trigger'",
+}
+
+#: kind -> how such a table is described (``{}``: its schema-qualified name)
+_REWRITING_KINDS = {
+    "t": "a trigger of {} may rewrite the values a flush sends",
+    "u": "{} has a column ON UPDATE CURRENT_TIMESTAMP",
+}
+
 #: the schema an unqualified name reaches on a PostgreSQL connection left to the server's
 #: defaults (``"$user", public`` with no schema named after the user)
 _PLAIN_DEFAULT_SCHEMA = "public"
@@ -265,33 +299,58 @@ class _Server(NamedTuple):
     #: {(schema, name): kind} of the relations whose rows are not served (see
     #: :data:`_UNSERVED_QUERIES`)
     unserved: Mapping[tuple[str, str], str] = {}
+    #: {(schema, name): kind} of the tables the database may rewrite rows of as they are
+    #: written (see :data:`_REWRITING_QUERIES`)
+    rewriting: Mapping[tuple[str, str], str] = {}
     #: the tzinfo the driver gives ``timestamptz`` values on a new connection of the pool
     #: (PostgreSQL; None when the driver cannot say)
     timezone: Any = None
 
 
-def _unserved(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
-    """{(schema, name): kind} of :data:`_UNSERVED_QUERIES`, on a pooled connection; none,
-    with a warning, when the server cannot say (a PostgreSQL look-alike)."""
+def _catalog(fairy: Any, sql: str, by_url: str, what: str) -> dict[tuple[str, str], str]:
+    """{(schema, name): kind} of one of the catalog queries above, on a pooled connection;
+    none, with a warning saying ``what`` would follow, when the server cannot say (a
+    PostgreSQL look-alike, a privilege)."""
     try:
         cursor = fairy.cursor()
-        cursor.execute(_UNSERVED_QUERIES[backend])
+        cursor.execute(sql)
         found = {(str(schema), str(name)): str(kind) for schema, name, kind in cursor.fetchall()}
         cursor.close()
         return found
     except Exception as exc:
         log.warning(
-            "writethrough: the database at %s does not say which of its tables are views%s "
-            "(%s: %s); rows of such a relation would be served from the cache after it changed%s",
+            "writethrough: the database at %s could not say %s (%s: %s)",
             by_url,
-            " or have row-level security" if backend == "postgresql" else "",
+            what,
             type(exc).__name__,
             exc,
-            ", or to sessions its policies hide them from" if backend == "postgresql" else "",
         )
         return {}
     finally:
         fairy.rollback()
+
+
+def _unserved(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
+    """:data:`_UNSERVED_QUERIES` of ``backend``, asked."""
+    what = (
+        "which of its tables are views or have row-level security; rows of such a relation "
+        "would be served from the cache after it changed, or to sessions its policies hide "
+        "them from"
+        if backend == "postgresql"
+        else "which of its tables are views; rows of a view would be served from the cache "
+        "after the tables it reads changed"
+    )
+    return _catalog(fairy, _UNSERVED_QUERIES[backend], by_url, what)
+
+
+def _rewriting(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
+    """:data:`_REWRITING_QUERIES` of ``backend``, asked."""
+    what = (
+        "which of its tables have triggers that may rewrite a row as it is written; their "
+        "commits would write the values the flush sent, not those stored (declare such a "
+        'model strategy="invalidate")'
+    )
+    return _catalog(fairy, _REWRITING_QUERIES[backend], by_url, what)
 
 
 def _timezone(engine: Any, fairy: Any) -> Any:
@@ -420,13 +479,14 @@ class Databases:
                     cursor.close()
                     fairy.rollback()
                 unserved = _unserved(fairy, backend, by_url)
+                rewriting = _rewriting(fairy, backend, by_url)
                 timezone = _timezone(engine, fairy) if backend == "postgresql" else None
             finally:
                 fairy.close()
         finally:
             pool.dispose()
         if backend == "sqlite":  # named by its file (asked only for its views)
-            return _Server(by_url, "main", "main", unserved)
+            return _Server(by_url, "main", "main", unserved, rewriting)
         database, server, schema = (row[0], row[1], row[2]) if row else (None, None, None)
         url_database = engine.url.database or ""
         if backend == "mysql":
@@ -458,6 +518,7 @@ class Databases:
             schema if schema is not None else default,
             default,
             unserved,
+            rewriting,
             timezone,
         )
 
@@ -480,23 +541,45 @@ class Databases:
         database)."""
         tables = list(tables)
         found = [_UNSERVED_KINDS["v"].format(t.fullname) for t in tables if t.info.get("is_view")]
+        asked = [t for t in tables if not t.info.get("is_view")]
+        found += (
+            _UNSERVED_KINDS[k].format(n) for n, k in self._listed(bind, naming, asked, "unserved")
+        )
+        return sorted(found)
+
+    def rewritten(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
+    ) -> list[str]:
+        """Why commits of rows of ``tables`` in the database of ``bind`` must invalidate
+        rather than write through: one description per table the database may rewrite rows
+        of as they are written (see :data:`_REWRITING_QUERIES`), asked once per pool."""
+        found = self._listed(bind, naming, tables, "rewriting")
+        return sorted(_REWRITING_KINDS[kind].format(name) for name, kind in found)
+
+    def _listed(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str
+    ) -> list[tuple[str, str]]:
+        """(schema-qualified name, kind) of those of ``tables`` in the server's list
+        ``which`` (``unserved`` or ``rewriting``), each table named as ``naming`` sends it."""
         engine = bind.engine if isinstance(bind, Connection) else bind
         backend = _BACKENDS.get(engine.url.get_backend_name(), engine.url.get_backend_name())
         if backend not in _UNSERVED_QUERIES or self._memory_id(engine):
-            return found
+            return []
         server = self._server(engine, backend)
-        if not server.unserved:
-            return found
+        listed: Mapping[tuple[str, str], str] = getattr(server, which)
+        if not listed:
+            return []
         options = engine.get_execution_options() if naming is None else naming
         translate = _translate(options.get("schema_translate_map")) or {}
+        found = []
         for table in tables:
             schema = translate.get(table.schema, table.schema)
             if schema is None:
                 schema = server.schema or server.default
-            kind = server.unserved.get((schema, table.name))
-            if kind is not None and not table.info.get("is_view"):
-                found.append(_UNSERVED_KINDS[kind].format(f"{schema}.{table.name}"))
-        return sorted(found)
+            kind = listed.get((schema, table.name))
+            if kind is not None:
+                found.append((f"{schema}.{table.name}", kind))
+        return found
 
     def _memory_id(self, engine: Any) -> str:
         """A name unique to an in-memory SQLite database: its pool (shared by an engine and

@@ -212,7 +212,16 @@ class KeySpace:
     """The keys of one model's rows in one database, under one cache prefix (``digest`` is
     the schema digest and the database's, ``<schema>:<database>``)."""
 
-    __slots__ = ("_buckets", "_pairs", "_tags", "fields", "pattern", "registry_field", "served")
+    __slots__ = (
+        "_buckets",
+        "_pairs",
+        "_tags",
+        "fields",
+        "pattern",
+        "registry_field",
+        "rewritten",
+        "served",
+    )
 
     def __init__(self, prefix: str, table: str, digest: str, buckets: int) -> None:
         self._buckets = buckets
@@ -226,8 +235,12 @@ class KeySpace:
         #: the pairs of the int primary keys read lately (at most _PAIRS, then forgotten)
         self._pairs: dict[int, tuple[str, str]] = {}
         #: whether loads may be answered from these keys (False: the database's row-level
-        #: security decides which rows a session sees); None until the registry asked
+        #: security decides which rows a session sees, or the table is a view); None until
+        #: the registry asked
         self.served: bool | None = None
+        #: whether the database may rewrite a row as it is written (a trigger): commits
+        #: invalidate; set with ``served``
+        self.rewritten = False
 
     def pair(self, pk: Sequence[Any]) -> tuple[str, str]:
         """(entity key, generation key) of one primary key."""

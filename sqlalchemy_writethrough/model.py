@@ -489,6 +489,10 @@ class ModelLayout:
                 f"{type(table).__name__} (a join or a select); leave it out of the cache"
             )
         self.options = options
+        #: the model's own options said its strategy (``strategy="write-through"`` there
+        #: keeps its commits writing through a table with triggers: see
+        #: :meth:`.Models._rewritten`)
+        self.strategy_declared = False
         self.table = table
         self.entity_name = base.class_.__name__
         self.polymorphic = base.polymorphic_on is not None or len(members) > 1

@@ -181,6 +181,7 @@ class Models:
                     layout = ModelLayout(
                         base, options, self._prefix, self._buckets, self._exclude_everywhere
                     )
+                    layout.strategy_declared = "strategy" in overrides
                 except OptionError:
                     raise
                 except ConfigurationError as exc:
@@ -360,6 +361,7 @@ class Models:
             named = for_schemas(naming, layout.schemas)
             keys = layout.keyspace(self._databases.renamed(bind, named))
             if keys.served is None:
+                keys.rewritten = self._rewritten(layout, bind, naming)
                 keys.served = self._served(layout, bind, naming)
             return keys
         last = layout.last_keys
@@ -378,6 +380,7 @@ class Models:
         else:
             keys = layout.keyspace(self._databases.of(bind, None in layout.schemas))
         if keys.served is None:
+            keys.rewritten = self._rewritten(layout, bind, None)
             keys.served = self._served(layout, bind, None)
         layout.last_keys = (bind, keys)
         return keys
@@ -414,6 +417,36 @@ class Models:
                     "do not touch its entries",
                 )
         return not reasons
+
+    def rewritten(self, layout: ModelLayout, bind: Any) -> list[str]:
+        """Why commits of ``layout``'s rows in ``bind``'s database invalidate instead of
+        writing through, if they do for its tables (:meth:`.Databases.rewritten`)."""
+        return self._databases.rewritten(bind, None, layout.tables)
+
+    def _rewritten(self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None) -> bool:
+        """Whether the database may rewrite ``layout``'s rows as they are written (a
+        ``BEFORE`` trigger setting ``NEW.updated_at``): the values the flush sent may not be
+        those stored, so its commits invalidate, as ``strategy="invalidate"`` does. A model
+        whose own options say its strategy is taken at its word (``"write-through"``: its
+        triggers only fill columns declared ``server_onupdate=FetchedValue()``, read back with
+        ``eager_defaults``). Said once per model and reason."""
+        if layout.strategy_declared:
+            return False  # "invalidate" already, or said to write through: the user knows
+        reasons = self._databases.rewritten(bind, naming, layout.tables)
+        for reason in reasons:
+            if (layout.entity_name, reason) not in self._unserved_said:
+                self._unserved_said.add((layout.entity_name, reason))
+                log.info(
+                    "writethrough: %s's commits invalidate its entries in that database "
+                    'instead of writing them (%s), as with strategy="invalidate": the values '
+                    "stored may not be those the flush sent. Declare the model's strategy to "
+                    'say it yourself ("write-through" if its triggers only fill columns '
+                    "declared server_onupdate=FetchedValue()); triggers that write other "
+                    "tables need also_invalidates",
+                    layout.entity_name,
+                    reason,
+                )
+        return bool(reasons)
 
     def _built_layouts(self) -> list[ModelLayout]:
         """Each layout built so far, once (a hierarchy's is every member's)."""

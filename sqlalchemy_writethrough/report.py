@@ -51,6 +51,9 @@ class ModelInfo:
     loads_served: bool
     #: why its loads are not served ("" when they are)
     not_served_because: str = ""
+    #: why all its commits invalidate instead of writing through on this database, though
+    #: its strategy is "write-through" (a trigger may rewrite its rows; "" when they do not)
+    commits_invalidate_because: str = ""
 
     def __str__(self) -> str:
         names = ", ".join(c.__name__ for c in self.classes)
@@ -71,6 +74,8 @@ class ModelInfo:
             lines.append(
                 "  commits invalidate because of: " + "; ".join(map(str, self.inexact_columns))
             )
+        if self.commits_invalidate_because:
+            lines.append(f"  commits invalidate: {self.commits_invalidate_because}")
         if not self.loads_served:
             lines.append(f"  loads go to the database ({self.not_served_because})")
         return "\n".join(lines)
@@ -121,13 +126,20 @@ def describe(
     left_out: dict[Mapper[Any], str],
     dialect: Dialect,
     unserved: dict[ModelLayout, list[str]] | None = None,
+    rewritten: dict[ModelLayout, list[str]] | None = None,
 ) -> CachedModels:
     """``unserved``: why the loads of each layout that has such tables are not served on the
-    database described, when it was asked (a view, row-level security)."""
+    database described, when it was asked (a view, row-level security); ``rewritten``: why
+    its commits invalidate there (a trigger)."""
     name = f"{dialect.name}+{dialect.driver}"
     secured = unserved or {}
+    rewriting = rewritten or {}
     cached = sorted(
-        (_info(layout, dialect, secured.get(layout, [])) for layout in layouts), key=_by_name
+        (
+            _info(layout, dialect, secured.get(layout, []), rewriting.get(layout, []))
+            for layout in layouts
+        ),
+        key=_by_name,
     )
     skipped = sorted(
         (LeftOutModel(m.class_, reason) for m, reason in left_out.items()), key=_by_name
@@ -152,7 +164,9 @@ def _not_served_because(layout: ModelLayout, secured: list[str]) -> str:
     return "; ".join(reasons)
 
 
-def _info(layout: ModelLayout, dialect: Dialect, secured: list[str]) -> ModelInfo:
+def _info(
+    layout: ModelLayout, dialect: Dialect, secured: list[str], rewritten: list[str]
+) -> ModelInfo:
     inexact: dict[str, InexactColumn] = {}
     for variant in layout.by_tag.values():
         columns = dict(zip(variant.attrs, variant.columns, strict=True))
@@ -169,4 +183,5 @@ def _info(layout: ModelLayout, dialect: Dialect, secured: list[str]) -> ModelInf
         inexact_columns=tuple(inexact.values()),
         loads_served=not (layout.loaded_with_row or secured),
         not_served_because=_not_served_because(layout, secured),
+        commits_invalidate_because="; ".join(rewritten),
     )

@@ -386,10 +386,13 @@ class WritePath:
                             bind,
                             keys,
                             variant,
-                            # None: strategy="invalidate", or nothing reads the entries
-                            # (row-level security: a tenant's rows stay out of Redis)
+                            # None: strategy="invalidate", or the database may rewrite
+                            # the row (a trigger), or nothing reads the entries (row-level
+                            # security: a tenant's rows stay out of Redis; a view)
                             None
-                            if layout.options.strategy == "invalidate" or not keys.served
+                            if layout.options.strategy == "invalidate"
+                            or keys.rewritten
+                            or not keys.served
                             else row_codec,
                             ctx,
                             row_codec.flushed,

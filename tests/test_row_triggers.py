@@ -6,7 +6,11 @@ docs/write-paths.md says to declare it:
   so the commit leaves a miss and the next get loads what the trigger stored; with
   ``eager_defaults=True`` the flush reads it back and it is written through;
 - a value the flush sends and the trigger changes (``NEW.email = lower(NEW.email)``): nothing
-  tells the ORM, so the model is given ``strategy="invalidate"``.
+  tells the ORM, so the model is given ``strategy="invalidate"``;
+- the same trigger, undeclared: the cache asks the database which tables have such triggers
+  (once per pool), and their commits invalidate as if declared (before: the value the flush
+  sent was written into Redis and served, older than what the commit stored). A model whose
+  options say its strategy is taken at its word.
 
 What is observed: what a get returns, against a load without the cache.
 """
@@ -44,6 +48,9 @@ class TgStamped(Base, CachedModel):
 class TgEagerStamped(Base, CachedModel):
     __tablename__ = "tg_eager_stamped"
     __mapper_args__ = {"eager_defaults": True}
+    # its trigger fills only a column declared as the trigger's: the flush reads it back, and
+    # the model says its commits may write through (else a table with a trigger invalidates)
+    __writethrough__ = {"strategy": "write-through"}
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     email: Mapped[str] = mapped_column(String(60))
     folded: Mapped[str] = mapped_column(
@@ -59,10 +66,20 @@ class TgNormalised(Base, CachedModel):
     folded: Mapped[str | None] = mapped_column(String(60))
 
 
+class TgUndeclared(Base, CachedModel):
+    """TgNormalised's trigger, and nothing said of it."""
+
+    __tablename__ = "tg_undeclared"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    email: Mapped[str] = mapped_column(String(60))
+    folded: Mapped[str | None] = mapped_column(String(60))
+
+
 TRIGGERS = {  # table -> what the trigger sets
     "tg_stamped": ("folded", "lower(NEW.email)"),
     "tg_eager_stamped": ("folded", "lower(NEW.email)"),
     "tg_normalised": ("email", "lower(NEW.email)"),
+    "tg_undeclared": ("email", "lower(NEW.email)"),
 }
 
 
@@ -90,15 +107,20 @@ def _create_triggers(engine: Engine) -> None:
 
 
 @pytest.fixture
-def factory(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessionmaker[Session]]:
+def cache(engine: Engine, redis_url: str, prefix: str) -> Iterator[WriteThroughCache]:
     reset_schema(engine, Base.metadata)
     _create_triggers(engine)
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    made = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def factory(engine: Engine, cache: WriteThroughCache) -> Iterator[sessionmaker[Session]]:
     made = sessionmaker(engine)
     cache.install(made)
     yield made
     cache.uninstall(made)
-    cache.redis.close()
 
 
 def _values(factory: sessionmaker[Session], model: type) -> tuple[tuple[str, str | None], int]:
@@ -108,8 +130,8 @@ def _values(factory: sessionmaker[Session], model: type) -> tuple[tuple[str, str
         return (row.email, row.folded), len(statements)
 
 
-@pytest.mark.parametrize("model", [TgStamped, TgEagerStamped, TgNormalised])
-def test_a_declared_row_trigger_is_read_as_it_stored(
+@pytest.mark.parametrize("model", [TgStamped, TgEagerStamped, TgNormalised, TgUndeclared])
+def test_a_row_trigger_is_read_as_it_stored(
     factory: sessionmaker[Session], engine: Engine, model: type
 ) -> None:
     with factory() as session:
@@ -130,3 +152,53 @@ def test_a_declared_row_trigger_is_read_as_it_stored(
     assert "bob@example.com" in values
     if model is TgEagerStamped:
         assert statements == 0  # the flush read the trigger's value back: written through
+
+
+def test_an_undeclared_trigger_makes_the_commits_invalidate(
+    factory: sessionmaker[Session], cache: WriteThroughCache, engine: Engine
+) -> None:
+    """What the cache says of it: the report names the trigger, the model's strategy is
+    unchanged, and a commit leaves a miss (the next get reads what the trigger stored)."""
+    with factory() as session:
+        session.add(TgUndeclared(id=1, email="Ann@Example.COM"))
+        session.commit()
+    values, statements = _values(factory, TgUndeclared)
+    assert values == ("ann@example.com", None) and statements == 1  # a miss, then a fill
+    assert _values(factory, TgUndeclared) == (values, 0)  # loads are served
+    report = cache.models(engine)
+    info = report[TgUndeclared]
+    assert info.options.strategy == "write-through"
+    assert "tg_undeclared" in info.commits_invalidate_because
+    assert "commits invalidate: " in str(report)
+    for declared in (TgNormalised, TgEagerStamped):  # their options say: taken at their word
+        assert report[declared].commits_invalidate_because == ""
+    assert report[TgStamped].commits_invalidate_because != ""  # FetchedValue said, no strategy
+
+
+@pytest.mark.databases("sqlite")
+def test_a_sqlite_trigger_that_rewrites_its_own_row(
+    engine: Engine, redis_url: str, prefix: str
+) -> None:
+    """SQLite's way to stamp a row: an ``AFTER UPDATE`` trigger that updates it. Every table
+    of SQLite with a trigger is taken as rewriting its rows."""
+    reset_schema(engine, Base.metadata)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER tg_undeclared_fold AFTER UPDATE OF email ON tg_undeclared "
+            "BEGIN UPDATE tg_undeclared SET email = lower(NEW.email) WHERE id = NEW.id; END"
+        )
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    made = sessionmaker(engine)
+    cache.install(made)
+    try:
+        with made() as session:
+            session.add(TgUndeclared(id=1, email="ann"))
+            session.commit()
+        with made() as session:
+            session.get(TgUndeclared, 1).email = "Bob"
+            session.commit()
+        with made() as session, Session(engine) as plain:
+            assert session.get(TgUndeclared, 1).email == plain.get(TgUndeclared, 1).email == "bob"
+    finally:
+        cache.uninstall(made)
+        cache.close()
