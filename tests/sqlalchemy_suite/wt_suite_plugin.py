@@ -30,6 +30,7 @@ by ``--wt-status``, which ``run.py`` checks (a pass without the extension proves
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -118,6 +119,9 @@ def _route_session_get() -> None:
 
 #: WT_SUITE_NEAR_CACHE=1: every test's cache has a near cache too (hits from process memory)
 _NEAR_CACHE = os.environ.get("WT_SUITE_NEAR_CACHE", "") not in ("", "0")
+#: SQLAlchemy's own pytest plugin, by the names its bootstrap and an import give it: its suite
+#: runs every async test on one event loop of its own
+_SQLALCHEMY_SUITE = frozenset({"sqla_pytestplugin", "sqlalchemy.testing.plugin.pytestplugin"})
 #: WT_SUITE_ASYNCIO=1: the cache goes on AsyncSession, through its asyncio flavour (see above)
 _ASYNCIO = os.environ.get("WT_SUITE_ASYNCIO", "") not in ("", "0")
 
@@ -212,13 +216,16 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             _used[0] += 1
             _used[1] += bool(stats.hits or stats.misses or stats.commits)
             cache.uninstall(target)
-            if _ASYNCIO:
+            if _ASYNCIO and _SQLALCHEMY_SUITE.intersection(sys.modules):
                 from sqlalchemy.testing import asyncio as suite_asyncio
 
-                # on the suite's event loop, where the asyncio client's connections live
+                # on SQLAlchemy's suite's event loop, where the client's connections live
                 suite_asyncio._run_coroutine_function(cache.aclose)
-            elif _NEAR_CACHE:
-                cache.close()  # its subscriber thread and connection
+            elif _ASYNCIO or _NEAR_CACHE:
+                # another project's suite, whose loop per test (pytest-asyncio, anyio) is over
+                # by now: close() closes the connections of loops that are over (and the near
+                # cache's subscriber thread)
+                cache.close()
             # the cache validates every mapper configured while it lives: a later test's
             # mappers are none of its business (it would be collected only at the next gc)
             cache_module._caches.discard(cache)
