@@ -48,6 +48,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
+import threading
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
@@ -55,6 +58,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.engine import URL, Connection
 
+from . import _sa_compat, forks
 from .codec import driver_timezone
 from .exc import WritethroughError
 
@@ -353,6 +357,29 @@ def _rewriting(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], s
     return _catalog(fairy, _REWRITING_QUERIES[backend], by_url, what)
 
 
+def _sqlite_catalog(
+    url: URL, by_url: str
+) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
+    """(views, tables with triggers) of a SQLite file, read on a read-only connection of the
+    standard library's own: the engine's driver may be one that must be awaited (aiosqlite),
+    and the question may come from sync code. A file not made yet has neither."""
+    path = _sqlite_path(url)
+    if path is None or not os.path.exists(path):
+        return {}, {}
+    try:
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=1.0)
+    except Exception as exc:
+        log.warning("writethrough: could not read the SQLite file %s (%s)", by_url, exc)
+        return {}, {}
+    try:
+        return (
+            _unserved(conn, "sqlite", by_url),
+            _rewriting(conn, "sqlite", by_url),
+        )
+    finally:
+        conn.close()
+
+
 def _timezone(engine: Any, fairy: Any) -> Any:
     """:func:`.codec.driver_timezone` of a pooled connection; None when it cannot say."""
     try:
@@ -381,6 +408,8 @@ class Databases:
         #: engine's connect_args and "connect" listeners choose the schema unqualified names
         #: reach, and two engines on one URL may choose two
         self._servers: weakref.WeakKeyDictionary[Any, _Server] = weakref.WeakKeyDictionary()
+        self._asking = threading.Lock()
+        forks.renew_in_child(self, "_asking")
 
     def of(self, bind: Any, unqualified: bool = True) -> str:
         """The digest of the database an Engine (or a Connection's Engine) reads and writes;
@@ -441,43 +470,52 @@ class Databases:
         return server.name + _schemas(_moving(translate, server.schema, server.default))
 
     def _server(self, engine: Any, backend: str) -> _Server:
-        """What the server of ``engine``'s pool says of itself: asked once per pool, or a
-        few times if its first users ask at once. No lock is held while asking: an
-        AsyncSession's ask awaits the driver in SQLAlchemy's greenlet, giving the event loop
-        to other sessions, whose first loads would block the loop's thread on that lock for
-        good (a lock held across an ``await`` cannot be waited for in the same thread)."""
+        """What the server of ``engine``'s pool says of itself: asked once per pool. Threads
+        ask one at a time (the others wait for its answer); an AsyncSession's ask holds no
+        lock: it awaits the driver in SQLAlchemy's greenlet, giving the event loop to other
+        sessions, whose first loads would block the loop's thread on that lock for good (a
+        lock held across an ``await`` cannot be waited for in the same thread). Sessions
+        whose first loads come at once each ask; the answers are the same."""
         pool = engine.pool
         found = self._servers.get(pool)
         if found is None:
-            by_url = describe(engine.url, {}, self._memory_id(engine))
-            try:
-                asked = self._ask_server(engine, backend, by_url)
-            except Exception as exc:
-                raise DatabaseUnknown(
-                    f"could not ask the database at {by_url} which server it is "
-                    f"({type(exc).__name__}: {exc}); set the engine option {OPTION} "
-                    "to name it"
-                ) from exc
-            found = self._servers.setdefault(pool, asked)  # the same answer, whoever asked
+            if _sa_compat.in_greenlet():
+                return self._ask_and_keep(engine, backend, pool)
+            with self._asking:
+                found = self._servers.get(pool)
+                if found is None:
+                    found = self._ask_and_keep(engine, backend, pool)
         return found
+
+    def _ask_and_keep(self, engine: Any, backend: str, pool: Any) -> _Server:
+        by_url = describe(engine.url, {}, self._memory_id(engine))
+        try:
+            asked = self._ask_server(engine, backend, by_url)
+        except Exception as exc:
+            raise DatabaseUnknown(
+                f"could not ask the database at {by_url} which server it is "
+                f"({type(exc).__name__}: {exc}); set the engine option {OPTION} "
+                "to name it"
+            ) from exc
+        return self._servers.setdefault(pool, asked)
 
     def _ask_server(self, engine: Any, backend: str, by_url: str) -> _Server:
         """The server's own name for the database, on a connection of its own; the URL's
         name when the server cannot say. Raises when it could not be asked (nothing
         remembered: asked again next time)."""
+        if backend == "sqlite":  # named by its file, asked only for its views and triggers
+            return _Server(by_url, "main", "main", *_sqlite_catalog(engine.url, by_url))
         pool = (
             engine.pool.recreate()
         )  # the engine's creator, connect_args and pool listeners, none of its connections
-        row = None
         try:
             fairy = pool.connect()
             try:
-                if backend in _SERVER_QUERIES:
-                    cursor = fairy.cursor()
-                    cursor.execute(_SERVER_QUERIES[backend])
-                    row = cursor.fetchone()
-                    cursor.close()
-                    fairy.rollback()
+                cursor = fairy.cursor()
+                cursor.execute(_SERVER_QUERIES[backend])
+                row = cursor.fetchone()
+                cursor.close()
+                fairy.rollback()
                 unserved = _unserved(fairy, backend, by_url)
                 rewriting = _rewriting(fairy, backend, by_url)
                 timezone = _timezone(engine, fairy) if backend == "postgresql" else None
@@ -485,8 +523,6 @@ class Databases:
                 fairy.close()
         finally:
             pool.dispose()
-        if backend == "sqlite":  # named by its file (asked only for its views)
-            return _Server(by_url, "main", "main", unserved, rewriting)
         database, server, schema = (row[0], row[1], row[2]) if row else (None, None, None)
         url_database = engine.url.database or ""
         if backend == "mysql":
