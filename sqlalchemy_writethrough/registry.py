@@ -403,8 +403,7 @@ class Models:
         which no commit of the view's says. Said once per model and reason."""
         reasons = self._databases.unserved(bind, naming, layout.tables)
         for reason in reasons:
-            if (layout.entity_name, reason) not in self._unserved_said:
-                self._unserved_said.add((layout.entity_name, reason))
+            if self._first_said(layout, reason):
                 log.warning(
                     "writethrough: %s is not served from the cache in that database (%s): %s; "
                     "its loads read the database and its commits write no entries. Leave the "
@@ -417,6 +416,15 @@ class Models:
                     "do not touch its entries",
                 )
         return not reasons
+
+    def _first_said(self, layout: ModelLayout, reason: str) -> bool:
+        """Whether ``reason`` is said of ``layout``'s model for the first time (then it is
+        remembered as said)."""
+        said = (layout.entity_name, reason)
+        if said in self._unserved_said:
+            return False
+        self._unserved_said.add(said)
+        return True
 
     def rewritten(self, layout: ModelLayout, bind: Any) -> list[str]:
         """Why commits of ``layout``'s rows in ``bind``'s database invalidate instead of
@@ -434,8 +442,7 @@ class Models:
             return False  # "invalidate" already, or said to write through: the user knows
         reasons = self._databases.rewritten(bind, naming, layout.tables)
         for reason in reasons:
-            if (layout.entity_name, reason) not in self._unserved_said:
-                self._unserved_said.add((layout.entity_name, reason))
+            if self._first_said(layout, reason):
                 log.info(
                     "writethrough: %s's commits invalidate its entries in that database "
                     'instead of writing them (%s), as with strategy="invalidate": the values '

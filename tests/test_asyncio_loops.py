@@ -267,7 +267,8 @@ def test_a_connection_the_application_took_to_another_loop(
             loop.close()
 
 
-_ACLOSE_SCRIPT = """
+#: what each script run in a process of its own starts with: its arguments, the model
+_SCRIPT_PRELUDE = """
 import asyncio, gc, json, sys, warnings
 import redis.asyncio
 from sqlalchemy import String
@@ -285,7 +286,11 @@ class LoopRow(Base, CachedModel):  # as in the test module
     __tablename__ = "loop_row"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(40))
+"""
 
+_ACLOSE_SCRIPT = (
+    _SCRIPT_PRELUDE
+    + """
 engine = create_async_engine(db_url, poolclass=NullPool)
 factory = async_sessionmaker(engine, expire_on_commit=False)
 client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=2)
@@ -325,6 +330,7 @@ print(json.dumps({
     "warnings": [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)],
 }))
 """
+)
 
 
 def assert_aclose_leaves_nothing_open(db_url: str, redis_url: str, prefix: str) -> None:
@@ -589,24 +595,9 @@ async def _call(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return await fn()
 
 
-_CLOSE_AFTER_LOOPS_SCRIPT = """
-import asyncio, gc, json, sys, warnings
-from sqlalchemy import String
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.pool import NullPool
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache
-
-db_url, redis_url, prefix = sys.argv[1:4]
-
-class Base(DeclarativeBase):
-    pass
-
-class LoopRow(Base, CachedModel):  # as in the test module
-    __tablename__ = "loop_row"
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    name: Mapped[str] = mapped_column(String(40))
-
+_CLOSE_AFTER_LOOPS_SCRIPT = (
+    _SCRIPT_PRELUDE
+    + """
 engine = create_async_engine(db_url, poolclass=NullPool)
 factory = async_sessionmaker(engine, expire_on_commit=False)
 cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
@@ -641,6 +632,7 @@ print(json.dumps({
     "warnings": [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)],
 }))
 """
+)
 
 
 def test_close_from_sync_code_after_the_loops_leaves_nothing_open(
@@ -666,24 +658,9 @@ def test_close_from_sync_code_after_the_loops_leaves_nothing_open(
     }
 
 
-_FIRST_LOADS_AT_ONCE_SCRIPT = """
-import asyncio, json, sys
-from sqlalchemy import String
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.pool import NullPool
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache
-
-db_url, redis_url, prefix = sys.argv[1:4]
-
-class Base(DeclarativeBase):
-    pass
-
-class LoopRow(Base, CachedModel):  # as in the test module
-    __tablename__ = "loop_row"
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    name: Mapped[str] = mapped_column(String(40))
-
+_FIRST_LOADS_AT_ONCE_SCRIPT = (
+    _SCRIPT_PRELUDE
+    + """
 async def main():
     seed = create_async_engine(db_url, poolclass=NullPool)
     async with seed.begin() as conn:
@@ -706,6 +683,7 @@ async def main():
 
 print(json.dumps(asyncio.run(main())))
 """
+)
 
 
 def test_the_first_loads_of_a_pool_at_once_do_not_hang_the_loop(
