@@ -820,8 +820,13 @@ async def greenlet_spawn(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T
 
 
 def in_greenlet() -> bool:
-    """Whether :func:`await_` can be called here (inside a greenlet SQLAlchemy spawned)."""
-    return bool(_IN_GREENLET())
+    """Whether :func:`await_` can be called here (inside a greenlet SQLAlchemy spawned).
+    False without the greenlet library (SQLAlchemy 2.0 raises ``ValueError`` there, 2.1
+    ``ImportError``): a sync application need not install it."""
+    try:
+        return bool(_IN_GREENLET())
+    except (ImportError, ValueError):
+        return False
 
 
 _AWAIT: Callable[[Any], Any] = (
