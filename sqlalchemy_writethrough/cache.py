@@ -1147,7 +1147,7 @@ class WriteThroughCache:
                 found = self._models.unserved(layout, bind)
                 if found:
                     secured[layout] = found
-                found = [] if layout.strategy_declared else self._models.rewritten(layout, bind)
+                found = self._models.rewritten(layout, bind)
                 if found:
                     rewritten[layout] = found
         return describe(self, layouts, self._models.left_out(), dialect, secured, rewritten)

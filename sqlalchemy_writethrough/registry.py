@@ -428,7 +428,10 @@ class Models:
 
     def rewritten(self, layout: ModelLayout, bind: Any) -> list[str]:
         """Why commits of ``layout``'s rows in ``bind``'s database invalidate instead of
-        writing through, if they do for its tables (:meth:`.Databases.rewritten`)."""
+        writing through, if they do for its tables (:meth:`.Databases.rewritten`) and not
+        already by its own choice (see :meth:`_rewritten`)."""
+        if layout.strategy_declared or layout.options.strategy == "invalidate":
+            return []
         return self._databases.rewritten(bind, None, layout.tables)
 
     def _rewritten(self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None) -> bool:
@@ -438,8 +441,8 @@ class Models:
         whose own options say its strategy is taken at its word (``"write-through"``: its
         triggers only fill columns declared ``server_onupdate=FetchedValue()``, read back with
         ``eager_defaults``). Said once per model and reason."""
-        if layout.strategy_declared:
-            return False  # "invalidate" already, or said to write through: the user knows
+        if layout.strategy_declared or layout.options.strategy == "invalidate":
+            return False  # said to write through (the user knows), or invalidating already
         reasons = self._databases.rewritten(bind, naming, layout.tables)
         for reason in reasons:
             if self._first_said(layout, reason):

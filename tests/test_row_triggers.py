@@ -17,6 +17,7 @@ What is observed: what a get returns, against a load without the cache.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -199,6 +200,28 @@ def test_a_sqlite_trigger_that_rewrites_its_own_row(
             session.commit()
         with made() as session, Session(engine) as plain:
             assert session.get(TgUndeclared, 1).email == plain.get(TgUndeclared, 1).email == "bob"
+    finally:
+        cache.uninstall(made)
+        cache.close()
+
+
+def test_a_cache_that_invalidates_anyway_says_nothing_of_the_trigger(
+    engine: Engine, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``strategy="invalidate"`` cache-wide: the commits invalidate already, so the trigger
+    is no reason given (nor logged)."""
+    reset_schema(engine, Base.metadata)
+    _create_triggers(engine)
+    caplog.set_level(logging.INFO, logger="sqlalchemy_writethrough")
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None, strategy="invalidate")
+    made = sessionmaker(engine)
+    cache.install(made)
+    try:
+        with made() as session:
+            session.add(TgUndeclared(id=1, email="Ann"))
+            session.commit()
+        assert cache.models(engine)[TgUndeclared].commits_invalidate_because == ""
+        assert "may rewrite" not in caplog.text
     finally:
         cache.uninstall(made)
         cache.close()
