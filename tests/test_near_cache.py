@@ -917,8 +917,14 @@ def test_a_plain_client_that_reaches_a_cluster_node_keeps_it_through_the_cluster
         assert cache._sync is not None and cache._sync.runtime.near is near
         wait_until(lambda: isinstance(near.source, ClusterSubscriptions), "the switch")
         serving(cache)
-        for _ in range(2):
+        hits = near.hits
+
+        def served_from_memory() -> bool:
+            # a round fills what the switch dropped; entries a late message of the switch
+            # dropped again fill at the next (the test failed on 23 of 30 after two rounds)
             assert [name_of(factory, pk=i) for i in range(1, 31)] == [f"n{i}" for i in range(1, 31)]
-        assert near.hits >= 30
+            return near.hits - hits >= 30
+
+        wait_until(served_from_memory, "30 gets served from memory")
     finally:
         cache.close()
