@@ -801,14 +801,17 @@ def connection_loop(conn: Any) -> Any:
     return getattr(getattr(conn, "_writer", None), "_loop", None)
 
 
+def async_connections(client: Any) -> list[Any]:
+    """Every connection a ``redis.asyncio`` client holds, a Cluster client's nodes' too."""
+    if is_async_cluster_client(client):
+        return async_cluster_connections(client)
+    return async_client_connections(client)
+
+
 def bound_loops(client: Any) -> set[Any]:
     """The event loops the client's open connections belong to."""
-    if is_async_cluster_client(client):
-        conns = async_cluster_connections(client)
-    else:
-        conns = async_client_connections(client)
     loops = set()
-    for conn in conns:
+    for conn in async_connections(client):
         loop = connection_loop(conn)
         if loop is not None:
             loops.add(loop)

@@ -940,11 +940,7 @@ class WriteThroughCache:
             if isinstance(transport, AsyncTransport):
                 transport.close_off_loop()
         for client, _ in self._built:  # the asyncio ones left
-            if _redis_compat.is_async_cluster_client(client):
-                conns = _redis_compat.async_cluster_connections(client)
-            else:
-                conns = _redis_compat.async_client_connections(client)
-            close_off_loop(conns)
+            close_off_loop(_redis_compat.async_connections(client))
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """:meth:`close`, on the event loop: the pending background publishes and the last

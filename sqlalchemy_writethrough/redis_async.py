@@ -162,15 +162,15 @@ class _LoopPools:
     def drop_closed(self) -> None:
         """Forget the copies whose loop is closed, their sockets closed (nothing can be
         awaited on their loop any more)."""
-        for loop in [loop for loop in self.others if loop.is_closed()]:
-            pool, _ = self.others.pop(loop)
-            for conn in compat.async_pool_connections(pool):
-                compat.close_elsewhere(conn)
+        self._drop([loop for loop in self.others if loop.is_closed()])
 
     def close_off_loop(self) -> None:
         """Close the copies of loops that are not running (closed, or idle once their run is
         over), from outside them: :meth:`WriteThroughCache.close` after the loops it served."""
-        for loop in [loop for loop in self.others if not loop.is_running()]:
+        self._drop([loop for loop in self.others if not loop.is_running()])
+
+    def _drop(self, loops: list[asyncio.AbstractEventLoop]) -> None:
+        for loop in loops:
             pool, _ = self.others.pop(loop)
             close_off_loop(compat.async_pool_connections(pool))
 

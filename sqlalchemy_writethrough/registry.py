@@ -385,10 +385,12 @@ class Models:
         layout.last_keys = (bind, keys)
         return keys
 
-    def unserved(self, layout: ModelLayout, bind: Any) -> list[str]:
+    def unserved(
+        self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None = None
+    ) -> list[str]:
         """Why loads of ``layout``'s rows in ``bind``'s database are not served, if they are
         not: a view, row-level security (:meth:`.Databases.unserved`)."""
-        return self._databases.unserved(bind, None, layout.tables)
+        return self._databases.unserved(bind, naming, layout.tables)
 
     def pool_timezone(self, bind: Any) -> Any:
         """The tzinfo of ``timestamptz`` values on a new connection of ``bind``'s pool
@@ -401,7 +403,7 @@ class Models:
         session (its role, its settings) which rows it sees, nor when it is a view (or a
         materialized view, a foreign table), whose rows change when the tables it reads do,
         which no commit of the view's says. Said once per model and reason."""
-        reasons = self._databases.unserved(bind, naming, layout.tables)
+        reasons = self.unserved(layout, bind, naming)
         for reason in reasons:
             if self._first_said(layout, reason):
                 log.warning(
@@ -426,24 +428,25 @@ class Models:
         self._unserved_said.add(said)
         return True
 
-    def rewritten(self, layout: ModelLayout, bind: Any) -> list[str]:
+    def rewritten(
+        self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None = None
+    ) -> list[str]:
         """Why commits of ``layout``'s rows in ``bind``'s database invalidate instead of
         writing through, if they do for its tables (:meth:`.Databases.rewritten`) and not
-        already by its own choice (see :meth:`_rewritten`)."""
+        already by its own choice: a model whose own options say its strategy is taken at
+        its word (``"write-through"``: its triggers only fill columns declared
+        ``server_onupdate=FetchedValue()``, read back with ``eager_defaults``), and one that
+        invalidates anyway needs no reason."""
         if layout.strategy_declared or layout.options.strategy == "invalidate":
             return []
-        return self._databases.rewritten(bind, None, layout.tables)
+        return self._databases.rewritten(bind, naming, layout.tables)
 
     def _rewritten(self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None) -> bool:
         """Whether the database may rewrite ``layout``'s rows as they are written (a
         ``BEFORE`` trigger setting ``NEW.updated_at``): the values the flush sent may not be
-        those stored, so its commits invalidate, as ``strategy="invalidate"`` does. A model
-        whose own options say its strategy is taken at its word (``"write-through"``: its
-        triggers only fill columns declared ``server_onupdate=FetchedValue()``, read back with
-        ``eager_defaults``). Said once per model and reason."""
-        if layout.strategy_declared or layout.options.strategy == "invalidate":
-            return False  # said to write through (the user knows), or invalidating already
-        reasons = self._databases.rewritten(bind, naming, layout.tables)
+        those stored, so its commits invalidate, as ``strategy="invalidate"`` does (see
+        :meth:`rewritten`). Said once per model and reason."""
+        reasons = self.rewritten(layout, bind, naming)
         for reason in reasons:
             if self._first_said(layout, reason):
                 log.info(

@@ -608,6 +608,7 @@ def test_which_event_loop_redis_asyncio_objects_belong_to(redis_url: str) -> Non
         assert compat.connection_loop(conn) is asyncio.get_running_loop()
         await compat.arelease(pool, conn)
         assert compat.async_client_connections(client) == [conn]  # idle
+        assert compat.async_connections(client) == [conn]
         assert compat.async_idle_connections(client) == [conn]
         assert compat.bound_loops(client) == {asyncio.get_running_loop()}
 
@@ -741,6 +742,7 @@ def test_the_asyncio_cluster_client_internals(one_node_cluster: Any) -> None:
             compat.async_cluster_release(node, again)
             assert again is conn  # released connections are handed out again
             assert conn in compat.async_cluster_connections(client)
+            assert conn in compat.async_connections(client)
             assert compat.bound_loops(client) == {asyncio.get_running_loop()}
 
             assert await compat.async_cluster_moved(client, MovedError("1234 127.0.0.1:1"))
