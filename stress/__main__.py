@@ -188,6 +188,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--model-versions 2, --tenants or the evict/evict-locks faults (default int)",
     )
     p.add_argument(
+        "--rewriting-trigger",
+        action="store_true",
+        help="stress: a BEFORE INSERT OR UPDATE trigger on the stress tables stores another "
+        "counter than the one written (its low bit flipped), as a trigger stamping a column "
+        "does; the checker expects what was stored, so a cache writing through the value a "
+        "flush sent fails the run (--sabotage blind-triggers shows it)",
+    )
+    p.add_argument(
         "--ttl",
         type=float,
         default=600.0,
@@ -298,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--ttl must be positive and --idle-second-version 0 or more")
     if args.key_type != "int" and args.scenario != "stress":
         raise SystemExit("--key-type applies to --scenario stress only")
+    if args.rewriting_trigger and args.scenario != "stress":
+        raise SystemExit("--rewriting-trigger applies to --scenario stress only")
+    if args.sabotage == "blind-triggers" and not args.rewriting_trigger:
+        raise SystemExit("--sabotage blind-triggers needs --rewriting-trigger")
     ways = tenant_ways(args.tenant_ways)
     install_signal_handlers()
     dbs = ["postgresql", "mariadb"] if args.db == "both" else [args.db]
@@ -359,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                     idle_second_version=args.idle_second_version,
                     key_type=args.key_type,
                     evict_registry_every=every,
+                    rewriting_trigger=args.rewriting_trigger,
                 )
             )
             print(result.format(), flush=True)

@@ -42,6 +42,11 @@ never needed); ``final_cache`` then also holds the second version's entries, nam
 ``table@B`` (:func:`versioned`), each compared with the row as that version loads it (also in
 ``final_db`` under that name) and judged by the row's one history.
 
+With ``--rewriting-trigger`` (a trigger that stores another value than the one written, see
+:func:`stress.models.stored_value`), every write of the histories is taken as the value stored:
+a read of the value a flush sent (a cache writing it through) is ``uncommitted``, and an entry
+holding it at quiescence ``divergent``.
+
 A stale read is reported apart, as ``gap`` and not as a failure, when a newer commit of that row
 could not lock Redis and went ahead anyway (``on_redis_error="degrade"`` journals such keys): the
 gap docs/consistency.md documents for a writer that cannot reach Redis while readers can.
@@ -88,7 +93,7 @@ import bisect
 import dataclasses
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .models import DELETED_RANK, rank
@@ -377,6 +382,15 @@ def _row(tb: str, id_: int, tenant: str | None = None) -> Row:
     return (tenant_table(tenant, tb), int(id_))
 
 
+def _rewritten(event: Mapping[str, Any], stored: Callable[[int], int]) -> Mapping[str, Any]:
+    """``event`` with the values of its writes (a commit's start, an aborted write) as the
+    database stores them."""
+    if "writes" not in event:
+        return event
+    writes = [[tb, id_, None if v is None else stored(v)] for tb, id_, v in event["writes"]]
+    return {**event, "writes": writes}
+
+
 def check(
     events: Iterable[Mapping[str, Any]],
     final_db: Mapping[Row, Mapping[str, Any]],
@@ -385,12 +399,17 @@ def check(
     windows: Iterable[tuple[int, int]] = (),
     near_bound: int | None = None,
     buckets: tuple[int, ...] = (16,),
+    stored: Callable[[int], int] | None = None,
 ) -> Report:
     """Check a run. ``final_cache`` maps rows to the decoded VALUE Redis holds (None: a VALUE
     that could not be decoded); ``final_db`` maps rows to their columns; ``windows``: the
     failover windows (history times); ``near_bound``: the near cache's staleness bound (ns);
     ``buckets``: the cache ``buckets`` of the run's keyspaces (an evicted generation key
-    names its bucket, a row falls in one of each)."""
+    names its bucket, a row falls in one of each); ``stored``: what the database stores for
+    each value written, where a trigger rewrites it (``--rewriting-trigger``): the histories
+    say what the workers wrote, every read is matched with what was stored."""
+    if stored is not None:
+        events = [_rewritten(e, stored) for e in events]
     report = Report()
     report.near_bound = near_bound
     report.windows = list(windows)

@@ -279,3 +279,58 @@ def drop_tenant_schemas(engine: Engine, schemas: list[str]) -> None:
     with engine.begin() as conn:
         for schema in schemas:
             conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)}{cascade}")
+
+
+# -- a trigger that rewrites the rows (``--rewriting-trigger``) ---------------------------------
+#
+# A ``BEFORE INSERT OR UPDATE`` row trigger on both stress tables flips the low bit of every
+# ``counter`` written (:func:`stored_value`): the database stores another value than the flush
+# sent, as a trigger stamping ``updated_at`` or normalising a column does. The rank (the upper
+# bits) is kept, so a writer's ``next_value`` of what it read stays exact; the checker maps every
+# write of the histories through :func:`stored_value`, so a read of the value the flush sent
+# (a cache writing through what it was given) matches no write and fails the run.
+
+#: the trigger's (and PostgreSQL's trigger function's) name
+REWRITE_NAME = "stress_rewrite_counter"
+
+
+def stored_value(written: int) -> int:
+    """What the rewriting trigger stores for a ``counter`` written as ``written``."""
+    return written ^ 1
+
+
+def create_rewriting_triggers(
+    engine: Engine, metadata: MetaData = Base.metadata, schema: str | None = None
+) -> None:
+    """Put the rewriting trigger on every stress table of ``metadata`` (in ``schema``, or the
+    engine's default one). Created before the seed rows, which it rewrites too."""
+    preparer = engine.dialect.identifier_preparer
+    with engine.begin() as conn:
+        owner = f"{preparer.quote_schema(schema)}." if schema else ""
+        if conn.dialect.name == "postgresql":
+            function = f"{owner}{REWRITE_NAME}"
+            conn.exec_driver_sql(
+                f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger AS $$ BEGIN "
+                "IF TG_OP = 'INSERT' OR NEW.counter IS DISTINCT FROM OLD.counter THEN "
+                "NEW.counter := NEW.counter # 1; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            for table in metadata.sorted_tables:
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER {REWRITE_NAME} BEFORE INSERT OR UPDATE ON "
+                    f"{owner}{preparer.quote(table.name)} FOR EACH ROW EXECUTE FUNCTION "
+                    f"{function}()"
+                )
+        elif conn.dialect.name in ("mysql", "mariadb"):
+            for table in metadata.sorted_tables:
+                name = f"{owner}{preparer.quote(table.name)}"
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER {owner}{REWRITE_NAME}_{table.name}_i BEFORE INSERT ON "
+                    f"{name} FOR EACH ROW SET NEW.counter = NEW.counter ^ 1"
+                )
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER {owner}{REWRITE_NAME}_{table.name}_u BEFORE UPDATE ON "
+                    f"{name} FOR EACH ROW SET NEW.counter = "
+                    "IF(NEW.counter <> OLD.counter, NEW.counter ^ 1, NEW.counter)"
+                )
+        else:
+            raise ValueError(f"no rewriting trigger for {conn.dialect.name}")

@@ -54,12 +54,14 @@ from .models import (
     VERSIONS,
     StItem,
     StParent,
+    create_rewriting_triggers,
     create_tenant_schemas,
     drop_tenant_schemas,
     first_value,
     key_part_id,
     metadata_of,
     reset_schema,
+    stored_value,
 )
 from .proxy import FaultyProxy
 from .redis_server import RedisServer, die_with_parent
@@ -496,6 +498,10 @@ class StressConfig:
     #: ``evict-registry``: the registry is deleted every this many seconds, drawn between the
     #: two (a short interval keeps it rarely whole: more transactions go by two lists of it)
     evict_registry_every: tuple[float, float] = (0.2, 1.0)
+    #: a ``BEFORE INSERT OR UPDATE`` trigger on the stress tables stores another value than
+    #: the one written (:func:`stress.models.create_rewriting_triggers`): the cache must see
+    #: it and invalidate instead of writing through
+    rewriting_trigger: bool = False
 
 
 #: the faults a ``key_type`` "uuid" run refuses: the checker parses and buckets evicted keys
@@ -542,6 +548,7 @@ class StressResult:
             f"{self._versions()}"
             f"{'' if self.config.key_type == 'int' else self.config.key_type + ' keys, '}"
             f"{f'ttl {self.config.ttl:g} s, ' if self.config.ttl != 600 else ''}"
+            f"{'rewriting trigger, ' if self.config.rewriting_trigger else ''}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
@@ -571,6 +578,8 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
     problem = key_type_problem(config)
     if problem:
         raise ValueError(problem)
+    if config.sabotage == "blind-triggers" and not config.rewriting_trigger:
+        raise ValueError("the sabotage blind-triggers needs --rewriting-trigger")
     started = time.monotonic()
     lock_wait = config.lock_wait
     procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -610,11 +619,16 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             raise ValueError("model_versions must be 1 or 2")
         metadata = metadata_of(config.model_versions, config.key_type)
         reset_schema(engine, metadata)
+        if config.rewriting_trigger:
+            create_rewriting_triggers(engine, metadata)
         tenants: list[str] = []
         if config.tenants:
             tenants = [f"stt{i}_{uuid.uuid4().hex[:6]}" for i in range(config.tenants)]
             stack.callback(drop_tenant_schemas, engine, tenants)
             create_tenant_schemas(engine, tenants, metadata)
+            if config.rewriting_trigger:
+                for tenant in tenants:
+                    create_rewriting_triggers(engine, metadata, tenant)
             # the default schema holds the same ids with values of its own: a statement that
             # misses its tenant's map reads or writes there, and the checker sees it
             seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS, DEFAULT_TENANT)
@@ -764,6 +778,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             schedule.windows,
             _bound(config.near_cache),
             buckets=_bucket_counts(config),
+            stored=stored_value if config.rewriting_trigger else None,
         )
         if report.ok and not crashed:
             passed.append(True)

@@ -1209,6 +1209,7 @@ SABOTAGES = (
     "unguarded-batch-fill",
     "deaf-near-batch",
     "deaf-own-near",
+    "blind-triggers",
 )
 
 
@@ -1257,6 +1258,9 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
                              counts as written when its script is sent): a
                              process may read from memory what it has just replaced, other
                              processes' commits are still heard; copies expire as usual.
+    ``blind-triggers``       with ``--rewriting-trigger``: the cache does not ask which tables
+                             have triggers that may rewrite their rows, and writes through what
+                             the flush sent (shared by both flavours: the registry is one).
     """
     if not name:
         return
@@ -1285,6 +1289,9 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
 
         near._handle = deaf_handle  # type: ignore[method-assign]
         near._store = long_store  # type: ignore[method-assign]
+        return
+    if name == "blind-triggers":
+        cache._models.rewritten = lambda *args, **kwargs: []  # type: ignore[method-assign]
         return
     if name == "deaf-own-near":
         near = cache._near

@@ -521,6 +521,37 @@ def scenario_tenant_blind_keys(ctx: Ctx) -> None:
                 conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
+def scenario_blind_triggers(ctx: Ctx) -> None:
+    """A ``BEFORE UPDATE`` trigger stores ten times the ``n`` written. Intact: a commit of n=2
+    invalidates, and the next read loads 20 and fills. Sabotaged: the commit writes n=2
+    through, and readers are served 2, which the database never held."""
+    function = f"sab_times_ten_{SUFFIX}"
+    with ctx.engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger AS $$ BEGIN "
+            "NEW.n := NEW.n * 10; RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER {function} BEFORE UPDATE ON {TABLE} FOR EACH ROW "
+            f"EXECUTE FUNCTION {function}()"
+        )
+    try:
+        factory = installed(ctx.cache(), ctx.engine)
+        insert_behind_cache(ctx.engine, **{"1": 1})
+        assert get(factory, ctx.engine) == (1, "db")
+        assert get(factory, ctx.engine) == (1, "cache")
+        commit_n(factory, 1, 2)
+        if ctx.sabotaged:
+            assert get(factory, ctx.engine) == (2, "cache")
+        else:
+            assert get(factory, ctx.engine) == (20, "db")
+            assert get(factory, ctx.engine) == (20, "cache")
+    finally:
+        with ctx.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {function} ON {TABLE}")
+            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {function}()")
+
+
 SCENARIOS: dict[str, Callable[[Ctx], None]] = {
     "unguarded-fill": scenario_unguarded_fill,
     "stale-snapshot-fill": scenario_stale_snapshot_fill,
@@ -531,6 +562,7 @@ SCENARIOS: dict[str, Callable[[Ctx], None]] = {
     "unguarded-batch-fill": scenario_unguarded_batch_fill,
     "deaf-near-batch": scenario_deaf_near_batch,
     "deaf-own-near": scenario_deaf_own_near,
+    "blind-triggers": scenario_blind_triggers,
 }
 
 

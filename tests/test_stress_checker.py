@@ -16,7 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stress.checker import check, unversioned, versioned
-from stress.models import ITEM_TABLE, TAG_BITS
+from stress.models import ITEM_TABLE, TAG_BITS, stored_value
 
 MS = 1_000_000  # nanoseconds
 
@@ -120,6 +120,26 @@ def test_a_read_before_the_commit_began_is_reported() -> None:
     """Seeing v2 before its commit even started means it was read uncommitted (at flush)."""
     report = check([*history(), read(1, v(2), 2, 3)], DB, {})
     assert len(report.uncommitted) == 1, report.format()
+
+
+def test_with_a_rewriting_trigger_reads_are_matched_with_what_was_stored() -> None:
+    """``stored``: the database stored another value than each write's (a trigger): a read
+    of the stored one is consistent; a read of the one written (a cache writing through what
+    the flush sent) was never committed, and an entry holding it is divergent."""
+    stored = stored_value(v(2))
+    assert stored != v(2) and stored >> TAG_BITS == 2
+    db = {(ITEM_TABLE, 1): {"id": 1, "counter": stored, "parent_id": 1}}
+    events = [*history(), read(1, stored, 25, 26), read(1, stored_value(v(1)), 5, 6)]
+    assert check(events, db, {}, stored=stored_value).ok
+    report = check(
+        [*history(), read(1, v(2), 25, 26)],
+        db,
+        {(ITEM_TABLE, 1): {"id": 1, "counter": v(2), "parent_id": 1}},
+        stored=stored_value,
+    )
+    assert len(report.uncommitted) == 1 and len(report.divergent) == 1, report.format()
+    # without ``stored``, the same history hides the defect
+    assert check([*history(), read(1, v(2), 25, 26)], DB, {}).ok
 
 
 def test_a_divergent_cache_entry_is_reported() -> None:

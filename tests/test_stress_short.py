@@ -52,6 +52,9 @@ TENANTS_SABOTAGE_SECONDS = 3.0
 VERSIONS_SECONDS = 6.0
 #: workload seconds of the UUID-keyed run (about 10 s in all)
 UUID_SECONDS = 5.0
+#: workload seconds of the run on tables with a rewriting trigger, and of its sabotaged twin
+TRIGGER_SECONDS = 5.0
+TRIGGER_SABOTAGE_SECONDS = 3.0
 #: SQLAlchemy (2.0 and 2.1) runs an ORM bulk UPDATE by primary key whose map is only in
 #: session.execute()'s options on the default schema (tests/test_schema_tenants.py)
 KNOWN_TENANT_DEFECTS = frozenset({"bulk_pk:execute"})
@@ -399,6 +402,54 @@ def test_short_tenants_run_finds_no_violation(
     assert len(report.tenant_reads) == 3 and set(report.way_reads) == set(WAYS), result.format()
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     assert report.ok, result.format()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("db", ["postgresql", "mariadb"])
+def test_short_rewriting_trigger_run_finds_no_violation(
+    db: str, redis_server_binary: str, request: pytest.FixtureRequest
+) -> None:
+    """Tables whose ``BEFORE`` trigger stores another value than the one written (a stamp, a
+    normalisation): commits invalidate, loads fill with what the database stored, while
+    Redis forgets (restarted from an older snapshot, flushed) and workers die between flush
+    and COMMIT and between COMMIT and publish. Zero stale, uncommitted or divergent, the
+    rewritten values checked against what the trigger stored."""
+    url: str = request.getfixturevalue(f"{db}_url")
+    result = _ran(
+        StressConfig(
+            db_url=url,
+            seconds=TRIGGER_SECONDS,
+            faults=frozenset({"sigkill", "redis-snapshot", "flushall", "db-errors"}),
+            workers=4,
+            asyncio_workers=1,
+            rewriting_trigger=True,
+            lock_wait=60,
+        )
+    )
+    report = result.report
+    assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
+    assert report.ok, result.format()
+
+
+@pytest.mark.timeout(150)
+def test_short_rewriting_trigger_run_with_blind_triggers_fails(
+    redis_server_binary: str, postgresql_url: str
+) -> None:
+    """The checker can fail on those tables: a cache that does not ask about triggers writes
+    through the values the flushes sent, which the database never stored."""
+    result = run_stress(
+        StressConfig(
+            db_url=postgresql_url,
+            seconds=TRIGGER_SABOTAGE_SECONDS,
+            workers=4,
+            rewriting_trigger=True,
+            sabotage="blind-triggers",
+            lock_wait=60,
+        ),
+        log=print,
+    )
+    print(result.format())
+    assert result.report.uncommitted, result.format()
 
 
 @pytest.mark.timeout(150)
