@@ -114,19 +114,23 @@ _UNSERVED_KINDS = {
 
 #: the tables whose rows the database may rewrite as they are written, by backend: (schema,
 #: name, kind), kind one of :data:`_REWRITING_KINDS`. A ``BEFORE`` row trigger on INSERT or
-#: UPDATE may change the values the flush sent (``NEW.updated_at = now()``); so does a MySQL
-#: column ``ON UPDATE CURRENT_TIMESTAMP``, and any trigger of a SQLite table (an ``AFTER``
-#: trigger that updates its own row is SQLite's way). Nothing tells the ORM, which keeps the
-#: values it sent: such a table's commits invalidate instead of writing through. MySQL lists
-#: only the triggers of tables the user has the TRIGGER privilege on.
+#: UPDATE may change the values the flush sent (``NEW.updated_at = now()``); on PostgreSQL so
+#: may any other trigger on INSERT or UPDATE (an ``AFTER`` trigger that updates the row again,
+#: the way to fill a materialized path, which needs the row's key; a statement trigger), and
+#: which ones do cannot be told without reading their code; so does a MySQL column ``ON UPDATE
+#: CURRENT_TIMESTAMP`` (MySQL's ``AFTER`` triggers cannot write their own table), and any
+#: trigger of a SQLite table (an ``AFTER`` trigger that updates its own row is SQLite's way).
+#: Nothing tells the ORM, which keeps the values it sent: such a table's commits invalidate
+#: instead of writing through. MySQL lists only the triggers of tables the user has the
+#: TRIGGER privilege on.
 _REWRITING_QUERIES = {
     "postgresql": (
         "SELECT DISTINCT n.nspname, c.relname, 't' FROM pg_catalog.pg_trigger t "
         "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        # a row trigger (1), before (2), on INSERT (4) or UPDATE (16), not switched off
-        "WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' "
-        "AND t.tgtype & 3 = 3 AND t.tgtype & 20 <> 0 "
+        # a trigger on INSERT (4) or UPDATE (16), of a row or a statement, before or after;
+        # not switched off, nor one of a foreign key's
+        "WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND t.tgtype & 20 <> 0 "
         "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
     ),
     "mysql": (
@@ -142,7 +146,7 @@ _REWRITING_QUERIES = {
 
 #: kind -> how such a table is described (``{}``: its schema-qualified name)
 _REWRITING_KINDS = {
-    "t": "a trigger of {} may rewrite the values a flush sends",
+    "t": "a trigger of {} may change the rows a flush writes",
     "u": "{} has a column ON UPDATE CURRENT_TIMESTAMP",
 }
 
