@@ -144,6 +144,31 @@ _REWRITING_QUERIES = {
     "sqlite": "SELECT DISTINCT 'main', tbl_name, 't' FROM sqlite_master WHERE type = 'trigger'",
 }
 
+#: the generated columns (``GENERATED ALWAYS AS (...)``), by backend: (schema, table, column).
+#: The database computes them as it writes the row; a model that maps one without declaring it
+#: ``Computed(...)`` keeps the value it loaded before the flush (SQLAlchemy expires only the
+#: columns it knows the database computes), so its commits must invalidate. PostgreSQL 12+;
+#: MySQL's ``DEFAULT_GENERATED`` (an expression default) is no such column.
+_GENERATED_QUERIES = {
+    "postgresql": (
+        "SELECT n.nspname, c.relname, a.attname FROM pg_catalog.pg_attribute a "
+        "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE a.attgenerated <> '' AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    ),
+    "mysql": (
+        "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
+        "WHERE (EXTRA LIKE '%STORED GENERATED%' OR EXTRA LIKE '%VIRTUAL GENERATED%') "
+        "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys')"
+    ),
+    # hidden: 2 a virtual generated column, 3 a stored one (SQLite 3.31+)
+    "sqlite": (
+        "SELECT 'main', m.name, p.name FROM sqlite_master m "
+        "JOIN pragma_table_xinfo(m.name) p WHERE m.type = 'table' AND p.hidden IN (2, 3)"
+    ),
+}
+
 #: kind -> how such a table is described (``{}``: its schema-qualified name)
 _REWRITING_KINDS = {
     "t": "a trigger of {} may change the rows a flush writes",
@@ -313,16 +338,21 @@ class _Server(NamedTuple):
     #: the tzinfo the driver gives ``timestamptz`` values on a new connection of the pool
     #: (PostgreSQL; None when the driver cannot say)
     timezone: Any = None
+    #: {(schema, table): its generated columns} (see :data:`_GENERATED_QUERIES`)
+    generated: Mapping[tuple[str, str], frozenset[str]] = {}
 
 
-def _catalog(fairy: Any, sql: str, by_url: str, what: str) -> dict[tuple[str, str], str]:
-    """{(schema, name): kind} of one of the catalog queries above, on a pooled connection;
-    none, with a warning saying ``what`` would follow, when the server cannot say (a
-    PostgreSQL look-alike, a privilege)."""
+def _catalog(fairy: Any, sql: str, by_url: str, what: str, key_columns: int = 2) -> dict[Any, str]:
+    """{(schema, name): kind} of one of the catalog queries above, on a pooled connection
+    (``key_columns`` 3: {(schema, name, column): ""}); none, with a warning saying ``what``
+    would follow, when the server cannot say (a PostgreSQL look-alike, a privilege)."""
     try:
         cursor = fairy.cursor()
         cursor.execute(sql)
-        found = {(str(schema), str(name)): str(kind) for schema, name, kind in cursor.fetchall()}
+        found = {
+            tuple(str(v) for v in row[:key_columns]): "".join(str(v) for v in row[key_columns:])
+            for row in cursor.fetchall()
+        }
         cursor.close()
         return found
     except Exception as exc:
@@ -361,24 +391,39 @@ def _rewriting(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], s
     return _catalog(fairy, _REWRITING_QUERIES[backend], by_url, what)
 
 
-def _sqlite_catalog(
-    url: URL, by_url: str
-) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
-    """(views, tables with triggers) of a SQLite file, read on a read-only connection of the
-    standard library's own: the engine's driver may be one that must be awaited (aiosqlite),
-    and the question may come from sync code. A file not made yet has neither."""
+def _generated(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], frozenset[str]]:
+    """:data:`_GENERATED_QUERIES` of ``backend``, asked: each table's generated columns."""
+    what = (
+        "which of its columns are generated; a model mapping one without declaring it "
+        "Computed(...) would have its commits write the value the row had before"
+    )
+    columns: dict[tuple[str, str], set[str]] = {}
+    for (schema, table, column), _ in _catalog(
+        fairy, _GENERATED_QUERIES[backend], by_url, what, key_columns=3
+    ).items():
+        columns.setdefault((schema, table), set()).add(column)
+    return {table: frozenset(names) for table, names in columns.items()}
+
+
+def _sqlite_catalog(url: URL, by_url: str) -> tuple[Any, ...]:
+    """(views, tables with triggers, generated columns) of a SQLite file, read on a read-only
+    connection of the standard library's own: the engine's driver may be one that must be
+    awaited (aiosqlite), and the question may come from sync code. A file not made yet has
+    none."""
     path = _sqlite_path(url)
     if path is None or not os.path.exists(path):
-        return {}, {}
+        return {}, {}, None, {}
     try:
         conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=1.0)
     except Exception as exc:
         log.warning("writethrough: could not read the SQLite file %s (%s)", by_url, exc)
-        return {}, {}
+        return {}, {}, None, {}
     try:
         return (
             _unserved(conn, "sqlite", by_url),
             _rewriting(conn, "sqlite", by_url),
+            None,
+            _generated(conn, "sqlite", by_url),
         )
     finally:
         conn.close()
@@ -522,6 +567,7 @@ class Databases:
                 fairy.rollback()
                 unserved = _unserved(fairy, backend, by_url)
                 rewriting = _rewriting(fairy, backend, by_url)
+                generated = _generated(fairy, backend, by_url)
                 timezone = _timezone(engine, fairy) if backend == "postgresql" else None
             finally:
                 fairy.close()
@@ -560,6 +606,7 @@ class Databases:
             unserved,
             rewriting,
             timezone,
+            generated,
         )
 
     def timezone(self, bind: Any) -> Any:
@@ -593,20 +640,36 @@ class Databases:
         """Why commits of rows of ``tables`` in the database of ``bind`` must invalidate
         rather than write through: one description per table the database may rewrite rows
         of as they are written (see :data:`_REWRITING_QUERIES`), asked once per pool."""
+        tables = list(tables)
         found = self._listed(bind, naming, tables, "rewriting")
-        return sorted(_REWRITING_KINDS[kind].format(name) for name, kind in found)
+        reasons = [_REWRITING_KINDS[kind].format(name) for name, kind in found]
+        for table, name, columns in self._found(bind, naming, tables, "generated"):
+            reasons += (
+                f"{name}.{column} is a generated column the model does not declare Computed(...)"
+                for column in sorted(columns)
+                if column in table.c and table.c[column].computed is None
+            )
+        return sorted(reasons)
 
     def _listed(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str
     ) -> list[tuple[str, str]]:
         """(schema-qualified name, kind) of those of ``tables`` in the server's list
         ``which`` (``unserved`` or ``rewriting``), each table named as ``naming`` sends it."""
+        return [(name, kind) for _, name, kind in self._found(bind, naming, tables, which)]
+
+    def _found(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str
+    ) -> list[tuple[Any, str, Any]]:
+        """(table, schema-qualified name, entry) of those of ``tables`` in the server's list
+        ``which`` (``unserved``, ``rewriting`` or ``generated``), each table named as
+        ``naming`` sends it."""
         engine = bind.engine if isinstance(bind, Connection) else bind
         backend = _BACKENDS.get(engine.url.get_backend_name(), engine.url.get_backend_name())
         if backend not in _UNSERVED_QUERIES or self._memory_id(engine):
             return []
         server = self._server(engine, backend)
-        listed: Mapping[tuple[str, str], str] = getattr(server, which)
+        listed: Mapping[tuple[str, str], Any] = getattr(server, which)
         if not listed:
             return []
         options = engine.get_execution_options() if naming is None else naming
@@ -616,9 +679,9 @@ class Databases:
             schema = translate.get(table.schema, table.schema)
             if schema is None:
                 schema = server.schema or server.default
-            kind = listed.get((schema, table.name))
-            if kind is not None:
-                found.append((f"{schema}.{table.name}", kind))
+            entry = listed.get((schema, table.name))
+            if entry is not None:
+                found.append((table, f"{schema}.{table.name}", entry))
         return found
 
     def _memory_id(self, engine: Any) -> str:
