@@ -52,7 +52,8 @@ class ModelInfo:
     #: why its loads are not served ("" when they are)
     not_served_because: str = ""
     #: why all its commits invalidate instead of writing through on this database, though
-    #: its strategy is "write-through" (a trigger may rewrite its rows; "" when they do not)
+    #: its strategy is "write-through" (a trigger may rewrite its rows, a generated column is
+    #: not declared ``Computed``; "" when neither)
     commits_invalidate_because: str = ""
 
     def __str__(self) -> str:
