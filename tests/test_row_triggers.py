@@ -17,8 +17,10 @@ What is observed: what a get returns, against a load without the cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import FetchedValue, String
@@ -124,6 +126,22 @@ def factory(engine: Engine, cache: WriteThroughCache) -> Iterator[sessionmaker[S
     cache.uninstall(made)
 
 
+@contextlib.contextmanager
+def _installed(
+    engine: Engine, redis_url: str, prefix: str, **options: Any
+) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
+    """A cache of its own (``options`` given), installed on a sessionmaker, for the tests
+    that create their triggers themselves."""
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None, **options)
+    made = sessionmaker(engine)
+    cache.install(made)
+    try:
+        yield cache, made
+    finally:
+        cache.uninstall(made)
+        cache.close()
+
+
 def _values(factory: sessionmaker[Session], model: type) -> tuple[tuple[str, str | None], int]:
     with factory() as session, capture_sql(session.get_bind()) as statements:
         row = session.get(model, 1)
@@ -188,10 +206,7 @@ def test_a_sqlite_trigger_that_rewrites_its_own_row(
             "CREATE TRIGGER tg_undeclared_fold AFTER UPDATE OF email ON tg_undeclared "
             "BEGIN UPDATE tg_undeclared SET email = lower(NEW.email) WHERE id = NEW.id; END"
         )
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
-    made = sessionmaker(engine)
-    cache.install(made)
-    try:
+    with _installed(engine, redis_url, prefix) as (_, made):
         with made() as session:
             session.add(TgUndeclared(id=1, email="ann"))
             session.commit()
@@ -200,9 +215,6 @@ def test_a_sqlite_trigger_that_rewrites_its_own_row(
             session.commit()
         with made() as session, Session(engine) as plain:
             assert session.get(TgUndeclared, 1).email == plain.get(TgUndeclared, 1).email == "bob"
-    finally:
-        cache.uninstall(made)
-        cache.close()
 
 
 @pytest.mark.databases("postgresql")
@@ -228,23 +240,20 @@ def test_a_postgresql_after_trigger_that_updates_its_own_row(
             "CREATE TRIGGER tg_undeclared_after AFTER INSERT OR UPDATE OF email ON tg_undeclared "
             "FOR EACH ROW EXECUTE FUNCTION tg_undeclared_after_fn()"
         )
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
-    made = sessionmaker(engine)
-    cache.install(made)
     try:
-        with made() as session:
-            session.add(TgUndeclared(id=1, email="Ann"))
-            session.commit()
-        assert _values(made, TgUndeclared)[0] == ("Ann", "ann")
-        assert _values(made, TgUndeclared) == (("Ann", "ann"), 0)  # served once filled
-        with made() as session:
-            session.get(TgUndeclared, 1).email = "Bob"
-            session.commit()
-        assert _values(made, TgUndeclared)[0] == ("Bob", "bob")
-        assert "tg_undeclared" in cache.models(engine)[TgUndeclared].commits_invalidate_because
+        with _installed(engine, redis_url, prefix) as (cache, made):
+            with made() as session:
+                session.add(TgUndeclared(id=1, email="Ann"))
+                session.commit()
+            assert _values(made, TgUndeclared)[0] == ("Ann", "ann")
+            assert _values(made, TgUndeclared) == (("Ann", "ann"), 0)  # served once filled
+            with made() as session:
+                session.get(TgUndeclared, 1).email = "Bob"
+                session.commit()
+            assert _values(made, TgUndeclared)[0] == ("Bob", "bob")
+            reasons = cache.models(engine)[TgUndeclared].commits_invalidate_because
+            assert "tg_undeclared" in reasons
     finally:
-        cache.uninstall(made)
-        cache.close()
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP TRIGGER IF EXISTS tg_undeclared_after ON tg_undeclared")
 
@@ -257,15 +266,9 @@ def test_a_cache_that_invalidates_anyway_says_nothing_of_the_trigger(
     reset_schema(engine, Base.metadata)
     _create_triggers(engine)
     caplog.set_level(logging.INFO, logger="sqlalchemy_writethrough")
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None, strategy="invalidate")
-    made = sessionmaker(engine)
-    cache.install(made)
-    try:
+    with _installed(engine, redis_url, prefix, strategy="invalidate") as (cache, made):
         with made() as session:
             session.add(TgUndeclared(id=1, email="Ann"))
             session.commit()
         assert cache.models(engine)[TgUndeclared].commits_invalidate_because == ""
         assert "tg_undeclared" not in caplog.text
-    finally:
-        cache.uninstall(made)
-        cache.close()
