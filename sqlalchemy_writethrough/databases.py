@@ -644,10 +644,17 @@ class Databases:
         found = self._listed(bind, naming, tables, "rewriting")
         reasons = [_REWRITING_KINDS[kind].format(name) for name, kind in found]
         for table, name, columns in self._found(bind, naming, tables, "generated"):
+            # by name, not by key (an attribute named otherwise than its column); MySQL's
+            # column names ignore case
+            mapped = {c.name: c for c in table.columns}
+            mapped.update(
+                {n.lower(): c for n, c in list(mapped.items()) if n.lower() not in mapped}
+            )
             reasons += (
                 f"{name}.{column} is a generated column the model does not declare Computed(...)"
                 for column in sorted(columns)
-                if column in table.c and table.c[column].computed is None
+                if (found := mapped.get(column, mapped.get(column.lower()))) is not None
+                and found.computed is None
             )
         return sorted(reasons)
 

@@ -43,13 +43,18 @@ class UndeclaredBase(DeclarativeBase):
 
 
 class GcUndeclared(UndeclaredBase, CachedModel):
-    """The same table, its ``total`` mapped as a plain column."""
+    """The same table, its ``total`` mapped as a plain column, under another attribute
+    name."""
 
     __tablename__ = "gc_undeclared"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     price: Mapped[int]
     qty: Mapped[int]
-    total: Mapped[int | None]
+    amount: Mapped[int | None] = mapped_column("total")
+
+    @property
+    def total(self) -> int | None:
+        return self.amount
 
 
 @pytest.fixture
