@@ -653,8 +653,8 @@ class Databases:
             reasons += (
                 f"{name}.{column} is a generated column the model does not declare Computed(...)"
                 for column in sorted(columns)
-                if (found := mapped.get(column, mapped.get(column.lower()))) is not None
-                and found.computed is None
+                if (declared := mapped.get(column, mapped.get(column.lower()))) is not None
+                and declared.computed is None
             )
         return sorted(reasons)
 
