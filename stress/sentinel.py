@@ -99,11 +99,19 @@ class SentinelGroup:
     sentinel; ``close()`` stops everything within a few seconds, whatever state it is in.
     """
 
-    def __init__(self, replicas: int = 1, sentinels: int = 3, tls_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        tls_args: Sequence[str] = (),
+        agree_timeout: float = 60.0,
+    ) -> None:
         """``tls_args``: ``redis-server`` options naming a TLS certificate, key and CA
         (``--tls-cert-file ...``): every server and sentinel then also listens on a TLS port,
         replicates and is watched over it, and the sentinels name those ports (the plain
-        ports stay, for the group's own admin connections)."""
+        ports stay, for the group's own admin connections). ``agree_timeout``: how long
+        :meth:`start` waits for the sentinels to agree."""
+        self.agree_timeout = agree_timeout
         binary = server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed")
@@ -156,7 +164,29 @@ class SentinelGroup:
             sentinel.start(self.binary)
         # a sentinel learns the others from hello messages (every 2 s) and the replicas from
         # the primary's INFO (every 10 s): on a loaded machine that took longer than 20 s once
-        wait_for(self.agreed, max(timeout, 60.0), "the sentinels to agree")
+        try:
+            wait_for(self.agreed, max(timeout, self.agree_timeout), "the sentinels to agree")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.disagreement()}") from None
+
+    def disagreement(self) -> str:
+        """What each sentinel says of the primary (for a group whose sentinels do not agree:
+        another group's sentinels, still watching a port this group's server now has, count
+        as sentinels here and may make it a replica)."""
+        said = []
+        for sentinel in self.sentinels:
+            try:
+                with sentinel.admin() as client:
+                    state = client.sentinel_master(SERVICE)
+                said.append(
+                    f"sentinel :{sentinel.port} names {state['ip']}:{state['port']} "
+                    f"({state['flags']}), {state['num-slaves']} replicas, "
+                    f"{state['num-other-sentinels']} other sentinels"
+                )
+            except redis.RedisError as exc:
+                said.append(f"sentinel :{sentinel.port}: {exc}")
+        servers = ", ".join(f":{server.port}" for server in self.servers)
+        return f"servers {servers} (the first started as primary); " + "; ".join(said)
 
     def agreed(self) -> bool:
         """Every sentinel names the same primary and sees every replica and sentinel."""
