@@ -342,17 +342,14 @@ class _Server(NamedTuple):
     generated: Mapping[tuple[str, str], frozenset[str]] = {}
 
 
-def _catalog(fairy: Any, sql: str, by_url: str, what: str, key_columns: int = 2) -> dict[Any, str]:
-    """{(schema, name): kind} of one of the catalog queries above, on a pooled connection
-    (``key_columns`` 3: {(schema, name, column): ""}); none, with a warning saying ``what``
-    would follow, when the server cannot say (a PostgreSQL look-alike, a privilege)."""
+def _catalog(fairy: Any, sql: str, by_url: str, what: str) -> list[tuple[str, ...]]:
+    """The rows of one of the catalog queries above, on a pooled connection; none, with a
+    warning saying ``what`` would follow, when the server cannot say (a PostgreSQL
+    look-alike, a privilege)."""
     try:
         cursor = fairy.cursor()
         cursor.execute(sql)
-        found = {
-            tuple(str(v) for v in row[:key_columns]): "".join(str(v) for v in row[key_columns:])
-            for row in cursor.fetchall()
-        }
+        found = [tuple(str(v) for v in row) for row in cursor.fetchall()]
         cursor.close()
         return found
     except Exception as exc:
@@ -363,9 +360,14 @@ def _catalog(fairy: Any, sql: str, by_url: str, what: str, key_columns: int = 2)
             type(exc).__name__,
             exc,
         )
-        return {}
+        return []
     finally:
         fairy.rollback()
+
+
+def _kinds(rows: list[tuple[str, ...]]) -> dict[tuple[str, str], str]:
+    """{(schema, name): kind} of a catalog query's (schema, name, kind) rows."""
+    return {(schema, name): kind for schema, name, kind in rows}
 
 
 def _unserved(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
@@ -378,7 +380,7 @@ def _unserved(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], st
         else "which of its tables are views; rows of a view would be served from the cache "
         "after the tables it reads changed"
     )
-    return _catalog(fairy, _UNSERVED_QUERIES[backend], by_url, what)
+    return _kinds(_catalog(fairy, _UNSERVED_QUERIES[backend], by_url, what))
 
 
 def _rewriting(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
@@ -388,7 +390,7 @@ def _rewriting(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], s
         "commits would write the values the flush sent, not those stored (declare such a "
         'model strategy="invalidate")'
     )
-    return _catalog(fairy, _REWRITING_QUERIES[backend], by_url, what)
+    return _kinds(_catalog(fairy, _REWRITING_QUERIES[backend], by_url, what))
 
 
 def _generated(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], frozenset[str]]:
@@ -398,33 +400,30 @@ def _generated(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], f
         "Computed(...) would have its commits write the value the row had before"
     )
     columns: dict[tuple[str, str], set[str]] = {}
-    for (schema, table, column), _ in _catalog(
-        fairy, _GENERATED_QUERIES[backend], by_url, what, key_columns=3
-    ).items():
+    for schema, table, column in _catalog(fairy, _GENERATED_QUERIES[backend], by_url, what):
         columns.setdefault((schema, table), set()).add(column)
     return {table: frozenset(names) for table, names in columns.items()}
 
 
-def _sqlite_catalog(url: URL, by_url: str) -> tuple[Any, ...]:
-    """(views, tables with triggers, generated columns) of a SQLite file, read on a read-only
-    connection of the standard library's own: the engine's driver may be one that must be
-    awaited (aiosqlite), and the question may come from sync code. A file not made yet has
-    none."""
+def _sqlite_catalog(url: URL, by_url: str) -> dict[str, Any]:
+    """The :class:`_Server` fields a SQLite file's catalog gives (``unserved``, ``rewriting``,
+    ``generated``), read on a read-only connection of the standard library's own: the
+    engine's driver may be one that must be awaited (aiosqlite), and the question may come
+    from sync code. A file not made yet has none."""
     path = _sqlite_path(url)
     if path is None or not os.path.exists(path):
-        return {}, {}, None, {}
+        return {}
     try:
         conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=1.0)
     except Exception as exc:
         log.warning("writethrough: could not read the SQLite file %s (%s)", by_url, exc)
-        return {}, {}, None, {}
+        return {}
     try:
-        return (
-            _unserved(conn, "sqlite", by_url),
-            _rewriting(conn, "sqlite", by_url),
-            None,
-            _generated(conn, "sqlite", by_url),
-        )
+        return {
+            "unserved": _unserved(conn, "sqlite", by_url),
+            "rewriting": _rewriting(conn, "sqlite", by_url),
+            "generated": _generated(conn, "sqlite", by_url),
+        }
     finally:
         conn.close()
 
@@ -553,7 +552,7 @@ class Databases:
         name when the server cannot say. Raises when it could not be asked (nothing
         remembered: asked again next time)."""
         if backend == "sqlite":  # named by its file, asked only for its views and triggers
-            return _Server(by_url, "main", "main", *_sqlite_catalog(engine.url, by_url))
+            return _Server(by_url, "main", "main", **_sqlite_catalog(engine.url, by_url))
         pool = (
             engine.pool.recreate()
         )  # the engine's creator, connect_args and pool listeners, none of its connections
@@ -644,18 +643,16 @@ class Databases:
         found = self._listed(bind, naming, tables, "rewriting")
         reasons = [_REWRITING_KINDS[kind].format(name) for name, kind in found]
         for table, name, columns in self._found(bind, naming, tables, "generated"):
-            # by name, not by key (an attribute named otherwise than its column); MySQL's
-            # column names ignore case
-            mapped = {c.name: c for c in table.columns}
-            mapped.update(
-                {n.lower(): c for n, c in list(mapped.items()) if n.lower() not in mapped}
-            )
-            reasons += (
-                f"{name}.{column} is a generated column the model does not declare Computed(...)"
-                for column in sorted(columns)
-                if (declared := mapped.get(column, mapped.get(column.lower()))) is not None
-                and declared.computed is None
-            )
+            # by name, not by key; case-blind too (MySQL's column names ignore case)
+            by_name = {c.name: c for c in table.columns}
+            folded = {c.name.lower(): c for c in table.columns}
+            for column in sorted(columns):
+                mapped = by_name.get(column, folded.get(column.lower()))
+                if mapped is not None and mapped.computed is None:
+                    reasons.append(
+                        f"{name}.{column} is a generated column the model does not declare "
+                        "Computed(...)"
+                    )
         return sorted(reasons)
 
     def _listed(
