@@ -1258,9 +1258,10 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
                              counts as written when its script is sent): a
                              process may read from memory what it has just replaced, other
                              processes' commits are still heard; copies expire as usual.
-    ``blind-triggers``       with ``--rewriting-trigger``: the cache does not ask which tables
-                             have triggers that may rewrite their rows, and writes through what
-                             the flush sent (shared by both flavours: the registry is one).
+    ``blind-triggers``       with ``--rewriting-trigger``: the cache takes no table as one the
+                             database rewrites rows of (triggers, generated columns), and
+                             writes through what the flush sent (shared by both flavours: the
+                             registry is one).
     """
     if not name:
         return
