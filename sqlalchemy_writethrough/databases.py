@@ -84,17 +84,24 @@ _SERVER_QUERIES = {
 #: one of :data:`_UNSERVED_KINDS`. PostgreSQL's tables with row-level security enabled (which
 #: rows a session sees depends on its role and settings, which the cache cannot know); views
 #: and materialized views (their rows change with the tables they read, or at a ``REFRESH``,
-#: and no commit of theirs says so); foreign tables (their rows change in another database).
+#: and no commit of theirs says so); foreign tables (their rows change in another database),
+#: and the tables one is a partition or an inheriting child of (loads of them read its rows).
 #: Only catalogs every role may read (``pg_class``; ``information_schema.TABLES`` lists what
 #: the user can see, ``sqlite_master``), the server's own schemas left out.
 _UNSERVED_QUERIES = {
     "postgresql": (
-        "SELECT n.nspname, c.relname, "
-        "CASE WHEN c.relrowsecurity THEN 's' ELSE c.relkind::text END "
-        "FROM pg_catalog.pg_class c "
+        "WITH RECURSIVE found(rel, kind) AS ("
+        "SELECT c.oid, CASE WHEN c.relrowsecurity THEN 's' ELSE c.relkind::text END "
+        "FROM pg_catalog.pg_class c WHERE c.relrowsecurity OR c.relkind IN ('v', 'm', 'f') "
+        # the tables a foreign table is a partition (or an inheriting child) of: their loads
+        # read its rows too
+        "UNION SELECT i.inhparent, 'F' FROM found "
+        "JOIN pg_catalog.pg_inherits i ON i.inhrelid = found.rel WHERE found.kind IN ('f', 'F')) "
+        "SELECT n.nspname, c.relname, found.kind FROM found "
+        "JOIN pg_catalog.pg_class c ON c.oid = found.rel "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE (c.relrowsecurity OR c.relkind IN ('v', 'm', 'f')) "
-        "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "ORDER BY 3 DESC"  # a relation's own kind first (lower case)
     ),
     "mysql": (
         "SELECT TABLE_SCHEMA, TABLE_NAME, 'v' FROM information_schema.TABLES "
@@ -110,6 +117,7 @@ _UNSERVED_KINDS = {
     "v": "{} is a view",
     "m": "{} is a materialized view",
     "f": "{} is a foreign table",
+    "F": "a partition or child table of {} is a foreign table",
 }
 
 #: the tables whose rows the database may rewrite as they are written, by backend: (schema,
@@ -120,18 +128,31 @@ _UNSERVED_KINDS = {
 #: which ones do cannot be told without reading their code; so does a MySQL column ``ON UPDATE
 #: CURRENT_TIMESTAMP`` (MySQL's ``AFTER`` triggers cannot write their own table), and any
 #: trigger of a SQLite table (an ``AFTER`` trigger that updates its own row is SQLite's way).
+#: On PostgreSQL, a rule on INSERT or UPDATE too (``DO ALSO UPDATE`` the row just inserted),
+#: and a partition's (or an inheriting child table's) trigger or rule counts for the tables
+#: it belongs to: the flush writes the parent, the row lands in, or is updated in, the child.
 #: Nothing tells the ORM, which keeps the values it sent: such a table's commits invalidate
 #: instead of writing through. MySQL lists only the triggers of tables the user has the
 #: TRIGGER privilege on.
 _REWRITING_QUERIES = {
     "postgresql": (
-        "SELECT DISTINCT n.nspname, c.relname, 't' FROM pg_catalog.pg_trigger t "
-        "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WITH RECURSIVE found(rel, kind) AS ("
         # a trigger on INSERT (4) or UPDATE (16), of a row or a statement, before or after;
         # not switched off, nor one of a foreign key's
+        "SELECT t.tgrelid, 't' FROM pg_catalog.pg_trigger t "
         "WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND t.tgtype & 20 <> 0 "
-        "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        # a rule on UPDATE (2) or INSERT (3), DO ALSO or DO INSTEAD
+        "UNION SELECT r.ev_class, 'r' FROM pg_catalog.pg_rewrite r "
+        "WHERE r.ev_type IN ('2', '3') AND r.ev_enabled <> 'D' "
+        # the tables such a table is a partition (or an inheriting child) of: a write to
+        # them is routed to it, an UPDATE of them reaches its rows
+        "UNION SELECT i.inhparent, 'p' FROM found "
+        "JOIN pg_catalog.pg_inherits i ON i.inhrelid = found.rel) "
+        "SELECT DISTINCT n.nspname, c.relname, found.kind FROM found "
+        "JOIN pg_catalog.pg_class c ON c.oid = found.rel "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "ORDER BY 3 DESC"  # a table's own trigger first, then its own rule
     ),
     "mysql": (
         "SELECT DISTINCT EVENT_OBJECT_SCHEMA, EVENT_OBJECT_TABLE, 't' "
@@ -139,7 +160,8 @@ _REWRITING_QUERIES = {
         "AND EVENT_MANIPULATION IN ('INSERT', 'UPDATE') "
         "UNION SELECT DISTINCT TABLE_SCHEMA, TABLE_NAME, 'u' FROM information_schema.COLUMNS "
         "WHERE EXTRA LIKE '%on update%' "
-        "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys')"
+        "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys') "
+        "ORDER BY 3"  # a table's trigger first
     ),
     "sqlite": "SELECT DISTINCT 'main', tbl_name, 't' FROM sqlite_master WHERE type = 'trigger'",
 }
@@ -173,6 +195,10 @@ _GENERATED_QUERIES = {
 _REWRITING_KINDS = {
     "t": "a trigger of {} may change the rows a flush writes",
     "u": "{} has a column ON UPDATE CURRENT_TIMESTAMP",
+    "r": "a rule of {} may change the rows a flush writes",
+    "p": (
+        "a trigger or rule of a partition or child table of {} may change the rows a flush writes"
+    ),
 }
 
 #: the schema an unqualified name reaches on a PostgreSQL connection left to the server's
@@ -366,8 +392,12 @@ def _catalog(fairy: Any, sql: str, by_url: str, what: str) -> list[tuple[str, ..
 
 
 def _kinds(rows: list[tuple[str, ...]]) -> dict[tuple[str, str], str]:
-    """{(schema, name): kind} of a catalog query's (schema, name, kind) rows."""
-    return {(schema, name): kind for schema, name, kind in rows}
+    """{(schema, name): kind} of a catalog query's (schema, name, kind) rows, the first
+    kind of a relation listed twice."""
+    found: dict[tuple[str, str], str] = {}
+    for schema, name, kind in rows:
+        found.setdefault((schema, name), kind)
+    return found
 
 
 def _unserved(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
