@@ -1338,8 +1338,16 @@ def _on_after_configured() -> None:
         cache._models.warn_left_out()
 
 
+def _on_class_uninstrument(cls: type) -> None:
+    """A mapped class is being disposed of: no cache may keep it (see ``Models.disposed``)."""
+    for cache in list(_caches):
+        cache._models.disposed(cls)
+
+
 event.listen(Mapper, "mapper_configured", _on_mapper_configured)
 event.listen(Mapper, "after_configured", _on_after_configured)
+# every class SQLAlchemy uninstruments: InstrumentationEvents take a base class, propagating
+event.listen(object, "class_uninstrument", _on_class_uninstrument)
 
 
 def _at_exit() -> None:

@@ -98,6 +98,22 @@ class Models:
         with self._build_lock:
             return dict(self._left_out)
 
+    def disposed(self, cls: type) -> None:
+        """SQLAlchemy is taking ``cls``'s instrumentation away (``registry.dispose()``,
+        ``clear_mappers()``): forget its layout and what was worked out from it. Nothing else
+        would: a layout holds its tables, and an index on an ORM-annotated expression links a
+        table back to its mapper, so a layout held in a dict keyed weakly by that mapper kept
+        it, and the whole registry, alive."""
+        with self._build_lock:
+            gone = [m for m in list(self._layouts.keys()) if m.class_ is cls]
+            if not gone and cls not in self.get_plans:
+                return
+            for mapper in gone:
+                self._layouts.pop(mapper, None)
+            self.get_plans.pop(cls, None)
+            self._forget_memos()
+            self._changed()
+
     def reconfigured(self, mapper: Mapper[Any]) -> None:
         """SQLAlchemy (re)configured ``mapper``: build its layout again, now."""
         self._layouts.pop(mapper, None)

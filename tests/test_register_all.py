@@ -371,6 +371,63 @@ def test_a_cached_class_mapped_while_a_cache_lives_is_freed_when_dropped(
     cache.models(sa.create_engine("sqlite://"))  # the cache still answers
 
 
+@pytest.mark.parametrize("covered_by", ["mixin", "register_all"])
+def test_a_disposed_registry_is_freed_though_an_index_links_its_table_to_a_mapper(
+    redis_url: str, prefix: str, covered_by: str
+) -> None:
+    """SQLAlchemy's ``RegistryConfigDisposeTest::test_dispose_releases_classes_w_orm_index``
+    (2.1), with the cache: an ``Index`` on an ORM-annotated expression (``Parent.id.desc()``)
+    links the table to the mapper, and the cache's layout, which holds the table, was held
+    in a dict keyed weakly by that same mapper: ``registry.dispose()`` freed nothing while
+    the cache lived. The cache now forgets a class SQLAlchemy uninstruments."""
+    import weakref
+
+    cache = make_cache(redis_url, prefix)
+
+    def mapped_used_and_disposed() -> list[weakref.ref[Any]]:
+        reg = sa.orm.registry()
+        mixin: tuple[type, ...] = (CachedModel,) if covered_by == "mixin" else ()
+
+        @reg.mapped
+        class RaIxParent(*mixin):  # type: ignore[misc]
+            __tablename__ = "ra_ix_parent"
+            id = sa.Column(sa.Integer, primary_key=True, autoincrement=False)
+
+        @reg.mapped
+        class RaIxChild(*mixin):  # type: ignore[misc]
+            __tablename__ = "ra_ix_child"
+            id = sa.Column(sa.Integer, primary_key=True, autoincrement=False)
+            parent_id = sa.Column(ForeignKey("ra_ix_parent.id"))
+            parent = relationship(RaIxParent)
+
+        sa.Index("ix_ra_ix_parent_id_desc", RaIxParent.id.desc())
+        reg.configure()
+        if covered_by == "register_all":
+            cache.register_all(reg)
+        engine = sa.create_engine("sqlite://")
+        reg.metadata.create_all(engine)
+        factory = sessionmaker(engine)
+        cache.install(factory)
+        with factory() as session:
+            session.add_all([RaIxParent(id=1), RaIxChild(id=1, parent_id=1)])
+            session.commit()
+        for _ in range(2):  # a fill, then a hit
+            with factory() as session:
+                child = session.get(RaIxChild, 1)
+                assert child is not None and child.parent.id == 1
+        assert cache.stats().hits > 0
+        cache.uninstall(factory)
+        engine.dispose()
+        refs = [weakref.ref(RaIxParent), weakref.ref(RaIxChild), weakref.ref(RaIxParent.__table__)]
+        reg.dispose()
+        return refs
+
+    gone = mapped_used_and_disposed()
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]
+    cache.models(sa.create_engine("sqlite://"))  # the cache still answers
+
+
 def test_warnings_as_errors_leave_the_mappers_usable(
     engine: Engine, redis_url: str, redis_client: redis.Redis, prefix: str
 ) -> None:
