@@ -9,6 +9,7 @@ of these internals fails there, by name, instead of somewhere in the cache's beh
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,9 +20,11 @@ from sqlalchemy.orm import Mapper, Session, UserDefinedOption
 from sqlalchemy.orm import identity as _identity
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import DEFAULT_STATE_ATTR, instance_dict
+from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.orm.instrumentation import ClassManager
-from sqlalchemy.sql import operators
+from sqlalchemy.sql import bindparam, operators, select
+from sqlalchemy.sql.base import CompileState
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.util import LRUCache as _LRUCache
@@ -109,6 +112,68 @@ def make_result(objects: Sequence[Any], key: str) -> Result[Any]:
 
 _METADATA: dict[str, SimpleResultMetaData] = {}
 
+log = logging.getLogger("sqlalchemy_writethrough")
+
+#: mapper -> (statement, ORM compile state, parameter names) of a load of one of its rows by
+#: primary key (see :func:`load_context`): at most 256 mappers, as SQLAlchemy's compiled
+#: cache bounds the statements it keeps, and forgotten when SQLAlchemy disposes of the class
+_LOAD_STATEMENTS: Any = _LRUCache(256)
+#: set once a QueryContext could not be made (logged once; the events then get None)
+_NO_LOAD_CONTEXT: list[str] = []
+
+
+def load_context(
+    session: Session, mapper: Mapper[Any], identity_key: tuple[Any, ...], refreshing: Any = None
+) -> Any:
+    """The QueryContext SQLAlchemy gives the ``load`` event (and ``refresh``, when
+    ``refreshing`` is the state whose expired attributes a load fills) of a row it loaded by
+    primary key, for an instance built from the cache: that session, ``select(Model)`` by key
+    as its statement, the key's values as its parameters. A listener may read
+    ``context.session`` (the request's user in ``session.info``), and SQLAlchemy gives None
+    only where no query loaded the row (``merge()``).
+
+    The ORM compile state of that statement is made once per mapper (about 60 us, as
+    SQLAlchemy's compiled cache keeps it with the compiled statement; the context then costs
+    about 2 us) by the private ``_create_orm_context`` of the statement's plugin class, as
+    ``Query._compile_state`` makes it (2.0 and 2.1); ``QueryContext``'s constructor is the
+    one ``ORMCompileState.orm_setup_cursor_result`` calls. Only made when a listener is
+    there to receive it. None, logged once, if an upgrade breaks this: the event then fires
+    as before rather than failing the load."""
+    try:
+        found = _LOAD_STATEMENTS.get(mapper)
+        if found is None:
+            names = [f"pk_{i}" for i in range(len(mapper.primary_key))]
+            stmt = select(mapper).where(
+                *(
+                    column == bindparam(name, type_=column.type)
+                    for column, name in zip(mapper.primary_key, names, strict=True)
+                )
+            )
+            plugin: Any = CompileState._get_plugin_class_for_plugin(stmt, "orm")
+            compile_state = plugin._create_orm_context(stmt, toplevel=True, compiler=None)
+            found = _LOAD_STATEMENTS[mapper] = (stmt, compile_state, names)
+        stmt, compile_state, names = found
+        options: Any = QueryContext.default_load_options
+        if identity_key[2] is not None or refreshing is not None:
+            options += {"_identity_token": identity_key[2], "_refresh_state": refreshing}
+        params = dict(zip(names, identity_key[1], strict=True))
+        return QueryContext(compile_state, stmt, stmt, params, session, options)
+    except Exception as exc:  # pragma: no cover - an upgrade moved these internals
+        if not _NO_LOAD_CONTEXT:
+            _NO_LOAD_CONTEXT.append(repr(exc))
+            log.warning(
+                "writethrough: the load events of rows served from the cache get no "
+                "QueryContext (this SQLAlchemy's internals moved: %r)",
+                exc,
+            )
+        return None
+
+
+def forget_load_statements(cls: type) -> None:
+    """``cls`` is being disposed of: :data:`_LOAD_STATEMENTS` lets go of its mappers."""
+    for mapper in [m for m in list(_LOAD_STATEMENTS.keys()) if m.class_ is cls]:
+        _LOAD_STATEMENTS.pop(mapper, None)
+
 
 def build_persistent(
     session: Session,
@@ -161,7 +226,7 @@ def build_persistent(
         state.expired_attributes.update(expired)
     load = manager.dispatch.load
     if load:
-        load(state, None)
+        load(state, load_context(session, mapper, identity_key))
     dispatch = session.__dict__.get("dispatch")  # session_dispatch's common case, inlined
     if dispatch is None:
         dispatch = session_dispatch(session)
@@ -240,7 +305,7 @@ def build_persistent_many(
             if expired:
                 state.expired_attributes.update(expired)
             if has_load:
-                load(state, None)
+                load(state, load_context(session, mapper, identity_key))
             if has_persistent:
                 loaded_as_persistent(session, state)
             append(instance)
@@ -261,7 +326,7 @@ def build_persistent_many(
         if expired:
             state.expired_attributes.update(expired)
         if has_load:
-            load(state, None)
+            load(state, load_context(session, mapper, identity_key))
         if has_persistent:
             loaded_as_persistent(session, state)
         append(instance)
@@ -554,14 +619,14 @@ def reload_of_expired(orm_state: ORMExecuteState) -> tuple[Any, frozenset[str]] 
     return state, frozenset(props)
 
 
-def commit_reloaded(state: Any, keys: frozenset[str]) -> None:
-    """Fire the ``refresh`` event (with no QueryContext: there was no query) and mark the
-    reloaded attributes as loaded, as ``loading._instance`` does after reloading an expired
-    object from a row (a reload counts as a populate-existing of its object there).
-    ``InstanceState._commit`` has no public counterpart."""
+def commit_reloaded(session: Session, state: Any, keys: frozenset[str]) -> None:
+    """Fire the ``refresh`` event (with the QueryContext of a load of the row by primary key:
+    :func:`load_context`) and mark the reloaded attributes as loaded, as ``loading._instance``
+    does after reloading an expired object from a row (a reload counts as a populate-existing
+    of its object there). ``InstanceState._commit`` has no public counterpart."""
     refresh = state.manager.dispatch.refresh
     if refresh:
-        refresh(state, None, keys)
+        refresh(state, load_context(session, state.mapper, state.key, state), keys)
     state._commit(state.dict, keys)
 
 

@@ -1342,6 +1342,7 @@ def _on_class_uninstrument(cls: type) -> None:
     """A mapped class is being disposed of: no cache may keep it (see ``Models.disposed``)."""
     for cache in list(_caches):
         cache._models.disposed(cls)
+    _sa_compat.forget_load_statements(cls)
 
 
 event.listen(Mapper, "mapper_configured", _on_mapper_configured)

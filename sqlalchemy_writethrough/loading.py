@@ -436,7 +436,7 @@ class ReadPath:
         for name in props:
             if name in stored:
                 state_dict[name] = values[name]
-        _sa_compat.commit_reloaded(state, props)
+        _sa_compat.commit_reloaded(orm_state.session, state, props)
         rt.counters.add("hits", 1, layout.entity_name)
         return _sa_compat.make_result([state.obj()], mapper.class_.__name__)
 

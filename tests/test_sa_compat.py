@@ -105,6 +105,27 @@ def test_build_persistent_is_a_clean_identity_mapped_load(session: Session) -> N
         event.remove(Thing, "load", on_load)
 
 
+def test_load_context_is_the_query_context_of_a_load_by_primary_key(session: Session) -> None:
+    """What a ``load`` listener receives for an instance built from the cache: a real
+    QueryContext, made from a compile state kept per mapper (the private
+    ``_create_orm_context``: an upgrade that moves it fails here, not in a user's listener)."""
+    from sqlalchemy.orm import QueryContext
+
+    mapper = inspect(Thing)
+    ident = mapper.identity_key_from_primary_key((1, "x"))
+    context = _sa_compat.load_context(session, mapper, ident)
+    assert isinstance(context, QueryContext)
+    assert context.session is session and context.params == {"pk_0": 1, "pk_1": "x"}
+    assert [d["entity"] for d in context.query.column_descriptions] == [Thing]
+    assert "WHERE sc_thing.a = :pk_0 AND sc_thing.b = :pk_1" in str(context.query)
+    again = _sa_compat.load_context(session, mapper, ident)
+    assert again is not context and again.compile_state is context.compile_state  # kept
+    state = inspect(_sa_compat.build_persistent(session, mapper, ident, {"a": 1, "b": "x"}, ()))
+    refreshing = _sa_compat.load_context(session, mapper, ident, state)
+    assert refreshing.load_options._refresh_state is state
+    assert not _sa_compat._NO_LOAD_CONTEXT
+
+
 def test_build_persistent_many_inlines_new_instance() -> None:
     """``build_persistent_many`` makes instances as ``ClassManager.new_instance`` does, with
     its private ``_state_constructor`` and ``_state_setter``: an upgrade that renames them or

@@ -1037,3 +1037,67 @@ def test_transaction_listeners_see_the_transaction_a_cached_get_begins(
         ["got", event_name, "closed"],
     )
     assert run(factory) == expected
+
+
+@pytest.mark.parametrize("load", ["get", "select", "in batch", "lazy", "expired attribute"])
+def test_load_and_refresh_listeners_get_the_query_context_of_the_load(
+    db: Engine, cache: WriteThroughCache, load: str
+) -> None:
+    """An instance built from the cache fired ``load`` (and ``refresh``, for a reload of
+    expired attributes) with ``None`` for the QueryContext, where a database load passes one:
+    a listener that reads ``context.session.info`` (the request's user, a tenant) raised
+    AttributeError inside ``session.get()``, only when the row was cached. Each now gets a
+    QueryContext of a load of the row by primary key: the loading session, its statement
+    (``select(Model)`` by key) and the key's values as its parameters."""
+    maker = sessionmaker(db, info={"who": "request-7"})
+    cache.install(maker)
+    seed(maker, SgItem(id=1, name="one"), SgItem(id=2, name="two"))
+    seed(maker, SgTag(id=1, item_id=1, label="t"))
+    event_name = "refresh" if load == "expired attribute" else "load"
+    seen: list[tuple[Any, ...]] = []
+
+    def listener(target: Any, context: Any, *rest: Any) -> None:
+        stmt = context.query
+        seen.append(
+            (
+                type(target).__name__,
+                context.session.info["who"],
+                isinstance(context, sa.orm.QueryContext),
+                [d["entity"] for d in stmt.column_descriptions],
+                sorted(context.params.values()) if load in ("get", "lazy") else None,
+            )
+        )
+
+    def run(s: Session) -> Any:
+        if load == "lazy":
+            tag = s.get(SgTag, 1)
+            assert tag is not None
+            seen.clear()
+            return tag.item.name
+        if load == "select":
+            return s.scalars(select(SgItem).where(SgItem.id == 1).options(from_cache())).one().name
+        if load == "in batch":
+            stmt = select(SgItem).where(SgItem.id.in_([1, 2])).options(from_cache())
+            return sorted(i.name for i in s.scalars(stmt))
+        found = s.get(SgItem, 1)
+        assert found is not None
+        if load == "expired attribute":
+            s.expire(found)
+            seen.clear()
+            return found.name
+        return found.name
+
+    event.listen(SgItem, event_name, listener)
+    try:
+        outcomes = []
+        for m in (sessionmaker(db, info={"who": "request-7"}), maker):  # plain, then cached
+            with m() as s, capture_sql(db) as sql:
+                seen.clear()
+                got = run(s)
+            outcomes.append((got, list(seen)))
+            if m is maker:
+                assert selects(sql) == []  # served from the cache
+        assert outcomes[0] == outcomes[1]
+        assert outcomes[1][1] and outcomes[1][1][0][1:3] == ("request-7", True)
+    finally:
+        event.remove(SgItem, event_name, listener)
