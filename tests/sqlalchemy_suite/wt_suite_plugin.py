@@ -175,10 +175,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
     from sqlalchemy_writethrough import cache as cache_module
 
-    # tests of mapper events clear every MapperEvents listener, the package's own
-    # mapper_configured check among them: put it back, as a fresh process would have it
+    # tests of mapper events clear every MapperEvents and InstrumentationEvents listener, the
+    # package's own mapper_configured check and class_uninstrument hook among them: put them
+    # back, as a fresh process would have them
     if not event.contains(Mapper, "mapper_configured", cache_module._on_mapper_configured):
         event.listen(Mapper, "mapper_configured", cache_module._on_mapper_configured)
+    if not event.contains(object, "class_uninstrument", cache_module._on_class_uninstrument):
+        event.listen(object, "class_uninstrument", cache_module._on_class_uninstrument)
     _collect_dead_mappers()
     prefix = f"wtsuite-{uuid.uuid4().hex[:12]}"
     cache = None
