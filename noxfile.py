@@ -433,6 +433,16 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the runs of tests/third_party/run.py a session makes, where more than its own: the asyncio
+#: suite again with the cache on AsyncSession itself (its asyncio flavour, redis.asyncio)
+THIRD_PARTY_RUNS: dict[str, tuple[str, ...]] = {
+    "fastapi-users-db-sqlalchemy": (
+        "fastapi-users-db-sqlalchemy",
+        "fastapi-users-db-sqlalchemy-asyncio",
+    ),
+}
+
+
 @nox.session
 @nox.parametrize("suite", list(THIRD_PARTY_SUITES))
 def third_party(session: nox.Session, suite: str) -> None:
@@ -448,7 +458,8 @@ def third_party(session: nox.Session, suite: str) -> None:
     session.install(SQLALCHEMY_PINS["2.0"])
     # arguments after nox's ``--`` are pytest's (``-- -k test_name``)
     pytest_args = ("--", *session.posargs) if session.posargs else ()
-    session.run("python", "tests/third_party/run.py", suite, *pytest_args)
+    for run in THIRD_PARTY_RUNS.get(suite, (suite,)):
+        session.run("python", "tests/third_party/run.py", run, *pytest_args)
 
 
 # The caches a user would pick instead, measured by the benchmark suite (never dependencies of

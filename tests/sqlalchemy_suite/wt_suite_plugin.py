@@ -244,7 +244,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         for line in _problems[:20]:
             terminalreporter.write_line(line)
     else:
-        terminalreporter.write_sep("-", "sqlalchemy-writethrough installed on every Session")
+        where = "AsyncSession (its asyncio flavour)" if _ASYNCIO else "Session"
+        terminalreporter.write_sep("-", f"sqlalchemy-writethrough installed on every {where}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -3,8 +3,9 @@
     python tests/third_party/run.py SUITE [--workdir DIR] [-- pytest arguments]
 
 SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
-``sqlalchemy-utils``, ``flask-admin``, ``fastapi-users-db-sqlalchemy``, ``zope.sqlalchemy``,
-``zope.sqlalchemy-twophase``: libraries our users put
+``sqlalchemy-utils``, ``flask-admin``, ``fastapi-users-db-sqlalchemy`` (and
+``fastapi-users-db-sqlalchemy-asyncio``: the cache on ``AsyncSession`` itself, through
+``redis.asyncio``), ``zope.sqlalchemy``, ``zope.sqlalchemy-twophase``: libraries our users put
 between their code and the ORM, each with its own Session subclass, listeners, types or
 declarative base. The sdist of the installed release (each ships its tests) is unpacked into
 ``.third-party/`` (``--workdir``) and its tests run twice, plainly and with
@@ -73,8 +74,10 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sqlalchemy-utils": ("SQLAlchemy-Utils", "tests", ("-W", "ignore::DeprecationWarning")),
     # admin views: list, edit and inline forms loading rows by primary key
     "flask-admin": ("Flask-Admin", "flask_admin/tests/sqla", ()),
-    # a User table keyed by a TypeDecorator (GUID), through AsyncSession
+    # a User table keyed by a TypeDecorator (GUID), through AsyncSession: the cache on
+    # Session (AsyncSession's sync sessions), then on AsyncSession itself (redis.asyncio)
     "fastapi-users-db-sqlalchemy": ("fastapi-users-db-sqlalchemy", "tests", ()),
+    "fastapi-users-db-sqlalchemy-asyncio": ("fastapi-users-db-sqlalchemy", "tests", ()),
     # Pyramid's and Plone's transaction manager: it joins a session at after_begin and
     # closes it at the end of the transaction; on PostgreSQL, then two-phase on MariaDB (XA)
     "zope.sqlalchemy": ("zope.sqlalchemy", "src/zope/sqlalchemy/tests.py", _ZOPE),
@@ -174,10 +177,13 @@ def suite_environment(suite: str) -> Iterator[dict[str, str]]:
         with postgresql_database(("hstore", "citext")) as url:
             plain = url.set(drivername="postgresql+psycopg2")  # what its tests install
             yield {"SQLALCHEMY_DATABASE_URI": plain.render_as_string(hide_password=False)}
-    elif suite == "fastapi-users-db-sqlalchemy":
+    elif suite.startswith("fastapi-users-db-sqlalchemy"):
         with postgresql_database() as url:
             found = url.set(drivername="postgresql+asyncpg")
-            yield {"DATABASE_URL": found.render_as_string(hide_password=False)}
+            env = {"DATABASE_URL": found.render_as_string(hide_password=False)}
+            if suite.endswith("-asyncio"):
+                env["WT_SUITE_ASYNCIO"] = "1"  # the plugin installs on AsyncSession
+            yield env
     elif suite == "zope.sqlalchemy":
         with postgresql_database() as url:
             yield {"TEST_DSN": url.render_as_string(hide_password=False)}
