@@ -332,6 +332,8 @@ SQLALCHEMY_SUITE_RUNS: tuple[tuple[str, ...], ...] = (
     ("--target", "test/ext/asyncio", "--", "--db", "aiosqlite"),
     ("--target", "test/ext/asyncio", "--asyncio-flavour", "--", "--db", "aiosqlite"),
 )
+#: SQLAlchemy's asyncio tests with the cache on AsyncSession itself (run by CI too)
+ASYNCIO_FLAVOUR_RUN = SQLALCHEMY_SUITE_RUNS[-1]
 
 
 @nox.session
@@ -356,9 +358,12 @@ def sqlalchemy_suite(session: nox.Session, sqlalchemy: str) -> None:
 @nox.parametrize("sqlalchemy", list(SQLALCHEMY_PINS))
 def sqlalchemy_suite_quick(session: nox.Session, sqlalchemy: str) -> None:
     """The CI subset of ``sqlalchemy_suite`` (the files of tests/sqlalchemy_suite/quick.txt),
-    on each supported SQLAlchemy series."""
+    on each supported SQLAlchemy series; on 2.1, ``test/ext/asyncio`` too, with the cache on
+    ``AsyncSession`` itself (its asyncio flavour: about 45 seconds)."""
     session.install("-e", ".[test]", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy])
     session.run("python", "tests/sqlalchemy_suite/run.py", "--quick", *session.posargs)
+    if sqlalchemy == "2.1" and not session.posargs:
+        session.run("python", "tests/sqlalchemy_suite/run.py", *ASYNCIO_FLAVOUR_RUN)
 
 
 @nox.session
