@@ -108,7 +108,9 @@ _UNSERVED_QUERIES = {
         "WHERE TABLE_TYPE = 'VIEW' "
         "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys')"
     ),
-    "sqlite": "SELECT 'main', name, 'v' FROM sqlite_master WHERE type = 'view'",
+    # {schema}: a SQLite database's name, as a string literal, and {ident}: as an identifier
+    # (its own, ``main``, or an attached one's: see :func:`_sqlite_catalog`)
+    "sqlite": "SELECT {schema}, name, 'v' FROM {ident}.sqlite_master WHERE type = 'view'",
 }
 
 #: kind -> how a relation of that kind is described (``{}``: its schema-qualified name)
@@ -163,7 +165,9 @@ _REWRITING_QUERIES = {
         "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys') "
         "ORDER BY 3"  # a table's trigger first
     ),
-    "sqlite": "SELECT DISTINCT 'main', tbl_name, 't' FROM sqlite_master WHERE type = 'trigger'",
+    "sqlite": (
+        "SELECT DISTINCT {schema}, tbl_name, 't' FROM {ident}.sqlite_master WHERE type = 'trigger'"
+    ),
 }
 
 #: the generated columns (``GENERATED ALWAYS AS (...)``), by backend: (schema, table, column).
@@ -186,8 +190,9 @@ _GENERATED_QUERIES = {
     ),
     # hidden: 2 a virtual generated column, 3 a stored one (SQLite 3.31+)
     "sqlite": (
-        "SELECT 'main', m.name, p.name FROM sqlite_master m "
-        "JOIN pragma_table_xinfo(m.name) p WHERE m.type = 'table' AND p.hidden IN (2, 3)"
+        "SELECT {schema}, m.name, p.name FROM {ident}.sqlite_master m "
+        "JOIN pragma_table_xinfo(m.name, {schema}) p "
+        "WHERE m.type = 'table' AND p.hidden IN (2, 3)"
     ),
 }
 
@@ -400,8 +405,19 @@ def _kinds(rows: list[tuple[str, ...]]) -> dict[tuple[str, str], str]:
     return found
 
 
-def _unserved(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
-    """:data:`_UNSERVED_QUERIES` of ``backend``, asked."""
+def _query(queries: Mapping[str, str], backend: str, schema: str) -> str:
+    """``backend``'s query of ``queries``; SQLite's about its database named ``schema``."""
+    if backend != "sqlite":
+        return queries[backend]
+    literal = "'" + schema.replace("'", "''") + "'"
+    ident = '"' + schema.replace('"', '""') + '"'
+    return queries[backend].format(schema=literal, ident=ident)
+
+
+def _unserved(
+    fairy: Any, backend: str, by_url: str, schema: str = "main"
+) -> dict[tuple[str, str], str]:
+    """:data:`_UNSERVED_QUERIES` of ``backend``, asked (of SQLite's database ``schema``)."""
     what = (
         "which of its tables are views or have row-level security; rows of such a relation "
         "would be served from the cache after it changed, or to sessions its policies hide "
@@ -410,39 +426,59 @@ def _unserved(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], st
         else "which of its tables are views; rows of a view would be served from the cache "
         "after the tables it reads changed"
     )
-    return _kinds(_catalog(fairy, _UNSERVED_QUERIES[backend], by_url, what))
+    return _kinds(_catalog(fairy, _query(_UNSERVED_QUERIES, backend, schema), by_url, what))
 
 
-def _rewriting(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], str]:
-    """:data:`_REWRITING_QUERIES` of ``backend``, asked."""
+def _rewriting(
+    fairy: Any, backend: str, by_url: str, schema: str = "main"
+) -> dict[tuple[str, str], str]:
+    """:data:`_REWRITING_QUERIES` of ``backend``, asked (of SQLite's database ``schema``)."""
     what = (
         "which of its tables have triggers that may rewrite a row as it is written; their "
         "commits would write the values the flush sent, not those stored (declare such a "
         'model strategy="invalidate")'
     )
-    return _kinds(_catalog(fairy, _REWRITING_QUERIES[backend], by_url, what))
+    return _kinds(_catalog(fairy, _query(_REWRITING_QUERIES, backend, schema), by_url, what))
 
 
-def _generated(fairy: Any, backend: str, by_url: str) -> dict[tuple[str, str], frozenset[str]]:
-    """:data:`_GENERATED_QUERIES` of ``backend``, asked: each table's generated columns."""
+def _generated(
+    fairy: Any, backend: str, by_url: str, schema: str = "main"
+) -> dict[tuple[str, str], frozenset[str]]:
+    """:data:`_GENERATED_QUERIES` of ``backend``, asked (of SQLite's database ``schema``):
+    each table's generated columns."""
     what = (
         "which of its columns are generated; a model mapping one without declaring it "
         "Computed(...) would have its commits write the value the row had before"
     )
     columns: dict[tuple[str, str], set[str]] = {}
-    for schema, table, column in _catalog(fairy, _GENERATED_QUERIES[backend], by_url, what):
-        columns.setdefault((schema, table), set()).add(column)
+    sql = _query(_GENERATED_QUERIES, backend, schema)
+    for name, table, column in _catalog(fairy, sql, by_url, what):
+        columns.setdefault((name, table), set()).add(column)
     return {table: frozenset(names) for table, names in columns.items()}
 
 
-def _sqlite_catalog(url: URL, by_url: str) -> dict[str, Any]:
+def _sqlite_catalog(engine: Any, by_url: str) -> dict[str, Any]:
     """The :class:`_Server` fields a SQLite file's catalog gives (``unserved``, ``rewriting``,
-    ``generated``), read on a read-only connection of the standard library's own: the
-    engine's driver may be one that must be awaited (aiosqlite), and the question may come
-    from sync code. A file not made yet has none."""
-    path = _sqlite_path(url)
+    ``generated``). A sync driver's file is read on a connection of the engine's own (its
+    creator and "connect" listeners run), so the databases those ATTACH, and the TEMP views
+    and triggers they make, are read too (:func:`_sqlite_databases`). An asyncio driver's
+    (aiosqlite) connections must be awaited, and the question may come from sync code: its
+    ``main`` database is read on a read-only connection of the standard library's own. A file
+    not made yet has none."""
+    path = _sqlite_path(engine.url)
     if path is None or not os.path.exists(path):
         return {}
+    if not engine.dialect.is_async:
+        try:
+            return _sqlite_databases(engine, by_url)
+        except Exception as exc:
+            log.warning(
+                "writethrough: could not connect to the SQLite file %s to read its catalog "
+                "(%s: %s); its main database is read alone",
+                by_url,
+                type(exc).__name__,
+                exc,
+            )
     try:
         conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=1.0)
     except Exception as exc:
@@ -456,6 +492,38 @@ def _sqlite_catalog(url: URL, by_url: str) -> dict[str, Any]:
         }
     finally:
         conn.close()
+
+
+def _sqlite_databases(engine: Any, by_url: str) -> dict[str, Any]:
+    """:func:`_sqlite_catalog` on a connection of a pool like the engine's: every database
+    it has (``PRAGMA database_list``: ``main``, those its "connect" listeners ATTACH, and
+    ``temp``), each under its own name. A TEMP view or trigger counts for every database: an
+    unqualified name reaches ``temp`` first, and a TEMP trigger may be on a table of any."""
+    pool = engine.pool.recreate()  # the engine's creator and listeners, none of its connections
+    try:
+        fairy = pool.connect()
+        try:
+            cursor = fairy.cursor()
+            cursor.execute("PRAGMA database_list")
+            names = [str(row[1]) for row in cursor.fetchall()]
+            cursor.close()
+            if "temp" not in names:
+                names.append("temp")
+            found: dict[str, dict[Any, Any]] = {"unserved": {}, "rewriting": {}, "generated": {}}
+            for name in names:
+                found["unserved"].update(_unserved(fairy, "sqlite", by_url, name))
+                found["rewriting"].update(_rewriting(fairy, "sqlite", by_url, name))
+                found["generated"].update(_generated(fairy, "sqlite", by_url, name))
+        finally:
+            fairy.close()
+    finally:
+        pool.dispose()
+    for listed in found.values():
+        for (schema, table), entry in list(listed.items()):
+            if schema == "temp":
+                for name in names:
+                    listed.setdefault((name, table), entry)
+    return found
 
 
 def _timezone(engine: Any, fairy: Any) -> Any:
@@ -582,7 +650,7 @@ class Databases:
         name when the server cannot say. Raises when it could not be asked (nothing
         remembered: asked again next time)."""
         if backend == "sqlite":  # named by its file, asked only for its views and triggers
-            return _Server(by_url, "main", "main", **_sqlite_catalog(engine.url, by_url))
+            return _Server(by_url, "main", "main", **_sqlite_catalog(engine, by_url))
         pool = (
             engine.pool.recreate()
         )  # the engine's creator, connect_args and pool listeners, none of its connections
