@@ -401,6 +401,9 @@ def test_a_disposed_registry_is_freed_though_an_index_links_its_table_to_a_mappe
             parent = relationship(RaIxParent)
 
         sa.Index("ix_ra_ix_parent_id_desc", RaIxParent.id.desc())
+        contexts: list[Any] = []
+        # a load listener: instances built from the cache get a QueryContext, kept per mapper
+        sa.event.listen(RaIxChild, "load", lambda target, context: contexts.append(context))
         reg.configure()
         if covered_by == "register_all":
             cache.register_all(reg)
@@ -416,6 +419,8 @@ def test_a_disposed_registry_is_freed_though_an_index_links_its_table_to_a_mappe
                 child = session.get(RaIxChild, 1)
                 assert child is not None and child.parent.id == 1
         assert cache.stats().hits > 0
+        assert contexts and all(c is not None for c in contexts)
+        del contexts[:]
         cache.uninstall(factory)
         engine.dispose()
         refs = [weakref.ref(RaIxParent), weakref.ref(RaIxChild), weakref.ref(RaIxParent.__table__)]
