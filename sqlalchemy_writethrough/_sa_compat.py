@@ -23,6 +23,7 @@ from sqlalchemy.orm.base import DEFAULT_STATE_ATTR, instance_dict
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.orm.instrumentation import ClassManager
+from sqlalchemy.orm.loading import _new_runid
 from sqlalchemy.sql import bindparam, operators, select
 from sqlalchemy.sql.base import CompileState
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
@@ -136,7 +137,8 @@ def load_context(
     SQLAlchemy's compiled cache keeps it with the compiled statement; the context then costs
     about 2 us) by the private ``_create_orm_context`` of the statement's plugin class, as
     ``Query._compile_state`` makes it (2.0 and 2.1); ``QueryContext``'s constructor is the
-    one ``ORMCompileState.orm_setup_cursor_result`` calls. Only made when a listener is
+    one ``ORMCompileState.orm_setup_cursor_result`` calls, and its run id
+    ``loading._new_runid``'s, as ``loading.instances`` gives it. Only made when a listener is
     there to receive it. None, logged once, if an upgrade breaks this: the event then fires
     as before rather than failing the load."""
     try:
@@ -157,7 +159,11 @@ def load_context(
         if identity_key[2] is not None or refreshing is not None:
             options += {"_identity_token": identity_key[2], "_refresh_state": refreshing}
         params = dict(zip(names, identity_key[1], strict=True))
-        return QueryContext(compile_state, stmt, stmt, params, session, options)
+        context = QueryContext(compile_state, stmt, stmt, params, session, options)
+        # what loading.instances() sets before it loads a row (a run id per load)
+        context.runid = _new_runid()
+        context.post_load_paths = {}
+        return context
     except Exception as exc:  # pragma: no cover - an upgrade moved these internals
         if not _NO_LOAD_CONTEXT:
             _NO_LOAD_CONTEXT.append(repr(exc))

@@ -120,6 +120,7 @@ def test_load_context_is_the_query_context_of_a_load_by_primary_key(session: Ses
     assert "WHERE sc_thing.a = :pk_0 AND sc_thing.b = :pk_1" in str(context.query)
     again = _sa_compat.load_context(session, mapper, ident)
     assert again is not context and again.compile_state is context.compile_state  # kept
+    assert again.runid != context.runid and context.post_load_paths == {}
     state = inspect(_sa_compat.build_persistent(session, mapper, ident, {"a": 1, "b": "x"}, ()))
     refreshing = _sa_compat.load_context(session, mapper, ident, state)
     assert refreshing.load_options._refresh_state is state
