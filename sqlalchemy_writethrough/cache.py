@@ -1127,8 +1127,9 @@ class WriteThroughCache:
         """What this cache caches: every model with its keys and effective options, the columns
         whose commits invalidate instead of writing through on ``bind``'s database (an Engine,
         Connection or Dialect), whether its loads are served there and why not (an Engine or
-        Connection is asked which tables are views or have row-level security, and which have
-        triggers that make its commits invalidate), and the models
+        Connection is asked which tables are views or have row-level security, which have
+        triggers that make its commits invalidate, and which triggers name its tables), and
+        the models
         ``register_all()`` left out, with why."""
         if isinstance(bind, Engine) and getattr(bind.dialect, "server_version_info", None) is None:
             with bind.connect():  # a first connection tells MariaDB from MySQL, as at a flush
@@ -1138,6 +1139,7 @@ class WriteThroughCache:
         self._models.warn_left_out(stacklevel=2)
         secured = {}
         rewritten = {}
+        written = {}
         if not isinstance(bind, Dialect):  # a database to ask (views, row security, triggers)
             for layout in layouts:
                 found = self._models.unserved(layout, bind)
@@ -1146,7 +1148,12 @@ class WriteThroughCache:
                 found = self._models.rewritten(layout, bind)
                 if found:
                     rewritten[layout] = found
-        return describe(self, layouts, self._models.left_out(), dialect, secured, rewritten)
+                found = self._models.written_by(layout, bind)
+                if found:
+                    written[layout] = found
+        return describe(
+            self, layouts, self._models.left_out(), dialect, secured, rewritten, written
+        )
 
     def __repr__(self) -> str:
         return f"WriteThroughCache(prefix={self.prefix!r})"

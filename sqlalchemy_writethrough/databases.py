@@ -48,12 +48,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import urllib.parse
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from sqlalchemy.engine import URL, Connection
@@ -193,6 +194,39 @@ _GENERATED_QUERIES = {
         "SELECT {schema}, m.name, p.name FROM {ident}.sqlite_master m "
         "JOIN pragma_table_xinfo(m.name, {schema}) p "
         "WHERE m.type = 'table' AND p.hidden IN (2, 3)"
+    ),
+}
+
+#: the code of every trigger (and PostgreSQL rule) that runs on a write, by backend: (schema,
+#: table it is on, code). A trigger that writes another table changes rows the cache may
+#: hold, and nothing tells the ORM: the tables its code names are matched against the cached
+#: models' (see :func:`_words` and :meth:`Databases.written_by`), so the cache can say which
+#: models such triggers write and ask for ``also_invalidates``. MySQL gives the code only to
+#: users with the TRIGGER privilege (MariaDB gives NULL to the others).
+_TRIGGER_CODE_QUERIES = {
+    "postgresql": (
+        "SELECT n.nspname, c.relname, p.prosrc FROM pg_catalog.pg_trigger t "
+        "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
+        "WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        # a rule on UPDATE (2), INSERT (3) or DELETE (4), as SQL
+        "UNION SELECT n.nspname, c.relname, pg_catalog.pg_get_ruledef(r.oid) "
+        "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c ON c.oid = r.ev_class "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE r.ev_type IN ('2', '3', '4') AND r.ev_enabled <> 'D' "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    ),
+    "mysql": (
+        "SELECT EVENT_OBJECT_SCHEMA, EVENT_OBJECT_TABLE, ACTION_STATEMENT "
+        "FROM information_schema.TRIGGERS WHERE ACTION_STATEMENT IS NOT NULL "
+        "AND EVENT_OBJECT_SCHEMA NOT IN "
+        "('information_schema', 'mysql', 'performance_schema', 'sys')"
+    ),
+    "sqlite": (
+        "SELECT {schema}, tbl_name, sql FROM {ident}.sqlite_master "
+        "WHERE type = 'trigger' AND sql IS NOT NULL"
     ),
 }
 
@@ -371,6 +405,8 @@ class _Server(NamedTuple):
     timezone: Any = None
     #: {(schema, table): its generated columns} (see :data:`_GENERATED_QUERIES`)
     generated: Mapping[tuple[str, str], frozenset[str]] = {}
+    #: {(schema, table): the names its triggers' code uses} (see :data:`_TRIGGER_CODE_QUERIES`)
+    trigger_words: Mapping[tuple[str, str], frozenset[str]] = {}
 
 
 def _catalog(fairy: Any, sql: str, by_url: str, what: str) -> list[tuple[str, ...]]:
@@ -457,6 +493,46 @@ def _generated(
     return {table: frozenset(names) for table, names in columns.items()}
 
 
+#: a comment of SQL (``--`` to the end of the line, ``/* ... */``)
+_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+#: a name, or two joined by a dot (``schema.table``, ``NEW.column``), quotes taken off first
+_NAME = re.compile(r"[a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?")
+
+
+def _words(code: str) -> frozenset[str]:
+    """The names ``code`` (a trigger's or a rule's) uses, lower-cased: each name, and of a
+    dotted one both ``schema.table`` and ``table``, except a column of the row being written
+    (``NEW.x``, ``OLD.x``). A string literal's words count too (dynamic SQL)."""
+    text = _COMMENT.sub(" ", code).lower()
+    for quote in '"`[]':
+        text = text.replace(quote, "")
+    found: set[str] = set()
+    for match in _NAME.finditer(text):
+        first, dot, second = match.group(0).partition(".")
+        first, second = first.strip(), second.strip()
+        if not dot:
+            found.add(first)
+        elif first not in ("new", "old"):
+            found.update((f"{first}.{second}", second))
+    return frozenset(found)
+
+
+def _trigger_words(
+    fairy: Any, backend: str, by_url: str, schema: str = "main"
+) -> dict[tuple[str, str], frozenset[str]]:
+    """:data:`_TRIGGER_CODE_QUERIES` of ``backend``, asked (of SQLite's database ``schema``):
+    the names each table's triggers use."""
+    what = (
+        "what its triggers' code writes; a trigger that writes a cached model's table would "
+        "leave its entries stale without a word (declare also_invalidates)"
+    )
+    codes: dict[tuple[str, str], set[str]] = {}
+    sql = _query(_TRIGGER_CODE_QUERIES, backend, schema)
+    for name, table, code in _catalog(fairy, sql, by_url, what):
+        codes.setdefault((name, table), set()).update(_words(code))
+    return {table: frozenset(words) for table, words in codes.items()}
+
+
 def _sqlite_catalog(engine: Any, by_url: str) -> dict[str, Any]:
     """The :class:`_Server` fields a SQLite file's catalog gives (``unserved``, ``rewriting``,
     ``generated``). A sync driver's file is read on a connection of the engine's own (its
@@ -489,6 +565,7 @@ def _sqlite_catalog(engine: Any, by_url: str) -> dict[str, Any]:
             "unserved": _unserved(conn, "sqlite", by_url),
             "rewriting": _rewriting(conn, "sqlite", by_url),
             "generated": _generated(conn, "sqlite", by_url),
+            "trigger_words": _trigger_words(conn, "sqlite", by_url),
         }
     finally:
         conn.close()
@@ -509,11 +586,17 @@ def _sqlite_databases(engine: Any, by_url: str) -> dict[str, Any]:
             cursor.close()
             if "temp" not in names:
                 names.append("temp")
-            found: dict[str, dict[Any, Any]] = {"unserved": {}, "rewriting": {}, "generated": {}}
+            found: dict[str, dict[Any, Any]] = {
+                "unserved": {},
+                "rewriting": {},
+                "generated": {},
+                "trigger_words": {},
+            }
             for name in names:
                 found["unserved"].update(_unserved(fairy, "sqlite", by_url, name))
                 found["rewriting"].update(_rewriting(fairy, "sqlite", by_url, name))
                 found["generated"].update(_generated(fairy, "sqlite", by_url, name))
+                found["trigger_words"].update(_trigger_words(fairy, "sqlite", by_url, name))
         finally:
             fairy.close()
     finally:
@@ -665,6 +748,7 @@ class Databases:
                 unserved = _unserved(fairy, backend, by_url)
                 rewriting = _rewriting(fairy, backend, by_url)
                 generated = _generated(fairy, backend, by_url)
+                trigger_words = _trigger_words(fairy, backend, by_url)
                 timezone = _timezone(engine, fairy) if backend == "postgresql" else None
             finally:
                 fairy.close()
@@ -704,6 +788,7 @@ class Databases:
             rewriting,
             timezone,
             generated,
+            trigger_words,
         )
 
     def timezone(self, bind: Any) -> Any:
@@ -766,25 +851,67 @@ class Databases:
         """(table, schema-qualified name, entry) of those of ``tables`` in the server's list
         ``which`` (``unserved``, ``rewriting`` or ``generated``), each table named as
         ``naming`` sends it."""
-        engine = bind.engine if isinstance(bind, Connection) else bind
-        backend = _BACKENDS.get(engine.url.get_backend_name(), engine.url.get_backend_name())
-        if backend not in _UNSERVED_QUERIES or self._memory_id(engine):
+        asked = self._asked(bind, naming)
+        if asked is None:
             return []
-        server = self._server(engine, backend)
+        server, schema_of = asked
         listed: Mapping[tuple[str, str], Any] = getattr(server, which)
         if not listed:
             return []
-        options = engine.get_execution_options() if naming is None else naming
-        translate = _translate(options.get("schema_translate_map")) or {}
         found = []
         for table in tables:
-            schema = translate.get(table.schema, table.schema)
-            if schema is None:
-                schema = server.schema or server.default
+            schema = schema_of(table)
             entry = listed.get((schema, table.name))
             if entry is not None:
                 found.append((table, f"{schema}.{table.name}", entry))
         return found
+
+    def written_by(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
+    ) -> list[str]:
+        """The tables (schema-qualified) of the database of ``bind`` whose triggers' code (or
+        a PostgreSQL rule's) names one of ``tables``, as ``naming`` sends them: such a
+        trigger may write their rows, which the cache does not see (see
+        :data:`_TRIGGER_CODE_QUERIES`). Their own triggers are left out (those that rewrite
+        their rows make their commits invalidate: :meth:`rewritten`). Asked once per pool;
+        a name is matched as a word, so a column or a string of the same name counts too."""
+        asked = self._asked(bind, naming)
+        if asked is None:
+            return []
+        server, schema_of = asked
+        if not server.trigger_words:
+            return []
+        own: set[tuple[str, str]] = set()
+        names: set[str] = set()
+        for table in tables:
+            schema = schema_of(table)
+            own.add((schema, table.name))
+            names.update((table.name.lower(), f"{schema}.{table.name}".lower()))
+        return sorted(
+            f"{schema}.{table}"
+            for (schema, table), words in server.trigger_words.items()
+            if (schema, table) not in own and not names.isdisjoint(words)
+        )
+
+    def _asked(
+        self, bind: Any, naming: Mapping[str, Any] | None
+    ) -> tuple[_Server, Callable[[Any], str]] | None:
+        """What the server of ``bind`` said of its pool, and the schema each table is in as
+        ``naming`` sends it; None for a database that is not asked (an in-memory SQLite one,
+        a backend with no catalog questions)."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        backend = _BACKENDS.get(engine.url.get_backend_name(), engine.url.get_backend_name())
+        if backend not in _UNSERVED_QUERIES or self._memory_id(engine):
+            return None
+        server = self._server(engine, backend)
+        options = engine.get_execution_options() if naming is None else naming
+        translate = _translate(options.get("schema_translate_map")) or {}
+
+        def schema_of(table: Any) -> str:
+            schema = translate.get(table.schema, table.schema)
+            return str(schema if schema is not None else server.schema or server.default)
+
+        return server, schema_of
 
     def _memory_id(self, engine: Any) -> str:
         """A name unique to an in-memory SQLite database: its pool (shared by an engine and

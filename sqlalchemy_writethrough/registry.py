@@ -379,6 +379,7 @@ class Models:
             if keys.served is None:
                 keys.rewritten = self._rewritten(layout, bind, naming)
                 keys.served = self._served(layout, bind, naming)
+                self._warn_written(layout, bind, naming)
             return keys
         last = layout.last_keys
         if last[0] is bind:
@@ -398,6 +399,7 @@ class Models:
         if keys.served is None:
             keys.rewritten = self._rewritten(layout, bind, None)
             keys.served = self._served(layout, bind, None)
+            self._warn_written(layout, bind, None)
         layout.last_keys = (bind, keys)
         return keys
 
@@ -476,6 +478,50 @@ class Models:
                     reason,
                 )
         return bool(reasons)
+
+    def written_by(
+        self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None = None
+    ) -> list[str]:
+        """The tables of ``bind``'s database whose triggers' code names one of ``layout``'s
+        tables (:meth:`.Databases.written_by`), but for those whose cached models declare
+        ``layout``'s in ``also_invalidates``: their triggers may change its rows, and nothing
+        the cache sees says so."""
+        found = self._databases.written_by(bind, naming, layout.tables)
+        if not found:
+            return []
+        by_name = self.layouts_by_table_name()
+        return [
+            table
+            for table in found
+            if not any(
+                layout in self.also_invalidated(writer)
+                for name in {table.lower(), table.rpartition(".")[2].lower()}
+                for writer in by_name.get(name, [])
+            )
+        ]
+
+    def _warn_written(
+        self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None
+    ) -> None:
+        """Say, once per model and table, that a trigger of another table may write
+        ``layout``'s rows unseen (see :meth:`written_by`), and what to declare."""
+        for table in self.written_by(layout, bind, naming):
+            if self._first_said(layout, f"written by {table}"):
+                log.warning(
+                    "writethrough: the code of a trigger (or rule) of %s names %s's table: "
+                    "the rows it writes there are not seen by the cache, which may serve "
+                    "%s's entries stale until their TTL. If it writes them, declare it on "
+                    'the model of %s: __writethrough__ = {"also_invalidates": [%s]} (or '
+                    "cache.register(ThatModel, also_invalidates=[%s])); its writes then "
+                    "invalidate %s whole",
+                    table,
+                    layout.entity_name,
+                    layout.entity_name,
+                    table,
+                    layout.entity_name,
+                    layout.entity_name,
+                    layout.entity_name,
+                )
 
     def _built_layouts(self) -> list[ModelLayout]:
         """Each layout built so far, once (a hierarchy's is every member's)."""

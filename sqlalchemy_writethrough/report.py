@@ -55,6 +55,10 @@ class ModelInfo:
     #: its strategy is "write-through" (a trigger may rewrite its rows, a generated column is
     #: not declared ``Computed``; "" when neither)
     commits_invalidate_because: str = ""
+    #: the tables of this database whose triggers' (or rules') code names this model's table,
+    #: and whose models do not declare it in ``also_invalidates``: rows such a trigger writes
+    #: are not seen by the cache (its own triggers are not listed: see above)
+    written_by_triggers_of: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         names = ", ".join(c.__name__ for c in self.classes)
@@ -79,6 +83,12 @@ class ModelInfo:
             lines.append(f"  commits invalidate: {self.commits_invalidate_because}")
         if not self.loads_served:
             lines.append(f"  loads go to the database ({self.not_served_because})")
+        if self.written_by_triggers_of:
+            lines.append(
+                "  named by triggers of: "
+                + ", ".join(self.written_by_triggers_of)
+                + " (if they write its rows, declare also_invalidates on their models)"
+            )
         return "\n".join(lines)
 
 
@@ -128,16 +138,25 @@ def describe(
     dialect: Dialect,
     unserved: dict[ModelLayout, list[str]] | None = None,
     rewritten: dict[ModelLayout, list[str]] | None = None,
+    written: dict[ModelLayout, list[str]] | None = None,
 ) -> CachedModels:
     """``unserved``: why the loads of each layout that has such tables are not served on the
     database described, when it was asked (a view, row-level security); ``rewritten``: why
-    its commits invalidate there (a trigger)."""
+    its commits invalidate there (a trigger); ``written``: the tables whose triggers name
+    its table there."""
     name = f"{dialect.name}+{dialect.driver}"
     secured = unserved or {}
     rewriting = rewritten or {}
+    writers = written or {}
     cached = sorted(
         (
-            _info(layout, dialect, secured.get(layout, []), rewriting.get(layout, []))
+            _info(
+                layout,
+                dialect,
+                secured.get(layout, []),
+                rewriting.get(layout, []),
+                writers.get(layout, []),
+            )
             for layout in layouts
         ),
         key=_by_name,
@@ -166,7 +185,11 @@ def _not_served_because(layout: ModelLayout, secured: list[str]) -> str:
 
 
 def _info(
-    layout: ModelLayout, dialect: Dialect, secured: list[str], rewritten: list[str]
+    layout: ModelLayout,
+    dialect: Dialect,
+    secured: list[str],
+    rewritten: list[str],
+    written: list[str],
 ) -> ModelInfo:
     inexact: dict[str, InexactColumn] = {}
     for variant in layout.by_tag.values():
@@ -185,4 +208,5 @@ def _info(
         loads_served=not (layout.loaded_with_row or secured),
         not_served_because=_not_served_because(layout, secured),
         commits_invalidate_because="; ".join(rewritten),
+        written_by_triggers_of=tuple(written),
     )
