@@ -494,7 +494,7 @@ class Models:
             table
             for table in found
             if not any(
-                layout in self.also_invalidated(writer)
+                layout in self.resolve(writer.options.also_invalidates, where=None)
                 for name in {table.lower(), table.rpartition(".")[2].lower()}
                 for writer in by_name.get(name, [])
             )
