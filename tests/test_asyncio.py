@@ -311,9 +311,17 @@ def test_a_restart_costs_no_error_the_dead_connection_is_retried(
     server = RedisServer()
     server.start()
 
-    async def scenario() -> int:
+    async def scenario() -> dict[str, int]:
         engine = create_async_engine(async_url(db_url))
-        cache = WriteThroughCache(server.url, prefix=prefix)
+        # the retry of a dead connection is tested here, not the timeouts: on a loaded CI
+        # machine one reconnection once took longer than the default 0.5 s
+        cache = WriteThroughCache(
+            server.url,
+            prefix=prefix,
+            stats_interval=None,
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+        )
         factory = async_sessionmaker(engine, expire_on_commit=False)
         cache.install(factory)
         try:
@@ -323,13 +331,13 @@ def test_a_restart_costs_no_error_the_dead_connection_is_retried(
             server.restart()  # every pooled connection is dead now
             async with factory() as session:
                 assert (await session.get(AsRow, 1)).name == "one"
-            return cache.stats().errors
+            return dict(cache.stats().errors_by_kind)  # the kind, should one fail
         finally:
             await cache.aclose()
             await engine.dispose()
 
     try:
-        assert loop.run_until_complete(scenario()) == 0
+        assert loop.run_until_complete(scenario()) == {}
     finally:
         server.stop()
 
