@@ -205,15 +205,18 @@ _GENERATED_QUERIES = {
 #: users with the TRIGGER privilege (MariaDB gives NULL to the others).
 _TRIGGER_CODE_QUERIES = {
     "postgresql": (
+        # a partition's trigger under its partitioned table's name: the table a model maps
         "SELECT n.nspname, c.relname, p.prosrc FROM pg_catalog.pg_trigger t "
-        "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_catalog.pg_class c "
+        "ON c.oid = COALESCE(pg_catalog.pg_partition_root(t.tgrelid), t.tgrelid) "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
         "WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' "
         "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
         # a rule on UPDATE (2), INSERT (3) or DELETE (4), as SQL
         "UNION SELECT n.nspname, c.relname, pg_catalog.pg_get_ruledef(r.oid) "
-        "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c ON c.oid = r.ev_class "
+        "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c "
+        "ON c.oid = COALESCE(pg_catalog.pg_partition_root(r.ev_class), r.ev_class) "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "WHERE r.ev_type IN ('2', '3', '4') AND r.ev_enabled <> 'D' "
         "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"

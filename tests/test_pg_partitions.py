@@ -108,6 +108,7 @@ def engine_with_children(engine: Engine) -> Engine:
             "FOR VALUES FROM (100) TO (MAXVALUE)"
         )
         conn.exec_driver_sql("DROP TRIGGER IF EXISTS pt_parted_low_tg ON pt_parted_low")
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS pt_parted_low_note ON pt_parted_low")
         conn.exec_driver_sql(
             "CREATE TRIGGER pt_parted_low_tg BEFORE INSERT OR UPDATE ON pt_parted_low "
             "FOR EACH ROW EXECUTE FUNCTION pt_fold()"
@@ -263,3 +264,26 @@ def test_a_table_with_a_foreign_partition_is_not_served(
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP SERVER IF EXISTS pt_loopback CASCADE")
             conn.exec_driver_sql("DROP TABLE IF EXISTS pt_elsewhere")
+
+
+def test_a_partitions_trigger_that_writes_another_model_is_named_under_the_partitioned_table(
+    engine_with_children: Engine, redis_url: str, prefix: str
+) -> None:
+    """A trigger on one partition that writes another cached model's table is reported under
+    the name of the table the model maps (the partitioned one), where ``also_invalidates``
+    can be declared."""
+    engine = engine_with_children
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION pt_note() RETURNS trigger AS $$ BEGIN "
+            "UPDATE pt_ruled SET folded = NEW.email WHERE id = NEW.id; RETURN NEW; END $$ "
+            "LANGUAGE plpgsql"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER pt_parted_low_note AFTER INSERT ON pt_parted_low "
+            "FOR EACH ROW EXECUTE FUNCTION pt_note()"
+        )
+    with _installed(engine, redis_url, prefix) as (cache, _):
+        report = cache.models(engine)
+        assert report[PtRuled].written_by_triggers_of == ("public.pt_parted",)
+        assert report[PtParted].written_by_triggers_of == ()  # its own (and its partition's)
