@@ -148,3 +148,20 @@ def installed(db: Engine, cache: WriteThroughCache) -> sessionmaker[Session]:
     maker = sessionmaker(db)
     cache.install(maker)
     return maker
+
+
+@contextlib.contextmanager
+def cache_on(
+    engine: Engine, redis_url: str, prefix: str, **options: Any
+) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
+    """A cache of its own (``options`` given, no stats thread) installed on a sessionmaker
+    of ``engine``, uninstalled and closed at the end: for tests that make their database's
+    objects (triggers, views, partitions) before the cache first asks about them."""
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None, **options)
+    made = sessionmaker(engine)
+    cache.install(made)
+    try:
+        yield cache, made
+    finally:
+        cache.uninstall(made)
+        cache.close()

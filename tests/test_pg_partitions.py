@@ -19,17 +19,15 @@ and the reason ``cache.models(engine)`` gives.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import String
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+from sqlalchemy_writethrough import CachedModel
 
+from _cache_helpers import cache_on
 from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("postgresql")
@@ -125,20 +123,6 @@ def engine_with_children(engine: Engine) -> Engine:
     return engine
 
 
-@contextlib.contextmanager
-def _installed(
-    engine: Engine, redis_url: str, prefix: str
-) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
-    made = sessionmaker(engine)
-    cache.install(made)
-    try:
-        yield cache, made
-    finally:
-        cache.uninstall(made)
-        cache.close()
-
-
 def _served(made: sessionmaker[Session], engine: Engine, model: type, key: int) -> list[str]:
     """What a get through the cache returns (after a fill, if it missed), checked against a
     load without it."""
@@ -156,7 +140,7 @@ def test_a_partitions_trigger_is_read_as_it_stored(
     engine_with_children: Engine, redis_url: str, prefix: str
 ) -> None:
     engine = engine_with_children
-    with _installed(engine, redis_url, prefix) as (cache, made):
+    with cache_on(engine, redis_url, prefix) as (cache, made):
         with made() as session:
             session.add_all([PtParted(id=1, email="Ann"), PtParted(id=100, email="Bob")])
             session.commit()
@@ -181,7 +165,7 @@ def test_an_inheriting_childs_trigger_is_read_as_it_stored(
     engine = engine_with_children
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO pt_inherited_child (id, email) VALUES (1, 'ann')")
-    with _installed(engine, redis_url, prefix) as (cache, made):
+    with cache_on(engine, redis_url, prefix) as (cache, made):
         assert _served(made, engine, PtInherited, 1) == [1, "ann"]
         with made() as session:
             session.get(PtInherited, 1).email = "BOB"
@@ -194,7 +178,7 @@ def test_a_rule_that_rewrites_the_row_is_read_as_it_stored(
     engine_with_children: Engine, redis_url: str, prefix: str
 ) -> None:
     engine = engine_with_children
-    with _installed(engine, redis_url, prefix) as (cache, made):
+    with cache_on(engine, redis_url, prefix) as (cache, made):
         with made() as session:
             session.add(PtRuled(id=1, email="Ann"))
             session.commit()
@@ -250,7 +234,7 @@ def test_a_table_with_a_foreign_partition_is_not_served(
             "OPTIONS (table_name 'pt_elsewhere')"
         )
     try:
-        with _installed(engine, redis_url, prefix) as (cache, made):
+        with cache_on(engine, redis_url, prefix) as (cache, made):
             with made() as session:
                 session.add(model(id=1, email="Ann"))
                 session.commit()
@@ -283,7 +267,7 @@ def test_a_partitions_trigger_that_writes_another_model_is_named_under_the_parti
             "CREATE TRIGGER pt_parted_low_note AFTER INSERT ON pt_parted_low "
             "FOR EACH ROW EXECUTE FUNCTION pt_note()"
         )
-    with _installed(engine, redis_url, prefix) as (cache, _):
+    with cache_on(engine, redis_url, prefix) as (cache, _):
         report = cache.models(engine)
         assert report[PtRuled].written_by_triggers_of == ("public.pt_parted",)
         assert report[PtParted].written_by_triggers_of == ()  # its own (and its partition's)

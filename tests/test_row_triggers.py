@@ -17,10 +17,8 @@ What is observed: what a get returns, against a load without the cache.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from sqlalchemy import FetchedValue, String
@@ -29,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
+from _cache_helpers import cache_on
 from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("postgresql", "mariadb")
@@ -126,22 +125,6 @@ def factory(engine: Engine, cache: WriteThroughCache) -> Iterator[sessionmaker[S
     cache.uninstall(made)
 
 
-@contextlib.contextmanager
-def _installed(
-    engine: Engine, redis_url: str, prefix: str, **options: Any
-) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
-    """A cache of its own (``options`` given), installed on a sessionmaker, for the tests
-    that create their triggers themselves."""
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None, **options)
-    made = sessionmaker(engine)
-    cache.install(made)
-    try:
-        yield cache, made
-    finally:
-        cache.uninstall(made)
-        cache.close()
-
-
 def _values(factory: sessionmaker[Session], model: type) -> tuple[tuple[str, str | None], int]:
     with factory() as session, capture_sql(session.get_bind()) as statements:
         row = session.get(model, 1)
@@ -206,7 +189,7 @@ def test_a_sqlite_trigger_that_rewrites_its_own_row(
             "CREATE TRIGGER tg_undeclared_fold AFTER UPDATE OF email ON tg_undeclared "
             "BEGIN UPDATE tg_undeclared SET email = lower(NEW.email) WHERE id = NEW.id; END"
         )
-    with _installed(engine, redis_url, prefix) as (_, made):
+    with cache_on(engine, redis_url, prefix) as (_, made):
         with made() as session:
             session.add(TgUndeclared(id=1, email="ann"))
             session.commit()
@@ -241,7 +224,7 @@ def test_a_postgresql_after_trigger_that_updates_its_own_row(
             "FOR EACH ROW EXECUTE FUNCTION tg_undeclared_after_fn()"
         )
     try:
-        with _installed(engine, redis_url, prefix) as (cache, made):
+        with cache_on(engine, redis_url, prefix) as (cache, made):
             with made() as session:
                 session.add(TgUndeclared(id=1, email="Ann"))
                 session.commit()
@@ -266,7 +249,7 @@ def test_a_cache_that_invalidates_anyway_says_nothing_of_the_trigger(
     reset_schema(engine, Base.metadata)
     _create_triggers(engine)
     caplog.set_level(logging.INFO, logger="sqlalchemy_writethrough")
-    with _installed(engine, redis_url, prefix, strategy="invalidate") as (cache, made):
+    with cache_on(engine, redis_url, prefix, strategy="invalidate") as (cache, made):
         with made() as session:
             session.add(TgUndeclared(id=1, email="Ann"))
             session.commit()

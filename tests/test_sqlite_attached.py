@@ -12,7 +12,6 @@ a load without the cache, the SQL a get emits, and the reason ``cache.models()``
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import String, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+from sqlalchemy_writethrough import CachedModel
 
+from _cache_helpers import cache_on
 from _servers import capture_sql
 
 pytestmark = pytest.mark.databases("sqlite")
@@ -97,25 +97,11 @@ def attached(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-@contextlib.contextmanager
-def _installed(
-    engine: Engine, redis_url: str, prefix: str
-) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
-    made = sessionmaker(engine)
-    cache.install(made)
-    try:
-        yield cache, made
-    finally:
-        cache.uninstall(made)
-        cache.close()
-
-
 @pytest.mark.parametrize("model", [SaFolded, SaStamped])
 def test_a_trigger_of_an_attached_database_or_a_temp_one_is_read_as_it_stored(
     attached: Engine, redis_url: str, prefix: str, model: Any
 ) -> None:
-    with _installed(attached, redis_url, prefix) as (cache, made):
+    with cache_on(attached, redis_url, prefix) as (cache, made):
         with made() as session:
             session.add(model(id=1, email="ann"))
             session.commit()
@@ -132,7 +118,7 @@ def test_a_trigger_of_an_attached_database_or_a_temp_one_is_read_as_it_stored(
 def test_a_view_of_an_attached_database_is_not_served(
     attached: Engine, redis_url: str, prefix: str
 ) -> None:
-    with _installed(attached, redis_url, prefix) as (cache, made):
+    with cache_on(attached, redis_url, prefix) as (cache, made):
         with made() as session:
             session.add(SaFolded(id=1, email="ann"))
             session.commit()

@@ -24,6 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
+from _cache_helpers import cache_on
 from _servers import reset_schema
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql", "mariadb")
@@ -92,14 +93,8 @@ def _installed(
 ) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
     reset_schema(engine, Base.metadata)
     _create_triggers(engine)
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
-    made = sessionmaker(engine)
-    cache.install(made)
-    try:
-        yield cache, made
-    finally:
-        cache.uninstall(made)
-        cache.close()
+    with cache_on(engine, redis_url, prefix) as installed:
+        yield installed
 
 
 def _count(made: sessionmaker[Session], engine: Engine) -> tuple[int, int]:
