@@ -536,11 +536,22 @@ def _trigger_words(
     return {table: frozenset(words) for table, words in codes.items()}
 
 
+def _catalog_fields(fairy: Any, backend: str, by_url: str, schema: str = "main") -> dict[str, Any]:
+    """The :class:`_Server` fields the catalog questions answer (``unserved``, ``rewriting``,
+    ``generated``, ``trigger_words``), asked on ``fairy`` (of SQLite's database ``schema``)."""
+    return {
+        "unserved": _unserved(fairy, backend, by_url, schema),
+        "rewriting": _rewriting(fairy, backend, by_url, schema),
+        "generated": _generated(fairy, backend, by_url, schema),
+        "trigger_words": _trigger_words(fairy, backend, by_url, schema),
+    }
+
+
 def _sqlite_catalog(engine: Any, by_url: str) -> dict[str, Any]:
-    """The :class:`_Server` fields a SQLite file's catalog gives (``unserved``, ``rewriting``,
-    ``generated``). A sync driver's file is read on a connection of the engine's own (its
-    creator and "connect" listeners run), so the databases those ATTACH, and the TEMP views
-    and triggers they make, are read too (:func:`_sqlite_databases`). An asyncio driver's
+    """The :class:`_Server` fields a SQLite file's catalog gives (:func:`_catalog_fields`). A
+    sync driver's file is read on a connection of the engine's own (its creator and "connect"
+    listeners run), so the databases those ATTACH, and the TEMP views and triggers they make,
+    are read too (:func:`_sqlite_databases`). An asyncio driver's
     (aiosqlite) connections must be awaited, and the question may come from sync code: its
     ``main`` database is read on a read-only connection of the standard library's own. A file
     not made yet has none."""
@@ -564,12 +575,7 @@ def _sqlite_catalog(engine: Any, by_url: str) -> dict[str, Any]:
         log.warning("writethrough: could not read the SQLite file %s (%s)", by_url, exc)
         return {}
     try:
-        return {
-            "unserved": _unserved(conn, "sqlite", by_url),
-            "rewriting": _rewriting(conn, "sqlite", by_url),
-            "generated": _generated(conn, "sqlite", by_url),
-            "trigger_words": _trigger_words(conn, "sqlite", by_url),
-        }
+        return _catalog_fields(conn, "sqlite", by_url)
     finally:
         conn.close()
 
@@ -589,17 +595,10 @@ def _sqlite_databases(engine: Any, by_url: str) -> dict[str, Any]:
             cursor.close()
             if "temp" not in names:
                 names.append("temp")
-            found: dict[str, dict[Any, Any]] = {
-                "unserved": {},
-                "rewriting": {},
-                "generated": {},
-                "trigger_words": {},
-            }
+            found: dict[str, dict[Any, Any]] = {}
             for name in names:
-                found["unserved"].update(_unserved(fairy, "sqlite", by_url, name))
-                found["rewriting"].update(_rewriting(fairy, "sqlite", by_url, name))
-                found["generated"].update(_generated(fairy, "sqlite", by_url, name))
-                found["trigger_words"].update(_trigger_words(fairy, "sqlite", by_url, name))
+                for field, entries in _catalog_fields(fairy, "sqlite", by_url, name).items():
+                    found.setdefault(field, {}).update(entries)
         finally:
             fairy.close()
     finally:
@@ -748,10 +747,7 @@ class Databases:
                 row = cursor.fetchone()
                 cursor.close()
                 fairy.rollback()
-                unserved = _unserved(fairy, backend, by_url)
-                rewriting = _rewriting(fairy, backend, by_url)
-                generated = _generated(fairy, backend, by_url)
-                trigger_words = _trigger_words(fairy, backend, by_url)
+                fields = _catalog_fields(fairy, backend, by_url)
                 timezone = _timezone(engine, fairy) if backend == "postgresql" else None
             finally:
                 fairy.close()
@@ -787,11 +783,8 @@ class Databases:
             name,
             schema if schema is not None else default,
             default,
-            unserved,
-            rewriting,
-            timezone,
-            generated,
-            trigger_words,
+            timezone=timezone,
+            **fields,
         )
 
     def timezone(self, bind: Any) -> Any:
