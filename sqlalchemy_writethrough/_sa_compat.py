@@ -133,9 +133,10 @@ def load_context(
     ``context.session`` (the request's user in ``session.info``), and SQLAlchemy gives None
     only where no query loaded the row (``merge()``).
 
-    The ORM compile state of that statement is made once per mapper (about 60 us, as
-    SQLAlchemy's compiled cache keeps it with the compiled statement; the context then costs
-    about 2 us) by the private ``_create_orm_context`` of the statement's plugin class, as
+    The ORM compile state of that statement is made once per mapper (as SQLAlchemy's
+    compiled cache keeps it with the compiled statement: in a timeit probe, not in
+    benchmarks/, it cost about 30 times the context made from it) by the private
+    ``_create_orm_context`` of the statement's plugin class, as
     ``Query._compile_state`` makes it (2.0 and 2.1); ``QueryContext``'s constructor is the
     one ``ORMCompileState.orm_setup_cursor_result`` calls, and its run id
     ``loading._new_runid``'s, as ``loading.instances`` gives it. Only made when a listener is
