@@ -321,7 +321,13 @@ class StatementTracker:
                 return []
         rt = self.runtime
         if word == "insert" and not _UPSERT.search(text) and not _REPLACE.search(text):
-            return []  # a plain INSERT cannot change a row the cache holds
+            # a plain INSERT cannot change a row the cache holds, but the triggers its table
+            # is declared to have may (also_invalidates: a counter kept on another table)
+            return [
+                other
+                for layout in self._named_layouts(text)
+                for other in rt.models.also_invalidated(layout)
+            ]
         if word not in _NAMING:
             # a procedure call, a DO block...: nothing says which rows it changes, so every
             # cached model is invalidated; execution_options(writethrough_invalidates=[...])

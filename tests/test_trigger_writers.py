@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey, String, insert, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -155,3 +155,24 @@ def test_the_names_a_triggers_code_uses(code: str, words: set[str]) -> None:
     found: Any = _words(code)
     assert words <= found
     assert not {"tw_gone", "new.product_id", "product_id", "y"} & found
+
+
+def test_a_declared_triggers_plain_insert_invalidates_in_raw_sql_too(
+    engine: Engine, redis_url: str, prefix: str
+) -> None:
+    """A plain ``INSERT`` cannot change a row the cache holds, so raw SQL's was let through
+    untouched, and the counter its table's declared trigger keeps on the product was served
+    stale (the ORM's and Core's INSERTs were seen)."""
+    with _installed(engine, redis_url, prefix) as (_cache, made):
+        with made() as session:
+            session.add(TwProduct(id=1, name="lamp"))
+            session.commit()
+        assert _count(made, engine) == (0, 0)
+        with made() as session:
+            session.execute(text("INSERT INTO tw_note (id, product_id) VALUES (5, 1)"))
+            session.commit()
+        assert _count(made, engine) == (1, 1)
+        with made() as session:
+            session.execute(insert(TwNote.__table__).values(id=6, product_id=1))
+            session.commit()
+        assert _count(made, engine) == (2, 2)
