@@ -241,6 +241,7 @@ _REWRITING_KINDS = {
     "p": (
         "a trigger or rule of a partition or child table of {} may change the rows a flush writes"
     ),
+    "w": "a trigger or rule of {} writes its own table (its commits invalidate the model whole)",
 }
 
 #: the schema an unqualified name reaches on a PostgreSQL connection left to the server's
@@ -410,6 +411,9 @@ class _Server(NamedTuple):
     generated: Mapping[tuple[str, str], frozenset[str]] = {}
     #: {(schema, table): the names its triggers' code uses} (see :data:`_TRIGGER_CODE_QUERIES`)
     trigger_words: Mapping[tuple[str, str], frozenset[str]] = {}
+    #: {(schema, table): "w"} of the tables whose triggers' code writes the table itself
+    #: (see :func:`_written`)
+    self_writing: Mapping[tuple[str, str], str] = {}
 
 
 def _catalog(fairy: Any, sql: str, by_url: str, what: str) -> list[tuple[str, ...]]:
@@ -506,11 +510,8 @@ def _words(code: str) -> frozenset[str]:
     """The names ``code`` (a trigger's or a rule's) uses, lower-cased: each name, and of a
     dotted one both ``schema.table`` and ``table``, except a column of the row being written
     (``NEW.x``, ``OLD.x``). A string literal's words count too (dynamic SQL)."""
-    text = _COMMENT.sub(" ", code).lower()
-    for quote in '"`[]':
-        text = text.replace(quote, "")
     found: set[str] = set()
-    for match in _NAME.finditer(text):
+    for match in _NAME.finditer(_reduced(code)):
         first, dot, second = match.group(0).partition(".")
         first, second = first.strip(), second.strip()
         if not dot:
@@ -520,30 +521,66 @@ def _words(code: str) -> frozenset[str]:
     return frozenset(found)
 
 
-def _trigger_words(
-    fairy: Any, backend: str, by_url: str, schema: str = "main"
-) -> dict[tuple[str, str], frozenset[str]]:
+#: the table a statement of a trigger's code writes: ``UPDATE [OR x] [ONLY] t``, ``INSERT
+#: [OR x] [IGNORE] INTO t``, ``DELETE FROM [ONLY] t``, ``REPLACE INTO t``, ``MERGE INTO t``
+#: (on text reduced as :func:`_words` reduces it)
+_WRITES = re.compile(
+    r"\b(?:update(?:\s+or\s+[a-z]+)?(?:\s+only)?"
+    r"|insert(?:\s+or\s+[a-z]+)?(?:\s+ignore)?\s+into"
+    r"|delete\s+from(?:\s+only)?|replace\s+into|merge\s+into)\s+"
+    r"([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
+)
+
+
+def _reduced(code: str) -> str:
+    """``code`` lower-cased, its comments and its identifiers' quotes taken off."""
+    text = _COMMENT.sub(" ", code).lower()
+    for quote in '"`[]':
+        text = text.replace(quote, "")
+    return text
+
+
+def _written(code: str) -> frozenset[str]:
+    """The tables ``code``'s statements write, lower-cased: of ``schema.table`` both that and
+    ``table`` (a string's words count too: dynamic SQL)."""
+    found: set[str] = set()
+    for match in _WRITES.finditer(_reduced(code)):
+        first, dot, second = (part.strip() for part in match.group(1).partition("."))
+        found.update((f"{first}.{second}", second) if dot else (first,))
+    return frozenset(found)
+
+
+def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -> dict[str, Any]:
     """:data:`_TRIGGER_CODE_QUERIES` of ``backend``, asked (of SQLite's database ``schema``):
-    the names each table's triggers use."""
+    the names each table's triggers use (``trigger_words``), and the tables whose triggers
+    write the table itself (``self_writing``: a trigger that keeps one row of a group
+    current, or a materialized path's, may write rows the flush did not)."""
     what = (
         "what its triggers' code writes; a trigger that writes a cached model's table would "
         "leave its entries stale without a word (declare also_invalidates)"
     )
     codes: dict[tuple[str, str], set[str]] = {}
+    self_writing: dict[tuple[str, str], str] = {}
     sql = _query(_TRIGGER_CODE_QUERIES, backend, schema)
     for name, table, code in _catalog(fairy, sql, by_url, what):
         codes.setdefault((name, table), set()).update(_words(code))
-    return {table: frozenset(words) for table, words in codes.items()}
+        if {table.lower(), f"{name}.{table}".lower()} & _written(code):
+            self_writing[(name, table)] = "w"
+    return {
+        "trigger_words": {table: frozenset(words) for table, words in codes.items()},
+        "self_writing": self_writing,
+    }
 
 
 def _catalog_fields(fairy: Any, backend: str, by_url: str, schema: str = "main") -> dict[str, Any]:
     """The :class:`_Server` fields the catalog questions answer (``unserved``, ``rewriting``,
-    ``generated``, ``trigger_words``), asked on ``fairy`` (of SQLite's database ``schema``)."""
+    ``generated``, ``trigger_words``, ``self_writing``), asked on ``fairy`` (of SQLite's
+    database ``schema``)."""
     return {
         "unserved": _unserved(fairy, backend, by_url, schema),
         "rewriting": _rewriting(fairy, backend, by_url, schema),
         "generated": _generated(fairy, backend, by_url, schema),
-        "trigger_words": _trigger_words(fairy, backend, by_url, schema),
+        **_trigger_code(fairy, backend, by_url, schema),
     }
 
 
@@ -813,13 +850,21 @@ class Databases:
         return sorted(found)
 
     def rewritten(
-        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
+        self,
+        bind: Any,
+        naming: Mapping[str, Any] | None,
+        tables: Iterable[Any],
+        rows: bool = True,
     ) -> list[str]:
         """Why commits of rows of ``tables`` in the database of ``bind`` must invalidate
         rather than write through: one description per table the database may rewrite rows
-        of as they are written (see :data:`_REWRITING_QUERIES`), asked once per pool."""
+        of as they are written (see :data:`_REWRITING_QUERIES`), or whose triggers write it
+        (:meth:`self_written`: only those, without ``rows``), asked once per pool."""
         tables = list(tables)
-        found = self._listed(bind, naming, tables, "rewriting")
+        found = self._listed(bind, naming, tables, "self_writing")
+        if not rows:
+            return [_REWRITING_KINDS[kind].format(name) for name, kind in found]
+        found += self._listed(bind, naming, tables, "rewriting")
         reasons = [_REWRITING_KINDS[kind].format(name) for name, kind in found]
         for table, name, columns in self._found(bind, naming, tables, "generated"):
             # by name, not by key; case-blind too (MySQL's column names ignore case)
@@ -834,11 +879,21 @@ class Databases:
                     )
         return sorted(reasons)
 
+    def self_written(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
+    ) -> bool:
+        """Whether a trigger (or PostgreSQL rule) of one of ``tables`` in the database of
+        ``bind`` writes its own table (see :data:`_WRITES`): it may change rows the flush did
+        not write (the other addresses of a user, when one becomes the primary), so every
+        write of those tables must invalidate them whole. Asked once per pool."""
+        return bool(self._listed(bind, naming, tables, "self_writing"))
+
     def _listed(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str
     ) -> list[tuple[str, str]]:
         """(schema-qualified name, kind) of those of ``tables`` in the server's list
-        ``which`` (``unserved`` or ``rewriting``), each table named as ``naming`` sends it."""
+        ``which`` (``unserved``, ``rewriting`` or ``self_writing``), each table named as
+        ``naming`` sends it."""
         return [(name, kind) for _, name, kind in self._found(bind, naming, tables, which)]
 
     def _found(

@@ -214,10 +214,12 @@ class StatementTracker:
             if any([self._switches(conn, part) for part in parts]):
                 tracker.untracked_write = True
                 layouts = self.runtime.models.cached_layouts()
-            elif len(parts) == 1:
-                layouts = self._text(tracker, statement)
             else:
-                found = {id(lay): lay for part in parts for lay in self._text(tracker, part)}
+                found = {
+                    id(lay): lay
+                    for part in (parts if len(parts) > 1 else [statement])
+                    for lay in self._text(tracker, part, engine, naming)
+                }
                 layouts = list(found.values())
             if layouts:
                 for each in _with_and_without_schemas(engine, naming):
@@ -300,12 +302,20 @@ class StatementTracker:
                         self.write.invalidate_rows(tracker, layout, keys, engine, naming)
         for layout in layouts:
             whole += rt.models.also_invalidated(layout)
+            if rt.models.keys(layout, engine, naming).self_written:
+                whole.append(layout)  # its triggers write its table: maybe other rows
         if whole:
             self.write.lock_models(tracker, whole, engine, naming)
 
     # -- raw SQL -------------------------------------------------------------------------
 
-    def _text(self, tracker: SessionTracker, statement: str) -> list[ModelLayout]:
+    def _text(
+        self,
+        tracker: SessionTracker,
+        statement: str,
+        engine: Any,
+        naming: dict[str, Any] | None,
+    ) -> list[ModelLayout]:
         """The cached models raw SQL may change (read once, locked in each database it may
         reach by the caller)."""
         text = _LEADING_NOISE.sub("", statement)
@@ -313,7 +323,7 @@ class StatementTracker:
         word = match.group(0).lower() if match else ""
         runs = _statement_run_by(word, text)
         if runs is not None:
-            return self._text(tracker, runs)
+            return self._text(tracker, runs, engine, naming)
         if word in _READ_ONLY:
             if word == "select" and " into " not in text.lower():
                 return []
@@ -321,13 +331,15 @@ class StatementTracker:
                 return []
         rt = self.runtime
         if word == "insert" and not _UPSERT.search(text) and not _REPLACE.search(text):
-            # a plain INSERT cannot change a row the cache holds, but the triggers its table
-            # is declared to have may (also_invalidates: a counter kept on another table)
-            return [
-                other
-                for layout in self._named_layouts(text)
-                for other in rt.models.also_invalidated(layout)
-            ]
+            # a plain INSERT cannot change a row the cache holds, but its table's triggers
+            # may: those declared (also_invalidates: a counter kept on another table), and
+            # those found writing the table itself (Models.self_written)
+            found: list[ModelLayout] = []
+            for layout in self._named_layouts(text):
+                found += rt.models.also_invalidated(layout)
+                if rt.models.keys(layout, engine, naming).self_written:
+                    found.append(layout)
+            return found
         if word not in _NAMING:
             # a procedure call, a DO block...: nothing says which rows it changes, so every
             # cached model is invalidated; execution_options(writethrough_invalidates=[...])

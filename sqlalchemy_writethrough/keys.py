@@ -220,6 +220,7 @@ class KeySpace:
         "pattern",
         "registry_field",
         "rewritten",
+        "self_written",
         "served",
     )
 
@@ -241,6 +242,10 @@ class KeySpace:
         #: whether the database may rewrite a row as it is written (a trigger): commits
         #: invalidate; set with ``served``
         self.rewritten = False
+        #: whether the database's triggers write the model's table themselves, maybe other
+        #: rows than the flush wrote: every write invalidates the model whole; set with
+        #: ``served``
+        self.self_written = False
 
     def pair(self, pk: Sequence[Any]) -> tuple[str, str]:
         """(entity key, generation key) of one primary key."""

@@ -378,6 +378,7 @@ class Models:
             keys = layout.keyspace(self._databases.renamed(bind, named))
             if keys.served is None:
                 keys.rewritten = self._rewritten(layout, bind, naming)
+                keys.self_written = self.self_written(layout, bind, naming)
                 keys.served = self._served(layout, bind, naming)
                 self._warn_written(layout, bind, naming)
             return keys
@@ -398,6 +399,7 @@ class Models:
             keys = layout.keyspace(self._databases.of(bind, None in layout.schemas))
         if keys.served is None:
             keys.rewritten = self._rewritten(layout, bind, None)
+            keys.self_written = self.self_written(layout, bind, None)
             keys.served = self._served(layout, bind, None)
             self._warn_written(layout, bind, None)
         layout.last_keys = (bind, keys)
@@ -454,10 +456,11 @@ class Models:
         already by its own choice: a model whose own options say its strategy is taken at
         its word (``"write-through"``: its triggers only fill columns declared
         ``server_onupdate=FetchedValue()``, read back with ``eager_defaults``), and one that
-        invalidates anyway needs no reason."""
-        if layout.strategy_declared or layout.options.strategy == "invalidate":
+        invalidates anyway needs no reason but for invalidating whole (:meth:`self_written`)."""
+        if layout.strategy_declared:
             return []
-        return self._databases.rewritten(bind, naming, layout.tables)
+        rows = layout.options.strategy != "invalidate"  # else only whole-model reasons
+        return self._databases.rewritten(bind, naming, layout.tables, rows=rows)
 
     def _rewritten(self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None) -> bool:
         """Whether the database may rewrite ``layout``'s rows as they are written (a
@@ -478,6 +481,19 @@ class Models:
                     reason,
                 )
         return bool(reasons)
+
+    def self_written(
+        self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Whether every write of ``layout``'s rows in ``bind``'s database must invalidate
+        the model whole: a trigger of its table writes that table (:meth:`.Databases.
+        self_written`), maybe rows the flush did not write, and nothing tells the cache which.
+        A model whose own options say its strategy is taken at its word (its triggers write
+        only the row being written; ``also_invalidates`` naming the model itself says
+        otherwise). The log says why with the other reasons (:meth:`_rewritten`)."""
+        if layout.strategy_declared:
+            return False
+        return self._databases.self_written(bind, naming, layout.tables)
 
     def written_by(
         self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None = None

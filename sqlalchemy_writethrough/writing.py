@@ -312,6 +312,8 @@ class WritePath:
             self._involve(tracker, layout)
             models.extend((other, bind) for other in rt.models.also_invalidated(layout))
             keys = rt.models.keys(layout, bind, tracker.renamed.get(bind))
+            if keys.self_written:  # its triggers write its table: maybe other rows
+                models.append((layout, bind))
             involved[(layout, bind)] = keys
             if layout not in ttls:
                 ttls[layout] = rt.ttl_spread(layout)
