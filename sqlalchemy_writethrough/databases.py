@@ -586,16 +586,17 @@ def _catalog_fields(fairy: Any, backend: str, by_url: str, schema: str = "main")
 
 def _sqlite_catalog(engine: Any, by_url: str) -> dict[str, Any]:
     """The :class:`_Server` fields a SQLite file's catalog gives (:func:`_catalog_fields`). A
-    sync driver's file is read on a connection of the engine's own (its creator and "connect"
-    listeners run), so the databases those ATTACH, and the TEMP views and triggers they make,
-    are read too (:func:`_sqlite_databases`). An asyncio driver's
-    (aiosqlite) connections must be awaited, and the question may come from sync code: its
-    ``main`` database is read on a read-only connection of the standard library's own. A file
-    not made yet has none."""
+    file is read on a connection of the engine's own (its creator and "connect" listeners
+    run), so the databases those ATTACH, and the TEMP views and triggers they make, are read
+    too (:func:`_sqlite_databases`). An asyncio driver's (aiosqlite) connections must be
+    awaited: so they are where the question comes from SQLAlchemy's greenlet (an
+    AsyncSession's loads and flushes); asked from plain sync code (``cache.models()``
+    first), its ``main`` database is read alone, on a read-only connection of the standard
+    library's own. A file not made yet has none."""
     path = _sqlite_path(engine.url)
     if path is None or not os.path.exists(path):
         return {}
-    if not engine.dialect.is_async:
+    if not engine.dialect.is_async or _sa_compat.in_greenlet():
         try:
             return _sqlite_databases(engine, by_url)
         except Exception as exc:

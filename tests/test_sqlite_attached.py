@@ -127,3 +127,51 @@ def test_a_view_of_an_attached_database_is_not_served(
                 assert session.get(SaLabel, 1).email == "ann"
             assert len(statements) == 1  # from the database, every time
         assert "tenant.sa_label is a view" in cache.models(attached)[SaLabel].not_served_because
+
+
+def test_with_aiosqlite_an_attached_databases_trigger_is_read_as_it_stored(
+    attached: Engine, redis_url: str, prefix: str, loop: Any
+) -> None:
+    """aiosqlite's connections must be awaited: the catalog was read from the file's ``main``
+    database alone. The cache asks in SQLAlchemy's greenlet, where an AsyncSession's loads
+    and flushes run, on a connection made like the engine's."""
+    pytest.importorskip("aiosqlite")
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from sqlalchemy_writethrough import WriteThroughCache
+
+    path = attached.url.database
+
+    async def scenario() -> tuple[str, str, str]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def attach(dbapi_connection: Any, record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"ATTACH DATABASE '{Path(str(path)).parent / 'tenant.db'}' AS tenant")
+            cursor.close()
+
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+        made = async_sessionmaker(engine, expire_on_commit=False)
+        cache.install(made)
+        try:
+            async with made() as session:
+                session.add(SaFolded(id=1, email="ann"))
+                await session.commit()
+            async with made() as session:
+                (await session.get(SaFolded, 1)).email = "BOB"
+                await session.commit()
+            async with made() as session:
+                cached = (await session.get(SaFolded, 1)).email
+            with Session(attached) as plain:
+                fresh = plain.get(SaFolded, 1).email
+            reason = cache.models(engine.sync_engine)[SaFolded].commits_invalidate_because
+            return cached, fresh, reason
+        finally:
+            cache.uninstall(made)
+            await cache.aclose()
+            await engine.dispose()
+
+    cached, fresh, reason = loop.run_until_complete(scenario())
+    assert cached == fresh == "bob"
+    assert "a trigger of tenant.sa_folded may change the rows a flush writes" in reason
