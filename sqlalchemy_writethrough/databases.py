@@ -541,13 +541,11 @@ def _reduced(code: str) -> str:
 
 
 def _written(code: str) -> frozenset[str]:
-    """The tables ``code``'s statements write, lower-cased: of ``schema.table`` both that and
-    ``table`` (a string's words count too: dynamic SQL)."""
-    found: set[str] = set()
-    for match in _WRITES.finditer(_reduced(code)):
-        first, dot, second = (part.strip() for part in match.group(1).partition("."))
-        found.update((f"{first}.{second}", second) if dot else (first,))
-    return frozenset(found)
+    """The tables ``code``'s statements write, lower-cased, as they are named (``table`` or
+    ``schema.table``); a string's words count too (dynamic SQL)."""
+    return frozenset(
+        re.sub(r"\s+", "", match.group(1)) for match in _WRITES.finditer(_reduced(code))
+    )
 
 
 def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -> dict[str, Any]:

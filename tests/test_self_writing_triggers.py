@@ -245,8 +245,8 @@ def test_what_the_report_says_of_each_kind_of_trigger(
             "BEGIN UPDATE address SET is_primary = 0 WHERE id <> NEW.id; END",
             {"address"},
         ),
-        ('UPDATE ONLY public."Address" SET x = 1', {"public.address", "address"}),
-        ("INSERT OR REPLACE INTO log VALUES (1); DELETE FROM s . t", {"log", "s.t", "t"}),
+        ('UPDATE ONLY public."Address" SET x = 1', {"public.address"}),
+        ("INSERT OR REPLACE INTO log VALUES (1); DELETE FROM s . t", {"log", "s.t"}),
         ("EXECUTE format('UPDATE node SET path = %L', p)", {"node"}),  # dynamic SQL
         ("IF (SELECT count(*) FROM address) > 9 THEN RAISE 'full'; END IF", set()),
         ("-- UPDATE gone SET x = 1\nNEW.updated_at = now(); RETURN NEW;", set()),
@@ -258,4 +258,4 @@ def test_the_tables_a_triggers_code_writes(code: str, written: set[str]) -> None
 
     found: Any = _written(code)
     assert written <= found
-    assert not {"gone", "only", "node.set"} & found
+    assert not {"gone", "only", "node.set", "address", "t"} & (found - written)
