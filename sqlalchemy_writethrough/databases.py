@@ -522,12 +522,12 @@ def _words(code: str) -> frozenset[str]:
 
 
 #: the table a statement of a trigger's code writes: ``UPDATE [OR x] [ONLY] t``, ``INSERT
-#: [OR x] [IGNORE] INTO t``, ``DELETE FROM [ONLY] t``, ``REPLACE INTO t``, ``MERGE INTO t``
+#: [OR x] [IGNORE] INTO t``, ``DELETE FROM [ONLY] t``, ``REPLACE INTO t``, ``MERGE INTO [ONLY] t``
 #: (on text reduced as :func:`_words` reduces it)
 _WRITES = re.compile(
     r"\b(?:update(?:\s+or\s+[a-z]+)?(?:\s+only)?"
     r"|insert(?:\s+or\s+[a-z]+)?(?:\s+ignore)?\s+into"
-    r"|delete\s+from(?:\s+only)?|replace\s+into|merge\s+into)\s+"
+    r"|delete\s+from(?:\s+only)?|replace\s+into|merge\s+into(?:\s+only)?)\s+"
     r"([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
 )
 

@@ -248,6 +248,7 @@ def test_what_the_report_says_of_each_kind_of_trigger(
         ('UPDATE ONLY public."Address" SET x = 1', {"public.address"}),
         ("INSERT OR REPLACE INTO log VALUES (1); DELETE FROM s . t", {"log", "s.t"}),
         ("EXECUTE format('UPDATE node SET path = %L', p)", {"node"}),  # dynamic SQL
+        ("MERGE INTO ONLY stock s USING x ON s.id = x.id", {"stock"}),
         ("IF (SELECT count(*) FROM address) > 9 THEN RAISE 'full'; END IF", set()),
         ("-- UPDATE gone SET x = 1\nNEW.updated_at = now(); RETURN NEW;", set()),
         ("UPDATE only_table SET x = 1", {"only_table"}),
