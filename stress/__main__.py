@@ -196,6 +196,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "flush sent fails the run (--sabotage blind-triggers shows it)",
     )
     p.add_argument(
+        "--sibling-trigger",
+        action="store_true",
+        help="stress, PostgreSQL: an AFTER trigger on the item table copies each hot item's "
+        "counter into its shadow row, which workers read and never write; the cache must "
+        "see that the trigger writes its own table and invalidate the model whole at every "
+        "write (--sabotage blind-self-writers shows a cache that does not)",
+    )
+    p.add_argument(
         "--ttl",
         type=float,
         default=600.0,
@@ -310,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--rewriting-trigger applies to --scenario stress only")
     if args.sabotage == "blind-triggers" and not args.rewriting_trigger:
         raise SystemExit("--sabotage blind-triggers needs --rewriting-trigger")
+    if args.sibling_trigger and (args.scenario != "stress" or args.db != "postgresql"):
+        raise SystemExit("--sibling-trigger applies to --scenario stress --db postgresql only")
+    if args.sabotage == "blind-self-writers" and not args.sibling_trigger:
+        raise SystemExit("--sabotage blind-self-writers needs --sibling-trigger")
     ways = tenant_ways(args.tenant_ways)
     install_signal_handlers()
     dbs = ["postgresql", "mariadb"] if args.db == "both" else [args.db]
@@ -372,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                     key_type=args.key_type,
                     evict_registry_every=every,
                     rewriting_trigger=args.rewriting_trigger,
+                    sibling_trigger=args.sibling_trigger,
                 )
             )
             print(result.format(), flush=True)

@@ -42,6 +42,11 @@ never needed); ``final_cache`` then also holds the second version's entries, nam
 ``table@B`` (:func:`versioned`), each compared with the row as that version loads it (also in
 ``final_db`` under that name) and judged by the row's one history.
 
+With ``--sibling-trigger`` (a trigger that copies each hot item's counter into its shadow row,
+see :func:`stress.models.shadow_of`), every write of a hot item in the histories comes with the
+same write of its shadow (unless the transaction wrote the shadow itself, which no worker does):
+a read of a shadow's entry a write left behind is ``stale``.
+
 With ``--rewriting-trigger`` (a trigger that stores another value than the one written, see
 :func:`stress.models.stored_value`), every write of the histories is taken as the value stored:
 a read of the value a flush sent (a cache writing it through) is ``uncommitted``, and an entry
@@ -391,6 +396,22 @@ def _rewritten(event: Mapping[str, Any], stored: Callable[[int], int]) -> Mappin
     return {**event, "writes": writes}
 
 
+def _mirrored(
+    event: Mapping[str, Any], mirror: Callable[[str, int], int | None]
+) -> Mapping[str, Any]:
+    """``event`` with, beside each of its writes (a commit's start, an aborted write), the
+    write a trigger makes of another row of the table: the same value in ``mirror``'s row."""
+    if "writes" not in event:
+        return event
+    writes = [list(w) for w in event["writes"]]
+    named = {(tb, int(id_)) for tb, id_, _ in writes}
+    for tb, id_, value in list(writes):
+        other = mirror(tb, int(id_))
+        if other is not None and (tb, other) not in named:
+            writes.append([tb, other, value])
+    return {**event, "writes": writes}
+
+
 def check(
     events: Iterable[Mapping[str, Any]],
     final_db: Mapping[Row, Mapping[str, Any]],
@@ -400,6 +421,7 @@ def check(
     near_bound: int | None = None,
     buckets: tuple[int, ...] = (16,),
     stored: Callable[[int], int] | None = None,
+    mirrored: Callable[[str, int], int | None] | None = None,
 ) -> Report:
     """Check a run. ``final_cache`` maps rows to the decoded VALUE Redis holds (None: a VALUE
     that could not be decoded); ``final_db`` maps rows to their columns; ``windows``: the
@@ -407,9 +429,13 @@ def check(
     ``buckets``: the cache ``buckets`` of the run's keyspaces (an evicted generation key
     names its bucket, a row falls in one of each); ``stored``: what the database stores for
     each value written, where a trigger rewrites it (``--rewriting-trigger``): the histories
-    say what the workers wrote, every read is matched with what was stored."""
+    say what the workers wrote, every read is matched with what was stored; ``mirrored``:
+    the row a trigger writes with the same value as each row written, if any
+    (``--sibling-trigger``: :func:`stress.models.shadow_of`)."""
     if stored is not None:
         events = [_rewritten(e, stored) for e in events]
+    if mirrored is not None:
+        events = [_mirrored(e, mirrored) for e in events]
     report = Report()
     report.near_bound = near_bound
     report.windows = list(windows)

@@ -334,3 +334,48 @@ def create_rewriting_triggers(
                 )
         else:
             raise ValueError(f"no rewriting trigger for {conn.dialect.name}")
+
+
+# -- a trigger that writes other rows of its own table (``--sibling-trigger``) -----------------
+#
+# An ``AFTER INSERT OR UPDATE OF counter`` row trigger on the item table copies every hot
+# item's ``counter`` into that item's *shadow*: another row of the same table, id
+# :data:`SHADOW_OFFSET` above, which no worker writes and every worker reads. The flush (or the
+# statement) writes the hot item; the shadow changes behind the ORM's back. The cache must find
+# the trigger in the catalog and invalidate the item model whole at every write; the checker
+# adds to every write of a hot item the same write of its shadow (:func:`shadow_of`), so a
+# read of a shadow's entry left behind is ``stale``. PostgreSQL only: MySQL and MariaDB refuse a
+# trigger that writes its own table.
+
+#: the trigger's (and its function's) name
+SIBLING_NAME = "stress_shadow_counter"
+#: a shadow's id is its hot item's plus this: above every hot and baseline id, below every
+#: id a worker inserts (:func:`stress.worker.extra_id`)
+SHADOW_OFFSET = 500_000
+#: the ids the trigger copies (the hot items; the baseline's are 101 and up)
+SHADOWED_BELOW = 100
+
+
+def shadow_of(table: str, id_: int) -> int | None:
+    """The shadow row the sibling trigger writes when row ``id_`` of ``table`` is written."""
+    if table == ITEM_TABLE and 0 < id_ < SHADOWED_BELOW:
+        return id_ + SHADOW_OFFSET
+    return None
+
+
+def create_sibling_trigger(engine: Engine) -> None:
+    """Put the sibling trigger on the item table (PostgreSQL). Created after the seed rows,
+    shadows included (:func:`stress.runner.seed_rows`)."""
+    with engine.begin() as conn:
+        if conn.dialect.name != "postgresql":
+            raise ValueError(f"no sibling trigger for {conn.dialect.name}")
+        conn.exec_driver_sql(
+            f"CREATE OR REPLACE FUNCTION {SIBLING_NAME}() RETURNS trigger AS $$ BEGIN "
+            f"UPDATE {ITEM_TABLE} SET counter = NEW.counter WHERE id = NEW.id + {SHADOW_OFFSET}; "
+            "RETURN NULL; END $$ LANGUAGE plpgsql"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER {SIBLING_NAME} AFTER INSERT OR UPDATE OF counter ON {ITEM_TABLE} "
+            f"FOR EACH ROW WHEN (NEW.id > 0 AND NEW.id < {SHADOWED_BELOW}) "
+            f"EXECUTE FUNCTION {SIBLING_NAME}()"
+        )

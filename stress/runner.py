@@ -55,12 +55,14 @@ from .models import (
     StItem,
     StParent,
     create_rewriting_triggers,
+    create_sibling_trigger,
     create_tenant_schemas,
     drop_tenant_schemas,
     first_value,
     key_part_id,
     metadata_of,
     reset_schema,
+    shadow_of,
     stored_value,
 )
 from .proxy import FaultyProxy
@@ -180,10 +182,12 @@ def seed_rows(
     parents: list[int],
     tenant: str | None = None,
     key_type: str = "int",
+    shadows: bool = False,
 ) -> None:
     """Create the hot rows, and record their creation as a commit that ended before any read
     (``tenant``: the label of the schema ``engine`` reaches, in a ``--tenants`` run;
-    ``key_type``: the models', see :data:`stress.models.KEY_TYPES`)."""
+    ``key_type``: the models', see :data:`stress.models.KEY_TYPES`; ``shadows``: each item's
+    shadow too, with its value, for ``--sibling-trigger``: :func:`stress.models.shadow_of`)."""
     models, key, _ = KEY_TYPES[key_type]
     Parent, Item = models[StParent.__tablename__], models[StItem.__tablename__]
     rec = Recorder(workdir / f"seed{'' if tenant is None else '-' + tenant}.jsonl", "seed")
@@ -199,6 +203,10 @@ def seed_rows(
             value = first_value(rng)
             s.add(Item(id=key(iid), counter=value, parent_id=key(parents[i % len(parents)])))
             writes.append([StItem.__tablename__, iid, value])
+            shadow = shadow_of(StItem.__tablename__, iid) if shadows else None
+            if shadow is not None:
+                s.add(Item(id=key(shadow), counter=value, parent_id=key(parents[i % len(parents)])))
+                writes.append([StItem.__tablename__, shadow, value])
         t = now()
         s.commit()
     tx = f"seed:{t}" if tenant is None else f"seed:{tenant}:{t}"
@@ -502,6 +510,11 @@ class StressConfig:
     #: the one written (:func:`stress.models.create_rewriting_triggers`): the cache must see
     #: it and invalidate instead of writing through
     rewriting_trigger: bool = False
+    #: an ``AFTER`` trigger on the item table copies each hot item's counter into its shadow
+    #: row (:func:`stress.models.create_sibling_trigger`), which workers read and never write:
+    #: the cache must see the trigger writes its own table and invalidate the model whole.
+    #: PostgreSQL only; not with ``rewriting_trigger``, ``tenants`` or another ``key_type``
+    sibling_trigger: bool = False
 
 
 #: the faults a ``key_type`` "uuid" run refuses: the checker parses and buckets evicted keys
@@ -549,6 +562,7 @@ class StressResult:
             f"{'' if self.config.key_type == 'int' else self.config.key_type + ' keys, '}"
             f"{f'ttl {self.config.ttl:g} s, ' if self.config.ttl != 600 else ''}"
             f"{'rewriting trigger, ' if self.config.rewriting_trigger else ''}"
+            f"{'sibling trigger, ' if self.config.sibling_trigger else ''}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
@@ -567,6 +581,21 @@ class StressResult:
         )
 
 
+def sibling_trigger_problem(config: StressConfig) -> str | None:
+    """Why ``config``'s ``sibling_trigger`` (or its sabotage) cannot run, if it cannot."""
+    if config.sabotage == "blind-self-writers" and not config.sibling_trigger:
+        return "the sabotage blind-self-writers needs --sibling-trigger"
+    if not config.sibling_trigger:
+        return None
+    if not config.db_url.startswith("postgresql"):
+        return (
+            "--sibling-trigger runs on PostgreSQL only (MySQL refuses a trigger writing its table)"
+        )
+    if config.rewriting_trigger or config.tenants or config.key_type != "int":
+        return "--sibling-trigger runs without --rewriting-trigger, --tenants and --key-type"
+    return None
+
+
 def run_stress(config: StressConfig, log: Log = print) -> StressResult:
     seed = config.seed if config.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -580,6 +609,9 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
         raise ValueError(problem)
     if config.sabotage == "blind-triggers" and not config.rewriting_trigger:
         raise ValueError("the sabotage blind-triggers needs --rewriting-trigger")
+    problem = sibling_trigger_problem(config)
+    if problem:
+        raise ValueError(problem)
     started = time.monotonic()
     lock_wait = config.lock_wait
     procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -636,7 +668,17 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                 tenant_engine = engine.execution_options(schema_translate_map={None: tenant})
                 seed_rows(tenant_engine, workdir, rng, HOT_ITEMS, PARENTS, tenant)
         else:
-            seed_rows(engine, workdir, rng, HOT_ITEMS, PARENTS, key_type=config.key_type)
+            seed_rows(
+                engine,
+                workdir,
+                rng,
+                HOT_ITEMS,
+                PARENTS,
+                key_type=config.key_type,
+                shadows=config.sibling_trigger,
+            )
+        if config.sibling_trigger:
+            create_sibling_trigger(engine)
         prefix = f"st-{uuid.uuid4().hex[:8]}"
         squeezer: Squeezer | None = None
         listener: EvictionListener | None = None
@@ -698,6 +740,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "tenant_ways": list(config.tenant_ways or ()),
                     "avoid": sorted(config.avoid),
                     "batch_reads": config.batch_reads,
+                    "shadows": config.sibling_trigger,
                     "model_version": "B" if second else "A",
                     "ttl": config.ttl,
                     "idle": config.idle_second_version if second else 0.0,
@@ -779,6 +822,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             _bound(config.near_cache),
             buckets=_bucket_counts(config),
             stored=stored_value if config.rewriting_trigger else None,
+            mirrored=shadow_of if config.sibling_trigger else None,
         )
         if report.ok and not crashed:
             passed.append(True)

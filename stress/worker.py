@@ -65,6 +65,7 @@ from .models import (
     first_value,
     key_part_id,
     next_value,
+    shadow_of,
 )
 
 SNAPSHOT = "REPEATABLE READ"
@@ -237,6 +238,13 @@ class Worker:
         self.baseline: list[int] | None = config.get("baseline")
         self.baseline_items: list[int] = config.get("baseline_items", [])
         self.baseline_parents: list[int] = config.get("baseline_parents", [])
+        #: the shadow rows the sibling trigger writes (``--sibling-trigger``): read, never
+        #: written by a worker
+        self.shadows: list[int] = (
+            [s for i in self.hot_items if (s := shadow_of(ITEM_TABLE, i)) is not None]
+            if config.get("shadows")
+            else []
+        )
         self.op_in_baseline = False
 
         #: "sync", or "asyncio": AsyncSessions on the database's asyncio driver and a
@@ -697,6 +705,8 @@ class Worker:
         )
 
     def read_target(self) -> tuple[Any, int]:
+        if self.shadows and self.rng.random() < 0.2:
+            return self.Item, self.rng.choice(self.shadows)
         roll = self.rng.random()
         if roll < 0.15 and not self.in_baseline():
             return self.Item, self.any_extra()
@@ -1210,6 +1220,7 @@ SABOTAGES = (
     "deaf-near-batch",
     "deaf-own-near",
     "blind-triggers",
+    "blind-self-writers",
 )
 
 
@@ -1262,6 +1273,9 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
                              database rewrites rows of (triggers, generated columns), and
                              writes through what the flush sent (shared by both flavours: the
                              registry is one).
+    ``blind-self-writers``   with ``--sibling-trigger``: the cache takes no table as one its
+                             triggers write, so a write of a hot item invalidates that row
+                             alone and its shadow's entry is left as it was.
     """
     if not name:
         return
@@ -1293,6 +1307,9 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
         return
     if name == "blind-triggers":
         cache._models.rewritten = lambda *args, **kwargs: []  # type: ignore[method-assign]
+        return
+    if name == "blind-self-writers":
+        cache._models.self_written = lambda *args, **kwargs: False  # type: ignore[method-assign]
         return
     if name == "deaf-own-near":
         near = cache._near

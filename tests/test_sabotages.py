@@ -552,6 +552,37 @@ def scenario_blind_triggers(ctx: Ctx) -> None:
             conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {function}()")
 
 
+def scenario_blind_self_writers(ctx: Ctx) -> None:
+    """An ``AFTER UPDATE`` trigger copies row 1's ``n`` into row 2. Intact: a commit of row 1
+    invalidates the model whole, and row 2 is read again from the database. Sabotaged: only
+    row 1's entry is invalidated, and readers of row 2 are served its old value."""
+    function = f"sab_copy_{SUFFIX}"
+    with ctx.engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger AS $$ BEGIN "
+            f"UPDATE {TABLE} SET n = NEW.n WHERE id = 2; RETURN NULL; END $$ LANGUAGE plpgsql"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER {function} AFTER UPDATE ON {TABLE} FOR EACH ROW "
+            f"WHEN (NEW.id = 1) EXECUTE FUNCTION {function}()"
+        )
+    try:
+        factory = installed(ctx.cache(), ctx.engine)
+        insert_behind_cache(ctx.engine, **{"1": 1, "2": 1})
+        assert get(factory, ctx.engine, 2) == (1, "db")
+        assert get(factory, ctx.engine, 2) == (1, "cache")
+        commit_n(factory, 1, 5)
+        if ctx.sabotaged:
+            assert get(factory, ctx.engine, 2) == (1, "cache")
+        else:
+            assert get(factory, ctx.engine, 2) == (5, "db")
+            assert get(factory, ctx.engine, 2) == (5, "cache")
+    finally:
+        with ctx.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {function} ON {TABLE}")
+            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {function}()")
+
+
 SCENARIOS: dict[str, Callable[[Ctx], None]] = {
     "unguarded-fill": scenario_unguarded_fill,
     "stale-snapshot-fill": scenario_stale_snapshot_fill,
@@ -563,6 +594,7 @@ SCENARIOS: dict[str, Callable[[Ctx], None]] = {
     "deaf-near-batch": scenario_deaf_near_batch,
     "deaf-own-near": scenario_deaf_own_near,
     "blind-triggers": scenario_blind_triggers,
+    "blind-self-writers": scenario_blind_self_writers,
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stress.checker import check, unversioned, versioned
-from stress.models import ITEM_TABLE, TAG_BITS, stored_value
+from stress.models import ITEM_TABLE, TAG_BITS, shadow_of, stored_value
 
 MS = 1_000_000  # nanoseconds
 
@@ -140,6 +140,22 @@ def test_with_a_rewriting_trigger_reads_are_matched_with_what_was_stored() -> No
     assert len(report.uncommitted) == 1 and len(report.divergent) == 1, report.format()
     # without ``stored``, the same history hides the defect
     assert check([*history(), read(1, v(2), 25, 26)], DB, {}).ok
+
+
+def test_with_a_sibling_trigger_each_write_of_a_hot_item_writes_its_shadow() -> None:
+    """``mirrored``: the trigger writes the same value into the item's shadow row, which no
+    worker writes: a read of the shadow's old value after the item's commit completed is
+    stale, one of its new value consistent (without ``mirrored`` it would read as a value
+    nobody wrote)."""
+    shadow = shadow_of(ITEM_TABLE, 1)
+    assert shadow is not None and shadow_of(ITEM_TABLE, shadow) is None
+    db = {**DB, (ITEM_TABLE, shadow): {"id": shadow, "counter": v(2), "parent_id": 1}}
+    fresh = {**read(1, v(2), 25, 26), "id": shadow}
+    assert check([*history(), fresh], db, {}, mirrored=shadow_of).ok
+    old = {**read(1, v(1), 25, 26), "id": shadow}
+    report = check([*history(), old], db, {}, mirrored=shadow_of)
+    assert len(report.stale) == 1 and report.stale[0].row == (ITEM_TABLE, shadow)
+    assert check([*history(), fresh], db, {}).uncommitted
 
 
 def test_a_divergent_cache_entry_is_reported() -> None:

@@ -55,6 +55,10 @@ UUID_SECONDS = 5.0
 #: workload seconds of the run on tables with a rewriting trigger, and of its sabotaged twin
 TRIGGER_SECONDS = 5.0
 TRIGGER_SABOTAGE_SECONDS = 3.0
+#: workload seconds of the run with a trigger writing other rows of its table, and of its
+#: sabotaged twin (PostgreSQL only)
+SIBLING_SECONDS = 5.0
+SIBLING_SABOTAGE_SECONDS = 6.0
 #: SQLAlchemy (2.0 and 2.1) runs an ORM bulk UPDATE by primary key whose map is only in
 #: session.execute()'s options on the default schema (tests/test_schema_tenants.py)
 KNOWN_TENANT_DEFECTS = frozenset({"bulk_pk:execute"})
@@ -450,6 +454,51 @@ def test_short_rewriting_trigger_run_with_blind_triggers_fails(
     )
     print(result.format())
     assert result.report.uncommitted, result.format()
+
+
+@pytest.mark.timeout(150)
+def test_short_sibling_trigger_run_finds_no_violation(
+    redis_server_binary: str, postgresql_url: str
+) -> None:
+    """A trigger copies each hot item's counter into another row of the table (its shadow,
+    which workers only read): every write of an item invalidates the model whole, while
+    Redis forgets and workers die. Zero stale reads of a shadow, checked against the writes
+    the trigger made."""
+    result = _ran(
+        StressConfig(
+            db_url=postgresql_url,
+            seconds=SIBLING_SECONDS,
+            faults=frozenset({"sigkill", "redis-snapshot", "flushall", "db-errors"}),
+            workers=4,
+            asyncio_workers=1,
+            sibling_trigger=True,
+            lock_wait=60,
+        )
+    )
+    report = result.report
+    assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
+    assert report.ok, result.format()
+
+
+@pytest.mark.timeout(150)
+def test_short_sibling_trigger_run_blind_to_it_fails(
+    redis_server_binary: str, postgresql_url: str
+) -> None:
+    """The checker can fail there: a cache that does not see the trigger writes its own table
+    invalidates the written item alone, and serves its shadow's old entry."""
+    result = run_stress(
+        StressConfig(
+            db_url=postgresql_url,
+            seconds=SIBLING_SABOTAGE_SECONDS,
+            workers=4,
+            sibling_trigger=True,
+            sabotage="blind-self-writers",
+            lock_wait=60,
+        ),
+        log=print,
+    )
+    print(result.format())
+    assert result.report.stale or result.report.divergent, result.format()
 
 
 @pytest.mark.timeout(150)
