@@ -1140,6 +1140,7 @@ class WriteThroughCache:
         secured = {}
         rewritten = {}
         written = {}
+        triggered = {}
         if not isinstance(bind, Dialect):  # a database to ask (views, row security, triggers)
             for layout in layouts:
                 found = self._models.unserved(layout, bind)
@@ -1151,8 +1152,11 @@ class WriteThroughCache:
                 found = self._models.written_by(layout, bind)
                 if found:
                     written[layout] = found
+                found = self._models.writers_of(layout, bind)
+                if found:
+                    triggered[layout] = found
         return describe(
-            self, layouts, self._models.left_out(), dialect, secured, rewritten, written
+            self, layouts, self._models.left_out(), dialect, secured, rewritten, written, triggered
         )
 
     def __repr__(self) -> str:

@@ -414,6 +414,9 @@ class _Server(NamedTuple):
     #: {(schema, table): "w"} of the tables whose triggers' code writes the table itself
     #: (see :func:`_written`)
     self_writing: Mapping[tuple[str, str], str] = {}
+    #: {(schema, table): the tables its triggers' statements write, as they name them}
+    #: (see :func:`_written`)
+    trigger_writes: Mapping[tuple[str, str], frozenset[str]] = {}
 
 
 def _catalog(fairy: Any, sql: str, by_url: str, what: str) -> list[tuple[str, ...]]:
@@ -558,15 +561,20 @@ def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -
         "leave its entries stale without a word (declare also_invalidates)"
     )
     codes: dict[tuple[str, str], set[str]] = {}
+    writes: dict[tuple[str, str], set[str]] = {}
     self_writing: dict[tuple[str, str], str] = {}
     sql = _query(_TRIGGER_CODE_QUERIES, backend, schema)
     for name, table, code in _catalog(fairy, sql, by_url, what):
         codes.setdefault((name, table), set()).update(_words(code))
-        if {table.lower(), f"{name}.{table}".lower()} & _written(code):
+        written = _written(code)
+        if written:
+            writes.setdefault((name, table), set()).update(written)
+        if {table.lower(), f"{name}.{table}".lower()} & written:
             self_writing[(name, table)] = "w"
     return {
         "trigger_words": {table: frozenset(words) for table, words in codes.items()},
         "self_writing": self_writing,
+        "trigger_writes": {table: frozenset(names) for table, names in writes.items()},
     }
 
 
@@ -887,6 +895,26 @@ class Databases:
         write of those tables must invalidate them whole. Asked once per pool."""
         return bool(self._listed(bind, naming, tables, "self_writing"))
 
+    def trigger_writes(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
+    ) -> frozenset[str]:
+        """The tables the statements of the triggers (and PostgreSQL rules) of ``tables``
+        write, in the database of ``bind``, lower-cased as the code names them (``table`` or
+        ``schema.table``; see :func:`_written`). Asked once per pool."""
+        found = self._found(bind, naming, tables, "trigger_writes")
+        if not found:
+            return frozenset()
+        return frozenset().union(*(names for _, _, names in found))
+
+    def trigger_writers(
+        self, bind: Any, naming: Mapping[str, Any] | None
+    ) -> Mapping[tuple[str, str], frozenset[str]]:
+        """Every table of the database of ``bind`` whose triggers' statements write tables:
+        ``{(schema, table): the tables they write}`` (raw SQL names such a table, cached or
+        not)."""
+        asked = self._asked(bind, naming)
+        return {} if asked is None else asked[0].trigger_writes
+
     def _listed(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str
     ) -> list[tuple[str, str]]:
@@ -899,8 +927,8 @@ class Databases:
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str
     ) -> list[tuple[Any, str, Any]]:
         """(table, schema-qualified name, entry) of those of ``tables`` in the server's list
-        ``which`` (``unserved``, ``rewriting`` or ``generated``), each table named as
-        ``naming`` sends it."""
+        ``which`` (``unserved``, ``rewriting``, ``generated``, ``self_writing`` or
+        ``trigger_writes``), each table named as ``naming`` sends it."""
         asked = self._asked(bind, naming)
         if asked is None:
             return []
@@ -920,11 +948,27 @@ class Databases:
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
     ) -> list[str]:
         """The tables (schema-qualified) of the database of ``bind`` whose triggers' code (or
-        a PostgreSQL rule's) names one of ``tables``, as ``naming`` sends them: such a
-        trigger may write their rows, which the cache does not see (see
-        :data:`_TRIGGER_CODE_QUERIES`). Their own triggers are left out (those that rewrite
-        their rows make their commits invalidate: :meth:`rewritten`). Asked once per pool;
+        a PostgreSQL rule's) names one of ``tables``, as ``naming`` sends them, but not in a
+        statement the cache reads as a write of it (:meth:`writers_of`: those are acted on):
+        such a trigger may write their rows through dynamic SQL or a function it calls,
+        which the cache does not see (see :data:`_TRIGGER_CODE_QUERIES`). Their own triggers
+        are left out (see :meth:`rewritten` and :meth:`self_written`). Asked once per pool;
         a name is matched as a word, so a column or a string of the same name counts too."""
+        return self._named_by(bind, naming, tables, written=False)
+
+    def writers_of(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
+    ) -> list[str]:
+        """The tables (schema-qualified) of the database of ``bind`` whose triggers' (or a
+        PostgreSQL rule's) statements write one of ``tables`` (see :func:`_written`), but
+        for ``tables`` themselves: every write of them invalidates the models of ``tables``
+        whole (:meth:`.Models.trigger_written`). Asked once per pool."""
+        return self._named_by(bind, naming, tables, written=True)
+
+    def _named_by(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], written: bool
+    ) -> list[str]:
+        """:meth:`writers_of` (``written``), or :meth:`written_by`."""
         asked = self._asked(bind, naming)
         if asked is None:
             return []
@@ -937,10 +981,13 @@ class Databases:
             schema = schema_of(table)
             own.add((schema, table.name))
             names.update((table.name.lower(), f"{schema}.{table.name}".lower()))
+        writes = server.trigger_writes
         return sorted(
             f"{schema}.{table}"
             for (schema, table), words in server.trigger_words.items()
-            if (schema, table) not in own and not names.isdisjoint(words)
+            if (schema, table) not in own
+            and not names.isdisjoint(words)
+            and written != names.isdisjoint(writes.get((schema, table), ()))
         )
 
     def _asked(

@@ -132,6 +132,9 @@ class StatementTracker:
         )
         self._names: re.Pattern[str] | None = None
         self._names_for: int = -1
+        #: the names of the last tables-whose-triggers-write-cached-models seen, and a pattern
+        #: of them (names: no model is kept alive here)
+        self._writers: tuple[frozenset[str], re.Pattern[str] | None] = (frozenset(), None)
         #: engines already warned of a switched schema (ids: never kept alive)
         self._warned: set[int] = set()
 
@@ -304,6 +307,10 @@ class StatementTracker:
             whole += rt.models.also_invalidated(layout)
             if rt.models.keys(layout, engine, naming).self_written:
                 whole.append(layout)  # its triggers write its table: maybe other rows
+        # the cached models its triggers write (its own model cached or not)
+        base = table._deannotate() if hasattr(table, "_deannotate") else table
+        if hasattr(base, "fullname"):  # a Table (not an alias, a text target)
+            whole += rt.models.trigger_written((base,), engine, naming)
         if whole:
             self.write.lock_models(tracker, whole, engine, naming)
 
@@ -334,7 +341,7 @@ class StatementTracker:
             # a plain INSERT cannot change a row the cache holds, but its table's triggers
             # may: those declared (also_invalidates: a counter kept on another table), and
             # those found writing the table itself (Models.self_written)
-            found: list[ModelLayout] = []
+            found = self._trigger_written(text, engine, naming)
             for layout in self._named_layouts(text):
                 found += rt.models.also_invalidated(layout)
                 if rt.models.keys(layout, engine, naming).self_written:
@@ -355,6 +362,7 @@ class StatementTracker:
         whole = list(layouts)
         for layout in layouts:
             whole += rt.models.also_invalidated(layout)
+        whole += self._trigger_written(text, engine, naming)
         parents = rt.models.cascade_parent_names()
         pattern = table_name_pattern(parents)
         if pattern is not None:
@@ -362,6 +370,25 @@ class StatementTracker:
                 for deleted in (True, False):
                     whole += rt.models.cascades(parents[name], deleted=deleted, orm_handles=())
         return whole
+
+    def _trigger_written(
+        self, text: str, engine: Any, naming: dict[str, Any] | None
+    ) -> list[ModelLayout]:
+        """The cached models the triggers of the tables raw SQL names write (see
+        :meth:`.Models.trigger_written`), those tables cached or not."""
+        writers = self.runtime.models.trigger_writer_names(engine, naming)
+        if not writers:
+            return []
+        known, pattern = self._writers
+        if known != writers.keys():
+            pattern = table_name_pattern(writers)
+            self._writers = (frozenset(writers), pattern)
+        if pattern is None:
+            return []
+        found: list[ModelLayout] = []
+        for name in {m.group(0).lower() for m in pattern.finditer(text)}:
+            found += writers.get(name, ())
+        return found
 
     def _named_layouts(self, text: str) -> list[ModelLayout]:
         by_name = self.runtime.models.layouts_by_table_name()

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapper, registry
 
 from . import _sa_compat, forks
 from .config import ModelOptions, ModelOptionsDict, OptionError
-from .databases import Databases, connection_naming, for_schemas, own_naming
+from .databases import Databases, DatabaseUnknown, connection_naming, for_schemas, own_naming
 from .exc import ConfigurationError, WriteThroughWarning
 from .keys import KeySpace
 from .model import ModelLayout, cache_root, cached_members, is_cached_model, model_overrides
@@ -72,6 +72,17 @@ class Models:
         self._cascade_parents: dict[str, Any] | None = None
         #: (table, deleted, a weak reference to the flushing mapper or None) -> layouts
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
+        #: (tables written by triggers, the names of the tables whose triggers they are) ->
+        #: the cached models written (see trigger_written); names, never tables or classes
+        self._trigger_memo: dict[tuple[frozenset[str], frozenset[str]], list[ModelLayout]] = {}
+        #: id of a server's trigger_writes -> (it, each table whose triggers write cached
+        #: models, by lower-cased name: those models); it is held, so its id is not reused
+        self._writer_memo: dict[int, tuple[Any, dict[str, list[ModelLayout]]]] = {}
+        #: engine -> (its tables' names -> trigger_written of them, on the engine's own
+        #: naming): a flush asks once per class; weak keys, an engine is never kept alive
+        self._written_by_engine: weakref.WeakKeyDictionary[
+            Any, dict[tuple[str, ...], list[ModelLayout]]
+        ] = weakref.WeakKeyDictionary()
         #: bumped whenever a model's layout is built, dropped or may change (register,
         #: register_all, a mapper configured again): what a hook decided from the layouts
         #: holds while it is unchanged
@@ -228,6 +239,9 @@ class Models:
         self._by_table = None
         self._cascade_memo = {}
         self._cascade_parents = None
+        self._trigger_memo = {}
+        self._writer_memo = {}
+        self._written_by_engine = weakref.WeakKeyDictionary()
 
     def _explicitly_cached(self, base: Mapper[Any]) -> bool:
         """Whether a class of the hierarchy has the mixin or was given to ``register()``: such
@@ -320,6 +334,84 @@ class Models:
                 break
         self._cascade_memo[memo_key] = found
         return found
+
+    def trigger_written(
+        self, tables: Iterable[Any], bind: Any, naming: Mapping[str, Any] | None = None
+    ) -> list[ModelLayout]:
+        """The cached models, other than those of ``tables``, whose tables the statements of
+        the triggers (and PostgreSQL rules) of ``tables`` write in ``bind``'s database (a
+        counter cache: a trigger on ``review`` updating ``product``): every write of
+        ``tables``, cached or not, invalidates them whole. Read from the triggers' code once
+        per pool (:meth:`.Databases.trigger_writes`); nothing when the database cannot be
+        asked (then a model's own use of it says so)."""
+        tables = tuple(tables)
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        names = tuple(t.fullname for t in tables)
+        per_engine = self._written_by_engine.get(engine) if naming is None else None
+        if per_engine is not None:
+            found = per_engine.get(names)
+            if found is not None:
+                return found
+        try:
+            targets = self._databases.trigger_writes(bind, naming, tables)
+        except DatabaseUnknown:
+            return []
+        found = []
+        if targets:
+            own = frozenset(name.lower() for name in names)
+            memo = self._trigger_memo.get((targets, own))
+            if memo is None:
+                memo = self._trigger_memo[(targets, own)] = self._written_layouts(targets, own)
+            found = memo
+        if naming is None:
+            self._written_by_engine.setdefault(engine, {})[names] = found
+        return found
+
+    def _written_layouts(self, targets: Iterable[str], own: frozenset[str]) -> list[ModelLayout]:
+        """The cached models of the tables named ``targets`` (``table`` or ``schema.table``,
+        lower-cased; a schema-qualified name reaches a model of no schema too), but for those
+        of the tables named ``own``."""
+        by_name = self.layouts_by_table_name()
+        found: list[ModelLayout] = []
+        for name in sorted(targets):
+            layouts = by_name.get(name)
+            if layouts is None and "." in name:
+                bare = name.rpartition(".")[2]
+                layouts = [
+                    layout
+                    for layout in by_name.get(bare, ())
+                    if any(t.schema is None and t.name.lower() == bare for t in layout.tables)
+                ]
+            for layout in layouts or ():
+                if layout not in found and own.isdisjoint(
+                    t.fullname.lower() for t in layout.tables
+                ):
+                    found.append(layout)
+        return found
+
+    def trigger_writer_names(
+        self, bind: Any, naming: Mapping[str, Any] | None = None
+    ) -> dict[str, list[ModelLayout]]:
+        """Each table of ``bind``'s database whose triggers write cached models' tables (see
+        :meth:`trigger_written`), by lower-cased name, bare and schema-qualified: raw SQL
+        names such a table, cached or not."""
+        try:
+            writers = self._databases.trigger_writers(bind, naming)
+        except DatabaseUnknown:
+            return {}
+        if not writers:
+            return {}
+        memo = self._writer_memo.get(id(writers))
+        if memo is None or memo[0] is not writers:
+            names: dict[str, list[ModelLayout]] = {}
+            for (schema, table), targets in writers.items():
+                own = frozenset({table.lower(), f"{schema}.{table}".lower()})
+                layouts = self._written_layouts(targets, own)
+                if layouts:
+                    for name in own:
+                        names.setdefault(name, []).extend(layouts)
+            memo = self._writer_memo[id(writers)] = (writers, names)
+        return memo[1]
 
     def cascade_parent_names(self) -> dict[str, Any]:
         """Tables whose deletes or key updates the database cascades into cached tables, by
@@ -516,20 +608,42 @@ class Models:
             )
         ]
 
+    def writers_of(
+        self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None = None
+    ) -> list[str]:
+        """The tables of ``bind``'s database whose triggers' statements write ``layout``'s
+        tables (:meth:`.Databases.writers_of`): each of their writes invalidates it whole."""
+        try:
+            return self._databases.writers_of(bind, naming, layout.tables)
+        except DatabaseUnknown:
+            return []
+
     def _warn_written(
         self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None
     ) -> None:
         """Say, once per model and table, that a trigger of another table may write
-        ``layout``'s rows unseen (see :meth:`written_by`), and what to declare."""
+        ``layout``'s rows unseen (see :meth:`written_by`), and what to declare; and, at INFO,
+        which tables' triggers write them (their writes invalidate it whole)."""
+        for table in self.writers_of(layout, bind, naming):
+            if self._first_said(layout, f"written by {table}"):
+                log.info(
+                    "writethrough: a trigger (or rule) of %s writes %s's table: every write "
+                    "of %s invalidates %s whole in that database",
+                    table,
+                    layout.entity_name,
+                    table,
+                    layout.entity_name,
+                )
         for table in self.written_by(layout, bind, naming):
             if self._first_said(layout, f"written by {table}"):
                 log.warning(
-                    "writethrough: the code of a trigger (or rule) of %s names %s's table: "
-                    "the rows it writes there are not seen by the cache, which may serve "
-                    "%s's entries stale until their TTL. If it writes them, declare it on "
-                    'the model of %s: __writethrough__ = {"also_invalidates": [%s]} (or '
-                    "cache.register(ThatModel, also_invalidates=[%s])); its writes then "
-                    "invalidate %s whole",
+                    "writethrough: the code of a trigger (or rule) of %s names %s's table, "
+                    "though not in a statement the cache reads as a write of it (dynamic "
+                    "SQL, a function it calls?): the rows it writes there are not seen by "
+                    "the cache, which may serve %s's entries stale until their TTL. If it "
+                    "writes them, declare it on the model of %s: __writethrough__ = "
+                    '{"also_invalidates": [%s]} (or cache.register(ThatModel, '
+                    "also_invalidates=[%s])); its writes then invalidate %s whole",
                     table,
                     layout.entity_name,
                     layout.entity_name,

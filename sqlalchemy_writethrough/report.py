@@ -56,9 +56,15 @@ class ModelInfo:
     #: not declared ``Computed``; "" when neither)
     commits_invalidate_because: str = ""
     #: the tables of this database whose triggers' (or rules') code names this model's table,
-    #: and whose models do not declare it in ``also_invalidates``: rows such a trigger writes
-    #: are not seen by the cache (its own triggers are not listed: see above)
+    #: though not in a statement the cache reads as a write of it, and whose models do not
+    #: declare it in ``also_invalidates``: rows such a trigger writes (through dynamic SQL, a
+    #: function it calls) are not seen by the cache (its own triggers are not listed: see
+    #: above)
     written_by_triggers_of: tuple[str, ...] = ()
+    #: the tables of this database whose triggers' (or rules') statements write this
+    #: model's table: every write of one of them, its model cached or not, invalidates this
+    #: model whole
+    invalidated_by_writes_to: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         names = ", ".join(c.__name__ for c in self.classes)
@@ -83,6 +89,12 @@ class ModelInfo:
             lines.append(f"  commits invalidate: {self.commits_invalidate_because}")
         if not self.loads_served:
             lines.append(f"  loads go to the database ({self.not_served_because})")
+        if self.invalidated_by_writes_to:
+            lines.append(
+                "  invalidated whole by every write to: "
+                + ", ".join(self.invalidated_by_writes_to)
+                + " (their triggers write its table)"
+            )
         if self.written_by_triggers_of:
             lines.append(
                 "  named by triggers of: "
@@ -139,15 +151,17 @@ def describe(
     unserved: dict[ModelLayout, list[str]] | None = None,
     rewritten: dict[ModelLayout, list[str]] | None = None,
     written: dict[ModelLayout, list[str]] | None = None,
+    triggered: dict[ModelLayout, list[str]] | None = None,
 ) -> CachedModels:
     """``unserved``: why the loads of each layout that has such tables are not served on the
     database described, when it was asked (a view, row-level security); ``rewritten``: why
     its commits invalidate there (a trigger); ``written``: the tables whose triggers name
-    its table there."""
+    its table there (not as a write); ``triggered``: those whose triggers write it."""
     name = f"{dialect.name}+{dialect.driver}"
     secured = unserved or {}
     rewriting = rewritten or {}
     writers = written or {}
+    writing = triggered or {}
     cached = sorted(
         (
             _info(
@@ -156,6 +170,7 @@ def describe(
                 secured.get(layout, []),
                 rewriting.get(layout, []),
                 writers.get(layout, []),
+                writing.get(layout, []),
             )
             for layout in layouts
         ),
@@ -190,6 +205,7 @@ def _info(
     secured: list[str],
     rewritten: list[str],
     written: list[str],
+    writers: list[str],
 ) -> ModelInfo:
     inexact: dict[str, InexactColumn] = {}
     for variant in layout.by_tag.values():
@@ -209,4 +225,5 @@ def _info(
         not_served_because=_not_served_because(layout, secured),
         commits_invalidate_because="; ".join(rewritten),
         written_by_triggers_of=tuple(written),
+        invalidated_by_writes_to=tuple(writers),
     )

@@ -340,11 +340,21 @@ class WritePath:
         # what the unit of work wrote: the session's objects after every before_flush
         # listener, and the rows its relationships deleted or changed (orphans)
         deleted, inserted_states, updated = _sa_compat.flushed_states(session, flush_context)
+        # once per class and database: the cached models its tables' triggers write
+        triggered: set[tuple[Any, Any]] = set()
+
+        def trigger_writes(mapper: Any, bind: Any) -> None:
+            if (mapper, bind) not in triggered:
+                triggered.add((mapper, bind))
+                written = rt.models.trigger_written(mapper.tables, bind, tracker.renamed.get(bind))
+                models.extend((other, bind) for other in written)
+
         for state in deleted:
             mapper = state.mapper
             bind = binds.of(state)
             cascades = rt.models.cascades(mapper.local_table, deleted=True, orm_handles=mapper)
             models += ((other, bind) for other in cascades)
+            trigger_writes(mapper, bind)
             layout = rt.models.layout_for(mapper)
             if layout is None or state.key is None:
                 continue
@@ -373,6 +383,7 @@ class WritePath:
                 if found is None:
                     layout = rt.models.layout_for(mapper)
                     bind = binds.of(state)
+                    trigger_writes(mapper, bind)
                     if layout is None:
                         found = (None, bind, *([None] * 8), (0.0, 0.0))  # not cached
                     else:

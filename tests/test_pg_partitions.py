@@ -256,8 +256,8 @@ def test_a_partitions_trigger_that_writes_another_model_is_named_under_the_parti
     engine_with_children: Engine, redis_url: str, prefix: str
 ) -> None:
     """A trigger on one partition that writes another cached model's table is reported under
-    the name of the table the model maps (the partitioned one), where ``also_invalidates``
-    can be declared."""
+    the name of the table the model maps (the partitioned one): each write of it invalidates
+    the other model, through the partitioned table the flush writes."""
     engine = engine_with_children
     with engine.begin() as conn:
         conn.exec_driver_sql(
@@ -271,5 +271,6 @@ def test_a_partitions_trigger_that_writes_another_model_is_named_under_the_parti
         )
     with cache_on(engine, redis_url, prefix) as (cache, _):
         report = cache.models(engine)
-        assert report[PtRuled].written_by_triggers_of == ("public.pt_parted",)
-        assert report[PtParted].written_by_triggers_of == ()  # its own (and its partition's)
+        assert report[PtRuled].invalidated_by_writes_to == ("public.pt_parted",)
+        assert report[PtRuled].written_by_triggers_of == ()  # acted on, not warned of
+        assert report[PtParted].invalidated_by_writes_to == ()  # its own (and its partition's)

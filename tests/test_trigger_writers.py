@@ -1,13 +1,14 @@
 """A trigger of one table that writes another cached model's rows: the counter cache
 (``product.review_count``, kept by a trigger on ``review``). Nothing the cache sees says that
-a review's INSERT changed a product row: the product's entry is served stale until its TTL
-unless the review's model declares ``also_invalidates=[Product]``, and nothing said so.
+a review's INSERT changed a product row: the product's entry was served stale until its TTL
+unless the review's model declared ``also_invalidates=[Product]``.
 
-Now the cache reads the code of every trigger (and PostgreSQL rule) once per pool and names,
-in a warning at the product's first use and in ``cache.models(engine)``, the tables whose
-triggers name the product's table; declared, the writes invalidate the product and the
-warning is not given. What is observed: the log, the report, and what a get returns against
-a load without the cache.
+Now the cache reads the code of every trigger (and PostgreSQL rule) once per pool: a trigger
+whose statements write a cached model's table (``UPDATE product ...``) has every write of its
+table, cached or not, invalidate that model whole (the unit of work, Core and ORM DML, raw
+SQL). One whose code names the table otherwise (dynamic SQL, a query) is named in a warning
+at the model's first use and in ``cache.models(engine)``, with what to declare. What is
+observed: what a get returns against a load without the cache, the log, and the report.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, String, insert, text
+from sqlalchemy import ForeignKey, String, delete, insert, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -42,7 +43,7 @@ class TwProduct(Base, CachedModel):
 
 
 class TwReview(Base):
-    """Not cached: its trigger counts it into tw_product."""
+    """Not cached: its triggers count it into tw_product."""
 
     __tablename__ = "tw_review"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
@@ -58,32 +59,54 @@ class TwNote(Base, CachedModel):
     product_id: Mapped[int] = mapped_column(ForeignKey("tw_product.id"))
 
 
+class TwLog(Base):
+    __tablename__ = "tw_log"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    n: Mapped[int]
+
+
+class TwAudit(Base):
+    """Not cached: its trigger reads tw_product and writes tw_log."""
+
+    __tablename__ = "tw_audit"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    product_id: Mapped[int] = mapped_column(ForeignKey("tw_product.id"))
+
+
 _COUNT = "UPDATE tw_product SET review_count = review_count + 1 WHERE id = NEW.product_id"
+_UNCOUNT = "UPDATE tw_product SET review_count = review_count - 1 WHERE id = OLD.product_id"
+_AUDIT = "INSERT INTO tw_log (n) SELECT review_count FROM tw_product WHERE id = NEW.product_id"
 
 
 def _create_triggers(engine: Engine) -> None:
+    triggers = [
+        ("tw_review_counts", "tw_review", "INSERT", _COUNT),
+        ("tw_review_uncounts", "tw_review", "DELETE", _UNCOUNT),
+        ("tw_note_counts", "tw_note", "INSERT", _COUNT),
+        ("tw_audit_logs", "tw_audit", "INSERT", _AUDIT),
+    ]
     with engine.begin() as conn:
-        for table in ("tw_review", "tw_note"):
-            name = f"{table}_counts"
+        for name, table, event, body in triggers:
             if conn.dialect.name == "postgresql":
+                result = "OLD" if event == "DELETE" else "NEW"
                 conn.exec_driver_sql(
                     f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger AS $$ "
-                    f"BEGIN {_COUNT}; RETURN NEW; END $$ LANGUAGE plpgsql"
+                    f"BEGIN {body}; RETURN {result}; END $$ LANGUAGE plpgsql"
                 )
                 conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name} ON {table}")
                 conn.exec_driver_sql(
-                    f"CREATE TRIGGER {name} AFTER INSERT ON {table} "
+                    f"CREATE TRIGGER {name} AFTER {event} ON {table} "
                     f"FOR EACH ROW EXECUTE FUNCTION {name}()"
                 )
             elif conn.dialect.name == "sqlite":
                 conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
                 conn.exec_driver_sql(
-                    f"CREATE TRIGGER {name} AFTER INSERT ON {table} BEGIN {_COUNT}; END"
+                    f"CREATE TRIGGER {name} AFTER {event} ON {table} BEGIN {body}; END"
                 )
             else:
                 conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
                 conn.exec_driver_sql(
-                    f"CREATE TRIGGER {name} AFTER INSERT ON {table} FOR EACH ROW {_COUNT}"
+                    f"CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW {body}"
                 )
 
 
@@ -94,6 +117,9 @@ def _installed(
     reset_schema(engine, Base.metadata)
     _create_triggers(engine)
     with cache_on(engine, redis_url, prefix) as installed:
+        with installed[1]() as session:
+            session.add(TwProduct(id=1, name="lamp"))
+            session.commit()
         yield installed
 
 
@@ -105,35 +131,72 @@ def _count(made: sessionmaker[Session], engine: Engine) -> tuple[int, int]:
         return cached.review_count, fresh.review_count
 
 
-def test_a_trigger_that_writes_a_cached_models_table_is_named(
+def _bare(tables: Any) -> list[str]:
+    return [name.rpartition(".")[2] for name in tables]
+
+
+def test_a_trigger_that_writes_a_cached_models_table_invalidates_it_at_every_write(
     engine: Engine, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="sqlalchemy_writethrough")
+    """Each way a review is written, its model not cached: the unit of work, Core, raw SQL,
+    a delete (whose trigger counts down)."""
+    caplog.set_level(logging.INFO, logger="sqlalchemy_writethrough")
     with _installed(engine, redis_url, prefix) as (cache, made):
-        with made() as session:
-            session.add(TwProduct(id=1, name="lamp"))
-            session.commit()
-        assert _count(made, engine) == (0, 0)
-        warned = [r.getMessage() for r in caplog.records if "tw_review" in r.getMessage()]
-        assert len(warned) == 1, caplog.text
-        assert "TwProduct" in warned[0] and '"also_invalidates": [TwProduct]' in warned[0]
-        assert not [r for r in caplog.records if "tw_note" in r.getMessage()]  # declared
-        info = cache.models(engine)[TwProduct]
-        assert [name.rpartition(".")[2] for name in info.written_by_triggers_of] == ["tw_review"]
-        assert "named by triggers of: " in str(info)
-        assert cache.models(engine)[TwNote].written_by_triggers_of == ()
-        # what the warning is about: the undeclared trigger's write is not seen...
+        assert _count(made, engine) == (0, 0)  # now cached
         with made() as session:
             session.add(TwReview(id=1, product_id=1))
             session.commit()
-        assert _count(made, engine) == (0, 1)
-        # ...the declared one's is
+        assert _count(made, engine) == (1, 1)
+        with made() as session:
+            session.execute(insert(TwReview.__table__).values(id=2, product_id=1))
+            session.commit()
+        assert _count(made, engine) == (2, 2)
+        with made() as session:
+            session.execute(text("INSERT INTO tw_review (id, product_id) VALUES (3, 1)"))
+            session.commit()
+        assert _count(made, engine) == (3, 3)
+        with made() as session:
+            session.delete(session.get(TwReview, 1))
+            session.commit()
+        assert _count(made, engine) == (2, 2)
+        with made() as session:
+            session.execute(delete(TwReview).where(TwReview.id == 2))
+            session.commit()
+        assert _count(made, engine) == (1, 1)
+        # the declared one's too (its model cached)
         with made() as session:
             session.add(TwNote(id=1, product_id=1))
             session.commit()
         assert _count(made, engine) == (2, 2)
+        info = cache.models(engine)[TwProduct]
+        assert _bare(info.invalidated_by_writes_to) == ["tw_note", "tw_review"]
+        assert "invalidated whole by every write to: " in str(info)
+        said = [r for r in caplog.records if "writes TwProduct's table" in r.getMessage()]
+        assert sorted(r.levelname for r in said) == ["INFO", "INFO"], caplog.text
+
+
+def test_a_trigger_that_names_a_cached_models_table_otherwise_is_warned_of(
+    engine: Engine, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit trigger reads the product and writes the log: the cache cannot tell it
+    from one that writes the product through code it cannot read, so it says so, once."""
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_writethrough")
+    with _installed(engine, redis_url, prefix) as (cache, made):
+        assert _count(made, engine) == (0, 0)
+        warned = [r.getMessage() for r in caplog.records if "tw_audit" in r.getMessage()]
+        assert len(warned) == 1, caplog.text
+        assert "TwProduct" in warned[0] and '"also_invalidates": [TwProduct]' in warned[0]
+        assert not [r for r in caplog.records if "tw_review" in r.getMessage()]  # acted on
+        info = cache.models(engine)[TwProduct]
+        assert _bare(info.written_by_triggers_of) == ["tw_audit"]
+        assert "named by triggers of: " in str(info)
+        assert cache.models(engine)[TwNote].written_by_triggers_of == ()
+        with made() as session:
+            session.add(TwAudit(id=1, product_id=1))
+            session.commit()
+        assert _count(made, engine) == (0, 0)
         _count(made, engine)
-        assert len([r for r in caplog.records if "tw_review" in r.getMessage()]) == 1  # once
+        assert len([r for r in caplog.records if "tw_audit" in r.getMessage()]) == 1  # once
 
 
 @pytest.mark.parametrize(
@@ -164,9 +227,6 @@ def test_a_declared_triggers_plain_insert_invalidates_in_raw_sql_too(
     untouched, and the counter its table's declared trigger keeps on the product was served
     stale (the ORM's and Core's INSERTs were seen)."""
     with _installed(engine, redis_url, prefix) as (_cache, made):
-        with made() as session:
-            session.add(TwProduct(id=1, name="lamp"))
-            session.commit()
         assert _count(made, engine) == (0, 0)
         with made() as session:
             session.execute(text("INSERT INTO tw_note (id, product_id) VALUES (5, 1)"))
@@ -176,3 +236,43 @@ def test_a_declared_triggers_plain_insert_invalidates_in_raw_sql_too(
             session.execute(insert(TwNote.__table__).values(id=6, product_id=1))
             session.commit()
         assert _count(made, engine) == (2, 2)
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_with_asyncsession_a_triggers_write_invalidates_too(
+    engine: Engine, db_url: str, redis_url: str, prefix: str, loop: Any
+) -> None:
+    """The same on an AsyncSession (aiosqlite, asyncpg), the cache's asyncio flavour: the
+    catalog is asked in SQLAlchemy's greenlet, at the flush of a model the cache does not
+    hold."""
+    from _flavours import async_url
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    reset_schema(engine, Base.metadata)
+    _create_triggers(engine)
+
+    async def scenario() -> list[int]:
+        aengine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+        made = async_sessionmaker(aengine, expire_on_commit=False)
+        cache.install(made)
+        counts = []
+        try:
+            async with made() as session:
+                session.add(TwProduct(id=1, name="lamp"))
+                await session.commit()
+            for n in (1, 2):
+                async with made() as session:
+                    counts.append((await session.get(TwProduct, 1)).review_count)
+                async with made() as session:
+                    session.add(TwReview(id=n, product_id=1))
+                    await session.commit()
+            async with made() as session:
+                counts.append((await session.get(TwProduct, 1)).review_count)
+            return counts
+        finally:
+            cache.uninstall(made)
+            await cache.aclose()
+            await aengine.dispose()
+
+    assert loop.run_until_complete(scenario()) == [0, 1, 2]
