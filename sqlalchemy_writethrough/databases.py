@@ -233,6 +233,27 @@ _TRIGGER_CODE_QUERIES = {
     ),
 }
 
+#: the code of the functions (procedures) a trigger's code may call, by backend: (schema,
+#: name, code). A trigger function that calls a helper to write a table writes it as surely
+#: as one that says so itself: the helper's code counts as the trigger's (see
+#: :func:`_trigger_code`). PostgreSQL's functions in SQL and PL/pgSQL (a C function's
+#: ``prosrc`` is a symbol); MySQL's stored routines (their code only for their definer and
+#: users with the right privileges). SQLite has none.
+_FUNCTION_CODE_QUERIES = {
+    "postgresql": (
+        "SELECT n.nspname, p.proname, p.prosrc FROM pg_catalog.pg_proc p "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+        "JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
+        "WHERE l.lanname IN ('sql', 'plpgsql') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    ),
+    "mysql": (
+        "SELECT ROUTINE_SCHEMA, ROUTINE_NAME, ROUTINE_DEFINITION FROM information_schema.ROUTINES "
+        "WHERE ROUTINE_DEFINITION IS NOT NULL "
+        "AND ROUTINE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys')"
+    ),
+}
+
 #: kind -> how such a table is described (``{}``: its schema-qualified name)
 _REWRITING_KINDS = {
     "t": "a trigger of {} may change the rows a flush writes",
@@ -551,6 +572,54 @@ def _written(code: str) -> frozenset[str]:
     )
 
 
+def _function_code(
+    fairy: Any, backend: str, by_url: str
+) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """:data:`_FUNCTION_CODE_QUERIES` of ``backend``, asked: each function's names used and
+    tables written (:func:`_words`, :func:`_written`), by lower-cased name, bare and
+    schema-qualified (overloads and namesakes in other schemas merged)."""
+    if backend not in _FUNCTION_CODE_QUERIES:
+        return {}
+    what = (
+        "what the functions its triggers may call write; a trigger that writes a cached "
+        "model's table through one would leave its entries stale (declare also_invalidates)"
+    )
+    found: dict[str, tuple[set[str], set[str]]] = {}
+    for schema, name, code in _catalog(fairy, _FUNCTION_CODE_QUERIES[backend], by_url, what):
+        words, written = _words(code), _written(code)
+        for key in (name.lower(), f"{schema}.{name}".lower()):
+            entry = found.setdefault(key, (set(), set()))
+            entry[0].update(words)
+            entry[1].update(written)
+    return {key: (frozenset(w), frozenset(t)) for key, (w, t) in found.items()}
+
+
+def _called(
+    words: frozenset[str],
+    written: frozenset[str],
+    functions: Mapping[str, tuple[frozenset[str], frozenset[str]]],
+) -> tuple[frozenset[str], frozenset[str]]:
+    """``words`` and ``written`` (a trigger's) with those of every function they name, and of
+    the functions those name, and so on: a helper's writes are the trigger's."""
+    if not functions:
+        return words, written
+    all_words, all_written = set(words), set(written)
+    pending = [w for w in words if w in functions]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        more, wrote = functions[name]
+        all_written.update(wrote)
+        for word in more - all_words:
+            all_words.add(word)
+            if word in functions:
+                pending.append(word)
+    return frozenset(all_words), frozenset(all_written)
+
+
 def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -> dict[str, Any]:
     """:data:`_TRIGGER_CODE_QUERIES` of ``backend``, asked (of SQLite's database ``schema``):
     the names each table's triggers use (``trigger_words``), and the tables whose triggers
@@ -564,9 +633,11 @@ def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -
     writes: dict[tuple[str, str], set[str]] = {}
     self_writing: dict[tuple[str, str], str] = {}
     sql = _query(_TRIGGER_CODE_QUERIES, backend, schema)
-    for name, table, code in _catalog(fairy, sql, by_url, what):
-        codes.setdefault((name, table), set()).update(_words(code))
-        written = _written(code)
+    rows = _catalog(fairy, sql, by_url, what)
+    functions = _function_code(fairy, backend, by_url) if rows else {}
+    for name, table, code in rows:
+        words, written = _called(_words(code), _written(code), functions)
+        codes.setdefault((name, table), set()).update(words)
         if written:
             writes.setdefault((name, table), set()).update(written)
         if {table.lower(), f"{name}.{table}".lower()} & written:
@@ -950,7 +1021,7 @@ class Databases:
         """The tables (schema-qualified) of the database of ``bind`` whose triggers' code (or
         a PostgreSQL rule's) names one of ``tables``, as ``naming`` sends them, but not in a
         statement the cache reads as a write of it (:meth:`writers_of`: those are acted on):
-        such a trigger may write their rows through dynamic SQL or a function it calls,
+        such a trigger may write their rows through dynamic SQL built from pieces,
         which the cache does not see (see :data:`_TRIGGER_CODE_QUERIES`). Their own triggers
         are left out (see :meth:`rewritten` and :meth:`self_written`). Asked once per pool;
         a name is matched as a word, so a column or a string of the same name counts too."""

@@ -639,7 +639,7 @@ class Models:
                 log.warning(
                     "writethrough: the code of a trigger (or rule) of %s names %s's table, "
                     "though not in a statement the cache reads as a write of it (dynamic "
-                    "SQL, a function it calls?): the rows it writes there are not seen by "
+                    "SQL built from pieces?): the rows it writes there are not seen by "
                     "the cache, which may serve %s's entries stale until their TTL. If it "
                     "writes them, declare it on the model of %s: __writethrough__ = "
                     '{"also_invalidates": [%s]} (or cache.register(ThatModel, '

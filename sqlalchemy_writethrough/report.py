@@ -58,7 +58,7 @@ class ModelInfo:
     #: the tables of this database whose triggers' (or rules') code names this model's table,
     #: though not in a statement the cache reads as a write of it, and whose models do not
     #: declare it in ``also_invalidates``: rows such a trigger writes (through dynamic SQL, a
-    #: function it calls) are not seen by the cache (its own triggers are not listed: see
+    #: C function) are not seen by the cache (its own triggers are not listed: see
     #: above)
     written_by_triggers_of: tuple[str, ...] = ()
     #: the tables of this database whose triggers' (or rules') statements write this

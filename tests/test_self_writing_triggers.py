@@ -55,7 +55,7 @@ class SwTrusted(Base, CachedModel):
 
 class SwDeclared(Base, CachedModel):
     """Declares its strategy, and that its writes change its own table: the way to say it
-    where the catalog cannot tell (dynamic SQL, a function the trigger calls)."""
+    where the catalog cannot tell (dynamic SQL built from pieces)."""
 
     __tablename__ = "sw_declared"
     __writethrough__ = {"strategy": "invalidate", "also_invalidates": ["sw_declared"]}

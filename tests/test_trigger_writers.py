@@ -276,3 +276,67 @@ def test_with_asyncsession_a_triggers_write_invalidates_too(
             await aengine.dispose()
 
     assert loop.run_until_complete(scenario()) == [0, 1, 2]
+
+
+class TwVote(Base):
+    """Not cached: its trigger counts it into tw_product through a function it calls."""
+
+    __tablename__ = "tw_vote"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    product_id: Mapped[int] = mapped_column(ForeignKey("tw_product.id"))
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_a_trigger_that_writes_through_a_function_it_calls_invalidates_too(
+    engine: Engine, redis_url: str, prefix: str
+) -> None:
+    """The trigger's own code only calls ``tw_bump``; the helper's ``UPDATE tw_product``
+    counts as the trigger's (a PL/pgSQL function on PostgreSQL, a stored procedure CALLed on
+    MariaDB), nested one level deeper too."""
+    reset_schema(engine, Base.metadata)
+    _create_triggers(engine)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION tw_bump_deep(p integer) RETURNS void AS $$ "
+                "UPDATE tw_product SET review_count = review_count + 1 WHERE id = p "
+                "$$ LANGUAGE sql"
+            )
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION tw_bump(p integer) RETURNS void AS $$ "
+                "BEGIN PERFORM tw_bump_deep(p); END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION tw_vote_counts() RETURNS trigger AS $$ "
+                "BEGIN PERFORM tw_bump(NEW.product_id); RETURN NEW; END $$ "
+                "LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS tw_vote_counts ON tw_vote")
+            conn.exec_driver_sql(
+                "CREATE TRIGGER tw_vote_counts AFTER INSERT ON tw_vote "
+                "FOR EACH ROW EXECUTE FUNCTION tw_vote_counts()"
+            )
+        else:
+            for name in ("tw_bump", "tw_bump_deep"):
+                conn.exec_driver_sql(f"DROP PROCEDURE IF EXISTS {name}")
+            conn.exec_driver_sql(
+                "CREATE PROCEDURE tw_bump_deep(p INT) "
+                "UPDATE tw_product SET review_count = review_count + 1 WHERE id = p"
+            )
+            conn.exec_driver_sql("CREATE PROCEDURE tw_bump(p INT) CALL tw_bump_deep(p)")
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS tw_vote_counts")
+            conn.exec_driver_sql(
+                "CREATE TRIGGER tw_vote_counts AFTER INSERT ON tw_vote "
+                "FOR EACH ROW CALL tw_bump(NEW.product_id)"
+            )
+    with cache_on(engine, redis_url, prefix) as (cache, made):
+        with made() as session:
+            session.add(TwProduct(id=1, name="lamp"))
+            session.commit()
+        assert _count(made, engine) == (0, 0)
+        with made() as session:
+            session.add(TwVote(id=1, product_id=1))
+            session.commit()
+        assert _count(made, engine) == (1, 1)
+        info = cache.models(engine)[TwProduct]
+        assert "tw_vote" in _bare(info.invalidated_by_writes_to)
