@@ -275,6 +275,13 @@ def _models(args: argparse.Namespace, cache: WriteThroughCache, factory: Any, ou
                     "inexact_columns": [str(c) for c in info.inexact_columns],
                     "loads_served": info.loads_served,
                     "not_served_because": info.not_served_because,
+                    "also_invalidates": [
+                        t if isinstance(t, str) else t.__name__
+                        for t in info.options.also_invalidates
+                    ],
+                    "commits_invalidate_because": info.commits_invalidate_because,
+                    "invalidated_by_writes_to": list(info.invalidated_by_writes_to),
+                    "written_by_triggers_of": list(info.written_by_triggers_of),
                 }
                 for info in described.cached
             ],

@@ -559,6 +559,9 @@ def test_every_command_runs_on_an_async_sessionmaker_without_a_sync_client(
     assert app.json("inspect", "Line", "1,abc")["equal"] is True
     models = app.json("models")
     assert {m["model"] for m in models} == {"Product", "Line"}
+    # what the database's catalog says of each, as cache.models() does (nothing here)
+    assert {m["commits_invalidate_because"] for m in models} == {""}
+    assert all(m["invalidated_by_writes_to"] == m["written_by_triggers_of"] == [] for m in models)
 
     # warm and verify sent what they did: the tool's own counts, through redis.asyncio
     stats = app.json("stats")
