@@ -78,10 +78,11 @@ class Models:
         #: id of a server's trigger_writes -> (it, each table whose triggers write cached
         #: models, by lower-cased name: those models); it is held, so its id is not reused
         self._writer_memo: dict[int, tuple[Any, dict[str, list[ModelLayout]]]] = {}
-        #: engine -> (its tables' names -> trigger_written of them, on the engine's own
-        #: naming): a flush asks once per class; weak keys, an engine is never kept alive
+        #: engine -> (its pool, its tables' names -> trigger_written of them, on the engine's
+        #: own naming): a flush asks once per class; weak keys, an engine is never kept
+        #: alive; a new pool (``engine.dispose()``) is asked anew
         self._written_by_engine: weakref.WeakKeyDictionary[
-            Any, dict[tuple[str, ...], list[ModelLayout]]
+            Any, tuple[Any, dict[tuple[str, ...], list[ModelLayout]]]
         ] = weakref.WeakKeyDictionary()
         #: bumped whenever a model's layout is built, dropped or may change (register,
         #: register_all, a mapper configured again): what a hook decided from the layouts
@@ -348,8 +349,8 @@ class Models:
         engine = bind.engine if isinstance(bind, Connection) else bind
         names = tuple(t.fullname for t in tables)
         per_engine = self._written_by_engine.get(engine) if naming is None else None
-        if per_engine is not None:
-            found = per_engine.get(names)
+        if per_engine is not None and per_engine[0] is engine.pool:
+            found = per_engine[1].get(names)
             if found is not None:
                 return found
         try:
@@ -364,7 +365,9 @@ class Models:
                 memo = self._trigger_memo[(targets, own)] = self._written_layouts(targets, own)
             found = memo
         if naming is None:
-            self._written_by_engine.setdefault(engine, {})[names] = found
+            if per_engine is None or per_engine[0] is not engine.pool:
+                per_engine = self._written_by_engine[engine] = (engine.pool, {})
+            per_engine[1][names] = found
         return found
 
     def _written_layouts(self, targets: Iterable[str], own: frozenset[str]) -> list[ModelLayout]:

@@ -329,14 +329,64 @@ def test_a_trigger_that_writes_through_a_function_it_calls_invalidates_too(
                 "CREATE TRIGGER tw_vote_counts AFTER INSERT ON tw_vote "
                 "FOR EACH ROW CALL tw_bump(NEW.product_id)"
             )
-    with cache_on(engine, redis_url, prefix) as (cache, made):
-        with made() as session:
-            session.add(TwProduct(id=1, name="lamp"))
-            session.commit()
-        assert _count(made, engine) == (0, 0)
+    try:
+        with cache_on(engine, redis_url, prefix) as (cache, made):
+            with made() as session:
+                session.add(TwProduct(id=1, name="lamp"))
+                session.commit()
+            assert _count(made, engine) == (0, 0)
+            with made() as session:
+                session.add(TwVote(id=1, product_id=1))
+                session.commit()
+            assert _count(made, engine) == (1, 1)
+            info = cache.models(engine)[TwProduct]
+            assert "tw_vote" in _bare(info.invalidated_by_writes_to)
+    finally:
+        _drop_vote_triggers(engine)
+
+
+def _drop_vote_triggers(engine: Engine) -> None:
+    """Take this module's triggers off ``tw_vote`` (emptying the tables keeps them)."""
+    with engine.begin() as conn:
+        on = " ON tw_vote" if conn.dialect.name == "postgresql" else ""
+        for name in ("tw_vote_counts", "tw_vote_later"):
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}{on}")
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_a_trigger_created_later_is_seen_on_the_engines_next_pool(
+    engine: Engine, redis_url: str, prefix: str
+) -> None:
+    """The catalog is asked once per pool: a trigger created after it was asked is seen once
+    the engine's pool is replaced (``engine.dispose()``), for a model the cache does not hold
+    too."""
+    reset_schema(engine, Base.metadata)
+    _drop_vote_triggers(engine)
+    with _installed(engine, redis_url, prefix) as (_cache, made):
         with made() as session:
             session.add(TwVote(id=1, product_id=1))
             session.commit()
-        assert _count(made, engine) == (1, 1)
-        info = cache.models(engine)[TwProduct]
-        assert "tw_vote" in _bare(info.invalidated_by_writes_to)
+        assert _count(made, engine) == (0, 0)  # no trigger yet
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(
+                    "CREATE OR REPLACE FUNCTION tw_vote_later() RETURNS trigger AS $$ "
+                    f"BEGIN {_COUNT}; RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+                conn.exec_driver_sql("DROP TRIGGER IF EXISTS tw_vote_later ON tw_vote")
+                conn.exec_driver_sql(
+                    "CREATE TRIGGER tw_vote_later AFTER INSERT ON tw_vote "
+                    "FOR EACH ROW EXECUTE FUNCTION tw_vote_later()"
+                )
+            else:
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER tw_vote_later AFTER INSERT ON tw_vote BEGIN {_COUNT}; END"
+                )
+        try:
+            engine.dispose()
+            with made() as session:
+                session.add(TwVote(id=2, product_id=1))
+                session.commit()
+            assert _count(made, engine) == (1, 1)
+        finally:
+            _drop_vote_triggers(engine)
