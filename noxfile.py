@@ -189,8 +189,10 @@ _NEWEST_REDIS_ONLY = (
             "test_short_rewriting_trigger_run_finds_no_violation[postgresql]",
             "test_short_rewriting_trigger_run_finds_no_violation[mariadb]",
             "test_short_rewriting_trigger_run_with_blind_triggers_fails",
-            "test_short_sibling_trigger_run_finds_no_violation",
-            "test_short_sibling_trigger_run_blind_to_it_fails",
+            "test_short_sibling_trigger_run_finds_no_violation[own]",
+            "test_short_sibling_trigger_run_finds_no_violation[other]",
+            "test_short_sibling_trigger_run_blind_to_it_fails[own]",
+            "test_short_sibling_trigger_run_blind_to_it_fails[other]",
         )
     ),
     *(

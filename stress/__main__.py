@@ -197,11 +197,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--sibling-trigger",
-        action="store_true",
+        nargs="?",
+        const="own",
+        choices=["own", "other"],
         help="stress, PostgreSQL: an AFTER trigger on the item table copies each hot item's "
-        "counter into its shadow row, which workers read and never write; the cache must "
-        "see that the trigger writes its own table and invalidate the model whole at every "
-        "write (--sabotage blind-self-writers shows a cache that does not)",
+        "counter into its shadow row, which workers read and never write: in the item table "
+        "itself (own, the default), or in another cached table (other); the cache must see "
+        "which table the trigger writes and invalidate that model whole at every write "
+        "(--sabotage blind-self-writers shows a cache that does not)",
     )
     p.add_argument(
         "--ttl",
@@ -384,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                     key_type=args.key_type,
                     evict_registry_every=every,
                     rewriting_trigger=args.rewriting_trigger,
-                    sibling_trigger=args.sibling_trigger,
+                    sibling_trigger=bool(args.sibling_trigger),
+                    sibling_table=args.sibling_trigger == "other",
                 )
             )
             print(result.format(), flush=True)

@@ -397,18 +397,18 @@ def _rewritten(event: Mapping[str, Any], stored: Callable[[int], int]) -> Mappin
 
 
 def _mirrored(
-    event: Mapping[str, Any], mirror: Callable[[str, int], int | None]
+    event: Mapping[str, Any], mirror: Callable[[str, int], tuple[str, int] | None]
 ) -> Mapping[str, Any]:
     """``event`` with, beside each of its writes (a commit's start, an aborted write), the
-    write a trigger makes of another row of the table: the same value in ``mirror``'s row."""
+    write a trigger makes of another row: the same value in ``mirror``'s (table, id)."""
     if "writes" not in event:
         return event
     writes = [list(w) for w in event["writes"]]
     named = {(tb, int(id_)) for tb, id_, _ in writes}
     for tb, id_, value in list(writes):
         other = mirror(tb, int(id_))
-        if other is not None and (tb, other) not in named:
-            writes.append([tb, other, value])
+        if other is not None and other not in named:
+            writes.append([*other, value])
     return {**event, "writes": writes}
 
 
@@ -421,7 +421,7 @@ def check(
     near_bound: int | None = None,
     buckets: tuple[int, ...] = (16,),
     stored: Callable[[int], int] | None = None,
-    mirrored: Callable[[str, int], int | None] | None = None,
+    mirrored: Callable[[str, int], tuple[str, int] | None] | None = None,
 ) -> Report:
     """Check a run. ``final_cache`` maps rows to the decoded VALUE Redis holds (None: a VALUE
     that could not be decoded); ``final_db`` maps rows to their columns; ``windows``: the
@@ -430,8 +430,8 @@ def check(
     names its bucket, a row falls in one of each); ``stored``: what the database stores for
     each value written, where a trigger rewrites it (``--rewriting-trigger``): the histories
     say what the workers wrote, every read is matched with what was stored; ``mirrored``:
-    the row a trigger writes with the same value as each row written, if any
-    (``--sibling-trigger``: :func:`stress.models.shadow_of`)."""
+    the row (table, id) a trigger writes with the same value as each row written, if any
+    (``--sibling-trigger``: :data:`stress.models.SHADOWS`)."""
     if stored is not None:
         events = [_rewritten(e, stored) for e in events]
     if mirrored is not None:

@@ -349,6 +349,9 @@ def create_rewriting_triggers(
 
 #: the trigger's (and its function's) name
 SIBLING_NAME = "stress_shadow_counter"
+#: ``--sibling-trigger other``: the shadows are rows of another cached table, with the hot
+#: items' ids (:class:`StShadow`): the trigger writes a table its own is not
+SHADOW_TABLE = "stress_shadow"
 #: a shadow's id is its hot item's plus this: above every hot and baseline id, below every
 #: id a worker inserts (:func:`stress.worker.extra_id`)
 SHADOW_OFFSET = 500_000
@@ -356,23 +359,52 @@ SHADOW_OFFSET = 500_000
 SHADOWED_BELOW = 100
 
 
-def shadow_of(table: str, id_: int) -> int | None:
-    """The shadow row the sibling trigger writes when row ``id_`` of ``table`` is written."""
+class StShadow(Base, CachedModel):
+    """A hot item's shadow in a table of its own (``--sibling-trigger other``)."""
+
+    __tablename__ = SHADOW_TABLE
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    counter: Mapped[int] = mapped_column(BigInteger)
+
+
+def shadow_of(table: str, id_: int) -> tuple[str, int] | None:
+    """The shadow row (table, id) the sibling trigger writes when row ``id_`` of ``table``
+    is written: in the item table itself."""
     if table == ITEM_TABLE and 0 < id_ < SHADOWED_BELOW:
-        return id_ + SHADOW_OFFSET
+        return ITEM_TABLE, id_ + SHADOW_OFFSET
     return None
 
 
-def create_sibling_trigger(engine: Engine) -> None:
-    """Put the sibling trigger on the item table (PostgreSQL). Created after the seed rows,
-    shadows included (:func:`stress.runner.seed_rows`)."""
+def shadow_elsewhere(table: str, id_: int) -> tuple[str, int] | None:
+    """The same, with ``--sibling-trigger other``: the row of :class:`StShadow` of that id."""
+    if table == ITEM_TABLE and 0 < id_ < SHADOWED_BELOW:
+        return SHADOW_TABLE, id_
+    return None
+
+
+#: ``--sibling-trigger``'s modes: where the shadows are
+SHADOWS: dict[str, Callable[[str, int], tuple[str, int] | None]] = {
+    "own": shadow_of,
+    "other": shadow_elsewhere,
+}
+
+
+def create_sibling_trigger(engine: Engine, mode: str = "own") -> None:
+    """Put the sibling trigger on the item table (PostgreSQL), writing the shadows where
+    ``mode`` keeps them (:data:`SHADOWS`). Created after the seed rows, shadows included
+    (:func:`stress.runner.seed_rows`)."""
+    target = (
+        f"{ITEM_TABLE} SET counter = NEW.counter WHERE id = NEW.id + {SHADOW_OFFSET}"
+        if mode == "own"
+        else f"{SHADOW_TABLE} SET counter = NEW.counter WHERE id = NEW.id"
+    )
     with engine.begin() as conn:
         if conn.dialect.name != "postgresql":
             raise ValueError(f"no sibling trigger for {conn.dialect.name}")
         conn.exec_driver_sql(
             f"CREATE OR REPLACE FUNCTION {SIBLING_NAME}() RETURNS trigger AS $$ BEGIN "
-            f"UPDATE {ITEM_TABLE} SET counter = NEW.counter WHERE id = NEW.id + {SHADOW_OFFSET}; "
-            "RETURN NULL; END $$ LANGUAGE plpgsql"
+            f"UPDATE {target}; RETURN NULL; END $$ LANGUAGE plpgsql"
         )
         conn.exec_driver_sql(
             f"CREATE TRIGGER {SIBLING_NAME} AFTER INSERT OR UPDATE OF counter ON {ITEM_TABLE} "

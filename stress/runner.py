@@ -51,9 +51,11 @@ from .faults import (
 from .history import Recorder, now, read_histories
 from .models import (
     KEY_TYPES,
+    SHADOWS,
     VERSIONS,
     StItem,
     StParent,
+    StShadow,
     create_rewriting_triggers,
     create_sibling_trigger,
     create_tenant_schemas,
@@ -62,7 +64,6 @@ from .models import (
     key_part_id,
     metadata_of,
     reset_schema,
-    shadow_of,
     stored_value,
 )
 from .proxy import FaultyProxy
@@ -182,12 +183,13 @@ def seed_rows(
     parents: list[int],
     tenant: str | None = None,
     key_type: str = "int",
-    shadows: bool = False,
+    shadows: str | None = None,
 ) -> None:
     """Create the hot rows, and record their creation as a commit that ended before any read
     (``tenant``: the label of the schema ``engine`` reaches, in a ``--tenants`` run;
     ``key_type``: the models', see :data:`stress.models.KEY_TYPES`; ``shadows``: each item's
-    shadow too, with its value, for ``--sibling-trigger``: :func:`stress.models.shadow_of`)."""
+    shadow too, with its value, for ``--sibling-trigger`` (its mode: :data:`stress.models.
+    SHADOWS`)."""
     models, key, _ = KEY_TYPES[key_type]
     Parent, Item = models[StParent.__tablename__], models[StItem.__tablename__]
     rec = Recorder(workdir / f"seed{'' if tenant is None else '-' + tenant}.jsonl", "seed")
@@ -203,10 +205,14 @@ def seed_rows(
             value = first_value(rng)
             s.add(Item(id=key(iid), counter=value, parent_id=key(parents[i % len(parents)])))
             writes.append([StItem.__tablename__, iid, value])
-            shadow = shadow_of(StItem.__tablename__, iid) if shadows else None
+            shadow = SHADOWS[shadows](StItem.__tablename__, iid) if shadows else None
+            if shadow is not None and shadow[0] == StItem.__tablename__:
+                parent = key(parents[i % len(parents)])
+                s.add(Item(id=key(shadow[1]), counter=value, parent_id=parent))
+            elif shadow is not None:
+                s.add(StShadow(id=shadow[1], counter=value))
             if shadow is not None:
-                s.add(Item(id=key(shadow), counter=value, parent_id=key(parents[i % len(parents)])))
-                writes.append([StItem.__tablename__, shadow, value])
+                writes.append([*shadow, value])
         t = now()
         s.commit()
     tx = f"seed:{t}" if tenant is None else f"seed:{tenant}:{t}"
@@ -515,6 +521,10 @@ class StressConfig:
     #: the cache must see the trigger writes its own table and invalidate the model whole.
     #: PostgreSQL only; not with ``rewriting_trigger``, ``tenants`` or another ``key_type``
     sibling_trigger: bool = False
+    #: with ``sibling_trigger``: the shadows are rows of another cached table (``"other"``,
+    #: :class:`stress.models.StShadow`): the cache must see the trigger writes that table
+    #: and invalidate its model whole at every write of the item table
+    sibling_table: bool = False
 
 
 #: the faults a ``key_type`` "uuid" run refuses: the checker parses and buckets evicted keys
@@ -563,6 +573,7 @@ class StressResult:
             f"{f'ttl {self.config.ttl:g} s, ' if self.config.ttl != 600 else ''}"
             f"{'rewriting trigger, ' if self.config.rewriting_trigger else ''}"
             f"{'sibling trigger, ' if self.config.sibling_trigger else ''}"
+            f"{'(shadows in another table), ' if self.config.sibling_table else ''}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
@@ -581,10 +592,19 @@ class StressResult:
         )
 
 
+def _shadow_mode(config: StressConfig) -> str | None:
+    """Where ``config``'s shadows are (:data:`stress.models.SHADOWS`), if it has any."""
+    if not config.sibling_trigger:
+        return None
+    return "other" if config.sibling_table else "own"
+
+
 def sibling_trigger_problem(config: StressConfig) -> str | None:
     """Why ``config``'s ``sibling_trigger`` (or its sabotage) cannot run, if it cannot."""
     if config.sabotage == "blind-self-writers" and not config.sibling_trigger:
         return "the sabotage blind-self-writers needs --sibling-trigger"
+    if config.sibling_table and not config.sibling_trigger:
+        return "sibling_table needs sibling_trigger"
     if not config.sibling_trigger:
         return None
     if not config.db_url.startswith("postgresql"):
@@ -675,10 +695,10 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                 HOT_ITEMS,
                 PARENTS,
                 key_type=config.key_type,
-                shadows=config.sibling_trigger,
+                shadows=_shadow_mode(config),
             )
         if config.sibling_trigger:
-            create_sibling_trigger(engine)
+            create_sibling_trigger(engine, _shadow_mode(config) or "own")
         prefix = f"st-{uuid.uuid4().hex[:8]}"
         squeezer: Squeezer | None = None
         listener: EvictionListener | None = None
@@ -740,7 +760,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "tenant_ways": list(config.tenant_ways or ()),
                     "avoid": sorted(config.avoid),
                     "batch_reads": config.batch_reads,
-                    "shadows": config.sibling_trigger,
+                    "shadows": _shadow_mode(config),
                     "model_version": "B" if second else "A",
                     "ttl": config.ttl,
                     "idle": config.idle_second_version if second else 0.0,
@@ -822,7 +842,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             _bound(config.near_cache),
             buckets=_bucket_counts(config),
             stored=stored_value if config.rewriting_trigger else None,
-            mirrored=shadow_of if config.sibling_trigger else None,
+            mirrored=SHADOWS[_shadow_mode(config) or "own"] if config.sibling_trigger else None,
         )
         if report.ok and not crashed:
             passed.append(True)

@@ -60,12 +60,13 @@ from .models import (
     ITEM_TABLE,
     KEY_TYPES,
     PARENT_TABLE,
+    SHADOWS,
     VERSIONS,
     StItem,
+    StShadow,
     first_value,
     key_part_id,
     next_value,
-    shadow_of,
 )
 
 SNAPSHOT = "REPEATABLE READ"
@@ -238,13 +239,13 @@ class Worker:
         self.baseline: list[int] | None = config.get("baseline")
         self.baseline_items: list[int] = config.get("baseline_items", [])
         self.baseline_parents: list[int] = config.get("baseline_parents", [])
-        #: the shadow rows the sibling trigger writes (``--sibling-trigger``): read, never
-        #: written by a worker
-        self.shadows: list[int] = (
-            [s for i in self.hot_items if (s := shadow_of(ITEM_TABLE, i)) is not None]
-            if config.get("shadows")
-            else []
-        )
+        #: the shadow rows the sibling trigger writes (``--sibling-trigger``), as (model, id):
+        #: read, never written by a worker
+        mode = config.get("shadows")
+        shadows = [SHADOWS[mode](ITEM_TABLE, i) for i in self.hot_items] if mode else []
+        self.shadows: list[tuple[Any, int]] = [
+            (StShadow if table != ITEM_TABLE else None, id_) for table, id_ in filter(None, shadows)
+        ]
         self.op_in_baseline = False
 
         #: "sync", or "asyncio": AsyncSessions on the database's asyncio driver and a
@@ -706,7 +707,8 @@ class Worker:
 
     def read_target(self) -> tuple[Any, int]:
         if self.shadows and self.rng.random() < 0.2:
-            return self.Item, self.rng.choice(self.shadows)
+            model, id_ = self.rng.choice(self.shadows)
+            return model or self.Item, id_
         roll = self.rng.random()
         if roll < 0.15 and not self.in_baseline():
             return self.Item, self.any_extra()
@@ -1274,8 +1276,9 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
                              writes through what the flush sent (shared by both flavours: the
                              registry is one).
     ``blind-self-writers``   with ``--sibling-trigger``: the cache takes no table as one its
-                             triggers write, so a write of a hot item invalidates that row
-                             alone and its shadow's entry is left as it was.
+                             own or another table's triggers write, so a write of a hot item
+                             invalidates that row alone and its shadow's entry (in the same
+                             table, or another with ``other``) is left as it was.
     """
     if not name:
         return
@@ -1310,6 +1313,8 @@ def sabotage(cache: WriteThroughCache, name: str | None, flavour: str = "sync") 
         return
     if name == "blind-self-writers":
         cache._models.self_written = lambda *args, **kwargs: False  # type: ignore[method-assign]
+        cache._models.trigger_written = lambda *args, **kwargs: []  # type: ignore[method-assign]
+        cache._models.trigger_writer_names = lambda *args, **kwargs: {}  # type: ignore[method-assign]
         return
     if name == "deaf-own-near":
         near = cache._near

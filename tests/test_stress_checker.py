@@ -16,7 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stress.checker import check, unversioned, versioned
-from stress.models import ITEM_TABLE, TAG_BITS, shadow_of, stored_value
+from stress.models import ITEM_TABLE, SHADOWS, TAG_BITS, stored_value
 
 MS = 1_000_000  # nanoseconds
 
@@ -147,15 +147,17 @@ def test_with_a_sibling_trigger_each_write_of_a_hot_item_writes_its_shadow() -> 
     worker writes: a read of the shadow's old value after the item's commit completed is
     stale, one of its new value consistent (without ``mirrored`` it would read as a value
     nobody wrote)."""
-    shadow = shadow_of(ITEM_TABLE, 1)
-    assert shadow is not None and shadow_of(ITEM_TABLE, shadow) is None
-    db = {**DB, (ITEM_TABLE, shadow): {"id": shadow, "counter": v(2), "parent_id": 1}}
-    fresh = {**read(1, v(2), 25, 26), "id": shadow}
-    assert check([*history(), fresh], db, {}, mirrored=shadow_of).ok
-    old = {**read(1, v(1), 25, 26), "id": shadow}
-    report = check([*history(), old], db, {}, mirrored=shadow_of)
-    assert len(report.stale) == 1 and report.stale[0].row == (ITEM_TABLE, shadow)
-    assert check([*history(), fresh], db, {}).uncommitted
+    for mirror in SHADOWS.values():
+        found = mirror(ITEM_TABLE, 1)
+        assert found is not None and mirror(*found) is None
+        table, shadow = found
+        db = {**DB, found: {"id": shadow, "counter": v(2)}}
+        fresh = {**read(1, v(2), 25, 26), "tb": table, "id": shadow}
+        assert check([*history(), fresh], db, {}, mirrored=mirror).ok
+        old = {**read(1, v(1), 25, 26), "tb": table, "id": shadow}
+        report = check([*history(), old], db, {}, mirrored=mirror)
+        assert len(report.stale) == 1 and report.stale[0].row == found
+        assert check([*history(), fresh], db, {}).uncommitted
 
 
 def test_a_divergent_cache_entry_is_reported() -> None:

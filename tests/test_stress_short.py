@@ -457,13 +457,14 @@ def test_short_rewriting_trigger_run_with_blind_triggers_fails(
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["own", "other"])
 def test_short_sibling_trigger_run_finds_no_violation(
-    redis_server_binary: str, postgresql_url: str
+    redis_server_binary: str, postgresql_url: str, elsewhere: bool
 ) -> None:
     """A trigger copies each hot item's counter into another row of the table (its shadow,
-    which workers only read): every write of an item invalidates the model whole, while
-    Redis forgets and workers die. Zero stale reads of a shadow, checked against the writes
-    the trigger made."""
+    which workers only read), or into a row of another cached table (``other``): every write
+    of an item invalidates the shadows' model whole, while Redis forgets and workers die.
+    Zero stale reads of a shadow, checked against the writes the trigger made."""
     result = _ran(
         StressConfig(
             db_url=postgresql_url,
@@ -472,6 +473,7 @@ def test_short_sibling_trigger_run_finds_no_violation(
             workers=4,
             asyncio_workers=1,
             sibling_trigger=True,
+            sibling_table=elsewhere,
             lock_wait=60,
         )
     )
@@ -481,8 +483,9 @@ def test_short_sibling_trigger_run_finds_no_violation(
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["own", "other"])
 def test_short_sibling_trigger_run_blind_to_it_fails(
-    redis_server_binary: str, postgresql_url: str
+    redis_server_binary: str, postgresql_url: str, elsewhere: bool
 ) -> None:
     """The checker can fail there: a cache that does not see the trigger writes its own table
     invalidates the written item alone, and serves its shadow's old entry."""
@@ -492,6 +495,7 @@ def test_short_sibling_trigger_run_blind_to_it_fails(
             seconds=SIBLING_SABOTAGE_SECONDS,
             workers=4,
             sibling_trigger=True,
+            sibling_table=elsewhere,
             sabotage="blind-self-writers",
             lock_wait=60,
         ),
