@@ -432,11 +432,8 @@ class _Server(NamedTuple):
     generated: Mapping[tuple[str, str], frozenset[str]] = {}
     #: {(schema, table): the names its triggers' code uses} (see :data:`_TRIGGER_CODE_QUERIES`)
     trigger_words: Mapping[tuple[str, str], frozenset[str]] = {}
-    #: {(schema, table): "w"} of the tables whose triggers' code writes the table itself
-    #: (see :func:`_written`)
-    self_writing: Mapping[tuple[str, str], str] = {}
     #: {(schema, table): the tables its triggers' statements write, as they name them}
-    #: (see :func:`_written`)
+    #: (see :func:`_written`); the table itself among them: see :meth:`Databases.self_written`
     trigger_writes: Mapping[tuple[str, str], frozenset[str]] = {}
 
 
@@ -622,16 +619,14 @@ def _called(
 
 def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -> dict[str, Any]:
     """:data:`_TRIGGER_CODE_QUERIES` of ``backend``, asked (of SQLite's database ``schema``):
-    the names each table's triggers use (``trigger_words``), and the tables whose triggers
-    write the table itself (``self_writing``: a trigger that keeps one row of a group
-    current, or a materialized path's, may write rows the flush did not)."""
+    the names each table's triggers use (``trigger_words``), and the tables their statements
+    write (``trigger_writes``), the code of the functions they call included."""
     what = (
         "what its triggers' code writes; a trigger that writes a cached model's table would "
         "leave its entries stale without a word (declare also_invalidates)"
     )
     codes: dict[tuple[str, str], set[str]] = {}
     writes: dict[tuple[str, str], set[str]] = {}
-    self_writing: dict[tuple[str, str], str] = {}
     sql = _query(_TRIGGER_CODE_QUERIES, backend, schema)
     rows = _catalog(fairy, sql, by_url, what)
     functions = _function_code(fairy, backend, by_url) if rows else {}
@@ -640,18 +635,15 @@ def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -
         codes.setdefault((name, table), set()).update(words)
         if written:
             writes.setdefault((name, table), set()).update(written)
-        if {table.lower(), f"{name}.{table}".lower()} & written:
-            self_writing[(name, table)] = "w"
     return {
         "trigger_words": {table: frozenset(words) for table, words in codes.items()},
-        "self_writing": self_writing,
         "trigger_writes": {table: frozenset(names) for table, names in writes.items()},
     }
 
 
 def _catalog_fields(fairy: Any, backend: str, by_url: str, schema: str = "main") -> dict[str, Any]:
     """The :class:`_Server` fields the catalog questions answer (``unserved``, ``rewriting``,
-    ``generated``, ``trigger_words``, ``self_writing``), asked on ``fairy`` (of SQLite's
+    ``generated``, ``trigger_words``, ``trigger_writes``), asked on ``fairy`` (of SQLite's
     database ``schema``)."""
     return {
         "unserved": _unserved(fairy, backend, by_url, schema),
@@ -939,11 +931,13 @@ class Databases:
         of as they are written (see :data:`_REWRITING_QUERIES`), or whose triggers write it
         (:meth:`self_written`: only those, without ``rows``), asked once per pool."""
         tables = list(tables)
-        found = self._listed(bind, naming, tables, "self_writing")
+        reasons = [
+            _REWRITING_KINDS["w"].format(name) for name in self._self_writing(bind, naming, tables)
+        ]
         if not rows:
-            return [_REWRITING_KINDS[kind].format(name) for name, kind in found]
-        found += self._listed(bind, naming, tables, "rewriting")
-        reasons = [_REWRITING_KINDS[kind].format(name) for name, kind in found]
+            return reasons
+        found = self._listed(bind, naming, tables, "rewriting")
+        reasons += [_REWRITING_KINDS[kind].format(name) for name, kind in found]
         for table, name, columns in self._found(bind, naming, tables, "generated"):
             # by name, not by key; case-blind too (MySQL's column names ignore case)
             by_name = {c.name: c for c in table.columns}
@@ -964,7 +958,18 @@ class Databases:
         ``bind`` writes its own table (see :data:`_WRITES`): it may change rows the flush did
         not write (the other addresses of a user, when one becomes the primary), so every
         write of those tables must invalidate them whole. Asked once per pool."""
-        return bool(self._listed(bind, naming, tables, "self_writing"))
+        return bool(self._self_writing(bind, naming, tables))
+
+    def _self_writing(
+        self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
+    ) -> list[str]:
+        """The schema-qualified names of those of ``tables`` whose triggers' statements
+        write them (:meth:`self_written`)."""
+        return [
+            name
+            for table, name, writes in self._found(bind, naming, tables, "trigger_writes")
+            if not writes.isdisjoint((table.name.lower(), name.lower()))
+        ]
 
     def trigger_writes(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]
@@ -990,16 +995,15 @@ class Databases:
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str
     ) -> list[tuple[str, str]]:
         """(schema-qualified name, kind) of those of ``tables`` in the server's list
-        ``which`` (``unserved``, ``rewriting`` or ``self_writing``), each table named as
-        ``naming`` sends it."""
+        ``which`` (``unserved`` or ``rewriting``), each table named as ``naming`` sends it."""
         return [(name, kind) for _, name, kind in self._found(bind, naming, tables, which)]
 
     def _found(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str
     ) -> list[tuple[Any, str, Any]]:
         """(table, schema-qualified name, entry) of those of ``tables`` in the server's list
-        ``which`` (``unserved``, ``rewriting``, ``generated``, ``self_writing`` or
-        ``trigger_writes``), each table named as ``naming`` sends it."""
+        ``which`` (``unserved``, ``rewriting``, ``generated`` or ``trigger_writes``), each
+        table named as ``naming`` sends it."""
         asked = self._asked(bind, naming)
         if asked is None:
             return []

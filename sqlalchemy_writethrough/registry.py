@@ -72,9 +72,6 @@ class Models:
         self._cascade_parents: dict[str, Any] | None = None
         #: (table, deleted, a weak reference to the flushing mapper or None) -> layouts
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
-        #: (tables written by triggers, the names of the tables whose triggers they are) ->
-        #: the cached models written (see trigger_written); names, never tables or classes
-        self._trigger_memo: dict[tuple[frozenset[str], frozenset[str]], list[ModelLayout]] = {}
         #: id of a server's trigger_writes -> (it, each table whose triggers write cached
         #: models, by lower-cased name: those models); it is held, so its id is not reused
         self._writer_memo: dict[int, tuple[Any, dict[str, list[ModelLayout]]]] = {}
@@ -240,7 +237,6 @@ class Models:
         self._by_table = None
         self._cascade_memo = {}
         self._cascade_parents = None
-        self._trigger_memo = {}
         self._writer_memo = {}
         self._written_by_engine = weakref.WeakKeyDictionary()
 
@@ -357,13 +353,8 @@ class Models:
             targets = self._databases.trigger_writes(bind, naming, tables)
         except DatabaseUnknown:
             return []
-        found = []
-        if targets:
-            own = frozenset(name.lower() for name in names)
-            memo = self._trigger_memo.get((targets, own))
-            if memo is None:
-                memo = self._trigger_memo[(targets, own)] = self._written_layouts(targets, own)
-            found = memo
+        own = frozenset(name.lower() for name in names)
+        found = self._written_layouts(targets, own) if targets else []
         if naming is None:
             if per_engine is None or per_engine[0] is not engine.pool:
                 per_engine = self._written_by_engine[engine] = (engine.pool, {})
@@ -616,10 +607,7 @@ class Models:
     ) -> list[str]:
         """The tables of ``bind``'s database whose triggers' statements write ``layout``'s
         tables (:meth:`.Databases.writers_of`): each of their writes invalidates it whole."""
-        try:
-            return self._databases.writers_of(bind, naming, layout.tables)
-        except DatabaseUnknown:
-            return []
+        return self._databases.writers_of(bind, naming, layout.tables)
 
     def _warn_written(
         self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None
