@@ -387,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                     key_type=args.key_type,
                     evict_registry_every=every,
                     rewriting_trigger=args.rewriting_trigger,
-                    sibling_trigger=bool(args.sibling_trigger),
-                    sibling_table=args.sibling_trigger == "other",
+                    sibling_trigger=args.sibling_trigger,
                 )
             )
             print(result.format(), flush=True)

@@ -517,14 +517,13 @@ class StressConfig:
     #: it and invalidate instead of writing through
     rewriting_trigger: bool = False
     #: an ``AFTER`` trigger on the item table copies each hot item's counter into its shadow
-    #: row (:func:`stress.models.create_sibling_trigger`), which workers read and never write:
-    #: the cache must see the trigger writes its own table and invalidate the model whole.
-    #: PostgreSQL only; not with ``rewriting_trigger``, ``tenants`` or another ``key_type``
-    sibling_trigger: bool = False
-    #: with ``sibling_trigger``: the shadows are rows of another cached table (``"other"``,
-    #: :class:`stress.models.StShadow`): the cache must see the trigger writes that table
-    #: and invalidate its model whole at every write of the item table
-    sibling_table: bool = False
+    #: row (:func:`stress.models.create_sibling_trigger`), which workers read and never write,
+    #: where the mode keeps it (:data:`stress.models.SHADOWS`): ``"own"``, the item table
+    #: itself, ``"other"``, another cached table (:class:`stress.models.StShadow`); the cache
+    #: must see which table the trigger writes and invalidate that model whole. None: no
+    #: trigger. PostgreSQL only; not with ``rewriting_trigger``, ``tenants`` or another
+    #: ``key_type``
+    sibling_trigger: str | None = None
 
 
 #: the faults a ``key_type`` "uuid" run refuses: the checker parses and buckets evicted keys
@@ -572,8 +571,7 @@ class StressResult:
             f"{'' if self.config.key_type == 'int' else self.config.key_type + ' keys, '}"
             f"{f'ttl {self.config.ttl:g} s, ' if self.config.ttl != 600 else ''}"
             f"{'rewriting trigger, ' if self.config.rewriting_trigger else ''}"
-            f"{'sibling trigger, ' if self.config.sibling_trigger else ''}"
-            f"{'(shadows in another table), ' if self.config.sibling_table else ''}"
+            f"{f'sibling trigger ({self.config.sibling_trigger}), ' if self.config.sibling_trigger else ''}"
             f"{self.config.seconds:.0f}s"
         )
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
@@ -592,21 +590,14 @@ class StressResult:
         )
 
 
-def _shadow_mode(config: StressConfig) -> str | None:
-    """Where ``config``'s shadows are (:data:`stress.models.SHADOWS`), if it has any."""
-    if not config.sibling_trigger:
-        return None
-    return "other" if config.sibling_table else "own"
-
-
 def sibling_trigger_problem(config: StressConfig) -> str | None:
     """Why ``config``'s ``sibling_trigger`` (or its sabotage) cannot run, if it cannot."""
     if config.sabotage == "blind-self-writers" and not config.sibling_trigger:
         return "the sabotage blind-self-writers needs --sibling-trigger"
-    if config.sibling_table and not config.sibling_trigger:
-        return "sibling_table needs sibling_trigger"
     if not config.sibling_trigger:
         return None
+    if config.sibling_trigger not in SHADOWS:
+        return f"--sibling-trigger is one of {sorted(SHADOWS)}"
     if not config.db_url.startswith("postgresql"):
         return (
             "--sibling-trigger runs on PostgreSQL only (MySQL refuses a trigger writing its table)"
@@ -695,10 +686,10 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                 HOT_ITEMS,
                 PARENTS,
                 key_type=config.key_type,
-                shadows=_shadow_mode(config),
+                shadows=config.sibling_trigger,
             )
         if config.sibling_trigger:
-            create_sibling_trigger(engine, _shadow_mode(config) or "own")
+            create_sibling_trigger(engine, config.sibling_trigger)
         prefix = f"st-{uuid.uuid4().hex[:8]}"
         squeezer: Squeezer | None = None
         listener: EvictionListener | None = None
@@ -760,7 +751,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
                     "tenant_ways": list(config.tenant_ways or ()),
                     "avoid": sorted(config.avoid),
                     "batch_reads": config.batch_reads,
-                    "shadows": _shadow_mode(config),
+                    "shadows": config.sibling_trigger,
                     "model_version": "B" if second else "A",
                     "ttl": config.ttl,
                     "idle": config.idle_second_version if second else 0.0,
@@ -842,7 +833,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             _bound(config.near_cache),
             buckets=_bucket_counts(config),
             stored=stored_value if config.rewriting_trigger else None,
-            mirrored=SHADOWS[_shadow_mode(config) or "own"] if config.sibling_trigger else None,
+            mirrored=SHADOWS[config.sibling_trigger] if config.sibling_trigger else None,
         )
         if report.ok and not crashed:
             passed.append(True)
