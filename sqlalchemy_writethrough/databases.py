@@ -542,14 +542,45 @@ def _words(code: str) -> frozenset[str]:
     return frozenset(found)
 
 
-#: the table a statement of a trigger's code writes: ``UPDATE [OR x] [ONLY] t``, ``INSERT
-#: [OR x] [IGNORE] INTO t``, ``DELETE FROM [ONLY] t``, ``REPLACE INTO t``, ``MERGE INTO [ONLY] t``
-#: (on text reduced as :func:`_words` reduces it)
+#: the table a statement of a trigger's code writes, first of a list: ``UPDATE [OR x]
+#: [LOW_PRIORITY] [IGNORE] [ONLY] t``, ``INSERT`` and ``REPLACE`` ``[OR x] [LOW_PRIORITY |
+#: DELAYED | HIGH_PRIORITY] [IGNORE] [INTO] t`` (MySQL's INTO is optional), ``DELETE
+#: [LOW_PRIORITY] [QUICK] [IGNORE] [FROM] [ONLY] t`` (MySQL's ``DELETE t FROM ...`` names its
+#: target first), ``MERGE INTO [ONLY] t``, ``TRUNCATE [TABLE] [ONLY] t`` (on text reduced as
+#: :func:`_words` reduces it, a trigger's or rule's header taken off: :data:`_HEADER`, spaces
+#: made one; ``FOR UPDATE``, ``DO UPDATE`` and ``KEY UPDATE`` assign or lock, they name no table)
 _WRITES = re.compile(
-    r"\b(?:update(?:\s+or\s+[a-z]+)?(?:\s+only)?"
-    r"|insert(?:\s+or\s+[a-z]+)?(?:\s+ignore)?\s+into"
-    r"|delete\s+from(?:\s+only)?|replace\s+into|merge\s+into(?:\s+only)?)\s+"
+    r"\b(?:(?<!for )(?<!do )(?<!key )update"
+    r"(?:\s+or\s+[a-z]+)?(?:\s+(?:low_priority|ignore|only)\b)*"
+    r"|(?:insert|replace)(?:\s+or\s+[a-z]+)?"
+    r"(?:\s+(?:low_priority|delayed|high_priority|ignore)\b)*(?:\s+into\b)?"
+    r"|delete(?:\s+(?:low_priority|quick|ignore)\b)*(?:\s+from\b)?(?:\s+only\b)?"
+    r"|merge\s+into(?:\s+only)?|truncate(?:\s+table\b)?(?:\s+only\b)?)\s+"
     r"([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
+)
+#: a list of tables a statement writes, after its head: MySQL's multi-table ``UPDATE a JOIN b
+#: ... SET`` and ``UPDATE a, b SET`` (every table joined counts: which of them the SET
+#: assigns is not read), ``DELETE a, b FROM ...``, ``DELETE FROM a, b USING ...``, and
+#: ``TRUNCATE a, b`` (a list stops at the end of its statement)
+_LISTS = re.compile(
+    r"\b(?:(?<!for )(?<!do )(?<!key )update(?:\s+(?:low_priority|ignore)\b)*\s+(?P<u>(?:(?!\bset\b)[^;])+?)\s+set\b"
+    r"|delete(?:\s+(?:low_priority|quick|ignore)\b)*\s+(?P<d>(?:(?!\bfrom\b)[^;])+?)\s+from\b"
+    r"|delete(?:\s+(?:low_priority|quick|ignore)\b)*\s+from\s+"
+    r"(?P<f>(?:(?!\b(?:using|where)\b)[^;])+?)\s+using\b"
+    r"|truncate(?:\s+table\b)?\s+(?P<t>[^;]+))"
+)
+#: where a table of such a list is named: first, after a comma or a JOIN (``ONLY`` and an
+#: opening parenthesis before it skipped)
+_LISTED = re.compile(
+    r"(?:^|,|join\b)\s*\(*\s*(?:only\s+)?([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
+)
+#: the header of a SQLite trigger (``CREATE TRIGGER ... ON t ... BEGIN``) and of a
+#: PostgreSQL rule (``CREATE RULE ... ON UPDATE TO t ... DO``), as the catalog gives them:
+#: its words are not statements (``AFTER UPDATE OF a, b ON t``)
+_HEADER = re.compile(
+    r"^\s*create\s+(?:(?:temp|temporary)\s+trigger\b|trigger\b|(?:or\s+replace\s+)?rule\b)"
+    r".*?\b(?:begin|do)\b",
+    re.DOTALL,
 )
 
 
@@ -564,9 +595,12 @@ def _reduced(code: str) -> str:
 def _written(code: str) -> frozenset[str]:
     """The tables ``code``'s statements write, lower-cased, as they are named (``table`` or
     ``schema.table``); a string's words count too (dynamic SQL)."""
-    return frozenset(
-        re.sub(r"\s+", "", match.group(1)) for match in _WRITES.finditer(_reduced(code))
-    )
+    text = _HEADER.sub(" ", re.sub(r"\s+", " ", _reduced(code)), count=1)
+    found = {match.group(1) for match in _WRITES.finditer(text)}
+    for match in _LISTS.finditer(text):
+        listed = next(group for group in match.groups() if group is not None)
+        found.update(named.group(1) for named in _LISTED.finditer(listed.strip()))
+    return frozenset(re.sub(r"\s+", "", name) for name in found)
 
 
 def _function_code(

@@ -390,3 +390,63 @@ def test_a_trigger_created_later_is_seen_on_the_engines_next_pool(
             assert _count(made, engine) == (1, 1)
         finally:
             _drop_vote_triggers(engine)
+
+
+#: MySQL's own ways of writing a table, in a trigger's code: each was read as writing no
+#: cached table (only a word warning), so the product was served stale until its TTL
+_MYSQL_WRITES = {
+    "multi-table-update": (
+        "UPDATE tw_log RIGHT JOIN tw_product ON tw_log.n = tw_product.id "
+        "SET tw_product.review_count = tw_product.review_count + 1 "
+        "WHERE tw_product.id = NEW.product_id"
+    ),
+    "update-modifiers": (
+        "UPDATE LOW_PRIORITY IGNORE tw_product SET review_count = review_count + 1 "
+        "WHERE id = NEW.product_id"
+    ),
+    "insert-without-into": (
+        "INSERT tw_product (id, name) VALUES (NEW.product_id, 'new') "
+        "ON DUPLICATE KEY UPDATE review_count = review_count + 1"
+    ),
+    "replace-without-into": (
+        "REPLACE tw_product (id, name, review_count) VALUES (NEW.product_id + 1, 'desk', 7)"
+    ),
+    "delete-target-first": "DELETE tw_product FROM tw_product WHERE id = NEW.product_id + 1",
+}
+
+
+def _products(session: Session) -> list[tuple[str, int] | None]:
+    found = [session.get(TwProduct, pk) for pk in (1, 2)]
+    return [None if p is None else (p.name, p.review_count) for p in found]
+
+
+@pytest.mark.databases("mariadb")
+@pytest.mark.parametrize("body", list(_MYSQL_WRITES.values()), ids=list(_MYSQL_WRITES))
+def test_mysqls_own_forms_of_a_write_in_a_trigger_are_read(
+    engine: Engine, redis_url: str, prefix: str, body: str
+) -> None:
+    """A multi-table UPDATE naming the product second, LOW_PRIORITY/IGNORE, INSERT and
+    REPLACE without INTO, ``DELETE t FROM t``: the trigger on the vote writes the product."""
+    reset_schema(engine, Base.metadata)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER tw_vote_counts AFTER INSERT ON tw_vote FOR EACH ROW {body}"
+        )
+    try:
+        with cache_on(engine, redis_url, prefix) as (cache, made):
+            with made() as session:
+                session.add_all([TwProduct(id=1, name="lamp"), TwProduct(id=2, name="desk")])
+                session.commit()
+            with made() as session:
+                before = _products(session)  # now cached
+            with made() as session:
+                session.add(TwVote(id=1, product_id=1))
+                session.commit()
+            with made() as session, Session(engine) as plain:
+                fresh = _products(plain)
+                assert fresh != before  # the trigger wrote
+                assert _products(session) == fresh
+            info = cache.models(engine)[TwProduct]
+            assert "tw_vote" in _bare(info.invalidated_by_writes_to)
+    finally:
+        _drop_vote_triggers(engine)
