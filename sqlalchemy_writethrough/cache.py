@@ -889,6 +889,7 @@ class WriteThroughCache:
         for flavour in (self._sync, self._async):
             if flavour is not None:
                 flavour.write.statements.unwatch()
+        self._models.unwatch()
 
     def _leave(self) -> None:
         """The synchronous backend's last epoch check on a Sentinel-managed pool (see

@@ -12,10 +12,10 @@ import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, registry
 
@@ -81,6 +81,12 @@ class Models:
         self._written_by_engine: weakref.WeakKeyDictionary[
             Any, tuple[Any, dict[tuple[str, ...], list[ModelLayout]]]
         ] = weakref.WeakKeyDictionary()
+        #: engine -> the ``engine_disposed`` listener that has what a keyspace was told of
+        #: its database (served, rewritten, self-written) asked anew on the new pool (weak
+        #: keys; the listener holds this registry weakly); see :meth:`_watch_disposal`
+        self._disposal_watched: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = (
+            weakref.WeakKeyDictionary()
+        )
         #: bumped whenever a model's layout is built, dropped or may change (register,
         #: register_all, a mapper configured again): what a hook decided from the layouts
         #: holds while it is unchanged
@@ -463,6 +469,7 @@ class Models:
             named = for_schemas(naming, layout.schemas)
             keys = layout.keyspace(self._databases.renamed(bind, named))
             if keys.served is None:
+                self._watch_disposal(bind)
                 keys.rewritten = self._rewritten(layout, bind, naming)
                 keys.self_written = self.self_written(layout, bind, naming)
                 keys.served = self._served(layout, bind, naming)
@@ -484,12 +491,51 @@ class Models:
         else:
             keys = layout.keyspace(self._databases.of(bind, None in layout.schemas))
         if keys.served is None:
+            self._watch_disposal(bind)
             keys.rewritten = self._rewritten(layout, bind, None)
             keys.self_written = self.self_written(layout, bind, None)
             keys.served = self._served(layout, bind, None)
             self._warn_written(layout, bind, None)
         layout.last_keys = (bind, keys)
         return keys
+
+    def _watch_disposal(self, bind: Any) -> None:
+        """Have ``engine.dispose()`` of ``bind``'s engine (its pool replaced) make what the
+        keyspaces were told of their databases be asked again at their next use, as the
+        catalog itself is asked again per pool (a trigger, a view, row-level security
+        created since). An engine derived by ``execution_options()`` is watched itself: the
+        dispose of the engine it came from does not reach its listeners."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        if engine in self._disposal_watched:
+            return
+        models = weakref.ref(self)
+
+        def disposed(engine: Any) -> None:
+            found = models()
+            if found is not None:
+                found._ask_again()
+
+        event.listen(engine, "engine_disposed", disposed)
+        self._disposal_watched[engine] = disposed
+
+    def unwatch(self) -> None:
+        """Take the listeners :meth:`_watch_disposal` added off their engines (the cache
+        was uninstalled from its last target)."""
+        watched = list(self._disposal_watched.items())
+        self._disposal_watched.clear()
+        for engine, listener in watched:
+            if event.contains(engine, "engine_disposed", listener):
+                event.remove(engine, "engine_disposed", listener)
+
+    def _ask_again(self) -> None:
+        """An engine's pool was replaced: every keyspace's flags are worked out again at its
+        next use (the catalog of an unchanged pool is not asked again: its answers are kept
+        per pool). Until then a keyspace reads as not served: loads read the database and
+        commits invalidate, never a wrong value."""
+        for layout in self._built_layouts():
+            layout.last_keys = (None, None)
+            for keys in list(layout.keyspaces.values()):
+                keys.served = None
 
     def unserved(
         self, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None = None

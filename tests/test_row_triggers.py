@@ -255,3 +255,43 @@ def test_a_cache_that_invalidates_anyway_says_nothing_of_the_trigger(
             session.commit()
         assert cache.models(engine)[TgUndeclared].commits_invalidate_because == ""
         assert "tg_undeclared" not in caplog.text
+
+
+@pytest.mark.databases("sqlite", "postgresql", "mariadb")
+def test_a_trigger_created_later_is_seen_after_engine_dispose(
+    engine: Engine, redis_url: str, prefix: str
+) -> None:
+    """The catalog is asked once per pool: a migration that adds a trigger while the
+    application runs is seen once the engine's pool is replaced (``engine.dispose()``), as a
+    restart would. Before, the model kept what the first pool said until a restart: its
+    commits went on writing through the value the flush sent, not the one stored."""
+    reset_schema(engine, Base.metadata)
+    with engine.begin() as conn:  # the other tests' triggers (the tables are kept)
+        on = " ON tg_undeclared" if conn.dialect.name == "postgresql" else ""
+        for name in ("tg_undeclared_tg", "tg_undeclared_insert", "tg_undeclared_update"):
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}{on}")
+        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS tg_undeclared_fold{on}")
+    with cache_on(engine, redis_url, prefix) as (_, made):
+        with made() as session:
+            session.add(TgUndeclared(id=1, email="Ann"))
+            session.commit()
+        assert _values(made, TgUndeclared) == (("Ann", None), 0)  # written through
+        with engine.begin() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql(
+                    "CREATE TRIGGER tg_undeclared_fold AFTER UPDATE OF email ON tg_undeclared "
+                    "BEGIN UPDATE tg_undeclared SET email = lower(NEW.email) "
+                    "WHERE id = NEW.id; END"
+                )
+        if engine.dialect.name != "sqlite":
+            _create_triggers(engine)
+        engine.dispose()
+        with made() as session:
+            row = session.get(TgUndeclared, 1)
+            assert row is not None
+            row.email = "Bob"
+            session.commit()
+        with Session(engine) as plain:
+            fresh = plain.get(TgUndeclared, 1)
+            assert fresh is not None and fresh.email == "bob"
+        assert _values(made, TgUndeclared)[0] == ("bob", None)
