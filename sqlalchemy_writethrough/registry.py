@@ -520,12 +520,14 @@ class Models:
 
     def unwatch(self) -> None:
         """Take the listeners :meth:`_watch_disposal` added off their engines (the cache
-        was uninstalled from its last target)."""
+        was uninstalled from its last target); installed again, the flags are worked out
+        again, and the engines watched again, at their next use."""
         watched = list(self._disposal_watched.items())
         self._disposal_watched.clear()
         for engine, listener in watched:
             if event.contains(engine, "engine_disposed", listener):
                 event.remove(engine, "engine_disposed", listener)
+        self._ask_again()
 
     def _ask_again(self) -> None:
         """An engine's pool was replaced: every keyspace's flags are worked out again at its

@@ -258,24 +258,30 @@ def test_a_cache_that_invalidates_anyway_says_nothing_of_the_trigger(
 
 
 @pytest.mark.databases("sqlite", "postgresql", "mariadb")
+@pytest.mark.parametrize("reinstalled", [False, True], ids=["installed", "reinstalled"])
 def test_a_trigger_created_later_is_seen_after_engine_dispose(
-    engine: Engine, redis_url: str, prefix: str
+    engine: Engine, redis_url: str, prefix: str, reinstalled: bool
 ) -> None:
     """The catalog is asked once per pool: a migration that adds a trigger while the
     application runs is seen once the engine's pool is replaced (``engine.dispose()``), as a
-    restart would. Before, the model kept what the first pool said until a restart: its
-    commits went on writing through the value the flush sent, not the one stored."""
+    restart would, also by a cache uninstalled and installed again meanwhile (which takes
+    its listeners off the engines). Before, the model kept what the first pool said until a
+    restart: its commits went on writing through the value the flush sent."""
     reset_schema(engine, Base.metadata)
     with engine.begin() as conn:  # the other tests' triggers (the tables are kept)
         on = " ON tg_undeclared" if conn.dialect.name == "postgresql" else ""
         for name in ("tg_undeclared_tg", "tg_undeclared_insert", "tg_undeclared_update"):
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}{on}")
         conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS tg_undeclared_fold{on}")
-    with cache_on(engine, redis_url, prefix) as (_, made):
+    with cache_on(engine, redis_url, prefix) as (cache, made):
         with made() as session:
             session.add(TgUndeclared(id=1, email="Ann"))
             session.commit()
         assert _values(made, TgUndeclared) == (("Ann", None), 0)  # written through
+        if reinstalled:
+            cache.uninstall(made)
+            cache.install(made)
+            assert _values(made, TgUndeclared) == (("Ann", None), 0)
         with engine.begin() as conn:
             if conn.dialect.name == "sqlite":
                 conn.exec_driver_sql(
