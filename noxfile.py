@@ -324,7 +324,8 @@ def docs(session: nox.Session) -> None:
 
 # The runs of ``nox -s sqlalchemy_suite``: test/orm, test/ext (sharding, mutable columns,
 # association proxies, hybrids, automap, baked queries, declarative...), the tests of
-# SQLAlchemy's examples (test/base/test_examples.py: versioned_history) and test/ext/asyncio,
+# SQLAlchemy's examples (test/base/test_examples.py: versioned_history) and of its tutorials
+# and query guides (test/base/test_tutorials.py: doctests of every value printed), test/ext/asyncio,
 # whose tests need an async driver (on SQLite's default pysqlite they are skipped), twice: with
 # the cache on Session (AsyncSessions then run its sync flavour inside the event loop) and on
 # AsyncSession (its asyncio flavour, as asyncio applications run it). 2.0's test/ext/mypy (its
@@ -332,7 +333,7 @@ def docs(session: nox.Session) -> None:
 SQLALCHEMY_SUITE_RUNS: tuple[tuple[str, ...], ...] = (
     (),
     ("--target", "test/ext", "--", "--ignore=test/ext/mypy"),
-    ("--target", "test/base/test_examples.py"),
+    ("--target", "test/base/test_examples.py", "--target", "test/base/test_tutorials.py"),
     ("--target", "test/ext/asyncio", "--", "--db", "aiosqlite"),
     ("--target", "test/ext/asyncio", "--asyncio-flavour", "--", "--db", "aiosqlite"),
 )
