@@ -229,6 +229,7 @@ def final_state(
     model_versions: int = 1,
     epochs: bool = True,
     key_type: str = "int",
+    shadows: bool = False,
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     """The database rows, the decoded current VALUE entries, and what else Redis still holds
     (``redis_url``: the server, or every primary of a Redis Cluster: an entry and its
@@ -241,14 +242,15 @@ def final_state(
     entries of a server whose epoch none checked since it changed are never served: they are
     counted in ``leftover`` (:data:`UNCHECKED_EPOCH`), not returned. ``key_type`` "uuid":
     the rows are read with the Uuid-keyed models, and rows and entries named by int ids (as
-    the histories name them)."""
+    the histories name them). ``shadows``: the shadow table's rows and entries too
+    (``--sibling-trigger other``, int keys)."""
     urls = [redis_url] if isinstance(redis_url, str) else redis_url
     db: dict[Row, dict[str, Any]] = {}
     cached: dict[Row, dict[str, Any] | None] = {}
     leftover: Counter[str] = Counter()
     for url in urls:
         db, found, left = _final_state_of(
-            engine, url, prefix, tenants, model_versions, epochs, key_type
+            engine, url, prefix, tenants, model_versions, epochs, key_type, shadows
         )
         cached.update(found)
         leftover.update(left)
@@ -263,6 +265,7 @@ def _final_state_of(
     model_versions: int = 1,
     epochs: bool = True,
     key_type: str = "int",
+    shadows: bool = False,
 ) -> tuple[dict[Row, dict[str, Any]], dict[Row, dict[str, Any] | None], Counter[str]]:
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
@@ -272,7 +275,10 @@ def _final_state_of(
     keyed, _, unkey = KEY_TYPES[key_type]
     versions = VERSIONS if key_type == "int" else {"A": keyed}
     for version in list(versions)[:model_versions]:
-        for table, model in versions[version].items():
+        models = dict(versions[version])
+        if shadows and version == "A":
+            models[StShadow.__tablename__] = StShadow
+        for table, model in models.items():
             layout = cache._layout_for(inspect(model))
             assert layout is not None
             layouts[(table, layout.digest)] = (version, model, layout)
@@ -604,6 +610,9 @@ def sibling_trigger_problem(config: StressConfig) -> str | None:
         )
     if config.rewriting_trigger or config.tenants or config.key_type != "int":
         return "--sibling-trigger runs without --rewriting-trigger, --tenants and --key-type"
+    if config.sibling_trigger == "other" and config.model_versions > 1:
+        # the second version's tables are created from its own metadata, without the shadows
+        return "--sibling-trigger other runs with one model version"
     return None
 
 
@@ -820,6 +829,7 @@ def run_stress(config: StressConfig, log: Log = print) -> StressResult:
             config.model_versions,
             epochs=config.sabotage != "no-epoch-check",
             key_type=config.key_type,
+            shadows=config.sibling_trigger == "other",
         )
         if config.keep_logs and schedule.cluster is not None:
             dump_cluster(schedule.cluster, prefix, workdir / "final-redis.dump")
