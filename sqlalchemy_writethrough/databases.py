@@ -15,7 +15,8 @@ commit through one leave the other's entries stale.
 - asked once per engine pool and process (an engine and those ``execution_options()``
   derives share one), on a connection of its own (a pool recreated from the engine's: same
   ``connect_args``, creator and pool listeners, never one of the application's connections):
-  per pool, not per URL, because those choose the schema an unqualified name reaches;
+  per pool, not per URL, because those choose the schema an unqualified name reaches (with
+  the catalog questions, MySQL's per schema reached: :data:`_PER_SCHEMA`);
   when the server cannot say (a permission, another backend), the URL's backend, host, port and
   database name, never the driver, user or password;
 - a SQLite file by its absolute path; an in-memory SQLite database is unique to its engine's
@@ -104,10 +105,10 @@ _UNSERVED_QUERIES = {
         "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') "
         "ORDER BY 3 DESC"  # a relation's own kind first (lower case)
     ),
+    # {schema}: the schema asked (MySQL's are asked one at a time: see :data:`_PER_SCHEMA`)
     "mysql": (
         "SELECT TABLE_SCHEMA, TABLE_NAME, 'v' FROM information_schema.TABLES "
-        "WHERE TABLE_TYPE = 'VIEW' "
-        "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys')"
+        "WHERE TABLE_TYPE = 'VIEW' AND TABLE_SCHEMA = {schema}"
     ),
     # {schema}: a SQLite database's name, as a string literal, and {ident}: as an identifier
     # (its own, ``main``, or an attached one's: see :func:`_sqlite_catalog`)
@@ -160,10 +161,9 @@ _REWRITING_QUERIES = {
     "mysql": (
         "SELECT DISTINCT EVENT_OBJECT_SCHEMA, EVENT_OBJECT_TABLE, 't' "
         "FROM information_schema.TRIGGERS WHERE ACTION_TIMING = 'BEFORE' "
-        "AND EVENT_MANIPULATION IN ('INSERT', 'UPDATE') "
+        "AND EVENT_MANIPULATION IN ('INSERT', 'UPDATE') AND EVENT_OBJECT_SCHEMA = {schema} "
         "UNION SELECT DISTINCT TABLE_SCHEMA, TABLE_NAME, 'u' FROM information_schema.COLUMNS "
-        "WHERE EXTRA LIKE '%on update%' "
-        "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys') "
+        "WHERE EXTRA LIKE '%on update%' AND TABLE_SCHEMA = {schema} "
         "ORDER BY 3"  # a table's trigger first
     ),
     "sqlite": (
@@ -187,7 +187,7 @@ _GENERATED_QUERIES = {
     "mysql": (
         "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
         "WHERE (EXTRA LIKE '%STORED GENERATED%' OR EXTRA LIKE '%VIRTUAL GENERATED%') "
-        "AND TABLE_SCHEMA NOT IN ('information_schema', 'mysql', 'performance_schema', 'sys')"
+        "AND TABLE_SCHEMA = {schema}"
     ),
     # hidden: 2 a virtual generated column, 3 a stored one (SQLite 3.31+)
     "sqlite": (
@@ -410,6 +410,32 @@ def digest(identity: str) -> str:
     return hashlib.sha1(identity.encode()).hexdigest()[:16]
 
 
+#: the catalog questions MySQL (and MariaDB) is asked per schema, as a pool's sessions first
+#: reach one (its own schema with the pool's first question), rather than of the whole server:
+#: ``information_schema.TABLES`` and ``COLUMNS`` list every database of the server, and one
+#: holding a database per tenant, each reached by an engine of its own, had every engine's
+#: first cached load read them all, and keep all they said, per pool. Triggers and routines,
+#: few, are read whole: a trigger of any table may write a cached one.
+_PER_SCHEMA = ("unserved", "rewriting", "generated")
+
+
+class _SchemaCatalog:
+    """What a MySQL server said of the schemas a pool's sessions reached (the fields of
+    :data:`_PER_SCHEMA`, as :class:`_Server` has them), growing as they reach more."""
+
+    def __init__(self) -> None:
+        #: the schemas asked (a schema whose questions failed too: warned of once)
+        self.asked: set[str] = set()
+        self.unserved: dict[tuple[str, str], str] = {}
+        self.rewriting: dict[tuple[str, str], str] = {}
+        self.generated: dict[tuple[str, str], frozenset[str]] = {}
+
+    def add(self, schema: str, fields: Mapping[str, Any]) -> None:
+        for which in _PER_SCHEMA:
+            getattr(self, which).update(fields[which])
+        self.asked.add(schema)
+
+
 class _Server(NamedTuple):
     """What a server says of one pool's connections."""
 
@@ -435,6 +461,8 @@ class _Server(NamedTuple):
     #: {(schema, table): the tables its triggers' statements write, as they name them}
     #: (see :func:`_written`); the table itself among them: see :meth:`Databases.self_written`
     trigger_writes: Mapping[tuple[str, str], frozenset[str]] = {}
+    #: MySQL's: the fields of :data:`_PER_SCHEMA`, asked per schema (those above are empty)
+    per_schema: _SchemaCatalog | None = None
 
 
 def _catalog(fairy: Any, sql: str, by_url: str, what: str) -> list[tuple[str, ...]]:
@@ -470,10 +498,15 @@ def _kinds(rows: list[tuple[str, ...]]) -> dict[tuple[str, str], str]:
 
 
 def _query(queries: Mapping[str, str], backend: str, schema: str) -> str:
-    """``backend``'s query of ``queries``; SQLite's about its database named ``schema``."""
-    if backend != "sqlite":
+    """``backend``'s query of ``queries``; SQLite's about its database named ``schema``, and
+    MySQL's of :data:`_PER_SCHEMA` about its schema ``schema``."""
+    if backend == "postgresql":
         return queries[backend]
+    # MySQL reads a backslash in a literal as an escape unless NO_BACKSLASH_ESCAPES: a name
+    # with one (or a character SQL may not hold) is given as hex
     literal = "'" + schema.replace("'", "''") + "'"
+    if backend == "mysql" and (not schema.isprintable() or "\\" in schema):
+        literal = f"CONVERT(X'{schema.encode().hex()}' USING utf8mb4)"
     ident = '"' + schema.replace('"', '""') + '"'
     return queries[backend].format(schema=literal, ident=ident)
 
@@ -678,12 +711,24 @@ def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -
 def _catalog_fields(fairy: Any, backend: str, by_url: str, schema: str = "main") -> dict[str, Any]:
     """The :class:`_Server` fields the catalog questions answer (``unserved``, ``rewriting``,
     ``generated``, ``trigger_words``, ``trigger_writes``), asked on ``fairy`` (of SQLite's
-    database ``schema``)."""
+    database ``schema``; MySQL's ``per_schema``, of its schema ``schema`` so far)."""
+    if backend == "mysql":
+        per_schema = _SchemaCatalog()
+        per_schema.add(schema, _schema_fields(fairy, backend, by_url, schema))
+        return {"per_schema": per_schema, **_trigger_code(fairy, backend, by_url)}
+    return {
+        **_schema_fields(fairy, backend, by_url, schema),
+        **_trigger_code(fairy, backend, by_url, schema),
+    }
+
+
+def _schema_fields(fairy: Any, backend: str, by_url: str, schema: str) -> dict[str, Any]:
+    """The fields of :data:`_PER_SCHEMA`, asked on ``fairy`` (of SQLite's database, or
+    MySQL's schema, ``schema``)."""
     return {
         "unserved": _unserved(fairy, backend, by_url, schema),
         "rewriting": _rewriting(fairy, backend, by_url, schema),
         "generated": _generated(fairy, backend, by_url, schema),
-        **_trigger_code(fairy, backend, by_url, schema),
     }
 
 
@@ -888,7 +933,9 @@ class Databases:
                 row = cursor.fetchone()
                 cursor.close()
                 fairy.rollback()
-                fields = _catalog_fields(fairy, backend, by_url)
+                # MySQL's schema: the one the pool's unqualified names reach (see _PER_SCHEMA)
+                own = str(row[2] if row and row[2] is not None else engine.url.database or "")
+                fields = _catalog_fields(fairy, backend, by_url, own)
                 timezone = _timezone(engine, fairy) if backend == "postgresql" else None
             finally:
                 fairy.close()
@@ -1043,6 +1090,10 @@ class Databases:
             return []
         server, schema_of = asked
         listed: Mapping[tuple[str, str], Any] = getattr(server, which)
+        if server.per_schema is not None and which in _PER_SCHEMA:
+            tables = list(tables)
+            self._ask_schemas(bind, server.per_schema, {schema_of(t) for t in tables})
+            listed = getattr(server.per_schema, which)
         if not listed:
             return []
         found = []
@@ -1098,6 +1149,42 @@ class Databases:
             and not names.isdisjoint(words)
             and written != names.isdisjoint(writes.get((schema, table), ()))
         )
+
+    def _ask_schemas(self, bind: Any, catalog: _SchemaCatalog, schemas: set[str]) -> None:
+        """Ask MySQL's catalog about those of ``schemas`` it was not asked about for this
+        pool (see :data:`_PER_SCHEMA`), on a connection of its own, as :meth:`_server` asks:
+        threads one at a time, an AsyncSession's without the lock. Raises
+        :class:`DatabaseUnknown` when it cannot connect (nothing remembered: asked again
+        next time)."""
+        if schemas <= catalog.asked:
+            return
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        if _sa_compat.in_greenlet():
+            self._ask_schemas_now(engine, catalog, schemas)
+            return
+        with self._asking:
+            self._ask_schemas_now(engine, catalog, schemas)
+
+    def _ask_schemas_now(self, engine: Any, catalog: _SchemaCatalog, schemas: set[str]) -> None:
+        missing = sorted(schemas - catalog.asked)
+        if not missing:
+            return
+        by_url = describe(engine.url, {}, "")
+        pool = engine.pool.recreate()  # as _ask_server: the engine's creator and listeners
+        try:
+            fairy = pool.connect()
+            try:
+                for schema in missing:
+                    catalog.add(schema, _schema_fields(fairy, "mysql", by_url, schema))
+            finally:
+                fairy.close()
+        except Exception as exc:
+            raise DatabaseUnknown(
+                f"could not ask the database at {by_url} about its schema "
+                f"{', '.join(missing)} ({type(exc).__name__}: {exc})"
+            ) from exc
+        finally:
+            pool.dispose()
 
     def _asked(
         self, bind: Any, naming: Mapping[str, Any] | None
