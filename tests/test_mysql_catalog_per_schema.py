@@ -70,26 +70,26 @@ def schemas(engine: Engine) -> Iterator[tuple[str, str]]:
     trigger folding the email, and a far one no session reaches (a table with an ``ON
     UPDATE CURRENT_TIMESTAMP`` column); the run's own database's ps_item has no trigger."""
     tenant, far = (f"ps_{kind}_{uuid.uuid4().hex[:6]}" for kind in ("tenant", "far"))
-    with engine.begin() as conn:
-        Base.metadata.drop_all(conn)
-        Base.metadata.create_all(conn)
-        conn.execute(PsItem.__table__.insert(), {"id": 1, "email": "Ann"})
-        conn.exec_driver_sql(f"CREATE DATABASE {tenant}")
-        conn.exec_driver_sql(f"CREATE DATABASE {far}")
-    with engine.begin() as conn:
-        # a Connection's execution_options() changes it in place
-        mapped = conn.execution_options(schema_translate_map={None: tenant})
-        Base.metadata.create_all(mapped)
-        mapped.execute(PsItem.__table__.insert(), {"id": 1, "email": "Ann"})
-        conn.exec_driver_sql(
-            f"CREATE TRIGGER {tenant}.ps_item_fold BEFORE UPDATE ON {tenant}.ps_item "
-            "FOR EACH ROW SET NEW.email = lower(NEW.email)"
-        )
-        conn.exec_driver_sql(
-            f"CREATE TABLE {far}.stamped (id INT PRIMARY KEY, "
-            "at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP)"
-        )
     try:
+        with engine.begin() as conn:
+            Base.metadata.drop_all(conn)
+            Base.metadata.create_all(conn)
+            conn.execute(PsItem.__table__.insert(), {"id": 1, "email": "Ann"})
+            conn.exec_driver_sql(f"CREATE DATABASE {tenant}")
+            conn.exec_driver_sql(f"CREATE DATABASE {far}")
+        with engine.begin() as conn:
+            # a Connection's execution_options() changes it in place
+            mapped = conn.execution_options(schema_translate_map={None: tenant})
+            Base.metadata.create_all(mapped)
+            mapped.execute(PsItem.__table__.insert(), {"id": 1, "email": "Ann"})
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER {tenant}.ps_item_fold BEFORE UPDATE ON {tenant}.ps_item "
+                "FOR EACH ROW SET NEW.email = lower(NEW.email)"
+            )
+            conn.exec_driver_sql(
+                f"CREATE TABLE {far}.stamped (id INT PRIMARY KEY, at TIMESTAMP NOT NULL "
+                "DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP)"
+            )
         yield tenant, far
     finally:
         with engine.begin() as conn:
