@@ -846,6 +846,19 @@ def expanded_parameter_names(context: Any, name: str) -> list[str] | None:
     return list(expanded[name])
 
 
+def engines_disposing(engine: Any) -> list[Any]:
+    """``engine`` and the engines it was derived from by ``execution_options()``: the
+    ``dispose()`` of any of them replaces the pool it uses, but fires only that engine's own
+    ``engine_disposed`` listeners (a derived engine's dispatch joins its parent's, never the
+    reverse). ``OptionEngine`` keeps its parent only privately (``_proxied``)."""
+    found = [engine]
+    parent = getattr(engine, "_proxied", None)
+    while parent is not None and parent not in found:
+        found.append(parent)
+        parent = getattr(parent, "_proxied", None)
+    return found
+
+
 def connection_isolation_level(connection: Any) -> str | None:
     """The isolation level a connection runs at, without asking the database.
 

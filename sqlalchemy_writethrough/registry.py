@@ -503,8 +503,8 @@ class Models:
         """Have ``engine.dispose()`` of ``bind``'s engine (its pool replaced) make what the
         keyspaces were told of their databases be asked again at their next use, as the
         catalog itself is asked again per pool (a trigger, a view, row-level security
-        created since). An engine derived by ``execution_options()`` is watched itself: the
-        dispose of the engine it came from does not reach its listeners."""
+        created since). An engine derived by ``execution_options()`` shares its parent's
+        pool, and the dispose of either replaces it: both are watched."""
         engine = bind.engine if isinstance(bind, Connection) else bind
         if engine in self._disposal_watched:
             return
@@ -515,8 +515,10 @@ class Models:
             if found is not None:
                 found._ask_again()
 
-        event.listen(engine, "engine_disposed", disposed)
-        self._disposal_watched[engine] = disposed
+        for disposing in _sa_compat.engines_disposing(engine):
+            if disposing not in self._disposal_watched:
+                event.listen(disposing, "engine_disposed", disposed)
+                self._disposal_watched[disposing] = disposed
 
     def unwatch(self) -> None:
         """Take the listeners :meth:`_watch_disposal` added off their engines (the cache

@@ -258,27 +258,30 @@ def test_a_cache_that_invalidates_anyway_says_nothing_of_the_trigger(
 
 
 @pytest.mark.databases("sqlite", "postgresql", "mariadb")
-@pytest.mark.parametrize("reinstalled", [False, True], ids=["installed", "reinstalled"])
+@pytest.mark.parametrize("how", ["installed", "reinstalled", "derived"])
 def test_a_trigger_created_later_is_seen_after_engine_dispose(
-    engine: Engine, redis_url: str, prefix: str, reinstalled: bool
+    engine: Engine, redis_url: str, prefix: str, how: str
 ) -> None:
     """The catalog is asked once per pool: a migration that adds a trigger while the
     application runs is seen once the engine's pool is replaced (``engine.dispose()``), as a
-    restart would, also by a cache uninstalled and installed again meanwhile (which takes
-    its listeners off the engines). Before, the model kept what the first pool said until a
-    restart: its commits went on writing through the value the flush sent."""
+    restart would; also by a cache uninstalled and installed again meanwhile (which takes
+    its listeners off the engines), and by sessions bound to an engine derived from it with
+    ``execution_options()`` (which shares its pool). Before, the model kept what the first
+    pool said until a restart: its commits went on writing through the value the flush
+    sent."""
     reset_schema(engine, Base.metadata)
     with engine.begin() as conn:  # the other tests' triggers (the tables are kept)
         on = " ON tg_undeclared" if conn.dialect.name == "postgresql" else ""
         for name in ("tg_undeclared_tg", "tg_undeclared_insert", "tg_undeclared_update"):
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}{on}")
         conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS tg_undeclared_fold{on}")
-    with cache_on(engine, redis_url, prefix) as (cache, made):
+    bind = engine.execution_options(logging_token="app") if how == "derived" else engine
+    with cache_on(bind, redis_url, prefix) as (cache, made):
         with made() as session:
             session.add(TgUndeclared(id=1, email="Ann"))
             session.commit()
         assert _values(made, TgUndeclared) == (("Ann", None), 0)  # written through
-        if reinstalled:
+        if how == "reinstalled":
             cache.uninstall(made)
             cache.install(made)
             assert _values(made, TgUndeclared) == (("Ann", None), 0)

@@ -854,3 +854,17 @@ def test_begin_as_a_load_begins_what_a_database_load_autobegins() -> None:
         event.listen(seen, name, lambda *a: None)
         _sa_compat.begin_as_a_load(seen, True)
         assert seen._transaction is not None
+
+
+def test_engines_disposing_are_an_option_engine_and_its_parents() -> None:
+    """``OptionEngine`` keeps the engine it was derived from privately (``_proxied``): the
+    cache listens for the dispose of each, since either replaces the pool they share."""
+    engine = create_engine("sqlite://")
+    derived = engine.execution_options(isolation_level="SERIALIZABLE")
+    twice = derived.execution_options(logging_token="x")
+    assert _sa_compat.engines_disposing(engine) == [engine]
+    assert _sa_compat.engines_disposing(twice) == [twice, derived, engine]
+    twice.dispose()
+    assert derived.pool is engine.pool is twice.pool
+    engine.dispose()
+    assert twice.pool is engine.pool
