@@ -596,7 +596,8 @@ _WRITES = re.compile(
 #: assigns is not read), ``DELETE a, b FROM ...``, ``DELETE FROM a, b USING ...``, and
 #: ``TRUNCATE a, b`` (a list stops at the end of its statement)
 _LISTS = re.compile(
-    r"\b(?:(?<!for )(?<!do )(?<!key )update(?:\s+(?:low_priority|ignore)\b)*\s+(?P<u>(?:(?!\bset\b)[^;])+?)\s+set\b"
+    r"\b(?:(?<!for )(?<!do )(?<!key )update(?:\s+(?:low_priority|ignore)\b)*\s+"
+    r"(?P<u>(?:(?!\bset\b)[^;])+?)\s+set\b"
     r"|delete(?:\s+(?:low_priority|quick|ignore)\b)*\s+(?P<d>(?:(?!\bfrom\b)[^;])+?)\s+from\b"
     r"|delete(?:\s+(?:low_priority|quick|ignore)\b)*\s+from\s+"
     r"(?P<f>(?:(?!\b(?:using|where)\b)[^;])+?)\s+using\b"
