@@ -14,15 +14,20 @@ a get returns against a load without the cache.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from _flavours import async_url
 from sqlalchemy import String, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sqlalchemy_writethrough import WriteThroughCache
 
 from _cache_helpers import cache_on
 
@@ -164,3 +169,43 @@ def test_a_trigger_of_a_schema_first_reached_later_is_seen(
             with made() as session, Session(engine) as plain:
                 assert _email(plain, schema) == stored
                 assert _email(session, schema) == stored
+
+
+def test_an_async_session_asks_about_a_schema_first_reached_later(
+    engine: Engine, schemas: tuple[str, str], redis_url: str, prefix: str
+) -> None:
+    """The same through aiomysql, the cache on ``async_sessionmaker`` (``redis.asyncio``):
+    the tenant's schema is asked inside SQLAlchemy's greenlet, on a connection of the
+    engine's asyncio pool, when the tenant is first reached."""
+    tenant, _ = schemas
+    tenant_map = {"schema_translate_map": {None: tenant}}
+
+    async def main() -> list[str]:
+        eng = create_async_engine(async_url(engine.url.render_as_string(hide_password=False)))
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+        cache.register(PsItem)
+        made = async_sessionmaker(eng)
+        cache.install(made)
+        try:
+            for _ in range(2):  # the second is served
+                async with made() as session:
+                    await session.connection(execution_options=tenant_map)
+                    assert (await session.get_one(PsItem, 1)).email == "Ann"
+            async with made() as session:
+                await session.connection(execution_options=tenant_map)
+                (await session.get_one(PsItem, 1)).email = "Bob"
+                await session.commit()
+            found = []
+            async with made() as session:
+                await session.connection(execution_options=tenant_map)
+                found.append((await session.get_one(PsItem, 1)).email)
+            async with AsyncSession(eng) as plain:
+                await plain.connection(execution_options=tenant_map)
+                found.append((await plain.get_one(PsItem, 1)).email)
+            return found
+        finally:
+            cache.uninstall(made)
+            await cache.aclose()
+            await eng.dispose()
+
+    assert asyncio.run(main()) == ["bob", "bob"]
