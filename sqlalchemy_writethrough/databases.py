@@ -461,6 +461,9 @@ class _Server(NamedTuple):
     #: {(schema, table): the tables its triggers' statements write, as they name them}
     #: (see :func:`_written`); the table itself among them: see :meth:`Databases.self_written`
     trigger_writes: Mapping[tuple[str, str], frozenset[str]] = {}
+    #: {(schema, table): the key columns by which its triggers update the row written, and
+    #: only it} (see :data:`_ROW_UPDATE`): not in ``trigger_writes``
+    trigger_row_keys: Mapping[tuple[str, str], frozenset[str]] = {}
     #: MySQL's: the fields of :data:`_PER_SCHEMA`, asked per schema (those above are empty)
     per_schema: _SchemaCatalog | None = None
 
@@ -626,10 +629,57 @@ def _reduced(code: str) -> str:
     return text
 
 
+#: a statement of a trigger's code that updates only the row being written: ``UPDATE t SET
+#: ... WHERE c = NEW.c`` and nothing more in its WHERE (SQLite's way to stamp a row, an
+#: ``AFTER`` trigger filling in a materialized path): when ``t`` is the trigger's own table
+#: and ``c`` its primary key (or SQLite's rowid), such a trigger rewrites the rows written,
+#: as :data:`_REWRITING_QUERIES` already takes every trigger of those databases to, and no
+#: other (see :meth:`Databases.self_written`). Anything else in the WHERE is a write of the
+#: table (:data:`_WRITES`), as is a SET of the key itself
+_ROW_UPDATE = re.compile(
+    r"\bupdate(?:\s+or\s+[a-z]+)?\s+([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
+    r"\s+set\s((?:(?!\bwhere\b)[^;])*?)\bwhere\s+"
+    r"(?:([a-z_][a-z0-9_$]*)\s*=\s*new\s*\.\s*([a-z_][a-z0-9_$]*)"
+    r"|new\s*\.\s*([a-z_][a-z0-9_$]*)\s*=\s*([a-z_][a-z0-9_$]*))\s*(?=;|\bend\b|$)"
+)
+
+
+#: the names of a SQLite table's rowid (an INTEGER PRIMARY KEY is one too)
+_ROWIDS = frozenset({"rowid", "oid", "_rowid_"})
+
+
+def _statements(code: str) -> str:
+    """``code`` reduced (:func:`_reduced`), its spaces made one, a header taken off."""
+    return _HEADER.sub(" ", re.sub(r"\s+", " ", _reduced(code)), count=1)
+
+
+def _row_updates(text: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    """``text`` (:func:`_statements`) without its updates of only the row being written
+    (:data:`_ROW_UPDATE`), and those: (table as named, lower-cased, the key column)."""
+    found: set[tuple[str, str]] = set()
+
+    def taken(match: re.Match[str]) -> str:
+        table, assigned, column, new, new_first, column_second = match.groups()
+        if column is None:
+            column, new = column_second, new_first
+        if column != new or re.search(
+            rf"(?:^|,)\s*(?:\w+\s*\.\s*)?{re.escape(column)}\s*=", assigned
+        ):
+            return match.group(0)  # another row (WHERE id = NEW.parent_id), or a new key
+        found.add((re.sub(r"\s+", "", table), column))
+        return " "
+
+    return _ROW_UPDATE.sub(taken, text), frozenset(found)
+
+
 def _written(code: str) -> frozenset[str]:
     """The tables ``code``'s statements write, lower-cased, as they are named (``table`` or
     ``schema.table``); a string's words count too (dynamic SQL)."""
-    text = _HEADER.sub(" ", re.sub(r"\s+", " ", _reduced(code)), count=1)
+    return _written_in(_statements(code))
+
+
+def _written_in(text: str) -> frozenset[str]:
+    """:func:`_written` of text :func:`_statements` made."""
     found = {match.group(1) for match in _WRITES.finditer(text)}
     for match in _LISTS.finditer(text):
         listed = next(group for group in match.groups() if group is not None)
@@ -695,17 +745,25 @@ def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -
     )
     codes: dict[tuple[str, str], set[str]] = {}
     writes: dict[tuple[str, str], set[str]] = {}
+    row_keys: dict[tuple[str, str], set[str]] = {}
     sql = _query(_TRIGGER_CODE_QUERIES, backend, schema)
     rows = _catalog(fairy, sql, by_url, what)
     functions = _function_code(fairy, backend, by_url) if rows else {}
     for name, table, code in rows:
-        words, written = _called(_words(code), _written(code), functions)
+        own = {table.lower(), f"{name}.{table}".lower()}
+        text, updated = _row_updates(_statements(code))
+        # an update of only the row written counts as one if it is of this table (a helper
+        # function's always writes: see _function_code)
+        row_keys.setdefault((name, table), set()).update(c for t, c in updated if t in own)
+        written = _written_in(text) | {t for t, _ in updated if t not in own}
+        words, written = _called(_words(code), written, functions)
         codes.setdefault((name, table), set()).update(words)
         if written:
             writes.setdefault((name, table), set()).update(written)
     return {
         "trigger_words": {table: frozenset(words) for table, words in codes.items()},
         "trigger_writes": {table: frozenset(names) for table, names in writes.items()},
+        "trigger_row_keys": {table: frozenset(keys) for table, keys in row_keys.items() if keys},
     }
 
 
@@ -1047,11 +1105,20 @@ class Databases:
     ) -> list[str]:
         """The schema-qualified names of those of ``tables`` whose triggers' statements
         write them (:meth:`self_written`)."""
-        return [
+        tables = list(tables)
+        found = [
             name
             for table, name, writes in self._found(bind, naming, tables, "trigger_writes")
             if not writes.isdisjoint((table.name.lower(), name.lower()))
         ]
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        rowids = _ROWIDS if engine.url.get_backend_name() == "sqlite" else frozenset()
+        for table, name, keys in self._found(bind, naming, tables, "trigger_row_keys"):
+            primary = [c.name.lower() for c in table.primary_key.columns]
+            own = rowids | frozenset(primary if len(primary) == 1 else ())
+            if name not in found and not keys <= own:
+                found.append(name)  # by a column that is not its key: maybe other rows
+        return found
 
     def trigger_writes(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any]

@@ -25,7 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
 from _cache_helpers import cache_on
-from _servers import reset_schema
+from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql")
 
@@ -275,3 +275,100 @@ def test_the_tables_a_triggers_code_writes(code: str, written: set[str]) -> None
     assert not {"gone", "only", "node.set", "address", "t", "set", "on", "of", "log"} & (
         found - written
     )
+
+
+class SwStamped(Base, CachedModel):
+    """Its trigger stamps the row written, and only it (SQLite's way; an AFTER trigger on
+    PostgreSQL), or, for the "other rows" variant, its parent too."""
+
+    __tablename__ = "sw_stamped"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    parent_id: Mapped[int | None]
+    name: Mapped[str] = mapped_column(String(20))
+    folded: Mapped[str | None] = mapped_column(String(20))
+
+
+#: the WHERE of the trigger's UPDATE: the row written alone, or it and its parent
+_STAMPS = {"own-row": "id = NEW.id", "other-rows": "id = NEW.id OR id = NEW.parent_id"}
+
+
+def _create_stamp(engine: Engine, where: str) -> None:
+    stamp = f"UPDATE sw_stamped SET folded = lower(NEW.name) WHERE {where}"
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION sw_stamped_fn() RETURNS trigger AS $$ BEGIN "
+                f"IF pg_trigger_depth() = 1 THEN {stamp}; END IF; RETURN NULL; END $$ "
+                "LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS sw_stamped_tg ON sw_stamped")
+            conn.exec_driver_sql(
+                "CREATE TRIGGER sw_stamped_tg AFTER INSERT OR UPDATE OF name ON sw_stamped "
+                "FOR EACH ROW EXECUTE FUNCTION sw_stamped_fn()"
+            )
+        else:
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS sw_stamped_tg")
+            conn.exec_driver_sql(
+                "CREATE TRIGGER sw_stamped_tg AFTER UPDATE OF name ON sw_stamped "
+                f"BEGIN {stamp}; END"
+            )
+
+
+@pytest.mark.parametrize("kind", list(_STAMPS))
+def test_a_trigger_that_updates_only_the_row_written_keeps_the_others_cached(
+    engine: Engine, redis_url: str, prefix: str, kind: str
+) -> None:
+    """``UPDATE t SET ... WHERE id = NEW.id`` (the key, and nothing more) rewrites the row
+    written, as any trigger of these databases is taken to: its commits invalidate that row,
+    and the model's other rows stay served (they were all invalidated at every write). Any
+    other WHERE may reach other rows: the model is invalidated whole."""
+    reset_schema(engine, Base.metadata)
+    _create_stamp(engine, _STAMPS[kind])
+    with cache_on(engine, redis_url, prefix) as (cache, made):
+        with made() as session:
+            session.add_all([SwStamped(id=1, name="Root"), SwStamped(id=2, name="A")])
+            session.commit()
+        with made() as session:
+            session.get_one(SwStamped, 2).parent_id = 1
+            session.commit()
+        for pk in (1, 2):  # cached now
+            with made() as session:
+                session.get_one(SwStamped, pk)
+        with made() as session:
+            session.get_one(SwStamped, 2).name = "Bee"
+            session.commit()
+        with Session(engine) as plain:
+            fresh = [(r.name, r.folded) for r in (plain.get_one(SwStamped, pk) for pk in (1, 2))]
+        with made() as session, capture_sql(engine) as sql:
+            cached = [(r.name, r.folded) for r in (session.get_one(SwStamped, pk) for pk in (1, 2))]
+        assert cached == fresh
+        # the written row is read again; its parent too when the model went whole
+        assert len(sql) == (1 if kind == "own-row" else 2), sql
+        reasons = cache.models(engine)[SwStamped].commits_invalidate_because
+        assert "sw_stamped" in reasons
+        assert ("writes its own table" in reasons) is (kind == "other-rows")
+
+
+@pytest.mark.parametrize(
+    ("code", "rows"),
+    [
+        ("BEGIN UPDATE t SET e = lower(NEW.e) WHERE id = NEW.id; END", {("t", "id")}),
+        ('UPDATE "T" SET e = 1 WHERE NEW."Id" = "Id"', {("t", "id")}),
+        ("UPDATE s.t SET e = 1 WHERE rowid = NEW.rowid", {("s.t", "rowid")}),
+        ("UPDATE t SET e = 1 WHERE id = NEW.id OR id = NEW.parent_id", set()),
+        ("UPDATE t SET e = 1 WHERE id = NEW.id AND e IS NULL", set()),
+        ("UPDATE t SET e = 1 WHERE id = NEW.parent_id", set()),
+        ("UPDATE t SET e = 1 WHERE id = NEW.id + 500000", set()),
+        ("UPDATE t SET id = NEW.id + 1 WHERE id = NEW.id", set()),
+        ("UPDATE t SET e = 1, t.id = 2 WHERE id = NEW.id", set()),
+        ("UPDATE t SET e = (SELECT max(e) FROM u WHERE u.id = 1) WHERE id = NEW.id", set()),
+    ],
+)
+def test_an_update_of_only_the_row_written(code: str, rows: set[tuple[str, str]]) -> None:
+    """Only ``UPDATE t SET ... WHERE key = NEW.key`` (either way round), the key not set, is
+    read as a write of the row written alone; anything else is a write of the table."""
+    from sqlalchemy_writethrough.databases import _row_updates, _statements
+
+    text, found = _row_updates(_statements(code))
+    assert set(found) == rows
+    assert ("update" in text) is not bool(rows)  # taken out of what the table is written by
