@@ -148,7 +148,10 @@ class EpochGuard:
                 # closed connection would reconnect to the same address)
                 compat.disconnect(conn)
                 compat.connect(conn)
-            self._check(lambda *args: compat.call(conn, args), _where(self._address, conn))
+            where = _where(self._address, conn)
+            # under the client's retry policy, as a command: a pooled connection the server
+            # closed (a restart) is reconnected, which checks it (see _reconnected)
+            compat.with_retry(conn, lambda c, _: self._check(_sender(c), where), None)
         except BaseException:
             compat.disconnect(conn)  # never leave it connected and unchecked
             raise
@@ -226,8 +229,13 @@ class EpochGuard:
             if await self._primary_moved_async(conn):
                 await compat.adisconnect(conn)
                 await compat.aconnect(conn)
-            await _sa_compat.greenlet_spawn(
-                self._check, _async_sender(conn), _where(self._address, conn)
+            where = _where(self._address, conn)
+            # as check_connection: a connection the server closed is reconnected; asyncio
+            # sees the close only once its loop has run since (a blocking restart: not yet)
+            await compat.awith_retry(
+                conn,
+                lambda c, _: _sa_compat.greenlet_spawn(self._check, _async_sender(c), where),
+                None,
             )
         except BaseException:
             await compat.adisconnect(conn)
@@ -334,6 +342,11 @@ class EpochGuard:
         except NoScriptError:
             send("SCRIPT", "LOAD", self._scripts.source[script])
             return send(*command)
+
+
+def _sender(conn: Any) -> Send:
+    """A command sender over a ``redis-py`` connection."""
+    return lambda *args: compat.call(conn, args)
 
 
 def _async_sender(conn: Any) -> Send:
