@@ -46,6 +46,7 @@ rows, as it names the tables its SQL reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -55,7 +56,7 @@ import threading
 import urllib.parse
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from sqlalchemy.engine import URL, Connection
@@ -592,7 +593,7 @@ _WRITES = re.compile(
     r"(?:\s+(?:low_priority|delayed|high_priority|ignore)\b)*(?:\s+into\b)?"
     r"|delete(?:\s+(?:low_priority|quick|ignore)\b)*(?:\s+from\b)?(?:\s+only\b)?"
     r"|merge\s+into(?:\s+only)?|truncate(?:\s+table\b)?(?:\s+only\b)?)\s+"
-    r"([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
+    rf"({_NAME.pattern})"
 )
 #: a list of tables a statement writes, after its head: MySQL's multi-table ``UPDATE a JOIN b
 #: ... SET`` and ``UPDATE a, b SET`` (every table joined counts: which of them the SET
@@ -608,9 +609,7 @@ _LISTS = re.compile(
 )
 #: where a table of such a list is named: first, after a comma or a JOIN (``ONLY`` and an
 #: opening parenthesis before it skipped)
-_LISTED = re.compile(
-    r"(?:^|,|join\b)\s*\(*\s*(?:only\s+)?([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
-)
+_LISTED = re.compile(rf"(?:^|,|join\b)\s*\(*\s*(?:only\s+)?({_NAME.pattern})")
 #: the header of a SQLite trigger (``CREATE TRIGGER ... ON t ... BEGIN``) and of a
 #: PostgreSQL rule (``CREATE RULE ... ON UPDATE TO t ... DO``), as the catalog gives them:
 #: its words are not statements (``AFTER UPDATE OF a, b ON t``)
@@ -637,7 +636,7 @@ def _reduced(code: str) -> str:
 #: other (see :meth:`Databases.self_written`). Anything else in the WHERE is a write of the
 #: table (:data:`_WRITES`), as is a SET of the key itself
 _ROW_UPDATE = re.compile(
-    r"\bupdate(?:\s+or\s+[a-z]+)?\s+([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
+    rf"\bupdate(?:\s+or\s+[a-z]+)?\s+({_NAME.pattern})"
     r"\s+set\s((?:(?!\bwhere\b)[^;])*?)\bwhere\s+"
     r"(?:([a-z_][a-z0-9_$]*)\s*=\s*new\s*\.\s*([a-z_][a-z0-9_$]*)"
     r"|new\s*\.\s*([a-z_][a-z0-9_$]*)\s*=\s*([a-z_][a-z0-9_$]*))\s*(?=;|\bend\b|$)"
@@ -825,29 +824,38 @@ def _sqlite_catalog(engine: Any, by_url: str) -> dict[str, Any]:
         conn.close()
 
 
+@contextlib.contextmanager
+def _own_connection(engine: Any) -> Iterator[Any]:
+    """A connection of a pool recreated from the engine's (its creator, ``connect_args``
+    and pool listeners, none of its connections), closed and its pool disposed after: the
+    catalog is never asked on one of the application's connections."""
+    pool = engine.pool.recreate()
+    try:
+        fairy = pool.connect()
+        try:
+            yield fairy
+        finally:
+            fairy.close()
+    finally:
+        pool.dispose()
+
+
 def _sqlite_databases(engine: Any, by_url: str) -> dict[str, Any]:
     """:func:`_sqlite_catalog` on a connection of a pool like the engine's: every database
     it has (``PRAGMA database_list``: ``main``, those its "connect" listeners ATTACH, and
     ``temp``), each under its own name. A TEMP view or trigger counts for every database: an
     unqualified name reaches ``temp`` first, and a TEMP trigger may be on a table of any."""
-    pool = engine.pool.recreate()  # the engine's creator and listeners, none of its connections
-    try:
-        fairy = pool.connect()
-        try:
-            cursor = fairy.cursor()
-            cursor.execute("PRAGMA database_list")
-            names = [str(row[1]) for row in cursor.fetchall()]
-            cursor.close()
-            if "temp" not in names:
-                names.append("temp")
-            found: dict[str, dict[Any, Any]] = {}
-            for name in names:
-                for field, entries in _catalog_fields(fairy, "sqlite", by_url, name).items():
-                    found.setdefault(field, {}).update(entries)
-        finally:
-            fairy.close()
-    finally:
-        pool.dispose()
+    with _own_connection(engine) as fairy:
+        cursor = fairy.cursor()
+        cursor.execute("PRAGMA database_list")
+        names = [str(row[1]) for row in cursor.fetchall()]
+        cursor.close()
+        if "temp" not in names:
+            names.append("temp")
+        found: dict[str, dict[Any, Any]] = {}
+        for name in names:
+            for field, entries in _catalog_fields(fairy, "sqlite", by_url, name).items():
+                found.setdefault(field, {}).update(entries)
     for listed in found.values():
         for (schema, table), entry in list(listed.items()):
             if schema == "temp":
@@ -955,13 +963,16 @@ class Databases:
         pool = engine.pool
         found = self._servers.get(pool)
         if found is None:
-            if _sa_compat.in_greenlet():
-                return self._ask_and_keep(engine, backend, pool)
-            with self._asking:
+            with self._one_at_a_time():
                 found = self._servers.get(pool)
                 if found is None:
                     found = self._ask_and_keep(engine, backend, pool)
         return found
+
+    def _one_at_a_time(self) -> contextlib.AbstractContextManager[Any]:
+        """The lock threads ask the catalog under; none in SQLAlchemy's greenlet (see
+        :meth:`_server`)."""
+        return contextlib.nullcontext() if _sa_compat.in_greenlet() else self._asking
 
     def _ask_and_keep(self, engine: Any, backend: str, pool: Any) -> _Server:
         by_url = describe(engine.url, {}, self._memory_id(engine))
@@ -981,25 +992,16 @@ class Databases:
         remembered: asked again next time)."""
         if backend == "sqlite":  # named by its file, asked only for its views and triggers
             return _Server(by_url, "main", "main", **_sqlite_catalog(engine, by_url))
-        pool = (
-            engine.pool.recreate()
-        )  # the engine's creator, connect_args and pool listeners, none of its connections
-        try:
-            fairy = pool.connect()
-            try:
-                cursor = fairy.cursor()
-                cursor.execute(_SERVER_QUERIES[backend])
-                row = cursor.fetchone()
-                cursor.close()
-                fairy.rollback()
-                # MySQL's schema: the one the pool's unqualified names reach (see _PER_SCHEMA)
-                own = str(row[2] if row and row[2] is not None else engine.url.database or "")
-                fields = _catalog_fields(fairy, backend, by_url, own)
-                timezone = _timezone(engine, fairy) if backend == "postgresql" else None
-            finally:
-                fairy.close()
-        finally:
-            pool.dispose()
+        with _own_connection(engine) as fairy:
+            cursor = fairy.cursor()
+            cursor.execute(_SERVER_QUERIES[backend])
+            row = cursor.fetchone()
+            cursor.close()
+            fairy.rollback()
+            # MySQL's schema: the one the pool's unqualified names reach (see _PER_SCHEMA)
+            own = str(row[2] if row and row[2] is not None else engine.url.database or "")
+            fields = _catalog_fields(fairy, backend, by_url, own)
+            timezone = _timezone(engine, fairy) if backend == "postgresql" else None
         database, server, schema = (row[0], row[1], row[2]) if row else (None, None, None)
         url_database = engine.url.database or ""
         if backend == "mysql":
@@ -1227,32 +1229,22 @@ class Databases:
         if schemas <= catalog.asked:
             return
         engine = bind.engine if isinstance(bind, Connection) else bind
-        if _sa_compat.in_greenlet():
-            self._ask_schemas_now(engine, catalog, schemas)
-            return
-        with self._asking:
-            self._ask_schemas_now(engine, catalog, schemas)
+        with self._one_at_a_time():
+            missing = sorted(schemas - catalog.asked)
+            if missing:
+                self._ask_schemas_now(engine, catalog, missing)
 
-    def _ask_schemas_now(self, engine: Any, catalog: _SchemaCatalog, schemas: set[str]) -> None:
-        missing = sorted(schemas - catalog.asked)
-        if not missing:
-            return
+    def _ask_schemas_now(self, engine: Any, catalog: _SchemaCatalog, missing: list[str]) -> None:
         by_url = describe(engine.url, {}, "")
-        pool = engine.pool.recreate()  # as _ask_server: the engine's creator and listeners
         try:
-            fairy = pool.connect()
-            try:
+            with _own_connection(engine) as fairy:
                 for schema in missing:
                     catalog.add(schema, _schema_fields(fairy, "mysql", by_url, schema))
-            finally:
-                fairy.close()
         except Exception as exc:
             raise DatabaseUnknown(
                 f"could not ask the database at {by_url} about its schema "
                 f"{', '.join(missing)} ({type(exc).__name__}: {exc})"
             ) from exc
-        finally:
-            pool.dispose()
 
     def _asked(
         self, bind: Any, naming: Mapping[str, Any] | None
