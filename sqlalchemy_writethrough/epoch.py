@@ -187,7 +187,7 @@ class EpochGuard:
         """redis-py calls this inside ``connect()``: a reconnection is checked before the
         command that caused it is sent (an error here fails that command)."""
         try:
-            self._check(lambda *args: compat.call(conn, args), _where(self._address, conn))
+            self._check(_sender(conn), _where(self._address, conn))
         except BaseException:
             compat.disconnect(conn)
             raise

@@ -469,11 +469,7 @@ class Models:
             named = for_schemas(naming, layout.schemas)
             keys = layout.keyspace(self._databases.renamed(bind, named))
             if keys.served is None:
-                self._watch_disposal(bind)
-                keys.rewritten = self._rewritten(layout, bind, naming)
-                keys.self_written = self.self_written(layout, bind, naming)
-                keys.served = self._served(layout, bind, naming)
-                self._warn_written(layout, bind, naming)
+                self._learn(keys, layout, bind, naming)
             return keys
         last = layout.last_keys
         if last[0] is bind:
@@ -491,13 +487,20 @@ class Models:
         else:
             keys = layout.keyspace(self._databases.of(bind, None in layout.schemas))
         if keys.served is None:
-            self._watch_disposal(bind)
-            keys.rewritten = self._rewritten(layout, bind, None)
-            keys.self_written = self.self_written(layout, bind, None)
-            keys.served = self._served(layout, bind, None)
-            self._warn_written(layout, bind, None)
+            self._learn(keys, layout, bind, None)
         layout.last_keys = (bind, keys)
         return keys
+
+    def _learn(
+        self, keys: KeySpace, layout: ModelLayout, bind: Any, naming: Mapping[str, Any] | None
+    ) -> None:
+        """What ``keys`` must know of ``layout``'s tables in that database, asked of its
+        catalog (``served`` last: set, the others are); again after a dispose."""
+        self._watch_disposal(bind)
+        keys.rewritten = self._rewritten(layout, bind, naming)
+        keys.self_written = self.self_written(layout, bind, naming)
+        keys.served = self._served(layout, bind, naming)
+        self._warn_written(layout, bind, naming)
 
     def _watch_disposal(self, bind: Any) -> None:
         """Have ``engine.dispose()`` of ``bind``'s engine (its pool replaced) make what the
