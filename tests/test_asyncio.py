@@ -301,52 +301,20 @@ def test_a_client_bound_to_another_loop_fails_at_install(redis_url: str) -> None
 
 
 @pytest.mark.databases("sqlite")
-def test_a_restart_costs_no_error_when_the_epoch_check_is_due(
-    schema: Any, db_url: str, prefix: str, loop: Any
-) -> None:
-    """The same restart, the connection's periodic epoch check due when it is next used (its
-    interval passed while the restart blocked the loop, as on a loaded machine). asyncio sees
-    the server's close only once its loop runs, so the pool handed the dead connection out and
-    the check, sent on it outside the client's retry, failed: one ConnectionError, the get
-    read the database (the test above failed so, twice, under CI's load). The check now runs
-    under the retry, as commands do: the connection is reconnected and checked."""
-    require_redis_server()
-    server = RedisServer()
-    server.start()
-
-    async def scenario() -> dict[str, int]:
-        engine = create_async_engine(async_url(db_url))
-        cache = WriteThroughCache(
-            server.url, prefix=prefix, stats_interval=None, epoch_check_interval=0.05
-        )
-        factory = async_sessionmaker(engine, expire_on_commit=False)
-        cache.install(factory)
-        try:
-            async with factory() as session:
-                session.add(AsRow(id=1, name="one"))
-                await session.commit()
-            server.restart()  # blocks the loop: the close is not seen yet
-            time.sleep(0.2)  # the check is due
-            async with factory() as session:
-                assert (await session.get(AsRow, 1)).name == "one"
-            return dict(cache.stats().errors_by_kind)
-        finally:
-            await cache.aclose()
-            await engine.dispose()
-
-    try:
-        assert loop.run_until_complete(scenario()) == {}
-    finally:
-        server.close()
-
-
-@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("check_due", [False, True], ids=["check-not-due", "check-due"])
 def test_a_restart_costs_no_error_the_dead_connection_is_retried(
-    schema: Any, db_url: str, prefix: str, loop: Any
+    schema: Any, db_url: str, prefix: str, loop: Any, check_due: bool
 ) -> None:
     """A cache given a URL builds its redis.asyncio client with one retry for a pooled
     connection that died (a restart), as the sync client has: the first call after the restart
-    reconnects instead of failing (the retry is redis.asyncio's own, awaited)."""
+    reconnects instead of failing (the retry is redis.asyncio's own, awaited).
+
+    ``check-due``: the connection's periodic epoch check is due when it is next used (its
+    interval passed while the restart blocked the loop, as on a loaded machine). asyncio sees
+    the server's close only once its loop runs, so the pool handed the dead connection out and
+    the check, sent on it outside the client's retry, failed: one ConnectionError, the get
+    read the database (``check-not-due`` failed so, twice, under CI's load). The check now
+    runs under the retry, as commands do: the connection is reconnected and checked."""
     require_redis_server()
     server = RedisServer()
     server.start()
@@ -361,6 +329,7 @@ def test_a_restart_costs_no_error_the_dead_connection_is_retried(
             stats_interval=None,
             socket_timeout=5.0,
             socket_connect_timeout=5.0,
+            epoch_check_interval=0.05 if check_due else 1.0,
         )
         factory = async_sessionmaker(engine, expire_on_commit=False)
         cache.install(factory)
@@ -368,7 +337,9 @@ def test_a_restart_costs_no_error_the_dead_connection_is_retried(
             async with factory() as session:
                 session.add(AsRow(id=1, name="one"))
                 await session.commit()
-            server.restart()  # every pooled connection is dead now
+            server.restart()  # every pooled connection is dead now; the loop has not seen it
+            if check_due:
+                time.sleep(0.2)  # blocking too: the check is due
             async with factory() as session:
                 assert (await session.get(AsRow, 1)).name == "one"
             return dict(cache.stats().errors_by_kind)  # the kind, should one fail
@@ -379,7 +350,7 @@ def test_a_restart_costs_no_error_the_dead_connection_is_retried(
     try:
         assert loop.run_until_complete(scenario()) == {}
     finally:
-        server.stop()
+        server.close()
 
 
 @pytest.mark.databases("postgresql")
