@@ -47,6 +47,7 @@ rows, as it names the tables its SQL reads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -686,20 +687,25 @@ def _written_in(text: str) -> frozenset[str]:
     return frozenset(re.sub(r"\s+", "", name) for name in found)
 
 
-def _function_code(
-    fairy: Any, backend: str, by_url: str
-) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
-    """:data:`_FUNCTION_CODE_QUERIES` of ``backend``, asked: each function's names used and
-    tables written (:func:`_words`, :func:`_written`), by lower-cased name, bare and
-    schema-qualified (overloads and namesakes in other schemas merged)."""
+def _function_rows(fairy: Any, backend: str, by_url: str) -> tuple[tuple[str, ...], ...]:
+    """:data:`_FUNCTION_CODE_QUERIES` of ``backend``, asked: (schema, name, code) of each."""
     if backend not in _FUNCTION_CODE_QUERIES:
-        return {}
+        return ()
     what = (
         "what the functions its triggers may call write; a trigger that writes a cached "
         "model's table through one would leave its entries stale (declare also_invalidates)"
     )
+    return tuple(_catalog(fairy, _FUNCTION_CODE_QUERIES[backend], by_url, what))
+
+
+def _function_code(
+    rows: Iterable[tuple[str, ...]],
+) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """Each function's (of :func:`_function_rows`) names used and tables written
+    (:func:`_words`, :func:`_written`), by lower-cased name, bare and schema-qualified
+    (overloads and namesakes in other schemas merged)."""
     found: dict[str, tuple[set[str], set[str]]] = {}
-    for schema, name, code in _catalog(fairy, _FUNCTION_CODE_QUERIES[backend], by_url, what):
+    for schema, name, code in rows:
         words, written = _words(code), _written(code)
         for key in (name.lower(), f"{schema}.{name}".lower()):
             entry = found.setdefault(key, (set(), set()))
@@ -742,12 +748,28 @@ def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -
         "what its triggers' code writes; a trigger that writes a cached model's table would "
         "leave its entries stale without a word (declare also_invalidates)"
     )
+    rows = _catalog(fairy, _query(_TRIGGER_CODE_QUERIES, backend, schema), by_url, what)
+    functions = _function_rows(fairy, backend, by_url) if rows else ()
+    # sorted: the catalog lists them in no set order, and an answer is kept by its rows
+    return _read_trigger_code(tuple(sorted(rows)), tuple(sorted(functions)))
+
+
+#: how many distinct answers of the triggers' code :func:`_read_trigger_code` keeps
+_TRIGGER_CODE_KEPT = 16
+
+
+@functools.lru_cache(maxsize=_TRIGGER_CODE_KEPT)
+def _read_trigger_code(
+    rows: tuple[tuple[str, ...], ...], function_rows: tuple[tuple[str, ...], ...]
+) -> dict[str, Any]:
+    """:func:`_trigger_code` of the catalog's rows. The same rows give the same mappings,
+    shared, never changed: MySQL's triggers and routines are read for the whole server, so
+    an engine per tenant database (one pool each) would otherwise parse every tenant's
+    triggers again and keep its own copy of what they say, per pool."""
+    functions = _function_code(function_rows) if rows else {}
     codes: dict[tuple[str, str], set[str]] = {}
     writes: dict[tuple[str, str], set[str]] = {}
     row_keys: dict[tuple[str, str], set[str]] = {}
-    sql = _query(_TRIGGER_CODE_QUERIES, backend, schema)
-    rows = _catalog(fairy, sql, by_url, what)
-    functions = _function_code(fairy, backend, by_url) if rows else {}
     for name, table, code in rows:
         own = {table.lower(), f"{name}.{table}".lower()}
         text, updated = _row_updates(_statements(code))

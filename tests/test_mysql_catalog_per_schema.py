@@ -15,6 +15,8 @@ a get returns against a load without the cache.
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +27,7 @@ from _flavours import async_url
 from sqlalchemy import String, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import WriteThroughCache
 
@@ -209,3 +211,57 @@ def test_an_async_session_asks_about_a_schema_first_reached_later(
             await eng.dispose()
 
     assert asyncio.run(main()) == ["bob", "bob"]
+
+
+def test_engines_of_one_server_keep_what_its_triggers_say_once(
+    engine: Engine, schemas: tuple[str, str], redis_url: str, prefix: str
+) -> None:
+    """MySQL's triggers and routines are read for the whole server, once per pool (a
+    trigger's code may write any database's tables): with an engine per tenant database,
+    each engine's pool parsed every tenant's triggers and kept its own copy of what their
+    code says (the names it uses, the tables it writes). The same answer is now parsed and
+    kept once. What is observed: the memory a new engine's first cached load keeps
+    (tracemalloc), before and after a far database gets 150 triggers; the engines are
+    kept alive, as an application's are."""
+    _, far = schemas
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    cache.register(PsItem)
+    made = sessionmaker()
+    cache.install(made)
+    engines: list[Engine] = []
+
+    def kept_by_a_new_engine() -> int:
+        engines.append(sa.create_engine(engine.url))
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        with made(bind=engines[-1]) as session:
+            assert _email(session) == "Ann"
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+
+    tracemalloc.start()
+    try:
+        kept_by_a_new_engine()  # what the first engine alone keeps (the model's layout...)
+        alone = kept_by_a_new_engine()
+        with engine.begin() as conn:
+            for i in range(50):
+                conn.exec_driver_sql(f"CREATE TABLE {far}.audit_{i} (id INT PRIMARY KEY)")
+                for when in ("INSERT", "UPDATE", "DELETE"):
+                    words = ", ".join(f"'w_{i}_{when}_{k}'" for k in range(20))
+                    conn.exec_driver_sql(
+                        f"CREATE TRIGGER {far}.audit_{i}_{when.lower()} AFTER {when} ON "
+                        f"{far}.audit_{i} FOR EACH ROW UPDATE {far}.counter_{i} "
+                        f"SET seen_{when.lower()} = CONCAT({words}) WHERE id = 1"
+                    )
+        first = kept_by_a_new_engine()  # reads and parses the 150 triggers
+        # the least of three: another test's triggers (made at the same time on this
+        # server) change what the whole server's triggers say
+        second = min(kept_by_a_new_engine() for _ in range(3))
+    finally:
+        tracemalloc.stop()
+        cache.uninstall(made)
+        cache.close()
+        for eng in engines:
+            eng.dispose()
+    assert first - alone > 100_000, (alone, first)  # what the triggers' answer weighs
+    assert second - alone < (first - alone) / 4, (alone, first, second)
