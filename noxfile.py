@@ -17,7 +17,10 @@ from collections.abc import Iterator
 
 import nox
 
-nox.options.default_venv_backend = "venv"
+# uv where it is installed (``pip install "nox[uv]"``, as .ci/run does): it makes a session's
+# venv and installs into it about ten times faster than pip, most of CI's time between the
+# tests; venv and pip otherwise. Sessions whose tools call pip themselves install it.
+nox.options.default_venv_backend = "uv|venv"
 nox.options.sessions = [
     "lint",
     "typecheck",
@@ -211,7 +214,8 @@ _NEWEST_REDIS_ONLY = (
 
 
 def _pytest(session: nox.Session, pin: str, *args: str) -> None:
-    session.install("-e", ".[test]")
+    # pip: tests/test_packaging.py installs the wheel with it
+    session.install("-e", ".[test]", "pip")
     # Installed after the project so the pin wins over whatever `.[test]` resolved.
     session.install(pin)
     session.run(
@@ -354,7 +358,9 @@ def sqlalchemy_suite(session: nox.Session, sqlalchemy: str) -> None:
     ``nox -s sqlalchemy_suite -- --quick`` runs the files of tests/sqlalchemy_suite/quick.txt,
     ``-- --target test/ext`` test/ext only. Needs Redis ($REDIS_URL or local).
     """
-    session.install("-e", ".[test]", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy])
+    session.install(
+        "-e", ".[test]", "pip", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy]
+    )
     for args in [session.posargs] if session.posargs else SQLALCHEMY_SUITE_RUNS:
         session.run("python", "tests/sqlalchemy_suite/run.py", *args)
 
@@ -365,7 +371,9 @@ def sqlalchemy_suite_quick(session: nox.Session, sqlalchemy: str) -> None:
     """The CI subset of ``sqlalchemy_suite`` (the files of tests/sqlalchemy_suite/quick.txt),
     on each supported SQLAlchemy series; on 2.1, ``test/ext/asyncio`` too, with the cache on
     ``AsyncSession`` itself (its asyncio flavour: about 45 seconds)."""
-    session.install("-e", ".[test]", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy])
+    session.install(
+        "-e", ".[test]", "pip", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy]
+    )
     session.run("python", "tests/sqlalchemy_suite/run.py", "--quick", *session.posargs)
     if sqlalchemy == "2.1" and not session.posargs:
         session.run("python", "tests/sqlalchemy_suite/run.py", *ASYNCIO_FLAVOUR_RUN)
@@ -399,7 +407,9 @@ def sqlalchemy_suite_mariadb(session: nox.Session, sqlalchemy: str) -> None:
 
 def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: str) -> None:
     # the URL's database is only connected to: run.py --dburi makes a database for the run
-    session.install("-e", ".[test]", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy])
+    session.install(
+        "-e", ".[test]", "pip", "pytest-xdist", "setuptools>=77", SQLALCHEMY_PINS[sqlalchemy]
+    )
     dburi = os.environ.get(env_var, default_url)
     session.run("python", "tests/sqlalchemy_suite/run.py", "--dburi", dburi, *session.posargs)
 
@@ -464,7 +474,7 @@ def third_party(session: nox.Session, suite: str) -> None:
     MariaDB ($POSTGRESQL_URL, $MARIADB_URL or the local servers), Flask-Admin's,
     fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB.
     Needs Redis ($REDIS_URL or local)."""
-    session.install("-e", ".[test]", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
+    session.install("-e", ".[test]", "pip", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
     session.install(SQLALCHEMY_PINS["2.0"])
     # arguments after nox's ``--`` are pytest's (``-- -k test_name``)
     pytest_args = ("--", *session.posargs) if session.posargs else ()
