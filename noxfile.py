@@ -415,9 +415,11 @@ def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: 
 
 
 # Other projects' suites run with the extension on every Session (tests/third_party/run.py):
-# the release each is verified at, and what its tests import. SQLAlchemy 2.0 for all: Flask-SQLAlchemy
-# 3.1.1's tests fail on 2.1 without the extension, SQLModel requires <2.1, SQLAlchemy-Utils 0.43
-# does not import on 2.1 (SQLAlchemy-Continuum 2.0.0 allows 2.1: not tried there).
+# the release each is verified at, and what its tests import. On SQLAlchemy 2.0 but where
+# THIRD_PARTY_SQLALCHEMY says: Flask-SQLAlchemy 3.1.1's tests fail on 2.1 without the extension,
+# SQLModel and fastapi-users-db-sqlalchemy 7.0.0 require <2.1, SQLAlchemy-Utils 0.43 does not
+# import on 2.1, Flask-Admin 2.2.1's multi-bind tests and zope.sqlalchemy's two-phase retry
+# test fail on 2.1 without it (SQLAlchemy-Continuum 2.0.0 allows 2.1: not tried there).
 THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     "flask-sqlalchemy": ("flask-sqlalchemy==3.1.1", "flask"),
     "sqlmodel": (
@@ -453,6 +455,11 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the suites run on SQLAlchemy 2.1: zope.sqlalchemy 4.1's pass there without the extension
+#: (2.1.9: 26 tests, as on 2.0)
+THIRD_PARTY_SQLALCHEMY: dict[str, str] = {"zope.sqlalchemy": "2.1"}
+
+
 #: the runs of tests/third_party/run.py a session makes, where more than its own: the asyncio
 #: suite again with the cache on AsyncSession itself (its asyncio flavour, redis.asyncio)
 THIRD_PARTY_RUNS: dict[str, tuple[str, ...]] = {
@@ -475,7 +482,7 @@ def third_party(session: nox.Session, suite: str) -> None:
     fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB.
     Needs Redis ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "pip", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
-    session.install(SQLALCHEMY_PINS["2.0"])
+    session.install(SQLALCHEMY_PINS[THIRD_PARTY_SQLALCHEMY.get(suite, "2.0")])
     # arguments after nox's ``--`` are pytest's (``-- -k test_name``)
     pytest_args = ("--", *session.posargs) if session.posargs else ()
     for run in THIRD_PARTY_RUNS.get(suite, (suite,)):
