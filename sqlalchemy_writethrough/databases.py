@@ -630,18 +630,56 @@ def _reduced(code: str) -> str:
 
 
 #: a statement of a trigger's code that updates only the row being written: ``UPDATE t SET
-#: ... WHERE c = NEW.c`` and nothing more in its WHERE (SQLite's way to stamp a row, an
-#: ``AFTER`` trigger filling in a materialized path): when ``t`` is the trigger's own table
-#: and ``c`` its primary key (or SQLite's rowid), such a trigger rewrites the rows written,
-#: as :data:`_REWRITING_QUERIES` already takes every trigger of those databases to, and no
-#: other (see :meth:`Databases.self_written`). Anything else in the WHERE is a write of the
-#: table (:data:`_WRITES`), as is a SET of the key itself
+#: ... WHERE c = NEW.c`` (SQLite's way to stamp a row, an ``AFTER`` trigger filling in a
+#: materialized path), more conditions joined by ``AND`` allowed: when ``t`` is the trigger's
+#: own table and ``c`` its primary key (or SQLite's rowid), such a trigger rewrites the rows
+#: written, as :data:`_REWRITING_QUERIES` already takes every trigger of those databases to,
+#: and no other (see :meth:`Databases.self_written`). Its WHERE is read by
+#: :func:`_row_key`; a SET of the key itself, or a WHERE that is not such a conjunction, is a
+#: write of the table (:data:`_WRITES`)
 _ROW_UPDATE = re.compile(
     rf"\bupdate(?:\s+or\s+[a-z]+)?\s+({_NAME.pattern})"
-    r"\s+set\s((?:(?!\bwhere\b)[^;])*?)\bwhere\s+"
-    r"(?:([a-z_][a-z0-9_$]*)\s*=\s*new\s*\.\s*([a-z_][a-z0-9_$]*)"
-    r"|new\s*\.\s*([a-z_][a-z0-9_$]*)\s*=\s*([a-z_][a-z0-9_$]*))\s*(?=;|\bend\b|$)"
+    r"\s+set\s((?:(?!\bwhere\b)[^;])*?)\bwhere\s+([^;]+)"
 )
+#: one condition of such a WHERE: ``[t.]c = NEW.c`` or ``NEW.c = [t.]c``
+_KEY_IS_NEW = re.compile(
+    rf"(?:({_NAME.pattern})\s*\.\s*)?([a-z_][a-z0-9_$]*)\s*=\s*new\s*\.\s*([a-z_][a-z0-9_$]*)"
+    rf"|new\s*\.\s*([a-z_][a-z0-9_$]*)\s*=\s*(?:({_NAME.pattern})\s*\.\s*)?([a-z_][a-z0-9_$]*)"
+)
+
+
+def _row_key(table: str, where: str) -> str | None:
+    """The column ``c`` when ``where`` (an UPDATE's of ``table``) keeps only rows whose ``c``
+    is the written row's: its conditions outside parentheses are joined by ``AND`` alone,
+    and one of them is ``c = NEW.c``, bare or qualified by the table's name (a condition in
+    parentheses, a subquery's, never counts). None otherwise."""
+    depth, top = 0, []
+    for char in where:
+        if char == "(":
+            depth += 1
+            top.append(" ( ")
+        elif char == ")":
+            if depth == 0:
+                return None
+            depth -= 1
+        elif depth == 0:
+            top.append(char)
+    if depth:
+        return None
+    conditions = [c.strip() for c in re.split(r"\band\b", "".join(top))]
+    if re.search(r"\bor\b", " ".join(conditions)) or re.search(r"\bbetween\b", where):
+        return None  # BETWEEN's AND joins no conditions
+    names = {table, table.rsplit(".", 1)[-1]}
+    for condition in conditions:
+        match = _KEY_IS_NEW.fullmatch(condition)
+        if match is None:
+            continue
+        owner, column, new, new_first, owner_second, column_second = match.groups()
+        if column is None:
+            column, new, owner = column_second, new_first, owner_second
+        if column == new and (owner is None or re.sub(r"\s+", "", owner) in names):
+            return column
+    return None
 
 
 #: the names of a SQLite table's rowid (an INTEGER PRIMARY KEY is one too)
@@ -659,14 +697,14 @@ def _row_updates(text: str) -> tuple[str, frozenset[tuple[str, str]]]:
     found: set[tuple[str, str]] = set()
 
     def taken(match: re.Match[str]) -> str:
-        table, assigned, column, new, new_first, column_second = match.groups()
-        if column is None:
-            column, new = column_second, new_first
-        if column != new or re.search(
+        table, assigned, where = match.groups()
+        table = re.sub(r"\s+", "", table)
+        column = _row_key(table, where)
+        if column is None or re.search(
             rf"(?:^|,)\s*(?:\w+\s*\.\s*)?{re.escape(column)}\s*=", assigned
         ):
-            return match.group(0)  # another row (WHERE id = NEW.parent_id), or a new key
-        found.add((re.sub(r"\s+", "", table), column))
+            return match.group(0)  # other rows (WHERE id = NEW.parent_id), or a new key
+        found.add((table, column))
         return " "
 
     return _ROW_UPDATE.sub(taken, text), frozenset(found)
