@@ -419,7 +419,8 @@ def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: 
 # THIRD_PARTY_SQLALCHEMY says: Flask-SQLAlchemy 3.1.1's tests fail on 2.1 without the extension,
 # SQLModel and fastapi-users-db-sqlalchemy 7.0.0 require <2.1, SQLAlchemy-Utils 0.43 does not
 # import on 2.1, Flask-Admin 2.2.1's multi-bind tests and zope.sqlalchemy's two-phase retry
-# test fail on 2.1 without it (SQLAlchemy-Continuum 2.0.0 allows 2.1: not tried there).
+# test fail on 2.1 without it. SQLAlchemy-Continuum 2.0.0 allows 2.1 and passes there with the
+# extension too (2.1.9: 871 tests, 3 failing plainly, none only with it).
 THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     "flask-sqlalchemy": ("flask-sqlalchemy==3.1.1", "flask"),
     "sqlmodel": (
