@@ -653,6 +653,8 @@ def _row_key(table: str, where: str) -> str | None:
     is the written row's: its conditions outside parentheses are joined by ``AND`` alone,
     and one of them is ``c = NEW.c``, bare or qualified by the table's name (a condition in
     parentheses, a subquery's, never counts). None otherwise."""
+    if where.count("'") % 2:
+        return None  # cut at a semicolon inside a string: the rest of it is unread
     depth, top = 0, []
     for char in where:
         if char == "(":

@@ -367,6 +367,8 @@ def test_a_trigger_that_updates_only_the_row_written_keeps_the_others_cached(
         ("UPDATE t SET e = 1 WHERE id = NEW.id AND (e IS NULL OR e = 0)", {("t", "id")}),
         ("UPDATE t SET e = 1 WHERE u.id = NEW.id", set()),
         ("UPDATE t SET e = 1 WHERE id = NEW.id AND e = 0 OR e = 1", set()),
+        ("UPDATE t SET e = 1 WHERE id = NEW.id AND e = 'a;' OR e = 'b'", set()),
+        ("UPDATE t SET e = 1 WHERE id = NEW.id AND e <> 'a''s'", {("t", "id")}),
         ("UPDATE t SET e = 1 WHERE e IN (SELECT e FROM u WHERE x AND id = NEW.id AND y)", set()),
         ("UPDATE t SET e = 1 WHERE NOT (x AND id = NEW.id)", set()),
         ("UPDATE t SET e = 1 WHERE e BETWEEN 1 AND 2 AND id = NEW.id", set()),
