@@ -156,6 +156,8 @@ def test_asyncio_run_twice_with_one_cache(
             return seen
         finally:
             await app.cache.aclose()
+            if given == "client":  # the application's own: closed by it, on its last loop
+                await target.aclose()
 
     assert asyncio.run(first()) == (["r1", "r2"], 0)
     seen = asyncio.run(asyncio.wait_for(second(), 20))
@@ -404,12 +406,16 @@ def test_a_breaker_opened_on_a_closed_loop_probes_on_the_next(
             server.thaw()
 
         async def second() -> bool:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if (await app.names(1))[1] == 0:
-                    return True
-                await asyncio.sleep(0.05)
-            return False
+            try:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    if (await app.names(1))[1] == 0:
+                        return True
+                    await asyncio.sleep(0.05)
+                return False
+            finally:
+                await cache.aclose()
+                await client.aclose()  # the application's own, closed on its last loop
 
         assert asyncio.run(second())
     finally:
@@ -481,12 +487,16 @@ def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_pro
         assert not hung, "asyncio.run() hung on:\n" + "\n".join(hung)
 
         async def second() -> bool:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if (await app.names(1))[1] == 0:
-                    return True
-                await asyncio.sleep(0.05)
-            return False
+            try:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    if (await app.names(1))[1] == 0:
+                        return True
+                    await asyncio.sleep(0.05)
+                return False
+            finally:
+                await cache.aclose()
+                await client.aclose()  # the application's own, closed on its last loop
 
         assert asyncio.run(second())
     finally:
@@ -586,6 +596,7 @@ def test_a_cluster_client_moves_to_the_next_loop(
             assert _run_on(other, app.names(3)) == (["r3"], 1)
         assert any("another event loop" in r.getMessage() for r in caplog.records)
         _run_on(home, app.cache.aclose())
+        _run_on(home, client.aclose())  # the application's own, closed on its last loop
     finally:
         home.close()
         other.close()
