@@ -463,9 +463,10 @@ class _Server(NamedTuple):
     #: {(schema, table): the tables its triggers' statements write, as they name them}
     #: (see :func:`_written`); the table itself among them: see :meth:`Databases.self_written`
     trigger_writes: Mapping[tuple[str, str], frozenset[str]] = {}
-    #: {(schema, table): the key columns by which its triggers update the row written, and
-    #: only it} (see :data:`_ROW_UPDATE`): not in ``trigger_writes``
-    trigger_row_keys: Mapping[tuple[str, str], frozenset[str]] = {}
+    #: {(schema, table): the columns by which each of its triggers' updates of the row
+    #: written picks it (one set per update)} (see :data:`_ROW_UPDATE`): not in
+    #: ``trigger_writes``
+    trigger_row_keys: Mapping[tuple[str, str], frozenset[frozenset[str]]] = {}
     #: MySQL's: the fields of :data:`_PER_SCHEMA`, asked per schema (those above are empty)
     per_schema: _SchemaCatalog | None = None
 
@@ -632,11 +633,12 @@ def _reduced(code: str) -> str:
 #: a statement of a trigger's code that updates only the row being written: ``UPDATE t SET
 #: ... WHERE c = NEW.c`` (SQLite's way to stamp a row, an ``AFTER`` trigger filling in a
 #: materialized path), more conditions joined by ``AND`` allowed: when ``t`` is the trigger's
-#: own table and ``c`` its primary key (or SQLite's rowid), such a trigger rewrites the rows
-#: written, as :data:`_REWRITING_QUERIES` already takes every trigger of those databases to,
-#: and no other (see :meth:`Databases.self_written`). Its WHERE is read by
-#: :func:`_row_key`; a SET of the key itself, or a WHERE that is not such a conjunction, is a
-#: write of the table (:data:`_WRITES`)
+#: own table and the columns so equated hold its primary key (every column of a composite
+#: one) or SQLite's rowid, such a trigger rewrites the rows written, as
+#: :data:`_REWRITING_QUERIES` already takes every trigger of those databases to, and no other
+#: (see :meth:`Databases.self_written`). Its WHERE is read by :func:`_row_keys`; a SET of
+#: one of those columns, or a WHERE that is not such a conjunction, is a write of the table
+#: (:data:`_WRITES`)
 _ROW_UPDATE = re.compile(
     rf"\bupdate(?:\s+or\s+[a-z]+)?\s+({_NAME.pattern})"
     r"\s+set\s((?:(?!\bwhere\b)[^;])*?)\bwhere\s+([^;]+)"
@@ -648,11 +650,12 @@ _KEY_IS_NEW = re.compile(
 )
 
 
-def _row_key(table: str, where: str) -> str | None:
-    """The column ``c`` when ``where`` (an UPDATE's of ``table``) keeps only rows whose ``c``
-    is the written row's: its conditions outside parentheses are joined by ``AND`` alone,
-    and one of them is ``c = NEW.c``, bare or qualified by the table's name (a condition in
-    parentheses, a subquery's, never counts). None otherwise."""
+def _row_keys(table: str, where: str) -> frozenset[str] | None:
+    """The columns ``c`` whose value ``where`` (an UPDATE's of ``table``) requires to be the
+    written row's: its conditions outside parentheses are joined by ``AND`` alone, and those
+    are the ones of the form ``c = NEW.c``, bare or qualified by the table's name (a
+    condition in parentheses, a subquery's, never counts). None when there is none, or the
+    WHERE is not such a conjunction."""
     if where.count("'") % 2:
         return None  # cut at a semicolon inside a string: the rest of it is unread
     depth, top = 0, []
@@ -672,6 +675,7 @@ def _row_key(table: str, where: str) -> str | None:
     if re.search(r"\bor\b", " ".join(conditions)) or re.search(r"\bbetween\b", where):
         return None  # BETWEEN's AND joins no conditions
     names = {table, table.rsplit(".", 1)[-1]}
+    found = set()
     for condition in conditions:
         match = _KEY_IS_NEW.fullmatch(condition)
         if match is None:
@@ -680,8 +684,8 @@ def _row_key(table: str, where: str) -> str | None:
         if column is None:
             column, new, owner = column_second, new_first, owner_second
         if column == new and (owner is None or re.sub(r"\s+", "", owner) in names):
-            return column
-    return None
+            found.add(column)
+    return frozenset(found) or None
 
 
 #: the names of a SQLite table's rowid (an INTEGER PRIMARY KEY is one too)
@@ -693,20 +697,22 @@ def _statements(code: str) -> str:
     return _HEADER.sub(" ", re.sub(r"\s+", " ", _reduced(code)), count=1)
 
 
-def _row_updates(text: str) -> tuple[str, frozenset[tuple[str, str]]]:
+def _row_updates(text: str) -> tuple[str, frozenset[tuple[str, frozenset[str]]]]:
     """``text`` (:func:`_statements`) without its updates of only the row being written
-    (:data:`_ROW_UPDATE`), and those: (table as named, lower-cased, the key column)."""
-    found: set[tuple[str, str]] = set()
+    (:data:`_ROW_UPDATE`), and those: (table as named, lower-cased, the columns that pick
+    the row)."""
+    found: set[tuple[str, frozenset[str]]] = set()
 
     def taken(match: re.Match[str]) -> str:
         table, assigned, where = match.groups()
         table = re.sub(r"\s+", "", table)
-        column = _row_key(table, where)
-        if column is None or re.search(
-            rf"(?:^|,)\s*(?:\w+\s*\.\s*)?{re.escape(column)}\s*=", assigned
+        columns = _row_keys(table, where)
+        if columns is None or any(
+            re.search(rf"(?:^|,)\s*(?:\w+\s*\.\s*)?{re.escape(column)}\s*=", assigned)
+            for column in columns
         ):
             return match.group(0)  # other rows (WHERE id = NEW.parent_id), or a new key
-        found.add((table, column))
+        found.add((table, columns))
         return " "
 
     return _ROW_UPDATE.sub(taken, text), frozenset(found)
@@ -809,7 +815,7 @@ def _read_trigger_code(
     functions = _function_code(function_rows) if rows else {}
     codes: dict[tuple[str, str], set[str]] = {}
     writes: dict[tuple[str, str], set[str]] = {}
-    row_keys: dict[tuple[str, str], set[str]] = {}
+    row_keys: dict[tuple[str, str], set[frozenset[str]]] = {}
     for name, table, code in rows:
         own = {table.lower(), f"{name}.{table}".lower()}
         text, updated = _row_updates(_statements(code))
@@ -1177,11 +1183,13 @@ class Databases:
         ]
         engine = bind.engine if isinstance(bind, Connection) else bind
         rowids = _ROWIDS if engine.url.get_backend_name() == "sqlite" else frozenset()
-        for table, name, keys in self._found(bind, naming, tables, "trigger_row_keys"):
-            primary = [c.name.lower() for c in table.primary_key.columns]
-            own = rowids | frozenset(primary if len(primary) == 1 else ())
-            if name not in found and not keys <= own:
-                found.append(name)  # by a column that is not its key: maybe other rows
+        for table, name, updates in self._found(bind, naming, tables, "trigger_row_keys"):
+            primary = frozenset(c.name.lower() for c in table.primary_key.columns)
+            if name not in found and not all(
+                (primary and primary <= columns) or not rowids.isdisjoint(columns)
+                for columns in updates
+            ):
+                found.append(name)  # not by its whole key: maybe other rows
         return found
 
     def trigger_writes(

@@ -354,28 +354,95 @@ def test_a_trigger_that_updates_only_the_row_written_keeps_the_others_cached(
         assert ("writes its own table" in reasons) is (kind == "other-rows")
 
 
+class SwPair(Base, CachedModel):
+    """A composite primary key: its trigger stamps the row written by both columns, or, for
+    the "id only" variant, every tenant's row of that id."""
+
+    __tablename__ = "sw_pair"
+    tenant: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(20))
+    folded: Mapped[str | None] = mapped_column(String(20))
+
+
+_PAIR_STAMPS = {
+    "whole key": "sw_pair.tenant = NEW.tenant AND id = NEW.id",
+    "id only": "id = NEW.id",
+}
+
+
+@pytest.mark.parametrize("kind", list(_PAIR_STAMPS))
+def test_a_composite_key_trigger_that_updates_only_the_row_written_keeps_the_others_cached(
+    engine: Engine, redis_url: str, prefix: str, kind: str
+) -> None:
+    """The same with a composite primary key: an update picking the row by every column of
+    the key rewrites that row alone (before, a composite key was never "the row written":
+    the model was invalidated whole at every write); by a part of it, it may reach other
+    rows (here: the other tenant's row of that id), and the model is invalidated whole."""
+    reset_schema(engine, Base.metadata)
+    stamp = f"UPDATE sw_pair SET folded = lower(NEW.name) WHERE {_PAIR_STAMPS[kind]}"
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION sw_pair_fn() RETURNS trigger AS $$ BEGIN "
+                f"IF pg_trigger_depth() = 1 THEN {stamp}; END IF; RETURN NULL; END $$ "
+                "LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS sw_pair_tg ON sw_pair")
+            conn.exec_driver_sql(
+                "CREATE TRIGGER sw_pair_tg AFTER UPDATE OF name ON sw_pair "
+                "FOR EACH ROW EXECUTE FUNCTION sw_pair_fn()"
+            )
+        else:
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS sw_pair_tg")
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER sw_pair_tg AFTER UPDATE OF name ON sw_pair BEGIN {stamp}; END"
+            )
+    keys = [(1, 7), (2, 7)]
+    with cache_on(engine, redis_url, prefix) as (cache, made):
+        with made() as session:
+            session.add_all([SwPair(tenant=t, id=i, name=f"T{t}") for t, i in keys])
+            session.commit()
+        for key in keys:  # cached now
+            with made() as session:
+                session.get_one(SwPair, key)
+        with made() as session:
+            session.get_one(SwPair, keys[0]).name = "Bee"
+            session.commit()
+        with Session(engine) as plain:
+            fresh = [(r.name, r.folded) for r in (plain.get_one(SwPair, k) for k in keys)]
+        with made() as session, capture_sql(engine) as sql:
+            cached = [(r.name, r.folded) for r in (session.get_one(SwPair, k) for k in keys)]
+        assert cached == fresh
+        assert len(sql) == (1 if kind == "whole key" else 2), sql
+        reasons = cache.models(engine)[SwPair].commits_invalidate_because
+        assert ("writes its own table" in reasons) is (kind == "id only")
+
+
 @pytest.mark.parametrize(
     ("code", "rows"),
     [
-        ("BEGIN UPDATE t SET e = lower(NEW.e) WHERE id = NEW.id; END", {("t", "id")}),
-        ('UPDATE "T" SET e = 1 WHERE NEW."Id" = "Id"', {("t", "id")}),
-        ("UPDATE s.t SET e = 1 WHERE rowid = NEW.rowid", {("s.t", "rowid")}),
+        ("BEGIN UPDATE t SET e = lower(NEW.e) WHERE id = NEW.id; END", {("t", ("id",))}),
+        ('UPDATE "T" SET e = 1 WHERE NEW."Id" = "Id"', {("t", ("id",))}),
+        ("UPDATE s.t SET e = 1 WHERE rowid = NEW.rowid", {("s.t", ("rowid",))}),
         ("UPDATE t SET e = 1 WHERE id = NEW.id OR id = NEW.parent_id", set()),
-        ("UPDATE t SET e = 1 WHERE id = NEW.id AND e IS NULL", {("t", "id")}),
-        ("UPDATE t SET e = 1 WHERE e IS NULL AND t.id = NEW.id", {("t", "id")}),
-        ("UPDATE s.t SET e = 1 WHERE NEW.id = s.t.id AND e > 0", {("s.t", "id")}),
-        ("UPDATE t SET e = 1 WHERE id = NEW.id AND (e IS NULL OR e = 0)", {("t", "id")}),
+        ("UPDATE t SET e = 1 WHERE id = NEW.id AND e IS NULL", {("t", ("id",))}),
+        ("UPDATE t SET e = 1 WHERE e IS NULL AND t.id = NEW.id", {("t", ("id",))}),
+        ("UPDATE s.t SET e = 1 WHERE NEW.id = s.t.id AND e > 0", {("s.t", ("id",))}),
+        ("UPDATE t SET e = 1 WHERE id = NEW.id AND (e IS NULL OR e = 0)", {("t", ("id",))}),
         ("UPDATE t SET e = 1 WHERE u.id = NEW.id", set()),
+        ("UPDATE t SET e = 1 WHERE a = NEW.a AND t.b = NEW.b AND e > 0", {("t", ("a", "b"))}),
+        ("UPDATE t SET a = 2 WHERE a = NEW.a AND b = NEW.b", set()),
         ("UPDATE t SET e = 1 WHERE id = NEW.id AND e = 0 OR e = 1", set()),
         ("UPDATE t SET e = 1 WHERE id = NEW.id AND e = 'a;' OR e = 'b'", set()),
-        ("UPDATE t SET e = 1 WHERE id = NEW.id AND e <> 'a''s'", {("t", "id")}),
+        ("UPDATE t SET e = 1 WHERE id = NEW.id AND e <> 'a''s'", {("t", ("id",))}),
         ("UPDATE t SET e = 1 WHERE e IN (SELECT e FROM u WHERE x AND id = NEW.id AND y)", set()),
         ("UPDATE t SET e = 1 WHERE NOT (x AND id = NEW.id)", set()),
         ("UPDATE t SET e = 1 WHERE e BETWEEN 1 AND 2 AND id = NEW.id", set()),
         ("UPDATE t SET e = 1 WHERE id = NEW.id AND CASE WHEN a THEN 1 END = 1 OR b", set()),
         (
             "BEGIN UPDATE t SET e = 1 WHERE id = NEW.id AND CASE WHEN a THEN 1 END = 1; END",
-            {("t", "id")},
+            {("t", ("id",))},
         ),
         ("UPDATE t SET e = 1 WHERE id = NEW.parent_id", set()),
         ("UPDATE t SET e = 1 WHERE id = NEW.id + 500000", set()),
@@ -384,7 +451,9 @@ def test_a_trigger_that_updates_only_the_row_written_keeps_the_others_cached(
         ("UPDATE t SET e = (SELECT max(e) FROM u WHERE u.id = 1) WHERE id = NEW.id", set()),
     ],
 )
-def test_an_update_of_only_the_row_written(code: str, rows: set[tuple[str, str]]) -> None:
+def test_an_update_of_only_the_row_written(
+    code: str, rows: set[tuple[str, tuple[str, ...]]]
+) -> None:
     """Only ``UPDATE t SET ... WHERE key = NEW.key`` (either way round, the key bare or
     qualified by the table's name), other conditions joined by ``AND`` allowed, the key not
     set, is read as a write of the row written alone; anything else (an ``OR``, the equality
@@ -392,5 +461,5 @@ def test_an_update_of_only_the_row_written(code: str, rows: set[tuple[str, str]]
     from sqlalchemy_writethrough.databases import _row_updates, _statements
 
     text, found = _row_updates(_statements(code))
-    assert set(found) == rows
+    assert {(table, tuple(sorted(columns))) for table, columns in found} == rows
     assert ("update" in text) is not bool(rows)  # taken out of what the table is written by
