@@ -374,6 +374,21 @@ def test_aclose_closes_the_connections_the_cache_opened_for_its_loop(
     assert_aclose_leaves_nothing_open(async_url(db_url), redis_url, prefix)
 
 
+async def _served_again(app: App, client: Any) -> bool:
+    """Whether row 1 is served from Redis again within 10 s; the cache and the application's
+    own client closed after, on this last loop."""
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if (await app.names(1))[1] == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    finally:
+        await app.cache.aclose()
+        await client.aclose()
+
+
 @pytest.mark.databases("sqlite")
 def test_a_breaker_opened_on_a_closed_loop_probes_on_the_next(
     schema: Any, db_url: str, prefix: str
@@ -405,19 +420,7 @@ def test_a_breaker_opened_on_a_closed_loop_probes_on_the_next(
         finally:
             server.thaw()
 
-        async def second() -> bool:
-            try:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    if (await app.names(1))[1] == 0:
-                        return True
-                    await asyncio.sleep(0.05)
-                return False
-            finally:
-                await cache.aclose()
-                await client.aclose()  # the application's own, closed on its last loop
-
-        assert asyncio.run(second())
+        assert asyncio.run(_served_again(app, client))
     finally:
         server.thaw()
         server.stop()
@@ -486,19 +489,7 @@ def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_pro
             server.thaw()
         assert not hung, "asyncio.run() hung on:\n" + "\n".join(hung)
 
-        async def second() -> bool:
-            try:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    if (await app.names(1))[1] == 0:
-                        return True
-                    await asyncio.sleep(0.05)
-                return False
-            finally:
-                await cache.aclose()
-                await client.aclose()  # the application's own, closed on its last loop
-
-        assert asyncio.run(second())
+        assert asyncio.run(_served_again(app, client))
     finally:
         server.thaw()
         server.stop()

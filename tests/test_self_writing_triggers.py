@@ -296,25 +296,26 @@ _STAMPS = {
 }
 
 
-def _create_stamp(engine: Engine, where: str) -> None:
-    stamp = f"UPDATE sw_stamped SET folded = lower(NEW.name) WHERE {where}"
+def _create_stamp(engine: Engine, where: str, table: str = "sw_stamped") -> None:
+    """``table``'s trigger: after a write of its name, ``UPDATE table SET folded = ...
+    WHERE where``."""
+    stamp = f"UPDATE {table} SET folded = lower(NEW.name) WHERE {where}"
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(
-                "CREATE OR REPLACE FUNCTION sw_stamped_fn() RETURNS trigger AS $$ BEGIN "
+                f"CREATE OR REPLACE FUNCTION {table}_fn() RETURNS trigger AS $$ BEGIN "
                 f"IF pg_trigger_depth() = 1 THEN {stamp}; END IF; RETURN NULL; END $$ "
                 "LANGUAGE plpgsql"
             )
-            conn.exec_driver_sql("DROP TRIGGER IF EXISTS sw_stamped_tg ON sw_stamped")
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {table}_tg ON {table}")
             conn.exec_driver_sql(
-                "CREATE TRIGGER sw_stamped_tg AFTER INSERT OR UPDATE OF name ON sw_stamped "
-                "FOR EACH ROW EXECUTE FUNCTION sw_stamped_fn()"
+                f"CREATE TRIGGER {table}_tg AFTER INSERT OR UPDATE OF name ON {table} "
+                f"FOR EACH ROW EXECUTE FUNCTION {table}_fn()"
             )
         else:
-            conn.exec_driver_sql("DROP TRIGGER IF EXISTS sw_stamped_tg")
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {table}_tg")
             conn.exec_driver_sql(
-                "CREATE TRIGGER sw_stamped_tg AFTER UPDATE OF name ON sw_stamped "
-                f"BEGIN {stamp}; END"
+                f"CREATE TRIGGER {table}_tg AFTER UPDATE OF name ON {table} BEGIN {stamp}; END"
             )
 
 
@@ -380,24 +381,7 @@ def test_a_composite_key_trigger_that_updates_only_the_row_written_keeps_the_oth
     the model was invalidated whole at every write); by a part of it, it may reach other
     rows (here: the other tenant's row of that id), and the model is invalidated whole."""
     reset_schema(engine, Base.metadata)
-    stamp = f"UPDATE sw_pair SET folded = lower(NEW.name) WHERE {_PAIR_STAMPS[kind]}"
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(
-                "CREATE OR REPLACE FUNCTION sw_pair_fn() RETURNS trigger AS $$ BEGIN "
-                f"IF pg_trigger_depth() = 1 THEN {stamp}; END IF; RETURN NULL; END $$ "
-                "LANGUAGE plpgsql"
-            )
-            conn.exec_driver_sql("DROP TRIGGER IF EXISTS sw_pair_tg ON sw_pair")
-            conn.exec_driver_sql(
-                "CREATE TRIGGER sw_pair_tg AFTER UPDATE OF name ON sw_pair "
-                "FOR EACH ROW EXECUTE FUNCTION sw_pair_fn()"
-            )
-        else:
-            conn.exec_driver_sql("DROP TRIGGER IF EXISTS sw_pair_tg")
-            conn.exec_driver_sql(
-                f"CREATE TRIGGER sw_pair_tg AFTER UPDATE OF name ON sw_pair BEGIN {stamp}; END"
-            )
+    _create_stamp(engine, _PAIR_STAMPS[kind], "sw_pair")
     keys = [(1, 7), (2, 7)]
     with cache_on(engine, redis_url, prefix) as (cache, made):
         with made() as session:
