@@ -812,7 +812,7 @@ def _read_trigger_code(
     shared, never changed: MySQL's triggers and routines are read for the whole server, so
     an engine per tenant database (one pool each) would otherwise parse every tenant's
     triggers again and keep its own copy of what they say, per pool."""
-    functions = _function_code(function_rows) if rows else {}
+    functions = _function_code(function_rows)
     codes: dict[tuple[str, str], set[str]] = {}
     writes: dict[tuple[str, str], set[str]] = {}
     row_keys: dict[tuple[str, str], set[frozenset[str]]] = {}
