@@ -1031,9 +1031,16 @@ async def acluster_call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> li
 
 
 def async_cluster_connections(client: Any) -> list[Any]:
-    """Every connection the client's nodes opened (for the event-loop check)."""
+    """Every connection the client's nodes opened (for the event-loop check): those of the
+    slot map's nodes, and of the startup nodes, which are other ``ClusterNode`` objects until
+    a refresh replaces them (the first slot map is read through them, and the client's
+    ``aclose()`` closes both)."""
+    manager = client.nodes_manager
+    nodes = {id(node): node for node in list(manager.nodes_cache.values())}
+    for node in list(getattr(manager, "startup_nodes", {}).values()):
+        nodes.setdefault(id(node), node)
     conns: list[Any] = []
-    for node in list(client.nodes_manager.nodes_cache.values()):
+    for node in nodes.values():
         conns.extend(getattr(node, "_connections", ()))
     return conns
 
