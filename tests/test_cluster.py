@@ -471,6 +471,53 @@ def test_a_promoted_replica_that_missed_writes_serves_nothing_stale(
     cluster.restart(primary)  # back, as a replica of the promoted node
 
 
+@pytest.mark.parametrize("on", ["another primary", "the registry's primary"])
+def test_a_primary_restarted_in_place_from_an_older_snapshot_serves_nothing_stale(
+    cluster: ClusterGroup, schema: Engine, prefix: str, on: str
+) -> None:
+    """Redis forgets, on a Cluster, without a failover: the primary holding a row saves a
+    snapshot (v1), v2 is committed and published, the primary is killed and started again
+    before its replica takes over (a crash under a supervisor): it serves its slots from the
+    snapshot, v1 under a current-looking generation (its replica syncs that from it). No read
+    may return v1; once the cache has seen the node's new epoch, the row is cached again."""
+    cache = WriteThroughCache(_client(cluster), prefix=prefix, epoch_check_interval=0.2)
+    factory = _installed(cache, schema)
+    _fill(factory, 60)
+    registry_node = cluster.owner(key_slot(registry_key(prefix).encode()))
+    on_registry = on == "the registry's primary"
+    row = next(
+        i
+        for i in range(1, 61)
+        if (_owner_of_row(cluster, prefix, i) == registry_node) == on_registry
+    )
+    key = next(iter(_keys_of_row(cluster, prefix, row)))
+    primary = cluster.owner(key_slot(key.encode()))
+    assert _names(factory, schema, range(row, row + 1)) == (["v1"], 0)
+    with cluster.node(primary).admin() as admin:
+        admin.save()  # --save "" stops only the automatic snapshots
+    with factory() as session:
+        session.get(ClItem, row).name = "v2"  # type: ignore[union-attr]
+        session.commit()
+    node = cluster.node(primary)
+    node.kill()
+    node.start()  # well within cluster-node-timeout: no failover
+    wait_for(lambda: node.admin(0.2).ping(), 5, f"node {primary}")
+    cluster.wait_serving()
+    assert node.role() == "master"
+    assert _replica_has(cluster, primary, key, b"v1")  # the old value is back, looks current
+
+    deadline = time.monotonic() + 10
+    while True:  # reads go to the database until the cache has checked the node again
+        names, _ = _names(factory, schema, range(row, row + 1))
+        assert names == ["v2"]
+        if cache.stats().epochs or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert cache.stats().epochs >= 1
+    _names(factory, schema, range(row, row + 1))  # filled again (a miss, if the entry went)
+    assert _names(factory, schema, range(row, row + 1)) == (["v2"], 0)
+
+
 def _keys_of_row(cluster: ClusterGroup, prefix: str, row: int) -> list[str]:
     found = []
     for port in cluster.primaries():

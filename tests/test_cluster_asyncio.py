@@ -408,6 +408,54 @@ def test_a_promoted_replica_that_missed_writes_serves_nothing_stale(
             cluster.restart(victim[0])  # back, as a replica of the promoted node
 
 
+@pytest.mark.parametrize("on", ["another primary", "the registry's primary"])
+def test_a_primary_restarted_in_place_from_an_older_snapshot_serves_nothing_stale(
+    cluster: ClusterGroup, schema: Engine, prefix: str, loop: asyncio.AbstractEventLoop, on: str
+) -> None:
+    """Redis forgets without a failover: the row's primary saves a snapshot (v1), v2 is
+    committed, the primary is killed and started again before its replica takes over, and
+    serves v1 from the snapshot under a current-looking generation. No read returns v1; once
+    the cache has seen the node's new epoch, the row is served from the cache again."""
+
+    async def scenario() -> None:
+        cache = WriteThroughCache(_client(cluster), prefix=prefix, epoch_check_interval=0.2)
+        app = App(schema, cache)
+        await app.fill(60)
+        registry_node = cluster.owner(key_slot(registry_key(prefix).encode()))
+        on_registry = on == "the registry's primary"
+        row = next(
+            i
+            for i in range(1, 61)
+            if (_owner_of_row(cluster, prefix, i) == registry_node) == on_registry
+        )
+        primary = _owner_of_row(cluster, prefix, row)
+        key = _keys_of_row(cluster, prefix, row)[0]
+        assert await app.names([row]) == (["v1"], 0)
+        with cluster.node(primary).admin() as admin:
+            admin.save()  # --save "" stops only the automatic snapshots
+        await app.rename([row], "v2")
+        node = cluster.node(primary)
+        node.kill()
+        node.start()  # well within cluster-node-timeout: no failover
+        wait_for(lambda: node.admin(0.2).ping(), 5, f"node {primary}")
+        cluster.wait_serving()
+        assert node.role() == "master"
+        assert _replica_has(cluster, primary, key, b"v1")  # the old value, looking current
+
+        deadline = time.monotonic() + 10
+        while True:  # reads go to the database until the cache has checked the node again
+            assert (await app.names([row]))[0] == ["v2"]
+            if cache.stats().epochs or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert cache.stats().epochs >= 1
+        await app.names([row])  # filled again (a miss, if the entry went)
+        assert await app.names([row]) == (["v2"], 0)
+        await app.close()
+
+    loop.run_until_complete(scenario())
+
+
 def _replica_has(cluster: ClusterGroup, port: int, key: str, value: bytes) -> bool:
     with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
         client.execute_command("READONLY")
