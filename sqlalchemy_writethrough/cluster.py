@@ -363,21 +363,23 @@ class ClusterRouter:
     ) -> list[Any]:
         """``commands`` in one round trip on a connection of ``node``'s pool (checked first
         when ``checked``); ``asking``: the indexes of the commands to precede with ASKING.
-        Error replies are returned as values; a connection that breaks is tried once more on
-        a new one (a node restarted since the connection was pooled), as redis-py does."""
+        Error replies are returned as values; a connection that breaks is connected again
+        and tried once more (a node restarted since the connection was pooled), as redis-py's
+        retry does: not another pooled one, which the same restart closed too (an asyncio
+        node hands out the longest idle first)."""
         sent, mine = with_asking(commands, asking)
+        conn, home = self._acquire(node)
         for attempt in (0, 1):
-            conn, home = self._acquire(node)
             try:
                 if checked and self.check is not None:
                     self.check(conn)
                 replies = self._call_many(conn, sent)
             except BaseException as exc:
                 if not isinstance(exc, ResponseError):
-                    self._discard(conn)  # a reply may still be on its way: never reuse it
-                self._release(home, conn)
+                    self._discard(conn)  # a reply may still be on its way: a new socket
                 if attempt == 0 and type(exc) is RedisConnectionError:
                     continue
+                self._release(home, conn)
                 self._node_failed(node, exc)
                 raise
             self._release(home, conn)

@@ -479,8 +479,12 @@ def test_a_primary_restarted_in_place_from_an_older_snapshot_serves_nothing_stal
     snapshot (v1), v2 is committed and published, the primary is killed and started again
     before its replica takes over (a crash under a supervisor): it serves its slots from the
     snapshot, v1 under a current-looking generation (its replica syncs that from it). No read
-    may return v1; once the cache has seen the node's new epoch, the row is cached again."""
-    cache = WriteThroughCache(_client(cluster), prefix=prefix, epoch_check_interval=0.2)
+    may return v1, the first use of the node's connections (their check due) fails nothing
+    (strict: a commit right away goes through), and once the cache has seen the node's new
+    epoch the row is cached again."""
+    cache = WriteThroughCache(
+        _client(cluster), prefix=prefix, epoch_check_interval=0.2, on_redis_error="strict"
+    )
     factory = _installed(cache, schema)
     _fill(factory, 60)
     registry_node = cluster.owner(key_slot(registry_key(prefix).encode()))
@@ -506,16 +510,21 @@ def test_a_primary_restarted_in_place_from_an_older_snapshot_serves_nothing_stal
     assert node.role() == "master"
     assert _replica_has(cluster, primary, key, b"v1")  # the old value is back, looks current
 
+    assert _names(factory, schema, range(row, row + 1))[0] == ["v2"]
+    with factory() as session:
+        session.get(ClItem, row).name = "v3"  # type: ignore[union-attr]
+        session.commit()
     deadline = time.monotonic() + 10
     while True:  # reads go to the database until the cache has checked the node again
         names, _ = _names(factory, schema, range(row, row + 1))
-        assert names == ["v2"]
+        assert names == ["v3"]
         if cache.stats().epochs or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert cache.stats().epochs >= 1
     _names(factory, schema, range(row, row + 1))  # filled again (a miss, if the entry went)
-    assert _names(factory, schema, range(row, row + 1)) == (["v2"], 0)
+    assert _names(factory, schema, range(row, row + 1)) == (["v3"], 0)
+    assert cache.stats().errors == 0
 
 
 def _keys_of_row(cluster: ClusterGroup, prefix: str, row: int) -> list[str]:

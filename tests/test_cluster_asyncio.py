@@ -414,11 +414,15 @@ def test_a_primary_restarted_in_place_from_an_older_snapshot_serves_nothing_stal
 ) -> None:
     """Redis forgets without a failover: the row's primary saves a snapshot (v1), v2 is
     committed, the primary is killed and started again before its replica takes over, and
-    serves v1 from the snapshot under a current-looking generation. No read returns v1; once
-    the cache has seen the node's new epoch, the row is served from the cache again."""
+    serves v1 from the snapshot under a current-looking generation. No read returns v1, the
+    first use of the node's connections fails nothing (strict: a commit right away goes
+    through), and once the cache has seen the node's new epoch the row is served from the
+    cache again."""
 
     async def scenario() -> None:
-        cache = WriteThroughCache(_client(cluster), prefix=prefix, epoch_check_interval=0.2)
+        cache = WriteThroughCache(
+            _client(cluster), prefix=prefix, epoch_check_interval=0.2, on_redis_error="strict"
+        )
         app = App(schema, cache)
         await app.fill(60)
         registry_node = cluster.owner(key_slot(registry_key(prefix).encode()))
@@ -442,15 +446,18 @@ def test_a_primary_restarted_in_place_from_an_older_snapshot_serves_nothing_stal
         assert node.role() == "master"
         assert _replica_has(cluster, primary, key, b"v1")  # the old value, looking current
 
+        assert (await app.names([row]))[0] == ["v2"]
+        await app.rename([row], "v3")
         deadline = time.monotonic() + 10
         while True:  # reads go to the database until the cache has checked the node again
-            assert (await app.names([row]))[0] == ["v2"]
+            assert (await app.names([row]))[0] == ["v3"]
             if cache.stats().epochs or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
         assert cache.stats().epochs >= 1
         await app.names([row])  # filled again (a miss, if the entry went)
-        assert await app.names([row]) == (["v2"], 0)
+        assert await app.names([row]) == (["v3"], 0)
+        assert cache.stats().errors == 0
         await app.close()
 
     loop.run_until_complete(scenario())
