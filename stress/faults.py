@@ -37,12 +37,17 @@ primary that holds it, not with the other server faults above):
                        s (the old primary takes writes until Sentinel demotes it ~10 s later);
 ``cluster-failover``   3 primaries and 3 replicas (:mod:`stress.cluster`); the workers use a
                        ``RedisCluster``; every 3 to 6 s a random primary is SIGKILLed (and started
-                       again, as a replica, once its replica is promoted) or a replica takes
-                       over with ``CLUSTER FAILOVER``. A killed node restarts from the RDB file
-                       of its last full sync as a replica, if it had one (back in time); one
-                       killed in the last second restarts when the run heals, which may be before
-                       its replica's promotion: its old data may then become the primary's,
-                       after the workers stopped (see :func:`stress.runner.epoch_checked`).
+                       again, as a replica, once its replica is promoted), or a replica takes
+                       over with ``CLUSTER FAILOVER``, or the primary saves a snapshot
+                       (``SAVE``) and 1 to 3 s later is SIGKILLed and started again at once,
+                       well within the node timeout: it stays the primary and serves its slots
+                       from that snapshot (a crash under a supervisor: back in time, without a
+                       failover; its replica syncs the old data from it). A killed node restarts
+                       from the RDB file of its last full sync or save, if it had one (back in
+                       time); one killed in the last second restarts when the run heals, which
+                       may be before its replica's promotion: its old data may then become the
+                       primary's, after the workers stopped (see
+                       :func:`stress.runner.epoch_checked`).
 """
 
 from __future__ import annotations
@@ -171,6 +176,8 @@ class FaultSchedule:
         #: cluster-failover: the primary killed, and the replica whose promotion ends it
         self._victim: tuple[int, int] | None = None
         self._victim_deadline = 0.0
+        #: cluster-failover: the primary that saved a snapshot, and when it is restarted
+        self._saved: tuple[int, float] | None = None
         #: sentinel-failover: (began, old primary, give up at) of the one under way
         self._failover: tuple[int, int | None, float] | None = None
         #: failover windows (history times, ns) for the checker
@@ -293,6 +300,9 @@ class FaultSchedule:
                 self._victim = None
                 self._next_failover = time.monotonic() + self.rng.uniform(3, 6)
             return
+        if self._saved is not None:
+            self._restart_saved(t)
+            return
         if t < self._next_failover:
             return
         self._next_failover = time.monotonic() + self.rng.uniform(3, 6)
@@ -301,7 +311,16 @@ class FaultSchedule:
             replica = cluster.replica_of(port)
         except (redis.RedisError, LookupError, RuntimeError):
             return  # a restarted node is still syncing: next time
-        if self.rng.random() < 0.5:
+        draw = self.rng.random()
+        if draw < 1 / 3:
+            try:
+                with cluster.node(port).admin() as client:
+                    client.save()
+            except redis.RedisError:
+                return
+            self.timeline.append(f"{now()} SAVE on primary {port}")
+            self._saved = (port, time.monotonic() + self.rng.uniform(1, 3))
+        elif draw < 2 / 3:
             cluster.node(port).kill()
             self.timeline.append(f"{now()} killed primary {port} (its replica {replica})")
             self._victim = (port, replica)
@@ -315,6 +334,23 @@ class FaultSchedule:
                 self.counts["CLUSTER FAILOVERs"] += 1
             except redis.RedisError:
                 self.counts["CLUSTER FAILOVERs refused"] += 1
+
+    def _restart_saved(self, t: float) -> None:
+        """SIGKILL the primary that saved a snapshot, and start it again at once: it loads
+        the snapshot and, back before the node timeout, keeps its slots."""
+        assert self.cluster is not None and self._saved is not None
+        port, at = self._saved
+        if t < at:
+            return
+        self._saved = None
+        self._next_failover = time.monotonic() + self.rng.uniform(3, 6)
+        node = self.cluster.node(port)
+        if not node.running:
+            return
+        node.kill()
+        node.start()
+        self.timeline.append(f"{now()} restarted {port} in place from its snapshot")
+        self.counts["Cluster primaries restarted from an older snapshot"] += 1
 
     def _snapshot_tick(self, t: float) -> None:
         if self._snapshot is None:

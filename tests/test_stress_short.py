@@ -559,9 +559,10 @@ def test_short_tenants_run_with_tenant_blind_keys_fails(
 def test_short_cluster_failover_run_finds_no_violation(
     redis_server_binary: str, postgresql_url: str
 ) -> None:
-    """The same workers (half of them asyncio) on a Redis Cluster (3 primaries, 3 replicas) whose primaries are
-    SIGKILLed or replaced with ``CLUSTER FAILOVER`` every few seconds, with SIGKILLed workers
-    and deadlocks; strict mode: zero stale, uncommitted or divergent."""
+    """The same workers (half of them asyncio) on a Redis Cluster (3 primaries, 3 replicas) whose
+    primaries are SIGKILLed, replaced with ``CLUSTER FAILOVER`` or restarted in place from an
+    older snapshot every few seconds, with SIGKILLed workers and deadlocks; strict mode: zero
+    stale, uncommitted or divergent."""
     result = _ran(
         StressConfig(
             db_url=postgresql_url,
@@ -574,7 +575,7 @@ def test_short_cluster_failover_run_finds_no_violation(
         )
     )
     report = result.report
-    assert any(k.startswith(("Cluster primaries killed", "CLUSTER FAILOVERs")) for k in result.info)
+    assert any(k.startswith(("Cluster primaries", "CLUSTER FAILOVERs")) for k in result.info)
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
     assert report.ok, result.format()
 
