@@ -34,6 +34,9 @@ nox.options.sessions = [
     "third_party(suite='flask-admin')",
     "third_party(suite='zope.sqlalchemy')",
     "third_party(suite='zope.sqlalchemy-twophase')",
+    "third_party(suite='marshmallow-sqlalchemy')",
+    "third_party(suite='factory_boy')",
+    "third_party(suite='wtforms-sqlalchemy')",
 ]
 # Reuse session venvs between local runs; installs still run, so requirement changes apply.
 nox.options.reuse_venv = "yes"
