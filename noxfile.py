@@ -34,6 +34,9 @@ nox.options.sessions = [
     "third_party(suite='flask-admin')",
     "third_party(suite='zope.sqlalchemy')",
     "third_party(suite='zope.sqlalchemy-twophase')",
+    "third_party(suite='marshmallow-sqlalchemy')",
+    "third_party(suite='factory_boy')",
+    "third_party(suite='wtforms-sqlalchemy')",
 ]
 # Reuse session venvs between local runs; installs still run, so requirement changes apply.
 nox.options.reuse_venv = "yes"
@@ -419,8 +422,10 @@ def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: 
 # THIRD_PARTY_SQLALCHEMY says: Flask-SQLAlchemy 3.1.1's tests fail on 2.1 without the extension,
 # SQLModel and fastapi-users-db-sqlalchemy 7.0.0 require <2.1, SQLAlchemy-Utils 0.43 does not
 # import on 2.1, Flask-Admin 2.2.1's multi-bind tests and zope.sqlalchemy's two-phase retry
-# test fail on 2.1 without it. SQLAlchemy-Continuum 2.0.0 allows 2.1 and passes there with the
-# extension too (2.1.9: 871 tests, 3 failing plainly, none only with it).
+# test fail on 2.1 without it, and so does WTForms-SQLAlchemy 0.4.2's test_convert_types (its
+# converters find Float by its base Numeric, which 2.1's Float no longer has). SQLAlchemy-Continuum
+# 2.0.0 allows 2.1 and passes there with the extension too (2.1.9: 871 tests, 3 failing plainly,
+# none only with it).
 THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     "flask-sqlalchemy": ("flask-sqlalchemy==3.1.1", "flask"),
     "sqlmodel": (
@@ -453,12 +458,28 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     # the transaction manager of Pyramid and Plone: on PostgreSQL, then two-phase on MariaDB
     "zope.sqlalchemy": ("zope.sqlalchemy==4.1", "transaction", "zope.testing", "psycopg[binary]"),
     "zope.sqlalchemy-twophase": ("zope.sqlalchemy==4.1", "transaction", "zope.testing", "pymysql"),
+    # schemas loading instances by primary key (load_instance, Related fields), on SQLite
+    "marshmallow-sqlalchemy": (
+        "marshmallow-sqlalchemy==1.6.0",
+        *("marshmallow==4.4.0", "pytest-lazy-fixtures==1.4.1"),
+    ),
+    # model factories persisting by commit or flush, get-or-create (its SQLAlchemy tests only,
+    # on SQLite: its test models hard-code their engine)
+    "factory_boy": ("factory_boy==3.3.3",),
+    # form fields whose choices are ORM queries (QuerySelectField...), on SQLite; WTForms 3.3
+    # deprecates the tuple choices its converters make, and its tests turn warnings into errors
+    "wtforms-sqlalchemy": ("wtforms-sqlalchemy==0.4.2", "wtforms==3.2.1"),
 }
 
 
 #: the suites run on SQLAlchemy 2.1: zope.sqlalchemy 4.1's pass there without the extension
-#: (2.1.9: 26 tests, as on 2.0)
-THIRD_PARTY_SQLALCHEMY: dict[str, str] = {"zope.sqlalchemy": "2.1"}
+#: (2.1.9: 26 tests, as on 2.0), and so do marshmallow-sqlalchemy 1.6.0's (106 tests) and
+#: factory_boy 3.3.3's SQLAlchemy tests (25)
+THIRD_PARTY_SQLALCHEMY: dict[str, str] = {
+    "zope.sqlalchemy": "2.1",
+    "marshmallow-sqlalchemy": "2.1",
+    "factory_boy": "2.1",
+}
 
 
 #: the runs of tests/third_party/run.py a session makes, where more than its own: the asyncio
@@ -475,13 +496,15 @@ THIRD_PARTY_RUNS: dict[str, tuple[str, ...]] = {
 @nox.parametrize("suite", list(THIRD_PARTY_SUITES))
 def third_party(session: nox.Session, suite: str) -> None:
     """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
-    SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy, zope.sqlalchemy), plainly
+    SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy, zope.sqlalchemy,
+    marshmallow-sqlalchemy, factory_boy's SQLAlchemy tests, WTForms-SQLAlchemy), plainly
     and with the extension on every Session: fails on a test that fails only with it and is
     not in tests/third_party/known_failures.txt (``nox -s "third_party(suite='sqlmodel')"``
     for one; ``-- -k NAME`` for some of its tests). SQLAlchemy-Utils' needs PostgreSQL and
     MariaDB ($POSTGRESQL_URL, $MARIADB_URL or the local servers), Flask-Admin's,
-    fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB.
-    Needs Redis ($REDIS_URL or local)."""
+    fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB;
+    marshmallow-sqlalchemy's, factory_boy's and WTForms-SQLAlchemy's run on SQLite. Needs Redis
+    ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "pip", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
     session.install(SQLALCHEMY_PINS[THIRD_PARTY_SQLALCHEMY.get(suite, "2.0")])
     # arguments after nox's ``--`` are pytest's (``-- -k test_name``)

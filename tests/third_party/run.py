@@ -5,12 +5,13 @@
 SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
 ``sqlalchemy-utils``, ``flask-admin``, ``fastapi-users-db-sqlalchemy`` (and
 ``fastapi-users-db-sqlalchemy-asyncio``: the cache on ``AsyncSession`` itself, through
-``redis.asyncio``), ``zope.sqlalchemy``, ``zope.sqlalchemy-twophase``: libraries our users put
-between their code and the ORM, each with its own Session subclass, listeners, types or
-declarative base. The sdist of the installed release (each ships its tests) is unpacked into
-``.third-party/`` (``--workdir``) and its tests run twice, plainly and with
-``tests/sqlalchemy_suite/wt_suite_plugin.py`` (a cache on ``sqlalchemy.orm.Session`` under a
-fresh prefix per test, ``register_all()`` over every mapping). It prints the tests that fail
+``redis.asyncio``), ``zope.sqlalchemy``, ``zope.sqlalchemy-twophase``,
+``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``: libraries our users put
+between their code and the ORM, each with its own Session subclass, listeners, types,
+declarative base or loads by primary key. The sdist of the installed release (each ships its
+tests) is unpacked into ``.third-party/`` (``--workdir``) and its tests run twice, plainly and
+with ``tests/sqlalchemy_suite/wt_suite_plugin.py`` (a cache on ``sqlalchemy.orm.Session`` under
+a fresh prefix per test, ``register_all()`` over every mapping). It prints the tests that fail
 only with the extension, minus those listed in ``known_failures.txt`` with their reason
 (``suite:test id -- reason``), and exits non-zero on any unexplained one, or if the extension
 was not active.
@@ -22,7 +23,10 @@ views over models with inline forms, composite keys, hstore and citext columns) 
 fastapi-users' (its ``User`` table keyed by the GUID TypeDecorator, run on asyncpg) get a
 PostgreSQL database of their own the same way. zope.sqlalchemy's (the transaction manager of
 Pyramid and Plone) run on a PostgreSQL database of their own, and again two-phase (XA) on a
-MariaDB database of their own.
+MariaDB database of their own. marshmallow-sqlalchemy's (schemas loading instances by primary
+key), factory_boy's SQLAlchemy tests (``tests/test_alchemy.py``: model factories committing or
+flushing, get-or-create) and WTForms-SQLAlchemy's (query-backed select fields) run on SQLite,
+the only database their tests know.
 """
 
 from __future__ import annotations
@@ -82,6 +86,14 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # closes it at the end of the transaction; on PostgreSQL, then two-phase on MariaDB (XA)
     "zope.sqlalchemy": ("zope.sqlalchemy", "src/zope/sqlalchemy/tests.py", _ZOPE),
     "zope.sqlalchemy-twophase": ("zope.sqlalchemy", "src/zope/sqlalchemy/tests.py", _ZOPE),
+    # on SQLite (its tests' only database): load_instance schemas and Related fields load
+    # instances by primary key through the session (session.get), the cache's read path
+    "marshmallow-sqlalchemy": ("marshmallow-sqlalchemy", "tests", ()),
+    # its SQLAlchemy tests only (on SQLite, the one database they know): factories persisting
+    # with commit or flush, get-or-create by unique columns, on a scoped_session
+    "factory_boy": ("factory_boy", "tests/test_alchemy.py", ()),
+    # form fields whose choices are ORM queries (QuerySelectField...), on SQLite
+    "wtforms-sqlalchemy": ("WTForms-SQLAlchemy", "tests", ()),
 }
 
 _POSTGRESQL = os.environ.get("POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
