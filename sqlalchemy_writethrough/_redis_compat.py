@@ -785,10 +785,20 @@ def async_idle_connections(client: Any) -> list[Any]:
     return conns
 
 
+def async_sentinel_pools(client: Any) -> list[Any]:
+    """The connection pools of the sentinels a ``Sentinel.master_for()`` client asks where its
+    primary is (none for another client)."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    return [sentinel.connection_pool for sentinel in getattr(manager, "sentinels", ())]
+
+
 def async_client_connections(client: Any) -> list[Any]:
-    """The connections a ``redis.asyncio.Redis`` client holds: its pool's, and its own
-    (``single_connection_client=True``)."""
+    """The connections a ``redis.asyncio.Redis`` client holds: its pool's, its own
+    (``single_connection_client=True``), and those of the sentinels a Sentinel-managed client
+    asks, which belong to an event loop as its own do."""
     conns = async_pool_connections(client.connection_pool)
+    for pool in async_sentinel_pools(client):
+        conns.extend(async_pool_connections(pool))
     single = getattr(client, "connection", None)
     if single is not None:
         conns.append(single)

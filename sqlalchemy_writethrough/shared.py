@@ -317,7 +317,7 @@ class SharedStats:
             timeout = _redis_compat.connection_kwargs(client).get("socket_timeout") or 1.0
             # the connections opened on a loop that has ended cannot be used on another: the
             # client's, and a Sentinel-managed client's sentinels' (asked where the primary is)
-            pools = [client.connection_pool, *_sentinel_pools(client)]
+            pools = [client.connection_pool, *_redis_compat.async_sentinel_pools(client)]
             for pool in pools:
                 for conn in _redis_compat.async_pool_connections(pool):
                     _redis_compat.close_elsewhere(conn)
@@ -328,12 +328,6 @@ class SharedStats:
             return sent
         finally:
             loop.close()
-
-
-def _sentinel_pools(client: Any) -> list[Any]:
-    """The connection pools of the sentinels a ``Sentinel.master_for()`` client asks."""
-    manager = getattr(client.connection_pool, "sentinel_manager", None)
-    return [sentinel.connection_pool for sentinel in getattr(manager, "sentinels", ())]
 
 
 async def _disconnect_all(cluster: Any) -> None:

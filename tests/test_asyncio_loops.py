@@ -19,6 +19,7 @@ import time. Here, on real Redis and a real database (aiosqlite, asyncpg):
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -42,7 +44,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
 from stress.redis_server import RedisServer
 
-from _sentinel import require_redis_server
+from _sentinel import async_master_for, require_redis_server, running_group
 from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql")
@@ -595,6 +597,41 @@ def test_a_cluster_client_moves_to_the_next_loop(
     finally:
         home.close()
         other.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_a_sentinel_client_moves_to_the_next_loop(schema: Any, db_url: str) -> None:
+    """``asyncio.run()`` twice with a ``redis.asyncio`` Sentinel ``master_for()`` client, strict:
+    the second run's first calls (a get, then a commit) are served, locked and published with
+    no error, and no socket of the first loop is left open. Before the fix, the sentinels'
+    connections of the first, closed loop were asked where the primary is: the get failed
+    with "Event loop is closed" (it read the database, an error counted), and a transport of
+    the first loop was collected unclosed."""
+    prefix = f"aloop-{random.randrange(1 << 40):x}"
+    with running_group() as group:
+        client = async_master_for(group)
+        app = App(db_url, WriteThroughCache(client, prefix=prefix, on_redis_error="strict"))
+
+        async def first() -> tuple[list[str], int]:
+            await app.seed(2)
+            return await app.names(1, 2)
+
+        async def second() -> dict[str, Any]:
+            await app.rename(1, "renamed")  # a get, then a commit: the first calls here
+            seen = {"after commit": await app.names(1, 2), "errors": app.cache.stats().errors}
+            await app.cache.aclose()
+            await client.aclose()  # the application's own, closed on its last loop
+            for sentinel in client.connection_pool.sentinel_manager.sentinels:
+                await sentinel.aclose()
+            return seen
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            assert asyncio.run(first()) == (["r1", "r2"], 0)
+            seen = asyncio.run(asyncio.wait_for(second(), 20))
+            gc.collect()
+        assert seen == {"after commit": (["renamed", "r2"], 0), "errors": 0}
+        assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 async def _call(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
