@@ -372,6 +372,7 @@ def test_the_baseline_cache_is_built_like_ours(
     shutil.which("valgrind") is None or shutil.which("vgdb") is None,
     reason="valgrind (and its vgdb) is not installed",
 )
+@pytest.mark.timeout(300)  # 25 to 45 s here; over 120 s once beside other test runs
 def test_callgrind_counts_instructions_and_cleans_up(redis_url: str, tmp_path: Path) -> None:
     """``python -m benchmarks.callgrind`` runs its cases under callgrind and writes a table of
     instructions per operation (no count asserted but that there is one); its Redis keys are

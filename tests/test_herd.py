@@ -86,10 +86,13 @@ def herd(engine: Engine, redis_url: str, prefix: str, fill_wait: float) -> tuple
 def test_herd_on_a_cold_row_loads_it_about_once(
     seeded: Engine, redis_url: str, prefix: str
 ) -> None:
-    loads, names = herd(seeded, redis_url, prefix, fill_wait=0.5)
+    # the waiters stop waiting as soon as the fill lands (milliseconds on a quiet machine);
+    # the bound is long because on a loaded 2-core CI machine the first reader's load, on a
+    # new connection, once took longer than 0.5 s, and 28 waiters gave up and loaded it
+    loads, names = herd(seeded, redis_url, prefix, fill_wait=5.0)
     assert names == ["cold"] * READERS
     print(
-        f"\n{READERS} concurrent readers of one cold row, fill_wait=0.5: {loads} database load(s)"
+        f"\n{READERS} concurrent readers of one cold row, fill_wait=5.0: {loads} database load(s)"
     )
     assert loads <= 2
 
