@@ -40,7 +40,7 @@ from .protocol import (
     split_by_hash_tag,
     value_prefix,
 )
-from .redis_async import AsyncTransport
+from .redis_async import AsyncTransport, OtherEventLoopError
 from .redis_sync import SyncTransport
 from .stats import Counters
 from .transport import HoldingTransport, Transport
@@ -533,9 +533,13 @@ class ScriptBackend:
     def _failed(self, what: str, exc: BaseException) -> None:
         """A call failed: the breaker hears of it, it is counted, and logged: a warning when
         it opens the breaker, or the first time the server refuses in a new way (a wrong
-        password, a replica, a Cluster node: that does not pass by itself); debug otherwise."""
+        password, a replica, a Cluster node: that does not pass by itself); debug otherwise.
+        A call refused because the client belongs to another event loop is kept from the
+        breaker: it says nothing of Redis (nothing was sent), and the breaker is every loop's:
+        refusals on one loop would send the client's own loop to the database too."""
         was_open = self.breaker.is_open
-        self.breaker.failure()
+        if not isinstance(exc, OtherEventLoopError):
+            self.breaker.failure()
         self._counters.error(type(exc).__name__)
         self.log_failure(what, exc, opened=self.breaker.is_open != was_open)
 

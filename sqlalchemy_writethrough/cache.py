@@ -52,7 +52,7 @@ from .keys import (
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
 from .near import ClusterSubscriptions, NearCache, Subscriptions, TwinSubscriptions
-from .redis_async import AsyncTransport, close_off_loop
+from .redis_async import AsyncTransport, OtherEventLoopError, close_off_loop
 from .redis_sync import SyncTransport
 from .registry import Models
 from .report import CachedModels, describe
@@ -963,8 +963,10 @@ class WriteThroughCache:
         if sender is not None:
             sender.stop()
             if not self._runtime.backend.breaker.is_open:
-                client = self._async.runtime.backend.client if self._async else None  # type: ignore[attr-defined]
-                await sender.asend(client)
+                if self._async is None:
+                    await sender.asend(None)
+                elif (client := self._async_client_here()) is not None:
+                    await sender.asend(client)
         if self._async is not None:
             # the connections opened on this loop, by the backend and those a switch replaced
             for backend in [self._async.runtime.backend, *self._retired]:
@@ -1090,7 +1092,9 @@ class WriteThroughCache:
         if sender is None:
             return False
         if self._async is not None and _sa_compat.in_greenlet():
-            client = self._async.runtime.backend.client  # type: ignore[attr-defined]
+            client = self._async_client_here()
+            if client is None:
+                return False
             sent: bool = _sa_compat.await_(sender.asend(client))
             return sent
         return sender.send()
@@ -1101,8 +1105,27 @@ class WriteThroughCache:
         sender = self._shared_stats
         if sender is None:
             return False
-        client = self._async.runtime.backend.client if self._async else None  # type: ignore[attr-defined]
-        return await sender.asend(client)
+        if self._async is None:
+            return await sender.asend(None)
+        client = self._async_client_here()
+        return False if client is None else await sender.asend(client)
+
+    def _async_client_here(self) -> Any:
+        """The ``redis.asyncio`` client to send the stats through on the running loop, as the
+        cache's own calls choose it (the client on its home loop, which the running loop
+        becomes once the client's own is closed; the cache's copy on a loop open beside it):
+        the client itself would raise on any other loop than its connections'. None where
+        there is none (a client the cache cannot copy, on a loop open beside its own): the
+        counts wait for the next send."""
+        assert self._async is not None
+        backend: Any = self._async.runtime.backend
+        here = getattr(getattr(backend, "transport", None), "client_here", None)
+        if here is None:
+            return backend.client
+        try:
+            return here()
+        except OtherEventLoopError:
+            return None
 
     @property
     def _tracer(self) -> Any:

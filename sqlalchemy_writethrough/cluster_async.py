@@ -151,6 +151,12 @@ class AsyncClusterTransport(ClusterTransport):
     def sleep(self, seconds: float) -> None:
         await_(asyncio.sleep(seconds))
 
+    def client_here(self) -> Any:
+        """The client, the running loop made its home if its own is closed (see
+        :class:`.LoopGuard`); :class:`.OtherEventLoopError` on a loop open beside its own."""
+        self.router._on_this_loop()
+        return self.client
+
     def launch(self, probe: Callable[[], None]) -> None:
         """The breaker's prober, as a task on the running loop (see
         :meth:`.AsyncTransport.launch`)."""

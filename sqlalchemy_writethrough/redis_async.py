@@ -427,6 +427,13 @@ class AsyncTransport:
     def unlink(self, keys: Sequence[Any]) -> int:
         return int(await_io(self._unlink(keys)))
 
+    def client_here(self) -> Any:
+        """The client the cache's calls use on the running loop (see :class:`_LoopPools`):
+        the client itself on its home loop, which the running loop becomes once the client's
+        own is closed, else the cache's copy for this loop; :class:`OtherEventLoopError`
+        where there is none."""
+        return self._here()[1]
+
     async def aclose(self) -> None:
         """Close the connections the cache opened for the running loop, and forget those of
         closed loops (see :class:`_LoopPools`); the client's own are not the cache's."""

@@ -33,6 +33,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio
 from _flavours import async_url
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -225,6 +226,67 @@ def test_a_client_of_its_own_kind_on_another_open_loop_is_redis_unreachable(
     finally:
         for loop in (home, other, third):
             loop.close()
+
+
+def test_another_open_loop_does_not_cut_the_clients_own_loop_off(
+    schema: Any, db_url: str, prefix: str, redis_url: str
+) -> None:
+    """A client the cache cannot open connections for on another loop, with the default
+    breaker: that loop's calls are refused (Redis unreachable from there), and the client's
+    own loop is served from Redis right after, the other loop's commit made good first.
+    Before the fix the refusals opened the cache's one breaker, whose prober was a task on
+    the other, idle loop: every read of the client's own loop went to the database for as
+    long as the other loop stayed open."""
+    client = OwnKindRedis.from_url(redis_url, socket_timeout=0.5)
+    app = App(db_url, WriteThroughCache(client, prefix=prefix))
+    home, other = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        _run_on(home, app.seed(2))
+        assert _run_on(home, app.names(1, 2)) == (["r1", "r2"], 0)
+        for _ in range(4):
+            assert _run_on(other, app.names(1)) == (["r1"], 1)
+        _run_on(other, app.rename(2, "while away"))  # journaled: its lock was refused
+        assert _run_on(home, app.names(1, 2)) == (["r1", "while away"], 1)
+        assert _run_on(home, app.names(1, 2)) == (["r1", "while away"], 0)
+        _run_on(home, client.aclose())
+    finally:
+        home.close()
+        other.close()
+
+
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("given", ["url", "client"])
+def test_aclose_on_the_next_loop_sends_the_last_counts(
+    given: str, schema: Any, db_url: str, prefix: str, redis_url: str, caplog: Any
+) -> None:
+    """``asyncio.run()`` for the work, ``asyncio.run()`` again for the shutdown (``await
+    cache.aclose()``, then the application's own ``client.aclose()``): the last counts go
+    through the client on the loop it has moved to. Before the fix they were sent through
+    the client as it was, its connections of the closed loop: "could not send the stats to
+    Redis: Event loop is closed", and they arrived only at the exit's send, if any."""
+    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.5)
+    target: Any = redis_url if given == "url" else client
+    app = App(db_url, WriteThroughCache(target, prefix=prefix, stats_interval=60))
+
+    async def first() -> tuple[list[str], int]:
+        await app.seed(1)
+        return await app.names(1)
+
+    async def last() -> None:
+        await app.cache.aclose()
+        await client.aclose()
+
+    assert asyncio.run(first()) == (["r1"], 0)
+    with caplog.at_level(logging.DEBUG, logger="sqlalchemy_writethrough"):
+        asyncio.run(last())
+    said = [r.getMessage() for r in caplog.records if "could not send the stats" in r.getMessage()]
+    assert said == []
+    reader = redis.Redis.from_url(redis_url)
+    try:
+        assert reader.hget(f"{prefix}:stats", "c|LoopRow|hits") == b"1"
+    finally:
+        reader.delete(f"{prefix}:stats", f"{prefix}:stats:processes")
+        reader.close()
 
 
 def test_a_connection_the_application_took_to_another_loop(
