@@ -1081,8 +1081,7 @@ class AsyncRedisBackend(ScriptBackend):
         )
         self.client = client
         transport = AsyncTransport(client, address, epoch)
-        breaker.launch = transport.launch
-        breaker.pause = transport.pause
+        AsyncTransport.wire(breaker, transport)
         super().__init__(transport, breaker, counters, scripts, epoch)
 
 

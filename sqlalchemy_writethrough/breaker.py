@@ -8,6 +8,10 @@ from collections.abc import Callable
 from . import forks
 
 
+def _never() -> bool:
+    return False
+
+
 def _in_thread(probe: Callable[[], None]) -> None:
     threading.Thread(target=probe, name="writethrough-breaker", daemon=True).start()
 
@@ -41,6 +45,9 @@ class CircuitBreaker:
         self.launch: Callable[[Callable[[], None]], None] = _in_thread
         #: waits between two probes; True when the breaker was stopped meanwhile
         self.pause: Callable[[float], bool] = self._stopped.wait
+        #: whether the prober started cannot run now while the caller could start another
+        #: (an asyncio prober's loop left idle, another loop running): set with ``launch``
+        self.stranded: Callable[[], bool] = _never
         forks.renew_in_child(self, "_lock")
 
     def _after_fork(self) -> None:
@@ -55,6 +62,9 @@ class CircuitBreaker:
     def allow(self) -> bool:
         if not self._open:
             return True
+        if self._probing and self.stranded():
+            with self._lock:  # another starts here; the stranded one ends if its loop runs
+                self._probing = False
         if not self._probing and self.probe is not None:  # its prober could not start
             with self._lock:
                 start = not self._probing

@@ -30,7 +30,7 @@ from .cluster import (
     ClusterTransport,
 )
 from .protocol import Script, Scripts
-from .redis_async import _PROBER_LOOPS, LoopGuard, await_io, claim
+from .redis_async import _PROBER_LOOPS, AsyncTransport, LoopGuard, await_io, claim
 
 
 class AsyncClusterRouter(ClusterRouter):
@@ -175,8 +175,7 @@ class AsyncClusterBackend(ClusterBackend):
 
     def _wire(self, transport: ClusterTransport, breaker: CircuitBreaker) -> None:
         assert isinstance(transport, AsyncClusterTransport)
-        breaker.launch = transport.launch  # the probe: a task on the loop, never a thread
-        breaker.pause = transport.pause
+        AsyncTransport.wire(breaker, transport)  # the probe: a task on the loop, never a thread
 
 
 __all__ = ["AsyncClusterBackend", "AsyncClusterEpochGuard", "AsyncClusterRouter"]

@@ -455,6 +455,21 @@ class AsyncTransport:
         """The prober's wait between two probes; never stopped from outside."""
         return _PROBER_LOOPS.pause(seconds)
 
+    @staticmethod
+    def wire(breaker: Any, transport: Any) -> None:
+        """Make ``breaker``'s prober a task on the running loop, through ``transport``'s
+        :meth:`launch` and :meth:`pause`, started again on the running loop when the loop of
+        the one started is left idle (:meth:`ProberLoops.stranded`)."""
+        breaker.launch = transport.launch
+        breaker.pause = transport.pause
+        owner = weakref.ref(breaker)
+
+        def stranded() -> bool:
+            found = owner()
+            return found is not None and _PROBER_LOOPS.stranded(found)
+
+        breaker.stranded = stranded
+
 
 class ProberLoops:
     """Starts the circuit breakers' probers as tasks on the running loop, and keeps a prober
@@ -466,6 +481,8 @@ class ProberLoops:
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.cancelled: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        #: each breaker's last prober (the breaker is the owner of the probe method)
+        self.last: weakref.WeakKeyDictionary[Any, asyncio.Task[Any]] = weakref.WeakKeyDictionary()
 
     def launch(self, probe: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
@@ -475,6 +492,24 @@ class ProberLoops:
         task = loop.create_task(greenlet_spawn(probe))
         self.tasks.add(task)  # a task nobody references may be collected mid-run
         task.add_done_callback(self.tasks.discard)
+        owner = getattr(probe, "__self__", None)
+        if owner is not None:
+            self.last[owner] = task
+
+    def stranded(self, owner: Any) -> bool:
+        """Whether ``owner``'s prober is a task of a loop that does not run (idle between two
+        runs, perhaps for good: several loops open, used in turn) while another loop runs,
+        whose calls the breaker then sends to the database until that loop runs again: a
+        prober is started on the running loop instead."""
+        task = self.last.get(owner)
+        if task is None or task.done():
+            return False
+        loop = task.get_loop()
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return loop is not here and not loop.is_running()
 
     def pause(self, seconds: float) -> bool:
         task = asyncio.current_task()

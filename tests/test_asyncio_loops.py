@@ -491,6 +491,52 @@ def test_a_breaker_opened_on_a_closed_loop_probes_on_the_next(
 
 
 @pytest.mark.databases("sqlite")
+def test_a_breaker_opened_on_a_loop_left_idle_probes_on_the_running_one(
+    schema: Any, db_url: str, prefix: str
+) -> None:
+    """Two loops open: Redis stops answering while one of them runs, the breaker opens, its
+    prober a task on that loop, which then sits idle (not closed). Redis answers again: the
+    other loop's reads come back to Redis. Before the fix they went to the database for as
+    long as the first loop stayed idle: the breaker waited for a prober that never ran."""
+    require_redis_server()
+    server = RedisServer()
+    server.start()
+    one, two = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        client = redis.asyncio.Redis.from_url(
+            server.url, socket_timeout=0.2, socket_connect_timeout=0.2
+        )
+        cache = WriteThroughCache(client, prefix=prefix, breaker_cooldown=0.05)
+        app = App(db_url, cache)
+        _run_on(one, app.seed(1))
+        assert _run_on(one, app.names(1)) == (["r1"], 0)
+        assert _run_on(two, app.names(1)) == (["r1"], 0)
+        server.freeze()
+        try:
+            for _ in range(4):
+                assert _run_on(one, app.names(1)) == (["r1"], 1)
+        finally:
+            server.thaw()
+
+        async def served_again() -> bool:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if await app.names(1) == (["r1"], 0):
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        assert _run_on(two, served_again())
+        _run_on(two, cache.aclose())
+        _run_on(one, client.aclose())  # its prober runs, finds the breaker closed, ends
+    finally:
+        one.close()
+        two.close()
+        server.thaw()
+        server.stop()
+
+
+@pytest.mark.databases("sqlite")
 def test_a_prober_cancelled_in_the_middle_of_a_probe_leaves_the_next_loop_to_probe(
     schema: Any, db_url: str, prefix: str
 ) -> None:
