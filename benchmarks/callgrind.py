@@ -64,6 +64,44 @@ LOCK_KEY = "callgrind-lock"
 CALIBRATION_WINDOWS = 20
 
 
+def _take_lock(client: Any, token: str) -> bool:
+    """Take LOCK_KEY for this run (``<host>:<pid>:<random>``), or take it over from a run of
+    this host whose process is gone: killed (a test's timeout, SIGKILL), it could not delete
+    the key, and every run would be refused for the hour the key lives."""
+    from redis.exceptions import WatchError
+
+    for _ in range(2):
+        if client.set(LOCK_KEY, token, nx=True, ex=3600):
+            return True
+        held = client.get(LOCK_KEY)
+        if held is None:
+            continue
+        host, _, rest = held.decode(errors="replace").partition(":")
+        pid = rest.partition(":")[0]
+        if host != platform.node() or not pid.isdigit() or _alive(int(pid)):
+            return False
+        with client.pipeline() as pipe:  # deleted only if no other run took it meanwhile
+            try:
+                pipe.watch(LOCK_KEY)
+                if pipe.get(LOCK_KEY) == held:
+                    pipe.multi()
+                    pipe.delete(LOCK_KEY)
+                    pipe.execute()
+            except WatchError:
+                pass
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------- the parent
 
 
@@ -533,8 +571,8 @@ class ChildEnv:
             fill(conn, ROWS)
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.prefix = PREFIX
-        self._token = uuid.uuid4().hex
-        if not self.redis.set(LOCK_KEY, self._token, nx=True, ex=3600):
+        self._token = f"{platform.node()}:{os.getpid()}:{uuid.uuid4().hex}"
+        if not _take_lock(self.redis, self._token):
             self.redis.close()
             raise SystemExit(
                 f"another python -m benchmarks.callgrind is running against {redis_url} "

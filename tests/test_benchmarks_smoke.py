@@ -8,7 +8,9 @@ asserted: they mean nothing in a smoke run.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -398,6 +400,36 @@ def test_callgrind_counts_instructions_and_cleans_up(redis_url: str, tmp_path: P
         assert name.startswith("callgrind-")
         assert list(client.scan_iter(match=f"{name}*", count=1000)) == []
     finally:
+        client.close()
+
+
+def test_callgrind_takes_over_the_lock_of_a_killed_run(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed before it deleted its lock (a test's timeout) left every later run refused
+    for the hour the key lives (CI's rehearsal: "another python -m benchmarks.callgrind is
+    running"). A lock of a process of this host that is gone is taken over; one of a live
+    process, or of another host, is not."""
+    import platform
+
+    from benchmarks import callgrind
+
+    lock = f"{prefix}:callgrind-lock"
+    monkeypatch.setattr(callgrind, "LOCK_KEY", lock)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for holder, taken in [
+            (f"{platform.node()}:{os.getpid()}:live", False),
+            (f"another-host-{prefix}:{gone.pid}:elsewhere", False),
+            (f"{platform.node()}:{gone.pid}:killed", True),
+        ]:
+            client.set(lock, holder, ex=60)
+            assert callgrind._take_lock(client, "mine") is taken
+            assert client.get(lock) == (b"mine" if taken else holder.encode())
+    finally:
+        client.delete(lock)
         client.close()
 
 
