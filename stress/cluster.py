@@ -322,6 +322,19 @@ class ClusterGroup:
         wait_for(lambda: node.admin(0.2).ping(), timeout, f"node {port}")
         self.wait_ok(timeout)
 
+    def restart_in_place(self, port: int, wait: float | None = 20.0) -> None:
+        """SIGKILL the node at ``port`` and start it again at once, well within the node
+        timeout: a primary keeps its slots (no failover) and serves them from what it loads,
+        the RDB file of its last ``SAVE`` or full sync if any (back in time), else nothing; its
+        replica syncs that from it. ``wait``: seconds to wait for every slot to be served
+        again (None: return at once)."""
+        node = self.node(port)
+        node.kill()
+        node.start()
+        if wait is not None:
+            wait_for(lambda: node.admin(0.2).ping(), wait, f"node {port}")
+            self.wait_serving(wait)
+
     def wait_serving(self, timeout: float = 20.0) -> None:
         """Every running node says ``cluster_state:ok`` (dead nodes may still be listed)."""
         wait_for(self._ok_without_down_nodes, timeout, "cluster_state:ok on the running nodes")

@@ -344,11 +344,9 @@ class FaultSchedule:
             return
         self._saved = None
         self._next_failover = time.monotonic() + self.rng.uniform(3, 6)
-        node = self.cluster.node(port)
-        if not node.running:
+        if not self.cluster.node(port).running:
             return
-        node.kill()
-        node.start()
+        self.cluster.restart_in_place(port, wait=None)
         self.timeline.append(f"{now()} restarted {port} in place from its snapshot")
         self.counts["Cluster primaries restarted from an older snapshot"] += 1
 

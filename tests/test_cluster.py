@@ -502,12 +502,8 @@ def test_a_primary_restarted_in_place_from_an_older_snapshot_serves_nothing_stal
     with factory() as session:
         session.get(ClItem, row).name = "v2"  # type: ignore[union-attr]
         session.commit()
-    node = cluster.node(primary)
-    node.kill()
-    node.start()  # well within cluster-node-timeout: no failover
-    wait_for(lambda: node.admin(0.2).ping(), 5, f"node {primary}")
-    cluster.wait_serving()
-    assert node.role() == "master"
+    cluster.restart_in_place(primary)  # well within cluster-node-timeout: no failover
+    assert cluster.node(primary).role() == "master"
     assert _replica_has(cluster, primary, key, b"v1")  # the old value is back, looks current
 
     assert _names(factory, schema, range(row, row + 1))[0] == ["v2"]
