@@ -438,19 +438,20 @@ def test_aclose_closes_the_connections_the_cache_opened_for_its_loop(
     assert_aclose_leaves_nothing_open(async_url(db_url), redis_url, prefix)
 
 
-async def _served_again(app: App, client: Any) -> bool:
-    """Whether row 1 is served from Redis again within 10 s; the cache and the application's
-    own client closed after, on this last loop."""
+async def _served_again(app: App, client: Any = None) -> bool:
+    """Whether row 1 ("r1") is served from Redis again within 10 s; the cache closed after,
+    on this loop, and the application's own client too when given (this is its last loop)."""
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if (await app.names(1))[1] == 0:
+            if await app.names(1) == (["r1"], 0):
                 return True
             await asyncio.sleep(0.05)
         return False
     finally:
         await app.cache.aclose()
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
 
 
 @pytest.mark.databases("sqlite")
@@ -518,16 +519,7 @@ def test_a_breaker_opened_on_a_loop_left_idle_probes_on_the_running_one(
         finally:
             server.thaw()
 
-        async def served_again() -> bool:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if await app.names(1) == (["r1"], 0):
-                    return True
-                await asyncio.sleep(0.05)
-            return False
-
-        assert _run_on(two, served_again())
-        _run_on(two, cache.aclose())
+        assert _run_on(two, _served_again(app))
         _run_on(one, client.aclose())  # its prober runs, finds the breaker closed, ends
     finally:
         one.close()
