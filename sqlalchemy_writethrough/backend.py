@@ -40,7 +40,7 @@ from .protocol import (
     split_by_hash_tag,
     value_prefix,
 )
-from .redis_async import AsyncTransport, OtherEventLoopError
+from .redis_async import AsyncTransport, OtherEventLoopError, wire_prober
 from .redis_sync import SyncTransport
 from .stats import Counters
 from .transport import HoldingTransport, Transport
@@ -1081,7 +1081,7 @@ class AsyncRedisBackend(ScriptBackend):
         )
         self.client = client
         transport = AsyncTransport(client, address, epoch)
-        AsyncTransport.wire(breaker, transport)
+        wire_prober(breaker, transport)
         super().__init__(transport, breaker, counters, scripts, epoch)
 
 

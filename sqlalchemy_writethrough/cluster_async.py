@@ -30,7 +30,7 @@ from .cluster import (
     ClusterTransport,
 )
 from .protocol import Script, Scripts
-from .redis_async import _PROBER_LOOPS, AsyncTransport, LoopGuard, await_io, claim
+from .redis_async import _PROBER_LOOPS, LoopGuard, await_io, claim, wire_prober
 
 
 class AsyncClusterRouter(ClusterRouter):
@@ -175,7 +175,7 @@ class AsyncClusterBackend(ClusterBackend):
 
     def _wire(self, transport: ClusterTransport, breaker: CircuitBreaker) -> None:
         assert isinstance(transport, AsyncClusterTransport)
-        AsyncTransport.wire(breaker, transport)  # the probe: a task on the loop, never a thread
+        wire_prober(breaker, transport)  # the probe: a task on the loop, never a thread
 
 
 __all__ = ["AsyncClusterBackend", "AsyncClusterEpochGuard", "AsyncClusterRouter"]

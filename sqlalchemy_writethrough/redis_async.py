@@ -455,21 +455,6 @@ class AsyncTransport:
         """The prober's wait between two probes; never stopped from outside."""
         return _PROBER_LOOPS.pause(seconds)
 
-    @staticmethod
-    def wire(breaker: Any, transport: Any) -> None:
-        """Make ``breaker``'s prober a task on the running loop, through ``transport``'s
-        :meth:`launch` and :meth:`pause`, started again on the running loop when the loop of
-        the one started is left idle (:meth:`ProberLoops.stranded`)."""
-        breaker.launch = transport.launch
-        breaker.pause = transport.pause
-        owner = weakref.ref(breaker)
-
-        def stranded() -> bool:
-            found = owner()
-            return found is not None and _PROBER_LOOPS.stranded(found)
-
-        breaker.stranded = stranded
-
 
 class ProberLoops:
     """Starts the circuit breakers' probers as tasks on the running loop, and keeps a prober
@@ -528,3 +513,19 @@ class ProberLoops:
 
 
 _PROBER_LOOPS = ProberLoops()
+
+
+def wire_prober(breaker: Any, transport: Any) -> None:
+    """Make ``breaker``'s prober a task on the running loop, through the ``launch`` and
+    ``pause`` of ``transport`` (:class:`AsyncTransport`, the asyncio Cluster's), started
+    again on the running loop when the loop of the one started is left idle
+    (:meth:`ProberLoops.stranded`)."""
+    breaker.launch = transport.launch
+    breaker.pause = transport.pause
+    owner = weakref.ref(breaker)
+
+    def stranded() -> bool:
+        found = owner()
+        return found is not None and _PROBER_LOOPS.stranded(found)
+
+    breaker.stranded = stranded
