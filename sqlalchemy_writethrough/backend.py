@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from . import _redis_compat as compat
-from .breaker import CircuitBreaker
+from .breaker import CircuitBreaker, weakly
 from .diagnostics import explain, is_cluster_reply, is_configuration_error, redis_address
 from .epoch import EpochGuard, scan_generations
 from .keys import (
@@ -295,7 +295,7 @@ class ScriptBackend:
         breaker.probe = transport.ping
         #: called when Redis answers again after the breaker was open (journal replay)
         self.on_recovery: Callable[[], object] | None = None
-        breaker.on_close = self._recovered
+        breaker.on_close = weakly(self._recovered)  # see weakly()
         self._counters = counters
         self.address = transport.address
         self._refusals_logged: set[tuple[type, str]] = set()

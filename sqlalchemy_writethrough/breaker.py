@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 from . import forks
 
@@ -14,6 +16,20 @@ def _never() -> bool:
 
 def _in_thread(probe: Callable[[], None]) -> None:
     threading.Thread(target=probe, name="writethrough-breaker", daemon=True).start()
+
+
+def weakly(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (a bound method) called through a weak reference to its object: what a
+    prober reaches must not keep the cache alive (a prober runs until Redis answers, which
+    for a cache dropped while Redis was away may be never), and does nothing once the object
+    was collected."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        found = ref()
+        return None if found is None else found(*args)
+
+    return call
 
 
 class CircuitBreaker:
@@ -100,7 +116,7 @@ class CircuitBreaker:
         cut_short = True  # until it ends by itself: not cancelled with its event loop
         try:
             cooldown = self.base_cooldown
-            while self._open and not self.pause(cooldown):
+            while self._open and not self.pause(cooldown) and not self._stopped.is_set():
                 try:
                     healthy = bool(self.probe()) if self.probe is not None else True
                 except Exception:

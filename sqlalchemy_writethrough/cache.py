@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 from . import _redis_compat, _sa_compat, background, flavours, forks, shared
 from .backend import AsyncRedisBackend, Backend, RedisBackend, ScriptBackend
 from .background import Publisher
-from .breaker import CircuitBreaker
+from .breaker import CircuitBreaker, weakly
 from .cluster import ClusterBackend
 from .cluster_async import AsyncClusterBackend
 from .config import ModelOptions, NearCacheOptions, OnRedisError, Publish, Strategy, validate
@@ -367,7 +367,10 @@ class WriteThroughCache:
         )
         runtime.near = getattr(self, "_near", None)  # an asyncio flavour made later too
         backend.on_recovery = runtime.journal_replayed
-        backend.breaker.on_open = self._breaker_opened
+        # the prober holds the breaker: what it reaches holds this cache weakly, and a cache
+        # collected (dropped without close() while Redis was away) stops its prober
+        backend.breaker.on_open = weakly(self._breaker_opened)
+        weakref.finalize(self, backend.breaker.stop)
         write = WritePath(runtime)
         # made now, started at the first background publish (a thread, or a loop's task)
         write.publisher = Publisher(
@@ -398,7 +401,7 @@ class WriteThroughCache:
             counters,
             prefix=self.prefix,
             epoch_interval=self._epoch_interval,
-            on_new_epoch=self._new_epoch,
+            on_new_epoch=weakly(self._new_epoch),
             known_keyspaces=self._models.known_keyspaces,
             **extra,
         )

@@ -18,6 +18,7 @@ short and a circuit breaker keeps an outage from costing one timeout per operati
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -823,6 +825,42 @@ def test_a_process_that_only_writes_replays_its_journal(
         assert time.monotonic() < deadline, "the writer's journal was never replayed"
         n += 1
         time.sleep(0.1)
+
+
+@pytest.mark.databases("sqlite")
+def test_a_cache_dropped_while_redis_was_away_stops_probing(
+    schema: Engine, prefix: str, redis_server: RedisServerProcess
+) -> None:
+    """A cache dropped (uninstalled, never closed) while its breaker was open was kept alive
+    for ever by its prober, which probed Redis every second: when a server answered on that
+    address again (here: a server restarted; in CI, another test's server given the same
+    port), the dropped cache used it: replayed its journal, switched to a Redis Cluster node,
+    and logged as it went, into the next test's log. A collected cache stops probing.
+    (Found by CI: a one-node Cluster test saw two switches for its one cache.)"""
+    seed(schema, (1, "v1", 10))
+    cache = WriteThroughCache(redis_server.url, prefix=prefix)
+    factory = sessionmaker(schema)
+    cache.install(factory)
+    rename(factory, 1, "v2")
+    redis_server.stop()
+    for _ in range(5):  # Redis away: the breaker opens, and its prober starts (a thread)
+        assert get_name(factory, 1) == "v2"
+    assert cache._sync is not None and cache._sync.runtime.backend.breaker.is_open
+    cache.uninstall(factory)
+    dropped = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert dropped() is None, "the dropped cache is still alive"
+
+    redis_server.start()  # same port, no data
+    observer = redis_server.client()
+
+    def connections() -> int:
+        return int(observer.info("stats")["total_connections_received"])
+
+    before = connections()
+    time.sleep(2.5)  # more than the prober's longest pause (1 s), twice
+    assert connections() == before, "a dropped cache connected to Redis"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
