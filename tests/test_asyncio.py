@@ -11,8 +11,10 @@ answers again (the circuit breaker's probe ran as a task on the loop).
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -351,6 +353,53 @@ def test_a_restart_costs_no_error_the_dead_connection_is_retried(
         assert loop.run_until_complete(scenario()) == {}
     finally:
         server.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_a_cache_dropped_while_redis_was_away_stops_probing(
+    schema: Any, db_url: str, prefix: str, loop: Any
+) -> None:
+    """An AsyncSession's cache dropped (uninstalled, never closed) while its breaker was open:
+    its prober, a task on the loop, kept it alive and probed Redis every second for as long
+    as the loop ran, and used a server that answered on that address again. A collected cache
+    stops probing (as a sync one's thread does: tests/test_redis_failures.py)."""
+    require_redis_server()
+    server = RedisServer()
+    server.start()
+
+    async def scenario() -> tuple[bool, int, int]:
+        engine = create_async_engine(async_url(db_url))
+        cache = WriteThroughCache(server.url, prefix=prefix, stats_interval=None)
+        factory = async_sessionmaker(engine, expire_on_commit=False)
+        cache.install(factory)
+        async with factory() as session:
+            session.add(AsRow(id=1, name="one"))
+            await session.commit()
+        server.stop()
+        for _ in range(5):  # Redis away: the breaker opens, its prober is a task on this loop
+            async with factory() as session:
+                assert (await session.get(AsRow, 1)).name == "one"  # type: ignore[union-attr]
+        cache.uninstall(factory)
+        dropped = weakref.ref(cache)
+        del cache
+        gc.collect()
+        server.start()  # same port, no data
+        observer = server.admin()
+        try:
+            before = int(observer.info("stats")["total_connections_received"])
+            await asyncio.sleep(2.5)  # the loop runs: more than the prober's longest pause, twice
+            after = int(observer.info("stats")["total_connections_received"])
+        finally:
+            observer.close()
+            await engine.dispose()
+        return dropped() is None, before, after
+
+    try:
+        collected, before, after = loop.run_until_complete(scenario())
+    finally:
+        server.close()
+    assert collected, "the dropped cache is still alive"
+    assert after == before, "a dropped cache connected to Redis"
 
 
 @pytest.mark.databases("postgresql")
