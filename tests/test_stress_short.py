@@ -21,6 +21,7 @@ server started is stopped. Loopback only. The longer run is ``nox -s stress``.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,18 @@ def _ran(config: StressConfig) -> StressResult:
     print(result.format())
     assert "crashed" not in result.info, result.format()
     return result
+
+
+def _publishes_of_both(publishes: Counter[str], asyncio_workers: int, workers: int) -> None:
+    """The checker saw the background publishes of an asyncio worker (slots below
+    ``asyncio_workers``) and of a sync one: each flavour's are recorded by its own write path's
+    instrumentation (``stress.worker``), which once watched the wrong one and recorded none.
+    Not every slot's: a worker SIGKILLed (``sigkill``) at its first flush or COMMIT, before its
+    first publish ran, has none, and its respawn cannot make up for it in a 5 s run (a worker
+    takes 7 s to start on a 2-CPU machine, 13 s loaded: it is ready after the deadline)."""
+    asyncio_slots, sync_slots = range(asyncio_workers), range(asyncio_workers, workers)
+    assert any(publishes[f"w{slot}"] for slot in asyncio_slots), publishes
+    assert any(publishes[f"w{slot}"] for slot in sync_slots), publishes
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +153,8 @@ def test_short_background_publish_run_finds_no_violation(
     )
     report = result.report
     assert report.reads["cache"] > 0 and report.commits["ok"] > 0, result.format()
-    # every worker's background publishes are seen, the asyncio ones' (slots 0 and 1) too
-    assert all(report.publishes[f"w{slot}"] for slot in range(5)), report.publishes
+    # the background publishes of both flavours' workers are seen (see _publishes_of_both)
+    _publishes_of_both(report.publishes, asyncio_workers=2, workers=5)
     assert report.ok, result.format()
 
 
@@ -170,8 +183,9 @@ def test_short_evict_run_finds_no_violation(redis_server_binary: str, postgresql
     assert report.evictions > 0, result.format()
     assert result.info["evictions heard"] == report.evictions, result.format()
     assert result.info["keys evicted (the servers' count)"] == report.evictions, result.format()
-    # the residual ends when a publish lands: the checker must see every worker's
-    assert all(report.publishes[f"w{slot}"] for slot in range(5)), report.publishes
+    # the residual ends when a publish lands: the checker must see both flavours' (see
+    # _publishes_of_both)
+    _publishes_of_both(report.publishes, asyncio_workers=2, workers=5)
     assert report.ok, result.format()
 
 
