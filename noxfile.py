@@ -173,6 +173,9 @@ _SQLALCHEMY_LOGIC = tuple(
 
 _NEWEST_REDIS_ONLY = (
     "--ignore=tests/test_cluster.py",
+    # the command-line tool: its Redis calls are the backend's, which every module here makes
+    # (a minute of CI: each test starts Python twice, and SQLAlchemy is slow to import)
+    "--ignore=tests/test_cli.py",
     "--deselect=tests/test_stress_short.py::test_short_cluster_failover_run_finds_no_violation",
     # the failovers and the stress run exercise redis-py the same way on every database: on
     # redis-py 5.0 they run on one database each (tests(2.1) runs them on all)
@@ -497,20 +500,23 @@ THIRD_PARTY_RUNS: dict[str, tuple[str, ...]] = {
 def third_party(session: nox.Session, suite: str) -> None:
     """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
     SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy, zope.sqlalchemy,
-    marshmallow-sqlalchemy, factory_boy's SQLAlchemy tests, WTForms-SQLAlchemy), plainly
-    and with the extension on every Session: fails on a test that fails only with it and is
-    not in tests/third_party/known_failures.txt (``nox -s "third_party(suite='sqlmodel')"``
-    for one; ``-- -k NAME`` for some of its tests). SQLAlchemy-Utils' needs PostgreSQL and
+    marshmallow-sqlalchemy, factory_boy's SQLAlchemy tests, WTForms-SQLAlchemy), with the
+    extension on every Session, then plainly the tests that failed (``-- --full-plain``
+    after the session's name: every test plainly too): fails on a test that fails only with
+    the extension and is not in tests/third_party/known_failures.txt
+    (``nox -s "third_party(suite='sqlmodel')"`` for one; ``-- -k NAME`` for some of its tests). SQLAlchemy-Utils' needs PostgreSQL and
     MariaDB ($POSTGRESQL_URL, $MARIADB_URL or the local servers), Flask-Admin's,
     fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB;
     marshmallow-sqlalchemy's, factory_boy's and WTForms-SQLAlchemy's run on SQLite. Needs Redis
     ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "pip", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
     session.install(SQLALCHEMY_PINS[THIRD_PARTY_SQLALCHEMY.get(suite, "2.0")])
-    # arguments after nox's ``--`` are pytest's (``-- -k test_name``)
-    pytest_args = ("--", *session.posargs) if session.posargs else ()
+    # arguments after nox's ``--`` are pytest's (``-- -k test_name``), but --full-plain
+    own = [arg for arg in session.posargs if arg == "--full-plain"]
+    posargs = [arg for arg in session.posargs if arg != "--full-plain"]
+    pytest_args = ("--", *posargs) if posargs else ()
     for run in THIRD_PARTY_RUNS.get(suite, (suite,)):
-        session.run("python", "tests/third_party/run.py", run, *pytest_args)
+        session.run("python", "tests/third_party/run.py", run, *own, *pytest_args)
 
 
 # The caches a user would pick instead, measured by the benchmark suite (never dependencies of

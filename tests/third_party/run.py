@@ -9,12 +9,13 @@ SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
 ``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``: libraries our users put
 between their code and the ORM, each with its own Session subclass, listeners, types,
 declarative base or loads by primary key. The sdist of the installed release (each ships its
-tests) is unpacked into ``.third-party/`` (``--workdir``) and its tests run twice, plainly and
-with ``tests/sqlalchemy_suite/wt_suite_plugin.py`` (a cache on ``sqlalchemy.orm.Session`` under
-a fresh prefix per test, ``register_all()`` over every mapping). It prints the tests that fail
-only with the extension, minus those listed in ``known_failures.txt`` with their reason
-(``suite:test id -- reason``), and exits non-zero on any unexplained one, or if the extension
-was not active.
+tests) is unpacked into ``.third-party/`` (``--workdir``) and its tests run with
+``tests/sqlalchemy_suite/wt_suite_plugin.py`` (a cache on ``sqlalchemy.orm.Session`` under
+a fresh prefix per test, ``register_all()`` over every mapping), then those that failed run
+again plainly (pytest's ``--last-failed``; ``--full-plain`` runs every test plainly, first: the
+two passes' times and plain failures to compare). It prints the tests that fail only with the
+extension, minus those listed in ``known_failures.txt`` with their reason (``suite:test id --
+reason``), and exits non-zero on any unexplained one, or if the extension was not active.
 
 sqlalchemy-utils' tests need PostgreSQL (with the ``hstore`` and ``ltree`` extensions) and
 MySQL/MariaDB: the run makes a database of its own on each ($POSTGRESQL_URL and $MARIADB_URL,
@@ -37,6 +38,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,11 +210,23 @@ def suite_environment(suite: str) -> Iterator[dict[str, str]]:
 
 
 def run_pass(
-    folder: Path, out: Path, tests: str, extra: list[str], suite_env: dict[str, str], plugin: bool
+    folder: Path,
+    out: Path,
+    tests: str,
+    extra: list[str],
+    suite_env: dict[str, str],
+    plugin: bool,
+    failed_only: bool = False,
 ) -> Path:
+    """One pytest run of the suite, with the extension (``plugin``) or plainly; with
+    ``failed_only``, of the tests the last run failed (pytest's own cache, kept in ``out``:
+    never in the project's folder)."""
     junit = out / ("extension.xml" if plugin else "plain.xml")
-    command = [sys.executable, "-m", "pytest", tests, "-p", "no:cacheprovider", "-q"]
+    junit.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "pytest", tests, "-q", "-o", f"cache_dir={out / 'cache'}"]
     command += [f"--junitxml={junit}", *extra]
+    if failed_only:
+        command += ["--last-failed", "--last-failed-no-failures", "none"]
     env = {**os.environ, **suite_env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
     if plugin:
@@ -220,6 +234,8 @@ def run_pass(
         status.unlink(missing_ok=True)
         command += ["-p", "wt_suite_plugin", f"--wt-status={status}"]
     label = "with the extension" if plugin else "plainly"
+    if failed_only:
+        label += ", the tests that failed with the extension"
     from sqlalchemy import make_url
 
     where = "".join(
@@ -239,6 +255,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--workdir", type=Path, default=REPO / ".third-party")
+    parser.add_argument(
+        "--full-plain",
+        action="store_true",
+        help="run every test plainly too (first), not only those failing with the extension",
+    )
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     # SUITE, then --workdir, then -- and pytest's own: the documented order
     args = parser.parse_intermixed_args()
@@ -249,9 +270,19 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     extra = [*own, *args.pytest_args]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the databases are dropped
+    shutil.rmtree(out / "cache", ignore_errors=True)  # --last-failed: this run's failures only
     with suite_environment(args.suite) as env:
-        plain_xml = run_pass(folder, out, tests, extra, env, plugin=False)
+        if args.full_plain:
+            plain_xml = run_pass(folder, out, tests, extra, env, plugin=False)
         ext_xml = run_pass(folder, out, tests, extra, env, plugin=True)
+        ext = outcomes(ext_xml)
+        if not args.full_plain:
+            # a test passing with the extension needs no plain run: only the failures are
+            # run again plainly, to tell the suite's own failures from the extension's
+            plain_xml = out / "plain.xml"
+            plain_xml.unlink(missing_ok=True)
+            if any(state.startswith("failed") for state in ext.values()):
+                run_pass(folder, out, tests, extra, env, plugin=False, failed_only=True)
 
     status = (out / "extension.status").read_text(encoding="utf-8").split("\n")
     used = [line.split() for line in status if line.startswith("used ")]
@@ -260,7 +291,7 @@ def main() -> int:
         for line in status
         if line and line != "ok" and not line.startswith(("used ", "skipped model "))
     ]
-    plain, ext = outcomes(plain_xml), outcomes(ext_xml)
+    plain = outcomes(plain_xml) if plain_xml.exists() else {}
     known = {
         test.removeprefix(f"{args.suite}:"): reason
         for test, reason in read_list(HERE / "known_failures.txt").items()
@@ -274,14 +305,15 @@ def main() -> int:
     explained = {test: reason for test in only_ext if (reason := known_reason(known, test))}
     unexplained = {test: state for test, state in only_ext.items() if test not in explained}
     failed_plain = sum(1 for state in plain.values() if state.startswith("failed"))
-    if failed_plain * 2 > len(plain):
+    if failed_plain * 2 > len(ext):
         # a missing test dependency or a collection error: a comparison proves nothing
         problems.append(f"{failed_plain} of {len(plain)} tests fail without the extension")
     if not sum(int(u[1]) for u in used):
         problems.append("no test read or wrote through the cache")
     print(
         f"\n{args.suite} {importlib.metadata.version(distribution)}: {len(ext)} tests; failing "
-        f"plainly: {failed_plain}; failing only with the extension: {len(only_ext)} "
+        f"plainly{'' if args.full_plain else ' (of those failing with the extension)'}: "
+        f"{failed_plain}; failing only with the extension: {len(only_ext)} "
         f"({len(explained)} known, {len(unexplained)} unexplained)"
     )
     if used:
