@@ -354,8 +354,9 @@ ASYNCIO_FLAVOUR_RUN = SQLALCHEMY_SUITE_RUNS[-1]
 @nox.session
 @nox.parametrize("sqlalchemy", list(SQLALCHEMY_PINS))
 def sqlalchemy_suite(session: nox.Session, sqlalchemy: str) -> None:
-    """SQLAlchemy's own test/orm and test/ext, plainly and with the extension on every Session,
-    on each supported SQLAlchemy series (its newest release's sdist: ``nox -s
+    """SQLAlchemy's own test/orm and test/ext with the extension on every Session (then
+    plainly the tests that failed: ``-- --full-plain`` for every test), on each supported
+    SQLAlchemy series (its newest release's sdist: ``nox -s
     "sqlalchemy_suite(sqlalchemy='2.0')"`` for one).
 
     Fails on a test that fails only with the extension and is not in

@@ -6,10 +6,12 @@
 Takes the sdist of the installed SQLAlchemy (it ships ``test/`` and its pytest plugin) into
 ``.sqlalchemy-suite/`` (``--workdir``), runs ``test/orm`` (``--target``, repeatable: other
 folders or files of the sdist, e.g. ``test/ext``; ``--quick``: the files listed in
-``quick.txt``) on its default database, SQLite in memory, twice: plainly, then with
-``wt_suite_plugin``, each selection's results in a folder of its own. It prints the tests
-that fail only with the extension, minus those listed in ``known_failures.txt`` with their
-reason, and exits non-zero on any unexplained one, or if the extension was not active.
+``quick.txt``) on its default database, SQLite in memory, with ``wt_suite_plugin``, then
+plainly the tests that failed (pytest's ``--last-failed``; ``--full-plain``: every test
+plainly, first, as a full comparison), each selection's results in a folder of its own. It
+prints the tests that fail only with the extension, minus those listed in
+``known_failures.txt`` with their reason, and exits non-zero on any unexplained one, or if the
+extension was not active.
 
 ``--dburi postgresql+psycopg://user@host/db`` (or ``mysql+pymysql://...``) runs on that server
 instead: the URL's database only serves to connect; each run creates a database of its own
@@ -31,6 +33,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,11 +202,17 @@ def run_pass(
     extra: list[str],
     plugin: bool,
     dburi: str | None = None,
+    failed_only: bool = False,
 ) -> tuple[Path, float]:
+    """One pytest run of the targets, with the extension (``plugin``) or plainly; with
+    ``failed_only``, of the tests the last run failed (pytest's cache, kept in ``out``)."""
     junit = out / ("extension.xml" if plugin else "plain.xml")
+    junit.unlink(missing_ok=True)
     status = out / "extension.status"
-    command = [sys.executable, "-s", "-m", "pytest", *targets, "-p", "no:cacheprovider"]
+    command = [sys.executable, "-s", "-m", "pytest", *targets, "-o", f"cache_dir={out / 'cache'}"]
     command += ["--maxfail=1000000", "-q", f"--junitxml={junit}", *extra]
+    if failed_only:
+        command += ["--last-failed", "--last-failed-no-failures", "none"]
     if dburi:
         command += [f"--dburi={dburi}", "-p", "wt_suite_followers"]
         command += [f"--wt-followers={junit.with_suffix('.followers')}"]
@@ -215,6 +224,8 @@ def run_pass(
         status.unlink(missing_ok=True)
         command += ["-p", "wt_suite_plugin", f"--wt-status={status}"]
     label = "with the extension" if plugin else "plainly"
+    if failed_only:
+        label += ", the tests that failed with the extension"
     print(f"== {label}: {' '.join(command[3:])}", flush=True)
     started = time.monotonic()
     with open(out / (junit.stem + ".log"), "w", encoding="utf-8") as log:
@@ -267,6 +278,11 @@ def main() -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="compare the results of the last run again"
     )
+    parser.add_argument(
+        "--full-plain",
+        action="store_true",
+        help="run every test plainly too (first), not only those failing with the extension",
+    )
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     args = parser.parse_args()
 
@@ -294,16 +310,26 @@ def main() -> int:
         # a SIGTERM (timeout, CI) unwinds like Ctrl-C: the run's databases are dropped
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         database = fresh_database(args.dburi, out) if args.dburi else contextlib.nullcontext()
+        shutil.rmtree(out / "cache", ignore_errors=True)  # --last-failed: this run's only
+        plain_xml = out / "plain.xml"
         with database as dburi:
-            plain_xml, _ = run_pass(folder, out, targets, extra, plugin=False, dburi=dburi)
+            if args.full_plain:
+                run_pass(folder, out, targets, extra, plugin=False, dburi=dburi)
             ext_xml, _ = run_pass(folder, out, targets, extra, plugin=True, dburi=dburi)
+            if not args.full_plain:
+                # a test passing with the extension needs no plain run: the failures are run
+                # again plainly, to tell the suite's own failures from the extension's
+                plain_xml.unlink(missing_ok=True)
+                if any(state.startswith("failed") for state in outcomes(ext_xml).values()):
+                    run_pass(folder, out, targets, extra, False, dburi, failed_only=True)
 
     status = (out / "extension.status").read_text(encoding="utf-8").split("\n")
     skipped = sorted({line for line in status if line.startswith("skipped model ")})
     used = [line.split() for line in status if line.startswith("used ")]
     status = [line for line in status if not line.startswith("used ")]
     problems = [line for line in status if line and line != "ok" and line not in skipped]
-    plain, ext = outcomes(plain_xml), outcomes(ext_xml)
+    plain = outcomes(plain_xml) if plain_xml.exists() else {}
+    ext = outcomes(ext_xml)
     known = known_on(read_list(HERE / "known_failures.txt"), backend or "sqlite", flavour)
     only_ext = {
         test: state
@@ -324,8 +350,10 @@ def main() -> int:
     failed_plain = sum(1 for state in plain.values() if state.startswith("failed"))
 
     print(
-        f"\n{len(ext)} tests; failing plainly: {failed_plain}; failing only with the "
-        f"extension: {len(only_ext)} ({len(explained)} known, {len(unexplained)} unexplained)"
+        f"\n{len(ext)} tests; failing plainly"
+        f"{' (of those failing with the extension)' if len(plain) < len(ext) else ''}: "
+        f"{failed_plain}; failing only with the extension: {len(only_ext)} "
+        f"({len(explained)} known, {len(unexplained)} unexplained)"
     )
     if used:
         through = "the asyncio flavour" if args.asyncio_flavour else "the cache"
