@@ -56,7 +56,7 @@ def tests(session: nox.Session, sqlalchemy: str) -> None:
     On SQLAlchemy 2.0 the Redis-topology runs (Sentinel failovers, Redis Cluster, the short
     stress runs) and the modules about Redis's behaviour, which do not depend on SQLAlchemy's
     version, are left to the other sessions; the distribution is built and installed
-    (tests/test_packaging.py) by the 2.1 session only. On 2.1 the Sentinel runs under load
+    (tests/test_packaging.py), and the command-line tool run, by the 2.1 session only. On 2.1 the Sentinel runs under load
     take PostgreSQL and MariaDB (tests_oldest_redis takes SQLite)."""
     if session.posargs:
         args: tuple[str, ...] = ()
@@ -117,6 +117,10 @@ _SENTINEL_ON_SQLITE = tuple(
 # Tests that depend on neither SQLAlchemy's nor redis-py's version: run by one session only.
 _ONCE_RUNS = (
     "--ignore=tests/test_packaging.py",
+    # the command-line tool: its Redis calls are the backend's, its loads the ORM's, which
+    # every other module tests on each version (a minute of a session: each of its tests
+    # starts Python twice, and SQLAlchemy is slow to import)
+    "--ignore=tests/test_cli.py",
     # the benchmarks' scripts (callgrind under valgrind: 20 s), smoke-run once
     "--ignore=tests/test_benchmarks_smoke.py",
 )
@@ -173,9 +177,6 @@ _SQLALCHEMY_LOGIC = tuple(
 
 _NEWEST_REDIS_ONLY = (
     "--ignore=tests/test_cluster.py",
-    # the command-line tool: its Redis calls are the backend's, which every module here makes
-    # (a minute of CI: each test starts Python twice, and SQLAlchemy is slow to import)
-    "--ignore=tests/test_cli.py",
     "--deselect=tests/test_stress_short.py::test_short_cluster_failover_run_finds_no_violation",
     # the failovers and the stress run exercise redis-py the same way on every database: on
     # redis-py 5.0 they run on one database each (tests(2.1) runs them on all)
