@@ -114,8 +114,6 @@ class Publisher:
         self._running = 0
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
-        #: the thread waits on the condition for a job (a submit must wake it)
-        self._idle = False
         self._task: asyncio.Task[Any] | None = None
         #: a test's hold on the worker: it takes no job while this is clear
         self._go = threading.Event()
@@ -135,8 +133,8 @@ class Publisher:
             if self._closed or len(self._queue) >= self.limit:
                 return False
             self._queue.append(job)
-            if self._idle:  # a worker that is busy takes the job when its batch is done
-                self._cond.notify_all()  # (not notify(): a flush() may be waiting too)
+            # the thread, if it waits (not notify(): a flush() may be waiting too)
+            self._cond.notify_all()
         if self.asynchronous:
             self._ensure_task()
         elif self._thread is None:  # never started, or ended (it clears this as it ends)
@@ -184,21 +182,12 @@ class Publisher:
             )  # fmt: skip
             self._thread.start()
 
-    def _next_batch(self, wait: float) -> list[Job] | None:
-        """The thread's next batch; None when there was none within ``wait`` seconds."""
-        if not self._go.wait(wait):
+    def _ready_batch(self) -> list[Job] | None:
+        """The thread's next batch, if one is queued (and no test holds the worker)."""
+        if not self._go.is_set():
             return None
         with self._cond:
-            if not self._queue:
-                self._idle = True
-                try:
-                    if not self._cond.wait(wait):
-                        return None
-                finally:
-                    self._idle = False
-            if not self._queue or not self._go.is_set():
-                return None
-            return self._take()
+            return self._take() if self._queue else None
 
     def _drain(self) -> None:
         """The asyncio worker, in a greenlet on the loop: runs until the queue is empty."""
@@ -260,30 +249,46 @@ class Publisher:
         if not held:
             self._go.set()
         self._thread = None
-        self._idle = False
         self._task = None
 
 
 def _thread_main(ref: weakref.ref[Publisher]) -> None:
     """The sync worker: holds its publisher only while there is work, so a dropped cache's
-    publisher (and thread) can go. As it ends, it says so (``_thread``), so that a submit
-    starts another without asking each time whether this one is alive."""
+    publisher (and thread) can go: it waits for jobs on the queue and its condition, which
+    hold nothing of the cache. As it ends, it says so (``_thread``), so that a submit starts
+    another without asking each time whether this one is alive."""
     me = threading.current_thread()
     try:
         while True:
-            publisher = ref()
-            if publisher is None or (publisher._closed and not publisher._queue):
+            waited_on = _work(ref)
+            if waited_on is None:
                 return
-            batch = publisher._next_batch(1.0)
-            if batch is not None:
-                publisher._run_batch(batch)
-            del publisher
+            queue, cond, go = waited_on
+            if not go.wait(1.0):
+                continue
+            with cond:
+                if not queue:
+                    cond.wait(1.0)  # a submit, or close(), notifies
     finally:
         publisher = ref()
         if publisher is not None and publisher._thread is me:
             with publisher._cond:
                 if publisher._thread is me:
                     publisher._thread = None
+
+
+def _work(ref: weakref.ref[Publisher]) -> tuple[collections.deque[Job], Any, Any] | None:
+    """Run the queued batches of the publisher, if it still exists; what to wait on for the
+    next ones (its queue, condition and hold), or None when the worker should end. The
+    publisher and its jobs are this function's locals: they are let go before the wait."""
+    while True:
+        publisher = ref()
+        if publisher is None or (publisher._closed and not publisher._queue):
+            return None
+        batch = publisher._ready_batch()
+        if batch is None:
+            return publisher._queue, publisher._cond, publisher._go
+        publisher._run_batch(batch)
 
 
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()

@@ -12,10 +12,13 @@ runs for both flavours (a daemon thread for ``redis.Redis``, a task on the loop 
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -342,6 +345,42 @@ def test_a_failed_background_publish_is_journaled_and_its_lock_ends_at_the_repla
     finally:
         cache.close()
         proxy.close()
+
+
+@pytest.mark.databases("sqlite")
+def test_a_dropped_cache_is_freed_and_its_publishing_thread_ends(
+    engine: Engine, redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    """A cache dropped (uninstalled, never closed) after a background publish: its worker
+    thread, waiting for the next job, held the publisher, which holds the cache's write path:
+    the cache, its client and the thread lived as long as the process (a cache per tenant or
+    per test piled up). It waits on the queue alone now: the cache is freed, and the thread
+    ends within its 1 s wait."""
+    reset_schema(engine, Base.metadata)
+    cache = WriteThroughCache(redis_url, prefix=prefix, publish="background", stats_interval=None)
+    factory = sessionmaker(engine)
+    cache.install(factory)
+    with factory() as s:
+        s.add(BgItem(id=1, name="one"))
+        s.commit()
+    assert cache.flush_publishes(timeout=20.0)
+    assert cache_name(cache, redis_client, engine, 1) == "one"  # the thread published it
+    workers = {t for t in threading.enumerate() if t.name == "writethrough-publish"}
+    assert workers
+    cache.uninstall(factory)
+    dropped = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert dropped() is None, "the dropped cache is still alive"
+    deadline = time.monotonic() + 5
+    while any(t.is_alive() for t in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.is_alive() for t in workers), "its publishing thread still runs"
+
+
+def cache_name(cache: WriteThroughCache, client: redis.Redis, engine: Engine, pk: int) -> Any:
+    held = cached_values(cache, client, BgItem, pk, dialect=engine.dialect, bind=engine)
+    return None if held is None else held["name"]
 
 
 @pytest.mark.databases("postgresql")
