@@ -16,7 +16,6 @@ import gc
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -365,17 +364,18 @@ def test_a_dropped_cache_is_freed_and_its_publishing_thread_ends(
         s.commit()
     assert cache.flush_publishes(timeout=20.0)
     assert cache_name(cache, redis_client, engine, 1) == "one"  # the thread published it
-    workers = {t for t in threading.enumerate() if t.name == "writethrough-publish"}
-    assert workers
+    assert cache._sync is not None and cache._sync.write.publisher is not None
+    worker = cache._sync.write.publisher._thread  # this cache's (other tests' caches have theirs)
+    assert worker is not None and worker.is_alive()
     cache.uninstall(factory)
     dropped = weakref.ref(cache)
     del cache
     gc.collect()
     assert dropped() is None, "the dropped cache is still alive"
     deadline = time.monotonic() + 5
-    while any(t.is_alive() for t in workers) and time.monotonic() < deadline:
+    while worker.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(t.is_alive() for t in workers), "its publishing thread still runs"
+    assert not worker.is_alive(), "its publishing thread still runs"
 
 
 def cache_name(cache: WriteThroughCache, client: redis.Redis, engine: Engine, pk: int) -> Any:
