@@ -282,7 +282,12 @@ def test_a_row_locked_at_the_reasserting_final_flush_is_checked_too(
 
 
 def test_the_asyncio_flavour_does_not_publish_a_stale_column(
-    engine: Engine, make_session: sessionmaker[Session], db_url: str, redis_url: str, loop: Any
+    engine: Engine,
+    make_session: sessionmaker[Session],
+    db_url: str,
+    redis_url: str,
+    prefix: str,
+    loop: Any,
 ) -> None:
     """As the first test, with AsyncSessions and a redis.asyncio client (same scripts)."""
     import redis.asyncio
@@ -290,9 +295,7 @@ def test_the_asyncio_flavour_does_not_publish_a_stale_column(
     async def scenario() -> tuple[str, str]:
         async_engine = create_async_engine(async_url(db_url))
         client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=1)
-        cache = WriteThroughCache(
-            client, prefix=f"slca{random.randrange(1 << 30):x}", stats_interval=None
-        )
+        cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
         factory = async_sessionmaker(async_engine, expire_on_commit=False)
         cache.install(factory)
         try:
