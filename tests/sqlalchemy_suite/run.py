@@ -135,6 +135,20 @@ def outcomes(junit: Path) -> dict[str, str]:
     return found
 
 
+def cache_args(out: Path, failed_only: bool = False) -> list[str]:
+    """pytest arguments keeping its cache in ``out`` (never in the sdist's folder) and, with
+    ``failed_only``, running only the tests the last run there failed (none if none did): a
+    test that passes with the extension needs no plain run."""
+    args = ["-o", f"cache_dir={out / 'cache'}"]
+    if failed_only:
+        args += ["--last-failed", "--last-failed-no-failures", "none"]
+    return args
+
+
+def any_failed(junit: Path) -> bool:
+    return any(state.startswith("failed") for state in outcomes(junit).values())
+
+
 #: schemas SQLAlchemy's suite expects in its database (README.unittests.rst in the sdist)
 _SCHEMAS = ("test_schema", "test_schema_2")
 
@@ -209,10 +223,8 @@ def run_pass(
     junit = out / ("extension.xml" if plugin else "plain.xml")
     junit.unlink(missing_ok=True)
     status = out / "extension.status"
-    command = [sys.executable, "-s", "-m", "pytest", *targets, "-o", f"cache_dir={out / 'cache'}"]
+    command = [sys.executable, "-s", "-m", "pytest", *targets, *cache_args(out, failed_only)]
     command += ["--maxfail=1000000", "-q", f"--junitxml={junit}", *extra]
-    if failed_only:
-        command += ["--last-failed", "--last-failed-no-failures", "none"]
     if dburi:
         command += [f"--dburi={dburi}", "-p", "wt_suite_followers"]
         command += [f"--wt-followers={junit.with_suffix('.followers')}"]
@@ -320,7 +332,7 @@ def main() -> int:
                 # a test passing with the extension needs no plain run: the failures are run
                 # again plainly, to tell the suite's own failures from the extension's
                 plain_xml.unlink(missing_ok=True)
-                if any(state.startswith("failed") for state in outcomes(ext_xml).values()):
+                if any_failed(ext_xml):
                     run_pass(folder, out, targets, extra, False, dburi, failed_only=True)
 
     status = (out / "extension.status").read_text(encoding="utf-8").split("\n")

@@ -60,7 +60,9 @@ _spec = importlib.util.spec_from_file_location("sqlalchemy_suite_run", PLUGIN_DI
 assert _spec is not None and _spec.loader is not None
 _suite_run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_suite_run)
-known_reason, outcomes, read_list = (
+any_failed, cache_args, known_reason, outcomes, read_list = (
+    _suite_run.any_failed,
+    _suite_run.cache_args,
     _suite_run.known_reason,
     _suite_run.outcomes,
     _suite_run.read_list,
@@ -223,10 +225,8 @@ def run_pass(
     never in the project's folder)."""
     junit = out / ("extension.xml" if plugin else "plain.xml")
     junit.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", tests, "-q", "-o", f"cache_dir={out / 'cache'}"]
+    command = [sys.executable, "-m", "pytest", tests, "-q", *cache_args(out, failed_only)]
     command += [f"--junitxml={junit}", *extra]
-    if failed_only:
-        command += ["--last-failed", "--last-failed-no-failures", "none"]
     env = {**os.environ, **suite_env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
     if plugin:
@@ -275,13 +275,12 @@ def main() -> int:
         if args.full_plain:
             plain_xml = run_pass(folder, out, tests, extra, env, plugin=False)
         ext_xml = run_pass(folder, out, tests, extra, env, plugin=True)
-        ext = outcomes(ext_xml)
         if not args.full_plain:
             # a test passing with the extension needs no plain run: only the failures are
             # run again plainly, to tell the suite's own failures from the extension's
             plain_xml = out / "plain.xml"
             plain_xml.unlink(missing_ok=True)
-            if any(state.startswith("failed") for state in ext.values()):
+            if any_failed(ext_xml):
                 run_pass(folder, out, tests, extra, env, plugin=False, failed_only=True)
 
     status = (out / "extension.status").read_text(encoding="utf-8").split("\n")
@@ -292,6 +291,7 @@ def main() -> int:
         if line and line != "ok" and not line.startswith(("used ", "skipped model "))
     ]
     plain = outcomes(plain_xml) if plain_xml.exists() else {}
+    ext = outcomes(ext_xml)
     known = {
         test.removeprefix(f"{args.suite}:"): reason
         for test, reason in read_list(HERE / "known_failures.txt").items()
@@ -307,7 +307,7 @@ def main() -> int:
     failed_plain = sum(1 for state in plain.values() if state.startswith("failed"))
     if failed_plain * 2 > len(ext):
         # a missing test dependency or a collection error: a comparison proves nothing
-        problems.append(f"{failed_plain} of {len(plain)} tests fail without the extension")
+        problems.append(f"{failed_plain} of {len(ext)} tests fail without the extension")
     if not sum(int(u[1]) for u in used):
         problems.append("no test read or wrote through the cache")
     print(
