@@ -56,8 +56,9 @@ def tests(session: nox.Session, sqlalchemy: str) -> None:
     On SQLAlchemy 2.0 the Redis-topology runs (Sentinel failovers, Redis Cluster, the short
     stress runs) and the modules about Redis's behaviour, which do not depend on SQLAlchemy's
     version, are left to the other sessions; the distribution is built and installed
-    (tests/test_packaging.py), and the command-line tool run, by the 2.1 session only. On 2.1 the Sentinel runs under load
-    take PostgreSQL and MariaDB (tests_oldest_redis takes SQLite)."""
+    (tests/test_packaging.py), and the command-line tool run, by the 2.1 session only. On
+    2.1 the Sentinel runs under load take PostgreSQL and MariaDB (tests_oldest_redis takes
+    SQLite)."""
     if session.posargs:
         args: tuple[str, ...] = ()
     elif sqlalchemy == "2.0":
@@ -506,8 +507,9 @@ def third_party(session: nox.Session, suite: str) -> None:
     extension on every Session, then plainly the tests that failed (``-- --full-plain``
     after the session's name: every test plainly too): fails on a test that fails only with
     the extension and is not in tests/third_party/known_failures.txt
-    (``nox -s "third_party(suite='sqlmodel')"`` for one; ``-- -k NAME`` for some of its tests). SQLAlchemy-Utils' needs PostgreSQL and
-    MariaDB ($POSTGRESQL_URL, $MARIADB_URL or the local servers), Flask-Admin's,
+    (``nox -s "third_party(suite='sqlmodel')"`` for one; ``-- -k NAME`` for some of its
+    tests). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or
+    the local servers), Flask-Admin's,
     fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB;
     marshmallow-sqlalchemy's, factory_boy's and WTForms-SQLAlchemy's run on SQLite. Needs Redis
     ($REDIS_URL or local)."""

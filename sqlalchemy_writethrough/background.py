@@ -277,7 +277,9 @@ def _thread_main(ref: weakref.ref[Publisher]) -> None:
                     publisher._thread = None
 
 
-def _work(ref: weakref.ref[Publisher]) -> tuple[collections.deque[Job], Any, Any] | None:
+def _work(
+    ref: weakref.ref[Publisher],
+) -> tuple[collections.deque[Job], threading.Condition, threading.Event] | None:
     """Run the queued batches of the publisher, if it still exists; what to wait on for the
     next ones (its queue, condition and hold), or None when the worker should end. The
     publisher and its jobs are this function's locals: they are let go before the wait."""
