@@ -266,12 +266,12 @@ def test_clear_on_an_unreachable_redis_raises_with_the_reason() -> None:
 # ------------------------------------------------------------------------ quickstart
 
 
-def _run_quickstart(tmp_path: Path, redis_url: str) -> str:
+def _run_quickstart(tmp_path: Path, redis_url: str, prefix: str) -> str:
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'quickstart.db'}",
-        "WRITETHROUGH_PREFIX": fresh_prefix(),
+        "WRITETHROUGH_PREFIX": prefix,
     }
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py")],
@@ -281,8 +281,10 @@ def _run_quickstart(tmp_path: Path, redis_url: str) -> str:
     return done.stdout
 
 
-def test_quickstart_shows_the_cache_serving_loads(tmp_path: Path, redis_url: str) -> None:
-    out = _run_quickstart(tmp_path, redis_url)
+def test_quickstart_shows_the_cache_serving_loads(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    out = _run_quickstart(tmp_path, redis_url, prefix)
     assert "does not answer" not in out
     assert "2 load(s) served from Redis" in out
     assert "SQL   INSERT INTO product" in out  # the statements themselves, not a count
@@ -291,7 +293,7 @@ def test_quickstart_shows_the_cache_serving_loads(tmp_path: Path, redis_url: str
 
 
 def test_quickstart_says_what_happened_when_redis_does_not_answer(tmp_path: Path) -> None:
-    out = _run_quickstart(tmp_path, f"redis://127.0.0.1:{_free_port()}/0")
+    out = _run_quickstart(tmp_path, f"redis://127.0.0.1:{_free_port()}/0", fresh_prefix())
     assert "does not answer" in out and "ConnectionError" in out
     assert "served from Redis" not in out
     assert "written to Redis" not in out

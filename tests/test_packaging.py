@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from _servers import new_prefix
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # Builds and installs with pip: minutes on a loaded machine, beyond the suite's 120 s default.
@@ -36,7 +34,7 @@ def _run(*args: str | Path, timeout: float = 300, **kwargs: object) -> str:
 
 
 def test_the_built_wheel_installs_into_a_fresh_venv_and_runs_the_quickstart(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, prefix: str
 ) -> None:
     pytest.importorskip("build")
     dist = tmp_path / "dist"
@@ -74,7 +72,7 @@ def test_the_built_wheel_installs_into_a_fresh_venv_and_runs_the_quickstart(
         **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         "REDIS_URL": redis_url,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'quickstart.db'}",
-        "WRITETHROUGH_PREFIX": new_prefix(),
+        "WRITETHROUGH_PREFIX": prefix,
     }
     out = _run(python, ROOT / "examples" / "quickstart.py", cwd=tmp_path, env=env, timeout=120)
     assert "2 load(s) served from Redis" in out

@@ -34,6 +34,7 @@ from stress.cluster import ClusterGroup
 from stress.sentinel import SentinelGroup
 
 from _sentinel import async_master_for, master_for, running_group
+from _servers import delete_prefix
 
 pytestmark = [pytest.mark.cluster]
 
@@ -162,8 +163,7 @@ def test_the_stats_reach_redis_through_every_client_kind(
         leaked = [w for w in caught if "never awaited" in str(w.message)]
         assert leaked == [], [str(w.message) for w in leaked]
     finally:
-        for name in (key, f"{prefix}:stats:processes"):
-            reader.delete(name)
+        delete_prefix(reader, prefix)  # the stats, and the epoch and registry keys
         reader.close()
 
 
@@ -196,8 +196,7 @@ def test_the_last_send_after_the_loop_ended(
         leaked = [w for w in caught if "never awaited" in str(w.message)]
         assert leaked == [], [str(w.message) for w in leaked]
     finally:
-        for name in (key, f"{prefix}:stats:processes"):
-            reader.delete(name)
+        delete_prefix(reader, prefix)  # the stats, and the epoch and registry keys
         reader.close()
 
 
@@ -233,6 +232,5 @@ def test_close_from_another_thread_while_the_loop_runs(
         loop.call_soon_threadsafe(loop.stop)
         runner.join(10)
         loop.close()
-        for name in (key, f"{prefix}:stats:processes"):
-            reader.delete(name)
+        delete_prefix(reader, prefix)  # the stats, and the epoch and registry keys
         reader.close()

@@ -35,7 +35,7 @@ from sqlalchemy_writethrough.shared import read_shared
 from sqlalchemy_writethrough.stats import BOUNDS, Counters, Latency, recommend
 from sqlalchemy_writethrough.testing import assert_no_sql, assert_served_from_cache
 
-from _servers import new_prefix, reset_schema
+from _servers import delete_prefix, new_prefix, reset_schema
 
 
 class Base(DeclarativeBase):
@@ -325,7 +325,7 @@ def test_a_short_lived_process_sends_its_counts_when_it_exits(
             assert [p.get("exited") for p in read_shared(redis_client, prefix)[1]] == [True]
     finally:
         for prefix in prefixes:
-            redis_client.delete(f"{prefix}:stats", f"{prefix}:stats:processes")
+            delete_prefix(redis_client, prefix)  # the stats, the epoch, the registry
 
 
 @pytest.mark.databases("sqlite")
