@@ -311,6 +311,21 @@ def right_after_select(db: Engine, action: Callable[[], None]) -> Iterator[list[
     assert fired, "the reader never reached the database"
 
 
+_FACTORY_HOOKS: list[tuple[type[Session], Callable[[Session], None]]] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_factory_hooks() -> Iterator[None]:
+    """Takes this test's ``between_commit_and_publish`` hooks off their factories afterwards.
+    SQLAlchemy keeps a class's listeners in a dictionary weakly keyed by that class (here, the
+    Session subclass ``install()`` made), and a hook that reaches the cache, hence the class,
+    keeps that key alive: without this, each test's cache and its threads outlive the test."""
+    yield
+    while _FACTORY_HOOKS:
+        session_class, hook = _FACTORY_HOOKS.pop()
+        event.remove(session_class, "after_commit", hook)
+
+
 def between_commit_and_publish(
     factory: sessionmaker[Session], target: Callable[[], Session | None], action: Callable[[], None]
 ) -> None:
@@ -321,7 +336,10 @@ def between_commit_and_publish(
         if session is target():
             action()
 
-    event.listen(factory, "after_commit", hook, insert=True)
+    # the class the listener lands on: the factory's, now (uninstall() may change it)
+    session_class = factory.class_
+    event.listen(session_class, "after_commit", hook, insert=True)
+    _FACTORY_HOOKS.append((session_class, hook))
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

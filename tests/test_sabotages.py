@@ -339,10 +339,15 @@ def fill_over_a_lock(ctx: Ctx, batch_read: bool) -> None:
             if session is w:
                 seen.append(get(factory, ctx.engine))
 
-        event.listen(
-            session_events(factory), "after_commit", between_commit_and_publish, insert=True
-        )
-        w.commit()
+        # on the factory's class now; taken off after, or it keeps that class, so the cache,
+        # alive (SQLAlchemy keys a class's listeners weakly by the class)
+        events = session_events(factory)
+        events = getattr(events, "class_", events)
+        event.listen(events, "after_commit", between_commit_and_publish, insert=True)
+        try:
+            w.commit()
+        finally:
+            event.remove(events, "after_commit", between_commit_and_publish)
     # stale: the database had committed n=2 when the reader was served n=1
     assert seen == ([(1, "cache")] if ctx.sabotaged else [(2, "db")])
 
