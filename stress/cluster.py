@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from .redis_server import (
     admin_client,
@@ -274,6 +275,15 @@ class ClusterGroup:
             if any(a <= slot <= b for a, b in ranges):
                 return port
         raise LookupError(f"slot {slot} is not served")
+
+    def url_of_a_primary_not_serving(self, *keys: str) -> str:
+        """A URL of a primary that serves none of ``keys``' slots, so that a command on one of
+        them meets a MOVED there. A primary, not any node: a failover (which a short node
+        timeout starts on a loaded machine) moves slots to a replica of their primary only, so
+        it cannot make this node serve them while the caller relies on the MOVED."""
+        owners = {self.owner(key_slot(key.encode())) for key in keys}
+        port = next(port for port in self.primaries() if port not in owners)
+        return f"redis://127.0.0.1:{port}/0"
 
     def replica_of(self, primary: int) -> int:
         """Port of a replica of the primary at ``primary``."""

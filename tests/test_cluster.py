@@ -304,15 +304,13 @@ def test_invalidate_of_a_model_at_a_node_url_switches_to_the_cluster(
     first command of a cache given one node's URL, and the node does not own the registry's
     slot, its MOVED switches the cache to the cluster as any other command's does, and the
     invalidation is done there (it once failed, with a warning, and stayed journaled)."""
-    node = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
-    while cluster.owner(key_slot(registry_key(prefix).encode())) == node:
-        prefix += "x"
+    url = cluster.url_of_a_primary_not_serving(registry_key(prefix))
     filler = WriteThroughCache(_client(cluster), prefix=prefix)
     filled = _installed(filler, schema)
     _fill(filled, 30)
     assert _names(filled, schema, range(1, 31)) == (["v1"] * 30, 0)  # from the cache
 
-    cache = WriteThroughCache(cluster.url, prefix=prefix)
+    cache = WriteThroughCache(url, prefix=prefix)
     _installed(cache, schema)
     with caplog.at_level(logging.WARNING, logger="sqlalchemy_writethrough"):
         assert cache.invalidate(ClItem) is True
@@ -335,15 +333,13 @@ def test_a_migration_at_a_node_url_invalidates_on_the_cluster(
     script, and the migrated rows would stay cached)."""
     from sqlalchemy_writethrough.alembic import invalidate_migrated_tables
 
-    node = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
-    while cluster.owner(key_slot(registry_key(prefix).encode())) == node:
-        prefix += "x"
+    url = cluster.url_of_a_primary_not_serving(registry_key(prefix))
     filler = WriteThroughCache(_client(cluster), prefix=prefix)
     filled = _installed(filler, schema)
     _fill(filled, 30)
     assert _names(filled, schema, range(1, 31)) == (["v1"] * 30, 0)
 
-    cache = WriteThroughCache(cluster.url, prefix=prefix)
+    cache = WriteThroughCache(url, prefix=prefix)
     _installed(cache, schema)
     with schema.begin() as conn, invalidate_migrated_tables(cache, conn):
         conn.execute(sa.update(ClItem.__table__).values(name="migrated"))
@@ -377,14 +373,9 @@ def test_the_command_line_tool_on_a_cluster(
     primary. With a node URL the tool is the first to talk to Redis: it switches the cache to
     the cluster itself, and the shared stats go to the cluster after it, even with both
     stats keys on other primaries than the node's."""
-    node = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
-    while any(
-        cluster.owner(key_slot(f"{prefix}:{k}".encode())) == node
-        for k in ("stats", "stats:processes")
-    ):
-        prefix += "x"
+    url = cluster.url_of_a_primary_not_serving(f"{prefix}:stats", f"{prefix}:stats:processes")
     cache = WriteThroughCache(
-        _client(cluster) if kind == "RedisCluster" else cluster.url,
+        _client(cluster) if kind == "RedisCluster" else url,
         prefix=prefix,
         stats_interval=3600,
     )
