@@ -252,13 +252,13 @@ def test_build_persistent_many_hands_owned_values_over() -> None:
     """An owned dict becomes the instance's ``__dict__``, the state in it, as
     ``ClassManager.new_instance`` and ``_state_setter`` would store it; the identity map holds
     the state as ``_WeakInstanceDict._add_unpresent`` would."""
-    from sqlalchemy.orm import configure_mappers
     from sqlalchemy.orm.base import DEFAULT_STATE_ATTR, instance_dict
     from sqlalchemy.orm.instrumentation import ClassManager
 
     # run alone (xdist), nothing else has configured the mappers: an attribute read needs it,
-    # as any ORM load would have done before
-    configure_mappers()
+    # as any ORM load would have done before. This module's only: configure_mappers() would
+    # configure every mapper the worker's other modules made meanwhile (20 s to a minute)
+    inspect(BbRow).registry.configure()
     manager = inspect(BbRow).class_manager
     assert manager.STATE_ATTR == DEFAULT_STATE_ATTR == "_sa_instance_state"
     assert manager.dict_getter() is instance_dict

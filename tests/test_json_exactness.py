@@ -408,7 +408,9 @@ def test_engine_json_functions_are_the_prediction(
 
 
 def announced(caught: list[warnings.WarningMessage], *models: str) -> list[str]:
-    """The WriteThroughWarnings about these models (configure_mappers() configures others)."""
+    """The WriteThroughWarnings about these models. The tests configure their own registry
+    only: configure_mappers() would configure every mapper other modules of the xdist worker
+    made meanwhile (17 s in CI), and warn about them too."""
     return [
         str(w.message)
         for w in caught
@@ -437,7 +439,7 @@ def test_never_exact_column_is_announced_once_at_configuration(redis_url: str, p
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             first = WriteThroughCache(client, prefix=prefix)
-            sa.orm.configure_mappers()
+            WBase.registry.configure()  # this test's mappers only: see announced()
             second = WriteThroughCache(client, prefix=prefix + "-2")
             WBase.metadata.create_all(engine)
             for cache in (first, second):
@@ -485,7 +487,7 @@ def test_database_dependent_column_is_announced_at_its_first_flush(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cache = WriteThroughCache(client, prefix=prefix)
-            sa.orm.configure_mappers()
+            WBase.registry.configure()  # this test's mappers only: see announced()
             assert announced(caught, "JxRatio", "JxQuiet") == []
             reset_schema(engine, WBase.metadata)
             maker = sessionmaker(engine)
@@ -521,7 +523,7 @@ def test_json_on_mysql_is_never_exact_and_announced(redis_url: str, prefix: str)
     client = redis.Redis.from_url(redis_url)
     try:
         cache = WriteThroughCache(client, prefix=prefix)
-        sa.orm.configure_mappers()
+        WBase.registry.configure()
         layout = cache._layout_for(sa.inspect(JxMyDoc))
         assert layout is not None
         dialect = mysql.dialect()
