@@ -31,13 +31,13 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import TextClause
 
-from . import _sa_compat
+from . import _sa_compat, engine_events
 from .databases import OPTION, naming_of, own_naming
 
 if TYPE_CHECKING:
@@ -126,10 +126,8 @@ class StatementTracker:
     def __init__(self, runtime: Runtime, write: WritePath) -> None:
         self.runtime = runtime
         self.write = write
-        #: engine -> the listener watch() added to it (weak keys: an engine is never kept)
-        self._watched: weakref.WeakKeyDictionary[Any, Callable[..., None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: the engines watch() was given (weak keys: an engine is never kept)
+        self._watched: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._names: re.Pattern[str] | None = None
         self._names_for: int = -1
         #: the names of the last tables-whose-triggers-write-cached-models seen, and a pattern
@@ -139,34 +137,21 @@ class StatementTracker:
         self._warned: set[int] = set()
 
     def watch(self, engine: Any) -> None:
-        """Look at the statements of every connection of ``engine`` (once per engine). The
-        listener holds this tracker weakly: an engine that outlives a cache (a test suite's
-        engine, a cache per test) neither keeps the cache, its models and their mappers alive
-        nor runs its listener for it once it is gone; :meth:`unwatch` removes it."""
+        """Look at the statements of every connection of ``engine`` (once per engine): through
+        the listener on the ``Engine`` class (:mod:`.engine_events`: never one added to an
+        engine in use), which holds this tracker weakly; :meth:`unwatch` stops it."""
         if engine in self._watched:
             return
-        from sqlalchemy import event
-
-        tracker = weakref.ref(self)
-
-        def before_cursor_execute(*args: Any) -> None:
-            watching = tracker()
-            if watching is not None:
-                watching.before_cursor_execute(*args)
-
-        event.listen(engine, "before_cursor_execute", before_cursor_execute)
-        self._watched[engine] = before_cursor_execute
+        engine_events.statements.add(engine, self.before_cursor_execute)
+        self._watched[engine] = True
 
     def unwatch(self) -> None:
-        """Remove the listeners :meth:`watch` added (the cache was uninstalled from its last
-        target)."""
-        from sqlalchemy import event
-
-        watched = list(self._watched.items())
+        """Stop watching the engines :meth:`watch` was given (the cache was uninstalled from
+        its last target)."""
+        watched = list(self._watched)
         self._watched.clear()
-        for engine, listener in watched:
-            if event.contains(engine, "before_cursor_execute", listener):
-                event.remove(engine, "before_cursor_execute", listener)
+        for engine in watched:
+            engine_events.statements.discard(engine, self.before_cursor_execute)
 
     def before_cursor_execute(
         self,

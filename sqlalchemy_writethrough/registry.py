@@ -12,14 +12,14 @@ import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import event, inspect
+from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, registry
 
-from . import _sa_compat, forks
+from . import _sa_compat, engine_events, forks
 from .config import ModelOptions, ModelOptionsDict, OptionError
 from .databases import Databases, DatabaseUnknown, connection_naming, for_schemas, own_naming
 from .exc import ConfigurationError, WriteThroughWarning
@@ -81,12 +81,10 @@ class Models:
         self._written_by_engine: weakref.WeakKeyDictionary[
             Any, tuple[Any, dict[tuple[str, ...], list[ModelLayout]]]
         ] = weakref.WeakKeyDictionary()
-        #: engine -> the ``engine_disposed`` listener that has what a keyspace was told of
-        #: its database (served, rewritten, self-written) asked anew on the new pool (weak
-        #: keys; the listener holds this registry weakly); see :meth:`_watch_disposal`
-        self._disposal_watched: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: the engines whose ``dispose()`` has what a keyspace was told of its database
+        #: (served, rewritten, self-written) asked anew on the new pool (weak keys; the
+        #: engine_events listener holds this registry weakly); see :meth:`_watch_disposal`
+        self._disposal_watched: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         #: bumped whenever a model's layout is built, dropped or may change (register,
         #: register_all, a mapper configured again): what a hook decided from the layouts
         #: holds while it is unchanged
@@ -511,27 +509,24 @@ class Models:
         engine = bind.engine if isinstance(bind, Connection) else bind
         if engine in self._disposal_watched:
             return
-        models = weakref.ref(self)
-
-        def disposed(engine: Any) -> None:
-            found = models()
-            if found is not None:
-                found._ask_again()
-
+        # through the listener on the Engine class (engine_events: never one added to an
+        # engine in use, which another thread may be disposing of)
         for disposing in _sa_compat.engines_disposing(engine):
             if disposing not in self._disposal_watched:
-                event.listen(disposing, "engine_disposed", disposed)
-                self._disposal_watched[disposing] = disposed
+                engine_events.disposals.add(disposing, self._on_engine_disposed)
+                self._disposal_watched[disposing] = True
+
+    def _on_engine_disposed(self, engine: Any) -> None:
+        self._ask_again()
 
     def unwatch(self) -> None:
-        """Take the listeners :meth:`_watch_disposal` added off their engines (the cache
-        was uninstalled from its last target); installed again, the flags are worked out
-        again, and the engines watched again, at their next use."""
-        watched = list(self._disposal_watched.items())
+        """Stop watching the engines :meth:`_watch_disposal` was given (the cache was
+        uninstalled from its last target); installed again, the flags are worked out again,
+        and the engines watched again, at their next use."""
+        watched = list(self._disposal_watched)
         self._disposal_watched.clear()
-        for engine, listener in watched:
-            if event.contains(engine, "engine_disposed", listener):
-                event.remove(engine, "engine_disposed", listener)
+        for engine in watched:
+            engine_events.disposals.discard(engine, self._on_engine_disposed)
         self._ask_again()
 
     def _ask_again(self) -> None:

@@ -174,6 +174,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     from sqlalchemy.orm import Mapper, Session
 
     from sqlalchemy_writethrough import cache as cache_module
+    from sqlalchemy_writethrough import engine_events
 
     # tests of mapper events clear every MapperEvents and InstrumentationEvents listener, the
     # package's own mapper_configured check and class_uninstrument hook among them: put them
@@ -182,6 +183,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         event.listen(Mapper, "mapper_configured", cache_module._on_mapper_configured)
     if not event.contains(object, "class_uninstrument", cache_module._on_class_uninstrument):
         event.listen(object, "class_uninstrument", cache_module._on_class_uninstrument)
+    # and tests of engine events clear the Engine class's (the cache's statement tracking)
+    engine_events.listen()
     _collect_dead_mappers()
     prefix = f"wtsuite-{uuid.uuid4().hex[:12]}"
     cache = None
