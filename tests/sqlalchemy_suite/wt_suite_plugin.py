@@ -251,8 +251,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_sep("-", f"sqlalchemy-writethrough installed on every {where}")
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    path = config.getoption("--wt-status", None)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Here, not at unconfigure: a pytest-xdist worker tells the controller it has finished
+    # right after this hook, and the controller may end it before its unconfigure runs (the
+    # last worker's line was missing, and with it the count of its tests that used the cache)
+    path = session.config.getoption("--wt-status", None)
     if path:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write("".join(f"{line}\n" for line in _problems) if _problems else "ok\n")
