@@ -37,7 +37,8 @@ nox.options.sessions = [
 ]
 # Not in CI: marshmallow-sqlalchemy's, factory_boy's and WTForms-SQLAlchemy's suites (about 1.5
 # minutes together; their tests flush and read in one session, so 4, 5 and 6 tests reach the
-# cache): `nox -s third_party` runs them with the others.
+# cache), and advanced-alchemy's (about 5 minutes and a large install; 175 of its 710 tests
+# reach the cache): `nox -s third_party` runs them with the others.
 # Reuse session venvs between local runs; installs still run, so requirement changes apply.
 nox.options.reuse_venv = "yes"
 
@@ -429,9 +430,10 @@ def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: 
 # SQLModel and fastapi-users-db-sqlalchemy 7.0.0 require <2.1, SQLAlchemy-Utils 0.43 does not
 # import on 2.1, Flask-Admin 2.2.1's multi-bind tests and zope.sqlalchemy's two-phase retry
 # test fail on 2.1 without it, and so does WTForms-SQLAlchemy 0.4.2's test_convert_types (its
-# converters find Float by its base Numeric, which 2.1's Float no longer has). SQLAlchemy-Continuum
-# 2.0.0 allows 2.1 and passes there with the extension too (2.1.9: 871 tests, 3 failing plainly,
-# none only with it).
+# converters find Float by its base Numeric, which 2.1's Float no longer has); advanced-alchemy
+# 1.12.0 maps its JSON type with sqlalchemy.util.portable_instancemethod, gone in 2.1.
+# SQLAlchemy-Continuum 2.0.0 allows 2.1 and passes there with the extension too (2.1.9: 871
+# tests, 3 failing plainly, none only with it).
 THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     "flask-sqlalchemy": ("flask-sqlalchemy==3.1.1", "flask"),
     "sqlmodel": (
@@ -475,6 +477,22 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     # form fields whose choices are ORM queries (QuerySelectField...), on SQLite; WTForms 3.3
     # deprecates the tuple choices its converters make, and its tests turn warnings into errors
     "wtforms-sqlalchemy": ("wtforms-sqlalchemy==0.4.2", "wtforms==3.2.1"),
+    # repositories and services (Litestar's), run on SQLite and PostgreSQL (run.py's
+    # _AA_ENGINES); its conftest imports every pytest-databases service and google-cloud-spanner
+    "advanced-alchemy": (
+        "advanced-alchemy[cli,cryptography,dogpile,fsspec,uuid,nanoid,argon2,passlib,pwdlib,"
+        "pyotp,obstore]==1.12.0",
+        # wt_aa_services builds its PostgresService and MySQLService
+        *("pytest-databases[postgres,oracle,cockroachdb,bigquery,spanner,mssql,mysql]==0.19.0",),
+        *("attrs", "cattrs", "sqlmodel", "dishka", "dogpile.cache", "pydantic-extra-types"),
+        *("numpy", "pgvector", "cryptography", "pyotp", "rich-click", "fsspec[s3]"),
+        *("pytest-asyncio", "pytest-lazy-fixtures", "pytest-rerunfailures", "pytest-mock"),
+        *("pytest-xdist", "pytest-click", "asgi-lifespan", "click", "time-machine"),
+        *("aiosqlite", "asyncpg", "psycopg[binary,pool]", "psycopg2-binary", "asyncmy"),
+        *("pymysql", "duckdb", "duckdb-engine", "pytz", "alembic"),
+        *("litestar[cli]", "fastapi[all]", "starlette", "flask-sqlalchemy", "flask[async]"),
+        *("sanic", "sanic-testing", "sanic[ext]"),
+    ),
 }
 
 
@@ -503,7 +521,8 @@ THIRD_PARTY_RUNS: dict[str, tuple[str, ...]] = {
 def third_party(session: nox.Session, suite: str) -> None:
     """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
     SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy, zope.sqlalchemy,
-    marshmallow-sqlalchemy, factory_boy's SQLAlchemy tests, WTForms-SQLAlchemy), with the
+    marshmallow-sqlalchemy, factory_boy's SQLAlchemy tests, WTForms-SQLAlchemy,
+    advanced-alchemy's integration tests), with the
     extension on every Session, then plainly the tests that failed (``-- --full-plain``
     after the session's name: every test plainly too): fails on a test that fails only with
     the extension and is not in tests/third_party/known_failures.txt
@@ -511,7 +530,8 @@ def third_party(session: nox.Session, suite: str) -> None:
     tests). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or
     the local servers), Flask-Admin's,
     fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB;
-    marshmallow-sqlalchemy's, factory_boy's and WTForms-SQLAlchemy's run on SQLite. Needs Redis
+    marshmallow-sqlalchemy's, factory_boy's and WTForms-SQLAlchemy's run on SQLite,
+    advanced-alchemy's on SQLite and PostgreSQL. Needs Redis
     ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "pip", "setuptools>=77", *THIRD_PARTY_SUITES[suite])
     session.install(SQLALCHEMY_PINS[THIRD_PARTY_SQLALCHEMY.get(suite, "2.0")])

@@ -6,10 +6,11 @@ SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
 ``sqlalchemy-utils``, ``flask-admin``, ``fastapi-users-db-sqlalchemy`` (and
 ``fastapi-users-db-sqlalchemy-asyncio``: the cache on ``AsyncSession`` itself, through
 ``redis.asyncio``), ``zope.sqlalchemy``, ``zope.sqlalchemy-twophase``,
-``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``: libraries our users put
-between their code and the ORM, each with its own Session subclass, listeners, types,
-declarative base or loads by primary key. The sdist of the installed release (each ships its
-tests) is unpacked into ``.third-party/`` (``--workdir``) and its tests run with
+``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``, ``advanced-alchemy``:
+libraries our users put between their code and the ORM, each with its own Session subclass,
+listeners, types, declarative base or loads by primary key. The sdist of the installed
+release (each ships its tests) is unpacked into ``.third-party/`` (``--workdir``) and its
+tests run with
 ``tests/sqlalchemy_suite/wt_suite_plugin.py`` (a cache on ``sqlalchemy.orm.Session`` under
 a fresh prefix per test, ``register_all()`` over every mapping), then those that failed run
 again plainly (pytest's ``--last-failed``; ``--full-plain`` runs every test plainly, first: the
@@ -28,6 +29,14 @@ MariaDB database of their own. marshmallow-sqlalchemy's (schemas loading instanc
 key), factory_boy's SQLAlchemy tests (``tests/test_alchemy.py``: model factories committing or
 flushing, get-or-create) and WTForms-SQLAlchemy's (query-backed select fields) run on SQLite,
 the only database their tests know.
+
+advanced-alchemy's (Litestar's repository and service layer, its Litestar/FastAPI/Flask
+integrations) ask pytest-databases for Docker containers: ``tests/third_party/wt_aa_services.py``
+(``-p wt_aa_services``) gives its PostgreSQL (psycopg, asyncpg) and MySQL (asyncmy) engines a
+database of each test process's own on the local servers instead. Its integration tests run
+on SQLite, aiosqlite, psycopg and asyncpg (``_AA_ENGINES`` says why not on the others), on two
+pytest-xdist workers, on SQLAlchemy 2.0 (1.12.0 maps its JSON type with
+``sqlalchemy.util.portable_instancemethod``, which 2.1 removed).
 """
 
 from __future__ import annotations
@@ -71,6 +80,31 @@ any_failed, cache_args, known_reason, outcomes, read_list = (
 #: its tests are a module of the package (``zope`` is a namespace package)
 _ZOPE = ("--import-mode=importlib",)
 
+#: advanced-alchemy's engines run: not those with no local server (Oracle, MSSQL, CockroachDB,
+#: Spanner), nor its mocks (no Session), DuckDB and asyncmy (its other engines cover their
+#: tests, in a third of the time), nor psycopg's async driver: its tests share asyncpg's tables
+#: on one database, and under --dist loadgroup some find them missing when they seed them,
+#: a dozen to thirty a run, plainly as well (each passes alone, with the extension too)
+_AA_ENGINES = (
+    "not (oracledb_sync or oracledb_async or spanner or cockroachdb_sync or cockroachdb_async"
+    " or mssql_sync or mssql_async or mock_sync or mock_async or duckdb or asyncmy"
+    " or psycopg_async)"
+)
+#: its tests of services that only Docker gives (S3, Oracle), and of the Alembic command
+#: line (no Session, 150 tests)
+_AA_DESELECT = tuple(
+    f"--deselect=tests/integration/{test}"
+    for test in (
+        "test_alembic_cli_integration.py",
+        "test_oracledb_json.py",
+        *(
+            f"test_file_object.py::test_{lib}_s3_basic_operations_{flavour}"
+            for lib in ("fsspec", "obstore")
+            for flavour in ("sync", "async")
+        ),
+    )
+)
+
 #: suite -> (distribution, test folder, pytest arguments of its own)
 SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "flask-sqlalchemy": ("Flask-SQLAlchemy", "tests", ()),
@@ -98,6 +132,19 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "factory_boy": ("factory_boy", "tests/test_alchemy.py", ()),
     # form fields whose choices are ORM queries (QuerySelectField...), on SQLite
     "wtforms-sqlalchemy": ("WTForms-SQLAlchemy", "tests", ()),
+    # repositories and services over sync and async sessions (get, get_one, upsert, bulk
+    # updates, its own dogpile.cache of query results): SQLite, aiosqlite, and PostgreSQL
+    # by wt_aa_services (psycopg, asyncpg); two workers, its engines' xdist groups
+    "advanced-alchemy": (
+        "advanced-alchemy",
+        "tests/integration",
+        (
+            *("-p", "wt_aa_services", "-m", _AA_ENGINES, "-n", "2", "--dist", "loadgroup"),
+            *_AA_DESELECT,
+            # its deprecation warnings (declarative_mixin...), thousands of lines
+            *("-W", "ignore::DeprecationWarning"),
+        ),
+    ),
 }
 
 _POSTGRESQL = os.environ.get("POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -183,6 +230,31 @@ def postgresql_database(extensions: tuple[str, ...] = (), name: str = "") -> Ite
         admin.dispose()
 
 
+def drop_databases(prefix: str) -> None:
+    """Drop the databases whose name starts with ``prefix`` on PostgreSQL and MariaDB."""
+    from sqlalchemy import create_engine, make_url, pool, text
+
+    for url, listing, drop in (
+        (
+            _POSTGRESQL,
+            "SELECT datname FROM pg_database WHERE datname LIKE :p",
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        ),
+        (
+            _MARIADB,
+            "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE :p",
+            "DROP DATABASE IF EXISTS {}",
+        ),
+    ):
+        admin = create_engine(make_url(url), isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+        try:
+            with admin.connect() as conn:
+                for (name,) in conn.execute(text(listing), {"p": f"{prefix}%"}).all():
+                    conn.exec_driver_sql(drop.format(name))
+        finally:
+            admin.dispose()
+
+
 @contextlib.contextmanager
 def suite_environment(suite: str) -> Iterator[dict[str, str]]:
     """The environment a suite's tests read to find their databases (made for this run)."""
@@ -203,6 +275,18 @@ def suite_environment(suite: str) -> Iterator[dict[str, str]]:
     elif suite == "zope.sqlalchemy":
         with postgresql_database() as url:
             yield {"TEST_DSN": url.render_as_string(hide_password=False)}
+    elif suite == "advanced-alchemy":
+        # wt_aa_services makes (and drops) a database per pytest-xdist worker on each server,
+        # named after this prefix: those a killed run left are dropped here
+        prefix = f"wt_aa_{uuid.uuid4().hex[:10]}"
+        try:
+            yield {
+                "AA_POSTGRESQL_URL": _POSTGRESQL,
+                "AA_MARIADB_URL": _MARIADB,
+                "AA_DATABASE_PREFIX": prefix,
+            }
+        finally:
+            drop_databases(prefix)
     elif suite == "zope.sqlalchemy-twophase":
         # XA transactions (PostgreSQL's prepared ones are off by default)
         with mariadb_database() as url:
@@ -228,7 +312,10 @@ def run_pass(
     command = [sys.executable, "-m", "pytest", tests, "-q", *cache_args(out, failed_only)]
     command += [f"--junitxml={junit}", *extra]
     env = {**os.environ, **suite_env}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
+    # the plugin, and this folder's plugins of a suite's own (wt_aa_services)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(PLUGIN_DIR), str(HERE), env.get("PYTHONPATH")])
+    )
     if plugin:
         status = out / "extension.status"
         status.unlink(missing_ok=True)
