@@ -823,18 +823,21 @@ def test_an_engine_that_outlives_its_caches_keeps_none_of_them(
 ) -> None:
     """A test suite's engine outlives the cache of each test: every cache used to leave a
     ``before_cursor_execute`` listener on it, run for every later statement, holding the
-    cache (its models, their mappers) alive. The listener goes at the last ``uninstall()``,
-    and holds the cache weakly: an uninstalled cache is collected."""
-    baseline = len(schema.dispatch.before_cursor_execute)
+    cache (its models, their mappers) alive. The cache adds no listener to an engine (its
+    statements reach the caches through one on the ``Engine`` class: test_engine_listeners),
+    and what watches the engine holds the cache weakly: an uninstalled cache is collected."""
+    listeners = (schema.dispatch.before_cursor_execute, schema.dispatch.engine_disposed)
+    baseline = [len(each) for each in listeners]
     caches = []
     for n in range(3):
         cache = make_cache(redis_url, f"{prefix}-{n}")
         factory = sessionmaker(schema)
         cache.install(factory)
         add(factory, CfWidget(id=10 + n, name="w"))
-        assert len(schema.dispatch.before_cursor_execute) == baseline + 1
+        with factory() as session:
+            assert session.get(CfWidget, 10 + n) is not None  # a load: the dispose watched
+        assert [len(each) for each in listeners] == baseline
         cache.uninstall(factory)
-        assert len(schema.dispatch.before_cursor_execute) == baseline
         caches.append(weakref.ref(cache))
         del cache, factory
     gc.collect()
