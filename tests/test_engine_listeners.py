@@ -14,7 +14,7 @@ them, on another connection, as another thread would).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -41,9 +41,27 @@ class ElItem(Base, CachedModel):
     name: Mapped[str] = mapped_column(String(40))
 
 
+@pytest.fixture
+def installed(
+    engine: Engine, redis_url: str, prefix: str
+) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
+    """Row 1 in the database, and a cache installed on a factory of ``engine`` that has not
+    used the engine yet; uninstalled and closed afterwards."""
+    reset_schema(engine, Base.metadata)
+    with Session(engine) as s:
+        s.add(ElItem(id=1, name="one"))
+        s.commit()
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    factory = sessionmaker(engine)
+    cache.install(factory)
+    yield cache, factory
+    cache.uninstall(factory)
+    cache.close()
+
+
 def _during_a_statement(engine: Engine, event_name: str, action: Callable[[], Any]) -> None:
     """Run one statement of the application's own on ``engine`` whose listeners for
-    ``event_name`` run ``action`` (once), and re-raise what that statement raised."""
+    ``event_name`` run ``action`` (once); what the statement raises is raised."""
     done: list[bool] = []
 
     def listener(*args: Any) -> None:
@@ -60,67 +78,57 @@ def _during_a_statement(engine: Engine, event_name: str, action: Callable[[], An
     assert done
 
 
+def _during_a_dispose(engine: Engine, action: Callable[[], Any]) -> None:
+    """``engine.dispose()`` whose ``engine_disposed`` listeners run ``action`` (once)."""
+    done: list[bool] = []
+
+    def listener(disposed: Any) -> None:
+        if not done:
+            done.append(True)
+            action()
+
+    event.listen(engine, "engine_disposed", listener)
+    try:
+        engine.dispose()
+    finally:
+        event.remove(engine, "engine_disposed", listener)
+    assert done
+
+
 def test_a_first_transaction_while_the_engine_runs_a_statement(
-    engine: Engine, redis_url: str, prefix: str, redis_client: Any
+    engine: Engine, installed: tuple[WriteThroughCache, sessionmaker[Session]], redis_client: Any
 ) -> None:
     """The cache's first transaction on an engine that is executing: before the fix, the
     executing statement raised RuntimeError (the cache's listener was added to the engine
     its listeners were being iterated for). Raw SQL through a session is still tracked."""
-    reset_schema(engine, Base.metadata)
-    with Session(engine) as s:
-        s.add(ElItem(id=1, name="one"))
-        s.commit()
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
-    factory = sessionmaker(engine)
-    cache.install(factory)
-    try:
+    cache, factory = installed
 
-        def first_use() -> None:
-            with factory() as session:
-                assert session.get(ElItem, 1).name == "one"  # type: ignore[union-attr]
-                session.commit()
-
-        _during_a_statement(engine, "before_cursor_execute", first_use)
-        key = entry_key(cache, ElItem, 1, bind=engine)
-        assert entry_state(redis_client, key) == "value"
-        # the cache's statement tracking works on the engine: raw SQL through a session
-        # invalidates the model (else the next get is served "one" from the entry)
+    def first_use() -> None:
         with factory() as session:
-            session.execute(sa.text("UPDATE el_item SET name = 'raw' WHERE id = 1"))
+            assert session.get(ElItem, 1).name == "one"  # type: ignore[union-attr]
             session.commit()
-        with factory() as session:
-            assert session.get(ElItem, 1).name == "raw"  # type: ignore[union-attr]
-    finally:
-        cache.uninstall(factory)
-        cache.close()
+
+    _during_a_statement(engine, "before_cursor_execute", first_use)
+    assert entry_state(redis_client, entry_key(cache, ElItem, 1, bind=engine)) == "value"
+    # the cache's statement tracking works on the engine: raw SQL through a session
+    # invalidates the model (else the next get is served "one" from the entry)
+    with factory() as session:
+        session.execute(sa.text("UPDATE el_item SET name = 'raw' WHERE id = 1"))
+        session.commit()
+    with factory() as session:
+        assert session.get(ElItem, 1).name == "raw"  # type: ignore[union-attr]
 
 
 def test_a_first_load_while_the_engine_is_disposed(
-    engine: Engine, redis_url: str, prefix: str
+    engine: Engine, installed: tuple[WriteThroughCache, sessionmaker[Session]]
 ) -> None:
     """The first load of a model asks the database's catalog and watches the engine's
     dispose: before the fix, a load during another thread's ``dispose()`` added the
     ``engine_disposed`` listener while that dispose ran them, and the dispose raised."""
-    reset_schema(engine, Base.metadata)
-    with Session(engine) as s:
-        s.add(ElItem(id=1, name="one"))
-        s.commit()
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
-    factory = sessionmaker(engine)
-    cache.install(factory)
-    done: list[bool] = []
+    _, factory = installed
 
-    def first_load(disposed: Any) -> None:
-        if not done:
-            done.append(True)
-            with factory() as session:
-                assert session.get(ElItem, 1).name == "one"  # type: ignore[union-attr]
+    def first_load() -> None:
+        with factory() as session:
+            assert session.get(ElItem, 1).name == "one"  # type: ignore[union-attr]
 
-    event.listen(engine, "engine_disposed", first_load)
-    try:
-        engine.dispose()
-        assert done
-    finally:
-        event.remove(engine, "engine_disposed", first_load)
-        cache.uninstall(factory)
-        cache.close()
+    _during_a_dispose(engine, first_load)
