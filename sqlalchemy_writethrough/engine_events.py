@@ -51,9 +51,6 @@ class EngineWatchers:
             else:
                 del self._by_engine[engine]
 
-    def watches(self, engine: Any, method: Callable[..., None]) -> bool:
-        return any(w() == method for w in self._by_engine.get(engine, ()))
-
     def of(self, engine: Any) -> _Watchers:
         return self._by_engine.get(engine, ())
 
@@ -75,16 +72,21 @@ def _before_cursor_execute(
     executemany: bool,
 ) -> None:
     engine = conn.engine
-    found = statements.of(engine)
-    if getattr(engine, "_proxied", None) is not None:  # derived: its parents' watchers too
-        seen = {w() for w in found}
-        for parent in _sa_compat.engines_disposing(engine)[1:]:
-            found += tuple(w for w in statements.of(parent) if w() not in seen)
-            seen.update(w() for w in statements.of(parent))
-    for ref in found:
-        method = ref()
-        if method is not None:
-            method(conn, cursor, statement, parameters, context, executemany)
+    if getattr(engine, "_proxied", None) is None:  # not derived by execution_options()
+        for ref in statements.of(engine):
+            method = ref()
+            if method is not None:
+                method(conn, cursor, statement, parameters, context, executemany)
+        return
+    # a derived engine's statements reach its parents' watchers too, each watcher once
+    methods: dict[Callable[..., None], None] = {}
+    for each in _sa_compat.engines_disposing(engine):
+        for ref in statements.of(each):
+            method = ref()
+            if method is not None:
+                methods.setdefault(method, None)
+    for method in methods:
+        method(conn, cursor, statement, parameters, context, executemany)
 
 
 def _engine_disposed(engine: Any) -> None:
