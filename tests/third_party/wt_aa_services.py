@@ -13,68 +13,67 @@ registered provides a fixture. Without the URLs, the services are those of pytes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
-def _database_name() -> str:
+
+@contextlib.contextmanager
+def _local_database(env_var: str, drop_suffix: str = "") -> Iterator[URL]:
+    """A database of this test process's own on the server at ``$env_var``, named after
+    $AA_DATABASE_PREFIX and the pytest-xdist worker, dropped at the end."""
+    from sqlalchemy import create_engine, make_url, pool
+
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     prefix = os.environ.get("AA_DATABASE_PREFIX") or f"wt_aa_{uuid.uuid4().hex[:10]}"
-    return f"{prefix}_{worker}"
+    name = f"{prefix}_{worker}"
+    url = make_url(os.environ[env_var])
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield url.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{drop_suffix}")
+        admin.dispose()
 
 
 class _LocalServices:
     @pytest.fixture(scope="session")
     def postgres_service(self) -> Iterator[Any]:
         from pytest_databases.docker.postgres import PostgresService
-        from sqlalchemy import create_engine, make_url, pool
 
-        url = make_url(os.environ["AA_POSTGRESQL_URL"])
-        name = _database_name()
-        admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        try:
+        with _local_database("AA_POSTGRESQL_URL", " WITH (FORCE)") as url:
             yield PostgresService(
                 container=None,  # type: ignore[arg-type]
                 host=url.host or "127.0.0.1",
                 port=url.port or 5432,
-                database=name,
+                database=url.database or "",
                 user=url.username or "postgres",
                 password=url.password or "",
             )
-        finally:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            admin.dispose()
 
     @pytest.fixture(scope="session")
     def mysql_service(self) -> Iterator[Any]:
         from pytest_databases.docker.mysql import MySQLService
-        from sqlalchemy import create_engine, make_url, pool
 
-        url = make_url(os.environ["AA_MARIADB_URL"])
-        name = _database_name()
-        admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        try:
+        with _local_database("AA_MARIADB_URL") as url:
             yield MySQLService(
                 container=None,  # type: ignore[arg-type]
                 host=url.host or "127.0.0.1",
                 port=url.port or 3306,
-                db=name,
+                db=url.database or "",
                 user=url.username or "root",
                 password=url.password or "",
             )
-        finally:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-            admin.dispose()
 
 
 def pytest_configure(config: pytest.Config) -> None:
