@@ -6,7 +6,9 @@ engine another thread is executing on makes that thread's statement raise ``Runt
 deque mutated during iteration``. The cache meets an engine at its first transaction or load,
 while the application's threads use it, so it never adds a listener to an engine: these
 class-level listeners hand each statement (and each ``dispose()``) to whatever watches that
-engine, kept here in maps the cache changes under a lock and the listeners only read.
+engine, kept here in maps the cache changes under a lock and the listeners only read. The
+engines nobody watches (the application's others, or one before its first cached session) do
+not run their statements' events at all, as if the library were not imported.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ class EngineWatchers:
     """Bound methods to call for one event of an engine, held weakly (a watcher, a cache's
     part, never kept alive by an engine that outlives it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_add: Callable[[Any], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._by_engine: weakref.WeakKeyDictionary[Any, _Watchers] = weakref.WeakKeyDictionary()
+        self._on_add = on_add
 
     def add(self, engine: Any, method: Callable[..., None]) -> None:
         with self._lock:
@@ -39,6 +42,8 @@ class EngineWatchers:
             if any(w() == method for w in alive):
                 return
             self._by_engine[engine] = (*alive, weakref.WeakMethod(method))
+        if self._on_add is not None:
+            self._on_add(engine)
 
     def discard(self, engine: Any, method: Callable[..., None]) -> None:
         with self._lock:
@@ -57,8 +62,10 @@ class EngineWatchers:
 
 #: ``before_cursor_execute`` of an engine's connections: a derived engine's
 #: (``execution_options()``) statements reach its parents' watchers too, as a listener on
-#: the parent would have been run for them
-statements = EngineWatchers()
+#: the parent would have been run for them. Only a watched engine's connections run their
+#: events (the class listener leaves every other engine on SQLAlchemy's fast path): a watch
+#: turns them on, for good, as a listener added to the engine would
+statements = EngineWatchers(on_add=_sa_compat.run_engine_events)
 #: ``engine_disposed``: that engine's own dispose only, as its own listener would be
 disposals = EngineWatchers()
 
@@ -100,9 +107,10 @@ def listen() -> None:
     """Add the class-level listeners, unless they are there (a program that clears the
     ``Engine`` class's listeners, as SQLAlchemy's own test suite does, may call it again)."""
     if not event.contains(Engine, "before_cursor_execute", _before_cursor_execute):
-        event.listen(Engine, "before_cursor_execute", _before_cursor_execute)
+        _sa_compat.listen_on_engine_class("before_cursor_execute", _before_cursor_execute)
     if not event.contains(Engine, "engine_disposed", _engine_disposed):
-        event.listen(Engine, "engine_disposed", _engine_disposed)
+        # run by dispose() whatever the engine's flag (see _sa_compat.listen_on_engine_class)
+        _sa_compat.listen_on_engine_class("engine_disposed", _engine_disposed)
 
 
 listen()

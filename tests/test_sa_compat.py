@@ -868,3 +868,64 @@ def test_engines_disposing_are_an_option_engine_and_its_parents() -> None:
     assert derived.pool is engine.pool is twice.pool
     engine.dispose()
     assert twice.pool is engine.pool
+
+
+def test_a_listener_on_the_engine_class_runs_only_for_engines_turned_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Engine._has_events`` decides whether a connection runs its events: the cache's class
+    listener leaves it as it was, and turns it on per watched engine (a derived engine follows
+    its parent; an open connection from its next statement)."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import Engine
+
+    monkeypatch.setattr(Engine, "_has_events", False)
+    seen: list[tuple[str, str]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append((conn.engine.url.database or "", statement))
+
+    _sa_compat.listen_on_engine_class("before_cursor_execute", record)
+    try:
+        watched, other = create_engine("sqlite://"), create_engine("sqlite:///")
+        assert not watched._has_events and not other._has_events
+        with watched.connect() as open_before:
+            open_before.execute(text("SELECT 1"))
+            _sa_compat.run_engine_events(watched)
+            open_before.execute(text("SELECT 2"))
+        with watched.execution_options(logging_token="x").connect() as derived:
+            derived.execute(text("SELECT 3"))
+        with other.connect() as conn:
+            conn.execute(text("SELECT 4"))
+        assert [statement for _, statement in seen] == ["SELECT 2", "SELECT 3"]
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_a_listener_on_the_engine_class_keeps_an_earlier_ones_engines_running_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An application's own class listener, added before the cache's, still runs for every
+    engine: the flag it set stays set."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import Engine
+
+    monkeypatch.setattr(Engine, "_has_events", False)
+    theirs: list[str] = []
+
+    def their_listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        theirs.append(statement)
+
+    def ours(*args: Any) -> None:
+        pass
+
+    event.listen(Engine, "before_cursor_execute", their_listener)
+    try:
+        _sa_compat.listen_on_engine_class("before_cursor_execute", ours)
+        with create_engine("sqlite://").connect() as conn:
+            conn.execute(text("SELECT 5"))
+        assert theirs == ["SELECT 5"]
+    finally:
+        event.remove(Engine, "before_cursor_execute", their_listener)
+        if event.contains(Engine, "before_cursor_execute", ours):
+            event.remove(Engine, "before_cursor_execute", ours)
