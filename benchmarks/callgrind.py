@@ -581,7 +581,10 @@ class ChildEnv:
         from .data import delete_pattern, glob_escape
 
         delete_pattern(self.redis, glob_escape(PREFIX) + "*")  # a killed run's leftovers
-        self.plain = sessionmaker(self.engine)
+        # plain SQLAlchemy on an engine no cache watches (so its connections skip SQLAlchemy's
+        # event dispatch, as in a process without the library): the same file
+        self.plain_engine = create_engine(f"sqlite:///{work / 'callgrind.db'}")
+        self.plain = sessionmaker(self.plain_engine)
         self.read_pks = list(range(1, READ_ROWS + 1))
         self.hot_pks = self.read_pks[:NEAR_HOT_ROWS]
         self.batches = [
@@ -626,6 +629,7 @@ class ChildEnv:
         finally:
             self.redis.close()
             self.engine.dispose()
+            self.plain_engine.dispose()
 
     def meta(self) -> dict[str, Any]:
         import sqlite3

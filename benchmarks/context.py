@@ -6,7 +6,10 @@ Everything runs in one process against one engine, one Redis client and one data
   ``database_url`` is ``postgresql_url`` with the run's own schema (``bench_<8 hex>``) as
   ``search_path``: the ``bench_*`` tables live there, so two runs (say, the smoke test and a
   full run) never drop each other's tables; the schema is dropped at the end;
-* ``plain``: a ``sessionmaker(engine)`` without the cache: plain SQLAlchemy;
+* ``plain``: a ``sessionmaker`` without the cache, on an engine of its own (``plain_engine``,
+  the same URL) that no cache ever watches: plain SQLAlchemy, whose connections skip
+  SQLAlchemy's event dispatch as they would in a process without the library (an engine the
+  cache watches runs its connections' events, the cache's statement listener among them);
 * ``cached``: a ``sessionmaker(engine)`` with ``WriteThroughCache.install``;
 * ``commit_cached``: the same for the commit rows, through a second ``WriteThroughCache`` on the
   same prefix whose client counts Redis round trips (kept off the read rows, so that the read
@@ -103,6 +106,8 @@ class Env:
     """``postgresql_url`` with ``search_path`` set to ``schema`` (what every engine uses)"""
     schema: str
     engine: Engine
+    #: the plain rows' engine (see the module's docstring)
+    plain_engine: Engine
     redis: redis.Redis
     prefix: str
     cache: WriteThroughCache
@@ -159,6 +164,7 @@ class Env:
         self.redis.close()
         self.commit_redis.close()
         self.engine.dispose()
+        self.plain_engine.dispose()
 
 
 #: what a cache given a client (not a URL) needs to keep a connection per thread, as one
@@ -201,7 +207,8 @@ def build_env(settings: Settings) -> Env:
     # threads keep their connection, as a cache built from a URL (the README's) does: this
     # client is shared with the floor, which a user's cache from a URL would not be
     cache = WriteThroughCache(client, prefix=prefix, stats_interval=None, **KEEP)
-    plain = sessionmaker(engine)
+    plain_engine = create_engine(database_url)
+    plain = sessionmaker(plain_engine)
     cached = sessionmaker(engine)
     cache.install(cached)
 
@@ -290,6 +297,7 @@ def build_env(settings: Settings) -> Env:
         database_url=database_url,
         schema=schema,
         engine=engine,
+        plain_engine=plain_engine,
         redis=client,
         prefix=prefix,
         cache=cache,
