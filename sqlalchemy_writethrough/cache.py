@@ -917,14 +917,17 @@ class WriteThroughCache:
                     transport.release_held()
 
     def _close_built_sync_clients(self) -> None:
-        """Stop the breakers' probes of a cache given a URL, and close the synchronous clients
-        the cache built: from its URL, and a Redis Cluster client it switched to, with the
-        plain client it switched away from when that was the URL's (a client the caller
-        passed is theirs to close)."""
-        if self._url is not None:
-            for flavour in (self._sync, self._async):
-                if flavour is not None:
-                    flavour.runtime.backend.breaker.stop()
+        """Stop the breakers' probes, and close the synchronous clients the cache built: from
+        its URL, and a Redis Cluster client it switched to, with the plain client it switched
+        away from when that was the URL's (a client the caller passed is theirs to close).
+
+        A prober left running on a client the caller passed probed on after close(): once
+        Redis answered it checked the prefix's epoch (writing an epoch and a registry for a
+        prefix the application may have deleted since) and replayed the journal. A journal
+        not replayed by close() is dropped, as at the process's exit (docs/failures.md)."""
+        backends = [f.runtime.backend for f in (self._sync, self._async) if f is not None]
+        for backend in [*backends, *self._retired]:
+            backend.breaker.stop()
         for client, asynchronous in self._built:
             if not asynchronous:
                 client.close()

@@ -863,6 +863,40 @@ def test_a_cache_dropped_while_redis_was_away_stops_probing(
     assert connections() == before, "a dropped cache connected to Redis"
 
 
+def test_a_closed_cache_given_its_client_stops_probing(
+    schema: Engine, prefix: str, redis_server: RedisServerProcess
+) -> None:
+    """close() stopped the breaker's prober only of a cache built from a URL: one given its
+    client, closed while Redis was away and still referenced (by the application, or a test's
+    fixture until its teardown ended), probed on, and once a server answered it checked the
+    prefix's epoch there, writing an epoch and a registry for a prefix nobody used any more
+    (found as keys one test left per suite run, after its prefix was deleted)."""
+    seed(schema, (1, "v1", 10))
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=0.5)
+    try:
+        cache = WriteThroughCache(client, prefix=prefix)
+        factory = sessionmaker(schema)
+        cache.install(factory)
+        rename(factory, 1, "v2")
+        redis_server.stop()
+        for _ in range(5):  # Redis away: the breaker opens, and its prober starts (a thread)
+            assert get_name(factory, 1) == "v2"
+        assert cache._sync is not None and cache._sync.runtime.backend.breaker.is_open
+        cache.close()
+
+        redis_server.start()  # same port, no data
+        observer = redis_server.client()
+        before = int(observer.info("stats")["total_connections_received"])
+        time.sleep(2.5)  # more than the prober's longest pause (1 s), twice
+        assert int(observer.info("stats")["total_connections_received"]) == before, (
+            "a closed cache connected to Redis"
+        )
+        assert observer.keys(f"{prefix}*") == []
+        assert cache is not None  # alive throughout, as the application's would be
+    finally:
+        client.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_process_forked_while_redis_was_away_uses_redis_again(
     schema: Engine,
