@@ -73,6 +73,7 @@ _REDIS_ONLY_RUNS = (
     "--ignore=tests/test_sentinel.py",
     "--ignore=tests/test_cluster.py",
     "--ignore=tests/test_stress_short.py",
+    "--ignore=tests/test_stress_short_schemas.py",
     # the asyncio Cluster module, and the behaviour suite's async-cluster flavour
     "-m",
     "not cluster",
@@ -186,25 +187,16 @@ _NEWEST_REDIS_ONLY = (
     # the command line's --repeat: nothing of redis-py's own
     "--deselect=tests/test_stress_short.py::"
     "test_repeat_lists_the_failing_seeds_and_keeps_only_their_histories",
-    # UUID keys: the write path's keys of asyncpg's UUID class, nothing of redis-py's own
-    "--deselect=tests/test_stress_short.py::test_short_uuid_keys_asyncio_run_finds_no_violation",
-    # tenants' key naming, model versions' keyspaces, the command line's log keeping: the
-    # same Redis commands as the runs kept here
+    # UUID keys (the write path's keys of asyncpg's UUID class), tenants' key naming, a
+    # trigger's rewritten rows (what the database stores): nothing of redis-py's own
+    "--ignore=tests/test_stress_short_schemas.py",
+    # model versions' keyspaces, the command line's log keeping: the same Redis commands as
+    # the runs kept here
     *(
         f"--deselect=tests/test_stress_short.py::{test}"
         for test in (
-            "test_short_tenants_run_finds_no_violation",
-            "test_short_tenants_run_with_tenant_blind_keys_fails",
             "test_short_two_model_versions_run_finds_no_violation",
             "test_keep_logs_failed_removes_the_histories_of_a_passing_run",
-            # a trigger's rewritten rows: what the database stores, nothing of redis-py's
-            "test_short_rewriting_trigger_run_finds_no_violation[postgresql]",
-            "test_short_rewriting_trigger_run_finds_no_violation[mariadb]",
-            "test_short_rewriting_trigger_run_with_blind_triggers_fails",
-            "test_short_sibling_trigger_run_finds_no_violation[own]",
-            "test_short_sibling_trigger_run_finds_no_violation[other]",
-            "test_short_sibling_trigger_run_blind_to_it_fails[own]",
-            "test_short_sibling_trigger_run_blind_to_it_fails[other]",
         )
     ),
     *(
