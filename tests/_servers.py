@@ -560,9 +560,17 @@ def counting_redis(url: str, **kwargs: Any) -> tuple[redis.Redis, RoundTripCount
 # ------------------------------------------------------------------------- misc
 
 
+#: every prefix :func:`new_prefix` made in this process, and the test that asked for it:
+#: conftest reports those whose keys are still in Redis when the run ends
+MADE_PREFIXES: dict[str, str] = {}
+
+
 def new_prefix() -> str:
     """A fresh Redis key namespace for one test: ``t-`` and 8 hex characters."""
-    return f"t-{uuid.uuid4().hex[:8]}"
+    value = f"t-{uuid.uuid4().hex[:8]}"
+    # "tests/x.py::test_y (setup)": the test, without its phase
+    MADE_PREFIXES[value] = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+    return value
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> int:

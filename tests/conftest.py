@@ -39,6 +39,7 @@ from sqlalchemy.engine import Engine
 from _servers import (
     DATABASES,
     DISCOVERED,
+    MADE_PREFIXES,
     MARIADB,
     POSTGRESQL,
     REDIS,
@@ -140,11 +141,60 @@ def _narrowed(config: pytest.Config, items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say which servers the run actually used, so a CI log shows what was tested."""
+    """Say which servers the run actually used, so a CI log shows what was tested; and the
+    keys tests left behind in the Redis at ``redis_url``, if any."""
     terminalreporter.write_sep("-", "servers used")
     for name, where in sorted(DISCOVERED.items()):  # empty in pytest-xdist's controller
         terminalreporter.write_line(f"{name}: {where}")
     terminalreporter.write_line(f"servers started by fixtures: {_started_binary()}")
+    if _KEYS_LEFT:
+        terminalreporter.write_sep("!", "Redis keys left behind (a bug: each test deletes its own)")
+        for line in sorted(_KEYS_LEFT):
+            terminalreporter.write_line(line)
+
+
+#: the Redis URLs ``redis_url`` gave this process, and what the run left there
+_REDIS_URLS: set[str] = set()
+_KEYS_LEFT: list[str] = []
+
+
+def _keys_left_behind() -> list[str]:
+    """Keys still in Redis under a prefix this process made (:func:`new_prefix`): a test
+    deletes its prefix at teardown, so each is a test's bug, or a cache of one still writing
+    after its test ended (a closed cache's breaker probe once did)."""
+    found: dict[str, list[str]] = {}
+    for url in _REDIS_URLS:
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            for raw in client.scan_iter(match="t-*", count=1000):
+                key = raw.decode(errors="replace")
+                if key.split(":", 1)[0] in MADE_PREFIXES:
+                    found.setdefault(key.split(":", 1)[0], []).append(key)
+        except redis.RedisError:
+            continue
+        finally:
+            client.close()
+    return [
+        f"{MADE_PREFIXES[made]}: {', '.join(sorted(keys)[:3])}"
+        + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        for made, keys in found.items()
+    ]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's sends a worker's output
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    left = _keys_left_behind()
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # a pytest-xdist worker: its controller reports
+        output["wt_keys_left"] = left
+    else:
+        _KEYS_LEFT.extend(left)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller: a worker finished; keep what it found left behind."""
+    _KEYS_LEFT.extend(getattr(node, "workeroutput", {}).get("wt_keys_left", []))
 
 
 def _started_binary() -> str:
@@ -190,6 +240,7 @@ def _freeze_what_earlier_modules_left() -> None:
 def redis_url() -> Iterator[str]:
     """URL of a Redis server: $REDIS_URL, local 127.0.0.1:6379, or a container."""
     with server_url(REDIS) as url:
+        _REDIS_URLS.add(url)
         yield url
 
 
