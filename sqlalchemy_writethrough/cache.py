@@ -856,7 +856,8 @@ class WriteThroughCache:
         seconds; later commits publish synchronously), send what this process's counters
         gained since their last send (see ``stats_interval``; never raising, waiting at most
         the client's socket timeout, not at all while the circuit breaker is open), stop
-        sending, and close the synchronous clients the cache built: from its URL, and the
+        sending and probing (a journal the breaker's probe has not replayed yet is dropped,
+        as at exit), and close the synchronous clients the cache built: from its URL, and the
         Redis Cluster client it went on through when the server turned out to be a Cluster
         node (a client you passed is yours to close). Once the event loops of AsyncSessions
         it served are over, the ``redis.asyncio`` connections :meth:`aclose` would have closed
