@@ -57,7 +57,9 @@ def build(env: Any) -> PeerRows:
     client = redis.asyncio.Redis.from_url(env.settings.redis_url, socket_timeout=0.5)
     cache = WriteThroughCache(env.settings.redis_url, prefix=env.prefix)
     cached = async_sessionmaker(engine)
-    plain = async_sessionmaker(engine)
+    # plain SQLAlchemy on an engine no cache watches (benchmarks/context.py says why)
+    plain_engine = create_async_engine(url, connect_args=connect_args)
+    plain = async_sessionmaker(plain_engine)
     cache.install(cached)
     # --baseline: the other version's cache on its own async_sessionmaker, reading the entries
     # the sync warm-up wrote under its prefix
@@ -161,6 +163,7 @@ def build(env: Any) -> PeerRows:
             run(cache.aclose())
             run(client.aclose())
             run(engine.dispose())
+            run(plain_engine.dispose())
         finally:
             loop.close()
 
