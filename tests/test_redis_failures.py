@@ -255,6 +255,20 @@ def get_name(factory: sessionmaker[Session], pk: int, model: type = RfItem) -> s
         return name
 
 
+def _stop_until_the_breaker_opens(
+    redis_server: RedisServerProcess,
+    cache: WriteThroughCache,
+    factory: sessionmaker[Session],
+    name: str,
+) -> None:
+    """Redis away: reads of row 1 (still ``name``) go to the database, the breaker opens, and
+    its prober starts (a thread)."""
+    redis_server.stop()
+    for _ in range(5):
+        assert get_name(factory, 1) == name
+    assert cache._sync is not None and cache._sync.runtime.backend.breaker.is_open
+
+
 def rename(factory: sessionmaker[Session], pk: int, name: str, model: type = RfItem) -> None:
     with factory() as session:
         obj = session.get(model, pk)
@@ -842,10 +856,7 @@ def test_a_cache_dropped_while_redis_was_away_stops_probing(
     factory = sessionmaker(schema)
     cache.install(factory)
     rename(factory, 1, "v2")
-    redis_server.stop()
-    for _ in range(5):  # Redis away: the breaker opens, and its prober starts (a thread)
-        assert get_name(factory, 1) == "v2"
-    assert cache._sync is not None and cache._sync.runtime.backend.breaker.is_open
+    _stop_until_the_breaker_opens(redis_server, cache, factory, "v2")
     cache.uninstall(factory)
     dropped = weakref.ref(cache)
     del cache
@@ -878,10 +889,7 @@ def test_a_closed_cache_given_its_client_stops_probing(
         factory = sessionmaker(schema)
         cache.install(factory)
         rename(factory, 1, "v2")
-        redis_server.stop()
-        for _ in range(5):  # Redis away: the breaker opens, and its prober starts (a thread)
-            assert get_name(factory, 1) == "v2"
-        assert cache._sync is not None and cache._sync.runtime.backend.breaker.is_open
+        _stop_until_the_breaker_opens(redis_server, cache, factory, "v2")
         cache.close()
 
         redis_server.start()  # same port, no data
@@ -914,10 +922,7 @@ def test_a_process_forked_while_redis_was_away_uses_redis_again(
     cache = WriteThroughCache(redis_server.url, prefix=prefix)
     factory = sessionmaker(schema)
     install(cache, factory)
-    redis_server.stop()
-    for _ in range(5):  # Redis away: the breaker opens, and its prober starts (a thread)
-        assert get_name(factory, 1) == "v1"
-    assert cache._sync is not None and cache._sync.runtime.backend.breaker.is_open
+    _stop_until_the_breaker_opens(redis_server, cache, factory, "v1")
 
     def child() -> str:  # report whether Redis serves it again
         schema.dispose(close=False)
