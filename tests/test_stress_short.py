@@ -156,32 +156,36 @@ def test_short_evict_run_finds_no_violation(redis_server_binary: str, postgresql
     assert report.ok, result.format()
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)  # two runs at most
 def test_short_near_cache_run_finds_no_violation(
     redis_server_binary: str, postgresql_url: str
 ) -> None:
     """``near_cache`` (1 s bound) in every worker, the two asyncio ones included, under every
     fault: no read from memory may be further behind a completed commit than the bound, nor
     behind one its own process completed (own-commit), and zero stale, uncommitted or
-    divergent."""
-    result = ran(
-        StressConfig(
-            db_url=postgresql_url,
-            seconds=NEAR_SECONDS,
-            faults=frozenset(ALL_FAULTS),
-            workers=5,
-            asyncio_workers=2,
-            on_redis_error="strict",
-            near_cache=1.0,
-            lock_wait=60,
+    divergent. Every run must hold; a second run (its own seed) when the first read nothing
+    from memory: under every fault Redis is away much of the time, and on a loaded machine
+    one 10 s run made 7 cache reads, none of them near."""
+    for _ in range(2):
+        result = ran(
+            StressConfig(
+                db_url=postgresql_url,
+                seconds=NEAR_SECONDS,
+                faults=frozenset(ALL_FAULTS),
+                workers=5,
+                asyncio_workers=2,
+                on_redis_error="strict",
+                near_cache=1.0,
+                lock_wait=60,
+            )
         )
-    )
-    report = result.report
-    assert report.reads["near"] > 0 and report.commits["ok"] > 0, result.format()
-    # IN-list reads, each row checked against the bound only when it came from memory
-    assert report.batches > 0, result.format()
-    assert not report.own_commit, result.format()
-    assert report.ok, result.format()
+        report = result.report
+        assert not report.own_commit, result.format()
+        assert report.ok, result.format()
+        # IN-list reads, each row checked against the bound only when it came from memory
+        if report.reads["near"] > 0 and report.commits["ok"] > 0 and report.batches > 0:
+            return
+    pytest.fail(f"two runs read nothing from memory, or committed nothing:\n{result.format()}")
 
 
 @pytest.mark.timeout(150)
