@@ -882,6 +882,7 @@ class WriteThroughCache:
         if self._shared_stats is not None:
             self._shared_stats.final()
         self._give_back_kept_connections(close=True)
+        self._stop_probing()
         self._close_built_sync_clients()
         self._close_async_off_loop()
 
@@ -917,18 +918,20 @@ class WriteThroughCache:
                 else:
                     transport.release_held()
 
-    def _close_built_sync_clients(self) -> None:
-        """Stop the breakers' probes, and close the synchronous clients the cache built: from
-        its URL, and a Redis Cluster client it switched to, with the plain client it switched
-        away from when that was the URL's (a client the caller passed is theirs to close).
-
-        A prober left running on a client the caller passed probed on after close(): once
-        Redis answered it checked the prefix's epoch (writing an epoch and a registry for a
-        prefix the application may have deleted since) and replayed the journal. A journal
-        not replayed by close() is dropped, as at the process's exit (docs/failures.md)."""
+    def _stop_probing(self) -> None:
+        """Stop every breaker's prober, whoever built the client: one left running on a client
+        the caller passed probed on after close(), and once Redis answered it checked the
+        prefix's epoch (writing an epoch and a registry for a prefix the application may have
+        deleted since) and replayed the journal. A journal not replayed by close() is dropped,
+        as at the process's exit (docs/failures.md)."""
         backends = [f.runtime.backend for f in (self._sync, self._async) if f is not None]
         for backend in [*backends, *self._retired]:
             backend.breaker.stop()
+
+    def _close_built_sync_clients(self) -> None:
+        """Close the synchronous clients the cache built: from its URL, and a Redis Cluster
+        client it switched to, with the plain client it switched away from when that was the
+        URL's (a client the caller passed is theirs to close)."""
         for client, asynchronous in self._built:
             if not asynchronous:
                 client.close()
@@ -980,6 +983,7 @@ class WriteThroughCache:
                 transport = getattr(backend, "transport", None)
                 if isinstance(transport, AsyncTransport):
                     await transport.aclose()
+        self._stop_probing()
         self._close_built_sync_clients()
         built, self._built = self._built, []
         for client, _ in built:  # the asyncio ones left
