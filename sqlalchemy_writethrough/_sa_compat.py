@@ -846,10 +846,11 @@ def expanded_parameter_names(context: Any, name: str) -> list[str] | None:
     return list(expanded[name])
 
 
-def engines_disposing(engine: Any) -> list[Any]:
-    """``engine`` and the engines it was derived from by ``execution_options()``: the
-    ``dispose()`` of any of them replaces the pool it uses, but fires only that engine's own
-    ``engine_disposed`` listeners (a derived engine's dispatch joins its parent's, never the
+def engine_lineage(engine: Any) -> list[Any]:
+    """``engine`` and the engines it was derived from by ``execution_options()``, nearest
+    first. The ``dispose()`` of any of them replaces the pool it uses, but fires only that
+    engine's own ``engine_disposed`` listeners; a parent's ``before_cursor_execute`` listeners
+    run for its statements (a derived engine's dispatch joins its parent's, never the
     reverse). ``OptionEngine`` keeps its parent only privately (``_proxied``)."""
     found = [engine]
     parent = getattr(engine, "_proxied", None)

@@ -87,7 +87,7 @@ def _before_cursor_execute(
         return
     # a derived engine's statements reach its parents' watchers too, each watcher once
     methods: dict[Callable[..., None], None] = {}
-    for each in _sa_compat.engines_disposing(engine):
+    for each in _sa_compat.engine_lineage(engine):
         for ref in statements.of(each):
             method = ref()
             if method is not None:

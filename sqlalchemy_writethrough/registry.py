@@ -511,7 +511,7 @@ class Models:
             return
         # through the listener on the Engine class (engine_events: never one added to an
         # engine in use, which another thread may be disposing of)
-        for disposing in _sa_compat.engines_disposing(engine):
+        for disposing in _sa_compat.engine_lineage(engine):
             if disposing not in self._disposal_watched:
                 engine_events.disposals.add(disposing, self._on_engine_disposed)
                 self._disposal_watched[disposing] = True

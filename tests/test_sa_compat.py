@@ -856,14 +856,14 @@ def test_begin_as_a_load_begins_what_a_database_load_autobegins() -> None:
         assert seen._transaction is not None
 
 
-def test_engines_disposing_are_an_option_engine_and_its_parents() -> None:
+def test_engine_lineage_is_an_option_engine_and_its_parents() -> None:
     """``OptionEngine`` keeps the engine it was derived from privately (``_proxied``): the
     cache listens for the dispose of each, since either replaces the pool they share."""
     engine = create_engine("sqlite://")
     derived = engine.execution_options(isolation_level="SERIALIZABLE")
     twice = derived.execution_options(logging_token="x")
-    assert _sa_compat.engines_disposing(engine) == [engine]
-    assert _sa_compat.engines_disposing(twice) == [twice, derived, engine]
+    assert _sa_compat.engine_lineage(engine) == [engine]
+    assert _sa_compat.engine_lineage(twice) == [twice, derived, engine]
     twice.dispose()
     assert derived.pool is engine.pool is twice.pool
     engine.dispose()
