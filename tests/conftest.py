@@ -168,8 +168,9 @@ def _keys_left_behind() -> list[str]:
         try:
             for raw in client.scan_iter(match="t-*", count=1000):
                 key = raw.decode(errors="replace")
-                if key.split(":", 1)[0] in MADE_PREFIXES:
-                    found.setdefault(key.split(":", 1)[0], []).append(key)
+                made = key.split(":", 1)[0]
+                if made in MADE_PREFIXES:
+                    found.setdefault(made, []).append(key)
         except redis.RedisError:
             continue
         finally:
