@@ -132,3 +132,20 @@ def test_a_first_load_while_the_engine_is_disposed(
             assert session.get(ElItem, 1).name == "one"  # type: ignore[union-attr]
 
     _during_a_dispose(engine, first_load)
+
+
+def test_raw_sql_through_a_session_invalidates_on_an_engine_nobody_else_listens_to(
+    installed: tuple[WriteThroughCache, sessionmaker[Session]],
+) -> None:
+    """The cache's statement tracking reaches an engine that has no listener of anyone's:
+    the listener on the ``Engine`` class runs for an engine only once a cache watches it (the
+    others skip SQLAlchemy's event dispatch), so the watch must turn it on; else raw SQL
+    through a session changes a cached row unseen, and the next get serves the old entry."""
+    _, factory = installed
+    with factory() as session:  # fills the entry
+        assert session.get(ElItem, 1).name == "one"  # type: ignore[union-attr]
+    with factory() as session:
+        session.execute(sa.text("UPDATE el_item SET name = 'raw' WHERE id = 1"))
+        session.commit()
+    with factory() as session:
+        assert session.get(ElItem, 1).name == "raw"  # type: ignore[union-attr]
