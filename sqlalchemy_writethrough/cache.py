@@ -29,7 +29,7 @@ from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
 
-from . import _redis_compat, _sa_compat, background, flavours, forks, shared
+from . import _redis_compat, _sa_compat, background, flavours, forks, retiring, shared
 from .backend import AsyncRedisBackend, Backend, RedisBackend, ScriptBackend
 from .background import Publisher
 from .breaker import CircuitBreaker, weakly
@@ -56,6 +56,7 @@ from .redis_async import AsyncTransport, OtherEventLoopError, close_off_loop
 from .redis_sync import SyncTransport
 from .registry import Models
 from .report import CachedModels, describe
+from .retiring import Retirement
 from .runtime import Runtime, Settings
 from .session import overrides_get_path, session_class
 from .shared import SharedStats, parse_shared, processes_key, stats_key
@@ -606,9 +607,12 @@ class WriteThroughCache:
         if flavours.is_async_target(target):
             flavour = self._async_flavour()
             _check_loop(flavour.runtime.backend)
-            self._refuse_covered_twice(target, *flavours.planned_sync_session_class(target))
+            planned = flavours.planned_sync_session_class(target)
+            revived = flavour.runtime.retirement.off_in(planned[0])
+            if revived is None:
+                self._refuse_covered_twice(target, *planned)
             # made (or given the read path again) before the listeners go on it
-            listen_on: Any = flavours.sync_session_class(target, flavour.read)
+            listen_on: Any = revived or flavours.sync_session_class(target, flavour.read)
             covered: type | None = listen_on
         else:
             if self._sync is None:
@@ -619,12 +623,21 @@ class WriteThroughCache:
                     "sessions"
                 )
             maker = target.session_factory if isinstance(target, scoped_session) else target
-            if isinstance(maker, sessionmaker):
+            revived = (
+                self._sync.runtime.retirement.off_in(maker.class_)
+                if isinstance(maker, sessionmaker)
+                else None
+            )
+            if revived is not None:
+                covered = revived
+            elif isinstance(maker, sessionmaker):
                 subclass = not overrides_get_path(maker.class_)
                 self._refuse_covered_twice(target, maker.class_, subclass)
                 if subclass:
                     # before the listeners, which SQLAlchemy puts on the factory's class
-                    maker.class_ = self.session_class(maker.class_)
+                    made = self.session_class(maker.class_)
+                    setattr(made, retiring.MADE_FROM, maker.class_)
+                    maker.class_ = made
                 covered = maker.class_
             else:  # a Session class (the async kinds were taken above), or what a
                 # scoped_session was made of (SQLAlchemy refuses what it cannot listen on)
@@ -643,8 +656,14 @@ class WriteThroughCache:
             ("after_commit", flavour.write.after_commit, {"insert": True}),
             ("after_transaction_end", flavour.write.after_transaction_end, {}),
         ]
+        # a class made for a factory keeps the listeners of an uninstall(): on one again
+        # (the factory's lineage has it), they are turned back on, not added
+        rejoined = _made_for_a_factory(listen_on) and flavour.runtime.retirement.join(listen_on)
+        if rejoined and "_wt_read" in listen_on.__dict__:
+            listen_on._wt_read = flavour.read
         for name, fn, kw in hooks:
-            event.listen(listen_on, name, fn, **kw)
+            if not rejoined:
+                event.listen(listen_on, name, fn, **kw)
             self._installed.append((weakref.ref(listen_on), name, fn))
         self._targets.append(weakref.ref(target))
         if covered is not None:
@@ -698,22 +717,34 @@ class WriteThroughCache:
         return session_class(base, self._sync.read)
 
     def uninstall(self, target: InstallTarget) -> None:
-        """Remove the listeners :meth:`install` added to ``target`` (those still there).
+        """Turn off what :meth:`install` added to ``target``, for its sessions already open
+        in other threads too: safe while they run.
 
-        A sessionmaker (or an async factory) keeps the Session subclass install() gave it; its
-        ``get()`` no longer asks the cache."""
+        A factory install() gave a Session subclass gets back the class it had; the cache's
+        listeners stay on the subclass, doing nothing, for its sessions still open (removing
+        a listener while another thread's session runs its event makes that session raise:
+        see :mod:`.retiring`). The listeners added to a Session class given directly are
+        removed from it."""
         self._targets = [ref for ref in self._targets if ref() not in (None, target)]
         classes = [entry[1]() for entry in self._covered if entry[0]() is target]
         self._covered = [entry for entry in self._covered if entry[0]() not in (None, target)]
         keep = []
+        retired: dict[type, Retirement] = {}
         for ref, name, fn in self._installed:
             cls = ref()
             if cls is not None and cls in classes:
-                if event.contains(cls, name, fn):
+                if _made_for_a_factory(cls):
+                    # left in place: removing a listener while other threads' sessions run
+                    # its event makes them raise (see .retiring)
+                    retired[cls] = fn.__self__.retirement
+                elif event.contains(cls, name, fn):
                     event.remove(cls, name, fn)
             elif cls is not None:
                 keep.append((ref, name, fn))
         self._installed = keep
+        for cls, retirement in retired.items():
+            if retirement.retire(cls):
+                self._give_back(target, cls)
         self._give_back_kept_connections()
         if not self._targets:
             self._unwatch_engines()
@@ -722,6 +753,17 @@ class WriteThroughCache:
             for cls in made.__mro__ if made is not None else ():
                 if any(cls.__dict__.get("_wt_read") is read for read in reads):
                     cls._wt_read = None  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _give_back(target: Any, made: type) -> None:
+        """Give ``target`` back the Session class it had before install() made ``made``, now
+        that no cache's listeners on ``made`` are live: its new sessions run none of them."""
+        if flavours.is_async_target(target):
+            flavours.give_back(target, made)
+            return
+        maker = target.session_factory if isinstance(target, scoped_session) else target
+        if isinstance(maker, sessionmaker) and maker.class_ is made:
+            maker.class_ = retiring.live_base(made)
 
     # -- by hand -------------------------------------------------------------------------
 
@@ -1242,6 +1284,12 @@ def _subscriptions(client: Any) -> Subscriptions:
     if _redis_compat.is_async_client(client):
         return TwinSubscriptions(functools.partial(_redis_compat.sync_twin, client))
     return Subscriptions(client)
+
+
+def _made_for_a_factory(cls: type) -> bool:
+    """A Session class install() made for a factory (see :mod:`.retiring`): a sessionmaker's
+    subclass, or an async factory's ``sync_session_class``."""
+    return retiring.MADE_FROM in cls.__dict__ or flavours.made_here(cls)
 
 
 def _described(target: Any, cls: type | None = None) -> str:

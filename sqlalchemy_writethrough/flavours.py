@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 #: marks the ``Session`` subclasses this module made, so that installing twice reuses one
 _MADE = "__writethrough_sync_session__"
+#: on a class made here: the ``sync_session_class`` its target named before (None: none)
+_NAMED_BEFORE = "_wt_named_before"
 
 
 def _async_api() -> Any:
@@ -79,7 +81,9 @@ def sync_session_class(target: Any, read: ReadPath | None = None) -> type[Sessio
         target = target.session_factory
     current, make = planned_sync_session_class(target)
     if make:
+        before = _named(target)
         current = _subclass(current, read)
+        setattr(current, _NAMED_BEFORE, before)
         if isinstance(target, api.async_sessionmaker):
             target.configure(sync_session_class=current)
         else:
@@ -87,6 +91,37 @@ def sync_session_class(target: Any, read: ReadPath | None = None) -> type[Sessio
     elif read is not None and "_wt_read" in current.__dict__:
         current._wt_read = read  # type: ignore[attr-defined]
     return current
+
+
+def give_back(target: Any, made: type) -> None:
+    """Name again the ``sync_session_class`` an async ``target`` named before :func:`
+    sync_session_class` made ``made`` (none: the class's own), if it still names ``made``:
+    ``uninstall()``, once no cache's listeners on ``made`` are live (see :mod:`.retiring`)."""
+    api = _async_api()
+    if isinstance(target, api.async_scoped_session):
+        target = target.session_factory
+    if _named(target) is not made:
+        return
+    before = made.__dict__.get(_NAMED_BEFORE)
+    if isinstance(target, api.async_sessionmaker):
+        if before is None:
+            del target.kw["sync_session_class"]
+        else:
+            target.kw["sync_session_class"] = before
+    elif before is None:
+        delattr(target, "sync_session_class")
+    else:
+        target.sync_session_class = before
+
+
+def _named(target: Any) -> type[Session] | None:
+    """The ``sync_session_class`` an async factory or AsyncSession subclass names itself."""
+    api = _async_api()
+    if isinstance(target, api.async_sessionmaker):
+        named: type[Session] | None = target.kw.get("sync_session_class")
+    else:
+        named = target.__dict__.get("sync_session_class")
+    return named
 
 
 def made_here(cls: type) -> bool:

@@ -86,11 +86,14 @@ class ReadPath:
         self.runtime = runtime
         #: the listeners already named in a warning (by module and name: never kept alive)
         self._warned_listeners: set[str] = set()
+        self.retirement = runtime.retirement
 
     def on_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         rt = self.runtime
         if not orm_state.is_select:
             return None  # DML is tracked where it reaches the cursor (see .dml)
+        if self.retirement.any and self.retirement.retired_for(orm_state.session):
+            return None  # uninstalled; the listener stays (see .retiring)
         if orm_state.is_column_load:
             return self._reload(orm_state)
         mapper = orm_state.bind_mapper

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _sa_compat
+from .retiring import Retirement
 from .siblings import Siblings
 from .tracking import SessionTracker
 
@@ -53,6 +54,7 @@ class Runtime:
         "journal",
         "models",
         "near",
+        "retirement",
         "settings",
         "siblings",
         "tracer",
@@ -84,6 +86,9 @@ class Runtime:
         self.tracer: Any = None
         #: the near cache in front of Redis (opt-in: see :mod:`.near`), else None
         self.near: NearCache | None = None
+        #: whether this flavour's listeners are still installed for a session (see
+        #: :mod:`.retiring`)
+        self.retirement = Retirement()
 
     def _entry_lifetime_ms(self, fields: tuple[str, ...]) -> int:
         """How long after a registration of these keyspaces (see :mod:`.siblings`) an entry of

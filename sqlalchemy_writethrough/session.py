@@ -39,6 +39,7 @@ from .codec import in_zone
 from .databases import DatabaseUnknown
 from .loading import _NO_ROW, NO_ZONE, PEEKED
 from .near import Copy
+from .retiring import Retirement
 from .tracing import record_span
 
 if TYPE_CHECKING:
@@ -253,6 +254,27 @@ def _plan_of(models: Models, entity: Any) -> _Plan | None:
     return plan
 
 
+def _live_counts(session: Session) -> tuple[int, int]:
+    """:func:`._sa_compat.listener_counts` without the listeners of caches uninstalled from
+    the session's class (still there, turned off: see :mod:`.retiring`), so that a cache
+    installed with another one gets the get path back once the other is uninstalled."""
+    dispatch: Any = session.dispatch
+
+    def live(listeners: Any) -> int:
+        count = 0
+        for fn in listeners:
+            retirement = getattr(getattr(fn, "__self__", None), "retirement", None)
+            if not (
+                isinstance(retirement, Retirement)
+                and retirement.any
+                and retirement.retired_for(session)
+            ):
+                count += 1
+        return count
+
+    return live(dispatch.do_orm_execute), live(dispatch.after_begin)
+
+
 def answer_get(
     read: ReadPath | None, session: Session, entity: Any, ident: Any, kw: dict[str, Any]
 ) -> Any:
@@ -274,7 +296,7 @@ def answer_get(
         or cls._execute_internal is not _EXECUTE_INTERNAL
         # the cache's own do_orm_execute listener only, and no after_begin listener but the
         # cache's (others wait for the connection a load takes: see begin_like_a_load)
-        or _sa_compat.listener_counts(session) != (1, 1)
+        or (_sa_compat.listener_counts(session) != (1, 1) and _live_counts(session) != (1, 1))
         or getattr(session, "execution_options", None)  # session-wide options (2.1)
     ):
         return UNANSWERED

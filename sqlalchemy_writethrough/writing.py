@@ -75,10 +75,13 @@ class WritePath:
         self._models: dict[str, str] = {}
         #: the background worker of ``publish="background"`` (set by the cache)
         self.publisher: Publisher | None = None
+        self.retirement = runtime.retirement
 
     # -- flush ---------------------------------------------------------------------------
 
     def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        if self.retirement.any and self.retirement.retired_for(session):
+            return  # uninstalled; the listener stays (see .retiring)
         tracker = self.runtime.tracker(session)
         tracker.in_flush = True
         # what the flush will write as far as the session knows now (before_flush listeners
@@ -259,6 +262,8 @@ class WritePath:
             self._lock_failed(tracker, pairs=pairs)
 
     def after_flush(self, session: Session, flush_context: Any) -> None:
+        if self.retirement.any and self.retirement.retired_for(session):
+            return  # uninstalled; the listener stays (see .retiring)
         rt = self.runtime
         if rt.journal.pending:
             rt.journal_replayed()  # a process that only writes replays here
@@ -688,6 +693,8 @@ class WritePath:
     # -- locks ------------------------------------------------------------------------------
 
     def before_commit(self, session: Session) -> None:
+        if self.retirement.any and self.retirement.retired_for(session):
+            return  # uninstalled; the listener stays (see .retiring)
         if session.get_nested_transaction() is not None:
             return
         session.info[_COMMIT_STARTED] = perf_counter()
@@ -827,6 +834,8 @@ class WritePath:
     # -- end of transaction ----------------------------------------------------------------
 
     def after_commit(self, session: Session) -> None:
+        if self.retirement.any and self.retirement.retired_for(session):
+            return  # uninstalled; the listener stays (see .retiring)
         tracker = self.runtime.peek_tracker(session)
         if tracker is None:
             return
@@ -1210,6 +1219,8 @@ class WritePath:
                 self.runtime.counters.invalidated("rollback", n - back, name)
 
     def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        if self.retirement.any and self.retirement.retired_for(session):
+            return  # uninstalled; the listener stays (see .retiring)
         if transaction.parent is None:  # a load the cache answered began this one
             _sa_compat.forget_deferred_begin(session)
         # a commit() under way when the root ends without committing is a failed commit
@@ -1259,6 +1270,8 @@ class WritePath:
                     del info[key]
 
     def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+        if self.retirement.any and self.retirement.retired_for(session):
+            return  # uninstalled; the listener stays (see .retiring)
         rt = self.runtime
         tracker = rt.tracker(session)
         tracker.began = True

@@ -825,7 +825,9 @@ def test_an_engine_that_outlives_its_caches_keeps_none_of_them(
     ``before_cursor_execute`` listener on it, run for every later statement, holding the
     cache (its models, their mappers) alive. The cache adds no listener to an engine (its
     statements reach the caches through one on the ``Engine`` class: test_engine_listeners),
-    and what watches the engine holds the cache weakly: an uninstalled cache is collected."""
+    and what watches the engine holds the cache weakly: an uninstalled cache is collected
+    (once the sessions made before its uninstall() are: their class keeps its listeners, off,
+    see test_uninstall_while_other_threads_run_sessions_never_raises)."""
     listeners = (schema.dispatch.before_cursor_execute, schema.dispatch.engine_disposed)
     baseline = [len(each) for each in listeners]
     caches = []
@@ -839,8 +841,9 @@ def test_an_engine_that_outlives_its_caches_keeps_none_of_them(
         assert [len(each) for each in listeners] == baseline
         cache.uninstall(factory)
         caches.append(weakref.ref(cache))
-        del cache, factory
+        del cache, factory, session
     gc.collect()
+    gc.collect()  # a class collected drops its listeners' deque in a weakref callback
     assert [ref() for ref in caches] == [None, None, None]
 
 

@@ -926,6 +926,33 @@ def test_uninstall_restores_database_gets_in_both_flavours(h: Harness) -> None:
     assert sql == []
 
 
+def test_uninstalling_the_first_of_two_caches_gives_the_second_the_get_path_in_both_flavours(
+    h: Harness, statement_gets: list[Any]
+) -> None:
+    """With two caches on one factory neither answers before the statement (each sees the
+    other's listener); uninstalling the first gives the second the get path (docs/asyncio.md,
+    "Two caches on one factory"), though the first one's listeners stay on the class, turned
+    off (uninstall() removes none: removing one while another thread's session runs its
+    event makes that session raise)."""
+    first, factory = flavour_seeded(h)
+    second = h.cache(prefix=f"{h.prefix}-second")
+    second.install(factory)
+    try:
+        gets = watch(statement_gets)
+        with h.session(factory) as s:
+            assert s.get(SgItem, 1).name == "cached"  # type: ignore[union-attr]
+        assert len(gets) == 1  # through do_orm_execute, from the first cache
+        first.uninstall(factory)
+        with h.session(factory) as s:
+            assert s.get(SgItem, 1).name == "db"  # the second cache's miss fills
+        del gets[:]
+        with h.session(factory) as s, h.sql() as sql:
+            assert s.get(SgItem, 1).name == "db"  # type: ignore[union-attr]
+        assert (gets, sql) == ([], [])
+    finally:
+        second.uninstall(factory)
+
+
 def test_an_async_session_subclass_and_async_scoped_session_get_the_get_path(
     db_url: str, redis_url: str, prefix: str, statement_gets: list[Any]
 ) -> None:

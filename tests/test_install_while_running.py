@@ -1,0 +1,168 @@
+"""``install()``, ``uninstall()`` and ``close()`` while other threads run sessions.
+
+A test suite installs a cache per test on the application's factory (the pytest plugin
+does), a service uninstalls and closes it at shutdown while requests finish, a process
+switches caches: the other threads' sessions must never raise, and the factory must not keep
+what each cache left. These run real threads on SQLite and the local Redis; each asserts what
+a user sees: exceptions, the factory's class, the values read.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import String
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+
+from _servers import reset_schema
+
+pytestmark = pytest.mark.databases("sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class IrRow(Base, CachedModel):
+    __tablename__ = "ir_row"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+@pytest.fixture
+def factory(engine: Engine) -> sessionmaker[Session]:
+    reset_schema(engine, Base.metadata)
+    maker = sessionmaker(engine)
+    with maker() as session:
+        session.add_all([IrRow(id=n, name="0") for n in range(4)])
+        session.commit()
+    return maker
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    """Threads switch often: a race between them shows within a second or two."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def _while_threads_work(
+    factory: sessionmaker[Session], seconds: float, main: Callable[[], None]
+) -> tuple[list[BaseException], int]:
+    """Four threads get, change and commit rows through ``factory`` while ``main`` runs
+    again and again for ``seconds``; what the threads raised, and how often ``main`` ran."""
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def work(row: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                with factory() as session:
+                    found = session.get(IrRow, row)
+                    assert found is not None
+                    found.name = str(n)
+                    session.commit()
+                    session.get(IrRow, (row + 1) % 4)
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=work, args=(row,)) for row in range(4)]
+    for thread in threads:
+        thread.start()
+    runs = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not failures:
+            main()
+            runs += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    return failures, runs
+
+
+def _committed(factory: sessionmaker[Session]) -> dict[int, str]:
+    with factory() as session:
+        return {row.id: row.name for row in session.query(IrRow).populate_existing()}
+
+
+def test_uninstall_while_other_threads_run_sessions_never_raises(
+    factory: sessionmaker[Session], redis_url: str, prefix: str, fast_switching: None
+) -> None:
+    """``uninstall()`` removed the cache's listeners from the Session class while other
+    threads' sessions ran its events: SQLAlchemy iterates a class's listeners in a deque, and
+    they raised ``RuntimeError: deque mutated during iteration`` out of ``get()``, ``flush()``
+    and ``commit()``. And each install()/uninstall() left the factory a Session class one
+    subclass deeper. Now uninstall() leaves the listeners (off) and gives the factory its
+    class back: nothing raises, the factory's class is the one it had, and a cache installed
+    after serves what was committed (on a keyspace of its own: the commits made between
+    two caches changed rows no cache was installed to invalidate)."""
+    before = factory.class_
+
+    def cycle() -> None:
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+        cache.install(factory)
+        time.sleep(0.005)
+        cache.uninstall(factory)
+        cache.close()
+
+    failures, cycles = _while_threads_work(factory, 4.0, cycle)
+    assert failures == []
+    assert cycles > 20  # not vacuous: many uninstalls ran amid the threads' events
+    assert factory.class_ is before
+
+    cache = WriteThroughCache(redis_url, prefix=f"{prefix}-after", stats_interval=None)
+    cache.install(factory)
+    try:
+        committed = _committed(factory)
+        for _ in range(2):  # a miss that fills, then a hit
+            with factory() as session:
+                assert {n: session.get(IrRow, n).name for n in range(4)} == committed  # type: ignore[union-attr]
+        assert cache.stats().hits >= 4
+    finally:
+        cache.clear()
+        cache.uninstall(factory)
+        cache.close()
+
+
+def test_install_and_uninstall_leave_the_factory_its_class(
+    factory: sessionmaker[Session], redis_url: str, prefix: str
+) -> None:
+    """Each install() gave the factory a subclass of the class it had, and uninstall() left
+    it there: a suite installing a cache per test left its factory a class as many levels
+    deep as it had tests, each keeping its cache alive. Two caches on one factory, uninstalled
+    in either order, give it back too."""
+    before = factory.class_
+    for _ in range(3):
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+        cache.install(factory)
+        assert factory.class_ is not before
+        cache.uninstall(factory)
+        cache.close()
+        assert factory.class_ is before
+    for first_out in (0, 1):
+        caches: list[Any] = [
+            WriteThroughCache(redis_url, prefix=prefix, stats_interval=None) for _ in range(2)
+        ]
+        for cache in caches:
+            cache.install(factory)
+        caches[first_out].uninstall(factory)
+        caches[1 - first_out].uninstall(factory)
+        for cache in caches:
+            cache.close()
+        assert factory.class_ is before
