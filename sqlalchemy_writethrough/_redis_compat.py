@@ -12,6 +12,7 @@ there, by name, instead of somewhere in the cache's behaviour.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import socket
@@ -94,13 +95,21 @@ def socket_of(conn: Any) -> Any:
 def checkout_of(pool: Any) -> Callable[[], Any]:
     """``pool.get_connection`` as a no-argument callable: redis-py before 5.3 requires a
     command name, 5.3 and later deprecate passing one."""
+    get_connection: Callable[[], Any] = pool.get_connection
     try:
         inspect.signature(pool.get_connection).bind()
     except TypeError:
-        return lambda: pool.get_connection("_")
+        get_connection = functools.partial(pool.get_connection, "_")
     except ValueError:  # no signature (a C or wrapped pool): assume the current form
         pass
-    checkout: Callable[[], Any] = pool.get_connection
+
+    def checkout() -> Any:
+        try:
+            return get_connection()
+        except (AttributeError, TypeError) as exc:  # its connect() read a closed buffer
+            raise_if_closed_under_us(exc)
+            raise
+
     return checkout
 
 
@@ -135,16 +144,41 @@ def retries(client: Any) -> int:
 # -- one connection ---------------------------------------------------------------------
 
 
+def raise_if_closed_under_us(exc: AttributeError | TypeError) -> None:
+    """Raise a ``ConnectionError`` for ``exc`` when it is redis-py's way of failing on a
+    connection another thread disconnected while this one used it.
+
+    ``pool.disconnect()`` (``Redis.close()``: ``cache.close()`` of a cache still serving
+    other threads) sets a connection's socket and its parser's buffer to None under the
+    thread reading from it, which then fails with ``AttributeError: 'NoneType' object has no
+    attribute 'readline'`` (or ``'feed'``, ``'sendall'``...), not a ``ConnectionError``: the
+    redis-py issue #2967 family, fixed for hiredis only. Classified by where it was raised (in
+    redis-py, or in this module's reads of redis-py's buffers) and what it says; any other
+    ``AttributeError`` is a bug and goes on as it is."""
+    if "NoneType" not in str(exc):
+        return
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
+    if where.startswith("redis.") or where == __name__:
+        raise RedisConnectionError(f"connection closed by another thread: {exc}") from exc
+
+
 def call(conn: Any, args: Sequence[Any]) -> Any:
     """One command and its reply (an error reply raises), on a checked-out connection; an
     ``MGET``'s reply is read by :func:`read_values`."""
-    conn.send_packed_command(pack(conn, args))
-    if args[0] == "MGET":
-        return read_values(conn)
     try:
-        return conn.read_response()
-    except ResponseError as exc:
-        raise script_error(conn, exc) from None
+        conn.send_packed_command(pack(conn, args))
+        if args[0] == "MGET":
+            return read_values(conn)
+        try:
+            return conn.read_response()
+        except ResponseError as exc:
+            raise script_error(conn, exc) from None
+    except (AttributeError, TypeError) as exc:
+        raise_if_closed_under_us(exc)
+        raise
 
 
 #: Redis before 7.0 reports an error that a script's ``redis.call()`` met under the generic
@@ -502,16 +536,20 @@ def _packed_keys(conn: Any, args: Sequence[Any]) -> bytes | None:
 def call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
     """Commands sent together, their replies in order; an error reply is returned as its
     ``ResponseError``, not raised (:func:`pack` / ``send_packed_command``)."""
-    conn.send_packed_command(pack_many(conn, commands))
     replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(conn.read_response())
-        except ResponseError as exc:
-            error = script_error(conn, exc)
-            if isinstance(error, RedisConnectionError):
-                raise error from None
-            replies.append(error)
+    try:
+        conn.send_packed_command(pack_many(conn, commands))
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:
+                error = script_error(conn, exc)
+                if isinstance(error, RedisConnectionError):
+                    raise error from None
+                replies.append(error)
+    except (AttributeError, TypeError) as exc:
+        raise_if_closed_under_us(exc)
+        raise
     return replies
 
 
@@ -523,11 +561,15 @@ def send(
 ) -> None:
     """Send a command now (``before`` ahead of it and ``after`` behind it, in the same write,
     when given); the replies, in that order, are read later with :func:`read`."""
-    if after is None and before is None:
-        conn.send_packed_command(pack(conn, args))
-    else:
-        commands = [c for c in (before, args, after) if c is not None]
-        conn.send_packed_command(pack_many(conn, commands))
+    try:
+        if after is None and before is None:
+            conn.send_packed_command(pack(conn, args))
+        else:
+            commands = [c for c in (before, args, after) if c is not None]
+            conn.send_packed_command(pack_many(conn, commands))
+    except (AttributeError, TypeError) as exc:
+        raise_if_closed_under_us(exc)
+        raise
 
 
 def read(conn: Any) -> Any:
@@ -536,6 +578,9 @@ def read(conn: Any) -> Any:
         return conn.read_response()
     except ResponseError as exc:
         raise script_error(conn, exc) from None
+    except (AttributeError, TypeError) as exc:
+        raise_if_closed_under_us(exc)
+        raise
 
 
 def read_or_error(conn: Any) -> Any:

@@ -140,6 +140,27 @@ def test_uninstall_while_other_threads_run_sessions_never_raises(
         cache.close()
 
 
+def test_close_while_other_threads_use_the_cache_never_raises(
+    factory: sessionmaker[Session], redis_url: str, prefix: str, fast_switching: None
+) -> None:
+    """``close()`` of a cache built from a URL disconnects its client's pool, the connections
+    other threads are reading from included: redis-py then fails in those threads with
+    ``AttributeError: 'NoneType' object has no attribute 'readline'`` (its socket buffer
+    gone), which the cache let through, out of ``session.get()``. It is now a Redis failure
+    like any other: the session goes to the database."""
+
+    def cycle() -> None:
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+        cache.install(factory)
+        time.sleep(0.005)
+        cache.close()
+        cache.uninstall(factory)
+
+    failures, cycles = _while_threads_work(factory, 6.0, cycle)
+    assert failures == []
+    assert cycles > 20
+
+
 def test_install_and_uninstall_leave_the_factory_its_class(
     factory: sessionmaker[Session], redis_url: str, prefix: str
 ) -> None:
