@@ -593,8 +593,9 @@ class WriteThroughCache:
 
         A ``sessionmaker`` (or the one behind a ``scoped_session``) is also given a subclass of
         its Session class whose ``get()`` answers a plain primary-key get from the cache before
-        SQLAlchemy builds a statement (see :meth:`session_class`); the listeners go on that
-        class. The Session subclass an async target's sessions run is such a class too (its
+        SQLAlchemy builds a statement (see :meth:`session_class`), unless that class loads gets
+        its own way (then a subclass that only carries the listeners); the listeners go on
+        that class, where :meth:`uninstall` can leave them. The Session subclass an async target's sessions run is such a class too (its
         gets awaited on ``redis.asyncio`` inside SQLAlchemy's greenlet), unless the class it is
         made from overrides how a get loads. A sync Session class given directly keeps its
         class: its gets are answered through ``do_orm_execute``, as every other load is.
@@ -631,14 +632,18 @@ class WriteThroughCache:
             if revived is not None:
                 covered = revived
             elif isinstance(maker, sessionmaker):
-                subclass = not overrides_get_path(maker.class_)
-                self._refuse_covered_twice(target, maker.class_, subclass)
-                if subclass:
-                    # before the listeners, which SQLAlchemy puts on the factory's class
-                    made = self.session_class(maker.class_)
-                    setattr(made, retiring.MADE_FROM, maker.class_)
-                    maker.class_ = made
-                covered = maker.class_
+                self._refuse_covered_twice(target, maker.class_, True)
+                # before the listeners, which SQLAlchemy puts on the factory's class: a class
+                # of the factory's own (its listeners reach its sessions only, and uninstall()
+                # can leave them there: see .retiring), with the get path unless the class
+                # it derives from loads gets its own way
+                made = (
+                    flavours.plain_subclass(maker.class_)
+                    if overrides_get_path(maker.class_)
+                    else self.session_class(maker.class_)
+                )
+                setattr(made, retiring.MADE_FROM, maker.class_)
+                maker.class_ = covered = made
             else:  # a Session class (the async kinds were taken above), or what a
                 # scoped_session was made of (SQLAlchemy refuses what it cannot listen on)
                 covered = maker if isinstance(maker, type) else None

@@ -132,4 +132,17 @@ def made_here(cls: type) -> bool:
 def _subclass(base: type[Session], read: ReadPath | None) -> type[Session]:
     if read is not None and not overrides_get_path(base):
         return session_class(base, read, {_MADE: True})
-    return type(base.__name__, (base,), {_MADE: True, "__module__": base.__module__})
+    return plain_subclass(base, {_MADE: True})
+
+
+def plain_subclass(base: type[Session], extra: dict[str, Any] | None = None) -> type[Session]:
+    """A subclass of ``base`` (same name) that only carries a factory's listeners: for a
+    class whose gets the get path must leave alone (see :func:`.session.overrides_get_path`)."""
+    namespace = {
+        **(extra or {}),
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+    }
+    made: type[Session] = type(base.__name__, (base,), namespace)
+    return made

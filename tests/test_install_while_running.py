@@ -38,10 +38,18 @@ class IrRow(Base, CachedModel):
     name: Mapped[str] = mapped_column(String(50))
 
 
-@pytest.fixture
-def factory(engine: Engine) -> sessionmaker[Session]:
+class RoutingSession(Session):
+    """A Session class that chooses its binds itself (``ShardedSession`` does): the get path
+    leaves its gets alone, and install() gave its factory no class of its own."""
+
+    def get_bind(self, *args: Any, **kw: Any) -> Any:
+        return super().get_bind(*args, **kw)
+
+
+@pytest.fixture(params=[Session, RoutingSession], ids=["Session", "RoutingSession"])
+def factory(engine: Engine, request: pytest.FixtureRequest) -> sessionmaker[Session]:
     reset_schema(engine, Base.metadata)
-    maker = sessionmaker(engine)
+    maker = sessionmaker(engine, class_=request.param)
     with maker() as session:
         session.add_all([IrRow(id=n, name="0") for n in range(4)])
         session.commit()
@@ -108,8 +116,9 @@ def test_uninstall_while_other_threads_run_sessions_never_raises(
     threads' sessions ran its events: SQLAlchemy iterates a class's listeners in a deque, and
     they raised ``RuntimeError: deque mutated during iteration`` out of ``get()``, ``flush()``
     and ``commit()``. And each install()/uninstall() left the factory a Session class one
-    subclass deeper. Now uninstall() leaves the listeners (off) and gives the factory its
-    class back: nothing raises, the factory's class is the one it had, and a cache installed
+    subclass deeper. (A factory of a class that routes its binds had the listeners on its
+    own class, and raised the same way.) Now uninstall() leaves the listeners (off) on the
+    class install() made and gives the factory its class back: nothing raises, the factory's class is the one it had, and a cache installed
     after serves what was committed (on a keyspace of its own: the commits made between
     two caches changed rows no cache was installed to invalidate)."""
     before = factory.class_
