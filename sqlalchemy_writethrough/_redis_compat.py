@@ -106,7 +106,7 @@ def checkout_of(pool: Any) -> Callable[[], Any]:
     def checkout() -> Any:
         try:
             return get_connection()
-        except (AttributeError, TypeError) as exc:  # its connect() read a closed buffer
+        except (AttributeError, TypeError, ValueError) as exc:  # its connect() read a closed buffer
             raise_if_closed_under_us(exc)
             raise
 
@@ -144,25 +144,27 @@ def retries(client: Any) -> int:
 # -- one connection ---------------------------------------------------------------------
 
 
-def raise_if_closed_under_us(exc: AttributeError | TypeError) -> None:
+def raise_if_closed_under_us(exc: AttributeError | TypeError | ValueError) -> None:
     """Raise a ``ConnectionError`` for ``exc`` when it is redis-py's way of failing on a
     connection another thread disconnected while this one used it.
 
     ``pool.disconnect()`` (``Redis.close()``: ``cache.close()`` of a cache still serving
     other threads) sets a connection's socket and its parser's buffer to None under the
     thread reading from it, which then fails with ``AttributeError: 'NoneType' object has no
-    attribute 'readline'`` (or ``'feed'``, ``'sendall'``...), not a ``ConnectionError``: the
+    attribute 'readline'`` (or ``'feed'``, ``'sendall'``...; redis-py 5.0 closes the buffer
+    instead: ``ValueError: I/O operation on closed file.``), not a ``ConnectionError``: the
     redis-py issue #2967 family, fixed for hiredis only. Classified by where it was raised (in
     redis-py, or in this module's reads of redis-py's buffers) and what it says; any other
-    ``AttributeError`` is a bug and goes on as it is."""
-    if "NoneType" not in str(exc):
+    such error is a bug and goes on as it is."""
+    said = str(exc)
+    if ("NoneType" if isinstance(exc, (AttributeError, TypeError)) else "closed file") not in said:
         return
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     where = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
     if where.startswith("redis.") or where == __name__:
-        raise RedisConnectionError(f"connection closed by another thread: {exc}") from exc
+        raise RedisConnectionError(f"connection closed by another thread: {said}") from exc
 
 
 def call(conn: Any, args: Sequence[Any]) -> Any:
@@ -176,7 +178,7 @@ def call(conn: Any, args: Sequence[Any]) -> Any:
             return conn.read_response()
         except ResponseError as exc:
             raise script_error(conn, exc) from None
-    except (AttributeError, TypeError) as exc:
+    except (AttributeError, TypeError, ValueError) as exc:
         raise_if_closed_under_us(exc)
         raise
 
@@ -547,7 +549,7 @@ def call_many(conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
                 if isinstance(error, RedisConnectionError):
                     raise error from None
                 replies.append(error)
-    except (AttributeError, TypeError) as exc:
+    except (AttributeError, TypeError, ValueError) as exc:
         raise_if_closed_under_us(exc)
         raise
     return replies
@@ -567,7 +569,7 @@ def send(
         else:
             commands = [c for c in (before, args, after) if c is not None]
             conn.send_packed_command(pack_many(conn, commands))
-    except (AttributeError, TypeError) as exc:
+    except (AttributeError, TypeError, ValueError) as exc:
         raise_if_closed_under_us(exc)
         raise
 
@@ -578,7 +580,7 @@ def read(conn: Any) -> Any:
         return conn.read_response()
     except ResponseError as exc:
         raise script_error(conn, exc) from None
-    except (AttributeError, TypeError) as exc:
+    except (AttributeError, TypeError, ValueError) as exc:
         raise_if_closed_under_us(exc)
         raise
 
