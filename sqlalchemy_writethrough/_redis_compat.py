@@ -94,7 +94,9 @@ def socket_of(conn: Any) -> Any:
 
 def checkout_of(pool: Any) -> Callable[[], Any]:
     """``pool.get_connection`` as a no-argument callable: redis-py before 5.3 requires a
-    command name, 5.3 and later deprecate passing one."""
+    command name, 5.3 and later deprecate passing one. A connection that another thread's
+    ``pool.disconnect()`` closed during its connect fails as a ``ConnectionError`` (see
+    :func:`raise_if_closed_under_us`)."""
     get_connection: Callable[[], Any] = pool.get_connection
     try:
         inspect.signature(pool.get_connection).bind()
@@ -106,7 +108,7 @@ def checkout_of(pool: Any) -> Callable[[], Any]:
     def checkout() -> Any:
         try:
             return get_connection()
-        except (AttributeError, TypeError, ValueError) as exc:  # its connect() read a closed buffer
+        except (AttributeError, TypeError, ValueError) as exc:
             raise_if_closed_under_us(exc)
             raise
 

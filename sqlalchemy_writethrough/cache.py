@@ -595,10 +595,11 @@ class WriteThroughCache:
         its Session class whose ``get()`` answers a plain primary-key get from the cache before
         SQLAlchemy builds a statement (see :meth:`session_class`), unless that class loads gets
         its own way (then a subclass that only carries the listeners); the listeners go on
-        that class, where :meth:`uninstall` can leave them. The Session subclass an async target's sessions run is such a class too (its
-        gets awaited on ``redis.asyncio`` inside SQLAlchemy's greenlet), unless the class it is
-        made from overrides how a get loads. A sync Session class given directly keeps its
-        class: its gets are answered through ``do_orm_execute``, as every other load is.
+        that class, where :meth:`uninstall` can leave them. The Session subclass an async
+        target's sessions run is such a class too (its gets awaited on ``redis.asyncio``
+        inside SQLAlchemy's greenlet), unless the class it is made from overrides how a get
+        loads. A sync Session class given directly keeps its class: its gets are answered
+        through ``do_orm_execute``, as every other load is.
         """
         if isinstance(target, Session) or flavours.is_async_session(target):
             raise ConfigurationError(

@@ -94,9 +94,10 @@ def sync_session_class(target: Any, read: ReadPath | None = None) -> type[Sessio
 
 
 def give_back(target: Any, made: type) -> None:
-    """Name again the ``sync_session_class`` an async ``target`` named before :func:`
-    sync_session_class` made ``made`` (none: the class's own), if it still names ``made``:
-    ``uninstall()``, once no cache's listeners on ``made`` are live (see :mod:`.retiring`)."""
+    """Name again the ``sync_session_class`` an async ``target`` named before
+    :func:`sync_session_class` made ``made`` (none: the class's own), if it still names
+    ``made``: ``uninstall()``, once no cache's listeners on ``made`` are live (see
+    :mod:`.retiring`)."""
     api = _async_api()
     if isinstance(target, api.async_scoped_session):
         target = target.session_factory
