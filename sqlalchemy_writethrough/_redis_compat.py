@@ -172,14 +172,11 @@ def raise_if_closed_under_us(exc: AttributeError | TypeError | ValueError) -> No
 def call(conn: Any, args: Sequence[Any]) -> Any:
     """One command and its reply (an error reply raises), on a checked-out connection; an
     ``MGET``'s reply is read by :func:`read_values`."""
+    send(conn, args)
+    if args[0] != "MGET":
+        return read(conn)
     try:
-        conn.send_packed_command(pack(conn, args))
-        if args[0] == "MGET":
-            return read_values(conn)
-        try:
-            return conn.read_response()
-        except ResponseError as exc:
-            raise script_error(conn, exc) from None
+        return read_values(conn)
     except (AttributeError, TypeError, ValueError) as exc:
         raise_if_closed_under_us(exc)
         raise
