@@ -172,14 +172,14 @@ def raise_if_closed_under_us(exc: AttributeError | TypeError | ValueError) -> No
 def call(conn: Any, args: Sequence[Any]) -> Any:
     """One command and its reply (an error reply raises), on a checked-out connection; an
     ``MGET``'s reply is read by :func:`read_values`."""
-    send(conn, args)
-    if args[0] != "MGET":
-        return read(conn)
     try:
-        return read_values(conn)
+        conn.send_packed_command(pack(conn, args))
+        if args[0] == "MGET":  # a get's: no call more than needed
+            return read_values(conn)
     except (AttributeError, TypeError, ValueError) as exc:
         raise_if_closed_under_us(exc)
         raise
+    return read(conn)
 
 
 #: Redis before 7.0 reports an error that a script's ``redis.call()`` met under the generic
