@@ -72,6 +72,17 @@ def test_sql_fails_the_assertion(app):
     with factory() as s:
         with assert_no_sql(s):
             s.get(Product, 1)
+
+
+SHARED = sessionmaker()  # a module's factory, a cache installed on it per test
+DEPTHS = []
+
+
+@pytest.mark.parametrize("run", [1, 2, 3])
+def test_a_shared_factory_keeps_its_class(writethrough_cache, run):
+    writethrough_cache(SHARED)
+    DEPTHS.append(len(SHARED.class_.__mro__))
+    assert len(set(DEPTHS)) == 1  # each install derives from the class the factory had
 """
 
 
@@ -81,7 +92,7 @@ def test_a_users_suite_gets_fixtures_and_assertions(
     monkeypatch.setenv("REDIS_URL", redis_url)
     pytester.makepyfile(test_user=USER_SUITE)
     result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3, failed=2)
+    result.assert_outcomes(passed=6, failed=2)
     result.stdout.fnmatch_lines(
         [
             "*not served from the cache: 1 load(s) missed the cache*",
