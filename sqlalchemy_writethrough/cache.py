@@ -407,7 +407,8 @@ class WriteThroughCache:
             **extra,
         )
         if backend_class in (RedisBackend, AsyncRedisBackend):
-            backend.on_cluster_node = self._cluster_node_seen
+            # weakly: the runtime's owner keeps an installed cache alive (see Runtime.owner)
+            backend.on_cluster_node = weakly(self._cluster_node_seen)
         self._tell_near(backend)
         return backend
 
@@ -672,6 +673,7 @@ class WriteThroughCache:
                 event.listen(listen_on, name, fn, **kw)
             self._installed.append((weakref.ref(listen_on), name, fn))
         self._targets.append(weakref.ref(target))
+        flavour.runtime.owner = self
         if covered is not None:
             where = _described(target, covered)
             self._covered.append((weakref.ref(target), weakref.ref(covered), where))
@@ -754,6 +756,9 @@ class WriteThroughCache:
         self._give_back_kept_connections()
         if not self._targets:
             self._unwatch_engines()
+            for each in (self._sync, self._async):
+                if each is not None:
+                    each.runtime.owner = None
         reads = [flavour.read for flavour in (self._sync, self._async) if flavour is not None]
         for made in classes:
             for cls in made.__mro__ if made is not None else ():

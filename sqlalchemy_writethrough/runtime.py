@@ -54,6 +54,7 @@ class Runtime:
         "journal",
         "models",
         "near",
+        "owner",
         "retirement",
         "settings",
         "siblings",
@@ -89,6 +90,11 @@ class Runtime:
         #: whether this flavour's listeners are still installed for a session (see
         #: :mod:`.retiring`)
         self.retirement = Retirement()
+        #: the cache, while it is installed somewhere: an application may keep only the
+        #: factory, whose listeners reach this runtime (and the cache through it, so that
+        #: it lives); None once uninstalled everywhere, so that the listeners uninstall()
+        #: leaves behind (for the sessions made before) do not keep a dropped cache alive
+        self.owner: Any = None
 
     def _entry_lifetime_ms(self, fields: tuple[str, ...]) -> int:
         """How long after a registration of these keyspaces (see :mod:`.siblings`) an entry of

@@ -9,9 +9,11 @@ a user sees: exceptions, the factory's class, the values read.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -196,3 +198,48 @@ def test_install_and_uninstall_leave_the_factory_its_class(
         for cache in caches:
             cache.close()
         assert factory.class_ is before
+
+
+def test_a_dropped_cache_is_freed_while_sessions_made_before_its_uninstall_live(
+    factory: sessionmaker[Session], redis_url: str, prefix: str
+) -> None:
+    """The listeners uninstall() leaves on the class it made reach the cache's hooks, and
+    reached the cache itself: a session made before the uninstall() (a ``scoped_session``'s,
+    a test's) kept the whole cache alive, and with it its work at every mapper SQLAlchemy
+    configured later (a suite's later tests slowed down). Only an installed cache is kept
+    alive by its factory now: the dropped one is freed, the old session works on (from the
+    database)."""
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    cache.install(factory)
+    old = factory()
+    assert old.get(IrRow, 1) is not None
+    old.rollback()
+    cache.uninstall(factory)
+    cache.close()
+    dropped = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert dropped() is None
+    assert old.get(IrRow, 2) is not None
+    old.close()
+
+
+def test_an_installed_cache_lives_as_long_as_its_factory(
+    factory: sessionmaker[Session], redis_url: str, prefix: str
+) -> None:
+    """An application may keep only the factory (``cache.install(Session)`` in a function
+    that returns ``Session``): the cache must live on, and serve."""
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    cache.install(factory)
+    kept = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert kept() is not None
+    with factory() as session:
+        session.get(IrRow, 1)
+    with factory() as session:
+        session.get(IrRow, 1)
+    cache = kept()
+    assert cache is not None and cache.stats().hits == 1
+    cache.uninstall(factory)
+    cache.close()
