@@ -58,7 +58,7 @@ from .registry import Models
 from .report import CachedModels, describe
 from .retiring import Retirement
 from .runtime import Runtime, Settings
-from .session import overrides_get_path, session_class
+from .session import overrides_get_path, plain_subclass, session_class
 from .shared import SharedStats, parse_shared, processes_key, stats_key
 from .siblings import database_of
 from .stats import CacheStats, Counters
@@ -640,7 +640,7 @@ class WriteThroughCache:
                 # can leave them there: see .retiring), with the get path unless the class
                 # it derives from loads gets its own way
                 made = (
-                    flavours.plain_subclass(maker.class_)
+                    plain_subclass(maker.class_)
                     if overrides_get_path(maker.class_)
                     else self.session_class(maker.class_)
                 )

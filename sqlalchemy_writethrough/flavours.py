@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from .session import overrides_get_path, session_class
+from .session import overrides_get_path, plain_subclass, session_class
 
 if TYPE_CHECKING:
     from .loading import ReadPath
@@ -62,11 +62,10 @@ def planned_sync_session_class(target: Any) -> tuple[type[Session], bool]:
     api = _async_api()
     if isinstance(target, api.async_scoped_session):
         target = target.session_factory
+    own = _named(target)
     if isinstance(target, api.async_sessionmaker):
-        own = target.kw.get("sync_session_class")
         current = own or target.class_.sync_session_class
     else:  # an AsyncSession subclass
-        own = target.__dict__.get("sync_session_class")
         current = target.sync_session_class
     return current, not (own is not None and own.__dict__.get(_MADE))
 
@@ -134,16 +133,3 @@ def _subclass(base: type[Session], read: ReadPath | None) -> type[Session]:
     if read is not None and not overrides_get_path(base):
         return session_class(base, read, {_MADE: True})
     return plain_subclass(base, {_MADE: True})
-
-
-def plain_subclass(base: type[Session], extra: dict[str, Any] | None = None) -> type[Session]:
-    """A subclass of ``base`` (same name) that only carries a factory's listeners: for a
-    class whose gets the get path must leave alone (see :func:`.session.overrides_get_path`)."""
-    namespace = {
-        **(extra or {}),
-        "__module__": base.__module__,
-        "__qualname__": base.__qualname__,
-        "__doc__": base.__doc__,
-    }
-    made: type[Session] = type(base.__name__, (base,), namespace)
-    return made

@@ -39,11 +39,7 @@ class Retirement:
     def retired_for(self, session: Any) -> bool:
         """Whether this flavour was uninstalled from a class ``session`` runs (its listeners
         are still on that class, for ``session`` and the sessions made before)."""
-        for cls in type(session).__mro__:
-            marks = cls.__dict__.get(_OFF)
-            if marks is not None and self in marks:
-                return True
-        return False
+        return self.off_in(type(session)) is not None
 
     def off_in(self, cls: type) -> type | None:
         """The class of ``cls``'s lineage where this flavour's listeners are, turned off by

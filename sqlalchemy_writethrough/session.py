@@ -177,15 +177,23 @@ def session_class(
     """A subclass of ``base`` (same name, with ``extra`` in its namespace) whose plain gets
     ``read`` answers first (the sync flavour's, or the asyncio flavour's inside SQLAlchemy's
     greenlet)."""
+    mixin = () if issubclass(base, CachedGetSession) else (CachedGetSession,)
+    return plain_subclass(base, {**(extra or {}), "_wt_read": read}, mixin)
+
+
+def plain_subclass(
+    base: type[Session], extra: dict[str, Any] | None = None, mixins: tuple[type, ...] = ()
+) -> type[Session]:
+    """A subclass of ``base`` named as it is (with ``mixins`` before it, and ``extra`` in its
+    namespace); on its own, one that only carries a factory's listeners, for a class whose
+    gets the get path must leave alone (see :func:`overrides_get_path`)."""
     namespace = {
         **(extra or {}),
-        "_wt_read": read,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
     }
-    bases = (base,) if issubclass(base, CachedGetSession) else (CachedGetSession, base)
-    made: type[Session] = type(base.__name__, bases, namespace)
+    made: type[Session] = type(base.__name__, (*mixins, base), namespace)
     return made
 
 
