@@ -566,19 +566,34 @@ _COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 _NAME = re.compile(r"[a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?")
 
 
-def _words(code: str) -> frozenset[str]:
+def _words(code: str, schema: str | None = None) -> frozenset[str]:
     """The names ``code`` (a trigger's or a rule's) uses, lower-cased: each name, and of a
     dotted one both ``schema.table`` and ``table``, except a column of the row being written
-    (``NEW.x``, ``OLD.x``). A string literal's words count too (dynamic SQL)."""
+    (``NEW.x``, ``OLD.x``). A string literal's words count too (dynamic SQL). With
+    ``schema`` (MySQL's: the database the code belongs to, see :func:`_in_schema`), every
+    name is schema-qualified, a bare one with ``schema``."""
     found: set[str] = set()
     for match in _NAME.finditer(_reduced(code)):
         first, dot, second = match.group(0).partition(".")
         first, second = first.strip(), second.strip()
         if not dot:
-            found.add(first)
+            found.add(first if schema is None else f"{schema}.{first}")
         elif first not in ("new", "old"):
-            found.update((f"{first}.{second}", second))
+            found.update(
+                (f"{first}.{second}",) if schema is not None else (f"{first}.{second}", second)
+            )
     return frozenset(found)
+
+
+def _in_schema(names: Iterable[str], schema: str | None) -> frozenset[str]:
+    """``names`` (lower-cased, bare or ``schema.table``), the bare ones qualified with
+    ``schema``. MySQL's catalog lists the triggers and routines of every database of the
+    server, and an unqualified name in their code is a table of their own database: read as
+    any database's, two databases holding the same tables (one per tenant, two test runs)
+    had each one's triggers count for the other's tables."""
+    if schema is None:
+        return frozenset(names)
+    return frozenset(name if "." in name else f"{schema}.{name}" for name in names)
 
 
 #: the table a statement of a trigger's code writes, first of a list: ``UPDATE [OR x]
@@ -745,15 +760,22 @@ def _function_rows(fairy: Any, backend: str, by_url: str) -> tuple[tuple[str, ..
 
 
 def _function_code(
-    rows: Iterable[tuple[str, ...]],
+    rows: Iterable[tuple[str, ...]], qualified: bool = False
 ) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
     """Each function's (of :func:`_function_rows`) names used and tables written
     (:func:`_words`, :func:`_written`), by lower-cased name, bare and schema-qualified
-    (overloads and namesakes in other schemas merged)."""
+    (overloads and namesakes in other schemas merged); only schema-qualified, and so are
+    the names, when ``qualified`` (MySQL's: see :func:`_in_schema`)."""
     found: dict[str, tuple[set[str], set[str]]] = {}
     for schema, name, code in rows:
-        words, written = _words(code), _written(code)
-        for key in (name.lower(), f"{schema}.{name}".lower()):
+        own = schema.lower() if qualified else None
+        words, written = _words(code, own), _in_schema(_written(code), own)
+        keys = (
+            (f"{schema}.{name}".lower(),)
+            if qualified
+            else (name.lower(), f"{schema}.{name}".lower())
+        )
+        for key in keys:
             entry = found.setdefault(key, (set(), set()))
             entry[0].update(words)
             entry[1].update(written)
@@ -797,7 +819,9 @@ def _trigger_code(fairy: Any, backend: str, by_url: str, schema: str = "main") -
     rows = _catalog(fairy, _query(_TRIGGER_CODE_QUERIES, backend, schema), by_url, what)
     functions = _function_rows(fairy, backend, by_url) if rows else ()
     # sorted: the catalog lists them in no set order, and an answer is kept by its rows
-    return _read_trigger_code(tuple(sorted(rows)), tuple(sorted(functions)))
+    return _read_trigger_code(
+        tuple(sorted(rows)), tuple(sorted(functions)), qualified=backend == "mysql"
+    )
 
 
 #: how many distinct answers of the triggers' code :func:`_read_trigger_code` keeps
@@ -806,13 +830,17 @@ _TRIGGER_CODE_KEPT = 16
 
 @functools.lru_cache(maxsize=_TRIGGER_CODE_KEPT)
 def _read_trigger_code(
-    rows: tuple[tuple[str, ...], ...], function_rows: tuple[tuple[str, ...], ...]
+    rows: tuple[tuple[str, ...], ...],
+    function_rows: tuple[tuple[str, ...], ...],
+    qualified: bool = False,
 ) -> dict[str, Any]:
     """:func:`_trigger_code` of the catalog's rows. The same rows give the same mappings,
     shared, never changed: MySQL's triggers and routines are read for the whole server, so
     an engine per tenant database (one pool each) would otherwise parse every tenant's
-    triggers again and keep its own copy of what they say, per pool."""
-    functions = _function_code(function_rows)
+    triggers again and keep its own copy of what they say, per pool. ``qualified``
+    (MySQL's): the names a trigger's code uses are of its own database unless it says
+    otherwise (:func:`_in_schema`)."""
+    functions = _function_code(function_rows, qualified)
     codes: dict[tuple[str, str], set[str]] = {}
     writes: dict[tuple[str, str], set[str]] = {}
     row_keys: dict[tuple[str, str], set[frozenset[str]]] = {}
@@ -823,7 +851,8 @@ def _read_trigger_code(
         # function's always writes: see _function_code)
         row_keys.setdefault((name, table), set()).update(c for t, c in updated if t in own)
         written = _written_in(text) | {t for t, _ in updated if t not in own}
-        words, written = _called(_words(code), written, functions)
+        schema = name.lower() if qualified else None
+        words, written = _called(_words(code, schema), _in_schema(written, schema), functions)
         codes.setdefault((name, table), set()).update(words)
         if written:
             writes.setdefault((name, table), set()).update(written)
@@ -1205,12 +1234,17 @@ class Databases:
 
     def trigger_writers(
         self, bind: Any, naming: Mapping[str, Any] | None
-    ) -> Mapping[tuple[str, str], frozenset[str]]:
+    ) -> tuple[Mapping[tuple[str, str], frozenset[str]], str | None]:
         """Every table of the database of ``bind`` whose triggers' statements write tables:
         ``{(schema, table): the tables they write}`` (raw SQL names such a table, cached or
-        not)."""
+        not); and, on MySQL, the schema (database) a table raw SQL names without one is in
+        (that listing is of the whole server), else None (any schema's table may be it)."""
         asked = self._asked(bind, naming)
-        return {} if asked is None else asked[0].trigger_writes
+        if asked is None:
+            return {}, None
+        server = asked[0]
+        scope = server.schema or server.default if server.per_schema is not None else None
+        return server.trigger_writes, scope
 
     def _listed(
         self, bind: Any, naming: Mapping[str, Any] | None, tables: Iterable[Any], which: str

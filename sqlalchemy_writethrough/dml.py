@@ -361,7 +361,7 @@ class StatementTracker:
     ) -> list[ModelLayout]:
         """The cached models the triggers of the tables raw SQL names write (see
         :meth:`.Models.trigger_written`), those tables cached or not."""
-        writers = self.runtime.models.trigger_writer_names(engine, naming)
+        writers, scope = self.runtime.models.trigger_writer_names(engine, naming)
         if not writers:
             return []
         known, pattern = self._writers
@@ -372,7 +372,9 @@ class StatementTracker:
             return []
         found: list[ModelLayout] = []
         for name in {m.group(0).lower() for m in pattern.finditer(text)}:
-            found += writers.get(name, ())
+            # a bare name is a table of the scope's schema only (MySQL's database)
+            anywhere = scope is None or "." in name
+            found += [layout for schema, layout in writers[name] if anywhere or schema == scope]
         return found
 
     def _named_layouts(self, text: str) -> list[ModelLayout]:

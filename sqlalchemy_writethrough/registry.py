@@ -73,8 +73,9 @@ class Models:
         #: (table, deleted, a weak reference to the flushing mapper or None) -> layouts
         self._cascade_memo: dict[tuple[Any, bool, Any], list[ModelLayout]] = {}
         #: id of a server's trigger_writes -> (it, each table whose triggers write cached
-        #: models, by lower-cased name: those models); it is held, so its id is not reused
-        self._writer_memo: dict[int, tuple[Any, dict[str, list[ModelLayout]]]] = {}
+        #: models, by lower-cased name: (its schema, each model)); it is held, so its id is
+        #: not reused
+        self._writer_memo: dict[int, tuple[Any, dict[str, list[tuple[str, ModelLayout]]]]] = {}
         #: engine -> (its pool, its tables' names -> trigger_written of them, on the engine's
         #: own naming): a flush asks once per class; weak keys, an engine is never kept
         #: alive; a new pool (``engine.dispose()``) is asked anew
@@ -389,27 +390,29 @@ class Models:
 
     def trigger_writer_names(
         self, bind: Any, naming: Mapping[str, Any] | None = None
-    ) -> dict[str, list[ModelLayout]]:
+    ) -> tuple[dict[str, list[tuple[str, ModelLayout]]], str | None]:
         """Each table of ``bind``'s database whose triggers write cached models' tables (see
         :meth:`trigger_written`), by lower-cased name, bare and schema-qualified: raw SQL
-        names such a table, cached or not."""
+        names such a table, cached or not; with each of those models, the schema of the
+        table whose triggers write it. And the schema a bare name is a table of (MySQL's,
+        whose listing is of the whole server: a bare name reaches only that schema's), or
+        None (any)."""
         try:
-            writers = self._databases.trigger_writers(bind, naming)
+            writers, scope = self._databases.trigger_writers(bind, naming)
         except DatabaseUnknown:
-            return {}
+            return {}, None
         if not writers:
-            return {}
+            return {}, None
         memo = self._writer_memo.get(id(writers))
         if memo is None or memo[0] is not writers:
-            names: dict[str, list[ModelLayout]] = {}
+            names: dict[str, list[tuple[str, ModelLayout]]] = {}
             for (schema, table), targets in writers.items():
                 own = frozenset({table.lower(), f"{schema}.{table}".lower()})
-                layouts = self._written_layouts(targets, own)
-                if layouts:
+                for layout in self._written_layouts(targets, own):
                     for name in own:
-                        names.setdefault(name, []).extend(layouts)
+                        names.setdefault(name, []).append((schema, layout))
             memo = self._writer_memo[id(writers)] = (writers, names)
-        return memo[1]
+        return memo[1], scope
 
     def cascade_parent_names(self) -> dict[str, Any]:
         """Tables whose deletes or key updates the database cascades into cached tables, by

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, String, delete, insert, text
+from sqlalchemy import ForeignKey, String, create_engine, delete, insert, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
 from _cache_helpers import cache_on
-from _servers import reset_schema
+from _servers import capture_sql, reset_schema
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql", "mariadb")
 
@@ -450,3 +451,60 @@ def test_mysqls_own_forms_of_a_write_in_a_trigger_are_read(
             assert "tw_vote" in _bare(info.invalidated_by_writes_to)
     finally:
         _drop_vote_triggers(engine)
+
+
+@contextlib.contextmanager
+def _neighbour(engine: Engine) -> Iterator[Engine]:
+    """Another database on ``engine``'s MySQL server (another suite's, another tenant's),
+    dropped at the end."""
+    name = f"wt_nb_{uuid.uuid4().hex[:8]}"
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    other = create_engine(engine.url.set(database=name))
+    try:
+        yield other
+    finally:
+        other.dispose()
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.mark.databases("mariadb")
+def test_a_trigger_of_another_mysql_database_counts_only_for_the_tables_it_names(
+    engine: Engine,
+    redis_url: str,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """MySQL's catalog lists the triggers of every database of the server, and a trigger's
+    unqualified names are tables of its own database. The same tables and triggers in a
+    neighbouring database (a second test suite, another tenant) were read as the engine's
+    own: the warning and ``cache.models()`` named the neighbour's tables, and raw SQL writing
+    this database's ``tw_log`` invalidated the product for a neighbour's trigger. A
+    neighbour's trigger naming this database's table by its qualified name still counts."""
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_writethrough")
+    own = engine.url.database
+    with _neighbour(engine) as other:
+        reset_schema(other, Base.metadata)
+        _create_triggers(other)
+        with other.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER tw_log_counts AFTER INSERT ON tw_log FOR EACH ROW "
+                f"UPDATE {own}.tw_product SET review_count = review_count + 1 WHERE id = NEW.n"
+            )
+        with _installed(engine, redis_url, prefix) as (cache, made):
+            assert _count(made, engine) == (0, 0)  # now cached
+            info = cache.models(engine)[TwProduct]
+            assert list(info.written_by_triggers_of) == [f"{own}.tw_audit"]
+            assert sorted(info.invalidated_by_writes_to) == sorted(
+                [f"{own}.tw_note", f"{own}.tw_review", f"{other.url.database}.tw_log"]
+            )
+            warned = [r.getMessage() for r in caplog.records]
+            assert len(warned) == 1 and f"{own}.tw_audit" in warned[0], caplog.text
+            # this database's tw_log has no trigger: its raw SQL leaves the product served
+            with made() as session:
+                session.execute(text("INSERT INTO tw_log (n) VALUES (1)"))
+                session.commit()
+            with capture_sql(engine) as statements, made() as session:
+                assert session.get(TwProduct, 1) is not None
+            assert statements == []
