@@ -423,7 +423,9 @@ def _suite_on(session: nox.Session, sqlalchemy: str, env_var: str, default_url: 
 # import on 2.1, Flask-Admin 2.2.1's multi-bind tests and zope.sqlalchemy's two-phase retry
 # test fail on 2.1 without it, and so does WTForms-SQLAlchemy 0.4.2's test_convert_types (its
 # converters find Float by its base Numeric, which 2.1's Float no longer has); advanced-alchemy
-# 1.12.0 maps its JSON type with sqlalchemy.util.portable_instancemethod, gone in 2.1.
+# 1.12.0 maps its JSON type with sqlalchemy.util.portable_instancemethod, gone in 2.1;
+# graphene-sqlalchemy 3.0.0rc2 fails 9 of its batching tests on 2.1 without the extension (2.1.x:
+# the same 9 with it, none more).
 # SQLAlchemy-Continuum 2.0.0 allows 2.1 and passes there with the extension too (2.1.9: 871
 # tests, 3 failing plainly, none only with it).
 THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
@@ -469,6 +471,13 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     # form fields whose choices are ORM queries (QuerySelectField...), on SQLite; WTForms 3.3
     # deprecates the tuple choices its converters make, and its tests turn warnings into errors
     "wtforms-sqlalchemy": ("wtforms-sqlalchemy==0.4.2", "wtforms==3.2.1"),
+    # GraphQL types over models (relay nodes by key, batched relationship loads), on SQLite;
+    # its conftest marks a fixture, which pytest 9 refuses
+    "graphene-sqlalchemy": (
+        "graphene-sqlalchemy==3.0.0rc2",
+        *("pytest<9", "pytest-asyncio", "pytest-benchmark", "sqlalchemy-utils"),
+        *("aiosqlite", "nest-asyncio", "greenlet"),
+    ),
     # repositories and services (Litestar's), run on SQLite and PostgreSQL (run.py's
     # _AA_ENGINES); its conftest imports every pytest-databases service and google-cloud-spanner
     "advanced-alchemy": (
@@ -505,6 +514,7 @@ THIRD_PARTY_RUNS: dict[str, tuple[str, ...]] = {
         "fastapi-users-db-sqlalchemy",
         "fastapi-users-db-sqlalchemy-asyncio",
     ),
+    "graphene-sqlalchemy": ("graphene-sqlalchemy", "graphene-sqlalchemy-asyncio"),
 }
 
 
@@ -514,7 +524,7 @@ def third_party(session: nox.Session, suite: str) -> None:
     """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
     SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy, zope.sqlalchemy,
     marshmallow-sqlalchemy, factory_boy's SQLAlchemy tests, WTForms-SQLAlchemy,
-    advanced-alchemy's integration tests), with the
+    graphene-sqlalchemy, advanced-alchemy's integration tests), with the
     extension on every Session, then plainly the tests that failed (``-- --full-plain``
     after the session's name: every test plainly too): fails on a test that fails only with
     the extension and is not in tests/third_party/known_failures.txt
@@ -522,7 +532,8 @@ def third_party(session: nox.Session, suite: str) -> None:
     tests). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or
     the local servers), Flask-Admin's,
     fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB;
-    marshmallow-sqlalchemy's, factory_boy's and WTForms-SQLAlchemy's run on SQLite,
+    marshmallow-sqlalchemy's, factory_boy's, WTForms-SQLAlchemy's and graphene-sqlalchemy's
+    run on SQLite,
     advanced-alchemy's on SQLite and PostgreSQL. Needs Redis
     ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "pip", "setuptools>=77", *THIRD_PARTY_SUITES[suite])

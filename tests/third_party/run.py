@@ -6,7 +6,8 @@ SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
 ``sqlalchemy-utils``, ``flask-admin``, ``fastapi-users-db-sqlalchemy`` (and
 ``fastapi-users-db-sqlalchemy-asyncio``: the cache on ``AsyncSession`` itself, through
 ``redis.asyncio``), ``zope.sqlalchemy``, ``zope.sqlalchemy-twophase``,
-``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``, ``advanced-alchemy``:
+``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``, ``graphene-sqlalchemy``
+(and ``graphene-sqlalchemy-asyncio``), ``advanced-alchemy``:
 libraries our users put between their code and the ORM, each with its own Session subclass,
 listeners, types, declarative base or loads by primary key. The sdist of the installed
 release (each ships its tests) is unpacked into ``.third-party/`` (``--workdir``) and its
@@ -27,8 +28,9 @@ PostgreSQL database of their own the same way. zope.sqlalchemy's (the transactio
 Pyramid and Plone) run on a PostgreSQL database of their own, and again two-phase (XA) on a
 MariaDB database of their own. marshmallow-sqlalchemy's (schemas loading instances by primary
 key), factory_boy's SQLAlchemy tests (``tests/test_alchemy.py``: model factories committing or
-flushing, get-or-create) and WTForms-SQLAlchemy's (query-backed select fields) run on SQLite,
-the only database their tests know.
+flushing, get-or-create), WTForms-SQLAlchemy's (query-backed select fields) and
+graphene-sqlalchemy's (GraphQL types: relay nodes by primary key, batched relationship loads;
+on in-memory SQLite and aiosqlite) run on SQLite, the only database their tests know.
 
 advanced-alchemy's (Litestar's repository and service layer, its Litestar/FastAPI/Flask
 integrations) ask pytest-databases for Docker containers: ``tests/third_party/wt_aa_services.py``
@@ -105,6 +107,10 @@ _AA_DESELECT = tuple(
     )
 )
 
+#: its benchmarks run as tests, once each; its sdist holds no pytest configuration, and
+#: pytest would take this project's from a folder above it (warnings made errors)
+_GRAPHENE = ("--benchmark-disable", "-c", "setup.cfg")
+
 #: suite -> (distribution, test folder, pytest arguments of its own)
 SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "flask-sqlalchemy": ("Flask-SQLAlchemy", "tests", ()),
@@ -132,6 +138,12 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "factory_boy": ("factory_boy", "tests/test_alchemy.py", ()),
     # form fields whose choices are ORM queries (QuerySelectField...), on SQLite
     "wtforms-sqlalchemy": ("WTForms-SQLAlchemy", "tests", ()),
+    # GraphQL types over models: relay nodes by primary key (session.get), many-to-one
+    # fields, batched relationship loads (SQLAlchemy's selectin loader driven from a
+    # dataloader); on SQLite and aiosqlite, in memory; the cache on Session, then on
+    # AsyncSession itself
+    "graphene-sqlalchemy": ("graphene-sqlalchemy", "graphene_sqlalchemy/tests", _GRAPHENE),
+    "graphene-sqlalchemy-asyncio": ("graphene-sqlalchemy", "graphene_sqlalchemy/tests", _GRAPHENE),
     # repositories and services over sync and async sessions (get, get_one, upsert, bulk
     # updates, its own dogpile.cache of query results): SQLite, aiosqlite, and PostgreSQL
     # by wt_aa_services (psycopg, asyncpg); two workers, its engines' xdist groups
@@ -155,12 +167,13 @@ def sdist_folder(workdir: Path, distribution: str) -> Path:
     """The unpacked sdist of the installed release of ``distribution``, downloaded once."""
     version = importlib.metadata.version(distribution)
     workdir.mkdir(parents=True, exist_ok=True)
-    stem = f"{re.sub(r'[-_.]+', '_', distribution).lower()}-{version}"  # the sdist's name
-    folder = workdir / stem
-    if folder.is_dir():
-        return folder
-    archive = workdir / f"{stem}.tar.gz"
-    if not archive.exists():
+    # the sdist's name: normalized, or as an older release spelled it (graphene-sqlalchemy)
+    stems = [f"{re.sub(r'[-_.]+', '_', distribution).lower()}-{version}"]
+    stems.append(f"{distribution}-{version}")
+    for stem in stems:
+        if (workdir / stem).is_dir():
+            return workdir / stem
+    if not any((workdir / f"{stem}.tar.gz").exists() for stem in stems):
         subprocess.run(
             [
                 *(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"),
@@ -169,9 +182,10 @@ def sdist_folder(workdir: Path, distribution: str) -> Path:
             ],
             check=True,
         )
-    with tarfile.open(archive) as tar:
+    stem = next(stem for stem in stems if (workdir / f"{stem}.tar.gz").exists())
+    with tarfile.open(workdir / f"{stem}.tar.gz") as tar:
         tar.extractall(workdir, filter="data")
-    return folder
+    return workdir / stem
 
 
 @contextlib.contextmanager
@@ -265,6 +279,8 @@ def suite_environment(suite: str) -> Iterator[dict[str, str]]:
         with postgresql_database(("hstore", "citext")) as url:
             plain = url.set(drivername="postgresql+psycopg2")  # what its tests install
             yield {"SQLALCHEMY_DATABASE_URI": plain.render_as_string(hide_password=False)}
+    elif suite == "graphene-sqlalchemy-asyncio":
+        yield {"WT_SUITE_ASYNCIO": "1"}  # the plugin installs on AsyncSession
     elif suite.startswith("fastapi-users-db-sqlalchemy"):
         with postgresql_database() as url:
             found = url.set(drivername="postgresql+asyncpg")
