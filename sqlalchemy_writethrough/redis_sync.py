@@ -224,9 +224,13 @@ class SyncTransport:
 
     def command(self, *args: Any) -> Any:
         if not self._direct:
-            if self._epoch is not None:
-                self._epoch.check_client(self.client.execute_command)
-            return self.client.execute_command(*args)
+            try:
+                if self._epoch is not None:
+                    self._epoch.check_client(self.client.execute_command)
+                return self.client.execute_command(*args)
+            except (AttributeError, TypeError, ValueError) as exc:
+                compat.raise_if_closed_under_us(exc)  # the client closed by its owner
+                raise
         if self._lendable:
             return self._on_held(compat.call, args)
         return self._on_connection(compat.call, args)
@@ -235,12 +239,16 @@ class SyncTransport:
         """On one pooled connection; the connection's retry policy applies to the whole batch,
         as it does to a redis-py pipeline."""
         if not self._direct:
-            if self._epoch is not None:
-                self._epoch.check_client(self.client.execute_command)
-            pipe = self.client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            return list(pipe.execute(raise_on_error=False))
+            try:
+                if self._epoch is not None:
+                    self._epoch.check_client(self.client.execute_command)
+                pipe = self.client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                return list(pipe.execute(raise_on_error=False))
+            except (AttributeError, TypeError, ValueError) as exc:
+                compat.raise_if_closed_under_us(exc)
+                raise
         if self._lendable:
             held: list[Any] = self._on_held(compat.call_many, commands)
             return held

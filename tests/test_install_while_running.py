@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import String
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -166,6 +167,35 @@ def test_close_while_other_threads_use_the_cache_never_raises(
         time.sleep(0.005)
         cache.close()
         cache.uninstall(factory)
+
+    failures, cycles = _while_threads_work(factory, 6.0, cycle)
+    assert failures == []
+    assert cycles > 20
+
+
+class _OwnClient(redis.Redis):
+    """A client whose ``execute_command`` is the application's (metrics, a tracer): the
+    cache goes through it rather than below it."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        return super().execute_command(*args, **options)
+
+
+def test_closing_a_client_of_ones_own_while_threads_use_the_cache_never_raises(
+    factory: sessionmaker[Session], redis_url: str, prefix: str, fast_switching: None
+) -> None:
+    """The same with a client the application passed and closes itself at shutdown, one
+    whose ``execute_command`` is its own: the cache sends through that method, and redis-py's
+    ``AttributeError`` out of it reached ``session.get()``."""
+
+    def cycle() -> None:
+        client = _OwnClient.from_url(redis_url)
+        cache = WriteThroughCache(client, prefix=prefix, stats_interval=None)
+        cache.install(factory)
+        time.sleep(0.005)
+        client.close()
+        cache.uninstall(factory)
+        cache.close()
 
     failures, cycles = _while_threads_work(factory, 6.0, cycle)
     assert failures == []
