@@ -368,19 +368,14 @@ class Models:
 
     def _written_layouts(self, targets: Iterable[str], own: frozenset[str]) -> list[ModelLayout]:
         """The cached models of the tables named ``targets`` (``table`` or ``schema.table``,
-        lower-cased; a schema-qualified name reaches a model of no schema too), but for those
-        of the tables named ``own``."""
+        lower-cased), but for those of the tables named ``own``. By table name, whatever the
+        schema: a model of no schema, or of one an engine's ``schema_translate_map`` renames
+        (``shop`` to each tenant's), may be the table a trigger's code names in its own
+        schema (on MySQL, every name: see :func:`.databases._in_schema`)."""
         by_name = self.layouts_by_table_name()
         found: list[ModelLayout] = []
         for name in sorted(targets):
-            layouts = by_name.get(name)
-            if layouts is None and "." in name:
-                bare = name.rpartition(".")[2]
-                layouts = [
-                    layout
-                    for layout in by_name.get(bare, ())
-                    if any(t.schema is None and t.name.lower() == bare for t in layout.tables)
-                ]
+            layouts = by_name.get(name.rpartition(".")[2])
             for layout in layouts or ():
                 if layout not in found and own.isdisjoint(
                     t.fullname.lower() for t in layout.tables

@@ -508,3 +508,69 @@ def test_a_trigger_of_another_mysql_database_counts_only_for_the_tables_it_names
             with capture_sql(engine) as statements, made() as session:
                 assert session.get(TwProduct, 1) is not None
             assert statements == []
+
+
+class ShopBase(DeclarativeBase):
+    pass
+
+
+class ShopProduct(ShopBase, CachedModel):
+    """In a schema the engine's ``schema_translate_map`` names (one per tenant)."""
+
+    __tablename__ = "tw_shop_product"
+    __table_args__ = {"schema": "shop"}
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    review_count: Mapped[int] = mapped_column(default=0)
+
+
+class ShopReview(ShopBase):
+    __tablename__ = "tw_shop_review"
+    __table_args__ = {"schema": "shop"}
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    product_id: Mapped[int]
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_a_trigger_writing_a_translated_schemas_table_invalidates_its_model(
+    engine: Engine, redis_url: str, prefix: str
+) -> None:
+    """The model's schema (``shop``) is translated to the database's own (``public``, the
+    MySQL database): a trigger's statement naming the table with that schema (MySQL: bare,
+    in the trigger's own database) writes the model's rows, and was not matched with a model
+    of another schema name: the product was served stale."""
+    own = "public" if engine.dialect.name == "postgresql" else engine.url.database
+    tenant = engine.execution_options(schema_translate_map={"shop": own})
+    target = "public.tw_shop_product" if engine.dialect.name == "postgresql" else "tw_shop_product"
+    body = f"UPDATE {target} SET review_count = review_count + 1 WHERE id = NEW.product_id"
+    ShopBase.metadata.drop_all(tenant)
+    ShopBase.metadata.create_all(tenant)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION tw_shop_counts() RETURNS trigger AS $$ "
+                f"BEGIN {body}; RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER tw_shop_counts AFTER INSERT ON tw_shop_review "
+                "FOR EACH ROW EXECUTE FUNCTION tw_shop_counts()"
+            )
+        else:
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER tw_shop_counts AFTER INSERT ON tw_shop_review FOR EACH ROW {body}"
+            )
+    try:
+        with cache_on(tenant, redis_url, prefix) as (_cache, made):
+            with made() as session:
+                session.add(ShopProduct(id=1))
+                session.commit()
+            with made() as session:
+                assert session.get(ShopProduct, 1).review_count == 0  # type: ignore[union-attr]
+            with made() as session:
+                session.add(ShopReview(id=1, product_id=1))
+                session.commit()
+            with made() as session, Session(tenant) as plain:
+                fresh = plain.get(ShopProduct, 1)
+                assert fresh is not None and fresh.review_count == 1  # the trigger wrote
+                assert session.get(ShopProduct, 1).review_count == 1  # type: ignore[union-attr]
+    finally:
+        ShopBase.metadata.drop_all(tenant)
