@@ -961,7 +961,9 @@ def _read_was_fresh(connection: Any, began_before: bool) -> bool:
 
     Under READ COMMITTED every statement does. Under REPEATABLE READ / SERIALIZABLE only a
     transaction's first statement does (its snapshot starts then, after the lease). SQLite's
-    driver runs a SELECT outside any transaction unless the transaction already wrote.
+    driver runs a SELECT outside any transaction unless the transaction already wrote: the
+    sqlite3 connection says whether it began one (``in_transaction``; aiosqlite's too, behind
+    SQLAlchemy's adapter, which does not say).
     """
     level = _sa_compat.connection_isolation_level(connection)
     if level == "READ UNCOMMITTED":
@@ -969,8 +971,11 @@ def _read_was_fresh(connection: Any, began_before: bool) -> bool:
     if level in _FRESH_LEVELS or not began_before:
         return True
     if connection.dialect.name == "sqlite":
-        dbapi = connection.connection.dbapi_connection
-        return getattr(dbapi, "in_transaction", True) is False
+        fairy = connection.connection
+        began = getattr(fairy.dbapi_connection, "in_transaction", None)
+        if began is None:
+            began = getattr(fairy.driver_connection, "in_transaction", True)
+        return began is False
     return False
 
 

@@ -145,6 +145,34 @@ def test_a_miss_loads_from_the_database_and_fills(h: Harness, redis_client: redi
     assert cache.stats().fills == 1
 
 
+def test_every_miss_of_a_session_fills(h: Harness, redis_client: redis.Redis) -> None:
+    """The second and later misses of a session load inside the transaction its first load
+    began: they fill when that load could not have predated a commit, as on PostgreSQL (READ
+    COMMITTED) and SQLite (whose driver runs a SELECT outside a transaction); not under
+    MariaDB's REPEATABLE READ, whose snapshot began with the session's first load. On
+    aiosqlite only the first filled (the cache asked SQLAlchemy's adapter, which does not
+    say, whether SQLite had begun a transaction): the session's other rows were read from the
+    database every time."""
+    cache, factory = seeded(h)
+    for pk in (1, 2):
+        assert h.invalidate(cache, FvItem, pk)
+    assert h.invalidate(cache, FvParent, 1)
+    with h.session(factory) as s, h.sql() as sql:
+        assert [s.get(FvItem, 1).name, s.get(FvItem, 2).name] == ["one", "two"]
+        assert s.get(FvParent, 1).name == "p1"
+    assert len(sql) == 3
+    snapshot = h.engine.dialect.name == "mysql"
+    assert cache.stats().fills == (1 if snapshot else 3)
+    filled = [
+        entry_state(redis_client, key(h, cache, model, pk)) == "value"
+        for model, pk in ((FvItem, 1), (FvItem, 2), (FvParent, 1))
+    ]
+    assert filled == [True, not snapshot, not snapshot]
+    with h.session(factory) as s, h.sql() as sql:
+        assert [s.get(FvItem, 1).name, s.get(FvItem, 2).name] == ["one", "two"]
+    assert len(sql) == (1 if snapshot else 0)
+
+
 def test_a_rollback_restores_the_previous_value(h: Harness, redis_client: redis.Redis) -> None:
     cache, factory = seeded(h)
     with h.session(factory) as s:
