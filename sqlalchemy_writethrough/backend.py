@@ -40,7 +40,7 @@ from .protocol import (
     split_by_hash_tag,
     value_prefix,
 )
-from .redis_async import AsyncTransport, OtherEventLoopError, wire_prober
+from .redis_async import AsyncTransport, ClosedCacheError, OtherEventLoopError, wire_prober
 from .redis_sync import SyncTransport
 from .stats import Counters
 from .transport import HoldingTransport, Transport
@@ -536,9 +536,10 @@ class ScriptBackend:
         password, a replica, a Cluster node: that does not pass by itself); debug otherwise.
         A call refused because the client belongs to another event loop is kept from the
         breaker: it says nothing of Redis (nothing was sent), and the breaker is every loop's:
-        refusals on one loop would send the client's own loop to the database too."""
+        refusals on one loop would send the client's own loop to the database too; so is one
+        refused because the cache was closed (nothing was sent either)."""
         was_open = self.breaker.is_open
-        if not isinstance(exc, OtherEventLoopError):
+        if not isinstance(exc, (OtherEventLoopError, ClosedCacheError)):
             self.breaker.failure()
         self._counters.error(type(exc).__name__)
         self.log_failure(what, exc, opened=self.breaker.is_open != was_open)

@@ -610,6 +610,9 @@ class WriteThroughCache:
         if flavours.is_async_target(target):
             flavour = self._async_flavour()
             _check_loop(flavour.runtime.backend)
+            transport = getattr(flavour.runtime.backend, "transport", None)
+            if isinstance(transport, AsyncTransport):
+                transport.closed = False  # closed by aclose(), in use again
             planned = flavours.planned_sync_session_class(target)
             revived = flavour.runtime.retirement.off_in(planned[0])
             if revived is None:
@@ -1031,10 +1034,13 @@ class WriteThroughCache:
                 elif (client := self._async_client_here()) is not None:
                     await sender.asend(client)
         if self._async is not None:
-            # the connections opened on this loop, by the backend and those a switch replaced
+            # the connections opened on this loop, by the backend and those a switch replaced;
+            # installed nowhere, the cache sends nothing more: a session in flight (made
+            # before the uninstall) would open its client's connections again
             for backend in [self._async.runtime.backend, *self._retired]:
                 transport = getattr(backend, "transport", None)
                 if isinstance(transport, AsyncTransport):
+                    transport.closed = transport.closed or not self._targets
                     await transport.aclose()
         self._stop_probing()
         self._close_built_sync_clients()

@@ -46,6 +46,13 @@ class OtherEventLoopError(RedisConnectionError):
     Redis being unreachable: the read goes to the database, the write is journaled."""
 
 
+class ClosedCacheError(RedisConnectionError):
+    """The cache was uninstalled everywhere and closed (``aclose()``) while this call was on
+    its way (a request in flight at shutdown): nothing is sent, as if Redis were unreachable.
+    Its client would otherwise open a connection again after it was closed, one nobody
+    closes (``ResourceWarning: unclosed transport`` once collected)."""
+
+
 #: what asyncio says when an object of another event loop is awaited on this one (a future or
 #: a task of it, a lock bound to it, or that loop closed); read only by :func:`await_io`'s
 #: fallback
@@ -282,9 +289,14 @@ class AsyncTransport:
         self._get = compat.async_checkout_of(self._pool)
         self.overlaps = self._direct and not compat.async_pool_blocks(self._pool)
         self._loops = _LoopPools(client, self._direct)
+        #: set by :meth:`WriteThroughCache.aclose` of a cache installed nowhere, cleared by
+        #: its next ``install()`` (see :class:`ClosedCacheError`)
+        self.closed = False
 
     def _here(self) -> tuple[Any, Any]:
         """(pool, client) to use on the running loop (see :class:`_LoopPools`)."""
+        if self.closed:
+            raise ClosedCacheError("the cache was closed")
         loop = asyncio.get_running_loop()
         loops = self._loops
         if loop is loops.home:
@@ -313,8 +325,16 @@ class AsyncTransport:
         except BaseException as exc:
             await self._abandon(pool, conn, exc)
             raise
-        await compat.arelease(pool, conn)
+        await self._release(pool, conn)
         return result
+
+    async def _release(self, pool: Any, conn: Any) -> None:
+        """Give a connection back, closed if the cache was closed meanwhile: one checked out
+        just before, connected after the pool was, would stay open (see
+        :class:`ClosedCacheError`)."""
+        if self.closed:
+            await compat.adisconnect(conn)
+        await compat.arelease(pool, conn)
 
     async def _abandon(self, pool: Any, conn: Any, exc: BaseException) -> None:
         if not isinstance(exc, ResponseError):
@@ -393,7 +413,7 @@ class AsyncTransport:
         except BaseException as exc:
             await self._abandon(pool, conn, exc)
             raise
-        await compat.arelease(pool, conn)
+        await self._release(pool, conn)
         return reply
 
     def complete(self, handle: PendingAsyncConnection) -> Any:

@@ -202,6 +202,38 @@ def test_closing_a_client_of_ones_own_while_threads_use_the_cache_never_raises(
     assert cycles > 20
 
 
+def test_a_session_made_before_uninstall_reads_the_database_after_it(
+    factory: sessionmaker[Session], redis_url: str, prefix: str
+) -> None:
+    """A session made while the cache was installed (a request in flight at shutdown, a
+    ``scoped_session``'s) and used after ``uninstall()``: its gets were still answered from
+    Redis, which no commit made after the uninstall invalidates, so it read a row older than
+    a commit that had completed (and a closed cache's client opened new connections). It
+    reads the database now, as sessions made after the uninstall do."""
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    cache.install(factory)
+    try:
+        with factory() as session:
+            assert session.get(IrRow, 1) is not None  # filled
+        with factory() as session:
+            assert session.get(IrRow, 1) is not None
+        assert cache.stats().hits == 1
+        old = factory()
+        cache.uninstall(factory)
+        with factory() as session:
+            row = session.get(IrRow, 1)
+            assert row is not None
+            row.name = "after"
+            session.commit()
+        found = old.get(IrRow, 1)
+        assert found is not None and found.name == "after"
+        assert cache.stats().hits == 1
+        old.close()
+    finally:
+        cache.clear()
+        cache.close()
+
+
 def test_install_and_uninstall_leave_the_factory_its_class(
     factory: sessionmaker[Session], redis_url: str, prefix: str
 ) -> None:
