@@ -338,6 +338,8 @@ class WriteThroughCache:
         self._installed: list[tuple[weakref.ref[Any], str, Any]] = []
         #: the factories install() was given (an async one too), for the command-line tool
         self._targets: list[weakref.ref[Any]] = []
+        #: install() ran once: aclose() then stops its asyncio calls (see ClosedCacheError)
+        self._was_installed = False
         #: what install() was given, the Session class its listeners went on, and the first,
         #: in words (see _refuse_covered_twice)
         self._covered: list[tuple[weakref.ref[Any], weakref.ref[type], str]] = []
@@ -676,6 +678,7 @@ class WriteThroughCache:
                 event.listen(listen_on, name, fn, **kw)
             self._installed.append((weakref.ref(listen_on), name, fn))
         self._targets.append(weakref.ref(target))
+        self._was_installed = True
         flavour.runtime.owner = self
         if covered is not None:
             where = _described(target, covered)
@@ -1040,7 +1043,7 @@ class WriteThroughCache:
             for backend in [self._async.runtime.backend, *self._retired]:
                 transport = getattr(backend, "transport", None)
                 if isinstance(transport, AsyncTransport):
-                    transport.closed = transport.closed or not self._targets
+                    transport.closed |= self._was_installed and not self._targets
                     await transport.aclose()
         self._stop_probing()
         self._close_built_sync_clients()
