@@ -67,6 +67,7 @@ def run_factory(tmp_path: Path) -> Callable[[Callable[[Any], Awaitable[None]]], 
             finally:
                 await engine.dispose()
 
+        gc.collect()  # earlier tests' garbage is not this test's to report
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             asyncio.run(main())
