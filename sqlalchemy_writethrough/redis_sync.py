@@ -222,15 +222,27 @@ class SyncTransport:
 
         return checked
 
+    def _via_client(self, commands: Sequence[Sequence[Any]], single: bool) -> Any:
+        """A client that keeps redis-py's own path (a subclass, a single connection,
+        client-side caching), checked against the epoch every interval; closed by its owner
+        under this call, it fails as a lost connection (see
+        :func:`._redis_compat.raise_if_closed_under_us`)."""
+        try:
+            if self._epoch is not None:
+                self._epoch.check_client(self.client.execute_command)
+            if single:
+                return self.client.execute_command(*commands[0])
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(pipe.execute(raise_on_error=False))
+        except (AttributeError, TypeError, ValueError) as exc:
+            compat.raise_if_closed_under_us(exc)
+            raise
+
     def command(self, *args: Any) -> Any:
         if not self._direct:
-            try:
-                if self._epoch is not None:
-                    self._epoch.check_client(self.client.execute_command)
-                return self.client.execute_command(*args)
-            except (AttributeError, TypeError, ValueError) as exc:
-                compat.raise_if_closed_under_us(exc)  # the client closed by its owner
-                raise
+            return self._via_client([args], True)
         if self._lendable:
             return self._on_held(compat.call, args)
         return self._on_connection(compat.call, args)
@@ -239,16 +251,8 @@ class SyncTransport:
         """On one pooled connection; the connection's retry policy applies to the whole batch,
         as it does to a redis-py pipeline."""
         if not self._direct:
-            try:
-                if self._epoch is not None:
-                    self._epoch.check_client(self.client.execute_command)
-                pipe = self.client.pipeline(transaction=False)
-                for command in commands:
-                    pipe.execute_command(*command)
-                return list(pipe.execute(raise_on_error=False))
-            except (AttributeError, TypeError, ValueError) as exc:
-                compat.raise_if_closed_under_us(exc)
-                raise
+            via: list[Any] = self._via_client(commands, False)
+            return via
         if self._lendable:
             held: list[Any] = self._on_held(compat.call_many, commands)
             return held
