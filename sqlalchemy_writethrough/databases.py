@@ -579,9 +579,9 @@ def _words(code: str, schema: str | None = None) -> frozenset[str]:
         if not dot:
             found.add(first if schema is None else f"{schema}.{first}")
         elif first not in ("new", "old"):
-            found.update(
-                (f"{first}.{second}",) if schema is not None else (f"{first}.{second}", second)
-            )
+            found.add(f"{first}.{second}")
+            if schema is None:
+                found.add(second)
     return frozenset(found)
 
 
@@ -1243,7 +1243,7 @@ class Databases:
         if asked is None:
             return {}, None
         server = asked[0]
-        scope = server.schema or server.default if server.per_schema is not None else None
+        scope = (server.schema or server.default) if server.per_schema is not None else None
         return server.trigger_writes, scope
 
     def _listed(
