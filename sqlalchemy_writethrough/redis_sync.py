@@ -115,13 +115,19 @@ class HeldConnection:
     def quiet(self, conn: Any) -> bool:
         """Whether ``conn`` can take a command as it is: connected, and nothing to read on its
         socket (a server that closed an idle connection, ``timeout`` or a restart, makes it
-        readable). The check ``get_connection`` makes with ``can_read()``, for a poll's price."""
+        readable). The check ``get_connection`` makes with ``can_read()``, for a poll's price.
+        A socket another thread's ``pool.disconnect()`` closes under this check is not quiet:
+        registering it raises ``ValueError`` (its descriptor is -1 by then), polling it
+        answers ``POLLNVAL``."""
         sock = compat.socket_of(conn)
         if sock is None:
             return False
         if sock is not self.sock:
             poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLPRI)
+            try:
+                poller.register(sock, select.POLLIN | select.POLLPRI)
+            except (ValueError, OSError):
+                return False
             self.sock, self.poller = sock, poller
         return not self.poller.poll(0)
 

@@ -83,6 +83,8 @@ def _client(port: int, **kwargs: Any) -> redis.Redis:
     on a dead connection would fail, not be retried quietly)."""
     kwargs.setdefault("retry", Retry(NoBackoff(), 0))
     kwargs.setdefault("socket_timeout", 5)
+    if "connection_class" in kwargs:  # a pool's argument
+        return redis.Redis.from_url(f"redis://127.0.0.1:{port}", client_name=NAME, **kwargs)
     return redis.Redis(port=port, client_name=NAME, **kwargs)
 
 
@@ -435,3 +437,57 @@ def test_a_bounded_client_of_the_application_keeps_nothing_by_default(
             thread.join()
     cache.close()
     client.close()
+
+
+class _ClosedAsItIsLookedAt(redis.Connection):
+    """A connection that another thread's ``pool.disconnect()`` (``Redis.close()``) closes at
+    the worst moment: just after the next reader of its socket got it (redis-py closes the
+    socket, then forgets it), once ``armed`` is set."""
+
+    armed = threading.Event()
+
+    @property  # type: ignore[override]
+    def _sock(self) -> Any:
+        sock = self.__dict__.get("_wt_sock")
+        if sock is not None and self.armed.is_set():
+            self.armed.clear()
+            sock.close()
+            self.__dict__["_wt_sock"] = None
+        return sock
+
+    @_sock.setter
+    def _sock(self, value: Any) -> None:
+        self.__dict__["_wt_sock"] = value
+
+
+@pytest.mark.databases("sqlite")
+def test_a_kept_connection_closed_as_it_is_checked_is_not_a_failure(
+    engine: Engine, maker: sessionmaker[Session], server: int
+) -> None:
+    """``cache.close()`` of another cache on the same client (or the application's
+    ``Redis.close()``) disconnects the connection a thread keeps while that thread checks it
+    before its next command: the check polled a socket closed under it and raised
+    ``ValueError: file descriptor cannot be a negative integer (-1)`` out of ``session.get()``
+    (seen once in CI, ``test_close_while_other_threads_use_the_cache_never_raises``). A closed
+    connection is now one to replace, as one the server closed is."""
+    cache = _cached(maker, server, connection_class=_ClosedAsItIsLookedAt)
+    got: list[object] = []
+
+    def reader() -> None:
+        try:
+            got.append(_get(maker))  # a connection checked out, then kept
+            _ClosedAsItIsLookedAt.armed.set()
+            with capture_sql(engine) as sql:
+                got.append(_get(maker))  # the kept connection is checked: closed under it
+            got.append(sql)
+        except Exception as exc:  # what the test reports
+            got.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    thread.join()
+    assert got == ["one", "one", []]
+    assert not _ClosedAsItIsLookedAt.armed.is_set()  # not vacuous: the socket was closed
+    assert cache.stats().errors == 0
+    cache.close()
+    cache.redis.close()
