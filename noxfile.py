@@ -478,6 +478,8 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
         *("pytest<9", "pytest-asyncio", "pytest-benchmark", "sqlalchemy-utils"),
         *("aiosqlite", "nest-asyncio", "greenlet"),
     ),
+    # full-text search vectors that PostgreSQL triggers compute from a row's other columns
+    "sqlalchemy-searchable": ("sqlalchemy-searchable==3.0.0", "psycopg2-binary"),
     # repositories and services (Litestar's), run on SQLite and PostgreSQL (run.py's
     # _AA_ENGINES); its conftest imports every pytest-databases service and google-cloud-spanner
     "advanced-alchemy": (
@@ -524,14 +526,15 @@ def third_party(session: nox.Session, suite: str) -> None:
     """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
     SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy, zope.sqlalchemy,
     marshmallow-sqlalchemy, factory_boy's SQLAlchemy tests, WTForms-SQLAlchemy,
-    graphene-sqlalchemy, advanced-alchemy's integration tests), with the
+    graphene-sqlalchemy, SQLAlchemy-Searchable, advanced-alchemy's integration tests), with the
     extension on every Session, then plainly the tests that failed (``-- --full-plain``
     after the session's name: every test plainly too): fails on a test that fails only with
     the extension and is not in tests/third_party/known_failures.txt
     (``nox -s "third_party(suite='sqlmodel')"`` for one; ``-- -k NAME`` for some of its
     tests). SQLAlchemy-Utils' needs PostgreSQL and MariaDB ($POSTGRESQL_URL, $MARIADB_URL or
     the local servers), Flask-Admin's,
-    fastapi-users' and zope.sqlalchemy's PostgreSQL, zope.sqlalchemy's two-phase run MariaDB;
+    fastapi-users', zope.sqlalchemy's and SQLAlchemy-Searchable's PostgreSQL (the last
+    localhost's: its tests connect there), zope.sqlalchemy's two-phase run MariaDB;
     marshmallow-sqlalchemy's, factory_boy's, WTForms-SQLAlchemy's and graphene-sqlalchemy's
     run on SQLite,
     advanced-alchemy's on SQLite and PostgreSQL. Needs Redis

@@ -903,6 +903,10 @@ def _mysql_fsp(type_: Any) -> int | None:
     return fsp if isinstance(fsp, int) else None
 
 
+#: why a commit invalidates a tsvector column's row
+_TSVECTOR_REASON = "PostgreSQL normalises a tsvector (its lexemes sorted, their positions merged)"
+
+
 def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -> ColumnCodec:
     t: Any = type_
     if isinstance(t, sqltypes.PickleType):
@@ -1018,6 +1022,14 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _exact_str(t.length)))
     if isinstance(t, sqltypes._Binary):
         return ColumnCodec("bytes", *_nullable(_enc_bytes, _dec_type(bytes), _exact_bytes))
+    if getattr(t, "__visit_name__", None) == "TSVECTOR":  # postgresql.TSVECTOR: no import
+        # every PostgreSQL driver returns its text; a search vector a trigger or to_tsvector()
+        # computes is stored as a load returned it, a commit invalidates
+        return ColumnCodec(
+            "str",
+            *_nullable(_enc_type(str), _dec_type(str), _never),
+            Never(_TSVECTOR_REASON),
+        )
     raise ConfigurationError(
         f"{where}: the cache has no exact stored form for type {t!r}; "
         "add the column to `exclude` (it is then loaded from the database on access)"
@@ -1107,6 +1119,8 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
         if name == "sqlite":
             return None
         return "CHAR pads a value shorter than its length with spaces"
+    if getattr(t, "__visit_name__", None) == "TSVECTOR":
+        return _TSVECTOR_REASON
     return None
 
 

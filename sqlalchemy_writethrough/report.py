@@ -7,6 +7,7 @@ read or write path.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .config import ModelOptions
@@ -130,7 +131,19 @@ class CachedModels:
         for info in self.cached:
             if model in info.classes:
                 return info
-        raise KeyError(f"{model.__name__} is not cached by this cache")
+        raise KeyError(f"{getattr(model, '__name__', model)!s} is not cached by this cache")
+
+    def __contains__(self, model: object) -> bool:
+        """``Model in report``: whether the class is cached (``report[Model]`` finds it)."""
+        return any(model in info.classes for info in self.cached)
+
+    def __iter__(self) -> Iterator[ModelInfo]:
+        """The cached models' entries (without ``__iter__``, Python would iterate by
+        ``report[0]``, ``report[1]``...)."""
+        return iter(self.cached)
+
+    def __len__(self) -> int:
+        return len(self.cached)
 
     def __str__(self) -> str:
         lines = [f"Models cached under prefix {self.prefix!r} on {self.dialect}:"]

@@ -7,7 +7,7 @@ SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
 ``fastapi-users-db-sqlalchemy-asyncio``: the cache on ``AsyncSession`` itself, through
 ``redis.asyncio``), ``zope.sqlalchemy``, ``zope.sqlalchemy-twophase``,
 ``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``, ``graphene-sqlalchemy``
-(and ``graphene-sqlalchemy-asyncio``), ``advanced-alchemy``:
+(and ``graphene-sqlalchemy-asyncio``), ``sqlalchemy-searchable``, ``advanced-alchemy``:
 libraries our users put between their code and the ORM, each with its own Session subclass,
 listeners, types, declarative base or loads by primary key. The sdist of the installed
 release (each ships its tests) is unpacked into ``.third-party/`` (``--workdir``) and its
@@ -26,7 +26,9 @@ views over models with inline forms, composite keys, hstore and citext columns) 
 fastapi-users' (its ``User`` table keyed by the GUID TypeDecorator, run on asyncpg) get a
 PostgreSQL database of their own the same way. zope.sqlalchemy's (the transaction manager of
 Pyramid and Plone) run on a PostgreSQL database of their own, and again two-phase (XA) on a
-MariaDB database of their own. marshmallow-sqlalchemy's (schemas loading instances by primary
+MariaDB database of their own. SQLAlchemy-Searchable's (search vectors its triggers compute)
+get a PostgreSQL database of their own on localhost (its conftest names only the database,
+user and password). marshmallow-sqlalchemy's (schemas loading instances by primary
 key), factory_boy's SQLAlchemy tests (``tests/test_alchemy.py``: model factories committing or
 flushing, get-or-create), WTForms-SQLAlchemy's (query-backed select fields) and
 graphene-sqlalchemy's (GraphQL types: relay nodes by primary key, batched relationship loads;
@@ -144,6 +146,9 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # AsyncSession itself
     "graphene-sqlalchemy": ("graphene-sqlalchemy", "graphene_sqlalchemy/tests", _GRAPHENE),
     "graphene-sqlalchemy-asyncio": ("graphene-sqlalchemy", "graphene_sqlalchemy/tests", _GRAPHENE),
+    # search vectors its PostgreSQL triggers compute from the row's other columns (the
+    # commit writes a row the database then changes), tables and triggers made per test
+    "sqlalchemy-searchable": ("sqlalchemy-searchable", "tests", ()),
     # repositories and services over sync and async sessions (get, get_one, upsert, bulk
     # updates, its own dogpile.cache of query results): SQLite, aiosqlite, and PostgreSQL
     # by wt_aa_services (psycopg, asyncpg); two workers, its engines' xdist groups
@@ -288,6 +293,14 @@ def suite_environment(suite: str) -> Iterator[dict[str, str]]:
             if suite.endswith("-asyncio"):
                 env["WT_SUITE_ASYNCIO"] = "1"  # the plugin installs on AsyncSession
             yield env
+    elif suite == "sqlalchemy-searchable":
+        # its conftest connects to localhost's PostgreSQL, by database name and user
+        with postgresql_database(("hstore",)) as url:
+            yield {
+                "SQLALCHEMY_SEARCHABLE_TEST_DB": url.database or "",
+                "SQLALCHEMY_SEARCHABLE_TEST_USER": url.username or "postgres",
+                "SQLALCHEMY_SEARCHABLE_TEST_PASSWORD": url.password or "",
+            }
     elif suite == "zope.sqlalchemy":
         with postgresql_database() as url:
             yield {"TEST_DSN": url.render_as_string(hide_password=False)}
