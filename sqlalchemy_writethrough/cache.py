@@ -34,7 +34,7 @@ from .backend import AsyncRedisBackend, Backend, RedisBackend, ScriptBackend
 from .background import Publisher
 from .breaker import CircuitBreaker, weakly
 from .cluster import ClusterBackend
-from .cluster_async import AsyncClusterBackend
+from .cluster_async import AsyncClusterBackend, AsyncClusterTransport
 from .config import ModelOptions, NearCacheOptions, OnRedisError, Publish, Strategy, validate
 from .databases import Databases
 from .diagnostics import explain
@@ -475,6 +475,10 @@ class WriteThroughCache:
         ):
             return
         client: Any = backend.client  # type: ignore[attr-defined]
+        if _closed_under_way(backend):
+            return
+        # (aclose() forgets the clients it closed)
+        ours = any(built is client for built, _ in self._built)
         try:
             if asynchronous:
                 info = _sa_compat.await_(client.info("cluster"))
@@ -482,6 +486,12 @@ class WriteThroughCache:
                 info = client.info("cluster")
         except (redis.RedisError, OSError):
             return  # asked again at the next such reply
+        if asynchronous and _closed_under_way(backend):
+            # aclose() ran during INFO, whose connection (if it connected only then) went
+            # back to the closed pool open: closed now, if the client is the cache's
+            if ours:
+                _sa_compat.await_(client.connection_pool.disconnect())
+            return
         if str(info.get("cluster_enabled", 0)) != "1":
             backend.on_cluster_node = None
             return
@@ -493,6 +503,10 @@ class WriteThroughCache:
                 cluster = _redis_compat.cluster_like(client)
         except Exception as exc:  # no node answers CLUSTER SLOTS now: asked again later
             log.debug("writethrough: Redis Cluster client not built: %s", exc)
+            return
+        if _closed_under_way(backend):
+            # aclose() ran while the slot map was read: the client would be no one's to close
+            _sa_compat.await_(cluster.aclose())
             return
         switched = self._backend_for(
             AsyncRedisBackend if asynchronous else RedisBackend,
@@ -506,7 +520,7 @@ class WriteThroughCache:
         self._retired.append(backend)
         if isinstance(backend.transport, SyncTransport):
             backend.transport.close()  # the connections its threads kept go back to the pool
-        if any(built is client for built, _ in self._built):
+        if ours:
             # the plain client of the cache's URL is used no more: its idle connections are
             # closed now (one in use by another thread at this moment is closed by close())
             try:
@@ -613,7 +627,7 @@ class WriteThroughCache:
             flavour = self._async_flavour()
             _check_loop(flavour.runtime.backend)
             transport = getattr(flavour.runtime.backend, "transport", None)
-            if isinstance(transport, AsyncTransport):
+            if isinstance(transport, (AsyncTransport, AsyncClusterTransport)):
                 transport.closed = False  # closed by aclose(), in use again
             planned = flavours.planned_sync_session_class(target)
             revived = flavour.runtime.retirement.off_in(planned[0])
@@ -1040,10 +1054,13 @@ class WriteThroughCache:
             # the connections opened on this loop, by the backend and those a switch replaced;
             # installed nowhere, the cache sends nothing more: a session in flight (made
             # before the uninstall) would open its client's connections again
+            closing = self._was_installed and not self._targets
             for backend in [self._async.runtime.backend, *self._retired]:
                 transport = getattr(backend, "transport", None)
-                if isinstance(transport, AsyncTransport):
-                    transport.closed |= self._was_installed and not self._targets
+                if isinstance(transport, AsyncClusterTransport):
+                    transport.closed |= closing  # its client is closed below, if built here
+                elif isinstance(transport, AsyncTransport):
+                    transport.closed |= closing
                     await transport.aclose()
         self._stop_probing()
         self._close_built_sync_clients()
@@ -1328,6 +1345,13 @@ def _class_words(cls: type) -> str:
     if "_wt_read" in cls.__dict__ or flavours.made_here(cls):
         return f"the {path} subclass made by a WriteThroughCache"
     return path
+
+
+def _closed_under_way(backend: ScriptBackend) -> bool:
+    """Whether ``aclose()`` closed the cache (installed nowhere) while an asyncio call to
+    ``backend`` was on its way: it then builds and connects nothing more (see
+    :class:`.redis_async.ClosedCacheError`)."""
+    return bool(getattr(getattr(backend, "transport", None), "closed", False))
 
 
 def _check_loop(backend: Any) -> None:

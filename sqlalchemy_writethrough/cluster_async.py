@@ -30,7 +30,14 @@ from .cluster import (
     ClusterTransport,
 )
 from .protocol import Script, Scripts
-from .redis_async import _PROBER_LOOPS, LoopGuard, await_io, claim, wire_prober
+from .redis_async import (
+    _PROBER_LOOPS,
+    ClosedCacheError,
+    LoopGuard,
+    await_io,
+    claim,
+    wire_prober,
+)
 
 
 class AsyncClusterRouter(ClusterRouter):
@@ -39,8 +46,15 @@ class AsyncClusterRouter(ClusterRouter):
     :class:`.LoopGuard`), every call fails as an unreachable node's would."""
 
     _loop_guard: LoopGuard | None = None
+    #: set by :meth:`WriteThroughCache.aclose` of a cache installed nowhere, cleared by its
+    #: next ``install()``: a call in flight then opens no node's connection again (see
+    #: :class:`.ClosedCacheError`)
+    closed = False
 
     def _on_this_loop(self) -> None:
+        """Before anything that may connect (a node's connection, the slot map)."""
+        if self.closed:
+            raise ClosedCacheError("the cache was closed")
         guard = self._loop_guard
         if guard is None:
             client = self.client
@@ -90,6 +104,10 @@ class AsyncClusterRouter(ClusterRouter):
         return conn, node
 
     def _release(self, home: Any, conn: Any) -> None:
+        """Give a connection back to its node, closed if the cache was closed meanwhile (the
+        node's own ``disconnect()`` has run, or will not run again)."""
+        if self.closed:
+            _close(conn)
         compat.async_cluster_release(home, conn)
 
     def _discard(self, conn: Any) -> None:
@@ -150,6 +168,15 @@ class AsyncClusterTransport(ClusterTransport):
 
     def sleep(self, seconds: float) -> None:
         await_(asyncio.sleep(seconds))
+
+    @property
+    def closed(self) -> bool:
+        """See :attr:`AsyncClusterRouter.closed`."""
+        return self.router.closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self.router.closed = value
 
     def client_here(self) -> Any:
         """The client, the running loop made its home if its own is closed (see

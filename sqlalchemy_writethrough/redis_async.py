@@ -313,7 +313,7 @@ class AsyncTransport:
             try:
                 await epoch.check_connection_async(conn)
             except BaseException:
-                await compat.arelease(pool, conn)
+                await self._release(pool, conn)
                 raise
         return conn
 
@@ -337,7 +337,10 @@ class AsyncTransport:
         await compat.arelease(pool, conn)
 
     async def _abandon(self, pool: Any, conn: Any, exc: BaseException) -> None:
-        if not isinstance(exc, ResponseError):
+        """Give back the connection of a failed command, closed unless Redis answered with an
+        error (it is then in a clean state) and the cache is still open (see
+        :meth:`_release`)."""
+        if self.closed or not isinstance(exc, ResponseError):
             await compat.adisconnect(conn)
         await compat.arelease(pool, conn)
 

@@ -166,7 +166,7 @@ def test_register_all_caches_a_model_with_a_vector(
         assert report.left_out == ()
         # the report's entries, as a user iterates them (it raised AttributeError)
         assert [info.model for info in report] == [info.model for info in report.cached]
-        assert len(report) == 2
+        assert len(report) == len(report.cached) >= 2  # (and other modules' CachedModels)
         with made() as session:
             session.add(SvTagged(id=2, tags="a"))
             session.commit()
