@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import dataclasses
 import math
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +40,7 @@ from sqlalchemy.orm import (
     with_polymorphic,
 )
 
+from . import _random as random
 from . import _redis_compat, flavours
 from .backend import ScriptBackend
 from .cache import WriteThroughCache, _caches

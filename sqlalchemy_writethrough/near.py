@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +42,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import _random as random
 from .config import NearCacheOptions
 from .diagnostics import explain
 from .protocol import GENERATION_SCRIPTS, PAIR_SCRIPTS, Script

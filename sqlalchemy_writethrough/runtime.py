@@ -10,10 +10,10 @@ does, and a backend (sync, asyncio, Cluster) is one attribute.
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _random as random
 from . import _sa_compat
 from .retiring import Retirement
 from .siblings import Siblings

@@ -30,7 +30,6 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from random import random
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.horizontal_shard import ShardedSession
 
 from . import _sa_compat
+from ._random import random
 from .background import Job, Publisher
 from .codec import IMMUTABLE, EncodeError, FlushContext, pack_row
 from .databases import connection_naming

@@ -7,7 +7,8 @@ SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
 ``fastapi-users-db-sqlalchemy-asyncio``: the cache on ``AsyncSession`` itself, through
 ``redis.asyncio``), ``zope.sqlalchemy``, ``zope.sqlalchemy-twophase``,
 ``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``, ``graphene-sqlalchemy``
-(and ``graphene-sqlalchemy-asyncio``), ``sqlalchemy-searchable``, ``advanced-alchemy``:
+(and ``graphene-sqlalchemy-asyncio``), ``sqlalchemy-searchable``,
+``sqlalchemy-easy-softdelete``, ``advanced-alchemy``:
 libraries our users put between their code and the ORM, each with its own Session subclass,
 listeners, types, declarative base or loads by primary key. The sdist of the installed
 release (each ships its tests) is unpacked into ``.third-party/`` (``--workdir``) and its
@@ -30,7 +31,8 @@ MariaDB database of their own. SQLAlchemy-Searchable's (search vectors its trigg
 get a PostgreSQL database of their own on localhost (its conftest names only the database,
 user and password). marshmallow-sqlalchemy's (schemas loading instances by primary
 key), factory_boy's SQLAlchemy tests (``tests/test_alchemy.py``: model factories committing or
-flushing, get-or-create), WTForms-SQLAlchemy's (query-backed select fields) and
+flushing, get-or-create), WTForms-SQLAlchemy's (query-backed select fields),
+SQLAlchemy-Easy-SoftDelete's (soft-delete criteria added to every query) and
 graphene-sqlalchemy's (GraphQL types: relay nodes by primary key, batched relationship loads;
 on in-memory SQLite and aiosqlite) run on SQLite, the only database their tests know.
 
@@ -146,6 +148,9 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # AsyncSession itself
     "graphene-sqlalchemy": ("graphene-sqlalchemy", "graphene_sqlalchemy/tests", _GRAPHENE),
     "graphene-sqlalchemy-asyncio": ("graphene-sqlalchemy", "graphene_sqlalchemy/tests", _GRAPHENE),
+    # soft deletion: its do_orm_execute listener on Session filters out deleted rows from
+    # every SELECT (and session.get); on SQLite, in one transaction rolled back per test
+    "sqlalchemy-easy-softdelete": ("sqlalchemy-easy-softdelete", "tests", ()),
     # search vectors its PostgreSQL triggers compute from the row's other columns (the
     # commit writes a row the database then changes), tables and triggers made per test
     "sqlalchemy-searchable": ("sqlalchemy-searchable", "tests", ()),

@@ -1,0 +1,85 @@
+"""What the cache leaves alone of the application's process: the ``random`` module's shared
+generator.
+
+An application, or its test suite, seeds it for reproducible data (``random.seed(n)`` then
+``random.randint(...)``: SQLAlchemy-Easy-SoftDelete's suite builds its rows so, and compares
+them with stored snapshots). Each commit of a cached row drew its TTL jitter from that
+generator: the data the suite made after a commit changed with the extension on (11 of its
+73 tests failed only with it). The cache now draws from a generator of its own.
+
+What is observed: the numbers the application draws after seeding, with a cache committing,
+filling and invalidating rows in between, against the same draws with nothing in between.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import String
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+
+from _servers import reset_schema
+
+pytestmark = pytest.mark.databases("sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PsItem(Base, CachedModel):
+    __tablename__ = "ps_item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(30))
+
+
+@pytest.fixture
+def factory(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessionmaker[Session]]:
+    reset_schema(engine, Base.metadata)
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
+    maker = sessionmaker(engine)
+    cache.install(maker)
+    try:
+        yield maker
+    finally:
+        cache.clear()
+        cache.uninstall(maker)
+        cache.close()
+
+
+def _draws(between: object = None) -> list[int]:
+    """Three draws after ``random.seed(7)``, ``between`` called after the first."""
+    random.seed(7)
+    drawn = [random.randint(0, 10**9)]
+    if callable(between):
+        between()
+    drawn += [random.randint(0, 10**9) for _ in range(2)]
+    return drawn
+
+
+def test_the_cache_draws_nothing_from_the_applications_random_generator(
+    factory: sessionmaker[Session],
+) -> None:
+    def use_the_cache() -> None:
+        with factory() as session:  # rows written through (each with its TTL's jitter)
+            session.add_all(PsItem(id=n, name="a") for n in range(1, 6))
+            session.commit()
+        with factory() as session:
+            session.execute(sa.update(PsItem).where(PsItem.id > 3).values(name="b"))
+            session.commit()  # invalidated
+        with factory() as session:  # misses that fill, then hits
+            assert [session.get(PsItem, n).name for n in range(1, 6)] == ["a"] * 3 + ["b"] * 2  # type: ignore[union-attr]
+        with factory() as session:
+            row = session.get(PsItem, 1)
+            assert row is not None
+            row.name = "c"
+            session.flush()
+            session.rollback()  # the previous value put back
+
+    assert _draws(use_the_cache) == _draws()
