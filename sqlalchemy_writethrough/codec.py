@@ -746,9 +746,21 @@ def _exact_float(double: bool) -> Exact:
 
 _ONE = decimal.Decimal(1)
 
+#: the arithmetic of the predictions, never the thread's context: an application's own (a
+#: money service trapping ``Inexact``, a low ``prec``) made a commit of a value the database
+#: rounds raise ``decimal.Inexact`` out of ``session.commit()``. Unbounded precision and
+#: exponent, rounding as PostgreSQL and MySQL do; only ``InvalidOperation`` raises.
+_DECIMAL = decimal.Context(
+    prec=decimal.MAX_PREC,
+    rounding=decimal.ROUND_HALF_UP,
+    Emax=decimal.MAX_EMAX,
+    Emin=decimal.MIN_EMIN,
+    traps=[decimal.InvalidOperation],
+)
+
 
 def _exact_decimal(scale: int | None, return_scale: int) -> Exact:
-    quantum = decimal.Decimal(1).scaleb(-scale) if scale is not None else None
+    quantum = _ONE.scaleb(-scale, context=_DECIMAL) if scale is not None else None
     fmt = f"%.{return_scale}f"
 
     def ex(v: Any, ctx: FlushContext) -> Any:
@@ -766,10 +778,10 @@ def _exact_decimal(scale: int | None, return_scale: int) -> Exact:
                 if ctx.name != "postgresql":
                     return NOT_EXACT
                 if v.as_tuple().exponent > 0:  # type: ignore[operator]
-                    v = v.quantize(_ONE)  # PostgreSQL returns 1.2E+3 as 1200
+                    v = v.quantize(_ONE, context=_DECIMAL)  # PostgreSQL returns 1.2E+3 as 1200
                 return v.copy_abs() if v.is_zero() else v
             try:
-                rounded = v.quantize(quantum, rounding=decimal.ROUND_HALF_UP)
+                rounded = v.quantize(quantum, context=_DECIMAL)
             except decimal.InvalidOperation:
                 return NOT_EXACT
             return rounded.copy_abs() if rounded.is_zero() else rounded  # no "-0.00" in SQL

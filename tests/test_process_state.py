@@ -1,5 +1,5 @@
 """What the cache leaves alone of the application's process: the ``random`` module's shared
-generator.
+generator, and the thread's ``decimal`` context.
 
 An application, or its test suite, seeds it for reproducible data (``random.seed(n)`` then
 ``random.randint(...)``: SQLAlchemy-Easy-SoftDelete's suite builds its rows so, and compares
@@ -7,14 +7,23 @@ them with stored snapshots). Each commit of a cached row drew its TTL jitter fro
 generator: the data the suite made after a commit changed with the extension on (11 of its
 73 tests failed only with it). The cache now draws from a generator of its own.
 
+A money service sets its thread's ``decimal`` context to trap ``Inexact`` (a rounding it did
+not ask for is a bug there). The cache predicted what the database stores of a ``Numeric``
+value (rounded to the column's scale) in that context: a commit the database accepts, and
+rounds, raised ``decimal.Inexact`` out of ``session.commit()``. The cache's arithmetic now has
+a context of its own.
+
 What is observed: the numbers the application draws after seeding, with a cache committing,
-filling and invalidating rows in between, against the same draws with nothing in between.
+filling and invalidating rows in between, against the same draws with nothing in between;
+what a commit and the gets after it return, and the SQL those gets send.
 """
 
 from __future__ import annotations
 
+import decimal
 import random
 from collections.abc import Iterator
+from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
@@ -24,9 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
-from _servers import reset_schema
-
-pytestmark = pytest.mark.databases("sqlite")
+from _servers import capture_sql, reset_schema
 
 
 class Base(DeclarativeBase):
@@ -37,6 +44,12 @@ class PsItem(Base, CachedModel):
     __tablename__ = "ps_item"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(30))
+
+
+class PsPrice(Base, CachedModel):
+    __tablename__ = "ps_price"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    amount: Mapped[Decimal] = mapped_column(sa.Numeric(12, 2))
 
 
 @pytest.fixture
@@ -63,6 +76,7 @@ def _draws(between: object = None) -> list[int]:
     return drawn
 
 
+@pytest.mark.databases("sqlite")
 def test_the_cache_draws_nothing_from_the_applications_random_generator(
     factory: sessionmaker[Session],
 ) -> None:
@@ -83,3 +97,29 @@ def test_the_cache_draws_nothing_from_the_applications_random_generator(
             session.rollback()  # the previous value put back
 
     assert _draws(use_the_cache) == _draws()
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_a_decimal_context_that_traps_rounding_changes_nothing_of_a_commit(
+    engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """The database rounds ``1.005`` to ``1.01`` (half away from zero), with the cache as
+    without it; the commit writes that through (the get after it sends no SQL); and a
+    context of little precision changes nothing either."""
+    with decimal.localcontext() as context:
+        context.traps[decimal.Inexact] = True
+        context.traps[decimal.Rounded] = True
+        with factory() as session:
+            session.add(PsPrice(id=1, amount=Decimal("1.005")))
+            session.commit()
+        with capture_sql(engine) as sql, factory() as session:
+            assert session.get(PsPrice, 1).amount == Decimal("1.01")  # type: ignore[union-attr]
+        assert sql == []
+        context.prec = 4
+        with factory() as session:
+            price = session.get(PsPrice, 1)
+            assert price is not None
+            price.amount = Decimal("123456.789")
+            session.commit()
+        with factory() as session:
+            assert session.get(PsPrice, 1).amount == Decimal("123456.79")  # type: ignore[union-attr]
