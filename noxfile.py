@@ -480,6 +480,8 @@ THIRD_PARTY_SUITES: dict[str, tuple[str, ...]] = {
     ),
     # soft deletion: a do_orm_execute listener on Session adds its criteria to every SELECT
     "sqlalchemy-easy-softdelete": ("sqlalchemy-easy-softdelete==0.9.1", "syrupy"),
+    # JSON columns whose nested dicts and lists track their own changes (mutation tracking)
+    "sqlalchemy-json": ("sqlalchemy-json==0.7.0",),
     # full-text search vectors that PostgreSQL triggers compute from a row's other columns
     "sqlalchemy-searchable": ("sqlalchemy-searchable==3.0.0", "psycopg2-binary"),
     # repositories and services (Litestar's), run on SQLite and PostgreSQL (run.py's
@@ -528,7 +530,7 @@ def third_party(session: nox.Session, suite: str) -> None:
     """Another project's test suite (Flask-SQLAlchemy, SQLModel, SQLAlchemy-Continuum,
     SQLAlchemy-Utils, Flask-Admin, fastapi-users-db-sqlalchemy, zope.sqlalchemy,
     marshmallow-sqlalchemy, factory_boy's SQLAlchemy tests, WTForms-SQLAlchemy,
-    graphene-sqlalchemy, SQLAlchemy-Searchable, SQLAlchemy-Easy-SoftDelete,
+    graphene-sqlalchemy, SQLAlchemy-Searchable, SQLAlchemy-Easy-SoftDelete, sqlalchemy-json,
     advanced-alchemy's integration tests), with the
     extension on every Session, then plainly the tests that failed (``-- --full-plain``
     after the session's name: every test plainly too): fails on a test that fails only with
@@ -538,8 +540,8 @@ def third_party(session: nox.Session, suite: str) -> None:
     the local servers), Flask-Admin's,
     fastapi-users', zope.sqlalchemy's and SQLAlchemy-Searchable's PostgreSQL (the last
     localhost's: its tests connect there), zope.sqlalchemy's two-phase run MariaDB;
-    marshmallow-sqlalchemy's, factory_boy's, WTForms-SQLAlchemy's, graphene-sqlalchemy's and
-    SQLAlchemy-Easy-SoftDelete's run on SQLite,
+    marshmallow-sqlalchemy's, factory_boy's, WTForms-SQLAlchemy's, graphene-sqlalchemy's,
+    SQLAlchemy-Easy-SoftDelete's and sqlalchemy-json's run on SQLite,
     advanced-alchemy's on SQLite and PostgreSQL. Needs Redis
     ($REDIS_URL or local)."""
     session.install("-e", ".[test]", "pip", "setuptools>=77", *THIRD_PARTY_SUITES[suite])

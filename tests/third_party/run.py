@@ -8,7 +8,7 @@ SUITE is one of ``flask-sqlalchemy``, ``sqlmodel``, ``sqlalchemy-continuum``,
 ``redis.asyncio``), ``zope.sqlalchemy``, ``zope.sqlalchemy-twophase``,
 ``marshmallow-sqlalchemy``, ``factory_boy``, ``wtforms-sqlalchemy``, ``graphene-sqlalchemy``
 (and ``graphene-sqlalchemy-asyncio``), ``sqlalchemy-searchable``,
-``sqlalchemy-easy-softdelete``, ``advanced-alchemy``:
+``sqlalchemy-easy-softdelete``, ``sqlalchemy-json``, ``advanced-alchemy``:
 libraries our users put between their code and the ORM, each with its own Session subclass,
 listeners, types, declarative base or loads by primary key. The sdist of the installed
 release (each ships its tests) is unpacked into ``.third-party/`` (``--workdir``) and its
@@ -151,6 +151,9 @@ SUITES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # soft deletion: its do_orm_execute listener on Session filters out deleted rows from
     # every SELECT (and session.get); on SQLite, in one transaction rolled back per test
     "sqlalchemy-easy-softdelete": ("sqlalchemy-easy-softdelete", "tests", ()),
+    # JSON columns of nested mutable dicts and lists (changes deep inside a document are
+    # flushed), committed and reloaded: on in-memory SQLite
+    "sqlalchemy-json": ("sqlalchemy-json", "test", ()),
     # search vectors its PostgreSQL triggers compute from the row's other columns (the
     # commit writes a row the database then changes), tables and triggers made per test
     "sqlalchemy-searchable": ("sqlalchemy-searchable", "tests", ()),
