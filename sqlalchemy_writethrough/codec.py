@@ -20,6 +20,7 @@ import datetime as dt
 import decimal
 import enum
 import importlib
+import ipaddress
 import json
 import logging
 import math
@@ -915,8 +916,65 @@ def _mysql_fsp(type_: Any) -> int | None:
     return fsp if isinstance(fsp, int) else None
 
 
-#: why a commit invalidates a tsvector column's row
-_TSVECTOR_REASON = "PostgreSQL normalises a tsvector (its lexemes sorted, their positions merged)"
+#: PostgreSQL types (by ``__visit_name__``) whose values the database rewrites on the way in,
+#: so a commit cannot predict what a load returns: loads fill, commits invalidate. Why, each.
+_NORMALISED_BY_POSTGRESQL = {
+    "TSVECTOR": "PostgreSQL normalises a tsvector (its lexemes sorted, their positions merged)",
+    "INET": "PostgreSQL normalises a network address ('10.0.0.01' is stored as '10.0.0.1')",
+    "CIDR": "PostgreSQL normalises a network address ('10.0.0.01' is stored as '10.0.0.1')",
+    "MACADDR": "PostgreSQL normalises a MAC address (to lower-case, colon-separated)",
+    "MACADDR8": "PostgreSQL normalises a MAC address (to lower-case, colon-separated)",
+    "HSTORE": "PostgreSQL orders an hstore's keys its own way",
+}
+
+#: what an INET or CIDR value loads as: text (psycopg2), or an ``ipaddress`` object (psycopg
+#: 3, asyncpg); stored as "tag|text", decoded as the same class
+_NETWORK_CLASSES: dict[str, type] = {
+    "s": str,
+    "a4": ipaddress.IPv4Address,
+    "a6": ipaddress.IPv6Address,
+    "i4": ipaddress.IPv4Interface,
+    "i6": ipaddress.IPv6Interface,
+    "n4": ipaddress.IPv4Network,
+    "n6": ipaddress.IPv6Network,
+}
+_NETWORK_TAGS = {cls: tag for tag, cls in _NETWORK_CLASSES.items()}
+
+
+def _enc_network(v: Any) -> Any:
+    tag = _NETWORK_TAGS.get(type(v))
+    if tag is None:
+        raise EncodeError(f"expected a network address, got {type(v).__name__}")
+    return f"{tag}|{v}"
+
+
+def _dec_network(v: Any) -> Any:
+    if type(v) is not str:
+        raise _fail("str", v)
+    tag, _, text = v.partition("|")
+    cls = _NETWORK_CLASSES.get(tag)
+    if cls is None:
+        raise DecodeError(f"bad network address {v!r}")
+    try:
+        return cls(text)
+    except ValueError as exc:
+        raise DecodeError(f"bad network address {v!r}") from exc
+
+
+def _enc_hstore(v: Any) -> Any:
+    """A dict of str to str or None (a ``MutableDict`` too: a load's value of a column the
+    application made mutable), stored as a plain one."""
+    if not isinstance(v, dict) or not all(
+        type(k) is str and (x is None or type(x) is str) for k, x in v.items()
+    ):
+        raise EncodeError(f"expected a dict of str to str or None, got {type(v).__name__}")
+    return dict(v)
+
+
+def _dec_hstore(v: Any) -> Any:
+    if type(v) is not dict:
+        raise _fail("dict", v)
+    return dict(v)
 
 
 def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -> ColumnCodec:
@@ -1034,14 +1092,17 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _exact_str(t.length)))
     if isinstance(t, sqltypes._Binary):
         return ColumnCodec("bytes", *_nullable(_enc_bytes, _dec_type(bytes), _exact_bytes))
-    if getattr(t, "__visit_name__", None) == "TSVECTOR":  # postgresql.TSVECTOR: no import
-        # every PostgreSQL driver returns its text; a search vector a trigger or to_tsvector()
-        # computes is stored as a load returned it, a commit invalidates
-        return ColumnCodec(
-            "str",
-            *_nullable(_enc_type(str), _dec_type(str), _never),
-            Never(_TSVECTOR_REASON),
-        )
+    visit_name = getattr(t, "__visit_name__", None)  # PostgreSQL's own types: no import
+    if visit_name in _NORMALISED_BY_POSTGRESQL:
+        # stored as a load returned it; a commit invalidates (see _NORMALISED_BY_POSTGRESQL)
+        never = Never(_NORMALISED_BY_POSTGRESQL[visit_name])
+        if visit_name in ("INET", "CIDR"):
+            return ColumnCodec("network", *_nullable(_enc_network, _dec_network, _never), never)
+        if visit_name == "HSTORE":
+            return ColumnCodec(
+                "hstore", *_nullable(_enc_hstore, _dec_hstore, _never), never, mutable=True
+            )
+        return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _never), never)
     raise ConfigurationError(
         f"{where}: the cache has no exact stored form for type {t!r}; "
         "add the column to `exclude` (it is then loaded from the database on access)"
@@ -1131,9 +1192,7 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
         if name == "sqlite":
             return None
         return "CHAR pads a value shorter than its length with spaces"
-    if getattr(t, "__visit_name__", None) == "TSVECTOR":
-        return _TSVECTOR_REASON
-    return None
+    return _NORMALISED_BY_POSTGRESQL.get(getattr(t, "__visit_name__", None) or "")
 
 
 class DecoratedCodec(ColumnCodec):
