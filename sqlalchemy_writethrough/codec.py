@@ -227,6 +227,10 @@ def _real_database(name: str, is_mariadb: bool) -> bool:
     return name != DefaultDialect.name
 
 
+def _server_database(name: str, is_mariadb: bool) -> bool:
+    return name in ("postgresql", "mysql", "mariadb")
+
+
 def _not_postgresql(name: str, is_mariadb: bool) -> bool:
     return name in ("mysql", "mariadb", "sqlite")
 
@@ -747,21 +751,34 @@ def _exact_float(double: bool) -> Exact:
 
 _ONE = decimal.Decimal(1)
 
-#: the arithmetic of the predictions, never the thread's context: an application's own (a
-#: money service trapping ``Inexact``, a low ``prec``) made a commit of a value the database
-#: rounds raise ``decimal.Inexact`` out of ``session.commit()``. Unbounded precision and
-#: exponent, rounding as PostgreSQL and MySQL do; only ``InvalidOperation`` raises.
-_DECIMAL = decimal.Context(
-    prec=decimal.MAX_PREC,
-    rounding=decimal.ROUND_HALF_UP,
-    Emax=decimal.MAX_EMAX,
-    Emin=decimal.MIN_EMIN,
-    traps=[decimal.InvalidOperation],
-)
+#: the digits a PostgreSQL NUMERIC without a precision holds (before and after the point)
+_NUMERIC_DIGITS_MAX = _NUMERIC_WEIGHT_MAX + _NUMERIC_SCALE_MAX
 
 
-def _exact_decimal(scale: int | None, return_scale: int) -> Exact:
-    quantum = _ONE.scaleb(-scale, context=_DECIMAL) if scale is not None else None
+def _decimal_context(precision: int) -> decimal.Context:
+    """The arithmetic of a column's predictions, never the thread's context: an application's
+    own (a money service trapping ``Inexact``, a low ``prec``) made a commit of a value the
+    database rounds raise ``decimal.Inexact`` out of ``session.commit()``. The column's digits
+    (a value beyond them raises ``InvalidOperation``: not predicted, as the database refuses
+    it or, in MySQL's lenient modes, clips it), rounding half away from zero as PostgreSQL and
+    MySQL do."""
+    return decimal.Context(
+        prec=precision,
+        rounding=decimal.ROUND_HALF_UP,
+        Emax=decimal.MAX_EMAX,
+        Emin=decimal.MIN_EMIN,
+        traps=[decimal.InvalidOperation],
+    )
+
+
+def _exact_decimal(precision: int | None, scale: int | None, return_scale: int) -> Exact:
+    """What PostgreSQL and MySQL store of a Decimal in the column SQLAlchemy creates for
+    ``Numeric(precision, scale)``: ``NUMERIC(p, s)``; ``NUMERIC(p)``, whose scale is 0; or,
+    without a precision, ``NUMERIC``: unconstrained on PostgreSQL (the value as given), and
+    ``DECIMAL(10, 0)`` on MySQL, whatever the scale said (not predicted there); a scale
+    without a precision is not predicted anywhere. SQLite stores a float."""
+    context = _decimal_context(precision if precision is not None else _NUMERIC_DIGITS_MAX)
+    quantum = _ONE.scaleb(-(scale or 0), context=context) if precision is not None else None
     fmt = f"%.{return_scale}f"
 
     def ex(v: Any, ctx: FlushContext) -> Any:
@@ -774,19 +791,19 @@ def _exact_decimal(scale: int | None, return_scale: int) -> Exact:
             # (SQLite keeps a zero REAL as the integer 0, so there is no negative zero)
             as_float = float(v)
             return decimal.Decimal(fmt % (as_float if as_float != 0 else 0.0))
-        if ctx.name in ("postgresql", "mysql", "mariadb"):
+        if ctx.name not in ("postgresql", "mysql", "mariadb"):
+            return NOT_EXACT
+        try:
             if quantum is None:
-                if ctx.name != "postgresql":
+                if ctx.name != "postgresql" or scale is not None:
                     return NOT_EXACT
                 if v.as_tuple().exponent > 0:  # type: ignore[operator]
-                    v = v.quantize(_ONE, context=_DECIMAL)  # PostgreSQL returns 1.2E+3 as 1200
+                    v = v.quantize(_ONE, context=context)  # PostgreSQL returns 1.2E+3 as 1200
                 return v.copy_abs() if v.is_zero() else v
-            try:
-                rounded = v.quantize(quantum, context=_DECIMAL)
-            except decimal.InvalidOperation:
-                return NOT_EXACT
-            return rounded.copy_abs() if rounded.is_zero() else rounded  # no "-0.00" in SQL
-        return NOT_EXACT
+            rounded = v.quantize(quantum, context=context)
+        except decimal.InvalidOperation:
+            return NOT_EXACT
+        return rounded.copy_abs() if rounded.is_zero() else rounded  # no "-0.00" in SQL
 
     return ex
 
@@ -1036,12 +1053,22 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
             return_scale = t.decimal_return_scale
             if return_scale is None:
                 return_scale = t.scale if t.scale is not None else 10
-            exact = _exact_decimal(t.scale, return_scale)
-            never = (
-                None
-                if t.scale is not None
-                else Never("MySQL's default scale is 0; give the Numeric a scale", _mysql_family)
-            )
+            exact = _exact_decimal(t.precision, t.scale, return_scale)
+            if t.precision is not None:
+                never = None
+            elif t.scale is not None:
+                never = Never(
+                    "a Numeric with a scale and no precision is created as NUMERIC, without the "
+                    "scale (unconstrained on PostgreSQL, DECIMAL(10, 0) on MySQL); give it a "
+                    "precision",
+                    _server_database,
+                )
+            else:
+                never = Never(
+                    "a Numeric without a precision is created as NUMERIC, which MySQL makes "
+                    "DECIMAL(10, 0); give it a precision and a scale",
+                    _mysql_family,
+                )
         return ColumnCodec("decimal", *_nullable(_enc_decimal, _dec_decimal, exact), never)
     if isinstance(t, sqltypes.DateTime):
         return ColumnCodec(
@@ -1140,11 +1167,15 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
             return "Numeric(asdecimal=False): the database rounds the float"
         if isinstance(t, sqltypes.Float):
             return "Float(asdecimal=True): the database rounds it"
-        if name == "sqlite" or name == "postgresql" or (mysql and t.scale is not None):
+        if name == "sqlite":
             return None
-        if mysql:
-            return f"Numeric without a scale: {name} rounds it to scale 0"
-        return f"Numeric: rounding on {name} is not known"
+        if name != "postgresql" and not mysql:
+            return f"Numeric: rounding on {name} is not known"
+        if t.precision is None and t.scale is not None:
+            return "Numeric with a scale and no precision: created as NUMERIC, without the scale"
+        if mysql and t.precision is None:
+            return f"Numeric without a precision: {name} makes it DECIMAL(10, 0)"
+        return None
     if isinstance(t, (sqltypes.DateTime, sqltypes.Time)):
         kind = "DateTime" if isinstance(t, sqltypes.DateTime) else "Time"
         if name == "postgresql":
