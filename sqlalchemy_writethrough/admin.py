@@ -40,8 +40,8 @@ from sqlalchemy.orm import (
     with_polymorphic,
 )
 
-from . import _random as random
 from . import _redis_compat, flavours
+from . import _rng as random
 from .backend import ScriptBackend
 from .cache import WriteThroughCache, _caches
 from .codec import DecodeError

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import redis
@@ -52,7 +52,7 @@ from .keys import (
 from .loading import ReadPath
 from .model import CachedModel, ModelLayout, is_cached_model, model_overrides
 from .near import ClusterSubscriptions, NearCache, Subscriptions, TwinSubscriptions
-from .redis_async import AsyncTransport, OtherEventLoopError, close_off_loop
+from .redis_async import AsyncTransport, ClosedCacheError, OtherEventLoopError, close_off_loop
 from .redis_sync import SyncTransport
 from .registry import Models
 from .report import CachedModels, describe
@@ -489,8 +489,8 @@ class WriteThroughCache:
         if asynchronous and _closed_under_way(backend):
             # aclose() ran during INFO, whose connection (if it connected only then) went
             # back to the closed pool open: closed now, if the client is the cache's
-            if ours:
-                _sa_compat.await_(client.connection_pool.disconnect())
+            if ours and _redis_compat.bound_loops(client) <= {asyncio.get_running_loop()}:
+                _close_quietly(lambda: _sa_compat.await_(client.connection_pool.disconnect()))
             return
         if str(info.get("cluster_enabled", 0)) != "1":
             backend.on_cluster_node = None
@@ -504,9 +504,9 @@ class WriteThroughCache:
         except Exception as exc:  # no node answers CLUSTER SLOTS now: asked again later
             log.debug("writethrough: Redis Cluster client not built: %s", exc)
             return
-        if _closed_under_way(backend):
+        if asynchronous and _closed_under_way(backend):
             # aclose() ran while the slot map was read: the client would be no one's to close
-            _sa_compat.await_(cluster.aclose())
+            _close_quietly(lambda: _sa_compat.await_(cluster.aclose()))
             return
         switched = self._backend_for(
             AsyncRedisBackend if asynchronous else RedisBackend,
@@ -1214,7 +1214,7 @@ class WriteThroughCache:
             return backend.client
         try:
             return here()
-        except OtherEventLoopError:
+        except (OtherEventLoopError, ClosedCacheError):  # (closed: installed nowhere)
             return None
 
     @property
@@ -1345,6 +1345,16 @@ def _class_words(cls: type) -> str:
     if "_wt_read" in cls.__dict__ or flavours.made_here(cls):
         return f"the {path} subclass made by a WriteThroughCache"
     return path
+
+
+def _close_quietly(close: Callable[[], Any]) -> None:
+    """Close what a closed cache was building (on a failure's path: a get's, whose caller
+    goes to the database): closing a connection Redis does not answer may fail too, and must
+    not raise out of the get."""
+    try:
+        close()
+    except Exception as exc:
+        log.debug("writethrough: closing what a closed cache built: %s", exc)
 
 
 def _closed_under_way(backend: ScriptBackend) -> bool:

@@ -42,7 +42,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _random as random
+from . import _rng as random
 from .config import NearCacheOptions
 from .diagnostics import explain
 from .protocol import GENERATION_SCRIPTS, PAIR_SCRIPTS, Script

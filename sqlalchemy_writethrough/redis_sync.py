@@ -120,7 +120,7 @@ class HeldConnection:
         registering it raises ``ValueError`` (its descriptor is -1 by then), polling it
         answers ``POLLNVAL``."""
         sock = compat.socket_of(conn)
-        if sock is None:
+        if sock is None or sock.fileno() < 0:  # closed: its old descriptor may be reused
             return False
         if sock is not self.sock:
             poller = select.poll()

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _random as random
+from . import _rng as random
 from . import _sa_compat
 from .retiring import Retirement
 from .siblings import Siblings

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.horizontal_shard import ShardedSession
 
 from . import _sa_compat
-from ._random import random
+from ._rng import random
 from .background import Job, Publisher
 from .codec import IMMUTABLE, EncodeError, FlushContext, pack_row
 from .databases import connection_naming

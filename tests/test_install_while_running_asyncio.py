@@ -195,3 +195,26 @@ def test_closing_while_other_tasks_use_the_cache_never_raises(
     left_open = run_factory(test)
     if not own:  # a client the application closes while its tasks use it is its own
         assert left_open == []
+
+
+def test_a_closed_cache_closes_again_and_sends_no_stats_without_raising(
+    run_factory: Callable[[Callable[[Any], Awaitable[None]]], list[str]],
+    redis_url: str,
+    prefix: str,
+) -> None:
+    """Uninstalled and closed, a cache (stats on, the default) closed a second time (a
+    shutdown hook and a lifespan both closing it) raised ``ClosedCacheError``, and so did
+    ``asend_stats()``: its stats send asked the closed transport for a client. Now the second
+    close does nothing and the send says False."""
+
+    async def test(maker: async_sessionmaker[AsyncSession]) -> None:
+        cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=60)
+        cache.install(maker)
+        async with maker() as session:
+            assert await session.get(IaRow, 1) is not None
+        cache.uninstall(maker)
+        await cache.aclose()
+        await cache.aclose()
+        assert await cache.asend_stats() is False
+
+    assert run_factory(test) == []

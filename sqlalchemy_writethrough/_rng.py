@@ -1,5 +1,5 @@
-"""The package's own random numbers (an entry's TTL jitter, the near cache's first node, the
-order of a repair's keys), never drawn from the ``random`` module's shared generator: an
+"""The package's own random numbers (an entry's TTL jitter, the near cache's first node,
+``verify()``'s sample of keys), never drawn from the ``random`` module's shared generator: an
 application or a test suite that seeds it (``random.seed(n)`` for reproducible data) would
 see its sequence shifted by every commit of a cached row.
 
