@@ -857,10 +857,29 @@ def _exact_interval(v: Any, ctx: FlushContext) -> Any:
     return v if type(v) is dt.timedelta and ctx.name == "postgresql" else NOT_EXACT
 
 
-def _exact_bytes(v: Any, ctx: FlushContext) -> Any:
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return bytes(v)
-    return NOT_EXACT
+#: the bytes a MySQL BLOB (``LargeBinary()`` without a length) holds
+_MYSQL_BLOB_MAX = 65535
+
+
+def _exact_bytes(length: int | None, fixed: bool) -> Exact:
+    """What a load returns of bytes written to a binary column: as given, but on MySQL a
+    ``BINARY(n)`` pads a shorter value with zero bytes, and a value longer than the column
+    (``VARBINARY(n)``, a BLOB's 65,535 bytes) is refused, or cut in a lenient ``sql_mode``.
+    PostgreSQL's BYTEA and SQLite have no length (nor a ``BINARY`` type, on PostgreSQL)."""
+
+    def ex(v: Any, ctx: FlushContext) -> Any:
+        if not isinstance(v, (bytes, bytearray, memoryview)):
+            return NOT_EXACT
+        v = bytes(v)
+        if ctx.name not in ("mysql", "mariadb"):
+            return v
+        if len(v) > (length if length is not None else _MYSQL_BLOB_MAX):
+            return NOT_EXACT
+        if fixed and length is not None:
+            return v.ljust(length, b"\0")
+        return v
+
+    return ex
 
 
 def _exact_enum(enum_class: type[enum.Enum] | None, values: Sequence[str]) -> Exact:
@@ -1118,7 +1137,9 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
     if isinstance(t, sqltypes.String):
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _exact_str(t.length)))
     if isinstance(t, sqltypes._Binary):
-        return ColumnCodec("bytes", *_nullable(_enc_bytes, _dec_type(bytes), _exact_bytes))
+        fixed = isinstance(t, sqltypes.BINARY)  # MySQL's BINARY without a length: BINARY(1)
+        exact = _exact_bytes(t.length if t.length is not None or not fixed else 1, fixed)
+        return ColumnCodec("bytes", *_nullable(_enc_bytes, _dec_type(bytes), exact))
     visit_name = getattr(t, "__visit_name__", None)  # PostgreSQL's own types: no import
     if visit_name in _NORMALISED_BY_POSTGRESQL:
         # stored as a load returned it; a commit invalidates (see _NORMALISED_BY_POSTGRESQL)
