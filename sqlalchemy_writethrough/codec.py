@@ -696,15 +696,49 @@ def _exact_bool(v: Any, ctx: FlushContext) -> Any:
     return NOT_EXACT
 
 
-def _exact_str(length: int | None) -> Exact:
+#: the bytes MySQL's text types hold (``TEXT`` for a ``Text()`` without a length)
+_MYSQL_TEXT_BYTES = {"TINYTEXT": 255, "TEXT": 65535, "MEDIUMTEXT": 16777215}
+
+
+def _exact_str(length: int | None, mysql_bytes: int | None = None) -> Exact:
+    """A string as written, unless longer than the column: refused, or cut by a lenient
+    MySQL ``sql_mode`` (its characters, or, for a text type without a length, its bytes:
+    counted in UTF-8, the most the column's character set can take)."""
+
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not str:
             return NOT_EXACT
         if length is not None and len(v) > length:
             return NOT_EXACT  # truncated by a lenient MySQL sql_mode, or an error
+        if (
+            mysql_bytes is not None
+            and len(v) * 4 > mysql_bytes
+            and ctx.name in ("mysql", "mariadb")
+            and len(v.encode("utf-8", "surrogatepass")) > mysql_bytes
+        ):
+            return NOT_EXACT
         return v
 
     return ex
+
+
+def _exact_int(bits: int, unsigned: bool) -> Exact:
+    """An int in the column's range; on MySQL, a value beyond it is refused, or clipped to
+    the range by a lenient ``sql_mode`` (PostgreSQL refuses it; SQLite stores 64 bits)."""
+    low, high = (0, 2**bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+    def ex(v: Any, ctx: FlushContext) -> Any:
+        if type(v) is not int:
+            return NOT_EXACT
+        if not low <= v <= high and ctx.name in ("mysql", "mariadb"):
+            return NOT_EXACT
+        return v
+
+    return ex
+
+
+#: the bits of MySQL's integer types (SQLAlchemy's Integer is INT, 32 bits)
+_INT_BITS = {"TINYINT": 8, "SMALLINT": 16, "MEDIUMINT": 24, "BIGINT": 64}
 
 
 def _exact_char(length: int, national: bool) -> Exact:
@@ -1042,7 +1076,14 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
             "str", *_nullable(_enc_type(str), _dec_type(str), _exact_enum(None, t.enums))
         )
     if isinstance(t, sqltypes.Integer):
-        return ColumnCodec("int", *_nullable(_enc_int, _dec_type(int), _exact_type(int)))
+        if isinstance(t, sqltypes.SmallInteger):
+            bits = 16
+        elif isinstance(t, sqltypes.BigInteger):
+            bits = 64
+        else:
+            bits = _INT_BITS.get(str(getattr(t, "__visit_name__", "")).upper(), 32)
+        exact_int = _exact_int(bits, bool(getattr(t, "unsigned", False)))
+        return ColumnCodec("int", *_nullable(_enc_int, _dec_type(int), exact_int))
     if isinstance(t, sqltypes.Float) and not t.asdecimal:
         precision = getattr(t, "precision", None)
         double = isinstance(t, sqltypes.Double) or precision is None or precision > 24
@@ -1135,7 +1176,13 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
         exact = _exact_char(t.length, isinstance(t, sqltypes.NCHAR))
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), exact))
     if isinstance(t, sqltypes.String):
-        return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), _exact_str(t.length)))
+        mysql_bytes = None
+        if t.length is None:
+            visit = str(getattr(t, "__visit_name__", "")).upper()
+            if isinstance(t, sqltypes.Text) or visit in _MYSQL_TEXT_BYTES:
+                mysql_bytes = _MYSQL_TEXT_BYTES.get(visit, _MYSQL_TEXT_BYTES["TEXT"])
+        exact = _exact_str(t.length, mysql_bytes)
+        return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), exact))
     if isinstance(t, sqltypes._Binary):
         fixed = isinstance(t, sqltypes.BINARY)  # MySQL's BINARY without a length: BINARY(1)
         exact = _exact_bytes(t.length if t.length is not None or not fixed else 1, fixed)

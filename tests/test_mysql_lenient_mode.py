@@ -1,0 +1,104 @@
+"""MySQL/MariaDB in a lenient ``sql_mode`` (without ``STRICT_TRANS_TABLES``, as older
+applications still run): a value the column cannot hold is not refused but changed, with a
+warning: an integer beyond its type's range is clipped to the range, a text longer than a
+``TEXT`` (65,535 bytes) is cut, a number beyond a ``DECIMAL(p, s)``'s digits becomes its
+largest value. The cache predicted them as written and served values the database did not
+hold (an ``INT`` column's ``2**31`` for its ``2**31 - 1``); they now invalidate.
+
+What is observed: each value a get returns after its commit, against a fresh load of the row,
+on a connection whose session runs ``SET sql_mode = ''``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
+
+from sqlalchemy_writethrough import WriteThroughWarning
+
+from _cache_helpers import cache_on
+from _servers import reset_schema
+
+pytestmark = pytest.mark.databases("mariadb")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+#: name -> (the column's type, values beyond it and within it)
+DECLARED: dict[str, tuple[Any, list[Any]]] = {
+    "small": (sa.SmallInteger(), [32767, 32768, -32769]),
+    "int": (sa.Integer(), [2**31 - 1, 2**31, -(2**31) - 1]),
+    "big": (sa.BigInteger(), [2**63 - 1, 2**63]),
+    "tiny_unsigned": (mysql.TINYINT(unsigned=True), [255, 256, -1]),
+    "medium": (mysql.MEDIUMINT(), [2**23 - 1, 2**23]),
+    "text": (sa.Text(), ["x" * 65535, "x" * 65536, "é" * 40000]),
+    "tiny_text": (mysql.TINYTEXT(), ["x" * 255, "x" * 256]),
+    "string": (sa.String(5), ["abcde", "abcdef"]),
+    "numeric": (sa.Numeric(5, 2), [Decimal("999.99"), Decimal("1000.00"), Decimal("-1000")]),
+    "binary": (sa.VARBINARY(4), [b"abcd", b"abcde"]),
+}
+
+MODELS: dict[str, type] = {
+    name: type(
+        f"Lm_{name}",
+        (Base,),
+        {
+            "__tablename__": f"lm_{name}",
+            "id": mapped_column(sa.Integer, primary_key=True, autoincrement=False),
+            "value": mapped_column(type_),
+        },
+    )
+    for name, (type_, _) in DECLARED.items()
+}
+
+
+@pytest.fixture
+def made(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessionmaker[Session]]:
+    reset_schema(engine, Base.metadata)
+    lenient = sa.create_engine(
+        engine.url, connect_args={"init_command": "SET SESSION sql_mode = ''"}
+    )
+    try:
+        with cache_on(lenient, redis_url, prefix) as (cache, factory):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", WriteThroughWarning)
+                cache.register_all(Base)
+                Base.registry.configure()
+            yield factory
+    finally:
+        lenient.dispose()
+
+
+def test_a_get_after_a_commit_returns_what_the_database_stored(
+    made: sessionmaker[Session],
+) -> None:
+    wrong = []
+    changed = 0  # not vacuous: the database did change values
+    for name, model in MODELS.items():
+        for key, value in enumerate(DECLARED[name][1]):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the driver's "Data truncated" warnings
+                with made() as session:
+                    session.add(model(id=key, value=value))
+                    session.commit()
+            with made() as session:
+                got = session.get(model, key).value  # type: ignore[union-attr]
+            with made() as session:
+                stored = session.scalars(
+                    sa.select(model.value).where(model.id == key)  # type: ignore[attr-defined]
+                ).one()
+            changed += stored != value
+            if got != stored:
+                wrong.append((name, str(value)[:12], str(got)[:12], str(stored)[:12]))
+    assert wrong == []
+    assert changed >= 10
