@@ -227,6 +227,10 @@ def _real_database(name: str, is_mariadb: bool) -> bool:
     return name != DefaultDialect.name
 
 
+def _postgresql(name: str, is_mariadb: bool) -> bool:
+    return name == "postgresql"
+
+
 def _server_database(name: str, is_mariadb: bool) -> bool:
     return name in ("postgresql", "mysql", "mariadb")
 
@@ -842,12 +846,29 @@ def _exact_decimal(precision: int | None, scale: int | None, return_scale: int) 
     return ex
 
 
-def _exact_datetime(timezone: bool, fsp: int | None) -> Exact:
+def _pg_precision(t: Any) -> int | None:
+    """The fractional digits of seconds a PostgreSQL ``TIMESTAMP(p)``, ``TIME(p)`` or
+    ``INTERVAL(p)`` keeps (``Interval(second_precision=p)`` is created as ``INTERVAL(p)``),
+    when fewer than 6: it rounds the rest."""
+    found = getattr(t, "precision", None)
+    if found is None:
+        found = getattr(t, "second_precision", None)
+    return found if type(found) is int and found < 6 else None
+
+
+def _rounded_by_postgresql(microsecond: int, precision: int | None) -> bool:
+    """Whether PostgreSQL rounds these microseconds away (the cache does not predict how)."""
+    return precision is not None and microsecond % 10 ** (6 - precision) != 0
+
+
+def _exact_datetime(timezone: bool, fsp: int | None, pg_precision: int | None = None) -> Exact:
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not dt.datetime:
             return NOT_EXACT
         name = ctx.name
         if name == "postgresql":
+            if _rounded_by_postgresql(v.microsecond, pg_precision):
+                return NOT_EXACT
             if not timezone:
                 return v if v.tzinfo is None else NOT_EXACT
             tz = ctx.pg_timezone() if v.tzinfo is not None else None
@@ -871,11 +892,16 @@ def _exact_datetime(timezone: bool, fsp: int | None) -> Exact:
     return ex
 
 
-def _exact_time(fsp: int | None) -> Exact:
+def _exact_time(fsp: int | None, pg_precision: int | None = None, timezone: bool = False) -> Exact:
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not dt.time or v.tzinfo is not None:
             return NOT_EXACT
-        if ctx.name in ("postgresql", "sqlite"):
+        if ctx.name == "postgresql":
+            # TIME WITH TIME ZONE: loaded with the session's offset, which v has not
+            if timezone or _rounded_by_postgresql(v.microsecond, pg_precision):
+                return NOT_EXACT
+            return v
+        if ctx.name == "sqlite":
             return v
         if ctx.name in ("mysql", "mariadb"):
             if fsp == 6 or v.microsecond == 0:
@@ -887,8 +913,16 @@ def _exact_time(fsp: int | None) -> Exact:
     return ex
 
 
-def _exact_interval(v: Any, ctx: FlushContext) -> Any:
-    return v if type(v) is dt.timedelta and ctx.name == "postgresql" else NOT_EXACT
+def _exact_interval(fields: str | None, pg_precision: int | None) -> Exact:
+    """A timedelta, as PostgreSQL's INTERVAL keeps it; not one restricted to ``fields``
+    (``INTERVAL DAY`` drops the hours) or whose seconds it rounds."""
+
+    def ex(v: Any, ctx: FlushContext) -> Any:
+        if type(v) is not dt.timedelta or ctx.name != "postgresql" or fields is not None:
+            return NOT_EXACT
+        return NOT_EXACT if _rounded_by_postgresql(v.microseconds, pg_precision) else v
+
+    return ex
 
 
 #: the bytes a MySQL BLOB (``LargeBinary()`` without a length) holds
@@ -1134,7 +1168,9 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
         return ColumnCodec(
             "datetime",
             *_nullable(
-                _enc_datetime, _dec_datetime, _exact_datetime(bool(t.timezone), _mysql_fsp(t))
+                _enc_datetime,
+                _dec_datetime,
+                _exact_datetime(bool(t.timezone), _mysql_fsp(t), _pg_precision(t)),
             ),
         )
     if isinstance(t, sqltypes.Date):
@@ -1142,15 +1178,25 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
             "date", *_nullable(_enc_iso(dt.date), _dec_iso(dt.date), _exact_type(dt.date))
         )
     if isinstance(t, sqltypes.Time):
+        exact = _exact_time(_mysql_fsp(t), _pg_precision(t), bool(t.timezone))
+        zoned = Never(
+            "PostgreSQL returns a TIME WITH TIME ZONE with the session's offset; use "
+            "DateTime(timezone=True), or Time()",
+            _postgresql,
+        )
         return ColumnCodec(
             "time",
-            *_nullable(_enc_iso(dt.time), _dec_iso(dt.time), _exact_time(_mysql_fsp(t))),
+            *_nullable(_enc_iso(dt.time), _dec_iso(dt.time), exact),
+            zoned if t.timezone else None,
         )
     if isinstance(t, ABSTRACT_INTERVAL):  # Interval and postgresql.INTERVAL
+        fields = getattr(t, "fields", None)
         return ColumnCodec(
             "interval",
-            *_nullable(_enc_interval, _dec_interval, _exact_interval),
-            Never("only PostgreSQL has an interval type (elsewhere: a datetime)", _not_postgresql),
+            *_nullable(_enc_interval, _dec_interval, _exact_interval(fields, _pg_precision(t))),
+            Never("only PostgreSQL has an interval type (elsewhere: a datetime)", _not_postgresql)
+            if fields is None
+            else Never(f"PostgreSQL's INTERVAL {fields} drops the other fields"),
         )
     if isinstance(t, sqltypes.Uuid):
         if t.as_uuid:
@@ -1255,6 +1301,14 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
                     "DateTime(timezone=True): only psycopg 3, psycopg2 and asyncpg tell the "
                     "time zone of what they return"
                 )
+            if kind == "Time" and t.timezone:
+                return "Time(timezone=True): returned with the session's offset"
+            precision = _pg_precision(t)
+            if precision is not None:
+                return (
+                    f"{kind} of precision {precision}: PostgreSQL rounds the fractional seconds "
+                    "(a value with more digits invalidates)"
+                )
             return None
         if name == "sqlite":
             return None
@@ -1269,7 +1323,18 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
     if isinstance(t, sqltypes.Date):
         return None
     if isinstance(t, ABSTRACT_INTERVAL):
-        return None if name == "postgresql" else f"Interval: {name} stores it as a datetime"
+        if name != "postgresql":
+            return f"Interval: {name} stores it as a datetime"
+        fields = getattr(t, "fields", None)
+        if fields is not None:
+            return f"INTERVAL {fields}: PostgreSQL drops the other fields"
+        precision = _pg_precision(t)
+        if precision is not None:
+            return (
+                f"Interval of precision {precision}: PostgreSQL rounds the fractional seconds "
+                "(a value with more digits invalidates)"
+            )
+        return None
     if isinstance(t, sqltypes.Uuid):
         return None if t.as_uuid else "Uuid(as_uuid=False): the database may reformat the string"
     if isinstance(t, sqltypes.ARRAY):
