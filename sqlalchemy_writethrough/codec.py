@@ -861,7 +861,18 @@ def _rounded_by_postgresql(microsecond: int, precision: int | None) -> bool:
     return precision is not None and microsecond % 10 ** (6 - precision) != 0
 
 
-def _exact_datetime(timezone: bool, fsp: int | None, pg_precision: int | None = None) -> Exact:
+#: the wall times a MySQL TIMESTAMP surely holds whatever the session's time zone (its range
+#: is 1970-01-01 00:00:01 to 2038-01-19 03:14:07 UTC): beyond them a lenient ``sql_mode``
+#: stores the zero date
+_MYSQL_TIMESTAMP_SPAN = (dt.datetime(1970, 1, 2), dt.datetime(2038, 1, 18))
+
+
+def _exact_datetime(
+    timezone: bool,
+    fsp: int | None,
+    pg_precision: int | None = None,
+    mysql_timestamp: bool = False,
+) -> Exact:
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not dt.datetime:
             return NOT_EXACT
@@ -883,6 +894,8 @@ def _exact_datetime(timezone: bool, fsp: int | None, pg_precision: int | None = 
         if name == "sqlite":
             return v
         if name in ("mysql", "mariadb"):
+            if mysql_timestamp and not _MYSQL_TIMESTAMP_SPAN[0] <= v <= _MYSQL_TIMESTAMP_SPAN[1]:
+                return NOT_EXACT
             if fsp == 6 or v.microsecond == 0:
                 return v
             if not fsp and ctx.is_mariadb:
@@ -1170,7 +1183,12 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
             *_nullable(
                 _enc_datetime,
                 _dec_datetime,
-                _exact_datetime(bool(t.timezone), _mysql_fsp(t), _pg_precision(t)),
+                _exact_datetime(
+                    bool(t.timezone),
+                    _mysql_fsp(t),
+                    _pg_precision(t),
+                    isinstance(t, sqltypes.TIMESTAMP),  # TIMESTAMP on MySQL too
+                ),
             ),
         )
     if isinstance(t, sqltypes.Date):

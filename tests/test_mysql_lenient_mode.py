@@ -2,7 +2,7 @@
 applications still run): a value the column cannot hold is not refused but changed, with a
 warning: an integer beyond its type's range is clipped to the range, a text longer than a
 ``TEXT`` (65,535 bytes) is cut, a number beyond a ``DECIMAL(p, s)``'s digits becomes its
-largest value. The cache predicted them as written and served values the database did not
+largest value, a ``TIMESTAMP`` beyond 1970 to 2038 the zero date. The cache predicted them as written and served values the database did not
 hold (an ``INT`` column's ``2**31`` for its ``2**31 - 1``); they now invalidate.
 
 What is observed: each value a get returns after its commit, against a fresh load of the row,
@@ -11,6 +11,7 @@ on a connection whose session runs ``SET sql_mode = ''``.
 
 from __future__ import annotations
 
+import datetime as dt
 import warnings
 from collections.abc import Iterator
 from decimal import Decimal
@@ -46,6 +47,11 @@ DECLARED: dict[str, tuple[Any, list[Any]]] = {
     "string": (sa.String(5), ["abcde", "abcdef"]),
     "numeric": (sa.Numeric(5, 2), [Decimal("999.99"), Decimal("1000.00"), Decimal("-1000")]),
     "binary": (sa.VARBINARY(4), [b"abcd", b"abcde"]),
+    # beyond 1970 to 2038 (UTC): the zero date, which PyMySQL loads as a string
+    "timestamp": (
+        mysql.TIMESTAMP(),
+        [dt.datetime(2000, 1, 1), dt.datetime(1960, 1, 1), dt.datetime(2040, 1, 1)],
+    ),
 }
 
 MODELS: dict[str, type] = {
