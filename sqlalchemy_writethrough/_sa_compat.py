@@ -65,6 +65,21 @@ WEAK_INSTANCE_DICT: type = next(
 _T = TypeVar("_T")
 
 
+def type_on(type_: Any, dialect_name: str) -> Any:
+    """The type SQLAlchemy creates and loads a column of ``type_`` with on a dialect of this
+    name: its ``with_variant()`` for that name, else itself (``TypeEngine._variant_mapping``,
+    private, 2.0 and 2.1; ``dialect_impl()`` resolves it too, but into dialect classes that do
+    not always subclass their generic type)."""
+    mapping = getattr(type_, "_variant_mapping", None)
+    while mapping and dialect_name in mapping:
+        found = mapping[dialect_name]
+        if found is type_:
+            break
+        type_ = found
+        mapping = getattr(type_, "_variant_mapping", None)
+    return type_
+
+
 def shard_binds(session: Any) -> list[Any]:
     """The bind of every shard of a ``ShardedSession`` (``shards=`` and ``bind_shard()``): kept
     under the name-mangled ``__shards`` (2.0 and 2.1), with no public accessor. Its public

@@ -35,7 +35,7 @@ import msgpack
 from sqlalchemy import types as sqltypes
 from sqlalchemy.engine.default import DefaultDialect
 
-from ._sa_compat import ABSTRACT_INTERVAL, json_functions
+from ._sa_compat import ABSTRACT_INTERVAL, json_functions, type_on
 from .exc import ConfigurationError, WriteThroughWarning
 from .keys import DecoratedKey
 
@@ -809,12 +809,21 @@ def _decimal_context(precision: int) -> decimal.Context:
     )
 
 
-def _exact_decimal(precision: int | None, scale: int | None, return_scale: int) -> Exact:
+#: a context in which a number of PostgreSQL's is written out whole (no digits limit of a
+#: column's: NUMERIC(2, -3)'s 12000 has five)
+_WHOLE_NUMBERS = _decimal_context(_NUMERIC_DIGITS_MAX)
+
+
+def _exact_decimal(
+    precision: int | None, scale: int | None, return_scale: int, unsigned: bool = False
+) -> Exact:
     """What PostgreSQL and MySQL store of a Decimal in the column SQLAlchemy creates for
     ``Numeric(precision, scale)``: ``NUMERIC(p, s)``; ``NUMERIC(p)``, whose scale is 0; or,
     without a precision, ``NUMERIC``: unconstrained on PostgreSQL (the value as given), and
     ``DECIMAL(10, 0)`` on MySQL, whatever the scale said (not predicted there); a scale
-    without a precision is not predicted anywhere. SQLite stores a float."""
+    without a precision is not predicted anywhere. A negative value in MySQL's ``UNSIGNED``
+    (or ``ZEROFILL``) DECIMAL is refused, or made 0 in a lenient ``sql_mode``: not predicted.
+    SQLite stores a float."""
     context = _decimal_context(precision if precision is not None else _NUMERIC_DIGITS_MAX)
     quantum = _ONE.scaleb(-(scale or 0), context=context) if precision is not None else None
     fmt = f"%.{return_scale}f"
@@ -831,6 +840,8 @@ def _exact_decimal(precision: int | None, scale: int | None, return_scale: int) 
             return decimal.Decimal(fmt % (as_float if as_float != 0 else 0.0))
         if ctx.name not in ("postgresql", "mysql", "mariadb"):
             return NOT_EXACT
+        if unsigned and v < 0:
+            return NOT_EXACT
         try:
             if quantum is None:
                 if ctx.name != "postgresql" or scale is not None:
@@ -839,6 +850,8 @@ def _exact_decimal(precision: int | None, scale: int | None, return_scale: int) 
                     v = v.quantize(_ONE, context=context)  # PostgreSQL returns 1.2E+3 as 1200
                 return v.copy_abs() if v.is_zero() else v
             rounded = v.quantize(quantum, context=context)
+            if scale is not None and scale < 0:  # NUMERIC(2, -3) returns 12000, not 1.2E+4
+                rounded = rounded.quantize(_ONE, context=_WHOLE_NUMBERS)
         except decimal.InvalidOperation:
             return NOT_EXACT
         return rounded.copy_abs() if rounded.is_zero() else rounded  # no "-0.00" in SQL
@@ -938,23 +951,27 @@ def _exact_interval(fields: str | None, pg_precision: int | None) -> Exact:
     return ex
 
 
-#: the bytes a MySQL BLOB (``LargeBinary()`` without a length) holds
-_MYSQL_BLOB_MAX = 65535
+#: the bytes MySQL's BLOB types hold (``BLOB`` for a ``LargeBinary()`` without a length)
+_MYSQL_BLOB_BYTES = {"TINYBLOB": 255, "BLOB": 65535, "MEDIUMBLOB": 2**24 - 1, "LONGBLOB": 2**32 - 1}
 
 
 def _exact_bytes(length: int | None, fixed: bool) -> Exact:
     """What a load returns of bytes written to a binary column: as given, but on MySQL a
     ``BINARY(n)`` pads a shorter value with zero bytes, and a value longer than the column
-    (``VARBINARY(n)``, a BLOB's 65,535 bytes) is refused, or cut in a lenient ``sql_mode``.
-    PostgreSQL's BYTEA and SQLite have no length (nor a ``BINARY`` type, on PostgreSQL)."""
+    (``VARBINARY(n)``, the bytes its BLOB type holds) is refused, or cut in a lenient
+    ``sql_mode``. PostgreSQL's BYTEA and SQLite have no length (nor a ``BINARY`` type, on
+    PostgreSQL)."""
 
     def ex(v: Any, ctx: FlushContext) -> Any:
         if not isinstance(v, (bytes, bytearray, memoryview)):
             return NOT_EXACT
-        v = bytes(v)
+        try:
+            v = bytes(v)
+        except ValueError:  # a released memoryview
+            return NOT_EXACT
         if ctx.name not in ("mysql", "mariadb"):
             return v
-        if len(v) > (length if length is not None else _MYSQL_BLOB_MAX):
+        if length is not None and len(v) > length:
             return NOT_EXACT
         if fixed and length is not None:
             return v.ljust(length, b"\0")
@@ -1129,7 +1146,9 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
             bits = 64
         else:
             bits = _INT_BITS.get(str(getattr(t, "__visit_name__", "")).upper(), 32)
-        exact_int = _exact_int(bits, bool(getattr(t, "unsigned", False)))
+        # MySQL makes a ZEROFILL column UNSIGNED
+        unsigned = bool(getattr(t, "unsigned", False) or getattr(t, "zerofill", False))
+        exact_int = _exact_int(bits, unsigned)
         return ColumnCodec("int", *_nullable(_enc_int, _dec_type(int), exact_int))
     if isinstance(t, sqltypes.Float) and not t.asdecimal:
         precision = getattr(t, "precision", None)
@@ -1160,7 +1179,8 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
             return_scale = t.decimal_return_scale
             if return_scale is None:
                 return_scale = t.scale if t.scale is not None else 10
-            exact = _exact_decimal(t.precision, t.scale, return_scale)
+            unsigned = bool(getattr(t, "unsigned", False) or getattr(t, "zerofill", False))
+            exact = _exact_decimal(t.precision, t.scale, return_scale, unsigned)
             if t.precision is not None:
                 never = None
             elif t.scale is not None:
@@ -1249,7 +1269,11 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), exact))
     if isinstance(t, sqltypes._Binary):
         fixed = isinstance(t, sqltypes.BINARY)  # MySQL's BINARY without a length: BINARY(1)
-        exact = _exact_bytes(t.length if t.length is not None or not fixed else 1, fixed)
+        length = t.length
+        if length is None:
+            visit = str(getattr(t, "__visit_name__", "")).upper()
+            length = 1 if fixed else _MYSQL_BLOB_BYTES.get(visit, _MYSQL_BLOB_BYTES["BLOB"])
+        exact = _exact_bytes(length, fixed)
         return ColumnCodec("bytes", *_nullable(_enc_bytes, _dec_type(bytes), exact))
     visit_name = getattr(t, "__visit_name__", None)  # PostgreSQL's own types: no import
     if visit_name in _NORMALISED_BY_POSTGRESQL:
@@ -1272,7 +1296,7 @@ def inexact_reason(column: Column[Any], dialect: Dialect) -> str | None:
     """Why a commit of a typical value of ``column`` on ``dialect`` invalidates the row instead
     of writing it, or None when it writes through. This describes the ``exact`` rules of the
     codecs above, type by type in the same order; tests check the two agree."""
-    type_: Any = column.type
+    type_: Any = type_on(column.type, dialect.name)
     transformed = sql_expression_reason(type_)
     if transformed is not None:
         return transformed
@@ -1484,7 +1508,7 @@ def column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCod
         if dialect.name == DefaultDialect.name:
             raise
         return _unstorable_on(dialect.name, exc)
-    reason = sql_expression_reason(column.type)
+    reason = sql_expression_reason(type_on(column.type, dialect.name))
     return found if reason is None else SqlTransformedCodec(found, reason)
 
 
@@ -1544,7 +1568,8 @@ def _unstorable_on(name: str, refused: ConfigurationError) -> ColumnCodec:
 
 
 def _column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCodec:
-    type_: Any = column.type
+    # with_variant(): the type the table was created with on this database
+    type_: Any = type_on(column.type, dialect.name)
     # Interval is a TypeDecorator over DateTime on databases without one, but its Python values
     # are timedeltas on every database: it has a codec of its own
     if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):

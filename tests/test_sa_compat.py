@@ -10,7 +10,7 @@ import gc
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, String, create_engine, event, inspect, select
+from sqlalchemy import DateTime, ForeignKey, String, create_engine, event, inspect, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.declarative import DeferredReflection
 from sqlalchemy.orm import (
@@ -929,3 +929,15 @@ def test_a_listener_on_the_engine_class_keeps_an_earlier_ones_engines_running_it
         event.remove(Engine, "before_cursor_execute", their_listener)
         if event.contains(Engine, "before_cursor_execute", ours):
             event.remove(Engine, "before_cursor_execute", ours)
+
+
+def test_type_on_resolves_with_variant_by_dialect_name() -> None:
+    """``TypeEngine._variant_mapping``: the type ``with_variant()`` gives a dialect name."""
+    from sqlalchemy.dialects import mysql
+
+    plain = DateTime()
+    varied = plain.with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+    assert _sa_compat.type_on(varied, "postgresql") is varied
+    assert isinstance(_sa_compat.type_on(varied, "mariadb"), mysql.DATETIME)
+    assert _sa_compat.type_on(varied, "mysql").fsp == 6
+    assert _sa_compat.type_on(plain, "mysql") is plain
