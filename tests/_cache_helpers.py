@@ -6,15 +6,17 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import redis
+import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, mapped_column, sessionmaker
 
-from sqlalchemy_writethrough import WriteThroughCache
+from sqlalchemy_writethrough import WriteThroughCache, WriteThroughWarning
 from sqlalchemy_writethrough.keys import KeySpace
 from sqlalchemy_writethrough.near import NearCache
 from sqlalchemy_writethrough.protocol import payload_of
@@ -165,3 +167,63 @@ def cache_on(
     finally:
         cache.uninstall(made)
         cache.close()
+
+
+def one_column_models(base: type, prefix: str, declared: Mapping[str, Any]) -> dict[str, type]:
+    """A model per declared type, under ``base``: table ``{prefix}_{name}``, an integer key
+    ``id`` and a ``value`` column of that type (to check each declaration on its own)."""
+    return {
+        name: type(
+            f"{prefix.capitalize()}_{name}",
+            (base,),
+            {
+                "__tablename__": f"{prefix}_{name}",
+                "id": mapped_column(sa.Integer, primary_key=True, autoincrement=False),
+                "value": mapped_column(type_),
+            },
+        )
+        for name, type_ in declared.items()
+    }
+
+
+def served_and_stored(
+    made: sessionmaker[Session],
+    model: Any,
+    key: int,
+    value: Any,
+    after_commit: Callable[[], None] | None = None,
+) -> tuple[Any, Any] | None:
+    """Commit a row of ``value``, then (what a get returns of it, what a fresh load of the
+    row returns): after the commit the get is served from what the commit wrote to Redis
+    (``after_commit`` looks at it first). None when the database refused the value (nothing
+    was committed)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a driver's "Data truncated" in a lenient mode
+            with made() as session:
+                session.add(model(id=key, value=value))
+                session.commit()
+    except sa.exc.DBAPIError:
+        return None
+    if after_commit is not None:
+        after_commit()
+    with made() as session:
+        served = session.get(model, key).value
+    with made() as session:
+        stored = session.scalars(sa.select(model.value).where(model.id == key)).one()
+    return served, stored
+
+
+@contextlib.contextmanager
+def caching_all(
+    engine: Engine, redis_url: str, prefix: str, *bases: type
+) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
+    """:func:`cache_on`, the cache caching every model of ``bases`` (``register_all()``; the
+    warnings of columns whose commits invalidate, the subject of such tests, left unsaid)."""
+    with cache_on(engine, redis_url, prefix) as (cache, made):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", WriteThroughWarning)
+            for base in bases:
+                cache.register_all(base)
+                base.registry.configure()  # type: ignore[attr-defined]
+        yield cache, made

@@ -10,18 +10,15 @@ What is observed: each value a get returns after its commit, against a fresh loa
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from sqlalchemy_writethrough import WriteThroughWarning
-
-from _cache_helpers import cache_on
+from _cache_helpers import caching_all, one_column_models, served_and_stored
 from _servers import reset_schema
 
 pytestmark = pytest.mark.databases("mariadb", "sqlite")
@@ -40,18 +37,7 @@ DECLARED: dict[str, Any] = {
     "large_binary": sa.LargeBinary(),
 }
 
-MODELS: dict[str, type] = {
-    name: type(
-        f"Bc_{name}",
-        (Base,),
-        {
-            "__tablename__": f"bc_{name}",
-            "id": mapped_column(sa.Integer, primary_key=True, autoincrement=False),
-            "data": mapped_column(type_),
-        },
-    )
-    for name, type_ in DECLARED.items()
-}
+MODELS = one_column_models(Base, "bc", DECLARED)
 
 VALUES = [b"a", b"ab", b"abcdefgh", b"abcdefghij", b"ab\x00", b"", b"x" * 70000]
 
@@ -59,11 +45,7 @@ VALUES = [b"a", b"ab", b"abcdefgh", b"abcdefghij", b"ab\x00", b"", b"x" * 70000]
 @pytest.fixture
 def made(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessionmaker[Session]]:
     reset_schema(engine, Base.metadata)
-    with cache_on(engine, redis_url, prefix) as (cache, factory):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", WriteThroughWarning)
-            cache.register_all(Base)
-            Base.registry.configure()
+    with caching_all(engine, redis_url, prefix, Base) as (_, factory):
         yield factory
 
 
@@ -73,18 +55,7 @@ def test_a_get_after_a_commit_returns_what_the_database_stored(
     wrong = []
     for name, model in MODELS.items():
         for key, value in enumerate(VALUES):
-            try:
-                with made() as session:
-                    session.add(model(id=key, data=value))
-                    session.commit()
-            except sa.exc.DBAPIError:  # longer than the column: refused
-                continue
-            with made() as session:
-                got = session.get(model, key).data  # type: ignore[union-attr]
-            with made() as session:
-                stored = session.scalars(
-                    sa.select(model.data).where(model.id == key)  # type: ignore[attr-defined]
-                ).one()
-            if got != stored:
-                wrong.append((name, value[:12], got[:12], stored[:12]))
+            found = served_and_stored(made, model, key, value)
+            if found is not None and found[0] != found[1]:
+                wrong.append((name, value[:12], found[0][:12], found[1][:12]))
     assert wrong == []

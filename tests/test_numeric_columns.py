@@ -14,7 +14,6 @@ and what ``cache.models(engine)`` says of the columns it does not predict.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -22,11 +21,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from sqlalchemy_writethrough import WriteThroughCache, WriteThroughWarning
+from sqlalchemy_writethrough import WriteThroughCache
 
-from _cache_helpers import cache_on
+from _cache_helpers import caching_all, one_column_models, served_and_stored
 from _servers import reset_schema
 
 pytestmark = [
@@ -49,18 +48,7 @@ DECLARED: dict[str, sa.Numeric[Any]] = {
     "wide": sa.Numeric(40, 3),
 }
 
-MODELS: dict[str, type] = {
-    name: type(
-        f"Nc_{name}",
-        (Base,),
-        {
-            "__tablename__": f"nc_{name}",
-            "id": mapped_column(sa.Integer, primary_key=True, autoincrement=False),
-            "amount": mapped_column(type_),
-        },
-    )
-    for name, type_ in DECLARED.items()
-}
+MODELS = one_column_models(Base, "nc", DECLARED)
 
 VALUES = [
     "1.005",
@@ -83,12 +71,8 @@ def cached(
     engine: Engine, redis_url: str, prefix: str
 ) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
     reset_schema(engine, Base.metadata)
-    with cache_on(engine, redis_url, prefix) as (cache, made):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", WriteThroughWarning)
-            cache.register_all(Base)
-            Base.registry.configure()
-        yield cache, made
+    with caching_all(engine, redis_url, prefix, Base) as found:
+        yield found
 
 
 def test_a_get_after_a_commit_returns_what_the_database_stored(
@@ -98,20 +82,9 @@ def test_a_get_after_a_commit_returns_what_the_database_stored(
     wrong = []
     for name, model in MODELS.items():
         for key, value in enumerate(VALUES):
-            try:
-                with made() as session:
-                    session.add(model(id=key, amount=Decimal(value)))
-                    session.commit()
-            except sa.exc.DBAPIError:  # out of the column's range: refused
-                continue
-            with made() as session:
-                got = session.get(model, key).amount  # type: ignore[union-attr]
-            with made() as session:
-                stored = session.scalars(
-                    sa.select(model.amount).where(model.id == key)  # type: ignore[attr-defined]
-                ).one()
-            if str(got) != str(stored):
-                wrong.append((name, value, str(got), str(stored)))
+            found = served_and_stored(made, model, key, Decimal(value))
+            if found is not None and str(found[0]) != str(found[1]):
+                wrong.append((name, value, *map(str, found)))
     assert wrong == []
 
 

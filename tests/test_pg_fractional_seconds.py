@@ -13,7 +13,6 @@ What is observed: each value a get returns after its commit, against a fresh loa
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,11 +20,17 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from sqlalchemy_writethrough import WriteThroughCache, WriteThroughWarning
+from sqlalchemy_writethrough import WriteThroughCache
 
-from _cache_helpers import cache_on, entry_key, entry_state
+from _cache_helpers import (
+    caching_all,
+    entry_key,
+    entry_state,
+    one_column_models,
+    served_and_stored,
+)
 from _servers import reset_schema
 
 pytestmark = [
@@ -54,18 +59,7 @@ DECLARED: dict[str, tuple[Any, list[Any]]] = {
     "interval_minute": (pg.INTERVAL(fields="HOUR TO MINUTE"), [dt.timedelta(hours=5, seconds=30)]),
 }
 
-MODELS: dict[str, type] = {
-    name: type(
-        f"Fs_{name}",
-        (Base,),
-        {
-            "__tablename__": f"fs_{name}",
-            "id": mapped_column(sa.Integer, primary_key=True, autoincrement=False),
-            "value": mapped_column(type_),
-        },
-    )
-    for name, (type_, _) in DECLARED.items()
-}
+MODELS = one_column_models(Base, "fs", {name: t for name, (t, _) in DECLARED.items()})
 
 
 @pytest.fixture
@@ -73,12 +67,8 @@ def cached(
     engine: Engine, redis_url: str, prefix: str
 ) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
     reset_schema(engine, Base.metadata)
-    with cache_on(engine, redis_url, prefix) as (cache, made):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", WriteThroughWarning)
-            cache.register_all(Base)
-            Base.registry.configure()
-        yield cache, made
+    with caching_all(engine, redis_url, prefix, Base) as found:
+        yield found
 
 
 def test_a_get_after_a_commit_returns_what_the_database_stored(
@@ -89,17 +79,14 @@ def test_a_get_after_a_commit_returns_what_the_database_stored(
     written = []
     for name, model in MODELS.items():
         for key, value in enumerate(DECLARED[name][1]):
-            with made() as session:
-                session.add(model(id=key, value=value))
-                session.commit()
-            if entry_state(redis_client, entry_key(cache, model, key)) == "value":
-                written.append(name)
-            with made() as session:
-                got = session.get(model, key).value  # type: ignore[union-attr]
-            with made() as session:
-                stored = session.scalars(
-                    sa.select(model.value).where(model.id == key)  # type: ignore[attr-defined]
-                ).one()
+
+            def look(model: Any = model, key: int = key, name: str = name) -> None:
+                if entry_state(redis_client, entry_key(cache, model, key)) == "value":
+                    written.append(name)  # by the commit
+
+            found = served_and_stored(made, model, key, value, look)
+            assert found is not None, (name, value)
+            got, stored = found
             if (type(got), got) != (type(stored), stored):
                 wrong.append((name, value, got, stored))
     assert wrong == []
