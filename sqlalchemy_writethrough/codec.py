@@ -1007,7 +1007,7 @@ def _array_codec(t: Any, where: str, dialect: Dialect) -> ColumnCodec:
         raise ConfigurationError(
             f"{where}: multi-dimensional ARRAY columns are not cached; add the column to `exclude`"
         )
-    item = _base_codec(t.item_type, where, dialect)
+    item = _base_codec(type_on(t.item_type, dialect.name), where, dialect)
     item_encode, item_decode, item_exact = item.encode, item.decode, item.exact
 
     def enc(v: Any) -> Any:
@@ -1384,7 +1384,7 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
             return f"ARRAY: not predicted on {name}"
         if isinstance(t.item_type, sqltypes.JSON):
             return "ARRAY of JSON: an element's text is not the document the driver returns"
-        item = _type_inexact_reason(t.item_type, dialect)
+        item = _type_inexact_reason(type_on(t.item_type, dialect.name), dialect)
         return None if item is None else f"ARRAY of {item}"
     if isinstance(t, sqltypes.JSON):  # the Never rules of _json_codec
         if getattr(t.dialect_impl(dialect), "__visit_name__", "") == "JSONB":

@@ -82,6 +82,10 @@ MYSQL_ONLY: dict[str, tuple[Any, list[Any]]] = {
 }
 POSTGRESQL_ONLY: dict[str, tuple[Any, list[Any]]] = {
     "negative_scale": (sa.Numeric(2, -3), [Decimal("12345")]),
+    "array_of_variant": (
+        pg.ARRAY(sa.DateTime().with_variant(pg.TIMESTAMP(precision=3), "postgresql")),
+        [[T]],
+    ),
 }
 
 
