@@ -21,11 +21,13 @@ what a commit and the gets after it return, and the SQL those gets send.
 from __future__ import annotations
 
 import decimal
+import os
 import random
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+import redis
 import sqlalchemy as sa
 from sqlalchemy import String
 from sqlalchemy.engine import Engine
@@ -33,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
+from _cache_helpers import entry_key
 from _servers import capture_sql, reset_schema
 
 
@@ -55,8 +58,8 @@ class PsPrice(Base, CachedModel):
 @pytest.fixture
 def factory(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessionmaker[Session]]:
     reset_schema(engine, Base.metadata)
-    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None)
-    maker = sessionmaker(engine)
+    cache = WriteThroughCache(redis_url, prefix=prefix, stats_interval=None, ttl=3600)
+    maker = sessionmaker(engine, info={"cache": cache})
     cache.install(maker)
     try:
         yield maker
@@ -123,3 +126,37 @@ def test_a_decimal_context_that_traps_rounding_changes_nothing_of_a_commit(
             session.commit()
         with factory() as session:
             assert session.get(PsPrice, 1).amount == Decimal("123456.79")  # type: ignore[union-attr]
+
+
+@pytest.mark.databases("sqlite")
+def test_forked_workers_draw_different_ttls(
+    factory: sessionmaker[Session], redis_client: redis.Redis, prefix: str
+) -> None:
+    """A pre-forking server's workers each commit a row: their entries' TTLs take different
+    jitters (the cache's generator is reseeded in a forked child, as the ``random`` module's
+    is; were it not, both would draw the same first number). The TTL is an hour, so its 10%
+    jitter spans 360 s: two independent draws fall within 20 ms of each other 1 time in 9,000
+    (the same draw, a millisecond or two apart: the time between the two commits)."""
+    with factory() as session:
+        session.add_all(PsItem(id=n, name="a") for n in (1, 2))
+        session.commit()
+    ttls = []
+    for key in (1, 2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                factory.kw["bind"].dispose(close=False)  # the parent's connections: not ours
+                with factory() as session:
+                    row = session.get(PsItem, key)
+                    assert row is not None
+                    row.name = "b"
+                    session.commit()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0
+        ttls.append(redis_client.pttl(entry_key(factory.kw["info"]["cache"], PsItem, key)))
+    assert all(ttl > 0 for ttl in ttls), ttls
+    assert abs(ttls[0] - ttls[1]) > 20, ttls
