@@ -627,7 +627,7 @@ class WriteThroughCache:
             flavour = self._async_flavour()
             _check_loop(flavour.runtime.backend)
             transport = getattr(flavour.runtime.backend, "transport", None)
-            if isinstance(transport, (AsyncTransport, AsyncClusterTransport)):
+            if isinstance(transport, _CLOSABLE_TRANSPORTS):
                 transport.closed = False  # closed by aclose(), in use again
             planned = flavours.planned_sync_session_class(target)
             revived = flavour.runtime.retirement.off_in(planned[0])
@@ -1057,10 +1057,9 @@ class WriteThroughCache:
             closing = self._was_installed and not self._targets
             for backend in [self._async.runtime.backend, *self._retired]:
                 transport = getattr(backend, "transport", None)
-                if isinstance(transport, AsyncClusterTransport):
-                    transport.closed |= closing  # its client is closed below, if built here
-                elif isinstance(transport, AsyncTransport):
+                if isinstance(transport, _CLOSABLE_TRANSPORTS):
                     transport.closed |= closing
+                if isinstance(transport, AsyncTransport):  # (a Cluster client: closed below)
                     await transport.aclose()
         self._stop_probing()
         self._close_built_sync_clients()
@@ -1345,6 +1344,11 @@ def _class_words(cls: type) -> str:
     if "_wt_read" in cls.__dict__ or flavours.made_here(cls):
         return f"the {path} subclass made by a WriteThroughCache"
     return path
+
+
+#: the asyncio transports ``aclose()`` of a cache installed nowhere closes to calls in flight
+#: (see :class:`.redis_async.ClosedCacheError`); ``install()`` opens them again
+_CLOSABLE_TRANSPORTS = (AsyncTransport, AsyncClusterTransport)
 
 
 def _close_quietly(close: Callable[[], Any]) -> None:

@@ -1050,6 +1050,17 @@ def _mysql_fsp(type_: Any) -> int | None:
     return fsp if isinstance(fsp, int) else None
 
 
+def _mysql_unsigned(type_: Any) -> bool:
+    """A MySQL number type declared ``unsigned``, or ``zerofill`` (which makes it unsigned)."""
+    return bool(getattr(type_, "unsigned", False) or getattr(type_, "zerofill", False))
+
+
+def _type_name(type_: Any) -> str:
+    """The type's SQL name as its dialect's class says it (``__visit_name__``, upper-cased:
+    ``MEDIUMBLOB``, ``TSVECTOR``), for types of a database's own that are not imported here."""
+    return str(getattr(type_, "__visit_name__", "")).upper()
+
+
 #: PostgreSQL types (by ``__visit_name__``) whose values the database rewrites on the way in,
 #: so a commit cannot predict what a load returns: loads fill, commits invalidate. Why, each.
 _NORMALISED_BY_POSTGRESQL = {
@@ -1145,10 +1156,8 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
         elif isinstance(t, sqltypes.BigInteger):
             bits = 64
         else:
-            bits = _INT_BITS.get(str(getattr(t, "__visit_name__", "")).upper(), 32)
-        # MySQL makes a ZEROFILL column UNSIGNED
-        unsigned = bool(getattr(t, "unsigned", False) or getattr(t, "zerofill", False))
-        exact_int = _exact_int(bits, unsigned)
+            bits = _INT_BITS.get(_type_name(t), 32)
+        exact_int = _exact_int(bits, _mysql_unsigned(t))
         return ColumnCodec("int", *_nullable(_enc_int, _dec_type(int), exact_int))
     if isinstance(t, sqltypes.Float) and not t.asdecimal:
         precision = getattr(t, "precision", None)
@@ -1179,8 +1188,7 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
             return_scale = t.decimal_return_scale
             if return_scale is None:
                 return_scale = t.scale if t.scale is not None else 10
-            unsigned = bool(getattr(t, "unsigned", False) or getattr(t, "zerofill", False))
-            exact = _exact_decimal(t.precision, t.scale, return_scale, unsigned)
+            exact = _exact_decimal(t.precision, t.scale, return_scale, _mysql_unsigned(t))
             if t.precision is not None:
                 never = None
             elif t.scale is not None:
@@ -1262,26 +1270,26 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
     if isinstance(t, sqltypes.String):
         mysql_bytes = None
         if t.length is None:
-            visit = str(getattr(t, "__visit_name__", "")).upper()
-            if isinstance(t, sqltypes.Text) or visit in _MYSQL_TEXT_BYTES:
-                mysql_bytes = _MYSQL_TEXT_BYTES.get(visit, _MYSQL_TEXT_BYTES["TEXT"])
+            name = _type_name(t)
+            if isinstance(t, sqltypes.Text) or name in _MYSQL_TEXT_BYTES:
+                mysql_bytes = _MYSQL_TEXT_BYTES.get(name, _MYSQL_TEXT_BYTES["TEXT"])
         exact = _exact_str(t.length, mysql_bytes)
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), exact))
     if isinstance(t, sqltypes._Binary):
         fixed = isinstance(t, sqltypes.BINARY)  # MySQL's BINARY without a length: BINARY(1)
         length = t.length
         if length is None:
-            visit = str(getattr(t, "__visit_name__", "")).upper()
-            length = 1 if fixed else _MYSQL_BLOB_BYTES.get(visit, _MYSQL_BLOB_BYTES["BLOB"])
+            name = _type_name(t)
+            length = 1 if fixed else _MYSQL_BLOB_BYTES.get(name, _MYSQL_BLOB_BYTES["BLOB"])
         exact = _exact_bytes(length, fixed)
         return ColumnCodec("bytes", *_nullable(_enc_bytes, _dec_type(bytes), exact))
-    visit_name = getattr(t, "__visit_name__", None)  # PostgreSQL's own types: no import
-    if visit_name in _NORMALISED_BY_POSTGRESQL:
+    name = _type_name(t)
+    if name in _NORMALISED_BY_POSTGRESQL:
         # stored as a load returned it; a commit invalidates (see _NORMALISED_BY_POSTGRESQL)
-        never = Never(_NORMALISED_BY_POSTGRESQL[visit_name])
-        if visit_name in ("INET", "CIDR"):
+        never = Never(_NORMALISED_BY_POSTGRESQL[name])
+        if name in ("INET", "CIDR"):
             return ColumnCodec("network", *_nullable(_enc_network, _dec_network, _never), never)
-        if visit_name == "HSTORE":
+        if name == "HSTORE":
             return ColumnCodec(
                 "hstore", *_nullable(_enc_hstore, _dec_hstore, _never), never, mutable=True
             )
@@ -1398,7 +1406,7 @@ def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
         if name == "sqlite":
             return None
         return "CHAR pads a value shorter than its length with spaces"
-    return _NORMALISED_BY_POSTGRESQL.get(getattr(t, "__visit_name__", None) or "")
+    return _NORMALISED_BY_POSTGRESQL.get(_type_name(t))
 
 
 class DecoratedCodec(ColumnCodec):

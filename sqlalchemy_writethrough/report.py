@@ -126,16 +126,19 @@ class CachedModels:
     cached: tuple[ModelInfo, ...]
     left_out: tuple[LeftOutModel, ...]
 
+    def _entry_of(self, model: object) -> ModelInfo | None:
+        return next((info for info in self.cached if model in info.classes), None)
+
     def __getitem__(self, model: type) -> ModelInfo:
         """The entry of a cached class (a subclass finds its hierarchy's)."""
-        for info in self.cached:
-            if model in info.classes:
-                return info
-        raise KeyError(f"{getattr(model, '__name__', model)!s} is not cached by this cache")
+        info = self._entry_of(model)
+        if info is None:
+            raise KeyError(f"{getattr(model, '__name__', model)!s} is not cached by this cache")
+        return info
 
     def __contains__(self, model: object) -> bool:
         """``Model in report``: whether the class is cached (``report[Model]`` finds it)."""
-        return any(model in info.classes for info in self.cached)
+        return self._entry_of(model) is not None
 
     def __iter__(self) -> Iterator[ModelInfo]:
         """The cached models' entries (without ``__iter__``, Python would iterate by
