@@ -3,11 +3,12 @@ near cache's copies, subscription and the commands Redis ran."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -227,3 +228,44 @@ def caching_all(
                 cache.register_all(base)
                 base.registry.configure()  # type: ignore[attr-defined]
         yield cache, made
+
+
+async def while_tasks_work(
+    maker: Any,
+    model: Any,
+    rows: Sequence[int],
+    seconds: float,
+    main: Callable[[], Awaitable[None]],
+) -> tuple[list[BaseException], int]:
+    """A task per row of ``model`` (a ``name`` column) gets, renames and commits it, then gets
+    the next row, through ``maker`` (an ``async_sessionmaker``), while ``main`` runs again and
+    again for ``seconds``: what the tasks raised, and how often ``main`` ran."""
+    failures: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def work(index: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                async with maker() as session:
+                    found = await session.get(model, rows[index])
+                    assert found is not None
+                    found.name = str(n)
+                    await session.commit()
+                    await session.get(model, rows[(index + 1) % len(rows)])
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    tasks = [asyncio.create_task(work(index)) for index in range(len(rows))]
+    runs = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not failures:
+            await main()
+            runs += 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    return failures, runs

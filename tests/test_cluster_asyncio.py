@@ -42,6 +42,7 @@ from sqlalchemy_writethrough.config import OnRedisError
 from sqlalchemy_writethrough.keys import registry_key
 from stress.cluster import ClusterGroup, wait_for
 
+from _cache_helpers import while_tasks_work
 from _servers import capture_sql, reset_schema
 
 pytestmark = [pytest.mark.cluster, pytest.mark.databases("sqlite")]
@@ -584,40 +585,18 @@ def test_gets_in_flight_when_the_cache_is_closed_open_no_connection_again(
         async with maker() as session:
             session.add_all(AcItem(id=n, name="0") for n in range(1, 5))
             await session.commit()
-        failures: list[BaseException] = []
-        stop = asyncio.Event()
 
-        async def work(row: int) -> None:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    async with maker() as session:
-                        found = await session.get(AcItem, row)
-                        assert found is not None
-                        found.name = str(n)
-                        await session.commit()
-                        await session.get(AcItem, row % 4 + 1)
-                except BaseException as exc:
-                    failures.append(exc)
-                    return
+        async def cycle() -> None:
+            cache = WriteThroughCache(url, prefix=prefix, stats_interval=None)
+            cache.install(maker)
+            await asyncio.sleep(0.05)
+            cache.uninstall(maker)
+            await cache.aclose()
 
-        tasks = [asyncio.create_task(work(row)) for row in range(1, 5)]
-        cycles = 0
         try:
-            deadline = time.monotonic() + 4.0
-            while time.monotonic() < deadline and not failures:
-                cache = WriteThroughCache(url, prefix=prefix, stats_interval=None)
-                cache.install(maker)
-                await asyncio.sleep(0.05)
-                cache.uninstall(maker)
-                await cache.aclose()
-                cycles += 1
+            return await while_tasks_work(maker, AcItem, range(1, 5), 4.0, cycle)
         finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
             await engine.dispose()
-        return failures, cycles
 
     gc.collect()  # earlier tests' garbage is not this test's to report
     with warnings.catch_warnings(record=True) as caught:

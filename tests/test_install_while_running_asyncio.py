@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
+
+from _cache_helpers import while_tasks_work
 
 pytestmark = pytest.mark.databases("sqlite")
 
@@ -77,42 +78,6 @@ def run_factory(tmp_path: Path) -> Callable[[Callable[[Any], Awaitable[None]]], 
     return run
 
 
-async def _while_tasks_work(
-    maker: async_sessionmaker[AsyncSession], seconds: float, main: Callable[[], Awaitable[None]]
-) -> tuple[list[BaseException], int]:
-    """Four tasks get, change and commit rows through ``maker`` while ``main`` runs again and
-    again for ``seconds``; what the tasks raised, and how often ``main`` ran."""
-    failures: list[BaseException] = []
-    stop = asyncio.Event()
-
-    async def work(row: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                async with maker() as session:
-                    found = await session.get(IaRow, row)
-                    assert found is not None
-                    found.name = str(n)
-                    await session.commit()
-                    await session.get(IaRow, (row + 1) % 4)
-            except BaseException as exc:
-                failures.append(exc)
-                return
-
-    tasks = [asyncio.create_task(work(row)) for row in range(4)]
-    runs = 0
-    try:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not failures:
-            await main()
-            runs += 1
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-    return failures, runs
-
-
 async def _committed(maker: async_sessionmaker[AsyncSession]) -> dict[int, str]:
     async with maker() as session:
         rows = await session.scalars(select(IaRow).execution_options(populate_existing=True))
@@ -141,7 +106,7 @@ def test_uninstall_while_other_tasks_run_sessions_never_raises(
             cache.uninstall(maker)
             await cache.aclose()
 
-        failures, cycles = await _while_tasks_work(maker, 4.0, cycle)
+        failures, cycles = await while_tasks_work(maker, IaRow, range(4), 4.0, cycle)
         assert failures == []
         assert cycles > 20  # not vacuous: many uninstalls ran amid the tasks' sessions
         assert maker.kw == before and maker.class_ is AsyncSession
@@ -188,7 +153,7 @@ def test_closing_while_other_tasks_use_the_cache_never_raises(
             cache.uninstall(maker)
             await cache.aclose()
 
-        failures, cycles = await _while_tasks_work(maker, 4.0, cycle)
+        failures, cycles = await while_tasks_work(maker, IaRow, range(4), 4.0, cycle)
         assert failures == []
         assert cycles > 20
 
