@@ -704,26 +704,101 @@ def _exact_bool(v: Any, ctx: FlushContext) -> Any:
 _MYSQL_TEXT_BYTES = {"TINYTEXT": 255, "TEXT": 65535, "MEDIUMTEXT": 16777215}
 
 
-def _exact_str(length: int | None, mysql_bytes: int | None = None) -> Exact:
+def _exact_str(
+    length: int | None, mysql_bytes: int | None = None, charset: str | None = None
+) -> Exact:
     """A string as written, unless longer than the column: refused, or cut by a lenient
-    MySQL ``sql_mode`` (its characters, or, for a text type without a length, its bytes:
-    counted in UTF-8, the most the column's character set can take)."""
+    MySQL ``sql_mode`` (its characters, or, for a text type without a length, its bytes in
+    the column's character set); on MySQL, unless a character is one the column's declared
+    character set cannot hold (a lenient ``sql_mode`` stores ``?`` for it)."""
+    holds = _mysql_charset_holds(charset)
+    width = _MYSQL_CHARSET_WIDTH.get(charset or "", 4)
 
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not str:
             return NOT_EXACT
         if length is not None and len(v) > length:
             return NOT_EXACT  # truncated by a lenient MySQL sql_mode, or an error
-        if (
-            mysql_bytes is not None
-            and len(v) * 4 > mysql_bytes
-            and ctx.name in ("mysql", "mariadb")
-            and len(v.encode("utf-8", "surrogatepass")) > mysql_bytes
-        ):
-            return NOT_EXACT
+        if ctx.name in ("mysql", "mariadb"):
+            if holds is not None and not holds(v):
+                return NOT_EXACT
+            if (
+                mysql_bytes is not None
+                and len(v) * 4 > mysql_bytes
+                and _mysql_bytes(v, charset, width) > mysql_bytes
+            ):
+                return NOT_EXACT
         return v
 
     return ex
+
+
+#: bytes per character of MySQL character sets of a fixed width (``ucs2`` and ``utf16`` take
+#: 2 for a character of the BMP, ``utf16`` 4 beyond it); the rest are counted in UTF-8, which
+#: takes at least as many bytes for every character they hold
+_MYSQL_CHARSET_WIDTH = {"ucs2": 2, "utf16": 2, "utf16le": 2, "utf32": 4}
+
+
+def _mysql_bytes(v: str, charset: str | None, width: int) -> int:
+    if charset in ("utf16", "utf16le"):
+        return len(v.encode("utf-16-le", "surrogatepass"))
+    if charset in _MYSQL_CHARSET_WIDTH:
+        return len(v) * width
+    return len(v.encode("utf-8", "surrogatepass"))
+
+
+def _mysql_charset(type_: Any) -> str | None:
+    """The character set a MySQL string column is declared with, lower-cased: its type's
+    ``charset``, ``national`` (utf8mb3), ``ascii`` (latin1), ``unicode`` (ucs2), or the one
+    its ``collation`` names (``latin1_swedish_ci``); None when undeclared (the table's or the
+    database's, utf8mb4 by default since MySQL 8.0)."""
+    charset = getattr(type_, "charset", None)
+    if charset is None:
+        if getattr(type_, "national", False) or isinstance(
+            type_, (sqltypes.NVARCHAR, sqltypes.NCHAR)
+        ):
+            return "utf8mb3"
+        if getattr(type_, "ascii", False):
+            return "latin1"
+        if getattr(type_, "unicode", False):
+            return "ucs2"
+        collation = getattr(type_, "collation", None)
+        if collation:
+            charset = str(collation).split("_", 1)[0]
+    return str(charset).lower() if charset else None
+
+
+#: the MySQL table options (``mysql_charset=...`` or ``mariadb_...`` in ``__table_args__``)
+#: that give its columns' character set, the first found deciding
+_TABLE_CHARSET_OPTIONS = ("charset", "character_set", "default_charset", "default_character_set")
+_TABLE_COLLATION_OPTIONS = ("collate", "default_collate")
+
+
+def _mysql_table_charset(column: Any) -> str | None:
+    """The character set a column's table declares for MySQL, or the one its collation
+    names; None when it declares neither."""
+    options = getattr(getattr(column, "table", None), "kwargs", None) or {}
+    for prefix in ("mysql_", "mariadb_"):
+        for name in _TABLE_CHARSET_OPTIONS:
+            if options.get(prefix + name):
+                return str(options[prefix + name]).lower()
+        for name in _TABLE_COLLATION_OPTIONS:
+            if options.get(prefix + name):
+                return str(options[prefix + name]).split("_", 1)[0].lower()
+    return None
+
+
+def _mysql_charset_holds(charset: str | None) -> Callable[[str], bool] | None:
+    """Whether a MySQL character set holds every character of a string (None: it holds all
+    of them). A character set not known here is trusted with ASCII only."""
+    if charset is None or charset in ("utf8mb4", "utf16", "utf16le", "utf32"):
+        return None
+    if charset in ("utf8mb3", "utf8", "ucs2"):  # the BMP only (MySQL's utf8 is utf8mb3)
+        return lambda v: v.isascii() or max(v) <= "\uffff"
+    if charset == "latin1":
+        # MySQL's latin1 is cp1252: its 0x80-0x9F are not ISO-8859-1's; trust the rest
+        return lambda v: v.isascii() or all(c < "\x80" or "\xa0" <= c <= "\xff" for c in v)
+    return str.isascii
 
 
 def _exact_int(bits: int, unsigned: bool) -> Exact:
@@ -745,10 +820,12 @@ def _exact_int(bits: int, unsigned: bool) -> Exact:
 _INT_BITS = {"TINYINT": 8, "SMALLINT": 16, "MEDIUMINT": 24, "BIGINT": 64}
 
 
-def _exact_char(length: int, national: bool) -> Exact:
+def _exact_char(length: int, national: bool, charset: str | None = None) -> Exact:
     """CHAR(n): PostgreSQL and MySQL pad a shorter value with spaces (MySQL strips trailing
     spaces on the way out instead), so a value of exactly n characters is what a load returns
-    there (on MySQL one that does not end in a space); SQLite stores text as given."""
+    there (on MySQL one that does not end in a space, of characters its character set
+    holds); SQLite stores text as given."""
+    holds = _mysql_charset_holds(charset)
 
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not str or len(v) > length:
@@ -762,7 +839,7 @@ def _exact_char(length: int, national: bool) -> Exact:
             return v
         if name in ("mysql", "mariadb") and not national and not v.endswith(" "):
             # (NCHAR is utf8mb3 there: a character beyond the BMP is refused or replaced)
-            return v
+            return v if holds is None or holds(v) else NOT_EXACT
         return NOT_EXACT
 
     return ex
@@ -880,11 +957,46 @@ def _rounded_by_postgresql(microsecond: int, precision: int | None) -> bool:
 _MYSQL_TIMESTAMP_SPAN = (dt.datetime(1970, 1, 2), dt.datetime(2038, 1, 18))
 
 
+def _sqlite_round_trip(t: Any) -> Callable[[Any], Any] | None:
+    """SQLite's own ``DATETIME``, ``DATE`` and ``TIME`` store the text their bind processor
+    formats, which a load parses back: one declared with a ``storage_format`` or
+    ``truncate_microseconds`` of its own drops what its format leaves out (the seconds, the
+    microseconds). Its values are predicted by that round trip; None for other types, whose
+    format keeps every digit."""
+    from sqlalchemy.dialects import sqlite
+
+    if not isinstance(t, (sqlite.DATETIME, sqlite.DATE, sqlite.TIME)):
+        return None
+    dialect = sqlite.dialect()
+    bind = t.bind_processor(dialect)
+    result = t.result_processor(dialect, None)
+    if bind is None or result is None:
+        return None
+
+    def round_trip(v: Any) -> Any:
+        try:
+            return result(bind(v))
+        except (ValueError, TypeError, AttributeError):  # a format that cannot read itself
+            return NOT_EXACT
+
+    return round_trip
+
+
+def _exact_date(sqlite_stored: Callable[[Any], Any] | None) -> Exact:
+    def ex(v: Any, ctx: FlushContext) -> Any:
+        if type(v) is not dt.date:
+            return NOT_EXACT
+        return sqlite_stored(v) if sqlite_stored is not None and ctx.name == "sqlite" else v
+
+    return ex
+
+
 def _exact_datetime(
     timezone: bool,
     fsp: int | None,
     pg_precision: int | None = None,
     mysql_timestamp: bool = False,
+    sqlite_stored: Callable[[Any], Any] | None = None,
 ) -> Exact:
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not dt.datetime:
@@ -905,7 +1017,7 @@ def _exact_datetime(
         if v.tzinfo is not None:
             v = v.replace(tzinfo=None)  # SQLite and MySQL keep the wall time, drop the zone
         if name == "sqlite":
-            return v
+            return v if sqlite_stored is None else sqlite_stored(v)
         if name in ("mysql", "mariadb"):
             if mysql_timestamp and not _MYSQL_TIMESTAMP_SPAN[0] <= v <= _MYSQL_TIMESTAMP_SPAN[1]:
                 return NOT_EXACT
@@ -918,7 +1030,12 @@ def _exact_datetime(
     return ex
 
 
-def _exact_time(fsp: int | None, pg_precision: int | None = None, timezone: bool = False) -> Exact:
+def _exact_time(
+    fsp: int | None,
+    pg_precision: int | None = None,
+    timezone: bool = False,
+    sqlite_stored: Callable[[Any], Any] | None = None,
+) -> Exact:
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not dt.time or v.tzinfo is not None:
             return NOT_EXACT
@@ -928,7 +1045,7 @@ def _exact_time(fsp: int | None, pg_precision: int | None = None, timezone: bool
                 return NOT_EXACT
             return v
         if ctx.name == "sqlite":
-            return v
+            return v if sqlite_stored is None else sqlite_stored(v)
         if ctx.name in ("mysql", "mariadb"):
             if fsp == 6 or v.microsecond == 0:
                 return v
@@ -1122,7 +1239,11 @@ def _dec_hstore(v: Any) -> Any:
     return dict(v)
 
 
-def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -> ColumnCodec:
+def _base_codec(
+    type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect, table_charset: str | None = None
+) -> ColumnCodec:
+    """The codec of a type; ``table_charset`` is the MySQL character set of the column's table,
+    where it declares one (a string column's own wins)."""
     t: Any = type_
     if isinstance(t, sqltypes.PickleType):
         raise ConfigurationError(
@@ -1216,15 +1337,19 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
                     _mysql_fsp(t),
                     _pg_precision(t),
                     isinstance(t, sqltypes.TIMESTAMP),  # TIMESTAMP on MySQL too
+                    _sqlite_round_trip(t),
                 ),
             ),
         )
     if isinstance(t, sqltypes.Date):
         return ColumnCodec(
-            "date", *_nullable(_enc_iso(dt.date), _dec_iso(dt.date), _exact_type(dt.date))
+            "date",
+            *_nullable(_enc_iso(dt.date), _dec_iso(dt.date), _exact_date(_sqlite_round_trip(t))),
         )
     if isinstance(t, sqltypes.Time):
-        exact = _exact_time(_mysql_fsp(t), _pg_precision(t), bool(t.timezone))
+        exact = _exact_time(
+            _mysql_fsp(t), _pg_precision(t), bool(t.timezone), _sqlite_round_trip(t)
+        )
         zoned = Never(
             "PostgreSQL returns a TIME WITH TIME ZONE with the session's offset; use "
             "DateTime(timezone=True), or Time()",
@@ -1265,7 +1390,8 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
                 Never("CHAR pads values with spaces; use String"),
             )
         # a fixed-width code (a country or currency code, a UUID's text) is written through
-        exact = _exact_char(t.length, isinstance(t, sqltypes.NCHAR))
+        charset = _mysql_charset(t) or table_charset
+        exact = _exact_char(t.length, isinstance(t, sqltypes.NCHAR), charset)
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), exact))
     if isinstance(t, sqltypes.String):
         mysql_bytes = None
@@ -1273,7 +1399,7 @@ def _base_codec(type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect) -
             name = _type_name(t)
             if isinstance(t, sqltypes.Text) or name in _MYSQL_TEXT_BYTES:
                 mysql_bytes = _MYSQL_TEXT_BYTES.get(name, _MYSQL_TEXT_BYTES["TEXT"])
-        exact = _exact_str(t.length, mysql_bytes)
+        exact = _exact_str(t.length, mysql_bytes, _mysql_charset(t) or table_charset)
         return ColumnCodec("str", *_nullable(_enc_type(str), _dec_type(str), exact))
     if isinstance(t, sqltypes._Binary):
         fixed = isinstance(t, sqltypes.BINARY)  # MySQL's BINARY without a length: BINARY(1)
@@ -1584,7 +1710,9 @@ def _column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCo
         if isinstance(type_, sqltypes.PickleType):
             _base_codec(type_, where, dialect)  # raises with the hint
         # load_dialect_impl() returns the generic implementation type (String(), ...)
-        inner = _base_codec(type_.load_dialect_impl(dialect), where, dialect)
+        inner = _base_codec(
+            type_.load_dialect_impl(dialect), where, dialect, _mysql_table_charset(column)
+        )
         td = type_
         cls = type(td)
         binds = cls.process_bind_param is not sqltypes.TypeDecorator.process_bind_param
@@ -1612,7 +1740,7 @@ def _column_codec(column: Column[Any], dialect: Dialect, where: str) -> ColumnCo
         return found
     # the column's own type decides: dialect implementation classes do not always subclass
     # their generic type (SQLAlchemy 2.0's psycopg Float is a Numeric)
-    return _base_codec(type_, where, dialect)
+    return _base_codec(type_, where, dialect, _mysql_table_charset(column))
 
 
 # --- payloads --------------------------------------------------------------------------------
