@@ -369,6 +369,40 @@ def _dec_decimal(v: Any) -> Any:
         raise DecodeError(f"bad decimal {v!r}") from exc
 
 
+def _dec_decimal_for(dialect: Dialect) -> Callable[[Any], Any]:
+    """The decoder giving a Decimal written as the dialect's driver writes it. PostgreSQL's
+    drivers disagree on whole numbers: one that reads text (psycopg, psycopg2, pg8000) gives
+    ``Decimal("100000000")``, asyncpg, which reads the binary form, leaves off the groups of
+    four zeros PostgreSQL does not send (``Decimal("1E+8")``); equal, but not alike in
+    ``str()``. An entry holds either (a fill stores what its driver gave), and each reader
+    gets its own driver's form."""
+    if getattr(dialect, "name", None) != "postgresql":
+        return _dec_decimal
+    if getattr(dialect, "driver", None) == "asyncpg":
+        return _dec_decimal_asyncpg
+    return _dec_decimal_postgresql_text
+
+
+def _dec_decimal_postgresql_text(v: Any) -> Any:
+    found = _dec_decimal(v)
+    if "E+" in v:  # asyncpg's form of a whole number
+        return decimal.Decimal(int(found))
+    return found
+
+
+def _dec_decimal_asyncpg(v: Any) -> Any:
+    found = _dec_decimal(v)
+    if "." in v or "E-" in v or not found or not found.is_finite():
+        return found  # a scale of its own: written alike
+    digits = str(abs(int(found)))
+    zeros = len(digits) - len(digits.rstrip("0"))
+    groups = zeros // 4
+    if groups == 0:
+        return decimal.Decimal(int(found)) if "E+" in v else found
+    sign = "-" if found < 0 else ""
+    return decimal.Decimal(f"{sign}{digits[: len(digits) - 4 * groups]}E+{4 * groups}")
+
+
 def _enc_datetime(v: Any) -> Any:
     if type(v) is not dt.datetime:
         raise EncodeError(f"expected datetime, got {type(v).__name__}")
@@ -1325,7 +1359,8 @@ def _base_codec(
                     "DECIMAL(10, 0); give it a precision and a scale",
                     _mysql_family,
                 )
-        return ColumnCodec("decimal", *_nullable(_enc_decimal, _dec_decimal, exact), never)
+        dec = _dec_decimal_for(dialect)
+        return ColumnCodec("decimal", *_nullable(_enc_decimal, dec, exact), never)
     if isinstance(t, sqltypes.DateTime):
         return ColumnCodec(
             "datetime",
@@ -1371,7 +1406,8 @@ def _base_codec(
         )
     if isinstance(t, sqltypes.Uuid):
         if t.as_uuid:
-            dec = _dec_uuid_for(dialect)
+            # a UUID stored as text (native_uuid=False) is made a uuid.UUID by SQLAlchemy
+            dec = _dec_uuid_for(dialect) if getattr(t, "native_uuid", True) else _dec_uuid
             return ColumnCodec("uuid", *_nullable(_enc_uuid, dec, _exact_uuid))
         return ColumnCodec(
             "str",

@@ -16,15 +16,16 @@ import datetime as dt
 import uuid
 import zoneinfo
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 import redis
 from _flavours import async_url
-from sqlalchemy import DateTime, String, Uuid, select
+from sqlalchemy import DateTime, Numeric, String, Uuid, create_engine, select
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache, from_cache
 
@@ -47,6 +48,29 @@ class ApRow(Base, CachedModel):
 
 
 ATTRS = ("id", "other", "at", "name")
+
+
+class ApNumber(Base, CachedModel):
+    """Whole numbers, which asyncpg and the text drivers write differently, and a UUID stored
+    as text, which SQLAlchemy (not asyncpg) makes a ``uuid.UUID``."""
+
+    __tablename__ = "ap_number"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    whole: Mapped[Decimal | None] = mapped_column(Numeric(38, 0))
+    plain: Mapped[Decimal | None] = mapped_column(Numeric)
+    cents: Mapped[Decimal | None] = mapped_column(Numeric(40, 2))
+    as_text: Mapped[uuid.UUID | None] = mapped_column(Uuid(native_uuid=False))
+
+
+NUMBERS = [
+    Decimal("100000000"),
+    Decimal("12340000"),
+    Decimal("-20000"),
+    Decimal("1E+30"),
+    Decimal("99999999.995"),
+    Decimal("10"),
+    Decimal("0"),
+]
 
 
 @pytest.fixture
@@ -205,3 +229,74 @@ def test_asyncpg_keys_are_served_in_batches_and_a_reloaded_key_has_not_moved(
             return len(got), len(sql), reasons, got[0].name
 
     assert loop.run_until_complete(scenario()) == (3, 0, {}, "b")
+
+
+def _numbers(row: Any) -> list[tuple[str, str, str]]:
+    """Each column's class and ``str()``: what an application prints."""
+    return [
+        (a, f"{type(v).__module__}.{type(v).__qualname__}", str(v))
+        for a in ("whole", "plain", "cents", "as_text")
+        if (v := getattr(row, a)) is not None
+    ]
+
+
+def test_whole_numbers_and_text_uuids_are_served_as_each_driver_loads_them(
+    schema: Any, db_url: str, prefix: str, redis_url: str, loop: Any
+) -> None:
+    """asyncpg reads ``NUMERIC`` in binary and gives ``Decimal("1E+8")`` where psycopg gives
+    ``Decimal("100000000")``: a get on asyncpg served the text drivers' form (from a commit,
+    or from a psycopg process's fill), and a psycopg get asyncpg's (from an asyncpg fill).
+    A ``Uuid(native_uuid=False)`` was served as asyncpg's UUID class, which only a native
+    column loads as. Each reader now gets its own driver's form."""
+    sync_engine = create_engine(db_url)
+    sync_cache = WriteThroughCache(redis_url, prefix=prefix)
+    sync_factory = sessionmaker(sync_engine)
+    sync_cache.install(sync_factory)
+
+    def sync_seen(key: int, fresh: bool) -> list[tuple[str, str, str]]:
+        with sync_factory() as session:
+            if fresh:
+                return _numbers(
+                    session.execute(select(ApNumber).where(ApNumber.id == key)).scalar_one()
+                )
+            return _numbers(session.get(ApNumber, key))
+
+    async def scenario() -> list[Any]:
+        wrong: list[Any] = []
+        async with _installed(db_url, redis_url, prefix, expire_on_commit=False) as (
+            _,
+            cache,
+            factory,
+        ):
+
+            async def seen(key: int, fresh: bool) -> list[tuple[str, str, str]]:
+                async with factory() as session:
+                    if fresh:
+                        found = await session.execute(select(ApNumber).where(ApNumber.id == key))
+                        return _numbers(found.scalar_one())
+                    return _numbers(await session.get(ApNumber, key))
+
+            for key, value in enumerate(NUMBERS):
+                row = ApNumber(id=key, whole=value, plain=value, cents=value, as_text=uuid.uuid4())
+                async with factory() as session:  # published by asyncpg's commit
+                    session.add(row)
+                    await session.commit()
+                loaded = await seen(key, fresh=True)
+                served = [await seen(key, fresh=False), sync_seen(key, fresh=False)]
+                expected = [loaded, sync_seen(key, fresh=True)]
+                await cache.ainvalidate(ApNumber, key)
+                await seen(key, fresh=False)  # filled by asyncpg
+                served += [await seen(key, fresh=False), sync_seen(key, fresh=False)]
+                await cache.ainvalidate(ApNumber, key)
+                sync_seen(key, fresh=False)  # filled by psycopg
+                served += [await seen(key, fresh=False), sync_seen(key, fresh=False)]
+                if served != expected * 3:
+                    wrong.append((str(value), served, expected))
+        return wrong
+
+    try:
+        assert loop.run_until_complete(scenario()) == []
+    finally:
+        sync_cache.uninstall(sync_factory)
+        sync_cache.close()
+        sync_engine.dispose()
