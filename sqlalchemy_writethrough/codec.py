@@ -150,7 +150,8 @@ def in_zone(
     changed = values if owned else None
     for attr in attrs:
         value = values[attr]
-        if value is not None and value.tzinfo is not tz:
+        # (a naive value is one asyncpg returns for 'infinity' and '-infinity': as loaded)
+        if value is not None and value.tzinfo is not tz and value.tzinfo is not None:
             if changed is None:
                 changed = dict(values)
             changed[attr] = value.astimezone(tz)
@@ -417,6 +418,24 @@ def _enc_datetime(v: Any) -> Any:
         if tz.tzname(None) == dt.timezone(offset).tzname(None):
             return [naive, int(offset.total_seconds() * 1_000_000), 0]
     raise EncodeError(f"time zone {tz!r} has no exact stored form")
+
+
+#: the instants a ``timestamptz`` entry may hold: one within a day of the ends of
+#: ``datetime``'s range may not exist in another time zone (``0001-01-01 03:00+05:00`` is in
+#: year 0 in UTC), where a reader would need it; the database's own load raises there
+_ZONED_SPAN = (dt.datetime.min + dt.timedelta(days=1), dt.datetime.max - dt.timedelta(days=1))
+
+
+def _enc_zoned_datetime(v: Any) -> Any:
+    """A ``timestamptz`` value: as :func:`_enc_datetime`, but not an instant near the ends of
+    ``datetime``'s range (rows loaded with one are not cached, commits invalidate)."""
+    if (
+        type(v) is dt.datetime
+        and v.tzinfo is not None
+        and not _ZONED_SPAN[0] <= v.replace(tzinfo=None) <= _ZONED_SPAN[1]
+    ):
+        raise EncodeError("an instant within a day of year 1 or 9999 (not in every time zone)")
+    return _enc_datetime(v)
 
 
 def _dec_datetime(v: Any) -> Any:
@@ -1044,6 +1063,8 @@ def _exact_datetime(
             tz = ctx.pg_timezone() if v.tzinfo is not None else None
             if tz is None:
                 return NOT_EXACT
+            if not _ZONED_SPAN[0] <= v.replace(tzinfo=None) <= _ZONED_SPAN[1]:
+                return NOT_EXACT  # (not stored: see _enc_zoned_datetime)
             try:
                 return v.astimezone(tz)
             except OverflowError:  # year 1 / 9999 shifted out of datetime's range
@@ -1365,7 +1386,7 @@ def _base_codec(
         return ColumnCodec(
             "datetime",
             *_nullable(
-                _enc_datetime,
+                _enc_zoned_datetime if t.timezone else _enc_datetime,
                 _dec_datetime,
                 _exact_datetime(
                     bool(t.timezone),
