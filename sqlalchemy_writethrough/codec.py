@@ -841,6 +841,15 @@ def _mysql_table_charset(column: Any) -> str | None:
     return None
 
 
+def declared_mysql_charset(column: Any, dialect_name: str) -> str | None:
+    """The MySQL character set a column's model declares for it (its type's, else its
+    table's), as the codec checks values against it; None when it declares none."""
+    type_ = type_on(column.type, dialect_name)
+    if isinstance(type_, sqltypes.TypeDecorator):
+        type_ = type_.impl_instance
+    return _mysql_charset(type_) or _mysql_table_charset(column)
+
+
 def _mysql_charset_holds(charset: str | None) -> Callable[[str], bool] | None:
     """Whether a MySQL character set holds every character of a string (None: it holds all
     of them). A character set not known here is trusted with ASCII only."""

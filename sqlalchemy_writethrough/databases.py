@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import URL, Connection
 
 from . import _sa_compat, forks
-from .codec import driver_timezone
+from .codec import declared_mysql_charset, driver_timezone
 from .exc import WritethroughError
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -198,6 +198,23 @@ _GENERATED_QUERIES = {
         "WHERE m.type = 'table' AND p.hidden IN (2, 3)"
     ),
 }
+
+#: MySQL's string columns in a character set that cannot hold every character (``latin1``,
+#: ``utf8mb3``...: not utf8mb4, utf16 or utf32), when the pool's sessions run a ``sql_mode``
+#: that is not strict: (schema, table, column, character set). There a character the set
+#: cannot hold is stored as ``?`` instead of being refused, so a commit of such a column must
+#: invalidate unless the model declares that character set (the column's ``charset`` or
+#: ``collation``, the table's ``mysql_charset``), which lets the codec check each value. The
+#: character set of a column the model does not declare one for is the table's, else the
+#: database's, as it was when the table was created: only the catalog knows it.
+_NARROW_CHARSET_QUERY = (
+    "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME "
+    "FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = {schema} "
+    "AND CHARACTER_SET_NAME IS NOT NULL "
+    "AND CHARACTER_SET_NAME NOT IN ('utf8mb4', 'utf16', 'utf16le', 'utf32') "
+    "AND @@SESSION.sql_mode NOT LIKE '%STRICT_TRANS_TABLES%' "
+    "AND @@SESSION.sql_mode NOT LIKE '%STRICT_ALL_TABLES%'"
+)
 
 #: the code of every trigger (and PostgreSQL rule) that runs on a write, by backend: (schema,
 #: table it is on, code). A trigger that writes another table changes rows the cache may
@@ -418,7 +435,7 @@ def digest(identity: str) -> str:
 #: holding a database per tenant, each reached by an engine of its own, had every engine's
 #: first cached load read them all, and keep all they said, per pool. Triggers and routines,
 #: few, are read whole: a trigger of any table may write a cached one.
-_PER_SCHEMA = ("unserved", "rewriting", "generated")
+_PER_SCHEMA = ("unserved", "rewriting", "generated", "narrow")
 
 
 class _SchemaCatalog:
@@ -431,6 +448,7 @@ class _SchemaCatalog:
         self.unserved: dict[tuple[str, str], str] = {}
         self.rewriting: dict[tuple[str, str], str] = {}
         self.generated: dict[tuple[str, str], frozenset[str]] = {}
+        self.narrow: dict[tuple[str, str], dict[str, str]] = {}
 
     def add(self, schema: str, fields: Mapping[str, Any]) -> None:
         for which in _PER_SCHEMA:
@@ -458,6 +476,9 @@ class _Server(NamedTuple):
     timezone: Any = None
     #: {(schema, table): its generated columns} (see :data:`_GENERATED_QUERIES`)
     generated: Mapping[tuple[str, str], frozenset[str]] = {}
+    #: {(schema, table): {column: character set}} of MySQL's string columns a lenient
+    #: ``sql_mode`` may store ``?`` in (see :data:`_NARROW_CHARSET_QUERY`)
+    narrow: Mapping[tuple[str, str], Mapping[str, str]] = {}
     #: {(schema, table): the names its triggers' code uses} (see :data:`_TRIGGER_CODE_QUERIES`)
     trigger_words: Mapping[tuple[str, str], frozenset[str]] = {}
     #: {(schema, table): the tables its triggers' statements write, as they name them}
@@ -884,7 +905,26 @@ def _schema_fields(fairy: Any, backend: str, by_url: str, schema: str) -> dict[s
         "unserved": _unserved(fairy, backend, by_url, schema),
         "rewriting": _rewriting(fairy, backend, by_url, schema),
         "generated": _generated(fairy, backend, by_url, schema),
+        "narrow": _narrow(fairy, backend, by_url, schema),
     }
+
+
+def _narrow(
+    fairy: Any, backend: str, by_url: str, schema: str
+) -> dict[tuple[str, str], dict[str, str]]:
+    """:data:`_NARROW_CHARSET_QUERY`, asked of MySQL's schema ``schema``: each table's string
+    columns a lenient ``sql_mode`` may store ``?`` in, with their character sets."""
+    if backend != "mysql":
+        return {}
+    what = (
+        "the character sets of its columns; a commit of a character one cannot hold, which a "
+        "lenient sql_mode stores as '?', would be served as written"
+    )
+    columns: dict[tuple[str, str], dict[str, str]] = {}
+    sql = _query({"mysql": _NARROW_CHARSET_QUERY}, backend, schema)
+    for name, table, column, charset in _catalog(fairy, sql, by_url, what):
+        columns.setdefault((name, table), {})[column] = charset.lower()
+    return columns
 
 
 def _sqlite_catalog(engine: Any, by_url: str) -> dict[str, Any]:
@@ -1187,6 +1227,21 @@ class Databases:
                     reasons.append(
                         f"{name}.{column} is a generated column the model does not declare "
                         "Computed(...)"
+                    )
+        dialect = bind.dialect.name
+        for table, name, charsets in self._found(bind, naming, tables, "narrow"):
+            by_name = {c.name: c for c in table.columns}
+            folded = {c.name.lower(): c for c in table.columns}
+            for column, charset in sorted(charsets.items()):
+                mapped = by_name.get(column, folded.get(column.lower()))
+                declared = None if mapped is None else declared_mysql_charset(mapped, dialect)
+                if mapped is not None and declared != charset:
+                    reasons.append(
+                        f"{name}.{column} is stored in {charset} and the session's sql_mode is "
+                        f"not strict: a character {charset} cannot hold is stored as '?' "
+                        f"(declare it, charset={charset!r} on the column's type or "
+                        "mysql_charset on the table, and only such values invalidate; or make "
+                        "sql_mode strict)"
                     )
         return sorted(reasons)
 

@@ -22,6 +22,8 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from sqlalchemy_writethrough import WriteThroughCache
+
 from _cache_helpers import caching_all, entry_key, entry_state, one_column_models, served_and_stored
 from _servers import capture_sql, reset_schema
 
@@ -71,27 +73,40 @@ DECLARED["table"] = (None, ["abc", "é"], ["😀", "€"])
 
 
 @pytest.fixture
-def lenient(engine: Engine, redis_url: str, prefix: str) -> Iterator[sessionmaker[Session]]:
+def lenient(
+    engine: Engine, redis_url: str, prefix: str
+) -> Iterator[tuple[WriteThroughCache, sessionmaker[Session]]]:
     reset_schema(engine, Base.metadata)
     lenient = sa.create_engine(
         engine.url, connect_args={"init_command": "SET SESSION sql_mode = ''"}
     )
     try:
-        with caching_all(lenient, redis_url, prefix, Base) as (_, factory):
-            yield factory
+        with caching_all(lenient, redis_url, prefix, Base) as found:
+            yield found
     finally:
         lenient.dispose()
 
 
 def test_a_get_after_a_commit_returns_what_the_database_stored(
-    lenient: sessionmaker[Session],
+    lenient: tuple[WriteThroughCache, sessionmaker[Session]], redis_client: redis.Redis
 ) -> None:
+    """(and a value the declared character set holds is still written through: the catalog
+    says the same character set, so the check of each value is enough)"""
+    cache, made = lenient
     wrong = []
     changed = 0  # not vacuous: the database did change values
     for name, model in MODELS.items():
         _, holds, cannot = DECLARED[name]
         for key, value in enumerate([*holds, *cannot]):
-            found = served_and_stored(lenient, model, key, value)
+
+            def written(
+                model: Any = model, key: int = key, value: str = value, name: str = name
+            ) -> None:
+                if value in DECLARED[name][1]:
+                    state = entry_state(redis_client, entry_key(cache, model, key))
+                    assert state == "value", (name, value[:12])
+
+            found = served_and_stored(made, model, key, value, after_commit=written)
             assert found is not None, (name, value)  # a lenient mode refuses nothing here
             got, stored = found
             changed += stored != value
@@ -118,3 +133,58 @@ def test_values_the_character_set_holds_are_still_written_through(
                 with made() as session, capture_sql(engine) as sql:
                     assert session.get(model, key).value == value
                 assert sql == []
+
+
+class Legacy(DeclarativeBase):
+    pass
+
+
+class LegacyName(Legacy):
+    """A table of a server whose database defaults to latin1 (as MySQL did before 8.0); the
+    model declares no character set: only the catalog knows it."""
+
+    __tablename__ = "cs_legacy"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    value: Mapped[str] = mapped_column(sa.String(20))
+
+
+@pytest.fixture
+def legacy_table(engine: Engine) -> Iterator[None]:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS cs_legacy")
+        conn.exec_driver_sql(
+            "CREATE TABLE cs_legacy (id INTEGER PRIMARY KEY, value VARCHAR(20)) "
+            "CHARACTER SET latin1"
+        )
+    yield
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS cs_legacy")
+
+
+def test_a_character_set_only_the_database_knows_invalidates_in_a_lenient_mode(
+    engine: Engine, legacy_table: None, redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    """The cache reads the character sets of the schema's columns once per pool, when its
+    sessions run a lenient ``sql_mode``: a commit of a column in one narrower than utf8mb4
+    that the model does not declare invalidates (the report says why), so a get loads what
+    the database stored. In strict mode nothing changes: such values are refused."""
+    lenient = sa.create_engine(
+        engine.url, connect_args={"init_command": "SET SESSION sql_mode = ''"}
+    )
+    try:
+        with caching_all(lenient, redis_url, prefix, Legacy) as (cache, made):
+            for key, value in enumerate(["abc", "é", "😀", "a😀"]):
+                found = served_and_stored(made, LegacyName, key, value)
+                assert found is not None
+                assert found[0] == found[1], (value, found)
+            report = cache.models(lenient)[LegacyName]
+            assert "cs_legacy.value is stored in latin1" in report.commits_invalidate_because
+    finally:
+        lenient.dispose()
+    with caching_all(engine, redis_url, prefix + "s", Legacy) as (cache, made):
+        with made() as session:
+            session.add(LegacyName(id=10, value="é"))
+            session.commit()
+        assert entry_state(redis_client, entry_key(cache, LegacyName, 10)) == "value"
+        assert cache.models(engine)[LegacyName].commits_invalidate_because == ""
