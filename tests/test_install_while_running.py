@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import String
+from sqlalchemy import String, create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -50,13 +50,18 @@ class RoutingSession(Session):
 
 
 @pytest.fixture(params=[Session, RoutingSession], ids=["Session", "RoutingSession"])
-def factory(engine: Engine, request: pytest.FixtureRequest) -> sessionmaker[Session]:
+def factory(engine: Engine, request: pytest.FixtureRequest) -> Iterator[sessionmaker[Session]]:
     reset_schema(engine, Base.metadata)
-    maker = sessionmaker(engine, class_=request.param)
+    # four threads commit to one SQLite file, switching every 10 us: on a machine busy with
+    # other test workers, a writer waited more than sqlite3's 5 s for the file once
+    # ("database is locked"), which says nothing of the cache
+    patient = create_engine(engine.url, connect_args={"timeout": 60})
+    maker = sessionmaker(patient, class_=request.param)
     with maker() as session:
         session.add_all([IrRow(id=n, name="0") for n in range(4)])
         session.commit()
-    return maker
+    yield maker
+    patient.dispose()
 
 
 @pytest.fixture
