@@ -174,6 +174,16 @@ _SQLALCHEMY_LOGIC = tuple(
         "test_schema_tenants",
         "test_encode_once",
         "test_configuration",
+        # each declaration against what the database stores of it
+        "test_declarations_swept",
+        "test_declared_charsets",
+        "test_declared_variants",
+        "test_numeric_columns",
+        "test_binary_columns",
+        "test_mysql_lenient_mode",
+        "test_pg_fractional_seconds",
+        "test_pg_normalised_types",
+        "test_sqlite_storage_formats",
     )
 )
 
