@@ -297,6 +297,8 @@ class WriteThroughCache:
         self._breaker_options = (breaker_threshold, breaker_cooldown)
         self._epoch_interval = epoch_check_interval
         self._cluster_lock = threading.Lock()
+        #: close() closed the synchronous clients: no switch to the cluster builds one more
+        self._sync_closed = False
         forks.renew_in_child(self, "_cluster_lock")
         #: the hooks of each flavour: sync sessions, and AsyncSession's (made at first need)
         self._sync: _Flavour | None = None
@@ -479,11 +481,18 @@ class WriteThroughCache:
             return
         # (aclose() forgets the clients it closed)
         ours = any(built is client for built, _ in self._built)
+        if not asynchronous and self._sync_closed:
+            return  # close() ran: nothing more is built (it waited for a switch under way)
         try:
-            if asynchronous:
-                info = _sa_compat.await_(client.info("cluster"))
-            else:
-                info = client.info("cluster")
+            try:
+                if asynchronous:
+                    info = _sa_compat.await_(client.info("cluster"))
+                else:
+                    info = client.info("cluster")
+            except (AttributeError, TypeError, ValueError) as exc:
+                # close() disconnected the client's pool under this thread's INFO
+                _redis_compat.raise_if_closed_under_us(exc)
+                raise
         except (redis.RedisError, OSError):
             return  # asked again at the next such reply
         if asynchronous and _closed_under_way(backend):
@@ -1005,9 +1014,13 @@ class WriteThroughCache:
         """Close the synchronous clients the cache built: from its URL, and a Redis Cluster
         client it switched to, with the plain client it switched away from when that was the
         URL's (a client the caller passed is theirs to close)."""
-        for client, asynchronous in self._built:
-            if not asynchronous:
-                client.close()
+        # a switch to the cluster under way (another thread's get) finishes first, and its
+        # cluster client is among those closed; none starts after
+        with self._cluster_lock:
+            self._sync_closed = True
+            for client, asynchronous in self._built:
+                if not asynchronous:
+                    client.close()
         self._built = [(client, True) for client, asynchronous in self._built if asynchronous]
 
     def _close_async_off_loop(self) -> None:

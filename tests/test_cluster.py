@@ -5,6 +5,7 @@ flavour's: ``test_cluster_asyncio.py``, and the behaviour suite's ``async-cluste
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -728,3 +730,63 @@ def test_a_primary_killed_under_load(
         assert load.stale() == []
     assert all(c.stats().epochs >= 1 for c in caches)
     cluster.restart(victim[0])
+
+
+def test_gets_in_flight_when_the_cache_is_closed_leave_nothing_open(
+    cluster: ClusterGroup, schema: Engine, prefix: str
+) -> None:
+    """A cache built from a cluster node's URL, installed, uninstalled and closed again and
+    again while four threads read and commit through it, as at an application's shutdown:
+    no thread raises, and nothing is left open. The switch to the cluster that a get's
+    ``MOVED`` sets off asks the node ``INFO cluster``; ``close()`` disconnecting the client
+    under that call made redis-py raise ``AttributeError: 'NoneType' object has no attribute
+    'readline'``, which reached ``session.get()`` (2 runs in 3). And a switch that finished
+    after ``close()`` built a ``RedisCluster`` client nobody closed (freed only by the
+    garbage collector); close() now waits for a switch under way and closes what it built."""
+    host, port = cluster.startup_nodes[0]
+    url = f"redis://{host}:{port}?socket_timeout=1&socket_connect_timeout=1"
+    factory = sessionmaker(schema)
+    _fill(factory, 4, "0")
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def work(row: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                with factory() as session:
+                    found = session.get(ClItem, row)
+                    assert found is not None
+                    found.name = str(n)
+                    session.commit()
+                    session.get(ClItem, row % 4 + 1)
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    gc.collect()  # earlier tests' garbage is not this test's to report
+    cycles = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        threads = [threading.Thread(target=work, args=(row,)) for row in range(1, 5)]
+        for thread in threads:
+            thread.start()
+        try:
+            deadline = time.monotonic() + 4.0
+            while time.monotonic() < deadline and not failures:
+                cache = WriteThroughCache(url, prefix=prefix, stats_interval=None)
+                cache.install(factory)
+                time.sleep(random.uniform(0.0, 0.03))
+                cache.uninstall(factory)
+                cache.close()
+                cycles += 1
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        gc.collect()
+    assert failures == []
+    assert cycles > 20  # not vacuous: many caches closed amid the threads' sessions
+    left_open = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert left_open == []
