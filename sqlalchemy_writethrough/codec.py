@@ -358,7 +358,12 @@ def _enc_type(expected: type) -> Callable[[Any], Any]:
 def _enc_decimal(v: Any) -> Any:
     if not isinstance(v, decimal.Decimal):
         raise EncodeError(f"expected Decimal, got {type(v).__name__}")
-    return str(v)
+    text = str(v)
+    if "E+" in text and v.is_finite():
+        # a whole number as asyncpg loads it (Decimal("1E+8")): stored as the text drivers
+        # give it, which every reader but asyncpg's gets as it is (see _dec_decimal_for)
+        return str(decimal.Decimal(int(v)))
+    return text
 
 
 def _dec_decimal(v: Any) -> Any:
@@ -375,32 +380,23 @@ def _dec_decimal_for(dialect: Dialect) -> Callable[[Any], Any]:
     drivers disagree on whole numbers: one that reads text (psycopg, psycopg2, pg8000) gives
     ``Decimal("100000000")``, asyncpg, which reads the binary form, leaves off the groups of
     four zeros PostgreSQL does not send (``Decimal("1E+8")``); equal, but not alike in
-    ``str()``. An entry holds either (a fill stores what its driver gave), and each reader
-    gets its own driver's form."""
-    if getattr(dialect, "name", None) != "postgresql":
-        return _dec_decimal
-    if getattr(dialect, "driver", None) == "asyncpg":
+    ``str()``. Entries hold the text form (see :func:`_enc_decimal`), which asyncpg's
+    readers are given in asyncpg's."""
+    if getattr(dialect, "name", None) == "postgresql" and dialect.driver == "asyncpg":
         return _dec_decimal_asyncpg
-    return _dec_decimal_postgresql_text
-
-
-def _dec_decimal_postgresql_text(v: Any) -> Any:
-    found = _dec_decimal(v)
-    if "E+" in v:  # asyncpg's form of a whole number
-        return decimal.Decimal(int(found))
-    return found
+    return _dec_decimal
 
 
 def _dec_decimal_asyncpg(v: Any) -> Any:
     found = _dec_decimal(v)
-    if "." in v or "E-" in v or not found or not found.is_finite():
+    if "." in v or "E" in v or not found or not found.is_finite():
         return found  # a scale of its own: written alike
-    digits = str(abs(int(found)))
+    digits = v.lstrip("-")
     zeros = len(digits) - len(digits.rstrip("0"))
     groups = zeros // 4
     if groups == 0:
-        return decimal.Decimal(int(found)) if "E+" in v else found
-    sign = "-" if found < 0 else ""
+        return found
+    sign = "-" if v[0] == "-" else ""
     return decimal.Decimal(f"{sign}{digits[: len(digits) - 4 * groups]}E+{4 * groups}")
 
 
