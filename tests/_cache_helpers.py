@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import uuid
 import warnings
@@ -228,6 +229,51 @@ def caching_all(
                 cache.register_all(base)
                 base.registry.configure()  # type: ignore[attr-defined]
         yield cache, made
+
+
+def while_threads_work(
+    factory: Callable[[], Any],
+    model: Any,
+    rows: Sequence[int],
+    seconds: float,
+    main: Callable[[], None],
+) -> tuple[list[BaseException], int]:
+    """A thread per row of ``model`` (a ``name`` column) gets, renames and commits it, then
+    gets the next row, through ``factory`` (a ``sessionmaker``), while ``main`` runs again and
+    again for ``seconds``: what the threads raised, and how often ``main`` ran (the
+    synchronous twin of :func:`while_tasks_work`)."""
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def work(index: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                with factory() as session:
+                    found = session.get(model, rows[index])
+                    assert found is not None
+                    found.name = str(n)
+                    session.commit()
+                    session.get(model, rows[(index + 1) % len(rows)])
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(rows))]
+    for thread in threads:
+        thread.start()
+    runs = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not failures:
+            main()
+            runs += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    return failures, runs
 
 
 async def while_tasks_work(

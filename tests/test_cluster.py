@@ -40,6 +40,7 @@ from sqlalchemy_writethrough.config import OnRedisError
 from sqlalchemy_writethrough.keys import registry_key
 from stress.cluster import ClusterGroup, wait_for
 
+from _cache_helpers import while_threads_work
 from _servers import RoundTripCounter, _counting_connection_class, capture_sql, reset_schema
 
 pytestmark = [pytest.mark.cluster, pytest.mark.databases("sqlite")]
@@ -747,44 +748,18 @@ def test_gets_in_flight_when_the_cache_is_closed_leave_nothing_open(
     url = f"redis://{host}:{port}?socket_timeout=1&socket_connect_timeout=1"
     factory = sessionmaker(schema)
     _fill(factory, 4, "0")
-    failures: list[BaseException] = []
-    stop = threading.Event()
 
-    def work(row: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                with factory() as session:
-                    found = session.get(ClItem, row)
-                    assert found is not None
-                    found.name = str(n)
-                    session.commit()
-                    session.get(ClItem, row % 4 + 1)
-            except BaseException as exc:
-                failures.append(exc)
-                return
+    def cycle() -> None:
+        cache = WriteThroughCache(url, prefix=prefix, stats_interval=None)
+        cache.install(factory)
+        time.sleep(random.uniform(0.0, 0.03))
+        cache.uninstall(factory)
+        cache.close()
 
     gc.collect()  # earlier tests' garbage is not this test's to report
-    cycles = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
-        threads = [threading.Thread(target=work, args=(row,)) for row in range(1, 5)]
-        for thread in threads:
-            thread.start()
-        try:
-            deadline = time.monotonic() + 4.0
-            while time.monotonic() < deadline and not failures:
-                cache = WriteThroughCache(url, prefix=prefix, stats_interval=None)
-                cache.install(factory)
-                time.sleep(random.uniform(0.0, 0.03))
-                cache.uninstall(factory)
-                cache.close()
-                cycles += 1
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=30)
+        failures, cycles = while_threads_work(factory, ClItem, range(1, 5), 4.0, cycle)
         gc.collect()
     assert failures == []
     assert cycles > 20  # not vacuous: many caches closed amid the threads' sessions

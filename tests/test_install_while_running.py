@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_writethrough import CachedModel, WriteThroughCache
 
+from _cache_helpers import while_threads_work
 from _servers import reset_schema
 
 pytestmark = pytest.mark.databases("sqlite")
@@ -77,39 +77,8 @@ def _while_threads_work(
     factory: sessionmaker[Session], seconds: float, main: Callable[[], None]
 ) -> tuple[list[BaseException], int]:
     """Four threads get, change and commit rows through ``factory`` while ``main`` runs
-    again and again for ``seconds``; what the threads raised, and how often ``main`` ran."""
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def work(row: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                with factory() as session:
-                    found = session.get(IrRow, row)
-                    assert found is not None
-                    found.name = str(n)
-                    session.commit()
-                    session.get(IrRow, (row + 1) % 4)
-            except BaseException as exc:
-                failures.append(exc)
-                return
-
-    threads = [threading.Thread(target=work, args=(row,)) for row in range(4)]
-    for thread in threads:
-        thread.start()
-    runs = 0
-    try:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not failures:
-            main()
-            runs += 1
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-    return failures, runs
+    again and again for ``seconds``: what the threads raised, and how often ``main`` ran."""
+    return while_threads_work(factory, IrRow, range(4), seconds, main)
 
 
 def _committed(factory: sessionmaker[Session]) -> dict[int, str]:
