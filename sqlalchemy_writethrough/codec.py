@@ -1299,12 +1299,31 @@ def _dec_hstore(v: Any) -> Any:
     return dict(v)
 
 
+def _domain_type(t: Any, where: str) -> Any:
+    """The data type of a PostgreSQL ``DOMAIN`` (None for another type): the database sends
+    a domain's values as its data type's, and the drivers load them so; its checks only
+    refuse values. Not one over ``DateTime(timezone=True)``: the cache moves such values
+    to each reader's time zone by the column's declared type."""
+    if _type_name(t) != "DOMAIN" or getattr(t, "data_type", None) is None:
+        return None
+    data_type = t.data_type
+    if isinstance(data_type, sqltypes.DateTime) and data_type.timezone:
+        raise ConfigurationError(
+            f"{where}: a DOMAIN over a timestamp with time zone is not cached; declare the "
+            "column DateTime(timezone=True), or add it to `exclude`"
+        )
+    return data_type
+
+
 def _base_codec(
     type_: sqltypes.TypeEngine[Any], where: str, dialect: Dialect, table_charset: str | None = None
 ) -> ColumnCodec:
     """The codec of a type; ``table_charset`` is the MySQL character set of the column's table,
     where it declares one (a string column's own wins)."""
     t: Any = type_
+    domain = _domain_type(t, where)
+    if domain is not None:
+        return _base_codec(domain, where, dialect, table_charset)
     if isinstance(t, sqltypes.PickleType):
         raise ConfigurationError(
             f"{where}: PickleType is never cached (the cache does not unpickle); "
@@ -1502,6 +1521,8 @@ def inexact_reason(column: Column[Any], dialect: Dialect) -> str | None:
 
 
 def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
+    if _type_name(t) == "DOMAIN" and getattr(t, "data_type", None) is not None:
+        return _type_inexact_reason(t.data_type, dialect)
     name = dialect.name
     mysql = name in ("mysql", "mariadb")
     if isinstance(t, (sqltypes.Boolean, sqltypes.Enum, sqltypes.Integer)):

@@ -36,8 +36,8 @@ from sqlalchemy.orm import DeclarativeBase
 
 from sqlalchemy_writethrough import WriteThroughCache, WriteThroughWarning
 
-from _cache_helpers import caching_all, one_column_models
-from _servers import reset_schema
+from _cache_helpers import caching_all, entry_key, entry_state, one_column_models
+from _servers import capture_sql, reset_schema
 
 # ----------------------------------------------------------------------------- values
 
@@ -92,6 +92,8 @@ def values_for(type_: Any) -> list[Any]:
         dt.timedelta: INTERVALS,
         uuid.UUID: UUIDS,
     }
+    if isinstance(type_, postgresql.DOMAIN):
+        type_ = type_.data_type  # (a domain's values are its data type's)
     return by_class[type_.python_type]
 
 
@@ -170,6 +172,10 @@ POSTGRESQL: Declared = {
     "cidr": (postgresql.CIDR(), ["10.0.0.0/8"]),
     "macaddr": (postgresql.MACADDR(), ["08:00:2B:01:02:03"]),
     "tsvector": (postgresql.TSVECTOR(), ["b a", "a:1 a:2"]),
+    "domain_int": (postgresql.DOMAIN("swt_positive", sa.Integer, check="VALUE > 0"), None),
+    "domain_numeric": (postgresql.DOMAIN("swt_money", sa.Numeric(10, 2)), None),
+    "domain_text": (postgresql.DOMAIN("swt_code", sa.String(5), not_null=False), None),
+    "domain_timestamp": (postgresql.DOMAIN("swt_at", sa.DateTime), None),
 }
 
 MARIADB: Declared = {
@@ -413,3 +419,34 @@ def test_on_asyncpg_too(
         cache.uninstall(factory)
         loop.run_until_complete(cache.aclose())
         loop.run_until_complete(async_engine.dispose())
+
+
+@pytest.mark.databases("postgresql")
+def test_a_domain_is_cached_as_its_data_type(
+    engine: Engine,
+    swept: tuple[type, dict[str, tuple[type, Any]]],
+    redis_url: str,
+    prefix: str,
+    redis_client: Any,
+) -> None:
+    """A ``DOMAIN`` column (what reflection gives a model of a database that uses them) left
+    its model out of the cache; the drivers load its values as its data type's, and a commit
+    now writes them through as that type's would (``Numeric(10, 2)``'s rounding included)."""
+    base, models = swept
+    with caching_all(engine, redis_url, prefix, base) as (cache, made):
+        for name, value, expected in (
+            ("domain_int", 5, 5),
+            ("domain_numeric", Decimal("1.005"), Decimal("1.01")),
+            ("domain_text", "ab", "ab"),
+            ("domain_timestamp", dt.datetime(2024, 1, 2, 3, 4, 5, 6), None),
+        ):
+            model = models[name][0]
+            with made() as session:
+                session.add(model(id=100, value=value))
+                session.commit()
+            state = entry_state(redis_client, entry_key(cache, model, 100))
+            assert state == "value", name
+            with made() as session, capture_sql(engine) as sql:
+                got = session.get(model, 100).value
+            assert sql == [], name
+            assert got == (value if expected is None else expected), name
