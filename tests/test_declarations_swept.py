@@ -238,7 +238,8 @@ SQLITE: Declared = {
     ),
     "s_decimal": (sqlite.DECIMAL(10, 2), None),
     "s_real": (sqlite.REAL(), None),
-    "s_jsonb": (sqlite.JSONB(), DOCUMENTS) if hasattr(sqlite, "JSONB") else (sqlite.JSON(), None),
+    # (SQLAlchemy 2.1's JSONB; 2.0 has SQLite's JSON only)
+    "s_jsonb": (getattr(sqlite, "JSONB", sqlite.JSON)(), DOCUMENTS),
 }
 
 
