@@ -1014,13 +1014,19 @@ class WriteThroughCache:
         """Close the synchronous clients the cache built: from its URL, and a Redis Cluster
         client it switched to, with the plain client it switched away from when that was the
         URL's (a client the caller passed is theirs to close)."""
-        # a switch to the cluster under way (another thread's get) finishes first, and its
-        # cluster client is among those closed; none starts after
-        with self._cluster_lock:
+        # a synchronous switch to the cluster under way (another thread's get) finishes
+        # first, and its cluster client is among those closed; none starts after. Not waited
+        # for on an event loop (aclose()): the lock's holder may be an asyncio switch awaiting
+        # on this very loop, which would never resume
+        locked = self._cluster_lock.acquire(blocking=not _loop_running())
+        try:
             self._sync_closed = True
             for client, asynchronous in self._built:
                 if not asynchronous:
                     client.close()
+        finally:
+            if locked:
+                self._cluster_lock.release()
         self._built = [(client, True) for client, asynchronous in self._built if asynchronous]
 
     def _close_async_off_loop(self) -> None:
