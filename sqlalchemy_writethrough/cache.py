@@ -482,7 +482,7 @@ class WriteThroughCache:
         # (aclose() forgets the clients it closed)
         ours = any(built is client for built, _ in self._built)
         if not asynchronous and self._sync_closed:
-            return  # close() ran: nothing more is built (it waited for a switch under way)
+            return  # close() ran: nothing more is built
         try:
             try:
                 if asynchronous:

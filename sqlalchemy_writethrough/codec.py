@@ -761,20 +761,21 @@ def _exact_str(
     the column's character set); on MySQL, unless a character is one the column's declared
     character set cannot hold (a lenient ``sql_mode`` stores ``?`` for it)."""
     holds = _mysql_charset_holds(charset)
-    width = _MYSQL_CHARSET_WIDTH.get(charset or "", 4)
+    # (most string columns have a length and no character set: nothing more to check)
+    checks_mysql = holds is not None or mysql_bytes is not None
 
     def ex(v: Any, ctx: FlushContext) -> Any:
         if type(v) is not str:
             return NOT_EXACT
         if length is not None and len(v) > length:
             return NOT_EXACT  # truncated by a lenient MySQL sql_mode, or an error
-        if ctx.name in ("mysql", "mariadb"):
+        if checks_mysql and ctx.name in ("mysql", "mariadb"):
             if holds is not None and not holds(v):
                 return NOT_EXACT
             if (
                 mysql_bytes is not None
                 and len(v) * 4 > mysql_bytes
-                and _mysql_bytes(v, charset, width) > mysql_bytes
+                and _mysql_bytes(v, charset) > mysql_bytes
             ):
                 return NOT_EXACT
         return v
@@ -782,17 +783,22 @@ def _exact_str(
     return ex
 
 
-#: bytes per character of MySQL character sets of a fixed width (``ucs2`` and ``utf16`` take
-#: 2 for a character of the BMP, ``utf16`` 4 beyond it); the rest are counted in UTF-8, which
-#: takes at least as many bytes for every character they hold
-_MYSQL_CHARSET_WIDTH = {"ucs2": 2, "utf16": 2, "utf16le": 2, "utf32": 4}
+#: bytes per character of the MySQL character sets of a fixed width
+_MYSQL_CHARSET_WIDTH = {"ucs2": 2, "utf32": 4}
+
+#: the MySQL character sets that hold every character (a lenient ``sql_mode`` stores ``?``
+#: for none); the catalog question of databases.py asks for the columns in any other
+MYSQL_WHOLE_UNICODE = ("utf8mb4", "utf16", "utf16le", "utf32")
 
 
-def _mysql_bytes(v: str, charset: str | None, width: int) -> int:
+def _mysql_bytes(v: str, charset: str | None) -> int:
+    """The bytes ``v`` takes in a MySQL character set: ``utf16`` 2 or 4 a character, the sets
+    of a fixed width that; the rest counted in UTF-8, which takes at least as many bytes for
+    every character they hold."""
     if charset in ("utf16", "utf16le"):
         return len(v.encode("utf-16-le", "surrogatepass"))
     if charset in _MYSQL_CHARSET_WIDTH:
-        return len(v) * width
+        return len(v) * _MYSQL_CHARSET_WIDTH[charset]
     return len(v.encode("utf-8", "surrogatepass"))
 
 
@@ -837,19 +843,20 @@ def _mysql_table_charset(column: Any) -> str | None:
     return None
 
 
-def declared_mysql_charset(column: Any, dialect_name: str) -> str | None:
+def declared_mysql_charset(column: Any, dialect: Dialect) -> str | None:
     """The MySQL character set a column's model declares for it (its type's, else its
-    table's), as the codec checks values against it; None when it declares none."""
-    type_ = type_on(column.type, dialect_name)
-    if isinstance(type_, sqltypes.TypeDecorator):
-        type_ = type_.impl_instance
+    table's), as :func:`_column_codec` finds the type whose codec checks values against it;
+    None when it declares none."""
+    type_ = type_on(column.type, dialect.name)
+    if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):
+        type_ = type_.load_dialect_impl(dialect)
     return _mysql_charset(type_) or _mysql_table_charset(column)
 
 
 def _mysql_charset_holds(charset: str | None) -> Callable[[str], bool] | None:
     """Whether a MySQL character set holds every character of a string (None: it holds all
     of them). A character set not known here is trusted with ASCII only."""
-    if charset is None or charset in ("utf8mb4", "utf16", "utf16le", "utf32"):
+    if charset is None or charset in MYSQL_WHOLE_UNICODE:
         return None
     if charset in ("utf8mb3", "utf8", "ucs2"):  # the BMP only (MySQL's utf8 is utf8mb3)
         return lambda v: v.isascii() or max(v) <= "\uffff"
@@ -1299,14 +1306,19 @@ def _dec_hstore(v: Any) -> Any:
     return dict(v)
 
 
-def _domain_type(t: Any, where: str) -> Any:
+def _domain_data_type(t: Any) -> Any:
     """The data type of a PostgreSQL ``DOMAIN`` (None for another type): the database sends
     a domain's values as its data type's, and the drivers load them so; its checks only
-    refuse values. Not one over ``DateTime(timezone=True)``: the cache moves such values
-    to each reader's time zone by the column's declared type."""
-    if _type_name(t) != "DOMAIN" or getattr(t, "data_type", None) is None:
+    refuse values."""
+    return getattr(t, "data_type", None) if _type_name(t) == "DOMAIN" else None
+
+
+def _domain_type(t: Any, where: str) -> Any:
+    """:func:`_domain_data_type`, but not one over ``DateTime(timezone=True)``: the cache
+    moves such values to each reader's time zone by the column's declared type."""
+    data_type = _domain_data_type(t)
+    if data_type is None:
         return None
-    data_type = t.data_type
     if isinstance(data_type, sqltypes.DateTime) and data_type.timezone:
         raise ConfigurationError(
             f"{where}: a DOMAIN over a timestamp with time zone is not cached; declare the "
@@ -1521,8 +1533,9 @@ def inexact_reason(column: Column[Any], dialect: Dialect) -> str | None:
 
 
 def _type_inexact_reason(t: Any, dialect: Dialect) -> str | None:
-    if _type_name(t) == "DOMAIN" and getattr(t, "data_type", None) is not None:
-        return _type_inexact_reason(t.data_type, dialect)
+    domain = _domain_data_type(t)
+    if domain is not None:
+        return _type_inexact_reason(domain, dialect)
     name = dialect.name
     mysql = name in ("mysql", "mariadb")
     if isinstance(t, (sqltypes.Boolean, sqltypes.Enum, sqltypes.Integer)):

@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import URL, Connection
 
 from . import _sa_compat, forks
-from .codec import declared_mysql_charset, driver_timezone
+from .codec import MYSQL_WHOLE_UNICODE, declared_mysql_charset, driver_timezone
 from .exc import WritethroughError
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -211,7 +211,7 @@ _NARROW_CHARSET_QUERY = (
     "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME "
     "FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = {schema} "
     "AND CHARACTER_SET_NAME IS NOT NULL "
-    "AND CHARACTER_SET_NAME NOT IN ('utf8mb4', 'utf16', 'utf16le', 'utf32') "
+    f"AND CHARACTER_SET_NAME NOT IN ({', '.join(repr(c) for c in MYSQL_WHOLE_UNICODE)}) "
     "AND @@SESSION.sql_mode NOT LIKE '%STRICT_TRANS_TABLES%' "
     "AND @@SESSION.sql_mode NOT LIKE '%STRICT_ALL_TABLES%'"
 )
@@ -909,6 +909,15 @@ def _schema_fields(fairy: Any, backend: str, by_url: str, schema: str) -> dict[s
     }
 
 
+def _mapped_column(table: Any, name: str) -> Any:
+    """The column of ``table`` the catalog names ``name``: by name, not by key; case-blind
+    too (MySQL's column names ignore case). None when the table does not map it."""
+    exact = next((c for c in table.columns if c.name == name), None)
+    if exact is not None:
+        return exact
+    return next((c for c in table.columns if c.name.lower() == name.lower()), None)
+
+
 def _narrow(
     fairy: Any, backend: str, by_url: str, schema: str
 ) -> dict[tuple[str, str], dict[str, str]]:
@@ -1218,24 +1227,17 @@ class Databases:
         found = self._listed(bind, naming, tables, "rewriting")
         reasons += [_REWRITING_KINDS[kind].format(name) for name, kind in found]
         for table, name, columns in self._found(bind, naming, tables, "generated"):
-            # by name, not by key; case-blind too (MySQL's column names ignore case)
-            by_name = {c.name: c for c in table.columns}
-            folded = {c.name.lower(): c for c in table.columns}
             for column in sorted(columns):
-                mapped = by_name.get(column, folded.get(column.lower()))
+                mapped = _mapped_column(table, column)
                 if mapped is not None and mapped.computed is None:
                     reasons.append(
                         f"{name}.{column} is a generated column the model does not declare "
                         "Computed(...)"
                     )
-        dialect = bind.dialect.name
         for table, name, charsets in self._found(bind, naming, tables, "narrow"):
-            by_name = {c.name: c for c in table.columns}
-            folded = {c.name.lower(): c for c in table.columns}
             for column, charset in sorted(charsets.items()):
-                mapped = by_name.get(column, folded.get(column.lower()))
-                declared = None if mapped is None else declared_mysql_charset(mapped, dialect)
-                if mapped is not None and declared != charset:
+                mapped = _mapped_column(table, column)
+                if mapped is not None and declared_mysql_charset(mapped, bind.dialect) != charset:
                     reasons.append(
                         f"{name}.{column} is stored in {charset} and the session's sql_mode is "
                         f"not strict: a character {charset} cannot hold is stored as '?' "
