@@ -223,12 +223,18 @@ def caching_all(
     """:func:`cache_on`, the cache caching every model of ``bases`` (``register_all()``; the
     warnings of columns whose commits invalidate, the subject of such tests, left unsaid)."""
     with cache_on(engine, redis_url, prefix) as (cache, made):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", WriteThroughWarning)
-            for base in bases:
-                cache.register_all(base)
-                base.registry.configure()  # type: ignore[attr-defined]
+        register_all_quietly(cache, *bases)
         yield cache, made
+
+
+def register_all_quietly(cache: WriteThroughCache, *bases: type) -> None:
+    """``cache.register_all()`` of each of ``bases``, their mappers configured, without the
+    warnings of columns whose commits invalidate (the subject of such tests)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WriteThroughWarning)
+        for base in bases:
+            cache.register_all(base)
+            base.registry.configure()  # type: ignore[attr-defined]
 
 
 def while_threads_work(

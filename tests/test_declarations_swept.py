@@ -34,9 +34,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
-from sqlalchemy_writethrough import WriteThroughCache, WriteThroughWarning
+from sqlalchemy_writethrough import WriteThroughCache
 
-from _cache_helpers import caching_all, entry_key, entry_state, one_column_models
+from _cache_helpers import (
+    caching_all,
+    entry_key,
+    entry_state,
+    one_column_models,
+    register_all_quietly,
+)
 from _servers import capture_sql, reset_schema
 
 # ----------------------------------------------------------------------------- values
@@ -411,10 +417,7 @@ def test_on_asyncpg_too(
     factory = async_sessionmaker(async_engine, expire_on_commit=False)
     cache.install(factory)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", WriteThroughWarning)
-            cache.register_all(base)
-            base.registry.configure()  # type: ignore[attr-defined]
+        register_all_quietly(cache, base)
         assert _sweep(_SyncStyle(factory, loop), models) == []
     finally:
         cache.uninstall(factory)
