@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 from _flavours import async_url
+from _loop_watch import LoopWatch
 from _proxy import RECOVERY_DEADLINE_S, LoopbackProxy, fast_client, upstream_of
 from redis.exceptions import ResponseError
 from sqlalchemy import String, delete, event, select, update
@@ -1586,27 +1587,43 @@ def test_asyncio_makes_an_evicted_registry_whole(
             admin.delete(registry_key(prefix))  # evicted
             async with factory() as session:
                 assert await session.get(NewItem, 2) is None  # registers: not whole
-            admin.set(registry_recovery_key(prefix), "another", px=1000)
+            # another process's lease on the recovery, which it gives up once this loop has
+            # run five of its ticks: a commit that waited for it without letting the loop run
+            # would wait for the lease's expiry, the ticks not run (the lease expiring by
+            # itself after a second once left a loaded machine's commit 3 ticks, and the ticks
+            # ran between the wait's Redis calls even if its pauses blocked: the watch tells)
+            admin.set(registry_recovery_key(prefix), "another", px=10_000)
             ticks = 0
 
-            async def tick() -> None:
+            async def give_up_after_five_ticks() -> None:
                 nonlocal ticks
-                while True:
+                while ticks < 5:
                     await asyncio.sleep(0.05)
                     ticks += 1
+                admin.delete(registry_recovery_key(prefix))
 
-            ticking = asyncio.ensure_future(tick())
-            async with factory() as session:
-                (await session.get(NewItem, 1)).name = "v2"  # type: ignore[union-attr]
-                await session.commit()  # waits for the lease, then takes over
-            ticking.cancel()
-            assert ticks >= 5  # the loop ran while the commit waited
+            stop = asyncio.Event()
+            watching = asyncio.ensure_future(watch.tick(stop))
+            other = asyncio.ensure_future(give_up_after_five_ticks())
+            try:
+                async with factory() as session:
+                    (await session.get(NewItem, 1)).name = "v2"  # type: ignore[union-attr]
+                    await session.commit()  # waits for the lease, then takes over
+            finally:
+                stop.set()
+                other.cancel()
+                await watching
+            assert ticks == 5  # the lease was given up by the other task: the loop ran
             assert REGISTRY_WHOLE.encode() in admin.hkeys(registry_key(prefix))
         finally:
             await cache.aclose()
             await engine.dispose()
 
-    loop.run_until_complete(scenario())
+    # (a pause of the wait is 50 ms at most, and the watch sees a line held only once a tick
+    # is 10 ms late: 20 ms is what it can tell of a blocking one)
+    with LoopWatch(loop, blocked=0.02) as watch:
+        loop.run_until_complete(scenario())
+    assert watch.blocks == [], "\n".join(watch.blocks)  # nor did its pauses block it
     assert name_of(old, OldItem, 1, schema) == ("v2", 1)
 
 
