@@ -176,6 +176,8 @@ _SQLALCHEMY_LOGIC = tuple(
         "test_configuration",
         # each declaration against what the database stores of it
         "test_declarations_swept",
+        "test_declarations_swept_lenient",
+        "test_declarations_swept_asyncpg",
         "test_declared_charsets",
         "test_declared_variants",
         "test_numeric_columns",
