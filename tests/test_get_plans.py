@@ -25,7 +25,6 @@ from sqlalchemy.orm import (
     Mapped,
     ORMExecuteState,
     Session,
-    configure_mappers,
     mapped_column,
     registry,
     sessionmaker,
@@ -136,7 +135,10 @@ def test_a_subclass_mapped_after_the_first_get_is_served_from_its_entry(
         class GpDog(GpAnimal):
             __mapper_args__ = {"polymorphic_identity": "dog"}
 
-        configure_mappers()
+        # this registry's only: configure_mappers() would configure the mappers of every
+        # module the xdist worker collected, each judged by every cache alive (15-25 s late
+        # in a CI run)
+        LocalBase.registry.configure()
         seed(factory, GpDog(id=2, name="rex"))
         with factory() as s, capture_sql(db) as sql:
             dog = s.get(GpAnimal, 2)
