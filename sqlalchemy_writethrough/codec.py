@@ -853,17 +853,38 @@ def declared_mysql_charset(column: Any, dialect: Dialect) -> str | None:
     return _mysql_charset(type_) or _mysql_table_charset(column)
 
 
+def _mysql_charset_reach(charset: str | None) -> int:
+    """How much of Unicode the cache trusts a MySQL character set (None: the default,
+    utf8mb4) to hold, each reach holding the ones below it: 3 all of it, 2 the BMP (MySQL's
+    ``utf8`` is ``utf8mb3``; ``ucs2``), 1 ``latin1``'s trusted part, 0 ASCII (a set not known
+    here)."""
+    if charset is None or charset in MYSQL_WHOLE_UNICODE:
+        return 3
+    if charset in ("utf8mb3", "utf8", "ucs2"):
+        return 2
+    return 1 if charset == "latin1" else 0
+
+
 def _mysql_charset_holds(charset: str | None) -> Callable[[str], bool] | None:
     """Whether a MySQL character set holds every character of a string (None: it holds all
     of them). A character set not known here is trusted with ASCII only."""
-    if charset is None or charset in MYSQL_WHOLE_UNICODE:
+    reach = _mysql_charset_reach(charset)
+    if reach == 3:
         return None
-    if charset in ("utf8mb3", "utf8", "ucs2"):  # the BMP only (MySQL's utf8 is utf8mb3)
+    if reach == 2:
         return lambda v: v.isascii() or max(v) <= "\uffff"
-    if charset == "latin1":
+    if reach == 1:
         # MySQL's latin1 is cp1252: its 0x80-0x9F are not ISO-8859-1's; trust the rest
         return lambda v: v.isascii() or all(c < "\x80" or "\xa0" <= c <= "\xff" for c in v)
     return str.isascii
+
+
+def mysql_charset_covers(declared: str | None, stored: str) -> bool:
+    """Whether every value a column's declared character set lets its commits write through
+    (:func:`_mysql_charset_holds`) is one the set the database stores it in holds: a model
+    declaring ``utf8`` for what the catalog calls ``utf8mb3``, or ``ascii`` for a ``latin1``
+    column, checks its values as the database would need."""
+    return _mysql_charset_reach(declared) <= _mysql_charset_reach(stored)
 
 
 def _exact_int(bits: int, unsigned: bool) -> Exact:

@@ -63,7 +63,12 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import URL, Connection
 
 from . import _sa_compat, forks
-from .codec import MYSQL_WHOLE_UNICODE, declared_mysql_charset, driver_timezone
+from .codec import (
+    MYSQL_WHOLE_UNICODE,
+    declared_mysql_charset,
+    driver_timezone,
+    mysql_charset_covers,
+)
 from .exc import WritethroughError
 
 log = logging.getLogger("sqlalchemy_writethrough")
@@ -1237,7 +1242,9 @@ class Databases:
         for table, name, charsets in self._found(bind, naming, tables, "narrow"):
             for column, charset in sorted(charsets.items()):
                 mapped = _mapped_column(table, column)
-                if mapped is not None and declared_mysql_charset(mapped, bind.dialect) != charset:
+                if mapped is None:
+                    continue
+                if not mysql_charset_covers(declared_mysql_charset(mapped, bind.dialect), charset):
                     reasons.append(
                         f"{name}.{column} is stored in {charset} and the session's sql_mode is "
                         f"not strict: a character {charset} cannot hold is stored as '?' "
