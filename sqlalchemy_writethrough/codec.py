@@ -853,38 +853,31 @@ def declared_mysql_charset(column: Any, dialect: Dialect) -> str | None:
     return _mysql_charset(type_) or _mysql_table_charset(column)
 
 
-def _mysql_charset_reach(charset: str | None) -> int:
-    """How much of Unicode the cache trusts a MySQL character set (None: the default,
-    utf8mb4) to hold, each reach holding the ones below it: 3 all of it, 2 the BMP (MySQL's
-    ``utf8`` is ``utf8mb3``; ``ucs2``), 1 ``latin1``'s trusted part, 0 ASCII (a set not known
-    here)."""
-    if charset is None or charset in MYSQL_WHOLE_UNICODE:
-        return 3
-    if charset in ("utf8mb3", "utf8", "ucs2"):
-        return 2
-    return 1 if charset == "latin1" else 0
-
-
 def _mysql_charset_holds(charset: str | None) -> Callable[[str], bool] | None:
     """Whether a MySQL character set holds every character of a string (None: it holds all
     of them). A character set not known here is trusted with ASCII only."""
-    reach = _mysql_charset_reach(charset)
-    if reach == 3:
+    if charset is None or charset in MYSQL_WHOLE_UNICODE:
         return None
-    if reach == 2:
+    if charset in ("utf8mb3", "utf8", "ucs2"):  # the BMP only (MySQL's utf8 is utf8mb3)
         return lambda v: v.isascii() or max(v) <= "\uffff"
-    if reach == 1:
+    if charset == "latin1":
         # MySQL's latin1 is cp1252: its 0x80-0x9F are not ISO-8859-1's; trust the rest
         return lambda v: v.isascii() or all(c < "\x80" or "\xa0" <= c <= "\xff" for c in v)
     return str.isascii
 
 
-def mysql_charset_covers(declared: str | None, stored: str) -> bool:
-    """Whether every value a column's declared character set lets its commits write through
-    (:func:`_mysql_charset_holds`) is one the set the database stores it in holds: a model
-    declaring ``utf8`` for what the catalog calls ``utf8mb3``, or ``ascii`` for a ``latin1``
-    column, checks its values as the database would need."""
-    return _mysql_charset_reach(declared) <= _mysql_charset_reach(stored)
+#: the names MySQL 8.0 and MariaDB's catalogs give character sets a model may name otherwise
+_MYSQL_CATALOG_CHARSET_NAMES = {"utf8": "utf8mb3"}
+
+
+def mysql_charset_is(declared: str | None, stored: str) -> bool:
+    """Whether a column's declared character set is the one the database stores it in (the
+    catalog's name for it): ``utf8`` is ``utf8mb3``. Only the same set counts: a narrower
+    declaration holds no character the column cannot, but a ``TEXT``'s 65,535 bytes are
+    counted in the declared set (``ascii`` declared on a ``ucs2`` column would count half)."""
+    if declared is None:
+        return False
+    return _MYSQL_CATALOG_CHARSET_NAMES.get(declared, declared) == stored
 
 
 def _exact_int(bits: int, unsigned: bool) -> Exact:
