@@ -802,8 +802,19 @@ def _mysql_bytes(v: str, charset: str | None) -> int:
     return len(v.encode("utf-8", "surrogatepass"))
 
 
+#: the names MySQL 8.0's and MariaDB's catalogs give character sets a model may name otherwise
+_MYSQL_CATALOG_CHARSET_NAMES = {"utf8": "utf8mb3"}
+
+
+def _mysql_charset_name(declared: str) -> str:
+    """A declared character set by the name the catalog lists it under: lower-cased, and
+    MySQL's ``utf8`` is ``utf8mb3``."""
+    name = declared.lower()
+    return _MYSQL_CATALOG_CHARSET_NAMES.get(name, name)
+
+
 def _mysql_charset(type_: Any) -> str | None:
-    """The character set a MySQL string column is declared with, lower-cased: its type's
+    """The character set a MySQL string column is declared with, by its catalog name: its type's
     ``charset``, ``national`` (utf8mb3), ``ascii`` (latin1), ``unicode`` (ucs2), or the one
     its ``collation`` names (``latin1_swedish_ci``); None when undeclared (the table's or the
     database's, utf8mb4 by default since MySQL 8.0)."""
@@ -820,7 +831,7 @@ def _mysql_charset(type_: Any) -> str | None:
         collation = getattr(type_, "collation", None)
         if collation:
             charset = str(collation).split("_", 1)[0]
-    return str(charset).lower() if charset else None
+    return _mysql_charset_name(str(charset)) if charset else None
 
 
 #: the MySQL table options (``mysql_charset=...`` or ``mariadb_...`` in ``__table_args__``)
@@ -831,22 +842,22 @@ _TABLE_COLLATION_OPTIONS = ("collate", "default_collate")
 
 def _mysql_table_charset(column: Any) -> str | None:
     """The character set a column's table declares for MySQL, or the one its collation
-    names; None when it declares neither."""
+    names, by its catalog name; None when it declares neither."""
     options = getattr(getattr(column, "table", None), "kwargs", None) or {}
     for prefix in ("mysql_", "mariadb_"):
         for name in _TABLE_CHARSET_OPTIONS:
             if options.get(prefix + name):
-                return str(options[prefix + name]).lower()
+                return _mysql_charset_name(str(options[prefix + name]))
         for name in _TABLE_COLLATION_OPTIONS:
             if options.get(prefix + name):
-                return str(options[prefix + name]).split("_", 1)[0].lower()
+                return _mysql_charset_name(str(options[prefix + name]).split("_", 1)[0])
     return None
 
 
 def declared_mysql_charset(column: Any, dialect: Dialect) -> str | None:
     """The MySQL character set a column's model declares for it (its type's, else its
-    table's), as :func:`_column_codec` finds the type whose codec checks values against it;
-    None when it declares none."""
+    table's), by its catalog name, as :func:`_column_codec` finds the type whose codec checks
+    values against it; None when it declares none."""
     type_ = type_on(column.type, dialect.name)
     if isinstance(type_, sqltypes.TypeDecorator) and not isinstance(type_, sqltypes.Interval):
         type_ = type_.load_dialect_impl(dialect)
@@ -858,26 +869,12 @@ def _mysql_charset_holds(charset: str | None) -> Callable[[str], bool] | None:
     of them). A character set not known here is trusted with ASCII only."""
     if charset is None or charset in MYSQL_WHOLE_UNICODE:
         return None
-    if charset in ("utf8mb3", "utf8", "ucs2"):  # the BMP only (MySQL's utf8 is utf8mb3)
+    if charset in ("utf8mb3", "ucs2"):  # the BMP only (a declared utf8 arrives as utf8mb3)
         return lambda v: v.isascii() or max(v) <= "\uffff"
     if charset == "latin1":
         # MySQL's latin1 is cp1252: its 0x80-0x9F are not ISO-8859-1's; trust the rest
         return lambda v: v.isascii() or all(c < "\x80" or "\xa0" <= c <= "\xff" for c in v)
     return str.isascii
-
-
-#: the names MySQL 8.0 and MariaDB's catalogs give character sets a model may name otherwise
-_MYSQL_CATALOG_CHARSET_NAMES = {"utf8": "utf8mb3"}
-
-
-def mysql_charset_is(declared: str | None, stored: str) -> bool:
-    """Whether a column's declared character set is the one the database stores it in (the
-    catalog's name for it): ``utf8`` is ``utf8mb3``. Only the same set counts: a narrower
-    declaration holds no character the column cannot, but a ``TEXT``'s 65,535 bytes are
-    counted in the declared set (``ascii`` declared on a ``ucs2`` column would count half)."""
-    if declared is None:
-        return False
-    return _MYSQL_CATALOG_CHARSET_NAMES.get(declared, declared) == stored
 
 
 def _exact_int(bits: int, unsigned: bool) -> Exact:

@@ -67,7 +67,6 @@ from .codec import (
     MYSQL_WHOLE_UNICODE,
     declared_mysql_charset,
     driver_timezone,
-    mysql_charset_is,
 )
 from .exc import WritethroughError
 
@@ -1244,7 +1243,9 @@ class Databases:
                 mapped = _mapped_column(table, column)
                 if mapped is None:
                     continue
-                if not mysql_charset_is(declared_mysql_charset(mapped, bind.dialect), charset):
+                # the same set only: a narrower one holds no character the column cannot,
+                # but a TEXT's bytes are counted in the declared set (ascii on ucs2: half)
+                if declared_mysql_charset(mapped, bind.dialect) != charset:
                     reasons.append(
                         f"{name}.{column} is stored in {charset} and the session's sql_mode is "
                         f"not strict: a character {charset} cannot hold is stored as '?' "
