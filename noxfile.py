@@ -137,8 +137,8 @@ def tests_oldest_redis(session: nox.Session) -> None:
     ``nox -s tests_oldest_redis -- tests/test_cluster.py`` runs them here. On SQLite and
     PostgreSQL (synchronous and asyncio drivers): what the cache sends Redis is the same on
     MariaDB, which tests(2.0) and tests(2.1) run."""
-    args = () if session.posargs else _NEWEST_REDIS_ONLY + _ONCE_RUNS + _SQLALCHEMY_LOGIC
-    args += () if session.posargs else ("--databases", "sqlite,postgresql")
+    own = (*_NEWEST_REDIS_ONLY, *_ONCE_RUNS, *_SQLALCHEMY_LOGIC, "--databases", "sqlite,postgresql")
+    args = () if session.posargs else own
     _pytest(session, "redis~=5.0.0", *args)
 
 
